@@ -1,0 +1,85 @@
+"""The ``remote-runner`` command: a thin dispatcher over the library.
+
+Subcommands live in their own modules (``classic`` for the SPAR-compatible
+runner, ``lab`` for throwaway test hosts, ``exec`` for the mirror) and each
+exposes ``add_parser(subparsers)``. This module owns the one place where a
+:class:`~remote_runner.errors.RunnerError` becomes a message and an exit code.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import importlib.util
+import logging
+import sys
+from typing import Callable, List, Optional
+
+from remote_runner import __version__
+from remote_runner.errors import EXIT_INTERRUPTED, RunnerError
+
+LOG = logging.getLogger("remote_runner")
+
+#: Subcommand modules, imported lazily so ``--help`` stays fast and a missing
+#: optional system library (libfuse) only matters to the command that needs it.
+SUBCOMMANDS = ("classic", "lab", "exec_")
+
+EXIT_CODES_HELP = """exit codes:
+  0 success; 1 internal error; 2 usage/config error; 3 connection, host-key or
+  auth error; 4 copy error; 5 a waited component failed; 6 start error;
+  7 lab error; 130 interrupted; exec: the command's own status (128+N if
+  killed by signal N), 254 if the tool or the link failed."""
+
+
+def setup_logging(level: str = "INFO") -> None:
+    """Log ``LEVEL: message`` lines on stderr, as SPAR's scripts expect."""
+    root = logging.getLogger()
+    for handler in list(root.handlers):
+        root.removeHandler(handler)
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(levelname)s: %(message)s"))
+    root.addHandler(handler)
+    root.setLevel(getattr(logging, level.upper(), logging.INFO))
+    # paramiko is chatty at INFO ("Connected (version 2.0 ...)"); keep it quiet
+    # unless the user asked for DEBUG.
+    logging.getLogger("paramiko").setLevel(
+        logging.DEBUG if level.upper() == "DEBUG" else logging.WARNING)
+
+
+def run_guarded(func: Callable[[], int]) -> int:
+    """Run *func*, mapping our errors to their exit codes."""
+    try:
+        return func()
+    except RunnerError as exc:
+        LOG.error("%s", exc)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        LOG.error("interrupted")
+        return EXIT_INTERRUPTED
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="remote-runner",
+        description="Start and watch multi-host experiments over SSH.",
+        epilog=EXIT_CODES_HELP,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--version", action="version", version=f"remote-runner {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub.required = True
+    for name in SUBCOMMANDS:
+        if importlib.util.find_spec(f"remote_runner.cli.{name}") is not None:
+            importlib.import_module(f"remote_runner.cli.{name}").add_parser(sub)
+    return parser
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not hasattr(args, "func"):
+        parser.print_help()
+        return 2
+    setup_logging(getattr(args, "log_level", "INFO") or "INFO")
+    return run_guarded(lambda: args.func(args))

@@ -1,0 +1,184 @@
+"""Typed errors and the exit-code contract.
+
+Library code never calls ``sys.exit``: it raises one of these, and the command
+line (:mod:`remote_runner.cli`) turns the error into a message and an exit code.
+Each error keeps what it is about (file, line, component, field, host, path)
+as attributes and builds its message from them, so a user always learns
+*where* the problem is and, for host problems, what to do about it.
+
+Exit codes (documented in the README and in ``--help``):
+
+====  =====================================================================
+0     success
+1     internal or unexpected error
+2     usage or configuration error (bad flag, config/muddler mistake)
+3     connection, host-key or authentication error
+4     copy error (missing source, transfer failure)
+5     a waited component failed (non-zero exit, missing executable, timeout)
+6     start error (screen session or window could not be started)
+7     lab error (throwaway test hosts could not be built)
+130   interrupted (Ctrl-C)
+254   ``remote-runner exec``: the tool or the link failed (not the command)
+====  =====================================================================
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+EXIT_OK = 0
+EXIT_INTERNAL = 1
+EXIT_CONFIG = 2
+EXIT_CONNECT = 3
+EXIT_COPY = 4
+EXIT_COMPONENT = 5
+EXIT_START = 6
+EXIT_LAB = 7
+EXIT_INTERRUPTED = 130
+EXIT_LINK = 254
+
+
+class RunnerError(Exception):
+    """Root of every error remote_runner raises on purpose."""
+
+    exit_code = EXIT_INTERNAL
+
+
+class ConfigError(RunnerError, ValueError):
+    """A mistake in a config, muddler or arg-parser file, or on the command line."""
+
+    exit_code = EXIT_CONFIG
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        file: Optional[str] = None,
+        line: Optional[int] = None,
+        component: Optional[str] = None,
+        field: Optional[str] = None,
+    ) -> None:
+        self.message = message
+        self.file = file
+        self.line = line
+        self.component = component
+        self.field = field
+        super().__init__(str(self))
+
+    def __str__(self) -> str:
+        where = ""
+        if self.file:
+            where = self.file + (f":{self.line}" if self.line else "") + ": "
+        parts = []
+        if self.component is not None:
+            parts.append(f"component {self.component!r}")
+        if self.field is not None:
+            parts.append(f"field {self.field!r}")
+        what = (", ".join(parts) + ": ") if parts else ""
+        return f"{where}{what}{self.message}"
+
+
+class HostError(RunnerError, ConnectionError):
+    """Something went wrong with one host; the message says what to do."""
+
+    exit_code = EXIT_CONNECT
+
+    def __init__(self, host: str, message: str, hint: str = "") -> None:
+        self.host = host
+        self.message = message
+        self.hint = hint
+        super().__init__(str(self))
+
+    def __str__(self) -> str:
+        text = f"host {self.host}: {self.message}"
+        return f"{text} ({self.hint})" if self.hint else text
+
+
+class UnreachableError(HostError):
+    """The host could not be reached (DNS, refused, timeout)."""
+
+
+class HostKeyError(HostError):
+    """The host key is unknown (and not accepted) or has changed."""
+
+
+class AuthError(HostError):
+    """No authentication method worked."""
+
+
+class RemoteCommandError(HostError):
+    """A helper command we ran on a host failed."""
+
+    exit_code = EXIT_INTERNAL
+
+    def __init__(self, host: str, command: str, exit_status: int, stderr: str = "") -> None:
+        self.command = command
+        self.exit_status = exit_status
+        self.stderr = stderr
+        tail = "\n".join(stderr.strip().splitlines()[-10:])
+        message = f"command `{command}` exited {exit_status}"
+        if tail:
+            message += f": {tail}"
+        super().__init__(host, message)
+
+
+class CommandTimeout(HostError):
+    """A helper command or a wait did not finish in time."""
+
+    def __init__(self, host: str, what: str, seconds: float) -> None:
+        self.what = what
+        self.seconds = seconds
+        super().__init__(host, f"{what} did not finish within {seconds:g} s")
+
+
+class CopyError(RunnerError):
+    """A file could not be copied (or its local source is missing)."""
+
+    exit_code = EXIT_COPY
+
+    def __init__(self, message: str, *, host: Optional[str] = None, path: Optional[str] = None,
+                 component: Optional[str] = None) -> None:
+        self.message = message
+        self.host = host
+        self.path = path
+        self.component = component
+        super().__init__(str(self))
+
+    def __str__(self) -> str:
+        bits = []
+        if self.host:
+            bits.append(f"host {self.host}")
+        if self.component:
+            bits.append(f"component {self.component!r}")
+        if self.path:
+            bits.append(self.path)
+        return (": ".join(bits) + ": " if bits else "") + self.message
+
+
+class StartError(RunnerError):
+    """A screen session or window could not be started."""
+
+    exit_code = EXIT_START
+
+
+class ComponentFailed(RunnerError):
+    """One or more waited components failed; ``failures`` maps name to reason."""
+
+    exit_code = EXIT_COMPONENT
+
+    def __init__(self, failures: dict) -> None:
+        self.failures = dict(failures)
+        lines = [f"{name}: {reason}" for name, reason in self.failures.items()]
+        super().__init__("waited component(s) failed:\n  " + "\n  ".join(lines))
+
+
+class LabError(RunnerError):
+    """The throwaway test hosts could not be built or removed."""
+
+    exit_code = EXIT_LAB
+
+
+class MirrorError(RunnerError):
+    """The mirror (FUSE + chroot on a remote host) could not run."""
+
+    exit_code = EXIT_LINK

@@ -1,0 +1,59 @@
+"""Shared fixtures: throwaway lab hosts for integration tests.
+
+``lab`` brings up (at least) three lab hosts once per test session and tears
+down only what this session created, so a lab that a developer already had up
+survives the run. Lab tests skip with a clear reason only where network
+namespaces cannot be created (not root); under ``CI=true`` they must run, and
+``.ci/run`` fails when any of them was skipped.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import uuid
+from typing import List
+
+import pytest
+
+LAB_HOSTS = 3
+
+
+def _lab_possible() -> str:
+    """Return why the lab cannot run here, or '' when it can."""
+    if os.geteuid() != 0:
+        return "lab hosts need root (network and mount namespaces)"
+    return ""
+
+
+@pytest.fixture(scope="session")
+def lab():
+    """A running lab with at least ``LAB_HOSTS`` hosts (h1..hN)."""
+    reason = _lab_possible()
+    if reason:
+        if os.environ.get("CI") == "true":
+            pytest.fail(f"lab tests cannot be skipped in CI: {reason}")
+        pytest.skip(reason)
+    from remote_runner.lab import Lab
+
+    the_lab = Lab()
+    was_up = the_lab.running_hosts()
+    the_lab.up(LAB_HOSTS)
+    yield the_lab
+    if not was_up:
+        the_lab.down()
+
+
+@pytest.fixture
+def screen_name() -> str:
+    """A screen session name unique to one test (never a prefix of another)."""
+    return f"rrt-{uuid.uuid4().hex[:10]}"
+
+
+def ssh(lab, host: str, command: str, check: bool = True, user: str = "") -> subprocess.CompletedProcess:
+    """Run *command* on a lab host with the system OpenSSH client (an independent witness)."""
+    target = f"{user}@{host}" if user else host
+    return subprocess.run(
+        ["ssh", "-F", lab.ssh_config, "-o", "BatchMode=yes", target, command],
+        capture_output=True, text=True, check=check, timeout=120,
+    )
