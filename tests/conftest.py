@@ -57,3 +57,14 @@ def ssh(lab, host: str, command: str, check: bool = True, user: str = "") -> sub
         ["ssh", "-F", lab.ssh_config, "-o", "BatchMode=yes", target, command],
         capture_output=True, text=True, check=check, timeout=120,
     )
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    """Under CI, a skipped test that needs lab hosts is a failure."""
+    outcome = yield
+    report = outcome.get_result()
+    if (os.environ.get("CI") == "true" and report.skipped
+            and ("lab" in getattr(item, "fixturenames", ()) or item.get_closest_marker("lab"))):
+        report.outcome = "failed"
+        report.longrepr = f"lab test skipped under CI=true: {report.longrepr}"

@@ -1,0 +1,6 @@
+#!/usr/bin/env bash
+# Install everything, then run the whole test suite (lab tests need root).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+bash scripts/setup.sh
+exec .venv/bin/python -m pytest -ra "$@"
