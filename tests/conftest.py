@@ -44,6 +44,18 @@ def lab():
         the_lab.down()
 
 
+#: A lab host with a Debian release root of its own (built once with debootstrap),
+#: for proving that nothing depends on the host being a copy of this machine.
+FOREIGN_HOST, FOREIGN_RELEASE = "h9", "bullseye"
+
+
+@pytest.fixture(scope="session")
+def foreign_host(lab) -> str:
+    """Name of a running lab host whose root is Debian 11, not an overlay of the local root."""
+    lab.up(LAB_HOSTS, {FOREIGN_HOST: FOREIGN_RELEASE})
+    return FOREIGN_HOST
+
+
 @pytest.fixture
 def screen_name() -> str:
     """A screen session name unique to one test (never a prefix of another)."""

@@ -88,3 +88,17 @@ def test_hidden_paths_drop_nested_entries(tmp_path):
     for path in hidden:
         assert not any(path.startswith(other + "/") for other in hidden)
     assert os.path.realpath(str(tmp_path)) in hidden
+
+
+def test_foreign_host_is_another_release_without_local_files(lab, foreign_host):
+    out = ssh(lab, foreign_host, "cat /etc/debian_version; python3 -c 'import sys; print(sys.version_info[:2])'; "
+                                 "test -e /usr/bin/ffmpeg && echo has-ffmpeg; command -v screen openssl").stdout.split("\n")
+    assert out[0].startswith("11.")
+    assert out[1] == "(3, 9)"
+    assert "has-ffmpeg" not in out
+    assert out[2:4] == ["/usr/bin/screen", "/usr/bin/openssl"]
+    local_marker = os.path.join(lab_module.LOCAL_ONLY, "..")
+    assert ssh(lab, foreign_host, f"test -e {os.path.realpath(local_marker)}/remote-runner-local-only",
+               check=False).returncode == 1
+    host = next(h for h in lab.hosts if h.name == foreign_host)
+    assert host.release == "bullseye"

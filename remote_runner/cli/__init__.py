@@ -16,7 +16,7 @@ import sys
 from typing import Callable, List, Optional
 
 from remote_runner import __version__
-from remote_runner.errors import EXIT_INTERRUPTED, RunnerError
+from remote_runner.errors import EXIT_INTERNAL, EXIT_INTERRUPTED, RunnerError
 
 LOG = logging.getLogger("remote_runner")
 
@@ -56,6 +56,9 @@ def run_guarded(func: Callable[[], int]) -> int:
     except KeyboardInterrupt:
         LOG.error("interrupted")
         return EXIT_INTERRUPTED
+    except Exception:  # a bug of ours: say so, with the traceback
+        LOG.exception("internal error (please report this with the traceback)")
+        return EXIT_INTERNAL
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -53,7 +53,7 @@ AuthorizedKeysFile /etc/remote-runner-lab/authorized_keys .ssh/authorized_keys
 PermitRootLogin prohibit-password
 PubkeyAuthentication yes
 PasswordAuthentication yes
-KbdInteractiveAuthentication no
+ChallengeResponseAuthentication no
 UsePAM no
 PidFile none
 UseDNS no
@@ -74,6 +74,8 @@ class LabHost:
     index: int
     address: str
     pid: Optional[int] = None
+    #: None for an overlay of the local root, else the Debian release of its own root.
+    release: Optional[str] = None
 
     @property
     def netns(self) -> str:
@@ -146,7 +148,7 @@ class Lab:
         """Return the hosts whose init process is alive and sshd answers."""
         result = []
         for name, info in self._load_state().items():
-            host = LabHost(name, info["index"], info["address"], info.get("pid"))
+            host = LabHost(name, info["index"], info["address"], info.get("pid"), info.get("release"))
             if _pid_alive(host.pid) and host.netns in netns.list_netns():
                 result.append(host)
         return sorted(result, key=lambda h: h.index)
@@ -167,8 +169,14 @@ class Lab:
         if not os.path.exists("/usr/sbin/sshd"):
             raise LabError("the lab needs sshd: apt-get install openssh-server")
 
-    def up(self, count: int) -> List[LabHost]:
-        """Ensure hosts h1..h<count> are running; return all running hosts."""
+    def up(self, count: int, foreign: Optional[Dict[str, str]] = None) -> List[LabHost]:
+        """Ensure hosts h1..h<count> are running; return all running hosts.
+
+        *foreign* maps host names to a Debian release (e.g. ``{"h4": "bullseye"}``):
+        those hosts get a root of their own built with debootstrap instead of an
+        overlay of the local root, so they share nothing with this machine.
+        """
+        foreign = dict(foreign or {})
         self.require_root()
         if count < 1:
             raise LabError("lab up needs at least one host")
@@ -177,15 +185,19 @@ class Lab:
         self._ensure_client_key()
         netns.ensure_bridge()
         state = self._load_state()
-        running = {h.name for h in self.running_hosts()}
+        running = {h.name: h for h in self.running_hosts()}
+        wanted = [f"h{i}" for i in range(1, count + 1)] + sorted(set(foreign) - {f"h{i}" for i in range(1, count + 1)})
         started = []
-        for index in range(1, count + 1):
-            name = f"h{index}"
-            if name in running:
+        for name in wanted:
+            index = _host_index(name)
+            release = foreign.get(name)
+            if name in running and running[name].release == release:
                 continue
+            lower = ensure_root(release) if release else "/"
             self._stop_host(name, state.get(name, {}).get("pid"))
-            pid = self._start_host(name, index)
-            state[name] = {"index": index, "address": netns.host_address(index), "pid": pid}
+            pid = self._start_host(name, index, lower)
+            state[name] = {"index": index, "address": netns.host_address(index), "pid": pid,
+                           "release": release}
             started.append(name)
         self._save_state(state)
         self._write_client_files(state)
@@ -205,14 +217,18 @@ class Lab:
                             "-f", key], check=True)
         return key
 
-    def _host_files(self, name: str, index: int) -> List[Dict]:
+    def _host_files(self, name: str, index: int, lower: str) -> List[Dict]:
         """Return the files a host gets in its upper layer."""
         with open(self._host_key(name)) as handle:
             host_key = handle.read()
         with open(self.client_key + ".pub") as handle:
             authorized = handle.read()
-        with open("/etc/hosts") as handle:
-            hosts = handle.read().rstrip("\n") + "\n# remote-runner lab\n"
+        try:
+            with open(os.path.join(lower, "etc/hosts")) as handle:
+                hosts = handle.read().rstrip("\n") + "\n"
+        except FileNotFoundError:
+            hosts = "127.0.0.1 localhost\n::1 localhost ip6-localhost ip6-loopback\n"
+        hosts += "# remote-runner lab\n"
         hosts += "".join(f"{netns.host_address(i)} h{i}\n" for i in range(1, 65))
         hosts = hosts.replace("127.0.1.1", "#127.0.1.1")
         files = [
@@ -223,11 +239,11 @@ class Lab:
             {"path": "/etc/hostname", "content": name + "\n"},
             {"path": "/etc/hosts", "content": hosts},
         ]
-        files += self._user_files()
+        files += self._user_files(lower)
         return files
 
     @staticmethod
-    def _user_files() -> List[Dict]:
+    def _user_files(lower: str) -> List[Dict]:
         """Return /etc/passwd, group and shadow with the lab's test user added."""
         out = []
         for path, line, mode in (
@@ -236,7 +252,7 @@ class Lab:
             ("/etc/shadow", f"{TEST_USER}:*:19000:0:99999:7:::", 0o640),
         ):
             try:
-                with open(path) as handle:
+                with open(os.path.join(lower, path.lstrip("/"))) as handle:
                     content = handle.read()
             except OSError:
                 content = ""
@@ -244,7 +260,7 @@ class Lab:
             out.append({"path": path, "content": "\n".join(lines + [line]) + "\n", "mode": mode})
         return out
 
-    def _start_host(self, name: str, index: int) -> int:
+    def _start_host(self, name: str, index: int, lower: str) -> int:
         """Create the namespaces of one host and start its init; return the PID."""
         netns.create_host_netns(name, index)
         host_dir = os.path.join(self.dir, "hosts", name)
@@ -255,8 +271,9 @@ class Lab:
             "mount_dir": mount_dir,
             "log": os.path.join(host_dir, "host.log"),
             "sshd_config": "/etc/remote-runner-lab/sshd_config",
-            "files": self._host_files(name, index),
-            "whiteouts": _hidden_paths(self.dir),
+            "lower": lower,
+            "files": self._host_files(name, index, lower),
+            "whiteouts": _hidden_paths(self.dir) if lower == "/" else [],
             "users": [{"home": f"/home/{TEST_USER}", "uid": TEST_UID, "gid": TEST_UID}],
         }
         spec_path = os.path.join(host_dir, "spec.json")
@@ -353,8 +370,41 @@ class Lab:
             alive = _pid_alive(info.get("pid"))
             ssh_ok = alive and _port_open(info["address"])
             rows.append({"host": name, "address": info["address"], "pid": info.get("pid"),
-                         "state": "up" if ssh_ok else ("starting" if alive else "down")})
+                         "state": "up" if ssh_ok else ("starting" if alive else "down"),
+                         "release": info.get("release")})
         return rows
+
+
+def _host_index(name: str) -> int:
+    if not (name.startswith("h") and name[1:].isdigit()):
+        raise LabError(f"lab host names are h1..h{netns.MAX_HOSTS}, not {name!r}")
+    return int(name[1:])
+
+
+#: Packages a foreign host root gets, on top of debootstrap's minbase.
+ROOT_PACKAGES = "openssh-server,screen,openssl,python3,fuse3,libfuse3-3,procps,iproute2"
+ROOTS_DIR = "/var/lib/remote-runner/roots"
+
+
+def ensure_root(release: str) -> str:
+    """Return a Debian *release* root for foreign hosts, building it once with debootstrap."""
+    if not release.isalnum():
+        raise LabError(f"not a Debian release name: {release!r}")
+    root = os.path.join(os.environ.get("REMOTE_RUNNER_ROOTS_DIR", ROOTS_DIR), release)
+    if os.path.exists(os.path.join(root, "usr/sbin/sshd")):
+        return root
+    if subprocess.run(["sh", "-c", "command -v debootstrap"], capture_output=True).returncode:
+        raise LabError("foreign lab hosts need debootstrap: apt-get install debootstrap")
+    tmp = root + ".tmp"
+    subprocess.run(["rm", "-rf", tmp], check=True)
+    os.makedirs(os.path.dirname(root), exist_ok=True)
+    proc = subprocess.run(
+        ["debootstrap", "--variant=minbase", f"--include={ROOT_PACKAGES}", release, tmp,
+         "http://deb.debian.org/debian"], capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise LabError(f"debootstrap {release} failed: {proc.stdout[-2000:]}{proc.stderr[-2000:]}")
+    os.replace(tmp, root)
+    return root
 
 
 def _reap() -> None:

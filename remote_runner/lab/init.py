@@ -56,7 +56,8 @@ def build_root(spec: Dict) -> str:
     for d in (upper, work, root):
         os.mkdir(d)
     _populate_upper(upper, spec["files"], spec["whiteouts"])
-    _mount("-t", "overlay", "overlay", "-o", f"lowerdir=/,upperdir={upper},workdir={work}", root)
+    lower = spec.get("lower", "/")
+    _mount("-t", "overlay", "overlay", "-o", f"lowerdir={lower},upperdir={upper},workdir={work}", root)
     _mount("-t", "proc", "proc", os.path.join(root, "proc"))
     _mount("-t", "sysfs", "sysfs", os.path.join(root, "sys"))
     _mount("--rbind", "/dev", os.path.join(root, "dev"))
