@@ -1,0 +1,559 @@
+"""Experiment configs: run the user's Python config and turn it into validated specs.
+
+A config is a Python file (SPAR's format) that fills ``config`` with mutable
+:class:`Component` objects. Two layers keep that flexible *and* safe:
+
+* :class:`Component` / :class:`Config` are what configs and muddlers touch.
+  A Component accepts only its legal attributes and fails **at the line** that
+  sets anything else; every assignment remembers its ``file:line`` (and
+  ``add_component`` remembers where each copy was added), so errors found later,
+  in validation, still point at the user's line.
+* :class:`ComponentSpec` / :class:`Experiment` are frozen, type-checked views the
+  runner uses. Local paths are resolved and local sources checked here, before
+  anything touches a host.
+
+Errors raised by Python itself inside a config (``NameError``, ``SyntaxError``…)
+are reported with the config's own file, line and source text, not our
+internals. The config runs with its own directory as the cwd, restored
+afterwards even when it fails.
+
+Decisions that differ from SPAR (see docs/notes): ``wait`` defaults to False;
+``mirror`` and the legacy ``num_cores`` are accepted; names are unique per
+``(host, name)``; a relative ``base_dir`` is an error (SPAR handed it to screen's
+``chdir``, so it resolved against whatever directory the session happened to
+have); ``files`` on a ``localhost`` component is an error.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import copy
+import difflib
+import linecache
+import math
+import os
+import sys
+import traceback
+from dataclasses import dataclass, field
+from typing import Any, Dict, Iterator, List, Optional, Tuple, Union
+
+from remote_runner import util
+from remote_runner.errors import ConfigError, CopyError, RunnerError
+
+LOCAL_HOST = "localhost"
+
+REQUIRED_FIELDS = ("name", "host", "executable", "start_index")
+_DEFAULTS = {
+    "args": list,
+    "files": dict,
+    "base_dir": lambda: None,
+    "wait": lambda: False,
+    "mirror": lambda: False,
+    "num_cores": lambda: None,
+}
+LEGAL_FIELDS = REQUIRED_FIELDS + tuple(_DEFAULTS)
+
+CONFIG_MODULE_NAME = "remote_runner_config"
+_INTERNAL_MODULES = ("remote_runner", "copy")
+
+
+@dataclass(frozen=True)
+class Origin:
+    """A place in a user's file."""
+
+    file: str
+    line: int
+
+    def __str__(self) -> str:
+        return f"{self.file}:{self.line}"
+
+
+@dataclass(frozen=True)
+class FileSpec:
+    """One local source (absolute) to copy to *dest* (absolute, or relative to base_dir)."""
+
+    src: str
+    dest: str
+    is_dir: bool
+
+
+@dataclass(frozen=True)
+class ComponentSpec:
+    """A validated, immutable component: what the runner starts."""
+
+    name: str
+    host: str
+    executable: str
+    args: Tuple[str, ...]
+    files: Tuple[FileSpec, ...]
+    base_dir: Optional[str]
+    start_index: Union[int, float]
+    wait: bool
+    mirror: bool
+    num_cores: Optional[int]
+    origin: Origin
+    field_origins: Tuple[Tuple[str, Origin], ...] = field(default=(), compare=False, repr=False)
+
+    @property
+    def is_local(self) -> bool:
+        """Tell whether this component runs on the local machine (host ``localhost``)."""
+        return self.host == LOCAL_HOST
+
+    @property
+    def key(self) -> Tuple[str, str]:
+        """Return the ``(host, name)`` pair that identifies this component."""
+        return (self.host, self.name)
+
+    def origin_of(self, field_name: str) -> Origin:
+        """Return where *field_name* was last set (or where the component was added)."""
+        return dict(self.field_origins).get(field_name, self.origin)
+
+
+@dataclass(frozen=True)
+class Experiment:
+    """Everything a run needs from the config: validated components and where they came from."""
+
+    config_file: str
+    config_dir: str
+    components: Tuple[ComponentSpec, ...]
+    extra_options: Any = field(default=None, compare=False, repr=False)
+
+    def hosts(self) -> List[str]:
+        """Return the remote hosts, sorted (``localhost`` excluded)."""
+        return sorted({c.host for c in self.components if not c.is_local})
+
+
+class SourceError(CopyError):
+    """A local ``files`` source named by a config is missing or unusable (found at load)."""
+
+    def __init__(self, message: str, *, path: Optional[str] = None, file: Optional[str] = None,
+                 line: Optional[int] = None, component: Optional[str] = None,
+                 field: Optional[str] = "files") -> None:
+        self.file = file
+        self.line = line
+        self.field = field
+        super().__init__(message, path=path, component=component)
+
+    def __str__(self) -> str:
+        where = f"{self.file}:{self.line}: " if self.file and self.line else (
+            f"{self.file}: " if self.file else "")
+        parts = []
+        if self.component is not None:
+            parts.append(f"component {self.component!r}")
+        if self.field is not None:
+            parts.append(f"field {self.field!r}")
+        what = (", ".join(parts) + ": ") if parts else ""
+        return f"{where}{what}{self.message}"
+
+
+def caller_origin() -> Origin:
+    """Return the innermost calling place outside remote_runner's own modules."""
+    frame = sys._getframe(1)
+    while frame is not None:
+        module = str(frame.f_globals.get("__name__", ""))
+        if module.split(".")[0] not in _INTERNAL_MODULES:
+            return Origin(frame.f_code.co_filename, frame.f_lineno)
+        frame = frame.f_back
+    return Origin("<unknown>", 0)
+
+
+class Component:
+    """One program on one host, as configs write it (SPAR's mutable, typo-proof object).
+
+    Only the names in :data:`LEGAL_FIELDS` can be set; anything else raises
+    :class:`ConfigError` at the assigning line, suggesting the closest legal name.
+    Keyword arguments are a shorthand for setting attributes one by one.
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        here = caller_origin()
+        object.__setattr__(self, "_created", here)
+        object.__setattr__(self, "_origins", {})
+        object.__setattr__(self, "_added", None)
+        if args:
+            raise ConfigError("Component() takes no positional arguments; set attributes by name",
+                              file=here.file, line=here.line)
+        for name, make in _DEFAULTS.items():
+            object.__setattr__(self, name, make())
+        for name, value in kwargs.items():
+            setattr(self, name, value)
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        here = caller_origin()
+        if name not in LEGAL_FIELDS:
+            raise ConfigError(_unknown_field_message(name), file=here.file, line=here.line,
+                              component=self._known_name(), field=name)
+        object.__setattr__(self, name, value)
+        self._origins[name] = here
+
+    def __getattr__(self, name: str) -> Any:
+        # Only called for attributes that are not set: a required field read too early.
+        if name in REQUIRED_FIELDS:
+            raise AttributeError(f"Component attribute {name!r} has not been set yet")
+        raise AttributeError(f"Component has no attribute {name!r}")
+
+    def _known_name(self) -> Optional[str]:
+        """Return the component's name if it is already set to a string."""
+        name = self.__dict__.get("name")
+        return name if isinstance(name, str) else None
+
+    def _origin_of(self, name: str) -> Origin:
+        """Return where field *name* was set, else where the component was added or created."""
+        return self._origins.get(name) or self._added or self._created
+
+    def __repr__(self) -> str:
+        shown = ", ".join(f"{k}={self.__dict__[k]!r}" for k in LEGAL_FIELDS if k in self.__dict__)
+        return f"Component({shown})"
+
+
+def _unknown_field_message(name: str) -> str:
+    """Explain that *name* is not a Component attribute, suggesting the closest one."""
+    close = difflib.get_close_matches(name, LEGAL_FIELDS, n=1, cutoff=0.6)
+    hint = f" (did you mean {close[0]!r}?)" if close else ""
+    return (f"unknown Component attribute {name!r}{hint}; legal attributes: "
+            + ", ".join(sorted(LEGAL_FIELDS)))
+
+
+class Config:
+    """The list of components a config builds (SPAR's ``config`` object)."""
+
+    LOCAL_HOST = LOCAL_HOST
+
+    def __init__(self) -> None:
+        self._components: List[Component] = []
+
+    def add_component(self, component: Component) -> None:
+        """Add a deep copy of *component*, so a template can be changed and added again."""
+        here = caller_origin()
+        if not isinstance(component, Component):
+            raise ConfigError(f"add_component() needs a Component, got {type(component).__name__}",
+                              file=here.file, line=here.line)
+        stored = copy.deepcopy(component)
+        object.__setattr__(stored, "_added", here)
+        self._components.append(stored)
+
+    def clear_components(self) -> None:
+        """Remove every component (muddlers rebuild the list this way)."""
+        self._components.clear()
+
+    def remove_component(self, component: Component) -> None:
+        """Remove one stored component (by identity)."""
+        self._components[:] = [c for c in self._components if c is not component]
+
+    def all_components(self) -> Iterator[Component]:
+        """Iterate over the stored components themselves (changing them changes the config)."""
+        return iter(list(self._components))
+
+    def all_remote_components(self) -> Iterator[Component]:
+        """Iterate over the components whose host is not ``localhost``."""
+        return (c for c in self.all_components() if c.__dict__.get("host") != LOCAL_HOST)
+
+    def all_local_components(self) -> Iterator[Component]:
+        """Iterate over the ``localhost`` components."""
+        return (c for c in self.all_components() if c.__dict__.get("host") == LOCAL_HOST)
+
+    def all_hosts(self) -> set:
+        """Return every host named, ``localhost`` included (as SPAR did)."""
+        return {c.__dict__.get("host") for c in self._components if "host" in c.__dict__}
+
+    def __len__(self) -> int:
+        return len(self._components)
+
+
+# --------------------------------------------------------------------------- running user files
+
+def resolve_user_file(path: str, role: str) -> str:
+    """Expand ``~``/``$VARS`` in *path*, make it absolute and check it is a file."""
+    if not isinstance(path, str) or not path:
+        raise ConfigError(f"no {role} file given")
+    resolved = os.path.realpath(os.path.expanduser(os.path.expandvars(path)))
+    if not os.path.isfile(resolved):
+        what = "is not a file" if os.path.exists(resolved) else "does not exist"
+        raise ConfigError(f"{role} file {what}", file=resolved)
+    return resolved
+
+
+def compile_user_file(path: str, role: str) -> Any:
+    """Compile a user's Python file, reporting syntax errors at their line."""
+    try:
+        with open(path, "rb") as handle:
+            source = handle.read()
+    except OSError as exc:
+        raise ConfigError(f"cannot read {role} file: {exc.strerror}", file=path) from exc
+    try:
+        return compile(source, path, "exec", dont_inherit=True)
+    except SyntaxError as exc:
+        text = (exc.text or "").rstrip("\n")
+        shown = f"\n    {text.strip()}" if text.strip() else ""
+        raise ConfigError(f"SyntaxError in {role}: {exc.msg}{shown}", file=path,
+                          line=exc.lineno) from None
+    except ValueError as exc:  # e.g. source with NUL bytes
+        raise ConfigError(f"cannot compile {role}: {exc}", file=path) from None
+
+
+@contextlib.contextmanager
+def user_code(path: str, role: str, cwd: Optional[str] = None) -> Iterator[None]:
+    """Run a block of user code: chdir to *cwd* and report its errors at the user's line."""
+    old_cwd = os.getcwd() if cwd else None
+    if cwd:
+        try:
+            os.chdir(cwd)
+        except OSError as exc:
+            raise ConfigError(f"cannot enter the config directory: {exc.strerror}", file=path) from None
+    try:
+        yield
+    except RunnerError as exc:
+        raise _locate_runner_error(exc, path) from None
+    except SystemExit as exc:
+        where = _user_frame(exc, path)
+        raise ConfigError(f"{role} called sys.exit({exc.code!r})" + _source(where),
+                          file=path, line=where.line if where else None) from None
+    except Exception as exc:
+        where = _user_frame(exc, path)
+        message = f"{type(exc).__name__} in {role}: {exc}" + _source(where)
+        deepest = traceback.extract_tb(exc.__traceback__)[-1:]
+        if deepest and where and deepest[0].filename != path:
+            message += f"\n    (raised in {deepest[0].filename}:{deepest[0].lineno})"
+        raise ConfigError(message, file=path, line=where.line if where else None) from exc
+    finally:
+        if old_cwd is not None:
+            os.chdir(old_cwd)
+
+
+def _user_frame(exc: BaseException, path: str) -> Optional[Origin]:
+    """Return the innermost traceback frame of *exc* that lies in the user's file *path*."""
+    found = None
+    for frame in traceback.extract_tb(exc.__traceback__):
+        if frame.filename == path:
+            found = Origin(path, frame.lineno or 0)
+    if found is None and isinstance(exc, SyntaxError) and exc.filename == path:
+        found = Origin(path, exc.lineno or 0)
+    return found
+
+
+def _source(where: Optional[Origin]) -> str:
+    """Return the user's source line at *where*, indented on its own line (or '')."""
+    if where is None:
+        return ""
+    text = linecache.getline(where.file, where.line).strip()
+    return f"\n    {text}" if text else ""
+
+
+def _locate_runner_error(exc: RunnerError, path: str) -> RunnerError:
+    """Give an error raised inside user code the user's file and line, if it lacks them."""
+    where = _user_frame(exc, path)
+    if where is None:
+        return exc
+    if isinstance(exc, ConfigError) and exc.file is None:
+        return ConfigError(exc.message + _source(where), file=path, line=where.line,
+                           component=exc.component, field=exc.field)
+    if isinstance(exc, CopyError) and not isinstance(exc, SourceError):
+        return SourceError(exc.message + _source(where), path=exc.path, file=path,
+                           line=where.line, component=exc.component, field=None)
+    return exc
+
+
+# --------------------------------------------------------------------------- loading
+
+def run_config(config_path: str, options: Any, extra_options: Any) -> Config:
+    """Execute the config file in its own directory and return the ``config`` it filled."""
+    code = compile_user_file(config_path, "config")
+    namespace: Dict[str, Any] = {
+        "__file__": config_path,
+        "__name__": CONFIG_MODULE_NAME,
+        "config": Config(),
+        "Component": Component,
+        "util": util,
+        "options": options,
+        "extra_options": extra_options,
+        "localhost": LOCAL_HOST,
+    }
+    with user_code(config_path, "config", cwd=os.path.dirname(config_path)):
+        exec(code, namespace)
+    config = namespace.get("config")
+    if not isinstance(config, Config):
+        raise ConfigError(f"the name 'config' was rebound to a {type(config).__name__}; "
+                          "add components with config.add_component(...)", file=config_path)
+    return config
+
+
+def load_experiment(config_file: str, options: Optional[argparse.Namespace],
+                    muddler_file: Optional[str] = None, arg_parser_file: Optional[str] = None,
+                    extra_args: Union[str, List[str], None] = None) -> Experiment:
+    """Run arg parser, config and muddler (in that order) and validate the result.
+
+    Raises :class:`ConfigError` for mistakes in any of the files and
+    :class:`CopyError` for a missing local source, before any host is touched.
+    """
+    from remote_runner import muddle  # muddle builds on this module
+
+    if options is None:
+        options = argparse.Namespace(ssh_user=None)
+    config_path = resolve_user_file(config_file, "config")
+    muddler_path = resolve_user_file(muddler_file, "muddler") if muddler_file else None
+    extra_options = muddle.load_extra_options(arg_parser_file, extra_args,
+                                              getattr(options, "ssh_user", None))
+    config = run_config(config_path, options, extra_options)
+    config_dir = os.path.dirname(config_path)
+    if muddler_path:
+        config = muddle.apply_muddler(muddler_path, config, options, extra_options, config_dir)
+    return build_experiment(config, config_path, extra_options)
+
+
+# --------------------------------------------------------------------------- validation
+
+def build_experiment(config: Config, config_path: str, extra_options: Any = None) -> Experiment:
+    """Validate every component of *config* and return the frozen :class:`Experiment`."""
+    config_dir = os.path.dirname(config_path)
+    if not len(config):
+        raise ConfigError("the config added no components (use config.add_component(c))",
+                          file=config_path)
+    specs: List[ComponentSpec] = []
+    seen: Dict[Tuple[str, str], ComponentSpec] = {}
+    for component in config.all_components():
+        spec = _Validator(component, config_dir).spec()
+        if spec.key in seen:
+            first = seen[spec.key]
+            raise ConfigError(f"a component with this name already exists on host {spec.host!r} "
+                              f"(added at {first.origin}); names must be unique per host",
+                              file=spec.origin.file, line=spec.origin.line,
+                              component=spec.name, field="name")
+        seen[spec.key] = spec
+        specs.append(spec)
+    return Experiment(config_file=config_path, config_dir=config_dir, components=tuple(specs),
+                      extra_options=extra_options)
+
+
+class _Validator:
+    """Check one Component field by field and build its :class:`ComponentSpec`."""
+
+    def __init__(self, component: Component, config_dir: str) -> None:
+        self.c = component
+        self.values = component.__dict__
+        self.config_dir = config_dir
+        self.name = component._known_name()
+
+    def fail(self, field_name: str, message: str) -> ConfigError:
+        """Build the error for *field_name*, located where that field was set."""
+        where = self.c._origin_of(field_name)
+        return ConfigError(message, file=where.file, line=where.line, component=self.name,
+                           field=field_name)
+
+    def spec(self) -> ComponentSpec:
+        """Return the validated spec (raises on the first problem)."""
+        for name in REQUIRED_FIELDS:
+            if name not in self.values:
+                raise self.fail(name, f"{name} is required but was never set")
+        name = self._name()
+        host = self._plain_string("host")
+        if host.startswith("-") or any(ch.isspace() for ch in host):
+            raise self.fail("host", f"host {host!r} must not start with '-' or contain spaces")
+        local = host == LOCAL_HOST
+        mirror = self._bool("mirror")
+        if local and mirror:
+            raise self.fail("mirror", "mirror=True makes no sense on a localhost component")
+        executable = self._plain_string("executable")
+        if local and not os.path.isabs(executable):
+            executable = os.path.normpath(os.path.join(self.config_dir, executable))
+        origins = self.c._origins
+        return ComponentSpec(
+            name=name, host=host, executable=executable, args=self._args(),
+            files=self._files(local), base_dir=self._base_dir(),
+            start_index=self._start_index(), wait=self._bool("wait"), mirror=mirror,
+            num_cores=self._num_cores(), origin=self.c._added or self.c._created,
+            field_origins=tuple(sorted(origins.items())))
+
+    def _name(self) -> str:
+        name = self._plain_string("name")
+        if "/" in name or any(ord(ch) < 32 for ch in name):
+            raise self.fail("name", f"name {name!r} must not contain '/' or control characters")
+        return name
+
+    def _plain_string(self, field_name: str) -> str:
+        value = self.values[field_name]
+        if not isinstance(value, str) or not value.strip():
+            raise self.fail(field_name, f"{field_name} must be a non-empty string, got {value!r}")
+        if "\0" in value:
+            raise self.fail(field_name, f"{field_name} must not contain NUL characters")
+        return value
+
+    def _bool(self, field_name: str) -> bool:
+        value = self.values[field_name]
+        if not isinstance(value, bool):
+            raise self.fail(field_name, f"{field_name} must be True or False, got {value!r}")
+        return value
+
+    def _args(self) -> Tuple[str, ...]:
+        value = self.values["args"]
+        if not isinstance(value, (list, tuple)):
+            raise self.fail("args", f"args must be a list of strings, got {type(value).__name__}")
+        out = []
+        for index, arg in enumerate(value):
+            if isinstance(arg, bool) or not isinstance(arg, (str, int, float)):
+                raise self.fail("args", f"args must be a list of str/int/float; args[{index}] is "
+                                        f"{arg!r} ({type(arg).__name__}); convert it explicitly")
+            text = str(arg)
+            if "\0" in text:
+                raise self.fail("args", f"args[{index}] contains a NUL character")
+            out.append(text)
+        return tuple(out)
+
+    def _base_dir(self) -> Optional[str]:
+        value = self.values["base_dir"]
+        if value is None:
+            return None
+        if not isinstance(value, str) or not value:
+            raise self.fail("base_dir", f"base_dir must be None or an absolute path, got {value!r}")
+        if not value.startswith("/"):
+            raise self.fail("base_dir", f"base_dir {value!r} is relative; use an absolute path "
+                                        "(or None for a fresh temporary directory on the host)")
+        return value
+
+    def _start_index(self) -> Union[int, float]:
+        value = self.values["start_index"]
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or (
+                isinstance(value, float) and math.isnan(value)):
+            raise self.fail("start_index", f"start_index must be a number, got {value!r}")
+        return value
+
+    def _num_cores(self) -> Optional[int]:
+        value = self.values["num_cores"]
+        if value is None:
+            return None
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise self.fail("num_cores", f"num_cores must be None or a positive int, got {value!r}")
+        return value
+
+    def _files(self, local: bool) -> Tuple[FileSpec, ...]:
+        value = self.values["files"]
+        if not isinstance(value, dict):
+            raise self.fail("files", f"files must be a dict of local source -> destination, "
+                                     f"got {type(value).__name__}")
+        if value and local:
+            raise self.fail("files", "a localhost component cannot have files (nothing is copied "
+                                     "locally); use absolute paths or paths relative to the config")
+        by_dest: Dict[str, FileSpec] = {}
+        for src, dest in value.items():
+            for what, text in (("source", src), ("destination", dest)):
+                if not isinstance(text, str) or not text or "\0" in text:
+                    raise self.fail("files", f"files {what} must be a non-empty string, got {text!r}")
+            spec = self._file_spec(src, dest)
+            key = os.path.normpath(dest)
+            if key in by_dest and by_dest[key].src != spec.src:
+                raise self.fail("files", f"two sources go to destination {dest!r}: "
+                                         f"{by_dest[key].src!r} and {spec.src!r}")
+            by_dest.setdefault(key, spec)
+        return tuple(by_dest.values())
+
+    def _file_spec(self, src: str, dest: str) -> FileSpec:
+        path = os.path.normpath(os.path.join(self.config_dir, os.path.expanduser(src)))
+        if not os.path.exists(path):
+            where = self.c._origin_of("files")
+            raise SourceError(f"local source {src!r} does not exist (looked for {path})",
+                              path=path, file=where.file, line=where.line, component=self.name)
+        if not (os.path.isfile(path) or os.path.isdir(path)):
+            where = self.c._origin_of("files")
+            raise SourceError(f"local source {src!r} is neither a regular file nor a directory",
+                              path=path, file=where.file, line=where.line, component=self.name)
+        return FileSpec(src=path, dest=dest, is_dir=os.path.isdir(path))

@@ -1,0 +1,63 @@
+"""Helpers that experiment configs and muddlers see as the global ``util``.
+
+SPAR exported one function here, ``recursive_files_dict``, so that a config can
+ship a whole directory tree with one line. It is kept with the same name and
+arguments, with two fixes that keep the copy faithful to the tree on disk:
+
+* empty directories are kept (as directory entries, which the runner creates
+  on the host); SPAR silently dropped them;
+* a missing or non-directory source is an error at the config line that asked
+  for it, instead of an empty dict that quietly copies nothing.
+
+Symlinked directories are not followed (``os.walk``'s default, as in SPAR); each
+one skipped is logged as a warning so nothing disappears silently. Dotfiles are
+included.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import posixpath
+from typing import Dict
+
+from remote_runner.errors import CopyError
+
+LOG = logging.getLogger(__name__)
+
+__all__ = ["recursive_files_dict"]
+
+
+def recursive_files_dict(src_path: str, dest_path: str) -> Dict[str, str]:
+    """Map every file (and empty directory) under *src_path* to its place under *dest_path*.
+
+    A relative *src_path* gives relative keys, which the runner resolves against
+    the config's directory (configs run with that directory as the cwd). The
+    values are POSIX paths on the host: relative ones are relative to the
+    component's ``base_dir``, and ``dest_path='.'`` means "into base_dir".
+    """
+    if not isinstance(src_path, str) or not isinstance(dest_path, str):
+        raise TypeError("recursive_files_dict(src_path, dest_path) takes two strings")
+    if not os.path.isdir(src_path):
+        what = "is not a directory" if os.path.exists(src_path) else "does not exist"
+        raise CopyError(f"recursive_files_dict: source directory {src_path!r} {what}",
+                        path=os.path.abspath(src_path))
+    mapping: Dict[str, str] = {}
+    for dirpath, dirnames, filenames in os.walk(src_path):
+        dirnames.sort()
+        for name in list(dirnames):
+            if os.path.islink(os.path.join(dirpath, name)):
+                LOG.warning("recursive_files_dict: not following symlinked directory %s",
+                            os.path.join(dirpath, name))
+        for name in sorted(filenames):
+            _add(mapping, src_path, dest_path, os.path.join(dirpath, name))
+        real_subdirs = [d for d in dirnames if not os.path.islink(os.path.join(dirpath, d))]
+        if not filenames and not real_subdirs:
+            _add(mapping, src_path, dest_path, dirpath)
+    return mapping
+
+
+def _add(mapping: Dict[str, str], src_root: str, dest_root: str, path: str) -> None:
+    """Record *path* (below *src_root*) at the matching place below *dest_root*."""
+    rel = os.path.relpath(path, src_root).replace(os.sep, "/")
+    mapping[path] = posixpath.normpath(posixpath.join(dest_root, rel))
