@@ -196,7 +196,7 @@ class Component:
     def _known_name(self) -> Optional[str]:
         """Return the component's name if it is already set to a string."""
         name = self.__dict__.get("name")
-        return name if isinstance(name, str) else None
+        return name if isinstance(name, str) and name else None
 
     def _origin_of(self, name: str) -> Origin:
         """Return where field *name* was set, else where the component was added or created."""
