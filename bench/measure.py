@@ -1,0 +1,85 @@
+"""Timing runs: repeat a step, keep every wall time, stop repeating what is too slow.
+
+A scenario hands :func:`repeat` a ``prepare`` step (untimed: wipe a target,
+drop a cache) and a ``step`` (timed). A failure does not abort the bench: the
+row is marked skipped with the error so the table says what broke. A step
+that takes longer than ``slow_after`` is not repeated, and the row says so,
+which keeps a full run inside its time budget when a peer is pathologically
+slow (scp over a delayed link, sshfs walking thousands of files).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import subprocess
+import time
+from typing import Callable, List, Mapping, Optional, Sequence
+
+from bench.results import Measurement
+
+logger = logging.getLogger(__name__)
+
+
+class BenchError(RuntimeError):
+    """A benchmark step failed (the tool, not the measurement)."""
+
+
+def run(argv: Sequence[str], timeout: float = 600, env: Optional[Mapping[str, str]] = None,
+        cwd: Optional[str] = None, stdin: Optional[bytes] = None) -> subprocess.CompletedProcess:
+    """Run *argv*; raise BenchError on failure or timeout (killing its process group)."""
+    proc = subprocess.Popen(list(argv), stdin=subprocess.PIPE if stdin is not None else subprocess.DEVNULL,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=dict(env) if env else None,
+                            cwd=cwd, start_new_session=True)
+    try:
+        out, err = proc.communicate(stdin, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        kill_group(proc)
+        raise BenchError(f"`{' '.join(argv)[:200]}` did not finish within {timeout:g} s")
+    if proc.returncode != 0:
+        tail = err.decode(errors="replace").strip().splitlines()[-5:]
+        raise BenchError(f"`{' '.join(argv)[:200]}` exited {proc.returncode}: {' / '.join(tail)[:600]}")
+    return subprocess.CompletedProcess(list(argv), proc.returncode, out, err)
+
+
+def kill_group(proc: subprocess.Popen) -> None:
+    """Kill *proc*'s process group (it was started in a new session) and reap it."""
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except (ProcessLookupError, PermissionError):
+        pass
+    try:
+        proc.communicate(timeout=10)
+    except (subprocess.TimeoutExpired, ValueError):
+        proc.kill()
+
+
+def repeat(m: Measurement, step: Callable[[], None], reps: int,
+           prepare: Optional[Callable[[], None]] = None, slow_after: float = 120.0) -> Measurement:
+    """Time *step* up to *reps* times into *m* (prepare runs untimed before each)."""
+    for index in range(reps):
+        try:
+            if prepare is not None:
+                prepare()
+            start = time.perf_counter()
+            step()
+            elapsed = time.perf_counter() - start
+        except Exception as exc:  # a broken tool is a result, not a crash of the bench
+            logger.warning("%s / %s / %s @ %g ms failed: %s", m.scenario, m.case, m.tool, m.delay_ms, exc)
+            m.skipped = f"failed: {exc}"
+            m.runs.clear()
+            return m
+        m.runs.append(elapsed)
+        logger.info("%s / %s / %s @ %g ms: run %d: %.2f s", m.scenario, m.case, m.tool, m.delay_ms,
+                    index + 1, elapsed)
+        if elapsed > slow_after and index + 1 < reps:
+            m.note = (m.note + "; " if m.note else "") + (
+                f"{len(m.runs)} run(s) only: over {slow_after:g} s, not repeated")
+            break
+    return m
+
+
+def skipped(scenario: str, case: str, tool: str, delay_ms: float, reason: str, role: str = "peer") -> Measurement:
+    """Return a row that records why nothing was measured."""
+    return Measurement(scenario, case, tool, delay_ms, role=role, skipped=reason)

@@ -1,0 +1,175 @@
+"""Mirror: run local programs on a host through a mirror of the local file system.
+
+Five workloads (``cat``, ``ffmpeg -version``, Python imports, a 2 s ffmpeg
+encode, ``git status`` in a 5,000-file repository), each *cold* (remote caches
+emptied, or a fresh mount) and *warm* (run again right after), for our
+``remote-runner exec``, outrun 1.1.0, sshfs + chroot, and the plain local run
+as the reference. Everything the programs read and write is on the local disk
+(in the bench work directory); only the link delay differs per row.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+from dataclasses import dataclass
+from typing import Callable, List, Optional
+
+from bench import ours
+from bench.context import Context, git
+from bench.measure import repeat, run as sh, skipped
+from bench.results import OURS, REFERENCE, Measurement
+from bench.sshfs import SshfsMount, sftp_server
+
+SCENARIO = "mirror"
+HOST_COUNT = 1
+OURS_CACHE = "~/.cache/remote-runner"
+OUTRUN_CACHE = "~/.outrun"
+
+
+@dataclass(frozen=True)
+class Workload:
+    """One program to run, with the local directory it runs in."""
+
+    name: str
+    argv: List[str]
+    cwd: str
+
+
+def prepare_files(ctx: Context) -> str:
+    """Create the input text, the 2 s clip and the git repository (once); return their directory."""
+    base = os.path.join(ctx.work_dir, "mirror")
+    os.makedirs(base, exist_ok=True)
+    with open(os.path.join(base, "in.txt"), "w") as handle:
+        handle.write("hello from the local disk\n" * 100)
+    clip = os.path.join(base, "clip.mp4")
+    if not os.path.exists(clip):
+        sh(["ffmpeg", "-y", "-loglevel", "error", "-f", "lavfi", "-i",
+             "testsrc=duration=2:size=640x360:rate=25", "-pix_fmt", "yuv420p", clip], timeout=300)
+    repo = os.path.join(base, "repo")
+    count = repo_size(ctx)
+    marker = os.path.join(repo, ".bench-files")
+    if not (os.path.exists(marker) and open(marker).read() == str(count)):
+        subprocess.run(["rm", "-rf", repo], check=True)
+        for i in range(count):
+            path = os.path.join(repo, f"d{i // 100:02d}", f"file{i:05d}.txt")
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+            with open(path, "w") as handle:
+                handle.write(f"line {i}\n")
+        git("init", "-q", cwd=repo)
+        git("add", "-A", cwd=repo)
+        git("commit", "-q", "-m", "bench", cwd=repo)
+        with open(marker, "w") as handle:
+            handle.write(str(count))
+    return base
+
+
+def repo_size(ctx: Context) -> int:
+    return 500 if ctx.quick else 5000
+
+
+def workloads(ctx: Context, base: str) -> List[Workload]:
+    """Return the workloads, all reading and writing under *base*."""
+    return [
+        Workload("cat", ["cat", os.path.join(base, "in.txt")], base),
+        Workload("ffmpeg -version", ["ffmpeg", "-version"], base),
+        Workload("python imports", ["/usr/bin/python3", "-c",
+                                    "import json, email.parser, http.client, decimal, sqlite3"], base),
+        Workload("ffmpeg encode 2 s", ["ffmpeg", "-y", "-loglevel", "error", "-i", os.path.join(base, "clip.mp4"),
+                                       "-c:v", "libx264", "-preset", "veryfast", os.path.join(base, "out.mp4")],
+                 base),
+        Workload(f"git status ({repo_size(ctx):,} files)", ["git", "status", "--porcelain"],
+                 os.path.join(base, "repo")),
+    ]
+
+
+def measure_tool(ctx: Context, tool: str, role: str, delay: float, loads: List[Workload],
+                 step_for: Callable[[Workload], Callable[[], None]],
+                 cold_prepare: Callable[[], None], warm_prepare: Optional[Callable[[], None]] = None,
+                 cold_step_for: Optional[Callable[[Workload], Callable[[], None]]] = None,
+                 note: str = "") -> List[Measurement]:
+    """Time every workload cold (after *cold_prepare*) and then warm."""
+    rows = []
+    for load in loads:
+        cold = (cold_step_for or step_for)(load)
+        rows.append(repeat(Measurement(SCENARIO, f"{load.name} / cold", tool, delay, role, note=note),
+                           cold, ctx.reps, cold_prepare, ctx.slow_after))
+        rows.append(repeat(Measurement(SCENARIO, f"{load.name} / warm", tool, delay, role, note=note),
+                           step_for(load), ctx.reps, warm_prepare, ctx.slow_after))
+    return rows
+
+
+def run_local(ctx: Context, loads: List[Workload]) -> List[Measurement]:
+    """Time the workloads locally (the floor every mirror is compared with)."""
+    rows = []
+    for load in loads:
+        m = repeat(Measurement(SCENARIO, f"{load.name} / warm", "local run", 0, REFERENCE),
+                   lambda load=load: sh(load.argv, cwd=load.cwd, timeout=300), ctx.reps)
+        rows.append(m)
+    return rows
+
+
+def run(ctx: Context) -> List[Measurement]:
+    """Measure every tool over every delay."""
+    base = prepare_files(ctx)
+    loads = workloads(ctx, base)
+    host = ctx.testbed.hosts(HOST_COUNT)[0]
+    rows: List[Measurement] = run_local(ctx, loads)
+    ctx.notes.append(f"mirror: workloads run on {host} with cwd and files in the local {base}; cold = "
+                     f"remote caches removed ({OURS_CACHE} for ours, {OUTRUN_CACHE} for outrun) or a fresh "
+                     "sshfs mount (mount time included)")
+    for delay in ctx.delays:
+        cfg = ctx.testbed.ssh_config(delay)
+        wipe = lambda path: (lambda: ctx.on_hosts(delay, [host], f"rm -rf {path}"))
+        # ours
+        missing = ours.mirror_missing()
+        if missing:
+            rows += [skipped(SCENARIO, f"{l.name} / {c}", "remote-runner exec", delay, missing, OURS)
+                     for l in loads for c in ("cold", "warm")]
+        else:
+            rows += measure_tool(ctx, "remote-runner exec", OURS, delay, loads,
+                                 lambda l: (lambda: sh(ours.exec_argv(cfg, host, l.argv), cwd=l.cwd, timeout=600)),
+                                 wipe(OURS_CACHE))
+        # outrun
+        if ctx.outrun is None:
+            rows += [skipped(SCENARIO, f"{l.name} / {c}", "outrun 1.1.0", delay, "outrun could not be installed")
+                     for l in loads for c in ("cold", "warm")]
+        else:
+            o = ctx.outrun
+            rows += measure_tool(ctx, "outrun 1.1.0", "peer", delay, loads,
+                                 lambda l: (lambda: sh([o.executable, "--ssh", f"-F {cfg}", host, *l.argv],
+                                                       cwd=l.cwd, env=o.env(), timeout=600)),
+                                 wipe(OUTRUN_CACHE))
+        # sshfs + chroot
+        if sftp_server() is None:
+            rows += [skipped(SCENARIO, f"{l.name} / {c}", "sshfs + chroot", delay, "no local sftp-server")
+                     for l in loads for c in ("cold", "warm")]
+        else:
+            mount = SshfsMount(cfg, host, f"/tmp/rr-bench-sshfs-{ctx.tag}")
+
+            def cold_step(load: Workload):  # type: ignore[no-untyped-def]
+                def step() -> None:
+                    mount.mount()
+                    sh(mount.run_argv(load.argv, load.cwd), timeout=600)
+                return step
+
+            try:
+                rows += measure_tool(ctx, "sshfs + chroot", "peer", delay, loads,
+                                     lambda l: (lambda: sh(mount.run_argv(l.argv, l.cwd), timeout=600)),
+                                     mount.unmount, cold_step_for=cold_step,
+                                     note="cold includes the mount")
+            finally:
+                mount.unmount()
+    # The local run is the same for every delay: show it in every group.
+    extra = []
+    for m in list(rows):
+        if m.tool == "local run":
+            for delay in ctx.delays:
+                for case in (m.case, m.case.replace("/ warm", "/ cold")):
+                    if (case, delay) != (m.case, m.delay_ms):
+                        extra.append(Measurement(SCENARIO, case, m.tool, delay, REFERENCE, list(m.runs),
+                                                 note="no link: same local runs in every row"))
+    rows = [m for m in rows if m.tool != "local run"] + extra
+    order = {load.name: i for i, load in enumerate(loads)}
+    return sorted(rows, key=lambda m: (m.delay_ms, order.get(m.case.split(" / ")[0], 99),
+                                       m.case.endswith("warm"), m.role != OURS, m.role == REFERENCE))

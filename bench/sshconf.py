@@ -1,0 +1,68 @@
+"""ssh_config and known_hosts for reaching lab hosts through delay proxies.
+
+Every tool in the benchmark (ours, rsync, scp, sshfs, outrun) is pointed at
+the same aliases ``h1..hN``; only the ssh_config differs per link delay. An
+alias resolves to ``127.0.0.1:<proxy port>``, so OpenSSH is told the real host
+name through ``HostKeyAlias`` and strict checking keeps working. Our own SSH
+layer (paramiko) does not read ``HostKeyAlias``, so the known_hosts file also
+carries each key under ``[127.0.0.1]:<port>``: both clients verify the same key.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Dict, List
+
+
+@dataclass(frozen=True)
+class Endpoint:
+    """Where one alias really goes: the proxy port in front of a host."""
+
+    alias: str
+    port: int
+    key_line: str  # "<type> <base64>" of the host's key
+
+
+def read_host_keys(known_hosts: str) -> Dict[str, str]:
+    """Return {host name: "<type> <key>"} from a lab known_hosts file."""
+    keys: Dict[str, str] = {}
+    with open(known_hosts) as handle:
+        for line in handle:
+            parts = line.split()
+            if len(parts) < 3 or line.startswith("#"):
+                continue
+            for name in parts[0].split(","):
+                keys[name] = f"{parts[1]} {parts[2]}"
+    return keys
+
+
+def write_ssh_config(directory: str, endpoints: List[Endpoint], identity_file: str,
+                     name: str = "ssh_config") -> str:
+    """Write ssh_config and known_hosts for *endpoints* into *directory*; return the config path."""
+    os.makedirs(directory, mode=0o700, exist_ok=True)
+    known = os.path.join(directory, name + ".known_hosts")
+    config = os.path.join(directory, name)
+    known_lines, config_lines = [], [f"# remote-runner bench: ssh -F {config} h1\n"]
+    for ep in endpoints:
+        known_lines.append(f"{ep.alias},[127.0.0.1]:{ep.port} {ep.key_line}\n")
+        config_lines.append(
+            f"\nHost {ep.alias}\n"
+            f"    HostName 127.0.0.1\n"
+            f"    Port {ep.port}\n"
+            f"    HostKeyAlias {ep.alias}\n"
+            f"    User root\n"
+            f"    IdentityFile {identity_file}\n"
+            f"    IdentitiesOnly yes\n"
+            f"    UserKnownHostsFile {known}\n"
+            f"    GlobalKnownHostsFile /dev/null\n"
+            f"    StrictHostKeyChecking yes\n"
+            f"    ControlMaster no\n"
+            f"    ConnectTimeout 20\n"
+            f"    ServerAliveInterval 15\n"
+            f"    LogLevel ERROR\n")
+    for path, lines in ((known, known_lines), (config, config_lines)):
+        with open(path, "w") as handle:
+            handle.writelines(lines)
+        os.chmod(path, 0o600)
+    return config
