@@ -460,8 +460,10 @@ class Connection:
     def _load_key(self, path: str, tried: List[str]) -> Optional[paramiko.PKey]:
         """Load a private key file (the password unlocks an encrypted one) or note why not."""
         try:
-            return paramiko.PKey.from_path(path, self.options.password)
-        except paramiko.PasswordRequiredException:
+            password = self.options.password
+            return paramiko.PKey.from_path(path, password.encode("utf-8") if password else None)
+        except (paramiko.PasswordRequiredException, TypeError):
+            # paramiko 5 lets cryptography's TypeError through for a missing passphrase
             tried.append(f"{path}: encrypted, give the passphrase with -p")
         except (paramiko.SSHException, OSError, ValueError) as exc:
             tried.append(f"{path}: unusable ({exc})")
