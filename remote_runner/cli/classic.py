@@ -1,0 +1,192 @@
+"""SPAR's command line: ``remote_runner.py -c CONFIG [options]`` (also ``remote-runner run``).
+
+Flags (SPAR's names, short forms and defaults, plus a few additions):
+
+-c/--config FILE        the experiment config (Python), required
+-m/--muddler FILE       a muddler: ``muddle(config)`` or ``muddle(config, options)``
+-a/--arg-parser FILE    defines ``parse_args(extra_args, ssh_user)``; needs --extra-args
+--extra-args "ARGS"     one string for the arg parser; may begin with '-' in either form,
+                        ``--extra-args "-p X"`` or ``--extra-args=-p``
+-u/--user USER          default SSH user (a ``User`` in ssh_config for that host wins)
+-p/--pass PASSWORD      SSH password / key passphrase (SPAR compatibility: visible in ``ps``;
+                        prefer $REMOTE_RUNNER_PASSWORD or --ask-pass). Never logged.
+--ask-pass              prompt for the password
+-F FILE                 ssh_config to read instead of ~/.ssh/config and /etc/ssh/ssh_config
+--accept-new-host-keys  trust and record keys of hosts not yet in known_hosts (changed keys
+                        are always refused)
+--connect-timeout SEC   per-host connection timeout (default 10)
+-f/--forks N            hosts handled at once (default 10)
+-l/--log-level LEVEL    DEBUG, INFO (default), WARNING or ERROR; ``LEVEL: message`` on stderr
+--screen NAME           screen session name on every host (default ``runner``)
+--no-kill               keep the previous session and add this run's windows to it
+--no-zombie             let windows close when their program exits
+--always-copy           upload every file even when the host already has it
+--remote-done-dir DIR   where launchers, ``<name>.pid``/``.status``/``.log`` go on each host
+                        (default ``~/.remote-runner/<screen>``; ``~`` is the remote home)
+--wait-timeout SEC      give up waiting for wait=True components after SEC (exit 5)
+-t/--terminate          after the waited components end, stop all other components
+--no-terminate          do not (the default)
+--dry-run               load and validate the config, print the plan, touch no host
+--version, -h/--help
+
+``-t`` differs from SPAR: SPAR's flag was inverted (termination by ``killall`` was the
+default and ``-t`` turned it *off*, contrary to its help text). Here ``-t`` turns
+termination *on* and the default is off. Termination signals each window's process
+group (SIGTERM, then SIGKILL after a grace period); nothing is killed by name.
+
+Exit codes: 0 ok; 1 internal error; 2 usage or config error (with file:line);
+3 connection, host-key or authentication error; 4 copy error (missing source,
+upload failure); 5 a waited component failed or timed out; 6 start error (screen
+session or window); 130 interrupted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from typing import List, Optional, Sequence
+
+from remote_runner import __version__
+from remote_runner.cli import EXIT_CODES_HELP, run_guarded, setup_logging
+
+LOG = logging.getLogger(__name__)
+
+DESCRIPTION = ("Copy files to hosts and start components in GNU screen sessions, in "
+               "start_index order (SPAR remote_runner compatible).")
+
+
+class ClassicParser(argparse.ArgumentParser):
+    """An ArgumentParser whose ``--extra-args VALUE`` may start with '-'."""
+
+    def parse_known_args(self, args: Optional[Sequence[str]] = None,  # type: ignore[override]
+                         namespace: Optional[argparse.Namespace] = None):
+        """Parse *args* after joining ``--extra-args VALUE`` into one token."""
+        return super().parse_known_args(join_extra_args(
+            list(sys.argv[1:] if args is None else args)), namespace)
+
+
+def join_extra_args(argv: List[str]) -> List[str]:
+    """Turn ``--extra-args VALUE`` into ``--extra-args=VALUE`` so VALUE may begin with '-'."""
+    out: List[str] = []
+    i = 0
+    while i < len(argv):
+        token = argv[i]
+        if token == "--":
+            return out + argv[i:]
+        if token == "--extra-args" and i + 1 < len(argv):
+            out.append("--extra-args=" + argv[i + 1])
+            i += 2
+            continue
+        out.append(token)
+        i += 1
+    return out
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Add the classic flags (SPAR's dest names, so configs can read ``options.ssh_user``)."""
+    add = parser.add_argument
+    add("-c", "--config", dest="config_file", required=True, metavar="FILE",
+        help="experiment config file (Python)")
+    add("-m", "--muddler", dest="muddler", metavar="FILE", help="muddler file")
+    add("-a", "--arg-parser", dest="arg_parser", metavar="FILE",
+        help="arg parser file defining parse_args(extra_args, ssh_user); needs --extra-args")
+    add("--extra-args", dest="extra_args", metavar="ARGS",
+        help="one string of extra options for the arg parser (may start with '-')")
+    add("-u", "--user", dest="ssh_user", metavar="USER", help="default SSH user")
+    add("-p", "--pass", dest="ssh_pass", metavar="PASSWORD",
+        help="SSH password/passphrase (visible to other users; prefer "
+             "$REMOTE_RUNNER_PASSWORD or --ask-pass)")
+    add("--ask-pass", action="store_true", help="prompt for the SSH password")
+    add("-F", dest="ssh_config", metavar="FILE", help="ssh_config file to use")
+    add("--accept-new-host-keys", action="store_true",
+        help="accept and record unknown host keys (changed keys are still refused)")
+    add("--connect-timeout", type=float, default=10.0, metavar="SECONDS",
+        help="connection timeout per host (default 10)")
+    add("-f", "--forks", type=int, default=10, metavar="N", help="hosts handled at once (default 10)")
+    add("-l", "--log-level", dest="log_level", default="INFO",
+        choices=["DEBUG", "INFO", "WARNING", "ERROR"], help="log level (default INFO)")
+    add("--screen", default="runner", metavar="NAME", help="screen session name (default runner)")
+    add("--no-kill", dest="kill_first", action="store_false",
+        help="keep the previous screen session and add windows to it")
+    add("--no-zombie", dest="no_zombie", action="store_true",
+        help="close windows when their program exits")
+    add("--always-copy", dest="always_copy", action="store_true",
+        help="copy every file, even unchanged ones")
+    add("--remote-done-dir", dest="remote_done_dir", metavar="DIR",
+        help="directory on each host for launchers, pid/status/log files "
+             "(default ~/.remote-runner/<screen>)")
+    add("--wait-timeout", type=float, metavar="SECONDS",
+        help="fail (exit 5) if wait components run longer than this")
+    add("-t", "--terminate", dest="terminate", action=argparse.BooleanOptionalAction, default=False,
+        help="after the wait components end, stop the others by process group "
+             "(SPAR's -t meant the opposite; default: off)")
+    add("--dry-run", action="store_true", help="validate and print the plan; touch no host")
+
+
+def build_parser(prog: str = "remote_runner.py") -> argparse.ArgumentParser:
+    """Return the standalone classic parser."""
+    parser = ClassicParser(prog=prog, description=DESCRIPTION, epilog=EXIT_CODES_HELP,
+                           formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--version", action="version", version=f"remote_runner {__version__}")
+    add_arguments(parser)
+    return parser
+
+
+def add_parser(sub: "argparse._SubParsersAction") -> None:
+    """Register ``remote-runner run`` (the same flags as remote_runner.py)."""
+    parser = sub.add_parser("run", help="run an experiment config (SPAR remote_runner.py)",
+                            description=DESCRIPTION, epilog=EXIT_CODES_HELP,
+                            formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.__class__ = ClassicParser  # so `run --extra-args -x` works like remote_runner.py
+    add_arguments(parser)
+    parser.set_defaults(func=run_command)
+
+
+def run_command(args: argparse.Namespace) -> int:
+    """Load the experiment, run it and log the summary; return the exit code."""
+    from remote_runner.config import load_experiment
+    from remote_runner.report import log_summary, upload_progress
+    from remote_runner.runner import RunOptions, run
+    from remote_runner.ssh import SSHOptions, resolve_password
+
+    if args.forks < 1:
+        from remote_runner.errors import ConfigError
+        raise ConfigError("--forks must be at least 1", field="--forks")
+    password = resolve_password(args.ssh_pass, args.ask_pass)
+    experiment = load_experiment(args.config_file, args, args.muddler, args.arg_parser,
+                                 args.extra_args)
+    options = RunOptions(screen=args.screen, kill_first=args.kill_first,
+                         zombie=not args.no_zombie, terminate=args.terminate,
+                         always_copy=args.always_copy, remote_done_dir=args.remote_done_dir,
+                         wait_timeout=args.wait_timeout, forks=args.forks)
+    if args.dry_run:
+        return dry_run(experiment, options)
+    ssh_options = SSHOptions(ssh_config_file=args.ssh_config, user=args.ssh_user,
+                             password=password, accept_new_host_keys=args.accept_new_host_keys,
+                             connect_timeout=args.connect_timeout, forks=args.forks)
+    with upload_progress() as progress:
+        report = run(experiment, options, ssh_options, progress=progress)
+    log_summary(report)
+    return 0
+
+
+def dry_run(experiment, options) -> int:
+    """Log what a run would start, in order, without contacting any host."""
+    from remote_runner.runner import Runner, component_argv
+    import shlex
+
+    Runner(experiment, options).preflight()
+    for spec in sorted(experiment.components, key=lambda s: (s.start_index, s.host)):
+        LOG.info("index %s: %s:%s in %s: %s%s%s", spec.start_index, spec.host, spec.name,
+                 spec.base_dir or "(new temporary directory)", shlex.join(component_argv(spec)),
+                 f" [{len(spec.files)} file entries]" if spec.files else "",
+                 " [wait]" if spec.wait else "")
+    return 0
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    """Entry point of ``remote_runner.py``."""
+    args = build_parser().parse_args(sys.argv[1:] if argv is None else argv)
+    setup_logging(args.log_level)
+    return run_guarded(lambda: run_command(args))

@@ -1,0 +1,556 @@
+"""Run an experiment: connect, prepare, copy, start in order, wait, optionally terminate.
+
+The sequence per run (each step finishes on every host before the next begins,
+and inside a step hosts are handled in parallel, at most ``forks`` at once):
+
+1. **Check locally** everything that can be checked without a host (session
+   name, sources, destination conflicts), so bad input changes nothing anywhere.
+2. **Connect** to every remote host (``localhost`` components need no SSH).
+3. **Prepare** each host with one command: create the state ("done") directory,
+   make each component's base_dir (``mktemp -d`` when the config gave none);
+   then quit the previous session of the same name, or adopt it (``--no-kill``).
+4. **Copy** files (:mod:`remote_runner.sync`).
+5. **Write launchers** (:mod:`remote_runner.screen`), one command per host.
+6. **Start** by ``start_index``: one index starts in parallel on all hosts, and
+   the next index begins only when every window of this one has *confirmed*
+   it is running (its launcher wrote ``<stem>.pid``).
+7. **Wait** for ``wait`` components by polling their ``<stem>.status`` files,
+   one bounded command per host per round, so a dead link raises instead of
+   hanging; a launcher that vanished without a status is a failure too.
+8. **Terminate** (``-t``, off by default): signal the process group of every
+   other component's window, then SIGKILL what is left after a grace period.
+
+Hosts run commands through a :class:`Shell`: ``sh -s`` over an SSH exec
+channel, or a local ``sh`` for ``localhost``, so the same scripts serve both.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import posixpath
+import shlex
+import subprocess
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import (TYPE_CHECKING, Any, Callable, Dict, Iterable, List, Optional, Protocol,
+                    Sequence, Tuple, TypeVar)
+
+from remote_runner import screen as scr
+from remote_runner import sync
+from remote_runner.errors import (CommandTimeout, ComponentFailed, ConfigError, CopyError,
+                                  MirrorError, RunnerError, StartError)
+
+if TYPE_CHECKING:  # pragma: no cover
+    from remote_runner.config import ComponentSpec, Experiment
+    from remote_runner.ssh import Connection, SSHOptions
+
+LOG = logging.getLogger(__name__)
+T = TypeVar("T")
+
+DEFAULT_STATE_DIR = "~/.remote-runner/{screen}"
+#: Longest a single wait-poll command runs on a host before reporting back.
+POLL_SLICE = 15.0
+
+
+# --------------------------------------------------------------------------- shells
+
+@dataclass(frozen=True)
+class ScriptResult:
+    """What a shell script printed and how it exited."""
+
+    exit_status: int
+    stdout: str
+    stderr: str
+
+
+class Shell(Protocol):
+    """Somewhere to run POSIX shell scripts: a remote host or this machine."""
+
+    host: str
+
+    def script(self, text: str, timeout: float) -> ScriptResult:
+        """Run *text* with ``sh`` (stdin is /dev/null for its commands) and return its output."""
+
+
+def _wrap(text: str) -> bytes:
+    """Wrap a script so that sh parses it whole and its commands read /dev/null."""
+    return ("{\n" + text + "\n} </dev/null\n").encode("utf-8", "surrogateescape")
+
+
+def _text(data: Any) -> str:
+    return data.decode("utf-8", "surrogateescape") if isinstance(data, bytes) else str(data)
+
+
+class RemoteShell:
+    """Run scripts over an SSH connection (``sh -s`` on an exec channel)."""
+
+    def __init__(self, connection: "Connection", host: str) -> None:
+        self.connection = connection
+        self.host = host
+
+    def script(self, text: str, timeout: float) -> ScriptResult:
+        result = self.connection.run("sh -s", stdin=_wrap(text), timeout=timeout, check=False)
+        return ScriptResult(result.exit_status, _text(result.stdout), _text(result.stderr))
+
+
+class LocalShell:
+    """Run scripts on this machine, for ``localhost`` components (no SSH)."""
+
+    host = "localhost"
+
+    def script(self, text: str, timeout: float) -> ScriptResult:
+        try:
+            proc = subprocess.run(["/bin/sh", "-s"], input=_wrap(text), capture_output=True,
+                                  timeout=timeout, check=False)
+        except subprocess.TimeoutExpired as exc:
+            raise CommandTimeout(self.host, "local shell script", timeout) from exc
+        return ScriptResult(proc.returncode, _text(proc.stdout), _text(proc.stderr))
+
+
+# --------------------------------------------------------------------------- options and results
+
+@dataclass(frozen=True)
+class RunOptions:
+    """How a run behaves (the classic CLI's flags, minus SSH and config)."""
+
+    screen: str = "runner"
+    kill_first: bool = True
+    zombie: bool = True
+    terminate: bool = False
+    always_copy: bool = False
+    remote_done_dir: Optional[str] = None
+    wait_timeout: Optional[float] = None
+    start_timeout: float = 30.0
+    terminate_grace: float = 10.0
+    forks: int = 10
+
+
+@dataclass(frozen=True)
+class Placement:
+    """Where one component lives on its host once the host is prepared."""
+
+    spec: "ComponentSpec"
+    base_dir: str
+    window: scr.Window
+    temp_base: bool
+
+
+@dataclass
+class ComponentResult:
+    """What happened to one component."""
+
+    host: str
+    name: str
+    base_dir: str
+    pid: Optional[int] = None
+    status: Optional[int] = None
+    failure: Optional[str] = None
+    terminated: bool = False
+
+
+@dataclass
+class RunReport:
+    """Everything a run did, for the CLI to summarise."""
+
+    session: Dict[str, str] = field(default_factory=dict)
+    state_dirs: Dict[str, str] = field(default_factory=dict)
+    sync: Dict[str, sync.HostSync] = field(default_factory=dict)
+    components: Dict[Tuple[str, str], ComponentResult] = field(default_factory=dict)
+
+    @property
+    def failures(self) -> Dict[str, str]:
+        return {f"{r.host}:{r.name}": r.failure for r in self.components.values() if r.failure}
+
+
+# --------------------------------------------------------------------------- mirror hook
+
+class MirrorSession(Protocol):
+    """What the mirror provides while mirrored components run (see remote_runner.mirror)."""
+
+    def argv(self, spec: "ComponentSpec", base_dir: str) -> List[str]:
+        """Return the argv a window runs to start *spec* inside the mirror."""
+
+    def close(self) -> None:
+        """Stop serving (called after every mirrored component has ended)."""
+
+
+MirrorFactory = Callable[[Dict[str, "Connection"], Sequence["ComponentSpec"]], MirrorSession]
+
+
+def default_mirror_factory(connections: Dict[str, "Connection"],
+                           specs: Sequence["ComponentSpec"]) -> MirrorSession:
+    """Start the mirror for *specs* through ``remote_runner.mirror.serve_components``."""
+    try:
+        from remote_runner import mirror
+        serve = getattr(mirror, "serve_components")
+    except (ImportError, AttributeError, OSError) as exc:
+        raise MirrorError(f"mirror=True components need remote_runner.mirror.serve_components "
+                          f"({exc})") from exc
+    return serve(connections, specs)
+
+
+def component_argv(spec: "ComponentSpec") -> List[str]:
+    """Return the argv a window runs for *spec* (relative executables are in base_dir)."""
+    exe = spec.executable
+    if not exe.startswith("/") and "/" not in exe:
+        exe = "./" + exe
+    return [exe, *spec.args]
+
+
+# --------------------------------------------------------------------------- the run
+
+class Runner:
+    """One run of one experiment."""
+
+    def __init__(self, experiment: "Experiment", options: RunOptions,
+                 ssh_options: Optional["SSHOptions"] = None,
+                 connect: Optional[Callable[[List[str]], Dict[str, "Connection"]]] = None,
+                 mirror_factory: MirrorFactory = default_mirror_factory,
+                 progress: Optional[sync.Progress] = None) -> None:
+        self.experiment = experiment
+        self.options = options
+        self.ssh_options = ssh_options
+        self._connect = connect
+        self.mirror_factory = mirror_factory
+        self.progress = progress
+        self.connections: Dict[str, "Connection"] = {}
+        self.shells: Dict[str, Shell] = {}
+        self.screens: Dict[str, scr.Screen] = {}
+        self.placements: Dict[str, List[Placement]] = {}
+        self.report = RunReport()
+        self.mirror: Optional[MirrorSession] = None
+
+    # -- public -------------------------------------------------------------
+
+    def run(self) -> RunReport:
+        """Carry out the whole run; raise a RunnerError subclass on the first failing step."""
+        self.preflight()
+        try:
+            self.connect()
+            self.prepare()
+            self.copy()
+            self.write_launchers()
+            self.start_all()
+            try:
+                self.wait_all()
+            finally:
+                if self.options.terminate:
+                    self.terminate()
+            if self.report.failures:
+                raise ComponentFailed(self.report.failures)
+            return self.report
+        finally:
+            self.close()
+
+    def close(self) -> None:
+        """Release the mirror and every connection."""
+        if self.mirror is not None:
+            self.mirror.close()
+            self.mirror = None
+        for connection in self.connections.values():
+            connection.close()
+        self.connections = {}
+
+    # -- steps ---------------------------------------------------------------
+
+    def preflight(self) -> None:
+        """Check everything that needs no host, so that bad input changes nothing."""
+        scr.validate_session_name(self.options.screen)
+        if self.options.remote_done_dir is not None and not self.options.remote_done_dir.strip():
+            raise ConfigError("--remote-done-dir must not be empty", field="--remote-done-dir")
+        for spec in self.experiment.components:
+            for item in spec.files:
+                if not os.path.exists(item.src):
+                    raise CopyError("local source does not exist", path=item.src,
+                                    component=spec.name)
+        for host, specs in self._by_host().items():
+            entries = [(f, spec.base_dir or f"/<temporary base_dir of {spec.name}>")
+                       for spec in specs for f in spec.files]
+            sync.make_plan(host, entries)  # raises on unreadable or conflicting sources
+
+    def connect(self) -> None:
+        """Open a connection to every remote host and a shell for every host."""
+        remote = [h for h in self._by_host() if h != "localhost"]
+        if remote:
+            if self._connect is not None:
+                self.connections = self._connect(remote)
+            else:
+                from remote_runner.ssh import SSHOptions, connect_all
+                self.connections = connect_all(remote, self.ssh_options or SSHOptions())
+        for host in self._by_host():
+            self.shells[host] = (LocalShell() if host == "localhost"
+                                 else RemoteShell(self.connections[host], host))
+
+    def prepare(self) -> None:
+        """Create state and base directories and deal with the previous session on each host."""
+        self._parallel(self._prepare_host, list(self._by_host()))
+
+    def copy(self) -> None:
+        """Copy every remote component's files (nothing for localhost)."""
+        jobs = []
+        for host, places in self.placements.items():
+            entries = [(f, p.base_dir) for p in places for f in p.spec.files]
+            if host == "localhost" or not entries:
+                continue
+            connection = self.connections[host]
+            jobs.append((self.shells[host], connection.sftp, sync.make_plan(host, entries)))
+        for host, plan in ((j[2].host, j[2]) for j in jobs):
+            LOG.info("%s: checking %d file%s (%d bytes)", host, len(plan.files),
+                     "" if len(plan.files) == 1 else "s", plan.total_bytes)
+        self.report.sync = sync.sync_all(jobs, self.options.forks, self.options.always_copy,
+                                         self.progress)
+        for host in sorted(self.report.sync):
+            LOG.info("%s", self.report.sync[host].summary())
+
+    def write_launchers(self) -> None:
+        """Write every component's launcher (one command per host)."""
+        mirrored = [p.spec for places in self.placements.values() for p in places if p.spec.mirror]
+        if mirrored:
+            self.mirror = self.mirror_factory(self.connections, mirrored)
+        self._parallel(self._write_host_launchers, list(self.placements))
+
+    def start_all(self) -> None:
+        """Start components by start_index, one confirmed wave at a time."""
+        waves: Dict[Any, List[Placement]] = {}
+        for places in self.placements.values():
+            for place in places:
+                waves.setdefault(place.spec.start_index, []).append(place)
+        for index in sorted(waves):
+            by_host: Dict[str, List[Placement]] = {}
+            for place in waves[index]:
+                by_host.setdefault(place.spec.host, []).append(place)
+            LOG.info("starting index %s: %s", index,
+                     ", ".join(f"{p.spec.host}:{p.spec.name}" for p in waves[index]))
+            self._parallel(lambda host: self._start_on_host(host, by_host[host]), list(by_host))
+
+    def wait_all(self) -> None:
+        """Block until every wait (and mirrored) component has exited, or the wait timeout."""
+        waited = {host: [p for p in places if p.spec.wait or p.spec.mirror]
+                  for host, places in self.placements.items()}
+        waited = {h: ps for h, ps in waited.items() if ps}
+        if not waited:
+            return
+        deadline = (None if self.options.wait_timeout is None
+                    else time.monotonic() + self.options.wait_timeout)
+        LOG.info("waiting for %s", ", ".join(f"{p.spec.host}:{p.spec.name}"
+                                             for ps in waited.values() for p in ps))
+        self._parallel(lambda host: self._wait_on_host(host, waited[host], deadline), list(waited))
+
+    def terminate(self) -> None:
+        """Stop every non-wait component by signalling its window's process group."""
+        targets = {host: [p for p in places if not p.spec.wait and not p.spec.mirror]
+                   for host, places in self.placements.items()}
+        targets = {h: ps for h, ps in targets.items() if ps}
+        if not any(p.spec.wait for ps in self.placements.values() for p in ps):
+            LOG.warning("--terminate: no component has wait=True, so nothing marks the end of "
+                        "the run; leaving components running")
+            return
+        if targets:
+            self._parallel(lambda host: self._terminate_on_host(host, targets[host]), list(targets))
+
+    # -- per host -----------------------------------------------------------
+
+    def _prepare_host(self, host: str) -> None:
+        """Resolve the state dir and base dirs on *host*; kill or adopt its session."""
+        shell = self.shells[host]
+        specs = self._by_host()[host]
+        state = self.options.remote_done_dir or DEFAULT_STATE_DIR.format(screen=self.options.screen)
+        lines = [f"d={_shell_path(state)}", 'mkdir -p "$d" && cd "$d" && echo "STATE $(pwd -P)" || exit 3']
+        for i, spec in enumerate(specs):
+            if spec.base_dir is None:
+                lines.append(f'b=$(mktemp -d) && echo "BASE {i} $b" || exit 4')
+            else:
+                q = shlex.quote(spec.base_dir)
+                lines.append(f'mkdir -p {q} && cd {q} && echo "BASE {i} $(pwd -P)" || exit 4')
+        result = shell.script("\n".join(lines) + "\n", timeout=120)
+        found = _parse_prepare(result.stdout)
+        if "STATE" not in found or result.exit_status != 0:
+            what = "base directories" if result.exit_status == 4 else f"state directory {state}"
+            raise StartError(f"host {host}: could not create {what}: "
+                             f"{result.stderr.strip() or result.stdout.strip()}")
+        state_dir = found["STATE"]
+        self.report.state_dirs[host] = state_dir
+        session = scr.Screen(shell, self.options.screen, state_dir, zombie=self.options.zombie,
+                             start_timeout=self.options.start_timeout)
+        if self.options.kill_first:
+            for old in session.kill():
+                LOG.info("%s: quit previous screen session %s", host, old)
+        elif session.adopt():
+            LOG.info("%s: adding windows to existing screen session %s", host, session.session_id)
+        self.screens[host] = session
+        places = []
+        for i, spec in enumerate(specs):
+            base = found[f"BASE {i}"]
+            if spec.base_dir is None:
+                LOG.info("Set base dir for %s to %s", spec.name, base)
+            window = scr.Window(spec.name, scr.file_stem(spec.name), state_dir)
+            places.append(Placement(spec, base, window, spec.base_dir is None))
+            self.report.components[spec.key] = ComponentResult(host, spec.name, base)
+        self.placements[host] = places
+
+    def _write_host_launchers(self, host: str) -> None:
+        """Write the launchers of *host*'s components and clear their old state files."""
+        parts = []
+        for place in self.placements[host]:
+            argv = (self.mirror.argv(place.spec, place.base_dir)
+                    if place.spec.mirror and self.mirror is not None else component_argv(place.spec))
+            w = place.window
+            parts.append(f"rm -f {shlex.quote(w.status_file)} {shlex.quote(w.pid_file)} "
+                         f"{shlex.quote(w.log_file)}\n")
+            parts.append(scr.heredoc_write(w.launcher,
+                                           scr.launcher_text(w, argv, place.base_dir, place.spec.name)))
+        result = self.shells[host].script("".join(parts), timeout=120)
+        if result.exit_status != 0:
+            raise StartError(f"host {host}: could not write launchers: {result.stderr.strip()}")
+
+    def _start_on_host(self, host: str, places: List[Placement]) -> None:
+        """Open the windows of *places* on *host* and record their pids."""
+        session = self.screens[host]
+        pids = session.start([p.window for p in places])
+        self.report.session[host] = session.session_id or ""
+        for place in places:
+            result = self.report.components[place.spec.key]
+            result.pid = pids[place.window.stem]
+            LOG.info("%s: started %s (pid %d) in screen session %s", host, place.spec.name,
+                     result.pid, session.session_id)
+
+    def _wait_on_host(self, host: str, places: List[Placement], deadline: Optional[float]) -> None:
+        """Poll *host* until every component in *places* has a status (or the deadline)."""
+        pending = {p.window.stem: p for p in places}
+        while pending:
+            slice_ = POLL_SLICE
+            if deadline is not None:
+                slice_ = min(slice_, max(0.0, deadline - time.monotonic()))
+            states = self._poll_status(host, list(pending.values()), slice_)
+            for stem, (state, value) in states.items():
+                place = pending.get(stem)
+                if place is None or state == "RUNNING":
+                    continue
+                self._record_end(host, place, state, value)
+                del pending[stem]
+            if pending and deadline is not None and time.monotonic() >= deadline:
+                for place in pending.values():
+                    result = self.report.components[place.spec.key]
+                    result.failure = f"still running after --wait-timeout {self.options.wait_timeout:g} s"
+                    LOG.error("%s: %s %s", host, place.spec.name, result.failure)
+                return
+
+    def _record_end(self, host: str, place: Placement, state: str, value: str) -> None:
+        """Store and log how one waited component ended."""
+        result = self.report.components[place.spec.key]
+        if state == "DONE":
+            result.status = int(value) if value.lstrip("-").isdigit() else None
+            if result.status == 0:
+                LOG.info("%s: %s exited with status 0", host, place.spec.name)
+                return
+            failure = f"exited with status {value}" + (
+                " (command not found)" if result.status == 127 else "")
+        else:
+            failure = "its window ended without recording an exit status"
+        if place.spec.wait:
+            result.failure = failure
+            LOG.error("%s: %s %s", host, place.spec.name, failure)
+        else:
+            LOG.warning("%s: %s %s", host, place.spec.name, failure)
+
+    def _poll_status(self, host: str, places: List[Placement], seconds: float
+                     ) -> Dict[str, Tuple[str, str]]:
+        """Run one bounded poll on *host*; return stem -> (DONE|GONE|RUNNING, value)."""
+        rounds = max(1, int(seconds * 5))
+        body = "".join(
+            f"  if [ -s {shlex.quote(p.window.status_file)} ] || ! kill -0 "
+            f"\"$(cat {shlex.quote(p.window.pid_file)} 2>/dev/null)\" 2>/dev/null; then n=1; fi\n"
+            for p in places)
+        report = "".join(
+            f"if [ -s {shlex.quote(p.window.status_file)} ]; then "
+            f"echo \"DONE {p.window.stem} $(cat {shlex.quote(p.window.status_file)})\"; "
+            f"elif kill -0 \"$(cat {shlex.quote(p.window.pid_file)} 2>/dev/null)\" 2>/dev/null; then "
+            f"echo \"RUNNING {p.window.stem} -\"; "
+            f"elif [ -s {shlex.quote(p.window.status_file)} ]; then "
+            f"echo \"DONE {p.window.stem} $(cat {shlex.quote(p.window.status_file)})\"; "
+            f"else echo \"GONE {p.window.stem} -\"; fi\n" for p in places)
+        script = (f"i=0\nwhile [ $i -lt {rounds} ]; do\n  n=0\n{body}"
+                  f"  [ $n -gt 0 ] && break\n  sleep 0.2 2>/dev/null || sleep 1\n  i=$((i+1))\n"
+                  f"done\n{report}")
+        result = self.shells[host].script(script, timeout=seconds + 60)
+        states = {}
+        for line in result.stdout.splitlines():
+            parts = line.split(" ", 2)
+            if len(parts) == 3 and parts[0] in ("DONE", "RUNNING", "GONE"):
+                states[parts[1]] = (parts[0], parts[2].strip())
+        return states
+
+    def _terminate_on_host(self, host: str, places: List[Placement]) -> None:
+        """Send SIGTERM to each window's process group, then SIGKILL after the grace period."""
+        pids = [p.window.pid_file for p in places]
+        words = " ".join(shlex.quote(p) for p in pids)
+        rounds = max(1, int(self.options.terminate_grace * 5))
+        # pg FILE prints the recorded process group, and nothing unless it is a pid > 1.
+        script = ("pg() { p=$(cat \"$1\" 2>/dev/null); case $p in ''|*[!0-9]*) return 1;; esac; "
+                  "[ \"$p\" -gt 1 ] && echo \"$p\"; }\n"
+                  f"for f in {words}; do p=$(pg \"$f\") && kill -TERM -\"$p\" 2>/dev/null; done\n"
+                  f"i=0\nwhile [ $i -lt {rounds} ]; do\n  alive=0\n"
+                  f"  for f in {words}; do p=$(pg \"$f\") && kill -0 -\"$p\" 2>/dev/null "
+                  f"&& alive=1; done\n  [ $alive = 0 ] && break\n"
+                  f"  sleep 0.2 2>/dev/null || sleep 1\n  i=$((i+1))\ndone\n"
+                  f"for f in {words}; do p=$(pg \"$f\") && kill -KILL -\"$p\" 2>/dev/null "
+                  f"&& echo \"KILLED $f\"; done\nexit 0\n")
+        result = self.shells[host].script(script, timeout=self.options.terminate_grace + 60)
+        for place in places:
+            self.report.components[place.spec.key].terminated = True
+            LOG.info("%s: terminated %s", host, place.spec.name)
+        if "KILLED" in result.stdout:
+            LOG.warning("%s: some components ignored SIGTERM and were killed", host)
+
+    # -- helpers ------------------------------------------------------------
+
+    def _by_host(self) -> Dict[str, List["ComponentSpec"]]:
+        grouped: Dict[str, List["ComponentSpec"]] = {}
+        for spec in self.experiment.components:
+            grouped.setdefault(spec.host, []).append(spec)
+        return grouped
+
+    def _parallel(self, func: Callable[[str], Any], hosts: Sequence[str]) -> None:
+        """Run *func* for every host (bounded by forks); raise the first error after all finish."""
+        if not hosts:
+            return
+        errors: List[BaseException] = []
+        with ThreadPoolExecutor(max_workers=max(1, min(self.options.forks, len(hosts)))) as pool:
+            for future in [pool.submit(func, h) for h in hosts]:
+                try:
+                    future.result()
+                except BaseException as exc:  # noqa: BLE001 - re-raised below
+                    errors.append(exc)
+        if errors:
+            for extra in errors[1:]:
+                LOG.error("%s", extra)
+            raise errors[0]
+
+
+def _shell_path(path: str) -> str:
+    """Quote *path* for sh, keeping a leading ``~`` as the remote user's home."""
+    if path == "~":
+        return '"$HOME"'
+    if path.startswith("~/"):
+        return '"$HOME"/' + shlex.quote(path[2:])
+    return shlex.quote(path)
+
+
+def _parse_prepare(stdout: str) -> Dict[str, str]:
+    """Parse ``STATE path`` / ``BASE i path`` lines of the prepare script."""
+    found = {}
+    for line in stdout.splitlines():
+        if line.startswith("STATE "):
+            found["STATE"] = line[6:]
+        elif line.startswith("BASE "):
+            _, index, path = line.split(" ", 2)
+            found[f"BASE {index}"] = path
+    return found
+
+
+def run(experiment: "Experiment", options: RunOptions, ssh_options: Optional["SSHOptions"] = None,
+        **kwargs: Any) -> RunReport:
+    """Run *experiment*; see :class:`Runner`."""
+    return Runner(experiment, options, ssh_options, **kwargs).run()

@@ -1,0 +1,282 @@
+"""GNU screen on one host: sessions, windows and the launcher each window runs.
+
+Every component runs in its own window of one detached session per host. Screen
+has traps that this module exists to keep away from the rest of the runner
+(see docs/notes, "GNU screen facts"):
+
+* ``-S NAME`` matches sessions by *prefix*, so sessions are always addressed by
+  the ``PID.NAME`` id that ``screen -ls`` prints, found by an exact name match.
+* ``-X`` expands ``$VAR`` in its arguments even after shell quoting, so user
+  text never reaches ``-X``: a window runs ``/bin/sh LAUNCHER``, a small file
+  written with :func:`shlex.quote` that does ``cd`` and runs the argv. Only the
+  title (the component name) passes through ``-X``, with ``$`` escaped.
+* Zombie mode has to be on before the first window can exit, so it is set in
+  the rc file the session is created with (``-c RCFILE``), not by a later ``-X``.
+* ``-X`` returns 0 even when it did nothing, so a start is confirmed by the
+  launcher's own ``.pid`` file, never by an exit code.
+
+The launcher also makes the window observable without screen: it writes
+``<stem>.pid`` (its pid, which is the window's process group) before running
+the program, records the program's exit status in ``<stem>.status`` (127 for
+a missing executable), and links ``<stem>.log`` to the screen log of its
+window (logging stays on the terminal, so programs keep line-buffered output).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+import shlex
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Dict, List, Optional, Sequence
+
+from remote_runner.errors import ConfigError, StartError
+
+if TYPE_CHECKING:  # pragma: no cover
+    from remote_runner.runner import Shell
+
+#: What a session name may contain: no whitespace (``screen -ls`` columns), no
+#: shell or screen metacharacters.
+SESSION_NAME_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.+-]{0,79}$")
+#: A directory used inside the rc file and ``-X`` arguments must avoid these.
+_UNSAFE_DIR_CHARS = set("'\"$%\\\n\r\t`")
+_SAFE_STEM_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.+-]*$")
+_LS_LINE_RE = re.compile(r"^\s+(\d+)\.(\S+)\s")
+
+RC_TEMPLATE = """\
+# remote-runner: written for each new session (zombie must be set at creation)
+{zombie}
+defscrollback 10000
+logfile flush 1
+logfile '{log_dir}/window-%n.log'
+"""
+
+
+def validate_session_name(name: str) -> str:
+    """Return *name* if it is usable as a screen session name, else raise ConfigError."""
+    if not SESSION_NAME_RE.match(name or ""):
+        raise ConfigError(f"screen session name {name!r} must be 1-80 characters of "
+                          "letters, digits, '_', '.', '+', '-' (not starting with '.', '+' or '-')",
+                          field="--screen")
+    return name
+
+
+def check_state_dir(path: str, host: str) -> str:
+    """Return *path* if screen's rc file and ``-X`` can carry it unchanged, else raise."""
+    bad = sorted(set(path) & _UNSAFE_DIR_CHARS)
+    if bad or not path.startswith("/"):
+        raise ConfigError(f"host {host}: remote done dir {path!r} must be absolute and free of "
+                          f"{''.join(sorted(_UNSAFE_DIR_CHARS)).strip()!r} characters",
+                          field="--remote-done-dir")
+    return path
+
+
+def file_stem(name: str) -> str:
+    """Return a file-name-safe stem for component *name* (the name itself when safe)."""
+    if _SAFE_STEM_RE.match(name) and len(name) <= 100:
+        return name
+    cleaned = re.sub(r"[^A-Za-z0-9_.+-]+", "_", name).strip("._+-")[:60] or "component"
+    return f"{cleaned}-{hashlib.sha1(name.encode('utf-8')).hexdigest()[:8]}"
+
+
+def escape_x(text: str) -> str:
+    """Escape *text* so that ``screen -X`` passes it on without ``$`` expansion."""
+    return text.replace("\\", "\\\\").replace("$", "\\$")
+
+
+def parse_sessions(ls_output: str, name: str) -> List[str]:
+    """Return the ``PID.NAME`` ids of sessions named exactly *name* in ``screen -ls`` output."""
+    ids = []
+    for line in ls_output.splitlines():
+        match = _LS_LINE_RE.match(line)
+        if match and match.group(2) == name:
+            ids.append(f"{match.group(1)}.{name}")
+    return ids
+
+
+@dataclass(frozen=True)
+class Window:
+    """One component's window: its title and the files its launcher uses."""
+
+    title: str
+    stem: str
+    state_dir: str
+
+    @property
+    def launcher(self) -> str:
+        return f"{self.state_dir}/{self.stem}.launch"
+
+    @property
+    def pid_file(self) -> str:
+        return f"{self.state_dir}/{self.stem}.pid"
+
+    @property
+    def status_file(self) -> str:
+        return f"{self.state_dir}/{self.stem}.status"
+
+    @property
+    def log_file(self) -> str:
+        return f"{self.state_dir}/{self.stem}.log"
+
+
+def launcher_text(window: Window, argv: Sequence[str], cwd: str, name: str) -> str:
+    """Return the ``/bin/sh`` launcher that runs *argv* in *cwd* for *window*."""
+    q = shlex.quote
+    d, s = q(window.state_dir), window.stem
+    comment = name.replace("\n", " ").replace("\r", " ")
+    return f"""\
+# remote-runner launcher for component {comment}
+d={d}
+if [ -n "$WINDOW" ]; then
+  : > "$d/window-$WINDOW.log" && ln -sf "window-$WINDOW.log" "$d/{s}.log.tmp" && mv -f "$d/{s}.log.tmp" "$d/{s}.log"
+fi
+echo $$ > "$d/{s}.pid.tmp" && mv -f "$d/{s}.pid.tmp" "$d/{s}.pid"
+# Survive the signals meant for the program so its status is still recorded.
+trap : HUP INT QUIT TERM
+if cd {q(cwd)}; then
+  {shlex.join(list(argv))}
+  rc=$?
+else
+  rc=126
+fi
+if [ "$(cat "$d/{s}.pid" 2>/dev/null)" = "$$" ]; then
+  echo "$rc" > "$d/{s}.status.tmp" && mv -f "$d/{s}.status.tmp" "$d/{s}.status"
+fi
+exit "$rc"
+"""
+
+
+def rc_text(state_dir: str, zombie: bool) -> str:
+    """Return the rc file a new session is created with."""
+    return RC_TEMPLATE.format(zombie="zombie kr" if zombie else "zombie off",
+                              log_dir=state_dir)
+
+
+def heredoc_write(path: str, content: str, mode: str = "644") -> str:
+    """Return shell text that writes *content* to *path* atomically (temp file + rename)."""
+    marker = "RR_EOF_" + hashlib.sha1(content.encode("utf-8", "surrogateescape")).hexdigest()
+    tmp = shlex.quote(path + ".tmp")
+    body = content if content.endswith("\n") else content + "\n"
+    return (f"cat > {tmp} <<'{marker}'\n{body}{marker}\n"
+            f"chmod {mode} {tmp} && mv -f {tmp} {shlex.quote(path)}\n")
+
+
+# --------------------------------------------------------------------------- host actions
+
+class Screen:
+    """The session named *name* on one host, driven through a :class:`Shell`."""
+
+    def __init__(self, shell: "Shell", name: str, state_dir: str, zombie: bool = True,
+                 start_timeout: float = 30.0) -> None:
+        self.shell = shell
+        self.name = validate_session_name(name)
+        self.state_dir = check_state_dir(state_dir, shell.host)
+        self.zombie = zombie
+        self.start_timeout = start_timeout
+        self.session_id: Optional[str] = None
+
+    @property
+    def rc_file(self) -> str:
+        return f"{self.state_dir}/{self.name}.screenrc"
+
+    def sessions(self) -> List[str]:
+        """Return the ids of the sessions with exactly this name."""
+        result = self.shell.script("command -v screen >/dev/null 2>&1 || { echo NO-SCREEN; exit 0; }\n"
+                                   "screen -ls\n", timeout=60)
+        if "NO-SCREEN" in result.stdout.splitlines():
+            raise StartError(f"host {self.shell.host}: GNU screen is not installed (or not on PATH)")
+        return parse_sessions(result.stdout, self.name)
+
+    def kill(self) -> List[str]:
+        """Quit every session with this name; return the ids that were quit."""
+        ids = self.sessions()
+        if ids:
+            lines = [f"screen -S {shlex.quote(i)} -X quit >/dev/null 2>&1" for i in ids]
+            self.shell.script("\n".join(lines) + "\n" + _poll_gone(ids, self.start_timeout),
+                              timeout=self.start_timeout + 60)
+            left = set(ids) & set(self.sessions())
+            if left:
+                raise StartError(f"host {self.shell.host}: screen session(s) {sorted(left)} "
+                                 "did not quit")
+        self.session_id = None
+        return ids
+
+    def adopt(self) -> Optional[str]:
+        """Use the existing session with this name (``--no-kill``), if there is one."""
+        ids = self.sessions()
+        self.session_id = ids[-1] if ids else None
+        return self.session_id
+
+    def start(self, windows: Sequence[Window]) -> Dict[str, int]:
+        """Open *windows* (launchers already written); return stem -> pid once all run."""
+        pending = list(windows)
+        if not pending:
+            return {}
+        if self.session_id is None:
+            self._create(pending.pop(0))
+        lines = [f"screen -S {shlex.quote(self.session_id or '')} -X screen -L "
+                 f"-t {shlex.quote(escape_x(w.title))} /bin/sh {shlex.quote(escape_x(w.launcher))}"
+                 " </dev/null >/dev/null 2>&1" for w in pending]
+        script = "\n".join(lines) + "\n" + _poll_files([w.pid_file for w in windows],
+                                                       self.start_timeout)
+        script += "".join(f"printf 'PID %s %s\\n' {shlex.quote(w.stem)} "
+                          f"\"$(cat {shlex.quote(w.pid_file)} 2>/dev/null)\"\n" for w in windows)
+        result = self.shell.script(script, timeout=self.start_timeout + 60)
+        pids = _parse_pids(result.stdout)
+        missing = [w.title for w in windows if w.stem not in pids]
+        if missing:
+            raise StartError(f"host {self.shell.host}: window(s) {missing} did not start within "
+                             f"{self.start_timeout:g} s in screen session {self.session_id}; "
+                             f"windows: {self.windows()!r}")
+        return pids
+
+    def windows(self) -> str:
+        """Return ``screen -Q windows`` for the session (titles and flags)."""
+        if not self.session_id:
+            return ""
+        result = self.shell.script(f"screen -S {shlex.quote(self.session_id)} -Q windows\n",
+                                   timeout=60)
+        return result.stdout.strip()
+
+    def _create(self, first: Window) -> None:
+        """Create the session with *first* as its initial window and record its id."""
+        before = set(self.sessions())
+        q = shlex.quote
+        script = (heredoc_write(self.rc_file, rc_text(self.state_dir, self.zombie)) +
+                  f"screen -L -c {q(self.rc_file)} -d -m -S {q(self.name)} -t {q(first.title)} "
+                  f"/bin/sh {q(first.launcher)} </dev/null >/dev/null 2>&1\n"
+                  f"echo \"SCREEN-RC $?\"\n")
+        result = self.shell.script(script, timeout=self.start_timeout + 60)
+        new = [i for i in self.sessions() if i not in before]
+        if len(new) != 1:
+            raise StartError(f"host {self.shell.host}: could not create screen session "
+                             f"{self.name!r} ({result.stdout.strip() or 'no output'}; "
+                             f"{result.stderr.strip()})")
+        self.session_id = new[0]
+
+
+def _poll_files(paths: Sequence[str], timeout: float) -> str:
+    """Return shell text that waits until every path in *paths* is non-empty, or *timeout*."""
+    tests = " && ".join(f"[ -s {shlex.quote(p)} ]" for p in paths) or "true"
+    rounds = max(1, int(timeout * 10))
+    return (f"i=0\nwhile [ $i -lt {rounds} ] && ! {{ {tests}; }}; do\n"
+            f"  sleep 0.1 2>/dev/null || sleep 1\n  i=$((i+1))\ndone\n")
+
+
+def _poll_gone(ids: Sequence[str], timeout: float) -> str:
+    """Return shell text that waits until the sessions *ids* have left ``screen -ls``."""
+    pids = " ".join(shlex.quote(i.split(".", 1)[0]) for i in ids)
+    rounds = max(1, int(timeout * 10))
+    return (f"i=0\nfor p in {pids}; do\n"
+            f"  while [ $i -lt {rounds} ] && kill -0 \"$p\" 2>/dev/null; do\n"
+            f"    sleep 0.1 2>/dev/null || sleep 1\n    i=$((i+1))\n  done\ndone\n")
+
+
+def _parse_pids(stdout: str) -> Dict[str, int]:
+    """Return stem -> pid from ``PID stem pid`` lines (lines without a pid are skipped)."""
+    pids = {}
+    for line in stdout.splitlines():
+        parts = line.split(" ")
+        if len(parts) == 3 and parts[0] == "PID" and parts[2].isdigit():
+            pids[parts[1]] = int(parts[2])
+    return pids

@@ -1,0 +1,289 @@
+"""Copy the files components need to their hosts, skipping what is already there.
+
+Per host the work is: a plan (unique destination -> source, directories
+expanded, relative destinations joined to the component's base_dir), one
+``listdir`` per destination directory for size and mode, **one** remote hash
+command for every file whose size and mode already match (``openssl dgst -sha1
+-r``, or ``sha1sum`` with a warning where openssl is missing), one ``mkdir -p``
+for all directories, then an SFTP upload of what differs.
+
+Every upload goes to a temporary name in the destination directory and is
+renamed into place (``posix_rename``): a reader sees the old file or the new
+one, never half of one, and an executable that is running can be replaced
+(its old inode stays alive). A failed upload removes its temporary file.
+Hosts are synced in parallel, bounded by ``--forks``; within a host paramiko's
+``putfo`` pipelines the writes of each file.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import posixpath
+import secrets
+import shlex
+import stat
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Callable, Dict, Iterable, List, Optional, Sequence, Tuple
+
+from remote_runner.errors import CopyError, RunnerError
+
+if TYPE_CHECKING:  # pragma: no cover
+    from remote_runner.config import FileSpec
+    from remote_runner.runner import Shell
+
+LOG = logging.getLogger(__name__)
+
+#: Files hashed per ``openssl`` invocation (keeps each exec well under ARG_MAX).
+HASH_CHUNK = 500
+NO_OPENSSL_MARK = "RR-NO-OPENSSL"
+#: Called with (host, bytes_done_delta) while uploading.
+Progress = Callable[[str, int], None]
+
+
+@dataclass(frozen=True)
+class Upload:
+    """One regular file to place on a host."""
+
+    src: str
+    dest: str
+    mode: int
+    size: int
+
+
+@dataclass(frozen=True)
+class Plan:
+    """Everything one host needs: directories (path, mode or None) and files."""
+
+    host: str
+    dirs: Tuple[Tuple[str, Optional[int]], ...]
+    files: Tuple[Upload, ...]
+
+    @property
+    def total_bytes(self) -> int:
+        return sum(f.size for f in self.files)
+
+
+@dataclass
+class HostSync:
+    """What a sync did on one host."""
+
+    host: str
+    copied: List[str] = field(default_factory=list)
+    skipped: List[str] = field(default_factory=list)
+    bytes: int = 0
+    hash_tool: str = "openssl"
+
+    def summary(self) -> str:
+        """Return the one-line report the CLI logs."""
+        return (f"{self.host}: copied {len(self.copied)} file{'s' if len(self.copied) != 1 else ''}"
+                f" ({self.bytes} bytes), {len(self.skipped)} unchanged")
+
+
+def make_plan(host: str, entries: Iterable[Tuple["FileSpec", str]]) -> Plan:
+    """Build the plan for *host* from (FileSpec, base_dir) pairs; duplicates are merged."""
+    files: Dict[str, Upload] = {}
+    dirs: Dict[str, Optional[int]] = {}
+    for spec, base_dir in entries:
+        dest = posixpath.normpath(posixpath.join(base_dir, spec.dest))
+        if spec.is_dir:
+            _add_tree(host, spec.src, dest, files, dirs)
+        else:
+            _add_file(host, spec.src, dest, files)
+    for upload in files.values():
+        dirs.setdefault(posixpath.dirname(upload.dest), None)
+    return Plan(host, tuple(sorted(dirs.items())), tuple(sorted(files.values(), key=lambda u: u.dest)))
+
+
+def _add_file(host: str, src: str, dest: str, files: Dict[str, Upload]) -> None:
+    """Add one file to *files*, refusing two different sources for one destination."""
+    try:
+        st = os.stat(src)
+    except OSError as exc:
+        raise CopyError(f"cannot read local source: {exc.strerror}", host=host, path=src) from exc
+    if not stat.S_ISREG(st.st_mode):
+        raise CopyError("local source is not a regular file", host=host, path=src)
+    old = files.get(dest)
+    if old is not None and os.path.realpath(old.src) != os.path.realpath(src):
+        raise CopyError(f"two different sources go to {dest}: {old.src} and {src}", host=host,
+                        path=dest)
+    files[dest] = Upload(src, dest, stat.S_IMODE(st.st_mode), st.st_size)
+
+
+def _add_tree(host: str, src: str, dest: str, files: Dict[str, Upload],
+              dirs: Dict[str, Optional[int]]) -> None:
+    """Add directory *src* (recursively) as *dest*."""
+    for root, subdirs, names in os.walk(src):
+        subdirs.sort()
+        rel = os.path.relpath(root, src)
+        target = dest if rel == "." else posixpath.join(dest, *rel.split(os.sep))
+        dirs[target] = stat.S_IMODE(os.stat(root).st_mode)
+        for name in sorted(names):
+            _add_file(host, os.path.join(root, name), posixpath.join(target, name), files)
+
+
+def local_sha1(path: str) -> str:
+    """Return the hex SHA1 of a local file."""
+    digest = hashlib.sha1()
+    with open(path, "rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def remote_sha1(shell: "Shell", paths: Sequence[str]) -> Tuple[Dict[str, str], str]:
+    """Hash *paths* on the host in one command; return ({path: sha1}, tool used)."""
+    hashable = [p for p in paths if "\n" not in p and "\\" not in p]
+    if not hashable:
+        return {}, "openssl"
+    lines = [f"if command -v openssl >/dev/null 2>&1; then H='openssl dgst -sha1 -r'; "
+             f"else echo {NO_OPENSSL_MARK}; H='sha1sum -b'; fi"]
+    for start in range(0, len(hashable), HASH_CHUNK):
+        words = " ".join(shlex.quote(p) for p in hashable[start:start + HASH_CHUNK])
+        lines.append(f"$H {words} 2>/dev/null")
+    result = shell.script("\n".join(lines) + "\n", timeout=600)
+    wanted = set(hashable)
+    hashes: Dict[str, str] = {}
+    tool = "openssl"
+    for line in result.stdout.splitlines():
+        if line == NO_OPENSSL_MARK:
+            tool = "sha1sum"
+            continue
+        digest, _, rest = line.partition(" ")
+        path = rest[1:] if rest[:1] in ("*", " ") else rest
+        if path in wanted and len(digest) == 40:
+            hashes[path] = digest.lower()
+    return hashes, tool
+
+
+def remote_attrs(sftp: Any, dirs: Iterable[str]) -> Dict[str, Any]:
+    """Return {path: SFTPAttributes} for the entries of each directory in *dirs*."""
+    found: Dict[str, Any] = {}
+    for directory in sorted(set(dirs)):
+        try:
+            entries = sftp.listdir_attr(directory)
+        except IOError:
+            continue  # missing directory: everything in it must be uploaded
+        for attr in entries:
+            found[posixpath.join(directory, attr.filename)] = attr
+    return found
+
+
+def changed_files(shell: "Shell", sftp: Any, plan: Plan) -> Tuple[List[Upload], List[Upload], str]:
+    """Split the plan's files into (to upload, unchanged) and report the hash tool used."""
+    attrs = remote_attrs(sftp, {posixpath.dirname(f.dest) for f in plan.files})
+    upload: List[Upload] = []
+    candidates: List[Upload] = []
+    for item in plan.files:
+        attr = attrs.get(item.dest)
+        if (attr is None or not stat.S_ISREG(attr.st_mode or 0) or attr.st_size != item.size
+                or stat.S_IMODE(attr.st_mode) != item.mode):
+            upload.append(item)
+        else:
+            candidates.append(item)
+    if not candidates:
+        return upload, [], "openssl"
+    hashes, tool = remote_sha1(shell, [c.dest for c in candidates])
+    if tool != "openssl":
+        LOG.warning("%s: openssl is not installed; comparing files with sha1sum", plan.host)
+    same = []
+    for item in candidates:
+        if hashes.get(item.dest) == local_sha1(item.src):
+            same.append(item)
+        else:
+            upload.append(item)
+    return upload, same, tool
+
+
+def make_dirs(shell: "Shell", plan: Plan) -> None:
+    """Create every directory of the plan (one command), giving directory sources their mode."""
+    if not plan.dirs:
+        return
+    words = " ".join(shlex.quote(d) for d, _ in plan.dirs)
+    script = f"mkdir -p {words}\n" + "".join(
+        f"chmod {mode:o} {shlex.quote(d)}\n" for d, mode in plan.dirs if mode is not None)
+    result = shell.script(script, timeout=120)
+    if result.exit_status != 0:
+        raise CopyError(f"could not create directories: {result.stderr.strip()}", host=plan.host)
+
+
+def upload_file(sftp: Any, host: str, item: Upload, progress: Optional[Progress] = None) -> None:
+    """Upload one file under a temporary name and rename it into place."""
+    directory, base = posixpath.split(item.dest)
+    tmp = posixpath.join(directory, f".{base}.rr-{secrets.token_hex(4)}.tmp")
+    seen = [0]
+
+    def callback(done: int, _total: int) -> None:
+        if progress is not None:
+            progress(host, done - seen[0])
+        seen[0] = done
+
+    try:
+        with open(item.src, "rb") as handle:
+            sftp.putfo(handle, tmp, file_size=item.size, callback=callback, confirm=False)
+        sftp.chmod(tmp, item.mode)
+        sftp.posix_rename(tmp, item.dest)
+    except BaseException as exc:
+        _remove_quietly(sftp, tmp)
+        if isinstance(exc, (RunnerError, KeyboardInterrupt)):
+            raise
+        reason = getattr(exc, "strerror", None) or str(exc) or type(exc).__name__
+        raise CopyError(f"upload of {item.src} failed: {reason}", host=host, path=item.dest) from exc
+
+
+def _remove_quietly(sftp: Any, path: str) -> None:
+    """Remove a temporary file, ignoring errors (it may never have been created)."""
+    try:
+        sftp.remove(path)
+    except Exception:  # noqa: BLE001 - best effort cleanup of our own temp file
+        LOG.debug("could not remove temporary file %s", path)
+
+
+def sync_host(shell: "Shell", sftp: Any, plan: Plan, always_copy: bool = False,
+              progress: Optional[Progress] = None) -> HostSync:
+    """Bring one host up to date with *plan* and report what was done."""
+    report = HostSync(plan.host)
+    if not plan.files and not plan.dirs:
+        return report
+    if always_copy:
+        todo, same = list(plan.files), []
+    else:
+        todo, same, report.hash_tool = changed_files(shell, sftp, plan)
+    report.skipped = [u.dest for u in same]
+    make_dirs(shell, plan)
+    for item in todo:
+        LOG.debug("%s: uploading %s -> %s (%d bytes)", plan.host, item.src, item.dest, item.size)
+        upload_file(sftp, plan.host, item, progress)
+        report.copied.append(item.dest)
+        report.bytes += item.size
+    return report
+
+
+def sync_all(jobs: Sequence[Tuple["Shell", Callable[[], Any], Plan]], forks: int = 10,
+             always_copy: bool = False, progress: Optional[Progress] = None) -> Dict[str, HostSync]:
+    """Sync every (shell, sftp factory, plan) job in parallel; raise one CopyError for all failures."""
+    reports: Dict[str, HostSync] = {}
+    errors: List[RunnerError] = []
+
+    def one(job: Tuple["Shell", Callable[[], Any], Plan]) -> HostSync:
+        shell, sftp_factory, plan = job
+        if not plan.files and not plan.dirs:
+            return HostSync(plan.host)
+        return sync_host(shell, sftp_factory(), plan, always_copy, progress)
+
+    with ThreadPoolExecutor(max_workers=max(1, forks)) as pool:
+        futures = [(job[2].host, pool.submit(one, job)) for job in jobs]
+        for host, future in futures:
+            try:
+                reports[host] = future.result()
+            except RunnerError as exc:
+                errors.append(exc)
+            except Exception as exc:  # noqa: BLE001 - reported per host, not lost
+                errors.append(CopyError(f"{type(exc).__name__}: {exc}", host=host))
+    if len(errors) == 1:
+        raise errors[0]
+    if errors:
+        raise CopyError("; ".join(str(e) for e in errors))
+    return reports
