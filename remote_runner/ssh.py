@@ -438,7 +438,11 @@ class Connection:
         """Offer every ssh-agent key; return True once authenticated."""
         if not os.environ.get("SSH_AUTH_SOCK"):
             return False
-        agent = paramiko.Agent()
+        try:
+            agent = paramiko.Agent()
+        except (paramiko.SSHException, OSError) as exc:
+            tried.append(f"ssh-agent: unavailable ({exc})")
+            return False
         try:
             keys = agent.get_keys()
             if not keys:

@@ -249,6 +249,20 @@ def test_strict_host_key_checking_accept_new_in_config(lab, tmp_path):
     assert len(known.read_text().splitlines()) == 1
 
 
+def test_strict_host_key_checking_no_acts_as_accept_new(lab, tmp_path, caplog):
+    known = tmp_path / "known_hosts"
+    config = tmp_path / "ssh_config"
+    config.write_text(host_block(lab, "h3", str(known), StrictHostKeyChecking="no"))
+    with Connection("h3", SSHOptions(ssh_config_file=str(config))) as connection:
+        connection.connect()
+    assert len(known.read_text().splitlines()) == 1
+    assert "treated as accept-new" in caplog.text
+    known.write_text(known.read_text().replace(lab_known_line(lab, "h3")[1],
+                                               lab_known_line(lab, "h2")[1]))
+    with pytest.raises(HostKeyError, match="CHANGED"):
+        Connection("h3", SSHOptions(ssh_config_file=str(config))).connect()
+
+
 def test_changed_host_key_is_refused_even_with_accept_new(lab, tmp_path):
     hostname = lab_entry(lab, "h1")["hostname"]
     wrong = " ".join(lab_known_line(lab, "h2"))
@@ -349,6 +363,40 @@ def test_default_key_in_home_is_used(lab, tmp_path, isolated_home):
                                  IdentityFile="", IdentitiesOnly="no"))
     with Connection("h2", SSHOptions(ssh_config_file=str(config))) as connection:
         assert connection.run(["true"]).exit_status == 0
+
+
+@pytest.fixture
+def agent(tmp_path, monkeypatch):
+    """A private ssh-agent (unix socket) for this test, stopped by PID afterwards."""
+    sock = tmp_path / "agent.sock"
+    process = subprocess.Popen(["ssh-agent", "-D", "-a", str(sock)], stdout=subprocess.DEVNULL,
+                               stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 60
+        while not sock.exists() and process.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert sock.exists(), "ssh-agent did not start"
+        monkeypatch.setenv("SSH_AUTH_SOCK", str(sock))
+        yield sock
+    finally:
+        process.terminate()
+        process.wait(30)
+
+
+def test_agent_key_is_used_first(lab, tmp_path, agent):
+    key = tmp_path / "agent_key"
+    key.write_bytes(open(lab_entry(lab, "h1")["identityfile"][0], "rb").read())
+    key.chmod(0o600)
+    subprocess.run(["ssh-add", "-q", str(key)], check=True, capture_output=True)
+    key.unlink()  # only the agent holds it now
+    known = lab_entry(lab, "h1")["userknownhostsfile"]
+    config = tmp_path / "ssh_config"
+    config.write_text(host_block(lab, "h1", known, IdentityFile="", IdentitiesOnly="no"))
+    with Connection("h1", SSHOptions(ssh_config_file=str(config))) as connection:
+        assert connection.run(["id", "-un"]).stdout == b"root\n"
+    config.write_text(host_block(lab, "h1", known, IdentityFile="", IdentitiesOnly="yes"))
+    with pytest.raises(AuthError):  # IdentitiesOnly: the agent is not asked
+        Connection("h1", SSHOptions(ssh_config_file=str(config))).connect()
 
 
 def test_password_auth_and_password_never_leaks(lab, tmp_path, caplog):
