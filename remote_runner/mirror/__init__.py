@@ -1,0 +1,31 @@
+"""The mirror: run a local program on a remote host inside a FUSE mirror of the local file system.
+
+Why: a program (and its libraries, inputs and outputs) lives on this machine,
+but the CPU we want is elsewhere. The host gets nothing installed: an agent
+zipapp is shipped over the SSH connection and cached by content hash; it
+mounts this machine's file system over FUSE (every file operation becomes a
+request on the same SSH channel, answered here as the local user), chroots
+the command into it with the host's own /dev, /proc, /sys and /run, and
+carries stdio, signals and the exit status back.
+
+Modules:
+
+* :mod:`.protocol` -- frames (JSON header + raw bytes), shared with the agent;
+* :mod:`.service` -- the local file service (handle table, errno preserved);
+* :mod:`.agent` -- the remote side (namespaces, FUSE, command, daemon/attach);
+* :mod:`.bundle` -- the shipped zipapp and its cache-or-upload launch line;
+* :mod:`.session` -- the local side: :func:`~.session.run_command` (``remote-runner exec``)
+  and :class:`~.session.MirrorServer` (the runner's ``component.mirror = True``).
+
+Runner API::
+
+    from remote_runner.mirror.session import MirrorServer
+    server = MirrorServer(conn).start()       # conn: remote_runner.ssh.Connection
+    argv = server.window_argv(["prog", "arg"], cwd="/local/dir", env={"X": "1"})
+    # run argv (shlex-quoted) in the screen window: it exits with the command's
+    # status (128+N if killed by signal N), or 254 if the mirror/link is gone.
+    server.close()                            # unmounts, kills what still runs
+
+Exit codes of ``exec``: the command's own status; 254 (errors.EXIT_LINK)
+when the tool or the link failed.
+"""

@@ -1,0 +1,1003 @@
+"""The remote half of the mirror: mount the local file system over FUSE and run a command in it.
+
+This module is shipped to the host inside a zipapp (with ``protocol.py`` and
+``mfusepy.py``), so it must stay stdlib-only and Python 3.8 compatible, and
+it imports mfusepy only after choosing the libfuse version explicitly.
+
+One process does everything, so a lost link cleans up everything:
+
+1. it reads one ``boot`` frame on stdin (the whole session);
+2. enters a private mount namespace (root) or a user + mount namespace with
+   the local uid mapped onto the connecting user (non-root), before any
+   thread exists, since unshare(2) refuses a multi-threaded caller;
+3. mounts the FUSE mirror (every operation becomes a ``req`` frame answered
+   by the local service; many in flight, matched by id), binds the host's
+   /dev, /proc, /sys and /run into it;
+4. runs the command chrooted into the mirror (or, in files-only mode, on the
+   host's own root with the local trees mounted at their own paths), as a
+   process-group leader, while this process is a child subreaper: when the
+   command ends or the link drops, every remaining descendant is killed.
+
+``daemon`` mode keeps the mirror for many commands: it listens on a UNIX
+socket in a private 0700 directory, and ``attach`` (run in a screen window)
+hands its stdio over with SCM_RIGHTS and exits with the command's status.
+"""
+
+from __future__ import annotations
+
+import array
+import ctypes
+import ctypes.util
+import errno
+import json
+import logging
+import os
+import platform
+import queue
+import select
+import shutil
+import signal
+import socket
+import stat
+import struct
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from typing import Any, Callable, Dict, List, Optional, Tuple
+
+try:
+    from . import protocol as P
+except ImportError:  # pragma: no cover - run as a plain script
+    import protocol as P  # type: ignore
+
+LOG = logging.getLogger("remote_runner.mirror.agent")
+
+CLONE_NEWNS = 0x00020000
+CLONE_NEWUSER = 0x10000000
+MS_BIND = 4096
+MS_REC = 16384
+MS_PRIVATE = 1 << 18
+MS_SLAVE = 1 << 19
+MNT_DETACH = 2
+PR_SET_PDEATHSIG = 1
+PR_SET_CHILD_SUBREAPER = 36
+TIOCSCTTY = 0x540E
+TIOCSWINSZ = 0x5414
+SPECIAL_DIRS = ("dev", "proc", "sys", "run")
+DEFAULT_HEARTBEAT = 5.0
+DEFAULT_DEADLINE = 20.0
+REQUEST_TIMEOUT = 60.0
+EXIT_LINK = 254
+
+_libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+
+
+def _check(res: int, what: str) -> None:
+    if res != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, "%s: %s" % (what, os.strerror(err)))
+
+
+def unshare(flags: int) -> None:
+    """Call unshare(2)."""
+    _check(_libc.unshare(ctypes.c_int(flags)), "unshare")
+
+
+def mount(source: Optional[bytes], target: bytes, fstype: Optional[bytes], flags: int) -> None:
+    """Call mount(2)."""
+    _check(_libc.mount(source, target, fstype, ctypes.c_ulong(flags), None), "mount %r" % target)
+
+
+def umount(target: bytes, flags: int = MNT_DETACH) -> None:
+    """Call umount2(2)."""
+    _check(_libc.umount2(target, ctypes.c_int(flags)), "umount %r" % target)
+
+
+def prctl(option: int, arg: int) -> None:
+    """Call prctl(2) with one argument."""
+    _check(_libc.prctl(ctypes.c_int(option), ctypes.c_ulong(arg), 0, 0, 0), "prctl")
+
+
+# ---------------------------------------------------------------------------
+# Link: frames over stdin/stdout, request multiplexing, heartbeat.
+# ---------------------------------------------------------------------------
+class Link:
+    """The framed channel to the local side."""
+
+    def __init__(self, in_fd: int, out_fd: int, heartbeat: float = DEFAULT_HEARTBEAT,
+                 deadline: float = DEFAULT_DEADLINE) -> None:
+        self.reader = P.FdReader(in_fd)
+        self.writer = P.FrameWriter(P.fd_write_all(out_fd))
+        self.heartbeat = heartbeat
+        self.deadline = deadline
+        self.lost = threading.Event()
+        self.lost_reason = ""
+        self.last_rx = time.monotonic()
+        self._pending: Dict[int, List[Any]] = {}
+        self._lock = threading.Lock()
+        self._next = 1
+        self.handlers: Dict[str, Callable[[Dict[str, Any], bytes], None]] = {}
+
+    def send(self, header: Dict[str, Any], payload: bytes = b"") -> None:
+        """Send a frame; a broken pipe marks the link lost."""
+        if self.lost.is_set():
+            return
+        try:
+            self.writer.send(header, payload)
+        except OSError as exc:
+            self.mark_lost("write failed: %s" % exc)
+
+    def mark_lost(self, reason: str) -> None:
+        """Fail every pending request and wake everyone waiting on the link."""
+        if self.lost.is_set():
+            return
+        self.lost_reason = reason
+        self.lost.set()
+        with self._lock:
+            pending = list(self._pending.values())
+            self._pending.clear()
+        for slot in pending:
+            slot[0].set()
+
+    def call(self, op: str, args: Dict[str, Any], payload: bytes = b"",
+             timeout: float = REQUEST_TIMEOUT) -> Tuple[Dict[str, Any], bytes]:
+        """Run one file-system request; raise OSError with the remote errno (EIO on link loss)."""
+        if self.lost.is_set():
+            raise OSError(errno.EIO, "link lost")
+        event = threading.Event()
+        slot: List[Any] = [event, None, b""]
+        with self._lock:
+            rid = self._next
+            self._next += 1
+            self._pending[rid] = slot
+        self.send({"t": P.REQ, "id": rid, "op": op, "a": args}, payload)
+        end = time.monotonic() + timeout
+        while not event.wait(min(1.0, max(0.0, end - time.monotonic()))):
+            if self.lost.is_set() or time.monotonic() >= end:
+                break
+        with self._lock:
+            self._pending.pop(rid, None)
+        header = slot[1]
+        if header is None:
+            raise OSError(errno.EIO, "link lost or request timed out")
+        if header.get("e"):
+            raise OSError(int(header["e"]), os.strerror(int(header["e"])))
+        return header, slot[2]
+
+    def read_loop(self) -> None:
+        """Dispatch incoming frames until the stream ends."""
+        try:
+            while True:
+                header, payload = P.read_frame(self.reader)
+                self.last_rx = time.monotonic()
+                kind = header["t"]
+                if kind == P.REP:
+                    with self._lock:
+                        slot = self._pending.get(header.get("id"))
+                    if slot is not None:
+                        slot[1], slot[2] = header, payload
+                        slot[0].set()
+                elif kind == P.PING:
+                    self.send({"t": P.PONG})
+                elif kind == P.PONG:
+                    pass
+                elif kind == P.BYE:
+                    self.mark_lost("local side ended the session")
+                    return
+                else:
+                    handler = self.handlers.get(kind)
+                    if handler is not None:
+                        handler(header, payload)
+                    else:
+                        LOG.debug("ignoring frame %r", kind)
+        except P.LinkClosed:
+            self.mark_lost("connection closed")
+        except (P.ProtocolError, OSError) as exc:
+            self.mark_lost("link error: %s" % exc)
+
+    def heartbeat_loop(self) -> None:
+        """Ping the local side; declare the link lost after *deadline* of silence."""
+        while not self.lost.wait(self.heartbeat):
+            if time.monotonic() - self.last_rx > self.deadline:
+                self.mark_lost("no frame for %.0f s" % self.deadline)
+                return
+            self.send({"t": P.PING})
+
+    def start(self) -> None:
+        """Start the reader and heartbeat threads."""
+        for target in (self.read_loop, self.heartbeat_loop):
+            threading.Thread(target=target, daemon=True).start()
+
+
+# ---------------------------------------------------------------------------
+# FUSE operations: each one is a request to the local service.
+# ---------------------------------------------------------------------------
+def choose_libfuse() -> str:
+    """Pick libfuse 3 when present (else 2) and tell mfusepy explicitly; return the choice."""
+    if os.environ.get("FUSE_LIBRARY_PATH"):
+        return os.environ["FUSE_LIBRARY_PATH"]
+    for name, soname in (("fuse3", "libfuse3.so.3"), ("fuse", "libfuse.so.2")):
+        if ctypes.util.find_library(name):
+            os.environ["FUSE_LIBRARY_NAME"] = name
+            return name
+        try:
+            ctypes.CDLL(soname)
+        except OSError:
+            continue
+        os.environ["FUSE_LIBRARY_PATH"] = soname
+        return soname
+    raise OSError(errno.ENOENT, "neither libfuse3 nor libfuse2 is installed on this host")
+
+
+def make_operations(link: Link, prefix: bytes):
+    """Build the mfusepy Operations object serving the local tree at *prefix*."""
+    import mfusepy
+
+    def wire(path: str) -> str:
+        raw = path.encode("utf-8", "surrogateescape")
+        full = (prefix.rstrip(b"/") + raw) if prefix else raw
+        return P.name_to_wire(full or b"/")
+
+    def call(op: str, args: Dict[str, Any], payload: bytes = b"") -> Tuple[Dict[str, Any], bytes]:
+        try:
+            return link.call(op, args, payload)
+        except OSError as exc:
+            raise mfusepy.FuseOSError(exc.errno or errno.EIO)
+
+    class MirrorOperations(mfusepy.Operations):
+        use_ns = True
+
+        def __init__(self) -> None:
+            self.mounted = threading.Event()
+
+        def init(self, path: str) -> None:
+            self.mounted.set()
+
+        def getattr(self, path: str, fh: Optional[int] = None) -> Dict[str, int]:
+            args: Dict[str, Any] = {"path": wire(path)}
+            if fh is not None and fh:
+                args["fh"] = fh
+            return call("getattr", args)[0]["st"]
+
+        def readlink(self, path: str) -> str:
+            return call("readlink", {"path": wire(path)})[1].decode("utf-8", "surrogateescape")
+
+        def readdir(self, path: str, fh: int):
+            header, payload = call("readdir", {"path": wire(path)})
+            names = payload.split(b"\0") if payload else []
+            attrs = header.get("attrs") or [None] * len(names)
+            out: List[Any] = [(".", None, 0), ("..", None, 0)]
+            for name, st in zip(names, attrs):
+                out.append((name.decode("utf-8", "surrogateescape"), st, 0))
+            return out
+
+        def statfs(self, path: str) -> Dict[str, int]:
+            return call("statfs", {"path": wire(path)})[0]["sv"]
+
+        def mknod(self, path: str, mode: int, dev: int) -> int:
+            call("mknod", {"path": wire(path), "mode": mode, "dev": dev})
+            return 0
+
+        def mkdir(self, path: str, mode: int) -> int:
+            call("mkdir", {"path": wire(path), "mode": mode})
+            return 0
+
+        def unlink(self, path: str) -> int:
+            call("unlink", {"path": wire(path)})
+            return 0
+
+        def rmdir(self, path: str) -> int:
+            call("rmdir", {"path": wire(path)})
+            return 0
+
+        def symlink(self, target: str, source: str) -> int:
+            # mfusepy: *target* is the new link's path, *source* its contents.
+            call("symlink", {"path": wire(target),
+                             "target": P.name_to_wire(source.encode("utf-8", "surrogateescape"))})
+            return 0
+
+        def link(self, target: str, source: str) -> int:
+            call("link", {"path": wire(target), "target": wire(source)})
+            return 0
+
+        def rename(self, old: str, new: str, flags: int = 0) -> int:
+            call("rename", {"old": wire(old), "new": wire(new), "flags": flags})
+            return 0
+
+        def chmod(self, path: str, mode: int) -> int:
+            call("chmod", {"path": wire(path), "mode": mode})
+            return 0
+
+        def chown(self, path: str, uid: int, gid: int) -> int:
+            call("chown", {"path": wire(path), "uid": _signed(uid), "gid": _signed(gid)})
+            return 0
+
+        def truncate(self, path: str, length: int, fh: Optional[int] = None) -> int:
+            args: Dict[str, Any] = {"path": wire(path), "size": length}
+            if fh:
+                args["fh"] = fh
+            call("truncate", args)
+            return 0
+
+        def utimens(self, path: str, times: Optional[Tuple[int, int]] = None) -> int:
+            call("utimens", {"path": wire(path), "ns": list(times) if times else None})
+            return 0
+
+        def open(self, path: str, flags: int) -> int:
+            return int(call("open", {"path": wire(path), "flags": flags})[0]["fh"])
+
+        def create(self, path: str, mode: int, flags: int = os.O_WRONLY) -> int:
+            return int(call("create", {"path": wire(path), "mode": mode, "flags": flags})[0]["fh"])
+
+        def read(self, path: str, size: int, offset: int, fh: int) -> bytes:
+            return call("read", {"fh": fh, "size": size, "off": offset})[1]
+
+        def write(self, path: str, data: bytes, offset: int, fh: int) -> int:
+            return int(call("write", {"fh": fh, "off": offset}, bytes(data))[0]["n"])
+
+        def flush(self, path: str, fh: int) -> int:
+            call("flush", {"fh": fh})
+            return 0
+
+        def release(self, path: str, fh: int) -> int:
+            call("release", {"fh": fh})
+            return 0
+
+        def fsync(self, path: str, datasync: int, fh: int) -> int:
+            call("fsync", {"fh": fh, "data": bool(datasync)})
+            return 0
+
+    class MirrorFUSE(mfusepy.FUSE):
+        """mfusepy drops renameat2 flags; pass them on (NOREPLACE, EXCHANGE)."""
+
+        def rename_fuse_3(self, old: bytes, new: bytes, flags: int) -> int:
+            return self.operations.rename(old.decode(self.encoding, self.errors),
+                                          new.decode(self.encoding, self.errors), flags)
+
+    return MirrorOperations(), MirrorFUSE
+
+
+def _signed(value: int) -> int:
+    """Map an unsigned 32-bit "unchanged" id (0xffffffff) to -1."""
+    return -1 if value in (-1, 0xFFFFFFFF) else value
+
+
+class Mount:
+    """One FUSE mount served through the link, run in its own thread."""
+
+    def __init__(self, link: Link, mountpoint: str, prefix: bytes, system: bool) -> None:
+        self.link = link
+        self.mountpoint = mountpoint
+        self.prefix = prefix
+        self.system = system
+        self.error: Optional[BaseException] = None
+        self.thread: Optional[threading.Thread] = None
+        self.ops = None
+
+    def start(self, timeout: float = 30.0) -> None:
+        """Mount and wait until the kernel has the file system."""
+        ops, fuse_cls = make_operations(self.link, self.prefix)
+        self.ops = ops
+        timeouts = 5.0 if self.system else 1.0
+        options = dict(foreground=True, fsname="remote-runner", subtype="mirror",
+                       default_permissions=True, use_ino=True,
+                       attr_timeout=timeouts, entry_timeout=timeouts)
+
+        def run() -> None:
+            try:
+                fuse_cls(ops, self.mountpoint, **options)
+            except BaseException as exc:  # reported to the waiter below
+                self.error = exc
+
+        self.thread = threading.Thread(target=run, daemon=True, name="fuse")
+        self.thread.start()
+        end = time.monotonic() + timeout
+        while not ops.mounted.wait(0.05):
+            if not self.thread.is_alive():
+                raise OSError(errno.EIO, "FUSE mount at %s failed: %s" % (self.mountpoint, self.error))
+            if self.link.lost.is_set():
+                raise OSError(errno.EIO, "link lost while mounting")
+            if time.monotonic() > end:
+                raise OSError(errno.ETIMEDOUT, "FUSE mount at %s did not come up" % self.mountpoint)
+
+    def stop(self) -> None:
+        """Unmount lazily; the FUSE loop ends once the kernel lets go."""
+        try:
+            umount(os.fsencode(self.mountpoint), MNT_DETACH)
+        except OSError:
+            pass
+        if self.thread is not None:
+            self.thread.join(2.0)
+
+
+# ---------------------------------------------------------------------------
+# Namespaces and the mirror root.
+# ---------------------------------------------------------------------------
+def enter_namespaces(local_uid: int, local_gid: int) -> str:
+    """Enter a private mount namespace (with a user namespace when not root); return the mode."""
+    if os.geteuid() == 0:
+        unshare(CLONE_NEWNS)
+        mode = "root"
+    else:
+        uid, gid = os.geteuid(), os.getegid()
+        try:
+            unshare(CLONE_NEWUSER | CLONE_NEWNS)
+        except OSError as exc:
+            raise OSError(exc.errno, "cannot create a user namespace as uid %d (%s); the mirror needs "
+                          "root on the host or unprivileged user namespaces "
+                          "(kernel.unprivileged_userns_clone=1, user.max_user_namespaces>0, no AppArmor "
+                          "restriction)" % (uid, exc.strerror))
+        with open("/proc/self/setgroups", "w") as fh:
+            fh.write("deny")
+        with open("/proc/self/uid_map", "w") as fh:
+            fh.write("%d %d 1\n" % (local_uid, uid))
+        with open("/proc/self/gid_map", "w") as fh:
+            fh.write("%d %d 1\n" % (local_gid, gid))
+        mode = "userns"
+    mount(b"none", b"/", None, MS_REC | MS_PRIVATE)
+    return mode
+
+
+def bind_specials(root: str) -> None:
+    """Bind the host's /dev, /proc, /sys and /run over the mirror's."""
+    for name in SPECIAL_DIRS:
+        source = "/" + name
+        target = os.path.join(root, name)
+        if not os.path.isdir(source):
+            continue
+        try:
+            if not os.path.isdir(target):
+                continue
+        except OSError:
+            continue
+        mount(os.fsencode(source), os.fsencode(target), None, MS_BIND | MS_REC)
+        try:
+            mount(None, os.fsencode(target), None, MS_SLAVE | MS_REC)
+        except OSError:
+            pass
+
+
+def unmount_under(root: str) -> None:
+    """Lazily unmount *root* and everything below it, deepest first."""
+    targets = []
+    try:
+        with open("/proc/self/mountinfo", "rb") as fh:
+            for line in fh:
+                point = line.split()[4].decode("utf-8", "surrogateescape")
+                point = point.replace("\\040", " ")
+                if point == root or point.startswith(root.rstrip("/") + "/"):
+                    targets.append(point)
+    except OSError:
+        return
+    for point in sorted(targets, key=len, reverse=True):
+        try:
+            umount(os.fsencode(point), MNT_DETACH)
+        except OSError:
+            pass
+
+
+# ---------------------------------------------------------------------------
+# Processes.
+# ---------------------------------------------------------------------------
+def children_of(pid: int) -> List[int]:
+    """List the direct children of *pid* (from /proc)."""
+    out = []
+    for name in os.listdir("/proc"):
+        if not name.isdigit():
+            continue
+        try:
+            with open("/proc/%s/stat" % name, "rb") as fh:
+                data = fh.read()
+        except OSError:
+            continue
+        fields = data[data.rfind(b")") + 2:].split()
+        if len(fields) > 1 and int(fields[1]) == pid:
+            out.append(int(name))
+    return out
+
+
+def kill_descendants(exclude: Tuple[int, ...] = ()) -> None:
+    """Kill and reap every descendant of this (subreaper) process."""
+    me = os.getpid()
+    for _ in range(50):
+        victims = [pid for pid in children_of(me) if pid not in exclude]
+        if not victims:
+            return
+        for pid in victims:
+            try:
+                os.killpg(pid, signal.SIGKILL)
+            except OSError:
+                pass
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except OSError:
+                pass
+        for pid in victims:
+            try:
+                os.waitpid(pid, 0)
+            except OSError:
+                pass
+
+
+class Command:
+    """The command: spawned chrooted (or not), stdio wired to fds or pipes."""
+
+    def __init__(self, spec: Dict[str, Any], root: Optional[str],
+                 stdio: Optional[Tuple[int, int, int]] = None) -> None:
+        self.spec = spec
+        self.root = root
+        self.tty = bool(spec.get("tty")) and stdio is None
+        self.master: Optional[int] = None
+        argv = [P.name_from_wire(a) for a in spec["argv"]]
+        env = {P.name_from_wire(k): P.name_from_wire(v) for k, v in (spec.get("env") or {}).items()}
+        cwd = P.name_from_wire(spec.get("cwd") or "/")
+        root_b = os.fsencode(root) if root else None
+        slave: Optional[int] = None
+        if stdio is not None:
+            stdin, stdout, stderr = stdio
+        elif self.tty:
+            self.master, slave = os.openpty()
+            set_winsize(self.master, int(spec.get("rows") or 24), int(spec.get("cols") or 80))
+            stdin = stdout = stderr = slave
+        else:
+            stdin = stdout = stderr = subprocess.PIPE
+        tty = self.tty
+        umask = int(spec.get("umask", 0o022))
+
+        def prepare() -> None:
+            # Runs in the child between fork and exec: only plain syscalls here.
+            os.umask(umask)
+            if root_b is not None:
+                os.chroot(root_b)
+            try:
+                os.chdir(cwd)
+            except OSError:
+                os.chdir(b"/")
+            if tty:
+                import fcntl
+                fcntl.ioctl(0, TIOCSCTTY, 0)
+            _libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+
+        try:
+            self.proc = subprocess.Popen(
+                argv, stdin=stdin, stdout=stdout, stderr=stderr, env=env,
+                start_new_session=True, preexec_fn=prepare, close_fds=True)
+        finally:
+            if slave is not None:
+                os.close(slave)
+
+    def signal(self, signum: int) -> None:
+        """Deliver *signum* to the command's process group."""
+        try:
+            os.killpg(self.proc.pid, signum)
+        except OSError:
+            try:
+                self.proc.send_signal(signum)
+            except OSError:
+                pass
+
+    def kill_group(self) -> None:
+        """SIGKILL whatever is left of the command's process group."""
+        try:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+        except OSError:
+            pass
+
+
+def set_winsize(fd: int, rows: int, cols: int) -> None:
+    """Set a terminal's window size."""
+    import fcntl
+    fcntl.ioctl(fd, TIOCSWINSZ, struct.pack("HHHH", rows, cols, 0, 0))
+
+
+def exit_code(returncode: int) -> int:
+    """Turn a Popen return code into a shell-style status."""
+    return 128 - returncode if returncode < 0 else returncode
+
+
+# ---------------------------------------------------------------------------
+# Sessions.
+# ---------------------------------------------------------------------------
+class Session:
+    """One mirror on this host: namespaces, mounts, and the command(s) run in it."""
+
+    def __init__(self, link: Link, boot: Dict[str, Any]) -> None:
+        self.link = link
+        self.boot = boot
+        self.files_only = bool(boot.get("files_only"))
+        self.mounts: List[Mount] = []
+        self.root: Optional[str] = None
+        self.workdir = tempfile.mkdtemp(prefix="rr-mirror-")
+        os.chmod(self.workdir, 0o700)
+        self.created: List[str] = []
+
+    def setup(self) -> None:
+        """Enter namespaces and mount the mirror (or the exported trees)."""
+        mode = enter_namespaces(int(self.boot.get("uid", os.getuid())), int(self.boot.get("gid", os.getgid())))
+        LOG.debug("namespaces: %s", mode)
+        self.link.start()
+        choose_libfuse()
+        if self.files_only:
+            for export in self.boot.get("exports") or []:
+                path = P.name_from_wire(export)
+                self._ensure_dir(path)
+                m = Mount(self.link, os.fsdecode(path), path, system=False)
+                m.start()
+                self.mounts.append(m)
+        else:
+            self.root = os.path.join(self.workdir, "root")
+            os.mkdir(self.root)
+            m = Mount(self.link, self.root, b"", system=True)
+            m.start()
+            self.mounts.append(m)
+            bind_specials(self.root)
+
+    def _ensure_dir(self, path: bytes) -> None:
+        missing = []
+        cur = path
+        while not os.path.isdir(cur) and cur not in (b"/", b""):
+            missing.append(cur)
+            cur = os.path.dirname(cur)
+        for d in reversed(missing):
+            os.mkdir(d, 0o755)
+            self.created.append(os.fsdecode(d))
+
+    def teardown(self) -> None:
+        """Unmount everything and remove what we created."""
+        if self.root:
+            unmount_under(self.root)
+        for m in reversed(self.mounts):
+            m.stop()
+        for d in reversed(self.created):
+            try:
+                os.rmdir(d)
+            except OSError:
+                pass
+        shutil.rmtree(self.workdir, ignore_errors=True)
+
+
+def _pump(fd: int, send: Callable[[bytes], None]) -> None:
+    """Copy from *fd* to *send* until EOF (EIO on a pty counts as EOF)."""
+    while True:
+        try:
+            data = os.read(fd, 65536)
+        except InterruptedError:
+            continue
+        except OSError:
+            break
+        if not data:
+            break
+        send(data)
+
+
+def run_exec(link: Link, boot: Dict[str, Any]) -> int:
+    """Run one command in the mirror with its stdio carried over the link."""
+    session = Session(link, boot)
+    command: Optional[Command] = None
+    # Input that arrives while the mirror is being mounted waits for the command.
+    stdin_queue: "queue.Queue[Optional[bytes]]" = queue.Queue()
+    early_signals: List[int] = []
+    started: List[Command] = []
+    lock = threading.Lock()
+
+    def on_stdin(header: Dict[str, Any], payload: bytes) -> None:
+        stdin_queue.put(payload if payload else None)
+
+    def on_signal(header: Dict[str, Any], payload: bytes) -> None:
+        with lock:
+            if started:
+                started[0].signal(int(header.get("n", signal.SIGTERM)))
+            else:
+                early_signals.append(int(header.get("n", signal.SIGTERM)))
+
+    def on_winch(header: Dict[str, Any], payload: bytes) -> None:
+        with lock:
+            if started and started[0].master is not None:
+                set_winsize(started[0].master, int(header["rows"]), int(header["cols"]))
+
+    link.handlers[P.STDIN] = on_stdin
+    link.handlers[P.SIGNAL] = on_signal
+    link.handlers[P.WINCH] = on_winch
+    try:
+        session.setup()
+        command = Command(boot, session.root)
+        cmd = command
+        with lock:
+            started.append(cmd)
+            for signum in early_signals:
+                cmd.signal(signum)
+        in_fd = cmd.master if cmd.master is not None else cmd.proc.stdin.fileno()
+
+        def feed_stdin() -> None:
+            while True:
+                data = stdin_queue.get()
+                if data is None:
+                    if cmd.master is None:
+                        try:
+                            cmd.proc.stdin.close()
+                        except OSError:
+                            pass
+                    else:
+                        try:
+                            os.write(cmd.master, b"\x04")
+                        except OSError:
+                            pass
+                    return
+                try:
+                    view = memoryview(data)
+                    while view:
+                        view = view[os.write(in_fd, view):]
+                except OSError:
+                    return
+
+        threading.Thread(target=feed_stdin, daemon=True).start()
+        pumps = []
+        if cmd.master is not None:
+            pumps.append((cmd.master, P.STDOUT))
+        else:
+            pumps.append((cmd.proc.stdout.fileno(), P.STDOUT))
+            pumps.append((cmd.proc.stderr.fileno(), P.STDERR))
+        threads = []
+        for fd, kind in pumps:
+            t = threading.Thread(target=_pump, args=(fd, lambda d, k=kind: link.send({"t": k}, d)),
+                                 daemon=True)
+            t.start()
+            threads.append(t)
+        link.send({"t": P.READY, "pid": cmd.proc.pid})
+
+        while True:
+            try:
+                returncode = cmd.proc.wait(0.2)
+                break
+            except subprocess.TimeoutExpired:
+                if link.lost.is_set():
+                    LOG.warning("link lost (%s): killing the command", link.lost_reason)
+                    cmd.kill_group()
+                    kill_descendants()
+                    cmd.proc.wait()
+                    return EXIT_LINK
+        cmd.kill_group()
+        kill_descendants()
+        for t in threads:
+            t.join(5.0)
+        status = exit_code(returncode)
+        link.send({"t": P.EXIT, "status": status})
+        return status
+    except OSError as exc:
+        LOG.debug("exec failed", exc_info=True)
+        link.send({"t": P.FAIL, "msg": str(exc), "errno": exc.errno})
+        if command is not None:
+            command.kill_group()
+        kill_descendants()
+        return EXIT_LINK
+    finally:
+        session.teardown()
+
+
+# -- daemon mode ---------------------------------------------------------------
+def run_daemon(link: Link, boot: Dict[str, Any]) -> int:
+    """Keep the mirror and run registered jobs for ``attach`` clients until the link ends."""
+    session = Session(link, boot)
+    jobs: Dict[str, Dict[str, Any]] = {}
+    jobs_cond = threading.Condition()
+    running: Dict[int, Command] = {}
+
+    def on_job(header: Dict[str, Any], payload: bytes) -> None:
+        with jobs_cond:
+            jobs[str(header["job"])] = header
+            jobs_cond.notify_all()
+
+    link.handlers[P.JOB] = on_job
+    try:
+        session.setup()
+    except OSError as exc:
+        link.send({"t": P.FAIL, "msg": str(exc), "errno": exc.errno})
+        session.teardown()
+        return EXIT_LINK
+    sock_dir = tempfile.mkdtemp(prefix="rr-mirror-sock-")
+    os.chmod(sock_dir, 0o700)
+    sock_path = os.path.join(sock_dir, "agent.sock")
+    server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    server.bind(sock_path)
+    server.listen(16)
+
+    def serve_client(conn: socket.socket) -> None:
+        command: Optional[Command] = None
+        try:
+            msg, fds = recv_fds(conn)
+            request = json.loads(msg.decode("utf-8"))
+            with jobs_cond:
+                jobs_cond.wait_for(lambda: str(request.get("job")) in jobs or link.lost.is_set(), 30.0)
+                spec = jobs.pop(str(request.get("job")), None)
+            if spec is None or len(fds) != 3:
+                conn.sendall(json.dumps({"error": "unknown job %r" % request.get("job")}).encode() + b"\n")
+                return
+            try:
+                command = Command(spec, session.root, stdio=(fds[0], fds[1], fds[2]))
+            except OSError as exc:
+                conn.sendall(json.dumps({"error": str(exc), "status": 127}).encode() + b"\n")
+                return
+            finally:
+                for fd in fds:
+                    os.close(fd)
+            running[command.proc.pid] = command
+            conn.sendall(json.dumps({"pid": command.proc.pid}).encode() + b"\n")
+            threading.Thread(target=_relay_signals, args=(conn, command), daemon=True).start()
+            returncode = command.proc.wait()
+            command.kill_group()
+            conn.sendall(json.dumps({"status": exit_code(returncode)}).encode() + b"\n")
+        except (OSError, ValueError) as exc:
+            LOG.debug("attach client failed: %s", exc)
+        finally:
+            if command is not None:
+                running.pop(command.proc.pid, None)
+            conn.close()
+
+    def accept_loop() -> None:
+        while not link.lost.is_set():
+            try:
+                conn, _ = server.accept()
+            except OSError:
+                return
+            threading.Thread(target=serve_client, args=(conn,), daemon=True).start()
+
+    threading.Thread(target=accept_loop, daemon=True).start()
+    link.send({"t": P.READY, "socket": sock_path, "pid": os.getpid()})
+    link.lost.wait()
+    LOG.debug("daemon ending: %s", link.lost_reason)
+    server.close()
+    for command in list(running.values()):
+        command.kill_group()
+    kill_descendants()
+    shutil.rmtree(sock_dir, ignore_errors=True)
+    session.teardown()
+    return 0
+
+
+def _relay_signals(conn: socket.socket, command: Command) -> None:
+    buf = b""
+    while True:
+        try:
+            data = conn.recv(4096)
+        except OSError:
+            return
+        if not data:
+            return
+        buf += data
+        while b"\n" in buf:
+            line, buf = buf.split(b"\n", 1)
+            try:
+                command.signal(int(json.loads(line.decode("utf-8"))["sig"]))
+            except (ValueError, KeyError, TypeError):
+                continue
+
+
+def recv_fds(conn: socket.socket, maxfds: int = 3) -> Tuple[bytes, List[int]]:
+    """Receive one message line plus file descriptors (SCM_RIGHTS)."""
+    fds = array.array("i")
+    msg, ancdata, _flags, _addr = conn.recvmsg(65536, socket.CMSG_SPACE(maxfds * fds.itemsize))
+    for level, kind, data in ancdata:
+        if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+            fds.frombytes(data[:len(data) - (len(data) % fds.itemsize)])
+    return msg, list(fds)
+
+
+def attach(sock_path: str, job: str) -> int:
+    """Hand our stdio to the daemon, forward signals, exit with the command's status."""
+    conn = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        conn.connect(sock_path)
+        msg = json.dumps({"job": job}).encode("utf-8") + b"\n"
+        conn.sendmsg([msg], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", [0, 1, 2]))])
+    except OSError as exc:
+        sys.stderr.write("remote-runner mirror: cannot reach the mirror agent at %s: %s\n" % (sock_path, exc))
+        return EXIT_LINK
+
+    def forward(signum: int, _frame: Any) -> None:
+        try:
+            conn.sendall(json.dumps({"sig": signum}).encode() + b"\n")
+        except OSError:
+            pass
+
+    for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT, signal.SIGUSR1, signal.SIGUSR2):
+        signal.signal(signum, forward)
+    buf = b""
+    while True:
+        try:
+            data = conn.recv(4096)
+        except InterruptedError:
+            continue
+        except OSError:
+            data = b""
+        if not data:
+            sys.stderr.write("remote-runner mirror: the mirror agent went away (link lost)\n")
+            return EXIT_LINK
+        buf += data
+        while b"\n" in buf:
+            line, buf = buf.split(b"\n", 1)
+            reply = json.loads(line.decode("utf-8"))
+            if "error" in reply:
+                sys.stderr.write("remote-runner mirror: %s\n" % reply["error"])
+                return int(reply.get("status", EXIT_LINK))
+            if "status" in reply:
+                return int(reply["status"])
+
+
+# ---------------------------------------------------------------------------
+# Entry point.
+# ---------------------------------------------------------------------------
+def _claim_stdio() -> Tuple[int, int]:
+    """Move the link off fds 0/1 so nothing else (libfuse, children) can write into it."""
+    in_fd = os.dup(0)
+    out_fd = os.dup(1)
+    devnull = os.open(os.devnull, os.O_RDWR)
+    os.dup2(devnull, 0)
+    os.dup2(2, 1)
+    os.close(devnull)
+    for fd in (in_fd, out_fd):
+        os.set_inheritable(fd, False)
+    return in_fd, out_fd
+
+
+def serve(mode: str) -> int:
+    """Run the agent's framed session on stdin/stdout."""
+    in_fd, out_fd = _claim_stdio()
+    link = Link(in_fd, out_fd)
+    link.send({"t": P.HELLO, "v": P.PROTOCOL_VERSION, "machine": platform.machine(),
+               "lz4": P.lz4_available(), "uid": os.geteuid(), "python": sys.version.split()[0],
+               "executable": sys.executable, "agent": os.path.abspath(sys.argv[0])})
+    try:
+        header, _ = P.read_frame(link.reader)
+    except P.ProtocolError as exc:
+        LOG.error("no boot frame: %s", exc)
+        return EXIT_LINK
+    if header.get("t") != P.BOOT:
+        return EXIT_LINK
+    problem = P.check_version(header.get("v"))
+    if problem is None and header.get("machine") != platform.machine():
+        problem = "local machine is %s but this host is %s" % (header.get("machine"), platform.machine())
+    if problem:
+        link.send({"t": P.FAIL, "msg": problem})
+        return EXIT_LINK
+    link.writer.compress = bool(header.get("compress")) and P.lz4_available()
+    link.heartbeat = float(header.get("hb") or DEFAULT_HEARTBEAT)
+    link.deadline = float(header.get("deadline") or DEFAULT_DEADLINE)
+    logging.getLogger().setLevel(logging.DEBUG if header.get("debug") else logging.WARNING)
+    logging.getLogger("fuse").setLevel(logging.DEBUG if header.get("debug_fuse") else logging.WARNING)
+    try:
+        prctl(PR_SET_CHILD_SUBREAPER, 1)
+    except OSError:
+        pass
+    signal.signal(signal.SIGPIPE, signal.SIG_IGN)
+    for signum in (signal.SIGHUP, signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, lambda s, f: link.mark_lost("agent got signal %d" % s))
+    if mode == "daemon":
+        return run_daemon(link, header)
+    return run_exec(link, header)
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    """Dispatch ``exec`` / ``daemon`` / ``attach``."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    logging.basicConfig(level=logging.WARNING, format="agent: %(levelname)s: %(message)s")
+    if not argv:
+        sys.stderr.write("usage: agent (exec | daemon | attach --socket S --job J)\n")
+        return 2
+    if argv[0] in ("exec", "daemon"):
+        code = serve(argv[0])
+        sys.stderr.flush()
+        os._exit(code)
+    if argv[0] == "attach":
+        opts = dict(zip(argv[1::2], argv[2::2]))
+        if "--socket" not in opts or "--job" not in opts:
+            sys.stderr.write("usage: agent attach --socket S --job J\n")
+            return 2
+        return attach(opts["--socket"], opts["--job"])
+    sys.stderr.write("unknown agent mode %r\n" % argv[0])
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,223 @@
+"""Wire format shared by the local service and the remote agent.
+
+Both ends import this module (the agent gets a copy inside its zipapp), so it is
+stdlib-only and Python 3.8 compatible. Received data is never unpickled or
+evaluated: a frame is a fixed binary prefix, a small JSON header and raw bytes.
+
+    frame   = !I header_len, !I payload_len, header (UTF-8 JSON object), payload
+
+Every header has ``t`` (the frame type). Requests carry ``id``; the reply
+echoes it, so many requests can be in flight at once on one channel. File
+names travel as JSON strings made with :func:`name_to_wire` (UTF-8 with
+surrogateescape), which round-trips arbitrary bytes, so non-UTF-8 names work
+end to end. A payload may be lz4-compressed (header ``z``) only when the
+peer advertised lz4 in its hello: the remote often lacks the lz4 module.
+
+A reply may carry ``push``: extra entries (path, attributes) the local side
+expects the remote to need next (prefetch); the agent primes its attribute
+cache with them. A session starts with one ``boot`` frame holding everything
+the command needs (argv, cwd, env, umask, tty mode, window size).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import struct
+import threading
+from typing import Any, BinaryIO, Dict, Optional, Tuple
+
+#: Bumped on any incompatible change; both ends refuse a different major.
+PROTOCOL_VERSION = "1.0"
+
+PREFIX = struct.Struct("!II")
+MAX_HEADER = 1 << 20
+MAX_PAYLOAD = 64 << 20
+
+# Frame types -------------------------------------------------------------
+HELLO = "hello"      # agent -> local: version, machine, features
+BOOT = "boot"        # local -> agent: the whole session in one message
+READY = "ready"      # agent -> local: mount up, command started (pid)
+REQ = "req"          # agent -> local: a file-system operation
+REP = "rep"          # local -> agent: its result (``e`` = errno on failure)
+STDIN = "in"         # local -> agent: bytes for the command's stdin ("" = EOF)
+STDOUT = "out"       # agent -> local
+STDERR = "err"       # agent -> local
+SIGNAL = "sig"       # local -> agent: deliver signal ``n`` to the command
+WINCH = "winch"      # local -> agent: new window size ``rows``/``cols``
+EXIT = "exit"        # agent -> local: ``status`` (shell style, 128+N for signals)
+FAIL = "fail"        # agent -> local: the agent could not run the command
+PING = "ping"        # either way; answered by PONG
+PONG = "pong"
+JOB = "job"          # local -> agent (daemon mode): register a window command
+BYE = "bye"          # local -> agent: end the session, clean up
+
+STAT_FIELDS = ("st_mode", "st_ino", "st_dev", "st_nlink", "st_uid", "st_gid", "st_size",
+               "st_atime", "st_mtime", "st_ctime", "st_blocks", "st_blksize", "st_rdev")
+
+STATVFS_FIELDS = ("f_bsize", "f_frsize", "f_blocks", "f_bfree", "f_bavail", "f_files",
+                  "f_ffree", "f_favail", "f_flag", "f_namemax")
+
+
+class ProtocolError(Exception):
+    """The peer sent something that is not a valid frame."""
+
+
+class LinkClosed(ProtocolError):
+    """The stream ended (the other side or the transport went away)."""
+
+
+def name_to_wire(name: bytes) -> str:
+    """Encode a file name (bytes) as a JSON-safe string, losslessly."""
+    return name.decode("utf-8", "surrogateescape")
+
+
+def name_from_wire(text: str) -> bytes:
+    """Decode a file name made by :func:`name_to_wire`."""
+    if not isinstance(text, str):
+        raise ProtocolError("file name must be a string")
+    return text.encode("utf-8", "surrogateescape")
+
+
+def stat_to_wire(st: os.stat_result) -> Dict[str, int]:
+    """Turn a stat result into wire attributes (times in integer nanoseconds)."""
+    return {
+        "st_mode": st.st_mode, "st_ino": st.st_ino, "st_dev": st.st_dev,
+        "st_nlink": st.st_nlink, "st_uid": st.st_uid, "st_gid": st.st_gid,
+        "st_size": st.st_size, "st_atime": st.st_atime_ns, "st_mtime": st.st_mtime_ns,
+        "st_ctime": st.st_ctime_ns, "st_blocks": st.st_blocks, "st_blksize": st.st_blksize,
+        "st_rdev": st.st_rdev,
+    }
+
+
+def encode(header: Dict[str, Any], payload: bytes = b"") -> bytes:
+    """Build one frame."""
+    raw = json.dumps(header, separators=(",", ":")).encode("utf-8")
+    return PREFIX.pack(len(raw), len(payload)) + raw + payload
+
+
+def _read_exact(stream: BinaryIO, size: int) -> bytes:
+    chunks = []
+    left = size
+    while left:
+        chunk = stream.read(left)
+        if not chunk:
+            raise LinkClosed("stream closed")
+        chunks.append(chunk)
+        left -= len(chunk)
+    return b"".join(chunks)
+
+
+def parse_header(raw: bytes) -> Dict[str, Any]:
+    """Decode and check a JSON header."""
+    try:
+        header = json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, ValueError) as exc:
+        raise ProtocolError("bad frame header: %s" % exc)
+    if not isinstance(header, dict) or not isinstance(header.get("t"), str):
+        raise ProtocolError("frame header must be an object with a string 't'")
+    return header
+
+
+def read_frame(stream: BinaryIO) -> Tuple[Dict[str, Any], bytes]:
+    """Read one frame from a blocking binary stream; raise LinkClosed at EOF."""
+    prefix = _read_exact(stream, PREFIX.size)
+    hlen, plen = PREFIX.unpack(prefix)
+    if hlen > MAX_HEADER or plen > MAX_PAYLOAD:
+        raise ProtocolError("frame too large (%d + %d bytes)" % (hlen, plen))
+    header = parse_header(_read_exact(stream, hlen))
+    payload = _read_exact(stream, plen) if plen else b""
+    if header.get("z"):
+        payload = decompress(payload)
+    return header, payload
+
+
+class FdReader:
+    """A minimal blocking reader over a raw file descriptor (no buffering surprises)."""
+
+    def __init__(self, fd: int) -> None:
+        self.fd = fd
+
+    def read(self, size: int) -> bytes:
+        """Read up to *size* bytes, retrying on EINTR."""
+        while True:
+            try:
+                return os.read(self.fd, min(size, 1 << 20))
+            except InterruptedError:
+                continue
+
+
+class FrameWriter:
+    """Serialise frames from many threads onto one byte sink."""
+
+    def __init__(self, write_all) -> None:
+        self._write_all = write_all
+        self._lock = threading.Lock()
+        self.compress = False
+
+    def send(self, header: Dict[str, Any], payload: bytes = b"", compressible: bool = False) -> None:
+        """Send one frame atomically with respect to other senders."""
+        if compressible and self.compress and len(payload) >= 4096:
+            packed = compress(payload)
+            if packed is not None and len(packed) < len(payload):
+                header = dict(header, z=1)
+                payload = packed
+        data = encode(header, payload)
+        with self._lock:
+            self._write_all(data)
+
+
+def fd_write_all(fd: int):
+    """Return a function writing all bytes to *fd*."""
+    def write_all(data: bytes) -> None:
+        view = memoryview(data)
+        while view:
+            try:
+                n = os.write(fd, view)
+            except InterruptedError:
+                continue
+            view = view[n:]
+    return write_all
+
+
+def lz4_available() -> bool:
+    """Tell whether the lz4 frame module can be imported here."""
+    try:
+        import lz4.frame  # noqa: F401
+    except Exception:
+        return False
+    return True
+
+
+def compress(data: bytes) -> Optional[bytes]:
+    """Compress with lz4 frames, or return None when lz4 is missing."""
+    try:
+        import lz4.frame
+    except Exception:
+        return None
+    return lz4.frame.compress(data)
+
+
+def decompress(data: bytes) -> bytes:
+    """Undo :func:`compress`; a compressed frame without lz4 is a protocol error."""
+    try:
+        import lz4.frame
+    except Exception:
+        raise ProtocolError("peer sent lz4 data but lz4 is not available")
+    return lz4.frame.decompress(data)
+
+
+def check_version(theirs: str) -> Optional[str]:
+    """Return why *theirs* is incompatible with ours, or None."""
+    if not isinstance(theirs, str) or theirs.split(".")[0] != PROTOCOL_VERSION.split(".")[0]:
+        return "protocol version %r is not compatible with %r" % (theirs, PROTOCOL_VERSION)
+    return None
+
+
+def exit_status_from_wait(status: int) -> int:
+    """Convert an os.wait status to a shell-style exit code (128+N for signal N)."""
+    if os.WIFSIGNALED(status):
+        return 128 + os.WTERMSIG(status)
+    if os.WIFEXITED(status):
+        return os.WEXITSTATUS(status)
+    return 255

@@ -1,0 +1,345 @@
+"""The local half of the mirror: carry out the remote's file-system requests here.
+
+Every operation runs with ``os.*`` on byte paths as the local user, so files
+the remote command creates are owned by that user on the local disk. Open
+files live in a per-session :class:`HandleTable`; the remote only ever sees
+small handle numbers we issued, never our raw descriptors, and an unknown
+handle is EBADF rather than a write into whatever fd happens to have that
+number. Errors come back as their errno, preserved across the wire.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import errno
+import logging
+import os
+import stat
+import threading
+from dataclasses import dataclass, field
+from typing import Any, Dict, List, Optional, Sequence, Tuple
+
+from remote_runner.mirror import protocol as P
+
+LOG = logging.getLogger(__name__)
+
+RENAME_NOREPLACE = 1
+RENAME_EXCHANGE = 2
+_SYS_RENAMEAT2 = {"x86_64": 316, "aarch64": 276, "armv7l": 382, "i686": 353, "ppc64le": 357,
+                  "riscv64": 276, "s390x": 347}
+AT_FDCWD = -100
+UTIME_NOW = (1 << 30) - 1
+UTIME_OMIT = (1 << 30) - 2
+
+
+class OpError(Exception):
+    """A request that fails with a specific errno."""
+
+    def __init__(self, err: int) -> None:
+        super().__init__(err, os.strerror(err))
+        self.errno = err
+
+
+@dataclass
+class Reply:
+    """The result of one request: JSON fields, optional raw bytes, optional pushes."""
+
+    fields: Dict[str, Any] = field(default_factory=dict)
+    payload: bytes = b""
+    compressible: bool = False
+
+
+class HandleTable:
+    """Open local descriptors, addressed by numbers issued here."""
+
+    def __init__(self) -> None:
+        self._fds: Dict[int, int] = {}
+        self._next = 1
+        self._lock = threading.Lock()
+
+    def add(self, fd: int) -> int:
+        """Register *fd* and return its handle."""
+        with self._lock:
+            handle = self._next
+            self._next += 1
+            self._fds[handle] = fd
+            return handle
+
+    def get(self, handle: Any) -> int:
+        """Return the descriptor of *handle* or raise EBADF."""
+        with self._lock:
+            fd = self._fds.get(handle) if isinstance(handle, int) else None
+        if fd is None:
+            raise OpError(errno.EBADF)
+        return fd
+
+    def pop(self, handle: Any) -> int:
+        """Forget *handle* and return its descriptor."""
+        with self._lock:
+            fd = self._fds.pop(handle, None) if isinstance(handle, int) else None
+        if fd is None:
+            raise OpError(errno.EBADF)
+        return fd
+
+    def close_all(self) -> None:
+        """Close every descriptor still open."""
+        with self._lock:
+            fds = list(self._fds.values())
+            self._fds.clear()
+        for fd in fds:
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+
+    def __len__(self) -> int:
+        return len(self._fds)
+
+
+def _renameat2(old: bytes, new: bytes, flags: int) -> None:
+    libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+    import platform
+    number = _SYS_RENAMEAT2.get(platform.machine())
+    if number is None:
+        raise OpError(errno.EINVAL)
+    res = libc.syscall(ctypes.c_long(number), ctypes.c_int(AT_FDCWD), ctypes.c_char_p(old),
+                       ctypes.c_int(AT_FDCWD), ctypes.c_char_p(new), ctypes.c_uint(flags))
+    if res != 0:
+        raise OpError(ctypes.get_errno())
+
+
+class LocalFileService:
+    """Answer mirror requests against the local file system.
+
+    *roots* limits what the remote may touch (files-only mode exports only
+    some trees); ``None`` exports the whole file system.
+    """
+
+    def __init__(self, roots: Optional[Sequence[bytes]] = None, writeback: bool = False) -> None:
+        self.handles = HandleTable()
+        self.roots = [os.path.normpath(r) for r in roots] if roots is not None else None
+        self.writeback = writeback
+
+    # -- helpers -------------------------------------------------------------
+    def _path(self, args: Dict[str, Any], key: str = "path") -> bytes:
+        raw = args.get(key)
+        if raw is None:
+            raise OpError(errno.EINVAL)
+        try:
+            path = P.name_from_wire(raw)
+        except P.ProtocolError:
+            raise OpError(errno.EINVAL)
+        if not path.startswith(b"/") or b"\0" in path:
+            raise OpError(errno.EINVAL)
+        if self.roots is not None:
+            norm = os.path.normpath(path)
+            if not any(norm == r or norm.startswith(r.rstrip(b"/") + b"/") for r in self.roots):
+                raise OpError(errno.EACCES)
+        return path
+
+    def close(self) -> None:
+        """Close every handle the remote left open."""
+        self.handles.close_all()
+
+    # -- dispatch ------------------------------------------------------------
+    def handle(self, op: str, args: Dict[str, Any], payload: bytes) -> Reply:
+        """Run one operation; raise OpError (or OSError) on failure."""
+        method = getattr(self, "op_" + op, None) if isinstance(op, str) and op.isidentifier() else None
+        if method is None:
+            raise OpError(errno.ENOSYS)
+        return method(args, payload)
+
+    def serve(self, header: Dict[str, Any], payload: bytes) -> Tuple[Dict[str, Any], bytes, bool]:
+        """Turn one request frame into a reply frame (header, payload, compressible)."""
+        rid = header.get("id")
+        try:
+            reply = self.handle(header.get("op"), header.get("a") or {}, payload)
+        except OpError as exc:
+            return {"t": P.REP, "id": rid, "e": exc.errno}, b"", False
+        except OSError as exc:
+            return {"t": P.REP, "id": rid, "e": exc.errno or errno.EIO}, b"", False
+        except (TypeError, ValueError, KeyError, OverflowError) as exc:
+            LOG.debug("mirror: bad request %r: %s", header, exc)
+            return {"t": P.REP, "id": rid, "e": errno.EINVAL}, b"", False
+        out = {"t": P.REP, "id": rid}
+        out.update(reply.fields)
+        return out, reply.payload, reply.compressible
+
+    # -- metadata ------------------------------------------------------------
+    def op_getattr(self, a: Dict[str, Any], _: bytes) -> Reply:
+        if a.get("fh") is not None:
+            st = os.fstat(self.handles.get(a["fh"]))
+        else:
+            st = os.lstat(self._path(a))
+        return Reply({"st": P.stat_to_wire(st)})
+
+    def op_readlink(self, a: Dict[str, Any], _: bytes) -> Reply:
+        return Reply(payload=os.readlink(self._path(a)))
+
+    def op_readdir(self, a: Dict[str, Any], _: bytes) -> Reply:
+        """List a directory with attributes of every entry (READDIRPLUS-style)."""
+        path = self._path(a)
+        names: List[bytes] = []
+        attrs: List[Optional[Dict[str, int]]] = []
+        with os.scandir(path) as it:
+            for entry in it:
+                names.append(entry.name)
+                try:
+                    attrs.append(P.stat_to_wire(entry.stat(follow_symlinks=False)))
+                except OSError:
+                    attrs.append(None)
+        return Reply({"attrs": attrs}, b"\0".join(names), compressible=True)
+
+    def op_statfs(self, a: Dict[str, Any], _: bytes) -> Reply:
+        sv = os.statvfs(self._path(a))
+        return Reply({"sv": {k: getattr(sv, k) for k in P.STATVFS_FIELDS}})
+
+    def op_chmod(self, a: Dict[str, Any], _: bytes) -> Reply:
+        if a.get("fh") is not None:
+            os.fchmod(self.handles.get(a["fh"]), int(a["mode"]) & 0o7777)
+        else:
+            os.chmod(self._path(a), int(a["mode"]) & 0o7777, follow_symlinks=True)
+        return Reply()
+
+    def op_chown(self, a: Dict[str, Any], _: bytes) -> Reply:
+        uid, gid = int(a.get("uid", -1)), int(a.get("gid", -1))
+        if a.get("fh") is not None:
+            os.fchown(self.handles.get(a["fh"]), uid, gid)
+        else:
+            os.chown(self._path(a), uid, gid, follow_symlinks=False)
+        return Reply()
+
+    def op_utimens(self, a: Dict[str, Any], _: bytes) -> Reply:
+        path = self._path(a)
+        times = a.get("ns")
+        if times is None:
+            os.utime(path, follow_symlinks=False)
+            return Reply()
+        atime, mtime = int(times[0]), int(times[1])
+        if atime in (UTIME_NOW, UTIME_OMIT) or mtime in (UTIME_NOW, UTIME_OMIT):
+            st = os.lstat(path)
+            import time
+            now = time.time_ns()
+            atime = now if atime == UTIME_NOW else (st.st_atime_ns if atime == UTIME_OMIT else atime)
+            mtime = now if mtime == UTIME_NOW else (st.st_mtime_ns if mtime == UTIME_OMIT else mtime)
+        os.utime(path, ns=(atime, mtime), follow_symlinks=False)
+        return Reply()
+
+    def op_truncate(self, a: Dict[str, Any], _: bytes) -> Reply:
+        if a.get("fh") is not None:
+            os.ftruncate(self.handles.get(a["fh"]), int(a["size"]))
+        else:
+            os.truncate(self._path(a), int(a["size"]))
+        return Reply()
+
+    # -- namespace -----------------------------------------------------------
+    def op_mkdir(self, a: Dict[str, Any], _: bytes) -> Reply:
+        path = self._path(a)
+        mode = int(a["mode"]) & 0o7777
+        os.mkdir(path, mode)
+        os.chmod(path, mode)  # the remote already applied its umask; ours must not
+        return Reply()
+
+    def op_rmdir(self, a: Dict[str, Any], _: bytes) -> Reply:
+        os.rmdir(self._path(a))
+        return Reply()
+
+    def op_unlink(self, a: Dict[str, Any], _: bytes) -> Reply:
+        os.unlink(self._path(a))
+        return Reply()
+
+    def op_symlink(self, a: Dict[str, Any], _: bytes) -> Reply:
+        target = P.name_from_wire(a["target"])
+        os.symlink(target, self._path(a))
+        return Reply()
+
+    def op_link(self, a: Dict[str, Any], _: bytes) -> Reply:
+        os.link(self._path(a, "target"), self._path(a), follow_symlinks=False)
+        return Reply()
+
+    def op_rename(self, a: Dict[str, Any], _: bytes) -> Reply:
+        old, new = self._path(a, "old"), self._path(a, "new")
+        flags = int(a.get("flags") or 0)
+        if flags & ~(RENAME_NOREPLACE | RENAME_EXCHANGE):
+            raise OpError(errno.EINVAL)
+        if flags:
+            _renameat2(old, new, flags)
+        else:
+            os.rename(old, new)
+        return Reply()
+
+    def op_mknod(self, a: Dict[str, Any], _: bytes) -> Reply:
+        path = self._path(a)
+        mode = int(a["mode"])
+        if stat.S_ISFIFO(mode):
+            os.mkfifo(path, mode & 0o7777)
+        else:
+            os.mknod(path, mode, int(a.get("dev") or 0))
+        os.chmod(path, mode & 0o7777)
+        return Reply()
+
+    # -- files ---------------------------------------------------------------
+    def _flags(self, flags: int) -> int:
+        if self.writeback:
+            # The kernel write-back cache reads partial pages through this handle
+            # and computes append offsets itself.
+            if flags & os.O_ACCMODE == os.O_WRONLY:
+                flags = (flags & ~os.O_ACCMODE) | os.O_RDWR
+            flags &= ~os.O_APPEND
+        return flags | os.O_CLOEXEC | os.O_NOCTTY
+
+    def op_open(self, a: Dict[str, Any], _: bytes) -> Reply:
+        flags = int(a["flags"]) & ~(os.O_CREAT | os.O_EXCL)
+        fd = os.open(self._path(a), self._flags(flags))
+        return Reply({"fh": self.handles.add(fd)})
+
+    def op_create(self, a: Dict[str, Any], _: bytes) -> Reply:
+        path = self._path(a)
+        mode = int(a["mode"]) & 0o7777
+        flags = self._flags(int(a["flags"]))
+        try:
+            fd = os.open(path, flags | os.O_CREAT | os.O_EXCL, mode)
+            created = True
+        except FileExistsError:
+            if flags & os.O_EXCL:
+                raise
+            fd = os.open(path, flags & ~os.O_CREAT)
+            created = False
+        if created:
+            os.fchmod(fd, mode)  # the remote umask applies, not ours
+        return Reply({"fh": self.handles.add(fd), "st": P.stat_to_wire(os.fstat(fd))})
+
+    def op_read(self, a: Dict[str, Any], _: bytes) -> Reply:
+        size = min(int(a["size"]), P.MAX_PAYLOAD // 2)
+        return Reply(payload=os.pread(self.handles.get(a["fh"]), size, int(a["off"])), compressible=True)
+
+    def op_write(self, a: Dict[str, Any], data: bytes) -> Reply:
+        fd = self.handles.get(a["fh"])
+        off = int(a["off"])
+        view = memoryview(data)
+        done = 0
+        while done < len(data):
+            done += os.pwrite(fd, view[done:], off + done)
+        return Reply({"n": done})
+
+    def op_flush(self, a: Dict[str, Any], _: bytes) -> Reply:
+        os.close(os.dup(self.handles.get(a["fh"])))
+        return Reply()
+
+    def op_release(self, a: Dict[str, Any], _: bytes) -> Reply:
+        os.close(self.handles.pop(a["fh"]))
+        return Reply()
+
+    def op_fsync(self, a: Dict[str, Any], _: bytes) -> Reply:
+        fd = self.handles.get(a["fh"])
+        if a.get("data"):
+            os.fdatasync(fd)
+        else:
+            os.fsync(fd)
+        return Reply()
+
+    def op_access(self, a: Dict[str, Any], _: bytes) -> Reply:
+        if not os.access(self._path(a), int(a["mode"]), follow_symlinks=False):
+            raise OpError(errno.EACCES)
+        return Reply()
