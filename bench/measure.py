@@ -38,7 +38,7 @@ def run(argv: Sequence[str], timeout: float = 600, env: Optional[Mapping[str, st
         kill_group(proc)
         raise BenchError(f"`{' '.join(argv)[:200]}` did not finish within {timeout:g} s")
     if proc.returncode != 0:
-        tail = err.decode(errors="replace").strip().splitlines()[-5:]
+        tail = (err or out).decode(errors="replace").strip().splitlines()[-5:]
         raise BenchError(f"`{' '.join(argv)[:200]}` exited {proc.returncode}: {' / '.join(tail)[:600]}")
     return subprocess.CompletedProcess(list(argv), proc.returncode, out, err)
 

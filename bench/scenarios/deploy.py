@@ -94,7 +94,7 @@ def run(ctx: Context) -> List[Measurement]:
             rows.append(repeat(Measurement(SCENARIO, "cold", tool, delay, role), step, ctx.reps, wipe,
                                ctx.slow_after))
             if tool == "scp -r":
-                note = "not measured: scp has no change detection, so it re-copies everything (= cold)"
+                note = "scp has no change detection: it re-copies everything (same as cold)"
                 rows += [skipped(SCENARIO, case, tool, delay, note) for case in ("warm", "one changed")]
             else:
                 rows.append(repeat(Measurement(SCENARIO, "warm", tool, delay, role), step, ctx.reps,

@@ -52,7 +52,9 @@ def runner_config(ctx: Context, data: str, hosts: List[str]) -> str:
 def peer_step(cfg: str, data: str, hosts: List[str], screen: str) -> Callable[[], None]:
     """Return the hand-written peer: rsync then start-and-confirm, per host, all hosts at once."""
     q = shlex.quote(screen)
-    start = (f"cd {DEST}/peer && screen -dmS {q} /bin/sleep 3600 && screen -S {q} -Q windows >/dev/null")
+    start = (f"cd {DEST}/peer && screen -dmS {q} /bin/sleep 3600 && i=0 && "
+             f"until screen -S {q} -Q windows >/dev/null; do i=$((i+1)); [ $i -lt 400 ] || exit 1; "
+             "sleep 0.02; done")
     argvs = [["sh", "-c", f"rsync -a -e {shlex.quote('ssh -F ' + cfg)} {shlex.quote(data + '/')} "
               f"{h}:{DEST}/peer/ && ssh -F {shlex.quote(cfg)} -o BatchMode=yes {h} {shlex.quote(start)}"]
              for h in hosts]

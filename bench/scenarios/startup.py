@@ -27,7 +27,8 @@ def components(count: int, hosts: List[str]) -> List[tuple]:
     """Return (name, host, argv) for *count* components spread over *hosts*."""
     out = []
     for i in range(count):
-        argv = ["/bin/sleep", "3600"] if i % 2 else ["/bin/true"]
+        long_lived = (i // len(hosts)) % 2 == 1
+        argv = ["/bin/sleep", "3600"] if long_lived else ["/bin/true"]
         out.append((f"c{i:03d}", hosts[i % len(hosts)], argv))
     return out
 
@@ -52,7 +53,10 @@ def runner_config(ctx: Context, comps: List[tuple]) -> str:
 def peer_script(screen: str, comps: List[tuple], host: str) -> str:
     """Return the shell script that opens *host*'s windows and lists them back."""
     q = shlex.quote(screen)
-    lines = [f"screen -dmS {q}", f"screen -S {q} -X zombie qr"]
+    # screen -dmS returns before the session accepts commands: wait for it (no fixed sleep).
+    lines = [f"screen -dmS {q}",
+             f"i=0; until screen -S {q} -X zombie qr >/dev/null; do i=$((i+1)); [ $i -lt 400 ] || exit 1; "
+             "sleep 0.02; done"]
     for name, h, argv in comps:
         if h == host:
             lines.append(f"screen -S {q} -X screen -t {name} {' '.join(shlex.quote(a) for a in argv)}")
