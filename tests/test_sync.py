@@ -1,0 +1,209 @@
+"""File sync: plans (pure), hashing (local shell with a trimmed PATH), uploads on lab hosts.
+
+Lab checks read the result back through the system OpenSSH client, so they do
+not rely on the code under test to tell them what is on the host.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import uuid
+
+import pytest
+
+from remote_runner import sync
+from remote_runner.config import FileSpec
+from remote_runner.errors import CopyError
+from remote_runner.runner import LocalShell, RemoteShell, ScriptResult
+from remote_runner.ssh import Connection, SSHOptions
+from tests.conftest import ssh
+
+
+class PathShell:
+    """A real shell whose PATH is replaced (to hide openssl)."""
+
+    def __init__(self, inner, path: str) -> None:
+        self.inner = inner
+        self.host = inner.host
+        self.path = path
+
+    def script(self, text: str, timeout: float) -> ScriptResult:
+        return self.inner.script(f"PATH={self.path}; export PATH\n{text}", timeout)
+
+
+def tree(tmp_path):
+    """A local tree: an executable, a data file and a nested directory."""
+    src = tmp_path / "src"
+    (src / "sub" / "deeper").mkdir(parents=True)
+    (src / "run.sh").write_text("#!/bin/sh\necho run\n")
+    (src / "run.sh").chmod(0o755)
+    (src / "data.txt").write_text("data\n")
+    (src / "sub" / "deeper" / "x y.txt").write_text("spaced\n")
+    (src / "sub").chmod(0o750)
+    return src
+
+
+def test_plan_joins_base_dir_expands_dirs_and_merges_duplicates(tmp_path):
+    src = tree(tmp_path)
+    entries = [
+        (FileSpec(str(src / "run.sh"), "bin/run.sh", False), "/base"),
+        (FileSpec(str(src / "run.sh"), "/base/bin/run.sh", False), "/other"),  # same pair again
+        (FileSpec(str(src / "sub"), "tree", True), "/base"),
+        (FileSpec(str(src / "data.txt"), "/abs/data.txt", False), "/base"),
+    ]
+    plan = sync.make_plan("h1", entries)
+    dests = [f.dest for f in plan.files]
+    assert dests == ["/abs/data.txt", "/base/bin/run.sh", "/base/tree/deeper/x y.txt"]
+    modes = dict(plan.dirs)
+    assert modes["/base/tree"] == 0o750 and "/base/tree/deeper" in modes
+    assert modes["/base/bin"] is None
+    assert {f.dest: f.mode for f in plan.files}["/base/bin/run.sh"] == 0o755
+
+
+def test_plan_refuses_two_sources_for_one_destination(tmp_path):
+    src = tree(tmp_path)
+    entries = [(FileSpec(str(src / "run.sh"), "x", False), "/b"),
+               (FileSpec(str(src / "data.txt"), "/b/x", False), "/c")]
+    with pytest.raises(CopyError) as info:
+        sync.make_plan("h2", entries)
+    assert info.value.host == "h2" and "/b/x" in str(info.value)
+
+
+def test_remote_sha1_parses_openssl_and_falls_back_to_sha1sum(tmp_path, caplog):
+    files = []
+    for name in ("a", "with space", "*star"):
+        path = tmp_path / name
+        path.write_bytes(os.urandom(100))
+        files.append(str(path))
+    files.append(str(tmp_path / "missing"))
+    hashes, tool = sync.remote_sha1(LocalShell(), files)
+    assert tool == "openssl"
+    for path in files[:3]:
+        assert hashes[path] == sync.local_sha1(path)
+    assert files[3] not in hashes
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    os.symlink(shutil.which("sha1sum"), bin_dir / "sha1sum")
+    hashes, tool = sync.remote_sha1(PathShell(LocalShell(), str(bin_dir)), files)
+    assert tool == "sha1sum"
+    for path in files[:3]:
+        assert hashes[path] == sync.local_sha1(path)
+
+
+# --------------------------------------------------------------------------- lab
+
+@pytest.fixture
+def host(lab):
+    """(shell, sftp, remote base dir) on h2; the base dir is removed afterwards."""
+    connection = Connection("h2", SSHOptions(ssh_config_file=lab.ssh_config)).connect()
+    base = f"/tmp/rr-sync-{uuid.uuid4().hex[:8]}"
+    yield RemoteShell(connection, "h2"), connection.sftp(), base
+    connection.close()
+    ssh(lab, "h2", f"rm -rf {base}", check=False)
+
+
+def plan_for(src, base):
+    return sync.make_plan("h2", [(FileSpec(str(src / "run.sh"), "bin/run.sh", False), base),
+                                 (FileSpec(str(src / "data.txt"), "data.txt", False), base),
+                                 (FileSpec(str(src / "sub"), "tree", True), base)])
+
+
+def test_sync_copies_then_skips_unchanged(lab, host, tmp_path):
+    shell, sftp, base = host
+    src = tree(tmp_path)
+    first = sync.sync_host(shell, sftp, plan_for(src, base))
+    assert len(first.copied) == 3 and first.skipped == []
+    listing = ssh(lab, "h2", f"cd {base} && find . -printf '%p %m\\n' | sort").stdout
+    assert "./bin/run.sh 755" in listing
+    assert "./tree 750" in listing
+    assert "./tree/deeper/x y.txt 644" in listing
+    assert ssh(lab, "h2", f"cat '{base}/tree/deeper/x y.txt'").stdout == "spaced\n"
+    second = sync.sync_host(shell, sftp, plan_for(src, base))
+    assert second.copied == [] and len(second.skipped) == 3 and second.bytes == 0
+    assert ".rr-" not in ssh(lab, "h2", f"find {base}").stdout
+
+
+def test_same_size_content_change_and_mode_change_are_copied(lab, host, tmp_path):
+    shell, sftp, base = host
+    src = tree(tmp_path)
+    sync.sync_host(shell, sftp, plan_for(src, base))
+    (src / "data.txt").write_text("DATA\n")  # same size, other content: only SHA1 tells
+    (src / "run.sh").chmod(0o700)
+    report = sync.sync_host(shell, sftp, plan_for(src, base))
+    assert sorted(report.copied) == [f"{base}/bin/run.sh", f"{base}/data.txt"]
+    assert ssh(lab, "h2", f"cat {base}/data.txt").stdout == "DATA\n"
+    assert ssh(lab, "h2", f"stat -c %a {base}/bin/run.sh").stdout.strip() == "700"
+    always = sync.sync_host(shell, sftp, plan_for(src, base), always_copy=True)
+    assert len(always.copied) == 3
+
+
+def test_missing_openssl_falls_back_to_sha1sum_with_warning(lab, host, tmp_path, caplog):
+    shell, sftp, base = host
+    src = tree(tmp_path)
+    sync.sync_host(shell, sftp, plan_for(src, base))
+    ssh(lab, "h2", f"mkdir -p {base}-bin && ln -sf \"$(command -v sha1sum)\" {base}-bin/sha1sum "
+                   f"&& ln -sf \"$(command -v mkdir)\" {base}-bin/mkdir "
+                   f"&& ln -sf \"$(command -v chmod)\" {base}-bin/chmod")
+    try:
+        limited = PathShell(shell, f"{base}-bin")
+        with caplog.at_level(logging.WARNING, logger="remote_runner.sync"):
+            report = sync.sync_host(limited, sftp, plan_for(src, base))
+        assert report.hash_tool == "sha1sum"
+        assert report.copied == [] and len(report.skipped) == 3
+        assert any("openssl is not installed" in r.getMessage() for r in caplog.records)
+    finally:
+        ssh(lab, "h2", f"rm -rf {base}-bin", check=False)
+
+
+def test_running_executable_is_replaced(lab, host, tmp_path):
+    shell, sftp, base = host
+    exe = tmp_path / "prog"
+    shutil.copy2(shutil.which("sleep"), exe)
+    plan = sync.make_plan("h2", [(FileSpec(str(exe), "prog", False), base)])
+    sync.sync_host(shell, sftp, plan)
+    ssh(lab, "h2", f"cd {base} && (./prog 600 </dev/null >/dev/null 2>&1 & echo $! > pid)")
+    try:
+        with open(exe, "ab") as handle:
+            handle.write(b"\0changed")
+        report = sync.sync_host(shell, sftp, sync.make_plan(
+            "h2", [(FileSpec(str(exe), "prog", False), base)]))
+        assert report.copied == [f"{base}/prog"]
+        assert ssh(lab, "h2", f"tail -c 7 {base}/prog").stdout == "changed"
+        assert ssh(lab, "h2", f"kill -0 $(cat {base}/pid)", check=False).returncode == 0
+    finally:
+        ssh(lab, "h2", f"kill $(cat {base}/pid)", check=False)
+
+
+def test_failed_upload_leaves_no_temporary_file(lab, host, tmp_path):
+    shell, sftp, base = host
+    big = tmp_path / "big.bin"
+    big.write_bytes(os.urandom(3 << 20))
+    plan = sync.make_plan("h2", [(FileSpec(str(big), "big.bin", False), base)])
+
+    def explode(_host, _delta):
+        raise OSError("link dropped")
+
+    with pytest.raises(CopyError) as info:
+        sync.sync_host(shell, sftp, plan, progress=explode)
+    assert info.value.host == "h2" and "big.bin" in str(info.value)
+    assert ssh(lab, "h2", f"ls -A {base}").stdout == ""
+
+
+def test_sync_all_runs_hosts_in_parallel_and_aggregates(lab, tmp_path):
+    src = tree(tmp_path)
+    base = f"/tmp/rr-syncall-{uuid.uuid4().hex[:8]}"
+    conns = {h: Connection(h, SSHOptions(ssh_config_file=lab.ssh_config)).connect()
+             for h in ("h1", "h2", "h3")}
+    try:
+        jobs = [(RemoteShell(c, h), c.sftp, sync.make_plan(h, [
+            (FileSpec(str(src / "data.txt"), "data.txt", False), base)])) for h, c in conns.items()]
+        reports = sync.sync_all(jobs, forks=2)
+        assert {h: len(r.copied) for h, r in reports.items()} == {"h1": 1, "h2": 1, "h3": 1}
+        for h in conns:
+            assert ssh(lab, h, f"cat {base}/data.txt").stdout == "data\n"
+    finally:
+        for h, c in conns.items():
+            c.close()
+            ssh(lab, h, f"rm -rf {base}", check=False)
