@@ -702,7 +702,15 @@ def run_exec(link: Link, boot: Dict[str, Any]) -> int:
     link.handlers[P.WINCH] = on_winch
     try:
         session.setup()
-        command = Command(boot, session.root)
+        try:
+            command = Command(boot, session.root)
+        except OSError as exc:
+            # Like a shell: 127 for a missing program, 126 when it cannot be run.
+            name = P.name_from_wire(boot["argv"][0]) if boot.get("argv") else b"?"
+            link.send({"t": P.STDERR}, b"remote-runner: %s: %s\n" % (name, (exc.strerror or str(exc)).encode()))
+            status = 127 if exc.errno == errno.ENOENT else 126
+            link.send({"t": P.EXIT, "status": status})
+            return status
         cmd = command
         with lock:
             started.append(cmd)

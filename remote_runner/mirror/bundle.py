@@ -8,8 +8,9 @@ finds the file and starts it. On a miss the same exec prints ``NEED`` and
 reads exactly the payload from stdin with python3 (no head/cat quirks), writes
 it atomically (temp file + rename) and starts it.
 
-mfusepy declares Python >= 3.9 but only needs postponed annotations to import
-on 3.8, so the bundled copy gets ``from __future__ import annotations``.
+mfusepy declares Python >= 3.9 but only needs postponed annotations (and its
+three module-level type aliases quoted) to import on 3.8; the bundled copy
+gets exactly that rewrite, checked by a test that imports it with Python 3.8.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import io
+import re
 import shlex
 import zipfile
 from dataclasses import dataclass
@@ -29,6 +31,7 @@ from remote_runner.errors import MirrorError
 NEED_MARKER = b"RR-MIRROR-NEED-AGENT\n"
 CACHE_DIR = ".cache/remote-runner"
 _HERE = Path(__file__).resolve().parent
+_ALIAS = re.compile(rb"^([A-Za-z_]\w*) = ((?:Union|Iterable|tuple|dict|list)\[.*)$", re.M)
 
 MAIN = """import sys
 from rrmirror.agent import main
@@ -80,6 +83,8 @@ def _mfusepy_source() -> bytes:
     if spec is None or not spec.origin:
         raise MirrorError("mfusepy is not installed locally; the mirror agent needs it (pip install mfusepy)")
     source = Path(spec.origin).read_bytes()
+    # PEP 585 generics (tuple[...], dict[...]) in module-level aliases fail on 3.8.
+    source = _ALIAS.sub(lambda m: m.group(1) + b" = " + repr(m.group(2).decode()).encode(), source)
     if b"from __future__ import annotations" not in source:
         source = b"from __future__ import annotations\n" + source
     return source

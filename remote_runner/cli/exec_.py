@@ -1,0 +1,80 @@
+"""``remote-runner exec``: run a local program on a remote host inside a mirror of this machine.
+
+The program, its libraries, its inputs and its outputs stay on this machine;
+the host lends its CPU, /dev, /proc, /sys, /run, network and clock. Nothing is
+installed on the host. The exit status is the command's own (128+N when a
+signal N killed it); 254 means the tool or the link failed, never the command.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+
+from remote_runner.errors import EXIT_LINK, RunnerError
+
+LOG = logging.getLogger("remote_runner.exec")
+
+
+def add_parser(sub: "argparse._SubParsersAction") -> None:
+    """Register ``exec``."""
+    parser = sub.add_parser(
+        "exec", help="run a local program on a host inside a FUSE mirror of this machine",
+        description="Run COMMAND on HOST with this machine's files: the program and its libraries "
+                    "come from here, files are read from and written to the local disk, with the "
+                    "local cwd and environment (minus SSH_AUTH_SOCK, DISPLAY, XDG_RUNTIME_DIR... "
+                    "unless --forward-env). The host needs python3 >= 3.8, libfuse 3 or 2 and "
+                    "/dev/fuse, nothing else. The SSH password, if any, is read from "
+                    "$REMOTE_RUNNER_PASSWORD.",
+        epilog="exit status: the command's (128+N if killed by signal N); 254 if the tool or "
+               "the link failed.")
+    parser.add_argument("-F", dest="ssh_config", metavar="FILE", help="ssh_config file to use")
+    parser.add_argument("-u", "--user", help="log in as USER (default: ssh_config, then local user)")
+    parser.add_argument("-P", "--port", type=int, help="SSH port")
+    parser.add_argument("--accept-new-host-keys", action="store_true",
+                        help="trust and record unknown host keys (changed keys are still refused)")
+    parser.add_argument("--files-only", action="store_true",
+                        help="run the host's own COMMAND, with only the local cwd and the local paths "
+                             "named on the command line mounted at the same paths")
+    parser.add_argument("--forward-env", action="append", default=[], metavar="NAME",
+                        help="pass NAME through even though it is normally dropped (repeatable)")
+    parser.add_argument("--no-compress", action="store_true", help="never lz4-compress file data")
+    parser.add_argument("--debug-rpc", action="store_true",
+                        help="log every file-system request with its latency")
+    parser.add_argument("-l", "--log-level", default="WARNING",
+                        choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    parser.add_argument("host", metavar="[USER@]HOST")
+    parser.add_argument("command", nargs=argparse.REMAINDER, metavar="COMMAND [ARGS...]")
+    parser.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    """Connect, run the command in the mirror, return its status."""
+    if not args.command:
+        LOG.error("exec: no command given (usage: remote-runner exec [options] HOST COMMAND [ARGS...])")
+        return 2
+    if args.debug_rpc and args.log_level not in ("DEBUG", "INFO"):
+        logging.getLogger("remote_runner.mirror").setLevel(logging.INFO)
+    from remote_runner.mirror.session import MirrorOptions, run_command
+    from remote_runner.ssh import Connection, SSHOptions, resolve_password
+
+    options = SSHOptions(ssh_config_file=args.ssh_config, user=args.user, port=args.port,
+                         password=resolve_password(None, ask=False),
+                         accept_new_host_keys=args.accept_new_host_keys)
+    conn = Connection(args.host, options)
+    try:
+        conn.connect()
+        result = run_command(conn, args.command, cwd=os.getcwd(), options=MirrorOptions(
+            files_only=args.files_only, forward_env=tuple(args.forward_env),
+            debug_rpc=args.debug_rpc, compress=not args.no_compress))
+    except RunnerError as exc:
+        LOG.error("exec: %s", exc)
+        sys.stderr.write("remote-runner exec: the tool or the link failed (exit 254)\n")
+        return EXIT_LINK
+    finally:
+        conn.close()
+    if result.message:
+        LOG.error("exec: %s", result.message)
+    return result.status

@@ -1,0 +1,213 @@
+"""The mirror end to end on this machine: the real agent (zipapp) in a subprocess, real FUSE.
+
+The agent normally runs on a host over SSH; here its stdin/stdout are pipes to
+this process, which is all the protocol needs. It still enters its own mount
+namespace, mounts the local file system over FUSE and chroots the command into
+it, so these tests exercise the same code paths as the lab tests, faster.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import stat
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from remote_runner.mirror.bundle import build_bundle
+from remote_runner.mirror.session import MirrorOptions, PipeStream, run_command
+
+pytestmark = pytest.mark.skipif(
+    os.geteuid() != 0 or not os.path.exists("/dev/fuse"),
+    reason="local mirror tests need root and /dev/fuse")
+
+
+@pytest.fixture(scope="module")
+def agent_pyz(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("agent") / build_bundle().filename
+    path.write_bytes(build_bundle().data)
+    return path
+
+
+class Run:
+    def __init__(self, result, out: bytes, err: bytes) -> None:
+        self.status = result.status
+        self.result = result
+        self.out = out
+        self.err = err
+
+
+def run_local(agent_pyz: Path, tmp_path: Path, argv, stdin: bytes = b"", cwd=None,
+              options=None, python: str = sys.executable, streams=None) -> Run:
+    """Run *argv* in a local mirror; clean up the agent process whatever happens."""
+    stream = PipeStream([python, str(agent_pyz), "exec"])
+    if streams is not None:
+        streams.append(stream)
+    io_dir = tmp_path / "io"
+    io_dir.mkdir(exist_ok=True)
+    (io_dir / "stdin").write_bytes(stdin)
+    with open(io_dir / "stdin", "rb") as fin, open(io_dir / "stdout", "wb") as fout, \
+            open(io_dir / "stderr", "wb") as ferr:
+        try:
+            result = run_command(None, argv, cwd=str(cwd or tmp_path), options=options or MirrorOptions(),
+                                 stream=stream, stdin_fd=fin.fileno(), stdout_fd=fout.fileno(),
+                                 stderr_fd=ferr.fileno())
+        finally:
+            if stream.proc.poll() is None:
+                try:
+                    stream.proc.wait(10)
+                except subprocess.TimeoutExpired:
+                    stream.proc.kill()
+                    stream.proc.wait()
+    return Run(result, (io_dir / "stdout").read_bytes(), (io_dir / "stderr").read_bytes())
+
+
+@pytest.mark.parametrize("code", [0, 3, 255])
+def test_exit_codes(agent_pyz, tmp_path, code):
+    run = run_local(agent_pyz, tmp_path, ["sh", "-c", f"echo out; echo err >&2; exit {code}"])
+    assert run.status == code
+    assert not run.result.link_lost
+    assert run.out == b"out\n" and run.err == b"err\n"
+
+
+def test_killed_by_signal_is_128_plus_n(agent_pyz, tmp_path):
+    run = run_local(agent_pyz, tmp_path, ["sh", "-c", "kill -TERM $$"])
+    assert run.status == 128 + signal.SIGTERM
+
+
+def test_stdin_is_piped(agent_pyz, tmp_path):
+    data = os.urandom(300000)
+    run = run_local(agent_pyz, tmp_path, ["sh", "-c", "cat > got.bin; wc -c < got.bin"], stdin=data)
+    assert run.status == 0
+    assert (tmp_path / "got.bin").read_bytes() == data
+    assert run.out.strip() == str(len(data)).encode()
+
+
+def test_file_semantics_land_on_local_disk(agent_pyz, tmp_path):
+    (tmp_path / "existing").write_text("first\n")
+    script = r"""
+set -e
+echo second >> existing
+printf 'new\n' > created
+mv created renamed
+mkdir -p d/e && echo deep > d/e/f
+ln -s renamed link && cat link > via-link
+ln renamed hard
+rm -f hard
+mkfifo fifo
+(echo through-fifo > fifo &) ; cat fifo > fifo-out
+name=$(printf 'caf\351')
+echo bytes > "$name"
+chmod 600 renamed
+touch -d '2001-02-03 04:05:06' renamed
+truncate -s 2 via-link
+dd if=/dev/zero of=sparse bs=1 count=1 seek=70000 2>/dev/null
+df -P . > /dev/null
+ls -la > listing
+"""
+    run = run_local(agent_pyz, tmp_path, ["sh", "-c", script])
+    assert run.status == 0, run.err
+    assert (tmp_path / "existing").read_text() == "first\nsecond\n"
+    assert not (tmp_path / "created").exists()
+    assert (tmp_path / "renamed").read_text() == "new\n"
+    assert (tmp_path / "d/e/f").read_text() == "deep\n"
+    assert os.readlink(tmp_path / "link") == "renamed"
+    assert (tmp_path / "via-link").read_text() == "ne"
+    assert not (tmp_path / "hard").exists()
+    assert stat.S_ISFIFO(os.lstat(tmp_path / "fifo").st_mode)
+    assert (tmp_path / "fifo-out").read_text() == "through-fifo\n"
+    assert (Path(os.fsdecode(os.fsencode(str(tmp_path)) + b"/caf\xe9"))).read_text() == "bytes\n"
+    st = (tmp_path / "renamed").stat()
+    assert stat.S_IMODE(st.st_mode) == 0o600
+    assert time.gmtime(st.st_mtime)[:1] == (2001,)
+    assert (tmp_path / "sparse").stat().st_size == 70001
+    assert st.st_uid == os.getuid()
+    assert "caf" in (tmp_path / "listing").read_bytes().decode("utf-8", "replace")
+
+
+def test_umask_and_env_travel(agent_pyz, tmp_path, monkeypatch):
+    monkeypatch.setenv("RR_MIRROR_TEST_VAR", "hello")
+    monkeypatch.setenv("SSH_AUTH_SOCK", "/nonexistent/agent.sock")
+    old = os.umask(0o027)
+    try:
+        run = run_local(agent_pyz, tmp_path, ["sh", "-c", 'touch made; echo "$RR_MIRROR_TEST_VAR:${SSH_AUTH_SOCK-unset}:$(pwd)"'])
+    finally:
+        os.umask(old)
+    assert run.status == 0
+    assert run.out.decode().strip() == f"hello:unset:{tmp_path}"
+    assert stat.S_IMODE((tmp_path / "made").stat().st_mode) == 0o640
+
+
+def test_rename_noreplace_and_exchange_through_fuse(agent_pyz, tmp_path):
+    (tmp_path / "a").write_text("A")
+    (tmp_path / "b").write_text("B")
+    code = ("import ctypes, os, sys\n"
+            "libc = ctypes.CDLL(None, use_errno=True)\n"
+            "r = libc.renameat2(-100, b'a', -100, b'b', 1)\n"
+            "print(r, ctypes.get_errno())\n"
+            "r = libc.renameat2(-100, b'a', -100, b'b', 2)\n"
+            "print(r, ctypes.get_errno() if r else 0)\n")
+    run = run_local(agent_pyz, tmp_path, [sys.executable, "-c", code])
+    assert run.status == 0, run.err
+    first, second = run.out.decode().split("\n")[:2]
+    assert first == "-1 17"  # EEXIST: NOREPLACE was honoured, not silently dropped
+    assert second == "0 0"
+    assert (tmp_path / "a").read_text() == "B" and (tmp_path / "b").read_text() == "A"
+
+
+def test_missing_program_exits_127_like_a_shell(agent_pyz, tmp_path):
+    run = run_local(agent_pyz, tmp_path, ["/definitely/not/here"])
+    assert run.status == 127
+    assert not run.result.link_lost
+    assert b"/definitely/not/here" in run.err and b"No such file" in run.err
+
+
+def test_agent_runs_on_python_38(agent_pyz, tmp_path):
+    python = next((str(p) for p in Path("/root/.pyenv/versions").glob("3.8.*/bin/python3.8")), None)
+    if python is None:
+        pytest.skip("no Python 3.8 here")
+    run = run_local(agent_pyz, tmp_path, ["sh", "-c", "echo ok > out38; cat out38"], python=python)
+    assert run.status == 0, run.err
+    assert run.out == b"ok\n"
+
+
+def test_link_loss_kills_command_and_returns_254(agent_pyz, tmp_path):
+    streams = []
+    box = {}
+
+    def target():
+        box["run"] = run_local(agent_pyz, tmp_path, ["sh", "-c", "echo $$ > pid; sleep 1000 & wait"],
+                               streams=streams)
+
+    thread = threading.Thread(target=target)
+    thread.start()
+    pidfile = tmp_path / "pid"
+    deadline = time.monotonic() + 60
+    while not (pidfile.exists() and pidfile.read_text().strip()) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    pid = int(pidfile.read_text())
+    agent = streams[0].proc
+    # Cut the link: the agent's stdin closes, as when sshd dies.
+    agent.stdin.close()
+    thread.join(60)
+    assert not thread.is_alive()
+    assert box["run"].status == 254
+    assert box["run"].result.link_lost
+    assert agent.wait(30) is not None
+
+    def alive(p: int) -> bool:
+        try:
+            with open(f"/proc/{p}/stat") as fh:
+                return fh.read().split(") ")[1][0] != "Z"
+        except OSError:
+            return False
+
+    end = time.monotonic() + 30
+    while alive(pid) and time.monotonic() < end:
+        time.sleep(0.05)
+    assert not alive(pid), "the remote command survived the lost link"
