@@ -85,19 +85,18 @@ def muddle(config, options):
     assert exp.components[0].args == ("alice",)
 
 
-@pytest.mark.parametrize("signature, expected", [
-    ("config, options=None", "2"), ("*args", "2"), ("config, *rest", "2"), ("config", "1"),
+@pytest.mark.parametrize("signature, count, expected", [
+    ("config, options=None", "1 if options is None else 2", "2"),
+    ("*args", "len(args)", "2"),
+    ("config, *rest", "1 + len(rest)", "2"),
+    ("config", "1", "1"),
 ])
-def test_muddler_called_by_signature(tmp_path, signature, expected):
+def test_muddler_called_by_signature(tmp_path, signature, count, expected):
     exp, _ = load_with_muddler(tmp_path, f"""
 def muddle({signature}):
-    import inspect
-    frame = inspect.currentframe()
-    count = len(frame.f_locals.get("args", ())) or (1 + len(frame.f_locals.get("rest", ())) + (
-        1 if frame.f_locals.get("options") is not None else 0))
-    cfg = frame.f_locals.get("config") or frame.f_locals["args"][0]
+    cfg = args[0] if {signature!r} == "*args" else config
     for c in cfg.all_components():
-        c.args = [str(count)]
+        c.args = [str({count})]
 """)
     assert exp.components[0].args == (expected,)
 
@@ -498,3 +497,57 @@ def test_demo_checker_fails_without_traffic(tmp_path):
         broker.kill()
         broker.wait()
         broker.stdout.close()
+
+
+# ----------------------------------------------------------------------------- on lab hosts
+
+def ship(lab, host: str, local: str, remote: str) -> None:
+    """Copy one local file to a lab host (mode 755) through the system ssh client."""
+    from tests.conftest import ssh
+
+    with open(local) as handle:
+        text = handle.read()
+    ssh(lab, host, f"mkdir -p {shlex.quote(os.path.dirname(remote))} && "
+                   f"printf '%s' {shlex.quote(text)} > {shlex.quote(remote)} && "
+                   f"chmod 755 {shlex.quote(remote)}")
+
+
+@pytest.mark.lab
+def test_demo_programs_and_harness_on_lab_hosts(lab, screen_name):
+    """Broker on h1, subscriber on h2, harness-wrapped publisher and checker on h3 (only python3)."""
+    from tests.conftest import ssh
+
+    h1, h2, h3 = [h.name for h in lab.hosts[:3]]
+    work = f"/tmp/{screen_name}"
+    port = 20000 + int(screen_name[-4:], 16) % 20000
+    for host in (h1, h2, h3):
+        ship(lab, host, PUBSUB, f"{work}/pubsub.py")
+    ship(lab, h3, HARNESS, f"{work}/rr-ta3/ta3_harness.py")
+    pids = {}
+    try:
+        # { ...; } keeps the background job to python itself, so ssh returns at once.
+        pids[h1] = ssh(lab, h1, f"cd {work} && {{ python3 pubsub.py broker --port {port} "
+                                "--lifetime 300 </dev/null >broker.log 2>&1 & echo $!; }"
+                       ).stdout.strip()
+        pids[h2] = ssh(lab, h2, f"cd {work} && {{ python3 pubsub.py subscribe {h1} {port} "
+                                "--expect 3 --timeout 120 </dev/null >sub.log 2>&1 & echo $!; }"
+                       ).stdout.strip()
+        pub = ssh(lab, h3, f"cd {work} && rr-ta3/ta3_harness.py --name publisher-{h3} --summary "
+                           f"pub.json -- ./pubsub.py publish {h1} {port} --count 3 --from p "
+                           "--subscribers 1 --timeout 120", check=False)
+        assert pub.returncode == 0, pub.stdout + pub.stderr
+        assert re.search(rf"Z \[publisher-{h3}\] out\| published p #3$", pub.stdout, re.M)
+        summary = json.loads(ssh(lab, h3, f"cat {work}/pub.json").stdout)
+        assert summary["exit_status"] == 0 and summary["host"] == h3
+        check = ssh(lab, h3, f"cd {work} && python3 pubsub.py check {h1} {port} --published 3 "
+                             "--delivered 3 --timeout 120", check=False)
+        assert check.returncode == 0 and "OK: broker answered" in check.stdout, check.stdout
+        # The subscriber exits by itself once it has all 3 messages.
+        ssh(lab, h2, f"while kill -0 {pids[h2]} 2>/dev/null; do sleep 0.1; done")
+        received = ssh(lab, h2, f"cat {work}/received.txt").stdout.splitlines()
+        assert received == ["MSG demo p #1", "MSG demo p #2", "MSG demo p #3"]
+    finally:
+        for host in (h1, h2, h3):
+            pid = pids.get(host, "")
+            kill = f"kill {pid} 2>/dev/null; " if pid.isdigit() else ""
+            ssh(lab, host, f"{kill}rm -rf {work}", check=False)
