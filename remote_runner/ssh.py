@@ -38,6 +38,7 @@ import pwd
 import re
 import shlex
 import socket
+import subprocess
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor, as_completed
@@ -262,7 +263,7 @@ class Connection:
         self._transport: Optional[paramiko.Transport] = None
         self._sftp: Optional[paramiko.SFTPClient] = None
         self._jump: Optional[Connection] = None
-        self._proxy: Optional[paramiko.ProxyCommand] = None
+        self._proxy: Optional[_ProxyCommand] = None
         self._watchdog: Optional[_Watchdog] = None
         self._closed = False
 
@@ -344,7 +345,7 @@ class Connection:
         if command:
             log.debug("host %s: ProxyCommand %s", self.alias, command)
             try:
-                self._proxy = paramiko.ProxyCommand(shlex.join(["/bin/sh", "-c", "exec " + command]))
+                self._proxy = _ProxyCommand(shlex.join(["/bin/sh", "-c", "exec " + command]))
             except Exception as exc:
                 raise UnreachableError(self.alias, f"ProxyCommand failed to start: {exc}") from exc
             return self._proxy
@@ -603,8 +604,7 @@ class Connection:
             _quietly(self._transport.close)
             self._transport = None
         if self._proxy is not None:
-            _quietly(self._proxy.close)
-            _quietly(lambda: self._proxy.process.wait(5))
+            _end_process(self._proxy.process)
             self._proxy = None
         if self._jump is not None:
             self._jump.close()
@@ -630,6 +630,27 @@ class Connection:
         reason = self._watchdog.reason if self._watchdog else ""
         return HostError(self.alias, f"{what}: the SSH connection was lost{reason}",
                          "check the host and the network, then run again")
+
+
+class _ProxyCommand(paramiko.ProxyCommand):
+    """paramiko's ProxyCommand, but closing twice never signals a reaped (reused) PID."""
+
+    def close(self) -> None:
+        """Terminate the proxy process if it still runs (Popen checks before signalling)."""
+        self.process.terminate()
+
+
+def _end_process(process: "subprocess.Popen[bytes]") -> None:
+    """Terminate, reap and unpipe a ProxyCommand process (kill it if SIGTERM is ignored)."""
+    process.terminate()
+    try:
+        process.wait(5)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait()
+    for pipe in (process.stdin, process.stdout, process.stderr):
+        if pipe is not None:
+            _quietly(pipe.close)
 
 
 def _jump_list(value: Optional[str]) -> List[str]:

@@ -566,6 +566,19 @@ def test_connect_all_success(lab):
             connection.close()
 
 
+def test_connect_all_accept_new_appends_one_line_per_host(lab, tmp_path):
+    known = tmp_path / "known_hosts"
+    config = tmp_path / "ssh_config"
+    config.write_text("".join(host_block(lab, name, str(known)) for name in ("h1", "h2", "h3")))
+    options = SSHOptions(ssh_config_file=str(config), accept_new_host_keys=True, forks=3)
+    connections = connect_all(["h1", "h2", "h3"], options)
+    for connection in connections.values():
+        connection.close()
+    lines = sorted(known.read_text().splitlines())
+    assert lines == sorted(f"{lab_entry(lab, n)['hostname']} {' '.join(lab_known_line(lab, n))}"
+                           for n in ("h1", "h2", "h3"))
+
+
 def test_connect_all_reports_every_failed_host_and_closes_the_rest(lab, tmp_path, monkeypatch):
     closed: List[str] = []
     real_close = Connection.close
