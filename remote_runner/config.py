@@ -294,13 +294,18 @@ def compile_user_file(path: str, role: str) -> Any:
 
 @contextlib.contextmanager
 def user_code(path: str, role: str, cwd: Optional[str] = None) -> Iterator[None]:
-    """Run a block of user code: chdir to *cwd* and report its errors at the user's line."""
+    """Run a block of user code in *cwd* and report its errors at the user's line.
+
+    *cwd* (the config's directory) is also put first on ``sys.path`` meanwhile, so a
+    config or muddler can import helper modules that sit next to the config.
+    """
     old_cwd = os.getcwd() if cwd else None
     if cwd:
         try:
             os.chdir(cwd)
         except OSError as exc:
             raise ConfigError(f"cannot enter the config directory: {exc.strerror}", file=path) from None
+        sys.path.insert(0, cwd)
     try:
         yield
     except RunnerError as exc:
@@ -319,6 +324,8 @@ def user_code(path: str, role: str, cwd: Optional[str] = None) -> Iterator[None]
     finally:
         if old_cwd is not None:
             os.chdir(old_cwd)
+            if cwd in sys.path:
+                sys.path.remove(cwd)
 
 
 def _user_frame(exc: BaseException, path: str) -> Optional[Origin]:

@@ -520,3 +520,22 @@ def test_legacy_spar_config():
     assert local.executable == os.path.realpath(os.path.join(DATA, "legacy_spar", "script.sh"))
     assert local.files == ()
     assert exp.hosts() == ["10.0.0.1", "10.0.0.2", "10.0.0.3", "10.0.0.4"]
+
+
+def test_config_imports_helper_next_to_it_and_errors_there_are_located(tmp_path):
+    helper = tmp_path / "rr_test_helper_mod.py"
+    helper.write_text("HOST = 'h7'\n\ndef broken():\n    raise KeyError('inner')\n")
+    path = write(tmp_path, BASE + """
+import rr_test_helper_mod
+c.host = rr_test_helper_mod.HOST
+config.add_component(c)
+rr_test_helper_mod.broken()  # <err>
+""")
+    import sys
+    try:
+        err = config_error(path)
+        assert_located(err, path, "# <err>")
+        assert "KeyError" in str(err) and f"raised in {helper}:4" in str(err)
+        assert str(tmp_path) not in sys.path, "sys.path restored"
+    finally:
+        sys.modules.pop("rr_test_helper_mod", None)
