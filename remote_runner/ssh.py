@@ -418,9 +418,11 @@ class Connection:
         tried: List[str] = []
         identities_only = self._flag("identitiesonly")
         agent_off = str(self.config.get("identityagent", "")).lower() == "none"
-        if not identities_only and not agent_off and self._try_agent(transport, tried):
+        files = self._identity_files(identities_only)
+        only = _public_blobs(files) if identities_only else None
+        if not agent_off and self._try_agent(transport, tried, only):
             return
-        for path in self._identity_files(identities_only):
+        for path in filter(os.path.isfile, files):
             key = self._load_key(path, tried)
             if key is not None and self._try_key(transport, key, path, tried):
                 return
@@ -435,9 +437,10 @@ class Connection:
             "check the user (--user or User in ssh_config), IdentityFile and ssh-agent, "
             f"or give a password (-p or ${PASSWORD_ENV})")
 
-    def _try_agent(self, transport: paramiko.Transport, tried: List[str]) -> bool:
-        """Offer every ssh-agent key; return True once authenticated."""
-        if not os.environ.get("SSH_AUTH_SOCK"):
+    def _try_agent(self, transport: paramiko.Transport, tried: List[str],
+                   only: Optional[set] = None) -> bool:
+        """Offer the ssh-agent's keys (with *only*: just those blobs); return True once authenticated."""
+        if not os.environ.get("SSH_AUTH_SOCK") or only == set():
             return False
         try:
             agent = paramiko.Agent()
@@ -449,6 +452,8 @@ class Connection:
             if not keys:
                 tried.append("ssh-agent: no keys")
             for key in keys:
+                if only is not None and key.get_base64() not in only:
+                    continue
                 if self._try_key(transport, key, f"agent key {hostkeys.fingerprint(key)}", tried):
                     return True
         finally:
@@ -460,7 +465,7 @@ class Connection:
         paths = [os.path.expanduser(p) for p in self.config.get("identityfile", [])]
         if not identities_only:
             paths += [os.path.expanduser(p) for p in DEFAULT_KEYS]
-        return [p for i, p in enumerate(paths) if p not in paths[:i] and os.path.isfile(p)]
+        return [p for i, p in enumerate(paths) if p not in paths[:i]]
 
     def _load_key(self, path: str, tried: List[str]) -> Optional[paramiko.PKey]:
         """Load a private key file (the password unlocks an encrypted one) or note why not."""
@@ -651,6 +656,20 @@ def _end_process(process: "subprocess.Popen[bytes]") -> None:
     for pipe in (process.stdin, process.stdout, process.stderr):
         if pipe is not None:
             _quietly(pipe.close)
+
+
+def _public_blobs(paths: List[str]) -> set:
+    """Return the base64 public-key blobs of the ``.pub`` files next to *paths* (IdentitiesOnly)."""
+    blobs = set()
+    for path in paths:
+        try:
+            with open(path + ".pub", encoding="utf-8") as handle:
+                fields = handle.read().split()
+        except OSError:
+            continue
+        if len(fields) >= 2:
+            blobs.add(fields[1])
+    return blobs
 
 
 def _jump_list(value: Optional[str]) -> List[str]:

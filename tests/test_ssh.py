@@ -388,15 +388,21 @@ def test_agent_key_is_used_first(lab, tmp_path, agent):
     key.write_bytes(open(lab_entry(lab, "h1")["identityfile"][0], "rb").read())
     key.chmod(0o600)
     subprocess.run(["ssh-add", "-q", str(key)], check=True, capture_output=True)
-    key.unlink()  # only the agent holds it now
+    public = subprocess.run(["ssh-keygen", "-y", "-f", str(key)], check=True, capture_output=True,
+                            text=True).stdout
+    key.unlink()  # only the agent holds the private key now
     known = lab_entry(lab, "h1")["userknownhostsfile"]
     config = tmp_path / "ssh_config"
     config.write_text(host_block(lab, "h1", known, IdentityFile="", IdentitiesOnly="no"))
     with Connection("h1", SSHOptions(ssh_config_file=str(config))) as connection:
         assert connection.run(["id", "-un"]).stdout == b"root\n"
     config.write_text(host_block(lab, "h1", known, IdentityFile="", IdentitiesOnly="yes"))
-    with pytest.raises(AuthError):  # IdentitiesOnly: the agent is not asked
+    with pytest.raises(AuthError):  # IdentitiesOnly and no IdentityFile: the agent is not asked
         Connection("h1", SSHOptions(ssh_config_file=str(config))).connect()
+    (tmp_path / "agent_key.pub").write_text(public)  # IdentityFile names the agent's key
+    config.write_text(host_block(lab, "h1", known, IdentityFile=str(key), IdentitiesOnly="yes"))
+    with Connection("h1", SSHOptions(ssh_config_file=str(config))) as connection:
+        assert connection.run(["true"]).exit_status == 0
 
 
 def test_password_auth_and_password_never_leaks(lab, tmp_path, caplog):
