@@ -211,3 +211,50 @@ def test_link_loss_kills_command_and_returns_254(agent_pyz, tmp_path):
     while alive(pid) and time.monotonic() < end:
         time.sleep(0.05)
     assert not alive(pid), "the remote command survived the lost link"
+
+
+USERNS_WRAPPER = (
+    # A host where /dev/fuse is 0666 (the usual default): this container's is 0600,
+    # so give the agent, in its own mount namespace, a 0666 node for the same device.
+    'd=$(mktemp -d) && mknod "$d/fuse" c 10 229 && chmod 666 "$d/fuse" && '
+    'mount --bind "$d/fuse" /dev/fuse && exec setpriv --reuid=65534 --regid=65534 --clear-groups "$@"')
+
+
+def _userns_possible() -> bool:
+    probe = subprocess.run(["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups",
+                            "unshare", "-U", "true"], capture_output=True, timeout=30)
+    return probe.returncode == 0
+
+
+def test_non_root_agent_uses_user_namespace(tmp_path, agent_pyz):
+    """As a non-root user, the mirror runs in a user namespace with the local uid mapped."""
+    if not _userns_possible():
+        pytest.skip("this kernel refuses unprivileged user namespaces")
+    public = Path("/tmp") / f"rr-agent-{os.getpid()}"
+    public.mkdir(mode=0o755, exist_ok=True)
+    try:
+        pyz = public / "agent.pyz"
+        pyz.write_bytes(agent_pyz.read_bytes())
+        pyz.chmod(0o644)
+        stream = PipeStream(["unshare", "-m", "--propagation", "private", "sh", "-c", USERNS_WRAPPER, "sh",
+                             sys.executable, str(pyz), "exec"])
+        out = tmp_path / "out"
+        with open(out, "wb") as fout, open(os.devnull, "rb") as fin:
+            try:
+                result = run_command(None, ["sh", "-c", "id -u; echo made > made; cat /proc/self/uid_map"],
+                                     cwd=str(tmp_path), stream=stream, stdin_fd=fin.fileno(),
+                                     stdout_fd=fout.fileno(), stderr_fd=fout.fileno())
+            finally:
+                if stream.proc.poll() is None:
+                    stream.proc.kill()
+                stream.proc.wait()
+        lines = out.read_text().split("\n")
+        assert result.status == 0, out.read_text()
+        assert lines[0] == str(os.getuid())          # the local uid, mapped
+        assert lines[1].split() == [str(os.getuid()), "65534", "1"]  # ... onto the connecting user
+        assert (tmp_path / "made").read_text() == "made\n"
+        assert (tmp_path / "made").stat().st_uid == os.getuid()      # owned by the local user here
+    finally:
+        for child in public.iterdir():
+            child.unlink()
+        public.rmdir()

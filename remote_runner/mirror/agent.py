@@ -415,6 +415,17 @@ class Mount:
 # ---------------------------------------------------------------------------
 # Namespaces and the mirror root.
 # ---------------------------------------------------------------------------
+def check_fuse_device() -> None:
+    """Fail clearly when /dev/fuse is missing or not usable by this user."""
+    if not os.path.exists("/dev/fuse"):
+        raise OSError(errno.ENODEV, "/dev/fuse is missing on this host (no FUSE support in its kernel "
+                      "or container)")
+    if not os.access("/dev/fuse", os.R_OK | os.W_OK):
+        mode = stat.S_IMODE(os.stat("/dev/fuse").st_mode)
+        raise OSError(errno.EACCES, "/dev/fuse (mode %04o) is not readable and writable by uid %d; "
+                      "connect as root or make /dev/fuse 0666" % (mode, os.geteuid()))
+
+
 def enter_namespaces(local_uid: int, local_gid: int) -> str:
     """Enter a private mount namespace (with a user namespace when not root); return the mode."""
     if os.geteuid() == 0:
@@ -615,10 +626,11 @@ class Session:
 
     def setup(self) -> None:
         """Enter namespaces and mount the mirror (or the exported trees)."""
+        check_fuse_device()
+        lib = choose_libfuse()
         mode = enter_namespaces(int(self.boot.get("uid", os.getuid())), int(self.boot.get("gid", os.getgid())))
-        LOG.debug("namespaces: %s", mode)
+        LOG.debug("namespaces: %s, libfuse: %s", mode, lib)
         self.link.start()
-        choose_libfuse()
         if self.files_only:
             for export in self.boot.get("exports") or []:
                 path = P.name_from_wire(export)
