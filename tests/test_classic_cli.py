@@ -1,0 +1,277 @@
+"""The classic command line (``remote_runner.py`` / ``remote-runner run``) as a user runs it.
+
+Every test runs the real script in a subprocess and judges it by its exit
+code, its ``LEVEL: message`` lines and, for lab runs, by what the system
+OpenSSH client finds on the hosts afterwards.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import textwrap
+import uuid
+
+import pytest
+
+from remote_runner import screen as scr
+from remote_runner.cli.classic import build_parser, join_extra_args
+from remote_runner.lab import LOCAL_ONLY
+from tests.conftest import ssh
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SCRIPT = os.path.join(REPO, "scripts", "remote_runner.py")
+HOSTS = ("h1", "h2", "h3")
+
+
+def cli(*args, env=None, timeout=300):
+    """Run remote_runner.py with *args*; return the CompletedProcess (text)."""
+    full_env = {k: v for k, v in os.environ.items() if k != "REMOTE_RUNNER_PASSWORD"}
+    full_env.update(env or {})
+    return subprocess.run([sys.executable, SCRIPT, *args], capture_output=True, text=True,
+                          timeout=timeout, env=full_env, cwd=REPO)
+
+
+@pytest.fixture
+def env(lab, screen_name, tmp_path):
+    """A unique screen name and state dir; sessions and files are removed afterwards."""
+    state = f"/tmp/{screen_name}-state"
+    yield {"screen": screen_name, "state": state, "tmp": tmp_path, "base": f"/tmp/{screen_name}-base"}
+    cleanup = (f"for s in $(screen -ls | awk '/[.]{screen_name}\\t/ {{print $1}}'); do "
+               f"screen -S $s -X quit; done; rm -rf {state} /tmp/{screen_name}-base")
+    for host in HOSTS:
+        ssh(lab, host, cleanup, check=False)
+
+
+def write_config(tmp_path, body: str, name="experiment.py") -> str:
+    path = tmp_path / name
+    path.write_text(textwrap.dedent(body))
+    return str(path)
+
+
+def base_args(lab, env):
+    return ["-F", lab.ssh_config, "--screen", env["screen"], "--remote-done-dir", env["state"]]
+
+
+# --------------------------------------------------------------------------- no hosts needed
+
+def test_extra_args_may_start_with_a_dash():
+    assert join_extra_args(["-c", "x", "--extra-args", "-t", "-l", "DEBUG"]) == \
+        ["-c", "x", "--extra-args=-t", "-l", "DEBUG"]
+    args = build_parser().parse_args(["-c", "x", "--extra-args", "-p X", "-t"])
+    assert args.extra_args == "-p X" and args.terminate is True
+    args = build_parser().parse_args(["-c", "x", "--extra-args", "-q"])
+    assert args.extra_args == "-q" and args.terminate is False
+    args = build_parser().parse_args(["-c", "x", "--no-terminate", "--no-kill", "--no-zombie"])
+    assert (args.terminate, args.kill_first, args.no_zombie, args.screen) == (False, False, True, "runner")
+
+
+def test_help_and_version():
+    out = cli("--help")
+    assert out.returncode == 0
+    for flag in ("--extra-args", "--remote-done-dir", "--no-terminate", "--accept-new-host-keys",
+                 "--wait-timeout", "exit codes"):
+        assert flag in out.stdout
+    version = cli("--version")
+    assert version.returncode == 0 and "remote_runner" in version.stdout
+
+
+def test_arg_parser_gets_dash_values_in_both_entry_points(tmp_path):
+    parser_file = write_config(tmp_path, """
+        def parse_args(extra_args, ssh_user):
+            return extra_args.split()
+    """, name="arg_parser.py")
+    config = write_config(tmp_path, """
+        import logging
+        logging.getLogger('experiment').info('extra=%s', extra_options)
+        c = Component()
+        c.name = 'x'
+        c.host = 'h1'
+        c.executable = '/bin/true'
+        c.start_index = 0
+        config.add_component(c)
+    """)
+    out = cli("-c", config, "-a", parser_file, "--extra-args", "-p X", "--dry-run")
+    assert out.returncode == 0, out.stderr
+    assert "INFO: extra=['-p', 'X']" in out.stderr
+    assert "INFO: index 0: h1:x" in out.stderr
+    sub = subprocess.run([sys.executable, "-m", "remote_runner", "run", "-c", config, "-a",
+                          parser_file, "--extra-args", "-t", "--dry-run"],
+                         capture_output=True, text=True, timeout=120, cwd=REPO)
+    assert sub.returncode == 0, sub.stderr
+    assert "INFO: extra=['-t']" in sub.stderr
+
+
+def test_bad_config_exits_2_with_file_and_line(tmp_path):
+    config = write_config(tmp_path, """
+        c = Component()
+        c.name = 'x'
+        c.hots = 'h1'
+    """)
+    out = cli("-c", config)
+    assert out.returncode == 2
+    assert f"{config}:4" in out.stderr and out.stderr.startswith("ERROR: ")
+
+
+def test_bad_screen_name_exits_2(tmp_path):
+    config = write_config(tmp_path, """
+        c = Component()
+        c.name = 'x'
+        c.host = 'h1'
+        c.executable = '/bin/true'
+        c.start_index = 0
+        config.add_component(c)
+    """)
+    out = cli("-c", config, "--screen", "bad name", "--dry-run")
+    assert out.returncode == 2 and "--screen" in out.stderr
+
+
+# --------------------------------------------------------------------------- lab
+
+def test_full_run_then_unchanged_rerun_copies_nothing(lab, env):
+    """A program that exists only locally (LOCAL_ONLY) is shipped and run on three hosts."""
+    local_dir = os.path.join(LOCAL_ONLY, f"cli-{uuid.uuid4().hex[:8]}")
+    os.makedirs(local_dir)
+    try:
+        prog = os.path.join(local_dir, "prog.sh")
+        with open(prog, "w") as handle:
+            handle.write('#!/bin/sh\necho "ran on $(hostname) with $1"; exit "${2:-0}"\n')
+        os.chmod(prog, 0o755)
+        config = write_config(env["tmp"], f"""
+            roles = (('server', 'h1', 0, False), ('client', 'h2', 1, False), ('check', 'h3', 2, True))
+            for name, host, index, wait in roles:
+                c = Component()
+                c.name = name
+                c.host = host
+                c.executable = 'prog.sh'
+                c.args = ['a $b', '0']
+                c.base_dir = '{env["base"]}'
+                c.files = {{'{prog}': 'prog.sh'}}
+                c.start_index = index
+                c.wait = wait
+                config.add_component(c)
+        """)
+        first = cli("-c", config, *base_args(lab, env))
+        assert first.returncode == 0, first.stderr
+        for host in HOSTS:
+            assert f"INFO: {host}: copied 1 file" in first.stderr
+            assert ssh(lab, host, f"test -e {LOCAL_ONLY}", check=False).returncode != 0
+            ids = scr.parse_sessions(ssh(lab, host, "screen -ls", check=False).stdout, env["screen"])
+            assert len(ids) == 1
+        assert "INFO: h3: check exited with status 0" in first.stderr
+        second = cli("-c", config, *base_args(lab, env))
+        assert second.returncode == 0, second.stderr
+        for host in HOSTS:
+            assert f"INFO: {host}: copied 0 files (0 bytes), 1 unchanged" in second.stderr
+    finally:
+        shutil.rmtree(local_dir, ignore_errors=True)
+
+
+def test_missing_source_exits_4_and_changes_nothing(lab, env):
+    config = write_config(env["tmp"], f"""
+        for host in ('h1', 'h2'):
+            c = Component()
+            c.name = 'x'
+            c.host = host
+            c.executable = '/bin/true'
+            c.base_dir = '{env["base"]}'
+            c.files = {{'present.txt': 'present.txt'}}
+            c.start_index = 0
+            config.add_component(c)
+        c = Component()
+        c.name = 'y'
+        c.host = 'h3'
+        c.executable = '/bin/true'
+        c.files = {{'no-such-file.bin': 'x.bin'}}
+        c.start_index = 0
+        config.add_component(c)
+    """)
+    (env["tmp"] / "present.txt").write_text("here\n")
+    out = cli("-c", config, *base_args(lab, env))
+    assert out.returncode == 4
+    assert "no-such-file.bin" in out.stderr
+    for host in HOSTS:
+        assert scr.parse_sessions(ssh(lab, host, "screen -ls", check=False).stdout, env["screen"]) == []
+        assert ssh(lab, host, f"ls -d {env['state']} {env['base']}", check=False).returncode != 0
+
+
+def test_unknown_host_key_exits_3_and_can_be_accepted(lab, env):
+    known = env["tmp"] / "known_hosts"
+    known.write_text("")
+    original = open(lab.ssh_config).read()
+    lab_known = [line.split()[1] for line in original.splitlines()
+                 if line.strip().startswith("UserKnownHostsFile")][0]
+    ssh_config = env["tmp"] / "ssh_config"
+    ssh_config.write_text(original.replace(lab_known, str(known)))
+    config = write_config(env["tmp"], """
+        c = Component()
+        c.name = 'x'
+        c.host = 'h1'
+        c.executable = '/bin/true'
+        c.start_index = 0
+        c.wait = True
+        config.add_component(c)
+    """)
+    args = ["--screen", env["screen"], "--remote-done-dir", env["state"], "-F", str(ssh_config)]
+    out = cli("-c", config, *args)
+    assert out.returncode == 3
+    assert "--accept-new-host-keys" in out.stderr and "h1" in out.stderr
+    assert scr.parse_sessions(ssh(lab, "h1", "screen -ls", check=False).stdout, env["screen"]) == []
+    accepted = cli("-c", config, *args, "--accept-new-host-keys")
+    assert accepted.returncode == 0, accepted.stderr
+    assert known.read_text().strip()
+
+
+def test_failing_waited_component_exits_5_with_its_status(lab, env):
+    config = write_config(env["tmp"], """
+        c = Component()
+        c.name = 'worker'
+        c.host = 'h2'
+        c.executable = '/bin/sh'
+        c.args = ['-c', 'exit 9']
+        c.start_index = 0
+        c.wait = True
+        config.add_component(c)
+    """)
+    out = cli("-c", config, *base_args(lab, env), "-l", "DEBUG")
+    assert out.returncode == 5
+    assert "worker" in out.stderr and "status 9" in out.stderr
+
+
+def test_password_is_never_logged(tmp_path):
+    config = write_config(tmp_path, """
+        c = Component()
+        c.name = 'x'
+        c.host = 'h1'
+        c.executable = '/bin/true'
+        c.start_index = 0
+        config.add_component(c)
+    """)
+    out = cli("-c", config, "-p", "s3cret-not-logged", "-l", "DEBUG", "--dry-run")
+    assert out.returncode == 0, out.stderr
+    assert "s3cret-not-logged" not in out.stderr
+    from_env = cli("-c", config, "-l", "DEBUG", "--dry-run",
+                   env={"REMOTE_RUNNER_PASSWORD": "s3cret-env"})
+    assert from_env.returncode == 0 and "s3cret-env" not in from_env.stderr
+
+
+def test_terminate_flag_stops_other_components(lab, env):
+    config = write_config(env["tmp"], """
+        for name, host, args, wait in (('daemon', 'h1', ['-c', 'exec sleep 600'], False),
+                                       ('job', 'h2', ['-c', 'exit 0'], True)):
+            c = Component()
+            c.name = name
+            c.host = host
+            c.executable = '/bin/sh'
+            c.args = args
+            c.start_index = 0
+            c.wait = wait
+            config.add_component(c)
+    """)
+    out = cli("-c", config, *base_args(lab, env), "-t")
+    assert out.returncode == 0, out.stderr
+    assert "INFO: h1: terminated daemon" in out.stderr
+    pid = ssh(lab, "h1", f"cat {env['state']}/daemon.pid").stdout.strip()
+    assert ssh(lab, "h1", f"kill -0 {pid}", check=False).returncode != 0
