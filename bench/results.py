@@ -93,18 +93,18 @@ class Report:
                     "| case | delay (ms each way) | tool | median (s) | runs (s) | x best peer | note |",
                     "|---|---|---|---|---|---|---|"]
             for m in (x for x in self.measurements if x.scenario == scenario):
-                med = f"{m.median:.2f}" if m.median is not None else "-"
-                runs = ", ".join(f"{r:.2f}" for r in m.runs) if m.runs else "-"
-                ratio = self.ratio(m)
-                ratio_s = f"{ratio:.2f}" if ratio is not None else "-"
+                med = _num(m.median)
+                runs = ", ".join(_num(r) for r in m.runs) if m.runs else "-"
+                ratio_s = _num(self.ratio(m))
                 tool = f"**{m.tool}**" if m.role == OURS else (f"{m.tool} (reference)" if m.role == REFERENCE else m.tool)
-                note = f"skipped: {m.skipped}" if m.skipped else m.note
+                note = f"skipped: {_short(m.skipped)}" if m.skipped else m.note
                 out.append(f"| {m.case} | {m.delay_ms:g} | {tool} | {med} | {runs} | {ratio_s} | "
                            f"{note.replace('|', '/')} |")
             out.append("")
         skipped = self.skipped()
         out += ["## Skipped", ""]
-        out += [f"- {m.scenario} / {m.case} / {m.tool} @ {m.delay_ms:g} ms: {m.skipped}" for m in skipped] or ["- nothing"]
+        out += [f"- {m.scenario} / {m.case} / {m.tool} @ {m.delay_ms:g} ms: {_short(m.skipped)}"
+                for m in skipped] or ["- nothing"]
         if self.notes:
             out += ["", "## Notes", ""] + [f"- {n}" for n in self.notes]
         return "\n".join(out) + "\n"
@@ -129,6 +129,18 @@ class Report:
             shutil.copyfile(path, os.path.join(directory, f"latest.{ext}"))
             paths.append(path)
         return paths[0], paths[1]
+
+
+def _num(value: Optional[float]) -> str:
+    """Format seconds or ratios: 2 decimals, 3 below 1."""
+    if value is None:
+        return "-"
+    return f"{value:.2f}" if value >= 1 else f"{value:.3f}"
+
+
+def _short(text: str, limit: int = 300) -> str:
+    """Return *text* cut to *limit* characters for the table (the JSON keeps it whole)."""
+    return text if len(text) <= limit else text[:limit] + " …"
 
 
 def _first_line(argv: List[str]) -> str:

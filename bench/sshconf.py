@@ -4,8 +4,9 @@ Every tool in the benchmark (ours, rsync, scp, sshfs, outrun) is pointed at
 the same aliases ``h1..hN``; only the ssh_config differs per link delay. An
 alias resolves to ``127.0.0.1:<proxy port>``, so OpenSSH is told the real host
 name through ``HostKeyAlias`` and strict checking keeps working. Our own SSH
-layer (paramiko) does not read ``HostKeyAlias``, so the known_hosts file also
-carries each key under ``[127.0.0.1]:<port>``: both clients verify the same key.
+layer looks the alias up as ``[alias]:<port>`` (OpenSSH uses the bare alias), and a
+client without HostKeyAlias support would look up ``[127.0.0.1]:<port>``, so the
+known_hosts line carries all three names: every client verifies the same key.
 """
 
 from __future__ import annotations
@@ -45,7 +46,7 @@ def write_ssh_config(directory: str, endpoints: List[Endpoint], identity_file: s
     config = os.path.join(directory, name)
     known_lines, config_lines = [], [f"# remote-runner bench: ssh -F {config} h1\n"]
     for ep in endpoints:
-        known_lines.append(f"{ep.alias},[127.0.0.1]:{ep.port} {ep.key_line}\n")
+        known_lines.append(f"{ep.alias},[{ep.alias}]:{ep.port},[127.0.0.1]:{ep.port} {ep.key_line}\n")
         config_lines.append(
             f"\nHost {ep.alias}\n"
             f"    HostName 127.0.0.1\n"

@@ -129,8 +129,8 @@ def test_ssh_config_resolves_aliases_to_the_proxies(tmp_path) -> None:
     assert options["hostkeyalias"] == "h2"
     assert options["stricthostkeychecking"] in ("true", "yes")
     known = open(cfg + ".known_hosts").read()
-    # Both OpenSSH (via HostKeyAlias) and paramiko (via [127.0.0.1]:port) find the same key.
-    assert "h2,[127.0.0.1]:40002 ssh-ed25519 AAAAkey2\n" in known
+    # OpenSSH (HostKeyAlias), our SSH layer ([alias]:port) and plain clients ([127.0.0.1]:port) find one key.
+    assert "h2,[h2]:40002,[127.0.0.1]:40002 ssh-ed25519 AAAAkey2\n" in known
     assert oct(os.stat(cfg).st_mode & 0o777) == "0o600"
 
 
@@ -150,7 +150,7 @@ def test_report_ratios_against_the_best_peer_and_lists_skips(tmp_path) -> None:
     assert report.ratio(ours) == pytest.approx(0.5)
     assert report.ratio(report.measurements[3]) == pytest.approx(0.025)  # reference rows are never "best peer"
     md = report.to_markdown()
-    assert "| cold | 10 | **ours** | 2.00 | 2.00, 1.00, 3.00 | 0.50 |  |" in md
+    assert "| cold | 10 | **ours** | 2.00 | 2.00, 1.00, 3.00 | 0.500 |  |" in md
     assert "| warm | 10 | scp | - | - | - | skipped: no change detection |" in md
     assert "- deploy / warm / scp @ 10 ms: no change detection" in md
     md_path, json_path = report.write(str(tmp_path))

@@ -16,7 +16,7 @@ from typing import List
 
 from bench import ours
 from bench.context import Context, parallel, write_random
-from bench.measure import repeat, run, skipped
+from bench.measure import repeat, run as sh, skipped
 from bench.results import OURS, Measurement
 
 SCENARIO = "deploy"
@@ -84,7 +84,7 @@ def run(ctx: Context) -> List[Measurement]:
                     rows += [skipped(SCENARIO, case, tool, delay, missing, OURS) for case in ("cold", "warm", "one changed")]
                     continue
                 argv = ours.runner_argv(runner_config(ctx, data, hosts, dest), cfg, screen)
-                step = lambda argv=argv: run(argv, timeout=900)
+                step = lambda argv=argv: sh(argv, timeout=900)
             elif tool == "rsync -a":
                 step = lambda dest=dest: parallel(
                     [["rsync", "-a", "-e", f"ssh -F {cfg}", data + "/", f"{h}:{dest}/"] for h in hosts], 900)

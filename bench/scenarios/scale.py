@@ -16,7 +16,7 @@ from typing import Callable, List
 
 from bench import ours
 from bench.context import Context, parallel, write_random
-from bench.measure import BenchError, repeat, run, skipped
+from bench.measure import BenchError, repeat, run as sh, skipped
 from bench.results import OURS, Measurement
 
 SCENARIO = "scale"
@@ -88,7 +88,7 @@ def run(ctx: Context) -> List[Measurement]:
         else:
             argv = ours.runner_argv(runner_config(ctx, data, hosts), cfg, screen)
             rows.append(repeat(Measurement(SCENARIO, f"{count} hosts", "remote_runner", delay, OURS),
-                               lambda argv=argv: run(argv, timeout=600), ctx.reps, reset, ctx.slow_after))
+                               lambda argv=argv: sh(argv, timeout=600), ctx.reps, reset, ctx.slow_after))
         rows.append(repeat(Measurement(SCENARIO, f"{count} hosts", "rsync + ssh screen (per host, parallel)",
                                        delay), peer_step(cfg, data, hosts, screen), ctx.reps, reset,
                            ctx.slow_after))

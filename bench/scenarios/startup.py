@@ -15,7 +15,7 @@ from typing import List
 
 from bench import ours
 from bench.context import Context, parallel
-from bench.measure import repeat, run, skipped
+from bench.measure import repeat, run as sh, skipped
 from bench.results import OURS, REFERENCE, Measurement
 
 SCENARIO = "startup"
@@ -82,7 +82,7 @@ def run(ctx: Context) -> List[Measurement]:
         else:
             argv = ours.runner_argv(runner_config(ctx, comps), cfg, screen)
             rows.append(repeat(Measurement(SCENARIO, f"{count} components", "remote_runner", delay, OURS),
-                               lambda: run(argv, timeout=600), ctx.reps, reset, ctx.slow_after))
+                               lambda: sh(argv, timeout=600), ctx.reps, reset, ctx.slow_after))
         peer = [["ssh", "-F", cfg, "-o", "BatchMode=yes", h, peer_script(screen, comps, h)] for h in hosts]
         rows.append(repeat(Measurement(SCENARIO, f"{count} components", "ssh + screen (one script per host)",
                                        delay, note="hand-written: no files, no per-window confirmation"),
