@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 import sys
 from contextlib import contextmanager
-from typing import TYPE_CHECKING, Dict, Iterator, Optional
+from typing import TYPE_CHECKING, Any, Dict, Iterator, Optional
 
 if TYPE_CHECKING:  # pragma: no cover
     from remote_runner.runner import RunReport
@@ -21,7 +21,8 @@ LOG = logging.getLogger(__name__)
 
 
 @contextmanager
-def upload_progress(enabled: Optional[bool] = None) -> Iterator[Optional["Progress"]]:
+def upload_progress(enabled: Optional[bool] = None,
+                    console: Any = None) -> Iterator[Optional["Progress"]]:
     """Yield a sync progress callback drawing rich bars on a terminal, else None."""
     if enabled is None:
         enabled = sys.stderr.isatty()
@@ -33,7 +34,7 @@ def upload_progress(enabled: Optional[bool] = None) -> Iterator[Optional["Progre
                                TransferSpeedColumn)
 
     bars = Progress(TextColumn("{task.description}"), BarColumn(), DownloadColumn(),
-                    TransferSpeedColumn(), console=Console(stderr=True), transient=True)
+                    TransferSpeedColumn(), console=console or Console(stderr=True), transient=True)
     tasks: Dict[str, int] = {}
 
     def advance(host: str, delta: int) -> None:

@@ -384,7 +384,7 @@ class Runner:
         for i, spec in enumerate(specs):
             base = found[f"BASE {i}"]
             if spec.base_dir is None:
-                LOG.info("Set base dir for %s to %s", spec.name, base)
+                LOG.info("Set base dir for %s to %s (host %s)", spec.name, base, host)
             window = scr.Window(spec.name, scr.file_stem(spec.name), state_dir)
             places.append(Placement(spec, base, window, spec.base_dir is None))
             self.report.components[spec.key] = ComponentResult(host, spec.name, base)

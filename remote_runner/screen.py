@@ -47,7 +47,7 @@ RC_TEMPLATE = """\
 # remote-runner: written for each new session (zombie must be set at creation)
 {zombie}
 defscrollback 10000
-logfile flush 1
+logfile flush 0
 logfile '{log_dir}/window-%n.log'
 """
 
