@@ -258,3 +258,126 @@ def test_non_root_agent_uses_user_namespace(tmp_path, agent_pyz):
         for child in public.iterdir():
             child.unlink()
         public.rmdir()
+
+
+def _wait_for(path: Path, timeout: float = 60.0) -> None:
+    end = time.monotonic() + timeout
+    while not (path.exists() and path.read_text().strip()):
+        assert time.monotonic() < end, f"{path} never appeared"
+        time.sleep(0.05)
+
+
+@pytest.mark.parametrize("signame,status", [("SIGUSR1", 9), ("SIGTERM", 143), ("SIGHUP", 129)])
+def test_local_signals_are_forwarded(agent_pyz, tmp_path, signame, status):
+    signum = getattr(signal, signame)
+    trap = 'trap "echo got > sig.txt; exit 9" USR1; ' if signame == "SIGUSR1" else ""
+    ready = tmp_path / "ready"
+
+    def send_when_ready():
+        _wait_for(ready)
+        os.kill(os.getpid(), signum)
+
+    sender = threading.Thread(target=send_when_ready, daemon=True)
+    sender.start()
+    run = run_local(agent_pyz, tmp_path, ["sh", "-c", trap + "echo up > ready; while :; do sleep 0.1; done"])
+    sender.join(10)
+    assert run.status == status
+    if signame == "SIGUSR1":
+        assert (tmp_path / "sig.txt").read_text() == "got\n"
+
+
+def test_stalled_file_operation_fails_with_eio_in_bounded_time(agent_pyz, tmp_path, monkeypatch):
+    """A request the local side never answers becomes EIO on the host, not a hang."""
+    from remote_runner.mirror import session as session_mod
+    from remote_runner.mirror.service import LocalFileService
+
+    release = threading.Event()
+
+    class StallingService(LocalFileService):
+        def op_getattr(self, a, payload):
+            if a.get("path", "").endswith("/stall"):
+                release.wait(120)
+            return super().op_getattr(a, payload)
+
+    monkeypatch.setattr(session_mod, "LocalFileService", StallingService)
+    try:
+        run = run_local(agent_pyz, tmp_path, ["sh", "-c", "cat stall; echo status=$?"],
+                        options=MirrorOptions(request_timeout=2.0))
+    finally:
+        release.set()
+    assert run.status == 0
+    assert b"status=1" in run.out
+    assert b"Input/output error" in run.err
+
+
+def test_silent_agent_is_a_lost_link(agent_pyz, tmp_path):
+    """No frame within the deadline (here: the agent is frozen) -> 254, bounded."""
+    streams = []
+    box = {}
+
+    def target():
+        box["run"] = run_local(agent_pyz, tmp_path, ["sh", "-c", "echo up > ready; sleep 1000"], streams=streams,
+                               options=MirrorOptions(heartbeat=0.5, deadline=3.0))
+
+    thread = threading.Thread(target=target)
+    thread.start()
+    try:
+        _wait_for(tmp_path / "ready")
+        agent = streams[0].proc
+        os.kill(agent.pid, signal.SIGSTOP)
+        end = time.monotonic() + 60
+        while not agent.stdin.closed and time.monotonic() < end:  # the local side gave up
+            time.sleep(0.05)
+        os.kill(agent.pid, signal.SIGCONT)  # let it notice and clean up
+        thread.join(60)
+        assert not thread.is_alive()
+        assert box["run"].status == 254 and box["run"].result.link_lost
+        assert "no answer" in box["run"].result.message
+    finally:
+        agent = streams[0].proc
+        if agent.poll() is None:
+            os.kill(agent.pid, signal.SIGCONT)
+        thread.join(60)
+
+
+def test_pty_mode_and_window_size(agent_pyz, tmp_path):
+    """With a terminal on stdin and stdout the command gets a pty of the same size."""
+    import fcntl
+    import pty
+    import struct
+    import termios
+
+    master, slave = pty.openpty()
+    fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 33, 101, 0, 0))
+    chunks = []
+    stop = threading.Event()
+
+    def drain():
+        import select
+        while not stop.is_set():
+            if not select.select([master], [], [], 0.1)[0]:
+                continue
+            try:
+                data = os.read(master, 4096)
+            except OSError:
+                return
+            if not data:
+                return
+            chunks.append(data)
+
+    reader = threading.Thread(target=drain, daemon=True)
+    reader.start()
+    stream = PipeStream([sys.executable, str(agent_pyz), "exec"])
+    try:
+        result = run_command(None, ["sh", "-c", "test -t 0 && test -t 1 && stty size; exit 6"],
+                             cwd=str(tmp_path), stream=stream, stdin_fd=slave, stdout_fd=slave, stderr_fd=slave)
+    finally:
+        if stream.proc.poll() is None:
+            stream.proc.kill()
+        stream.proc.wait()
+        stop.set()
+        reader.join(10)
+        os.close(slave)
+        os.close(master)
+    assert result.status == 6
+    assert b"33 101" in b"".join(chunks)

@@ -112,6 +112,7 @@ class Link:
         self.writer = P.FrameWriter(P.fd_write_all(out_fd))
         self.heartbeat = heartbeat
         self.deadline = deadline
+        self.request_timeout = REQUEST_TIMEOUT
         self.lost = threading.Event()
         self.lost_reason = ""
         self.last_rx = time.monotonic()
@@ -142,8 +143,9 @@ class Link:
             slot[0].set()
 
     def call(self, op: str, args: Dict[str, Any], payload: bytes = b"",
-             timeout: float = REQUEST_TIMEOUT) -> Tuple[Dict[str, Any], bytes]:
-        """Run one file-system request; raise OSError with the remote errno (EIO on link loss)."""
+             timeout: Optional[float] = None) -> Tuple[Dict[str, Any], bytes]:
+        """Run one file-system request; raise OSError with the remote errno (EIO on link loss or timeout)."""
+        timeout = self.request_timeout if timeout is None else timeout
         if self.lost.is_set():
             raise OSError(errno.EIO, "link lost")
         event = threading.Event()
@@ -380,7 +382,8 @@ class Mount:
         """Mount and wait until the kernel has the file system."""
         ops, fuse_cls = make_operations(self.link, self.prefix)
         self.ops = ops
-        timeouts = 5.0 if self.system else 1.0
+        # Correctness first: short caching, as the local side may change files too.
+        timeouts = 1.0
         options = dict(foreground=True, fsname="remote-runner", subtype="mirror",
                        default_permissions=True, use_ino=True,
                        attr_timeout=timeouts, entry_timeout=timeouts)
@@ -984,6 +987,7 @@ def serve(mode: str) -> int:
     link.writer.compress = bool(header.get("compress")) and P.lz4_available()
     link.heartbeat = float(header.get("hb") or DEFAULT_HEARTBEAT)
     link.deadline = float(header.get("deadline") or DEFAULT_DEADLINE)
+    link.request_timeout = float(header.get("rq") or REQUEST_TIMEOUT)
     logging.getLogger().setLevel(logging.DEBUG if header.get("debug") else logging.WARNING)
     logging.getLogger("fuse").setLevel(logging.DEBUG if header.get("debug_fuse") else logging.WARNING)
     try:

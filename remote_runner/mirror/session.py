@@ -55,6 +55,8 @@ class MirrorOptions:
     compress: bool = True
     heartbeat: float = HEARTBEAT
     deadline: float = DEADLINE
+    #: A file operation unanswered this long fails with EIO on the host.
+    request_timeout: float = 60.0
     workers: int = 8
     exports: Optional[List[bytes]] = None
 
@@ -265,7 +267,7 @@ class LocalLink:
         """Send the single bootstrap frame."""
         header = {"t": P.BOOT, "v": P.PROTOCOL_VERSION, "machine": platform.machine(),
                   "compress": self.writer.compress, "hb": self.options.heartbeat,
-                  "deadline": self.options.deadline, "debug": LOG.isEnabledFor(logging.DEBUG),
+                  "deadline": self.options.deadline, "rq": self.options.request_timeout, "debug": LOG.isEnabledFor(logging.DEBUG),
                   "uid": os.getuid(), "gid": os.getgid()}
         header.update(fields)
         self.send(header)
