@@ -15,8 +15,10 @@ they are *absent* on the host, not merely empty.
 
 from __future__ import annotations
 
+import ctypes
 import json
 import os
+import platform
 import signal
 import socket
 import subprocess
@@ -84,14 +86,38 @@ def build_root(spec: Dict) -> str:
     return root
 
 
+#: pivot_root(2) has no libc wrapper; its syscall number per architecture.
+PIVOT_ROOT_SYSCALL = {"x86_64": 155, "aarch64": 41, "riscv64": 41, "ppc64le": 203, "s390x": 217}
+MNT_DETACH = 2
+
+
+def enter_root(root: str) -> None:
+    """Make *root* the root of this mount namespace (not a chroot).
+
+    The kernel refuses user namespaces to chrooted processes, and the mirror
+    needs them for non-root users, so the host's processes must see a real
+    root: pivot_root(".", ".") stacks the old root on the new one, and a lazy
+    unmount then drops it.
+    """
+    libc = ctypes.CDLL(None, use_errno=True)
+    os.chdir(root)
+    number = PIVOT_ROOT_SYSCALL[platform.machine()]
+    if libc.syscall(number, b".", b".") != 0:
+        raise OSError(ctypes.get_errno(), "pivot_root failed")
+    if libc.umount2(b".", MNT_DETACH) != 0:
+        raise OSError(ctypes.get_errno(), "unmounting the old root failed")
+    os.chdir("/")
+
+
 def main(argv: List[str]) -> int:
     with open(argv[1]) as handle:
         spec = json.load(handle)
     socket.sethostname(spec["host"])
     root = build_root(spec)
     log = open(spec["log"], "ab", buffering=0)
+    enter_root(root)
     sshd = subprocess.Popen(
-        ["chroot", root, "/usr/sbin/sshd", "-D", "-e", "-f", spec["sshd_config"]],
+        ["/usr/sbin/sshd", "-D", "-e", "-f", spec["sshd_config"]],
         stdin=subprocess.DEVNULL, stdout=log, stderr=log)
 
     def stop(signum: int, _frame: object) -> None:
