@@ -23,6 +23,8 @@ so that a re-created lab keeps the same identities.
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
 import os
 import pwd
@@ -145,13 +147,25 @@ class Lab:
         os.replace(tmp, self.state_file)
 
     def running_hosts(self) -> List[LabHost]:
-        """Return the hosts whose init process is alive and sshd answers."""
+        """Return the hosts whose init process is alive and whose sshd answers."""
         result = []
+        namespaces = netns.list_netns()
         for name, info in self._load_state().items():
             host = LabHost(name, info["index"], info["address"], info.get("pid"), info.get("release"))
-            if _pid_alive(host.pid) and host.netns in netns.list_netns():
+            if _pid_alive(host.pid) and host.netns in namespaces and _port_open(host.address):
                 result.append(host)
         return sorted(result, key=lambda h: h.index)
+
+    @contextlib.contextmanager
+    def _locked(self):
+        """Serialise ``up`` and ``down`` (test sessions may run side by side)."""
+        os.makedirs(self.dir, mode=0o700, exist_ok=True)
+        with open(os.path.join(self.dir, "lock"), "w") as handle:
+            fcntl.flock(handle, fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(handle, fcntl.LOCK_UN)
 
     @property
     def hosts(self) -> List[LabHost]:
@@ -180,7 +194,10 @@ class Lab:
         self.require_root()
         if count < 1:
             raise LabError("lab up needs at least one host")
-        os.makedirs(self.dir, mode=0o700, exist_ok=True)
+        with self._locked():
+            return self._up(count, foreign)
+
+    def _up(self, count: int, foreign: Dict[str, str]) -> List[LabHost]:
         os.makedirs(LOCAL_ONLY, exist_ok=True)
         self._ensure_client_key()
         netns.ensure_bridge()
@@ -336,6 +353,7 @@ class Lab:
         """Stop one host: its init (which takes its PID namespace along) and namespace."""
         ns = netns.netns_name(name)
         victims = set(netns.netns_pids(ns)) if ns in netns.list_netns() else set()
+        victims.update(self._stray_inits(name + "/"))
         if pid and _pid_alive(pid):
             victims.add(pid)
         for victim in victims:
@@ -352,16 +370,39 @@ class Lab:
     def down(self) -> None:
         """Remove every namespace, process and interface the lab created."""
         self.require_root()
+        with self._locked():
+            self._down()
+
+    def _down(self) -> None:
         state = self._load_state()
         names = set(state) | {n[len(netns.NETNS_PREFIX):] for n in netns.list_netns()}
         for name in sorted(names):
             self._stop_host(name, state.get(name, {}).get("pid"))
+        for pid in self._stray_inits():
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
         netns.delete_bridge()
         if os.path.exists(self.state_file):
             self._save_state({})
         for path in (self.ssh_config, self.known_hosts):
             if os.path.exists(path):
                 os.remove(path)
+
+    def _stray_inits(self, host: str = "") -> List[int]:
+        """Return PIDs of this lab's host inits (of *host*, or all), known or not."""
+        marker = os.path.join(self.dir, "hosts", host).encode()
+        pids = []
+        for entry in os.listdir("/proc"):
+            if not entry.isdigit():
+                continue
+            try:
+                with open(f"/proc/{entry}/cmdline", "rb") as handle:
+                    argv = handle.read().split(b"\0")
+            except OSError:
+                continue
+            if b"remote_runner.lab.init" in argv and any(a.startswith(marker) for a in argv):
+                pids.append(int(entry))
+        return pids
 
     def status(self) -> List[Dict]:
         """Return one row per known host: name, address, pid, state."""
