@@ -126,7 +126,17 @@ class PipeStream:
             raise OSError(errno.EPIPE, "agent stdin closed: %s" % exc)
 
     def close(self) -> None:
-        for f in (self.proc.stdin,):
+        """Close the agent's stdin (it exits), then our ends of its output pipes."""
+        import subprocess
+        try:
+            self.proc.stdin.close()
+        except OSError:
+            pass
+        try:
+            self.proc.wait(10)
+        except subprocess.TimeoutExpired:
+            return  # still running (e.g. stopped): the caller decides
+        for f in (self.proc.stdout, self.proc.stderr):
             try:
                 f.close()
             except OSError:
