@@ -262,3 +262,16 @@ def test_mirror_server_window_argv(lab, local_only, workdir):
         assert "mirror" in proc.stderr
     finally:
         conn.close()
+
+
+def test_agent_is_uploaded_once_then_found_by_hash(lab, workdir):
+    from remote_runner.mirror.bundle import CACHE_DIR, build_bundle
+    cached = f"$HOME/{CACHE_DIR}/{build_bundle().filename}"
+    ssh(lab, "h2", f'rm -f "{cached}"')
+    first = rr_exec(lab, "h2", ["true"], workdir, "-l", "INFO")
+    assert first.returncode == 0, first.stderr.decode()
+    assert b"uploading the mirror agent" in first.stderr
+    assert ssh(lab, "h2", f'test -f "{cached}" && stat -c %a "{cached}"').stdout.strip() == "600"
+    second = rr_exec(lab, "h2", ["true"], workdir, "-l", "INFO")
+    assert second.returncode == 0
+    assert b"uploading" not in second.stderr

@@ -233,9 +233,47 @@ def choose_libfuse() -> str:
     raise OSError(errno.ENOENT, "neither libfuse3 nor libfuse2 is installed on this host")
 
 
+MUTATING_OPS = frozenset(("mknod", "mkdir", "unlink", "rmdir", "symlink", "link", "rename", "chmod",
+                          "chown", "truncate", "utimens", "create", "write", "open", "release", "flush",
+                          "fsync"))
+
+
+class AttrCache:
+    """Attributes the local side pushed (readdir entries, ``push`` lists), valid for *ttl* seconds.
+
+    Saves one round trip per entry for ``ls -l``, import probing and the like.
+    Any operation that may change metadata empties it: correctness first.
+    """
+
+    def __init__(self, ttl: float = 1.0) -> None:
+        self.ttl = ttl
+        self._entries: Dict[str, Tuple[float, Dict[str, int]]] = {}
+        self._lock = threading.Lock()
+
+    def put(self, path: str, attrs: Optional[Dict[str, int]]) -> None:
+        if attrs:
+            with self._lock:
+                if len(self._entries) > 20000:
+                    self._entries.clear()
+                self._entries[path] = (time.monotonic() + self.ttl, attrs)
+
+    def get(self, path: str) -> Optional[Dict[str, int]]:
+        with self._lock:
+            entry = self._entries.pop(path, None)
+        if entry is None or entry[0] < time.monotonic():
+            return None
+        return entry[1]
+
+    def clear(self) -> None:
+        with self._lock:
+            self._entries.clear()
+
+
 def make_operations(link: Link, prefix: bytes):
     """Build the mfusepy Operations object serving the local tree at *prefix*."""
     import mfusepy
+
+    cache = AttrCache()
 
     def wire(path: str) -> str:
         raw = path.encode("utf-8", "surrogateescape")
@@ -243,10 +281,18 @@ def make_operations(link: Link, prefix: bytes):
         return P.name_to_wire(full or b"/")
 
     def call(op: str, args: Dict[str, Any], payload: bytes = b"") -> Tuple[Dict[str, Any], bytes]:
+        if op in MUTATING_OPS:
+            cache.clear()
         try:
-            return link.call(op, args, payload)
+            header, data = link.call(op, args, payload)
         except OSError as exc:
             raise mfusepy.FuseOSError(exc.errno or errno.EIO)
+        for item in header.get("push") or ():
+            try:
+                cache.put(item[0], item[1])
+            except (IndexError, TypeError):
+                continue
+        return header, data
 
     class MirrorOperations(mfusepy.Operations):
         use_ns = True
@@ -261,18 +307,26 @@ def make_operations(link: Link, prefix: bytes):
             args: Dict[str, Any] = {"path": wire(path)}
             if fh is not None and fh:
                 args["fh"] = fh
+            else:
+                cached = cache.get(args["path"])
+                if cached is not None:
+                    return cached
             return call("getattr", args)[0]["st"]
 
         def readlink(self, path: str) -> str:
             return call("readlink", {"path": wire(path)})[1].decode("utf-8", "surrogateescape")
 
         def readdir(self, path: str, fh: int):
-            header, payload = call("readdir", {"path": wire(path)})
+            where = wire(path)
+            header, payload = call("readdir", {"path": where})
             names = payload.split(b"\0") if payload else []
             attrs = header.get("attrs") or [None] * len(names)
             out: List[Any] = [(".", None, 0), ("..", None, 0)]
+            base = where.rstrip("/") + "/"
             for name, st in zip(names, attrs):
-                out.append((name.decode("utf-8", "surrogateescape"), st, 0))
+                text = name.decode("utf-8", "surrogateescape")
+                cache.put(base + text, st)
+                out.append((text, st, 0))
             return out
 
         def statfs(self, path: str) -> Dict[str, int]:

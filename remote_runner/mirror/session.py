@@ -26,7 +26,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
-from remote_runner.errors import MirrorError
+from remote_runner.errors import EXIT_LINK, MirrorError
 from remote_runner.mirror import protocol as P
 from remote_runner.mirror.bundle import NEED_MARKER, AgentBundle, build_bundle
 from remote_runner.mirror.service import LocalFileService
@@ -488,13 +488,10 @@ def run_command(conn: Any, argv: Sequence[str], *, cwd: Optional[str] = None,
     if "status" in result:
         return ExecResult(status=result["status"])
     if "fail" in result:
-        return ExecResult(status=P_EXIT_LINK, message=f"host {link.host}: {result['fail']}")
-    return ExecResult(status=P_EXIT_LINK, link_lost=True,
+        return ExecResult(status=EXIT_LINK, message=f"host {link.host}: {result['fail']}")
+    return ExecResult(status=EXIT_LINK, link_lost=True,
                       message=f"host {link.host}: the link to the mirror agent was lost "
                               f"({link.lost_reason}); the remote command was stopped")
-
-
-P_EXIT_LINK = 254
 
 
 def _winsize(fd: int) -> Tuple[int, int]:
