@@ -381,3 +381,47 @@ def test_pty_mode_and_window_size(agent_pyz, tmp_path):
         os.close(master)
     assert result.status == 6
     assert b"33 101" in b"".join(chunks)
+
+
+def test_whole_process_tree_is_cleaned_up_when_the_command_ends(agent_pyz, tmp_path):
+    """Background children, even ones that left the process group (setsid), do not outlive the command."""
+    run = run_local(agent_pyz, tmp_path, ["sh", "-c",
+                                          "sleep 1000 & echo $! > bg; setsid sleep 1000 & echo $! > detached; "
+                                          "sleep 0.2; exit 0"])
+    assert run.status == 0
+    pids = [int((tmp_path / name).read_text()) for name in ("bg", "detached")]
+
+    def alive(pid: int) -> bool:
+        try:
+            with open(f"/proc/{pid}/stat") as fh:
+                return fh.read().rsplit(")", 1)[1].split()[0] not in ("Z", "X")
+        except OSError:
+            return False
+
+    end = time.monotonic() + 30
+    while any(alive(p) for p in pids) and time.monotonic() < end:
+        time.sleep(0.05)
+    assert not any(alive(p) for p in pids)
+
+
+def test_version_mismatch_is_a_clear_error(tmp_path):
+    """An agent speaking another protocol major version is refused up front."""
+    from remote_runner.errors import MirrorError
+    from remote_runner.mirror import protocol as P
+
+    fake = tmp_path / "fake_agent.py"
+    fake.write_text(
+        "import sys, json, struct\n"
+        "h = json.dumps({'t': 'hello', 'v': '99.0', 'machine': 'x'}).encode()\n"
+        "sys.stdout.buffer.write(struct.pack('!II', len(h), 0) + h); sys.stdout.flush()\n"
+        "sys.stdin.read()\n")
+    stream = PipeStream([sys.executable, str(fake)])
+    try:
+        with pytest.raises(MirrorError, match="protocol version '99.0' is not compatible"):
+            run_command(None, ["true"], cwd=str(tmp_path), stream=stream)
+    finally:
+        stream.proc.kill()
+        stream.proc.wait()
+        for f in (stream.proc.stdin, stream.proc.stdout, stream.proc.stderr):
+            f.close()
+    assert P.PROTOCOL_VERSION.split(".")[0] != "99"

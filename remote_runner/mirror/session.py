@@ -385,7 +385,11 @@ def open_agent(conn: Any, mode: str, options: MirrorOptions, roots: Optional[Lis
         stream = ChannelStream(channel)
     service = LocalFileService(roots=roots)
     link = LocalLink(stream, service, options, host=host)
-    link.handshake(bundle)
+    try:
+        link.handshake(bundle)
+    except BaseException:
+        link.close()
+        raise
     return link
 
 
