@@ -441,6 +441,11 @@ class Mount:
         options = dict(foreground=True, fsname="remote-runner", subtype="mirror",
                        default_permissions=True, use_ino=True,
                        attr_timeout=timeouts, entry_timeout=timeouts)
+        if os.geteuid() == 0:
+            # Commands that switch users (su, sudo -u) still reach their files; the
+            # kernel checks permissions (default_permissions) and the mount is
+            # only visible in our private mount namespace.
+            options["allow_other"] = True
 
         def run() -> None:
             try:
