@@ -275,3 +275,30 @@ def test_agent_is_uploaded_once_then_found_by_hash(lab, workdir):
     second = rr_exec(lab, "h2", ["true"], workdir, "-l", "INFO")
     assert second.returncode == 0
     assert b"uploading" not in second.stderr
+
+
+def test_serve_components_for_the_runner(lab, local_only, workdir):
+    """The hook remote_runner.runner calls: one mirror per host, argv per component."""
+    from types import SimpleNamespace
+
+    from remote_runner.mirror import serve_components
+    from remote_runner.ssh import Connection, SSHOptions
+
+    (local_only / "comp.sh").write_text('#!/bin/sh\necho "$1 on $(hostname)" >> comp.out\n')
+    (local_only / "comp.sh").chmod(0o755)
+    specs = [SimpleNamespace(name=f"c{i}", host=host, executable=str(local_only / "comp.sh"),
+                             args=(f"c{i}",), base_dir=str(workdir)) for i, host in enumerate(["h1", "h2"])]
+    conns = {h: Connection(h, SSHOptions(ssh_config_file=lab.ssh_config)).connect() for h in ("h1", "h2")}
+    try:
+        mirrors = serve_components(conns, specs)
+        try:
+            for spec in specs:
+                argv = mirrors.argv(spec, "/tmp")
+                proc = ssh(lab, spec.host, "cd /tmp && " + shlex.join(argv), check=False)
+                assert proc.returncode == 0, proc.stderr
+        finally:
+            mirrors.close()
+        assert sorted((workdir / "comp.out").read_text().splitlines()) == ["c0 on h1", "c1 on h2"]
+    finally:
+        for conn in conns.values():
+            conn.close()

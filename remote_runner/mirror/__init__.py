@@ -14,10 +14,13 @@ Modules:
 * :mod:`.service` -- the local file service (handle table, errno preserved);
 * :mod:`.agent` -- the remote side (namespaces, FUSE, command, daemon/attach);
 * :mod:`.bundle` -- the shipped zipapp and its cache-or-upload launch line;
+* :mod:`.components` -- :func:`serve_components` for the runner (one daemon per host);
 * :mod:`.session` -- the local side: :func:`~.session.run_command` (``remote-runner exec``)
   and :class:`~.session.MirrorServer` (the runner's ``component.mirror = True``).
 
-Runner API::
+Runner API: ``remote_runner.runner`` calls :func:`serve_components` (connections,
+mirrored specs) and gets an object with ``argv(spec, base_dir)`` and ``close()``;
+underneath, per host::
 
     from remote_runner.mirror.session import MirrorServer
     server = MirrorServer(conn).start()       # conn: remote_runner.ssh.Connection
@@ -29,3 +32,9 @@ Runner API::
 Exit codes of ``exec``: the command's own status; 254 (errors.EXIT_LINK)
 when the tool or the link failed.
 """
+
+
+def serve_components(connections, specs):
+    """Start the mirrors the runner needs; see :func:`remote_runner.mirror.components.serve_components`."""
+    from remote_runner.mirror.components import serve_components as _serve
+    return _serve(connections, specs)
