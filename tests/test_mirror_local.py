@@ -425,3 +425,19 @@ def test_version_mismatch_is_a_clear_error(tmp_path):
         for f in (stream.proc.stdin, stream.proc.stdout, stream.proc.stderr):
             f.close()
     assert P.PROTOCOL_VERSION.split(".")[0] != "99"
+
+
+@pytest.mark.parametrize("library", ["libfuse.so.2", "libfuse3.so.3"])
+def test_works_with_either_libfuse(agent_pyz, tmp_path, monkeypatch, library):
+    """Hosts may have only libfuse 2 or only libfuse 3."""
+    import ctypes
+    try:
+        ctypes.CDLL(library)
+    except OSError:
+        pytest.skip(f"{library} is not installed here")
+    monkeypatch.setenv("FUSE_LIBRARY_PATH", library)  # what the agent would pick on such a host
+    (tmp_path / "f").write_text("one\n")
+    run = run_local(agent_pyz, tmp_path, ["sh", "-c", "echo two >> f; mv f g; mkfifo p; cat g; exit 3"])
+    assert run.status == 3, run.err
+    assert run.out == b"one\ntwo\n"
+    assert stat.S_ISFIFO(os.lstat(tmp_path / "p").st_mode)
