@@ -302,3 +302,39 @@ def test_serve_components_for_the_runner(lab, local_only, workdir):
     finally:
         for conn in conns.values():
             conn.close()
+
+
+def test_mirror_server_link_loss_ends_window_commands(lab, workdir):
+    """Killing the daemon's SSH session: the window command exits 254 and the job is killed."""
+    from remote_runner.mirror.session import MirrorServer
+    from remote_runner.ssh import Connection, SSHOptions
+
+    conn = Connection("h2", SSHOptions(ssh_config_file=lab.ssh_config)).connect()
+    window = None
+    try:
+        server = MirrorServer(conn).start()
+        argv = server.window_argv(["sh", "-c", "echo $$ > job.pid; exec sleep 1000"], cwd=str(workdir))
+        window = subprocess.Popen(["ssh", "-F", lab.ssh_config, "-o", "BatchMode=yes", "h2", shlex.join(argv)],
+                                  stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        pidfile = workdir / "job.pid"
+        end = time.monotonic() + 120
+        while not (pidfile.exists() and pidfile.read_text().strip()):
+            assert time.monotonic() < end and window.poll() is None
+            time.sleep(0.1)
+        job = int(pidfile.read_text())
+        sshd = _ppid(lab, "h2", server.agent_pid)
+        ssh(lab, "h2", f"kill -KILL {sshd}")
+        _, err = window.communicate(timeout=120)
+        assert window.returncode == 254
+        assert b"link lost" in err or b"went away" in err
+        end = time.monotonic() + 60
+        while _host_pid_alive(lab, "h2", job) and time.monotonic() < end:
+            time.sleep(0.2)
+        assert not _host_pid_alive(lab, "h2", job)
+        assert not _host_pid_alive(lab, "h2", server.agent_pid)
+        server.close()
+    finally:
+        if window is not None and window.poll() is None:
+            window.kill()
+            window.wait()
+        conn.close()

@@ -909,7 +909,12 @@ def run_daemon(link: Link, boot: Dict[str, Any]) -> int:
             threading.Thread(target=_relay_signals, args=(conn, command), daemon=True).start()
             returncode = command.proc.wait()
             command.kill_group()
-            conn.sendall(json.dumps({"status": exit_code(returncode)}).encode() + b"\n")
+            if link.lost.is_set():
+                reply = {"error": "link lost (%s): the mirror is gone, the command was stopped"
+                         % link.lost_reason, "status": EXIT_LINK}
+            else:
+                reply = {"status": exit_code(returncode)}
+            conn.sendall(json.dumps(reply).encode() + b"\n")
         except (OSError, ValueError) as exc:
             LOG.debug("attach client failed: %s", exc)
         finally:

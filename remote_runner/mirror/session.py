@@ -578,6 +578,8 @@ class MirrorServer:
         self.socket_path = ""
         self.agent_path = ""
         self.python = "python3"
+        #: The agent's pid on the host (for diagnostics).
+        self.agent_pid = 0
         self._ready = threading.Event()
         self._fail = ""
 
@@ -590,6 +592,7 @@ class MirrorServer:
 
         def on_ready(header: Dict[str, Any], _: bytes) -> None:
             self.socket_path = str(header.get("socket") or "")
+            self.agent_pid = int(header.get("pid") or 0)
             self._ready.set()
 
         def on_fail(header: Dict[str, Any], _: bytes) -> None:
