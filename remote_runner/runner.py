@@ -28,26 +28,24 @@ from __future__ import annotations
 
 import logging
 import os
-import posixpath
 import shlex
 import subprocess
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import (TYPE_CHECKING, Any, Callable, Dict, Iterable, List, Optional, Protocol,
-                    Sequence, Tuple, TypeVar)
+from typing import (TYPE_CHECKING, Any, Callable, Dict, List, Optional, Protocol, Sequence,
+                    Tuple)
 
 from remote_runner import screen as scr
 from remote_runner import sync
 from remote_runner.errors import (CommandTimeout, ComponentFailed, ConfigError, CopyError,
-                                  MirrorError, RunnerError, StartError)
+                                  MirrorError, StartError)
 
 if TYPE_CHECKING:  # pragma: no cover
     from remote_runner.config import ComponentSpec, Experiment
     from remote_runner.ssh import Connection, SSHOptions
 
 LOG = logging.getLogger(__name__)
-T = TypeVar("T")
 
 DEFAULT_STATE_DIR = "~/.remote-runner/{screen}"
 #: Longest a single wait-poll command runs on a host before reporting back.
@@ -458,51 +456,17 @@ class Runner:
     def _poll_status(self, host: str, places: List[Placement], seconds: float
                      ) -> Dict[str, Tuple[str, str]]:
         """Run one bounded poll on *host*; return stem -> (DONE|GONE|RUNNING, value)."""
-        rounds = max(1, int(seconds * 5))
-        body = "".join(
-            f"  if [ -s {shlex.quote(p.window.status_file)} ] || ! kill -0 "
-            f"\"$(cat {shlex.quote(p.window.pid_file)} 2>/dev/null)\" 2>/dev/null; then n=1; fi\n"
-            for p in places)
-        report = "".join(
-            f"if [ -s {shlex.quote(p.window.status_file)} ]; then "
-            f"echo \"DONE {p.window.stem} $(cat {shlex.quote(p.window.status_file)})\"; "
-            f"elif kill -0 \"$(cat {shlex.quote(p.window.pid_file)} 2>/dev/null)\" 2>/dev/null; then "
-            f"echo \"RUNNING {p.window.stem} -\"; "
-            f"elif [ -s {shlex.quote(p.window.status_file)} ]; then "
-            f"echo \"DONE {p.window.stem} $(cat {shlex.quote(p.window.status_file)})\"; "
-            f"else echo \"GONE {p.window.stem} -\"; fi\n" for p in places)
-        script = (f"i=0\nwhile [ $i -lt {rounds} ]; do\n  n=0\n{body}"
-                  f"  [ $n -gt 0 ] && break\n  sleep 0.2 2>/dev/null || sleep 1\n  i=$((i+1))\n"
-                  f"done\n{report}")
-        result = self.shells[host].script(script, timeout=seconds + 60)
-        states = {}
-        for line in result.stdout.splitlines():
-            parts = line.split(" ", 2)
-            if len(parts) == 3 and parts[0] in ("DONE", "RUNNING", "GONE"):
-                states[parts[1]] = (parts[0], parts[2].strip())
-        return states
+        return scr.poll_windows(self.shells[host], [p.window for p in places], seconds)
 
     def _terminate_on_host(self, host: str, places: List[Placement]) -> None:
-        """Send SIGTERM to each window's process group, then SIGKILL after the grace period."""
-        pids = [p.window.pid_file for p in places]
-        words = " ".join(shlex.quote(p) for p in pids)
-        rounds = max(1, int(self.options.terminate_grace * 5))
-        # pg FILE prints the recorded process group, and nothing unless it is a pid > 1.
-        script = ("pg() { p=$(cat \"$1\" 2>/dev/null); case $p in ''|*[!0-9]*) return 1;; esac; "
-                  "[ \"$p\" -gt 1 ] && echo \"$p\"; }\n"
-                  f"for f in {words}; do p=$(pg \"$f\") && kill -TERM -\"$p\" 2>/dev/null; done\n"
-                  f"i=0\nwhile [ $i -lt {rounds} ]; do\n  alive=0\n"
-                  f"  for f in {words}; do p=$(pg \"$f\") && kill -0 -\"$p\" 2>/dev/null "
-                  f"&& alive=1; done\n  [ $alive = 0 ] && break\n"
-                  f"  sleep 0.2 2>/dev/null || sleep 1\n  i=$((i+1))\ndone\n"
-                  f"for f in {words}; do p=$(pg \"$f\") && kill -KILL -\"$p\" 2>/dev/null "
-                  f"&& echo \"KILLED $f\"; done\nexit 0\n")
-        result = self.shells[host].script(script, timeout=self.options.terminate_grace + 60)
+        """Stop the windows of *places* by process group (TERM, then KILL after the grace)."""
+        killed = scr.stop_windows(self.shells[host], [p.window for p in places],
+                                  self.options.terminate_grace)
         for place in places:
             self.report.components[place.spec.key].terminated = True
             LOG.info("%s: terminated %s", host, place.spec.name)
-        if "KILLED" in result.stdout:
-            LOG.warning("%s: some components ignored SIGTERM and were killed", host)
+        if killed:
+            LOG.warning("%s: %s ignored SIGTERM and got SIGKILL", host, ", ".join(killed))
 
     # -- helpers ------------------------------------------------------------
 

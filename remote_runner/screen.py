@@ -28,7 +28,7 @@ import hashlib
 import re
 import shlex
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Dict, List, Optional, Sequence
+from typing import TYPE_CHECKING, Dict, List, Optional, Sequence, Tuple
 
 from remote_runner.errors import ConfigError, StartError
 
@@ -148,8 +148,8 @@ exit "$rc"
 
 def rc_text(state_dir: str, zombie: bool) -> str:
     """Return the rc file a new session is created with."""
-    return RC_TEMPLATE.format(zombie="zombie kr" if zombie else "zombie off",
-                              log_dir=state_dir)
+    # A bare "zombie" (no keys) is screen's way of saying "off".
+    return RC_TEMPLATE.format(zombie="zombie kr" if zombie else "zombie", log_dir=state_dir)
 
 
 def heredoc_write(path: str, content: str, mode: str = "644") -> str:
@@ -182,7 +182,7 @@ class Screen:
     def sessions(self) -> List[str]:
         """Return the ids of the sessions with exactly this name."""
         result = self.shell.script("command -v screen >/dev/null 2>&1 || { echo NO-SCREEN; exit 0; }\n"
-                                   "screen -ls\n", timeout=60)
+                                   "screen -wipe >/dev/null 2>&1\nscreen -ls\n", timeout=60)
         if "NO-SCREEN" in result.stdout.splitlines():
             raise StartError(f"host {self.shell.host}: GNU screen is not installed (or not on PATH)")
         return parse_sessions(result.stdout, self.name)
@@ -253,6 +253,62 @@ class Screen:
                              f"{self.name!r} ({result.stdout.strip() or 'no output'}; "
                              f"{result.stderr.strip()})")
         self.session_id = new[0]
+
+
+def poll_windows(shell: "Shell", windows: Sequence[Window], seconds: float
+                 ) -> Dict[str, Tuple[str, str]]:
+    """Wait up to *seconds* for any window to end; return stem -> (DONE|GONE|RUNNING, value).
+
+    DONE carries the recorded exit status; GONE means the launcher is no longer
+    running yet left no status (its window was killed).
+    """
+    rounds = max(1, int(seconds * 5))
+    q = shlex.quote
+    body = "".join(f"  if [ -s {q(w.status_file)} ] || ! kill -0 \"$(cat {q(w.pid_file)} "
+                   f"2>/dev/null)\" 2>/dev/null; then n=1; fi\n" for w in windows)
+    done = {w.stem: f"echo \"DONE {w.stem} $(cat {q(w.status_file)})\"" for w in windows}
+    report = "".join(
+        f"if [ -s {q(w.status_file)} ]; then {done[w.stem]}; "
+        f"elif kill -0 \"$(cat {q(w.pid_file)} 2>/dev/null)\" 2>/dev/null; then "
+        f"echo \"RUNNING {w.stem} -\"; "
+        f"elif [ -s {q(w.status_file)} ]; then {done[w.stem]}; "
+        f"else echo \"GONE {w.stem} -\"; fi\n" for w in windows)
+    script = (f"i=0\nwhile [ $i -lt {rounds} ]; do\n  n=0\n{body}"
+              f"  [ $n -gt 0 ] && break\n  sleep 0.2 2>/dev/null || sleep 1\n  i=$((i+1))\n"
+              f"done\n{report}")
+    result = shell.script(script, timeout=seconds + 60)
+    states = {}
+    for line in result.stdout.splitlines():
+        parts = line.split(" ", 2)
+        if len(parts) == 3 and parts[0] in ("DONE", "RUNNING", "GONE"):
+            states[parts[1]] = (parts[0], parts[2].strip())
+    return states
+
+
+#: ``pg FILE`` prints the process group recorded in FILE, only if it is a number > 1
+#: (so that a damaged pid file can never turn into ``kill -1``).
+_PG_FUNCTION = ("pg() { p=$(cat \"$1\" 2>/dev/null); case $p in ''|*[!0-9]*) return 1;; esac; "
+                "[ \"$p\" -gt 1 ] && echo \"$p\"; }\n")
+
+
+def stop_windows(shell: "Shell", windows: Sequence[Window], grace: float) -> List[str]:
+    """SIGTERM each window's process group, SIGKILL what is left after *grace*; return those."""
+    if not windows:
+        return []
+    by_file = {w.pid_file: w.stem for w in windows}
+    words = " ".join(shlex.quote(f) for f in by_file)
+    rounds = max(1, int(grace * 5))
+    script = (_PG_FUNCTION +
+              f"for f in {words}; do p=$(pg \"$f\") && kill -TERM -\"$p\" 2>/dev/null; done\n"
+              f"i=0\nwhile [ $i -lt {rounds} ]; do\n  alive=0\n"
+              f"  for f in {words}; do p=$(pg \"$f\") && kill -0 -\"$p\" 2>/dev/null "
+              f"&& alive=1; done\n  [ $alive = 0 ] && break\n"
+              f"  sleep 0.2 2>/dev/null || sleep 1\n  i=$((i+1))\ndone\n"
+              f"for f in {words}; do p=$(pg \"$f\") && kill -KILL -\"$p\" 2>/dev/null "
+              f"&& echo \"KILLED $f\"; done\nexit 0\n")
+    result = shell.script(script, timeout=grace + 60)
+    return [by_file[line[7:]] for line in result.stdout.splitlines()
+            if line.startswith("KILLED ") and line[7:] in by_file]
 
 
 def _poll_files(paths: Sequence[str], timeout: float) -> str:

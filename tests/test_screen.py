@@ -8,8 +8,10 @@ quit at the end.
 
 from __future__ import annotations
 
+import os
 import shlex
 import subprocess
+import threading
 import time
 
 import pytest
@@ -245,3 +247,39 @@ def test_quoting_helper_round_trip(tmp_path):
     assert target.read_text() == "line $HOME `id`\nRR_EOF\n"
     assert oct(target.stat().st_mode & 0o777) == "0o755"
     assert shlex.quote(str(target)) in script
+
+
+def launched(tmp_path, stem, argv):
+    """Start a launcher for *argv* locally in the background (no screen) and return its Window."""
+    window = scr.Window(stem, stem, str(tmp_path))
+    path = tmp_path / f"{stem}.launch"
+    path.write_text(scr.launcher_text(window, argv, str(tmp_path), stem))
+    proc = subprocess.Popen(["/bin/sh", str(path)], start_new_session=True)
+    threading.Thread(target=proc.wait, daemon=True).start()  # reap like screen does
+    poll(lambda: (tmp_path / f"{stem}.pid").exists(), "pid file")
+    return window, proc
+
+
+def test_poll_and_stop_windows_by_process_group(tmp_path):
+    """Status polling and TERM/KILL of process groups, on launchers run by a local shell."""
+    shell = LocalShell()
+    quick, p1 = launched(tmp_path, "quick", ["/bin/sh", "-c", "exit 5"])
+    soft, p2 = launched(tmp_path, "soft", ["/bin/sleep", "600"])
+    hard, p3 = launched(tmp_path, "hard", ["/bin/sh", "-c", "trap '' TERM; sleep 600 & wait"])
+    try:
+        p1.wait(timeout=60)
+        states = scr.poll_windows(shell, [quick, soft, hard], seconds=0.5)
+        assert states == {"quick": ("DONE", "5"), "soft": ("RUNNING", "-"),
+                          "hard": ("RUNNING", "-")}
+        assert scr.stop_windows(shell, [soft], grace=120) == []  # returns once the group is gone
+        assert scr.stop_windows(shell, [hard], grace=0.5) == ["hard"]
+        assert p2.wait(timeout=60) == 143
+        p3.wait(timeout=60)
+        assert (tmp_path / "soft.status").read_text().strip() == "143"
+        states = scr.poll_windows(shell, [soft, hard], seconds=0.5)
+        assert states["soft"] == ("DONE", "143") and states["hard"][0] == "GONE"
+    finally:
+        for proc in (p1, p2, p3):
+            if proc.poll() is None:
+                os.killpg(proc.pid, 9)
+                proc.wait()

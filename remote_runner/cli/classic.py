@@ -32,7 +32,8 @@ Flags (SPAR's names, short forms and defaults, plus a few additions):
 ``-t`` differs from SPAR: SPAR's flag was inverted (termination by ``killall`` was the
 default and ``-t`` turned it *off*, contrary to its help text). Here ``-t`` turns
 termination *on* and the default is off. Termination signals each window's process
-group (SIGTERM, then SIGKILL after a grace period); nothing is killed by name.
+group (SIGTERM, then SIGKILL after a grace period); nothing is killed by name. With no
+wait=True component there is no "end" to wait for, so ``-t`` only logs a warning.
 
 Exit codes: 0 ok; 1 internal error; 2 usage or config error (with file:line);
 3 connection, host-key or authentication error; 4 copy error (missing source,
@@ -44,11 +45,17 @@ from __future__ import annotations
 
 import argparse
 import logging
+import shlex
 import sys
-from typing import List, Optional, Sequence
+from typing import TYPE_CHECKING, List, Optional, Sequence
 
 from remote_runner import __version__
 from remote_runner.cli import EXIT_CODES_HELP, run_guarded, setup_logging
+from remote_runner.errors import ConfigError
+
+if TYPE_CHECKING:  # pragma: no cover
+    from remote_runner.config import Experiment
+    from remote_runner.runner import RunOptions
 
 LOG = logging.getLogger(__name__)
 
@@ -151,8 +158,11 @@ def run_command(args: argparse.Namespace) -> int:
     from remote_runner.ssh import SSHOptions, resolve_password
 
     if args.forks < 1:
-        from remote_runner.errors import ConfigError
         raise ConfigError("--forks must be at least 1", field="--forks")
+    for flag, value in (("--wait-timeout", args.wait_timeout),
+                        ("--connect-timeout", args.connect_timeout)):
+        if value is not None and value <= 0:
+            raise ConfigError(f"{flag} must be a positive number of seconds", field=flag)
     password = resolve_password(args.ssh_pass, args.ask_pass)
     experiment = load_experiment(args.config_file, args, args.muddler, args.arg_parser,
                                  args.extra_args)
@@ -171,10 +181,9 @@ def run_command(args: argparse.Namespace) -> int:
     return 0
 
 
-def dry_run(experiment, options) -> int:
+def dry_run(experiment: "Experiment", options: "RunOptions") -> int:
     """Log what a run would start, in order, without contacting any host."""
     from remote_runner.runner import Runner, component_argv
-    import shlex
 
     Runner(experiment, options).preflight()
     for spec in sorted(experiment.components, key=lambda s: (s.start_index, s.host)):
