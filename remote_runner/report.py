@@ -47,13 +47,7 @@ def upload_progress(enabled: Optional[bool] = None,
 
 
 def log_summary(report: "RunReport") -> None:
-    """Log where each component runs and how waited components ended."""
+    """Log where each host's session is and how to attach to it."""
     for host, session in sorted(report.session.items()):
-        LOG.info("%s: screen session %s (attach: ssh %s screen -r %s)", host, session, host, session)
-    for result in report.components.values():
-        if result.failure:
-            continue
-        if result.status is not None:
-            LOG.info("%s: %s finished with status %d", result.host, result.name, result.status)
-        elif result.terminated:
-            LOG.info("%s: %s terminated", result.host, result.name)
+        LOG.info("%s: screen session %s (attach: ssh -t %s screen -r %s)", host, session, host,
+                 session)

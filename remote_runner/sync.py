@@ -138,7 +138,8 @@ def remote_sha1(shell: "Shell", paths: Sequence[str]) -> Tuple[Dict[str, str], s
     hashable = [p for p in paths if "\n" not in p and "\\" not in p]
     if not hashable:
         return {}, "openssl"
-    lines = [f"if command -v openssl >/dev/null 2>&1; then H='openssl dgst -sha1 -r'; "
+    # openssl first; sha1sum where openssl is missing or cannot do "-r" (old LibreSSL).
+    lines = ["if openssl dgst -sha1 -r /dev/null >/dev/null 2>&1; then H='openssl dgst -sha1 -r'; "
              f"else echo {NO_OPENSSL_MARK}; H='sha1sum -b'; fi"]
     for start in range(0, len(hashable), HASH_CHUNK):
         words = " ".join(shlex.quote(p) for p in hashable[start:start + HASH_CHUNK])
@@ -187,7 +188,8 @@ def changed_files(shell: "Shell", sftp: Any, plan: Plan) -> Tuple[List[Upload], 
         return upload, [], "openssl"
     hashes, tool = remote_sha1(shell, [c.dest for c in candidates])
     if tool != "openssl":
-        LOG.warning("%s: openssl is not installed; comparing files with sha1sum", plan.host)
+        LOG.warning("%s: openssl is not installed (or failed); comparing files with sha1sum",
+                    plan.host)
     same = []
     for item in candidates:
         if hashes.get(item.dest) == local_sha1(item.src):
