@@ -275,3 +275,54 @@ def test_terminate_flag_stops_other_components(lab, env):
     assert "INFO: h1: terminated daemon" in out.stderr
     pid = ssh(lab, "h1", f"cat {env['state']}/daemon.pid").stdout.strip()
     assert ssh(lab, "h1", f"kill -0 {pid}", check=False).returncode != 0
+
+
+def test_run_on_a_foreign_distribution(lab, env, foreign_host):
+    """Another Debian release with its own root: screen, sh, openssl and paths are its own."""
+    (env["tmp"] / "tool.sh").write_text('#!/bin/sh\nprintf "%s|" "$@"; echo; cat /etc/debian_version\n')
+    (env["tmp"] / "tool.sh").chmod(0o755)
+    config = write_config(env["tmp"], f"""
+        c = Component()
+        c.name = 'tool'
+        c.host = '{foreign_host}'
+        c.executable = 'tool.sh'
+        c.args = ['$HOME', 'a b', "q'uote"]
+        c.base_dir = '{env["base"]}'
+        c.files = {{'tool.sh': 'tool.sh'}}
+        c.start_index = 0
+        c.wait = True
+        config.add_component(c)
+    """)
+    for expected in ("copied 1 file", "copied 0 files"):
+        out = cli("-c", config, *base_args(lab, env))
+        assert out.returncode == 0, out.stderr
+        assert f"INFO: {foreign_host}: {expected}" in out.stderr
+    log = ssh(lab, foreign_host, f"cat {env['state']}/tool.log").stdout
+    assert "$HOME|a b|q'uote|" in log and log.split("\n")[1].startswith("11.")
+    ssh(lab, foreign_host, f"for s in $(screen -ls | awk '/[.]{env['screen']}\\t/ {{print $1}}'); "
+                           f"do screen -S $s -X quit; done; rm -rf {env['state']} {env['base']}",
+        check=False)
+
+
+def test_run_as_a_non_root_user_uses_its_home(lab, env):
+    ssh_config = env["tmp"] / "ssh_config"
+    ssh_config.write_text(open(lab.ssh_config).read().replace("User root", "User rrtest"))
+    config = write_config(env["tmp"], """
+        c = Component()
+        c.name = 'who'
+        c.host = 'h3'
+        c.executable = '/bin/sh'
+        c.args = ['-c', 'test "$(id -un)" = rrtest && test "$PWD" != "$HOME"']
+        c.start_index = 0
+        c.wait = True
+        config.add_component(c)
+    """)
+    out = cli("-c", config, "-F", str(ssh_config), "--screen", env["screen"])
+    try:
+        assert out.returncode == 0, out.stderr
+        assert "INFO: h3: who exited with status 0" in out.stderr
+        status = ssh(lab, "h3", f"cat ~/.remote-runner/{env['screen']}/who.status", user="rrtest")
+        assert status.stdout.strip() == "0"
+    finally:
+        ssh(lab, "h3", f"screen -S {env['screen']} -X quit; rm -rf ~/.remote-runner/{env['screen']}",
+            check=False, user="rrtest")
