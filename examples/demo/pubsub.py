@@ -70,7 +70,9 @@ class Handler(socketserver.StreamRequestHandler):
                 self.wfile.write((line + "\n").encode("utf-8"))
                 self.wfile.flush()
             return True
-        except OSError:
+        except (OSError, ValueError):
+            # ValueError: the subscriber left and its stream was closed by
+            # finish() while another client's PUB was delivering to it.
             return False
 
     def handle(self):
