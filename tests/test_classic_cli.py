@@ -326,3 +326,29 @@ def test_run_as_a_non_root_user_uses_its_home(lab, env):
     finally:
         ssh(lab, "h3", f"screen -S {env['screen']} -X quit; rm -rf ~/.remote-runner/{env['screen']}",
             check=False, user="rrtest")
+
+
+def test_no_kill_keeps_windows_and_default_replaces_them(lab, env):
+    config = write_config(env["tmp"], """
+        c = Component()
+        c.name = 'svc'
+        c.host = 'h1'
+        c.executable = '/bin/sleep'
+        c.args = ['600']
+        c.start_index = 0
+        config.add_component(c)
+    """)
+
+    def session_windows():
+        ids = scr.parse_sessions(ssh(lab, "h1", "screen -ls", check=False).stdout, env["screen"])
+        assert len(ids) == 1, ids
+        return ssh(lab, "h1", f"screen -S {ids[0]} -Q windows").stdout.count("svc")
+
+    assert cli("-c", config, *base_args(lab, env)).returncode == 0
+    assert session_windows() == 1
+    out = cli("-c", config, *base_args(lab, env), "--no-kill")
+    assert out.returncode == 0, out.stderr
+    assert "adding windows to existing screen session" in out.stderr
+    assert session_windows() == 2
+    assert cli("-c", config, *base_args(lab, env)).returncode == 0
+    assert session_windows() == 1
