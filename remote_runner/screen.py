@@ -130,6 +130,7 @@ d={d}
 if [ -n "$WINDOW" ]; then
   : > "$d/window-$WINDOW.log" && ln -sf "window-$WINDOW.log" "$d/{s}.log.tmp" && mv -f "$d/{s}.log.tmp" "$d/{s}.log"
 fi
+rm -f "$d/{s}.status"  # a launcher of an earlier run may have written one late
 echo $$ > "$d/{s}.pid.tmp" && mv -f "$d/{s}.pid.tmp" "$d/{s}.pid"
 # Survive the signals meant for the program so its status is still recorded.
 trap : HUP INT QUIT TERM
