@@ -36,8 +36,10 @@ def parse_args(argv: Optional[List[str]]) -> argparse.Namespace:
     p.add_argument("--mirror-delays", default=None,
                    help="delays for the mirror scenario only (default: 10; it is the slow one)")
     p.add_argument("--reps", type=int, default=None, help="runs per measurement (default 3, --quick 1)")
-    p.add_argument("--slow-after", type=float, default=60.0,
-                   help="do not repeat a step that took longer than this many seconds (default 60)")
+    p.add_argument("--slow-after", type=float, default=15.0,
+                   help="do not repeat a step that took longer than this many seconds (default 15)")
+    p.add_argument("--mirror-timeout", type=float, default=90.0,
+                   help="stop a mirror step after this many seconds and report it as '> N s' (default 90)")
     p.add_argument("--work-dir", default=DEFAULT_WORK, help=f"local data directory (default {DEFAULT_WORK})")
     p.add_argument("--out", default=DEFAULT_OUT, help="where results go (default bench/results)")
     p.add_argument("--no-install", action="store_true", help="do not apt-get/pip install the peers")
@@ -88,7 +90,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     report = Report(started, machine_facts(), {
         "scenarios": ", ".join(args.scenario_list), "delays (ms each way)": args.delays,
         "mirror delays": ",".join(f"{d:g}" for d in args.mirror_delay_list),
-        "runs per measurement": args.reps, "quick": args.quick, "slow_after (s)": args.slow_after})
+        "runs per measurement": args.reps, "quick": args.quick,
+        "not repeated when a run takes over (s)": args.slow_after, "mirror step limit (s)": args.mirror_timeout})
     outrun = install(report, args.no_install)
     os.makedirs(args.work_dir, exist_ok=True)
     all_delays = sorted(set(args.delay_list + args.mirror_delay_list))
@@ -96,7 +99,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     with Testbed(all_delays, 1) as testbed:
         for name in args.scenario_list:
             delays = args.mirror_delay_list if name == "mirror" else args.delay_list
-            ctx = Context(testbed, delays, args.reps, args.quick, args.work_dir, outrun, args.slow_after)
+            ctx = Context(testbed, delays, args.reps, args.quick, args.work_dir, outrun, args.slow_after,
+                          args.mirror_timeout if name == "mirror" else 900.0)
             logger.info("scenario %s at %s ms", name, ",".join(f"{d:g}" for d in delays))
             t = time.monotonic()
             try:

@@ -25,7 +25,8 @@ class Context:
     quick: bool
     work_dir: str
     outrun: Optional[Outrun] = None
-    slow_after: float = 60.0
+    slow_after: float = 15.0
+    step_timeout: float = 600.0
     notes: List[str] = field(default_factory=list)
     tag: str = field(default_factory=lambda: uuid.uuid4().hex[:6])
 

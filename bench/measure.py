@@ -15,7 +15,7 @@ import os
 import signal
 import subprocess
 import time
-from typing import Callable, List, Mapping, Optional, Sequence
+from typing import Callable, Mapping, Optional, Sequence
 
 from bench.results import Measurement
 
@@ -24,6 +24,14 @@ logger = logging.getLogger(__name__)
 
 class BenchError(RuntimeError):
     """A benchmark step failed (the tool, not the measurement)."""
+
+
+class StepTimeout(BenchError):
+    """A benchmark step did not finish within its time limit."""
+
+    def __init__(self, argv: Sequence[str], seconds: float) -> None:
+        self.seconds = seconds
+        super().__init__(f"`{' '.join(argv)[:200]}` did not finish within {seconds:g} s")
 
 
 def run(argv: Sequence[str], timeout: float = 600, env: Optional[Mapping[str, str]] = None,
@@ -36,7 +44,7 @@ def run(argv: Sequence[str], timeout: float = 600, env: Optional[Mapping[str, st
         out, err = proc.communicate(stdin, timeout=timeout)
     except subprocess.TimeoutExpired:
         kill_group(proc)
-        raise BenchError(f"`{' '.join(argv)[:200]}` did not finish within {timeout:g} s")
+        raise StepTimeout(argv, timeout)
     if proc.returncode != 0:
         tail = (err or out).decode(errors="replace").strip().splitlines()[-5:]
         raise BenchError(f"`{' '.join(argv)[:200]}` exited {proc.returncode}: {' / '.join(tail)[:600]}")
@@ -65,6 +73,11 @@ def repeat(m: Measurement, step: Callable[[], None], reps: int,
             start = time.perf_counter()
             step()
             elapsed = time.perf_counter() - start
+        except StepTimeout as exc:
+            logger.warning("%s / %s / %s @ %g ms: over %g s", m.scenario, m.case, m.tool, m.delay_ms, exc.seconds)
+            m.skipped = f"did not finish within {exc.seconds:g} s (stopped; > {exc.seconds:g} s)"
+            m.runs.clear()
+            return m
         except Exception as exc:  # a broken tool is a result, not a crash of the bench
             logger.warning("%s / %s / %s @ %g ms failed: %s", m.scenario, m.case, m.tool, m.delay_ms, exc)
             m.skipped = f"failed: {exc}"

@@ -18,7 +18,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import threading
-import time
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Tuple
 
@@ -164,6 +163,10 @@ class ProxySet:
             except Exception as exc:  # pragma: no cover - best effort on shutdown
                 logger.debug("closing proxy: %s", exc)
         self.proxies.clear()
+        try:
+            self._call(_cancel_all(), timeout=10)
+        except Exception as exc:  # pragma: no cover - best effort on shutdown
+            logger.debug("cancelling proxy tasks: %s", exc)
         self._loop.call_soon_threadsafe(self._loop.stop)
         self._thread.join(timeout=10)
         self._loop.close()
@@ -175,11 +178,10 @@ class ProxySet:
         self.close()
 
 
-def wait_until(predicate, timeout: float = 10.0, interval: float = 0.01) -> bool:  # type: ignore[no-untyped-def]
-    """Poll *predicate* until true or *timeout*; return its last value."""
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(interval)
-    return True
+async def _cancel_all() -> None:
+    """Cancel every other task on the running loop and wait for them to finish."""
+    tasks = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
+    for task in tasks:
+        task.cancel()
+    await asyncio.gather(*tasks, return_exceptions=True)
+

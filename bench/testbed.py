@@ -10,7 +10,6 @@ same alias and a ``-F`` path: the only thing that varies is the link.
 from __future__ import annotations
 
 import logging
-import os
 import subprocess
 import tempfile
 from typing import Dict, List, Optional, Sequence

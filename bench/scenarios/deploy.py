@@ -65,6 +65,18 @@ def runner_config(ctx: Context, data: str, hosts: List[str], dest: str) -> str:
     return path
 
 
+def check_copied(ctx: Context, delay: float, hosts: List[str], data: str, dest: str, m: Measurement) -> None:
+    """Mark *m* invalid unless every host has every file with the right total size."""
+    files = [os.path.join(d, f) for d, _, fs in os.walk(data) for f in fs]
+    want = f"{len(files)} {sum(os.path.getsize(f) for f in files)}"
+    for host in hosts:
+        got = ctx.testbed.ssh(delay, host, f"cd {dest} && find . -type f -printf '%s\\n' | "
+                              "awk '{n++; s+=$1} END {print n+0, s+0}'", check=False).stdout.strip()
+        if got != want:
+            m.skipped = f"invalid: {host}:{dest} has {got or 'nothing'} (files bytes), expected {want}"
+            return
+
+
 def run(ctx: Context) -> List[Measurement]:
     """Measure every tool and case at every delay."""
     data = dataset(ctx)
@@ -91,8 +103,10 @@ def run(ctx: Context) -> List[Measurement]:
             else:
                 step = lambda dest=dest: parallel(
                     [["scp", "-q", "-r", "-F", cfg, data + "/.", f"{h}:{dest}/"] for h in hosts], 900)
-            rows.append(repeat(Measurement(SCENARIO, "cold", tool, delay, role), step, ctx.reps, wipe,
-                               ctx.slow_after))
+            cold = repeat(Measurement(SCENARIO, "cold", tool, delay, role), step, ctx.reps, wipe, ctx.slow_after)
+            rows.append(cold)
+            if not cold.skipped:
+                check_copied(ctx, delay, hosts, data, dest, cold)
             if tool == "scp -r":
                 note = "scp has no change detection: it re-copies everything (same as cold)"
                 rows += [skipped(SCENARIO, case, tool, delay, note) for case in ("warm", "one changed")]

@@ -117,7 +117,7 @@ def run(ctx: Context) -> List[Measurement]:
     rows: List[Measurement] = run_local(ctx, loads)
     ctx.notes.append(f"mirror: workloads run on {host} with cwd and files in the local {base}; cold = "
                      f"remote caches removed ({OURS_CACHE} for ours, {OUTRUN_CACHE} for outrun) or a fresh "
-                     "sshfs mount (mount time included)")
+                     f"sshfs mount (mount time included); a step is stopped after {ctx.step_timeout:g} s")
     for delay in ctx.delays:
         cfg = ctx.testbed.ssh_config(delay)
         wipe = lambda path: (lambda: ctx.on_hosts(delay, [host], f"rm -rf {path}"))
@@ -128,7 +128,7 @@ def run(ctx: Context) -> List[Measurement]:
                      for l in loads for c in ("cold", "warm")]
         else:
             rows += measure_tool(ctx, "remote-runner exec", OURS, delay, loads,
-                                 lambda l: (lambda: sh(ours.exec_argv(cfg, host, l.argv), cwd=l.cwd, timeout=600)),
+                                 lambda l: (lambda: sh(ours.exec_argv(cfg, host, l.argv), cwd=l.cwd, timeout=ctx.step_timeout)),
                                  wipe(OURS_CACHE))
         # outrun
         if ctx.outrun is None:
@@ -138,7 +138,7 @@ def run(ctx: Context) -> List[Measurement]:
             o = ctx.outrun
             rows += measure_tool(ctx, "outrun 1.1.0", "peer", delay, loads,
                                  lambda l: (lambda: sh([o.executable, "--ssh", f"-F {cfg}", host, *l.argv],
-                                                       cwd=l.cwd, env=o.env(), timeout=600)),
+                                                       cwd=l.cwd, env=o.env(), timeout=ctx.step_timeout)),
                                  wipe(OUTRUN_CACHE))
         # sshfs + chroot
         if sftp_server() is None:
@@ -150,12 +150,12 @@ def run(ctx: Context) -> List[Measurement]:
             def cold_step(load: Workload):  # type: ignore[no-untyped-def]
                 def step() -> None:
                     mount.mount()
-                    sh(mount.run_argv(load.argv, load.cwd), timeout=600)
+                    sh(mount.run_argv(load.argv, load.cwd), timeout=ctx.step_timeout)
                 return step
 
             try:
                 rows += measure_tool(ctx, "sshfs + chroot", "peer", delay, loads,
-                                     lambda l: (lambda: sh(mount.run_argv(l.argv, l.cwd), timeout=600)),
+                                     lambda l: (lambda: sh(mount.run_argv(l.argv, l.cwd), timeout=ctx.step_timeout)),
                                      mount.unmount, cold_step_for=cold_step,
                                      note="cold includes the mount")
             finally:

@@ -68,7 +68,8 @@ def run(ctx: Context) -> List[Measurement]:
     counts = (1, 4) if ctx.quick else COUNTS
     rows: List[Measurement] = []
     ctx.notes.append(f"scale: at {delay:g} ms each way; {FILES} x 4 KiB files and one /bin/sleep component "
-                     "per host, from scratch every run")
+                     "per host, from scratch every run; ours with -f 32 so that, like the peer, every host "
+                     "is handled at once")
     for count in counts:
         try:
             hosts = ctx.testbed.hosts(count)
@@ -86,7 +87,7 @@ def run(ctx: Context) -> List[Measurement]:
         if missing:
             rows.append(skipped(SCENARIO, f"{count} hosts", "remote_runner", delay, missing, OURS))
         else:
-            argv = ours.runner_argv(runner_config(ctx, data, hosts), cfg, screen)
+            argv = ours.runner_argv(runner_config(ctx, data, hosts), cfg, screen, ["-f", "32"])
             rows.append(repeat(Measurement(SCENARIO, f"{count} hosts", "remote_runner", delay, OURS),
                                lambda argv=argv: sh(argv, timeout=600), ctx.reps, reset, ctx.slow_after))
         rows.append(repeat(Measurement(SCENARIO, f"{count} hosts", "rsync + ssh screen (per host, parallel)",
