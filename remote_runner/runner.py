@@ -297,8 +297,9 @@ class Runner:
         for host, plan in ((j[2].host, j[2]) for j in jobs):
             LOG.info("%s: checking %d file%s (%d bytes)", host, len(plan.files),
                      "" if len(plan.files) == 1 else "s", plan.total_bytes)
+        openers = {host: _lane_opener(self.connections[host]) for host in self.connections}
         self.report.sync = sync.sync_all(jobs, self.options.forks, self.options.always_copy,
-                                         self.progress)
+                                         self.progress, openers)
         for host in sorted(self.report.sync):
             LOG.info("%s", self.report.sync[host].summary())
 
@@ -491,6 +492,14 @@ class Runner:
             for extra in errors[1:]:
                 LOG.error("%s", extra)
             raise errors[0]
+
+
+def _lane_opener(connection: "Connection") -> Callable[[], Any]:
+    """Return a function opening one more SFTP channel on *connection* (for parallel uploads)."""
+    def open_lane() -> Any:
+        import paramiko
+        return paramiko.SFTPClient.from_transport(connection.transport)
+    return open_lane
 
 
 def _shell_path(path: str) -> str:

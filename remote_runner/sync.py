@@ -12,7 +12,8 @@ renamed into place (``posix_rename``): a reader sees the old file or the new
 one, never half of one, and an executable that is running can be replaced
 (its old inode stays alive). A failed upload removes its temporary file.
 Hosts are synced in parallel, bounded by ``--forks``; within a host paramiko's
-``putfo`` pipelines the writes of each file.
+``putfo`` pipelines the writes of each file and several SFTP channels
+(:data:`LANES`) carry different files at once.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ import posixpath
 import secrets
 import shlex
 import stat
+import threading
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Callable, Dict, Iterable, List, Optional, Sequence, Tuple
@@ -39,8 +41,15 @@ LOG = logging.getLogger(__name__)
 #: Files hashed per ``openssl`` invocation (keeps each exec well under ARG_MAX).
 HASH_CHUNK = 500
 NO_OPENSSL_MARK = "RR-NO-OPENSSL"
+#: SFTP channels used at once per host. Each file costs a few round trips
+#: (open, close, chmod, rename) that paramiko cannot pipeline across files, so
+#: small files go through several channels in parallel. Kept under OpenSSH's
+#: default ``MaxSessions 10`` with room for the runner's own commands.
+LANES = 4
 #: Called with (host, bytes_done_delta) while uploading.
 Progress = Callable[[str, int], None]
+#: Opens one more SFTP client on the host's connection (for a parallel lane).
+LaneOpener = Callable[[], Any]
 
 
 @dataclass(frozen=True)
@@ -243,8 +252,60 @@ def _remove_quietly(sftp: Any, path: str) -> None:
         LOG.debug("could not remove temporary file %s", path)
 
 
+def upload_all(sftp: Any, host: str, items: Sequence[Upload], progress: Optional[Progress] = None,
+               open_lane: Optional[LaneOpener] = None, lanes: int = LANES) -> None:
+    """Upload *items* over *sftp* plus up to ``lanes - 1`` extra SFTP channels in parallel."""
+    clients = [sftp]
+    extra: List[Any] = []
+    while open_lane is not None and len(clients) < min(lanes, len(items)):
+        try:
+            extra.append(open_lane())
+        except Exception as exc:  # noqa: BLE001 - a server limit (MaxSessions) is fine
+            LOG.debug("%s: no extra SFTP channel (%s); using %d", host, exc, len(clients))
+            break
+        clients.append(extra[-1])
+    pending = iter(items)
+    lock = threading.Lock()
+    failed = threading.Event()
+
+    def lane(client: Any) -> None:
+        while not failed.is_set():
+            with lock:
+                item = next(pending, None)
+            if item is None:
+                return
+            try:
+                LOG.debug("%s: uploading %s -> %s (%d bytes)", host, item.src, item.dest, item.size)
+                upload_file(client, host, item, progress)
+            except BaseException:
+                failed.set()
+                raise
+
+    try:
+        if len(clients) == 1:
+            lane(sftp)
+            return
+        with ThreadPoolExecutor(max_workers=len(clients)) as pool:
+            futures = [pool.submit(lane, c) for c in clients]
+        errors = [f.exception() for f in futures if f.exception() is not None]
+        if errors:
+            raise errors[0]
+    finally:
+        for client in extra:
+            _close_quietly(client)
+
+
+def _close_quietly(client: Any) -> None:
+    """Close an extra SFTP client, ignoring errors."""
+    try:
+        client.close()
+    except Exception:  # noqa: BLE001 - cleanup only
+        LOG.debug("could not close an SFTP channel")
+
+
 def sync_host(shell: "Shell", sftp: Any, plan: Plan, always_copy: bool = False,
-              progress: Optional[Progress] = None) -> HostSync:
+              progress: Optional[Progress] = None,
+              open_lane: Optional[LaneOpener] = None) -> HostSync:
     """Bring one host up to date with *plan* and report what was done."""
     report = HostSync(plan.host)
     if not plan.files and not plan.dirs:
@@ -255,25 +316,26 @@ def sync_host(shell: "Shell", sftp: Any, plan: Plan, always_copy: bool = False,
         todo, same, report.hash_tool = changed_files(shell, sftp, plan)
     report.skipped = [u.dest for u in same]
     make_dirs(shell, plan)
-    for item in todo:
-        LOG.debug("%s: uploading %s -> %s (%d bytes)", plan.host, item.src, item.dest, item.size)
-        upload_file(sftp, plan.host, item, progress)
-        report.copied.append(item.dest)
-        report.bytes += item.size
+    upload_all(sftp, plan.host, todo, progress, open_lane)
+    report.copied = [u.dest for u in todo]
+    report.bytes = sum(u.size for u in todo)
     return report
 
 
 def sync_all(jobs: Sequence[Tuple["Shell", Callable[[], Any], Plan]], forks: int = 10,
-             always_copy: bool = False, progress: Optional[Progress] = None) -> Dict[str, HostSync]:
+             always_copy: bool = False, progress: Optional[Progress] = None,
+             lane_openers: Optional[Dict[str, LaneOpener]] = None) -> Dict[str, HostSync]:
     """Sync every (shell, sftp factory, plan) job in parallel; raise one CopyError for all failures."""
     reports: Dict[str, HostSync] = {}
     errors: List[RunnerError] = []
+    openers = lane_openers or {}
 
     def one(job: Tuple["Shell", Callable[[], Any], Plan]) -> HostSync:
         shell, sftp_factory, plan = job
         if not plan.files and not plan.dirs:
             return HostSync(plan.host)
-        return sync_host(shell, sftp_factory(), plan, always_copy, progress)
+        return sync_host(shell, sftp_factory(), plan, always_copy, progress,
+                         openers.get(plan.host))
 
     with ThreadPoolExecutor(max_workers=max(1, forks)) as pool:
         futures = [(job[2].host, pool.submit(one, job)) for job in jobs]

@@ -225,3 +225,37 @@ def test_progress_bars_only_on_a_terminal():
         progress("h2", 2048)
     drawn = screen.getvalue()
     assert "h1: uploading" in drawn and "h2: uploading" in drawn
+
+
+def test_many_files_go_through_parallel_sftp_lanes(lab, host, tmp_path):
+    import paramiko
+
+    shell, sftp, base = host
+    src = tmp_path / "many"
+    for i in range(60):
+        (src / f"d{i % 3}").mkdir(parents=True, exist_ok=True)
+        (src / f"d{i % 3}" / f"f{i:03d}").write_bytes(os.urandom(4096))
+    opened = []
+
+    def open_lane():
+        opened.append(paramiko.SFTPClient.from_transport(sftp.get_channel().get_transport()))
+        return opened[-1]
+
+    plan = sync.make_plan("h2", [(FileSpec(str(src), "many", True), base)])
+    report = sync.sync_host(shell, sftp, plan, open_lane=open_lane)
+    assert len(report.copied) == 60 and len(opened) == sync.LANES - 1
+    local = {f"{base}/many/{p.relative_to(src)}": sync.local_sha1(str(p))
+             for p in src.rglob("f*")}
+    remote, _ = sync.remote_sha1(shell, sorted(local))
+    assert remote == local
+    assert ".rr-" not in ssh(lab, "h2", f"find {base}").stdout
+    assert all(client.sock.closed for client in opened)
+
+    def explode(_host, _delta):
+        raise OSError("link dropped")
+
+    for p in src.rglob("f*"):
+        p.write_bytes(os.urandom(4096))
+    with pytest.raises(CopyError):
+        sync.sync_host(shell, sftp, plan, progress=explode, open_lane=open_lane)
+    assert ".rr-" not in ssh(lab, "h2", f"find {base}").stdout
