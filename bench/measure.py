@@ -86,7 +86,7 @@ def repeat(m: Measurement, step: Callable[[], None], reps: int,
         m.runs.append(elapsed)
         logger.info("%s / %s / %s @ %g ms: run %d: %.2f s", m.scenario, m.case, m.tool, m.delay_ms,
                     index + 1, elapsed)
-        if elapsed > slow_after and index + 1 < reps:
+        if min(m.runs) > slow_after and index + 1 < reps:  # every run so far was slow, not one outlier
             m.note = (m.note + "; " if m.note else "") + (
                 f"{len(m.runs)} run(s) only: over {slow_after:g} s, not repeated")
             break

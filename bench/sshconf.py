@@ -1,9 +1,11 @@
 """ssh_config and known_hosts for reaching lab hosts through delay proxies.
 
 Every tool in the benchmark (ours, rsync, scp, sshfs, outrun) is pointed at
-the same aliases ``h1..hN``; only the ssh_config differs per link delay. An
-alias resolves to ``127.0.0.1:<proxy port>``, so OpenSSH is told the real host
-name through ``HostKeyAlias`` and strict checking keeps working. Our own SSH
+the same aliases ``h1..hN``; only the ssh_config differs per link delay. With a
+delay, an alias resolves to ``127.0.0.1:<proxy port>``, so OpenSSH is told the
+real host name through ``HostKeyAlias`` and strict checking keeps working; at
+0 ms it goes straight to the host (a pass-through proxy would only add the
+proxy's own CPU cost to a link that is meant to be ideal). Our own SSH
 layer looks the alias up as ``[alias]:<port>`` (OpenSSH uses the bare alias), and a
 client without HostKeyAlias support would look up ``[127.0.0.1]:<port>``, so the
 known_hosts line carries all three names: every client verifies the same key.
@@ -23,6 +25,13 @@ class Endpoint:
     alias: str
     port: int
     key_line: str  # "<type> <base64>" of the host's key
+    hostname: str = "127.0.0.1"
+
+    def known_names(self) -> str:
+        """Return the comma-separated names a known_hosts line needs for every client."""
+        if self.port == 22:
+            return f"{self.alias},{self.hostname}"
+        return f"{self.alias},[{self.alias}]:{self.port},[{self.hostname}]:{self.port}"
 
 
 def read_host_keys(known_hosts: str) -> Dict[str, str]:
@@ -46,10 +55,10 @@ def write_ssh_config(directory: str, endpoints: List[Endpoint], identity_file: s
     config = os.path.join(directory, name)
     known_lines, config_lines = [], [f"# remote-runner bench: ssh -F {config} h1\n"]
     for ep in endpoints:
-        known_lines.append(f"{ep.alias},[{ep.alias}]:{ep.port},[127.0.0.1]:{ep.port} {ep.key_line}\n")
+        known_lines.append(f"{ep.known_names()} {ep.key_line}\n")
         config_lines.append(
             f"\nHost {ep.alias}\n"
-            f"    HostName 127.0.0.1\n"
+            f"    HostName {ep.hostname}\n"
             f"    Port {ep.port}\n"
             f"    HostKeyAlias {ep.alias}\n"
             f"    User root\n"

@@ -2,8 +2,8 @@
 
 One :class:`Testbed` brings up the lab hosts it needs (``Lab().up(n)``, which
 is idempotent and never takes hosts down), starts one :class:`DelayProxy` per
-(host, delay) and writes one ssh_config per delay in which the aliases
-``h1..hN`` reach the hosts through those proxies. Every tool then gets the
+(host, non-zero delay) and writes one ssh_config per delay in which the aliases
+``h1..hN`` reach the hosts through those proxies (at 0 ms: directly). Every tool then gets the
 same alias and a ``-F`` path: the only thing that varies is the link.
 """
 
@@ -44,6 +44,9 @@ class Testbed:
         for delay in self.delays:
             endpoints = []
             for host in hosts:
+                if delay == 0:  # the ideal link: straight to the host's sshd
+                    endpoints.append(Endpoint(host.name, 22, keys[host.name], host.address))
+                    continue
                 name = f"{host.name}@{delay:g}"
                 proxy = self.proxies.proxies.get(name) or self.proxies.add(name, (host.address, 22), delay)
                 endpoints.append(Endpoint(host.name, proxy.port, keys[host.name]))

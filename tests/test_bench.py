@@ -119,7 +119,7 @@ def test_ssh_config_resolves_aliases_to_the_proxies(tmp_path) -> None:
     lab_known.write_text("h1,10.213.0.11 ssh-ed25519 AAAAkey1\nh2,10.213.0.12 ssh-ed25519 AAAAkey2\n")
     keys = read_host_keys(str(lab_known))
     assert keys["h2"] == "ssh-ed25519 AAAAkey2" and keys["10.213.0.11"] == "ssh-ed25519 AAAAkey1"
-    cfg = write_ssh_config(str(tmp_path / "out"), [Endpoint("h1", 40001, keys["h1"]),
+    cfg = write_ssh_config(str(tmp_path / "out"), [Endpoint("h1", 22, keys["h1"], "10.213.0.11"),
                                                    Endpoint("h2", 40002, keys["h2"])],
                            "/nonexistent/id_ed25519", name="cfg")
     resolved = subprocess.run(["ssh", "-G", "-F", cfg, "h2"], capture_output=True, text=True, check=True).stdout
@@ -128,7 +128,10 @@ def test_ssh_config_resolves_aliases_to_the_proxies(tmp_path) -> None:
     assert options["port"] == "40002"
     assert options["hostkeyalias"] == "h2"
     assert options["stricthostkeychecking"] in ("true", "yes")
+    direct = subprocess.run(["ssh", "-G", "-F", cfg, "h1"], capture_output=True, text=True, check=True).stdout
+    assert "hostname 10.213.0.11\n" in direct and "port 22\n" in direct
     known = open(cfg + ".known_hosts").read()
+    assert "h1,10.213.0.11 ssh-ed25519 AAAAkey1\n" in known
     # OpenSSH (HostKeyAlias), our SSH layer ([alias]:port) and plain clients ([127.0.0.1]:port) find one key.
     assert "h2,[h2]:40002,[127.0.0.1]:40002 ssh-ed25519 AAAAkey2\n" in known
     assert oct(os.stat(cfg).st_mode & 0o777) == "0o600"
