@@ -71,6 +71,9 @@ class Shell(Protocol):
     def script(self, text: str, timeout: float) -> ScriptResult:
         """Run *text* with ``sh`` (stdin is /dev/null for its commands) and return its output."""
 
+    def feed(self, script: str, data: bytes, timeout: float) -> ScriptResult:
+        """Run *script* with ``sh -c``, giving it *data* on stdin."""
+
 
 def _wrap(text: str) -> bytes:
     """Wrap a script so that sh parses it whole and its commands read /dev/null."""
@@ -93,6 +96,13 @@ class RemoteShell:
         return ScriptResult(result.exit_status, _text(result.stdout), _text(result.stderr))
 
 
+    def feed(self, script: str, data: bytes, timeout: float) -> ScriptResult:
+        """Run *script* with ``sh -c``, giving it *data* on stdin."""
+        result = self.connection.run("sh -c " + shlex.quote(script), stdin=data, timeout=timeout,
+                                     check=False)
+        return ScriptResult(result.exit_status, _text(result.stdout), _text(result.stderr))
+
+
 class LocalShell:
     """Run scripts on this machine, for ``localhost`` components (no SSH)."""
 
@@ -101,6 +111,15 @@ class LocalShell:
     def script(self, text: str, timeout: float) -> ScriptResult:
         try:
             proc = subprocess.run(["/bin/sh", "-s"], input=_wrap(text), capture_output=True,
+                                  timeout=timeout, check=False)
+        except subprocess.TimeoutExpired as exc:
+            raise CommandTimeout(self.host, "local shell script", timeout) from exc
+        return ScriptResult(proc.returncode, _text(proc.stdout), _text(proc.stderr))
+
+    def feed(self, script: str, data: bytes, timeout: float) -> ScriptResult:
+        """Run *script* with ``sh -c``, giving it *data* on stdin."""
+        try:
+            proc = subprocess.run(["/bin/sh", "-c", script], input=data, capture_output=True,
                                   timeout=timeout, check=False)
         except subprocess.TimeoutExpired as exc:
             raise CommandTimeout(self.host, "local shell script", timeout) from exc

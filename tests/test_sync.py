@@ -242,7 +242,7 @@ def test_many_files_go_through_parallel_sftp_lanes(lab, host, tmp_path):
         return opened[-1]
 
     plan = sync.make_plan("h2", [(FileSpec(str(src), "many", True), base)])
-    report = sync.sync_host(shell, sftp, plan, open_lane=open_lane)
+    report = sync.sync_host(shell, sftp, plan, open_lane=open_lane, small_file=0)
     assert len(report.copied) == 60 and len(opened) == sync.LANES - 1
     local = {f"{base}/many/{p.relative_to(src)}": sync.local_sha1(str(p))
              for p in src.rglob("f*")}
@@ -257,5 +257,44 @@ def test_many_files_go_through_parallel_sftp_lanes(lab, host, tmp_path):
     for p in src.rglob("f*"):
         p.write_bytes(os.urandom(4096))
     with pytest.raises(CopyError):
-        sync.sync_host(shell, sftp, plan, progress=explode, open_lane=open_lane)
+        sync.sync_host(shell, sftp, plan, progress=explode, open_lane=open_lane, small_file=0)
     assert ".rr-" not in ssh(lab, "h2", f"find {base}").stdout
+
+
+def test_small_files_travel_in_tar_bundles_renamed_into_place(lab, host, tmp_path):
+    shell, sftp, base = host
+    src = tmp_path / "small"
+    names = ["plain", ".hidden", "-dash", "sp ace", "ünï", "x" * 150]
+    (src / "sub").mkdir(parents=True)
+    for i, name in enumerate(names):
+        (src / name).write_bytes(os.urandom(100 + i))
+        (src / "sub" / name).write_bytes(os.urandom(50 + i))
+    (src / "plain").chmod(0o750)
+    (src / "sub" / "plain").chmod(0o600)
+    plan = sync.make_plan("h2", [(FileSpec(str(src), "small", True), base)])
+    bundles_before = len(sync.bundles(plan.files))
+    assert bundles_before == 2  # one per destination directory
+    report = sync.sync_host(shell, sftp, plan)
+    assert len(report.copied) == 2 * len(names)
+    local = {f"{base}/small/{p.relative_to(src)}": sync.local_sha1(str(p))
+             for p in src.rglob("*") if p.is_file()}
+    assert sync.remote_sha1(shell, sorted(local))[0] == local
+    modes = ssh(lab, "h2", f"stat -c '%a %n' {base}/small/plain {base}/small/sub/plain "
+                           f"{base}/small/.hidden").stdout.split("\n")
+    assert modes[:3] == [f"750 {base}/small/plain", f"600 {base}/small/sub/plain",
+                         f"644 {base}/small/.hidden"]
+    assert ".rr-" not in ssh(lab, "h2", f"find {base}").stdout
+    again = sync.sync_host(shell, sftp, plan)
+    assert again.copied == [] and len(again.skipped) == 2 * len(names)
+
+
+def test_failed_bundle_leaves_no_stage_directory(lab, host, tmp_path):
+    shell, _sftp, base = host
+    item = tmp_path / "f"
+    item.write_bytes(b"x" * 10)
+    upload = sync.Upload(str(item), f"{base}/f", 0o644, 10)
+    ssh(lab, "h2", f"mkdir -p {base}/f/blocker")  # a directory where the file should go
+    with pytest.raises(CopyError) as info:
+        sync.upload_bundle(shell, "h2", [upload])
+    assert info.value.host == "h2"
+    assert ssh(lab, "h2", f"ls -A {base}").stdout == "f\n"
