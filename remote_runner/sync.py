@@ -5,15 +5,18 @@ expanded, relative destinations joined to the component's base_dir), one
 ``listdir`` per destination directory for size and mode, **one** remote hash
 command for every file whose size and mode already match (``openssl dgst -sha1
 -r``, or ``sha1sum`` with a warning where openssl is missing), one ``mkdir -p``
-for all directories, then an SFTP upload of what differs.
+for all directories, then the upload of what differs.
 
-Every upload goes to a temporary name in the destination directory and is
-renamed into place (``posix_rename``): a reader sees the old file or the new
-one, never half of one, and an executable that is running can be replaced
-(its old inode stays alive). A failed upload removes its temporary file.
-Hosts are synced in parallel, bounded by ``--forks``; within a host paramiko's
-``putfo`` pipelines the writes of each file and several SFTP channels
-(:data:`LANES`) carry different files at once.
+Nothing is ever written in place. Large files go over SFTP to a temporary name
+in the destination directory and are renamed into place (``posix_rename``);
+small files, where round trips cost more than bytes, travel as one tar stream
+per directory (and chunk) into a stage directory beside their destination and
+are renamed into place by one ``mv``. Either way a reader sees the old file or
+the new one, never half of one, an executable that is running can be replaced
+(its old inode stays alive), and a failed copy removes its temporary file or
+stage directory. Hosts are synced in parallel, bounded by ``--forks``; within a
+host paramiko's ``putfo`` pipelines each file's writes and several SFTP
+channels (:data:`LANES`) or bundle commands run at once.
 """
 
 from __future__ import annotations
