@@ -375,7 +375,8 @@ class Runner:
         shell = self.shells[host]
         specs = self._by_host()[host]
         state = self.options.remote_done_dir or DEFAULT_STATE_DIR.format(screen=self.options.screen)
-        lines = [f"d={_shell_path(state)}", 'mkdir -p "$d" && cd "$d" && echo "STATE $(pwd -P)" || exit 3']
+        lines = [f"d={_shell_path(state)}",
+                 'mkdir -p "$d" && cd "$d" && echo "STATE $(pwd -P)" || exit 3']
         for i, spec in enumerate(specs):
             if spec.base_dir is None:
                 lines.append(f'b=$(mktemp -d) && echo "BASE {i} $b" || exit 4')
@@ -412,13 +413,15 @@ class Runner:
         """Write the launchers of *host*'s components and clear their old state files."""
         parts = []
         for place in self.placements[host]:
-            argv = (self.mirror.argv(place.spec, place.base_dir)
-                    if place.spec.mirror and self.mirror is not None else component_argv(place.spec))
+            if place.spec.mirror and self.mirror is not None:
+                argv = self.mirror.argv(place.spec, place.base_dir)
+            else:
+                argv = component_argv(place.spec)
             w = place.window
             parts.append(f"rm -f {shlex.quote(w.status_file)} {shlex.quote(w.pid_file)} "
                          f"{shlex.quote(w.log_file)}\n")
-            parts.append(scr.heredoc_write(w.launcher,
-                                           scr.launcher_text(w, argv, place.base_dir, place.spec.name)))
+            text = scr.launcher_text(w, argv, place.base_dir, place.spec.name)
+            parts.append(scr.heredoc_write(w.launcher, text))
         result = self.shells[host].script("".join(parts), timeout=120)
         if result.exit_status != 0:
             raise StartError(f"host {host}: could not write launchers: {result.stderr.strip()}")
@@ -451,7 +454,8 @@ class Runner:
             if pending and deadline is not None and time.monotonic() >= deadline:
                 for place in pending.values():
                     result = self.report.components[place.spec.key]
-                    result.failure = f"still running after --wait-timeout {self.options.wait_timeout:g} s"
+                    result.failure = (f"still running after --wait-timeout "
+                                      f"{self.options.wait_timeout:g} s")
                     LOG.error("%s: %s %s", host, place.spec.name, result.failure)
                 return
 

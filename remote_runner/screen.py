@@ -128,7 +128,8 @@ def launcher_text(window: Window, argv: Sequence[str], cwd: str, name: str) -> s
 # remote-runner launcher for component {comment}
 d={d}
 if [ -n "$WINDOW" ]; then
-  : > "$d/window-$WINDOW.log" && ln -sf "window-$WINDOW.log" "$d/{s}.log.tmp" && mv -f "$d/{s}.log.tmp" "$d/{s}.log"
+  : > "$d/window-$WINDOW.log" && ln -sf "window-$WINDOW.log" "$d/{s}.log.tmp" &&
+    mv -f "$d/{s}.log.tmp" "$d/{s}.log"
 fi
 rm -f "$d/{s}.status"  # a launcher of an earlier run may have written one late
 echo $$ > "$d/{s}.pid.tmp" && mv -f "$d/{s}.pid.tmp" "$d/{s}.pid"
@@ -182,10 +183,12 @@ class Screen:
 
     def sessions(self) -> List[str]:
         """Return the ids of the sessions with exactly this name."""
-        result = self.shell.script("command -v screen >/dev/null 2>&1 || { echo NO-SCREEN; exit 0; }\n"
-                                   "screen -wipe >/dev/null 2>&1\nscreen -ls\n", timeout=60)
+        result = self.shell.script(
+            "command -v screen >/dev/null 2>&1 || { echo NO-SCREEN; exit 0; }\n"
+            "screen -wipe >/dev/null 2>&1\nscreen -ls\n", timeout=60)
         if "NO-SCREEN" in result.stdout.splitlines():
-            raise StartError(f"host {self.shell.host}: GNU screen is not installed (or not on PATH)")
+            raise StartError(f"host {self.shell.host}: GNU screen is not installed "
+                             "(or not on PATH)")
         return parse_sessions(result.stdout, self.name)
 
     def kill(self) -> List[str]:

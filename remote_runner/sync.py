@@ -116,7 +116,8 @@ def make_plan(host: str, entries: Iterable[Tuple["FileSpec", str]]) -> Plan:
             _add_file(host, spec.src, dest, files)
     for upload in files.values():
         dirs.setdefault(posixpath.dirname(upload.dest), None)
-    return Plan(host, tuple(sorted(dirs.items())), tuple(sorted(files.values(), key=lambda u: u.dest)))
+    ordered = tuple(sorted(files.values(), key=lambda u: u.dest))
+    return Plan(host, tuple(sorted(dirs.items())), ordered)
 
 
 def _add_file(host: str, src: str, dest: str, files: Dict[str, Upload]) -> None:
@@ -320,7 +321,8 @@ def upload_file(sftp: Any, host: str, item: Upload, progress: Optional[Progress]
         if isinstance(exc, (RunnerError, KeyboardInterrupt)):
             raise
         reason = getattr(exc, "strerror", None) or str(exc) or type(exc).__name__
-        raise CopyError(f"upload of {item.src} failed: {reason}", host=host, path=item.dest) from exc
+        raise CopyError(f"upload of {item.src} failed: {reason}", host=host,
+                        path=item.dest) from exc
 
 
 def _remove_quietly(sftp: Any, path: str) -> None:
@@ -426,7 +428,7 @@ def sync_host(shell: "Shell", sftp: Any, plan: Plan, always_copy: bool = False,
 def sync_all(jobs: Sequence[Tuple["Shell", Callable[[], Any], Plan]], forks: int = 10,
              always_copy: bool = False, progress: Optional[Progress] = None,
              lane_openers: Optional[Dict[str, LaneOpener]] = None) -> Dict[str, HostSync]:
-    """Sync every (shell, sftp factory, plan) job in parallel; raise one CopyError for all failures."""
+    """Sync every (shell, sftp factory, plan) job in parallel; raise one error for all failures."""
     reports: Dict[str, HostSync] = {}
     errors: List[RunnerError] = []
     openers = lane_openers or {}

@@ -110,7 +110,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="accept and record unknown host keys (changed keys are still refused)")
     add("--connect-timeout", type=float, default=10.0, metavar="SECONDS",
         help="connection timeout per host (default 10)")
-    add("-f", "--forks", type=int, default=10, metavar="N", help="hosts handled at once (default 10)")
+    add("-f", "--forks", type=int, default=10, metavar="N",
+        help="hosts handled at once (default 10)")
     add("-l", "--log-level", dest="log_level", default="INFO",
         choices=["DEBUG", "INFO", "WARNING", "ERROR"], help="log level (default INFO)")
     add("--screen", default="runner", metavar="NAME", help="screen session name (default runner)")
