@@ -321,3 +321,42 @@ def test_real_mirror_runs_a_local_only_program_on_a_host(lab, env):
         assert ssh(lab, "h2", f"test -e {LOCAL_ONLY}", check=False).returncode != 0
     finally:
         shutil.rmtree(local, ignore_errors=True)
+
+
+def test_lost_connection_during_wait_raises_instead_of_hanging(lab, env):
+    import threading
+
+    from remote_runner.errors import HostError
+    from remote_runner.ssh import connect_all
+
+    exp = experiment(env["tmp"], """
+        c = Component()
+        c.name = 'long'
+        c.host = 'h3'
+        c.executable = '/bin/sleep'
+        c.args = ['600']
+        c.start_index = 0
+        c.wait = True
+        config.add_component(c)
+    """)
+    made = {}
+
+    def connect(hosts):
+        made.update(connect_all(hosts, env["ssh"]))
+        return dict(made)
+
+    def cut_link_once_started():
+        pid_file = f"{env['state']}/long.pid"
+        deadline = time.monotonic() + 120
+        while ssh(lab, "h3", f"test -s {pid_file}", check=False).returncode != 0:
+            if time.monotonic() > deadline:
+                return
+            time.sleep(0.2)
+        made["h3"].transport.close()  # the link dies under the runner
+
+    cutter = threading.Thread(target=cut_link_once_started, daemon=True)
+    cutter.start()
+    with pytest.raises(HostError) as info:
+        Runner(exp, options(env), connect=connect).run()
+    cutter.join(60)
+    assert info.value.host == "h3"
