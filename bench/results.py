@@ -182,6 +182,7 @@ def machine_facts() -> Dict[str, str]:
         "git": _first_line(["git", "--version"]),
         "checkout": _first_line(["git", "-C", os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
                                  "describe", "--always", "--dirty"]),
+        "load average at start": " ".join(open("/proc/loadavg").read().split()[:3]),
         "hosts": "lab hosts on this machine (network + mount namespaces, own sshd); "
                  "local and remote share the same 2 cores",
     }
