@@ -469,14 +469,20 @@ class Connection:
 
     def _load_key(self, path: str, tried: List[str]) -> Optional[paramiko.PKey]:
         """Load a private key file (the password unlocks an encrypted one) or note why not."""
-        try:
-            password = self.options.password
-            return paramiko.PKey.from_path(path, password.encode("utf-8") if password else None)
-        except (paramiko.PasswordRequiredException, TypeError):
-            # paramiko 5 lets cryptography's TypeError through for a missing passphrase
-            tried.append(f"{path}: encrypted, give the passphrase with -p")
-        except (paramiko.SSHException, OSError, ValueError) as exc:
-            tried.append(f"{path}: unusable ({exc})")
+        password = self.options.password
+        passphrases = [password.encode("utf-8"), None] if password else [None]
+        for passphrase in passphrases:
+            try:
+                return paramiko.PKey.from_path(path, passphrase)
+            except (paramiko.PasswordRequiredException, TypeError):
+                # paramiko 5 lets cryptography's TypeError through both for a
+                # missing passphrase and for one given to an unencrypted key
+                # (SPAR's -p is the login password too): try without it next.
+                continue
+            except (paramiko.SSHException, OSError, ValueError) as exc:
+                tried.append(f"{path}: unusable ({exc})")
+                return None
+        tried.append(f"{path}: encrypted, give the passphrase with -p")
         return None
 
     def _try_key(self, transport: paramiko.Transport, key: paramiko.PKey, label: str,

@@ -353,6 +353,14 @@ def test_encrypted_key_uses_password_as_passphrase(lab, tmp_path, rrtest_key):
     assert str(key) in str(info.value) and "not-it" not in str(info.value)
 
 
+def test_password_option_does_not_spoil_an_unencrypted_key(lab):
+    """SPAR's -p is the login password: an unencrypted IdentityFile must still work with it."""
+    options = lab_options(lab)
+    options.password = "a-login-password-not-a-passphrase"
+    with Connection("h1", options) as connection:
+        assert connection.run(["id", "-un"]).stdout == b"root\n"
+
+
 def test_default_key_in_home_is_used(lab, tmp_path, isolated_home):
     ssh_dir = isolated_home / ".ssh"
     ssh_dir.mkdir(mode=0o700)

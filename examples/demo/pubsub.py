@@ -61,19 +61,20 @@ class Handler(socketserver.StreamRequestHandler):
     def setup(self):
         socketserver.StreamRequestHandler.setup(self)
         self.write_lock = threading.Lock()
+        self.closed = False
         self.subscribed = []
 
     def send(self, line):
         """Write one line to the client; return False if the client is gone."""
-        try:
-            with self.write_lock:
+        with self.write_lock:
+            if self.closed:
+                return False
+            try:
                 self.wfile.write((line + "\n").encode("utf-8"))
                 self.wfile.flush()
-            return True
-        except (OSError, ValueError):
-            # ValueError: the subscriber left and its stream was closed by
-            # finish() while another client's PUB was delivering to it.
-            return False
+                return True
+            except OSError:
+                return False
 
     def handle(self):
         broker = self.server
@@ -101,7 +102,11 @@ class Handler(socketserver.StreamRequestHandler):
         with self.server.lock:
             for topic in self.subscribed:
                 self.server.topics.get(topic, set()).discard(self)
-        socketserver.StreamRequestHandler.finish(self)
+        # Close under the write lock, so a delivery from another client's thread
+        # either completes (and is counted) or sees the stream closed.
+        with self.write_lock:
+            self.closed = True
+            socketserver.StreamRequestHandler.finish(self)
 
 
 class Client(object):
