@@ -39,7 +39,7 @@ from dataclasses import dataclass, field
 from typing import Any, Dict, Iterator, List, Optional, Tuple, Union
 
 from remote_runner import util
-from remote_runner.errors import ConfigError, CopyError, RunnerError
+from remote_runner.errors import ConfigError, CopyError, RunnerError, located
 
 LOCAL_HOST = "localhost"
 
@@ -136,15 +136,7 @@ class SourceError(CopyError):
         super().__init__(message, path=path, component=component)
 
     def __str__(self) -> str:
-        where = f"{self.file}:{self.line}: " if self.file and self.line else (
-            f"{self.file}: " if self.file else "")
-        parts = []
-        if self.component is not None:
-            parts.append(f"component {self.component!r}")
-        if self.field is not None:
-            parts.append(f"field {self.field!r}")
-        what = (", ".join(parts) + ": ") if parts else ""
-        return f"{where}{what}{self.message}"
+        return located(self.message, self.file, self.line, self.component, self.field)
 
 
 def caller_origin() -> Origin:

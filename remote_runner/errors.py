@@ -66,16 +66,22 @@ class ConfigError(RunnerError, ValueError):
         super().__init__(str(self))
 
     def __str__(self) -> str:
-        where = ""
-        if self.file:
-            where = self.file + (f":{self.line}" if self.line else "") + ": "
-        parts = []
-        if self.component is not None:
-            parts.append(f"component {self.component!r}")
-        if self.field is not None:
-            parts.append(f"field {self.field!r}")
-        what = (", ".join(parts) + ": ") if parts else ""
-        return f"{where}{what}{self.message}"
+        return located(self.message, self.file, self.line, self.component, self.field)
+
+
+def located(message: str, file: Optional[str] = None, line: Optional[int] = None,
+            component: Optional[str] = None, field: Optional[str] = None) -> str:
+    """Prefix *message* with ``file:line: component 'c', field 'f': `` (the parts known)."""
+    where = ""
+    if file:
+        where = file + (f":{line}" if line else "") + ": "
+    parts = []
+    if component is not None:
+        parts.append(f"component {component!r}")
+    if field is not None:
+        parts.append(f"field {field!r}")
+    what = (", ".join(parts) + ": ") if parts else ""
+    return f"{where}{what}{message}"
 
 
 class HostError(RunnerError, ConnectionError):
