@@ -12,6 +12,7 @@ import os
 import sys
 import time
 import traceback
+import uuid
 from typing import List, Optional
 
 from bench.context import Context
@@ -92,6 +93,8 @@ def main(argv: Optional[List[str]] = None) -> int:
         "mirror delays": ",".join(f"{d:g}" for d in args.mirror_delay_list),
         "runs per measurement": args.reps, "quick": args.quick,
         "not repeated when a run takes over (s)": args.slow_after, "mirror step limit (s)": args.mirror_timeout})
+    tag = uuid.uuid4().hex[:6]
+    report.settings["screen sessions"] = f"rrbench-{tag}-*"
     outrun = install(report, args.no_install)
     os.makedirs(args.work_dir, exist_ok=True)
     all_delays = sorted(set(args.delay_list + args.mirror_delay_list))
@@ -100,7 +103,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         for name in args.scenario_list:
             delays = args.mirror_delay_list if name == "mirror" else args.delay_list
             ctx = Context(testbed, delays, args.reps, args.quick, args.work_dir, outrun, args.slow_after,
-                          args.mirror_timeout if name == "mirror" else 900.0)
+                          args.mirror_timeout if name == "mirror" else 900.0, tag=tag)
             logger.info("scenario %s at %s ms", name, ",".join(f"{d:g}" for d in delays))
             t = time.monotonic()
             try:

@@ -23,6 +23,7 @@ from bench.measure import BenchError, repeat, run
 from bench.proxy import ProxySet
 from bench.results import OURS, PEER, REFERENCE, Measurement, Report
 from bench.sshconf import Endpoint, read_host_keys, write_ssh_config
+from tests.conftest import ssh
 
 CHECKOUT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -207,3 +208,10 @@ def test_tiny_bench_run_on_lab_hosts_writes_a_well_formed_table(lab, tmp_path) -
         assert (r["skipped"] != "") != (len(r["runs"]) == 1)
     assert all(f"| {r['case']} | {r['delay_ms']:g} | " in md for r in rows)
     assert "## Skipped" in md and "## Machine" in md
+    # Nothing the run started is left on the hosts: no session, no window process.
+    prefix = data["settings"]["screen sessions"].rstrip("*")
+    assert prefix.startswith("rrbench-") and len(prefix) > len("rrbench-")
+    for host in ("h1", "h2", "h3", "h4"):
+        left = ssh(lab, host, f"screen -ls | grep -c {prefix} ; ps -eo args= | grep -c '^/bin/sh .*/{prefix}'",
+                   check=False).stdout.split()
+        assert left == ["0", "0"], (host, left)
