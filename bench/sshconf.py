@@ -5,10 +5,10 @@ the same aliases ``h1..hN``; only the ssh_config differs per link delay. With a
 delay, an alias resolves to ``127.0.0.1:<proxy port>``, so OpenSSH is told the
 real host name through ``HostKeyAlias`` and strict checking keeps working; at
 0 ms it goes straight to the host (a pass-through proxy would only add the
-proxy's own CPU cost to a link that is meant to be ideal). Our own SSH
-layer looks the alias up as ``[alias]:<port>`` (OpenSSH uses the bare alias), and a
-client without HostKeyAlias support would look up ``[127.0.0.1]:<port>``, so the
-known_hosts line carries all three names: every client verifies the same key.
+proxy's own CPU cost to a link that is meant to be ideal). OpenSSH and our own
+SSH layer look the bare alias up; a client without HostKeyAlias support would
+look up ``[127.0.0.1]:<port>``, so the known_hosts line carries both names:
+every client verifies the same key.
 """
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ class Endpoint:
         """Return the comma-separated names a known_hosts line needs for every client."""
         if self.port == 22:
             return f"{self.alias},{self.hostname}"
-        return f"{self.alias},[{self.alias}]:{self.port},[{self.hostname}]:{self.port}"
+        return f"{self.alias},[{self.hostname}]:{self.port}"
 
 
 def read_host_keys(known_hosts: str) -> Dict[str, str]:

@@ -319,7 +319,9 @@ class Connection:
         for attr in ("banner_timeout", "auth_timeout", "handshake_timeout"):
             setattr(transport, attr, self.connect_timeout)
         known = self._known_hosts()
-        name = hostkeys.known_hosts_name(self.config.get("hostkeyalias", self.hostname), self.port)
+        # As OpenSSH does: a HostKeyAlias is looked up bare, whatever the port.
+        alias = self.config.get("hostkeyalias")
+        name = alias or hostkeys.known_hosts_name(self.hostname, self.port)
         security = transport.get_security_options()
         security.key_types = known.preferred_algorithms(name, list(security.key_types))
         try:

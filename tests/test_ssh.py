@@ -566,6 +566,23 @@ def test_proxycommand(lab, tmp_path):
     assert process.poll() is not None  # the proxy process was ended and reaped
 
 
+def test_host_key_alias_is_looked_up_bare_whatever_the_port(lab, tmp_path):
+    """HostKeyAlias names the key as OpenSSH does: no ``[alias]:port`` form, even off port 22."""
+    known = tmp_path / "known_hosts"
+    known.write_text("lab-second " + " ".join(lab_known_line(lab, "h2")) + "\n")
+    config = tmp_path / "ssh_config"
+    # The port only names the key here: the proxy command goes to port 22 itself.
+    config.write_text(host_block(lab, "h2", str(known), Port="2222", HostKeyAlias="lab-second",
+                                 ProxyCommand=f"ssh -F {lab.ssh_config} -o BatchMode=yes "
+                                              "-W %h:22 h1"))
+    with Connection("h2", SSHOptions(ssh_config_file=str(config))) as connection:
+        assert connection.run(["hostname"]).stdout.strip() == b"h2"
+    # the system client, the witness, agrees on the same file
+    witness = subprocess.run(["ssh", "-F", str(config), "-o", "BatchMode=yes", "h2", "hostname"],
+                             capture_output=True, text=True, timeout=60)
+    assert witness.stdout.strip() == "h2", witness.stderr
+
+
 # --------------------------------------------------------------------------- many hosts
 
 
