@@ -13,6 +13,7 @@ from typing import List, Optional, Sequence
 from bench.measure import BenchError, run
 from bench.testbed import Testbed
 from bench.tools import Outrun
+from remote_runner.screen import quit_sessions_script
 
 
 @dataclass
@@ -54,23 +55,9 @@ class Context:
 
 
 def cleanup_script(name: str) -> str:
-    """Return shell text that quits session *name* and kills our runner's window process groups.
-
-    Quitting a session signals only each window's first process; our runner's
-    launcher survives that on purpose (to record the status) and so does its
-    program. The launcher records its pid, which is the window's process group,
-    under ``~/.remote-runner/<session>/``: kill those groups (and those of launchers
-    of this session whose pid file was replaced), then drop the directory.
-    """
-    q = shlex.quote(name)
-    launchers = shlex.quote(f"/.remote-runner/{name}/")
-    return (f"for s in $(screen -ls | awk '/[.]{q}\\t/ {{print $1}}'); do screen -S \"$s\" -X quit; done; "
-            f"d=\"$HOME/.remote-runner/\"{q}; if [ -d \"$d\" ]; then "
-            "for f in \"$d\"/*.pid; do [ -s \"$f\" ] && kill -KILL -- -\"$(cat \"$f\")\" 2>/dev/null; done; fi; "
-            # launchers whose pid file is gone (a re-run replaced it): find them by their script path
-            f"for g in $(ps -eo pgid=,args= | awk -v p={launchers} 'index($0, p) && $2 == \"/bin/sh\" "
-            "{print $1}' | sort -u); do kill -KILL -- -\"$g\" 2>/dev/null; done; "
-            "rm -rf \"$d\"; true")
+    """Return shell text that stops and quits session *name* and removes its state directory."""
+    return (quit_sessions_script(name, 0) +
+            f"rm -rf \"$HOME/.remote-runner/\"{shlex.quote(name)}\n")
 
 
 def parallel(argvs: Sequence[Sequence[str]], timeout: float = 600, env=None) -> None:  # type: ignore[no-untyped-def]

@@ -394,7 +394,7 @@ class Runner:
         session = scr.Screen(shell, self.options.screen, state_dir, zombie=self.options.zombie,
                              start_timeout=self.options.start_timeout)
         if self.options.kill_first:
-            for old in session.kill():
+            for old in session.kill(self.options.terminate_grace):
                 LOG.info("%s: quit previous screen session %s", host, old)
         elif session.adopt():
             LOG.info("%s: adding windows to existing screen session %s", host, session.session_id)

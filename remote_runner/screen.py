@@ -191,13 +191,21 @@ class Screen:
                              "(or not on PATH)")
         return parse_sessions(result.stdout, self.name)
 
-    def kill(self) -> List[str]:
-        """Quit every session with this name; return the ids that were quit."""
+    def kill(self, grace: float = 10.0) -> List[str]:
+        """Stop every window of every session with this name, quit them; return their ids.
+
+        Quitting alone is not enough: screen hangs up only each window's first
+        process, and the launcher survives that on purpose (to record a status),
+        so its program would live on. Each window's process group is sent
+        SIGTERM first, and SIGKILL if it is still there after *grace* seconds.
+        """
         ids = self.sessions()
         if ids:
             lines = [f"screen -S {shlex.quote(i)} -X quit >/dev/null 2>&1" for i in ids]
-            self.shell.script("\n".join(lines) + "\n" + _poll_gone(ids, self.start_timeout),
-                              timeout=self.start_timeout + 60)
+            pids = " ".join(shlex.quote(i.split(".", 1)[0]) for i in ids)
+            script = (_stop_groups(_window_groups(pids), grace) + "\n".join(lines) + "\n" +
+                      _poll_gone(ids, self.start_timeout))
+            self.shell.script(script, timeout=grace + self.start_timeout + 60)
             left = set(ids) & set(self.sessions())
             if left:
                 raise StartError(f"host {self.shell.host}: screen session(s) {sorted(left)} "
@@ -301,18 +309,59 @@ def stop_windows(shell: "Shell", windows: Sequence[Window], grace: float) -> Lis
         return []
     by_file = {w.pid_file: w.stem for w in windows}
     words = " ".join(shlex.quote(f) for f in by_file)
-    rounds = max(1, int(grace * 5))
-    script = (_PG_FUNCTION +
-              f"for f in {words}; do p=$(pg \"$f\") && kill -TERM -\"$p\" 2>/dev/null; done\n"
-              f"i=0\nwhile [ $i -lt {rounds} ]; do\n  alive=0\n"
-              f"  for f in {words}; do p=$(pg \"$f\") && kill -0 -\"$p\" 2>/dev/null "
-              f"&& alive=1; done\n  [ $alive = 0 ] && break\n"
-              f"  sleep 0.2 2>/dev/null || sleep 1\n  i=$((i+1))\ndone\n"
-              f"for f in {words}; do p=$(pg \"$f\") && kill -KILL -\"$p\" 2>/dev/null "
-              f"&& echo \"KILLED $f\"; done\nexit 0\n")
-    result = shell.script(script, timeout=grace + 60)
+    listing = _PG_FUNCTION + f'for f in {words}; do p=$(pg "$f") && echo "$p $f"; done'
+    result = shell.script(_stop_groups(listing, grace) + "exit 0\n", timeout=grace + 60)
     return [by_file[line[7:]] for line in result.stdout.splitlines()
             if line.startswith("KILLED ") and line[7:] in by_file]
+
+
+def _window_groups(screen_pids: str) -> str:
+    """Return shell text listing ``PGID SCREENPID`` for each window of the given sessions.
+
+    *screen_pids* is shell text that expands to the pids of the sessions' SCREEN
+    processes. A window's first process is a child of SCREEN and leads its own
+    process group. Read from /proc with builtins rather than ps, which minimal
+    hosts may lack, and without a fork per process.
+    """
+    return ("for f in /proc/[0-9]*/stat; do\n"
+            '  read -r s < "$f" 2>/dev/null || continue\n'
+            '  pid=${s%% *}; s=${s##*") "}; set -- $s\n'
+            f'  for sp in {screen_pids}; do [ "$2" = "$sp" ] && [ "$3" = "$pid" ] '
+            '&& echo "$pid $sp"; done\n'
+            "done")
+
+
+def quit_sessions_script(name: str, grace: float) -> str:
+    """Return shell text that stops every window of the sessions called *name* and quits them.
+
+    Self-contained (it finds the sessions itself), for clean-up tools that have
+    no :class:`Screen` at hand; :meth:`Screen.kill` does the same in steps.
+    """
+    pick = ("{i = index($1, \".\"); if (i > 1 && substr($1, i + 1) == n) "
+            "print $1}")
+    return (f"rr_ids=$(screen -ls 2>/dev/null | awk -v n={shlex.quote(validate_session_name(name))} "
+            f"{shlex.quote(pick)})\n"
+            'rr_pids=$(for s in $rr_ids; do echo "${s%%.*}"; done)\n' +
+            _stop_groups(_window_groups("$rr_pids"), grace) +
+            'for s in $rr_ids; do screen -S "$s" -X quit >/dev/null 2>&1; done\n')
+
+
+def _stop_groups(listing: str, grace: float) -> str:
+    """Return shell text that stops the process groups *listing* prints as ``PGID KEY`` lines.
+
+    Each group gets SIGTERM; those still alive after *grace* seconds get SIGKILL
+    and are reported as ``KILLED KEY`` lines.
+    """
+    rounds = max(1, int(grace * 5))
+    return (f"rr_groups=$({listing})\n"
+            'echo "$rr_groups" | while read -r p k; do [ -n "$p" ] && kill -TERM -"$p" 2>/dev/null; '
+            "done\n"
+            f"i=0\nwhile [ $i -lt {rounds} ]; do\n"
+            '  echo "$rr_groups" | while read -r p k; do [ -n "$p" ] && kill -0 -"$p" 2>/dev/null '
+            "&& echo alive; done | grep -q alive || break\n"
+            "  sleep 0.2 2>/dev/null || sleep 1\n  i=$((i+1))\ndone\n"
+            'echo "$rr_groups" | while read -r p k; do [ -n "$p" ] && kill -KILL -"$p" 2>/dev/null '
+            '&& echo "KILLED $k"; done\n')
 
 
 def _poll_files(paths: Sequence[str], timeout: float) -> str:

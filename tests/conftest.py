@@ -71,6 +71,13 @@ def ssh(lab, host: str, command: str, check: bool = True, user: str = "") -> sub
     )
 
 
+def quit_screen(lab, host: str, name: str, *paths: str, user: str = "") -> None:
+    """Stop every process of the sessions called *name* on *host*, quit them, remove *paths*."""
+    from remote_runner.screen import quit_sessions_script
+    remove = f"rm -rf {' '.join(paths)}\n" if paths else ""
+    ssh(lab, host, quit_sessions_script(name, 0) + remove, check=False, user=user)
+
+
 @pytest.hookimpl(hookwrapper=True)
 def pytest_runtest_makereport(item, call):
     """Under CI, a skipped test that needs lab hosts is a failure."""

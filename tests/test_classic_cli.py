@@ -19,7 +19,7 @@ import pytest
 from remote_runner import screen as scr
 from remote_runner.cli.classic import build_parser, join_extra_args
 from remote_runner.lab import LOCAL_ONLY
-from tests.conftest import ssh
+from tests.conftest import quit_screen, ssh
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPT = os.path.join(REPO, "scripts", "remote_runner.py")
@@ -39,10 +39,8 @@ def env(lab, screen_name, tmp_path):
     """A unique screen name and state dir; sessions and files are removed afterwards."""
     state = f"/tmp/{screen_name}-state"
     yield {"screen": screen_name, "state": state, "tmp": tmp_path, "base": f"/tmp/{screen_name}-base"}
-    cleanup = (f"for s in $(screen -ls | awk '/[.]{screen_name}\\t/ {{print $1}}'); do "
-               f"screen -S $s -X quit; done; rm -rf {state} /tmp/{screen_name}-base")
     for host in HOSTS:
-        ssh(lab, host, cleanup, check=False)
+        quit_screen(lab, host, screen_name, state, f"/tmp/{screen_name}-base")
 
 
 def write_config(tmp_path, body: str, name="experiment.py") -> str:
@@ -299,9 +297,7 @@ def test_run_on_a_foreign_distribution(lab, env, foreign_host):
         assert f"INFO: {foreign_host}: {expected}" in out.stderr
     log = ssh(lab, foreign_host, f"cat {env['state']}/tool.log").stdout
     assert "$HOME|a b|q'uote|" in log and log.split("\n")[1].startswith("11.")
-    ssh(lab, foreign_host, f"for s in $(screen -ls | awk '/[.]{env['screen']}\\t/ {{print $1}}'); "
-                           f"do screen -S $s -X quit; done; rm -rf {env['state']} {env['base']}",
-        check=False)
+    quit_screen(lab, foreign_host, env["screen"], env["state"], env["base"])
 
 
 def test_run_as_a_non_root_user_uses_its_home(lab, env):
@@ -324,8 +320,7 @@ def test_run_as_a_non_root_user_uses_its_home(lab, env):
         status = ssh(lab, "h3", f"cat ~/.remote-runner/{env['screen']}/who.status", user="rrtest")
         assert status.stdout.strip() == "0"
     finally:
-        ssh(lab, "h3", f"screen -S {env['screen']} -X quit; rm -rf ~/.remote-runner/{env['screen']}",
-            check=False, user="rrtest")
+        quit_screen(lab, "h3", env["screen"], f"~/.remote-runner/{env['screen']}", user="rrtest")
 
 
 def test_no_kill_keeps_windows_and_default_replaces_them(lab, env):

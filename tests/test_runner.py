@@ -19,7 +19,7 @@ from remote_runner.config import load_experiment
 from remote_runner.errors import ComponentFailed, StartError
 from remote_runner.runner import RunOptions, Runner, run
 from remote_runner.ssh import SSHOptions
-from tests.conftest import ssh
+from tests.conftest import quit_screen, ssh
 
 HOSTS = ("h1", "h2", "h3")
 
@@ -30,11 +30,10 @@ def env(lab, screen_name, tmp_path):
     state = f"/tmp/{screen_name}-state"
     yield {"screen": screen_name, "state": state, "tmp": tmp_path,
            "ssh": SSHOptions(ssh_config_file=lab.ssh_config)}
-    quit_all = (f"for s in $(screen -ls | awk '/[.]{screen_name}\\t/ {{print $1}}'); do "
-                f"screen -S $s -X quit; done; rm -rf {state} /tmp/{screen_name}-base*")
     for host in HOSTS:
-        ssh(lab, host, quit_all, check=False)
-    subprocess.run(["sh", "-c", quit_all], check=False)
+        quit_screen(lab, host, screen_name, state, f"/tmp/{screen_name}-base*")
+    subprocess.run(["sh", "-c", scr.quit_sessions_script(screen_name, 0) +
+                    f"rm -rf {state} /tmp/{screen_name}-base*"], check=False)
 
 
 def experiment(tmp_path, body: str):
@@ -146,6 +145,33 @@ def test_rerun_copies_nothing_and_replaces_or_keeps_windows(lab, env):
     assert third.session["h2"] == second.session["h2"]
     assert sessions(lab, "h2", env["screen"]) == [second.session["h2"]]
     assert windows(lab, "h2", third.session["h2"]).count("svc") == 2
+
+
+def test_rerun_stops_every_program_of_the_replaced_session(lab, env):
+    """Quitting screen only hangs up a window's launcher; its program must not outlive it."""
+    exp = experiment(env["tmp"], f"""
+        for name, args in (('plain', ['-c', 'exec sleep 600']),
+                           ('stubborn', ['-c', "trap '' HUP TERM; sleep 600 & wait; sleep 600"])):
+            c = Component()
+            c.name = name
+            c.host = 'h3'
+            c.executable = '/bin/sh'
+            c.args = args
+            c.start_index = 0
+            config.add_component(c)
+    """)
+    state = env["state"]
+    first = run(exp, options(env), env["ssh"])
+    old = {name: ssh(lab, "h3", f"cat {state}/{name}.pid").stdout.strip()
+           for name in ("plain", "stubborn")}
+    assert all(ssh(lab, "h3", f"kill -0 -{pg}", check=False).returncode == 0 for pg in old.values())
+    second = run(exp, options(env, terminate_grace=1.0), env["ssh"])
+    assert second.session["h3"] != first.session["h3"]
+    for name, pg in old.items():
+        assert ssh(lab, "h3", f"kill -0 -{pg}", check=False).returncode != 0, name
+    # the new run's programs are the only ones left, one group per component
+    left = ssh(lab, "h3", f"ps -eo args= | grep -c '^/bin/sh {state}/'", check=False)
+    assert left.stdout.strip() == "2"
 
 
 def test_failing_and_missing_waited_components(lab, env):

@@ -20,7 +20,7 @@ from remote_runner import screen as scr
 from remote_runner.errors import ConfigError, StartError
 from remote_runner.runner import LocalShell, RemoteShell
 from remote_runner.ssh import Connection, SSHOptions
-from tests.conftest import ssh
+from tests.conftest import quit_screen, ssh
 
 ODD_ARGS = ["$HOME", "a;b", "it's", 'say "hi"', "two  spaces", "back\\slash", "ünïcødé ✓",
             "`id`", "$(id)", "*", "", "-n", "%n"]
@@ -110,8 +110,7 @@ def session(lab, conn, screen_name):
     shell.script(f"mkdir -p {state}", timeout=30)
     s = scr.Screen(shell, screen_name, state)
     yield s
-    ssh(lab, "h1", f"for s in $(screen -ls | awk '/[.]{screen_name}\\t/ {{print $1}}'); do "
-                   f"screen -S $s -X quit; done; rm -rf {state}", check=False)
+    quit_screen(lab, "h1", screen_name, state)
 
 
 def write_launcher(shell, window, argv, cwd="/tmp"):

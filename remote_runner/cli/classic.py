@@ -19,6 +19,8 @@ Flags (SPAR's names, short forms and defaults, plus a few additions):
 -l/--log-level LEVEL    DEBUG, INFO (default), WARNING or ERROR; ``LEVEL: message`` on stderr
 --screen NAME           screen session name on every host (default ``runner``)
 --no-kill               keep the previous session and add this run's windows to it
+--grace SEC             how long a stopped component gets between SIGTERM and SIGKILL, when
+                        the previous session is replaced and with -t (default 10)
 --no-zombie             let windows close when their program exits
 --always-copy           upload every file even when the host already has it
 --remote-done-dir DIR   where launchers, ``<name>.pid``/``.status``/``.log`` go on each host
@@ -117,6 +119,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add("--screen", default="runner", metavar="NAME", help="screen session name (default runner)")
     add("--no-kill", dest="kill_first", action="store_false",
         help="keep the previous screen session and add windows to it")
+    add("--grace", type=float, default=10.0, metavar="SECONDS",
+        help="seconds between SIGTERM and SIGKILL when stopping components: the previous "
+             "session's (unless --no-kill) and, with -t, the others (default 10)")
     add("--no-zombie", dest="no_zombie", action="store_true",
         help="close windows when their program exits")
     add("--always-copy", dest="always_copy", action="store_true",
@@ -161,7 +166,8 @@ def run_command(args: argparse.Namespace) -> int:
     if args.forks < 1:
         raise ConfigError("--forks must be at least 1", field="--forks")
     for flag, value in (("--wait-timeout", args.wait_timeout),
-                        ("--connect-timeout", args.connect_timeout)):
+                        ("--connect-timeout", args.connect_timeout),
+                        ("--grace", args.grace)):
         if value is not None and value <= 0:
             raise ConfigError(f"{flag} must be a positive number of seconds", field=flag)
     password = resolve_password(args.ssh_pass, args.ask_pass)
@@ -170,7 +176,8 @@ def run_command(args: argparse.Namespace) -> int:
     options = RunOptions(screen=args.screen, kill_first=args.kill_first,
                          zombie=not args.no_zombie, terminate=args.terminate,
                          always_copy=args.always_copy, remote_done_dir=args.remote_done_dir,
-                         wait_timeout=args.wait_timeout, forks=args.forks)
+                         wait_timeout=args.wait_timeout, terminate_grace=args.grace,
+                         forks=args.forks)
     if args.dry_run:
         return dry_run(experiment, options)
     ssh_options = SSHOptions(ssh_config_file=args.ssh_config, user=args.ssh_user,
