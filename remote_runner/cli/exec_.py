@@ -41,6 +41,11 @@ def add_parser(sub: "argparse._SubParsersAction") -> None:
     parser.add_argument("--forward-env", action="append", default=[], metavar="NAME",
                         help="pass NAME through even though it is normally dropped (repeatable)")
     parser.add_argument("--no-compress", action="store_true", help="never lz4-compress file data")
+    parser.add_argument("--no-cache", action="store_true",
+                        help="read every file through the link; keep no copies on the host "
+                             "(default: files opened read-only are fetched whole and kept in "
+                             "~/.cache/remote-runner/files on the host, checked for changes "
+                             "at every open)")
     parser.add_argument("--debug-rpc", action="store_true",
                         help="log every file-system request with its latency")
     parser.add_argument("-l", "--log-level", default="WARNING",
@@ -68,7 +73,8 @@ def run(args: argparse.Namespace) -> int:
         conn.connect()
         result = run_command(conn, args.command, cwd=os.getcwd(), options=MirrorOptions(
             files_only=args.files_only, forward_env=tuple(args.forward_env),
-            debug_rpc=args.debug_rpc, compress=not args.no_compress))
+            debug_rpc=args.debug_rpc, compress=not args.no_compress,
+            file_cache=not args.no_cache))
     except RunnerError as exc:
         LOG.error("exec: %s", exc)
         sys.stderr.write("remote-runner exec: the tool or the link failed (exit 254)\n")

@@ -69,6 +69,12 @@ SPECIAL_DIRS = ("dev", "proc", "sys", "run")
 DEFAULT_HEARTBEAT = 5.0
 DEFAULT_DEADLINE = 20.0
 REQUEST_TIMEOUT = 60.0
+#: File handles at or above this are copies in the :class:`FileCache`, not local handles.
+LOCAL_FH_BASE = 1 << 48
+#: libfuse 3's FUSE_CAP_CACHE_SYMLINKS (fuse_common.h).
+FUSE_CAP_CACHE_SYMLINKS = 1 << 23
+#: Default size limit of the host's file cache (``boot`` may set another).
+FILE_CACHE_LIMIT = 2 << 30
 EXIT_LINK = 254
 
 _libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
@@ -145,22 +151,32 @@ class Link:
     def call(self, op: str, args: Dict[str, Any], payload: bytes = b"",
              timeout: Optional[float] = None) -> Tuple[Dict[str, Any], bytes]:
         """Run one file-system request; raise OSError with the remote errno (EIO on link loss or timeout)."""
-        timeout = self.request_timeout if timeout is None else timeout
+        return self._wait(self._submit(op, args, payload), timeout)
+
+    def call_many(self, op: str, many: List[Dict[str, Any]],
+                  timeout: Optional[float] = None) -> List[Tuple[Dict[str, Any], bytes]]:
+        """Send every request of *many* at once, then wait for all (one round trip, not N)."""
+        slots = [self._submit(op, args, b"") for args in many]
+        return [self._wait(slot, timeout) for slot in slots]
+
+    def _submit(self, op: str, args: Dict[str, Any], payload: bytes) -> List[Any]:
         if self.lost.is_set():
             raise OSError(errno.EIO, "link lost")
-        event = threading.Event()
-        slot: List[Any] = [event, None, b""]
         with self._lock:
             rid = self._next
             self._next += 1
+            slot: List[Any] = [threading.Event(), None, b"", rid]
             self._pending[rid] = slot
         self.send({"t": P.REQ, "id": rid, "op": op, "a": args}, payload)
-        end = time.monotonic() + timeout
-        while not event.wait(min(1.0, max(0.0, end - time.monotonic()))):
+        return slot
+
+    def _wait(self, slot: List[Any], timeout: Optional[float]) -> Tuple[Dict[str, Any], bytes]:
+        end = time.monotonic() + (self.request_timeout if timeout is None else timeout)
+        while not slot[0].wait(min(1.0, max(0.0, end - time.monotonic()))):
             if self.lost.is_set() or time.monotonic() >= end:
                 break
         with self._lock:
-            self._pending.pop(rid, None)
+            self._pending.pop(slot[3], None)
         header = slot[1]
         if header is None:
             raise OSError(errno.EIO, "link lost or request timed out")
@@ -269,7 +285,120 @@ class AttrCache:
             self._entries.clear()
 
 
-def make_operations(link: Link, prefix: bytes):
+class FileCache:
+    """Whole copies of local files opened read-only, kept on this host between sessions.
+
+    A program start opens hundreds of files (libraries, modules, data) and the
+    kernel reads each in many small requests, one round trip apiece. Instead, a
+    read-only open asks for the whole file (up to ``WHOLE_LIMIT``) with the
+    size, mtime and inode of the copy held here; the local side answers "still
+    current" without data, or sends the file (first chunk in the reply, the
+    rest as parallel reads). Reads, flush and release are then served from the
+    copy with no round trip. Copies are named ``<sha1 of path>-<size>-<mtime_ns>-<ino>``
+    in a 0700 directory per local machine and user, written under a temporary
+    name and renamed, so sessions running at once can share it; the oldest
+    are dropped when it outgrows its limit.
+    """
+
+    def __init__(self, directory: str, limit: int) -> None:
+        self.directory = directory
+        self.limit = limit
+        self.handles: Dict[int, Tuple[int, Dict[str, int]]] = {}
+        self._index: Dict[str, Tuple[List[int], str]] = {}
+        self._lock = threading.Lock()
+        self._next_fh = LOCAL_FH_BASE
+        os.makedirs(directory, mode=0o700, exist_ok=True)
+        for name in os.listdir(directory):
+            parts = name.split("-")
+            if len(parts) == 4 and all(p.isdigit() for p in parts[1:]):
+                self._index[parts[0]] = ([int(p) for p in parts[1:]], name)
+
+    @staticmethod
+    def key(path: str) -> str:
+        import hashlib
+        return hashlib.sha1(P.name_from_wire(path)).hexdigest()
+
+    def lookup(self, path: str) -> Optional[List[int]]:
+        """Return [size, mtime_ns, ino] of the copy of *path*, if there is one."""
+        entry = self._index.get(self.key(path))
+        return entry[0] if entry else None
+
+    def open_copy(self, path: str, meta: List[int]) -> Optional[int]:
+        """Open the copy of *path* if it matches *meta* (another session may have dropped it)."""
+        entry = self._index.get(self.key(path))
+        if entry is None or entry[0] != meta:
+            return None
+        try:
+            fd = os.open(os.path.join(self.directory, entry[1]), os.O_RDONLY | os.O_CLOEXEC)
+        except OSError:
+            return None
+        try:
+            os.utime(fd)  # recently used: trimmed last
+        except OSError:
+            pass
+        return fd
+
+    def store(self, path: str, meta: List[int], chunks: List[bytes]) -> int:
+        """Write a new copy of *path* (temporary name, then rename); return an fd on it."""
+        key = self.key(path)
+        name = "%s-%d-%d-%d" % (key, meta[0], meta[1], meta[2])
+        fd, tmp = tempfile.mkstemp(dir=self.directory, prefix=".tmp-")
+        try:
+            for chunk in chunks:
+                view = memoryview(chunk)
+                while view:
+                    view = view[os.write(fd, view):]
+            os.rename(tmp, os.path.join(self.directory, name))
+        except BaseException:
+            os.close(fd)
+            _unlink_quietly(tmp)
+            raise
+        with self._lock:
+            old = self._index.get(key)
+            self._index[key] = (list(meta), name)
+        if old is not None and old[1] != name:
+            _unlink_quietly(os.path.join(self.directory, old[1]))
+        return fd
+
+    def add_handle(self, fd: int, st: Dict[str, int]) -> int:
+        with self._lock:
+            fh = self._next_fh
+            self._next_fh += 1
+            self.handles[fh] = (fd, st)
+        return fh
+
+    def release(self, fh: int) -> None:
+        with self._lock:
+            entry = self.handles.pop(fh, None)
+        if entry is not None:
+            os.close(entry[0])
+
+    def trim(self) -> None:
+        """Drop the least recently used copies while the cache is over its limit."""
+        try:
+            entries = []
+            with os.scandir(self.directory) as it:
+                for e in it:
+                    st = e.stat(follow_symlinks=False)
+                    entries.append((st.st_mtime, st.st_size, e.path))
+        except OSError:
+            return
+        total = sum(e[1] for e in entries)
+        for _, size, path in sorted(entries):
+            if total <= self.limit * 0.8:
+                break
+            _unlink_quietly(path)
+            total -= size
+
+
+def _unlink_quietly(path: str) -> None:
+    try:
+        os.unlink(path)
+    except OSError:
+        pass
+
+
+def make_operations(link: Link, prefix: bytes, files: Optional[FileCache] = None):
     """Build the mfusepy Operations object serving the local tree at *prefix*."""
     import mfusepy
 
@@ -281,7 +410,7 @@ def make_operations(link: Link, prefix: bytes):
         return P.name_to_wire(full or b"/")
 
     def call(op: str, args: Dict[str, Any], payload: bytes = b"") -> Tuple[Dict[str, Any], bytes]:
-        if op in MUTATING_OPS:
+        if op in MUTATING_OPS and not args.get("whole"):
             cache.clear()
         try:
             header, data = link.call(op, args, payload)
@@ -294,17 +423,82 @@ def make_operations(link: Link, prefix: bytes):
                 continue
         return header, data
 
+    def local_fd(fh: int) -> int:
+        entry = files.handles.get(fh) if files is not None else None
+        if entry is None:
+            raise mfusepy.FuseOSError(errno.EBADF)
+        return entry[0]
+
+    def open_whole(path: str, flags: int) -> int:
+        """Open read-only through the host's copy of the file (see :class:`FileCache`)."""
+        assert files is not None
+        fd = None
+        have = files.lookup(path)
+        while True:
+            header, first = call("open", {"path": path, "flags": flags, "whole": True, "have": have})
+            meta = header.get("whole")
+            if not meta:  # not eligible (too big, changing, not a regular file)
+                return int(header["fh"])
+            if first or "fh" in header:
+                break
+            fd = files.open_copy(path, meta)  # our copy is current
+            if fd is not None or have is None:
+                break
+            have = None  # another session dropped the copy: ask for the data
+        if fd is None:
+            fd = fetch_whole(path, meta, header.get("fh"), first)
+        if fd is None:  # fall back to reading through the link
+            return int(call("open", {"path": path, "flags": flags})[0]["fh"])
+        cache.put(path, header["st"])  # the kernel asks for the attributes right after an open
+        return files.add_handle(fd, header["st"])
+
+    def fetch_whole(path: str, meta: List[int], fh: Optional[int], first: bytes) -> Optional[int]:
+        """Receive the rest of a whole file (all chunks requested at once); store it, return an fd.
+
+        None when the file changed while it was sent or the copy cannot be stored.
+        """
+        assert files is not None
+        chunks = [first]
+        if fh is not None:
+            try:
+                chunks += [data for _, data in link.call_many(
+                    "read", [{"fh": fh, "size": P.WHOLE_CHUNK, "off": off}
+                             for off in range(len(first), meta[0], P.WHOLE_CHUNK)])]
+            except OSError as exc:
+                raise mfusepy.FuseOSError(exc.errno or errno.EIO)
+            finally:
+                try:
+                    link.call("release", {"fh": fh})
+                except OSError:
+                    pass
+        if sum(len(c) for c in chunks) != meta[0]:
+            return None
+        try:
+            return files.store(path, meta, chunks)
+        except OSError as exc:
+            LOG.warning("file cache: cannot store a copy in %s: %s", files.directory, exc)
+            return None
+
     class MirrorOperations(mfusepy.Operations):
         use_ns = True
 
         def __init__(self) -> None:
             self.mounted = threading.Event()
 
-        def init(self, path: str) -> None:
+        def init_with_config(self, conn: Any, config: Any) -> None:
+            # libfuse 3 can let the kernel cache symlink targets: without it every
+            # path through /lib -> usr/lib costs a readlink round trip.
+            if conn is not None and getattr(mfusepy, "fuse_version_major", 2) == 3:
+                if conn.capable & FUSE_CAP_CACHE_SYMLINKS:
+                    conn.want |= FUSE_CAP_CACHE_SYMLINKS
             self.mounted.set()
 
         def getattr(self, path: str, fh: Optional[int] = None) -> Dict[str, int]:
             args: Dict[str, Any] = {"path": wire(path)}
+            if fh is not None and fh >= LOCAL_FH_BASE and files is not None:
+                entry = files.handles.get(fh)
+                if entry is not None:
+                    return entry[1]
             if fh is not None and fh:
                 args["fh"] = fh
             else:
@@ -382,26 +576,37 @@ def make_operations(link: Link, prefix: bytes):
             return 0
 
         def open(self, path: str, flags: int) -> int:
+            if files is not None and flags & (os.O_ACCMODE | os.O_TRUNC | os.O_CREAT) == os.O_RDONLY:
+                return open_whole(wire(path), flags)
             return int(call("open", {"path": wire(path), "flags": flags})[0]["fh"])
 
         def create(self, path: str, mode: int, flags: int = os.O_WRONLY) -> int:
             return int(call("create", {"path": wire(path), "mode": mode, "flags": flags})[0]["fh"])
 
         def read(self, path: str, size: int, offset: int, fh: int) -> bytes:
+            if fh >= LOCAL_FH_BASE:
+                return os.pread(local_fd(fh), size, offset)
             return call("read", {"fh": fh, "size": size, "off": offset})[1]
 
         def write(self, path: str, data: bytes, offset: int, fh: int) -> int:
             return int(call("write", {"fh": fh, "off": offset}, bytes(data))[0]["n"])
 
         def flush(self, path: str, fh: int) -> int:
+            if fh >= LOCAL_FH_BASE:
+                return 0
             call("flush", {"fh": fh})
             return 0
 
         def release(self, path: str, fh: int) -> int:
+            if fh >= LOCAL_FH_BASE:
+                files.release(fh)
+                return 0
             call("release", {"fh": fh})
             return 0
 
         def fsync(self, path: str, datasync: int, fh: int) -> int:
+            if fh >= LOCAL_FH_BASE:
+                return 0
             call("fsync", {"fh": fh, "data": bool(datasync)})
             return 0
 
@@ -423,24 +628,26 @@ def _signed(value: int) -> int:
 class Mount:
     """One FUSE mount served through the link, run in its own thread."""
 
-    def __init__(self, link: Link, mountpoint: str, prefix: bytes, system: bool) -> None:
+    def __init__(self, link: Link, mountpoint: str, prefix: bytes, system: bool,
+                 files: Optional[FileCache] = None) -> None:
         self.link = link
         self.mountpoint = mountpoint
         self.prefix = prefix
         self.system = system
+        self.files = files
         self.error: Optional[BaseException] = None
         self.thread: Optional[threading.Thread] = None
         self.ops = None
 
     def start(self, timeout: float = 30.0) -> None:
         """Mount and wait until the kernel has the file system."""
-        ops, fuse_cls = make_operations(self.link, self.prefix)
+        ops, fuse_cls = make_operations(self.link, self.prefix, self.files)
         self.ops = ops
         # Correctness first: short caching, as the local side may change files too.
         timeouts = 1.0
         options = dict(foreground=True, fsname="remote-runner", subtype="mirror",
                        default_permissions=True, use_ino=True,
-                       attr_timeout=timeouts, entry_timeout=timeouts)
+                       attr_timeout=timeouts, entry_timeout=timeouts, negative_timeout=timeouts)
         if os.geteuid() == 0:
             # Commands that switch users (su, sudo -u) still reach their files; the
             # kernel checks permissions (default_permissions) and the mount is
@@ -673,6 +880,24 @@ def exit_code(returncode: int) -> int:
 # ---------------------------------------------------------------------------
 # Sessions.
 # ---------------------------------------------------------------------------
+def open_file_cache(boot: Dict[str, Any]) -> Optional[FileCache]:
+    """Return the host's file cache for the local machine named in *boot* (None: no cache).
+
+    Opened before entering namespaces, as the connecting user, under
+    ``$XDG_CACHE_HOME`` (default ``~/.cache``)``/remote-runner/files/<origin>``.
+    """
+    origin = boot.get("cache")
+    if not isinstance(origin, str) or not origin.isalnum():
+        return None
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    directory = os.path.join(base, "remote-runner", "files", origin)
+    try:
+        return FileCache(directory, int(boot.get("cache_limit") or FILE_CACHE_LIMIT))
+    except (OSError, ValueError) as exc:
+        LOG.warning("file cache %s unusable (%s): reading files through the link", directory, exc)
+        return None
+
+
 class Session:
     """One mirror on this host: namespaces, mounts, and the command(s) run in it."""
 
@@ -685,6 +910,7 @@ class Session:
         self.workdir = tempfile.mkdtemp(prefix="rr-mirror-")
         os.chmod(self.workdir, 0o700)
         self.created: List[str] = []
+        self.files = open_file_cache(boot)
 
     def setup(self) -> None:
         """Enter namespaces and mount the mirror (or the exported trees)."""
@@ -693,17 +919,19 @@ class Session:
         mode = enter_namespaces(int(self.boot.get("uid", os.getuid())), int(self.boot.get("gid", os.getgid())))
         LOG.debug("namespaces: %s, libfuse: %s", mode, lib)
         self.link.start()
+        if self.files is not None:
+            threading.Thread(target=self.files.trim, daemon=True, name="cache-trim").start()
         if self.files_only:
             for export in self.boot.get("exports") or []:
                 path = P.name_from_wire(export)
                 self._ensure_dir(path)
-                m = Mount(self.link, os.fsdecode(path), path, system=False)
+                m = Mount(self.link, os.fsdecode(path), path, system=False, files=self.files)
                 m.start()
                 self.mounts.append(m)
         else:
             self.root = os.path.join(self.workdir, "root")
             os.mkdir(self.root)
-            m = Mount(self.link, self.root, b"", system=True)
+            m = Mount(self.link, self.root, b"", system=True, files=self.files)
             m.start()
             self.mounts.append(m)
             bind_specials(self.root)

@@ -15,8 +15,12 @@ peer advertised lz4 in its hello: the remote often lacks the lz4 module.
 
 A reply may carry ``push``: extra entries (path, attributes) the local side
 expects the remote to need next (prefetch); the agent primes its attribute
-cache with them. A session starts with one ``boot`` frame holding everything
-the command needs (argv, cwd, env, umask, tty mode, window size).
+cache with them. A read-only ``open`` may set ``whole`` (with ``have``, the
+size/mtime/inode of the host's copy): the reply then says the copy is current
+(no data) or carries the file's first chunk, so a program start costs one
+round trip per file instead of one per read. A session starts with one
+``boot`` frame holding everything the command needs (argv, cwd, env, umask,
+tty mode, window size, the file-cache origin).
 """
 
 from __future__ import annotations
@@ -33,6 +37,10 @@ PROTOCOL_VERSION = "1.0"
 PREFIX = struct.Struct("!II")
 MAX_HEADER = 1 << 20
 MAX_PAYLOAD = 64 << 20
+#: A read-only ``open`` with ``whole`` set gets files up to this size whole
+#: (the host keeps a copy); the reply carries the first ``WHOLE_CHUNK`` bytes.
+WHOLE_LIMIT = 32 << 20
+WHOLE_CHUNK = 1 << 20
 
 # Frame types -------------------------------------------------------------
 HELLO = "hello"      # agent -> local: version, machine, features

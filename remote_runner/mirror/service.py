@@ -17,6 +17,7 @@ import logging
 import os
 import stat
 import threading
+import time
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
@@ -29,6 +30,8 @@ RENAME_EXCHANGE = 2
 _SYS_RENAMEAT2 = {"x86_64": 316, "aarch64": 276, "armv7l": 382, "i686": 353, "ppc64le": 357,
                   "riscv64": 276, "s390x": 347}
 AT_FDCWD = -100
+#: A file modified this recently may still be being written: not sent whole.
+SETTLED_SECONDS = 2.0
 UTIME_NOW = (1 << 30) - 1
 UTIME_OMIT = (1 << 30) - 2
 
@@ -175,7 +178,24 @@ class LocalFileService:
         return Reply({"st": P.stat_to_wire(st)})
 
     def op_readlink(self, a: Dict[str, Any], _: bytes) -> Reply:
-        return Reply(payload=os.readlink(self._path(a)))
+        """Return the link's target, pushing the target's attributes: the kernel looks it up next."""
+        path = self._path(a)
+        target = os.readlink(path)
+        reply = Reply(payload=target)
+        self._push(reply, [os.path.normpath(os.path.join(os.path.dirname(path), target))])
+        return reply
+
+    def _push(self, reply: Reply, paths: Sequence[bytes]) -> None:
+        """Add ``push`` entries (path, attributes) for those of *paths* that exist and are exported."""
+        entries = []
+        for path in paths:
+            wire = P.name_to_wire(path)
+            try:
+                entries.append([wire, P.stat_to_wire(os.lstat(self._path({"path": wire})))])
+            except (OpError, OSError):
+                continue
+        if entries:
+            reply.fields["push"] = entries
 
     def op_readdir(self, a: Dict[str, Any], _: bytes) -> Reply:
         """List a directory with attributes of every entry (READDIRPLUS-style)."""
@@ -292,7 +312,38 @@ class LocalFileService:
     def op_open(self, a: Dict[str, Any], _: bytes) -> Reply:
         flags = int(a["flags"]) & ~(os.O_CREAT | os.O_EXCL)
         fd = os.open(self._path(a), self._flags(flags))
+        if a.get("whole") and flags & (os.O_ACCMODE | os.O_TRUNC) == os.O_RDONLY:
+            try:
+                return self._whole(fd, a.get("have"))
+            except BaseException:
+                os.close(fd)
+                raise
         return Reply({"fh": self.handles.add(fd)})
+
+    def _whole(self, fd: int, have: Any) -> Reply:
+        """Answer a whole-file open: "current" (no data), or the file's first chunk.
+
+        Only settled regular files qualify: not empty (pseudo files report size
+        0), not over ``WHOLE_LIMIT``, and not modified in the last
+        ``SETTLED_SECONDS`` (a log being written keeps being read through the
+        link, so ``tail -f`` sees it grow). The rest of a bigger file is read
+        through the handle the reply carries.
+        """
+        st = os.fstat(fd)
+        if (not stat.S_ISREG(st.st_mode) or not 0 < st.st_size <= P.WHOLE_LIMIT
+                or time.time() - st.st_mtime < SETTLED_SECONDS):
+            return Reply({"fh": self.handles.add(fd)})
+        meta = [st.st_size, st.st_mtime_ns, st.st_ino]
+        fields: Dict[str, Any] = {"whole": meta, "st": P.stat_to_wire(st)}
+        if have == meta:
+            os.close(fd)
+            return Reply(fields)
+        first = os.pread(fd, P.WHOLE_CHUNK, 0)
+        if st.st_size > len(first):
+            fields["fh"] = self.handles.add(fd)
+        else:
+            os.close(fd)
+        return Reply(fields, payload=first, compressible=True)
 
     def op_create(self, a: Dict[str, Any], _: bytes) -> Reply:
         path = self._path(a)

@@ -1,0 +1,184 @@
+"""The host's file cache: read-only files fetched whole, kept, and checked at every open.
+
+Unit tests drive :class:`LocalFileService` and :class:`FileCache` directly;
+the lab tests run ``remote-runner exec`` and look at the copies on the host.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+import time
+from pathlib import Path
+
+import pytest
+
+from remote_runner.mirror import protocol as P
+from remote_runner.mirror.agent import FileCache
+from remote_runner.mirror.service import LocalFileService
+from tests.conftest import ssh
+from tests.test_mirror_lab import local_only, rr_exec, workdir  # noqa: F401 (fixtures)
+
+HOST = "h3"
+
+
+def settle(path: Path) -> None:
+    """Date *path* a minute back, as a file nobody is writing."""
+    past = time.time() - 60
+    os.utime(path, (past, past))
+
+
+def whole_open(service: LocalFileService, path: Path, have=None):
+    reply = service.handle("open", {"path": str(path), "flags": os.O_RDONLY, "whole": True,
+                                    "have": have}, b"")
+    return reply.fields, reply.payload
+
+
+# ----------------------------------------------------------------------------- the local side
+
+def test_settled_file_is_sent_whole_then_reported_current(tmp_path):
+    path = tmp_path / "lib.so"
+    path.write_bytes(b"x" * 1000)
+    settle(path)
+    service = LocalFileService()
+    fields, data = whole_open(service, path)
+    st = path.stat()
+    assert fields["whole"] == [1000, st.st_mtime_ns, st.st_ino] and data == b"x" * 1000
+    assert "fh" not in fields and len(service.handles) == 0  # nothing left open here
+    fields, data = whole_open(service, path, have=fields["whole"])
+    assert fields["whole"] and data == b"" and "fh" not in fields
+    assert fields["st"]["st_size"] == 1000
+
+
+def test_big_file_sends_a_first_chunk_and_a_handle_for_the_rest(tmp_path):
+    path = tmp_path / "big"
+    path.write_bytes(os.urandom(P.WHOLE_CHUNK + 5))
+    settle(path)
+    service = LocalFileService()
+    fields, data = whole_open(service, path)
+    assert len(data) == P.WHOLE_CHUNK and fields["fh"]
+    rest = service.handle("read", {"fh": fields["fh"], "size": P.WHOLE_CHUNK, "off": len(data)}, b"")
+    assert data + rest.payload == path.read_bytes()
+    service.handle("release", {"fh": fields["fh"]}, b"")
+    assert len(service.handles) == 0
+
+
+@pytest.mark.parametrize("case", ["fresh", "empty", "directory", "writable"])
+def test_files_that_do_not_qualify_get_a_plain_handle(tmp_path, case):
+    path = tmp_path / "f"
+    flags = os.O_RDONLY
+    if case == "directory":
+        path.mkdir()
+        settle(path)
+    else:
+        path.write_bytes(b"" if case == "empty" else b"data")
+        if case != "fresh":
+            settle(path)
+    if case == "writable":
+        flags = os.O_RDWR
+    service = LocalFileService()
+    reply = service.handle("open", {"path": str(path), "flags": flags, "whole": True}, b"")
+    assert "whole" not in reply.fields and reply.fields["fh"] and reply.payload == b""
+
+
+def test_readlink_pushes_the_targets_attributes(tmp_path):
+    (tmp_path / "libz.so.1.2").write_bytes(b"elf")
+    os.symlink("libz.so.1.2", tmp_path / "libz.so.1")
+    reply = LocalFileService().handle("readlink", {"path": str(tmp_path / "libz.so.1")}, b"")
+    assert reply.payload == b"libz.so.1.2"
+    [(path, attrs)] = reply.fields["push"]
+    assert path == str(tmp_path / "libz.so.1.2") and attrs["st_size"] == 3
+    # a dangling link pushes nothing, and an export limit is respected
+    os.symlink("missing", tmp_path / "dangling")
+    assert "push" not in LocalFileService().handle(
+        "readlink", {"path": str(tmp_path / "dangling")}, b"").fields
+    os.symlink("/etc/hostname", tmp_path / "outside")
+    limited = LocalFileService(roots=[str(tmp_path).encode()])
+    assert "push" not in limited.handle("readlink", {"path": str(tmp_path / "outside")}, b"").fields
+
+
+# ----------------------------------------------------------------------------- the host side
+
+def test_file_cache_stores_replaces_finds_and_trims(tmp_path):
+    cache = FileCache(str(tmp_path / "c"), limit=10)
+    assert cache.lookup("/a") is None
+    fd = cache.store("/a", [3, 1, 7], [b"ab", b"c"])
+    assert os.pread(fd, 10, 0) == b"abc"
+    os.close(fd)
+    fd = cache.store("/a", [2, 2, 7], [b"xy"])  # a newer version replaces the old copy
+    os.close(fd)
+    assert FileCache(str(tmp_path / "c"), limit=10).lookup("/a") == [2, 2, 7]  # found again
+    assert len(os.listdir(tmp_path / "c")) == 1
+    assert cache.open_copy("/a", [3, 1, 7]) is None  # stale metadata is never served
+    fd = cache.open_copy("/a", [2, 2, 7])
+    fh = cache.add_handle(fd, {"st_size": 2})
+    assert cache.handles[fh][1] == {"st_size": 2}
+    cache.release(fh)
+    for name, size in (("/b", 6), ("/c", 6)):
+        os.close(cache.store(name, [size, 0, 0], [b"z" * size]))
+        time.sleep(0.01)
+    cache.trim()  # 14 bytes > 10: the least recently used go first, down to 80 %
+    assert sorted(os.listdir(tmp_path / "c")) == [f"{FileCache.key('/c')}-6-0-0"]
+    assert cache.open_copy("/a", [2, 2, 7]) is None  # trimmed: the caller fetches again
+
+
+# ----------------------------------------------------------------------------- on a lab host
+
+def host_copies(lab, path: Path) -> list:
+    """Return the names of the host's cached copies of local *path*."""
+    key = hashlib.sha1(os.fsencode(str(path))).hexdigest()
+    out = ssh(lab, HOST, f"ls ~/.cache/remote-runner/files/*/ 2>/dev/null | grep '^{key}-' || true")
+    return out.stdout.split()
+
+
+def rpc_lines(stderr: bytes, op: str) -> list:
+    return [line for line in stderr.decode(errors="replace").splitlines()
+            if re.search(rf"\brpc {op} ", line)]
+
+
+def test_warm_run_sends_no_file_data_and_sees_changes(lab, local_only, workdir):
+    data = local_only / "data.bin"
+    content = os.urandom(3 * P.WHOLE_CHUNK + 12345)  # several chunks
+    data.write_bytes(content)
+    settle(data)
+    argv = ["/usr/bin/sha1sum", str(data)]
+    first = rr_exec(lab, HOST, argv, workdir)
+    assert first.returncode == 0, first.stderr.decode()
+    assert first.stdout.split()[0].decode() == hashlib.sha1(content).hexdigest()
+    st = data.stat()
+    [copy] = host_copies(lab, data)
+    assert copy.endswith(f"-{st.st_size}-{st.st_mtime_ns}-{st.st_ino}")
+    remote_sum = ssh(lab, HOST, f"sha1sum ~/.cache/remote-runner/files/*/{copy}").stdout.split()[0]
+    assert remote_sum == hashlib.sha1(content).hexdigest()
+
+    warm = rr_exec(lab, HOST, argv, workdir, "--debug-rpc", "-l", "INFO")
+    assert warm.returncode == 0 and warm.stdout == first.stdout
+    assert rpc_lines(warm.stderr, "open") and not rpc_lines(warm.stderr, "read")
+
+    changed = bytes([content[0] ^ 1]) + content[1:]  # same size, new content and mtime
+    data.write_bytes(changed)
+    settle(data)
+    os.utime(data, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))
+    third = rr_exec(lab, HOST, argv, workdir)
+    assert third.stdout.split()[0].decode() == hashlib.sha1(changed).hexdigest()
+    [new_copy] = host_copies(lab, data)
+    assert new_copy != copy
+
+
+def test_file_being_written_is_read_through_the_link(lab, workdir):
+    log = workdir / "growing.log"
+    log.write_text("line 1\n")  # modified just now: it may still grow
+    proc = rr_exec(lab, HOST, ["/bin/cat", str(log)], workdir, "--debug-rpc", "-l", "INFO")
+    assert proc.returncode == 0 and proc.stdout == b"line 1\n"
+    assert rpc_lines(proc.stderr, "read")
+    assert host_copies(lab, log) == []
+
+
+def test_no_cache_keeps_no_copy(lab, local_only, workdir):
+    data = local_only / "private.txt"
+    data.write_text("not to be kept\n")
+    settle(data)
+    proc = rr_exec(lab, HOST, ["/bin/cat", str(data)], workdir, "--no-cache")
+    assert proc.returncode == 0 and proc.stdout == b"not to be kept\n"
+    assert host_copies(lab, data) == []
