@@ -98,6 +98,17 @@ def test_readlink_pushes_the_targets_attributes(tmp_path):
     assert "push" not in limited.handle("readlink", {"path": str(tmp_path / "outside")}, b"").fields
 
 
+def test_symlink_lookup_carries_its_target_and_the_targets_attributes(tmp_path):
+    (tmp_path / "libz.so.1.2").write_bytes(b"elf")
+    os.symlink("libz.so.1.2", tmp_path / "libz.so.1")
+    service = LocalFileService()
+    fields = service.handle("getattr", {"path": str(tmp_path / "libz.so.1")}, b"").fields
+    assert fields["link"] == "libz.so.1.2" and fields["st"]["st_size"] == len("libz.so.1.2")
+    assert fields["push"][0][0] == str(tmp_path / "libz.so.1.2")
+    plain = service.handle("getattr", {"path": str(tmp_path / "libz.so.1.2")}, b"").fields
+    assert "link" not in plain and "push" not in plain
+
+
 # ----------------------------------------------------------------------------- the host side
 
 def test_file_cache_stores_replaces_finds_and_trims(tmp_path):
@@ -154,7 +165,9 @@ def test_warm_run_sends_no_file_data_and_sees_changes(lab, local_only, workdir):
 
     warm = rr_exec(lab, HOST, argv, workdir, "--debug-rpc", "-l", "INFO")
     assert warm.returncode == 0 and warm.stdout == first.stdout
-    assert rpc_lines(warm.stderr, "open") and not rpc_lines(warm.stderr, "read")
+    # every file comes from the host's copies: looked up, never opened or read through the link
+    assert rpc_lines(warm.stderr, "getattr") and not rpc_lines(warm.stderr, "read")
+    assert not rpc_lines(warm.stderr, "open")
 
     changed = bytes([content[0] ^ 1]) + content[1:]  # same size, new content and mtime
     data.write_bytes(changed)

@@ -258,31 +258,55 @@ class AttrCache:
     """Attributes the local side pushed (readdir entries, ``push`` lists), valid for *ttl* seconds.
 
     Saves one round trip per entry for ``ls -l``, import probing and the like.
-    Any operation that may change metadata empties it: correctness first.
+    It also remembers, for *ttl* seconds, the attributes last received for a
+    path (:meth:`recent`): an open right after the kernel's lookup can then
+    use the host's copy of a file without asking again. Any operation that may
+    change metadata empties it: correctness first.
     """
 
     def __init__(self, ttl: float = 1.0) -> None:
         self.ttl = ttl
         self._entries: Dict[str, Tuple[float, Dict[str, int]]] = {}
+        self._seen: Dict[str, Tuple[float, Dict[str, Any]]] = {}
         self._lock = threading.Lock()
 
-    def put(self, path: str, attrs: Optional[Dict[str, int]]) -> None:
+    def note(self, path: str, attrs: Dict[str, Any], when: Optional[float] = None,
+             kind: str = "st") -> None:
+        """Record *attrs* (or a symlink target: *kind* ``link``) as received for *path* at *when*."""
+        with self._lock:
+            if len(self._seen) > 20000:
+                self._seen.clear()
+            self._seen[kind + ":" + path] = (time.monotonic() if when is None else when, attrs)
+
+    def recent(self, path: str, kind: str = "st") -> Optional[Tuple[float, Dict[str, Any]]]:
+        """Return (when, attributes) received for *path* less than *ttl* seconds ago."""
+        with self._lock:
+            entry = self._seen.get(kind + ":" + path)
+        if entry is None or time.monotonic() - entry[0] >= self.ttl:
+            return None
+        return entry
+
+    def put(self, path: str, attrs: Optional[Dict[str, int]], when: Optional[float] = None) -> None:
+        """Keep *attrs* for *path*, received at *when* (default now), for *ttl* seconds."""
         if attrs:
             with self._lock:
                 if len(self._entries) > 20000:
                     self._entries.clear()
-                self._entries[path] = (time.monotonic() + self.ttl, attrs)
+                received = time.monotonic() if when is None else when
+                self._entries[path] = (received + self.ttl, attrs)
 
     def get(self, path: str) -> Optional[Dict[str, int]]:
         with self._lock:
             entry = self._entries.pop(path, None)
         if entry is None or entry[0] < time.monotonic():
             return None
+        self.note(path, entry[1], entry[0] - self.ttl)
         return entry[1]
 
     def clear(self) -> None:
         with self._lock:
             self._entries.clear()
+            self._seen.clear()
 
 
 class FileCache:
@@ -434,6 +458,14 @@ def make_operations(link: Link, prefix: bytes, files: Optional[FileCache] = None
         assert files is not None
         fd = None
         have = files.lookup(path)
+        recent = cache.recent(path)
+        if have is not None and recent is not None and [
+                recent[1].get("st_size"), recent[1].get("st_mtime"), recent[1].get("st_ino")] == have:
+            # The kernel's lookup a moment ago matched our copy: no need to ask again.
+            fd = files.open_copy(path, have)
+            if fd is not None:
+                cache.put(path, recent[1], recent[0])  # for the getattr after the open
+                return files.add_handle(fd, recent[1])
         while True:
             header, first = call("open", {"path": path, "flags": flags, "whole": True, "have": have})
             meta = header.get("whole")
@@ -505,9 +537,17 @@ def make_operations(link: Link, prefix: bytes, files: Optional[FileCache] = None
                 cached = cache.get(args["path"])
                 if cached is not None:
                     return cached
-            return call("getattr", args)[0]["st"]
+            header = call("getattr", args)[0]
+            if "fh" not in args:
+                cache.note(args["path"], header["st"])
+                if isinstance(header.get("link"), str):
+                    cache.note(args["path"], {"link": header["link"]}, kind="link")
+            return header["st"]
 
         def readlink(self, path: str) -> str:
+            recent = cache.recent(wire(path), kind="link")  # sent with the lookup just before
+            if recent is not None:
+                return recent[1]["link"]
             return call("readlink", {"path": wire(path)})[1].decode("utf-8", "surrogateescape")
 
         def readdir(self, path: str, fh: int):

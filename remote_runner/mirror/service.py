@@ -171,11 +171,24 @@ class LocalFileService:
 
     # -- metadata ------------------------------------------------------------
     def op_getattr(self, a: Dict[str, Any], _: bytes) -> Reply:
+        """Return attributes; for a symlink also its target (``link``) and the target's attributes.
+
+        Resolving a library path is lookup, readlink, lookup of the target:
+        answering all three at once saves two round trips per symlink.
+        """
         if a.get("fh") is not None:
-            st = os.fstat(self.handles.get(a["fh"]))
-        else:
-            st = os.lstat(self._path(a))
-        return Reply({"st": P.stat_to_wire(st)})
+            return Reply({"st": P.stat_to_wire(os.fstat(self.handles.get(a["fh"])))})
+        path = self._path(a)
+        st = os.lstat(path)
+        reply = Reply({"st": P.stat_to_wire(st)})
+        if stat.S_ISLNK(st.st_mode):
+            try:
+                target = os.readlink(path)
+            except OSError:
+                return reply
+            reply.fields["link"] = P.name_to_wire(target)
+            self._push(reply, [os.path.normpath(os.path.join(os.path.dirname(path), target))])
+        return reply
 
     def op_readlink(self, a: Dict[str, Any], _: bytes) -> Reply:
         """Return the link's target, pushing the target's attributes: the kernel looks it up next."""
