@@ -7,6 +7,7 @@ the lab tests run ``remote-runner exec`` and look at the copies on the host.
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import re
 import time
@@ -15,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from remote_runner.mirror import protocol as P
-from remote_runner.mirror.agent import FileCache
+from remote_runner.mirror.agent import FileCache, Profile
 from remote_runner.mirror.service import LocalFileService
 from tests.conftest import ssh
 from tests.test_mirror_lab import local_only, rr_exec, workdir  # noqa: F401 (fixtures)
@@ -109,6 +110,32 @@ def test_symlink_lookup_carries_its_target_and_the_targets_attributes(tmp_path):
     assert "link" not in plain and "push" not in plain
 
 
+def test_validate_answers_many_lookups_at_once(tmp_path):
+    (tmp_path / "f").write_bytes(b"abc")
+    os.symlink("f", tmp_path / "l")
+    names = [tmp_path / "f", tmp_path / "l", tmp_path / "missing", tmp_path / "f" / "under-a-file"]
+    service = LocalFileService(roots=[str(tmp_path).encode()])
+    reply = service.handle("validate", {}, b"\0".join(os.fsencode(str(n)) for n in names) + b"\0/etc")
+    answers = json.loads(reply.payload)
+    assert answers[0][0]["st_size"] == 3 and answers[0][1] is None
+    assert answers[1][1] == "f"
+    assert answers[2] is None and answers[3] is None  # ENOENT and ENOTDIR: "missing"
+    assert answers[4] == 0  # not exported: no answer at all
+
+
+def test_profile_keeps_names_per_command_including_non_utf8(tmp_path):
+    files = FileCache(str(tmp_path / "files" / "origin"), limit=1 << 20)
+    boot = {"argv": ["ffmpeg", "-version", "ignored"], "files_only": False}
+    profile = Profile.for_command(files, boot)
+    odd = P.name_to_wire(b"/data/caf\xe9")
+    for path in ("/usr/lib", odd, "/usr/lib"):
+        profile.record(path)
+    profile.save()
+    assert Profile.for_command(files, boot).load() == ["/usr/lib", odd]
+    other = Profile.for_command(files, {"argv": ["ffmpeg", "-i"], "files_only": False})
+    assert other.load() == [] and Profile.for_command(None, boot) is None
+
+
 # ----------------------------------------------------------------------------- the host side
 
 def test_file_cache_stores_replaces_finds_and_trims(tmp_path):
@@ -195,3 +222,15 @@ def test_no_cache_keeps_no_copy(lab, local_only, workdir):
     proc = rr_exec(lab, HOST, ["/bin/cat", str(data)], workdir, "--no-cache")
     assert proc.returncode == 0 and proc.stdout == b"not to be kept\n"
     assert host_copies(lab, data) == []
+
+
+def test_warm_start_validates_in_one_request_and_sees_new_files(lab, local_only, workdir):
+    maybe = local_only / "maybe.txt"
+    argv = ["/bin/sh", "-c", f"cat {maybe} 2>/dev/null || echo none"]
+    assert rr_exec(lab, HOST, argv, workdir).stdout == b"none\n"  # records the lookups
+    warm = rr_exec(lab, HOST, argv, workdir, "--debug-rpc", "-l", "INFO")
+    assert warm.stdout == b"none\n"
+    assert len(rpc_lines(warm.stderr, "validate")) == 1
+    assert len(rpc_lines(warm.stderr, "getattr")) < 10  # the rest came with the validation
+    maybe.write_text("here now\n")  # was "missing" in the profile: the answer is fresh
+    assert rr_exec(lab, HOST, argv, workdir).stdout == b"here now\n"

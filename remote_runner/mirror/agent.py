@@ -254,54 +254,67 @@ MUTATING_OPS = frozenset(("mknod", "mkdir", "unlink", "rmdir", "symlink", "link"
                           "fsync"))
 
 
-class AttrCache:
-    """Attributes the local side pushed (readdir entries, ``push`` lists), valid for *ttl* seconds.
+#: What :class:`AttrCache` holds for a path known not to exist.
+MISSING: Dict[str, int] = {"missing": 1}
 
-    Saves one round trip per entry for ``ls -l``, import probing and the like.
-    It also remembers, for *ttl* seconds, the attributes last received for a
-    path (:meth:`recent`): an open right after the kernel's lookup can then
-    use the host's copy of a file without asking again. Any operation that may
-    change metadata empties it: correctness first.
+
+class AttrCache:
+    """Attributes the local side sent ahead (readdir entries, ``push`` lists, a warm start).
+
+    Saves one round trip per entry for ``ls -l``, import probing and the like;
+    an entry serves one lookup within its time to live (default *ttl*), and
+    may say the path does not exist (:data:`MISSING`). It also remembers the
+    attributes (and symlink targets) last received for a path (:meth:`recent`):
+    an open right after the kernel's lookup can then use the host's copy of a
+    file without asking again. Any operation that may change metadata empties
+    it: correctness first.
     """
 
     def __init__(self, ttl: float = 1.0) -> None:
         self.ttl = ttl
-        self._entries: Dict[str, Tuple[float, Dict[str, int]]] = {}
-        self._seen: Dict[str, Tuple[float, Dict[str, Any]]] = {}
+        # path -> (expires, received, attributes)
+        self._entries: Dict[str, Tuple[float, float, Dict[str, Any]]] = {}
+        self._seen: Dict[str, Tuple[float, float, Dict[str, Any]]] = {}
         self._lock = threading.Lock()
 
-    def note(self, path: str, attrs: Dict[str, Any], when: Optional[float] = None,
-             kind: str = "st") -> None:
-        """Record *attrs* (or a symlink target: *kind* ``link``) as received for *path* at *when*."""
-        with self._lock:
-            if len(self._seen) > 20000:
-                self._seen.clear()
-            self._seen[kind + ":" + path] = (time.monotonic() if when is None else when, attrs)
+    def _stamp(self, when: Optional[float], ttl: Optional[float]) -> Tuple[float, float]:
+        received = time.monotonic() if when is None else when
+        return received + (self.ttl if ttl is None else ttl), received
 
-    def recent(self, path: str, kind: str = "st") -> Optional[Tuple[float, Dict[str, Any]]]:
-        """Return (when, attributes) received for *path* less than *ttl* seconds ago."""
-        with self._lock:
-            entry = self._seen.get(kind + ":" + path)
-        if entry is None or time.monotonic() - entry[0] >= self.ttl:
-            return None
-        return entry
-
-    def put(self, path: str, attrs: Optional[Dict[str, int]], when: Optional[float] = None) -> None:
-        """Keep *attrs* for *path*, received at *when* (default now), for *ttl* seconds."""
+    def put(self, path: str, attrs: Optional[Dict[str, Any]], when: Optional[float] = None,
+            ttl: Optional[float] = None) -> None:
+        """Keep *attrs* for *path*, received at *when* (default now), for one lookup."""
         if attrs:
+            expires, received = self._stamp(when, ttl)
             with self._lock:
                 if len(self._entries) > 20000:
                     self._entries.clear()
-                received = time.monotonic() if when is None else when
-                self._entries[path] = (received + self.ttl, attrs)
+                self._entries[path] = (expires, received, attrs)
 
-    def get(self, path: str) -> Optional[Dict[str, int]]:
+    def get(self, path: str) -> Optional[Dict[str, Any]]:
         with self._lock:
             entry = self._entries.pop(path, None)
         if entry is None or entry[0] < time.monotonic():
             return None
-        self.note(path, entry[1], entry[0] - self.ttl)
-        return entry[1]
+        self.note(path, entry[2], entry[1], ttl=entry[0] - entry[1])
+        return entry[2]
+
+    def note(self, path: str, attrs: Dict[str, Any], when: Optional[float] = None,
+             kind: str = "st", ttl: Optional[float] = None) -> None:
+        """Record *attrs* (or a symlink target: *kind* ``link``) as received for *path* at *when*."""
+        expires, received = self._stamp(when, ttl)
+        with self._lock:
+            if len(self._seen) > 20000:
+                self._seen.clear()
+            self._seen[kind + ":" + path] = (expires, received, attrs)
+
+    def recent(self, path: str, kind: str = "st") -> Optional[Tuple[float, Dict[str, Any]]]:
+        """Return (received, attributes) still valid for *path*, if any."""
+        with self._lock:
+            entry = self._seen.get(kind + ":" + path)
+        if entry is None or time.monotonic() >= entry[0]:
+            return None
+        return entry[1], entry[2]
 
     def clear(self) -> None:
         with self._lock:
@@ -422,11 +435,12 @@ def _unlink_quietly(path: str) -> None:
         pass
 
 
-def make_operations(link: Link, prefix: bytes, files: Optional[FileCache] = None):
+def make_operations(link: Link, prefix: bytes, files: Optional[FileCache] = None,
+                    cache: Optional[AttrCache] = None, profile: Optional["Profile"] = None):
     """Build the mfusepy Operations object serving the local tree at *prefix*."""
     import mfusepy
 
-    cache = AttrCache()
+    cache = cache if cache is not None else AttrCache()
 
     def wire(path: str) -> str:
         raw = path.encode("utf-8", "surrogateescape")
@@ -534,7 +548,11 @@ def make_operations(link: Link, prefix: bytes, files: Optional[FileCache] = None
             if fh is not None and fh:
                 args["fh"] = fh
             else:
+                if profile is not None:
+                    profile.record(args["path"])
                 cached = cache.get(args["path"])
+                if cached is MISSING or (cached is not None and cached.get("missing")):
+                    raise mfusepy.FuseOSError(errno.ENOENT)
                 if cached is not None:
                     return cached
             header = call("getattr", args)[0]
@@ -669,19 +687,22 @@ class Mount:
     """One FUSE mount served through the link, run in its own thread."""
 
     def __init__(self, link: Link, mountpoint: str, prefix: bytes, system: bool,
-                 files: Optional[FileCache] = None) -> None:
+                 files: Optional[FileCache] = None, cache: Optional[AttrCache] = None,
+                 profile: Optional["Profile"] = None) -> None:
         self.link = link
         self.mountpoint = mountpoint
         self.prefix = prefix
         self.system = system
         self.files = files
+        self.cache = cache
+        self.profile = profile
         self.error: Optional[BaseException] = None
         self.thread: Optional[threading.Thread] = None
         self.ops = None
 
     def start(self, timeout: float = 30.0) -> None:
         """Mount and wait until the kernel has the file system."""
-        ops, fuse_cls = make_operations(self.link, self.prefix, self.files)
+        ops, fuse_cls = make_operations(self.link, self.prefix, self.files, self.cache, self.profile)
         self.ops = ops
         # Correctness first: short caching, as the local side may change files too.
         timeouts = 1.0
@@ -920,6 +941,56 @@ def exit_code(returncode: int) -> int:
 # ---------------------------------------------------------------------------
 # Sessions.
 # ---------------------------------------------------------------------------
+class Profile:
+    """The paths a command looked up in its last session, for a warm start of the next one.
+
+    Kept next to the file cache, one small JSON list per command (its first two
+    words and the mode), written under a temporary name and renamed. Only the
+    names are kept: every answer comes fresh from the local side at start.
+    """
+
+    #: How long warm-start answers stand (NFS's acregmin is 3 s too).
+    TTL = 3.0
+    LIMIT = 4000
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self.seen: Dict[str, None] = {}
+
+    @classmethod
+    def for_command(cls, files: Optional[FileCache], boot: Dict[str, Any]) -> Optional["Profile"]:
+        if files is None or not boot.get("argv"):
+            return None
+        import hashlib
+        key = json.dumps([bool(boot.get("files_only")), list(boot["argv"][:2])])
+        name = hashlib.sha1(key.encode("utf-8", "surrogateescape")).hexdigest() + ".json"
+        return cls(os.path.join(files.directory + ".profiles", name))
+
+    def record(self, path: str) -> None:
+        if len(self.seen) < self.LIMIT:
+            self.seen[path] = None
+
+    def load(self) -> List[str]:
+        try:
+            with open(self.path, "rb") as handle:
+                paths = json.loads(handle.read().decode("utf-8", "surrogateescape"))
+        except (OSError, ValueError):
+            return []
+        return [p for p in paths if isinstance(p, str)][:self.LIMIT] if isinstance(paths, list) else []
+
+    def save(self) -> None:
+        if not self.seen:
+            return
+        try:
+            os.makedirs(os.path.dirname(self.path), mode=0o700, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(dir=os.path.dirname(self.path), prefix=".tmp-")
+            with os.fdopen(fd, "wb") as handle:
+                handle.write(json.dumps(list(self.seen)).encode("utf-8", "surrogateescape"))
+            os.rename(tmp, self.path)
+        except OSError as exc:
+            LOG.debug("profile %s not saved: %s", self.path, exc)
+
+
 def open_file_cache(boot: Dict[str, Any]) -> Optional[FileCache]:
     """Return the host's file cache for the local machine named in *boot* (None: no cache).
 
@@ -951,6 +1022,8 @@ class Session:
         os.chmod(self.workdir, 0o700)
         self.created: List[str] = []
         self.files = open_file_cache(boot)
+        self.cache = AttrCache()
+        self.profile = Profile.for_command(self.files, boot)
 
     def setup(self) -> None:
         """Enter namespaces and mount the mirror (or the exported trees)."""
@@ -965,16 +1038,44 @@ class Session:
             for export in self.boot.get("exports") or []:
                 path = P.name_from_wire(export)
                 self._ensure_dir(path)
-                m = Mount(self.link, os.fsdecode(path), path, system=False, files=self.files)
+                m = Mount(self.link, os.fsdecode(path), path, system=False, files=self.files,
+                          cache=self.cache, profile=self.profile)
                 m.start()
                 self.mounts.append(m)
         else:
             self.root = os.path.join(self.workdir, "root")
             os.mkdir(self.root)
-            m = Mount(self.link, self.root, b"", system=True, files=self.files)
+            m = Mount(self.link, self.root, b"", system=True, files=self.files, cache=self.cache,
+                      profile=self.profile)
             m.start()
             self.mounts.append(m)
             bind_specials(self.root)
+
+    def warm(self) -> int:
+        """Validate the paths this command looked up last time, in one request; return how many.
+
+        The answers (attributes, "missing", symlink targets) are fresh local
+        lookups, kept for ``Profile.TTL`` seconds: the program's start then
+        finds them here instead of asking one by one.
+        """
+        paths = self.profile.load() if self.profile is not None else []
+        if not paths:
+            return 0
+        try:
+            _, data = self.link.call("validate", {}, b"\0".join(P.name_from_wire(p) for p in paths))
+            answers = json.loads(data.decode("utf-8"))
+        except (OSError, ValueError, P.ProtocolError) as exc:
+            LOG.debug("warm start skipped: %s", exc)
+            return 0
+        now = time.monotonic()
+        for path, answer in zip(paths, answers):
+            if answer is None:
+                self.cache.put(path, MISSING, now, Profile.TTL)
+            elif isinstance(answer, list) and len(answer) == 2 and isinstance(answer[0], dict):
+                self.cache.put(path, answer[0], now, Profile.TTL)
+                if isinstance(answer[1], str):
+                    self.cache.note(path, {"link": answer[1]}, now, kind="link", ttl=Profile.TTL)
+        return len(paths)
 
     def _ensure_dir(self, path: bytes) -> None:
         missing = []
@@ -987,7 +1088,9 @@ class Session:
             self.created.append(os.fsdecode(d))
 
     def teardown(self) -> None:
-        """Unmount everything and remove what we created."""
+        """Save the lookup profile, unmount everything and remove what we created."""
+        if self.profile is not None:
+            self.profile.save()
         if self.root:
             unmount_under(self.root)
         for m in reversed(self.mounts):
@@ -1044,6 +1147,7 @@ def run_exec(link: Link, boot: Dict[str, Any]) -> int:
     link.handlers[P.WINCH] = on_winch
     try:
         session.setup()
+        session.warm()
         try:
             command = Command(boot, session.root)
         except OSError as exc:

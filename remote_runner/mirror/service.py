@@ -13,6 +13,7 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import errno
+import json
 import logging
 import os
 import stat
@@ -197,6 +198,29 @@ class LocalFileService:
         reply = Reply(payload=target)
         self._push(reply, [os.path.normpath(os.path.join(os.path.dirname(path), target))])
         return reply
+
+    def op_validate(self, a: Dict[str, Any], names: bytes) -> Reply:
+        """Look many paths up at once (a warm start): per path ``[attributes, link target]``,
+        ``null`` if it does not exist, ``0`` if it is not exported or cannot be looked up."""
+        out: List[Any] = []
+        for raw in names.split(b"\0") if names else []:
+            try:
+                path = self._path({"path": P.name_to_wire(raw)})
+                st = os.lstat(path)
+            except OpError:
+                out.append(0)
+                continue
+            except OSError as exc:
+                out.append(None if exc.errno in (errno.ENOENT, errno.ENOTDIR) else 0)
+                continue
+            link = None
+            if stat.S_ISLNK(st.st_mode):
+                try:
+                    link = P.name_to_wire(os.readlink(path))
+                except OSError:
+                    pass
+            out.append([P.stat_to_wire(st), link])
+        return Reply(payload=json.dumps(out, separators=(",", ":")).encode(), compressible=True)
 
     def _push(self, reply: Reply, paths: Sequence[bytes]) -> None:
         """Add ``push`` entries (path, attributes) for those of *paths* that exist and are exported."""
