@@ -17,6 +17,7 @@ import pytest
 
 from remote_runner.mirror import protocol as P
 from remote_runner.mirror.agent import FileCache, Profile
+from remote_runner.mirror.profile import CommandProfile
 from remote_runner.mirror.service import LocalFileService
 from tests.conftest import ssh
 from tests.test_mirror_lab import local_only, rr_exec, workdir  # noqa: F401 (fixtures)
@@ -116,11 +117,45 @@ def test_validate_answers_many_lookups_at_once(tmp_path):
     names = [tmp_path / "f", tmp_path / "l", tmp_path / "missing", tmp_path / "f" / "under-a-file"]
     service = LocalFileService(roots=[str(tmp_path).encode()])
     reply = service.handle("validate", {}, b"\0".join(os.fsencode(str(n)) for n in names) + b"\0/etc")
-    answers = json.loads(reply.payload)
+    body = json.loads(reply.payload)
+    assert body["names"] == [str(n) for n in names] + ["/etc"] and body["whole"] == []
+    answers = body["answers"]
     assert answers[0][0]["st_size"] == 3 and answers[0][1] is None
     assert answers[1][1] == "f"
     assert answers[2] is None and answers[3] is None  # ENOENT and ENOTDIR: "missing"
     assert answers[4] == 0  # not exported: no answer at all
+
+
+def test_validate_is_seeded_once_with_the_commands_local_profile(tmp_path):
+    lib = tmp_path / "libx.so"
+    lib.write_bytes(b"elf" * 100)
+    settle(lib)
+    fresh = tmp_path / "being-written"
+    fresh.write_bytes(b"data")
+    service = LocalFileService()
+    service.seed = ([str(tmp_path / "gone"), str(lib)], [str(lib), str(fresh), str(tmp_path / "gone")])
+    body = json.loads(service.handle("validate", {}, os.fsencode(str(lib))).payload)
+    assert body["names"] == [str(lib), str(tmp_path / "gone")]  # asked first, no repeats
+    assert body["answers"][1] is None
+    st = lib.stat()
+    # only files that would be sent whole now are offered for prefetch
+    assert body["whole"] == [[str(lib), [300, st.st_mtime_ns, st.st_ino]]]
+    again = json.loads(service.handle("validate", {}, b"").payload)
+    assert again == {"names": [], "answers": [], "whole": []}  # the seed is used once
+    assert str(lib) in service.looked_up and str(lib) in service.sent_whole
+
+
+def test_local_profile_round_trip(tmp_path, monkeypatch):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    argv = [P.name_to_wire(b"/usr/bin/caf\xe9"), "-v", "ignored"]
+    profile = CommandProfile.for_command(argv, files_only=False)
+    assert profile.path.startswith(str(tmp_path / "remote-runner" / "profiles"))
+    assert profile.load() == ([], [])
+    profile.save([argv[0], "/lib"], ["/lib/x.so"])
+    assert CommandProfile.for_command(argv[:2], False).load() == ([argv[0], "/lib"], ["/lib/x.so"])
+    assert CommandProfile.for_command(argv, True).load() == ([], [])  # the mode is part of the key
+    profile.save([], ["/other"])  # an empty session keeps the last profile
+    assert CommandProfile.for_command(argv, False).load()[1] == ["/lib/x.so"]
 
 
 def test_profile_keeps_names_per_command_including_non_utf8(tmp_path):
@@ -234,3 +269,24 @@ def test_warm_start_validates_in_one_request_and_sees_new_files(lab, local_only,
     assert len(rpc_lines(warm.stderr, "getattr")) < 10  # the rest came with the validation
     maybe.write_text("here now\n")  # was "missing" in the profile: the answer is fresh
     assert rr_exec(lab, HOST, argv, workdir).stdout == b"here now\n"
+
+
+def test_a_new_host_is_seeded_by_this_machines_profile(lab, local_only, workdir, tmp_path):
+    """A command run before on one host starts on another with its files fetched ahead."""
+    lib = local_only / "data.bin"
+    lib.write_bytes(os.urandom(2 * P.WHOLE_CHUNK + 7))
+    settle(lib)
+    argv = ["/usr/bin/sha1sum", str(lib)]
+    env_home = {"XDG_CACHE_HOME": str(tmp_path / "local-cache")}  # this machine's profiles
+    ssh(lab, "h2", "rm -rf ~/.cache/remote-runner/files ~/.cache/remote-runner/files.profiles")
+    assert rr_exec(lab, "h2", argv, workdir, env=env_home).returncode == 0
+    ssh(lab, HOST, "rm -rf ~/.cache/remote-runner/files ~/.cache/remote-runner/files.profiles")
+    seeded = rr_exec(lab, HOST, argv, workdir, "--debug-rpc", "-l", "INFO", env=env_home)
+    assert seeded.returncode == 0, seeded.stderr.decode()
+    assert seeded.stdout.split()[0].decode() == hashlib.sha1(lib.read_bytes()).hexdigest()
+    # the lookups came with one validation, and the file was fetched before the command ran:
+    # by the agent's prefetch (O_RDONLY|O_NONBLOCK), not by the program's own open (O_LARGEFILE)
+    assert len(rpc_lines(seeded.stderr, "getattr")) < 10
+    opens = [line for line in rpc_lines(seeded.stderr, "open") if str(lib) in line]
+    assert opens and all(f"'flags': {os.O_RDONLY | os.O_NONBLOCK}," in line for line in opens)
+    assert len(host_copies(lab, lib)) == 1

@@ -28,12 +28,14 @@ pytestmark = pytest.mark.lab
 EXEC_TIMEOUT = 300
 
 
-def rr_exec(lab, host: str, argv, cwd: Path, *options: str, stdin: bytes = b"", user: str = ""):
+def rr_exec(lab, host: str, argv, cwd: Path, *options: str, stdin: bytes = b"", user: str = "",
+            env=None):
     """Run ``remote-runner exec`` as a user would; return the CompletedProcess."""
     target = f"{user}@{host}" if user else host
     return subprocess.run([sys.executable, "-m", "remote_runner", "exec", "-F", lab.ssh_config,
                            *options, target, *argv],
-                          cwd=str(cwd), input=stdin, capture_output=True, timeout=EXEC_TIMEOUT)
+                          cwd=str(cwd), input=stdin, capture_output=True, timeout=EXEC_TIMEOUT,
+                          env={**os.environ, **(env or {})})
 
 
 @pytest.fixture

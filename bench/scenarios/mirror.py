@@ -2,7 +2,9 @@
 
 Five workloads (``cat``, ``ffmpeg -version``, Python imports, a 2 s ffmpeg
 encode, ``git status`` in a 5,000-file repository), each *cold* (remote caches
-emptied, or a fresh mount) and *warm* (run again right after), for our
+emptied, or a fresh mount) and *warm* (run again right after) — and, for ours,
+*new host* (only the host's cache emptied: this machine's profile of the
+command seeds the host) — for our
 ``remote-runner exec``, outrun 1.1.0, sshfs + chroot, and the plain local run
 as the reference. Everything the programs read and write is on the local disk
 (in the bench work directory); only the link delay differs per row.
@@ -11,6 +13,7 @@ as the reference. Everything the programs read and write is on the local disk
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 from dataclasses import dataclass
 from typing import Callable, List, Optional
@@ -20,6 +23,7 @@ from bench.context import Context, git
 from bench.measure import repeat, run as sh, skipped
 from bench.results import OURS, REFERENCE, Measurement
 from bench.sshfs import SshfsMount, sftp_server
+from remote_runner.mirror.profile import profiles_dir
 
 SCENARIO = "mirror"
 MIRROR_HOST_INDEX = 4
@@ -117,8 +121,11 @@ def run(ctx: Context) -> List[Measurement]:
     host = ctx.testbed.hosts(MIRROR_HOST_INDEX)[-1]
     rows: List[Measurement] = run_local(ctx, loads)
     ctx.notes.append(f"mirror: workloads run on {host} with cwd and files in the local {base}; cold = "
-                     f"remote caches removed ({OURS_CACHE} for ours, {OUTRUN_CACHE} for outrun) or a fresh "
-                     f"sshfs mount (mount time included); a step is stopped after {ctx.step_timeout:g} s")
+                     f"remote caches removed ({OURS_CACHE} for ours, and our local profiles in "
+                     f"{profiles_dir()}; {OUTRUN_CACHE} for outrun) or a fresh sshfs mount (mount time "
+                     f"included); 'new host' = ours with only the host's cache removed (a command this "
+                     f"machine ran before, on a host that never did); a step is stopped after "
+                     f"{ctx.step_timeout:g} s")
     for delay in ctx.delays:
         cfg = ctx.testbed.ssh_config(delay)
         wipe = lambda path: (lambda: ctx.on_hosts(delay, [host], f"rm -rf {path}"))
@@ -128,9 +135,17 @@ def run(ctx: Context) -> List[Measurement]:
             rows += [skipped(SCENARIO, f"{l.name} / {c}", "remote-runner exec", delay, missing, OURS)
                      for l in loads for c in ("cold", "warm")]
         else:
-            rows += measure_tool(ctx, "remote-runner exec", OURS, delay, loads,
-                                 lambda l: (lambda: sh(ours.exec_argv(cfg, host, l.argv), cwd=l.cwd, timeout=ctx.step_timeout)),
-                                 wipe(OURS_CACHE))
+            step = lambda l: (lambda: sh(ours.exec_argv(cfg, host, l.argv), cwd=l.cwd, timeout=ctx.step_timeout))
+
+            def wipe_ours() -> None:  # cold: nothing known on either side
+                wipe(OURS_CACHE)()
+                shutil.rmtree(profiles_dir(), ignore_errors=True)
+
+            rows += measure_tool(ctx, "remote-runner exec", OURS, delay, loads, step, wipe_ours)
+            # A host that never ran the command, from a machine that has (its profile is kept).
+            rows += [repeat(Measurement(SCENARIO, f"{l.name} / new host", "remote-runner exec", delay, OURS,
+                                        note="host cache removed, local profile kept"),
+                            step(l), ctx.reps, wipe(OURS_CACHE), ctx.slow_after) for l in loads]
         # outrun
         if ctx.outrun is None:
             rows += [skipped(SCENARIO, f"{l.name} / {c}", "outrun 1.1.0", delay, "outrun could not be installed")

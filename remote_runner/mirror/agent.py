@@ -75,6 +75,9 @@ LOCAL_FH_BASE = 1 << 48
 FUSE_CAP_CACHE_SYMLINKS = 1 << 23
 #: Default size limit of the host's file cache (``boot`` may set another).
 FILE_CACHE_LIMIT = 2 << 30
+#: At most this many bytes are fetched ahead at a session's start.
+PREFETCH_LIMIT = 512 << 20
+PREFETCH_BATCH = 64 << 20
 EXIT_LINK = 254
 
 _libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
@@ -154,10 +157,19 @@ class Link:
         return self._wait(self._submit(op, args, payload), timeout)
 
     def call_many(self, op: str, many: List[Dict[str, Any]],
-                  timeout: Optional[float] = None) -> List[Tuple[Dict[str, Any], bytes]]:
-        """Send every request of *many* at once, then wait for all (one round trip, not N)."""
+                  timeout: Optional[float] = None) -> List[Any]:
+        """Send every request of *many* at once, then wait for all (one round trip, not N).
+
+        Returns (header, payload) per request, or the OSError it failed with.
+        """
         slots = [self._submit(op, args, b"") for args in many]
-        return [self._wait(slot, timeout) for slot in slots]
+        results: List[Any] = []
+        for slot in slots:
+            try:
+                results.append(self._wait(slot, timeout))
+            except OSError as exc:
+                results.append(exc)
+        return results
 
     def _submit(self, op: str, args: Dict[str, Any], payload: bytes) -> List[Any]:
         if self.lost.is_set():
@@ -397,6 +409,14 @@ class FileCache:
             _unlink_quietly(os.path.join(self.directory, old[1]))
         return fd
 
+    def store_quietly(self, path: str, meta: List[int], chunks: List[bytes]) -> Optional[int]:
+        """:meth:`store`, or None (with a warning) when the copy cannot be written."""
+        try:
+            return self.store(path, meta, chunks)
+        except OSError as exc:
+            LOG.warning("file cache: cannot store a copy in %s: %s", self.directory, exc)
+            return None
+
     def add_handle(self, fd: int, st: Dict[str, int]) -> int:
         with self._lock:
             fh = self._next_fh
@@ -426,6 +446,82 @@ class FileCache:
                 break
             _unlink_quietly(path)
             total -= size
+
+
+def fetch_rest(link: Link, items: List[Tuple[Optional[int], bytes, int]]
+               ) -> List[Optional[List[bytes]]]:
+    """Complete whole files: per (handle, first chunk, size), all chunks; None if it failed.
+
+    The remaining chunks of every file are requested at once, then the local
+    handles released: one or two round trips for any number of files.
+    """
+    requests, owners = [], []
+    for i, (fh, first, size) in enumerate(items):
+        if fh is not None:
+            for off in range(len(first), size, P.WHOLE_CHUNK):
+                requests.append({"fh": fh, "size": P.WHOLE_CHUNK, "off": off})
+                owners.append(i)
+    out: List[Optional[List[bytes]]] = [[first] for _, first, _ in items]
+    for owner, result in zip(owners, link.call_many("read", requests) if requests else []):
+        chunks = out[owner]
+        if isinstance(result, OSError) or chunks is None:
+            out[owner] = None
+        else:
+            chunks.append(result[1])
+    handles = [{"fh": fh} for fh, _, _ in items if fh is not None]
+    if handles:
+        link.call_many("release", handles)
+    for i, (_, _, size) in enumerate(items):
+        chunks = out[i]
+        if chunks is not None and sum(len(c) for c in chunks) != size:
+            out[i] = None  # the file changed while it was sent
+    return out
+
+
+def prefetch(link: Link, files: FileCache, wanted: List[Tuple[str, List[int]]]) -> int:
+    """Fetch the files *wanted* ((name, meta) the local side listed) into *files*, all at once.
+
+    At most ``PREFETCH_LIMIT`` bytes, in batches of ``PREFETCH_BATCH`` bytes
+    (the memory it holds at a time); a file that changed since it was listed
+    is simply not stored. Returns how many copies were stored.
+    """
+    batches: List[List[str]] = [[]]
+    total = size = 0
+    for name, meta in wanted:
+        if total + meta[0] > PREFETCH_LIMIT:
+            continue
+        if batches[-1] and size + meta[0] > PREFETCH_BATCH:
+            batches.append([])
+            size = 0
+        batches[-1].append(name)
+        size += meta[0]
+        total += meta[0]
+    return sum(_prefetch_batch(link, files, batch) for batch in batches if batch)
+
+
+def _prefetch_batch(link: Link, files: FileCache, batch: List[str]) -> int:
+    # O_NONBLOCK: a name replaced by a FIFO since it was listed must not block a local worker.
+    replies = link.call_many("open", [{"path": name, "flags": os.O_RDONLY | os.O_NONBLOCK,
+                                       "whole": True, "have": None} for name in batch])
+    items, names = [], []
+    for name, reply in zip(batch, replies):
+        if isinstance(reply, OSError):
+            continue
+        header, first = reply
+        if not header.get("whole"):
+            if "fh" in header:
+                link.call_many("release", [{"fh": header["fh"]}])
+            continue
+        items.append((header.get("fh"), first, int(header["whole"][0])))
+        names.append((name, header["whole"]))
+    stored = 0
+    for (name, meta), chunks in zip(names, fetch_rest(link, items)):
+        if chunks is not None:
+            fd = files.store_quietly(name, meta, chunks)
+            if fd is not None:
+                os.close(fd)
+                stored += 1
+    return stored
 
 
 def _unlink_quietly(path: str) -> None:
@@ -504,26 +600,10 @@ def make_operations(link: Link, prefix: bytes, files: Optional[FileCache] = None
         None when the file changed while it was sent or the copy cannot be stored.
         """
         assert files is not None
-        chunks = [first]
-        if fh is not None:
-            try:
-                chunks += [data for _, data in link.call_many(
-                    "read", [{"fh": fh, "size": P.WHOLE_CHUNK, "off": off}
-                             for off in range(len(first), meta[0], P.WHOLE_CHUNK)])]
-            except OSError as exc:
-                raise mfusepy.FuseOSError(exc.errno or errno.EIO)
-            finally:
-                try:
-                    link.call("release", {"fh": fh})
-                except OSError:
-                    pass
-        if sum(len(c) for c in chunks) != meta[0]:
+        chunks = fetch_rest(link, [(fh, first, meta[0])])[0]
+        if chunks is None:
             return None
-        try:
-            return files.store(path, meta, chunks)
-        except OSError as exc:
-            LOG.warning("file cache: cannot store a copy in %s: %s", files.directory, exc)
-            return None
+        return files.store_quietly(path, meta, chunks)
 
     class MirrorOperations(mfusepy.Operations):
         use_ns = True
@@ -961,9 +1041,7 @@ class Profile:
     def for_command(cls, files: Optional[FileCache], boot: Dict[str, Any]) -> Optional["Profile"]:
         if files is None or not boot.get("argv"):
             return None
-        import hashlib
-        key = json.dumps([bool(boot.get("files_only")), list(boot["argv"][:2])])
-        name = hashlib.sha1(key.encode("utf-8", "surrogateescape")).hexdigest() + ".json"
+        name = P.profile_key(boot["argv"], bool(boot.get("files_only"))) + ".json"
         return cls(os.path.join(files.directory + ".profiles", name))
 
     def record(self, path: str) -> None:
@@ -1052,30 +1130,49 @@ class Session:
             bind_specials(self.root)
 
     def warm(self) -> int:
-        """Validate the paths this command looked up last time, in one request; return how many.
+        """Validate known names in one request and fetch missing files at once; return the names.
 
-        The answers (attributes, "missing", symlink targets) are fresh local
-        lookups, kept for ``Profile.TTL`` seconds: the program's start then
-        finds them here instead of asking one by one.
+        The names are those this command looked up here last time plus those
+        the local side saw it look up anywhere (its own profile). The answers
+        (attributes, "missing", symlink targets) are fresh local lookups, kept
+        for ``Profile.TTL`` seconds, so the program's start finds them here
+        instead of asking one by one. Files the profile lists that this host
+        has no current copy of are fetched together, before the command starts.
         """
-        paths = self.profile.load() if self.profile is not None else []
-        if not paths:
+        if self.profile is None or self.files is None:
             return 0
-        try:
-            _, data = self.link.call("validate", {}, b"\0".join(P.name_from_wire(p) for p in paths))
-            answers = json.loads(data.decode("utf-8"))
-        except (OSError, ValueError, P.ProtocolError) as exc:
-            LOG.debug("warm start skipped: %s", exc)
+        reply = self._validate(self.profile.load())
+        if reply is None:
             return 0
+        names, answers, whole = reply
+        wanted = [(p, m) for p, m in whole if isinstance(p, str) and isinstance(m, list)
+                  and len(m) == 3 and self.files.lookup(p) != m]
+        if wanted:
+            started = time.monotonic()
+            prefetch(self.link, self.files, wanted)
+            if time.monotonic() - started > 0.5:  # answers grew old while files came in
+                fresh = self._validate(names)
+                if fresh is not None:
+                    names, answers = fresh[0], fresh[1]
         now = time.monotonic()
-        for path, answer in zip(paths, answers):
+        for path, answer in zip(names, answers):
             if answer is None:
                 self.cache.put(path, MISSING, now, Profile.TTL)
             elif isinstance(answer, list) and len(answer) == 2 and isinstance(answer[0], dict):
                 self.cache.put(path, answer[0], now, Profile.TTL)
                 if isinstance(answer[1], str):
                     self.cache.note(path, {"link": answer[1]}, now, kind="link", ttl=Profile.TTL)
-        return len(paths)
+        return len(names)
+
+    def _validate(self, paths: List[str]) -> Optional[Tuple[List[str], List[Any], List[Any]]]:
+        """Send one ``validate``; return (names, answers, whole) or None if it failed."""
+        try:
+            _, data = self.link.call("validate", {}, b"\0".join(P.name_from_wire(p) for p in paths))
+            reply = json.loads(data.decode("utf-8"))
+            return list(reply["names"]), list(reply["answers"]), list(reply["whole"])
+        except (OSError, ValueError, KeyError, TypeError, P.ProtocolError) as exc:
+            LOG.debug("warm start skipped: %s", exc)
+            return None
 
     def _ensure_dir(self, path: bytes) -> None:
         missing = []

@@ -75,6 +75,13 @@ class LinkClosed(ProtocolError):
     """The stream ended (the other side or the transport went away)."""
 
 
+def profile_key(argv_wire: Any, files_only: bool) -> str:
+    """Name a command for the lookup profiles both ends keep: its first two words and the mode."""
+    import hashlib
+    key = json.dumps([bool(files_only), list(argv_wire[:2])])
+    return hashlib.sha1(key.encode("utf-8", "surrogateescape")).hexdigest()
+
+
 def name_to_wire(name: bytes) -> str:
     """Encode a file name (bytes) as a JSON-safe string, losslessly."""
     return name.decode("utf-8", "surrogateescape")

@@ -113,6 +113,12 @@ def _renameat2(old: bytes, new: bytes, flags: int) -> None:
         raise OpError(ctypes.get_errno())
 
 
+def _sendable_whole(st: os.stat_result) -> bool:
+    """Whether a file qualifies to be sent whole: settled, regular, not empty, not too big."""
+    return (stat.S_ISREG(st.st_mode) and 0 < st.st_size <= P.WHOLE_LIMIT
+            and time.time() - st.st_mtime >= SETTLED_SECONDS)
+
+
 class LocalFileService:
     """Answer mirror requests against the local file system.
 
@@ -124,6 +130,11 @@ class LocalFileService:
         self.handles = HandleTable()
         self.roots = [os.path.normpath(r) for r in roots] if roots is not None else None
         self.writeback = writeback
+        #: What this session looked up and sent whole (wire names, in order), for its profile.
+        self.looked_up: Dict[str, None] = {}
+        self.sent_whole: Dict[str, None] = {}
+        #: (names, files) of the command's profile, offered once at ``validate``.
+        self.seed: Tuple[List[str], List[str]] = ([], [])
 
     # -- helpers -------------------------------------------------------------
     def _path(self, args: Dict[str, Any], key: str = "path") -> bytes:
@@ -180,6 +191,7 @@ class LocalFileService:
         if a.get("fh") is not None:
             return Reply({"st": P.stat_to_wire(os.fstat(self.handles.get(a["fh"])))})
         path = self._path(a)
+        self._note(self.looked_up, a["path"])
         st = os.lstat(path)
         reply = Reply({"st": P.stat_to_wire(st)})
         if stat.S_ISLNK(st.st_mode):
@@ -200,27 +212,61 @@ class LocalFileService:
         return reply
 
     def op_validate(self, a: Dict[str, Any], names: bytes) -> Reply:
-        """Look many paths up at once (a warm start): per path ``[attributes, link target]``,
-        ``null`` if it does not exist, ``0`` if it is not exported or cannot be looked up."""
-        out: List[Any] = []
-        for raw in names.split(b"\0") if names else []:
+        """Look many names up at once: the host's warm start, seeded with the command's profile.
+
+        The reply (JSON) has ``names`` (the host's names, then the profile's),
+        ``answers`` (per name ``[attributes, link target]``, ``null`` if it does
+        not exist, ``0`` if it is not exported or cannot be looked up) and
+        ``whole``: ``[name, [size, mtime_ns, ino]]`` of the profile's files that
+        would be sent whole now, so the host can fetch those it lacks at once.
+        """
+        seed_names, seed_files = self.seed
+        self.seed = ([], [])
+        asked = [P.name_to_wire(raw) for raw in names.split(b"\0")] if names else []
+        order = list(dict.fromkeys(asked + seed_names))
+        answers = [self._lookup(name) for name in order]
+        for name in asked:
+            self._note(self.looked_up, name)
+        whole = []
+        for name in seed_files:
+            meta = self._whole_meta(name)
+            if meta is not None:
+                whole.append([name, meta])
+                self._note(self.sent_whole, name)
+        body = {"names": order, "answers": answers, "whole": whole}
+        return Reply(payload=json.dumps(body, separators=(",", ":")).encode(), compressible=True)
+
+    def _lookup(self, name: str) -> Any:
+        """One ``validate`` answer for wire *name*."""
+        try:
+            path = self._path({"path": name})
+            st = os.lstat(path)
+        except OpError:
+            return 0
+        except OSError as exc:
+            return None if exc.errno in (errno.ENOENT, errno.ENOTDIR) else 0
+        link = None
+        if stat.S_ISLNK(st.st_mode):
             try:
-                path = self._path({"path": P.name_to_wire(raw)})
-                st = os.lstat(path)
-            except OpError:
-                out.append(0)
-                continue
-            except OSError as exc:
-                out.append(None if exc.errno in (errno.ENOENT, errno.ENOTDIR) else 0)
-                continue
-            link = None
-            if stat.S_ISLNK(st.st_mode):
-                try:
-                    link = P.name_to_wire(os.readlink(path))
-                except OSError:
-                    pass
-            out.append([P.stat_to_wire(st), link])
-        return Reply(payload=json.dumps(out, separators=(",", ":")).encode(), compressible=True)
+                link = P.name_to_wire(os.readlink(path))
+            except OSError:
+                pass
+        return [P.stat_to_wire(st), link]
+
+    def _whole_meta(self, name: str) -> Optional[List[int]]:
+        """[size, mtime_ns, ino] if wire *name* would be sent whole now, else None."""
+        try:
+            st = os.lstat(self._path({"path": name}))
+        except (OpError, OSError):
+            return None
+        if _sendable_whole(st):
+            return [st.st_size, st.st_mtime_ns, st.st_ino]
+        return None
+
+    @staticmethod
+    def _note(seen: Dict[str, None], name: str) -> None:
+        if len(seen) < 4000:
+            seen[name] = None
 
     def _push(self, reply: Reply, paths: Sequence[bytes]) -> None:
         """Add ``push`` entries (path, attributes) for those of *paths* that exist and are exported."""
@@ -351,7 +397,10 @@ class LocalFileService:
         fd = os.open(self._path(a), self._flags(flags))
         if a.get("whole") and flags & (os.O_ACCMODE | os.O_TRUNC) == os.O_RDONLY:
             try:
-                return self._whole(fd, a.get("have"))
+                reply = self._whole(fd, a.get("have"))
+                if "whole" in reply.fields:
+                    self._note(self.sent_whole, a["path"])
+                return reply
             except BaseException:
                 os.close(fd)
                 raise
@@ -367,8 +416,7 @@ class LocalFileService:
         through the handle the reply carries.
         """
         st = os.fstat(fd)
-        if (not stat.S_ISREG(st.st_mode) or not 0 < st.st_size <= P.WHOLE_LIMIT
-                or time.time() - st.st_mtime < SETTLED_SECONDS):
+        if not _sendable_whole(st):
             return Reply({"fh": self.handles.add(fd)})
         meta = [st.st_size, st.st_mtime_ns, st.st_ino]
         fields: Dict[str, Any] = {"whole": meta, "st": P.stat_to_wire(st)}

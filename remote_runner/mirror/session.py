@@ -30,6 +30,7 @@ from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 from remote_runner.errors import EXIT_LINK, MirrorError
 from remote_runner.mirror import protocol as P
 from remote_runner.mirror.bundle import NEED_MARKER, AgentBundle, build_bundle
+from remote_runner.mirror.profile import CommandProfile
 from remote_runner.mirror.service import LocalFileService
 
 LOG = logging.getLogger(__name__)
@@ -491,6 +492,10 @@ def run_command(conn: Any, argv: Sequence[str], *, cwd: Optional[str] = None,
         "env": filtered_environment(options.forward_env),
         "umask": current_umask(), "tty": tty, "rows": rows, "cols": cols,
     })
+    profile = None
+    if options.file_cache:
+        profile = CommandProfile.for_command(fields["argv"], options.files_only)
+        link.service.seed = profile.load()
     link.boot(fields)
     link.start()
     restore = _enter_raw_mode(stdin_fd) if tty else None
@@ -508,6 +513,8 @@ def run_command(conn: Any, argv: Sequence[str], *, cwd: Optional[str] = None,
             restore()
     output.finish()
     link.close()
+    if profile is not None and "status" in result:
+        _save_profile(profile, link.service)
     if "status" in result:
         return ExecResult(status=result["status"])
     if "fail" in result:
@@ -515,6 +522,18 @@ def run_command(conn: Any, argv: Sequence[str], *, cwd: Optional[str] = None,
     return ExecResult(status=EXIT_LINK, link_lost=True,
                       message=f"host {link.host}: the link to the mirror agent was lost "
                               f"({link.lost_reason}); the remote command was stopped")
+
+
+def _save_profile(profile: CommandProfile, service: LocalFileService) -> None:
+    """Keep what the session looked up and sent whole, for the next start on any host."""
+    names, files = service.looked_up, service.sent_whole
+    # Files the host already had (served from its copies without asking) were
+    # not sent this time: keep those of the last profile that were looked up again.
+    kept = [f for f in profile.load()[1] if f in names and f not in files]
+    try:
+        profile.save(list(names), list(files) + kept)
+    except OSError as exc:
+        LOG.debug("mirror: profile %s not saved: %s", profile.path, exc)
 
 
 def _winsize(fd: int) -> Tuple[int, int]:
