@@ -26,7 +26,8 @@ HOST = "h3"
 
 
 def settle(path: Path) -> None:
-    """Date *path* a minute back, as a file nobody is writing."""
+    """Date *path* a minute back, as a file nobody is writing, and make it world-readable."""
+    path.chmod(path.stat().st_mode | 0o444)
     past = time.time() - 60
     os.utime(path, (past, past))
 
@@ -66,7 +67,7 @@ def test_big_file_sends_a_first_chunk_and_a_handle_for_the_rest(tmp_path):
     assert len(service.handles) == 0
 
 
-@pytest.mark.parametrize("case", ["fresh", "empty", "directory", "writable"])
+@pytest.mark.parametrize("case", ["fresh", "empty", "directory", "writable", "private"])
 def test_files_that_do_not_qualify_get_a_plain_handle(tmp_path, case):
     path = tmp_path / "f"
     flags = os.O_RDONLY
@@ -77,6 +78,8 @@ def test_files_that_do_not_qualify_get_a_plain_handle(tmp_path, case):
         path.write_bytes(b"" if case == "empty" else b"data")
         if case != "fresh":
             settle(path)
+        if case == "private":
+            path.chmod(0o600)  # (the mtime stays settled)
     if case == "writable":
         flags = os.O_RDWR
     service = LocalFileService()

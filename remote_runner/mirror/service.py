@@ -114,8 +114,13 @@ def _renameat2(old: bytes, new: bytes, flags: int) -> None:
 
 
 def _sendable_whole(st: os.stat_result) -> bool:
-    """Whether a file qualifies to be sent whole: settled, regular, not empty, not too big."""
+    """Whether a file qualifies to be sent whole (and kept on the host).
+
+    Settled, regular, not empty, not too big, and readable by everyone here:
+    a private file (a key, a 0600 data file) is never left behind on a host.
+    """
     return (stat.S_ISREG(st.st_mode) and 0 < st.st_size <= P.WHOLE_LIMIT
+            and bool(st.st_mode & stat.S_IROTH)
             and time.time() - st.st_mtime >= SETTLED_SECONDS)
 
 
@@ -409,8 +414,9 @@ class LocalFileService:
     def _whole(self, fd: int, have: Any) -> Reply:
         """Answer a whole-file open: "current" (no data), or the file's first chunk.
 
-        Only settled regular files qualify: not empty (pseudo files report size
-        0), not over ``WHOLE_LIMIT``, and not modified in the last
+        Only settled, world-readable regular files qualify: not empty (pseudo
+        files report size 0), not over ``WHOLE_LIMIT``, not private (no copy of
+        a 0600 file stays on a host), and not modified in the last
         ``SETTLED_SECONDS`` (a log being written keeps being read through the
         link, so ``tail -f`` sees it grow). The rest of a bigger file is read
         through the handle the reply carries.
