@@ -102,3 +102,18 @@ def test_foreign_host_is_another_release_without_local_files(lab, foreign_host):
                check=False).returncode == 1
     host = next(h for h in lab.hosts if h.name == foreign_host)
     assert host.release == "bullseye"
+
+
+def test_a_crashed_host_comes_back_reachable_at_once(lab):
+    """A host started again behind the same address is reachable right away (no stale ARP)."""
+    import signal
+    import time
+
+    (h3,) = [h for h in lab.running_hosts() if h.name == "h3"]
+    os.kill(h3.pid, signal.SIGKILL)
+    deadline = time.monotonic() + 30
+    while "h3" in {h.name for h in lab.running_hosts()} and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert "h3" not in {h.name for h in lab.running_hosts()}
+    lab.up(3)  # raises if h3's sshd cannot be reached within its wait
+    assert ssh(lab, "h3", "hostname").stdout.strip() == "h3"

@@ -74,6 +74,9 @@ def create_host_netns(host: str, index: int) -> None:
     _ip(["-n", name, "link", "set", "lo", "up"])
     _ip(["-n", name, "addr", "add", f"{host_address(index)}/24", "dev", "eth0"])
     _ip(["-n", name, "link", "set", "eth0", "up"])
+    # A host started again gets a new veth (new MAC) behind the same address: forget
+    # the old neighbour entry, or this machine keeps sending to the dead MAC for ~30 s.
+    _ip(["neigh", "flush", "to", host_address(index)], check=False)
 
 
 def delete_host_netns(host: str) -> None:
