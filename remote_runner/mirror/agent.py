@@ -29,6 +29,7 @@ import array
 import ctypes
 import ctypes.util
 import errno
+import hashlib
 import json
 import logging
 import os
@@ -299,7 +300,7 @@ class AttrCache:
         if attrs:
             expires, received = self._stamp(when, ttl)
             with self._lock:
-                if len(self._entries) > 20000:
+                if len(self._entries) > 4 * P.PROFILE_NAMES:
                     self._entries.clear()
                 self._entries[path] = (expires, received, attrs)
 
@@ -316,7 +317,7 @@ class AttrCache:
         """Record *attrs* (or a symlink target: *kind* ``link``) as received for *path* at *when*."""
         expires, received = self._stamp(when, ttl)
         with self._lock:
-            if len(self._seen) > 20000:
+            if len(self._seen) > 4 * P.PROFILE_NAMES:
                 self._seen.clear()
             self._seen[kind + ":" + path] = (expires, received, attrs)
 
@@ -364,7 +365,6 @@ class FileCache:
 
     @staticmethod
     def key(path: str) -> str:
-        import hashlib
         return hashlib.sha1(P.name_from_wire(path)).hexdigest()
 
     def lookup(self, path: str) -> Optional[List[int]]:
@@ -543,13 +543,26 @@ def make_operations(link: Link, prefix: bytes, files: Optional[FileCache] = None
         full = (prefix.rstrip(b"/") + raw) if prefix else raw
         return P.name_to_wire(full or b"/")
 
+    reading: Dict[int, None] = {}  # local handles opened read-only: closing them changes nothing
+
+    def mutates(op: str, args: Dict[str, Any]) -> bool:
+        if op == "open":
+            return args.get("flags", 0) & (os.O_ACCMODE | os.O_TRUNC) != os.O_RDONLY
+        if op in ("flush", "release"):
+            return args.get("fh") not in reading
+        return op in MUTATING_OPS
+
     def call(op: str, args: Dict[str, Any], payload: bytes = b"") -> Tuple[Dict[str, Any], bytes]:
-        if op in MUTATING_OPS and not args.get("whole"):
+        if mutates(op, args):
             cache.clear()
         try:
             header, data = link.call(op, args, payload)
         except OSError as exc:
             raise mfusepy.FuseOSError(exc.errno or errno.EIO)
+        if op == "open" and "fh" in header and not mutates(op, args):
+            reading[header["fh"]] = None
+        elif op == "release":
+            reading.pop(args.get("fh"), None)
         for item in header.get("push") or ():
             try:
                 cache.put(item[0], item[1])
@@ -1031,7 +1044,7 @@ class Profile:
 
     #: How long warm-start answers stand (NFS's acregmin is 3 s too).
     TTL = 3.0
-    LIMIT = 4000
+    LIMIT = P.PROFILE_NAMES
 
     def __init__(self, path: str) -> None:
         self.path = path

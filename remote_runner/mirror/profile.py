@@ -18,10 +18,10 @@ import os
 import tempfile
 from typing import List, Sequence, Tuple
 
-from remote_runner.mirror.protocol import profile_key
+from remote_runner.mirror.protocol import PROFILE_NAMES, profile_key
 
 #: At most this many names and files are kept per command.
-NAME_LIMIT = 4000
+NAME_LIMIT = PROFILE_NAMES
 FILE_LIMIT = 2000
 
 

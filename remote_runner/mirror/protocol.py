@@ -41,6 +41,8 @@ MAX_PAYLOAD = 64 << 20
 #: (the host keeps a copy); the reply carries the first ``WHOLE_CHUNK`` bytes.
 WHOLE_LIMIT = 32 << 20
 WHOLE_CHUNK = 1 << 20
+#: The most names a command's lookup profile keeps (``git status`` in a big tree looks up thousands).
+PROFILE_NAMES = 20000
 
 # Frame types -------------------------------------------------------------
 HELLO = "hello"      # agent -> local: version, machine, features

@@ -270,7 +270,7 @@ class LocalFileService:
 
     @staticmethod
     def _note(seen: Dict[str, None], name: str) -> None:
-        if len(seen) < 4000:
+        if len(seen) < P.PROFILE_NAMES:
             seen[name] = None
 
     def _push(self, reply: Reply, paths: Sequence[bytes]) -> None:
