@@ -13,7 +13,6 @@ as the reference. Everything the programs read and write is on the local disk
 from __future__ import annotations
 
 import os
-import shutil
 import subprocess
 from dataclasses import dataclass
 from typing import Callable, List, Optional
@@ -23,7 +22,8 @@ from bench.context import Context, git
 from bench.measure import repeat, run as sh, skipped
 from bench.results import OURS, REFERENCE, Measurement
 from bench.sshfs import SshfsMount, sftp_server
-from remote_runner.mirror.profile import profiles_dir
+from remote_runner.mirror import protocol as P
+from remote_runner.mirror.profile import CommandProfile, profiles_dir
 
 SCENARIO = "mirror"
 MIRROR_HOST_INDEX = 4
@@ -89,17 +89,21 @@ def workloads(ctx: Context, base: str) -> List[Workload]:
 
 def measure_tool(ctx: Context, tool: str, role: str, delay: float, loads: List[Workload],
                  step_for: Callable[[Workload], Callable[[], None]],
-                 cold_prepare: Callable[[], None], warm_prepare: Optional[Callable[[], None]] = None,
+                 cold_prepare: Callable[[Workload], Callable[[], None]],
+                 warm_prepare: Optional[Callable[[], None]] = None,
                  cold_step_for: Optional[Callable[[Workload], Callable[[], None]]] = None,
-                 note: str = "") -> List[Measurement]:
-    """Time every workload cold (after *cold_prepare*) and then warm."""
+                 note: str = "", extra: Optional[Callable[[Workload], List[Measurement]]] = None
+                 ) -> List[Measurement]:
+    """Time every workload cold (after *cold_prepare(load)*), then warm, then any *extra* rows."""
     rows = []
     for load in loads:
         cold = (cold_step_for or step_for)(load)
         rows.append(repeat(Measurement(SCENARIO, f"{load.name} / cold", tool, delay, role, note=note),
-                           cold, ctx.reps, cold_prepare, ctx.slow_after))
+                           cold, ctx.reps, cold_prepare(load), ctx.slow_after))
         rows.append(repeat(Measurement(SCENARIO, f"{load.name} / warm", tool, delay, role, note=note),
                            step_for(load), ctx.reps, warm_prepare, ctx.slow_after))
+        if extra is not None:
+            rows += extra(load)
     return rows
 
 
@@ -121,7 +125,7 @@ def run(ctx: Context) -> List[Measurement]:
     host = ctx.testbed.hosts(MIRROR_HOST_INDEX)[-1]
     rows: List[Measurement] = run_local(ctx, loads)
     ctx.notes.append(f"mirror: workloads run on {host} with cwd and files in the local {base}; cold = "
-                     f"remote caches removed ({OURS_CACHE} for ours, and our local profiles in "
+                     f"remote caches removed ({OURS_CACHE} for ours, and our local profile of the command in "
                      f"{profiles_dir()}; {OUTRUN_CACHE} for outrun) or a fresh sshfs mount (mount time "
                      f"included); 'new host' = ours with only the host's cache removed (a command this "
                      f"machine ran before, on a host that never did); a step is stopped after "
@@ -137,15 +141,21 @@ def run(ctx: Context) -> List[Measurement]:
         else:
             step = lambda l: (lambda: sh(ours.exec_argv(cfg, host, l.argv), cwd=l.cwd, timeout=ctx.step_timeout))
 
-            def wipe_ours() -> None:  # cold: nothing known on either side
-                wipe(OURS_CACHE)()
-                shutil.rmtree(profiles_dir(), ignore_errors=True)
+            def wipe_ours(load: Workload) -> Callable[[], None]:
+                def wipe_both() -> None:  # cold: nothing known on either side
+                    wipe(OURS_CACHE)()
+                    argv = [P.name_to_wire(os.fsencode(a)) for a in load.argv]
+                    try:
+                        os.unlink(CommandProfile.for_command(argv, False).path)
+                    except FileNotFoundError:
+                        pass
+                return wipe_both
 
-            rows += measure_tool(ctx, "remote-runner exec", OURS, delay, loads, step, wipe_ours)
-            # A host that never ran the command, from a machine that has (its profile is kept).
-            rows += [repeat(Measurement(SCENARIO, f"{l.name} / new host", "remote-runner exec", delay, OURS,
-                                        note="host cache removed, local profile kept"),
-                            step(l), ctx.reps, wipe(OURS_CACHE), ctx.slow_after) for l in loads]
+            # Then a host that never ran the command, from a machine that has (its profile is kept).
+            new_host = lambda l: [repeat(Measurement(SCENARIO, f"{l.name} / new host", "remote-runner exec",
+                                                     delay, OURS, note="host cache removed, local profile kept"),
+                                         step(l), ctx.reps, wipe(OURS_CACHE), ctx.slow_after)]
+            rows += measure_tool(ctx, "remote-runner exec", OURS, delay, loads, step, wipe_ours, extra=new_host)
         # outrun
         if ctx.outrun is None:
             rows += [skipped(SCENARIO, f"{l.name} / {c}", "outrun 1.1.0", delay, "outrun could not be installed")
@@ -155,7 +165,7 @@ def run(ctx: Context) -> List[Measurement]:
             rows += measure_tool(ctx, "outrun 1.1.0", "peer", delay, loads,
                                  lambda l: (lambda: sh([o.executable, "--ssh", f"-F {cfg}", host, *l.argv],
                                                        cwd=l.cwd, env=o.env(), timeout=ctx.step_timeout)),
-                                 wipe(OUTRUN_CACHE))
+                                 lambda l: wipe(OUTRUN_CACHE))
         # sshfs + chroot
         if sftp_server() is None:
             rows += [skipped(SCENARIO, f"{l.name} / {c}", "sshfs + chroot", delay, "no local sftp-server")
@@ -172,7 +182,7 @@ def run(ctx: Context) -> List[Measurement]:
             try:
                 rows += measure_tool(ctx, "sshfs + chroot", "peer", delay, loads,
                                      lambda l: (lambda: sh(mount.run_argv(l.argv, l.cwd), timeout=ctx.step_timeout)),
-                                     mount.unmount, cold_step_for=cold_step,
+                                     lambda l: mount.unmount, cold_step_for=cold_step,
                                      note="cold includes the mount")
             finally:
                 mount.unmount()
