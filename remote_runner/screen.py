@@ -52,6 +52,13 @@ logfile '{log_dir}/window-%n.log'
 """
 
 
+#: Shell text that stops a script on a host without GNU screen (reported as StartError).
+_NEED_SCREEN = "command -v screen >/dev/null 2>&1 || { echo NO-SCREEN; exit 0; }\n"
+_LIST_MARK = "RR-SCREEN-LS"
+#: Shell text that lists the sessions after a marker line (dead ones wiped first).
+_LIST = f"screen -wipe >/dev/null 2>&1\necho {_LIST_MARK}\nscreen -ls\n"
+
+
 def validate_session_name(name: str) -> str:
     """Return *name* if it is usable as a screen session name, else raise ConfigError."""
     if not SESSION_NAME_RE.match(name or ""):
@@ -183,13 +190,14 @@ class Screen:
 
     def sessions(self) -> List[str]:
         """Return the ids of the sessions with exactly this name."""
-        result = self.shell.script(
-            "command -v screen >/dev/null 2>&1 || { echo NO-SCREEN; exit 0; }\n"
-            "screen -wipe >/dev/null 2>&1\nscreen -ls\n", timeout=60)
-        if "NO-SCREEN" in result.stdout.splitlines():
+        return self._listed(self.shell.script(_NEED_SCREEN + _LIST, timeout=60).stdout)[-1]
+
+    def _listed(self, stdout: str) -> List[List[str]]:
+        """Split output made of ``_LIST`` parts into the session ids each part lists."""
+        if "NO-SCREEN" in stdout.splitlines():
             raise StartError(f"host {self.shell.host}: GNU screen is not installed "
                              "(or not on PATH)")
-        return parse_sessions(result.stdout, self.name)
+        return [parse_sessions(part, self.name) for part in stdout.split(_LIST_MARK + "\n")[1:]]
 
     def kill(self, grace: float = 10.0) -> List[str]:
         """Stop every window of every session with this name, quit them; return their ids.
@@ -198,20 +206,18 @@ class Screen:
         process, and the launcher survives that on purpose (to record a status),
         so its program would live on. Each window's process group is sent
         SIGTERM first, and SIGKILL if it is still there after *grace* seconds.
+        One command does it all: find, stop, quit, wait, and list what is left.
         """
-        ids = self.sessions()
-        if ids:
-            lines = [f"screen -S {shlex.quote(i)} -X quit >/dev/null 2>&1" for i in ids]
-            pids = " ".join(shlex.quote(i.split(".", 1)[0]) for i in ids)
-            script = (_stop_groups(_window_groups(pids), grace) + "\n".join(lines) + "\n" +
-                      _poll_gone(ids, self.start_timeout))
-            self.shell.script(script, timeout=grace + self.start_timeout + 60)
-            left = set(ids) & set(self.sessions())
-            if left:
-                raise StartError(f"host {self.shell.host}: screen session(s) {sorted(left)} "
-                                 "did not quit")
+        script = (_NEED_SCREEN + _LIST + quit_sessions_script(self.name, grace) +
+                  _poll_gone("$rr_pids", self.start_timeout) + _LIST)
+        before, after = self._listed(
+            self.shell.script(script, timeout=grace + self.start_timeout + 60).stdout)
+        left = set(before) & set(after)
+        if left:
+            raise StartError(f"host {self.shell.host}: screen session(s) {sorted(left)} "
+                             "did not quit")
         self.session_id = None
-        return ids
+        return before
 
     def adopt(self) -> Optional[str]:
         """Use the existing session with this name (``--no-kill``), if there is one."""
@@ -251,15 +257,19 @@ class Screen:
         return result.stdout.strip()
 
     def _create(self, first: Window) -> None:
-        """Create the session with *first* as its initial window and record its id."""
-        before = set(self.sessions())
+        """Create the session with *first* as its initial window and record its id.
+
+        The new id is the one ``screen -ls`` lists after but not before: both
+        listings are made by the same command that creates the session.
+        """
         q = shlex.quote
-        script = (heredoc_write(self.rc_file, rc_text(self.state_dir, self.zombie)) +
+        script = (_NEED_SCREEN + _LIST + heredoc_write(self.rc_file, rc_text(self.state_dir, self.zombie)) +
                   f"screen -L -c {q(self.rc_file)} -d -m -S {q(self.name)} -t {q(first.title)} "
                   f"/bin/sh {q(first.launcher)} </dev/null >/dev/null 2>&1\n"
-                  f"echo \"SCREEN-RC $?\"\n")
+                  f"echo \"SCREEN-RC $?\"\n" + _LIST)
         result = self.shell.script(script, timeout=self.start_timeout + 60)
-        new = [i for i in self.sessions() if i not in before]
+        before, after = self._listed(result.stdout)
+        new = [i for i in after if i not in before]
         if len(new) != 1:
             raise StartError(f"host {self.shell.host}: could not create screen session "
                              f"{self.name!r} ({result.stdout.strip() or 'no output'}; "
@@ -372,9 +382,8 @@ def _poll_files(paths: Sequence[str], timeout: float) -> str:
             f"  sleep 0.1 2>/dev/null || sleep 1\n  i=$((i+1))\ndone\n")
 
 
-def _poll_gone(ids: Sequence[str], timeout: float) -> str:
-    """Return shell text that waits until the sessions *ids* have left ``screen -ls``."""
-    pids = " ".join(shlex.quote(i.split(".", 1)[0]) for i in ids)
+def _poll_gone(pids: str, timeout: float) -> str:
+    """Return shell text that waits until the processes *pids* (shell words) have ended."""
     rounds = max(1, int(timeout * 10))
     return (f"i=0\nfor p in {pids}; do\n"
             f"  while [ $i -lt {rounds} ] && kill -0 \"$p\" 2>/dev/null; do\n"

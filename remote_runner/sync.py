@@ -1,11 +1,13 @@
 """Copy the files components need to their hosts, skipping what is already there.
 
 Per host the work is: a plan (unique destination -> source, directories
-expanded, relative destinations joined to the component's base_dir), one
-``listdir`` per destination directory for size and mode, **one** remote hash
+expanded, relative destinations joined to the component's base_dir), **one**
+``stat -c`` command for the size and mode of every destination (one SFTP
+``listdir`` per directory where ``stat -c`` is missing), **one** remote hash
 command for every file whose size and mode already match (``openssl dgst -sha1
--r``, or ``sha1sum`` with a warning where openssl is missing), one ``mkdir -p``
-for all directories, then the upload of what differs.
+-r``, or ``sha1sum`` with a warning where openssl is missing) while the local
+hashes are computed, one ``mkdir -p`` for all directories, then the upload of
+what differs. A run with nothing to copy opens no SFTP channel.
 
 Nothing is ever written in place. Large files go over SFTP to a temporary name
 in the destination directory and are renamed into place (``posix_rename``);
@@ -47,6 +49,7 @@ LOG = logging.getLogger(__name__)
 #: Files hashed per ``openssl`` invocation (keeps each exec well under ARG_MAX).
 HASH_CHUNK = 500
 NO_OPENSSL_MARK = "RR-NO-OPENSSL"
+STAT_OK_MARK = "RR-STAT-OK"
 #: SFTP channels used at once per host. Each file costs a few round trips
 #: (open, close, chmod, rename) that paramiko cannot pipeline across files, so
 #: small files go through several channels in parallel. Kept under OpenSSH's
@@ -194,40 +197,78 @@ def remote_sha1(shell: "Shell", paths: Sequence[str]) -> Tuple[Dict[str, str], s
     return hashes, tool
 
 
-def remote_attrs(sftp: Any, dirs: Iterable[str]) -> Dict[str, Any]:
-    """Return {path: SFTPAttributes} for the entries of each directory in *dirs*."""
-    found: Dict[str, Any] = {}
+def remote_attrs(sftp: Any, dirs: Iterable[str]) -> Dict[str, Tuple[int, int]]:
+    """Return {path: (size, st_mode)} for the entries of each directory in *dirs* (SFTP)."""
+    found: Dict[str, Tuple[int, int]] = {}
     for directory in sorted(set(dirs)):
         try:
             entries = sftp.listdir_attr(directory)
         except IOError:
             continue  # missing directory: everything in it must be uploaded
         for attr in entries:
-            found[posixpath.join(directory, attr.filename)] = attr
+            found[posixpath.join(directory, attr.filename)] = (attr.st_size, attr.st_mode or 0)
     return found
 
 
-def changed_files(shell: "Shell", sftp: Any, plan: Plan) -> Tuple[List[Upload], List[Upload], str]:
-    """Split the plan's files into (to upload, unchanged) and report the hash tool used."""
-    attrs = remote_attrs(sftp, {posixpath.dirname(f.dest) for f in plan.files})
+def remote_stat(shell: "Shell", paths: Sequence[str]) -> Optional[Dict[str, Tuple[int, int]]]:
+    """Return {path: (size, st_mode)} of those *paths* that exist, in one command.
+
+    None where ``stat -c`` is not available (the caller lists directories over
+    SFTP instead: one round trip per directory rather than one in all).
+    """
+    lines = [f"stat -c %s / >/dev/null 2>&1 && echo {STAT_OK_MARK} || exit 0"]
+    for start in range(0, len(paths), HASH_CHUNK):
+        words = " ".join(shlex.quote(p) for p in paths[start:start + HASH_CHUNK])
+        lines.append(f"stat -c '%s %f %n' -- {words} 2>/dev/null")
+    result = shell.script("\n".join(lines) + "\n", timeout=600)
+    out = result.stdout.splitlines()
+    if STAT_OK_MARK not in out:
+        return None
+    wanted = set(paths)
+    found: Dict[str, Tuple[int, int]] = {}
+    for line in out:
+        size, _, rest = line.partition(" ")
+        mode, _, path = rest.partition(" ")
+        if path in wanted and size.isdigit():
+            try:
+                found[path] = (int(size), int(mode, 16))
+            except ValueError:
+                continue
+    return found
+
+
+def changed_files(shell: "Shell", sftp: Callable[[], Any], plan: Plan
+                  ) -> Tuple[List[Upload], List[Upload], str]:
+    """Split the plan's files into (to upload, unchanged) and report the hash tool used.
+
+    Two round trips for any number of files: sizes and modes, then the hashes
+    of those that match. Meanwhile the local hashes are computed in parallel.
+    """
+    # Names with a newline cannot be matched in line-oriented output: always upload those.
+    listable = [f.dest for f in plan.files if "\n" not in f.dest]
+    attrs = remote_stat(shell, listable)
+    if attrs is None:
+        attrs = remote_attrs(sftp(), {posixpath.dirname(f.dest) for f in plan.files})
     upload: List[Upload] = []
     candidates: List[Upload] = []
     for item in plan.files:
-        attr = attrs.get(item.dest)
-        if (attr is None or not stat.S_ISREG(attr.st_mode or 0) or attr.st_size != item.size
-                or stat.S_IMODE(attr.st_mode) != item.mode):
+        size, mode = attrs.get(item.dest, (-1, 0))
+        if not stat.S_ISREG(mode) or size != item.size or stat.S_IMODE(mode) != item.mode:
             upload.append(item)
         else:
             candidates.append(item)
     if not candidates:
         return upload, [], "openssl"
-    hashes, tool = remote_sha1(shell, [c.dest for c in candidates])
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        local = pool.submit(lambda: {c.src: local_sha1(c.src) for c in candidates})
+        hashes, tool = remote_sha1(shell, [c.dest for c in candidates])
+        local_hashes = local.result()
     if tool != "openssl":
         LOG.warning("%s: openssl is not installed (or failed); comparing files with sha1sum",
                     plan.host)
     same = []
     for item in candidates:
-        if hashes.get(item.dest) == local_sha1(item.src):
+        if hashes.get(item.dest) == local_hashes[item.src]:
             same.append(item)
         else:
             upload.append(item)
@@ -405,21 +446,28 @@ def upload_bundles(shell: "Shell", host: str, items: Sequence[Upload],
 def sync_host(shell: "Shell", sftp: Any, plan: Plan, always_copy: bool = False,
               progress: Optional[Progress] = None,
               open_lane: Optional[LaneOpener] = None, small_file: int = SMALL_FILE) -> HostSync:
-    """Bring one host up to date with *plan* and report what was done."""
+    """Bring one host up to date with *plan* and report what was done.
+
+    *sftp* is an SFTP client or a function returning one: it is only asked for
+    when a file must go over SFTP (a warm run needs no SFTP at all).
+    """
     report = HostSync(plan.host)
     if not plan.files and not plan.dirs:
         return report
+    get_sftp = sftp if callable(sftp) else (lambda: sftp)
     if always_copy:
         todo, same = list(plan.files), []
     else:
-        todo, same, report.hash_tool = changed_files(shell, sftp, plan)
+        todo, same, report.hash_tool = changed_files(shell, get_sftp, plan)
     report.skipped = [u.dest for u in same]
     has_tar = make_dirs(shell, plan)
     small = [u for u in todo if u.size <= small_file] if has_tar and hasattr(shell, "feed") else []
     if small:
         upload_bundles(shell, plan.host, small, progress)
     bundled = set(small)
-    upload_all(sftp, plan.host, [u for u in todo if u not in bundled], progress, open_lane)
+    rest = [u for u in todo if u not in bundled]
+    if rest:
+        upload_all(get_sftp(), plan.host, rest, progress, open_lane)
     report.copied = [u.dest for u in todo]
     report.bytes = sum(u.size for u in todo)
     return report
@@ -437,7 +485,7 @@ def sync_all(jobs: Sequence[Tuple["Shell", Callable[[], Any], Plan]], forks: int
         shell, sftp_factory, plan = job
         if not plan.files and not plan.dirs:
             return HostSync(plan.host)
-        return sync_host(shell, sftp_factory(), plan, always_copy, progress,
+        return sync_host(shell, sftp_factory, plan, always_copy, progress,
                          openers.get(plan.host))
 
     with ThreadPoolExecutor(max_workers=max(1, forks)) as pool:

@@ -298,3 +298,13 @@ def test_failed_bundle_leaves_no_stage_directory(lab, host, tmp_path):
         sync.upload_bundle(shell, "h2", [upload])
     assert info.value.host == "h2"
     assert ssh(lab, "h2", f"ls -A {base}").stdout == "f\n"
+
+
+def test_remote_stat_lists_size_and_mode_in_one_command_or_says_it_cannot(lab, host):
+    shell, _, base = host
+    ssh(lab, "h2", f"mkdir -p '{base}/a b' && printf 12345 > '{base}/a b/f 1' && chmod 640 '{base}/a b/f 1'"
+                   f" && mkdir '{base}/d'")
+    found = sync.remote_stat(shell, [f"{base}/a b/f 1", f"{base}/d", f"{base}/missing"])
+    assert found[f"{base}/a b/f 1"][0] == 5 and found[f"{base}/a b/f 1"][1] & 0o7777 == 0o640
+    assert found[f"{base}/d"][1] & 0o170000 == 0o040000 and f"{base}/missing" not in found
+    assert sync.remote_stat(PathShell(shell, f"{base}/no-tools"), [f"{base}/d"]) is None
