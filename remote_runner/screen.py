@@ -263,10 +263,16 @@ class Screen:
         listings are made by the same command that creates the session.
         """
         q = shlex.quote
+        count = f"$({_ids_of(self.name)} | wc -l)"
+        rounds = max(1, int(self.start_timeout * 20))
+        # screen -d -m may return before the new session's socket is listed: wait for it.
         script = (_NEED_SCREEN + _LIST + heredoc_write(self.rc_file, rc_text(self.state_dir, self.zombie)) +
+                  f"b={count}\n"
                   f"screen -L -c {q(self.rc_file)} -d -m -S {q(self.name)} -t {q(first.title)} "
                   f"/bin/sh {q(first.launcher)} </dev/null >/dev/null 2>&1\n"
-                  f"echo \"SCREEN-RC $?\"\n" + _LIST)
+                  f"rc=$?\necho \"SCREEN-RC $rc\"\n"
+                  f"i=0\nwhile [ $rc = 0 ] && [ $i -lt {rounds} ] && [ {count} -le $b ]; do\n"
+                  f"  sleep 0.05 2>/dev/null || sleep 1\n  i=$((i+1))\ndone\n" + _LIST)
         result = self.shell.script(script, timeout=self.start_timeout + 60)
         before, after = self._listed(result.stdout)
         new = [i for i in after if i not in before]
@@ -341,16 +347,20 @@ def _window_groups(screen_pids: str) -> str:
             "done")
 
 
+def _ids_of(name: str) -> str:
+    """Return a shell command printing the ids of the sessions named exactly *name*."""
+    pick = "{i = index($1, \".\"); if (i > 1 && substr($1, i + 1) == n) print $1}"
+    return (f"screen -ls 2>/dev/null | awk -v n={shlex.quote(validate_session_name(name))} "
+            f"{shlex.quote(pick)}")
+
+
 def quit_sessions_script(name: str, grace: float) -> str:
     """Return shell text that stops every window of the sessions called *name* and quits them.
 
     Self-contained (it finds the sessions itself), for clean-up tools that have
     no :class:`Screen` at hand; :meth:`Screen.kill` does the same in steps.
     """
-    pick = ("{i = index($1, \".\"); if (i > 1 && substr($1, i + 1) == n) "
-            "print $1}")
-    return (f"rr_ids=$(screen -ls 2>/dev/null | awk -v n={shlex.quote(validate_session_name(name))} "
-            f"{shlex.quote(pick)})\n"
+    return (f"rr_ids=$({_ids_of(name)})\n"
             'rr_pids=$(for s in $rr_ids; do echo "${s%%.*}"; done)\n' +
             _stop_groups(_window_groups("$rr_pids"), grace) +
             'for s in $rr_ids; do screen -S "$s" -X quit >/dev/null 2>&1; done\n')
