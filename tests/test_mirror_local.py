@@ -8,6 +8,7 @@ it, so these tests exercise the same code paths as the lab tests, faster.
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import stat
@@ -441,3 +442,20 @@ def test_works_with_either_libfuse(agent_pyz, tmp_path, monkeypatch, library):
     assert run.status == 3, run.err
     assert run.out == b"one\ntwo\n"
     assert stat.S_ISFIFO(os.lstat(tmp_path / "p").st_mode)
+
+
+def test_chown_statfs_and_fsync_reach_the_local_disk(agent_pyz, tmp_path):
+    if os.geteuid() != 0:
+        pytest.skip("chown to another user needs root")
+    code = ("import os, sys, json\n"
+            "fd = os.open('synced', os.O_WRONLY | os.O_CREAT, 0o644)\n"
+            "os.write(fd, b'kept'); os.fsync(fd); os.fdatasync(fd); os.close(fd)\n"
+            "os.chown('synced', 2000, 2001)\n"
+            "sv = os.statvfs('.')\n"
+            "print(json.dumps([sv.f_bsize, sv.f_blocks, sv.f_files]))\n")
+    run = run_local(agent_pyz, tmp_path, [sys.executable, "-c", code])
+    assert run.status == 0, run.err
+    st = (tmp_path / "synced").stat()
+    assert (tmp_path / "synced").read_bytes() == b"kept" and (st.st_uid, st.st_gid) == (2000, 2001)
+    local = os.statvfs(tmp_path)
+    assert json.loads(run.out) == [local.f_bsize, local.f_blocks, local.f_files]
