@@ -137,6 +137,70 @@ def test_killed_by_signal_and_stdin(lab, workdir):
     assert proc.returncode == 0 and proc.stdout == b"PIPED THROUGH\n"
 
 
+def _read_until(fd: int, marker: bytes, seen: bytearray, deadline: float) -> bool:
+    """Read the pty master *fd* into *seen* until *marker* appears, EOF, or *deadline*."""
+    import select
+    while marker not in seen:
+        left = deadline - time.monotonic()
+        if left <= 0 or not select.select([fd], [], [], left)[0]:
+            return False
+        try:
+            chunk = os.read(fd, 4096)
+        except OSError:  # EIO: the child closed its side
+            return False
+        if not chunk:
+            return False
+        seen += chunk
+    return True
+
+
+def test_a_terminal_gets_a_pty_whose_size_follows(lab, workdir):
+    """Local stdin and stdout on a terminal: the command gets a pty, and a resize reaches it."""
+    import fcntl
+    import struct
+    import termios
+    script = ("test -t 0 && test -t 1 && echo ON-A-TTY; echo SIZE $(stty size); "
+              "trap 'echo RESIZED $(stty size); exit 7' WINCH; echo READY; "
+              "while :; do sleep 0.1; done")
+    argv = [sys.executable, "-m", "remote_runner", "exec", "-F", lab.ssh_config, "h1", "sh", "-c", script]
+    master, slave = os.openpty()
+    fcntl.ioctl(master, termios.TIOCSWINSZ, struct.pack("HHHH", 31, 97, 0, 0))
+    pid = os.fork()
+    if pid == 0:  # child: the terminal becomes its controlling tty, as in a shell
+        try:
+            os.close(master)
+            os.chdir(str(workdir))
+            os.login_tty(slave)
+            os.execv(argv[0], argv)
+        finally:
+            os._exit(127)
+    os.close(slave)
+    seen = bytearray()
+    status = None
+    try:
+        ready = _read_until(master, b"READY", seen, time.monotonic() + EXEC_TIMEOUT)
+        assert ready, seen.decode(errors="replace")
+        # The kernel signals SIGWINCH to the terminal's foreground group: remote-runner.
+        fcntl.ioctl(master, termios.TIOCSWINSZ, struct.pack("HHHH", 42, 123, 0, 0))
+        _read_until(master, b"\x00never", seen, time.monotonic() + 60)  # to EOF
+        deadline = time.monotonic() + 60
+        while status is None and time.monotonic() < deadline:
+            done, code = os.waitpid(pid, os.WNOHANG)
+            if done:
+                status = code
+            else:
+                time.sleep(0.05)
+    finally:
+        if status is None:
+            os.kill(pid, signal.SIGKILL)
+            os.waitpid(pid, 0)
+        os.close(master)
+    text = seen.decode(errors="replace")
+    assert "ON-A-TTY" in text and "SIZE 31 97" in text, text
+    assert "RESIZED 42 123" in text, text
+    assert status is not None and os.waitstatus_to_exitcode(status) == 7, text
+
+
 def test_file_operations_over_ssh(lab, workdir):
     (workdir / "log").write_text("one\n")
     script = r"""
