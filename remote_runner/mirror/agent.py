@@ -1125,6 +1125,7 @@ class Session:
         self.link.start()
         if self.files is not None:
             threading.Thread(target=self.files.trim, daemon=True, name="cache-trim").start()
+        self.warm()  # before mounting: the mount's own lookups are answered too
         if self.files_only:
             for export in self.boot.get("exports") or []:
                 path = P.name_from_wire(export)
@@ -1145,16 +1146,21 @@ class Session:
     def warm(self) -> int:
         """Validate known names in one request and fetch missing files at once; return the names.
 
-        The names are those this command looked up here last time plus those
-        the local side saw it look up anywhere (its own profile). The answers
-        (attributes, "missing", symlink targets) are fresh local lookups, kept
-        for ``Profile.TTL`` seconds, so the program's start finds them here
-        instead of asking one by one. Files the profile lists that this host
-        has no current copy of are fetched together, before the command starts.
+        The names are those the mount itself looks up (the root and the
+        directories the host's own are bound over), those this command looked
+        up here last time, and those the local side saw it look up anywhere
+        (its own profile). The answers (attributes, "missing", symlink targets)
+        are fresh local lookups, kept for ``Profile.TTL`` seconds, so the
+        program's start finds them here instead of asking one by one. Files the
+        profile lists that this host has no current copy of are fetched
+        together, before the command starts.
         """
-        if self.profile is None or self.files is None:
+        if self.files is None:
             return 0
-        reply = self._validate(self.profile.load())
+        known = self.profile.load() if self.profile is not None else []
+        if not self.files_only:
+            known = list(dict.fromkeys(["/"] + ["/" + d for d in SPECIAL_DIRS] + known))
+        reply = self._validate(known)
         if reply is None:
             return 0
         names, answers, whole = reply
@@ -1257,7 +1263,6 @@ def run_exec(link: Link, boot: Dict[str, Any]) -> int:
     link.handlers[P.WINCH] = on_winch
     try:
         session.setup()
-        session.warm()
         try:
             command = Command(boot, session.root)
         except OSError as exc:
