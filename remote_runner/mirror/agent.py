@@ -357,6 +357,8 @@ class FileCache:
         self._index: Dict[str, Tuple[List[int], str]] = {}
         self._lock = threading.Lock()
         self._next_fh = LOCAL_FH_BASE
+        #: Files being fetched ahead: an open of one waits for it instead of asking again.
+        self._pending: Dict[str, threading.Event] = {}
         os.makedirs(directory, mode=0o700, exist_ok=True)
         for name in os.listdir(directory):
             parts = name.split("-")
@@ -366,6 +368,26 @@ class FileCache:
     @staticmethod
     def key(path: str) -> str:
         return hashlib.sha1(P.name_from_wire(path)).hexdigest()
+
+    def expect(self, paths: List[str]) -> None:
+        """Mark *paths* as on their way (see :meth:`wait_for`)."""
+        with self._lock:
+            for path in paths:
+                self._pending.setdefault(path, threading.Event())
+
+    def arrived(self, paths: List[str]) -> None:
+        """*paths* are stored, or will not be: wake whoever waits for them."""
+        with self._lock:
+            events = [self._pending.pop(path, None) for path in paths]
+        for event in events:
+            if event is not None:
+                event.set()
+
+    def wait_for(self, path: str, timeout: float) -> None:
+        """If *path* is being fetched ahead, wait (at most *timeout* s) until it is done."""
+        event = self._pending.get(path)
+        if event is not None:
+            event.wait(timeout)
 
     def lookup(self, path: str) -> Optional[List[int]]:
         """Return [size, mtime_ns, ino] of the copy of *path*, if there is one."""
@@ -478,13 +500,25 @@ def fetch_rest(link: Link, items: List[Tuple[Optional[int], bytes, int]]
     return out
 
 
-def prefetch(link: Link, files: FileCache, wanted: List[Tuple[str, List[int]]]) -> int:
+def prefetch(link: Link, files: FileCache, wanted: List[Tuple[str, List[int]]],
+             after_batch: Optional[Callable[[], None]] = None) -> int:
     """Fetch the files *wanted* ((name, meta) the local side listed) into *files*, all at once.
 
     At most ``PREFETCH_LIMIT`` bytes, in batches of ``PREFETCH_BATCH`` bytes
     (the memory it holds at a time); a file that changed since it was listed
-    is simply not stored. Returns how many copies were stored.
+    is simply not stored. An open of a listed file waits for its batch
+    (:meth:`FileCache.wait_for`) rather than fetching it a second time;
+    *after_batch* runs after each batch. Returns how many copies were stored.
     """
+    files.expect([name for name, _ in wanted])
+    try:
+        return _prefetch(link, files, wanted, after_batch)
+    finally:
+        files.arrived([name for name, _ in wanted])
+
+
+def _prefetch(link: Link, files: FileCache, wanted: List[Tuple[str, List[int]]],
+              after_batch: Optional[Callable[[], None]]) -> int:
     batches: List[List[str]] = [[]]
     total = size = 0
     for name, meta in wanted:
@@ -496,7 +530,70 @@ def prefetch(link: Link, files: FileCache, wanted: List[Tuple[str, List[int]]]) 
         batches[-1].append(name)
         size += meta[0]
         total += meta[0]
-    return sum(_prefetch_batch(link, files, batch) for batch in batches if batch)
+    stored = 0
+    for batch in batches:
+        if batch:
+            stored += _prefetch_batch(link, files, batch)
+            files.arrived(batch)
+            if after_batch is not None:
+                after_batch()
+    return stored
+
+
+def wanted_files(files: FileCache, whole: List[Any]) -> List[Tuple[str, List[int]]]:
+    """Of the (name, [size, mtime_ns, ino]) entries the local side listed, those with no current copy here."""
+    return [(p, m) for p, m in whole if isinstance(p, str) and isinstance(m, list)
+            and len(m) == 3 and files.lookup(p) != m]
+
+
+def validate(link: Link, paths: List[str]) -> Optional[Tuple[List[str], List[Any], List[Any]]]:
+    """Send one ``validate`` for *paths*; return (names, answers, whole) or None if it failed."""
+    try:
+        _, data = link.call("validate", {}, b"\0".join(P.name_from_wire(p) for p in paths))
+        reply = json.loads(data.decode("utf-8"))
+        return list(reply["names"]), list(reply["answers"]), list(reply["whole"])
+    except (OSError, ValueError, KeyError, TypeError, P.ProtocolError) as exc:
+        LOG.debug("validation skipped: %s", exc)
+        return None
+
+
+def remember_answers(cache: "AttrCache", names: List[Any], answers: List[Any], when: float) -> None:
+    """Keep ``validate``-style answers (attributes, "missing", link targets) for ``Profile.TTL`` s."""
+    for path, answer in zip(names, answers):
+        if not isinstance(path, str):
+            continue
+        if answer is None:
+            cache.put(path, MISSING, when, Profile.TTL)
+        elif isinstance(answer, list) and len(answer) == 2 and isinstance(answer[0], dict):
+            cache.put(path, answer[0], when, Profile.TTL)
+            if isinstance(answer[1], str):
+                cache.note(path, {"link": answer[1]}, when, kind="link", ttl=Profile.TTL)
+
+
+def fetch_ahead(link: Link, files: FileCache, cache: "AttrCache", listing: Dict[str, Any]) -> None:
+    """Take a ``validate``-style *listing* (names, answers, whole files) and fetch its files.
+
+    The answers are kept at once; the files are fetched in parallel batches
+    while the caller goes on. Answers older than a second are renewed after
+    each batch (one ``validate``), so lookups still find fresh ones when the
+    last batch lands.
+    """
+    names, answered = list(listing.get("names") or []), [time.monotonic()]
+    remember_answers(cache, names, list(listing.get("answers") or []), answered[0])
+    wanted = wanted_files(files, list(listing.get("whole") or []))
+    if not wanted:
+        return
+
+    def renew() -> None:
+        if time.monotonic() - answered[0] > 1.0:
+            fresh = validate(link, names)
+            if fresh is not None:
+                answered[0] = time.monotonic()
+                remember_answers(cache, fresh[0], fresh[1], answered[0])
+
+    files.expect([name for name, _ in wanted])
+    threading.Thread(target=prefetch, args=(link, files, wanted, renew), daemon=True,
+                     name="fetch-ahead").start()
 
 
 def _prefetch_batch(link: Link, files: FileCache, batch: List[str]) -> int:
@@ -580,6 +677,7 @@ def make_operations(link: Link, prefix: bytes, files: Optional[FileCache] = None
         """Open read-only through the host's copy of the file (see :class:`FileCache`)."""
         assert files is not None
         fd = None
+        files.wait_for(path, link.request_timeout)
         have = files.lookup(path)
         recent = cache.recent(path)
         if have is not None and recent is not None and [
@@ -591,6 +689,8 @@ def make_operations(link: Link, prefix: bytes, files: Optional[FileCache] = None
                 return files.add_handle(fd, recent[1])
         while True:
             header, first = call("open", {"path": path, "flags": flags, "whole": True, "have": have})
+            if isinstance(header.get("libs"), dict):  # a program: its libraries come next
+                fetch_ahead(link, files, cache, header["libs"])
             meta = header.get("whole")
             if not meta:  # not eligible (too big, changing, not a regular file)
                 return int(header["fh"])
@@ -1160,38 +1260,20 @@ class Session:
         known = self.profile.load() if self.profile is not None else []
         if not self.files_only:
             known = list(dict.fromkeys(["/"] + ["/" + d for d in SPECIAL_DIRS] + known))
-        reply = self._validate(known)
+        reply = validate(self.link, known)
         if reply is None:
             return 0
         names, answers, whole = reply
-        wanted = [(p, m) for p, m in whole if isinstance(p, str) and isinstance(m, list)
-                  and len(m) == 3 and self.files.lookup(p) != m]
+        wanted = wanted_files(self.files, whole)
         if wanted:
             started = time.monotonic()
             prefetch(self.link, self.files, wanted)
             if time.monotonic() - started > 0.5:  # answers grew old while files came in
-                fresh = self._validate(names)
+                fresh = validate(self.link, names)
                 if fresh is not None:
                     names, answers = fresh[0], fresh[1]
-        now = time.monotonic()
-        for path, answer in zip(names, answers):
-            if answer is None:
-                self.cache.put(path, MISSING, now, Profile.TTL)
-            elif isinstance(answer, list) and len(answer) == 2 and isinstance(answer[0], dict):
-                self.cache.put(path, answer[0], now, Profile.TTL)
-                if isinstance(answer[1], str):
-                    self.cache.note(path, {"link": answer[1]}, now, kind="link", ttl=Profile.TTL)
+        remember_answers(self.cache, names, answers, time.monotonic())
         return len(names)
-
-    def _validate(self, paths: List[str]) -> Optional[Tuple[List[str], List[Any], List[Any]]]:
-        """Send one ``validate``; return (names, answers, whole) or None if it failed."""
-        try:
-            _, data = self.link.call("validate", {}, b"\0".join(P.name_from_wire(p) for p in paths))
-            reply = json.loads(data.decode("utf-8"))
-            return list(reply["names"]), list(reply["answers"]), list(reply["whole"])
-        except (OSError, ValueError, KeyError, TypeError, P.ProtocolError) as exc:
-            LOG.debug("warm start skipped: %s", exc)
-            return None
 
     def _ensure_dir(self, path: bytes) -> None:
         missing = []

@@ -22,6 +22,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
+from remote_runner.mirror import elf
 from remote_runner.mirror import protocol as P
 
 LOG = logging.getLogger(__name__)
@@ -124,6 +125,44 @@ def _sendable_whole(st: os.stat_result) -> bool:
             and time.time() - st.st_mtime >= SETTLED_SECONDS)
 
 
+def _walk(path: bytes, hops: int = 40) -> List[bytes]:
+    """The paths a kernel looks up to reach absolute *path*, symlinks followed, in order.
+
+    Ends early at a name that does not exist; the last entry is the file
+    reached (when it exists).
+    """
+    out: List[bytes] = []
+    parts = [p for p in path.split(b"/") if p]
+    current = b""
+    while parts:
+        part = parts.pop(0)
+        if part == b".":
+            continue
+        if part == b"..":
+            current = os.path.dirname(current) if current != b"/" else b""
+            continue
+        here = current + b"/" + part
+        out.append(here)
+        try:
+            st = os.lstat(here)
+        except OSError:
+            break
+        if not stat.S_ISLNK(st.st_mode):
+            current = here
+            continue
+        hops -= 1
+        try:
+            target = os.readlink(here)
+        except OSError:
+            break
+        if hops < 0:
+            break
+        if target.startswith(b"/"):
+            current = b""
+        parts = [p for p in target.split(b"/") if p] + parts
+    return out
+
+
 class LocalFileService:
     """Answer mirror requests against the local file system.
 
@@ -140,6 +179,8 @@ class LocalFileService:
         self.sent_whole: Dict[str, None] = {}
         #: (names, files) of the command's profile, offered once at ``validate``.
         self.seed: Tuple[List[str], List[str]] = ([], [])
+        #: Programs whose libraries were already listed to the host this session.
+        self._expanded: Dict[str, None] = {}
 
     # -- helpers -------------------------------------------------------------
     def _path(self, args: Dict[str, Any], key: str = "path") -> bytes:
@@ -405,11 +446,46 @@ class LocalFileService:
                 reply = self._whole(fd, a.get("have"))
                 if "whole" in reply.fields:
                     self._note(self.sent_whole, a["path"])
+                    if reply.payload.startswith(elf.MAGIC):
+                        self._add_libraries(reply, a["path"])
                 return reply
             except BaseException:
                 os.close(fd)
                 raise
         return Reply({"fh": self.handles.add(fd)})
+
+    def _add_libraries(self, reply: Reply, name: str) -> None:
+        """To the open of a program sent whole, add what the loader will look up and open next.
+
+        ``libs`` has the shape of a ``validate`` reply: every name the host's
+        kernel will look up on the way to each library (symlinks followed),
+        its answer, and the libraries that can be sent whole with their
+        [size, mtime_ns, ino], so the host fetches them all at once instead of
+        one round trip per library (see :mod:`remote_runner.mirror.elf`).
+        Once per program per session, and only when the whole tree is mirrored.
+        """
+        if self.roots is not None or name in self._expanded:
+            return
+        self._expanded[name] = None
+        names: Dict[str, None] = {}
+        whole = []
+        for library in elf.closure(os.fsdecode(self._path({"path": name}))):
+            walked = _walk(os.fsencode(library))
+            for path in walked:
+                names.setdefault(P.name_to_wire(path), None)
+            meta = self._whole_meta(P.name_to_wire(walked[-1])) if walked else None
+            if meta is not None:
+                whole.append([P.name_to_wire(walked[-1]), meta])
+        if not whole:
+            return
+        body = {"names": list(names), "answers": [self._lookup(n) for n in names], "whole": whole}
+        if len(json.dumps(body)) > P.MAX_HEADER // 2:
+            return
+        for n in names:
+            self._note(self.looked_up, n)
+        for n, _ in whole:
+            self._note(self.sent_whole, n)
+        reply.fields["libs"] = body
 
     def _whole(self, fd: int, have: Any) -> Reply:
         """Answer a whole-file open: "current" (no data), or the file's first chunk.

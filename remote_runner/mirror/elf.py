@@ -1,0 +1,218 @@
+"""Which shared libraries a program will load: read here, before the host asks.
+
+The first run of a program through the mirror is slow for one reason: the
+dynamic loader on the host opens its libraries one after another, and every
+open is a round trip (ffmpeg loads over 200). Nothing about that order is
+secret: it is written in the ELF files themselves (``DT_NEEDED``, with
+``DT_RPATH``/``DT_RUNPATH`` and the loader's cache deciding where each name
+lives). So when the host opens a dynamically linked program, the local side
+reads the whole dependency closure here, the way ``ld.so`` would resolve it,
+and answers with the list; the host fetches all of it at once.
+
+Only what the files say is followed, never executed (no ``ldd``). Anything
+unreadable or odd is skipped: a wrong guess only costs a file fetched for
+nothing, and a missed library is still found by the loader the slow way.
+``LD_LIBRARY_PATH``, ``$LIB``/``$PLATFORM`` and libraries opened later with
+``dlopen`` are not predicted.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import struct
+import subprocess
+from collections import deque
+from functools import lru_cache
+from typing import Dict, List, NamedTuple, Optional, Tuple
+
+MAGIC = b"\x7fELF"
+PT_LOAD, PT_DYNAMIC, PT_INTERP = 1, 2, 3
+DT_NULL, DT_NEEDED, DT_STRTAB, DT_RPATH, DT_RUNPATH = 0, 1, 5, 15, 29
+#: Stop after this many objects (a program with more is not the common case).
+MAX_OBJECTS = 1000
+#: Where the loader looks last, after its cache (multiarch directories are added).
+DEFAULT_DIRS = ("/lib64", "/usr/lib64", "/lib", "/usr/lib")
+
+
+class Dynamic(NamedTuple):
+    """What the loader reads from one ELF file."""
+
+    ident: Tuple[int, int]   # (class, machine): a library must match its loader's
+    interp: Optional[str]
+    needed: List[str]
+    rpath: List[str]
+    runpath: List[str]
+
+
+def read_dynamic(path: str) -> Optional[Dynamic]:
+    """Parse *path*'s ELF header, program headers and dynamic section; None if it is not ELF."""
+    try:
+        with open(path, "rb") as fh:
+            return _parse(fh)
+    except (OSError, struct.error, ValueError, IndexError):
+        return None
+
+
+def _parse(fh) -> Optional[Dynamic]:
+    head = fh.read(64)
+    if len(head) < 52 or head[:4] != MAGIC or head[4] not in (1, 2) or head[5] not in (1, 2):
+        return None
+    wide = head[4] == 2
+    end = "<" if head[5] == 1 else ">"
+    machine = struct.unpack_from(end + "H", head, 18)[0]
+    if wide:
+        phoff, = struct.unpack_from(end + "Q", head, 32)
+        phentsize, phnum = struct.unpack_from(end + "HH", head, 54)
+        ph_fmt, dyn_fmt = end + "IIQQQQQQ", end + "qQ"
+    else:
+        phoff, = struct.unpack_from(end + "I", head, 28)
+        phentsize, phnum = struct.unpack_from(end + "HH", head, 42)
+        ph_fmt, dyn_fmt = end + "IIIIIIII", end + "iI"
+    if phnum > 256 or phentsize < struct.calcsize(ph_fmt):
+        return None
+    fh.seek(phoff)
+    table = fh.read(phentsize * phnum)
+    loads, dynamic, interp = [], None, None
+    for i in range(phnum):
+        fields = struct.unpack_from(ph_fmt, table, i * phentsize)
+        if wide:
+            p_type, _, offset, vaddr, _, filesz = fields[:6]
+        else:
+            p_type, offset, vaddr, _, filesz = fields[:5]
+        if p_type == PT_LOAD:
+            loads.append((vaddr, offset, filesz))
+        elif p_type == PT_DYNAMIC:
+            dynamic = (offset, filesz)
+        elif p_type == PT_INTERP and filesz < 4096:
+            fh.seek(offset)
+            interp = fh.read(filesz).split(b"\0")[0].decode("utf-8", "surrogateescape") or None
+    ident = (head[4], machine)
+    if dynamic is None or dynamic[1] > 1 << 20:
+        return Dynamic(ident, interp, [], [], [])
+    fh.seek(dynamic[0])
+    raw = fh.read(dynamic[1])
+    entries: List[Tuple[int, int]] = []
+    for tag, value in struct.iter_unpack(dyn_fmt, raw[:len(raw) - len(raw) % struct.calcsize(dyn_fmt)]):
+        if tag == DT_NULL:
+            break
+        entries.append((tag, value))
+    strtab = next((v for t, v in entries if t == DT_STRTAB), None)
+    base = next((off + strtab - va for va, off, size in loads if va <= (strtab or -1) < va + size), None)
+    if base is None:
+        return Dynamic(ident, interp, [], [], [])
+
+    def string(at: int) -> str:
+        fh.seek(base + at)
+        data = fh.read(4096)
+        return data.split(b"\0")[0].decode("utf-8", "surrogateescape")
+
+    def strings(tag: int) -> List[str]:
+        return [string(v) for t, v in entries if t == tag]
+
+    split = lambda tag: [p for s in strings(tag) for p in s.split(":") if p]  # noqa: E731
+    return Dynamic(ident, interp, strings(DT_NEEDED), split(DT_RPATH), split(DT_RUNPATH))
+
+
+@lru_cache(maxsize=1)
+def loader_cache() -> Dict[str, Tuple[str, ...]]:
+    """soname -> paths, as the loader's cache (``ldconfig -p``) lists them; {} if unavailable."""
+    ldconfig = shutil.which("ldconfig") or next(
+        (p for p in ("/sbin/ldconfig", "/usr/sbin/ldconfig") if os.path.exists(p)), None)
+    if ldconfig is None:
+        return {}
+    try:
+        out = subprocess.run([ldconfig, "-p"], capture_output=True, timeout=10,
+                             env={"LC_ALL": "C", "PATH": "/usr/sbin:/sbin:/usr/bin:/bin"}).stdout
+    except (OSError, subprocess.SubprocessError):
+        return {}
+    found: Dict[str, List[str]] = {}
+    for line in out.decode("utf-8", "surrogateescape").splitlines():
+        name, sep, path = line.strip().partition(" => ")
+        if sep and path.startswith("/"):
+            found.setdefault(name.split(" (")[0], []).append(path)
+    return {k: tuple(v) for k, v in found.items()}
+
+
+def _expand(entry: str, origin: str) -> Optional[str]:
+    entry = entry.replace("${ORIGIN}", origin).replace("$ORIGIN", origin)
+    return entry if entry.startswith("/") and "$" not in entry else None
+
+
+def closure(program: str) -> List[str]:
+    """The files the loader will open to start *program*, in load order (program excluded).
+
+    The interpreter first, then the libraries breadth-first, each as the path
+    the loader opens (a symlink stays a symlink). [] if *program* is not a
+    dynamically linked ELF file.
+    """
+    top = read_dynamic(program)
+    if top is None or top.interp is None:
+        return []
+    multiarch = list(_multiarch_dirs())
+    # The program's RPATH serves its libraries too ($ORIGIN being the program's directory).
+    inherited = [] if top.runpath else _dirs(top.rpath, os.path.dirname(os.path.realpath(program)))
+    out: List[str] = []
+    seen_paths = {os.path.realpath(program)}
+    if os.path.isfile(top.interp):
+        out.append(top.interp)
+        seen_paths.add(os.path.realpath(top.interp))
+    loaded: Dict[str, None] = {}
+    queue = deque([(program, top)])
+    while queue and len(out) < MAX_OBJECTS:
+        path, dyn = queue.popleft()
+        origin = os.path.dirname(os.path.realpath(path) if path == program else path)
+        if dyn.runpath:
+            dirs = _dirs(dyn.runpath, origin)
+        else:
+            dirs = _dirs(dyn.rpath, origin) + ([] if path == program else inherited)
+        for name in dyn.needed:
+            if name in loaded:
+                continue
+            found = _resolve(name, dyn.ident, dirs, multiarch)
+            if found is None:
+                continue
+            loaded[name] = None
+            real = os.path.realpath(found[0])
+            if real in seen_paths:
+                continue
+            seen_paths.add(real)
+            out.append(found[0])
+            queue.append(found)
+    return out
+
+
+def _dirs(entries: List[str], origin: str) -> List[str]:
+    """RPATH/RUNPATH *entries* with $ORIGIN expanded; those we cannot expand are dropped."""
+    return [d for d in (_expand(e, origin) for e in entries) if d]
+
+
+def _resolve(name: str, ident: Tuple[int, int], dirs: List[str],
+             multiarch: List[str]) -> Optional[Tuple[str, Dynamic]]:
+    """Find *name* as the loader would: RPATH or RUNPATH *dirs*, its cache, the default directories."""
+    if "/" in name:
+        candidates = [name] if name.startswith("/") else []
+    else:
+        candidates = [os.path.join(d, name) for d in dirs]
+        candidates += list(loader_cache().get(name, ()))
+        candidates += [os.path.join(d, name) for d in multiarch + list(DEFAULT_DIRS)]
+    for candidate in candidates:
+        dyn = read_dynamic(candidate)
+        if dyn is not None and dyn.ident == ident:
+            return candidate, dyn
+    return None
+
+
+@lru_cache(maxsize=1)
+def _multiarch_dirs() -> Tuple[str, ...]:
+    """/lib/<triplet> and /usr/lib/<triplet> directories present here (Debian's layout)."""
+    dirs = []
+    for base in ("/lib", "/usr/lib"):
+        try:
+            names = sorted(os.listdir(base))
+        except OSError:
+            continue
+        dirs += [os.path.join(base, n) for n in names
+                 if n.count("-") >= 2 and n.endswith(("-gnu", "-gnueabihf", "-gnueabi", "-musl"))
+                 and os.path.isdir(os.path.join(base, n))]
+    return tuple(dirs)
