@@ -117,6 +117,7 @@ def test_walk_follows_symlinks_as_the_kernel_does(tmp_path):
     walked = [os.fsdecode(p) for p in _walk(os.fsencode(f"{base}/alias/./lib.so.1"))]
     assert walked == (_prefixes(base) + [f"{base}/alias"] + _prefixes(base)
                       + [f"{base}/real", f"{base}/real/lib.so.1", f"{base}/real/lib.so.1.2"])
+    assert _walk(b"/usr/../usr/../usr") == [b"/usr", b"/usr", b"/usr"]  # ".." of a top directory is /
     # a missing name ends the walk there
     assert [os.fsdecode(p) for p in _walk(os.fsencode(f"{base}/real/../nothing/x"))][-1] == f"{base}/nothing"
 

@@ -591,7 +591,7 @@ def fetch_ahead(link: Link, files: FileCache, cache: "AttrCache", listing: Dict[
                 answered[0] = time.monotonic()
                 remember_answers(cache, fresh[0], fresh[1], answered[0])
 
-    files.expect([name for name, _ in wanted])
+    files.expect([name for name, _ in wanted])  # before the thread runs: the next open must wait
     threading.Thread(target=prefetch, args=(link, files, wanted, renew), daemon=True,
                      name="fetch-ahead").start()
 

@@ -18,7 +18,10 @@ expects the remote to need next (prefetch); the agent primes its attribute
 cache with them. A read-only ``open`` may set ``whole`` (with ``have``, the
 size/mtime/inode of the host's copy): the reply then says the copy is current
 (no data) or carries the file's first chunk, so a program start costs one
-round trip per file instead of one per read. A session starts with one
+round trip per file instead of one per read. When that file is a dynamically
+linked program, the reply also carries ``libs`` (shaped like a ``validate``
+reply: names, answers, whole files): the libraries the loader will open next,
+which the agent fetches at once. A session starts with one
 ``boot`` frame holding everything the command needs (argv, cwd, env, umask,
 tty mode, window size, the file-cache origin).
 """

@@ -139,7 +139,7 @@ def _walk(path: bytes, hops: int = 40) -> List[bytes]:
         if part == b".":
             continue
         if part == b"..":
-            current = os.path.dirname(current) if current != b"/" else b""
+            current = os.path.dirname(current).rstrip(b"/")  # "/usr" -> "" (the root)
             continue
         here = current + b"/" + part
         out.append(here)
