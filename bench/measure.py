@@ -46,8 +46,10 @@ def run(argv: Sequence[str], timeout: float = 600, env: Optional[Mapping[str, st
         kill_group(proc)
         raise StepTimeout(argv, timeout)
     if proc.returncode != 0:
-        tail = (err or out).decode(errors="replace").strip().splitlines()[-5:]
-        raise BenchError(f"`{' '.join(argv)[:200]}` exited {proc.returncode}: {' / '.join(tail)[:600]}")
+        tail = " / ".join((err or out).decode(errors="replace").strip().splitlines()[-5:])
+        if len(tail) > 600:  # keep the end: that is where the reason is
+            tail = "…" + tail[-600:]
+        raise BenchError(f"`{' '.join(argv)[:200]}` exited {proc.returncode}: {tail}")
     return subprocess.CompletedProcess(list(argv), proc.returncode, out, err)
 
 

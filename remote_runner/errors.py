@@ -112,6 +112,21 @@ class AuthError(HostError):
     """No authentication method worked."""
 
 
+def brief_command(command: str, limit: int = 160) -> str:
+    """*command* for a message: its first line, cut to *limit* characters.
+
+    The commands we run on hosts can be long scripts (a ``chmod`` of a
+    thousand files); the error must still fit on a screen and end with why.
+    """
+    lines = command.strip().splitlines() or [""]
+    text = lines[0]
+    if len(text) > limit:
+        text = text[:limit]
+    if text != command.strip():
+        text += f" … ({len(lines)} lines, {len(command)} characters)"
+    return text
+
+
 class RemoteCommandError(HostError):
     """A helper command we ran on a host failed."""
 
@@ -122,7 +137,7 @@ class RemoteCommandError(HostError):
         self.exit_status = exit_status
         self.stderr = stderr
         tail = "\n".join(stderr.strip().splitlines()[-10:])
-        message = f"command `{command}` exited {exit_status}"
+        message = f"command `{brief_command(command)}` exited {exit_status}"
         if tail:
             message += f": {tail}"
         super().__init__(host, message)

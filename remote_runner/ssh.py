@@ -50,7 +50,7 @@ import paramiko
 from remote_runner import hostkeys
 from remote_runner.errors import (
     EXIT_CONFIG, AuthError, CommandTimeout, ConfigError, HostError, HostKeyError,
-    RemoteCommandError, RunnerError, UnreachableError,
+    RemoteCommandError, RunnerError, UnreachableError, brief_command,
 )
 
 log = logging.getLogger(__name__)
@@ -563,7 +563,7 @@ class Connection:
             channel.exec_command(command)
         except (paramiko.SSHException, EOFError, OSError) as exc:
             channel.close()
-            raise self._lost(f"cannot start `{command}`", exc) from exc
+            raise self._lost(f"cannot start `{brief_command(command)}`", exc) from exc
         return channel
 
     def run(self, argv: Union[List[str], str], *, stdin: Optional[bytes] = None,
@@ -580,9 +580,9 @@ class Connection:
         finally:
             channel.close()
         if result is None:
-            raise CommandTimeout(self.alias, f"command `{command}`", timeout or 0)
+            raise CommandTimeout(self.alias, f"command `{brief_command(command)}`", timeout or 0)
         if result.exit_status == -1 and not self._transport_active():
-            raise self._lost(f"command `{command}` did not finish", None)
+            raise self._lost(f"command `{brief_command(command)}` did not finish", None)
         if check and result.exit_status != 0:
             raise RemoteCommandError(self.alias, command, result.exit_status,
                                      result.stderr.decode("utf-8", "replace"))

@@ -119,6 +119,15 @@ def test_exit_status_and_check(h1):
     assert "boom" in str(info.value)
 
 
+def test_a_long_script_is_named_briefly_and_the_reason_stays_visible(h1):
+    script = "cd / || exit 1\n: " + " ".join(f"./f{i:04d}.dat" for i in range(1000))
+    with pytest.raises(RemoteCommandError) as info:
+        h1.run(script + "\necho the-reason >&2; exit 4")
+    text = str(info.value)
+    assert "the-reason" in text and "f0999" not in text and len(text) < 600, text
+    assert "cd / || exit 1 … (" in text
+
+
 def test_big_output_on_both_streams_does_not_deadlock(h1):
     size = 11 * 1024 * 1024
     command = (f"head -c {size} /dev/zero | tr '\\0' o; "
