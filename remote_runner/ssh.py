@@ -574,7 +574,8 @@ class Connection:
         if env:
             command = _env_prefix(env, self.alias) + command
         deadline = None if timeout is None else time.monotonic() + timeout
-        channel = self.exec_channel(command)
+        sent = _draining(command) if stdin else command
+        channel = self.exec_channel(sent)
         try:
             result = _collect(channel, stdin, deadline)
         finally:
@@ -702,25 +703,37 @@ def _collect(channel: paramiko.Channel, stdin: Optional[bytes],
     """Feed stdin and drain stdout/stderr concurrently; return None on timeout."""
     out: List[bytes] = []
     err: List[bytes] = []
-    threads = [
+    feeder = _Feeder(channel, stdin)
+    drains = [
         threading.Thread(target=_drain, args=(channel.recv, out), daemon=True),
         threading.Thread(target=_drain, args=(channel.recv_stderr, err), daemon=True),
-        threading.Thread(target=_feed, args=(channel, stdin), daemon=True),
     ]
-    for thread in threads:
+    for thread in drains + [feeder]:
         thread.start()
-    for thread in threads[:2]:
+    for thread in drains:
         thread.join(_remaining(deadline))
         if thread.is_alive():
             break
-    finished = not any(t.is_alive() for t in threads[:2]) and channel.status_event.wait(
+    finished = not any(t.is_alive() for t in drains) and channel.status_event.wait(
         _remaining(deadline))
     if not finished:
         channel.close()
-        for thread in threads:
+        for thread in drains + [feeder]:
             thread.join(5)
         return None
     return RunResult(channel.exit_status, b"".join(out), b"".join(err))
+
+
+def _draining(command: str) -> str:
+    """*command*, then read what is left of stdin, keeping the command's exit status.
+
+    A command that exits without reading all the input we send lets the
+    server close the channel while paramiko may still send data on it (it
+    checks for a close, then sends outside its lock); OpenSSH answers data
+    for a freed channel by dropping the whole connection. Draining stdin on
+    the host keeps every channel open until our EOF.
+    """
+    return "sh -c " + shlex.quote("{ " + command + "\n}; s=$?; cat >/dev/null; exit $s")
 
 
 def _remaining(deadline: Optional[float]) -> Optional[float]:
@@ -740,14 +753,45 @@ def _drain(read: Callable[[int], bytes], sink: List[bytes]) -> None:
         sink.append(data)
 
 
-def _feed(channel: paramiko.Channel, stdin: Optional[bytes]) -> None:
-    """Send *stdin* (if any) then EOF, so a command reading stdin never waits forever."""
-    try:
-        if stdin:
-            channel.sendall(stdin)
-        channel.shutdown_write()
-    except (OSError, EOFError, paramiko.SSHException) as exc:
-        log.debug("stdin not fully sent: %s", exc)
+class _Feeder(threading.Thread):
+    """Send a command's stdin, then EOF, so a command reading stdin never waits forever.
+
+    A command may exit before reading all its input (``tar`` stops at the
+    end-of-archive blocks, a script may ``exit``). The server then closes the
+    channel, paramiko answers with its own close at once, and an EOF sent
+    after that refers to a channel OpenSSH has freed: it drops the whole
+    connection, and every other command on it fails. paramiko's
+    ``shutdown_write`` checks nothing of this and sends outside the channel
+    lock, so EOF is sent here while holding that lock (the one paramiko takes
+    to mark the channel closed): either it goes out before the close, or the
+    channel is seen closed and nothing is sent. Data after a close is refused
+    by paramiko itself.
+    """
+
+    def __init__(self, channel: paramiko.Channel, stdin: Optional[bytes]) -> None:
+        super().__init__(daemon=True, name="ssh-stdin")
+        self.channel = channel
+        self.stdin = stdin
+
+    def run(self) -> None:
+        try:
+            if self.stdin:
+                self.channel.sendall(self.stdin)
+            self._send_eof()
+        except (OSError, EOFError, paramiko.SSHException) as exc:
+            log.debug("stdin not fully sent: %s", exc or type(exc).__name__)
+
+    def _send_eof(self) -> None:
+        channel = self.channel
+        if not hasattr(channel, "_send_eof"):  # another paramiko: its own shutdown
+            channel.shutdown_write()
+            return
+        with channel.lock:
+            if channel.closed:
+                return
+            message = channel._send_eof()
+            if message is not None:
+                channel.transport._send_user_message(message)
 
 
 def _quietly(action: Callable[[], object]) -> None:

@@ -440,7 +440,8 @@ def upload_bundles(shell: "Shell", host: str, items: Sequence[Upload],
         if error is not None:
             if isinstance(error, RunnerError):
                 raise error
-            raise CopyError(f"bundled upload failed: {error}", host=host) from error
+            LOG.debug("%s: bundled upload failed", host, exc_info=error)
+            raise CopyError(f"bundled upload failed: {type(error).__name__}: {error}", host=host) from error
 
 
 def sync_host(shell: "Shell", sftp: Any, plan: Plan, always_copy: bool = False,

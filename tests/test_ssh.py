@@ -128,6 +128,17 @@ def test_a_long_script_is_named_briefly_and_the_reason_stays_visible(h1):
     assert "cd / || exit 1 … (" in text
 
 
+def test_commands_that_exit_before_reading_their_stdin_never_break_the_connection(h1):
+    """An EOF sent after the server closed the channel makes OpenSSH drop the whole connection."""
+    from concurrent.futures import ThreadPoolExecutor
+    for data in (b"x" * 20000, None):  # data still being sent, or only the EOF
+        with ThreadPoolExecutor(max_workers=8) as pool:
+            statuses = list(pool.map(lambda i: h1.run(["sh", "-c", f"exit {i % 3}"], stdin=data,
+                                                      check=False).exit_status, range(400)))
+        assert statuses == [i % 3 for i in range(400)]
+    assert h1.is_alive() and h1.run("echo still here").stdout == b"still here\n"
+
+
 def test_big_output_on_both_streams_does_not_deadlock(h1):
     size = 11 * 1024 * 1024
     command = (f"head -c {size} /dev/zero | tr '\\0' o; "
