@@ -764,8 +764,9 @@ class _Feeder(threading.Thread):
     ``shutdown_write`` checks nothing of this and sends outside the channel
     lock, so EOF is sent here while holding that lock (the one paramiko takes
     to mark the channel closed): either it goes out before the close, or the
-    channel is seen closed and nothing is sent. Data after a close is refused
-    by paramiko itself.
+    channel is seen closed and nothing is sent. Data cannot be guarded so
+    (paramiko waits for window space inside that lock): :func:`_draining`
+    keeps such a channel open until our EOF instead.
     """
 
     def __init__(self, channel: paramiko.Channel, stdin: Optional[bytes]) -> None:
