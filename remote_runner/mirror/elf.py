@@ -110,8 +110,10 @@ def _parse(fh) -> Optional[Dynamic]:
     def strings(tag: int) -> List[str]:
         return [string(v) for t, v in entries if t == tag]
 
-    split = lambda tag: [p for s in strings(tag) for p in s.split(":") if p]  # noqa: E731
-    return Dynamic(ident, interp, strings(DT_NEEDED), split(DT_RPATH), split(DT_RUNPATH))
+    def paths(tag: int) -> List[str]:
+        return [p for s in strings(tag) for p in s.split(":") if p]
+
+    return Dynamic(ident, interp, strings(DT_NEEDED), paths(DT_RPATH), paths(DT_RUNPATH))
 
 
 @lru_cache(maxsize=1)
