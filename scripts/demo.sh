@@ -2,6 +2,7 @@
 # Install everything, bring up 3 throwaway lab hosts and run the example
 # experiment on them with the TA3 muddler; then show how to watch it.
 set -euo pipefail
+. "$(dirname "$0")/as-root.sh"
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
 export PATH="$PWD/.venv/bin:$PATH"

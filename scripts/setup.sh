@@ -2,6 +2,7 @@
 # Install what remote_runner, its demo and its tests need on Debian 12, as root.
 # Safe to re-run: apt-get runs only when something is missing, the venv is reused.
 set -euo pipefail
+. "$(dirname "$0")/as-root.sh"
 cd "$(dirname "$0")/.."
 
 PACKAGES=(openssh-server openssh-client screen fuse3 libfuse3-3 openssl iproute2 util-linux
