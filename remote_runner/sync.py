@@ -62,6 +62,7 @@ SMALL_FILE = 256 << 10
 BUNDLE_FILES = 400
 BUNDLE_BYTES = 16 << 20
 HAS_TAR_MARK = "RR-HAS-TAR"
+SHORT_MARK = "RR-SHORT-WRITE"
 #: Called with (host, bytes_done_delta) while uploading.
 Progress = Callable[[str, int], None]
 #: Opens one more SFTP client on the host's connection (for a parallel lane).
@@ -326,19 +327,36 @@ def upload_bundle(shell: "Shell", host: str, items: Sequence[Upload]) -> None:
     for mode in sorted({u.mode for u in items}):
         same = " ".join(q("./" + posixpath.basename(u.dest)) for u in items if u.mode == mode)
         chmods += f"chmod {mode:o} {same} || fail\n"
+    # tar's status covers write errors (a full disk) and a cut stream; the sizes
+    # are checked as well before anything is renamed into place.
+    sizes = "\n".join(str(u.size) for u in items)
     script = (f"s={q(stage)}\n"
               "fail() { cd / && rm -rf \"$s\"; exit 1; }\n"
               "mkdir \"$s\" || exit 1\n"
               "tar -xf - -C \"$s\" || fail\n"
-              "cd \"$s\" || fail\n" + chmods +
+              "cd \"$s\" || fail\n"
+              f"if got=$(stat -c %s -- {names} 2>/dev/null) && [ \"$got\" != {q(sizes)} ]; then\n"
+              f"  echo {SHORT_MARK} >&2; fail\nfi\n" + chmods +
               f"mv -f {names} {q(directory)}/ || fail\n"
               "cd / && rmdir \"$s\"\n")
     tar = bundle_tar(items)
     result = shell.feed(script, tar, timeout=600)
     if result.exit_status != 0:
         raise CopyError(f"bundled upload of {len(items)} file(s) failed: "
-                        f"{result.stderr.strip() or 'exit status ' + str(result.exit_status)}",
-                        host=host, path=directory)
+                        f"{_bundle_failure(result.stderr, result.exit_status)}; "
+                        "the old files are left in place", host=host, path=directory)
+
+
+def _bundle_failure(stderr: str, status: int) -> str:
+    """The cause of a failed bundle in a few words (tar repeats it for every file)."""
+    lines = [line.strip() for line in stderr.splitlines() if line.strip()]
+    for cause in ("No space left on device", "Disk quota exceeded", "Read-only file system",
+                  "Permission denied"):
+        if any(cause in line for line in lines):
+            return cause
+    if SHORT_MARK in lines:
+        return "the host kept fewer bytes than were sent"
+    return lines[0] if lines else f"exit status {status}"
 
 
 def upload_file(sftp: Any, host: str, item: Upload, progress: Optional[Progress] = None) -> None:
@@ -355,6 +373,12 @@ def upload_file(sftp: Any, host: str, item: Upload, progress: Optional[Progress]
     try:
         with open(item.src, "rb") as handle:
             sftp.putfo(handle, tmp, file_size=item.size, callback=callback, confirm=False)
+        # paramiko drops the status of pipelined writes it has not read back when
+        # the file is closed (a full disk answers them with SSH_FX_FAILURE): the
+        # size the host reports for the temporary file is what proves the write.
+        written = sftp.stat(tmp).st_size
+        if written != item.size:
+            raise ShortWrite(item, written)
         sftp.chmod(tmp, item.mode)
         sftp.posix_rename(tmp, item.dest)
     except BaseException as exc:
@@ -364,6 +388,43 @@ def upload_file(sftp: Any, host: str, item: Upload, progress: Optional[Progress]
         reason = getattr(exc, "strerror", None) or str(exc) or type(exc).__name__
         raise CopyError(f"upload of {item.src} failed: {reason}", host=host,
                         path=item.dest) from exc
+
+
+class ShortWrite(CopyError):
+    """The host kept fewer bytes than were sent; :func:`explain` finds out why."""
+
+    def __init__(self, item: Upload, written: int, host: Optional[str] = None,
+                 reason: str = "") -> None:
+        self.item = item
+        self.written = written
+        why = reason or f"the host kept {written} of {item.size} bytes"
+        super().__init__(f"upload of {item.src} failed: {why}", host=host, path=item.dest)
+
+
+#: Bytes free for unprivileged users on the filesystem of each directory (POSIX ``df -P``).
+_FREE_SCRIPT = "df -Pk -- {dirs} 2>/dev/null | awk 'NR > 1 {{ print $4 }}'\n"
+
+
+def free_bytes(shell: "Shell", directory: str) -> Optional[int]:
+    """Return the bytes available on *directory*'s filesystem on the host (None: unknown)."""
+    try:
+        result = shell.script(_FREE_SCRIPT.format(dirs=shlex.quote(directory)), timeout=60)
+    except RunnerError:
+        return None
+    words = result.stdout.split()
+    return int(words[-1]) * 1024 if words and words[-1].isdigit() else None
+
+
+def explain(shell: "Shell", host: str, error: ShortWrite) -> CopyError:
+    """Turn a short write into an error that says why (a full disk, most often)."""
+    free = free_bytes(shell, posixpath.dirname(error.item.dest))
+    if free is not None and free < error.item.size:
+        reason = (f"No space left on device ({error.item.size} bytes to write, "
+                  f"{free} bytes free on the host's filesystem); the old file is left in place")
+        return ShortWrite(error.item, error.written, host, reason)
+    return ShortWrite(error.item, error.written, host,
+                      f"the host kept {error.written} of {error.item.size} bytes "
+                      "(a quota or a failing disk?); the old file is left in place")
 
 
 def _remove_quietly(sftp: Any, path: str) -> None:
@@ -468,7 +529,10 @@ def sync_host(shell: "Shell", sftp: Any, plan: Plan, always_copy: bool = False,
     bundled = set(small)
     rest = [u for u in todo if u not in bundled]
     if rest:
-        upload_all(get_sftp(), plan.host, rest, progress, open_lane)
+        try:
+            upload_all(get_sftp(), plan.host, rest, progress, open_lane)
+        except ShortWrite as exc:
+            raise explain(shell, plan.host, exc) from exc
     report.copied = [u.dest for u in todo]
     report.bytes = sum(u.size for u in todo)
     return report

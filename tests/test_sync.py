@@ -308,3 +308,45 @@ def test_remote_stat_lists_size_and_mode_in_one_command_or_says_it_cannot(lab, h
     assert found[f"{base}/a b/f 1"][0] == 5 and found[f"{base}/a b/f 1"][1] & 0o7777 == 0o640
     assert found[f"{base}/d"][1] & 0o170000 == 0o040000 and f"{base}/missing" not in found
     assert sync.remote_stat(PathShell(shell, f"{base}/no-tools"), [f"{base}/d"]) is None
+
+
+@pytest.fixture
+def full_disk(lab, host):
+    """A 64 KiB tmpfs on h2 holding an old 'data' file (and a 'small' dir for bundles)."""
+    _shell, _sftp, base = host
+    mnt = f"{base}-full"
+    ssh(lab, "h2", f"mkdir -p {mnt} && mount -t tmpfs -o size=64k tmpfs {mnt} && "
+                   f"printf old > {mnt}/data && mkdir {mnt}/small && printf old > {mnt}/small/a")
+    yield mnt
+    ssh(lab, "h2", f"umount {mnt}; rmdir {mnt}", check=False)
+
+
+def _no_temporary_files(lab, mnt):
+    return ssh(lab, "h2", f"find {mnt} -name '.*'").stdout == ""
+
+
+def test_full_disk_fails_the_sftp_copy_and_keeps_the_old_file(lab, host, full_disk, tmp_path):
+    shell, sftp, _base = host
+    big = tmp_path / "data"
+    big.write_bytes(os.urandom(1 << 20))  # over SMALL_FILE: goes over SFTP
+    plan = sync.make_plan("h2", [(FileSpec(str(big), "data", False), full_disk)])
+    with pytest.raises(CopyError) as info:
+        sync.sync_host(shell, sftp, plan)
+    assert info.value.host == "h2" and info.value.path == f"{full_disk}/data"
+    assert "No space left on device" in str(info.value)
+    assert ssh(lab, "h2", f"cat {full_disk}/data").stdout == "old"
+    assert _no_temporary_files(lab, full_disk)
+
+
+def test_full_disk_fails_a_bundled_copy_and_keeps_the_old_files(lab, host, full_disk, tmp_path):
+    shell, sftp, _base = host
+    src = tmp_path / "small"
+    src.mkdir()
+    for name in ("a", "b", "c"):
+        (src / name).write_bytes(os.urandom(40 << 10))  # small files, 120 KiB in all
+    plan = sync.make_plan("h2", [(FileSpec(str(src), "small", True), full_disk)])
+    with pytest.raises(CopyError) as info:
+        sync.sync_host(shell, sftp, plan)
+    assert info.value.host == "h2" and "No space left on device" in str(info.value)
+    assert ssh(lab, "h2", f"cat {full_disk}/small/a").stdout == "old"
+    assert ssh(lab, "h2", f"ls -A {full_disk}/small").stdout == "a\n"
