@@ -20,8 +20,9 @@ and inside a step hosts are handled in parallel, at most ``forks`` at once):
 8. **Terminate** (``-t``, off by default): signal the process group of every
    other component's window, then SIGKILL what is left after a grace period.
 
-Hosts run commands through a :class:`Shell`: ``sh -s`` over an SSH exec
-channel, or a local ``sh`` for ``localhost``, so the same scripts serve both.
+Hosts run commands through a :class:`~remote_runner.shell.Shell`: ``sh -s``
+over an SSH exec channel, or a local ``sh`` for ``localhost``, so the same
+scripts serve both.
 """
 
 from __future__ import annotations
@@ -29,7 +30,6 @@ from __future__ import annotations
 import logging
 import os
 import shlex
-import subprocess
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -38,8 +38,8 @@ from typing import (TYPE_CHECKING, Any, Callable, Dict, List, Optional, Protocol
 
 from remote_runner import screen as scr
 from remote_runner import sync
-from remote_runner.errors import (CommandTimeout, ComponentFailed, ConfigError, CopyError,
-                                  MirrorError, StartError)
+from remote_runner.errors import ComponentFailed, ConfigError, CopyError, MirrorError, StartError
+from remote_runner.shell import LocalShell, RemoteShell, ScriptResult, Shell  # noqa: F401
 
 if TYPE_CHECKING:  # pragma: no cover
     from remote_runner.config import ComponentSpec, Experiment
@@ -50,80 +50,6 @@ LOG = logging.getLogger(__name__)
 DEFAULT_STATE_DIR = "~/.remote-runner/{screen}"
 #: Longest a single wait-poll command runs on a host before reporting back.
 POLL_SLICE = 15.0
-
-
-# --------------------------------------------------------------------------- shells
-
-@dataclass(frozen=True)
-class ScriptResult:
-    """What a shell script printed and how it exited."""
-
-    exit_status: int
-    stdout: str
-    stderr: str
-
-
-class Shell(Protocol):
-    """Somewhere to run POSIX shell scripts: a remote host or this machine."""
-
-    host: str
-
-    def script(self, text: str, timeout: float) -> ScriptResult:
-        """Run *text* with ``sh`` (stdin is /dev/null for its commands) and return its output."""
-
-    def feed(self, script: str, data: bytes, timeout: float) -> ScriptResult:
-        """Run *script* with ``sh -c``, giving it *data* on stdin."""
-
-
-def _wrap(text: str) -> bytes:
-    """Wrap a script so that sh parses it whole and its commands read /dev/null."""
-    return ("{\n" + text + "\n} </dev/null\n").encode("utf-8", "surrogateescape")
-
-
-def _text(data: Any) -> str:
-    return data.decode("utf-8", "surrogateescape") if isinstance(data, bytes) else str(data)
-
-
-class RemoteShell:
-    """Run scripts over an SSH connection (``sh -s`` on an exec channel)."""
-
-    def __init__(self, connection: "Connection", host: str) -> None:
-        self.connection = connection
-        self.host = host
-
-    def script(self, text: str, timeout: float) -> ScriptResult:
-        result = self.connection.run("sh -s", stdin=_wrap(text), timeout=timeout, check=False)
-        return ScriptResult(result.exit_status, _text(result.stdout), _text(result.stderr))
-
-
-    def feed(self, script: str, data: bytes, timeout: float) -> ScriptResult:
-        """Run *script* with ``sh -c``, giving it *data* on stdin."""
-        result = self.connection.run("sh -c " + shlex.quote(script), stdin=data, timeout=timeout,
-                                     check=False)
-        return ScriptResult(result.exit_status, _text(result.stdout), _text(result.stderr))
-
-
-class LocalShell:
-    """Run scripts on this machine, for ``localhost`` components (no SSH)."""
-
-    host = "localhost"
-
-    def script(self, text: str, timeout: float) -> ScriptResult:
-        try:
-            proc = subprocess.run(["/bin/sh", "-s"], input=_wrap(text), capture_output=True,
-                                  timeout=timeout, check=False)
-        except subprocess.TimeoutExpired as exc:
-            raise CommandTimeout(self.host, "local shell script", timeout) from exc
-        return ScriptResult(proc.returncode, _text(proc.stdout), _text(proc.stderr))
-
-    def feed(self, script: str, data: bytes, timeout: float) -> ScriptResult:
-        """Run *script* with ``sh -c``, giving it *data* on stdin."""
-        try:
-            proc = subprocess.run(["/bin/sh", "-c", script], input=data, capture_output=True,
-                                  timeout=timeout, check=False)
-        except subprocess.TimeoutExpired as exc:
-            raise CommandTimeout(self.host, "local shell script", timeout) from exc
-        return ScriptResult(proc.returncode, _text(proc.stdout), _text(proc.stderr))
 
 
 # --------------------------------------------------------------------------- options and results

@@ -33,7 +33,7 @@ from typing import TYPE_CHECKING, Dict, List, Optional, Sequence, Tuple
 from remote_runner.errors import ConfigError, StartError
 
 if TYPE_CHECKING:  # pragma: no cover
-    from remote_runner.runner import Shell
+    from remote_runner.shell import Shell
 
 #: What a session name may contain: no whitespace (``screen -ls`` columns), no
 #: shell or screen metacharacters.

@@ -42,7 +42,7 @@ from remote_runner.errors import CopyError, RunnerError
 
 if TYPE_CHECKING:  # pragma: no cover
     from remote_runner.config import FileSpec
-    from remote_runner.runner import Shell
+    from remote_runner.shell import Shell
 
 LOG = logging.getLogger(__name__)
 

@@ -18,7 +18,7 @@ import pytest
 
 from remote_runner import screen as scr
 from remote_runner.errors import ConfigError, StartError
-from remote_runner.runner import LocalShell, RemoteShell
+from remote_runner.shell import LocalShell, RemoteShell
 from remote_runner.ssh import Connection, SSHOptions
 from tests.conftest import quit_screen, ssh
 

@@ -16,7 +16,7 @@ import pytest
 from remote_runner import sync
 from remote_runner.config import FileSpec
 from remote_runner.errors import CopyError
-from remote_runner.runner import LocalShell, RemoteShell, ScriptResult
+from remote_runner.shell import LocalShell, RemoteShell, ScriptResult
 from remote_runner.ssh import Connection, SSHOptions
 from tests.conftest import ssh
 

@@ -1,0 +1,94 @@
+"""Where scripts run: a remote host over SSH, or this machine for ``localhost``.
+
+Every host-side step of remote_runner (preparing directories, copying, screen,
+status, stop, logs) is a POSIX shell script. Running them through one small
+interface, :class:`Shell`, lets the same script serve a remote host (``sh -s``
+on an SSH exec channel) and ``localhost`` (a local ``sh``) alike, and keeps the
+modules that write those scripts (:mod:`remote_runner.screen`,
+:mod:`remote_runner.sync`, :mod:`remote_runner.hostops`) free of any import of
+the runner that orchestrates them.
+"""
+
+from __future__ import annotations
+
+import shlex
+import subprocess
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Protocol
+
+from remote_runner.errors import CommandTimeout
+
+if TYPE_CHECKING:  # pragma: no cover
+    from remote_runner.ssh import Connection
+
+
+@dataclass(frozen=True)
+class ScriptResult:
+    """What a shell script printed and how it exited."""
+
+    exit_status: int
+    stdout: str
+    stderr: str
+
+
+class Shell(Protocol):
+    """Somewhere to run POSIX shell scripts: a remote host or this machine."""
+
+    host: str
+
+    def script(self, text: str, timeout: float) -> ScriptResult:
+        """Run *text* with ``sh`` (stdin is /dev/null for its commands) and return its output."""
+
+    def feed(self, script: str, data: bytes, timeout: float) -> ScriptResult:
+        """Run *script* with ``sh -c``, giving it *data* on stdin."""
+
+
+def _wrap(text: str) -> bytes:
+    """Wrap a script so that sh parses it whole and its commands read /dev/null."""
+    return ("{\n" + text + "\n} </dev/null\n").encode("utf-8", "surrogateescape")
+
+
+def _text(data: Any) -> str:
+    return data.decode("utf-8", "surrogateescape") if isinstance(data, bytes) else str(data)
+
+
+class RemoteShell:
+    """Run scripts over an SSH connection (``sh -s`` on an exec channel)."""
+
+    def __init__(self, connection: "Connection", host: str) -> None:
+        self.connection = connection
+        self.host = host
+
+    def script(self, text: str, timeout: float) -> ScriptResult:
+        result = self.connection.run("sh -s", stdin=_wrap(text), timeout=timeout, check=False)
+        return ScriptResult(result.exit_status, _text(result.stdout), _text(result.stderr))
+
+
+    def feed(self, script: str, data: bytes, timeout: float) -> ScriptResult:
+        """Run *script* with ``sh -c``, giving it *data* on stdin."""
+        result = self.connection.run("sh -c " + shlex.quote(script), stdin=data, timeout=timeout,
+                                     check=False)
+        return ScriptResult(result.exit_status, _text(result.stdout), _text(result.stderr))
+
+
+class LocalShell:
+    """Run scripts on this machine, for ``localhost`` components (no SSH)."""
+
+    host = "localhost"
+
+    def script(self, text: str, timeout: float) -> ScriptResult:
+        try:
+            proc = subprocess.run(["/bin/sh", "-s"], input=_wrap(text), capture_output=True,
+                                  timeout=timeout, check=False)
+        except subprocess.TimeoutExpired as exc:
+            raise CommandTimeout(self.host, "local shell script", timeout) from exc
+        return ScriptResult(proc.returncode, _text(proc.stdout), _text(proc.stderr))
+
+    def feed(self, script: str, data: bytes, timeout: float) -> ScriptResult:
+        """Run *script* with ``sh -c``, giving it *data* on stdin."""
+        try:
+            proc = subprocess.run(["/bin/sh", "-c", script], input=data, capture_output=True,
+                                  timeout=timeout, check=False)
+        except subprocess.TimeoutExpired as exc:
+            raise CommandTimeout(self.host, "local shell script", timeout) from exc
+        return ScriptResult(proc.returncode, _text(proc.stdout), _text(proc.stderr))
