@@ -174,6 +174,7 @@ class Runner:
             self.connect()
             self.prepare()
             self.copy()
+            self.replace_sessions()
             self.write_launchers()
             self.start_all()
             try:
@@ -227,8 +228,25 @@ class Runner:
                                  else RemoteShell(self.connections[host], host))
 
     def prepare(self) -> None:
-        """Create state and base directories and deal with the previous session on each host."""
+        """Check for screen and create state and base directories on each host (nothing is stopped)."""
         self._parallel(self._prepare_host, list(self._by_host()))
+
+    def replace_sessions(self) -> None:
+        """Stop the previous session on every host (or adopt it with ``--no-kill``).
+
+        This comes only after every host is prepared and every copy is
+        complete: a run that cannot start (a full disk, a missing tool, a
+        dropped link) fails before it and leaves the last good experiment running.
+        """
+        self._parallel(self._replace_on_host, list(self.screens))
+
+    def _replace_on_host(self, host: str) -> None:
+        session = self.screens[host]
+        if self.options.kill_first:
+            for old in session.kill(self.options.terminate_grace):
+                LOG.info("%s: quit previous screen session %s", host, old)
+        elif session.adopt():
+            LOG.info("%s: adding windows to existing screen session %s", host, session.session_id)
 
     def copy(self) -> None:
         """Copy every remote component's files (nothing for localhost)."""
@@ -297,11 +315,12 @@ class Runner:
     # -- per host -----------------------------------------------------------
 
     def _prepare_host(self, host: str) -> None:
-        """Resolve the state dir and base dirs on *host*; kill or adopt its session."""
+        """Resolve the state dir and base dirs on *host* and check that it has screen."""
         shell = self.shells[host]
         specs = self._by_host()[host]
         state = self.options.remote_done_dir or DEFAULT_STATE_DIR.format(screen=self.options.screen)
-        lines = [f"d={_shell_path(state)}",
+        lines = [f"command -v screen >/dev/null 2>&1 || exit {_NO_SCREEN}",
+                 f"d={_shell_path(state)}",
                  'mkdir -p "$d" && cd "$d" && echo "STATE $(pwd -P)" || exit 3']
         for i, spec in enumerate(specs):
             if spec.base_dir is None:
@@ -311,20 +330,18 @@ class Runner:
                 lines.append(f'mkdir -p {q} && cd {q} && echo "BASE {i} $(pwd -P)" || exit 4')
         result = shell.script("\n".join(lines) + "\n", timeout=120)
         found = _parse_prepare(result.stdout)
+        if result.exit_status == _NO_SCREEN:
+            raise StartError(f"host {host}: GNU screen is not installed (or not on PATH); install "
+                             "it there (Debian: apt-get install screen); nothing was changed")
         if "STATE" not in found or result.exit_status != 0:
             what = "base directories" if result.exit_status == 4 else f"state directory {state}"
             raise StartError(f"host {host}: could not create {what}: "
                              f"{result.stderr.strip() or result.stdout.strip()}")
         state_dir = found["STATE"]
         self.report.state_dirs[host] = state_dir
-        session = scr.Screen(shell, self.options.screen, state_dir, zombie=self.options.zombie,
-                             start_timeout=self.options.start_timeout)
-        if self.options.kill_first:
-            for old in session.kill(self.options.terminate_grace):
-                LOG.info("%s: quit previous screen session %s", host, old)
-        elif session.adopt():
-            LOG.info("%s: adding windows to existing screen session %s", host, session.session_id)
-        self.screens[host] = session
+        self.screens[host] = scr.Screen(shell, self.options.screen, state_dir,
+                                        zombie=self.options.zombie,
+                                        start_timeout=self.options.start_timeout)
         places = []
         for i, spec in enumerate(specs):
             base = found[f"BASE {i}"]
@@ -441,6 +458,10 @@ class Runner:
             for extra in errors[1:]:
                 LOG.error("%s", extra)
             raise errors[0]
+
+
+#: Exit status of the prepare script on a host without GNU screen.
+_NO_SCREEN = 5
 
 
 def _lane_opener(connection: "Connection") -> Callable[[], Any]:

@@ -63,6 +63,7 @@ BUNDLE_FILES = 400
 BUNDLE_BYTES = 16 << 20
 HAS_TAR_MARK = "RR-HAS-TAR"
 SHORT_MARK = "RR-SHORT-WRITE"
+FREE_MARK = "RR-FREE"
 #: Called with (host, bytes_done_delta) while uploading.
 Progress = Callable[[str, int], None]
 #: Opens one more SFTP client on the host's connection (for a parallel lane).
@@ -276,16 +277,63 @@ def changed_files(shell: "Shell", sftp: Callable[[], Any], plan: Plan
     return upload, same, tool
 
 
-def make_dirs(shell: "Shell", plan: Plan) -> bool:
-    """Create every directory of the plan (one command); return whether the host has tar."""
+def make_dirs(shell: "Shell", plan: Plan, uploads: Sequence[Upload] = ()) -> bool:
+    """Create every directory of the plan (one command); return whether the host has tar.
+
+    The same command reports the free space of each filesystem *uploads* go
+    to, and the copy is refused before anything is written when one of them
+    cannot hold it (every upload needs its full size while it is a temporary file).
+    """
     words = " ".join(shlex.quote(d) for d, _ in plan.dirs)
     script = (f"mkdir -p {words} || exit 1\n" if words else "") + "".join(
         f"chmod {mode:o} {shlex.quote(d)} || exit 1\n" for d, mode in plan.dirs if mode is not None)
-    script += f"command -v tar >/dev/null 2>&1 && echo {HAS_TAR_MARK}\nexit 0\n"
+    script += f"command -v tar >/dev/null 2>&1 && echo {HAS_TAR_MARK}\n"
+    targets = sorted({posixpath.dirname(u.dest) for u in uploads if "\n" not in u.dest})
+    for start in range(0, len(targets), HASH_CHUNK):
+        chunk = " ".join(shlex.quote(d) for d in targets[start:start + HASH_CHUNK])
+        script += f"stat -f -c '{FREE_MARK} %i %a %f %S %n' -- {chunk} 2>/dev/null\n"
+    if targets:
+        script += f"echo {FREE_MARK} uid $(id -u)\n"
+    script += "exit 0\n"
     result = shell.script(script, timeout=120)
     if result.exit_status != 0:
         raise CopyError(f"could not create directories: {result.stderr.strip()}", host=plan.host)
-    return HAS_TAR_MARK in result.stdout.splitlines()
+    lines = result.stdout.splitlines()
+    check_free_space(plan.host, uploads, [line for line in lines if line.startswith(FREE_MARK)])
+    return HAS_TAR_MARK in lines
+
+
+def check_free_space(host: str, uploads: Sequence[Upload], report: Sequence[str]) -> None:
+    """Raise CopyError when a filesystem on the host has less room than the copy needs.
+
+    *report* holds ``RR-FREE fsid avail free bsize dir`` lines and one ``RR-FREE
+    uid N`` line (root may use the blocks reserved for it). Lines that do not
+    parse are ignored: a host without ``stat -f`` is simply not checked here,
+    and the size check after each write still catches a full disk.
+    """
+    root = any(line.split()[1:] == ["uid", "0"] for line in report)
+    fs_of: Dict[str, str] = {}
+    room: Dict[str, int] = {}
+    for line in report:
+        parts = line.split(" ", 5)
+        if len(parts) != 6 or not all(p.isdigit() for p in parts[2:5]):
+            continue
+        _, fsid, avail, free, bsize, directory = parts
+        fs_of[directory] = fsid
+        room[fsid] = int(free if root else avail) * int(bsize)
+    on: Dict[str, List[Upload]] = {}
+    for upload in uploads:
+        fsid = fs_of.get(posixpath.dirname(upload.dest))
+        if fsid is not None:
+            on.setdefault(fsid, []).append(upload)
+    for fsid, items in on.items():
+        size = sum(u.size for u in items)
+        if size > room[fsid]:
+            biggest = max(items, key=lambda u: u.size)
+            more = f" with {len(items) - 1} other file(s)" if len(items) > 1 else ""
+            raise CopyError(f"No space left on device: copying it{more} needs {size} bytes on "
+                            f"its filesystem, which has {room[fsid]} free; nothing was copied",
+                            host=host, path=biggest.dest)
 
 
 def bundles(items: Sequence[Upload]) -> List[List[Upload]]:
@@ -522,7 +570,7 @@ def sync_host(shell: "Shell", sftp: Any, plan: Plan, always_copy: bool = False,
     else:
         todo, same, report.hash_tool = changed_files(shell, get_sftp, plan)
     report.skipped = [u.dest for u in same]
-    has_tar = make_dirs(shell, plan)
+    has_tar = make_dirs(shell, plan, todo)
     small = [u for u in todo if u.size <= small_file] if has_tar and hasattr(shell, "feed") else []
     if small:
         upload_bundles(shell, plan.host, small, progress)

@@ -51,3 +51,35 @@ def test_a_full_disk_fails_the_run_names_the_cause_and_starts_nothing(lab, env):
     assert ssh(lab, "h2", f"cat {env['full']}/payload").stdout == "old"
     assert ssh(lab, "h2", f"ls -A {env['full']}").stdout == "payload\n"
     assert env["screen"] not in ssh(lab, "h2", "screen -ls", check=False).stdout
+
+
+def _sessions(lab, host, name):
+    from remote_runner import screen as scr
+    return scr.parse_sessions(ssh(lab, host, "screen -ls", check=False).stdout, name)
+
+
+def test_a_run_that_cannot_copy_leaves_the_last_good_experiment_running(lab, env):
+    tmp = env["tmp"]
+    body = """
+        for h in ('h1', 'h2'):
+            c = Component()
+            c.name = 'worker'
+            c.host = h
+            c.executable = '/bin/sleep'
+            c.args = ['600']
+            c.start_index = 1
+            {extra}
+            config.add_component(c)
+    """
+    good = write_config(tmp, body.format(extra="pass"), "good.py")
+    assert cli("-c", good, *base_args(lab, env)).returncode == 0
+    before = {h: _sessions(lab, h, env["screen"]) for h in ("h1", "h2")}
+    assert all(len(ids) == 1 for ids in before.values())
+    (tmp / "payload").write_bytes(os.urandom(1 << 20))
+    extra = (f"if h == 'h2': c.files = {{'payload': 'payload'}}; c.base_dir = {env['full']!r}")
+    bad = write_config(tmp, body.format(extra=extra), "bad.py")
+    result = cli("-c", bad, *base_args(lab, env))
+    assert result.returncode == 4 and "No space left on device" in result.stderr
+    after = {h: _sessions(lab, h, env["screen"]) for h in ("h1", "h2")}
+    assert after == before  # neither host's session was replaced
+    quit_screen(lab, "h1", env["screen"], env["state"])

@@ -350,3 +350,42 @@ def test_full_disk_fails_a_bundled_copy_and_keeps_the_old_files(lab, host, full_
     assert info.value.host == "h2" and "No space left on device" in str(info.value)
     assert ssh(lab, "h2", f"cat {full_disk}/small/a").stdout == "old"
     assert ssh(lab, "h2", f"ls -A {full_disk}/small").stdout == "a\n"
+
+
+def test_a_short_sftp_write_is_caught_by_size_and_explained(lab, host, full_disk, tmp_path):
+    """Past the free-space check (another writer filled the disk meanwhile), the size check holds."""
+    shell, sftp, _base = host
+    big = tmp_path / "data"
+    big.write_bytes(os.urandom(1 << 20))
+    item = sync.Upload(str(big), f"{full_disk}/data", 0o644, 1 << 20)
+    with pytest.raises(sync.ShortWrite) as info:
+        sync.upload_all(sftp, "h2", [item])
+    assert info.value.written < item.size
+    explained = sync.explain(shell, "h2", info.value)
+    assert explained.host == "h2" and explained.path == item.dest
+    assert "No space left on device" in str(explained)
+    assert ssh(lab, "h2", f"cat {full_disk}/data").stdout == "old"
+    assert _no_temporary_files(lab, full_disk)
+
+
+def test_a_bundle_that_does_not_fit_renames_nothing(lab, host, full_disk, tmp_path):
+    shell, _sftp, _base = host
+    items = []
+    for name in ("a", "b", "c"):
+        (tmp_path / name).write_bytes(os.urandom(40 << 10))
+        items.append(sync.Upload(str(tmp_path / name), f"{full_disk}/small/{name}", 0o644, 40 << 10))
+    with pytest.raises(CopyError) as info:
+        sync.upload_bundle(shell, "h2", items)
+    assert "No space left on device" in str(info.value)
+    assert ssh(lab, "h2", f"ls -A {full_disk}/small").stdout == "a\n"
+    assert ssh(lab, "h2", f"cat {full_disk}/small/a").stdout == "old"
+
+
+def test_free_space_report_parsing():
+    up = [sync.Upload("/l/a", "/m/d/a", 0o644, 3000), sync.Upload("/l/b", "/m/d/b", 0o644, 2000)]
+    report = ["RR-FREE 77 1 9 4096 /m/d", "RR-FREE uid 1000"]
+    with pytest.raises(CopyError) as info:
+        sync.check_free_space("h", up, report)
+    assert info.value.path == "/m/d/a" and "5000 bytes" in str(info.value)
+    sync.check_free_space("h", up, ["RR-FREE 77 1 9 4096 /m/d", "RR-FREE uid 0"])  # root: 9 blocks
+    sync.check_free_space("h", up, ["garbage", "RR-FREE uid 1000"])  # unknown: not refused here
