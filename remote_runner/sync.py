@@ -284,9 +284,13 @@ def make_dirs(shell: "Shell", plan: Plan, uploads: Sequence[Upload] = ()) -> boo
     to, and the copy is refused before anything is written when one of them
     cannot hold it (every upload needs its full size while it is a temporary file).
     """
-    words = " ".join(shlex.quote(d) for d, _ in plan.dirs)
-    script = (f"mkdir -p {words} || exit 1\n" if words else "") + "".join(
-        f"chmod {mode:o} {shlex.quote(d)} || exit 1\n" for d, mode in plan.dirs if mode is not None)
+    # A directory that already exists keeps its mode (copying into /tmp must not
+    # make it 0755): only the directories this copy creates get the local mode,
+    # parents first (sorted), with the test builtin, so no fork for existing ones.
+    script = "".join(f"[ -d {q} ] || {{ mkdir -p {q} && chmod {mode:o} {q}; }} || exit 1\n"
+                     for q, mode in ((shlex.quote(d), m) for d, m in plan.dirs if m is not None))
+    words = " ".join(shlex.quote(d) for d, mode in plan.dirs if mode is None)
+    script += f"mkdir -p {words} || exit 1\n" if words else ""
     script += f"command -v tar >/dev/null 2>&1 && echo {HAS_TAR_MARK}\n"
     targets = sorted({posixpath.dirname(u.dest) for u in uploads if "\n" not in u.dest})
     for start in range(0, len(targets), HASH_CHUNK):

@@ -389,3 +389,13 @@ def test_free_space_report_parsing():
     assert info.value.path == "/m/d/a" and "5000 bytes" in str(info.value)
     sync.check_free_space("h", up, ["RR-FREE 77 1 9 4096 /m/d", "RR-FREE uid 0"])  # root: 9 blocks
     sync.check_free_space("h", up, ["garbage", "RR-FREE uid 1000"])  # unknown: not refused here
+
+
+def test_copying_a_directory_into_an_existing_one_keeps_its_mode(lab, host, tmp_path):
+    shell, sftp, base = host
+    src = tree(tmp_path)  # src is 0755 locally, src/sub 0750
+    ssh(lab, "h2", f"mkdir -p {base}/shared && chmod 1777 {base}/shared")
+    plan = sync.make_plan("h2", [(FileSpec(str(src), f"{base}/shared", True), base)])
+    sync.sync_host(shell, sftp, plan)
+    modes = ssh(lab, "h2", f"stat -c '%a %n' {base}/shared {base}/shared/sub").stdout.splitlines()
+    assert modes == [f"1777 {base}/shared", f"750 {base}/shared/sub"]  # only the new one gets 0750
