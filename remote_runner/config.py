@@ -39,7 +39,8 @@ from dataclasses import dataclass, field
 from typing import Any, Dict, Iterator, List, Optional, Tuple, Union
 
 from remote_runner import util
-from remote_runner.errors import ConfigError, CopyError, RunnerError, located
+from remote_runner.errors import ConfigError, CopyError, RunnerError, control_characters, located
+from remote_runner.names import bad_name_reason
 
 LOCAL_HOST = "localhost"
 
@@ -306,7 +307,9 @@ def user_code(path: str, role: str, cwd: Optional[str] = None) -> Iterator[None]
         where = _user_frame(exc, path)
         raise ConfigError(f"{role} called sys.exit({exc.code!r})" + _source(where),
                           file=path, line=where.line if where else None) from None
-    except Exception as exc:
+    except KeyboardInterrupt:
+        raise
+    except BaseException as exc:  # GeneratorExit or a user's BaseException subclass too
         where = _user_frame(exc, path)
         message = f"{type(exc).__name__} in {role}: {exc}" + _source(where)
         deepest = traceback.extract_tb(exc.__traceback__)[-1:]
@@ -446,8 +449,9 @@ class _Validator:
                 raise self.fail(name, f"{name} is required but was never set")
         name = self._name()
         host = self._plain_string("host")
-        if host.startswith("-") or any(ch.isspace() for ch in host):
-            raise self.fail("host", f"host {host!r} must not start with '-' or contain spaces")
+        reason = bad_name_reason(host.rpartition("@")[2]) or bad_name_reason(host.rpartition("@")[0])
+        if reason:
+            raise self.fail("host", f"host {host!r} {reason}")
         local = host == LOCAL_HOST
         mirror = self._bool("mirror")
         if local and mirror:
@@ -473,8 +477,19 @@ class _Validator:
         value = self.values[field_name]
         if not isinstance(value, str) or not value.strip():
             raise self.fail(field_name, f"{field_name} must be a non-empty string, got {value!r}")
-        if "\0" in value:
-            raise self.fail(field_name, f"{field_name} must not contain NUL characters")
+        return self._no_controls(field_name, value)
+
+    def _no_controls(self, field_name: str, value: str, what: str = "") -> str:
+        """Refuse control characters (NUL, newline, ESC, ...) in a name or path.
+
+        They would end up in shell scripts, screen commands and the lines the
+        tool reads back from hosts, where a newline can forge a line and an
+        escape sequence can rewrite the user's terminal.
+        """
+        bad = control_characters(value)
+        if bad:
+            raise self.fail(field_name, f"{what or field_name} {value!r} contains control "
+                                        f"character(s) {bad}; names and paths may not")
         return value
 
     def _bool(self, field_name: str) -> bool:
@@ -507,7 +522,7 @@ class _Validator:
         if not value.startswith("/"):
             raise self.fail("base_dir", f"base_dir {value!r} is relative; use an absolute path "
                                         "(or None for a fresh temporary directory on the host)")
-        return value
+        return self._no_controls("base_dir", value)
 
     def _start_index(self) -> Union[int, float]:
         value = self.values["start_index"]
@@ -535,8 +550,9 @@ class _Validator:
         by_dest: Dict[str, FileSpec] = {}
         for src, dest in value.items():
             for what, text in (("source", src), ("destination", dest)):
-                if not isinstance(text, str) or not text or "\0" in text:
+                if not isinstance(text, str) or not text:
                     raise self.fail("files", f"files {what} must be a non-empty string, got {text!r}")
+                self._no_controls("files", text, f"files {what}")
             spec = self._file_spec(src, dest)
             key = os.path.normpath(dest)
             if key in by_dest and by_dest[key].src != spec.src:

@@ -112,6 +112,12 @@ class AuthError(HostError):
     """No authentication method worked."""
 
 
+def control_characters(text: str) -> str:
+    """Return the control characters in *text*, escaped for a message ('' if none)."""
+    found = sorted({ch for ch in text if ord(ch) < 32 or 0x7f <= ord(ch) < 0xa0})
+    return ", ".join(repr(ch) for ch in found)
+
+
 def brief_command(command: str, limit: int = 160) -> str:
     """*command* for a message: its first line, cut to *limit* characters.
 

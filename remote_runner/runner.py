@@ -38,7 +38,8 @@ from typing import (TYPE_CHECKING, Any, Callable, Dict, List, Optional, Protocol
 
 from remote_runner import screen as scr
 from remote_runner import sync
-from remote_runner.errors import ComponentFailed, ConfigError, CopyError, MirrorError, StartError
+from remote_runner.errors import (ComponentFailed, ConfigError, CopyError, MirrorError, StartError,
+                                   control_characters)
 from remote_runner.shell import LocalShell, RemoteShell, ScriptResult, Shell  # noqa: F401
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -202,9 +203,17 @@ class Runner:
     def preflight(self) -> None:
         """Check everything that needs no host, so that bad input changes nothing."""
         scr.validate_session_name(self.options.screen)
-        if self.options.remote_done_dir is not None and not self.options.remote_done_dir.strip():
-            raise ConfigError("--remote-done-dir must not be empty", field="--remote-done-dir")
+        done_dir = self.options.remote_done_dir
+        if done_dir is not None:
+            if not done_dir.strip():
+                raise ConfigError("--remote-done-dir must not be empty", field="--remote-done-dir")
+            bad = sorted(set(done_dir) & scr.UNSAFE_DIR_CHARS) or control_characters(done_dir)
+            if bad:
+                raise ConfigError(f"--remote-done-dir {done_dir!r} must not contain {bad}",
+                                  field="--remote-done-dir")
         for spec in self.experiment.components:
+            if not spec.is_local:
+                _check_host_syntax(spec)
             for item in spec.files:
                 if not os.path.exists(item.src):
                     raise CopyError("local source does not exist", path=item.src,
@@ -458,6 +467,17 @@ class Runner:
             for extra in errors[1:]:
                 LOG.error("%s", extra)
             raise errors[0]
+
+
+def _check_host_syntax(spec: "ComponentSpec") -> None:
+    """Refuse a host that cannot be parsed (bad port, bracket) at the config line that set it."""
+    from remote_runner.ssh import parse_host
+    try:
+        parse_host(spec.host)
+    except ConfigError as exc:
+        where = spec.origin_of("host")
+        raise ConfigError(exc.message, file=where.file, line=where.line, component=spec.name,
+                          field="host") from None
 
 
 #: Exit status of the prepare script on a host without GNU screen.

@@ -39,7 +39,7 @@ if TYPE_CHECKING:  # pragma: no cover
 #: shell or screen metacharacters.
 SESSION_NAME_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.+-]{0,79}$")
 #: A directory used inside the rc file and ``-X`` arguments must avoid these.
-_UNSAFE_DIR_CHARS = set("'\"$%\\\n\r\t`")
+UNSAFE_DIR_CHARS = set("'\"$%\\\n\r\t`")
 _SAFE_STEM_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.+-]*$")
 _LS_LINE_RE = re.compile(r"^\s+(\d+)\.(\S+)\s")
 
@@ -70,10 +70,10 @@ def validate_session_name(name: str) -> str:
 
 def check_state_dir(path: str, host: str) -> str:
     """Return *path* if screen's rc file and ``-X`` can carry it unchanged, else raise."""
-    bad = sorted(set(path) & _UNSAFE_DIR_CHARS)
+    bad = sorted(set(path) & UNSAFE_DIR_CHARS)
     if bad or not path.startswith("/"):
         raise ConfigError(f"host {host}: remote done dir {path!r} must be absolute and free of "
-                          f"{''.join(sorted(_UNSAFE_DIR_CHARS)).strip()!r} characters",
+                          f"{''.join(sorted(UNSAFE_DIR_CHARS)).strip()!r} characters",
                           field="--remote-done-dir")
     return path
 

@@ -48,6 +48,7 @@ from typing import Callable, Dict, Iterable, List, Optional, Tuple, Union
 import paramiko
 
 from remote_runner import hostkeys
+from remote_runner.names import check_name
 from remote_runner.errors import (
     EXIT_CONFIG, AuthError, CommandTimeout, ConfigError, HostError, HostKeyError,
     RemoteCommandError, RunnerError, UnreachableError, brief_command,
@@ -213,6 +214,9 @@ def parse_host(host: str) -> Tuple[Optional[str], str, Optional[int]]:
         port = _port(port_text, f"host {host!r}")
     if not alias or (user is not None and not user):
         raise ConfigError(f"bad host {host!r}: expected [user@]host[:port]", field="host")
+    check_name(alias, "host")
+    if user is not None:
+        check_name(user, "user")
     return user, alias, port
 
 
@@ -252,7 +256,8 @@ class Connection:
         self.hostname: str = self.config.get("hostname", self.alias)
         port = spec_port or options.port or self.config.get("port") or 22
         self.port: int = _port(port, f"host {self.alias}", where)
-        self.username: str = spec_user or options.user or self.config.get("user") or _local_user()
+        self.username: str = check_name(
+            spec_user or options.user or self.config.get("user") or _local_user(), "user")
         self.connect_timeout = self._number("connecttimeout", options.connect_timeout)
         self.keepalive = self._number("serveraliveinterval", options.keepalive)
         self._alive_count_max = int(self._number("serveralivecountmax", 3))

@@ -133,6 +133,8 @@ def _add_file(host: str, src: str, dest: str, files: Dict[str, Upload]) -> None:
         raise CopyError(f"cannot read local source: {exc.strerror}", host=host, path=src) from exc
     if not stat.S_ISREG(st.st_mode):
         raise CopyError("local source is not a regular file", host=host, path=src)
+    if not os.access(src, os.R_OK):
+        raise CopyError("cannot read local source: Permission denied", host=host, path=src)
     old = files.get(dest)
     if old is not None and os.path.realpath(old.src) != os.path.realpath(src):
         raise CopyError(f"two different sources go to {dest}: {old.src} and {src}", host=host,
@@ -143,7 +145,11 @@ def _add_file(host: str, src: str, dest: str, files: Dict[str, Upload]) -> None:
 def _add_tree(host: str, src: str, dest: str, files: Dict[str, Upload],
               dirs: Dict[str, Optional[int]]) -> None:
     """Add directory *src* (recursively) as *dest*."""
-    for root, subdirs, names in os.walk(src):
+    def unreadable(exc: OSError) -> None:
+        raise CopyError(f"cannot read local source directory: {exc.strerror}", host=host,
+                        path=exc.filename)
+
+    for root, subdirs, names in os.walk(src, onerror=unreadable):
         subdirs.sort()
         rel = os.path.relpath(root, src)
         target = dest if rel == "." else posixpath.join(dest, *rel.split(os.sep))

@@ -53,6 +53,7 @@ from typing import TYPE_CHECKING, List, Optional, Sequence
 
 from remote_runner import __version__
 from remote_runner.cli import EXIT_CODES_HELP, run_guarded, setup_logging
+from remote_runner.cli.flags import seconds
 from remote_runner.errors import ConfigError
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -73,6 +74,11 @@ class ClassicParser(argparse.ArgumentParser):
         """Parse *args* after joining ``--extra-args VALUE`` into one token."""
         return super().parse_known_args(join_extra_args(
             list(sys.argv[1:] if args is None else args)), namespace)
+
+    def error(self, message: str):  # type: ignore[override]
+        """Print the usage and one ``ERROR:`` line, like every other error, and exit 2."""
+        self.print_usage(sys.stderr)
+        self.exit(2, f"ERROR: {message}\n")
 
 
 def join_extra_args(argv: List[str]) -> List[str]:
@@ -110,7 +116,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add("-F", dest="ssh_config", metavar="FILE", help="ssh_config file to use")
     add("--accept-new-host-keys", action="store_true",
         help="accept and record unknown host keys (changed keys are still refused)")
-    add("--connect-timeout", type=float, default=10.0, metavar="SECONDS",
+    add("--connect-timeout", type=seconds, default=10.0, metavar="SECONDS",
         help="connection timeout per host (default 10)")
     add("-f", "--forks", type=int, default=10, metavar="N",
         help="hosts handled at once (default 10)")
@@ -119,7 +125,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add("--screen", default="runner", metavar="NAME", help="screen session name (default runner)")
     add("--no-kill", dest="kill_first", action="store_false",
         help="keep the previous screen session and add windows to it")
-    add("--grace", type=float, default=10.0, metavar="SECONDS",
+    add("--grace", type=seconds, default=10.0, metavar="SECONDS",
         help="seconds between SIGTERM and SIGKILL when stopping components: the previous "
              "session's (unless --no-kill) and, with -t, the others (default 10)")
     add("--no-zombie", dest="no_zombie", action="store_true",
@@ -129,7 +135,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add("--remote-done-dir", dest="remote_done_dir", metavar="DIR",
         help="directory on each host for launchers, pid/status/log files "
              "(default ~/.remote-runner/<screen>)")
-    add("--wait-timeout", type=float, metavar="SECONDS",
+    add("--wait-timeout", type=seconds, metavar="SECONDS",
         help="fail (exit 5) if wait components run longer than this")
     add("-t", "--terminate", dest="terminate", action=argparse.BooleanOptionalAction, default=False,
         help="after the wait components end, stop the others by process group "
