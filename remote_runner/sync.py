@@ -48,7 +48,7 @@ LOG = logging.getLogger(__name__)
 
 #: Files hashed per ``openssl`` invocation (keeps each exec well under ARG_MAX).
 HASH_CHUNK = 500
-NO_OPENSSL_MARK = "RR-NO-OPENSSL"
+HASH_TOOL_MARK = "RR-HASH-TOOL"
 STAT_OK_MARK = "RR-STAT-OK"
 #: SFTP channels used at once per host. Each file costs a few round trips
 #: (open, close, chmod, rename) that paramiko cannot pipeline across files, so
@@ -179,24 +179,47 @@ def local_sha1(path: str) -> str:
     return digest.hexdigest()
 
 
+#: Hashes the files named on its command line like ``sha1sum -b`` (hosts with
+#: neither openssl nor sha1sum but a Python; unreadable files are left out).
+_PY_SHA1 = (
+    "import hashlib,sys\n"
+    "for p in sys.argv[1:]:\n"
+    " try:\n"
+    "  h=hashlib.sha1()\n"
+    "  with open(p,'rb') as f:\n"
+    "   for b in iter(lambda:f.read(1<<20),b''):h.update(b)\n"
+    "  print(h.hexdigest()+' *'+p)\n"
+    " except OSError:pass\n")
+#: Picks the first hash tool that works on the host and names it on a marker line.
+_PICK_HASHER = (
+    "if openssl dgst -sha1 -r /dev/null >/dev/null 2>&1; then h() { openssl dgst -sha1 -r \"$@\"; }\n"
+    f"elif sha1sum -b /dev/null >/dev/null 2>&1; then echo {HASH_TOOL_MARK} sha1sum; "
+    "h() { sha1sum -b \"$@\"; }\n"
+    f"elif python3 -c '' >/dev/null 2>&1; then echo {HASH_TOOL_MARK} python3; "
+    f"h() {{ python3 -c {shlex.quote(_PY_SHA1)} \"$@\"; }}\n"
+    f"else echo {HASH_TOOL_MARK} none; exit 0\nfi\n")
+
+
 def remote_sha1(shell: "Shell", paths: Sequence[str]) -> Tuple[Dict[str, str], str]:
-    """Hash *paths* on the host in one command; return ({path: sha1}, tool used)."""
+    """Hash *paths* on the host in one command; return ({path: sha1}, tool used).
+
+    The tool is openssl (SPAR's), else sha1sum, else the host's python3, else
+    ``none``: then no file can be proven unchanged and all of them are copied.
+    """
     hashable = [p for p in paths if "\n" not in p and "\\" not in p]
     if not hashable:
         return {}, "openssl"
-    # openssl first; sha1sum where openssl is missing or cannot do "-r" (old LibreSSL).
-    lines = ["if openssl dgst -sha1 -r /dev/null >/dev/null 2>&1; then H='openssl dgst -sha1 -r'; "
-             f"else echo {NO_OPENSSL_MARK}; H='sha1sum -b'; fi"]
+    lines = [_PICK_HASHER]
     for start in range(0, len(hashable), HASH_CHUNK):
         words = " ".join(shlex.quote(p) for p in hashable[start:start + HASH_CHUNK])
-        lines.append(f"$H {words} 2>/dev/null")
+        lines.append(f"h {words} 2>/dev/null")
     result = shell.script("\n".join(lines) + "\n", timeout=600)
     wanted = set(hashable)
     hashes: Dict[str, str] = {}
     tool = "openssl"
     for line in result.stdout.splitlines():
-        if line == NO_OPENSSL_MARK:
-            tool = "sha1sum"
+        if line.startswith(HASH_TOOL_MARK + " "):
+            tool = line.split(" ", 1)[1]
             continue
         digest, _, rest = line.partition(" ")
         path = rest[1:] if rest[:1] in ("*", " ") else rest
@@ -271,9 +294,12 @@ def changed_files(shell: "Shell", sftp: Callable[[], Any], plan: Plan
         local = pool.submit(lambda: {c.src: local_sha1(c.src) for c in candidates})
         hashes, tool = remote_sha1(shell, [c.dest for c in candidates])
         local_hashes = local.result()
-    if tool != "openssl":
-        LOG.warning("%s: openssl is not installed (or failed); comparing files with sha1sum",
-                    plan.host)
+    if tool == "none":
+        LOG.warning("%s: neither openssl, sha1sum nor python3 works on this host, so no file can "
+                    "be proven unchanged: all %d are copied again", plan.host, len(candidates))
+    elif tool != "openssl":
+        LOG.warning("%s: openssl is not installed (or failed); comparing files with %s",
+                    plan.host, tool)
     same = []
     for item in candidates:
         if hashes.get(item.dest) == local_hashes[item.src]:

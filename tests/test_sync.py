@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import os
 import shutil
+import sys
 import uuid
 
 import pytest
@@ -90,6 +91,15 @@ def test_remote_sha1_parses_openssl_and_falls_back_to_sha1sum(tmp_path, caplog):
     assert tool == "sha1sum"
     for path in files[:3]:
         assert hashes[path] == sync.local_sha1(path)
+    os.unlink(bin_dir / "sha1sum")
+    os.symlink(os.path.realpath(sys.executable), bin_dir / "python3")
+    hashes, tool = sync.remote_sha1(PathShell(LocalShell(), str(bin_dir)), files)
+    assert tool == "python3"
+    for path in files[:3]:
+        assert hashes[path] == sync.local_sha1(path)
+    assert files[3] not in hashes
+    os.unlink(bin_dir / "python3")
+    assert sync.remote_sha1(PathShell(LocalShell(), str(bin_dir)), files) == ({}, "none")
 
 
 # --------------------------------------------------------------------------- lab
@@ -399,3 +409,21 @@ def test_copying_a_directory_into_an_existing_one_keeps_its_mode(lab, host, tmp_
     sync.sync_host(shell, sftp, plan)
     modes = ssh(lab, "h2", f"stat -c '%a %n' {base}/shared {base}/shared/sub").stdout.splitlines()
     assert modes == [f"1777 {base}/shared", f"750 {base}/shared/sub"]  # only the new one gets 0750
+
+
+def test_a_host_without_any_hash_tool_says_so_and_copies_again(lab, host, tmp_path, caplog):
+    shell, sftp, base = host
+    src = tree(tmp_path)
+    sync.sync_host(shell, sftp, plan_for(src, base))
+    ssh(lab, "h2", f"mkdir -p {base}-bin && ln -sf \"$(command -v mkdir)\" {base}-bin/mkdir "
+                   f"&& ln -sf \"$(command -v chmod)\" {base}-bin/chmod")
+    try:
+        limited = PathShell(shell, f"{base}-bin")
+        with caplog.at_level(logging.WARNING, logger="remote_runner.sync"):
+            report = sync.sync_host(limited, sftp, plan_for(src, base))
+        assert report.hash_tool == "none" and len(report.copied) == 3
+        assert any("neither openssl, sha1sum nor python3" in r.getMessage()
+                   for r in caplog.records)
+        assert not any("comparing files with" in r.getMessage() for r in caplog.records)
+    finally:
+        ssh(lab, "h2", f"rm -rf {base}-bin", check=False)
