@@ -30,6 +30,7 @@ from __future__ import annotations
 import logging
 import os
 import shlex
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -165,6 +166,8 @@ class Runner:
         self.placements: Dict[str, List[Placement]] = {}
         self.report = RunReport()
         self.mirror: Optional[MirrorSession] = None
+        #: Set on Ctrl-C: copies stop at their next chunk.
+        self.cancel = threading.Event()
 
     # -- public -------------------------------------------------------------
 
@@ -271,7 +274,7 @@ class Runner:
                      "" if len(plan.files) == 1 else "s", plan.total_bytes)
         openers = {host: _lane_opener(self.connections[host]) for host in self.connections}
         self.report.sync = sync.sync_all(jobs, self.options.forks, self.options.always_copy,
-                                         self.progress, openers)
+                                         self.progress, openers, self.cancel)
         for host in sorted(self.report.sync):
             LOG.info("%s", self.report.sync[host].summary())
 
@@ -457,12 +460,16 @@ class Runner:
         if not hosts:
             return
         errors: List[BaseException] = []
-        with ThreadPoolExecutor(max_workers=max(1, min(self.options.forks, len(hosts)))) as pool:
-            for future in [pool.submit(func, h) for h in hosts]:
-                try:
-                    future.result()
-                except BaseException as exc:  # noqa: BLE001 - re-raised below
-                    errors.append(exc)
+        pool = ThreadPoolExecutor(max_workers=max(1, min(self.options.forks, len(hosts))))
+        futures = [pool.submit(func, h) for h in hosts]
+        # On Ctrl-C this returns at once; closing the connections (run's finally)
+        # then ends whatever the workers are still waiting for on the network.
+        sync.wait_or_cancel(pool, futures, self.cancel)
+        for future in futures:
+            try:
+                future.result()
+            except BaseException as exc:  # noqa: BLE001 - re-raised below
+                errors.append(exc)
         if errors:
             for extra in errors[1:]:
                 LOG.error("%s", extra)

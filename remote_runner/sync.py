@@ -35,10 +35,11 @@ import tarfile
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import wait as futures_wait
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Callable, Dict, Iterable, List, Optional, Sequence, Tuple
 
-from remote_runner.errors import CopyError, RunnerError
+from remote_runner.errors import EXIT_INTERRUPTED, CopyError, RunnerError
 
 if TYPE_CHECKING:  # pragma: no cover
     from remote_runner.config import FileSpec
@@ -64,6 +65,10 @@ BUNDLE_BYTES = 16 << 20
 HAS_TAR_MARK = "RR-HAS-TAR"
 SHORT_MARK = "RR-SHORT-WRITE"
 FREE_MARK = "RR-FREE"
+#: Minutes after which a temporary file of ours is known to be left by a killed copy.
+STALE_MINUTES = 10
+#: Seconds the uploads get, after Ctrl-C, to remove their temporary files.
+CANCEL_GRACE = 1.0
 #: Called with (host, bytes_done_delta) while uploading.
 Progress = Callable[[str, int], None]
 #: Opens one more SFTP client on the host's connection (for a parallel lane).
@@ -324,6 +329,7 @@ def make_dirs(shell: "Shell", plan: Plan, uploads: Sequence[Upload] = ()) -> boo
     words = " ".join(shlex.quote(d) for d, mode in plan.dirs if mode is None)
     script += f"mkdir -p {words} || exit 1\n" if words else ""
     script += f"command -v tar >/dev/null 2>&1 && echo {HAS_TAR_MARK}\n"
+    script += _sweep_script(sorted({posixpath.dirname(f.dest) for f in plan.files}))
     targets = sorted({posixpath.dirname(u.dest) for u in uploads if "\n" not in u.dest})
     for start in range(0, len(targets), HASH_CHUNK):
         chunk = " ".join(shlex.quote(d) for d in targets[start:start + HASH_CHUNK])
@@ -337,6 +343,22 @@ def make_dirs(shell: "Shell", plan: Plan, uploads: Sequence[Upload] = ()) -> boo
     lines = result.stdout.splitlines()
     check_free_space(plan.host, uploads, [line for line in lines if line.startswith(FREE_MARK)])
     return HAS_TAR_MARK in lines
+
+
+def _sweep_script(dirs: Sequence[str]) -> str:
+    """Shell text removing temporary files and stage dirs that killed copies left in *dirs*.
+
+    Only our own names (``.NAME.rr-XXXXXXXX.tmp``, ``.rr-stage-XXXXXXXX``) and
+    only those untouched for :data:`STALE_MINUTES`: an upload still in progress
+    writes its file all the time, so another run's live copy is never removed.
+    """
+    out = ""
+    for start in range(0, len(dirs), HASH_CHUNK):
+        words = " ".join(shlex.quote(d) for d in dirs[start:start + HASH_CHUNK])
+        out += (f"find {words} -maxdepth 1 \\( -name '.*.rr-????????.tmp' -type f -o "
+                f"-name '.rr-stage-????????' -type d \\) -mmin +{STALE_MINUTES} "
+                "-exec rm -rf {} + 2>/dev/null\n")
+    return out
 
 
 def check_free_space(host: str, uploads: Sequence[Upload], report: Sequence[str]) -> None:
@@ -454,6 +476,7 @@ def upload_file(sftp: Any, host: str, item: Upload, progress: Optional[Progress]
             progress(host, done - seen[0])
         seen[0] = done
 
+    _in_flight(host, tmp, True)
     try:
         with open(item.src, "rb") as handle:
             sftp.putfo(handle, tmp, file_size=item.size, callback=callback, confirm=False)
@@ -465,13 +488,63 @@ def upload_file(sftp: Any, host: str, item: Upload, progress: Optional[Progress]
             raise ShortWrite(item, written)
         sftp.chmod(tmp, item.mode)
         sftp.posix_rename(tmp, item.dest)
+        _in_flight(host, tmp, False)
     except BaseException as exc:
         _remove_quietly(sftp, tmp)
+        _in_flight(host, tmp, False)
         if isinstance(exc, (RunnerError, KeyboardInterrupt)):
             raise
         reason = getattr(exc, "strerror", None) or str(exc) or type(exc).__name__
         raise CopyError(f"upload of {item.src} failed: {reason}", host=host,
                         path=item.dest) from exc
+
+
+#: Temporary files being written now, per host: what an interrupted run may leave.
+_writing: Dict[str, set] = {}
+_writing_lock = threading.Lock()
+
+
+def _in_flight(host: str, tmp: str, started: bool) -> None:
+    with _writing_lock:
+        names = _writing.setdefault(host, set())
+        if started:
+            names.add(tmp)
+        else:
+            names.discard(tmp)
+
+
+def in_flight() -> Dict[str, List[str]]:
+    """Return the temporary files still being written (or removed), per host."""
+    with _writing_lock:
+        return {host: sorted(names) for host, names in _writing.items() if names}
+
+
+class Cancelled(CopyError):
+    """The copy was interrupted (Ctrl-C); exits like any interrupt."""
+
+    exit_code = EXIT_INTERRUPTED
+
+
+def wait_or_cancel(pool: ThreadPoolExecutor, futures: Sequence[Any], cancel: threading.Event,
+                   grace: float = CANCEL_GRACE) -> None:
+    """Wait for *futures*; on Ctrl-C set *cancel*, give workers *grace* seconds, and go on.
+
+    The workers notice *cancel* at their next chunk and clean up after
+    themselves; the caller closes the connections, which ends anything still
+    blocked on the network.
+    """
+    try:
+        futures_wait(futures)
+    except BaseException:
+        cancel.set()
+        futures_wait(futures, timeout=grace)
+        pool.shutdown(wait=False, cancel_futures=True)
+        for host, names in in_flight().items():
+            LOG.warning("%s: the interrupted copy could not remove %s in time (the link is "
+                        "busy); a run after %d minutes removes it", host, ", ".join(names),
+                        STALE_MINUTES)
+        raise
+    pool.shutdown(wait=True)
 
 
 class ShortWrite(CopyError):
@@ -574,6 +647,8 @@ def upload_bundles(shell: "Shell", host: str, items: Sequence[Upload],
                    progress: Optional[Progress] = None) -> None:
     """Upload small files as tar bundles, several directories at once."""
     def one(chunk: List[Upload]) -> None:
+        if progress is not None:
+            progress(host, 0)  # lets a cancelled copy stop before the next bundle
         upload_bundle(shell, host, chunk)
         if progress is not None:
             progress(host, sum(u.size for u in chunk))
@@ -624,28 +699,42 @@ def sync_host(shell: "Shell", sftp: Any, plan: Plan, always_copy: bool = False,
 
 def sync_all(jobs: Sequence[Tuple["Shell", Callable[[], Any], Plan]], forks: int = 10,
              always_copy: bool = False, progress: Optional[Progress] = None,
-             lane_openers: Optional[Dict[str, LaneOpener]] = None) -> Dict[str, HostSync]:
-    """Sync every (shell, sftp factory, plan) job in parallel; raise one error for all failures."""
+             lane_openers: Optional[Dict[str, LaneOpener]] = None,
+             cancel: Optional[threading.Event] = None) -> Dict[str, HostSync]:
+    """Sync every (shell, sftp factory, plan) job in parallel; raise one error for all failures.
+
+    Ctrl-C (or *cancel* set by the caller) stops every upload at its next
+    chunk: each removes its temporary file and the interrupt goes on at once,
+    without waiting for the copies to finish.
+    """
     reports: Dict[str, HostSync] = {}
     errors: List[RunnerError] = []
     openers = lane_openers or {}
+    stop = cancel if cancel is not None else threading.Event()
+
+    def checked(host: str, delta: int) -> None:
+        if stop.is_set():
+            raise Cancelled("interrupted: the copy was stopped", host=host)
+        if progress is not None and delta:
+            progress(host, delta)
 
     def one(job: Tuple["Shell", Callable[[], Any], Plan]) -> HostSync:
         shell, sftp_factory, plan = job
         if not plan.files and not plan.dirs:
             return HostSync(plan.host)
-        return sync_host(shell, sftp_factory, plan, always_copy, progress,
+        return sync_host(shell, sftp_factory, plan, always_copy, checked,
                          openers.get(plan.host))
 
-    with ThreadPoolExecutor(max_workers=max(1, forks)) as pool:
-        futures = [(job[2].host, pool.submit(one, job)) for job in jobs]
-        for host, future in futures:
-            try:
-                reports[host] = future.result()
-            except RunnerError as exc:
-                errors.append(exc)
-            except Exception as exc:  # noqa: BLE001 - reported per host, not lost
-                errors.append(CopyError(f"{type(exc).__name__}: {exc}", host=host))
+    pool = ThreadPoolExecutor(max_workers=max(1, forks), thread_name_prefix="sync")
+    futures = [(job[2].host, pool.submit(one, job)) for job in jobs]
+    wait_or_cancel(pool, [f for _, f in futures], stop)
+    for host, future in futures:
+        try:
+            reports[host] = future.result()
+        except RunnerError as exc:
+            errors.append(exc)
+        except Exception as exc:  # noqa: BLE001 - reported per host, not lost
+            errors.append(CopyError(f"{type(exc).__name__}: {exc}", host=host))
     if len(errors) == 1:
         raise errors[0]
     if errors:

@@ -427,3 +427,17 @@ def test_a_host_without_any_hash_tool_says_so_and_copies_again(lab, host, tmp_pa
         assert not any("comparing files with" in r.getMessage() for r in caplog.records)
     finally:
         ssh(lab, "h2", f"rm -rf {base}-bin", check=False)
+
+
+def test_temporary_files_left_by_killed_copies_are_swept_when_old(lab, host, tmp_path):
+    shell, sftp, base = host
+    src = tree(tmp_path)
+    old = [f"{base}/.data.txt.rr-0badc0de.tmp", f"{base}/.rr-stage-0badc0de/x"]
+    young = f"{base}/.data.txt.rr-12345678.tmp"  # another run's upload, still being written
+    ssh(lab, "h2", f"mkdir -p {base}/.rr-stage-0badc0de && touch {' '.join(old)} {young} "
+                   f"{base}/.mine.tmp && touch -d '1 hour ago' {old[0]} {base}/.rr-stage-0badc0de "
+                   f"{base}/.mine.tmp")
+    sync.sync_host(shell, sftp, plan_for(src, base))
+    left = ssh(lab, "h2", f"ls -A {base}").stdout.split()
+    assert ".data.txt.rr-0badc0de.tmp" not in left and ".rr-stage-0badc0de" not in left
+    assert ".data.txt.rr-12345678.tmp" in left and ".mine.tmp" in left  # young / not ours
