@@ -38,15 +38,51 @@ from rrmirror.agent import main
 sys.exit(main())
 """
 
-_RECEIVER = (
-    "import os,sys\n"
-    "n=int(sys.argv[2]);p=sys.argv[1];t=p+'.tmp.%d'%os.getpid()\n"
-    "fd=os.open(t,os.O_WRONLY|os.O_CREAT|os.O_TRUNC,0o600)\n"
-    "while n>0:\n"
-    " b=os.read(0,min(n,1<<20))\n"
-    " if not b: sys.exit('remote-runner: agent upload cut short')\n"
-    " os.write(fd,b);n-=len(b)\n"
-    "os.fsync(fd);os.close(fd);os.rename(t,p)\n"
+#: Marker printed instead of NEED when a cached agent exists but its hash is wrong.
+ALTERED_MARKER = b"RR-MIRROR-REPL-AGENT\n"
+assert len(ALTERED_MARKER) == len(NEED_MARKER)
+
+#: The host's python runs this first, every time (``-c BOOT path sha256 [--fetch] mode...``):
+#: it runs the cached agent only when its sha256 is the one this machine built.
+#: Otherwise (missing, or altered by someone on the host) it asks for the agent
+#: (``--fetch``: NEED or REPL marker, then exactly the payload on stdin), checks
+#: the payload's hash too, writes it under a temporary name, fsyncs and renames
+#: it into place (a failed write leaves nothing behind), and runs it.
+BOOT = (
+    "import hashlib,os,runpy,sys\n"
+    "p,h=sys.argv[1],sys.argv[2]\n"
+    "def digest(d):return hashlib.sha256(d).hexdigest()\n"
+    "try:\n"
+    " with open(p,'rb') as f:ok=digest(f.read())==h\n"
+    "except OSError:ok=None\n"
+    "rest=sys.argv[3:]\n"
+    "fetch=rest[:1]==['--fetch']\n"
+    "if fetch:rest=rest[2:]\n"
+    "if not ok:\n"
+    " if not fetch:sys.exit('remote-runner: the mirror agent %s is %s' % (p,'altered' if ok is False else 'missing'))\n"
+    f" os.write(1,{NEED_MARKER!r} if ok is None else {ALTERED_MARKER!r})\n"
+    " n=int(sys.argv[4]);b=bytearray()\n"
+    " while len(b)<n:\n"
+    "  c=os.read(0,min(n-len(b),1<<20))\n"
+    "  if not c:sys.exit('remote-runner: agent upload cut short')\n"
+    "  b+=c\n"
+    " if digest(bytes(b))!=h:sys.exit('remote-runner: the agent upload is corrupt')\n"
+    " os.makedirs(os.path.dirname(p),0o700,exist_ok=True)\n"
+    " t='%s.tmp.%d'%(p,os.getpid())\n"
+    " try:\n"
+    "  fd=os.open(t,os.O_WRONLY|os.O_CREAT|os.O_TRUNC,0o600)\n"
+    "  try:\n"
+    "   v=memoryview(b)\n"
+    "   while v:v=v[os.write(fd,v):]\n"
+    "   os.fsync(fd)\n"
+    "  finally:os.close(fd)\n"
+    "  os.rename(t,p)\n"
+    " except OSError as e:\n"
+    "  try:os.unlink(t)\n"
+    "  except OSError:pass\n"
+    "  sys.exit('remote-runner: cannot store the mirror agent in %s: %s' % (os.path.dirname(p),e.strerror))\n"
+    "sys.argv=[p]+rest\n"
+    "runpy.run_path(p,run_name='__main__')\n"
 )
 
 
@@ -62,20 +98,14 @@ class AgentBundle:
         return f"agent-{self.sha256[:32]}.pyz"
 
     def launch_command(self, mode: str, python: str = "python3") -> str:
-        """Return the remote shell line: run the cached agent, or fetch it then run it."""
+        """Return the remote shell line that runs the verified agent, fetching it when needed."""
         path = f'"${{HOME:-/tmp}}"/{CACHE_DIR}/{self.filename}'
-        py = shlex.quote(python)
-        mode_q = shlex.quote(mode)
-        receiver = shlex.quote(_RECEIVER)
-        need = NEED_MARKER.decode().strip()
-        return (
-            f"umask 077; f={path}; "
-            f'if test -f "$f"; then exec {py} "$f" {mode_q}; fi; '
-            f'mkdir -p "$(dirname "$f")" || exit 126; '
-            f"echo {need}; "
-            f'{py} -c {receiver} "$f" {len(self.data)} || exit 126; '
-            f'exec {py} "$f" {mode_q}'
-        )
+        return (f"umask 077; exec {shlex.quote(python)} -c {shlex.quote(BOOT)} {path} "
+                f"{self.sha256} --fetch {len(self.data)} {shlex.quote(mode)}")
+
+    def run_argv(self, python: str, path: str, *args: str) -> List[str]:
+        """Return the argv that runs the cached agent at *path* only if its hash is right."""
+        return [python, "-c", BOOT, path, self.sha256, *args]
 
 
 def _mfusepy_source() -> bytes:

@@ -29,7 +29,7 @@ from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
 from remote_runner.errors import EXIT_LINK, MirrorError
 from remote_runner.mirror import protocol as P
-from remote_runner.mirror.bundle import NEED_MARKER, AgentBundle, build_bundle
+from remote_runner.mirror.bundle import ALTERED_MARKER, NEED_MARKER, AgentBundle, build_bundle
 from remote_runner.mirror.profile import CommandProfile
 from remote_runner.mirror.service import LocalFileService
 
@@ -259,8 +259,11 @@ class LocalLink:
         """Upload the agent if the host asks for it, then read and check its hello."""
         threading.Thread(target=self._stderr_loop, daemon=True, name="mirror-stderr").start()
         first = self.reader.peek(len(NEED_MARKER))
-        if first == NEED_MARKER:
+        if first in (NEED_MARKER, ALTERED_MARKER):
             self.reader.read(len(NEED_MARKER))
+            if first == ALTERED_MARKER:
+                LOG.warning("%s: the cached mirror agent on the host was altered (its sha256 is "
+                            "not %s...); replacing it", self.host, bundle.sha256[:12])
             LOG.info("%s: uploading the mirror agent (%d bytes, sha256 %s...)", self.host,
                      len(bundle.data), bundle.sha256[:12])
             self.stream.write_all(bundle.data)
@@ -669,7 +672,8 @@ class MirrorServer:
             "env": filtered_environment(self.options.forward_env, extra=env),
             "umask": current_umask(),
         })
-        return [self.python, self.agent_path, "attach", "--socket", self.socket_path, "--job", job]
+        return build_bundle().run_argv(self.python, self.agent_path, "attach", "--socket",
+                                       self.socket_path, "--job", job)
 
     def close(self) -> None:
         """End the mirror on the host (commands still in it are killed)."""
