@@ -87,3 +87,20 @@ def pytest_runtest_makereport(item, call):
             and ("lab" in getattr(item, "fixturenames", ()) or item.get_closest_marker("lab"))):
         report.outcome = "failed"
         report.longrepr = f"lab test skipped under CI=true: {report.longrepr}"
+
+
+@pytest.fixture
+def public_tmp():
+    """A temporary directory every local user can reach (pytest's own tmp_path is 0700).
+
+    The mirror keeps whole-file copies on hosts only of files reachable by every
+    local user, so tests of that cache need a world-searchable path.
+    """
+    import shutil
+    import tempfile
+    from pathlib import Path
+
+    path = Path(tempfile.mkdtemp(prefix="rr-public-"))
+    path.chmod(0o755)
+    yield path
+    shutil.rmtree(path, ignore_errors=True)

@@ -40,8 +40,8 @@ def whole_open(service: LocalFileService, path: Path, have=None):
 
 # ----------------------------------------------------------------------------- the local side
 
-def test_settled_file_is_sent_whole_then_reported_current(tmp_path):
-    path = tmp_path / "lib.so"
+def test_settled_file_is_sent_whole_then_reported_current(public_tmp):
+    path = public_tmp / "lib.so"
     path.write_bytes(b"x" * 1000)
     settle(path)
     service = LocalFileService()
@@ -54,8 +54,8 @@ def test_settled_file_is_sent_whole_then_reported_current(tmp_path):
     assert fields["st"]["st_size"] == 1000
 
 
-def test_big_file_sends_a_first_chunk_and_a_handle_for_the_rest(tmp_path):
-    path = tmp_path / "big"
+def test_big_file_sends_a_first_chunk_and_a_handle_for_the_rest(public_tmp):
+    path = public_tmp / "big"
     path.write_bytes(os.urandom(P.WHOLE_CHUNK + 5))
     settle(path)
     service = LocalFileService()
@@ -129,16 +129,16 @@ def test_validate_answers_many_lookups_at_once(tmp_path):
     assert answers[4] == 0  # not exported: no answer at all
 
 
-def test_validate_is_seeded_once_with_the_commands_local_profile(tmp_path):
-    lib = tmp_path / "libx.so"
+def test_validate_is_seeded_once_with_the_commands_local_profile(public_tmp):
+    lib = public_tmp / "libx.so"
     lib.write_bytes(b"elf" * 100)
     settle(lib)
-    fresh = tmp_path / "being-written"
+    fresh = public_tmp / "being-written"
     fresh.write_bytes(b"data")
     service = LocalFileService()
-    service.seed = ([str(tmp_path / "gone"), str(lib)], [str(lib), str(fresh), str(tmp_path / "gone")])
+    service.seed = ([str(public_tmp / "gone"), str(lib)], [str(lib), str(fresh), str(public_tmp / "gone")])
     body = json.loads(service.handle("validate", {}, os.fsencode(str(lib))).payload)
-    assert body["names"] == [str(lib), str(tmp_path / "gone")]  # asked first, no repeats
+    assert body["names"] == [str(lib), str(public_tmp / "gone")]  # asked first, no repeats
     assert body["answers"][1] is None
     st = lib.stat()
     # only files that would be sent whole now are offered for prefetch

@@ -128,26 +128,26 @@ def _prefixes(path: str) -> list:
 
 
 @needs_gcc
-def test_a_programs_open_lists_its_libraries_once(tmp_path):
-    program = build(tmp_path, "$ORIGIN/lib")
-    for path in (program, tmp_path / "lib" / "libouter.so", tmp_path / "lib" / "libinner.so"):
+def test_a_programs_open_lists_its_libraries_once(public_tmp):
+    program = build(public_tmp, "$ORIGIN/lib")
+    for path in (program, public_tmp / "lib" / "libouter.so", public_tmp / "lib" / "libinner.so"):
         settle(path)
     service = LocalFileService()
     fields, data = whole_open(service, program)
     assert data.startswith(elf.MAGIC) and fields["whole"]
     libs = fields["libs"]
     whole = dict((name, meta) for name, meta in libs["whole"])
-    outer = str(tmp_path / "lib" / "libouter.so")
+    outer = str(public_tmp / "lib" / "libouter.so")
     st = os.stat(outer)
     assert whole[outer] == [st.st_size, st.st_mtime_ns, st.st_ino]
-    assert str(tmp_path / "lib" / "libinner.so") in whole
+    assert str(public_tmp / "lib" / "libinner.so") in whole
     answers = dict(zip(libs["names"], libs["answers"]))
     assert answers[outer][0]["st_ino"] == st.st_ino and answers[outer][1] is None
-    assert answers[str(tmp_path / "lib")][0]["st_mode"] == os.stat(tmp_path / "lib").st_mode
+    assert answers[str(public_tmp / "lib")][0]["st_mode"] == os.stat(public_tmp / "lib").st_mode
     assert outer in service.sent_whole and outer in service.looked_up  # kept in the profile
     assert "libs" not in whole_open(service, program)[0]  # once per session
-    assert "libs" not in whole_open(LocalFileService(roots=[os.fsencode(str(tmp_path))]), program)[0]
-    assert "libs" not in whole_open(LocalFileService(), tmp_path / "lib" / "libouter.so")[0]  # no PT_INTERP
+    assert "libs" not in whole_open(LocalFileService(roots=[os.fsencode(str(public_tmp))]), program)[0]
+    assert "libs" not in whole_open(LocalFileService(), public_tmp / "lib" / "libouter.so")[0]  # no PT_INTERP
 
 
 class GatedLink:
@@ -169,13 +169,13 @@ class GatedLink:
         return self._one(op, args)
 
 
-def test_an_open_waits_for_a_file_being_fetched_ahead(tmp_path):
-    lib = tmp_path / "lib.so"
+def test_an_open_waits_for_a_file_being_fetched_ahead(public_tmp):
+    lib = public_tmp / "lib.so"
     lib.write_bytes(os.urandom(3000))
     settle(lib)
     st = lib.stat()
     meta = [st.st_size, st.st_mtime_ns, st.st_ino]
-    files, cache, gate = FileCache(str(tmp_path / "files"), limit=1 << 20), AttrCache(), threading.Event()
+    files, cache, gate = FileCache(str(public_tmp / "files"), limit=1 << 20), AttrCache(), threading.Event()
     fetch_ahead(GatedLink(gate), files, cache, {"names": [str(lib)], "answers": [[{"st_size": 3000}, None]],
                                                 "whole": [[str(lib), meta]]})
     assert cache.get(str(lib)) == {"st_size": 3000}  # the answers are kept at once

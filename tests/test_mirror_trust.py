@@ -58,3 +58,31 @@ def test_the_boot_program_refuses_a_missing_or_altered_agent_without_fetch(tmp_p
                              capture_output=True, text=True)
     assert altered.returncode == 1 and "is altered" in altered.stderr
     assert hashlib.sha256(bundle.data).hexdigest() == bundle.sha256 and BOOT in bundle.run_argv("p", "x")
+
+
+def test_a_readable_file_in_a_private_directory_is_never_kept_on_a_host(lab, workdir):
+    import os
+    import shutil
+    import uuid
+    from pathlib import Path
+
+    from remote_runner.lab import LOCAL_ONLY
+    from remote_runner.mirror.service import LocalFileService
+    from tests.test_mirror_cache import HOST, host_copies, settle, whole_open
+
+    private = Path(LOCAL_ONLY) / f"private-{uuid.uuid4().hex[:8]}"
+    (private / "inner").mkdir(parents=True)
+    private.chmod(0o700)
+    data = private / "inner" / "notes.txt"
+    data.write_text("only for me\n")
+    settle(data)  # 0644 itself, settled: only the 0700 directory above makes it private
+    try:
+        assert "whole" not in whole_open(LocalFileService(), data)[0]
+        result = rr_exec(lab, HOST, ["/bin/cat", str(data)], workdir)
+        assert result.returncode == 0 and result.stdout == b"only for me\n"
+        assert host_copies(lab, data) == []
+        private.chmod(0o755)  # reachable by everyone now: it may be kept
+        assert "whole" in whole_open(LocalFileService(), data)[0]
+        assert os.access(data, os.R_OK)
+    finally:
+        shutil.rmtree(private, ignore_errors=True)

@@ -125,6 +125,51 @@ def _sendable_whole(st: os.stat_result) -> bool:
             and time.time() - st.st_mtime >= SETTLED_SECONDS)
 
 
+class PublicDirs:
+    """Which local directories every user may search (``o+x``), remembered briefly.
+
+    A whole-file copy stays on the host, where other users may get at it; so it
+    is made only of a file that every local user could read too: world-readable
+    itself *and* reachable through world-searchable directories all the way up
+    (a 0644 file inside a 0700 home is private). Both the path as named and its
+    resolved form are checked; answers are kept for ``SETTLED_SECONDS``.
+    """
+
+    def __init__(self, ttl: float = SETTLED_SECONDS) -> None:
+        self.ttl = ttl
+        self._known: Dict[bytes, Tuple[bool, float]] = {}
+        self._lock = threading.Lock()
+
+    def reachable(self, path: bytes) -> bool:
+        """Whether every directory above *path* (named and resolved) is world-searchable."""
+        parent = os.path.dirname(path)
+        return self._chain(parent) and self._chain(os.path.realpath(parent))
+
+    def _chain(self, directory: bytes) -> bool:
+        while True:
+            if not self._searchable(directory):
+                return False
+            if directory in (b"/", b""):
+                return True
+            directory = os.path.dirname(directory)
+
+    def _searchable(self, directory: bytes) -> bool:
+        now = time.monotonic()
+        with self._lock:
+            known = self._known.get(directory)
+        if known is not None and now - known[1] < self.ttl:
+            return known[0]
+        try:
+            ok = bool(os.stat(directory).st_mode & stat.S_IXOTH)
+        except OSError:
+            ok = False
+        with self._lock:
+            if len(self._known) > 4096:
+                self._known.clear()
+            self._known[directory] = (ok, now)
+        return ok
+
+
 def _walk(path: bytes, hops: int = 40) -> List[bytes]:
     """The paths a kernel looks up to reach absolute *path*, symlinks followed, in order.
 
@@ -174,6 +219,8 @@ class LocalFileService:
         self.handles = HandleTable()
         self.roots = [os.path.normpath(r) for r in roots] if roots is not None else None
         self.writeback = writeback
+        #: Which directories every local user may search (whole-file copies need it).
+        self.public = PublicDirs()
         #: What this session looked up and sent whole (wire names, in order), for its profile.
         self.looked_up: Dict[str, None] = {}
         self.sent_whole: Dict[str, None] = {}
@@ -305,7 +352,7 @@ class LocalFileService:
             st = os.lstat(self._path({"path": name}))
         except (OpError, OSError):
             return None
-        if _sendable_whole(st):
+        if _sendable_whole(st) and self.public.reachable(self._path({"path": name})):
             return [st.st_size, st.st_mtime_ns, st.st_ino]
         return None
 
@@ -443,7 +490,7 @@ class LocalFileService:
         fd = os.open(self._path(a), self._flags(flags))
         if a.get("whole") and flags & (os.O_ACCMODE | os.O_TRUNC) == os.O_RDONLY:
             try:
-                reply = self._whole(fd, a.get("have"))
+                reply = self._whole(fd, a.get("have"), self._path(a))
                 if "whole" in reply.fields:
                     self._note(self.sent_whole, a["path"])
                     if reply.payload.startswith(elf.MAGIC):
@@ -487,18 +534,19 @@ class LocalFileService:
             self._note(self.sent_whole, n)
         reply.fields["libs"] = body
 
-    def _whole(self, fd: int, have: Any) -> Reply:
+    def _whole(self, fd: int, have: Any, path: bytes) -> Reply:
         """Answer a whole-file open: "current" (no data), or the file's first chunk.
 
         Only settled, world-readable regular files qualify: not empty (pseudo
         files report size 0), not over ``WHOLE_LIMIT``, not private (no copy of
-        a 0600 file stays on a host), and not modified in the last
+        a 0600 file, or of one inside a private directory, stays on a host), and
+        not modified in the last
         ``SETTLED_SECONDS`` (a log being written keeps being read through the
         link, so ``tail -f`` sees it grow). The rest of a bigger file is read
         through the handle the reply carries.
         """
         st = os.fstat(fd)
-        if not _sendable_whole(st):
+        if not _sendable_whole(st) or not self.public.reachable(path):
             return Reply({"fh": self.handles.add(fd)})
         meta = [st.st_size, st.st_mtime_ns, st.st_ino]
         fields: Dict[str, Any] = {"whole": meta, "st": P.stat_to_wire(st)}
