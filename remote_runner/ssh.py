@@ -38,7 +38,6 @@ import pwd
 import re
 import shlex
 import socket
-import subprocess
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor, as_completed
@@ -49,6 +48,7 @@ import paramiko
 
 from remote_runner import hostkeys
 from remote_runner.names import check_name
+from remote_runner.proxycommand import ProxyCommand
 from remote_runner.errors import (
     EXIT_CONFIG, AuthError, CommandTimeout, ConfigError, HostError, HostKeyError,
     RemoteCommandError, RunnerError, UnreachableError, brief_command,
@@ -268,7 +268,7 @@ class Connection:
         self._transport: Optional[paramiko.Transport] = None
         self._sftp: Optional[paramiko.SFTPClient] = None
         self._jump: Optional[Connection] = None
-        self._proxy: Optional[_ProxyCommand] = None
+        self._proxy: Optional[ProxyCommand] = None
         self._watchdog: Optional[_Watchdog] = None
         self._closed = False
 
@@ -332,6 +332,9 @@ class Connection:
         try:
             transport.start_client(timeout=self.connect_timeout)
         except (paramiko.SSHException, EOFError, OSError) as exc:
+            if self._proxy is not None:
+                raise UnreachableError(self.alias, self._proxy.failure(),
+                                       "check the ProxyCommand in ssh_config") from None
             raise UnreachableError(self.alias, f"SSH handshake with {self.hostname}:{self.port} "
                                    f"failed: {exc or type(exc).__name__}",
                                    "is an SSH server listening there?") from exc
@@ -343,7 +346,7 @@ class Connection:
             self._watchdog = _Watchdog(self.alias, transport, self.keepalive, self._alive_count_max)
             self._watchdog.start()
 
-    def _open_socket(self) -> Union[socket.socket, paramiko.Channel, paramiko.ProxyCommand]:
+    def _open_socket(self) -> Union[socket.socket, paramiko.Channel, ProxyCommand]:
         """Return a connected byte stream to the SSH server (direct, ProxyJump or ProxyCommand)."""
         jumps = self._via if self._via is not None else _jump_list(self.config.get("proxyjump"))
         if jumps:
@@ -352,7 +355,7 @@ class Connection:
         if command:
             log.debug("host %s: ProxyCommand %s", self.alias, command)
             try:
-                self._proxy = _ProxyCommand(shlex.join(["/bin/sh", "-c", "exec " + command]))
+                self._proxy = ProxyCommand(command)
             except Exception as exc:
                 raise UnreachableError(self.alias, f"ProxyCommand failed to start: {exc}") from exc
             return self._proxy
@@ -623,7 +626,7 @@ class Connection:
             _quietly(self._transport.close)
             self._transport = None
         if self._proxy is not None:
-            _end_process(self._proxy.process)
+            self._proxy.close()
             self._proxy = None
         if self._jump is not None:
             self._jump.close()
@@ -649,27 +652,6 @@ class Connection:
         reason = self._watchdog.reason if self._watchdog else ""
         return HostError(self.alias, f"{what}: the SSH connection was lost{reason}",
                          "check the host and the network, then run again")
-
-
-class _ProxyCommand(paramiko.ProxyCommand):
-    """paramiko's ProxyCommand, but closing twice never signals a reaped (reused) PID."""
-
-    def close(self) -> None:
-        """Terminate the proxy process if it still runs (Popen checks before signalling)."""
-        self.process.terminate()
-
-
-def _end_process(process: "subprocess.Popen[bytes]") -> None:
-    """Terminate, reap and unpipe a ProxyCommand process (kill it if SIGTERM is ignored)."""
-    process.terminate()
-    try:
-        process.wait(5)
-    except subprocess.TimeoutExpired:
-        process.kill()
-        process.wait()
-    for pipe in (process.stdin, process.stdout, process.stderr):
-        if pipe is not None:
-            _quietly(pipe.close)
 
 
 def _public_blobs(paths: List[str]) -> set:

@@ -203,3 +203,25 @@ def test_ctrl_c_during_a_copy_stops_now_and_keeps_the_last_good_run(lab, env):
         assert name.startswith(".payload.rr-") and f"{base}/{name}" in err
     assert _sessions(lab, "h2", env["screen"]) == before
     ssh(lab, "h2", f"rm -rf {base}", check=False)
+
+
+def test_a_failing_proxycommand_is_named_with_its_own_words_at_once(lab, env):
+    tmp = env["tmp"]
+    h2 = open(lab.ssh_config).read().split("Host h2 ", 1)[1].split("\nHost ", 1)[0]
+    cfg = tmp / "ssh_config"
+    cfg.write_text("Host viaproxy\n    HostName 10.213.0.12\n"
+                   "    ProxyCommand sh -c 'echo gateway refused us >&2; exit 3'\n"
+                   + h2.split("\n", 2)[2])
+    config = write_config(tmp, """
+        c = Component()
+        c.name = 'x'
+        c.host = 'viaproxy'
+        c.executable = '/bin/true'
+        c.start_index = 1
+        config.add_component(c)
+    """)
+    result = cli("-c", config, "-F", str(cfg), "--screen", env["screen"], timeout=60)
+    assert result.returncode == 3
+    assert "Traceback" not in result.stderr and "paramiko" not in result.stderr
+    assert "ProxyCommand" in result.stderr and "exited with status 3" in result.stderr
+    assert "gateway refused us" in result.stderr and "viaproxy" in result.stderr
