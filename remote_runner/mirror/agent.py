@@ -264,7 +264,7 @@ def choose_libfuse() -> str:
 
 MUTATING_OPS = frozenset(("mknod", "mkdir", "unlink", "rmdir", "symlink", "link", "rename", "chmod",
                           "chown", "truncate", "utimens", "create", "write", "open", "release", "flush",
-                          "fsync"))
+                          "fsync", "fallocate", "setxattr", "removexattr"))
 
 
 #: What :class:`AttrCache` holds for a path known not to exist.
@@ -333,6 +333,64 @@ class AttrCache:
         with self._lock:
             self._entries.clear()
             self._seen.clear()
+
+
+class LinkNames:
+    """The names seen for each local file with more than one hard link.
+
+    libfuse's high-level library gives every *name* its own kernel inode, so
+    when a link is added or removed under one name the kernel still holds the
+    old link count (and, for a while, other attributes) under the others:
+    ``stat`` after ``unlink`` would disagree with the local disk. After such a
+    change the agent asks libfuse to drop the kernel's cached attributes of
+    the other names (``fuse_invalidate_path``), so the next ``stat`` asks here.
+    """
+
+    def __init__(self) -> None:
+        self._names: Dict[Tuple[int, int], Dict[str, None]] = {}
+        self._key: Dict[str, Tuple[int, int]] = {}
+        self._lock = threading.Lock()
+        self.invalidate: Optional[Callable[[str], None]] = None
+
+    def seen(self, path: str, st: Optional[Dict[str, Any]]) -> None:
+        """Note the attributes *st* received for *path*."""
+        if not st or st.get("missing"):
+            return
+        key = (int(st.get("st_dev", 0)), int(st.get("st_ino", 0)))
+        many = int(st.get("st_nlink", 1)) > 1 and not stat.S_ISDIR(int(st.get("st_mode", 0)))
+        with self._lock:
+            old = self._key.get(path)
+            if old is not None and (old != key or not many):
+                self._names.get(old, {}).pop(path, None)
+                del self._key[path]
+            if many:
+                if len(self._key) > 4 * P.PROFILE_NAMES:
+                    self._names.clear()
+                    self._key.clear()
+                self._names.setdefault(key, {})[path] = None
+                self._key[path] = key
+
+    def others(self, path: str) -> List[str]:
+        """The other names of the file *path* names (as far as seen)."""
+        with self._lock:
+            key = self._key.get(path)
+            return [p for p in self._names.get(key, {}) if p != path] if key else []
+
+    def forget(self, path: str) -> None:
+        with self._lock:
+            key = self._key.pop(path, None)
+            if key is not None:
+                self._names.get(key, {}).pop(path, None)
+
+    def refresh(self, paths: List[str]) -> None:
+        """Make the kernel ask again for the attributes of *paths*."""
+        if self.invalidate is None:
+            return
+        for path in paths:
+            try:
+                self.invalidate(path)
+            except OSError:
+                pass
 
 
 class FileCache:
@@ -636,11 +694,15 @@ def make_operations(link: Link, prefix: bytes, files: Optional[FileCache] = None
     cache = cache if cache is not None else AttrCache()
 
     def wire(path: str) -> str:
+        if path is None:  # an operation on an open file whose name libfuse no longer knows
+            raise mfusepy.FuseOSError(errno.ESTALE)
         raw = path.encode("utf-8", "surrogateescape")
         full = (prefix.rstrip(b"/") + raw) if prefix else raw
         return P.name_to_wire(full or b"/")
 
     reading: Dict[int, None] = {}  # local handles opened read-only: closing them changes nothing
+    links = LinkNames()
+    no_caps: Dict[str, float] = {}  # paths without security.capability, until when
 
     def mutates(op: str, args: Dict[str, Any]) -> bool:
         if op == "open":
@@ -730,17 +792,18 @@ def make_operations(link: Link, prefix: bytes, files: Optional[FileCache] = None
             if conn is not None and getattr(mfusepy, "fuse_version_major", 2) == 3:
                 if conn.capable & FUSE_CAP_CACHE_SYMLINKS:
                     conn.want |= FUSE_CAP_CACHE_SYMLINKS
+            links.invalidate = path_invalidator()
             self.mounted.set()
 
-        def getattr(self, path: str, fh: Optional[int] = None) -> Dict[str, int]:
-            args: Dict[str, Any] = {"path": wire(path)}
+        def getattr(self, path: Optional[str], fh: Optional[int] = None) -> Dict[str, int]:
+            args: Dict[str, Any] = {"path": wire(path)} if path is not None or not fh else {}
             if fh is not None and fh >= LOCAL_FH_BASE and files is not None:
                 entry = files.handles.get(fh)
                 if entry is not None:
                     return entry[1]
             if fh is not None and fh:
                 args["fh"] = fh
-            else:
+            if "fh" not in args:
                 if profile is not None:
                     profile.record(args["path"])
                 cached = cache.get(args["path"])
@@ -749,7 +812,9 @@ def make_operations(link: Link, prefix: bytes, files: Optional[FileCache] = None
                 if cached is not None:
                     return cached
             header = call("getattr", args)[0]
-            if "fh" not in args:
+            if path is not None:
+                links.seen(path, header.get("st"))
+            if "fh" not in args and "path" in args:
                 cache.note(args["path"], header["st"])
                 if isinstance(header.get("link"), str):
                     cache.note(args["path"], {"link": header["link"]}, kind="link")
@@ -771,6 +836,7 @@ def make_operations(link: Link, prefix: bytes, files: Optional[FileCache] = None
             for name, st in zip(names, attrs):
                 text = name.decode("utf-8", "surrogateescape")
                 cache.put(base + text, st)
+                links.seen(path.rstrip("/") + "/" + text, st)
                 out.append((text, st, 0))
             return out
 
@@ -778,15 +844,18 @@ def make_operations(link: Link, prefix: bytes, files: Optional[FileCache] = None
             return call("statfs", {"path": wire(path)})[0]["sv"]
 
         def mknod(self, path: str, mode: int, dev: int) -> int:
-            call("mknod", {"path": wire(path), "mode": mode, "dev": dev})
+            call("mknod", {"path": wire(path), "mode": mode, "dev": dev, "ctx": caller()})
             return 0
 
         def mkdir(self, path: str, mode: int) -> int:
-            call("mkdir", {"path": wire(path), "mode": mode})
+            call("mkdir", {"path": wire(path), "mode": mode, "ctx": caller()})
             return 0
 
         def unlink(self, path: str) -> int:
+            others = links.others(path)
             call("unlink", {"path": wire(path)})
+            links.forget(path)
+            links.refresh(others)
             return 0
 
         def rmdir(self, path: str) -> int:
@@ -795,16 +864,24 @@ def make_operations(link: Link, prefix: bytes, files: Optional[FileCache] = None
 
         def symlink(self, target: str, source: str) -> int:
             # mfusepy: *target* is the new link's path, *source* its contents.
-            call("symlink", {"path": wire(target),
+            call("symlink", {"path": wire(target), "ctx": caller(),
                              "target": P.name_to_wire(source.encode("utf-8", "surrogateescape"))})
             return 0
 
         def link(self, target: str, source: str) -> int:
             call("link", {"path": wire(target), "target": wire(source)})
+            links.refresh(links.others(source) + [source])
             return 0
 
         def rename(self, old: str, new: str, flags: int = 0) -> int:
-            call("rename", {"old": wire(old), "new": wire(new), "flags": flags})
+            args: Dict[str, Any] = {"old": wire(old), "new": wire(new), "flags": flags}
+            if not flags and hidden_name(new):
+                args["hide"] = True  # libfuse hiding a file unlinked while open (see the service)
+            replaced = links.others(new)
+            call("rename", args)
+            links.forget(old)
+            links.forget(new)
+            links.refresh(replaced)
             return 0
 
         def chmod(self, path: str, mode: int) -> int:
@@ -816,9 +893,10 @@ def make_operations(link: Link, prefix: bytes, files: Optional[FileCache] = None
             return 0
 
         def truncate(self, path: str, length: int, fh: Optional[int] = None) -> int:
-            args: Dict[str, Any] = {"path": wire(path), "size": length}
-            if fh:
+            args: Dict[str, Any] = {"size": length}
+            if fh and fh < LOCAL_FH_BASE:
                 args["fh"] = fh
+            args["path"] = wire(path) if path is not None or not fh else "/"
             call("truncate", args)
             return 0
 
@@ -832,7 +910,8 @@ def make_operations(link: Link, prefix: bytes, files: Optional[FileCache] = None
             return int(call("open", {"path": wire(path), "flags": flags})[0]["fh"])
 
         def create(self, path: str, mode: int, flags: int = os.O_WRONLY) -> int:
-            return int(call("create", {"path": wire(path), "mode": mode, "flags": flags})[0]["fh"])
+            return int(call("create", {"path": wire(path), "mode": mode, "flags": flags,
+                                       "ctx": caller()})[0]["fh"])
 
         def read(self, path: str, size: int, offset: int, fh: int) -> bytes:
             if fh >= LOCAL_FH_BASE:
@@ -861,14 +940,84 @@ def make_operations(link: Link, prefix: bytes, files: Optional[FileCache] = None
             call("fsync", {"fh": fh, "data": bool(datasync)})
             return 0
 
+        def fallocate(self, path: Optional[str], mode: int, offset: int, size: int, fh: int) -> int:
+            if fh >= LOCAL_FH_BASE:
+                raise mfusepy.FuseOSError(errno.EBADF)
+            call("fallocate", {"fh": fh, "mode": mode, "off": offset, "len": size})
+            return 0
+
+        # Extended attributes: names travel as text (surrogate-escaped), values as bytes.
+        def getxattr(self, path: str, name: str, position: int = 0) -> bytes:
+            if name == "security.capability" and no_caps.get(path, 0.0) > time.monotonic():
+                # Asked before every write (to drop privileges); asked once per second here.
+                raise mfusepy.FuseOSError(errno.ENODATA)
+            try:
+                return call("getxattr", {"path": wire(path), "name": name})[1]
+            except mfusepy.FuseOSError as exc:
+                if name == "security.capability" and exc.errno == errno.ENODATA:
+                    no_caps[path] = time.monotonic() + 1.0
+                raise
+
+        def listxattr(self, path: str) -> List[str]:
+            data = call("listxattr", {"path": wire(path)})[1]
+            return [n.decode("utf-8", "surrogateescape") for n in data.split(b"\0") if n]
+
+        def setxattr(self, path: str, name: str, value: bytes, options: int, position: int = 0) -> int:
+            no_caps.pop(path, None)
+            call("setxattr", {"path": wire(path), "name": name, "flags": options}, bytes(value))
+            return 0
+
+        def removexattr(self, path: str, name: str) -> int:
+            call("removexattr", {"path": wire(path), "name": name})
+            return 0
+
     class MirrorFUSE(mfusepy.FUSE):
-        """mfusepy drops renameat2 flags; pass them on (NOREPLACE, EXCHANGE)."""
+        """mfusepy drops renameat2 flags and ftruncate's handle; pass them on."""
 
         def rename_fuse_3(self, old: bytes, new: bytes, flags: int) -> int:
             return self.operations.rename(old.decode(self.encoding, self.errors),
                                           new.decode(self.encoding, self.errors), flags)
 
+        def truncate_fuse_3(self, path: Optional[bytes], length: int, fip: Any) -> int:
+            fh = fip.contents.fh if fip else None
+            return self.operations.truncate(None if path is None else path.decode(self.encoding, self.errors),
+                                            length, fh)
+
     return MirrorOperations(), MirrorFUSE
+
+
+def path_invalidator() -> Optional[Callable[[str], None]]:
+    """A function dropping the kernel's cached attributes of a mount path (libfuse >= 3.1), or None.
+
+    Called from the mount's init, where the FUSE context names the file system.
+    """
+    import mfusepy
+    lib = getattr(mfusepy, "_libfuse", None)
+    if getattr(mfusepy, "fuse_version_major", 2) != 3 or lib is None or not hasattr(lib, "fuse_invalidate_path"):
+        return None
+    fuse = ctypes.c_void_p(lib.fuse_get_context().contents.fuse)
+    lib.fuse_invalidate_path.argtypes = [ctypes.c_void_p, ctypes.c_char_p]
+    lib.fuse_invalidate_path.restype = ctypes.c_int
+
+    def invalidate(path: str) -> None:
+        lib.fuse_invalidate_path(fuse, path.encode("utf-8", "surrogateescape"))
+
+    return invalidate
+
+
+def caller() -> List[int]:
+    """uid and gid of the process making the current FUSE request (new files become theirs)."""
+    import mfusepy
+    uid, gid, _ = mfusepy.fuse_get_context()
+    return [uid, gid]
+
+
+def hidden_name(path: str) -> bool:
+    """Whether *path* has the shape of libfuse's ``.fuse_hidden`` + 16 hex digits name."""
+    name = path.rsplit("/", 1)[-1]
+    digits = name[len(".fuse_hidden"):]
+    return name.startswith(".fuse_hidden") and len(digits) == 16 and all(
+        c in "0123456789abcdef" for c in digits)
 
 
 def _signed(value: int) -> int:

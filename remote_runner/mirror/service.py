@@ -36,6 +36,13 @@ AT_FDCWD = -100
 SETTLED_SECONDS = 2.0
 UTIME_NOW = (1 << 30) - 1
 UTIME_OMIT = (1 << 30) - 2
+#: libfuse's high-level library renames a file unlinked while open to
+#: ``.fuse_hidden`` + 16 hex digits in the same directory (fuse.c's hidden_name).
+HIDDEN_PREFIX = b".fuse_hidden"
+#: Paths this long are reached through a descriptor of an ancestor directory: the
+#: host sends absolute paths, which may exceed PATH_MAX (4096) where the
+#: program's own, relative, path did not.
+LONG_PATH = 4000
 
 
 class OpError(Exception):
@@ -110,6 +117,15 @@ def _renameat2(old: bytes, new: bytes, flags: int) -> None:
         raise OpError(errno.EINVAL)
     res = libc.syscall(ctypes.c_long(number), ctypes.c_int(AT_FDCWD), ctypes.c_char_p(old),
                        ctypes.c_int(AT_FDCWD), ctypes.c_char_p(new), ctypes.c_uint(flags))
+    if res != 0:
+        raise OpError(ctypes.get_errno())
+
+
+def _fallocate(fd: int, mode: int, offset: int, length: int) -> None:
+    """fallocate(2) with its mode (keep size, punch hole, zero range), which os.posix_fallocate lacks."""
+    libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+    res = libc.fallocate(ctypes.c_int(fd), ctypes.c_int(mode), ctypes.c_longlong(offset),
+                         ctypes.c_longlong(length))
     if res != 0:
         raise OpError(ctypes.get_errno())
 
@@ -228,6 +244,11 @@ class LocalFileService:
         self.seed: Tuple[List[str], List[str]] = ([], [])
         #: Programs whose libraries were already listed to the host this session.
         self._expanded: Dict[str, None] = {}
+        #: Files unlinked while open on the host: libfuse's hidden name -> an O_PATH descriptor.
+        self.hidden: Dict[bytes, int] = {}
+        self._hidden_lock = threading.Lock()
+        #: Per request thread: descriptors opened to reach long paths, closed after the request.
+        self._tls = threading.local()
 
     # -- helpers -------------------------------------------------------------
     def _path(self, args: Dict[str, Any], key: str = "path") -> bytes:
@@ -244,11 +265,89 @@ class LocalFileService:
             norm = os.path.normpath(path)
             if not any(norm == r or norm.startswith(r.rstrip(b"/") + b"/") for r in self.roots):
                 raise OpError(errno.EACCES)
-        return path
+        return self._shorten(path) if len(path) >= LONG_PATH else path
+
+    def _shorten(self, path: bytes) -> bytes:
+        """Name a long absolute *path* as ``/proc/self/fd/N/rest``, N an O_PATH descriptor of an ancestor.
+
+        The kernel walks the same components either way (symlinks included);
+        only the string handed to one system call gets shorter. The
+        descriptors are closed when the request ends (:meth:`handle`).
+        """
+        held = self._tls.__dict__.setdefault("fds", [])
+        rest, fd = path, None
+        while len(rest) >= LONG_PATH:
+            cut = rest.rfind(b"/", 0, LONG_PATH - 64)
+            if cut < 0 or (fd is None and cut == 0):
+                raise OpError(errno.ENAMETOOLONG)
+            head, rest = rest[:cut], rest[cut + 1:]
+            fd = os.open(head, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC, dir_fd=fd)
+            held.append(fd)
+        return b"/proc/self/fd/%d/%s" % (fd, rest)
+
+    def _release_long(self) -> None:
+        fds = self._tls.__dict__.pop("fds", None)
+        for fd in fds or ():
+            try:
+                os.close(fd)
+            except OSError:
+                pass
 
     def close(self) -> None:
-        """Close every handle the remote left open."""
+        """Close every handle the remote left open, and let go of hidden files."""
         self.handles.close_all()
+        with self._hidden_lock:
+            held = list(self.hidden.values())
+            self.hidden.clear()
+        for fd in held:
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+
+    # -- files unlinked while open ------------------------------------------------
+    @staticmethod
+    def is_hidden_name(path: bytes) -> bool:
+        """Whether *path* has the shape of libfuse's name for a file unlinked while open."""
+        name = os.path.basename(path)
+        digits = name[len(HIDDEN_PREFIX):]
+        return (name.startswith(HIDDEN_PREFIX) and len(digits) == 16
+                and all(c in b"0123456789abcdef" for c in digits))
+
+    def _hide(self, old: bytes, new: bytes) -> None:
+        """libfuse hides a file unlinked (or renamed over) while open: remove it for real here.
+
+        Without this, libfuse renames it to ``.fuse_hidden*`` and the directory
+        is not empty until the last close (``rmdir`` fails with ENOTEMPTY,
+        ``ls -a`` shows it). Instead the file is unlinked here, as the program
+        asked, and an O_PATH descriptor keeps it alive on this machine: the
+        hidden name then stands for that descriptor (``fstat`` sees nlink 0,
+        ``fchmod``/``ftruncate``/``futimens`` reach it) until libfuse unlinks
+        the hidden name after the last release.
+        """
+        fd = os.open(old, os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC)
+        try:
+            os.unlink(old)
+        except BaseException:
+            os.close(fd)
+            raise
+        with self._hidden_lock:
+            prior = self.hidden.pop(new, None)
+            self.hidden[new] = fd
+        if prior is not None:
+            os.close(prior)
+
+    def _held(self, a: Dict[str, Any], key: str = "path") -> Optional[bytes]:
+        """The /proc/self/fd path standing for a hidden file named in *a*, or None."""
+        if not self.hidden:
+            return None
+        try:
+            path = P.name_from_wire(a.get(key))
+        except P.ProtocolError:
+            return None
+        with self._hidden_lock:
+            fd = self.hidden.get(path)
+        return None if fd is None else b"/proc/self/fd/%d" % fd
 
     # -- dispatch ------------------------------------------------------------
     def handle(self, op: str, args: Dict[str, Any], payload: bytes) -> Reply:
@@ -256,7 +355,10 @@ class LocalFileService:
         method = getattr(self, "op_" + op, None) if isinstance(op, str) and op.isidentifier() else None
         if method is None:
             raise OpError(errno.ENOSYS)
-        return method(args, payload)
+        try:
+            return method(args, payload)
+        finally:
+            self._release_long()
 
     def serve(self, header: Dict[str, Any], payload: bytes) -> Tuple[Dict[str, Any], bytes, bool]:
         """Turn one request frame into a reply frame (header, payload, compressible)."""
@@ -284,6 +386,9 @@ class LocalFileService:
         if a.get("fh") is not None:
             return Reply({"st": P.stat_to_wire(os.fstat(self.handles.get(a["fh"])))})
         path = self._path(a)
+        held = self._held(a)
+        if held is not None:
+            return Reply({"st": P.stat_to_wire(os.stat(held))})
         self._note(self.looked_up, a["path"])
         st = os.lstat(path)
         reply = Reply({"st": P.stat_to_wire(st)})
@@ -293,7 +398,8 @@ class LocalFileService:
             except OSError:
                 return reply
             reply.fields["link"] = P.name_to_wire(target)
-            self._push(reply, [os.path.normpath(os.path.join(os.path.dirname(path), target))])
+            raw = P.name_from_wire(a["path"])
+            self._push(reply, [os.path.normpath(os.path.join(os.path.dirname(raw), target))])
         return reply
 
     def op_readlink(self, a: Dict[str, Any], _: bytes) -> Reply:
@@ -301,7 +407,8 @@ class LocalFileService:
         path = self._path(a)
         target = os.readlink(path)
         reply = Reply(payload=target)
-        self._push(reply, [os.path.normpath(os.path.join(os.path.dirname(path), target))])
+        raw = P.name_from_wire(a["path"])
+        self._push(reply, [os.path.normpath(os.path.join(os.path.dirname(raw), target))])
         return reply
 
     def op_validate(self, a: Dict[str, Any], names: bytes) -> Reply:
@@ -395,7 +502,8 @@ class LocalFileService:
         if a.get("fh") is not None:
             os.fchmod(self.handles.get(a["fh"]), int(a["mode"]) & 0o7777)
         else:
-            os.chmod(self._path(a), int(a["mode"]) & 0o7777, follow_symlinks=True)
+            path = self._path(a)
+            os.chmod(self._held(a) or path, int(a["mode"]) & 0o7777, follow_symlinks=True)
         return Reply()
 
     def op_chown(self, a: Dict[str, Any], _: bytes) -> Reply:
@@ -403,38 +511,75 @@ class LocalFileService:
         if a.get("fh") is not None:
             os.fchown(self.handles.get(a["fh"]), uid, gid)
         else:
-            os.chown(self._path(a), uid, gid, follow_symlinks=False)
+            path = self._path(a)
+            held = self._held(a)
+            os.chown(held or path, uid, gid, follow_symlinks=held is not None)
         return Reply()
 
     def op_utimens(self, a: Dict[str, Any], _: bytes) -> Reply:
         path = self._path(a)
+        held = self._held(a)
+        follow = held is not None
+        if a.get("fh") is not None:
+            path, follow = b"/proc/self/fd/%d" % self.handles.get(a["fh"]), True
+        elif held is not None:
+            path = held
         times = a.get("ns")
         if times is None:
-            os.utime(path, follow_symlinks=False)
+            os.utime(path, follow_symlinks=follow)
             return Reply()
         atime, mtime = int(times[0]), int(times[1])
         if atime in (UTIME_NOW, UTIME_OMIT) or mtime in (UTIME_NOW, UTIME_OMIT):
-            st = os.lstat(path)
-            import time
+            st = os.stat(path) if follow else os.lstat(path)
             now = time.time_ns()
             atime = now if atime == UTIME_NOW else (st.st_atime_ns if atime == UTIME_OMIT else atime)
             mtime = now if mtime == UTIME_NOW else (st.st_mtime_ns if mtime == UTIME_OMIT else mtime)
-        os.utime(path, ns=(atime, mtime), follow_symlinks=False)
+        os.utime(path, ns=(atime, mtime), follow_symlinks=follow)
         return Reply()
 
     def op_truncate(self, a: Dict[str, Any], _: bytes) -> Reply:
         if a.get("fh") is not None:
             os.ftruncate(self.handles.get(a["fh"]), int(a["size"]))
         else:
-            os.truncate(self._path(a), int(a["size"]))
+            path = self._path(a)
+            os.truncate(self._held(a) or path, int(a["size"]))
         return Reply()
 
     # -- namespace -----------------------------------------------------------
+    def _owner(self, a: Dict[str, Any], path: bytes, fd: Optional[int] = None) -> bool:
+        """Give a new file to the host process that created it (``ctx``: its uid, gid).
+
+        Only when this side runs as root and the creator is someone else (a
+        program that switched users, as pjdfstest and ``sudo -u`` do); the
+        group comes from a set-group-ID parent directory as the kernel would
+        have given it. Returns whether the owner changed: chown clears the
+        set-user/group-ID bits, so the caller applies the mode again.
+        """
+        ctx = a.get("ctx")
+        if not (isinstance(ctx, list) and len(ctx) == 2 and os.geteuid() == 0):
+            return False
+        uid, gid = int(ctx[0]), int(ctx[1])
+        if uid < 0 or gid < 0 or (uid, gid) == (0, 0):
+            return False
+        try:
+            if os.stat(os.path.dirname(path) or b"/").st_mode & stat.S_ISGID:
+                gid = -1
+        except OSError:
+            pass
+        if fd is not None:
+            os.fchown(fd, uid, gid)
+        else:
+            os.chown(path, uid, gid, follow_symlinks=False)
+        return True
+
     def op_mkdir(self, a: Dict[str, Any], _: bytes) -> Reply:
         path = self._path(a)
         mode = int(a["mode"]) & 0o7777
         os.mkdir(path, mode)
-        os.chmod(path, mode)  # the remote already applied its umask; ours must not
+        self._owner(a, path)
+        # The remote already applied its umask; ours must not. A directory keeps
+        # the set-group-ID bit it inherits from its parent, as the kernel gives it.
+        os.chmod(path, mode | (os.lstat(path).st_mode & stat.S_ISGID))
         return Reply()
 
     def op_rmdir(self, a: Dict[str, Any], _: bytes) -> Reply:
@@ -442,12 +587,20 @@ class LocalFileService:
         return Reply()
 
     def op_unlink(self, a: Dict[str, Any], _: bytes) -> Reply:
-        os.unlink(self._path(a))
+        path = self._path(a)
+        with self._hidden_lock:
+            held = self.hidden.pop(P.name_from_wire(a["path"]), None)
+        if held is not None:  # libfuse lets go of a hidden file: it is already gone here
+            os.close(held)
+            return Reply()
+        os.unlink(path)
         return Reply()
 
     def op_symlink(self, a: Dict[str, Any], _: bytes) -> Reply:
         target = P.name_from_wire(a["target"])
-        os.symlink(target, self._path(a))
+        path = self._path(a)
+        os.symlink(target, path)
+        self._owner(a, path)
         return Reply()
 
     def op_link(self, a: Dict[str, Any], _: bytes) -> Reply:
@@ -459,6 +612,9 @@ class LocalFileService:
         flags = int(a.get("flags") or 0)
         if flags & ~(RENAME_NOREPLACE | RENAME_EXCHANGE):
             raise OpError(errno.EINVAL)
+        if not flags and a.get("hide") and self.is_hidden_name(new):
+            self._hide(old, P.name_from_wire(a["new"]))
+            return Reply()
         if flags:
             _renameat2(old, new, flags)
         else:
@@ -472,6 +628,7 @@ class LocalFileService:
             os.mkfifo(path, mode & 0o7777)
         else:
             os.mknod(path, mode, int(a.get("dev") or 0))
+        self._owner(a, path)
         os.chmod(path, mode & 0o7777)
         return Reply()
 
@@ -487,7 +644,8 @@ class LocalFileService:
 
     def op_open(self, a: Dict[str, Any], _: bytes) -> Reply:
         flags = int(a["flags"]) & ~(os.O_CREAT | os.O_EXCL)
-        fd = os.open(self._path(a), self._flags(flags))
+        path = self._path(a)
+        fd = os.open(self._held(a) or path, self._flags(flags))
         if a.get("whole") and flags & (os.O_ACCMODE | os.O_TRUNC) == os.O_RDONLY:
             try:
                 reply = self._whole(fd, a.get("have"), self._path(a))
@@ -573,6 +731,7 @@ class LocalFileService:
             fd = os.open(path, flags & ~os.O_CREAT)
             created = False
         if created:
+            self._owner(a, path, fd)
             os.fchmod(fd, mode)  # the remote umask applies, not ours
         return Reply({"fh": self.handles.add(fd), "st": P.stat_to_wire(os.fstat(fd))})
 
@@ -605,7 +764,38 @@ class LocalFileService:
             os.fsync(fd)
         return Reply()
 
+    def op_fallocate(self, a: Dict[str, Any], _: bytes) -> Reply:
+        _fallocate(self.handles.get(a["fh"]), int(a.get("mode") or 0), int(a["off"]), int(a["len"]))
+        return Reply()
+
+    # -- extended attributes (where the local file system has them) ------------------
+    def _xpath(self, a: Dict[str, Any]) -> Tuple[bytes, bool]:
+        path = self._path(a)
+        held = self._held(a)
+        return (held, True) if held is not None else (path, False)
+
+    def op_getxattr(self, a: Dict[str, Any], _: bytes) -> Reply:
+        path, follow = self._xpath(a)
+        return Reply(payload=os.getxattr(path, str(a["name"]), follow_symlinks=follow))
+
+    def op_listxattr(self, a: Dict[str, Any], _: bytes) -> Reply:
+        path, follow = self._xpath(a)
+        names = os.listxattr(path, follow_symlinks=follow)
+        return Reply(payload=b"\0".join(os.fsencode(n) for n in names))
+
+    def op_setxattr(self, a: Dict[str, Any], value: bytes) -> Reply:
+        path, follow = self._xpath(a)
+        os.setxattr(path, str(a["name"]), value, int(a.get("flags") or 0), follow_symlinks=follow)
+        return Reply()
+
+    def op_removexattr(self, a: Dict[str, Any], _: bytes) -> Reply:
+        path, follow = self._xpath(a)
+        os.removexattr(path, str(a["name"]), follow_symlinks=follow)
+        return Reply()
+
     def op_access(self, a: Dict[str, Any], _: bytes) -> Reply:
-        if not os.access(self._path(a), int(a["mode"]), follow_symlinks=False):
+        path = self._path(a)
+        held = self._held(a)
+        if not os.access(held or path, int(a["mode"]), follow_symlinks=held is not None):
             raise OpError(errno.EACCES)
         return Reply()
