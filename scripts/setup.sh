@@ -6,7 +6,8 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 PACKAGES=(openssh-server openssh-client screen fuse3 libfuse3-3 openssl iproute2 util-linux
-          procps psmisc python3 python3-venv gcc libc6-dev ffmpeg rsync sshfs git debootstrap libfuse2)
+          procps psmisc python3 python3-venv gcc libc6-dev ffmpeg rsync sshfs git debootstrap libfuse2
+          libpython3.11-testsuite)
 missing=()
 for pkg in "${PACKAGES[@]}"; do
     dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" || missing+=("$pkg")
