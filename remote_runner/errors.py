@@ -133,6 +133,20 @@ def brief_command(command: str, limit: int = 160) -> str:
     return text
 
 
+class ConnectionLost(HostError):
+    """The SSH connection to a host went away in the middle of something."""
+
+
+def describe(exc: BaseException) -> str:
+    """A few words for *exc* as a user reads them (never a bare class name like EOFError)."""
+    if isinstance(exc, EOFError) or "connection dropped" in str(exc).lower() or \
+            "socket is closed" in str(exc).lower():
+        return "the SSH connection was lost"
+    if isinstance(exc, OSError) and exc.strerror:
+        return exc.strerror
+    return str(exc) or type(exc).__name__
+
+
 class RemoteCommandError(HostError):
     """A helper command we ran on a host failed."""
 

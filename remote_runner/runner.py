@@ -39,8 +39,8 @@ from typing import (TYPE_CHECKING, Any, Callable, Dict, List, Optional, Protocol
 
 from remote_runner import screen as scr
 from remote_runner import sync
-from remote_runner.errors import (ComponentFailed, ConfigError, CopyError, MirrorError, StartError,
-                                   control_characters)
+from remote_runner.errors import (ComponentFailed, ConfigError, ConnectionLost, CopyError,
+                                   MirrorError, StartError, control_characters)
 from remote_runner.shell import LocalShell, RemoteShell, ScriptResult, Shell  # noqa: F401
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -241,7 +241,7 @@ class Runner:
 
     def prepare(self) -> None:
         """Check for screen and create state and base directories on each host (nothing is stopped)."""
-        self._parallel(self._prepare_host, list(self._by_host()))
+        self._parallel(self._prepare_host, list(self._by_host()), "preparing it")
 
     def replace_sessions(self) -> None:
         """Stop the previous session on every host (or adopt it with ``--no-kill``).
@@ -250,7 +250,8 @@ class Runner:
         complete: a run that cannot start (a full disk, a missing tool, a
         dropped link) fails before it and leaves the last good experiment running.
         """
-        self._parallel(self._replace_on_host, list(self.screens))
+        self._parallel(self._replace_on_host, list(self.screens),
+                       "stopping the previous screen session")
 
     def _replace_on_host(self, host: str) -> None:
         session = self.screens[host]
@@ -283,7 +284,7 @@ class Runner:
         mirrored = [p.spec for places in self.placements.values() for p in places if p.spec.mirror]
         if mirrored:
             self.mirror = self.mirror_factory(self.connections, mirrored)
-        self._parallel(self._write_host_launchers, list(self.placements))
+        self._parallel(self._write_host_launchers, list(self.placements), "writing launchers")
 
     def start_all(self) -> None:
         """Start components by start_index, one confirmed wave at a time."""
@@ -297,7 +298,8 @@ class Runner:
                 by_host.setdefault(place.spec.host, []).append(place)
             LOG.info("starting index %s: %s", index,
                      ", ".join(f"{p.spec.host}:{p.spec.name}" for p in waves[index]))
-            self._parallel(lambda host: self._start_on_host(host, by_host[host]), list(by_host))
+            self._parallel(lambda host: self._start_on_host(host, by_host[host]), list(by_host),
+                           f"starting index {index}", by_host)
 
     def wait_all(self) -> None:
         """Block until every wait (and mirrored) component has exited, or the wait timeout."""
@@ -310,7 +312,8 @@ class Runner:
                     else time.monotonic() + self.options.wait_timeout)
         LOG.info("waiting for %s", ", ".join(f"{p.spec.host}:{p.spec.name}"
                                              for ps in waited.values() for p in ps))
-        self._parallel(lambda host: self._wait_on_host(host, waited[host], deadline), list(waited))
+        self._parallel(lambda host: self._wait_on_host(host, waited[host], deadline), list(waited),
+                       "waiting", waited)
 
     def terminate(self) -> None:
         """Stop every non-wait component by signalling its window's process group."""
@@ -322,7 +325,8 @@ class Runner:
                         "the run; leaving components running")
             return
         if targets:
-            self._parallel(lambda host: self._terminate_on_host(host, targets[host]), list(targets))
+            self._parallel(lambda host: self._terminate_on_host(host, targets[host]),
+                           list(targets), "stopping", targets)
 
     # -- per host -----------------------------------------------------------
 
@@ -455,8 +459,14 @@ class Runner:
             grouped.setdefault(spec.host, []).append(spec)
         return grouped
 
-    def _parallel(self, func: Callable[[str], Any], hosts: Sequence[str]) -> None:
-        """Run *func* for every host (bounded by forks); raise the first error after all finish."""
+    def _parallel(self, func: Callable[[str], Any], hosts: Sequence[str], doing: str = "",
+                  places: Optional[Dict[str, List[Placement]]] = None) -> None:
+        """Run *func* for every host (bounded by forks); raise the first error after all finish.
+
+        A lost connection is reported as what the run was *doing* on that host
+        and for which of its components (*places*), not as the helper command
+        that noticed it.
+        """
         if not hosts:
             return
         errors: List[BaseException] = []
@@ -465,9 +475,15 @@ class Runner:
         # On Ctrl-C this returns at once; closing the connections (run's finally)
         # then ends whatever the workers are still waiting for on the network.
         sync.wait_or_cancel(pool, futures, self.cancel)
-        for future in futures:
+        for host, future in zip(hosts, futures):
             try:
                 future.result()
+            except ConnectionLost as exc:
+                names = [p.spec.name for p in (places or self.placements).get(host, [])]
+                whom = (f" (component{'s' if len(names) > 1 else ''} "
+                        f"{', '.join(map(repr, names))})") if names else ""
+                errors.append(ConnectionLost(host, f"the SSH connection was lost while "
+                                                   f"{doing or 'working on it'}{whom}", exc.hint))
             except BaseException as exc:  # noqa: BLE001 - re-raised below
                 errors.append(exc)
         if errors:

@@ -51,7 +51,7 @@ from remote_runner.names import check_name
 from remote_runner.proxycommand import ProxyCommand
 from remote_runner.errors import (
     EXIT_CONFIG, AuthError, CommandTimeout, ConfigError, HostError, HostKeyError,
-    RemoteCommandError, RunnerError, UnreachableError, brief_command,
+    ConnectionLost, RemoteCommandError, RunnerError, UnreachableError, brief_command,
 )
 
 log = logging.getLogger(__name__)
@@ -650,8 +650,8 @@ class Connection:
         if self._transport_active():
             return HostError(self.alias, f"{what}: {exc}")
         reason = self._watchdog.reason if self._watchdog else ""
-        return HostError(self.alias, f"{what}: the SSH connection was lost{reason}",
-                         "check the host and the network, then run again")
+        return ConnectionLost(self.alias, f"{what}: the SSH connection was lost{reason}",
+                              "check the host and the network, then run again")
 
 
 def _public_blobs(paths: List[str]) -> set:

@@ -39,7 +39,7 @@ from concurrent.futures import wait as futures_wait
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Callable, Dict, Iterable, List, Optional, Sequence, Tuple
 
-from remote_runner.errors import EXIT_INTERRUPTED, CopyError, RunnerError
+from remote_runner.errors import EXIT_INTERRUPTED, ConnectionLost, CopyError, RunnerError, describe
 
 if TYPE_CHECKING:  # pragma: no cover
     from remote_runner.config import FileSpec
@@ -494,8 +494,7 @@ def upload_file(sftp: Any, host: str, item: Upload, progress: Optional[Progress]
         _in_flight(host, tmp, False)
         if isinstance(exc, (RunnerError, KeyboardInterrupt)):
             raise
-        reason = getattr(exc, "strerror", None) or str(exc) or type(exc).__name__
-        raise CopyError(f"upload of {item.src} failed: {reason}", host=host,
+        raise CopyError(f"upload of {item.src} failed: {describe(exc)}", host=host,
                         path=item.dest) from exc
 
 
@@ -661,7 +660,7 @@ def upload_bundles(shell: "Shell", host: str, items: Sequence[Upload],
             if isinstance(error, RunnerError):
                 raise error
             LOG.debug("%s: bundled upload failed", host, exc_info=error)
-            raise CopyError(f"bundled upload failed: {type(error).__name__}: {error}", host=host) from error
+            raise CopyError(f"bundled upload failed: {describe(error)}", host=host) from error
 
 
 def sync_host(shell: "Shell", sftp: Any, plan: Plan, always_copy: bool = False,
@@ -731,10 +730,13 @@ def sync_all(jobs: Sequence[Tuple["Shell", Callable[[], Any], Plan]], forks: int
     for host, future in futures:
         try:
             reports[host] = future.result()
+        except ConnectionLost as exc:
+            errors.append(ConnectionLost(host, "the SSH connection was lost while copying files",
+                                         exc.hint))
         except RunnerError as exc:
             errors.append(exc)
         except Exception as exc:  # noqa: BLE001 - reported per host, not lost
-            errors.append(CopyError(f"{type(exc).__name__}: {exc}", host=host))
+            errors.append(CopyError(f"copy failed: {describe(exc)}", host=host))
     if len(errors) == 1:
         raise errors[0]
     if errors:

@@ -135,7 +135,13 @@ class SlowLink:
                     pass
 
     def close(self) -> None:
+        """Cut the link: every connection through it ends at once (as a killed proxy would)."""
+        import socket
         for s in self.sockets:
+            try:
+                s.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
             s.close()
 
 
@@ -225,3 +231,103 @@ def test_a_failing_proxycommand_is_named_with_its_own_words_at_once(lab, env):
     assert "Traceback" not in result.stderr and "paramiko" not in result.stderr
     assert "ProxyCommand" in result.stderr and "exited with status 3" in result.stderr
     assert "gateway refused us" in result.stderr and "viaproxy" in result.stderr
+
+
+@pytest.fixture
+def slow2(lab, env):
+    """A SlowLink to h2 and an ssh_config naming it ``slow2``; returns (link, config path)."""
+    link = SlowLink(("10.213.0.12", 22), rate=2 << 20)
+    h2 = open(lab.ssh_config).read().split("Host h2 ", 1)[1].split("\nHost ", 1)[0]
+    cfg = env["tmp"] / "slow_ssh_config"
+    cfg.write_text(f"Host slow2\n    HostName 127.0.0.1\n    Port {link.port}\n"
+                   "    HostKeyAlias 10.213.0.12\n" + h2.split("\n", 2)[2])
+    yield link, str(cfg)
+    link.close()
+
+
+def _start(config, cfg, env):
+    import subprocess
+    import sys
+
+    from tests.test_classic_cli import REPO, SCRIPT
+    return subprocess.Popen([sys.executable, SCRIPT, "-c", config, "-F", cfg, "--screen",
+                             env["screen"], "--remote-done-dir", env["state"]],
+                            cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def _until(check, seconds=120):
+    import time
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        if check():
+            return True
+        time.sleep(0.1)
+    return False
+
+
+def test_a_link_cut_while_waiting_is_reported_and_the_experiment_lives_on(lab, env, slow2):
+    link, cfg = slow2
+    config = write_config(env["tmp"], """
+        c = Component()
+        c.name = 'waiter'
+        c.host = 'slow2'
+        c.executable = '/bin/sleep'
+        c.args = ['600']
+        c.start_index = 1
+        c.wait = True
+        config.add_component(c)
+    """)
+    proc = _start(config, cfg, env)
+    try:
+        assert _until(lambda: ssh(lab, "h2", f"test -s {env['state']}/waiter.pid",
+                                  check=False).returncode == 0 or proc.poll() is not None)
+        link.close()
+        _out, err = proc.communicate(timeout=180)  # never hangs: the loss is noticed
+    finally:
+        proc.kill()
+    assert proc.returncode == 3, err
+    assert "Traceback" not in err and "EOFError" not in err and "sh -s" not in err
+    assert "slow2: the SSH connection was lost while waiting (component 'waiter')" in err
+    pid = ssh(lab, "h2", f"cat {env['state']}/waiter.pid").stdout.strip()
+    assert ssh(lab, "h2", f"kill -0 {pid}", check=False).returncode == 0  # still running there
+
+
+def test_a_link_cut_while_copying_is_reported_and_nothing_is_replaced(lab, env, slow2):
+    link, cfg = slow2
+    good = write_config(env["tmp"], """
+        c = Component()
+        c.name = 'worker'
+        c.host = 'h2'
+        c.executable = '/bin/sleep'
+        c.args = ['600']
+        c.start_index = 1
+        config.add_component(c)
+    """, "good.py")
+    assert cli("-c", good, *base_args(lab, env)).returncode == 0
+    before = _sessions(lab, "h2", env["screen"])
+    (env["tmp"] / "payload").write_bytes(os.urandom(64 << 20))
+    base = f"/tmp/{env['screen']}-base"
+    config = write_config(env["tmp"], f"""
+        c = Component()
+        c.name = 'worker'
+        c.host = 'slow2'
+        c.executable = '/bin/sleep'
+        c.args = ['600']
+        c.start_index = 1
+        c.files = {{'payload': 'payload'}}
+        c.base_dir = {base!r}
+        config.add_component(c)
+    """)
+    proc = _start(config, cfg, env)
+    try:
+        assert _until(lambda: link.up > (4 << 20) or proc.poll() is not None)
+        link.close()
+        _out, err = proc.communicate(timeout=180)
+    finally:
+        proc.kill()
+    assert proc.returncode in (3, 4), err
+    assert "Traceback" not in err and "EOFError" not in err
+    assert "slow2" in err and ("lost" in err or "connection" in err), err
+    assert "payload" not in ssh(lab, "h2", f"ls -A {base}", check=False).stdout.split()
+    assert _sessions(lab, "h2", env["screen"]) == before
+    ssh(lab, "h2", f"rm -rf {base}", check=False)
