@@ -45,6 +45,8 @@ FORWARDED_SIGNALS = ("SIGINT", "SIGTERM", "SIGHUP", "SIGQUIT", "SIGUSR1", "SIGUS
 HEARTBEAT = 5.0
 DEADLINE = 20.0
 START_TIMEOUT = 60.0
+#: Seconds close() waits for the reader thread to end (so it never prints at exit).
+READER_JOIN = 2.0
 
 
 @dataclass
@@ -307,7 +309,9 @@ class LocalLink:
 
     def start(self) -> None:
         """Start the reader and heartbeat threads."""
-        threading.Thread(target=self._read_loop, daemon=True, name="mirror-read").start()
+        self._reader_thread = threading.Thread(target=self._read_loop, daemon=True,
+                                               name="mirror-read")
+        self._reader_thread.start()
         threading.Thread(target=self._heartbeat_loop, daemon=True, name="mirror-heartbeat").start()
 
     # -- running -------------------------------------------------------------
@@ -356,6 +360,11 @@ class LocalLink:
             self.mark_lost("the SSH channel closed")
         except (P.ProtocolError, OSError) as exc:
             self.mark_lost(f"link error: {exc}")
+        except BaseException as exc:  # noqa: BLE001 - a thread must never print a traceback
+            # e.g. a request arriving while close() shuts the pool down, or at exit
+            if not self.lost.is_set():
+                LOG.debug("mirror: reader stopped", exc_info=True)
+            self.mark_lost(f"link error: {exc!r}")
 
     def _heartbeat_loop(self) -> None:
         while not self.lost.wait(self.options.heartbeat):
@@ -367,7 +376,10 @@ class LocalLink:
     def _stderr_loop(self) -> None:
         pending = b""
         while True:
-            chunk = self.stream.read_stderr(4096)
+            try:
+                chunk = self.stream.read_stderr(4096)
+            except Exception:  # noqa: BLE001 - the stream was closed under us: nothing more
+                chunk = b""
             if not chunk:
                 break
             pending += chunk
@@ -389,6 +401,9 @@ class LocalLink:
         self.send({"t": P.BYE})
         self.mark_lost("closed")
         self.stream.close()
+        reader = getattr(self, "_reader_thread", None)
+        if reader is not None and reader is not threading.current_thread():
+            reader.join(READER_JOIN)  # it ends on the closed stream; nothing left to print
         self.pool.shutdown(wait=False)
         self.service.close()
 
