@@ -211,6 +211,47 @@ def hard_links(d: str) -> Any:
 
 
 @check
+def hard_link_changes(d: str) -> Any:
+    """A change made under one name shows under the file's other names at once (pjdfstest link/00.t)."""
+    create(d + "/a", data=b"0123")
+    os.link(d + "/a", d + "/b")
+    os.stat(d + "/a")  # both names' attributes are now cached, if anything caches them
+    os.stat(d + "/b")
+    out = {}
+    os.chmod(d + "/b", 0o201)
+    out["chmod"] = [mode(d + "/a"), os.lstat(d + "/a").st_nlink]
+    if os.geteuid() == 0:
+        done = err(lambda: os.chown(d + "/b", 65534, 65533))
+        out["chown"] = owner(d + "/a") if done == "ok" else done
+        os.chown(d + "/b", os.geteuid(), os.getegid())
+    os.chmod(d + "/a", 0o644)
+    with open(d + "/b", "ab") as fh:
+        fh.write(b"4567")
+    out["size"] = os.stat(d + "/a").st_size
+    with open(d + "/a", "rb") as fh:
+        out["data"] = fh.read().decode()
+    os.truncate(d + "/b", 2)
+    out["truncated"] = os.stat(d + "/a").st_size
+    os.utime(d + "/b", ns=(11, 22))
+    out["times"] = [os.stat(d + "/a").st_atime_ns, os.stat(d + "/a").st_mtime_ns]
+    return out
+
+
+@check
+def parent_times(d: str) -> Any:
+    """Creating, renaming and removing entries updates the directory's mtime (seen at once)."""
+    out = {}
+    for what, fn in (("create", lambda: create(d + "/f")), ("rename", lambda: os.rename(d + "/f", d + "/g")),
+                     ("unlink", lambda: os.unlink(d + "/g")), ("mkdir", lambda: os.mkdir(d + "/s")),
+                     ("rmdir", lambda: os.rmdir(d + "/s"))):
+        os.utime(d, ns=(1, 1))
+        os.stat(d)
+        fn()
+        out[what] = os.stat(d).st_mtime_ns != 1
+    return out
+
+
+@check
 def dir_link_counts(d: str) -> Any:
     os.mkdir(d + "/p")
     before = os.stat(d + "/p").st_nlink

@@ -270,6 +270,10 @@ def test_link_names_tracks_multiply_linked_files_and_refreshes_the_others():
     assert names.others("/a") == ["/b"] and names.others("/dir") == []
     names.refresh(names.others("/a"))
     assert refreshed == ["/b"]
+    names.changed("/b")  # a chmod, write, ... through /b: /a's cached attributes must go
+    names.changed(None)
+    names.changed("/dir")
+    assert refreshed == ["/b", "/a"]
     names.seen("/b", dict(st, st_nlink=1))  # now single: forgotten
     assert names.others("/a") == []
     names.forget("/a")

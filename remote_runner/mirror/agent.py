@@ -339,11 +339,12 @@ class LinkNames:
     """The names seen for each local file with more than one hard link.
 
     libfuse's high-level library gives every *name* its own kernel inode, so
-    when a link is added or removed under one name the kernel still holds the
-    old link count (and, for a while, other attributes) under the others:
-    ``stat`` after ``unlink`` would disagree with the local disk. After such a
-    change the agent asks libfuse to drop the kernel's cached attributes of
-    the other names (``fuse_invalidate_path``), so the next ``stat`` asks here.
+    when a link is added or removed under one name, or the file is changed
+    through it (chmod, chown, times, size, data), the kernel still holds the
+    old attributes and pages under the other names for up to the attribute
+    timeout: ``stat`` would disagree with the local disk. After such a change
+    the agent asks libfuse to drop the kernel's cache of the other names
+    (``fuse_invalidate_path``), so the next ``stat`` or read asks here.
     """
 
     def __init__(self) -> None:
@@ -381,6 +382,11 @@ class LinkNames:
             key = self._key.pop(path, None)
             if key is not None:
                 self._names.get(key, {}).pop(path, None)
+
+    def changed(self, path: Optional[str]) -> None:
+        """*path*'s file changed (mode, owner, times, size, data): refresh its other names."""
+        if path is not None and self._key:
+            self.refresh(self.others(path))
 
     def refresh(self, paths: List[str]) -> None:
         """Make the kernel ask again for the attributes of *paths*."""
@@ -886,10 +892,12 @@ def make_operations(link: Link, prefix: bytes, files: Optional[FileCache] = None
 
         def chmod(self, path: str, mode: int) -> int:
             call("chmod", {"path": wire(path), "mode": mode})
+            links.changed(path)
             return 0
 
         def chown(self, path: str, uid: int, gid: int) -> int:
             call("chown", {"path": wire(path), "uid": _signed(uid), "gid": _signed(gid)})
+            links.changed(path)
             return 0
 
         def truncate(self, path: str, length: int, fh: Optional[int] = None) -> int:
@@ -898,10 +906,12 @@ def make_operations(link: Link, prefix: bytes, files: Optional[FileCache] = None
                 args["fh"] = fh
             args["path"] = wire(path) if path is not None or not fh else "/"
             call("truncate", args)
+            links.changed(path)
             return 0
 
         def utimens(self, path: str, times: Optional[Tuple[int, int]] = None) -> int:
             call("utimens", {"path": wire(path), "ns": list(times) if times else None})
+            links.changed(path)
             return 0
 
         def open(self, path: str, flags: int) -> int:
@@ -919,7 +929,9 @@ def make_operations(link: Link, prefix: bytes, files: Optional[FileCache] = None
             return call("read", {"fh": fh, "size": size, "off": offset})[1]
 
         def write(self, path: str, data: bytes, offset: int, fh: int) -> int:
-            return int(call("write", {"fh": fh, "off": offset}, bytes(data))[0]["n"])
+            done = int(call("write", {"fh": fh, "off": offset}, bytes(data))[0]["n"])
+            links.changed(path)
+            return done
 
         def flush(self, path: str, fh: int) -> int:
             if fh >= LOCAL_FH_BASE:
@@ -944,6 +956,7 @@ def make_operations(link: Link, prefix: bytes, files: Optional[FileCache] = None
             if fh >= LOCAL_FH_BASE:
                 raise mfusepy.FuseOSError(errno.EBADF)
             call("fallocate", {"fh": fh, "mode": mode, "off": offset, "len": size})
+            links.changed(path)
             return 0
 
         # Extended attributes: names travel as text (surrogate-escaped), values as bytes.
