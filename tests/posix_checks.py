@@ -252,6 +252,28 @@ def parent_times(d: str) -> Any:
 
 
 @check
+def ctime_updates(d: str) -> Any:
+    """Metadata changes update ctime (pjdfstest checks it after every operation)."""
+    import time
+    create(d + "/f", data=b"x")
+    out = {}
+    steps = [("chmod", lambda: os.chmod(d + "/f", 0o600)), ("link", lambda: os.link(d + "/f", d + "/g")),
+             ("rename", lambda: os.rename(d + "/g", d + "/h")), ("truncate", lambda: os.truncate(d + "/f", 5)),
+             ("write", lambda: os.close(os.open(d + "/f", os.O_WRONLY | os.O_APPEND)) or
+              open(d + "/f", "ab").write(b"y")),
+             ("utime", lambda: os.utime(d + "/f", ns=(5, 5))),
+             ("unlink-other", lambda: os.unlink(d + "/h"))]
+    if os.geteuid() == 0:
+        steps.append(("chown", lambda: os.chown(d + "/f", 0, 0)))
+    for what, fn in steps:
+        before = os.stat(d + "/f").st_ctime_ns
+        time.sleep(0.05)  # beyond the kernel's timestamp granularity (a jiffy)
+        fn()
+        out[what] = os.stat(d + "/f").st_ctime_ns > before
+    return out
+
+
+@check
 def dir_link_counts(d: str) -> Any:
     os.mkdir(d + "/p")
     before = os.stat(d + "/p").st_nlink
@@ -393,6 +415,7 @@ def other_user(d: str) -> Any:
     create(d + "/roots", 0o644)
     create(d + "/private", 0o600)
     os.mkdir(d + "/closed", 0o755)
+    create(d + "/closed/inside")
     os.mkdir(d + "/sticky")
     os.chmod(d + "/sticky", 0o1777)
     create(d + "/sticky/roots", 0o666)
@@ -415,6 +438,15 @@ def other_user(d: str) -> Any:
             "utime-roots": err(lambda: os.utime(d + "/roots", ns=(1, 1))),
             "utime-now-roots": err(lambda: os.utime(d + "/roots")),
             "unlink-sticky-roots": err(lambda: os.unlink(d + "/sticky/roots")),
+            "rename-sticky-roots": err(lambda: os.rename(d + "/sticky/roots", d + "/sticky/mine")),
+            "truncate-roots": err(lambda: os.truncate(d + "/roots", 0)),
+            "trunc-open-roots": err(lambda: os.open(d + "/roots", os.O_RDONLY | os.O_TRUNC)),
+            "unlink-in-closed": err(lambda: os.unlink(d + "/closed/inside")),
+            "mkdir-in-closed": err(lambda: os.mkdir(d + "/closed/sub")),
+            "rmdir-closed": err(lambda: os.rmdir(d + "/closed")),
+            "link-to-roots": err(lambda: os.link(d + "/private", d + "/hardlink")),
+            "setxattr-roots": err(lambda: os.setxattr(d + "/roots", "user.x", b"1")),
+            "readdir-closed": err(lambda: os.listdir(d + "/closed")),
             "access-private": os.access(d + "/private", os.R_OK),
             "access-roots-w": os.access(d + "/roots", os.W_OK),
         }

@@ -274,6 +274,9 @@ def test_link_names_tracks_multiply_linked_files_and_refreshes_the_others():
     names.changed(None)
     names.changed("/dir")
     assert refreshed == ["/b", "/a"]
+    names.moved("/b", "/c")  # renamed: the new name is known, the other name refreshed
+    assert names.others("/a") == ["/c"] and refreshed[-1] == "/a"
+    names.moved("/c", "/b")
     names.seen("/b", dict(st, st_nlink=1))  # now single: forgotten
     assert names.others("/a") == []
     names.forget("/a")

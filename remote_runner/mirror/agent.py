@@ -383,6 +383,18 @@ class LinkNames:
             if key is not None:
                 self._names.get(key, {}).pop(path, None)
 
+    def moved(self, old: str, new: str) -> None:
+        """*old* was renamed to *new*: keep the name, refresh the file's other names."""
+        with self._lock:
+            key = self._key.pop(old, None)
+            if key is None:
+                return
+            names = self._names.setdefault(key, {})
+            names.pop(old, None)
+            names[new] = None
+            self._key[new] = key
+        self.changed(new)
+
     def changed(self, path: Optional[str]) -> None:
         """*path*'s file changed (mode, owner, times, size, data): refresh its other names."""
         if path is not None and self._key:
@@ -885,8 +897,8 @@ def make_operations(link: Link, prefix: bytes, files: Optional[FileCache] = None
                 args["hide"] = True  # libfuse hiding a file unlinked while open (see the service)
             replaced = links.others(new)
             call("rename", args)
-            links.forget(old)
             links.forget(new)
+            links.moved(old, new)  # the file's ctime changed: its other names see it too
             links.refresh(replaced)
             return 0
 
