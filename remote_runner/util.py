@@ -6,8 +6,10 @@ arguments, with two fixes that keep the copy faithful to the tree on disk:
 
 * empty directories are kept (as directory entries, which the runner creates
   on the host); SPAR silently dropped them;
-* a missing or non-directory source is an error at the config line that asked
-  for it, instead of an empty dict that quietly copies nothing.
+* a missing (or non-directory) source still gives SPAR's empty dict, because
+  real muddlers call this on optional directories (a ``mods/`` or ``queries/``
+  folder that only some campaigns have), but it is no longer silent: a
+  WARNING names the config line that asked and the path it looked for.
 
 Symlinked directories are not followed (``os.walk``'s default, as in SPAR); each
 one skipped is logged as a warning so nothing disappears silently. Dotfiles are
@@ -21,7 +23,6 @@ import os
 import posixpath
 from typing import Dict
 
-from remote_runner.errors import CopyError
 
 LOG = logging.getLogger(__name__)
 
@@ -39,9 +40,12 @@ def recursive_files_dict(src_path: str, dest_path: str) -> Dict[str, str]:
     if not isinstance(src_path, str) or not isinstance(dest_path, str):
         raise TypeError("recursive_files_dict(src_path, dest_path) takes two strings")
     if not os.path.isdir(src_path):
+        from remote_runner.config import caller_origin  # config imports this module
+
         what = "is not a directory" if os.path.exists(src_path) else "does not exist"
-        raise CopyError(f"recursive_files_dict: source directory {src_path!r} {what}",
-                        path=os.path.abspath(src_path))
+        LOG.warning("%s: recursive_files_dict: %s (%s) %s; nothing to copy from it",
+                    caller_origin(), src_path, os.path.abspath(src_path), what)
+        return {}
     mapping: Dict[str, str] = {}
     for dirpath, dirnames, filenames in os.walk(src_path):
         dirnames.sort()

@@ -494,12 +494,22 @@ config.add_component(c)
     assert all(os.path.isabs(f.src) and os.path.exists(f.src) for f in spec.files)
 
 
-def test_recursive_files_dict_missing_directory_in_config(tmp_path):
-    path = write(tmp_path, BASE + "c.files = util.recursive_files_dict('nodir', '.')  # <err>\n")
-    with pytest.raises(SourceError) as info:
-        load(path)
-    assert (info.value.file, info.value.line) == (path, line_of(path, "# <err>"))
-    assert "nodir" in str(info.value) and info.value.exit_code == EXIT_COPY
+def test_recursive_files_dict_missing_directory_gives_empty_dict_and_warns(tmp_path, caplog):
+    """SPAR returned {} for a missing directory (optional mods/ or queries/); so do we, loudly."""
+    (tmp_path / "afile").write_text("x")
+    path = write(tmp_path, BASE + """
+c.files = util.recursive_files_dict('nodir', '.')  # <err>
+c.files.update(util.recursive_files_dict('afile', 'd'))  # <file>
+config.add_component(c)
+""")
+    with caplog.at_level("WARNING"):
+        (spec,) = load(path).components
+    assert spec.files == ()
+    warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert any(f"{path}:{line_of(path, '# <err>')}:" in w and "nodir" in w
+               and str(tmp_path / "nodir") in w and "does not exist" in w for w in warnings), warnings
+    assert any(f"{path}:{line_of(path, '# <file>')}:" in w and "is not a directory" in w
+               for w in warnings), warnings
 
 
 # ----------------------------------------------------------------------------- legacy SPAR config
