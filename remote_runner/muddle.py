@@ -4,7 +4,10 @@
   ``parse_args(extra_args, ssh_user)``; whatever it returns is visible to the
   config and the muddler as ``extra_options``. It gets the extra arguments as the
   single string SPAR passed (a token list from the CLI is joined with
-  ``shlex.join`` first, so values starting with ``-`` survive).
+  ``shlex.join`` first, so values starting with ``-`` survive). SPAR silently
+  ignored ``-a`` without ``--extra-args``; here that logs a WARNING and runs
+  the parser with empty extra args, so ``extra_options`` is what the parser's
+  defaults make it (configs that read it still work).
 * A **muddler** (``-m FILE``) defines ``muddle(config)`` or, like SPAR's TA3
   muddlers, ``muddle(config, options)``; the signature is checked once and the
   right form is called. It runs after the config and before validation, in the
@@ -20,6 +23,7 @@ Any mistake (missing function, wrong signature, an exception inside) is a
 from __future__ import annotations
 
 import inspect
+import logging
 import shlex
 from typing import Any, Callable, Dict, Optional, Sequence, Union
 
@@ -27,6 +31,8 @@ from remote_runner import util
 from remote_runner.config import (LOCAL_HOST, Component, Config, compile_user_file,
                                   resolve_user_file, user_code)
 from remote_runner.errors import ConfigError
+
+LOG = logging.getLogger(__name__)
 
 MUDDLER_MODULE_NAME = "remote_runner_muddler"
 ARG_PARSER_MODULE_NAME = "remote_runner_arg_parser"
@@ -40,9 +46,9 @@ def load_extra_options(arg_parser_file: Optional[str], extra_args: Union[str, Se
     if arg_parser_file is None:
         raise ConfigError("--extra-args needs an arg parser file (-a/--arg-parser FILE)")
     if extra_args is None:
-        raise ConfigError("an arg parser (-a/--arg-parser) was given without --extra-args; "
-                          "pass --extra-args '' to run it with no extra arguments",
-                          file=str(arg_parser_file))
+        LOG.warning("%s: an arg parser (-a) was given without --extra-args; running "
+                    "parse_args with empty extra args", arg_parser_file)
+        extra_args = ""
     if not isinstance(extra_args, str):
         extra_args = shlex.join([str(token) for token in extra_args])
     path = resolve_user_file(arg_parser_file, "arg parser")

@@ -253,12 +253,17 @@ def test_one_without_the_other_is_an_error(tmp_path):
     assert load_extra_options(None, None, "u") is None
     with pytest.raises(ConfigError, match="--extra-args needs an arg parser"):
         load_extra_options(None, "-p 1", "u")
-    with pytest.raises(ConfigError, match="without --extra-args") as info:
-        load_extra_options(parser, None, "u")
-    assert info.value.file == parser
     config = write(tmp_path, CONFIG, "exp.py")
     with pytest.raises(ConfigError):
         load_experiment(config, options(), extra_args="-p 1")
+
+
+def test_arg_parser_without_extra_args_warns_and_runs_with_empty_args(tmp_path, caplog):
+    parser = write(tmp_path, PARSER, "parser.py")
+    with caplog.at_level("WARNING"):
+        assert load_extra_options(parser, None, "u").raw == ""
+    (warning,) = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert parser in warning and "without --extra-args" in warning
 
 
 def test_empty_extra_args_still_runs_the_parser(tmp_path):
