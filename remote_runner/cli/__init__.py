@@ -16,6 +16,7 @@ import sys
 from typing import Callable, List, Optional
 
 from remote_runner import __version__
+from remote_runner.secrets import MaskingFormatter
 from remote_runner.errors import EXIT_INTERNAL, EXIT_INTERRUPTED, RunnerError
 
 LOG = logging.getLogger("remote_runner")
@@ -32,12 +33,12 @@ EXIT_CODES_HELP = """exit codes:
 
 
 def setup_logging(level: str = "INFO") -> None:
-    """Log ``LEVEL: message`` lines on stderr, as SPAR's scripts expect."""
+    """Log ``LEVEL: message`` lines on stderr, as SPAR's scripts expect (secrets masked)."""
     root = logging.getLogger()
     for handler in list(root.handlers):
         root.removeHandler(handler)
     handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(logging.Formatter("%(levelname)s: %(message)s"))
+    handler.setFormatter(MaskingFormatter("%(levelname)s: %(message)s"))
     root.addHandler(handler)
     root.setLevel(getattr(logging, level.upper(), logging.INFO))
     # paramiko is chatty at INFO ("Connected (version 2.0 ...)"); keep it quiet

@@ -9,7 +9,9 @@ Flags (SPAR's names, short forms and defaults, plus a few additions):
                         ``--extra-args "-p X"`` or ``--extra-args=-p``
 -u/--user USER          default SSH user (a ``User`` in ssh_config for that host wins)
 -p/--pass PASSWORD      SSH password / key passphrase (SPAR compatibility: visible in ``ps``;
-                        prefer $REMOTE_RUNNER_PASSWORD or --ask-pass). Never logged.
+                        prefer $REMOTE_RUNNER_PASSWORD or --ask-pass). However it is given,
+                        configs see it as ``options.ssh_pass``; every line printed or logged
+                        shows it as ``***``.
 --ask-pass              prompt for the password
 -F FILE                 ssh_config to read instead of ~/.ssh/config and /etc/ssh/ssh_config
 --accept-new-host-keys  trust and record keys of hosts not yet in known_hosts (changed keys
@@ -29,6 +31,8 @@ Flags (SPAR's names, short forms and defaults, plus a few additions):
 -t/--terminate          after the waited components end, stop all other components
 --no-terminate          do not (the default)
 --dry-run               load and validate the config, print the plan, touch no host
+--no-progress           never draw a progress display (neither does -l WARNING/ERROR,
+                        TERM=dumb or NO_COLOR)
 --version, -h/--help
 
 ``-t`` differs from SPAR: SPAR's flag was inverted (termination by ``killall`` was the
@@ -141,6 +145,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="after the wait components end, stop the others by process group "
              "(SPAR's -t meant the opposite; default: off)")
     add("--dry-run", action="store_true", help="validate and print the plan; touch no host")
+    add("--no-progress", action="store_true",
+        help="no progress display (also off with -l WARNING or ERROR, TERM=dumb or NO_COLOR)")
 
 
 def build_parser(prog: str = "remote_runner.py") -> argparse.ArgumentParser:
@@ -165,7 +171,8 @@ def add_parser(sub: "argparse._SubParsersAction") -> None:
 def run_command(args: argparse.Namespace) -> int:
     """Load the experiment, run it and log the summary; return the exit code."""
     from remote_runner.config import load_experiment
-    from remote_runner.report import log_summary, upload_progress
+    from remote_runner import secrets
+    from remote_runner.report import log_summary, progress_wanted, upload_progress
     from remote_runner.runner import RunOptions, run
     from remote_runner.ssh import SSHOptions, resolve_password
 
@@ -177,6 +184,8 @@ def run_command(args: argparse.Namespace) -> int:
         if value is not None and value <= 0:
             raise ConfigError(f"{flag} must be a positive number of seconds", field=flag)
     password = resolve_password(args.ssh_pass, args.ask_pass)
+    secrets.register(password)
+    args.ssh_pass = password  # configs read options.ssh_pass, however it was given (SPAR)
     experiment = load_experiment(args.config_file, args, args.muddler, args.arg_parser,
                                  args.extra_args)
     options = RunOptions(screen=args.screen, kill_first=args.kill_first,
@@ -189,7 +198,8 @@ def run_command(args: argparse.Namespace) -> int:
     ssh_options = SSHOptions(ssh_config_file=args.ssh_config, user=args.ssh_user,
                              password=password, accept_new_host_keys=args.accept_new_host_keys,
                              connect_timeout=args.connect_timeout, forks=args.forks)
-    with upload_progress() as progress:
+    wanted = progress_wanted(args.log_level, args.no_progress)
+    with upload_progress(wanted) as progress:
         report = run(experiment, options, ssh_options, progress=progress)
     log_summary(report)
     return 0
