@@ -31,16 +31,22 @@ import contextlib
 import copy
 import difflib
 import linecache
+import logging
 import math
 import os
 import sys
 import traceback
 from dataclasses import dataclass, field
-from typing import Any, Dict, Iterator, List, Optional, Tuple, Union
+from typing import TYPE_CHECKING, Any, Dict, Iterator, List, Optional, Tuple, Union
 
 from remote_runner import util
 from remote_runner.errors import ConfigError, CopyError, RunnerError, control_characters, located
 from remote_runner.names import bad_name_reason
+
+if TYPE_CHECKING:  # pragma: no cover
+    from remote_runner.python2 import CompiledFile
+
+LOG = logging.getLogger(__name__)
 
 LOCAL_HOST = "localhost"
 
@@ -267,22 +273,43 @@ def resolve_user_file(path: str, role: str) -> str:
     return resolved
 
 
-def compile_user_file(path: str, role: str) -> Any:
-    """Compile a user's Python file, reporting syntax errors at their line."""
+def compile_user_file(path: str, role: str, dialect: Optional[str] = None) -> "CompiledFile":
+    """Compile a user's file, as Python 2 when it needs that; report syntax errors at their line.
+
+    *dialect* (``"2"``/``"3"``, from ``--python2``/``--python3``) forces one
+    reading; by default a file that does not compile as Python 3, or uses
+    names only Python 2 has, is translated in memory (see :mod:`remote_runner.python2`).
+    """
+    from remote_runner.python2 import compile_file
+
     try:
         with open(path, "rb") as handle:
             source = handle.read()
     except OSError as exc:
         raise ConfigError(f"cannot read {role} file: {exc.strerror}", file=path) from exc
     try:
-        return compile(source, path, "exec", dont_inherit=True)
+        compiled = compile_file(source, path, dialect)
     except SyntaxError as exc:
-        text = (exc.text or "").rstrip("\n")
+        text = (exc.text or linecache.getline(path, exc.lineno or 0) or "").rstrip("\n")
         shown = f"\n    {text.strip()}" if text.strip() else ""
         raise ConfigError(f"SyntaxError in {role}: {exc.msg}{shown}", file=path,
                           line=exc.lineno) from None
     except ValueError as exc:  # e.g. source with NUL bytes
         raise ConfigError(f"cannot compile {role}: {exc}", file=path) from None
+    if compiled.python2:
+        LOG.info("%s: %s read as Python 2 (%s), translated in memory", path, role, compiled.reason)
+    return compiled
+
+
+def user_namespace(compiled: "CompiledFile", names: Dict[str, Any]) -> Dict[str, Any]:
+    """Return the globals a user's file runs in: *names*, plus Python 2 builtins if it needs them."""
+    from remote_runner.python2 import builtins_for
+
+    namespace = dict(names)
+    extra = builtins_for(compiled)
+    if extra is not None:
+        namespace["__builtins__"] = extra
+    return namespace
 
 
 @contextlib.contextmanager
@@ -358,10 +385,11 @@ def _locate_runner_error(exc: RunnerError, path: str) -> RunnerError:
 
 # --------------------------------------------------------------------------- loading
 
-def run_config(config_path: str, options: Any, extra_options: Any) -> Config:
+def run_config(config_path: str, options: Any, extra_options: Any,
+               dialect: Optional[str] = None) -> Config:
     """Execute the config file in its own directory and return the ``config`` it filled."""
-    code = compile_user_file(config_path, "config")
-    namespace: Dict[str, Any] = {
+    compiled = compile_user_file(config_path, "config", dialect)
+    namespace = user_namespace(compiled, {
         "__file__": config_path,
         "__name__": CONFIG_MODULE_NAME,
         "config": Config(),
@@ -370,9 +398,9 @@ def run_config(config_path: str, options: Any, extra_options: Any) -> Config:
         "options": options,
         "extra_options": extra_options,
         "localhost": LOCAL_HOST,
-    }
+    })
     with user_code(config_path, "config", cwd=os.path.dirname(config_path)):
-        exec(code, namespace)
+        exec(compiled.code, namespace)
     config = namespace.get("config")
     if not isinstance(config, Config):
         raise ConfigError(f"the name 'config' was rebound to a {type(config).__name__}; "
@@ -394,12 +422,14 @@ def load_experiment(config_file: str, options: Optional[argparse.Namespace],
         options = argparse.Namespace(ssh_user=None)
     config_path = resolve_user_file(config_file, "config")
     muddler_path = resolve_user_file(muddler_file, "muddler") if muddler_file else None
+    dialect = getattr(options, "python", None)
     extra_options = muddle.load_extra_options(arg_parser_file, extra_args,
-                                              getattr(options, "ssh_user", None))
-    config = run_config(config_path, options, extra_options)
+                                              getattr(options, "ssh_user", None), dialect)
+    config = run_config(config_path, options, extra_options, dialect)
     config_dir = os.path.dirname(config_path)
     if muddler_path:
-        config = muddle.apply_muddler(muddler_path, config, options, extra_options, config_dir)
+        config = muddle.apply_muddler(muddler_path, config, options, extra_options, config_dir,
+                                      dialect)
     return build_experiment(config, config_path, extra_options)
 
 

@@ -29,7 +29,7 @@ from typing import Any, Callable, Dict, Optional, Sequence, Union
 
 from remote_runner import util
 from remote_runner.config import (LOCAL_HOST, Component, Config, compile_user_file,
-                                  resolve_user_file, user_code)
+                                  resolve_user_file, user_code, user_namespace)
 from remote_runner.errors import ConfigError
 
 LOG = logging.getLogger(__name__)
@@ -39,7 +39,7 @@ ARG_PARSER_MODULE_NAME = "remote_runner_arg_parser"
 
 
 def load_extra_options(arg_parser_file: Optional[str], extra_args: Union[str, Sequence[str], None],
-                       ssh_user: Optional[str]) -> Any:
+                       ssh_user: Optional[str], dialect: Optional[str] = None) -> Any:
     """Run ``parse_args(extra_args, ssh_user)`` from *arg_parser_file*; None if neither is given."""
     if arg_parser_file is None and extra_args is None:
         return None
@@ -52,7 +52,8 @@ def load_extra_options(arg_parser_file: Optional[str], extra_args: Union[str, Se
     if not isinstance(extra_args, str):
         extra_args = shlex.join([str(token) for token in extra_args])
     path = resolve_user_file(arg_parser_file, "arg parser")
-    namespace = _run_plugin(path, "arg parser", {"__name__": ARG_PARSER_MODULE_NAME}, cwd=None)
+    namespace = _run_plugin(path, "arg parser", {"__name__": ARG_PARSER_MODULE_NAME}, cwd=None,
+                            dialect=dialect)
     parse_args = _plugin_function(namespace, "parse_args", path, "arg parser")
     if _positional_arity(parse_args, path, "parse_args", wanted=2) != 2:
         raise ConfigError("parse_args must accept two arguments (extra_args, ssh_user)",
@@ -62,7 +63,7 @@ def load_extra_options(arg_parser_file: Optional[str], extra_args: Union[str, Se
 
 
 def apply_muddler(muddler_file: str, config: Config, options: Any, extra_options: Any,
-                  config_dir: str) -> Config:
+                  config_dir: str, dialect: Optional[str] = None) -> Config:
     """Run the muddler file on *config* (in *config_dir*) and return the resulting config."""
     path = resolve_user_file(muddler_file, "muddler")
     namespace = _run_plugin(path, "muddler", {
@@ -72,7 +73,7 @@ def apply_muddler(muddler_file: str, config: Config, options: Any, extra_options
         "options": options,
         "extra_options": extra_options,
         "localhost": LOCAL_HOST,
-    }, cwd=config_dir)
+    }, cwd=config_dir, dialect=dialect)
     muddle = _plugin_function(namespace, "muddle", path, "muddler")
     arity = _positional_arity(muddle, path, "muddle", wanted=2)
     with user_code(path, "muddler", cwd=config_dir):
@@ -95,13 +96,13 @@ def _muddled_config(result: Any, config: Config, path: str) -> Config:
                       "config in place), the config, or a list of Components", file=path)
 
 
-def _run_plugin(path: str, role: str, globals_: Dict[str, Any], cwd: Optional[str]) -> Dict[str, Any]:
-    """Execute a plug-in file and return its globals."""
-    code = compile_user_file(path, role)
-    namespace = dict(globals_)
-    namespace["__file__"] = path
+def _run_plugin(path: str, role: str, globals_: Dict[str, Any], cwd: Optional[str],
+                dialect: Optional[str] = None) -> Dict[str, Any]:
+    """Execute a plug-in file (Python 3, or Python 2 translated) and return its globals."""
+    compiled = compile_user_file(path, role, dialect)
+    namespace = user_namespace(compiled, {**globals_, "__file__": path})
     with user_code(path, role, cwd=cwd):
-        exec(code, namespace)
+        exec(compiled.code, namespace)
     return namespace
 
 

@@ -167,8 +167,9 @@ def test_password_asked_for_reaches_options(tmp_path, monkeypatch):
     """)
     monkeypatch.delenv("REMOTE_RUNNER_PASSWORD", raising=False)
     monkeypatch.setattr("getpass.getpass", lambda prompt="": "typed-pw")
+    args = classic.build_parser().parse_args(["-c", config, "--ask-pass", "--dry-run"])
     try:
-        assert classic.main(["-c", config, "--ask-pass", "--dry-run"]) == 0
+        assert classic.run_command(args) == 0
     finally:
         secrets.forget_all()
     assert seen.read_text() == "typed-pw"
@@ -241,3 +242,58 @@ def test_quiet_under_script_with_warning_level(lab, run_env):
     assert "\x1b[" not in recorded("INFO", "--no-progress")
     # the same run at INFO on that terminal does draw (so the check above can fail)
     assert "\x1b[" in recorded("INFO")
+
+
+# --------------------------------------------------------------------------- Python 2 campaign
+
+CAMPAIGN = os.path.join(REPO, "tests", "data", "spar_py2_campaign")
+
+
+def test_python2_config_muddler_and_arg_parser_run_unchanged(lab, run_env):
+    """A Python 2 campaign (print statements, iteritems, has_key, string.join, xrange,
+    integer division feeding range()) runs as SPAR ran it: 5 clients become 3 on h2, 2 on h3."""
+    base = run_env["base"]
+    out = run_cli("-c", os.path.join(CAMPAIGN, "config.py"),
+                  "-m", os.path.join(CAMPAIGN, "muddler.py"),
+                  "-a", os.path.join(CAMPAIGN, "arg_parser.py"),
+                  f"--extra-args=-t case7 --remote-base {base} --clients 5",
+                  "-u", "root", *lab_args(lab, run_env))
+    assert out.returncode == 0, out.stderr
+    for role in ("config", "muddler", "arg parser"):
+        assert f"{role} read as Python 2" in out.stderr, out.stderr
+    assert "Test case case7 for user root" in out.stdout
+    assert "   5 clients on 2 hosts" in out.stdout
+    assert f"INFO: Remote results will be stored in {base}" in out.stderr
+    assert ssh(lab, "h1", f"cat {base}/bin/server.out").stdout == "server case7 on h1\n"
+    assert ssh(lab, "h1", f"cat {base}/bin/queries/q1").stdout.startswith("SELECT")
+    placed = {"h2": ["client-0", "client-1", "client-2"], "h3": ["client-3", "client-4"]}
+    for host, clients in placed.items():
+        listing = ssh(lab, host, f"cd {base}/bin && ls *.out").stdout.split()
+        assert listing == [f"{name}.out" for name in clients], (host, listing)
+        for name in clients:
+            assert ssh(lab, host, f"cat {base}/bin/{name}.out").stdout == \
+                f"{name} case7-x on {host}\n"
+        assert f"INFO: {host}: client-" in out.stderr
+
+
+def test_python2_campaign_on_a_foreign_distribution(lab, run_env, foreign_host):
+    """The translated files run here; the Debian 11 host only runs the components."""
+    tmp = run_env["tmp"]
+    for name in ("config.py", "muddler.py", "arg_parser.py", "report.sh"):
+        with open(os.path.join(CAMPAIGN, name), "rb") as src:
+            data = src.read()
+        (tmp / name).write_bytes(data)
+        os.chmod(tmp / name, 0o755 if name.endswith(".sh") else 0o644)
+    os.makedirs(tmp / "queries")
+    (tmp / "host_info.txt").write_text(f"h1 2 R210 n\n{foreign_host} 2 R210 n\n")
+    base = run_env["base"]
+    try:
+        out = run_cli("-c", str(tmp / "config.py"), "-m", str(tmp / "muddler.py"),
+                      "-a", str(tmp / "arg_parser.py"),
+                      f"--extra-args=-t f1 --remote-base {base} --clients 2",
+                      "-u", "root", *lab_args(lab, run_env))
+        assert out.returncode == 0, out.stderr
+        listing = ssh(lab, foreign_host, f"cd {base}/bin && cat client-0.out client-1.out").stdout
+        assert listing == f"client-0 f1-x on {foreign_host}\nclient-1 f1-x on {foreign_host}\n"
+    finally:
+        quit_screen(lab, foreign_host, run_env["screen"], run_env["state"], base)

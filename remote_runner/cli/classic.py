@@ -33,6 +33,9 @@ Flags (SPAR's names, short forms and defaults, plus a few additions):
 --dry-run               load and validate the config, print the plan, touch no host
 --no-progress           never draw a progress display (neither does -l WARNING/ERROR,
                         TERM=dumb or NO_COLOR)
+--python2, --python3    read the config, muddler and arg parser as Python 2 (translated in
+                        memory) or as Python 3; default: Python 2 only for a file that does
+                        not compile as Python 3 or uses names only Python 2 has
 --version, -h/--help
 
 ``-t`` differs from SPAR: SPAR's flag was inverted (termination by ``killall`` was the
@@ -147,6 +150,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add("--dry-run", action="store_true", help="validate and print the plan; touch no host")
     add("--no-progress", action="store_true",
         help="no progress display (also off with -l WARNING or ERROR, TERM=dumb or NO_COLOR)")
+    dialect = parser.add_mutually_exclusive_group()
+    dialect.add_argument("--python2", dest="python", action="store_const", const="2",
+                         help="read config, muddler and arg parser as Python 2 (translated in "
+                              "memory, with Python 2 meaning)")
+    dialect.add_argument("--python3", dest="python", action="store_const", const="3",
+                         help="read them as Python 3 (default: Python 2 only for a file that "
+                              "does not compile as Python 3 or uses names only Python 2 has)")
 
 
 def build_parser(prog: str = "remote_runner.py") -> argparse.ArgumentParser:
