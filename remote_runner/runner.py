@@ -7,7 +7,9 @@ and inside a step hosts are handled in parallel, at most ``forks`` at once):
    name, sources, destination conflicts), so bad input changes nothing anywhere.
 2. **Connect** to every remote host (``localhost`` components need no SSH).
 3. **Prepare** each host with one command: create the state ("done") directory,
-   make each component's base_dir (``mktemp -d`` when the config gave none);
+   make each component's base_dir (``mktemp -d`` when the config gave none;
+   a ``localhost`` component without one runs, as in SPAR, in the directory
+   remote_runner was started from, so its relative paths mean what they did);
    then quit the previous session of the same name, or adopt it (``--no-kill``).
 4. **Copy** files (:mod:`remote_runner.sync`).
 5. **Write launchers** (:mod:`remote_runner.screen`), one command per host.
@@ -37,6 +39,7 @@ from dataclasses import dataclass, field
 from typing import (TYPE_CHECKING, Any, Callable, Dict, List, Optional, Protocol, Sequence,
                     Tuple)
 
+from remote_runner import landing
 from remote_runner import screen as scr
 from remote_runner import sync
 from remote_runner.errors import (ComponentFailed, ConfigError, ConnectionLost, CopyError,
@@ -168,6 +171,10 @@ class Runner:
         self.mirror: Optional[MirrorSession] = None
         #: Set on Ctrl-C: copies stop at their next chunk.
         self.cancel = threading.Event()
+        #: where ``localhost`` components without a base_dir run (SPAR: the invocation dir)
+        self.invocation_dir = os.getcwd()
+        #: each remote host name -> the name of its group (names landing on one login)
+        self.host_of: Dict[str, str] = {}
 
     # -- public -------------------------------------------------------------
 
@@ -221,10 +228,22 @@ class Runner:
                 if not os.path.exists(item.src):
                     raise CopyError("local source does not exist", path=item.src,
                                     component=spec.name)
+        self._group_hosts()
         for host, specs in self._by_host().items():
             entries = [(f, spec.base_dir or f"/<temporary base_dir of {spec.name}>")
                        for spec in specs for f in spec.files]
             sync.make_plan(host, entries)  # raises on unreadable or conflicting sources
+
+    def _group_hosts(self) -> None:
+        """Fold host names that reach the same login into one host (see :mod:`landing`)."""
+        remote = [spec.host for spec in self.experiment.components if not spec.is_local]
+        if self.ssh_options is None and self._connect is not None:
+            self.host_of = {host: host for host in remote}  # injected connections: names as given
+            return
+        from remote_runner.ssh import SSHOptions
+        ssh_options = self.ssh_options or SSHOptions()
+        self.host_of = landing.group_hosts(remote, ssh_options, ssh_options.connect_timeout)
+        landing.check_names(self.experiment.components, self.host_of)
 
     def connect(self) -> None:
         """Open a connection to every remote host and a shell for every host."""
@@ -283,7 +302,9 @@ class Runner:
         """Write every component's launcher (one command per host)."""
         mirrored = [p.spec for places in self.placements.values() for p in places if p.spec.mirror]
         if mirrored:
-            self.mirror = self.mirror_factory(self.connections, mirrored)
+            by_name = {name: self.connections[group] for name, group in self.host_of.items()
+                       if group in self.connections}
+            self.mirror = self.mirror_factory({**by_name, **self.connections}, mirrored)
         self._parallel(self._write_host_launchers, list(self.placements), "writing launchers")
 
     def start_all(self) -> None:
@@ -295,7 +316,7 @@ class Runner:
         for index in sorted(waves):
             by_host: Dict[str, List[Placement]] = {}
             for place in waves[index]:
-                by_host.setdefault(place.spec.host, []).append(place)
+                by_host.setdefault(self._group_of(place.spec), []).append(place)
             LOG.info("starting index %s: %s", index,
                      ", ".join(f"{p.spec.host}:{p.spec.name}" for p in waves[index]))
             self._parallel(lambda host: self._start_on_host(host, by_host[host]), list(by_host),
@@ -339,10 +360,10 @@ class Runner:
                  f"d={_shell_path(state)}",
                  'mkdir -p "$d" && cd "$d" && echo "STATE $(pwd -P)" || exit 3']
         for i, spec in enumerate(specs):
-            if spec.base_dir is None:
+            if spec.base_dir is None and not spec.is_local:
                 lines.append(f'b=$(mktemp -d) && echo "BASE {i} $b" || exit 4')
             else:
-                q = shlex.quote(spec.base_dir)
+                q = shlex.quote(spec.base_dir or self.invocation_dir)
                 lines.append(f'mkdir -p {q} && cd {q} && echo "BASE {i} $(pwd -P)" || exit 4')
         result = shell.script("\n".join(lines) + "\n", timeout=120)
         found = _parse_prepare(result.stdout)
@@ -361,10 +382,11 @@ class Runner:
         places = []
         for i, spec in enumerate(specs):
             base = found[f"BASE {i}"]
+            temp_base = spec.base_dir is None and not spec.is_local
             if spec.base_dir is None:
                 LOG.info("Set base dir for %s to %s (host %s)", spec.name, base, host)
             window = scr.Window(spec.name, scr.file_stem(spec.name), state_dir)
-            places.append(Placement(spec, base, window, spec.base_dir is None))
+            places.append(Placement(spec, base, window, temp_base))
             self.report.components[spec.key] = ComponentResult(host, spec.name, base)
         self.placements[host] = places
 
@@ -454,10 +476,14 @@ class Runner:
     # -- helpers ------------------------------------------------------------
 
     def _by_host(self) -> Dict[str, List["ComponentSpec"]]:
+        """Group the components by host (names that reach the same login are one host)."""
         grouped: Dict[str, List["ComponentSpec"]] = {}
         for spec in self.experiment.components:
-            grouped.setdefault(spec.host, []).append(spec)
+            grouped.setdefault(self._group_of(spec), []).append(spec)
         return grouped
+
+    def _group_of(self, spec: "ComponentSpec") -> str:
+        return self.host_of.get(spec.host, spec.host)
 
     def _parallel(self, func: Callable[[str], Any], hosts: Sequence[str], doing: str = "",
                   places: Optional[Dict[str, List[Placement]]] = None) -> None:

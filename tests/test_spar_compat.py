@@ -18,6 +18,7 @@ import textwrap
 import pytest
 
 from remote_runner import report, secrets
+from remote_runner import screen as scr
 from tests.conftest import quit_screen, ssh
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -56,6 +57,8 @@ def run_env(lab, screen_name, tmp_path):
     yield names
     for host in ("h1", "h2", "h3"):
         quit_screen(lab, host, screen_name, names["state"], names["base"])
+    subprocess.run(["sh", "-c", scr.quit_sessions_script(screen_name, 0) +
+                    f"rm -rf {names['state']} {names['base']}"], check=False)
 
 
 def lab_args(lab, names):
@@ -118,6 +121,45 @@ def test_recursive_files_dict_on_a_missing_directory_warns_and_copies_the_rest(l
         in out.stderr
     assert ssh(lab, "h2", f"cat {run_env['base']}/queries/q1").stdout == "select 1\n"
     assert ssh(lab, "h2", f"test -e {run_env['base']}/mods", check=False).returncode != 0
+
+
+# --------------------------------------------------------------------------- localhost's directory
+
+def test_localhost_component_without_base_dir_runs_where_remote_runner_was_started(lab, run_env):
+    """SPAR's configs give localhost components paths like ../../config/x.csv, relative to
+    the directory remote_runner was started from (not the config's, not a temporary one)."""
+    tmp = run_env["tmp"]
+    os.makedirs(tmp / "cfg")
+    os.makedirs(tmp / "campaign" / "scripts")
+    (tmp / "campaign" / "metadata_schema.csv").write_text("fname,lname\n")
+    config = write(tmp / "cfg", "config.py", f"""
+        server = Component()
+        server.name = 'server'
+        server.host = 'localhost'
+        server.executable = '/bin/sh'
+        server.args = ['-c', 'cat "$1" > server-saw.txt; pwd >> server-saw.txt', 'sh',
+                       '../metadata_schema.csv']
+        server.start_index = 1
+        server.wait = True
+        config.add_component(server)
+        client = Component()
+        client.name = 'client'
+        client.host = 'h1'
+        client.executable = '/bin/sh'
+        client.args = ['-c', 'pwd > {run_env["base"]}-client-dir']
+        client.start_index = 2
+        client.wait = True
+        config.add_component(client)
+    """)
+    start = tmp / "campaign" / "scripts"
+    dry = run_cli("-c", config, *lab_args(lab, run_env), "--dry-run", cwd=str(start))
+    assert f"localhost:server in {start} (where remote_runner was started)" in dry.stderr
+    out = run_cli("-c", config, *lab_args(lab, run_env), cwd=str(start))
+    assert out.returncode == 0, out.stderr
+    assert (start / "server-saw.txt").read_text() == f"fname,lname\n{start}\n"
+    assert not (tmp / "cfg" / "server-saw.txt").exists()
+    client_dir = ssh(lab, "h1", f"cat {run_env['base']}-client-dir; rm -f {run_env['base']}-client-dir")
+    assert client_dir.stdout.startswith("/tmp/"), "remote components still get a fresh directory"
 
 
 # --------------------------------------------------------------------------- the password
@@ -297,3 +339,87 @@ def test_python2_campaign_on_a_foreign_distribution(lab, run_env, foreign_host):
         assert listing == f"client-0 f1-x on {foreign_host}\nclient-1 f1-x on {foreign_host}\n"
     finally:
         quit_screen(lab, foreign_host, run_env["screen"], run_env["state"], base)
+
+
+# --------------------------------------------------------------------------- names for one login
+
+def aliased_ssh_config(lab, tmp, *names: str) -> str:
+    """An ssh_config where *names* are extra aliases of h1 (TBD placeholders, IP aliases)."""
+    import paramiko
+    with open(lab.ssh_config) as handle:
+        text = handle.read()
+    h1 = paramiko.SSHConfig.from_text(text).lookup("h1")
+    block = f"Host {' '.join(names)}\n" + "".join(
+        f"    {key} {value}\n" for key, value in (
+            ("HostName", h1["hostname"]), ("User", h1["user"]),
+            ("IdentityFile", h1["identityfile"][0]), ("IdentitiesOnly", "yes"),
+            ("UserKnownHostsFile", h1["userknownhostsfile"]), ("GlobalKnownHostsFile", "/dev/null"),
+            ("StrictHostKeyChecking", "yes")))
+    path = tmp / "ssh_config"
+    path.write_text(block + "\n" + text)
+    return str(path)
+
+
+def test_names_reaching_one_login_share_one_connection_and_session(lab, run_env):
+    """TBD placeholder, ssh_config alias and IP address of h1: one screen session on h1."""
+    tmp = run_env["tmp"]
+    ssh_config = aliased_ssh_config(lab, tmp, "TBD", "campaign-server")
+    config = write(tmp, "config.py", f"""
+        for index, (name, host) in enumerate((('server', 'campaign-server'), ('client-0', 'TBD'),
+                                               ('client-1', 'h1'), ('client-2', '10.213.0.11'))):
+            c = Component()
+            c.name = name
+            c.host = host
+            c.executable = '/bin/sh'
+            c.args = ['-c', 'echo "$0 ran" > {run_env["base"]}/$0.out; exec sleep 600', name]
+            c.base_dir = '{run_env["base"]}'
+            c.start_index = index
+            config.add_component(c)
+    """)
+    args = ["-F", ssh_config, "--screen", run_env["screen"], "--remote-done-dir", run_env["state"]]
+    out = run_cli("-c", config, *args)
+    assert out.returncode == 0, out.stderr
+    for alias in ("TBD", "h1", "10.213.0.11"):
+        assert f"INFO: campaign-server and {alias} reach the same login (root@10.213.0.11:22)" \
+            in out.stderr, out.stderr
+    sessions = scr.parse_sessions(ssh(lab, "h1", "screen -ls", check=False).stdout,
+                                  run_env["screen"])
+    assert len(sessions) == 1, sessions
+    windows = ssh(lab, "h1", f"screen -S {sessions[0]} -Q windows", check=False).stdout
+    for name in ("server", "client-0", "client-1", "client-2"):
+        assert name in windows, windows
+        assert ssh(lab, "h1", f"cat {run_env['base']}/{name}.out").stdout == f"{name} ran\n"
+    again = run_cli("-c", config, *args)  # replaces that one session, as for any host
+    assert again.returncode == 0, again.stderr
+    assert len(scr.parse_sessions(ssh(lab, "h1", "screen -ls", check=False).stdout,
+                                  run_env["screen"])) == 1
+
+
+def test_same_name_on_two_names_of_one_login_is_a_config_error(lab, run_env):
+    tmp = run_env["tmp"]
+    ssh_config = aliased_ssh_config(lab, tmp, "TBD")
+    config = write(tmp, "config.py", """
+        a = Component()
+        a.name = 'harness'
+        a.host = 'h1'
+        a.executable = '/bin/true'
+        a.start_index = 1
+        config.add_component(a)  # <first>
+        b = Component()
+        b.name = 'harness'
+        b.host = 'TBD'
+        b.executable = '/bin/true'
+        b.start_index = 1
+        config.add_component(b)  # <second>
+    """)
+    for extra in (["--dry-run"], []):
+        out = run_cli("-c", config, "-F", ssh_config, "--screen", run_env["screen"],
+                      "--remote-done-dir", run_env["state"], *extra)
+        assert out.returncode == 2, out.stderr
+        first, second = line_of(config, "# <first>"), line_of(config, "# <second>")
+        assert f"{config}:{second}: component 'harness'" in out.stderr
+        assert f"added at {config}:{first}" in out.stderr and f"added at {config}:{second}" in out.stderr
+        assert "'TBD' and 'h1' reach the same login" in out.stderr
+        assert "Traceback" not in out.stderr
+    assert scr.parse_sessions(ssh(lab, "h1", "screen -ls", check=False).stdout,
+                              run_env["screen"]) == []

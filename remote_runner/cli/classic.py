@@ -54,6 +54,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import shlex
 import sys
 from typing import TYPE_CHECKING, List, Optional, Sequence
@@ -66,6 +67,7 @@ from remote_runner.errors import ConfigError
 if TYPE_CHECKING:  # pragma: no cover
     from remote_runner.config import Experiment
     from remote_runner.runner import RunOptions
+    from remote_runner.ssh import SSHOptions
 
 LOG = logging.getLogger(__name__)
 
@@ -203,11 +205,11 @@ def run_command(args: argparse.Namespace) -> int:
                          always_copy=args.always_copy, remote_done_dir=args.remote_done_dir,
                          wait_timeout=args.wait_timeout, terminate_grace=args.grace,
                          forks=args.forks)
-    if args.dry_run:
-        return dry_run(experiment, options)
     ssh_options = SSHOptions(ssh_config_file=args.ssh_config, user=args.ssh_user,
                              password=password, accept_new_host_keys=args.accept_new_host_keys,
                              connect_timeout=args.connect_timeout, forks=args.forks)
+    if args.dry_run:
+        return dry_run(experiment, options, ssh_options)
     wanted = progress_wanted(args.log_level, args.no_progress)
     with upload_progress(wanted) as progress:
         report = run(experiment, options, ssh_options, progress=progress)
@@ -215,14 +217,17 @@ def run_command(args: argparse.Namespace) -> int:
     return 0
 
 
-def dry_run(experiment: "Experiment", options: "RunOptions") -> int:
+def dry_run(experiment: "Experiment", options: "RunOptions",
+            ssh_options: Optional["SSHOptions"] = None) -> int:
     """Log what a run would start, in order, without contacting any host."""
     from remote_runner.runner import Runner, component_argv
 
-    Runner(experiment, options).preflight()
+    Runner(experiment, options, ssh_options).preflight()
     for spec in sorted(experiment.components, key=lambda s: (s.start_index, s.host)):
         LOG.info("index %s: %s:%s in %s: %s%s%s", spec.start_index, spec.host, spec.name,
-                 spec.base_dir or "(new temporary directory)", shlex.join(component_argv(spec)),
+                 spec.base_dir or (f"{os.getcwd()} (where remote_runner was started)"
+                                   if spec.is_local else "(new temporary directory)"),
+                 shlex.join(component_argv(spec)),
                  f" [{len(spec.files)} file entries]" if spec.files else "",
                  " [wait]" if spec.wait else "")
     return 0
