@@ -42,9 +42,15 @@ def setup_logging(level: str = "INFO") -> None:
     root.addHandler(handler)
     root.setLevel(getattr(logging, level.upper(), logging.INFO))
     # paramiko is chatty at INFO ("Connected (version 2.0 ...)"); keep it quiet
-    # unless the user asked for DEBUG.
-    logging.getLogger("paramiko").setLevel(
-        logging.DEBUG if level.upper() == "DEBUG" else logging.WARNING)
+    # unless the user asked for DEBUG. A filter on our handler, not a level on
+    # paramiko's logger, so other handlers (a library caller's) still see it all.
+    if level.upper() != "DEBUG":
+        handler.addFilter(_quiet_paramiko)
+
+
+def _quiet_paramiko(record: logging.LogRecord) -> bool:
+    """Drop paramiko's records below WARNING."""
+    return record.levelno >= logging.WARNING or not record.name.startswith("paramiko")
 
 
 def run_guarded(func: Callable[[], int]) -> int:
