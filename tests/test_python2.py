@@ -216,3 +216,21 @@ def test_line_map_aligns_inserted_lines():
 def test_nothing_is_written_next_to_the_user_file(tmp_path):
     run_config(tmp_path, "seen = {}\nprint 'x'\n")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["config.py"]
+
+
+def test_translation_works_where_the_cache_directory_cannot_be_made(tmp_path):
+    """fissix keeps its grammar tables in ~/.cache; a read-only home must not break loading."""
+    import os
+    import subprocess
+    import sys
+    blocker = tmp_path / "not-a-dir"
+    blocker.write_text("")
+    env = dict(os.environ, HOME=str(blocker), XDG_CACHE_HOME=str(blocker / "cache"))
+    probe = ("import os; from remote_runner.python2 import compile_file; "
+             "c = compile_file(b'print 7 / 2\\n', 'x.py'); exec(c.code, {'__builtins__': "
+             "__import__('remote_runner.python2.runtime', fromlist=['x']).python2_builtins()}); "
+             "print(c.python2, os.environ['XDG_CACHE_HOME'] == %r)" % str(blocker / "cache"))
+    out = subprocess.run([sys.executable, "-c", probe], env=env, capture_output=True, text=True,
+                         timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == ["3", "True", "True"]

@@ -35,11 +35,14 @@ import copy
 import difflib
 import io
 import logging
+import os
+import sys
+import tempfile
 import threading
 import tokenize
 from dataclasses import dataclass
 from types import CodeType
-from typing import Dict, List, Optional, Set
+from typing import Any, Dict, List, Optional, Set
 
 #: The name of the runtime helper the division pass calls (see ``runtime``).
 DIVISION_HELPER = "__remote_runner_py2_div__"
@@ -215,12 +218,7 @@ def _refactoring_tool() -> object:
     with _tool_lock:
         tool = _tools.get(True)
         if tool is None:
-            previous = logging.root.manager.disable
-            logging.disable(logging.INFO)  # fissix logs "Generating grammar tables" on the root logger
-            try:
-                from fissix import refactor
-            finally:
-                logging.disable(previous)
+            refactor = _import_fissix()
 
             class QuietTool(refactor.RefactoringTool):
                 def log_message(self, msg: str, *args: object) -> None:
@@ -233,6 +231,35 @@ def _refactoring_tool() -> object:
                       if name.rsplit(".", 1)[-1] not in _SKIPPED_FIXERS]
             tool = _tools[True] = QuietTool(fixers)
         return tool
+
+
+def _import_fissix() -> Any:
+    """Import fissix's refactoring module, quietly, even where ~/.cache is not writable.
+
+    fissix logs "Generating grammar tables" on the root logger the first time and
+    keeps the generated tables in the user's cache directory; if that directory
+    cannot be created, it is pointed at a private temporary one and tried again.
+    """
+    previous = logging.root.manager.disable
+    logging.disable(logging.INFO)
+    try:
+        try:
+            from fissix import refactor
+        except OSError:
+            for name in [m for m in sys.modules if m == "fissix" or m.startswith("fissix.")]:
+                del sys.modules[name]
+            saved = os.environ.get("XDG_CACHE_HOME")
+            os.environ["XDG_CACHE_HOME"] = tempfile.mkdtemp(prefix="remote-runner-fissix-")
+            try:
+                from fissix import refactor  # its cache path is fixed at import
+            finally:
+                if saved is None:
+                    del os.environ["XDG_CACHE_HOME"]
+                else:
+                    os.environ["XDG_CACHE_HOME"] = saved
+    finally:
+        logging.disable(previous)
+    return refactor
 
 
 def _decode(source: bytes) -> str:
