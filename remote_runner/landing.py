@@ -48,26 +48,34 @@ class Landing:
         return f"{self.user}@{self.addresses[0]}:{self.port}{route}"
 
 
-def landing_of(host: str, options: "SSHOptions", timeout: float) -> Landing:
-    """Return where *host* lands, from ssh_config and a name lookup bounded by *timeout*."""
+def _route(host: str, options: "SSHOptions") -> Tuple[str, str, int, str]:
+    """Return (user, HostName, port, proxy route) for *host* from ssh_config; nothing is contacted."""
     from remote_runner.ssh import Connection
 
-    connection = Connection(host, options)  # reads ssh_config only; nothing is contacted
+    connection = Connection(host, options)
     via = str(connection.config.get("proxyjump") or connection.config.get("proxycommand") or "")
-    addresses = (connection.hostname.lower(),) if via else _resolve(connection.hostname,
-                                                                   connection.port, timeout)
-    return Landing(connection.username, addresses, connection.port, via)
+    return connection.username, connection.hostname, connection.port, via
 
 
-def _resolve(hostname: str, port: int, timeout: float) -> Tuple[str, ...]:
-    """Return the sorted addresses of *hostname*, or the name itself if it does not resolve."""
-    pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="resolve")
-    future = pool.submit(socket.getaddrinfo, hostname, port, 0, socket.SOCK_STREAM)
-    done, _ = wait([future], timeout=timeout)
-    pool.shutdown(wait=False)
-    if not done or future.exception() is not None:
-        return (hostname.lower(),)
-    return tuple(sorted({info[4][0] for info in future.result()}))
+def landings(hosts: Sequence[str], options: "SSHOptions", timeout: float) -> Dict[str, Landing]:
+    """Return where each of *hosts* lands; all name lookups together take at most *timeout*."""
+    routes = {host: _route(host, options) for host in hosts}
+    direct = sorted({(name, port) for _, name, port, via in routes.values() if not via})
+    resolved: Dict[Tuple[str, int], Tuple[str, ...]] = {}
+    if direct:
+        pool = ThreadPoolExecutor(max_workers=min(32, len(direct)), thread_name_prefix="resolve")
+        futures = {key: pool.submit(socket.getaddrinfo, key[0], key[1], 0, socket.SOCK_STREAM)
+                   for key in direct}
+        wait(list(futures.values()), timeout=timeout)
+        pool.shutdown(wait=False)
+        for key, future in futures.items():
+            if future.done() and future.exception() is None:
+                resolved[key] = tuple(sorted({info[4][0] for info in future.result()}))
+    result = {}
+    for host, (user, name, port, via) in routes.items():
+        addresses = resolved.get((name, port)) or (name.lower(),)
+        result[host] = Landing(user, addresses, port, via)
+    return result
 
 
 def group_hosts(hosts: Sequence[str], options: "SSHOptions",
@@ -76,16 +84,15 @@ def group_hosts(hosts: Sequence[str], options: "SSHOptions",
     unique = list(dict.fromkeys(hosts))
     if len(unique) < 2:
         return {host: host for host in unique}
-    with ThreadPoolExecutor(max_workers=min(16, len(unique)), thread_name_prefix="landing") as pool:
-        landings = dict(zip(unique, pool.map(lambda h: landing_of(h, options, timeout), unique)))
+    found = landings(unique, options, timeout)
     first: Dict[Landing, str] = {}
     mapping: Dict[str, str] = {}
     for host in unique:
-        canonical = first.setdefault(landings[host], host)
+        canonical = first.setdefault(found[host], host)
         mapping[host] = canonical
         if canonical != host:
             LOG.info("%s and %s reach the same login (%s): one connection and one screen "
-                     "session", canonical, host, landings[host])
+                     "session", canonical, host, found[host])
     return mapping
 
 
