@@ -16,6 +16,7 @@ import pytest
 
 from remote_runner.mirror import agent
 from remote_runner.mirror import protocol as P
+from remote_runner.mirror.localnames import is_hidden_name
 from remote_runner.mirror.service import LocalFileService, OpError
 
 HIDDEN = ".fuse_hidden0000001200000003"
@@ -62,7 +63,7 @@ def test_unlinked_open_file_leaves_nothing_behind_and_stays_usable(tmp_path):
     # After the last release libfuse unlinks the hidden name: only the hold goes.
     call(svc, "release", fh=fh)
     call(svc, "unlink", path=w(hidden))
-    assert svc.hidden == {}
+    assert len(svc.hidden) == 0
 
 
 def test_rename_over_an_open_file_keeps_the_old_data_for_its_reader(tmp_path):
@@ -76,24 +77,24 @@ def test_rename_over_an_open_file_keeps_the_old_data_for_its_reader(tmp_path):
     assert (tmp_path / "target").read_bytes() == b"new"
     assert sorted(os.listdir(tmp_path)) == ["target"]
     svc.close()
-    assert svc.hidden == {}
+    assert len(svc.hidden) == 0
 
 
 def test_a_rename_not_marked_as_hiding_is_an_ordinary_rename(tmp_path):
     svc = LocalFileService()
     (tmp_path / "f").write_bytes(b"x")
     call(svc, "rename", old=w(tmp_path / "f"), new=w(tmp_path / HIDDEN), flags=0)
-    assert os.listdir(tmp_path) == [HIDDEN] and svc.hidden == {}
+    assert os.listdir(tmp_path) == [HIDDEN] and len(svc.hidden) == 0
     (tmp_path / "g").write_bytes(b"x")
     call(svc, "rename", old=w(tmp_path / "g"), new=w(tmp_path / ".fuse_hiddenXYZ"), flags=0, hide=True)
-    assert ".fuse_hiddenXYZ" in os.listdir(tmp_path) and svc.hidden == {}
+    assert ".fuse_hiddenXYZ" in os.listdir(tmp_path) and len(svc.hidden) == 0
 
 
 def test_hidden_name_shape():
     assert agent.hidden_name("/a/b/" + HIDDEN)
     assert not agent.hidden_name("/a/.fuse_hidden0000")
     assert not agent.hidden_name("/a/.fuse_hidden000000120000000g")
-    assert LocalFileService.is_hidden_name(b"/x/" + HIDDEN.encode())
+    assert is_hidden_name(b"/x/" + HIDDEN.encode())
 
 
 # -- ownership and modes ---------------------------------------------------------------
@@ -168,7 +169,7 @@ def test_long_absolute_paths_work_where_the_programs_relative_path_did(tmp_path)
     call(svc, "rename", old=name, new=P.name_to_wire(deep + b"/moved"), flags=0)
     assert call(svc, "readdir", path=P.name_to_wire(deep))[1] == b"moved"
     call(svc, "unlink", path=P.name_to_wire(deep + b"/moved"))
-    assert getattr(svc._tls, "fds", None) is None  # the ancestors' descriptors were closed
+    assert svc.long_paths.open_count() == 0  # the ancestors' descriptors were closed
     # A single name over NAME_MAX is still the kernel's ENAMETOOLONG.
     assert errno_of(lambda: call(svc, "mkdir", path=w(tmp_path / ("x" * 256)), mode=0o755)) == errno.ENAMETOOLONG
 

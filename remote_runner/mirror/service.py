@@ -24,6 +24,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 from remote_runner.mirror import elf
 from remote_runner.mirror import protocol as P
+from remote_runner.mirror.localnames import HiddenFiles, LongPaths, is_hidden_name
 
 LOG = logging.getLogger(__name__)
 
@@ -36,13 +37,6 @@ AT_FDCWD = -100
 SETTLED_SECONDS = 2.0
 UTIME_NOW = (1 << 30) - 1
 UTIME_OMIT = (1 << 30) - 2
-#: libfuse's high-level library renames a file unlinked while open to
-#: ``.fuse_hidden`` + 16 hex digits in the same directory (fuse.c's hidden_name).
-HIDDEN_PREFIX = b".fuse_hidden"
-#: Paths this long are reached through a descriptor of an ancestor directory: the
-#: host sends absolute paths, which may exceed PATH_MAX (4096) where the
-#: program's own, relative, path did not.
-LONG_PATH = 4000
 
 
 class OpError(Exception):
@@ -244,11 +238,10 @@ class LocalFileService:
         self.seed: Tuple[List[str], List[str]] = ([], [])
         #: Programs whose libraries were already listed to the host this session.
         self._expanded: Dict[str, None] = {}
-        #: Files unlinked while open on the host: libfuse's hidden name -> an O_PATH descriptor.
-        self.hidden: Dict[bytes, int] = {}
-        self._hidden_lock = threading.Lock()
-        #: Per request thread: descriptors opened to reach long paths, closed after the request.
-        self._tls = threading.local()
+        #: Files unlinked while open on the host, held here (see :mod:`.localnames`).
+        self.hidden = HiddenFiles()
+        #: Paths beyond PATH_MAX, reached through an ancestor's descriptor per request.
+        self.long_paths = LongPaths()
 
     # -- helpers -------------------------------------------------------------
     def _path(self, args: Dict[str, Any], key: str = "path") -> bytes:
@@ -265,89 +258,19 @@ class LocalFileService:
             norm = os.path.normpath(path)
             if not any(norm == r or norm.startswith(r.rstrip(b"/") + b"/") for r in self.roots):
                 raise OpError(errno.EACCES)
-        return self._shorten(path) if len(path) >= LONG_PATH else path
-
-    def _shorten(self, path: bytes) -> bytes:
-        """Name a long absolute *path* as ``/proc/self/fd/N/rest``, N an O_PATH descriptor of an ancestor.
-
-        The kernel walks the same components either way (symlinks included);
-        only the string handed to one system call gets shorter. The
-        descriptors are closed when the request ends (:meth:`handle`).
-        """
-        held = self._tls.__dict__.setdefault("fds", [])
-        rest, fd = path, None
-        while len(rest) >= LONG_PATH:
-            cut = rest.rfind(b"/", 0, LONG_PATH - 64)
-            if cut < 0 or (fd is None and cut == 0):
-                raise OpError(errno.ENAMETOOLONG)
-            head, rest = rest[:cut], rest[cut + 1:]
-            fd = os.open(head, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC, dir_fd=fd)
-            held.append(fd)
-        return b"/proc/self/fd/%d/%s" % (fd, rest)
-
-    def _release_long(self) -> None:
-        fds = self._tls.__dict__.pop("fds", None)
-        for fd in fds or ():
-            try:
-                os.close(fd)
-            except OSError:
-                pass
+        return self.long_paths.shorten(path)
 
     def close(self) -> None:
         """Close every handle the remote left open, and let go of hidden files."""
         self.handles.close_all()
-        with self._hidden_lock:
-            held = list(self.hidden.values())
-            self.hidden.clear()
-        for fd in held:
-            try:
-                os.close(fd)
-            except OSError:
-                pass
-
-    # -- files unlinked while open ------------------------------------------------
-    @staticmethod
-    def is_hidden_name(path: bytes) -> bool:
-        """Whether *path* has the shape of libfuse's name for a file unlinked while open."""
-        name = os.path.basename(path)
-        digits = name[len(HIDDEN_PREFIX):]
-        return (name.startswith(HIDDEN_PREFIX) and len(digits) == 16
-                and all(c in b"0123456789abcdef" for c in digits))
-
-    def _hide(self, old: bytes, new: bytes) -> None:
-        """libfuse hides a file unlinked (or renamed over) while open: remove it for real here.
-
-        Without this, libfuse renames it to ``.fuse_hidden*`` and the directory
-        is not empty until the last close (``rmdir`` fails with ENOTEMPTY,
-        ``ls -a`` shows it). Instead the file is unlinked here, as the program
-        asked, and an O_PATH descriptor keeps it alive on this machine: the
-        hidden name then stands for that descriptor (``fstat`` sees nlink 0,
-        ``fchmod``/``ftruncate``/``futimens`` reach it) until libfuse unlinks
-        the hidden name after the last release.
-        """
-        fd = os.open(old, os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC)
-        try:
-            os.unlink(old)
-        except BaseException:
-            os.close(fd)
-            raise
-        with self._hidden_lock:
-            prior = self.hidden.pop(new, None)
-            self.hidden[new] = fd
-        if prior is not None:
-            os.close(prior)
+        self.hidden.close()
 
     def _held(self, a: Dict[str, Any], key: str = "path") -> Optional[bytes]:
         """The /proc/self/fd path standing for a hidden file named in *a*, or None."""
-        if not self.hidden:
-            return None
         try:
-            path = P.name_from_wire(a.get(key))
+            return self.hidden.path(P.name_from_wire(a.get(key)))
         except P.ProtocolError:
             return None
-        with self._hidden_lock:
-            fd = self.hidden.get(path)
-        return None if fd is None else b"/proc/self/fd/%d" % fd
 
     # -- dispatch ------------------------------------------------------------
     def handle(self, op: str, args: Dict[str, Any], payload: bytes) -> Reply:
@@ -358,7 +281,7 @@ class LocalFileService:
         try:
             return method(args, payload)
         finally:
-            self._release_long()
+            self.long_paths.release()
 
     def serve(self, header: Dict[str, Any], payload: bytes) -> Tuple[Dict[str, Any], bytes, bool]:
         """Turn one request frame into a reply frame (header, payload, compressible)."""
@@ -588,11 +511,8 @@ class LocalFileService:
 
     def op_unlink(self, a: Dict[str, Any], _: bytes) -> Reply:
         path = self._path(a)
-        with self._hidden_lock:
-            held = self.hidden.pop(P.name_from_wire(a["path"]), None)
-        if held is not None:  # libfuse lets go of a hidden file: it is already gone here
-            os.close(held)
-            return Reply()
+        if self.hidden.release(P.name_from_wire(a["path"])):
+            return Reply()  # libfuse lets go of a hidden file: it is already gone here
         os.unlink(path)
         return Reply()
 
@@ -612,8 +532,10 @@ class LocalFileService:
         flags = int(a.get("flags") or 0)
         if flags & ~(RENAME_NOREPLACE | RENAME_EXCHANGE):
             raise OpError(errno.EINVAL)
-        if not flags and a.get("hide") and self.is_hidden_name(new):
-            self._hide(old, P.name_from_wire(a["new"]))
+        if not flags and a.get("hide") and is_hidden_name(new):
+            # libfuse hides a file unlinked or renamed over while open: remove it for
+            # real here and hold it, so nothing is left behind (see :mod:`.localnames`).
+            self.hidden.hide(old, P.name_from_wire(a["new"]))
             return Reply()
         if flags:
             _renameat2(old, new, flags)
