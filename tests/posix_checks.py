@@ -281,7 +281,22 @@ def dir_link_counts(d: str) -> Any:
     os.mkdir(d + "/p/c2")
     grown = os.stat(d + "/p").st_nlink
     os.rmdir(d + "/p/c1")
-    return [before, grown, os.stat(d + "/p").st_nlink, os.stat(d + "/p/c2").st_nlink]
+    out = [before, grown, os.stat(d + "/p").st_nlink, os.stat(d + "/p/c2").st_nlink]
+    os.mkdir(d + "/q")
+    os.stat(d + "/q")
+    os.rename(d + "/p/c2", d + "/q/c2")  # ".." moves: both parents' counts change
+    return out + [os.stat(d + "/p").st_nlink, os.stat(d + "/q").st_nlink]
+
+
+@check
+def renamed_file_ctime(d: str) -> Any:
+    import time
+    create(d + "/f")
+    os.mkdir(d + "/sub")
+    before = os.stat(d + "/f").st_ctime_ns
+    time.sleep(0.05)
+    os.rename(d + "/f", d + "/sub/g")
+    return os.stat(d + "/sub/g").st_ctime_ns > before
 
 
 @check
@@ -419,6 +434,8 @@ def other_user(d: str) -> Any:
     os.mkdir(d + "/sticky")
     os.chmod(d + "/sticky", 0o1777)
     create(d + "/sticky/roots", 0o666)
+    create(d + "/suid", 0o6777)
+    os.chmod(d + "/suid", 0o6777)
 
     def as_other() -> Dict[str, Any]:
         o = {
@@ -447,6 +464,7 @@ def other_user(d: str) -> Any:
             "link-to-roots": err(lambda: os.link(d + "/private", d + "/hardlink")),
             "setxattr-roots": err(lambda: os.setxattr(d + "/roots", "user.x", b"1")),
             "readdir-closed": err(lambda: os.listdir(d + "/closed")),
+            "write-suid": err(lambda: os.write(os.open(d + "/suid", os.O_WRONLY), b"x")),
             "access-private": os.access(d + "/private", os.R_OK),
             "access-roots-w": os.access(d + "/roots", os.W_OK),
         }
@@ -459,6 +477,7 @@ def other_user(d: str) -> Any:
     for name in ("mine", "mydir", "myfifo", "mylink"):
         out[name + "-owner"] = owner(d + "/" + name) if os.path.lexists(d + "/" + name) else "missing"
     out["mydir-mode"] = mode(d + "/mydir") if os.path.lexists(d + "/mydir") else "missing"
+    out["suid-after-write"] = mode(d + "/suid")  # a write by another user drops set-id bits
     return out
 
 
