@@ -296,6 +296,24 @@ class Connection:
             raise ConfigError(f"host {self.alias}: {key} is not a number: {value!r}",
                               file=", ".join(self._config_files), field=key) from None
 
+    # ---------------------------------------------------------------- route (nothing contacted)
+
+    @property
+    def jumps(self) -> List[str]:
+        """Return the ProxyJump hops ssh_config gives for this host (first hop first)."""
+        return list(self._via) if self._via is not None else _jump_list(self.config.get("proxyjump"))
+
+    @property
+    def proxy_command(self) -> Optional[str]:
+        """Return the ProxyCommand for this host, if any (unused when there are jumps)."""
+        return None if self.jumps else (self.config.get("proxycommand") or None)
+
+    def host_key_known(self) -> bool:
+        """Tell whether a known_hosts file already holds a key for this host (read locally)."""
+        name = (self.config.get("hostkeyalias")
+                or hostkeys.known_hosts_name(self.hostname, self.port))
+        return bool(self._known_hosts().for_name(name))
+
     # ---------------------------------------------------------------- connect
 
     def connect(self) -> "Connection":

@@ -94,7 +94,7 @@ def test_arg_parser_gets_dash_values_in_both_entry_points(tmp_path):
     out = cli("-c", config, "-a", parser_file, "--extra-args", "-p X", "--dry-run")
     assert out.returncode == 0, out.stderr
     assert "INFO: extra=['-p', 'X']" in out.stderr
-    assert "INFO: index 0: h1:x" in out.stderr
+    assert "  index 0: h1:x" in out.stdout.splitlines()  # the plan, on stdout
     sub = subprocess.run([sys.executable, "-m", "remote_runner", "run", "-c", config, "-a",
                           parser_file, "--extra-args", "-t", "--dry-run"],
                          capture_output=True, text=True, timeout=120, cwd=REPO)
@@ -249,10 +249,10 @@ def test_password_is_never_logged(tmp_path):
     """)
     out = cli("-c", config, "-p", "s3cret-not-logged", "-l", "DEBUG", "--dry-run")
     assert out.returncode == 0, out.stderr
-    assert "s3cret-not-logged" not in out.stderr
+    assert "s3cret-not-logged" not in out.stderr + out.stdout
     from_env = cli("-c", config, "-l", "DEBUG", "--dry-run",
                    env={"REMOTE_RUNNER_PASSWORD": "s3cret-env"})
-    assert from_env.returncode == 0 and "s3cret-env" not in from_env.stderr
+    assert from_env.returncode == 0 and "s3cret-env" not in from_env.stderr + from_env.stdout
 
 
 def test_terminate_flag_stops_other_components(lab, env):

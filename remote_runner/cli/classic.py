@@ -30,7 +30,11 @@ Flags (SPAR's names, short forms and defaults, plus a few additions):
 --wait-timeout SEC      give up waiting for wait=True components after SEC (exit 5)
 -t/--terminate          after the waited components end, stop all other components
 --no-terminate          do not (the default)
---dry-run               load and validate the config, print the plan, touch no host
+--dry-run               print the plan on stdout: each host's route and host key, each file
+                        and why it would be copied (asking the hosts, read-only), each window
+                        by start index; nothing is started or changed
+--no-connect            with --dry-run: do not ask the hosts (files are "not checked")
+--json                  the plan (--dry-run) or the run's result as JSON on stdout
 --no-progress           never draw a progress display (neither does -l WARNING/ERROR,
                         TERM=dumb or NO_COLOR)
 --python2, --python3    read the config, muddler and arg parser as Python 2 (translated in
@@ -53,9 +57,8 @@ session or window); 130 interrupted.
 from __future__ import annotations
 
 import argparse
+import json
 import logging
-import os
-import shlex
 import sys
 from typing import TYPE_CHECKING, List, Optional, Sequence
 
@@ -149,7 +152,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add("-t", "--terminate", dest="terminate", action=argparse.BooleanOptionalAction, default=False,
         help="after the wait components end, stop the others by process group "
              "(SPAR's -t meant the opposite; default: off)")
-    add("--dry-run", action="store_true", help="validate and print the plan; touch no host")
+    add("--dry-run", action="store_true",
+        help="print the plan on stdout (routes, host keys, each file and why it would be "
+             "copied, windows by index); asks the hosts, read-only; changes nothing")
+    add("--no-connect", action="store_true",
+        help="with --dry-run: a purely local plan (files are 'not checked')")
+    add("--json", action="store_true",
+        help="print the plan (--dry-run) or the run's result as one JSON document on stdout")
     add("--no-progress", action="store_true",
         help="no progress display (also off with -l WARNING or ERROR, TERM=dumb or NO_COLOR)")
     dialect = parser.add_mutually_exclusive_group()
@@ -208,8 +217,11 @@ def run_command(args: argparse.Namespace) -> int:
     ssh_options = SSHOptions(ssh_config_file=args.ssh_config, user=args.ssh_user,
                              password=password, accept_new_host_keys=args.accept_new_host_keys,
                              connect_timeout=args.connect_timeout, forks=args.forks)
+    if args.no_connect and not args.dry_run:
+        raise ConfigError("--no-connect only makes sense with --dry-run", field="--no-connect")
     if args.dry_run:
-        return dry_run(experiment, options, ssh_options)
+        return dry_run(experiment, options, ssh_options, connect=not args.no_connect,
+                       as_json=args.json)
     wanted = progress_wanted(args.log_level, args.no_progress)
     with upload_progress(wanted) as progress:
         report = run(experiment, options, ssh_options, progress=progress)
@@ -217,20 +229,23 @@ def run_command(args: argparse.Namespace) -> int:
     return 0
 
 
-def dry_run(experiment: "Experiment", options: "RunOptions",
-            ssh_options: Optional["SSHOptions"] = None) -> int:
-    """Log what a run would start, in order, without contacting any host."""
-    from remote_runner.runner import Runner, component_argv
+def dry_run(experiment: "Experiment", options: "RunOptions", ssh_options: "SSHOptions",
+            connect: bool = True, as_json: bool = False) -> int:
+    """Print the plan on stdout (text or JSON); exit 3 if a host could not be asked."""
+    from remote_runner import plan as planning
+    from remote_runner.errors import EXIT_CONNECT
+    from remote_runner.runner import Runner
 
     Runner(experiment, options, ssh_options).preflight()
-    for spec in sorted(experiment.components, key=lambda s: (s.start_index, s.host)):
-        LOG.info("index %s: %s:%s in %s: %s%s%s", spec.start_index, spec.host, spec.name,
-                 spec.base_dir or (f"{os.getcwd()} (where remote_runner was started)"
-                                   if spec.is_local else "(new temporary directory)"),
-                 shlex.join(component_argv(spec)),
-                 f" [{len(spec.files)} file entries]" if spec.files else "",
-                 " [wait]" if spec.wait else "")
-    return 0
+    the_plan = planning.build(experiment, options, ssh_options, connect=connect)
+    if as_json:
+        sys.stdout.write(json.dumps(the_plan.to_dict(), indent=2) + "\n")
+    else:
+        sys.stdout.write(planning.render_text(the_plan))
+    sys.stdout.flush()
+    for host, problem in sorted(the_plan.problems.items()):
+        LOG.error("%s: could not check files: %s", host, problem)
+    return EXIT_CONNECT if the_plan.problems else 0
 
 
 def main(argv: Optional[List[str]] = None) -> int:
