@@ -206,6 +206,22 @@ class Component:
         return f"Component({shown})"
 
 
+def set_field_at(component: Component, name: str, value: Any, origin: Origin) -> None:
+    """Set a field as if the line at *origin* had set it (configs written in YAML)."""
+    if name not in LEGAL_FIELDS:
+        raise ConfigError(_unknown_field_message(name), file=origin.file, line=origin.line,
+                          component=component._known_name(), field=name)
+    object.__setattr__(component, name, value)
+    component._origins[name] = origin
+
+
+def component_at(origin: Origin) -> Component:
+    """Return a new Component whose errors point at *origin* (configs written in YAML)."""
+    component = Component()
+    object.__setattr__(component, "_created", origin)
+    return component
+
+
 def _unknown_field_message(name: str) -> str:
     """Explain that *name* is not a Component attribute, suggesting the closest one."""
     close = difflib.get_close_matches(name, LEGAL_FIELDS, n=1, cutoff=0.6)
@@ -230,6 +246,12 @@ class Config:
                               file=here.file, line=here.line)
         stored = copy.deepcopy(component)
         object.__setattr__(stored, "_added", here)
+        self._components.append(stored)
+
+    def add_component_at(self, component: Component, origin: Origin) -> None:
+        """Add a deep copy of *component* as added at *origin* (configs written in YAML)."""
+        stored = copy.deepcopy(component)
+        object.__setattr__(stored, "_added", origin)
         self._components.append(stored)
 
     def clear_components(self) -> None:
@@ -425,7 +447,11 @@ def load_experiment(config_file: str, options: Optional[argparse.Namespace],
     dialect = getattr(options, "python", None)
     extra_options = muddle.load_extra_options(arg_parser_file, extra_args,
                                               getattr(options, "ssh_user", None), dialect)
-    config = run_config(config_path, options, extra_options, dialect)
+    if config_path.endswith((".yaml", ".yml")):
+        from remote_runner import yamlconfig
+        config = yamlconfig.load_config(config_path, extra_options)
+    else:
+        config = run_config(config_path, options, extra_options, dialect)
     config_dir = os.path.dirname(config_path)
     if muddler_path:
         config = muddle.apply_muddler(muddler_path, config, options, extra_options, config_dir,

@@ -271,7 +271,7 @@ def _files(host: str, specs: Sequence["ComponentSpec"]) -> List[FilePlan]:
 
 def _check_host(plan: HostPlan, ssh_options: "SSHOptions") -> None:
     """Connect (never recording a host key) and classify the files still unchecked."""
-    from remote_runner.runner import RemoteShell
+    from remote_runner.shell import RemoteShell
     from remote_runner.ssh import Connection, SSHOptions
 
     unknown = [h.name for h in ([plan.route] if plan.route else []) + plan.jumps
