@@ -2,7 +2,7 @@
 
 Flags (SPAR's names, short forms and defaults, plus a few additions):
 
--c/--config FILE        the experiment config (Python), required
+-c/--config FILE        the experiment config (Python, or YAML for .yaml/.yml), required
 -m/--muddler FILE       a muddler: ``muddle(config)`` or ``muddle(config, options)``
 -a/--arg-parser FILE    defines ``parse_args(extra_args, ssh_user)``; needs --extra-args
 --extra-args "ARGS"     one string for the arg parser; may begin with '-' in either form,
@@ -114,7 +114,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Add the classic flags (SPAR's dest names, so configs can read ``options.ssh_user``)."""
     add = parser.add_argument
     add("-c", "--config", dest="config_file", required=True, metavar="FILE",
-        help="experiment config file (Python)")
+        help="experiment config file (Python, or YAML: .yaml/.yml)")
     add("-m", "--muddler", dest="muddler", metavar="FILE", help="muddler file")
     add("-a", "--arg-parser", dest="arg_parser", metavar="FILE",
         help="arg parser file defining parse_args(extra_args, ssh_user); needs --extra-args")
