@@ -39,6 +39,7 @@ from dataclasses import dataclass, field
 from typing import (TYPE_CHECKING, Any, Callable, Dict, List, Optional, Protocol, Sequence,
                     Tuple)
 
+from remote_runner import events as ev
 from remote_runner import landing
 from remote_runner import screen as scr
 from remote_runner import sync
@@ -73,6 +74,8 @@ class RunOptions:
     start_timeout: float = 30.0
     terminate_grace: float = 10.0
     forks: int = 10
+    #: Seconds between reads of waited components' last log lines (0: never), for live views.
+    tail_logs: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -156,8 +159,10 @@ class Runner:
                  ssh_options: Optional["SSHOptions"] = None,
                  connect: Optional[Callable[[List[str]], Dict[str, "Connection"]]] = None,
                  mirror_factory: MirrorFactory = default_mirror_factory,
-                 progress: Optional[sync.Progress] = None) -> None:
+                 progress: Optional[sync.Progress] = None,
+                 reporter: Optional[ev.Reporter] = None) -> None:
         self.experiment = experiment
+        self.events: ev.Reporter = reporter or ev.LogReporter()
         self.options = options
         self.ssh_options = ssh_options
         self._connect = connect
@@ -181,18 +186,28 @@ class Runner:
     def run(self) -> RunReport:
         """Carry out the whole run; raise a RunnerError subclass on the first failing step."""
         self.preflight()
+        hosts, count = len(self._by_host()), len(self.experiment.components)
         try:
-            self.connect()
-            self.prepare()
-            self.copy()
-            self.replace_sessions()
-            self.write_launchers()
-            self.start_all()
+            with ev.phase(self.events, "connect", hosts) as info:
+                self.connect()
+                info["message"] = f"connected to {len(self.connections)} host(s)"
+            with ev.phase(self.events, "prepare", hosts):
+                self.prepare()
+            with ev.phase(self.events, "copy", self._hosts_with_files()) as info:
+                self.copy()
+                info["message"] = _copy_summary(self.report.sync)
+            with ev.phase(self.events, "start", count) as info:
+                self.replace_sessions()
+                self.write_launchers()
+                self.start_all()
+                info["message"] = f"started {count} component(s)"
             try:
-                self.wait_all()
+                with ev.phase(self.events, "wait", len(self._waited())):
+                    self.wait_all()
             finally:
                 if self.options.terminate:
-                    self.terminate()
+                    with ev.phase(self.events, "terminate", count):
+                        self.terminate()
             if self.report.failures:
                 raise ComponentFailed(self.report.failures)
             return self.report
@@ -251,9 +266,12 @@ class Runner:
         if remote:
             if self._connect is not None:
                 self.connections = self._connect(remote)
+                for host in self.connections:
+                    self._say(ev.KIND_HOST_CONNECTED, host, level=logging.DEBUG)
             else:
                 from remote_runner.ssh import SSHOptions, connect_all
-                self.connections = connect_all(remote, self.ssh_options or SSHOptions())
+                self.connections = connect_all(remote, self.ssh_options or SSHOptions(),
+                                               on_result=self._connected)
         for host in self._by_host():
             self.shells[host] = (LocalShell() if host == "localhost"
                                  else RemoteShell(self.connections[host], host))
@@ -276,9 +294,10 @@ class Runner:
         session = self.screens[host]
         if self.options.kill_first:
             for old in session.kill(self.options.terminate_grace):
-                LOG.info("%s: quit previous screen session %s", host, old)
+                self._say(ev.KIND_NOTE, host, f"quit previous screen session {old}")
         elif session.adopt():
-            LOG.info("%s: adding windows to existing screen session %s", host, session.session_id)
+            self._say(ev.KIND_NOTE, host,
+                      f"adding windows to existing screen session {session.session_id}")
 
     def copy(self) -> None:
         """Copy every remote component's files (nothing for localhost)."""
@@ -289,14 +308,23 @@ class Runner:
                 continue
             connection = self.connections[host]
             jobs.append((self.shells[host], connection.sftp, sync.make_plan(host, entries)))
-        for host, plan in ((j[2].host, j[2]) for j in jobs):
-            LOG.info("%s: checking %d file%s (%d bytes)", host, len(plan.files),
-                     "" if len(plan.files) == 1 else "s", plan.total_bytes)
         openers = {host: _lane_opener(self.connections[host]) for host in self.connections}
+
+        def progress(host: str, delta: int) -> None:
+            self.events.emit(ev.Event(ev.KIND_COPY_PROGRESS, host=host, data={"bytes": delta}))
+            if self.progress is not None:
+                self.progress(host, delta)
+
+        def planned(host: str, files: int, size: int) -> None:
+            self.events.emit(ev.Event(ev.KIND_COPY_PLANNED, host=host,
+                                      data={"files": files, "bytes": size}))
+
         self.report.sync = sync.sync_all(jobs, self.options.forks, self.options.always_copy,
-                                         self.progress, openers, self.cancel)
+                                         progress, openers, self.cancel, on_plan=planned)
         for host in sorted(self.report.sync):
-            LOG.info("%s", self.report.sync[host].summary())
+            done = self.report.sync[host]
+            self._say(ev.KIND_COPY_DONE, host, done.summary().split(": ", 1)[-1],
+                      copied=len(done.copied), unchanged=len(done.skipped), bytes=done.bytes)
 
     def write_launchers(self) -> None:
         """Write every component's launcher (one command per host)."""
@@ -317,24 +345,31 @@ class Runner:
             by_host: Dict[str, List[Placement]] = {}
             for place in waves[index]:
                 by_host.setdefault(self._group_of(place.spec), []).append(place)
-            LOG.info("starting index %s: %s", index,
-                     ", ".join(f"{p.spec.host}:{p.spec.name}" for p in waves[index]))
+            self._say(ev.KIND_NOTE, None, f"starting index {index}: " + ", ".join(
+                f"{p.spec.host}:{p.spec.name}" for p in waves[index]))
             self._parallel(lambda host: self._start_on_host(host, by_host[host]), list(by_host),
                            f"starting index {index}", by_host)
 
     def wait_all(self) -> None:
         """Block until every wait (and mirrored) component has exited, or the wait timeout."""
-        waited = {host: [p for p in places if p.spec.wait or p.spec.mirror]
-                  for host, places in self.placements.items()}
-        waited = {h: ps for h, ps in waited.items() if ps}
+        waited = self._waited()
         if not waited:
             return
         deadline = (None if self.options.wait_timeout is None
                     else time.monotonic() + self.options.wait_timeout)
-        LOG.info("waiting for %s", ", ".join(f"{p.spec.host}:{p.spec.name}"
-                                             for ps in waited.values() for p in ps))
-        self._parallel(lambda host: self._wait_on_host(host, waited[host], deadline), list(waited),
-                       "waiting", waited)
+        for host, places in waited.items():
+            for place in places:
+                self._say(ev.KIND_COMPONENT_WAITING, host, component=place.spec.name,
+                          level=logging.DEBUG, log_file=place.window.log_file)
+        self._say(ev.KIND_NOTE, None, "waiting for " + ", ".join(
+            f"{p.spec.host}:{p.spec.name}" for ps in waited.values() for p in ps))
+        from remote_runner.tails import LogTailer
+        tailer = LogTailer(self.shells, waited, self.events, self.options.tail_logs)
+        try:
+            self._parallel(lambda host: self._wait_on_host(host, waited[host], deadline),
+                           list(waited), "waiting", waited)
+        finally:
+            tailer.stop()
 
     def terminate(self) -> None:
         """Stop every non-wait component by signalling its window's process group."""
@@ -384,7 +419,8 @@ class Runner:
             base = found[f"BASE {i}"]
             temp_base = spec.base_dir is None and not spec.is_local
             if spec.base_dir is None:
-                LOG.info("Set base dir for %s to %s (host %s)", spec.name, base, host)
+                self._say(ev.KIND_NOTE, host, f"base dir of {spec.name} is {base}",
+                          level=logging.DEBUG)
             window = scr.Window(spec.name, scr.file_stem(spec.name), state_dir)
             places.append(Placement(spec, base, window, temp_base))
             self.report.components[spec.key] = ComponentResult(host, spec.name, base)
@@ -415,8 +451,10 @@ class Runner:
         for place in places:
             result = self.report.components[place.spec.key]
             result.pid = pids[place.window.stem]
-            LOG.info("%s: started %s (pid %d) in screen session %s", host, place.spec.name,
-                     result.pid, session.session_id)
+            self._say(ev.KIND_COMPONENT_STARTED, host,
+                      f"started {place.spec.name} (pid {result.pid}) in screen session "
+                      f"{session.session_id}", component=place.spec.name, pid=result.pid,
+                      start_index=place.spec.start_index, session=session.session_id)
 
     def _wait_on_host(self, host: str, places: List[Placement], deadline: Optional[float]) -> None:
         """Poll *host* until every component in *places* has a status (or the deadline)."""
@@ -437,7 +475,10 @@ class Runner:
                     result = self.report.components[place.spec.key]
                     result.failure = (f"still running after --wait-timeout "
                                       f"{self.options.wait_timeout:g} s")
-                    LOG.error("%s: %s %s", host, place.spec.name, result.failure)
+                    self._say(ev.KIND_COMPONENT_ENDED, host,
+                              f"{place.spec.name} {result.failure}", level=logging.ERROR,
+                              component=place.spec.name, status=None, failure=result.failure,
+                              waited=True)
                 return
 
     def _record_end(self, host: str, place: Placement, state: str, value: str) -> None:
@@ -446,7 +487,9 @@ class Runner:
         if state == "DONE":
             result.status = int(value) if value.lstrip("-").isdigit() else None
             if result.status == 0:
-                LOG.info("%s: %s exited with status 0", host, place.spec.name)
+                self._say(ev.KIND_COMPONENT_ENDED, host, f"{place.spec.name} exited with status 0",
+                          component=place.spec.name, status=0, failure=None,
+                          waited=place.spec.wait)
                 return
             failure = f"exited with status {value}" + (
                 " (command not found)" if result.status == 127 else "")
@@ -454,9 +497,10 @@ class Runner:
             failure = "its window ended without recording an exit status"
         if place.spec.wait:
             result.failure = failure
-            LOG.error("%s: %s %s", host, place.spec.name, failure)
-        else:
-            LOG.warning("%s: %s %s", host, place.spec.name, failure)
+        self._say(ev.KIND_COMPONENT_ENDED, host, f"{place.spec.name} {failure}",
+                  level=logging.ERROR if place.spec.wait else logging.WARNING,
+                  component=place.spec.name, status=result.status, failure=failure,
+                  waited=place.spec.wait)
 
     def _poll_status(self, host: str, places: List[Placement], seconds: float
                      ) -> Dict[str, Tuple[str, str]]:
@@ -469,11 +513,37 @@ class Runner:
                                   self.options.terminate_grace)
         for place in places:
             self.report.components[place.spec.key].terminated = True
-            LOG.info("%s: terminated %s", host, place.spec.name)
+            self._say(ev.KIND_COMPONENT_TERMINATED, host, f"terminated {place.spec.name}",
+                      component=place.spec.name)
         if killed:
-            LOG.warning("%s: %s ignored SIGTERM and got SIGKILL", host, ", ".join(killed))
+            self._say(ev.KIND_NOTE, host, f"{', '.join(killed)} ignored SIGTERM and got SIGKILL",
+                      level=logging.WARNING)
 
     # -- helpers ------------------------------------------------------------
+
+    def _say(self, kind: str, host: Optional[str], message: str = "", level: int = logging.INFO,
+             component: Optional[str] = None, **data: Any) -> None:
+        """Tell the reporter what happened (the only way the runner reports progress)."""
+        self.events.emit(ev.Event(kind, message, host=host, component=component, level=level,
+                                  data=data))
+
+    def _connected(self, host: str, error: Optional[BaseException]) -> None:
+        """Report one host's connection outcome as soon as it is known."""
+        if error is None:
+            self._say(ev.KIND_HOST_CONNECTED, host, "connected")
+        else:
+            self._say(ev.KIND_HOST_FAILED, host, level=logging.DEBUG, error=str(error))
+
+    def _hosts_with_files(self) -> int:
+        """Count the remote hosts that receive files."""
+        return sum(1 for host, specs in self._by_host().items()
+                   if host != "localhost" and any(s.files for s in specs))
+
+    def _waited(self) -> Dict[str, List[Placement]]:
+        """Return, per host, the components a run waits for (wait=True or mirrored)."""
+        waited = {host: [p for p in places if p.spec.wait or p.spec.mirror]
+                  for host, places in self.placements.items()}
+        return {h: ps for h, ps in waited.items() if ps}
 
     def _by_host(self) -> Dict[str, List["ComponentSpec"]]:
         """Group the components by host (names that reach the same login are one host)."""
@@ -497,7 +567,7 @@ class Runner:
             return
         errors: List[BaseException] = []
         pool = ThreadPoolExecutor(max_workers=max(1, min(self.options.forks, len(hosts))))
-        futures = [pool.submit(func, h) for h in hosts]
+        futures = [pool.submit(ev.for_host(h, func), h) for h in hosts]
         # On Ctrl-C this returns at once; closing the connections (run's finally)
         # then ends whatever the workers are still waiting for on the network.
         sync.wait_or_cancel(pool, futures, self.cancel)
@@ -531,6 +601,14 @@ def _check_host_syntax(spec: "ComponentSpec") -> None:
 
 #: Exit status of the prepare script on a host without GNU screen.
 _NO_SCREEN = 5
+
+
+def _copy_summary(reports: Dict[str, "sync.HostSync"]) -> str:
+    """One line for the whole copy phase."""
+    copied = sum(len(r.copied) for r in reports.values())
+    unchanged = sum(len(r.skipped) for r in reports.values())
+    size = sum(r.bytes for r in reports.values())
+    return f"copied {copied} file(s) ({size} bytes), {unchanged} unchanged"
 
 
 def _lane_opener(connection: "Connection") -> Callable[[], Any]:

@@ -331,13 +331,16 @@ class Connection:
             except Exception as exc:
                 self._teardown()
                 raise HostError(self.alias, f"unexpected error while connecting: {exc!r}") from exc
-            log.debug("connected to %s", self)
+            log.debug("%s: connected (%s@%s:%d)", self.alias, self.username, self.hostname,
+                      self.port)
             return self
 
     def _open(self) -> None:
         """Build the transport: socket or jump, handshake, host key, auth, watchdog."""
         sock = self._open_socket()
         transport = paramiko.Transport(sock)
+        # paramiko's own log lines then name the host (logger paramiko.transport.host.<alias>).
+        transport.set_log_channel("paramiko.transport.host." + self.alias)
         self._transport = transport
         for attr in ("banner_timeout", "auth_timeout", "handshake_timeout"):
             setattr(transport, attr, self.connect_timeout)
@@ -371,7 +374,7 @@ class Connection:
             return self._open_via_jump(jumps)
         command = self.config.get("proxycommand")
         if command:
-            log.debug("host %s: ProxyCommand %s", self.alias, command)
+            log.debug("%s: ProxyCommand %s", self.alias, command)
             try:
                 self._proxy = ProxyCommand(command)
             except Exception as exc:
@@ -871,8 +874,14 @@ class ConnectAllError(HostError):
         return (f"could not connect to {len(lines)} host(s):\n  " + "\n  ".join(lines))
 
 
-def connect_all(hosts: Iterable[str], options: SSHOptions) -> Dict[str, Connection]:
-    """Connect to every host in parallel (at most ``options.forks`` at once), all or nothing."""
+def connect_all(hosts: Iterable[str], options: SSHOptions,
+                on_result: Optional[Callable[[str, Optional[BaseException]], None]] = None
+                ) -> Dict[str, Connection]:
+    """Connect to every host in parallel (at most ``options.forks`` at once), all or nothing.
+
+    *on_result(host, error)* is called as each host's attempt ends (error None on success),
+    so a progress display can count hosts while the others are still connecting.
+    """
     unique = list(dict.fromkeys(hosts))
     connections: Dict[str, Connection] = {}
     failures: Dict[str, BaseException] = {}
@@ -888,6 +897,8 @@ def connect_all(hosts: Iterable[str], options: SSHOptions) -> Dict[str, Connecti
                 connections[host] = future.result()
             except Exception as exc:
                 failures[host] = exc
+            if on_result is not None:
+                on_result(host, failures.get(host))
     except BaseException:
         pool.shutdown(wait=False, cancel_futures=True)
         for connection in connections.values():
@@ -903,8 +914,10 @@ def connect_all(hosts: Iterable[str], options: SSHOptions) -> Dict[str, Connecti
 
 def _connect_one(host: str, options: SSHOptions) -> Connection:
     """Connect one host, turning unexpected errors into HostError."""
+    from remote_runner.events import host_context
     try:
-        return Connection(host, options).connect()
+        with host_context(parse_host(host)[1]):
+            return Connection(host, options).connect()
     except RunnerError:
         raise
     except Exception as exc:

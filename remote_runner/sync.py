@@ -40,6 +40,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Callable, Dict, Iterable, List, Optional, Sequence, Tuple
 
 from remote_runner.errors import EXIT_INTERRUPTED, ConnectionLost, CopyError, RunnerError, describe
+from remote_runner.events import host_context
 
 if TYPE_CHECKING:  # pragma: no cover
     from remote_runner.config import FileSpec
@@ -73,6 +74,8 @@ CANCEL_GRACE = 1.0
 Progress = Callable[[str, int], None]
 #: Opens one more SFTP client on the host's connection (for a parallel lane).
 LaneOpener = Callable[[], Any]
+#: Called with (host, files, bytes) once a host knows what it really has to upload.
+Planned = Callable[[str, int, int], None]
 
 
 @dataclass(frozen=True)
@@ -665,7 +668,8 @@ def upload_bundles(shell: "Shell", host: str, items: Sequence[Upload],
 
 def sync_host(shell: "Shell", sftp: Any, plan: Plan, always_copy: bool = False,
               progress: Optional[Progress] = None,
-              open_lane: Optional[LaneOpener] = None, small_file: int = SMALL_FILE) -> HostSync:
+              open_lane: Optional[LaneOpener] = None, small_file: int = SMALL_FILE,
+              on_plan: Optional[Planned] = None) -> HostSync:
     """Bring one host up to date with *plan* and report what was done.
 
     *sftp* is an SFTP client or a function returning one: it is only asked for
@@ -680,6 +684,8 @@ def sync_host(shell: "Shell", sftp: Any, plan: Plan, always_copy: bool = False,
     else:
         todo, same, report.hash_tool = changed_files(shell, get_sftp, plan)
     report.skipped = [u.dest for u in same]
+    if on_plan is not None:
+        on_plan(plan.host, len(todo), sum(u.size for u in todo))
     has_tar = make_dirs(shell, plan, todo)
     small = [u for u in todo if u.size <= small_file] if has_tar and hasattr(shell, "feed") else []
     if small:
@@ -699,7 +705,8 @@ def sync_host(shell: "Shell", sftp: Any, plan: Plan, always_copy: bool = False,
 def sync_all(jobs: Sequence[Tuple["Shell", Callable[[], Any], Plan]], forks: int = 10,
              always_copy: bool = False, progress: Optional[Progress] = None,
              lane_openers: Optional[Dict[str, LaneOpener]] = None,
-             cancel: Optional[threading.Event] = None) -> Dict[str, HostSync]:
+             cancel: Optional[threading.Event] = None,
+             on_plan: Optional[Planned] = None) -> Dict[str, HostSync]:
     """Sync every (shell, sftp factory, plan) job in parallel; raise one error for all failures.
 
     Ctrl-C (or *cancel* set by the caller) stops every upload at its next
@@ -721,8 +728,9 @@ def sync_all(jobs: Sequence[Tuple["Shell", Callable[[], Any], Plan]], forks: int
         shell, sftp_factory, plan = job
         if not plan.files and not plan.dirs:
             return HostSync(plan.host)
-        return sync_host(shell, sftp_factory, plan, always_copy, checked,
-                         openers.get(plan.host))
+        with host_context(plan.host):
+            return sync_host(shell, sftp_factory, plan, always_copy, checked,
+                             openers.get(plan.host), on_plan=on_plan)
 
     pool = ThreadPoolExecutor(max_workers=max(1, forks), thread_name_prefix="sync")
     futures = [(job[2].host, pool.submit(one, job)) for job in jobs]

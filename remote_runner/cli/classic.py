@@ -18,7 +18,11 @@ Flags (SPAR's names, short forms and defaults, plus a few additions):
                         are always refused)
 --connect-timeout SEC   per-host connection timeout (default 10)
 -f/--forks N            hosts handled at once (default 10)
--l/--log-level LEVEL    DEBUG, INFO (default), WARNING or ERROR; ``LEVEL: message`` on stderr
+-l/--log-level LEVEL    DEBUG, INFO (default), WARNING or ERROR (SPAR's flag)
+-v/-vv, -q/-qq          DEBUG lines naming their host (-vv: and paramiko's); warnings only
+                        (-qq: errors only). On a terminal a live view per phase, else
+                        ``HH:MM:SS LEVEL: host: message`` lines on stderr; then a recap on
+                        stdout (``--json``: the run's result as JSON instead)
 --screen NAME           screen session name on every host (default ``runner``)
 --no-kill               keep the previous session and add this run's windows to it
 --grace SEC             how long a stopped component gets between SIGTERM and SIGKILL, when
@@ -133,7 +137,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add("-f", "--forks", type=int, default=10, metavar="N",
         help="hosts handled at once (default 10)")
     add("-l", "--log-level", dest="log_level", default="INFO",
-        choices=["DEBUG", "INFO", "WARNING", "ERROR"], help="log level (default INFO)")
+        choices=["DEBUG", "INFO", "WARNING", "ERROR"],
+        help="log level (default INFO; SPAR's flag: -v/-q are the short forms)")
+    add("-v", "--verbose", action="count", default=0,
+        help="DEBUG lines, each naming its host; -vv adds paramiko's own protocol lines")
+    add("-q", "--quiet", action="count", default=0,
+        help="warnings and errors only (-qq: errors only); the recap is still printed")
     add("--screen", default="runner", metavar="NAME", help="screen session name (default runner)")
     add("--no-kill", dest="kill_first", action="store_false",
         help="keep the previous screen session and add windows to it")
@@ -160,7 +169,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add("--json", action="store_true",
         help="print the plan (--dry-run) or the run's result as one JSON document on stdout")
     add("--no-progress", action="store_true",
-        help="no progress display (also off with -l WARNING or ERROR, TERM=dumb or NO_COLOR)")
+        help="no live view: plain 'HH:MM:SS LEVEL: host: message' lines even on a terminal "
+             "(also with -q, -l WARNING or ERROR, TERM=dumb or NO_COLOR)")
     dialect = parser.add_mutually_exclusive_group()
     dialect.add_argument("--python2", dest="python", action="store_const", const="2",
                          help="read config, muddler and arg parser as Python 2 (translated in "
@@ -191,12 +201,14 @@ def add_parser(sub: "argparse._SubParsersAction") -> None:
 
 def run_command(args: argparse.Namespace) -> int:
     """Load the experiment, run it and log the summary; return the exit code."""
+    from remote_runner import console
     from remote_runner.config import load_experiment
     from remote_runner import secrets
-    from remote_runner.report import log_summary, progress_wanted, upload_progress
-    from remote_runner.runner import RunOptions, run
+    from remote_runner.runner import RunOptions
     from remote_runner.ssh import SSHOptions, resolve_password
 
+    # Plain timestamped lines until the run decides on its view (config errors, the plan).
+    console.setup(console.choose(args.verbose, args.quiet, args.log_level, no_progress=True))
     if args.forks < 1:
         raise ConfigError("--forks must be at least 1", field="--forks")
     for flag, value in (("--wait-timeout", args.wait_timeout),
@@ -222,10 +234,56 @@ def run_command(args: argparse.Namespace) -> int:
     if args.dry_run:
         return dry_run(experiment, options, ssh_options, connect=not args.no_connect,
                        as_json=args.json)
-    wanted = progress_wanted(args.log_level, args.no_progress)
-    with upload_progress(wanted) as progress:
-        report = run(experiment, options, ssh_options, progress=progress)
-    log_summary(report)
+    return run_and_recap(experiment, options, ssh_options, args)
+
+
+def run_and_recap(experiment: "Experiment", options: "RunOptions", ssh_options: "SSHOptions",
+                  args: argparse.Namespace) -> int:
+    """Run with the live view or plain lines, then print the recap (or the JSON result)."""
+    import contextlib
+    import dataclasses
+
+    from remote_runner import console as out
+    from remote_runner import events as ev
+    from remote_runner import recap
+    from remote_runner.errors import RunnerError
+    from remote_runner.runner import Runner
+
+    settings = out.choose(args.verbose, args.quiet, args.log_level, args.no_progress)
+    view = None
+    recorder = recap.Recorder()
+    if settings.live:
+        from rich.console import Console
+
+        from remote_runner.live import LiveView
+        screen = Console(stderr=True)
+        out.setup(settings, screen)
+        view = LiveView(screen)
+        reporter = ev.Fanout(recorder, view, ev.LogReporter(min_level=logging.WARNING))
+        options = dataclasses.replace(options, tail_logs=2.0)
+    else:
+        out.setup(settings)
+        reporter = ev.Fanout(recorder, ev.LogReporter())
+    runner = Runner(experiment, options, ssh_options, reporter=reporter)
+    error: Optional[RunnerError] = None
+    try:
+        with view if view is not None else contextlib.nullcontext():
+            runner.run()
+    except RunnerError as exc:
+        error = exc
+    summary = recorder.summary(experiment, options.screen, runner.report, error,
+                               0 if error is None else error.exit_code,
+                               run_id=getattr(runner.report, "run_id", None))
+    if args.json:
+        sys.stdout.write(json.dumps(summary.to_dict(), indent=2) + "\n")
+    elif sys.stdout.isatty() and settings.color:
+        from rich.console import Console
+        Console().print(recap.render_rich(summary))
+    else:
+        sys.stdout.write(recap.render_text(summary))
+    sys.stdout.flush()
+    if error is not None:
+        raise error
     return 0
 
 
