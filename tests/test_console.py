@@ -246,3 +246,35 @@ def test_live_view_and_recap_in_a_real_terminal(run_env):
                for l in lines), final
     assert re.search(r"result: ok \(exit 0\) — 3 host\(s\), 4/4 component\(s\) started", final)
     assert "INFO:" not in final  # INFO lines are the live view's job on a terminal
+
+
+def test_live_view_draws_copy_progress_with_a_real_total_and_collapses():
+    import re as _re
+
+    from rich.console import Console
+
+    from remote_runner.live import LiveView
+
+    screen = io.StringIO()
+    view = LiveView(Console(file=screen, force_terminal=True, width=100, color_system=None))
+    view.emit(ev.Event(ev.KIND_PHASE_BEGIN, phase="copy", data={"total": 3}))
+    view.emit(ev.Event(ev.KIND_COPY_PLANNED, host="h1", data={"files": 2, "bytes": 3 << 20}))
+    view.emit(ev.Event(ev.KIND_COPY_PLANNED, host="h2", data={"files": 1, "bytes": 1 << 20}))
+    view.emit(ev.Event(ev.KIND_COPY_PROGRESS, host="h1", data={"bytes": 1 << 20}))
+    drawn = Console(file=io.StringIO(), width=100, color_system=None)
+    with drawn.capture() as capture:
+        drawn.print(view._render())
+    text = capture.get()
+    assert "1.0 MiB/4.0 MiB, 3 files, 1 host(s) comparing" in text  # h3 has not compared yet
+    assert _re.search(r"h1 +2 files +1\.0 MiB/3\.0 MiB", text)
+    assert _re.search(r"h2 +1 file +0 B/1\.0 MiB", text)
+    view.emit(ev.Event(ev.KIND_COPY_DONE, host="h1", data={"copied": 2, "unchanged": 1,
+                                                           "bytes": 3 << 20}))
+    view.emit(ev.Event(ev.KIND_COPY_DONE, host="h2", data={"copied": 1, "unchanged": 0,
+                                                           "bytes": 1 << 20}))
+    view.emit(ev.Event(ev.KIND_PHASE_END, phase="copy", data={"ok": True, "seconds": 1.25}))
+    assert screen.getvalue().splitlines() == [
+        "✔ copy       3 files, 4.0 MiB to 2 hosts, 1 unchanged  1.2 s"]
+    with drawn.capture() as capture:
+        drawn.print(view._render())
+    assert capture.get().strip() == ""  # nothing left of the phase's view

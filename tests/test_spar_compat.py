@@ -17,7 +17,7 @@ import textwrap
 
 import pytest
 
-from remote_runner import report, secrets
+from remote_runner import console, secrets
 from remote_runner import screen as scr
 from tests.conftest import quit_screen, ssh
 
@@ -153,7 +153,9 @@ def test_localhost_component_without_base_dir_runs_where_remote_runner_was_start
     """)
     start = tmp / "campaign" / "scripts"
     dry = run_cli("-c", config, *lab_args(lab, run_env), "--dry-run", cwd=str(start))
-    assert f"localhost:server in {start} (where remote_runner was started)" in dry.stderr
+    assert f"(in {start} (where remote_runner was started))" in [  # the plan, on stdout
+        line.split(": ", 1)[-1].split("  ")[-1] for line in dry.stdout.splitlines()
+        if line.startswith("  window server  index 1")]
     out = run_cli("-c", config, *lab_args(lab, run_env), cwd=str(start))
     assert out.returncode == 0, out.stderr
     assert (start / "server-saw.txt").read_text() == f"fname,lname\n{start}\n"
@@ -189,9 +191,9 @@ def test_password_from_the_environment_reaches_options_and_is_masked(lab, run_en
         assert text not in out.stderr and text not in out.stdout
     dry = run_cli("-c", config, *lab_args(lab, run_env), "--dry-run", "-p", password)
     assert dry.returncode == 0, dry.stderr
-    assert "pw-S3cret" not in dry.stderr
-    plan = [line for line in dry.stderr.splitlines() if "sudo-bash-task-runner" in line]
-    assert plan and all("***" in line for line in plan), dry.stderr
+    assert "pw-S3cret" not in dry.stderr + dry.stdout
+    plan = [line for line in dry.stdout.splitlines() if "sudo-bash-task-runner" in line]
+    assert plan and all("***" in line for line in plan), dry.stdout
 
 
 def test_password_asked_for_reaches_options(tmp_path, monkeypatch):
@@ -247,8 +249,8 @@ class _Tty:
     ("INFO", False, {"TERM": "xterm", "NO_COLOR": ""}, True),
 ])
 def test_progress_rule(level, no_progress, env, wanted):
-    assert report.progress_wanted(level, no_progress, env, _Tty()) is wanted
-    assert report.progress_wanted(level, no_progress, env, open(os.devnull, "w")) is False
+    assert console.progress_wanted(level, no_progress, env, _Tty()) is wanted
+    assert console.progress_wanted(level, no_progress, env, open(os.devnull, "w")) is False
 
 
 def test_quiet_under_script_with_warning_level(lab, run_env):

@@ -219,24 +219,6 @@ def test_sync_all_runs_hosts_in_parallel_and_aggregates(lab, tmp_path):
             ssh(lab, h, f"rm -rf {base}", check=False)
 
 
-def test_progress_bars_only_on_a_terminal():
-    import io
-
-    from rich.console import Console
-
-    from remote_runner.report import upload_progress
-
-    with upload_progress(enabled=False) as progress:
-        assert progress is None
-    screen = io.StringIO()
-    with upload_progress(enabled=True, console=Console(file=screen, force_terminal=True,
-                                                       width=100)) as progress:
-        progress("h1", 10)
-        progress("h2", 2048)
-    drawn = screen.getvalue()
-    assert "h1: uploading" in drawn and "h2: uploading" in drawn
-
-
 def test_many_files_go_through_parallel_sftp_lanes(lab, host, tmp_path):
     import paramiko
 

@@ -276,7 +276,7 @@ def run_and_recap(experiment: "Experiment", options: "RunOptions", ssh_options: 
                                run_id=getattr(runner.report, "run_id", None))
     if args.json:
         sys.stdout.write(json.dumps(summary.to_dict(), indent=2) + "\n")
-    elif sys.stdout.isatty() and settings.color:
+    elif settings.live and sys.stdout.isatty():
         from rich.console import Console
         Console().print(recap.render_rich(summary))
     else:
