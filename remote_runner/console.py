@@ -7,7 +7,9 @@ Two audiences, two forms, chosen once per run by :func:`choose`:
 * **anything else** — a pipe, a CI log, ``--no-progress``, ``TERM=dumb``, ``NO_COLOR``, or a
   level of WARNING and above (``-q``) — gets plain ``HH:MM:SS LEVEL: host: message`` lines on
   stderr, one per event that matters, which ``grep`` and SPAR-era scripts (which looked for
-  ``LEVEL: message``) can read, and the recap as plain text on stdout.
+  ``LEVEL: message``) can read, and the recap as plain text on stdout. The closing error of
+  a failed run (the one that decides the exit status) stays ``ERROR: message`` without a
+  timestamp, so ``grep '^ERROR:'`` finds exactly the reason.
 
 Verbosity follows the convention of pyinfra and Ansible, keeping SPAR's ``-l LEVEL``: ``-q``
 shows warnings and errors only, ``-qq`` errors only, ``-v`` adds DEBUG lines (each names the
@@ -86,6 +88,22 @@ def choose(verbose: int = 0, quiet: int = 0, log_level: Optional[str] = None,
     return Output(level=level, paramiko_debug=verbose >= 2, live=live, color=color)
 
 
+class PlainFormatter(MaskingFormatter):
+    """``HH:MM:SS LEVEL: message``; the run's closing error stays ``ERROR: message``.
+
+    Secrets (the SSH password) are masked in every line, as everywhere else.
+    """
+
+    def __init__(self) -> None:
+        super().__init__(PLAIN_FORMAT, TIME_FORMAT)
+        self._bare = MaskingFormatter("%(levelname)s: %(message)s")
+
+    def format(self, record: logging.LogRecord) -> str:
+        if getattr(record, "verdict", False):
+            return self._bare.format(record)
+        return super().format(record)
+
+
 class ConsoleHandler(logging.Handler):
     """Write log lines through a rich Console, so they appear above a live view."""
 
@@ -113,7 +131,7 @@ def setup(output: Output, console: Any = None, stream: Optional[TextIO] = None) 
         handler = ConsoleHandler(console)
     else:
         handler = logging.StreamHandler(stream or sys.stderr)
-    handler.setFormatter(MaskingFormatter(PLAIN_FORMAT, TIME_FORMAT))  # secrets as ***
+    handler.setFormatter(PlainFormatter())  # secrets as ***
     handler.addFilter(HostFilter())
     if not output.paramiko_debug:
         handler.addFilter(_no_paramiko)

@@ -30,6 +30,7 @@ channels on it at once (paramiko multiplexes them on one transport).
 
 from __future__ import annotations
 
+import contextvars
 import getpass
 import glob
 import logging
@@ -781,8 +782,13 @@ class _Feeder(threading.Thread):
         super().__init__(daemon=True, name="ssh-stdin")
         self.channel = channel
         self.stdin = stdin
+        # Log lines of this thread name the host of the thread that started it.
+        self._context = contextvars.copy_context()
 
     def run(self) -> None:
+        self._context.run(self._feed)
+
+    def _feed(self) -> None:
         try:
             if self.stdin:
                 self.channel.sendall(self.stdin)
@@ -850,7 +856,7 @@ class _Watchdog(threading.Thread):
         try:
             self.transport.global_request("keepalive@openssh.com", wait=True)
         except Exception as exc:  # transport closing under us
-            log.debug("keepalive probe failed: %s", exc)
+            log.debug("%s: keepalive probe failed: %s", self.host, exc)
             return
         if self.transport.is_active():
             answered.set()

@@ -40,7 +40,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Callable, Dict, Iterable, List, Optional, Sequence, Tuple
 
 from remote_runner.errors import EXIT_INTERRUPTED, ConnectionLost, CopyError, RunnerError, describe
-from remote_runner.events import host_context
+from remote_runner.events import for_host, host_context
 
 if TYPE_CHECKING:  # pragma: no cover
     from remote_runner.config import FileSpec
@@ -628,7 +628,7 @@ def upload_all(sftp: Any, host: str, items: Sequence[Upload], progress: Optional
             lane(sftp)
             return
         with ThreadPoolExecutor(max_workers=len(clients)) as pool:
-            futures = [pool.submit(lane, c) for c in clients]
+            futures = [pool.submit(for_host(host, lane), c) for c in clients]
         errors = [f.exception() for f in futures if f.exception() is not None]
         if errors:
             raise errors[0]
@@ -656,7 +656,7 @@ def upload_bundles(shell: "Shell", host: str, items: Sequence[Upload],
             progress(host, sum(u.size for u in chunk))
 
     with ThreadPoolExecutor(max_workers=LANES) as pool:
-        futures = [pool.submit(one, chunk) for chunk in bundles(items)]
+        futures = [pool.submit(for_host(host, one), chunk) for chunk in bundles(items)]
     for future in futures:
         error = future.exception()
         if error is not None:

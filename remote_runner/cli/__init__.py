@@ -25,6 +25,10 @@ LOG = logging.getLogger("remote_runner")
 #: optional system library (libfuse) only matters to the command that needs it.
 SUBCOMMANDS = ("classic", "lab", "exec_")
 
+#: Marks the one closing error line: always ``ERROR: message``, without a timestamp, as
+#: SPAR-era scripts and ``grep '^ERROR:'`` expect it.
+VERDICT = {"verdict": True}
+
 EXIT_CODES_HELP = """exit codes:
   0 success; 1 internal error; 2 usage/config error; 3 connection, host-key or
   auth error; 4 copy error; 5 a waited component failed; 6 start error;
@@ -58,13 +62,13 @@ def run_guarded(func: Callable[[], int]) -> int:
     try:
         return func()
     except RunnerError as exc:
-        LOG.error("%s", exc)
+        LOG.error("%s", exc, extra=VERDICT)
         return exc.exit_code
     except KeyboardInterrupt:
-        LOG.error("interrupted")
+        LOG.error("interrupted", extra=VERDICT)
         return EXIT_INTERRUPTED
     except Exception:  # a bug of ours: say so, with the traceback
-        LOG.exception("internal error (please report this with the traceback)")
+        LOG.exception("internal error (please report this with the traceback)", extra=VERDICT)
         return EXIT_INTERNAL
 
 
