@@ -443,6 +443,7 @@ def test_password_auth_and_password_never_leaks(lab, tmp_path, caplog):
     config.write_text(host_block(lab, "h1", lab_entry(lab, "h1")["userknownhostsfile"],
                                  IdentityFile="", User="rrtest"))
     caplog.set_level(logging.DEBUG)
+    caplog.set_level(logging.DEBUG, logger="paramiko")  # an earlier in-process CLI quietened it
     options = SSHOptions(ssh_config_file=str(config), password=password)
     with Connection("h1", options) as connection:
         assert connection.run(["id", "-un"]).stdout == b"rrtest\n"
