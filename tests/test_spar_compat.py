@@ -192,7 +192,7 @@ def test_password_from_the_environment_reaches_options_and_is_masked(lab, run_en
     dry = run_cli("-c", config, *lab_args(lab, run_env), "--dry-run", "-p", password)
     assert dry.returncode == 0, dry.stderr
     assert "pw-S3cret" not in dry.stderr + dry.stdout
-    plan = [line for line in dry.stdout.splitlines() if "sudo-bash-task-runner" in line]
+    plan = [line for line in dry.stdout.splitlines() if line.startswith("  window sudo-bash")]
     assert plan and all("***" in line for line in plan), dry.stdout
 
 
