@@ -213,7 +213,8 @@ def tmux(*args):
 
 
 def test_live_view_and_recap_in_a_real_terminal(run_env):
-    config = experiment(run_env, script="for i in 1 2 3 4 5 6 7 8; do echo step $i of {host}; "
+    # Long enough for several 2 s log reads even on a loaded machine; nothing is timed.
+    config = experiment(run_env, script="for i in $(seq 1 14); do echo step $i of {host}; "
                                         "sleep 1; done")
     session = f"rr-{uuid.uuid4().hex[:8]}"
     done = run_env["tmp"] / "done"
@@ -228,7 +229,7 @@ def test_live_view_and_recap_in_a_real_terminal(run_env):
         deadline = time.monotonic() + 180
         while not done.exists() and time.monotonic() < deadline:
             screen = tmux("capture-pane", "-p", "-t", session).stdout
-            if re.search(r"h2:job-2 +\d+ s +step \d of h2", screen):
+            if re.search(r"h2:job-2 +\d+ s +step \d+ of h2", screen):
                 seen_live = screen
             time.sleep(0.3)
         assert done.read_text().strip() == "EXIT=0"
