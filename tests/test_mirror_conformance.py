@@ -16,6 +16,7 @@ A program must behave through the mirror as it does locally. Two standards:
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import re
@@ -222,3 +223,39 @@ def test_cpython_file_tests_pass_through_the_mirror_where_they_pass_locally(lab,
     assert not worse, "passes locally, not through the mirror: %s\n%s" % (
         json.dumps(worse, indent=1, sort_keys=True),
         run_on_host_status.stdout.decode(errors="replace")[-3000:])
+
+
+# -- whose permissions -----------------------------------------------------------------------------
+@needs_root_fuse
+def test_a_local_user_other_than_root_runs_as_itself_on_a_root_host(agent_pyz, tmp_path, monkeypatch):
+    """Connected as root, the command still gets the local user's ids: the host's kernel then
+    allows and refuses what this machine's kernel would for that user."""
+    import remote_runner.mirror.session as session_module
+    monkeypatch.setattr(session_module.os, "getuid", lambda: 2000)
+    monkeypatch.setattr(session_module.os, "getgid", lambda: 2000)
+    monkeypatch.setattr(session_module.os, "getgroups", lambda: [2000, 2001])
+    tmp_path.chmod(0o755)
+    (tmp_path / "open").mkdir(mode=0o777)
+    (tmp_path / "open").chmod(0o777)
+    (tmp_path / "closed").mkdir(mode=0o755)
+    (tmp_path / "private").write_text("secret")
+    (tmp_path / "private").chmod(0o600)
+    (tmp_path / "group").write_text("shared")
+    os.chown(tmp_path / "group", 0, 2001)
+    (tmp_path / "group").chmod(0o640)
+    code = ("import os, json\n"
+            "def e(f):\n"
+            "    try:\n        f(); return 'ok'\n"
+            "    except OSError as x:\n        return x.errno\n"
+            "r = {'ids': [os.getuid(), os.getgid(), sorted(os.getgroups())]}\n"
+            "r['mine'] = e(lambda: open('open/mine', 'w').close())\n"
+            "r['closed'] = e(lambda: open('closed/x', 'w').close())\n"
+            "r['private'] = e(lambda: open('private').read())\n"
+            "r['group'] = e(lambda: open('group').read())\n"
+            "print(json.dumps(r))\n")
+    out = json.loads(run_here(agent_pyz, tmp_path, ["/usr/bin/python3", "-c", code]))
+    assert out == {"ids": [2000, 2000, [2000, 2001]], "mine": "ok", "closed": errno.EACCES,
+                   "private": errno.EACCES, "group": "ok"}
+    st = (tmp_path / "open" / "mine").stat()
+    assert (st.st_uid, st.st_gid) == (2000, 2000)
+    assert not (tmp_path / "closed" / "x").exists()

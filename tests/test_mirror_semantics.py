@@ -287,3 +287,11 @@ def test_link_names_tracks_multiply_linked_files_and_refreshes_the_others():
 def test_service_errors_raise_operror_for_bad_handles():
     with pytest.raises(OpError):
         LocalFileService().handles.get(12345)
+
+
+def test_the_command_runs_with_the_local_users_ids():
+    assert agent.command_user("root", {"uid": 1000, "gid": 1001, "groups": [1001, 27]}) == (1000, 1001, [1001, 27])
+    assert agent.command_user("root", {"uid": 1000, "gid": 1001}) == (1000, 1001, [1001])
+    assert agent.command_user("root", {"uid": 0, "gid": 0}) is None  # root stays root
+    assert agent.command_user("userns", {"uid": 1000, "gid": 1001}) is None  # already mapped
+    assert agent.command_user("root", {"uid": "x"}) is None

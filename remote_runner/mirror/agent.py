@@ -1229,11 +1229,32 @@ def kill_descendants(exclude: Tuple[int, ...] = ()) -> None:
                 pass
 
 
+def command_user(mode: str, boot: Dict[str, Any]) -> Optional[Tuple[int, int, List[int]]]:
+    """The ids the command runs with when they are not this agent's own: (uid, gid, groups) or None.
+
+    The command runs as the local user, so the host's kernel makes the
+    permission checks the local kernel would make for that user: in a user
+    namespace the local ids are already the agent's; as root on the host, a
+    local user other than root gets its uid, gid and supplementary groups.
+    """
+    if mode != "root":
+        return None
+    try:
+        uid, gid = int(boot.get("uid", 0)), int(boot.get("gid", 0))
+        groups = [int(g) for g in boot.get("groups") or [gid]][:256]
+    except (TypeError, ValueError):
+        return None
+    if uid == 0 or uid < 0 or gid < 0:
+        return None
+    return uid, gid, groups
+
+
 class Command:
     """The command: spawned chrooted (or not), stdio wired to fds or pipes."""
 
     def __init__(self, spec: Dict[str, Any], root: Optional[str],
-                 stdio: Optional[Tuple[int, int, int]] = None) -> None:
+                 stdio: Optional[Tuple[int, int, int]] = None,
+                 user: Optional[Tuple[int, int, List[int]]] = None) -> None:
         self.spec = spec
         self.root = root
         self.tty = bool(spec.get("tty")) and stdio is None
@@ -1263,6 +1284,10 @@ class Command:
                 os.chdir(cwd)
             except OSError:
                 os.chdir(b"/")
+            if user is not None:  # before PR_SET_PDEATHSIG: a change of ids clears it
+                os.setgroups(user[2])
+                os.setgid(user[1])
+                os.setuid(user[0])
             if tty:
                 import fcntl
                 fcntl.ioctl(0, TIOCSCTTY, 0)
@@ -1386,6 +1411,7 @@ class Session:
         self.workdir = tempfile.mkdtemp(prefix="rr-mirror-")
         os.chmod(self.workdir, 0o700)
         self.created: List[str] = []
+        self.user: Optional[Tuple[int, int, List[int]]] = None
         self.files = open_file_cache(boot)
         self.cache = AttrCache()
         self.profile = Profile.for_command(self.files, boot)
@@ -1395,7 +1421,8 @@ class Session:
         check_fuse_device()
         lib = choose_libfuse()
         mode = enter_namespaces(int(self.boot.get("uid", os.getuid())), int(self.boot.get("gid", os.getgid())))
-        LOG.debug("namespaces: %s, libfuse: %s", mode, lib)
+        self.user = command_user(mode, self.boot)
+        LOG.debug("namespaces: %s, libfuse: %s, command ids: %s", mode, lib, self.user)
         self.link.start()
         if self.files is not None:
             threading.Thread(target=self.files.trim, daemon=True, name="cache-trim").start()
@@ -1520,7 +1547,7 @@ def run_exec(link: Link, boot: Dict[str, Any]) -> int:
     try:
         session.setup()
         try:
-            command = Command(boot, session.root)
+            command = Command(boot, session.root, user=session.user)
         except OSError as exc:
             # Like a shell: 127 for a missing program, 126 when it cannot be run.
             name = P.name_from_wire(boot["argv"][0]) if boot.get("argv") else b"?"
@@ -1640,7 +1667,7 @@ def run_daemon(link: Link, boot: Dict[str, Any]) -> int:
                 conn.sendall(json.dumps({"error": "unknown job %r" % request.get("job")}).encode() + b"\n")
                 return
             try:
-                command = Command(spec, session.root, stdio=(fds[0], fds[1], fds[2]))
+                command = Command(spec, session.root, stdio=(fds[0], fds[1], fds[2]), user=session.user)
             except OSError as exc:
                 conn.sendall(json.dumps({"error": str(exc), "status": 127}).encode() + b"\n")
                 return

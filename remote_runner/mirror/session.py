@@ -301,7 +301,7 @@ class LocalLink:
         header = {"t": P.BOOT, "v": P.PROTOCOL_VERSION, "machine": platform.machine(),
                   "compress": self.writer.compress, "hb": self.options.heartbeat,
                   "deadline": self.options.deadline, "rq": self.options.request_timeout, "debug": LOG.isEnabledFor(logging.DEBUG),
-                  "uid": os.getuid(), "gid": os.getgid()}
+                  "uid": os.getuid(), "gid": os.getgid(), "groups": os.getgroups()}
         if self.options.file_cache:
             header["cache"] = cache_origin()
         header.update(fields)
