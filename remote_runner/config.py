@@ -335,12 +335,16 @@ def user_namespace(compiled: "CompiledFile", names: Dict[str, Any]) -> Dict[str,
 
 
 @contextlib.contextmanager
-def user_code(path: str, role: str, cwd: Optional[str] = None) -> Iterator[None]:
+def user_code(path: str, role: str, cwd: Optional[str] = None,
+              dialect: Optional[str] = None) -> Iterator[None]:
     """Run a block of user code in *cwd* and report its errors at the user's line.
 
     *cwd* (the config's directory) is also put first on ``sys.path`` meanwhile, so a
-    config or muddler can import helper modules that sit next to the config.
+    config or muddler can import helper modules that sit next to the config; those
+    are read like the config itself (Python 2 ones translated; *dialect* forces).
     """
+    from remote_runner.python2.imports import importing_from
+
     old_cwd = os.getcwd() if cwd else None
     if cwd:
         try:
@@ -349,7 +353,8 @@ def user_code(path: str, role: str, cwd: Optional[str] = None) -> Iterator[None]
             raise ConfigError(f"cannot enter the config directory: {exc.strerror}", file=path) from None
         sys.path.insert(0, cwd)
     try:
-        yield
+        with (importing_from(cwd, dialect) if cwd else contextlib.nullcontext()):
+            yield
     except RunnerError as exc:
         raise _locate_runner_error(exc, path) from None
     except SystemExit as exc:
@@ -361,9 +366,11 @@ def user_code(path: str, role: str, cwd: Optional[str] = None) -> Iterator[None]
     except BaseException as exc:  # GeneratorExit or a user's BaseException subclass too
         where = _user_frame(exc, path)
         message = f"{type(exc).__name__} in {role}: {exc}" + _source(where)
-        deepest = traceback.extract_tb(exc.__traceback__)[-1:]
-        if deepest and where and deepest[0].filename != path:
-            message += f"\n    (raised in {deepest[0].filename}:{deepest[0].lineno})"
+        deepest = [(f.filename, f.lineno) for f in traceback.extract_tb(exc.__traceback__)[-1:]]
+        if isinstance(exc, SyntaxError) and exc.filename and exc.filename != path:
+            deepest = [(exc.filename, exc.lineno)]  # in a module the user's file imported
+        if deepest and where and deepest[0][0] != path:
+            message += f"\n    (raised in {deepest[0][0]}:{deepest[0][1]})"
         raise ConfigError(message, file=path, line=where.line if where else None) from exc
     finally:
         if old_cwd is not None:
@@ -421,7 +428,7 @@ def run_config(config_path: str, options: Any, extra_options: Any,
         "extra_options": extra_options,
         "localhost": LOCAL_HOST,
     })
-    with user_code(config_path, "config", cwd=os.path.dirname(config_path)):
+    with user_code(config_path, "config", cwd=os.path.dirname(config_path), dialect=dialect):
         exec(compiled.code, namespace)
     config = namespace.get("config")
     if not isinstance(config, Config):

@@ -76,7 +76,7 @@ def apply_muddler(muddler_file: str, config: Config, options: Any, extra_options
     }, cwd=config_dir, dialect=dialect)
     muddle = _plugin_function(namespace, "muddle", path, "muddler")
     arity = _positional_arity(muddle, path, "muddle", wanted=2)
-    with user_code(path, "muddler", cwd=config_dir):
+    with user_code(path, "muddler", cwd=config_dir, dialect=dialect):
         result = muddle(config, options) if arity == 2 else muddle(config)
         return _muddled_config(result, config, path)
 
@@ -101,7 +101,7 @@ def _run_plugin(path: str, role: str, globals_: Dict[str, Any], cwd: Optional[st
     """Execute a plug-in file (Python 3, or Python 2 translated) and return its globals."""
     compiled = compile_user_file(path, role, dialect)
     namespace = user_namespace(compiled, {**globals_, "__file__": path})
-    with user_code(path, role, cwd=cwd):
+    with user_code(path, role, cwd=cwd, dialect=dialect):
         exec(compiled.code, namespace)
     return namespace
 

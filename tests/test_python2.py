@@ -132,14 +132,25 @@ def test_forcing_either_dialect(tmp_path):
     assert "SyntaxError" in str(info.value) and info.value.line == 1
 
 
-def test_python2_module_next_to_the_config_still_imports_as_python3(tmp_path):
-    (tmp_path / "helper_for_py2_config.py").write_text("VALUE = 7 // 2\n")
-    seen, _ = run_config(tmp_path, """
-        import helper_for_py2_config
-        seen = {'v': helper_for_py2_config.VALUE}
-        print 'x'
-    """)
-    assert seen == {"v": 3}
+def test_helper_modules_next_to_the_config_are_read_the_same_way(tmp_path, caplog):
+    """A Python 2 helper module beside the config is translated too; a Python 3 one is not."""
+    (tmp_path / "py3_helper_for_config.py").write_text("VALUE = 7 / 2\n")
+    (tmp_path / "py2_helper_for_config.py").write_text(
+        "def hosts(d):\n    print 'hosts', d\n    return [k for k, v in d.iteritems()]\n"
+        "HALF = 7 / 2\n")
+    with caplog.at_level(logging.INFO):
+        seen, _ = run_config(tmp_path, """
+            import py3_helper_for_config, py2_helper_for_config
+            seen = {'py3': py3_helper_for_config.VALUE, 'py2': py2_helper_for_config.HALF,
+                    'hosts': py2_helper_for_config.hosts({'h1': 1})}
+        """)
+    assert seen == {"py3": 3.5, "py2": 3, "hosts": ["h1"]}
+    assert any("py2_helper_for_config.py" in r.getMessage() and "read as Python 2" in r.getMessage()
+               for r in caplog.records)
+    assert not (tmp_path / "__pycache__").exists(), "nothing is written next to the user's files"
+    import sys
+    for name in ("py3_helper_for_config", "py2_helper_for_config"):
+        sys.modules.pop(name, None)
 
 
 # --------------------------------------------------------------------------- where errors point
@@ -234,3 +245,12 @@ def test_translation_works_where_the_cache_directory_cannot_be_made(tmp_path):
                          timeout=120)
     assert out.returncode == 0, out.stderr
     assert out.stdout.split() == ["3", "True", "True"]
+
+
+def test_a_broken_helper_module_is_named_with_its_line(tmp_path):
+    (tmp_path / "broken_helper_for_config.py").write_text("x = 1\ndef f(:\n    pass\n")
+    with pytest.raises(ConfigError) as info:
+        run_config(tmp_path, "import broken_helper_for_config  # <err>\nseen = {}\n")
+    path = str(tmp_path / "config.py")
+    assert (info.value.file, info.value.line) == (path, line_of(path, "# <err>"))
+    assert f"(raised in {tmp_path / 'broken_helper_for_config.py'}:2)" in str(info.value)
