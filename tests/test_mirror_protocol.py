@@ -148,10 +148,15 @@ def test_service_readdir_fifo_symlink_and_bytes_names(tmp_path):
 def test_service_roots_restrict_files_only(tmp_path):
     allowed = tmp_path / "allowed"
     allowed.mkdir()
+    (tmp_path / "other").write_text("not exported")
     svc = LocalFileService(roots=[os.fsencode(str(allowed))])
     assert "e" not in _call(svc, "getattr", path=_w(allowed))[0]
-    assert _call(svc, "getattr", path=_w(tmp_path))[0]["e"] == errno.EACCES
-    assert _call(svc, "getattr", path=_w(str(allowed) + "/../"))[0]["e"] == errno.EACCES
+    # the way to an export can be looked up and listed, showing only that way
+    assert "e" not in _call(svc, "getattr", path=_w(tmp_path))[0]
+    assert _call(svc, "readdir", path=_w(tmp_path))[1].split(b"\0") == [b"allowed"]
+    assert _call(svc, "getattr", path=_w(tmp_path / "other"))[0]["e"] == errno.ENOENT
+    assert _call(svc, "mkdir", path=_w(tmp_path / "new"), mode=0o755)[0]["e"] == errno.EACCES
+    assert _call(svc, "getattr", path=_w(str(allowed) + "/.."))[0]["e"] == errno.EINVAL
 
 
 def test_environment_filter_drops_local_sockets_unless_forwarded():

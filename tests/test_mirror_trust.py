@@ -7,6 +7,7 @@ side notices, says so and repairs it rather than running it.
 from __future__ import annotations
 
 import hashlib
+import shutil
 import subprocess
 import sys
 
@@ -86,3 +87,138 @@ def test_a_readable_file_in_a_private_directory_is_never_kept_on_a_host(lab, wor
         assert os.access(data, os.R_OK)
     finally:
         shutil.rmtree(private, ignore_errors=True)
+
+
+# ----------------------------------------------------------------------------- exports
+
+
+def _svc_call(svc, op, **args):
+    from remote_runner.mirror import protocol as P
+    wire = {k: (P.name_to_wire(os.fsencode(str(v))) if k in ("path", "old", "new", "target") else v)
+            for k, v in args.items()}
+    header, data, _ = svc.serve({"t": P.REQ, "id": 1, "op": op, "a": wire}, b"")
+    return header.get("e", 0), header, data
+
+
+import errno  # noqa: E402
+import os  # noqa: E402
+
+from remote_runner.mirror.exports import Export, Exports, parse_export  # noqa: E402
+from remote_runner.mirror.service import LocalFileService  # noqa: E402
+
+
+def test_exports_serve_chosen_trees_and_never_the_denylist(tmp_path):
+    home = tmp_path / "home"
+    (home / ".ssh").mkdir(parents=True)
+    (home / ".ssh" / "id_ed25519").write_text("secret")
+    (home / "proj").mkdir()
+    (home / "proj" / "data").write_text("data")
+    (home / "notes").write_text("private")
+    (tmp_path / "ro").mkdir()
+    (tmp_path / "ro" / "f").write_text("r")
+    exports = Exports([Export(os.fsencode(home), True), Export(os.fsencode(tmp_path / "ro"), False)],
+                      deny=[os.fsencode(home / ".ssh")])
+    svc = LocalFileService(exports=exports)
+    assert _svc_call(svc, "getattr", path=home / "proj" / "data")[0] == 0
+    assert _svc_call(svc, "getattr", path=home / ".ssh" / "id_ed25519")[0] == errno.ENOENT
+    assert _svc_call(svc, "getattr", path=home / ".ssh")[0] == errno.ENOENT
+    assert b".ssh" not in _svc_call(svc, "readdir", path=home)[2].split(b"\0")
+    assert _svc_call(svc, "open", path=tmp_path / "ro" / "f", flags=os.O_WRONLY)[0] == errno.EROFS
+    assert _svc_call(svc, "unlink", path=tmp_path / "ro" / "f")[0] == errno.EROFS
+    fh = _svc_call(svc, "open", path=tmp_path / "ro" / "f", flags=os.O_RDONLY)[1]["fh"]
+    assert _svc_call(svc, "chmod", fh=fh, mode=0o777)[0] == errno.EROFS  # not through a handle either
+    # the way to an export is listed, but shows nothing else
+    assert _svc_call(svc, "readdir", path=tmp_path)[2].split(b"\0") == sorted(
+        [b"home", b"ro"]) or set(_svc_call(svc, "readdir", path=tmp_path)[2].split(b"\0")) == {b"home", b"ro"}
+    assert _svc_call(svc, "getattr", path="/root")[0] in (errno.ENOENT, 0) and \
+        _svc_call(svc, "getattr", path="/nonexported-" + tmp_path.name)[0] == errno.ENOENT
+    # exported by name: the denylist is lifted for that path
+    named = Exports([Export(os.fsencode(home), True), Export(os.fsencode(home / ".ssh"), False, True)],
+                    deny=[os.fsencode(home / ".ssh")])
+    assert _svc_call(LocalFileService(exports=named), "getattr", path=home / ".ssh" / "id_ed25519")[0] == 0
+    assert parse_export("/a:ro") == ("/a", False) and parse_export("/a") == ("/a", True)
+
+
+def test_a_link_planted_by_the_host_never_leads_out_of_the_exports(tmp_path):
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (outside / "secret").write_text("s")
+    share = tmp_path / "share"
+    share.mkdir()
+    svc = LocalFileService(exports=Exports([Export(os.fsencode(share), True)]))
+    assert _svc_call(svc, "symlink", path=share / "door", target=str(outside))[0] == 0
+    # a request through the link, as no kernel would send it, is refused, not followed
+    assert _svc_call(svc, "getattr", path=share / "door" / "secret")[0] == errno.ELOOP
+    assert _svc_call(svc, "open", path=share / "door" / "secret", flags=os.O_RDONLY)[0] == errno.ELOOP
+    assert _svc_call(svc, "rename", old=share / "door" / "secret", new=share / "got",
+                     flags=0)[0] == errno.ELOOP
+    # a link as the last component is never followed by a changing operation
+    assert _svc_call(svc, "symlink", path=share / "s", target=str(outside / "secret"))[0] == 0
+    assert _svc_call(svc, "chmod", path=share / "s", mode=0o777)[0] == errno.ELOOP
+    assert _svc_call(svc, "truncate", path=share / "s", size=0)[0] == errno.ELOOP
+    assert _svc_call(svc, "open", path=share / "s", flags=os.O_WRONLY | os.O_TRUNC)[0] == errno.ELOOP
+    assert (outside / "secret").read_text() == "s" and oct((outside / "secret").stat().st_mode)[-3:] != "777"
+    # the host's kernel follows the link by asking for the target: that is checked on its own
+    assert _svc_call(svc, "getattr", path=outside / "secret")[0] == errno.ENOENT
+
+
+def test_root_on_the_host_sees_only_what_is_exported(lab, workdir, tmp_path):
+    import os
+    import subprocess
+    import time
+    import uuid
+
+    secret_dir = f"/srv/rr-secret-{uuid.uuid4().hex[:8]}"
+    os.makedirs(secret_dir)
+    with open(f"{secret_dir}/x", "w") as handle:
+        handle.write("local secret\n")
+    (workdir / "shared.txt").write_text("shared\n")
+    marker = f"{uuid.uuid4().int % 1000}.{uuid.uuid4().int % 1000 + 1}"
+    proc = subprocess.Popen([sys.executable, "-m", "remote_runner", "exec", "-F", lab.ssh_config,
+                             "h1", "sleep", marker], cwd=str(workdir))
+    try:
+        pid = ""
+        deadline = time.monotonic() + 120
+        while not pid and time.monotonic() < deadline:
+            pid = ssh(lab, "h1", f"pgrep -x -f 'sleep {marker}' | head -1", check=False).stdout.strip()
+            time.sleep(0.2)
+        assert pid, "the mirrored command never started"
+        root = f"/proc/{pid}/root"
+        assert ssh(lab, "h1", f"cat {root}{workdir}/shared.txt").stdout == "shared\n"  # control
+        assert ssh(lab, "h1", f"cat {root}{secret_dir}/x", check=False).returncode != 0
+        assert ssh(lab, "h1", f"ls -A {root}/srv", check=False).stdout.strip() == ""
+        listing = ssh(lab, "h1", f"ls {root}/ ~/.ssh 2>/dev/null; cat {root}$HOME/.ssh/* 2>&1",
+                      check=False).stdout
+        assert "PRIVATE KEY" not in listing
+        assert ssh(lab, "h1", f"echo x > {root}/usr/rr-written", check=False).returncode != 0
+        assert not os.path.exists("/usr/rr-written")
+    finally:
+        proc.kill()
+        proc.wait()
+        shutil.rmtree(secret_dir, ignore_errors=True)
+
+
+@pytest.fixture
+def outside_exports():
+    """A local directory outside every default export (not under /tmp, /usr, /etc, ...)."""
+    import uuid
+    from pathlib import Path
+    path = Path(f"/srv/rr-extra-{uuid.uuid4().hex[:8]}")
+    path.mkdir(parents=True)
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
+
+
+def test_read_only_and_export_flags(lab, workdir, outside_exports):
+    extra = outside_exports
+    (extra / "in.txt").write_text("extra\n")
+    argv = ["sh", "-c", f"cat {extra}/in.txt; echo out > out.txt"]
+    hidden = rr_exec(lab, "h1", argv, workdir)
+    assert b"extra" not in hidden.stdout and (workdir / "out.txt").exists()  # not exported
+    (workdir / "out.txt").unlink()
+    shown = rr_exec(lab, "h1", argv, workdir, "--export", f"{extra}:ro")
+    assert shown.stdout == b"extra\n" and (workdir / "out.txt").exists()
+    (workdir / "out.txt").unlink()
+    ro = rr_exec(lab, "h1", argv, workdir, "--export", str(extra), "--read-only")
+    assert ro.stdout == b"extra\n" and not (workdir / "out.txt").exists()
+    assert b"Read-only file system" in ro.stderr

@@ -38,6 +38,15 @@ def add_parser(sub: "argparse._SubParsersAction") -> None:
     parser.add_argument("--files-only", action="store_true",
                         help="run the host's own COMMAND, with only the local cwd and the local paths "
                              "named on the command line mounted at the same paths")
+    parser.add_argument("--export", action="append", default=[], metavar="PATH[:ro]",
+                        help="also serve PATH to the host, read-write (':ro': read-only); "
+                             "repeatable. Served by default: /usr /bin /lib* /etc /opt read-only, "
+                             "the program and its libraries read-only, the cwd, /tmp, /var/tmp and "
+                             "paths named in the command read-write; never ~/.ssh, ~/.gnupg, "
+                             "/etc/shadow and other secrets unless exported by name. "
+                             "--export / serves everything")
+    parser.add_argument("--read-only", action="store_true",
+                        help="the host may change nothing it is served")
     parser.add_argument("--forward-env", action="append", default=[], metavar="NAME",
                         help="pass NAME through even though it is normally dropped (repeatable)")
     parser.add_argument("--no-compress", action="store_true", help="never lz4-compress file data")
@@ -73,6 +82,7 @@ def run(args: argparse.Namespace) -> int:
         conn.connect()
         result = run_command(conn, args.command, cwd=os.getcwd(), options=MirrorOptions(
             files_only=args.files_only, forward_env=tuple(args.forward_env),
+            export=tuple(args.export), read_only=args.read_only,
             debug_rpc=args.debug_rpc, compress=not args.no_compress,
             file_cache=not args.no_cache))
     except RunnerError as exc:

@@ -65,7 +65,10 @@ def serve_components(connections: Dict[str, Any], specs: Sequence[Any],
     def start(host: str) -> None:
         try:
             conn = connections[host]
-            server = MirrorServer(conn, options).start()
+            here = ComponentMirrors({})
+            commands = [([spec.executable, *spec.args], here.local_cwd(spec))
+                        for spec in specs if spec.host == host]
+            server = MirrorServer(conn, options, commands=commands).start()
         except BaseException as exc:  # reported together below
             with lock:
                 errors[host] = exc

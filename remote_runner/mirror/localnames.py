@@ -118,6 +118,10 @@ class LongPaths:
             held.append(fd)
         return proc_fd_path(fd) + b"/" + rest
 
+    def held(self) -> List[int]:
+        """This thread's list of descriptors to close at :meth:`release` (callers may add theirs)."""
+        return self._tls.__dict__.setdefault("fds", [])
+
     def open_count(self) -> int:
         """Descriptors this thread holds (0 after :meth:`release`)."""
         return len(self._tls.__dict__.get("fds", ()))

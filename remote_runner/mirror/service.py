@@ -20,9 +20,10 @@ import stat
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Optional, Sequence, Set, Tuple
 
 from remote_runner.mirror import elf
+from remote_runner.mirror.exports import Exports, Refused, resolve_parent
 from remote_runner.mirror import protocol as P
 from remote_runner.mirror.localnames import HiddenFiles, LongPaths, is_hidden_name
 
@@ -225,9 +226,19 @@ class LocalFileService:
     some trees); ``None`` exports the whole file system.
     """
 
-    def __init__(self, roots: Optional[Sequence[bytes]] = None, writeback: bool = False) -> None:
+    def __init__(self, roots: Optional[Sequence[bytes]] = None, writeback: bool = False,
+                 exports: Optional[Exports] = None) -> None:
         self.handles = HandleTable()
         self.roots = [os.path.normpath(r) for r in roots] if roots is not None else None
+        #: What the host may see and change (checked for every request, see exports.py).
+        self.exports = exports or (Exports.only(self.roots) if self.roots is not None
+                                   else Exports.everything())
+        #: Handles opened in a read-only export: no fchmod/fchown/futimens through them.
+        self._ro_handles: Set[int] = set()
+        #: Directories whose listing must be filtered (ancestors of exports, parents of secrets).
+        self._filtered = ({os.path.dirname(d) for d in self.exports.deny}
+                          | {os.path.dirname(e.path) for e in self.exports.exports}
+                          | self.exports._ancestors)
         self.writeback = writeback
         #: Which directories every local user may search (whole-file copies need it).
         self.public = PublicDirs()
@@ -240,11 +251,16 @@ class LocalFileService:
         self._expanded: Dict[str, None] = {}
         #: Files unlinked while open on the host, held here (see :mod:`.localnames`).
         self.hidden = HiddenFiles()
-        #: Paths beyond PATH_MAX, reached through an ancestor's descriptor per request.
+        #: Descriptors that reach a request's path (its parent, walked without links), per request.
         self.long_paths = LongPaths()
 
     # -- helpers -------------------------------------------------------------
-    def _path(self, args: Dict[str, Any], key: str = "path") -> bytes:
+    def _path(self, args: Dict[str, Any], key: str = "path", write: bool = False) -> bytes:
+        """The local name for the path in *args*, once the exports allow it (*write*: to change it).
+
+        The name returned reaches the file through its parent directory's
+        descriptor, opened without following links (:func:`exports.resolve_parent`).
+        """
         raw = args.get(key)
         if raw is None:
             raise OpError(errno.EINVAL)
@@ -252,13 +268,45 @@ class LocalFileService:
             path = P.name_from_wire(raw)
         except P.ProtocolError:
             raise OpError(errno.EINVAL)
-        if not path.startswith(b"/") or b"\0" in path:
+        if not path.startswith(b"/") or b"\0" in path or b".." in path.split(b"/"):
             raise OpError(errno.EINVAL)
-        if self.roots is not None:
-            norm = os.path.normpath(path)
-            if not any(norm == r or norm.startswith(r.rstrip(b"/") + b"/") for r in self.roots):
-                raise OpError(errno.EACCES)
-        return self.long_paths.shorten(path)
+        path = os.path.normpath(path)
+        try:
+            self.exports.check(path, write)
+            if self.hidden.path(path) is not None:
+                return path  # reached through its held descriptor (its directory may be gone)
+            return resolve_parent(path, self.long_paths.held())
+        except Refused as exc:
+            raise OpError(exc.errno) from None
+
+    def _final(self, path: bytes) -> bytes:
+        """A name for the file *path* names itself, refusing a symbolic link (ELOOP).
+
+        For operations that would follow a link in the last component: the
+        kernel never asks that of a link, so a request that does is refused
+        rather than followed out of the exports.
+        """
+        fd = os.open(path, os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC)
+        self.long_paths.held().append(fd)
+        if stat.S_ISLNK(os.fstat(fd).st_mode):
+            raise OpError(errno.ELOOP)
+        return b"/proc/self/fd/%d" % fd
+
+    def _writable_handle(self, a: Dict[str, Any]) -> int:
+        """The descriptor of ``fh`` in *a*, unless it was opened in a read-only export."""
+        if a.get("fh") in self._ro_handles:
+            raise OpError(errno.EROFS)
+        return self.handles.get(a["fh"])
+
+    def _add_handle(self, fd: int, a: Dict[str, Any]) -> int:
+        handle = self.handles.add(fd)
+        try:
+            export = self.exports.find(P.name_from_wire(a["path"]))
+        except (P.ProtocolError, KeyError):
+            export = None
+        if export is None or not export.writable:
+            self._ro_handles.add(handle)
+        return handle
 
     def close(self) -> None:
         """Close every handle the remote left open, and let go of hidden files."""
@@ -382,7 +430,7 @@ class LocalFileService:
             st = os.lstat(self._path({"path": name}))
         except (OpError, OSError):
             return None
-        if _sendable_whole(st) and self.public.reachable(self._path({"path": name})):
+        if _sendable_whole(st) and self.public.reachable(P.name_from_wire(name)):
             return [st.st_size, st.st_mtime_ns, st.st_ino]
         return None
 
@@ -406,10 +454,14 @@ class LocalFileService:
     def op_readdir(self, a: Dict[str, Any], _: bytes) -> Reply:
         """List a directory with attributes of every entry (READDIRPLUS-style)."""
         path = self._path(a)
+        raw = P.name_from_wire(a["path"])
+        screened = raw in self._filtered
         names: List[bytes] = []
         attrs: List[Optional[Dict[str, int]]] = []
         with os.scandir(path) as it:
             for entry in it:
+                if screened and not self.exports.listable(raw, entry.name):
+                    continue
                 names.append(entry.name)
                 try:
                     attrs.append(P.stat_to_wire(entry.stat(follow_symlinks=False)))
@@ -423,28 +475,28 @@ class LocalFileService:
 
     def op_chmod(self, a: Dict[str, Any], _: bytes) -> Reply:
         if a.get("fh") is not None:
-            os.fchmod(self.handles.get(a["fh"]), int(a["mode"]) & 0o7777)
+            os.fchmod(self._writable_handle(a), int(a["mode"]) & 0o7777)
         else:
-            path = self._path(a)
-            os.chmod(self._held(a) or path, int(a["mode"]) & 0o7777, follow_symlinks=True)
+            path = self._path(a, write=True)
+            os.chmod(self._held(a) or self._final(path), int(a["mode"]) & 0o7777)
         return Reply()
 
     def op_chown(self, a: Dict[str, Any], _: bytes) -> Reply:
         uid, gid = int(a.get("uid", -1)), int(a.get("gid", -1))
         if a.get("fh") is not None:
-            os.fchown(self.handles.get(a["fh"]), uid, gid)
+            os.fchown(self._writable_handle(a), uid, gid)
         else:
-            path = self._path(a)
+            path = self._path(a, write=True)
             held = self._held(a)
             os.chown(held or path, uid, gid, follow_symlinks=held is not None)
         return Reply()
 
     def op_utimens(self, a: Dict[str, Any], _: bytes) -> Reply:
-        path = self._path(a)
+        path = self._path(a, write=True)
         held = self._held(a)
         follow = held is not None
         if a.get("fh") is not None:
-            path, follow = b"/proc/self/fd/%d" % self.handles.get(a["fh"]), True
+            path, follow = b"/proc/self/fd/%d" % self._writable_handle(a), True
         elif held is not None:
             path = held
         times = a.get("ns")
@@ -462,10 +514,10 @@ class LocalFileService:
 
     def op_truncate(self, a: Dict[str, Any], _: bytes) -> Reply:
         if a.get("fh") is not None:
-            os.ftruncate(self.handles.get(a["fh"]), int(a["size"]))
+            os.ftruncate(self._writable_handle(a), int(a["size"]))
         else:
-            path = self._path(a)
-            os.truncate(self._held(a) or path, int(a["size"]))
+            path = self._path(a, write=True)
+            os.truncate(self._held(a) or self._final(path), int(a["size"]))
         return Reply()
 
     # -- namespace -----------------------------------------------------------
@@ -496,7 +548,7 @@ class LocalFileService:
         return True
 
     def op_mkdir(self, a: Dict[str, Any], _: bytes) -> Reply:
-        path = self._path(a)
+        path = self._path(a, write=True)
         mode = int(a["mode"]) & 0o7777
         os.mkdir(path, mode)
         self._owner(a, path)
@@ -506,11 +558,11 @@ class LocalFileService:
         return Reply()
 
     def op_rmdir(self, a: Dict[str, Any], _: bytes) -> Reply:
-        os.rmdir(self._path(a))
+        os.rmdir(self._path(a, write=True))
         return Reply()
 
     def op_unlink(self, a: Dict[str, Any], _: bytes) -> Reply:
-        path = self._path(a)
+        path = self._path(a, write=True)
         if self.hidden.release(P.name_from_wire(a["path"])):
             return Reply()  # libfuse lets go of a hidden file: it is already gone here
         os.unlink(path)
@@ -518,17 +570,18 @@ class LocalFileService:
 
     def op_symlink(self, a: Dict[str, Any], _: bytes) -> Reply:
         target = P.name_from_wire(a["target"])
-        path = self._path(a)
+        path = self._path(a, write=True)
         os.symlink(target, path)
         self._owner(a, path)
         return Reply()
 
     def op_link(self, a: Dict[str, Any], _: bytes) -> Reply:
-        os.link(self._path(a, "target"), self._path(a), follow_symlinks=False)
+        os.link(self._path(a, "target", write=True), self._path(a, write=True),
+                follow_symlinks=False)
         return Reply()
 
     def op_rename(self, a: Dict[str, Any], _: bytes) -> Reply:
-        old, new = self._path(a, "old"), self._path(a, "new")
+        old, new = self._path(a, "old", write=True), self._path(a, "new", write=True)
         flags = int(a.get("flags") or 0)
         if flags & ~(RENAME_NOREPLACE | RENAME_EXCHANGE):
             raise OpError(errno.EINVAL)
@@ -544,7 +597,7 @@ class LocalFileService:
         return Reply()
 
     def op_mknod(self, a: Dict[str, Any], _: bytes) -> Reply:
-        path = self._path(a)
+        path = self._path(a, write=True)
         mode = int(a["mode"])
         if stat.S_ISFIFO(mode):
             os.mkfifo(path, mode & 0o7777)
@@ -566,11 +619,13 @@ class LocalFileService:
 
     def op_open(self, a: Dict[str, Any], _: bytes) -> Reply:
         flags = int(a["flags"]) & ~(os.O_CREAT | os.O_EXCL)
-        path = self._path(a)
-        fd = os.open(self._held(a) or path, self._flags(flags))
-        if a.get("whole") and flags & (os.O_ACCMODE | os.O_TRUNC) == os.O_RDONLY:
+        changes = flags & (os.O_ACCMODE | os.O_TRUNC) != os.O_RDONLY
+        path = self._path(a, write=changes)
+        held = self._held(a)
+        fd = os.open(held or path, self._flags(flags) | (0 if held else os.O_NOFOLLOW))
+        if a.get("whole") and not changes:
             try:
-                reply = self._whole(fd, a.get("have"), self._path(a))
+                reply = self._whole(fd, a.get("have"), P.name_from_wire(a["path"]))
                 if "whole" in reply.fields:
                     self._note(self.sent_whole, a["path"])
                     if reply.payload.startswith(elf.MAGIC):
@@ -579,7 +634,7 @@ class LocalFileService:
             except BaseException:
                 os.close(fd)
                 raise
-        return Reply({"fh": self.handles.add(fd)})
+        return Reply({"fh": self._add_handle(fd, a)})
 
     def _add_libraries(self, reply: Reply, name: str) -> None:
         """To the open of a program sent whole, add what the loader will look up and open next.
@@ -592,11 +647,12 @@ class LocalFileService:
         Once per program per session, and only when the whole tree is mirrored.
         """
         if self.roots is not None or name in self._expanded:
-            return
+            return  # files-only: the host runs its own programs, with its own libraries
         self._expanded[name] = None
         names: Dict[str, None] = {}
         whole = []
-        for library in elf.closure(os.fsdecode(self._path({"path": name}))):
+        self._path({"path": name})  # served: its libraries are looked up under its own name
+        for library in elf.closure(os.fsdecode(P.name_from_wire(name))):
             walked = _walk(os.fsencode(library))
             for path in walked:
                 names.setdefault(P.name_to_wire(path), None)
@@ -641,9 +697,9 @@ class LocalFileService:
         return Reply(fields, payload=first, compressible=True)
 
     def op_create(self, a: Dict[str, Any], _: bytes) -> Reply:
-        path = self._path(a)
+        path = self._path(a, write=True)
         mode = int(a["mode"]) & 0o7777
-        flags = self._flags(int(a["flags"]))
+        flags = self._flags(int(a["flags"])) | os.O_NOFOLLOW
         try:
             fd = os.open(path, flags | os.O_CREAT | os.O_EXCL, mode)
             created = True
@@ -655,7 +711,7 @@ class LocalFileService:
         if created:
             self._owner(a, path, fd)
             os.fchmod(fd, mode)  # the remote umask applies, not ours
-        return Reply({"fh": self.handles.add(fd), "st": P.stat_to_wire(os.fstat(fd))})
+        return Reply({"fh": self._add_handle(fd, a), "st": P.stat_to_wire(os.fstat(fd))})
 
     def op_read(self, a: Dict[str, Any], _: bytes) -> Reply:
         size = min(int(a["size"]), P.MAX_PAYLOAD // 2)
@@ -676,6 +732,7 @@ class LocalFileService:
 
     def op_release(self, a: Dict[str, Any], _: bytes) -> Reply:
         os.close(self.handles.pop(a["fh"]))
+        self._ro_handles.discard(a["fh"])
         return Reply()
 
     def op_fsync(self, a: Dict[str, Any], _: bytes) -> Reply:
@@ -691,8 +748,8 @@ class LocalFileService:
         return Reply()
 
     # -- extended attributes (where the local file system has them) ------------------
-    def _xpath(self, a: Dict[str, Any]) -> Tuple[bytes, bool]:
-        path = self._path(a)
+    def _xpath(self, a: Dict[str, Any], write: bool = False) -> Tuple[bytes, bool]:
+        path = self._path(a, write=write)
         held = self._held(a)
         return (held, True) if held is not None else (path, False)
 
@@ -706,12 +763,12 @@ class LocalFileService:
         return Reply(payload=b"\0".join(os.fsencode(n) for n in names))
 
     def op_setxattr(self, a: Dict[str, Any], value: bytes) -> Reply:
-        path, follow = self._xpath(a)
+        path, follow = self._xpath(a, write=True)
         os.setxattr(path, str(a["name"]), value, int(a.get("flags") or 0), follow_symlinks=follow)
         return Reply()
 
     def op_removexattr(self, a: Dict[str, Any], _: bytes) -> Reply:
-        path, follow = self._xpath(a)
+        path, follow = self._xpath(a, write=True)
         os.removexattr(path, str(a["name"]), follow_symlinks=follow)
         return Reply()
 

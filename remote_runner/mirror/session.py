@@ -30,6 +30,7 @@ from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 from remote_runner.errors import EXIT_LINK, MirrorError
 from remote_runner.mirror import protocol as P
 from remote_runner.mirror.bundle import ALTERED_MARKER, NEED_MARKER, AgentBundle, build_bundle
+from remote_runner.mirror.exports import Exports
 from remote_runner.mirror.profile import CommandProfile
 from remote_runner.mirror.service import LocalFileService
 
@@ -65,6 +66,10 @@ class MirrorOptions:
     request_timeout: float = 60.0
     workers: int = 8
     exports: Optional[List[bytes]] = None
+    #: ``--export PATH[:ro]``: trees served besides the defaults (see exports.py).
+    export: Sequence[str] = ()
+    #: ``--read-only``: nothing served can be changed.
+    read_only: bool = False
 
 
 class ChannelStream:
@@ -211,6 +216,17 @@ def cache_origin() -> str:
             continue
     seed = b"%s|%s|%d" % (machine, platform.node().encode(), os.getuid())
     return hashlib.sha1(seed).hexdigest()[:20]
+
+
+def connection_secrets(conn: Any) -> List[str]:
+    """The files this connection authenticates with (keys, known_hosts, ssh_config): never served."""
+    config = getattr(conn, "config", None) or {}
+    found = list(config.get("identityfile") or [])
+    for key in ("userknownhostsfile", "globalknownhostsfile"):
+        found += str(config.get(key) or "").split()
+    options = getattr(conn, "options", None)
+    found.append(getattr(options, "ssh_config_file", None) or "")
+    return [path for path in found if path and path != "/dev/null"]
 
 
 def files_only_exports(argv: Sequence[str], cwd: str) -> List[bytes]:
@@ -409,8 +425,11 @@ class LocalLink:
 
 
 def open_agent(conn: Any, mode: str, options: MirrorOptions, roots: Optional[List[bytes]] = None,
-               stream: Any = None) -> LocalLink:
-    """Start the agent on *conn* (a :class:`remote_runner.ssh.Connection`) or on *stream*."""
+               stream: Any = None, exports: Optional[Exports] = None) -> LocalLink:
+    """Start the agent on *conn* (a :class:`remote_runner.ssh.Connection`) or on *stream*.
+
+    *exports* is what the host may see (default: everything but the denylist).
+    """
     bundle = build_bundle()
     host = getattr(conn, "alias", None) or "local"
     if stream is None:
@@ -421,7 +440,7 @@ def open_agent(conn: Any, mode: str, options: MirrorOptions, roots: Optional[Lis
                 raise
             raise MirrorError(f"host {host}: cannot start the mirror agent: {exc}") from exc
         stream = ChannelStream(channel)
-    service = LocalFileService(roots=roots)
+    service = LocalFileService(roots=roots, exports=exports)
     link = LocalLink(stream, service, options, host=host)
     try:
         link.handshake(bundle)
@@ -481,11 +500,15 @@ def run_command(conn: Any, argv: Sequence[str], *, cwd: Optional[str] = None,
     tty = os.isatty(stdin_fd) and os.isatty(stdout_fd)
     roots = None
     fields: Dict[str, Any] = {}
+    deny = connection_secrets(conn)
     if options.files_only:
         roots = options.exports if options.exports is not None else files_only_exports(argv, cwd)
         fields["files_only"] = True
         fields["exports"] = [P.name_to_wire(r) for r in roots]
-    link = open_agent(conn, "exec", options, roots=roots, stream=stream)
+        exports = Exports.only(roots, options.read_only, deny)
+    else:
+        exports = Exports.for_commands([(argv, cwd)], options.export, options.read_only, deny)
+    link = open_agent(conn, "exec", options, roots=roots, stream=stream, exports=exports)
     done = threading.Event()
     result: Dict[str, Any] = {}
     output = _OutputWriter()
@@ -626,9 +649,12 @@ class MirrorServer:
     :meth:`close` ends the mirror and every command still running in it.
     """
 
-    def __init__(self, conn: Any, options: Optional[MirrorOptions] = None, *, stream: Any = None) -> None:
+    def __init__(self, conn: Any, options: Optional[MirrorOptions] = None, *, stream: Any = None,
+                 commands: Sequence[Tuple[Sequence[str], str]] = ()) -> None:
         self.conn = conn
         self.options = options or MirrorOptions()
+        #: (argv, local cwd) of the commands it will run: what it serves follows from them.
+        self.commands = list(commands) or [((), os.getcwd())]
         self._stream = stream
         self.link: Optional[LocalLink] = None
         self.socket_path = ""
@@ -641,7 +667,9 @@ class MirrorServer:
 
     def start(self, timeout: float = START_TIMEOUT) -> "MirrorServer":
         """Start the agent and wait until its mirror is mounted."""
-        link = open_agent(self.conn, "daemon", self.options, stream=self._stream)
+        exports = Exports.for_commands(self.commands, self.options.export, self.options.read_only,
+                                       connection_secrets(self.conn))
+        link = open_agent(self.conn, "daemon", self.options, stream=self._stream, exports=exports)
         self.link = link
         self.agent_path = str(link.hello.get("agent") or "")
         self.python = str(link.hello.get("executable") or "python3")
