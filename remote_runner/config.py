@@ -58,6 +58,7 @@ _DEFAULTS = {
     "wait": lambda: False,
     "mirror": lambda: False,
     "num_cores": lambda: None,
+    "export": list,
 }
 LEGAL_FIELDS = REQUIRED_FIELDS + tuple(_DEFAULTS)
 
@@ -101,6 +102,8 @@ class ComponentSpec:
     num_cores: Optional[int]
     origin: Origin
     field_origins: Tuple[Tuple[str, Origin], ...] = field(default=(), compare=False, repr=False)
+    #: mirror=True: local paths served to the host besides the defaults (``PATH`` or ``PATH:ro``).
+    export: Tuple[str, ...] = ()
 
     @property
     def is_local(self) -> bool:
@@ -528,7 +531,7 @@ class _Validator:
             files=self._files(local), base_dir=self._base_dir(),
             start_index=self._start_index(), wait=self._bool("wait"), mirror=mirror,
             num_cores=self._num_cores(), origin=self.c._added or self.c._created,
-            field_origins=tuple(sorted(origins.items())))
+            field_origins=tuple(sorted(origins.items())), export=self._export(mirror))
 
     def _name(self) -> str:
         name = self._plain_string("name")
@@ -593,6 +596,22 @@ class _Validator:
                 isinstance(value, float) and math.isnan(value)):
             raise self.fail("start_index", f"start_index must be a number, got {value!r}")
         return value
+
+    def _export(self, mirror: bool) -> Tuple[str, ...]:
+        """``export``: local paths (absolute, or relative to the config) the mirror also serves."""
+        value = self.values["export"]
+        if isinstance(value, str) or not isinstance(value, (list, tuple)):
+            raise self.fail("export", f"export must be a list of local paths, got {value!r}")
+        if value and not mirror:
+            raise self.fail("export", "export only applies to mirror=True components")
+        out = []
+        for item in value:
+            if not isinstance(item, str) or not item:
+                raise self.fail("export", f"export entries must be non-empty strings, got {item!r}")
+            self._no_controls("export", item)
+            path = os.path.expanduser(item)
+            out.append(path if os.path.isabs(path) else os.path.join(self.config_dir, path))
+        return tuple(out)
 
     def _num_cores(self) -> Optional[int]:
         value = self.values["num_cores"]

@@ -51,6 +51,7 @@ BAD_FIELDS: List[Tuple[str, str]] = [
     *[("wait", v) for v in ("None", "1", "'yes'")],
     *[("mirror", v) for v in ("None", "0", "'no'")],
     *[("num_cores", v) for v in ("0", "-1", "1.5", "'2'", "True")],
+    *[("export", v) for v in ("'/tmp'", "None", "[5]", "['']", "['/tmp/a\\nb']", "['/tmp']")],
 ]
 
 BAD_CONFIGS = {

@@ -336,6 +336,7 @@ def test_real_mirror_runs_a_local_only_program_on_a_host(lab, env):
             c.executable = '{prog}'
             c.args = ['a b', '$HOME']
             c.mirror = True
+            c.export = ['{local}']  # the program writes beside itself (the /opt tree is read-only)
             c.wait = True
             c.start_index = 0
             config.add_component(c)

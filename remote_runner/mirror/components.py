@@ -9,6 +9,7 @@ have ended. One daemon agent per host serves all of that host's components.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import threading
@@ -66,9 +67,12 @@ def serve_components(connections: Dict[str, Any], specs: Sequence[Any],
         try:
             conn = connections[host]
             here = ComponentMirrors({})
-            commands = [([spec.executable, *spec.args], here.local_cwd(spec))
-                        for spec in specs if spec.host == host]
-            server = MirrorServer(conn, options, commands=commands).start()
+            mine = [spec for spec in specs if spec.host == host]
+            commands = [([spec.executable, *spec.args], here.local_cwd(spec)) for spec in mine]
+            base = options or MirrorOptions()
+            export = tuple(base.export) + tuple(e for spec in mine for e in getattr(spec, "export", ()))
+            server = MirrorServer(conn, dataclasses.replace(base, export=export),
+                                  commands=commands).start()
         except BaseException as exc:  # reported together below
             with lock:
                 errors[host] = exc
