@@ -59,6 +59,43 @@ def _sessions(lab, host, name):
     return scr.parse_sessions(ssh(lab, host, "screen -ls", check=False).stdout, name)
 
 
+def _h2_settings(lab) -> str:
+    """The lab ssh_config's settings for h2 (user, key, known_hosts), without its Host/HostName."""
+    block = open(lab.ssh_config).read().split("Host h2 ", 1)[1].split("\nHost ", 1)[0]
+    return block.split("\n", 2)[2]
+
+
+def _good_run(lab, env):
+    """Start a 'worker' on h2 under the test's screen name; return h2's session ids."""
+    good = write_config(env["tmp"], """
+        c = Component()
+        c.name = 'worker'
+        c.host = 'h2'
+        c.executable = '/bin/sleep'
+        c.args = ['600']
+        c.start_index = 1
+        config.add_component(c)
+    """, "good.py")
+    assert cli("-c", good, *base_args(lab, env)).returncode == 0
+    return _sessions(lab, "h2", env["screen"])
+
+
+def _slow_copy_config(env, size: int, base: str) -> str:
+    """A config replacing the 'worker' through slow2, with a *size*-byte payload to copy."""
+    (env["tmp"] / "payload").write_bytes(os.urandom(size))
+    return write_config(env["tmp"], f"""
+        c = Component()
+        c.name = 'worker'
+        c.host = 'slow2'
+        c.executable = '/bin/sleep'
+        c.args = ['600']
+        c.start_index = 1
+        c.files = {{'payload': 'payload'}}
+        c.base_dir = {base!r}
+        config.add_component(c)
+    """, "slow.py")
+
+
 def test_a_run_that_cannot_copy_leaves_the_last_good_experiment_running(lab, env):
     tmp = env["tmp"]
     body = """
@@ -146,59 +183,22 @@ class SlowLink:
             s.close()
 
 
-def test_ctrl_c_during_a_copy_stops_now_and_keeps_the_last_good_run(lab, env):
+def test_ctrl_c_during_a_copy_stops_now_and_keeps_the_last_good_run(lab, env, slow2):
     import signal
-    import subprocess
-    import sys
-    import time
 
-    from tests.test_classic_cli import REPO, SCRIPT
-
-    tmp = env["tmp"]
-    good = write_config(tmp, """
-        c = Component()
-        c.name = 'worker'
-        c.host = 'h2'
-        c.executable = '/bin/sleep'
-        c.args = ['600']
-        c.start_index = 1
-        config.add_component(c)
-    """, "good.py")
-    assert cli("-c", good, *base_args(lab, env)).returncode == 0
-    before = _sessions(lab, "h2", env["screen"])
-    link = SlowLink(("10.213.0.12", 22), rate=2 << 20)
-    cfg = tmp / "ssh_config"
-    h2 = open(lab.ssh_config).read().split("Host h2 ", 1)[1].split("\nHost ", 1)[0]
-    cfg.write_text(f"Host slow2\n    HostName 127.0.0.1\n    Port {link.port}\n"
-                   "    HostKeyAlias 10.213.0.12\n" + h2.split("\n", 2)[2])
+    link, cfg = slow2
+    before = _good_run(lab, env)
     size = 64 << 20  # about 30 s through the link
-    (tmp / "payload").write_bytes(os.urandom(size))
     base = f"/tmp/{env['screen']}-base"
-    slow = write_config(tmp, f"""
-        c = Component()
-        c.name = 'worker'
-        c.host = 'slow2'
-        c.executable = '/bin/sleep'
-        c.args = ['600']
-        c.start_index = 1
-        c.files = {{'payload': 'payload'}}
-        c.base_dir = {base!r}
-        config.add_component(c)
-    """, "slow.py")
-    proc = subprocess.Popen([sys.executable, SCRIPT, "-c", slow, "-F", str(cfg), "--screen",
-                             env["screen"], "--remote-done-dir", env["state"]],
-                            cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = _start(_slow_copy_config(env, size, base), cfg, env)
     try:
-        deadline = time.monotonic() + 120
-        while time.monotonic() < deadline and link.up < (4 << 20) and proc.poll() is None:
-            time.sleep(0.1)
+        assert _until(lambda: link.up >= (4 << 20) or proc.poll() is not None)
         assert link.up >= (4 << 20), f"the upload never started: {proc.communicate()}"
         proc.send_signal(signal.SIGINT)
         _out, err = proc.communicate(timeout=120)
         sent = link.up
     finally:
         proc.kill()
-        link.close()
     assert proc.returncode == 130, err
     assert "Traceback" not in err and "interrupted" in err
     assert sent < size // 2  # it did not wait for the upload to finish
@@ -214,11 +214,10 @@ def test_ctrl_c_during_a_copy_stops_now_and_keeps_the_last_good_run(lab, env):
 
 def test_a_failing_proxycommand_is_named_with_its_own_words_at_once(lab, env):
     tmp = env["tmp"]
-    h2 = open(lab.ssh_config).read().split("Host h2 ", 1)[1].split("\nHost ", 1)[0]
     cfg = tmp / "ssh_config"
     cfg.write_text("Host viaproxy\n    HostName 10.213.0.12\n"
                    "    ProxyCommand sh -c 'echo gateway refused us >&2; exit 3'\n"
-                   + h2.split("\n", 2)[2])
+                   + _h2_settings(lab))
     config = write_config(tmp, """
         c = Component()
         c.name = 'x'
@@ -238,10 +237,9 @@ def test_a_failing_proxycommand_is_named_with_its_own_words_at_once(lab, env):
 def slow2(lab, env):
     """A SlowLink to h2 and an ssh_config naming it ``slow2``; returns (link, config path)."""
     link = SlowLink(("10.213.0.12", 22), rate=2 << 20)
-    h2 = open(lab.ssh_config).read().split("Host h2 ", 1)[1].split("\nHost ", 1)[0]
     cfg = env["tmp"] / "slow_ssh_config"
     cfg.write_text(f"Host slow2\n    HostName 127.0.0.1\n    Port {link.port}\n"
-                   "    HostKeyAlias 10.213.0.12\n" + h2.split("\n", 2)[2])
+                   "    HostKeyAlias 10.213.0.12\n" + _h2_settings(lab))
     yield link, str(cfg)
     link.close()
 
@@ -297,30 +295,9 @@ def test_a_link_cut_while_waiting_is_reported_and_the_experiment_lives_on(lab, e
 
 def test_a_link_cut_while_copying_is_reported_and_nothing_is_replaced(lab, env, slow2):
     link, cfg = slow2
-    good = write_config(env["tmp"], """
-        c = Component()
-        c.name = 'worker'
-        c.host = 'h2'
-        c.executable = '/bin/sleep'
-        c.args = ['600']
-        c.start_index = 1
-        config.add_component(c)
-    """, "good.py")
-    assert cli("-c", good, *base_args(lab, env)).returncode == 0
-    before = _sessions(lab, "h2", env["screen"])
-    (env["tmp"] / "payload").write_bytes(os.urandom(64 << 20))
+    before = _good_run(lab, env)
     base = f"/tmp/{env['screen']}-base"
-    config = write_config(env["tmp"], f"""
-        c = Component()
-        c.name = 'worker'
-        c.host = 'slow2'
-        c.executable = '/bin/sleep'
-        c.args = ['600']
-        c.start_index = 1
-        c.files = {{'payload': 'payload'}}
-        c.base_dir = {base!r}
-        config.add_component(c)
-    """)
+    config = _slow_copy_config(env, 64 << 20, base)
     proc = _start(config, cfg, env)
     try:
         assert _until(lambda: link.up > (4 << 20) or proc.poll() is not None)
