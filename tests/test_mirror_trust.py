@@ -15,16 +15,9 @@ import pytest
 
 from remote_runner.mirror.bundle import BOOT, CACHE_DIR, build_bundle
 from tests.conftest import ssh
-from tests.test_mirror_lab import rr_exec
+from tests.test_mirror_lab import rr_exec, workdir  # noqa: F401 (a fixture)
 
 pytestmark = pytest.mark.lab
-
-
-@pytest.fixture
-def workdir(tmp_path):
-    path = tmp_path / "work"
-    path.mkdir()
-    return path
 
 
 def _remote_sha256(lab, host, path):
