@@ -43,6 +43,7 @@ from remote_runner import events as ev
 from remote_runner import landing
 from remote_runner import screen as scr
 from remote_runner import sync
+from remote_runner import upload
 from remote_runner.errors import (ComponentFailed, ConfigError, ConnectionLost, CopyError,
                                    MirrorError, StartError, control_characters)
 from remote_runner.shell import LocalShell, RemoteShell, ScriptResult, Shell  # noqa: F401
@@ -570,7 +571,7 @@ class Runner:
         futures = [pool.submit(ev.for_host(h, func), h) for h in hosts]
         # On Ctrl-C this returns at once; closing the connections (run's finally)
         # then ends whatever the workers are still waiting for on the network.
-        sync.wait_or_cancel(pool, futures, self.cancel)
+        upload.wait_or_cancel(pool, futures, self.cancel)
         for host, future in zip(hosts, futures):
             try:
                 future.result()

@@ -9,38 +9,33 @@ command for every file whose size and mode already match (``openssl dgst -sha1
 hashes are computed, one ``mkdir -p`` for all directories, then the upload of
 what differs. A run with nothing to copy opens no SFTP channel.
 
-Nothing is ever written in place. Large files go over SFTP to a temporary name
-in the destination directory and are renamed into place (``posix_rename``);
-small files, where round trips cost more than bytes, travel as one tar stream
-per directory (and chunk) into a stage directory beside their destination and
-are renamed into place by one ``mv``. Either way a reader sees the old file or
-the new one, never half of one, an executable that is running can be replaced
-(its old inode stays alive), and a failed copy removes its temporary file or
-stage directory. Hosts are synced in parallel, bounded by ``--forks``; within a
-host paramiko's ``putfo`` pipelines each file's writes and several SFTP
-channels (:data:`LANES`) or bundle commands run at once.
+The same directory command reports the free space the uploads need (a copy
+that cannot fit is refused before anything is written) and sweeps temporary
+files that killed copies left behind. How the bytes get there without ever
+leaving half a file is :mod:`remote_runner.upload`. Hosts are synced in
+parallel, bounded by ``--forks``.
 """
 
 from __future__ import annotations
 
 import hashlib
-import io
 import logging
 import os
 import posixpath
-import secrets
 import shlex
 import stat
-import tarfile
 import threading
-import time
 from concurrent.futures import ThreadPoolExecutor
-from concurrent.futures import wait as futures_wait
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Callable, Dict, Iterable, List, Optional, Sequence, Tuple
 
-from remote_runner.errors import EXIT_INTERRUPTED, ConnectionLost, CopyError, RunnerError, describe
-from remote_runner.events import for_host, host_context
+from remote_runner.errors import ConnectionLost, CopyError, RunnerError, describe
+from remote_runner.events import host_context
+from remote_runner.upload import (  # noqa: F401 - re-exported: sync is where callers look
+    BUNDLE_BYTES, BUNDLE_FILES, LANES, SMALL_FILE, STALE_MINUTES, Cancelled, LaneOpener,
+    Progress, ShortWrite, Upload, bundle_tar, bundles, explain, free_bytes, in_flight,
+    upload_all, upload_bundle, upload_bundles, upload_file, wait_or_cancel,
+)
 
 if TYPE_CHECKING:  # pragma: no cover
     from remote_runner.config import FileSpec
@@ -52,40 +47,10 @@ LOG = logging.getLogger(__name__)
 HASH_CHUNK = 500
 HASH_TOOL_MARK = "RR-HASH-TOOL"
 STAT_OK_MARK = "RR-STAT-OK"
-#: SFTP channels used at once per host. Each file costs a few round trips
-#: (open, close, chmod, rename) that paramiko cannot pipeline across files, so
-#: small files go through several channels in parallel. Kept under OpenSSH's
-#: default ``MaxSessions 10`` (a refused channel just means fewer lanes).
-LANES = 8
-#: Files up to this size travel in tar bundles (one exec per directory and
-#: chunk) instead of one SFTP exchange each: round trips, not bytes, dominate them.
-SMALL_FILE = 256 << 10
-#: Most files and bytes in one bundle (the file names are on one command line).
-BUNDLE_FILES = 400
-BUNDLE_BYTES = 16 << 20
 HAS_TAR_MARK = "RR-HAS-TAR"
-SHORT_MARK = "RR-SHORT-WRITE"
 FREE_MARK = "RR-FREE"
-#: Minutes after which a temporary file of ours is known to be left by a killed copy.
-STALE_MINUTES = 10
-#: Seconds the uploads get, after Ctrl-C, to remove their temporary files.
-CANCEL_GRACE = 1.0
-#: Called with (host, bytes_done_delta) while uploading.
-Progress = Callable[[str, int], None]
-#: Opens one more SFTP client on the host's connection (for a parallel lane).
-LaneOpener = Callable[[], Any]
 #: Called with (host, files, bytes) once a host knows what it really has to upload.
 Planned = Callable[[str, int, int], None]
-
-
-@dataclass(frozen=True)
-class Upload:
-    """One regular file to place on a host."""
-
-    src: str
-    dest: str
-    mode: int
-    size: int
 
 
 @dataclass(frozen=True)
@@ -395,275 +360,6 @@ def check_free_space(host: str, uploads: Sequence[Upload], report: Sequence[str]
             raise CopyError(f"No space left on device: copying it{more} needs {size} bytes on "
                             f"its filesystem, which has {room[fsid]} free; nothing was copied",
                             host=host, path=biggest.dest)
-
-
-def bundles(items: Sequence[Upload]) -> List[List[Upload]]:
-    """Group small files by destination directory, in chunks of bounded count and size."""
-    groups: Dict[str, List[List[Upload]]] = {}
-    for item in items:
-        chunks = groups.setdefault(posixpath.dirname(item.dest), [[]])
-        last = chunks[-1]
-        if last and (len(last) >= BUNDLE_FILES or
-                     sum(u.size for u in last) + item.size > BUNDLE_BYTES):
-            chunks.append(last := [])
-        last.append(item)
-    return [chunk for chunks in groups.values() for chunk in chunks]
-
-
-def bundle_tar(items: Sequence[Upload]) -> bytes:
-    """Return a tar of *items* under their base names (modes kept, owned by uid 0)."""
-    buffer = io.BytesIO()
-    with tarfile.open(fileobj=buffer, mode="w", format=tarfile.GNU_FORMAT) as archive:
-        for item in items:
-            with open(item.src, "rb") as handle:
-                data = handle.read()
-            if len(data) != item.size:
-                raise CopyError("local file changed while copying", path=item.src)
-            info = tarfile.TarInfo(posixpath.basename(item.dest))
-            info.size, info.mode, info.mtime = item.size, item.mode, int(time.time())
-            archive.addfile(info, io.BytesIO(data))
-    return buffer.getvalue()
-
-
-def upload_bundle(shell: "Shell", host: str, items: Sequence[Upload]) -> None:
-    """Unpack *items* (one directory) into a stage dir beside them and rename them into place."""
-    directory = posixpath.dirname(items[0].dest)
-    stage = posixpath.join(directory, f".rr-stage-{secrets.token_hex(4)}")
-    # "./name" keeps names that start with '-' from looking like options.
-    names = " ".join(shlex.quote("./" + posixpath.basename(u.dest)) for u in items)
-    q = shlex.quote
-    chmods = ""
-    for mode in sorted({u.mode for u in items}):
-        same = " ".join(q("./" + posixpath.basename(u.dest)) for u in items if u.mode == mode)
-        chmods += f"chmod {mode:o} {same} || fail\n"
-    # tar's status covers write errors (a full disk) and a cut stream; the sizes
-    # are checked as well before anything is renamed into place.
-    sizes = "\n".join(str(u.size) for u in items)
-    script = (f"s={q(stage)}\n"
-              "fail() { cd / && rm -rf \"$s\"; exit 1; }\n"
-              "mkdir \"$s\" || exit 1\n"
-              "tar -xf - -C \"$s\" || fail\n"
-              "cd \"$s\" || fail\n"
-              f"if got=$(stat -c %s -- {names} 2>/dev/null) && [ \"$got\" != {q(sizes)} ]; then\n"
-              f"  echo {SHORT_MARK} >&2; fail\nfi\n" + chmods +
-              f"mv -f {names} {q(directory)}/ || fail\n"
-              "cd / && rmdir \"$s\"\n")
-    tar = bundle_tar(items)
-    result = shell.feed(script, tar, timeout=600)
-    if result.exit_status != 0:
-        raise CopyError(f"bundled upload of {len(items)} file(s) failed: "
-                        f"{_bundle_failure(result.stderr, result.exit_status)}; "
-                        "the old files are left in place", host=host, path=directory)
-
-
-def _bundle_failure(stderr: str, status: int) -> str:
-    """The cause of a failed bundle in a few words (tar repeats it for every file)."""
-    lines = [line.strip() for line in stderr.splitlines() if line.strip()]
-    for cause in ("No space left on device", "Disk quota exceeded", "Read-only file system",
-                  "Permission denied"):
-        if any(cause in line for line in lines):
-            return cause
-    if SHORT_MARK in lines:
-        return "the host kept fewer bytes than were sent"
-    return lines[0] if lines else f"exit status {status}"
-
-
-def upload_file(sftp: Any, host: str, item: Upload, progress: Optional[Progress] = None) -> None:
-    """Upload one file under a temporary name and rename it into place."""
-    directory, base = posixpath.split(item.dest)
-    tmp = posixpath.join(directory, f".{base}.rr-{secrets.token_hex(4)}.tmp")
-    seen = [0]
-
-    def callback(done: int, _total: int) -> None:
-        if progress is not None:
-            progress(host, done - seen[0])
-        seen[0] = done
-
-    _in_flight(host, tmp, True)
-    try:
-        with open(item.src, "rb") as handle:
-            sftp.putfo(handle, tmp, file_size=item.size, callback=callback, confirm=False)
-        # paramiko drops the status of pipelined writes it has not read back when
-        # the file is closed (a full disk answers them with SSH_FX_FAILURE): the
-        # size the host reports for the temporary file is what proves the write.
-        written = sftp.stat(tmp).st_size
-        if written != item.size:
-            raise ShortWrite(item, written)
-        sftp.chmod(tmp, item.mode)
-        sftp.posix_rename(tmp, item.dest)
-        _in_flight(host, tmp, False)
-    except BaseException as exc:
-        _remove_quietly(sftp, tmp)
-        _in_flight(host, tmp, False)
-        if isinstance(exc, (RunnerError, KeyboardInterrupt)):
-            raise
-        raise CopyError(f"upload of {item.src} failed: {describe(exc)}", host=host,
-                        path=item.dest) from exc
-
-
-#: Temporary files being written now, per host: what an interrupted run may leave.
-_writing: Dict[str, set] = {}
-_writing_lock = threading.Lock()
-
-
-def _in_flight(host: str, tmp: str, started: bool) -> None:
-    with _writing_lock:
-        names = _writing.setdefault(host, set())
-        if started:
-            names.add(tmp)
-        else:
-            names.discard(tmp)
-
-
-def in_flight() -> Dict[str, List[str]]:
-    """Return the temporary files still being written (or removed), per host."""
-    with _writing_lock:
-        return {host: sorted(names) for host, names in _writing.items() if names}
-
-
-class Cancelled(CopyError):
-    """The copy was interrupted (Ctrl-C); exits like any interrupt."""
-
-    exit_code = EXIT_INTERRUPTED
-
-
-def wait_or_cancel(pool: ThreadPoolExecutor, futures: Sequence[Any], cancel: threading.Event,
-                   grace: float = CANCEL_GRACE) -> None:
-    """Wait for *futures*; on Ctrl-C set *cancel*, give workers *grace* seconds, and go on.
-
-    The workers notice *cancel* at their next chunk and clean up after
-    themselves; the caller closes the connections, which ends anything still
-    blocked on the network.
-    """
-    try:
-        futures_wait(futures)
-    except BaseException:
-        cancel.set()
-        futures_wait(futures, timeout=grace)
-        pool.shutdown(wait=False, cancel_futures=True)
-        for host, names in in_flight().items():
-            LOG.warning("%s: the interrupted copy could not remove %s in time (the link is "
-                        "busy); a run after %d minutes removes it", host, ", ".join(names),
-                        STALE_MINUTES)
-        raise
-    pool.shutdown(wait=True)
-
-
-class ShortWrite(CopyError):
-    """The host kept fewer bytes than were sent; :func:`explain` finds out why."""
-
-    def __init__(self, item: Upload, written: int, host: Optional[str] = None,
-                 reason: str = "") -> None:
-        self.item = item
-        self.written = written
-        why = reason or f"the host kept {written} of {item.size} bytes"
-        super().__init__(f"upload of {item.src} failed: {why}", host=host, path=item.dest)
-
-
-#: Bytes free for unprivileged users on the filesystem of each directory (POSIX ``df -P``).
-_FREE_SCRIPT = "df -Pk -- {dirs} 2>/dev/null | awk 'NR > 1 {{ print $4 }}'\n"
-
-
-def free_bytes(shell: "Shell", directory: str) -> Optional[int]:
-    """Return the bytes available on *directory*'s filesystem on the host (None: unknown)."""
-    try:
-        result = shell.script(_FREE_SCRIPT.format(dirs=shlex.quote(directory)), timeout=60)
-    except RunnerError:
-        return None
-    words = result.stdout.split()
-    return int(words[-1]) * 1024 if words and words[-1].isdigit() else None
-
-
-def explain(shell: "Shell", host: str, error: ShortWrite) -> CopyError:
-    """Turn a short write into an error that says why (a full disk, most often)."""
-    free = free_bytes(shell, posixpath.dirname(error.item.dest))
-    if free is not None and free < error.item.size:
-        reason = (f"No space left on device ({error.item.size} bytes to write, "
-                  f"{free} bytes free on the host's filesystem); the old file is left in place")
-        return ShortWrite(error.item, error.written, host, reason)
-    return ShortWrite(error.item, error.written, host,
-                      f"the host kept {error.written} of {error.item.size} bytes "
-                      "(a quota or a failing disk?); the old file is left in place")
-
-
-def _remove_quietly(sftp: Any, path: str) -> None:
-    """Remove a temporary file, ignoring errors (it may never have been created)."""
-    try:
-        sftp.remove(path)
-    except Exception:  # noqa: BLE001 - best effort cleanup of our own temp file
-        LOG.debug("could not remove temporary file %s", path)
-
-
-def upload_all(sftp: Any, host: str, items: Sequence[Upload], progress: Optional[Progress] = None,
-               open_lane: Optional[LaneOpener] = None, lanes: int = LANES) -> None:
-    """Upload *items* over *sftp* plus up to ``lanes - 1`` extra SFTP channels in parallel."""
-    clients = [sftp]
-    extra: List[Any] = []
-    while open_lane is not None and len(clients) < min(lanes, len(items)):
-        try:
-            extra.append(open_lane())
-        except Exception as exc:  # noqa: BLE001 - a server limit (MaxSessions) is fine
-            LOG.debug("%s: no extra SFTP channel (%s); using %d", host, exc, len(clients))
-            break
-        clients.append(extra[-1])
-    pending = iter(items)
-    lock = threading.Lock()
-    failed = threading.Event()
-
-    def lane(client: Any) -> None:
-        while not failed.is_set():
-            with lock:
-                item = next(pending, None)
-            if item is None:
-                return
-            try:
-                LOG.debug("%s: uploading %s -> %s (%d bytes)", host, item.src, item.dest, item.size)
-                upload_file(client, host, item, progress)
-            except BaseException:
-                failed.set()
-                raise
-
-    try:
-        if len(clients) == 1:
-            lane(sftp)
-            return
-        with ThreadPoolExecutor(max_workers=len(clients)) as pool:
-            futures = [pool.submit(for_host(host, lane), c) for c in clients]
-        errors = [f.exception() for f in futures if f.exception() is not None]
-        if errors:
-            raise errors[0]
-    finally:
-        for client in extra:
-            _close_quietly(client)
-
-
-def _close_quietly(client: Any) -> None:
-    """Close an extra SFTP client, ignoring errors."""
-    try:
-        client.close()
-    except Exception:  # noqa: BLE001 - cleanup only
-        LOG.debug("could not close an SFTP channel")
-
-
-def upload_bundles(shell: "Shell", host: str, items: Sequence[Upload],
-                   progress: Optional[Progress] = None) -> None:
-    """Upload small files as tar bundles, several directories at once."""
-    def one(chunk: List[Upload]) -> None:
-        if progress is not None:
-            progress(host, 0)  # lets a cancelled copy stop before the next bundle
-        upload_bundle(shell, host, chunk)
-        if progress is not None:
-            progress(host, sum(u.size for u in chunk))
-
-    with ThreadPoolExecutor(max_workers=LANES) as pool:
-        futures = [pool.submit(for_host(host, one), chunk) for chunk in bundles(items)]
-    for future in futures:
-        error = future.exception()
-        if error is not None:
-            if isinstance(error, RunnerError):
-                raise error
-            LOG.debug("%s: bundled upload failed", host, exc_info=error)
-            raise CopyError(f"bundled upload failed: {describe(error)}", host=host) from error
 
 
 def sync_host(shell: "Shell", sftp: Any, plan: Plan, always_copy: bool = False,
