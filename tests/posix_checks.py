@@ -262,6 +262,7 @@ def ctime_updates(d: str) -> Any:
              ("write", lambda: os.close(os.open(d + "/f", os.O_WRONLY | os.O_APPEND)) or
               open(d + "/f", "ab").write(b"y")),
              ("utime", lambda: os.utime(d + "/f", ns=(5, 5))),
+             ("chown-unchanged", lambda: os.chown(d + "/f", -1, -1)),
              ("unlink-other", lambda: os.unlink(d + "/h"))]
     if os.geteuid() == 0:
         steps.append(("chown", lambda: os.chown(d + "/f", 0, 0)))
