@@ -435,6 +435,8 @@ def other_user(d: str) -> Any:
     os.mkdir(d + "/sticky")
     os.chmod(d + "/sticky", 0o1777)
     create(d + "/sticky/roots", 0o666)
+    create(d + "/shared", 0o666)
+    os.chmod(d + "/shared", 0o666)
     create(d + "/suid", 0o6777)
     os.chmod(d + "/suid", 0o6777)
 
@@ -455,6 +457,8 @@ def other_user(d: str) -> Any:
             "chmod-mine-sgid": err(lambda: os.chmod(d + "/mine", 0o2755)),
             "utime-roots": err(lambda: os.utime(d + "/roots", ns=(1, 1))),
             "utime-now-roots": err(lambda: os.utime(d + "/roots")),
+            "utime-now-shared": err(lambda: os.utime(d + "/shared")),
+            "utime-set-shared": err(lambda: os.utime(d + "/shared", ns=(1, 1))),
             "unlink-sticky-roots": err(lambda: os.unlink(d + "/sticky/roots")),
             "rename-sticky-roots": err(lambda: os.rename(d + "/sticky/roots", d + "/sticky/mine")),
             "truncate-roots": err(lambda: os.truncate(d + "/roots", 0)),
@@ -580,6 +584,14 @@ def timestamps(d: str) -> Any:
     os.write(fd, b"x")
     os.close(fd)
     out["write-updates-mtime"] = os.stat(d + "/f").st_mtime_ns > before
+    for label, ns in (("pre-1970", -123456789012), ("after-2106", (1 << 33) * 10 ** 9 + 7),
+                      ("omit-atime", None)):
+        if ns is None:
+            out[label] = err(lambda: os.utime(d + "/f", ns=(os.stat(d + "/f").st_atime_ns, 42)))
+        else:
+            out[label] = err(lambda: os.utime(d + "/f", ns=(ns, ns)))
+        st = os.stat(d + "/f")
+        out[label + "-got"] = [st.st_atime_ns, st.st_mtime_ns]
     return out
 
 
