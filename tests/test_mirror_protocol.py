@@ -184,7 +184,8 @@ def test_files_only_exports(tmp_path):
 def test_bundle_is_deterministic_and_complete():
     bundle = build_bundle()
     names = set(zipfile.ZipFile(io.BytesIO(bundle.data)).namelist())
-    assert {"__main__.py", "rrmirror/agent.py", "rrmirror/protocol.py", "mfusepy.py"} <= names
+    assert {"__main__.py", "rrmirror/agent.py", "rrmirror/protocol.py", "rrmirror/hardlinks.py",
+            "mfusepy.py"} <= names
     build_bundle.cache_clear()
     assert build_bundle().sha256 == bundle.sha256
     line = bundle.launch_command("exec")

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from remote_runner.mirror import agent
+from remote_runner.mirror import agent, hardlinks
 from remote_runner.mirror import protocol as P
 from remote_runner.mirror.localnames import is_hidden_name
 from remote_runner.mirror.service import LocalFileService, OpError
@@ -261,7 +261,7 @@ def test_ordinary_failures_keep_their_errno_never_eio(tmp_path):
 
 # -- link counts under every name ------------------------------------------------------------
 def test_link_names_tracks_multiply_linked_files_and_refreshes_the_others():
-    names = agent.LinkNames()
+    names = hardlinks.LinkNames()
     refreshed = []
     names.invalidate = refreshed.append
     st = {"st_dev": 1, "st_ino": 5, "st_nlink": 2, "st_mode": stat.S_IFREG | 0o644}

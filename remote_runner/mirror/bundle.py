@@ -126,6 +126,7 @@ def _entries() -> List[tuple]:
         ("rrmirror/__init__.py", b""),
         ("rrmirror/protocol.py", (_HERE / "protocol.py").read_bytes()),
         ("rrmirror/agent.py", (_HERE / "agent.py").read_bytes()),
+        ("rrmirror/hardlinks.py", (_HERE / "hardlinks.py").read_bytes()),
         ("mfusepy.py", _mfusepy_source()),
     ]
 
