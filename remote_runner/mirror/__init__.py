@@ -12,7 +12,9 @@ Modules:
 
 * :mod:`.protocol` -- frames (JSON header + raw bytes), shared with the agent;
 * :mod:`.service` -- the local file service (handle table, errno preserved);
+* :mod:`.localnames` -- files unlinked while open held here, paths beyond PATH_MAX;
 * :mod:`.agent` -- the remote side (namespaces, FUSE, command, daemon/attach);
+* :mod:`.hardlinks` -- (agent side) every name of a hard-linked file shows its current attributes;
 * :mod:`.bundle` -- the shipped zipapp and its cache-or-upload launch line;
 * :mod:`.components` -- :func:`serve_components` for the runner (one daemon per host);
 * :mod:`.session` -- the local side: :func:`~.session.run_command` (``remote-runner exec``)
