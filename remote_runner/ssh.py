@@ -574,8 +574,8 @@ class Connection:
             raise HostError(self.alias, "the SSH connection is closed")
         if not transport.is_active():
             reason = self._watchdog.reason if self._watchdog else ""
-            raise HostError(self.alias, f"the SSH connection was lost{reason}",
-                            "check the host and the network, then run again")
+            raise ConnectionLost(self.alias, f"the SSH connection was lost{reason}",
+                                 "check the host and the network, then run again")
         return transport
 
     def is_alive(self) -> bool:
