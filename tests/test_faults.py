@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import os
 import re
+import subprocess
+from typing import List
 
 import pytest
 
@@ -245,7 +247,6 @@ def slow2(lab, env):
 
 
 def _start(config, cfg, env):
-    import subprocess
     import sys
 
     from tests.test_classic_cli import REPO, SCRIPT
@@ -311,3 +312,42 @@ def test_a_link_cut_while_copying_is_reported_and_nothing_is_replaced(lab, env, 
     assert "payload" not in ssh(lab, "h2", f"ls -A {base}", check=False).stdout.split()
     assert _sessions(lab, "h2", env["screen"]) == before
     ssh(lab, "h2", f"rm -rf {base}", check=False)
+
+
+def _client_ports(pid: int, address: str) -> List[str]:
+    """Local TCP ports of process *pid*'s connections to *address*:22 (read with ss)."""
+    out = subprocess.run(["ss", "-tnpH", "dst", f"{address}:22"], capture_output=True,
+                         text=True).stdout
+    return [line.split()[3].rsplit(":", 1)[1] for line in out.splitlines()
+            if f"pid={pid}," in line]
+
+
+def test_sshd_killed_on_the_host_while_waiting_is_reported_at_once(lab, env):
+    """The host end of the link dies (its sshd for this connection is killed): no hang, a sentence."""
+    config = write_config(env["tmp"], """
+        c = Component()
+        c.name = 'waiter'
+        c.host = 'h3'
+        c.executable = '/bin/sleep'
+        c.args = ['600']
+        c.start_index = 1
+        c.wait = True
+        config.add_component(c)
+    """)
+    proc = _start(config, lab.ssh_config, env)
+    try:
+        assert _until(lambda: ssh(lab, "h3", f"test -s {env['state']}/waiter.pid",
+                                  check=False).returncode == 0 or proc.poll() is not None)
+        ports = _client_ports(proc.pid, "10.213.0.13")
+        assert ports, "the run has no connection to h3"
+        # on h3, the sshd processes serving exactly those client ports
+        pattern = "|".join(f"10.213.0.1:{p} " for p in ports)
+        ssh(lab, "h3", f"ss -tnpH | grep -E '{pattern}' | grep -o 'pid=[0-9]*' | cut -d= -f2 "
+                       "| xargs -r kill -9")
+        _out, err = proc.communicate(timeout=180)
+    finally:
+        proc.kill()
+        quit_screen(lab, "h3", env["screen"], env["state"])
+    assert proc.returncode == 3, err
+    assert "Traceback" not in err and "EOFError" not in err and "sh -s" not in err
+    assert "h3: the SSH connection was lost" in err and "waiter" in err, err
