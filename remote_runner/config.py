@@ -44,6 +44,7 @@ from remote_runner.errors import ConfigError, CopyError, RunnerError, control_ch
 from remote_runner.names import bad_name_reason
 
 if TYPE_CHECKING:  # pragma: no cover
+    from remote_runner.inventory import HostGroups
     from remote_runner.python2 import CompiledFile
 
 LOG = logging.getLogger(__name__)
@@ -430,6 +431,7 @@ def run_config(config_path: str, options: Any, extra_options: Any,
         "options": options,
         "extra_options": extra_options,
         "localhost": LOCAL_HOST,
+        "hosts": _host_groups(options),
     })
     with user_code(config_path, "config", cwd=os.path.dirname(config_path), dialect=dialect):
         exec(compiled.code, namespace)
@@ -438,6 +440,13 @@ def run_config(config_path: str, options: Any, extra_options: Any,
         raise ConfigError(f"the name 'config' was rebound to a {type(config).__name__}; "
                           "add components with config.add_component(...)", file=config_path)
     return config
+
+
+def _host_groups(options: Any) -> "HostGroups":
+    """The ``--hosts-from`` groups the command line read (empty without the flag)."""
+    from remote_runner.inventory import HostGroups
+    groups = getattr(options, "host_groups", None)
+    return groups if isinstance(groups, HostGroups) else HostGroups()
 
 
 def load_experiment(config_file: str, options: Optional[argparse.Namespace],
@@ -459,7 +468,8 @@ def load_experiment(config_file: str, options: Optional[argparse.Namespace],
                                               getattr(options, "ssh_user", None), dialect)
     if config_path.endswith((".yaml", ".yml")):
         from remote_runner import yamlconfig
-        config = yamlconfig.load_config(config_path, extra_options)
+        config = yamlconfig.load_config(config_path, extra_options,
+                                        _host_groups(options).as_dict())
     else:
         config = run_config(config_path, options, extra_options, dialect)
     config_dir = os.path.dirname(config_path)
@@ -518,6 +528,7 @@ class _Validator:
         reason = bad_name_reason(host.rpartition("@")[2]) or bad_name_reason(host.rpartition("@")[0])
         if reason:
             raise self.fail("host", f"host {host!r} {reason}")
+        self._one_host(host)
         local = host == LOCAL_HOST
         mirror = self._bool("mirror")
         if local and mirror:
@@ -532,6 +543,21 @@ class _Validator:
             start_index=self._start_index(), wait=self._bool("wait"), mirror=mirror,
             num_cores=self._num_cores(), origin=self.c._added or self.c._created,
             field_origins=tuple(sorted(origins.items())), export=self._export(mirror))
+
+    def _one_host(self, host: str) -> None:
+        """Refuse a node set (``client[1-8]``) as a host: one component runs on one host."""
+        from remote_runner import hostsets
+        if "[" not in host and "," not in host:
+            return
+        try:
+            many = hostsets.expand(host)
+        except hostsets.HostSetError:
+            return  # e.g. an IPv6 address in brackets; connecting reports real problems
+        if len(many) > 1:
+            raise self.fail("host", f"host {host!r} is a set of {len(many)} hosts, but a "
+                                    "component runs on one host; add one component per host, "
+                                    "e.g. `for h in hosts[\"clients\"]:` with --hosts-from, or "
+                                    f"a loop over {many[:2] + ['...']!r} (YAML: `on: {host}`)")
 
     def _name(self) -> str:
         name = self._plain_string("name")

@@ -113,7 +113,9 @@ def read_yaml(path: str) -> Any:
 class _Reader:
     """Turns the parsed document into Components, with errors at YAML lines."""
 
-    def __init__(self, path: str, document: Any, extra_options: Any) -> None:
+    def __init__(self, path: str, document: Any, extra_options: Any,
+                 inventory: Optional[Dict[str, List[str]]] = None) -> None:
+        self.inventory = dict(inventory or {})
         self.path = path
         self.doc = document
         self.extra = extra_options
@@ -168,12 +170,12 @@ class _Reader:
 
     def groups(self, raw: Any, line: Optional[int], variables: Dict[str, Any]
                ) -> Dict[str, List[str]]:
+        groups: Dict[str, List[str]] = dict(self.inventory)  # --hosts-from groups
         if raw is None:
-            return {}
+            return groups
         if not isinstance(raw, LineMap):
             raise self.fail("'hosts' must map group names to host sets or lists", line,
                             field="hosts")
-        groups: Dict[str, List[str]] = {}
         for name, value in raw.items():
             where = raw.lines[name]
             if not isinstance(name, str) or not name:
@@ -330,6 +332,11 @@ def _hint(name: Any, choices: Any) -> str:
     return f" (did you mean {close[0]!r}?)" if close else ""
 
 
-def load_config(path: str, extra_options: Any = None) -> Config:
-    """Read the YAML experiment at *path* into a :class:`Config`."""
-    return _Reader(path, read_yaml(path), extra_options).config()
+def load_config(path: str, extra_options: Any = None,
+                inventory: Optional[Dict[str, List[str]]] = None) -> Config:
+    """Read the YAML experiment at *path* into a :class:`Config`.
+
+    *inventory* holds the ``--hosts-from`` groups; the file's own ``hosts:`` groups may use
+    them by name and, with the same name, replace them.
+    """
+    return _Reader(path, read_yaml(path), extra_options, inventory).config()

@@ -7,6 +7,11 @@ Flags (SPAR's names, short forms and defaults, plus a few additions):
 -a/--arg-parser FILE    defines ``parse_args(extra_args, ssh_user)``; needs --extra-args
 --extra-args "ARGS"     one string for the arg parser; may begin with '-' in either form,
                         ``--extra-args "-p X"`` or ``--extra-args=-p``
+--hosts-from SOURCE     named host groups for the config, repeatable: ``slurm``
+                        ($SLURM_JOB_NODELIST), ``slurm:FILE`` (``scontrol show hostnames``
+                        output), ``ansible:INVENTORY`` (INI, YAML or ``ansible-inventory
+                        --list`` JSON, no Ansible needed) or a FILE of host sets; Python
+                        configs see ``hosts["group"]``/``hosts["all"]``, YAML ``on: group``
 -u/--user USER          default SSH user (a ``User`` in ssh_config for that host wins)
 -p/--pass PASSWORD      SSH password / key passphrase (SPAR compatibility: visible in ``ps``;
                         prefer $REMOTE_RUNNER_PASSWORD or --ask-pass). However it is given,
@@ -124,6 +129,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="arg parser file defining parse_args(extra_args, ssh_user); needs --extra-args")
     add("--extra-args", dest="extra_args", metavar="ARGS",
         help="one string of extra options for the arg parser (may start with '-')")
+    add("--hosts-from", dest="hosts_from", action="append", default=[], metavar="SOURCE",
+        help="host groups for the config (hosts[\"name\"]; YAML: on: name), repeatable: "
+             "slurm ($SLURM_JOB_NODELIST), slurm:FILE (scontrol show hostnames output), "
+             "ansible:INVENTORY (INI, YAML or ansible-inventory --list JSON), or FILE "
+             "(host sets, one a line; group named after the file)")
     add("-u", "--user", dest="ssh_user", metavar="USER", help="default SSH user")
     add("-p", "--pass", dest="ssh_pass", metavar="PASSWORD",
         help="SSH password/passphrase (visible to other users; prefer "
@@ -219,6 +229,8 @@ def run_command(args: argparse.Namespace) -> int:
     password = resolve_password(args.ssh_pass, args.ask_pass)
     secrets.register(password)
     args.ssh_pass = password  # configs read options.ssh_pass, however it was given (SPAR)
+    from remote_runner import inventory
+    args.host_groups = inventory.load(args.hosts_from)
     experiment = load_experiment(args.config_file, args, args.muddler, args.arg_parser,
                                  args.extra_args)
     options = RunOptions(screen=args.screen, kill_first=args.kill_first,
