@@ -17,6 +17,8 @@ Exit codes (documented in the README and in ``--help``):
 5     a waited component failed (non-zero exit, missing executable, timeout)
 6     start error (screen session or window could not be started)
 7     lab error (throwaway test hosts could not be built)
+8     partial run: some hosts stayed unreachable and, within ``--max-fail``, their
+      components were skipped; everything else ran as asked
 130   interrupted (Ctrl-C)
 254   ``remote-runner exec``: the tool or the link failed (not the command)
 ====  =====================================================================
@@ -34,6 +36,7 @@ EXIT_COPY = 4
 EXIT_COMPONENT = 5
 EXIT_START = 6
 EXIT_LAB = 7
+EXIT_PARTIAL = 8
 EXIT_INTERRUPTED = 130
 EXIT_LINK = 254
 
@@ -211,6 +214,19 @@ class ComponentFailed(RunnerError):
         self.failures = dict(failures)
         lines = [f"{name}: {reason}" for name, reason in self.failures.items()]
         super().__init__("waited component(s) failed:\n  " + "\n  ".join(lines))
+
+
+class PartialRun(RunnerError):
+    """The run went ahead without some unreachable hosts (``--max-fail``); ``skipped`` says why."""
+
+    exit_code = EXIT_PARTIAL
+
+    def __init__(self, skipped: dict, limit: object = None) -> None:
+        self.skipped = dict(skipped)
+        within = f" (within --max-fail {limit})" if limit is not None else ""
+        lines = [f"{host}: {reason}" for host, reason in self.skipped.items()]
+        super().__init__(f"partial run: {len(lines)} unreachable host(s) skipped{within}:\n  "
+                         + "\n  ".join(lines))
 
 
 class LabError(RunnerError):

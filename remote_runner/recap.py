@@ -22,6 +22,7 @@ from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Any, Dict, List, Optional, Tuple
 
 from remote_runner import events as ev
+from remote_runner.errors import EXIT_PARTIAL
 
 if TYPE_CHECKING:  # pragma: no cover
     from remote_runner.config import Experiment
@@ -61,7 +62,7 @@ class ComponentOutcome:
     exit_status: Optional[int] = None
     failure: Optional[str] = None
     terminated: bool = False
-    outcome: str = "not started"   # not started | running | exited | failed | terminated
+    outcome: str = "not started"   # not started | skipped | running | exited | failed | terminated
     started_at: Optional[str] = None
     ended_at: Optional[str] = None
     seconds: Optional[float] = None
@@ -92,7 +93,7 @@ class RunSummary:
             "run_id": self.run_id,
             "config_file": self.config_file,
             "screen": self.screen,
-            "result": "ok" if self.ok else "failed",
+            "result": "ok" if self.ok else "partial" if self.exit_code == EXIT_PARTIAL else "failed",
             "exit_code": self.exit_code,
             "error": self.error,
             "started_at": self.started_at,
@@ -172,6 +173,8 @@ class Recorder:
                     item.pid, item.exit_status = result.pid, result.status
                     item.failure, item.terminated = result.failure, result.terminated
                 item.outcome = _outcome(item)
+                if spec.host in getattr(report, "skipped", {}) and item.pid is None:
+                    item.outcome = "skipped"
                 begin, end = self.started.get(key), self.ended.get(key)
                 item.started_at, item.ended_at = _iso(begin), _iso(end)
                 if begin is not None:
@@ -231,7 +234,9 @@ def result_line(summary: RunSummary) -> str:
     """The last line of the recap."""
     started = sum(h.started for h in summary.hosts)
     failed = [f"{c.host}:{c.name}" for c in summary.components if c.outcome == "failed"]
-    text = (f"result: {'ok' if summary.ok else 'FAILED'} (exit {summary.exit_code}) — "
+    verdict = ("ok" if summary.ok else "PARTIAL" if summary.exit_code == EXIT_PARTIAL
+               else "FAILED")
+    text = (f"result: {verdict} (exit {summary.exit_code}) — "
             f"{len(summary.hosts)} host(s), {started}/{len(summary.components)} component(s) "
             f"started, {summary.seconds:.1f} s")
     if failed:
@@ -239,6 +244,9 @@ def result_line(summary: RunSummary) -> str:
     unreachable = [h.host for h in summary.hosts if h.connected is False]
     if unreachable:
         text += "; unreachable: " + ", ".join(unreachable)
+    skipped = sum(1 for c in summary.components if c.outcome == "skipped")
+    if skipped:
+        text += f"; {skipped} component(s) skipped"
     return text
 
 

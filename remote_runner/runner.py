@@ -45,7 +45,8 @@ from remote_runner import screen as scr
 from remote_runner import sync
 from remote_runner import upload
 from remote_runner.errors import (ComponentFailed, ConfigError, ConnectionLost, CopyError,
-                                   MirrorError, StartError, control_characters)
+                                   MirrorError, PartialRun, StartError, control_characters)
+from remote_runner.failpolicy import FailLimit
 from remote_runner.shell import LocalShell, RemoteShell, ScriptResult, Shell  # noqa: F401
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -77,6 +78,8 @@ class RunOptions:
     forks: int = 10
     #: Seconds between reads of waited components' last log lines (0: never), for live views.
     tail_logs: float = 0.0
+    #: hosts that may stay unreachable (skipped, the rest runs; exit 8); None: all-or-nothing
+    max_fail: Optional[FailLimit] = None
 
 
 @dataclass(frozen=True)
@@ -110,6 +113,8 @@ class RunReport:
     state_dirs: Dict[str, str] = field(default_factory=dict)
     sync: Dict[str, sync.HostSync] = field(default_factory=dict)
     components: Dict[Tuple[str, str], ComponentResult] = field(default_factory=dict)
+    #: unreachable hosts skipped under --max-fail -> why
+    skipped: Dict[str, str] = field(default_factory=dict)
 
     @property
     def failures(self) -> Dict[str, str]:
@@ -187,11 +192,14 @@ class Runner:
     def run(self) -> RunReport:
         """Carry out the whole run; raise a RunnerError subclass on the first failing step."""
         self.preflight()
-        hosts, count = len(self._by_host()), len(self.experiment.components)
+        hosts = len(self._by_host())
         try:
             with ev.phase(self.events, "connect", hosts) as info:
                 self.connect()
                 info["message"] = f"connected to {len(self.connections)} host(s)"
+                if self.report.skipped:
+                    info["message"] += f", skipping {len(self.report.skipped)} unreachable"
+            count = sum(len(specs) for specs in self._by_host().values())
             with ev.phase(self.events, "prepare", hosts):
                 self.prepare()
             with ev.phase(self.events, "copy", self._hosts_with_files()) as info:
@@ -211,6 +219,8 @@ class Runner:
                         self.terminate()
             if self.report.failures:
                 raise ComponentFailed(self.report.failures)
+            if self.report.skipped:
+                raise PartialRun(self.report.skipped, self.options.max_fail)
             return self.report
         finally:
             self.close()
@@ -270,9 +280,18 @@ class Runner:
                 for host in self.connections:
                     self._say(ev.KIND_HOST_CONNECTED, host, level=logging.DEBUG)
             else:
-                from remote_runner.ssh import SSHOptions, connect_all
-                self.connections = connect_all(remote, self.ssh_options or SSHOptions(),
-                                               on_result=self._connected)
+                from remote_runner.ssh import SSHOptions, connect_some
+                limit = self.options.max_fail
+                allowed = limit.allowed(len(remote)) if limit is not None else 0
+                self.connections, failed = connect_some(
+                    remote, self.ssh_options or SSHOptions(), allowed, on_result=self._connected)
+                by_host = self._by_host()
+                for host, exc in failed.items():
+                    self.report.skipped[host] = str(exc)
+                    names = ", ".join(s.name for s in by_host[host])
+                    self._say(ev.KIND_NOTE, host, f"unreachable, skipping its components "
+                                                  f"({names}) within --max-fail {limit}",
+                              level=logging.WARNING)
         for host in self._by_host():
             self.shells[host] = (LocalShell() if host == "localhost"
                                  else RemoteShell(self.connections[host], host))
@@ -550,7 +569,9 @@ class Runner:
         """Group the components by host (names that reach the same login are one host)."""
         grouped: Dict[str, List["ComponentSpec"]] = {}
         for spec in self.experiment.components:
-            grouped.setdefault(self._group_of(spec), []).append(spec)
+            group = self._group_of(spec)
+            if group not in self.report.skipped:
+                grouped.setdefault(group, []).append(spec)
         return grouped
 
     def _group_of(self, spec: "ComponentSpec") -> str:

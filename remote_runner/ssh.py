@@ -81,13 +81,15 @@ class SSHOptions:
     connect_timeout: float = 10.0
     keepalive: int = 15
     forks: int = 10
+    #: extra connection attempts for a host that is unreachable or drops the handshake
+    retries: int = 2
 
     def __repr__(self) -> str:
         return (f"SSHOptions(ssh_config_file={self.ssh_config_file!r}, user={self.user!r}, "
                 f"port={self.port!r}, password={'***' if self.password else None}, "
                 f"accept_new_host_keys={self.accept_new_host_keys!r}, "
                 f"connect_timeout={self.connect_timeout!r}, keepalive={self.keepalive!r}, "
-                f"forks={self.forks!r})")
+                f"forks={self.forks!r}, retries={self.retries!r})")
 
 
 @dataclass
@@ -888,15 +890,28 @@ def connect_all(hosts: Iterable[str], options: SSHOptions,
     *on_result(host, error)* is called as each host's attempt ends (error None on success),
     so a progress display can count hosts while the others are still connecting.
     """
+    return connect_some(hosts, options, 0, on_result)[0]
+
+
+def connect_some(hosts: Iterable[str], options: SSHOptions, allowed_failures: int,
+                 on_result: Optional[Callable[[str, Optional[BaseException]], None]] = None
+                 ) -> Tuple[Dict[str, Connection], Dict[str, BaseException]]:
+    """Connect to every host; up to *allowed_failures* hosts may stay unreachable.
+
+    Each host is tried ``1 + options.retries`` times (see :mod:`remote_runner.failpolicy`).
+    Returns the connections and the failures. More failures than allowed, a config mistake
+    among them, or no host at all connected: every connection is closed and
+    :class:`ConnectAllError` names each failed host.
+    """
     unique = list(dict.fromkeys(hosts))
     connections: Dict[str, Connection] = {}
     failures: Dict[str, BaseException] = {}
     if not unique:
-        return connections
+        return connections, failures
     pool = ThreadPoolExecutor(max_workers=max(1, min(options.forks, len(unique))),
                               thread_name_prefix="ssh-connect")
     try:
-        futures = {pool.submit(_connect_one, host, options): host for host in unique}
+        futures = {pool.submit(_connect_retrying, host, options): host for host in unique}
         for future in as_completed(futures):
             host = futures[future]
             try:
@@ -911,11 +926,25 @@ def connect_all(hosts: Iterable[str], options: SSHOptions,
             connection.close()
         raise
     pool.shutdown(wait=True)
-    if failures:
+    fatal = any(isinstance(e, ConfigError) for e in failures.values())
+    if failures and (fatal or len(failures) > allowed_failures or not connections):
         for connection in connections.values():
             connection.close()
         raise ConnectAllError({h: failures[h] for h in unique if h in failures})
-    return {host: connections[host] for host in unique}
+    return ({host: connections[host] for host in unique if host in connections},
+            {host: failures[host] for host in unique if host in failures})
+
+
+def _connect_retrying(host: str, options: SSHOptions) -> Connection:
+    """Connect one host, retrying what can pass (unreachable, dropped) with backoff."""
+    from remote_runner.failpolicy import with_retries
+
+    def again(attempt: int, exc: BaseException, delay: float) -> None:
+        reason = exc.message if isinstance(exc, HostError) else str(exc)
+        log.info("%s: %s; retry %d of %d in %.1f s", host, reason, attempt, options.retries,
+                 delay)
+
+    return with_retries(lambda: _connect_one(host, options), options.retries, again)
 
 
 def _connect_one(host: str, options: SSHOptions) -> Connection:

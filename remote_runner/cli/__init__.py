@@ -32,7 +32,8 @@ VERDICT = {"verdict": True}
 EXIT_CODES_HELP = """exit codes:
   0 success; 1 internal error; 2 usage/config error; 3 connection, host-key or
   auth error; 4 copy error; 5 a waited component failed; 6 start error;
-  7 lab error; 130 interrupted; exec: the command's own status (128+N if
+  7 lab error; 8 partial run (unreachable hosts skipped within --max-fail);
+  130 interrupted; exec: the command's own status (128+N if
   killed by signal N), 254 if the tool or the link failed."""
 
 

@@ -23,6 +23,9 @@ Flags (SPAR's names, short forms and defaults, plus a few additions):
                         are always refused)
 --connect-timeout SEC   per-host connection timeout (default 10)
 -f/--forks N            hosts handled at once (default 10)
+--retries N             try an unreachable host N more times with backoff (default 2)
+--max-fail K|P%         up to K hosts (or P% of them) may stay unreachable: reported, their
+                        components skipped, the rest runs, exit 8 (default: all or nothing)
 -l/--log-level LEVEL    DEBUG, INFO (default), WARNING or ERROR (SPAR's flag)
 -v/-vv, -q/-qq          DEBUG lines naming their host (-vv: and paramiko's); warnings only
                         (-qq: errors only). On a terminal a live view per phase, else
@@ -60,7 +63,8 @@ wait=True component there is no "end" to wait for, so ``-t`` only logs a warning
 Exit codes: 0 ok; 1 internal error; 2 usage or config error (with file:line);
 3 connection, host-key or authentication error; 4 copy error (missing source,
 upload failure); 5 a waited component failed or timed out; 6 start error (screen
-session or window); 130 interrupted.
+session or window); 8 partial run (unreachable hosts skipped within --max-fail);
+130 interrupted.
 """
 
 from __future__ import annotations
@@ -146,6 +150,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="connection timeout per host (default 10)")
     add("-f", "--forks", type=int, default=10, metavar="N",
         help="hosts handled at once (default 10)")
+    add("--retries", type=int, default=2, metavar="N",
+        help="try an unreachable host N more times, with backoff (default 2; 0: once)")
+    add("--max-fail", dest="max_fail", metavar="K|P%",
+        help="let up to K hosts (or P%% of them) stay unreachable: they are reported and "
+             "their components skipped, the rest runs, exit 8 (default 0: all or nothing)")
     add("-l", "--log-level", dest="log_level", default="INFO",
         choices=["DEBUG", "INFO", "WARNING", "ERROR"],
         help="log level (default INFO; SPAR's flag: -v/-q are the short forms)")
@@ -221,6 +230,10 @@ def run_command(args: argparse.Namespace) -> int:
     console.setup(console.choose(args.verbose, args.quiet, args.log_level, no_progress=True))
     if args.forks < 1:
         raise ConfigError("--forks must be at least 1", field="--forks")
+    if args.retries < 0:
+        raise ConfigError("--retries must be 0 or more", field="--retries")
+    from remote_runner.failpolicy import FailLimit
+    max_fail = FailLimit.parse(args.max_fail) if args.max_fail is not None else None
     for flag, value in (("--wait-timeout", args.wait_timeout),
                         ("--connect-timeout", args.connect_timeout),
                         ("--grace", args.grace)):
@@ -237,8 +250,8 @@ def run_command(args: argparse.Namespace) -> int:
                          zombie=not args.no_zombie, terminate=args.terminate,
                          always_copy=args.always_copy, remote_done_dir=args.remote_done_dir,
                          wait_timeout=args.wait_timeout, terminate_grace=args.grace,
-                         forks=args.forks)
-    ssh_options = SSHOptions(ssh_config_file=args.ssh_config, user=args.ssh_user,
+                         forks=args.forks, max_fail=max_fail)
+    ssh_options = SSHOptions(retries=args.retries, ssh_config_file=args.ssh_config, user=args.ssh_user,
                              password=password, accept_new_host_keys=args.accept_new_host_keys,
                              connect_timeout=args.connect_timeout, forks=args.forks)
     if args.no_connect and not args.dry_run:
