@@ -47,7 +47,7 @@ from typing import Callable, Dict, Iterable, List, Optional, Tuple, Union
 
 import paramiko
 
-from remote_runner import hostkeys
+from remote_runner import hostkeys, jump
 from remote_runner.names import check_name
 from remote_runner.proxycommand import ProxyCommand
 from remote_runner.errors import (
@@ -413,9 +413,8 @@ class Connection:
             ssh_config_file=self.options.ssh_config_file, password=self.options.password,
             accept_new_host_keys=self.options.accept_new_host_keys,
             connect_timeout=self.options.connect_timeout, keepalive=self.options.keepalive)
-        self._jump = Connection(last, jump_options, _via=jumps[:-1] or None, _chain=self._chain)
-        try:
-            self._jump.connect()
+        try:  # one connection per bastion, shared by every target behind it (see jump.py)
+            self._jump = jump.SHARED.acquire(tuple(jumps), jump_options, self._chain)
         except (UnreachableError, HostKeyError, AuthError) as exc:
             raise type(exc)(self.alias, f"through ProxyJump host {exc.host}: {exc.message}",
                             exc.hint) from exc
@@ -653,7 +652,7 @@ class Connection:
             self._proxy.close()
             self._proxy = None
         if self._jump is not None:
-            self._jump.close()
+            jump.SHARED.release(self._jump)
             self._jump = None
 
     def _open_session(self) -> paramiko.Channel:
