@@ -47,7 +47,7 @@ from typing import Callable, Dict, Iterable, List, Optional, Tuple, Union
 
 import paramiko
 
-from remote_runner import hostkeys, jump
+from remote_runner import hostkeys, jump, keepalive
 from remote_runner.names import check_name
 from remote_runner.proxycommand import ProxyCommand
 from remote_runner.errors import (
@@ -272,7 +272,7 @@ class Connection:
         self._sftp: Optional[paramiko.SFTPClient] = None
         self._jump: Optional[Connection] = None
         self._proxy: Optional[ProxyCommand] = None
-        self._watchdog: Optional[_Watchdog] = None
+        self._watchdog: Optional[keepalive.Watch] = None
         self._closed = False
 
     def __repr__(self) -> str:
@@ -367,8 +367,8 @@ class Connection:
         self._authenticate(transport)
         if self.keepalive > 0:
             transport.set_keepalive(int(self.keepalive))
-            self._watchdog = _Watchdog(self.alias, transport, self.keepalive, self._alive_count_max)
-            self._watchdog.start()
+            self._watchdog = keepalive.MONITOR.watch(self.alias, transport, self.keepalive,
+                                                     self._alive_count_max)
 
     def _open_socket(self) -> Union[socket.socket, paramiko.Channel, ProxyCommand]:
         """Return a connected byte stream to the SSH server (direct, ProxyJump or ProxyCommand)."""
@@ -816,51 +816,6 @@ def _quietly(action: Callable[[], object]) -> None:
         action()
     except Exception as exc:  # cleanup must go on
         log.debug("cleanup step failed: %s", exc)
-
-
-class _Watchdog(threading.Thread):
-    """Close a transport whose server stops answering (ServerAliveInterval × CountMax)."""
-
-    def __init__(self, host: str, transport: paramiko.Transport, interval: float,
-                 count_max: int) -> None:
-        super().__init__(name=f"ssh-watchdog-{host}", daemon=True)
-        self.host = host
-        self.transport = transport
-        self.interval = interval
-        self.count_max = max(1, count_max)
-        self.reason = ""
-        self._stop_event = threading.Event()
-
-    def stop(self) -> None:
-        """Ask the watchdog to end (it does not wait for the thread)."""
-        self._stop_event.set()
-
-    def run(self) -> None:
-        """Probe the server every interval; close the transport when it stays silent."""
-        while not self._stop_event.wait(self.interval):
-            if not self.transport.is_active():
-                return
-            answered = threading.Event()
-            probe = threading.Thread(target=self._probe, args=(answered,), daemon=True,
-                                     name=f"ssh-probe-{self.host}")
-            probe.start()
-            if answered.wait(self.interval * self.count_max) or self._stop_event.is_set():
-                continue
-            self.reason = (f" (the server did not answer for {self.interval * self.count_max:g} s)")
-            log.warning("host %s: server not answering for %g s, closing the connection",
-                        self.host, self.interval * self.count_max)
-            _quietly(self.transport.close)
-            return
-
-    def _probe(self, answered: threading.Event) -> None:
-        """Send a keepalive request that needs a reply; set *answered* when it comes."""
-        try:
-            self.transport.global_request("keepalive@openssh.com", wait=True)
-        except Exception as exc:  # transport closing under us
-            log.debug("%s: keepalive probe failed: %s", self.host, exc)
-            return
-        if self.transport.is_active():
-            answered.set()
 
 
 # --------------------------------------------------------------------------- many hosts
