@@ -88,11 +88,17 @@ class LogReporter:
     ``host: message`` lines; progress events carry no message and are not logged.
     """
 
-    def __init__(self, logger: logging.Logger = LOG, min_level: int = logging.NOTSET) -> None:
+    def __init__(self, logger: logging.Logger = LOG, min_level: int = logging.NOTSET,
+                 host_min_level: int = logging.NOTSET) -> None:
         self.logger = logger
         self.min_level = min_level
+        #: with hundreds of hosts, per-host lines below this level are left to the recap
+        #: (phase summaries, warnings and errors still show)
+        self.host_min_level = host_min_level
 
     def emit(self, event: Event) -> None:
+        if event.host and event.level < self.host_min_level:
+            return
         if event.message and event.level >= self.min_level:
             self.logger.log(event.level, "%s", event.line())
 

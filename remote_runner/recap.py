@@ -29,6 +29,10 @@ if TYPE_CHECKING:  # pragma: no cover
     from remote_runner.runner import RunReport
 
 RUN_SCHEMA_ID = "remote-runner/run/1"
+#: Above this many hosts the recap (and the plain lines) aggregate: counts, then only the hosts
+#: with a problem and the slowest ones.
+MANY_HOSTS = 20
+SLOWEST = 5
 
 
 @dataclass
@@ -46,6 +50,8 @@ class HostOutcome:
     started: int = 0
     ready: int = 0
     failed: int = 0
+    #: seconds from the run's start until its last component started (None: none started)
+    seconds: Optional[float] = None
 
 
 @dataclass
@@ -185,6 +191,8 @@ class Recorder:
                 row.started += item.pid is not None
                 row.failed += item.outcome == "failed"
                 row.ready += item.outcome in ("running", "exited", "terminated")
+                if begin is not None:
+                    row.seconds = max(row.seconds or 0.0, round(begin - self.began, 3))
             phases = dict(self.phases)
         return RunSummary(run_id=run_id, config_file=experiment.config_file, screen=screen,
                           ok=error is None, exit_code=exit_code,
@@ -217,10 +225,38 @@ HEADERS = ("host", "connected", "copied", "unchanged", "bytes", "started", "read
            "attach")
 
 
-def rows(summary: RunSummary) -> List[Tuple[str, ...]]:
-    """The recap table's rows, as strings."""
+def shown_hosts(summary: RunSummary, limit: int = MANY_HOSTS) -> List[HostOutcome]:
+    """All hosts when few; else those with a problem, then the slowest (``SLOWEST``)."""
+    if len(summary.hosts) <= limit:
+        return list(summary.hosts)
+    trouble = [h for h in summary.hosts if h.connected is False or h.failed
+               or (h.host != "localhost" and h.connected and h.started == 0)]
+    rest = sorted((h for h in summary.hosts if h not in trouble and h.seconds is not None),
+                  key=lambda h: -(h.seconds or 0.0))
+    return trouble[:limit] + rest[:SLOWEST]
+
+
+def counts_line(summary: RunSummary) -> str:
+    """One line of totals over every host (the head of an aggregated recap)."""
+    hosts = summary.hosts
+    connected = sum(1 for h in hosts if h.connected)
+    unreachable = sum(1 for h in hosts if h.connected is False)
+    outcomes: Dict[str, int] = {}
+    for c in summary.components:
+        outcomes[c.outcome] = outcomes.get(c.outcome, 0) + 1
+    copied = sum(h.files_copied for h in hosts)
+    same = sum(h.files_unchanged for h in hosts)
+    size = _size(sum(h.bytes_copied for h in hosts))
+    parts = ", ".join(f"{n} {name}" for name, n in sorted(outcomes.items()))
+    return (f"{len(hosts)} hosts: {connected} connected, {unreachable} unreachable; files: "
+            f"{copied} copied ({size}), {same} unchanged; {len(summary.components)} "
+            f"components: {parts}")
+
+
+def rows(summary: RunSummary, limit: int = MANY_HOSTS) -> List[Tuple[str, ...]]:
+    """The recap table's rows, as strings (aggregated above *limit* hosts)."""
     out = []
-    for h in summary.hosts:
+    for h in shown_hosts(summary, limit):
         connected = ("local" if h.host == "localhost" else
                      "-" if h.connected is None else "yes" if h.connected else "FAILED")
         attach = (f"screen -r {h.session}" if h.host == "localhost" and h.session else
@@ -228,6 +264,12 @@ def rows(summary: RunSummary) -> List[Tuple[str, ...]]:
         out.append((h.host, connected, str(h.files_copied), str(h.files_unchanged),
                     _size(h.bytes_copied), str(h.started), str(h.ready), str(h.failed), attach))
     return out
+
+
+def _first(names: List[str], limit: int = 10) -> str:
+    """*names* joined, at most *limit* of them (``… and N more``)."""
+    more = f" … and {len(names) - limit} more" if len(names) > limit else ""
+    return ", ".join(names[:limit]) + more
 
 
 def result_line(summary: RunSummary) -> str:
@@ -240,10 +282,10 @@ def result_line(summary: RunSummary) -> str:
             f"{len(summary.hosts)} host(s), {started}/{len(summary.components)} component(s) "
             f"started, {summary.seconds:.1f} s")
     if failed:
-        text += "; failed: " + ", ".join(failed)
+        text += "; failed: " + _first(failed)
     unreachable = [h.host for h in summary.hosts if h.connected is False]
     if unreachable:
-        text += "; unreachable: " + ", ".join(unreachable)
+        text += "; unreachable: " + _first(unreachable)
     skipped = sum(1 for c in summary.components if c.outcome == "skipped")
     if skipped:
         text += f"; {skipped} component(s) skipped"
@@ -255,6 +297,9 @@ def render_text(summary: RunSummary) -> str:
     table = [HEADERS] + rows(summary)
     widths = [max(len(row[i]) for row in table) for i in range(len(HEADERS))]
     lines = ["RECAP"]
+    if len(summary.hosts) > MANY_HOSTS:
+        lines += [counts_line(summary), f"hosts with a problem, then the {SLOWEST} slowest "
+                  f"(all {len(summary.hosts)} in --json):"]
     for row in table:
         lines.append("  ".join(cell.ljust(widths[i]) for i, cell in enumerate(row)).rstrip())
     lines.append(result_line(summary))
@@ -277,4 +322,7 @@ def render_rich(summary: RunSummary) -> Any:
         table.add_row(*[Text(cell, style="bold red" if cell == "FAILED" or (
             HEADERS[i] == "failed" and cell != "0") else "") for i, cell in enumerate(styled)])
     verdict = Text(result_line(summary), style="bold green" if summary.ok else "bold red")
+    if len(summary.hosts) > MANY_HOSTS:
+        table.caption = (f"{counts_line(summary)}\nshown: hosts with a problem, then the "
+                         f"{SLOWEST} slowest (all in --json)")
     return Group(table, verdict)

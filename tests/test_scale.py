@@ -34,3 +34,57 @@ def test_sixty_four_hosts_cost_one_thread_each(lab, tmp_path):
     finally:
         for connection in connections.values():
             connection.close()
+
+
+# --------------------------------------------------------------------------- output that scales
+
+def _summary(hosts: int):
+    from remote_runner import recap
+    outcomes, components = [], []
+    for n in range(hosts):
+        host = f"node{n:03d}"
+        down = n in (7, 19)
+        row = recap.HostOutcome(host, connected=not down, error="no route" if down else None,
+                                files_copied=0 if down else 1, started=0 if down else 1,
+                                ready=0 if down else 1, failed=1 if n == 3 else 0,
+                                seconds=None if down else 1.0 + n / 100)
+        outcomes.append(row)
+        outcome = "skipped" if down else "failed" if n == 3 else "running"
+        components.append(recap.ComponentOutcome(host, "probe", 1, False, False, outcome=outcome))
+    return recap.RunSummary(run_id=None, config_file="x.py", screen="runner", ok=False,
+                            exit_code=8, error="partial", started_at="", finished_at="",
+                            seconds=3.0, hosts=outcomes, components=components)
+
+
+def test_recap_of_many_hosts_gives_counts_problems_and_slowest():
+    from remote_runner import recap
+    text = recap.render_text(_summary(200))
+    lines = text.splitlines()
+    assert "200 hosts: 198 connected, 2 unreachable; files: 198 copied" in text
+    assert "components: 1 failed, 197 running, 2 skipped" in text
+    table = [line.split()[0] for line in lines if line.startswith("node")]
+    # the two unreachable and the failed one first, then the five slowest; nothing else
+    assert table == ["node003", "node007", "node019", "node199", "node198", "node197",
+                     "node196", "node195"]
+    assert len(lines) < 20
+    assert "unreachable: node007, node019" in lines[-1]
+
+
+def test_recap_of_few_hosts_lists_every_host():
+    from remote_runner import recap
+    text = recap.render_text(_summary(12))
+    assert sum(1 for line in text.splitlines() if line.startswith("node")) == 12
+    assert "12 hosts:" not in text
+
+
+def test_plain_lines_leave_per_host_info_to_the_recap_with_many_hosts(caplog):
+    import logging
+    from remote_runner import events as ev
+    reporter = ev.LogReporter(host_min_level=logging.WARNING)
+    with caplog.at_level(logging.INFO, logger="remote_runner.events"):
+        reporter.emit(ev.Event(ev.KIND_HOST_CONNECTED, "connected", host="node001"))
+        reporter.emit(ev.Event(ev.KIND_PHASE_END, "connected to 200 host(s)", phase="connect"))
+        reporter.emit(ev.Event(ev.KIND_NOTE, "unreachable, skipping", host="node007",
+                               level=logging.WARNING))
+    assert [r.getMessage() for r in caplog.records] == [
+        "connected to 200 host(s)", "node007: unreachable, skipping"]

@@ -288,7 +288,9 @@ def run_and_recap(experiment: "Experiment", options: "RunOptions", ssh_options: 
         options = dataclasses.replace(options, tail_logs=2.0)
     else:
         out.setup(settings)
-        reporter = ev.Fanout(recorder, ev.LogReporter())
+        many = len({s.host for s in experiment.components}) > recap.MANY_HOSTS
+        quiet_hosts = logging.WARNING if many and not args.verbose else logging.NOTSET
+        reporter = ev.Fanout(recorder, ev.LogReporter(host_min_level=quiet_hosts))
     runner = Runner(experiment, options, ssh_options, reporter=reporter)
     error: Optional[RunnerError] = None
     try:
