@@ -112,6 +112,7 @@ def attempt(monkeypatch, tmp_path, capfd):
 
     import remote_runner.ssh as ssh_module
     monkeypatch.setattr(ssh_module, "connect_all", no_connect)
+    monkeypatch.setattr(ssh_module, "connect_some", no_connect)
     (tmp_path / "data").write_text("data\n")
     monkeypatch.chdir(tmp_path)
 
