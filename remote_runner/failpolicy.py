@@ -48,16 +48,15 @@ class FailLimit:
         match = re.match(r"^\s*(\d+(?:\.\d+)?)\s*(%?)\s*$", text or "")
         if not match:
             raise ConfigError(f"--max-fail {text!r}: expected a number of hosts (5) or a share "
-                              "of them (10%)", field="--max-fail")
+                              "of them (10%)")
         number, percent = match.group(1), bool(match.group(2))
         if percent:
             value = float(number)
             if value > 100:
-                raise ConfigError(f"--max-fail {text!r}: a share above 100%", field="--max-fail")
+                raise ConfigError(f"--max-fail {text!r}: a share above 100%")
             return cls(percent=value)
         if "." in number:
-            raise ConfigError(f"--max-fail {text!r}: a number of hosts is a whole number",
-                              field="--max-fail")
+            raise ConfigError(f"--max-fail {text!r}: a number of hosts is a whole number")
         return cls(count=int(number))
 
     def allowed(self, hosts: int) -> int:

@@ -94,7 +94,7 @@ def read_source(source: str, groups: HostGroups, environ: Mapping[str, str]) -> 
         if not nodelist:
             raise ConfigError("--hosts-from slurm: SLURM_JOB_NODELIST is not set (run inside an "
                               "allocation, e.g. `salloc -N4`, or give a recorded list: "
-                              "--hosts-from slurm:FILE)", field="--hosts-from")
+                              "--hosts-from slurm:FILE)")
         groups.add(SLURM, _expand(nodelist, "$SLURM_JOB_NODELIST", None))
     elif sep and kind == SLURM:
         groups.add(SLURM, plain_list(_read(rest, source), rest))
@@ -104,11 +104,11 @@ def read_source(source: str, groups: HostGroups, environ: Mapping[str, str]) -> 
         name = os.path.splitext(os.path.basename(source))[0]
         if not _GROUP_NAME.match(name):
             raise ConfigError(f"--hosts-from {source}: the file name {name!r} is not a usable "
-                              "group name (letters, digits, _ . -)", field="--hosts-from")
+                              "group name (letters, digits, _ . -)")
         groups.add(name, plain_list(_read(source, source), source))
     else:
         raise ConfigError(f"--hosts-from {source!r}: not a file, and not one of slurm, "
-                          "slurm:FILE, ansible:INVENTORY", field="--hosts-from")
+                          "slurm:FILE, ansible:INVENTORY")
 
 
 def _read(path: str, source: str) -> str:
@@ -118,7 +118,7 @@ def _read(path: str, source: str) -> str:
     except (OSError, UnicodeDecodeError) as exc:
         reason = getattr(exc, "strerror", None) or str(exc)
         raise ConfigError(f"--hosts-from {source}: cannot read {path}: {reason}",
-                          file=path, field="--hosts-from") from None
+                          file=path) from None
 
 
 def _expand(text: str, path: str, line: Optional[int]) -> List[str]:
