@@ -8,21 +8,23 @@ work, a bad host must fail fast with a message that says what to do, and a
 dead network must never hang a run. This module is that layer:
 
 * :class:`SSHOptions` holds the runner-wide settings (what the command line
-  gives); the per-host truth comes from ssh_config (``-F FILE`` or
-  ``~/.ssh/config`` plus ``/etc/ssh/ssh_config``, with ``Include``).
-  Precedence: ``user@host:port`` in the host name, then an explicit
-  ``--user``/``--port``, then ssh_config, then the defaults.
-  ``ConnectTimeout`` and ``ServerAliveInterval`` from ssh_config win over the
-  option defaults because they are per-host facts.
-* Host keys are verified by :mod:`remote_runner.hostkeys`.
-* Authentication follows OpenSSH: agent, then key files (``IdentityFile``,
-  then ``~/.ssh/id_ed25519``, ``id_ecdsa``, ``id_rsa``; the password unlocks
-  an encrypted key), then the password (also as keyboard-interactive).
+  gives); the per-host truth comes from ssh_config, read by
+  :mod:`remote_runner.sshconfig` (``-F FILE`` or ``~/.ssh/config`` plus
+  ``/etc/ssh/ssh_config``, with ``Include``). Precedence: ``user@host:port``
+  in the host name, then an explicit ``--user``/``--port``, then ssh_config,
+  then the defaults. ``ConnectTimeout`` and ``ServerAliveInterval`` from
+  ssh_config win over the option defaults because they are per-host facts.
+* Host keys are verified by :mod:`remote_runner.hostkeys`; authentication
+  (agent, key files, password) is :mod:`remote_runner.sshauth`.
 * ``ProxyJump`` (multi-hop) is a chain of our own connections, each hop
-  opening a ``direct-tcpip`` channel; ``ProxyCommand`` runs through ``sh``.
-* A watchdog asks the server for a reply every ``ServerAliveInterval``
-  seconds and closes the transport after ``ServerAliveCountMax`` unanswered
-  intervals, so blocked reads end with :class:`HostError` instead of hanging.
+  opening a ``direct-tcpip`` channel on a jump connection shared by every
+  target behind it (:mod:`remote_runner.jump`); ``ProxyCommand`` runs
+  through ``sh``.
+* :mod:`remote_runner.keepalive` asks the server for a reply every
+  ``ServerAliveInterval`` seconds and closes the transport after
+  ``ServerAliveCountMax`` unanswered intervals, so blocked reads end with
+  :class:`HostError` instead of hanging.
+* Many hosts at once (bounded, retried, ``--max-fail``): :mod:`remote_runner.fleet`.
 
 A :class:`Connection` is thread-safe: many threads may run commands or open
 channels on it at once (paramiko multiplexes them on one transport).
@@ -30,20 +32,14 @@ channels on it at once (paramiko multiplexes them on one transport).
 
 from __future__ import annotations
 
-import contextvars
-import getpass
-import glob
 import logging
-import os
-import pwd
 import re
 import shlex
 import socket
 import threading
 import time
-from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass
-from typing import Callable, Dict, Iterable, List, Optional, Tuple, Union
+from typing import Callable, Dict, List, Optional, Tuple, Union
 
 import paramiko
 
@@ -51,21 +47,21 @@ from remote_runner import hostkeys, jump, keepalive
 from remote_runner.names import check_name
 from remote_runner.proxycommand import ProxyCommand
 from remote_runner.errors import (
-    EXIT_CONFIG, AuthError, CommandTimeout, ConfigError, HostError, HostKeyError,
+    AuthError, CommandTimeout, ConfigError, HostError, HostKeyError,
     ConnectionLost, RemoteCommandError, RunnerError, UnreachableError, brief_command,
+)
+from remote_runner.channelio import RunResult, _collect, _draining  # noqa: F401 - RunResult: public here
+from remote_runner.sshauth import (  # noqa: F401 - PASSWORD_ENV, resolve_password: public here
+    PASSWORD_ENV, Authentication, resolve_password,
+)
+from remote_runner.sshconfig import (  # noqa: F401 - imported from here by other modules
+    SYSTEM_CONFIG, USER_CONFIG, _local_user, _port, config_paths, load_ssh_config, parse_host,
 )
 
 log = logging.getLogger(__name__)
 
-#: Environment variable the CLI reads the SSH password from.
-PASSWORD_ENV = "REMOTE_RUNNER_PASSWORD"
-#: Key files tried after the ssh_config IdentityFile entries (OpenSSH order).
-DEFAULT_KEYS = ("~/.ssh/id_ed25519", "~/.ssh/id_ecdsa", "~/.ssh/id_rsa")
-USER_CONFIG = "~/.ssh/config"
-SYSTEM_CONFIG = "/etc/ssh/ssh_config"
 USER_KNOWN_HOSTS = ("~/.ssh/known_hosts", "~/.ssh/known_hosts2")
 GLOBAL_KNOWN_HOSTS = ("/etc/ssh/ssh_known_hosts", "/etc/ssh/ssh_known_hosts2")
-_MAX_INCLUDE_DEPTH = 16
 _ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*\Z")
 
 
@@ -92,160 +88,10 @@ class SSHOptions:
                 f"forks={self.forks!r}, retries={self.retries!r})")
 
 
-@dataclass
-class RunResult:
-    """What a finished remote command produced."""
-
-    exit_status: int
-    stdout: bytes
-    stderr: bytes
-
-
-def resolve_password(cli_value: Optional[str], ask: bool) -> Optional[str]:
-    """Return the password from the command line, else $REMOTE_RUNNER_PASSWORD, else a prompt if *ask*."""
-    if cli_value is not None:
-        return cli_value
-    from_env = os.environ.get(PASSWORD_ENV)
-    if from_env is not None:
-        return from_env
-    if ask:
-        return getpass.getpass("SSH password: ")
-    return None
-
-
-# --------------------------------------------------------------------------- ssh_config
-
-_config_cache: Dict[Tuple, paramiko.SSHConfig] = {}
-_config_lock = threading.Lock()
-
-
-def config_paths(ssh_config_file: Optional[str]) -> List[str]:
-    """Return the ssh_config files to read, like ``ssh [-F FILE]``."""
-    if ssh_config_file is not None:
-        path = os.path.expanduser(ssh_config_file)
-        if not os.path.isfile(path):
-            raise ConfigError("ssh_config file not found", file=path, field="ssh_config_file")
-        return [path]
-    candidates = [os.path.expanduser(USER_CONFIG), SYSTEM_CONFIG]
-    return [p for p in candidates if os.path.isfile(p)]
-
-
-def load_ssh_config(ssh_config_file: Optional[str]) -> paramiko.SSHConfig:
-    """Parse (once per file version) the ssh_config that ``ssh [-F FILE]`` would read."""
-    paths = config_paths(ssh_config_file)
-    key = tuple((p, os.stat(p).st_mtime_ns) for p in paths)
-    with _config_lock:
-        cached = _config_cache.get(key)
-        if cached is not None:
-            return cached
-        text = "".join(_expand_includes(p, _include_base(p), 0) + "\n" for p in paths)
-        try:
-            config = paramiko.SSHConfig.from_text(text)
-        except Exception as exc:  # paramiko raises ConfigParseError and friends
-            raise ConfigError(f"cannot parse ssh_config: {exc}", file=", ".join(paths)) from exc
-        _config_cache[key] = config
-        return config
-
-
-def _include_base(path: str) -> str:
-    """Return the directory relative Include paths start from (as OpenSSH does)."""
-    if os.path.abspath(path) == SYSTEM_CONFIG:
-        return "/etc/ssh"
-    return os.path.expanduser("~/.ssh")
-
-
-def _expand_includes(path: str, base: str, depth: int) -> str:
-    """Return the text of *path* with every ``Include`` replaced by the files it names."""
-    if depth > _MAX_INCLUDE_DEPTH:
-        raise ConfigError("Include nested too deeply (a loop?)", file=path)
-    try:
-        with open(path, encoding="utf-8") as handle:
-            lines = handle.read().splitlines()
-    except OSError as exc:
-        raise ConfigError(f"cannot read ssh_config: {exc.strerror}", file=path) from exc
-    out: List[str] = []
-    block = ""
-    for number, line in enumerate(lines, 1):
-        words = line.strip().split(None, 1)
-        keyword = words[0].lower().rstrip("=") if words else ""
-        if keyword in ("host", "match"):
-            block = line
-        if keyword != "include":
-            out.append(line)
-            continue
-        arg = words[1].lstrip("= ") if len(words) > 1 else ""
-        try:
-            patterns = shlex.split(arg)
-        except ValueError as exc:
-            raise ConfigError(f"bad Include line: {exc}", file=path, line=number) from exc
-        for pattern in patterns:
-            pattern = os.path.expanduser(pattern)
-            if not os.path.isabs(pattern):
-                pattern = os.path.join(base, pattern)
-            for included in sorted(glob.glob(pattern)):
-                if os.path.isfile(included):
-                    out.append(_expand_includes(included, base, depth + 1))
-        if block:
-            out.append(block)  # the included file may have opened other blocks
-    return "\n".join(out)
-
-
-def parse_host(host: str) -> Tuple[Optional[str], str, Optional[int]]:
-    """Split ``[user@]alias[:port]`` (IPv6 as ``[addr]:port``) into its parts."""
-    user: Optional[str] = None
-    rest = host.strip()
-    if rest.startswith("ssh://"):
-        rest = rest[len("ssh://"):]
-    if "@" in rest:
-        user, rest = rest.rsplit("@", 1)
-    port: Optional[int] = None
-    port_text = ""
-    if rest.startswith("["):
-        end = rest.find("]")
-        if end < 0:
-            raise ConfigError(f"bad host {host!r}: missing ']'", field="host")
-        alias, tail = rest[1:end], rest[end + 1:]
-        if tail.startswith(":"):
-            port_text = tail[1:]
-        elif tail:
-            raise ConfigError(f"bad host {host!r}", field="host")
-    elif rest.count(":") == 1:
-        alias, port_text = rest.split(":")
-    else:
-        alias = rest
-    if port_text:
-        port = _port(port_text, f"host {host!r}")
-    if not alias or (user is not None and not user):
-        raise ConfigError(f"bad host {host!r}: expected [user@]host[:port]", field="host")
-    check_name(alias, "host")
-    if user is not None:
-        check_name(user, "user")
-    return user, alias, port
-
-
-def _port(text: Union[str, int], where: str, file: Optional[str] = None) -> int:
-    """Return *text* as a TCP port or raise ConfigError naming *where*."""
-    try:
-        port = int(text)
-    except (TypeError, ValueError):
-        port = -1
-    if not 0 < port < 65536:
-        raise ConfigError(f"{where}: bad port {text!r}", file=file, field="port")
-    return port
-
-
-def _local_user() -> str:
-    """Return the local login name (what ssh uses when nothing else says)."""
-    try:
-        return getpass.getuser()
-    except (KeyError, OSError):
-        return pwd.getpwuid(os.getuid()).pw_name
-
-
 # --------------------------------------------------------------------------- connection
 
 
-class Connection:
+class Connection(Authentication):
     """One authenticated SSH transport to one host, reused for every command and channel."""
 
     def __init__(self, host: str, options: SSHOptions, *, _via: Optional[List[str]] = None,
@@ -444,124 +290,6 @@ class Connection:
             return True
         return strict == "accept-new"
 
-    # ---------------------------------------------------------------- auth
-
-    def _authenticate(self, transport: paramiko.Transport) -> None:
-        """Try agent keys, key files, then the password; raise AuthError naming what was tried."""
-        tried: List[str] = []
-        identities_only = self._flag("identitiesonly")
-        agent_off = str(self.config.get("identityagent", "")).lower() == "none"
-        files = self._identity_files(identities_only)
-        only = _public_blobs(files) if identities_only else None
-        if not agent_off and self._try_agent(transport, tried, only):
-            return
-        for path in filter(os.path.isfile, files):
-            key = self._load_key(path, tried)
-            if key is not None and self._try_key(transport, key, path, tried):
-                return
-        if self._try_password(transport, tried):
-            return
-        if not transport.is_active():
-            raise UnreachableError(self.alias, "the connection closed during authentication")
-        raise AuthError(
-            self.alias,
-            f"authentication failed as {self.username}@{self.hostname} "
-            f"(tried: {'; '.join(tried) or 'nothing'})",
-            "check the user (--user or User in ssh_config), IdentityFile and ssh-agent, "
-            f"or give a password (-p or ${PASSWORD_ENV})")
-
-    def _try_agent(self, transport: paramiko.Transport, tried: List[str],
-                   only: Optional[set] = None) -> bool:
-        """Offer the ssh-agent's keys (with *only*: just those blobs); return True once authenticated."""
-        if not os.environ.get("SSH_AUTH_SOCK") or only == set():
-            return False
-        try:
-            agent = paramiko.Agent()
-        except (paramiko.SSHException, OSError) as exc:
-            tried.append(f"ssh-agent: unavailable ({exc})")
-            return False
-        try:
-            keys = agent.get_keys()
-            if not keys:
-                tried.append("ssh-agent: no keys")
-            for key in keys:
-                if only is not None and key.get_base64() not in only:
-                    continue
-                if self._try_key(transport, key, f"agent key {hostkeys.fingerprint(key)}", tried):
-                    return True
-        finally:
-            agent.close()
-        return False
-
-    def _identity_files(self, identities_only: bool) -> List[str]:
-        """Return IdentityFile entries, then (unless IdentitiesOnly) the default key files."""
-        paths = [os.path.expanduser(p) for p in self.config.get("identityfile", [])]
-        if not identities_only:
-            paths += [os.path.expanduser(p) for p in DEFAULT_KEYS]
-        return [p for i, p in enumerate(paths) if p not in paths[:i]]
-
-    def _load_key(self, path: str, tried: List[str]) -> Optional[paramiko.PKey]:
-        """Load a private key file (the password unlocks an encrypted one) or note why not."""
-        password = self.options.password
-        passphrases = [password.encode("utf-8"), None] if password else [None]
-        for passphrase in passphrases:
-            try:
-                return paramiko.PKey.from_path(path, passphrase)
-            except (paramiko.PasswordRequiredException, TypeError):
-                # paramiko 5 lets cryptography's TypeError through both for a
-                # missing passphrase and for one given to an unencrypted key
-                # (SPAR's -p is the login password too): try without it next.
-                continue
-            except (paramiko.SSHException, OSError, ValueError) as exc:
-                tried.append(f"{path}: unusable ({exc})")
-                return None
-        tried.append(f"{path}: encrypted, give the passphrase with -p")
-        return None
-
-    def _try_key(self, transport: paramiko.Transport, key: paramiko.PKey, label: str,
-                 tried: List[str]) -> bool:
-        """Offer one key; return True once authenticated."""
-        try:
-            transport.auth_publickey(self.username, key)
-        except paramiko.BadAuthenticationType as exc:
-            tried.append(f"{label}: server allows only {', '.join(exc.allowed_types)}")
-            return False
-        except paramiko.AuthenticationException:
-            tried.append(f"{label}: rejected")
-            return False
-        except (paramiko.SSHException, EOFError, OSError) as exc:
-            raise UnreachableError(self.alias, f"connection lost during authentication: {exc}") from exc
-        return transport.is_authenticated()
-
-    def _try_password(self, transport: paramiko.Transport, tried: List[str]) -> bool:
-        """Try the password, then keyboard-interactive with it; return True once authenticated."""
-        password = self.options.password
-        if not password:
-            tried.append("password: none given")
-            return False
-        try:
-            transport.auth_password(self.username, password)
-            return transport.is_authenticated()
-        except paramiko.BadAuthenticationType as exc:
-            if "keyboard-interactive" not in exc.allowed_types:
-                tried.append(f"password: server allows only {', '.join(exc.allowed_types)}")
-                return False
-        except paramiko.AuthenticationException:
-            tried.append("password: rejected")
-            return False
-        except (paramiko.SSHException, EOFError, OSError) as exc:
-            raise UnreachableError(self.alias, f"connection lost during authentication: {exc}") from exc
-
-        def answer(title: str, instructions: str, prompts: List[Tuple[str, bool]]) -> List[str]:
-            return [password for _ in prompts]
-
-        try:
-            transport.auth_interactive(self.username, answer)
-        except paramiko.AuthenticationException:
-            tried.append("keyboard-interactive password: rejected")
-            return False
-        return transport.is_authenticated()
-
     # ---------------------------------------------------------------- use
 
     @property
@@ -677,20 +405,6 @@ class Connection:
                               "check the host and the network, then run again")
 
 
-def _public_blobs(paths: List[str]) -> set:
-    """Return the base64 public-key blobs of the ``.pub`` files next to *paths* (IdentitiesOnly)."""
-    blobs = set()
-    for path in paths:
-        try:
-            with open(path + ".pub", encoding="utf-8") as handle:
-                fields = handle.read().split()
-        except OSError:
-            continue
-        if len(fields) >= 2:
-            blobs.add(fields[1])
-    return blobs
-
-
 def _jump_list(value: Optional[str]) -> List[str]:
     """Split a ProxyJump value into hops (empty for none)."""
     if not value or value.strip().lower() == "none":
@@ -708,108 +422,6 @@ def _env_prefix(env: Dict[str, str], host: str) -> str:
     return "".join(parts)
 
 
-def _collect(channel: paramiko.Channel, stdin: Optional[bytes],
-             deadline: Optional[float]) -> Optional[RunResult]:
-    """Feed stdin and drain stdout/stderr concurrently; return None on timeout."""
-    out: List[bytes] = []
-    err: List[bytes] = []
-    feeder = _Feeder(channel, stdin)
-    drains = [
-        threading.Thread(target=_drain, args=(channel.recv, out), daemon=True),
-        threading.Thread(target=_drain, args=(channel.recv_stderr, err), daemon=True),
-    ]
-    for thread in drains + [feeder]:
-        thread.start()
-    for thread in drains:
-        thread.join(_remaining(deadline))
-        if thread.is_alive():
-            break
-    finished = not any(t.is_alive() for t in drains) and channel.status_event.wait(
-        _remaining(deadline))
-    if not finished:
-        channel.close()
-        for thread in drains + [feeder]:
-            thread.join(5)
-        return None
-    return RunResult(channel.exit_status, b"".join(out), b"".join(err))
-
-
-def _draining(command: str) -> str:
-    """*command*, then read what is left of stdin, keeping the command's exit status.
-
-    A command that exits without reading all the input we send lets the
-    server close the channel while paramiko may still send data on it (it
-    checks for a close, then sends outside its lock); OpenSSH answers data
-    for a freed channel by dropping the whole connection. Draining stdin on
-    the host keeps every channel open until our EOF.
-    """
-    return "sh -c " + shlex.quote("{ " + command + "\n}; s=$?; cat >/dev/null; exit $s")
-
-
-def _remaining(deadline: Optional[float]) -> Optional[float]:
-    """Return seconds left until *deadline* (None = forever, never negative)."""
-    return None if deadline is None else max(0.0, deadline - time.monotonic())
-
-
-def _drain(read: Callable[[int], bytes], sink: List[bytes]) -> None:
-    """Read a channel stream into *sink* until EOF or close."""
-    while True:
-        try:
-            data = read(1 << 16)
-        except (OSError, EOFError, paramiko.SSHException):
-            return
-        if not data:
-            return
-        sink.append(data)
-
-
-class _Feeder(threading.Thread):
-    """Send a command's stdin, then EOF, so a command reading stdin never waits forever.
-
-    A command may exit before reading all its input (``tar`` stops at the
-    end-of-archive blocks, a script may ``exit``). The server then closes the
-    channel, paramiko answers with its own close at once, and an EOF sent
-    after that refers to a channel OpenSSH has freed: it drops the whole
-    connection, and every other command on it fails. paramiko's
-    ``shutdown_write`` checks nothing of this and sends outside the channel
-    lock, so EOF is sent here while holding that lock (the one paramiko takes
-    to mark the channel closed): either it goes out before the close, or the
-    channel is seen closed and nothing is sent. Data cannot be guarded so
-    (paramiko waits for window space inside that lock): :func:`_draining`
-    keeps such a channel open until our EOF instead.
-    """
-
-    def __init__(self, channel: paramiko.Channel, stdin: Optional[bytes]) -> None:
-        super().__init__(daemon=True, name="ssh-stdin")
-        self.channel = channel
-        self.stdin = stdin
-        # Log lines of this thread name the host of the thread that started it.
-        self._context = contextvars.copy_context()
-
-    def run(self) -> None:
-        self._context.run(self._feed)
-
-    def _feed(self) -> None:
-        try:
-            if self.stdin:
-                self.channel.sendall(self.stdin)
-            self._send_eof()
-        except (OSError, EOFError, paramiko.SSHException) as exc:
-            log.debug("stdin not fully sent: %s", exc or type(exc).__name__)
-
-    def _send_eof(self) -> None:
-        channel = self.channel
-        if not hasattr(channel, "_send_eof"):  # another paramiko: its own shutdown
-            channel.shutdown_write()
-            return
-        with channel.lock:
-            if channel.closed:
-                return
-            message = channel._send_eof()
-            if message is not None:
-                channel.transport._send_user_message(message)
-
-
 def _quietly(action: Callable[[], object]) -> None:
     """Run a cleanup step, logging instead of raising."""
     try:
@@ -818,96 +430,5 @@ def _quietly(action: Callable[[], object]) -> None:
         log.debug("cleanup step failed: %s", exc)
 
 
-# --------------------------------------------------------------------------- many hosts
-
-
-class ConnectAllError(HostError):
-    """One or more hosts could not be connected; ``failures`` maps host to its error."""
-
-    def __init__(self, failures: Dict[str, BaseException]) -> None:
-        self.failures = dict(failures)
-        if self.failures and all(isinstance(e, ConfigError) for e in self.failures.values()):
-            self.exit_code = EXIT_CONFIG
-        super().__init__(", ".join(self.failures), "connection failed")
-
-    def __str__(self) -> str:
-        lines = [str(exc) if isinstance(exc, HostError) else f"host {host}: {exc}"
-                 for host, exc in self.failures.items()]
-        return (f"could not connect to {len(lines)} host(s):\n  " + "\n  ".join(lines))
-
-
-def connect_all(hosts: Iterable[str], options: SSHOptions,
-                on_result: Optional[Callable[[str, Optional[BaseException]], None]] = None
-                ) -> Dict[str, Connection]:
-    """Connect to every host in parallel (at most ``options.forks`` at once), all or nothing.
-
-    *on_result(host, error)* is called as each host's attempt ends (error None on success),
-    so a progress display can count hosts while the others are still connecting.
-    """
-    return connect_some(hosts, options, 0, on_result)[0]
-
-
-def connect_some(hosts: Iterable[str], options: SSHOptions, allowed_failures: int,
-                 on_result: Optional[Callable[[str, Optional[BaseException]], None]] = None
-                 ) -> Tuple[Dict[str, Connection], Dict[str, BaseException]]:
-    """Connect to every host; up to *allowed_failures* hosts may stay unreachable.
-
-    Each host is tried ``1 + options.retries`` times (see :mod:`remote_runner.failpolicy`).
-    Returns the connections and the failures. More failures than allowed, a config mistake
-    among them, or no host at all connected: every connection is closed and
-    :class:`ConnectAllError` names each failed host.
-    """
-    unique = list(dict.fromkeys(hosts))
-    connections: Dict[str, Connection] = {}
-    failures: Dict[str, BaseException] = {}
-    if not unique:
-        return connections, failures
-    pool = ThreadPoolExecutor(max_workers=max(1, min(options.forks, len(unique))),
-                              thread_name_prefix="ssh-connect")
-    try:
-        futures = {pool.submit(_connect_retrying, host, options): host for host in unique}
-        for future in as_completed(futures):
-            host = futures[future]
-            try:
-                connections[host] = future.result()
-            except Exception as exc:
-                failures[host] = exc
-            if on_result is not None:
-                on_result(host, failures.get(host))
-    except BaseException:
-        pool.shutdown(wait=False, cancel_futures=True)
-        for connection in connections.values():
-            connection.close()
-        raise
-    pool.shutdown(wait=True)
-    fatal = any(isinstance(e, ConfigError) for e in failures.values())
-    if failures and (fatal or len(failures) > allowed_failures or not connections):
-        for connection in connections.values():
-            connection.close()
-        raise ConnectAllError({h: failures[h] for h in unique if h in failures})
-    return ({host: connections[host] for host in unique if host in connections},
-            {host: failures[host] for host in unique if host in failures})
-
-
-def _connect_retrying(host: str, options: SSHOptions) -> Connection:
-    """Connect one host, retrying what can pass (unreachable, dropped) with backoff."""
-    from remote_runner.failpolicy import with_retries
-
-    def again(attempt: int, exc: BaseException, delay: float) -> None:
-        reason = exc.message if isinstance(exc, HostError) else str(exc)
-        log.info("%s: %s; retry %d of %d in %.1f s", host, reason, attempt, options.retries,
-                 delay)
-
-    return with_retries(lambda: _connect_one(host, options), options.retries, again)
-
-
-def _connect_one(host: str, options: SSHOptions) -> Connection:
-    """Connect one host, turning unexpected errors into HostError."""
-    from remote_runner.events import host_context
-    try:
-        with host_context(parse_host(host)[1]):
-            return Connection(host, options).connect()
-    except RunnerError:
-        raise
-    except Exception as exc:
-        raise HostError(host, f"unexpected error while connecting: {exc!r}") from exc
+# Names other modules import from here (their homes are below).
+from remote_runner.fleet import ConnectAllError, connect_all, connect_some  # noqa: E402,F401

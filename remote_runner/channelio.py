@@ -1,0 +1,134 @@
+"""One command on one SSH channel: its stdin fed, its output drained, its end awaited.
+
+paramiko gives channels, not commands. Running a command safely on a connection that many
+threads share needs more than ``exec_command``: stdout and stderr drained at once (a full
+stderr window blocks a command that only writes stdout), stdin sent and closed without
+tripping OpenSSH (see :class:`_Feeder` and :func:`_draining`), and a deadline that closes the
+channel instead of hanging. Kept apart from :mod:`remote_runner.ssh` so the connection module
+is about connecting.
+"""
+
+from __future__ import annotations
+
+import contextvars
+import logging
+import shlex
+import threading
+import time
+from dataclasses import dataclass
+from typing import Callable, List, Optional
+
+import paramiko
+
+log = logging.getLogger("remote_runner.ssh")
+
+
+@dataclass
+class RunResult:
+    """What a finished remote command produced."""
+
+    exit_status: int
+    stdout: bytes
+    stderr: bytes
+
+
+def _collect(channel: paramiko.Channel, stdin: Optional[bytes],
+             deadline: Optional[float]) -> Optional[RunResult]:
+    """Feed stdin and drain stdout/stderr concurrently; return None on timeout."""
+    out: List[bytes] = []
+    err: List[bytes] = []
+    feeder = _Feeder(channel, stdin)
+    drains = [
+        threading.Thread(target=_drain, args=(channel.recv, out), daemon=True),
+        threading.Thread(target=_drain, args=(channel.recv_stderr, err), daemon=True),
+    ]
+    for thread in drains + [feeder]:
+        thread.start()
+    for thread in drains:
+        thread.join(_remaining(deadline))
+        if thread.is_alive():
+            break
+    finished = not any(t.is_alive() for t in drains) and channel.status_event.wait(
+        _remaining(deadline))
+    if not finished:
+        channel.close()
+        for thread in drains + [feeder]:
+            thread.join(5)
+        return None
+    return RunResult(channel.exit_status, b"".join(out), b"".join(err))
+
+
+def _draining(command: str) -> str:
+    """*command*, then read what is left of stdin, keeping the command's exit status.
+
+    A command that exits without reading all the input we send lets the
+    server close the channel while paramiko may still send data on it (it
+    checks for a close, then sends outside its lock); OpenSSH answers data
+    for a freed channel by dropping the whole connection. Draining stdin on
+    the host keeps every channel open until our EOF.
+    """
+    return "sh -c " + shlex.quote("{ " + command + "\n}; s=$?; cat >/dev/null; exit $s")
+
+
+def _remaining(deadline: Optional[float]) -> Optional[float]:
+    """Return seconds left until *deadline* (None = forever, never negative)."""
+    return None if deadline is None else max(0.0, deadline - time.monotonic())
+
+
+def _drain(read: Callable[[int], bytes], sink: List[bytes]) -> None:
+    """Read a channel stream into *sink* until EOF or close."""
+    while True:
+        try:
+            data = read(1 << 16)
+        except (OSError, EOFError, paramiko.SSHException):
+            return
+        if not data:
+            return
+        sink.append(data)
+
+
+class _Feeder(threading.Thread):
+    """Send a command's stdin, then EOF, so a command reading stdin never waits forever.
+
+    A command may exit before reading all its input (``tar`` stops at the
+    end-of-archive blocks, a script may ``exit``). The server then closes the
+    channel, paramiko answers with its own close at once, and an EOF sent
+    after that refers to a channel OpenSSH has freed: it drops the whole
+    connection, and every other command on it fails. paramiko's
+    ``shutdown_write`` checks nothing of this and sends outside the channel
+    lock, so EOF is sent here while holding that lock (the one paramiko takes
+    to mark the channel closed): either it goes out before the close, or the
+    channel is seen closed and nothing is sent. Data cannot be guarded so
+    (paramiko waits for window space inside that lock): :func:`_draining`
+    keeps such a channel open until our EOF instead.
+    """
+
+    def __init__(self, channel: paramiko.Channel, stdin: Optional[bytes]) -> None:
+        super().__init__(daemon=True, name="ssh-stdin")
+        self.channel = channel
+        self.stdin = stdin
+        # Log lines of this thread name the host of the thread that started it.
+        self._context = contextvars.copy_context()
+
+    def run(self) -> None:
+        self._context.run(self._feed)
+
+    def _feed(self) -> None:
+        try:
+            if self.stdin:
+                self.channel.sendall(self.stdin)
+            self._send_eof()
+        except (OSError, EOFError, paramiko.SSHException) as exc:
+            log.debug("stdin not fully sent: %s", exc or type(exc).__name__)
+
+    def _send_eof(self) -> None:
+        channel = self.channel
+        if not hasattr(channel, "_send_eof"):  # another paramiko: its own shutdown
+            channel.shutdown_write()
+            return
+        with channel.lock:
+            if channel.closed:
+                return
+            message = channel._send_eof()
+            if message is not None:
+                channel.transport._send_user_message(message)
