@@ -34,6 +34,7 @@ import linecache
 import logging
 import math
 import os
+import re
 import sys
 import traceback
 from dataclasses import dataclass, field
@@ -60,11 +61,36 @@ _DEFAULTS = {
     "mirror": lambda: False,
     "num_cores": lambda: None,
     "export": list,
+    "ready": lambda: None,
+    "ready_timeout": lambda: 60.0,
+    "results": list,
+    "env": dict,
 }
 LEGAL_FIELDS = REQUIRED_FIELDS + tuple(_DEFAULTS)
 
+#: ``component.ready``: ``tcp:PORT`` listening on the host, ``log:REGEX`` in its log,
+#: ``file:PATH`` existing (relative to base_dir).
+READY_RE = re.compile(r"^(tcp|log|file):(.+)$", re.S)
+
 CONFIG_MODULE_NAME = "remote_runner_config"
 _INTERNAL_MODULES = ("remote_runner", "copy")
+
+
+def parse_ready(value: Optional[str], where: str = "ready") -> Optional[Tuple[str, str]]:
+    """Split a ``ready`` value into (kind, argument); raise ConfigError when malformed."""
+    if value is None:
+        return None
+    match = READY_RE.match(value) if isinstance(value, str) else None
+    if not match:
+        raise ConfigError(f"ready must be 'tcp:PORT', 'log:REGEX' or 'file:PATH', got {value!r}",
+                          field=where)
+    kind, arg = match.group(1), match.group(2)
+    if kind == "tcp" and not (arg.isdigit() and 0 < int(arg) < 65536):
+        raise ConfigError(f"ready 'tcp:PORT' needs a port number 1-65535, got {arg!r}",
+                          field=where)
+    if "\0" in arg or "\n" in arg:
+        raise ConfigError("ready must not contain NUL or newline characters", field=where)
+    return kind, arg
 
 
 @dataclass(frozen=True)
@@ -102,6 +128,10 @@ class ComponentSpec:
     mirror: bool
     num_cores: Optional[int]
     origin: Origin
+    ready: Optional[str] = None
+    ready_timeout: float = 60.0
+    results: Tuple[str, ...] = ()
+    env: Tuple[Tuple[str, str], ...] = ()
     field_origins: Tuple[Tuple[str, Origin], ...] = field(default=(), compare=False, repr=False)
     #: mirror=True: local paths served to the host besides the defaults (``PATH`` or ``PATH:ro``).
     export: Tuple[str, ...] = ()
@@ -542,7 +572,9 @@ class _Validator:
             files=self._files(local), base_dir=self._base_dir(),
             start_index=self._start_index(), wait=self._bool("wait"), mirror=mirror,
             num_cores=self._num_cores(), origin=self.c._added or self.c._created,
-            field_origins=tuple(sorted(origins.items())), export=self._export(mirror))
+            field_origins=tuple(sorted(origins.items())), export=self._export(mirror),
+            ready=self._ready(), ready_timeout=self._ready_timeout(), results=self._results(),
+            env=self._env())
 
     def _one_host(self, host: str) -> None:
         """Refuse a node set (``client[1-8]``) as a host: one component runs on one host."""
@@ -637,6 +669,54 @@ class _Validator:
             self._no_controls("export", item)
             path = os.path.expanduser(item)
             out.append(path if os.path.isabs(path) else os.path.join(self.config_dir, path))
+        return tuple(out)
+
+    def _ready(self) -> Optional[str]:
+        value = self.values.get("ready")
+        try:
+            parse_ready(value)
+        except ConfigError as exc:
+            raise self.fail("ready", exc.message) from None
+        return value
+
+    def _ready_timeout(self) -> float:
+        value = self.values.get("ready_timeout", 60.0)
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
+            raise self.fail("ready_timeout", f"ready_timeout must be a positive number of "
+                                             f"seconds, got {value!r}")
+        return float(value)
+
+    def _results(self) -> Tuple[str, ...]:
+        value = self.values.get("results", [])
+        if not isinstance(value, (list, tuple)):
+            raise self.fail("results", f"results must be a list of glob patterns relative to "
+                                       f"base_dir, got {type(value).__name__}")
+        out = []
+        for index, pattern in enumerate(value):
+            if not isinstance(pattern, str) or not pattern.strip() or "\0" in pattern:
+                raise self.fail("results", f"results[{index}] must be a non-empty string, "
+                                           f"got {pattern!r}")
+            parts = pattern.split("/")
+            if pattern.startswith("/") or ".." in parts or "\n" in pattern:
+                raise self.fail("results", f"results[{index}] {pattern!r} must be relative to "
+                                           "base_dir, without '..' or newlines")
+            out.append(pattern)
+        return tuple(out)
+
+    def _env(self) -> Tuple[Tuple[str, str], ...]:
+        value = self.values.get("env", {})
+        if not isinstance(value, dict):
+            raise self.fail("env", f"env must be a dict of NAME -> value, got "
+                                   f"{type(value).__name__}")
+        out = []
+        for name, text in value.items():
+            if not isinstance(name, str) or not re.match(r"^[A-Za-z_][A-Za-z0-9_]*$", name):
+                raise self.fail("env", f"env name {name!r} is not a valid variable name")
+            if isinstance(text, bool) or not isinstance(text, (str, int, float)):
+                raise self.fail("env", f"env[{name!r}] must be a str/int/float, got {text!r}")
+            if "\0" in str(text):
+                raise self.fail("env", f"env[{name!r}] contains a NUL character")
+            out.append((name, str(text)))
         return tuple(out)
 
     def _num_cores(self) -> Optional[int]:

@@ -205,6 +205,30 @@ class StartError(RunnerError):
     exit_code = EXIT_START
 
 
+class ComponentUnhealthy(StartError):
+    """A component exited or missed its readiness deadline while the run was starting it.
+
+    The run stops before the next ``start_index``; the message names the
+    component, how it ended and the end of its log.
+    """
+
+    def __init__(self, host: str, component: str, reason: str, log_tail: str = "") -> None:
+        self.host = host
+        self.component = component
+        self.reason = reason
+        self.log_tail = log_tail
+        text = f"host {host}: component {component!r} {reason}; later start indexes not started"
+        if log_tail.strip():
+            text += "\n  last lines of its log:\n    " + "\n    ".join(log_tail.splitlines())
+        else:
+            text += " (its log is empty)"
+        super().__init__(text)
+
+
+class SessionBusy(StartError):
+    """Another run of the same screen session is active on a host."""
+
+
 class ComponentFailed(RunnerError):
     """One or more waited components failed; ``failures`` maps name to reason."""
 

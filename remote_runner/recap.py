@@ -16,6 +16,8 @@ Both are built even when the run failed half-way, so the recap says how far it g
 from __future__ import annotations
 
 import datetime
+import os
+import shlex
 import threading
 import time
 from dataclasses import asdict, dataclass, field
@@ -91,6 +93,8 @@ class RunSummary:
     phases: Dict[str, float] = field(default_factory=dict)
     hosts: List[HostOutcome] = field(default_factory=list)
     components: List[ComponentOutcome] = field(default_factory=list)
+    #: the run's ``-F`` file, so the attach hints work when pasted (not in the JSON)
+    ssh_config: Optional[str] = None
 
     def to_dict(self) -> Dict[str, Any]:
         """Return the ``--json`` document (stable keys, see the README's schema)."""
@@ -149,7 +153,7 @@ class Recorder:
 
     def summary(self, experiment: "Experiment", screen: str, report: "RunReport",
                 error: Optional[BaseException], exit_code: int,
-                run_id: Optional[str] = None) -> RunSummary:
+                run_id: Optional[str] = None, ssh_config: Optional[str] = None) -> RunSummary:
         """Join what was recorded with the runner's report."""
         finished = time.time()
         hosts: Dict[str, HostOutcome] = {}
@@ -199,7 +203,8 @@ class Recorder:
                           error=None if error is None else str(error),
                           started_at=_iso(self.began) or "", finished_at=_iso(finished) or "",
                           seconds=finished - self.began, phases=phases,
-                          hosts=[hosts[h] for h in sorted(hosts)], components=components)
+                          hosts=[hosts[h] for h in sorted(hosts)], components=components,
+                          ssh_config=os.path.abspath(ssh_config) if ssh_config else None)
 
 
 def _outcome(item: ComponentOutcome) -> str:
@@ -259,8 +264,10 @@ def rows(summary: RunSummary, limit: int = MANY_HOSTS) -> List[Tuple[str, ...]]:
     for h in shown_hosts(summary, limit):
         connected = ("local" if h.host == "localhost" else
                      "-" if h.connected is None else "yes" if h.connected else "FAILED")
+        config = f"-F {shlex.quote(summary.ssh_config)} " if summary.ssh_config else ""
         attach = (f"screen -r {h.session}" if h.host == "localhost" and h.session else
-                  f"ssh -t {h.host} screen -r {h.session}" if h.session else "-")
+                  f"ssh -t {config}{shlex.quote(h.host)} screen -r {h.session}" if h.session
+                  else "-")
         out.append((h.host, connected, str(h.files_copied), str(h.files_unchanged),
                     _size(h.bytes_copied), str(h.started), str(h.ready), str(h.failed), attach))
     return out

@@ -40,14 +40,17 @@ from typing import (TYPE_CHECKING, Any, Callable, Dict, List, Optional, Protocol
                     Tuple)
 
 from remote_runner import events as ev
-from remote_runner import landing
+from remote_runner import hostops, landing
 from remote_runner import screen as scr
 from remote_runner import sync
 from remote_runner import upload
 from remote_runner.errors import (ComponentFailed, ConfigError, ConnectionLost, CopyError,
                                    MirrorError, PartialRun, StartError, control_characters)
 from remote_runner.failpolicy import FailLimit
-from remote_runner.shell import LocalShell, RemoteShell, ScriptResult, Shell  # noqa: F401
+from remote_runner.runrecord import (ComponentRecord, HostRecord, RunRecord, component_record,
+                                     host_record, new_run_id, utc_now)
+from remote_runner.shell import LocalShell, RemoteShell, ScriptResult, Shell  # noqa: F401 (API)
+from remote_runner.shell import shell_path as _shell_path
 
 if TYPE_CHECKING:  # pragma: no cover
     from remote_runner.config import ComponentSpec, Experiment
@@ -80,6 +83,10 @@ class RunOptions:
     tail_logs: float = 0.0
     #: hosts that may stay unreachable (skipped, the rest runs; exit 8); None: all-or-nothing
     max_fail: Optional[FailLimit] = None
+    #: A component without ``ready`` is started once it is alive this long after its start.
+    settle: float = 1.0
+    #: Given by the caller so the record and the host directories share it; else made up.
+    run_id: Optional[str] = None
 
 
 @dataclass(frozen=True)
@@ -148,6 +155,16 @@ def default_mirror_factory(connections: Dict[str, "Connection"],
     return serve(connections, specs)
 
 
+def path_lookup(spec: "ComponentSpec") -> Optional[str]:
+    """Return the bare executable name to look up on the host's PATH, or None.
+
+    A name without ``/`` runs from base_dir when it is there (a copied file),
+    and otherwise is looked up on the PATH of the host.
+    """
+    exe = spec.executable
+    return exe if "/" not in exe else None
+
+
 def component_argv(spec: "ComponentSpec") -> List[str]:
     """Return the argv a window runs for *spec* (relative executables are in base_dir)."""
     exe = spec.executable
@@ -166,7 +183,8 @@ class Runner:
                  connect: Optional[Callable[[List[str]], Dict[str, "Connection"]]] = None,
                  mirror_factory: MirrorFactory = default_mirror_factory,
                  progress: Optional[sync.Progress] = None,
-                 reporter: Optional[ev.Reporter] = None) -> None:
+                 reporter: Optional[ev.Reporter] = None,
+                 record: Optional[RunRecord] = None) -> None:
         self.experiment = experiment
         self.events: ev.Reporter = reporter or ev.LogReporter()
         self.options = options
@@ -186,6 +204,12 @@ class Runner:
         self.invocation_dir = os.getcwd()
         #: each remote host name -> the name of its group (names landing on one login)
         self.host_of: Dict[str, str] = {}
+        self.run_id = options.run_id or (record.run_id if record else new_run_id())
+        #: Saved (to this machine's run records) only when the caller gave one.
+        self.record = record or RunRecord(self.run_id, screen=options.screen)
+        self._save_records = record is not None
+        self.locks: Dict[str, hostops.SessionLock] = {}
+        self._record_lock = threading.Lock()
 
     # -- public -------------------------------------------------------------
 
@@ -201,6 +225,7 @@ class Runner:
                     info["message"] += f", skipping {len(self.report.skipped)} unreachable"
             count = sum(len(specs) for specs in self._by_host().values())
             with ev.phase(self.events, "prepare", hosts):
+                self.lock()
                 self.prepare()
             with ev.phase(self.events, "copy", self._hosts_with_files()) as info:
                 self.copy()
@@ -208,7 +233,9 @@ class Runner:
             with ev.phase(self.events, "start", count) as info:
                 self.replace_sessions()
                 self.write_launchers()
+                self.save_record()
                 self.start_all()
+                self.save_record()
                 info["message"] = f"started {count} component(s)"
             try:
                 with ev.phase(self.events, "wait", len(self._waited())):
@@ -223,10 +250,15 @@ class Runner:
                 raise PartialRun(self.report.skipped, self.options.max_fail)
             return self.report
         finally:
+            self.record.finished = utc_now()
+            self.save_record()
             self.close()
 
     def close(self) -> None:
-        """Release the mirror and every connection."""
+        """Release the session locks, the mirror and every connection."""
+        for lock in self.locks.values():
+            lock.release()
+        self.locks = {}
         if self.mirror is not None:
             self.mirror.close()
             self.mirror = None
@@ -295,6 +327,28 @@ class Runner:
         for host in self._by_host():
             self.shells[host] = (LocalShell() if host == "localhost"
                                  else RemoteShell(self.connections[host], host))
+
+    def lock(self) -> None:
+        """Take the per-(host, session) lock on every host before any host is changed."""
+        info = (f"pid {os.getpid()} on {self.record.runner.get('host')}, run {self.run_id}, "
+                f"since {self.record.created}")
+
+        def take(host: str) -> None:
+            self.locks[host] = hostops.acquire_lock(host, self._state_dir(), info,
+                                                    self.connections.get(host))
+        self._parallel(take, list(self._by_host()))
+
+    def save_record(self) -> None:
+        """Write this run's record on this machine (when the caller asked for one)."""
+        if not self._save_records:
+            return
+        for host, places in self.placements.items():
+            for place in places:
+                self._component_record(host, place)
+        try:
+            self.record.save()
+        except OSError as exc:
+            LOG.warning("could not write the run record %s: %s", self.record.path, exc)
 
     def prepare(self) -> None:
         """Check for screen and create state and base directories on each host (nothing is stopped)."""
@@ -392,8 +446,14 @@ class Runner:
             tailer.stop()
 
     def terminate(self) -> None:
-        """Stop every non-wait component by signalling its window's process group."""
-        targets = {host: [p for p in places if not p.spec.wait and not p.spec.mirror]
+        """Stop every non-wait component, and waited ones still running (timeout, Ctrl-C).
+
+        Each is stopped by signalling its window's process group.
+        """
+        targets = {host: [p for p in places
+                          if (not p.spec.wait and not p.spec.mirror)
+                          or (self.report.components[p.spec.key].status is None
+                              and self.report.components[p.spec.key].pid is not None)]
                    for host, places in self.placements.items()}
         targets = {h: ps for h, ps in targets.items() if ps}
         if not any(p.spec.wait for ps in self.placements.values() for p in ps):
@@ -410,10 +470,11 @@ class Runner:
         """Resolve the state dir and base dirs on *host* and check that it has screen."""
         shell = self.shells[host]
         specs = self._by_host()[host]
-        state = self.options.remote_done_dir or DEFAULT_STATE_DIR.format(screen=self.options.screen)
+        state = self._state_dir()
         lines = [f"command -v screen >/dev/null 2>&1 || exit {_NO_SCREEN}",
                  f"d={_shell_path(state)}",
-                 'mkdir -p "$d" && cd "$d" && echo "STATE $(pwd -P)" || exit 3']
+                 'mkdir -p "$d" && cd "$d" && echo "STATE $(pwd -P)" || exit 3',
+                 hostops.prepare_run_script('"$d"', self.run_id)]
         for i, spec in enumerate(specs):
             if spec.base_dir is None and not spec.is_local:
                 lines.append(f'b=$(mktemp -d) && echo "BASE {i} $b" || exit 4')
@@ -430,10 +491,12 @@ class Runner:
             raise StartError(f"host {host}: could not create {what}: "
                              f"{result.stderr.strip() or result.stdout.strip()}")
         state_dir = found["STATE"]
+        run_dir = hostops.run_dir(state_dir, self.run_id)
         self.report.state_dirs[host] = state_dir
+        self.record.hosts[host] = self._host_record(host, state_dir, run_dir)
         self.screens[host] = scr.Screen(shell, self.options.screen, state_dir,
                                         zombie=self.options.zombie,
-                                        start_timeout=self.options.start_timeout)
+                                        start_timeout=self.options.start_timeout, log_dir=run_dir)
         places = []
         for i, spec in enumerate(specs):
             base = found[f"BASE {i}"]
@@ -441,7 +504,7 @@ class Runner:
             if spec.base_dir is None:
                 self._say(ev.KIND_NOTE, host, f"base dir of {spec.name} is {base}",
                           level=logging.DEBUG)
-            window = scr.Window(spec.name, scr.file_stem(spec.name), state_dir)
+            window = scr.Window(spec.name, scr.file_stem(spec.name), run_dir)
             places.append(Placement(spec, base, window, temp_base))
             self.report.components[spec.key] = ComponentResult(host, spec.name, base)
         self.placements[host] = places
@@ -450,14 +513,17 @@ class Runner:
         """Write the launchers of *host*'s components and clear their old state files."""
         parts = []
         for place in self.placements[host]:
+            lookup = None
             if place.spec.mirror and self.mirror is not None:
                 argv = self.mirror.argv(place.spec, place.base_dir)
             else:
                 argv = component_argv(place.spec)
+                lookup = path_lookup(place.spec)
             w = place.window
             parts.append(f"rm -f {shlex.quote(w.status_file)} {shlex.quote(w.pid_file)} "
                          f"{shlex.quote(w.log_file)}\n")
-            text = scr.launcher_text(w, argv, place.base_dir, place.spec.name)
+            text = scr.launcher_text(w, argv, place.base_dir, place.spec.name,
+                                     env=place.spec.env, lookup=lookup)
             parts.append(scr.heredoc_write(w.launcher, text))
         result = self.shells[host].script("".join(parts), timeout=120)
         if result.exit_status != 0:
@@ -468,13 +534,35 @@ class Runner:
         session = self.screens[host]
         pids = session.start([p.window for p in places])
         self.report.session[host] = session.session_id or ""
+        self.record.hosts[host].session = session.session_id or ""
         for place in places:
             result = self.report.components[place.spec.key]
             result.pid = pids[place.window.stem]
+            self._component_record(host, place).started = utc_now()
+        self._check_health(host, places)
+        for place in places:
+            result = self.report.components[place.spec.key]
             self._say(ev.KIND_COMPONENT_STARTED, host,
                       f"started {place.spec.name} (pid {result.pid}) in screen session "
                       f"{session.session_id}", component=place.spec.name, pid=result.pid,
                       start_index=place.spec.start_index, session=session.session_id)
+
+    def _check_health(self, host: str, places: List[Placement]) -> None:
+        """Confirm *places* alive after the settle time or ready; raise ComponentUnhealthy."""
+        checks = [hostops.HealthCheck(p.window, p.base_dir, p.spec.ready, p.spec.ready_timeout,
+                                      p.spec.wait or p.spec.mirror) for p in places]
+        health = hostops.check_health(self.shells[host], checks, self.options.settle)
+        records = [self._component_record(host, p) for p in places]
+        failures = hostops.judge(host, records, health)
+        by_name = {p.spec.name: p for p in places}
+        for failure in failures:
+            result = self.report.components[by_name[failure.component].spec.key]
+            result.status = self.record.component(host, failure.component).exit_status
+            result.failure = failure.reason
+        if failures:
+            for extra in failures[1:]:
+                LOG.error("%s", extra)
+            raise failures[0]
 
     def _wait_on_host(self, host: str, places: List[Placement], deadline: Optional[float]) -> None:
         """Poll *host* until every component in *places* has a status (or the deadline)."""
@@ -504,8 +592,16 @@ class Runner:
     def _record_end(self, host: str, place: Placement, state: str, value: str) -> None:
         """Store and log how one waited component ended."""
         result = self.report.components[place.spec.key]
+        rec = self._component_record(host, place)
+        rec.ended = utc_now()
         if state == "DONE":
             result.status = int(value) if value.lstrip("-").isdigit() else None
+            rec.exit_status = result.status
+            rec.state = ("exited ?" if result.status is None
+                         else hostops.describe_status(result.status))
+        else:
+            rec.state = "missing"
+        if state == "DONE":
             if result.status == 0:
                 self._say(ev.KIND_COMPONENT_ENDED, host, f"{place.spec.name} exited with status 0",
                           component=place.spec.name, status=0, failure=None,
@@ -533,6 +629,9 @@ class Runner:
                                   self.options.terminate_grace)
         for place in places:
             self.report.components[place.spec.key].terminated = True
+            rec = self._component_record(host, place)
+            if rec.ended is None:
+                rec.state, rec.ended = "stopped", utc_now()
             self._say(ev.KIND_COMPONENT_TERMINATED, host, f"terminated {place.spec.name}",
                       component=place.spec.name)
         if killed:
@@ -564,6 +663,22 @@ class Runner:
         waited = {host: [p for p in places if p.spec.wait or p.spec.mirror]
                   for host, places in self.placements.items()}
         return {h: ps for h, ps in waited.items() if ps}
+
+    def _state_dir(self) -> str:
+        return self.options.remote_done_dir or DEFAULT_STATE_DIR.format(screen=self.options.screen)
+
+    def _host_record(self, host: str, state_dir: str, run_dir: str) -> HostRecord:
+        return host_record(host, self.connections.get(host), state_dir, run_dir)
+
+    def _component_record(self, host: str, place: Placement) -> ComponentRecord:
+        """Return (creating on first use) the run record entry of *place*."""
+        with self._record_lock:
+            rec = component_record(self.record, host, place.spec, place.window.stem,
+                                   place.base_dir)
+        result = self.report.components.get(place.spec.key)
+        if result is not None and result.pid is not None:
+            rec.pid = result.pid
+        return rec
 
     def _by_host(self) -> Dict[str, List["ComponentSpec"]]:
         """Group the components by host (names that reach the same login are one host)."""
@@ -639,15 +754,6 @@ def _lane_opener(connection: "Connection") -> Callable[[], Any]:
         import paramiko
         return paramiko.SFTPClient.from_transport(connection.transport)
     return open_lane
-
-
-def _shell_path(path: str) -> str:
-    """Quote *path* for sh, keeping a leading ``~`` as the remote user's home."""
-    if path == "~":
-        return '"$HOME"'
-    if path.startswith("~/"):
-        return '"$HOME"/' + shlex.quote(path[2:])
-    return shlex.quote(path)
 
 
 def _parse_prepare(stdout: str) -> Dict[str, str]:

@@ -126,11 +126,30 @@ class Window:
         return f"{self.state_dir}/{self.stem}.log"
 
 
-def launcher_text(window: Window, argv: Sequence[str], cwd: str, name: str) -> str:
-    """Return the ``/bin/sh`` launcher that runs *argv* in *cwd* for *window*."""
+def launcher_text(window: Window, argv: Sequence[str], cwd: str, name: str,
+                  env: Sequence[Tuple[str, str]] = (), lookup: Optional[str] = None) -> str:
+    """Return the ``/bin/sh`` launcher that runs *argv* in *cwd* for *window*.
+
+    *env* is exported first. With *lookup* (a bare executable name), ``argv[0]``
+    is ``./NAME`` when base_dir has it, else NAME as found on the host's PATH;
+    when neither exists the log says so (host and PATH) and the status is 127.
+    """
     q = shlex.quote
     d, s = q(window.state_dir), window.stem
     comment = name.replace("\n", " ").replace("\r", " ")
+    exports = "".join(f"export {k}={q(v)}\n" for k, v in env)
+    if lookup is None:
+        run = f"  {shlex.join(list(argv))}\n  rc=$?\n"
+    else:
+        rest = shlex.join(list(argv[1:]))
+        n = q(lookup)
+        here = q("./" + lookup)
+        run = (f"  if [ -e {here} ]; then set -- {here} {rest}\n"
+               f"  elif command -v {n} >/dev/null 2>&1; then set -- {n} {rest}\n"
+               f"  else printf 'remote-runner: executable %s is neither in %s nor on the PATH "
+               f"of host %s (PATH=%s)\\n' {n} {q(cwd)} \"$(hostname)\" \"$PATH\" >&2; "
+               "set --; fi\n"
+               "  if [ $# -gt 0 ]; then \"$@\"; rc=$?; else rc=127; fi\n")
     return f"""\
 # remote-runner launcher for component {comment}
 d={d}
@@ -142,10 +161,8 @@ rm -f "$d/{s}.status"  # a launcher of an earlier run may have written one late
 echo $$ > "$d/{s}.pid.tmp" && mv -f "$d/{s}.pid.tmp" "$d/{s}.pid"
 # Survive the signals meant for the program so its status is still recorded.
 trap : HUP INT QUIT TERM
-if cd {q(cwd)}; then
-  {shlex.join(list(argv))}
-  rc=$?
-else
+{exports}if cd {q(cwd)}; then
+{run}else
   rc=126
 fi
 if [ "$(cat "$d/{s}.pid" 2>/dev/null)" = "$$" ]; then
@@ -176,10 +193,12 @@ class Screen:
     """The session named *name* on one host, driven through a :class:`Shell`."""
 
     def __init__(self, shell: "Shell", name: str, state_dir: str, zombie: bool = True,
-                 start_timeout: float = 30.0) -> None:
+                 start_timeout: float = 30.0, log_dir: Optional[str] = None) -> None:
         self.shell = shell
         self.name = validate_session_name(name)
         self.state_dir = check_state_dir(state_dir, shell.host)
+        #: Where window logs go: the run's own directory, so runs never share logs.
+        self.log_dir = check_state_dir(log_dir or state_dir, shell.host)
         self.zombie = zombie
         self.start_timeout = start_timeout
         self.session_id: Optional[str] = None
@@ -232,7 +251,11 @@ class Screen:
             return {}
         if self.session_id is None:
             self._create(pending.pop(0))
-        lines = [f"screen -S {shlex.quote(self.session_id or '')} -X screen -L "
+        # An adopted session (--no-kill, restart) still logs where an earlier run said.
+        logfile = escape_x(f"{self.log_dir}/window-%n.log")
+        lines = [f"screen -S {shlex.quote(self.session_id or '')} -X logfile {shlex.quote(logfile)}"
+                 " </dev/null >/dev/null 2>&1"] if pending else []
+        lines += [f"screen -S {shlex.quote(self.session_id or '')} -X screen -L "
                  f"-t {shlex.quote(escape_x(w.title))} /bin/sh {shlex.quote(escape_x(w.launcher))}"
                  " </dev/null >/dev/null 2>&1" for w in pending]
         script = "\n".join(lines) + "\n" + _poll_files([w.pid_file for w in windows],
@@ -266,7 +289,7 @@ class Screen:
         count = f"$({_ids_of(self.name)} | wc -l)"
         rounds = max(1, int(self.start_timeout * 20))
         # screen -d -m may return before the new session's socket is listed: wait for it.
-        script = (_NEED_SCREEN + _LIST + heredoc_write(self.rc_file, rc_text(self.state_dir, self.zombie)) +
+        script = (_NEED_SCREEN + _LIST + heredoc_write(self.rc_file, rc_text(self.log_dir, self.zombie)) +
                   f"b={count}\n"
                   f"screen -L -c {q(self.rc_file)} -d -m -S {q(self.name)} -t {q(first.title)} "
                   f"/bin/sh {q(first.launcher)} </dev/null >/dev/null 2>&1\n"

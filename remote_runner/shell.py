@@ -92,3 +92,12 @@ class LocalShell:
         except subprocess.TimeoutExpired as exc:
             raise CommandTimeout(self.host, "local shell script", timeout) from exc
         return ScriptResult(proc.returncode, _text(proc.stdout), _text(proc.stderr))
+
+
+def shell_path(path: str) -> str:
+    """Quote *path* for sh, keeping a leading ``~`` as the remote user's home."""
+    if path == "~":
+        return '"$HOME"'
+    if path.startswith("~/"):
+        return '"$HOME"/' + shlex.quote(path[2:])
+    return shlex.quote(path)

@@ -271,7 +271,7 @@ def test_terminate_flag_stops_other_components(lab, env):
     out = cli("-c", config, *base_args(lab, env), "-t")
     assert out.returncode == 0, out.stderr
     assert "INFO: h1: terminated daemon" in out.stderr
-    pid = ssh(lab, "h1", f"cat {env['state']}/daemon.pid").stdout.strip()
+    pid = ssh(lab, "h1", f"cat {env['state']}/latest/daemon.pid").stdout.strip()
     assert ssh(lab, "h1", f"kill -0 {pid}", check=False).returncode != 0
 
 
@@ -295,7 +295,7 @@ def test_run_on_a_foreign_distribution(lab, env, foreign_host):
         out = cli("-c", config, *base_args(lab, env))
         assert out.returncode == 0, out.stderr
         assert f"INFO: {foreign_host}: {expected}" in out.stderr
-    log = ssh(lab, foreign_host, f"cat {env['state']}/tool.log").stdout
+    log = ssh(lab, foreign_host, f"cat {env['state']}/latest/tool.log").stdout
     assert "$HOME|a b|q'uote|" in log and log.split("\n")[1].startswith("11.")
     quit_screen(lab, foreign_host, env["screen"], env["state"], env["base"])
 
@@ -317,7 +317,7 @@ def test_run_as_a_non_root_user_uses_its_home(lab, env):
     try:
         assert out.returncode == 0, out.stderr
         assert "INFO: h3: who exited with status 0" in out.stderr
-        status = ssh(lab, "h3", f"cat ~/.remote-runner/{env['screen']}/who.status", user="rrtest")
+        status = ssh(lab, "h3", f"cat ~/.remote-runner/{env['screen']}/latest/who.status", user="rrtest")
         assert status.stdout.strip() == "0"
     finally:
         quit_screen(lab, "h3", env["screen"], f"~/.remote-runner/{env['screen']}", user="rrtest")

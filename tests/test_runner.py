@@ -73,7 +73,7 @@ def test_full_run_on_three_hosts(lab, env):
         probe.name = 'probe'
         probe.host = 'h1'
         probe.executable = '/bin/sh'
-        probe.args = ['-c', 'test -s {env["state"]}/server.pid']
+        probe.args = ['-c', 'test -s {env["state"]}/latest/server.pid']
         probe.start_index = 1
         probe.wait = True
         config.add_component(probe)
@@ -109,11 +109,11 @@ def test_full_run_on_three_hosts(lab, env):
     for host in ("h2", "h3"):
         base = report.components[(host, "client")].base_dir
         assert base.startswith("/tmp/")
-        log = f"{env['state']}/client.log"
+        log = f"{env['state']}/latest/client.log"
         deadline = time.monotonic() + 60
         while f"client {host} of h1" not in ssh(lab, host, f"cat {log}", check=False).stdout:
             assert time.monotonic() < deadline, ssh(lab, host, f"ls -la {env['state']}; "
-                                                    f"tail -v -n 5 {env['state']}/*.log", check=False).stdout
+                                                    f"tail -v -n 5 {env['state']}/latest/*.log", check=False).stdout
             time.sleep(0.2)
         assert ssh(lab, host, f"cat {base}/data/peer.txt").stdout == "h1\n"
     assert report.sync["h2"].copied and "h1" not in report.sync  # server has no files
@@ -162,7 +162,7 @@ def test_rerun_stops_every_program_of_the_replaced_session(lab, env):
     """)
     state = env["state"]
     first = run(exp, options(env), env["ssh"])
-    old = {name: ssh(lab, "h3", f"cat {state}/{name}.pid").stdout.strip()
+    old = {name: ssh(lab, "h3", f"cat {state}/latest/{name}.pid").stdout.strip()
            for name in ("plain", "stubborn")}
     assert all(ssh(lab, "h3", f"kill -0 -{pg}", check=False).returncode == 0 for pg in old.values())
     second = run(exp, options(env, terminate_grace=1.0), env["ssh"])
@@ -213,7 +213,7 @@ def test_wait_timeout_and_terminate(lab, env):
         run(exp, options(env, wait_timeout=1.0), env["ssh"])
     assert "wait-timeout" in info.value.failures["h1:slow"]
     # without -t the other component is left running
-    pid = ssh(lab, "h2", f"cat {env['state']}/forever.pid").stdout.strip()
+    pid = ssh(lab, "h2", f"cat {env['state']}/latest/forever.pid").stdout.strip()
     assert ssh(lab, "h2", f"kill -0 {pid}", check=False).returncode == 0
 
 
@@ -234,9 +234,9 @@ def test_terminate_stops_others_after_waits(lab, env):
     report = run(exp, options(env, terminate=True, terminate_grace=120), env["ssh"])
     assert report.components[("h1", "job")].status == 0
     assert report.components[("h2", "forever")].terminated
-    assert ssh(lab, "h2", f"cat {env['state']}/forever.status").stdout.strip() == "143"
+    assert ssh(lab, "h2", f"cat {env['state']}/latest/forever.status").stdout.strip() == "143"
     for host, name in (("h2", "forever"), ("h3", "other")):
-        pid = ssh(lab, host, f"cat {env['state']}/{name}.pid").stdout.strip()
+        pid = ssh(lab, host, f"cat {env['state']}/latest/{name}.pid").stdout.strip()
         assert ssh(lab, host, f"kill -0 -{pid}", check=False).returncode != 0
     # the window stays (zombie) so its output can still be read
     assert "forever" in windows(lab, "h2", report.session["h2"])
@@ -373,7 +373,7 @@ def test_lost_connection_during_wait_raises_instead_of_hanging(lab, env):
         return dict(made)
 
     def cut_link_once_started():
-        pid_file = f"{env['state']}/long.pid"
+        pid_file = f"{env['state']}/latest/long.pid"
         deadline = time.monotonic() + 120
         while ssh(lab, "h3", f"test -s {pid_file}", check=False).returncode != 0:
             if time.monotonic() > deadline:

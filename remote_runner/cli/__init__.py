@@ -23,7 +23,7 @@ LOG = logging.getLogger("remote_runner")
 
 #: Subcommand modules, imported lazily so ``--help`` stays fast and a missing
 #: optional system library (libfuse) only matters to the command that needs it.
-SUBCOMMANDS = ("classic", "lab", "exec_")
+SUBCOMMANDS = ("classic", "lifecycle", "lab", "exec_")
 
 #: Marks the one closing error line: always ``ERROR: message``, without a timestamp, as
 #: SPAR-era scripts and ``grep '^ERROR:'`` expect it.

@@ -83,6 +83,7 @@ from remote_runner.errors import ConfigError
 if TYPE_CHECKING:  # pragma: no cover
     from remote_runner.config import Experiment
     from remote_runner.runner import RunOptions
+    from remote_runner.runrecord import RunRecord
     from remote_runner.ssh import SSHOptions
 
 LOG = logging.getLogger(__name__)
@@ -197,6 +198,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     dialect.add_argument("--python3", dest="python", action="store_const", const="3",
                          help="read them as Python 3 (default: Python 2 only for a file that "
                               "does not compile as Python 3 or uses names only Python 2 has)")
+    add("--settle", type=float, default=1.0, metavar="SECONDS",
+        help="a component without `ready` counts as started when it is still alive this long "
+             "after its start (default 1); the next start_index waits for it")
+    add("--only", nargs="+", metavar="COMPONENT|HOST",
+        help="run only these components (name or host/name) or every component of these hosts")
+    add("--fetch", action="store_true",
+        help="after the waited components end, fetch results and logs (see `remote-runner fetch`)")
 
 
 def build_parser(prog: str = "remote_runner.py") -> argparse.ArgumentParser:
@@ -246,11 +254,17 @@ def run_command(args: argparse.Namespace) -> int:
     args.host_groups = inventory.load(args.hosts_from)
     experiment = load_experiment(args.config_file, args, args.muddler, args.arg_parser,
                                  args.extra_args)
+    if getattr(args, "only", None):
+        experiment = only(experiment, args.only)
+    settle = getattr(args, "settle", 1.0)
+    if settle is None or settle < 0:
+        raise ConfigError("--settle must be 0 or more seconds", field="--settle")
     options = RunOptions(screen=args.screen, kill_first=args.kill_first,
                          zombie=not args.no_zombie, terminate=args.terminate,
                          always_copy=args.always_copy, remote_done_dir=args.remote_done_dir,
                          wait_timeout=args.wait_timeout, terminate_grace=args.grace,
-                         forks=args.forks, max_fail=max_fail)
+                         forks=args.forks, max_fail=max_fail,
+                         settle=settle)
     ssh_options = SSHOptions(retries=args.retries, ssh_config_file=args.ssh_config, user=args.ssh_user,
                              password=password, accept_new_host_keys=args.accept_new_host_keys,
                              connect_timeout=args.connect_timeout, forks=args.forks)
@@ -291,7 +305,9 @@ def run_and_recap(experiment: "Experiment", options: "RunOptions", ssh_options: 
         many = len({s.host for s in experiment.components}) > recap.MANY_HOSTS
         quiet_hosts = logging.WARNING if many and not args.verbose else logging.NOTSET
         reporter = ev.Fanout(recorder, ev.LogReporter(host_min_level=quiet_hosts))
-    runner = Runner(experiment, options, ssh_options, reporter=reporter)
+    record = new_record(args, experiment)
+    options = dataclasses.replace(options, run_id=record.run_id)
+    runner = Runner(experiment, options, ssh_options, reporter=reporter, record=record)
     error: Optional[RunnerError] = None
     try:
         with view if view is not None else contextlib.nullcontext():
@@ -300,7 +316,7 @@ def run_and_recap(experiment: "Experiment", options: "RunOptions", ssh_options: 
         error = exc
     summary = recorder.summary(experiment, options.screen, runner.report, error,
                                0 if error is None else error.exit_code,
-                               run_id=getattr(runner.report, "run_id", None))
+                               run_id=record.run_id, ssh_config=args.ssh_config)
     if args.json:
         sys.stdout.write(json.dumps(summary.to_dict(), indent=2) + "\n")
     elif settings.live and sys.stdout.isatty():
@@ -311,7 +327,39 @@ def run_and_recap(experiment: "Experiment", options: "RunOptions", ssh_options: 
     sys.stdout.flush()
     if error is not None:
         raise error
+    if getattr(args, "fetch", False):
+        from remote_runner.cli.lifecycle import fetch_and_report
+        fetch_and_report(record, ssh_options)
     return 0
+
+
+def new_record(args: argparse.Namespace, experiment: "Experiment") -> "RunRecord":
+    """Start the run record of this run (config, muddler, options, ssh settings)."""
+    import os
+    from remote_runner.runrecord import RunRecord, file_sha1, mask_options, new_run_id
+
+    config = os.path.abspath(args.config_file)
+    muddler = os.path.abspath(args.muddler) if args.muddler else None
+    return RunRecord(
+        new_run_id(), config={"path": config, "sha1": file_sha1(config)},
+        muddler={"path": muddler, "sha1": file_sha1(muddler)} if muddler else None,
+        options=mask_options(vars(args)), screen=args.screen,
+        ssh={"config_file": os.path.abspath(args.ssh_config) if args.ssh_config else None,
+             "user": args.ssh_user})
+
+
+def only(experiment: "Experiment", wanted: List[str]) -> "Experiment":
+    """Keep the components named in *wanted* (``name``, ``host/name`` or a host)."""
+    import dataclasses
+    keep = [c for c in experiment.components
+            if c.name in wanted or f"{c.host}/{c.name}" in wanted or c.host in wanted]
+    matched = {w for w in wanted for c in keep if w in (c.name, f"{c.host}/{c.name}", c.host)}
+    unknown = [w for w in wanted if w not in matched]
+    if unknown:
+        names = ", ".join(f"{c.host}/{c.name}" for c in experiment.components)
+        raise ConfigError(f"--only {' '.join(unknown)}: no such component or host in the config "
+                          f"(components: {names})", field="--only")
+    return dataclasses.replace(experiment, components=tuple(keep))
 
 
 def dry_run(experiment: "Experiment", options: "RunOptions", ssh_options: "SSHOptions",

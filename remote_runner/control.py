@@ -1,0 +1,422 @@
+"""Commands on a recorded run: status, logs, stop, restart, fetch, attach.
+
+Each function takes a :class:`~remote_runner.runrecord.RunRecord` and works on
+the hosts it names, with the SSH settings it recorded (``-F``, user), never
+evaluating the config again. Hosts are reached with one connection each, in
+parallel; what to do on a host is in :mod:`remote_runner.hostops`, so ``run``
+and these commands read and signal the very same files. Nothing here prints:
+the CLI (``remote_runner.cli.lifecycle``) turns the results into output.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import queue
+import shlex
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Callable, Dict, Iterable, List, Optional, Tuple
+
+from remote_runner import hostops
+from remote_runner.errors import RunnerError
+from remote_runner.runrecord import ComponentRecord, RunRecord, utc_now
+from remote_runner.screen import Window
+from remote_runner.shell import LocalShell, RemoteShell, Shell
+
+LOG = logging.getLogger(__name__)
+
+
+def ssh_options_for(record: RunRecord, ssh_config: Optional[str] = None,
+                    password: Optional[str] = None, accept_new_host_keys: bool = False):
+    """Return the SSH options the run used (``-F`` may be overridden)."""
+    from remote_runner.ssh import SSHOptions
+    return SSHOptions(ssh_config_file=ssh_config or record.ssh.get("config_file"),
+                      user=record.ssh.get("user"), password=password,
+                      accept_new_host_keys=accept_new_host_keys)
+
+
+class Hosts:
+    """Connections (or a local shell) to the hosts of a record, opened once, in parallel."""
+
+    def __init__(self, record: RunRecord, ssh_options, hosts: Iterable[str]) -> None:
+        self.record = record
+        self.connections: Dict[str, object] = {}
+        self.shells: Dict[str, Shell] = {}
+        wanted = sorted(set(hosts))
+        remote = [h for h in wanted if h != "localhost"]
+        if remote:
+            from remote_runner.ssh import connect_all
+            self.connections = connect_all(remote, ssh_options)
+        for host in wanted:
+            self.shells[host] = (LocalShell() if host == "localhost"
+                                 else RemoteShell(self.connections[host], host))
+
+    def __enter__(self) -> "Hosts":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        for connection in self.connections.values():
+            connection.close()  # type: ignore[attr-defined]
+        self.connections = {}
+
+    def each(self, func: Callable[[str], object], hosts: Iterable[str]) -> Dict[str, object]:
+        """Run *func(host)* for every host in parallel; raise the first error after all end."""
+        hosts = sorted(set(hosts))
+        results: Dict[str, object] = {}
+        errors: List[BaseException] = []
+        if not hosts:
+            return results
+        with ThreadPoolExecutor(max_workers=min(10, len(hosts))) as pool:
+            futures = {h: pool.submit(func, h) for h in hosts}
+            for host, future in futures.items():
+                try:
+                    results[host] = future.result()
+                except BaseException as exc:  # noqa: BLE001 - re-raised below
+                    errors.append(exc)
+        if errors:
+            raise errors[0]
+        return results
+
+
+def window(record: RunRecord, comp: ComponentRecord) -> Window:
+    """Return the window files of *comp* in its run's directory on its host."""
+    return Window(comp.name, comp.stem, record.hosts[comp.host].run_dir)
+
+
+def by_host(comps: Iterable[ComponentRecord]) -> Dict[str, List[ComponentRecord]]:
+    grouped: Dict[str, List[ComponentRecord]] = {}
+    for comp in comps:
+        grouped.setdefault(comp.host, []).append(comp)
+    return grouped
+
+
+# --------------------------------------------------------------------------- status
+
+@dataclass
+class StatusRow:
+    """One component's state now."""
+
+    host: str
+    name: str
+    state: str
+    pid: Optional[int]
+    since: Optional[float]  # seconds the component has been running (None when not running)
+    ended: Optional[int]  # host clock time it ended (epoch seconds)
+    last_line: str
+
+    @property
+    def healthy(self) -> bool:
+        return self.state in ("running", "exited 0")
+
+    def to_json(self) -> Dict[str, object]:
+        return {"host": self.host, "name": self.name, "state": self.state, "pid": self.pid,
+                "uptime": self.since, "ended": self.ended, "last_line": self.last_line}
+
+
+def status(record: RunRecord, ssh_options, names: Optional[List[str]] = None,
+           hosts_filter: Optional[List[str]] = None, hosts: Optional[Hosts] = None
+           ) -> List[StatusRow]:
+    """Return one :class:`StatusRow` per selected component, in record order."""
+    comps = record.select(names, hosts_filter)
+    grouped = by_host(comps)
+    own = hosts is None
+    hosts = hosts or Hosts(record, ssh_options, grouped)
+    try:
+        states = hosts.each(lambda h: hostops.inspect(
+            hosts.shells[h], [window(record, c) for c in grouped[h]]), grouped)
+    finally:
+        if own:
+            hosts.close()
+    rows = []
+    for comp in comps:
+        st = states[comp.host].get(comp.stem)  # type: ignore[union-attr]
+        if st is None:
+            rows.append(StatusRow(comp.host, comp.name, "missing", None, None, None, ""))
+            continue
+        uptime = (st.now - st.started) if (st.state == "running" and st.now and st.started) \
+            else None
+        rows.append(StatusRow(comp.host, comp.name, st.state, st.pid, uptime,
+                              st.ended if st.status is not None else None, st.last_line))
+    return rows
+
+
+# --------------------------------------------------------------------------- stop
+
+def stop(record: RunRecord, ssh_options, names: Optional[List[str]] = None,
+         hosts_filter: Optional[List[str]] = None, grace: float = 10.0,
+         hosts: Optional[Hosts] = None) -> Dict[str, List[str]]:
+    """Stop the selected components; quit sessions left empty. Return host -> SIGKILLed names."""
+    comps = record.select(names, hosts_filter)
+    grouped = by_host(comps)
+    own = hosts is None
+    hosts = hosts or Hosts(record, ssh_options, grouped)
+
+    def on_host(host: str) -> List[str]:
+        session = record.hosts[host].session
+        killed = hostops.stop_windows(hosts.shells[host], [window(record, c) for c in grouped[host]],
+                                      grace, [session] if session else [])
+        return [c.name for c in grouped[host] if c.stem in killed]
+    try:
+        killed = hosts.each(on_host, grouped)
+    finally:
+        if own:
+            hosts.close()
+    now = utc_now()
+    for comp in comps:
+        if comp.ended is None:
+            comp.state, comp.ended = "stopped", now
+    record.save()
+    return {h: v for h, v in killed.items() if v}  # type: ignore[misc]
+
+
+# --------------------------------------------------------------------------- logs
+
+def logs(record: RunRecord, ssh_options, names: Optional[List[str]], lines: int, follow: bool,
+         emit: Callable[[str, str], None], stop_event: Optional[threading.Event] = None) -> None:
+    """Give every log line of the selected components to *emit(label, line)*.
+
+    Without *follow*: the last *lines* of each log, host by host. With it: one
+    ``tail -F`` per host (one SSH connection each), lines passed on in the order
+    they arrive, until *stop_event* is set or every stream ends.
+    """
+    comps = record.select(names)
+    grouped = by_host(comps)
+    with Hosts(record, ssh_options, grouped) as hosts:
+        if not follow:
+            got = hosts.each(lambda h: hostops.read_logs(
+                hosts.shells[h], [window(record, c) for c in grouped[h]], lines), grouped)
+            for host in sorted(grouped):
+                names_of = {c.stem: c.name for c in grouped[host]}
+                for stem, line in got[host]:  # type: ignore[union-attr]
+                    emit(f"{host}/{names_of[stem]}", line)
+            return
+        _follow(record, hosts, grouped, lines, emit, stop_event or threading.Event())
+
+
+def _follow(record: RunRecord, hosts: Hosts, grouped: Dict[str, List[ComponentRecord]],
+            lines: int, emit: Callable[[str, str], None], stop_event: threading.Event) -> None:
+    """Stream ``tail -F`` from every host into one queue and emit in arrival order."""
+    out: "queue.Queue[Optional[Tuple[str, str]]]" = queue.Queue()
+    streams = []
+    for host, comps in grouped.items():
+        windows = [window(record, c) for c in comps]
+        names_of = {c.stem: c.name for c in comps}
+        command = hostops.tail_command(windows, lines, True)
+        if host == "localhost":
+            import subprocess
+            proc = subprocess.Popen(["/bin/sh", "-c", command], stdout=subprocess.PIPE,
+                                    stdin=subprocess.DEVNULL)
+            read, close = (lambda p=proc: os.read(p.stdout.fileno(), 65536)), proc.kill
+        else:
+            channel = hosts.connections[host].exec_channel(  # type: ignore[attr-defined]
+                "sh -c " + shlex.quote(command))
+            read, close = channel.recv, channel.close
+        streams.append(close)
+
+        def pump(host=host, read=read, windows=windows, names_of=names_of) -> None:
+            splitter = hostops.LogSplitter(windows)
+            try:
+                while True:
+                    data = read(65536)
+                    if not data:
+                        break
+                    for stem, line in splitter.feed(data):
+                        out.put((f"{host}/{names_of[stem]}", line))
+            except (OSError, EOFError):
+                pass
+            finally:
+                out.put(None)
+        threading.Thread(target=pump, daemon=True).start()
+    alive = len(streams)
+    try:
+        while alive and not stop_event.is_set():
+            try:
+                item = out.get(timeout=0.5)
+            except queue.Empty:
+                continue
+            if item is None:
+                alive -= 1
+                continue
+            emit(*item)
+    finally:
+        for close in streams:
+            try:
+                close()
+            except Exception:  # noqa: BLE001
+                pass
+
+
+# --------------------------------------------------------------------------- attach
+
+def attach_argv(record: RunRecord, comp: ComponentRecord) -> List[str]:
+    """Return the command that attaches a terminal to *comp*'s window.
+
+    ``ssh -t`` with the run's ssh_config and user, running ``screen -r SESSION
+    -p TITLE`` (the window is selected by its title, the component name); for
+    ``localhost``, screen itself.
+    """
+    session = record.hosts[comp.host].session
+    if not session:
+        raise RunnerError(f"component {comp.label} has no screen session in run "
+                          f"{record.run_id} (it was never started)")
+    screen = ["screen", "-r", session, "-p", comp.name]
+    if comp.host == "localhost":
+        return screen
+    argv = ["ssh", "-t"]
+    if record.ssh.get("config_file"):
+        argv += ["-F", str(record.ssh["config_file"])]
+    if record.ssh.get("user") and "@" not in comp.host:
+        argv += ["-l", str(record.ssh["user"])]
+    return argv + [comp.host, shlex.join(screen)]
+
+
+def wait_for(predicate: Callable[[], bool], timeout: float, step: float = 0.2) -> bool:
+    """Poll *predicate* until true or *timeout* seconds passed; return its last value."""
+    deadline = time.monotonic() + timeout
+    while True:
+        if predicate():
+            return True
+        if time.monotonic() >= deadline:
+            return False
+        time.sleep(step)
+
+
+# --------------------------------------------------------------------------- restart
+
+def restart(record: RunRecord, ssh_options, names: List[str], grace: float = 10.0,
+            settle: float = 1.0, start_timeout: float = 30.0, forks: int = 10
+            ) -> Dict[str, int]:
+    """Stop, re-copy what changed, start again in the run's session; return label -> new pid.
+
+    The other components are not touched. Health rules are those of ``run``:
+    alive after *settle* seconds or ready, else :class:`ComponentUnhealthy`.
+    """
+    from remote_runner import screen as scr
+    from remote_runner import sync
+    from remote_runner.config import FileSpec
+    from remote_runner.errors import StartError
+
+    comps = record.select(names)
+    for comp in comps:
+        if comp.mirror:
+            raise StartError(f"component {comp.label} runs in the mirror and cannot be restarted "
+                             "on its own; start the run again")
+    grouped = by_host(comps)
+    new_pids: Dict[str, int] = {}
+    with Hosts(record, ssh_options, grouped) as hosts:
+        hosts.each(lambda h: hostops.stop_windows(
+            hosts.shells[h], [window(record, c) for c in grouped[h]], grace), grouped)
+        jobs = []
+        for host, group in grouped.items():
+            entries = [(FileSpec(src, dest, bool(is_dir)), c.base_dir)
+                       for c in group for src, dest, is_dir in c.files]
+            if host != "localhost" and entries:
+                connection = hosts.connections[host]
+                jobs.append((hosts.shells[host], connection.sftp,  # type: ignore[attr-defined]
+                             sync.make_plan(host, entries)))
+        if jobs:
+            for host, done in sync.sync_all(jobs, forks).items():
+                LOG.info("%s", done.summary())
+
+        def on_host(host: str) -> None:
+            shell = hosts.shells[host]
+            h = record.hosts[host]
+            session = scr.Screen(shell, record.screen, h.state_dir, start_timeout=start_timeout,
+                                 log_dir=h.run_dir)
+            ids = session.sessions()
+            session.session_id = h.session if h.session in ids else (ids[-1] if ids else None)
+            windows = [window(record, c) for c in grouped[host]]
+            parts = []
+            for comp, win in zip(grouped[host], windows):
+                argv, lookup = launch_argv(comp)
+                parts.append(scr.heredoc_write(win.launcher, scr.launcher_text(
+                    win, argv, comp.base_dir, comp.name, env=sorted(comp.env.items()),
+                    lookup=lookup)))
+                # keep the previous log (a later window may reuse the old one's number),
+                # and remember the old window to close once the new one runs
+                log = shlex.quote(win.log_file)
+                parts.append(f"if t=$(readlink {log}); then echo \"OLD $t\"; "
+                             f"mv -f {shlex.quote(h.run_dir)}/\"$t\" "
+                             f"{log}.$(date +%Y%m%d-%H%M%S); fi; rm -f {log}\n")
+                parts.append(f"rm -f {shlex.quote(win.pid_file)} {shlex.quote(win.status_file)}\n")
+            result = shell.script("".join(parts), timeout=120)
+            if result.exit_status != 0:
+                raise StartError(f"host {host}: could not write launchers: "
+                                 f"{result.stderr.strip()}")
+            old = [line[len("OLD window-"):-len(".log")] for line in result.stdout.splitlines()
+                   if line.startswith("OLD window-") and line.endswith(".log")]
+            before = session.session_id
+            pids = session.start(windows)
+            if before and before == session.session_id:
+                shell.script("".join(f"screen -S {shlex.quote(before)} -p {n} -X kill "
+                                     ">/dev/null 2>&1\n" for n in old if n.isdigit()),
+                             timeout=60)
+            h.session = session.session_id or h.session
+            now = utc_now()
+            for comp in grouped[host]:
+                comp.pid, comp.started, comp.ended = pids[comp.stem], now, None
+                comp.exit_status, comp.state = None, "starting"
+                new_pids[comp.label] = comp.pid
+            checks = [hostops.HealthCheck(w, c.base_dir, c.ready, c.ready_timeout, c.wait)
+                      for c, w in zip(grouped[host], windows)]
+            failures = hostops.judge(host, grouped[host],
+                                     hostops.check_health(shell, checks, settle))
+            if failures:
+                raise failures[0]
+        try:
+            hosts.each(on_host, grouped)
+        finally:
+            record.save()
+    return new_pids
+
+
+def launch_argv(comp: ComponentRecord) -> Tuple[List[str], Optional[str]]:
+    """Return (argv, PATH-lookup name) for *comp*, as ``run`` builds them."""
+    exe = comp.executable
+    if "/" not in exe:
+        return ["./" + exe, *comp.args], exe
+    return [exe, *comp.args], None
+
+
+# --------------------------------------------------------------------------- fetch
+
+def fetch(record: RunRecord, ssh_options, names: Optional[List[str]] = None,
+          hosts_filter: Optional[List[str]] = None, progress=None,
+          dest_root: Optional[str] = None) -> Dict[str, "object"]:
+    """Copy the selected components' results and logs next to the run record.
+
+    Returns host -> :class:`~remote_runner.results.FetchReport`. A localhost
+    component's results are read in place through a local shell and copied too.
+    """
+    from remote_runner import results
+
+    comps = record.select(names, hosts_filter)
+    grouped = by_host(comps)
+    root = dest_root or record.directory or os.path.dirname(record.path)
+    with Hosts(record, ssh_options, grouped) as hosts:
+        def on_host(host: str) -> object:
+            items = [(c.name, c.base_dir, c.results, window(record, c).log_file)
+                     for c in grouped[host]]
+            if host == "localhost":
+                opener = _LocalFiles
+            else:
+                opener = hosts.connections[host].sftp  # type: ignore[attr-defined]
+            return results.fetch_host(hosts.shells[host], opener, host, items, root, progress)
+        return hosts.each(on_host, grouped)
+
+
+class _LocalFiles:
+    """The one SFTP call fetch uses, for localhost components (a plain copy)."""
+
+    def get(self, remote: str, local: str, callback=None) -> None:
+        import shutil
+        shutil.copyfile(remote, local)
+        if callback is not None:
+            size = os.path.getsize(local)
+            callback(size, size)
