@@ -336,7 +336,7 @@ class Runner:
         def take(host: str) -> None:
             self.locks[host] = hostops.acquire_lock(host, self._state_dir(), info,
                                                     self.connections.get(host))
-        self._parallel(take, list(self._by_host()))
+        self._parallel(take, list(self._by_host()), "taking the session lock")
 
     def save_record(self) -> None:
         """Write this run's record on this machine (when the caller asked for one)."""
