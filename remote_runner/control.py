@@ -420,3 +420,41 @@ class _LocalFiles:
         if callback is not None:
             size = os.path.getsize(local)
             callback(size, size)
+
+
+# --------------------------------------------------------------------------- clean
+
+def clean(record: RunRecord, ssh_options, hosts: Optional[Hosts] = None) -> Dict[str, List[str]]:
+    """Remove a finished run's temporary base_dirs and its directory on every host.
+
+    Refuses (naming them) while any of its components is still running. The
+    record and fetched results on this machine stay. Returns host -> removed paths.
+    """
+    from remote_runner.errors import StartError
+
+    rows = status(record, ssh_options)
+    running = [f"{r.host}/{r.name}" for r in rows if r.state == "running"]
+    if running:
+        raise StartError(f"run {record.run_id} still has running components: "
+                         f"{', '.join(running)}; `remote-runner stop --run {record.run_id}` first")
+    grouped = by_host(record.components)
+
+    def on_host(host: str) -> List[str]:
+        h = record.hosts[host]
+        paths = [c.base_dir for c in grouped[host] if c.temp_base and c.base_dir.startswith("/")
+                 and c.base_dir.rstrip("/") not in ("", "/tmp", "/var/tmp")]
+        if h.run_dir and f"/runs/{record.run_id}" in h.run_dir:
+            paths.append(h.run_dir)
+        if not paths:
+            return []
+        words = " ".join(shlex.quote(p) for p in paths)
+        owned.shells[host].script(f"rm -rf -- {words}\n", timeout=300)
+        return paths
+
+    owned = hosts or Hosts(record, ssh_options, grouped)
+    try:
+        removed = owned.each(on_host, grouped)
+    finally:
+        if hosts is None:
+            owned.close()
+    return {h: v for h, v in removed.items() if v}  # type: ignore[misc]

@@ -674,7 +674,7 @@ class Runner:
         """Return (creating on first use) the run record entry of *place*."""
         with self._record_lock:
             rec = component_record(self.record, host, place.spec, place.window.stem,
-                                   place.base_dir)
+                                   place.base_dir, place.temp_base)
         result = self.report.components.get(place.spec.key)
         if result is not None and result.pid is not None:
             rec.pid = result.pid

@@ -29,8 +29,8 @@ Schema (``"schema": 1``)
 host alias: ``target`` ``user@address:port``, ``jump`` chain, ``state_dir``,
 ``run_dir``, ``session`` id) and ``components`` (a list of
 :class:`ComponentRecord` fields: host, name, stem, base_dir, executable, args,
-env, files, results, ready, start_index, wait, mirror, pid, state,
-exit_status, started, ended).
+env, files, results, ready, ready_timeout, temp_base, start_index, wait,
+mirror, pid, state, exit_status, started, ended).
 """
 
 from __future__ import annotations
@@ -123,6 +123,7 @@ class ComponentRecord:
     results: List[str] = field(default_factory=list)
     ready: Optional[str] = None
     ready_timeout: float = 60.0
+    temp_base: bool = False  # base_dir made by the run (mktemp); `clean` removes it
     start_index: float = 0
     wait: bool = False
     mirror: bool = False
@@ -248,7 +249,7 @@ def host_record(host: str, connection: Any, state_dir: str, run_dir: str) -> Hos
 
 
 def component_record(record: "RunRecord", host: str, spec: Any, stem: str,
-                     base_dir: str) -> ComponentRecord:
+                     base_dir: str, temp_base: bool = False) -> ComponentRecord:
     """Return *record*'s entry for component *spec* on *host*, adding it on first use."""
     for rec in record.components:
         if rec.host == host and rec.name == spec.name:
@@ -257,7 +258,8 @@ def component_record(record: "RunRecord", host: str, spec: Any, stem: str,
         host=host, name=spec.name, stem=stem, base_dir=base_dir, executable=spec.executable,
         args=list(spec.args), env=dict(spec.env),
         files=[[f.src, f.dest, f.is_dir] for f in spec.files], results=list(spec.results),
-        ready=spec.ready, ready_timeout=spec.ready_timeout, start_index=spec.start_index,
+        ready=spec.ready, ready_timeout=spec.ready_timeout, temp_base=temp_base,
+        start_index=spec.start_index,
         wait=spec.wait, mirror=spec.mirror)
     record.components.append(rec)
     return rec

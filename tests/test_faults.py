@@ -279,7 +279,7 @@ def test_a_link_cut_while_waiting_is_reported_and_the_experiment_lives_on(lab, e
     """)
     proc = _start(config, cfg, env)
     try:
-        assert _until(lambda: ssh(lab, "h2", f"test -s {env['state']}/waiter.pid",
+        assert _until(lambda: ssh(lab, "h2", f"test -s {env['state']}/latest/waiter.pid",
                                   check=False).returncode == 0 or proc.poll() is not None)
         link.close()
         _out, err = proc.communicate(timeout=180)  # never hangs: the loss is noticed
@@ -290,7 +290,7 @@ def test_a_link_cut_while_waiting_is_reported_and_the_experiment_lives_on(lab, e
     # (the pid file may appear just before the run moves from starting to waiting)
     assert re.search(r"slow2: the SSH connection was lost while (waiting|starting index 1) "
                      r"\(component 'waiter'\)", err), err
-    pid = ssh(lab, "h2", f"cat {env['state']}/waiter.pid").stdout.strip()
+    pid = ssh(lab, "h2", f"cat {env['state']}/latest/waiter.pid").stdout.strip()
     assert ssh(lab, "h2", f"kill -0 {pid}", check=False).returncode == 0  # still running there
 
 

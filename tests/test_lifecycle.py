@@ -110,7 +110,7 @@ def test_component_that_never_becomes_ready_stops_the_run(env):
 def test_ready_server_is_waited_for_by_the_next_index(env):
     p = port()
     # the server takes a while to listen; the client only succeeds if it is listening
-    out = start(env, f"""
+    start(env, f"""
         s = Component(name='server', host='h1', executable='/bin/sh',
                       args=['-c', 'sleep 2; echo listening now; exec python3 -m http.server {p}'],
                       start_index=0, ready='tcp:{p}', ready_timeout=60)
@@ -408,3 +408,24 @@ def test_attach_and_the_printed_hint_work_pasted(env, terminal):
     assert wait_until(lambda: "client tick" in screen_text(terminal)), screen_text(terminal)
     tmux("send-keys", "-t", terminal, "C-a", "d")
     assert wait_until(lambda: "detached" in screen_text(terminal)), screen_text(terminal)
+
+
+# --------------------------------------------------------------------------- clean
+
+def test_clean_removes_a_finished_runs_temporary_dirs_only_when_stopped(env):
+    start(env, """
+        c = Component(name='keeper', host='h2', executable='/bin/sh',
+                      args=['-c', 'echo data > out.txt; exec sleep 600'], start_index=0)
+        config.add_component(c)
+    """, check=0)
+    rec = record(env)
+    base = rec["components"][0]["base_dir"]
+    assert rec["components"][0]["temp_base"] and base.startswith("/tmp/")
+    refused = rr(env, "clean")
+    assert refused.returncode == 6 and "h2/keeper" in refused.stderr and "stop" in refused.stderr
+    assert on(env, "h2", f"test -f {base}/out.txt").returncode == 0
+    rr(env, "stop", "--grace", "5", check=0)
+    rr(env, "clean", check=0)
+    assert on(env, "h2", f"test -e {base}").returncode != 0
+    assert on(env, "h2", f"test -e {env['state']}/runs/{rec['run_id']}").returncode != 0
+    assert os.path.exists(os.path.join(env["runs"], rec["run_id"], "record.json"))

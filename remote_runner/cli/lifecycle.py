@@ -94,6 +94,15 @@ def add_parser(sub: "argparse._SubParsersAction") -> None:
     p.add_argument("--host", action="append", metavar="H", help="only components on host H")
     p.set_defaults(func=fetch_command)
 
+    p = sub.add_parser("clean", help="remove a finished run's temporary base_dirs and host files",
+                       description="On every host of the run: remove the base directories the "
+                                   "run created (base_dir = None) and its runs/<run-id> directory. "
+                                   "Refused while one of its components runs. The record and "
+                                   "fetched results on this machine stay.",
+                       epilog=EXIT_CODES_HELP, formatter_class=fmt)
+    _common(p)
+    p.set_defaults(func=clean_command)
+
     p = sub.add_parser("attach", help="attach this terminal to a component's screen window",
                        epilog=EXIT_CODES_HELP, formatter_class=fmt)
     _common(p)
@@ -273,6 +282,19 @@ def download_progress() -> Iterator[Optional[Callable[[str, int], None]]]:
     task = bars.add_task("fetching", total=None)
     with bars:
         yield lambda _host, delta: bars.advance(task, delta)
+
+
+def clean_command(args: argparse.Namespace) -> int:
+    import logging
+    from remote_runner import control
+    record = _record(args)
+    removed = control.clean(record, _ssh(args, record))
+    log = logging.getLogger("remote_runner")
+    for host in sorted(removed):
+        log.info("%s: removed %s", host, " ".join(removed[host]))
+    if not removed:
+        log.info("run %s left nothing to remove", record.run_id)
+    return 0
 
 
 def attach_command(args: argparse.Namespace) -> int:
