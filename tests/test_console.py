@@ -142,7 +142,9 @@ def test_piped_output_is_plain_lines_then_a_plain_recap(run_env):
     assert recap[1].split() == ["host", "connected", "copied", "unchanged", "bytes", "started",
                                 "ready", "failed", "attach"]
     rows = {line.split()[0]: line.split() for line in recap[2:5]}
-    assert rows["h1"][:12] == ["h1", "yes", "1", "0", "8", "B", "2", "2", "0", "ssh", "-t", "h1"]
+    # the attach hint carries the run's -F, so it works pasted as it is
+    assert rows["h1"][:14] == ["h1", "yes", "1", "0", "8", "B", "2", "2", "0", "ssh", "-t", "-F",
+                               rows["h1"][12], "h1"]
     assert rows["h2"][:9] == ["h2", "yes", "1", "0", "8", "B", "1", "1", "0"]
     assert re.fullmatch(r"\d+\." + screen, rows["h3"][-1])
     assert re.match(r"result: ok \(exit 0\) — 3 host\(s\), 4/4 component\(s\) started, [\d.]+ s$",
@@ -245,7 +247,7 @@ def test_live_view_and_recap_in_a_real_terminal(run_env):
     marks = [l.split()[1] for l in lines if l.startswith("✔")]
     assert marks == ["connect", "prepare", "copy", "start", "wait"]
     assert not any("waiting" in l for l in lines)  # the live view collapsed
-    assert any(re.match(r"│ h2 +│ yes +│ +1 │ +0 │ +8 B │ +1 │ +1 │ +0 │ ssh -t h2 screen", l)
+    assert any(re.match(r"│ h2 +│ yes +│ +1 │ +0 │ +8 B │ +1 │ +1 │ +0 │ ssh -t -F \S+ h2 screen", l)
                for l in lines), final
     assert re.search(r"result: ok \(exit 0\) — 3 host\(s\), 4/4 component\(s\) started", final)
     assert "INFO:" not in final  # INFO lines are the live view's job on a terminal

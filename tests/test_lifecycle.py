@@ -396,8 +396,9 @@ def test_status_watch_refreshes_the_table_live(env, terminal):
 
 def test_attach_and_the_printed_hint_work_pasted(env, terminal):
     out = ticking(env)
-    hint = next(line for line in out.stderr.splitlines() if line.startswith("INFO: h1: screen"))
-    command = hint.split("(attach: ", 1)[1].split(";", 1)[0]
+    row = next(line for line in out.stdout.splitlines() if line.startswith("h1 "))
+    command = row[row.index("ssh -t"):].strip()  # the recap's attach column, pasted as it is
+    assert "-F" in command
     tmux("send-keys", "-t", terminal, command, "Enter")
     assert wait_until(lambda: "server tick" in screen_text(terminal)), screen_text(terminal)
     tmux("send-keys", "-t", terminal, "C-a", "d")
@@ -429,3 +430,28 @@ def test_clean_removes_a_finished_runs_temporary_dirs_only_when_stopped(env):
     assert on(env, "h2", f"test -e {base}").returncode != 0
     assert on(env, "h2", f"test -e {env['state']}/runs/{rec['run_id']}").returncode != 0
     assert os.path.exists(os.path.join(env["runs"], rec["run_id"], "record.json"))
+
+
+# --------------------------------------------------------------------------- subsets and -t
+
+def test_only_runs_a_subset_of_the_config(env):
+    ticking(env, "", "--only", "server", "h2")
+    rec = record(env)
+    assert sorted(f"{c['host']}/{c['name']}" for c in rec["components"]) == ["h1/server",
+                                                                              "h2/client"]
+    assert on(env, "h3", f"test -e {env['state']}/latest/client.pid").returncode != 0
+    out = ticking(env, "", "--only", "nosuch", check=None)
+    assert out.returncode == 2 and "--only nosuch" in out.stderr and "h1/server" in out.stderr
+
+
+def test_terminate_also_stops_waited_components_on_wait_timeout(env):
+    out = start(env, """
+        s = Component(name='slow', host='h1', executable='/bin/sleep', args=['600'],
+                      start_index=0, wait=True)
+        config.add_component(s)
+    """, "-t", "--wait-timeout", "2", "--grace", "5")
+    assert out.returncode == 5 and "wait-timeout" in out.stderr
+    code, rows = status_json(env)
+    assert rows["h1/slow"]["state"] == "killed by SIGTERM"
+    pid = on(env, "h1", f"cat {env['state']}/latest/slow.pid").stdout.strip()
+    assert on(env, "h1", f"kill -0 -{pid}").returncode != 0
