@@ -334,8 +334,8 @@ class Runner:
                 f"since {self.record.created}")
 
         def take(host: str) -> None:
-            self.locks[host] = hostops.acquire_lock(host, self._state_dir(), info,
-                                                    self.connections.get(host))
+            connection = None if host == "localhost" else self.connections[host]
+            self.locks[host] = hostops.acquire_lock(host, self._state_dir(), info, connection)
         self._parallel(take, list(self._by_host()), "taking the session lock")
 
     def save_record(self) -> None:
