@@ -336,7 +336,7 @@ def test_sshd_killed_on_the_host_while_waiting_is_reported_at_once(lab, env):
     """)
     proc = _start(config, lab.ssh_config, env)
     try:
-        assert _until(lambda: ssh(lab, "h3", f"test -s {env['state']}/waiter.pid",
+        assert _until(lambda: ssh(lab, "h3", f"test -s {env['state']}/latest/waiter.pid",
                                   check=False).returncode == 0 or proc.poll() is not None)
         ports = _client_ports(proc.pid, "10.213.0.13")
         assert ports, "the run has no connection to h3"

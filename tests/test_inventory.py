@@ -234,7 +234,7 @@ def test_run_on_hosts_from_an_ansible_inventory_and_slurm(lab, screen_name, tmp_
             assert ssh(lab, host, f"cat /tmp/{screen_name}-out").stdout.strip() != ""
         assert ssh(lab, "h1", f"test -e /tmp/{screen_name}-out", check=False).returncode != 0
         for host in ("h1", "h3"):
-            assert ssh(lab, host, f"cat {state}/node-*.status").stdout.strip() == "0"
+            assert ssh(lab, host, f"cat {state}/latest/node-*.status").stdout.strip() == "0"
     finally:
         for host in ("h1", "h2", "h3"):
             quit_screen(lab, host, screen_name, state, f"/tmp/{screen_name}-out")
