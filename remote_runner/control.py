@@ -136,6 +136,9 @@ def status(record: RunRecord, ssh_options, names: Optional[List[str]] = None,
     rows = []
     for comp in comps:
         st = states[comp.host].get(comp.stem)  # type: ignore[union-attr]
+        if comp.pid is None and (st is None or (st.pid is None and st.status is None)):
+            rows.append(StatusRow(comp.host, comp.name, "not started", None, None, None, ""))
+            continue
         if st is None:
             rows.append(StatusRow(comp.host, comp.name, "missing", None, None, None, ""))
             continue

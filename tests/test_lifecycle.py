@@ -88,6 +88,9 @@ def test_component_that_exits_at_once_stops_the_run_before_the_next_index(env):
     server = next(c for c in rec["components"] if c["name"] == "server")
     assert server["state"] == "exited 127" and server["exit_status"] == 127
     assert rec["finished"]
+    status = rr(env, "status", "--json")
+    states = {c["name"]: c["state"] for c in json.loads(status.stdout)["components"]}
+    assert status.returncode == 5 and states == {"server": "exited 127", "client": "not started"}
 
 
 def test_component_that_never_becomes_ready_stops_the_run(env):
