@@ -6,13 +6,16 @@ and inside a step hosts are handled in parallel, at most ``forks`` at once):
 1. **Check locally** everything that can be checked without a host (session
    name, sources, destination conflicts), so bad input changes nothing anywhere.
 2. **Connect** to every remote host (``localhost`` components need no SSH).
-3. **Prepare** each host with one command: create the state ("done") directory,
-   make each component's base_dir (``mktemp -d`` when the config gave none;
-   a ``localhost`` component without one runs, as in SPAR, in the directory
-   remote_runner was started from, so its relative paths mean what they did);
-   then quit the previous session of the same name, or adopt it (``--no-kill``).
-4. **Copy** files (:mod:`remote_runner.sync`).
-5. **Write launchers** (:mod:`remote_runner.screen`), one command per host.
+3. **Prepare** each host with one command: check that screen is there, create
+   the state ("done") directory, make each component's base_dir (``mktemp -d``
+   when the config gave none; a ``localhost`` component without one runs, as
+   in SPAR, in the directory remote_runner was started from, so its relative
+   paths mean what they did).
+4. **Copy** files (:mod:`remote_runner.sync`): free space first, then every copy.
+5. **Replace** the previous session of the same name (or adopt it with
+   ``--no-kill``) only now, once every host is prepared and every copy is
+   complete: a run that cannot start leaves the last good one running. Then
+   **write launchers** (:mod:`remote_runner.screen`), one command per host.
 6. **Start** by ``start_index``: one index starts in parallel on all hosts, and
    the next index begins only when every window of this one has *confirmed*
    it is running (its launcher wrote ``<stem>.pid``).
@@ -35,9 +38,7 @@ import shlex
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
-from typing import (TYPE_CHECKING, Any, Callable, Dict, List, Optional, Protocol, Sequence,
-                    Tuple)
+from typing import TYPE_CHECKING, Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 from remote_runner import events as ev
 from remote_runner import hostops, landing
@@ -45,8 +46,11 @@ from remote_runner import screen as scr
 from remote_runner import sync
 from remote_runner import upload
 from remote_runner.errors import (ComponentFailed, ConfigError, ConnectionLost, CopyError,
-                                   MirrorError, PartialRun, StartError, control_characters)
-from remote_runner.failpolicy import FailLimit
+                                   PartialRun, StartError, control_characters)
+from remote_runner.runmodel import (  # noqa: F401 - re-exported: the runner's API
+    ComponentResult, MirrorFactory, MirrorSession, Placement, RunOptions, RunReport,
+    component_argv, default_mirror_factory, path_lookup,
+)
 from remote_runner.runrecord import (ComponentRecord, HostRecord, RunRecord, component_record,
                                      host_record, new_run_id, utc_now)
 from remote_runner.shell import LocalShell, RemoteShell, ScriptResult, Shell  # noqa: F401 (API)
@@ -61,116 +65,6 @@ LOG = logging.getLogger(__name__)
 DEFAULT_STATE_DIR = "~/.remote-runner/{screen}"
 #: Longest a single wait-poll command runs on a host before reporting back.
 POLL_SLICE = 15.0
-
-
-# --------------------------------------------------------------------------- options and results
-
-@dataclass(frozen=True)
-class RunOptions:
-    """How a run behaves (the classic CLI's flags, minus SSH and config)."""
-
-    screen: str = "runner"
-    kill_first: bool = True
-    zombie: bool = True
-    terminate: bool = False
-    always_copy: bool = False
-    remote_done_dir: Optional[str] = None
-    wait_timeout: Optional[float] = None
-    start_timeout: float = 30.0
-    terminate_grace: float = 10.0
-    forks: int = 10
-    #: Seconds between reads of waited components' last log lines (0: never), for live views.
-    tail_logs: float = 0.0
-    #: hosts that may stay unreachable (skipped, the rest runs; exit 8); None: all-or-nothing
-    max_fail: Optional[FailLimit] = None
-    #: A component without ``ready`` is started once it is alive this long after its start.
-    settle: float = 1.0
-    #: Given by the caller so the record and the host directories share it; else made up.
-    run_id: Optional[str] = None
-
-
-@dataclass(frozen=True)
-class Placement:
-    """Where one component lives on its host once the host is prepared."""
-
-    spec: "ComponentSpec"
-    base_dir: str
-    window: scr.Window
-    temp_base: bool
-
-
-@dataclass
-class ComponentResult:
-    """What happened to one component."""
-
-    host: str
-    name: str
-    base_dir: str
-    pid: Optional[int] = None
-    status: Optional[int] = None
-    failure: Optional[str] = None
-    terminated: bool = False
-
-
-@dataclass
-class RunReport:
-    """Everything a run did, for the CLI to summarise."""
-
-    session: Dict[str, str] = field(default_factory=dict)
-    state_dirs: Dict[str, str] = field(default_factory=dict)
-    sync: Dict[str, sync.HostSync] = field(default_factory=dict)
-    components: Dict[Tuple[str, str], ComponentResult] = field(default_factory=dict)
-    #: unreachable hosts skipped under --max-fail -> why
-    skipped: Dict[str, str] = field(default_factory=dict)
-
-    @property
-    def failures(self) -> Dict[str, str]:
-        return {f"{r.host}:{r.name}": r.failure for r in self.components.values() if r.failure}
-
-
-# --------------------------------------------------------------------------- mirror hook
-
-class MirrorSession(Protocol):
-    """What the mirror provides while mirrored components run (see remote_runner.mirror)."""
-
-    def argv(self, spec: "ComponentSpec", base_dir: str) -> List[str]:
-        """Return the argv a window runs to start *spec* inside the mirror."""
-
-    def close(self) -> None:
-        """Stop serving (called after every mirrored component has ended)."""
-
-
-MirrorFactory = Callable[[Dict[str, "Connection"], Sequence["ComponentSpec"]], MirrorSession]
-
-
-def default_mirror_factory(connections: Dict[str, "Connection"],
-                           specs: Sequence["ComponentSpec"]) -> MirrorSession:
-    """Start the mirror for *specs* through ``remote_runner.mirror.serve_components``."""
-    try:
-        from remote_runner import mirror
-        serve = getattr(mirror, "serve_components")
-    except (ImportError, AttributeError, OSError) as exc:
-        raise MirrorError(f"mirror=True components need remote_runner.mirror.serve_components "
-                          f"({exc})") from exc
-    return serve(connections, specs)
-
-
-def path_lookup(spec: "ComponentSpec") -> Optional[str]:
-    """Return the bare executable name to look up on the host's PATH, or None.
-
-    A name without ``/`` runs from base_dir when it is there (a copied file),
-    and otherwise is looked up on the PATH of the host.
-    """
-    exe = spec.executable
-    return exe if "/" not in exe else None
-
-
-def component_argv(spec: "ComponentSpec") -> List[str]:
-    """Return the argv a window runs for *spec* (relative executables are in base_dir)."""
-    exe = spec.executable
-    if not exe.startswith("/") and "/" not in exe:
-        exe = "./" + exe
-    return [exe, *spec.args]
 
 
 # --------------------------------------------------------------------------- the run
