@@ -71,7 +71,7 @@ BAD_CONFIGS = {
 BAD_FLAGS = [
     ["--grace", "nan"], ["--grace", "inf"], ["--grace", "-1"], ["--grace", "0"],
     ["--connect-timeout", "nan"], ["--wait-timeout", "nan"], ["--wait-timeout", "-inf"],
-    ["--forks", "0"], ["--forks", "x"], ["--screen", "a b"], ["--screen", "-x"],
+    ["--settle", "nan"], ["--settle", "-1"], ["--forks", "0"], ["--forks", "x"], ["--screen", "a b"], ["--screen", "-x"],
     ["--screen", "a\nb"], ["--remote-done-dir", ""], ["--remote-done-dir", "/tmp/a\nb"],
     ["--remote-done-dir", "/tmp/$(id)"], ["--remote-done-dir", "/tmp/\x1b[2J"],
     ["-l", "LOUD"], ["--no-such-flag"], ["-a", "missing-parser.py", "--extra-args", "x"],

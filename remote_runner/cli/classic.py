@@ -77,7 +77,7 @@ from typing import TYPE_CHECKING, List, Optional, Sequence
 
 from remote_runner import __version__
 from remote_runner.cli import EXIT_CODES_HELP, run_guarded, setup_logging
-from remote_runner.cli.flags import seconds
+from remote_runner.cli.flags import seconds, seconds_or_zero
 from remote_runner.errors import ConfigError
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -198,7 +198,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     dialect.add_argument("--python3", dest="python", action="store_const", const="3",
                          help="read them as Python 3 (default: Python 2 only for a file that "
                               "does not compile as Python 3 or uses names only Python 2 has)")
-    add("--settle", type=float, default=1.0, metavar="SECONDS",
+    add("--settle", type=seconds_or_zero, default=1.0, metavar="SECONDS",
         help="a component without `ready` counts as started when it is still alive this long "
              "after its start (default 1); the next start_index waits for it")
     add("--only", nargs="+", metavar="COMPONENT|HOST",

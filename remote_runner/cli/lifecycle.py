@@ -17,6 +17,7 @@ from contextlib import contextmanager
 from typing import Any, Callable, Iterator, List, Optional
 
 from remote_runner.cli import EXIT_CODES_HELP
+from remote_runner.cli.flags import seconds, seconds_or_zero
 from remote_runner.errors import EXIT_COMPONENT, ConfigError
 
 
@@ -43,7 +44,7 @@ def add_parser(sub: "argparse._SubParsersAction") -> None:
     p.add_argument("--host", action="append", metavar="H", help="only components on host H")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
     p.add_argument("--watch", action="store_true", help="on a terminal, refresh the table live")
-    p.add_argument("--interval", type=float, default=2.0, metavar="S",
+    p.add_argument("--interval", type=seconds, default=2.0, metavar="S",
                    help="seconds between refreshes with --watch (default 2)")
     p.set_defaults(func=status_command)
 
@@ -66,7 +67,7 @@ def add_parser(sub: "argparse._SubParsersAction") -> None:
     _common(p)
     p.add_argument("components", nargs="*", metavar="COMPONENT")
     p.add_argument("--host", action="append", metavar="H", help="only components on host H")
-    p.add_argument("--grace", type=float, default=10.0, metavar="S",
+    p.add_argument("--grace", type=seconds, default=10.0, metavar="S",
                    help="seconds between SIGTERM and SIGKILL (default 10)")
     p.set_defaults(func=stop_command)
 
@@ -78,9 +79,9 @@ def add_parser(sub: "argparse._SubParsersAction") -> None:
                        epilog=EXIT_CODES_HELP, formatter_class=fmt)
     _common(p)
     p.add_argument("components", nargs="+", metavar="COMPONENT")
-    p.add_argument("--grace", type=float, default=10.0, metavar="S",
+    p.add_argument("--grace", type=seconds, default=10.0, metavar="S",
                    help="seconds between SIGTERM and SIGKILL (default 10)")
-    p.add_argument("--settle", type=float, default=1.0, metavar="S",
+    p.add_argument("--settle", type=seconds_or_zero, default=1.0, metavar="S",
                    help="alive this long counts as started, for components without ready")
     p.set_defaults(func=restart_command)
 
