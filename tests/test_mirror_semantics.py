@@ -169,7 +169,7 @@ def test_long_absolute_paths_work_where_the_programs_relative_path_did(tmp_path)
     call(svc, "rename", old=name, new=P.name_to_wire(deep + b"/moved"), flags=0)
     assert call(svc, "readdir", path=P.name_to_wire(deep))[1] == b"moved"
     call(svc, "unlink", path=P.name_to_wire(deep + b"/moved"))
-    assert svc.long_paths.open_count() == 0  # the ancestors' descriptors were closed
+    assert svc.request_fds.open_count() == 0  # the ancestors' descriptors were closed
     # A single name over NAME_MAX is still the kernel's ENAMETOOLONG.
     assert errno_of(lambda: call(svc, "mkdir", path=w(tmp_path / ("x" * 256)), mode=0o755)) == errno.ENAMETOOLONG
 

@@ -39,6 +39,8 @@ import shutil
 from dataclasses import dataclass
 from typing import Iterable, List, Optional, Sequence, Set, Tuple
 
+from remote_runner.mirror.localnames import proc_fd_path
+
 #: Trees every command may read: where programs, libraries and their data live.
 SYSTEM_TREES = ("/usr", "/bin", "/sbin", "/lib", "/lib32", "/lib64", "/libx32", "/etc", "/opt",
                 "/nix", "/gnu", "/snap")
@@ -98,7 +100,8 @@ class Exports:
             denied.add(path)
             denied.add(os.path.realpath(path))
         self.deny: Tuple[bytes, ...] = tuple(sorted(denied))
-        self._ancestors = self._ancestor_set()
+        #: Paths on the way to an export (and the host's mount points): lookup and listing only.
+        self.ancestors: Set[bytes] = self._ancestor_set()
 
     # -- construction ---------------------------------------------------------
     @classmethod
@@ -155,7 +158,7 @@ class Exports:
 
     def is_ancestor(self, path: bytes) -> bool:
         """Whether *path* is on the way to an export (lookup and a filtered listing only)."""
-        return path in self._ancestors
+        return path in self.ancestors
 
     def check(self, path: bytes, write: bool = False) -> Optional[Export]:
         """Raise Refused unless the host may look at (or, with *write*, change) *path*."""
@@ -284,8 +287,8 @@ def resolve_parent(path: bytes, held: List[int]) -> bytes:
         try:
             fd = os.open(part, os.O_PATH | os.O_NOFOLLOW | os.O_DIRECTORY | os.O_CLOEXEC, dir_fd=fd)
         except OSError as exc:
-            if exc.errno == errno.ENOTDIR and os.path.islink(os.path.join(b"/proc/self/fd/%d" % held[-1], part)):
+            if exc.errno == errno.ENOTDIR and os.path.islink(os.path.join(proc_fd_path(held[-1]), part)):
                 raise Refused(errno.ELOOP) from None
             raise
         held.append(fd)
-    return b"/proc/self/fd/%d/%s" % (fd, parts[-1])
+    return os.path.join(proc_fd_path(fd), parts[-1])

@@ -13,22 +13,21 @@ kinds of names would not behave there as the program's own names do here:
   that descriptor (through ``/proc/self/fd/N``) until libfuse lets it go;
 * **long paths** — a program may use a relative path of up to PATH_MAX - 1
   bytes in a deep directory; the absolute path the host sends is longer.
-  :class:`LongPaths` names it as ``/proc/self/fd/N/rest``, N an O_PATH
-  descriptor of an ancestor, which the kernel walks component by component
-  like the original; the descriptors are closed when the request ends.
+  Every request's path is reached through its parent directory's O_PATH
+  descriptor, walked one component at a time
+  (:func:`remote_runner.mirror.exports.resolve_parent`), so the name handed
+  to a system call is ``/proc/self/fd/N/NAME`` whatever the path's length;
+  :class:`RequestDescriptors` closes those descriptors when the request ends.
 """
 
 from __future__ import annotations
 
-import errno
 import os
 import threading
 from typing import Dict, List, Optional
 
 #: libfuse's prefix for a file unlinked while open (fuse.c's hidden_name).
 HIDDEN_PREFIX = b".fuse_hidden"
-#: Paths this long are reached through a descriptor of an ancestor (PATH_MAX is 4096).
-LONG_PATH = 4000
 
 
 def proc_fd_path(fd: int) -> bytes:
@@ -97,29 +96,14 @@ class HiddenFiles:
                 pass
 
 
-class LongPaths:
-    """Shorten absolute paths beyond PATH_MAX; the descriptors live until :meth:`release` in that thread."""
+class RequestDescriptors:
+    """Descriptors opened to reach one request's paths, per thread, closed at :meth:`release`."""
 
     def __init__(self) -> None:
         self._tls = threading.local()
 
-    def shorten(self, path: bytes) -> bytes:
-        """*path* itself when short enough, else ``/proc/self/fd/N/rest`` (raises OSError)."""
-        if len(path) < LONG_PATH:
-            return path
-        held: List[int] = self._tls.__dict__.setdefault("fds", [])
-        rest, fd = path, None
-        while len(rest) >= LONG_PATH:
-            cut = rest.rfind(b"/", 0, LONG_PATH - 64)
-            if cut < 0 or (fd is None and cut == 0):
-                raise OSError(errno.ENAMETOOLONG, os.strerror(errno.ENAMETOOLONG))
-            head, rest = rest[:cut], rest[cut + 1:]
-            fd = os.open(head, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC, dir_fd=fd)
-            held.append(fd)
-        return proc_fd_path(fd) + b"/" + rest
-
     def held(self) -> List[int]:
-        """This thread's list of descriptors to close at :meth:`release` (callers may add theirs)."""
+        """This thread's list of descriptors to close at :meth:`release` (callers add theirs)."""
         return self._tls.__dict__.setdefault("fds", [])
 
     def open_count(self) -> int:

@@ -25,7 +25,8 @@ from typing import Any, Dict, List, Optional, Sequence, Set, Tuple
 from remote_runner.mirror import elf
 from remote_runner.mirror.exports import Exports, Refused, resolve_parent
 from remote_runner.mirror import protocol as P
-from remote_runner.mirror.localnames import HiddenFiles, LongPaths, is_hidden_name
+from remote_runner.mirror.localnames import (HiddenFiles, RequestDescriptors, is_hidden_name,
+                                              proc_fd_path)
 
 LOG = logging.getLogger(__name__)
 
@@ -238,7 +239,7 @@ class LocalFileService:
         #: Directories whose listing must be filtered (ancestors of exports, parents of secrets).
         self._filtered = ({os.path.dirname(d) for d in self.exports.deny}
                           | {os.path.dirname(e.path) for e in self.exports.exports}
-                          | self.exports._ancestors)
+                          | self.exports.ancestors)
         self.writeback = writeback
         #: Which directories every local user may search (whole-file copies need it).
         self.public = PublicDirs()
@@ -252,7 +253,7 @@ class LocalFileService:
         #: Files unlinked while open on the host, held here (see :mod:`.localnames`).
         self.hidden = HiddenFiles()
         #: Descriptors that reach a request's path (its parent, walked without links), per request.
-        self.long_paths = LongPaths()
+        self.request_fds = RequestDescriptors()
 
     # -- helpers -------------------------------------------------------------
     def _path(self, args: Dict[str, Any], key: str = "path", write: bool = False) -> bytes:
@@ -275,7 +276,7 @@ class LocalFileService:
             self.exports.check(path, write)
             if self.hidden.path(path) is not None:
                 return path  # reached through its held descriptor (its directory may be gone)
-            return resolve_parent(path, self.long_paths.held())
+            return resolve_parent(path, self.request_fds.held())
         except Refused as exc:
             raise OpError(exc.errno) from None
 
@@ -287,10 +288,10 @@ class LocalFileService:
         rather than followed out of the exports.
         """
         fd = os.open(path, os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC)
-        self.long_paths.held().append(fd)
+        self.request_fds.held().append(fd)
         if stat.S_ISLNK(os.fstat(fd).st_mode):
             raise OpError(errno.ELOOP)
-        return b"/proc/self/fd/%d" % fd
+        return proc_fd_path(fd)
 
     def _writable_handle(self, a: Dict[str, Any]) -> int:
         """The descriptor of ``fh`` in *a*, unless it was opened in a read-only export."""
@@ -329,7 +330,7 @@ class LocalFileService:
         try:
             return method(args, payload)
         finally:
-            self.long_paths.release()
+            self.request_fds.release()
 
     def serve(self, header: Dict[str, Any], payload: bytes) -> Tuple[Dict[str, Any], bytes, bool]:
         """Turn one request frame into a reply frame (header, payload, compressible)."""
@@ -496,7 +497,7 @@ class LocalFileService:
         held = self._held(a)
         follow = held is not None
         if a.get("fh") is not None:
-            path, follow = b"/proc/self/fd/%d" % self._writable_handle(a), True
+            path, follow = proc_fd_path(self._writable_handle(a)), True
         elif held is not None:
             path = held
         times = a.get("ns")
