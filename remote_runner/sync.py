@@ -33,8 +33,9 @@ from remote_runner.errors import ConnectionLost, CopyError, RunnerError, describ
 from remote_runner.events import host_context
 from remote_runner.upload import (  # noqa: F401 - re-exported: sync is where callers look
     BUNDLE_BYTES, BUNDLE_FILES, LANES, SMALL_FILE, STALE_MINUTES, Cancelled, LaneOpener,
-    Progress, ShortWrite, Upload, bundle_tar, bundles, explain, free_bytes, in_flight,
-    upload_all, upload_bundle, upload_bundles, upload_file, wait_or_cancel,
+    Progress, ShortWrite, Upload, bundle_tar, bundles, explain, free_bytes, free_space,
+    free_space_script, in_flight, upload_all, upload_bundle, upload_bundles, upload_file,
+    wait_or_cancel,
 )
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -48,7 +49,6 @@ HASH_CHUNK = 500
 HASH_TOOL_MARK = "RR-HASH-TOOL"
 STAT_OK_MARK = "RR-STAT-OK"
 HAS_TAR_MARK = "RR-HAS-TAR"
-FREE_MARK = "RR-FREE"
 #: Called with (host, files, bytes) once a host knows what it really has to upload.
 Planned = Callable[[str, int, int], None]
 
@@ -299,17 +299,12 @@ def make_dirs(shell: "Shell", plan: Plan, uploads: Sequence[Upload] = ()) -> boo
     script += f"command -v tar >/dev/null 2>&1 && echo {HAS_TAR_MARK}\n"
     script += _sweep_script(sorted({posixpath.dirname(f.dest) for f in plan.files}))
     targets = sorted({posixpath.dirname(u.dest) for u in uploads if "\n" not in u.dest})
-    for start in range(0, len(targets), HASH_CHUNK):
-        chunk = " ".join(shlex.quote(d) for d in targets[start:start + HASH_CHUNK])
-        script += f"stat -f -c '{FREE_MARK} %i %a %f %S %n' -- {chunk} 2>/dev/null\n"
-    if targets:
-        script += f"echo {FREE_MARK} uid $(id -u)\n"
-    script += "exit 0\n"
+    script += free_space_script(targets, HASH_CHUNK) + "exit 0\n"
     result = shell.script(script, timeout=120)
     if result.exit_status != 0:
         raise CopyError(f"could not create directories: {result.stderr.strip()}", host=plan.host)
     lines = result.stdout.splitlines()
-    check_free_space(plan.host, uploads, [line for line in lines if line.startswith(FREE_MARK)])
+    check_free_space(plan.host, uploads, lines)
     return HAS_TAR_MARK in lines
 
 
@@ -332,26 +327,17 @@ def _sweep_script(dirs: Sequence[str]) -> str:
 def check_free_space(host: str, uploads: Sequence[Upload], report: Sequence[str]) -> None:
     """Raise CopyError when a filesystem on the host has less room than the copy needs.
 
-    *report* holds ``RR-FREE fsid avail free bsize dir`` lines and one ``RR-FREE
-    uid N`` line (root may use the blocks reserved for it). Lines that do not
-    parse are ignored: a host without ``stat -f`` is simply not checked here,
-    and the size check after each write still catches a full disk.
+    *report* is the output of :func:`~remote_runner.upload.free_space_script`;
+    a host without ``stat -f`` is simply not checked here, and the size check
+    after each write still catches a full disk.
     """
-    root = any(line.split()[1:] == ["uid", "0"] for line in report)
-    fs_of: Dict[str, str] = {}
-    room: Dict[str, int] = {}
-    for line in report:
-        parts = line.split(" ", 5)
-        if len(parts) != 6 or not all(p.isdigit() for p in parts[2:5]):
-            continue
-        _, fsid, avail, free, bsize, directory = parts
-        fs_of[directory] = fsid
-        room[fsid] = int(free if root else avail) * int(bsize)
+    free = free_space(report)
+    room = dict(free.values())
     on: Dict[str, List[Upload]] = {}
     for upload in uploads:
-        fsid = fs_of.get(posixpath.dirname(upload.dest))
-        if fsid is not None:
-            on.setdefault(fsid, []).append(upload)
+        known = free.get(posixpath.dirname(upload.dest))
+        if known is not None:
+            on.setdefault(known[0], []).append(upload)
     for fsid, items in on.items():
         size = sum(u.size for u in items)
         if size > room[fsid]:
