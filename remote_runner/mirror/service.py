@@ -645,14 +645,15 @@ class LocalFileService:
         its answer, and the libraries that can be sent whole with their
         [size, mtime_ns, ino], so the host fetches them all at once instead of
         one round trip per library (see :mod:`remote_runner.mirror.elf`).
-        Once per program per session, and only when the whole tree is mirrored.
+        Once per program per session, not in files-only mode. The open already
+        checked *name* against the exports; each library's names are checked by
+        their own lookups (a name not served is answered 0, and never sent whole).
         """
         if self.roots is not None or name in self._expanded:
             return  # files-only: the host runs its own programs, with its own libraries
         self._expanded[name] = None
         names: Dict[str, None] = {}
         whole = []
-        self._path({"path": name})  # served: its libraries are looked up under its own name
         for library in elf.closure(os.fsdecode(P.name_from_wire(name))):
             walked = _walk(os.fsencode(library))
             for path in walked:
