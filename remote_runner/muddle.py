@@ -28,8 +28,8 @@ import shlex
 from typing import Any, Callable, Dict, Optional, Sequence, Union
 
 from remote_runner import util
-from remote_runner.config import (LOCAL_HOST, Component, Config, compile_user_file,
-                                  resolve_user_file, user_code, user_namespace)
+from remote_runner.config import LOCAL_HOST, Component, Config
+from remote_runner.usercode import compile_user_file, resolve_user_file, user_code, user_namespace
 from remote_runner.errors import ConfigError
 
 LOG = logging.getLogger(__name__)

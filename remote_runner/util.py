@@ -23,6 +23,8 @@ import os
 import posixpath
 from typing import Dict
 
+from remote_runner.config import caller_origin
+
 
 LOG = logging.getLogger(__name__)
 
@@ -40,8 +42,6 @@ def recursive_files_dict(src_path: str, dest_path: str) -> Dict[str, str]:
     if not isinstance(src_path, str) or not isinstance(dest_path, str):
         raise TypeError("recursive_files_dict(src_path, dest_path) takes two strings")
     if not os.path.isdir(src_path):
-        from remote_runner.config import caller_origin  # config imports this module
-
         what = "is not a directory" if os.path.exists(src_path) else "does not exist"
         LOG.warning("%s: recursive_files_dict: %s (%s) %s; nothing to copy from it",
                     caller_origin(), src_path, os.path.abspath(src_path), what)

@@ -14,8 +14,9 @@ import pytest
 
 from remote_runner import util
 from remote_runner.config import (LOCAL_HOST, Component, ComponentSpec, Config, Experiment,
-                                  FileSpec, Origin, SourceError, load_experiment)
+                                  FileSpec, Origin, SourceError)
 from remote_runner.errors import EXIT_CONFIG, EXIT_COPY, ConfigError, CopyError
+from remote_runner.loader import load_experiment
 
 DATA = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data")
 

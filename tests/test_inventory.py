@@ -12,7 +12,7 @@ import textwrap
 import pytest
 
 from remote_runner import inventory
-from remote_runner.config import load_experiment
+from remote_runner.loader import load_experiment
 from remote_runner.errors import ConfigError
 from tests.conftest import quit_screen, ssh
 

@@ -10,7 +10,7 @@ import textwrap
 import pytest
 
 from remote_runner import landing
-from remote_runner.config import load_experiment
+from remote_runner.loader import load_experiment
 from remote_runner.errors import ConfigError
 from remote_runner.ssh import SSHOptions
 

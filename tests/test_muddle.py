@@ -18,7 +18,7 @@ import time
 
 import pytest
 
-from remote_runner.config import load_experiment
+from remote_runner.loader import load_experiment
 from remote_runner.errors import ConfigError
 from remote_runner.muddle import load_extra_options
 

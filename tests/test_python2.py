@@ -12,7 +12,7 @@ import textwrap
 
 import pytest
 
-from remote_runner.config import load_experiment
+from remote_runner.loader import load_experiment
 from remote_runner.errors import ConfigError
 from remote_runner.python2 import compile_file
 from remote_runner.python2.source import line_map, python2_only_use

@@ -15,7 +15,7 @@ from typing import List
 import pytest
 
 from remote_runner import screen as scr
-from remote_runner.config import load_experiment
+from remote_runner.loader import load_experiment
 from remote_runner.errors import ComponentFailed, StartError
 from remote_runner.runner import RunOptions, Runner, run
 from remote_runner.ssh import SSHOptions

@@ -12,7 +12,7 @@ import uuid
 import pytest
 
 from remote_runner import plan
-from remote_runner.config import load_experiment
+from remote_runner.loader import load_experiment
 from remote_runner.errors import ConfigError
 from remote_runner.runner import RunOptions
 from remote_runner.ssh import SSHOptions

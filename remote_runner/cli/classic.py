@@ -229,7 +229,7 @@ def add_parser(sub: "argparse._SubParsersAction") -> None:
 def run_command(args: argparse.Namespace) -> int:
     """Load the experiment, run it and log the summary; return the exit code."""
     from remote_runner import console
-    from remote_runner.config import load_experiment
+    from remote_runner.loader import load_experiment
     from remote_runner import secrets
     from remote_runner.runner import RunOptions
     from remote_runner.ssh import SSHOptions, resolve_password

@@ -1,0 +1,272 @@
+"""Validation: from the mutable components a config built to frozen, checked specs.
+
+Configs and muddlers may set anything on a :class:`~remote_runner.config.Component`
+(any type, in any order, several times); the runner needs one checked value per
+field. Every field is checked here, and a bad one is reported at the line that
+last set it, naming the component and the field. Local paths are resolved and
+local sources checked too, so a missing file stops the run before any host is
+touched.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import re
+from typing import Any, Dict, List, Optional, Tuple, Union
+
+from remote_runner.config import (LOCAL_HOST, REQUIRED_FIELDS, Component, ComponentSpec, Config,
+                                  Experiment, FileSpec, SourceError, parse_ready)
+from remote_runner.errors import ConfigError, control_characters
+from remote_runner.names import bad_name_reason
+
+
+def build_experiment(config: Config, config_path: str, extra_options: Any = None) -> Experiment:
+    """Validate every component of *config* and return the frozen :class:`Experiment`."""
+    config_dir = os.path.dirname(config_path)
+    if not len(config):
+        raise ConfigError("the config added no components (use config.add_component(c))",
+                          file=config_path)
+    specs: List[ComponentSpec] = []
+    seen: Dict[Tuple[str, str], ComponentSpec] = {}
+    for component in config.all_components():
+        spec = _Validator(component, config_dir).spec()
+        if spec.key in seen:
+            first = seen[spec.key]
+            raise ConfigError(f"a component with this name already exists on host {spec.host!r} "
+                              f"(added at {first.origin}); names must be unique per host",
+                              file=spec.origin.file, line=spec.origin.line,
+                              component=spec.name, field="name")
+        seen[spec.key] = spec
+        specs.append(spec)
+    return Experiment(config_file=config_path, config_dir=config_dir, components=tuple(specs),
+                      extra_options=extra_options)
+
+
+class _Validator:
+    """Check one Component field by field and build its :class:`ComponentSpec`."""
+
+    def __init__(self, component: Component, config_dir: str) -> None:
+        self.c = component
+        self.values = component.__dict__
+        self.config_dir = config_dir
+        self.name = component._known_name()
+
+    def fail(self, field_name: str, message: str) -> ConfigError:
+        """Build the error for *field_name*, located where that field was set."""
+        where = self.c._origin_of(field_name)
+        return ConfigError(message, file=where.file, line=where.line, component=self.name,
+                           field=field_name)
+
+    def spec(self) -> ComponentSpec:
+        """Return the validated spec (raises on the first problem)."""
+        for name in REQUIRED_FIELDS:
+            if name not in self.values:
+                raise self.fail(name, f"{name} is required but was never set")
+        name = self._name()
+        host = self._plain_string("host")
+        reason = bad_name_reason(host.rpartition("@")[2]) or bad_name_reason(host.rpartition("@")[0])
+        if reason:
+            raise self.fail("host", f"host {host!r} {reason}")
+        self._one_host(host)
+        local = host == LOCAL_HOST
+        mirror = self._bool("mirror")
+        if local and mirror:
+            raise self.fail("mirror", "mirror=True makes no sense on a localhost component")
+        executable = self._plain_string("executable")
+        if local and not os.path.isabs(executable):
+            executable = os.path.normpath(os.path.join(self.config_dir, executable))
+        origins = self.c._origins
+        return ComponentSpec(
+            name=name, host=host, executable=executable, args=self._args(),
+            files=self._files(local), base_dir=self._base_dir(),
+            start_index=self._start_index(), wait=self._bool("wait"), mirror=mirror,
+            num_cores=self._num_cores(), origin=self.c._added or self.c._created,
+            field_origins=tuple(sorted(origins.items())), export=self._export(mirror),
+            ready=self._ready(), ready_timeout=self._ready_timeout(), results=self._results(),
+            env=self._env())
+
+    def _one_host(self, host: str) -> None:
+        """Refuse a node set (``client[1-8]``) as a host: one component runs on one host."""
+        from remote_runner import hostsets
+        if "[" not in host and "," not in host:
+            return
+        try:
+            many = hostsets.expand(host)
+        except hostsets.HostSetError:
+            return  # e.g. an IPv6 address in brackets; connecting reports real problems
+        if len(many) > 1:
+            raise self.fail("host", f"host {host!r} is a set of {len(many)} hosts, but a "
+                                    "component runs on one host; add one component per host, "
+                                    "e.g. `for h in hosts[\"clients\"]:` with --hosts-from, or "
+                                    f"a loop over {many[:2] + ['...']!r} (YAML: `on: {host}`)")
+
+    def _name(self) -> str:
+        name = self._plain_string("name")
+        if "/" in name or any(ord(ch) < 32 for ch in name):
+            raise self.fail("name", f"name {name!r} must not contain '/' or control characters")
+        return name
+
+    def _plain_string(self, field_name: str) -> str:
+        value = self.values[field_name]
+        if not isinstance(value, str) or not value.strip():
+            raise self.fail(field_name, f"{field_name} must be a non-empty string, got {value!r}")
+        return self._no_controls(field_name, value)
+
+    def _no_controls(self, field_name: str, value: str, what: str = "") -> str:
+        """Refuse control characters (NUL, newline, ESC, ...) in a name or path.
+
+        They would end up in shell scripts, screen commands and the lines the
+        tool reads back from hosts, where a newline can forge a line and an
+        escape sequence can rewrite the user's terminal.
+        """
+        bad = control_characters(value)
+        if bad:
+            raise self.fail(field_name, f"{what or field_name} {value!r} contains control "
+                                        f"character(s) {bad}; names and paths may not")
+        return value
+
+    def _bool(self, field_name: str) -> bool:
+        value = self.values[field_name]
+        if not isinstance(value, bool):
+            raise self.fail(field_name, f"{field_name} must be True or False, got {value!r}")
+        return value
+
+    def _args(self) -> Tuple[str, ...]:
+        value = self.values["args"]
+        if not isinstance(value, (list, tuple)):
+            raise self.fail("args", f"args must be a list of strings, got {type(value).__name__}")
+        out = []
+        for index, arg in enumerate(value):
+            if isinstance(arg, bool) or not isinstance(arg, (str, int, float)):
+                raise self.fail("args", f"args must be a list of str/int/float; args[{index}] is "
+                                        f"{arg!r} ({type(arg).__name__}); convert it explicitly")
+            text = str(arg)
+            if "\0" in text:
+                raise self.fail("args", f"args[{index}] contains a NUL character")
+            out.append(text)
+        return tuple(out)
+
+    def _base_dir(self) -> Optional[str]:
+        value = self.values["base_dir"]
+        if value is None:
+            return None
+        if not isinstance(value, str) or not value:
+            raise self.fail("base_dir", f"base_dir must be None or an absolute path, got {value!r}")
+        if not value.startswith("/"):
+            raise self.fail("base_dir", f"base_dir {value!r} is relative; use an absolute path "
+                                        "(or None for a fresh temporary directory on the host)")
+        return self._no_controls("base_dir", value)
+
+    def _start_index(self) -> Union[int, float]:
+        value = self.values["start_index"]
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or (
+                isinstance(value, float) and math.isnan(value)):
+            raise self.fail("start_index", f"start_index must be a number, got {value!r}")
+        return value
+
+    def _export(self, mirror: bool) -> Tuple[str, ...]:
+        """``export``: local paths (absolute, or relative to the config) the mirror also serves."""
+        value = self.values["export"]
+        if isinstance(value, str) or not isinstance(value, (list, tuple)):
+            raise self.fail("export", f"export must be a list of local paths, got {value!r}")
+        if value and not mirror:
+            raise self.fail("export", "export only applies to mirror=True components")
+        out = []
+        for item in value:
+            if not isinstance(item, str) or not item:
+                raise self.fail("export", f"export entries must be non-empty strings, got {item!r}")
+            self._no_controls("export", item)
+            path = os.path.expanduser(item)
+            out.append(path if os.path.isabs(path) else os.path.join(self.config_dir, path))
+        return tuple(out)
+
+    def _ready(self) -> Optional[str]:
+        value = self.values.get("ready")
+        try:
+            parse_ready(value)
+        except ConfigError as exc:
+            raise self.fail("ready", exc.message) from None
+        return value
+
+    def _ready_timeout(self) -> float:
+        value = self.values.get("ready_timeout", 60.0)
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
+            raise self.fail("ready_timeout", f"ready_timeout must be a positive number of "
+                                             f"seconds, got {value!r}")
+        return float(value)
+
+    def _results(self) -> Tuple[str, ...]:
+        value = self.values.get("results", [])
+        if not isinstance(value, (list, tuple)):
+            raise self.fail("results", f"results must be a list of glob patterns relative to "
+                                       f"base_dir, got {type(value).__name__}")
+        out = []
+        for index, pattern in enumerate(value):
+            if not isinstance(pattern, str) or not pattern.strip() or "\0" in pattern:
+                raise self.fail("results", f"results[{index}] must be a non-empty string, "
+                                           f"got {pattern!r}")
+            parts = pattern.split("/")
+            if pattern.startswith("/") or ".." in parts or "\n" in pattern:
+                raise self.fail("results", f"results[{index}] {pattern!r} must be relative to "
+                                           "base_dir, without '..' or newlines")
+            out.append(pattern)
+        return tuple(out)
+
+    def _env(self) -> Tuple[Tuple[str, str], ...]:
+        value = self.values.get("env", {})
+        if not isinstance(value, dict):
+            raise self.fail("env", f"env must be a dict of NAME -> value, got "
+                                   f"{type(value).__name__}")
+        out = []
+        for name, text in value.items():
+            if not isinstance(name, str) or not re.match(r"^[A-Za-z_][A-Za-z0-9_]*$", name):
+                raise self.fail("env", f"env name {name!r} is not a valid variable name")
+            if isinstance(text, bool) or not isinstance(text, (str, int, float)):
+                raise self.fail("env", f"env[{name!r}] must be a str/int/float, got {text!r}")
+            if "\0" in str(text):
+                raise self.fail("env", f"env[{name!r}] contains a NUL character")
+            out.append((name, str(text)))
+        return tuple(out)
+
+    def _num_cores(self) -> Optional[int]:
+        value = self.values["num_cores"]
+        if value is None:
+            return None
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise self.fail("num_cores", f"num_cores must be None or a positive int, got {value!r}")
+        return value
+
+    def _files(self, local: bool) -> Tuple[FileSpec, ...]:
+        value = self.values["files"]
+        if not isinstance(value, dict):
+            raise self.fail("files", f"files must be a dict of local source -> destination, "
+                                     f"got {type(value).__name__}")
+        if value and local:
+            raise self.fail("files", "a localhost component cannot have files (nothing is copied "
+                                     "locally); use absolute paths or paths relative to the config")
+        by_dest: Dict[str, FileSpec] = {}
+        for src, dest in value.items():
+            for what, text in (("source", src), ("destination", dest)):
+                if not isinstance(text, str) or not text:
+                    raise self.fail("files", f"files {what} must be a non-empty string, got {text!r}")
+                self._no_controls("files", text, f"files {what}")
+            spec = self._file_spec(src, dest)
+            key = os.path.normpath(dest)
+            if key in by_dest and by_dest[key].src != spec.src:
+                raise self.fail("files", f"two sources go to destination {dest!r}: "
+                                         f"{by_dest[key].src!r} and {spec.src!r}")
+            by_dest.setdefault(key, spec)
+        return tuple(by_dest.values())
+
+    def _file_spec(self, src: str, dest: str) -> FileSpec:
+        path = os.path.normpath(os.path.join(self.config_dir, os.path.expanduser(src)))
+        if not os.path.exists(path):
+            where = self.c._origin_of("files")
+            raise SourceError(f"local source {src!r} does not exist (looked for {path})",
+                              path=path, file=where.file, line=where.line, component=self.name)
+        if not (os.path.isfile(path) or os.path.isdir(path)):
+            where = self.c._origin_of("files")
+            raise SourceError(f"local source {src!r} is neither a regular file nor a directory",
+                              path=path, file=where.file, line=where.line, component=self.name)
+        return FileSpec(src=path, dest=dest, is_dir=os.path.isdir(path))
