@@ -11,14 +11,20 @@ carries stdio, signals and the exit status back.
 Modules:
 
 * :mod:`.protocol` -- frames (JSON header + raw bytes), shared with the agent;
-* :mod:`.service` -- the local file service (handle table, errno preserved);
+* :mod:`.service` -- the local file service (errno preserved), with
+  :mod:`.replies` (handle table, reply), :mod:`.sendahead` (lookups, whole
+  files and libraries sent before the host asks), :mod:`.linuxcalls`;
 * :mod:`.localnames` -- files unlinked while open held here, paths beyond PATH_MAX;
-* :mod:`.agent` -- the remote side (namespaces, FUSE, command, daemon/attach);
+* :mod:`.agent` -- the remote side's entry point; its parts are the package
+  :mod:`.host` (link, caches, profile, FUSE operations, mount, namespaces,
+  command, session, jobs: exec and daemon/attach);
 * :mod:`.hardlinks` -- (agent side) every name of a hard-linked file shows its current attributes;
 * :mod:`.bundle` -- the shipped zipapp and its cache-or-upload launch line;
 * :mod:`.components` -- :func:`serve_components` for the runner (one daemon per host);
 * :mod:`.session` -- the local side: :func:`~.session.run_command` (``remote-runner exec``)
-  and :class:`~.session.MirrorServer` (the runner's ``component.mirror = True``).
+  and :class:`~.session.MirrorServer` (the runner's ``component.mirror = True``), with
+  :mod:`.locallink` (the link's local end), :mod:`.streams`, :mod:`.environment`
+  (what a command takes along) and :mod:`.terminal`.
 
 Runner API: ``remote_runner.runner`` calls :func:`serve_components` (connections,
 mirrored specs) and gets an object with ``argv(spec, base_dir)`` and ``close()``;

@@ -1,8 +1,9 @@
 """The agent zipapp shipped to hosts, and the one-exec shell line that runs it.
 
-Nothing is installed on a host by hand: the agent (``agent.py`` +
-``protocol.py`` + the single-file ``mfusepy.py``) is packed into a zipapp
-whose bytes are deterministic, so its sha256 names it. The host keeps it at
+Nothing is installed on a host by hand: the agent (``agent.py`` and its
+parts in ``host/``, ``protocol.py``, ``hardlinks.py`` and the single-file
+``mfusepy.py``) is packed into a zipapp whose bytes are deterministic, so its
+sha256 names it. The host keeps it at
 ``~/.cache/remote-runner/agent-<sha256>.pyz``; a later run costs one exec that
 finds the file and starts it. On a miss the same exec prints ``NEED`` and
 reads exactly the payload from stdin with python3 (no head/cat quirks), writes
@@ -127,6 +128,8 @@ def _entries() -> List[tuple]:
         ("rrmirror/protocol.py", (_HERE / "protocol.py").read_bytes()),
         ("rrmirror/agent.py", (_HERE / "agent.py").read_bytes()),
         ("rrmirror/hardlinks.py", (_HERE / "hardlinks.py").read_bytes()),
+        *(("rrmirror/host/" + part.name, part.read_bytes())
+          for part in sorted((_HERE / "host").glob("*.py"))),
         ("mfusepy.py", _mfusepy_source()),
     ]
 

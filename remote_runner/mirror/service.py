@@ -6,221 +6,40 @@ files live in a per-session :class:`HandleTable`; the remote only ever sees
 small handle numbers we issued, never our raw descriptors, and an unknown
 handle is EBADF rather than a write into whatever fd happens to have that
 number. Errors come back as their errno, preserved across the wire.
+
+Its parts: the handle table and reply (:mod:`.replies`), the answers sent
+ahead of the host's questions (:mod:`.sendahead`, mixed in), and the Linux
+calls os lacks (:mod:`.linuxcalls`).
 """
 
 from __future__ import annotations
 
-import ctypes
-import ctypes.util
 import errno
-import json
 import logging
 import os
 import stat
-import threading
 import time
-from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional, Sequence, Set, Tuple
 
 from remote_runner.mirror import elf
 from remote_runner.mirror.exports import Exports, Refused, resolve_parent
 from remote_runner.mirror import protocol as P
+from remote_runner.mirror.linuxcalls import RENAME_EXCHANGE, RENAME_NOREPLACE, fallocate, renameat2
 from remote_runner.mirror.localnames import (HiddenFiles, RequestDescriptors, is_hidden_name,
                                               proc_fd_path)
+from remote_runner.mirror.replies import HandleTable, OpError, Reply
+from remote_runner.mirror.sendahead import PublicDirs, SendAhead, walk as _walk
+
+#: Names callers (tests, the session) reach through this module.
+__all__ = ["HandleTable", "LocalFileService", "OpError", "Reply", "_walk"]
 
 LOG = logging.getLogger(__name__)
 
-RENAME_NOREPLACE = 1
-RENAME_EXCHANGE = 2
-_SYS_RENAMEAT2 = {"x86_64": 316, "aarch64": 276, "armv7l": 382, "i686": 353, "ppc64le": 357,
-                  "riscv64": 276, "s390x": 347}
-AT_FDCWD = -100
-#: A file modified this recently may still be being written: not sent whole.
-SETTLED_SECONDS = 2.0
 UTIME_NOW = (1 << 30) - 1
 UTIME_OMIT = (1 << 30) - 2
 
 
-class OpError(Exception):
-    """A request that fails with a specific errno."""
-
-    def __init__(self, err: int) -> None:
-        super().__init__(err, os.strerror(err))
-        self.errno = err
-
-
-@dataclass
-class Reply:
-    """The result of one request: JSON fields, optional raw bytes, optional pushes."""
-
-    fields: Dict[str, Any] = field(default_factory=dict)
-    payload: bytes = b""
-    compressible: bool = False
-
-
-class HandleTable:
-    """Open local descriptors, addressed by numbers issued here."""
-
-    def __init__(self) -> None:
-        self._fds: Dict[int, int] = {}
-        self._next = 1
-        self._lock = threading.Lock()
-
-    def add(self, fd: int) -> int:
-        """Register *fd* and return its handle."""
-        with self._lock:
-            handle = self._next
-            self._next += 1
-            self._fds[handle] = fd
-            return handle
-
-    def get(self, handle: Any) -> int:
-        """Return the descriptor of *handle* or raise EBADF."""
-        with self._lock:
-            fd = self._fds.get(handle) if isinstance(handle, int) else None
-        if fd is None:
-            raise OpError(errno.EBADF)
-        return fd
-
-    def pop(self, handle: Any) -> int:
-        """Forget *handle* and return its descriptor."""
-        with self._lock:
-            fd = self._fds.pop(handle, None) if isinstance(handle, int) else None
-        if fd is None:
-            raise OpError(errno.EBADF)
-        return fd
-
-    def close_all(self) -> None:
-        """Close every descriptor still open."""
-        with self._lock:
-            fds = list(self._fds.values())
-            self._fds.clear()
-        for fd in fds:
-            try:
-                os.close(fd)
-            except OSError:
-                pass
-
-    def __len__(self) -> int:
-        return len(self._fds)
-
-
-def _renameat2(old: bytes, new: bytes, flags: int) -> None:
-    libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
-    import platform
-    number = _SYS_RENAMEAT2.get(platform.machine())
-    if number is None:
-        raise OpError(errno.EINVAL)
-    res = libc.syscall(ctypes.c_long(number), ctypes.c_int(AT_FDCWD), ctypes.c_char_p(old),
-                       ctypes.c_int(AT_FDCWD), ctypes.c_char_p(new), ctypes.c_uint(flags))
-    if res != 0:
-        raise OpError(ctypes.get_errno())
-
-
-def _fallocate(fd: int, mode: int, offset: int, length: int) -> None:
-    """fallocate(2) with its mode (keep size, punch hole, zero range), which os.posix_fallocate lacks."""
-    libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
-    res = libc.fallocate(ctypes.c_int(fd), ctypes.c_int(mode), ctypes.c_longlong(offset),
-                         ctypes.c_longlong(length))
-    if res != 0:
-        raise OpError(ctypes.get_errno())
-
-
-def _sendable_whole(st: os.stat_result) -> bool:
-    """Whether a file qualifies to be sent whole (and kept on the host).
-
-    Settled, regular, not empty, not too big, and readable by everyone here:
-    a private file (a key, a 0600 data file) is never left behind on a host.
-    """
-    return (stat.S_ISREG(st.st_mode) and 0 < st.st_size <= P.WHOLE_LIMIT
-            and bool(st.st_mode & stat.S_IROTH)
-            and time.time() - st.st_mtime >= SETTLED_SECONDS)
-
-
-class PublicDirs:
-    """Which local directories every user may search (``o+x``), remembered briefly.
-
-    A whole-file copy stays on the host, where other users may get at it; so it
-    is made only of a file that every local user could read too: world-readable
-    itself *and* reachable through world-searchable directories all the way up
-    (a 0644 file inside a 0700 home is private). Both the path as named and its
-    resolved form are checked; answers are kept for ``SETTLED_SECONDS``.
-    """
-
-    def __init__(self, ttl: float = SETTLED_SECONDS) -> None:
-        self.ttl = ttl
-        self._known: Dict[bytes, Tuple[bool, float]] = {}
-        self._lock = threading.Lock()
-
-    def reachable(self, path: bytes) -> bool:
-        """Whether every directory above *path* (named and resolved) is world-searchable."""
-        parent = os.path.dirname(path)
-        return self._chain(parent) and self._chain(os.path.realpath(parent))
-
-    def _chain(self, directory: bytes) -> bool:
-        while True:
-            if not self._searchable(directory):
-                return False
-            if directory in (b"/", b""):
-                return True
-            directory = os.path.dirname(directory)
-
-    def _searchable(self, directory: bytes) -> bool:
-        now = time.monotonic()
-        with self._lock:
-            known = self._known.get(directory)
-        if known is not None and now - known[1] < self.ttl:
-            return known[0]
-        try:
-            ok = bool(os.stat(directory).st_mode & stat.S_IXOTH)
-        except OSError:
-            ok = False
-        with self._lock:
-            if len(self._known) > 4096:
-                self._known.clear()
-            self._known[directory] = (ok, now)
-        return ok
-
-
-def _walk(path: bytes, hops: int = 40) -> List[bytes]:
-    """The paths a kernel looks up to reach absolute *path*, symlinks followed, in order.
-
-    Ends early at a name that does not exist; the last entry is the file
-    reached (when it exists).
-    """
-    out: List[bytes] = []
-    parts = [p for p in path.split(b"/") if p]
-    current = b""
-    while parts:
-        part = parts.pop(0)
-        if part == b".":
-            continue
-        if part == b"..":
-            current = os.path.dirname(current).rstrip(b"/")  # "/usr" -> "" (the root)
-            continue
-        here = current + b"/" + part
-        out.append(here)
-        try:
-            st = os.lstat(here)
-        except OSError:
-            break
-        if not stat.S_ISLNK(st.st_mode):
-            current = here
-            continue
-        hops -= 1
-        try:
-            target = os.readlink(here)
-        except OSError:
-            break
-        if hops < 0:
-            break
-        if target.startswith(b"/"):
-            current = b""
-        parts = [p for p in target.split(b"/") if p] + parts
-    return out
-
-
-class LocalFileService:
+class LocalFileService(SendAhead):
     """Answer mirror requests against the local file system.
 
     *roots* limits what the remote may touch (files-only mode exports only
@@ -383,75 +202,6 @@ class LocalFileService:
         self._push(reply, [os.path.normpath(os.path.join(os.path.dirname(raw), target))])
         return reply
 
-    def op_validate(self, a: Dict[str, Any], names: bytes) -> Reply:
-        """Look many names up at once: the host's warm start, seeded with the command's profile.
-
-        The reply (JSON) has ``names`` (the host's names, then the profile's),
-        ``answers`` (per name ``[attributes, link target]``, ``null`` if it does
-        not exist, ``0`` if it is not exported or cannot be looked up) and
-        ``whole``: ``[name, [size, mtime_ns, ino]]`` of the profile's files that
-        would be sent whole now, so the host can fetch those it lacks at once.
-        """
-        seed_names, seed_files = self.seed
-        self.seed = ([], [])
-        asked = [P.name_to_wire(raw) for raw in names.split(b"\0")] if names else []
-        order = list(dict.fromkeys(asked + seed_names))
-        answers = [self._lookup(name) for name in order]
-        for name in asked:
-            self._note(self.looked_up, name)
-        whole = []
-        for name in seed_files:
-            meta = self._whole_meta(name)
-            if meta is not None:
-                whole.append([name, meta])
-                self._note(self.sent_whole, name)
-        body = {"names": order, "answers": answers, "whole": whole}
-        return Reply(payload=json.dumps(body, separators=(",", ":")).encode(), compressible=True)
-
-    def _lookup(self, name: str) -> Any:
-        """One ``validate`` answer for wire *name*."""
-        try:
-            path = self._path({"path": name})
-            st = os.lstat(path)
-        except OpError:
-            return 0
-        except OSError as exc:
-            return None if exc.errno in (errno.ENOENT, errno.ENOTDIR) else 0
-        link = None
-        if stat.S_ISLNK(st.st_mode):
-            try:
-                link = P.name_to_wire(os.readlink(path))
-            except OSError:
-                pass
-        return [P.stat_to_wire(st), link]
-
-    def _whole_meta(self, name: str) -> Optional[List[int]]:
-        """[size, mtime_ns, ino] if wire *name* would be sent whole now, else None."""
-        try:
-            st = os.lstat(self._path({"path": name}))
-        except (OpError, OSError):
-            return None
-        if _sendable_whole(st) and self.public.reachable(P.name_from_wire(name)):
-            return [st.st_size, st.st_mtime_ns, st.st_ino]
-        return None
-
-    @staticmethod
-    def _note(seen: Dict[str, None], name: str) -> None:
-        if len(seen) < P.PROFILE_NAMES:
-            seen[name] = None
-
-    def _push(self, reply: Reply, paths: Sequence[bytes]) -> None:
-        """Add ``push`` entries (path, attributes) for those of *paths* that exist and are exported."""
-        entries = []
-        for path in paths:
-            wire = P.name_to_wire(path)
-            try:
-                entries.append([wire, P.stat_to_wire(os.lstat(self._path({"path": wire})))])
-            except (OpError, OSError):
-                continue
-        if entries:
-            reply.fields["push"] = entries
-
     def op_readdir(self, a: Dict[str, Any], _: bytes) -> Reply:
         """List a directory with attributes of every entry (READDIRPLUS-style)."""
         path = self._path(a)
@@ -592,7 +342,7 @@ class LocalFileService:
             self.hidden.hide(old, P.name_from_wire(a["new"]))
             return Reply()
         if flags:
-            _renameat2(old, new, flags)
+            renameat2(old, new, flags)
         else:
             os.rename(old, new)
         return Reply()
@@ -636,67 +386,6 @@ class LocalFileService:
                 os.close(fd)
                 raise
         return Reply({"fh": self._add_handle(fd, a)})
-
-    def _add_libraries(self, reply: Reply, name: str) -> None:
-        """To the open of a program sent whole, add what the loader will look up and open next.
-
-        ``libs`` has the shape of a ``validate`` reply: every name the host's
-        kernel will look up on the way to each library (symlinks followed),
-        its answer, and the libraries that can be sent whole with their
-        [size, mtime_ns, ino], so the host fetches them all at once instead of
-        one round trip per library (see :mod:`remote_runner.mirror.elf`).
-        Once per program per session, not in files-only mode. The open already
-        checked *name* against the exports; each library's names are checked by
-        their own lookups (a name not served is answered 0, and never sent whole).
-        """
-        if self.roots is not None or name in self._expanded:
-            return  # files-only: the host runs its own programs, with its own libraries
-        self._expanded[name] = None
-        names: Dict[str, None] = {}
-        whole = []
-        for library in elf.closure(os.fsdecode(P.name_from_wire(name))):
-            walked = _walk(os.fsencode(library))
-            for path in walked:
-                names.setdefault(P.name_to_wire(path), None)
-            meta = self._whole_meta(P.name_to_wire(walked[-1])) if walked else None
-            if meta is not None:
-                whole.append([P.name_to_wire(walked[-1]), meta])
-        if not whole:
-            return
-        body = {"names": list(names), "answers": [self._lookup(n) for n in names], "whole": whole}
-        if len(json.dumps(body)) > P.MAX_HEADER // 2:
-            return
-        for n in names:
-            self._note(self.looked_up, n)
-        for n, _ in whole:
-            self._note(self.sent_whole, n)
-        reply.fields["libs"] = body
-
-    def _whole(self, fd: int, have: Any, path: bytes) -> Reply:
-        """Answer a whole-file open: "current" (no data), or the file's first chunk.
-
-        Only settled, world-readable regular files qualify: not empty (pseudo
-        files report size 0), not over ``WHOLE_LIMIT``, not private (no copy of
-        a 0600 file, or of one inside a private directory, stays on a host), and
-        not modified in the last
-        ``SETTLED_SECONDS`` (a log being written keeps being read through the
-        link, so ``tail -f`` sees it grow). The rest of a bigger file is read
-        through the handle the reply carries.
-        """
-        st = os.fstat(fd)
-        if not _sendable_whole(st) or not self.public.reachable(path):
-            return Reply({"fh": self.handles.add(fd)})
-        meta = [st.st_size, st.st_mtime_ns, st.st_ino]
-        fields: Dict[str, Any] = {"whole": meta, "st": P.stat_to_wire(st)}
-        if have == meta:
-            os.close(fd)
-            return Reply(fields)
-        first = os.pread(fd, P.WHOLE_CHUNK, 0)
-        if st.st_size > len(first):
-            fields["fh"] = self.handles.add(fd)
-        else:
-            os.close(fd)
-        return Reply(fields, payload=first, compressible=True)
 
     def op_create(self, a: Dict[str, Any], _: bytes) -> Reply:
         path = self._path(a, write=True)
@@ -746,7 +435,7 @@ class LocalFileService:
         return Reply()
 
     def op_fallocate(self, a: Dict[str, Any], _: bytes) -> Reply:
-        _fallocate(self.handles.get(a["fh"]), int(a.get("mode") or 0), int(a["off"]), int(a["len"]))
+        fallocate(self.handles.get(a["fh"]), int(a.get("mode") or 0), int(a["off"]), int(a["len"]))
         return Reply()
 
     # -- extended attributes (where the local file system has them) ------------------

@@ -1,0 +1,413 @@
+"""What the host keeps to save round trips: attributes sent ahead, whole copies of files.
+
+Why apart: the caches decide what may be answered without asking this
+machine, so their rules (time to live, "current" = same size, mtime and
+inode, emptied on any change) are kept together, away from the FUSE
+operations that consult them.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import tempfile
+import threading
+import time
+from typing import Any, Callable, Dict, List, Optional, Tuple
+
+from .. import protocol as P
+from .link import Link
+from .profile import Profile
+
+LOG = logging.getLogger("remote_runner.mirror.agent")
+
+#: File handles at or above this are copies in the :class:`FileCache`, not local handles.
+LOCAL_FH_BASE = 1 << 48
+#: libfuse 3's FUSE_CAP_CACHE_SYMLINKS (fuse_common.h).
+FUSE_CAP_CACHE_SYMLINKS = 1 << 23
+#: Default size limit of the host's file cache (``boot`` may set another).
+FILE_CACHE_LIMIT = 2 << 30
+#: At most this many bytes are fetched ahead at a session's start.
+PREFETCH_LIMIT = 512 << 20
+PREFETCH_BATCH = 64 << 20
+
+
+#: What :class:`AttrCache` holds for a path known not to exist.
+MISSING: Dict[str, int] = {"missing": 1}
+
+
+class AttrCache:
+    """Attributes the local side sent ahead (readdir entries, ``push`` lists, a warm start).
+
+    Saves one round trip per entry for ``ls -l``, import probing and the like;
+    an entry serves one lookup within its time to live (default *ttl*), and
+    may say the path does not exist (:data:`MISSING`). It also remembers the
+    attributes (and symlink targets) last received for a path (:meth:`recent`):
+    an open right after the kernel's lookup can then use the host's copy of a
+    file without asking again. Any operation that may change metadata empties
+    it: correctness first.
+    """
+
+    def __init__(self, ttl: float = 1.0) -> None:
+        self.ttl = ttl
+        # path -> (expires, received, attributes)
+        self._entries: Dict[str, Tuple[float, float, Dict[str, Any]]] = {}
+        self._seen: Dict[str, Tuple[float, float, Dict[str, Any]]] = {}
+        self._lock = threading.Lock()
+
+    def _stamp(self, when: Optional[float], ttl: Optional[float]) -> Tuple[float, float]:
+        received = time.monotonic() if when is None else when
+        return received + (self.ttl if ttl is None else ttl), received
+
+    def put(self, path: str, attrs: Optional[Dict[str, Any]], when: Optional[float] = None,
+            ttl: Optional[float] = None) -> None:
+        """Keep *attrs* for *path*, received at *when* (default now), for one lookup."""
+        if attrs:
+            expires, received = self._stamp(when, ttl)
+            with self._lock:
+                if len(self._entries) > 4 * P.PROFILE_NAMES:
+                    self._entries.clear()
+                self._entries[path] = (expires, received, attrs)
+
+    def get(self, path: str) -> Optional[Dict[str, Any]]:
+        with self._lock:
+            entry = self._entries.pop(path, None)
+        if entry is None or entry[0] < time.monotonic():
+            return None
+        self.note(path, entry[2], entry[1], ttl=entry[0] - entry[1])
+        return entry[2]
+
+    def note(self, path: str, attrs: Dict[str, Any], when: Optional[float] = None,
+             kind: str = "st", ttl: Optional[float] = None) -> None:
+        """Record *attrs* (or a symlink target: *kind* ``link``) as received for *path* at *when*."""
+        expires, received = self._stamp(when, ttl)
+        with self._lock:
+            if len(self._seen) > 4 * P.PROFILE_NAMES:
+                self._seen.clear()
+            self._seen[kind + ":" + path] = (expires, received, attrs)
+
+    def recent(self, path: str, kind: str = "st") -> Optional[Tuple[float, Dict[str, Any]]]:
+        """Return (received, attributes) still valid for *path*, if any."""
+        with self._lock:
+            entry = self._seen.get(kind + ":" + path)
+        if entry is None or time.monotonic() >= entry[0]:
+            return None
+        return entry[1], entry[2]
+
+    def clear(self) -> None:
+        with self._lock:
+            self._entries.clear()
+            self._seen.clear()
+
+
+class FileCache:
+    """Whole copies of local files opened read-only, kept on this host between sessions.
+
+    A program start opens hundreds of files (libraries, modules, data) and the
+    kernel reads each in many small requests, one round trip apiece. Instead, a
+    read-only open asks for the whole file (up to ``WHOLE_LIMIT``) with the
+    size, mtime and inode of the copy held here; the local side answers "still
+    current" without data, or sends the file (first chunk in the reply, the
+    rest as parallel reads). Reads, flush and release are then served from the
+    copy with no round trip. Copies are named ``<sha1 of path>-<size>-<mtime_ns>-<ino>``
+    in a 0700 directory per local machine and user, written under a temporary
+    name and renamed, so sessions running at once can share it; the oldest
+    are dropped when it outgrows its limit.
+    """
+
+    def __init__(self, directory: str, limit: int) -> None:
+        self.directory = directory
+        self.limit = limit
+        self.handles: Dict[int, Tuple[int, Dict[str, int]]] = {}
+        self._index: Dict[str, Tuple[List[int], str]] = {}
+        self._lock = threading.Lock()
+        self._next_fh = LOCAL_FH_BASE
+        #: Files being fetched ahead: an open of one waits for it instead of asking again.
+        self._pending: Dict[str, threading.Event] = {}
+        os.makedirs(directory, mode=0o700, exist_ok=True)
+        for name in os.listdir(directory):
+            parts = name.split("-")
+            if len(parts) == 4 and all(p.isdigit() for p in parts[1:]):
+                self._index[parts[0]] = ([int(p) for p in parts[1:]], name)
+
+    @staticmethod
+    def key(path: str) -> str:
+        return hashlib.sha1(P.name_from_wire(path)).hexdigest()
+
+    def expect(self, paths: List[str]) -> None:
+        """Mark *paths* as on their way (see :meth:`wait_for`)."""
+        with self._lock:
+            for path in paths:
+                self._pending.setdefault(path, threading.Event())
+
+    def arrived(self, paths: List[str]) -> None:
+        """*paths* are stored, or will not be: wake whoever waits for them."""
+        with self._lock:
+            events = [self._pending.pop(path, None) for path in paths]
+        for event in events:
+            if event is not None:
+                event.set()
+
+    def wait_for(self, path: str, timeout: float) -> None:
+        """If *path* is being fetched ahead, wait (at most *timeout* s) until it is done."""
+        event = self._pending.get(path)
+        if event is not None:
+            event.wait(timeout)
+
+    def lookup(self, path: str) -> Optional[List[int]]:
+        """Return [size, mtime_ns, ino] of the copy of *path*, if there is one."""
+        entry = self._index.get(self.key(path))
+        return entry[0] if entry else None
+
+    def open_copy(self, path: str, meta: List[int]) -> Optional[int]:
+        """Open the copy of *path* if it matches *meta* (another session may have dropped it)."""
+        entry = self._index.get(self.key(path))
+        if entry is None or entry[0] != meta:
+            return None
+        try:
+            fd = os.open(os.path.join(self.directory, entry[1]), os.O_RDONLY | os.O_CLOEXEC)
+        except OSError:
+            return None
+        try:
+            os.utime(fd)  # recently used: trimmed last
+        except OSError:
+            pass
+        return fd
+
+    def store(self, path: str, meta: List[int], chunks: List[bytes]) -> int:
+        """Write a new copy of *path* (temporary name, then rename); return an fd on it."""
+        key = self.key(path)
+        name = "%s-%d-%d-%d" % (key, meta[0], meta[1], meta[2])
+        fd, tmp = tempfile.mkstemp(dir=self.directory, prefix=".tmp-")
+        try:
+            for chunk in chunks:
+                view = memoryview(chunk)
+                while view:
+                    view = view[os.write(fd, view):]
+            os.rename(tmp, os.path.join(self.directory, name))
+        except BaseException:
+            os.close(fd)
+            _unlink_quietly(tmp)
+            raise
+        with self._lock:
+            old = self._index.get(key)
+            self._index[key] = (list(meta), name)
+        if old is not None and old[1] != name:
+            _unlink_quietly(os.path.join(self.directory, old[1]))
+        return fd
+
+    def store_quietly(self, path: str, meta: List[int], chunks: List[bytes]) -> Optional[int]:
+        """:meth:`store`, or None (with a warning) when the copy cannot be written."""
+        try:
+            return self.store(path, meta, chunks)
+        except OSError as exc:
+            LOG.warning("file cache: cannot store a copy in %s: %s", self.directory, exc)
+            return None
+
+    def add_handle(self, fd: int, st: Dict[str, int]) -> int:
+        with self._lock:
+            fh = self._next_fh
+            self._next_fh += 1
+            self.handles[fh] = (fd, st)
+        return fh
+
+    def release(self, fh: int) -> None:
+        with self._lock:
+            entry = self.handles.pop(fh, None)
+        if entry is not None:
+            os.close(entry[0])
+
+    def trim(self) -> None:
+        """Drop the least recently used copies while the cache is over its limit."""
+        try:
+            entries = []
+            with os.scandir(self.directory) as it:
+                for e in it:
+                    st = e.stat(follow_symlinks=False)
+                    entries.append((st.st_mtime, st.st_size, e.path))
+        except OSError:
+            return
+        total = sum(e[1] for e in entries)
+        for _, size, path in sorted(entries):
+            if total <= self.limit * 0.8:
+                break
+            _unlink_quietly(path)
+            total -= size
+
+
+def fetch_rest(link: Link, items: List[Tuple[Optional[int], bytes, int]]
+               ) -> List[Optional[List[bytes]]]:
+    """Complete whole files: per (handle, first chunk, size), all chunks; None if it failed.
+
+    The remaining chunks of every file are requested at once, then the local
+    handles released: one or two round trips for any number of files.
+    """
+    requests, owners = [], []
+    for i, (fh, first, size) in enumerate(items):
+        if fh is not None:
+            for off in range(len(first), size, P.WHOLE_CHUNK):
+                requests.append({"fh": fh, "size": P.WHOLE_CHUNK, "off": off})
+                owners.append(i)
+    out: List[Optional[List[bytes]]] = [[first] for _, first, _ in items]
+    for owner, result in zip(owners, link.call_many("read", requests) if requests else []):
+        chunks = out[owner]
+        if isinstance(result, OSError) or chunks is None:
+            out[owner] = None
+        else:
+            chunks.append(result[1])
+    handles = [{"fh": fh} for fh, _, _ in items if fh is not None]
+    if handles:
+        link.call_many("release", handles)
+    for i, (_, _, size) in enumerate(items):
+        chunks = out[i]
+        if chunks is not None and sum(len(c) for c in chunks) != size:
+            out[i] = None  # the file changed while it was sent
+    return out
+
+
+def prefetch(link: Link, files: FileCache, wanted: List[Tuple[str, List[int]]],
+             after_batch: Optional[Callable[[], None]] = None) -> int:
+    """Fetch the files *wanted* ((name, meta) the local side listed) into *files*, all at once.
+
+    At most ``PREFETCH_LIMIT`` bytes, in batches of ``PREFETCH_BATCH`` bytes
+    (the memory it holds at a time); a file that changed since it was listed
+    is simply not stored. An open of a listed file waits for its batch
+    (:meth:`FileCache.wait_for`) rather than fetching it a second time;
+    *after_batch* runs after each batch. Returns how many copies were stored.
+    """
+    files.expect([name for name, _ in wanted])
+    try:
+        return _prefetch(link, files, wanted, after_batch)
+    finally:
+        files.arrived([name for name, _ in wanted])
+
+
+def _prefetch(link: Link, files: FileCache, wanted: List[Tuple[str, List[int]]],
+              after_batch: Optional[Callable[[], None]]) -> int:
+    batches: List[List[str]] = [[]]
+    total = size = 0
+    for name, meta in wanted:
+        if total + meta[0] > PREFETCH_LIMIT:
+            continue
+        if batches[-1] and size + meta[0] > PREFETCH_BATCH:
+            batches.append([])
+            size = 0
+        batches[-1].append(name)
+        size += meta[0]
+        total += meta[0]
+    stored = 0
+    for batch in batches:
+        if batch:
+            stored += _prefetch_batch(link, files, batch)
+            files.arrived(batch)
+            if after_batch is not None:
+                after_batch()
+    return stored
+
+
+def wanted_files(files: FileCache, whole: List[Any]) -> List[Tuple[str, List[int]]]:
+    """Of the (name, [size, mtime_ns, ino]) entries the local side listed, those with no current copy here."""
+    return [(p, m) for p, m in whole if isinstance(p, str) and isinstance(m, list)
+            and len(m) == 3 and files.lookup(p) != m]
+
+
+def validate(link: Link, paths: List[str]) -> Optional[Tuple[List[str], List[Any], List[Any]]]:
+    """Send one ``validate`` for *paths*; return (names, answers, whole) or None if it failed."""
+    try:
+        _, data = link.call("validate", {}, b"\0".join(P.name_from_wire(p) for p in paths))
+        reply = json.loads(data.decode("utf-8"))
+        return list(reply["names"]), list(reply["answers"]), list(reply["whole"])
+    except (OSError, ValueError, KeyError, TypeError, P.ProtocolError) as exc:
+        LOG.debug("validation skipped: %s", exc)
+        return None
+
+
+def remember_answers(cache: "AttrCache", names: List[Any], answers: List[Any], when: float) -> None:
+    """Keep ``validate``-style answers (attributes, "missing", link targets) for ``Profile.TTL`` s."""
+    for path, answer in zip(names, answers):
+        if not isinstance(path, str):
+            continue
+        if answer is None:
+            cache.put(path, MISSING, when, Profile.TTL)
+        elif isinstance(answer, list) and len(answer) == 2 and isinstance(answer[0], dict):
+            cache.put(path, answer[0], when, Profile.TTL)
+            if isinstance(answer[1], str):
+                cache.note(path, {"link": answer[1]}, when, kind="link", ttl=Profile.TTL)
+
+
+def fetch_ahead(link: Link, files: FileCache, cache: "AttrCache", listing: Dict[str, Any]) -> None:
+    """Take a ``validate``-style *listing* (names, answers, whole files) and fetch its files.
+
+    The answers are kept at once; the files are fetched in parallel batches
+    while the caller goes on. Answers older than a second are renewed after
+    each batch (one ``validate``), so lookups still find fresh ones when the
+    last batch lands.
+    """
+    names, answered = list(listing.get("names") or []), [time.monotonic()]
+    remember_answers(cache, names, list(listing.get("answers") or []), answered[0])
+    wanted = wanted_files(files, list(listing.get("whole") or []))
+    if not wanted:
+        return
+
+    def renew() -> None:
+        if time.monotonic() - answered[0] > 1.0:
+            fresh = validate(link, names)
+            if fresh is not None:
+                answered[0] = time.monotonic()
+                remember_answers(cache, fresh[0], fresh[1], answered[0])
+
+    files.expect([name for name, _ in wanted])  # before the thread runs: the next open must wait
+    threading.Thread(target=prefetch, args=(link, files, wanted, renew), daemon=True,
+                     name="fetch-ahead").start()
+
+
+def _prefetch_batch(link: Link, files: FileCache, batch: List[str]) -> int:
+    # O_NONBLOCK: a name replaced by a FIFO since it was listed must not block a local worker.
+    replies = link.call_many("open", [{"path": name, "flags": os.O_RDONLY | os.O_NONBLOCK,
+                                       "whole": True, "have": None} for name in batch])
+    items, names = [], []
+    for name, reply in zip(batch, replies):
+        if isinstance(reply, OSError):
+            continue
+        header, first = reply
+        if not header.get("whole"):
+            if "fh" in header:
+                link.call_many("release", [{"fh": header["fh"]}])
+            continue
+        items.append((header.get("fh"), first, int(header["whole"][0])))
+        names.append((name, header["whole"]))
+    stored = 0
+    for (name, meta), chunks in zip(names, fetch_rest(link, items)):
+        if chunks is not None:
+            fd = files.store_quietly(name, meta, chunks)
+            if fd is not None:
+                os.close(fd)
+                stored += 1
+    return stored
+
+
+def _unlink_quietly(path: str) -> None:
+    try:
+        os.unlink(path)
+    except OSError:
+        pass
+
+
+def open_file_cache(boot: Dict[str, Any]) -> Optional[FileCache]:
+    """Return the host's file cache for the local machine named in *boot* (None: no cache).
+
+    Opened before entering namespaces, as the connecting user, under
+    ``$XDG_CACHE_HOME`` (default ``~/.cache``)``/remote-runner/files/<origin>``.
+    """
+    origin = boot.get("cache")
+    if not isinstance(origin, str) or not origin.isalnum():
+        return None
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    directory = os.path.join(base, "remote-runner", "files", origin)
+    try:
+        return FileCache(directory, int(boot.get("cache_limit") or FILE_CACHE_LIMIT))
+    except (OSError, ValueError) as exc:
+        LOG.warning("file cache %s unusable (%s): reading files through the link", directory, exc)
+        return None

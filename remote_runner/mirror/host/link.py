@@ -1,0 +1,154 @@
+"""The agent's end of the link: frames over its stdin/stdout, many requests in flight, heartbeat.
+
+Why apart: every other part talks to this machine only through :class:`Link`
+(``call``, ``call_many``, ``send``), and a lost link (EOF, silence past the
+deadline, a signal) must fail every waiter at once; that is all in one place.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import threading
+import time
+from typing import Any, Callable, Dict, List, Optional, Tuple
+
+from .. import protocol as P
+
+LOG = logging.getLogger("remote_runner.mirror.agent")
+
+DEFAULT_HEARTBEAT = 5.0
+DEFAULT_DEADLINE = 20.0
+REQUEST_TIMEOUT = 60.0
+#: The agent's status when the link or the tool failed (errors.EXIT_LINK).
+EXIT_LINK = 254
+
+
+class Link:
+    """The framed channel to the local side."""
+
+    def __init__(self, in_fd: int, out_fd: int, heartbeat: float = DEFAULT_HEARTBEAT,
+                 deadline: float = DEFAULT_DEADLINE) -> None:
+        self.reader = P.FdReader(in_fd)
+        self.writer = P.FrameWriter(P.fd_write_all(out_fd))
+        self.heartbeat = heartbeat
+        self.deadline = deadline
+        self.request_timeout = REQUEST_TIMEOUT
+        self.lost = threading.Event()
+        self.lost_reason = ""
+        self.last_rx = time.monotonic()
+        self._pending: Dict[int, List[Any]] = {}
+        self._lock = threading.Lock()
+        self._next = 1
+        self.handlers: Dict[str, Callable[[Dict[str, Any], bytes], None]] = {}
+
+    def send(self, header: Dict[str, Any], payload: bytes = b"") -> None:
+        """Send a frame; a broken pipe marks the link lost."""
+        if self.lost.is_set():
+            return
+        try:
+            self.writer.send(header, payload)
+        except OSError as exc:
+            self.mark_lost("write failed: %s" % exc)
+
+    def mark_lost(self, reason: str) -> None:
+        """Fail every pending request and wake everyone waiting on the link."""
+        if self.lost.is_set():
+            return
+        self.lost_reason = reason
+        self.lost.set()
+        with self._lock:
+            pending = list(self._pending.values())
+            self._pending.clear()
+        for slot in pending:
+            slot[0].set()
+
+    def call(self, op: str, args: Dict[str, Any], payload: bytes = b"",
+             timeout: Optional[float] = None) -> Tuple[Dict[str, Any], bytes]:
+        """Run one file-system request; raise OSError with the remote errno (EIO on link loss or timeout)."""
+        return self._wait(self._submit(op, args, payload), timeout)
+
+    def call_many(self, op: str, many: List[Dict[str, Any]],
+                  timeout: Optional[float] = None) -> List[Any]:
+        """Send every request of *many* at once, then wait for all (one round trip, not N).
+
+        Returns (header, payload) per request, or the OSError it failed with.
+        """
+        slots = [self._submit(op, args, b"") for args in many]
+        results: List[Any] = []
+        for slot in slots:
+            try:
+                results.append(self._wait(slot, timeout))
+            except OSError as exc:
+                results.append(exc)
+        return results
+
+    def _submit(self, op: str, args: Dict[str, Any], payload: bytes) -> List[Any]:
+        if self.lost.is_set():
+            raise OSError(errno.EIO, "link lost")
+        with self._lock:
+            rid = self._next
+            self._next += 1
+            slot: List[Any] = [threading.Event(), None, b"", rid]
+            self._pending[rid] = slot
+        self.send({"t": P.REQ, "id": rid, "op": op, "a": args}, payload)
+        return slot
+
+    def _wait(self, slot: List[Any], timeout: Optional[float]) -> Tuple[Dict[str, Any], bytes]:
+        end = time.monotonic() + (self.request_timeout if timeout is None else timeout)
+        while not slot[0].wait(min(1.0, max(0.0, end - time.monotonic()))):
+            if self.lost.is_set() or time.monotonic() >= end:
+                break
+        with self._lock:
+            self._pending.pop(slot[3], None)
+        header = slot[1]
+        if header is None:
+            raise OSError(errno.EIO, "link lost or request timed out")
+        if header.get("e"):
+            raise OSError(int(header["e"]), os.strerror(int(header["e"])))
+        return header, slot[2]
+
+    def read_loop(self) -> None:
+        """Dispatch incoming frames until the stream ends."""
+        try:
+            while True:
+                header, payload = P.read_frame(self.reader)
+                self.last_rx = time.monotonic()
+                kind = header["t"]
+                if kind == P.REP:
+                    with self._lock:
+                        slot = self._pending.get(header.get("id"))
+                    if slot is not None:
+                        slot[1], slot[2] = header, payload
+                        slot[0].set()
+                elif kind == P.PING:
+                    self.send({"t": P.PONG})
+                elif kind == P.PONG:
+                    pass
+                elif kind == P.BYE:
+                    self.mark_lost("local side ended the session")
+                    return
+                else:
+                    handler = self.handlers.get(kind)
+                    if handler is not None:
+                        handler(header, payload)
+                    else:
+                        LOG.debug("ignoring frame %r", kind)
+        except P.LinkClosed:
+            self.mark_lost("connection closed")
+        except (P.ProtocolError, OSError) as exc:
+            self.mark_lost("link error: %s" % exc)
+
+    def heartbeat_loop(self) -> None:
+        """Ping the local side; declare the link lost after *deadline* of silence."""
+        while not self.lost.wait(self.heartbeat):
+            if time.monotonic() - self.last_rx > self.deadline:
+                self.mark_lost("no frame for %.0f s" % self.deadline)
+                return
+            self.send({"t": P.PING})
+
+    def start(self) -> None:
+        """Start the reader and heartbeat threads."""
+        for target in (self.read_loop, self.heartbeat_loop):
+            threading.Thread(target=target, daemon=True).start()

@@ -1,0 +1,129 @@
+"""One mirror on this host: namespaces, the mount(s), the warm start, and the teardown of it all.
+
+Why apart: ``exec`` and ``daemon`` both run commands in the same kind of
+mirror; what it is made of and the order it is set up and torn down (warm
+start before mounting, profile saved before unmounting) lives here once.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+import threading
+import time
+import logging
+from typing import Any, Dict, List, Optional, Tuple
+
+from .. import protocol as P
+from .caches import AttrCache, open_file_cache, prefetch, remember_answers, validate, wanted_files
+from .command import command_user
+from .link import Link
+from .mount import Mount, check_fuse_device, choose_libfuse
+from .namespaces import SPECIAL_DIRS, bind_specials, enter_namespaces, unmount_under
+from .profile import Profile
+
+LOG = logging.getLogger("remote_runner.mirror.agent")
+
+
+class Session:
+    """One mirror on this host: namespaces, mounts, and the command(s) run in it."""
+
+    def __init__(self, link: Link, boot: Dict[str, Any]) -> None:
+        self.link = link
+        self.boot = boot
+        self.files_only = bool(boot.get("files_only"))
+        self.mounts: List[Mount] = []
+        self.root: Optional[str] = None
+        self.workdir = tempfile.mkdtemp(prefix="rr-mirror-")
+        os.chmod(self.workdir, 0o700)
+        self.created: List[str] = []
+        self.user: Optional[Tuple[int, int, List[int]]] = None
+        self.files = open_file_cache(boot)
+        self.cache = AttrCache()
+        self.profile = Profile.for_command(self.files, boot)
+
+    def setup(self) -> None:
+        """Enter namespaces and mount the mirror (or the exported trees)."""
+        check_fuse_device()
+        lib = choose_libfuse()
+        mode = enter_namespaces(int(self.boot.get("uid", os.getuid())), int(self.boot.get("gid", os.getgid())))
+        self.user = command_user(mode, self.boot)
+        LOG.debug("namespaces: %s, libfuse: %s, command ids: %s", mode, lib, self.user)
+        self.link.start()
+        if self.files is not None:
+            threading.Thread(target=self.files.trim, daemon=True, name="cache-trim").start()
+        self.warm()  # before mounting: the mount's own lookups are answered too
+        if self.files_only:
+            for export in self.boot.get("exports") or []:
+                path = P.name_from_wire(export)
+                self._ensure_dir(path)
+                m = Mount(self.link, os.fsdecode(path), path, system=False, files=self.files,
+                          cache=self.cache, profile=self.profile)
+                m.start()
+                self.mounts.append(m)
+        else:
+            self.root = os.path.join(self.workdir, "root")
+            os.mkdir(self.root)
+            m = Mount(self.link, self.root, b"", system=True, files=self.files, cache=self.cache,
+                      profile=self.profile)
+            m.start()
+            self.mounts.append(m)
+            bind_specials(self.root)
+
+    def warm(self) -> int:
+        """Validate known names in one request and fetch missing files at once; return the names.
+
+        The names are those the mount itself looks up (the root and the
+        directories the host's own are bound over), those this command looked
+        up here last time, and those the local side saw it look up anywhere
+        (its own profile). The answers (attributes, "missing", symlink targets)
+        are fresh local lookups, kept for ``Profile.TTL`` seconds, so the
+        program's start finds them here instead of asking one by one. Files the
+        profile lists that this host has no current copy of are fetched
+        together, before the command starts.
+        """
+        if self.files is None:
+            return 0
+        known = self.profile.load() if self.profile is not None else []
+        if not self.files_only:
+            known = list(dict.fromkeys(["/"] + ["/" + d for d in SPECIAL_DIRS] + known))
+        reply = validate(self.link, known)
+        if reply is None:
+            return 0
+        names, answers, whole = reply
+        wanted = wanted_files(self.files, whole)
+        if wanted:
+            started = time.monotonic()
+            prefetch(self.link, self.files, wanted)
+            if time.monotonic() - started > 0.5:  # answers grew old while files came in
+                fresh = validate(self.link, names)
+                if fresh is not None:
+                    names, answers = fresh[0], fresh[1]
+        remember_answers(self.cache, names, answers, time.monotonic())
+        return len(names)
+
+    def _ensure_dir(self, path: bytes) -> None:
+        missing = []
+        cur = path
+        while not os.path.isdir(cur) and cur not in (b"/", b""):
+            missing.append(cur)
+            cur = os.path.dirname(cur)
+        for d in reversed(missing):
+            os.mkdir(d, 0o755)
+            self.created.append(os.fsdecode(d))
+
+    def teardown(self) -> None:
+        """Save the lookup profile, unmount everything and remove what we created."""
+        if self.profile is not None:
+            self.profile.save()
+        if self.root:
+            unmount_under(self.root)
+        for m in reversed(self.mounts):
+            m.stop()
+        for d in reversed(self.created):
+            try:
+                os.rmdir(d)
+            except OSError:
+                pass
+        shutil.rmtree(self.workdir, ignore_errors=True)

@@ -1,0 +1,225 @@
+"""The local end of the link to the agent: upload and handshake, boot frame, requests served by a pool.
+
+Why apart: one SSH channel carries everything; this is where frames are read,
+file-system requests handed to :class:`~.service.LocalFileService` on worker
+threads, heartbeats checked and the agent's stderr kept for a clear error.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import platform
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any, Callable, Dict, List, Optional, Sequence
+
+from remote_runner.errors import MirrorError
+from remote_runner.mirror import protocol as P
+from remote_runner.mirror.bundle import ALTERED_MARKER, NEED_MARKER, AgentBundle
+from remote_runner.mirror.environment import cache_origin
+from remote_runner.mirror.service import LocalFileService
+from remote_runner.mirror.streams import PeekReader
+
+#: Shares the session's logger: its messages and debug switch are the session's.
+LOG = logging.getLogger("remote_runner.mirror.session")
+
+HEARTBEAT = 5.0
+DEADLINE = 20.0
+#: Seconds close() waits for the reader thread to end (so it never prints at exit).
+READER_JOIN = 2.0
+
+
+@dataclass
+class MirrorOptions:
+    """How a mirror session behaves (the ``exec`` flags)."""
+
+    files_only: bool = False
+    forward_env: Sequence[str] = ()
+    debug_rpc: bool = False
+    compress: bool = True
+    #: Let the host fetch read-only files whole and keep copies (checked at every open).
+    file_cache: bool = True
+    heartbeat: float = HEARTBEAT
+    deadline: float = DEADLINE
+    #: A file operation unanswered this long fails with EIO on the host.
+    request_timeout: float = 60.0
+    workers: int = 8
+    exports: Optional[List[bytes]] = None
+    #: ``--export PATH[:ro]``: trees served besides the defaults (see exports.py).
+    export: Sequence[str] = ()
+    #: ``--read-only``: nothing served can be changed.
+    read_only: bool = False
+
+
+class LocalLink:
+    """The framed channel to the agent, seen from the local side."""
+
+    def __init__(self, stream: Any, service: LocalFileService, options: MirrorOptions,
+                 host: str = "host") -> None:
+        self.stream = stream
+        self.reader = PeekReader(stream)
+        self.writer = P.FrameWriter(stream.write_all)
+        self.service = service
+        self.options = options
+        self.host = host
+        self.handlers: Dict[str, Callable[[Dict[str, Any], bytes], None]] = {}
+        self.lost = threading.Event()
+        self.lost_reason = ""
+        self.last_rx = time.monotonic()
+        self.hello: Dict[str, Any] = {}
+        self.stderr_tail: List[str] = []
+        self.pool = ThreadPoolExecutor(max_workers=options.workers, thread_name_prefix="mirror-fs")
+
+    # -- startup -------------------------------------------------------------
+    def handshake(self, bundle: AgentBundle) -> Dict[str, Any]:
+        """Upload the agent if the host asks for it, then read and check its hello."""
+        threading.Thread(target=self._stderr_loop, daemon=True, name="mirror-stderr").start()
+        first = self.reader.peek(len(NEED_MARKER))
+        if first in (NEED_MARKER, ALTERED_MARKER):
+            self.reader.read(len(NEED_MARKER))
+            if first == ALTERED_MARKER:
+                LOG.warning("%s: the cached mirror agent on the host was altered (its sha256 is "
+                            "not %s...); replacing it", self.host, bundle.sha256[:12])
+            LOG.info("%s: uploading the mirror agent (%d bytes, sha256 %s...)", self.host,
+                     len(bundle.data), bundle.sha256[:12])
+            self.stream.write_all(bundle.data)
+        try:
+            header, _ = P.read_frame(self.reader)
+        except P.ProtocolError as exc:
+            raise MirrorError(self._startup_failure("the mirror agent did not start (%s)" % exc))
+        if header.get("t") != P.HELLO:
+            raise MirrorError(f"host {self.host}: unexpected first frame {header.get('t')!r}")
+        problem = P.check_version(header.get("v"))
+        if problem:
+            raise MirrorError(f"host {self.host}: mirror agent {problem}")
+        if header.get("machine") != platform.machine():
+            raise MirrorError(f"host {self.host}: the host is {header.get('machine')} but this machine is "
+                              f"{platform.machine()}; the mirror runs local programs, so both must match")
+        self.hello = header
+        self.writer.compress = bool(header.get("lz4")) and self.options.compress and P.lz4_available()
+        return header
+
+    def _startup_failure(self, what: str) -> str:
+        time.sleep(0)  # let the stderr thread catch up without a fixed wait
+        status = self.stream.exit_status(5.0)
+        tail = " | ".join(self.stderr_tail[-5:])
+        text = f"host {self.host}: {what}"
+        if status == 127 or "python3" in tail and "not found" in tail:
+            text += "; python3 (>= 3.8) is required on the host"
+        if tail:
+            text += f": {tail}"
+        return text
+
+    def boot(self, fields: Dict[str, Any]) -> None:
+        """Send the single bootstrap frame."""
+        header = {"t": P.BOOT, "v": P.PROTOCOL_VERSION, "machine": platform.machine(),
+                  "compress": self.writer.compress, "hb": self.options.heartbeat,
+                  "deadline": self.options.deadline, "rq": self.options.request_timeout, "debug": LOG.isEnabledFor(logging.DEBUG),
+                  "uid": os.getuid(), "gid": os.getgid(), "groups": os.getgroups()}
+        if self.options.file_cache:
+            header["cache"] = cache_origin()
+        header.update(fields)
+        self.send(header)
+
+    def start(self) -> None:
+        """Start the reader and heartbeat threads."""
+        self._reader_thread = threading.Thread(target=self._read_loop, daemon=True,
+                                               name="mirror-read")
+        self._reader_thread.start()
+        threading.Thread(target=self._heartbeat_loop, daemon=True, name="mirror-heartbeat").start()
+
+    # -- running -------------------------------------------------------------
+    def send(self, header: Dict[str, Any], payload: bytes = b"", compressible: bool = False) -> None:
+        """Send one frame; a failure marks the link lost."""
+        if self.lost.is_set():
+            return
+        try:
+            self.writer.send(header, payload, compressible)
+        except OSError as exc:
+            self.mark_lost(f"write failed: {exc}")
+
+    def mark_lost(self, reason: str) -> None:
+        """Record that the link is gone and wake every waiter."""
+        if not self.lost.is_set():
+            self.lost_reason = reason
+            self.lost.set()
+
+    def _serve(self, header: Dict[str, Any], payload: bytes) -> None:
+        started = time.monotonic()
+        reply, data, compressible = self.service.serve(header, payload)
+        if self.options.debug_rpc:
+            LOG.info("rpc %s %s -> %s %.2f ms", header.get("op"), header.get("a"),
+                     reply.get("e", "ok"), (time.monotonic() - started) * 1000)
+        self.send(reply, data, compressible)
+
+    def _read_loop(self) -> None:
+        try:
+            while True:
+                header, payload = P.read_frame(self.reader)
+                self.last_rx = time.monotonic()
+                kind = header["t"]
+                if kind == P.REQ:
+                    self.pool.submit(self._serve, header, payload)
+                elif kind == P.PING:
+                    self.send({"t": P.PONG})
+                elif kind == P.PONG:
+                    continue
+                else:
+                    handler = self.handlers.get(kind)
+                    if handler is not None:
+                        handler(header, payload)
+                    else:
+                        LOG.debug("mirror: ignoring frame %r", kind)
+        except P.LinkClosed:
+            self.mark_lost("the SSH channel closed")
+        except (P.ProtocolError, OSError) as exc:
+            self.mark_lost(f"link error: {exc}")
+        except BaseException as exc:  # noqa: BLE001 - a thread must never print a traceback
+            # e.g. a request arriving while close() shuts the pool down, or at exit
+            if not self.lost.is_set():
+                LOG.debug("mirror: reader stopped", exc_info=True)
+            self.mark_lost(f"link error: {exc!r}")
+
+    def _heartbeat_loop(self) -> None:
+        while not self.lost.wait(self.options.heartbeat):
+            if time.monotonic() - self.last_rx > self.options.deadline:
+                self.mark_lost(f"no answer from the agent for {self.options.deadline:g} s")
+                return
+            self.send({"t": P.PING})
+
+    def _stderr_loop(self) -> None:
+        pending = b""
+        while True:
+            try:
+                chunk = self.stream.read_stderr(4096)
+            except Exception:  # noqa: BLE001 - the stream was closed under us: nothing more
+                chunk = b""
+            if not chunk:
+                break
+            pending += chunk
+            while b"\n" in pending:
+                line, pending = pending.split(b"\n", 1)
+                self._agent_line(line.decode("utf-8", "replace"))
+        if pending:
+            self._agent_line(pending.decode("utf-8", "replace"))
+
+    def _agent_line(self, text: str) -> None:
+        self.stderr_tail = (self.stderr_tail + [text])[-20:]
+        if "WARNING" in text or "ERROR" in text:
+            LOG.warning("%s: %s", self.host, text)
+        else:
+            LOG.debug("%s: %s", self.host, text)
+
+    def close(self) -> None:
+        """Say goodbye, close the stream and release local handles."""
+        self.send({"t": P.BYE})
+        self.mark_lost("closed")
+        self.stream.close()
+        reader = getattr(self, "_reader_thread", None)
+        if reader is not None and reader is not threading.current_thread():
+            reader.join(READER_JOIN)  # it ends on the closed stream; nothing left to print
+        self.pool.shutdown(wait=False)
+        self.service.close()

@@ -1,0 +1,125 @@
+"""The byte streams a mirror session runs over: an SSH channel, or a local process's pipes.
+
+Why apart: the link only needs ``read``, ``read_stderr``, ``write_all``,
+``close`` and ``exit_status``; an SSH channel (hosts) and a subprocess (the
+agent run on this machine, for tests and conformance runs) both provide them
+here, with :class:`PeekReader` for the one-shot look at the agent's first bytes.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import subprocess
+from typing import Any, Optional, Sequence
+
+
+class ChannelStream:
+    """A paramiko channel seen as a byte stream (stdout + stderr + write)."""
+
+    def __init__(self, channel: Any) -> None:
+        self.channel = channel
+
+    def read(self, size: int) -> bytes:
+        try:
+            return self.channel.recv(size)
+        except (OSError, EOFError):
+            return b""
+
+    def read_stderr(self, size: int) -> bytes:
+        try:
+            return self.channel.recv_stderr(size)
+        except (OSError, EOFError):
+            return b""
+
+    def write_all(self, data: bytes) -> None:
+        try:
+            self.channel.sendall(data)
+        except Exception as exc:  # paramiko raises socket.error / SSHException
+            raise OSError(errno.EPIPE, "channel closed: %s" % exc)
+
+    def close(self) -> None:
+        try:
+            self.channel.close()
+        except Exception:
+            pass
+
+    def exit_status(self, timeout: float = 2.0) -> Optional[int]:
+        if self.channel.status_event.wait(timeout):
+            return self.channel.recv_exit_status()
+        return None
+
+
+class PipeStream:
+    """A local subprocess seen as a byte stream: runs the agent here (tests, debugging)."""
+
+    def __init__(self, argv: Sequence[str]) -> None:
+        import subprocess
+        self.proc = subprocess.Popen(list(argv), stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                     stderr=subprocess.PIPE, bufsize=0)
+
+    def read(self, size: int) -> bytes:
+        try:
+            return self.proc.stdout.read1(size) if hasattr(self.proc.stdout, "read1") else \
+                os.read(self.proc.stdout.fileno(), size)
+        except (OSError, ValueError):
+            return b""
+
+    def read_stderr(self, size: int) -> bytes:
+        try:
+            return os.read(self.proc.stderr.fileno(), size)
+        except (OSError, ValueError):
+            return b""
+
+    def write_all(self, data: bytes) -> None:
+        try:
+            self.proc.stdin.write(data)
+            self.proc.stdin.flush()
+        except (OSError, ValueError) as exc:
+            raise OSError(errno.EPIPE, "agent stdin closed: %s" % exc)
+
+    def close(self) -> None:
+        """Close the agent's stdin (it exits), then our ends of its output pipes."""
+        import subprocess
+        try:
+            self.proc.stdin.close()
+        except OSError:
+            pass
+        try:
+            self.proc.wait(10)
+        except subprocess.TimeoutExpired:
+            return  # still running (e.g. stopped): the caller decides
+        for f in (self.proc.stdout, self.proc.stderr):
+            try:
+                f.close()
+            except OSError:
+                pass
+
+    def exit_status(self, timeout: float = 2.0) -> Optional[int]:
+        import subprocess
+        try:
+            return self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            return None
+
+
+class PeekReader:
+    """Exact reads over a stream, with a one-shot peek for the NEED marker."""
+
+    def __init__(self, stream: Any) -> None:
+        self.stream = stream
+        self.buf = b""
+
+    def read(self, size: int) -> bytes:
+        if self.buf:
+            out, self.buf = self.buf[:size], self.buf[size:]
+            return out
+        return self.stream.read(size)
+
+    def peek(self, size: int) -> bytes:
+        while len(self.buf) < size:
+            chunk = self.stream.read(size - len(self.buf))
+            if not chunk:
+                break
+            self.buf += chunk
+        return self.buf[:size]
