@@ -10,9 +10,10 @@ scenario rows "skipped" with that reason instead of failing the bench.
 from __future__ import annotations
 
 import importlib.util
+import json
 import subprocess
 import sys
-from typing import List, Optional
+from typing import Dict, List, Optional
 
 #: Runs the classic CLI in this interpreter (works without the console script on PATH).
 RUNNER = [sys.executable, "-c", "import sys; from remote_runner.cli.classic import main; sys.exit(main())"]
@@ -53,3 +54,25 @@ def runner_argv(config: str, ssh_config: str, screen: str, extra: Optional[List[
 def exec_argv(ssh_config: str, host: str, command: List[str]) -> List[str]:
     """Return the command line that runs *command* on *host* inside our mirror."""
     return TOOL + ["exec", "-F", ssh_config, host] + command
+
+
+def traffic_note(stdout: bytes) -> str:
+    """Summarise the per-host exec/SFTP counts of a ``--json`` run result for a row's note.
+
+    ``each host: 3 execs, 0 sftp sessions, 0 sftp requests`` when every host
+    did the same, else one entry per host; '' when the output has no counts
+    (an older runner, or not JSON).
+    """
+    try:
+        hosts = json.loads(stdout.decode("utf-8", "replace"))["hosts"]
+        counts: Dict[str, str] = {
+            h["host"]: f"{h['execs']} execs, {h['sftp_sessions']} sftp sessions, "
+                       f"{h['sftp_requests']} sftp requests"
+            for h in hosts if h.get("execs") is not None}
+    except (ValueError, KeyError, TypeError, AttributeError):
+        return ""
+    if not counts:
+        return ""
+    if len(set(counts.values())) == 1:
+        return "each host: " + next(iter(counts.values()))
+    return "; ".join(f"{host}: {text}" for host, text in sorted(counts.items()))

@@ -79,6 +79,8 @@ class RunReport:
     components: Dict[Tuple[str, str], ComponentResult] = field(default_factory=dict)
     #: unreachable hosts skipped under --max-fail -> why
     skipped: Dict[str, str] = field(default_factory=dict)
+    #: host -> exec channels, SFTP sessions and requests its connection made (traffic.py)
+    traffic: Dict[str, Dict[str, int]] = field(default_factory=dict)
 
     @property
     def failures(self) -> Dict[str, str]:

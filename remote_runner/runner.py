@@ -156,9 +156,20 @@ class Runner:
         if self.mirror is not None:
             self.mirror.close()
             self.mirror = None
+        self.count_traffic()
         for connection in self.connections.values():
             connection.close()
         self.connections = {}
+
+    def count_traffic(self) -> None:
+        """Put each host's exec and SFTP counts in the report and say them (``-v``)."""
+        from remote_runner.traffic import describe
+        for host in sorted(self.connections):
+            counter = getattr(self.connections[host], "traffic", None)
+            if counter is None:
+                continue
+            counts = self.report.traffic[host] = counter.snapshot()
+            self._say(ev.KIND_NOTE, host, describe(counts), level=logging.DEBUG, **counts)
 
     # -- steps ---------------------------------------------------------------
 
@@ -645,6 +656,8 @@ def _copy_summary(reports: Dict[str, "sync.HostSync"]) -> str:
 def _lane_opener(connection: "Connection") -> Callable[[], Any]:
     """Return a function opening one more SFTP channel on *connection* (for parallel uploads)."""
     def open_lane() -> Any:
+        if hasattr(connection, "open_sftp"):
+            return connection.open_sftp()
         import paramiko
         return paramiko.SFTPClient.from_transport(connection.transport)
     return open_lane

@@ -135,6 +135,9 @@ RUN_SCHEMA: Dict[str, Any] = {
                 "started": {"type": "integer", "minimum": 0},
                 "ready": {"type": "integer", "minimum": 0},
                 "failed": {"type": "integer", "minimum": 0},
+                "execs": {"type": ["integer", "null"], "minimum": 0},
+                "sftp_sessions": {"type": ["integer", "null"], "minimum": 0},
+                "sftp_requests": {"type": ["integer", "null"], "minimum": 0},
             },
         }},
         "components": {"type": "array", "items": {

@@ -44,6 +44,7 @@ from typing import Callable, Dict, List, Optional, Tuple, Union
 import paramiko
 
 from remote_runner import hostkeys, jump, keepalive
+from remote_runner.traffic import Traffic, open_sftp
 from remote_runner.names import check_name
 from remote_runner.proxycommand import ProxyCommand
 from remote_runner.errors import (
@@ -120,6 +121,8 @@ class Connection(Authentication):
         self._proxy: Optional[ProxyCommand] = None
         self._watchdog: Optional[keepalive.Watch] = None
         self._closed = False
+        #: exec channels, SFTP sessions and requests this connection made (see traffic.py)
+        self.traffic = Traffic()
 
     def __repr__(self) -> str:
         return f"Connection({self.username}@{self.alias} -> {self.hostname}:{self.port})"
@@ -316,6 +319,7 @@ class Connection(Authentication):
                      width: int = 80, height: int = 24) -> paramiko.Channel:
         """Start *command* on a new session channel and return the channel for streaming."""
         channel = self._open_session()
+        self.traffic.count("execs")
         try:
             if get_pty:
                 channel.get_pty(term=term, width=width, height=height)
@@ -352,11 +356,15 @@ class Connection(Authentication):
         """Return this connection's single SFTP client, opening it on first use."""
         with self._sftp_lock:
             if self._sftp is None or self._sftp.sock.closed:
-                try:
-                    self._sftp = paramiko.SFTPClient.from_transport(self.transport)
-                except (paramiko.SSHException, EOFError, OSError) as exc:
-                    raise self._lost("cannot start the SFTP subsystem", exc) from exc
+                self._sftp = self.open_sftp()
             return self._sftp
+
+    def open_sftp(self) -> paramiko.SFTPClient:
+        """Start one more SFTP session (a parallel upload lane); the caller closes it."""
+        try:
+            return open_sftp(self.transport, self.traffic)
+        except (paramiko.SSHException, EOFError, OSError) as exc:
+            raise self._lost("cannot start the SFTP subsystem", exc) from exc
 
     def close(self) -> None:
         """Close SFTP, the transport and any jump host; safe to call twice."""

@@ -215,3 +215,15 @@ def test_tiny_bench_run_on_lab_hosts_writes_a_well_formed_table(lab, tmp_path) -
         left = ssh(lab, host, f"screen -ls | grep -c {prefix} ; ps -eo args= | grep -c '^/bin/sh .*/{prefix}'",
                    check=False).stdout.split()
         assert left == ["0", "0"], (host, left)
+
+
+def test_our_rows_note_the_exec_and_sftp_counts_of_a_json_run_result():
+    from bench.ours import traffic_note
+    row = {"execs": 4, "sftp_sessions": 1, "sftp_requests": 9}
+    same = json.dumps({"hosts": [{"host": "h1", **row}, {"host": "h2", **row}]}).encode()
+    assert traffic_note(same) == "each host: 4 execs, 1 sftp sessions, 9 sftp requests"
+    other = json.dumps({"hosts": [{"host": "h2", **row}, {"host": "h1", **row, "execs": 2}]})
+    assert traffic_note(other.encode()) == ("h1: 2 execs, 1 sftp sessions, 9 sftp requests; "
+                                            "h2: 4 execs, 1 sftp sessions, 9 sftp requests")
+    assert traffic_note(b"not json") == ""
+    assert traffic_note(json.dumps({"hosts": [{"host": "h1", "execs": None}]}).encode()) == ""

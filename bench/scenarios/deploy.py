@@ -6,7 +6,9 @@ file rewritten locally). Ours is the classic runner with one no-op component
 per host carrying the files (so its figure also includes connecting and the
 screen start of that component); the peers are ``rsync -a`` over ssh and
 ``scp -r``, one process per host, all hosts at once. scp has no change
-detection, so only its cold case is measured.
+detection, so only its cold case is measured. Our rows' notes give the exec
+channels, SFTP sessions and SFTP requests per host of the row's last run (from
+``--json``): the round trips a slower link would pay for.
 """
 
 from __future__ import annotations
@@ -77,6 +79,13 @@ def check_copied(ctx: Context, delay: float, hosts: List[str], data: str, dest: 
             return
 
 
+def _note_traffic(m: Measurement, traffic: List[str]) -> None:
+    """Add the exec/SFTP counts of the last of our runs to *m*'s note (and forget them)."""
+    if traffic and traffic[-1]:
+        m.note = (m.note + "; " if m.note else "") + traffic[-1]
+    traffic.clear()
+
+
 def run(ctx: Context) -> List[Measurement]:
     """Measure every tool and case at every delay."""
     data = dataset(ctx)
@@ -90,13 +99,14 @@ def run(ctx: Context) -> List[Measurement]:
         tools = [("remote_runner", OURS, f"{DEST}/ours"), ("rsync -a", "peer", f"{DEST}/rsync"),
                  ("scp -r", "peer", f"{DEST}/scp")]
         for tool, role, dest in tools:
+            traffic: List[str] = []  # our runs' exec/SFTP counts per host, newest last
             wipe = lambda dest=dest: ctx.on_hosts(delay, hosts, f"rm -rf {dest} && mkdir -p {dest}")
             if tool == "remote_runner":
                 if missing:
                     rows += [skipped(SCENARIO, case, tool, delay, missing, OURS) for case in ("cold", "warm", "one changed")]
                     continue
-                argv = ours.runner_argv(runner_config(ctx, data, hosts, dest), cfg, screen)
-                step = lambda argv=argv: sh(argv, timeout=900)
+                argv = ours.runner_argv(runner_config(ctx, data, hosts, dest), cfg, screen, ["--json"])
+                step = lambda argv=argv: traffic.append(ours.traffic_note(sh(argv, timeout=900).stdout))
             elif tool == "rsync -a":
                 step = lambda dest=dest: parallel(
                     [["rsync", "-a", "-e", f"ssh -F {cfg}", data + "/", f"{h}:{dest}/"] for h in hosts], 900)
@@ -105,6 +115,7 @@ def run(ctx: Context) -> List[Measurement]:
                     [["scp", "-q", "-r", "-F", cfg, data + "/.", f"{h}:{dest}/"] for h in hosts], 900)
             cold = repeat(Measurement(SCENARIO, "cold", tool, delay, role), step, ctx.reps, wipe, ctx.slow_after)
             rows.append(cold)
+            _note_traffic(cold, traffic)
             if not cold.skipped:
                 check_copied(ctx, delay, hosts, data, dest, cold)
             if tool == "scp -r":
@@ -113,8 +124,10 @@ def run(ctx: Context) -> List[Measurement]:
             else:
                 rows.append(repeat(Measurement(SCENARIO, "warm", tool, delay, role), step, ctx.reps,
                                    None, ctx.slow_after))
+                _note_traffic(rows[-1], traffic)
                 rows.append(repeat(Measurement(SCENARIO, "one changed", tool, delay, role), step, ctx.reps,
                                    lambda: touch_one(data), ctx.slow_after))
+                _note_traffic(rows[-1], traffic)
             ctx.on_hosts(delay, hosts, f"rm -rf {dest}")
         ctx.quit_screens(delay, hosts, screen)
     return rows

@@ -1,0 +1,74 @@
+"""How many times a run talked to each host: exec channels, SFTP sessions, SFTP requests.
+
+Wall time on a fast lab link hides what a slow link punishes: every exec
+channel costs a channel open, an exec request and the command's own reply
+(two to three round trips before any work), every SFTP session a channel
+and a version exchange, every SFTP request at least one reply. Counting them
+per connection makes "nothing changed costs one round trip per host" a
+property a test can assert, and lets ``-v``, ``--json`` and the bench show it.
+
+The counts are honest about what they are: *execs* are exec channels
+opened (every script, lock, status poll), *sftp_sessions* are SFTP
+subsystems started, *sftp_requests* are SFTP requests sent (a pipelined
+write of a large file is many requests in few round trips). Keepalive
+probes are not counted: they are not work the run asked for.
+"""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass, field
+from typing import Any, Dict
+
+import paramiko
+
+
+@dataclass
+class Traffic:
+    """What one connection did (thread-safe counters)."""
+
+    execs: int = 0
+    sftp_sessions: int = 0
+    sftp_requests: int = 0
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
+
+    def count(self, what: str, n: int = 1) -> None:
+        """Add *n* to the counter *what* (``execs``, ``sftp_sessions``, ``sftp_requests``)."""
+        with self._lock:
+            setattr(self, what, getattr(self, what) + n)
+
+    def snapshot(self) -> Dict[str, int]:
+        """The counts now, as a plain dict (what ``--json`` and the report carry)."""
+        with self._lock:
+            return {"execs": self.execs, "sftp_sessions": self.sftp_sessions,
+                    "sftp_requests": self.sftp_requests}
+
+
+def describe(counts: Dict[str, int]) -> str:
+    """``3 execs, 1 sftp session, 12 sftp requests`` for a :meth:`Traffic.snapshot`."""
+    def plural(n: int, word: str) -> str:
+        return f"{n} {word}{'' if n == 1 else 's'}"
+    return ", ".join([plural(counts.get("execs", 0), "exec"),
+                      plural(counts.get("sftp_sessions", 0), "sftp session"),
+                      plural(counts.get("sftp_requests", 0), "sftp request")])
+
+
+class CountingSFTPClient(paramiko.SFTPClient):
+    """An SFTP client that counts the requests it sends into a :class:`Traffic`."""
+
+    traffic: "Traffic | None" = None
+
+    def _async_request(self, fileobj: Any, t: int, *args: Any) -> Any:
+        if self.traffic is not None:
+            self.traffic.count("sftp_requests")
+        return super()._async_request(fileobj, t, *args)
+
+
+def open_sftp(transport: paramiko.Transport, traffic: Traffic) -> paramiko.SFTPClient:
+    """Start an SFTP session on *transport* whose requests are counted in *traffic*."""
+    client = CountingSFTPClient.from_transport(transport)
+    if client is None:  # paramiko returns None when the subsystem request is refused
+        raise paramiko.SSHException("the server refused the SFTP subsystem")
+    client.traffic = traffic
+    traffic.count("sftp_sessions")
+    return client
