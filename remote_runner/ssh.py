@@ -43,7 +43,7 @@ from typing import Callable, Dict, List, Optional, Tuple, Union
 
 import paramiko
 
-from remote_runner import hostkeys, jump, keepalive
+from remote_runner import ciphers, hostkeys, jump, keepalive
 from remote_runner.traffic import Traffic, open_sftp
 from remote_runner.names import check_name
 from remote_runner.proxycommand import ProxyCommand
@@ -202,6 +202,8 @@ class Connection(Authentication):
         name = alias or hostkeys.known_hosts_name(self.hostname, self.port)
         security = transport.get_security_options()
         security.key_types = known.preferred_algorithms(name, list(security.key_types))
+        # The cheapest cipher and MAC for bulk copies (see ciphers.py), or ssh_config's choice.
+        ciphers.choose(security, self.config, ", ".join(self._config_files) or None)
         try:
             transport.start_client(timeout=self.connect_timeout)
         except (paramiko.SSHException, EOFError, OSError) as exc:

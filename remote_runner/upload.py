@@ -2,9 +2,14 @@
 
 Nothing is ever written in place. Large files go over SFTP to a temporary name
 in the destination directory and are renamed into place (``posix_rename``)
-only once the host reports the full size: paramiko drops the status of
-pipelined writes it has not read back, so a full disk would otherwise pass
-as a successful copy. Small files, where round trips cost more than bytes,
+only once the host reports the full size. The writes are pipelined
+(:mod:`remote_runner.sftpwrite`: one SSH packet each, every status read, no
+per-chunk round trip) and a large file is cut into ranges written by several
+SFTP channels of the connection at once; the size check after the last range
+stays, as the proof the original design asks for. A file whose sample
+compresses well is sent compressed instead, decoded by the host into the
+temporary file and checked the same way (:mod:`remote_runner.compression`).
+Small files, where round trips cost more than bytes,
 travel as one tar stream per directory (and chunk) into a stage directory
 beside their destination, are checked by size and renamed into place by one
 ``mv``. An executable that is running can be replaced (its old inode stays
@@ -14,7 +19,8 @@ why (a full disk is named as such, with the old file left in place).
 Ctrl-C stops every upload at its next chunk (:func:`wait_or_cancel`): each
 removes its temporary file, and whatever a busy link keeps from being removed
 in time is named, and swept by a later run (see ``sync._sweep_script``).
-Within a host several SFTP channels (:data:`LANES`) or bundle commands run at once.
+Within a host several SFTP channels (:data:`LANES`), compressed streams or
+bundle commands run at once, within OpenSSH's default ``MaxSessions``.
 """
 
 from __future__ import annotations
@@ -30,10 +36,14 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from concurrent.futures import wait as futures_wait
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Callable, Dict, Iterable, List, Optional, Sequence, Tuple
+from typing import TYPE_CHECKING, Any, Callable, Dict, List, Optional, Sequence, Tuple
 
+from remote_runner import compression, sftpwrite
 from remote_runner.errors import EXIT_INTERRUPTED, CopyError, RunnerError, describe
 from remote_runner.events import for_host
+from remote_runner.freespace import (  # noqa: F401 - re-exported: callers look here
+    FREE_MARK, free_bytes, free_space, free_space_script,
+)
 
 if TYPE_CHECKING:  # pragma: no cover
     from remote_runner.shell import Shell
@@ -45,6 +55,8 @@ LOG = logging.getLogger(__name__)
 #: small files go through several channels in parallel. Kept under OpenSSH's
 #: default ``MaxSessions 10`` (a refused channel just means fewer lanes).
 LANES = 8
+#: Compressed files sent at once per host (exec channels, besides the SFTP lanes).
+COMPRESSED_LANES = 2
 #: Files up to this size travel in tar bundles (one exec per directory and
 #: chunk) instead of one SFTP exchange each: round trips, not bytes, dominate them.
 SMALL_FILE = 256 << 10
@@ -143,37 +155,99 @@ def _bundle_failure(stderr: str, status: int) -> str:
     return lines[0] if lines else f"exit status {status}"
 
 
+def _temporary(dest: str) -> str:
+    directory, base = posixpath.split(dest)
+    return posixpath.join(directory, f".{base}.rr-{secrets.token_hex(4)}.tmp")
+
+
 def upload_file(sftp: Any, host: str, item: Upload, progress: Optional[Progress] = None) -> None:
-    """Upload one file under a temporary name and rename it into place."""
-    directory, base = posixpath.split(item.dest)
-    tmp = posixpath.join(directory, f".{base}.rr-{secrets.token_hex(4)}.tmp")
-    seen = [0]
+    """Upload one file over *sftp* under a temporary name and rename it into place."""
+    _FileJob(item, host, 1).run_piece(sftp, sftpwrite.Range(0, 1, 0, item.size),
+                                      _ticker(host, progress))
 
-    def callback(done: int, _total: int) -> None:
-        if progress is not None:
-            progress(host, done - seen[0])
-        seen[0] = done
 
-    _in_flight(host, tmp, True)
-    try:
-        with open(item.src, "rb") as handle:
-            sftp.putfo(handle, tmp, file_size=item.size, callback=callback, confirm=False)
-        # paramiko drops the status of pipelined writes it has not read back when
-        # the file is closed (a full disk answers them with SSH_FX_FAILURE): the
-        # size the host reports for the temporary file is what proves the write.
-        written = sftp.stat(tmp).st_size
-        if written != item.size:
-            raise ShortWrite(item, written)
-        sftp.chmod(tmp, item.mode)
-        sftp.posix_rename(tmp, item.dest)
-        _in_flight(host, tmp, False)
-    except BaseException as exc:
-        _remove_quietly(sftp, tmp)
-        _in_flight(host, tmp, False)
-        if isinstance(exc, (RunnerError, KeyboardInterrupt)):
-            raise
-        raise CopyError(f"upload of {item.src} failed: {describe(exc)}", host=host,
-                        path=item.dest) from exc
+def _ticker(host: str, progress: Optional[Progress]) -> Callable[[int], None]:
+    if progress is None:
+        return lambda _delta: None
+    return lambda delta: progress(host, delta)
+
+
+class _FileJob:
+    """One file written as one or more ranges, each possibly by another SFTP channel.
+
+    The first range creates the temporary file; the others open it once it
+    exists; whoever finishes last checks the size, sets the mode and renames
+    it into place. Any failure marks the job failed (the other ranges stop at
+    their next write) and removes the temporary file.
+    """
+
+    def __init__(self, item: Upload, host: str, parts: int) -> None:
+        self.item, self.host = item, host
+        self.tmp = _temporary(item.dest)
+        self.left = parts
+        self.created = threading.Event()
+        self.failed = False
+        self.lock = threading.Lock()
+
+    def run_piece(self, sftp: Any, part: "sftpwrite.Range", tick: Callable[[int], None]) -> None:
+        """Write *part* over *sftp*; finish the file when it is the last part done."""
+        try:
+            if part.index == 0:
+                _in_flight(self.host, self.tmp, True)
+                handle = sftp.open(self.tmp, "wb")
+                self.created.set()
+            else:
+                while not self.created.wait(0.2):
+                    tick(0)  # a cancelled copy stops here too
+                if self.failed:
+                    return
+                handle = sftp.open(self.tmp, "r+b")
+            try:
+                def checked(delta: int) -> None:
+                    if self.failed:
+                        raise _Abandoned()
+                    tick(delta)
+                sftpwrite.write_range(sftp, handle.handle, self.item.src, part, checked)
+            finally:
+                handle.close()
+            with self.lock:
+                self.left -= 1
+                last = self.left == 0 and not self.failed
+            if last:
+                self._finish(sftp)
+        except _Abandoned:
+            return
+        except BaseException as exc:
+            self._fail(sftp)
+            if isinstance(exc, sftpwrite.WriteFailed):
+                raise ShortWrite(self.item, exc.acked) from exc
+            if isinstance(exc, (RunnerError, KeyboardInterrupt)):
+                raise
+            raise CopyError(f"upload of {self.item.src} failed: {describe(exc)}", host=self.host,
+                            path=self.item.dest) from exc
+
+    def _finish(self, sftp: Any) -> None:
+        # Every write's status was read, and the size the host reports for the
+        # temporary file is checked as well before it replaces the old file.
+        written = sftp.stat(self.tmp).st_size
+        if written != self.item.size:
+            raise ShortWrite(self.item, written)
+        sftp.chmod(self.tmp, self.item.mode)
+        sftp.posix_rename(self.tmp, self.item.dest)
+        _in_flight(self.host, self.tmp, False)
+
+    def _fail(self, sftp: Any) -> None:
+        with self.lock:
+            first = not self.failed
+            self.failed = True
+        self.created.set()
+        if first:
+            _remove_quietly(sftp, self.tmp)
+            _in_flight(self.host, self.tmp, False)
+
+
+class _Abandoned(Exception):
+    """Another range of the same file failed: this one stops quietly."""
 
 
 #: Temporary files being written now, per host: what an interrupted run may leave.
@@ -235,51 +309,6 @@ class ShortWrite(CopyError):
         super().__init__(f"upload of {item.src} failed: {why}", host=host, path=item.dest)
 
 
-#: Marks the lines of :func:`free_space_script`.
-FREE_MARK = "RR-FREE"
-
-
-def free_space_script(dirs: Sequence[str], chunk: int = 500) -> str:
-    """Shell text printing the free space of each of *dirs*' filesystems, and the user's uid.
-
-    ``RR-FREE fsid avail free bsize dir`` per directory (``stat -f``; nothing
-    where it is missing) and ``RR-FREE uid N``: read by :func:`free_space`.
-    """
-    script = ""
-    for start in range(0, len(dirs), chunk):
-        words = " ".join(shlex.quote(d) for d in dirs[start:start + chunk])
-        script += f"stat -f -c '{FREE_MARK} %i %a %f %S %n' -- {words} 2>/dev/null\n"
-    return script + (f"echo {FREE_MARK} uid $(id -u)\n" if dirs else "")
-
-
-def free_space(report: Iterable[str]) -> Dict[str, Tuple[str, int]]:
-    """{directory: (filesystem id, bytes the user may still write)} from :func:`free_space_script`.
-
-    Root may use the blocks reserved for it. Lines that do not parse (other
-    output, a host without ``stat -f``) are ignored.
-    """
-    lines = [line for line in report if line.startswith(FREE_MARK + " ")]
-    root = any(line.split()[1:] == ["uid", "0"] for line in lines)
-    found: Dict[str, Tuple[str, int]] = {}
-    for line in lines:
-        parts = line.split(" ", 5)
-        if len(parts) != 6 or not all(p.isdigit() for p in parts[2:5]):
-            continue
-        _, fsid, avail, free, bsize, directory = parts
-        found[directory] = (fsid, int(free if root else avail) * int(bsize))
-    return found
-
-
-def free_bytes(shell: "Shell", directory: str) -> Optional[int]:
-    """Return the bytes the user may still write on *directory*'s filesystem (None: unknown)."""
-    try:
-        result = shell.script(free_space_script([directory]), timeout=60)
-    except RunnerError:
-        return None
-    known = free_space(result.stdout.splitlines()).get(directory)
-    return None if known is None else known[1]
-
-
 def explain(shell: "Shell", host: str, error: ShortWrite) -> CopyError:
     """Turn a short write into an error that says why (a full disk, most often)."""
     free = free_bytes(shell, posixpath.dirname(error.item.dest))
@@ -302,45 +331,121 @@ def _remove_quietly(sftp: Any, path: str) -> None:
 
 def upload_all(sftp: Any, host: str, items: Sequence[Upload], progress: Optional[Progress] = None,
                open_lane: Optional[LaneOpener] = None, lanes: int = LANES) -> None:
-    """Upload *items* over *sftp* plus up to ``lanes - 1`` extra SFTP channels in parallel."""
-    clients = [sftp]
+    """Upload *items* over *sftp* plus up to ``lanes - 1`` extra SFTP channels in parallel.
+
+    Large files are cut into ranges written by several channels at once; a
+    file whose sample compresses well goes compressed over an exec channel
+    (:mod:`remote_runner.compression`) when the host has a decoder. Channels
+    in use at once stay within *lanes* (OpenSSH's ``MaxSessions`` is 10).
+    """
+    transport = _transport_of(sftp)
+    traffic = getattr(sftp, "traffic", None)  # the connection's counters (traffic.py)
+    packed = [i for i in items if transport is not None and compression.pays(i.src, i.size)]
+    codec = compression.host_codec(transport, host, traffic=traffic) if packed else None
+    if codec is not None and codec != compression.LZ4:
+        packed = [i for i in packed if compression.pays(i.src, i.size, codec)]
+    if codec is None:
+        packed = []
+    squeezed = set(packed)
+    packers = min(COMPRESSED_LANES, len(packed), max(1, lanes - 1))
+    plain = [i for i in items if i not in squeezed]
+    width = max(1, lanes - packers) if open_lane is not None else 1
+    work: List[Tuple[Upload, "sftpwrite.Range", _FileJob]] = []
+    for item in plain:
+        parts = sftpwrite.ranges(item.size, width)
+        job = _FileJob(item, host, len(parts))
+        work.extend((item, part, job) for part in parts)
+    clients = [sftp] if work or packed else []
     extra: List[Any] = []
-    while open_lane is not None and len(clients) < min(lanes, len(items)):
+    while open_lane is not None and len(clients) < min(width, len(work)):
         try:
             extra.append(open_lane())
         except Exception as exc:  # noqa: BLE001 - a server limit (MaxSessions) is fine
             LOG.debug("%s: no extra SFTP channel (%s); using %d", host, exc, len(clients))
             break
         clients.append(extra[-1])
-    pending = iter(items)
+    pending = iter(work)
+    squeeze = iter(packed)
     lock = threading.Lock()
     failed = threading.Event()
+    tick = _ticker(host, progress)
 
     def lane(client: Any) -> None:
         while not failed.is_set():
             with lock:
-                item = next(pending, None)
+                unit = next(pending, None)
+            if unit is None:
+                return
+            item, part, job = unit
+            LOG.debug("%s: uploading %s -> %s (bytes %d-%d of %d)", host, item.src, item.dest,
+                      part.offset, part.offset + part.length, item.size)
+            try:
+                job.run_piece(client, part, tick)
+            except BaseException:
+                failed.set()
+                raise
+
+    def packer() -> None:
+        while not failed.is_set():
+            with lock:
+                item = next(squeeze, None)
             if item is None:
                 return
+            LOG.debug("%s: uploading %s -> %s (%d bytes, %s-compressed)", host, item.src,
+                      item.dest, item.size, codec)
             try:
-                LOG.debug("%s: uploading %s -> %s (%d bytes)", host, item.src, item.dest, item.size)
-                upload_file(client, host, item, progress)
+                upload_compressed(transport, host, item, str(codec), tick, traffic)
             except BaseException:
                 failed.set()
                 raise
 
     try:
-        if len(clients) == 1:
-            lane(sftp)
+        if len(clients) <= 1 and not packed:
+            if clients:
+                lane(sftp)
             return
-        with ThreadPoolExecutor(max_workers=len(clients)) as pool:
+        with ThreadPoolExecutor(max_workers=len(clients) + packers) as pool:
             futures = [pool.submit(for_host(host, lane), c) for c in clients]
+            futures += [pool.submit(for_host(host, packer)) for _ in range(packers)]
         errors = [f.exception() for f in futures if f.exception() is not None]
         if errors:
-            raise errors[0]
+            raise next((e for e in errors if not isinstance(e, Cancelled)), errors[0])
     finally:
         for client in extra:
             _close_quietly(client)
+
+
+def upload_compressed(transport: Any, host: str, item: Upload, codec: str,
+                      tick: Callable[[int], None], traffic: Any = None) -> None:
+    """Send *item* compressed; the host decodes it into a temporary file and renames it."""
+    tmp = _temporary(item.dest)
+    script = compression.receive_script(codec, tmp, item.dest, item.size, item.mode)
+    _in_flight(host, tmp, True)
+    try:
+        compression.send(transport, codec, item.src, item.size, script, tick, traffic=traffic)
+        _in_flight(host, tmp, False)
+    except BaseException as exc:
+        # The host's script removes it when the stream breaks; this covers a host
+        # that never got that far (and costs one quick command when it is gone already).
+        compression.remove(transport, tmp, traffic=traffic)
+        _in_flight(host, tmp, False)
+        if isinstance(exc, compression.Failed):
+            if exc.short:
+                raise ShortWrite(item, exc.written) from exc
+            raise CopyError(f"upload of {item.src} ({codec}-compressed) failed: {exc.message}; "
+                            "the old file is left in place", host=host, path=item.dest) from exc
+        if isinstance(exc, (RunnerError, KeyboardInterrupt)):
+            raise
+        raise CopyError(f"upload of {item.src} failed: {describe(exc)}", host=host,
+                        path=item.dest) from exc
+
+
+def _transport_of(sftp: Any) -> Any:
+    """The SSH transport under an SFTP client (None for a stand-in without one)."""
+    try:
+        return sftp.get_channel().get_transport()
+    except Exception:  # noqa: BLE001 - fakes in unit tests
+        return None
 
 
 def _close_quietly(client: Any) -> None:
