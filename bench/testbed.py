@@ -1,7 +1,8 @@
 """The benchmark's hosts: lab hosts, each behind a delay proxy per link delay.
 
 One :class:`Testbed` brings up the lab hosts it needs (``Lab().up(n)``, which
-is idempotent and never takes hosts down), starts one :class:`DelayProxy` per
+is idempotent, never takes hosts down and keeps every running host's release, so
+the shared Debian 11 ``h9`` stays what the test suite expects), starts one :class:`DelayProxy` per
 (host, non-zero delay) and writes one ssh_config per delay in which the aliases
 ``h1..hN`` reach the hosts through those proxies (at 0 ms: directly). Every tool then gets the
 same alias and a ``-F`` path: the only thing that varies is the link.

@@ -14,13 +14,14 @@ from remote_runner import screen as scr
 from remote_runner.errors import (EXIT_CONNECT, EXIT_PARTIAL, AuthError, ConfigError,
                                   UnreachableError)
 from remote_runner.failpolicy import FailLimit, backoff, with_retries
+from remote_runner.lab.netns import unused_address
 from tests.conftest import quit_screen, ssh
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPT = os.path.join(REPO, "scripts", "remote_runner.py")
 UP = ("h1", "h2", "h3", "h4", "h9")
-#: Addresses in the lab's network where no host answers.
-DOWN = ("root@10.213.0.201", "root@10.213.0.202", "root@10.213.0.203")
+#: Addresses in the lab's network where no host answers, even with every lab host up.
+DOWN = tuple(f"root@{unused_address(n)}" for n in (1, 2, 3))
 
 
 @pytest.mark.parametrize("text, hosts, allowed", [

@@ -9,6 +9,7 @@ import subprocess
 import pytest
 
 from remote_runner import jump
+from remote_runner.lab.netns import unused_address
 from remote_runner.ssh import SSHOptions, connect_all
 from tests.conftest import ssh
 from tests.test_ssh import host_block, lab_entry
@@ -89,7 +90,7 @@ def test_multi_hop_targets_share_every_hop(lab, tmp_path):
 def test_a_dead_bastion_fails_every_target_behind_it_clearly(lab, tmp_path):
     known = lab_entry(lab, "h1")["userknownhostsfile"]
     text = host_block(lab, "h1", known).replace("Host h1\n", "Host deadgw\n", 1)
-    text = re.sub(r"HostName \S+", "HostName 10.213.0.209", text)
+    text = re.sub(r"HostName \S+", f"HostName {unused_address()}", text)
     for n in (1, 2):
         text += host_block(lab, "h2", known, ProxyJump="deadgw").replace(
             "Host h2\n", f"Host t{n:02d}\n", 1)

@@ -88,3 +88,26 @@ def test_plain_lines_leave_per_host_info_to_the_recap_with_many_hosts(caplog):
                                level=logging.WARNING))
     assert [r.getMessage() for r in caplog.records] == [
         "connected to 200 host(s)", "node007: unreachable, skipping"]
+
+
+# --------------------------------------------------------------------------- the lab at scale
+
+def test_bringing_up_more_lab_hosts_keeps_each_hosts_release():
+    """``Lab().up(200)`` (the bench) must not turn the shared Debian 11 h9 into an overlay."""
+    from remote_runner.lab import LabHost, wanted_release
+    running = {"h9": LabHost("h9", 9, "10.213.0.19", 1, "bullseye"),
+               "h1": LabHost("h1", 1, "10.213.0.11", 2, None)}
+    state = {"h9": {"release": "bullseye"}, "h5": {"release": "bookworm"}}
+    assert wanted_release("h9", {}, running, state) == "bullseye"
+    assert wanted_release("h1", {}, running, state) is None
+    assert wanted_release("h5", {}, running, state) == "bookworm"  # crashed: back as it was
+    assert wanted_release("h7", {}, running, state) is None  # new: an overlay
+    assert wanted_release("h9", {"h9": "trixie"}, running, state) == "trixie"  # asked for
+
+
+def test_unused_lab_addresses_lie_beyond_every_host():
+    from remote_runner.lab import netns
+    last = netns.host_address(netns.MAX_HOSTS)
+    dead = [netns.unused_address(n) for n in (1, 2, 3)]
+    assert all(int(a.rsplit(".", 1)[1]) > int(last.rsplit(".", 1)[1]) for a in dead)
+    assert all(int(a.rsplit(".", 1)[1]) < 255 for a in dead) and len(set(dead)) == 3

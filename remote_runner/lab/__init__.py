@@ -188,7 +188,10 @@ class Lab:
 
         *foreign* maps host names to a Debian release (e.g. ``{"h4": "bullseye"}``):
         those hosts get a root of their own built with debootstrap instead of an
-        overlay of the local root, so they share nothing with this machine.
+        overlay of the local root, so they share nothing with this machine. A host
+        it does not mention keeps the root it has (or had, when it crashed): the lab
+        is shared, so ``up(200)`` must not turn someone's Debian 11 ``h9`` into an
+        overlay. Only a release named here changes a running host.
         """
         foreign = dict(foreign or {})
         self.require_root()
@@ -207,7 +210,7 @@ class Lab:
         started = []
         for name in wanted:
             index = _host_index(name)
-            release = foreign.get(name)
+            release = wanted_release(name, foreign, running, state)
             if name in running and running[name].release == release:
                 continue
             lower = ensure_root(release) if release else "/"
@@ -218,7 +221,10 @@ class Lab:
             started.append(name)
         self._save_state(state)
         self._write_client_files(state)
-        self._wait_ready([state[n] for n in started], [n for n in started])
+        # Hosts start one after another but their sshds come up together: allow for a
+        # few hundred of them sharing two cores.
+        self._wait_ready([state[n] for n in started], [n for n in started],
+                         timeout=30.0 + 0.5 * len(started))
         return self.running_hosts()
 
     def _ensure_client_key(self) -> None:
@@ -246,7 +252,7 @@ class Lab:
         except FileNotFoundError:
             hosts = "127.0.0.1 localhost\n::1 localhost ip6-localhost ip6-loopback\n"
         hosts += "# remote-runner lab\n"
-        hosts += "".join(f"{netns.host_address(i)} h{i}\n" for i in range(1, 65))
+        hosts += "".join(f"{netns.host_address(i)} h{i}\n" for i in range(1, netns.MAX_HOSTS + 1))
         hosts = hosts.replace("127.0.1.1", "#127.0.1.1")
         files = [
             {"path": "/etc/remote-runner-lab/sshd_config",
@@ -414,6 +420,21 @@ class Lab:
                          "state": "up" if ssh_ok else ("starting" if alive else "down"),
                          "release": info.get("release")})
         return rows
+
+
+def wanted_release(name: str, foreign: Dict[str, str], running: Dict[str, LabHost],
+                   state: Dict[str, Dict]) -> Optional[str]:
+    """Return the release host *name* should run (None: an overlay of the local root).
+
+    Named in *foreign*: that release. Otherwise what it runs now, or ran before it
+    crashed (its entry in the lab's *state*): bringing up more hosts never changes
+    the ones already there.
+    """
+    if name in foreign:
+        return foreign[name]
+    if name in running:
+        return running[name].release
+    return state.get(name, {}).get("release")
 
 
 def _host_index(name: str) -> int:

@@ -27,6 +27,14 @@ def host_address(index: int) -> str:
     return f"{NETWORK}.{10 + index}"
 
 
+def unused_address(number: int = 1) -> str:
+    """Return an address on the lab's network that no lab host ever holds (for tests of
+    unreachable hosts): above the last host's, so it stays dead with every host up."""
+    if not 1 <= number <= 254 - 10 - MAX_HOSTS:
+        raise LabError(f"only {254 - 10 - MAX_HOSTS} unused lab addresses, not {number}")
+    return f"{NETWORK}.{10 + MAX_HOSTS + number}"
+
+
 def netns_name(host: str) -> str:
     return NETNS_PREFIX + host
 
