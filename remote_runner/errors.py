@@ -253,6 +253,23 @@ class PartialRun(RunnerError):
                          + "\n  ".join(lines))
 
 
+class PrerequisitesUnreachable(RunnerError):
+    """Hosts within ``--max-fail`` stayed unreachable, but what is left cannot run without
+    them (a whole start_index wave, or every waited component, is on them): nothing starts."""
+
+    exit_code = EXIT_CONNECT
+
+    def __init__(self, skipped: dict, reasons: list) -> None:
+        self.skipped = dict(skipped)
+        self.reasons = list(reasons)
+        hosts = [f"{host}: {why}" for host, why in self.skipped.items()]
+        super().__init__(
+            f"could not connect to {len(hosts)} host(s), within --max-fail, but the rest of the "
+            "run depends on them, so nothing was started:\n  " + "\n  ".join(self.reasons + hosts)
+            + "\n  (--max-fail lets hosts that others can do without stay away; bring these up "
+            "or move those components to hosts that answer)")
+
+
 class LabError(RunnerError):
     """The throwaway test hosts could not be built or removed."""
 

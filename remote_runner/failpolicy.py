@@ -14,6 +14,13 @@ a moment ago usually works a second later. Ansible (``max_fail_percentage``) and
   hosts). Those hosts are reported and their components skipped; the others run; the run ends
   with :data:`~remote_runner.errors.EXIT_PARTIAL`. Above the limit, nothing starts. The
   default, 0, is SPAR's all-or-nothing.
+* **what may be skipped** — ``start_index`` says that later components need earlier ones
+  running, and ``wait`` components mark the end of a run. Skipping a host must leave a run that
+  still means something, so :func:`lost_prerequisites` refuses (nothing starts, exit 3) when the
+  unreachable hosts take away *every* component of a start_index wave that later waves come
+  after (the one server all clients talk to), or every ``wait`` component (the run would have
+  no end). A wave that keeps at least one component goes ahead, as do later waves: the hosts a
+  limit lets go are meant to be interchangeable, like Ansible's ``max_fail_percentage``.
 """
 
 from __future__ import annotations
@@ -23,9 +30,12 @@ import random
 import re
 import time
 from dataclasses import dataclass
-from typing import Callable, Optional, TypeVar
+from typing import TYPE_CHECKING, Callable, Collection, Dict, List, Optional, Sequence, TypeVar
 
 from remote_runner.errors import ConfigError, ConnectionLost, UnreachableError
+
+if TYPE_CHECKING:  # pragma: no cover
+    from remote_runner.config import ComponentSpec
 
 T = TypeVar("T")
 
@@ -100,3 +110,35 @@ def with_retries(attempt: Callable[[], T], retries: int,
             if on_retry is not None:
                 on_retry(tries, exc, delay)
             sleep(delay)
+
+
+def lost_prerequisites(specs: Sequence["ComponentSpec"], group_of: Dict[str, str],
+                       skipped: Collection[str]) -> List[str]:
+    """Return why the run cannot go ahead without the *skipped* hosts (empty: it can).
+
+    *group_of* maps each host name to the name of its login group (aliases of one login
+    are one host, skipped together).
+    """
+    if not skipped:
+        return []
+
+    def gone(spec: "ComponentSpec") -> bool:
+        return not spec.is_local and group_of.get(spec.host, spec.host) in skipped
+
+    reasons = []
+    waves: Dict[object, List["ComponentSpec"]] = {}
+    for spec in specs:
+        waves.setdefault(spec.start_index, []).append(spec)
+    order = sorted(waves)
+    for position, index in enumerate(order):
+        later = [i for i in order[position + 1:] if not all(gone(s) for s in waves[i])]
+        if later and all(gone(s) for s in waves[index]):
+            lost = ", ".join(f"{s.name} on {s.host}" for s in waves[index])
+            reasons.append(f"start_index {index:g} loses every component ({lost}), and "
+                           f"start_index {later[0]:g} and later would start without it")
+    waited = [s for s in specs if s.wait]
+    if waited and all(gone(s) for s in waited):
+        lost = ", ".join(f"{s.name} on {s.host}" for s in waited)
+        reasons.append(f"every component the run waits for is unreachable ({lost}): nothing "
+                       "would mark the end of the run")
+    return reasons

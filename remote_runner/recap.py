@@ -27,7 +27,7 @@ from remote_runner import events as ev
 from remote_runner.errors import EXIT_PARTIAL
 
 if TYPE_CHECKING:  # pragma: no cover
-    from remote_runner.config import Experiment
+    from remote_runner.config import ComponentSpec, Experiment
     from remote_runner.runner import RunReport
 
 RUN_SCHEMA_ID = "remote-runner/run/1"
@@ -160,9 +160,16 @@ class Recorder:
                 run_id: Optional[str] = None, ssh_config: Optional[str] = None) -> RunSummary:
         """Join what was recorded with the runner's report."""
         finished = time.time()
+        # Names that reach one login are one host (one connection, one session): one row,
+        # under the name the run used for it, and skipped together.
+        host_of = dict(getattr(report, "host_of", {}) or {})
+
+        def group(spec: "ComponentSpec") -> str:
+            return host_of.get(spec.host, spec.host)
+
         hosts: Dict[str, HostOutcome] = {}
         for spec in experiment.components:
-            hosts.setdefault(spec.host, HostOutcome(spec.host))
+            hosts.setdefault(group(spec), HostOutcome(group(spec)))
         components: List[ComponentOutcome] = []
         with self._lock:
             for host, outcome in hosts.items():
@@ -192,7 +199,7 @@ class Recorder:
                     item.pid, item.exit_status = result.pid, result.status
                     item.failure, item.terminated = result.failure, result.terminated
                 item.outcome = _outcome(item)
-                if spec.host in getattr(report, "skipped", {}) and item.pid is None:
+                if group(spec) in getattr(report, "skipped", {}) and item.pid is None:
                     item.outcome = "skipped"
                 begin, end = self.started.get(key), self.ended.get(key)
                 item.started_at, item.ended_at = _iso(begin), _iso(end)
@@ -200,7 +207,7 @@ class Recorder:
                     item.seconds = round((end or finished) - begin, 3)
                 item.last_log_line = self.lines.get(key)
                 components.append(item)
-                row = hosts[spec.host]
+                row = hosts[group(spec)]
                 row.started += item.pid is not None
                 row.failed += item.outcome == "failed"
                 row.ready += item.outcome in ("running", "exited", "terminated")

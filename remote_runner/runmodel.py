@@ -81,6 +81,8 @@ class RunReport:
     skipped: Dict[str, str] = field(default_factory=dict)
     #: host -> exec channels, SFTP sessions and requests its connection made (traffic.py)
     traffic: Dict[str, Dict[str, int]] = field(default_factory=dict)
+    #: each remote host name -> the name its login group goes by (aliases of one login)
+    host_of: Dict[str, str] = field(default_factory=dict)
 
     @property
     def failures(self) -> Dict[str, str]:

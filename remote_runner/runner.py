@@ -46,7 +46,8 @@ from remote_runner import screen as scr
 from remote_runner import sync
 from remote_runner import upload
 from remote_runner.errors import (ComponentFailed, ConfigError, ConnectionLost, CopyError,
-                                   PartialRun, StartError, control_characters)
+                                   PartialRun, PrerequisitesUnreachable, StartError,
+                                   control_characters)
 from remote_runner.runmodel import (  # noqa: F401 - re-exported: the runner's API
     ComponentResult, MirrorFactory, MirrorSession, Placement, RunOptions, RunReport,
     component_argv, default_mirror_factory, path_lookup,
@@ -202,11 +203,13 @@ class Runner:
         remote = [spec.host for spec in self.experiment.components if not spec.is_local]
         if self.ssh_options is None and self._connect is not None:
             self.host_of = {host: host for host in remote}  # injected connections: names as given
+            self.report.host_of = dict(self.host_of)
             return
         from remote_runner.ssh import SSHOptions
         ssh_options = self.ssh_options or SSHOptions()
         self.host_of = landing.group_hosts(remote, ssh_options, ssh_options.connect_timeout)
         landing.check_names(self.experiment.components, self.host_of)
+        self.report.host_of = dict(self.host_of)
 
     def connect(self) -> None:
         """Open a connection to every remote host and a shell for every host."""
@@ -223,6 +226,7 @@ class Runner:
                 self.connections, failed = connect_some(
                     remote, self.ssh_options or SSHOptions(), allowed, on_result=self._connected)
                 by_host = self._by_host()
+                self._refuse_without_prerequisites(failed)
                 for host, exc in failed.items():
                     self.report.skipped[host] = str(exc)
                     names = ", ".join(s.name for s in by_host[host])
@@ -232,6 +236,16 @@ class Runner:
         for host in self._by_host():
             self.shells[host] = (LocalShell() if host == "localhost"
                                  else RemoteShell(self.connections[host], host))
+
+    def _refuse_without_prerequisites(self, failed: Dict[str, BaseException]) -> None:
+        """Close everything and raise when the run means nothing without the *failed* hosts."""
+        from remote_runner.failpolicy import lost_prerequisites
+        reasons = lost_prerequisites(self.experiment.components, self.host_of, set(failed))
+        if reasons:
+            for connection in self.connections.values():
+                connection.close()
+            self.connections = {}
+            raise PrerequisitesUnreachable({h: str(e) for h, e in failed.items()}, reasons)
 
     def lock(self) -> None:
         """Take the per-(host, session) lock on every host before any host is changed."""

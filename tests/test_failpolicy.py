@@ -75,6 +75,39 @@ def test_retries_only_what_can_pass():
     assert denied == [1]  # never retried: it cannot pass and may lock the account
 
 
+def _spec(name, host, index, wait=False):
+    from types import SimpleNamespace
+    return SimpleNamespace(name=name, host=host, start_index=index, wait=wait,
+                           is_local=host == "localhost")
+
+
+def test_a_wave_that_loses_every_component_stops_the_run_later_waves_need_it():
+    from remote_runner.failpolicy import lost_prerequisites
+    specs = [_spec("server", "srv", 1), _spec("c1", "n1", 2), _spec("c2", "n2", 2),
+             _spec("local", "localhost", 3)]
+    assert lost_prerequisites(specs, {}, set()) == []
+    assert lost_prerequisites(specs, {}, {"n1"}) == []  # an interchangeable client
+    (reason,) = lost_prerequisites(specs, {}, {"n1", "n2"})  # the local wave 3 comes after
+    assert reason.startswith("start_index 2 loses every component (c1 on n1, c2 on n2)")
+    assert lost_prerequisites(specs[:3], {}, {"n1", "n2"}) == []  # nothing after the last wave
+    (reason,) = lost_prerequisites(specs, {}, {"srv"})
+    assert reason.startswith("start_index 1 loses every component (server on srv)")
+    assert "start_index 2 and later" in reason
+    # An alias of the skipped login is skipped with it.
+    specs.append(_spec("monitor", "srv-alias", 1))
+    assert lost_prerequisites(specs, {"srv-alias": "srv"}, {"srv"})
+    assert lost_prerequisites(specs, {}, {"srv"}) == []  # the monitor still starts wave 1
+
+
+def test_losing_every_waited_component_stops_the_run():
+    from remote_runner.failpolicy import lost_prerequisites
+    specs = [_spec("driver", "d", 1, wait=True), _spec("w1", "n1", 1), _spec("w2", "n2", 1)]
+    (reason,) = lost_prerequisites(specs, {}, {"d"})
+    assert "every component the run waits for is unreachable (driver on d)" in reason
+    specs.append(_spec("driver2", "n1", 1, wait=True))
+    assert lost_prerequisites(specs, {}, {"d"}) == []
+
+
 # --------------------------------------------------------------------------- lab
 
 def _config(tmp_path, screen_name):
@@ -90,10 +123,11 @@ def _config(tmp_path, screen_name):
     return str(path)
 
 
-def _run(lab, config, screen_name, *extra):
+def _run(lab, config, screen_name, *extra, ssh_config=None):
     env = {k: v for k, v in os.environ.items() if k != "REMOTE_RUNNER_PASSWORD"}
     return subprocess.run(
-        [sys.executable, SCRIPT, "-c", config, "-F", lab.ssh_config, "--screen", screen_name,
+        [sys.executable, SCRIPT, "-c", config, "-F", ssh_config or lab.ssh_config,
+         "--screen", screen_name,
          "--remote-done-dir", f"/tmp/{screen_name}-state", "--connect-timeout", "3",
          "--retries", "1", "-f", "16", *extra],
         capture_output=True, text=True, timeout=600, env=env, cwd=REPO)
@@ -141,3 +175,53 @@ def test_three_hosts_down_skipped_within_max_fail_else_nothing_starts(lab, scree
         for host in UP:
             quit_screen(lab, host, screen_name, f"/tmp/{screen_name}-state",
                         f"/tmp/{screen_name}-ran")
+
+
+def test_skipping_never_leaves_a_run_without_its_first_wave_or_its_end(lab, screen_name,
+                                                                        tmp_path):
+    """A dead server (start_index 1) or a dead waited driver stops the run within the limit;
+    two aliases of one dead login are one unreachable host, both their components skipped."""
+    dead = unused_address(4)
+    ssh_config = tmp_path / "ssh_config"
+    ssh_config.write_text(open(lab.ssh_config).read() + f"\nHost deadA deadB\n    HostName {dead}\n"
+                          "    User root\n    ConnectTimeout 3\n")
+    marker = f"/tmp/{screen_name}-ran"
+
+    def config(name, components):
+        path = tmp_path / name
+        path.write_text("".join(
+            f"config.add_component(Component(name={n!r}, host={h!r}, executable='/bin/sh', "
+            f"args=['-c', 'echo ran > {marker}'], start_index={i}, wait={w!r}))\n"
+            for n, h, i, w in components))
+        return str(path)
+
+    try:
+        server_down = config("server.py", [("server", "deadA", 1, False),
+                                           ("c1", "h1", 2, True), ("c2", "h2", 2, True)])
+        out = _run(lab, server_down, screen_name, "--max-fail", "5", ssh_config=str(ssh_config))
+        assert out.returncode == EXIT_CONNECT, out.stderr
+        assert "the rest of the run depends on them, so nothing was started" in out.stderr
+        assert "start_index 1 loses every component (server on deadA)" in out.stderr
+        assert _ran_on(lab, screen_name) == []
+
+        driver_down = config("driver.py", [("driver", "deadB", 1, True), ("w1", "h1", 1, False)])
+        out = _run(lab, driver_down, screen_name, "--max-fail", "1", ssh_config=str(ssh_config))
+        assert out.returncode == EXIT_CONNECT, out.stderr
+        assert "every component the run waits for is unreachable (driver on deadB)" in out.stderr
+        assert _ran_on(lab, screen_name) == []
+
+        aliases = config("aliases.py", [("a", "deadA", 1, True), ("b", "deadB", 1, True),
+                                        ("c1", "h1", 1, True), ("c2", "h2", 2, True)])
+        out = _run(lab, aliases, screen_name, "--max-fail", "1", "--json",
+                   ssh_config=str(ssh_config))
+        assert out.returncode == EXIT_PARTIAL, out.stderr
+        result = json.loads(out.stdout)
+        outcome = {c["name"]: c["outcome"] for c in result["components"]}
+        assert outcome == {"a": "skipped", "b": "skipped", "c1": "exited", "c2": "exited"}
+        rows = {h["host"]: h["connected"] for h in result["hosts"]}
+        assert rows == {"deadA": False, "h1": True, "h2": True}  # one login, one row
+        assert "partial run: 1 unreachable host(s) skipped (within --max-fail 1)" in out.stderr
+        assert _ran_on(lab, screen_name) == ["h1", "h2"]
+    finally:
+        for host in ("h1", "h2"):
+            quit_screen(lab, host, screen_name, f"/tmp/{screen_name}-state", marker)
