@@ -17,6 +17,7 @@ import subprocess
 import time
 from typing import Callable, Mapping, Optional, Sequence
 
+from bench.procstat import Peaks, Sampler
 from bench.results import Measurement
 
 logger = logging.getLogger(__name__)
@@ -35,16 +36,24 @@ class StepTimeout(BenchError):
 
 
 def run(argv: Sequence[str], timeout: float = 600, env: Optional[Mapping[str, str]] = None,
-        cwd: Optional[str] = None, stdin: Optional[bytes] = None) -> subprocess.CompletedProcess:
-    """Run *argv*; raise BenchError on failure or timeout (killing its process group)."""
+        cwd: Optional[str] = None, stdin: Optional[bytes] = None,
+        peaks: Optional[Peaks] = None) -> subprocess.CompletedProcess:
+    """Run *argv*; raise BenchError on failure or timeout (killing its process group).
+
+    With *peaks*, the process is watched while it runs (see :mod:`bench.procstat`).
+    """
     proc = subprocess.Popen(list(argv), stdin=subprocess.PIPE if stdin is not None else subprocess.DEVNULL,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=dict(env) if env else None,
                             cwd=cwd, start_new_session=True)
+    sampler = Sampler(proc.pid, peaks) if peaks is not None else None
     try:
         out, err = proc.communicate(stdin, timeout=timeout)
     except subprocess.TimeoutExpired:
         kill_group(proc)
         raise StepTimeout(argv, timeout)
+    finally:
+        if sampler is not None:
+            sampler.stop()
     if proc.returncode != 0:
         tail = " / ".join((err or out).decode(errors="replace").strip().splitlines()[-5:])
         if len(tail) > 600:  # keep the end: that is where the reason is

@@ -180,6 +180,7 @@ def machine_facts() -> Dict[str, str]:
         "sshfs": _first_line(["sshfs", "--version"]),
         "ffmpeg": _first_line(["ffmpeg", "-version"]),
         "git": _first_line(["git", "--version"]),
+        "parallel-ssh": _first_line(["parallel-ssh", "--version"]),
         "checkout": _first_line(["git", "-C", os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
                                  "describe", "--always", "--dirty"]),
         "load average at start": " ".join(open("/proc/loadavg").read().split()[:3]),

@@ -1,6 +1,6 @@
 """Install the peers the benchmark compares against (bench-only, never the test suite).
 
-* rsync, sshfs, ffmpeg, git come from apt when missing.
+* rsync, sshfs, ffmpeg, git and parallel-ssh (Debian's ``pssh``) come from apt when missing.
 * outrun 1.1.0 goes into a dedicated venv, :data:`OUTRUN_VENV`, built with the
   system Python (``/usr/bin/python3``) so that lab hosts, which see the local
   root through an overlay but not our own Python, can run it too. outrun must
@@ -26,7 +26,8 @@ logger = logging.getLogger(__name__)
 OUTRUN_VENV = "/opt/bench-outrun"
 OUTRUN_VERSION = "1.1.0"
 SYSTEM_PYTHON = "/usr/bin/python3"
-APT_TOOLS = {"rsync": "rsync", "sshfs": "sshfs", "ffmpeg": "ffmpeg", "git": "git", "scp": "openssh-client"}
+APT_TOOLS = {"rsync": "rsync", "sshfs": "sshfs", "ffmpeg": "ffmpeg", "git": "git", "scp": "openssh-client",
+             "parallel-ssh": "pssh"}
 
 SSH_SHIM = """#!/usr/bin/python3
 # bench shim: run outrun's remote side with the bench venv and lsmod stand-in on PATH.

@@ -111,3 +111,63 @@ def test_unused_lab_addresses_lie_beyond_every_host():
     dead = [netns.unused_address(n) for n in (1, 2, 3)]
     assert all(int(a.rsplit(".", 1)[1]) > int(last.rsplit(".", 1)[1]) for a in dead)
     assert all(int(a.rsplit(".", 1)[1]) < 255 for a in dead) and len(set(dead)) == 3
+
+
+# --------------------------------------------------------------------------- bench: scale rows
+
+def test_sampler_sees_a_processs_threads_memory_and_files():
+    import subprocess
+    import sys
+    from bench.procstat import Peaks, Sampler
+    child = subprocess.Popen(
+        [sys.executable, "-c", "import sys, threading\n"
+         "ev = threading.Event()\n"
+         "ts = [threading.Thread(target=ev.wait) for _ in range(7)]\n"
+         "[t.start() for t in ts]\n"
+         "blob = bytearray(64 << 20)\n"
+         "files = [open('/dev/null') for _ in range(20)]\n"
+         "print('ready', flush=True); sys.stdin.read(); ev.set()\n"],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    peaks = Peaks()
+    sampler = Sampler(child.pid, peaks, interval=3600)  # one sample at start, then on demand
+    try:
+        assert child.stdout.readline() == "ready\n"
+        sampler.sample()
+    finally:
+        child.communicate("", timeout=60)
+        sampler.stop()
+    assert peaks.threads >= 8 and peaks.fds >= 23
+    assert peaks.rss_kib >= 64 * 1024
+    assert peaks.describe().startswith(f"peak {peaks.threads} threads, ")
+    sampler.sample()  # the process is gone: nothing changes, nothing raises
+    assert peaks.samples >= 2
+
+
+def test_host_counts_the_lab_cannot_hold_become_skipped_rows(tmp_path):
+    from bench.context import Context
+    from bench.scenarios import scale
+
+    class SmallLab:
+        def hosts(self, count):
+            from remote_runner.errors import LabError
+            raise LabError(f"lab host index {count} out of range")
+
+    ctx = Context(SmallLab(), [10.0], 1, False, str(tmp_path))
+    rows = scale.case_rows(ctx, 10.0, 400, 1, "small.dat", peers=True)
+    assert [r.tool for r in rows] == ["remote_runner", scale.PSSH, scale.LOOP]
+    assert all(r.skipped.startswith("lab cannot hold 400 hosts: ") and r.median is None
+               for r in rows)
+    assert rows[0].case == "400 hosts: connect + copy + start"
+
+
+def test_scale_notes_give_seconds_per_host_and_per_added_host():
+    from bench.results import Measurement
+    from bench.scenarios.scale import per_host_notes
+    rows = [Measurement("scale", f"{n} hosts: connect + start", "t", 10.0, runs=[s])
+            for n, s in ((16, 2.0), (200, 6.6))]
+    rows.append(Measurement("scale", "1,000 components on 200 hosts: connect + start", "t", 10.0,
+                            runs=[9.0], note="peak 9 threads"))
+    per_host_notes(rows)
+    assert rows[0].note == "0.125 s per host"
+    assert rows[1].note == "0.033 s per host; 0.025 s per host added after 16"
+    assert rows[2].note == "peak 9 threads"

@@ -1,105 +1,205 @@
-"""Scale: connect, deploy and start on 1, 4 and 16 hosts, to see the cost per host.
+"""Scale: what each added host costs, from 1 to 200 hosts, against parallel-ssh and an ssh loop.
 
-Each run starts from scratch (destination wiped, sessions quit): connect,
-copy a small file set (50 x 4 KiB), start one long-lived component per host.
-Ours is one ``remote_runner.py`` run; the peer is, per host and all hosts at
-once, ``rsync -a`` followed by one ssh that starts the screen session and
-confirms its window. The note of each row gives the median divided by the
-number of hosts.
+Every run starts from scratch (destination wiped, sessions quit) and does, on
+every host: connect, copy one small file, start one long-lived component and
+confirm it runs. Ours is one ``remote_runner.py`` run (``-f`` given, see
+:data:`FORKS`); the peers send the file over the same connection that starts
+the window: ``parallel-ssh -I`` (pssh) and a shell loop of ``ssh ... &`` with one
+``wait`` per host. The case "start only" leaves the file out (the "connect and
+start one component per host" target of the deploy work). The last case,
+1,000 components over 200 hosts (five per host, each copying the file into its
+own directory), is ours alone: it shows that components cost no threads.
+
+Each row's note gives the median per host and, from 16 hosts on, per host added
+after the first 16 (the goal: flat, at most 0.05 s); rows of ours also give the
+runner's peak threads, RSS and file descriptors (:mod:`bench.procstat`) and the
+connect / copy / start phases from its ``--json``. Host counts the lab cannot
+hold (``Lab.up`` fails) become "skipped" rows that say why.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import shlex
-from typing import Callable, List
+from typing import Callable, Dict, List, Optional, Sequence
 
 from bench import ours
-from bench.context import Context, parallel, write_random
+from bench.context import Context, write_random
 from bench.measure import BenchError, repeat, run as sh, skipped
+from bench.procstat import Peaks
 from bench.results import OURS, Measurement
 
 SCENARIO = "scale"
-COUNTS = (1, 4, 16)
-FILES = 50
+COUNTS = (1, 16, 64, 200)
+START_COUNTS = (1, 16)
+#: The 1,000-component case: this many components on each of that many hosts.
+MANY = (200, 5)
+#: ``-f`` for ours and ``-p`` for parallel-ssh: hosts handled at once.
+FORKS = 64
 DEST = "/root/rr-bench-scale"
+SMALL = 4096
+COPY, START = "connect + copy + start", "connect + start"
+PSSH, LOOP = "parallel-ssh -I", "ssh & loop (one per host)"
 
 
-def dataset(ctx: Context) -> str:
-    root = os.path.join(ctx.work_dir, "scale-data")
-    for i in range(FILES):
-        write_random(os.path.join(root, f"f{i:03d}.dat"), 4096)
-    return root
-
-
-def runner_config(ctx: Context, data: str, hosts: List[str]) -> str:
-    path = ctx.path("configs", f"scale-{len(hosts)}.py")
-    with open(path, "w") as handle:
-        handle.write("# bench: one long-lived component with a small file set per host\n"
-                     f"for host in {hosts!r}:\n"
-                     "    c = Component()\n"
-                     "    c.name = 'worker-' + host\n"
-                     "    c.host = host\n"
-                     "    c.executable = '/bin/sleep'\n"
-                     "    c.args = ['3600']\n"
-                     f"    c.base_dir = {DEST + '/ours'!r}\n"
-                     f"    c.files = util.recursive_files_dict({data!r}, '.')\n"
-                     "    c.start_index = 1\n"
-                     "    config.add_component(c)\n")
+def small_file(ctx: Context) -> str:
+    path = os.path.join(ctx.work_dir, "scale-data", "small.dat")
+    write_random(path, SMALL)
     return path
 
 
-def peer_step(cfg: str, data: str, hosts: List[str], screen: str) -> Callable[[], None]:
-    """Return the hand-written peer: rsync then start-and-confirm, per host, all hosts at once."""
+def runner_config(ctx: Context, hosts: List[str], per_host: int, data: Optional[str]) -> str:
+    """Write the config: *per_host* /bin/sleep components on every host, each copying *data*."""
+    path = ctx.path("configs", f"scale-{len(hosts)}x{per_host}{'-copy' if data else ''}.py")
+    files = f"{{{data!r}: 'small.dat'}}" if data else "{}"
+    with open(path, "w") as handle:
+        handle.write("# bench: long-lived components, each with one small file\n"
+                     f"for host in {hosts!r}:\n"
+                     f"    for i in range({per_host}):\n"
+                     "        c = Component()\n"
+                     "        c.name = 'w%d' % i\n"
+                     "        c.host = host\n"
+                     "        c.executable = '/bin/sleep'\n"
+                     "        c.args = ['3600']\n"
+                     f"        c.base_dir = {DEST + '/ours/'!r} + c.name\n"
+                     f"        c.files = {files}\n"
+                     "        c.start_index = 1\n"
+                     "        config.add_component(c)\n")
+    return path
+
+
+def peer_script(screen: str, copy: bool) -> str:
+    """Return what a peer runs on each host: store stdin as the file, start, confirm the window."""
     q = shlex.quote(screen)
-    start = (f"cd {DEST}/peer && screen -dmS {q} /bin/sleep 3600 && i=0 && "
-             f"until screen -S {q} -Q windows >/dev/null; do i=$((i+1)); [ $i -lt 400 ] || exit 1; "
-             "sleep 0.02; done")
-    argvs = [["sh", "-c", f"rsync -a -e {shlex.quote('ssh -F ' + cfg)} {shlex.quote(data + '/')} "
-              f"{h}:{DEST}/peer/ && ssh -F {shlex.quote(cfg)} -o BatchMode=yes {h} {shlex.quote(start)}"]
-             for h in hosts]
-    return lambda: parallel(argvs, 600)
+    store = "cat > small.dat && " if copy else ""
+    return (f"mkdir -p {DEST}/peer && cd {DEST}/peer && {store}screen -dmS {q} /bin/sleep 3600 && "
+            f"i=0 && until screen -S {q} -Q windows >/dev/null; do i=$((i+1)); "
+            "[ $i -lt 400 ] || exit 1; sleep 0.02; done")
+
+
+def pssh_step(ctx: Context, cfg: str, hosts: List[str], script: str,
+              data: Optional[str]) -> Callable[[], None]:
+    """parallel-ssh over every host, the file (if any) on each one's stdin."""
+    host_file = ctx.path("scale", f"hosts-{len(hosts)}")
+    with open(host_file, "w") as handle:
+        handle.write("".join(h + "\n" for h in hosts))
+    argv = ["parallel-ssh", "-h", host_file, "-p", str(FORKS), "-t", "0", "-x", f"-F {cfg}",
+            "-O", "BatchMode=yes"] + (["-I"] if data else []) + [script]
+    stdin = open(data, "rb").read() if data else None
+
+    def step() -> None:
+        sh(argv, timeout=ctx.step_timeout, stdin=stdin)
+    return step
+
+
+def loop_step(ctx: Context, cfg: str, hosts: List[str], script: str,
+              data: Optional[str]) -> Callable[[], None]:
+    """The shell loop a user writes: ``ssh host script &`` for every host, then wait for each."""
+    redirect = f"< {shlex.quote(data)}" if data else "-n"
+    body = (f"rc=0; pids=; for h in {' '.join(map(shlex.quote, hosts))}; do "
+            f"ssh -F {shlex.quote(cfg)} -o BatchMode=yes {redirect} \"$h\" {shlex.quote(script)} & "
+            "pids=\"$pids $!\"; done; for p in $pids; do wait $p || rc=1; done; exit $rc")
+
+    def step() -> None:
+        sh(["sh", "-c", body], timeout=ctx.step_timeout)
+    return step
+
+
+def ours_step(ctx: Context, argv: List[str], peaks: Peaks, phases: Dict[str, float]) -> Callable[[], None]:
+    """Our runner, watched for peaks; its ``--json`` phases kept from the last run."""
+    def step() -> None:
+        done = sh(argv, timeout=ctx.step_timeout, peaks=peaks)
+        try:
+            phases.clear()
+            phases.update(json.loads(done.stdout.decode()).get("phases", {}))
+        except ValueError:
+            pass
+    return step
+
+
+def ours_note(peaks: Peaks, phases: Dict[str, float]) -> str:
+    parts = [peaks.describe()] if peaks.samples else []
+    shown = [f"{p} {phases[p]:.2f} s" for p in ("connect", "copy", "start") if p in phases]
+    if shown:
+        parts.append("last run: " + ", ".join(shown))
+    return "; ".join(parts)
+
+
+def case_rows(ctx: Context, delay: float, count: int, per_host: int, data: Optional[str],
+              peers: bool) -> List[Measurement]:
+    """Measure one case (hosts x components, with or without the file) for ours and the peers."""
+    what = COPY if data else START
+    case = (f"{count * per_host:,} components on {count} hosts: {what}" if per_host > 1
+            else f"{count} host{'s' if count > 1 else ''}: {what}")
+    tools = [("remote_runner", OURS)] + ([(PSSH, "peer"), (LOOP, "peer")] if peers else [])
+    try:
+        hosts = ctx.testbed.hosts(count)
+        if len(hosts) < count:
+            raise BenchError(f"only {len(hosts)} of {count} hosts came up")
+    except Exception as exc:  # the lab may not hold this many hosts
+        return [skipped(SCENARIO, case, tool, delay, f"lab cannot hold {count} hosts: {exc}", role)
+                for tool, role in tools]
+    cfg = ctx.testbed.ssh_config(delay)
+    screen = ctx.screen_name(f"scale{count}x{per_host}{'c' if data else 's'}")
+
+    def reset() -> None:
+        ctx.quit_screens(delay, hosts, screen)
+        ctx.on_hosts(delay, hosts, f"rm -rf {DEST}")
+
+    rows: List[Measurement] = []
+    missing = ours.runner_missing()
+    if missing:
+        rows.append(skipped(SCENARIO, case, "remote_runner", delay, missing, OURS))
+    else:
+        peaks, phases = Peaks(), {}  # type: ignore[var-annotated]
+        argv = ours.runner_argv(runner_config(ctx, hosts, per_host, data), cfg, screen,
+                                ["-f", str(FORKS), "--json"])
+        m = repeat(Measurement(SCENARIO, case, "remote_runner", delay, OURS),
+                   ours_step(ctx, argv, peaks, phases), ctx.reps, reset, ctx.slow_after)
+        m.note = "; ".join(x for x in (m.note, ours_note(peaks, phases)) if x)
+        rows.append(m)
+    if peers:
+        script = peer_script(screen, data is not None)
+        for tool, make in ((PSSH, pssh_step), (LOOP, loop_step)):
+            rows.append(repeat(Measurement(SCENARIO, case, tool, delay),
+                               make(ctx, cfg, hosts, script, data), ctx.reps, reset, ctx.slow_after))
+    try:
+        reset()
+    except BenchError:
+        pass
+    return rows
+
+
+def per_host_notes(rows: Sequence[Measurement]) -> None:
+    """Add seconds per host, and per host added after 16, to each measured row's note."""
+    by_key = {(m.tool, m.case.split(": ", 1)[-1], m.case.split()[0]): m for m in rows}
+    for m in rows:
+        if m.median is None or " components " in m.case:
+            continue
+        count = int(m.case.split()[0])
+        extra = [f"{m.median / count:.3f} s per host"]
+        base = by_key.get((m.tool, m.case.split(": ", 1)[-1], "16"))
+        if count > 16 and base is not None and base.median is not None:
+            extra.append(f"{(m.median - base.median) / (count - 16):.3f} s per host added after 16")
+        m.note = "; ".join(x for x in extra + [m.note] if x)
 
 
 def run(ctx: Context) -> List[Measurement]:
-    """Measure ours and the peer for every host count at the largest delay."""
-    data = dataset(ctx)
+    """Measure every host count at the largest delay, then start-only, then 1,000 components."""
     delay = max(ctx.delays)
-    counts = (1, 4) if ctx.quick else COUNTS
+    data = small_file(ctx)
+    counts = (1, 16) if ctx.quick else COUNTS
+    ctx.notes.append(f"scale: at {delay:g} ms each way, from scratch every run; one {SMALL // 1024} KiB "
+                     f"file and one /bin/sleep window per host; ours with -f {FORKS}, parallel-ssh "
+                     f"with -p {FORKS}, the ssh loop with every host at once; the peers send the file "
+                     "on the ssh that starts the window and confirm it with screen -Q")
     rows: List[Measurement] = []
-    ctx.notes.append(f"scale: at {delay:g} ms each way; {FILES} x 4 KiB files and one /bin/sleep component "
-                     "per host, from scratch every run; ours with -f 32 so that, like the peer, every host "
-                     "is handled at once")
     for count in counts:
-        try:
-            hosts = ctx.testbed.hosts(count)
-        except Exception as exc:  # the lab may not fit this many hosts
-            rows.append(skipped(SCENARIO, f"{count} hosts", "all tools", delay, f"lab: {exc}"))
-            continue
-        cfg = ctx.testbed.ssh_config(delay)
-        screen = ctx.screen_name(f"scale{count}")
-
-        def reset(hosts: List[str] = hosts, screen: str = screen) -> None:
-            ctx.quit_screens(delay, hosts, screen)
-            ctx.on_hosts(delay, hosts, f"rm -rf {DEST} && mkdir -p {DEST}/peer")
-
-        missing = ours.runner_missing()
-        if missing:
-            rows.append(skipped(SCENARIO, f"{count} hosts", "remote_runner", delay, missing, OURS))
-        else:
-            argv = ours.runner_argv(runner_config(ctx, data, hosts), cfg, screen, ["-f", "32"])
-            rows.append(repeat(Measurement(SCENARIO, f"{count} hosts", "remote_runner", delay, OURS),
-                               lambda argv=argv: sh(argv, timeout=600), ctx.reps, reset, ctx.slow_after))
-        rows.append(repeat(Measurement(SCENARIO, f"{count} hosts", "rsync + ssh screen (per host, parallel)",
-                                       delay), peer_step(cfg, data, hosts, screen), ctx.reps, reset,
-                           ctx.slow_after))
-        try:
-            reset()
-            ctx.on_hosts(delay, hosts, f"rm -rf {DEST}")
-        except BenchError:
-            pass
-    for m in rows:
-        if m.median is not None:
-            per_host = m.median / int(m.case.split()[0])
-            m.note = (m.note + "; " if m.note else "") + f"{per_host:.2f} s per host"
+        rows += case_rows(ctx, delay, count, 1, data, peers=True)
+    for count in START_COUNTS:
+        rows += case_rows(ctx, delay, count, 1, None, peers=True)
+    if not ctx.quick:
+        rows += case_rows(ctx, delay, MANY[0], MANY[1], data, peers=False)
+    per_host_notes(rows)
     return rows
