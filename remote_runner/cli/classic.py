@@ -155,7 +155,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="try an unreachable host N more times, with backoff (default 2; 0: once)")
     add("--max-fail", dest="max_fail", metavar="K|P%",
         help="let up to K hosts (or P%% of them) stay unreachable: they are reported and "
-             "their components skipped, the rest runs, exit 8 (default 0: all or nothing)")
+             "their components skipped, the rest runs, exit 8 (default 0: all or nothing); "
+             "never when they hold a whole start_index wave that later ones need, or every "
+             "wait component: then nothing starts (exit 3)")
     add("-l", "--log-level", dest="log_level", default="INFO",
         choices=["DEBUG", "INFO", "WARNING", "ERROR"],
         help="log level (default INFO; SPAR's flag: -v/-q are the short forms)")
