@@ -9,6 +9,7 @@ signal N killed it); 254 means the tool or the link failed, never the command.
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
 import sys
@@ -49,12 +50,17 @@ def add_parser(sub: "argparse._SubParsersAction") -> None:
                         help="the host may change nothing it is served")
     parser.add_argument("--forward-env", action="append", default=[], metavar="NAME",
                         help="pass NAME through even though it is normally dropped (repeatable)")
-    parser.add_argument("--no-compress", action="store_true", help="never lz4-compress file data")
+    parser.add_argument("--no-compress", action="store_true", help="never compress file data (default: lz4 or zlib, "
+                        "whichever both ends have, for data that shrinks)")
     parser.add_argument("--no-cache", action="store_true",
                         help="read every file through the link; keep no copies on the host "
                              "(default: files opened read-only are fetched whole and kept in "
                              "~/.cache/remote-runner/files on the host, checked for changes "
                              "at every open)")
+    parser.add_argument("--stats", metavar="FILE",
+                        help="write the run's counters to FILE as JSON: requests served here per "
+                             "operation, bytes each way, and the host's own counts (requests it "
+                             "answered itself, from its caches)")
     parser.add_argument("--debug-rpc", action="store_true",
                         help="log every file-system request with its latency")
     parser.add_argument("-l", "--log-level", default="WARNING",
@@ -93,4 +99,10 @@ def run(args: argparse.Namespace) -> int:
         conn.close()
     if result.message:
         LOG.error("exec: %s", result.message)
+    if args.stats:
+        try:
+            with open(args.stats, "w") as handle:
+                json.dump(result.stats, handle, indent=1, sort_keys=True)
+        except OSError as exc:
+            LOG.error("exec: cannot write the counters to %s: %s", args.stats, exc.strerror)
     return result.status

@@ -70,7 +70,8 @@ def serve(mode: str) -> int:
     in_fd, out_fd = _claim_stdio()
     link = Link(in_fd, out_fd)
     link.send({"t": P.HELLO, "v": P.PROTOCOL_VERSION, "machine": platform.machine(),
-               "lz4": P.lz4_available(), "uid": os.geteuid(), "python": sys.version.split()[0],
+               "lz4": P.lz4_available(), "codecs": P.available_codecs(),
+               "uid": os.geteuid(), "python": sys.version.split()[0],
                "executable": sys.executable, "agent": os.path.abspath(sys.argv[0])})
     try:
         header, _ = P.read_frame(link.reader)
@@ -85,7 +86,8 @@ def serve(mode: str) -> int:
     if problem:
         link.send({"t": P.FAIL, "msg": problem})
         return EXIT_LINK
-    link.writer.compress = bool(header.get("compress")) and P.lz4_available()
+    codec = "lz4" if header.get("compress") is True else header.get("compress")
+    link.writer.compress = codec if codec in P.available_codecs() else None
     link.heartbeat = float(header.get("hb") or DEFAULT_HEARTBEAT)
     link.deadline = float(header.get("deadline") or DEFAULT_DEADLINE)
     link.request_timeout = float(header.get("rq") or REQUEST_TIMEOUT)

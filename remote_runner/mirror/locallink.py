@@ -72,6 +72,9 @@ class LocalLink:
         self.hello: Dict[str, Any] = {}
         self.stderr_tail: List[str] = []
         self.pool = ThreadPoolExecutor(max_workers=options.workers, thread_name_prefix="mirror-fs")
+        #: Requests served here, per operation (see :meth:`stats`).
+        self.served: Dict[str, int] = {}
+        self._count_lock = threading.Lock()
 
     # -- startup -------------------------------------------------------------
     def handshake(self, bundle: AgentBundle) -> Dict[str, Any]:
@@ -99,7 +102,8 @@ class LocalLink:
             raise MirrorError(f"host {self.host}: the host is {header.get('machine')} but this machine is "
                               f"{platform.machine()}; the mirror runs local programs, so both must match")
         self.hello = header
-        self.writer.compress = bool(header.get("lz4")) and self.options.compress and P.lz4_available()
+        offered = header.get("codecs") or (["lz4"] if header.get("lz4") else [])
+        self.writer.compress = P.choose_codec(offered) if self.options.compress else None
         return header
 
     def _startup_failure(self, what: str) -> str:
@@ -147,7 +151,19 @@ class LocalLink:
             self.lost_reason = reason
             self.lost.set()
 
+    def stats(self) -> Dict[str, Any]:
+        """This end's counters: requests served per operation, bytes each way, frames packed."""
+        with self._count_lock:
+            served = dict(self.served)
+        return {"requests": sum(served.values()), "served": served,
+                "bytes_sent": self.writer.sent, "bytes_received": self.reader.received,
+                "payload_sent": self.writer.payload_bytes, "packed_frames": self.writer.packed_frames,
+                "codec": self.writer.compress}
+
     def _serve(self, header: Dict[str, Any], payload: bytes) -> None:
+        op = str(header.get("op"))
+        with self._count_lock:
+            self.served[op] = self.served.get(op, 0) + 1
         started = time.monotonic()
         reply, data, compressible = self.service.serve(header, payload)
         if self.options.debug_rpc:

@@ -10,8 +10,14 @@ Every header has ``t`` (the frame type). Requests carry ``id``; the reply
 echoes it, so many requests can be in flight at once on one channel. File
 names travel as JSON strings made with :func:`name_to_wire` (UTF-8 with
 surrogateescape), which round-trips arbitrary bytes, so non-UTF-8 names work
-end to end. A payload may be lz4-compressed (header ``z``) only when the
-peer advertised lz4 in its hello: the remote often lacks the lz4 module.
+end to end. A payload may be compressed (header ``z``: ``1`` for lz4, or the
+codec's name) only with a codec both ends have: the agent's hello lists its
+``codecs`` (zlib always, from the standard library; lz4 only where python3-lz4
+is installed, which Debian hosts usually lack) and the boot frame names the one
+chosen (:func:`choose_codec`). Compression stays on the link's side of the
+trade: zlib at level 1 packs far faster than an SSH channel carries, and a
+payload whose first 16 KiB do not shrink by a tenth is sent as it is, so data
+that does not compress (video, archives) costs a small sample, not a pass.
 
 A reply may carry ``push``: extra entries (path, attributes) the local side
 expects the remote to need next (prefetch); the agent primes its attribute
@@ -32,7 +38,7 @@ import json
 import os
 import struct
 import threading
-from typing import Any, BinaryIO, Dict, Optional, Tuple
+from typing import Any, BinaryIO, Dict, List, Optional, Tuple
 
 #: Bumped on any incompatible change; both ends refuse a different major.
 PROTOCOL_VERSION = "1.0"
@@ -148,7 +154,7 @@ def read_frame(stream: BinaryIO) -> Tuple[Dict[str, Any], bytes]:
     header = parse_header(_read_exact(stream, hlen))
     payload = _read_exact(stream, plen) if plen else b""
     if header.get("z"):
-        payload = decompress(payload)
+        payload = decompress(payload, header["z"])
     return header, payload
 
 
@@ -157,14 +163,18 @@ class FdReader:
 
     def __init__(self, fd: int) -> None:
         self.fd = fd
+        #: Bytes read so far (what came over the wire).
+        self.received = 0
 
     def read(self, size: int) -> bytes:
         """Read up to *size* bytes, retrying on EINTR."""
         while True:
             try:
-                return os.read(self.fd, min(size, 1 << 20))
+                data = os.read(self.fd, min(size, 1 << 20))
             except InterruptedError:
                 continue
+            self.received += len(data)
+            return data
 
 
 class FrameWriter:
@@ -173,18 +183,30 @@ class FrameWriter:
     def __init__(self, write_all) -> None:
         self._write_all = write_all
         self._lock = threading.Lock()
-        self.compress = False
+        #: The codec compressible payloads are packed with (a name from :data:`CODECS`), or None.
+        self.compress: Optional[str] = None
+        #: Counters: frames and bytes written, payload bytes before packing, frames packed.
+        self.frames = 0
+        self.sent = 0
+        self.payload_bytes = 0
+        self.packed_frames = 0
 
     def send(self, header: Dict[str, Any], payload: bytes = b"", compressible: bool = False) -> None:
         """Send one frame atomically with respect to other senders."""
-        if compressible and self.compress and len(payload) >= 4096:
-            packed = compress(payload)
-            if packed is not None and len(packed) < len(payload):
-                header = dict(header, z=1)
+        size = len(payload)
+        codec = self.compress
+        if compressible and codec and size >= 4096 and worth_compressing(payload, codec):
+            packed = compress(payload, codec)
+            if packed is not None and len(packed) < size:
+                header = dict(header, z=1 if codec == "lz4" else codec)
                 payload = packed
         data = encode(header, payload)
         with self._lock:
             self._write_all(data)
+            self.frames += 1
+            self.sent += len(data)
+            self.payload_bytes += size
+            self.packed_frames += len(payload) < size
 
 
 def fd_write_all(fd: int):
@@ -200,6 +222,12 @@ def fd_write_all(fd: int):
     return write_all
 
 
+#: Codecs in order of preference (fastest first); zlib is always there (standard library).
+CODECS = ("lz4", "zlib")
+#: A payload is packed only if a sample of this many bytes shrinks to at most 9/10.
+SAMPLE = 16 << 10
+
+
 def lz4_available() -> bool:
     """Tell whether the lz4 frame module can be imported here."""
     try:
@@ -209,8 +237,33 @@ def lz4_available() -> bool:
     return True
 
 
-def compress(data: bytes) -> Optional[bytes]:
-    """Compress with lz4 frames, or return None when lz4 is missing."""
+def available_codecs() -> List[str]:
+    """The codecs this end can pack and unpack, in order of preference."""
+    return [c for c in CODECS if c != "lz4" or lz4_available()]
+
+
+def choose_codec(theirs: Any) -> Optional[str]:
+    """The first codec of ours that the peer (its hello's ``codecs`` list) has too, or None."""
+    offered = theirs if isinstance(theirs, list) else []
+    for codec in available_codecs():
+        if codec in offered:
+            return codec
+    return None
+
+
+def worth_compressing(data: bytes, codec: str) -> bool:
+    """Whether a sample of *data* shrinks enough for packing the whole payload to pay."""
+    if len(data) <= SAMPLE:
+        return True
+    packed = compress(data[:SAMPLE], codec)
+    return packed is not None and len(packed) * 10 <= SAMPLE * 9
+
+
+def compress(data: bytes, codec: str = "lz4") -> Optional[bytes]:
+    """Pack *data* with *codec* (lz4 frames, or zlib level 1); None when the codec is missing."""
+    if codec == "zlib":
+        import zlib
+        return zlib.compress(data, 1)
     try:
         import lz4.frame
     except Exception:
@@ -218,8 +271,20 @@ def compress(data: bytes) -> Optional[bytes]:
     return lz4.frame.compress(data)
 
 
-def decompress(data: bytes) -> bytes:
-    """Undo :func:`compress`; a compressed frame without lz4 is a protocol error."""
+def decompress(data: bytes, codec: Any = 1) -> bytes:
+    """Undo :func:`compress` (*codec*: a frame's ``z``); never more than ``MAX_PAYLOAD`` bytes."""
+    if codec == "zlib":
+        import zlib
+        unpack = zlib.decompressobj()
+        try:
+            out = unpack.decompress(data, MAX_PAYLOAD)
+        except zlib.error as exc:
+            raise ProtocolError("bad zlib payload: %s" % exc)
+        if unpack.unconsumed_tail or not unpack.eof:
+            raise ProtocolError("zlib payload is truncated or larger than %d bytes" % MAX_PAYLOAD)
+        return out
+    if codec not in (1, True, "lz4"):
+        raise ProtocolError("unknown compression %r" % (codec,))
     try:
         import lz4.frame
     except Exception:

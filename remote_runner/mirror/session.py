@@ -20,7 +20,7 @@ import os
 import threading
 import time
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
 from remote_runner.errors import EXIT_LINK, MirrorError
@@ -81,6 +81,9 @@ class ExecResult:
     status: int
     link_lost: bool = False
     message: str = ""
+    #: Counters of the run: this machine's (requests served per operation, bytes each way)
+    #: and, under ``host``, what the agent reported (requests it asked, answered itself).
+    stats: Dict[str, Any] = field(default_factory=dict)
 
 
 def run_command(conn: Any, argv: Sequence[str], *, cwd: Optional[str] = None,
@@ -106,6 +109,8 @@ def run_command(conn: Any, argv: Sequence[str], *, cwd: Optional[str] = None,
     output = OutputWriter()
 
     def on_exit(header: Dict[str, Any], _: bytes) -> None:
+        if isinstance(header.get("stats"), dict):  # the host's own counters, for reports only
+            result["host"] = header["stats"]
         result["status"] = int(header.get("status", 255))
         done.set()
 
@@ -148,8 +153,9 @@ def run_command(conn: Any, argv: Sequence[str], *, cwd: Optional[str] = None,
     link.close()
     if profile is not None and "status" in result:
         _save_profile(profile, link.service)
+    stats = dict(link.stats(), host=result.get("host") or {})
     if "status" in result:
-        return ExecResult(status=result["status"])
+        return ExecResult(status=result["status"], stats=stats)
     if "fail" in result:
         return ExecResult(status=EXIT_LINK, message=f"host {link.host}: {result['fail']}")
     return ExecResult(status=EXIT_LINK, link_lost=True,

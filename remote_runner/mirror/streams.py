@@ -109,17 +109,22 @@ class PeekReader:
     def __init__(self, stream: Any) -> None:
         self.stream = stream
         self.buf = b""
+        #: Bytes read from the stream so far (what came over the wire).
+        self.received = 0
 
     def read(self, size: int) -> bytes:
         if self.buf:
             out, self.buf = self.buf[:size], self.buf[size:]
             return out
-        return self.stream.read(size)
+        data = self.stream.read(size)
+        self.received += len(data)
+        return data
 
     def peek(self, size: int) -> bytes:
         while len(self.buf) < size:
             chunk = self.stream.read(size - len(self.buf))
             if not chunk:
                 break
+            self.received += len(chunk)
             self.buf += chunk
         return self.buf[:size]

@@ -143,7 +143,7 @@ def run_exec(link: Link, boot: Dict[str, Any]) -> int:
         for t in threads:
             t.join(5.0)
         status = exit_code(returncode)
-        link.send({"t": P.EXIT, "status": status})
+        link.send({"t": P.EXIT, "status": status, "stats": link.stats()})
         return status
     except OSError as exc:
         LOG.debug("exec failed", exc_info=True)

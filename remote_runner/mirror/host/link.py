@@ -42,13 +42,33 @@ class Link:
         self._lock = threading.Lock()
         self._next = 1
         self.handlers: Dict[str, Callable[[Dict[str, Any], bytes], None]] = {}
+        #: Requests answered here without asking the local side, per operation.
+        self.answered: Dict[str, int] = {}
+        #: Requests sent to the local side and waited for, per operation.
+        self.asked: Dict[str, int] = {}
+        #: Requests sent to the local side without waiting for the answer (:meth:`post`).
+        self.posted: Dict[str, int] = {}
 
-    def send(self, header: Dict[str, Any], payload: bytes = b"") -> None:
+    def answer_here(self, op: str) -> None:
+        """Count one request answered on the host (cache hit, local copy, nothing to report)."""
+        with self._lock:
+            self.answered[op] = self.answered.get(op, 0) + 1
+
+    def stats(self) -> Dict[str, Any]:
+        """What this end counted: requests asked and answered here, bytes each way, frames packed."""
+        with self._lock:
+            return {"asked": dict(self.asked), "answered_on_host": dict(self.answered),
+                    "posted": dict(self.posted),
+                    "bytes_sent": self.writer.sent, "bytes_received": self.reader.received,
+                    "payload_sent": self.writer.payload_bytes, "packed_frames": self.writer.packed_frames,
+                    "codec": self.writer.compress}
+
+    def send(self, header: Dict[str, Any], payload: bytes = b"", compressible: bool = False) -> None:
         """Send a frame; a broken pipe marks the link lost."""
         if self.lost.is_set():
             return
         try:
-            self.writer.send(header, payload)
+            self.writer.send(header, payload, compressible)
         except OSError as exc:
             self.mark_lost("write failed: %s" % exc)
 
@@ -84,6 +104,20 @@ class Link:
                 results.append(exc)
         return results
 
+    def post(self, op: str, args: Dict[str, Any]) -> None:
+        """Send a request whose answer nobody waits for (its reply, matching no slot, is dropped).
+
+        For what the local side must do but the program need not wait for:
+        closing a read-only handle. Counted under ``posted``.
+        """
+        if self.lost.is_set():
+            return
+        with self._lock:
+            rid = self._next
+            self._next += 1
+            self.posted[op] = self.posted.get(op, 0) + 1
+        self.send({"t": P.REQ, "id": rid, "op": op, "a": args})
+
     def _submit(self, op: str, args: Dict[str, Any], payload: bytes) -> List[Any]:
         if self.lost.is_set():
             raise OSError(errno.EIO, "link lost")
@@ -92,7 +126,8 @@ class Link:
             self._next += 1
             slot: List[Any] = [threading.Event(), None, b"", rid]
             self._pending[rid] = slot
-        self.send({"t": P.REQ, "id": rid, "op": op, "a": args}, payload)
+            self.asked[op] = self.asked.get(op, 0) + 1
+        self.send({"t": P.REQ, "id": rid, "op": op, "a": args}, payload, compressible=op == "write")
         return slot
 
     def _wait(self, slot: List[Any], timeout: Optional[float]) -> Tuple[Dict[str, Any], bytes]:

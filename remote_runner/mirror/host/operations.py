@@ -89,6 +89,7 @@ def make_operations(link: Link, prefix: bytes, files: Optional[FileCache] = None
             # The kernel's lookup a moment ago matched our copy: no need to ask again.
             fd = files.open_copy(path, have)
             if fd is not None:
+                link.answer_here("open")
                 cache.put(path, recent[1], recent[0])  # for the getattr after the open
                 return files.add_handle(fd, recent[1])
         while True:
@@ -142,6 +143,7 @@ def make_operations(link: Link, prefix: bytes, files: Optional[FileCache] = None
             if fh is not None and fh >= LOCAL_FH_BASE and files is not None:
                 entry = files.handles.get(fh)
                 if entry is not None:
+                    link.answer_here("getattr")
                     return entry[1]
             if fh is not None and fh:
                 args["fh"] = fh
@@ -150,8 +152,15 @@ def make_operations(link: Link, prefix: bytes, files: Optional[FileCache] = None
                     profile.record(args["path"])
                 cached = cache.get(args["path"])
                 if cached is MISSING or (cached is not None and cached.get("missing")):
+                    link.answer_here("getattr")
                     raise mfusepy.FuseOSError(errno.ENOENT)
+                if cached is None:
+                    # Asked again within the lease of the last answer (as long as the
+                    # kernel's own attr_timeout, emptied by any change made through here).
+                    lease = cache.recent(args["path"])
+                    cached = lease[1] if lease is not None else None
                 if cached is not None:
+                    link.answer_here("getattr")
                     return cached
             header = call("getattr", args)[0]
             if path is not None:
@@ -165,6 +174,7 @@ def make_operations(link: Link, prefix: bytes, files: Optional[FileCache] = None
         def readlink(self, path: str) -> str:
             recent = cache.recent(wire(path), kind="link")  # sent with the lookup just before
             if recent is not None:
+                link.answer_here("readlink")
                 return recent[1]["link"]
             return call("readlink", {"path": wire(path)})[1].decode("utf-8", "surrogateescape")
 
@@ -261,6 +271,7 @@ def make_operations(link: Link, prefix: bytes, files: Optional[FileCache] = None
 
         def read(self, path: str, size: int, offset: int, fh: int) -> bytes:
             if fh >= LOCAL_FH_BASE:
+                link.answer_here("read")
                 return os.pread(local_fd(fh), size, offset)
             return call("read", {"fh": fh, "size": size, "off": offset})[1]
 
@@ -270,7 +281,9 @@ def make_operations(link: Link, prefix: bytes, files: Optional[FileCache] = None
             return done
 
         def flush(self, path: str, fh: int) -> int:
-            if fh >= LOCAL_FH_BASE:
+            if fh >= LOCAL_FH_BASE or fh in reading:
+                # A read-only handle has nothing to write back and no error to report.
+                link.answer_here("flush")
                 return 0
             call("flush", {"fh": fh})
             return 0
@@ -278,6 +291,14 @@ def make_operations(link: Link, prefix: bytes, files: Optional[FileCache] = None
         def release(self, path: str, fh: int) -> int:
             if fh >= LOCAL_FH_BASE:
                 files.release(fh)
+                link.answer_here("release")
+                return 0
+            if fh in reading:
+                # Closing a read-only handle changes nothing the program could see:
+                # the local side closes it while the program goes on.
+                reading.pop(fh, None)
+                link.answer_here("release")
+                link.post("release", {"fh": fh})
                 return 0
             call("release", {"fh": fh})
             return 0

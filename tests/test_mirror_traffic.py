@@ -1,0 +1,171 @@
+"""What crosses the link: compression negotiated with what the host has, requests answered on the host.
+
+Lab tests read the run's counters (``remote-runner exec --stats FILE``): bytes
+each way, frames packed and with which codec, requests this machine served
+and those the host answered itself. Counts, never times.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from remote_runner.mirror import protocol as P
+from tests.conftest import ssh
+
+EXEC_TIMEOUT = 300
+
+
+def exec_stats(lab, host: str, argv, cwd: Path, *options: str):
+    """Run ``remote-runner exec --stats`` as a user would; return (process, counters)."""
+    stats = cwd / f"stats-{os.getpid()}-{len(list(cwd.iterdir()))}.json"
+    proc = subprocess.run([sys.executable, "-m", "remote_runner", "exec", "-F", lab.ssh_config,
+                           "--stats", str(stats), *options, host, *argv],
+                          cwd=str(cwd), capture_output=True, timeout=EXEC_TIMEOUT)
+    assert proc.returncode == 0, proc.stderr.decode(errors="replace")
+    counters = json.loads(stats.read_text())
+    stats.unlink()
+    return proc, counters
+
+
+# -- unit: the codec rules ---------------------------------------------------------------------
+def test_codec_choice_prefers_what_both_ends_have():
+    assert P.choose_codec(["zlib"]) == "zlib"            # a Debian host without python3-lz4
+    assert P.choose_codec([]) is None                    # an old agent offering nothing
+    assert P.choose_codec("zlib") is None                # not a list: nothing agreed
+    assert "zlib" in P.available_codecs()
+    if P.lz4_available():
+        assert P.choose_codec(["zlib", "lz4"]) == "lz4"
+
+
+def test_frames_round_trip_with_zlib_and_count_bytes():
+    sent = []
+    writer = P.FrameWriter(sent.append)
+    writer.compress = "zlib"
+    text = b"the same line again and again\n" * 4000
+    writer.send({"t": P.REP, "id": 1}, text, compressible=True)
+    writer.send({"t": P.REP, "id": 2}, text)                      # not marked compressible
+    assert writer.packed_frames == 1 and writer.frames == 2
+    assert writer.sent == sum(len(d) for d in sent) < len(text) * 2
+    assert writer.payload_bytes == 2 * len(text)
+
+    class Stream:
+        def __init__(self, data: bytes) -> None:
+            self.data = data
+
+        def read(self, n: int) -> bytes:
+            out, self.data = self.data[:n], self.data[n:]
+            return out
+
+    stream = Stream(b"".join(sent))
+    header, payload = P.read_frame(stream)
+    assert header["z"] == "zlib" and payload == text
+    assert P.read_frame(stream)[1] == text
+
+
+def test_incompressible_payload_costs_only_a_sample(monkeypatch):
+    packed_sizes = []
+    real = P.compress
+    monkeypatch.setattr(P, "compress", lambda data, codec="lz4": packed_sizes.append(len(data)) or real(data, codec))
+    writer = P.FrameWriter(lambda data: None)
+    writer.compress = "zlib"
+    noise = os.urandom(1 << 20)
+    writer.send({"t": P.REP, "id": 1}, noise, compressible=True)
+    assert writer.packed_frames == 0
+    assert packed_sizes == [P.SAMPLE]                     # the sample, never the whole megabyte
+
+
+def test_zlib_bomb_and_garbage_are_protocol_errors():
+    import zlib
+    bomb = zlib.compress(b"\0" * (P.MAX_PAYLOAD + 1), 9)
+    with pytest.raises(P.ProtocolError):
+        P.decompress(bomb, "zlib")
+    with pytest.raises(P.ProtocolError):
+        P.decompress(b"not zlib at all", "zlib")
+    with pytest.raises(P.ProtocolError):
+        P.decompress(b"x", "brotli")
+
+
+# -- lab: a Debian 11 host without python3-lz4 ---------------------------------------------------
+@pytest.mark.lab
+def test_compression_is_negotiated_and_used_on_a_host_without_lz4(lab, foreign_host, tmp_path):
+    assert ssh(lab, foreign_host, "python3 -c 'import lz4'", check=False).returncode != 0
+    text = tmp_path / "text.txt"
+    text.write_bytes(b"".join(b"line %06d of a log that compresses well\n" % i for i in range(100000)))
+    size = text.stat().st_size
+    proc, stats = exec_stats(lab, foreign_host, ["md5sum", str(text)], tmp_path, "--no-cache")
+    assert proc.stdout.split()[0].decode() == __import__("hashlib").md5(text.read_bytes()).hexdigest()
+    assert stats["codec"] == "zlib" and stats["host"]["codec"] == "zlib"
+    assert stats["packed_frames"] > 0
+    assert stats["bytes_sent"] < size / 3                 # the file crossed the link packed
+    # The same run without compression: the file crosses as it is.
+    _, plain = exec_stats(lab, foreign_host, ["md5sum", str(text)], tmp_path, "--no-cache", "--no-compress")
+    assert plain["codec"] is None and plain["packed_frames"] == 0
+    assert plain["bytes_sent"] > size
+
+
+@pytest.mark.lab
+def test_host_writes_are_compressed_too(lab, foreign_host, tmp_path):
+    out = tmp_path / "written.txt"
+    script = f"open({str(out)!r}, 'w').write('compressible ' * 400000)"
+    _, stats = exec_stats(lab, foreign_host, ["/usr/bin/python3", "-c", script], tmp_path)
+    assert out.read_text() == "compressible " * 400000
+    host = stats["host"]
+    assert host["codec"] == "zlib" and host["packed_frames"] > 0
+    assert host["payload_sent"] > len("compressible ") * 400000
+    assert host["bytes_sent"] < host["payload_sent"] / 3
+
+
+@pytest.mark.lab
+def test_incompressible_data_is_sent_as_it_is(lab, foreign_host, tmp_path):
+    small = tmp_path / "small.txt"
+    small.write_bytes(b"tiny\n")
+    noise = tmp_path / "noise.bin"
+    noise.write_bytes(os.urandom(4 << 20))
+    _, base = exec_stats(lab, foreign_host, ["md5sum", str(small)], tmp_path, "--no-cache")
+    _, stats = exec_stats(lab, foreign_host, ["md5sum", str(noise)], tmp_path, "--no-cache")
+    assert stats["codec"] == "zlib"
+    assert stats["bytes_sent"] > 4 << 20
+    # The noise took many more reads than the tiny file, and none of them was packed
+    # (what is packed is the program's own libraries and listings, the same both times).
+    extra_reads = stats["served"]["read"] - base["served"]["read"]
+    assert extra_reads >= 16
+    assert stats["packed_frames"] - base["packed_frames"] <= 2
+
+
+# -- lab: requests answered on the host -----------------------------------------------------------
+@pytest.mark.lab
+def test_read_only_flush_and_release_are_answered_on_the_host(lab, tmp_path):
+    """python3 reading its modules through the link (no host cache): every open's flush and
+    release used to cost a waited request each; now the program waits for neither."""
+    argv = ["/usr/bin/python3", "-c", "import json, email.parser, http.client, decimal; print('ok')"]
+    proc, stats = exec_stats(lab, "h1", argv, tmp_path, "--no-cache")
+    assert proc.stdout == b"ok\n"
+    host, served = stats["host"], stats["served"]
+    opens = served.get("open", 0)
+    assert opens >= 20
+    assert "flush" not in served and "flush" not in host["asked"]
+    assert "release" not in host["asked"]                  # posted, never waited for
+    assert host["answered_on_host"]["flush"] >= opens - 5
+    assert host["posted"]["release"] >= opens - 5
+    # What the program waited for, against what it waited for before (every flush and release asked).
+    waited = sum(host["asked"].values())
+    before = waited + host["answered_on_host"]["flush"] + host["posted"]["release"]
+    print(f"requests waited for: {waited} (before: {before}); served here {stats['requests']}")
+    assert waited <= before * 0.8
+
+
+@pytest.mark.lab
+def test_repeated_lookups_inside_a_lease_are_answered_on_the_host(lab, tmp_path):
+    target = tmp_path / "probed.txt"
+    target.write_text("x")
+    script = ("import os, sys\n"
+              "for _ in range(200):\n"
+              "    os.stat(sys.argv[1], follow_symlinks=False); os.access(sys.argv[1], os.R_OK)\n")
+    _, stats = exec_stats(lab, "h1", ["/usr/bin/python3", "-c", script, str(target)], tmp_path)
+    assert stats["host"]["answered_on_host"].get("getattr", 0) > 0
