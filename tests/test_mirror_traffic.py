@@ -21,12 +21,13 @@ from tests.conftest import ssh
 EXEC_TIMEOUT = 300
 
 
-def exec_stats(lab, host: str, argv, cwd: Path, *options: str):
+def exec_stats(lab, host: str, argv, cwd: Path, *options: str, env=None):
     """Run ``remote-runner exec --stats`` as a user would; return (process, counters)."""
     stats = cwd / f"stats-{os.getpid()}-{len(list(cwd.iterdir()))}.json"
     proc = subprocess.run([sys.executable, "-m", "remote_runner", "exec", "-F", lab.ssh_config,
                            "--stats", str(stats), *options, host, *argv],
-                          cwd=str(cwd), capture_output=True, timeout=EXEC_TIMEOUT)
+                          cwd=str(cwd), capture_output=True, timeout=EXEC_TIMEOUT,
+                          env={**os.environ, **(env or {})})
     assert proc.returncode == 0, proc.stderr.decode(errors="replace")
     counters = json.loads(stats.read_text())
     stats.unlink()
@@ -169,3 +170,53 @@ def test_repeated_lookups_inside_a_lease_are_answered_on_the_host(lab, tmp_path)
               "    os.stat(sys.argv[1], follow_symlinks=False); os.access(sys.argv[1], os.R_OK)\n")
     _, stats = exec_stats(lab, "h1", ["/usr/bin/python3", "-c", script, str(target)], tmp_path)
     assert stats["host"]["answered_on_host"].get("getattr", 0) > 0
+
+
+# -- lab: profiles shared per executable and per directory tree ----------------------------------
+@pytest.mark.lab
+def test_a_first_run_of_another_script_benefits_from_earlier_runs_of_its_interpreter(lab, tmp_path):
+    """After ``python3 a.py``, a first ``python3 b.py`` is seeded by what python3 learned."""
+    host = "h2"
+    work = tmp_path / "project"
+    work.mkdir()
+    (work / "a.py").write_text("import json, email.parser, http.client, decimal, argparse\nprint('a')\n")
+    (work / "b.py").write_text("import json, http.client, decimal, argparse, csv\nprint('b')\n")
+    learned = {"XDG_CACHE_HOME": str(tmp_path / "learned")}     # this machine's profiles after a.py
+    python = "/usr/bin/python3"
+    runs = {}
+    for name, script, env in (("a", "a.py", learned), ("b alone", "b.py", {"XDG_CACHE_HOME": str(tmp_path / "empty")}),
+                              ("b seeded", "b.py", learned)):
+        ssh(lab, host, "rm -rf ~/.cache/remote-runner")       # a host that never ran python3
+        proc, runs[name] = exec_stats(lab, host, [python, script], work, env=env)
+        assert proc.stdout == script[0].encode() + b"\n"
+    alone, seeded = runs["b alone"], runs["b seeded"]
+    print(f"first python3 b.py on a new host: {alone['requests']} requests, {alone['host']['waits']} waits "
+          f"alone; {seeded['requests']} requests, {seeded['host']['waits']} waits seeded by python3 a.py")
+    assert seeded["requests"] * 4 <= alone["requests"] * 3
+    assert seeded["host"]["waits"] * 4 <= alone["host"]["waits"]
+    # The seed answered b.py's lookups: the interpreter's names, not only a.py's command.
+    assert seeded["served"].get("getattr", 0) * 10 <= alone["served"]["getattr"]
+
+
+def test_profiles_are_shared_per_executable_and_per_tree(tmp_path, monkeypatch):
+    from remote_runner.mirror.profile import ProfileSet
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    monkeypatch.setenv("PATH", "/usr/bin:/bin")
+    project, other = tmp_path / "project", tmp_path / "other"
+    project.mkdir()
+    other.mkdir()
+    a = ProfileSet.for_command(["python3", "a.py"], False, str(project))
+    a.save(["/usr/lib/python3/json", str(project / "a.py")], ["/usr/lib/python3/json/__init__.py"])
+    # Another script, elsewhere: the interpreter's profile seeds it.
+    b = ProfileSet.for_command(["/usr/bin/python3", "b.py"], False, str(other))
+    assert "/usr/lib/python3/json" in b.load()[0]
+    assert b.load()[1] == ["/usr/lib/python3/json/__init__.py"]
+    # Another program in the same tree: the tree's profile seeds it.
+    make = ProfileSet.for_command(["make", "-j"], False, str(project))
+    assert str(project / "a.py") in make.load()[0]
+    # Files-only sessions never share with full mirrors.
+    assert ProfileSet.for_command(["python3", "c.py"], True, str(project)).load() == ([], [])
+    # What a later run learns is added, newest first; the command's own profile is replaced.
+    b.save(["/usr/lib/python3/csv.py"], [])
+    names = ProfileSet.for_command(["python3", "z.py"], False, str(tmp_path)).load()[0]
+    assert names[:2] == ["/usr/lib/python3/csv.py", "/usr/lib/python3/json"]

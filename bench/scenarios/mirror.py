@@ -23,7 +23,7 @@ from bench.measure import repeat, run as sh, skipped
 from bench.results import OURS, REFERENCE, Measurement
 from bench.sshfs import SshfsMount, sftp_server
 from remote_runner.mirror import protocol as P
-from remote_runner.mirror.profile import CommandProfile, profiles_dir
+from remote_runner.mirror.profile import ProfileSet, profiles_dir
 
 SCENARIO = "mirror"
 MIRROR_HOST_INDEX = 4
@@ -145,10 +145,12 @@ def run(ctx: Context) -> List[Measurement]:
                 def wipe_both() -> None:  # cold: nothing known on either side
                     wipe(OURS_CACHE)()
                     argv = [P.name_to_wire(os.fsencode(a)) for a in load.argv]
-                    try:
-                        os.unlink(CommandProfile.for_command(argv, False).path)
-                    except FileNotFoundError:
-                        pass
+                    # Its own profile and those it shares (its executable's, its directory tree's).
+                    for path in ProfileSet.for_command(argv, False, load.cwd).paths:
+                        try:
+                            os.unlink(path)
+                        except FileNotFoundError:
+                            pass
                 return wipe_both
 
             # Then a host that never ran the command, from a machine that has (its profile is kept).

@@ -9,16 +9,25 @@ the next session's ``validate`` the local side answers for these names too,
 and lists the files with their size, mtime and inode, so the agent fetches the
 ones its cache lacks all at once, before the command starts, instead of one by
 one as the loader asks. Only names are stored; every answer is a fresh lookup.
+
+A command's own profile helps only a command run before. So knowledge is also
+shared (:class:`ProfileSet`): per executable (``python3 b.py`` starts with the
+interpreter, stdlib and site-packages every earlier ``python3`` run looked up,
+whatever its script) and per directory tree (the working directory: ``pytest``,
+``make`` and the project's own scripts share the project's files). A session
+loads the union, its own command first, and adds what it learned to all three.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
+import shutil
 import tempfile
-from typing import List, Sequence, Tuple
+from typing import List, Optional, Sequence, Tuple
 
-from remote_runner.mirror.protocol import PROFILE_NAMES, profile_key
+from remote_runner.mirror.protocol import PROFILE_NAMES, name_from_wire, profile_key
 
 #: At most this many names and files are kept per command.
 NAME_LIMIT = PROFILE_NAMES
@@ -70,3 +79,63 @@ class CommandProfile:
             except OSError:
                 pass
             raise
+
+
+def _shared_key(kind: str, what: bytes, files_only: bool) -> str:
+    return hashlib.sha1(b"%s|%d|%s" % (kind.encode(), files_only, what)).hexdigest()
+
+
+def executable_of(argv_wire: Sequence[str], cwd: str, path: Optional[str] = None) -> Optional[bytes]:
+    """The program *argv_wire* runs, as this machine resolves it (PATH, symlinks), or None."""
+    if not argv_wire:
+        return None
+    first = os.fsdecode(name_from_wire(argv_wire[0]))
+    if "/" in first:
+        found: Optional[str] = os.path.join(cwd, first)
+    else:
+        found = shutil.which(first, path=path if path is not None else os.environ.get("PATH"))
+    return os.fsencode(os.path.realpath(found)) if found else None
+
+
+class ProfileSet:
+    """A command's own profile, with those it shares: its executable's and its directory tree's."""
+
+    def __init__(self, own: CommandProfile, shared: Sequence[CommandProfile]) -> None:
+        self.own = own
+        self.shared = list(shared)
+
+    @classmethod
+    def for_command(cls, argv_wire: Sequence[str], files_only: bool, cwd: str) -> "ProfileSet":
+        shared = []
+        program = executable_of(argv_wire, cwd)
+        if program is not None:
+            shared.append(CommandProfile(os.path.join(
+                profiles_dir(), "exe-" + _shared_key("exe", program, files_only) + ".json")))
+        shared.append(CommandProfile(os.path.join(
+            profiles_dir(), "tree-" + _shared_key("tree", os.fsencode(os.path.realpath(cwd)), files_only)
+            + ".json")))
+        return cls(CommandProfile.for_command(argv_wire, files_only), shared)
+
+    @property
+    def paths(self) -> List[str]:
+        return [self.own.path] + [p.path for p in self.shared]
+
+    def load(self) -> Tuple[List[str], List[str]]:
+        """The union of the three (the command's own first), within the limits."""
+        names: dict = {}
+        files: dict = {}
+        for profile in [self.own] + self.shared:
+            got_names, got_files = profile.load()
+            names.update(dict.fromkeys(got_names))
+            files.update(dict.fromkeys(got_files))
+        return list(names)[:NAME_LIMIT], list(files)[:FILE_LIMIT]
+
+    def save(self, names: Sequence[str], files: Sequence[str]) -> None:
+        """The command's own profile becomes this session's; the shared ones gain it, newest first."""
+        self.own.save(names, files)
+        if not names:
+            return
+        for profile in self.shared:
+            old_names, old_files = profile.load()
+            profile.save(list(dict.fromkeys(list(names) + old_names)),
+                         list(dict.fromkeys(list(files) + old_files)))

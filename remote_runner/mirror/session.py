@@ -30,7 +30,7 @@ from remote_runner.mirror.environment import (connection_secrets, current_umask,
                                               filtered_environment)
 from remote_runner.mirror.exports import Exports
 from remote_runner.mirror.locallink import LocalLink, MirrorOptions
-from remote_runner.mirror.profile import CommandProfile
+from remote_runner.mirror.profile import ProfileSet
 from remote_runner.mirror.service import LocalFileService
 from remote_runner.mirror.streams import ChannelStream, PipeStream
 from remote_runner.mirror.terminal import (OutputWriter, enter_raw_mode, forward_signals, pump_stdin,
@@ -132,7 +132,7 @@ def run_command(conn: Any, argv: Sequence[str], *, cwd: Optional[str] = None,
     })
     profile = None
     if options.file_cache:
-        profile = CommandProfile.for_command(fields["argv"], options.files_only)
+        profile = ProfileSet.for_command(fields["argv"], options.files_only, cwd)
         link.service.seed = profile.load()
     link.boot(fields)
     link.start()
@@ -163,16 +163,16 @@ def run_command(conn: Any, argv: Sequence[str], *, cwd: Optional[str] = None,
                               f"({link.lost_reason}); the remote command was stopped")
 
 
-def _save_profile(profile: CommandProfile, service: LocalFileService) -> None:
+def _save_profile(profile: ProfileSet, service: LocalFileService) -> None:
     """Keep what the session looked up and sent whole, for the next start on any host."""
     names, files = service.looked_up, service.sent_whole
     # Files the host already had (served from its copies without asking) were
-    # not sent this time: keep those of the last profile that were looked up again.
+    # not sent this time: keep those of the last profiles that were looked up again.
     kept = [f for f in profile.load()[1] if f in names and f not in files]
     try:
         profile.save(list(names), list(files) + kept)
     except OSError as exc:
-        LOG.debug("mirror: profile %s not saved: %s", profile.path, exc)
+        LOG.debug("mirror: profiles %s not saved: %s", profile.paths, exc)
 
 
 # ---------------------------------------------------------------------------

@@ -48,6 +48,12 @@ class Link:
         self.asked: Dict[str, int] = {}
         #: Requests sent to the local side without waiting for the answer (:meth:`post`).
         self.posted: Dict[str, int] = {}
+        #: Times a caller waited for the local side (one per call, one per call_many batch).
+        self.waits = 0
+
+    def _count_wait(self) -> None:
+        with self._lock:
+            self.waits += 1
 
     def answer_here(self, op: str) -> None:
         """Count one request answered on the host (cache hit, local copy, nothing to report)."""
@@ -58,7 +64,7 @@ class Link:
         """What this end counted: requests asked and answered here, bytes each way, frames packed."""
         with self._lock:
             return {"asked": dict(self.asked), "answered_on_host": dict(self.answered),
-                    "posted": dict(self.posted),
+                    "posted": dict(self.posted), "waits": self.waits,
                     "bytes_sent": self.writer.sent, "bytes_received": self.reader.received,
                     "payload_sent": self.writer.payload_bytes, "packed_frames": self.writer.packed_frames,
                     "codec": self.writer.compress}
@@ -87,7 +93,9 @@ class Link:
     def call(self, op: str, args: Dict[str, Any], payload: bytes = b"",
              timeout: Optional[float] = None) -> Tuple[Dict[str, Any], bytes]:
         """Run one file-system request; raise OSError with the remote errno (EIO on link loss or timeout)."""
-        return self._wait(self._submit(op, args, payload), timeout)
+        slot = self._submit(op, args, payload)
+        self._count_wait()
+        return self._wait(slot, timeout)
 
     def call_many(self, op: str, many: List[Dict[str, Any]],
                   timeout: Optional[float] = None) -> List[Any]:
@@ -96,6 +104,7 @@ class Link:
         Returns (header, payload) per request, or the OSError it failed with.
         """
         slots = [self._submit(op, args, b"") for args in many]
+        self._count_wait()
         results: List[Any] = []
         for slot in slots:
             try:
