@@ -328,48 +328,24 @@ def restart(record: RunRecord, ssh_options, names: List[str], grace: float = 10.
                 LOG.info("%s", done.summary())
 
         def on_host(host: str) -> None:
-            shell = hosts.shells[host]
             h = record.hosts[host]
-            session = scr.Screen(shell, record.screen, h.state_dir, start_timeout=start_timeout,
-                                 log_dir=h.run_dir)
-            ids = session.sessions()
-            session.session_id = h.session if h.session in ids else (ids[-1] if ids else None)
+            session = scr.Screen(hosts.shells[host], record.screen, h.state_dir,
+                                 start_timeout=start_timeout, log_dir=h.run_dir)
+            session.session_id = h.session or None
             windows = [window(record, c) for c in grouped[host]]
-            parts = []
-            for comp, win in zip(grouped[host], windows):
-                argv, lookup = launch_argv(comp)
-                parts.append(scr.heredoc_write(win.launcher, scr.launcher_text(
-                    win, argv, comp.base_dir, comp.name, env=sorted(comp.env.items()),
-                    lookup=lookup)))
-                # keep the previous log (a later window may reuse the old one's number),
-                # and remember the old window to close once the new one runs
-                log = shlex.quote(win.log_file)
-                parts.append(f"if t=$(readlink {log}); then echo \"OLD $t\"; "
-                             f"mv -f {shlex.quote(h.run_dir)}/\"$t\" "
-                             f"{log}.$(date +%Y%m%d-%H%M%S); fi; rm -f {log}\n")
-                parts.append(f"rm -f {shlex.quote(win.pid_file)} {shlex.quote(win.status_file)}\n")
-            result = shell.script("".join(parts), timeout=120)
-            if result.exit_status != 0:
-                raise StartError(f"host {host}: could not write launchers: "
-                                 f"{result.stderr.strip()}")
-            old = [line[len("OLD window-"):-len(".log")] for line in result.stdout.splitlines()
-                   if line.startswith("OLD window-") and line.endswith(".log")]
-            before = session.session_id
-            pids = session.start(windows)
-            if before and before == session.session_id:
-                shell.script("".join(f"screen -S {shlex.quote(before)} -p {n} -X kill "
-                                     ">/dev/null 2>&1\n" for n in old if n.isdigit()),
-                             timeout=60)
+            checks = [hostops.HealthCheck(w, c.base_dir, c.ready, c.ready_timeout, c.wait)
+                      for c, w in zip(grouped[host], windows)]
+            wave = session.start_wave(
+                windows, setup=_restart_setup(grouped[host], windows, h.run_dir), replace="adopt",
+                health=_close_old_windows(windows, h.session) + hostops.health_script(checks, settle),
+                extra_time=hostops.health_time(checks, settle))
             h.session = session.session_id or h.session
             now = utc_now()
             for comp in grouped[host]:
-                comp.pid, comp.started, comp.ended = pids[comp.stem], now, None
+                comp.pid, comp.started, comp.ended = wave.pids[comp.stem], now, None
                 comp.exit_status, comp.state = None, "starting"
                 new_pids[comp.label] = comp.pid
-            checks = [hostops.HealthCheck(w, c.base_dir, c.ready, c.ready_timeout, c.wait)
-                      for c, w in zip(grouped[host], windows)]
-            failures = hostops.judge(host, grouped[host],
-                                     hostops.check_health(shell, checks, settle))
+            failures = hostops.judge(host, grouped[host], hostops.parse_health(wave.stdout, checks))
             if failures:
                 raise failures[0]
         try:
@@ -377,6 +353,45 @@ def restart(record: RunRecord, ssh_options, names: List[str], grace: float = 10.
         finally:
             record.save()
     return new_pids
+
+
+def _restart_setup(comps: List[ComponentRecord], windows: List[Window], run_dir: str) -> str:
+    """Return shell text rewriting the launchers of *comps* and putting their old logs aside.
+
+    The previous log is kept (renamed with the time), and the number of each
+    old window is remembered in ``$rr_old`` so it is closed once the new one
+    runs (closing it first could end a session that has no other window).
+    Runs from before logs were named per component linked ``<stem>.log`` to
+    ``window-N.log``; both kinds are handled.
+    """
+    from remote_runner import screen as scr
+    q = shlex.quote
+    parts = ["rr_old=\n"]
+    for comp, win in zip(comps, windows):
+        argv, lookup = launch_argv(comp)
+        parts.append(scr.heredoc_write(win.launcher, scr.launcher_text(
+            win, argv, comp.base_dir, comp.name, env=sorted(comp.env.items()), lookup=lookup),
+            on_error=scr.SETUP_FAILED))
+        log, stamp = q(win.log_file), "$(date +%Y%m%d-%H%M%S)"
+        parts.append(f"n=; {{ read -r n < {q(win.win_file)}; }} 2>/dev/null\n"
+                     f"if t=$(readlink {log}); then n=${{t#window-}}; n=${{n%.log}}; "
+                     f"mv -f {q(run_dir)}/\"$t\" {log}.{stamp}; rm -f {log}\n"
+                     f"elif [ -e {log} ]; then mv -f {log} {log}.{stamp}; fi\n"
+                     'case $n in ""|*[!0-9]*) ;; *) rr_old="$rr_old $n";; esac\n'
+                     f"rm -f {q(win.pid_file)} {q(win.status_file)} {q(win.win_file)}\n")
+    return "".join(parts)
+
+
+def _close_old_windows(windows: List[Window], session: str) -> str:
+    """Return shell text closing the windows in ``$rr_old`` that no new window now uses.
+
+    Only in *session*, the one they ran in (a new session holds only new windows).
+    """
+    news = " ".join(shlex.quote(w.win_file) for w in windows)
+    return (f'if [ -n "$rr_old" ] && [ "$sid" = {shlex.quote(session)} ]; then\n'
+            '  rr_new=" $(cat ' + news + ' 2>/dev/null | tr "\\n" " ")"\n'
+            '  for n in $rr_old; do case "$rr_new" in *" $n "*) ;; *) '
+            'screen -S "$sid" -p "$n" -X kill >/dev/null 2>&1;; esac; done\nfi\n')
 
 
 def launch_argv(comp: ComponentRecord) -> Tuple[List[str], Optional[str]]:

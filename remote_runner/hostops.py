@@ -139,7 +139,8 @@ def health_script(checks: Sequence[HealthCheck], settle: float) -> str:
             f'  if [ -z "$v{n}" ]; then',
             f"    if [ -s {q(w.status_file)} ]; then",
             f"      {ended}",
-            f"    elif ! kill -0 \"$(cat {q(w.pid_file)} 2>/dev/null)\" 2>/dev/null; then",
+            f"    elif p=; {{ read -r p < {q(w.pid_file)}; }} 2>/dev/null; ! kill -0 \"$p\" "
+            "2>/dev/null; then",
             f"      if [ -s {q(w.status_file)} ]; then pending=1; else v{n}=GONE; fi",
         ]
         if c.ready:
@@ -164,16 +165,25 @@ def health_script(checks: Sequence[HealthCheck], settle: float) -> str:
     return "\n".join(lines) + "\n"
 
 
+def health_time(checks: Sequence[HealthCheck], settle: float) -> float:
+    """Return the longest the health script of *checks* may take (seconds)."""
+    return max([settle] + [c.timeout for c in checks if c.ready])
+
+
 def check_health(shell: "Shell", checks: Sequence[HealthCheck], settle: float) -> Dict[str, Health]:
     """Run the health script for *checks* on one host; return stem -> :class:`Health`."""
     if not checks:
         return {}
-    limit = max([settle] + [c.timeout for c in checks if c.ready]) + 60
-    result = shell.script(health_script(checks, settle), timeout=limit)
+    result = shell.script(health_script(checks, settle), timeout=health_time(checks, settle) + 60)
+    return parse_health(result.stdout, checks)
+
+
+def parse_health(stdout: str, checks: Sequence[HealthCheck]) -> Dict[str, Health]:
+    """Return stem -> :class:`Health` from what :func:`health_script` printed."""
     out: Dict[str, Health] = {}
     tail_of: Optional[str] = None
     tail: List[str] = []
-    for line in result.stdout.splitlines():
+    for line in stdout.splitlines():
         if tail_of is not None:
             if line == f"{_TAIL_MARK}-END":
                 out[tail_of].log_tail = "\n".join(tail).strip("\n")

@@ -12,17 +12,20 @@ and inside a step hosts are handled in parallel, at most ``forks`` at once):
    in SPAR, in the directory remote_runner was started from, so its relative
    paths mean what they did).
 4. **Copy** files (:mod:`remote_runner.sync`): free space first, then every copy.
-5. **Replace** the previous session of the same name (or adopt it with
-   ``--no-kill``) only now, once every host is prepared and every copy is
-   complete: a run that cannot start leaves the last good one running. Then
-   **write launchers** (:mod:`remote_runner.screen`), one command per host.
-6. **Start** by ``start_index``: one index starts in parallel on all hosts, and
-   the next index begins only when every window of this one has *confirmed*
-   it is running (its launcher wrote ``<stem>.pid``).
-7. **Wait** for ``wait`` components by polling their ``<stem>.status`` files,
+5. **Start** by ``start_index``, one command per host per index (a *wave*):
+   it opens every window of the wave with one screen client, waits for each
+   launcher's ``<stem>.pid`` and runs the health check (alive after
+   ``--settle``, or ``ready``); the next index begins only when every window
+   of this one is confirmed on every host. A host's first command also
+   writes the launchers of all its waves (:mod:`remote_runner.screen`) and
+   **replaces** the previous session of the same name (or adopts it with
+   ``--no-kill``) — only now, once every host is prepared and every copy is
+   complete, so a run that cannot start leaves the last good one running.
+   Hosts with nothing in the first index do this alongside it.
+6. **Wait** for ``wait`` components by polling their ``<stem>.status`` files,
    one bounded command per host per round, so a dead link raises instead of
    hanging; a launcher that vanished without a status is a failure too.
-8. **Terminate** (``-t``, off by default): signal the process group of every
+7. **Terminate** (``-t``, off by default): signal the process group of every
    other component's window, then SIGKILL what is left after a grace period.
 
 Hosts run commands through a :class:`~remote_runner.shell.Shell`: ``sh -s``
@@ -104,6 +107,8 @@ class Runner:
         self.record = record or RunRecord(self.run_id, screen=options.screen)
         self._save_records = record is not None
         self.locks: Dict[str, hostops.SessionLock] = {}
+        #: per host: the shell text writing its launchers (run by its first start command)
+        self._setup: Dict[str, str] = {}
         self._record_lock = threading.Lock()
 
     # -- public -------------------------------------------------------------
@@ -126,7 +131,6 @@ class Runner:
                 self.copy()
                 info["message"] = _copy_summary(self.report.sync)
             with ev.phase(self.events, "start", count) as info:
-                self.replace_sessions()
                 self.write_launchers()
                 self.save_record()
                 self.start_all()
@@ -273,25 +277,6 @@ class Runner:
         """Check for screen and create state and base directories on each host (nothing is stopped)."""
         self._parallel(self._prepare_host, list(self._by_host()), "preparing it")
 
-    def replace_sessions(self) -> None:
-        """Stop the previous session on every host (or adopt it with ``--no-kill``).
-
-        This comes only after every host is prepared and every copy is
-        complete: a run that cannot start (a full disk, a missing tool, a
-        dropped link) fails before it and leaves the last good experiment running.
-        """
-        self._parallel(self._replace_on_host, list(self.screens),
-                       "stopping the previous screen session")
-
-    def _replace_on_host(self, host: str) -> None:
-        session = self.screens[host]
-        if self.options.kill_first:
-            for old in session.kill(self.options.terminate_grace):
-                self._say(ev.KIND_NOTE, host, f"quit previous screen session {old}")
-        elif session.adopt():
-            self._say(ev.KIND_NOTE, host,
-                      f"adding windows to existing screen session {session.session_id}")
-
     def copy(self) -> None:
         """Copy every remote component's files (nothing for localhost)."""
         jobs = []
@@ -320,28 +305,38 @@ class Runner:
                       copied=len(done.copied), unchanged=len(done.skipped), bytes=done.bytes)
 
     def write_launchers(self) -> None:
-        """Write every component's launcher (one command per host)."""
+        """Build every component's launcher; they are written by each host's first start command."""
         mirrored = [p.spec for places in self.placements.values() for p in places if p.spec.mirror]
         if mirrored:
             by_name = {name: self.connections[group] for name, group in self.host_of.items()
                        if group in self.connections}
             self.mirror = self.mirror_factory({**by_name, **self.connections}, mirrored)
-        self._parallel(self._write_host_launchers, list(self.placements), "writing launchers")
+        self._setup = {host: self._launcher_setup(host) for host in self.placements}
 
     def start_all(self) -> None:
-        """Start components by start_index, one confirmed wave at a time."""
+        """Start components by start_index, one confirmed wave at a time: one command per host.
+
+        A host's first command also writes the launchers of all its waves and
+        replaces the previous session (or adopts it with ``--no-kill``) — only
+        now, once every host is prepared and every copy is complete, so a run
+        that cannot start leaves the last good experiment running. Hosts with
+        nothing in the first wave do that in parallel with it.
+        """
         waves: Dict[Any, List[Placement]] = {}
         for places in self.placements.values():
             for place in places:
                 waves.setdefault(place.spec.start_index, []).append(place)
+        pending = set(self.placements)  # hosts whose session is not replaced yet
         for index in sorted(waves):
-            by_host: Dict[str, List[Placement]] = {}
+            by_host: Dict[str, List[Placement]] = {host: [] for host in pending}
             for place in waves[index]:
                 by_host.setdefault(self._group_of(place.spec), []).append(place)
             self._say(ev.KIND_NOTE, None, f"starting index {index}: " + ", ".join(
                 f"{p.spec.host}:{p.spec.name}" for p in waves[index]))
-            self._parallel(lambda host: self._start_on_host(host, by_host[host]), list(by_host),
-                           f"starting index {index}", by_host)
+            first = set(pending)
+            pending = set()
+            self._parallel(lambda host: self._start_on_host(host, by_host[host], host in first),
+                           list(by_host), f"starting index {index}", by_host)
 
     def wait_all(self) -> None:
         """Block until every wait (and mirrored) component has exited, or the wait timeout."""
@@ -428,8 +423,8 @@ class Runner:
             self.report.components[spec.key] = ComponentResult(host, spec.name, base)
         self.placements[host] = places
 
-    def _write_host_launchers(self, host: str) -> None:
-        """Write the launchers of *host*'s components and clear their old state files."""
+    def _launcher_setup(self, host: str) -> str:
+        """Return the shell text writing *host*'s launchers and clearing their old state files."""
         parts = []
         for place in self.placements[host]:
             lookup = None
@@ -440,25 +435,45 @@ class Runner:
                 lookup = path_lookup(place.spec)
             w = place.window
             parts.append(f"rm -f {shlex.quote(w.status_file)} {shlex.quote(w.pid_file)} "
-                         f"{shlex.quote(w.log_file)}\n")
+                         f"{shlex.quote(w.log_file)} {shlex.quote(w.win_file)}\n")
             text = scr.launcher_text(w, argv, place.base_dir, place.spec.name,
                                      env=place.spec.env, lookup=lookup)
-            parts.append(scr.heredoc_write(w.launcher, text))
-        result = self.shells[host].script("".join(parts), timeout=120)
-        if result.exit_status != 0:
-            raise StartError(f"host {host}: could not write launchers: {result.stderr.strip()}")
+            parts.append(scr.heredoc_write(w.launcher, text, on_error=scr.SETUP_FAILED))
+        return "".join(parts)
 
-    def _start_on_host(self, host: str, places: List[Placement]) -> None:
-        """Open the windows of *places* on *host* and record their pids."""
+    def _start_on_host(self, host: str, places: List[Placement], first: bool) -> None:
+        """Open the windows of *places* on *host*, confirm them healthy, record their pids.
+
+        One command: on the host's *first* one, the launchers are written and
+        the previous session replaced before the windows open.
+        """
         session = self.screens[host]
-        pids = session.start([p.window for p in places])
+        checks = [hostops.HealthCheck(p.window, p.base_dir, p.spec.ready, p.spec.ready_timeout,
+                                      p.spec.wait or p.spec.mirror) for p in places]
+        replace = None
+        if first:
+            replace = "kill" if self.options.kill_first else "adopt"
+        wave = session.start_wave([p.window for p in places],
+                                  setup=self._setup.get(host, "") if first else "",
+                                  replace=replace,
+                                  health=hostops.health_script(checks, self.options.settle)
+                                  if checks else "",
+                                  grace=self.options.terminate_grace,
+                                  extra_time=hostops.health_time(checks, self.options.settle))
+        for old in wave.quit:
+            self._say(ev.KIND_NOTE, host, f"quit previous screen session {old}")
+        if wave.adopted:
+            self._say(ev.KIND_NOTE, host,
+                      f"adding windows to existing screen session {session.session_id}")
         self.report.session[host] = session.session_id or ""
         self.record.hosts[host].session = session.session_id or ""
+        if not places:
+            return
         for place in places:
             result = self.report.components[place.spec.key]
-            result.pid = pids[place.window.stem]
+            result.pid = wave.pids[place.window.stem]
             self._component_record(host, place).started = utc_now()
-        self._check_health(host, places)
+        self._judge(host, places, hostops.parse_health(wave.stdout, checks))
         for place in places:
             result = self.report.components[place.spec.key]
             self._say(ev.KIND_COMPONENT_STARTED, host,
@@ -466,11 +481,8 @@ class Runner:
                       f"{session.session_id}", component=place.spec.name, pid=result.pid,
                       start_index=place.spec.start_index, session=session.session_id)
 
-    def _check_health(self, host: str, places: List[Placement]) -> None:
-        """Confirm *places* alive after the settle time or ready; raise ComponentUnhealthy."""
-        checks = [hostops.HealthCheck(p.window, p.base_dir, p.spec.ready, p.spec.ready_timeout,
-                                      p.spec.wait or p.spec.mirror) for p in places]
-        health = hostops.check_health(self.shells[host], checks, self.options.settle)
+    def _judge(self, host: str, places: List[Placement], health: Dict[str, hostops.Health]) -> None:
+        """Record the health verdicts of *places*; raise ComponentUnhealthy for the first failure."""
         records = [self._component_record(host, p) for p in places]
         failures = hostops.judge(host, records, health)
         by_name = {p.spec.name: p for p in places}

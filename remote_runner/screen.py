@@ -6,20 +6,25 @@ has traps that this module exists to keep away from the rest of the runner
 
 * ``-S NAME`` matches sessions by *prefix*, so sessions are always addressed by
   the ``PID.NAME`` id that ``screen -ls`` prints, found by an exact name match.
-* ``-X`` expands ``$VAR`` in its arguments even after shell quoting, so user
-  text never reaches ``-X``: a window runs ``/bin/sh LAUNCHER``, a small file
-  written with :func:`shlex.quote` that does ``cd`` and runs the argv. Only the
-  title (the component name) passes through ``-X``, with ``$`` escaped.
+* ``-X`` and rc files expand ``$VAR``, so user text never reaches them
+  unescaped: a window runs ``/bin/sh LAUNCHER``, a small file written with
+  :func:`shlex.quote` that does ``cd`` and runs the argv. Only the title (the
+  component name) and paths pass through screen, quoted by :func:`rc_word`.
 * Zombie mode has to be on before the first window can exit, so it is set in
   the rc file the session is created with (``-c RCFILE``), not by a later ``-X``.
 * ``-X`` returns 0 even when it did nothing, so a start is confirmed by the
   launcher's own ``.pid`` file, never by an exit code.
+* One screen client per window is the expensive part of starting many: a
+  whole wave's windows are a file of screen commands, read by the rc file of a
+  new session or by one ``-X source`` (:func:`windows_rc`).
 
 The launcher also makes the window observable without screen: it writes
-``<stem>.pid`` (its pid, which is the window's process group) before running
-the program, records the program's exit status in ``<stem>.status`` (127 for
-a missing executable), and links ``<stem>.log`` to the screen log of its
-window (logging stays on the terminal, so programs keep line-buffered output).
+``<stem>.pid`` (its pid, which is the window's process group) and
+``<stem>.win`` (its window number) before running the program, and records
+the program's exit status in ``<stem>.status`` (127 for a missing
+executable); screen logs the window to ``<stem>.log`` (logging stays on the
+terminal, so programs keep line-buffered output). It forks nothing but the
+program, so a window costs about what a bare ``screen -X screen`` does.
 """
 
 from __future__ import annotations
@@ -33,7 +38,7 @@ from typing import TYPE_CHECKING, Dict, List, Optional, Sequence, Tuple
 from remote_runner.errors import ConfigError, StartError
 
 if TYPE_CHECKING:  # pragma: no cover
-    from remote_runner.shell import Shell
+    from remote_runner.shell import ScriptResult, Shell
 
 #: What a session name may contain: no whitespace (``screen -ls`` columns), no
 #: shell or screen metacharacters.
@@ -55,6 +60,10 @@ logfile '{log_dir}/window-%n.log'
 #: Shell text that stops a script on a host without GNU screen (reported as StartError).
 _NEED_SCREEN = "command -v screen >/dev/null 2>&1 || { echo NO-SCREEN; exit 0; }\n"
 _LIST_MARK = "RR-SCREEN-LS"
+#: Exit status of a start command whose setup (launchers, rc files) could not be written.
+_SETUP_EXIT = 9
+#: Shell text ending a start command when writing its setup failed (nothing stopped yet).
+SETUP_FAILED = f"|| {{ echo 'remote-runner: writing failed' >&2; exit {_SETUP_EXIT}; }}"
 #: Shell text that lists the sessions after a marker line (dead ones wiped first).
 _LIST = f"screen -wipe >/dev/null 2>&1\necho {_LIST_MARK}\nscreen -ls\n"
 
@@ -125,6 +134,11 @@ class Window:
     def log_file(self) -> str:
         return f"{self.state_dir}/{self.stem}.log"
 
+    @property
+    def win_file(self) -> str:
+        """The screen window number the launcher ran in (restart closes that window)."""
+        return f"{self.state_dir}/{self.stem}.win"
+
 
 def launcher_text(window: Window, argv: Sequence[str], cwd: str, name: str,
                   env: Sequence[Tuple[str, str]] = (), lookup: Optional[str] = None) -> str:
@@ -133,6 +147,13 @@ def launcher_text(window: Window, argv: Sequence[str], cwd: str, name: str,
     *env* is exported first. With *lookup* (a bare executable name), ``argv[0]``
     is ``./NAME`` when base_dir has it, else NAME as found on the host's PATH;
     when neither exists the log says so (host and PATH) and the status is 127.
+
+    Only shell builtins run besides the program, so a window costs one ``sh``
+    and its program: screen opens the window's log itself (the start script
+    sets ``logfile`` per window), and the pid, window number and status are
+    written with plain redirections. Each is one short ``write``, so a reader
+    that sees a non-empty file sees all of it; the status is written only if
+    the pid file still names this launcher (a restart may have replaced it).
     """
     q = shlex.quote
     d, s = q(window.state_dir), window.stem
@@ -153,21 +174,16 @@ def launcher_text(window: Window, argv: Sequence[str], cwd: str, name: str,
     return f"""\
 # remote-runner launcher for component {comment}
 d={d}
-if [ -n "$WINDOW" ]; then
-  : > "$d/window-$WINDOW.log" && ln -sf "window-$WINDOW.log" "$d/{s}.log.tmp" &&
-    mv -f "$d/{s}.log.tmp" "$d/{s}.log"
-fi
-rm -f "$d/{s}.status"  # a launcher of an earlier run may have written one late
-echo $$ > "$d/{s}.pid.tmp" && mv -f "$d/{s}.pid.tmp" "$d/{s}.pid"
+[ -n "$WINDOW" ] && echo "$WINDOW" > "$d/{s}.win"
+echo $$ > "$d/{s}.pid"
 # Survive the signals meant for the program so its status is still recorded.
 trap : HUP INT QUIT TERM
 {exports}if cd {q(cwd)}; then
 {run}else
   rc=126
 fi
-if [ "$(cat "$d/{s}.pid" 2>/dev/null)" = "$$" ]; then
-  echo "$rc" > "$d/{s}.status.tmp" && mv -f "$d/{s}.status.tmp" "$d/{s}.status"
-fi
+p=; {{ read -r p < "$d/{s}.pid"; }} 2>/dev/null
+[ "$p" = "$$" ] && echo "$rc" > "$d/{s}.status"
 exit "$rc"
 """
 
@@ -178,13 +194,52 @@ def rc_text(state_dir: str, zombie: bool) -> str:
     return RC_TEMPLATE.format(zombie="zombie kr" if zombie else "zombie", log_dir=state_dir)
 
 
-def heredoc_write(path: str, content: str, mode: str = "644") -> str:
-    """Return shell text that writes *content* to *path* atomically (temp file + rename)."""
+def heredoc_write(path: str, content: str, mode: str = "644", on_error: str = "") -> str:
+    """Return shell text that writes *content* to *path* atomically (temp file + rename).
+
+    *on_error* (shell text such as ``|| exit 9``) runs when any step fails.
+    """
     marker = "RR_EOF_" + hashlib.sha1(content.encode("utf-8", "surrogateescape")).hexdigest()
     tmp = shlex.quote(path + ".tmp")
     body = content if content.endswith("\n") else content + "\n"
-    return (f"cat > {tmp} <<'{marker}'\n{body}{marker}\n"
-            f"chmod {mode} {tmp} && mv -f {tmp} {shlex.quote(path)}\n")
+    return (f"cat > {tmp} <<'{marker}' && chmod {mode} {tmp} && mv -f {tmp} "
+            f"{shlex.quote(path)} {on_error}\n{body}{marker}\n")
+
+
+def rc_word(text: str) -> str:
+    """Quote *text* as one word of a screen rc file (no ``$`` or ``^`` interpretation)."""
+    text = text.replace("\n", " ").replace("\r", " ")
+    for char in "\\\"$^":
+        text = text.replace(char, "\\" + char)
+    return f'"{text}"'
+
+
+def windows_rc(windows: Sequence[Window]) -> str:
+    """Return screen commands opening *windows*, each logging to its own ``<stem>.log``.
+
+    Sourced by a running session (``-X source``) or by the rc file a new
+    session starts with, so a whole wave costs one screen client, not one per
+    window. ``logfile NAME`` also renames the log of the current window when
+    that one is logging, so each window opens without logging, then gets its
+    name and ``log on``: screen reads no window output while it runs a
+    sourced file, so nothing is printed before the log is open.
+    """
+    lines = []
+    for w in windows:
+        lines += [f"screen -t {rc_word(w.title)} /bin/sh {rc_word(w.launcher)}",
+                  f"logfile {rc_word(w.log_file)}", "log on"]
+    return "\n".join(lines) + "\n"
+
+
+@dataclass
+class WaveResult:
+    """What one start command reports: the session, the new pids, what it replaced."""
+
+    session_id: Optional[str]
+    pids: Dict[str, int]
+    quit: List[str]
+    adopted: bool
+    stdout: str
 
 
 # --------------------------------------------------------------------------- host actions
@@ -205,7 +260,8 @@ class Screen:
 
     @property
     def rc_file(self) -> str:
-        return f"{self.state_dir}/{self.name}.screenrc"
+        """The rc file a new session starts with (this run's settings and first windows)."""
+        return f"{self.log_dir}/{self.name}.screenrc"
 
     def sessions(self) -> List[str]:
         """Return the ids of the sessions with exactly this name."""
@@ -246,30 +302,116 @@ class Screen:
 
     def start(self, windows: Sequence[Window]) -> Dict[str, int]:
         """Open *windows* (launchers already written); return stem -> pid once all run."""
-        pending = list(windows)
-        if not pending:
-            return {}
-        if self.session_id is None:
-            self._create(pending.pop(0))
-        # An adopted session (--no-kill, restart) still logs where an earlier run said.
-        logfile = escape_x(f"{self.log_dir}/window-%n.log")
-        lines = [f"screen -S {shlex.quote(self.session_id or '')} -X logfile {shlex.quote(logfile)}"
-                 " </dev/null >/dev/null 2>&1"] if pending else []
-        lines += [f"screen -S {shlex.quote(self.session_id or '')} -X screen -L "
-                 f"-t {shlex.quote(escape_x(w.title))} /bin/sh {shlex.quote(escape_x(w.launcher))}"
-                 " </dev/null >/dev/null 2>&1" for w in pending]
-        script = "\n".join(lines) + "\n" + _poll_files([w.pid_file for w in windows],
-                                                       self.start_timeout)
-        script += "".join(f"printf 'PID %s %s\\n' {shlex.quote(w.stem)} "
-                          f"\"$(cat {shlex.quote(w.pid_file)} 2>/dev/null)\"\n" for w in windows)
-        result = self.shell.script(script, timeout=self.start_timeout + 60)
+        return self.start_wave(windows).pids
+
+    def start_wave(self, windows: Sequence[Window], setup: str = "", replace: Optional[str] = None,
+                   health: str = "", grace: float = 10.0, extra_time: float = 0.0) -> WaveResult:
+        """Start a whole wave on this host in one command, and confirm it.
+
+        In order: *setup* (shell text, e.g. the launchers; a failing step ends
+        the command with :data:`SETUP_FAILED` before anything is stopped), then
+        the previous session is replaced (*replace* ``"kill"``: its windows
+        are stopped as :meth:`kill` does and it is quit; ``"adopt"``: the
+        session with this name is used, the current :attr:`session_id` if it is
+        still there), then *windows* open — in a new session created with them
+        when there is none, else by one ``-X source`` — and every launcher's
+        ``.pid`` file is awaited. *health* (shell text) runs last, only when
+        every window started; its output is in the result's ``stdout``.
+        """
+        q = shlex.quote
+        parts = [_NEED_SCREEN, setup]
+        if replace == "kill":
+            parts.append("screen -wipe >/dev/null 2>&1\n" +
+                         quit_sessions_script(self.name, grace) +
+                         _poll_gone("$rr_pids", self.start_timeout) +
+                         f'rr_after=" $(echo $({_ids_of(self.name)})) "\nrr_left=\n'
+                         'for s in $rr_ids; do case "$rr_after" in *" $s "*) rr_left="$rr_left $s";; '
+                         '*) echo "RR-QUIT $s";; esac; done\n'
+                         'if [ -n "$rr_left" ]; then echo "RR-NOT-QUIT$rr_left"; exit 0; fi\n'
+                         "sid=\n")
+        elif replace == "adopt":
+            parts.append("screen -wipe >/dev/null 2>&1\n"
+                         f'rr_all=" $(echo $({_ids_of(self.name)})) "\n'
+                         f"sid=\nfor s in $rr_all; do sid=$s; done\n")
+            if self.session_id:
+                parts.append(f'case "$rr_all" in *" "{q(self.session_id)}" "*) '
+                             f"sid={q(self.session_id)};; esac\n")
+            parts.append('[ -n "$sid" ] && echo "RR-ADOPT $sid"\n')
+        else:
+            parts.append(f"sid={q(self.session_id or '')}\n")
+        if windows:
+            parts.append(self._open_script(windows))
+            parts.append(f"if [ $rr_missing = 0 ]; then\n:\n{health}\nfi\n")
+        parts.append('echo "RR-SESSION $sid"\n')
+        result = self.shell.script("".join(parts), timeout=2 * self.start_timeout + grace +
+                                   extra_time + 60)
+        return self._wave_result(windows, result)
+
+    def _open_script(self, windows: Sequence[Window]) -> str:
+        """Return shell text opening *windows* in session ``$sid`` (created when empty)."""
+        q = shlex.quote
+        wave_file = f"{self.log_dir}/windows-{windows[0].stem}.screenrc"
+        rc = rc_text(self.log_dir, self.zombie) + f"source {rc_word(wave_file)}\n"
+        ids = _ids_of(self.name)
+        rounds = max(1, int(self.start_timeout * 20))
+        script = (heredoc_write(wave_file, windows_rc(windows), on_error=SETUP_FAILED) +
+                  'if [ -z "$sid" ]; then\n' +
+                  heredoc_write(self.rc_file, rc, on_error=SETUP_FAILED) +
+                  f'  rr_b=" $(echo $({ids})) "\n'
+                  # zombie mode is in the rc, so it holds before the first window can exit
+                  f"  screen -c {q(self.rc_file)} -d -m -S {q(self.name)} </dev/null >/dev/null 2>&1\n"
+                  "  rr_rc=$?; i=0\n"
+                  # screen -d -m may return before the new session's socket is listed: wait for it
+                  "  while [ -z \"$sid\" ] && [ $rr_rc = 0 ] && [ $i -lt " + str(rounds) + " ]; do\n"
+                  f'    for s in $({ids}); do case "$rr_b" in *" $s "*) ;; *) sid=$s;; esac; done\n'
+                  '    [ -n "$sid" ] || { sleep 0.05 2>/dev/null || sleep 1; }\n    i=$((i+1))\n'
+                  "  done\n"
+                  '  if [ -z "$sid" ]; then echo "RR-NO-SESSION $rr_rc"; screen -ls; exit 0; fi\n'
+                  "else\n"
+                  f'  screen -S "$sid" -X source {q(escape_x(wave_file))} </dev/null >/dev/null 2>&1\n'
+                  "fi\n" +
+                  _poll_files([w.pid_file for w in windows], self.start_timeout) +
+                  "rr_missing=0\n")
+        for w in windows:
+            pid = q(w.pid_file)
+            script += (f"p=; {{ read -r p < {pid}; }} 2>/dev/null; [ -n \"$p\" ] || rr_missing=1; "
+                       f"echo \"PID {w.stem} $p\"\n")
+        script += ('if [ $rr_missing = 1 ]; then echo RR-WINDOWS; '
+                   'screen -S "$sid" -Q windows 2>&1; echo; fi\n')
+        return script
+
+    def _wave_result(self, windows: Sequence[Window], result: "ScriptResult") -> WaveResult:
+        """Check what a start command printed; raise StartError for what went wrong."""
+        host, lines = self.shell.host, result.stdout.splitlines()
+        if "NO-SCREEN" in lines:
+            raise StartError(f"host {host}: GNU screen is not installed (or not on PATH)")
+        if result.exit_status == _SETUP_EXIT:
+            raise StartError(f"host {host}: could not write launchers: {result.stderr.strip()}")
+        quit_ids = [line[8:] for line in lines if line.startswith("RR-QUIT ")]
+        left = [line.split()[1:] for line in lines if line.startswith("RR-NOT-QUIT")]
+        if left:
+            raise StartError(f"host {host}: screen session(s) {left[0]} did not quit")
+        failed = [line for line in lines if line.startswith("RR-NO-SESSION")]
+        if failed:
+            raise StartError(f"host {host}: could not create screen session {self.name!r} "
+                             f"({result.stdout.strip() or 'no output'}; {result.stderr.strip()})")
+        said = [line[11:] for line in lines if line.startswith("RR-SESSION ")]
+        if not said:
+            raise StartError(f"host {host}: the start command ended early (exit status "
+                             f"{result.exit_status}): {result.stderr.strip() or 'no output'}")
+        sid = said[-1].strip() if said else ""
+        if sid and parse_sessions(f"\t{sid}\t(x)\n", self.name) != [sid]:
+            raise StartError(f"host {host}: screen reported an unexpected session id {sid!r}")
+        self.session_id = sid or None
+        adopted = any(line.startswith("RR-ADOPT ") for line in lines)
         pids = _parse_pids(result.stdout)
         missing = [w.title for w in windows if w.stem not in pids]
         if missing:
-            raise StartError(f"host {self.shell.host}: window(s) {missing} did not start within "
+            listing = result.stdout.split("RR-WINDOWS\n", 1)[-1].split("RR-SESSION")[0].strip()
+            raise StartError(f"host {host}: window(s) {missing} did not start within "
                              f"{self.start_timeout:g} s in screen session {self.session_id}; "
-                             f"windows: {self.windows()!r}")
-        return pids
+                             f"windows: {listing!r}")
+        return WaveResult(self.session_id, pids, quit_ids, adopted, result.stdout)
 
     def windows(self) -> str:
         """Return ``screen -Q windows`` for the session (titles and flags)."""
@@ -278,32 +420,6 @@ class Screen:
         result = self.shell.script(f"screen -S {shlex.quote(self.session_id)} -Q windows\n",
                                    timeout=60)
         return result.stdout.strip()
-
-    def _create(self, first: Window) -> None:
-        """Create the session with *first* as its initial window and record its id.
-
-        The new id is the one ``screen -ls`` lists after but not before: both
-        listings are made by the same command that creates the session.
-        """
-        q = shlex.quote
-        count = f"$({_ids_of(self.name)} | wc -l)"
-        rounds = max(1, int(self.start_timeout * 20))
-        # screen -d -m may return before the new session's socket is listed: wait for it.
-        script = (_NEED_SCREEN + _LIST + heredoc_write(self.rc_file, rc_text(self.log_dir, self.zombie)) +
-                  f"b={count}\n"
-                  f"screen -L -c {q(self.rc_file)} -d -m -S {q(self.name)} -t {q(first.title)} "
-                  f"/bin/sh {q(first.launcher)} </dev/null >/dev/null 2>&1\n"
-                  f"rc=$?\necho \"SCREEN-RC $rc\"\n"
-                  f"i=0\nwhile [ $rc = 0 ] && [ $i -lt {rounds} ] && [ {count} -le $b ]; do\n"
-                  f"  sleep 0.05 2>/dev/null || sleep 1\n  i=$((i+1))\ndone\n" + _LIST)
-        result = self.shell.script(script, timeout=self.start_timeout + 60)
-        before, after = self._listed(result.stdout)
-        new = [i for i in after if i not in before]
-        if len(new) != 1:
-            raise StartError(f"host {self.shell.host}: could not create screen session "
-                             f"{self.name!r} ({result.stdout.strip() or 'no output'}; "
-                             f"{result.stderr.strip()})")
-        self.session_id = new[0]
 
 
 def poll_windows(shell: "Shell", windows: Sequence[Window], seconds: float
