@@ -22,6 +22,7 @@ from typing import Callable, Dict, Iterable, List, Optional, Tuple
 
 from remote_runner import hostops
 from remote_runner.errors import RunnerError
+from remote_runner.failpolicy import DEFAULT_FORKS
 from remote_runner.runrecord import ComponentRecord, RunRecord, utc_now
 from remote_runner.screen import Window
 from remote_runner.shell import LocalShell, RemoteShell, Shell
@@ -293,7 +294,7 @@ def wait_for(predicate: Callable[[], bool], timeout: float, step: float = 0.2) -
 # --------------------------------------------------------------------------- restart
 
 def restart(record: RunRecord, ssh_options, names: List[str], grace: float = 10.0,
-            settle: float = 1.0, start_timeout: float = 30.0, forks: int = 10
+            settle: float = 1.0, start_timeout: float = 30.0, forks: int = DEFAULT_FORKS
             ) -> Dict[str, int]:
     """Stop, re-copy what changed, start again in the run's session; return label -> new pid.
 
@@ -337,6 +338,7 @@ def restart(record: RunRecord, ssh_options, names: List[str], grace: float = 10.
                       for c, w in zip(grouped[host], windows)]
             wave = session.start_wave(
                 windows, setup=_restart_setup(grouped[host], windows, h.run_dir), replace="adopt",
+                before_open=_unlog_old_windows(h.session),
                 health=_close_old_windows(windows, h.session) + hostops.health_script(checks, settle),
                 extra_time=hostops.health_time(checks, settle))
             h.session = session.session_id or h.session
@@ -380,6 +382,17 @@ def _restart_setup(comps: List[ComponentRecord], windows: List[Window], run_dir:
                      'case $n in ""|*[!0-9]*) ;; *) rr_old="$rr_old $n";; esac\n'
                      f"rm -f {q(win.pid_file)} {q(win.status_file)} {q(win.win_file)}\n")
     return "".join(parts)
+
+
+def _unlog_old_windows(session: str) -> str:
+    """Return shell text ending the logging of the windows in ``$rr_old`` (in *session*).
+
+    Screen shares one open log between windows that name the same file, so a
+    new window logging to ``<stem>.log`` would write into the old window's
+    (renamed) log while that one still has it open.
+    """
+    return (f'if [ "$sid" = {shlex.quote(session)} ]; then for n in $rr_old; do '
+            'screen -S "$sid" -p "$n" -X log off >/dev/null 2>&1; done; fi\n')
 
 
 def _close_old_windows(windows: List[Window], session: str) -> str:

@@ -1,4 +1,5 @@
-"""How many hosts may fail, and how hard to try each: ``--retries N`` and ``--max-fail K|P%``.
+"""How many hosts may fail, how hard to try each, how many at once: ``--retries N``,
+``--max-fail K|P%`` and the default of ``--forks``.
 
 With three hosts, one unreachable host is a reason to stop and look. With three hundred, one is
 always down, and a campaign that aborts for it never runs; a login that ``MaxStartups`` refused
@@ -36,6 +37,12 @@ from remote_runner.errors import ConfigError, ConnectionLost, UnreachableError
 
 if TYPE_CHECKING:  # pragma: no cover
     from remote_runner.config import ComponentSpec
+
+#: Hosts handled at once (``-f/--forks``). High enough that a few dozen hosts are one wave
+#: (each host's work is mostly waiting on its link), bounded so threads stay few: a pool
+#: thread per host being worked on (~8 MiB of virtual stack, little resident) while a phase
+#: runs, on top of the transport thread every open connection has anyway.
+DEFAULT_FORKS = 64
 
 T = TypeVar("T")
 

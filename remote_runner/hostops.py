@@ -151,14 +151,14 @@ def health_script(checks: Sequence[HealthCheck], settle: float) -> str:
         lines += ["    else pending=1; fi",
                   f'    case "$v{n}" in DEAD|GONE|TIMEOUT) failed=1;; esac',
                   "  fi"]
-    lines.append("  [ $pending = 1 ] && [ $failed = 0 ] && { sleep 0.2 2>/dev/null || sleep 1; }")
+    lines.append("  [ $pending = 1 ] && [ $failed = 0 ] && { sleep 0.1 2>/dev/null || sleep 1; }")
     lines.append("done")
     # screen writes window logs a moment after the program's output: let it catch up
     lines.append("[ $failed = 1 ] && { sleep 1 2>/dev/null; }")
     for n, c in enumerate(checks):
         w = c.window
-        lines.append(f'echo "HEALTH {w.stem} ${{v{n}:-PENDING}} '
-                     f'$(cat {q(w.status_file)} 2>/dev/null)"')
+        lines.append(f"s=; {{ read -r s < {q(w.status_file)}; }} 2>/dev/null; "
+                     f'echo "HEALTH {w.stem} ${{v{n}:-PENDING}} $s"')
         lines.append(f'case "$v{n}" in DEAD|GONE|TIMEOUT) echo "{_TAIL_MARK} {w.stem}"; '
                      f"tail -n {TAIL_LINES} {q(w.log_file)} 2>/dev/null | tr -d '\\r'; "
                      f'echo; echo "{_TAIL_MARK}-END";; esac')

@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Callable, Dict, List, Optional, Protocol, Sequ
 
 from remote_runner import screen as scr
 from remote_runner.errors import MirrorError
-from remote_runner.failpolicy import FailLimit
+from remote_runner.failpolicy import DEFAULT_FORKS, FailLimit
 from remote_runner.sync import HostSync
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -35,7 +35,7 @@ class RunOptions:
     wait_timeout: Optional[float] = None
     start_timeout: float = 30.0
     terminate_grace: float = 10.0
-    forks: int = 10
+    forks: int = DEFAULT_FORKS
     #: Seconds between reads of waited components' last log lines (0: never), for live views.
     tail_logs: float = 0.0
     #: hosts that may stay unreachable (skipped, the rest runs; exit 8); None: all-or-nothing

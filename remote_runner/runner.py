@@ -424,8 +424,8 @@ class Runner:
         self.placements[host] = places
 
     def _launcher_setup(self, host: str) -> str:
-        """Return the shell text writing *host*'s launchers and clearing their old state files."""
-        parts = []
+        """Return the shell text writing *host*'s launchers (builtins only, no fork per window)."""
+        parts, stale = [], []
         for place in self.placements[host]:
             lookup = None
             if place.spec.mirror and self.mirror is not None:
@@ -434,12 +434,12 @@ class Runner:
                 argv = component_argv(place.spec)
                 lookup = path_lookup(place.spec)
             w = place.window
-            parts.append(f"rm -f {shlex.quote(w.status_file)} {shlex.quote(w.pid_file)} "
-                         f"{shlex.quote(w.log_file)} {shlex.quote(w.win_file)}\n")
+            stale += [w.status_file, w.pid_file, w.log_file, w.win_file]
             text = scr.launcher_text(w, argv, place.base_dir, place.spec.name,
                                      env=place.spec.env, lookup=lookup)
-            parts.append(scr.heredoc_write(w.launcher, text, on_error=scr.SETUP_FAILED))
-        return "".join(parts)
+            parts.append(scr.printf_write(w.launcher, text, on_error=scr.SETUP_FAILED))
+        # the run's directory is new; a reused --run-id may have left state files
+        return f"rm -f {' '.join(shlex.quote(f) for f in stale)}\n" + "".join(parts)
 
     def _start_on_host(self, host: str, places: List[Placement], first: bool) -> None:
         """Open the windows of *places* on *host*, confirm them healthy, record their pids.

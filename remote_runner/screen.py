@@ -206,6 +206,15 @@ def heredoc_write(path: str, content: str, mode: str = "644", on_error: str = ""
             f"{shlex.quote(path)} {on_error}\n{body}{marker}\n")
 
 
+def printf_write(path: str, content: str, on_error: str = "") -> str:
+    """Return shell text that writes *content* to a new file *path* with no process forked.
+
+    For files nothing reads yet (a new run's launchers): not atomic, but
+    ``printf`` is a builtin, so a hundred launchers cost no fork at all.
+    """
+    return f"printf %s {shlex.quote(content)} > {shlex.quote(path)} {on_error}\n"
+
+
 def rc_word(text: str) -> str:
     """Quote *text* as one word of a screen rc file (no ``$`` or ``^`` interpretation)."""
     text = text.replace("\n", " ").replace("\r", " ")
@@ -305,7 +314,8 @@ class Screen:
         return self.start_wave(windows).pids
 
     def start_wave(self, windows: Sequence[Window], setup: str = "", replace: Optional[str] = None,
-                   health: str = "", grace: float = 10.0, extra_time: float = 0.0) -> WaveResult:
+                   health: str = "", grace: float = 10.0, extra_time: float = 0.0,
+                   before_open: str = "") -> WaveResult:
         """Start a whole wave on this host in one command, and confirm it.
 
         In order: *setup* (shell text, e.g. the launchers; a failing step ends
@@ -317,6 +327,7 @@ class Screen:
         when there is none, else by one ``-X source`` — and every launcher's
         ``.pid`` file is awaited. *health* (shell text) runs last, only when
         every window started; its output is in the result's ``stdout``.
+        *before_open* runs just before the windows open, with ``$sid`` set.
         """
         q = shlex.quote
         parts = [_NEED_SCREEN, setup]
@@ -340,6 +351,7 @@ class Screen:
         else:
             parts.append(f"sid={q(self.session_id or '')}\n")
         if windows:
+            parts.append(before_open)
             parts.append(self._open_script(windows))
             parts.append(f"if [ $rr_missing = 0 ]; then\n:\n{health}\nfi\n")
         parts.append('echo "RR-SESSION $sid"\n')
@@ -354,9 +366,9 @@ class Screen:
         rc = rc_text(self.log_dir, self.zombie) + f"source {rc_word(wave_file)}\n"
         ids = _ids_of(self.name)
         rounds = max(1, int(self.start_timeout * 20))
-        script = (heredoc_write(wave_file, windows_rc(windows), on_error=SETUP_FAILED) +
+        script = (printf_write(wave_file, windows_rc(windows), on_error=SETUP_FAILED) +
                   'if [ -z "$sid" ]; then\n' +
-                  heredoc_write(self.rc_file, rc, on_error=SETUP_FAILED) +
+                  printf_write(self.rc_file, rc, on_error=SETUP_FAILED) +
                   f'  rr_b=" $(echo $({ids})) "\n'
                   # zombie mode is in the rc, so it holds before the first window can exit
                   f"  screen -c {q(self.rc_file)} -d -m -S {q(self.name)} </dev/null >/dev/null 2>&1\n"
@@ -511,14 +523,14 @@ def _stop_groups(listing: str, grace: float) -> str:
     Each group gets SIGTERM; those still alive after *grace* seconds get SIGKILL
     and are reported as ``KILLED KEY`` lines.
     """
-    rounds = max(1, int(grace * 5))
+    rounds = max(1, int(grace * 20))
     return (f"rr_groups=$({listing})\n"
             'echo "$rr_groups" | while read -r p k; do [ -n "$p" ] && kill -TERM -"$p" 2>/dev/null; '
             "done\n"
             f"i=0\nwhile [ $i -lt {rounds} ]; do\n"
             '  echo "$rr_groups" | while read -r p k; do [ -n "$p" ] && kill -0 -"$p" 2>/dev/null '
             "&& echo alive; done | grep -q alive || break\n"
-            "  sleep 0.2 2>/dev/null || sleep 1\n  i=$((i+1))\ndone\n"
+            "  sleep 0.05 2>/dev/null || sleep 1\n  i=$((i+1))\ndone\n"
             'echo "$rr_groups" | while read -r p k; do [ -n "$p" ] && kill -KILL -"$p" 2>/dev/null '
             '&& echo "KILLED $k"; done\n')
 
@@ -526,17 +538,17 @@ def _stop_groups(listing: str, grace: float) -> str:
 def _poll_files(paths: Sequence[str], timeout: float) -> str:
     """Return shell text that waits until every path in *paths* is non-empty, or *timeout*."""
     tests = " && ".join(f"[ -s {shlex.quote(p)} ]" for p in paths) or "true"
-    rounds = max(1, int(timeout * 10))
+    rounds = max(1, int(timeout * 20))
     return (f"i=0\nwhile [ $i -lt {rounds} ] && ! {{ {tests}; }}; do\n"
-            f"  sleep 0.1 2>/dev/null || sleep 1\n  i=$((i+1))\ndone\n")
+            f"  sleep 0.05 2>/dev/null || sleep 1\n  i=$((i+1))\ndone\n")
 
 
 def _poll_gone(pids: str, timeout: float) -> str:
     """Return shell text that waits until the processes *pids* (shell words) have ended."""
-    rounds = max(1, int(timeout * 10))
+    rounds = max(1, int(timeout * 20))
     return (f"i=0\nfor p in {pids}; do\n"
             f"  while [ $i -lt {rounds} ] && kill -0 \"$p\" 2>/dev/null; do\n"
-            f"    sleep 0.1 2>/dev/null || sleep 1\n    i=$((i+1))\n  done\ndone\n")
+            f"    sleep 0.05 2>/dev/null || sleep 1\n    i=$((i+1))\n  done\ndone\n")
 
 
 def _parse_pids(stdout: str) -> Dict[str, int]:

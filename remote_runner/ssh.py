@@ -45,6 +45,7 @@ import paramiko
 
 from remote_runner import ciphers, hostkeys, jump, keepalive
 from remote_runner.traffic import Traffic, open_sftp
+from remote_runner.failpolicy import DEFAULT_FORKS
 from remote_runner.names import check_name
 from remote_runner.proxycommand import ProxyCommand
 from remote_runner.errors import (
@@ -77,7 +78,7 @@ class SSHOptions:
     accept_new_host_keys: bool = False
     connect_timeout: float = 10.0
     keepalive: int = 15
-    forks: int = 10
+    forks: int = DEFAULT_FORKS
     #: extra connection attempts for a host that is unreachable or drops the handshake
     retries: int = 2
 

@@ -198,14 +198,17 @@ def test_tiny_bench_run_on_lab_hosts_writes_a_well_formed_table(lab, tmp_path) -
     assert "| case | delay (ms each way) | tool | median (s) | runs (s) | x best peer | note |" in md
     rows = data["measurements"]
     peers = [r for r in rows if r["tool"].startswith("ssh + screen")]
-    assert sorted(r["delay_ms"] for r in peers) == [0, 5]
+    assert sorted((r["case"], r["delay_ms"]) for r in peers) == [
+        ("160 components", 0), ("160 components", 5), ("40 components", 0), ("40 components", 5)]
     for r in peers:  # the peer really ran, once per delay, through the proxies
         assert r["skipped"] == "" and len(r["runs"]) == 1 and r["runs"][0] > 0
         assert r["ratio_vs_best_peer"] == pytest.approx(1.0)
     ours = [r for r in rows if r["role"] == OURS]
-    assert len(ours) == 2
-    for r in ours:  # ours either ran or says why not
+    assert sorted(r["case"] for r in ours) == sorted(
+        ["40 components", "160 components", "rerun, unchanged, 40 components"] * 2)
+    for r in ours:  # ours either ran (and says how many commands each host got) or says why not
         assert (r["skipped"] != "") != (len(r["runs"]) == 1)
+        assert r["skipped"] or "execs per host: " in r["note"]
     assert all(f"| {r['case']} | {r['delay_ms']:g} | " in md for r in rows)
     assert "## Skipped" in md and "## Machine" in md
     # Nothing the run started is left on the hosts: no session, no window process.

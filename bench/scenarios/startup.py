@@ -1,4 +1,5 @@
-"""Start-up: 100 components (half short-lived, half long-lived) over 4 hosts.
+"""Start-up: 100 and 400 components (half short-lived, half long-lived) over 4 hosts,
+and a rerun of an unchanged 100-component experiment.
 
 The clock stops when every window is confirmed running: for our runner that
 is when ``remote_runner.py`` returns (it confirms each window before moving
@@ -6,6 +7,13 @@ on); for the hand-written peer it is one ssh per host that creates the
 session, opens every window and lists them back with ``screen -Q windows``.
 SPAR's remote_runner sleeps one second after every component, so it needs at
 least 100 s for this; it is shown as a reference, not run.
+
+The rerun is the full ``remote_runner.py -c`` run a user repeats all day: the
+same config again, its files unchanged on the hosts, the previous session
+replaced. Its peer does the same by hand, per host: ``rsync -a`` of the files,
+then one ssh that quits the old session and starts the new one. Our rows
+note how many remote commands (exec channels) each host got
+(:mod:`bench.execcount`).
 """
 
 from __future__ import annotations
@@ -13,14 +21,20 @@ from __future__ import annotations
 import shlex
 from typing import List
 
-from bench import ours
-from bench.context import Context, parallel
+import os
+
+from bench import execcount, ours
+from bench.context import Context, parallel, write_random
 from bench.measure import repeat, run as sh, skipped
 from bench.results import OURS, REFERENCE, Measurement
 
 SCENARIO = "startup"
 HOSTS = 4
 COMPONENTS = 100
+#: (full, quick) component counts of the start-up cases
+SIZES = ((100, 40), (400, 160))
+#: files each host's first component carries in the rerun case
+RERUN_FILES = 20
 
 
 def components(count: int, hosts: List[str]) -> List[tuple]:
@@ -33,21 +47,36 @@ def components(count: int, hosts: List[str]) -> List[tuple]:
     return out
 
 
-def runner_config(ctx: Context, comps: List[tuple]) -> str:
-    """Write a runner config starting *comps*; return its path."""
-    path = ctx.path("configs", "startup.py")
+def runner_config(ctx: Context, comps: List[tuple], name: str = "startup", files: str = "",
+                  base_dir: str = "/tmp") -> str:
+    """Write a runner config starting *comps*; return its path.
+
+    With *files* (a local directory), each host's first component carries it.
+    """
+    path = ctx.path("configs", f"{name}.py")
     with open(path, "w") as handle:
         handle.write("# bench: many short- and long-lived components\n"
+                     "seen = set()\n"
                      f"for name, host, argv in {comps!r}:\n"
                      "    c = Component()\n"
                      "    c.name = name\n"
                      "    c.host = host\n"
                      "    c.executable = argv[0]\n"
                      "    c.args = list(argv[1:])\n"
-                     "    c.base_dir = '/tmp'\n"
+                     f"    c.base_dir = {base_dir!r}\n"
                      "    c.start_index = 1\n"
+                     f"    if {files!r} and host not in seen:\n"
+                     f"        c.files = util.recursive_files_dict({files!r}, 'data')\n"
+                     "    seen.add(host)\n"
                      "    config.add_component(c)\n")
     return path
+
+
+def counted(argv: List[str], box: dict):  # type: ignore[no-untyped-def]
+    """Return a step running *argv* that keeps its per-host exec counts in box["counts"]."""
+    def step() -> None:
+        box["counts"] = execcount.parse(sh(argv, timeout=600).stderr.decode(errors="replace"))
+    return step
 
 
 def peer_script(screen: str, comps: List[tuple], host: str) -> str:
@@ -67,27 +96,93 @@ def peer_script(screen: str, comps: List[tuple], host: str) -> str:
 def run(ctx: Context) -> List[Measurement]:
     """Measure ours and the hand-written peer at every delay."""
     hosts = ctx.testbed.hosts(HOSTS)
-    count = 40 if ctx.quick else COMPONENTS
-    comps = components(count, hosts)
-    ctx.notes.append(f"startup: {count} components over {HOSTS} hosts, every other one /bin/sleep 3600, "
+    rows: List[Measurement] = []
+    for full, quick in SIZES:
+        count = quick if ctx.quick else full
+        rows += start_case(ctx, hosts, count)
+    ctx.notes.append(f"startup: components over {HOSTS} hosts, every other one /bin/sleep 3600, "
                      "the rest /bin/true")
+    rows += rerun_case(ctx, hosts, SIZES[0][1] if ctx.quick else SIZES[0][0])
+    return rows
+
+
+def start_case(ctx: Context, hosts: List[str], count: int) -> List[Measurement]:
+    """Start *count* components from nothing: ours, the hand-written peer, SPAR's reference."""
+    comps = components(count, hosts)
+    case = f"{count} components"
     rows: List[Measurement] = []
     for delay in ctx.delays:
         cfg = ctx.testbed.ssh_config(delay)
-        screen = ctx.screen_name("startup")
+        screen = ctx.screen_name(f"startup{count}")
         reset = lambda: ctx.quit_screens(delay, hosts, screen)
         missing = ours.runner_missing()
         if missing:
-            rows.append(skipped(SCENARIO, f"{count} components", "remote_runner", delay, missing, OURS))
+            rows.append(skipped(SCENARIO, case, "remote_runner", delay, missing, OURS))
         else:
-            argv = ours.runner_argv(runner_config(ctx, comps), cfg, screen)
-            rows.append(repeat(Measurement(SCENARIO, f"{count} components", "remote_runner", delay, OURS),
-                               lambda: sh(argv, timeout=600), ctx.reps, reset, ctx.slow_after))
+            box: dict = {}
+            argv = execcount.RUNNER + ours.runner_argv(runner_config(ctx, comps), cfg, screen)[
+                len(ours.RUNNER):]
+            m = repeat(Measurement(SCENARIO, case, "remote_runner", delay, OURS),
+                       counted(argv, box), ctx.reps, reset, ctx.slow_after)
+            m.note = "; ".join(x for x in (m.note, execcount.describe(box.get("counts", {}))) if x)
+            rows.append(m)
         peer = [["ssh", "-F", cfg, "-o", "BatchMode=yes", h, peer_script(screen, comps, h)] for h in hosts]
-        rows.append(repeat(Measurement(SCENARIO, f"{count} components", "ssh + screen (one script per host)",
+        rows.append(repeat(Measurement(SCENARIO, case, "ssh + screen (one script per host)",
                                        delay, note="hand-written: no files, no per-window confirmation"),
                            lambda: parallel(peer, 600), ctx.reps, reset, ctx.slow_after))
-        rows.append(Measurement(SCENARIO, f"{count} components", "SPAR remote_runner", delay, REFERENCE,
+        rows.append(Measurement(SCENARIO, case, "SPAR remote_runner", delay, REFERENCE,
                                 note=f"not run: sleeps 1 s after every component, so >= {count} s"))
         reset()
+    return rows
+
+
+def rerun_case(ctx: Context, hosts: List[str], count: int) -> List[Measurement]:
+    """Run an unchanged experiment again (files in place, old session replaced)."""
+    comps = components(count, hosts)
+    case = f"rerun, unchanged, {count} components"
+    data = ctx.path("startup-rerun-data", "x")
+    data = os.path.dirname(data)
+    for i in range(RERUN_FILES):
+        write_random(os.path.join(data, f"f{i:02d}.bin"), 4096)
+    rows: List[Measurement] = []
+    for delay in ctx.delays:
+        cfg = ctx.testbed.ssh_config(delay)
+        screen = ctx.screen_name("rerun")
+        base = f"/tmp/{screen}"
+        reset = lambda: ctx.quit_screens(delay, hosts, screen)
+        missing = ours.runner_missing()
+        if missing:
+            rows.append(skipped(SCENARIO, case, "remote_runner", delay, missing, OURS))
+        else:
+            box: dict = {}
+            argv = execcount.RUNNER + ours.runner_argv(
+                runner_config(ctx, comps, "rerun", data, base), cfg, screen)[len(ours.RUNNER):]
+            step = counted(argv, box)
+            try:
+                reset()
+                step()  # the first run, untimed: every later one is a rerun
+                m = repeat(Measurement(SCENARIO, case, "remote_runner", delay, OURS), step,
+                           ctx.reps, None, ctx.slow_after)
+            except Exception as exc:  # noqa: BLE001 - a broken tool is a result
+                m = skipped(SCENARIO, case, "remote_runner", delay, f"failed: {exc}", OURS)
+            m.note = "; ".join(x for x in (m.note, "full -c run, old session replaced",
+                                           execcount.describe(box.get("counts", {}))) if x)
+            rows.append(m)
+        reset()
+        peer = [["sh", "-c", f"rsync -a -e {shlex.quote(f'ssh -F {cfg} -o BatchMode=yes')} "
+                 f"{shlex.quote(data + '/')} {h}:{shlex.quote(base + '/data/')} && "
+                 f"ssh -F {shlex.quote(cfg)} -o BatchMode=yes {h} "
+                 f"{shlex.quote(f'screen -S {screen} -X quit >/dev/null; ' + peer_script(screen, comps, h))}"]
+                for h in hosts]
+        tool = "rsync + ssh + screen (per host)"
+        try:
+            parallel(peer, 600)  # the first run, untimed
+        except Exception as exc:  # noqa: BLE001 - a broken tool is a result
+            rows.append(skipped(SCENARIO, case, tool, delay, f"failed: {exc}"))
+        else:
+            rows.append(repeat(Measurement(SCENARIO, case, tool, delay,
+                                           note="hand-written: rsync, quit, start; no confirmation"),
+                               lambda: parallel(peer, 600), ctx.reps, None, ctx.slow_after))
+        reset()
+        ctx.on_hosts(delay, hosts, f"rm -rf {shlex.quote(base)}")
     return rows

@@ -22,7 +22,7 @@ Flags (SPAR's names, short forms and defaults, plus a few additions):
 --accept-new-host-keys  trust and record keys of hosts not yet in known_hosts (changed keys
                         are always refused)
 --connect-timeout SEC   per-host connection timeout (default 10)
--f/--forks N            hosts handled at once (default 10)
+-f/--forks N            hosts handled at once (default 64)
 --retries N             try an unreachable host N more times with backoff (default 2)
 --max-fail K|P%         up to K hosts (or P% of them) may stay unreachable: reported, their
                         components skipped, the rest runs, exit 8 (default: all or nothing)
@@ -79,6 +79,7 @@ from remote_runner import __version__
 from remote_runner.cli import EXIT_CODES_HELP, run_guarded, setup_logging
 from remote_runner.cli.flags import seconds, seconds_or_zero
 from remote_runner.errors import ConfigError
+from remote_runner.failpolicy import DEFAULT_FORKS
 
 if TYPE_CHECKING:  # pragma: no cover
     from remote_runner.config import Experiment
@@ -149,8 +150,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="accept and record unknown host keys (changed keys are still refused)")
     add("--connect-timeout", type=seconds, default=10.0, metavar="SECONDS",
         help="connection timeout per host (default 10)")
-    add("-f", "--forks", type=int, default=10, metavar="N",
-        help="hosts handled at once (default 10)")
+    add("-f", "--forks", type=int, default=DEFAULT_FORKS, metavar="N",
+        help=f"hosts handled at once (default {DEFAULT_FORKS})")
     add("--retries", type=int, default=2, metavar="N",
         help="try an unreachable host N more times, with backoff (default 2; 0: once)")
     add("--max-fail", dest="max_fail", metavar="K|P%",

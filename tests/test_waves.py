@@ -1,0 +1,157 @@
+"""Starting by waves on lab hosts: one command per host per start_index, cheap windows.
+
+Counts are taken on the real connections (every exec channel a run opens on a
+host), order and windows are checked with the system OpenSSH client. No timing
+is asserted: only how many commands, which windows, which processes.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import textwrap
+from collections import Counter
+from typing import Dict, List
+
+import pytest
+
+from remote_runner import screen as scr
+from remote_runner.cli.classic import build_parser
+from remote_runner.config import load_experiment
+from remote_runner.failpolicy import DEFAULT_FORKS
+from remote_runner.runner import RunOptions, Runner
+from remote_runner.ssh import Connection, SSHOptions
+from tests.conftest import quit_screen, ssh
+
+HOSTS = ("h1", "h2", "h9")
+
+
+def test_forks_default_keeps_a_few_dozen_hosts_in_one_wave_and_f_still_works():
+    parser = build_parser()
+    assert parser.parse_args(["-c", "x.py"]).forks == DEFAULT_FORKS >= 48
+    assert parser.parse_args(["-c", "x.py", "-f", "3"]).forks == 3
+    assert RunOptions().forks == DEFAULT_FORKS and SSHOptions().forks == DEFAULT_FORKS
+
+
+@pytest.fixture
+def env(lab, screen_name, tmp_path):
+    state = f"/tmp/{screen_name}-state"
+    yield {"screen": screen_name, "state": state, "tmp": tmp_path, "lab": lab}
+    for host in HOSTS:
+        quit_screen(lab, host, screen_name, state, f"/tmp/{screen_name}-base*")
+
+
+class Counted:
+    """Connections to the lab whose exec channels are counted per host and per phase."""
+
+    def __init__(self, lab) -> None:
+        self.lab = lab
+        self.counts: Counter = Counter()
+        self.phase = "before start"
+
+    def connect(self, hosts: List[str]) -> Dict[str, Connection]:
+        out = {}
+        for host in hosts:
+            conn = Connection(host, SSHOptions(ssh_config_file=self.lab.ssh_config)).connect()
+            opener = conn.exec_channel
+
+            def counted(command, _host=host, _open=opener, **kw):
+                self.counts[(_host, self.phase)] += 1
+                return _open(command, **kw)
+            conn.exec_channel = counted  # type: ignore[method-assign]
+            out[host] = conn
+        return out
+
+
+def run_counted(env, body: str) -> Counted:
+    """Run the experiment *body* on the lab; return its per-host, per-phase exec counts."""
+    path = env["tmp"] / "experiment.py"
+    path.write_text(textwrap.dedent(body))
+    counted = Counted(env["lab"])
+    runner = Runner(load_experiment(str(path), None),
+                    RunOptions(screen=env["screen"], remote_done_dir=env["state"]),
+                    connect=counted.connect)
+    start_all = runner.start_all
+
+    def start_counted() -> None:
+        counted.phase = "start"
+        start_all()
+        counted.phase = "after start"
+    runner.start_all = start_counted  # type: ignore[method-assign]
+    runner.run()
+    return counted
+
+
+THREE_WAVES = """
+    for i, (host, index) in enumerate([('h1', 1), ('h1', 1), ('h2', 2), ('h1', 3), ('h9', 3)]):
+        c = Component(name=f'c{i}', host=host, executable='/bin/sh', start_index=index,
+                      args=['-c', f'echo up {i}; exec sleep 600'],
+                      base_dir='/tmp/{screen}-base')
+        config.add_component(c)
+"""
+
+
+def test_one_command_per_host_per_wave_for_a_run_and_a_rerun(lab, env):
+    body = THREE_WAVES.replace("{screen}", env["screen"])
+    for attempt in ("first run", "rerun replacing it"):
+        counts = run_counted(env, body)
+        # h1 has components in waves 1 and 3; h2 only in wave 2 and h9 only in 3: their
+        # launchers and the old session's replacement ride along with wave 1
+        assert counts.counts[("h1", "start")] == 2, (attempt, counts.counts)
+        assert counts.counts[("h2", "start")] == 2, (attempt, counts.counts)
+        assert counts.counts[("h9", "start")] == 2, (attempt, counts.counts)
+        assert all(n == 0 for (host, phase), n in counts.counts.items() if phase == "after start")
+    # one session per host, one window per component, titled with its name
+    for host, names in (("h1", ["c0", "c1", "c3"]), ("h2", ["c2"]), ("h9", ["c4"])):
+        ids = scr.parse_sessions(ssh(lab, host, "screen -ls", check=False).stdout, env["screen"])
+        assert len(ids) == 1, (host, ids)
+        listing = ssh(lab, host, f"screen -S {ids[0]} -Q windows").stdout
+        assert sorted(t for t in listing.split() if t.startswith("c")) == names, listing
+        for name in names:
+            log = ssh(lab, host, f"cat {env['state']}/latest/{name}.log").stdout
+            assert f"up {name[1:]}" in log, (host, name, log)
+
+
+def test_a_window_runs_only_its_launcher_and_program(lab, env):
+    """The launcher forks nothing but the program: its process group is sh + the program."""
+    body = f"""
+        c = Component(name='lean', host='h9', executable='/bin/sleep', args=['600'],
+                      start_index=1)
+        config.add_component(c)
+    """
+    run_counted(env, body)
+    pid = ssh(lab, "h9", f"cat {env['state']}/latest/lean.pid").stdout.strip()
+    group = ssh(lab, "h9", f"ps -o comm= -g {pid}").stdout.split()
+    assert sorted(group) == ["sh", "sleep"], group
+    # pid, window number and log are there for status, logs and restart
+    files = ssh(lab, "h9", f"ls {env['state']}/latest/").stdout.split()
+    assert {"lean.pid", "lean.win", "lean.log", "lean.launch"} <= set(files), files
+
+
+def test_restart_replaces_the_window_and_keeps_one_per_component(lab, env, tmp_path):
+    """After a restart the session still has one window per component (screen -r works)."""
+    runs = tmp_path / "runs"
+    config = tmp_path / "exp.py"
+    config.write_text(textwrap.dedent(f"""
+        for name in ('a', 'b'):
+            c = Component(name=name, host='h1', executable='/bin/sh', start_index=1,
+                          args=['-c', 'echo run $$; exec sleep 600'])
+            config.add_component(c)
+    """))
+    import os
+    import sys
+    envvars = {**os.environ, "REMOTE_RUNNER_RUNS": str(runs)}
+    base = [sys.executable, "-m", "remote_runner"]
+    subprocess.run(base + ["run", "-c", str(config), "-F", lab.ssh_config, "--screen", env["screen"],
+                           "--remote-done-dir", env["state"], "-q"], env=envvars, check=True,
+                   timeout=300)
+    subprocess.run(base + ["restart", "a", "--grace", "5"], env=envvars, check=True,
+                   timeout=300)
+    ids = scr.parse_sessions(ssh(lab, "h1", "screen -ls", check=False).stdout, env["screen"])
+    listing = ssh(lab, "h1", f"screen -S {ids[0]} -Q windows").stdout
+    assert sorted(t for t in listing.split() if t in ("a", "b")) == ["a", "b"], listing
+    # the new window logs to a.log; the old log is kept beside it
+    logs = ssh(lab, "h1", f"ls {env['state']}/latest/").stdout.split()
+    assert "a.log" in logs and any(f.startswith("a.log.") for f in logs), logs
+    new = ssh(lab, "h1", f"cat {env['state']}/latest/a.log").stdout
+    old = ssh(lab, "h1", f"cat {env['state']}/latest/a.log.*").stdout
+    assert new.count("run ") == 1 and old.count("run ") == 1 and new != old
