@@ -9,17 +9,16 @@ from __future__ import annotations
 
 import subprocess
 import textwrap
-from collections import Counter
 from typing import Dict, List
 
 import pytest
 
 from remote_runner import screen as scr
 from remote_runner.cli.classic import build_parser
-from remote_runner.config import load_experiment
+from remote_runner.loader import load_experiment
 from remote_runner.failpolicy import DEFAULT_FORKS
 from remote_runner.runner import RunOptions, Runner
-from remote_runner.ssh import Connection, SSHOptions
+from remote_runner.ssh import SSHOptions
 from tests.conftest import quit_screen, ssh
 
 HOSTS = ("h1", "h2", "h9")
@@ -40,45 +39,38 @@ def env(lab, screen_name, tmp_path):
         quit_screen(lab, host, screen_name, state, f"/tmp/{screen_name}-base*")
 
 
-class Counted:
-    """Connections to the lab whose exec channels are counted per host and per phase."""
+def run_counted(env, body: str) -> Dict[str, Dict[str, int]]:
+    """Run the experiment *body* on the lab; return host -> phase -> exec channels opened.
 
-    def __init__(self, lab) -> None:
-        self.lab = lab
-        self.counts: Counter = Counter()
-        self.phase = "before start"
-
-    def connect(self, hosts: List[str]) -> Dict[str, Connection]:
-        out = {}
-        for host in hosts:
-            conn = Connection(host, SSHOptions(ssh_config_file=self.lab.ssh_config)).connect()
-            opener = conn.exec_channel
-
-            def counted(command, _host=host, _open=opener, **kw):
-                self.counts[(_host, self.phase)] += 1
-                return _open(command, **kw)
-            conn.exec_channel = counted  # type: ignore[method-assign]
-            out[host] = conn
-        return out
-
-
-def run_counted(env, body: str) -> Counted:
-    """Run the experiment *body* on the lab; return its per-host, per-phase exec counts."""
+    The counts are the connections' own (``Connection.traffic``), read before
+    and after the start step.
+    """
     path = env["tmp"] / "experiment.py"
     path.write_text(textwrap.dedent(body))
-    counted = Counted(env["lab"])
     runner = Runner(load_experiment(str(path), None),
                     RunOptions(screen=env["screen"], remote_done_dir=env["state"]),
-                    connect=counted.connect)
-    start_all = runner.start_all
+                    SSHOptions(ssh_config_file=env["lab"].ssh_config))
+    counts: Dict[str, Dict[str, int]] = {}
+    start_all, wait_all = runner.start_all, runner.wait_all
+
+    def execs() -> Dict[str, int]:
+        return {h: c.traffic.snapshot()["execs"] for h, c in runner.connections.items()}
 
     def start_counted() -> None:
-        counted.phase = "start"
+        counts["before start"] = execs()
         start_all()
-        counted.phase = "after start"
+        counts["start"] = execs()
+
+    def wait_counted() -> None:
+        wait_all()
+        counts["after start"] = execs()
     runner.start_all = start_counted  # type: ignore[method-assign]
+    runner.wait_all = wait_counted  # type: ignore[method-assign]
     runner.run()
-    return counted
+    return {host: {"before start": counts["before start"][host],
+                   "start": counts["start"][host] - counts["before start"][host],
+                   "after start": counts["after start"][host] - counts["start"][host]}
+            for host in counts["start"]}
 
 
 THREE_WAVES = """
@@ -96,10 +88,9 @@ def test_one_command_per_host_per_wave_for_a_run_and_a_rerun(lab, env):
         counts = run_counted(env, body)
         # h1 has components in waves 1 and 3; h2 only in wave 2 and h9 only in 3: their
         # launchers and the old session's replacement ride along with wave 1
-        assert counts.counts[("h1", "start")] == 2, (attempt, counts.counts)
-        assert counts.counts[("h2", "start")] == 2, (attempt, counts.counts)
-        assert counts.counts[("h9", "start")] == 2, (attempt, counts.counts)
-        assert all(n == 0 for (host, phase), n in counts.counts.items() if phase == "after start")
+        for host in ("h1", "h2", "h9"):
+            assert counts[host]["start"] == 2, (attempt, counts)
+            assert counts[host]["after start"] == 0, (attempt, counts)
     # one session per host, one window per component, titled with its name
     for host, names in (("h1", ["c0", "c1", "c3"]), ("h2", ["c2"]), ("h9", ["c4"])):
         ids = scr.parse_sessions(ssh(lab, host, "screen -ls", check=False).stdout, env["screen"])

@@ -12,8 +12,8 @@ The rerun is the full ``remote_runner.py -c`` run a user repeats all day: the
 same config again, its files unchanged on the hosts, the previous session
 replaced. Its peer does the same by hand, per host: ``rsync -a`` of the files,
 then one ssh that quits the old session and starts the new one. Our rows
-note how many remote commands (exec channels) each host got
-(:mod:`bench.execcount`).
+note how many remote commands (exec channels) and SFTP sessions and requests
+each host got (the run's ``--json``).
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ from typing import List
 
 import os
 
-from bench import execcount, ours
+from bench import ours
 from bench.context import Context, parallel, write_random
 from bench.measure import repeat, run as sh, skipped
 from bench.results import OURS, REFERENCE, Measurement
@@ -73,9 +73,9 @@ def runner_config(ctx: Context, comps: List[tuple], name: str = "startup", files
 
 
 def counted(argv: List[str], box: dict):  # type: ignore[no-untyped-def]
-    """Return a step running *argv* that keeps its per-host exec counts in box["counts"]."""
+    """Return a step running *argv* (with ``--json``) that keeps its per-host counts in box."""
     def step() -> None:
-        box["counts"] = execcount.parse(sh(argv, timeout=600).stderr.decode(errors="replace"))
+        box["traffic"] = ours.traffic_note(sh(argv, timeout=600).stdout)
     return step
 
 
@@ -120,11 +120,10 @@ def start_case(ctx: Context, hosts: List[str], count: int) -> List[Measurement]:
             rows.append(skipped(SCENARIO, case, "remote_runner", delay, missing, OURS))
         else:
             box: dict = {}
-            argv = execcount.RUNNER + ours.runner_argv(runner_config(ctx, comps), cfg, screen)[
-                len(ours.RUNNER):]
+            argv = ours.runner_argv(runner_config(ctx, comps), cfg, screen, ["--json"])
             m = repeat(Measurement(SCENARIO, case, "remote_runner", delay, OURS),
                        counted(argv, box), ctx.reps, reset, ctx.slow_after)
-            m.note = "; ".join(x for x in (m.note, execcount.describe(box.get("counts", {}))) if x)
+            m.note = "; ".join(x for x in (m.note, box.get("traffic", "")) if x)
             rows.append(m)
         peer = [["ssh", "-F", cfg, "-o", "BatchMode=yes", h, peer_script(screen, comps, h)] for h in hosts]
         rows.append(repeat(Measurement(SCENARIO, case, "ssh + screen (one script per host)",
@@ -155,8 +154,8 @@ def rerun_case(ctx: Context, hosts: List[str], count: int) -> List[Measurement]:
             rows.append(skipped(SCENARIO, case, "remote_runner", delay, missing, OURS))
         else:
             box: dict = {}
-            argv = execcount.RUNNER + ours.runner_argv(
-                runner_config(ctx, comps, "rerun", data, base), cfg, screen)[len(ours.RUNNER):]
+            argv = ours.runner_argv(runner_config(ctx, comps, "rerun", data, base), cfg, screen,
+                                    ["--json"])
             step = counted(argv, box)
             try:
                 reset()
@@ -166,7 +165,7 @@ def rerun_case(ctx: Context, hosts: List[str], count: int) -> List[Measurement]:
             except Exception as exc:  # noqa: BLE001 - a broken tool is a result
                 m = skipped(SCENARIO, case, "remote_runner", delay, f"failed: {exc}", OURS)
             m.note = "; ".join(x for x in (m.note, "full -c run, old session replaced",
-                                           execcount.describe(box.get("counts", {}))) if x)
+                                           box.get("traffic", "")) if x)
             rows.append(m)
         reset()
         peer = [["sh", "-c", f"rsync -a -e {shlex.quote(f'ssh -F {cfg} -o BatchMode=yes')} "
