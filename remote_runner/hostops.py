@@ -399,6 +399,9 @@ class SessionLock:
 
     host: str
     handle: Any
+    #: what the command run once the lock was held printed (stdout and stderr) and its status
+    then_output: str = ""
+    then_status: Optional[int] = None
 
     def release(self) -> None:
         """Free the lock (closing the channel or the local process's stdin)."""
@@ -416,50 +419,82 @@ class SessionLock:
             pass
 
 
-def lock_script(state_dir: str, info: str) -> str:
-    """Return the shell text that takes the session lock and holds it until stdin closes."""
+#: Ends the output of the command run under a freshly taken lock: ``RR-THEN-DONE <status>``.
+_THEN_MARK = "RR-THEN-DONE"
+
+
+def lock_script(state_dir: str, info: str, then: str = "") -> str:
+    """Return the shell text that takes the session lock and holds it until stdin closes.
+
+    *then* (shell text) runs once the lock is held, its output (stdout and
+    stderr) followed by ``RR-THEN-DONE STATUS``: the first step of a run rides
+    on the lock's own channel instead of costing an exec of its own.
+    """
     q = shlex.quote
     d = shell_path(state_dir)
     lock, owner = f"{d}/session.lock", f"{d}/session.owner"
+    run_then = f"(\n{then}\n) </dev/null 2>&1\necho \"{_THEN_MARK} $?\"\n" if then else ""
     return (f"mkdir -p {d} || exit 3\n"
-            "if ! command -v flock >/dev/null 2>&1; then echo NO-FLOCK; exec cat >/dev/null; fi\n"
+            "if ! command -v flock >/dev/null 2>&1; then echo NO-FLOCK; else\n"
             f"exec 9>>{lock}\n"
             f"if ! flock -n 9; then echo \"BUSY $(cat {owner} 2>/dev/null)\"; exit 0; fi\n"
             f"printf '%s\\n' {q(info)} > {owner}\n"
-            "echo LOCKED\n"
+            "echo LOCKED\nfi\n" + run_then +
             "exec cat >/dev/null\n")
 
 
+def _read_until(read: Any, done: Any) -> str:
+    """Read chunks with *read* until ``done(text)`` or end of stream; return the text."""
+    data = b""
+    try:
+        while not done(data.decode("utf-8", "replace")):
+            chunk = read()
+            if not chunk:
+                break
+            data += chunk
+    except OSError:
+        pass
+    return data.decode("utf-8", "replace")
+
+
 def acquire_lock(host: str, state_dir: str, info: str, connection: Any = None,
-                 timeout: float = 60.0) -> SessionLock:
+                 timeout: float = 60.0, then: str = "") -> SessionLock:
     """Take the session lock on *host* (over *connection*, or locally when None).
 
+    With *then*, that shell text runs on the host once the lock is held (see
+    :func:`lock_script`); the returned lock carries its output and status.
     Raises :class:`SessionBusy` naming the holder ("pid …, run …, since …").
     """
-    script = lock_script(state_dir, info)
+    script = lock_script(state_dir, info, then)
+
+    def done(text: str) -> bool:
+        lines = text.splitlines(keepends=True)
+        if not lines or not lines[0].endswith("\n"):
+            return False
+        if not then or not lines[0].startswith(("LOCKED", "NO-FLOCK")):
+            return True
+        return any(line.startswith(_THEN_MARK) and line.endswith("\n") for line in lines[1:])
     if connection is None:
         proc = subprocess.Popen(["/bin/sh", "-c", script], stdin=subprocess.PIPE,
                                 stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
         assert proc.stdout is not None
-        first = proc.stdout.readline().decode("utf-8", "replace").strip()
+        out = _read_until(proc.stdout.readline, done)
         handle: Any = proc
     else:
         channel = connection.exec_channel("sh -c " + shlex.quote(script))
-        channel.settimeout(timeout)
-        data = b""
-        try:
-            while not data.endswith(b"\n"):
-                chunk = channel.recv(4096)
-                if not chunk:
-                    break
-                data += chunk
-        except OSError:
-            pass
-        first = data.decode("utf-8", "replace").strip()
+        channel.settimeout(max(timeout, 120.0) if then else timeout)
+        out = _read_until(lambda: channel.recv(65536), done)
         channel.settimeout(None)
         handle = channel
+    first, _, rest = out.partition("\n")
+    first = first.strip()
     lock = SessionLock(host, handle)
     if first.startswith("LOCKED") or first.startswith("NO-FLOCK"):
+        if then:
+            body, _, status = rest.rpartition(_THEN_MARK + " ")
+            lock.then_output = body
+            lock.then_status = int(status.split()[0]) if status.split() and \
+                status.split()[0].isdigit() else None
         return lock
     lock.release()
     if first.startswith("BUSY"):

@@ -258,7 +258,8 @@ class Runner:
 
         def take(host: str) -> None:
             connection = None if host == "localhost" else self.connections[host]
-            self.locks[host] = hostops.acquire_lock(host, self._state_dir(), info, connection)
+            self.locks[host] = hostops.acquire_lock(host, self._state_dir(), info, connection,
+                                                    then=self._prepare_script(host))
         self._parallel(take, list(self._by_host()), "taking the session lock")
 
     def save_record(self) -> None:
@@ -274,8 +275,21 @@ class Runner:
             LOG.warning("could not write the run record %s: %s", self.record.path, exc)
 
     def prepare(self) -> None:
-        """Check for screen and create state and base directories on each host (nothing is stopped)."""
-        self._parallel(self._prepare_host, list(self._by_host()), "preparing it")
+        """Check for screen and create state and base directories on each host (nothing is stopped).
+
+        The commands ran on the lock's channel as soon as each lock was held
+        (:meth:`lock`): this reads what they said.
+        """
+        for host in self._by_host():
+            lock = self.locks[host]
+            if lock.then_status is None:
+                raise ConnectionLost(host, "the SSH connection was lost while preparing it "
+                                     f"(no answer after taking the session lock: "
+                                     f"{lock.then_output.strip()[-200:] or 'nothing'})",
+                                     "check the host and the network, then run again")
+            self._prepared(host, ScriptResult(
+                -1 if lock.then_status is None else lock.then_status, lock.then_output,
+                lock.then_output))
 
     def copy(self) -> None:
         """Copy every remote component's files (nothing for localhost)."""
@@ -380,9 +394,8 @@ class Runner:
 
     # -- per host -----------------------------------------------------------
 
-    def _prepare_host(self, host: str) -> None:
-        """Resolve the state dir and base dirs on *host* and check that it has screen."""
-        shell = self.shells[host]
+    def _prepare_script(self, host: str) -> str:
+        """Return the script resolving the state dir and base dirs on *host* (screen checked)."""
         specs = self._by_host()[host]
         state = self._state_dir()
         lines = [f"command -v screen >/dev/null 2>&1 || exit {_NO_SCREEN}",
@@ -395,7 +408,13 @@ class Runner:
             else:
                 q = shlex.quote(spec.base_dir or self.invocation_dir)
                 lines.append(f'mkdir -p {q} && cd {q} && echo "BASE {i} $(pwd -P)" || exit 4')
-        result = shell.script("\n".join(lines) + "\n", timeout=120)
+        return "\n".join(lines) + "\n"
+
+    def _prepared(self, host: str, result: ScriptResult) -> None:
+        """Take in what *host*'s prepare script said: state dir, base dirs, its screen."""
+        shell = self.shells[host]
+        specs = self._by_host()[host]
+        state = self._state_dir()
         found = _parse_prepare(result.stdout)
         if result.exit_status == _NO_SCREEN:
             raise StartError(f"host {host}: GNU screen is not installed (or not on PATH); install "

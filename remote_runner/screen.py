@@ -9,14 +9,14 @@ has traps that this module exists to keep away from the rest of the runner
 * ``-X`` and rc files expand ``$VAR``, so user text never reaches them
   unescaped: a window runs ``/bin/sh LAUNCHER``, a small file written with
   :func:`shlex.quote` that does ``cd`` and runs the argv. Only the title (the
-  component name) and paths pass through screen, quoted by :func:`rc_word`.
+  component name) and paths pass through screen, quoted by :func:`remote_runner.wave.rc_word`.
 * Zombie mode has to be on before the first window can exit, so it is set in
   the rc file the session is created with (``-c RCFILE``), not by a later ``-X``.
 * ``-X`` returns 0 even when it did nothing, so a start is confirmed by the
   launcher's own ``.pid`` file, never by an exit code.
 * One screen client per window is the expensive part of starting many: a
   whole wave's windows are a file of screen commands, read by the rc file of a
-  new session or by one ``-X source`` (:func:`windows_rc`).
+  new session or by one ``-X source`` (:mod:`remote_runner.wave`).
 
 The launcher also makes the window observable without screen: it writes
 ``<stem>.pid`` (its pid, which is the window's process group) and
@@ -38,7 +38,8 @@ from typing import TYPE_CHECKING, Dict, List, Optional, Sequence, Tuple
 from remote_runner.errors import ConfigError, StartError
 
 if TYPE_CHECKING:  # pragma: no cover
-    from remote_runner.shell import ScriptResult, Shell
+    from remote_runner.shell import Shell
+    from remote_runner.wave import WaveResult
 
 #: What a session name may contain: no whitespace (``screen -ls`` columns), no
 #: shell or screen metacharacters.
@@ -215,44 +216,6 @@ def printf_write(path: str, content: str, on_error: str = "") -> str:
     return f"printf %s {shlex.quote(content)} > {shlex.quote(path)} {on_error}\n"
 
 
-def rc_word(text: str) -> str:
-    """Quote *text* as one word of a screen rc file (no ``$`` or ``^`` interpretation)."""
-    text = text.replace("\n", " ").replace("\r", " ")
-    for char in "\\\"$^":
-        text = text.replace(char, "\\" + char)
-    return f'"{text}"'
-
-
-def windows_rc(windows: Sequence[Window]) -> str:
-    """Return screen commands opening *windows*, each logging to its own ``<stem>.log``.
-
-    Sourced by a running session (``-X source``) or by the rc file a new
-    session starts with, so a whole wave costs one screen client, not one per
-    window. ``logfile NAME`` also renames the log of the current window when
-    that one is logging, so each window opens without logging, then gets its
-    name and ``log on``: screen reads no window output while it runs a
-    sourced file, so nothing is printed before the log is open.
-    """
-    lines = []
-    for w in windows:
-        lines += [f"screen -t {rc_word(w.title)} /bin/sh {rc_word(w.launcher)}",
-                  f"logfile {rc_word(w.log_file)}", "log on"]
-    return "\n".join(lines) + "\n"
-
-
-@dataclass
-class WaveResult:
-    """What one start command reports: the session, the new pids, what it replaced."""
-
-    session_id: Optional[str]
-    pids: Dict[str, int]
-    quit: List[str]
-    adopted: bool
-    stdout: str
-
-
-# --------------------------------------------------------------------------- host actions
-
 class Screen:
     """The session named *name* on one host, driven through a :class:`Shell`."""
 
@@ -315,7 +278,7 @@ class Screen:
 
     def start_wave(self, windows: Sequence[Window], setup: str = "", replace: Optional[str] = None,
                    health: str = "", grace: float = 10.0, extra_time: float = 0.0,
-                   before_open: str = "") -> WaveResult:
+                   before_open: str = "") -> "WaveResult":
         """Start a whole wave on this host in one command, and confirm it.
 
         In order: *setup* (shell text, e.g. the launchers; a failing step ends
@@ -329,101 +292,8 @@ class Screen:
         every window started; its output is in the result's ``stdout``.
         *before_open* runs just before the windows open, with ``$sid`` set.
         """
-        q = shlex.quote
-        parts = [_NEED_SCREEN, setup]
-        if replace == "kill":
-            parts.append("screen -wipe >/dev/null 2>&1\n" +
-                         quit_sessions_script(self.name, grace) +
-                         _poll_gone("$rr_pids", self.start_timeout) +
-                         f'rr_after=" $(echo $({_ids_of(self.name)})) "\nrr_left=\n'
-                         'for s in $rr_ids; do case "$rr_after" in *" $s "*) rr_left="$rr_left $s";; '
-                         '*) echo "RR-QUIT $s";; esac; done\n'
-                         'if [ -n "$rr_left" ]; then echo "RR-NOT-QUIT$rr_left"; exit 0; fi\n'
-                         "sid=\n")
-        elif replace == "adopt":
-            parts.append("screen -wipe >/dev/null 2>&1\n"
-                         f'rr_all=" $(echo $({_ids_of(self.name)})) "\n'
-                         f"sid=\nfor s in $rr_all; do sid=$s; done\n")
-            if self.session_id:
-                parts.append(f'case "$rr_all" in *" "{q(self.session_id)}" "*) '
-                             f"sid={q(self.session_id)};; esac\n")
-            parts.append('[ -n "$sid" ] && echo "RR-ADOPT $sid"\n')
-        else:
-            parts.append(f"sid={q(self.session_id or '')}\n")
-        if windows:
-            parts.append(before_open)
-            parts.append(self._open_script(windows))
-            parts.append(f"if [ $rr_missing = 0 ]; then\n:\n{health}\nfi\n")
-        parts.append('echo "RR-SESSION $sid"\n')
-        result = self.shell.script("".join(parts), timeout=2 * self.start_timeout + grace +
-                                   extra_time + 60)
-        return self._wave_result(windows, result)
-
-    def _open_script(self, windows: Sequence[Window]) -> str:
-        """Return shell text opening *windows* in session ``$sid`` (created when empty)."""
-        q = shlex.quote
-        wave_file = f"{self.log_dir}/windows-{windows[0].stem}.screenrc"
-        rc = rc_text(self.log_dir, self.zombie) + f"source {rc_word(wave_file)}\n"
-        ids = _ids_of(self.name)
-        rounds = max(1, int(self.start_timeout * 20))
-        script = (printf_write(wave_file, windows_rc(windows), on_error=SETUP_FAILED) +
-                  'if [ -z "$sid" ]; then\n' +
-                  printf_write(self.rc_file, rc, on_error=SETUP_FAILED) +
-                  f'  rr_b=" $(echo $({ids})) "\n'
-                  # zombie mode is in the rc, so it holds before the first window can exit
-                  f"  screen -c {q(self.rc_file)} -d -m -S {q(self.name)} </dev/null >/dev/null 2>&1\n"
-                  "  rr_rc=$?; i=0\n"
-                  # screen -d -m may return before the new session's socket is listed: wait for it
-                  "  while [ -z \"$sid\" ] && [ $rr_rc = 0 ] && [ $i -lt " + str(rounds) + " ]; do\n"
-                  f'    for s in $({ids}); do case "$rr_b" in *" $s "*) ;; *) sid=$s;; esac; done\n'
-                  '    [ -n "$sid" ] || { sleep 0.05 2>/dev/null || sleep 1; }\n    i=$((i+1))\n'
-                  "  done\n"
-                  '  if [ -z "$sid" ]; then echo "RR-NO-SESSION $rr_rc"; screen -ls; exit 0; fi\n'
-                  "else\n"
-                  f'  screen -S "$sid" -X source {q(escape_x(wave_file))} </dev/null >/dev/null 2>&1\n'
-                  "fi\n" +
-                  _poll_files([w.pid_file for w in windows], self.start_timeout) +
-                  "rr_missing=0\n")
-        for w in windows:
-            pid = q(w.pid_file)
-            script += (f"p=; {{ read -r p < {pid}; }} 2>/dev/null; [ -n \"$p\" ] || rr_missing=1; "
-                       f"echo \"PID {w.stem} $p\"\n")
-        script += ('if [ $rr_missing = 1 ]; then echo RR-WINDOWS; '
-                   'screen -S "$sid" -Q windows 2>&1; echo; fi\n')
-        return script
-
-    def _wave_result(self, windows: Sequence[Window], result: "ScriptResult") -> WaveResult:
-        """Check what a start command printed; raise StartError for what went wrong."""
-        host, lines = self.shell.host, result.stdout.splitlines()
-        if "NO-SCREEN" in lines:
-            raise StartError(f"host {host}: GNU screen is not installed (or not on PATH)")
-        if result.exit_status == _SETUP_EXIT:
-            raise StartError(f"host {host}: could not write launchers: {result.stderr.strip()}")
-        quit_ids = [line[8:] for line in lines if line.startswith("RR-QUIT ")]
-        left = [line.split()[1:] for line in lines if line.startswith("RR-NOT-QUIT")]
-        if left:
-            raise StartError(f"host {host}: screen session(s) {left[0]} did not quit")
-        failed = [line for line in lines if line.startswith("RR-NO-SESSION")]
-        if failed:
-            raise StartError(f"host {host}: could not create screen session {self.name!r} "
-                             f"({result.stdout.strip() or 'no output'}; {result.stderr.strip()})")
-        said = [line[11:] for line in lines if line.startswith("RR-SESSION ")]
-        if not said:
-            raise StartError(f"host {host}: the start command ended early (exit status "
-                             f"{result.exit_status}): {result.stderr.strip() or 'no output'}")
-        sid = said[-1].strip() if said else ""
-        if sid and parse_sessions(f"\t{sid}\t(x)\n", self.name) != [sid]:
-            raise StartError(f"host {host}: screen reported an unexpected session id {sid!r}")
-        self.session_id = sid or None
-        adopted = any(line.startswith("RR-ADOPT ") for line in lines)
-        pids = _parse_pids(result.stdout)
-        missing = [w.title for w in windows if w.stem not in pids]
-        if missing:
-            listing = result.stdout.split("RR-WINDOWS\n", 1)[-1].split("RR-SESSION")[0].strip()
-            raise StartError(f"host {host}: window(s) {missing} did not start within "
-                             f"{self.start_timeout:g} s in screen session {self.session_id}; "
-                             f"windows: {listing!r}")
-        return WaveResult(self.session_id, pids, quit_ids, adopted, result.stdout)
+        from remote_runner.wave import start_wave
+        return start_wave(self, windows, setup, replace, health, grace, extra_time, before_open)
 
     def windows(self) -> str:
         """Return ``screen -Q windows`` for the session (titles and flags)."""
@@ -535,27 +405,9 @@ def _stop_groups(listing: str, grace: float) -> str:
             '&& echo "KILLED $k"; done\n')
 
 
-def _poll_files(paths: Sequence[str], timeout: float) -> str:
-    """Return shell text that waits until every path in *paths* is non-empty, or *timeout*."""
-    tests = " && ".join(f"[ -s {shlex.quote(p)} ]" for p in paths) or "true"
-    rounds = max(1, int(timeout * 20))
-    return (f"i=0\nwhile [ $i -lt {rounds} ] && ! {{ {tests}; }}; do\n"
-            f"  sleep 0.05 2>/dev/null || sleep 1\n  i=$((i+1))\ndone\n")
-
-
 def _poll_gone(pids: str, timeout: float) -> str:
     """Return shell text that waits until the processes *pids* (shell words) have ended."""
     rounds = max(1, int(timeout * 20))
     return (f"i=0\nfor p in {pids}; do\n"
             f"  while [ $i -lt {rounds} ] && kill -0 \"$p\" 2>/dev/null; do\n"
             f"    sleep 0.05 2>/dev/null || sleep 1\n    i=$((i+1))\n  done\ndone\n")
-
-
-def _parse_pids(stdout: str) -> Dict[str, int]:
-    """Return stem -> pid from ``PID stem pid`` lines (lines without a pid are skipped)."""
-    pids = {}
-    for line in stdout.splitlines():
-        parts = line.split(" ")
-        if len(parts) == 3 and parts[0] == "PID" and parts[2].isdigit():
-            pids[parts[1]] = int(parts[2])
-    return pids

@@ -146,3 +146,24 @@ def test_restart_replaces_the_window_and_keeps_one_per_component(lab, env, tmp_p
     new = ssh(lab, "h1", f"cat {env['state']}/latest/a.log").stdout
     old = ssh(lab, "h1", f"cat {env['state']}/latest/a.log.*").stdout
     assert new.count("run ") == 1 and old.count("run ") == 1 and new != old
+
+
+def test_the_first_step_runs_on_the_lock_channel_only_once_the_lock_is_held(tmp_path):
+    """Locally (no SSH): the command given to the lock runs under it; a refused lock runs nothing."""
+    from remote_runner.errors import SessionBusy
+    from remote_runner.hostops import acquire_lock
+
+    state, marker = str(tmp_path / "state"), tmp_path / "ran"
+    held = acquire_lock("localhost", state, "first", then=f"echo prepared; touch {marker}; exit 4")
+    try:
+        assert held.then_output.strip() == "prepared" and held.then_status == 4
+        marker.unlink()
+        with pytest.raises(SessionBusy) as info:
+            acquire_lock("localhost", state, "second", then=f"touch {marker}")
+        assert "first" in str(info.value)
+        assert not marker.exists()
+    finally:
+        held.release()
+    again = acquire_lock("localhost", state, "third", then="echo ok")
+    assert again.then_output == "ok\n" and again.then_status == 0
+    again.release()
