@@ -13,7 +13,7 @@ import importlib.util
 import json
 import subprocess
 import sys
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Sequence
 
 #: Runs the classic CLI in this interpreter (works without the console script on PATH).
 RUNNER = [sys.executable, "-c", "import sys; from remote_runner.cli.classic import main; sys.exit(main())"]
@@ -51,9 +51,11 @@ def runner_argv(config: str, ssh_config: str, screen: str, extra: Optional[List[
     return RUNNER + ["-c", config, "-F", ssh_config, "--screen", screen, "-l", "WARNING"] + list(extra or [])
 
 
-def exec_argv(ssh_config: str, host: str, command: List[str]) -> List[str]:
-    """Return the command line that runs *command* on *host* inside our mirror."""
-    return TOOL + ["exec", "-F", ssh_config, host] + command
+def exec_argv(ssh_config: str, host: str, command: List[str], stats: Optional[str] = None,
+              options: Sequence[str] = ()) -> List[str]:
+    """Return the command line that runs *command* on *host* inside our mirror (*stats*: counters file)."""
+    return (TOOL + ["exec", "-F", ssh_config] + (["--stats", stats] if stats else []) + list(options)
+            + [host] + command)
 
 
 def traffic_note(stdout: bytes) -> str:

@@ -7,18 +7,21 @@ emptied, or a fresh mount) and *warm* (run again right after) — and, for ours,
 command seeds the host) — for our
 ``remote-runner exec``, outrun 1.1.0, sshfs + chroot, and the plain local run
 as the reference. Everything the programs read and write is on the local disk
-(in the bench work directory); only the link delay differs per row.
+(in the bench work directory); only the link delay differs per row. Each of
+our rows notes its last run's counters (requests, waits, bytes each way,
+requests answered on the host); whole programs (a big ``git status``, ``make
+-j``, two test suites) are in :mod:`bench.scenarios.mirror_programs`.
 """
 
 from __future__ import annotations
 
 import os
-import subprocess
 from dataclasses import dataclass
 from typing import Callable, List, Optional
 
 from bench import ours
-from bench.context import Context, git
+from bench.scenarios import mirror_programs
+from bench.context import Context
 from bench.measure import repeat, run as sh, skipped
 from bench.results import OURS, REFERENCE, Measurement
 from bench.sshfs import SshfsMount, sftp_server
@@ -51,20 +54,7 @@ def prepare_files(ctx: Context) -> str:
         sh(["ffmpeg", "-y", "-loglevel", "error", "-f", "lavfi", "-i",
              "testsrc=duration=2:size=640x360:rate=25", "-pix_fmt", "yuv420p", clip], timeout=300)
     repo = os.path.join(base, "repo")
-    count = repo_size(ctx)
-    marker = os.path.join(repo, ".bench-files")
-    if not (os.path.exists(marker) and open(marker).read() == str(count)):
-        subprocess.run(["rm", "-rf", repo], check=True)
-        for i in range(count):
-            path = os.path.join(repo, f"d{i // 100:02d}", f"file{i:05d}.txt")
-            os.makedirs(os.path.dirname(path), exist_ok=True)
-            with open(path, "w") as handle:
-                handle.write(f"line {i}\n")
-        git("init", "-q", cwd=repo)
-        git("add", "-A", cwd=repo)
-        git("commit", "-q", "-m", "bench", cwd=repo)
-        with open(marker, "w") as handle:
-            handle.write(str(count))
+    mirror_programs.make_repo(repo, repo_size(ctx), lambda i: os.path.join(f"d{i // 100:02d}", f"file{i:05d}.txt"))
     return base
 
 
@@ -92,16 +82,20 @@ def measure_tool(ctx: Context, tool: str, role: str, delay: float, loads: List[W
                  cold_prepare: Callable[[Workload], Callable[[], None]],
                  warm_prepare: Optional[Callable[[], None]] = None,
                  cold_step_for: Optional[Callable[[Workload], Callable[[], None]]] = None,
-                 note: str = "", extra: Optional[Callable[[Workload], List[Measurement]]] = None
+                 note: str = "", extra: Optional[Callable[[Workload], List[Measurement]]] = None,
+                 after: Callable[[Measurement], Measurement] = lambda m: m
                  ) -> List[Measurement]:
-    """Time every workload cold (after *cold_prepare(load)*), then warm, then any *extra* rows."""
+    """Time every workload cold (after *cold_prepare(load)*), then warm, then any *extra* rows.
+
+    *after* sees each row as soon as it is measured (ours adds the run's counters).
+    """
     rows = []
     for load in loads:
         cold = (cold_step_for or step_for)(load)
-        rows.append(repeat(Measurement(SCENARIO, f"{load.name} / cold", tool, delay, role, note=note),
-                           cold, ctx.reps, cold_prepare(load), ctx.slow_after))
-        rows.append(repeat(Measurement(SCENARIO, f"{load.name} / warm", tool, delay, role, note=note),
-                           step_for(load), ctx.reps, warm_prepare, ctx.slow_after))
+        rows.append(after(repeat(Measurement(SCENARIO, f"{load.name} / cold", tool, delay, role, note=note),
+                                 cold, ctx.reps, cold_prepare(load), ctx.slow_after)))
+        rows.append(after(repeat(Measurement(SCENARIO, f"{load.name} / warm", tool, delay, role, note=note),
+                                 step_for(load), ctx.reps, warm_prepare, ctx.slow_after)))
         if extra is not None:
             rows += extra(load)
     return rows
@@ -124,6 +118,8 @@ def run(ctx: Context) -> List[Measurement]:
     # The last of four hosts: the test suites of others use h1..h3, and cold runs delete caches.
     host = ctx.testbed.hosts(MIRROR_HOST_INDEX)[-1]
     rows: List[Measurement] = run_local(ctx, loads)
+    stats_path = os.path.join(ctx.work_dir, f"mirror-stats-{ctx.tag}.json")
+    counted = lambda m: mirror_programs.with_traffic(m, stats_path)  # noqa: E731
     ctx.notes.append(f"mirror: workloads run on {host} with cwd and files in the local {base}; cold = "
                      f"remote caches removed ({OURS_CACHE} for ours, and our local profile of the command in "
                      f"{profiles_dir()}; {OUTRUN_CACHE} for outrun) or a fresh sshfs mount (mount time "
@@ -139,7 +135,8 @@ def run(ctx: Context) -> List[Measurement]:
             rows += [skipped(SCENARIO, f"{l.name} / {c}", "remote-runner exec", delay, missing, OURS)
                      for l in loads for c in ("cold", "warm")]
         else:
-            step = lambda l: (lambda: sh(ours.exec_argv(cfg, host, l.argv), cwd=l.cwd, timeout=ctx.step_timeout))
+            step = lambda l: (lambda: sh(ours.exec_argv(cfg, host, l.argv, stats=stats_path), cwd=l.cwd,
+                                         timeout=ctx.step_timeout))
 
             def wipe_ours(load: Workload) -> Callable[[], None]:
                 def wipe_both() -> None:  # cold: nothing known on either side
@@ -154,10 +151,11 @@ def run(ctx: Context) -> List[Measurement]:
                 return wipe_both
 
             # Then a host that never ran the command, from a machine that has (its profile is kept).
-            new_host = lambda l: [repeat(Measurement(SCENARIO, f"{l.name} / new host", "remote-runner exec",
-                                                     delay, OURS, note="host cache removed, local profile kept"),
-                                         step(l), ctx.reps, wipe(OURS_CACHE), ctx.slow_after)]
-            rows += measure_tool(ctx, "remote-runner exec", OURS, delay, loads, step, wipe_ours, extra=new_host)
+            new_host = lambda l: [counted(repeat(Measurement(SCENARIO, f"{l.name} / new host", "remote-runner exec",
+                                                             delay, OURS, note="host cache removed, local profile kept"),
+                                                 step(l), ctx.reps, wipe(OURS_CACHE), ctx.slow_after))]
+            rows += measure_tool(ctx, "remote-runner exec", OURS, delay, loads, step, wipe_ours, extra=new_host,
+                                 after=counted)
         # outrun
         if ctx.outrun is None:
             rows += [skipped(SCENARIO, f"{l.name} / {c}", "outrun 1.1.0", delay, "outrun could not be installed")
@@ -198,6 +196,7 @@ def run(ctx: Context) -> List[Measurement]:
                         extra.append(Measurement(SCENARIO, case, m.tool, delay, REFERENCE, list(m.runs),
                                                  note="no link: same local runs in every row"))
     rows = [m for m in rows if m.tool != "local run"] + extra
+    rows += mirror_programs.run(ctx, host, max(ctx.delays), stats_path)
     order = {load.name: i for i, load in enumerate(loads)}
     return sorted(rows, key=lambda m: (m.delay_ms, order.get(m.case.split(" / ")[0], 99),
                                        m.case.endswith("warm"), m.role != OURS, m.role == REFERENCE))

@@ -1,0 +1,166 @@
+"""Mirror, real programs: a big ``git status``, ``make -j``, and two test suites, ours against local.
+
+The main mirror rows (:mod:`bench.scenarios.mirror`) compare tools on program
+starts. These rows ask what a user feels with whole programs that touch many
+files: ``git status`` in a 50,000-file repository, ``make -j`` of a C project
+of 50 files, and, over the ideal link (0 ms), five files of CPython's own test
+suite and this project's ``pytest tests/test_config.py tests/test_muddle.py``.
+Only our mirror and the local run are measured (the peers take minutes per
+row); each of our rows notes the run's counters (``exec --stats``): requests,
+waits, bytes each way and requests the host answered itself.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shlex
+import subprocess
+import sys
+from typing import Callable, List, Optional, Sequence
+
+from bench import ours
+from bench.context import Context, git
+from bench.measure import repeat, run as sh, skipped
+from bench.results import OURS, REFERENCE, Measurement
+from remote_runner.mirror import protocol as P
+from remote_runner.mirror.profile import ProfileSet
+
+SCENARIO = "mirror"
+TOOL = "remote-runner exec"
+OURS_CACHE = "~/.cache/remote-runner"
+PROJECT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+CPYTHON_TESTS = ["test_json", "test_textwrap", "test_shlex", "test_glob", "test_tempfile"]
+
+
+def traffic(path: str) -> str:
+    """Summarise (and remove) the counters ``exec --stats`` wrote for the last run; "" if none."""
+    try:
+        with open(path) as handle:
+            stats = json.load(handle)
+        os.unlink(path)
+    except (OSError, ValueError):
+        return ""
+    host = stats.get("host") if isinstance(stats.get("host"), dict) else {}
+    answered = sum((host.get("answered_on_host") or {}).values())
+    return (f"last run: {stats.get('requests', 0)} requests ({host.get('waits', '?')} waits), "
+            f"{stats.get('bytes_sent', 0) // 1024} KiB to the host / {stats.get('bytes_received', 0) // 1024} KiB "
+            f"back ({stats.get('codec') or 'uncompressed'}), {answered} answered on the host")
+
+
+def with_traffic(m: Measurement, stats_path: str) -> Measurement:
+    """Add the last run's counters to *m*'s note."""
+    line = traffic(stats_path)
+    if line:
+        m.note = (m.note + "; " if m.note else "") + line
+    return m
+
+
+def big_repo(ctx: Context) -> str:
+    """A git repository of 50,000 files (2,000 in quick mode), made once; return its path."""
+    count = 2000 if ctx.quick else 50000
+    repo = os.path.join(ctx.work_dir, "mirror", f"repo{count}")
+    make_repo(repo, count, lambda i: os.path.join(f"d{i // 500:03d}", f"s{(i // 50) % 10}", f"file{i:05d}.txt"))
+    return repo
+
+
+def make_repo(repo: str, count: int, name: Callable[[int], str]) -> None:
+    """Make a committed git repository of *count* one-line files at *name(i)*, unless it exists."""
+    marker = os.path.join(repo, ".bench-files")
+    if os.path.exists(marker) and open(marker).read() == str(count):
+        return
+    subprocess.run(["rm", "-rf", repo], check=True)
+    for i in range(count):
+        path = os.path.join(repo, name(i))
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        with open(path, "w") as handle:
+            handle.write(f"line {i}\n")
+    git("init", "-q", cwd=repo)
+    git("add", "-A", cwd=repo)
+    git("commit", "-q", "-m", "bench", cwd=repo)
+    with open(marker, "w") as handle:
+        handle.write(str(count))
+
+
+def c_project(ctx: Context, files: int = 50) -> str:
+    """A C project of *files* sources and a Makefile, made once; return its path."""
+    base = os.path.join(ctx.work_dir, "mirror", f"cproject{files}")
+    os.makedirs(base, exist_ok=True)
+    for i in range(files):
+        with open(os.path.join(base, f"unit{i:02d}.c"), "w") as handle:
+            handle.write(f'#include <stdio.h>\n#include <string.h>\n#include "common.h"\n'
+                         f"int unit{i}(int x) {{ char b[64]; snprintf(b, sizeof b, \"%d\", x * {i + 1});"
+                         f" return (int) strlen(b) + COMMON; }}\n")
+    with open(os.path.join(base, "common.h"), "w") as handle:
+        handle.write("#define COMMON 1\n")
+    calls = " + ".join(f"unit{i}(argc)" for i in range(files))
+    decls = "".join(f"int unit{i}(int);\n" for i in range(files))
+    with open(os.path.join(base, "main.c"), "w") as handle:
+        handle.write(f"{decls}int main(int argc, char **argv) {{ (void) argv; return ({calls}) == 0; }}\n")
+    objects = " ".join(f"unit{i:02d}.o" for i in range(files))
+    with open(os.path.join(base, "Makefile"), "w") as handle:
+        handle.write(f"OBJS = main.o {objects}\nprog: $(OBJS)\n\tcc -o $@ $(OBJS)\n"
+                     f"%.o: %.c common.h\n\tcc -O1 -c $< -o $@\nclean:\n\trm -f prog *.o\n")
+    return base
+
+
+def run(ctx: Context, host: str, delay: float, stats_path: str) -> List[Measurement]:
+    """The programs at *delay* (git status, make) and, over a 0 ms link, the two test suites."""
+    rows: List[Measurement] = []
+    missing = ours.mirror_missing()
+    repo = big_repo(ctx)
+    project = c_project(ctx)
+    files = f"{(2000 if ctx.quick else 50000):,} files"
+    clean = lambda: sh(["make", "-s", "clean"], cwd=project)  # noqa: E731 - objects are on the local disk
+    # Cold only where the first run is the question; every row is one run once over slow_after.
+    rows += _measure(ctx, host, delay, [(f"git status ({files})", ["git", "status", "--porcelain"], repo, None)],
+                     stats_path, missing, cold=True)
+    rows += _measure(ctx, host, delay, [("make -j (50 C files)", ["make", "-s", "-j4"], project, clean)],
+                     stats_path, missing, cold=False)
+    if 0 in getattr(ctx.testbed, "delays", []):
+        # Timed whatever the tests say (``|| true``): a test failing only in the mirror is a
+        # semantics question, not a time; lab tests cannot reach the lab from a host (``not lab``).
+        cpython = " ".join(["/usr/bin/python3", "-m", "test", "-q", *CPYTHON_TESTS])
+        pytest = (f"{shlex.quote(sys.executable)} -m pytest -q -p no:cacheprovider -m 'not lab' "
+                  "tests/test_config.py tests/test_muddle.py")
+        suites = [("CPython tests (5 files)", ["/bin/sh", "-c", cpython + " || true"], ctx.work_dir, None),
+                  ("pytest config + muddle", ["/bin/sh", "-c", pytest + " || true"], PROJECT, None)]
+        # The shell is the program, so this interpreter's own tree is served by name.
+        prefix = os.path.dirname(os.path.dirname(os.path.realpath(sys.executable)))
+        rows += _measure(ctx, host, 0, suites, stats_path, missing, cold=False, options=["--export", prefix + ":ro"])
+    else:
+        rows += [skipped(SCENARIO, f"{name} / warm", TOOL, 0, "no 0 ms link in this bench run", OURS)
+                 for name in ("CPython tests (5 files)", "pytest config + muddle")]
+    return rows
+
+
+def _measure(ctx: Context, host: str, delay: float, loads, stats_path: str, missing: Optional[str],
+             cold: bool, options: Sequence[str] = ()) -> List[Measurement]:
+    rows = []
+    for name, argv, cwd, prepare in loads:
+        local = lambda argv=argv, cwd=cwd: sh(argv, cwd=cwd, timeout=ctx.step_timeout)
+        rows.append(repeat(Measurement(SCENARIO, f"{name} / warm", "local run", delay, REFERENCE),
+                           local, ctx.reps, prepare, ctx.slow_after))
+        if missing:
+            rows.append(skipped(SCENARIO, f"{name} / warm", TOOL, delay, missing, OURS))
+            continue
+        cfg = ctx.testbed.ssh_config(delay)
+        step: Callable[[], None] = lambda argv=argv, cwd=cwd: sh(
+            ours.exec_argv(cfg, host, argv, stats=stats_path, options=options), cwd=cwd, timeout=ctx.step_timeout)
+        if cold:
+            def wipe(prepare=prepare, argv=argv, cwd=cwd) -> None:  # type: ignore[no-untyped-def]
+                ctx.on_hosts(delay, [host], f"rm -rf {OURS_CACHE}")
+                # Nothing known on either side: this machine's profiles of the command go too.
+                for path in ProfileSet.for_command([P.name_to_wire(os.fsencode(a)) for a in argv], False, cwd).paths:
+                    try:
+                        os.unlink(path)
+                    except FileNotFoundError:
+                        pass
+                if prepare is not None:
+                    prepare()
+            rows.append(with_traffic(repeat(Measurement(SCENARIO, f"{name} / cold", TOOL, delay, OURS,
+                                                        note="host cache and local profiles removed"),
+                                            step, ctx.reps, wipe, ctx.slow_after), stats_path))
+        rows.append(with_traffic(repeat(Measurement(SCENARIO, f"{name} / warm", TOOL, delay, OURS),
+                                        step, ctx.reps, prepare, ctx.slow_after), stats_path))
+    return rows
