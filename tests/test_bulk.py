@@ -24,9 +24,10 @@ from remote_runner.ssh import Connection, SSHOptions
 from tests.conftest import ssh
 
 
-def _text(size: int) -> bytes:
-    line = b"".join(b"step %06d loss %.6f ok\n" % (i, 1.0 / (i + 1)) for i in range(size // 20 + 1))
-    return line[:size]
+def _sparse(size: int) -> bytes:
+    """Data any codec squeezes cheaply: zeros with a line of text every 4 KiB (a sparse file)."""
+    block = b"".join(b"record %08d\n" % i + bytes(4096 - 16) for i in range(size // 4096 + 1))
+    return block[:size]
 
 
 # --------------------------------------------------------------------------- pure
@@ -75,7 +76,7 @@ def test_fast_ciphers_first_unless_ssh_config_says():
 def test_only_compressible_data_is_sent_compressed(tmp_path):
     noise, text = tmp_path / "noise", tmp_path / "text"
     noise.write_bytes(os.urandom(1 << 20))
-    text.write_bytes(_text(1 << 20))
+    text.write_bytes(_sparse(1 << 20))
     for codec in (compression.LZ4, compression.GZIP):
         assert not compression.pays(str(noise), 1 << 20, codec)
         assert compression.pays(str(text), 1 << 20, codec)
@@ -158,7 +159,7 @@ def test_compressible_files_go_compressed_random_ones_plain(lab, foreign_host, c
     c = conn(host)
     compression.forget_hosts()
     text, noise = tmp_path / "log.txt", tmp_path / "noise.bin"
-    text.write_bytes(_text(3 << 20))
+    text.write_bytes(_sparse(3 << 20))
     noise.write_bytes(os.urandom(3 << 20))
     used = []
     real_send = compression.send
@@ -197,7 +198,7 @@ def test_a_full_disk_fails_parallel_and_compressed_copies_cleanly(lab, conn, ful
     compression.forget_hosts()
     c = conn("h2")
     src = tmp_path / "data"
-    src.write_bytes(_text(2 << 20) if kind == "compressed" else os.urandom(2 << 20))
+    src.write_bytes(_sparse(2 << 20) if kind == "compressed" else os.urandom(2 << 20))
     item = upload.Upload(str(src), f"{full}/data", 0o644, 2 << 20)
     packed = _count_compressed(monkeypatch)
     # upload_all directly: past the free-space check that sync does before copying
@@ -218,7 +219,7 @@ def test_ctrl_c_during_a_parallel_copy_leaves_no_temporary_file(lab, conn, base,
     compression.forget_hosts()
     c = conn("h2")
     src = tmp_path / "big"
-    src.write_bytes(_text(48 << 20) if kind == "compressed" else os.urandom(24 << 20))
+    src.write_bytes(_sparse(48 << 20) if kind == "compressed" else os.urandom(24 << 20))
     plan = sync.make_plan("h2", [(sync_spec(src), base)])
     cancel = threading.Event()
     packed = _count_compressed(monkeypatch)
