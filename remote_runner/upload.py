@@ -218,7 +218,8 @@ class _FileJob:
         except _Abandoned:
             return
         except BaseException as exc:
-            self._fail(sftp)
+            if not self._fail(sftp) and not isinstance(exc, KeyboardInterrupt):
+                return  # a consequence (the file was removed under it): the first failure tells
             if isinstance(exc, sftpwrite.WriteFailed):
                 raise ShortWrite(self.item, exc.acked) from exc
             if isinstance(exc, (RunnerError, KeyboardInterrupt)):
@@ -236,7 +237,8 @@ class _FileJob:
         sftp.posix_rename(self.tmp, self.item.dest)
         _in_flight(self.host, self.tmp, False)
 
-    def _fail(self, sftp: Any) -> None:
+    def _fail(self, sftp: Any) -> bool:
+        """Mark the file failed and remove its temporary file; True for the first failure."""
         with self.lock:
             first = not self.failed
             self.failed = True
@@ -244,6 +246,7 @@ class _FileJob:
         if first:
             _remove_quietly(sftp, self.tmp)
             _in_flight(self.host, self.tmp, False)
+        return first
 
 
 class _Abandoned(Exception):
@@ -368,7 +371,13 @@ def upload_all(sftp: Any, host: str, items: Sequence[Upload], progress: Optional
     squeeze = iter(packed)
     lock = threading.Lock()
     failed = threading.Event()
+    first: List[BaseException] = []  # what stopped the copy; later errors are its consequences
     tick = _ticker(host, progress)
+
+    def stop(exc: BaseException) -> None:
+        with lock:
+            first.append(exc)
+        failed.set()
 
     def lane(client: Any) -> None:
         while not failed.is_set():
@@ -381,8 +390,8 @@ def upload_all(sftp: Any, host: str, items: Sequence[Upload], progress: Optional
                       part.offset, part.offset + part.length, item.size)
             try:
                 job.run_piece(client, part, tick)
-            except BaseException:
-                failed.set()
+            except BaseException as exc:
+                stop(exc)
                 raise
 
     def packer() -> None:
@@ -395,8 +404,8 @@ def upload_all(sftp: Any, host: str, items: Sequence[Upload], progress: Optional
                       item.dest, item.size, codec)
             try:
                 upload_compressed(transport, host, item, str(codec), tick, traffic)
-            except BaseException:
-                failed.set()
+            except BaseException as exc:
+                stop(exc)
                 raise
 
     try:
@@ -407,9 +416,8 @@ def upload_all(sftp: Any, host: str, items: Sequence[Upload], progress: Optional
         with ThreadPoolExecutor(max_workers=len(clients) + packers) as pool:
             futures = [pool.submit(for_host(host, lane), c) for c in clients]
             futures += [pool.submit(for_host(host, packer)) for _ in range(packers)]
-        errors = [f.exception() for f in futures if f.exception() is not None]
-        if errors:
-            raise next((e for e in errors if not isinstance(e, Cancelled)), errors[0])
+        if first:
+            raise first[0]
     finally:
         for client in extra:
             _close_quietly(client)
