@@ -171,3 +171,20 @@ def test_scale_notes_give_seconds_per_host_and_per_added_host():
     assert rows[0].note == "0.125 s per host"
     assert rows[1].note == "0.033 s per host; 0.025 s per host added after 16"
     assert rows[2].note == "peak 9 threads"
+
+
+def test_our_rows_note_the_runs_phases_from_its_json(tmp_path):
+    import sys
+    from bench.procstat import Peaks
+    from bench.scenarios.scale import ours_note, ours_step
+
+    class Ctx:
+        step_timeout = 60
+    doc = ('{"phases": [{"name": "connect", "seconds": 1.5}, {"name": "copy", "seconds": 0.25},'
+           ' {"name": "start", "seconds": 2}, {"name": "wait", "seconds": 0}]}')
+    peaks, phases = Peaks(), {}
+    ours_step(Ctx(), [sys.executable, "-c", f"print({doc!r})"], peaks, phases)()
+    assert phases == {"connect": 1.5, "copy": 0.25, "start": 2.0, "wait": 0.0}
+    note = ours_note(peaks, phases)
+    assert note.endswith("last run: connect 1.50 s, copy 0.25 s, start 2.00 s")
+    assert note.startswith("peak ") == (peaks.samples > 0)  # watched while it ran

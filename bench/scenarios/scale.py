@@ -110,17 +110,20 @@ def ours_step(ctx: Context, argv: List[str], peaks: Peaks, phases: Dict[str, flo
     """Our runner, watched for peaks; its ``--json`` phases kept from the last run."""
     def step() -> None:
         done = sh(argv, timeout=ctx.step_timeout, peaks=peaks)
+        phases.clear()
         try:
-            phases.clear()
-            phases.update(json.loads(done.stdout.decode()).get("phases", {}))
+            listed = json.loads(done.stdout.decode()).get("phases", [])
         except ValueError:
-            pass
+            return
+        for phase in listed if isinstance(listed, list) else []:
+            if isinstance(phase, dict) and isinstance(phase.get("seconds"), (int, float)):
+                phases[str(phase.get("name"))] = float(phase["seconds"])
     return step
 
 
 def ours_note(peaks: Peaks, phases: Dict[str, float]) -> str:
     parts = [peaks.describe()] if peaks.samples else []
-    shown = [f"{p} {phases[p]:.2f} s" for p in ("connect", "copy", "start") if p in phases]
+    shown = [f"{p} {phases[p]:.2f} s" for p in ("connect", "prepare", "copy", "start") if p in phases]
     if shown:
         parts.append("last run: " + ", ".join(shown))
     return "; ".join(parts)
