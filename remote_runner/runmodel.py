@@ -31,6 +31,8 @@ class RunOptions:
     zombie: bool = True
     terminate: bool = False
     always_copy: bool = False
+    #: trust no remembered SHA-1 (host manifests, local cache): hash everything, rewrite them
+    rehash: bool = False
     remote_done_dir: Optional[str] = None
     wait_timeout: Optional[float] = None
     start_timeout: float = 30.0

@@ -312,7 +312,8 @@ class Runner:
                                       data={"files": files, "bytes": size}))
 
         self.report.sync = sync.sync_all(jobs, self.options.forks, self.options.always_copy,
-                                         progress, openers, self.cancel, on_plan=planned)
+                                         progress, openers, self.cancel, on_plan=planned,
+                                         rehash=self.options.rehash)
         for host in sorted(self.report.sync):
             done = self.report.sync[host]
             self._say(ev.KIND_COPY_DONE, host, done.summary().split(": ", 1)[-1],

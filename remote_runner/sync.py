@@ -1,24 +1,29 @@
 """Copy the files components need to their hosts, skipping what is already there.
 
 Per host the work is: a plan (unique destination -> source, directories
-expanded, relative destinations joined to the component's base_dir), **one**
-``stat -c`` command for the size and mode of every destination (one SFTP
-``listdir`` per directory where ``stat -c`` is missing), **one** remote hash
-command for every file whose size and mode already match (``openssl dgst -sha1
--r``, or ``sha1sum`` with a warning where openssl is missing) while the local
-hashes are computed, one ``mkdir -p`` for all directories, then the upload of
-what differs. A run with nothing to copy opens no SFTP channel.
+expanded, relative destinations joined to the component's base_dir), then
+**one** exec that tells which files differ. With python3 on the host that is
+the manifest check (:mod:`remote_runner.manifest`): the host answers each
+file's size, mode and SHA-1, hashing only files whose stat no longer matches
+what it remembered, and in the same exec creates the directories, sweeps
+temporary files that killed copies left behind and reports free space (a copy
+that cannot fit is refused before anything is written). Local SHA-1s come
+from :mod:`remote_runner.hashcache`, so a run where nothing changed reads no
+file on either side. After copying, one more exec has the host hash and
+remember what arrived.
 
-The same directory command reports the free space the uploads need (a copy
-that cannot fit is refused before anything is written) and sweeps temporary
-files that killed copies left behind. How the bytes get there without ever
-leaving half a file is :mod:`remote_runner.upload`. Hosts are synced in
-parallel, bounded by ``--forks``.
+Without python3 the old path is taken: one ``stat -c`` command for the size
+and mode of every destination (one SFTP ``listdir`` per directory where
+``stat -c`` is missing), one remote hash command for every file whose size
+and mode already match (``openssl dgst -sha1 -r``, or ``sha1sum`` with a
+warning where openssl is missing), and one command for directories, free
+space and the sweep. A run with nothing to copy opens no SFTP channel. How
+the bytes get there without ever leaving half a file is
+:mod:`remote_runner.upload`. Hosts are synced in parallel, bounded by ``--forks``.
 """
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
 import posixpath
@@ -29,8 +34,12 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Callable, Dict, Iterable, List, Optional, Sequence, Tuple
 
+from remote_runner import hashcache, manifest
 from remote_runner.errors import ConnectionLost, CopyError, RunnerError, describe
 from remote_runner.events import host_context
+from remote_runner.hostdigest import (  # noqa: F401 - re-exported: sync is where callers look
+    HASH_CHUNK, HASH_TOOL_MARK, STAT_OK_MARK, remote_attrs, remote_sha1, remote_stat,
+)
 from remote_runner.upload import (  # noqa: F401 - re-exported: sync is where callers look
     BUNDLE_BYTES, BUNDLE_FILES, LANES, SMALL_FILE, STALE_MINUTES, Cancelled, LaneOpener,
     Progress, ShortWrite, Upload, bundle_tar, bundles, explain, free_bytes, free_space,
@@ -44,10 +53,6 @@ if TYPE_CHECKING:  # pragma: no cover
 
 LOG = logging.getLogger(__name__)
 
-#: Files hashed per ``openssl`` invocation (keeps each exec well under ARG_MAX).
-HASH_CHUNK = 500
-HASH_TOOL_MARK = "RR-HASH-TOOL"
-STAT_OK_MARK = "RR-STAT-OK"
 HAS_TAR_MARK = "RR-HAS-TAR"
 #: Called with (host, files, bytes) once a host knows what it really has to upload.
 Planned = Callable[[str, int, int], None]
@@ -55,11 +60,24 @@ Planned = Callable[[str, int, int], None]
 
 @dataclass(frozen=True)
 class Plan:
-    """Everything one host needs: directories (path, mode or None) and files."""
+    """Everything one host needs: directories (path, mode or None) and files.
+
+    *trees* names, for each destination, the tree (base directory) whose
+    manifest on the host remembers it (see :mod:`remote_runner.manifest`).
+    """
 
     host: str
     dirs: Tuple[Tuple[str, Optional[int]], ...]
     files: Tuple[Upload, ...]
+    trees: Tuple[Tuple[str, str], ...] = ()
+
+    def tree_index(self, items: Sequence[Upload]) -> Tuple[List[str], List[int]]:
+        """(trees, index of each item's tree): an item the plan has no tree for is its directory's."""
+        named = dict(self.trees)
+        trees: Dict[str, int] = {}
+        index = [trees.setdefault(named.get(u.dest) or posixpath.dirname(u.dest), len(trees))
+                 for u in items]
+        return list(trees), index
 
     @property
     def total_bytes(self) -> int:
@@ -74,7 +92,12 @@ class HostSync:
     copied: List[str] = field(default_factory=list)
     skipped: List[str] = field(default_factory=list)
     bytes: int = 0
+    #: how the host told which files differ: manifest (python3), openssl, sha1sum, python3, none
     hash_tool: str = "openssl"
+    #: files the host hashed for the check (the rest it vouched for from its manifest)
+    hashed: int = 0
+    #: files the host's manifest vouched for without reading them
+    trusted: int = 0
 
     def summary(self) -> str:
         """Return the one-line report the CLI logs."""
@@ -86,20 +109,32 @@ def make_plan(host: str, entries: Iterable[Tuple["FileSpec", str]]) -> Plan:
     """Build the plan for *host* from (FileSpec, base_dir) pairs; duplicates are merged."""
     files: Dict[str, Upload] = {}
     dirs: Dict[str, Optional[int]] = {}
+    trees: Dict[str, str] = {}
     for spec, base_dir in entries:
+        base = posixpath.normpath(base_dir)
         dest = posixpath.normpath(posixpath.join(base_dir, spec.dest))
+        tree = (base, trees)
         if spec.is_dir:
-            _add_tree(host, spec.src, dest, files, dirs)
+            _add_tree(host, spec.src, dest, files, dirs, tree)
         else:
-            _add_file(host, spec.src, dest, files)
+            _add_file(host, spec.src, dest, files, tree)
     for upload in files.values():
         dirs.setdefault(posixpath.dirname(upload.dest), None)
     ordered = tuple(sorted(files.values(), key=lambda u: u.dest))
-    return Plan(host, tuple(sorted(dirs.items())), ordered)
+    return Plan(host, tuple(sorted(dirs.items())), ordered, tuple(sorted(trees.items())))
 
 
-def _add_file(host: str, src: str, dest: str, files: Dict[str, Upload]) -> None:
-    """Add one file to *files*, refusing two different sources for one destination."""
+def _add_file(host: str, src: str, dest: str, files: Dict[str, Upload],
+              tree: Optional[Tuple[str, Dict[str, str]]] = None) -> None:
+    """Add one file to *files*, refusing two different sources for one destination.
+
+    *tree* is (base directory, dest -> tree): the file's tree is the base
+    directory when it lies inside it, else its own directory.
+    """
+    if tree is not None and dest not in tree[1]:
+        base = tree[0]
+        inside = dest.startswith(base.rstrip("/") + "/")
+        tree[1][dest] = base if inside else posixpath.dirname(dest)
     try:
         st = os.stat(src)
     except OSError as exc:
@@ -116,7 +151,8 @@ def _add_file(host: str, src: str, dest: str, files: Dict[str, Upload]) -> None:
 
 
 def _add_tree(host: str, src: str, dest: str, files: Dict[str, Upload],
-              dirs: Dict[str, Optional[int]]) -> None:
+              dirs: Dict[str, Optional[int]],
+              tree: Optional[Tuple[str, Dict[str, str]]] = None) -> None:
     """Add directory *src* (recursively) as *dest*."""
     def unreadable(exc: OSError) -> None:
         raise CopyError(f"cannot read local source directory: {exc.strerror}", host=host,
@@ -128,120 +164,15 @@ def _add_tree(host: str, src: str, dest: str, files: Dict[str, Upload],
         target = dest if rel == "." else posixpath.join(dest, *rel.split(os.sep))
         dirs[target] = stat.S_IMODE(os.stat(root).st_mode)
         for name in sorted(names):
-            _add_file(host, os.path.join(root, name), posixpath.join(target, name), files)
+            _add_file(host, os.path.join(root, name), posixpath.join(target, name), files, tree)
 
 
-_sha1_cache: Dict[Tuple[str, int, int, int], str] = {}
-_sha1_lock = threading.Lock()
+def local_sha1(path: str, rehash: bool = False) -> str:
+    """Return the hex SHA1 of a local file (remembered across runs while its stat holds)."""
+    return hashcache.LOCAL.sha1(path, rehash)
 
 
-def local_sha1(path: str) -> str:
-    """Return the hex SHA1 of a local file (remembered while the file is unchanged)."""
-    st = os.stat(path)
-    key = (path, st.st_ino, st.st_size, st.st_mtime_ns)
-    with _sha1_lock:
-        known = _sha1_cache.get(key)
-    if known is not None:
-        return known
-    digest = hashlib.sha1()
-    with open(path, "rb") as handle:
-        for chunk in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(chunk)
-    with _sha1_lock:
-        _sha1_cache[key] = digest.hexdigest()
-    return digest.hexdigest()
-
-
-#: Hashes the files named on its command line like ``sha1sum -b`` (hosts with
-#: neither openssl nor sha1sum but a Python; unreadable files are left out).
-_PY_SHA1 = (
-    "import hashlib,sys\n"
-    "for p in sys.argv[1:]:\n"
-    " try:\n"
-    "  h=hashlib.sha1()\n"
-    "  with open(p,'rb') as f:\n"
-    "   for b in iter(lambda:f.read(1<<20),b''):h.update(b)\n"
-    "  print(h.hexdigest()+' *'+p)\n"
-    " except OSError:pass\n")
-#: Picks the first hash tool that works on the host and names it on a marker line.
-_PICK_HASHER = (
-    "if openssl dgst -sha1 -r /dev/null >/dev/null 2>&1; then h() { openssl dgst -sha1 -r \"$@\"; }\n"
-    f"elif sha1sum -b /dev/null >/dev/null 2>&1; then echo {HASH_TOOL_MARK} sha1sum; "
-    "h() { sha1sum -b \"$@\"; }\n"
-    f"elif python3 -c '' >/dev/null 2>&1; then echo {HASH_TOOL_MARK} python3; "
-    f"h() {{ python3 -c {shlex.quote(_PY_SHA1)} \"$@\"; }}\n"
-    f"else echo {HASH_TOOL_MARK} none; exit 0\nfi\n")
-
-
-def remote_sha1(shell: "Shell", paths: Sequence[str]) -> Tuple[Dict[str, str], str]:
-    """Hash *paths* on the host in one command; return ({path: sha1}, tool used).
-
-    The tool is openssl (SPAR's), else sha1sum, else the host's python3, else
-    ``none``: then no file can be proven unchanged and all of them are copied.
-    """
-    hashable = [p for p in paths if "\n" not in p and "\\" not in p]
-    if not hashable:
-        return {}, "openssl"
-    lines = [_PICK_HASHER]
-    for start in range(0, len(hashable), HASH_CHUNK):
-        words = " ".join(shlex.quote(p) for p in hashable[start:start + HASH_CHUNK])
-        lines.append(f"h {words} 2>/dev/null")
-    result = shell.script("\n".join(lines) + "\n", timeout=600)
-    wanted = set(hashable)
-    hashes: Dict[str, str] = {}
-    tool = "openssl"
-    for line in result.stdout.splitlines():
-        if line.startswith(HASH_TOOL_MARK + " "):
-            tool = line.split(" ", 1)[1]
-            continue
-        digest, _, rest = line.partition(" ")
-        path = rest[1:] if rest[:1] in ("*", " ") else rest
-        if path in wanted and len(digest) == 40:
-            hashes[path] = digest.lower()
-    return hashes, tool
-
-
-def remote_attrs(sftp: Any, dirs: Iterable[str]) -> Dict[str, Tuple[int, int]]:
-    """Return {path: (size, st_mode)} for the entries of each directory in *dirs* (SFTP)."""
-    found: Dict[str, Tuple[int, int]] = {}
-    for directory in sorted(set(dirs)):
-        try:
-            entries = sftp.listdir_attr(directory)
-        except IOError:
-            continue  # missing directory: everything in it must be uploaded
-        for attr in entries:
-            found[posixpath.join(directory, attr.filename)] = (attr.st_size, attr.st_mode or 0)
-    return found
-
-
-def remote_stat(shell: "Shell", paths: Sequence[str]) -> Optional[Dict[str, Tuple[int, int]]]:
-    """Return {path: (size, st_mode)} of those *paths* that exist, in one command.
-
-    None where ``stat -c`` is not available (the caller lists directories over
-    SFTP instead: one round trip per directory rather than one in all).
-    """
-    lines = [f"stat -c %s / >/dev/null 2>&1 && echo {STAT_OK_MARK} || exit 0"]
-    for start in range(0, len(paths), HASH_CHUNK):
-        words = " ".join(shlex.quote(p) for p in paths[start:start + HASH_CHUNK])
-        lines.append(f"stat -c '%s %f %n' -- {words} 2>/dev/null")
-    result = shell.script("\n".join(lines) + "\n", timeout=600)
-    out = result.stdout.splitlines()
-    if STAT_OK_MARK not in out:
-        return None
-    wanted = set(paths)
-    found: Dict[str, Tuple[int, int]] = {}
-    for line in out:
-        size, _, rest = line.partition(" ")
-        mode, _, path = rest.partition(" ")
-        if path in wanted and size.isdigit():
-            try:
-                found[path] = (int(size), int(mode, 16))
-            except ValueError:
-                continue
-    return found
-
-
-def changed_files(shell: "Shell", sftp: Callable[[], Any], plan: Plan
+def changed_files(shell: "Shell", sftp: Callable[[], Any], plan: Plan, rehash: bool = False
                   ) -> Tuple[List[Upload], List[Upload], str]:
     """Split the plan's files into (to upload, unchanged) and report the hash tool used.
 
@@ -264,7 +195,7 @@ def changed_files(shell: "Shell", sftp: Callable[[], Any], plan: Plan
     if not candidates:
         return upload, [], "openssl"
     with ThreadPoolExecutor(max_workers=1) as pool:
-        local = pool.submit(lambda: {c.src: local_sha1(c.src) for c in candidates})
+        local = pool.submit(lambda: {c.src: local_sha1(c.src, rehash) for c in candidates})
         hashes, tool = remote_sha1(shell, [c.dest for c in candidates])
         local_hashes = local.result()
     if tool == "none":
@@ -351,24 +282,35 @@ def check_free_space(host: str, uploads: Sequence[Upload], report: Sequence[str]
 def sync_host(shell: "Shell", sftp: Any, plan: Plan, always_copy: bool = False,
               progress: Optional[Progress] = None,
               open_lane: Optional[LaneOpener] = None, small_file: int = SMALL_FILE,
-              on_plan: Optional[Planned] = None) -> HostSync:
+              on_plan: Optional[Planned] = None, rehash: bool = False) -> HostSync:
     """Bring one host up to date with *plan* and report what was done.
 
     *sftp* is an SFTP client or a function returning one: it is only asked for
-    when a file must go over SFTP (a warm run needs no SFTP at all).
+    when a file must go over SFTP (a warm run needs no SFTP at all). With
+    python3 on the host, the change check is one exec against the host's
+    manifest (:func:`manifest_check`) and what is copied is recorded there
+    afterwards (:func:`record`); else ``stat`` and ``openssl``
+    (:func:`changed_files`). *rehash* trusts no remembered hash on either side.
     """
     report = HostSync(plan.host)
     if not plan.files and not plan.dirs:
         return report
     get_sftp = sftp if callable(sftp) else (lambda: sftp)
-    if always_copy:
-        todo, same = list(plan.files), []
+    checked = None
+    if plan.files and not always_copy and hasattr(shell, "feed"):
+        checked = manifest_check(shell, plan, report, rehash)
+    if checked is not None:
+        todo, same, has_tar = checked
     else:
-        todo, same, report.hash_tool = changed_files(shell, get_sftp, plan)
+        if always_copy:
+            todo, same = list(plan.files), []
+        else:
+            todo, same, report.hash_tool = changed_files(shell, get_sftp, plan, rehash)
     report.skipped = [u.dest for u in same]
     if on_plan is not None:
         on_plan(plan.host, len(todo), sum(u.size for u in todo))
-    has_tar = make_dirs(shell, plan, todo)
+    if checked is None:
+        has_tar = make_dirs(shell, plan, todo)
     small = [u for u in todo if u.size <= small_file] if has_tar and hasattr(shell, "feed") else []
     if small:
         upload_bundles(shell, plan.host, small, progress)
@@ -381,14 +323,78 @@ def sync_host(shell: "Shell", sftp: Any, plan: Plan, always_copy: bool = False,
             raise explain(shell, plan.host, exc) from exc
     report.copied = [u.dest for u in todo]
     report.bytes = sum(u.size for u in todo)
+    if todo and (checked is not None or (always_copy and hasattr(shell, "feed"))):
+        record(shell, plan, todo)
     return report
+
+
+def manifest_check(shell: "Shell", plan: Plan, report: HostSync, rehash: bool = False
+                   ) -> Optional[Tuple[List[Upload], List[Upload], bool]]:
+    """Ask the host, in one exec, which files differ: (to upload, unchanged, host has tar).
+
+    The same exec creates the plan's directories, sweeps stale temporary files
+    and reports free space (a copy that cannot fit is refused here). None when
+    the host cannot answer (no python3, or an answer that does not parse): the
+    caller then uses :func:`changed_files` and :func:`make_dirs`.
+    """
+    items = list(plan.files)
+    trees, index = plan.tree_index(items)
+    payload = manifest.request(items, trees, index, dirs=plan.dirs, rehash=rehash, prepare=True)
+    answer = manifest.exchange(shell, payload, len(items))
+    if answer is None:
+        LOG.info("%s: no python3 there (or it failed): files are compared with stat and "
+                 "openssl instead of the host's manifest", plan.host)
+        return None
+    if answer.error is not None:
+        raise CopyError(answer.error, host=plan.host)
+    report.hash_tool, report.hashed, report.trusted = "manifest", answer.hashed, answer.trusted
+    LOG.debug("%s: the host's manifest vouched for %d file(s), %d were hashed there",
+              plan.host, answer.trusted, answer.hashed)
+    if not answer.saved:
+        LOG.warning("%s: the manifest of what this host has could not be updated (locked by "
+                    "another run or not writable); the next run hashes these files again",
+                    plan.host)
+    todo: List[Upload] = []
+    same: List[Upload] = []
+    for item, remote in zip(items, answer.files):
+        if (remote is None or remote.size != item.size or remote.mode != item.mode
+                or remote.sha1 is None or remote.sha1 != local_sha1(item.src, rehash)):
+            todo.append(item)
+        else:
+            same.append(item)
+    check_free_space(plan.host, todo, answer.free)
+    return todo, same, answer.has_tar
+
+
+def record(shell: "Shell", plan: Plan, copied: Sequence[Upload]) -> None:
+    """Have the host hash what was just copied and remember it in its manifest (one exec).
+
+    The host hashes the files as they are now, so the manifest describes the
+    bytes really there even when another run wrote one of them meanwhile; a
+    file that differs from what was sent is named (it was changed during the copy).
+    """
+    items = list(copied)
+    trees, index = plan.tree_index(items)
+    answer = manifest.exchange(shell, manifest.request(items, trees, index, hash_all=True),
+                               len(items))
+    if answer is None or answer.error is not None:
+        return
+    if not answer.saved:
+        LOG.warning("%s: the manifest of what this host has could not be updated (locked by "
+                    "another run or not writable); the next run hashes these files again",
+                    plan.host)
+    for item, remote in zip(items, answer.files):
+        known = hashcache.LOCAL.known(item.src)
+        if remote is not None and remote.sha1 and known and remote.sha1 != known:
+            LOG.warning("%s: %s changed on the host while it was being copied (another run "
+                        "copying to it?); the next run compares it again", plan.host, item.dest)
 
 
 def sync_all(jobs: Sequence[Tuple["Shell", Callable[[], Any], Plan]], forks: int = 10,
              always_copy: bool = False, progress: Optional[Progress] = None,
              lane_openers: Optional[Dict[str, LaneOpener]] = None,
              cancel: Optional[threading.Event] = None,
-             on_plan: Optional[Planned] = None) -> Dict[str, HostSync]:
+             on_plan: Optional[Planned] = None, rehash: bool = False) -> Dict[str, HostSync]:
     """Sync every (shell, sftp factory, plan) job in parallel; raise one error for all failures.
 
     Ctrl-C (or *cancel* set by the caller) stops every upload at its next
@@ -412,11 +418,14 @@ def sync_all(jobs: Sequence[Tuple["Shell", Callable[[], Any], Plan]], forks: int
             return HostSync(plan.host)
         with host_context(plan.host):
             return sync_host(shell, sftp_factory, plan, always_copy, checked,
-                             openers.get(plan.host), on_plan=on_plan)
+                             openers.get(plan.host), on_plan=on_plan, rehash=rehash)
 
     pool = ThreadPoolExecutor(max_workers=max(1, forks), thread_name_prefix="sync")
     futures = [(job[2].host, pool.submit(one, job)) for job in jobs]
-    wait_or_cancel(pool, [f for _, f in futures], stop)
+    try:
+        wait_or_cancel(pool, [f for _, f in futures], stop)
+    finally:
+        hashcache.LOCAL.save()
     for host, future in futures:
         try:
             reports[host] = future.result()

@@ -37,6 +37,8 @@ Flags (SPAR's names, short forms and defaults, plus a few additions):
                         the previous session is replaced and with -t (default 10)
 --no-zombie             let windows close when their program exits
 --always-copy           upload every file even when the host already has it
+--rehash                trust no remembered SHA-1 (the hosts' manifests, the local hash
+                        cache): hash every file on both sides and rewrite them
 --remote-done-dir DIR   where launchers, ``<name>.pid``/``.status``/``.log`` go on each host
                         (default ``~/.remote-runner/<screen>``; ``~`` is the remote home)
 --wait-timeout SEC      give up waiting for wait=True components after SEC (exit 5)
@@ -176,6 +178,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="close windows when their program exits")
     add("--always-copy", dest="always_copy", action="store_true",
         help="copy every file, even unchanged ones")
+    add("--rehash", action="store_true",
+        help="trust no remembered SHA-1: hash every file on this machine and on the hosts "
+             "(ignoring the hosts' manifests and the local hash cache) and rewrite them")
     add("--remote-done-dir", dest="remote_done_dir", metavar="DIR",
         help="directory on each host for launchers, pid/status/log files "
              "(default ~/.remote-runner/<screen>)")
@@ -264,7 +269,8 @@ def run_command(args: argparse.Namespace) -> int:
         raise ConfigError("--settle must be 0 or more seconds", field="--settle")
     options = RunOptions(screen=args.screen, kill_first=args.kill_first,
                          zombie=not args.no_zombie, terminate=args.terminate,
-                         always_copy=args.always_copy, remote_done_dir=args.remote_done_dir,
+                         always_copy=args.always_copy, rehash=getattr(args, "rehash", False),
+                         remote_done_dir=args.remote_done_dir,
                          wait_timeout=args.wait_timeout, terminate_grace=args.grace,
                          forks=args.forks, max_fail=max_fail,
                          settle=settle)

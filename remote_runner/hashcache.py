@@ -1,0 +1,183 @@
+"""SHA-1s of local source files, remembered across runs while the file's stat is the same.
+
+A rerun compares every source with its copy on the host by SHA-1; hashing the
+whole local tree each time costs as much as the host-side check the manifest
+(:mod:`remote_runner.manifest`) saves. So the hashes are kept in
+``$XDG_CACHE_HOME/remote-runner/sha1-cache.json`` (``~/.cache/...``), keyed by the
+absolute path and the full stat (size, mtime_ns, ctime_ns, inode, device): any
+write, ``touch -d`` or replacement changes the ctime or the inode, so a cached hash
+is never used for content it was not computed from. A hash is only kept when the
+file's stat was the same before and after reading it.
+
+Within one process a file is hashed at most once, however many hosts want it
+(threads wanting the same file wait for the one hashing it). :meth:`save` merges
+into the file under ``flock`` (two runs at once keep both their entries), drops
+entries whose file changed or is gone, and replaces the file atomically. A cache
+file that cannot be read or parsed counts as empty; one that cannot be written
+only costs the next run its hashing.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import json
+import logging
+import os
+import re
+import stat
+import tempfile
+import threading
+import time
+from typing import Dict, List, Optional, Tuple
+
+LOG = logging.getLogger(__name__)
+
+Key = Tuple[int, int, int, int, int]
+_HEX40 = re.compile(r"[0-9a-f]{40}\Z")
+#: Seconds :meth:`LocalHashes.save` waits for another run's lock before giving up.
+LOCK_WAIT = 10.0
+
+
+def default_path() -> str:
+    """``$XDG_CACHE_HOME/remote-runner/sha1-cache.json`` (``~/.cache`` by default)."""
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return os.path.join(base, "remote-runner", "sha1-cache.json")
+
+
+def stat_key(st: os.stat_result) -> Key:
+    """What must stay equal for a remembered hash to hold."""
+    return (st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino, st.st_dev)
+
+
+def hash_file(path: str) -> Tuple[str, Optional[Key]]:
+    """Return (hex SHA-1, stat key) of *path*; the key is None when the file changed meanwhile."""
+    digest = hashlib.sha1()
+    with open(path, "rb") as handle:
+        before = stat_key(os.fstat(handle.fileno()))
+        for chunk in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(chunk)
+        after = stat_key(os.fstat(handle.fileno()))
+    steady = before == after == stat_key(os.stat(path))
+    return digest.hexdigest(), before if steady else None
+
+
+class LocalHashes:
+    """The local SHA-1 cache (one per process is enough: :data:`LOCAL`)."""
+
+    def __init__(self, path: Optional[str] = None) -> None:
+        self.path = path
+        self._lock = threading.Lock()
+        self._loaded: Optional[Dict[str, List]] = None
+        self._new: Dict[str, List] = {}
+        self._busy: Dict[str, threading.Lock] = {}
+
+    def sha1(self, path: str, rehash: bool = False) -> str:
+        """The hex SHA-1 of local file *path*: remembered, or computed (and remembered).
+
+        *rehash* ignores what earlier runs remembered (this run's own hashes still count).
+        """
+        name = os.path.abspath(path)
+        with self._lock:
+            busy = self._busy.setdefault(name, threading.Lock())
+        with busy:
+            key = stat_key(os.stat(name))
+            known = self._lookup(name, key, rehash)
+            if known is not None:
+                return known
+            digest, steady = hash_file(name)
+            if steady is not None:
+                with self._lock:
+                    self._new[name] = [*steady, digest]
+            return digest
+
+    def known(self, path: str) -> Optional[str]:
+        """The SHA-1 of *path* if this run or an earlier one computed it for its current stat."""
+        name = os.path.abspath(path)
+        try:
+            key = stat_key(os.stat(name))
+        except OSError:
+            return None
+        return self._lookup(name, key, False)
+
+    def _lookup(self, name: str, key: Key, rehash: bool) -> Optional[str]:
+        with self._lock:
+            entry = self._new.get(name)
+            if entry is None and not rehash:
+                if self._loaded is None:
+                    self._loaded = _read(self._file())
+                entry = self._loaded.get(name)
+        if entry is not None and tuple(entry[:5]) == key:
+            return entry[5]
+        return None
+
+    def save(self) -> None:
+        """Merge this process's new hashes into the cache file (locked, atomic)."""
+        with self._lock:
+            new = dict(self._new)
+        if not new:
+            return
+        path = self._file()
+        try:
+            os.makedirs(os.path.dirname(path), mode=0o700, exist_ok=True)
+            with open(path + ".lock", "a") as lock:
+                if not _lock(lock.fileno()):
+                    LOG.debug("local hash cache %s is locked by another run; not updated", path)
+                    return
+                entries = _read(path)
+                entries.update(new)
+                kept = {p: e for p, e in entries.items() if _current(p, e)}
+                fd, tmp = tempfile.mkstemp(prefix=".sha1-cache.", dir=os.path.dirname(path))
+                with os.fdopen(fd, "w") as handle:
+                    json.dump({"version": 1, "entries": kept}, handle)
+                os.replace(tmp, path)
+        except OSError as exc:
+            LOG.debug("could not write the local hash cache %s: %s", path, exc)
+            return
+        with self._lock:
+            self._loaded = kept
+            for name in new:
+                if self._new.get(name) == new[name]:
+                    del self._new[name]
+
+    def _file(self) -> str:
+        return self.path or default_path()
+
+
+def _lock(fd: int) -> bool:
+    deadline = time.monotonic() + LOCK_WAIT
+    while True:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return True
+        except BlockingIOError:
+            if time.monotonic() > deadline:
+                return False
+            time.sleep(0.05)
+
+
+def _read(path: str) -> Dict[str, List]:
+    """The well-formed entries of the cache file at *path* (anything else: none)."""
+    try:
+        with open(path) as handle:
+            doc = json.load(handle)
+        entries = doc["entries"]
+        return {p: e for p, e in entries.items()
+                if isinstance(p, str) and isinstance(e, list) and len(e) == 6
+                and all(type(x) is int for x in e[:5])
+                and isinstance(e[5], str) and _HEX40.match(e[5])}
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return {}
+
+
+def _current(path: str, entry: List) -> bool:
+    """Whether *entry* still describes the file at *path*."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return False
+    return stat.S_ISREG(st.st_mode) and stat_key(st) == tuple(entry[:5])
+
+
+#: The cache every run of this process uses.
+LOCAL = LocalHashes()

@@ -1,0 +1,330 @@
+"""What each host already has, remembered on the host: one exec tells which files differ.
+
+SPAR's contract is "copy a file when its size or SHA-1 differs, the hash computed on
+the host". Keeping it by hashing every destination file on every run costs a full
+read of the tree on every host each time (a second on a 200 MiB tree). A *manifest*
+on the host remembers, per destination file, the SHA-1 computed there together with
+the file's full stat (size, mtime_ns, ctime_ns, inode, device). A run sends the list
+of (path, size, mode) it wants and gets back, in **one** exec, each file's size, mode
+and SHA-1, where the SHA-1 comes from the manifest only when the file's stat still
+equals the entry's, and is computed again otherwise. ``touch -d`` can restore an
+mtime but not a ctime, so any change by anyone behind the manifest's back is seen.
+
+Where the manifest lives, and why there: ``$XDG_CACHE_HOME/remote-runner/manifests/``
+(``~/.cache/...``) of the user the run logs in as, one JSON file per destination tree
+(a component's base directory), named by the SHA-1 of the host's node name and the
+tree's absolute path. Not in the tree itself: a file there would be copied,
+listed, archived and fetched as if it were the experiment's data, and a tree the
+user cannot write to would have none. The node name keeps hosts that share a home
+directory over NFS from overwriting each other's entries.
+
+Why it can be trusted, and where it is not:
+
+* An entry is only used when the file's whole stat equals it, so a stale or
+  interrupted manifest can never vouch for a file that changed or is partly
+  written (files are only ever renamed into place whole, see :mod:`upload`; a
+  rename gives the file a new ctime). A hash is only recorded when the file's
+  stat was the same before and after reading it.
+* After a copy the host hashes what was copied (from its page cache) and only
+  then records it: an entry always describes the bytes really there, even when
+  two runs copy different contents to one path at once.
+* Writes merge under ``flock`` on a lock file beside the manifest, into a
+  temporary file renamed over the old one, keeping other runs' entries and
+  dropping entries whose file is gone or changed. A lock held too long (30 s)
+  means the update is skipped, never a hang.
+* The host is not trusted: its manifest is parsed defensively on the host (bad
+  JSON or odd entries count as absent), and its answer here (:func:`parse_answer`)
+  must have exactly one well-formed item per file asked, else the run falls
+  back to the shell commands of :mod:`sync` as if the host had no python3.
+
+Hosts without python3 (a Debian minbase, say) get the old path: ``stat`` and
+``openssl dgst`` on every file (:func:`remote_runner.sync.changed_files`).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+import shlex
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Dict, List, Optional, Sequence, Tuple
+
+from remote_runner.upload import STALE_MINUTES
+
+if TYPE_CHECKING:  # pragma: no cover
+    from remote_runner.shell import Shell
+    from remote_runner.upload import Upload
+
+LOG = logging.getLogger(__name__)
+
+ANSWER_MARK = "RR-MANIFEST"
+NO_PYTHON_MARK = "RR-NO-PYTHON"
+#: Seconds a run waits for another run's manifest lock before skipping its update.
+LOCK_WAIT = 30
+_HEX40 = re.compile(r"[0-9a-f]{40}\Z")
+
+#: Runs on the host under python3 (3.5 or later: no f-strings), reading one JSON
+#: request on stdin and printing one ``RR-MANIFEST {json}`` line.
+HOST_PROGRAM = r'''
+import errno, fcntl, hashlib, json, os, re, shutil, stat, sys, time
+HEX = re.compile(r"[0-9a-f]{40}\Z")
+TEMP = re.compile(r"\..*\.rr-.{8}\.tmp\Z")
+STAGE = re.compile(r"\.rr-stage-.{8}\Z")
+req = json.loads(sys.stdin.read())
+home = os.environ.get("HOME") or os.path.expanduser("~")
+mdir = os.path.join(os.environ.get("XDG_CACHE_HOME") or os.path.join(home, ".cache"),
+                    "remote-runner", "manifests")
+node = os.uname()[1]
+def mpath(tree):
+    name = hashlib.sha1(("%s\0%s" % (node, tree)).encode("utf-8", "surrogateescape"))
+    return os.path.join(mdir, name.hexdigest() + ".json")
+def key(st):
+    return [st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino, st.st_dev]
+def load(tree):
+    try:
+        with open(mpath(tree)) as f:
+            doc = json.load(f)
+        entries = doc["entries"] if doc["tree"] == tree else {}
+        good = {}
+        for p, e in entries.items():
+            if (isinstance(p, str) and isinstance(e, list) and len(e) == 6 and
+                    all(type(x) is int for x in e[:5]) and isinstance(e[5], str) and HEX.match(e[5])):
+                good[p] = e
+        return good
+    except Exception:
+        return {}
+def digest(path, st):
+    """(sha1, stat unchanged while reading) of the regular file path, st its lstat."""
+    fd = os.open(path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0))
+    try:
+        if key(os.fstat(fd)) != key(st):
+            return None, False
+        h = hashlib.sha1()
+        while True:
+            b = os.read(fd, 1 << 20)
+            if not b:
+                break
+            h.update(b)
+        return h.hexdigest(), key(os.fstat(fd)) == key(st) and key(os.lstat(path)) == key(st)
+    finally:
+        os.close(fd)
+def save(tree, new):
+    path = mpath(tree)
+    try:
+        os.makedirs(mdir, 0o700, exist_ok=True)
+        lock = os.open(path + ".lock", os.O_RDWR | os.O_CREAT, 0o600)
+    except OSError:
+        return False
+    try:
+        deadline = time.time() + req.get("lock_wait", 30)
+        while True:
+            try:
+                fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except OSError as e:
+                if e.errno not in (errno.EAGAIN, errno.EACCES) or time.time() > deadline:
+                    return False
+                time.sleep(0.05)
+        entries = load(tree)
+        entries.update(new)
+        kept = {}
+        for p, e in entries.items():
+            try:
+                st = os.lstat(p)
+            except OSError:
+                continue
+            if stat.S_ISREG(st.st_mode) and key(st) == e[:5]:
+                kept[p] = e
+        tmp = "%s.%d.tmp" % (path, os.getpid())
+        with os.fdopen(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "w") as f:
+            json.dump({"version": 1, "tree": tree, "entries": kept}, f)
+        os.rename(tmp, path)
+        return True
+    except OSError:
+        return False
+    finally:
+        os.close(lock)
+out = {"files": [], "hashed": 0, "trusted": 0, "saved": True}
+trees = req["trees"]
+for d, mode in req.get("dirs", []):
+    if os.path.isdir(d):
+        continue
+    try:
+        os.makedirs(d)
+        if mode is not None:
+            os.chmod(d, mode)
+    except OSError as e:
+        if not os.path.isdir(d):
+            out["error"] = "could not create directory %s: %s" % (d, e.strerror)
+            sys.stdout.write("RR-MANIFEST " + json.dumps(out) + "\n")
+            sys.exit(0)
+known = {}
+fresh = {}
+for dest, size, mode, t in req["files"]:
+    try:
+        st = os.lstat(dest)
+    except OSError:
+        out["files"].append(None)
+        continue
+    if not stat.S_ISREG(st.st_mode):
+        out["files"].append(None)
+        continue
+    item = [st.st_size, stat.S_IMODE(st.st_mode), None]
+    if size is None or (st.st_size == size and stat.S_IMODE(st.st_mode) == mode):
+        if t not in known:
+            known[t] = {} if req.get("rehash") else load(trees[t])
+        entry = known[t].get(dest)
+        if entry is not None and entry[:5] == key(st):
+            item[2] = entry[5]
+            out["trusted"] += 1
+        else:
+            try:
+                item[2], steady = digest(dest, st)
+            except OSError:
+                steady = False
+            out["hashed"] += 1
+            if steady and item[2]:
+                fresh.setdefault(t, {})[dest] = key(st) + [item[2]]
+    out["files"].append(item)
+for t in sorted(fresh) if not req.get("rehash") else range(len(trees)):
+    out["saved"] = save(trees[t], fresh.get(t, {})) and out["saved"]
+if req.get("prepare"):
+    dirs = sorted(set(os.path.dirname(f[0]) for f in req["files"]))
+    now = time.time()
+    for d in dirs:
+        try:
+            names = os.listdir(d)
+        except OSError:
+            continue
+        for n in names:
+            p = os.path.join(d, n)
+            try:
+                st = os.lstat(p)
+                if now - st.st_mtime < req["stale"] * 60:
+                    continue
+                if TEMP.match(n) and stat.S_ISREG(st.st_mode):
+                    os.unlink(p)
+                elif STAGE.match(n) and stat.S_ISDIR(st.st_mode):
+                    shutil.rmtree(p, ignore_errors=True)
+            except OSError:
+                pass
+    free = []
+    for d in dirs:
+        try:
+            v, s = os.statvfs(d), os.stat(d)
+        except OSError:
+            continue
+        free.append("RR-FREE %d %d %d %d %s" % (s.st_dev, v.f_bavail, v.f_bfree, v.f_frsize, d))
+    free.append("RR-FREE uid %d" % os.getuid())
+    out["free"] = free
+    out["tar"] = shutil.which("tar") is not None
+sys.stdout.write("RR-MANIFEST " + json.dumps(out) + "\n")
+'''
+
+
+@dataclass(frozen=True)
+class Remote:
+    """What the host said about one wanted file: None when missing or not a regular file."""
+
+    size: int
+    mode: int
+    sha1: Optional[str]
+
+
+@dataclass
+class Answer:
+    """The host's whole answer to a check (or a record) request."""
+
+    files: List[Optional[Remote]]
+    hashed: int = 0
+    trusted: int = 0
+    saved: bool = True
+    has_tar: bool = False
+    free: List[str] = field(default_factory=list)
+    error: Optional[str] = None
+
+
+def run_script() -> str:
+    """The shell text that runs :data:`HOST_PROGRAM` with python3, or says there is none."""
+    return (f"command -v python3 >/dev/null 2>&1 || {{ echo {NO_PYTHON_MARK}; exit 0; }}\n"
+            f"exec python3 -I -c {shlex.quote(HOST_PROGRAM)}\n")
+
+
+def request(items: Sequence["Upload"], trees: Sequence[str], tree_of: Sequence[int], *,
+            dirs: Sequence[Tuple[str, Optional[int]]] = (), rehash: bool = False,
+            prepare: bool = False, hash_all: bool = False) -> bytes:
+    """The JSON request for *items* (each in ``trees[tree_of[i]]``).
+
+    A check sends size and mode: the host hashes only files that match them
+    (and whose manifest entry is stale). *hash_all* (a record, after a copy)
+    hashes every file. *prepare* also creates *dirs*, sweeps stale temporary
+    files and reports free space and tar, so that a check is the host's only
+    exec before copying.
+    """
+    files = [[u.dest, None if hash_all else u.size, None if hash_all else u.mode, t]
+             for u, t in zip(items, tree_of)]
+    doc: Dict[str, Any] = {"trees": list(trees), "files": files, "rehash": bool(rehash),
+                           "dirs": [[d, m] for d, m in dirs], "prepare": prepare,
+                           "stale": STALE_MINUTES, "lock_wait": LOCK_WAIT}
+    return json.dumps(doc).encode("utf-8", "surrogateescape")
+
+
+def exchange(shell: "Shell", payload: bytes, count: int, timeout: float = 600) -> Optional[Answer]:
+    """Send one request; return the parsed answer, or None (no python3, or no usable answer)."""
+    result = shell.feed(run_script(), payload, timeout=timeout)
+    lines = result.stdout.splitlines()
+    if NO_PYTHON_MARK in lines:
+        LOG.debug("%s: no python3 on the host", shell.host)
+        return None
+    answer = parse_answer(lines, count)
+    if answer is None:
+        LOG.debug("%s: unusable manifest answer (exit %s): %s", shell.host, result.exit_status,
+                  (result.stderr.strip().splitlines() or ["no error output"])[-1][:300])
+    return answer
+
+
+def parse_answer(lines: Sequence[str], count: int) -> Optional[Answer]:
+    """Parse the host's ``RR-MANIFEST`` line defensively; None unless it is well formed.
+
+    Well formed means one item per file asked (*count*), each null or
+    ``[size, mode, sha1-or-null]`` with non-negative integers and a 40-digit
+    lower-case hex SHA-1. Anything else (garbage, a truncated line, a host
+    that lies about the count) is refused as a whole.
+    """
+    found = [line for line in lines if line.startswith(ANSWER_MARK + " ")]
+    if len(found) != 1:
+        return None
+    try:
+        doc = json.loads(found[0][len(ANSWER_MARK) + 1:])
+    except ValueError:
+        return None
+    if not isinstance(doc, dict):
+        return None
+    error = doc.get("error")
+    if isinstance(error, str):
+        return Answer([], error=error[:500])
+    raw = doc.get("files")
+    if not isinstance(raw, list) or len(raw) != count:
+        return None
+    files: List[Optional[Remote]] = []
+    for item in raw:
+        if item is None:
+            files.append(None)
+            continue
+        if not (isinstance(item, list) and len(item) == 3 and _count(item[0]) and _count(item[1])
+                and (item[2] is None or (isinstance(item[2], str) and _HEX40.match(item[2])))):
+            return None
+        files.append(Remote(item[0], item[1], item[2]))
+    free = doc.get("free", [])
+    free = [x for x in free if isinstance(x, str)] if isinstance(free, list) else []
+    return Answer(files, hashed=_int(doc.get("hashed")), trusted=_int(doc.get("trusted")),
+                  saved=doc.get("saved") is True, has_tar=doc.get("tar") is True, free=free)
+
+
+def _count(value: Any) -> bool:
+    return type(value) is int and value >= 0
+
+
+def _int(value: Any) -> int:
+    return value if _count(value) else 0

@@ -1,0 +1,401 @@
+"""The host-side manifest and the local hash cache: a rerun where nothing changed costs one exec.
+
+The claims, each proven on real lab hosts (sshd, the hosts' python3 and files):
+
+* a warm sync is exactly one exec per host and reads no file on either side;
+* a file changed behind the manifest's back (same size, mtime restored with
+  ``touch -d``, or replaced by another inode) is seen and copied again;
+* a manifest never claims a file that is not fully there, also after a copy
+  that was killed half-way;
+* two runs copying into one destination tree at once keep one consistent manifest;
+* without python3 on the host the old ``stat`` + ``openssl`` check still works;
+* ``--rehash`` and ``--always-copy`` keep their meaning.
+
+The host's answer and the files it keeps are not trusted: garbage is refused
+or counts as empty (unit tests at the top, no hosts needed).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import subprocess
+import sys
+import textwrap
+import uuid
+
+import pytest
+
+from remote_runner import events as ev
+from remote_runner import hashcache, manifest, sync
+from remote_runner.config import FileSpec, load_experiment
+from remote_runner.errors import CopyError
+from remote_runner.runner import RunOptions, Runner
+from remote_runner.shell import LocalShell, RemoteShell, ScriptResult
+from remote_runner.ssh import Connection, SSHOptions
+from tests.conftest import quit_screen, ssh
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SCRIPT = os.path.join(REPO, "scripts", "remote_runner.py")
+
+#: Checks, on the host, every manifest of one tree: which paths it has entries for, and
+#: which entries claim a SHA-1 the file (with exactly that stat) does not have.
+AUDIT = r'''
+import glob, hashlib, json, os, sys
+tree, found, bad, manifests = sys.argv[1], [], [], 0
+base = os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache")
+for name in glob.glob(os.path.join(base, "remote-runner", "manifests", "*.json")):
+    try:
+        doc = json.load(open(name))
+    except ValueError:
+        continue
+    if doc.get("tree") != tree:
+        continue
+    manifests += 1
+    for path, e in doc["entries"].items():
+        found.append(path)
+        try:
+            st = os.lstat(path)
+        except OSError:
+            continue
+        if [st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino, st.st_dev] != e[:5]:
+            continue
+        if hashlib.sha1(open(path, "rb").read()).hexdigest() != e[5]:
+            bad.append(path)
+print(json.dumps({"entries": sorted(found), "bad": bad, "manifests": manifests}))
+'''
+
+
+def audit(lab, host: str, tree: str) -> dict:
+    """What the host's manifests say about *tree* (see :data:`AUDIT`)."""
+    import shlex
+    out = ssh(lab, host, f"python3 -c {shlex.quote(AUDIT)} {shlex.quote(tree)}").stdout
+    return json.loads(out)
+
+
+class NoPython:
+    """A real shell (with ``feed``) whose PATH hides python3 but keeps the usual tools."""
+
+    def __init__(self, inner, bin_dir: str) -> None:
+        self.inner, self.host, self.bin_dir = inner, inner.host, bin_dir
+
+    def _path(self) -> str:
+        return f"PATH={self.bin_dir}; export PATH\n"
+
+    def script(self, text: str, timeout: float) -> ScriptResult:
+        return self.inner.script(self._path() + text, timeout)
+
+    def feed(self, script: str, data: bytes, timeout: float) -> ScriptResult:
+        return self.inner.feed(self._path() + script, data, timeout)
+
+
+# --------------------------------------------------------------------------- no hosts needed
+
+def _line(doc) -> list:
+    return [manifest.ANSWER_MARK + " " + json.dumps(doc)]
+
+
+def test_a_garbled_or_lying_answer_is_refused_as_a_whole():
+    good = {"files": [None, [3, 0o644, "a" * 40]], "hashed": 1, "trusted": 0, "saved": True,
+            "tar": True, "free": ["RR-FREE uid 0"]}
+    answer = manifest.parse_answer(_line(good), 2)
+    assert answer is not None and answer.files[0] is None and answer.files[1].sha1 == "a" * 40
+    assert answer.has_tar and answer.hashed == 1 and answer.free == ["RR-FREE uid 0"]
+    assert manifest.parse_answer(_line(good), 3) is None  # not one item per file asked
+    for item in ([3, 0o644, "A" * 40], [3, 0o644, "a" * 39], [-1, 0o644, None], ["3", 1, None],
+                 [3, 0o644], {"size": 3}, [True, 0o644, None]):
+        assert manifest.parse_answer(_line({**good, "files": [None, item]}), 2) is None, item
+    assert manifest.parse_answer(["RR-MANIFEST {not json"], 2) is None
+    assert manifest.parse_answer(_line(good) * 2, 2) is None
+    assert manifest.parse_answer([], 2) is None
+    assert manifest.parse_answer(_line({"error": "could not create directory /x: Denied"}),
+                                 2).error == "could not create directory /x: Denied"
+
+
+def _local_plan(src, dest):
+    return sync.make_plan("localhost", [(FileSpec(str(src), "tree", True), str(dest))])
+
+
+class Local(LocalShell):
+    host = "local"
+
+
+def test_a_garbage_manifest_counts_as_empty_and_is_rewritten(tmp_path, monkeypatch):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    src = tmp_path / "src"
+    src.mkdir()
+    for i in range(3):
+        (src / f"f{i}").write_text(f"content {i}\n")
+    plan = _local_plan(src, tmp_path / "dest")
+    assert len(sync.sync_host(Local(), None, plan).copied) == 3
+    warm = sync.sync_host(Local(), None, plan)
+    assert (warm.hash_tool, warm.hashed, warm.trusted, warm.copied) == ("manifest", 0, 3, [])
+    [kept] = (tmp_path / "cache" / "remote-runner" / "manifests").glob("*.json")
+    for garbage in (b"\x00\xff garbage", b'{"tree": 1, "entries": []}', b"[]",
+                    json.dumps({"tree": str(tmp_path / "dest"), "entries": {
+                        str(tmp_path / "dest" / "tree" / "f0"): [1, 2, "x", 4, 5, "zz"]}}).encode()):
+        kept.write_bytes(garbage)
+        again = sync.sync_host(Local(), None, plan)
+        assert (again.hashed, again.trusted, again.copied) == (3, 0, []), garbage
+        assert len(json.loads(kept.read_text())["entries"]) == 3
+
+
+def test_local_hashes_are_remembered_by_full_stat(tmp_path):
+    cache = hashcache.LocalHashes(str(tmp_path / "cache.json"))
+    path = tmp_path / "f"
+    path.write_bytes(b"one")
+    first = cache.sha1(str(path))
+    cache.save()
+    again = hashcache.LocalHashes(str(tmp_path / "cache.json"))
+    assert again.known(str(path)) == first
+    mtime = os.stat(path).st_mtime_ns
+    path.write_bytes(b"two")  # same size, mtime put back: the ctime still moves
+    os.utime(path, ns=(mtime, mtime))
+    assert again.known(str(path)) is None
+    assert again.sha1(str(path)) != first
+    (tmp_path / "cache.json").write_text("{garbage")
+    assert hashcache.LocalHashes(str(tmp_path / "cache.json")).known(str(path)) is None
+
+
+# --------------------------------------------------------------------------- lab
+
+@pytest.fixture
+def target(lab):
+    """(connection, remote shell, base dir) on h2; the base dir is removed afterwards."""
+    connection = Connection("h2", SSHOptions(ssh_config_file=lab.ssh_config)).connect()
+    base = f"/tmp/rr-manifest-{uuid.uuid4().hex[:8]}"
+    yield connection, RemoteShell(connection, "h2"), base
+    connection.close()
+    ssh(lab, "h2", f"rm -rf {base} {base}-bin", check=False)
+
+
+def _files(tmp_path, count=20, big=0):
+    src = tmp_path / "src"
+    (src / "sub").mkdir(parents=True, exist_ok=True)
+    for i in range(count):
+        (src / "sub" / f"f{i:02d}.txt").write_text(f"file {i}\n")
+    if big:
+        (src / "big.bin").write_bytes(os.urandom(big))
+    return src
+
+
+def _plan(src, base, host="h2"):
+    return sync.make_plan(host, [(FileSpec(str(src), ".", True), base)])
+
+
+def _fresh_sync(lab, host, plan, **kw):
+    """Sync *plan* over a new connection; return (report, that connection's counts)."""
+    with Connection(host, SSHOptions(ssh_config_file=lab.ssh_config)) as connection:
+        connection.connect()
+        report = sync.sync_host(RemoteShell(connection, host), connection.sftp, plan, **kw)
+        return report, connection.traffic.snapshot()
+
+
+@pytest.mark.parametrize("host", ["h2", "h9"])
+def test_a_warm_sync_is_one_exec_that_reads_no_file(lab, foreign_host, tmp_path, host):
+    base = f"/tmp/rr-manifest-{uuid.uuid4().hex[:8]}"
+    try:
+        src = _files(tmp_path, big=3 << 20)
+        plan = _plan(src, base, host)
+        cold, _ = _fresh_sync(lab, host, plan)
+        assert len(cold.copied) == 21 and cold.hash_tool == "manifest"
+        warm, counts = _fresh_sync(lab, host, plan)
+        assert warm.copied == [] and len(warm.skipped) == 21
+        assert counts == {"execs": 1, "sftp_sessions": 0, "sftp_requests": 0}
+        assert (warm.hashed, warm.trusted) == (0, 21)  # the host read no file
+        assert hashcache.LOCAL.known(str(src / "big.bin")) is not None  # nor did we
+        assert audit(lab, host, base)["bad"] == []
+    finally:
+        ssh(lab, host, f"rm -rf {base}", check=False)
+
+
+def test_changes_behind_the_manifests_back_are_seen_and_copied(lab, target, tmp_path):
+    connection, shell, base = target
+    src = _files(tmp_path)
+    plan = _plan(src, base)
+    sync.sync_host(shell, connection.sftp, plan)
+    f1, f2, f3 = (f"{base}/sub/f{i:02d}.txt" for i in (1, 2, 3))
+    # Same size, mtime restored: only the ctime tells. Then a same-size file put in its place
+    # (another inode, mtime copied), then a partly written one (zeros, same size).
+    ssh(lab, "h2", f"m=$(stat -c %y {f1}); printf 'FILE 1\\n' > {f1}; touch -d \"$m\" {f1}; "
+                   f"printf 'FILE 2\\n' > {f2}.new && touch -r {f2} {f2}.new && mv {f2}.new {f2}; "
+                   f"m=$(stat -c %y {f3}); truncate -s 0 {f3}; truncate -s 7 {f3}; touch -d \"$m\" {f3}")
+    report, counts = _fresh_sync(lab, "h2", plan)
+    assert sorted(report.copied) == [f1, f2, f3]
+    assert report.hashed == 3 and report.trusted == 17
+    for i in (1, 2, 3):
+        assert ssh(lab, "h2", f"cat {base}/sub/f{i:02d}.txt").stdout == f"file {i}\n"
+    assert counts["execs"] == 3  # check, one bundle, record
+    assert audit(lab, "h2", base)["bad"] == []
+    again, _ = _fresh_sync(lab, "h2", plan)
+    assert again.copied == [] and again.hashed == 0
+
+
+def test_a_killed_copy_leaves_a_manifest_that_claims_only_whole_files(lab, target, tmp_path):
+    connection, shell, base = target
+    src = _files(tmp_path, count=2, big=4 << 20)
+    plan = _plan(src, base)
+    sync.sync_host(shell, connection.sftp, plan)
+    old = ssh(lab, "h2", f"sha1sum {base}/big.bin").stdout.split()[0]
+    (src / "big.bin").write_bytes(os.urandom(4 << 20))
+    seen = [0]
+
+    def cut(_host, delta):  # the link drops after the first megabyte of the new big.bin
+        seen[0] += delta
+        if seen[0] > 1 << 20:
+            raise OSError("link dropped")
+
+    with pytest.raises(CopyError):
+        sync.sync_host(shell, connection.sftp, plan, progress=cut)
+    assert ssh(lab, "h2", f"sha1sum {base}/big.bin").stdout.split()[0] == old
+    state = audit(lab, "h2", base)
+    assert state["bad"] == [] and f"{base}/big.bin" in state["entries"]
+    # A manifest written for a file that is then replaced half-written never vouches for it.
+    ssh(lab, "h2", f"m=$(stat -c %y {base}/big.bin); head -c 1048576 /dev/zero > {base}/big.x && "
+                   f"truncate -s {4 << 20} {base}/big.x && touch -d \"$m\" {base}/big.x && "
+                   f"mv {base}/big.x {base}/big.bin")
+    report = sync.sync_host(shell, connection.sftp, plan)
+    assert report.copied == [f"{base}/big.bin"]
+    assert ssh(lab, "h2", f"sha1sum {base}/big.bin").stdout.split()[0] == \
+        hashcache.hash_file(str(src / "big.bin"))[0]
+    assert audit(lab, "h2", base)["bad"] == []
+
+
+def test_two_runs_into_one_tree_at_once_keep_one_consistent_manifest(lab, tmp_path):
+    tag = uuid.uuid4().hex[:8]
+    base, screens = f"/tmp/rr-manifest-{tag}", [f"rrt-{tag}-a", f"rrt-{tag}-b"]
+    configs, wanted = [], set()
+    for name in ("a", "b"):
+        src = tmp_path / name
+        src.mkdir()
+        for i in range(40):
+            (src / f"{name}{i:02d}.txt").write_text(f"{name} {i}\n")
+            wanted.add(f"{base}/{name}{i:02d}.txt")
+        (src / "common.txt").write_text("shared by both\n")
+        config = tmp_path / f"{name}.py"
+        config.write_text(textwrap.dedent(f"""
+            c = Component()
+            c.name = 'copier-{name}'
+            c.host = 'h3'
+            c.executable = '/bin/true'
+            c.base_dir = {base!r}
+            c.files = util.recursive_files_dict({str(src)!r}, '.')
+            c.start_index = 0
+            config.add_component(c)
+        """))
+        configs.append(str(config))
+    wanted.add(f"{base}/common.txt")
+    try:
+        for _ in range(2):  # a cold round, then one where both find everything in place
+            procs = [subprocess.Popen([sys.executable, SCRIPT, "-c", config, "-F", lab.ssh_config,
+                                       "--screen", screen, "--remote-done-dir",
+                                       f"/tmp/{screen}-state", "-l", "WARNING"],
+                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                      cwd=REPO)
+                     for config, screen in zip(configs, screens)]
+            for proc in procs:
+                out, err = proc.communicate(timeout=300)
+                assert proc.returncode == 0, err
+            state = audit(lab, "h3", base)
+            assert state["manifests"] == 1 and state["bad"] == []
+            assert wanted <= set(state["entries"])
+        for name in ("a", "b"):
+            report, counts = _fresh_sync(lab, "h3", _plan(tmp_path / name, base, "h3"))
+            assert report.copied == [] and report.hashed == 0 and counts["execs"] == 1
+    finally:
+        for screen in screens:
+            quit_screen(lab, "h3", screen, f"/tmp/{screen}-state")
+        ssh(lab, "h3", f"rm -rf {base}", check=False)
+
+
+def test_without_python3_the_stat_and_openssl_check_still_works(lab, target, tmp_path, caplog):
+    connection, shell, base = target
+    tools = " ".join(f'"$(command -v {t})"' for t in
+                     ("sh", "openssl", "stat", "mkdir", "chmod", "tar", "mv", "rm", "rmdir",
+                      "find", "id", "cat", "sha1sum"))
+    ssh(lab, "h2", f"mkdir -p {base}-bin && ln -sf {tools} {base}-bin/")
+    limited = NoPython(shell, f"{base}-bin")
+    caplog.set_level(logging.INFO, logger="remote_runner.sync")
+    src = _files(tmp_path)
+    plan = _plan(src, base)
+    cold = sync.sync_host(limited, connection.sftp, plan)
+    assert len(cold.copied) == 20 and cold.hash_tool == "openssl"
+    (src / "sub" / "f05.txt").write_text("FILE 5\n")
+    with Connection("h2", SSHOptions(ssh_config_file=lab.ssh_config)) as fresh:
+        fresh.connect()
+        report = sync.sync_host(NoPython(RemoteShell(fresh, "h2"), f"{base}-bin"), fresh.sftp, plan)
+        execs = fresh.traffic.execs
+    assert report.hash_tool == "openssl" and report.copied == [f"{base}/sub/f05.txt"]
+    assert execs == 5  # the manifest attempt, stat, openssl, directories, one bundle
+    assert ssh(lab, "h2", f"cat {base}/sub/f05.txt").stdout == "FILE 5\n"
+    assert "no python3 there" in caplog.text
+    assert audit(lab, "h2", base)["entries"] == []  # nothing recorded without python3
+
+
+def test_rehash_reads_everything_again_and_always_copy_copies_everything(lab, target, tmp_path):
+    connection, shell, base = target
+    src = _files(tmp_path)
+    plan = _plan(src, base)
+    sync.sync_host(shell, connection.sftp, plan)
+    rehashed = sync.sync_host(shell, connection.sftp, plan, rehash=True)
+    assert (rehashed.hashed, rehashed.trusted, rehashed.copied) == (20, 0, [])
+    always = sync.sync_host(shell, connection.sftp, plan, always_copy=True)
+    assert len(always.copied) == 20
+    after = sync.sync_host(shell, connection.sftp, plan)
+    assert (after.hashed, after.trusted, after.copied) == (0, 20, [])  # recorded after copying
+    assert audit(lab, "h2", base)["bad"] == []
+
+
+def test_a_rerun_of_an_unchanged_experiment_checks_each_host_with_one_exec(lab, tmp_path,
+                                                                           screen_name):
+    base, state = f"/tmp/{screen_name}-base", f"/tmp/{screen_name}-state"
+    src = _files(tmp_path, big=1 << 20)
+    config = tmp_path / "experiment.py"
+    config.write_text(textwrap.dedent(f"""
+        for host in ('h1', 'h2'):
+            c = Component()
+            c.name = 'sleeper-' + host
+            c.host = host
+            c.executable = '/bin/sleep'
+            c.args = ['600']
+            c.base_dir = {base!r}
+            c.files = {{{str(src)!r}: 'data'}}
+            c.start_index = 0
+            config.add_component(c)
+    """))
+    experiment = load_experiment(str(config), None)
+    options = RunOptions(screen=screen_name, remote_done_dir=state)
+    ssh_options = SSHOptions(ssh_config_file=lab.ssh_config)
+
+    class CopyPhase:
+        """Counts each host's execs and SFTP sessions during the copy phase only."""
+
+        def __init__(self) -> None:
+            self.runner = None
+            self.begin = {}
+            self.spent = {}
+
+        def emit(self, event) -> None:
+            if event.phase != "copy" or self.runner is None:
+                return
+            now = {h: c.traffic.snapshot() for h, c in self.runner.connections.items()}
+            if event.kind == ev.KIND_PHASE_BEGIN:
+                self.begin = now
+            elif event.kind == ev.KIND_PHASE_END:
+                self.spent = {h: {k: now[h][k] - self.begin[h][k] for k in now[h]} for h in now}
+
+    try:
+        for round_ in ("cold", "warm"):
+            watch = CopyPhase()
+            runner = Runner(experiment, options, ssh_options, reporter=watch)
+            watch.runner = runner
+            report = runner.run()
+            if round_ == "warm":
+                assert all(r.copied == [] and r.hashed == 0 for r in report.sync.values())
+                assert watch.spent == {h: {"execs": 1, "sftp_sessions": 0, "sftp_requests": 0}
+                                       for h in ("h1", "h2")}
+                assert all(report.traffic[h]["sftp_sessions"] == 0 for h in ("h1", "h2"))
+    finally:
+        for host in ("h1", "h2"):
+            quit_screen(lab, host, screen_name, state, base)
