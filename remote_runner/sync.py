@@ -375,8 +375,15 @@ def record(shell: "Shell", plan: Plan, copied: Sequence[Upload]) -> None:
     """
     items = list(copied)
     trees, index = plan.tree_index(items)
-    answer = manifest.exchange(shell, manifest.request(items, trees, index, hash_all=True),
-                               len(items))
+    try:
+        answer = manifest.exchange(shell, manifest.request(items, trees, index, hash_all=True),
+                                   len(items))
+    except ConnectionLost:
+        raise
+    except RunnerError as exc:  # the files are in place: only the next run's check pays
+        LOG.warning("%s: could not record the copied files in the host's manifest (%s); the "
+                    "next run hashes them again", plan.host, exc)
+        return
     if answer is None or answer.error is not None:
         return
     if not answer.saved:

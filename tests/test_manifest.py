@@ -29,7 +29,8 @@ import pytest
 
 from remote_runner import events as ev
 from remote_runner import hashcache, manifest, sync
-from remote_runner.config import FileSpec, load_experiment
+from remote_runner.config import FileSpec
+from remote_runner.loader import load_experiment
 from remote_runner.errors import CopyError
 from remote_runner.runner import RunOptions, Runner
 from remote_runner.shell import LocalShell, RemoteShell, ScriptResult
