@@ -70,6 +70,12 @@ PING = "ping"        # either way; answered by PONG
 PONG = "pong"
 JOB = "job"          # local -> agent (daemon mode): register a window command
 BYE = "bye"          # local -> agent: end the session, clean up
+INVAL = "inval"      # local -> agent: names that changed here (``p``), dropped with all below (``tree``), or ``all``
+
+#: A directory answer lists at most this many entries (bigger ones: name by name).
+LISTING_ENTRIES = 4096
+#: ... and at most this many bytes of JSON.
+LISTING_BYTES = 768 << 10
 
 STAT_FIELDS = ("st_mode", "st_ino", "st_dev", "st_nlink", "st_uid", "st_gid", "st_size",
                "st_atime", "st_mtime", "st_ctime", "st_blocks", "st_blksize", "st_rdev")
@@ -114,6 +120,21 @@ def stat_to_wire(st: os.stat_result) -> Dict[str, int]:
         "st_ctime": st.st_ctime_ns, "st_blocks": st.st_blocks, "st_blksize": st.st_blksize,
         "st_rdev": st.st_rdev,
     }
+
+
+def stat_row(st: os.stat_result) -> List[int]:
+    """Attributes as a compact row in ``STAT_FIELDS`` order (directory answers carry thousands)."""
+    return [st.st_mode, st.st_ino, st.st_dev, st.st_nlink, st.st_uid, st.st_gid, st.st_size,
+            st.st_atime_ns, st.st_mtime_ns, st.st_ctime_ns, st.st_blocks, st.st_blksize, st.st_rdev]
+
+
+def row_attrs(row: Any) -> Optional[Dict[str, int]]:
+    """Undo :func:`stat_row`; None for anything that is not a row of integers."""
+    if not isinstance(row, list) or len(row) != len(STAT_FIELDS):
+        return None
+    if not all(isinstance(v, int) and not isinstance(v, bool) for v in row):
+        return None
+    return dict(zip(STAT_FIELDS, row))
 
 
 def encode(header: Dict[str, Any], payload: bytes = b"") -> bytes:

@@ -1,0 +1,338 @@
+"""(Agent side) What the host knows of local names: attributes, symlink targets, whole directories.
+
+Why: every lookup the host's kernel makes would otherwise be a round trip.
+The local side answers a lookup with its whole directory (names and
+attributes, NFS's READDIRPLUS idea), so later lookups in that directory --
+including the *negative* ones of ``sys.path`` probing, ``PATH`` search,
+ld.so's search path -- are answered here. And it watches the directories it
+answered for (see ``watcher.py`` on the local side): what a watched
+directory said stands until an ``inval`` frame drops exactly the changed
+names; what an unwatched one said (no watch left, network file system) holds
+only for a short lease.
+
+Races: an answer may be computed before a change whose invalidation is
+processed here before the answer is stored. Callers take :meth:`begin`
+before sending the request and pass it to :meth:`put`; anything invalidated
+since then is not stored (the next lookup asks again). Writes through the
+mirror drop only what they changed (:meth:`changed`, :meth:`renamed`).
+
+Shipped to hosts inside the agent's zipapp: stdlib only, Python 3.8.
+"""
+
+from __future__ import annotations
+
+import json
+import posixpath
+import threading
+import time
+from typing import Any, Dict, Iterable, List, Optional, Set, Tuple
+
+try:
+    from . import protocol as P
+except ImportError:  # pragma: no cover - run as a plain script
+    import protocol as P  # type: ignore
+
+#: What :meth:`NameCache.get` returns for a name known not to exist.
+MISSING: Dict[str, int] = {"missing": 1}
+#: How long an answer from an unwatched directory stands.
+LEASE = 1.0
+#: Forget everything past this many names (and remember invalidations past this many).
+LIMIT = 200000
+STAMPS = 20000
+FOREVER = float("inf")
+
+
+def parent(path: str) -> str:
+    return posixpath.dirname(path) or "/"
+
+
+def listing_entries(data: bytes) -> Optional[List[Any]]:
+    """The entries of an encoded directory answer (``listing.py``) as (name, attributes, link); None if malformed."""
+    try:
+        body = json.loads(data.decode("utf-8"))
+        names, rows, links = body["n"], body["a"], body["l"]
+    except (ValueError, KeyError, TypeError, UnicodeDecodeError):
+        return None
+    if not (isinstance(names, list) and isinstance(rows, list) and isinstance(links, list)
+            and len(names) == len(rows) == len(links)):
+        return None
+    out = []
+    for name, row, link in zip(names, rows, links):
+        if not isinstance(name, str) or not name or "/" in name or name in (".", ".."):
+            return None
+        out.append((name, P.row_attrs(row), link if isinstance(link, str) else None))
+    return out
+
+
+class _Listing:
+    __slots__ = ("names", "unknown", "until")
+
+    def __init__(self, names: Set[str], until: float) -> None:
+        self.names = names
+        self.unknown: Set[str] = set()
+        self.until = until
+
+
+class NameCache:
+    """Answers for local paths, kept until invalidated (watched) or for a lease (not watched)."""
+
+    def __init__(self, lease: float = LEASE, limit: int = LIMIT) -> None:
+        self.lease = lease
+        self.limit = limit
+        self._lock = threading.Lock()
+        # path -> (until, attributes or MISSING)
+        self._attrs: Dict[str, Tuple[float, Dict[str, Any]]] = {}
+        self._links: Dict[str, Tuple[float, str]] = {}
+        self._lists: Dict[str, _Listing] = {}
+        self._kids: Dict[str, Set[str]] = {}  # directory -> names held under it
+        self._epoch = 0
+        self._floor = 0
+        self._stamps: Dict[str, int] = {}   # path -> epoch of its last invalidation
+        self._trees: Dict[str, int] = {}    # path -> epoch it was dropped with all below it
+        self.hits = 0
+        self.negative_hits = 0
+        self.misses = 0
+        self.invalidated = 0
+
+    # -- bookkeeping --------------------------------------------------------------
+    def begin(self) -> int:
+        """A token to pass to :meth:`put` for an answer requested from now on."""
+        with self._lock:
+            return self._epoch
+
+    def _stale(self, path: str, since: Optional[int]) -> bool:
+        """Whether *path* was invalidated after *since* (None: the answer is new enough)."""
+        if since is None:
+            return False
+        if since < self._floor or self._stamps.get(path, -1) >= since:
+            return True
+        node = path
+        while True:
+            if self._trees.get(node, -1) >= since:
+                return True
+            if node == "/":
+                return False
+            node = parent(node)
+
+    def _until(self, watched: bool, now: Optional[float]) -> float:
+        return FOREVER if watched else (time.monotonic() if now is None else now) + self.lease
+
+    def _index(self, path: str) -> None:
+        if path != "/":
+            self._kids.setdefault(parent(path), set()).add(posixpath.basename(path))
+
+    def _room(self) -> None:
+        if len(self._attrs) + len(self._lists) > self.limit:
+            self._attrs.clear()
+            self._links.clear()
+            self._lists.clear()
+            self._kids.clear()
+
+    def _stamp(self, table: Dict[str, int], path: str) -> None:
+        if len(self._stamps) + len(self._trees) > STAMPS:
+            self._stamps.clear()
+            self._trees.clear()
+            self._floor = self._epoch + 1
+        table[path] = self._epoch
+
+    # -- storing ------------------------------------------------------------------
+    def put(self, path: str, attrs: Optional[Dict[str, Any]], watched: bool = False,
+            since: Optional[int] = None, link: Optional[str] = None,
+            now: Optional[float] = None) -> bool:
+        """Keep *attrs* (None or MISSING: the name does not exist) for *path*; tell whether kept."""
+        if attrs is None:
+            attrs = MISSING
+        if not attrs.get("missing"):
+            # A file with several names changes through names in other directories,
+            # whose watches do not see it: lease only.
+            mode = int(attrs.get("st_mode", 0))
+            if int(attrs.get("st_nlink", 1)) > 1 and (mode & 0o170000) != 0o040000:
+                watched = False
+        with self._lock:
+            if self._stale(path, since):
+                return False
+            self._room()
+            until = self._until(watched, now)
+            self._attrs[path] = (until, attrs)
+            if link is not None:
+                self._links[path] = (until, link)
+            else:
+                self._links.pop(path, None)
+            self._index(path)
+            return True
+
+    def put_listing(self, directory: str, entries: Iterable[Tuple[str, Optional[Dict[str, Any]], Optional[str]]],
+                    watched: bool = False, since: Optional[int] = None,
+                    now: Optional[float] = None) -> bool:
+        """Keep a whole directory: (name, attributes, symlink target) of every entry.
+
+        Names not listed are answered as missing while the listing stands.
+        An entry invalidated since *since* is kept as unknown (asked again).
+        """
+        with self._lock:
+            if self._trees_after(directory, since):
+                return False
+            self._room()
+            until = self._until(watched, now)
+            base = directory.rstrip("/") + "/"
+            listing = _Listing(set(), until)
+            for name, attrs, link in entries:
+                path = base + name
+                listing.names.add(name)
+                if self._stale(path, since):
+                    listing.unknown.add(name)
+                    continue
+                if attrs:
+                    keep = until
+                    mode = int(attrs.get("st_mode", 0))
+                    if int(attrs.get("st_nlink", 1)) > 1 and (mode & 0o170000) != 0o040000:
+                        keep = min(until, self._until(False, now))
+                    self._attrs[path] = (keep, attrs)
+                    if link is not None:
+                        self._links[path] = (keep, link)
+                    self._index(path)
+                else:
+                    listing.unknown.add(name)
+            self._lists[directory] = listing
+            self._index(directory)
+            return True
+
+    def _trees_after(self, directory: str, since: Optional[int]) -> bool:
+        """Whether *directory* itself went away (or moved) after *since*."""
+        if since is None:
+            return False
+        if since < self._floor:
+            return True
+        node = directory
+        while True:
+            if self._trees.get(node, -1) >= since:
+                return True
+            if node == "/":
+                return False
+            node = parent(node)
+
+    # -- answering ----------------------------------------------------------------
+    def get(self, path: str, now: Optional[float] = None) -> Optional[Dict[str, Any]]:
+        """Attributes of *path*, :data:`MISSING`, or None (unknown here: ask)."""
+        now = time.monotonic() if now is None else now
+        with self._lock:
+            entry = self._attrs.get(path)
+            if entry is not None:
+                if entry[0] > now:
+                    self.hits += 1
+                    if entry[1].get("missing"):
+                        self.negative_hits += 1
+                    return entry[1]
+                del self._attrs[path]
+            if path != "/":
+                listing = self._lists.get(parent(path))
+                name = posixpath.basename(path)
+                if (listing is not None and listing.until > now and name not in listing.names
+                        and name not in listing.unknown):
+                    self.hits += 1
+                    self.negative_hits += 1
+                    return MISSING
+            self.misses += 1
+            return None
+
+    def link(self, path: str, now: Optional[float] = None) -> Optional[str]:
+        """The symlink target of *path*, if held."""
+        now = time.monotonic() if now is None else now
+        with self._lock:
+            entry = self._links.get(path)
+        if entry is None or entry[0] <= now:
+            return None
+        return entry[1]
+
+    def listed(self, directory: str, now: Optional[float] = None) -> bool:
+        """Whether a whole listing of *directory* stands here."""
+        now = time.monotonic() if now is None else now
+        with self._lock:
+            listing = self._lists.get(directory)
+            return listing is not None and listing.until > now
+
+    def names(self, directory: str, now: Optional[float] = None) -> Optional[List[Tuple[str, Optional[Dict[str, Any]]]]]:
+        """A complete listing of *directory* with attributes, or None (ask)."""
+        now = time.monotonic() if now is None else now
+        base = directory.rstrip("/") + "/"
+        with self._lock:
+            listing = self._lists.get(directory)
+            if listing is None or listing.until <= now or listing.unknown:
+                return None
+            out = []
+            for name in sorted(listing.names):
+                entry = self._attrs.get(base + name)
+                if entry is None or entry[0] <= now:
+                    return None
+                out.append((name, entry[1]))
+            return out
+
+    # -- dropping -------------------------------------------------------------------
+    def invalidate(self, paths: Iterable[str] = (), trees: Iterable[str] = (),
+                   everything: bool = False) -> List[str]:
+        """Drop what changed on the local side; return the paths held that were dropped.
+
+        *paths*: their attributes changed (the name stays); *trees*: the name
+        appeared, went away or was replaced: it and everything below it go,
+        and its directory's listing no longer knows the name.
+        """
+        dropped: List[str] = []
+        with self._lock:
+            self._epoch += 1
+            self.invalidated += 1
+            if everything:
+                dropped = list(self._attrs)
+                self._attrs.clear()
+                self._links.clear()
+                self._lists.clear()
+                self._kids.clear()
+                self._stamps.clear()
+                self._trees.clear()
+                self._floor = self._epoch + 1
+                self._epoch += 1
+                return dropped
+            for path in paths:
+                self._stamp(self._stamps, path)
+                if self._attrs.pop(path, None) is not None:
+                    dropped.append(path)
+                self._links.pop(path, None)
+            for top in trees:
+                self._stamp(self._trees, top)
+                if top != "/":
+                    listing = self._lists.get(parent(top))
+                    if listing is not None:
+                        listing.unknown.add(posixpath.basename(top))
+                dropped.extend(self._drop_tree(top))
+            return dropped
+
+    def _drop_tree(self, top: str) -> List[str]:
+        dropped = []
+        stack = [top]
+        while stack:
+            path = stack.pop()
+            if self._attrs.pop(path, None) is not None:
+                dropped.append(path)
+            self._links.pop(path, None)
+            self._lists.pop(path, None)
+            kids = self._kids.pop(path, None)
+            if kids:
+                base = path.rstrip("/") + "/"
+                stack.extend(base + name for name in kids)
+        return dropped
+
+    def changed(self, path: str) -> None:
+        """The mirror changed *path*'s data or attributes (write, chmod, truncate...)."""
+        self.invalidate(paths=[path])
+
+    def renamed(self, *paths: str) -> None:
+        """The mirror created, removed or renamed these names: drop them and their directories' attributes."""
+        self.invalidate(paths=[parent(p) for p in paths], trees=list(paths))
+
+    def clear(self) -> None:
+        self.invalidate(everything=True)
+
+    def stats(self) -> Dict[str, int]:
+        with self._lock:
+            return {"hits": self.hits, "negative_hits": self.negative_hits, "misses": self.misses,
+                    "invalidations": self.invalidated, "names": len(self._attrs),
+                    "listings": len(self._lists)}

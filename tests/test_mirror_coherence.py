@@ -1,0 +1,253 @@
+"""Unit tests of the mirror's coherent cache: the local watcher, directory answers, the host's name cache."""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+
+import pytest
+
+from remote_runner.mirror import listing, protocol as P
+from remote_runner.mirror.namecache import MISSING, NameCache, listing_entries
+from remote_runner.mirror.watcher import ChangeWatcher, FsTypes
+
+
+class Reports:
+    def __init__(self):
+        self.items = []
+        self.lock = threading.Lock()
+
+    def __call__(self, paths, trees, everything):
+        with self.lock:
+            self.items.append((sorted(paths), sorted(trees), everything))
+
+    def paths(self):
+        return {p for ps, _, _ in self.items for p in ps}
+
+    def trees(self):
+        return {t for _, ts, _ in self.items for t in ts}
+
+
+@pytest.fixture
+def watcher():
+    reports = Reports()
+    w = ChangeWatcher(reports)
+    w.reports_seen = reports
+    yield w
+    w.close()
+
+
+def test_flush_reports_changes_to_names_in_a_watched_directory(tmp_path, watcher):
+    d = os.fsencode(tmp_path)
+    (tmp_path / "f").write_text("one")
+    assert watcher.watch(d)
+    (tmp_path / "f").write_text("two")
+    os.chmod(tmp_path / "f", 0o600)
+    watcher.flush()
+    assert d + b"/f" in watcher.reports_seen.paths()
+    (tmp_path / "new").write_text("x")
+    os.rename(tmp_path / "new", tmp_path / "moved")
+    os.unlink(tmp_path / "f")
+    watcher.flush()
+    trees = watcher.reports_seen.trees()
+    assert {d + b"/new", d + b"/moved", d + b"/f"} <= trees
+    assert d in watcher.reports_seen.paths()  # the directory's own mtime changed
+
+
+def test_nothing_is_reported_for_unwatched_directories(tmp_path, watcher):
+    (tmp_path / "a").mkdir()
+    assert watcher.watch(os.fsencode(tmp_path / "a"))
+    (tmp_path / "b").write_text("x")
+    watcher.flush()
+    assert watcher.reports_seen.items == []
+
+
+def test_a_moved_directory_is_forgotten_and_watched_again_under_its_new_name(tmp_path, watcher):
+    d = os.fsencode(tmp_path)
+    (tmp_path / "sub").mkdir()
+    assert watcher.watch(d) and watcher.watch(d + b"/sub")
+    os.rename(tmp_path / "sub", tmp_path / "other")
+    watcher.flush()
+    assert d + b"/sub" in watcher.reports_seen.trees()
+    assert not watcher.watched(d + b"/sub")
+    (tmp_path / "sub").mkdir()  # a new directory under the old name: watched afresh
+    assert watcher.watch(d + b"/sub")
+    (tmp_path / "sub" / "x").write_text("1")
+    watcher.flush()
+    assert d + b"/sub/x" in watcher.reports_seen.trees()
+
+
+def test_a_removed_directory_reports_its_tree(tmp_path, watcher):
+    sub = tmp_path / "gone"
+    sub.mkdir()
+    assert watcher.watch(os.fsencode(sub))
+    sub.rmdir()
+    watcher.flush()
+    assert os.fsencode(sub) in watcher.reports_seen.trees()
+    assert len(watcher) == 0
+
+
+def test_watch_limit_falls_back_to_unwatched(tmp_path):
+    reports = Reports()
+    w = ChangeWatcher(reports, limit=2)
+    try:
+        dirs = []
+        for i in range(3):
+            (tmp_path / str(i)).mkdir()
+            dirs.append(os.fsencode(tmp_path / str(i)))
+        assert w.watch(dirs[0]) and w.watch(dirs[1])
+        assert not w.watch(dirs[2]) and w.full
+        assert w.watch(dirs[0])  # already watched: still true
+    finally:
+        w.close()
+
+
+def test_pseudo_file_systems_are_not_watched(watcher):
+    assert not watcher.watch(b"/proc")
+    assert FsTypes().of(os.stat("/proc").st_dev) == "proc"
+
+
+def test_background_thread_reports_without_flush(tmp_path, watcher):
+    d = os.fsencode(tmp_path)
+    assert watcher.watch(d)
+    watcher.start()
+    (tmp_path / "late").write_text("x")
+    deadline = time.monotonic() + 30
+    while d + b"/late" not in watcher.reports_seen.trees():
+        assert time.monotonic() < deadline, "no report"
+        time.sleep(0.05)
+
+
+# -- directory answers ------------------------------------------------------------
+def test_directory_answer_round_trips_names_attributes_and_links(tmp_path):
+    (tmp_path / "a.py").write_text("x")
+    os.symlink("a.py", tmp_path / "ln")
+    (tmp_path / "secret").write_text("s")
+    answer = listing.directory_answer(os.fsencode(tmp_path), listable=lambda n: n != b"secret")
+    entries = {name: (attrs, link) for name, attrs, link in listing_entries(listing.encode_answer(answer))}
+    assert set(entries) == {"a.py", "ln"}
+    assert entries["a.py"][0]["st_size"] == 1 and entries["a.py"][0]["st_ino"] == os.lstat(tmp_path / "a.py").st_ino
+    assert entries["ln"][1] == "a.py"
+
+
+def test_big_directories_are_not_answered_whole(tmp_path):
+    for i in range(20):
+        (tmp_path / str(i)).write_text("")
+    assert listing.directory_answer(os.fsencode(tmp_path), max_entries=10) is None
+    assert listing.directory_answer(os.fsencode(tmp_path), max_bytes=500) is None
+    assert len(listing.directory_answer(os.fsencode(tmp_path))["n"]) == 20
+
+
+def test_malformed_answers_are_refused():
+    assert listing_entries(b"not json") is None
+    assert listing_entries(b'{"n":["../x"],"a":[null],"l":[null]}') is None
+    assert listing_entries(b'{"n":["x"],"a":[],"l":[null]}') is None
+    assert listing_entries(b'{"n":["x"],"a":[[1,2]],"l":[null]}') == [("x", None, None)]
+
+
+def test_siblings_of_the_same_kind_within_budget(tmp_path):
+    cache = tmp_path / "__pycache__"
+    cache.mkdir()
+    for name in ("a", "b", "c"):
+        (cache / f"{name}.cpython-311.pyc").write_bytes(b"x" * 100)
+    (cache / "d.cpython-39.pyc").write_bytes(b"x")
+    (cache / "big.cpython-311.pyc").write_bytes(b"x" * (listing.PUSH_FILE_BYTES + 1))
+    ok = lambda name, st: True  # noqa: E731
+    got = listing.siblings(os.fsencode(cache), b"a.cpython-311.pyc", ok)
+    assert got == [b"b.cpython-311.pyc", b"c.cpython-311.pyc"]
+    assert listing.siblings(os.fsencode(cache), b"a.cpython-311.pyc", ok, budget=150) == [b"b.cpython-311.pyc"]
+    assert listing.siblings(os.fsencode(cache), b"a.cpython-311.pyc", lambda n, st: False) == []
+    assert listing.siblings(os.fsencode(tmp_path), b"libx.so.1", ok) == []
+
+
+# -- the host's name cache ----------------------------------------------------------
+def attrs(size=1, nlink=1, mode=0o100644):
+    return {"st_mode": mode, "st_size": size, "st_nlink": nlink, "st_ino": 5}
+
+
+def test_a_listing_answers_present_and_absent_names():
+    cache = NameCache()
+    assert cache.put_listing("/usr/lib/py", [("a.py", attrs(), None), ("ln", attrs(mode=0o120777), "a.py")],
+                             watched=True)
+    assert cache.get("/usr/lib/py/a.py")["st_size"] == 1
+    assert cache.get("/usr/lib/py/nope.so") is MISSING
+    assert cache.link("/usr/lib/py/ln") == "a.py"
+    assert cache.get("/usr/lib/other/x") is None
+    assert cache.negative_hits == 1
+
+
+def test_watched_answers_stand_until_invalidated_unwatched_for_a_lease():
+    cache = NameCache(lease=1.0)
+    cache.put("/w/f", attrs(), watched=True, now=0.0)
+    cache.put("/u/f", attrs(), watched=False, now=0.0)
+    assert cache.get("/w/f", now=1e6) is not None
+    assert cache.get("/u/f", now=0.5) is not None and cache.get("/u/f", now=2.0) is None
+    cache.invalidate(paths=["/w/f"])
+    assert cache.get("/w/f", now=1e6) is None
+
+
+def test_files_with_several_names_get_only_a_lease():
+    cache = NameCache(lease=1.0)
+    cache.put("/w/f", attrs(nlink=2), watched=True, now=0.0)
+    assert cache.get("/w/f", now=2.0) is None
+
+
+def test_a_name_event_makes_the_name_unknown_not_missing():
+    cache = NameCache()
+    cache.put_listing("/d", [("a", attrs(), None)], watched=True)
+    cache.invalidate(paths=["/d"], trees=["/d/new"])
+    assert cache.get("/d/new") is None  # created locally: ask
+    assert cache.get("/d/other") is MISSING
+    assert cache.get("/d/a") is not None
+
+
+def test_tree_invalidation_drops_everything_below():
+    cache = NameCache()
+    cache.put_listing("/d", [("sub", attrs(mode=0o040755), None)], watched=True)
+    cache.put_listing("/d/sub", [("x", attrs(), None)], watched=True)
+    dropped = cache.invalidate(trees=["/d/sub"])
+    assert set(dropped) == {"/d/sub", "/d/sub/x"}
+    assert cache.get("/d/sub/x") is None and cache.get("/d/sub/y") is None
+    assert cache.get("/d/sub") is None
+
+
+def test_an_answer_older_than_an_invalidation_is_not_kept():
+    cache = NameCache()
+    token = cache.begin()
+    cache.invalidate(paths=["/d/f"])  # the change arrived while the answer was on its way
+    assert not cache.put("/d/f", attrs(), watched=True, since=token)
+    assert cache.get("/d/f") is None
+    token = cache.begin()
+    cache.invalidate(trees=["/d"])
+    assert not cache.put("/d/sub/f", attrs(), watched=True, since=token)
+    assert not cache.put_listing("/d/sub", [], watched=True, since=token)
+    token = cache.begin()
+    cache.invalidate(trees=["/e/x"])
+    assert cache.put_listing("/e", [("x", attrs(), None), ("y", attrs(), None)], watched=True, since=token)
+    assert cache.get("/e/x") is None and cache.get("/e/y") is not None
+    assert cache.put("/d/f", attrs(), watched=True, since=cache.begin())
+
+
+def test_writes_through_the_mirror_drop_only_what_they_changed():
+    cache = NameCache()
+    cache.put_listing("/d", [("a", attrs(), None), ("b", attrs(), None)], watched=True)
+    cache.changed("/d/a")
+    assert cache.get("/d/a") is None and cache.get("/d/b") is not None
+    cache.renamed("/d/b", "/d/c")
+    assert cache.get("/d/b") is None and cache.get("/d/c") is None and cache.get("/d/zzz") is MISSING
+
+
+def test_everything_goes_on_overflow():
+    cache = NameCache()
+    token = cache.begin()
+    cache.put("/a", attrs(), watched=True)
+    cache.invalidate(everything=True)
+    assert cache.get("/a") is None
+    assert not cache.put("/b", attrs(), watched=True, since=token)
+
+
+def test_stat_rows_round_trip(tmp_path):
+    st = os.lstat(tmp_path)
+    assert P.row_attrs(P.stat_row(st)) == P.stat_to_wire(st)
+    assert P.row_attrs([1, 2]) is None and P.row_attrs([True] * 13) is None
