@@ -336,3 +336,68 @@ class NameCache:
             return {"hits": self.hits, "negative_hits": self.negative_hits, "misses": self.misses,
                     "invalidations": self.invalidated, "names": len(self._attrs),
                     "listings": len(self._lists)}
+
+
+class KernelDrops:
+    """Makes the host's kernel forget what it cached for invalidated paths (``fuse_invalidate_path``).
+
+    Run from a thread of its own, never from the link's reader: dropping a
+    file's pages waits for page locks that a FUSE read may hold while it waits
+    for a reply only the reader can deliver. The reader waits for the drop at
+    most :attr:`patience` seconds, so in the normal case the kernel has
+    forgotten before any later frame (a reply, the command's stdin) is seen.
+    """
+
+    patience = 1.0
+
+    def __init__(self) -> None:
+        self._targets: List[Tuple[str, Any]] = []   # (mount prefix, invalidate(path))
+        self._queue: List[Tuple[List[str], threading.Event]] = []
+        self._cond = threading.Condition()
+        self._thread: Optional[threading.Thread] = None
+        self.dropped = 0
+
+    def add_target(self, prefix: str, invalidate: Any) -> None:
+        """Paths under *prefix* (a mount's local root, "" for the whole tree) go to *invalidate*."""
+        if invalidate is None:
+            return
+        with self._cond:
+            self._targets.append((prefix.rstrip("/"), invalidate))
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._run, daemon=True, name="kernel-drops")
+                self._thread.start()
+
+    @property
+    def active(self) -> bool:
+        return bool(self._targets)
+
+    def drop(self, paths: List[str], wait: bool = True) -> None:
+        """Drop *paths* (wire names); wait until done, at most :attr:`patience` seconds."""
+        if not paths or not self._targets:
+            return
+        done = threading.Event()
+        with self._cond:
+            self._queue.append((paths, done))
+            self._cond.notify()
+        if wait:
+            done.wait(self.patience)
+
+    def _run(self) -> None:
+        while True:
+            with self._cond:
+                while not self._queue:
+                    self._cond.wait()
+                batch = self._queue
+                self._queue = []
+                targets = list(self._targets)
+            for paths, done in batch:
+                for path in paths:
+                    for prefix, invalidate in targets:
+                        if prefix and not (path == prefix or path.startswith(prefix + "/")):
+                            continue
+                        try:
+                            invalidate(path[len(prefix):] or "/")
+                            self.dropped += 1
+                        except Exception:  # noqa: BLE001 - a node the kernel no longer has
+                            pass
+                done.set()

@@ -1,0 +1,100 @@
+"""Unit tests of pipelined writes: the agent's pending writes and the local side's per-handle order."""
+
+from __future__ import annotations
+
+import errno
+import threading
+import time
+
+import pytest
+
+from remote_runner.mirror.writes import PendingWrites, WriteOrder
+
+
+class FakeLink:
+    """Requests answered later, by the test: fail those whose offset is in *failing*."""
+
+    def __init__(self, failing=()):
+        self.sent = []
+        self.failing = set(failing)
+
+    def submit(self, op, args, payload):
+        self.sent.append((op, dict(args), payload))
+        return args
+
+    def wait(self, slot):
+        if slot["off"] in self.failing:
+            raise OSError(errno.ENOSPC, "full")
+        return {}, b""
+
+
+def test_writes_return_at_once_and_errors_come_at_settle():
+    link = FakeLink(failing={4096})
+    writes = PendingWrites(link.submit, link.wait)
+    assert writes.write(7, 0, b"a" * 4096) == 4096
+    assert writes.write(7, 4096, b"b" * 10) == 10
+    assert [a["seq"] for _, a, _ in link.sent] == [1, 2]
+    assert writes.pending(7)
+    with pytest.raises(OSError) as info:
+        writes.settle(7)
+    assert info.value.errno == errno.ENOSPC
+    writes.settle(7)  # reported once
+    assert not writes.pending(7)
+
+
+def test_other_handles_are_not_affected():
+    link = FakeLink(failing={0})
+    writes = PendingWrites(link.submit, link.wait)
+    writes.write(1, 0, b"x")
+    writes.write(2, 1, b"y")
+    writes.settle(2)
+    with pytest.raises(OSError):
+        writes.settle(1)
+
+
+def test_too_much_in_flight_waits_for_the_oldest(monkeypatch):
+    from remote_runner.mirror import writes as W
+    monkeypatch.setattr(W, "IN_FLIGHT_BYTES", 10)
+    waited = []
+    link = FakeLink()
+    writes = PendingWrites(link.submit, lambda slot: waited.append(slot["off"]))
+    for i in range(4):
+        writes.write(1, i * 6, b"x" * 6)
+    assert waited and waited[0] == 0
+
+
+def test_write_order_runs_a_handles_requests_in_sequence():
+    order = WriteOrder(timeout=30)
+    done = []
+
+    def later(seq):
+        order.run("h", seq, lambda: done.append(seq))
+
+    threads = [threading.Thread(target=later, args=(s,)) for s in (3, 2)]
+    for t in threads:
+        t.start()
+    time.sleep(0.05)
+    assert done == []
+    order.run("h", 1, lambda: done.append(1))
+    for t in threads:
+        t.join(30)
+    assert done == [1, 2, 3]
+    assert order.run("h", None, lambda: "free") == "free"
+
+
+def test_a_failing_request_still_lets_the_next_one_run():
+    order = WriteOrder(timeout=30)
+
+    def boom():
+        raise OSError(errno.EBADF, "bad")
+
+    with pytest.raises(OSError):
+        order.run("h", 1, boom)
+    assert order.run("h", 2, lambda: "ran") == "ran"
+
+
+def test_a_missing_predecessor_times_out_with_eio():
+    order = WriteOrder(timeout=0.2)
+    with pytest.raises(OSError) as info:
+        order.run("h", 2, lambda: None)
+    assert info.value.errno == errno.EIO
