@@ -251,3 +251,28 @@ def test_stat_rows_round_trip(tmp_path):
     st = os.lstat(tmp_path)
     assert P.row_attrs(P.stat_row(st)) == P.stat_to_wire(st)
     assert P.row_attrs([1, 2]) is None and P.row_attrs([True] * 13) is None
+
+
+def test_a_lookup_reply_with_its_directory_answers_the_neighbours(tmp_path):
+    from remote_runner.mirror.namecache import absorb_invalidation, absorb_lookup
+    (tmp_path / "here").write_text("x")
+    answer = listing.directory_answer(os.fsencode(tmp_path))
+    cache = NameCache()
+    d = str(tmp_path)
+    token = cache.begin()
+    got = absorb_lookup(cache, d + "/absent", {"missing": 1, "w": 1, "ls": 1},
+                        listing.encode_answer(answer), token)
+    assert got is MISSING
+    assert cache.get(d + "/here")["st_size"] == 1
+    assert cache.get(d + "/other") is MISSING
+    assert absorb_invalidation(cache, None, {"t": P.INVAL, "p": [d], "tree": [d + "/here"]}) == 1
+    assert cache.get(d + "/here") is None
+
+
+def test_kernel_drops_reach_the_mount_owning_the_path():
+    from remote_runner.mirror.namecache import KernelDrops
+    drops = KernelDrops()
+    seen = []
+    drops.add_target("/home/u/proj", seen.append)
+    drops.drop(["/home/u/proj/a", "/usr/bin/x", "/home/u/proj"])
+    assert seen == ["/a", "/"]

@@ -401,3 +401,50 @@ class KernelDrops:
                         except Exception:  # noqa: BLE001 - a node the kernel no longer has
                             pass
                 done.set()
+
+
+def absorb_lookup(cache: NameCache, path: str, header: Dict[str, Any], data: bytes,
+                  since: int) -> Dict[str, Any]:
+    """Keep what a ``getattr`` reply told about *path* (and its whole directory); return its answer.
+
+    The reply has ``st`` (attributes) or ``missing``; ``link`` for a symlink;
+    ``w`` when the directory is watched; ``ls`` when *data* is the directory's
+    answer (see ``listing.py``). Returns the attributes or :data:`MISSING`.
+    """
+    watched = bool(header.get("w"))
+    if header.get("ls") and path != "/":
+        entries = listing_entries(data)
+        if entries is not None:
+            cache.put_listing(parent(path), entries, watched=watched, since=since)
+    if header.get("missing"):
+        cache.put(path, MISSING, watched=watched, since=since)
+        return MISSING
+    st = header["st"]
+    link = header.get("link") if isinstance(header.get("link"), str) else None
+    cache.put(path, st, watched=watched, since=since, link=link)
+    return st
+
+
+def absorb_answers(cache: NameCache, names: List[Any], answers: List[Any], watched: List[Any],
+                   since: Optional[int]) -> None:
+    """Keep ``validate``-style answers ([attributes, link] per name, None: missing, 0: unknown)."""
+    for i, (path, answer) in enumerate(zip(names, answers)):
+        if not isinstance(path, str):
+            continue
+        w = bool(watched[i]) if i < len(watched) else False
+        if answer is None:
+            cache.put(path, MISSING, watched=w, since=since)
+        elif isinstance(answer, list) and len(answer) == 2 and isinstance(answer[0], dict):
+            link = answer[1] if isinstance(answer[1], str) else None
+            cache.put(path, answer[0], watched=w, since=since, link=link)
+
+
+def absorb_invalidation(cache: NameCache, drops: Optional[KernelDrops], header: Dict[str, Any]) -> int:
+    """Apply an ``inval`` frame: drop the names here, then in the kernel; return how many were held."""
+    paths = [p for p in header.get("p") or () if isinstance(p, str)]
+    trees = [p for p in header.get("tree") or () if isinstance(p, str)]
+    everything = bool(header.get("all"))
+    dropped = cache.invalidate(paths, trees, everything)
+    if drops is not None:
+        drops.drop(list(dict.fromkeys(paths + trees + dropped)))
+    return len(dropped)
