@@ -276,3 +276,13 @@ def test_kernel_drops_reach_the_mount_owning_the_path():
     drops.add_target("/home/u/proj", seen.append)
     drops.drop(["/home/u/proj/a", "/usr/bin/x", "/home/u/proj"])
     assert seen == ["/a", "/"]
+
+
+def test_a_directory_too_big_is_not_asked_for_whole_again_soon():
+    cache = NameCache()
+    assert cache.wants_listing("/usr/lib", now=0.0)
+    cache.too_big("/usr/lib", now=0.0)
+    assert not cache.wants_listing("/usr/lib", now=1.0)
+    assert cache.wants_listing("/usr/lib", now=1e6)
+    cache.put_listing("/d", [], watched=True)
+    assert not cache.wants_listing("/d")

@@ -40,6 +40,8 @@ LEASE = 1.0
 LIMIT = 200000
 STAMPS = 20000
 FOREVER = float("inf")
+#: A directory too big for one answer is not asked for whole again for this long.
+BIG_DIRECTORY_SECONDS = 60.0
 
 
 def parent(path: str) -> str:
@@ -89,6 +91,7 @@ class NameCache:
         self._floor = 0
         self._stamps: Dict[str, int] = {}   # path -> epoch of its last invalidation
         self._trees: Dict[str, int] = {}    # path -> epoch it was dropped with all below it
+        self._big: Dict[str, float] = {}    # directories too big to be answered whole, until when
         self.hits = 0
         self.negative_hits = 0
         self.misses = 0
@@ -251,6 +254,23 @@ class NameCache:
             listing = self._lists.get(directory)
             return listing is not None and listing.until > now
 
+    def wants_listing(self, directory: str, now: Optional[float] = None) -> bool:
+        """Whether a lookup in *directory* should ask for the whole directory."""
+        now = time.monotonic() if now is None else now
+        with self._lock:
+            listing = self._lists.get(directory)
+            if listing is not None and listing.until > now:
+                return False
+            return self._big.get(directory, 0.0) <= now
+
+    def too_big(self, directory: str, now: Optional[float] = None) -> None:
+        """*directory* is answered name by name: do not ask for it whole for a while."""
+        now = time.monotonic() if now is None else now
+        with self._lock:
+            if len(self._big) > 10000:
+                self._big.clear()
+            self._big[directory] = now + BIG_DIRECTORY_SECONDS
+
     def names(self, directory: str, now: Optional[float] = None) -> Optional[List[Tuple[str, Optional[Dict[str, Any]]]]]:
         """A complete listing of *directory* with attributes, or None (ask)."""
         now = time.monotonic() if now is None else now
@@ -412,6 +432,8 @@ def absorb_lookup(cache: NameCache, path: str, header: Dict[str, Any], data: byt
     answer (see ``listing.py``). Returns the attributes or :data:`MISSING`.
     """
     watched = bool(header.get("w"))
+    if header.get("big") and path != "/":
+        cache.too_big(parent(path))
     if header.get("ls") and path != "/":
         entries = listing_entries(data)
         if entries is not None:

@@ -340,3 +340,16 @@ def parents(paths: Iterable[bytes]) -> List[bytes]:
     for path in paths:
         out[os.path.dirname(path) or b"/"] = None
     return list(out)
+
+
+def inval_frame(paths: List[bytes], trees: List[bytes], everything: bool) -> Dict[str, object]:
+    """The ``inval`` frame telling the host what a :class:`ChangeWatcher` reported."""
+    from remote_runner.mirror import protocol as P
+    header: Dict[str, object] = {"t": P.INVAL}
+    if paths:
+        header["p"] = [P.name_to_wire(p) for p in paths]
+    if trees:
+        header["tree"] = [P.name_to_wire(p) for p in trees]
+    if everything:
+        header["all"] = 1
+    return header
