@@ -1,0 +1,217 @@
+"""Acceptance tests of the mirror's coherent cache and pipelined writes on lab hosts (real FUSE).
+
+No timing is asserted: order comes from the channel itself. A local change is
+made, then a line is sent to the command's stdin; the command reads the file
+only after that line arrived, so it must see the change (the invalidation
+went down the same channel first). Request counts come from ``--debug-rpc``.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from tests.test_mirror_lab import EXEC_TIMEOUT, local_only, rr_exec, workdir  # noqa: F401
+
+pytestmark = pytest.mark.lab
+
+
+def rpc_lines(stderr: bytes):
+    return [line for line in stderr.decode("utf-8", "replace").splitlines() if " rpc " in line]
+
+
+@pytest.mark.parametrize("host", ["h1", "h9"])
+def test_a_directory_answer_serves_later_negative_lookups_without_requests(lab, local_only, workdir, host,
+                                                                          request):
+    if host == "h9":
+        host = request.getfixturevalue("foreign_host")
+    d = local_only / "probe"
+    d.mkdir()
+    (d / "present").write_text("x")
+    script = (f"test -e {d}/present || exit 3; "
+              f"for n in one two three; do test -e {d}/absent-$n && exit 4; done; "
+              f"test -e {d}/present && echo ok")
+    proc = rr_exec(lab, host, ["sh", "-c", script], workdir, "--debug-rpc")
+    assert proc.returncode == 0 and proc.stdout == b"ok\n", proc.stderr.decode()
+    lines = rpc_lines(proc.stderr)
+    assert any("/probe/present" in line for line in lines), "\n".join(lines[-40:])
+    assert not [line for line in lines if "absent-" in line], "negative lookups went to this machine"
+    # the present name was asked for once: its directory came with the answer
+    assert len([line for line in lines if "/probe/present" in line and " getattr " in line]) == 1
+
+
+def _reader(lab, host: str, cwd: Path, target: Path):
+    """Start a command on *host* that, for each stdin line, prints what *target* holds."""
+    code = textwrap.dedent(f"""
+        import os, sys
+        path = {str(target)!r}
+        while True:
+            line = sys.stdin.readline()
+            if not line:
+                break
+            try:
+                st = os.stat(path)
+                with open(path) as f:
+                    data = f.read()
+                print(line.strip(), data, st.st_size, st.st_mtime_ns, flush=True)
+            except FileNotFoundError:
+                print(line.strip(), "missing", flush=True)
+    """)
+    return subprocess.Popen([sys.executable, "-m", "remote_runner", "exec", "-F", lab.ssh_config, host,
+                             "python3", "-c", code], cwd=str(cwd), stdin=subprocess.PIPE,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+
+
+def _ask(proc, tag: str) -> list:
+    proc.stdin.write(tag.encode() + b"\n")
+    proc.stdin.flush()
+    line = proc.stdout.readline().decode()
+    assert line, "the reader ended: " + proc.stderr.read().decode()
+    words = line.split()
+    assert words[0] == tag, line
+    return words[1:]
+
+
+@pytest.mark.parametrize("host", ["h2", "h9"])
+def test_local_changes_reach_the_host_before_its_next_read(lab, local_only, workdir, host, request):
+    if host == "h9":
+        host = request.getfixturevalue("foreign_host")
+    target = local_only / "watched.txt"
+    target.write_text("one")
+    proc = _reader(lab, host, workdir, target)
+    try:
+        assert _ask(proc, "first")[0] == "one"
+        assert _ask(proc, "again")[0] == "one"  # served from what the host holds
+        target.write_text("two!")  # rewritten in place
+        assert _ask(proc, "rewrite")[:2] == ["two!", "4"]
+        os.utime(target, ns=(1_000_000_000, 1_234_000_000_000))  # touch
+        assert _ask(proc, "touch")[2] == "1234000000000"
+        other = local_only / "other.txt"
+        other.write_text("three")
+        os.rename(other, target)  # replaced by another file
+        assert _ask(proc, "rename")[0] == "three"
+        target.unlink()
+        assert _ask(proc, "unlink") == ["missing"]
+        target.write_text("four")  # a name the host knew as missing
+        assert _ask(proc, "create")[0] == "four"
+    finally:
+        proc.stdin.close()
+        proc.wait(EXEC_TIMEOUT)
+    assert proc.returncode == 0, proc.stderr.read().decode()
+
+
+def test_a_racing_writer_and_reader_never_see_stale_data(lab, local_only, workdir):
+    """The local side rewrites a file while the host reads it in a loop.
+
+    Ordered reads (after each stdin line) must see at least the value written
+    before the line was sent; a free-running reader thread must never see a
+    value go backwards.
+    """
+    target = local_only / "counter"
+    target.write_text("0")
+    code = textwrap.dedent(f"""
+        import sys, threading
+        path = {str(target)!r}
+        bad = []
+        def value():
+            try:
+                with open(path) as f:
+                    return int(f.read() or -1)
+            except (FileNotFoundError, ValueError):
+                return -1
+        stop = threading.Event()
+        def free():
+            last = 0
+            while not stop.is_set():
+                v = value()
+                if v >= 0:
+                    if v < last:
+                        bad.append("backwards %d after %d" % (v, last))
+                    last = max(last, v)
+        t = threading.Thread(target=free); t.start()
+        for line in sys.stdin:
+            k = int(line)
+            v = value()
+            if v < k:
+                bad.append("stale %d < %d" % (v, k))
+        stop.set(); t.join()
+        print("BAD" if bad else "GOOD", bad[:5], flush=True)
+    """)
+    proc = subprocess.Popen([sys.executable, "-m", "remote_runner", "exec", "-F", lab.ssh_config, "h3",
+                             "python3", "-c", code], cwd=str(workdir), stdin=subprocess.PIPE,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    tmp = local_only / "counter.tmp"
+    for k in range(1, 201):
+        if k % 2:
+            tmp.write_text(str(k))
+            os.rename(tmp, target)  # atomic replace: a new file
+        else:
+            with open(target, "r+") as f:  # in place: same file, new data
+                f.write(str(k))
+        proc.stdin.write(b"%d\n" % k)
+        proc.stdin.flush()
+    out, err = proc.communicate(timeout=EXEC_TIMEOUT)
+    assert proc.returncode == 0, err.decode()
+    assert out.startswith(b"GOOD"), out.decode() + err.decode()[-2000:]
+
+
+@pytest.fixture
+def full_disk(local_only):
+    """A 64 KiB tmpfs on this machine (root only)."""
+    if os.geteuid() != 0:
+        pytest.skip("mounting a small file system needs root")
+    path = local_only / "full"
+    path.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(path)], check=True)
+    yield path
+    subprocess.run(["umount", "-l", str(path)], check=False)
+
+
+def test_pipelined_write_errors_surface_by_close(lab, full_disk, workdir):
+    code = textwrap.dedent(f"""
+        import os, sys
+        fd = os.open({str(full_disk / 'big')!r}, os.O_WRONLY | os.O_CREAT, 0o644)
+        try:
+            for _ in range(64):
+                os.write(fd, b"x" * 65536)
+        except OSError as exc:
+            print("write failed", exc.errno)
+            os.close(fd)
+            sys.exit(0)
+        try:
+            os.close(fd)
+        except OSError as exc:
+            print("close failed", exc.errno)
+            sys.exit(0)
+        print("no error")
+    """)
+    proc = rr_exec(lab, "h1", ["python3", "-c", code], workdir, "--export", str(full_disk),
+                   "--debug-rpc")
+    assert proc.returncode == 0, proc.stderr.decode()
+    out = proc.stdout.decode()
+    assert "failed 28" in out, out  # ENOSPC, at a write or at close
+    writes = [line for line in rpc_lines(proc.stderr) if " write " in line]
+    assert writes and all("'seq'" in line for line in writes), writes[:3]
+
+
+def test_pipelined_writes_land_whole_and_in_order(lab, local_only, workdir):
+    target = local_only / "out.bin"
+    code = textwrap.dedent(f"""
+        with open({str(target)!r}, "wb") as f:
+            for i in range(2000):
+                f.write(bytes([i % 251]) * 997)
+                if i % 500 == 0:
+                    f.flush()
+            f.seek(10)
+            f.write(b"HEAD")
+    """)
+    proc = rr_exec(lab, "h2", ["python3", "-c", code], workdir)
+    assert proc.returncode == 0, proc.stderr.decode()
+    expected = bytearray(b"".join(bytes([i % 251]) * 997 for i in range(2000)))
+    expected[10:14] = b"HEAD"
+    assert target.read_bytes() == bytes(expected)
