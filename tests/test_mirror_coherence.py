@@ -9,7 +9,7 @@ import time
 import pytest
 
 from remote_runner.mirror import listing, protocol as P
-from remote_runner.mirror.namecache import MISSING, NameCache, listing_entries
+from remote_runner.mirror.host.names import MISSING, NameCache, listing_entries
 from remote_runner.mirror.watcher import ChangeWatcher, FsTypes
 
 
@@ -254,7 +254,7 @@ def test_stat_rows_round_trip(tmp_path):
 
 
 def test_a_lookup_reply_with_its_directory_answers_the_neighbours(tmp_path):
-    from remote_runner.mirror.namecache import absorb_invalidation, absorb_lookup
+    from remote_runner.mirror.host.names import absorb_invalidation, absorb_lookup
     (tmp_path / "here").write_text("x")
     answer = listing.directory_answer(os.fsencode(tmp_path))
     cache = NameCache()
@@ -270,7 +270,7 @@ def test_a_lookup_reply_with_its_directory_answers_the_neighbours(tmp_path):
 
 
 def test_kernel_drops_reach_the_mount_owning_the_path():
-    from remote_runner.mirror.namecache import KernelDrops
+    from remote_runner.mirror.host.names import KernelDrops
     drops = KernelDrops()
     seen = []
     drops.add_target("/home/u/proj", seen.append)

@@ -8,7 +8,7 @@ import time
 
 import pytest
 
-from remote_runner.mirror.writes import PendingWrites, WriteOrder
+from remote_runner.mirror.host.writes import PendingWrites, WriteOrder
 
 
 class FakeLink:
@@ -53,7 +53,7 @@ def test_other_handles_are_not_affected():
 
 
 def test_too_much_in_flight_waits_for_the_oldest(monkeypatch):
-    from remote_runner.mirror import writes as W
+    from remote_runner.mirror.host import writes as W
     monkeypatch.setattr(W, "IN_FLIGHT_BYTES", 10)
     waited = []
     link = FakeLink()

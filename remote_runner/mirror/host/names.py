@@ -1,4 +1,4 @@
-"""(Agent side) What the host knows of local names: attributes, symlink targets, whole directories.
+"""What the host knows of local names: attributes, symlink targets, whole directories.
 
 Why: every lookup the host's kernel makes would otherwise be a round trip.
 The local side answers a lookup with its whole directory (names and
@@ -16,7 +16,7 @@ before sending the request and pass it to :meth:`put`; anything invalidated
 since then is not stored (the next lookup asks again). Writes through the
 mirror drop only what they changed (:meth:`changed`, :meth:`renamed`).
 
-Shipped to hosts inside the agent's zipapp: stdlib only, Python 3.8.
+Shipped to hosts inside the agent's zipapp (``rrmirror.host``): stdlib only, Python 3.8.
 """
 
 from __future__ import annotations
@@ -27,10 +27,7 @@ import threading
 import time
 from typing import Any, Dict, Iterable, List, Optional, Set, Tuple
 
-try:
-    from . import protocol as P
-except ImportError:  # pragma: no cover - run as a plain script
-    import protocol as P  # type: ignore
+from .. import protocol as P
 
 #: What :meth:`NameCache.get` returns for a name known not to exist.
 MISSING: Dict[str, int] = {"missing": 1}

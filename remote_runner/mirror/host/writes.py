@@ -16,7 +16,8 @@ failed write when it closes the file or asks for durability:
   same page (the kernel's write-back cache flushing it twice) must land in
   order.
 
-Shipped to hosts inside the agent's zipapp: stdlib only, Python 3.8.
+Shipped to hosts inside the agent's zipapp (``rrmirror.host``; the local side imports
+:class:`WriteOrder` from here too): stdlib only, Python 3.8.
 """
 
 from __future__ import annotations
