@@ -92,8 +92,8 @@ def test_readlink_pushes_the_targets_attributes(tmp_path):
     os.symlink("libz.so.1.2", tmp_path / "libz.so.1")
     reply = LocalFileService().handle("readlink", {"path": str(tmp_path / "libz.so.1")}, b"")
     assert reply.payload == b"libz.so.1.2"
-    [(path, attrs)] = reply.fields["push"]
-    assert path == str(tmp_path / "libz.so.1.2") and attrs["st_size"] == 3
+    [(path, attrs, watched)] = reply.fields["push"]
+    assert path == str(tmp_path / "libz.so.1.2") and attrs["st_size"] == 3 and watched == 0  # no watcher here
     # a dangling link pushes nothing, and an export limit is respected
     os.symlink("missing", tmp_path / "dangling")
     assert "push" not in LocalFileService().handle(
@@ -144,7 +144,7 @@ def test_validate_is_seeded_once_with_the_commands_local_profile(public_tmp):
     # only files that would be sent whole now are offered for prefetch
     assert body["whole"] == [[str(lib), [300, st.st_mtime_ns, st.st_ino]]]
     again = json.loads(service.handle("validate", {}, b"").payload)
-    assert again == {"names": [], "answers": [], "whole": []}  # the seed is used once
+    assert again == {"names": [], "answers": [], "whole": [], "w": []}  # the seed is used once
     assert str(lib) in service.looked_up and str(lib) in service.sent_whole
 
 

@@ -63,7 +63,7 @@ def _reader(lab, host: str, cwd: Path, target: Path):
                 print(line.strip(), "missing", flush=True)
     """)
     return subprocess.Popen([sys.executable, "-m", "remote_runner", "exec", "-F", lab.ssh_config, host,
-                             "python3", "-c", code], cwd=str(cwd), stdin=subprocess.PIPE,
+                             "/usr/bin/python3", "-c", code], cwd=str(cwd), stdin=subprocess.PIPE,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE)
 
 
@@ -106,55 +106,62 @@ def test_local_changes_reach_the_host_before_its_next_read(lab, local_only, work
 
 
 def test_a_racing_writer_and_reader_never_see_stale_data(lab, local_only, workdir):
-    """The local side rewrites a file while the host reads it in a loop.
+    """The local side grows a file (replaced or rewritten in place) while the host reads it.
 
-    Ordered reads (after each stdin line) must see at least the value written
-    before the line was sent; a free-running reader thread must never see a
-    value go backwards.
+    The file holds k bytes after step k. Ordered reads (after line k arrived on
+    stdin; the writer waits for each to be done) must see at least k bytes, through stat (the name cache) and through
+    read (the data); a free-running thread stat'ing it must never see it shrink.
     """
     target = local_only / "counter"
-    target.write_text("0")
+    target.write_text("")
     code = textwrap.dedent(f"""
-        import sys, threading
+        import os, sys, threading
         path = {str(target)!r}
         bad = []
-        def value():
+        def sizes():
             try:
-                with open(path) as f:
-                    return int(f.read() or -1)
-            except (FileNotFoundError, ValueError):
-                return -1
+                st = os.stat(path).st_size
+                with open(path, "rb") as f:
+                    return st, len(f.read())
+            except FileNotFoundError:
+                return -1, -1
         stop = threading.Event()
         def free():
+            # stat only: a handle kept open across a local replacement shares the
+            # name's kernel inode (libfuse's high-level API), see the README
             last = 0
             while not stop.is_set():
-                v = value()
-                if v >= 0:
-                    if v < last:
-                        bad.append("backwards %d after %d" % (v, last))
-                    last = max(last, v)
+                try:
+                    st = os.stat(path).st_size
+                except FileNotFoundError:
+                    continue
+                if st < last:
+                    bad.append("shrank to %d after %d" % (st, last))
+                last = max(last, st)
         t = threading.Thread(target=free); t.start()
         for line in sys.stdin:
             k = int(line)
-            v = value()
-            if v < k:
-                bad.append("stale %d < %d" % (v, k))
+            st, data = sizes()
+            if st < k or data < k:
+                bad.append("stale %d/%d < %d" % (st, data, k))
+            print(k, flush=True)  # the writer goes on
         stop.set(); t.join()
         print("BAD" if bad else "GOOD", bad[:5], flush=True)
     """)
     proc = subprocess.Popen([sys.executable, "-m", "remote_runner", "exec", "-F", lab.ssh_config, "h3",
-                             "python3", "-c", code], cwd=str(workdir), stdin=subprocess.PIPE,
+                             "/usr/bin/python3", "-c", code], cwd=str(workdir), stdin=subprocess.PIPE,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     tmp = local_only / "counter.tmp"
-    for k in range(1, 201):
+    for k in range(1, 301):
         if k % 2:
-            tmp.write_text(str(k))
-            os.rename(tmp, target)  # atomic replace: a new file
+            tmp.write_bytes(b"x" * k)
+            os.rename(tmp, target)  # replaced by a new file
         else:
-            with open(target, "r+") as f:  # in place: same file, new data
-                f.write(str(k))
+            with open(target, "r+b") as f:  # the same file, grown in place
+                f.write(b"x" * k)
         proc.stdin.write(b"%d\n" % k)
         proc.stdin.flush()
+        assert proc.stdout.readline() == b"%d\n" % k, proc.stderr.read().decode()
     out, err = proc.communicate(timeout=EXEC_TIMEOUT)
     assert proc.returncode == 0, err.decode()
     assert out.startswith(b"GOOD"), out.decode() + err.decode()[-2000:]
@@ -190,7 +197,7 @@ def test_pipelined_write_errors_surface_by_close(lab, full_disk, workdir):
             sys.exit(0)
         print("no error")
     """)
-    proc = rr_exec(lab, "h1", ["python3", "-c", code], workdir, "--export", str(full_disk),
+    proc = rr_exec(lab, "h1", ["/usr/bin/python3", "-c", code], workdir, "--export", str(full_disk),
                    "--debug-rpc")
     assert proc.returncode == 0, proc.stderr.decode()
     out = proc.stdout.decode()
@@ -199,8 +206,8 @@ def test_pipelined_write_errors_surface_by_close(lab, full_disk, workdir):
     assert writes and all("'seq'" in line for line in writes), writes[:3]
 
 
-def test_pipelined_writes_land_whole_and_in_order(lab, local_only, workdir):
-    target = local_only / "out.bin"
+def test_pipelined_writes_land_whole_and_in_order(lab, workdir):
+    target = workdir / "out.bin"  # the cwd: served read-write
     code = textwrap.dedent(f"""
         with open({str(target)!r}, "wb") as f:
             for i in range(2000):
@@ -210,7 +217,7 @@ def test_pipelined_writes_land_whole_and_in_order(lab, local_only, workdir):
             f.seek(10)
             f.write(b"HEAD")
     """)
-    proc = rr_exec(lab, "h2", ["python3", "-c", code], workdir)
+    proc = rr_exec(lab, "h2", ["/usr/bin/python3", "-c", code], workdir)
     assert proc.returncode == 0, proc.stderr.decode()
     expected = bytearray(b"".join(bytes([i % 251]) * 997 for i in range(2000)))
     expected[10:14] = b"HEAD"

@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 
 from remote_runner.mirror import elf
-from remote_runner.mirror.agent import AttrCache, FileCache, fetch_ahead
+from remote_runner.mirror.agent import FileCache, NameCache, fetch_ahead
 from remote_runner.mirror.service import LocalFileService, _walk
 from tests.conftest import ssh
 from tests.test_mirror_cache import HOST, host_copies, rpc_lines, settle, whole_open
@@ -175,7 +175,7 @@ def test_an_open_waits_for_a_file_being_fetched_ahead(public_tmp):
     settle(lib)
     st = lib.stat()
     meta = [st.st_size, st.st_mtime_ns, st.st_ino]
-    files, cache, gate = FileCache(str(public_tmp / "files"), limit=1 << 20), AttrCache(), threading.Event()
+    files, cache, gate = FileCache(str(public_tmp / "files"), limit=1 << 20), NameCache(), threading.Event()
     fetch_ahead(GatedLink(gate), files, cache, {"names": [str(lib)], "answers": [[{"st_size": 3000}, None]],
                                                 "whole": [[str(lib), meta]]})
     assert cache.get(str(lib)) == {"st_size": 3000}  # the answers are kept at once

@@ -38,7 +38,8 @@ import sys
 from typing import List, Optional, Tuple
 
 from . import protocol as P
-from .host.caches import AttrCache, FileCache, fetch_ahead
+from .host.caches import FileCache, fetch_ahead
+from .host.names import NameCache
 from .host.command import command_user
 from .host.jobs import attach, run_daemon, run_exec
 from .host.link import DEFAULT_DEADLINE, DEFAULT_HEARTBEAT, EXIT_LINK, REQUEST_TIMEOUT, Link
@@ -47,7 +48,7 @@ from .host.operations import hidden_name
 from .host.profile import Profile
 
 #: The parts' names that callers (tests, tools) reach through this module.
-__all__ = ["AttrCache", "FileCache", "Profile", "command_user", "fetch_ahead", "hidden_name", "main"]
+__all__ = ["NameCache", "FileCache", "Profile", "command_user", "fetch_ahead", "hidden_name", "main"]
 
 LOG = logging.getLogger("remote_runner.mirror.agent")
 

@@ -21,6 +21,7 @@ from remote_runner.mirror import protocol as P
 from remote_runner.mirror.bundle import ALTERED_MARKER, NEED_MARKER, AgentBundle
 from remote_runner.mirror.environment import cache_origin
 from remote_runner.mirror.service import LocalFileService
+from remote_runner.mirror.watcher import ChangeWatcher, inval_frame
 from remote_runner.mirror.streams import PeekReader
 
 #: Shares the session's logger: its messages and debug switch are the session's.
@@ -75,6 +76,9 @@ class LocalLink:
         #: Requests served here, per operation (see :meth:`stats`).
         self.served: Dict[str, int] = {}
         self._count_lock = threading.Lock()
+        #: Watches what the host keeps answers from; None without inotify (the host keeps leases).
+        self.watcher = ChangeWatcher.create(lambda p, t, e: self.send(inval_frame(p, t, e)))
+        service.watcher = self.watcher
 
     # -- startup -------------------------------------------------------------
     def handshake(self, bundle: AgentBundle) -> Dict[str, Any]:
@@ -125,6 +129,7 @@ class LocalLink:
                   "uid": os.getuid(), "gid": os.getgid(), "groups": os.getgroups()}
         if self.options.file_cache:
             header["cache"] = cache_origin()
+        header["watch"] = self.watcher is not None
         header.update(fields)
         self.send(header)
 
@@ -134,6 +139,8 @@ class LocalLink:
                                                name="mirror-read")
         self._reader_thread.start()
         threading.Thread(target=self._heartbeat_loop, daemon=True, name="mirror-heartbeat").start()
+        if self.watcher is not None:
+            self.watcher.start()
 
     # -- running -------------------------------------------------------------
     def send(self, header: Dict[str, Any], payload: bytes = b"", compressible: bool = False) -> None:
@@ -169,7 +176,13 @@ class LocalLink:
         if self.options.debug_rpc:
             LOG.info("rpc %s %s -> %s %.2f ms", header.get("op"), header.get("a"),
                      reply.get("e", "ok"), (time.monotonic() - started) * 1000)
+        self.flush_changes()  # a change made before this reply reaches the host before it
         self.send(reply, data, compressible)
+
+    def flush_changes(self) -> None:
+        """Send the invalidations of every local change made so far, ahead of what follows."""
+        if self.watcher is not None:
+            self.watcher.flush()
 
     def _read_loop(self) -> None:
         try:
@@ -238,4 +251,6 @@ class LocalLink:
         if reader is not None and reader is not threading.current_thread():
             reader.join(READER_JOIN)  # it ends on the closed stream; nothing left to print
         self.pool.shutdown(wait=False)
+        if self.watcher is not None:
+            self.watcher.close()
         self.service.close()

@@ -137,6 +137,7 @@ class SendAhead:
         self.seed = ([], [])
         asked = [P.name_to_wire(raw) for raw in names.split(b"\0")] if names else []
         order = list(dict.fromkeys(asked + seed_names))
+        watched = [1 if self._watch_parent(name) else 0 for name in order]  # before answering
         answers = [self._lookup(name) for name in order]
         for name in asked:
             self._note(self.looked_up, name)
@@ -146,7 +147,7 @@ class SendAhead:
             if meta is not None:
                 whole.append([name, meta])
                 self._note(self.sent_whole, name)
-        body = {"names": order, "answers": answers, "whole": whole}
+        body = {"names": order, "answers": answers, "whole": whole, "w": watched}
         return Reply(payload=json.dumps(body, separators=(",", ":")).encode(), compressible=True)
 
     def _lookup(self, name: str) -> Any:
@@ -187,7 +188,8 @@ class SendAhead:
         for path in paths:
             wire = P.name_to_wire(path)
             try:
-                entries.append([wire, P.stat_to_wire(os.lstat(self._path({"path": wire})))])
+                watched = 1 if self._watch_parent(wire) else 0
+                entries.append([wire, P.stat_to_wire(os.lstat(self._path({"path": wire}))), watched])
             except (OpError, OSError):
                 continue
         if entries:
@@ -219,7 +221,9 @@ class SendAhead:
                 whole.append([P.name_to_wire(walked[-1]), meta])
         if not whole:
             return
-        body = {"names": list(names), "answers": [self._lookup(n) for n in names], "whole": whole}
+        watched = [1 if self._watch_parent(n) else 0 for n in names]
+        body = {"names": list(names), "answers": [self._lookup(n) for n in names], "whole": whole,
+                "w": watched}
         if len(json.dumps(body)) > P.MAX_HEADER // 2:
             return
         for n in names:

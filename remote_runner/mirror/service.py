@@ -23,6 +23,8 @@ from typing import Any, Dict, List, Optional, Sequence, Set, Tuple
 
 from remote_runner.mirror import elf
 from remote_runner.mirror.exports import Exports, Refused, resolve_parent
+from remote_runner.mirror.host.writes import WriteOrder
+from remote_runner.mirror.listing import DirectoryAnswers
 from remote_runner.mirror import protocol as P
 from remote_runner.mirror.linuxcalls import RENAME_EXCHANGE, RENAME_NOREPLACE, fallocate, renameat2
 from remote_runner.mirror.localnames import (HiddenFiles, RequestDescriptors, is_hidden_name,
@@ -39,7 +41,7 @@ UTIME_NOW = (1 << 30) - 1
 UTIME_OMIT = (1 << 30) - 2
 
 
-class LocalFileService(SendAhead):
+class LocalFileService(SendAhead, DirectoryAnswers):
     """Answer mirror requests against the local file system.
 
     *roots* limits what the remote may touch (files-only mode exports only
@@ -73,6 +75,12 @@ class LocalFileService(SendAhead):
         self.hidden = HiddenFiles()
         #: Descriptors that reach a request's path (its parent, walked without links), per request.
         self.request_fds = RequestDescriptors()
+        #: Watches the directories the host keeps answers from (set by the session; None: leases).
+        self.watcher = None
+        #: One handle's pipelined writes (numbered ``seq``) applied in the order they were sent.
+        self.order = WriteOrder()
+        #: Directories whose small files were already offered along with one of them.
+        self._pushed_dirs: Dict[bytes, None] = {}
 
     # -- helpers -------------------------------------------------------------
     def _path(self, args: Dict[str, Any], key: str = "path", write: bool = False) -> bytes:
@@ -147,6 +155,13 @@ class LocalFileService(SendAhead):
         if method is None:
             raise OpError(errno.ENOSYS)
         try:
+            seq = args.get("seq")
+            if seq is not None and "fh" in args:
+                try:
+                    return self.order.run(args["fh"], seq, lambda: method(args, payload))
+                finally:
+                    if op == "release":
+                        self.order.forget(args["fh"])
             return method(args, payload)
         finally:
             self.request_fds.release()
@@ -176,6 +191,8 @@ class LocalFileService(SendAhead):
         """
         if a.get("fh") is not None:
             return Reply({"st": P.stat_to_wire(os.fstat(self.handles.get(a["fh"])))})
+        if "dir" in a:
+            return self._lookup_reply(a)  # the host's name cache asks (see listing.py)
         path = self._path(a)
         held = self._held(a)
         if held is not None:
@@ -206,6 +223,7 @@ class LocalFileService(SendAhead):
         """List a directory with attributes of every entry (READDIRPLUS-style)."""
         path = self._path(a)
         raw = P.name_from_wire(a["path"])
+        watched = self._watch(os.path.normpath(raw))  # before listing: no change is missed
         screened = raw in self._filtered
         names: List[bytes] = []
         attrs: List[Optional[Dict[str, int]]] = []
@@ -218,7 +236,7 @@ class LocalFileService(SendAhead):
                     attrs.append(P.stat_to_wire(entry.stat(follow_symlinks=False)))
                 except OSError:
                     attrs.append(None)
-        return Reply({"attrs": attrs}, b"\0".join(names), compressible=True)
+        return Reply({"attrs": attrs, "w": 1 if watched else 0}, b"\0".join(names), compressible=True)
 
     def op_statfs(self, a: Dict[str, Any], _: bytes) -> Reply:
         sv = os.statvfs(self._path(a))
@@ -373,14 +391,18 @@ class LocalFileService(SendAhead):
         changes = flags & (os.O_ACCMODE | os.O_TRUNC) != os.O_RDONLY
         path = self._path(a, write=changes)
         held = self._held(a)
+        watched = a.get("whole") and not changes and self._watch_parent(a["path"])
         fd = os.open(held or path, self._flags(flags) | (0 if held else os.O_NOFOLLOW))
         if a.get("whole") and not changes:
             try:
                 reply = self._whole(fd, a.get("have"), P.name_from_wire(a["path"]))
                 if "whole" in reply.fields:
+                    reply.fields["w"] = 1 if watched else 0
                     self._note(self.sent_whole, a["path"])
                     if reply.payload.startswith(elf.MAGIC):
                         self._add_libraries(reply, a["path"])
+                    elif "libs" not in reply.fields:
+                        self._add_siblings(reply, a["path"])
                 return reply
             except BaseException:
                 os.close(fd)

@@ -77,6 +77,7 @@ def pump_stdin(link: LocalLink, fd: int) -> None:
             continue
         except OSError:
             data = b""
+        link.flush_changes()  # what changed here before this input reaches the host before it
         link.send({"t": P.STDIN}, data)
         if not data:
             return

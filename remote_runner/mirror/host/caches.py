@@ -1,9 +1,9 @@
-"""What the host keeps to save round trips: attributes sent ahead, whole copies of files.
+"""What the host keeps to save round trips: whole copies of files, fetched ahead.
 
 Why apart: the caches decide what may be answered without asking this
-machine, so their rules (time to live, "current" = same size, mtime and
-inode, emptied on any change) are kept together, away from the FUSE
-operations that consult them.
+machine, so their rules ("current" = same size, mtime and inode) are kept
+together, away from the FUSE operations that consult them. Names and
+attributes are kept by :mod:`.names` (until the local side says they changed).
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from typing import Any, Callable, Dict, List, Optional, Tuple
 
 from .. import protocol as P
 from .link import Link
-from .profile import Profile
+from .names import NameCache, absorb_answers
 
 LOG = logging.getLogger("remote_runner.mirror.agent")
 
@@ -32,74 +32,6 @@ FILE_CACHE_LIMIT = 2 << 30
 #: At most this many bytes are fetched ahead at a session's start.
 PREFETCH_LIMIT = 512 << 20
 PREFETCH_BATCH = 64 << 20
-
-
-#: What :class:`AttrCache` holds for a path known not to exist.
-MISSING: Dict[str, int] = {"missing": 1}
-
-
-class AttrCache:
-    """Attributes the local side sent ahead (readdir entries, ``push`` lists, a warm start).
-
-    Saves one round trip per entry for ``ls -l``, import probing and the like;
-    an entry serves one lookup within its time to live (default *ttl*), and
-    may say the path does not exist (:data:`MISSING`). It also remembers the
-    attributes (and symlink targets) last received for a path (:meth:`recent`):
-    an open right after the kernel's lookup can then use the host's copy of a
-    file without asking again. Any operation that may change metadata empties
-    it: correctness first.
-    """
-
-    def __init__(self, ttl: float = 1.0) -> None:
-        self.ttl = ttl
-        # path -> (expires, received, attributes)
-        self._entries: Dict[str, Tuple[float, float, Dict[str, Any]]] = {}
-        self._seen: Dict[str, Tuple[float, float, Dict[str, Any]]] = {}
-        self._lock = threading.Lock()
-
-    def _stamp(self, when: Optional[float], ttl: Optional[float]) -> Tuple[float, float]:
-        received = time.monotonic() if when is None else when
-        return received + (self.ttl if ttl is None else ttl), received
-
-    def put(self, path: str, attrs: Optional[Dict[str, Any]], when: Optional[float] = None,
-            ttl: Optional[float] = None) -> None:
-        """Keep *attrs* for *path*, received at *when* (default now), for one lookup."""
-        if attrs:
-            expires, received = self._stamp(when, ttl)
-            with self._lock:
-                if len(self._entries) > 4 * P.PROFILE_NAMES:
-                    self._entries.clear()
-                self._entries[path] = (expires, received, attrs)
-
-    def get(self, path: str) -> Optional[Dict[str, Any]]:
-        with self._lock:
-            entry = self._entries.pop(path, None)
-        if entry is None or entry[0] < time.monotonic():
-            return None
-        self.note(path, entry[2], entry[1], ttl=entry[0] - entry[1])
-        return entry[2]
-
-    def note(self, path: str, attrs: Dict[str, Any], when: Optional[float] = None,
-             kind: str = "st", ttl: Optional[float] = None) -> None:
-        """Record *attrs* (or a symlink target: *kind* ``link``) as received for *path* at *when*."""
-        expires, received = self._stamp(when, ttl)
-        with self._lock:
-            if len(self._seen) > 4 * P.PROFILE_NAMES:
-                self._seen.clear()
-            self._seen[kind + ":" + path] = (expires, received, attrs)
-
-    def recent(self, path: str, kind: str = "st") -> Optional[Tuple[float, Dict[str, Any]]]:
-        """Return (received, attributes) still valid for *path*, if any."""
-        with self._lock:
-            entry = self._seen.get(kind + ":" + path)
-        if entry is None or time.monotonic() >= entry[0]:
-            return None
-        return entry[1], entry[2]
-
-    def clear(self) -> None:
-        with self._lock:
-            self._entries.clear()
-            self._seen.clear()
 
 
 class FileCache:
@@ -313,31 +245,20 @@ def wanted_files(files: FileCache, whole: List[Any]) -> List[Tuple[str, List[int
             and len(m) == 3 and files.lookup(p) != m]
 
 
-def validate(link: Link, paths: List[str]) -> Optional[Tuple[List[str], List[Any], List[Any]]]:
-    """Send one ``validate`` for *paths*; return (names, answers, whole) or None if it failed."""
+def validate(link: Link, paths: List[str]) -> Optional[Tuple[List[str], List[Any], List[Any], List[Any]]]:
+    """Send one ``validate`` for *paths*; return (names, answers, whole, watched) or None if it failed."""
     try:
         _, data = link.call("validate", {}, b"\0".join(P.name_from_wire(p) for p in paths))
         reply = json.loads(data.decode("utf-8"))
-        return list(reply["names"]), list(reply["answers"]), list(reply["whole"])
+        return (list(reply["names"]), list(reply["answers"]), list(reply["whole"]),
+                list(reply.get("w") or []))
     except (OSError, ValueError, KeyError, TypeError, P.ProtocolError) as exc:
         LOG.debug("validation skipped: %s", exc)
         return None
 
 
-def remember_answers(cache: "AttrCache", names: List[Any], answers: List[Any], when: float) -> None:
-    """Keep ``validate``-style answers (attributes, "missing", link targets) for ``Profile.TTL`` s."""
-    for path, answer in zip(names, answers):
-        if not isinstance(path, str):
-            continue
-        if answer is None:
-            cache.put(path, MISSING, when, Profile.TTL)
-        elif isinstance(answer, list) and len(answer) == 2 and isinstance(answer[0], dict):
-            cache.put(path, answer[0], when, Profile.TTL)
-            if isinstance(answer[1], str):
-                cache.note(path, {"link": answer[1]}, when, kind="link", ttl=Profile.TTL)
-
-
-def fetch_ahead(link: Link, files: FileCache, cache: "AttrCache", listing: Dict[str, Any]) -> None:
+def fetch_ahead(link: Link, files: FileCache, cache: NameCache, listing: Dict[str, Any],
+                since: Optional[int] = None) -> None:
     """Take a ``validate``-style *listing* (names, answers, whole files) and fetch its files.
 
     The answers are kept at once; the files are fetched in parallel batches
@@ -346,17 +267,19 @@ def fetch_ahead(link: Link, files: FileCache, cache: "AttrCache", listing: Dict[
     last batch lands.
     """
     names, answered = list(listing.get("names") or []), [time.monotonic()]
-    remember_answers(cache, names, list(listing.get("answers") or []), answered[0])
+    watched = list(listing.get("w") or [])
+    absorb_answers(cache, names, list(listing.get("answers") or []), watched, since)
     wanted = wanted_files(files, list(listing.get("whole") or []))
     if not wanted:
         return
 
     def renew() -> None:
-        if time.monotonic() - answered[0] > 1.0:
+        if time.monotonic() - answered[0] > 1.0 and not all(watched):
+            token = cache.begin()
             fresh = validate(link, names)
             if fresh is not None:
                 answered[0] = time.monotonic()
-                remember_answers(cache, fresh[0], fresh[1], answered[0])
+                absorb_answers(cache, fresh[0], fresh[1], fresh[3], token)
 
     files.expect([name for name, _ in wanted])  # before the thread runs: the next open must wait
     threading.Thread(target=prefetch, args=(link, files, wanted, renew), daemon=True,

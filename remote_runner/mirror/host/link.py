@@ -10,6 +10,7 @@ from __future__ import annotations
 import errno
 import logging
 import os
+import queue
 import threading
 import time
 from typing import Any, Callable, Dict, List, Optional, Tuple
@@ -50,6 +51,9 @@ class Link:
         self.posted: Dict[str, int] = {}
         #: Times a caller waited for the local side (one per call, one per call_many batch).
         self.waits = 0
+        #: Frames other than replies, handled in order by their own thread: an
+        #: invalidation may wait for the kernel, which may wait for a reply.
+        self._frames: "queue.Queue[Optional[Tuple[Dict[str, Any], bytes]]]" = queue.Queue()
 
     def _count_wait(self) -> None:
         with self._lock:
@@ -127,6 +131,14 @@ class Link:
             self.posted[op] = self.posted.get(op, 0) + 1
         self.send({"t": P.REQ, "id": rid, "op": op, "a": args})
 
+    def submit(self, op: str, args: Dict[str, Any], payload: bytes = b"") -> List[Any]:
+        """Send a request now; :meth:`wait` for its answer later (pipelining)."""
+        return self._submit(op, args, payload)
+
+    def wait(self, slot: List[Any], timeout: Optional[float] = None) -> Tuple[Dict[str, Any], bytes]:
+        """The answer to a :meth:`submit`; OSError with its errno on failure."""
+        return self._wait(slot, timeout)
+
     def _submit(self, op: str, args: Dict[str, Any], payload: bytes) -> List[Any]:
         if self.lost.is_set():
             raise OSError(errno.EIO, "link lost")
@@ -174,15 +186,29 @@ class Link:
                     self.mark_lost("local side ended the session")
                     return
                 else:
-                    handler = self.handlers.get(kind)
-                    if handler is not None:
-                        handler(header, payload)
-                    else:
-                        LOG.debug("ignoring frame %r", kind)
+                    self._frames.put((header, payload))
         except P.LinkClosed:
             self.mark_lost("connection closed")
         except (P.ProtocolError, OSError) as exc:
             self.mark_lost("link error: %s" % exc)
+        finally:
+            self._frames.put(None)
+
+    def dispatch_loop(self) -> None:
+        """Run the handlers of non-reply frames (stdin, signals, invalidations...) in arrival order."""
+        while True:
+            item = self._frames.get()
+            if item is None:
+                return
+            header, payload = item
+            handler = self.handlers.get(header["t"])
+            if handler is None:
+                LOG.debug("ignoring frame %r", header["t"])
+                continue
+            try:
+                handler(header, payload)
+            except Exception:  # noqa: BLE001 - one bad frame must not stop the others
+                LOG.exception("handling a %r frame failed", header["t"])
 
     def heartbeat_loop(self) -> None:
         """Ping the local side; declare the link lost after *deadline* of silence."""
@@ -194,5 +220,5 @@ class Link:
 
     def start(self) -> None:
         """Start the reader and heartbeat threads."""
-        for target in (self.read_loop, self.heartbeat_loop):
+        for target in (self.read_loop, self.heartbeat_loop, self.dispatch_loop):
             threading.Thread(target=target, daemon=True).start()

@@ -16,7 +16,8 @@ import threading
 import time
 from typing import Optional
 
-from .caches import AttrCache, FileCache
+from .caches import FileCache
+from .names import KernelDrops, NameCache
 from .link import Link
 from .namespaces import MNT_DETACH, umount
 from .operations import make_operations
@@ -55,8 +56,8 @@ class Mount:
     """One FUSE mount served through the link, run in its own thread."""
 
     def __init__(self, link: Link, mountpoint: str, prefix: bytes, system: bool,
-                 files: Optional[FileCache] = None, cache: Optional[AttrCache] = None,
-                 profile: Optional["Profile"] = None) -> None:
+                 files: Optional[FileCache] = None, cache: Optional[NameCache] = None,
+                 profile: Optional["Profile"] = None, drops: Optional[KernelDrops] = None) -> None:
         self.link = link
         self.mountpoint = mountpoint
         self.prefix = prefix
@@ -64,19 +65,27 @@ class Mount:
         self.files = files
         self.cache = cache
         self.profile = profile
+        self.drops = drops
         self.error: Optional[BaseException] = None
         self.thread: Optional[threading.Thread] = None
         self.ops = None
 
     def start(self, timeout: float = 30.0) -> None:
         """Mount and wait until the kernel has the file system."""
-        ops, fuse_cls = make_operations(self.link, self.prefix, self.files, self.cache, self.profile)
+        ops, fuse_cls = make_operations(self.link, self.prefix, self.files, self.cache, self.profile,
+                                        self.drops)
         self.ops = ops
-        # Correctness first: short caching, as the local side may change files too.
+        # The kernel keeps names and attributes for a second, then asks this
+        # process again, which answers from its name cache (kept coherent by the
+        # local side's invalidations) without a round trip; a negative answer is
+        # never kept by the kernel (the name cache has the whole directory).
+        # Each invalidation also drops the kernel's attributes and pages of the
+        # path (fuse_invalidate_path); libfuse's high-level API has no call to
+        # drop a name's dentry, hence the short kernel timeouts.
         timeouts = 1.0
         options = dict(foreground=True, fsname="remote-runner", subtype="mirror",
                        default_permissions=True, use_ino=True,
-                       attr_timeout=timeouts, entry_timeout=timeouts, negative_timeout=timeouts)
+                       attr_timeout=timeouts, entry_timeout=timeouts, negative_timeout=0.0)
         if os.geteuid() == 0:
             # Commands that switch users (su, sudo -u) still reach their files; the
             # kernel checks permissions (default_permissions) and the mount is

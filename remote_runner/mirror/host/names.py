@@ -42,7 +42,8 @@ BIG_DIRECTORY_SECONDS = 60.0
 
 
 def parent(path: str) -> str:
-    return posixpath.dirname(path) or "/"
+    """The directory of *path* (``/`` for ``/``)."""
+    return posixpath.dirname(path.rstrip("/")) or "/"
 
 
 def listing_entries(data: bytes) -> Optional[List[Any]]:

@@ -1,9 +1,9 @@
 """The FUSE operations: each one a request to the local file service, unless a cache answers.
 
 Why apart: this is the file system the command sees. The rules that keep it
-correct (what empties the attribute cache, which handles are local copies,
-libfuse 3's renameat2 flags and ftruncate handle passed on) are here, and
-nothing else.
+correct (what each change drops from the name cache, which handles are local
+copies, which writes may go without waiting, libfuse 3's renameat2 flags and
+ftruncate handle passed on) are here, and nothing else.
 """
 
 from __future__ import annotations
@@ -16,8 +16,10 @@ from typing import Any, Dict, List, Optional, Tuple
 
 from .. import protocol as P
 from ..hardlinks import LinkNames, path_invalidator
-from .caches import LOCAL_FH_BASE, MISSING, AttrCache, FileCache, fetch_ahead, fetch_rest
+from .caches import LOCAL_FH_BASE, FileCache, fetch_ahead, fetch_rest
 from .link import Link
+from .names import KernelDrops, NameCache, absorb_lookup, parent as parent_of
+from .writes import PendingWrites
 from .profile import Profile
 
 FUSE_CAP_CACHE_SYMLINKS = 1 << 23
@@ -29,17 +31,20 @@ MUTATING_OPS = frozenset(("mknod", "mkdir", "unlink", "rmdir", "symlink", "link"
 
 
 def make_operations(link: Link, prefix: bytes, files: Optional[FileCache] = None,
-                    cache: Optional[AttrCache] = None, profile: Optional["Profile"] = None):
+                    cache: Optional[NameCache] = None, profile: Optional["Profile"] = None,
+                    drops: Optional[KernelDrops] = None):
     """Build the mfusepy Operations object serving the local tree at *prefix*."""
     import mfusepy
 
-    cache = cache if cache is not None else AttrCache()
+    cache = cache if cache is not None else NameCache()
+    writes = PendingWrites(link.submit, link.wait)
+    sync_handles: Dict[int, None] = {}  # opened O_SYNC/O_DSYNC: every write waits
 
     def wire(path: str) -> str:
         if path is None:  # an operation on an open file whose name libfuse no longer knows
             raise mfusepy.FuseOSError(errno.ESTALE)
         raw = path.encode("utf-8", "surrogateescape")
-        full = (prefix.rstrip(b"/") + raw) if prefix else raw
+        full = (prefix.rstrip(b"/") + raw.rstrip(b"/")) if prefix else raw
         return P.name_to_wire(full or b"/")
 
     reading: Dict[int, None] = {}  # local handles opened read-only: closing them changes nothing
@@ -53,23 +58,44 @@ def make_operations(link: Link, prefix: bytes, files: Optional[FileCache] = None
             return args.get("fh") not in reading
         return op in MUTATING_OPS
 
+    def forget_changed(op: str, args: Dict[str, Any]) -> None:
+        """Drop from the name cache exactly what *op* changed (never all of it)."""
+        if op in ("mknod", "mkdir", "symlink", "create", "unlink", "rmdir"):
+            cache.renamed(args["path"])
+        elif op == "rename":
+            cache.renamed(args["old"], args["new"])
+        elif op == "link":
+            cache.renamed(args["path"])
+            cache.changed(args["target"])
+        elif op in ("chmod", "chown", "truncate", "utimens", "setxattr", "removexattr") and "path" in args:
+            cache.changed(args["path"])
+        elif op == "open" and args.get("flags", 0) & os.O_TRUNC:
+            cache.changed(args["path"])
+
     def call(op: str, args: Dict[str, Any], payload: bytes = b"") -> Tuple[Dict[str, Any], bytes]:
-        if mutates(op, args):
-            cache.clear()
+        since = cache.begin()
         try:
             header, data = link.call(op, args, payload)
         except OSError as exc:
             raise mfusepy.FuseOSError(exc.errno or errno.EIO)
+        finally:
+            if mutates(op, args):
+                forget_changed(op, args)
         if op == "open" and "fh" in header and not mutates(op, args):
             reading[header["fh"]] = None
         elif op == "release":
             reading.pop(args.get("fh"), None)
         for item in header.get("push") or ():
             try:
-                cache.put(item[0], item[1])
-            except (IndexError, TypeError):
+                cache.put(item[0], item[1], watched=bool(item[2]) if len(item) > 2 else False, since=since)
+            except (IndexError, TypeError, AttributeError):
                 continue
         return header, data
+
+    def drain(fh: Optional[int]) -> None:
+        """Wait for the handle's pipelined writes (a read-back or size change needs them)."""
+        if fh is not None and fh < LOCAL_FH_BASE and writes.pending(fh):
+            writes.drain(fh)
 
     def local_fd(fh: int) -> int:
         entry = files.handles.get(fh) if files is not None else None
@@ -83,19 +109,19 @@ def make_operations(link: Link, prefix: bytes, files: Optional[FileCache] = None
         fd = None
         files.wait_for(path, link.request_timeout)
         have = files.lookup(path)
-        recent = cache.recent(path)
-        if have is not None and recent is not None and [
-                recent[1].get("st_size"), recent[1].get("st_mtime"), recent[1].get("st_ino")] == have:
-            # The kernel's lookup a moment ago matched our copy: no need to ask again.
+        known = cache.get(path)
+        if have is not None and known is not None and not known.get("missing") and [
+                known.get("st_size"), known.get("st_mtime"), known.get("st_ino")] == have:
+            # What the host holds of the name (watched, or within its lease) matches our copy.
             fd = files.open_copy(path, have)
             if fd is not None:
                 link.answer_here("open")
-                cache.put(path, recent[1], recent[0])  # for the getattr after the open
-                return files.add_handle(fd, recent[1])
+                return files.add_handle(fd, known)
         while True:
+            since = cache.begin()
             header, first = call("open", {"path": path, "flags": flags, "whole": True, "have": have})
-            if isinstance(header.get("libs"), dict):  # a program: its libraries come next
-                fetch_ahead(link, files, cache, header["libs"])
+            if isinstance(header.get("libs"), dict):  # a program: its libraries (or siblings) come next
+                fetch_ahead(link, files, cache, header["libs"], since)
             meta = header.get("whole")
             if not meta:  # not eligible (too big, changing, not a regular file)
                 return int(header["fh"])
@@ -109,7 +135,7 @@ def make_operations(link: Link, prefix: bytes, files: Optional[FileCache] = None
             fd = fetch_whole(path, meta, header.get("fh"), first)
         if fd is None:  # fall back to reading through the link
             return int(call("open", {"path": path, "flags": flags})[0]["fh"])
-        cache.put(path, header["st"])  # the kernel asks for the attributes right after an open
+        cache.put(path, header["st"], watched=bool(header.get("w")), since=since)
         return files.add_handle(fd, header["st"])
 
     def fetch_whole(path: str, meta: List[int], fh: Optional[int], first: bytes) -> Optional[int]:
@@ -135,7 +161,16 @@ def make_operations(link: Link, prefix: bytes, files: Optional[FileCache] = None
             if conn is not None and getattr(mfusepy, "fuse_version_major", 2) == 3:
                 if conn.capable & FUSE_CAP_CACHE_SYMLINKS:
                     conn.want |= FUSE_CAP_CACHE_SYMLINKS
-            links.invalidate = path_invalidator()
+            kernel = path_invalidator()
+
+            def invalidate(name: str) -> Any:
+                # Another name of a file changed through this one: drop it here and in the kernel.
+                cache.changed(wire(name))
+                return kernel(name) if kernel is not None else None
+
+            links.invalidate = invalidate
+            if drops is not None:
+                drops.add_target(wire("/") if prefix else "", kernel)
             self.mounted.set()
 
         def getattr(self, path: Optional[str], fh: Optional[int] = None) -> Dict[str, int]:
@@ -147,49 +182,59 @@ def make_operations(link: Link, prefix: bytes, files: Optional[FileCache] = None
                     return entry[1]
             if fh is not None and fh:
                 args["fh"] = fh
-            if "fh" not in args:
+                drain(fh)
+            if "fh" not in args and not hidden_name(args["path"]):
+                # (a file libfuse hid, unlinked while open, is held by the local side, not listed)
+                where = args["path"]
                 if profile is not None:
-                    profile.record(args["path"])
-                cached = cache.get(args["path"])
-                if cached is MISSING or (cached is not None and cached.get("missing")):
+                    profile.record(where)
+                cached = cache.get(where)
+                if cached is not None and cached.get("missing"):
                     link.answer_here("getattr")
                     raise mfusepy.FuseOSError(errno.ENOENT)
-                if cached is None:
-                    # Asked again within the lease of the last answer (as long as the
-                    # kernel's own attr_timeout, emptied by any change made through here).
-                    lease = cache.recent(args["path"])
-                    cached = lease[1] if lease is not None else None
                 if cached is not None:
                     link.answer_here("getattr")
                     return cached
+                since = cache.begin()
+                # A first lookup in a directory brings the whole directory (see names.py).
+                args["dir"] = 1 if where != "/" and cache.wants_listing(parent_of(where)) else 0
+                header, data = call("getattr", args)
+                got = absorb_lookup(cache, where, header, data, since)
+                if got.get("missing"):
+                    raise mfusepy.FuseOSError(errno.ENOENT)
+                if path is not None:
+                    links.seen(path, got)
+                return got
             header = call("getattr", args)[0]
             if path is not None:
                 links.seen(path, header.get("st"))
-            if "fh" not in args and "path" in args:
-                cache.note(args["path"], header["st"])
-                if isinstance(header.get("link"), str):
-                    cache.note(args["path"], {"link": header["link"]}, kind="link")
             return header["st"]
 
         def readlink(self, path: str) -> str:
-            recent = cache.recent(wire(path), kind="link")  # sent with the lookup just before
-            if recent is not None:
+            known = cache.link(wire(path))  # sent with the lookup (or the directory)
+            if known is not None:
                 link.answer_here("readlink")
-                return recent[1]["link"]
+                return known
             return call("readlink", {"path": wire(path)})[1].decode("utf-8", "surrogateescape")
 
         def readdir(self, path: str, fh: int):
             where = wire(path)
+            out: List[Any] = [(".", None, 0), ("..", None, 0)]
+            held = cache.names(where)  # a whole listing, still standing (watched)
+            if held is not None:
+                return out + [(name, st, 0) for name, st in held]
+            since = cache.begin()
             header, payload = call("readdir", {"path": where})
             names = payload.split(b"\0") if payload else []
             attrs = header.get("attrs") or [None] * len(names)
-            out: List[Any] = [(".", None, 0), ("..", None, 0)]
-            base = where.rstrip("/") + "/"
+            entries = []
             for name, st in zip(names, attrs):
                 text = name.decode("utf-8", "surrogateescape")
-                cache.put(base + text, st)
+                entries.append((text, st if isinstance(st, dict) else None, None))
                 links.seen(path.rstrip("/") + "/" + text, st)
                 out.append((text, st, 0))
+            if len(entries) <= 4 * P.LISTING_ENTRIES:
+                cache.put_listing(where, entries, watched=bool(header.get("w")), since=since)
             return out
 
         def statfs(self, path: str) -> Dict[str, int]:
@@ -250,6 +295,7 @@ def make_operations(link: Link, prefix: bytes, files: Optional[FileCache] = None
             args: Dict[str, Any] = {"size": length}
             if fh and fh < LOCAL_FH_BASE:
                 args["fh"] = fh
+                drain(fh)
             args["path"] = wire(path) if path is not None or not fh else "/"
             call("truncate", args)
             links.changed(path)
@@ -263,20 +309,33 @@ def make_operations(link: Link, prefix: bytes, files: Optional[FileCache] = None
         def open(self, path: str, flags: int) -> int:
             if files is not None and flags & (os.O_ACCMODE | os.O_TRUNC | os.O_CREAT) == os.O_RDONLY:
                 return open_whole(wire(path), flags)
-            return int(call("open", {"path": wire(path), "flags": flags})[0]["fh"])
+            fh = int(call("open", {"path": wire(path), "flags": flags})[0]["fh"])
+            if flags & os.O_DSYNC:
+                sync_handles[fh] = None
+            return fh
 
         def create(self, path: str, mode: int, flags: int = os.O_WRONLY) -> int:
-            return int(call("create", {"path": wire(path), "mode": mode, "flags": flags,
-                                       "ctx": caller()})[0]["fh"])
+            fh = int(call("create", {"path": wire(path), "mode": mode, "flags": flags,
+                                     "ctx": caller()})[0]["fh"])
+            if flags & os.O_DSYNC:
+                sync_handles[fh] = None
+            return fh
 
         def read(self, path: str, size: int, offset: int, fh: int) -> bytes:
             if fh >= LOCAL_FH_BASE:
                 link.answer_here("read")
                 return os.pread(local_fd(fh), size, offset)
+            drain(fh)  # reading back what was just written
             return call("read", {"fh": fh, "size": size, "off": offset})[1]
 
         def write(self, path: str, data: bytes, offset: int, fh: int) -> int:
-            done = int(call("write", {"fh": fh, "off": offset}, bytes(data))[0]["n"])
+            if path is not None:
+                cache.changed(wire(path))
+            if fh in sync_handles:
+                done = int(call("write", {"fh": fh, "off": offset}, bytes(data))[0]["n"])
+            else:
+                # Sent without waiting (see writes.py): an error comes back at close or fsync.
+                done = writes.write(fh, offset, bytes(data))
             links.changed(path)
             return done
 
@@ -284,6 +343,18 @@ def make_operations(link: Link, prefix: bytes, files: Optional[FileCache] = None
             if fh >= LOCAL_FH_BASE or fh in reading:
                 # A read-only handle has nothing to write back and no error to report.
                 link.answer_here("flush")
+                return 0
+            if writes.pending(fh):
+                # close: the flush goes after the handle's writes; one wait for all of them
+                slot = link.submit("flush", {"fh": fh, "seq": writes.next_seq(fh)})
+                try:
+                    writes.settle(fh)
+                    link.wait(slot)
+                except OSError as exc:
+                    raise mfusepy.FuseOSError(exc.errno or errno.EIO)
+                finally:
+                    if path is not None:
+                        cache.changed(wire(path))
                 return 0
             call("flush", {"fh": fh})
             return 0
@@ -300,18 +371,29 @@ def make_operations(link: Link, prefix: bytes, files: Optional[FileCache] = None
                 link.answer_here("release")
                 link.post("release", {"fh": fh})
                 return 0
-            call("release", {"fh": fh})
+            # A handle written through: nothing left to report (close did), so not
+            # waited for either; numbered, so it comes after the handle's writes.
+            sync_handles.pop(fh, None)
+            link.post("release", {"fh": fh, "seq": writes.next_seq(fh)})
+            writes.forget(fh)
+            if path is not None:
+                cache.changed(wire(path))
             return 0
 
         def fsync(self, path: str, datasync: int, fh: int) -> int:
             if fh >= LOCAL_FH_BASE:
                 return 0
+            try:
+                writes.settle(fh)
+            except OSError as exc:
+                raise mfusepy.FuseOSError(exc.errno or errno.EIO)
             call("fsync", {"fh": fh, "data": bool(datasync)})
             return 0
 
         def fallocate(self, path: Optional[str], mode: int, offset: int, size: int, fh: int) -> int:
             if fh >= LOCAL_FH_BASE:
                 raise mfusepy.FuseOSError(errno.EBADF)
+            drain(fh)
             call("fallocate", {"fh": fh, "mode": mode, "off": offset, "len": size})
             links.changed(path)
             return 0

@@ -16,10 +16,11 @@ import logging
 from typing import Any, Dict, List, Optional, Tuple
 
 from .. import protocol as P
-from .caches import AttrCache, open_file_cache, prefetch, remember_answers, validate, wanted_files
+from .caches import open_file_cache, prefetch, validate, wanted_files
 from .command import command_user
 from .link import Link
 from .mount import Mount, check_fuse_device, choose_libfuse
+from .names import KernelDrops, NameCache, absorb_answers, absorb_invalidation
 from .namespaces import SPECIAL_DIRS, bind_specials, enter_namespaces, unmount_under
 from .profile import Profile
 
@@ -40,7 +41,11 @@ class Session:
         self.created: List[str] = []
         self.user: Optional[Tuple[int, int, List[int]]] = None
         self.files = open_file_cache(boot)
-        self.cache = AttrCache()
+        #: Names, attributes and directories of the local side: kept until the local side
+        #: says they changed (an ``inval`` frame), or for a short lease where it cannot watch.
+        self.cache = NameCache()
+        self.drops = KernelDrops()
+        link.handlers[P.INVAL] = lambda header, _: absorb_invalidation(self.cache, self.drops, header)
         self.profile = Profile.for_command(self.files, boot)
 
     def setup(self) -> None:
@@ -59,14 +64,14 @@ class Session:
                 path = P.name_from_wire(export)
                 self._ensure_dir(path)
                 m = Mount(self.link, os.fsdecode(path), path, system=False, files=self.files,
-                          cache=self.cache, profile=self.profile)
+                          cache=self.cache, profile=self.profile, drops=self.drops)
                 m.start()
                 self.mounts.append(m)
         else:
             self.root = os.path.join(self.workdir, "root")
             os.mkdir(self.root)
             m = Mount(self.link, self.root, b"", system=True, files=self.files, cache=self.cache,
-                      profile=self.profile)
+                      profile=self.profile, drops=self.drops)
             m.start()
             self.mounts.append(m)
             bind_specials(self.root)
@@ -78,7 +83,7 @@ class Session:
         directories the host's own are bound over), those this command looked
         up here last time, and those the local side saw it look up anywhere
         (its own profile). The answers (attributes, "missing", symlink targets)
-        are fresh local lookups, kept for ``Profile.TTL`` seconds, so the
+        are fresh local lookups, kept until invalidated (or for a lease), so the
         program's start finds them here instead of asking one by one. Files the
         profile lists that this host has no current copy of are fetched
         together, before the command starts.
@@ -88,19 +93,21 @@ class Session:
         known = self.profile.load() if self.profile is not None else []
         if not self.files_only:
             known = list(dict.fromkeys(["/"] + ["/" + d for d in SPECIAL_DIRS] + known))
+        since = self.cache.begin()
         reply = validate(self.link, known)
         if reply is None:
             return 0
-        names, answers, whole = reply
+        names, answers, whole, watched = reply
         wanted = wanted_files(self.files, whole)
         if wanted:
             started = time.monotonic()
             prefetch(self.link, self.files, wanted)
-            if time.monotonic() - started > 0.5:  # answers grew old while files came in
+            if time.monotonic() - started > 0.5 and not all(watched):  # leases grew old meanwhile
+                since = self.cache.begin()
                 fresh = validate(self.link, names)
                 if fresh is not None:
-                    names, answers = fresh[0], fresh[1]
-        remember_answers(self.cache, names, answers, time.monotonic())
+                    names, answers, watched = fresh[0], fresh[1], fresh[3]
+        absorb_answers(self.cache, names, answers, watched, since)
         return len(names)
 
     def _ensure_dir(self, path: bytes) -> None:

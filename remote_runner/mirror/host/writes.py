@@ -26,7 +26,7 @@ import errno
 import os
 import threading
 import time
-from typing import Any, Callable, Dict, List, Optional, Tuple
+from typing import Any, Callable, Dict, List, Tuple
 
 #: Past this many bytes in flight on one handle, a write waits for the oldest.
 IN_FLIGHT_BYTES = 16 << 20
@@ -86,6 +86,10 @@ class PendingWrites:
             except OSError as exc:
                 with self._lock:
                     self._errors.setdefault(fh, exc.errno or errno.EIO)
+
+    def drain(self, fh: int) -> None:
+        """Wait for every write sent on *fh*; an error stays for :meth:`settle` to report."""
+        self._collect(fh)
 
     def pending(self, fh: int) -> bool:
         with self._lock:
