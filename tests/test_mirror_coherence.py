@@ -286,3 +286,37 @@ def test_a_directory_too_big_is_not_asked_for_whole_again_soon():
     assert cache.wants_listing("/usr/lib", now=1e6)
     cache.put_listing("/d", [], watched=True)
     assert not cache.wants_listing("/d")
+
+
+# -- the local service's side -------------------------------------------------------
+def test_a_lookup_with_dir_answers_missing_with_the_whole_watched_directory(tmp_path):
+    from remote_runner.mirror.service import LocalFileService
+    (tmp_path / "here").write_text("x")
+    reports = Reports()
+    service = LocalFileService()
+    service.watcher = ChangeWatcher(reports)
+    try:
+        reply = service.handle("getattr", {"path": str(tmp_path / "absent"), "dir": 1}, b"")
+        assert reply.fields["missing"] == 1 and reply.fields["w"] == 1 and reply.fields["ls"] == 1
+        entries = listing_entries(reply.payload)
+        assert [name for name, _, _ in entries] == ["here"]
+        reply = service.handle("getattr", {"path": str(tmp_path / "here"), "dir": 0}, b"")
+        assert reply.fields["st"]["st_size"] == 1 and "ls" not in reply.fields
+        (tmp_path / "here").write_text("changed")
+        service.watcher.flush()
+        assert os.fsencode(tmp_path / "here") in reports.paths()
+    finally:
+        service.watcher.close()
+
+
+def test_the_service_applies_a_handles_numbered_writes_in_order(tmp_path):
+    from remote_runner.mirror.service import LocalFileService
+    service = LocalFileService()
+    fh = service.handle("create", {"path": str(tmp_path / "f"), "mode": 0o644, "flags": os.O_WRONLY}, b"").fields["fh"]
+    later = threading.Thread(target=service.handle, args=("write", {"fh": fh, "off": 0, "seq": 2}, b"second"))
+    later.start()
+    time.sleep(0.1)
+    service.handle("write", {"fh": fh, "off": 0, "seq": 1}, b"first!")
+    later.join(30)
+    service.handle("release", {"fh": fh, "seq": 3}, b"")
+    assert (tmp_path / "f").read_bytes() == b"second"
