@@ -72,7 +72,22 @@ def make_operations(link: Link, prefix: bytes, files: Optional[FileCache] = None
         elif op == "open" and args.get("flags", 0) & os.O_TRUNC:
             cache.changed(args["path"])
 
+    writing: Dict[str, Dict[int, None]] = {}  # name -> handles that wrote to it (pipelined)
+    written: Dict[int, str] = {}
+    writing_lock = threading.Lock()
+
+    def settle_names(args: Dict[str, Any]) -> None:
+        """Before a request naming a file, let the writes sent to it land (its size, its data)."""
+        if not writing:
+            return
+        with writing_lock:
+            handles = [fh for key in ("path", "old", "new", "target") if isinstance(args.get(key), str)
+                       for fh in writing.get(args[key], ())]
+        for fh in handles:
+            drain(fh)
+
     def call(op: str, args: Dict[str, Any], payload: bytes = b"") -> Tuple[Dict[str, Any], bytes]:
+        settle_names(args)
         since = cache.begin()
         try:
             header, data = link.call(op, args, payload)
@@ -330,7 +345,13 @@ def make_operations(link: Link, prefix: bytes, files: Optional[FileCache] = None
 
         def write(self, path: str, data: bytes, offset: int, fh: int) -> int:
             if path is not None:
-                cache.changed(wire(path))
+                name = wire(path)
+                cache.changed(name)
+                with writing_lock:
+                    if written.get(fh) != name:
+                        writing.get(written.get(fh, ""), {}).pop(fh, None)
+                        writing.setdefault(name, {})[fh] = None
+                        written[fh] = name
             if fh in sync_handles:
                 done = int(call("write", {"fh": fh, "off": offset}, bytes(data))[0]["n"])
             else:
@@ -376,6 +397,13 @@ def make_operations(link: Link, prefix: bytes, files: Optional[FileCache] = None
             sync_handles.pop(fh, None)
             link.post("release", {"fh": fh, "seq": writes.next_seq(fh)})
             writes.forget(fh)
+            with writing_lock:
+                name = written.pop(fh, None)
+                if name is not None:
+                    handles = writing.get(name, {})
+                    handles.pop(fh, None)
+                    if not handles:
+                        writing.pop(name, None)
             if path is not None:
                 cache.changed(wire(path))
             return 0
