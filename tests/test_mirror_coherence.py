@@ -146,21 +146,6 @@ def test_malformed_answers_are_refused():
     assert listing_entries(b'{"n":["x"],"a":[[1,2]],"l":[null]}') == [("x", None, None)]
 
 
-def test_siblings_of_the_same_kind_within_budget(tmp_path):
-    cache = tmp_path / "__pycache__"
-    cache.mkdir()
-    for name in ("a", "b", "c"):
-        (cache / f"{name}.cpython-311.pyc").write_bytes(b"x" * 100)
-    (cache / "d.cpython-39.pyc").write_bytes(b"x")
-    (cache / "big.cpython-311.pyc").write_bytes(b"x" * (listing.PUSH_FILE_BYTES + 1))
-    ok = lambda name, st: True  # noqa: E731
-    got = listing.siblings(os.fsencode(cache), b"a.cpython-311.pyc", ok)
-    assert got == [b"b.cpython-311.pyc", b"c.cpython-311.pyc"]
-    assert listing.siblings(os.fsencode(cache), b"a.cpython-311.pyc", ok, budget=150) == [b"b.cpython-311.pyc"]
-    assert listing.siblings(os.fsencode(cache), b"a.cpython-311.pyc", lambda n, st: False) == []
-    assert listing.siblings(os.fsencode(tmp_path), b"libx.so.1", ok) == []
-
-
 # -- the host's name cache ----------------------------------------------------------
 def attrs(size=1, nlink=1, mode=0o100644):
     return {"st_mode": mode, "st_size": size, "st_nlink": nlink, "st_ino": 5}

@@ -11,11 +11,6 @@ so the host answers the directory's other names -- present or absent -- by
 itself. Directories too big for one reply (``LISTING_ENTRIES``,
 ``LISTING_BYTES``) are answered name by name, as before.
 
-The same idea for contents: when a small file is read whole, its siblings of
-the same kind (the other ``.pyc`` of a ``__pycache__``, the other files of a
-locale directory, a gconv module's neighbours) are offered in the same reply,
-within a byte budget, once per directory and session.
-
 :class:`DirectoryAnswers` is mixed into :class:`~.service.LocalFileService`
 (which provides ``_path``, ``_held``, ``exports``, ``public``, ``watcher``
 and the :class:`~.sendahead.SendAhead` helpers): every answer the host may
@@ -33,15 +28,6 @@ from typing import Any, Callable, Dict, List, Optional
 
 from remote_runner.mirror import protocol as P
 from remote_runner.mirror.replies import OpError, Reply
-from remote_runner.mirror.sendahead import sendable_whole
-
-#: Siblings are offered only from directories with at most this many entries ...
-PUSH_DIR_ENTRIES = 1000
-#: ... files up to this size ...
-PUSH_FILE_BYTES = 256 << 10
-#: ... and at most this much per directory.
-PUSH_BUDGET = 2 << 20
-PUSH_FILES = 200
 
 
 def directory_answer(io_path: bytes, listable: Optional[Callable[[bytes], bool]] = None,
@@ -87,47 +73,6 @@ def directory_answer(io_path: bytes, listable: Optional[Callable[[bytes], bool]]
 
 def encode_answer(answer: Dict[str, Any]) -> bytes:
     return json.dumps(answer, separators=(",", ":")).encode("utf-8")
-
-
-def kind(name: bytes) -> bytes:
-    """What makes files "of the same kind": everything after the first dot (``cpython-311.pyc``)."""
-    head, dot, rest = name.lstrip(b".").partition(b".")
-    return rest if dot else b""
-
-
-def siblings(io_dir: bytes, opened: bytes, eligible: Callable[[bytes, os.stat_result], bool],
-             budget: int = PUSH_BUDGET) -> List[bytes]:
-    """Names in *io_dir* of the same kind as *opened* worth sending along, within *budget* bytes.
-
-    *eligible* (name, stat) says whether a file may be sent whole at all
-    (world-readable, settled, exported).
-    """
-    want = kind(opened)
-    if want in (b"so", b"a", b"o") or want.startswith(b"so."):
-        return []  # libraries come with their program (ELF closure), not by directory
-    chosen: List[bytes] = []
-    total = 0
-    try:
-        with os.scandir(io_dir) as it:
-            entries = list(it)
-    except OSError:
-        return []
-    if len(entries) > PUSH_DIR_ENTRIES:
-        return []
-    for entry in sorted(entries, key=lambda e: e.name):
-        if entry.name == opened or kind(entry.name) != want:
-            continue
-        try:
-            st = entry.stat(follow_symlinks=False)
-        except OSError:
-            continue
-        if not stat.S_ISREG(st.st_mode) or st.st_size > PUSH_FILE_BYTES or not eligible(entry.name, st):
-            continue
-        if total + st.st_size > budget or len(chosen) >= PUSH_FILES:
-            break
-        total += st.st_size
-        chosen.append(entry.name)
-    return chosen
 
 
 class DirectoryAnswers:
@@ -187,39 +132,3 @@ class DirectoryAnswers:
         reply.fields["ls"] = 1
         reply.payload = encode_answer(answer)
         reply.compressible = True
-
-    def _add_siblings(self, reply: Reply, name: str) -> None:
-        """To a small file sent whole, add its siblings of the same kind (see :func:`siblings`).
-
-        Shaped like ``libs``: the host fetches them at once, in parallel, while
-        the program goes on. Once per directory per session.
-        """
-        raw = os.path.normpath(P.name_from_wire(name))
-        directory = os.path.dirname(raw) or b"/"
-        if directory in self._pushed_dirs or len(self._pushed_dirs) > 10000:
-            return
-        self._pushed_dirs[directory] = None
-        try:
-            io_dir = self._path({"path": P.name_to_wire(directory)})
-        except (OpError, OSError):
-            return
-        screened = directory in self._filtered
-
-        def eligible(entry: bytes, st: os.stat_result) -> bool:
-            if screened and not self.exports.listable(directory, entry):
-                return False
-            return sendable_whole(st)
-
-        if not self.public.reachable(raw):
-            return
-        chosen = siblings(io_dir, os.path.basename(raw), eligible)
-        names = [P.name_to_wire(os.path.join(directory, entry)) for entry in chosen]
-        whole = [[n, meta] for n, meta in ((n, self._whole_meta(n)) for n in names) if meta is not None]
-        if not whole:
-            return
-        for n, _ in whole:
-            self._note(self.sent_whole, n)
-        w = 1 if self._watch(directory) else 0
-        reply.fields["libs"] = {"names": [n for n, _ in whole],
-                                "answers": [self._lookup(n) for n, _ in whole],
-                                "whole": whole, "w": [w] * len(whole)}

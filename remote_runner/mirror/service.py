@@ -79,8 +79,6 @@ class LocalFileService(SendAhead, DirectoryAnswers):
         self.watcher = None
         #: One handle's pipelined writes (numbered ``seq``) applied in the order they were sent.
         self.order = WriteOrder()
-        #: Directories whose small files were already offered along with one of them.
-        self._pushed_dirs: Dict[bytes, None] = {}
 
     # -- helpers -------------------------------------------------------------
     def _path(self, args: Dict[str, Any], key: str = "path", write: bool = False) -> bytes:
@@ -401,8 +399,6 @@ class LocalFileService(SendAhead, DirectoryAnswers):
                     self._note(self.sent_whole, a["path"])
                     if reply.payload.startswith(elf.MAGIC):
                         self._add_libraries(reply, a["path"])
-                    elif "libs" not in reply.fields:
-                        self._add_siblings(reply, a["path"])
                 return reply
             except BaseException:
                 os.close(fd)
