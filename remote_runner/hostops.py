@@ -27,6 +27,7 @@ host, so every question is answered by the same few shell scripts, kept here:
 
 from __future__ import annotations
 
+import math
 import re
 import shlex
 import signal
@@ -120,16 +121,20 @@ def _ready_test(check: HealthCheck) -> str:
 def health_script(checks: Sequence[HealthCheck], settle: float) -> str:
     """Return the script that waits until every window is healthy or one is not."""
     q = shlex.quote
-    lines = ["t0=$(date +%s)", "pending=1", "failed=0"]
+    # the clock counts centiseconds (Linux's /proc/uptime; whole seconds elsewhere): a whole-
+    # second clock would let a 1 s settle end after a few milliseconds at a second's boundary
+    lines = ["rr_cs() { u=; { read -r u _ < /proc/uptime; } 2>/dev/null; case \"$u\" in",
+             "  [1-9]*.[0-9][0-9]) cs=${u%.*}${u#*.};; *) cs=$(( $(date +%s) * 100 ));; esac; }",
+             "rr_cs; t0=$cs", "pending=1", "failed=0"]
     for n, c in enumerate(checks):
         lines.append(f"v{n}=")
     lines.append("while [ $pending = 1 ] && [ $failed = 0 ]; do")
-    lines.append("  now=$(date +%s); el=$((now - t0)); pending=0")
+    lines.append("  rr_cs; el=$((cs - t0)); pending=0")
     for n, c in enumerate(checks):
         w = c.window
         ready = _ready_test(c)
-        settle_s = max(0, int(round(settle)))
-        timeout_s = max(1, int(c.timeout + 0.999))
+        settle_cs = max(0, int(round(settle * 100)))
+        timeout_cs = max(100, int(math.ceil(c.timeout * 100)))
         if c.may_exit:
             ended = f"v{n}=EXITED"
         else:  # exit 0 is a finished job, not a failed start
@@ -145,9 +150,9 @@ def health_script(checks: Sequence[HealthCheck], settle: float) -> str:
         ]
         if c.ready:
             lines += [f"    elif {ready}; then v{n}=READY",
-                      f"    elif [ $el -ge {timeout_s} ]; then v{n}=TIMEOUT"]
+                      f"    elif [ $el -ge {timeout_cs} ]; then v{n}=TIMEOUT"]
         else:
-            lines.append(f"    elif [ $el -ge {settle_s} ]; then v{n}=READY")
+            lines.append(f"    elif [ $el -ge {settle_cs} ]; then v{n}=READY")
         lines += ["    else pending=1; fi",
                   f'    case "$v{n}" in DEAD|GONE|TIMEOUT) failed=1;; esac',
                   "  fi"]

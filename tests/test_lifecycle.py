@@ -93,6 +93,22 @@ def test_component_that_exits_at_once_stops_the_run_before_the_next_index(env):
     assert status.returncode == 5 and states == {"server": "exited 127", "client": "not started"}
 
 
+@pytest.mark.parametrize("host", ["h1", "h9"])
+def test_a_program_that_dies_inside_the_settle_time_is_a_failed_start(env, host):
+    # the settle clock counts centiseconds: with whole seconds, a check that began late in a
+    # second passed at the next boundary, before this program's death at 0.5 s
+    try:
+        out = start(env, f"""
+            s = Component(name='flaky', host='{host}', executable='/bin/sh',
+                          args=['-c', 'sleep 0.5; exit 3'], start_index=0)
+            config.add_component(s)
+        """, "--settle", "1")
+        assert out.returncode == 6, out.stdout + out.stderr
+        assert "component 'flaky'" in out.stderr and "exited 3" in out.stderr
+    finally:
+        quit_screen(env["lab"], host, env["screen"], env["state"])
+
+
 def test_component_that_never_becomes_ready_stops_the_run(env):
     p = port()
     out = start(env, f"""
