@@ -107,13 +107,7 @@ class NameCache:
             return False
         if since < self._floor or self._stamps.get(path, -1) >= since:
             return True
-        node = path
-        while True:
-            if self._trees.get(node, -1) >= since:
-                return True
-            if node == "/":
-                return False
-            node = parent(node)
+        return self._tree_changed(path, since)
 
     def _until(self, watched: bool, now: Optional[float]) -> float:
         return FOREVER if watched else (time.monotonic() if now is None else now) + self.lease
@@ -204,7 +198,10 @@ class NameCache:
             return False
         if since < self._floor:
             return True
-        node = directory
+        return self._tree_changed(directory, since)
+
+    def _tree_changed(self, node: str, since: float) -> bool:
+        """Whether *node* or a directory above it was invalidated as a whole after *since*."""
         while True:
             if self._trees.get(node, -1) >= since:
                 return True
