@@ -32,6 +32,7 @@ import re
 import shlex
 import signal
 import subprocess
+import threading
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Dict, List, Optional, Sequence, Tuple
 
@@ -428,17 +429,22 @@ class SessionLock:
 _THEN_MARK = "RR-THEN-DONE"
 
 
-def lock_script(state_dir: str, info: str, then: str = "") -> str:
+def lock_script(state_dir: str, info: str, then: str = "", fed: str = "") -> str:
     """Return the shell text that takes the session lock and holds it until stdin closes.
 
     *then* (shell text) runs once the lock is held, its output (stdout and
     stderr) followed by ``RR-THEN-DONE STATUS``: the first step of a run rides
-    on the lock's own channel instead of costing an exec of its own.
+    on the lock's own channel instead of costing an exec of its own. *fed*
+    (shell text) runs after *then* succeeded, with the channel's stdin: it
+    must read exactly the bytes the caller sent for it (the manifest check,
+    whose request is too big for a command line), its output before the mark.
     """
     q = shlex.quote
     d = shell_path(state_dir)
     lock, owner = f"{d}/session.lock", f"{d}/session.owner"
-    run_then = f"(\n{then}\n) </dev/null 2>&1\necho \"{_THEN_MARK} $?\"\n" if then else ""
+    run_fed = f"if [ $s = 0 ]; then (\n{fed}\n) 2>&1; fi\n" if fed else ""
+    run_then = (f"(\n{then}\n) </dev/null 2>&1\ns=$?\n{run_fed}echo \"{_THEN_MARK} $s\"\n"
+                if then else "")
     return (f"mkdir -p {d} || exit 3\n"
             "if ! command -v flock >/dev/null 2>&1; then echo NO-FLOCK; else\n"
             f"exec 9>>{lock}\n"
@@ -446,6 +452,15 @@ def lock_script(state_dir: str, info: str, then: str = "") -> str:
             f"printf '%s\\n' {q(info)} > {owner}\n"
             "echo LOCKED\nfi\n" + run_then +
             "exec cat >/dev/null\n")
+
+
+def _feed_pipe(pipe: Any, data: bytes) -> None:
+    """Write *data* to a local lock's stdin, leaving it open (closing it frees the lock)."""
+    try:
+        pipe.write(data)
+        pipe.flush()
+    except OSError:  # the script ended (busy, or failed): nothing reads it
+        pass
 
 
 def _read_until(read: Any, done: Any) -> str:
@@ -463,14 +478,17 @@ def _read_until(read: Any, done: Any) -> str:
 
 
 def acquire_lock(host: str, state_dir: str, info: str, connection: Any = None,
-                 timeout: float = 60.0, then: str = "") -> SessionLock:
+                 timeout: float = 60.0, then: str = "", fed: str = "",
+                 feed: bytes = b"") -> SessionLock:
     """Take the session lock on *host* (over *connection*, or locally when None).
 
     With *then*, that shell text runs on the host once the lock is held (see
     :func:`lock_script`); the returned lock carries its output and status.
-    Raises :class:`SessionBusy` naming the holder ("pid …, run …, since …").
+    *fed* runs after it, reading *feed* from stdin. Raises
+    :class:`SessionBusy` naming the holder ("pid …, run …, since …").
     """
-    script = lock_script(state_dir, info, then)
+    script = lock_script(state_dir, info, then, fed if then else "")
+    feed = feed if then and fed else b""
 
     def done(text: str) -> bool:
         lines = text.splitlines(keepends=True)
@@ -482,12 +500,20 @@ def acquire_lock(host: str, state_dir: str, info: str, connection: Any = None,
     if connection is None:
         proc = subprocess.Popen(["/bin/sh", "-c", script], stdin=subprocess.PIPE,
                                 stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
-        assert proc.stdout is not None
+        assert proc.stdout is not None and proc.stdin is not None
+        if feed:
+            threading.Thread(target=_feed_pipe, args=(proc.stdin, feed), daemon=True).start()
         out = _read_until(proc.stdout.readline, done)
         handle: Any = proc
     else:
         channel = connection.exec_channel("sh -c " + shlex.quote(script))
-        channel.settimeout(max(timeout, 120.0) if then else timeout)
+        # a fed check hashes what changed on the host: as long as a check of its own may take
+        channel.settimeout(600.0 if feed else max(timeout, 120.0) if then else timeout)
+        if feed:
+            try:
+                channel.sendall(feed)
+            except OSError:  # the script ended at once (busy): its answer says why
+                pass
         out = _read_until(lambda: channel.recv(65536), done)
         channel.settimeout(None)
         handle = channel

@@ -65,13 +65,15 @@ LOCK_WAIT = 30
 _HEX40 = re.compile(r"[0-9a-f]{40}\Z")
 
 #: Runs on the host under python3 (3.5 or later: no f-strings), reading one JSON
-#: request on stdin and printing one ``RR-MANIFEST {json}`` line.
+#: request on stdin (all of it, or exactly the byte count given as its argument,
+#: when stdin stays open afterwards) and printing one ``RR-MANIFEST {json}`` line.
 HOST_PROGRAM = r'''
 import errno, fcntl, hashlib, json, os, re, shutil, stat, sys, time
 HEX = re.compile(r"[0-9a-f]{40}\Z")
 TEMP = re.compile(r"\..*\.rr-.{8}\.tmp\Z")
 STAGE = re.compile(r"\.rr-stage-.{8}\Z")
-req = json.loads(sys.stdin.read())
+size = int(sys.argv[1]) if len(sys.argv) > 1 else -1
+req = json.loads(sys.stdin.buffer.read(size).decode("utf-8", "surrogateescape"))
 home = os.environ.get("HOME") or os.path.expanduser("~")
 mdir = os.path.join(os.environ.get("XDG_CACHE_HOME") or os.path.join(home, ".cache"),
                     "remote-runner", "manifests")
@@ -245,10 +247,16 @@ class Answer:
     error: Optional[str] = None
 
 
-def run_script() -> str:
-    """The shell text that runs :data:`HOST_PROGRAM` with python3, or says there is none."""
+def run_script(size: Optional[int] = None) -> str:
+    """The shell text that runs :data:`HOST_PROGRAM` with python3, or says there is none.
+
+    With *size*, the program reads exactly that many bytes of request and
+    leaves the rest of stdin alone (the session lock's channel, see
+    :func:`remote_runner.hostops.lock_script`, stays open after it).
+    """
+    arg = "" if size is None else f" {int(size)}"
     return (f"command -v python3 >/dev/null 2>&1 || {{ echo {NO_PYTHON_MARK}; exit 0; }}\n"
-            f"exec python3 -I -c {shlex.quote(HOST_PROGRAM)}\n")
+            f"exec python3 -I -c {shlex.quote(HOST_PROGRAM)}{arg}\n")
 
 
 def request(items: Sequence["Upload"], trees: Sequence[str], tree_of: Sequence[int], *,
@@ -273,15 +281,24 @@ def request(items: Sequence["Upload"], trees: Sequence[str], tree_of: Sequence[i
 def exchange(shell: "Shell", payload: bytes, count: int, timeout: float = 600) -> Optional[Answer]:
     """Send one request; return the parsed answer, or None (no python3, or no usable answer)."""
     result = shell.feed(run_script(), payload, timeout=timeout)
-    lines = result.stdout.splitlines()
-    if NO_PYTHON_MARK in lines:
-        LOG.debug("%s: no python3 on the host", shell.host)
-        return None
-    answer = parse_answer(lines, count)
+    answer = read_answer(shell.host, result.stdout, count)
     if answer is None:
         LOG.debug("%s: unusable manifest answer (exit %s): %s", shell.host, result.exit_status,
                   (result.stderr.strip().splitlines() or ["no error output"])[-1][:300])
     return answer
+
+
+def read_answer(host: str, output: str, count: int) -> Optional[Answer]:
+    """The answer to a request for *count* files in a host's *output*, or None.
+
+    None means the host has no python3 (it said :data:`NO_PYTHON_MARK`) or
+    said nothing usable: either way the caller compares files the old way.
+    """
+    lines = output.splitlines()
+    if NO_PYTHON_MARK in lines:
+        LOG.debug("%s: no python3 on the host", host)
+        return None
+    return parse_answer(lines, count)
 
 
 def parse_answer(lines: Sequence[str], count: int) -> Optional[Answer]:

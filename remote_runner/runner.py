@@ -44,7 +44,7 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING, Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 from remote_runner import events as ev
-from remote_runner import hostops, landing
+from remote_runner import hostops, landing, precheck
 from remote_runner import screen as scr
 from remote_runner import sync
 from remote_runner import upload
@@ -107,6 +107,8 @@ class Runner:
         self.record = record or RunRecord(self.run_id, screen=options.screen)
         self._save_records = record is not None
         self.locks: Dict[str, hostops.SessionLock] = {}
+        #: per host: the change check asked with its lock (kept only when its answer is usable)
+        self.early: Dict[str, precheck.EarlyCheck] = {}
         #: per host: the shell text writing its launchers (run by its first start command)
         self._setup: Dict[str, str] = {}
         self._record_lock = threading.Lock()
@@ -256,10 +258,19 @@ class Runner:
         info = (f"pid {os.getpid()} on {self.record.runner.get('host')}, run {self.run_id}, "
                 f"since {self.record.created}")
 
+        for host, specs in self._by_host().items():
+            if host != "localhost":
+                check = precheck.plan_ahead(host, specs, self.options.always_copy,
+                                            self.options.rehash)
+                if check is not None:
+                    self.early[host] = check
+
         def take(host: str) -> None:
             connection = None if host == "localhost" else self.connections[host]
-            self.locks[host] = hostops.acquire_lock(host, self._state_dir(), info, connection,
-                                                    then=self._prepare_script(host))
+            check = self.early.get(host)
+            self.locks[host] = hostops.acquire_lock(
+                host, self._state_dir(), info, connection, then=self._prepare_script(host),
+                fed=check.script if check else "", feed=check.request if check else b"")
         self._parallel(take, list(self._by_host()), "taking the session lock")
 
     def save_record(self) -> None:
@@ -290,6 +301,11 @@ class Runner:
             self._prepared(host, ScriptResult(
                 -1 if lock.then_status is None else lock.then_status, lock.then_output,
                 lock.then_output))
+            check = self.early.pop(host, None)
+            if check is not None:
+                check.take(lock.then_output)
+                if check.usable({p.spec.key: p.base_dir for p in self.placements[host]}):
+                    self.early[host] = check
 
     def copy(self) -> None:
         """Copy every remote component's files (nothing for localhost)."""
@@ -299,7 +315,9 @@ class Runner:
             if host == "localhost" or not entries:
                 continue
             connection = self.connections[host]
-            jobs.append((self.shells[host], connection.sftp, sync.make_plan(host, entries)))
+            check = self.early.get(host)
+            plan = check.plan if check else sync.make_plan(host, entries)
+            jobs.append((self.shells[host], connection.sftp, plan))
         openers = {host: _lane_opener(self.connections[host]) for host in self.connections}
 
         def progress(host: str, delta: int) -> None:
@@ -313,7 +331,9 @@ class Runner:
 
         self.report.sync = sync.sync_all(jobs, self.options.forks, self.options.always_copy,
                                          progress, openers, self.cancel, on_plan=planned,
-                                         rehash=self.options.rehash)
+                                         rehash=self.options.rehash,
+                                         answers={h: c.answer for h, c in self.early.items()
+                                                  if c.answer is not None})
         for host in sorted(self.report.sync):
             done = self.report.sync[host]
             self._say(ev.KIND_COPY_DONE, host, done.summary().split(": ", 1)[-1],

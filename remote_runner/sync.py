@@ -282,7 +282,8 @@ def check_free_space(host: str, uploads: Sequence[Upload], report: Sequence[str]
 def sync_host(shell: "Shell", sftp: Any, plan: Plan, always_copy: bool = False,
               progress: Optional[Progress] = None,
               open_lane: Optional[LaneOpener] = None, small_file: int = SMALL_FILE,
-              on_plan: Optional[Planned] = None, rehash: bool = False) -> HostSync:
+              on_plan: Optional[Planned] = None, rehash: bool = False,
+              answer: Optional[manifest.Answer] = None) -> HostSync:
     """Bring one host up to date with *plan* and report what was done.
 
     *sftp* is an SFTP client or a function returning one: it is only asked for
@@ -291,6 +292,8 @@ def sync_host(shell: "Shell", sftp: Any, plan: Plan, always_copy: bool = False,
     manifest (:func:`manifest_check`) and what is copied is recorded there
     afterwards (:func:`record`); else ``stat`` and ``openssl``
     (:func:`changed_files`). *rehash* trusts no remembered hash on either side.
+    *answer* is the manifest's answer when it was asked already (for exactly
+    *plan*'s files, see :mod:`remote_runner.precheck`).
     """
     report = HostSync(plan.host)
     if not plan.files and not plan.dirs:
@@ -298,7 +301,7 @@ def sync_host(shell: "Shell", sftp: Any, plan: Plan, always_copy: bool = False,
     get_sftp = sftp if callable(sftp) else (lambda: sftp)
     checked = None
     if plan.files and not always_copy and hasattr(shell, "feed"):
-        checked = manifest_check(shell, plan, report, rehash)
+        checked = manifest_check(shell, plan, report, rehash, answer)
     if checked is not None:
         todo, same, has_tar = checked
     else:
@@ -328,7 +331,8 @@ def sync_host(shell: "Shell", sftp: Any, plan: Plan, always_copy: bool = False,
     return report
 
 
-def manifest_check(shell: "Shell", plan: Plan, report: HostSync, rehash: bool = False
+def manifest_check(shell: "Shell", plan: Plan, report: HostSync, rehash: bool = False,
+                   answer: Optional[manifest.Answer] = None
                    ) -> Optional[Tuple[List[Upload], List[Upload], bool]]:
     """Ask the host, in one exec, which files differ: (to upload, unchanged, host has tar).
 
@@ -338,9 +342,11 @@ def manifest_check(shell: "Shell", plan: Plan, report: HostSync, rehash: bool = 
     caller then uses :func:`changed_files` and :func:`make_dirs`.
     """
     items = list(plan.files)
-    trees, index = plan.tree_index(items)
-    payload = manifest.request(items, trees, index, dirs=plan.dirs, rehash=rehash, prepare=True)
-    answer = manifest.exchange(shell, payload, len(items))
+    if answer is None:
+        trees, index = plan.tree_index(items)
+        payload = manifest.request(items, trees, index, dirs=plan.dirs, rehash=rehash,
+                                   prepare=True)
+        answer = manifest.exchange(shell, payload, len(items))
     if answer is None:
         LOG.info("%s: no python3 there (or it failed): files are compared with stat and "
                  "openssl instead of the host's manifest", plan.host)
@@ -401,8 +407,11 @@ def sync_all(jobs: Sequence[Tuple["Shell", Callable[[], Any], Plan]], forks: int
              always_copy: bool = False, progress: Optional[Progress] = None,
              lane_openers: Optional[Dict[str, LaneOpener]] = None,
              cancel: Optional[threading.Event] = None,
-             on_plan: Optional[Planned] = None, rehash: bool = False) -> Dict[str, HostSync]:
+             on_plan: Optional[Planned] = None, rehash: bool = False,
+             answers: Optional[Dict[str, manifest.Answer]] = None) -> Dict[str, HostSync]:
     """Sync every (shell, sftp factory, plan) job in parallel; raise one error for all failures.
+
+    *answers* holds, per host, the manifest's answer to its plan when it was asked already.
 
     Ctrl-C (or *cancel* set by the caller) stops every upload at its next
     chunk: each removes its temporary file and the interrupt goes on at once,
@@ -425,7 +434,8 @@ def sync_all(jobs: Sequence[Tuple["Shell", Callable[[], Any], Plan]], forks: int
             return HostSync(plan.host)
         with host_context(plan.host):
             return sync_host(shell, sftp_factory, plan, always_copy, checked,
-                             openers.get(plan.host), on_plan=on_plan, rehash=rehash)
+                             openers.get(plan.host), on_plan=on_plan, rehash=rehash,
+                             answer=(answers or {}).get(plan.host))
 
     pool = ThreadPoolExecutor(max_workers=max(1, forks), thread_name_prefix="sync")
     futures = [(job[2].host, pool.submit(one, job)) for job in jobs]

@@ -348,9 +348,31 @@ def test_rehash_reads_everything_again_and_always_copy_copies_everything(lab, ta
     assert audit(lab, "h2", base)["bad"] == []
 
 
-def test_a_rerun_of_an_unchanged_experiment_checks_each_host_with_one_exec(lab, tmp_path,
-                                                                           screen_name):
-    base, state = f"/tmp/{screen_name}-base", f"/tmp/{screen_name}-state"
+class CopyPhase:
+    """Counts each host's execs and SFTP sessions during a run's copy phase only."""
+
+    def __init__(self) -> None:
+        self.runner = None
+        self.begin = {}
+        self.spent = {}
+
+    def emit(self, event) -> None:
+        if event.phase != "copy" or self.runner is None:
+            return
+        now = {h: c.traffic.snapshot() for h, c in self.runner.connections.items()}
+        if event.kind == ev.KIND_PHASE_BEGIN:
+            self.begin = now
+        elif event.kind == ev.KIND_PHASE_END:
+            self.spent = {h: {k: now[h][k] - self.begin[h][k] for k in now[h]} for h in now}
+
+
+def _counted_runs(lab, tmp_path, screen_name, base, rounds):
+    """Run a 2-host experiment copying a tree into *base* once per round.
+
+    *rounds* is a list of functions called before each run; each gets the
+    run's report and its copy phase's counts after it.
+    """
+    state = f"/tmp/{screen_name}-state"
     src = _files(tmp_path, big=1 << 20)
     config = tmp_path / "experiment.py"
     config.write_text(textwrap.dedent(f"""
@@ -368,35 +390,72 @@ def test_a_rerun_of_an_unchanged_experiment_checks_each_host_with_one_exec(lab, 
     experiment = load_experiment(str(config), None)
     options = RunOptions(screen=screen_name, remote_done_dir=state)
     ssh_options = SSHOptions(ssh_config_file=lab.ssh_config)
-
-    class CopyPhase:
-        """Counts each host's execs and SFTP sessions during the copy phase only."""
-
-        def __init__(self) -> None:
-            self.runner = None
-            self.begin = {}
-            self.spent = {}
-
-        def emit(self, event) -> None:
-            if event.phase != "copy" or self.runner is None:
-                return
-            now = {h: c.traffic.snapshot() for h, c in self.runner.connections.items()}
-            if event.kind == ev.KIND_PHASE_BEGIN:
-                self.begin = now
-            elif event.kind == ev.KIND_PHASE_END:
-                self.spent = {h: {k: now[h][k] - self.begin[h][k] for k in now[h]} for h in now}
-
     try:
-        for round_ in ("cold", "warm"):
+        for before, after in rounds:
+            before(src)
             watch = CopyPhase()
             runner = Runner(experiment, options, ssh_options, reporter=watch)
             watch.runner = runner
-            report = runner.run()
-            if round_ == "warm":
-                assert all(r.copied == [] and r.hashed == 0 for r in report.sync.values())
-                assert watch.spent == {h: {"execs": 1, "sftp_sessions": 0, "sftp_requests": 0}
-                                       for h in ("h1", "h2")}
-                assert all(report.traffic[h]["sftp_sessions"] == 0 for h in ("h1", "h2"))
+            after(runner.run(), watch.spent)
     finally:
         for host in ("h1", "h2"):
             quit_screen(lab, host, screen_name, state, base)
+
+
+def test_a_rerun_of_an_unchanged_experiment_is_one_exec_per_host_and_wave(lab, tmp_path,
+                                                                          screen_name):
+    """The change check rides on the session lock's channel: no exec of its own.
+
+    A run is then the lock's exec (prepare + check) and one per start wave;
+    a file changed on the host behind the manifest's back (same size, mtime
+    put back) is still found and copied again by that early check.
+    """
+    base = f"/tmp/{screen_name}-base"
+    nothing = lambda src: None  # noqa: E731
+
+    def cold(report, spent):
+        assert all(len(r.copied) == 21 for r in report.sync.values()), report.sync
+
+    def warm(report, spent):
+        assert all(r.copied == [] and r.hashed == 0 for r in report.sync.values())
+        assert spent == {h: {"execs": 0, "sftp_sessions": 0, "sftp_requests": 0}
+                         for h in ("h1", "h2")}
+        assert {h: report.traffic[h]["execs"] for h in ("h1", "h2")} == {"h1": 2, "h2": 2}
+
+    def tamper(src):
+        target = f"{base}/data/sub/f03.txt"
+        ssh(lab, "h2", f"m=$(stat -c %y {target}) && printf 'FILE 3\\n' > {target} && "
+                       f"touch -d \"$m\" {target}")
+
+    def repaired(report, spent):
+        assert report.sync["h2"].copied == [f"{base}/data/sub/f03.txt"], report.sync["h2"]
+        assert report.sync["h1"].copied == []
+        assert ssh(lab, "h2", f"cat {base}/data/sub/f03.txt").stdout == "file 3\n"
+
+    _counted_runs(lab, tmp_path, screen_name, base,
+                  [(nothing, cold), (nothing, warm), (tamper, repaired)])
+
+
+def test_a_base_dir_behind_a_symlink_is_checked_again_under_its_real_path(lab, tmp_path,
+                                                                         screen_name):
+    """An early answer about another name for the tree is dropped, never trusted."""
+    real, link = f"/tmp/{screen_name}-real", f"/tmp/{screen_name}-link"
+    for host in ("h1", "h2"):
+        ssh(lab, host, f"mkdir -p {real} && ln -sfn {real} {link}")
+
+    def cold(report, spent):
+        assert all(len(r.copied) == 21 for r in report.sync.values()), report.sync
+
+    def warm(report, spent):
+        assert all(r.copied == [] for r in report.sync.values()), report.sync
+        # the copy step asked again, under the path the host resolved
+        assert all(spent[h]["execs"] == 1 for h in ("h1", "h2")), spent
+
+    try:
+        _counted_runs(lab, tmp_path, screen_name, link,
+                      [(lambda src: None, cold), (lambda src: None, warm)])
+        for host in ("h1", "h2"):
+            assert ssh(lab, host, f"cat {real}/data/sub/f07.txt").stdout == "file 7\n"
+    finally:
+        for host in ("h1", "h2"):
+            ssh(lab, host, f"rm -rf {real} {link}", check=False)

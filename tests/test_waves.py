@@ -167,3 +167,23 @@ def test_the_first_step_runs_on_the_lock_channel_only_once_the_lock_is_held(tmp_
     again = acquire_lock("localhost", state, "third", then="echo ok")
     assert again.then_output == "ok\n" and again.then_status == 0
     again.release()
+
+
+def test_a_fed_step_reads_exactly_its_bytes_and_runs_only_after_the_first_succeeded(tmp_path):
+    """Locally (no SSH): the fed step gets its request on stdin; the lock still holds after it."""
+    from remote_runner.errors import SessionBusy
+    from remote_runner.hostops import acquire_lock
+
+    state = str(tmp_path / "state")
+    held = acquire_lock("localhost", state, "first", then="echo prepared",
+                        fed="head -c 5; echo", feed=b"hello and more")
+    try:
+        assert held.then_output == "prepared\nhello\n" and held.then_status == 0
+        with pytest.raises(SessionBusy):  # what the fed step left unread did not end the lock
+            acquire_lock("localhost", state, "second")
+    finally:
+        held.release()
+    failed = acquire_lock("localhost", state, "third", then="exit 4", fed="echo fed; cat",
+                          feed=b"never read")
+    assert failed.then_output == "" and failed.then_status == 4
+    failed.release()
