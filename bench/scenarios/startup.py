@@ -35,6 +35,14 @@ COMPONENTS = 100
 SIZES = ((100, 40), (400, 160))
 #: files each host's first component carries in the rerun case
 RERUN_FILES = 20
+#: our runs: (tool label, extra flags, note). The default waits ``--settle`` (1 s)
+#: to see that no program died right after starting, a check the peers don't make;
+#: ``--settle 0`` makes the peers' check only (every window there, its program
+#: started), so that row compares the same work.
+VARIANTS = (
+    ("remote_runner", [], "default: alive after a 1 s settle"),
+    ("remote_runner --settle 0", ["--settle", "0"], "every window confirmed started, no settle"),
+)
 
 
 def components(count: int, hosts: List[str]) -> List[tuple]:
@@ -116,14 +124,15 @@ def start_case(ctx: Context, hosts: List[str], count: int) -> List[Measurement]:
         screen = ctx.screen_name(f"startup{count}")
         reset = lambda: ctx.quit_screens(delay, hosts, screen)
         missing = ours.runner_missing()
-        if missing:
-            rows.append(skipped(SCENARIO, case, "remote_runner", delay, missing, OURS))
-        else:
+        for tool, extra, note in VARIANTS:
+            if missing:
+                rows.append(skipped(SCENARIO, case, tool, delay, missing, OURS))
+                continue
             box: dict = {}
-            argv = ours.runner_argv(runner_config(ctx, comps), cfg, screen, ["--json"])
-            m = repeat(Measurement(SCENARIO, case, "remote_runner", delay, OURS),
+            argv = ours.runner_argv(runner_config(ctx, comps), cfg, screen, ["--json"] + extra)
+            m = repeat(Measurement(SCENARIO, case, tool, delay, OURS),
                        counted(argv, box), ctx.reps, reset, ctx.slow_after)
-            m.note = "; ".join(x for x in (m.note, box.get("traffic", "")) if x)
+            m.note = "; ".join(x for x in (m.note, note, box.get("traffic", "")) if x)
             rows.append(m)
         peer = [["ssh", "-F", cfg, "-o", "BatchMode=yes", h, peer_script(screen, comps, h)] for h in hosts]
         rows.append(repeat(Measurement(SCENARIO, case, "ssh + screen (one script per host)",
@@ -150,21 +159,22 @@ def rerun_case(ctx: Context, hosts: List[str], count: int) -> List[Measurement]:
         base = f"/tmp/{screen}"
         reset = lambda: ctx.quit_screens(delay, hosts, screen)
         missing = ours.runner_missing()
-        if missing:
-            rows.append(skipped(SCENARIO, case, "remote_runner", delay, missing, OURS))
-        else:
+        for tool, extra, note in VARIANTS:
+            if missing:
+                rows.append(skipped(SCENARIO, case, tool, delay, missing, OURS))
+                continue
             box: dict = {}
             argv = ours.runner_argv(runner_config(ctx, comps, "rerun", data, base), cfg, screen,
-                                    ["--json"])
+                                    ["--json"] + extra)
             step = counted(argv, box)
             try:
                 reset()
                 step()  # the first run, untimed: every later one is a rerun
-                m = repeat(Measurement(SCENARIO, case, "remote_runner", delay, OURS), step,
+                m = repeat(Measurement(SCENARIO, case, tool, delay, OURS), step,
                            ctx.reps, None, ctx.slow_after)
             except Exception as exc:  # noqa: BLE001 - a broken tool is a result
-                m = skipped(SCENARIO, case, "remote_runner", delay, f"failed: {exc}", OURS)
-            m.note = "; ".join(x for x in (m.note, "full -c run, old session replaced",
+                m = skipped(SCENARIO, case, tool, delay, f"failed: {exc}", OURS)
+            m.note = "; ".join(x for x in (m.note, "full -c run, old session replaced", note,
                                            box.get("traffic", "")) if x)
             rows.append(m)
         reset()
