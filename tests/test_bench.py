@@ -204,8 +204,11 @@ def test_tiny_bench_run_on_lab_hosts_writes_a_well_formed_table(lab, tmp_path) -
         assert r["skipped"] == "" and len(r["runs"]) == 1 and r["runs"][0] > 0
         assert r["ratio_vs_best_peer"] == pytest.approx(1.0)
     ours = [r for r in rows if r["role"] == OURS]
-    assert sorted(r["case"] for r in ours) == sorted(
-        ["40 components", "160 components", "rerun, unchanged, 40 components"] * 2)
+    # two delays, each case run with the default settle and with --settle 0
+    assert sorted((r["case"], r["tool"]) for r in ours) == sorted(
+        [(case, tool) for case in ("40 components", "160 components",
+                                   "rerun, unchanged, 40 components")
+         for tool in ("remote_runner", "remote_runner --settle 0")] * 2)
     for r in ours:  # ours either ran (and says how many commands each host got) or says why not
         assert (r["skipped"] != "") != (len(r["runs"]) == 1)
         assert r["skipped"] or " execs" in r["note"]
