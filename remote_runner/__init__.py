@@ -5,3 +5,7 @@ and are the only place that prints final reports or chooses exit codes.
 """
 
 __version__ = "0.1.0"
+
+from remote_runner import lazyimport as _lazyimport
+
+_lazyimport.defer_all()
