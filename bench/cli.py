@@ -15,6 +15,7 @@ import traceback
 import uuid
 from typing import List, Optional
 
+from bench import ours
 from bench.context import Context
 from bench.results import Report, machine_facts
 from bench.scenarios import SCENARIOS
@@ -96,6 +97,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     tag = uuid.uuid4().hex[:6]
     report.settings["screen sessions"] = f"rrbench-{tag}-*"
     outrun = install(report, args.no_install)
+    report.notes.append(ours.compile_package())
     os.makedirs(args.work_dir, exist_ok=True)
     all_delays = sorted(set(args.delay_list + args.mirror_delay_list))
     t0 = time.monotonic()
