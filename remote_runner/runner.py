@@ -419,16 +419,20 @@ class Runner:
         """Return the script resolving the state dir and base dirs on *host* (screen checked)."""
         specs = self._by_host()[host]
         state = self._state_dir()
+        # cd -P leaves the physical path in $PWD: no fork per component, as $(pwd -P) was
         lines = [f"command -v screen >/dev/null 2>&1 || exit {_NO_SCREEN}",
                  f"d={_shell_path(state)}",
-                 'mkdir -p "$d" && cd "$d" && echo "STATE $(pwd -P)" || exit 3',
+                 'mkdir -p "$d" && cd -P "$d" && echo "STATE $PWD" || exit 3',
                  hostops.prepare_run_script('"$d"', self.run_id)]
+        seen = set()
         for i, spec in enumerate(specs):
             if spec.base_dir is None and not spec.is_local:
                 lines.append(f'b=$(mktemp -d) && echo "BASE {i} $b" || exit 4')
-            else:
-                q = shlex.quote(spec.base_dir or self.invocation_dir)
-                lines.append(f'mkdir -p {q} && cd {q} && echo "BASE {i} $(pwd -P)" || exit 4')
+                continue
+            q = shlex.quote(spec.base_dir or self.invocation_dir)
+            made = "" if q in seen else f"mkdir -p {q} && "
+            seen.add(q)
+            lines.append(f'{made}cd -P {q} && echo "BASE {i} $PWD" || exit 4')
         return "\n".join(lines) + "\n"
 
     def _prepared(self, host: str, result: ScriptResult) -> None:
