@@ -30,18 +30,18 @@ and inside a step hosts are handled in parallel, at most ``forks`` at once):
 
 Hosts run commands through a :class:`~remote_runner.shell.Shell`: ``sh -s``
 over an SSH exec channel, or a local ``sh`` for ``localhost``, so the same
-scripts serve both.
+scripts serve both. The :class:`Runner` is this sequence; steps 3 and the
+launchers live in :mod:`remote_runner.hostsetup`, steps 6 and 7 in
+:mod:`remote_runner.runend`.
 """
 
 from __future__ import annotations
 
 import logging
 import os
-import shlex
 import threading
-import time
 from concurrent.futures import ThreadPoolExecutor
-from typing import TYPE_CHECKING, Any, Callable, Dict, List, Optional, Sequence, Tuple
+from typing import TYPE_CHECKING, Any, Callable, Dict, List, Optional, Sequence
 
 from remote_runner import events as ev
 from remote_runner import hostops, landing, precheck
@@ -49,16 +49,17 @@ from remote_runner import screen as scr
 from remote_runner import sync
 from remote_runner import upload
 from remote_runner.errors import (ComponentFailed, ConfigError, ConnectionLost, CopyError,
-                                   PartialRun, PrerequisitesUnreachable, StartError,
+                                   PartialRun, PrerequisitesUnreachable,
                                    control_characters)
 from remote_runner.runmodel import (  # noqa: F401 - re-exported: the runner's API
     ComponentResult, MirrorFactory, MirrorSession, Placement, RunOptions, RunReport,
     component_argv, default_mirror_factory, path_lookup,
 )
+from remote_runner.hostsetup import HostSetup
+from remote_runner.runend import RunEnd
 from remote_runner.runrecord import (ComponentRecord, HostRecord, RunRecord, component_record,
                                      host_record, new_run_id, utc_now)
 from remote_runner.shell import LocalShell, RemoteShell, ScriptResult, Shell  # noqa: F401 (API)
-from remote_runner.shell import shell_path as _shell_path
 
 if TYPE_CHECKING:  # pragma: no cover
     from remote_runner.config import ComponentSpec, Experiment
@@ -67,13 +68,11 @@ if TYPE_CHECKING:  # pragma: no cover
 LOG = logging.getLogger(__name__)
 
 DEFAULT_STATE_DIR = "~/.remote-runner/{screen}"
-#: Longest a single wait-poll command runs on a host before reporting back.
-POLL_SLICE = 15.0
 
 
 # --------------------------------------------------------------------------- the run
 
-class Runner:
+class Runner(HostSetup, RunEnd):
     """One run of one experiment."""
 
     def __init__(self, experiment: "Experiment", options: RunOptions,
@@ -253,26 +252,6 @@ class Runner:
             self.connections = {}
             raise PrerequisitesUnreachable({h: str(e) for h, e in failed.items()}, reasons)
 
-    def lock(self) -> None:
-        """Take the per-(host, session) lock on every host before any host is changed."""
-        info = (f"pid {os.getpid()} on {self.record.runner.get('host')}, run {self.run_id}, "
-                f"since {self.record.created}")
-
-        for host, specs in self._by_host().items():
-            if host != "localhost":
-                check = precheck.plan_ahead(host, specs, self.options.always_copy,
-                                            self.options.rehash)
-                if check is not None:
-                    self.early[host] = check
-
-        def take(host: str) -> None:
-            connection = None if host == "localhost" else self.connections[host]
-            check = self.early.get(host)
-            self.locks[host] = hostops.acquire_lock(
-                host, self._state_dir(), info, connection, then=self._prepare_script(host),
-                fed=check.script if check else "", feed=check.request if check else b"")
-        self._parallel(take, list(self._by_host()), "taking the session lock")
-
     def save_record(self) -> None:
         """Write this run's record on this machine (when the caller asked for one)."""
         if not self._save_records:
@@ -284,28 +263,6 @@ class Runner:
             self.record.save()
         except OSError as exc:
             LOG.warning("could not write the run record %s: %s", self.record.path, exc)
-
-    def prepare(self) -> None:
-        """Check for screen and create state and base directories on each host (nothing is stopped).
-
-        The commands ran on the lock's channel as soon as each lock was held
-        (:meth:`lock`): this reads what they said.
-        """
-        for host in self._by_host():
-            lock = self.locks[host]
-            if lock.then_status is None:
-                raise ConnectionLost(host, "the SSH connection was lost while preparing it "
-                                     f"(no answer after taking the session lock: "
-                                     f"{lock.then_output.strip()[-200:] or 'nothing'})",
-                                     "check the host and the network, then run again")
-            self._prepared(host, ScriptResult(
-                -1 if lock.then_status is None else lock.then_status, lock.then_output,
-                lock.then_output))
-            check = self.early.pop(host, None)
-            if check is not None:
-                check.take(lock.then_output)
-                if check.usable({p.spec.key: p.base_dir for p in self.placements[host]}):
-                    self.early[host] = check
 
     def copy(self) -> None:
         """Copy every remote component's files (nothing for localhost)."""
@@ -373,117 +330,7 @@ class Runner:
             self._parallel(lambda host: self._start_on_host(host, by_host[host], host in first),
                            list(by_host), f"starting index {index}", by_host)
 
-    def wait_all(self) -> None:
-        """Block until every wait (and mirrored) component has exited, or the wait timeout."""
-        waited = self._waited()
-        if not waited:
-            return
-        deadline = (None if self.options.wait_timeout is None
-                    else time.monotonic() + self.options.wait_timeout)
-        for host, places in waited.items():
-            for place in places:
-                self._say(ev.KIND_COMPONENT_WAITING, host, component=place.spec.name,
-                          level=logging.DEBUG, log_file=place.window.log_file)
-        self._say(ev.KIND_NOTE, None, "waiting for " + ", ".join(
-            f"{p.spec.host}:{p.spec.name}" for ps in waited.values() for p in ps))
-        from remote_runner.tails import LogTailer
-        tailer = LogTailer(self.shells, waited, self.events, self.options.tail_logs)
-        try:
-            self._parallel(lambda host: self._wait_on_host(host, waited[host], deadline),
-                           list(waited), "waiting", waited)
-        finally:
-            tailer.stop()
-
-    def terminate(self) -> None:
-        """Stop every non-wait component, and waited ones still running (timeout, Ctrl-C).
-
-        Each is stopped by signalling its window's process group.
-        """
-        targets = {host: [p for p in places
-                          if (not p.spec.wait and not p.spec.mirror)
-                          or (self.report.components[p.spec.key].status is None
-                              and self.report.components[p.spec.key].pid is not None)]
-                   for host, places in self.placements.items()}
-        targets = {h: ps for h, ps in targets.items() if ps}
-        if not any(p.spec.wait for ps in self.placements.values() for p in ps):
-            LOG.warning("--terminate: no component has wait=True, so nothing marks the end of "
-                        "the run; leaving components running")
-            return
-        if targets:
-            self._parallel(lambda host: self._terminate_on_host(host, targets[host]),
-                           list(targets), "stopping", targets)
-
     # -- per host -----------------------------------------------------------
-
-    def _prepare_script(self, host: str) -> str:
-        """Return the script resolving the state dir and base dirs on *host* (screen checked)."""
-        specs = self._by_host()[host]
-        state = self._state_dir()
-        # cd -P leaves the physical path in $PWD: no fork per component, as $(pwd -P) was
-        lines = [f"command -v screen >/dev/null 2>&1 || exit {_NO_SCREEN}",
-                 f"d={_shell_path(state)}",
-                 'mkdir -p "$d" && cd -P "$d" && echo "STATE $PWD" || exit 3',
-                 hostops.prepare_run_script('"$d"', self.run_id)]
-        seen = set()
-        for i, spec in enumerate(specs):
-            if spec.base_dir is None and not spec.is_local:
-                lines.append(f'b=$(mktemp -d) && echo "BASE {i} $b" || exit 4')
-                continue
-            q = shlex.quote(spec.base_dir or self.invocation_dir)
-            made = "" if q in seen else f"mkdir -p {q} && "
-            seen.add(q)
-            lines.append(f'{made}cd -P {q} && echo "BASE {i} $PWD" || exit 4')
-        return "\n".join(lines) + "\n"
-
-    def _prepared(self, host: str, result: ScriptResult) -> None:
-        """Take in what *host*'s prepare script said: state dir, base dirs, its screen."""
-        shell = self.shells[host]
-        specs = self._by_host()[host]
-        state = self._state_dir()
-        found = _parse_prepare(result.stdout)
-        if result.exit_status == _NO_SCREEN:
-            raise StartError(f"host {host}: GNU screen is not installed (or not on PATH); install "
-                             "it there (Debian: apt-get install screen); nothing was changed")
-        if "STATE" not in found or result.exit_status != 0:
-            what = "base directories" if result.exit_status == 4 else f"state directory {state}"
-            raise StartError(f"host {host}: could not create {what}: "
-                             f"{result.stderr.strip() or result.stdout.strip()}")
-        state_dir = found["STATE"]
-        run_dir = hostops.run_dir(state_dir, self.run_id)
-        self.report.state_dirs[host] = state_dir
-        self.record.hosts[host] = self._host_record(host, state_dir, run_dir)
-        self.screens[host] = scr.Screen(shell, self.options.screen, state_dir,
-                                        zombie=self.options.zombie,
-                                        start_timeout=self.options.start_timeout, log_dir=run_dir)
-        places = []
-        for i, spec in enumerate(specs):
-            base = found[f"BASE {i}"]
-            temp_base = spec.base_dir is None and not spec.is_local
-            if spec.base_dir is None:
-                self._say(ev.KIND_NOTE, host, f"base dir of {spec.name} is {base}",
-                          level=logging.DEBUG)
-            window = scr.Window(spec.name, scr.file_stem(spec.name), run_dir)
-            places.append(Placement(spec, base, window, temp_base))
-            self.report.components[spec.key] = ComponentResult(host, spec.name, base)
-        self.placements[host] = places
-
-    def _launcher_setup(self, host: str) -> str:
-        """Return the shell text writing *host*'s launchers (builtins only, no fork per window)."""
-        parts, stale = [], []
-        for place in self.placements[host]:
-            lookup = None
-            if place.spec.mirror and self.mirror is not None:
-                argv = self.mirror.argv(place.spec, place.base_dir)
-            else:
-                argv = component_argv(place.spec)
-                lookup = path_lookup(place.spec)
-            w = place.window
-            stale += [w.status_file, w.pid_file, w.log_file, w.win_file]
-            text = scr.launcher_text(w, argv, place.base_dir, place.spec.name,
-                                     env=place.spec.env, lookup=lookup)
-            parts.append(scr.printf_write(w.launcher, text, on_error=scr.SETUP_FAILED))
-        # the run's directory is new; a reused --run-id may have left state files
-        return f"rm -f {' '.join(shlex.quote(f) for f in stale)}\n" + "".join(parts)
 
     def _start_on_host(self, host: str, places: List[Placement], first: bool) -> None:
         """Open the windows of *places* on *host*, confirm them healthy, record their pids.
@@ -539,80 +386,6 @@ class Runner:
                 LOG.error("%s", extra)
             raise failures[0]
 
-    def _wait_on_host(self, host: str, places: List[Placement], deadline: Optional[float]) -> None:
-        """Poll *host* until every component in *places* has a status (or the deadline)."""
-        pending = {p.window.stem: p for p in places}
-        while pending:
-            slice_ = POLL_SLICE
-            if deadline is not None:
-                slice_ = min(slice_, max(0.0, deadline - time.monotonic()))
-            states = self._poll_status(host, list(pending.values()), slice_)
-            for stem, (state, value) in states.items():
-                place = pending.get(stem)
-                if place is None or state == "RUNNING":
-                    continue
-                self._record_end(host, place, state, value)
-                del pending[stem]
-            if pending and deadline is not None and time.monotonic() >= deadline:
-                for place in pending.values():
-                    result = self.report.components[place.spec.key]
-                    result.failure = (f"still running after --wait-timeout "
-                                      f"{self.options.wait_timeout:g} s")
-                    self._say(ev.KIND_COMPONENT_ENDED, host,
-                              f"{place.spec.name} {result.failure}", level=logging.ERROR,
-                              component=place.spec.name, status=None, failure=result.failure,
-                              waited=True)
-                return
-
-    def _record_end(self, host: str, place: Placement, state: str, value: str) -> None:
-        """Store and log how one waited component ended."""
-        result = self.report.components[place.spec.key]
-        rec = self._component_record(host, place)
-        rec.ended = utc_now()
-        if state == "DONE":
-            result.status = int(value) if value.lstrip("-").isdigit() else None
-            rec.exit_status = result.status
-            rec.state = ("exited ?" if result.status is None
-                         else hostops.describe_status(result.status))
-        else:
-            rec.state = "missing"
-        if state == "DONE":
-            if result.status == 0:
-                self._say(ev.KIND_COMPONENT_ENDED, host, f"{place.spec.name} exited with status 0",
-                          component=place.spec.name, status=0, failure=None,
-                          waited=place.spec.wait)
-                return
-            failure = f"exited with status {value}" + (
-                " (command not found)" if result.status == 127 else "")
-        else:
-            failure = "its window ended without recording an exit status"
-        if place.spec.wait:
-            result.failure = failure
-        self._say(ev.KIND_COMPONENT_ENDED, host, f"{place.spec.name} {failure}",
-                  level=logging.ERROR if place.spec.wait else logging.WARNING,
-                  component=place.spec.name, status=result.status, failure=failure,
-                  waited=place.spec.wait)
-
-    def _poll_status(self, host: str, places: List[Placement], seconds: float
-                     ) -> Dict[str, Tuple[str, str]]:
-        """Run one bounded poll on *host*; return stem -> (DONE|GONE|RUNNING, value)."""
-        return scr.poll_windows(self.shells[host], [p.window for p in places], seconds)
-
-    def _terminate_on_host(self, host: str, places: List[Placement]) -> None:
-        """Stop the windows of *places* by process group (TERM, then KILL after the grace)."""
-        killed = scr.stop_windows(self.shells[host], [p.window for p in places],
-                                  self.options.terminate_grace)
-        for place in places:
-            self.report.components[place.spec.key].terminated = True
-            rec = self._component_record(host, place)
-            if rec.ended is None:
-                rec.state, rec.ended = "stopped", utc_now()
-            self._say(ev.KIND_COMPONENT_TERMINATED, host, f"terminated {place.spec.name}",
-                      component=place.spec.name)
-        if killed:
-            self._say(ev.KIND_NOTE, host, f"{', '.join(killed)} ignored SIGTERM and got SIGKILL",
-                      level=logging.WARNING)
-
     # -- helpers ------------------------------------------------------------
 
     def _say(self, kind: str, host: Optional[str], message: str = "", level: int = logging.INFO,
@@ -632,12 +405,6 @@ class Runner:
         """Count the remote hosts that receive files."""
         return sum(1 for host, specs in self._by_host().items()
                    if host != "localhost" and any(s.files for s in specs))
-
-    def _waited(self) -> Dict[str, List[Placement]]:
-        """Return, per host, the components a run waits for (wait=True or mirrored)."""
-        waited = {host: [p for p in places if p.spec.wait or p.spec.mirror]
-                  for host, places in self.placements.items()}
-        return {h: ps for h, ps in waited.items() if ps}
 
     def _state_dir(self) -> str:
         return self.options.remote_done_dir or DEFAULT_STATE_DIR.format(screen=self.options.screen)
@@ -711,10 +478,6 @@ def _check_host_syntax(spec: "ComponentSpec") -> None:
                           field="host") from None
 
 
-#: Exit status of the prepare script on a host without GNU screen.
-_NO_SCREEN = 5
-
-
 def _copy_summary(reports: Dict[str, "sync.HostSync"]) -> str:
     """One line for the whole copy phase."""
     copied = sum(len(r.copied) for r in reports.values())
@@ -731,18 +494,6 @@ def _lane_opener(connection: "Connection") -> Callable[[], Any]:
         import paramiko
         return paramiko.SFTPClient.from_transport(connection.transport)
     return open_lane
-
-
-def _parse_prepare(stdout: str) -> Dict[str, str]:
-    """Parse ``STATE path`` / ``BASE i path`` lines of the prepare script."""
-    found = {}
-    for line in stdout.splitlines():
-        if line.startswith("STATE "):
-            found["STATE"] = line[6:]
-        elif line.startswith("BASE "):
-            _, index, path = line.split(" ", 2)
-            found[f"BASE {index}"] = path
-    return found
 
 
 def run(experiment: "Experiment", options: RunOptions, ssh_options: Optional["SSHOptions"] = None,
