@@ -253,7 +253,10 @@ class WindowState:
     started: Optional[int]  # host clock, seconds since the epoch
     ended: Optional[int]
     now: Optional[int]
+    #: the last non-blank line the program wrote (screen's own lines left out)
     last_line: str = ""
+    #: screen's "=== Command terminated ..." line of a dead window, if it wrote one
+    zombie_line: str = ""
 
     @property
     def state(self) -> str:
@@ -263,7 +266,7 @@ class WindowState:
         if self.alive:
             return "running"
         # the launcher itself was killed; screen's zombie line may still say how
-        match = _SCREEN_SIGNAL_RE.search(self.last_line)
+        match = _SCREEN_SIGNAL_RE.search(self.zombie_line)
         if match:
             return describe_status(128 + int(match.group(1)))
         return "missing"
@@ -290,17 +293,19 @@ def inspect(shell: "Shell", windows: Sequence[Window]) -> Dict[str, WindowState]
             f"s=$(cat {q(w.status_file)} 2>/dev/null); "
             f"t=$(stat -c %Y {q(w.pid_file)} 2>/dev/null); e=$(stat -c %Y {q(w.status_file)} "
             f"2>/dev/null); "
-            f"l=$(tail -n 5 {q(w.log_file)} 2>/dev/null | tr -d '\\r' | grep -v '^[[:space:]]*$' "
-            f"| grep -v '^=== Command detached from window' | tail -n 1); "
-            f"printf 'W\\t%s\\t%s\\t%s\\t%s\\t%s\\t%s\\t%s\\t%s\\n' {q(w.stem)} \"$p\" \"$a\" "
-            f"\"$s\" \"$t\" \"$e\" \"$now\" \"$l\"")
+            f"l=$(tail -n 8 {q(w.log_file)} 2>/dev/null | tr -d '\\r' | grep -v '^[[:space:]]*$'); "
+            "z=$(printf '%s\\n' \"$l\" | grep '^=== Command terminated' | tail -n 1); "
+            "l=$(printf '%s\\n' \"$l\" | grep -v '^=== Command ' | tail -n 1); "
+            f"printf 'W\\t%s\\t%s\\t%s\\t%s\\t%s\\t%s\\t%s\\t%s\\t%s\\n' {q(w.stem)} \"$p\" "
+            f"\"$a\" \"$s\" \"$t\" \"$e\" \"$now\" \"$z\" \"$l\"")
     result = shell.script("\n".join(parts) + "\n", timeout=60)
     states: Dict[str, WindowState] = {}
     for line in result.stdout.splitlines():
-        cols = line.split("\t", 8)
-        if len(cols) == 9 and cols[0] == "W":
+        cols = line.split("\t", 9)
+        if len(cols) == 10 and cols[0] == "W":
             states[cols[1]] = WindowState(cols[1], _int(cols[2]), cols[3] == "1", _int(cols[4]),
-                                          _int(cols[5]), _int(cols[6]), _int(cols[7]), cols[8])
+                                          _int(cols[5]), _int(cols[6]), _int(cols[7]), cols[9],
+                                          zombie_line=cols[8])
     return states
 
 

@@ -228,6 +228,8 @@ def test_status_logs_and_stop(env):
         "h1/server": "running", "h2/client": "running", "h3/client": "running",
         "h1/victim": "running", "h3/job": "exited 0"}
     assert rows["h1/server"]["uptime"] is not None and "server tick" in rows["h1/server"]["last_line"]
+    # the program's own last line, not screen's "=== Command terminated ..." below it
+    assert rows["h3/job"]["last_line"] == "job done", rows["h3/job"]
     # a component killed by a signal (its program, not the launcher)
     on(env, "h1", f"pkill -KILL -P $(cat {env['state']}/latest/victim.pid)", check=True)
     assert wait_until(lambda: status_json(env)[1]["h1/victim"]["state"] == "killed by SIGKILL")
