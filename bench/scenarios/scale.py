@@ -130,12 +130,17 @@ def ours_note(peaks: Peaks, phases: Dict[str, float]) -> str:
 
 
 def case_rows(ctx: Context, delay: float, count: int, per_host: int, data: Optional[str],
-              peers: bool) -> List[Measurement]:
-    """Measure one case (hosts x components, with or without the file) for ours and the peers."""
+              peers: bool, variants: Sequence[tuple] = (("remote_runner", []),)
+              ) -> List[Measurement]:
+    """Measure one case (hosts x components, with or without the file) for ours and the peers.
+
+    *variants* are our runs: (tool label, extra flags).
+    """
     what = COPY if data else START
     case = (f"{count * per_host:,} components on {count} hosts: {what}" if per_host > 1
             else f"{count} host{'s' if count > 1 else ''}: {what}")
-    tools = [("remote_runner", OURS)] + ([(PSSH, "peer"), (LOOP, "peer")] if peers else [])
+    tools = ([(label, OURS) for label, _ in variants] +
+             ([(PSSH, "peer"), (LOOP, "peer")] if peers else []))
     try:
         hosts = ctx.testbed.hosts(count)
         if len(hosts) < count:
@@ -152,13 +157,14 @@ def case_rows(ctx: Context, delay: float, count: int, per_host: int, data: Optio
 
     rows: List[Measurement] = []
     missing = ours.runner_missing()
-    if missing:
-        rows.append(skipped(SCENARIO, case, "remote_runner", delay, missing, OURS))
-    else:
+    for label, extra in variants:
+        if missing:
+            rows.append(skipped(SCENARIO, case, label, delay, missing, OURS))
+            continue
         peaks, phases = Peaks(), {}  # type: ignore[var-annotated]
         argv = ours.runner_argv(runner_config(ctx, hosts, per_host, data), cfg, screen,
-                                ["-f", str(FORKS), "--json"])
-        m = repeat(Measurement(SCENARIO, case, "remote_runner", delay, OURS),
+                                ["-f", str(FORKS), "--json"] + list(extra))
+        m = repeat(Measurement(SCENARIO, case, label, delay, OURS),
                    ours_step(ctx, argv, peaks, phases), ctx.reps, reset, ctx.slow_after)
         m.note = "; ".join(x for x in (m.note, ours_note(peaks, phases)) if x)
         rows.append(m)
@@ -200,8 +206,10 @@ def run(ctx: Context) -> List[Measurement]:
     rows: List[Measurement] = []
     for count in counts:
         rows += case_rows(ctx, delay, count, 1, data, peers=True)
-    for count in START_COUNTS:
-        rows += case_rows(ctx, delay, count, 1, None, peers=True)
+    for count in START_COUNTS:  # also with --settle 0: the peers' check only (see startup)
+        rows += case_rows(ctx, delay, count, 1, None, peers=True,
+                          variants=(("remote_runner", []),
+                                    ("remote_runner --settle 0", ["--settle", "0"])))
     if not ctx.quick:
         rows += case_rows(ctx, delay, MANY[0], MANY[1], data, peers=False)
     per_host_notes(rows)
