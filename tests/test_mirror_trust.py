@@ -41,6 +41,38 @@ def test_an_altered_cached_agent_is_replaced_not_run(lab, workdir):
     assert _remote_sha256(lab, "h3", cached) == bundle.sha256
 
 
+def _compiled_agents(lab, host, bundle):
+    """(name, sha256 of its bytes) of each compiled copy of *bundle*'s agent on *host*."""
+    stem = bundle.filename[:-4]
+    out = ssh(lab, host, f'cd "$HOME/{CACHE_DIR}" && for f in {stem}.*.pyz; do '
+                         '[ -e "$f" ] && echo "$f $(sha256sum < "$f" | cut -c1-16)"; done',
+              check=False).stdout
+    return [line.split() for line in out.splitlines() if line.strip()]
+
+
+@pytest.mark.parametrize("host", ["h3", "h9"])
+def test_the_agent_runs_compiled_by_the_hosts_python_and_a_damaged_copy_is_rebuilt(
+        lab, workdir, host):
+    """Bytecode the host compiled is kept beside the agent, and used only while intact."""
+    bundle = build_bundle()
+    assert rr_exec(lab, host, ["true"], workdir).returncode == 0
+    compiled = _compiled_agents(lab, host, bundle)
+    tag = ssh(lab, host, "python3 -c 'import sys; print(sys.implementation.cache_tag)'").stdout
+    assert len(compiled) == 1 and f".{tag.strip()}." in compiled[0][0], compiled
+    name, digest = compiled[0]
+    assert name.endswith(f".{digest}.pyz")  # its bytes hash to its name
+    listing = ssh(lab, host, f'python3 -c "import zipfile,sys; print(sorted(zipfile.ZipFile(sys.argv[1])'
+                             f'.namelist()))" "$HOME/{CACHE_DIR}/{name}"').stdout
+    assert "rrmirror/agent.pyc" in listing and ".py'" not in listing  # bytecode only
+    # damaged (cut short): not run, removed and built again; the command still runs
+    ssh(lab, host, f'truncate -s 1000 "$HOME/{CACHE_DIR}/{name}"')
+    result = rr_exec(lab, host, ["sh", "-c", "echo still here"], workdir)
+    assert result.returncode == 0 and result.stdout == b"still here\n", result.stderr.decode()
+    # one intact copy again (its bytes may differ: marshal output depends on hash seeds)
+    again = _compiled_agents(lab, host, bundle)
+    assert len(again) == 1 and again[0][0].endswith(f".{again[0][1]}.pyz"), again
+
+
 def test_the_boot_program_refuses_a_missing_or_altered_agent_without_fetch(tmp_path):
     bundle = build_bundle()
     path = tmp_path / bundle.filename

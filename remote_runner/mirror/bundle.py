@@ -43,16 +43,71 @@ sys.exit(main())
 ALTERED_MARKER = b"RR-MIRROR-REPL-AGENT\n"
 assert len(ALTERED_MARKER) == len(NEED_MARKER)
 
+#: Defines ``compiled(p)``: the path of the verified agent *p* compiled by this host's
+#: python, built on first use. A zipapp's modules are compiled from source at every
+#: start (zipimport never writes bytecode), tens of milliseconds of host CPU per
+#: ``exec``; so the host keeps, beside the agent, ``<agent>.<cache_tag>.<sha256[:16]>.pyz``
+#: holding only ``.pyc`` files compiled from it. It is used only when its bytes still
+#: hash to its name (a damaged or altered one is removed and built again), written
+#: atomically like the agent, and any failure to build it runs the agent itself.
+COMPILED = (
+    "def compiled(p):\n"
+    " tag=getattr(sys.implementation,'cache_tag',None)\n"
+    " if not tag:return p\n"
+    " d=os.path.dirname(p);b=os.path.basename(p)[:-4]+'.'+tag+'.';t=None\n"
+    " try:names=os.listdir(d)\n"
+    " except OSError:return p\n"
+    " for n in names:\n"
+    "  if n.startswith(b) and n.endswith('.pyz') and len(n)==len(b)+20:\n"
+    "   c=os.path.join(d,n)\n"
+    "   try:\n"
+    "    with open(c,'rb') as f:\n"
+    "     if digest(f.read())[:16]==n[len(b):-4]:return c\n"
+    "   except OSError:pass\n"
+    "   try:os.unlink(c)\n"
+    "   except OSError:pass\n"
+    " try:\n"
+    "  import io,marshal,zipfile\n"
+    "  from importlib.util import MAGIC_NUMBER\n"
+    "  out=io.BytesIO()\n"
+    "  with zipfile.ZipFile(p) as z,zipfile.ZipFile(out,'w') as o:\n"
+    "   for i in z.infolist():\n"
+    "    n,s=i.filename,z.read(i)\n"
+    "    if n.endswith('.py'):\n"
+    "     s=MAGIC_NUMBER+bytes(12)+marshal.dumps(compile(s,p+'/'+n,'exec',dont_inherit=True))\n"
+    "     n+='c'\n"
+    "    o.writestr(zipfile.ZipInfo(n,(2020,1,1,0,0,0)),s)\n"
+    "  data=out.getvalue()\n"
+    "  c=os.path.join(d,b+digest(data)[:16]+'.pyz')\n"
+    "  t='%s.tmp.%d'%(c,os.getpid())\n"
+    "  fd=os.open(t,os.O_WRONLY|os.O_CREAT|os.O_TRUNC,0o600)\n"
+    "  try:\n"
+    "   v=memoryview(data)\n"
+    "   while v:v=v[os.write(fd,v):]\n"
+    "   os.fsync(fd)\n"
+    "  finally:os.close(fd)\n"
+    "  os.rename(t,c)\n"
+    "  return c\n"
+    " except Exception:\n"
+    "  if t:\n"
+    "   try:os.unlink(t)\n"
+    "   except OSError:pass\n"
+    "  return p\n"
+)
+
 #: The host's python runs this first, every time (``-c BOOT path sha256 [--fetch] mode...``):
-#: it runs the cached agent only when its sha256 is the one this machine built.
+#: it runs the cached agent only when its sha256 is the one this machine built
+#: (importing its ``main`` as the zipapp's ``__main__`` does, from the compiled copy,
+#: with ``sys.argv[0]`` naming the agent itself).
 #: Otherwise (missing, or altered by someone on the host) it asks for the agent
 #: (``--fetch``: NEED or REPL marker, then exactly the payload on stdin), checks
 #: the payload's hash too, writes it under a temporary name, fsyncs and renames
 #: it into place (a failed write leaves nothing behind), and runs it.
 BOOT = (
-    "import hashlib,os,runpy,sys\n"
+    "import hashlib,os,sys\n"
     "p,h=sys.argv[1],sys.argv[2]\n"
     "def digest(d):return hashlib.sha256(d).hexdigest()\n"
+    + COMPILED +
     "try:\n"
     " with open(p,'rb') as f:ok=digest(f.read())==h\n"
     "except OSError:ok=None\n"
@@ -82,8 +137,10 @@ BOOT = (
     "  try:os.unlink(t)\n"
     "  except OSError:pass\n"
     "  sys.exit('remote-runner: cannot store the mirror agent in %s: %s' % (os.path.dirname(p),e.strerror))\n"
+    "sys.path.insert(0,compiled(p))\n"
     "sys.argv=[p]+rest\n"
-    "runpy.run_path(p,run_name='__main__')\n"
+    "from rrmirror.agent import main\n"
+    "sys.exit(main())\n"
 )
 
 
