@@ -30,7 +30,7 @@ import difflib
 import re
 import sys
 from dataclasses import dataclass, field
-from typing import Any, Iterator, List, Optional, Tuple, Union
+from typing import Any, Dict, Iterator, List, Optional, Tuple, Union
 
 from remote_runner.errors import ConfigError, CopyError, located
 
@@ -164,6 +164,10 @@ class SourceError(CopyError):
         return located(self.message, self.file, self.line, self.component, self.field)
 
 
+#: Values a component copy may share with the original: nothing can change them.
+_SHARED = (str, int, float, bool, bytes, type(None), Origin)
+
+
 def caller_origin() -> Origin:
     """Return the innermost calling place outside remote_runner's own modules."""
     frame = sys._getframe(1)
@@ -222,6 +226,23 @@ class Component:
     def __repr__(self) -> str:
         shown = ", ".join(f"{k}={self.__dict__[k]!r}" for k in LEGAL_FIELDS if k in self.__dict__)
         return f"Component({shown})"
+
+    def __deepcopy__(self, memo: Dict[int, Any]) -> "Component":
+        """A copy for :meth:`Config.add_component`: values deep-copied, origins kept as they are.
+
+        Strings, numbers and origins are immutable and shared; only containers
+        (args, files, env ...) are copied. Generic deepcopy took about 1 ms a
+        component, a third of a second for a 400-component config.
+        """
+        new = object.__new__(type(self))
+        memo[id(self)] = new
+        for key, value in self.__dict__.items():
+            if key == "_origins":
+                value = dict(value)
+            elif not isinstance(value, _SHARED):
+                value = copy.deepcopy(value, memo)
+            object.__setattr__(new, key, value)
+        return new
 
 
 def set_field_at(component: Component, name: str, value: Any, origin: Origin) -> None:
