@@ -252,6 +252,7 @@ class Connection(Authentication):
             raise UnreachableError(self.alias, f"cannot connect to {target}: "
                                    f"{exc.strerror or exc}", "is the host up and sshd running?") from exc
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         return sock
 
     def _open_via_jump(self, jumps: List[str]) -> paramiko.Channel:

@@ -221,6 +221,18 @@ def test_close_is_idempotent_and_context_manager(lab):
         connection.run("true")
 
 
+def test_the_connection_sends_each_message_at_once(lab):
+    """TCP_NODELAY: paramiko writes each SSH message on its own, and with Nagle's
+    algorithm a message following an unacknowledged one waited for the host's
+    delayed ACK (about 40 ms on Linux) -- on every exec's request after its open."""
+    import socket
+    with Connection("h2", lab_options(lab)) as connection:
+        connection.connect()
+        sock = connection.transport.sock
+        assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) == 1
+        assert connection.run(["echo", "fast"]).stdout == b"fast\n"
+
+
 def test_explicit_user_wins_over_ssh_config(lab):
     with Connection("h1", lab_options(lab, user="rrtest")) as by_option:
         assert by_option.username == "rrtest"
