@@ -32,6 +32,7 @@ import zlib
 from typing import Any, Callable, Dict, Optional, Tuple
 
 from remote_runner.errors import CopyError, describe
+from remote_runner.stream import collect
 
 LOG = logging.getLogger(__name__)
 
@@ -173,27 +174,13 @@ def _exec(transport: Any, command: str, data: Optional[bytes], timeout: float,
 
 
 def _finish(channel: Any, deadline: float) -> Tuple[int, str, str]:
-    """Read a channel's output until it exits or *deadline* passes (status -1)."""
-    out, err = bytearray(), bytearray()
-    channel.settimeout(0.5)
-    while time.monotonic() < deadline:
-        if channel.recv_ready():
-            out += channel.recv(65536)
-            continue
-        if channel.recv_stderr_ready():
-            err += channel.recv_stderr(65536)
-            continue
-        if channel.exit_status_ready():
-            while channel.recv_ready():
-                out += channel.recv(65536)
-            while channel.recv_stderr_ready():
-                err += channel.recv_stderr(65536)
-            return (channel.recv_exit_status(), out.decode("utf-8", "replace"),
-                    err.decode("utf-8", "replace"))
-        if channel.closed or not channel.get_transport().is_active():
-            break
-        channel.status_event.wait(0.2)
-    return -1, out.decode("utf-8", "replace"), err.decode("utf-8", "replace")
+    """Read a channel's output to its end, then its status (-1 when *deadline* passes).
+
+    The output is read until EOF first: OpenSSH may send the exit status
+    before the last of it (a short write's mark would be lost).
+    """
+    out, err, status = collect(channel, deadline)
+    return status, out, err
 
 
 def receive_script(codec: str, tmp: str, dest: str, size: int, mode: int) -> str:

@@ -27,7 +27,10 @@ Why it can be trusted, and where it is not:
   stat was the same before and after reading it.
 * After a copy the host hashes what was copied (from its page cache) and only
   then records it: an entry always describes the bytes really there, even when
-  two runs copy different contents to one path at once.
+  two runs copy different contents to one path at once. A file that arrived
+  as a stream (:mod:`remote_runner.stream`) was hashed on the host while it
+  was written; that hash is recorded instead, only while the file's stat is
+  still exactly the one taken after its rename (else it is hashed again).
 * Writes merge under ``flock`` on a lock file beside the manifest, into a
   temporary file renamed over the old one, keeping other runs' entries and
   dropping entries whose file is gone or changed. A lock held too long (30 s)
@@ -48,7 +51,7 @@ import logging
 import re
 import shlex
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Dict, List, Optional, Sequence, Tuple
+from typing import TYPE_CHECKING, Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
 from remote_runner.upload import STALE_MINUTES
 
@@ -147,7 +150,7 @@ def save(tree, new):
         return False
     finally:
         os.close(lock)
-out = {"files": [], "hashed": 0, "trusted": 0, "saved": True}
+out = {"files": [], "hashed": 0, "trusted": 0, "received": 0, "saved": True}
 trees = req["trees"]
 for d, mode in req.get("dirs", []):
     if os.path.isdir(d):
@@ -163,7 +166,12 @@ for d, mode in req.get("dirs", []):
             sys.exit(0)
 known = {}
 fresh = {}
-for dest, size, mode, t in req["files"]:
+for f in req["files"]:
+    dest, size, mode, t = f[:4]
+    got = f[4] if len(f) > 4 else None
+    if not (isinstance(got, list) and len(got) == 6 and all(type(x) is int for x in got[:5])
+            and isinstance(got[5], str) and HEX.match(got[5])):
+        got = None
     try:
         st = os.lstat(dest)
     except OSError:
@@ -180,6 +188,10 @@ for dest, size, mode, t in req["files"]:
         if entry is not None and entry[:5] == key(st):
             item[2] = entry[5]
             out["trusted"] += 1
+        elif got is not None and got[:5] == key(st):
+            item[2] = got[5]
+            out["received"] += 1
+            fresh.setdefault(t, {})[dest] = got
         else:
             try:
                 item[2], steady = digest(dest, st)
@@ -241,6 +253,8 @@ class Answer:
     files: List[Optional[Remote]]
     hashed: int = 0
     trusted: int = 0
+    #: files whose SHA-1 a stream's receiver computed on the host (a record only)
+    received: int = 0
     saved: bool = True
     has_tar: bool = False
     free: List[str] = field(default_factory=list)
@@ -261,17 +275,26 @@ def run_script(size: Optional[int] = None) -> str:
 
 def request(items: Sequence["Upload"], trees: Sequence[str], tree_of: Sequence[int], *,
             dirs: Sequence[Tuple[str, Optional[int]]] = (), rehash: bool = False,
-            prepare: bool = False, hash_all: bool = False) -> bytes:
+            prepare: bool = False, hash_all: bool = False,
+            receipts: Optional[Mapping[str, Any]] = None) -> bytes:
     """The JSON request for *items* (each in ``trees[tree_of[i]]``).
 
     A check sends size and mode: the host hashes only files that match them
     (and whose manifest entry is stale). *hash_all* (a record, after a copy)
-    hashes every file. *prepare* also creates *dirs*, sweeps stale temporary
-    files and reports free space and tar, so that a check is the host's only
-    exec before copying.
+    hashes every file, except one with a receipt (*receipts*: dest ->
+    :class:`~remote_runner.stream.Receipt`, the SHA-1 the host's receiver
+    computed while writing it and the file's stat after its rename), whose
+    hash the host takes while the file's stat is still exactly that.
+    *prepare* also creates *dirs*, sweeps stale temporary files and reports
+    free space and tar, so that a check is the host's only exec before copying.
     """
-    files = [[u.dest, None if hash_all else u.size, None if hash_all else u.mode, t]
-             for u, t in zip(items, tree_of)]
+    files = []
+    for u, t in zip(items, tree_of):
+        entry: List[Any] = [u.dest, None if hash_all else u.size, None if hash_all else u.mode, t]
+        receipt = (receipts or {}).get(u.dest)
+        if receipt is not None and receipt.stat is not None:
+            entry.append(list(receipt.stat) + [receipt.sha1])
+        files.append(entry)
     doc: Dict[str, Any] = {"trees": list(trees), "files": files, "rehash": bool(rehash),
                            "dirs": [[d, m] for d, m in dirs], "prepare": prepare,
                            "stale": STALE_MINUTES, "lock_wait": LOCK_WAIT}
@@ -336,7 +359,7 @@ def parse_answer(lines: Sequence[str], count: int) -> Optional[Answer]:
     free = doc.get("free", [])
     free = [x for x in free if isinstance(x, str)] if isinstance(free, list) else []
     return Answer(files, hashed=_int(doc.get("hashed")), trusted=_int(doc.get("trusted")),
-                  saved=doc.get("saved") is True, has_tar=doc.get("tar") is True, free=free)
+                  received=_int(doc.get("received")), saved=doc.get("saved") is True, has_tar=doc.get("tar") is True, free=free)
 
 
 def _count(value: Any) -> bool:

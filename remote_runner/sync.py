@@ -36,15 +36,17 @@ from typing import TYPE_CHECKING, Any, Callable, Dict, Iterable, List, Optional,
 
 from remote_runner import hashcache, manifest
 from remote_runner.errors import ConnectionLost, CopyError, RunnerError, describe
-from remote_runner.events import host_context
+from remote_runner.events import for_host, host_context
 from remote_runner.hostdigest import (  # noqa: F401 - re-exported: sync is where callers look
     HASH_CHUNK, HASH_TOOL_MARK, STAT_OK_MARK, remote_attrs, remote_sha1, remote_stat,
 )
+from remote_runner.bundle import (  # noqa: F401 - re-exported: sync is where callers look
+    BUNDLE_BYTES, BUNDLE_FILES, bundle_tar, bundles, upload_bundle, upload_bundles,
+)
 from remote_runner.upload import (  # noqa: F401 - re-exported: sync is where callers look
-    BUNDLE_BYTES, BUNDLE_FILES, LANES, SMALL_FILE, STALE_MINUTES, Cancelled, LaneOpener,
-    Progress, ShortWrite, Upload, bundle_tar, bundles, explain, free_bytes, free_space,
-    free_space_script, in_flight, upload_all, upload_bundle, upload_bundles, upload_file,
-    wait_or_cancel,
+    LANES, SMALL_FILE, STALE_MINUTES, STREAM_LANES, Cancelled, LaneOpener, Progress, ShortWrite,
+    Upload, explain, free_bytes, free_space, free_space_script, in_flight, upload_all,
+    upload_file, wait_or_cancel,
 )
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -54,6 +56,10 @@ if TYPE_CHECKING:  # pragma: no cover
 LOG = logging.getLogger(__name__)
 
 HAS_TAR_MARK = "RR-HAS-TAR"
+#: Bundles sent at once while the same host's large files stream: with the
+#: streams' and compressed lanes and the session lock's channel, within
+#: OpenSSH's default ``MaxSessions 10``.
+BUNDLE_WORKERS_BESIDE = 2
 #: Called with (host, files, bytes) once a host knows what it really has to upload.
 Planned = Callable[[str, int, int], None]
 
@@ -315,20 +321,51 @@ def sync_host(shell: "Shell", sftp: Any, plan: Plan, always_copy: bool = False,
     if checked is None:
         has_tar = make_dirs(shell, plan, todo)
     small = [u for u in todo if u.size <= small_file] if has_tar and hasattr(shell, "feed") else []
-    if small:
-        upload_bundles(shell, plan.host, small, progress)
     bundled = set(small)
     rest = [u for u in todo if u not in bundled]
-    if rest:
-        try:
-            upload_all(get_sftp(), plan.host, rest, progress, open_lane)
-        except ShortWrite as exc:
-            raise explain(shell, plan.host, exc) from exc
+    receipts: Dict[str, Any] = {}
+    side: Optional[ThreadPoolExecutor] = None
+    bundling = None
+    if small and rest:
+        # The bundles' round trips overlap the large files' bytes, on fewer
+        # channels so that both stay within the host's MaxSessions.
+        side = ThreadPoolExecutor(max_workers=1, thread_name_prefix="bundles")
+        bundling = side.submit(for_host(plan.host, upload_bundles), shell, plan.host, small,
+                               progress, BUNDLE_WORKERS_BESIDE)
+    elif small:
+        upload_bundles(shell, plan.host, small, progress)
+    try:
+        if rest:
+            link = _stream_link(shell) if checked is not None else None
+            try:
+                receipts = upload_all(get_sftp, plan.host, rest, progress, open_lane, link=link)
+            except ShortWrite as exc:
+                raise explain(shell, plan.host, exc) from exc
+    finally:
+        if side is not None:
+            side.shutdown(wait=True)
+    if bundling is not None:
+        bundling.result()
     report.copied = [u.dest for u in todo]
     report.bytes = sum(u.size for u in todo)
     if todo and (checked is not None or (always_copy and hasattr(shell, "feed"))):
-        record(shell, plan, todo)
+        record(shell, plan, todo, receipts)
     return report
+
+
+def _stream_link(shell: "Shell") -> Optional[Tuple[Any, Any]]:
+    """(transport, traffic counters) of a remote shell's connection, for streamed uploads.
+
+    Only asked once the host answered the manifest check, i.e. it runs
+    python3, which the stream's receiver needs; None for anything else.
+    """
+    connection = getattr(shell, "connection", None)
+    if connection is None or not hasattr(connection, "transport"):
+        return None
+    try:
+        return connection.transport, getattr(connection, "traffic", None)
+    except RunnerError:
+        return None
 
 
 def manifest_check(shell: "Shell", plan: Plan, report: HostSync, rehash: bool = False,
@@ -372,26 +409,34 @@ def manifest_check(shell: "Shell", plan: Plan, report: HostSync, rehash: bool = 
     return todo, same, answer.has_tar
 
 
-def record(shell: "Shell", plan: Plan, copied: Sequence[Upload]) -> None:
-    """Have the host hash what was just copied and remember it in its manifest (one exec).
+def record(shell: "Shell", plan: Plan, copied: Sequence[Upload],
+           receipts: Optional[Dict[str, Any]] = None) -> Optional[manifest.Answer]:
+    """Have the host remember what was just copied in its manifest (one exec).
 
     The host hashes the files as they are now, so the manifest describes the
     bytes really there even when another run wrote one of them meanwhile; a
-    file that differs from what was sent is named (it was changed during the copy).
+    file that differs from what was sent is named (it was changed during the
+    copy). A file streamed to a receiver that hashed it while writing
+    (*receipts*, dest -> :class:`~remote_runner.stream.Receipt`) is not read
+    again: the host takes that hash while the file's stat is still the one
+    the receiver saw after its rename, and hashes the file otherwise.
     """
     items = list(copied)
     trees, index = plan.tree_index(items)
     try:
-        answer = manifest.exchange(shell, manifest.request(items, trees, index, hash_all=True),
+        answer = manifest.exchange(shell, manifest.request(items, trees, index, hash_all=True,
+                                                           receipts=receipts),
                                    len(items))
     except ConnectionLost:
         raise
     except RunnerError as exc:  # the files are in place: only the next run's check pays
         LOG.warning("%s: could not record the copied files in the host's manifest (%s); the "
                     "next run hashes them again", plan.host, exc)
-        return
+        return None
     if answer is None or answer.error is not None:
-        return
+        return None
+    LOG.debug("%s: recorded %d copied file(s): %d hashed by their receiver as they arrived, "
+              "%d hashed now", plan.host, len(items), answer.received, answer.hashed)
     if not answer.saved:
         LOG.warning("%s: the manifest of what this host has could not be updated (locked by "
                     "another run or not writable); the next run hashes these files again",
@@ -401,6 +446,7 @@ def record(shell: "Shell", plan: Plan, copied: Sequence[Upload]) -> None:
         if remote is not None and remote.sha1 and known and remote.sha1 != known:
             LOG.warning("%s: %s changed on the host while it was being copied (another run "
                         "copying to it?); the next run compares it again", plan.host, item.dest)
+    return answer
 
 
 def sync_all(jobs: Sequence[Tuple["Shell", Callable[[], Any], Plan]], forks: int = 10,

@@ -25,20 +25,16 @@ bundle commands run at once, within OpenSSH's default ``MaxSessions``.
 
 from __future__ import annotations
 
-import io
 import logging
 import posixpath
 import secrets
-import shlex
-import tarfile
 import threading
-import time
 from concurrent.futures import ThreadPoolExecutor
 from concurrent.futures import wait as futures_wait
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Callable, Dict, List, Optional, Sequence, Tuple
 
-from remote_runner import compression, sftpwrite
+from remote_runner import compression, sftpwrite, stream
 from remote_runner.errors import EXIT_INTERRUPTED, CopyError, RunnerError, describe
 from remote_runner.events import for_host
 from remote_runner.freespace import (  # noqa: F401 - re-exported: callers look here
@@ -57,13 +53,13 @@ LOG = logging.getLogger(__name__)
 LANES = 8
 #: Compressed files sent at once per host (exec channels, besides the SFTP lanes).
 COMPRESSED_LANES = 2
+#: Files streamed at once per host (exec channels; :mod:`remote_runner.stream`).
+STREAM_LANES = 4
+#: Smaller files go over the SFTP lanes: a stream costs a python3 start on the host.
+STREAM_MIN = 1 << 20
 #: Files up to this size travel in tar bundles (one exec per directory and
 #: chunk) instead of one SFTP exchange each: round trips, not bytes, dominate them.
 SMALL_FILE = 256 << 10
-#: Most files and bytes in one bundle (the file names are on one command line).
-BUNDLE_FILES = 400
-BUNDLE_BYTES = 16 << 20
-SHORT_MARK = "RR-SHORT-WRITE"
 #: Minutes after which a temporary file of ours is known to be left by a killed copy.
 STALE_MINUTES = 10
 #: Seconds the uploads get, after Ctrl-C, to remove their temporary files.
@@ -82,77 +78,6 @@ class Upload:
     dest: str
     mode: int
     size: int
-
-
-def bundles(items: Sequence[Upload]) -> List[List[Upload]]:
-    """Group small files by destination directory, in chunks of bounded count and size."""
-    groups: Dict[str, List[List[Upload]]] = {}
-    for item in items:
-        chunks = groups.setdefault(posixpath.dirname(item.dest), [[]])
-        last = chunks[-1]
-        if last and (len(last) >= BUNDLE_FILES or
-                     sum(u.size for u in last) + item.size > BUNDLE_BYTES):
-            chunks.append(last := [])
-        last.append(item)
-    return [chunk for chunks in groups.values() for chunk in chunks]
-
-
-def bundle_tar(items: Sequence[Upload]) -> bytes:
-    """Return a tar of *items* under their base names (modes kept, owned by uid 0)."""
-    buffer = io.BytesIO()
-    with tarfile.open(fileobj=buffer, mode="w", format=tarfile.GNU_FORMAT) as archive:
-        for item in items:
-            with open(item.src, "rb") as handle:
-                data = handle.read()
-            if len(data) != item.size:
-                raise CopyError("local file changed while copying", path=item.src)
-            info = tarfile.TarInfo(posixpath.basename(item.dest))
-            info.size, info.mode, info.mtime = item.size, item.mode, int(time.time())
-            archive.addfile(info, io.BytesIO(data))
-    return buffer.getvalue()
-
-
-def upload_bundle(shell: "Shell", host: str, items: Sequence[Upload]) -> None:
-    """Unpack *items* (one directory) into a stage dir beside them and rename them into place."""
-    directory = posixpath.dirname(items[0].dest)
-    stage = posixpath.join(directory, f".rr-stage-{secrets.token_hex(4)}")
-    # "./name" keeps names that start with '-' from looking like options.
-    names = " ".join(shlex.quote("./" + posixpath.basename(u.dest)) for u in items)
-    q = shlex.quote
-    chmods = ""
-    for mode in sorted({u.mode for u in items}):
-        same = " ".join(q("./" + posixpath.basename(u.dest)) for u in items if u.mode == mode)
-        chmods += f"chmod {mode:o} {same} || fail\n"
-    # tar's status covers write errors (a full disk) and a cut stream; the sizes
-    # are checked as well before anything is renamed into place.
-    sizes = "\n".join(str(u.size) for u in items)
-    script = (f"s={q(stage)}\n"
-              "fail() { cd / && rm -rf \"$s\"; exit 1; }\n"
-              "mkdir \"$s\" || exit 1\n"
-              "tar -xf - -C \"$s\" || fail\n"
-              "cd \"$s\" || fail\n"
-              f"if got=$(stat -c %s -- {names} 2>/dev/null) && [ \"$got\" != {q(sizes)} ]; then\n"
-              f"  echo {SHORT_MARK} >&2; fail\nfi\n" + chmods +
-              f"mv -f {names} {q(directory)}/ || fail\n"
-              "cd / && rmdir \"$s\"\n")
-    tar = bundle_tar(items)
-    result = shell.feed(script, tar, timeout=600)
-    if result.exit_status != 0:
-        raise CopyError(f"bundled upload of {len(items)} file(s) failed: "
-                        f"{_bundle_failure(result.stderr, result.exit_status)}; "
-                        "the old files are left in place", host=host, path=directory)
-
-
-def _bundle_failure(stderr: str, status: int) -> str:
-    """The cause of a failed bundle in a few words (tar repeats it for every file)."""
-    lines = [line.strip() for line in stderr.splitlines() if line.strip()]
-    for cause in ("No space left on device", "Disk quota exceeded", "Read-only file system",
-                  "Permission denied"):
-        if any(cause in line for line in lines):
-            return cause
-    if SHORT_MARK in lines:
-        return "the host kept fewer bytes than were sent"
-    return lines[0] if lines else f"exit status {status}"
 
 
 def _temporary(dest: str) -> str:
@@ -333,16 +258,29 @@ def _remove_quietly(sftp: Any, path: str) -> None:
 
 
 def upload_all(sftp: Any, host: str, items: Sequence[Upload], progress: Optional[Progress] = None,
-               open_lane: Optional[LaneOpener] = None, lanes: int = LANES) -> None:
-    """Upload *items* over *sftp* plus up to ``lanes - 1`` extra SFTP channels in parallel.
+               open_lane: Optional[LaneOpener] = None, lanes: int = LANES,
+               link: Optional[Tuple[Any, Any]] = None) -> Dict[str, "stream.Receipt"]:
+    """Upload *items*; return the receipts of the files a host-side receiver hashed.
 
-    Large files are cut into ranges written by several channels at once; a
-    file whose sample compresses well goes compressed over an exec channel
-    (:mod:`remote_runner.compression`) when the host has a decoder. Channels
-    in use at once stay within *lanes* (OpenSSH's ``MaxSessions`` is 10).
+    *link* (transport, traffic counters) says the host runs python3: every
+    file of :data:`STREAM_MIN` or more then goes as a plain stream to a
+    receiver that hashes as it writes (:mod:`remote_runner.stream`, up to
+    :data:`STREAM_LANES` at once), except a lone large file, which is still
+    cut into ranges written by several SFTP channels at once (one channel's
+    window would cap it on a long link).
+    Without *link* every file goes over *sftp* (a client, or a function
+    opening one when first needed) plus up to ``lanes - 1`` extra SFTP
+    channels. Either way a file whose sample compresses well goes compressed
+    over an exec channel (:mod:`remote_runner.compression`) when the host has
+    a decoder. Channels in use at once stay within *lanes* (OpenSSH's
+    ``MaxSessions`` is 10).
     """
-    transport = _transport_of(sftp)
-    traffic = getattr(sftp, "traffic", None)  # the connection's counters (traffic.py)
+    if link is not None:
+        transport, traffic = link
+    else:
+        sftp = sftp() if callable(sftp) else sftp
+        transport = _transport_of(sftp)
+        traffic = getattr(sftp, "traffic", None)  # the connection's counters (traffic.py)
     packed = [i for i in items if transport is not None and compression.pays(i.src, i.size)]
     codec = compression.host_codec(transport, host, traffic=traffic) if packed else None
     if codec is not None and codec != compression.LZ4:
@@ -352,13 +290,21 @@ def upload_all(sftp: Any, host: str, items: Sequence[Upload], progress: Optional
     squeezed = set(packed)
     packers = min(COMPRESSED_LANES, len(packed), max(1, lanes - 1))
     plain = [i for i in items if i not in squeezed]
+    streamed = [i for i in plain if i.size >= STREAM_MIN] if link is not None else []
+    if len(streamed) == 1 and streamed[0].size > 2 * sftpwrite.RANGE_MIN:
+        streamed = []  # a lone large file: ranges over several channels beat one stream's window
+    plain = [i for i in plain if i not in set(streamed)]
+    streamers = min(STREAM_LANES, len(streamed), max(1, lanes - packers))
+    receipts: Dict[str, stream.Receipt] = {}
+    if plain and callable(sftp):
+        sftp = sftp()
     width = max(1, lanes - packers) if open_lane is not None else 1
     work: List[Tuple[Upload, "sftpwrite.Range", _FileJob]] = []
     for item in plain:
         parts = sftpwrite.ranges(item.size, width)
         job = _FileJob(item, host, len(parts))
         work.extend((item, part, job) for part in parts)
-    clients = [sftp] if work or packed else []
+    clients = [sftp] if work else []
     extra: List[Any] = []
     while open_lane is not None and len(clients) < min(width, len(work)):
         try:
@@ -369,6 +315,7 @@ def upload_all(sftp: Any, host: str, items: Sequence[Upload], progress: Optional
         clients.append(extra[-1])
     pending = iter(work)
     squeeze = iter(packed)
+    flow = iter(streamed)
     lock = threading.Lock()
     failed = threading.Event()
     first: List[BaseException] = []  # what stopped the copy; later errors are its consequences
@@ -408,16 +355,34 @@ def upload_all(sftp: Any, host: str, items: Sequence[Upload], progress: Optional
                 stop(exc)
                 raise
 
+    def streamer() -> None:
+        while not failed.is_set():
+            with lock:
+                item = next(flow, None)
+            if item is None:
+                return
+            LOG.debug("%s: streaming %s -> %s (%d bytes)", host, item.src, item.dest, item.size)
+            try:
+                receipt = upload_streamed(transport, host, item, tick, traffic)
+            except BaseException as exc:
+                stop(exc)
+                raise
+            if receipt is not None:
+                with lock:
+                    receipts[item.dest] = receipt
+
     try:
-        if len(clients) <= 1 and not packed:
+        if len(clients) <= 1 and not packed and not streamed:
             if clients:
                 lane(sftp)
-            return
-        with ThreadPoolExecutor(max_workers=len(clients) + packers) as pool:
+            return receipts
+        with ThreadPoolExecutor(max_workers=len(clients) + packers + streamers) as pool:
             futures = [pool.submit(for_host(host, lane), c) for c in clients]
             futures += [pool.submit(for_host(host, packer)) for _ in range(packers)]
+            futures += [pool.submit(for_host(host, streamer)) for _ in range(streamers)]
         if first:
             raise first[0]
+        return receipts
     finally:
         for client in extra:
             _close_quietly(client)
@@ -448,6 +413,32 @@ def upload_compressed(transport: Any, host: str, item: Upload, codec: str,
                         path=item.dest) from exc
 
 
+def upload_streamed(transport: Any, host: str, item: Upload, tick: Callable[[int], None],
+                    traffic: Any = None) -> Optional["stream.Receipt"]:
+    """Stream *item* to the host's receiver (temporary file, size check, rename); its receipt."""
+    tmp = _temporary(item.dest)
+    _in_flight(host, tmp, True)
+    try:
+        receipt = stream.send(transport, item.src, tmp, item.dest, item.size, item.mode, tick,
+                              traffic)
+        _in_flight(host, tmp, False)
+        return receipt
+    except BaseException as exc:
+        # The receiver removes it when the stream breaks; this covers a host
+        # that never got that far (one quick command when it is gone already).
+        compression.remove(transport, tmp, traffic=traffic)
+        _in_flight(host, tmp, False)
+        if isinstance(exc, stream.Failed):
+            if exc.short:
+                raise ShortWrite(item, exc.written) from exc
+            raise CopyError(f"upload of {item.src} failed: {exc.message}; "
+                            "the old file is left in place", host=host, path=item.dest) from exc
+        if isinstance(exc, (RunnerError, KeyboardInterrupt)):
+            raise
+        raise CopyError(f"upload of {item.src} failed: {describe(exc)}", host=host,
+                        path=item.dest) from exc
+
+
 def _transport_of(sftp: Any) -> Any:
     """The SSH transport under an SFTP client (None for a stand-in without one)."""
     try:
@@ -462,24 +453,3 @@ def _close_quietly(client: Any) -> None:
         client.close()
     except Exception:  # noqa: BLE001 - cleanup only
         LOG.debug("could not close an SFTP channel")
-
-
-def upload_bundles(shell: "Shell", host: str, items: Sequence[Upload],
-                   progress: Optional[Progress] = None) -> None:
-    """Upload small files as tar bundles, several directories at once."""
-    def one(chunk: List[Upload]) -> None:
-        if progress is not None:
-            progress(host, 0)  # lets a cancelled copy stop before the next bundle
-        upload_bundle(shell, host, chunk)
-        if progress is not None:
-            progress(host, sum(u.size for u in chunk))
-
-    with ThreadPoolExecutor(max_workers=LANES) as pool:
-        futures = [pool.submit(for_host(host, one), chunk) for chunk in bundles(items)]
-    for future in futures:
-        error = future.exception()
-        if error is not None:
-            if isinstance(error, RunnerError):
-                raise error
-            LOG.debug("%s: bundled upload failed", host, exc_info=error)
-            raise CopyError(f"bundled upload failed: {describe(error)}", host=host) from error
