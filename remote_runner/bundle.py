@@ -66,8 +66,13 @@ def bundle_tar(items: Sequence[Upload]) -> bytes:
     return buffer.getvalue()
 
 
-def upload_bundle(shell: "Shell", host: str, items: Sequence[Upload]) -> None:
-    """Unpack *items* (one directory) into a stage dir beside them and rename them into place."""
+def upload_bundle(shell: "Shell", host: str, items: Sequence[Upload], then: str = "") -> str:
+    """Unpack *items* (one directory) into a stage dir beside them and rename them into place.
+
+    *then* is shell text run in the same exec once the files are in place
+    (the manifest update of a copy that is this one bundle); its failure does
+    not fail the copy. Returns the exec's output (what *then* printed).
+    """
     directory = posixpath.dirname(items[0].dest)
     stage = posixpath.join(directory, f".rr-stage-{secrets.token_hex(4)}")
     # "./name" keeps names that start with '-' from looking like options.
@@ -88,13 +93,14 @@ def upload_bundle(shell: "Shell", host: str, items: Sequence[Upload]) -> None:
               f"if got=$(stat -c %s -- {names} 2>/dev/null) && [ \"$got\" != {q(sizes)} ]; then\n"
               f"  echo {SHORT_MARK} >&2; fail\nfi\n" + chmods +
               f"mv -f {names} {q(directory)}/ || fail\n"
-              "cd / && rmdir \"$s\"\n")
+              "cd / && rmdir \"$s\"" + (" || exit 1\n" + then + "\nexit 0\n" if then else "\n"))
     tar = bundle_tar(items)
     result = shell.feed(script, tar, timeout=600)
     if result.exit_status != 0:
         raise CopyError(f"bundled upload of {len(items)} file(s) failed: "
                         f"{_bundle_failure(result.stderr, result.exit_status)}; "
                         "the old files are left in place", host=host, path=directory)
+    return result.stdout
 
 
 def _bundle_failure(stderr: str, status: int) -> str:

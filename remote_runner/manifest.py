@@ -66,6 +66,7 @@ NO_PYTHON_MARK = "RR-NO-PYTHON"
 #: Seconds a run waits for another run's manifest lock before skipping its update.
 LOCK_WAIT = 30
 _HEX40 = re.compile(r"[0-9a-f]{40}\Z")
+_INLINE_END = "RR_MANIFEST_REQUEST_END"
 
 #: Runs on the host under python3 (3.5 or later: no f-strings), reading one JSON
 #: request on stdin (all of it, or exactly the byte count given as its argument,
@@ -271,6 +272,21 @@ def run_script(size: Optional[int] = None) -> str:
     arg = "" if size is None else f" {int(size)}"
     return (f"command -v python3 >/dev/null 2>&1 || {{ echo {NO_PYTHON_MARK}; exit 0; }}\n"
             f"exec python3 -I -c {shlex.quote(HOST_PROGRAM)}{arg}\n")
+
+
+def inline_script(payload: bytes) -> str:
+    """Shell text running :data:`HOST_PROGRAM` on *payload* inside another script (a here-document).
+
+    A copy that is a single exec (one bundle) records what it copied in that
+    same exec instead of one more. The request is one line of JSON, so the
+    delimiter line cannot occur in it. Without python3 it prints nothing.
+    """
+    text = payload.decode("utf-8", "surrogateescape")
+    if "\n" in text:
+        raise ValueError("a manifest request is one line")
+    return (f"if command -v python3 >/dev/null 2>&1; then\n"
+            f"python3 -I -c {shlex.quote(HOST_PROGRAM)} <<'{_INLINE_END}'\n{text}\n{_INLINE_END}\n"
+            "fi\n")
 
 
 def request(items: Sequence["Upload"], trees: Sequence[str], tree_of: Sequence[int], *,

@@ -60,6 +60,9 @@ HAS_TAR_MARK = "RR-HAS-TAR"
 #: streams' and compressed lanes and the session lock's channel, within
 #: OpenSSH's default ``MaxSessions 10``.
 BUNDLE_WORKERS_BESIDE = 2
+#: Largest manifest request (bytes of JSON) that rides in a bundle's own exec;
+#: the whole script is one argument of the login shell (Linux: 128 KiB at most).
+INLINE_RECORD_MAX = 32 << 10
 #: Called with (host, files, bytes) once a host knows what it really has to upload.
 Planned = Callable[[str, int, int], None]
 
@@ -324,6 +327,7 @@ def sync_host(shell: "Shell", sftp: Any, plan: Plan, always_copy: bool = False,
     bundled = set(small)
     rest = [u for u in todo if u not in bundled]
     receipts: Dict[str, Any] = {}
+    recorded = False
     side: Optional[ThreadPoolExecutor] = None
     bundling = None
     if small and rest:
@@ -332,6 +336,8 @@ def sync_host(shell: "Shell", sftp: Any, plan: Plan, always_copy: bool = False,
         side = ThreadPoolExecutor(max_workers=1, thread_name_prefix="bundles")
         bundling = side.submit(for_host(plan.host, upload_bundles), shell, plan.host, small,
                                progress, BUNDLE_WORKERS_BESIDE)
+    elif small and checked is not None and len(bundles(small)) == 1:
+        recorded = _bundle_and_record(shell, plan, small, progress)
     elif small:
         upload_bundles(shell, plan.host, small, progress)
     try:
@@ -348,7 +354,7 @@ def sync_host(shell: "Shell", sftp: Any, plan: Plan, always_copy: bool = False,
         bundling.result()
     report.copied = [u.dest for u in todo]
     report.bytes = sum(u.size for u in todo)
-    if todo and (checked is not None or (always_copy and hasattr(shell, "feed"))):
+    if todo and not recorded and (checked is not None or (always_copy and hasattr(shell, "feed"))):
         record(shell, plan, todo, receipts)
     return report
 
@@ -409,6 +415,26 @@ def manifest_check(shell: "Shell", plan: Plan, report: HostSync, rehash: bool = 
     return todo, same, answer.has_tar
 
 
+def _bundle_and_record(shell: "Shell", plan: Plan, items: Sequence[Upload],
+                       progress: Optional[Progress]) -> bool:
+    """Copy *items* (one bundle) and record them in the host's manifest in the same exec.
+
+    One small file changed is then one exec to copy it, not two. Returns
+    whether the record was made (else the caller records with its own exec).
+    """
+    trees, index = plan.tree_index(items)
+    payload = manifest.request(items, trees, index, hash_all=True)
+    then = manifest.inline_script(payload) if len(payload) <= INLINE_RECORD_MAX else ""
+    if progress is not None:
+        progress(plan.host, 0)  # lets a cancelled copy stop before it
+    out = upload_bundle(shell, plan.host, items, then=then)
+    if progress is not None:
+        progress(plan.host, sum(u.size for u in items))
+    if not then:
+        return False
+    return _recorded(plan, items, manifest.parse_answer(out.splitlines(), len(items))) is not None
+
+
 def record(shell: "Shell", plan: Plan, copied: Sequence[Upload],
            receipts: Optional[Dict[str, Any]] = None) -> Optional[manifest.Answer]:
     """Have the host remember what was just copied in its manifest (one exec).
@@ -433,6 +459,12 @@ def record(shell: "Shell", plan: Plan, copied: Sequence[Upload],
         LOG.warning("%s: could not record the copied files in the host's manifest (%s); the "
                     "next run hashes them again", plan.host, exc)
         return None
+    return _recorded(plan, items, answer)
+
+
+def _recorded(plan: Plan, items: Sequence[Upload], answer: Optional[manifest.Answer]
+              ) -> Optional[manifest.Answer]:
+    """Report what the host said to a record (None: no usable answer)."""
     if answer is None or answer.error is not None:
         return None
     LOG.debug("%s: recorded %d copied file(s): %d hashed by their receiver as they arrived, "

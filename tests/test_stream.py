@@ -9,6 +9,8 @@ arrived read back through the system OpenSSH client:
 * a full disk fails the stream that hit it, names the cause, leaves the old
   file and no temporary file, and the connection keeps working;
 * Ctrl-C mid-stream leaves no temporary file and a usable connection;
+* in real runs the copy opens no SFTP session, and one small file changed costs
+  one exec beyond the check (its bundle records it in the manifest too);
 * a receipt the file's stat no longer matches is not recorded (hashed instead),
   and a malformed receipt from the host is refused.
 """
@@ -21,18 +23,22 @@ import os
 import shutil
 import subprocess
 import sys
+import textwrap
 import threading
 import time
 import uuid
 
 import pytest
 
+from remote_runner import events as ev
 from remote_runner import manifest, stream, sync, upload
 from remote_runner.config import FileSpec
 from remote_runner.errors import CopyError
+from remote_runner.loader import load_experiment
+from remote_runner.runner import RunOptions, Runner
 from remote_runner.shell import RemoteShell
 from remote_runner.ssh import Connection, SSHOptions
-from tests.conftest import ssh
+from tests.conftest import quit_screen, ssh
 from tests.test_manifest import audit
 
 
@@ -199,3 +205,71 @@ def test_ctrl_c_mid_stream_leaves_no_temporary_file(lab, conn, base, tmp_path):
         time.sleep(0.5)
     assert ssh(lab, "h2", f"ls -A {base}/big").stdout == ""
     assert c.run("echo still-here").stdout.strip() == b"still-here"
+
+
+def test_a_run_copies_without_sftp_and_one_changed_file_costs_one_exec(lab, tmp_path, screen_name):
+    """Counted per host over the copy phase of real runs: cold, nothing changed, one changed."""
+    base, state = f"/tmp/{screen_name}-base", f"/tmp/{screen_name}-state"
+    src = tmp_path / "src"
+    (src / "sub").mkdir(parents=True)
+    for i in range(20):
+        (src / "sub" / f"f{i:02d}.txt").write_text(f"file {i}\n")
+    (src / "big.bin").write_bytes(os.urandom(2 << 20))
+    config = tmp_path / "experiment.py"
+    config.write_text(textwrap.dedent(f"""
+        for host in ('h1', 'h9'):
+            c = Component()
+            c.name = 'sleeper-' + host
+            c.host = host
+            c.executable = '/bin/sleep'
+            c.args = ['600']
+            c.base_dir = {base!r}
+            c.files = {{{str(src)!r}: 'data'}}
+            c.start_index = 0
+            config.add_component(c)
+    """))
+    experiment = load_experiment(str(config), None)
+    options = RunOptions(screen=screen_name, remote_done_dir=state)
+    ssh_options = SSHOptions(ssh_config_file=lab.ssh_config)
+
+    class CopyPhase:
+        """Counts each host's execs and SFTP sessions during the copy phase only."""
+
+        def __init__(self) -> None:
+            self.runner = None
+            self.begin = {}
+            self.spent = {}
+
+        def emit(self, event) -> None:
+            if event.phase != "copy" or self.runner is None:
+                return
+            now = {h: c.traffic.snapshot() for h, c in self.runner.connections.items()}
+            if event.kind == ev.KIND_PHASE_BEGIN:
+                self.begin = now
+            elif event.kind == ev.KIND_PHASE_END:
+                self.spent = {h: {k: now[h][k] - self.begin[h][k] for k in now[h]} for h in now}
+
+    spent = {}
+    try:
+        for round_ in ("cold", "warm", "one changed"):
+            if round_ == "one changed":
+                (src / "sub" / "f07.txt").write_text("FILE 7\n")  # same size, new content
+            watch = CopyPhase()
+            runner = Runner(experiment, options, ssh_options, reporter=watch)
+            watch.runner = runner
+            report = runner.run()
+            spent[round_] = watch.spent
+            if round_ == "one changed":
+                assert all(r.copied == [f"{base}/data/sub/f07.txt"] for r in report.sync.values())
+        for host in ("h1", "h9"):
+            cold, warm, one = (spent[r][host] for r in ("cold", "warm", "one changed"))
+            assert cold["sftp_sessions"] == one["sftp_sessions"] == 0
+            # cold: the check, one stream, one bundle, the record
+            assert cold["execs"] == warm["execs"] + 3
+            # one changed: the check, then one bundle that also records it
+            assert one["execs"] == warm["execs"] + 1
+            assert ssh(lab, host, f"cat {base}/data/sub/f07.txt").stdout == "FILE 7\n"
+            assert audit(lab, host, base)["bad"] == []
+    finally:
+        for host in ("h1", "h9"):
+            quit_screen(lab, host, screen_name, state, base)
