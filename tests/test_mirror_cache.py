@@ -10,6 +10,7 @@ import hashlib
 import json
 import os
 import re
+import subprocess
 import time
 from pathlib import Path
 
@@ -47,7 +48,7 @@ def test_settled_file_is_sent_whole_then_reported_current(public_tmp):
     service = LocalFileService()
     fields, data = whole_open(service, path)
     st = path.stat()
-    assert fields["whole"] == [1000, st.st_mtime_ns, st.st_ino] and data == b"x" * 1000
+    assert fields["whole"] == [1000, st.st_mtime_ns, st.st_ino, st.st_ctime_ns] and data == b"x" * 1000
     assert "fh" not in fields and len(service.handles) == 0  # nothing left open here
     fields, data = whole_open(service, path, have=fields["whole"])
     assert fields["whole"] and data == b"" and "fh" not in fields
@@ -142,7 +143,7 @@ def test_validate_is_seeded_once_with_the_commands_local_profile(public_tmp):
     assert body["answers"][1] is None
     st = lib.stat()
     # only files that would be sent whole now are offered for prefetch
-    assert body["whole"] == [[str(lib), [300, st.st_mtime_ns, st.st_ino]]]
+    assert body["whole"] == [[str(lib), [300, st.st_mtime_ns, st.st_ino, st.st_ctime_ns]]]
     again = json.loads(service.handle("validate", {}, b"").payload)
     assert again == {"names": [], "answers": [], "whole": [], "w": []}  # the seed is used once
     assert str(lib) in service.looked_up and str(lib) in service.sent_whole
@@ -179,24 +180,24 @@ def test_profile_keeps_names_per_command_including_non_utf8(tmp_path):
 def test_file_cache_stores_replaces_finds_and_trims(tmp_path):
     cache = FileCache(str(tmp_path / "c"), limit=10)
     assert cache.lookup("/a") is None
-    fd = cache.store("/a", [3, 1, 7], [b"ab", b"c"])
+    fd = cache.store("/a", [3, 1, 7, 5], [b"ab", b"c"])
     assert os.pread(fd, 10, 0) == b"abc"
     os.close(fd)
-    fd = cache.store("/a", [2, 2, 7], [b"xy"])  # a newer version replaces the old copy
+    fd = cache.store("/a", [2, 2, 7, 6], [b"xy"])  # a newer version replaces the old copy
     os.close(fd)
-    assert FileCache(str(tmp_path / "c"), limit=10).lookup("/a") == [2, 2, 7]  # found again
+    assert FileCache(str(tmp_path / "c"), limit=10).lookup("/a") == [2, 2, 7, 6]  # found again
     assert len(os.listdir(tmp_path / "c")) == 1
-    assert cache.open_copy("/a", [3, 1, 7]) is None  # stale metadata is never served
-    fd = cache.open_copy("/a", [2, 2, 7])
+    assert cache.open_copy("/a", [3, 1, 7, 5]) is None  # stale metadata is never served
+    fd = cache.open_copy("/a", [2, 2, 7, 6])
     fh = cache.add_handle(fd, {"st_size": 2})
     assert cache.handles[fh][1] == {"st_size": 2}
     cache.release(fh)
     for name, size in (("/b", 6), ("/c", 6)):
-        os.close(cache.store(name, [size, 0, 0], [b"z" * size]))
+        os.close(cache.store(name, [size, 0, 0, 0], [b"z" * size]))
         time.sleep(0.01)
     cache.trim()  # 14 bytes > 10: the least recently used go first, down to 80 %
-    assert sorted(os.listdir(tmp_path / "c")) == [f"{FileCache.key('/c')}-6-0-0"]
-    assert cache.open_copy("/a", [2, 2, 7]) is None  # trimmed: the caller fetches again
+    assert sorted(os.listdir(tmp_path / "c")) == [f"{FileCache.key('/c')}-6-0-0-0"]
+    assert cache.open_copy("/a", [2, 2, 7, 6]) is None  # trimmed: the caller fetches again
 
 
 # ----------------------------------------------------------------------------- on a lab host
@@ -224,7 +225,7 @@ def test_warm_run_sends_no_file_data_and_sees_changes(lab, local_only, workdir):
     assert first.stdout.split()[0].decode() == hashlib.sha1(content).hexdigest()
     st = data.stat()
     [copy] = host_copies(lab, data)
-    assert copy.endswith(f"-{st.st_size}-{st.st_mtime_ns}-{st.st_ino}")
+    assert copy.endswith(f"-{st.st_size}-{st.st_mtime_ns}-{st.st_ino}-{st.st_ctime_ns}")
     remote_sum = ssh(lab, HOST, f"sha1sum ~/.cache/remote-runner/files/*/{copy}").stdout.split()[0]
     assert remote_sum == hashlib.sha1(content).hexdigest()
 
@@ -246,6 +247,27 @@ def test_warm_run_sends_no_file_data_and_sees_changes(lab, local_only, workdir):
     assert third.stdout.split()[0].decode() == hashlib.sha1(changed).hexdigest()
     [new_copy] = host_copies(lab, data)
     assert new_copy != copy
+
+
+def test_a_copy_is_stale_when_only_ctime_tells(lab, local_only, workdir):
+    """Rewritten in place, same size, mtime put back (``touch -d``): never served from the old copy."""
+    data = local_only / "same-size.txt"
+    data.write_bytes(b"version one\n")
+    settle(data)
+    argv = ["/bin/cat", str(data)]
+    assert rr_exec(lab, HOST, argv, workdir).stdout == b"version one\n"
+    assert rr_exec(lab, HOST, argv, workdir).stdout == b"version one\n"  # from the host's copy
+    [copy] = host_copies(lab, data)
+    before = data.stat()
+    time.sleep(0.05)  # a new ctime
+    with open(data, "r+b") as handle:  # same inode, same size
+        handle.write(b"version two\n")
+    subprocess.run(["touch", "-d", "@%d.%09d" % divmod(before.st_mtime_ns, 10**9), str(data)], check=True)
+    after = data.stat()
+    assert [after.st_size, after.st_mtime_ns, after.st_ino] == [before.st_size, before.st_mtime_ns, before.st_ino]
+    assert after.st_ctime_ns != before.st_ctime_ns
+    assert rr_exec(lab, HOST, argv, workdir).stdout == b"version two\n"
+    assert host_copies(lab, data) != [copy]
 
 
 def test_file_being_written_is_read_through_the_link(lab, workdir):

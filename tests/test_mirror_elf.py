@@ -139,7 +139,7 @@ def test_a_programs_open_lists_its_libraries_once(public_tmp):
     whole = dict((name, meta) for name, meta in libs["whole"])
     outer = str(public_tmp / "lib" / "libouter.so")
     st = os.stat(outer)
-    assert whole[outer] == [st.st_size, st.st_mtime_ns, st.st_ino]
+    assert whole[outer] == [st.st_size, st.st_mtime_ns, st.st_ino, st.st_ctime_ns]
     assert str(public_tmp / "lib" / "libinner.so") in whole
     answers = dict(zip(libs["names"], libs["answers"]))
     assert answers[outer][0]["st_ino"] == st.st_ino and answers[outer][1] is None
@@ -174,7 +174,7 @@ def test_an_open_waits_for_a_file_being_fetched_ahead(public_tmp):
     lib.write_bytes(os.urandom(3000))
     settle(lib)
     st = lib.stat()
-    meta = [st.st_size, st.st_mtime_ns, st.st_ino]
+    meta = [st.st_size, st.st_mtime_ns, st.st_ino, st.st_ctime_ns]
     files, cache, gate = FileCache(str(public_tmp / "files"), limit=1 << 20), NameCache(), threading.Event()
     fetch_ahead(GatedLink(gate), files, cache, {"names": [str(lib)], "answers": [[{"st_size": 3000}, None]],
                                                 "whole": [[str(lib), meta]]})

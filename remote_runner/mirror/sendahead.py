@@ -38,6 +38,16 @@ def sendable_whole(st: os.stat_result) -> bool:
             and time.time() - st.st_mtime >= SETTLED_SECONDS)
 
 
+def whole_meta(st: os.stat_result) -> List[int]:
+    """What a host's whole copy of a file is checked against: [size, mtime_ns, ino, ctime_ns].
+
+    ctime too: a file rewritten in place to the same size with its mtime put
+    back (``touch -d``, ``cp -p``, an archive extracted over it) keeps size,
+    mtime and inode, but never its ctime, which no program can set.
+    """
+    return [st.st_size, st.st_mtime_ns, st.st_ino, st.st_ctime_ns]
+
+
 class PublicDirs:
     """Which local directories every user may search (``o+x``), remembered briefly.
 
@@ -130,7 +140,7 @@ class SendAhead:
         The reply (JSON) has ``names`` (the host's names, then the profile's),
         ``answers`` (per name ``[attributes, link target]``, ``null`` if it does
         not exist, ``0`` if it is not exported or cannot be looked up) and
-        ``whole``: ``[name, [size, mtime_ns, ino]]`` of the profile's files that
+        ``whole``: ``[name, [size, mtime_ns, ino, ctime_ns]]`` of the profile's files that
         would be sent whole now, so the host can fetch those it lacks at once.
         """
         seed_names, seed_files = self.seed
@@ -168,13 +178,13 @@ class SendAhead:
         return [P.stat_to_wire(st), link]
 
     def _whole_meta(self, name: str) -> Optional[List[int]]:
-        """[size, mtime_ns, ino] if wire *name* would be sent whole now, else None."""
+        """The copy key (:func:`whole_meta`) if wire *name* would be sent whole now, else None."""
         try:
             st = os.lstat(self._path({"path": name}))
         except (OpError, OSError):
             return None
         if sendable_whole(st) and self.public.reachable(P.name_from_wire(name)):
-            return [st.st_size, st.st_mtime_ns, st.st_ino]
+            return whole_meta(st)
         return None
 
     @staticmethod
@@ -201,7 +211,7 @@ class SendAhead:
         ``libs`` has the shape of a ``validate`` reply: every name the host's
         kernel will look up on the way to each library (symlinks followed),
         its answer, and the libraries that can be sent whole with their
-        [size, mtime_ns, ino], so the host fetches them all at once instead of
+        [size, mtime_ns, ino, ctime_ns], so the host fetches them all at once instead of
         one round trip per library (see :mod:`remote_runner.mirror.elf`).
         Once per program per session, not in files-only mode. The open already
         checked *name* against the exports; each library's names are checked by
@@ -246,7 +256,7 @@ class SendAhead:
         st = os.fstat(fd)
         if not sendable_whole(st) or not self.public.reachable(path):
             return Reply({"fh": self.handles.add(fd)})
-        meta = [st.st_size, st.st_mtime_ns, st.st_ino]
+        meta = whole_meta(st)
         fields: Dict[str, Any] = {"whole": meta, "st": P.stat_to_wire(st)}
         if have == meta:
             os.close(fd)

@@ -32,6 +32,9 @@ FILE_CACHE_LIMIT = 2 << 30
 #: At most this many bytes are fetched ahead at a session's start.
 PREFETCH_LIMIT = 512 << 20
 PREFETCH_BATCH = 64 << 20
+#: A copy is current when [size, mtime_ns, ino, ctime_ns] match (older copies, keyed
+#: without ctime, are never matched and are trimmed like any other).
+META_FIELDS = 4
 
 
 class FileCache:
@@ -40,10 +43,10 @@ class FileCache:
     A program start opens hundreds of files (libraries, modules, data) and the
     kernel reads each in many small requests, one round trip apiece. Instead, a
     read-only open asks for the whole file (up to ``WHOLE_LIMIT``) with the
-    size, mtime and inode of the copy held here; the local side answers "still
+    size, mtime, inode and ctime of the copy held here; the local side answers "still
     current" without data, or sends the file (first chunk in the reply, the
     rest as parallel reads). Reads, flush and release are then served from the
-    copy with no round trip. Copies are named ``<sha1 of path>-<size>-<mtime_ns>-<ino>``
+    copy with no round trip. Copies are named ``<sha1 of path>-<size>-<mtime_ns>-<ino>-<ctime_ns>``
     in a 0700 directory per local machine and user, written under a temporary
     name and renamed, so sessions running at once can share it; the oldest
     are dropped when it outgrows its limit.
@@ -61,7 +64,7 @@ class FileCache:
         os.makedirs(directory, mode=0o700, exist_ok=True)
         for name in os.listdir(directory):
             parts = name.split("-")
-            if len(parts) == 4 and all(p.isdigit() for p in parts[1:]):
+            if len(parts) == 1 + META_FIELDS and all(p.isdigit() for p in parts[1:]):
                 self._index[parts[0]] = ([int(p) for p in parts[1:]], name)
 
     @staticmethod
@@ -89,7 +92,7 @@ class FileCache:
             event.wait(timeout)
 
     def lookup(self, path: str) -> Optional[List[int]]:
-        """Return [size, mtime_ns, ino] of the copy of *path*, if there is one."""
+        """Return [size, mtime_ns, ino, ctime_ns] of the copy of *path*, if there is one."""
         entry = self._index.get(self.key(path))
         return entry[0] if entry else None
 
@@ -111,7 +114,7 @@ class FileCache:
     def store(self, path: str, meta: List[int], chunks: List[bytes]) -> int:
         """Write a new copy of *path* (temporary name, then rename); return an fd on it."""
         key = self.key(path)
-        name = "%s-%d-%d-%d" % (key, meta[0], meta[1], meta[2])
+        name = "-".join([key] + ["%d" % int(v) for v in meta[:META_FIELDS]])
         fd, tmp = tempfile.mkstemp(dir=self.directory, prefix=".tmp-")
         try:
             for chunk in chunks:
@@ -240,9 +243,9 @@ def _prefetch(link: Link, files: FileCache, wanted: List[Tuple[str, List[int]]],
 
 
 def wanted_files(files: FileCache, whole: List[Any]) -> List[Tuple[str, List[int]]]:
-    """Of the (name, [size, mtime_ns, ino]) entries the local side listed, those with no current copy here."""
+    """Of the (name, [size, mtime_ns, ino, ctime_ns]) entries the local side listed, those with no current copy here."""
     return [(p, m) for p, m in whole if isinstance(p, str) and isinstance(m, list)
-            and len(m) == 3 and files.lookup(p) != m]
+            and len(m) == META_FIELDS and all(isinstance(v, int) for v in m) and files.lookup(p) != m]
 
 
 def validate(link: Link, paths: List[str]) -> Optional[Tuple[List[str], List[Any], List[Any], List[Any]]]:

@@ -126,7 +126,7 @@ def make_operations(link: Link, prefix: bytes, files: Optional[FileCache] = None
         have = files.lookup(path)
         known = cache.get(path)
         if have is not None and known is not None and not known.get("missing") and [
-                known.get("st_size"), known.get("st_mtime"), known.get("st_ino")] == have:
+                known.get("st_size"), known.get("st_mtime"), known.get("st_ino"), known.get("st_ctime")] == have:
             # What the host holds of the name (watched, or within its lease) matches our copy.
             fd = files.open_copy(path, have)
             if fd is not None:
