@@ -21,13 +21,17 @@ and says whether it is (``w``).
 from __future__ import annotations
 
 import errno
+import hashlib
 import json
 import os
 import stat
-from typing import Any, Callable, Dict, List, Optional
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 from remote_runner.mirror import protocol as P
 from remote_runner.mirror.replies import OpError, Reply
+
+#: The most directories a host may offer in one ``validate``.
+VALIDATE_DIRS = 4096
 
 
 def directory_answer(io_path: bytes, listable: Optional[Callable[[bytes], bool]] = None,
@@ -72,7 +76,13 @@ def directory_answer(io_path: bytes, listable: Optional[Callable[[bytes], bool]]
 
 
 def encode_answer(answer: Dict[str, Any]) -> bytes:
+    """The answer's bytes; their sha1 is what a host offers back to have it confirmed."""
     return json.dumps(answer, separators=(",", ":")).encode("utf-8")
+
+
+def answer_digest(payload: bytes) -> str:
+    """The digest of an encoded answer, as the host computes it (``host/listings.py``)."""
+    return hashlib.sha1(payload).hexdigest()
 
 
 class DirectoryAnswers:
@@ -118,17 +128,62 @@ class DirectoryAnswers:
 
     def _directory_answer(self, reply: Reply, raw: bytes) -> None:
         """Add the whole directory of *raw* to *reply* (``ls`` + payload), or ``big`` if too big."""
-        parent = os.path.dirname(raw) or b"/"
-        try:
-            io_path = self._path({"path": P.name_to_wire(parent)})
-        except (OpError, OSError):
-            return
-        screened = parent in self._filtered
-        answer = directory_answer(
-            io_path, (lambda name: self.exports.listable(parent, name)) if screened else None)
+        answer = self._listing(os.path.dirname(raw) or b"/")
         if answer is None:
+            return
+        if answer is False:
             reply.fields["big"] = 1
             return
         reply.fields["ls"] = 1
         reply.payload = encode_answer(answer)
         reply.compressible = True
+
+    def _listing(self, directory: bytes) -> Any:
+        """The answer for local *directory* (screened), False if too big, None if not served."""
+        try:
+            io_path = self._path({"path": P.name_to_wire(directory)})
+        except (OpError, OSError):
+            return None
+        screened = directory in self._filtered
+        answer = directory_answer(
+            io_path, (lambda name: self.exports.listable(directory, name)) if screened else None)
+        return False if answer is None else answer
+
+    def _confirm_listings(self, offered: Any) -> Tuple[List[Any], List[int]]:
+        """Answer a host's kept directories (``[[directory, digest], ...]``, see ``host/listings.py``).
+
+        Per directory, watched first: ``1`` when the host's answer is still the
+        local one (same digest), the new answer when not, ``0`` when it is not
+        answered whole (not served, not a directory, too big, or past the
+        reply's budget). The host's digests only choose between "current" and
+        sending; what is sent is checked here like any other lookup.
+        """
+        answers: List[Any] = []
+        watched: List[int] = []
+        budget = P.LISTING_BYTES * 8
+        if not isinstance(offered, list):
+            return answers, watched
+        for item in offered[:VALIDATE_DIRS]:
+            if not (isinstance(item, list) and len(item) == 2 and isinstance(item[0], str)
+                    and isinstance(item[1], str)):
+                answers.append(0)
+                watched.append(0)
+                continue
+            try:
+                raw = os.path.normpath(P.name_from_wire(item[0]))
+            except P.ProtocolError:
+                answers.append(0)
+                watched.append(0)
+                continue
+            watched.append(1 if self._watch(raw) else 0)  # before listing: no change is missed
+            answer = self._listing(raw) if budget > 0 else None
+            if not answer:
+                answers.append(0)
+                continue
+            payload = encode_answer(answer)
+            if item[1] and answer_digest(payload) == item[1]:
+                answers.append(1)
+            else:
+                budget -= len(payload)
+                answers.append(answer if budget >= 0 else 0)
+        return answers, watched

@@ -142,11 +142,20 @@ class SendAhead:
         not exist, ``0`` if it is not exported or cannot be looked up) and
         ``whole``: ``[name, [size, mtime_ns, ino, ctime_ns]]`` of the profile's files that
         would be sent whole now, so the host can fetch those it lacks at once.
+        With ``dirs`` in the request (the directory answers the host kept
+        from earlier sessions), ``dirs`` / ``dw`` confirm or renew each one
+        and say whether it is watched; names in those directories are then
+        not answered one by one.
         """
         seed_names, seed_files = self.seed
         self.seed = ([], [])
+        dirs, dirs_watched = self._confirm_listings(a.get("dirs"))  # (see listing.py)
+        whole_dirs = {os.path.normpath(P.name_from_wire(item[0]))
+                      for item, answer in zip(a.get("dirs") or (), dirs) if answer != 0}
         asked = [P.name_to_wire(raw) for raw in names.split(b"\0")] if names else []
-        order = list(dict.fromkeys(asked + seed_names))
+        # A name in a directory answered whole needs no answer of its own.
+        order = [name for name in dict.fromkeys(asked + seed_names)
+                 if name == "/" or os.path.dirname(os.path.normpath(P.name_from_wire(name))) not in whole_dirs]
         watched = [1 if self._watch_parent(name) else 0 for name in order]  # before answering
         answers = [self._lookup(name) for name in order]
         for name in asked:
@@ -157,7 +166,8 @@ class SendAhead:
             if meta is not None:
                 whole.append([name, meta])
                 self._note(self.sent_whole, name)
-        body = {"names": order, "answers": answers, "whole": whole, "w": watched}
+        body = {"names": order, "answers": answers, "whole": whole, "w": watched,
+                "dirs": dirs, "dw": dirs_watched}
         return Reply(payload=json.dumps(body, separators=(",", ":")).encode(), compressible=True)
 
     def _lookup(self, name: str) -> Any:

@@ -8,6 +8,7 @@ point that ties the parts together is :mod:`remote_runner.mirror.agent`.
 * :mod:`.link` -- the framed channel to this machine (requests, heartbeat);
 * :mod:`.caches` -- attributes sent ahead, whole-file copies kept between sessions;
 * :mod:`.profile` -- the names a command looked up last time (warm start);
+* :mod:`.listings` -- whole directory answers kept between sessions, confirmed at start;
 * :mod:`.operations` -- the FUSE operations, each one a request over the link;
 * :mod:`.mount` -- libfuse choice, /dev/fuse check, one FUSE mount in its thread;
 * :mod:`.namespaces` -- mount/user namespaces, the host's /dev /proc /sys /run bound in;

@@ -250,11 +250,22 @@ def wanted_files(files: FileCache, whole: List[Any]) -> List[Tuple[str, List[int
 
 def validate(link: Link, paths: List[str]) -> Optional[Tuple[List[str], List[Any], List[Any], List[Any]]]:
     """Send one ``validate`` for *paths*; return (names, answers, whole, watched) or None if it failed."""
+    reply = validate_all(link, paths)
+    return None if reply is None else reply[:4]
+
+
+def validate_all(link: Link, paths: List[str], dirs: Optional[List[List[str]]] = None
+                 ) -> Optional[Tuple[List[str], List[Any], List[Any], List[Any], List[Any], List[Any]]]:
+    """One ``validate`` for *paths* and the kept directory answers *dirs* ([directory, digest]).
+
+    Returns (names, answers, whole, watched, directory answers, directories watched), or None.
+    """
     try:
-        _, data = link.call("validate", {}, b"\0".join(P.name_from_wire(p) for p in paths))
+        _, data = link.call("validate", {"dirs": dirs} if dirs else {},
+                            b"\0".join(P.name_from_wire(p) for p in paths))
         reply = json.loads(data.decode("utf-8"))
         return (list(reply["names"]), list(reply["answers"]), list(reply["whole"]),
-                list(reply.get("w") or []))
+                list(reply.get("w") or []), list(reply.get("dirs") or []), list(reply.get("dw") or []))
     except (OSError, ValueError, KeyError, TypeError, P.ProtocolError) as exc:
         LOG.debug("validation skipped: %s", exc)
         return None

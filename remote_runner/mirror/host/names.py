@@ -90,6 +90,8 @@ class NameCache:
         self._stamps: Dict[str, int] = {}   # path -> epoch of its last invalidation
         self._trees: Dict[str, int] = {}    # path -> epoch it was dropped with all below it
         self._big: Dict[str, float] = {}    # directories too big to be answered whole, until when
+        #: Where whole directory answers are kept between sessions (``listings.py``), if anywhere.
+        self.listings: Any = None
         self.hits = 0
         self.negative_hits = 0
         self.misses = 0
@@ -433,6 +435,8 @@ def absorb_lookup(cache: NameCache, path: str, header: Dict[str, Any], data: byt
         entries = listing_entries(data)
         if entries is not None:
             cache.put_listing(parent(path), entries, watched=watched, since=since)
+            if cache.listings is not None:
+                cache.listings.keep(parent(path), data)
     if header.get("missing"):
         cache.put(path, MISSING, watched=watched, since=since)
         return MISSING

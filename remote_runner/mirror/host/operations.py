@@ -234,6 +234,8 @@ def make_operations(link: Link, prefix: bytes, files: Optional[FileCache] = None
 
         def readdir(self, path: str, fh: int):
             where = wire(path)
+            if profile is not None:
+                profile.record_dir(where)
             out: List[Any] = [(".", None, 0), ("..", None, 0)]
             held = cache.names(where)  # a whole listing, still standing (watched)
             if held is not None:

@@ -10,8 +10,9 @@ from __future__ import annotations
 import json
 import logging
 import os
+import posixpath
 import tempfile
-from typing import TYPE_CHECKING, Any, Dict, List, Optional
+from typing import TYPE_CHECKING, Any, Dict, List, Optional, Set
 
 from .. import protocol as P
 
@@ -24,18 +25,25 @@ LOG = logging.getLogger("remote_runner.mirror.agent")
 class Profile:
     """The paths a command looked up in its last session, for a warm start of the next one.
 
-    Kept next to the file cache, one small JSON list per command (its first two
-    words and the mode), written under a temporary name and renamed. Only the
-    names are kept: every answer comes fresh from the local side at start.
+    Kept next to the file cache, one small JSON file per command (its first two
+    words and the mode), written under a temporary name and renamed: the names
+    it looked up and the directories it looked up names in or listed (their
+    answers are kept by :mod:`.listings` and confirmed at the next start). Only
+    names are kept here: every answer is confirmed by the local side at start.
     """
 
     #: How long warm-start answers stand (NFS's acregmin is 3 s too).
     TTL = 3.0
     LIMIT = P.PROFILE_NAMES
+    #: The most directories offered at a warm start.
+    DIRS = 4096
 
     def __init__(self, path: str) -> None:
         self.path = path
         self.seen: Dict[str, None] = {}
+        self.listed: Dict[str, None] = {}
+        #: Directories the local side does not answer whole (too big, not served): not kept.
+        self.unlisted: Set[str] = set()
 
     @classmethod
     def for_command(cls, files: Optional["FileCache"], boot: Dict[str, Any]) -> Optional["Profile"]:
@@ -48,22 +56,48 @@ class Profile:
         if len(self.seen) < self.LIMIT:
             self.seen[path] = None
 
-    def load(self) -> List[str]:
+    def record_dir(self, path: str) -> None:
+        """*path* was listed (``readdir``)."""
+        if len(self.listed) < self.DIRS:
+            self.listed[path] = None
+
+    def _read(self) -> Any:
         try:
             with open(self.path, "rb") as handle:
-                paths = json.loads(handle.read().decode("utf-8", "surrogateescape"))
+                return json.loads(handle.read().decode("utf-8", "surrogateescape"))
         except (OSError, ValueError):
-            return []
+            return None
+
+    def load(self) -> List[str]:
+        """The names looked up last time (none if the file is missing or not usable)."""
+        body = self._read()
+        paths = body.get("names") if isinstance(body, dict) else body  # (older files: a list)
         return [p for p in paths if isinstance(p, str)][:self.LIMIT] if isinstance(paths, list) else []
 
+    def load_dirs(self) -> List[str]:
+        """The directories whose answers the last session used (see :mod:`.listings`)."""
+        body = self._read()
+        dirs = body.get("dirs") if isinstance(body, dict) else None
+        return [d for d in dirs if isinstance(d, str) and d.startswith("/")][:self.DIRS] if isinstance(
+            dirs, list) else []
+
+    def dirs(self) -> List[str]:
+        """This session's directories: those listed, and those it looked names up in."""
+        out = dict(self.listed)
+        for path in self.seen:
+            if path != "/":
+                out.setdefault(posixpath.dirname(path.rstrip("/")) or "/", None)
+        return [d for d in out if d not in self.unlisted][:self.DIRS]
+
     def save(self) -> None:
-        if not self.seen:
+        if not self.seen and not self.listed:
             return
         try:
             os.makedirs(os.path.dirname(self.path), mode=0o700, exist_ok=True)
             fd, tmp = tempfile.mkstemp(dir=os.path.dirname(self.path), prefix=".tmp-")
             with os.fdopen(fd, "wb") as handle:
-                handle.write(json.dumps(list(self.seen)).encode("utf-8", "surrogateescape"))
+                body = {"names": list(self.seen), "dirs": self.dirs()}
+                handle.write(json.dumps(body).encode("utf-8", "surrogateescape"))
             os.rename(tmp, self.path)
         except OSError as exc:
             LOG.debug("profile %s not saved: %s", self.path, exc)

@@ -16,11 +16,12 @@ import logging
 from typing import Any, Dict, List, Optional, Tuple
 
 from .. import protocol as P
-from .caches import open_file_cache, prefetch, validate, wanted_files
+from .caches import open_file_cache, prefetch, validate, validate_all, wanted_files
 from .command import command_user
 from .link import Link
 from .mount import Mount, check_fuse_device, choose_libfuse
-from .names import KernelDrops, NameCache, absorb_answers, absorb_invalidation
+from .listings import ListingStore, encode
+from .names import KernelDrops, NameCache, absorb_answers, absorb_invalidation, listing_entries, parent
 from .namespaces import SPECIAL_DIRS, bind_specials, enter_namespaces, unmount_under
 from .profile import Profile
 
@@ -44,6 +45,9 @@ class Session:
         #: Names, attributes and directories of the local side: kept until the local side
         #: says they changed (an ``inval`` frame), or for a short lease where it cannot watch.
         self.cache = NameCache()
+        #: Whole directory answers kept between sessions, confirmed at start (see listings.py).
+        self.listings = ListingStore(self.files.directory + ".listings") if self.files is not None else None
+        self.cache.listings = self.listings
         self.drops = KernelDrops()
         link.handlers[P.INVAL] = lambda header, _: absorb_invalidation(self.cache, self.drops, header)
         self.profile = Profile.for_command(self.files, boot)
@@ -84,20 +88,29 @@ class Session:
         up here last time, and those the local side saw it look up anywhere
         (its own profile). The answers (attributes, "missing", symlink targets)
         are fresh local lookups, kept until invalidated (or for a lease), so the
-        program's start finds them here instead of asking one by one. Files the
+        program's start finds them here instead of asking one by one. The
+        same request offers the directory answers kept from earlier sessions
+        (:mod:`.listings`) for the directories the command used; the local
+        side confirms or renews each, so lookups, negative lookups and
+        listings in them are answered here from the start. Files the
         profile lists that this host has no current copy of are fetched
         together, before the command starts.
         """
         if self.files is None:
             return 0
         known = self.profile.load() if self.profile is not None else []
+        dirs = self.listings.offer(self.profile.load_dirs()) if self.profile is not None else []
+        kept = {path for path, dg in dirs if dg}
+        # A name in a kept directory comes with it (if the local side confirms the directory).
+        known = [name for name in known if parent(name) not in kept]
         if not self.files_only:
             known = list(dict.fromkeys(["/"] + ["/" + d for d in SPECIAL_DIRS] + known))
         since = self.cache.begin()
-        reply = validate(self.link, known)
+        reply = validate_all(self.link, known, dirs)
         if reply is None:
             return 0
-        names, answers, whole, watched = reply
+        names, answers, whole, watched, dir_answers, dirs_watched = reply
+        self._absorb_listings(dirs, dir_answers, dirs_watched, since)
         wanted = wanted_files(self.files, whole)
         if wanted:
             started = time.monotonic()
@@ -109,6 +122,23 @@ class Session:
                     names, answers, watched = fresh[0], fresh[1], fresh[3]
         absorb_answers(self.cache, names, answers, watched, since)
         return len(names)
+
+    def _absorb_listings(self, offered: List[List[str]], answers: List[Any], watched: List[Any],
+                         since: int) -> None:
+        """Keep the directory answers ``validate`` confirmed (1) or renewed; forget the rest (0)."""
+        for i, ((path, _), answer) in enumerate(zip(offered, answers)):
+            payload = None
+            if answer == 1:
+                payload = self.listings.load(path)
+            elif isinstance(answer, dict):
+                payload = encode(answer)
+                self.listings.keep(path, payload)
+            elif self.profile is not None:
+                self.profile.unlisted.add(path)
+            entries = listing_entries(payload) if payload is not None else None
+            if entries is not None:
+                w = bool(watched[i]) if i < len(watched) else False
+                self.cache.put_listing(path, entries, watched=w, since=since)
 
     def _ensure_dir(self, path: bytes) -> None:
         missing = []
@@ -124,6 +154,8 @@ class Session:
         """Save the lookup profile, unmount everything and remove what we created."""
         if self.profile is not None:
             self.profile.save()
+        if self.listings is not None:
+            self.listings.save()
         if self.root:
             unmount_under(self.root)
         for m in reversed(self.mounts):
