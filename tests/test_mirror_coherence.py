@@ -223,6 +223,24 @@ def test_writes_through_the_mirror_drop_only_what_they_changed():
     assert cache.get("/d/b") is None and cache.get("/d/c") is None and cache.get("/d/zzz") is MISSING
 
 
+def test_a_name_replaced_here_by_another_type_makes_the_kernel_look_it_up_again():
+    cache = NameCache()
+    FILE, DIR, LINK = 0o100644, 0o040755, 0o120777
+    assert not cache.kernel_must_look_up("/d/x", FILE)  # first seen
+    cache.invalidate(paths=["/d/x"])  # attributes changed: same type, nothing to do
+    assert not cache.kernel_must_look_up("/d/x", FILE)
+    cache.invalidate(trees=["/d/x"])  # replaced here, by a file again
+    assert not cache.kernel_must_look_up("/d/x", FILE)
+    cache.invalidate(trees=["/d/x"])  # replaced by a directory: once ESTALE, then the new type
+    assert cache.kernel_must_look_up("/d/x", DIR)
+    assert not cache.kernel_must_look_up("/d/x", DIR)
+    cache.invalidate(everything=True)
+    assert cache.kernel_must_look_up("/d/x", LINK)
+    cache.renamed("/d/x")  # the mirror itself replaced it: the kernel knows
+    cache.invalidate(trees=["/d/x"])
+    assert not cache.kernel_must_look_up("/d/x", FILE)
+
+
 def test_everything_goes_on_overflow():
     cache = NameCache()
     token = cache.begin()

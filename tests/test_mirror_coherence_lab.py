@@ -222,3 +222,61 @@ def test_pipelined_writes_land_whole_and_in_order(lab, workdir):
     expected = bytearray(b"".join(bytes([i % 251]) * 997 for i in range(2000)))
     expected[10:14] = b"HEAD"
     assert target.read_bytes() == bytes(expected)
+
+
+def _type_reader(lab, host: str, cwd: Path, target: Path):
+    """Start a command on *host* that, for each stdin line, prints what kind of name *target* is and holds."""
+    code = textwrap.dedent(f"""
+        import os, stat, sys
+        path = {str(target)!r}
+        for line in sys.stdin:
+            try:
+                st = os.lstat(path)
+                if stat.S_ISLNK(st.st_mode):
+                    out = "link " + os.readlink(path)
+                elif stat.S_ISDIR(st.st_mode):
+                    out = "dir " + ",".join(sorted(os.listdir(path)) or ["-"])
+                else:
+                    with open(path) as f:
+                        out = "file " + f.read()
+            except OSError as exc:
+                out = "error " + str(exc.errno)
+            print(line.strip(), out, flush=True)
+    """)
+    return subprocess.Popen([sys.executable, "-m", "remote_runner", "exec", "-F", lab.ssh_config, host,
+                             "/usr/bin/python3", "-c", code], cwd=str(cwd), stdin=subprocess.PIPE,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+
+
+@pytest.mark.parametrize("host", ["h2", "h9"])
+def test_a_name_that_changes_type_is_seen_as_its_new_type(lab, local_only, workdir, host, request):
+    """file -> directory -> symlink -> file -> directory removed and made again, each seen at the next read."""
+    if host == "h9":
+        host = request.getfixturevalue("foreign_host")
+    target = local_only / "shifting"
+    target.write_text("a file")
+    proc = _type_reader(lab, host, workdir, target)
+    try:
+        assert _ask(proc, "1") == ["file", "a", "file"]
+        target.unlink()
+        target.mkdir()
+        (target / "inside").write_text("x")
+        assert _ask(proc, "2") == ["dir", "inside"]
+        (target / "inside").unlink()
+        target.rmdir()
+        os.symlink("elsewhere", target)
+        assert _ask(proc, "3") == ["link", "elsewhere"]
+        target.unlink()
+        target.write_text("a file again")
+        assert _ask(proc, "4") == ["file", "a", "file", "again"]
+        target.unlink()
+        target.mkdir()
+        assert _ask(proc, "5") == ["dir", "-"]
+        target.rmdir()
+        target.mkdir()  # removed and made again: another directory
+        (target / "new").write_text("y")
+        assert _ask(proc, "6") == ["dir", "new"]
+    finally:
+        proc.stdin.close()
+        proc.wait(EXEC_TIMEOUT)
+    assert proc.returncode == 0, proc.stderr.read().decode()

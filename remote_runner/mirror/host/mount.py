@@ -80,8 +80,20 @@ class Mount:
         # local side's invalidations) without a round trip; a negative answer is
         # never kept by the kernel (the name cache has the whole directory).
         # Each invalidation also drops the kernel's attributes and pages of the
-        # path (fuse_invalidate_path); libfuse's high-level API has no call to
-        # drop a name's dentry, hence the short kernel timeouts.
+        # path (fuse_invalidate_path), but libfuse's high-level API cannot drop a
+        # name's dentry (fuse_lowlevel_notify_inval_entry needs the parent's node
+        # id, which only the library knows). A name replaced here by another
+        # type would make the kernel's next getattr on the old inode fail with
+        # EIO; getattr answers ESTALE once instead, and the VFS looks the path
+        # up again (NameCache.kernel_must_look_up). Longer timeouts were not
+        # taken: a session's runs mostly look each name up once (a warm
+        # python start asks this process 277 times for 277 names, git status
+        # in 5,000 files 5,194 times), so they would save little, and where a
+        # directory is not watched (no watch left, network file system) its
+        # answers hold for a 1 s lease, which the kernel's timeouts must not
+        # outlast, whereas the other operations that trust a dentry
+        # (open(O_DIRECTORY), a walk through a name that became a directory)
+        # would act on the old type for the whole timeout.
         timeouts = 1.0
         options = dict(foreground=True, fsname="remote-runner", subtype="mirror",
                        default_permissions=True, use_ino=True,

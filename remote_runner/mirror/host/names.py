@@ -90,6 +90,8 @@ class NameCache:
         self._stamps: Dict[str, int] = {}   # path -> epoch of its last invalidation
         self._trees: Dict[str, int] = {}    # path -> epoch it was dropped with all below it
         self._big: Dict[str, float] = {}    # directories too big to be answered whole, until when
+        self._types: Dict[str, int] = {}   # path -> file type the kernel was last given
+        self._retyped: Set[str] = set()     # paths this machine said appeared, went or were replaced
         #: Where whole directory answers are kept between sessions (``listings.py``), if anywhere.
         self.listings: Any = None
         self.hits = 0
@@ -298,6 +300,7 @@ class NameCache:
             self._epoch += 1
             self.invalidated += 1
             if everything:
+                self._retyped.update(self._types)
                 dropped = list(self._attrs)
                 self._attrs.clear()
                 self._links.clear()
@@ -314,6 +317,8 @@ class NameCache:
                     dropped.append(path)
                 self._links.pop(path, None)
             for top in trees:
+                if top in self._types:
+                    self._retyped.add(top)
                 self._stamp(self._trees, top)
                 if top != "/":
                     listing = self._lists.get(parent(top))
@@ -337,12 +342,44 @@ class NameCache:
                 stack.extend(base + name for name in kids)
         return dropped
 
+    def kernel_must_look_up(self, path: str, mode: int) -> bool:
+        """Record that the kernel gets *path* as file type *mode*; tell whether it must look it up again.
+
+        The kernel keeps a name's dentry for the entry timeout, and libfuse's
+        high-level API cannot drop it; ``fuse_invalidate_path`` only drops the
+        inode's attributes. When this machine replaced the name by one of
+        another type (a file by a directory or a symlink, ...), the kernel's
+        next ``getattr`` on the old inode would get the new type, mark the
+        inode bad and fail with EIO. Answering ESTALE instead makes the VFS
+        walk the path again with ``LOOKUP_REVAL``, which asks us for the name
+        (a lookup) and gives the new type a new inode.
+        """
+        kind = mode & 0o170000
+        with self._lock:
+            before = self._types.get(path)
+            if len(self._types) > self.limit:
+                self._types.clear()
+                self._retyped.clear()
+            self._types[path] = kind
+            if path not in self._retyped:
+                return False
+            self._retyped.discard(path)
+            return before is not None and before != kind
+
+    def kernel_forgets(self, paths: Iterable[str]) -> None:
+        """The mirror itself created, removed or renamed *paths*: the kernel knows their new state."""
+        with self._lock:
+            for path in paths:
+                self._types.pop(path, None)
+                self._retyped.discard(path)
+
     def changed(self, path: str) -> None:
         """The mirror changed *path*'s data or attributes (write, chmod, truncate...)."""
         self.invalidate(paths=[path])
 
     def renamed(self, *paths: str) -> None:
         """The mirror created, removed or renamed these names: drop them and their directories' attributes."""
+        self.kernel_forgets(paths)
         self.invalidate(paths=[parent(p) for p in paths], trees=list(paths))
 
     def clear(self) -> None:

@@ -209,6 +209,8 @@ def make_operations(link: Link, prefix: bytes, files: Optional[FileCache] = None
                     raise mfusepy.FuseOSError(errno.ENOENT)
                 if cached is not None:
                     link.answer_here("getattr")
+                    if cache.kernel_must_look_up(where, int(cached.get("st_mode", 0))):
+                        raise mfusepy.FuseOSError(errno.ESTALE)  # (see NameCache.kernel_must_look_up)
                     return cached
                 since = cache.begin()
                 # A first lookup in a directory brings the whole directory (see names.py).
@@ -219,6 +221,8 @@ def make_operations(link: Link, prefix: bytes, files: Optional[FileCache] = None
                     raise mfusepy.FuseOSError(errno.ENOENT)
                 if path is not None:
                     links.seen(path, got)
+                if cache.kernel_must_look_up(where, int(got.get("st_mode", 0))):
+                    raise mfusepy.FuseOSError(errno.ESTALE)
                 return got
             header = call("getattr", args)[0]
             if path is not None:
