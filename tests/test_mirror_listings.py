@@ -66,10 +66,20 @@ def test_what_is_not_served_is_never_listed_whatever_the_host_offers(tmp_path):
     outside.mkdir()
     (outside / "secret").write_text("x")
     service = LocalFileService(roots=[str(inside).encode()])
+
+    class Watches:  # records what would be watched (changes there would be reported to the host)
+        seen = []
+
+        def watch(self, directory):
+            self.seen.append(directory)
+            return True
+
+    service.watcher = Watches()
     body = offer(service, [[str(outside), ""], [str(inside / ".." / "out"), ""], [str(inside / "nope"), ""],
                            "garbage", [1, 2], [str(inside), ""]])
-    assert body["dirs"][:5] == [0, 0, 0, 0, 0]
+    assert body["dirs"][:5] == [0, 0, 0, 0, 0] and body["dw"][:2] + body["dw"][3:] == [0, 0, 0, 0, 1]
     assert body["dirs"][5] == {"n": [], "a": [], "l": []}
+    assert not [d for d in Watches.seen if b"out" in d]  # nothing outside the exports is watched
     assert offer(service, "not a list")["dirs"] == []
 
 

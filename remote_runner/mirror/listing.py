@@ -175,6 +175,12 @@ class DirectoryAnswers:
                 answers.append(0)
                 watched.append(0)
                 continue
+            try:
+                self._path({"path": P.name_to_wire(raw)})  # served? (never watched otherwise)
+            except (OpError, OSError):
+                answers.append(0)
+                watched.append(0)
+                continue
             watched.append(1 if self._watch(raw) else 0)  # before listing: no change is missed
             answer = self._listing(raw) if budget > 0 else None
             if not answer:
