@@ -19,6 +19,7 @@ from remote_runner.mirror.host.listings import ListingStore, digest, encode
 from remote_runner.mirror.host.names import listing_entries
 from remote_runner.mirror.host.profile import Profile
 from remote_runner.mirror.listing import directory_answer, encode_answer
+from remote_runner.mirror.replies import OpError
 from remote_runner.mirror.service import LocalFileService
 from tests.conftest import ssh
 from tests.test_mirror_lab import local_only, rr_exec, workdir  # noqa: F401 (fixtures)
@@ -74,12 +75,24 @@ def test_what_is_not_served_is_never_listed_whatever_the_host_offers(tmp_path):
             self.seen.append(directory)
             return True
 
+        def watched(self, directory):
+            return directory in self.seen
+
     service.watcher = Watches()
     body = offer(service, [[str(outside), ""], [str(inside / ".." / "out"), ""], [str(inside / "nope"), ""],
                            "garbage", [1, 2], [str(inside), ""]])
     assert body["dirs"][:5] == [0, 0, 0, 0, 0] and body["dw"][:2] + body["dw"][3:] == [0, 0, 0, 0, 1]
     assert body["dirs"][5] == {"n": [], "a": [], "l": []}
     assert not [d for d in Watches.seen if b"out" in d]  # nothing outside the exports is watched
+    # nor the directory of any name the host asks about
+    (inside / "link").symlink_to(outside)
+    for name in (outside / "secret", inside / "link" / "secret"):
+        try:  # missing (not served) or refused (a link on the way)
+            reply = service.handle("getattr", {"path": str(name), "dir": 1}, b"")
+            assert reply.fields.get("missing") and not reply.fields.get("w") and not reply.fields.get("ls")
+        except OpError:
+            pass
+    assert not [d for d in Watches.seen if b"out" in d or b"link" in d]
     assert offer(service, "not a list")["dirs"] == []
 
 

@@ -89,8 +89,21 @@ class DirectoryAnswers:
     """The service's lookups that answer a whole directory (mixed into LocalFileService)."""
 
     def _watch(self, directory: bytes) -> bool:
-        """Watch local *directory* for the host (before answering about it); tell whether it is."""
-        return self.watcher is not None and self.watcher.watch(directory)
+        """Watch local *directory* for the host (before answering about it); tell whether it is.
+
+        Only a directory the host is served (checked like a request for it:
+        exports, denylist, no symbolic link on the way) is watched: the names
+        changing in a watched directory are reported to the host.
+        """
+        if self.watcher is None:
+            return False
+        if not self.watcher.watched(directory):
+            try:
+                if not stat.S_ISDIR(os.lstat(self._path({"path": P.name_to_wire(directory)})).st_mode):
+                    return False
+            except (OpError, OSError):
+                return False
+        return self.watcher.watch(directory)
 
     def _watch_parent(self, wire: Any) -> bool:
         """Watch the directory of wire path *wire* (``/`` for ``/``)."""
@@ -172,12 +185,6 @@ class DirectoryAnswers:
             try:
                 raw = os.path.normpath(P.name_from_wire(item[0]))
             except P.ProtocolError:
-                answers.append(0)
-                watched.append(0)
-                continue
-            try:
-                self._path({"path": P.name_to_wire(raw)})  # served? (never watched otherwise)
-            except (OpError, OSError):
                 answers.append(0)
                 watched.append(0)
                 continue

@@ -64,7 +64,9 @@ CONTENT = IN_MODIFY | IN_ATTRIB | IN_CLOSE_WRITE
 #: A name appeared, went away or was replaced.
 NAMES = IN_CREATE | IN_DELETE | IN_MOVED_FROM | IN_MOVED_TO
 SELF_GONE = IN_DELETE_SELF | IN_MOVE_SELF | IN_UNMOUNT
-MASK = CONTENT | NAMES | SELF_GONE | IN_ONLYDIR | IN_EXCL_UNLINK
+#: IN_DONT_FOLLOW: a directory is watched under its own name, never through a symbolic link
+#: (the service checks the way to it; a link would lead the watch elsewhere).
+MASK = CONTENT | NAMES | SELF_GONE | IN_ONLYDIR | IN_DONT_FOLLOW | IN_EXCL_UNLINK
 
 EVENT = struct.Struct("iIII")
 
