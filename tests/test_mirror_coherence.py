@@ -236,6 +236,9 @@ def test_a_name_replaced_here_by_another_type_makes_the_kernel_look_it_up_again(
     assert not cache.kernel_must_look_up("/d/x", DIR)
     cache.invalidate(everything=True)
     assert cache.kernel_must_look_up("/d/x", LINK)
+    cache.put("/d/x", {"st_mode": LINK}, watched=True)
+    cache.invalidate(trees=["/d"])  # its directory removed and made again here
+    assert cache.kernel_must_look_up("/d/x", FILE)
     cache.renamed("/d/x")  # the mirror itself replaced it: the kernel knows
     cache.invalidate(trees=["/d/x"])
     assert not cache.kernel_must_look_up("/d/x", FILE)

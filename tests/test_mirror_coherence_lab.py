@@ -73,7 +73,7 @@ def _ask(proc, tag: str) -> list:
     line = proc.stdout.readline().decode()
     assert line, "the reader ended: " + proc.stderr.read().decode()
     words = line.split()
-    assert words[0] == tag, line
+    assert words[0] == tag.split()[0], line
     return words[1:]
 
 
@@ -230,18 +230,24 @@ def _type_reader(lab, host: str, cwd: Path, target: Path):
         import os, stat, sys
         path = {str(target)!r}
         for line in sys.stdin:
+            words = line.split()
+            name = os.path.join(path, *words[1:])  # "tag [name below]"
             try:
-                st = os.lstat(path)
+                st = os.lstat(name)
+            except OSError as exc:
+                print(words[0], "lstat-error", exc.errno, flush=True)
+                continue
+            try:
                 if stat.S_ISLNK(st.st_mode):
-                    out = "link " + os.readlink(path)
+                    out = "link " + os.readlink(name)
                 elif stat.S_ISDIR(st.st_mode):
-                    out = "dir " + ",".join(sorted(os.listdir(path)) or ["-"])
+                    out = "dir " + ",".join(sorted(os.listdir(name)) or ["-"])
                 else:
-                    with open(path) as f:
+                    with open(name) as f:
                         out = "file " + f.read()
             except OSError as exc:
                 out = "error " + str(exc.errno)
-            print(line.strip(), out, flush=True)
+            print(words[0], out, flush=True)
     """)
     return subprocess.Popen([sys.executable, "-m", "remote_runner", "exec", "-F", lab.ssh_config, host,
                              "/usr/bin/python3", "-c", code], cwd=str(cwd), stdin=subprocess.PIPE,
@@ -276,6 +282,11 @@ def test_a_name_that_changes_type_is_seen_as_its_new_type(lab, local_only, workd
         target.mkdir()  # removed and made again: another directory
         (target / "new").write_text("y")
         assert _ask(proc, "6") == ["dir", "new"]
+        assert _ask(proc, "7 new") == ["file", "y"]
+        os.rename(target, local_only / "moved-away")  # (its names go without an event each)
+        target.mkdir()  # made again, with a directory where the file was
+        (target / "new").mkdir()
+        assert _ask(proc, "8 new") == ["dir", "-"]
     finally:
         proc.stdin.close()
         proc.wait(EXEC_TIMEOUT)

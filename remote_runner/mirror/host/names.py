@@ -92,6 +92,7 @@ class NameCache:
         self._big: Dict[str, float] = {}    # directories too big to be answered whole, until when
         self._types: Dict[str, int] = {}   # path -> file type the kernel was last given
         self._retyped: Set[str] = set()     # paths this machine said appeared, went or were replaced
+        self._type_kids: Dict[str, Set[str]] = {}  # directory -> names below it in _types
         #: Where whole directory answers are kept between sessions (``listings.py``), if anywhere.
         self.listings: Any = None
         self.hits = 0
@@ -317,13 +318,13 @@ class NameCache:
                     dropped.append(path)
                 self._links.pop(path, None)
             for top in trees:
-                if top in self._types:
-                    self._retyped.add(top)
                 self._stamp(self._trees, top)
                 if top != "/":
                     listing = self._lists.get(parent(top))
                     if listing is not None:
                         listing.unknown.add(posixpath.basename(top))
+                # the name, and what the kernel may still hold below it, may come back as another type
+                self._mark_retyped(top)
                 dropped.extend(self._drop_tree(top))
             return dropped
 
@@ -342,6 +343,15 @@ class NameCache:
                 stack.extend(base + name for name in kids)
         return dropped
 
+    def _mark_retyped(self, top: str) -> None:
+        stack = [top]
+        while stack:
+            path = stack.pop()
+            if path in self._types:
+                self._retyped.add(path)
+            base = path.rstrip("/") + "/"
+            stack.extend(base + name for name in self._type_kids.get(path, ()))
+
     def kernel_must_look_up(self, path: str, mode: int) -> bool:
         """Record that the kernel gets *path* as file type *mode*; tell whether it must look it up again.
 
@@ -359,7 +369,10 @@ class NameCache:
             before = self._types.get(path)
             if len(self._types) > self.limit:
                 self._types.clear()
+                self._type_kids.clear()
                 self._retyped.clear()
+            if before is None and path != "/":
+                self._type_kids.setdefault(parent(path), set()).add(posixpath.basename(path))
             self._types[path] = kind
             if path not in self._retyped:
                 return False
