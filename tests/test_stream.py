@@ -30,7 +30,6 @@ import uuid
 
 import pytest
 
-from remote_runner import events as ev
 from remote_runner import manifest, stream, sync, upload
 from remote_runner.config import FileSpec
 from remote_runner.errors import CopyError
@@ -39,7 +38,7 @@ from remote_runner.runner import RunOptions, Runner
 from remote_runner.shell import RemoteShell
 from remote_runner.ssh import Connection, SSHOptions
 from tests.conftest import quit_screen, ssh
-from tests.test_manifest import audit
+from tests.test_manifest import CopyPhase, audit
 
 
 # --------------------------------------------------------------------------- no hosts needed
@@ -231,23 +230,6 @@ def test_a_run_copies_without_sftp_and_one_changed_file_costs_one_exec(lab, tmp_
     experiment = load_experiment(str(config), None)
     options = RunOptions(screen=screen_name, remote_done_dir=state)
     ssh_options = SSHOptions(ssh_config_file=lab.ssh_config)
-
-    class CopyPhase:
-        """Counts each host's execs and SFTP sessions during the copy phase only."""
-
-        def __init__(self) -> None:
-            self.runner = None
-            self.begin = {}
-            self.spent = {}
-
-        def emit(self, event) -> None:
-            if event.phase != "copy" or self.runner is None:
-                return
-            now = {h: c.traffic.snapshot() for h, c in self.runner.connections.items()}
-            if event.kind == ev.KIND_PHASE_BEGIN:
-                self.begin = now
-            elif event.kind == ev.KIND_PHASE_END:
-                self.spent = {h: {k: now[h][k] - self.begin[h][k] for k in now[h]} for h in now}
 
     spent = {}
     try:
