@@ -32,7 +32,7 @@ import threading
 from concurrent.futures import ThreadPoolExecutor
 from concurrent.futures import wait as futures_wait
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Callable, Dict, List, Optional, Sequence, Tuple
+from typing import TYPE_CHECKING, Any, Callable, Dict, List, NoReturn, Optional, Sequence, Tuple
 
 from remote_runner import compression, sftpwrite, stream
 from remote_runner.errors import EXIT_INTERRUPTED, CopyError, RunnerError, describe
@@ -398,19 +398,8 @@ def upload_compressed(transport: Any, host: str, item: Upload, codec: str,
         compression.send(transport, codec, item.src, item.size, script, tick, traffic=traffic)
         _in_flight(host, tmp, False)
     except BaseException as exc:
-        # The host's script removes it when the stream breaks; this covers a host
-        # that never got that far (and costs one quick command when it is gone already).
-        compression.remove(transport, tmp, traffic=traffic)
-        _in_flight(host, tmp, False)
-        if isinstance(exc, compression.Failed):
-            if exc.short:
-                raise ShortWrite(item, exc.written) from exc
-            raise CopyError(f"upload of {item.src} ({codec}-compressed) failed: {exc.message}; "
-                            "the old file is left in place", host=host, path=item.dest) from exc
-        if isinstance(exc, (RunnerError, KeyboardInterrupt)):
-            raise
-        raise CopyError(f"upload of {item.src} failed: {describe(exc)}", host=host,
-                        path=item.dest) from exc
+        _stream_broke(transport, host, item, tmp, exc, compression.Failed,
+                      f" ({codec}-compressed)", traffic)
 
 
 def upload_streamed(transport: Any, host: str, item: Upload, tick: Callable[[int], None],
@@ -424,19 +413,30 @@ def upload_streamed(transport: Any, host: str, item: Upload, tick: Callable[[int
         _in_flight(host, tmp, False)
         return receipt
     except BaseException as exc:
-        # The receiver removes it when the stream breaks; this covers a host
-        # that never got that far (one quick command when it is gone already).
-        compression.remove(transport, tmp, traffic=traffic)
-        _in_flight(host, tmp, False)
-        if isinstance(exc, stream.Failed):
-            if exc.short:
-                raise ShortWrite(item, exc.written) from exc
-            raise CopyError(f"upload of {item.src} failed: {exc.message}; "
-                            "the old file is left in place", host=host, path=item.dest) from exc
-        if isinstance(exc, (RunnerError, KeyboardInterrupt)):
-            raise
-        raise CopyError(f"upload of {item.src} failed: {describe(exc)}", host=host,
-                        path=item.dest) from exc
+        _stream_broke(transport, host, item, tmp, exc, stream.Failed, "", traffic)
+
+
+def _stream_broke(transport: Any, host: str, item: Upload, tmp: str, exc: BaseException,
+                  failed: type, how: str, traffic: Any) -> NoReturn:
+    """Clean up after the stream of *item* broke with *exc*; raise what to report.
+
+    The host's receiving script removes its temporary file when the stream
+    breaks; this covers a host that never got that far (one quick command when
+    it is gone already). *failed* is the sender's own error type, *how* says
+    how the bytes went (``" (lz4-compressed)"``).
+    """
+    compression.remove(transport, tmp, traffic=traffic)
+    _in_flight(host, tmp, False)
+    if isinstance(exc, failed):
+        if exc.short:  # type: ignore[attr-defined]
+            raise ShortWrite(item, exc.written) from exc  # type: ignore[attr-defined]
+        raise CopyError(f"upload of {item.src}{how} failed: "
+                        f"{exc.message}; the old file is left in place",  # type: ignore[attr-defined]
+                        host=host, path=item.dest) from exc
+    if isinstance(exc, (RunnerError, KeyboardInterrupt)):
+        raise exc
+    raise CopyError(f"upload of {item.src} failed: {describe(exc)}", host=host,
+                    path=item.dest) from exc
 
 
 def _transport_of(sftp: Any) -> Any:
