@@ -43,7 +43,7 @@ from typing import Callable, Dict, List, Optional, Tuple, Union
 
 import paramiko
 
-from remote_runner import ciphers, hostkeys, jump, keepalive
+from remote_runner import ciphers, hostkeys, jump, keepalive, tcp
 from remote_runner.traffic import Traffic, open_sftp
 from remote_runner.failpolicy import DEFAULT_FORKS
 from remote_runner.names import check_name
@@ -222,7 +222,8 @@ class Connection(Authentication):
             self._watchdog = keepalive.MONITOR.watch(self.alias, transport, self.keepalive,
                                                      self._alive_count_max)
 
-    def _open_socket(self) -> Union[socket.socket, paramiko.Channel, ProxyCommand]:
+    def _open_socket(self) -> Union[socket.socket, tcp.QuickAckSocket, paramiko.Channel,
+                                    ProxyCommand]:
         """Return a connected byte stream to the SSH server (direct, ProxyJump or ProxyCommand)."""
         jumps = self._via if self._via is not None else _jump_list(self.config.get("proxyjump"))
         if jumps:
@@ -237,7 +238,7 @@ class Connection(Authentication):
             return self._proxy
         return self._open_tcp()
 
-    def _open_tcp(self) -> socket.socket:
+    def _open_tcp(self) -> Union[socket.socket, tcp.QuickAckSocket]:
         """Connect a TCP socket within the connect timeout, or raise UnreachableError."""
         target = f"{self.hostname}:{self.port}"
         try:
@@ -251,9 +252,7 @@ class Connection(Authentication):
         except OSError as exc:
             raise UnreachableError(self.alias, f"cannot connect to {target}: "
                                    f"{exc.strerror or exc}", "is the host up and sshd running?") from exc
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        return sock
+        return tcp.tune(sock)
 
     def _open_via_jump(self, jumps: List[str]) -> paramiko.Channel:
         """Connect the last jump host (through the earlier ones) and tunnel to our host."""

@@ -21,6 +21,7 @@ import paramiko
 import pytest
 
 from remote_runner import hostkeys
+from remote_runner.tcp import QuickAckSocket
 from remote_runner.errors import (
     AuthError, CommandTimeout, ConfigError, HostError, HostKeyError, RemoteCommandError,
     UnreachableError,
@@ -222,15 +223,32 @@ def test_close_is_idempotent_and_context_manager(lab):
 
 
 def test_the_connection_sends_each_message_at_once(lab):
-    """TCP_NODELAY: paramiko writes each SSH message on its own, and with Nagle's
-    algorithm a message following an unacknowledged one waited for the host's
-    delayed ACK (about 40 ms on Linux) -- on every exec's request after its open."""
+    """TCP_NODELAY and quick ACKs (see remote_runner.tcp): no message of ours or of
+    sshd's waits for the other side's delayed ACK (about 40 ms on Linux)."""
     import socket
     with Connection("h2", lab_options(lab)) as connection:
         connection.connect()
         sock = connection.transport.sock
         assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) == 1
         assert connection.run(["echo", "fast"]).stdout == b"fast\n"
+        # every read is acknowledged at once (sshd's next message need not wait for it)
+        assert isinstance(sock, QuickAckSocket)
+        # ... and the wrapper is the socket for everything else paramiko asks of it
+        assert sock.getpeername() == sock._sock.getpeername()
+
+
+def test_a_quick_ack_socket_reads_and_passes_everything_else_through():
+    import socket
+    left, right = socket.socketpair()
+    try:
+        wrapped = QuickAckSocket(left)  # not TCP: the ACK request fails quietly
+        right.sendall(b"hello")
+        assert wrapped.recv(5) == b"hello"
+        wrapped.sendall(b"back")
+        assert right.recv(4) == b"back" and wrapped.fileno() == left.fileno()
+    finally:
+        left.close()
+        right.close()
 
 
 def test_explicit_user_wins_over_ssh_config(lab):
