@@ -41,7 +41,7 @@ Why it can be trusted, and where it is not:
   back to the shell commands of :mod:`sync` as if the host had no python3.
 
 Hosts without python3 (a Debian minbase, say) get the old path: ``stat`` and
-``openssl dgst`` on every file (:func:`remote_runner.sync.changed_files`).
+``openssl dgst`` on every file (:func:`remote_runner.hostdigest.changed_files`).
 """
 
 from __future__ import annotations

@@ -27,7 +27,6 @@ from __future__ import annotations
 import logging
 import os
 import posixpath
-import shlex
 import stat
 import threading
 from concurrent.futures import ThreadPoolExecutor
@@ -38,7 +37,8 @@ from remote_runner import hashcache, manifest
 from remote_runner.errors import ConnectionLost, CopyError, RunnerError, describe
 from remote_runner.events import for_host, host_context
 from remote_runner.hostdigest import (  # noqa: F401 - re-exported: sync is where callers look
-    HASH_CHUNK, HASH_TOOL_MARK, STAT_OK_MARK, remote_attrs, remote_sha1, remote_stat,
+    HAS_TAR_MARK, HASH_CHUNK, HASH_TOOL_MARK, STAT_OK_MARK, _sweep_script, changed_files,
+    check_free_space, make_dirs, remote_attrs, remote_sha1, remote_stat,
 )
 from remote_runner.bundle import (  # noqa: F401 - re-exported: sync is where callers look
     BUNDLE_BYTES, BUNDLE_FILES, bundle_tar, bundles, upload_bundle, upload_bundles,
@@ -55,7 +55,6 @@ if TYPE_CHECKING:  # pragma: no cover
 
 LOG = logging.getLogger(__name__)
 
-HAS_TAR_MARK = "RR-HAS-TAR"
 #: Bundles sent at once while the same host's large files stream: with the
 #: streams' and compressed lanes and the session lock's channel, within
 #: OpenSSH's default ``MaxSessions 10``.
@@ -179,113 +178,6 @@ def _add_tree(host: str, src: str, dest: str, files: Dict[str, Upload],
 def local_sha1(path: str, rehash: bool = False) -> str:
     """Return the hex SHA1 of a local file (remembered across runs while its stat holds)."""
     return hashcache.LOCAL.sha1(path, rehash)
-
-
-def changed_files(shell: "Shell", sftp: Callable[[], Any], plan: Plan, rehash: bool = False
-                  ) -> Tuple[List[Upload], List[Upload], str]:
-    """Split the plan's files into (to upload, unchanged) and report the hash tool used.
-
-    Two round trips for any number of files: sizes and modes, then the hashes
-    of those that match. Meanwhile the local hashes are computed in parallel.
-    """
-    # Names with a newline cannot be matched in line-oriented output: always upload those.
-    listable = [f.dest for f in plan.files if "\n" not in f.dest]
-    attrs = remote_stat(shell, listable)
-    if attrs is None:
-        attrs = remote_attrs(sftp(), {posixpath.dirname(f.dest) for f in plan.files})
-    upload: List[Upload] = []
-    candidates: List[Upload] = []
-    for item in plan.files:
-        size, mode = attrs.get(item.dest, (-1, 0))
-        if not stat.S_ISREG(mode) or size != item.size or stat.S_IMODE(mode) != item.mode:
-            upload.append(item)
-        else:
-            candidates.append(item)
-    if not candidates:
-        return upload, [], "openssl"
-    with ThreadPoolExecutor(max_workers=1) as pool:
-        local = pool.submit(lambda: {c.src: local_sha1(c.src, rehash) for c in candidates})
-        hashes, tool = remote_sha1(shell, [c.dest for c in candidates])
-        local_hashes = local.result()
-    if tool == "none":
-        LOG.warning("%s: neither openssl, sha1sum nor python3 works on this host, so no file can "
-                    "be proven unchanged: all %d are copied again", plan.host, len(candidates))
-    elif tool != "openssl":
-        LOG.warning("%s: openssl is not installed (or failed); comparing files with %s",
-                    plan.host, tool)
-    same = []
-    for item in candidates:
-        if hashes.get(item.dest) == local_hashes[item.src]:
-            same.append(item)
-        else:
-            upload.append(item)
-    return upload, same, tool
-
-
-def make_dirs(shell: "Shell", plan: Plan, uploads: Sequence[Upload] = ()) -> bool:
-    """Create every directory of the plan (one command); return whether the host has tar.
-
-    The same command reports the free space of each filesystem *uploads* go
-    to, and the copy is refused before anything is written when one of them
-    cannot hold it (every upload needs its full size while it is a temporary file).
-    """
-    # A directory that already exists keeps its mode (copying into /tmp must not
-    # make it 0755): only the directories this copy creates get the local mode,
-    # parents first (sorted), with the test builtin, so no fork for existing ones.
-    script = "".join(f"[ -d {q} ] || {{ mkdir -p {q} && chmod {mode:o} {q}; }} || exit 1\n"
-                     for q, mode in ((shlex.quote(d), m) for d, m in plan.dirs if m is not None))
-    words = " ".join(shlex.quote(d) for d, mode in plan.dirs if mode is None)
-    script += f"mkdir -p {words} || exit 1\n" if words else ""
-    script += f"command -v tar >/dev/null 2>&1 && echo {HAS_TAR_MARK}\n"
-    script += _sweep_script(sorted({posixpath.dirname(f.dest) for f in plan.files}))
-    targets = sorted({posixpath.dirname(u.dest) for u in uploads if "\n" not in u.dest})
-    script += free_space_script(targets, HASH_CHUNK) + "exit 0\n"
-    result = shell.script(script, timeout=120)
-    if result.exit_status != 0:
-        raise CopyError(f"could not create directories: {result.stderr.strip()}", host=plan.host)
-    lines = result.stdout.splitlines()
-    check_free_space(plan.host, uploads, lines)
-    return HAS_TAR_MARK in lines
-
-
-def _sweep_script(dirs: Sequence[str]) -> str:
-    """Shell text removing temporary files and stage dirs that killed copies left in *dirs*.
-
-    Only our own names (``.NAME.rr-XXXXXXXX.tmp``, ``.rr-stage-XXXXXXXX``) and
-    only those untouched for :data:`STALE_MINUTES`: an upload still in progress
-    writes its file all the time, so another run's live copy is never removed.
-    """
-    out = ""
-    for start in range(0, len(dirs), HASH_CHUNK):
-        words = " ".join(shlex.quote(d) for d in dirs[start:start + HASH_CHUNK])
-        out += (f"find {words} -maxdepth 1 \\( -name '.*.rr-????????.tmp' -type f -o "
-                f"-name '.rr-stage-????????' -type d \\) -mmin +{STALE_MINUTES} "
-                "-exec rm -rf {} + 2>/dev/null\n")
-    return out
-
-
-def check_free_space(host: str, uploads: Sequence[Upload], report: Sequence[str]) -> None:
-    """Raise CopyError when a filesystem on the host has less room than the copy needs.
-
-    *report* is the output of :func:`~remote_runner.upload.free_space_script`;
-    a host without ``stat -f`` is simply not checked here, and the size check
-    after each write still catches a full disk.
-    """
-    free = free_space(report)
-    room = dict(free.values())
-    on: Dict[str, List[Upload]] = {}
-    for upload in uploads:
-        known = free.get(posixpath.dirname(upload.dest))
-        if known is not None:
-            on.setdefault(known[0], []).append(upload)
-    for fsid, items in on.items():
-        size = sum(u.size for u in items)
-        if size > room[fsid]:
-            biggest = max(items, key=lambda u: u.size)
-            more = f" with {len(items) - 1} other file(s)" if len(items) > 1 else ""
-            raise CopyError(f"No space left on device: copying it{more} needs {size} bytes on "
-                            f"its filesystem, which has {room[fsid]} free; nothing was copied",
-                            host=host, path=biggest.dest)
 
 
 def sync_host(shell: "Shell", sftp: Any, plan: Plan, always_copy: bool = False,

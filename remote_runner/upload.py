@@ -18,7 +18,7 @@ why (a full disk is named as such, with the old file left in place).
 
 Ctrl-C stops every upload at its next chunk (:func:`wait_or_cancel`): each
 removes its temporary file, and whatever a busy link keeps from being removed
-in time is named, and swept by a later run (see ``sync._sweep_script``).
+in time is named, and swept by a later run (see ``hostdigest._sweep_script``).
 Within a host several SFTP channels (:data:`LANES`), compressed streams or
 bundle commands run at once, within OpenSSH's default ``MaxSessions``.
 """
