@@ -150,6 +150,11 @@ def test_exports_serve_chosen_trees_and_never_the_denylist(tmp_path):
     assert b".ssh" not in _svc_call(svc, "readdir", path=home)[2].split(b"\0")
     assert _svc_call(svc, "open", path=tmp_path / "ro" / "f", flags=os.O_WRONLY)[0] == errno.EROFS
     assert _svc_call(svc, "unlink", path=tmp_path / "ro" / "f")[0] == errno.EROFS
+    # an existing name is EEXIST, as the kernel finds it before checking the directory
+    assert _svc_call(svc, "mkdir", path=tmp_path / "ro" / "f", mode=0o755)[0] == errno.EEXIST
+    assert _svc_call(svc, "symlink", path=tmp_path / "ro" / "f", target="x")[0] == errno.EEXIST
+    assert _svc_call(svc, "mkdir", path=tmp_path / "ro" / "new", mode=0o755)[0] == errno.EROFS
+    assert _svc_call(svc, "mkdir", path=home / ".ssh", mode=0o755)[0] != errno.EEXIST  # a secret is never told to exist
     fh = _svc_call(svc, "open", path=tmp_path / "ro" / "f", flags=os.O_RDONLY)[1]["fh"]
     assert _svc_call(svc, "chmod", fh=fh, mode=0o777)[0] == errno.EROFS  # not through a handle either
     # the way to an export is listed, but shows nothing else

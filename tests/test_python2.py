@@ -247,6 +247,26 @@ def test_translation_works_where_the_cache_directory_cannot_be_made(tmp_path):
     assert out.stdout.split() == ["3", "True", "True"]
 
 
+def test_a_syntax_error_is_reported_where_the_cache_directory_cannot_be_made(tmp_path):
+    """The first translation imports fissix twice (see above): its parse error is still a SyntaxError.
+
+    As in a mirror, where the local home is not served to the host.
+    """
+    import os
+    import subprocess
+    import sys
+    blocker = tmp_path / "not-a-dir"
+    blocker.write_text("")
+    env = dict(os.environ, HOME=str(blocker), XDG_CACHE_HOME=str(blocker / "cache"))
+    probe = ("from remote_runner.python2 import compile_file\n"
+             "try:\n    compile_file(b'x = [1, 2\\nprint x\\n', 'x.py')\n"
+             "except SyntaxError as exc:\n    print('SyntaxError', exc.lineno)\n")
+    out = subprocess.run([sys.executable, "-c", probe], env=env, capture_output=True, text=True,
+                         timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split()[0] == "SyntaxError", out.stdout
+
+
 def test_a_broken_helper_module_is_named_with_its_line(tmp_path):
     (tmp_path / "broken_helper_for_config.py").write_text("x = 1\ndef f(:\n    pass\n")
     with pytest.raises(ConfigError) as info:

@@ -105,6 +105,23 @@ class LocalFileService(SendAhead, DirectoryAnswers):
         except Refused as exc:
             raise OpError(exc.errno) from None
 
+    def _new_path(self, a: Dict[str, Any], key: str = "path") -> bytes:
+        """:meth:`_path` for a name to be created: an existing name the host may see is EEXIST.
+
+        The kernel finds the name before it checks whether the directory may
+        be written, so ``mkdir -p``'s (and pathlib's ``exist_ok``) mkdir of an
+        existing directory in a read-only tree says EEXIST, not EROFS or EACCES.
+        """
+        try:
+            return self._path(a, key, write=True)
+        except OpError as exc:
+            try:
+                visible = self._path(a, key)
+                os.lstat(self._held(a, key) or visible)
+            except (OpError, OSError):
+                raise exc from None
+            raise OpError(errno.EEXIST) from None
+
     def _final(self, path: bytes) -> bytes:
         """A name for the file *path* names itself, refusing a symbolic link (ELOOP).
 
@@ -315,7 +332,7 @@ class LocalFileService(SendAhead, DirectoryAnswers):
         return True
 
     def op_mkdir(self, a: Dict[str, Any], _: bytes) -> Reply:
-        path = self._path(a, write=True)
+        path = self._new_path(a)
         mode = int(a["mode"]) & 0o7777
         os.mkdir(path, mode)
         self._owner(a, path)
@@ -337,13 +354,13 @@ class LocalFileService(SendAhead, DirectoryAnswers):
 
     def op_symlink(self, a: Dict[str, Any], _: bytes) -> Reply:
         target = P.name_from_wire(a["target"])
-        path = self._path(a, write=True)
+        path = self._new_path(a)
         os.symlink(target, path)
         self._owner(a, path)
         return Reply()
 
     def op_link(self, a: Dict[str, Any], _: bytes) -> Reply:
-        os.link(self._path(a, "target", write=True), self._path(a, write=True),
+        os.link(self._path(a, "target", write=True), self._new_path(a),
                 follow_symlinks=False)
         return Reply()
 
@@ -364,7 +381,7 @@ class LocalFileService(SendAhead, DirectoryAnswers):
         return Reply()
 
     def op_mknod(self, a: Dict[str, Any], _: bytes) -> Reply:
-        path = self._path(a, write=True)
+        path = self._new_path(a)
         mode = int(a["mode"])
         if stat.S_ISFIFO(mode):
             os.mkfifo(path, mode & 0o7777)

@@ -190,10 +190,13 @@ def compile_python2(text: str, path: str) -> CodeType:
 
 def translate(text: str, path: str) -> str:
     """Return *text* translated by fissix's Python 2 fixers (raises SyntaxError)."""
+    # The tool first: where the user's cache directory cannot be written, making
+    # it imports fissix a second time, and only the second import's error
+    # classes are the ones its parser raises.
+    tool = _refactoring_tool()
     from fissix.pgen2.parse import ParseError
     from fissix.pgen2.tokenize import TokenError
 
-    tool = _refactoring_tool()
     try:
         with _tool_lock:
             return str(tool.refactor_string(text, path))
