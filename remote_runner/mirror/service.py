@@ -8,8 +8,9 @@ handle is EBADF rather than a write into whatever fd happens to have that
 number. Errors come back as their errno, preserved across the wire.
 
 Its parts: the handle table and reply (:mod:`.replies`), the answers sent
-ahead of the host's questions (:mod:`.sendahead`, mixed in), and the Linux
-calls os lacks (:mod:`.linuxcalls`).
+ahead of the host's questions (:mod:`.sendahead`, mixed in), the host's own
+changes kept from echoing back and their outcome sent (:mod:`.ownchanges`,
+mixed in), and the Linux calls os lacks (:mod:`.linuxcalls`).
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from remote_runner.mirror import elf
 from remote_runner.mirror.exports import Exports, Refused, resolve_parent
 from remote_runner.mirror.host.writes import WriteOrder
 from remote_runner.mirror.listing import DirectoryAnswers
+from remote_runner.mirror.ownchanges import OwnChanges
 from remote_runner.mirror import protocol as P
 from remote_runner.mirror.linuxcalls import RENAME_EXCHANGE, RENAME_NOREPLACE, fallocate, renameat2
 from remote_runner.mirror.localnames import (HiddenFiles, RequestDescriptors, is_hidden_name,
@@ -41,7 +43,7 @@ UTIME_NOW = (1 << 30) - 1
 UTIME_OMIT = (1 << 30) - 2
 
 
-class LocalFileService(SendAhead, DirectoryAnswers):
+class LocalFileService(SendAhead, DirectoryAnswers, OwnChanges):
     """Answer mirror requests against the local file system.
 
     *roots* limits what the remote may touch (files-only mode exports only
@@ -79,6 +81,8 @@ class LocalFileService(SendAhead, DirectoryAnswers):
         self.watcher = None
         #: One handle's pipelined writes (numbered ``seq``) applied in the order they were sent.
         self.order = WriteOrder()
+        #: The name each handle was opened by (its writes are the host's own changes to it).
+        self._handle_paths: Dict[int, bytes] = {}
 
     # -- helpers -------------------------------------------------------------
     def _path(self, args: Dict[str, Any], key: str = "path", write: bool = False) -> bytes:
@@ -144,7 +148,9 @@ class LocalFileService(SendAhead, DirectoryAnswers):
     def _add_handle(self, fd: int, a: Dict[str, Any]) -> int:
         handle = self.handles.add(fd)
         try:
-            export = self.exports.find(P.name_from_wire(a["path"]))
+            name = P.name_from_wire(a["path"])
+            export = self.exports.find(name)
+            self._handle_paths[handle] = os.path.normpath(name)
         except (P.ProtocolError, KeyError):
             export = None
         if export is None or not export.writable:
@@ -173,29 +179,13 @@ class LocalFileService(SendAhead, DirectoryAnswers):
             seq = args.get("seq")
             if seq is not None and "fh" in args:
                 try:
-                    return self.order.run(args["fh"], seq, lambda: method(args, payload))
+                    return self.order.run(args["fh"], seq, lambda: self._run(op, method, args, payload))
                 finally:
                     if op == "release":
                         self.order.forget(args["fh"])
-            return method(args, payload)
+            return self._run(op, method, args, payload)
         finally:
             self.request_fds.release()
-
-    def serve(self, header: Dict[str, Any], payload: bytes) -> Tuple[Dict[str, Any], bytes, bool]:
-        """Turn one request frame into a reply frame (header, payload, compressible)."""
-        rid = header.get("id")
-        try:
-            reply = self.handle(header.get("op"), header.get("a") or {}, payload)
-        except OpError as exc:
-            return {"t": P.REP, "id": rid, "e": exc.errno}, b"", False
-        except OSError as exc:
-            return {"t": P.REP, "id": rid, "e": exc.errno or errno.EIO}, b"", False
-        except (TypeError, ValueError, KeyError, OverflowError) as exc:
-            LOG.debug("mirror: bad request %r: %s", header, exc)
-            return {"t": P.REP, "id": rid, "e": errno.EINVAL}, b"", False
-        out = {"t": P.REP, "id": rid}
-        out.update(reply.fields)
-        return out, reply.payload, reply.compressible
 
     # -- metadata ------------------------------------------------------------
     def op_getattr(self, a: Dict[str, Any], _: bytes) -> Reply:
@@ -457,6 +447,7 @@ class LocalFileService(SendAhead, DirectoryAnswers):
         return Reply()
 
     def op_release(self, a: Dict[str, Any], _: bytes) -> Reply:
+        self._handle_paths.pop(a["fh"], None)
         os.close(self.handles.pop(a["fh"]))
         self._ro_handles.discard(a["fh"])
         return Reply()

@@ -28,6 +28,7 @@ stdlib only (ctypes on libc: the standard library has no inotify binding).
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import ctypes.util
 import errno
@@ -36,7 +37,7 @@ import os
 import select
 import struct
 import threading
-from typing import Callable, Dict, Iterable, List, Optional, Set, Tuple
+from typing import Callable, Dict, Iterable, Iterator, List, Optional, Set, Tuple
 
 LOG = logging.getLogger(__name__)
 
@@ -155,6 +156,8 @@ class ChangeWatcher:
         self.full = False
         self.events = 0
         self.reports = 0
+        #: Events of the host's own changes, not reported back (see :meth:`own`).
+        self.own_events = 0
         self._libc = _libc()
         fd = self._libc.inotify_init1(ctypes.c_int(IN_NONBLOCK | IN_CLOEXEC))
         if fd < 0:
@@ -227,6 +230,30 @@ class ChangeWatcher:
         self.full = False
 
     # -- events -----------------------------------------------------------------
+    @contextlib.contextmanager
+    def own(self, paths: Iterable[bytes]) -> Iterator[None]:
+        """Changes made inside this block to *paths*, for the host, are not reported back to it.
+
+        The host drops what its own request changes and learns the new state
+        from the reply; an echo of the same change would only drop that again
+        (and make its kernel forget the pages of a file being written). Events
+        already queued are reported first; inotify queues an event inside the
+        system call, so what this block did is queued when it ends, and is
+        dropped there. A change made by another process to the same names
+        *after* the block shows in an answer computed after it, or in a later
+        event. The lock is held throughout, so the background reader cannot
+        take the block's events first.
+        """
+        mine = set(paths)
+        with self._lock:
+            if not self._closed.is_set():
+                self._drain()
+            try:
+                yield
+            finally:
+                if not self._closed.is_set():
+                    self._drain(mine)
+
     def flush(self) -> None:
         """Report every change queued so far (call before sending a reply)."""
         with self._lock:
@@ -251,7 +278,7 @@ class ChangeWatcher:
                 break
         return b"".join(chunks)
 
-    def _drain(self) -> None:
+    def _drain(self, mine: Set[bytes] = frozenset()) -> None:  # type: ignore[assignment]
         data = self._read()
         if not data:
             return
@@ -271,6 +298,11 @@ class ChangeWatcher:
             for directory in dirs:
                 if name:
                     path = directory.rstrip(b"/") + b"/" + name
+                    if path in mine:  # the host's own change (see :meth:`own`)
+                        self.own_events += 1
+                        if mask & IN_ISDIR and mask & (IN_DELETE | IN_MOVED_FROM | IN_MOVED_TO):
+                            self._forget_tree(path)
+                        continue
                     if mask & NAMES:
                         trees[path] = None
                         paths[directory] = None  # its mtime and link count changed

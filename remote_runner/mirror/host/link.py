@@ -43,6 +43,9 @@ class Link:
         self._lock = threading.Lock()
         self._next = 1
         self.handlers: Dict[str, Callable[[Dict[str, Any], bytes], None]] = {}
+        #: Run by the reader itself, before the frame goes to its handler: what
+        #: replies read after the frame must already see (dropped names).
+        self.inline: Dict[str, Callable[[Dict[str, Any], bytes], None]] = {}
         #: Requests answered here without asking the local side, per operation.
         self.answered: Dict[str, int] = {}
         #: Requests sent to the local side and waited for, per operation.
@@ -186,6 +189,9 @@ class Link:
                     self.mark_lost("local side ended the session")
                     return
                 else:
+                    first = self.inline.get(kind)
+                    if first is not None:
+                        first(header, payload)
                     self._frames.put((header, payload))
         except P.LinkClosed:
             self.mark_lost("connection closed")

@@ -102,9 +102,13 @@ class NameCache:
 
     # -- bookkeeping --------------------------------------------------------------
     def begin(self) -> int:
-        """A token to pass to :meth:`put` for an answer requested from now on."""
+        """A token to pass to :meth:`put` for an answer requested from now on.
+
+        Newer than every invalidation made so far (they are stamped with the
+        epoch they made): an answer asked for after a name was dropped is kept.
+        """
         with self._lock:
-            return self._epoch
+            return self._epoch + 1
 
     def _stale(self, path: str, since: Optional[int]) -> bool:
         """Whether *path* was invalidated after *since* (None: the answer is new enough)."""
@@ -159,6 +163,14 @@ class NameCache:
             else:
                 self._links.pop(path, None)
             self._index(path)
+            listing = self._lists.get(parent(path)) if path != "/" else None
+            if listing is not None:  # a fresh answer settles the name in its directory's listing
+                name = posixpath.basename(path)
+                listing.unknown.discard(name)
+                if attrs.get("missing"):
+                    listing.names.discard(name)
+                else:
+                    listing.names.add(name)
             return True
 
     def put_listing(self, directory: str, entries: Iterable[Tuple[str, Optional[Dict[str, Any]], Optional[str]]],
@@ -512,10 +524,26 @@ def absorb_answers(cache: NameCache, names: List[Any], answers: List[Any], watch
 
 def absorb_invalidation(cache: NameCache, drops: Optional[KernelDrops], header: Dict[str, Any]) -> int:
     """Apply an ``inval`` frame: drop the names here, then in the kernel; return how many were held."""
+    forget_names(cache, header)
+    forget_in_kernel(drops, header)
+    return len(header.get("dropped") or ())
+
+
+def forget_names(cache: NameCache, header: Dict[str, Any]) -> None:
+    """The name-cache half of an ``inval`` frame, run by the link's reader as the frame arrives.
+
+    So a reply read after the frame finds the names dropped: an answer the
+    reply brings (new attributes after a write) is never overwritten by an
+    older change applied later. What was held is noted in ``dropped``.
+    """
     paths = [p for p in header.get("p") or () if isinstance(p, str)]
     trees = [p for p in header.get("tree") or () if isinstance(p, str)]
-    everything = bool(header.get("all"))
-    dropped = cache.invalidate(paths, trees, everything)
+    header["dropped"] = cache.invalidate(paths, trees, bool(header.get("all")))
+
+
+def forget_in_kernel(drops: Optional[KernelDrops], header: Dict[str, Any]) -> None:
+    """The kernel half of an ``inval`` frame (after :func:`forget_names`), in frame order."""
     if drops is not None:
-        drops.drop(list(dict.fromkeys(paths + trees + dropped)))
-    return len(dropped)
+        paths = [p for p in header.get("p") or () if isinstance(p, str)]
+        trees = [p for p in header.get("tree") or () if isinstance(p, str)]
+        drops.drop(list(dict.fromkeys(paths + trees + list(header.get("dropped") or ()))))

@@ -25,6 +25,9 @@ from .profile import Profile
 FUSE_CAP_CACHE_SYMLINKS = 1 << 23
 
 
+#: Operations whose reply tells the host the state of the name they made or removed.
+LEARNED_OPS = frozenset(("mkdir", "symlink", "mknod", "link", "create", "unlink", "rmdir"))
+
 MUTATING_OPS = frozenset(("mknod", "mkdir", "unlink", "rmdir", "symlink", "link", "rename", "chmod",
                           "chown", "truncate", "utimens", "create", "write", "open", "release", "flush",
                           "fsync", "fallocate", "setxattr", "removexattr"))
@@ -39,6 +42,7 @@ def make_operations(link: Link, prefix: bytes, files: Optional[FileCache] = None
     cache = cache if cache is not None else NameCache()
     writes = PendingWrites(link.submit, link.wait)
     sync_handles: Dict[int, None] = {}  # opened O_SYNC/O_DSYNC: every write waits
+    created: Dict[int, Any] = {}  # handles of files this host created -> the file's inode
 
     def wire(path: str) -> str:
         if path is None:  # an operation on an open file whose name libfuse no longer knows
@@ -49,7 +53,16 @@ def make_operations(link: Link, prefix: bytes, files: Optional[FileCache] = None
 
     reading: Dict[int, None] = {}  # local handles opened read-only: closing them changes nothing
     links = LinkNames()
-    no_caps: Dict[str, float] = {}  # paths without security.capability, until when
+    no_caps: Dict[str, Tuple[float, Any]] = {}  # paths without security.capability: until when, at which ctime
+
+    def no_capability(path: str) -> bool:
+        until, ctime = no_caps.get(path, (0.0, None))
+        if until > time.monotonic():
+            return True
+        if ctime is None:
+            return False
+        known = cache.get(wire(path))  # kept until this file's attributes change
+        return known is not None and known.get("st_ctime") == ctime
 
     def mutates(op: str, args: Dict[str, Any]) -> bool:
         if op == "open":
@@ -100,12 +113,30 @@ def make_operations(link: Link, prefix: bytes, files: Optional[FileCache] = None
             reading[header["fh"]] = None
         elif op == "release":
             reading.pop(args.get("fh"), None)
+        elif "w" in header and op in LEARNED_OPS:
+            learn(op, args, header)
         for item in header.get("push") or ():
             try:
                 cache.put(item[0], item[1], watched=bool(item[2]) if len(item) > 2 else False, since=since)
             except (IndexError, TypeError, AttributeError):
                 continue
         return header, data
+
+    def learn(op: str, args: Dict[str, Any], header: Dict[str, Any]) -> None:
+        """Keep what the reply to the host's own change says of the name it made or removed.
+
+        The local side sent it after the change (and did not echo the change
+        back, see watcher.own); every ``inval`` sent before the reply has
+        been applied by the time the reply is read, so the answer is current.
+        """
+        watched = bool(header.get("w"))
+        since = cache.begin()
+        if op in ("unlink", "rmdir"):
+            cache.put(args["path"], None, watched=watched, since=since)
+        elif isinstance(header.get("st"), dict):
+            cache.put(args["path"], header["st"], watched=watched, since=since)
+        if isinstance(header.get("dst"), dict):
+            cache.put(parent_of(args["path"]), header["dst"], watched=watched, since=since)
 
     def drain(fh: Optional[int]) -> None:
         """Wait for the handle's pipelined writes (a read-back or size change needs them)."""
@@ -198,6 +229,14 @@ def make_operations(link: Link, prefix: bytes, files: Optional[FileCache] = None
             if fh is not None and fh:
                 args["fh"] = fh
                 drain(fh)
+                made = created.get(fh)
+                if made is not None and path is not None and not writes.pending(fh):
+                    # A file this host created: its name still stands for it (same inode)
+                    # and nothing changed it since it was last answered.
+                    known = cache.get(args["path"])
+                    if known is not None and not known.get("missing") and known.get("st_ino") == made:
+                        link.answer_here("getattr")
+                        return known
             if "fh" not in args and not hidden_name(args["path"]):
                 # (a file libfuse hid, unlinked while open, is held by the local side, not listed)
                 where = args["path"]
@@ -336,8 +375,13 @@ def make_operations(link: Link, prefix: bytes, files: Optional[FileCache] = None
             return fh
 
         def create(self, path: str, mode: int, flags: int = os.O_WRONLY) -> int:
-            fh = int(call("create", {"path": wire(path), "mode": mode, "flags": flags,
-                                     "ctx": caller()})[0]["fh"])
+            header = call("create", {"path": wire(path), "mode": mode, "flags": flags, "ctx": caller()})[0]
+            fh = int(header["fh"])
+            if isinstance(header.get("st"), dict):
+                created[fh] = header["st"].get("st_ino")
+                if header["st"].get("st_size") == 0:
+                    # a new (or emptied) file has no capability until one is set, which changes its ctime
+                    no_caps[path] = (0.0, header["st"].get("st_ctime"))
             if flags & os.O_DSYNC:
                 sync_handles[fh] = None
             return fh
@@ -383,7 +427,9 @@ def make_operations(link: Link, prefix: bytes, files: Optional[FileCache] = None
                     if path is not None:
                         cache.changed(wire(path))
                 return 0
-            call("flush", {"fh": fh})
+            # Nothing sent and not waited for: the local close would report nothing
+            # (the local file system keeps no error for a handle without writes).
+            link.answer_here("flush")
             return 0
 
         def release(self, path: str, fh: int) -> int:
@@ -401,6 +447,7 @@ def make_operations(link: Link, prefix: bytes, files: Optional[FileCache] = None
             # A handle written through: nothing left to report (close did), so not
             # waited for either; numbered, so it comes after the handle's writes.
             sync_handles.pop(fh, None)
+            created.pop(fh, None)
             link.post("release", {"fh": fh, "seq": writes.next_seq(fh)})
             writes.forget(fh)
             with writing_lock:
@@ -434,14 +481,20 @@ def make_operations(link: Link, prefix: bytes, files: Optional[FileCache] = None
 
         # Extended attributes: names travel as text (surrogate-escaped), values as bytes.
         def getxattr(self, path: str, name: str, position: int = 0) -> bytes:
-            if name == "security.capability" and no_caps.get(path, 0.0) > time.monotonic():
-                # Asked before every write (to drop privileges); asked once per second here.
+            if name == "security.capability" and no_capability(path):
+                # Asked before every write (to drop privileges): answered here while the
+                # file's ctime (which setting a capability changes) is the one seen without it.
+                link.answer_here("getxattr")
                 raise mfusepy.FuseOSError(errno.ENODATA)
             try:
                 return call("getxattr", {"path": wire(path), "name": name})[1]
             except mfusepy.FuseOSError as exc:
                 if name == "security.capability" and exc.errno == errno.ENODATA:
-                    no_caps[path] = time.monotonic() + 1.0
+                    known = cache.get(wire(path))
+                    ctime = known.get("st_ctime") if known is not None else None
+                    if len(no_caps) > 10000:
+                        no_caps.clear()
+                    no_caps[path] = (time.monotonic() + 1.0, ctime)
                 raise
 
         def listxattr(self, path: str) -> List[str]:

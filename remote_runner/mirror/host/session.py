@@ -21,7 +21,8 @@ from .command import command_user
 from .link import Link
 from .mount import Mount, check_fuse_device, choose_libfuse
 from .listings import ListingStore, encode
-from .names import KernelDrops, NameCache, absorb_answers, absorb_invalidation, listing_entries, parent
+from .names import (KernelDrops, NameCache, absorb_answers, forget_in_kernel, forget_names,
+                    listing_entries, parent)
 from .namespaces import SPECIAL_DIRS, bind_specials, enter_namespaces, unmount_under
 from .profile import Profile
 
@@ -49,7 +50,8 @@ class Session:
         self.listings = ListingStore(self.files.directory + ".listings") if self.files is not None else None
         self.cache.listings = self.listings
         self.drops = KernelDrops()
-        link.handlers[P.INVAL] = lambda header, _: absorb_invalidation(self.cache, self.drops, header)
+        link.inline[P.INVAL] = lambda header, _: forget_names(self.cache, header)
+        link.handlers[P.INVAL] = lambda header, _: forget_in_kernel(self.drops, header)
         self.profile = Profile.for_command(self.files, boot)
 
     def setup(self) -> None:

@@ -1,0 +1,114 @@
+"""The host's own changes: not echoed back to it, their outcome sent with the reply.
+
+Why: the local side watches the directories the host keeps answers from and
+reports every change in them (see :mod:`.watcher`). A change the host asked
+for itself (a ``mkdir``, a file created, written and renamed by the command)
+would come back as an invalidation, dropping what the host had just learned
+and making its kernel forget the pages of a file it is writing; the host then
+asked again for attributes it could have known (a ``getattr`` after every
+``mkdir``, ``symlink`` or ``unlink``, the directory's own attributes...). So:
+
+* the events of a request's own change are set aside (``ChangeWatcher.own``),
+  while changes by anyone else, before or after, are still reported;
+* the reply carries the state after the change, computed after the events were
+  set aside: the new name's attributes (``st``), its directory's (``dst``) and
+  whether that directory is watched (``w``: the host may keep them until told).
+
+Mixed into :class:`~.service.LocalFileService`.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any, Dict, List, Tuple
+
+from remote_runner.mirror import protocol as P
+from remote_runner.mirror.replies import OpError, Reply
+
+#: Per operation, the arguments naming what it changes (see LocalFileService._own_names);
+#: operations through a handle also change the handle's file.
+OWN_NAMES: Dict[str, Tuple[str, ...]] = {
+    "mkdir": ("path",), "rmdir": ("path",), "unlink": ("path",), "symlink": ("path",),
+    "mknod": ("path",), "create": ("path",), "link": ("path", "target"), "rename": ("old", "new"),
+    "chmod": ("path",), "chown": ("path",), "utimens": ("path",), "truncate": ("path",),
+    "setxattr": ("path",), "removexattr": ("path",), "open": ("path",), "write": (),
+    "release": (), "fallocate": (),
+}
+
+
+class OwnChanges:
+    """(Mixin) Runs a request with its own changes kept from the watcher's reports."""
+
+    watcher: Any
+    handles: Any
+    _handle_paths: Dict[int, bytes]
+
+    def _run(self, op: str, method: Any, args: Dict[str, Any], payload: bytes) -> Reply:
+        """Run *method*; what it changes for the host is not echoed back to it, the new state is sent."""
+        mine = self._own_names(op, args)
+        if not mine or self.watcher is None:
+            return method(args, payload)
+        with self.watcher.own(mine):
+            reply = method(args, payload)
+        self._tell_outcome(op, args, reply)
+        return reply
+
+    def _own_names(self, op: str, a: Dict[str, Any]) -> List[bytes]:
+        """The local names an operation changes (their changes are the host's own, see watcher.own)."""
+        keys = OWN_NAMES.get(op)
+        if keys is None or (op == "open" and not int(a.get("flags") or 0) & os.O_TRUNC):
+            return []
+        out = []
+        for key in keys:
+            raw = a.get(key)
+            if isinstance(raw, str):
+                try:
+                    out.append(os.path.normpath(P.name_from_wire(raw)))
+                except P.ProtocolError:
+                    pass
+        handle = self._handle_paths.get(a.get("fh")) if "fh" in a else None
+        if handle is not None:
+            out.append(handle)
+        return out
+
+    def _tell_outcome(self, op: str, a: Dict[str, Any], reply: Reply) -> None:
+        """Add to *reply* what the host needs to know the names its request changed.
+
+        Computed after the change was made and its events set aside, so a later
+        change by someone else is either in these attributes or in a later
+        ``inval``. ``w``: whether the directory is watched (the host may keep
+        the answer until told otherwise).
+        """
+        if op not in ("mkdir", "symlink", "mknod", "link", "create", "unlink", "rmdir"):
+            return
+        raw = os.path.normpath(P.name_from_wire(a["path"]))
+        directory = os.path.dirname(raw) or b"/"
+        watched = self._watch(directory)
+        try:
+            # the directory's mtime and link count changed too
+            reply.fields["dst"] = P.stat_to_wire(os.stat(self._path({"path": P.name_to_wire(directory)})))
+            if op not in ("unlink", "rmdir"):
+                st = (os.fstat(self.handles.get(reply.fields["fh"])) if op == "create"
+                      else os.lstat(self._path(a)))
+                reply.fields["st"] = P.stat_to_wire(st)
+        except (OpError, OSError, KeyError):
+            reply.fields.pop("st", None)
+            reply.fields.pop("dst", None)
+            return
+        reply.fields["w"] = 1 if watched else 0
+
+    def serve(self, header: Dict[str, Any], payload: bytes) -> Tuple[Dict[str, Any], bytes, bool]:
+        """Turn one request frame into a reply frame (header, payload, compressible)."""
+        rid = header.get("id")
+        try:
+            reply = self.handle(header.get("op"), header.get("a") or {}, payload)
+        except OpError as exc:
+            return {"t": P.REP, "id": rid, "e": exc.errno}, b"", False
+        except OSError as exc:
+            return {"t": P.REP, "id": rid, "e": exc.errno or errno.EIO}, b"", False
+        except (TypeError, ValueError, KeyError, OverflowError) as exc:
+            LOG.debug("mirror: bad request %r: %s", header, exc)
+            return {"t": P.REP, "id": rid, "e": errno.EINVAL}, b"", False
+        out = {"t": P.REP, "id": rid}
+        out.update(reply.fields)
+        return out, reply.payload, reply.compressible

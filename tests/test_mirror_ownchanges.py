@@ -1,0 +1,83 @@
+"""Unit tests: the host's own changes are not echoed back, and the reply says what they made."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+from remote_runner.mirror.host.names import MISSING, NameCache
+from remote_runner.mirror.service import LocalFileService
+from remote_runner.mirror.watcher import ChangeWatcher
+from tests.test_mirror_coherence import Reports
+
+
+def attrs(size=0, mode=0o100644):
+    return {"st_mode": mode, "st_size": size, "st_nlink": 1, "st_ino": 7}
+
+
+@pytest.fixture
+def service():
+    reports = Reports()
+    svc = LocalFileService()
+    svc.watcher = ChangeWatcher(reports)
+    svc.reports = reports
+    yield svc
+    svc.watcher.close()
+
+
+def everything_reported(reports):
+    return reports.paths() | reports.trees()
+
+
+def test_the_hosts_own_changes_are_not_reported_back_but_others_are(tmp_path, service):
+    d = tmp_path / "d"
+    d.mkdir()
+    service.handle("getattr", {"path": str(d / "x"), "dir": 1}, b"")  # watched now
+    made = service.handle("mkdir", {"path": str(d / "sub"), "mode": 0o755}, b"")
+    fh = service.handle("create", {"path": str(d / "f"), "mode": 0o644, "flags": os.O_WRONLY}, b"").fields["fh"]
+    service.handle("write", {"fh": fh, "off": 0}, b"data")
+    service.handle("release", {"fh": fh}, b"")
+    service.handle("rename", {"old": str(d / "f"), "new": str(d / "g"), "flags": 0}, b"")
+    service.handle("unlink", {"path": str(d / "g")}, b"")
+    service.watcher.flush()
+    assert everything_reported(service.reports) == set()
+    assert service.watcher.own_events > 0
+    # the reply carries the new name's and its directory's attributes, and that they are watched
+    assert made.fields["w"] == 1 and made.fields["st"]["st_ino"] == os.lstat(d / "sub").st_ino
+    assert made.fields["dst"]["st_nlink"] == os.lstat(d).st_nlink
+    (d / "local").write_text("a local program")  # someone else's change still goes to the host
+    service.watcher.flush()
+    assert os.fsencode(d / "local") in everything_reported(service.reports)
+
+
+def test_unlink_and_rmdir_say_whether_the_host_may_keep_the_name_missing(tmp_path, service):
+    (tmp_path / "f").write_text("x")
+    (tmp_path / "e").mkdir()
+    for op, name in (("unlink", "f"), ("rmdir", "e")):
+        reply = service.handle(op, {"path": str(tmp_path / name)}, b"")
+        assert reply.fields["w"] == 1 and "st" not in reply.fields
+        assert reply.fields["dst"]["st_mtime"] == os.stat(tmp_path).st_mtime_ns
+
+
+def test_an_answer_asked_after_an_invalidation_is_kept():
+    cache = NameCache()
+    cache.renamed("/d/f")  # the host created /d/f
+    assert cache.put("/d/f", attrs(), watched=True, since=cache.begin())
+    assert cache.get("/d/f")["st_ino"] == 7
+    token = cache.begin()
+    cache.changed("/d/f")  # ...but one asked before it is not
+    assert not cache.put("/d/f", attrs(1), watched=True, since=token)
+
+
+def test_a_fresh_answer_settles_the_name_in_its_directory_listing():
+    cache = NameCache()
+    cache.put_listing("/d", [("a", attrs(), None)], watched=True, since=cache.begin())
+    cache.renamed("/d/new")  # made by the host: unknown in the listing until answered
+    assert cache.names("/d") is None
+    cache.put("/d/new", attrs(), watched=True, since=cache.begin())
+    assert [n for n, _ in cache.names("/d")] == ["a", "new"]
+    cache.renamed("/d/a")
+    cache.put("/d/a", MISSING, watched=True, since=cache.begin())
+    assert [n for n, _ in cache.names("/d")] == ["new"]
+    assert cache.get("/d/a") is MISSING
