@@ -12,7 +12,9 @@ asked again for attributes it could have known (a ``getattr`` after every
   while changes by anyone else, before or after, are still reported;
 * the reply carries the state after the change, computed after the events were
   set aside: the new name's attributes (``st``), its directory's (``dst``) and
-  whether that directory is watched (``w``: the host may keep them until told).
+  whether that directory is watched (``w``: the host may keep them until told);
+  a new directory watched and still empty says so (``empty``): the lookups
+  made in it before its first entries are answered on the host.
 
 Mixed into :class:`~.service.LocalFileService`.
 """
@@ -96,6 +98,13 @@ class OwnChanges:
             reply.fields.pop("dst", None)
             return
         reply.fields["w"] = 1 if watched else 0
+        if op == "mkdir" and self._watch(raw):
+            # Watched before it is read: a new directory, empty unless someone was quick.
+            try:
+                if not os.listdir(self._path(a)):
+                    reply.fields["empty"] = 1
+            except (OpError, OSError):
+                pass
 
     def serve(self, header: Dict[str, Any], payload: bytes) -> Tuple[Dict[str, Any], bytes, bool]:
         """Turn one request frame into a reply frame (header, payload, compressible)."""

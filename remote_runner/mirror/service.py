@@ -39,6 +39,9 @@ __all__ = ["HandleTable", "LocalFileService", "OpError", "Reply", "_walk"]
 
 LOG = logging.getLogger(__name__)
 
+#: The ordering key of the unlinks, rmdirs and renames the host sent without waiting.
+CHANGES = "changes"
+
 UTIME_NOW = (1 << 30) - 1
 UTIME_OMIT = (1 << 30) - 2
 
@@ -176,6 +179,10 @@ class LocalFileService(SendAhead, DirectoryAnswers, OwnChanges):
         if method is None:
             raise OpError(errno.ENOSYS)
         try:
+            if "after" in args:  # sent after changes not waited for: they come first
+                self.order.wait_past(CHANGES, args["after"])
+            if "nseq" in args:
+                return self.order.run(CHANGES, args["nseq"], lambda: self._run(op, method, args, payload))
             seq = args.get("seq")
             if seq is not None and "fh" in args:
                 try:

@@ -143,6 +143,7 @@ def run_exec(link: Link, boot: Dict[str, Any]) -> int:
         for t in threads:
             t.join(5.0)
         status = exit_code(returncode)
+        link.settle()  # changes sent without waiting are on the local disk before the end is told
         link.send({"t": P.EXIT, "status": status, "stats": link.stats()})
         return status
     except OSError as exc:
@@ -211,6 +212,7 @@ def run_daemon(link: Link, boot: Dict[str, Any]) -> int:
                 reply = {"error": "link lost (%s): the mirror is gone, the command was stopped"
                          % link.lost_reason, "status": EXIT_LINK}
             else:
+                link.settle()
                 reply = {"status": exit_code(returncode)}
             conn.sendall(json.dumps(reply).encode() + b"\n")
         except (OSError, ValueError) as exc:

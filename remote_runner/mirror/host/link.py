@@ -138,9 +138,28 @@ class Link:
         """Send a request now; :meth:`wait` for its answer later (pipelining)."""
         return self._submit(op, args, payload)
 
+    def count_posted(self, op: str) -> None:
+        """Count a :meth:`submit`-ted request the program did not wait for (under ``posted``)."""
+        with self._lock:
+            self.posted[op] = self.posted.get(op, 0) + 1
+
     def wait(self, slot: List[Any], timeout: Optional[float] = None) -> Tuple[Dict[str, Any], bytes]:
         """The answer to a :meth:`submit`; OSError with its errno on failure."""
         return self._wait(slot, timeout)
+
+    def settle(self, timeout: Optional[float] = None) -> None:
+        """Wait until every request sent so far was answered (or the link is lost).
+
+        Before a command's end is reported: what it changed without waiting
+        (writes, unlinks, renames) is then done on the local disk.
+        """
+        end = time.monotonic() + (self.request_timeout if timeout is None else timeout)
+        with self._lock:
+            slots = list(self._pending.values())
+        for slot in slots:
+            while not slot[0].wait(min(1.0, max(0.0, end - time.monotonic()))):
+                if self.lost.is_set() or time.monotonic() >= end:
+                    return
 
     def _submit(self, op: str, args: Dict[str, Any], payload: bytes) -> List[Any]:
         if self.lost.is_set():

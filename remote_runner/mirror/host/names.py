@@ -250,6 +250,15 @@ class NameCache:
             self.misses += 1
             return None
 
+    def kept(self, path: str) -> bool:
+        """Whether what is held of *path* stands until invalidated (its directory is watched)."""
+        with self._lock:
+            entry = self._attrs.get(path)
+            if entry is not None:
+                return entry[0] == FOREVER
+            listing = self._lists.get(parent(path)) if path != "/" else None
+            return listing is not None and listing.until == FOREVER
+
     def link(self, path: str, now: Optional[float] = None) -> Optional[str]:
         """The symlink target of *path*, if held."""
         now = time.monotonic() if now is None else now

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import errno
 import os
+import stat
 import threading
 import time
 from typing import Any, Dict, List, Optional, Tuple
@@ -19,11 +20,14 @@ from ..hardlinks import LinkNames, path_invalidator
 from .caches import LOCAL_FH_BASE, FileCache, fetch_ahead, fetch_rest
 from .link import Link
 from .names import KernelDrops, NameCache, absorb_lookup, parent as parent_of
-from .writes import PendingWrites
+from .writes import PendingChanges, PendingWrites
 from .profile import Profile
 
 FUSE_CAP_CACHE_SYMLINKS = 1 << 23
 
+
+#: Operations changing names in a directory: once one succeeds there, the exports let the host change it.
+ENTRY_OPS = frozenset(("mknod", "mkdir", "symlink", "link", "create", "unlink", "rmdir", "rename"))
 
 #: Operations whose reply tells the host the state of the name they made or removed.
 LEARNED_OPS = frozenset(("mkdir", "symlink", "mknod", "link", "create", "unlink", "rmdir"))
@@ -41,6 +45,7 @@ def make_operations(link: Link, prefix: bytes, files: Optional[FileCache] = None
 
     cache = cache if cache is not None else NameCache()
     writes = PendingWrites(link.submit, link.wait)
+    changes = PendingChanges(link.submit, link.wait)
     sync_handles: Dict[int, None] = {}  # opened O_SYNC/O_DSYNC: every write waits
     created: Dict[int, Any] = {}  # handles of files this host created -> the file's inode
 
@@ -101,6 +106,9 @@ def make_operations(link: Link, prefix: bytes, files: Optional[FileCache] = None
 
     def call(op: str, args: Dict[str, Any], payload: bytes = b"") -> Tuple[Dict[str, Any], bytes]:
         settle_names(args)
+        after = changes.after()
+        if after is not None:
+            args["after"] = after
         since = cache.begin()
         try:
             header, data = link.call(op, args, payload)
@@ -109,6 +117,8 @@ def make_operations(link: Link, prefix: bytes, files: Optional[FileCache] = None
         finally:
             if mutates(op, args):
                 forget_changed(op, args)
+        if op in ENTRY_OPS:
+            changes.confirm(*changed_dirs(op, args))
         if op == "open" and "fh" in header and not mutates(op, args):
             reading[header["fh"]] = None
         elif op == "release":
@@ -135,8 +145,62 @@ def make_operations(link: Link, prefix: bytes, files: Optional[FileCache] = None
             cache.put(args["path"], None, watched=watched, since=since)
         elif isinstance(header.get("st"), dict):
             cache.put(args["path"], header["st"], watched=watched, since=since)
+            if op == "mkdir" and header.get("empty"):
+                cache.put_listing(args["path"], [], watched=True, since=since)
         if isinstance(header.get("dst"), dict):
             cache.put(parent_of(args["path"]), header["dst"], watched=watched, since=since)
+
+    def changed_dirs(op: str, args: Dict[str, Any]) -> List[str]:
+        if op == "rename":
+            return list(dict.fromkeys((parent_of(args["old"]), parent_of(args["new"]))))
+        return [parent_of(args["path"])]
+
+    def check_changes(op: str, args: Dict[str, Any]) -> None:
+        """Raise the error of an earlier change sent without waiting in the same directory."""
+        try:
+            changes.check(*changed_dirs(op, args))
+        except OSError as exc:
+            raise mfusepy.FuseOSError(exc.errno or errno.EIO)
+
+    def outcome_known(op: str, args: Dict[str, Any]) -> bool:
+        """Whether the host knows what the local side will answer (the kernel checked the rest).
+
+        rmdir: the directory is known empty (its whole listing is held).
+        rename: the new name is known missing, a non-directory, or an empty
+        directory (the kernel refuses a directory over a file and the reverse).
+        """
+        if op == "unlink":
+            return True
+        if op == "rmdir":
+            return cache.names(args["path"]) == []
+        if args.get("flags") or args.get("hide"):
+            return False
+        target = cache.get(args["new"])
+        if target is None:
+            return False
+        return (bool(target.get("missing")) or not stat.S_ISDIR(int(target.get("st_mode", 0)))
+                or cache.names(args["new"]) == [])
+
+    def change(op: str, args: Dict[str, Any]) -> None:
+        """An unlink, rmdir or rename: sent without waiting where its outcome is known here."""
+        check_changes(op, args)
+        dirs = changed_dirs(op, args)
+        if not changes.may_post(*dirs) or not outcome_known(op, args):
+            call(op, args)
+            return
+        settle_names(args)  # a file's own writes land before it is renamed or removed
+        gone = args["old"] if op == "rename" else args["path"]
+        kept = cache.kept(gone)
+        forget_changed(op, args)
+        if op == "rmdir" or op == "rename":
+            changes.forget(gone)
+        try:
+            changes.post(op, args, dirs, undo=lambda: forget_changed(op, args))
+            link.count_posted(op)
+        except OSError as exc:
+            raise mfusepy.FuseOSError(exc.errno or errno.EIO)
+        # What the change makes of the name, as the local side will find it.
+        cache.put(gone, None, watched=kept, since=cache.begin())
 
     def drain(fh: Optional[int]) -> None:
         """Wait for the handle's pipelined writes (a read-back or size change needs them)."""
@@ -250,6 +314,8 @@ def make_operations(link: Link, prefix: bytes, files: Optional[FileCache] = None
                     link.answer_here("getattr")
                     if cache.kernel_must_look_up(where, int(cached.get("st_mode", 0))):
                         raise mfusepy.FuseOSError(errno.ESTALE)  # (see NameCache.kernel_must_look_up)
+                    if path is not None:
+                        links.seen(path, cached)  # a name learned from a reply (a link just made)
                     return cached
                 since = cache.begin()
                 # A first lookup in a directory brings the whole directory (see names.py).
@@ -301,25 +367,28 @@ def make_operations(link: Link, prefix: bytes, files: Optional[FileCache] = None
             return call("statfs", {"path": wire(path)})[0]["sv"]
 
         def mknod(self, path: str, mode: int, dev: int) -> int:
+            check_changes("mknod", {"path": wire(path)})
             call("mknod", {"path": wire(path), "mode": mode, "dev": dev, "ctx": caller()})
             return 0
 
         def mkdir(self, path: str, mode: int) -> int:
+            check_changes("mkdir", {"path": wire(path)})
             call("mkdir", {"path": wire(path), "mode": mode, "ctx": caller()})
             return 0
 
         def unlink(self, path: str) -> int:
             others = links.others(path)
-            call("unlink", {"path": wire(path)})
+            change("unlink", {"path": wire(path)})
             links.forget(path)
             links.refresh(others)
             return 0
 
         def rmdir(self, path: str) -> int:
-            call("rmdir", {"path": wire(path)})
+            change("rmdir", {"path": wire(path)})
             return 0
 
         def symlink(self, target: str, source: str) -> int:
+            check_changes("symlink", {"path": wire(target)})
             # mfusepy: *target* is the new link's path, *source* its contents.
             call("symlink", {"path": wire(target), "ctx": caller(),
                              "target": P.name_to_wire(source.encode("utf-8", "surrogateescape"))})
@@ -335,7 +404,7 @@ def make_operations(link: Link, prefix: bytes, files: Optional[FileCache] = None
             if not flags and hidden_name(new):
                 args["hide"] = True  # libfuse hiding a file unlinked while open (see the service)
             replaced = links.others(new)
-            call("rename", args)
+            change("rename", args)
             links.forget(new)
             links.moved(old, new)  # the file's ctime changed: its other names see it too
             links.refresh(replaced)
@@ -375,6 +444,7 @@ def make_operations(link: Link, prefix: bytes, files: Optional[FileCache] = None
             return fh
 
         def create(self, path: str, mode: int, flags: int = os.O_WRONLY) -> int:
+            check_changes("create", {"path": wire(path)})
             header = call("create", {"path": wire(path), "mode": mode, "flags": flags, "ctx": caller()})[0]
             fh = int(header["fh"])
             if isinstance(header.get("st"), dict):
@@ -407,6 +477,7 @@ def make_operations(link: Link, prefix: bytes, files: Optional[FileCache] = None
             else:
                 # Sent without waiting (see writes.py): an error comes back at close or fsync.
                 done = writes.write(fh, offset, bytes(data))
+                link.count_posted("write")
             links.changed(path)
             return done
 

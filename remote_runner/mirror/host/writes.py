@@ -11,10 +11,15 @@ failed write when it closes the file or asks for durability:
   report the first error (``ENOSPC``, ``EROFS``, ``EIO``...). ``release``
   needs no answer at all. A handle opened ``O_SYNC``/``O_DSYNC`` keeps
   waiting on every write.
+* (agent) :class:`PendingChanges` does the same for ``unlink``, ``rmdir``
+  and ``rename`` in directories this machine already let the host change
+  (``rm -r``, a test's cleanup, a ``.pyc`` renamed into place): an error
+  comes back at the next change in the same directory.
 * (local) :class:`WriteOrder` applies one handle's writes in the order they
   were sent, although a thread pool serves the requests: two writes of the
   same page (the kernel's write-back cache flushing it twice) must land in
-  order.
+  order; the same for those unlinks and renames, and a request sent after
+  them waits for them here.
 
 Shipped to hosts inside the agent's zipapp (``rrmirror.host``; the local side imports
 :class:`WriteOrder` from here too): stdlib only, Python 3.8.
@@ -26,7 +31,7 @@ import errno
 import os
 import threading
 import time
-from typing import Any, Callable, Dict, List, Tuple
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 #: Past this many bytes in flight on one handle, a write waits for the oldest.
 IN_FLIGHT_BYTES = 16 << 20
@@ -112,6 +117,99 @@ class PendingWrites:
             self._bytes.pop(fh, None)
 
 
+class PendingChanges:
+    """(Agent) unlink, rmdir and rename sent without waiting, numbered, their errors kept per directory.
+
+    Only in a directory where this machine already carried out a change for
+    this session (so the exports let the host change it; the host's kernel has
+    made the permission checks and found the names): the outcome is then
+    known here, short of a local race or a failing disk. A failure is kept for
+    the directory and raised by the next change made in it (as NFS reports an
+    asynchronous error at the next call); the local side applies these
+    changes in the order they were numbered (``nseq``), and every request sent
+    while some are unconfirmed names the last one (``after``) so that it is
+    carried out after them, with no round trip here.
+    """
+
+    def __init__(self, submit: Callable[[str, Dict[str, Any], bytes], Any],
+                 wait: Callable[[Any], Any]) -> None:
+        self._submit = submit
+        self._wait = wait
+        self._lock = threading.Lock()
+        self._seq = 0
+        self._inflight: List[Tuple[Any, List[str], Callable[[], None]]] = []
+        self._errors: Dict[str, int] = {}
+        self._confirmed: Dict[str, None] = {}
+        self.sent = 0
+        self.failed = 0
+
+    def confirm(self, *directories: str) -> None:
+        """This machine carried out a change in *directories*: later ones may go without waiting."""
+        with self._lock:
+            if len(self._confirmed) > 100000:
+                self._confirmed.clear()
+            for directory in directories:
+                self._confirmed[directory] = None
+
+    def forget(self, directory: str) -> None:
+        """*directory* went away or was replaced: ask again before changing what is there now."""
+        with self._lock:
+            prefix = directory.rstrip("/") + "/"
+            for name in [d for d in self._confirmed if d == directory or d.startswith(prefix)]:
+                del self._confirmed[name]
+
+    def may_post(self, *directories: str) -> bool:
+        with self._lock:
+            return all(d in self._confirmed for d in directories)
+
+    def post(self, op: str, args: Dict[str, Any], directories: List[str],
+             undo: Callable[[], None]) -> None:
+        """Send *op* numbered, without waiting; on failure *undo* runs and *directories* keep the errno."""
+        with self._lock:
+            self._seq += 1
+            args["nseq"] = self._seq
+            try:
+                slot = self._submit(op, args, b"")
+            except OSError:
+                self._seq -= 1  # never sent: no gap in the numbers
+                raise
+            self._inflight.append((slot, directories, undo))
+            self.sent += 1
+
+    def after(self) -> Optional[int]:
+        """The number a request sent now must wait for on the local side (None: nothing unconfirmed)."""
+        self.collect()
+        with self._lock:
+            return self._seq if self._inflight else None
+
+    def collect(self, block: bool = False) -> None:
+        """Take the answers that arrived (all of them, waiting, with *block*)."""
+        with self._lock:
+            done = [item for item in self._inflight if block or item[0][0].is_set()]
+            self._inflight = [item for item in self._inflight if item not in done]
+        for slot, directories, undo in done:
+            try:
+                self._wait(slot)
+            except OSError as exc:
+                undo()
+                with self._lock:
+                    self.failed += 1
+                    for directory in directories:
+                        self._errors.setdefault(directory, exc.errno or errno.EIO)
+                        self._confirmed.pop(directory, None)
+
+    def check(self, *directories: str) -> None:
+        """Raise (once) the error a change sent earlier in one of *directories* failed with."""
+        self.collect()
+        with self._lock:
+            if not self._errors:
+                return
+            for directory in directories:
+                err = self._errors.pop(directory, None)
+                if err is not None:
+                    raise OSError(err, os.strerror(err))
+
+
 class WriteOrder:
     """(Local) Lets each handle's numbered requests run in the order they were numbered."""
 
@@ -143,3 +241,15 @@ class WriteOrder:
         with self._cond:
             self._next.pop(handle, None)
             self._cond.notify_all()
+
+    def wait_past(self, handle: Any, seq: Any) -> None:
+        """Wait until request *seq* of *handle* has run (a request sent after it names it)."""
+        if not isinstance(seq, int) or isinstance(seq, bool) or seq < 1:
+            return
+        end = time.monotonic() + self.timeout
+        with self._cond:
+            while self._next.get(handle, 1) <= seq:
+                left = end - time.monotonic()
+                if left <= 0:
+                    raise OSError(errno.EIO, "an earlier change never arrived")
+                self._cond.wait(left)

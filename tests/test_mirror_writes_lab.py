@@ -1,0 +1,190 @@
+"""Acceptance tests of changes made without a round trip each, on lab hosts (real FUSE).
+
+A program's own files (temporary files, a test's directories, files renamed
+into place) are changed through the mirror with the same result on the local
+disk as a local run; an error of a change not waited for comes back by the
+next dependent call at the latest. Counts come from ``--stats``, never timing.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from tests.test_mirror_lab import local_only, rr_exec, workdir  # noqa: F401
+
+pytestmark = pytest.mark.lab
+
+PROJECT = Path(__file__).resolve().parent.parent
+
+# Makes, writes, renames and removes files and directories in the directory
+# named by argv[1], as test suites and compilers do; prints what it saw.
+PROGRAM = textwrap.dedent("""
+    import os, shutil, sys
+    base = sys.argv[1]
+    os.chdir(base)
+    seen = []
+    os.mkdir("tree")
+    for i in range(20):
+        os.makedirs("tree/d%02d/sub" % i)
+        for j in range(5):
+            with open("tree/d%02d/sub/f%d.txt" % (i, j), "w") as f:
+                f.write("file %d %d\\n" % (i, j) * (j + 1))
+        os.symlink("sub/f0.txt", "tree/d%02d/link" % i)
+    shutil.rmtree("tree/d03")                      # unlinks and rmdirs, each one sent on
+    for i in range(10):                            # a .pyc-style replace: write, then rename into place
+        with open("out.tmp", "w") as f:
+            f.write("version %d\\n" % i)
+        os.rename("out.tmp", "out.txt")
+    f = open("late.tmp", "w")                      # a rename after a write still open: after it
+    f.write("x" * 100000)
+    f.flush()
+    os.rename("late.tmp", "late.txt")
+    f.write("tail")
+    f.close()
+    for i in range(5):
+        with open("gone%d" % i, "w") as f:
+            f.write("temp")
+        os.unlink("gone%d" % i)
+        seen.append(os.path.exists("gone%d" % i))
+    os.rename("tree/d04", "tree/moved")
+    os.unlink("tree/d05/link")
+    os.symlink("sub/f1.txt", "tree/d05/link")       # replaced at once, as pytest's "current" link
+    seen.append(sorted(os.listdir("tree"))[:3])
+    seen.append(open("out.txt").read())
+    seen.append(os.path.getsize("late.txt"))
+    print(repr(seen))
+""")
+
+
+def snapshot(top: Path):
+    """Every name under *top* with its type, mode, size and contents or link target."""
+    out = {}
+    for root, dirs, files in os.walk(top):
+        for name in dirs + files:
+            path = Path(root) / name
+            rel = str(path.relative_to(top))
+            st = path.lstat()
+            if path.is_symlink():
+                out[rel] = ("link", os.readlink(path))
+            elif path.is_dir():
+                out[rel] = ("dir", oct(st.st_mode))
+            else:
+                out[rel] = ("file", oct(st.st_mode), path.read_bytes())
+    return out
+
+
+@pytest.mark.parametrize("host", ["h1", "h9"])
+def test_a_programs_own_changes_leave_the_local_disk_as_a_local_run(lab, local_only, workdir, host, request,
+                                                                    tmp_path):
+    if host == "h9":
+        host = request.getfixturevalue("foreign_host")
+    here, there = local_only / "here", local_only / "there"
+    here.mkdir()
+    there.mkdir()
+    script = local_only / "program.py"
+    script.write_text(PROGRAM)
+    local = subprocess.run(["/usr/bin/python3", str(script), str(here)], capture_output=True, timeout=120)
+    assert local.returncode == 0, local.stderr.decode()
+    stats = tmp_path / "stats.json"
+    proc = rr_exec(lab, host, ["/usr/bin/python3", str(script), str(there)], workdir,
+                   "--export", str(local_only), "--stats", str(stats))
+    assert proc.returncode == 0, proc.stderr.decode()
+    assert proc.stdout == local.stdout
+    assert snapshot(there) == snapshot(here)
+    counts = json.loads(stats.read_text())
+    posted = counts["host"]["posted"]
+    # the removals of rmtree and the renames into place went without a wait each
+    assert posted.get("unlink", 0) >= 10 and posted.get("rmdir", 0) >= 1 and posted.get("rename", 0) >= 9, counts
+    # a directory or link just made is known from the reply, not asked for again
+    served = counts["served"]
+    assert served.get("getattr", 0) < served["mkdir"] + served["symlink"], counts
+
+
+@pytest.fixture
+def mount_point(local_only):
+    """A directory of *local_only* with a small tmpfs mounted on it here (root only)."""
+    if os.geteuid() != 0:
+        pytest.skip("mounting a file system needs root")
+    path = local_only / "d" / "mnt"
+    path.mkdir(parents=True)
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(path)], check=True)
+    yield path
+    subprocess.run(["umount", "-l", str(path)], check=False)
+
+
+@pytest.mark.parametrize("host", ["h2", "h9"])
+def test_an_error_of_a_change_not_waited_for_comes_back_at_the_next_change_there(lab, mount_point, workdir,
+                                                                                 host, request):
+    """rmdir of a mount point here fails (EBUSY) although the host saw it empty."""
+    if host == "h9":
+        host = request.getfixturevalue("foreign_host")
+    d = mount_point.parent
+    code = textwrap.dedent(f"""
+        import os
+        d = {str(d)!r}
+        assert os.listdir(d + "/mnt") == []
+        os.mkdir(d + "/x")        # this machine let the host change d
+        try:
+            os.rmdir(d + "/mnt")
+            print("rmdir returned")
+            os.mkdir(d + "/y")
+            print("no error")
+        except OSError as exc:
+            print("failed", exc.errno)
+    """)
+    stats = workdir / "stats.json"
+    proc = rr_exec(lab, host, ["/usr/bin/python3", "-c", code], workdir, "--export", str(d), "--stats", str(stats))
+    assert proc.returncode == 0, proc.stderr.decode()
+    # EBUSY: the rmdir was not waited for (the host knew the directory empty), the next mkdir there says it
+    assert proc.stdout.decode().split("\n")[:2] == ["rmdir returned", "failed 16"], proc.stdout.decode()
+    assert json.loads(stats.read_text())["host"]["posted"].get("rmdir") == 1
+    assert mount_point.is_dir() and not (d / "y").exists() and (d / "x").is_dir()
+
+
+@pytest.mark.parametrize("host", ["h3", "h9"])
+def test_a_full_disk_is_reported_by_fsync_or_close(lab, local_only, workdir, host, request):
+    if os.geteuid() != 0:
+        pytest.skip("mounting a small file system needs root")
+    if host == "h9":
+        host = request.getfixturevalue("foreign_host")
+    full = local_only / "full"
+    full.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(full)], check=True)
+    try:
+        code = textwrap.dedent(f"""
+            import os
+            fd = os.open({str(full / 'big')!r}, os.O_WRONLY | os.O_CREAT, 0o644)
+            try:
+                for _ in range(8):
+                    os.write(fd, b"x" * 65536)
+                os.fsync(fd)
+                print("no error")
+            except OSError as exc:
+                print("failed", exc.errno)
+            try:
+                os.close(fd)
+            except OSError as exc:
+                print("close failed", exc.errno)
+        """)
+        proc = rr_exec(lab, host, ["/usr/bin/python3", "-c", code], workdir, "--export", str(full))
+        assert proc.returncode == 0, proc.stderr.decode()
+        assert proc.stdout.decode().startswith("failed 28"), proc.stdout.decode()  # ENOSPC
+    finally:
+        subprocess.run(["umount", "-l", str(full)], check=False)
+
+
+def test_a_python2_config_syntax_error_is_reported_through_the_mirror(lab, workdir):
+    """This project's own test of it, run on a host: the local home is not served there."""
+    prefix = os.path.dirname(os.path.dirname(os.path.realpath(sys.executable)))
+    proc = rr_exec(lab, "h1", [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
+                               "tests/test_config.py", "-k", "syntax_error_points_at_config_line"],
+                   PROJECT, "--export", prefix + ":ro", "--export", str(workdir))
+    assert proc.returncode == 0, proc.stdout.decode()[-3000:] + proc.stderr.decode()[-2000:]
+    assert b"1 passed" in proc.stdout
