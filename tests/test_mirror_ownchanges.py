@@ -81,3 +81,59 @@ def test_a_fresh_answer_settles_the_name_in_its_directory_listing():
     cache.put("/d/a", MISSING, watched=True, since=cache.begin())
     assert [n for n, _ in cache.names("/d")] == ["new"]
     assert cache.get("/d/a") is MISSING
+
+
+def test_changes_sent_without_waiting_are_applied_in_order_and_later_requests_wait_for_them(tmp_path):
+    import threading
+    service = LocalFileService()
+    (tmp_path / "a").write_text("x")
+    results = {}
+
+    def late(key, op, args):
+        results[key] = service.serve({"t": "req", "id": 1, "op": op, "a": args}, b"")[0]
+
+    # the unlink numbered 2 and a lookup sent after it arrive before the rename numbered 1
+    later = [threading.Thread(target=late, args=("unlink", "unlink", {"path": str(tmp_path / "b"), "nseq": 2})),
+             threading.Thread(target=late, args=("lookup", "getattr", {"path": str(tmp_path / "b"), "after": 2}))]
+    for t in later:
+        t.start()
+    assert service.handle("rename", {"old": str(tmp_path / "a"), "new": str(tmp_path / "b"), "nseq": 1}, b"")
+    for t in later:
+        t.join(10)
+    assert "e" not in results["unlink"] and results["lookup"]["e"] == 2  # ENOENT: after the unlink
+    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+
+
+def test_a_failed_change_is_reported_once_by_the_next_change_in_its_directory():
+    from remote_runner.mirror.host.writes import PendingChanges
+
+    class Slot(list):
+        pass
+
+    sent = []
+
+    def submit(op, args, payload):
+        slot = Slot([__import__("threading").Event()])
+        slot[0].set()
+        sent.append((op, dict(args)))
+        return slot
+
+    def wait(slot):
+        if sent[-1][0] == "rmdir":
+            raise OSError(16, "busy")
+        return {}, b""
+
+    undone = []
+    changes = PendingChanges(submit, wait)
+    assert not changes.may_post("/d")
+    changes.confirm("/d")
+    assert changes.may_post("/d") and not changes.may_post("/d", "/e")
+    changes.post("rmdir", {"path": "/d/mnt"}, ["/d"], undo=lambda: undone.append(1))
+    assert sent[-1][1]["nseq"] == 1
+    changes.check("/e")  # another directory: nothing to say
+    with pytest.raises(OSError) as info:
+        changes.check("/d")
+    assert info.value.errno == 16 and undone == [1]
+    changes.check("/d")  # reported once
+    assert not changes.may_post("/d")  # asked again before the next change there
+    assert changes.after() is None
