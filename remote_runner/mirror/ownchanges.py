@@ -81,6 +81,18 @@ class OwnChanges:
         ``inval``. ``w``: whether the directory is watched (the host may keep
         the answer until told otherwise).
         """
+        if op in ("chmod", "chown", "utimens", "truncate"):
+            # The kernel asks for the attributes next (its reply to a setattr carries them).
+            if "fh" in a or self._held(a) is not None:
+                return
+            raw = os.path.normpath(P.name_from_wire(a["path"]))
+            watched = self._watch(os.path.dirname(raw) or b"/")
+            try:
+                reply.fields["st"] = P.stat_to_wire(os.lstat(self._path(a)))
+            except (OpError, OSError):
+                return
+            reply.fields["w"] = 1 if watched else 0
+            return
         if op not in ("mkdir", "symlink", "mknod", "link", "create", "unlink", "rmdir"):
             return
         raw = os.path.normpath(P.name_from_wire(a["path"]))

@@ -30,7 +30,8 @@ FUSE_CAP_CACHE_SYMLINKS = 1 << 23
 ENTRY_OPS = frozenset(("mknod", "mkdir", "symlink", "link", "create", "unlink", "rmdir", "rename"))
 
 #: Operations whose reply tells the host the state of the name they made or removed.
-LEARNED_OPS = frozenset(("mkdir", "symlink", "mknod", "link", "create", "unlink", "rmdir"))
+LEARNED_OPS = frozenset(("mkdir", "symlink", "mknod", "link", "create", "unlink", "rmdir",
+                         "chmod", "chown", "utimens", "truncate"))
 
 MUTATING_OPS = frozenset(("mknod", "mkdir", "unlink", "rmdir", "symlink", "link", "rename", "chmod",
                           "chown", "truncate", "utimens", "create", "write", "open", "release", "flush",
@@ -155,10 +156,10 @@ def make_operations(link: Link, prefix: bytes, files: Optional[FileCache] = None
             return list(dict.fromkeys((parent_of(args["old"]), parent_of(args["new"]))))
         return [parent_of(args["path"])]
 
-    def check_changes(op: str, args: Dict[str, Any]) -> None:
+    def check_changes(op: str, args: Dict[str, Any], wait: bool = True) -> None:
         """Raise the error of an earlier change sent without waiting in the same directory."""
         try:
-            changes.check(*changed_dirs(op, args))
+            changes.check(*changed_dirs(op, args), wait=wait)
         except OSError as exc:
             raise mfusepy.FuseOSError(exc.errno or errno.EIO)
 
@@ -183,11 +184,12 @@ def make_operations(link: Link, prefix: bytes, files: Optional[FileCache] = None
 
     def change(op: str, args: Dict[str, Any]) -> None:
         """An unlink, rmdir or rename: sent without waiting where its outcome is known here."""
-        check_changes(op, args)
         dirs = changed_dirs(op, args)
         if not changes.may_post(*dirs) or not outcome_known(op, args):
+            check_changes(op, args)
             call(op, args)
             return
+        check_changes(op, args, wait=False)
         settle_names(args)  # a file's own writes land before it is renamed or removed
         gone = args["old"] if op == "rename" else args["path"]
         kept = cache.kept(gone)

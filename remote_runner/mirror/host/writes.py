@@ -182,10 +182,12 @@ class PendingChanges:
         with self._lock:
             return self._seq if self._inflight else None
 
-    def collect(self, block: bool = False) -> None:
-        """Take the answers that arrived (all of them, waiting, with *block*)."""
+    def collect(self, block: bool = False, directories: Optional[List[str]] = None) -> None:
+        """Take the answers that arrived; with *block*, wait for those of *directories* (None: all)."""
+        wanted = None if directories is None else set(directories)
         with self._lock:
-            done = [item for item in self._inflight if block or item[0][0].is_set()]
+            done = [item for item in self._inflight if item[0][0].is_set() or (
+                block and (wanted is None or wanted.intersection(item[1])))]
             self._inflight = [item for item in self._inflight if item not in done]
         for slot, directories, undo in done:
             try:
@@ -198,9 +200,14 @@ class PendingChanges:
                         self._errors.setdefault(directory, exc.errno or errno.EIO)
                         self._confirmed.pop(directory, None)
 
-    def check(self, *directories: str) -> None:
-        """Raise (once) the error a change sent earlier in one of *directories* failed with."""
-        self.collect()
+    def check(self, *directories: str, wait: bool = False) -> None:
+        """Raise (once) the error a change sent earlier in one of *directories* failed with.
+
+        *wait*: for a change the program waits for, first wait for the answers of
+        those sent earlier in the same directories, so that it is never carried
+        out after an earlier one failed unreported.
+        """
+        self.collect(block=wait, directories=list(directories))
         with self._lock:
             if not self._errors:
                 return
