@@ -1,4 +1,4 @@
-"""Host-side operations on a run's windows: health, status, stop, logs, the session lock.
+"""Host-side operations on a run's windows: health, status, stop, logs.
 
 ``run`` starts components; ``status``, ``logs``, ``stop`` and ``restart`` look
 at them later from another process. They all read the same files, which the
@@ -18,11 +18,9 @@ host, so every question is answered by the same few shell scripts, kept here:
 * **Stop** signals each window's process group (TERM, then KILL after the
   grace), then quits sessions that have no live window left.
 * **Logs** are ``tail`` on the hosts, one stream per host.
-* **The session lock** (``<state>/session.lock``, ``flock``) is held by a
-  channel that lives as long as the runner's connection, so a second run with
-  the same ``--screen`` on the same host is refused while the first one runs
-  ("already running: pid, run id, since"), and a crashed runner never leaves a
-  stale lock behind (its connection closes, the lock goes with it).
+
+The session lock, which a run holds on each host while it runs, is
+:mod:`remote_runner.sessionlock`.
 """
 
 from __future__ import annotations
@@ -31,15 +29,12 @@ import math
 import re
 import shlex
 import signal
-import subprocess
-import threading
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Dict, List, Optional, Sequence, Tuple
+from typing import TYPE_CHECKING, Dict, List, Optional, Sequence, Tuple
 
 from remote_runner.config import parse_ready
-from remote_runner.errors import ComponentUnhealthy, SessionBusy, StartError
+from remote_runner.errors import ComponentUnhealthy
 from remote_runner.runrecord import ComponentRecord, utc_now
-from remote_runner.shell import shell_path
 from remote_runner.screen import Window, _PG_FUNCTION, _stop_groups, _window_groups
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -400,143 +395,3 @@ def _drop_separators(pairs: List[Tuple[str, str]]) -> List[Tuple[str, str]]:
             continue
         out.append((stem, line))
     return out
-
-
-# --------------------------------------------------------------------------- session lock
-
-@dataclass
-class SessionLock:
-    """A held per-(host, session) lock; :meth:`release` (or a lost link) frees it."""
-
-    host: str
-    handle: Any
-    #: what the command run once the lock was held printed (stdout and stderr) and its status
-    then_output: str = ""
-    then_status: Optional[int] = None
-
-    def release(self) -> None:
-        """Free the lock (closing the channel or the local process's stdin)."""
-        handle, self.handle = self.handle, None
-        if handle is None:
-            return
-        try:
-            if isinstance(handle, subprocess.Popen):
-                if handle.stdin:
-                    handle.stdin.close()
-                handle.wait(timeout=30)
-            else:
-                handle.close()
-        except Exception:  # noqa: BLE001 - releasing never fails a run
-            pass
-
-
-#: Ends the output of the command run under a freshly taken lock: ``RR-THEN-DONE <status>``.
-_THEN_MARK = "RR-THEN-DONE"
-
-
-def lock_script(state_dir: str, info: str, then: str = "", fed: str = "") -> str:
-    """Return the shell text that takes the session lock and holds it until stdin closes.
-
-    *then* (shell text) runs once the lock is held, its output (stdout and
-    stderr) followed by ``RR-THEN-DONE STATUS``: the first step of a run rides
-    on the lock's own channel instead of costing an exec of its own. *fed*
-    (shell text) runs after *then* succeeded, with the channel's stdin: it
-    must read exactly the bytes the caller sent for it (the manifest check,
-    whose request is too big for a command line), its output before the mark.
-    """
-    q = shlex.quote
-    d = shell_path(state_dir)
-    lock, owner = f"{d}/session.lock", f"{d}/session.owner"
-    run_fed = f"if [ $s = 0 ]; then (\n{fed}\n) 2>&1; fi\n" if fed else ""
-    run_then = (f"(\n{then}\n) </dev/null 2>&1\ns=$?\n{run_fed}echo \"{_THEN_MARK} $s\"\n"
-                if then else "")
-    return (f"mkdir -p {d} || exit 3\n"
-            "if ! command -v flock >/dev/null 2>&1; then echo NO-FLOCK; else\n"
-            f"exec 9>>{lock}\n"
-            f"if ! flock -n 9; then echo \"BUSY $(cat {owner} 2>/dev/null)\"; exit 0; fi\n"
-            f"printf '%s\\n' {q(info)} > {owner}\n"
-            "echo LOCKED\nfi\n" + run_then +
-            "exec cat >/dev/null\n")
-
-
-def _feed_pipe(pipe: Any, data: bytes) -> None:
-    """Write *data* to a local lock's stdin, leaving it open (closing it frees the lock)."""
-    try:
-        pipe.write(data)
-        pipe.flush()
-    except OSError:  # the script ended (busy, or failed): nothing reads it
-        pass
-
-
-def _read_until(read: Any, done: Any) -> str:
-    """Read chunks with *read* until ``done(text)`` or end of stream; return the text."""
-    data = b""
-    try:
-        while not done(data.decode("utf-8", "replace")):
-            chunk = read()
-            if not chunk:
-                break
-            data += chunk
-    except OSError:
-        pass
-    return data.decode("utf-8", "replace")
-
-
-def acquire_lock(host: str, state_dir: str, info: str, connection: Any = None,
-                 timeout: float = 60.0, then: str = "", fed: str = "",
-                 feed: bytes = b"") -> SessionLock:
-    """Take the session lock on *host* (over *connection*, or locally when None).
-
-    With *then*, that shell text runs on the host once the lock is held (see
-    :func:`lock_script`); the returned lock carries its output and status.
-    *fed* runs after it, reading *feed* from stdin. Raises
-    :class:`SessionBusy` naming the holder ("pid …, run …, since …").
-    """
-    script = lock_script(state_dir, info, then, fed if then else "")
-    feed = feed if then and fed else b""
-
-    def done(text: str) -> bool:
-        lines = text.splitlines(keepends=True)
-        if not lines or not lines[0].endswith("\n"):
-            return False
-        if not then or not lines[0].startswith(("LOCKED", "NO-FLOCK")):
-            return True
-        return any(line.startswith(_THEN_MARK) and line.endswith("\n") for line in lines[1:])
-    if connection is None:
-        proc = subprocess.Popen(["/bin/sh", "-c", script], stdin=subprocess.PIPE,
-                                stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
-        assert proc.stdout is not None and proc.stdin is not None
-        if feed:
-            threading.Thread(target=_feed_pipe, args=(proc.stdin, feed), daemon=True).start()
-        out = _read_until(proc.stdout.readline, done)
-        handle: Any = proc
-    else:
-        channel = connection.exec_channel("sh -c " + shlex.quote(script))
-        # a fed check hashes what changed on the host: as long as a check of its own may take
-        channel.settimeout(600.0 if feed else max(timeout, 120.0) if then else timeout)
-        if feed:
-            try:
-                channel.sendall(feed)
-            except OSError:  # the script ended at once (busy): its answer says why
-                pass
-        out = _read_until(lambda: channel.recv(65536), done)
-        channel.settimeout(None)
-        handle = channel
-    first, _, rest = out.partition("\n")
-    first = first.strip()
-    lock = SessionLock(host, handle)
-    if first.startswith("LOCKED") or first.startswith("NO-FLOCK"):
-        if then:
-            body, _, status = rest.rpartition(_THEN_MARK + " ")
-            lock.then_output = body
-            lock.then_status = int(status.split()[0]) if status.split() and \
-                status.split()[0].isdigit() else None
-        return lock
-    lock.release()
-    if first.startswith("BUSY"):
-        holder = first[4:].strip() or "another run (no details recorded)"
-        raise SessionBusy(f"host {host}: screen session directory {state_dir} is already in use "
-                          f"by a running remote-runner ({holder}); wait for it to end, stop it, "
-                          "or use another --screen")
-    raise StartError(f"host {host}: could not take the session lock in {state_dir} "
-                     f"({first or 'no answer'})")

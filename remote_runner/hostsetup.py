@@ -23,7 +23,7 @@ import shlex
 from typing import TYPE_CHECKING, Any, Dict, List, Optional
 
 from remote_runner import events as ev
-from remote_runner import hostops, precheck
+from remote_runner import hostops, precheck, sessionlock
 from remote_runner import screen as scr
 from remote_runner.errors import ConnectionLost, StartError
 from remote_runner.runmodel import ComponentResult, Placement, component_argv, path_lookup
@@ -54,7 +54,7 @@ class HostSetup:
     shells: Dict[str, "Shell"]
     screens: Dict[str, scr.Screen]
     placements: Dict[str, List[Placement]]
-    locks: Dict[str, hostops.SessionLock]
+    locks: Dict[str, sessionlock.SessionLock]
     early: Dict[str, precheck.EarlyCheck]
     mirror: Optional["MirrorSession"]
 
@@ -87,7 +87,7 @@ class HostSetup:
         def take(host: str) -> None:
             connection = None if host == "localhost" else self.connections[host]
             check = self.early.get(host)
-            self.locks[host] = hostops.acquire_lock(
+            self.locks[host] = sessionlock.acquire_lock(
                 host, self._state_dir(), info, connection, then=self._prepare_script(host),
                 fed=check.script if check else "", feed=check.request if check else b"")
         self._parallel(take, list(self._by_host()), "taking the session lock")

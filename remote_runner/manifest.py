@@ -267,7 +267,7 @@ def run_script(size: Optional[int] = None) -> str:
 
     With *size*, the program reads exactly that many bytes of request and
     leaves the rest of stdin alone (the session lock's channel, see
-    :func:`remote_runner.hostops.lock_script`, stays open after it).
+    :func:`remote_runner.sessionlock.lock_script`, stays open after it).
     """
     arg = "" if size is None else f" {int(size)}"
     return (f"command -v python3 >/dev/null 2>&1 || {{ echo {NO_PYTHON_MARK}; exit 0; }}\n"

@@ -44,7 +44,7 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING, Any, Callable, Dict, List, Optional, Sequence
 
 from remote_runner import events as ev
-from remote_runner import hostops, landing, precheck
+from remote_runner import hostops, landing, precheck, sessionlock
 from remote_runner import screen as scr
 from remote_runner import sync
 from remote_runner import upload
@@ -105,7 +105,7 @@ class Runner(HostSetup, RunEnd):
         #: Saved (to this machine's run records) only when the caller gave one.
         self.record = record or RunRecord(self.run_id, screen=options.screen)
         self._save_records = record is not None
-        self.locks: Dict[str, hostops.SessionLock] = {}
+        self.locks: Dict[str, sessionlock.SessionLock] = {}
         #: per host: the change check asked with its lock (kept only when its answer is usable)
         self.early: Dict[str, precheck.EarlyCheck] = {}
         #: per host: the shell text writing its launchers (run by its first start command)

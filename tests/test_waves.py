@@ -151,7 +151,7 @@ def test_restart_replaces_the_window_and_keeps_one_per_component(lab, env, tmp_p
 def test_the_first_step_runs_on_the_lock_channel_only_once_the_lock_is_held(tmp_path):
     """Locally (no SSH): the command given to the lock runs under it; a refused lock runs nothing."""
     from remote_runner.errors import SessionBusy
-    from remote_runner.hostops import acquire_lock
+    from remote_runner.sessionlock import acquire_lock
 
     state, marker = str(tmp_path / "state"), tmp_path / "ran"
     held = acquire_lock("localhost", state, "first", then=f"echo prepared; touch {marker}; exit 4")
@@ -172,7 +172,7 @@ def test_the_first_step_runs_on_the_lock_channel_only_once_the_lock_is_held(tmp_
 def test_a_fed_step_reads_exactly_its_bytes_and_runs_only_after_the_first_succeeded(tmp_path):
     """Locally (no SSH): the fed step gets its request on stdin; the lock still holds after it."""
     from remote_runner.errors import SessionBusy
-    from remote_runner.hostops import acquire_lock
+    from remote_runner.sessionlock import acquire_lock
 
     state = str(tmp_path / "state")
     held = acquire_lock("localhost", state, "first", then="echo prepared",
