@@ -104,3 +104,18 @@ def public_tmp():
     path.chmod(0o755)
     yield path
     shutil.rmtree(path, ignore_errors=True)
+
+
+@pytest.fixture
+def conn(lab):
+    """Connect to lab hosts by name (``conn("h2")``); every connection is closed afterwards."""
+    from remote_runner.ssh import Connection, SSHOptions
+    opened = []
+
+    def connect(host):
+        opened.append(Connection(host, SSHOptions(ssh_config_file=lab.ssh_config)).connect())
+        return opened[-1]
+
+    yield connect
+    for c in opened:
+        c.close()

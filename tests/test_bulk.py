@@ -20,7 +20,6 @@ import pytest
 from remote_runner import ciphers, compression, sftpwrite, sync, upload
 from remote_runner.errors import ConfigError, CopyError
 from remote_runner.shell import RemoteShell
-from remote_runner.ssh import Connection, SSHOptions
 from tests.conftest import ssh
 
 
@@ -83,19 +82,6 @@ def test_only_compressible_data_is_sent_compressed(tmp_path):
 
 
 # --------------------------------------------------------------------------- lab
-
-@pytest.fixture
-def conn(lab):
-    opened = []
-
-    def connect(host):
-        opened.append(Connection(host, SSHOptions(ssh_config_file=lab.ssh_config)).connect())
-        return opened[-1]
-
-    yield connect
-    for c in opened:
-        c.close()
-
 
 @pytest.fixture
 def base(lab):

@@ -90,19 +90,6 @@ def test_a_receipt_counts_only_while_the_files_stat_is_the_one_it_names(tmp_path
 # --------------------------------------------------------------------------- lab
 
 @pytest.fixture
-def conn(lab):
-    opened = []
-
-    def connect(host):
-        opened.append(Connection(host, SSHOptions(ssh_config_file=lab.ssh_config)).connect())
-        return opened[-1]
-
-    yield connect
-    for c in opened:
-        c.close()
-
-
-@pytest.fixture
 def base(lab):
     path = f"/tmp/rr-stream-{uuid.uuid4().hex[:8]}"
     yield path
