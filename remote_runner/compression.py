@@ -168,19 +168,10 @@ def _exec(transport: Any, command: str, data: Optional[bytes], timeout: float,
         if data:
             channel.sendall(data)
         channel.shutdown_write()
-        return _finish(channel, time.monotonic() + timeout)
+        out, err, status = collect(channel, time.monotonic() + timeout)
+        return status, out, err
     finally:
         channel.close()
-
-
-def _finish(channel: Any, deadline: float) -> Tuple[int, str, str]:
-    """Read a channel's output to its end, then its status (-1 when *deadline* passes).
-
-    The output is read until EOF first: OpenSSH may send the exit status
-    before the last of it (a short write's mark would be lost).
-    """
-    out, err, status = collect(channel, deadline)
-    return status, out, err
 
 
 def receive_script(codec: str, tmp: str, dest: str, size: int, mode: int) -> str:
@@ -217,7 +208,7 @@ def send(transport: Any, codec: str, src: str, size: int, script: str,
         channel.exec_command("sh -c " + shlex.quote(script))
         encoder = Encoder(codec)
         sent = _stream(channel, encoder, src, size, tick)
-        status, _out, err = _finish(channel, time.monotonic() + timeout)
+        _out, err, status = collect(channel, time.monotonic() + timeout)
     finally:
         channel.close()
     if status == 0 and sent:
