@@ -284,6 +284,39 @@ def test_kernel_drops_reach_the_mount_owning_the_path():
     assert seen == ["/a", "/"]
 
 
+def test_attributes_wait_for_the_kernel_drops_asked_for_before_them():
+    from remote_runner.mirror.host.names import KernelDrops, forget_in_kernel, forget_names
+    drops = KernelDrops()
+    release = threading.Event()
+    seen = []
+
+    def slow(path):
+        release.wait(5)
+        seen.append(path)
+
+    drops.add_target("", slow)
+    drops.settle()  # nothing pending: returns at once
+
+    def settles_after(unblock) -> None:
+        settled = threading.Event()
+        waiter = threading.Thread(target=lambda: (drops.settle(), settled.set()))
+        waiter.start()
+        assert not settled.wait(0.2), "settled before the kernel dropped the path"
+        unblock()
+        waiter.join(5)
+        assert settled.is_set()
+
+    drops.drop(["/f"], wait=False)
+    settles_after(release.set)
+    assert seen == ["/f"]
+    # an inval frame whose names already left the name cache: its drop is announced first
+    cache = NameCache()
+    forget_names(cache, header := {"t": P.INVAL, "p": ["/g"]}, drops)
+    settles_after(lambda: forget_in_kernel(drops, header))
+    assert seen == ["/f", "/g"]
+    drops.settle()
+
+
 def test_a_directory_too_big_is_not_asked_for_whole_again_soon():
     cache = NameCache()
     assert cache.wants_listing("/usr/lib", now=0.0)

@@ -443,6 +443,8 @@ class KernelDrops:
         self._queue: List[Tuple[List[str], threading.Event]] = []
         self._cond = threading.Condition()
         self._thread: Optional[threading.Thread] = None
+        self._queued = 0     # drops asked for so far
+        self._finished = 0   # of those, done
         self.dropped = 0
 
     def add_target(self, prefix: str, invalidate: Any) -> None:
@@ -459,16 +461,55 @@ class KernelDrops:
     def active(self) -> bool:
         return bool(self._targets)
 
-    def drop(self, paths: List[str], wait: bool = True) -> None:
-        """Drop *paths* (wire names); wait until done, at most :attr:`patience` seconds."""
-        if not paths or not self._targets:
-            return
+    def expect(self) -> None:
+        """A drop will follow (an ``inval`` frame whose names are already gone from the name cache).
+
+        From then on :meth:`settle` waits for it too: the name cache may give
+        the new attributes before the frame's handler has asked the kernel.
+        """
+        with self._cond:
+            self._queued += 1
+
+    def drop(self, paths: List[str], wait: bool = True, expected: bool = False) -> None:
+        """Drop *paths* (wire names); wait until done, at most :attr:`patience` seconds.
+
+        *expected*: announced with :meth:`expect` before.
+        """
         done = threading.Event()
         with self._cond:
+            if not expected:
+                self._queued += 1
+            if not paths or not self._targets:
+                self._finished += 1
+                self._cond.notify_all()
+                return
             self._queue.append((paths, done))
-            self._cond.notify()
+            self._cond.notify_all()
         if wait:
             done.wait(self.patience)
+
+    def settle(self) -> None:
+        """Wait until every drop asked for so far is done (at most :attr:`patience` seconds).
+
+        Call before giving the kernel attributes. The kernel caches a
+        ``getattr`` answer unless the inode's attributes changed while it was
+        asked; two threads asking at once can thus get an old answer (held
+        here just before an ``inval``) cached *after* a new one was returned
+        to the other thread, which then sees the file go back in time. Once
+        the drop of that ``inval`` is done, the old answer is either dropped
+        with it or refused as older than the drop; so a new answer is given
+        only after the drops of the changes it reflects.
+        """
+        with self._cond:
+            target = self._queued
+            if self._finished >= target:
+                return
+            end = time.monotonic() + self.patience
+            while self._finished < target:
+                left = end - time.monotonic()
+                if left <= 0:
+                    return
+                self._cond.wait(left)
 
     def _run(self) -> None:
         while True:
@@ -489,6 +530,9 @@ class KernelDrops:
                         except Exception:  # noqa: BLE001 - a node the kernel no longer has
                             pass
                 done.set()
+                with self._cond:
+                    self._finished += 1
+                    self._cond.notify_all()
 
 
 def absorb_lookup(cache: NameCache, path: str, header: Dict[str, Any], data: bytes,
@@ -533,20 +577,24 @@ def absorb_answers(cache: NameCache, names: List[Any], answers: List[Any], watch
 
 def absorb_invalidation(cache: NameCache, drops: Optional[KernelDrops], header: Dict[str, Any]) -> int:
     """Apply an ``inval`` frame: drop the names here, then in the kernel; return how many were held."""
-    forget_names(cache, header)
+    forget_names(cache, header, drops)
     forget_in_kernel(drops, header)
     return len(header.get("dropped") or ())
 
 
-def forget_names(cache: NameCache, header: Dict[str, Any]) -> None:
+def forget_names(cache: NameCache, header: Dict[str, Any], drops: Optional[KernelDrops] = None) -> None:
     """The name-cache half of an ``inval`` frame, run by the link's reader as the frame arrives.
 
     So a reply read after the frame finds the names dropped: an answer the
     reply brings (new attributes after a write) is never overwritten by an
-    older change applied later. What was held is noted in ``dropped``.
+    older change applied later. What was held is noted in ``dropped``; the
+    kernel half that follows is announced to *drops* (see :meth:`KernelDrops.settle`).
     """
     paths = [p for p in header.get("p") or () if isinstance(p, str)]
     trees = [p for p in header.get("tree") or () if isinstance(p, str)]
+    if drops is not None:
+        drops.expect()
+        header["expected"] = True
     header["dropped"] = cache.invalidate(paths, trees, bool(header.get("all")))
 
 
@@ -555,4 +603,5 @@ def forget_in_kernel(drops: Optional[KernelDrops], header: Dict[str, Any]) -> No
     if drops is not None:
         paths = [p for p in header.get("p") or () if isinstance(p, str)]
         trees = [p for p in header.get("tree") or () if isinstance(p, str)]
-        drops.drop(list(dict.fromkeys(paths + trees + list(header.get("dropped") or ()))))
+        drops.drop(list(dict.fromkeys(paths + trees + list(header.get("dropped") or ()))),
+                   expected=bool(header.get("expected")))

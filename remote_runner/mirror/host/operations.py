@@ -286,6 +286,12 @@ def make_operations(link: Link, prefix: bytes, files: Optional[FileCache] = None
             self.mounted.set()
 
         def getattr(self, path: Optional[str], fh: Optional[int] = None) -> Dict[str, int]:
+            attrs = self._attributes(path, fh)
+            if drops is not None:
+                drops.settle()  # the kernel forgets older answers first (see KernelDrops.settle)
+            return attrs
+
+        def _attributes(self, path: Optional[str], fh: Optional[int]) -> Dict[str, int]:
             args: Dict[str, Any] = {"path": wire(path)} if path is not None or not fh else {}
             if fh is not None and fh >= LOCAL_FH_BASE and files is not None:
                 entry = files.handles.get(fh)

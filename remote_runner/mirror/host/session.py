@@ -50,7 +50,7 @@ class Session:
         self.listings = ListingStore(self.files.directory + ".listings") if self.files is not None else None
         self.cache.listings = self.listings
         self.drops = KernelDrops()
-        link.inline[P.INVAL] = lambda header, _: forget_names(self.cache, header)
+        link.inline[P.INVAL] = lambda header, _: forget_names(self.cache, header, self.drops)
         link.handlers[P.INVAL] = lambda header, _: forget_in_kernel(self.drops, header)
         self.profile = Profile.for_command(self.files, boot)
 
