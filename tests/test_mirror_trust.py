@@ -169,6 +169,33 @@ def test_exports_serve_chosen_trees_and_never_the_denylist(tmp_path):
     assert parse_export("/a:ro") == ("/a", False) and parse_export("/a") == ("/a", True)
 
 
+def test_the_export_a_path_falls_in_is_the_innermost_and_a_denied_path_is_in_none():
+    exports = Exports([Export(b"/", False), Export(b"/home/u", True), Export(b"/home/u/proj/out", False),
+                       Export(b"/home/u/.ssh/config", False, True), Export(b"/srv/x", True, True)],
+                      deny=[b"/home/u/.ssh", b"/home/u/.gnupg", b"/srv/x/key", b"/etc/shadow"])
+    paths = [b"/", b"/etc", b"/etc/shadow", b"/etc/shadowy", b"/home", b"/home/u", b"/home/u2",
+             b"/home/u/proj", b"/home/u/proj/out", b"/home/u/proj/outer", b"/home/u/proj/out/a/b",
+             b"/home/u/.ssh", b"/home/u/.ssh/id", b"/home/u/.ssh/config", b"/home/u/.sshx",
+             b"/home/u/.gnupg/k", b"/srv", b"/srv/x", b"/srv/x/key", b"/srv/x/key/y", b"/srv/xy"]
+
+    def innermost(path):  # the rule, spelled out: the longest export that holds the path
+        holding = [e for e in exports.exports
+                   if path == e.path or e.path == b"/" or path.startswith(e.path + b"/")]
+        export = max(holding, key=lambda e: len(e.path))
+        for denied in exports.deny:
+            inside = path == denied or path.startswith(denied + b"/")
+            lifted = export.explicit and (export.path == denied or export.path.startswith(denied + b"/"))
+            if inside and not lifted:
+                return None
+        return export
+
+    for path in paths:
+        assert exports.find(path) == innermost(path), path
+    assert exports.find(b"/home/u/proj/out/a").writable is False
+    assert exports.find(b"/home/u/.ssh/id") is None and exports.find(b"/home/u/.ssh/config") is not None
+    assert exports.find(b"/srv/x/key") is None and exports.find(b"/srv/xy").path == b"/"
+
+
 def test_a_link_planted_by_the_host_never_leads_out_of_the_exports(tmp_path):
     outside = tmp_path / "outside"
     outside.mkdir()

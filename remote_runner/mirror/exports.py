@@ -37,7 +37,7 @@ import glob
 import os
 import shutil
 from dataclasses import dataclass
-from typing import Iterable, List, Optional, Sequence, Set, Tuple
+from typing import Dict, FrozenSet, Iterable, Iterator, List, Optional, Sequence, Set, Tuple
 
 from remote_runner.mirror.localnames import proc_fd_path
 
@@ -83,6 +83,17 @@ def _inside(path: bytes, root: bytes) -> bool:
     return path == root or root == b"/" or path.startswith(root + b"/")
 
 
+def _upwards(path: bytes) -> Iterator[bytes]:
+    """*path*, then each directory above it up to ``/`` (absolute normalized paths)."""
+    yield path
+    while path != b"/":
+        cut = path.rfind(b"/")
+        if cut < 0:
+            return
+        path = path[:cut] or b"/"
+        yield path
+
+
 class Exports:
     """The served trees, the denylist, and the checks every request passes."""
 
@@ -100,6 +111,10 @@ class Exports:
             denied.add(path)
             denied.add(os.path.realpath(path))
         self.deny: Tuple[bytes, ...] = tuple(sorted(denied))
+        # Every request is checked: by walking up the path (a few steps), not
+        # across every export and denied path (dozens).
+        self._by_path: Dict[bytes, Export] = merged
+        self._denied: FrozenSet[bytes] = frozenset(denied)
         #: Paths on the way to an export (and the host's mount points): lookup and listing only.
         self.ancestors: Set[bytes] = self._ancestor_set()
 
@@ -146,13 +161,15 @@ class Exports:
     # -- checks --------------------------------------------------------------
     def find(self, path: bytes) -> Optional[Export]:
         """The export *path* lies in (None: not served, or denied)."""
-        for export in self.exports:
-            if _inside(path, export.path):
+        above = list(_upwards(path))
+        for step in above:
+            export = self._by_path.get(step)
+            if export is not None:
                 break
         else:
             return None
-        for denied in self.deny:
-            if _inside(path, denied) and not (export.explicit and _inside(export.path, denied)):
+        for step in above:
+            if step in self._denied and not (export.explicit and _inside(export.path, step)):
                 return None
         return export
 
