@@ -149,6 +149,20 @@ def test_validate_is_seeded_once_with_the_commands_local_profile(public_tmp):
     assert str(lib) in service.looked_up and str(lib) in service.sent_whole
 
 
+def test_a_host_with_its_own_profile_is_seeded_with_the_commands_profile_alone(public_tmp):
+    mine, shared = public_tmp / "mine", public_tmp / "used-by-another-command"
+    mine.write_text("m")
+    shared.write_text("s")
+    service = LocalFileService()
+    service.seed = ([str(mine), str(shared)], [])
+    service.own_seed = ([str(mine)], [])
+    body = json.loads(service.handle("validate", {"own": 1}, b"").payload)
+    assert body["names"] == [str(mine)]
+    assert json.loads(service.handle("validate", {}, b"").payload)["names"] == []  # used once, either way
+    service.seed = ([str(mine), str(shared)], [])
+    assert json.loads(service.handle("validate", {}, b"").payload)["names"] == [str(mine), str(shared)]
+
+
 def test_local_profile_round_trip(tmp_path, monkeypatch):
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
     argv = [P.name_to_wire(b"/usr/bin/caf\xe9"), "-v", "ignored"]

@@ -16,6 +16,10 @@ interpreter, stdlib and site-packages every earlier ``python3`` run looked up,
 whatever its script) and per directory tree (the working directory: ``pytest``,
 ``make`` and the project's own scripts share the project's files). A session
 loads the union, its own command first, and adds what it learned to all three.
+The union goes only to a host that has no profile of its own for the command:
+one that ran it before is sent the command's own profile, since the shared
+ones grow with every command run in the tree (thousands of names a warm
+``true`` would have looked up here and absorbed there).
 """
 
 from __future__ import annotations

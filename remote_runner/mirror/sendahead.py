@@ -147,8 +147,11 @@ class SendAhead:
         and say whether it is watched; names in those directories are then
         not answered one by one.
         """
-        seed_names, seed_files = self.seed
-        self.seed = ([], [])
+        # A host with a profile of its own for the command asks for what that
+        # command used: the names other commands of the same executable or
+        # tree used would only cost lookups here and answers there.
+        seed_names, seed_files = self.own_seed if a.get("own") else self.seed
+        self.seed = self.own_seed = ([], [])
         dirs, dirs_watched = self._confirm_listings(a.get("dirs"))  # (see listing.py)
         whole_dirs = {os.path.normpath(P.name_from_wire(item[0]))
                       for item, answer in zip(a.get("dirs") or (), dirs) if answer != 0}

@@ -72,8 +72,11 @@ class LocalFileService(SendAhead, DirectoryAnswers, OwnChanges):
         #: What this session looked up and sent whole (wire names, in order), for its profile.
         self.looked_up: Dict[str, None] = {}
         self.sent_whole: Dict[str, None] = {}
-        #: (names, files) of the command's profile, offered once at ``validate``.
+        #: (names, files) of the command's profile with those it shares (its
+        #: executable's, its directory tree's), offered once at ``validate``...
         self.seed: Tuple[List[str], List[str]] = ([], [])
+        #: ... or of its own profile alone, to a host that ran the command before.
+        self.own_seed: Tuple[List[str], List[str]] = ([], [])
         #: Programs whose libraries were already listed to the host this session.
         self._expanded: Dict[str, None] = {}
         #: Files unlinked while open on the host, held here (see :mod:`.localnames`).

@@ -134,6 +134,7 @@ def run_command(conn: Any, argv: Sequence[str], *, cwd: Optional[str] = None,
     if options.file_cache:
         profile = ProfileSet.for_command(fields["argv"], options.files_only, cwd)
         link.service.seed = profile.load()
+        link.service.own_seed = profile.own.load()
     link.boot(fields)
     link.start()
     restore = enter_raw_mode(stdin_fd) if tty else None

@@ -101,6 +101,7 @@ class Session:
         if self.files is None:
             return 0
         known = self.profile.load() if self.profile is not None else []
+        own = bool(known)
         dirs = self.listings.offer(self.profile.load_dirs()) if self.profile is not None else []
         kept = {path for path, dg in dirs if dg}
         # A name in a kept directory comes with it (if the local side confirms the directory).
@@ -108,7 +109,7 @@ class Session:
         if not self.files_only:
             known = list(dict.fromkeys(["/"] + ["/" + d for d in SPECIAL_DIRS] + known))
         since = self.cache.begin()
-        reply = validate_all(self.link, known, dirs)
+        reply = validate_all(self.link, known, dirs, own)
         if reply is None:
             return 0
         names, answers, whole, watched, dir_answers, dirs_watched = reply
