@@ -32,7 +32,6 @@ import os
 import tempfile
 from typing import Any, Dict, List, Optional
 
-from .names import listing_entries
 
 LOG = logging.getLogger("remote_runner.mirror.agent")
 
@@ -40,6 +39,10 @@ LOG = logging.getLogger("remote_runner.mirror.agent")
 LIMIT = 8192
 #: A kept answer bigger than this is not kept (the local side sends at most 768 KiB).
 MAX_BYTES = 1 << 20
+
+
+#: How every directory answer's bytes begin (``{"n": [names...], "a": ..., "l": ...}``).
+ANSWER_START = b'{"n":['
 
 
 def digest(payload: bytes) -> str:
@@ -59,13 +62,20 @@ class ListingStore:
         self.directory = directory
         self.limit = limit
         self._held: Dict[str, bytes] = {}   # loaded and checked this session
+        self._digests: Dict[str, str] = {}  # their digests
         self._new: Dict[str, bytes] = {}    # answers received this session, written at save
 
     def _file(self, path: str) -> str:
         return os.path.join(self.directory, hashlib.sha1(path.encode("utf-8", "surrogateescape")).hexdigest())
 
     def load(self, path: str) -> Optional[bytes]:
-        """The kept answer for directory *path* (its bytes), or None (none, or not usable)."""
+        """The kept answer for directory *path* (its bytes), or None (none, or not usable).
+
+        Checked against its own digest and for the shape of an answer only:
+        its entries are read once, by the caller, when the local side
+        confirms the digest (the bytes are then those the local side would
+        send, so nothing else is ever taken as current).
+        """
         if path in self._held:
             return self._held[path]
         try:
@@ -73,8 +83,9 @@ class ListingStore:
                 raw = handle.read(MAX_BYTES + 4096)
             head, _, payload = raw.partition(b"\n")
             meta = json.loads(head.decode("utf-8", "surrogateescape"))
-            if (not isinstance(meta, dict) or meta.get("d") != path or meta.get("dg") != digest(payload)
-                    or listing_entries(payload) is None):
+            found = digest(payload)
+            if (not isinstance(meta, dict) or meta.get("d") != path or meta.get("dg") != found
+                    or not payload.startswith(ANSWER_START)):
                 return None
         except (OSError, ValueError, UnicodeDecodeError):
             return None
@@ -83,6 +94,7 @@ class ListingStore:
         except OSError:
             pass
         self._held[path] = payload
+        self._digests[path] = found
         return payload
 
     def offer(self, dirs: List[str]) -> List[List[str]]:
@@ -90,7 +102,7 @@ class ListingStore:
         out = []
         for path in dirs:
             payload = self.load(path)
-            out.append([path, digest(payload) if payload is not None else ""])
+            out.append([path, self._digests.get(path, "") if payload is not None else ""])
         return out
 
     def keep(self, path: str, payload: bytes) -> None:
@@ -98,6 +110,7 @@ class ListingStore:
         if len(payload) <= MAX_BYTES:
             self._new[path] = payload
             self._held[path] = payload
+            self._digests[path] = digest(payload)
 
     def save(self) -> None:
         """Write this session's new answers (temporary name, then rename); drop the oldest above the limit."""
@@ -106,7 +119,8 @@ class ListingStore:
         try:
             os.makedirs(self.directory, mode=0o700, exist_ok=True)
             for path, payload in self._new.items():
-                head = json.dumps({"d": path, "dg": digest(payload)}).encode("utf-8", "surrogateescape")
+                head = json.dumps({"d": path, "dg": self._digests.get(path) or digest(payload)}
+                                  ).encode("utf-8", "surrogateescape")
                 fd, tmp = tempfile.mkstemp(dir=self.directory, prefix=".tmp-")
                 try:
                     with os.fdopen(fd, "wb") as handle:
