@@ -144,6 +144,16 @@ def test_malformed_answers_are_refused():
     assert listing_entries(b'{"n":["../x"],"a":[null],"l":[null]}') is None
     assert listing_entries(b'{"n":["x"],"a":[],"l":[null]}') is None
     assert listing_entries(b'{"n":["x"],"a":[[1,2]],"l":[null]}') == [("x", None, None)]
+    row = list(range(13))
+    good = listing_entries(b'{"n":["x","y"],"a":[%s,%s],"l":[null,"t"]}' % (str(row).encode(), str(row).encode()))
+    assert good == [("x", dict(zip(P.STAT_FIELDS, row)), None), ("y", dict(zip(P.STAT_FIELDS, row)), "t")]
+    # one odd row is an entry of unknown attributes; the others keep theirs
+    odd = listing_entries(b'{"n":["x","y"],"a":[%s,[true,1]],"l":[null,null]}' % str(row).encode())
+    assert odd == [("x", dict(zip(P.STAT_FIELDS, row)), None), ("y", None, None)]
+    for bad in (b'{"n":["a/b"],"a":[null],"l":[null]}', b'{"n":["."],"a":[null],"l":[null]}',
+                b'{"n":[""],"a":[null],"l":[null]}', b'{"n":[7],"a":[null],"l":[null]}',
+                b'{"n":["x"],"a":[null],"l":[7]}'):
+        assert listing_entries(bad) is None, bad
 
 
 # -- the host's name cache ----------------------------------------------------------

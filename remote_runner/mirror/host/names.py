@@ -25,6 +25,7 @@ import json
 import posixpath
 import threading
 import time
+from itertools import chain
 from typing import Any, Dict, Iterable, List, Optional, Set, Tuple
 
 from .. import protocol as P
@@ -56,12 +57,20 @@ def listing_entries(data: bytes) -> Optional[List[Any]]:
     if not (isinstance(names, list) and isinstance(rows, list) and isinstance(links, list)
             and len(names) == len(rows) == len(links)):
         return None
-    out = []
-    for name, row, link in zip(names, rows, links):
-        if not isinstance(name, str) or not name or "/" in name or name in (".", ".."):
-            return None
-        out.append((name, P.row_attrs(row), link if isinstance(link, str) else None))
-    return out
+    # Checked as whole columns (a warm start reads thousands of entries):
+    # names are strings without "/" and never "", "." or ".."; a row is
+    # STAT_FIELDS integers (a row that is not is an entry of unknown
+    # attributes, as P.row_attrs says); a link is a string or null.
+    if (not set(map(type, names)) <= {str} or "/" in "".join(names)
+            or not {"", ".", ".."}.isdisjoint(names) or not set(map(type, links)) <= {str, type(None)}):
+        return None
+    fields = P.STAT_FIELDS
+    if set(map(type, rows)) <= {list} and set(map(len, rows)) <= {len(fields)} and \
+            set(map(type, chain.from_iterable(rows))) <= {int}:
+        attrs: List[Any] = [dict(zip(fields, row)) for row in rows]
+    else:
+        attrs = [P.row_attrs(row) for row in rows]
+    return list(zip(names, attrs, links))
 
 
 class _Listing:
@@ -188,10 +197,14 @@ class NameCache:
             until = self._until(watched, now)
             base = directory.rstrip("/") + "/"
             listing = _Listing(set(), until)
+            # The directory and those above it stand (checked above): an entry
+            # is stale only if it was itself invalidated since.
+            stamps, trees = self._stamps, self._trees
+            kids = self._kids.setdefault(directory, set())
             for name, attrs, link in entries:
                 path = base + name
                 listing.names.add(name)
-                if self._stale(path, since):
+                if since is not None and (stamps.get(path, -1) >= since or trees.get(path, -1) >= since):
                     listing.unknown.add(name)
                     continue
                 if attrs:
@@ -202,7 +215,7 @@ class NameCache:
                     self._attrs[path] = (keep, attrs)
                     if link is not None:
                         self._links[path] = (keep, link)
-                    self._index(path)
+                    kids.add(name)
                 else:
                     listing.unknown.add(name)
             self._lists[directory] = listing
