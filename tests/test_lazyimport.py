@@ -33,3 +33,28 @@ def test_an_ssh_config_match_exec_still_runs_through_the_real_invoke(tmp_path):
         print(found["hostname"], found.get("user", "-"), "invoke.tasks" in sys.modules)
     """)
     assert out == "matched.invalid - True"
+
+
+def test_paramiko_gets_its_version_without_importlib_metadata_and_the_real_module_still_works():
+    out = _python("""
+        import sys
+        import remote_runner.runner, remote_runner.ssh, paramiko
+        before = "email.parser" in sys.modules
+        import importlib.metadata
+        real = importlib.metadata.version("paramiko")  # the stand-in asks nothing of the real module
+        names = {d.metadata["Name"].lower() for d in importlib.metadata.distributions()}
+        print(before, paramiko.__version__ == real, "paramiko" in names,
+              "email.parser" in sys.modules, importlib.metadata.PackageNotFoundError.__name__)
+    """)
+    assert out == "False True True True PackageNotFoundError"
+
+
+def test_a_version_without_a_dist_info_directory_comes_from_the_real_module(tmp_path, monkeypatch):
+    from remote_runner import lazyimport
+    site = tmp_path / "site"
+    (site / "Some_Pkg-2.3.4.dist-info").mkdir(parents=True)
+    (site / "other-1.0.dist-info").mkdir()
+    monkeypatch.setattr(sys, "path", [str(tmp_path / "missing"), str(site)])
+    assert lazyimport.dist_info_version("some-pkg") == "2.3.4"
+    assert lazyimport.dist_info_version("some.pkg") == "2.3.4"
+    assert lazyimport.dist_info_version("absent") is None
