@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Dict, List, Optional, Sequence
 
 from remote_runner.errors import StartError
 from remote_runner.screen import (SETUP_FAILED, _NEED_SCREEN, _SETUP_EXIT, Window, _ids_of,
-                                  _poll_gone, escape_x, parse_sessions, printf_write,
+                                  _poll_gone, escape_x, nap_while, parse_sessions, printf_write,
                                   quit_sessions_script, rc_text)
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -105,19 +105,18 @@ def _open_script(screen: "Screen", windows: Sequence[Window]) -> str:
     wave_file = f"{screen.log_dir}/windows-{windows[0].stem}.screenrc"
     rc = rc_text(screen.log_dir, screen.zombie) + f"source {rc_word(wave_file)}\n"
     ids = _ids_of(screen.name)
-    rounds = max(1, int(screen.start_timeout * 20))
     script = (printf_write(wave_file, windows_rc(windows), on_error=SETUP_FAILED) +
               'if [ -z "$sid" ]; then\n' +
               printf_write(screen.rc_file, rc, on_error=SETUP_FAILED) +
               f'  rr_b=" $(echo $({ids})) "\n'
               # zombie mode is in the rc, so it holds before the first window can exit
               f"  screen -c {q(screen.rc_file)} -d -m -S {q(screen.name)} </dev/null >/dev/null 2>&1\n"
-              "  rr_rc=$?; i=0\n"
+              "  rr_rc=$?\n"
               # screen -d -m may return before the new session's socket is listed: wait for it
-              "  while [ -z \"$sid\" ] && [ $rr_rc = 0 ] && [ $i -lt " + str(rounds) + " ]; do\n"
+              "  rr_find() {\n"
               f'    for s in $({ids}); do case "$rr_b" in *" $s "*) ;; *) sid=$s;; esac; done\n'
-              '    [ -n "$sid" ] || { sleep 0.05 2>/dev/null || sleep 1; }\n    i=$((i+1))\n'
-              "  done\n"
+              '    [ -z "$sid" ]\n  }\n' +
+              nap_while('[ $rr_rc = 0 ] && rr_find', screen.start_timeout, indent="  ") +
               '  if [ -z "$sid" ]; then echo "RR-NO-SESSION $rr_rc"; screen -ls; exit 0; fi\n'
               "else\n"
               f'  screen -S "$sid" -X source {q(escape_x(wave_file))} </dev/null >/dev/null 2>&1\n'
@@ -171,9 +170,7 @@ def _wave_result(screen: "Screen", windows: Sequence[Window], result: "ScriptRes
 def _poll_files(paths: Sequence[str], timeout: float) -> str:
     """Return shell text that waits until every path in *paths* is non-empty, or *timeout*."""
     tests = " && ".join(f"[ -s {shlex.quote(p)} ]" for p in paths) or "true"
-    rounds = max(1, int(timeout * 20))
-    return (f"i=0\nwhile [ $i -lt {rounds} ] && ! {{ {tests}; }}; do\n"
-            f"  sleep 0.05 2>/dev/null || sleep 1\n  i=$((i+1))\ndone\n")
+    return nap_while(f"! {{ {tests}; }}", timeout)
 
 
 def _parse_pids(stdout: str) -> Dict[str, int]:
