@@ -32,6 +32,32 @@ class RunResult:
     stderr: bytes
 
 
+def start_command(channel: paramiko.Channel, command: str) -> None:
+    """Ask the host to run *command* on *channel*, without waiting for its answer.
+
+    paramiko's ``exec_command`` waits for the host's "success" before it
+    returns: one round trip per command for nothing, since what follows (the
+    command's stdin, reading its output) travels on the channel after the
+    request and the host handles them in that order. A command the host
+    refuses closes the channel: its reader sees the end with no exit status
+    (-1), as for a command that died without one.
+    """
+    transport = channel.transport
+    if not hasattr(transport, "_send_user_message") or not hasattr(channel, "remote_chanid"):
+        channel.exec_command(command)  # another paramiko: its own way
+        return
+    message = paramiko.Message()
+    message.add_byte(paramiko.common.cMSG_CHANNEL_REQUEST)
+    message.add_int(channel.remote_chanid)
+    message.add_string("exec")
+    message.add_boolean(True)  # the answer still comes: a refusal closes the channel
+    message.add_string(command)
+    with channel.lock:
+        if channel.closed:
+            raise paramiko.SSHException("channel closed before the command was sent")
+    transport._send_user_message(message)
+
+
 def _collect(channel: paramiko.Channel, stdin: Optional[bytes],
              deadline: Optional[float]) -> Optional[RunResult]:
     """Feed stdin and drain stdout/stderr concurrently; return None on timeout."""

@@ -32,6 +32,7 @@ import zlib
 from typing import Any, Callable, Dict, Optional, Tuple
 
 from remote_runner.errors import CopyError, describe
+from remote_runner.channelio import start_command
 from remote_runner.stream import collect
 
 LOG = logging.getLogger(__name__)
@@ -164,7 +165,7 @@ def _exec(transport: Any, command: str, data: Optional[bytes], timeout: float,
     _count(traffic)
     channel = transport.open_session(timeout=timeout)
     try:
-        channel.exec_command(command)
+        start_command(channel, command)
         if data:
             channel.sendall(data)
         channel.shutdown_write()
@@ -205,7 +206,7 @@ def send(transport: Any, codec: str, src: str, size: int, script: str,
     _count(traffic)
     channel = transport.open_session(timeout=60)
     try:
-        channel.exec_command("sh -c " + shlex.quote(script))
+        start_command(channel, "sh -c " + shlex.quote(script))
         encoder = Encoder(codec)
         sent = _stream(channel, encoder, src, size, tick)
         _out, err, status = collect(channel, time.monotonic() + timeout)

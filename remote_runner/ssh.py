@@ -52,7 +52,8 @@ from remote_runner.errors import (
     AuthError, CommandTimeout, ConfigError, HostError, HostKeyError,
     ConnectionLost, RemoteCommandError, RunnerError, UnreachableError, brief_command,
 )
-from remote_runner.channelio import RunResult, _collect, _draining  # noqa: F401 - RunResult: public here
+from remote_runner.channelio import (  # noqa: F401 - RunResult: public here
+    RunResult, _collect, _draining, start_command)
 from remote_runner.sshauth import (  # noqa: F401 - PASSWORD_ENV, resolve_password: public here
     PASSWORD_ENV, Authentication, resolve_password,
 )
@@ -326,7 +327,9 @@ class Connection(Authentication):
         try:
             if get_pty:
                 channel.get_pty(term=term, width=width, height=height)
-            channel.exec_command(command)
+                channel.exec_command(command)
+            else:
+                start_command(channel, command)
         except (paramiko.SSHException, EOFError, OSError) as exc:
             channel.close()
             raise self._lost(f"cannot start `{brief_command(command)}`", exc) from exc

@@ -39,7 +39,7 @@ import time
 from dataclasses import dataclass
 from typing import Any, Callable, List, Optional, Tuple
 
-from remote_runner.channelio import send_all, send_eof
+from remote_runner.channelio import send_all, send_eof, start_command
 from remote_runner.errors import CopyError
 
 LOG = logging.getLogger(__name__)
@@ -162,7 +162,7 @@ def send(transport: Any, src: str, tmp: str, dest: str, size: int, mode: int,
         traffic.count("execs")
     channel = transport.open_session(timeout=60)
     try:
-        channel.exec_command(command(tmp, dest, size, mode))
+        start_command(channel, command(tmp, dest, size, mode))
         _pour(channel, src, size, tick)
         out, err, status = collect(channel, time.monotonic() + timeout)
     finally:

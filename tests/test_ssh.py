@@ -184,6 +184,21 @@ def test_exec_channel_streams(h1):
     channel.close()
 
 
+def test_a_command_is_sent_without_waiting_and_a_refused_one_closes_its_channel(h1):
+    from remote_runner.channelio import start_command
+    channel = h1.exec_channel("cat")  # data sent right behind the request reaches the command
+    channel.sendall(b"right behind\n")
+    channel.shutdown_write()
+    assert channel.makefile("rb").read() == b"right behind\n" and channel.recv_exit_status() == 0
+    channel.close()
+    refused = h1._open_session()
+    start_command(refused, "sleep 5")
+    start_command(refused, "echo never")  # the host refuses a second command on one channel
+    assert refused.makefile("rb").read() == b""  # ...which ends the channel: no output
+    assert refused.recv_exit_status() == -1  # and no exit status
+    refused.close()
+
+
 def test_pty_channel(h1):
     channel = h1.exec_channel("tty", get_pty=True, width=100, height=30)
     assert channel.makefile("rb").read().startswith(b"/dev/pts/")
