@@ -49,10 +49,14 @@ UNSAFE_DIR_CHARS = set("'\"$%\\\n\r\t`")
 _SAFE_STEM_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.+-]*$")
 _LS_LINE_RE = re.compile(r"^\s+(\d+)\.(\S+)\s")
 
+#: The rc file of a new session. A window keeps 1,000 lines to scroll back
+#: through when attached (its whole output is in its log file): screen fills a
+#: window's scrollback when it opens it, and with 10,000 lines 25 windows took
+#: 97 ms to open instead of 53-70 ms, and the session 29 ms to quit instead of 8.
 RC_TEMPLATE = """\
 # remote-runner: written for each new session (zombie must be set at creation)
 {zombie}
-defscrollback 10000
+defscrollback 1000
 logfile flush 0
 logfile '{log_dir}/window-%n.log'
 """
