@@ -59,15 +59,19 @@ def prepare_run_script(state_dir_var: str, run_id: str) -> str:
     """Return shell text making the run directory, pointing ``latest`` at it, pruning old runs.
 
     *state_dir_var* is a shell expression for the (already created) state dir.
+    Old runs are listed (and sorted) only when there are more than
+    :data:`KEEP_RUNS`: the glob count needs no process, a run's first step
+    is on every run's way.
     """
     q = shlex.quote(run_id)
     return (f'mkdir -p {state_dir_var}/runs/{q} || exit 3\n'
             f'ln -sfn runs/{q} {state_dir_var}/latest.tmp && '
             f'mv -fT {state_dir_var}/latest.tmp {state_dir_var}/latest 2>/dev/null || '
             f'{{ rm -f {state_dir_var}/latest; ln -s runs/{q} {state_dir_var}/latest; }}\n'
-            f'ls -1 {state_dir_var}/runs | sort | head -n -{KEEP_RUNS} 2>/dev/null | '
-            f'while read -r old; do [ "$old" = {q} ] || rm -rf {state_dir_var}/runs/"$old"; '
-            'done\n')
+            f'set -- {state_dir_var}/runs/*\n'
+            f'if [ $# -gt {KEEP_RUNS} ]; then ls -1 {state_dir_var}/runs | sort | head -n -{KEEP_RUNS} '
+            f'2>/dev/null | while read -r old; do [ "$old" = {q} ] || rm -rf {state_dir_var}/runs/"$old"; '
+            'done; fi\n')
 
 
 # --------------------------------------------------------------------------- health

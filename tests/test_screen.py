@@ -282,3 +282,25 @@ def test_poll_and_stop_windows_by_process_group(tmp_path):
             if proc.poll() is None:
                 os.killpg(proc.pid, 9)
                 proc.wait()
+
+
+def test_a_run_directory_is_made_and_only_the_newest_runs_are_kept(tmp_path):
+    from remote_runner.hostops import KEEP_RUNS, prepare_run_script
+    state = tmp_path / "state"
+    (state / "runs").mkdir(parents=True)
+    old = [f"20260101-0000{i:02d}-abcd" for i in range(KEEP_RUNS + 3)]
+    for name in old:
+        (state / "runs" / name).mkdir()
+
+    def prepare(run_id):
+        script = f'd={shlex.quote(str(state))}\n' + prepare_run_script('"$d"', run_id)
+        subprocess.run(["/bin/sh", "-c", script], check=True, timeout=30)
+        return sorted(os.listdir(state / "runs"))
+
+    kept = prepare("20261202-000000-ffff")
+    assert kept == old[-(KEEP_RUNS - 1):] + ["20261202-000000-ffff"]  # the oldest went
+    assert os.readlink(state / "latest") == "runs/20261202-000000-ffff"
+    few = tmp_path / "few"
+    state = few
+    (state / "runs" / "20260101-000000-aaaa").mkdir(parents=True)
+    assert prepare("20260101-000001-bbbb") == ["20260101-000000-aaaa", "20260101-000001-bbbb"]
