@@ -101,6 +101,18 @@ def peer_script(screen: str, comps: List[tuple], host: str) -> str:
     return " && ".join(lines)
 
 
+def replace_script(screen: str) -> str:
+    """Return the shell text quitting the old session *screen* and waiting until it is gone.
+
+    Without the wait, ``screen -dmS`` may start the new session while the old
+    one still answers to the name, and the script's ``-X`` commands go to the
+    old one or find none ("No screen session found"): the peer then fails.
+    """
+    q = shlex.quote(screen)
+    return (f"screen -S {q} -X quit >/dev/null 2>&1; i=0; "
+            f"while screen -ls {q} >/dev/null 2>&1 && [ $i -lt 500 ]; do sleep 0.01; i=$((i+1)); done; ")
+
+
 def run(ctx: Context) -> List[Measurement]:
     """Measure ours and the hand-written peer at every delay."""
     hosts = ctx.testbed.hosts(HOSTS)
@@ -181,7 +193,7 @@ def rerun_case(ctx: Context, hosts: List[str], count: int) -> List[Measurement]:
         peer = [["sh", "-c", f"rsync -a -e {shlex.quote(f'ssh -F {cfg} -o BatchMode=yes')} "
                  f"{shlex.quote(data + '/')} {h}:{shlex.quote(base + '/data/')} && "
                  f"ssh -F {shlex.quote(cfg)} -o BatchMode=yes {h} "
-                 f"{shlex.quote(f'screen -S {screen} -X quit >/dev/null; ' + peer_script(screen, comps, h))}"]
+                 f"{shlex.quote(replace_script(screen) + peer_script(screen, comps, h))}"]
                 for h in hosts]
         tool = "rsync + ssh + screen (per host)"
         try:
