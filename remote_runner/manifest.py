@@ -53,6 +53,7 @@ import shlex
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
+from remote_runner.shell import PYTHON_FLAGS
 from remote_runner.upload import STALE_MINUTES
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -271,7 +272,7 @@ def run_script(size: Optional[int] = None) -> str:
     """
     arg = "" if size is None else f" {int(size)}"
     return (f"command -v python3 >/dev/null 2>&1 || {{ echo {NO_PYTHON_MARK}; exit 0; }}\n"
-            f"exec python3 -I -c {shlex.quote(HOST_PROGRAM)}{arg}\n")
+            f"exec python3 {PYTHON_FLAGS} -c {shlex.quote(HOST_PROGRAM)}{arg}\n")
 
 
 def inline_script(payload: bytes) -> str:
@@ -285,7 +286,7 @@ def inline_script(payload: bytes) -> str:
     if "\n" in text:
         raise ValueError("a manifest request is one line")
     return (f"if command -v python3 >/dev/null 2>&1; then\n"
-            f"python3 -I -c {shlex.quote(HOST_PROGRAM)} <<'{_INLINE_END}'\n{text}\n{_INLINE_END}\n"
+            f"python3 {PYTHON_FLAGS} -c {shlex.quote(HOST_PROGRAM)} <<'{_INLINE_END}'\n{text}\n{_INLINE_END}\n"
             "fi\n")
 
 

@@ -18,6 +18,14 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 from remote_runner.errors import CommandTimeout
 
+#: How a host's python3 runs our programs (the mirror agent, the manifest, the
+#: stream receiver): -I ignores PYTHON* variables and the user's site-packages,
+#: -S skips the site module and the .pth files of whatever is installed there.
+#: They use the standard library alone, so nothing of the host's Python setup
+#: can change them, and each start is a little cheaper (on h1: 36.7 ms median
+#: without the flags, 33.6 ms with -I -S).
+PYTHON_FLAGS = "-I -S"
+
 if TYPE_CHECKING:  # pragma: no cover
     from remote_runner.ssh import Connection
 

@@ -41,6 +41,7 @@ from typing import Any, Callable, List, Optional, Tuple
 
 from remote_runner.channelio import send_all, send_eof, start_command
 from remote_runner.errors import CopyError
+from remote_runner.shell import PYTHON_FLAGS
 
 LOG = logging.getLogger(__name__)
 
@@ -145,7 +146,7 @@ class Failed(CopyError):
 
 def command(tmp: str, dest: str, size: int, mode: int) -> str:
     """The exec command starting the receiver for one file."""
-    return "exec python3 -I -c " + " ".join(
+    return f"exec python3 {PYTHON_FLAGS} -c " + " ".join(
         shlex.quote(w) for w in (RECEIVER, tmp, dest, str(size), f"{mode:o}"))
 
 

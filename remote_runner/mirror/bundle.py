@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import List
 
 from remote_runner.errors import MirrorError
+from remote_runner.shell import PYTHON_FLAGS
 
 NEED_MARKER = b"RR-MIRROR-NEED-AGENT\n"
 CACHE_DIR = ".cache/remote-runner"
@@ -158,12 +159,12 @@ class AgentBundle:
     def launch_command(self, mode: str, python: str = "python3") -> str:
         """Return the remote shell line that runs the verified agent, fetching it when needed."""
         path = f'"${{HOME:-/tmp}}"/{CACHE_DIR}/{self.filename}'
-        return (f"umask 077; exec {shlex.quote(python)} -c {shlex.quote(BOOT)} {path} "
+        return (f"umask 077; exec {shlex.quote(python)} {PYTHON_FLAGS} -c {shlex.quote(BOOT)} {path} "
                 f"{self.sha256} --fetch {len(self.data)} {shlex.quote(mode)}")
 
     def run_argv(self, python: str, path: str, *args: str) -> List[str]:
         """Return the argv that runs the cached agent at *path* only if its hash is right."""
-        return [python, "-c", BOOT, path, self.sha256, *args]
+        return [python, *PYTHON_FLAGS.split(), "-c", BOOT, path, self.sha256, *args]
 
 
 def _mfusepy_source() -> bytes:
