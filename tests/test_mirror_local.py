@@ -459,3 +459,13 @@ def test_chown_statfs_and_fsync_reach_the_local_disk(agent_pyz, tmp_path):
     assert (tmp_path / "synced").read_bytes() == b"kept" and (st.st_uid, st.st_gid) == (2000, 2001)
     local = os.statvfs(tmp_path)
     assert json.loads(run.out) == [local.f_bsize, local.f_blocks, local.f_files]
+
+
+def test_exec_to_a_host_it_cannot_reach_says_so_and_exits_254(tmp_path):
+    # the handshake runs while exec works out what to serve: its failure still ends the run
+    config = tmp_path / "ssh_config"
+    config.write_text("Host gone\n    HostName nosuchhost.invalid\n    ConnectTimeout 5\n")
+    proc = subprocess.run([sys.executable, "-m", "remote_runner", "exec", "-F", str(config), "gone",
+                           "/bin/true"], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 254, proc.stderr
+    assert "host gone" in proc.stderr and "nosuchhost.invalid" in proc.stderr

@@ -13,6 +13,8 @@ import json
 import logging
 import os
 import sys
+import threading
+from typing import Any, Callable, Optional
 
 from remote_runner.errors import EXIT_LINK, RunnerError
 
@@ -70,6 +72,27 @@ def add_parser(sub: "argparse._SubParsersAction") -> None:
     parser.set_defaults(func=run)
 
 
+class _Background(threading.Thread):
+    """Run *func* in a thread; :meth:`result` waits and raises what it raised."""
+
+    def __init__(self, func: Callable[[], Any]) -> None:
+        super().__init__(daemon=True, name="connect")
+        self._func = func
+        self._error: Optional[BaseException] = None
+        self.start()
+
+    def run(self) -> None:
+        try:
+            self._func()
+        except BaseException as exc:  # noqa: BLE001 - handed to result()
+            self._error = exc
+
+    def result(self) -> None:
+        self.join()
+        if self._error is not None:
+            raise self._error
+
+
 def run(args: argparse.Namespace) -> int:
     """Connect, run the command in the mirror, return its status."""
     if not args.command:
@@ -77,26 +100,32 @@ def run(args: argparse.Namespace) -> int:
         return 2
     if args.debug_rpc and args.log_level not in ("DEBUG", "INFO"):
         logging.getLogger("remote_runner.mirror").setLevel(logging.INFO)
-    from remote_runner.mirror.session import MirrorOptions, run_command
     from remote_runner.ssh import Connection, SSHOptions, resolve_password
 
     options = SSHOptions(ssh_config_file=args.ssh_config, user=args.user, port=args.port,
                          password=resolve_password(None, ask=False),
                          accept_new_host_keys=args.accept_new_host_keys)
     conn = Connection(args.host, options)
+    # The handshake is mostly waiting for the host: the mirror's own imports and
+    # what it works out here (the program's libraries, the profiles) go meanwhile.
+    connecting = _Background(conn.connect)
     try:
-        conn.connect()
-        result = run_command(conn, args.command, cwd=os.getcwd(), options=MirrorOptions(
-            files_only=args.files_only, forward_env=tuple(args.forward_env),
-            export=tuple(args.export), read_only=args.read_only,
-            debug_rpc=args.debug_rpc, compress=not args.no_compress,
-            file_cache=not args.no_cache))
+        from remote_runner.mirror.session import MirrorOptions, plan_command, run_command
+        mirror = MirrorOptions(files_only=args.files_only, forward_env=tuple(args.forward_env),
+                               export=tuple(args.export), read_only=args.read_only,
+                               debug_rpc=args.debug_rpc, compress=not args.no_compress,
+                               file_cache=not args.no_cache)
+        plan = plan_command(conn, args.command, os.getcwd(), mirror)
+        connecting.result()
+        result = run_command(conn, args.command, options=mirror, plan=plan)
     except RunnerError as exc:
         LOG.error("exec: %s", exc)
         sys.stderr.write("remote-runner exec: the tool or the link failed (exit 254)\n")
         return EXIT_LINK
     finally:
-        conn.close()
+        connecting.join(10)  # a handshake cut short (Ctrl-C while planning) ends with the process
+        if not connecting.is_alive():
+            conn.close()
     if result.message:
         LOG.error("exec: %s", result.message)
     if args.stats:

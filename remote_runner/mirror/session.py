@@ -86,13 +86,29 @@ class ExecResult:
     stats: Dict[str, Any] = field(default_factory=dict)
 
 
-def run_command(conn: Any, argv: Sequence[str], *, cwd: Optional[str] = None,
-                options: Optional[MirrorOptions] = None, stream: Any = None,
-                stdin_fd: int = 0, stdout_fd: int = 1, stderr_fd: int = 2) -> ExecResult:
-    """Run *argv* on the host inside the mirror; return its status (254 when the link failed)."""
+@dataclass
+class ExecPlan:
+    """What ``exec`` works out on this machine alone: what is served, the agent, the profiles.
+
+    Made by :func:`plan_command` before (or while) the connection is opened:
+    for a program with many libraries, finding them is tens of milliseconds
+    that the SSH handshake's round trips can hide.
+    """
+
+    argv: Sequence[str]
+    cwd: str
+    options: MirrorOptions
+    exports: Exports
+    roots: Optional[List[bytes]]
+    fields: Dict[str, Any]
+    profile: Optional[ProfileSet]
+
+
+def plan_command(conn: Any, argv: Sequence[str], cwd: Optional[str] = None,
+                 options: Optional[MirrorOptions] = None) -> ExecPlan:
+    """Work out what running *argv* through *conn* needs here (no traffic: *conn* may be connecting)."""
     options = options or MirrorOptions()
     cwd = cwd or os.getcwd()
-    tty = os.isatty(stdin_fd) and os.isatty(stdout_fd)
     roots = None
     fields: Dict[str, Any] = {}
     deny = connection_secrets(conn)
@@ -103,7 +119,31 @@ def run_command(conn: Any, argv: Sequence[str], *, cwd: Optional[str] = None,
         exports = Exports.only(roots, options.read_only, deny)
     else:
         exports = Exports.for_commands([(argv, cwd)], options.export, options.read_only, deny)
-    link = open_agent(conn, "exec", options, roots=roots, stream=stream, exports=exports)
+    fields.update({
+        "argv": [P.name_to_wire(os.fsencode(a)) for a in argv],
+        "cwd": P.name_to_wire(os.fsencode(cwd)),
+        "env": filtered_environment(options.forward_env),
+        "umask": current_umask(),
+    })
+    profile = None
+    if options.file_cache:
+        profile = ProfileSet.for_command(fields["argv"], options.files_only, cwd)
+    build_bundle()  # built once per process: now, not after the connection is up
+    return ExecPlan(argv, cwd, options, exports, roots, fields, profile)
+
+
+def run_command(conn: Any, argv: Sequence[str], *, cwd: Optional[str] = None,
+                options: Optional[MirrorOptions] = None, stream: Any = None,
+                stdin_fd: int = 0, stdout_fd: int = 1, stderr_fd: int = 2,
+                plan: Optional[ExecPlan] = None) -> ExecResult:
+    """Run *argv* on the host inside the mirror; return its status (254 when the link failed).
+
+    *plan*: made by :func:`plan_command` for the same command (else made here).
+    """
+    plan = plan or plan_command(conn, argv, cwd, options)
+    options, cwd, fields, profile = plan.options, plan.cwd, dict(plan.fields), plan.profile
+    tty = os.isatty(stdin_fd) and os.isatty(stdout_fd)
+    link = open_agent(conn, "exec", options, roots=plan.roots, stream=stream, exports=plan.exports)
     done = threading.Event()
     result: Dict[str, Any] = {}
     output = OutputWriter()
@@ -124,15 +164,8 @@ def run_command(conn: Any, argv: Sequence[str], *, cwd: Optional[str] = None,
     link.handlers[P.FAIL] = on_fail
     link.handlers[P.READY] = lambda h, p: LOG.debug("command started as pid %s", h.get("pid"))
     rows, cols = winsize(stdout_fd) if tty else (24, 80)
-    fields.update({
-        "argv": [P.name_to_wire(os.fsencode(a)) for a in argv],
-        "cwd": P.name_to_wire(os.fsencode(cwd)),
-        "env": filtered_environment(options.forward_env),
-        "umask": current_umask(), "tty": tty, "rows": rows, "cols": cols,
-    })
-    profile = None
-    if options.file_cache:
-        profile = ProfileSet.for_command(fields["argv"], options.files_only, cwd)
+    fields.update({"tty": tty, "rows": rows, "cols": cols})
+    if profile is not None:
         link.service.seed = profile.load()
         link.service.own_seed = profile.own.load()
     link.boot(fields)
