@@ -135,7 +135,8 @@ class Runner(HostSetup, RunEnd):
                 self.write_launchers()
                 self.save_record()
                 self.start_all()
-                self.save_record()
+                if self._waited():  # else the record is written once more at the end, at once
+                    self.save_record()
                 info["message"] = f"started {count} component(s)"
             try:
                 with ev.phase(self.events, "wait", len(self._waited())):

@@ -201,7 +201,7 @@ class RunRecord:
 
     def to_json(self) -> Dict[str, Any]:
         """Return the record as the documented JSON object."""
-        data = dataclasses.asdict(self)
+        data = _plain(self)
         data.pop("directory", None)
         return {"schema": SCHEMA, **data}
 
@@ -263,6 +263,21 @@ def component_record(record: "RunRecord", host: str, spec: Any, stem: str,
         wait=spec.wait, mirror=spec.mirror)
     record.components.append(rec)
     return rec
+
+
+def _plain(value: Any) -> Any:
+    """*value* as JSON types: ``dataclasses.asdict`` without its deep copy of every leaf.
+
+    A record is written before and after every start (``status`` reads it while
+    the run goes on); asdict's copying was most of that write's cost.
+    """
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return {f.name: _plain(getattr(value, f.name)) for f in dataclasses.fields(value)}
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    return value
 
 
 def _point_latest(parent: str, run_id: str) -> None:
