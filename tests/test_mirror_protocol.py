@@ -211,3 +211,23 @@ def test_agent_imports_on_python_38(tmp_path):
                          capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() in ("2", "3")
+
+
+def test_every_request_gets_a_reply_however_malformed(tmp_path):
+    """A host's request with arguments of any shape or type is answered, never left hanging."""
+    import random
+    service = LocalFileService(roots=[os.fsencode(str(tmp_path))])
+    (tmp_path / "f").write_text("x")
+    ops = sorted(name[3:] for name in dir(service) if name.startswith("op_"))
+    keys = ["path", "old", "new", "target", "fh", "flags", "mode", "size", "offset", "uid", "gid",
+            "times", "name", "value", "dirs", "whole", "have", "dir", "seq", "length", "datasync"]
+    values = [None, 0, -1, 2 ** 70, 1.5, True, "", "x", str(tmp_path / "f"), "/", "\0", [], [1, "a"],
+              {}, {"a": 1}, b"bytes".decode(), [[str(tmp_path), "0" * 40]], "../../etc/passwd"]
+    rng = random.Random(7)
+    for i in range(3000):
+        op = rng.choice(ops + ["nosuch", 5, None])
+        args = {rng.choice(keys): rng.choice(values) for _ in range(rng.randint(0, 5))}
+        shaped = rng.choice([args, args, args, "notadict", [1], None, 7])
+        header, _, _ = service.serve({"id": i, "op": op, "a": shaped}, rng.choice([b"", b"\0data"]))
+        assert header["id"] == i and header["t"] == P.REP, (op, shaped)
+    service.close()

@@ -21,11 +21,15 @@ Mixed into :class:`~.service.LocalFileService`.
 
 from __future__ import annotations
 
+import errno
+import logging
 import os
 from typing import Any, Dict, List, Tuple
 
 from remote_runner.mirror import protocol as P
 from remote_runner.mirror.replies import OpError, Reply
+
+LOG = logging.getLogger("remote_runner.mirror.service")
 
 #: Per operation, the arguments naming what it changes (see LocalFileService._own_names);
 #: operations through a handle also change the handle's file.
@@ -119,17 +123,28 @@ class OwnChanges:
                 pass
 
     def serve(self, header: Dict[str, Any], payload: bytes) -> Tuple[Dict[str, Any], bytes, bool]:
-        """Turn one request frame into a reply frame (header, payload, compressible)."""
+        """Turn one request frame into a reply frame (header, payload, compressible).
+
+        Every request gets a reply, whatever the host sent: a malformed one is
+        EINVAL, and a failure of our own is EIO (logged), never a request left
+        unanswered.
+        """
         rid = header.get("id")
+        args = header.get("a") or {}
+        if not isinstance(args, dict):
+            return {"t": P.REP, "id": rid, "e": errno.EINVAL}, b"", False
         try:
-            reply = self.handle(header.get("op"), header.get("a") or {}, payload)
+            reply = self.handle(header.get("op"), args, payload)
         except OpError as exc:
             return {"t": P.REP, "id": rid, "e": exc.errno}, b"", False
         except OSError as exc:
             return {"t": P.REP, "id": rid, "e": exc.errno or errno.EIO}, b"", False
-        except (TypeError, ValueError, KeyError, OverflowError) as exc:
+        except (TypeError, ValueError, KeyError, OverflowError, AttributeError, IndexError) as exc:
             LOG.debug("mirror: bad request %r: %s", header, exc)
             return {"t": P.REP, "id": rid, "e": errno.EINVAL}, b"", False
+        except Exception as exc:  # noqa: BLE001 - the host still gets an answer
+            LOG.warning("mirror: request %s failed here: %r", header.get("op"), exc)
+            return {"t": P.REP, "id": rid, "e": errno.EIO}, b"", False
         out = {"t": P.REP, "id": rid}
         out.update(reply.fields)
         return out, reply.payload, reply.compressible

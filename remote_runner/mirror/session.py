@@ -141,7 +141,7 @@ def run_command(conn: Any, argv: Sequence[str], *, cwd: Optional[str] = None,
     *plan*: made by :func:`plan_command` for the same command (else made here).
     """
     plan = plan or plan_command(conn, argv, cwd, options)
-    options, cwd, fields, profile = plan.options, plan.cwd, dict(plan.fields), plan.profile
+    options, fields, profile = plan.options, dict(plan.fields), plan.profile
     tty = os.isatty(stdin_fd) and os.isatty(stdout_fd)
     link = open_agent(conn, "exec", options, roots=plan.roots, stream=stream, exports=plan.exports)
     done = threading.Event()
