@@ -142,22 +142,30 @@ def test_incompressible_data_is_sent_as_it_is(lab, foreign_host, tmp_path):
 
 # -- lab: requests answered on the host -----------------------------------------------------------
 @pytest.mark.lab
-def test_read_only_flush_and_release_are_answered_on_the_host(lab, tmp_path):
+@pytest.mark.parametrize("host", ["h1", "h9"])
+def test_read_only_flush_and_release_are_answered_on_the_host(lab, tmp_path, host, request):
     """python3 reading its modules through the link (no host cache): every open's flush and
-    release used to cost a waited request each; now the program waits for neither."""
+    release used to cost a waited request each; now the program waits for neither. Where the
+    host's libfuse has ``noflush`` (3.11 and later: h1), the kernel sends no flush at all for a
+    read-only handle; with an older one (h9's 3.10) each flush is answered on the host."""
+    if host == "h9":
+        host = request.getfixturevalue("foreign_host")
     argv = ["/usr/bin/python3", "-c", "import json, email.parser, http.client, decimal; print('ok')"]
-    proc, stats = exec_stats(lab, "h1", argv, tmp_path, "--no-cache")
+    proc, stats = exec_stats(lab, host, argv, tmp_path, "--no-cache")
     assert proc.stdout == b"ok\n"
-    host, served = stats["host"], stats["served"]
+    answered, served = stats["host"]["answered_on_host"], stats["served"]
     opens = served.get("open", 0)
     assert opens >= 20
-    assert "flush" not in served and "flush" not in host["asked"]
-    assert "release" not in host["asked"]                  # posted, never waited for
-    assert host["answered_on_host"]["flush"] >= opens - 5
-    assert host["posted"]["release"] >= opens - 5
+    assert "flush" not in served and "flush" not in stats["host"]["asked"]
+    assert "release" not in stats["host"]["asked"]         # posted, never waited for
+    assert stats["host"]["posted"]["release"] >= opens - 5
+    if host == "h1":
+        assert answered.get("flush", 0) <= 5
+    else:
+        assert answered["flush"] >= opens - 5
     # What the program waited for, against what it waited for before (every flush and release asked).
-    waited = sum(host["asked"].values())
-    before = waited + host["answered_on_host"]["flush"] + host["posted"]["release"]
+    waited = sum(stats["host"]["asked"].values())
+    before = waited + opens + stats["host"]["posted"]["release"]
     print(f"requests waited for: {waited} (before: {before}); served here {stats['requests']}")
     assert waited <= before * 0.8
 

@@ -590,7 +590,20 @@ def make_operations(link: Link, prefix: bytes, files: Optional[FileCache] = None
             return 0
 
     class MirrorFUSE(mfusepy.FUSE):
-        """mfusepy drops renameat2 flags and ftruncate's handle; pass them on."""
+        """mfusepy drops renameat2 flags and ftruncate's handle; pass them on.
+
+        And a read-only handle asks the kernel for no ``flush`` at its close
+        (``noflush``, libfuse >= 3.11, kernel >= 5.16; ignored before): it has
+        nothing to write back and no error to report, and each flush is a
+        request through this process (214 of them for one ``ffmpeg -version``).
+        """
+
+        def open(self, path: bytes, fip: Any) -> int:
+            result = super().open(path, fip)
+            info = fip.contents
+            if hasattr(info, "noflush") and (info.fh >= LOCAL_FH_BASE or info.fh in reading):
+                info.noflush = 1
+            return result
 
         def rename_fuse_3(self, old: bytes, new: bytes, flags: int) -> int:
             return self.operations.rename(old.decode(self.encoding, self.errors),
