@@ -84,11 +84,10 @@ _NAP_FUNCTION = ("rr_nap() {\n"
                  "  rr_w=$((rr_w+rr_n))\n}\n")
 
 
-def nap_while(condition: str, timeout: float, indent: str = "") -> str:
+def nap_while(condition: str, timeout: float) -> str:
     """Return shell text that naps (see :data:`_NAP_FUNCTION`) while *condition* holds, *timeout* s at most."""
-    return (_NAP_FUNCTION.replace("\n", "\n" + indent).rstrip(" ") if indent else _NAP_FUNCTION) + (
-        f"{indent}rr_w=0\n{indent}while [ $rr_w -lt {max(1, int(timeout * 1000))} ] && {condition}; do "
-        f"rr_nap; done\n")
+    return (_NAP_FUNCTION + f"rr_w=0\nwhile [ $rr_w -lt {max(1, int(timeout * 1000))} ] && {condition}; do "
+            "rr_nap; done\n")
 
 
 def validate_session_name(name: str) -> str:

@@ -116,7 +116,7 @@ def _open_script(screen: "Screen", windows: Sequence[Window]) -> str:
               "  rr_find() {\n"
               f'    for s in $({ids}); do case "$rr_b" in *" $s "*) ;; *) sid=$s;; esac; done\n'
               '    [ -z "$sid" ]\n  }\n' +
-              nap_while('[ $rr_rc = 0 ] && rr_find', screen.start_timeout, indent="  ") +
+              nap_while('[ $rr_rc = 0 ] && rr_find', screen.start_timeout) +
               '  if [ -z "$sid" ]; then echo "RR-NO-SESSION $rr_rc"; screen -ls; exit 0; fi\n'
               "else\n"
               f'  screen -S "$sid" -X source {q(escape_x(wave_file))} </dev/null >/dev/null 2>&1\n'

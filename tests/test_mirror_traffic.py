@@ -221,6 +221,10 @@ def test_profiles_are_shared_per_executable_and_per_tree(tmp_path, monkeypatch):
     b = ProfileSet.for_command(["/usr/bin/python3", "b.py"], False, str(other))
     assert "/usr/lib/python3/json" in b.load()[0]
     assert b.load()[1] == ["/usr/lib/python3/json/__init__.py"]
+    # ...but only a host with no profile of its own gets it: the command's own is empty here.
+    assert b.seeds() == (b.load(), ([], []))
+    assert a.seeds()[1] == a.own.load() == (["/usr/lib/python3/json", str(project / "a.py")],
+                                            ["/usr/lib/python3/json/__init__.py"])
     # Another program in the same tree: the tree's profile seeds it.
     make = ProfileSet.for_command(["make", "-j"], False, str(project))
     assert str(project / "a.py") in make.load()[0]

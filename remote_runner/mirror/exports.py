@@ -104,17 +104,16 @@ class Exports:
                 old = merged.get(path)
                 merged[path] = Export(path, export.writable or bool(old and old.writable),
                                       export.explicit or bool(old and old.explicit))
-        #: Longest first, so the innermost export decides.
-        self.exports: Tuple[Export, ...] = tuple(sorted(merged.values(), key=lambda e: -len(e.path)))
+        #: Every served tree or file (each under its own name and its real path).
+        self.exports: Tuple[Export, ...] = tuple(merged.values())
         denied = set()
         for path in deny:
             denied.add(path)
             denied.add(os.path.realpath(path))
-        self.deny: Tuple[bytes, ...] = tuple(sorted(denied))
+        self.deny: FrozenSet[bytes] = frozenset(denied)
         # Every request is checked: by walking up the path (a few steps), not
         # across every export and denied path (dozens).
         self._by_path: Dict[bytes, Export] = merged
-        self._denied: FrozenSet[bytes] = frozenset(denied)
         #: Paths on the way to an export (and the host's mount points): lookup and listing only.
         self.ancestors: Set[bytes] = self._ancestor_set()
 
@@ -169,7 +168,7 @@ class Exports:
         else:
             return None
         for step in above:
-            if step in self._denied and not (export.explicit and _inside(export.path, step)):
+            if step in self.deny and not (export.explicit and _inside(export.path, step)):
                 return None
         return export
 

@@ -126,13 +126,17 @@ class ProfileSet:
 
     def load(self) -> Tuple[List[str], List[str]]:
         """The union of the three (the command's own first), within the limits."""
+        return self.seeds()[0]
+
+    def seeds(self) -> Tuple[Tuple[List[str], List[str]], Tuple[List[str], List[str]]]:
+        """(the union, the command's own profile alone): each file read once for both."""
+        own = self.own.load()
         names: dict = {}
         files: dict = {}
-        for profile in [self.own] + self.shared:
-            got_names, got_files = profile.load()
+        for got_names, got_files in [own] + [profile.load() for profile in self.shared]:
             names.update(dict.fromkeys(got_names))
             files.update(dict.fromkeys(got_files))
-        return list(names)[:NAME_LIMIT], list(files)[:FILE_LIMIT]
+        return (list(names)[:NAME_LIMIT], list(files)[:FILE_LIMIT]), own
 
     def save(self, names: Sequence[str], files: Sequence[str]) -> None:
         """The command's own profile becomes this session's; the shared ones gain it, newest first."""

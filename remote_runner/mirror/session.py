@@ -95,8 +95,6 @@ class ExecPlan:
     that the SSH handshake's round trips can hide.
     """
 
-    argv: Sequence[str]
-    cwd: str
     options: MirrorOptions
     exports: Exports
     roots: Optional[List[bytes]]
@@ -129,7 +127,7 @@ def plan_command(conn: Any, argv: Sequence[str], cwd: Optional[str] = None,
     if options.file_cache:
         profile = ProfileSet.for_command(fields["argv"], options.files_only, cwd)
     build_bundle()  # built once per process: now, not after the connection is up
-    return ExecPlan(argv, cwd, options, exports, roots, fields, profile)
+    return ExecPlan(options, exports, roots, fields, profile)
 
 
 def run_command(conn: Any, argv: Sequence[str], *, cwd: Optional[str] = None,
@@ -166,8 +164,7 @@ def run_command(conn: Any, argv: Sequence[str], *, cwd: Optional[str] = None,
     rows, cols = winsize(stdout_fd) if tty else (24, 80)
     fields.update({"tty": tty, "rows": rows, "cols": cols})
     if profile is not None:
-        link.service.seed = profile.load()
-        link.service.own_seed = profile.own.load()
+        link.service.seed, link.service.own_seed = profile.seeds()
     link.boot(fields)
     link.start()
     restore = enter_raw_mode(stdin_fd) if tty else None

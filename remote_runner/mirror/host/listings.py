@@ -119,8 +119,7 @@ class ListingStore:
         try:
             os.makedirs(self.directory, mode=0o700, exist_ok=True)
             for path, payload in self._new.items():
-                head = json.dumps({"d": path, "dg": self._digests.get(path) or digest(payload)}
-                                  ).encode("utf-8", "surrogateescape")
+                head = json.dumps({"d": path, "dg": self._digests[path]}).encode("utf-8", "surrogateescape")
                 fd, tmp = tempfile.mkstemp(dir=self.directory, prefix=".tmp-")
                 try:
                     with os.fdopen(fd, "wb") as handle:
