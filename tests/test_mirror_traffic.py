@@ -11,6 +11,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -79,6 +80,54 @@ def test_incompressible_payload_costs_only_a_sample(monkeypatch):
     writer.send({"t": P.REP, "id": 1}, noise, compressible=True)
     assert writer.packed_frames == 0
     assert packed_sizes == [P.SAMPLE]                     # the sample, never the whole megabyte
+
+
+def _middling(size: int) -> bytes:
+    """Data that packs to about half, like a shared library: random bytes from a small alphabet."""
+    import random
+    rng = random.Random(7)
+    return bytes(rng.choice(b"abcdefghijklmnop") for _ in range(size))
+
+
+def test_packing_follows_the_measured_link_and_packing_rates():
+    policy = P.PackPolicy()
+    assert policy.pays("zlib", 0.5)                       # nothing measured yet: the ratio decides
+    assert not policy.pays("zlib", 0.95)                  # does not shrink by a tenth: never
+    policy.packed("zlib", 1 << 20, 1 / 40)                # packing at ~40 MB/s
+    policy.wrote(1 << 20, 1 / 150)                        # a link carrying ~150 MB/s
+    assert not policy.pays("zlib", 0.5)                   # 40 * 0.5 < 150: packing loses time
+    assert policy.pays("zlib", 0.2)                       # very redundant data is always packed
+    for _ in range(30):                                   # the link slows to ~5 MB/s (a WAN)
+        policy.wrote(1 << 20, 1 / 5)
+    assert policy.pays("zlib", 0.5)
+    policy.wrote(1 << 10, 10.0)                           # small frames say nothing of the pace
+    assert 4e6 < policy.link_rate() < 6e6
+
+
+def test_a_fast_link_gets_middling_data_unpacked_and_reports_both_rates():
+    writer = P.FrameWriter(lambda data: None)              # a sink that never blocks: a fast link
+    writer.compress = "zlib"
+    middling = _middling(1 << 20)
+    writer.send({"t": P.REP, "id": 1}, middling, compressible=True)   # link pace not known yet: packed
+    assert writer.packed_frames == 1
+    for n in range(2, 6):
+        writer.send({"t": P.REP, "id": n}, middling, compressible=True)
+    assert writer.packed_frames == 1
+    counters = writer.counters()
+    assert counters["codec"] == "zlib" and counters["link_mb_per_s"] > counters["pack_mb_per_s"] > 0
+    text = b"the same line again and again\n" * 40000
+    writer.send({"t": P.REP, "id": 9}, text, compressible=True)       # redundant: still packed
+    assert writer.packed_frames == 2
+
+
+def test_a_slow_link_gets_middling_data_packed():
+    writer = P.FrameWriter(lambda data: time.sleep(len(data) / 4e6))  # ~4 MB/s
+    writer.compress = "zlib"
+    middling = _middling(1 << 20)
+    for n in range(4):
+        writer.send({"t": P.REP, "id": n}, middling, compressible=True)
+    assert writer.packed_frames == 4
+    assert writer.counters()["link_mb_per_s"] < 5
 
 
 def test_zlib_bomb_and_garbage_are_protocol_errors():

@@ -163,9 +163,7 @@ class LocalLink:
         with self._count_lock:
             served = dict(self.served)
         return {"requests": sum(served.values()), "served": served,
-                "bytes_sent": self.writer.sent, "bytes_received": self.reader.received,
-                "payload_sent": self.writer.payload_bytes, "packed_frames": self.writer.packed_frames,
-                "codec": self.writer.compress}
+                "bytes_received": self.reader.received, **self.writer.counters()}
 
     def _serve(self, header: Dict[str, Any], payload: bytes) -> None:
         op = str(header.get("op"))

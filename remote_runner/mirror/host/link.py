@@ -72,9 +72,7 @@ class Link:
         with self._lock:
             return {"asked": dict(self.asked), "answered_on_host": dict(self.answered),
                     "posted": dict(self.posted), "waits": self.waits,
-                    "bytes_sent": self.writer.sent, "bytes_received": self.reader.received,
-                    "payload_sent": self.writer.payload_bytes, "packed_frames": self.writer.packed_frames,
-                    "codec": self.writer.compress}
+                    "bytes_received": self.reader.received, **self.writer.counters()}
 
     def send(self, header: Dict[str, Any], payload: bytes = b"", compressible: bool = False) -> None:
         """Send a frame; a broken pipe marks the link lost."""
