@@ -223,6 +223,50 @@ def host_copies(lab, path: Path) -> list:
     return out.stdout.split()
 
 
+def test_a_small_file_comes_with_the_files_of_its_kind_beside_it(public_tmp, monkeypatch):
+    from remote_runner.mirror import sendahead
+    cache = public_tmp / "__pycache__"
+    cache.mkdir()
+    cache.chmod(0o755)
+    for name in ("a", "b", "c", "d"):
+        (cache / f"{name}.cpython-311.pyc").write_bytes(name.encode() * 100)
+    (cache / "big.cpython-311.pyc").write_bytes(b"x" * (sendahead.SIBLING_FILE_LIMIT + 1))
+    (cache / "notes.txt").write_bytes(b"another kind")
+    (cache / "secret.cpython-311.pyc").write_bytes(b"s" * 10)
+    (cache / "link.cpython-311.pyc").symlink_to(cache / "d.cpython-311.pyc")
+    for path in cache.iterdir():
+        if not path.is_symlink():
+            settle(path)
+    (cache / "secret.cpython-311.pyc").chmod(0o600)                # private: never copied to a host
+    (cache / "fresh.cpython-311.pyc").write_bytes(b"being written")  # not settled yet
+    service = LocalFileService()
+    fields, data = whole_open(service, cache / "a.cpython-311.pyc")
+    assert data == b"a" * 100
+    listed = fields["libs"]
+    expected = [str(cache / f"{n}.cpython-311.pyc") for n in ("b", "c", "d")]
+    assert listed["names"] == expected
+    assert [name for name, _ in listed["whole"]] == expected
+    st = (cache / "b.cpython-311.pyc").stat()
+    assert listed["whole"][0][1] == [st.st_size, st.st_mtime_ns, st.st_ino, st.st_ctime_ns]
+    assert all(answer[0]["st_size"] == 100 for answer in listed["answers"])
+    # once per directory and session; a fetch an earlier reply asked for lists nothing more
+    assert "libs" not in whole_open(service, cache / "b.cpython-311.pyc")[0]
+    other = LocalFileService()
+    ahead = other.handle("open", {"path": str(cache / "c.cpython-311.pyc"), "flags": os.O_RDONLY,
+                                  "whole": True, "have": None, "ahead": 1}, b"")
+    assert ahead.payload == b"c" * 100 and "libs" not in ahead.fields
+    # the byte budget bounds what an unneeded push costs
+    monkeypatch.setattr(sendahead, "SIBLING_DIR_BYTES", 250)
+    fields, _ = whole_open(other, cache / "a.cpython-311.pyc")
+    assert [name for name, _ in fields["libs"]["whole"]] == expected[:2]
+    # a file without a kind, or a big one, brings nothing
+    plain = public_tmp / "README"
+    plain.write_bytes(b"plain")
+    settle(plain)
+    assert "libs" not in whole_open(LocalFileService(), plain)[0]
+    assert "libs" not in whole_open(LocalFileService(), cache / "big.cpython-311.pyc")[0]
+
+
 def rpc_lines(stderr: bytes, op: str) -> list:
     return [line for line in stderr.decode(errors="replace").splitlines()
             if re.search(rf"\brpc {op} ", line)]
@@ -312,6 +356,27 @@ def test_warm_start_validates_in_one_request_and_sees_new_files(lab, local_only,
     assert len(rpc_lines(warm.stderr, "getattr")) < 10  # the rest came with the validation
     maybe.write_text("here now\n")  # was "missing" in the profile: the answer is fresh
     assert rr_exec(lab, HOST, argv, workdir).stdout == b"here now\n"
+
+
+def test_files_read_one_after_another_come_with_the_first(lab, local_only, workdir):
+    """A first run reading a directory's modules one by one waits for the first only."""
+    local_only.chmod(0o755)
+    parts = []
+    for n in range(30):
+        part = local_only / f"part-{n:02d}.txt"
+        part.write_text(f"part {n}\n")
+        settle(part)
+        parts.append(part)
+    ssh(lab, HOST, "rm -rf ~/.cache/remote-runner/files")
+    script = "for f in " + " ".join(str(p) for p in parts) + "; do cat $f; done"
+    proc = rr_exec(lab, HOST, ["/bin/sh", "-c", script], workdir, "--debug-rpc", "-l", "INFO")
+    assert proc.returncode == 0, proc.stderr.decode()
+    assert proc.stdout.decode() == "".join(f"part {n}\n" for n in range(30))
+    opens = [line for line in rpc_lines(proc.stderr, "open") if "part-" in line]
+    asked = [line for line in opens if "'ahead'" not in line]
+    assert len(asked) == 1 and "part-00.txt" in asked[0]      # the program waited for one
+    assert len(opens) == 30                                  # the rest came ahead, each once
+    assert len(host_copies(lab, parts[-1])) == 1
 
 
 def test_a_new_host_is_seeded_by_this_machines_profile(lab, local_only, workdir, tmp_path):

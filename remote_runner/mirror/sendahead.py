@@ -25,6 +25,11 @@ from remote_runner.mirror.replies import OpError, Reply
 
 #: A file modified this recently may still be being written: not sent whole.
 SETTLED_SECONDS = 2.0
+#: Siblings (:meth:`SendAhead._add_siblings`): only of a file this small, each at most this
+#: small, at most this many bytes and files per directory, and bytes per session.
+SIBLING_FILE_LIMIT = 512 << 10
+SIBLING_DIR_BYTES, SIBLING_DIR_FILES = 8 << 20, 512
+SIBLING_SESSION_BYTES = 32 << 20
 
 
 def sendable_whole(st: os.stat_result) -> bool:
@@ -254,6 +259,53 @@ class SendAhead:
         for n, _ in whole:
             self._note(self.sent_whole, n)
         reply.fields["libs"] = body
+
+    def _add_siblings(self, reply: Reply, name: str, size: int) -> None:
+        """To the open of a small file sent whole, add the files of its kind beside it.
+
+        A program reading one small file of a directory usually reads more of
+        the same kind next: Python a module's ``.cpython-311.pyc`` after
+        another, ``ld.so`` one ``gconv`` module after another, a program its
+        ``.mo`` catalogues, a test suite its fixtures. A first run that has no
+        profile yet would pay a round trip for each; so the reply lists, in the
+        shape of ``libs`` (names, answers, whole files), the directory's other
+        regular files whose name ends as this one's does (after its first dot),
+        which the host fetches at once while the program goes on. Each is
+        checked as an open of its own would be (exports, settled, public); the
+        budget (``SIBLING_*``) bounds what an unneeded push costs. Once per
+        directory per session, never in files-only mode (the host's own
+        programs, only named files), and not for a file without a kind.
+        """
+        raw = P.name_from_wire(name)
+        directory, base = os.path.split(raw)
+        dot = base.find(b".", 1)
+        if (self.roots is not None or size > SIBLING_FILE_LIMIT or dot < 0
+                or directory in self._sibling_dirs or self._sibling_bytes >= SIBLING_SESSION_BYTES):
+            return
+        self._sibling_dirs[directory] = None
+        suffix = base[dot:]
+        try:
+            with os.scandir(self._path({"path": P.name_to_wire(directory)})) as entries:
+                candidates = sorted(e.name for e in entries
+                                    if e.name.endswith(suffix) and e.name != base and e.is_file(follow_symlinks=False))
+        except (OpError, OSError):
+            return
+        budget = min(SIBLING_DIR_BYTES, SIBLING_SESSION_BYTES - self._sibling_bytes)
+        names, whole = [], []
+        for candidate in candidates:
+            wire = P.name_to_wire(os.path.join(directory, candidate))
+            meta = self._whole_meta(wire)
+            if meta is None or meta[0] > SIBLING_FILE_LIMIT or meta[0] > budget:
+                continue
+            budget -= meta[0]
+            self._sibling_bytes += meta[0]
+            names.append(wire)
+            whole.append([wire, meta])
+            if len(whole) >= SIBLING_DIR_FILES:
+                break
+        if whole:
+            reply.fields["libs"] = {"names": names, "answers": [self._lookup(n) for n in names],
+                                    "whole": whole, "w": [1 if self._watch_parent(n) else 0 for n in names]}
 
     def _whole(self, fd: int, have: Any, path: bytes) -> Reply:
         """Answer a whole-file open: "current" (no data), or the file's first chunk.

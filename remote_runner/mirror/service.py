@@ -77,8 +77,11 @@ class LocalFileService(SendAhead, DirectoryAnswers, OwnChanges):
         self.seed: Tuple[List[str], List[str]] = ([], [])
         #: ... or of its own profile alone, to a host that ran the command before.
         self.own_seed: Tuple[List[str], List[str]] = ([], [])
-        #: Programs whose libraries were already listed to the host this session.
+        #: Programs whose libraries, and directories whose small files, were already
+        #: listed to the host this session; bytes of small files listed so far.
         self._expanded: Dict[str, None] = {}
+        self._sibling_dirs: Dict[bytes, None] = {}
+        self._sibling_bytes = 0
         #: Files unlinked while open on the host, held here (see :mod:`.localnames`).
         self.hidden = HiddenFiles()
         #: Descriptors that reach a request's path (its parent, walked without links), per request.
@@ -414,8 +417,12 @@ class LocalFileService(SendAhead, DirectoryAnswers, OwnChanges):
                 if "whole" in reply.fields:
                     reply.fields["w"] = 1 if watched else 0
                     self._note(self.sent_whole, a["path"])
+                    if a.get("ahead"):  # listed by an earlier reply, with what follows it
+                        return reply
                     if reply.payload.startswith(elf.MAGIC):
                         self._add_libraries(reply, a["path"])
+                    else:
+                        self._add_siblings(reply, a["path"], reply.fields["whole"][0])
                 return reply
             except BaseException:
                 os.close(fd)

@@ -307,7 +307,7 @@ def fetch_ahead(link: Link, files: FileCache, cache: NameCache, listing: Dict[st
 def _prefetch_batch(link: Link, files: FileCache, batch: List[str]) -> int:
     # O_NONBLOCK: a name replaced by a FIFO since it was listed must not block a local worker.
     replies = link.call_many("open", [{"path": name, "flags": os.O_RDONLY | os.O_NONBLOCK,
-                                       "whole": True, "have": None} for name in batch])
+                                       "whole": True, "have": None, "ahead": 1} for name in batch])
     items, names = [], []
     for name, reply in zip(batch, replies):
         if isinstance(reply, OSError):
