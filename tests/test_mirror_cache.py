@@ -379,6 +379,35 @@ def test_files_read_one_after_another_come_with_the_first(lab, local_only, workd
     assert len(host_copies(lab, parts[-1])) == 1
 
 
+def test_a_first_import_of_a_package_asks_for_its_directory_and_first_module_only(lab, local_only, workdir):
+    """Its ``__pycache__`` comes with the package's directory answer, its modules with the first."""
+    local_only.chmod(0o755)
+    package = local_only / "pkg"
+    package.mkdir(mode=0o755)
+    modules = ["__init__"] + [f"m{n}" for n in range(6)]
+    for name in modules:
+        (package / f"{name}.py").write_text(f"NAME = {name!r}\n")
+        settle(package / f"{name}.py")
+    subprocess.run(["/usr/bin/python3", "-m", "compileall", "-q", str(package)], check=True)
+    (package / "__pycache__").chmod(0o755)
+    for pyc in (package / "__pycache__").iterdir():
+        settle(pyc)
+    ssh(lab, HOST, "rm -rf ~/.cache/remote-runner/files ~/.cache/remote-runner/files.listings")
+    code = (f"import sys; sys.path.insert(0, {str(local_only)!r}); sys.dont_write_bytecode = True; "
+            "import pkg, " + ", ".join(f"pkg.m{n}" for n in range(6)) + "; "
+            "print(' '.join(sys.modules[f'pkg.m{n}'].NAME for n in range(6)))")
+    proc = rr_exec(lab, HOST, ["/usr/bin/python3", "-c", code], workdir, "--debug-rpc", "-l", "INFO")
+    assert proc.returncode == 0, proc.stderr.decode()
+    assert proc.stdout.decode().split() == [f"m{n}" for n in range(6)]
+    cached = str(package / "__pycache__")
+    lookups = [line for line in rpc_lines(proc.stderr, "getattr") if str(package) in line]
+    assert lookups and not [line for line in lookups if cached in line]
+    opens = [line for line in rpc_lines(proc.stderr, "open") if cached in line]
+    asked = [line for line in opens if "'ahead'" not in line]
+    assert len(asked) == 1 and "__init__.cpython" in asked[0]
+    assert len(opens) == len(modules)
+
+
 def test_a_new_host_is_seeded_by_this_machines_profile(lab, local_only, workdir, tmp_path):
     """A command run before on one host starts on another with its files fetched ahead."""
     lib = local_only / "data.bin"

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 
+from remote_runner.mirror import listing
 from tests.test_mirror_lab import EXEC_TIMEOUT, local_only, rr_exec, workdir  # noqa: F401
 
 pytestmark = pytest.mark.lab
@@ -33,6 +34,8 @@ def test_a_directory_answer_serves_later_negative_lookups_without_requests(lab, 
     d = local_only / "probe"
     d.mkdir()
     (d / "present").write_text("x")
+    for n in range(listing.SUB_DIRS):  # so the parent's answer does not bring probe's along
+        (local_only / f"other-{n}").mkdir()
     script = (f"test -e {d}/present || exit 3; "
               f"for n in one two three; do test -e {d}/absent-$n && exit 4; done; "
               f"test -e {d}/present && echo ok")

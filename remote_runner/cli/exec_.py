@@ -53,7 +53,8 @@ def add_parser(sub: "argparse._SubParsersAction") -> None:
     parser.add_argument("--forward-env", action="append", default=[], metavar="NAME",
                         help="pass NAME through even though it is normally dropped (repeatable)")
     parser.add_argument("--no-compress", action="store_true", help="never compress file data (default: lz4 or zlib, "
-                        "whichever both ends have, for data that shrinks)")
+                        "whichever both ends have, for data whose packing saves more link time "
+                        "than it costs)")
     parser.add_argument("--no-cache", action="store_true",
                         help="read every file through the link; keep no copies on the host "
                              "(default: files opened read-only are fetched whole and kept in "

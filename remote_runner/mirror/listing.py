@@ -32,6 +32,9 @@ from remote_runner.mirror.replies import OpError, Reply
 
 #: The most directories a host may offer in one ``validate``.
 VALIDATE_DIRS = 4096
+#: A directory answer also carries its subdirectories' when it has at most this many,
+#: each of at most ``SUB_ENTRIES`` entries (see :meth:`DirectoryAnswers._directory_answer`).
+SUB_DIRS, SUB_ENTRIES = 8, 512
 
 
 def directory_answer(io_path: bytes, listable: Optional[Callable[[bytes], bool]] = None,
@@ -140,18 +143,46 @@ class DirectoryAnswers:
         return reply
 
     def _directory_answer(self, reply: Reply, raw: bytes) -> None:
-        """Add the whole directory of *raw* to *reply* (``ls`` + payload), or ``big`` if too big."""
-        answer = self._listing(os.path.dirname(raw) or b"/")
+        """Add the whole directory of *raw* to *reply* (``ls`` + payload), or ``big`` if too big.
+
+        A directory with few subdirectories (``SUB_DIRS``) brings theirs too
+        (``sub``: [directory, length, watched] per answer appended to the
+        payload): a lookup in a package's directory is followed by one in its
+        ``__pycache__``, ``git status`` goes on into every subdirectory, a
+        program's data directory has its ``locale`` or ``plugins`` beside it.
+        Each is watched before it is listed, like the directory itself.
+        """
+        directory = os.path.dirname(raw) or b"/"
+        answer = self._listing(directory)
         if answer is None:
             return
         if answer is False:
             reply.fields["big"] = 1
             return
         reply.fields["ls"] = 1
-        reply.payload = encode_answer(answer)
+        parts = [encode_answer(answer)]
+        subdirs = [name for name, row in zip(answer["n"], answer["a"])
+                   if isinstance(row, list) and stat.S_ISDIR(row[0])]
+        subs = []
+        budget = P.LISTING_BYTES
+        for name in subdirs if len(subdirs) <= SUB_DIRS else ():
+            sub = os.path.join(directory, P.name_from_wire(name))
+            watched = 1 if self._watch(sub) else 0
+            found = self._listing(sub, SUB_ENTRIES)
+            if not found:
+                continue
+            data = encode_answer(found)
+            budget -= len(data)
+            if budget < 0:
+                break
+            parts.append(data)
+            subs.append([P.name_to_wire(sub), len(data), watched])
+        if subs:
+            reply.fields["sub"] = subs
+        reply.payload = b"".join(parts)
         reply.compressible = True
 
-    def _listing(self, directory: bytes) -> Any:
+    def _listing(self, directory: bytes, max_entries: int = P.LISTING_ENTRIES) -> Any:
         """The answer for local *directory* (screened), False if too big, None if not served."""
         try:
             io_path = self._path({"path": P.name_to_wire(directory)})
@@ -159,7 +190,8 @@ class DirectoryAnswers:
             return None
         screened = directory in self._filtered
         answer = directory_answer(
-            io_path, (lambda name: self.exports.listable(directory, name)) if screened else None)
+            io_path, (lambda name: self.exports.listable(directory, name)) if screened else None,
+            max_entries=max_entries)
         return False if answer is None else answer
 
     def _confirm_listings(self, offered: Any) -> Tuple[List[Any], List[int]]:

@@ -554,17 +554,30 @@ def absorb_lookup(cache: NameCache, path: str, header: Dict[str, Any], data: byt
 
     The reply has ``st`` (attributes) or ``missing``; ``link`` for a symlink;
     ``w`` when the directory is watched; ``ls`` when *data* is the directory's
-    answer (see ``listing.py``). Returns the attributes or :data:`MISSING`.
+    answer (see ``listing.py``), followed by those of the subdirectories ``sub``
+    names ([directory, length, watched]). Returns the attributes or :data:`MISSING`.
     """
     watched = bool(header.get("w"))
     if header.get("big") and path != "/":
         cache.too_big(parent(path))
     if header.get("ls") and path != "/":
-        entries = listing_entries(data)
-        if entries is not None:
-            cache.put_listing(parent(path), entries, watched=watched, since=since)
-            if cache.listings is not None:
-                cache.listings.keep(parent(path), data)
+        listings = [(parent(path), watched)]
+        sizes = [len(data)]
+        subs = header.get("sub")
+        if isinstance(subs, list) and all(
+                isinstance(s, list) and len(s) == 3 and isinstance(s[0], str) and s[0].startswith("/")
+                and isinstance(s[1], int) and s[1] >= 0 for s in subs) and sum(s[1] for s in subs) <= len(data):
+            sizes = [len(data) - sum(s[1] for s in subs)] + [s[1] for s in subs]
+            listings += [(s[0], bool(s[2])) for s in subs]
+        offset = 0
+        for (directory, kept_watched), size in zip(listings, sizes):
+            part = data[offset:offset + size]
+            offset += size
+            entries = listing_entries(part)
+            if entries is not None:
+                cache.put_listing(directory, entries, watched=kept_watched, since=since)
+                if cache.listings is not None:
+                    cache.listings.keep(directory, part)
     if header.get("missing"):
         cache.put(path, MISSING, watched=watched, since=since)
         return MISSING
