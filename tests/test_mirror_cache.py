@@ -11,6 +11,7 @@ import json
 import os
 import re
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -406,6 +407,52 @@ def test_a_first_import_of_a_package_asks_for_its_directory_and_first_module_onl
     asked = [line for line in opens if "'ahead'" not in line]
     assert len(asked) == 1 and "__init__.cpython" in asked[0]
     assert len(opens) == len(modules)
+
+
+def test_a_file_opened_again_in_a_session_is_read_from_the_kernels_pages(lab, local_only, workdir):
+    """Each open of a host copy used to drop the kernel's pages and read them through the agent again."""
+    from tests.test_mirror_traffic import exec_stats
+    data = local_only / "data.bin"
+    content = os.urandom(4 << 20)
+    data.write_bytes(content)
+    settle(data)
+    digest = hashlib.md5(content).hexdigest()
+    once = ["/bin/sh", "-c", f"md5sum < {data}"]
+    thrice = ["/bin/sh", "-c", f"md5sum < {data}; md5sum < {data}; md5sum < {data}"]
+    assert rr_exec(lab, HOST, once, workdir).returncode == 0  # the host now has its copy
+    proc, one = exec_stats(lab, HOST, once, workdir)
+    assert proc.stdout.split()[0].decode() == digest
+    proc, three = exec_stats(lab, HOST, thrice, workdir)
+    assert proc.stdout.decode().split() == [digest, "-"] * 3
+    reads_once = one["host"]["answered_on_host"]["read"]
+    reads_thrice = three["host"]["answered_on_host"]["read"]
+    assert reads_once >= 32 and not one["served"].get("read") and not three["served"].get("read")
+    assert reads_thrice < reads_once * 1.5, (reads_once, reads_thrice)
+    # a new version of the file is never read from the old one's pages
+    changed = os.urandom(4 << 20)
+    data.write_bytes(changed)
+    settle(data)
+    script = (f"md5sum < {data}; touch first; "       # in the cwd, which the host may write
+              "while [ ! -e go ]; do sleep 0.05; done; " f"md5sum < {data}")
+    runner = subprocess.Popen([sys.executable, "-m", "remote_runner", "exec", "-F", lab.ssh_config, HOST,
+                               "/bin/sh", "-c", script], cwd=str(workdir),
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        deadline = time.monotonic() + 60
+        while not (workdir / "first").exists():   # written through the mirror
+            assert time.monotonic() < deadline and runner.poll() is None
+            time.sleep(0.1)
+        newest = os.urandom(4 << 20)
+        fresh = local_only / "fresh.bin"
+        fresh.write_bytes(newest)
+        settle(fresh)
+        os.rename(fresh, data)          # a new version under the same name, as package managers do
+        (workdir / "go").write_text("")
+        out, err = runner.communicate(timeout=120)
+    finally:
+        runner.kill()
+    assert runner.returncode == 0, err.decode()
+    assert out.decode().split() == [hashlib.md5(changed).hexdigest(), "-", hashlib.md5(newest).hexdigest(), "-"]
 
 
 def test_a_new_host_is_seeded_by_this_machines_profile(lab, local_only, workdir, tmp_path):
