@@ -256,6 +256,9 @@ def test_a_small_file_comes_with_the_files_of_its_kind_beside_it(public_tmp, mon
     ahead = other.handle("open", {"path": str(cache / "c.cpython-311.pyc"), "flags": os.O_RDONLY,
                                   "whole": True, "have": None, "ahead": 1}, b"")
     assert ahead.payload == b"c" * 100 and "libs" not in ahead.fields
+    # a sibling fetched ahead is not put in the profile: only what the program opened is
+    assert list(service.sent_whole) == [str(cache / f"{n}.cpython-311.pyc") for n in ("a", "b")]
+    assert not other.sent_whole
     # the byte budget bounds what an unneeded push costs
     monkeypatch.setattr(sendahead, "SIBLING_DIR_BYTES", 250)
     fields, _ = whole_open(other, cache / "a.cpython-311.pyc")

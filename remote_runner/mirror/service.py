@@ -416,9 +416,12 @@ class LocalFileService(SendAhead, DirectoryAnswers, OwnChanges):
                 reply = self._whole(fd, a.get("have"), P.name_from_wire(a["path"]))
                 if "whole" in reply.fields:
                     reply.fields["w"] = 1 if watched else 0
-                    self._note(self.sent_whole, a["path"])
-                    if a.get("ahead"):  # listed by an earlier reply, with what follows it
+                    if a.get("ahead"):
+                        # Listed by an earlier reply, with what follows it; that reply noted
+                        # it for the profile if the program is known to need it (a library,
+                        # a profile's file), not if it only came with a sibling.
                         return reply
+                    self._note(self.sent_whole, a["path"])
                     if reply.payload.startswith(elf.MAGIC):
                         self._add_libraries(reply, a["path"])
                     else:
