@@ -271,6 +271,25 @@ def test_a_small_file_comes_with_the_files_of_its_kind_beside_it(public_tmp, mon
     assert "libs" not in whole_open(LocalFileService(), cache / "big.cpython-311.pyc")[0]
 
 
+def test_a_profile_keeps_the_siblings_the_host_says_were_opened_and_nothing_else(public_tmp, tmp_path,
+                                                                                   monkeypatch):
+    from remote_runner.mirror.profile import ProfileSet
+    from remote_runner.mirror.session import _save_profile
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    for name in ("a", "b", "c"):
+        (public_tmp / f"{name}.txt").write_text(name)
+        settle(public_tmp / f"{name}.txt")
+    service = LocalFileService()
+    service.handle("getattr", {"path": str(public_tmp / "a.txt")}, b"")  # (a session with no lookup keeps none)
+    whole_open(service, public_tmp / "a.txt")                      # lists b and c as its siblings
+    assert service.listed_siblings == {str(public_tmp / "b.txt"), str(public_tmp / "c.txt")}
+    profile = ProfileSet.for_command(["/bin/cat"], False, str(public_tmp))
+    _save_profile(profile, service, [str(public_tmp / "c.txt"), "/etc/shadow", 7])
+    _, files = profile.load()
+    assert str(public_tmp / "a.txt") in files and str(public_tmp / "c.txt") in files
+    assert str(public_tmp / "b.txt") not in files and "/etc/shadow" not in files
+
+
 def rpc_lines(stderr: bytes, op: str) -> list:
     return [line for line in stderr.decode(errors="replace").splitlines()
             if re.search(rf"\brpc {op} ", line)]
@@ -362,8 +381,9 @@ def test_warm_start_validates_in_one_request_and_sees_new_files(lab, local_only,
     assert rr_exec(lab, HOST, argv, workdir).stdout == b"here now\n"
 
 
-def test_files_read_one_after_another_come_with_the_first(lab, local_only, workdir):
+def test_files_read_one_after_another_come_with_the_first(lab, local_only, workdir, tmp_path, monkeypatch):
     """A first run reading a directory's modules one by one waits for the first only."""
+    from remote_runner.mirror.profile import ProfileSet
     local_only.chmod(0o755)
     parts = []
     for n in range(30):
@@ -373,9 +393,14 @@ def test_files_read_one_after_another_come_with_the_first(lab, local_only, workd
         parts.append(part)
     ssh(lab, HOST, "rm -rf ~/.cache/remote-runner/files")
     script = "for f in " + " ".join(str(p) for p in parts) + "; do cat $f; done"
-    proc = rr_exec(lab, HOST, ["/bin/sh", "-c", script], workdir, "--debug-rpc", "-l", "INFO")
+    cache_home = {"XDG_CACHE_HOME": str(tmp_path / "profiles")}
+    proc = rr_exec(lab, HOST, ["/bin/sh", "-c", script], workdir, "--debug-rpc", "-l", "INFO", env=cache_home)
     assert proc.returncode == 0, proc.stderr.decode()
     assert proc.stdout.decode() == "".join(f"part {n}\n" for n in range(30))
+    # the host said which of the files fetched ahead were opened: the profile keeps them all
+    monkeypatch.setenv("XDG_CACHE_HOME", cache_home["XDG_CACHE_HOME"])
+    _, files = ProfileSet.for_command(["/bin/sh", "-c", script], False, str(workdir)).own.load()
+    assert set(map(str, parts)) <= set(files)
     opens = [line for line in rpc_lines(proc.stderr, "open") if "part-" in line]
     asked = [line for line in opens if "'ahead'" not in line]
     assert len(asked) == 1 and "part-00.txt" in asked[0]      # the program waited for one

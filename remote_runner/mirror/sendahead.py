@@ -304,6 +304,7 @@ class SendAhead:
             if len(whole) >= SIBLING_DIR_FILES:
                 break
         if whole:
+            self.listed_siblings.update(names)
             reply.fields["libs"] = {"names": names, "answers": [self._lookup(n) for n in names],
                                     "whole": whole, "w": [1 if self._watch_parent(n) else 0 for n in names]}
 

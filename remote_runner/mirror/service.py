@@ -82,6 +82,8 @@ class LocalFileService(SendAhead, DirectoryAnswers, OwnChanges):
         self._expanded: Dict[str, None] = {}
         self._sibling_dirs: Dict[bytes, None] = {}
         self._sibling_bytes = 0
+        #: The siblings listed (wire names): the host may report which of them were used.
+        self.listed_siblings: Set[str] = set()
         #: Files unlinked while open on the host, held here (see :mod:`.localnames`).
         self.hidden = HiddenFiles()
         #: Descriptors that reach a request's path (its parent, walked without links), per request.
@@ -419,7 +421,7 @@ class LocalFileService(SendAhead, DirectoryAnswers, OwnChanges):
                     if a.get("ahead"):
                         # Listed by an earlier reply, with what follows it; that reply noted
                         # it for the profile if the program is known to need it (a library,
-                        # a profile's file), not if it only came with a sibling.
+                        # a profile's file); a sibling only if the host says it was opened.
                         return reply
                     self._note(self.sent_whole, a["path"])
                     if reply.payload.startswith(elf.MAGIC):

@@ -149,6 +149,8 @@ def run_command(conn: Any, argv: Sequence[str], *, cwd: Optional[str] = None,
     def on_exit(header: Dict[str, Any], _: bytes) -> None:
         if isinstance(header.get("stats"), dict):  # the host's own counters, for reports only
             result["host"] = header["stats"]
+        if isinstance(header.get("used"), list):  # files fetched ahead that the command opened
+            result["used"] = header["used"]
         result["status"] = int(header.get("status", 255))
         done.set()
 
@@ -183,7 +185,7 @@ def run_command(conn: Any, argv: Sequence[str], *, cwd: Optional[str] = None,
     output.finish()
     link.close()
     if profile is not None and "status" in result:
-        _save_profile(profile, link.service)
+        _save_profile(profile, link.service, result.get("used") or [])
     stats = dict(link.stats(), host=result.get("host") or {})
     if "status" in result:
         return ExecResult(status=result["status"], stats=stats)
@@ -194,9 +196,17 @@ def run_command(conn: Any, argv: Sequence[str], *, cwd: Optional[str] = None,
                               f"({link.lost_reason}); the remote command was stopped")
 
 
-def _save_profile(profile: ProfileSet, service: LocalFileService) -> None:
-    """Keep what the session looked up and sent whole, for the next start on any host."""
-    names, files = service.looked_up, service.sent_whole
+def _save_profile(profile: ProfileSet, service: LocalFileService, used: Sequence[Any] = ()) -> None:
+    """Keep what the session looked up and sent whole, for the next start on any host.
+
+    *used*: what the host says the command opened of the files fetched ahead;
+    only those this session listed as siblings count (a host cannot put a name
+    in this machine's profiles that this machine did not offer it).
+    """
+    names, files = service.looked_up, dict(service.sent_whole)
+    for name in used:
+        if isinstance(name, str) and name in service.listed_siblings:
+            files[name] = None
     # Files the host already had (served from its copies without asking) were
     # not sent this time: keep those of the last profiles that were looked up again.
     kept = [f for f in profile.load()[1] if f in names and f not in files]

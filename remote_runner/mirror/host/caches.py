@@ -15,7 +15,7 @@ import os
 import tempfile
 import threading
 import time
-from typing import Any, Callable, Dict, List, Optional, Tuple
+from typing import Any, Callable, Dict, List, Optional, Set, Tuple
 
 from .. import protocol as P
 from .link import Link
@@ -61,6 +61,10 @@ class FileCache:
         self._next_fh = LOCAL_FH_BASE
         #: Files being fetched ahead: an open of one waits for it instead of asking again.
         self._pending: Dict[str, threading.Event] = {}
+        #: Names fetched ahead this session, and those of them the command then opened:
+        #: told to the local side at the end, which keeps in its profiles only what was used.
+        self.fetched_ahead: Set[str] = set()
+        self.used_ahead: Dict[str, None] = {}
         os.makedirs(directory, mode=0o700, exist_ok=True)
         for name in os.listdir(directory):
             parts = name.split("-")
@@ -95,6 +99,11 @@ class FileCache:
         """Return [size, mtime_ns, ino, ctime_ns] of the copy of *path*, if there is one."""
         entry = self._index.get(self.key(path))
         return entry[0] if entry else None
+
+    def opened(self, path: str) -> None:
+        """The command opened *path* through its copy here (see :attr:`used_ahead`)."""
+        if path in self.fetched_ahead and len(self.used_ahead) < P.PROFILE_NAMES:
+            self.used_ahead[path] = None
 
     def open_copy(self, path: str, meta: List[int]) -> Optional[int]:
         """Open the copy of *path* if it matches *meta* (another session may have dropped it)."""
@@ -325,6 +334,7 @@ def _prefetch_batch(link: Link, files: FileCache, batch: List[str]) -> int:
             fd = files.store_quietly(name, meta, chunks)
             if fd is not None:
                 os.close(fd)
+                files.fetched_ahead.add(name)
                 stored += 1
     return stored
 

@@ -144,7 +144,8 @@ def run_exec(link: Link, boot: Dict[str, Any]) -> int:
             t.join(5.0)
         status = exit_code(returncode)
         link.settle()  # changes sent without waiting are on the local disk before the end is told
-        link.send({"t": P.EXIT, "status": status, "stats": link.stats()})
+        used = list(session.files.used_ahead) if session.files is not None else []
+        link.send({"t": P.EXIT, "status": status, "stats": link.stats(), "used": used})
         return status
     except OSError as exc:
         LOG.debug("exec failed", exc_info=True)

@@ -513,10 +513,10 @@ class KernelDrops:
         with it or refused as older than the drop; so a new answer is given
         only after the drops of the changes it reflects.
         """
+        target = self._queued          # (both only grow: read without the lock, in this order,
+        if self._finished >= target:   # nothing asked before this call is missed)
+            return
         with self._cond:
-            target = self._queued
-            if self._finished >= target:
-                return
             end = time.monotonic() + self.patience
             while self._finished < target:
                 left = end - time.monotonic()
