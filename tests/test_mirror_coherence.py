@@ -338,62 +338,61 @@ def test_a_directory_too_big_is_not_asked_for_whole_again_soon():
 
 
 # -- the local service's side -------------------------------------------------------
-def test_a_lookup_with_dir_answers_missing_with_the_whole_watched_directory(tmp_path):
+@pytest.fixture
+def watched_service():
+    """A local file service whose directories are watched; yields (service, reports)."""
     from remote_runner.mirror.service import LocalFileService
-    (tmp_path / "here").write_text("x")
     reports = Reports()
     service = LocalFileService()
     service.watcher = ChangeWatcher(reports)
-    try:
-        reply = service.handle("getattr", {"path": str(tmp_path / "absent"), "dir": 1}, b"")
-        assert reply.fields["missing"] == 1 and reply.fields["w"] == 1 and reply.fields["ls"] == 1
-        entries = listing_entries(reply.payload)
-        assert [name for name, _, _ in entries] == ["here"]
-        reply = service.handle("getattr", {"path": str(tmp_path / "here"), "dir": 0}, b"")
-        assert reply.fields["st"]["st_size"] == 1 and "ls" not in reply.fields
-        (tmp_path / "here").write_text("changed")
-        service.watcher.flush()
-        assert os.fsencode(tmp_path / "here") in reports.paths()
-    finally:
-        service.watcher.close()
+    yield service, reports
+    service.watcher.close()
 
 
-def test_a_directory_answer_brings_its_few_subdirectories_answers(tmp_path):
+def test_a_lookup_with_dir_answers_missing_with_the_whole_watched_directory(tmp_path, watched_service):
+    service, reports = watched_service
+    (tmp_path / "here").write_text("x")
+    reply = service.handle("getattr", {"path": str(tmp_path / "absent"), "dir": 1}, b"")
+    assert reply.fields["missing"] == 1 and reply.fields["w"] == 1 and reply.fields["ls"] == 1
+    entries = listing_entries(reply.payload)
+    assert [name for name, _, _ in entries] == ["here"]
+    reply = service.handle("getattr", {"path": str(tmp_path / "here"), "dir": 0}, b"")
+    assert reply.fields["st"]["st_size"] == 1 and "ls" not in reply.fields
+    (tmp_path / "here").write_text("changed")
+    service.watcher.flush()
+    assert os.fsencode(tmp_path / "here") in reports.paths()
+
+
+def test_a_directory_answer_brings_its_few_subdirectories_answers(tmp_path, watched_service):
     from remote_runner.mirror.host.names import absorb_lookup
-    from remote_runner.mirror.service import LocalFileService
+    service, reports = watched_service
     package = tmp_path / "pkg"
     (package / "__pycache__").mkdir(parents=True)
     (package / "__pycache__" / "mod.cpython-311.pyc").write_bytes(b"code")
     (package / "data").mkdir()
     (package / "mod.py").write_text("x = 1\n")
-    reports = Reports()
-    service = LocalFileService()
-    service.watcher = ChangeWatcher(reports)
-    try:
-        reply = service.handle("getattr", {"path": str(package / "__init__.so"), "dir": 1}, b"")
-        subs = reply.fields["sub"]
-        assert sorted(s[0] for s in subs) == [str(package / "__pycache__"), str(package / "data")]
-        assert all(s[2] == 1 for s in subs)                 # watched before they were listed
+    reply = service.handle("getattr", {"path": str(package / "__init__.so"), "dir": 1}, b"")
+    subs = reply.fields["sub"]
+    assert sorted(s[0] for s in subs) == [str(package / "__pycache__"), str(package / "data")]
+    assert all(s[2] == 1 for s in subs)                 # watched before they were listed
+    cache = NameCache()
+    got = absorb_lookup(cache, str(package / "__init__.so"), reply.fields, reply.payload, cache.begin())
+    assert got is MISSING and cache.get(str(package / "mod.py"))["st_size"] == 6
+    # the subdirectory's names, present and absent, are answered without asking
+    assert cache.get(str(package / "__pycache__" / "mod.cpython-311.pyc"))["st_size"] == 4
+    assert cache.get(str(package / "__pycache__" / "other.cpython-311.pyc")) is MISSING
+    assert cache.get(str(package / "data" / "anything")) is MISSING
+    # a change in a subdirectory is reported like one in the directory asked about
+    (package / "__pycache__" / "mod.cpython-311.pyc").write_bytes(b"new code")
+    service.watcher.flush()
+    assert os.fsencode(package / "__pycache__" / "mod.cpython-311.pyc") in reports.paths()
+    # a malformed ``sub`` costs the subdirectories, never the directory's own answer
+    for bad in ([[str(package / "data"), 10 ** 9, 1]], [["relative", 5, 1]], "x"):
         cache = NameCache()
-        got = absorb_lookup(cache, str(package / "__init__.so"), reply.fields, reply.payload, cache.begin())
-        assert got is MISSING and cache.get(str(package / "mod.py"))["st_size"] == 6
-        # the subdirectory's names, present and absent, are answered without asking
-        assert cache.get(str(package / "__pycache__" / "mod.cpython-311.pyc"))["st_size"] == 4
-        assert cache.get(str(package / "__pycache__" / "other.cpython-311.pyc")) is MISSING
-        assert cache.get(str(package / "data" / "anything")) is MISSING
-        # a change in a subdirectory is reported like one in the directory asked about
-        (package / "__pycache__" / "mod.cpython-311.pyc").write_bytes(b"new code")
-        service.watcher.flush()
-        assert os.fsencode(package / "__pycache__" / "mod.cpython-311.pyc") in reports.paths()
-        # a malformed ``sub`` costs the subdirectories, never the directory's own answer
-        for bad in ([[str(package / "data"), 10 ** 9, 1]], [["relative", 5, 1]], "x"):
-            cache = NameCache()
-            absorb_lookup(cache, str(package / "__init__.so"), dict(reply.fields, sub=bad),
-                          reply.payload[:len(reply.payload) - sum(s[1] for s in subs)], cache.begin())
-            assert cache.get(str(package / "mod.py"))["st_size"] == 6
-            assert cache.get(str(package / "data" / "anything")) is None
-    finally:
-        service.watcher.close()
+        absorb_lookup(cache, str(package / "__init__.so"), dict(reply.fields, sub=bad),
+                      reply.payload[:len(reply.payload) - sum(s[1] for s in subs)], cache.begin())
+        assert cache.get(str(package / "mod.py"))["st_size"] == 6
+        assert cache.get(str(package / "data" / "anything")) is None
 
 
 def test_a_directory_with_many_subdirectories_brings_none_of_theirs(tmp_path):

@@ -16,7 +16,7 @@ codec's name) only with a codec both ends have: the agent's hello lists its
 is installed, which Debian hosts usually lack) and the boot frame names the one
 chosen (:func:`choose_codec`). Compression must stay on the link's side of
 the trade, and which side that is depends on the link: zlib at level 1 packs
-shared libraries at ~100 MB/s to about half, while an SSH channel on a fast
+shared libraries at ~44 MB/s (here) to about half, while an SSH channel on a fast
 network carries more than that, so packing them there made a first run of
 ``ffmpeg -version`` (246 MB of libraries) 5.2 s instead of 2.9 s. Each writer
 therefore measures both rates as it goes (:class:`PackPolicy`) and packs a
