@@ -121,7 +121,7 @@ class HostSetup:
         # cd -P leaves the physical path in $PWD: no fork per component, as $(pwd -P) was
         lines = [f"command -v screen >/dev/null 2>&1 || exit {_NO_SCREEN}",
                  f"d={_shell_path(state)}",
-                 '{ [ -d "$d" ] || mkdir -p "$d"; } && cd -P "$d" && echo "STATE $PWD" || exit 3',
+                 _made_dir('"$d"') + ' && cd -P "$d" && echo "STATE $PWD" || exit 3',
                  hostops.prepare_run_script('"$d"', self.run_id)]
         seen = set()
         for i, spec in enumerate(specs):
@@ -129,7 +129,7 @@ class HostSetup:
                 lines.append(f'b=$(mktemp -d) && echo "BASE {i} $b" || exit 4')
                 continue
             q = shlex.quote(spec.base_dir or self.invocation_dir)
-            made = "" if q in seen else f"{{ [ -d {q} ] || mkdir -p {q}; }} && "
+            made = "" if q in seen else _made_dir(q) + " && "
             seen.add(q)
             lines.append(f'{made}cd -P {q} && echo "BASE {i} $PWD" || exit 4')
         return "\n".join(lines) + "\n"
@@ -183,6 +183,11 @@ class HostSetup:
             parts.append(scr.printf_write(w.launcher, text, on_error=scr.SETUP_FAILED))
         # the run's directory is new; a reused --run-id may have left state files
         return f"rm -f {' '.join(shlex.quote(f) for f in stale)}\n" + "".join(parts)
+
+
+def _made_dir(word: str) -> str:
+    """Shell text making directory *word* (a quoted shell word) unless it is there: no fork when it is."""
+    return f"{{ [ -d {word} ] || mkdir -p {word}; }}"
 
 
 def _parse_prepare(stdout: str) -> Dict[str, str]:

@@ -283,6 +283,7 @@ class SendAhead:
                 or directory in self._sibling_dirs or self._sibling_bytes >= SIBLING_SESSION_BYTES):
             return
         self._sibling_dirs[directory] = None
+        watched = 1 if self._watch(directory) else 0  # before anything is answered about it
         suffix = base[dot:]
         try:
             with os.scandir(self._path({"path": P.name_to_wire(directory)})) as entries:
@@ -306,7 +307,7 @@ class SendAhead:
         if whole:
             self.listed_siblings.update(names)
             reply.fields["libs"] = {"names": names, "answers": [self._lookup(n) for n in names],
-                                    "whole": whole, "w": [1 if self._watch_parent(n) else 0 for n in names]}
+                                    "whole": whole, "w": [watched] * len(names)}
 
     def _whole(self, fd: int, have: Any, path: bytes) -> Reply:
         """Answer a whole-file open: "current" (no data), or the file's first chunk.

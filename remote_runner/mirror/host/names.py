@@ -561,16 +561,10 @@ def absorb_lookup(cache: NameCache, path: str, header: Dict[str, Any], data: byt
     if header.get("big") and path != "/":
         cache.too_big(parent(path))
     if header.get("ls") and path != "/":
-        listings = [(parent(path), watched)]
-        sizes = [len(data)]
-        subs = header.get("sub")
-        if isinstance(subs, list) and all(
-                isinstance(s, list) and len(s) == 3 and isinstance(s[0], str) and s[0].startswith("/")
-                and isinstance(s[1], int) and s[1] >= 0 for s in subs) and sum(s[1] for s in subs) <= len(data):
-            sizes = [len(data) - sum(s[1] for s in subs)] + [s[1] for s in subs]
-            listings += [(s[0], bool(s[2])) for s in subs]
+        subs = _subdirectories(header, data)
+        own = (parent(path), watched, len(data) - sum(size for _, _, size in subs))
         offset = 0
-        for (directory, kept_watched), size in zip(listings, sizes):
+        for directory, kept_watched, size in [own] + subs:
             part = data[offset:offset + size]
             offset += size
             entries = listing_entries(part)
@@ -585,6 +579,21 @@ def absorb_lookup(cache: NameCache, path: str, header: Dict[str, Any], data: byt
     link = header.get("link") if isinstance(header.get("link"), str) else None
     cache.put(path, st, watched=watched, since=since, link=link)
     return st
+
+
+def _subdirectories(header: Dict[str, Any], data: bytes) -> List[Tuple[str, bool, int]]:
+    """The ``sub`` answers that follow a directory's own in *data*: (directory, watched, size) each.
+
+    A malformed ``sub`` gives none: the whole payload is then the directory's answer.
+    """
+    subs = header.get("sub")
+    if not (isinstance(subs, list) and all(
+            isinstance(s, list) and len(s) == 3 and isinstance(s[0], str) and s[0].startswith("/")
+            and isinstance(s[1], int) and s[1] >= 0 for s in subs)):
+        return []
+    if sum(s[1] for s in subs) > len(data):
+        return []
+    return [(s[0], bool(s[2]), s[1]) for s in subs]
 
 
 def absorb_answers(cache: NameCache, names: List[Any], answers: List[Any], watched: List[Any],
