@@ -114,6 +114,54 @@ def test_a_readable_file_in_a_private_directory_is_never_kept_on_a_host(lab, wor
         shutil.rmtree(private, ignore_errors=True)
 
 
+def test_a_tree_exported_by_name_below_a_private_directory_is_kept_but_not_what_is_private_in_it(
+        lab, workdir):
+    """Above a tree the user exported (or a program's own prefix) privacy is the user's choice.
+
+    A Python built in a 0700 home is read through the link at every run unless
+    its files may stay on the host; a private directory inside the tree, and
+    the same file reached without the export, still may not.
+    """
+    import shutil
+    import uuid
+    from pathlib import Path
+
+    from remote_runner.lab import LOCAL_ONLY
+    from remote_runner.mirror.exports import Exports
+    from remote_runner.mirror.service import LocalFileService
+    from tests.test_mirror_cache import HOST, host_copies, settle, whole_open
+
+    home = Path(LOCAL_ONLY) / f"home-{uuid.uuid4().hex[:8]}"
+    tree = home / "tools" / "py"
+    (tree / "secret").mkdir(parents=True)
+    home.chmod(0o700)
+    (tree / "bin").mkdir()
+    shared, hidden = tree / "lib.txt", tree / "secret" / "key.txt"
+    shared.write_text("shared\n")
+    hidden.write_text("hidden\n")
+    (tree / "secret").chmod(0o700)
+    program = tree / "bin" / "tool"
+    program.write_text("#!/bin/sh\nexit 0\n")
+    for path in (shared, hidden, program):
+        settle(path)
+    program.chmod(0o755)
+    try:
+        named = LocalFileService(exports=Exports.for_commands([(["true"], str(workdir))], [f"{tree}:ro"]))
+        assert "whole" in whole_open(named, shared)[0]
+        assert "whole" not in whole_open(named, hidden)[0]  # private inside the tree
+        assert "whole" not in whole_open(LocalFileService(), shared)[0]  # no shared export: private
+        # the program's own prefix (X of X/bin/tool) counts as shared too
+        prefix = LocalFileService(exports=Exports.for_commands([([str(program)], str(workdir))]))
+        assert "whole" in whole_open(prefix, shared)[0]
+
+        result = rr_exec(lab, HOST, ["/bin/cat", str(shared), str(hidden)], workdir, "--export", f"{tree}:ro")
+        assert result.returncode == 0 and result.stdout == b"shared\nhidden\n", result.stderr.decode()
+        assert len(host_copies(lab, shared)) == 1
+        assert host_copies(lab, hidden) == []
+    finally:
+        shutil.rmtree(home, ignore_errors=True)
+
+
 # ----------------------------------------------------------------------------- exports
 
 

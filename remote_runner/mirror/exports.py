@@ -73,13 +73,19 @@ class Export:
     writable: bool
     #: Named by the user (``--export``): lifts the denylist at and below it.
     explicit: bool = False
+    #: Whole copies of its files may stay on a host even when a directory *above* it is
+    #: private here (a 0700 home): set for trees the user named and a program's own
+    #: installation, never for the cwd or paths merely named in a command
+    #: (see :class:`~remote_runner.mirror.sendahead.PublicDirs`).
+    shared: bool = False
 
 
 def _norm(path: str) -> bytes:
     return os.path.normpath(os.fsencode(os.path.abspath(os.path.expanduser(path))))
 
 
-def _inside(path: bytes, root: bytes) -> bool:
+def inside(path: bytes, root: bytes) -> bool:
+    """Whether normalized *path* is *root* or lies below it."""
     return path == root or root == b"/" or path.startswith(root + b"/")
 
 
@@ -103,7 +109,8 @@ class Exports:
             for path in dict.fromkeys((export.path, os.path.realpath(export.path))):
                 old = merged.get(path)
                 merged[path] = Export(path, export.writable or bool(old and old.writable),
-                                      export.explicit or bool(old and old.explicit))
+                                      export.explicit or bool(old and old.explicit),
+                                      export.shared or bool(old and old.shared))
         #: Every served tree or file (each under its own name and its real path).
         self.exports: Tuple[Export, ...] = tuple(merged.values())
         denied = set()
@@ -141,11 +148,11 @@ class Exports:
             items.append(Export(_norm(tmpdir), not read_only))
         for argv, cwd in commands:
             items.append(Export(_norm(cwd), not read_only))
-            items += [Export(path, False) for path in program_files(argv[0] if argv else "", cwd)]
+            items += [Export(path, False, shared=True) for path in program_files(argv[0] if argv else "", cwd)]
             items += [Export(path, not read_only) for path in named_paths(argv[1:], cwd)]
         for spec in export:
             path, writable = parse_export(spec)
-            items.append(Export(_norm(path), writable and not read_only, True))
+            items.append(Export(_norm(path), writable and not read_only, True, shared=True))
         return cls(items, default_denylist(extra_deny))
 
     def _ancestor_set(self) -> Set[bytes]:
@@ -168,7 +175,7 @@ class Exports:
         else:
             return None
         for step in above:
-            if step in self.deny and not (export.explicit and _inside(export.path, step)):
+            if step in self.deny and not (export.explicit and inside(export.path, step)):
                 return None
         return export
 
@@ -239,7 +246,7 @@ def named_paths(args: Sequence[str], cwd: str) -> List[bytes]:
         if not (os.path.isabs(arg) or os.path.lexists(path)):
             continue  # a word, not a path
         target = path if os.path.isdir(path) else os.path.dirname(path)
-        system = any(_inside(target, _norm(t)) for t in SYSTEM_TREES)
+        system = any(inside(target, _norm(t)) for t in SYSTEM_TREES)
         if os.path.isdir(target) and target != b"/" and target not in homes and not system:
             out.append(target)
     return out

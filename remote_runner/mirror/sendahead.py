@@ -2,10 +2,11 @@
 
 Why apart: each answer sent ahead saves a round trip, but only what every
 local user could read may be copied to a host (world-readable, through
-world-searchable directories, settled for ``SETTLED_SECONDS``); those rules
+world-searchable directories up to the top of a shared export, settled for
+``SETTLED_SECONDS``); those rules
 and the ``validate`` / whole-file / ``libs`` answers that follow them are
 here, mixed into :class:`~.service.LocalFileService`, which provides
-``_path`` (the exports' check), ``handles``, ``public`` and the session's
+``_path`` (the exports' check), ``exports``, ``handles``, ``public`` and the session's
 ``looked_up`` / ``sent_whole`` / ``seed``.
 """
 
@@ -21,6 +22,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 from remote_runner.mirror import elf
 from remote_runner.mirror import protocol as P
+from remote_runner.mirror.exports import Exports, inside
 from remote_runner.mirror.replies import OpError, Reply
 
 #: A file modified this recently may still be being written: not sent whole.
@@ -61,6 +63,14 @@ class PublicDirs:
     itself *and* reachable through world-searchable directories all the way up
     (a 0644 file inside a 0700 home is private). Both the path as named and its
     resolved form are checked; answers are kept for ``SETTLED_SECONDS``.
+
+    The climb stops at the top of a *shared* export (:attr:`.exports.Export.shared`:
+    a tree the user named with ``--export``, or a program's own installation):
+    what lies above it is where the user chose to share it from. A Python
+    built in a 0700 home or a virtual environment there is kept on the host like
+    ``/usr``, where it would otherwise be read through the link at every run;
+    a private directory *inside* it still keeps its files off the host, and so
+    do the cwd and paths merely named on a command line.
     """
 
     def __init__(self, ttl: float = SETTLED_SECONDS) -> None:
@@ -68,13 +78,22 @@ class PublicDirs:
         self._known: Dict[bytes, Tuple[bool, float]] = {}
         self._lock = threading.Lock()
 
-    def reachable(self, path: bytes) -> bool:
-        """Whether every directory above *path* (named and resolved) is world-searchable."""
-        parent = os.path.dirname(path)
-        return self._chain(parent) and self._chain(os.path.realpath(parent))
+    def reachable(self, path: bytes, exports: Optional[Exports] = None) -> bool:
+        """Whether every directory above *path* (named and resolved) is world-searchable.
 
-    def _chain(self, directory: bytes) -> bool:
+        With *exports*, only up to the top of the shared export *path* lies in.
+        """
+        parent = os.path.dirname(path)
+        for directory in dict.fromkeys((parent, os.path.realpath(parent))):
+            export = exports.find(os.path.join(directory, os.path.basename(path))) if exports else None
+            if not self._chain(directory, export.path if export is not None and export.shared else None):
+                return False
+        return True
+
+    def _chain(self, directory: bytes, top: Optional[bytes]) -> bool:
         while True:
+            if top is not None and not inside(directory, top):
+                return True  # above the shared export: not this check's business
             if not self._searchable(directory):
                 return False
             if directory in (b"/", b""):
@@ -201,7 +220,7 @@ class SendAhead:
             st = os.lstat(self._path({"path": name}))
         except (OpError, OSError):
             return None
-        if sendable_whole(st) and self.public.reachable(P.name_from_wire(name)):
+        if sendable_whole(st) and self.public.reachable(P.name_from_wire(name), self.exports):
             return whole_meta(st)
         return None
 
@@ -321,7 +340,7 @@ class SendAhead:
         through the handle the reply carries.
         """
         st = os.fstat(fd)
-        if not sendable_whole(st) or not self.public.reachable(path):
+        if not sendable_whole(st) or not self.public.reachable(path, self.exports):
             return Reply({"fh": self.handles.add(fd)})
         meta = whole_meta(st)
         fields: Dict[str, Any] = {"whole": meta, "st": P.stat_to_wire(st)}
