@@ -177,6 +177,30 @@ def test_local_profile_round_trip(tmp_path, monkeypatch):
     assert CommandProfile.for_command(argv, False).load()[1] == ["/lib/x.so"]
 
 
+def test_profiles_forget_names_whose_directory_is_gone(tmp_path, monkeypatch):
+    """A test suite's temporary trees leave the profiles once removed, however often it runs."""
+    import shutil
+
+    from remote_runner.mirror.profile import ProfileSet
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    work = tmp_path / "work"
+    work.mkdir()
+    profiles = ProfileSet.for_command(["/bin/sh", "-c", "x"], False, str(work))
+    kept = [str(work / "setup.cfg"), str(work / "missing.py")]  # a miss in a live directory stays
+    for run in range(3):
+        scratch = tmp_path / f"pytest-{run}" / "test_a0"
+        scratch.mkdir(parents=True)
+        names = kept + [str(scratch), str(scratch / "exp.py"), str(scratch.parent / "gone" / "x")]
+        (scratch / "exp.py").write_text("x = 1\n")
+        profiles.save(names, [str(scratch / "exp.py")])
+        shutil.rmtree(scratch.parent)  # the suite's cleanup, after the session
+    last = [str(scratch), str(scratch / "exp.py")]  # what existed when the last session ended
+    for profile in profiles.shared:  # the earlier runs' trees are gone from the merged profiles
+        assert profile.load() == (kept + last, [str(scratch / "exp.py")]), profile.path
+    profiles.save(kept, [])
+    assert all(p.load() == (kept, []) for p in [profiles.own] + profiles.shared)
+
+
 def test_profile_keeps_names_per_command_including_non_utf8(tmp_path):
     files = FileCache(str(tmp_path / "files" / "origin"), limit=1 << 20)
     boot = {"argv": ["ffmpeg", "-version", "ignored"], "files_only": False}
@@ -288,6 +312,39 @@ def test_a_profile_keeps_the_siblings_the_host_says_were_opened_and_nothing_else
     _, files = profile.load()
     assert str(public_tmp / "a.txt") in files and str(public_tmp / "c.txt") in files
     assert str(public_tmp / "b.txt") not in files and "/etc/shadow" not in files
+
+
+def test_neither_end_keeps_in_a_profile_what_the_command_made(tmp_path, monkeypatch):
+    """A directory the command created (a test's tmp_path) and all below it stay out of profiles."""
+    from remote_runner.mirror.profile import ProfileSet
+    from remote_runner.mirror.session import _save_profile
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    work = tmp_path / "work"
+    work.mkdir()
+    (work / "conf.py").write_text("x = 1\n")
+    (work / "pytest-70").mkdir()  # a name that merely starts like one made: kept
+    # the local side: what the service made for the host
+    service = LocalFileService()
+    made = work / "pytest-7"
+    service.handle("mkdir", {"path": str(made), "mode": 0o755}, b"")
+    (made / "exp.py").write_text("y = 2\n")
+    for name in (work / "conf.py", made, made / "exp.py", work / "pytest-70"):
+        service.handle("getattr", {"path": str(name)}, b"")
+    profile = ProfileSet.for_command(["/bin/sh"], False, str(work))
+    _save_profile(profile, service)
+    assert profile.load()[0] == [str(work / "conf.py"), str(work / "pytest-70")]
+    # the host's own profile
+    files = FileCache(str(tmp_path / "files" / "origin"), limit=1 << 20)
+    boot = {"argv": ["python3", "-m", "pytest"], "files_only": False}
+    host = Profile.for_command(files, boot)
+    for path in ("/usr/lib/x.so", "/tmp/run/out", "/tmp/run/out/a.txt", "/tmp/run/outer"):
+        host.record(path)
+    host.made("/tmp/run/out")
+    host.save()
+    again = Profile.for_command(files, boot)
+    assert again.load() == ["/usr/lib/x.so", "/tmp/run/outer"]
+    assert again.load_dirs() == ["/usr/lib", "/tmp/run"]
+    assert P.made_in_session("/a/b", {"/"}) and not P.made_in_session("/ab", {"/a"})
 
 
 def rpc_lines(stderr: bytes, op: str) -> list:

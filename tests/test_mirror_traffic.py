@@ -264,22 +264,24 @@ def test_profiles_are_shared_per_executable_and_per_tree(tmp_path, monkeypatch):
     project, other = tmp_path / "project", tmp_path / "other"
     project.mkdir()
     other.mkdir()
+    stdlib = tmp_path / "usr" / "lib" / "python3"  # names are kept while their directory exists
+    (stdlib / "json").mkdir(parents=True)
     a = ProfileSet.for_command(["python3", "a.py"], False, str(project))
-    a.save(["/usr/lib/python3/json", str(project / "a.py")], ["/usr/lib/python3/json/__init__.py"])
+    a.save([str(stdlib / "json"), str(project / "a.py")], [str(stdlib / "json" / "__init__.py")])
     # Another script, elsewhere: the interpreter's profile seeds it.
     b = ProfileSet.for_command(["/usr/bin/python3", "b.py"], False, str(other))
-    assert "/usr/lib/python3/json" in b.load()[0]
-    assert b.load()[1] == ["/usr/lib/python3/json/__init__.py"]
+    assert str(stdlib / "json") in b.load()[0]
+    assert b.load()[1] == [str(stdlib / "json" / "__init__.py")]
     # ...but only a host with no profile of its own gets it: the command's own is empty here.
     assert b.seeds() == (b.load(), ([], []))
-    assert a.seeds()[1] == a.own.load() == (["/usr/lib/python3/json", str(project / "a.py")],
-                                            ["/usr/lib/python3/json/__init__.py"])
+    assert a.seeds()[1] == a.own.load() == ([str(stdlib / "json"), str(project / "a.py")],
+                                            [str(stdlib / "json" / "__init__.py")])
     # Another program in the same tree: the tree's profile seeds it.
     make = ProfileSet.for_command(["make", "-j"], False, str(project))
     assert str(project / "a.py") in make.load()[0]
     # Files-only sessions never share with full mirrors.
     assert ProfileSet.for_command(["python3", "c.py"], True, str(project)).load() == ([], [])
     # What a later run learns is added, newest first; the command's own profile is replaced.
-    b.save(["/usr/lib/python3/csv.py"], [])
+    b.save([str(stdlib / "csv.py")], [])
     names = ProfileSet.for_command(["python3", "z.py"], False, str(tmp_path)).load()[0]
-    assert names[:2] == ["/usr/lib/python3/csv.py", "/usr/lib/python3/json"]
+    assert names[:2] == [str(stdlib / "csv.py"), str(stdlib / "json")]

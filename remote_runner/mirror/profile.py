@@ -29,9 +29,9 @@ import json
 import os
 import shutil
 import tempfile
-from typing import List, Optional, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
-from remote_runner.mirror.protocol import PROFILE_NAMES, name_from_wire, profile_key
+from remote_runner.mirror.protocol import PROFILE_NAMES, ProtocolError, name_from_wire, profile_key
 
 #: At most this many names and files are kept per command.
 NAME_LIMIT = PROFILE_NAMES
@@ -68,6 +68,7 @@ class CommandProfile:
         """Replace the profile (temporary file + rename); an empty session keeps the old one."""
         if not names:
             return
+        names, files = living(names), living(files)
         directory = os.path.dirname(self.path)
         os.makedirs(directory, mode=0o700, exist_ok=True)
         fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp-")
@@ -83,6 +84,32 @@ class CommandProfile:
             except OSError:
                 pass
             raise
+
+
+def living(names: Sequence[str]) -> List[str]:
+    """*names* whose directory still exists here, in order.
+
+    A test suite's ``tmp_path``, a build's scratch directory: a session looks
+    up thousands of names in trees that are gone by the next one. Kept, they
+    would fill the profiles to their limit (a pytest run's shared profiles had
+    grown to 20,000 names and 2.7 MB each, read and written at every start and
+    end, each name looked up again for the host) and crowd out what every run
+    needs. One ``stat`` per distinct directory.
+    """
+    alive: Dict[bytes, bool] = {}
+    out = []
+    for name in names:
+        try:
+            raw = name_from_wire(name)
+        except ProtocolError:
+            continue
+        directory = os.path.dirname(raw.rstrip(b"/")) or b"/"
+        known = alive.get(directory)
+        if known is None:
+            known = alive[directory] = os.path.isdir(directory)
+        if known:
+            out.append(name)
+    return out
 
 
 def _shared_key(kind: str, what: bytes, files_only: bool) -> str:

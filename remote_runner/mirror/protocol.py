@@ -106,6 +106,24 @@ def profile_key(argv_wire: Any, files_only: bool) -> str:
     return hashlib.sha1(key.encode("utf-8", "surrogateescape")).hexdigest()
 
 
+def made_in_session(name: str, made: Any) -> bool:
+    """Whether wire *name* is one of the directories in *made* or lies below one.
+
+    Both ends leave such names out of their profiles: what a command creates
+    in a run (a test's ``tmp_path``) is its own output, gone or different by
+    the next run.
+    """
+    if not made:
+        return False
+    while True:
+        if name in made:
+            return True
+        cut = name.rfind("/")
+        if cut <= 0:
+            return "/" in made
+        name = name[:cut]
+
+
 def name_to_wire(name: bytes) -> str:
     """Encode a file name (bytes) as a JSON-safe string, losslessly."""
     return name.decode("utf-8", "surrogateescape")

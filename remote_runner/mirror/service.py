@@ -62,16 +62,21 @@ class LocalFileService(SendAhead, DirectoryAnswers, OwnChanges):
                                    else Exports.everything())
         #: Handles opened in a read-only export: no fchmod/fchown/futimens through them.
         self._ro_handles: Set[int] = set()
-        #: Directories whose listing must be filtered (ancestors of exports, parents of secrets).
+        #: Directories whose listing must be filtered: parents of secrets, and directories on
+        #: the way to an export that are not served themselves (a served directory shows all
+        #: its entries, however many exports lie inside it: ``/usr/lib/x86_64-linux-gnu``
+        #: beside a program's libraries would otherwise check 3,000 names per listing).
         self._filtered = ({os.path.dirname(d) for d in self.exports.deny}
-                          | {os.path.dirname(e.path) for e in self.exports.exports}
-                          | self.exports.ancestors)
+                          | {d for d in ({os.path.dirname(e.path) for e in self.exports.exports}
+                                         | self.exports.ancestors) if self.exports.find(d) is None})
         self.writeback = writeback
         #: Which directories every local user may search (whole-file copies need it).
         self.public = PublicDirs()
         #: What this session looked up and sent whole (wire names, in order), for its profile.
         self.looked_up: Dict[str, None] = {}
         self.sent_whole: Dict[str, None] = {}
+        #: Directories the host made this session (wire names): not put in profiles.
+        self.made_dirs: Set[str] = set()
         #: (names, files) of the command's profile with those it shares (its
         #: executable's, its directory tree's), offered once at ``validate``...
         self.seed: Tuple[List[str], List[str]] = ([], [])
@@ -344,6 +349,8 @@ class LocalFileService(SendAhead, DirectoryAnswers, OwnChanges):
         # The remote already applied its umask; ours must not. A directory keeps
         # the set-group-ID bit it inherits from its parent, as the kernel gives it.
         os.chmod(path, mode | (os.lstat(path).st_mode & stat.S_ISGID))
+        if len(self.made_dirs) < P.PROFILE_NAMES:
+            self.made_dirs.add(a["path"])
         return Reply()
 
     def op_rmdir(self, a: Dict[str, Any], _: bytes) -> Reply:

@@ -92,7 +92,7 @@ class ExecPlan:
 
     Made by :func:`plan_command` before (or while) the connection is opened:
     for a program with many libraries, finding them is tens of milliseconds
-    that the SSH handshake's round trips can hide.
+    that the SSH handshake's round trips can hide; so is reading the profiles.
     """
 
     options: MirrorOptions
@@ -100,6 +100,8 @@ class ExecPlan:
     roots: Optional[List[bytes]]
     fields: Dict[str, Any]
     profile: Optional[ProfileSet]
+    #: ``ProfileSet.seeds()``: what the local side adds to the host's ``validate``.
+    seeds: Optional[Tuple[Tuple[List[str], List[str]], Tuple[List[str], List[str]]]] = None
 
 
 def plan_command(conn: Any, argv: Sequence[str], cwd: Optional[str] = None,
@@ -127,7 +129,7 @@ def plan_command(conn: Any, argv: Sequence[str], cwd: Optional[str] = None,
     if options.file_cache:
         profile = ProfileSet.for_command(fields["argv"], options.files_only, cwd)
     build_bundle()  # built once per process: now, not after the connection is up
-    return ExecPlan(options, exports, roots, fields, profile)
+    return ExecPlan(options, exports, roots, fields, profile, profile.seeds() if profile is not None else None)
 
 
 def run_command(conn: Any, argv: Sequence[str], *, cwd: Optional[str] = None,
@@ -165,8 +167,8 @@ def run_command(conn: Any, argv: Sequence[str], *, cwd: Optional[str] = None,
     link.handlers[P.READY] = lambda h, p: LOG.debug("command started as pid %s", h.get("pid"))
     rows, cols = winsize(stdout_fd) if tty else (24, 80)
     fields.update({"tty": tty, "rows": rows, "cols": cols})
-    if profile is not None:
-        link.service.seed, link.service.own_seed = profile.seeds()
+    if plan.seeds is not None:
+        link.service.seed, link.service.own_seed = plan.seeds
     link.boot(fields)
     link.start()
     restore = enter_raw_mode(stdin_fd) if tty else None
@@ -203,15 +205,18 @@ def _save_profile(profile: ProfileSet, service: LocalFileService, used: Sequence
     only those this session listed as siblings count (a host cannot put a name
     in this machine's profiles that this machine did not offer it).
     """
-    names, files = service.looked_up, dict(service.sent_whole)
+    made = service.made_dirs
+    names = [n for n in service.looked_up if not P.made_in_session(n, made)]
+    files = {f: None for f in service.sent_whole if not P.made_in_session(f, made)}
     for name in used:
         if isinstance(name, str) and name in service.listed_siblings:
             files[name] = None
     # Files the host already had (served from its copies without asking) were
     # not sent this time: keep those of the last profiles that were looked up again.
-    kept = [f for f in profile.load()[1] if f in names and f not in files]
+    looked_up = set(names)
+    kept = [f for f in profile.load()[1] if f in looked_up and f not in files]
     try:
-        profile.save(list(names), list(files) + kept)
+        profile.save(names, list(files) + kept)
     except OSError as exc:
         LOG.debug("mirror: profiles %s not saved: %s", profile.paths, exc)
 

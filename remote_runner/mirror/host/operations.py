@@ -384,6 +384,8 @@ def make_operations(link: Link, prefix: bytes, files: Optional[FileCache] = None
         def mkdir(self, path: str, mode: int) -> int:
             check_changes("mkdir", {"path": wire(path)})
             call("mkdir", {"path": wire(path), "mode": mode, "ctx": caller()})
+            if profile is not None:
+                profile.made(wire(path))
             return 0
 
         def unlink(self, path: str) -> int:

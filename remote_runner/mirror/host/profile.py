@@ -44,6 +44,9 @@ class Profile:
         self.listed: Dict[str, None] = {}
         #: Directories the local side does not answer whole (too big, not served): not kept.
         self.unlisted: Set[str] = set()
+        #: Directories the command made in this session: what lies in them (a test's
+        #: ``tmp_path``, a build's scratch tree) is its own output, not kept (see :meth:`made`).
+        self.created: Set[str] = set()
 
     @classmethod
     def for_command(cls, files: Optional["FileCache"], boot: Dict[str, Any]) -> Optional["Profile"]:
@@ -55,6 +58,20 @@ class Profile:
     def record(self, path: str) -> None:
         if len(self.seen) < self.LIMIT:
             self.seen[path] = None
+
+    def made(self, path: str) -> None:
+        """The command created directory *path*: it and every name below it are left out.
+
+        A test suite makes hundreds of temporary directories per run; kept,
+        they would be offered back at every later start (each a lookup and a
+        listing on the local side) long after they are gone. A later run that
+        reads what this one made looks it up itself, and keeps it then.
+        """
+        if len(self.created) < self.LIMIT:
+            self.created.add(path)
+
+    def _made_here(self, path: str) -> bool:
+        return P.made_in_session(path, self.created)
 
     def record_dir(self, path: str) -> None:
         """*path* was listed (``readdir``)."""
@@ -87,7 +104,7 @@ class Profile:
         for path in self.seen:
             if path != "/":
                 out.setdefault(posixpath.dirname(path.rstrip("/")) or "/", None)
-        return [d for d in out if d not in self.unlisted][:self.DIRS]
+        return [d for d in out if d not in self.unlisted and not self._made_here(d)][:self.DIRS]
 
     def save(self) -> None:
         if not self.seen and not self.listed:
@@ -96,7 +113,7 @@ class Profile:
             os.makedirs(os.path.dirname(self.path), mode=0o700, exist_ok=True)
             fd, tmp = tempfile.mkstemp(dir=os.path.dirname(self.path), prefix=".tmp-")
             with os.fdopen(fd, "wb") as handle:
-                body = {"names": list(self.seen), "dirs": self.dirs()}
+                body = {"names": [p for p in self.seen if not self._made_here(p)], "dirs": self.dirs()}
                 handle.write(json.dumps(body).encode("utf-8", "surrogateescape"))
             os.rename(tmp, self.path)
         except OSError as exc:
