@@ -26,6 +26,7 @@ Exit codes (documented in the README and in ``--help``):
 
 from __future__ import annotations
 
+import re
 from typing import Optional
 
 EXIT_OK = 0
@@ -115,9 +116,15 @@ class AuthError(HostError):
     """No authentication method worked."""
 
 
+#: C0 controls, DEL and C1 controls.
+_CONTROLS = re.compile("[\x00-\x1f\x7f-\x9f]")
+
+
 def control_characters(text: str) -> str:
     """Return the control characters in *text*, escaped for a message ('' if none)."""
-    found = sorted({ch for ch in text if ord(ch) < 32 or 0x7f <= ord(ch) < 0xa0})
+    if _CONTROLS.search(text) is None:  # every path of every file is checked: the common case first
+        return ""
+    found = sorted(set(_CONTROLS.findall(text)))
     return ", ".join(repr(ch) for ch in found)
 
 

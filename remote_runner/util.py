@@ -63,5 +63,8 @@ def recursive_files_dict(src_path: str, dest_path: str) -> Dict[str, str]:
 
 def _add(mapping: Dict[str, str], src_root: str, dest_root: str, path: str) -> None:
     """Record *path* (below *src_root*) at the matching place below *dest_root*."""
-    rel = os.path.relpath(path, src_root).replace(os.sep, "/")
+    # os.walk joins onto src_root as given: cutting it off is relpath's answer, without
+    # relpath's two abspath calls per file (a tree of thousands, once per component).
+    rel = path[len(src_root):].lstrip(os.sep) if path.startswith(src_root) else os.path.relpath(path, src_root)
+    rel = (rel or ".").replace(os.sep, "/")
     mapping[path] = posixpath.normpath(posixpath.join(dest_root, rel))

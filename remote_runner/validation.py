@@ -13,6 +13,7 @@ from __future__ import annotations
 import math
 import os
 import re
+import stat
 from typing import Any, Dict, List, Optional, Tuple, Union
 
 from remote_runner.config import (LOCAL_HOST, REQUIRED_FIELDS, Component, ComponentSpec, Config,
@@ -261,12 +262,14 @@ class _Validator:
 
     def _file_spec(self, src: str, dest: str) -> FileSpec:
         path = os.path.normpath(os.path.join(self.config_dir, os.path.expanduser(src)))
-        if not os.path.exists(path):
+        try:
+            mode = os.stat(path).st_mode  # one stat per file: a config may list thousands
+        except OSError:
             where = self.c._origin_of("files")
             raise SourceError(f"local source {src!r} does not exist (looked for {path})",
-                              path=path, file=where.file, line=where.line, component=self.name)
-        if not (os.path.isfile(path) or os.path.isdir(path)):
+                              path=path, file=where.file, line=where.line, component=self.name) from None
+        if not (stat.S_ISREG(mode) or stat.S_ISDIR(mode)):
             where = self.c._origin_of("files")
             raise SourceError(f"local source {src!r} is neither a regular file nor a directory",
                               path=path, file=where.file, line=where.line, component=self.name)
-        return FileSpec(src=path, dest=dest, is_dir=os.path.isdir(path))
+        return FileSpec(src=path, dest=dest, is_dir=stat.S_ISDIR(mode))
