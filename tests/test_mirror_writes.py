@@ -8,7 +8,7 @@ import time
 
 import pytest
 
-from remote_runner.mirror.host.writes import PendingWrites, WriteOrder
+from remote_runner.mirror.host.writes import PendingChanges, PendingWrites, WriteOrder
 
 
 class FakeLink:
@@ -98,3 +98,50 @@ def test_a_missing_predecessor_times_out_with_eio():
     with pytest.raises(OSError) as info:
         order.run("h", 2, lambda: None)
     assert info.value.errno == errno.EIO
+
+
+def test_a_directory_guess_moves_its_times_and_links_and_is_replaced_only_by_its_own_reply():
+    import stat
+
+    from remote_runner.mirror.host.writes import DirectoryGuesses, predicted_directory
+    folder = {"st_mode": stat.S_IFDIR | 0o755, "st_ino": 7, "st_nlink": 5, "st_uid": 1, "st_gid": 2,
+              "st_size": 4096, "st_mtime": 2_000, "st_ctime": 3_000}
+    guess = predicted_directory(folder, "rmdir", now_ns=1_000)  # the host's clock lags: still later
+    assert guess["st_mtime"] == guess["st_ctime"] == 3_001 and guess["st_nlink"] == 4
+    assert {k: guess[k] for k in ("st_mode", "st_ino", "st_uid", "st_gid", "st_size")} == \
+        {k: folder[k] for k in ("st_mode", "st_ino", "st_uid", "st_gid", "st_size")}
+    assert predicted_directory(folder, "unlink", now_ns=9_000)["st_nlink"] == 5
+    assert predicted_directory(dict(folder, st_nlink=1), "rmdir", 9_000)["st_nlink"] == 1  # (btrfs)
+    assert predicted_directory({"missing": True}, "unlink", 9_000) is None
+    assert predicted_directory(dict(folder, st_mode=stat.S_IFREG | 0o644), "unlink", 9_000) is None
+    assert predicted_directory(None, "unlink", 9_000) is None
+    guesses = DirectoryGuesses()
+    first = guesses.begin("/d")
+    second = guesses.begin("/d")
+    assert guesses and not guesses.end("/d", first)  # a later change's guess stands
+    assert guesses.end("/d", second) and not guesses
+
+
+def test_a_change_sent_on_hands_its_reply_to_whoever_learns_from_it():
+    def submit(op, args, payload):
+        slot = [threading.Event(), args["path"]]
+        slot[0].set()  # answered at once
+        return slot
+
+    def wait(slot):
+        if slot[1].endswith("bad"):
+            raise OSError(errno.EIO, "failed")
+        return {"dst": {"st_nlink": 2}}, b""
+
+    learned = []
+    changes = PendingChanges(submit, wait)
+    changes.confirm("/d")
+    changes.post("unlink", {"path": "/d/a"}, ["/d"], undo=lambda: None, done=learned.append)
+    assert changes.pending
+    changes.collect()
+    assert learned == [{"dst": {"st_nlink": 2}}] and not changes.pending
+    undone = []
+    changes.post("unlink", {"path": "/d/bad"}, ["/d"], undo=lambda: undone.append(1), done=learned.append)
+    with pytest.raises(OSError):
+        changes.check("/d")
+    assert undone == [1] and len(learned) == 1  # a failed change teaches nothing

@@ -188,3 +188,50 @@ def test_a_python2_config_syntax_error_is_reported_through_the_mirror(lab, workd
                    PROJECT, "--export", prefix + ":ro", "--export", str(workdir))
     assert proc.returncode == 0, proc.stdout.decode()[-3000:] + proc.stderr.decode()[-2000:]
     assert b"1 passed" in proc.stdout
+
+
+# Empties a directory the way rm -r and a test suite's cleanup do; prints what it then sees.
+EMPTYING = textwrap.dedent("""
+    import os, sys
+    os.chdir(sys.argv[1])
+    os.mkdir("box")
+    for i in range(20):
+        os.mkdir("box/d%02d" % i)
+    for i in range(60):
+        with open("box/f%02d" % i, "w") as f:
+            f.write("x")
+    before = os.stat("box")
+    for i in range(60):
+        os.unlink("box/f%02d" % i)
+    for i in range(20):
+        os.rmdir("box/d%02d" % i)
+    after = os.stat("box")
+    print(before.st_nlink, after.st_nlink, after.st_mtime_ns >= before.st_mtime_ns, os.listdir("box"))
+""")
+
+
+def test_emptying_a_directory_waits_for_no_reply_per_name(lab, local_only, workdir, tmp_path):
+    """Each unlink or rmdir sent on leaves the directory's attributes guessed, not asked for again.
+
+    The kernel drops a directory's attributes after every change in it and asks
+    for them at the next one; the host answers from its guess until the
+    change's reply brings the real ones, so what the program sees (link count,
+    a later mtime, the listing) is still what a local run sees.
+    """
+    here, there = local_only / "here", local_only / "there"
+    here.mkdir()
+    there.mkdir()
+    script = local_only / "emptying.py"
+    script.write_text(EMPTYING)
+    local = subprocess.run(["/usr/bin/python3", str(script), str(here)], capture_output=True, timeout=120)
+    assert local.returncode == 0 and local.stdout == b"22 2 True []\n", local
+    stats = tmp_path / "stats.json"
+    proc = rr_exec(lab, "h1", ["/usr/bin/python3", str(script), str(there)], workdir,
+                   "--export", str(local_only), "--stats", str(stats))
+    assert proc.returncode == 0, proc.stderr.decode()
+    assert proc.stdout == local.stdout
+    counts = json.loads(stats.read_text())
+    assert counts["host"]["posted"].get("unlink", 0) >= 55 and counts["host"]["posted"].get("rmdir", 0) >= 15
+    # 80 removals, and not a getattr of "box" after each one
+    assert counts["served"].get("getattr", 0) < 20, counts
+    assert os.listdir(there / "box") == [] and os.stat(there / "box").st_nlink == 2

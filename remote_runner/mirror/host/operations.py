@@ -21,7 +21,7 @@ from ..hardlinks import LinkNames, path_invalidator
 from .caches import LOCAL_FH_BASE, FileCache, fetch_ahead, fetch_rest
 from .link import Link
 from .names import KernelDrops, NameCache, absorb_lookup, parent as parent_of
-from .writes import PendingChanges, PendingWrites
+from .writes import DirectoryGuesses, PendingChanges, PendingWrites, predicted_directory
 from .profile import Profile
 
 FUSE_CAP_CACHE_SYMLINKS = 1 << 23
@@ -134,15 +134,17 @@ def make_operations(link: Link, prefix: bytes, files: Optional[FileCache] = None
                 continue
         return header, data
 
-    def learn(op: str, args: Dict[str, Any], header: Dict[str, Any]) -> None:
+    def learn(op: str, args: Dict[str, Any], header: Dict[str, Any], since: Optional[int] = None) -> None:
         """Keep what the reply to the host's own change says of the name it made or removed.
 
         The local side sent it after the change (and did not echo the change
         back, see watcher.own); every ``inval`` sent before the reply has
         been applied by the time the reply is read, so the answer is current.
+        *since*: for a reply taken later than it was read, a token from before the
+        change was sent (an ``inval`` read meanwhile wins).
         """
         watched = bool(header.get("w"))
-        since = cache.begin()
+        since = cache.begin() if since is None else since
         if op in ("unlink", "rmdir"):
             cache.put(args["path"], None, watched=watched, since=since)
         elif isinstance(header.get("st"), dict):
@@ -194,16 +196,39 @@ def make_operations(link: Link, prefix: bytes, files: Optional[FileCache] = None
         settle_names(args)  # a file's own writes land before it is renamed or removed
         gone = args["old"] if op == "rename" else args["path"]
         kept = cache.kept(gone)
+        # unlink, rmdir: the directory's attributes are guessed until the reply brings them
+        # (a rename's reply does not: its directories are asked for again).
+        folder = dirs[0]
+        before = cache.get(folder) if op != "rename" else None
+        guess = predicted_directory(before, op, time.time_ns())
+        folder_kept = guess is not None and cache.kept(folder)
         forget_changed(op, args)
         if op == "rmdir" or op == "rename":
             changes.forget(gone)
+        done = None
+        if guess is not None:
+            token, since = guesses.begin(folder), cache.begin()
+            cache.put(folder, guess, watched=folder_kept, since=since)
+            done = lambda header: learned(folder, token, since, op, args, header)  # noqa: E731
         try:
-            changes.post(op, args, dirs, undo=lambda: forget_changed(op, args))
+            changes.post(op, args, dirs, undo=lambda: forget_changed(op, args), done=done)
             link.count_posted(op)
         except OSError as exc:
+            forget_changed(op, args)  # (the guess too)
             raise mfusepy.FuseOSError(exc.errno or errno.EIO)
         # What the change makes of the name, as the local side will find it.
         cache.put(gone, None, watched=kept, since=cache.begin())
+
+    guesses = DirectoryGuesses()
+
+    def learned(folder: str, token: int, since: int, op: str, args: Dict[str, Any],
+                header: Dict[str, Any]) -> None:
+        """The reply to a change sent without waiting: its directory's real attributes replace the
+        guess, unless a later change there made a newer one (its own reply will)."""
+        if guesses.end(folder, token):
+            learn(op, args, header, since)
+            if drops is not None:
+                drops.drop([folder], wait=False)  # the kernel's copy of the guess, too
 
     def drain(fh: Optional[int]) -> None:
         """Wait for the handle's pipelined writes (a read-back or size change needs them)."""
@@ -294,6 +319,8 @@ def make_operations(link: Link, prefix: bytes, files: Optional[FileCache] = None
             return attrs
 
         def _attributes(self, path: Optional[str], fh: Optional[int]) -> Dict[str, int]:
+            if guesses and changes.pending:
+                changes.collect()  # replies arrived: real attributes for guessed directories
             args: Dict[str, Any] = {"path": wire(path)} if path is not None or not fh else {}
             if fh is not None and fh >= LOCAL_FH_BASE and files is not None:
                 entry = files.handles.get(fh)

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import errno
 import os
+import stat
 import threading
 import time
 from typing import Any, Callable, Dict, List, Optional, Tuple
@@ -163,8 +164,11 @@ class PendingChanges:
             return all(d in self._confirmed for d in directories)
 
     def post(self, op: str, args: Dict[str, Any], directories: List[str],
-             undo: Callable[[], None]) -> None:
-        """Send *op* numbered, without waiting; on failure *undo* runs and *directories* keep the errno."""
+             undo: Callable[[], None], done: Optional[Callable[[Dict[str, Any]], None]] = None) -> None:
+        """Send *op* numbered, without waiting; on failure *undo* runs and *directories* keep the errno.
+
+        *done* gets the reply's header when the change succeeded (when :meth:`collect` takes it).
+        """
         with self._lock:
             self._seq += 1
             args["nseq"] = self._seq
@@ -173,7 +177,7 @@ class PendingChanges:
             except OSError:
                 self._seq -= 1  # never sent: no gap in the numbers
                 raise
-            self._inflight.append((slot, directories, undo))
+            self._inflight.append((slot, directories, undo, done))
             self.sent += 1
 
     def after(self) -> Optional[int]:
@@ -189,9 +193,9 @@ class PendingChanges:
             done = [item for item in self._inflight if item[0][0].is_set() or (
                 block and (wanted is None or wanted.intersection(item[1])))]
             self._inflight = [item for item in self._inflight if item not in done]
-        for slot, directories, undo in done:
+        for slot, directories, undo, learn in done:
             try:
-                self._wait(slot)
+                header, _ = self._wait(slot)
             except OSError as exc:
                 undo()
                 with self._lock:
@@ -199,6 +203,14 @@ class PendingChanges:
                     for directory in directories:
                         self._errors.setdefault(directory, exc.errno or errno.EIO)
                         self._confirmed.pop(directory, None)
+                continue
+            if learn is not None:
+                learn(header)
+
+    @property
+    def pending(self) -> bool:
+        """Whether some change sent is not yet taken by :meth:`collect`."""
+        return bool(self._inflight)
 
     def check(self, *directories: str, wait: bool = False) -> None:
         """Raise (once) the error a change sent earlier in one of *directories* failed with.
@@ -215,6 +227,59 @@ class PendingChanges:
                 err = self._errors.pop(directory, None)
                 if err is not None:
                     raise OSError(err, os.strerror(err))
+
+
+class DirectoryGuesses:
+    """(Agent) Which directories' attributes are guesses (:func:`predicted_directory`), and whose.
+
+    Each guess gets a token; a reply replaces the guess only if it answers the
+    change that made the latest one there.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._latest: Dict[str, int] = {}
+        self._next = 0
+
+    def __bool__(self) -> bool:
+        return bool(self._latest)
+
+    def begin(self, directory: str) -> int:
+        with self._lock:
+            self._next += 1
+            self._latest[directory] = self._next
+            return self._next
+
+    def end(self, directory: str, token: int) -> bool:
+        """Whether *token* is still *directory*'s latest guess (it is then no longer a guess)."""
+        with self._lock:
+            if self._latest.get(directory) != token:
+                return False
+            del self._latest[directory]
+            return True
+
+
+def predicted_directory(attrs: Optional[Dict[str, Any]], op: str, now_ns: int) -> Optional[Dict[str, Any]]:
+    """A directory's attributes after the host's own ``unlink`` or ``rmdir`` in it, until the reply.
+
+    The kernel drops a directory's attributes after each change in it and asks
+    for them again at the next permission check in it, so without a guess
+    every change sent without waiting (``rm -r``, a test suite's cleanup)
+    still cost a round trip. The guess keeps what a change there cannot alter
+    (type, permissions, owner, inode) and moves mtime and ctime forward (at
+    least a nanosecond past the old ones: the host's clock may lag this
+    machine's); an ``rmdir`` takes a link from a parent that counts its
+    subdirectories (``st_nlink`` above 2; btrfs keeps 1). The reply's own
+    attributes replace it within a round trip. None: nothing to guess from.
+    """
+    if not attrs or attrs.get("missing") or not stat.S_ISDIR(int(attrs.get("st_mode", 0))):
+        return None
+    guess = dict(attrs)
+    moved = max(now_ns, int(attrs.get("st_mtime", 0)) + 1, int(attrs.get("st_ctime", 0)) + 1)
+    guess["st_mtime"] = guess["st_ctime"] = moved
+    if op == "rmdir" and int(attrs.get("st_nlink", 0)) > 2:
+        guess["st_nlink"] = int(attrs["st_nlink"]) - 1
+    return guess
 
 
 class WriteOrder:
