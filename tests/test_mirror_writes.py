@@ -145,3 +145,17 @@ def test_a_change_sent_on_hands_its_reply_to_whoever_learns_from_it():
     with pytest.raises(OSError):
         changes.check("/d")
     assert undone == [1] and len(learned) == 1  # a failed change teaches nothing
+
+
+def test_a_file_grows_by_its_own_writes_and_its_times_only_move_forward():
+    import stat
+
+    from remote_runner.mirror.host.writes import grown_file
+    new = {"st_mode": stat.S_IFREG | 0o644, "st_ino": 9, "st_size": 0, "st_blocks": 0,
+           "st_mtime": 5_000, "st_ctime": 5_000}
+    first = grown_file(new, 0, 100, now_ns=4_000)  # the host's clock lags
+    assert first["st_size"] == 100 and first["st_blocks"] == 1 and first["st_mtime"] == first["st_ctime"] == 5_001
+    back = grown_file(first, 10, 6, now_ns=9_000)  # a write inside the file: the size stays
+    assert back["st_size"] == 100 and back["st_mtime"] == 9_000 and back["st_ino"] == 9
+    assert grown_file(dict(new, st_mode=stat.S_IFDIR | 0o755), 0, 1, 1) is None
+    assert grown_file({"missing": True}, 0, 1, 1) is None and grown_file(None, 0, 1, 1) is None

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.test_mirror_cache import rpc_lines
 from tests.test_mirror_lab import local_only, rr_exec, workdir  # noqa: F401
 
 pytestmark = pytest.mark.lab
@@ -235,3 +236,50 @@ def test_emptying_a_directory_waits_for_no_reply_per_name(lab, local_only, workd
     # 80 removals, and not a getattr of "box" after each one
     assert counts["served"].get("getattr", 0) < 20, counts
     assert os.listdir(there / "box") == [] and os.stat(there / "box").st_nlink == 2
+
+
+# Writes a new file the way an assembler does, asking its size after every write; then
+# reopens it and reads it back. Prints what it saw.
+GROWING = textwrap.dedent("""
+    import os, sys
+    os.chdir(sys.argv[1])
+    sizes = []
+    fd = os.open("out.o", os.O_CREAT | os.O_TRUNC | os.O_WRONLY, 0o644)
+    for i in range(40):
+        os.write(fd, bytes([i]) * (100 + i))
+        sizes.append(os.fstat(fd).st_size)
+    os.lseek(fd, 10, os.SEEK_SET)
+    os.write(fd, b"HEADER")                        # back to the start: the size stays
+    sizes.append(os.fstat(fd).st_size)
+    end = os.lseek(fd, 0, os.SEEK_END)
+    os.close(fd)
+    st = os.stat("out.o")
+    data = open("out.o", "rb").read()
+    print(sizes[:3], sizes[-2:], end, st.st_size, len(data), data[10:16], st.st_blocks * 512 >= st.st_size)
+""")
+
+
+def test_a_file_being_written_answers_its_own_size_without_a_round_trip(lab, local_only, workdir, tmp_path):
+    """Size and times of a file the host creates follow from its own writes until close."""
+    here, there = local_only / "here", local_only / "there"
+    here.mkdir()
+    there.mkdir()
+    script = local_only / "growing.py"
+    script.write_text(GROWING)
+    local = subprocess.run(["/usr/bin/python3", str(script), str(here)], capture_output=True, timeout=120)
+    assert local.returncode == 0, local.stderr.decode()
+    stats = tmp_path / "stats.json"
+    proc = rr_exec(lab, "h2", ["/usr/bin/python3", str(script), str(there)], workdir,
+                   "--export", str(local_only), "--stats", str(stats), "--debug-rpc")
+    assert proc.returncode == 0, proc.stderr.decode()
+    assert proc.stdout == local.stdout
+    assert (there / "out.o").read_bytes() == (here / "out.o").read_bytes()
+    counts = json.loads(stats.read_text())
+    assert counts["host"]["posted"].get("write", 0) >= 40
+    # 41 writes, each followed by an fstat: none of them waited for this machine (at most the
+    # lookup before the create and the stat after the close may ask)
+    asked = [line for line in rpc_lines(proc.stderr, "getattr") if "out.o" in line]
+    assert len(asked) <= 2, asked
+    # after close, the attributes are this machine's (the flush brought them)
+    local_st, seen = os.stat(there / "out.o"), os.stat(here / "out.o")
+    assert local_st.st_size == seen.st_size

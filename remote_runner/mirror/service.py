@@ -472,8 +472,15 @@ class LocalFileService(SendAhead, DirectoryAnswers, OwnChanges):
         return Reply({"n": done})
 
     def op_flush(self, a: Dict[str, Any], _: bytes) -> Reply:
-        os.close(os.dup(self.handles.get(a["fh"])))
-        return Reply()
+        fd = self.handles.get(a["fh"])
+        os.close(os.dup(fd))
+        raw = self._handle_paths.get(a["fh"])
+        if not a.get("st") or raw is None:
+            return Reply()
+        # The file's attributes after its writes (the host guessed them meanwhile), and
+        # whether its directory is watched (then the host may keep them until told).
+        watched = self._watch(os.path.dirname(raw) or b"/")
+        return Reply({"st": P.stat_to_wire(os.fstat(fd)), "w": 1 if watched else 0})
 
     def op_release(self, a: Dict[str, Any], _: bytes) -> Reply:
         self._handle_paths.pop(a["fh"], None)

@@ -21,7 +21,7 @@ from ..hardlinks import LinkNames, path_invalidator
 from .caches import LOCAL_FH_BASE, FileCache, fetch_ahead, fetch_rest
 from .link import Link
 from .names import KernelDrops, NameCache, absorb_lookup, parent as parent_of
-from .writes import DirectoryGuesses, PendingChanges, PendingWrites, predicted_directory
+from .writes import DirectoryGuesses, PendingChanges, PendingWrites, grown_file, predicted_directory
 from .profile import Profile
 
 FUSE_CAP_CACHE_SYMLINKS = 1 << 23
@@ -329,8 +329,15 @@ def make_operations(link: Link, prefix: bytes, files: Optional[FileCache] = None
                     return entry[1]
             if fh is not None and fh:
                 args["fh"] = fh
-                drain(fh)
                 made = created.get(fh)
+                if made is not None and path is not None:
+                    # A file this host created and is writing: its size and times follow
+                    # from its own writes (see write), with no need to wait for them.
+                    known = cache.get(args["path"])
+                    if known is not None and not known.get("missing") and known.get("st_ino") == made:
+                        link.answer_here("getattr")
+                        return known
+                drain(fh)
                 if made is not None and path is not None and not writes.pending(fh):
                     # A file this host created: its name still stands for it (same inode)
                     # and nothing changed it since it was last answered.
@@ -505,7 +512,14 @@ def make_operations(link: Link, prefix: bytes, files: Optional[FileCache] = None
         def write(self, path: str, data: bytes, offset: int, fh: int) -> int:
             if path is not None:
                 name = wire(path)
-                cache.changed(name)
+                since = cache.begin()
+                known = cache.get(name) if fh in created else None
+                guess = grown_file(known, offset, len(data), time.time_ns())
+                if guess is None or guess.get("st_ino") != created.get(fh) or not cache.put(
+                        name, guess, watched=cache.kept(name), since=since):
+                    cache.changed(name)
+                elif known is not None and no_caps.get(path, (0.0, None))[1] == known.get("st_ctime"):
+                    no_caps[path] = (no_caps[path][0], guess["st_ctime"])  # still none: writes only drop them
                 with writing_lock:
                     if written.get(fh) != name:
                         writing.get(written.get(fh, ""), {}).pop(fh, None)
@@ -526,16 +540,26 @@ def make_operations(link: Link, prefix: bytes, files: Optional[FileCache] = None
                 link.answer_here("flush")
                 return 0
             if writes.pending(fh):
-                # close: the flush goes after the handle's writes; one wait for all of them
-                slot = link.submit("flush", {"fh": fh, "seq": writes.next_seq(fh)})
+                # close: the flush goes after the handle's writes; one wait for all of them.
+                # Its reply brings the file's attributes, which replace what was guessed.
+                since = cache.begin()
+                slot = link.submit("flush", {"fh": fh, "seq": writes.next_seq(fh), "st": 1})
+                header: Dict[str, Any] = {}
                 try:
                     writes.settle(fh)
-                    link.wait(slot)
+                    header = link.wait(slot)[0]
                 except OSError as exc:
                     raise mfusepy.FuseOSError(exc.errno or errno.EIO)
                 finally:
                     if path is not None:
-                        cache.changed(wire(path))
+                        name = wire(path)
+                        st = header.get("st")
+                        # (kept until told only if the host also holds the name's directory so)
+                        if not isinstance(st, dict) or not cache.put(
+                                name, st, watched=bool(header.get("w")) and cache.kept(name), since=since):
+                            cache.changed(name)
+                        if fh in created and drops is not None:
+                            drops.drop([name], wait=False)  # the kernel's copy of a guess, too
                 return 0
             # Nothing sent and not waited for: the local close would report nothing
             # (the local file system keeps no error for a handle without writes).

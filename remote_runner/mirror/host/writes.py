@@ -282,6 +282,27 @@ def predicted_directory(attrs: Optional[Dict[str, Any]], op: str, now_ns: int) -
     return guess
 
 
+def grown_file(attrs: Optional[Dict[str, Any]], offset: int, length: int,
+               now_ns: int) -> Optional[Dict[str, Any]]:
+    """A file's attributes after the host's own write of *length* bytes at *offset*, until its close.
+
+    An assembler or linker asks for the size of the file it writes after
+    nearly every write (``fstat``, ``lseek``); asking this machine would wait
+    for the writes sent on and one more round trip each. The size follows from
+    the write, the times move forward as for :func:`predicted_directory`, and
+    the blocks cover at least the size. The ``flush`` at close brings the real
+    attributes. None: nothing to guess from.
+    """
+    if not attrs or attrs.get("missing") or not stat.S_ISREG(int(attrs.get("st_mode", 0))):
+        return None
+    guess = dict(attrs)
+    guess["st_size"] = max(int(attrs.get("st_size", 0)), offset + length)
+    moved = max(now_ns, int(attrs.get("st_mtime", 0)) + 1, int(attrs.get("st_ctime", 0)) + 1)
+    guess["st_mtime"] = guess["st_ctime"] = moved
+    guess["st_blocks"] = max(int(attrs.get("st_blocks", 0)), (guess["st_size"] + 511) // 512)
+    return guess
+
+
 class WriteOrder:
     """(Local) Lets each handle's numbered requests run in the order they were numbered."""
 
