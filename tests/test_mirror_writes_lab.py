@@ -283,3 +283,44 @@ def test_a_file_being_written_answers_its_own_size_without_a_round_trip(lab, loc
     # after close, the attributes are this machine's (the flush brought them)
     local_st, seen = os.stat(there / "out.o"), os.stat(here / "out.o")
     assert local_st.st_size == seen.st_size
+
+
+# Writes a file, closes it, waits until this machine changed it (the "go" file), reads it again.
+REREAD = textwrap.dedent("""
+    import os, sys, time
+    os.chdir(sys.argv[1])
+    with open("data.txt", "w") as f:
+        f.write("written on the host\\n")
+    first = open("data.txt").read()
+    with open("ready", "w") as f:
+        f.write("1")
+    end = time.time() + 60
+    while not os.path.exists("go") and time.time() < end:
+        time.sleep(0.05)
+    print(repr(first), repr(open("data.txt").read()))
+""")
+
+
+def test_a_file_the_host_wrote_then_changed_here_is_read_as_changed(lab, local_only, workdir):
+    """The host's own copy of what it wrote stands only until this machine changes the file."""
+    import time
+    script = local_only / "reread.py"
+    script.write_text(REREAD)
+    there = local_only / "there"
+    there.mkdir()
+    proc = subprocess.Popen([sys.executable, "-m", "remote_runner", "exec", "-F", lab.ssh_config,
+                             "--export", str(local_only), "h2", "/usr/bin/python3", str(script), str(there)],
+                            cwd=str(workdir), stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        end = time.monotonic() + 60
+        while not (there / "ready").exists() and time.monotonic() < end and proc.poll() is None:
+            time.sleep(0.05)
+        assert (there / "data.txt").read_text() == "written on the host\n"
+        (there / "data.txt").write_text("changed on this side\n")  # other bytes, another size
+        (there / "go").write_text("1")
+        out, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 0, err.decode()
+    assert out == b"'written on the host\\n' 'changed on this side\\n'\n", (out, err)

@@ -50,6 +50,7 @@ def make_operations(link: Link, prefix: bytes, files: Optional[FileCache] = None
     changes = PendingChanges(link.submit, link.wait)
     sync_handles: Dict[int, None] = {}  # opened O_SYNC/O_DSYNC: every write waits
     created: Dict[int, Any] = {}  # handles of files this host created -> the file's inode
+    flushed: Dict[int, None] = {}  # handles whose close brought the file's attributes, unwritten since
 
     def wire(path: str) -> str:
         if path is None:  # an operation on an open file whose name libfuse no longer knows
@@ -467,6 +468,8 @@ def make_operations(link: Link, prefix: bytes, files: Optional[FileCache] = None
             return 0
 
         def truncate(self, path: str, length: int, fh: Optional[int] = None) -> int:
+            if fh:
+                flushed.pop(fh, None)
             args: Dict[str, Any] = {"size": length}
             if fh and fh < LOCAL_FH_BASE:
                 args["fh"] = fh
@@ -510,6 +513,8 @@ def make_operations(link: Link, prefix: bytes, files: Optional[FileCache] = None
             return call("read", {"fh": fh, "size": size, "off": offset})[1]
 
         def write(self, path: str, data: bytes, offset: int, fh: int) -> int:
+            data = bytes(data)
+            flushed.pop(fh, None)
             if path is not None:
                 name = wire(path)
                 since = cache.begin()
@@ -526,10 +531,10 @@ def make_operations(link: Link, prefix: bytes, files: Optional[FileCache] = None
                         writing.setdefault(name, {})[fh] = None
                         written[fh] = name
             if fh in sync_handles:
-                done = int(call("write", {"fh": fh, "off": offset}, bytes(data))[0]["n"])
+                done = int(call("write", {"fh": fh, "off": offset}, data)[0]["n"])
             else:
                 # Sent without waiting (see writes.py): an error comes back at close or fsync.
-                done = writes.write(fh, offset, bytes(data))
+                done = writes.write(fh, offset, data)
                 link.count_posted("write")
             links.changed(path)
             return done
@@ -543,6 +548,7 @@ def make_operations(link: Link, prefix: bytes, files: Optional[FileCache] = None
                 # close: the flush goes after the handle's writes; one wait for all of them.
                 # Its reply brings the file's attributes, which replace what was guessed.
                 since = cache.begin()
+                name = wire(path) if path is not None else None
                 slot = link.submit("flush", {"fh": fh, "seq": writes.next_seq(fh), "st": 1})
                 header: Dict[str, Any] = {}
                 try:
@@ -551,12 +557,13 @@ def make_operations(link: Link, prefix: bytes, files: Optional[FileCache] = None
                 except OSError as exc:
                     raise mfusepy.FuseOSError(exc.errno or errno.EIO)
                 finally:
-                    if path is not None:
-                        name = wire(path)
+                    if name is not None:
                         st = header.get("st")
                         # (kept until told only if the host also holds the name's directory so)
-                        if not isinstance(st, dict) or not cache.put(
+                        if isinstance(st, dict) and cache.put(
                                 name, st, watched=bool(header.get("w")) and cache.kept(name), since=since):
+                            flushed[fh] = None
+                        else:
                             cache.changed(name)
                         if fh in created and drops is not None:
                             drops.drop([name], wait=False)  # the kernel's copy of a guess, too
@@ -582,6 +589,8 @@ def make_operations(link: Link, prefix: bytes, files: Optional[FileCache] = None
             # waited for either; numbered, so it comes after the handle's writes.
             sync_handles.pop(fh, None)
             created.pop(fh, None)
+            clean = fh in flushed  # unwritten since its close brought the attributes: they stand
+            flushed.pop(fh, None)
             link.post("release", {"fh": fh, "seq": writes.next_seq(fh)})
             writes.forget(fh)
             with writing_lock:
@@ -591,7 +600,7 @@ def make_operations(link: Link, prefix: bytes, files: Optional[FileCache] = None
                     handles.pop(fh, None)
                     if not handles:
                         writing.pop(name, None)
-            if path is not None:
+            if path is not None and not clean:
                 cache.changed(wire(path))
             return 0
 
@@ -609,6 +618,7 @@ def make_operations(link: Link, prefix: bytes, files: Optional[FileCache] = None
             if fh >= LOCAL_FH_BASE:
                 raise mfusepy.FuseOSError(errno.EBADF)
             drain(fh)
+            flushed.pop(fh, None)
             call("fallocate", {"fh": fh, "mode": mode, "off": offset, "len": size})
             links.changed(path)
             return 0
