@@ -159,3 +159,28 @@ def test_a_file_grows_by_its_own_writes_and_its_times_only_move_forward():
     assert back["st_size"] == 100 and back["st_mtime"] == 9_000 and back["st_ino"] == 9
     assert grown_file(dict(new, st_mode=stat.S_IFDIR | 0o755), 0, 1, 1) is None
     assert grown_file({"missing": True}, 0, 1, 1) is None and grown_file(None, 0, 1, 1) is None
+
+
+def test_what_a_file_was_written_with_answers_its_reads_until_anything_else_touches_it():
+    from remote_runner.mirror.host.writes import WrittenFiles
+    stamps = {}
+    changed = lambda name, since: stamps.get(name, -1) >= since  # noqa: E731 (NameCache.changed_since)
+    files = WrittenFiles(limit=100)
+    files.start("/a", 7, since=5)
+    files.wrote("/a", 7, 0, b"hello")
+    files.wrote("/a", 7, 10, b"world")  # a hole between: zeros
+    assert files.read("/a", 0, 4096, changed) == b"hello\0\0\0\0\0world"  # short: the file ends there
+    files.wrote("/a", 7, 1, b"E")
+    assert files.read("/a", 0, 3, changed) == b"hEl" and files.read("/a", 15, 10, changed) == b""
+    assert files.read("/b", 0, 1, changed) is None
+    stamps["/a"] = 6  # this machine reported a change: ask again from now on
+    assert files.read("/a", 0, 1, changed) is None and not files
+    files.start("/a", 7, since=9)
+    files.wrote("/a", 8, 0, b"x")  # another handle wrote to it
+    assert files.read("/a", 0, 1, changed) is None
+    files.start("/c", 1, since=9)
+    files.wrote("/c", 1, 90, b"0123456789abc")  # past the limit
+    assert files.read("/c", 0, 1, changed) is None
+    files.start("/d", 1, since=9)
+    files.drop("/d")
+    assert files.read("/d", 0, 1, changed) is None

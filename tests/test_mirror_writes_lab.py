@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.test_mirror_cache import rpc_lines
+from tests.test_mirror_cache import rpc_lines, settle
 from tests.test_mirror_lab import local_only, rr_exec, workdir  # noqa: F401
 
 pytestmark = pytest.mark.lab
@@ -266,6 +266,7 @@ def test_a_file_being_written_answers_its_own_size_without_a_round_trip(lab, loc
     there.mkdir()
     script = local_only / "growing.py"
     script.write_text(GROWING)
+    settle(script)
     local = subprocess.run(["/usr/bin/python3", str(script), str(here)], capture_output=True, timeout=120)
     assert local.returncode == 0, local.stderr.decode()
     stats = tmp_path / "stats.json"
@@ -280,6 +281,9 @@ def test_a_file_being_written_answers_its_own_size_without_a_round_trip(lab, loc
     # lookup before the create and the stat after the close may ask)
     asked = [line for line in rpc_lines(proc.stderr, "getattr") if "out.o" in line]
     assert len(asked) <= 2, asked
+    # and read back from what the host wrote, through a new handle, without a read through the link
+    # (the script itself is settled, so it comes whole)
+    assert counts["served"].get("read", 0) == 0, counts["served"]
     # after close, the attributes are this machine's (the flush brought them)
     local_st, seen = os.stat(there / "out.o"), os.stat(here / "out.o")
     assert local_st.st_size == seen.st_size

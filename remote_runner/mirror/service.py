@@ -439,7 +439,11 @@ class LocalFileService(SendAhead, DirectoryAnswers, OwnChanges):
             except BaseException:
                 os.close(fd)
                 raise
-        return Reply({"fh": self._add_handle(fd, a)})
+        handle = self._add_handle(fd, a)
+        if flags & os.O_TRUNC and changes:
+            # emptied: its attributes, so the host can follow its size as it writes
+            return Reply({"fh": handle, "st": P.stat_to_wire(os.fstat(fd))})
+        return Reply({"fh": handle})
 
     def op_create(self, a: Dict[str, Any], _: bytes) -> Reply:
         path = self._path(a, write=True)

@@ -420,6 +420,11 @@ class NameCache:
                 self._types.pop(path, None)
                 self._retyped.discard(path)
 
+    def changed_since(self, path: str, since: int) -> bool:
+        """Whether *path* was invalidated (here or by the local side) after token *since*."""
+        with self._lock:
+            return self._stale(path, since)
+
     def changed(self, path: str) -> None:
         """The mirror changed *path*'s data or attributes (write, chmod, truncate...)."""
         self.invalidate(paths=[path])

@@ -21,7 +21,8 @@ from ..hardlinks import LinkNames, path_invalidator
 from .caches import LOCAL_FH_BASE, FileCache, fetch_ahead, fetch_rest
 from .link import Link
 from .names import KernelDrops, NameCache, absorb_lookup, parent as parent_of
-from .writes import DirectoryGuesses, PendingChanges, PendingWrites, grown_file, predicted_directory
+from .writes import (DirectoryGuesses, PendingChanges, PendingWrites, WrittenFiles, grown_file,
+                     predicted_directory)
 from .profile import Profile
 
 FUSE_CAP_CACHE_SYMLINKS = 1 << 23
@@ -51,6 +52,7 @@ def make_operations(link: Link, prefix: bytes, files: Optional[FileCache] = None
     sync_handles: Dict[int, None] = {}  # opened O_SYNC/O_DSYNC: every write waits
     created: Dict[int, Any] = {}  # handles of files this host created -> the file's inode
     flushed: Dict[int, None] = {}  # handles whose close brought the file's attributes, unwritten since
+    written_files = WrittenFiles()  # files the host created or emptied: reads answered here
 
     def wire(path: str) -> str:
         if path is None:  # an operation on an open file whose name libfuse no longer knows
@@ -81,6 +83,8 @@ def make_operations(link: Link, prefix: bytes, files: Optional[FileCache] = None
 
     def forget_changed(op: str, args: Dict[str, Any]) -> None:
         """Drop from the name cache exactly what *op* changed (never all of it)."""
+        if op in ("unlink", "rename", "link", "truncate"):
+            written_files.drop(*[args[k] for k in ("path", "old", "new", "target") if isinstance(args.get(k), str)])
         if op in ("mknod", "mkdir", "symlink", "create", "unlink", "rmdir"):
             cache.renamed(args["path"])
         elif op == "rename":
@@ -289,6 +293,11 @@ def make_operations(link: Link, prefix: bytes, files: Optional[FileCache] = None
             return None
         return files.store_quietly(path, meta, chunks)
 
+    def track_written(name: str, fh: int) -> None:
+        """*fh* opened *name* empty: keep what it writes to answer reads (see WrittenFiles)."""
+        if cache.kept(name):  # a change made by this machine will be reported (watched)
+            written_files.start(name, fh, cache.begin())
+
     class MirrorOperations(mfusepy.Operations):
         use_ns = True
 
@@ -470,6 +479,8 @@ def make_operations(link: Link, prefix: bytes, files: Optional[FileCache] = None
         def truncate(self, path: str, length: int, fh: Optional[int] = None) -> int:
             if fh:
                 flushed.pop(fh, None)
+            if path is not None:
+                written_files.drop(wire(path))
             args: Dict[str, Any] = {"size": length}
             if fh and fh < LOCAL_FH_BASE:
                 args["fh"] = fh
@@ -487,7 +498,16 @@ def make_operations(link: Link, prefix: bytes, files: Optional[FileCache] = None
         def open(self, path: str, flags: int) -> int:
             if files is not None and flags & (os.O_ACCMODE | os.O_TRUNC | os.O_CREAT) == os.O_RDONLY:
                 return open_whole(wire(path), flags)
-            fh = int(call("open", {"path": wire(path), "flags": flags})[0]["fh"])
+            name = wire(path)
+            header = call("open", {"path": name, "flags": flags})[0]
+            fh = int(header["fh"])
+            st = header.get("st")
+            if flags & os.O_TRUNC and isinstance(st, dict) and st.get("st_size") == 0:
+                # emptied: like a file just made (its size and times follow its writes)
+                since = cache.begin()
+                if cache.put(name, st, watched=cache.kept(name), since=since):
+                    created[fh] = st.get("st_ino")
+                    track_written(name, fh)
             if flags & os.O_DSYNC:
                 sync_handles[fh] = None
             return fh
@@ -499,6 +519,8 @@ def make_operations(link: Link, prefix: bytes, files: Optional[FileCache] = None
             if isinstance(header.get("st"), dict):
                 created[fh] = header["st"].get("st_ino")
                 if header["st"].get("st_size") == 0:
+                    track_written(wire(path), fh)
+                if header["st"].get("st_size") == 0:
                     # a new (or emptied) file has no capability until one is set, which changes its ctime
                     no_caps[path] = (0.0, header["st"].get("st_ctime"))
             if flags & os.O_DSYNC:
@@ -509,6 +531,11 @@ def make_operations(link: Link, prefix: bytes, files: Optional[FileCache] = None
             if fh >= LOCAL_FH_BASE:
                 link.answer_here("read")
                 return os.pread(local_fd(fh), size, offset)
+            if written_files and path is not None:
+                known = written_files.read(wire(path), offset, size, cache.changed_since)
+                if known is not None:
+                    link.answer_here("read")
+                    return known
             drain(fh)  # reading back what was just written
             return call("read", {"fh": fh, "size": size, "off": offset})[1]
 
@@ -517,6 +544,7 @@ def make_operations(link: Link, prefix: bytes, files: Optional[FileCache] = None
             flushed.pop(fh, None)
             if path is not None:
                 name = wire(path)
+                written_files.wrote(name, fh, offset, data)
                 since = cache.begin()
                 known = cache.get(name) if fh in created else None
                 guess = grown_file(known, offset, len(data), time.time_ns())
@@ -555,6 +583,8 @@ def make_operations(link: Link, prefix: bytes, files: Optional[FileCache] = None
                     writes.settle(fh)
                     header = link.wait(slot)[0]
                 except OSError as exc:
+                    if name is not None:
+                        written_files.drop(name)  # what failed to be written is not there
                     raise mfusepy.FuseOSError(exc.errno or errno.EIO)
                 finally:
                     if name is not None:
@@ -619,6 +649,8 @@ def make_operations(link: Link, prefix: bytes, files: Optional[FileCache] = None
                 raise mfusepy.FuseOSError(errno.EBADF)
             drain(fh)
             flushed.pop(fh, None)
+            if path is not None:
+                written_files.drop(wire(path))
             call("fallocate", {"fh": fh, "mode": mode, "off": offset, "len": size})
             links.changed(path)
             return 0

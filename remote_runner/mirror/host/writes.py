@@ -282,6 +282,70 @@ def predicted_directory(attrs: Optional[Dict[str, Any]], op: str, now_ns: int) -
     return guess
 
 
+#: What the host writes into a file it created or emptied is kept to answer reads, up to this size.
+WRITTEN_LIMIT = 4 << 20
+
+
+class WrittenFiles:
+    """(Agent) The bytes written into files the host created or emptied, to answer their reads here.
+
+    An assembler reads back the header it wrote, ``as`` reads the ``.s`` that
+    ``cc1`` just wrote, a test reads the fixture it wrote: through the link,
+    each read waits for the writes sent on and then for its own answer. A
+    file that was empty when its writer opened it holds exactly what that
+    writer wrote (zeros in the gaps), as long as no other handle wrote to it,
+    nothing truncated it, and this machine reported no change to it (its
+    directory is watched: a change made there is reported before anything
+    newer). Reads of it, through any handle, are then answered from those
+    bytes (its end is theirs: an append by the same writer is added here, any
+    other change makes the file ask the link again); a write that fails
+    drops them at the close that reports it.
+    """
+
+    def __init__(self, limit: int = WRITTEN_LIMIT) -> None:
+        self.limit = limit
+        self._lock = threading.Lock()
+        self._files: Dict[str, Tuple[int, bytearray, int]] = {}  # name -> (writer, bytes, since)
+
+    def __bool__(self) -> bool:
+        return bool(self._files)
+
+    def start(self, name: str, fh: int, since: int) -> None:
+        """*fh* opened *name* empty; *since*: a name-cache token from after the open."""
+        with self._lock:
+            self._files[name] = (fh, bytearray(), since)
+
+    def wrote(self, name: str, fh: int, offset: int, data: bytes) -> None:
+        with self._lock:
+            entry = self._files.get(name)
+            if entry is None:
+                return
+            if entry[0] != fh or offset + len(data) > self.limit:
+                del self._files[name]  # another writer, or too big: read through the link
+                return
+            held = entry[1]
+            if offset > len(held):
+                held.extend(bytes(offset - len(held)))  # a hole reads as zeros
+            held[offset:offset + len(data)] = data
+
+    def drop(self, *names: str) -> None:
+        with self._lock:
+            for name in names:
+                self._files.pop(name, None)
+
+    def read(self, name: str, offset: int, size: int, changed_since: Callable[[str, int], bool]
+             ) -> Optional[bytes]:
+        """The bytes at *offset* if *name* is known here (None: ask); a short answer at its end."""
+        with self._lock:
+            entry = self._files.get(name)
+            if entry is None:
+                return None
+            if changed_since(name, entry[2]):
+                del self._files[name]
+                return None
+            return bytes(entry[1][offset:offset + size])  # short at the end: the file ends there
+
+
 def grown_file(attrs: Optional[Dict[str, Any]], offset: int, length: int,
                now_ns: int) -> Optional[Dict[str, Any]]:
     """A file's attributes after the host's own write of *length* bytes at *offset*, until its close.
