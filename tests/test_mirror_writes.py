@@ -184,3 +184,17 @@ def test_what_a_file_was_written_with_answers_its_reads_until_anything_else_touc
     files.start("/d", 1, since=9)
     files.drop("/d")
     assert files.read("/d", 0, 1, changed) is None
+
+
+def test_what_was_written_is_kept_within_a_budget_oldest_first():
+    from remote_runner.mirror.host.writes import WrittenFiles
+    never = lambda name, since: False  # noqa: E731
+    files = WrittenFiles(limit=100, total=150)
+    for name in ("/a", "/b", "/c"):
+        files.start(name, 1, since=0)
+        files.wrote(name, 1, 0, b"x" * 60)
+    assert files.read("/a", 0, 1, never) is None  # the oldest went to make room
+    assert files.read("/b", 0, 1, never) == b"x" and files.read("/c", 0, 1, never) == b"x"
+    files.start("/b", 2, since=0)  # emptied again: its old bytes no longer count
+    files.wrote("/b", 2, 0, b"y" * 60)
+    assert files.read("/c", 0, 1, never) == b"x" and files.read("/b", 0, 1, never) == b"y"

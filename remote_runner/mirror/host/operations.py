@@ -53,6 +53,7 @@ def make_operations(link: Link, prefix: bytes, files: Optional[FileCache] = None
     created: Dict[int, Any] = {}  # handles of files this host created -> the file's inode
     flushed: Dict[int, None] = {}  # handles whose close brought the file's attributes, unwritten since
     written_files = WrittenFiles()  # files the host created or emptied: reads answered here
+    guesses = DirectoryGuesses()  # directories whose attributes are guessed after unlink, rmdir
 
     def wire(path: str) -> str:
         if path is None:  # an operation on an open file whose name libfuse no longer knows
@@ -223,8 +224,6 @@ def make_operations(link: Link, prefix: bytes, files: Optional[FileCache] = None
             raise mfusepy.FuseOSError(exc.errno or errno.EIO)
         # What the change makes of the name, as the local side will find it.
         cache.put(gone, None, watched=kept, since=cache.begin())
-
-    guesses = DirectoryGuesses()
 
     def learned(folder: str, token: int, since: int, op: str, args: Dict[str, Any],
                 header: Dict[str, Any]) -> None:
@@ -520,7 +519,6 @@ def make_operations(link: Link, prefix: bytes, files: Optional[FileCache] = None
                 created[fh] = header["st"].get("st_ino")
                 if header["st"].get("st_size") == 0:
                     track_written(wire(path), fh)
-                if header["st"].get("st_size") == 0:
                     # a new (or emptied) file has no capability until one is set, which changes its ctime
                     no_caps[path] = (0.0, header["st"].get("st_ctime"))
             if flags & os.O_DSYNC:

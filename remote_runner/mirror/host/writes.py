@@ -282,8 +282,9 @@ def predicted_directory(attrs: Optional[Dict[str, Any]], op: str, now_ns: int) -
     return guess
 
 
-#: What the host writes into a file it created or emptied is kept to answer reads, up to this size.
-WRITTEN_LIMIT = 4 << 20
+#: What the host writes into a file it created or emptied is kept to answer reads, up to this
+#: size per file and this much in all (the files written longest ago go first).
+WRITTEN_LIMIT, WRITTEN_TOTAL = 4 << 20, 64 << 20
 
 
 class WrittenFiles:
@@ -302,8 +303,10 @@ class WrittenFiles:
     drops them at the close that reports it.
     """
 
-    def __init__(self, limit: int = WRITTEN_LIMIT) -> None:
+    def __init__(self, limit: int = WRITTEN_LIMIT, total: int = WRITTEN_TOTAL) -> None:
         self.limit = limit
+        self.total = total
+        self._held = 0
         self._lock = threading.Lock()
         self._files: Dict[str, Tuple[int, bytearray, int]] = {}  # name -> (writer, bytes, since)
 
@@ -313,6 +316,7 @@ class WrittenFiles:
     def start(self, name: str, fh: int, since: int) -> None:
         """*fh* opened *name* empty; *since*: a name-cache token from after the open."""
         with self._lock:
+            self._forget(name)
             self._files[name] = (fh, bytearray(), since)
 
     def wrote(self, name: str, fh: int, offset: int, data: bytes) -> None:
@@ -321,17 +325,26 @@ class WrittenFiles:
             if entry is None:
                 return
             if entry[0] != fh or offset + len(data) > self.limit:
-                del self._files[name]  # another writer, or too big: read through the link
+                self._forget(name)  # another writer, or too big: read through the link
                 return
             held = entry[1]
-            if offset > len(held):
-                held.extend(bytes(offset - len(held)))  # a hole reads as zeros
+            before = len(held)
+            if offset > before:
+                held.extend(bytes(offset - before))  # a hole reads as zeros
             held[offset:offset + len(data)] = data
+            self._held += len(held) - before
+            while self._held > self.total and self._files:
+                self._forget(next(iter(self._files)))  # the oldest first
 
     def drop(self, *names: str) -> None:
         with self._lock:
             for name in names:
-                self._files.pop(name, None)
+                self._forget(name)
+
+    def _forget(self, name: str) -> None:
+        entry = self._files.pop(name, None)
+        if entry is not None:
+            self._held -= len(entry[1])
 
     def read(self, name: str, offset: int, size: int, changed_since: Callable[[str, int], bool]
              ) -> Optional[bytes]:
@@ -341,7 +354,7 @@ class WrittenFiles:
             if entry is None:
                 return None
             if changed_since(name, entry[2]):
-                del self._files[name]
+                self._forget(name)
                 return None
             return bytes(entry[1][offset:offset + size])  # short at the end: the file ends there
 
