@@ -81,25 +81,36 @@ def snapshot(top: Path):
     return out
 
 
+def run_here_and_there(lab, local_only, workdir, tmp_path, host, program, *options, settled=False):
+    """Run *program* locally in ``here/`` and through the mirror on *host* in ``there/``.
+
+    Returns (local run, mirror run, the mirror run's ``--stats`` counters); both
+    runs must succeed.
+    """
+    here, there = local_only / "here", local_only / "there"
+    here.mkdir()
+    there.mkdir()
+    script = local_only / "program.py"
+    script.write_text(program)
+    if settled:  # old enough to come whole, so its own reads are not counted
+        settle(script)
+    local = subprocess.run(["/usr/bin/python3", str(script), str(here)], capture_output=True, timeout=120)
+    assert local.returncode == 0, local.stderr.decode()
+    stats = tmp_path / "stats.json"
+    proc = rr_exec(lab, host, ["/usr/bin/python3", str(script), str(there)], workdir,
+                   "--export", str(local_only), "--stats", str(stats), *options)
+    assert proc.returncode == 0, proc.stderr.decode()
+    return local, proc, json.loads(stats.read_text())
+
+
 @pytest.mark.parametrize("host", ["h1", "h9"])
 def test_a_programs_own_changes_leave_the_local_disk_as_a_local_run(lab, local_only, workdir, host, request,
                                                                     tmp_path):
     if host == "h9":
         host = request.getfixturevalue("foreign_host")
-    here, there = local_only / "here", local_only / "there"
-    here.mkdir()
-    there.mkdir()
-    script = local_only / "program.py"
-    script.write_text(PROGRAM)
-    local = subprocess.run(["/usr/bin/python3", str(script), str(here)], capture_output=True, timeout=120)
-    assert local.returncode == 0, local.stderr.decode()
-    stats = tmp_path / "stats.json"
-    proc = rr_exec(lab, host, ["/usr/bin/python3", str(script), str(there)], workdir,
-                   "--export", str(local_only), "--stats", str(stats))
-    assert proc.returncode == 0, proc.stderr.decode()
+    local, proc, counts = run_here_and_there(lab, local_only, workdir, tmp_path, host, PROGRAM)
     assert proc.stdout == local.stdout
-    assert snapshot(there) == snapshot(here)
-    counts = json.loads(stats.read_text())
+    assert snapshot(local_only / "there") == snapshot(local_only / "here")
     posted = counts["host"]["posted"]
     # the removals of rmtree and the renames into place went without a wait each
     assert posted.get("unlink", 0) >= 10 and posted.get("rmdir", 0) >= 1 and posted.get("rename", 0) >= 9, counts
@@ -219,19 +230,10 @@ def test_emptying_a_directory_waits_for_no_reply_per_name(lab, local_only, workd
     change's reply brings the real ones, so what the program sees (link count,
     a later mtime, the listing) is still what a local run sees.
     """
-    here, there = local_only / "here", local_only / "there"
-    here.mkdir()
-    there.mkdir()
-    script = local_only / "emptying.py"
-    script.write_text(EMPTYING)
-    local = subprocess.run(["/usr/bin/python3", str(script), str(here)], capture_output=True, timeout=120)
-    assert local.returncode == 0 and local.stdout == b"22 2 True []\n", local
-    stats = tmp_path / "stats.json"
-    proc = rr_exec(lab, "h1", ["/usr/bin/python3", str(script), str(there)], workdir,
-                   "--export", str(local_only), "--stats", str(stats))
-    assert proc.returncode == 0, proc.stderr.decode()
+    local, proc, counts = run_here_and_there(lab, local_only, workdir, tmp_path, "h1", EMPTYING)
+    assert local.stdout == b"22 2 True []\n"
     assert proc.stdout == local.stdout
-    counts = json.loads(stats.read_text())
+    there = local_only / "there"
     assert counts["host"]["posted"].get("unlink", 0) >= 55 and counts["host"]["posted"].get("rmdir", 0) >= 15
     # 80 removals, and not a getattr of "box" after each one
     assert counts["served"].get("getattr", 0) < 20, counts
@@ -261,21 +263,11 @@ GROWING = textwrap.dedent("""
 
 def test_a_file_being_written_answers_its_own_size_without_a_round_trip(lab, local_only, workdir, tmp_path):
     """Size and times of a file the host creates follow from its own writes until close."""
+    local, proc, counts = run_here_and_there(lab, local_only, workdir, tmp_path, "h2", GROWING, "--debug-rpc",
+                                             settled=True)
     here, there = local_only / "here", local_only / "there"
-    here.mkdir()
-    there.mkdir()
-    script = local_only / "growing.py"
-    script.write_text(GROWING)
-    settle(script)
-    local = subprocess.run(["/usr/bin/python3", str(script), str(here)], capture_output=True, timeout=120)
-    assert local.returncode == 0, local.stderr.decode()
-    stats = tmp_path / "stats.json"
-    proc = rr_exec(lab, "h2", ["/usr/bin/python3", str(script), str(there)], workdir,
-                   "--export", str(local_only), "--stats", str(stats), "--debug-rpc")
-    assert proc.returncode == 0, proc.stderr.decode()
     assert proc.stdout == local.stdout
     assert (there / "out.o").read_bytes() == (here / "out.o").read_bytes()
-    counts = json.loads(stats.read_text())
     assert counts["host"]["posted"].get("write", 0) >= 40
     # 41 writes, each followed by an fstat: none of them waited for this machine (at most the
     # lookup before the create and the stat after the close may ask)
