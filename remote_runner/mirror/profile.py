@@ -134,6 +134,8 @@ class ProfileSet:
     def __init__(self, own: CommandProfile, shared: Sequence[CommandProfile]) -> None:
         self.own = own
         self.shared = list(shared)
+        #: :meth:`seeds` as read (a session reads them at its start and again at its end).
+        self._read: Optional[Tuple[Tuple[List[str], List[str]], Tuple[List[str], List[str]]]] = None
 
     @classmethod
     def for_command(cls, argv_wire: Sequence[str], files_only: bool, cwd: str) -> "ProfileSet":
@@ -156,7 +158,12 @@ class ProfileSet:
         return self.seeds()[0]
 
     def seeds(self) -> Tuple[Tuple[List[str], List[str]], Tuple[List[str], List[str]]]:
-        """(the union, the command's own profile alone): each file read once for both."""
+        """(the union, the command's own profile alone): each file read once, until :meth:`save`."""
+        if self._read is None:
+            self._read = self._union()
+        return self._read
+
+    def _union(self) -> Tuple[Tuple[List[str], List[str]], Tuple[List[str], List[str]]]:
         own = self.own.load()
         names: dict = {}
         files: dict = {}
@@ -167,6 +174,7 @@ class ProfileSet:
 
     def save(self, names: Sequence[str], files: Sequence[str]) -> None:
         """The command's own profile becomes this session's; the shared ones gain it, newest first."""
+        self._read = None
         self.own.save(names, files)
         if not names:
             return

@@ -340,20 +340,14 @@ def make_operations(link: Link, prefix: bytes, files: Optional[FileCache] = None
                 args["fh"] = fh
                 made = created.get(fh)
                 if made is not None and path is not None:
-                    # A file this host created and is writing: its size and times follow
-                    # from its own writes (see write), with no need to wait for them.
+                    # A file this host created: while its name still stands for it (same
+                    # inode) its size and times follow from its own writes (see write),
+                    # with no need to wait for them.
                     known = cache.get(args["path"])
                     if known is not None and not known.get("missing") and known.get("st_ino") == made:
                         link.answer_here("getattr")
                         return known
                 drain(fh)
-                if made is not None and path is not None and not writes.pending(fh):
-                    # A file this host created: its name still stands for it (same inode)
-                    # and nothing changed it since it was last answered.
-                    known = cache.get(args["path"])
-                    if known is not None and not known.get("missing") and known.get("st_ino") == made:
-                        link.answer_here("getattr")
-                        return known
             if "fh" not in args and not hidden_name(args["path"]):
                 # (a file libfuse hid, unlinked while open, is held by the local side, not listed)
                 where = args["path"]
@@ -478,8 +472,6 @@ def make_operations(link: Link, prefix: bytes, files: Optional[FileCache] = None
         def truncate(self, path: str, length: int, fh: Optional[int] = None) -> int:
             if fh:
                 flushed.pop(fh, None)
-            if path is not None:
-                written_files.drop(wire(path))
             args: Dict[str, Any] = {"size": length}
             if fh and fh < LOCAL_FH_BASE:
                 args["fh"] = fh
