@@ -23,7 +23,7 @@ import shlex
 from typing import TYPE_CHECKING, Any, Dict, List, Optional
 
 from remote_runner import events as ev
-from remote_runner import hostops, precheck, sessionlock
+from remote_runner import hostops, precheck, sessionlock, sync
 from remote_runner import screen as scr
 from remote_runner.errors import ConnectionLost, StartError
 from remote_runner.runmodel import ComponentResult, Placement, component_argv, path_lookup
@@ -56,6 +56,7 @@ class HostSetup:
     placements: Dict[str, List[Placement]]
     locks: Dict[str, sessionlock.SessionLock]
     early: Dict[str, precheck.EarlyCheck]
+    plans: sync.PlanMemo
     mirror: Optional["MirrorSession"]
 
     if TYPE_CHECKING:  # pragma: no cover - the runner provides these
@@ -80,7 +81,7 @@ class HostSetup:
         for host, specs in self._by_host().items():
             if host != "localhost":
                 check = precheck.plan_ahead(host, specs, self.options.always_copy,
-                                            self.options.rehash)
+                                            self.options.rehash, self.plans)
                 if check is not None:
                     self.early[host] = check
 

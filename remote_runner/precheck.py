@@ -62,8 +62,12 @@ class EarlyCheck:
 
 
 def plan_ahead(host: str, specs: Sequence["ComponentSpec"], always_copy: bool = False,
-               rehash: bool = False) -> Optional[EarlyCheck]:
-    """The check to ask with *host*'s lock, or None when it must wait for the copy step."""
+               rehash: bool = False, plans: Optional["sync.PlanMemo"] = None
+               ) -> Optional[EarlyCheck]:
+    """The check to ask with *host*'s lock, or None when it must wait for the copy step.
+
+    *plans* gives the plans the run already built (see :class:`sync.PlanMemo`).
+    """
     if always_copy:
         return None
     entries, bases = [], {}
@@ -76,7 +80,7 @@ def plan_ahead(host: str, specs: Sequence["ComponentSpec"], always_copy: bool = 
         entries += [(f, base) for f in spec.files]
     if not entries:
         return None
-    plan = sync.make_plan(host, entries)
+    plan = (plans or sync.PlanMemo()).plan(host, entries)
     if not plan.files:
         return None
     items = list(plan.files)

@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import logging
 import os
+import posixpath
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING, Any, Callable, Dict, List, Optional, Sequence
@@ -108,6 +109,8 @@ class Runner(HostSetup, RunEnd):
         self.locks: Dict[str, sessionlock.SessionLock] = {}
         #: per host: the change check asked with its lock (kept only when its answer is usable)
         self.early: Dict[str, precheck.EarlyCheck] = {}
+        #: every host's plan of files, built once per distinct list of files
+        self.plans = sync.PlanMemo()
         #: per host: the shell text writing its launchers (run by its first start command)
         self._setup: Dict[str, str] = {}
         self._record_lock = threading.Lock()
@@ -200,9 +203,10 @@ class Runner(HostSetup, RunEnd):
                                     component=spec.name)
         self._group_hosts()
         for host, specs in self._by_host().items():
-            entries = [(f, spec.base_dir or f"/<temporary base_dir of {spec.name}>")
+            entries = [(f, posixpath.normpath(spec.base_dir) if spec.base_dir
+                        else f"/<temporary base_dir of {spec.name}>")
                        for spec in specs for f in spec.files]
-            sync.make_plan(host, entries)  # raises on unreadable or conflicting sources
+            self.plans.plan(host, entries)  # raises on unreadable or conflicting sources
 
     def _group_hosts(self) -> None:
         """Fold host names that reach the same login into one host (see :mod:`landing`)."""
@@ -274,7 +278,7 @@ class Runner(HostSetup, RunEnd):
                 continue
             connection = self.connections[host]
             check = self.early.get(host)
-            plan = check.plan if check else sync.make_plan(host, entries)
+            plan = check.plan if check else self.plans.plan(host, entries)
             jobs.append((self.shells[host], connection.sftp, plan))
         openers = {host: _lane_opener(self.connections[host]) for host in self.connections}
 

@@ -30,7 +30,7 @@ import posixpath
 import stat
 import threading
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any, Callable, Dict, Iterable, List, Optional, Sequence, Tuple
 
 from remote_runner import hashcache, manifest
@@ -113,6 +113,30 @@ class HostSync:
                 f" ({self.bytes} bytes), {len(self.skipped)} unchanged")
 
 
+class PlanMemo:
+    """Plans already built in this run, by what they were built from.
+
+    A run plans each host's files before it connects (to refuse unreadable or
+    conflicting sources before any host is touched) and again once connected;
+    hosts given the same files get the same plan. Each build stats every file
+    (4,000 stats for 1,000 files to 4 hosts), so a plan is built once per
+    distinct list of (source, destination, base directory) and handed to every
+    host with its own name. The local files are read again when they are copied.
+    """
+
+    def __init__(self) -> None:
+        self._plans: Dict[Tuple[Tuple[str, str, bool, str], ...], Plan] = {}
+
+    def plan(self, host: str, entries: Iterable[Tuple["FileSpec", str]]) -> Plan:
+        """Return :func:`make_plan` (*host*, *entries*), built once per distinct *entries*."""
+        entries = list(entries)
+        key = tuple((spec.src, spec.dest, spec.is_dir, base) for spec, base in entries)
+        known = self._plans.get(key)
+        if known is None:
+            known = self._plans[key] = make_plan(host, entries)
+        return known if known.host == host else replace(known, host=host)
+
+
 def make_plan(host: str, entries: Iterable[Tuple["FileSpec", str]]) -> Plan:
     """Build the plan for *host* from (FileSpec, base_dir) pairs; duplicates are merged."""
     files: Dict[str, Upload] = {}
@@ -175,16 +199,26 @@ def _add_tree(host: str, src: str, dest: str, files: Dict[str, Upload],
             _add_file(host, os.path.join(root, name), posixpath.join(target, name), files, tree)
 
 
-def local_sha1(path: str, rehash: bool = False) -> str:
-    """Return the hex SHA1 of a local file (remembered across runs while its stat holds)."""
-    return hashcache.LOCAL.sha1(path, rehash)
+def local_sha1(path: str, rehash: bool = False, sums: Optional[Dict[str, str]] = None) -> str:
+    """Return the hex SHA1 of a local file (remembered across runs while its stat holds).
+
+    *sums* (source -> SHA-1) is one sync's memo: every host of a run compares
+    against the same local hash, and the file is looked at once, not once per host.
+    """
+    if sums is None:
+        return hashcache.LOCAL.sha1(path, rehash)
+    known = sums.get(path)
+    if known is None:
+        known = sums[path] = hashcache.LOCAL.sha1(path, rehash)
+    return known
 
 
 def sync_host(shell: "Shell", sftp: Any, plan: Plan, always_copy: bool = False,
               progress: Optional[Progress] = None,
               open_lane: Optional[LaneOpener] = None, small_file: int = SMALL_FILE,
               on_plan: Optional[Planned] = None, rehash: bool = False,
-              answer: Optional[manifest.Answer] = None) -> HostSync:
+              answer: Optional[manifest.Answer] = None,
+              sums: Optional[Dict[str, str]] = None) -> HostSync:
     """Bring one host up to date with *plan* and report what was done.
 
     *sftp* is an SFTP client or a function returning one: it is only asked for
@@ -194,7 +228,8 @@ def sync_host(shell: "Shell", sftp: Any, plan: Plan, always_copy: bool = False,
     afterwards (:func:`record`); else ``stat`` and ``openssl``
     (:func:`changed_files`). *rehash* trusts no remembered hash on either side.
     *answer* is the manifest's answer when it was asked already (for exactly
-    *plan*'s files, see :mod:`remote_runner.precheck`).
+    *plan*'s files, see :mod:`remote_runner.precheck`). *sums* is the local
+    hashes this sync already took (see :func:`local_sha1`).
     """
     report = HostSync(plan.host)
     if not plan.files and not plan.dirs:
@@ -202,7 +237,7 @@ def sync_host(shell: "Shell", sftp: Any, plan: Plan, always_copy: bool = False,
     get_sftp = sftp if callable(sftp) else (lambda: sftp)
     checked = None
     if plan.files and not always_copy and hasattr(shell, "feed"):
-        checked = manifest_check(shell, plan, report, rehash, answer)
+        checked = manifest_check(shell, plan, report, rehash, answer, sums)
     if checked is not None:
         todo, same, has_tar = checked
     else:
@@ -267,7 +302,8 @@ def _stream_link(shell: "Shell") -> Optional[Tuple[Any, Any]]:
 
 
 def manifest_check(shell: "Shell", plan: Plan, report: HostSync, rehash: bool = False,
-                   answer: Optional[manifest.Answer] = None
+                   answer: Optional[manifest.Answer] = None,
+                   sums: Optional[Dict[str, str]] = None
                    ) -> Optional[Tuple[List[Upload], List[Upload], bool]]:
     """Ask the host, in one exec, which files differ: (to upload, unchanged, host has tar).
 
@@ -299,7 +335,7 @@ def manifest_check(shell: "Shell", plan: Plan, report: HostSync, rehash: bool = 
     same: List[Upload] = []
     for item, remote in zip(items, answer.files):
         if (remote is None or remote.size != item.size or remote.mode != item.mode
-                or remote.sha1 is None or remote.sha1 != local_sha1(item.src, rehash)):
+                or remote.sha1 is None or remote.sha1 != local_sha1(item.src, rehash, sums)):
             todo.append(item)
         else:
             same.append(item)
@@ -391,6 +427,7 @@ def sync_all(jobs: Sequence[Tuple["Shell", Callable[[], Any], Plan]], forks: int
     errors: List[RunnerError] = []
     openers = lane_openers or {}
     stop = cancel if cancel is not None else threading.Event()
+    sums: Dict[str, str] = {}  # local SHA-1s, taken once for every host
 
     def checked(host: str, delta: int) -> None:
         if stop.is_set():
@@ -405,7 +442,7 @@ def sync_all(jobs: Sequence[Tuple["Shell", Callable[[], Any], Plan]], forks: int
         with host_context(plan.host):
             return sync_host(shell, sftp_factory, plan, always_copy, checked,
                              openers.get(plan.host), on_plan=on_plan, rehash=rehash,
-                             answer=(answers or {}).get(plan.host))
+                             answer=(answers or {}).get(plan.host), sums=sums)
 
     pool = ThreadPoolExecutor(max_workers=max(1, forks), thread_name_prefix="sync")
     futures = [(job[2].host, pool.submit(one, job)) for job in jobs]

@@ -72,6 +72,35 @@ def test_plan_refuses_two_sources_for_one_destination(tmp_path):
     assert info.value.host == "h2" and "/b/x" in str(info.value)
 
 
+def test_a_plan_memo_stats_files_once_for_every_host_with_the_same_files(tmp_path, monkeypatch):
+    src = tmp_path / "src"
+    (src / "d").mkdir(parents=True)
+    for i in range(5):
+        (src / "d" / f"f{i}").write_bytes(b"x" * i)
+    entries = [(FileSpec(str(src / "d"), "d", True), "/opt/run")]
+    calls = []
+    real_stat = os.stat
+    monkeypatch.setattr(os, "stat", lambda path, *a, **k: calls.append(path) or real_stat(path, *a, **k))
+    memo = sync.PlanMemo()
+    first = memo.plan("h1", entries)
+    stats = len(calls)
+    second = memo.plan("h2", list(entries))
+    assert len(calls) == stats and stats >= 5
+    assert (first.host, second.host) == ("h1", "h2")
+    assert second.files == first.files and second.dirs == first.dirs and second.trees == first.trees
+    other = memo.plan("h3", [(FileSpec(str(src / "d"), "d", True), "/opt/other")])
+    assert len(calls) > stats and other.files[0].dest.startswith("/opt/other/d/")
+
+
+def test_one_sync_takes_each_local_hash_once_for_all_hosts(tmp_path, monkeypatch):
+    path = tmp_path / "f"
+    path.write_bytes(b"one")
+    sums = {}
+    first = sync.local_sha1(str(path), sums=sums)
+    monkeypatch.setattr(sync.hashcache.LOCAL, "sha1", lambda *a, **k: pytest.fail("hashed again"))
+    assert sync.local_sha1(str(path), sums=sums) == first == sums[str(path)]
+
+
 def test_remote_sha1_parses_openssl_and_falls_back_to_sha1sum(tmp_path, caplog):
     files = []
     for name in ("a", "with space", "*star"):
