@@ -270,7 +270,7 @@ def test_stat_rows_round_trip(tmp_path):
 
 
 def test_a_lookup_reply_with_its_directory_answers_the_neighbours(tmp_path):
-    from remote_runner.mirror.host.names import absorb_invalidation, absorb_lookup
+    from remote_runner.mirror.host.answers import absorb_invalidation, absorb_lookup
     (tmp_path / "here").write_text("x")
     answer = listing.directory_answer(os.fsencode(tmp_path))
     cache = NameCache()
@@ -286,7 +286,7 @@ def test_a_lookup_reply_with_its_directory_answers_the_neighbours(tmp_path):
 
 
 def test_kernel_drops_reach_the_mount_owning_the_path():
-    from remote_runner.mirror.host.names import KernelDrops
+    from remote_runner.mirror.host.kernel import KernelDrops
     drops = KernelDrops()
     seen = []
     drops.add_target("/home/u/proj", seen.append)
@@ -295,7 +295,8 @@ def test_kernel_drops_reach_the_mount_owning_the_path():
 
 
 def test_attributes_wait_for_the_kernel_drops_asked_for_before_them():
-    from remote_runner.mirror.host.names import KernelDrops, forget_in_kernel, forget_names
+    from remote_runner.mirror.host.answers import forget_in_kernel, forget_names
+    from remote_runner.mirror.host.kernel import KernelDrops
     drops = KernelDrops()
     release = threading.Event()
     seen = []
@@ -364,7 +365,7 @@ def test_a_lookup_with_dir_answers_missing_with_the_whole_watched_directory(tmp_
 
 
 def test_a_directory_answer_brings_its_few_subdirectories_answers(tmp_path, watched_service):
-    from remote_runner.mirror.host.names import absorb_lookup
+    from remote_runner.mirror.host.answers import absorb_lookup
     service, reports = watched_service
     package = tmp_path / "pkg"
     (package / "__pycache__").mkdir(parents=True)

@@ -9,7 +9,13 @@ point that ties the parts together is :mod:`remote_runner.mirror.agent`.
 * :mod:`.caches` -- attributes sent ahead, whole-file copies kept between sessions;
 * :mod:`.profile` -- the names a command looked up last time (warm start);
 * :mod:`.listings` -- whole directory answers kept between sessions, confirmed at start;
-* :mod:`.operations` -- the FUSE operations, each one a request over the link;
+* :mod:`.names` -- local names' attributes and whole directories, kept until invalidated;
+* :mod:`.answers` -- what replies and ``inval`` frames teach the name cache;
+* :mod:`.kernel` -- the kernel's copy of changed names dropped, on its own thread;
+* :mod:`.writes` -- writes and changes sent without waiting, and what the host guesses meanwhile;
+* :mod:`.operations` -- the FUSE operations, each one a request over the link unless a cache answers;
+* :mod:`.state` -- what a mount keeps between operations, and the one request path;
+* :mod:`.fusebinding` -- the mfusepy FUSE class, with the binding's fixes;
 * :mod:`.mount` -- libfuse choice, /dev/fuse check, one FUSE mount in its thread;
 * :mod:`.namespaces` -- mount/user namespaces, the host's /dev /proc /sys /run bound in;
 * :mod:`.command` -- the command's process (chroot, ids, tty) and its descendants;

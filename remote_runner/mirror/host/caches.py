@@ -19,7 +19,8 @@ from typing import Any, Callable, Dict, List, Optional, Set, Tuple
 
 from .. import protocol as P
 from .link import Link
-from .names import NameCache, absorb_answers
+from .answers import absorb_answers
+from .names import NameCache
 
 LOG = logging.getLogger("remote_runner.mirror.agent")
 

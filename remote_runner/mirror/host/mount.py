@@ -17,7 +17,8 @@ import time
 from typing import Optional
 
 from .caches import FileCache
-from .names import KernelDrops, NameCache
+from .kernel import KernelDrops
+from .names import NameCache
 from .link import Link
 from .namespaces import MNT_DETACH, umount
 from .operations import make_operations

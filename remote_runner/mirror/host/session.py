@@ -21,8 +21,9 @@ from .command import command_user
 from .link import Link
 from .mount import Mount, check_fuse_device, choose_libfuse
 from .listings import ListingStore, encode
-from .names import (KernelDrops, NameCache, absorb_answers, forget_in_kernel, forget_names,
-                    listing_entries, parent)
+from .answers import absorb_answers, forget_in_kernel, forget_names
+from .kernel import KernelDrops
+from .names import NameCache, listing_entries, parent
 from .namespaces import SPECIAL_DIRS, bind_specials, enter_namespaces, unmount_under
 from .profile import Profile
 

@@ -1,0 +1,111 @@
+"""What the local side's answers and invalidations teach the host's name cache.
+
+Why apart: a ``getattr`` reply may carry whole directories, a ``validate``
+answer many names, an ``inval`` frame drops names here and then in the kernel.
+Reading those frames defensively (a malformed part counts as absent) is one
+concern; keeping names (:mod:`.names`) and the kernel's copy (:mod:`.kernel`)
+are others.
+
+Shipped to hosts inside the agent's zipapp (``rrmirror.host``): stdlib only, Python 3.8.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Dict, List, Optional, Tuple
+
+from .kernel import KernelDrops
+from .names import MISSING, NameCache, listing_entries, parent
+
+
+def absorb_lookup(cache: NameCache, path: str, header: Dict[str, Any], data: bytes,
+                  since: int) -> Dict[str, Any]:
+    """Keep what a ``getattr`` reply told about *path* (and its whole directory); return its answer.
+
+    The reply has ``st`` (attributes) or ``missing``; ``link`` for a symlink;
+    ``w`` when the directory is watched; ``ls`` when *data* is the directory's
+    answer (see ``listing.py``), followed by those of the subdirectories ``sub``
+    names ([directory, length, watched]). Returns the attributes or :data:`MISSING`.
+    """
+    watched = bool(header.get("w"))
+    if header.get("big") and path != "/":
+        cache.too_big(parent(path))
+    if header.get("ls") and path != "/":
+        subs = _subdirectories(header, data)
+        own = (parent(path), watched, len(data) - sum(size for _, _, size in subs))
+        offset = 0
+        for directory, kept_watched, size in [own] + subs:
+            part = data[offset:offset + size]
+            offset += size
+            entries = listing_entries(part)
+            if entries is not None:
+                cache.put_listing(directory, entries, watched=kept_watched, since=since)
+                if cache.listings is not None:
+                    cache.listings.keep(directory, part)
+    if header.get("missing"):
+        cache.put(path, MISSING, watched=watched, since=since)
+        return MISSING
+    st = header["st"]
+    link = header.get("link") if isinstance(header.get("link"), str) else None
+    cache.put(path, st, watched=watched, since=since, link=link)
+    return st
+
+
+def _subdirectories(header: Dict[str, Any], data: bytes) -> List[Tuple[str, bool, int]]:
+    """The ``sub`` answers that follow a directory's own in *data*: (directory, watched, size) each.
+
+    A malformed ``sub`` gives none: the whole payload is then the directory's answer.
+    """
+    subs = header.get("sub")
+    if not (isinstance(subs, list) and all(
+            isinstance(s, list) and len(s) == 3 and isinstance(s[0], str) and s[0].startswith("/")
+            and isinstance(s[1], int) and s[1] >= 0 for s in subs)):
+        return []
+    if sum(s[1] for s in subs) > len(data):
+        return []
+    return [(s[0], bool(s[2]), s[1]) for s in subs]
+
+
+def absorb_answers(cache: NameCache, names: List[Any], answers: List[Any], watched: List[Any],
+                   since: Optional[int]) -> None:
+    """Keep ``validate``-style answers ([attributes, link] per name, None: missing, 0: unknown)."""
+    for i, (path, answer) in enumerate(zip(names, answers)):
+        if not isinstance(path, str):
+            continue
+        w = bool(watched[i]) if i < len(watched) else False
+        if answer is None:
+            cache.put(path, MISSING, watched=w, since=since)
+        elif isinstance(answer, list) and len(answer) == 2 and isinstance(answer[0], dict):
+            link = answer[1] if isinstance(answer[1], str) else None
+            cache.put(path, answer[0], watched=w, since=since, link=link)
+
+
+def absorb_invalidation(cache: NameCache, drops: Optional[KernelDrops], header: Dict[str, Any]) -> int:
+    """Apply an ``inval`` frame: drop the names here, then in the kernel; return how many were held."""
+    forget_names(cache, header, drops)
+    forget_in_kernel(drops, header)
+    return len(header.get("dropped") or ())
+
+
+def forget_names(cache: NameCache, header: Dict[str, Any], drops: Optional[KernelDrops] = None) -> None:
+    """The name-cache half of an ``inval`` frame, run by the link's reader as the frame arrives.
+
+    So a reply read after the frame finds the names dropped: an answer the
+    reply brings (new attributes after a write) is never overwritten by an
+    older change applied later. What was held is noted in ``dropped``; the
+    kernel half that follows is announced to *drops* (see :meth:`KernelDrops.settle`).
+    """
+    paths = [p for p in header.get("p") or () if isinstance(p, str)]
+    trees = [p for p in header.get("tree") or () if isinstance(p, str)]
+    if drops is not None:
+        drops.expect()
+        header["expected"] = True
+    header["dropped"] = cache.invalidate(paths, trees, bool(header.get("all")))
+
+
+def forget_in_kernel(drops: Optional[KernelDrops], header: Dict[str, Any]) -> None:
+    """The kernel half of an ``inval`` frame (after :func:`forget_names`), in frame order."""
+    if drops is not None:
+        paths = [p for p in header.get("p") or () if isinstance(p, str)]
+        trees = [p for p in header.get("tree") or () if isinstance(p, str)]
+        drops.drop(list(dict.fromkeys(paths + trees + list(header.get("dropped") or ()))),
+                   expected=bool(header.get("expected")))
