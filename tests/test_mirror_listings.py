@@ -78,6 +78,12 @@ def test_what_is_not_served_is_never_listed_whatever_the_host_offers(tmp_path):
         def watched(self, directory):
             return directory in self.seen
 
+        def stamp(self):
+            return 0
+
+        def unchanged_since(self, directory, stamp):
+            return False  # (nothing kept: every offer is listed and checked again)
+
     service.watcher = Watches()
     body = offer(service, [[str(outside), ""], [str(inside / ".." / "out"), ""], [str(inside / "nope"), ""],
                            "garbage", [1, 2], [str(inside), ""]])

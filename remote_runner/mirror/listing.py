@@ -32,6 +32,8 @@ from remote_runner.mirror.replies import OpError, Reply
 
 #: The most directories a host may offer in one ``validate``.
 VALIDATE_DIRS = 4096
+#: Directory answers kept for reuse while their directory is unchanged (see ``_listing``).
+ANSWERS_KEPT = 4096
 #: A directory answer also carries its subdirectories' when it has at most this many,
 #: each of at most ``SUB_ENTRIES`` entries (see :meth:`DirectoryAnswers._directory_answer`).
 SUB_DIRS, SUB_ENTRIES = 8, 512
@@ -76,6 +78,32 @@ def directory_answer(io_path: bytes, listable: Optional[Callable[[bytes], bool]]
     except OSError:
         return None
     return {"n": names, "a": rows, "l": links}
+
+
+def _hard_linked(answer: Optional[Dict[str, Any]]) -> List[Tuple[bytes, List[int]]]:
+    """(name, row) of the answer's files that have other names.
+
+    Written through another name, such a file changes with no event in this
+    directory; so a kept answer is given again only while each of them still
+    has the attributes it lists (:func:`_links_unchanged`).
+    """
+    if not answer:
+        return []
+    return [(P.name_from_wire(name), row) for name, row in zip(answer["n"], answer["a"])
+            if row[3] > 1 and not stat.S_ISDIR(row[0])]
+
+
+def _links_unchanged(directory: bytes, linked: List[Tuple[bytes, List[int]]]) -> bool:
+    """Whether every (name, row) of *linked* in local *directory* still has those attributes
+    (the access time aside). Only a check: what is given is the answer made the checked way."""
+    for name, row in linked:
+        try:
+            now = P.stat_row(os.lstat(os.path.join(directory, name)))
+        except OSError:
+            return False
+        if now[:7] != row[:7] or now[8:] != row[8:]:
+            return False
+    return True
 
 
 def encode_answer(answer: Dict[str, Any]) -> bytes:
@@ -153,14 +181,14 @@ class DirectoryAnswers:
         Each is watched before it is listed, like the directory itself.
         """
         directory = os.path.dirname(raw) or b"/"
-        answer = self._listing(directory)
+        answer, payload = self._listing(directory)
         if answer is None:
             return
         if answer is False:
             reply.fields["big"] = 1
             return
         reply.fields["ls"] = 1
-        parts = [encode_answer(answer)]
+        parts = [payload]
         subdirs = [name for name, row in zip(answer["n"], answer["a"])
                    if isinstance(row, list) and stat.S_ISDIR(row[0])]
         subs = []
@@ -168,10 +196,9 @@ class DirectoryAnswers:
         for name in subdirs if len(subdirs) <= SUB_DIRS else ():
             sub = os.path.join(directory, P.name_from_wire(name))
             watched = 1 if self._watch(sub) else 0
-            found = self._listing(sub, SUB_ENTRIES)
+            found, data = self._listing(sub, SUB_ENTRIES)
             if not found:
                 continue
-            data = encode_answer(found)
             budget -= len(data)
             if budget < 0:
                 break
@@ -182,17 +209,39 @@ class DirectoryAnswers:
         reply.payload = b"".join(parts)
         reply.compressible = True
 
-    def _listing(self, directory: bytes, max_entries: int = P.LISTING_ENTRIES) -> Any:
-        """The answer for local *directory* (screened), False if too big, None if not served."""
+    def _listing(self, directory: bytes, max_entries: int = P.LISTING_ENTRIES) -> Tuple[Any, bytes]:
+        """(answer, its bytes) for local *directory* (screened); (False, b"") if too big,
+        (None, b"") if not served.
+
+        An answer computed while the directory was watched is kept and given
+        again while the watcher has seen no change to it since (see
+        :meth:`~.watcher.ChangeWatcher.unchanged_since`): exactly as long as
+        the host may keep it. So a directory listed ahead (:meth:`prepare`)
+        or asked again later in the session costs no second listing. A
+        hard-linked file in it (written through another name, it changes with
+        no event here) is stat'ed again each time (:func:`_links_unchanged`).
+        """
+        key = (directory, max_entries)
+        watcher = self.watcher
+        kept = self._answers.get(key)
+        if (kept is not None and watcher is not None and watcher.unchanged_since(directory, kept[0])
+                and _links_unchanged(directory, kept[3])):
+            return kept[1], kept[2]
+        stamp = watcher.stamp() if watcher is not None and watcher.watched(directory) else None
         try:
             io_path = self._path({"path": P.name_to_wire(directory)})
         except (OpError, OSError):
-            return None
+            return None, b""
         screened = directory in self._filtered
         answer = directory_answer(
             io_path, (lambda name: self.exports.listable(directory, name)) if screened else None,
             max_entries=max_entries)
-        return False if answer is None else answer
+        found: Tuple[Any, bytes] = (False, b"") if answer is None else (answer, encode_answer(answer))
+        if stamp is not None:
+            if len(self._answers) >= ANSWERS_KEPT:
+                self._answers.clear()
+            self._answers[key] = (stamp,) + found + (_hard_linked(answer),)
+        return found
 
     def _confirm_listings(self, offered: Any) -> Tuple[List[Any], List[int]]:
         """Answer a host's kept directories (``[[directory, digest], ...]``, see ``host/listings.py``).
@@ -221,11 +270,10 @@ class DirectoryAnswers:
                 watched.append(0)
                 continue
             watched.append(1 if self._watch(raw) else 0)  # before listing: no change is missed
-            answer = self._listing(raw) if budget > 0 else None
+            answer, payload = self._listing(raw) if budget > 0 else (None, b"")
             if not answer:
                 answers.append(0)
                 continue
-            payload = encode_answer(answer)
             if item[1] and answer_digest(payload) == item[1]:
                 answers.append(1)
             else:

@@ -77,7 +77,9 @@ class LocalLink:
         self.served: Dict[str, int] = {}
         self._count_lock = threading.Lock()
         #: Watches what the host keeps answers from; None without inotify (the host keeps leases).
-        self.watcher = ChangeWatcher.create(lambda p, t, e: self.send(inval_frame(p, t, e)))
+        self.watcher = service.watcher if service.watcher is not None else ChangeWatcher.create(None)
+        if self.watcher is not None:
+            self.watcher.report_to(lambda p, t, e: self.send(inval_frame(p, t, e)))
         service.watcher = self.watcher
 
     # -- startup -------------------------------------------------------------

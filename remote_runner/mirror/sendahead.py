@@ -55,6 +55,10 @@ def whole_meta(st: os.stat_result) -> List[int]:
     return [st.st_size, st.st_mtime_ns, st.st_ino, st.st_ctime_ns]
 
 
+#: Seconds a ``validate`` waits for :meth:`SendAhead.prepare` to finish the same work.
+PREPARE_WAIT = 2.0
+
+
 class PublicDirs:
     """Which local directories every user may search (``o+x``), remembered briefly.
 
@@ -174,6 +178,8 @@ class SendAhead:
         # A host with a profile of its own for the command asks for what that
         # command used: the names other commands of the same executable or
         # tree used would only cost lookups here and answers there.
+        if self.preparing is not None:  # the same work, begun while the agent started
+            self.preparing.join(PREPARE_WAIT)
         seed_names, seed_files = self.own_seed if a.get("own") else self.seed
         self.seed = self.own_seed = ([], [])
         dirs, dirs_watched = self._confirm_listings(a.get("dirs"))  # (see listing.py)
@@ -215,14 +221,63 @@ class SendAhead:
         return [P.stat_to_wire(st), link]
 
     def _whole_meta(self, name: str) -> Optional[List[int]]:
-        """The copy key (:func:`whole_meta`) if wire *name* would be sent whole now, else None."""
+        """The copy key (:func:`whole_meta`) if wire *name* would be sent whole now, else None.
+
+        Kept, like a directory's answer, while the file's directory is watched
+        and unchanged (a write, chmod, rename or replacement of the file is
+        a change there): what :meth:`prepare` found is then given as is.
+        """
+        watcher = self.watcher
+        kept = self._metas.get(name)
+        try:
+            directory = os.path.dirname(os.path.normpath(P.name_from_wire(name))) or b"/"
+        except P.ProtocolError:
+            return None
+        if kept is not None and watcher is not None and watcher.unchanged_since(directory, kept[0]):
+            return kept[1]
+        stamp = watcher.stamp() if watcher is not None and watcher.watched(directory) else None
         try:
             st = os.lstat(self._path({"path": name}))
         except (OpError, OSError):
             return None
+        meta = None
         if sendable_whole(st) and self.public.reachable(P.name_from_wire(name), self.exports):
-            return whole_meta(st)
-        return None
+            meta = whole_meta(st)
+        if stamp is not None and st.st_nlink == 1:  # (another name's writes are no event here)
+            if len(self._metas) >= P.PROFILE_NAMES:
+                self._metas.clear()
+            self._metas[name] = (stamp, meta)
+        return meta
+
+    def prepare(self, names: Sequence[str], files: Sequence[str]) -> None:
+        """Work out ahead what a ``validate`` naming these (wire) *names* and *files* will ask.
+
+        Run while the connection and the agent start (seconds of waiting on a
+        slow link, none of them this machine's): each name's directory is
+        watched and its answer computed, each file's copy key found, and all
+        of it kept until a change (see :meth:`_listing`). The ``validate``
+        that follows then finds them instead of listing a few dozen
+        directories and stat'ing a few hundred files while the host waits.
+        Nothing is sent; a directory or file that changes meanwhile is
+        simply worked out again when asked.
+        """
+        directories: Dict[bytes, None] = {}
+        for name in list(names) + list(files):
+            try:
+                raw = os.path.normpath(P.name_from_wire(name))
+            except P.ProtocolError:
+                continue
+            directories[os.path.dirname(raw) or b"/"] = None
+        try:
+            for directory in directories:
+                if self._watch(directory):
+                    self._listing(directory)
+                self.request_fds.release()
+            for name in files:
+                self._whole_meta(name)
+                self.request_fds.release()
+        finally:
+            self.request_fds.release()
 
     @staticmethod
     def _note(seen: Dict[str, None], name: str) -> None:

@@ -19,6 +19,7 @@ import errno
 import logging
 import os
 import stat
+import threading
 import time
 from typing import Any, Dict, List, Optional, Sequence, Set, Tuple
 
@@ -95,6 +96,11 @@ class LocalFileService(SendAhead, DirectoryAnswers, OwnChanges):
         self.request_fds = RequestDescriptors()
         #: Watches the directories the host keeps answers from (set by the session; None: leases).
         self.watcher = None
+        #: Answers kept while their directory is unchanged (see :meth:`_listing`, :meth:`_whole_meta`).
+        self._answers: Dict[Tuple[bytes, int], Tuple[Any, ...]] = {}
+        self._metas: Dict[str, Tuple[int, Optional[List[int]]]] = {}
+        #: The thread running :meth:`prepare`, if one was started.
+        self.preparing: Optional[threading.Thread] = None
         #: One handle's pipelined writes (numbered ``seq``) applied in the order they were sent.
         self.order = WriteOrder()
         #: The name each handle was opened by (its writes are the host's own changes to it).

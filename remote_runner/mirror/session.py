@@ -33,6 +33,7 @@ from remote_runner.mirror.locallink import LocalLink, MirrorOptions
 from remote_runner.mirror.profile import ProfileSet
 from remote_runner.mirror.service import LocalFileService
 from remote_runner.mirror.streams import ChannelStream, PipeStream
+from remote_runner.mirror.watcher import ChangeWatcher
 from remote_runner.mirror.terminal import (OutputWriter, enter_raw_mode, forward_signals, pump_stdin,
                                            restore_signals, winsize)
 
@@ -46,10 +47,12 @@ START_TIMEOUT = 60.0
 
 
 def open_agent(conn: Any, mode: str, options: MirrorOptions, roots: Optional[List[bytes]] = None,
-               stream: Any = None, exports: Optional[Exports] = None) -> LocalLink:
+               stream: Any = None, exports: Optional[Exports] = None,
+               service: Optional[LocalFileService] = None) -> LocalLink:
     """Start the agent on *conn* (a :class:`remote_runner.ssh.Connection`) or on *stream*.
 
-    *exports* is what the host may see (default: everything but the denylist).
+    *exports* is what the host may see (default: everything but the denylist);
+    *service*, one made for them ahead (see :func:`plan_command`).
     """
     bundle = build_bundle()
     host = getattr(conn, "alias", None) or "local"
@@ -61,7 +64,8 @@ def open_agent(conn: Any, mode: str, options: MirrorOptions, roots: Optional[Lis
                 raise
             raise MirrorError(f"host {host}: cannot start the mirror agent: {exc}") from exc
         stream = ChannelStream(channel)
-    service = LocalFileService(roots=roots, exports=exports)
+    if service is None:
+        service = LocalFileService(roots=roots, exports=exports)
     link = LocalLink(stream, service, options, host=host)
     try:
         link.handshake(bundle)
@@ -102,6 +106,8 @@ class ExecPlan:
     profile: Optional[ProfileSet]
     #: ``ProfileSet.seeds()``: what the local side adds to the host's ``validate``.
     seeds: Optional[Tuple[Tuple[List[str], List[str]], Tuple[List[str], List[str]]]] = None
+    #: The file service, made ahead to work out the ``validate`` answers meanwhile.
+    service: Optional[LocalFileService] = None
 
 
 def plan_command(conn: Any, argv: Sequence[str], cwd: Optional[str] = None,
@@ -129,7 +135,28 @@ def plan_command(conn: Any, argv: Sequence[str], cwd: Optional[str] = None,
     if options.file_cache:
         profile = ProfileSet.for_command(fields["argv"], options.files_only, cwd)
     build_bundle()  # built once per process: now, not after the connection is up
-    return ExecPlan(options, exports, roots, fields, profile, profile.seeds() if profile is not None else None)
+    seeds = profile.seeds() if profile is not None else None
+    return ExecPlan(options, exports, roots, fields, profile, seeds, _prepared_service(roots, exports, seeds))
+
+
+def _prepared_service(roots: Optional[List[bytes]], exports: Exports, seeds: Any) -> LocalFileService:
+    """The file service, already watching and answering what the profiles say ``validate`` will ask.
+
+    The SSH handshake and the agent's start are a few round trips of waiting
+    here; listing the profile's directories and finding its files' copy keys
+    (~130 ms for a Python start's 47 directories and 229 files) goes meanwhile,
+    in a thread, instead of after the host asked (see :meth:`SendAhead.prepare`).
+    """
+    service = LocalFileService(roots=roots, exports=exports)
+    service.watcher = ChangeWatcher.create(None)  # reports go to the link once there is one
+    if seeds is not None and service.watcher is not None:
+        (names, files), (own_names, own_files) = seeds
+        service.preparing = threading.Thread(
+            target=service.prepare, args=(list(dict.fromkeys(names + own_names)),
+                                          list(dict.fromkeys(files + own_files))),
+            daemon=True, name="mirror-prepare")
+        service.preparing.start()
+    return service
 
 
 def run_command(conn: Any, argv: Sequence[str], *, cwd: Optional[str] = None,
@@ -143,7 +170,8 @@ def run_command(conn: Any, argv: Sequence[str], *, cwd: Optional[str] = None,
     plan = plan or plan_command(conn, argv, cwd, options)
     options, fields, profile = plan.options, dict(plan.fields), plan.profile
     tty = os.isatty(stdin_fd) and os.isatty(stdout_fd)
-    link = open_agent(conn, "exec", options, roots=plan.roots, stream=stream, exports=plan.exports)
+    link = open_agent(conn, "exec", options, roots=plan.roots, stream=stream, exports=plan.exports,
+                      service=plan.service)
     done = threading.Event()
     result: Dict[str, Any] = {}
     output = OutputWriter()

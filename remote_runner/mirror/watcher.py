@@ -83,6 +83,8 @@ UNWATCHABLE = frozenset((
 #: This session's share of the user's watches (others on this machine need some too).
 SHARE = 0.5
 MAX_WATCHES = 200000
+#: Directories whose last change is remembered for :meth:`ChangeWatcher.unchanged_since`.
+CHANGED_LIMIT = 100000
 
 
 def _libc():
@@ -144,7 +146,7 @@ class ChangeWatcher:
     under this object's lock, so reports keep the order of the changes.
     """
 
-    def __init__(self, report: Callable[[List[bytes], List[bytes], bool], None],
+    def __init__(self, report: Optional[Callable[[List[bytes], List[bytes], bool], None]],
                  limit: Optional[int] = None) -> None:
         self.report = report
         self.limit = limit if limit is not None else min(MAX_WATCHES, int(user_watch_limit() * SHARE))
@@ -158,6 +160,11 @@ class ChangeWatcher:
         self.reports = 0
         #: Events of the host's own changes, not reported back (see :meth:`own`).
         self.own_events = 0
+        #: Change stamps (see :meth:`stamp`): the count of drains that found events, and per
+        #: directory the drain that last saw a change to its entries or to itself.
+        self._stamp = 0
+        self._changed: Dict[bytes, int] = {}
+        self._floor = 0
         self._libc = _libc()
         fd = self._libc.inotify_init1(ctypes.c_int(IN_NONBLOCK | IN_CLOEXEC))
         if fd < 0:
@@ -167,7 +174,7 @@ class ChangeWatcher:
         self._thread: Optional[threading.Thread] = None
 
     @classmethod
-    def create(cls, report: Callable[[List[bytes], List[bytes], bool], None],
+    def create(cls, report: Optional[Callable[[List[bytes], List[bytes], bool], None]],
                limit: Optional[int] = None) -> Optional["ChangeWatcher"]:
         """A watcher, or None when inotify is unavailable here (the host then keeps leases)."""
         try:
@@ -178,6 +185,17 @@ class ChangeWatcher:
 
     def __len__(self) -> int:
         return len(self._wds)
+
+    def report_to(self, report: Callable[[List[bytes], List[bytes], bool], None]) -> None:
+        """Send changes to *report* from now on.
+
+        A watcher made before there is a host to tell (*report* None, see
+        :meth:`~.sendahead.SendAhead.prepare`) drops its reports until then:
+        the host holds nothing of this session yet, and what it kept from
+        earlier ones is confirmed at ``validate``, which is answered after this.
+        """
+        with self._lock:
+            self.report = report
 
     # -- watching ---------------------------------------------------------------
     def watch(self, directory: bytes) -> bool:
@@ -216,10 +234,33 @@ class ChangeWatcher:
         with self._lock:
             return directory in self._paths
 
+    def stamp(self) -> int:
+        """A mark of now, for :meth:`unchanged_since` (changes queued so far are drained first).
+
+        An answer about a watched directory computed after this call is still
+        the directory's answer as long as :meth:`unchanged_since` says so: any
+        later change to one of its names, their attributes or contents, or to
+        the directory itself, makes a new event -- the host's own changes too.
+        """
+        with self._lock:
+            if not self._closed.is_set():
+                self._drain()
+            return self._stamp
+
+    def unchanged_since(self, directory: bytes, stamp: int) -> bool:
+        """Whether *directory* has been watched, with no change seen, since *stamp* (drains first)."""
+        with self._lock:
+            if self._closed.is_set():
+                return False
+            self._drain()
+            return (stamp >= self._floor and directory in self._paths
+                    and self._changed.get(directory, -1) <= stamp)
+
     def _forget_tree(self, top: bytes) -> None:
         """Stop standing for *top* and the directories under it (they moved or went away)."""
         prefix = top.rstrip(b"/") + b"/"
         for path in [p for p in self._paths if p == top or p.startswith(prefix)]:
+            self._changed[path] = self._stamp  # watched again later: its old answers are gone
             wd = self._paths.pop(path)
             names = self._wds.get(wd)
             if names is not None:
@@ -285,6 +326,10 @@ class ChangeWatcher:
         paths: Dict[bytes, None] = {}
         trees: Dict[bytes, None] = {}
         everything = False
+        self._stamp += 1
+        if len(self._changed) > CHANGED_LIMIT:
+            self._changed.clear()
+            self._floor = self._stamp  # every stamp taken before now means "changed"
         offset = 0
         while offset + EVENT.size <= len(data):
             wd, mask, _cookie, length = EVENT.unpack_from(data, offset)
@@ -296,6 +341,9 @@ class ChangeWatcher:
                 continue
             dirs = sorted(self._wds.get(wd, ()))
             for directory in dirs:
+                self._mark(directory)
+                if name:
+                    self._mark(directory.rstrip(b"/") + b"/" + name)  # (its own answer, if watched)
                 if name:
                     path = directory.rstrip(b"/") + b"/" + name
                     if path in mine:  # the host's own change (see :meth:`own`)
@@ -322,14 +370,22 @@ class ChangeWatcher:
                 if self._wds.pop(wd, None) is not None and not mask & IN_IGNORED:
                     self._libc.inotify_rm_watch(ctypes.c_int(self.fd), ctypes.c_int(wd))
         if everything:
+            self._floor = self._stamp  # every answer kept from before may be stale
             for wd in list(self._wds):
                 self._libc.inotify_rm_watch(ctypes.c_int(self.fd), ctypes.c_int(wd))
             self._wds.clear()
             self._paths.clear()
             self.full = False
-        if paths or trees or everything:
+        if (paths or trees or everything) and self.report is not None:
             self.reports += 1
             self.report(list(paths), list(trees), everything)
+
+    def _mark(self, directory: bytes) -> None:
+        """*directory*'s answer changed (its entries, or its own attributes in its parent's)."""
+        self._changed[directory] = self._stamp
+        parent = os.path.dirname(directory)
+        if parent != directory:
+            self._changed[parent] = self._stamp
 
     # -- background -------------------------------------------------------------
     def start(self) -> "ChangeWatcher":

@@ -1,0 +1,217 @@
+"""The local side works out a ``validate`` ahead, and keeps answers while nothing changed.
+
+While the connection and the agent start, :meth:`SendAhead.prepare` lists the
+profile's directories and finds its files' copy keys; the ``validate`` that
+follows reuses them only while the change watcher has seen no change since
+they were made (:meth:`ChangeWatcher.unchanged_since`). These tests drive the
+real service on real directories with real inotify: what is reused must be
+what a fresh service would answer, changes included.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+
+import pytest
+
+from remote_runner.mirror import listing
+from remote_runner.mirror.service import LocalFileService
+from remote_runner.mirror.watcher import ChangeWatcher
+
+
+def _settled(path, data: bytes) -> None:
+    path.write_bytes(data)
+    path.chmod(0o644)
+    past = time.time() - 60
+    os.utime(path, (past, past))
+
+
+def _tree(root):
+    """A small library tree: two directories of settled files and a symlink."""
+    lib = root / "lib"
+    (lib / "pkg").mkdir(parents=True)
+    for i in range(5):
+        _settled(lib / f"mod{i}.py", b"x = %d\n" % i)
+        _settled(lib / "pkg" / f"part{i}.so", b"\x7fELF" + bytes(100 * i))
+    os.symlink("mod0.py", lib / "alias.py")
+    return lib
+
+
+def _service():
+    service = LocalFileService()
+    service.watcher = ChangeWatcher(None)
+    return service
+
+
+def _validate(service, dirs, names, files):
+    """The service's ``validate`` body, access times left out.
+
+    Listing a directory or reading a link moves its atime with no inotify
+    event; like the host's own cache, a kept answer is current in all but that.
+    """
+    service.seed = (list(names), list(files))
+    reply = service.handle("validate", {"dirs": [[str(d), ""] for d in dirs]}, b"")
+    body = json.loads(reply.payload)
+    for answer in body["dirs"]:
+        if isinstance(answer, dict):
+            answer["a"] = [row[:7] + row[8:] for row in answer["a"]]
+    for answer in body["answers"]:
+        if isinstance(answer, list):
+            answer[0].pop("st_atime", None)
+    return body
+
+
+@pytest.fixture
+def services():
+    made = []
+
+    def make():
+        made.append(_service())
+        return made[-1]
+    yield make
+    for service in made:
+        service.watcher.close()
+
+
+def test_a_stamp_holds_until_something_changes_in_the_directory(tmp_path):
+    sub = tmp_path / "sub"
+    sub.mkdir()
+    (tmp_path / "f").write_text("one")
+    reports = []
+    watcher = ChangeWatcher(lambda p, t, e: reports.append((p, t, e)))
+    try:
+        for d in (tmp_path, sub):
+            assert watcher.watch(os.fsencode(d))
+        top = os.fsencode(tmp_path)
+        stamp = watcher.stamp()
+        assert watcher.unchanged_since(top, stamp)
+        (tmp_path / "f").write_text("two")                        # a name's contents
+        assert not watcher.unchanged_since(top, stamp)
+        stamp = watcher.stamp()
+        os.chmod(tmp_path / "f", 0o600)                           # a name's attributes
+        assert not watcher.unchanged_since(top, stamp)
+        stamp = watcher.stamp()
+        (sub / "new").write_text("x")                             # a subdirectory's mtime
+        assert not watcher.unchanged_since(top, stamp)
+        stamp = watcher.stamp()
+        with watcher.own([os.fsencode(tmp_path / "g")]):          # the host's own change counts too
+            (tmp_path / "g").write_text("mine")
+        assert not watcher.unchanged_since(top, stamp)
+        assert not watcher.unchanged_since(os.fsencode(tmp_path / "elsewhere"), watcher.stamp())
+        assert reports  # (reported as before)
+    finally:
+        watcher.close()
+
+
+def test_a_directory_moved_away_and_made_again_is_not_taken_for_the_old_one(tmp_path):
+    deep = tmp_path / "sub" / "deep"
+    deep.mkdir(parents=True)
+    (deep / "old").write_text("x")
+    watcher = ChangeWatcher(None)
+    try:
+        for d in (tmp_path, tmp_path / "sub", deep):
+            assert watcher.watch(os.fsencode(d))
+        stamp = watcher.stamp()
+        os.rename(tmp_path / "sub", tmp_path / "moved")
+        (tmp_path / "sub" / "deep").mkdir(parents=True)
+        watcher.flush()
+        assert watcher.watch(os.fsencode(deep))                   # the new one, watched afresh
+        assert not watcher.unchanged_since(os.fsencode(deep), stamp)
+    finally:
+        watcher.close()
+
+
+def test_a_watcher_made_before_the_link_drops_reports_until_told_where_they_go(tmp_path):
+    watcher = ChangeWatcher(None)
+    try:
+        assert watcher.watch(os.fsencode(tmp_path))
+        stamp = watcher.stamp()
+        (tmp_path / "early").write_text("x")
+        watcher.flush()                                           # nowhere to go: dropped
+        assert not watcher.unchanged_since(os.fsencode(tmp_path), stamp)
+        reports = []
+        watcher.report_to(lambda p, t, e: reports.append(p + t))
+        watcher.flush()
+        assert reports == []                                      # the early change is not held back
+        (tmp_path / "late").write_text("y")
+        watcher.flush()
+        assert reports and os.fsencode(tmp_path / "late") in reports[-1]
+    finally:
+        watcher.close()
+
+
+def test_a_directory_is_listed_once_while_unchanged_then_again(tmp_path, monkeypatch, services):
+    service = services()
+    (tmp_path / "a").write_text("a")
+    calls = []
+    real = listing.directory_answer
+    monkeypatch.setattr(listing, "directory_answer", lambda *a, **k: calls.append(a[0]) or real(*a, **k))
+    directory = os.fsencode(tmp_path)
+    assert service._watch(directory)
+    first, payload = service._listing(directory)
+    again, same = service._listing(directory)
+    assert len(calls) == 1 and again is first and same == payload
+    (tmp_path / "b").write_text("b")
+    changed, _ = service._listing(directory)
+    assert len(calls) == 2 and sorted(changed["n"]) == ["a", "b"]
+    unwatched = _service()
+    unwatched.watcher.close()
+    unwatched.watcher = None  # no watcher: nothing kept, every answer listed afresh
+    unwatched._listing(directory)
+    unwatched._listing(directory)
+    assert len(calls) == 4
+
+
+def test_validate_after_prepare_answers_what_a_fresh_service_does(public_tmp, services):
+    lib = _tree(public_tmp)
+    names = [str(lib / n) for n in ("mod0.py", "alias.py", "missing.py", "pkg/part1.so", "pkg/nothing")]
+    files = [str(lib / "mod1.py"), str(lib / "pkg" / "part2.so")]
+    prepared = services()
+    prepared.prepare(names, files)
+    assert prepared.request_fds.open_count() == 0  # every descriptor it opened is closed
+    body = _validate(prepared, [lib, lib / "pkg"], names, files)
+    fresh = _validate(services(), [lib, lib / "pkg"], names, files)
+    assert body == fresh
+    assert body["whole"] and all(d not in (0, 1) for d in body["dirs"])  # (nothing offered: sent)
+
+
+def test_changes_after_prepare_are_in_the_validate_answer(public_tmp, services):
+    lib = _tree(public_tmp)
+    names = [str(lib / "mod0.py"), str(lib / "pkg" / "part1.so")]
+    files = [str(lib / "mod1.py"), str(lib / "pkg" / "part2.so")]
+    prepared = services()
+    prepared.prepare(names, files)
+    before = _validate(services(), [lib, lib / "pkg"], names, files)
+    # Between the handshake and the host's validate: a new module, a rewritten library
+    # (same size, mtime put back), a removed file.
+    _settled(lib / "mod5.py", b"x = 5\n")
+    part2 = lib / "pkg" / "part2.so"
+    st = part2.stat()
+    part2.write_bytes(b"\x7fELF" + b"\x01" * 200)
+    os.utime(part2, ns=(st.st_atime_ns, st.st_mtime_ns))
+    os.unlink(lib / "mod4.py")
+    body = _validate(prepared, [lib, lib / "pkg"], names, files)
+    assert body == _validate(services(), [lib, lib / "pkg"], names, files)
+    assert body != before
+    listed = body["dirs"][0]
+    assert "mod5.py" in listed["n"] and "mod4.py" not in listed["n"]
+    keys = dict((name, meta) for name, meta in body["whole"])
+    assert keys[str(part2)][3] != dict(before["whole"])[str(part2)][3]  # a new ctime: fetched again
+
+
+def test_a_directory_with_a_hard_linked_file_is_listed_again_every_time(tmp_path, monkeypatch, services):
+    service = services()
+    (tmp_path / "d").mkdir()
+    (tmp_path / "d" / "f").write_text("one")
+    os.link(tmp_path / "d" / "f", tmp_path / "other-name")
+    calls = []
+    real = listing.directory_answer
+    monkeypatch.setattr(listing, "directory_answer", lambda *a, **k: calls.append(a[0]) or real(*a, **k))
+    directory = os.fsencode(tmp_path / "d")
+    assert service._watch(directory)
+    service._listing(directory)
+    (tmp_path / "other-name").write_text("changed through the other name")  # no event in d
+    answer, _ = service._listing(directory)
+    assert len(calls) == 2 and answer["a"][0][6] == len("changed through the other name")
