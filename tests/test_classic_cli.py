@@ -26,6 +26,24 @@ SCRIPT = os.path.join(REPO, "scripts", "remote_runner.py")
 HOSTS = ("h1", "h2", "h3")
 
 
+def test_each_subcommand_is_built_from_the_module_the_dispatcher_names():
+    from remote_runner import cli as top
+    full = top.build_parser()
+    commands = next(a for a in full._actions if a.dest == "command").choices
+    assert set(commands) == set(top.COMMAND_MODULES)
+    for name in commands:
+        alone = top.build_parser(name)
+        assert name in next(a for a in alone._actions if a.dest == "command").choices
+
+
+def test_running_exec_does_not_import_the_runner():
+    code = ("import sys; from remote_runner.cli import main\n"
+            "try:\n    main(['exec', '--help'])\nexcept SystemExit:\n    pass\n"
+            "print(sorted(m for m in sys.modules if m.startswith('remote_runner.cli.')))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60).stdout
+    assert out.strip().splitlines()[-1] == "['remote_runner.cli.exec_']"
+
+
 def cli(*args, env=None, timeout=300):
     """Run remote_runner.py with *args*; return the CompletedProcess (text)."""
     full_env = {k: v for k, v in os.environ.items() if k != "REMOTE_RUNNER_PASSWORD"}
