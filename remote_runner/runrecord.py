@@ -274,6 +274,13 @@ def _plain(value: Any) -> Any:
     A record is written before and after every start (``status`` reads it while
     the run goes on); asdict's copying was most of that write's cost.
     """
+    kind = type(value)
+    if kind in _SCALARS:  # most of a record (its files' names): checked first, and cheaply
+        return value
+    if kind is list or kind is tuple:
+        return [_plain(v) for v in value]
+    if kind is dict:
+        return {k: _plain(v) for k, v in value.items()}
     if dataclasses.is_dataclass(value) and not isinstance(value, type):
         return {f.name: _plain(getattr(value, f.name)) for f in dataclasses.fields(value)}
     if isinstance(value, dict):
@@ -281,6 +288,9 @@ def _plain(value: Any) -> Any:
     if isinstance(value, (list, tuple)):
         return [_plain(v) for v in value]
     return value
+
+
+_SCALARS = frozenset((str, int, float, bool, type(None)))
 
 
 def _point_latest(parent: str, run_id: str) -> None:
