@@ -53,8 +53,13 @@ def recursive_files_dict(src_path: str, dest_path: str) -> Dict[str, str]:
             if os.path.islink(os.path.join(dirpath, name)):
                 LOG.warning("recursive_files_dict: not following symlinked directory %s",
                             os.path.join(dirpath, name))
-        for name in sorted(filenames):
-            _add(mapping, src_path, dest_path, os.path.join(dirpath, name))
+        if filenames:
+            # One destination directory per directory, not a normpath per file.
+            there = _dest(src_path, dest_path, dirpath)
+            join = (lambda name: name) if there == "." else (
+                (lambda name: "/" + name) if there == "/" else (lambda name: there + "/" + name))
+            for name in sorted(filenames):
+                mapping[os.path.join(dirpath, name)] = join(name)
         real_subdirs = [d for d in dirnames if not os.path.islink(os.path.join(dirpath, d))]
         if not filenames and not real_subdirs:
             _add(mapping, src_path, dest_path, dirpath)
@@ -63,8 +68,13 @@ def recursive_files_dict(src_path: str, dest_path: str) -> Dict[str, str]:
 
 def _add(mapping: Dict[str, str], src_root: str, dest_root: str, path: str) -> None:
     """Record *path* (below *src_root*) at the matching place below *dest_root*."""
+    mapping[path] = _dest(src_root, dest_root, path)
+
+
+def _dest(src_root: str, dest_root: str, path: str) -> str:
+    """The place of *path* (below *src_root*) below *dest_root*, normalised."""
     # os.walk joins onto src_root as given: cutting it off is relpath's answer, without
     # relpath's two abspath calls per file (a tree of thousands, once per component).
     rel = path[len(src_root):].lstrip(os.sep) if path.startswith(src_root) else os.path.relpath(path, src_root)
     rel = (rel or ".").replace(os.sep, "/")
-    mapping[path] = posixpath.normpath(posixpath.join(dest_root, rel))
+    return posixpath.normpath(posixpath.join(dest_root, rel))

@@ -30,8 +30,9 @@ def build_experiment(config: Config, config_path: str, extra_options: Any = None
                           file=config_path)
     specs: List[ComponentSpec] = []
     seen: Dict[Tuple[str, str], ComponentSpec] = {}
+    modes: Dict[str, int] = {}  # local sources stat'ed so far: components often share them
     for component in config.all_components():
-        spec = _Validator(component, config_dir).spec()
+        spec = _Validator(component, config_dir, modes).spec()
         if spec.key in seen:
             first = seen[spec.key]
             raise ConfigError(f"a component with this name already exists on host {spec.host!r} "
@@ -47,11 +48,14 @@ def build_experiment(config: Config, config_path: str, extra_options: Any = None
 class _Validator:
     """Check one Component field by field and build its :class:`ComponentSpec`."""
 
-    def __init__(self, component: Component, config_dir: str) -> None:
+    def __init__(self, component: Component, config_dir: str,
+                 modes: Optional[Dict[str, int]] = None) -> None:
         self.c = component
         self.values = component.__dict__
         self.config_dir = config_dir
         self.name = component._known_name()
+        #: mode of each local source already stat'ed (by normalised path), shared by components
+        self.modes: Dict[str, int] = {} if modes is None else modes
 
     def fail(self, field_name: str, message: str) -> ConfigError:
         """Build the error for *field_name*, located where that field was set."""
@@ -262,8 +266,10 @@ class _Validator:
 
     def _file_spec(self, src: str, dest: str) -> FileSpec:
         path = os.path.normpath(os.path.join(self.config_dir, os.path.expanduser(src)))
+        mode = self.modes.get(path)
         try:
-            mode = os.stat(path).st_mode  # one stat per file: a config may list thousands
+            if mode is None:  # one stat per file: a config may list thousands, for many hosts
+                mode = self.modes[path] = os.stat(path).st_mode
         except OSError:
             where = self.c._origin_of("files")
             raise SourceError(f"local source {src!r} does not exist (looked for {path})",
