@@ -460,6 +460,20 @@ def test_recursive_files_dict_absolute(tmp_path):
     }
 
 
+@pytest.mark.parametrize("dest", [".", "/", "/opt/x", "rel/dir", "./q/", "/opt/../p"])
+def test_recursive_files_dict_places_each_file_as_its_own_normalised_path_would(tmp_path, dest):
+    import posixpath
+    for d in ("a/b", "c", "empty/deeper"):
+        (tmp_path / d).mkdir(parents=True)
+    for f in ("x", "a/y", "a/b/z", "c/w"):
+        (tmp_path / f).write_text(f)
+    got = util.recursive_files_dict(str(tmp_path), dest)
+    files = {str(p): posixpath.normpath(posixpath.join(dest, str(p.relative_to(tmp_path))))
+             for p in tmp_path.rglob("*") if p.is_file()}
+    assert {k: v for k, v in got.items() if k in files} == files
+    assert got[str(tmp_path / "empty" / "deeper")] == posixpath.normpath(posixpath.join(dest, "empty/deeper"))
+
+
 def test_recursive_files_dict_relative_into_base_dir(tmp_path, monkeypatch):
     make_tree(tmp_path / "tree")
     monkeypatch.chdir(tmp_path)
