@@ -64,6 +64,37 @@ def test_state_dir_with_quote_is_rejected():
         scr.check_state_dir("relative/dir", "h1")
 
 
+def test_window_groups_are_found_through_the_children_list_and_without_it():
+    # A parent with three children that each lead their own process group (as screen's
+    # windows do) and one that does not: both ways list exactly the three leaders.
+    parent = subprocess.Popen(["sh", "-c", "setsid sleep 60 & setsid sleep 60 & setsid sleep 60 & "
+                               "sleep 60 & wait"], start_new_session=True)
+    try:
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            kids = open(f"/proc/{parent.pid}/task/{parent.pid}/children").read().split()
+            if len(kids) == 4:
+                break
+            time.sleep(0.05)
+        time.sleep(0.2)  # (setsid has run in each)
+        listed = {}
+        for way, script in (("children", scr._window_groups(str(parent.pid))),
+                            ("scan", scr._window_groups(str(parent.pid), children="/nonexistent"))):
+            out = subprocess.run(["sh", "-c", script], capture_output=True, text=True, timeout=30).stdout
+            listed[way] = sorted(out.split("\n")[:-1])
+        leaders = sorted(f"{k} {parent.pid}" for k in kids if os.getpgid(int(k)) == int(k))
+        assert len(leaders) == 3
+        assert listed["children"] == listed["scan"] == leaders
+    finally:
+        os.killpg(parent.pid, 9)
+        for k in kids:
+            try:
+                os.killpg(int(k), 9)
+            except OSError:
+                pass
+        parent.wait()
+
+
 def test_launcher_runs_argv_byte_exact_and_records_status(tmp_path):
     """Run a launcher locally (no screen): cwd, argv, pid and status files."""
     state = tmp_path / "state"
