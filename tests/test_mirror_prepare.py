@@ -169,7 +169,7 @@ def test_validate_after_prepare_answers_what_a_fresh_service_does(public_tmp, se
     names = [str(lib / n) for n in ("mod0.py", "alias.py", "missing.py", "pkg/part1.so", "pkg/nothing")]
     files = [str(lib / "mod1.py"), str(lib / "pkg" / "part2.so")]
     prepared = services()
-    prepared.prepare(names, files)
+    prepared.prepare(files, [], names)
     assert prepared.request_fds.open_count() == 0  # every descriptor it opened is closed
     body = _validate(prepared, [lib, lib / "pkg"], names, files)
     fresh = _validate(services(), [lib, lib / "pkg"], names, files)
@@ -182,7 +182,7 @@ def test_changes_after_prepare_are_in_the_validate_answer(public_tmp, services):
     names = [str(lib / "mod0.py"), str(lib / "pkg" / "part1.so")]
     files = [str(lib / "mod1.py"), str(lib / "pkg" / "part2.so")]
     prepared = services()
-    prepared.prepare(names, files)
+    prepared.prepare(files, [], names)
     before = _validate(services(), [lib, lib / "pkg"], names, files)
     # Between the handshake and the host's validate: a new module, a rewritten library
     # (same size, mtime put back), a removed file.
@@ -215,3 +215,40 @@ def test_a_directory_with_a_hard_linked_file_is_listed_again_every_time(tmp_path
     (tmp_path / "other-name").write_text("changed through the other name")  # no event in d
     answer, _ = service._listing(directory)
     assert len(calls) == 2 and answer["a"][0][6] == len("changed through the other name")
+
+
+def test_the_directories_a_host_offered_are_kept_for_the_next_prepare(public_tmp, services, tmp_path):
+    from remote_runner.mirror.profile import CommandProfile, OfferedDirs
+    lib = _tree(public_tmp)
+    offered = [str(lib), str(lib / "pkg")]
+    service = services()
+    _validate(service, [lib, lib / "pkg"], [], [])
+    assert service.offered_dirs == offered
+    kept = OfferedDirs.for_profile(CommandProfile(str(tmp_path / "profiles" / "key.json")))
+    kept.save(service.offered_dirs)
+    assert kept.load() == offered and kept.path.endswith("key.dirs.json")
+    (tmp_path / "profiles" / "key.dirs.json").write_text('{"not": "a list"}')
+    assert kept.load() == []  # a damaged file is no guess at all
+    kept.save(offered)
+    calls = []
+    real = listing.directory_answer
+    listing.directory_answer = lambda *a, **k: calls.append(a[0]) or real(*a, **k)
+    try:
+        ahead = services()
+        ahead.prepare([], kept.load())
+        assert len(calls) == 2
+        _validate(ahead, [lib, lib / "pkg"], [], [])
+        assert len(calls) == 2  # the validate listed nothing again
+    finally:
+        listing.directory_answer = real
+
+
+def test_guesses_stop_when_the_validate_arrives_but_what_it_needs_is_done(public_tmp, services):
+    lib = _tree(public_tmp)
+    service = services()
+    service.prepare_stop.set()  # (the validate came at once)
+    service.prepare([str(lib / "mod1.py")], [str(lib)], [str(lib / "mod2.py")])
+    assert service.prepared.is_set()
+    assert str(lib / "mod1.py") in service._metas          # needed: done
+    assert any(k[0] == os.fsencode(lib) for k in service._answers)
+    assert str(lib / "mod2.py") not in service._lookups     # a guess: given up

@@ -36,6 +36,8 @@ from remote_runner.mirror.protocol import PROFILE_NAMES, ProtocolError, name_fro
 #: At most this many names and files are kept per command.
 NAME_LIMIT = PROFILE_NAMES
 FILE_LIMIT = 2000
+#: The most directories :class:`OfferedDirs` keeps (a host offers at most 4,096 at once).
+DIR_LIMIT = 4096
 
 
 def profiles_dir() -> str:
@@ -69,21 +71,56 @@ class CommandProfile:
         if not names:
             return
         names, files = living(names), living(files)
-        directory = os.path.dirname(self.path)
-        os.makedirs(directory, mode=0o700, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp-")
+        _write_json(self.path, {"names": list(names)[:NAME_LIMIT], "files": list(files)[:FILE_LIMIT]})
+
+
+class OfferedDirs:
+    """The directories a host offered back at the command's last ``validate``, in ``<key>.dirs.json``.
+
+    A host keeps whole-directory answers between sessions and offers them for
+    confirmation at ``validate``; which ones, only it knows. The local side
+    lists exactly those ahead, during the next handshake (see
+    :meth:`~remote_runner.mirror.sendahead.SendAhead.prepare`), so it keeps the
+    last host's list: a guess for the next session, never trusted for anything else.
+    """
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+
+    @classmethod
+    def for_profile(cls, profile: "CommandProfile") -> "OfferedDirs":
+        return cls(profile.path[:-len(".json")] + ".dirs.json")
+
+    def load(self) -> List[str]:
         try:
-            with os.fdopen(fd, "wb") as handle:
-                # ASCII JSON: non-UTF-8 names travel as escaped surrogates.
-                handle.write(json.dumps({"names": list(names)[:NAME_LIMIT],
-                                         "files": list(files)[:FILE_LIMIT]}).encode("ascii"))
-            os.rename(tmp, self.path)
-        except BaseException:
-            try:
-                os.unlink(tmp)
-            except OSError:
-                pass
-            raise
+            with open(self.path, "rb") as handle:
+                data = json.loads(handle.read().decode("ascii"))
+        except (OSError, ValueError):
+            return []
+        return [d for d in data if isinstance(d, str)][:DIR_LIMIT] if isinstance(data, list) else []
+
+    def save(self, dirs: Sequence[str]) -> None:
+        """Replace the list (temporary file + rename); none offered keeps the old one."""
+        if dirs:
+            _write_json(self.path, list(dirs)[:DIR_LIMIT])
+
+
+def _write_json(path: str, data: object) -> None:
+    """Replace *path* with *data* as ASCII JSON (non-UTF-8 names travel as escaped surrogates),
+    through a temporary file and a rename."""
+    directory = os.path.dirname(path)
+    os.makedirs(directory, mode=0o700, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp-")
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(json.dumps(data).encode("ascii"))
+        os.rename(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
 
 
 def living(names: Sequence[str]) -> List[str]:

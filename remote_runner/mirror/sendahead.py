@@ -18,11 +18,12 @@ import os
 import stat
 import threading
 import time
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 from remote_runner.mirror import elf
 from remote_runner.mirror import protocol as P
 from remote_runner.mirror.exports import Exports, inside
+from remote_runner.mirror.listing import VALIDATE_DIRS
 from remote_runner.mirror.replies import OpError, Reply
 
 #: A file modified this recently may still be being written: not sent whole.
@@ -55,8 +56,16 @@ def whole_meta(st: os.stat_result) -> List[int]:
     return [st.st_size, st.st_mtime_ns, st.st_ino, st.st_ctime_ns]
 
 
-#: Seconds a ``validate`` waits for :meth:`SendAhead.prepare` to finish the same work.
+def _single(st: os.stat_result) -> bool:
+    """Whether a change to this file can only come through its one name (a directory's can't come
+    through another): else, written through another name, it changes with no event here."""
+    return st.st_nlink == 1 or stat.S_ISDIR(st.st_mode)
+
+
+#: Seconds a ``validate`` waits for :meth:`SendAhead.prepare` to put down what it is doing.
 PREPARE_WAIT = 2.0
+#: The most directories :meth:`SendAhead.prepare` lists (those with the most names first).
+PREPARE_DIRS = 256
 
 
 class PublicDirs:
@@ -178,10 +187,15 @@ class SendAhead:
         # A host with a profile of its own for the command asks for what that
         # command used: the names other commands of the same executable or
         # tree used would only cost lookups here and answers there.
-        if self.preparing is not None:  # the same work, begun while the agent started
+        if self.preparing is not None:  # what it worked out is kept; the rest is done here
+            self.prepared.wait(PREPARE_WAIT)
+            self.prepare_stop.set()
             self.preparing.join(PREPARE_WAIT)
         seed_names, seed_files = self.own_seed if a.get("own") else self.seed
         self.seed = self.own_seed = ([], [])
+        if isinstance(a.get("dirs"), list):  # (for the next session's prepare: a guess, nothing more)
+            self.offered_dirs = [d[0] for d in a["dirs"][:VALIDATE_DIRS]
+                                 if isinstance(d, list) and d and isinstance(d[0], str)]
         dirs, dirs_watched = self._confirm_listings(a.get("dirs"))  # (see listing.py)
         whole_dirs = {os.path.normpath(P.name_from_wire(item[0]))
                       for item, answer in zip(a.get("dirs") or (), dirs) if answer != 0}
@@ -204,79 +218,121 @@ class SendAhead:
         return Reply(payload=json.dumps(body, separators=(",", ":")).encode(), compressible=True)
 
     def _lookup(self, name: str) -> Any:
-        """One ``validate`` answer for wire *name*."""
+        """One ``validate`` answer for wire *name* (kept like :meth:`_whole_meta`'s)."""
+        return self._kept(self._lookups, name, lambda: self._look(name))
+
+    def _look(self, name: str) -> Tuple[Any, bool]:
         try:
             path = self._path({"path": name})
             st = os.lstat(path)
         except OpError:
-            return 0
+            return 0, False
         except OSError as exc:
-            return None if exc.errno in (errno.ENOENT, errno.ENOTDIR) else 0
+            missing = exc.errno in (errno.ENOENT, errno.ENOTDIR)
+            return (None if missing else 0), missing
         link = None
         if stat.S_ISLNK(st.st_mode):
             try:
                 link = P.name_to_wire(os.readlink(path))
             except OSError:
-                pass
-        return [P.stat_to_wire(st), link]
+                return [P.stat_to_wire(st), None], False
+        return [P.stat_to_wire(st), link], _single(st)
 
     def _whole_meta(self, name: str) -> Optional[List[int]]:
-        """The copy key (:func:`whole_meta`) if wire *name* would be sent whole now, else None.
+        """The copy key (:func:`whole_meta`) if wire *name* would be sent whole now, else None."""
+        def meta() -> Tuple[Optional[List[int]], bool]:
+            try:
+                st = os.lstat(self._path({"path": name}))
+            except (OpError, OSError):
+                return None, False
+            if sendable_whole(st) and self.public.reachable(P.name_from_wire(name), self.exports):
+                return whole_meta(st), _single(st)
+            return None, _single(st)
+        return self._kept(self._metas, name, meta)
 
-        Kept, like a directory's answer, while the file's directory is watched
-        and unchanged (a write, chmod, rename or replacement of the file is
-        a change there): what :meth:`prepare` found is then given as is.
+    def _kept(self, table: Dict[str, Tuple[int, Any]], name: str,
+              compute: Callable[[], Tuple[Any, bool]]) -> Any:
+        """*compute* () for wire *name*, kept in *table* while the name's directory is unchanged.
+
+        Like a directory's answer (see :meth:`_listing`): made while the directory
+        was watched, given again while the watcher has seen no change there since
+        (a write, chmod, rename or replacement of the name is one), so what
+        :meth:`prepare` found serves the ``validate`` as is. *compute* says
+        whether its answer may be kept: not an error, nor a file with other
+        names (written through one of those, it changes with no event here).
         """
-        watcher = self.watcher
-        kept = self._metas.get(name)
         try:
             directory = os.path.dirname(os.path.normpath(P.name_from_wire(name))) or b"/"
         except P.ProtocolError:
-            return None
+            return compute()[0]
+        watcher = self.watcher
+        kept = table.get(name)
         if kept is not None and watcher is not None and watcher.unchanged_since(directory, kept[0]):
             return kept[1]
         stamp = watcher.stamp() if watcher is not None and watcher.watched(directory) else None
-        try:
-            st = os.lstat(self._path({"path": name}))
-        except (OpError, OSError):
-            return None
-        meta = None
-        if sendable_whole(st) and self.public.reachable(P.name_from_wire(name), self.exports):
-            meta = whole_meta(st)
-        if stamp is not None and st.st_nlink == 1:  # (another name's writes are no event here)
-            if len(self._metas) >= P.PROFILE_NAMES:
-                self._metas.clear()
-            self._metas[name] = (stamp, meta)
-        return meta
+        value, keep = compute()
+        if stamp is not None and keep:
+            if len(table) >= P.PROFILE_NAMES:
+                table.clear()
+            table[name] = (stamp, value)
+        return value
 
-    def prepare(self, names: Sequence[str], files: Sequence[str]) -> None:
-        """Work out ahead what a ``validate`` naming these (wire) *names* and *files* will ask.
+    def prepare(self, files: Sequence[str], dirs: Sequence[str] = (), names: Sequence[str] = (),
+                more_files: Sequence[str] = ()) -> None:
+        """Work out ahead, from the profiles, what the host's ``validate`` will ask (wire names).
 
-        Run while the connection and the agent start (seconds of waiting on a
-        slow link, none of them this machine's): each name's directory is
-        watched and its answer computed, each file's copy key found, and all
-        of it kept until a change (see :meth:`_listing`). The ``validate``
-        that follows then finds them instead of listing a few dozen
-        directories and stat'ing a few hundred files while the host waits.
-        Nothing is sent; a directory or file that changes meanwhile is
-        simply worked out again when asked.
+        Run while the connection and the agent start (a few round trips of
+        waiting, none of them this machine's): directories are watched and
+        listed, names looked up, files' copy keys found, and all of it kept
+        until a change (see :meth:`_listing`, :meth:`_kept`). The ``validate``
+        that follows then finds them instead of listing dozens of directories
+        and stat'ing hundreds of files while the host waits. Nothing is sent.
+
+        First what the ``validate`` of a host that ran the command before
+        needs: the command's own *files* and the directories the last host
+        offered back (*dirs*, :class:`~.profile.OfferedDirs`); the ``validate``
+        waits for those. Then guesses, given up as soon as it arrives
+        (:attr:`prepare_stop`): the *names*' answers, the *more_files* of the
+        profiles the command shares, the directories holding the most names.
         """
-        directories: Dict[bytes, None] = {}
-        for name in list(names) + list(files):
+        def listed(wire_dirs: Sequence[Any]) -> List[Callable[[], Any]]:
+            out: List[Callable[[], Any]] = []
+            for wire in wire_dirs:
+                try:
+                    raw = os.path.normpath(P.name_from_wire(wire)) if isinstance(wire, str) else wire
+                except P.ProtocolError:
+                    continue
+                out.append(lambda d=raw: self._watch(d) and self._listing(d))
+            return out
+
+        directories: Dict[bytes, int] = {}
+        for name in list(names) + list(files) + list(more_files):
             try:
-                raw = os.path.normpath(P.name_from_wire(name))
+                folder = os.path.dirname(os.path.normpath(P.name_from_wire(name))) or b"/"
             except P.ProtocolError:
                 continue
-            directories[os.path.dirname(raw) or b"/"] = None
+            directories[folder] = directories.get(folder, 0) + 1
+        busiest = sorted(directories, key=lambda d: -directories[d])[:PREPARE_DIRS]
+        def key(name: str) -> Any:
+            self._watch_parent(name)  # (first: a key is kept only while its directory is watched)
+            return self._whole_meta(name)
+
+        needed = [lambda name=name: key(name) for name in files] + listed(dirs)
+        guesses = ([lambda name=name: self._watch_parent(name) and self._lookup(name) for name in names]
+                   + [lambda name=name: key(name) for name in more_files]
+                   + listed(busiest))
         try:
-            for directory in directories:
-                if self._watch(directory):
-                    self._listing(directory)
+            for step in needed:
+                step()
                 self.request_fds.release()
-            for name in files:
-                self._whole_meta(name)
+            self.prepared.set()
+            for step in guesses:
+                if self.prepare_stop.is_set():
+                    return
+                step()
                 self.request_fds.release()
         finally:
+            self.prepared.set()
             self.request_fds.release()
 
     @staticmethod

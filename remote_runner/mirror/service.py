@@ -99,8 +99,13 @@ class LocalFileService(SendAhead, DirectoryAnswers, OwnChanges):
         #: Answers kept while their directory is unchanged (see :meth:`_listing`, :meth:`_whole_meta`).
         self._answers: Dict[Tuple[bytes, int], Tuple[Any, ...]] = {}
         self._metas: Dict[str, Tuple[int, Optional[List[int]]]] = {}
-        #: The thread running :meth:`prepare`, if one was started.
+        self._lookups: Dict[str, Tuple[int, Any]] = {}
+        #: The thread running :meth:`prepare`, if one was started, and what stops it.
         self.preparing: Optional[threading.Thread] = None
+        self.prepare_stop = threading.Event()
+        self.prepared = threading.Event()  # (what prepare does for certain is done)
+        #: The directories the host offered at ``validate`` (kept for the next session's prepare).
+        self.offered_dirs: List[str] = []
         #: One handle's pipelined writes (numbered ``seq``) applied in the order they were sent.
         self.order = WriteOrder()
         #: The name each handle was opened by (its writes are the host's own changes to it).

@@ -30,12 +30,12 @@ from remote_runner.mirror.environment import (connection_secrets, current_umask,
                                               filtered_environment)
 from remote_runner.mirror.exports import Exports
 from remote_runner.mirror.locallink import LocalLink, MirrorOptions
-from remote_runner.mirror.profile import ProfileSet
+from remote_runner.mirror.profile import OfferedDirs, ProfileSet
 from remote_runner.mirror.service import LocalFileService
 from remote_runner.mirror.streams import ChannelStream, PipeStream
-from remote_runner.mirror.watcher import ChangeWatcher
 from remote_runner.mirror.terminal import (OutputWriter, enter_raw_mode, forward_signals, pump_stdin,
                                            restore_signals, winsize)
+from remote_runner.mirror.watcher import ChangeWatcher
 
 #: Names callers (the CLI, the runner, tests) reach through this module.
 __all__ = ["ExecResult", "MirrorOptions", "MirrorServer", "PipeStream", "files_only_exports",
@@ -136,10 +136,13 @@ def plan_command(conn: Any, argv: Sequence[str], cwd: Optional[str] = None,
         profile = ProfileSet.for_command(fields["argv"], options.files_only, cwd)
     build_bundle()  # built once per process: now, not after the connection is up
     seeds = profile.seeds() if profile is not None else None
-    return ExecPlan(options, exports, roots, fields, profile, seeds, _prepared_service(roots, exports, seeds))
+    offered = OfferedDirs.for_profile(profile.own).load() if profile is not None else []
+    return ExecPlan(options, exports, roots, fields, profile, seeds,
+                    _prepared_service(roots, exports, seeds, offered))
 
 
-def _prepared_service(roots: Optional[List[bytes]], exports: Exports, seeds: Any) -> LocalFileService:
+def _prepared_service(roots: Optional[List[bytes]], exports: Exports, seeds: Any,
+                      offered: Sequence[str] = ()) -> LocalFileService:
     """The file service, already watching and answering what the profiles say ``validate`` will ask.
 
     The SSH handshake and the agent's start are a few round trips of waiting
@@ -151,9 +154,10 @@ def _prepared_service(roots: Optional[List[bytes]], exports: Exports, seeds: Any
     service.watcher = ChangeWatcher.create(None)  # reports go to the link once there is one
     if seeds is not None and service.watcher is not None:
         (names, files), (own_names, own_files) = seeds
+        mine = set(own_files)
         service.preparing = threading.Thread(
-            target=service.prepare, args=(list(dict.fromkeys(names + own_names)),
-                                          list(dict.fromkeys(files + own_files))),
+            target=service.prepare, args=(own_files, list(offered), list(dict.fromkeys(own_names + names)),
+                                          [f for f in files if f not in mine]),
             daemon=True, name="mirror-prepare")
         service.preparing.start()
     return service
@@ -245,6 +249,7 @@ def _save_profile(profile: ProfileSet, service: LocalFileService, used: Sequence
     kept = [f for f in profile.load()[1] if f in looked_up and f not in files]
     try:
         profile.save(names, list(files) + kept)
+        OfferedDirs.for_profile(profile.own).save(service.offered_dirs)
     except OSError as exc:
         LOG.debug("mirror: profiles %s not saved: %s", profile.paths, exc)
 

@@ -342,8 +342,9 @@ class ChangeWatcher:
             dirs = sorted(self._wds.get(wd, ()))
             for directory in dirs:
                 self._mark(directory)
-                if name:
-                    self._mark(directory.rstrip(b"/") + b"/" + name)  # (its own answer, if watched)
+                child = directory.rstrip(b"/") + b"/" + name if name else b""
+                if child in self._paths:  # a watched subdirectory: its own answer changed too
+                    self._changed[child] = self._stamp
                 if name:
                     path = directory.rstrip(b"/") + b"/" + name
                     if path in mine:  # the host's own change (see :meth:`own`)
