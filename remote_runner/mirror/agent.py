@@ -42,6 +42,7 @@ from .host.caches import FileCache, fetch_ahead
 from .host.names import NameCache
 from .host.command import command_user
 from .host.jobs import attach, run_daemon, run_exec
+from .host.lanes import LaneListener
 from .host.link import DEFAULT_DEADLINE, DEFAULT_HEARTBEAT, EXIT_LINK, REQUEST_TIMEOUT, Link
 from .host.namespaces import PR_SET_CHILD_SUBREAPER, prctl
 from .host.operations import hidden_name
@@ -70,10 +71,25 @@ def serve(mode: str) -> int:
     """Run the agent's framed session on stdin/stdout."""
     in_fd, out_fd = _claim_stdio()
     link = Link(in_fd, out_fd)
-    link.send({"t": P.HELLO, "v": P.PROTOCOL_VERSION, "machine": platform.machine(),
-               "lz4": P.lz4_available(), "codecs": P.available_codecs(),
-               "uid": os.geteuid(), "python": sys.version.split()[0],
-               "executable": sys.executable, "agent": os.path.abspath(sys.argv[0])})
+    hello = {"t": P.HELLO, "v": P.PROTOCOL_VERSION, "machine": platform.machine(),
+             "lz4": P.lz4_available(), "codecs": P.available_codecs(),
+             "uid": os.geteuid(), "python": sys.version.split()[0],
+             "executable": sys.executable, "agent": os.path.abspath(sys.argv[0])}
+    try:  # made now, while no thread exists yet (see host/lanes.py)
+        link.lanes = LaneListener(link.deliver, accepted=lambda n: link.send({"t": P.LANE, "lane": n}),
+                                  ended=link.lane_gone)
+        hello["lanes"] = link.lanes.hello()
+    except OSError as exc:
+        LOG.debug("no lanes: %s", exc)
+    link.send(hello)
+    try:
+        return _serve(link, mode)
+    finally:
+        if link.lanes is not None:
+            link.lanes.close()
+
+
+def _serve(link: Link, mode: str) -> int:
     try:
         header, _ = P.read_frame(link.reader)
     except P.ProtocolError as exc:
@@ -92,6 +108,10 @@ def serve(mode: str) -> int:
     link.heartbeat = float(header.get("hb") or DEFAULT_HEARTBEAT)
     link.deadline = float(header.get("deadline") or DEFAULT_DEADLINE)
     link.request_timeout = float(header.get("rq") or REQUEST_TIMEOUT)
+    wanted = header.get("lanes")
+    link.lanes_wanted = wanted if isinstance(wanted, int) and not isinstance(wanted, bool) else 0
+    if link.lanes is not None and link.lanes_wanted <= 0:
+        link.lanes.close()
     logging.getLogger().setLevel(logging.DEBUG if header.get("debug") else logging.WARNING)
     logging.getLogger("fuse").setLevel(logging.DEBUG if header.get("debug_fuse") else logging.WARNING)
     try:

@@ -19,6 +19,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence
 from remote_runner.errors import MirrorError
 from remote_runner.mirror import protocol as P
 from remote_runner.mirror.bundle import ALTERED_MARKER, NEED_MARKER, AgentBundle
+from remote_runner.mirror.lanes import DEFAULT_LANES, Lanes
 from remote_runner.mirror.environment import cache_origin
 from remote_runner.mirror.service import LocalFileService
 from remote_runner.mirror.watcher import ChangeWatcher, inval_frame
@@ -29,6 +30,9 @@ LOG = logging.getLogger("remote_runner.mirror.session")
 
 HEARTBEAT = 5.0
 DEADLINE = 20.0
+#: Replies that may take a lane when large: file data, whose every use on the host is
+#: checked against the invalidations that arrived since it was asked for.
+LANE_OPS = frozenset(("read", "open"))
 #: Seconds close() waits for the reader thread to end (so it never prints at exit).
 READER_JOIN = 2.0
 
@@ -53,14 +57,19 @@ class MirrorOptions:
     export: Sequence[str] = ()
     #: ``--read-only``: nothing served can be changed.
     read_only: bool = False
+    #: Extra SSH channels for large replies (:mod:`.lanes`); 0: everything on the agent's channel.
+    lanes: int = DEFAULT_LANES
 
 
 class LocalLink:
     """The framed channel to the agent, seen from the local side."""
 
     def __init__(self, stream: Any, service: LocalFileService, options: MirrorOptions,
-                 host: str = "host") -> None:
+                 host: str = "host", open_lane: Optional[Callable[[str], Any]] = None) -> None:
         self.stream = stream
+        #: Opens a stream running a shell command on the host (for lanes), if this link may.
+        self.open_lane = open_lane
+        self.lanes: Optional[Lanes] = None
         self.reader = PeekReader(stream)
         self.writer = P.FrameWriter(stream.write_all)
         self.service = service
@@ -110,7 +119,17 @@ class LocalLink:
         self.hello = header
         offered = header.get("codecs") or (["lz4"] if header.get("lz4") else [])
         self.writer.compress = P.choose_codec(offered) if self.options.compress else None
+        if self.open_lane is not None and self.options.lanes > 0 and header.get("lanes"):
+            self.lanes = Lanes(self.open_lane, header["lanes"], str(header.get("executable") or "python3"),
+                               self.writer, self.options.lanes, self.host)
+            self.handlers[P.LANE] = self._lane_frame
         return header
+
+    def _lane_frame(self, header: Dict[str, Any], payload: bytes) -> None:
+        if self.lanes is not None:
+            answer = self.lanes.on_frame(header, payload)
+            if answer is not None:
+                self.send(answer)
 
     def _startup_failure(self, what: str) -> str:
         time.sleep(0)  # let the stderr thread catch up without a fixed wait
@@ -132,6 +151,7 @@ class LocalLink:
         if self.options.file_cache:
             header["cache"] = cache_origin()
         header["watch"] = self.watcher is not None
+        header["lanes"] = self.lanes.wanted if self.lanes is not None else 0
         header.update(fields)
         self.send(header)
 
@@ -164,8 +184,13 @@ class LocalLink:
         """This end's counters: requests served per operation, bytes each way, frames packed."""
         with self._count_lock:
             served = dict(self.served)
-        return {"requests": sum(served.values()), "served": served,
-                "bytes_received": self.reader.received, **self.writer.counters()}
+        out = {"requests": sum(served.values()), "served": served,
+               "bytes_received": self.reader.received, **self.writer.counters()}
+        if self.lanes is not None:
+            out.update(self.lanes.stats())
+            out["bytes_sent"] += out["lane_bytes"]
+            out["payload_sent"] += out["lane_payload"]
+        return out
 
     def _serve(self, header: Dict[str, Any], payload: bytes) -> None:
         op = str(header.get("op"))
@@ -177,6 +202,9 @@ class LocalLink:
             LOG.info("rpc %s %s -> %s %.2f ms", header.get("op"), header.get("a"),
                      reply.get("e", "ok"), (time.monotonic() - started) * 1000)
         self.flush_changes()  # a change made before this reply reaches the host before it
+        if op in LANE_OPS and self.lanes is not None and not self.lost.is_set() \
+                and self.lanes.send(reply, data, compressible):
+            return
         self.send(reply, data, compressible)
 
     def flush_changes(self) -> None:
@@ -246,6 +274,8 @@ class LocalLink:
         """Say goodbye, close the stream and release local handles."""
         self.send({"t": P.BYE})
         self.mark_lost("closed")
+        if self.lanes is not None:
+            self.lanes.close()
         self.stream.close()
         reader = getattr(self, "_reader_thread", None)
         if reader is not None and reader is not threading.current_thread():

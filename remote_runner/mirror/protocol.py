@@ -33,7 +33,8 @@ size/mtime/inode of the host's copy): the reply then says the copy is current
 round trip per file instead of one per read. When that file is a dynamically
 linked program, the reply also carries ``libs`` (shaped like a ``validate``
 reply: names, answers, whole files): the libraries the loader will open next,
-which the agent fetches at once. A session starts with one
+which the agent fetches at once. Large replies may also come over
+extra channels ("lanes", :mod:`.host.lanes`), past one channel's window. A session starts with one
 ``boot`` frame holding everything the command needs (argv, cwd, env, umask,
 tty mode, window size, the file-cache origin).
 """
@@ -77,6 +78,7 @@ PING = "ping"        # either way; answered by PONG
 PONG = "pong"
 JOB = "job"          # local -> agent (daemon mode): register a window command
 BYE = "bye"          # local -> agent: end the session, clean up
+LANE = "lane"        # local -> agent, first on a lane: ``token`` (see host/lanes.py)
 INVAL = "inval"      # local -> agent: names that changed here (``p``), dropped with all below (``tree``), or ``all``
 
 #: A directory answer lists at most this many entries (bigger ones: name by name).
@@ -348,6 +350,21 @@ def fd_write_all(fd: int):
             view = view[n:]
     return write_all
 
+
+#: What a lane runs on the host (``python3 -I -S -c LANE_RELAY SOCKET``): its stdin to
+#: the agent's lane socket, byte for byte, nothing parsed; it ends with either side.
+LANE_RELAY = (
+    "import os,socket,sys\n"
+    "s=socket.socket(socket.AF_UNIX,socket.SOCK_STREAM)\n"
+    "try:\n"
+    " s.connect(sys.argv[1])\n"
+    " while True:\n"
+    "  d=os.read(0,262144)\n"
+    "  if not d:break\n"
+    "  s.sendall(d)\n"
+    "except OSError as e:\n"
+    " sys.stderr.write('lane: %s\\n'%e);sys.exit(1)\n"
+)
 
 #: Codecs in order of preference (fastest first); zlib is always there (standard library).
 CODECS = ("lz4", "zlib")

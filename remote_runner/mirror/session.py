@@ -56,7 +56,9 @@ def open_agent(conn: Any, mode: str, options: MirrorOptions, roots: Optional[Lis
     """
     bundle = build_bundle()
     host = getattr(conn, "alias", None) or "local"
+    open_lane = None
     if stream is None:
+        open_lane = lambda command: ChannelStream(conn.exec_channel(command))  # noqa: E731
         try:
             channel = conn.exec_channel(bundle.launch_command(mode))
         except Exception as exc:
@@ -66,7 +68,7 @@ def open_agent(conn: Any, mode: str, options: MirrorOptions, roots: Optional[Lis
         stream = ChannelStream(channel)
     if service is None:
         service = LocalFileService(roots=roots, exports=exports)
-    link = LocalLink(stream, service, options, host=host)
+    link = LocalLink(stream, service, options, host=host, open_lane=open_lane)
     try:
         link.handshake(bundle)
     except BaseException:

@@ -57,6 +57,9 @@ class Link:
         #: Frames other than replies, handled in order by their own thread: an
         #: invalidation may wait for the kernel, which may wait for a reply.
         self._frames: "queue.Queue[Optional[Tuple[Dict[str, Any], bytes]]]" = queue.Queue()
+        #: Extra channels for large replies (:mod:`.lanes`), if any; started with the link.
+        self.lanes: Any = None
+        self.lanes_wanted = 0
 
     def _count_wait(self) -> None:
         with self._lock:
@@ -69,10 +72,12 @@ class Link:
 
     def stats(self) -> Dict[str, Any]:
         """What this end counted: requests asked and answered here, bytes each way, frames packed."""
+        lanes = self.lanes.stats() if self.lanes is not None else {}
         with self._lock:
             return {"asked": dict(self.asked), "answered_on_host": dict(self.answered),
                     "posted": dict(self.posted), "waits": self.waits,
-                    "bytes_received": self.reader.received, **self.writer.counters()}
+                    "bytes_received": self.reader.received + lanes.get("lane_bytes", 0),
+                    **lanes, **self.writer.counters()}
 
     def send(self, header: Dict[str, Any], payload: bytes = b"", compressible: bool = False) -> None:
         """Send a frame; a broken pipe marks the link lost."""
@@ -165,7 +170,7 @@ class Link:
         with self._lock:
             rid = self._next
             self._next += 1
-            slot: List[Any] = [threading.Event(), None, b"", rid]
+            slot: List[Any] = [threading.Event(), None, b"", rid, op, args]
             self._pending[rid] = slot
             self.asked[op] = self.asked.get(op, 0) + 1
         self.send({"t": P.REQ, "id": rid, "op": op, "a": args}, payload, compressible=op == "write")
@@ -193,15 +198,13 @@ class Link:
                 self.last_rx = time.monotonic()
                 kind = header["t"]
                 if kind == P.REP:
-                    with self._lock:
-                        slot = self._pending.get(header.get("id"))
-                    if slot is not None:
-                        slot[1], slot[2] = header, payload
-                        slot[0].set()
+                    self.deliver(header, payload)
                 elif kind == P.PING:
                     self.send({"t": P.PONG})
                 elif kind == P.PONG:
                     pass
+                elif kind == P.LANE:  # the local side retired a lane that ended
+                    self.resend_pending("read")
                 elif kind == P.BYE:
                     self.mark_lost("local side ended the session")
                     return
@@ -216,6 +219,30 @@ class Link:
             self.mark_lost("link error: %s" % exc)
         finally:
             self._frames.put(None)
+
+    def deliver(self, header: Dict[str, Any], payload: bytes) -> None:
+        """Hand a reply to whoever waits for its id (from stdin or a lane; a stray one is dropped)."""
+        with self._lock:
+            slot = self._pending.get(header.get("id"))
+            if slot is None or slot[1] is not None:
+                return
+            slot[1], slot[2] = header, payload
+        slot[0].set()
+
+    def resend_pending(self, op: str) -> None:
+        """Ask again for every unanswered *op* request (a lost lane may have held the answers).
+
+        Only for requests that can be served twice (reads); the first answer wins.
+        """
+        with self._lock:
+            again = [slot for slot in self._pending.values() if slot[4] == op and slot[1] is None]
+        for slot in again:
+            self.send({"t": P.REQ, "id": slot[3], "op": op, "a": slot[5]})
+
+    def lane_gone(self, number: int) -> None:
+        """A lane ended: ask again now, and again once the local side stopped writing to it."""
+        self.resend_pending("read")
+        self.send({"t": P.LANE, "gone": number})
 
     def dispatch_loop(self) -> None:
         """Run the handlers of non-reply frames (stdin, signals, invalidations...) in arrival order."""
@@ -245,3 +272,5 @@ class Link:
         """Start the reader and heartbeat threads."""
         for target in (self.read_loop, self.heartbeat_loop, self.dispatch_loop):
             threading.Thread(target=target, daemon=True).start()
+        if self.lanes is not None:
+            self.lanes.start(self.lanes_wanted)

@@ -267,7 +267,7 @@ def make_operations(link: Link, prefix: bytes, files: Optional[FileCache] = None
                     m.link.answer_here("read")
                     return known
             m.drain(fh)  # reading back what was just written
-            return m.call("read", {"fh": fh, "size": size, "off": offset})[1]
+            return m.read_through(path, fh, size, offset)
 
         def write(self, path: str, data: bytes, offset: int, fh: int) -> int:
             data = bytes(data)

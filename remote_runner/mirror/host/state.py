@@ -39,6 +39,8 @@ ENTRY_OPS = frozenset(("mknod", "mkdir", "symlink", "link", "create", "unlink", 
 LEARNED_OPS = frozenset(("mkdir", "symlink", "mknod", "link", "create", "unlink", "rmdir",
                          "chmod", "chown", "utimens", "truncate"))
 
+#: Times a read through the link is made again while invalidations of its file cross it.
+READ_AGAIN = 3
 MUTATING_OPS = frozenset(("mknod", "mkdir", "unlink", "rmdir", "symlink", "link", "rename", "chmod",
                           "chown", "truncate", "utimens", "create", "write", "open", "release", "flush",
                           "fsync", "fallocate", "setxattr", "removexattr"))
@@ -127,6 +129,24 @@ class MountState:
                        for fh in self.writing.get(args[key], ())]
         for fh in handles:
             self.drain(fh)
+
+    def read_through(self, path: Optional[str], fh: int, size: int, offset: int) -> bytes:
+        """Read a file's bytes through the link, never older than an invalidation that crossed the read.
+
+        The data was read on this machine before the reply left; an
+        invalidation of the file read here meanwhile may be for a change made
+        after that (the reply and the invalidation travel separately, the
+        reply perhaps on a lane), and the kernel would keep the old bytes
+        past it. So such a read is made again; after :data:`READ_AGAIN`
+        tries, the last answer stands (a file rewritten without pause).
+        """
+        name = self.wire(path) if path is not None else None
+        for _ in range(READ_AGAIN):
+            since = self.cache.begin()
+            data = self.call("read", {"fh": fh, "size": size, "off": offset})[1]
+            if name is None or not self.cache.changed_since(name, since):
+                break
+        return data
 
     def call(self, op: str, args: Dict[str, Any], payload: bytes = b"") -> Tuple[Dict[str, Any], bytes]:
         self.settle_names(args)
