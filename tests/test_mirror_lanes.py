@@ -333,3 +333,14 @@ def test_lanes_killed_mid_read_leave_every_byte_to_the_main_channel(lab, local_o
 def _relays(lab):
     out = ssh(lab, "h2", "pgrep -f 'rr-lanes-.*/s$' || true").stdout.split()
     return [pid for pid in out if pid.isdigit()]
+
+
+def test_channels_sharing_a_policy_measure_their_pace_together():
+    """Two lanes each writing 1 MiB in the same second carry 2 MiB/s, not 1 MiB/s each."""
+    shared, alone = P.PackPolicy(), P.PackPolicy()
+    shared.wrote(1 << 20, 1.0, ended=11.0)    # 10.0 .. 11.0 on one channel
+    shared.wrote(1 << 20, 1.0, ended=11.0)    # the same second on another
+    alone.wrote(1 << 20, 1.0, ended=11.0)
+    alone.wrote(1 << 20, 1.0, ended=12.0)     # one after the other
+    assert shared.link_rate() >= 1.9 * alone.link_rate()  # (recent samples weigh more)
+    assert alone.link_rate() == pytest.approx(1 << 20, rel=0.01)

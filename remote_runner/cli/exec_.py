@@ -60,6 +60,9 @@ def add_parser(sub: "argparse._SubParsersAction") -> None:
                              "(default: files opened read-only are fetched whole and kept in "
                              "~/.cache/remote-runner/files on the host, checked for changes "
                              "at every open)")
+    parser.add_argument("--lanes", type=int, default=None, metavar="N",
+                        help="extra SSH channels of the connection for large replies (file data), "
+                             "past one channel's window (default 3; 0: everything on one channel)")
     parser.add_argument("--stats", metavar="FILE",
                         help="write the run's counters to FILE as JSON: requests served here per "
                              "operation, bytes each way, and the host's own counts (requests it "
@@ -116,6 +119,11 @@ def run(args: argparse.Namespace) -> int:
                                export=tuple(args.export), read_only=args.read_only,
                                debug_rpc=args.debug_rpc, compress=not args.no_compress,
                                file_cache=not args.no_cache)
+        if args.lanes is not None:
+            if not 0 <= args.lanes <= 8:
+                LOG.error("exec: --lanes must be between 0 and 8 (OpenSSH allows 10 channels a connection)")
+                return 2
+            mirror.lanes = args.lanes
         plan = plan_command(conn, args.command, os.getcwd(), mirror)
         connecting.result()
         result = run_command(conn, args.command, options=mirror, plan=plan)

@@ -19,7 +19,6 @@ break it.
 
 from __future__ import annotations
 
-import copy
 import logging
 import shlex
 import threading
@@ -47,8 +46,8 @@ class _Lane:
         self.stream = stream
         self.writer = P.FrameWriter(stream.write_all)
         self.writer.compress = main.compress
-        # What the main channel learnt of packing and of a channel's pace so far.
-        self.writer.policy = copy.deepcopy(main.policy)
+        # One policy for all the connection's channels: its pace is theirs together.
+        self.writer.policy = main.policy
         self.busy = 0
 
 

@@ -247,20 +247,34 @@ class PackPolicy:
     def __init__(self) -> None:
         self._link = [0.0, 0.0]                     # decayed bytes, seconds
         self._pack: Dict[str, List[float]] = {}     # codec -> decayed bytes, seconds
+        self._lock = threading.Lock()
+        self._busy_until = 0.0                      # when the last timed write ended
 
     @classmethod
     def _add(cls, totals: List[float], size: int, seconds: float) -> None:
         totals[0] = totals[0] * cls.DECAY + size
         totals[1] = totals[1] * cls.DECAY + max(seconds, 1e-6)
 
-    def wrote(self, size: int, seconds: float) -> None:
-        """Record that *size* bytes took *seconds* to hand to the link."""
-        if size >= self.TIMED_WRITE:
-            self._add(self._link, size, seconds)
+    def wrote(self, size: int, seconds: float, ended: Optional[float] = None) -> None:
+        """Record that *size* bytes took *seconds* to hand to the link, ending at *ended*.
+
+        Writers on several channels of one connection (a session's lanes)
+        share a policy and may write at once; with *ended* (``perf_counter``)
+        only the time no earlier write covered counts, so the rate is the
+        channels' together, not a share of it.
+        """
+        if size < self.TIMED_WRITE:
+            return
+        with self._lock:
+            if ended is not None:
+                seconds = ended - max(ended - seconds, self._busy_until)
+                self._busy_until = max(self._busy_until, ended)
+            self._add(self._link, size, max(seconds, 0.0))
 
     def packed(self, codec: str, size: int, seconds: float) -> None:
         """Record that packing *size* bytes with *codec* took *seconds*."""
-        self._add(self._pack.setdefault(codec, [0.0, 0.0]), size, seconds)
+        with self._lock:
+            self._add(self._pack.setdefault(codec, [0.0, 0.0]), size, seconds)
 
     def link_rate(self) -> Optional[float]:
         """The link's measured pace in bytes/s, or None before any large frame."""
@@ -309,7 +323,8 @@ class FrameWriter:
         with self._lock:
             started = time.perf_counter()
             self._write_all(data)
-            self.policy.wrote(len(data), time.perf_counter() - started)
+            ended = time.perf_counter()
+            self.policy.wrote(len(data), ended - started, ended)
             self.frames += 1
             self.sent += len(data)
             self.payload_bytes += size
