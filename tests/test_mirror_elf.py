@@ -73,6 +73,22 @@ def test_closure_matches_the_loader(program):
     assert predicted and predicted == loader_view(Path(program))
 
 
+@pytest.mark.skipif(shutil.which("ldd") is None, reason="no ldd here")
+def test_a_shared_object_opened_with_dlopen_lists_its_own_libraries():
+    """An extension module: what it needs, as ldd shows it (the loader itself aside)."""
+    import glob
+    dynload = os.path.join(os.path.dirname(os.__file__), "lib-dynload")
+    found = glob.glob(os.path.join(dynload, "_ssl*.so")) or glob.glob(os.path.join(dynload, "*.so"))
+    if not found:
+        pytest.skip("no extension module with libraries here")
+    module = found[0]
+    interp = {os.path.realpath(elf.read_dynamic("/bin/ls").interp)}
+    predicted = {os.path.realpath(p) for p in elf.closure(module)} - interp
+    expected = loader_view(Path(module)) - interp
+    assert predicted and predicted == expected
+    assert elf.read_dynamic(module).interp is None
+
+
 @needs_gcc
 def test_rpath_origin_and_an_rpath_inherited_by_a_library(tmp_path):
     program = build(tmp_path, "$ORIGIN/lib")

@@ -146,17 +146,20 @@ def closure(program: str) -> List[str]:
 
     The interpreter first, then the libraries breadth-first, each as the path
     the loader opens (a symlink stays a symlink). [] if *program* is not a
-    dynamically linked ELF file.
+    dynamically linked ELF file. A shared object (no interpreter: a Python
+    extension module, a plugin, opened with ``dlopen``) gives its libraries
+    the same way; those the process already has are then not opened again,
+    which costs the host nothing (it holds their copies already).
     """
     top = read_dynamic(program)
-    if top is None or top.interp is None:
+    if top is None or (top.interp is None and not top.needed):
         return []
     multiarch = list(_multiarch_dirs())
     # The program's RPATH serves its libraries too ($ORIGIN being the program's directory).
     inherited = [] if top.runpath else _dirs(top.rpath, os.path.dirname(os.path.realpath(program)))
     out: List[str] = []
     seen_paths = {os.path.realpath(program)}
-    if os.path.isfile(top.interp):
+    if top.interp is not None and os.path.isfile(top.interp):
         out.append(top.interp)
         seen_paths.add(os.path.realpath(top.interp))
     loaded: Dict[str, None] = {}
