@@ -559,3 +559,51 @@ def test_a_new_host_is_seeded_by_this_machines_profile(lab, local_only, workdir,
     opens = [line for line in rpc_lines(seeded.stderr, "open") if str(lib) in line]
     assert opens and all(f"'flags': {os.O_RDONLY | os.O_NONBLOCK}," in line for line in opens)
     assert len(host_copies(lab, lib)) == 1
+
+
+class _SlowLink:
+    """Answers a prefetch's opens and reads from *files* (name -> bytes) after a delay, counting batches at once."""
+
+    def __init__(self, files, delay: float) -> None:
+        import threading
+        self.files, self.delay = files, delay
+        self.lock = threading.Lock()
+        self.batches_now = self.most_at_once = 0
+
+    def call_many(self, op, many, timeout=None):
+        if op == "open":
+            with self.lock:
+                self.batches_now += 1
+                self.most_at_once = max(self.most_at_once, self.batches_now)
+        time.sleep(self.delay)
+        out = []
+        for args in many:
+            if op == "open":
+                data = self.files[args["path"]]
+                out.append(({"whole": [len(data), 1, 2, 3], "fh": 100 + len(out)}, data[:P.WHOLE_CHUNK]))
+            else:
+                out.append(({}, b""))
+        if op == "release":
+            with self.lock:
+                self.batches_now -= 1
+        return out
+
+
+def test_prefetch_runs_two_batches_at_once_and_wakes_each_file_when_stored(tmp_path, monkeypatch):
+    import threading
+    from remote_runner.mirror.host import caches
+    monkeypatch.setattr(caches, "PREFETCH_BATCH", 1000)
+    files = {f"/lib/l{i}": bytes([i]) * 900 for i in range(6)}   # one file per batch
+    link = _SlowLink(files, delay=0.05)
+    cache = FileCache(str(tmp_path / "c"), limit=1 << 20)
+    wanted = [(name, [len(data), 1, 2, 3]) for name, data in files.items()]
+    woke = {}
+    waiter = threading.Thread(target=lambda: (cache.wait_for("/lib/l0", 30), woke.setdefault("at", time.monotonic())))
+    cache.expect(["/lib/l0"])
+    waiter.start()
+    assert caches.prefetch(link, cache, wanted) == 6
+    done = time.monotonic()
+    waiter.join(5)
+    assert link.most_at_once == 2
+    assert all(cache.lookup(name) == [900, 1, 2, 3] for name in files)
+    assert woke["at"] < done - 0.05  # the first file was there well before the last batch

@@ -33,6 +33,8 @@ FILE_CACHE_LIMIT = 2 << 30
 #: At most this many bytes are fetched ahead at a session's start.
 PREFETCH_LIMIT = 512 << 20
 PREFETCH_BATCH = 64 << 20
+#: Batches fetched at once (the memory held is at most this many batches).
+BATCHES_IN_FLIGHT = 2
 #: A copy is current when [size, mtime_ns, ino, ctime_ns] match (older copies, keyed
 #: without ctime, are never matched and are trimmed like any other).
 META_FIELDS = 4
@@ -216,11 +218,12 @@ def prefetch(link: Link, files: FileCache, wanted: List[Tuple[str, List[int]]],
              after_batch: Optional[Callable[[], None]] = None) -> int:
     """Fetch the files *wanted* ((name, meta) the local side listed) into *files*, all at once.
 
-    At most ``PREFETCH_LIMIT`` bytes, in batches of ``PREFETCH_BATCH`` bytes
-    (the memory it holds at a time); a file that changed since it was listed
-    is simply not stored. An open of a listed file waits for its batch
-    (:meth:`FileCache.wait_for`) rather than fetching it a second time;
-    *after_batch* runs after each batch. Returns how many copies were stored.
+    At most ``PREFETCH_LIMIT`` bytes, in batches of ``PREFETCH_BATCH`` bytes,
+    ``BATCHES_IN_FLIGHT`` at a time (the memory it holds); a file that changed
+    since it was listed is simply not stored. An open of a listed file waits
+    until that file is stored (:meth:`FileCache.wait_for`) rather than
+    fetching it a second time; *after_batch* runs after each batch. Returns
+    how many copies were stored.
     """
     files.expect([name for name, _ in wanted])
     try:
@@ -242,14 +245,32 @@ def _prefetch(link: Link, files: FileCache, wanted: List[Tuple[str, List[int]]],
         batches[-1].append(name)
         size += meta[0]
         total += meta[0]
-    stored = 0
-    for batch in batches:
-        if batch:
-            stored += _prefetch_batch(link, files, batch)
+    # Two batches at a time: the next one's opens and first chunks travel while
+    # this one's last chunks arrive, so the link never idles between batches.
+    stored = [0]
+    lock = threading.Lock()
+    gate = threading.Semaphore(BATCHES_IN_FLIGHT)
+
+    def run(batch: List[str]) -> None:
+        try:
+            count = _prefetch_batch(link, files, batch)
+            with lock:
+                stored[0] += count
+        finally:
             files.arrived(batch)
+            gate.release()
             if after_batch is not None:
                 after_batch()
-    return stored
+
+    running = []
+    for batch in batches:
+        if batch:
+            gate.acquire()
+            running.append(threading.Thread(target=run, args=(batch,), daemon=True, name="fetch-batch"))
+            running[-1].start()
+    for thread in running:
+        thread.join()
+    return stored[0]
 
 
 def wanted_files(files: FileCache, whole: List[Any]) -> List[Tuple[str, List[int]]]:
@@ -337,6 +358,7 @@ def _prefetch_batch(link: Link, files: FileCache, batch: List[str]) -> int:
                 os.close(fd)
                 files.fetched_ahead.add(name)
                 stored += 1
+        files.arrived([name])  # an open waiting for this one goes on
     return stored
 
 
