@@ -252,3 +252,57 @@ def test_guesses_stop_when_the_validate_arrives_but_what_it_needs_is_done(public
     assert str(lib / "mod1.py") in service._metas          # needed: done
     assert any(k[0] == os.fsencode(lib) for k in service._answers)
     assert str(lib / "mod2.py") not in service._lookups     # a guess: given up
+
+
+def test_the_programs_libraries_are_worked_out_ahead_and_listed_as_a_fresh_service_would(monkeypatch):
+    """A program's open lists its libraries; made during the handshake, the list is the same."""
+    from remote_runner.mirror import elf
+    from remote_runner.mirror import protocol as P
+    from remote_runner.mirror.replies import Reply
+    program = P.name_to_wire(os.fsencode(os.path.realpath("/bin/ls")))
+    if not elf.closure(os.path.realpath("/bin/ls")):
+        pytest.skip("/bin/ls is not a dynamically linked program here")
+    fresh, ahead = _service(), _service()
+    try:
+        expected = Reply({})
+        fresh._add_libraries(expected, program)
+        ahead.prepare([], program=program)
+        calls = []
+        real = elf.closure
+        monkeypatch.setattr(elf, "closure", lambda path: calls.append(path) or real(path))
+        got = Reply({})
+        ahead._add_libraries(got, program)
+        assert calls == []  # the loader list made ahead was used
+        assert got.fields["libs"]["whole"] == expected.fields["libs"]["whole"]
+        assert got.fields["libs"]["names"] == expected.fields["libs"]["names"]
+        for body in (got.fields["libs"], expected.fields["libs"]):
+            for answer in body["answers"]:
+                if isinstance(answer, list):
+                    answer[0].pop("st_atime", None)
+        assert got.fields["libs"]["answers"] == expected.fields["libs"]["answers"]
+        assert ahead._closures == {}  # taken by that open, kept for no other
+    finally:
+        fresh.close()
+        ahead.close()
+
+
+def test_the_command_start_is_named_for_the_first_validate(tmp_path):
+    """The cwd and each PATH candidate up to the one that runs: what the host looks up to start it."""
+    from remote_runner.mirror import protocol as P
+    from remote_runner.mirror.profile import command_names
+    empty, found, later = tmp_path / "empty", tmp_path / "found", tmp_path / "later"
+    for d in (empty, found, later):
+        d.mkdir()
+    for d in (found, later):
+        (d / "tool").write_text("#!/bin/sh\n")
+        (d / "tool").chmod(0o755)
+    (empty / "tool").write_text("not executable")
+    names = [os.fsdecode(P.name_from_wire(n)) for n in
+             command_names("tool", os.pathsep.join(map(str, (empty, found, later))), str(tmp_path / "found"))]
+    assert str(empty / "tool") in names and str(found / "tool") in names
+    assert str(later / "tool") not in names  # the search stops where it runs
+    assert str(tmp_path) in names and "/" + str(tmp_path).split("/")[1] in names  # the cwd's directories
+    assert names.index(str(empty / "tool")) < names.index(str(found / "tool"))
+    # A path is looked up by its open, not searched: only the cwd is named.
+    assert all("tool" not in n for n in
+               (os.fsdecode(P.name_from_wire(x)) for x in command_names("./tool", str(found), str(later))))

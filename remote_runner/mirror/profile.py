@@ -31,7 +31,7 @@ import shutil
 import tempfile
 from typing import Dict, List, Optional, Sequence, Tuple
 
-from remote_runner.mirror.protocol import PROFILE_NAMES, ProtocolError, name_from_wire, profile_key
+from remote_runner.mirror.protocol import PROFILE_NAMES, ProtocolError, name_from_wire, name_to_wire, profile_key
 
 #: At most this many names and files are kept per command.
 NAME_LIMIT = PROFILE_NAMES
@@ -163,6 +163,32 @@ def executable_of(argv_wire: Sequence[str], cwd: str, path: Optional[str] = None
     else:
         found = shutil.which(first, path=path if path is not None else os.environ.get("PATH"))
     return os.fsencode(os.path.realpath(found)) if found else None
+
+
+def command_names(argv0: str, path: Optional[str], cwd: str) -> List[str]:
+    """The names the host looks up to start *argv0* (wire names): a seed for the first ``validate``.
+
+    The working directory and, for a bare name, each ``PATH`` candidate in
+    turn (with its directories) up to the one that runs here: a command never
+    mirrored before otherwise pays a round trip per ``PATH`` entry before its
+    first instruction (``ffmpeg``: 7). Only names: every answer is a fresh
+    lookup, and one not served is answered as such.
+    """
+    wanted: Dict[bytes, None] = {}
+
+    def add(raw: bytes) -> None:
+        parts = [p for p in raw.split(b"/") if p]
+        for i in range(1, len(parts) + 1):
+            wanted.setdefault(b"/" + b"/".join(parts[:i]), None)
+
+    add(os.fsencode(os.path.abspath(cwd)))
+    if argv0 and "/" not in argv0:
+        for entry in (path or "").split(os.pathsep):
+            candidate = os.path.abspath(os.path.join(entry or cwd, argv0))
+            add(os.fsencode(candidate))
+            if os.path.isfile(candidate) and os.access(candidate, os.X_OK):
+                break
+    return [name_to_wire(raw) for raw in wanted]
 
 
 class ProfileSet:

@@ -278,7 +278,7 @@ class SendAhead:
         return value
 
     def prepare(self, files: Sequence[str], dirs: Sequence[str] = (), names: Sequence[str] = (),
-                more_files: Sequence[str] = ()) -> None:
+                more_files: Sequence[str] = (), program: Optional[str] = None) -> None:
         """Work out ahead, from the profiles, what the host's ``validate`` will ask (wire names).
 
         Run while the connection and the agent start (a few round trips of
@@ -292,7 +292,8 @@ class SendAhead:
         needs: the command's own *files* and the directories the last host
         offered back (*dirs*, :class:`~.profile.OfferedDirs`); the ``validate``
         waits for those. Then guesses, given up as soon as it arrives
-        (:attr:`prepare_stop`): the *names*' answers, the *more_files* of the
+        (:attr:`prepare_stop`): the libraries of the command's *program* (what
+        its open will list), the *names*' answers, the *more_files* of the
         profiles the command shares, the directories holding the most names.
         """
         def listed(wire_dirs: Sequence[Any]) -> List[Callable[[], Any]]:
@@ -318,7 +319,8 @@ class SendAhead:
             return self._whole_meta(name)
 
         needed = [lambda name=name: key(name) for name in files] + listed(dirs)
-        guesses = ([lambda name=name: self._watch_parent(name) and self._lookup(name) for name in names]
+        guesses = ([lambda: self._libraries_ahead(program)] if program is not None else []) + (
+                   [lambda name=name: self._watch_parent(name) and self._lookup(name) for name in names]
                    + [lambda name=name: key(name) for name in more_files]
                    + listed(busiest))
         try:
@@ -368,9 +370,29 @@ class SendAhead:
         if self.roots is not None or name in self._expanded:
             return  # files-only: the host runs its own programs, with its own libraries
         self._expanded[name] = None
+        body = self._libraries(name)
+        if body is None or len(json.dumps(body)) > P.MAX_HEADER // 2:
+            return
+        for n in body["names"]:
+            self._note(self.looked_up, n)
+        for n, _ in body["whole"]:
+            self._note(self.sent_whole, n)
+        reply.fields["libs"] = body
+
+    def _libraries(self, name: str) -> Optional[Dict[str, Any]]:
+        """The ``libs`` body for program *name* (None: nothing to send whole).
+
+        :meth:`prepare` makes it once ahead for the command's program, while
+        the connection starts (~50 ms for ``ffmpeg``'s 214 libraries): the
+        loader list is kept for the open, the answers and copy keys as long
+        as their directories do not change (:meth:`_kept`).
+        """
+        found = self._closures.pop(name, None)
+        if found is None:
+            found = elf.closure(os.fsdecode(P.name_from_wire(name)))
         names: Dict[str, None] = {}
         whole = []
-        for library in elf.closure(os.fsdecode(P.name_from_wire(name))):
+        for library in found:
             walked = walk(os.fsencode(library))
             for path in walked:
                 names.setdefault(P.name_to_wire(path), None)
@@ -378,17 +400,18 @@ class SendAhead:
             if meta is not None:
                 whole.append([P.name_to_wire(walked[-1]), meta])
         if not whole:
-            return
+            return None
         watched = [1 if self._watch_parent(n) else 0 for n in names]
-        body = {"names": list(names), "answers": [self._lookup(n) for n in names], "whole": whole,
+        return {"names": list(names), "answers": [self._lookup(n) for n in names], "whole": whole,
                 "w": watched}
-        if len(json.dumps(body)) > P.MAX_HEADER // 2:
-            return
-        for n in names:
-            self._note(self.looked_up, n)
-        for n, _ in whole:
-            self._note(self.sent_whole, n)
-        reply.fields["libs"] = body
+
+    def _libraries_ahead(self, name: str) -> None:
+        """(:meth:`prepare`) Work out *name*'s libraries before the host opens it."""
+        if self.roots is None and name not in self._expanded:
+            found = elf.closure(os.fsdecode(P.name_from_wire(name)))
+            self._closures[name] = found
+            self._libraries(name)  # (keeps the answers and keys; takes the list)
+            self._closures[name] = found
 
     def _add_siblings(self, reply: Reply, name: str, size: int) -> None:
         """To the open of a small file sent whole, add the files of its kind beside it.

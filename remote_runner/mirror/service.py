@@ -100,6 +100,8 @@ class LocalFileService(SendAhead, DirectoryAnswers, OwnChanges):
         self._answers: Dict[Tuple[bytes, int], Tuple[Any, ...]] = {}
         self._metas: Dict[str, Tuple[int, Optional[List[int]]]] = {}
         self._lookups: Dict[str, Tuple[int, Any]] = {}
+        #: A program's loader list worked out ahead (:meth:`_libraries_ahead`), taken by its open.
+        self._closures: Dict[str, List[str]] = {}
         #: The thread running :meth:`prepare`, if one was started, and what stops it.
         self.preparing: Optional[threading.Thread] = None
         self.prepare_stop = threading.Event()

@@ -30,7 +30,7 @@ from remote_runner.mirror.environment import (connection_secrets, current_umask,
                                               filtered_environment)
 from remote_runner.mirror.exports import Exports
 from remote_runner.mirror.locallink import LocalLink, MirrorOptions
-from remote_runner.mirror.profile import OfferedDirs, ProfileSet
+from remote_runner.mirror.profile import OfferedDirs, ProfileSet, command_names, executable_of
 from remote_runner.mirror.service import LocalFileService
 from remote_runner.mirror.streams import ChannelStream, PipeStream
 from remote_runner.mirror.terminal import (OutputWriter, enter_raw_mode, forward_signals, pump_stdin,
@@ -138,13 +138,22 @@ def plan_command(conn: Any, argv: Sequence[str], cwd: Optional[str] = None,
         profile = ProfileSet.for_command(fields["argv"], options.files_only, cwd)
     build_bundle()  # built once per process: now, not after the connection is up
     seeds = profile.seeds() if profile is not None else None
+    path = fields["env"].get("PATH")
+    if seeds is not None and not options.files_only:
+        # The command's own start (its cwd, its PATH search) is looked up first, even never run before.
+        start = command_names(argv[0] if argv else "", os.fsdecode(P.name_from_wire(path)) if path else None, cwd)
+        (names, files), (own_names, own_files) = seeds
+        seeds = ((list(dict.fromkeys(start + names)), files), (list(dict.fromkeys(start + own_names)), own_files))
     offered = OfferedDirs.for_profile(profile.own).load() if profile is not None else []
+    program = executable_of(fields["argv"], cwd, os.fsdecode(P.name_from_wire(path)) if path else None) \
+        if seeds is not None and not options.files_only else None
     return ExecPlan(options, exports, roots, fields, profile, seeds,
-                    _prepared_service(roots, exports, seeds, offered))
+                    _prepared_service(roots, exports, seeds, offered,
+                                      P.name_to_wire(program) if program is not None else None))
 
 
 def _prepared_service(roots: Optional[List[bytes]], exports: Exports, seeds: Any,
-                      offered: Sequence[str] = ()) -> LocalFileService:
+                      offered: Sequence[str] = (), program: Optional[str] = None) -> LocalFileService:
     """The file service, already watching and answering what the profiles say ``validate`` will ask.
 
     The SSH handshake and the agent's start are a few round trips of waiting
@@ -159,7 +168,7 @@ def _prepared_service(roots: Optional[List[bytes]], exports: Exports, seeds: Any
         mine = set(own_files)
         service.preparing = threading.Thread(
             target=service.prepare, args=(own_files, list(offered), list(dict.fromkeys(own_names + names)),
-                                          [f for f in files if f not in mine]),
+                                          [f for f in files if f not in mine], program),
             daemon=True, name="mirror-prepare")
         service.preparing.start()
     return service
