@@ -218,3 +218,13 @@ def test_first_run_fetches_a_programs_libraries_ahead(lab, local_only, workdir, 
         assert opens and all(f"'flags': {os.O_RDONLY | os.O_NONBLOCK}," in line for line in opens), opens
         assert not [line for line in rpc_lines(proc.stderr, "getattr") if f"'{lib}'" in line]
         assert len(host_copies(lab, lib)) == 1
+
+
+@needs_gcc
+def test_the_paths_tried_before_a_library_is_found_are_named(tmp_path):
+    """A RUNPATH directory lacking a library is looked in first: a negative lookup the host can be told."""
+    program = build(tmp_path, str(tmp_path / "lib"), new_dtags=True)
+    misses = []
+    elf.closure(str(program), misses)
+    assert str(tmp_path / "lib" / "libc.so.6") in misses  # tried there, found in the system's
+    assert not any(os.path.exists(m) for m in misses)

@@ -116,6 +116,25 @@ def _parse(fh) -> Optional[Dynamic]:
     return Dynamic(ident, interp, strings(DT_NEEDED), paths(DT_RPATH), paths(DT_RUNPATH))
 
 
+#: What glibc's loader itself looks at to start any dynamically linked program:
+#: the preload list (usually absent: a negative lookup) and its cache of libraries.
+LOADER_FILES = ("/etc/ld.so.preload", "/etc/ld.so.cache")
+
+
+#: The subdirectories glibc's loader probes in a directory it searches by path,
+#: before the directory itself: builds for a CPU level (``glibc-hwcaps/x86-64-v3``,
+#: glibc 2.33 and later) and the legacy ones (``tls``, platforms and hardware
+#: capabilities, up to glibc 2.36). Missing, as they mostly are, each is one
+#: negative answer sent with the libraries instead of a round trip per probe.
+PROBED_SUBDIRS = (b"glibc-hwcaps", b"tls", b"haswell", b"xeon_phi", b"x86_64", b"avx512_1")
+
+
+def loader_files(program: str) -> List[str]:
+    """:data:`LOADER_FILES` if *program* is started by a loader (has an interpreter), else []."""
+    top = read_dynamic(program)
+    return list(LOADER_FILES) if top is not None and top.interp is not None else []
+
+
 @lru_cache(maxsize=1)
 def loader_cache() -> Dict[str, Tuple[str, ...]]:
     """soname -> paths, as the loader's cache (``ldconfig -p``) lists them; {} if unavailable."""
@@ -141,7 +160,7 @@ def _expand(entry: str, origin: str) -> Optional[str]:
     return entry if entry.startswith("/") and "$" not in entry else None
 
 
-def closure(program: str) -> List[str]:
+def closure(program: str, misses: Optional[List[str]] = None) -> List[str]:
     """The files the loader will open to start *program*, in load order (program excluded).
 
     The interpreter first, then the libraries breadth-first, each as the path
@@ -149,7 +168,9 @@ def closure(program: str) -> List[str]:
     dynamically linked ELF file. A shared object (no interpreter: a Python
     extension module, a plugin, opened with ``dlopen``) gives its libraries
     the same way; those the process already has are then not opened again,
-    which costs the host nothing (it holds their copies already).
+    which costs the host nothing (it holds their copies already). *misses*,
+    if given, gains the paths the loader tries in RPATH/RUNPATH directories
+    before it finds a library elsewhere.
     """
     top = read_dynamic(program)
     if top is None or (top.interp is None and not top.needed):
@@ -174,7 +195,7 @@ def closure(program: str) -> List[str]:
         for name in dyn.needed:
             if name in loaded:
                 continue
-            found = _resolve(name, dyn.ident, dirs, multiarch)
+            found = _resolve(name, dyn.ident, dirs, multiarch, misses)
             if found is None:
                 continue
             loaded[name] = None
@@ -192,18 +213,23 @@ def _dirs(entries: List[str], origin: str) -> List[str]:
     return [d for d in (_expand(e, origin) for e in entries) if d]
 
 
-def _resolve(name: str, ident: Tuple[int, int], dirs: List[str],
-             multiarch: List[str]) -> Optional[Tuple[str, Dynamic]]:
-    """Find *name* as the loader would: RPATH or RUNPATH *dirs*, its cache, the default directories."""
+def _resolve(name: str, ident: Tuple[int, int], dirs: List[str], multiarch: List[str],
+             misses: Optional[List[str]] = None) -> Optional[Tuple[str, Dynamic]]:
+    """Find *name* as the loader would: RPATH or RUNPATH *dirs*, its cache, the default directories.
+
+    *misses* gains the paths tried in *dirs* before the one found (lookups the loader makes too).
+    """
     if "/" in name:
         candidates = [name] if name.startswith("/") else []
     else:
         candidates = [os.path.join(d, name) for d in dirs]
         candidates += list(loader_cache().get(name, ()))
         candidates += [os.path.join(d, name) for d in multiarch + list(DEFAULT_DIRS)]
-    for candidate in candidates:
+    for index, candidate in enumerate(candidates):
         dyn = read_dynamic(candidate)
         if dyn is not None and dyn.ident == ident:
+            if misses is not None and "/" not in name:
+                misses.extend(candidates[:min(index, len(dirs))])
             return candidate, dyn
     return None
 

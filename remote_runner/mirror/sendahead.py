@@ -389,9 +389,10 @@ class SendAhead:
         """
         found = self._closures.pop(name, None)
         if found is None:
-            found = elf.closure(os.fsdecode(P.name_from_wire(name)))
+            found = self._loader_list(name)
         names: Dict[str, None] = {}
         whole = []
+        probed: Dict[bytes, None] = {}
         for library in found:
             walked = walk(os.fsencode(library))
             for path in walked:
@@ -399,16 +400,31 @@ class SendAhead:
             meta = self._whole_meta(P.name_to_wire(walked[-1])) if walked else None
             if meta is not None:
                 whole.append([P.name_to_wire(walked[-1]), meta])
+                probed.setdefault(os.path.dirname(os.fsencode(library)), None)
         if not whole:
             return None
+        # A directory the loader searches by path is first probed for builds by CPU level.
+        for folder in probed:
+            for sub in elf.PROBED_SUBDIRS:
+                for path in walk(folder + b"/" + sub):
+                    names.setdefault(P.name_to_wire(path), None)
         watched = [1 if self._watch_parent(n) else 0 for n in names]
         return {"names": list(names), "answers": [self._lookup(n) for n in names], "whole": whole,
                 "w": watched}
 
+    @staticmethod
+    def _loader_list(name: str) -> List[str]:
+        """What the loader opens or tries for *name*: its libraries, for a program its own files too."""
+        path = os.fsdecode(P.name_from_wire(name))
+        misses: List[str] = []
+        libraries = elf.closure(path, misses)
+        # (a miss is walked to its missing name: a negative answer, nothing sent whole)
+        return libraries + elf.loader_files(path) + list(dict.fromkeys(misses)) if libraries else []
+
     def _libraries_ahead(self, name: str) -> None:
         """(:meth:`prepare`) Work out *name*'s libraries before the host opens it."""
         if self.roots is None and name not in self._expanded:
-            found = elf.closure(os.fsdecode(P.name_from_wire(name)))
+            found = self._loader_list(name)
             self._closures[name] = found
             self._libraries(name)  # (keeps the answers and keys; takes the list)
             self._closures[name] = found
