@@ -29,11 +29,14 @@ from typing import Any, Callable, Dict, List, Optional, Tuple
 
 from remote_runner.mirror import protocol as P
 from remote_runner.mirror.replies import OpError, Reply
+from remote_runner.mirror.watcher import kept_while_unchanged
 
 #: The most directories a host may offer in one ``validate``.
 VALIDATE_DIRS = 4096
 #: Directory answers kept for reuse while their directory is unchanged (see ``_listing``).
 ANSWERS_KEPT = 4096
+#: Where the access time is in a stat row (it moves on every read, with no event).
+_ATIME = P.STAT_FIELDS.index("st_atime")
 #: A directory answer also carries its subdirectories' when it has at most this many,
 #: each of at most ``SUB_ENTRIES`` entries (see :meth:`DirectoryAnswers._directory_answer`).
 SUB_DIRS, SUB_ENTRIES = 8, 512
@@ -101,7 +104,7 @@ def _links_unchanged(directory: bytes, linked: List[Tuple[bytes, List[int]]]) ->
             now = P.stat_row(os.lstat(os.path.join(directory, name)))
         except OSError:
             return False
-        if now[:7] != row[:7] or now[8:] != row[8:]:
+        if now[:_ATIME] != row[:_ATIME] or now[_ATIME + 1:] != row[_ATIME + 1:]:
             return False
     return True
 
@@ -221,27 +224,22 @@ class DirectoryAnswers:
         hard-linked file in it (written through another name, it changes with
         no event here) is stat'ed again each time (:func:`_links_unchanged`).
         """
-        key = (directory, max_entries)
-        watcher = self.watcher
-        kept = self._answers.get(key)
-        if (kept is not None and watcher is not None and watcher.unchanged_since(directory, kept[0])
-                and _links_unchanged(directory, kept[3])):
-            return kept[1], kept[2]
-        stamp = watcher.stamp() if watcher is not None and watcher.watched(directory) else None
-        try:
-            io_path = self._path({"path": P.name_to_wire(directory)})
-        except (OpError, OSError):
-            return None, b""
-        screened = directory in self._filtered
-        answer = directory_answer(
-            io_path, (lambda name: self.exports.listable(directory, name)) if screened else None,
-            max_entries=max_entries)
-        found: Tuple[Any, bytes] = (False, b"") if answer is None else (answer, encode_answer(answer))
-        if stamp is not None:
-            if len(self._answers) >= ANSWERS_KEPT:
-                self._answers.clear()
-            self._answers[key] = (stamp,) + found + (_hard_linked(answer),)
-        return found
+        def compute() -> Tuple[Tuple[Any, bytes, List[Tuple[bytes, List[int]]]], bool]:
+            try:
+                io_path = self._path({"path": P.name_to_wire(directory)})
+            except (OpError, OSError):
+                return (None, b"", []), False
+            screened = directory in self._filtered
+            answer = directory_answer(
+                io_path, (lambda name: self.exports.listable(directory, name)) if screened else None,
+                max_entries=max_entries)
+            if answer is None:
+                return (False, b"", []), True
+            return (answer, encode_answer(answer), _hard_linked(answer)), True
+
+        found = kept_while_unchanged(self.watcher, self._answers, (directory, max_entries), directory, compute,
+                                     ANSWERS_KEPT, still=lambda kept: _links_unchanged(directory, kept[2]))
+        return found[0], found[1]
 
     def _confirm_listings(self, offered: Any) -> Tuple[List[Any], List[int]]:
         """Answer a host's kept directories (``[[directory, digest], ...]``, see ``host/listings.py``).

@@ -18,13 +18,15 @@ import os
 import stat
 import threading
 import time
-from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+from collections import Counter
+from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 
 from remote_runner.mirror import elf
 from remote_runner.mirror import protocol as P
 from remote_runner.mirror.exports import Exports, inside
 from remote_runner.mirror.listing import VALIDATE_DIRS
 from remote_runner.mirror.replies import OpError, Reply
+from remote_runner.mirror.watcher import kept_while_unchanged
 
 #: A file modified this recently may still be being written: not sent whole.
 SETTLED_SECONDS = 2.0
@@ -265,17 +267,7 @@ class SendAhead:
             directory = os.path.dirname(os.path.normpath(P.name_from_wire(name))) or b"/"
         except P.ProtocolError:
             return compute()[0]
-        watcher = self.watcher
-        kept = table.get(name)
-        if kept is not None and watcher is not None and watcher.unchanged_since(directory, kept[0]):
-            return kept[1]
-        stamp = watcher.stamp() if watcher is not None and watcher.watched(directory) else None
-        value, keep = compute()
-        if stamp is not None and keep:
-            if len(table) >= P.PROFILE_NAMES:
-                table.clear()
-            table[name] = (stamp, value)
-        return value
+        return kept_while_unchanged(self.watcher, table, name, directory, compute, P.PROFILE_NAMES)
 
     def prepare(self, files: Sequence[str], dirs: Sequence[str] = (), names: Sequence[str] = (),
                 more_files: Sequence[str] = (), program: Optional[str] = None) -> None:
@@ -306,14 +298,14 @@ class SendAhead:
                 out.append(lambda d=raw: self._watch(d) and self._listing(d))
             return out
 
-        directories: Dict[bytes, int] = {}
-        for name in list(names) + list(files) + list(more_files):
-            try:
-                folder = os.path.dirname(os.path.normpath(P.name_from_wire(name))) or b"/"
-            except P.ProtocolError:
-                continue
-            directories[folder] = directories.get(folder, 0) + 1
-        busiest = sorted(directories, key=lambda d: -directories[d])[:PREPARE_DIRS]
+        def folders() -> Iterator[bytes]:
+            for name in list(names) + list(files) + list(more_files):
+                try:
+                    yield os.path.dirname(os.path.normpath(P.name_from_wire(name))) or b"/"
+                except P.ProtocolError:
+                    continue
+        busiest = [folder for folder, _ in Counter(folders()).most_common(PREPARE_DIRS)]
+
         def key(name: str) -> Any:
             self._watch_parent(name)  # (first: a key is kept only while its directory is watched)
             return self._whole_meta(name)

@@ -37,7 +37,7 @@ import os
 import select
 import struct
 import threading
-from typing import Callable, Dict, Iterable, Iterator, List, Optional, Set, Tuple
+from typing import Any, Callable, Dict, Iterable, Iterator, List, Optional, Set, Tuple
 
 LOG = logging.getLogger(__name__)
 
@@ -423,6 +423,30 @@ class ChangeWatcher:
                 os.close(self.fd)
             except OSError:
                 pass
+
+
+def kept_while_unchanged(watcher: Optional["ChangeWatcher"], table: Dict[Any, Tuple[int, Any]], key: Any,
+                         directory: bytes, compute: Callable[[], Tuple[Any, bool]], limit: int,
+                         still: Optional[Callable[[Any], bool]] = None) -> Any:
+    """*compute* ()'s value for *key*, kept in *table* while *watcher* sees no change in *directory*.
+
+    A value made while the directory was watched is given again as long as
+    :meth:`ChangeWatcher.unchanged_since` its stamp (and *still* (value) holds,
+    for what changes with no event there, e.g. a file with other names):
+    exactly as long as the host may keep what it was told. *compute* returns
+    (value, whether it may be kept); *table* is emptied when it reaches *limit*.
+    """
+    kept = table.get(key)
+    if kept is not None and watcher is not None and watcher.unchanged_since(directory, kept[0]) \
+            and (still is None or still(kept[1])):
+        return kept[1]
+    stamp = watcher.stamp() if watcher is not None and watcher.watched(directory) else None
+    value, keep = compute()
+    if stamp is not None and keep:
+        if len(table) >= limit:
+            table.clear()
+        table[key] = (stamp, value)
+    return value
 
 
 def parents(paths: Iterable[bytes]) -> List[bytes]:
