@@ -344,3 +344,32 @@ def test_channels_sharing_a_policy_measure_their_pace_together():
     alone.wrote(1 << 20, 1.0, ended=12.0)     # one after the other
     assert shared.link_rate() >= 1.9 * alone.link_rate()  # (recent samples weigh more)
     assert alone.link_rate() == pytest.approx(1 << 20, rel=0.01)
+
+
+def test_no_invalidation_reaches_the_agent_before_its_boot_frame():
+    """The watcher runs from the plan on; a local change during the handshake must not come first."""
+    from remote_runner.mirror.locallink import LocalLink, MirrorOptions
+    from remote_runner.mirror.service import LocalFileService
+
+    class Sink:
+        def __init__(self):
+            self.frames = []
+
+        def write_all(self, data):
+            self.frames.append(P.read_frame(P.FdReader(_pipe_with(data)))[0]["t"])
+
+        def read(self, size):
+            return b""
+
+    sink = Sink()
+    link = LocalLink(sink, LocalFileService(), MirrorOptions())
+    try:
+        link._report([b"/tmp/made-meanwhile"], [], False)
+        assert sink.frames == []
+        link.boot({"argv": []})
+        link._report([b"/tmp/made-after"], [], False)
+        assert sink.frames == [P.BOOT, P.INVAL]
+    finally:
+        link.pool.shutdown(wait=False)
+        if link.watcher is not None:
+            link.watcher.close()

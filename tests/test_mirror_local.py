@@ -280,9 +280,12 @@ def test_local_signals_are_forwarded(agent_pyz, tmp_path, signame, status):
 
     sender = threading.Thread(target=send_when_ready, daemon=True)
     sender.start()
-    run = run_local(agent_pyz, tmp_path, ["sh", "-c", trap + "echo up > ready; while :; do sleep 0.1; done"])
+    streams = []
+    run = run_local(agent_pyz, tmp_path, ["sh", "-c", trap + "echo up > ready; while :; do sleep 0.1; done"],
+                    streams=streams)
     sender.join(10)
-    assert run.status == status
+    assert run.status == status, (run.result.message, run.err[-800:], streams[0].proc.returncode,
+                                  (tmp_path / "ready").exists())
     if signame == "SIGUSR1":
         assert (tmp_path / "sig.txt").read_text() == "got\n"
 

@@ -87,8 +87,10 @@ class LocalLink:
         self._count_lock = threading.Lock()
         #: Watches what the host keeps answers from; None without inotify (the host keeps leases).
         self.watcher = service.watcher if service.watcher is not None else ChangeWatcher.create(None)
+        #: Set once the boot frame is sent: the agent reads nothing else first.
+        self.booted = threading.Event()
         if self.watcher is not None:
-            self.watcher.report_to(lambda p, t, e: self.send(inval_frame(p, t, e)))
+            self.watcher.report_to(self._report)
         service.watcher = self.watcher
 
     # -- startup -------------------------------------------------------------
@@ -125,6 +127,17 @@ class LocalLink:
             self.handlers[P.LANE] = self._lane_frame
         return header
 
+    def _report(self, paths: List[bytes], trees: List[bytes], everything: bool) -> None:
+        """Tell the host what changed here; before the boot frame there is nothing to tell.
+
+        The watcher is made early (:func:`~.session.plan_command`) and sees
+        local changes during the handshake, but the agent's first frame must
+        be the boot, and it holds nothing of this machine before its
+        ``validate``, whose answers are made after (or checked against) them.
+        """
+        if self.booted.is_set():
+            self.send(inval_frame(paths, trees, everything))
+
     def _lane_frame(self, header: Dict[str, Any], payload: bytes) -> None:
         if self.lanes is not None:
             answer = self.lanes.on_frame(header, payload)
@@ -154,6 +167,7 @@ class LocalLink:
         header["lanes"] = self.lanes.wanted if self.lanes is not None else 0
         header.update(fields)
         self.send(header)
+        self.booted.set()
 
     def start(self) -> None:
         """Start the reader and heartbeat threads."""
