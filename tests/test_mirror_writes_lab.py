@@ -320,3 +320,36 @@ def test_a_file_the_host_wrote_then_changed_here_is_read_as_changed(lab, local_o
             proc.kill()
     assert proc.returncode == 0, err.decode()
     assert out == b"'written on the host\\n' 'changed on this side\\n'\n", (out, err)
+
+
+# Makes files and directories and changes their modes again and again, looking after each.
+MODES = textwrap.dedent("""
+    import os, stat, sys
+    os.chdir(sys.argv[1])
+    seen = []
+    for i in range(10):
+        name = "f%d" % i
+        with open(name, "w") as f:
+            f.write("x")
+        for mode in (0o777, 0o600, 0o444 if i % 2 else 0o640):
+            os.chmod(name, mode)
+            seen.append(oct(stat.S_IMODE(os.stat(name).st_mode)))
+        os.mkdir("d%d" % i, 0o700)
+        os.chmod("d%d" % i, 0o750)
+        seen.append(oct(stat.S_IMODE(os.stat("d%d" % i).st_mode)))
+    os.unlink("f0")
+    open("f0", "w").close()     # made again: its mode is the new file's
+    seen.append(oct(stat.S_IMODE(os.stat("f0").st_mode)))
+    print(" ".join(seen))
+""")
+
+
+def test_a_chmod_of_a_file_made_in_the_session_waits_for_no_reply(lab, local_only, workdir, tmp_path):
+    """The mode a program sets on its own new files is what it sees at once and what lands here."""
+    local, proc, counts = run_here_and_there(lab, local_only, workdir, tmp_path, "h2", MODES)
+    assert proc.stdout == local.stdout
+    here, there = local_only / "here", local_only / "there"
+    assert {p.name: oct(p.stat().st_mode) for p in there.iterdir()} == \
+        {p.name: oct(p.stat().st_mode) for p in here.iterdir()}
+    assert counts["host"]["posted"].get("chmod", 0) >= 35, counts["host"]
+    assert counts["host"]["asked"].get("chmod", 0) - counts["host"]["posted"].get("chmod", 0) <= 5

@@ -200,7 +200,9 @@ def make_operations(link: Link, prefix: bytes, files: Optional[FileCache] = None
             return 0
 
         def chmod(self, path: str, mode: int) -> int:
-            m.call("chmod", {"path": m.wire(path), "mode": mode})
+            args = {"path": m.wire(path), "mode": mode}
+            if not m.post_chmod(args):
+                m.call("chmod", args)
             m.links.changed(path)
             return 0
 

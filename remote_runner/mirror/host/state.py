@@ -21,7 +21,7 @@ import os
 import stat
 import threading
 import time
-from typing import Any, Callable, Dict, List, Optional, Tuple
+from typing import Any, Callable, Dict, List, Optional, Set, Tuple
 
 from .. import protocol as P
 from ..hardlinks import LinkNames
@@ -72,6 +72,8 @@ class MountState:
         self.guesses = DirectoryGuesses()  # directories whose attributes are guessed after unlink, rmdir
         self.reading: Dict[int, None] = {}  # local handles opened read-only: closing them changes nothing
         self.links = LinkNames()
+        #: Names this mount created in the session (and not removed since): theirs to chmod.
+        self.made: Set[str] = set()
         #: paths without security.capability: until when, at which ctime
         self.no_caps: Dict[str, Tuple[float, Any]] = {}
         self.writing: Dict[str, Dict[int, None]] = {}  # name -> handles that wrote to it (pipelined)
@@ -109,8 +111,13 @@ class MountState:
                                       if isinstance(args.get(k), str)])
         if op in ("mknod", "mkdir", "symlink", "create", "unlink", "rmdir"):
             self.cache.renamed(args["path"])
+            self.made.discard(args["path"])
         elif op == "rename":
             self.cache.renamed(args["old"], args["new"])
+            self.made.discard(args["new"])
+            if args["old"] in self.made:
+                self.made.discard(args["old"])
+                self.made.add(args["new"])
         elif op == "link":
             self.cache.renamed(args["path"])
             self.cache.changed(args["target"])
@@ -163,6 +170,8 @@ class MountState:
                 self.forget_changed(op, args)
         if op in ENTRY_OPS:
             self.changes.confirm(*self.changed_dirs(op, args))
+            if op in ("mknod", "mkdir", "symlink", "create"):
+                self.made.add(args["path"])
         if op == "open" and "fh" in header and not self.mutates(op, args):
             self.reading[header["fh"]] = None
         elif op == "release":
@@ -260,6 +269,45 @@ class MountState:
             raise self.fault(exc.errno or errno.EIO)
         # What the change makes of the name, as the local side will find it.
         self.cache.put(gone, None, watched=kept, since=self.cache.begin())
+
+    def post_chmod(self, args: Dict[str, Any]) -> bool:
+        """Send a chmod without waiting when it cannot fail here; False: the caller waits for it.
+
+        That is a regular file (with one name) or a directory this mount
+        created in the session: the export is writable (the create went
+        through) and the file is this machine's user's. Until the reply, the
+        name's attributes are guessed (new mode, ctime moved on): the kernel
+        asks for them right after every chmod. A test suite's temporary files
+        (CPython's test_tempfile: 430 chmods) then cost no round trip each; a
+        failure (the file replaced here meanwhile) surfaces at the next
+        change in its directory, as a posted unlink's does.
+        """
+        name, folder = args["path"], parent_of(args["path"])
+        known = self.cache.get(name)
+        if name not in self.made or known is None or known.get("missing") \
+                or not self.changes.may_post(folder):
+            return False
+        mode = int(known.get("st_mode", 0))
+        if not (stat.S_ISDIR(mode) or (stat.S_ISREG(mode) and int(known.get("st_nlink", 1)) == 1)):
+            return False
+        self.check_changes("chmod", args, wait=False)
+        kept = self.cache.kept(name)
+        self.forget_changed("chmod", args)
+        guess = dict(known, st_mode=stat.S_IFMT(mode) | (int(args["mode"]) & 0o7777))
+        guess["st_ctime"] = max(time.time_ns(), int(known.get("st_ctime", 0)) + 1)
+        token, since = self.guesses.begin(name), self.cache.begin()
+        self.cache.put(name, guess, watched=kept, since=since)
+
+        def done(header: Dict[str, Any]) -> None:
+            if self.guesses.end(name, token):  # the reply of the latest chmod: real attributes
+                self.learn("chmod", args, header, since)
+        try:
+            self.changes.post("chmod", args, [folder], undo=lambda: self.forget_changed("chmod", args), done=done)
+            self.link.count_posted("chmod")
+        except OSError as exc:
+            self.forget_changed("chmod", args)
+            raise self.fault(exc.errno or errno.EIO)
+        return True
 
     def learned(self, folder: str, token: int, since: int, op: str, args: Dict[str, Any],
                 header: Dict[str, Any]) -> None:
