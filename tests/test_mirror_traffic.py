@@ -207,7 +207,9 @@ def test_read_only_flush_and_release_are_answered_on_the_host(lab, tmp_path, hos
     assert opens >= 20
     assert "flush" not in served and "flush" not in stats["host"]["asked"]
     assert "release" not in stats["host"]["asked"]         # posted, never waited for
-    assert stats["host"]["posted"]["release"] >= opens - 5
+    # (the kernel sends the last releases after the program exits: on a loaded machine a
+    # few come after the agent counted; one run under a load average of 27 posted 73 of 79)
+    assert stats["host"]["posted"]["release"] >= opens * 3 // 4
     if host == "h1":
         assert answered.get("flush", 0) <= 5
     else:

@@ -198,3 +198,23 @@ def test_what_was_written_is_kept_within_a_budget_oldest_first():
     files.start("/b", 2, since=0)  # emptied again: its old bytes no longer count
     files.wrote("/b", 2, 0, b"y" * 60)
     assert files.read("/c", 0, 1, never) == b"x" and files.read("/b", 0, 1, never) == b"y"
+
+
+def test_names_made_in_the_session_are_forgotten_with_their_directory():
+    """A chmod is posted only for what the mount made: a renamed or removed directory takes its names along."""
+    from remote_runner.mirror.host.state import MountState
+
+    class State:
+        remember_made = MountState.remember_made
+        unmade = MountState.unmade
+
+        def __init__(self):
+            self.made = set()
+
+    state = State()
+    for name in ("/t/d", "/t/d/f", "/t/d/sub/g", "/t/dx", "/t/e"):
+        state.remember_made(name)
+    state.unmade("/t/e")
+    assert "/t/e" not in state.made
+    state.unmade("/t/d", tree=True)
+    assert state.made == {"/t/dx"}  # a sibling whose name only starts the same stays

@@ -28,7 +28,8 @@ Replies may now arrive in another order than invalidations sent after them.
 Every answer kept from a reply is already checked against the invalidations
 that arrived since it was asked for (:meth:`.names.NameCache.begin`), and a
 read that overlapped an invalidation of its file is made again
-(:mod:`.operations`), so a lane never makes stale data look current.
+(:meth:`.state.MountState.read_through`), so a lane never makes stale data
+look current.
 """
 
 from __future__ import annotations

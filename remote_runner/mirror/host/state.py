@@ -39,6 +39,8 @@ ENTRY_OPS = frozenset(("mknod", "mkdir", "symlink", "link", "create", "unlink", 
 LEARNED_OPS = frozenset(("mkdir", "symlink", "mknod", "link", "create", "unlink", "rmdir",
                          "chmod", "chown", "utimens", "truncate"))
 
+#: Names remembered as made by the mount in one session (see :meth:`MountState.post_chmod`).
+MADE_LIMIT = 100000
 #: Times a read through the link is made again while invalidations of its file cross it.
 READ_AGAIN = 3
 MUTATING_OPS = frozenset(("mknod", "mkdir", "unlink", "rmdir", "symlink", "link", "rename", "chmod",
@@ -111,13 +113,14 @@ class MountState:
                                       if isinstance(args.get(k), str)])
         if op in ("mknod", "mkdir", "symlink", "create", "unlink", "rmdir"):
             self.cache.renamed(args["path"])
-            self.made.discard(args["path"])
+            self.unmade(args["path"], tree=op == "rmdir")
         elif op == "rename":
             self.cache.renamed(args["old"], args["new"])
-            self.made.discard(args["new"])
-            if args["old"] in self.made:
-                self.made.discard(args["old"])
-                self.made.add(args["new"])
+            moved = args["old"] in self.made
+            self.unmade(args["new"], tree=True)
+            self.unmade(args["old"], tree=True)  # (names below a renamed directory are no longer known as made)
+            if moved:
+                self.remember_made(args["new"])
         elif op == "link":
             self.cache.renamed(args["path"])
             self.cache.changed(args["target"])
@@ -171,7 +174,7 @@ class MountState:
         if op in ENTRY_OPS:
             self.changes.confirm(*self.changed_dirs(op, args))
             if op in ("mknod", "mkdir", "symlink", "create"):
-                self.made.add(args["path"])
+                self.remember_made(args["path"])
         if op == "open" and "fh" in header and not self.mutates(op, args):
             self.reading[header["fh"]] = None
         elif op == "release":
@@ -269,6 +272,18 @@ class MountState:
             raise self.fault(exc.errno or errno.EIO)
         # What the change makes of the name, as the local side will find it.
         self.cache.put(gone, None, watched=kept, since=self.cache.begin())
+
+    def remember_made(self, name: str) -> None:
+        if len(self.made) >= MADE_LIMIT:
+            self.made.clear()  # (only a speed-up is lost: their chmods wait again)
+        self.made.add(name)
+
+    def unmade(self, name: str, tree: bool = False) -> None:
+        """*name* was removed or replaced: it (and with *tree*, all below it) is no longer known as made."""
+        self.made.discard(name)
+        if tree:
+            below = name.rstrip("/") + "/"
+            self.made.difference_update([made for made in self.made if made.startswith(below)])
 
     def post_chmod(self, args: Dict[str, Any]) -> bool:
         """Send a chmod without waiting when it cannot fail here; False: the caller waits for it.

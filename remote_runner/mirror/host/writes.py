@@ -230,7 +230,8 @@ class PendingChanges:
 
 
 class DirectoryGuesses:
-    """(Agent) Which directories' attributes are guesses (:func:`predicted_directory`), and whose.
+    """(Agent) Which names' attributes are guesses, and whose: directories after an unlink or
+    rmdir in them (:func:`predicted_directory`), files and directories after a posted chmod.
 
     Each guess gets a token; a reply replaces the guess only if it answers the
     change that made the latest one there.
