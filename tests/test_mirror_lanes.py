@@ -198,7 +198,7 @@ def test_no_lane_is_used_before_the_agent_accepts_it():
     assert _until(lambda: len(streams) == 2 and all(s.frames for s in streams))
     assert not lanes.send({"t": P.REP, "id": 2}, big)  # opened, not accepted yet
     assert all(len(s.frames) == 1 for s in streams)
-    first = P.read_frame(P.FdReader(_pipe_with(streams[0].frames[0])))[0]
+    first = _first_frame(streams[0].frames[0])
     assert first["t"] == P.LANE and first["token"] == "t0k"
     lanes.confirmed({"t": P.LANE, "lane": first["lane"]})
     assert not lanes.send({"t": P.REP, "id": 3}, b"small")  # small replies stay on the main channel
@@ -209,11 +209,15 @@ def test_no_lane_is_used_before_the_agent_accepts_it():
     assert "t0k" not in streams[0].command and "/tmp/rr-lanes-x/s" in streams[0].command
 
 
-def _pipe_with(data: bytes) -> int:
+def _first_frame(data: bytes):
+    """The header of the frame at the start of *data*."""
     r, w = os.pipe()
-    os.write(w, data)
-    os.close(w)
-    return r
+    try:
+        os.write(w, data)
+        os.close(w)
+        return P.read_frame(P.FdReader(r))[0]
+    finally:
+        os.close(r)
 
 
 def test_a_lane_whose_write_fails_is_retired_and_the_reply_goes_back_to_the_caller():
@@ -247,8 +251,9 @@ def test_the_relay_copies_stdin_to_the_socket(tmp_path):
     reader.start()
     proc.communicate(data, timeout=60)
     reader.join(60)
-    assert proc.returncode == 0 and bytes(got) == data
+    conn.close()
     server.close()
+    assert proc.returncode == 0 and bytes(got) == data
 
 
 def _drain(conn: socket.socket, into: bytearray) -> None:
@@ -363,7 +368,7 @@ def test_no_invalidation_reaches_the_agent_before_its_boot_frame():
             self.frames = []
 
         def write_all(self, data):
-            self.frames.append(P.read_frame(P.FdReader(_pipe_with(data)))[0]["t"])
+            self.frames.append(_first_frame(data)["t"])
 
         def read(self, size):
             return b""

@@ -266,12 +266,14 @@ def test_the_programs_libraries_are_worked_out_ahead_and_listed_as_a_fresh_servi
     try:
         expected = Reply({})
         fresh._add_libraries(expected, program)
+        fresh.request_fds.release()  # (what handle() does after each request)
         ahead.prepare([], program=program)
         calls = []
         real = elf.closure
         monkeypatch.setattr(elf, "closure", lambda path: calls.append(path) or real(path))
         got = Reply({})
         ahead._add_libraries(got, program)
+        ahead.request_fds.release()
         assert calls == []  # the loader list made ahead was used
         assert got.fields["libs"]["whole"] == expected.fields["libs"]["whole"]
         assert got.fields["libs"]["names"] == expected.fields["libs"]["names"]
