@@ -78,7 +78,8 @@ PING = "ping"        # either way; answered by PONG
 PONG = "pong"
 JOB = "job"          # local -> agent (daemon mode): register a window command
 BYE = "bye"          # local -> agent: end the session, clean up
-LANE = "lane"        # local -> agent, first on a lane: ``token`` (see host/lanes.py)
+LANE = "lane"        # lanes (see host/lanes.py): first on a lane, ``token``; on the main channel,
+                     # agent -> local ``lane`` (accepted) or ``gone``, local -> agent ``retired``
 INVAL = "inval"      # local -> agent: names that changed here (``p``), dropped with all below (``tree``), or ``all``
 
 #: A directory answer lists at most this many entries (bigger ones: name by name).

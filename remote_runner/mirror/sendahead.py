@@ -362,7 +362,7 @@ class SendAhead:
         if self.roots is not None or name in self._expanded:
             return  # files-only: the host runs its own programs, with its own libraries
         self._expanded[name] = None
-        body = self._libraries(name)
+        body = self._libraries(name, self._closures.pop(name, None))
         if body is None or len(json.dumps(body)) > P.MAX_HEADER // 2:
             return
         for n in body["names"]:
@@ -371,15 +371,14 @@ class SendAhead:
             self._note(self.sent_whole, n)
         reply.fields["libs"] = body
 
-    def _libraries(self, name: str) -> Optional[Dict[str, Any]]:
-        """The ``libs`` body for program *name* (None: nothing to send whole).
+    def _libraries(self, name: str, found: Optional[List[str]] = None) -> Optional[Dict[str, Any]]:
+        """The ``libs`` body for program *name* (None: nothing to send whole); *found*: its loader list.
 
         :meth:`prepare` makes it once ahead for the command's program, while
         the connection starts (~50 ms for ``ffmpeg``'s 214 libraries): the
         loader list is kept for the open, the answers and copy keys as long
         as their directories do not change (:meth:`_kept`).
         """
-        found = self._closures.pop(name, None)
         if found is None:
             found = self._loader_list(name)
         names: Dict[str, None] = {}
@@ -417,8 +416,7 @@ class SendAhead:
         """(:meth:`prepare`) Work out *name*'s libraries before the host opens it."""
         if self.roots is None and name not in self._expanded:
             found = self._loader_list(name)
-            self._closures[name] = found
-            self._libraries(name)  # (keeps the answers and keys; takes the list)
+            self._libraries(name, found)  # (the answers and keys are kept, see _kept)
             self._closures[name] = found
 
     def _add_siblings(self, reply: Reply, name: str, size: int) -> None:

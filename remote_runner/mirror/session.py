@@ -138,18 +138,20 @@ def plan_command(conn: Any, argv: Sequence[str], cwd: Optional[str] = None,
         profile = ProfileSet.for_command(fields["argv"], options.files_only, cwd)
     build_bundle()  # built once per process: now, not after the connection is up
     seeds = profile.seeds() if profile is not None else None
-    path = fields["env"].get("PATH")
+    program = None
     if seeds is not None and not options.files_only:
-        # The command's own start (its cwd, its PATH search) is looked up first, even never run before.
-        start = command_names(argv[0] if argv else "", os.fsdecode(P.name_from_wire(path)) if path else None, cwd)
+        # The command's own start (its cwd, its PATH search, its program's libraries) is
+        # worked out first, even for a command never run before.
+        wire_path = fields["env"].get("PATH")
+        search = os.fsdecode(P.name_from_wire(wire_path)) if wire_path else None
+        start = command_names(argv[0] if argv else "", search, cwd)
         (names, files), (own_names, own_files) = seeds
         seeds = ((list(dict.fromkeys(start + names)), files), (list(dict.fromkeys(start + own_names)), own_files))
+        found = executable_of(fields["argv"], cwd, search)
+        program = P.name_to_wire(found) if found is not None else None
     offered = OfferedDirs.for_profile(profile.own).load() if profile is not None else []
-    program = executable_of(fields["argv"], cwd, os.fsdecode(P.name_from_wire(path)) if path else None) \
-        if seeds is not None and not options.files_only else None
     return ExecPlan(options, exports, roots, fields, profile, seeds,
-                    _prepared_service(roots, exports, seeds, offered,
-                                      P.name_to_wire(program) if program is not None else None))
+                    _prepared_service(roots, exports, seeds, offered, program))
 
 
 def _prepared_service(roots: Optional[List[bytes]], exports: Exports, seeds: Any,
