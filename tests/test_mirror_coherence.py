@@ -416,3 +416,20 @@ def test_the_service_applies_a_handles_numbered_writes_in_order(tmp_path):
     later.join(30)
     service.handle("release", {"fh": fh, "seq": 3}, b"")
     assert (tmp_path / "f").read_bytes() == b"second"
+
+
+def test_a_tree_that_goes_away_is_forgotten_whole_and_nothing_beside_it(tmp_path, watcher):
+    """Watched directories under a removed one (some with unwatched directories between)
+    are no longer watched; a sibling whose name starts the same still is."""
+    for rel in ("a/b/c", "a/x/y/z", "ab/c"):
+        (tmp_path / rel).mkdir(parents=True)
+    d = os.fsencode(tmp_path)
+    for rel in (b"", b"/a", b"/a/b/c", b"/a/x/y/z", b"/ab", b"/ab/c"):
+        assert watcher.watch(d + rel)
+    import shutil
+    shutil.rmtree(tmp_path / "a")
+    watcher.flush()
+    assert [watcher.watched(d + rel) for rel in (b"/a", b"/a/b/c", b"/a/x/y/z")] == [False] * 3
+    assert [watcher.watched(d + rel) for rel in (b"", b"/ab", b"/ab/c")] == [True] * 3
+    (tmp_path / "a" / "b").mkdir(parents=True)   # made again: watched anew when asked
+    assert watcher.watch(d + b"/a/b") and watcher.watched(d + b"/a/b")

@@ -153,6 +153,9 @@ class ChangeWatcher:
         self._lock = threading.RLock()
         self._paths: Dict[bytes, int] = {}   # watched directory -> wd
         self._wds: Dict[int, Set[bytes]] = {}  # wd -> the directory names it stands for
+        #: directory -> its subdirectories that are watched or lead to one (so a tree is
+        #: forgotten by walking it, not by scanning every watch: thousands in a big tree)
+        self._under: Dict[bytes, Set[bytes]] = {}
         self._fs = FsTypes()
         self._closed = threading.Event()
         self.full = False
@@ -228,6 +231,14 @@ class ChangeWatcher:
                 return False
             self._paths[directory] = wd
             self._wds.setdefault(wd, set()).add(directory)
+            node = directory
+            while True:
+                up = os.path.dirname(node)
+                kids = self._under.setdefault(up, set())
+                if up == node or node in kids:
+                    break
+                kids.add(node)
+                node = up
             return True
 
     def watched(self, directory: bytes) -> bool:
@@ -258,8 +269,14 @@ class ChangeWatcher:
 
     def _forget_tree(self, top: bytes) -> None:
         """Stop standing for *top* and the directories under it (they moved or went away)."""
-        prefix = top.rstrip(b"/") + b"/"
-        for path in [p for p in self._paths if p == top or p.startswith(prefix)]:
+        found, stack = [], [top]
+        while stack:
+            node = stack.pop()
+            if node in self._paths:
+                found.append(node)
+            stack.extend(self._under.pop(node, ()))
+        self._under.get(os.path.dirname(top), set()).discard(top)
+        for path in found:
             self._changed[path] = self._stamp  # watched again later: its old answers are gone
             wd = self._paths.pop(path)
             names = self._wds.get(wd)
@@ -376,6 +393,7 @@ class ChangeWatcher:
                 self._libc.inotify_rm_watch(ctypes.c_int(self.fd), ctypes.c_int(wd))
             self._wds.clear()
             self._paths.clear()
+            self._under.clear()
             self.full = False
         if (paths or trees or everything) and self.report is not None:
             self.reports += 1
@@ -419,6 +437,7 @@ class ChangeWatcher:
             self._closed.set()
             self._paths.clear()
             self._wds.clear()
+            self._under.clear()
             try:
                 os.close(self.fd)
             except OSError:
