@@ -231,3 +231,16 @@ def test_every_request_gets_a_reply_however_malformed(tmp_path):
         header, _, _ = service.serve({"id": i, "op": op, "a": shaped}, rng.choice([b"", b"\0data"]))
         assert header["id"] == i and header["t"] == P.REP, (op, shaped)
     service.close()
+
+
+def test_a_handle_number_the_host_chose_is_taken_only_in_its_range_and_once():
+    from remote_runner.mirror import protocol as P
+    from remote_runner.mirror.replies import HandleTable, OpError
+    table = HandleTable()
+    assert table.add(10) == 1
+    low, high = P.POSTED_HANDLES
+    assert table.add(11, low + 5) == low + 5 and table.get(low + 5) == 11
+    for bad in (low + 5, 1, low - 1, high, True, "7"):
+        with pytest.raises(OpError):
+            table.add(12, bad)
+    assert table.add(13) == 2

@@ -49,7 +49,11 @@ import time
 from typing import Any, BinaryIO, Dict, List, Optional, Tuple
 
 #: Bumped on any incompatible change; both ends refuse a different major.
-PROTOCOL_VERSION = "1.0"
+PROTOCOL_VERSION = "1.1"
+
+#: Handles the host numbers itself, for a ``create`` it does not wait for (below them: the
+#: local side's own numbers; from the end up: the host's copies of files).
+POSTED_HANDLES = (1 << 40, 1 << 48)
 
 PREFIX = struct.Struct("!II")
 MAX_HEADER = 1 << 20

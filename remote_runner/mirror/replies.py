@@ -1,7 +1,8 @@
 """What the local file service hands back: numbered handles, a reply, a request's errno.
 
-Why apart: the host only ever sees handle numbers issued here (never raw
-descriptors; an unknown one is EBADF), and every failure travels as its
+Why apart: the host only ever sees handle numbers (never raw descriptors;
+an unknown one is EBADF), issued here or, for a ``create`` it did not wait
+for, chosen by the host within its own range; and every failure travels as its
 errno; the service and its helpers share these few types.
 """
 
@@ -11,7 +12,9 @@ import errno
 import os
 import threading
 from dataclasses import dataclass, field
-from typing import Any, Dict
+from typing import Any, Dict, Optional
+
+from remote_runner.mirror import protocol as P
 
 
 class OpError(Exception):
@@ -39,11 +42,20 @@ class HandleTable:
         self._next = 1
         self._lock = threading.Lock()
 
-    def add(self, fd: int) -> int:
-        """Register *fd* and return its handle."""
+    def add(self, fd: int, number: Optional[int] = None) -> int:
+        """Register *fd* and return its handle: *number* if given (the host chose it), else the next.
+
+        A number the host chose must lie in :data:`~.protocol.POSTED_HANDLES` and be free (EBADF).
+        """
         with self._lock:
-            handle = self._next
-            self._next += 1
+            if number is None:
+                handle = self._next
+                self._next += 1
+            elif (isinstance(number, int) and not isinstance(number, bool)
+                  and P.POSTED_HANDLES[0] <= number < P.POSTED_HANDLES[1] and number not in self._fds):
+                handle = number
+            else:
+                raise OpError(errno.EBADF)
             self._fds[handle] = fd
             return handle
 

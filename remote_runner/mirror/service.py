@@ -174,8 +174,8 @@ class LocalFileService(SendAhead, DirectoryAnswers, OwnChanges):
             raise OpError(errno.EROFS)
         return self.handles.get(a["fh"])
 
-    def _add_handle(self, fd: int, a: Dict[str, Any]) -> int:
-        handle = self.handles.add(fd)
+    def _add_handle(self, fd: int, a: Dict[str, Any], number: Optional[int] = None) -> int:
+        handle = self.handles.add(fd, number)
         try:
             name = P.name_from_wire(a["path"])
             export = self.exports.find(name)
@@ -470,10 +470,16 @@ class LocalFileService(SendAhead, DirectoryAnswers, OwnChanges):
                 raise
             fd = os.open(path, flags & ~os.O_CREAT)
             created = False
-        if created:
-            self._owner(a, path, fd)
-            os.fchmod(fd, mode)  # the remote umask applies, not ours
-        return Reply({"fh": self._add_handle(fd, a), "st": P.stat_to_wire(os.fstat(fd))})
+        try:
+            if created:
+                self._owner(a, path, fd)
+                os.fchmod(fd, mode)  # the remote umask applies, not ours
+            # "fh": the number a host that did not wait for this reply already uses
+            handle = self._add_handle(fd, a, a.get("fh"))
+        except BaseException:
+            os.close(fd)
+            raise
+        return Reply({"fh": handle, "st": P.stat_to_wire(os.fstat(fd))})
 
     def op_read(self, a: Dict[str, Any], _: bytes) -> Reply:
         size = min(int(a["size"]), P.MAX_PAYLOAD // 2)

@@ -57,6 +57,8 @@ class Link:
         #: Frames other than replies, handled in order by their own thread: an
         #: invalidation may wait for the kernel, which may wait for a reply.
         self._frames: "queue.Queue[Optional[Tuple[Dict[str, Any], bytes]]]" = queue.Queue()
+        #: The local side's (uid, gid), from its boot frame: who owns the files it creates.
+        self.local_ids: Optional[Tuple[int, int]] = None
         #: Extra channels for large replies (:mod:`.lanes`), if any; started with the link.
         self.lanes: Any = None
         self.lanes_wanted = 0

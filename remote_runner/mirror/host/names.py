@@ -38,6 +38,8 @@ LEASE = 1.0
 LIMIT = 200000
 STAMPS = 20000
 FOREVER = float("inf")
+#: Files created without waiting whose inode numbers are kept (see NameCache.bind).
+ALIASES = 200000
 #: A directory too big for one answer is not asked for whole again for this long.
 BIG_DIRECTORY_SECONDS = 60.0
 
@@ -104,6 +106,8 @@ class NameCache:
         self._type_kids: Dict[str, Set[str]] = {}  # directory -> names below it in _types
         #: Where whole directory answers are kept between sessions (``listings.py``), if anywhere.
         self.listings: Any = None
+        #: (st_dev, local inode) -> the inode the host gave a file it created without waiting.
+        self.aliases: Dict[Tuple[int, int], int] = {}
         self.hits = 0
         self.negative_hits = 0
         self.misses = 0
@@ -149,6 +153,29 @@ class NameCache:
         table[path] = self._epoch
 
     # -- storing ------------------------------------------------------------------
+    def alias(self, attrs: Any) -> Any:
+        """*attrs* with the inode the host gave the file, if it made one up (see :meth:`bind`)."""
+        if self.aliases and isinstance(attrs, dict) and "st_ino" in attrs:
+            made_up = self.aliases.get((attrs.get("st_dev"), attrs["st_ino"]))
+            if made_up is not None:
+                attrs["st_ino"] = made_up
+        return attrs
+
+    def bind(self, attrs: Any, made_up: int) -> None:
+        """The file the host numbered *made_up* has these (local) attributes: keep its number.
+
+        A file created without waiting (``MountState.post_create``) was shown
+        to the program before its local inode was known; every answer about
+        it from then on carries the number the program already saw.
+        """
+        if not isinstance(attrs, dict) or not isinstance(attrs.get("st_ino"), int):
+            return
+        with self._lock:
+            if len(self.aliases) > ALIASES:
+                self.aliases.clear()  # (a file's number may then change once, as on a remount)
+            self.aliases[(attrs.get("st_dev"), attrs["st_ino"])] = made_up
+        attrs["st_ino"] = made_up
+
     def put(self, path: str, attrs: Optional[Dict[str, Any]], watched: bool = False,
             since: Optional[int] = None, link: Optional[str] = None,
             now: Optional[float] = None) -> bool:
@@ -156,6 +183,7 @@ class NameCache:
         if attrs is None:
             attrs = MISSING
         if not attrs.get("missing"):
+            self.alias(attrs)
             # A file with several names changes through names in other directories,
             # whose watches do not see it: lease only.
             mode = int(attrs.get("st_mode", 0))
@@ -201,8 +229,11 @@ class NameCache:
             # is stale only if it was itself invalidated since.
             stamps, trees = self._stamps, self._trees
             kids = self._kids.setdefault(directory, set())
+            aliases = self.aliases
             for name, attrs, link in entries:
                 path = base + name
+                if aliases and attrs:
+                    self.alias(attrs)
                 listing.names.add(name)
                 if since is not None and (stamps.get(path, -1) >= since or trees.get(path, -1) >= since):
                     listing.unknown.add(name)

@@ -117,6 +117,7 @@ def make_operations(link: Link, prefix: bytes, files: Optional[FileCache] = None
                     raise mfusepy.FuseOSError(errno.ESTALE)
                 return got
             header = m.call("getattr", args)[0]
+            m.cache.alias(header.get("st"))
             if path is not None:
                 m.links.seen(path, header.get("st"))
             return header["st"]
@@ -142,6 +143,7 @@ def make_operations(link: Link, prefix: bytes, files: Optional[FileCache] = None
             attrs = header.get("attrs") or [None] * len(names)
             entries = []
             for name, st in zip(names, attrs):
+                m.cache.alias(st)
                 text = name.decode("utf-8", "surrogateescape")
                 entries.append((text, st if isinstance(st, dict) else None, None))
                 m.links.seen(path.rstrip("/") + "/" + text, st)
@@ -246,6 +248,10 @@ def make_operations(link: Link, prefix: bytes, files: Optional[FileCache] = None
             return fh
 
         def create(self, path: str, mode: int, flags: int = os.O_WRONLY) -> int:
+            fh = None if hidden_name(path) else m.post_create(m.wire(path), mode, flags, caller())
+            if fh is not None:  # not waited for (see MountState.post_create)
+                m.no_caps[path] = (0.0, (m.cache.get(m.wire(path)) or {}).get("st_ctime"))
+                return fh
             m.check_changes("create", {"path": m.wire(path)})
             header = m.call("create", {"path": m.wire(path), "mode": mode, "flags": flags, "ctx": caller()})[0]
             fh = int(header["fh"])
@@ -355,6 +361,7 @@ def make_operations(link: Link, prefix: bytes, files: Optional[FileCache] = None
             m.flushed.pop(fh, None)
             m.link.post("release", {"fh": fh, "seq": m.writes.next_seq(fh)})
             m.writes.forget(fh)
+            m.forget_handle(fh)
             with m.writing_lock:
                 name = m.written.pop(fh, None)
                 if name is not None:

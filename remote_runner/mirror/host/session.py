@@ -54,6 +54,8 @@ class Session:
         link.inline[P.INVAL] = lambda header, _: forget_names(self.cache, header, self.drops)
         link.handlers[P.INVAL] = lambda header, _: forget_in_kernel(self.drops, header)
         self.profile = Profile.for_command(self.files, boot)
+        if isinstance(boot.get("uid"), int) and isinstance(boot.get("gid"), int):
+            link.local_ids = (boot["uid"], boot["gid"])
 
     def setup(self) -> None:
         """Enter namespaces and mount the mirror (or the exported trees)."""

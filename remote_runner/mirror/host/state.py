@@ -17,6 +17,7 @@ answer itself.
 from __future__ import annotations
 
 import errno
+import itertools
 import os
 import stat
 import threading
@@ -43,6 +44,11 @@ LEARNED_OPS = frozenset(("mkdir", "symlink", "mknod", "link", "create", "unlink"
 MADE_LIMIT = 100000
 #: Times a read through the link is made again while invalidations of its file cross it.
 READ_AGAIN = 3
+#: Inode numbers the host gives the files it creates without waiting (see NameCache.bind):
+#: far above what local file systems hand out.
+MADE_UP_INODES = 1 << 60
+#: Numbers of the handles and inodes the host makes up, for the agent's whole life.
+_made_up = itertools.count(1)
 MUTATING_OPS = frozenset(("mknod", "mkdir", "unlink", "rmdir", "symlink", "link", "rename", "chmod",
                           "chown", "truncate", "utimens", "create", "write", "open", "release", "flush",
                           "fsync", "fallocate", "setxattr", "removexattr"))
@@ -80,6 +86,7 @@ class MountState:
         self.no_caps: Dict[str, Tuple[float, Any]] = {}
         self.writing: Dict[str, Dict[int, None]] = {}  # name -> handles that wrote to it (pipelined)
         self.written: Dict[int, str] = {}
+        self.creating_in: Dict[str, Dict[int, None]] = {}  # directory -> handles of creates not yet answered
         self.writing_lock = threading.Lock()
 
     def wire(self, path: str) -> str:
@@ -131,12 +138,19 @@ class MountState:
 
 
     def settle_names(self, args: Dict[str, Any]) -> None:
-        """Before a request naming a file, let the writes sent to it land (its size, its data)."""
-        if not self.writing:
+        """Before a request naming a file, let the writes sent to it land (its size, its data).
+
+        The same for a create not waited for, before a request naming the new
+        file, its directory or another name in it (a listing would miss it).
+        """
+        if not self.writing and not self.creating_in:
             return
         with self.writing_lock:
-            handles = [fh for key in ("path", "old", "new", "target") if isinstance(args.get(key), str)
-                       for fh in self.writing.get(args[key], ())]
+            names = [args[key] for key in ("path", "old", "new", "target") if isinstance(args.get(key), str)]
+            handles = [fh for name in names for fh in self.writing.get(name, ())]
+            if self.creating_in:
+                handles += [fh for name in names for where in (name, parent_of(name))
+                            for fh in self.creating_in.get(where, ())]
         for fh in handles:
             self.drain(fh)
 
@@ -273,6 +287,92 @@ class MountState:
         # What the change makes of the name, as the local side will find it.
         self.cache.put(gone, None, watched=kept, since=self.cache.begin())
 
+    def post_create(self, name: str, mode: int, flags: int, ctx: List[int]) -> Optional[int]:
+        """Create a file without waiting where the outcome is known here; its handle, or None (wait).
+
+        That is: a name known missing (the directory's listing, kept
+        coherent, says so), in a directory where this machine already made a
+        change for the host (the exports let it write there), with the
+        directory's attributes held. The handle and the inode are numbered
+        here; the new file's attributes follow from the request (type and
+        mode, the local user or the caller as owner, the group of a set-group-ID
+        directory, empty, now). The create is the handle's first request, so
+        its writes follow it on the local side, and its outcome is taken like
+        a write's: a failure (the name taken here meanwhile, a full disk)
+        is reported at close, as on NFS. Requests naming the file, its
+        directory or a name beside it wait for the answer first. Not for
+        ``O_SYNC``/``O_DSYNC``, which ask to wait.
+        """
+        folder = parent_of(name)
+        ids = self.link.local_ids
+        if ids is None or flags & (os.O_SYNC | os.O_DSYNC) or not self.changes.may_post(folder):
+            return None
+        known, where = self.cache.get(name), self.cache.get(folder)
+        if known is None or not known.get("missing") or where is None or where.get("missing") \
+                or not stat.S_ISDIR(int(where.get("st_mode", 0))):
+            return None
+        self.check_changes("create", {"path": name}, wait=False)
+        fh, made_up = P.POSTED_HANDLES[0] + next(_made_up), MADE_UP_INODES + next(_made_up)
+        if fh >= P.POSTED_HANDLES[1]:
+            return None
+        now = time.time_ns()
+        args: Dict[str, Any] = {"path": name, "mode": mode, "flags": flags, "ctx": ctx, "fh": fh}
+        after = self.changes.after()
+        if after is not None:
+            args["after"] = after
+        kept, folder_kept = self.cache.kept(name), self.cache.kept(folder)
+        guess = predicted_directory(where, "create", now)
+        self.forget_changed("create", args)
+        since = self.cache.begin()
+        self.cache.put(name, new_file(where, mode, ctx, ids, made_up, now), watched=kept, since=since)
+        token = self.guesses.begin(folder) if guess is not None else None
+        if guess is not None:
+            self.cache.put(folder, guess, watched=folder_kept, since=since)
+        self.remember_made(name)
+        self.created[fh] = made_up
+        with self.writing_lock:
+            self.writing.setdefault(name, {})[fh] = None
+            self.written[fh] = name
+            self.creating_in.setdefault(folder, {})[fh] = None
+
+        def done(header: Optional[Dict[str, Any]]) -> None:
+            with self.writing_lock:
+                waiting = self.creating_in.get(folder, {})
+                waiting.pop(fh, None)
+                if not waiting:
+                    self.creating_in.pop(folder, None)
+            if header is None:  # failed: nothing of the guess stands (the error comes at close)
+                self.forget_changed("create", args)
+                self.written_files.drop(name)
+                if token is not None:
+                    self.guesses.end(folder, token)
+                return
+            st = header.get("st")
+            self.cache.bind(st, made_up)
+            if not isinstance(st, dict) or st.get("st_size") != 0:
+                self.written_files.drop(name)  # not the empty file it was taken for (made here meanwhile)
+            if token is not None:
+                self.learned(folder, token, since, "create", args, header)
+            elif "w" in header:
+                self.learn("create", args, header, since)
+
+        try:
+            self.writes.opened(fh, lambda seq: self.link.submit("create", dict(args, seq=seq)), done)
+        except OSError as exc:
+            done(None)
+            raise self.fault(exc.errno or errno.EIO)
+        self.link.count_posted("create")
+        self.track_written(name, fh)
+        return fh
+
+    def forget_handle(self, fh: int) -> None:
+        """*fh* is released: no request waits for its create any more."""
+        with self.writing_lock:
+            for where in [d for d, handles in self.creating_in.items() if fh in handles]:
+                self.creating_in[where].pop(fh, None)
+                if not self.creating_in[where]:
+                    del self.creating_in[where]
+
     def remember_made(self, name: str) -> None:
         if len(self.made) >= MADE_LIMIT:
             self.made.clear()  # (only a speed-up is lost: their chmods wait again)
@@ -395,3 +495,23 @@ class MountState:
         """*fh* opened *name* empty: keep what it writes to answer reads (see WrittenFiles)."""
         if self.cache.kept(name):  # a change made by this machine will be reported (watched)
             self.written_files.start(name, fh, self.cache.begin())
+
+
+def new_file(folder: Dict[str, Any], mode: int, ctx: List[int], local_ids: Tuple[int, int],
+             inode: int, now_ns: int) -> Dict[str, Any]:
+    """The attributes a regular file created now in *folder* gets on the local side.
+
+    The local side creates it as its own user (*local_ids*), and when that
+    is root gives it to the calling user (*ctx*) unless that is root too; a
+    set-group-ID directory gives its group. The mode is the request's (the
+    host's umask is already applied).
+    """
+    uid, gid = local_ids
+    if uid == 0 and len(ctx) == 2 and list(ctx) != [0, 0] and min(ctx) >= 0:
+        uid, gid = int(ctx[0]), int(ctx[1])
+    if int(folder.get("st_mode", 0)) & stat.S_ISGID:
+        gid = int(folder.get("st_gid", gid))
+    return {"st_mode": stat.S_IFREG | (mode & 0o7777), "st_ino": inode, "st_dev": folder.get("st_dev", 0),
+            "st_nlink": 1, "st_uid": uid, "st_gid": gid, "st_size": 0, "st_atime": now_ns,
+            "st_mtime": now_ns, "st_ctime": now_ns, "st_blocks": 0,
+            "st_blksize": folder.get("st_blksize", 4096), "st_rdev": 0}

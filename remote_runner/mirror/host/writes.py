@@ -52,7 +52,7 @@ class PendingWrites:
         self._submit = submit
         self._wait = wait
         self._lock = threading.Lock()
-        self._slots: Dict[int, List[Tuple[Any, int]]] = {}
+        self._slots: Dict[int, List[Tuple[Any, int, Any]]] = {}
         self._seq: Dict[int, int] = {}
         self._errors: Dict[int, int] = {}
         self._bytes: Dict[int, int] = {}
@@ -64,13 +64,25 @@ class PendingWrites:
             seq = self._seq.get(fh, 0) + 1
             self._seq[fh] = seq
             slot = self._submit("write", {"fh": fh, "off": offset, "seq": seq}, data)
-            self._slots.setdefault(fh, []).append((slot, len(data)))
+            self._slots.setdefault(fh, []).append((slot, len(data), None))
             self._bytes[fh] = self._bytes.get(fh, 0) + len(data)
             self.sent += 1
             over = self._bytes[fh] > IN_FLIGHT_BYTES
         if over:
             self._collect(fh, keep_bytes=IN_FLIGHT_BYTES // 2)
         return len(data)
+
+    def opened(self, fh: int, send: Callable[[int], Any],
+               done: Callable[[Optional[Dict[str, Any]]], None]) -> None:
+        """*fh* is opened by a request not waited for: *send(seq)* sends it as the handle's first.
+
+        Its outcome is taken like a write's (an error is reported at close);
+        *done* gets its reply's header, or None when it failed.
+        """
+        with self._lock:
+            self._seq[fh] = 1
+            self._slots[fh] = [(send(1), 0, done)]
+            self._bytes[fh] = 0
 
     def next_seq(self, fh: int) -> int:
         """Number a synchronous request that must come after the handle's pending writes."""
@@ -83,15 +95,20 @@ class PendingWrites:
         while True:
             with self._lock:
                 slots = self._slots.get(fh)
-                if not slots or self._bytes.get(fh, 0) <= keep_bytes:
+                if not slots or (keep_bytes and self._bytes.get(fh, 0) <= keep_bytes):
                     return
-                slot, size = slots.pop(0)
+                slot, size, done = slots.pop(0)
                 self._bytes[fh] -= size
             try:
-                self._wait(slot)
+                reply = self._wait(slot)
             except OSError as exc:
                 with self._lock:
                     self._errors.setdefault(fh, exc.errno or errno.EIO)
+                if done is not None:
+                    done(None)
+                continue
+            if done is not None:
+                done(reply[0])
 
     def drain(self, fh: int) -> None:
         """Wait for every write sent on *fh*; an error stays for :meth:`settle` to report."""
