@@ -465,8 +465,9 @@ def test_files_read_one_after_another_come_with_the_first(lab, local_only, workd
     assert len(host_copies(lab, parts[-1])) == 1
 
 
-def test_a_first_import_of_a_package_asks_for_its_directory_and_first_module_only(lab, local_only, workdir):
-    """Its ``__pycache__`` comes with the package's directory answer, its modules with the first."""
+def test_a_first_import_of_a_package_asks_for_its_directory_only(lab, local_only, workdir):
+    """Its ``__pycache__`` and its compiled modules, ``__init__`` first, come with the answer to
+    Python's first probe in the package's directory: no open of a module waits."""
     local_only.chmod(0o755)
     package = local_only / "pkg"
     package.mkdir(mode=0o755)
@@ -490,8 +491,8 @@ def test_a_first_import_of_a_package_asks_for_its_directory_and_first_module_onl
     assert lookups and not [line for line in lookups if cached in line]
     opens = [line for line in rpc_lines(proc.stderr, "open") if cached in line]
     asked = [line for line in opens if "'ahead'" not in line]
-    assert len(asked) == 1 and "__init__.cpython" in asked[0]
-    assert len(opens) == len(modules)
+    assert asked == [] and len(opens) == len(modules)
+    assert any("__init__.cpython" in line for line in opens)
 
 
 def test_a_file_opened_again_in_a_session_is_read_from_the_kernels_pages(lab, local_only, workdir):
@@ -607,3 +608,32 @@ def test_prefetch_runs_two_batches_at_once_and_wakes_each_file_when_stored(tmp_p
     assert link.most_at_once == 2
     assert all(cache.lookup(name) == [900, 1, 2, 3] for name in files)
     assert woke["at"] < done - 0.05  # the first file was there well before the last batch
+
+
+def test_a_lookup_in_a_package_brings_its_compiled_init_and_modules(public_tmp):
+    """Python's first probe in a package (``__init__`` as an extension) lists the package's
+    bytecode for that interpreter, ``__init__`` first, so its open waits for nothing."""
+    package = public_tmp / "pkg"
+    cache = package / "__pycache__"
+    cache.mkdir(parents=True)
+    package.chmod(0o755)
+    cache.chmod(0o755)
+    (package / "__init__.py").write_text("")
+    for name in ("__init__", "mod"):
+        (cache / f"{name}.cpython-311.pyc").write_bytes(name.encode() * 10)
+    (cache / "mod.cpython-312.pyc").write_bytes(b"another interpreter")
+    for path in list(cache.iterdir()) + [package / "__init__.py"]:
+        settle(path)
+    service = LocalFileService()
+    probe = str(package / "__init__.cpython-311-x86_64-linux-gnu.so")
+    fields = service.handle("getattr", {"path": probe, "dir": 1}, b"").fields
+    assert fields.get("missing") == 1
+    assert [name for name, _ in fields["libs"]["whole"]] == [str(cache / "__init__.cpython-311.pyc"),
+                                                             str(cache / "mod.cpython-311.pyc")]
+    # any other missing name, or a package without bytecode, brings none
+    assert "libs" not in service.handle("getattr", {"path": str(package / "nothing.so"), "dir": 1}, b"").fields
+    bare = public_tmp / "bare"
+    bare.mkdir()
+    bare.chmod(0o755)
+    assert "libs" not in LocalFileService().handle(
+        "getattr", {"path": str(bare / "__init__.cpython-311-x86_64-linux-gnu.so"), "dir": 1}, b"").fields

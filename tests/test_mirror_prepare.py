@@ -305,6 +305,8 @@ def test_the_command_start_is_named_for_the_first_validate(tmp_path):
     assert str(later / "tool") not in names  # the search stops where it runs
     assert str(tmp_path) in names and "/" + str(tmp_path).split("/")[1] in names  # the cwd's directories
     assert names.index(str(empty / "tool")) < names.index(str(found / "tool"))
-    # A path is looked up by its open, not searched: only the cwd is named.
-    assert all("tool" not in n for n in
-               (os.fsdecode(P.name_from_wire(x)) for x in command_names("./tool", str(found), str(later))))
+    # A path is not searched: the program it names is, and where its link leads.
+    (tmp_path / "alias").symlink_to(later / "tool")
+    by_path = [os.fsdecode(P.name_from_wire(x)) for x in command_names("../alias", str(found), str(later))]
+    assert str(tmp_path / "alias") in by_path and str(later / "tool") in by_path
+    assert str(found / "tool") not in by_path

@@ -253,9 +253,11 @@ def test_a_first_run_of_another_script_benefits_from_earlier_runs_of_its_interpr
     alone, seeded = runs["b alone"], runs["b seeded"]
     print(f"first python3 b.py on a new host: {alone['requests']} requests, {alone['host']['waits']} waits "
           f"alone; {seeded['requests']} requests, {seeded['host']['waits']} waits seeded by python3 a.py")
-    # (directory answers already spare the unseeded run most lookups: the seed's margin is in waits)
+    # (directory answers, and a package's bytecode listed with its first probe, already spare
+    # the unseeded run most lookups and opens: the seed's margin is in waits; measured on
+    # Debian 12: 37 seeded vs 66 alone)
     assert seeded["requests"] <= alone["requests"]
-    assert seeded["host"]["waits"] * 2 <= alone["host"]["waits"]
+    assert seeded["host"]["waits"] * 10 <= alone["host"]["waits"] * 7
     # The seed answered b.py's lookups: the interpreter's names, not only a.py's command.
     # (Measured on Debian 12: 20-21 lookups seeded vs 31 alone; the rest are b.py's own
     # names and the few directories whose answers come with the first lookup anyway.)

@@ -163,6 +163,8 @@ class DirectoryAnswers:
             if getattr(exc, "errno", None) != errno.ENOENT:
                 raise
             reply.fields["missing"] = 1
+            if a.get("dir"):
+                self._add_package(reply, raw)
             return reply
         self._note(self.looked_up, a["path"])
         reply.fields["st"] = P.stat_to_wire(st)

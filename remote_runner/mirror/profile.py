@@ -168,8 +168,9 @@ def executable_of(argv_wire: Sequence[str], cwd: str, path: Optional[str] = None
 def command_names(argv0: str, path: Optional[str], cwd: str) -> List[str]:
     """The names the host looks up to start *argv0* (wire names): a seed for the first ``validate``.
 
-    The working directory and, for a bare name, each ``PATH`` candidate in
-    turn (with its directories) up to the one that runs here: a command never
+    The working directory, the program named by a path, and, for a bare
+    name, each ``PATH`` candidate in turn (with its directories) up to the
+    one that runs here, and where a link leads: a command never
     mirrored before otherwise pays a round trip per ``PATH`` entry before its
     first instruction (``ffmpeg``: 7). Only names: every answer is a fresh
     lookup, and one not served is answered as such.
@@ -182,11 +183,16 @@ def command_names(argv0: str, path: Optional[str], cwd: str) -> List[str]:
             wanted.setdefault(b"/" + b"/".join(parts[:i]), None)
 
     add(os.fsencode(os.path.abspath(cwd)))
-    if argv0 and "/" not in argv0:
+    if "/" in argv0:
+        program = os.path.abspath(os.path.join(cwd, argv0))
+        add(os.fsencode(program))
+        add(os.fsencode(os.path.realpath(program)))  # (a link's target is looked up next)
+    elif argv0:
         for entry in (path or "").split(os.pathsep):
             candidate = os.path.abspath(os.path.join(entry or cwd, argv0))
             add(os.fsencode(candidate))
             if os.path.isfile(candidate) and os.access(candidate, os.X_OK):
+                add(os.fsencode(os.path.realpath(candidate)))
                 break
     return [name_to_wire(raw) for raw in wanted]
 

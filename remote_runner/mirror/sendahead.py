@@ -419,7 +419,30 @@ class SendAhead:
             self._libraries(name, found)  # (the answers and keys are kept, see _kept)
             self._closures[name] = found
 
-    def _add_siblings(self, reply: Reply, name: str, size: int) -> None:
+    def _add_package(self, reply: Reply, raw: bytes) -> None:
+        """To a lookup of a package's ``__init__<tag>.so``, add its compiled ``__init__`` and siblings.
+
+        That is the first name Python looks for in a package's directory; the
+        answer already brings the directory and its ``__pycache__``, but the
+        ``__init__`` bytecode opened next was asked for on its own (one round
+        trip per package on a first run: 9 for ``import json, email.parser,
+        http.client, decimal, sqlite3``). It is listed now, with the package's
+        other modules compiled for the same interpreter (the tag of the name
+        looked up), as the open of one of them would list them.
+        """
+        directory, base = os.path.split(raw)
+        if not (base.startswith(b"__init__.") and base.endswith(b".so")):
+            return
+        parts = base[len(b"__init__."):-len(b".so")].split(b"-")
+        cache = os.path.join(directory, b"__pycache__")
+        for count in (2, 1):
+            wire = P.name_to_wire(os.path.join(cache, b"__init__." + b"-".join(parts[:count]) + b".pyc"))
+            meta = self._whole_meta(wire)
+            if meta is not None:
+                self._add_siblings(reply, wire, meta[0], itself=True)
+                return
+
+    def _add_siblings(self, reply: Reply, name: str, size: int, itself: bool = False) -> None:
         """To the open of a small file sent whole, add the files of its kind beside it.
 
         A program reading one small file of a directory usually reads more of
@@ -434,6 +457,7 @@ class SendAhead:
         budget (``SIBLING_*``) bounds what an unneeded push costs. Once per
         directory per session, never in files-only mode (the host's own
         programs, only named files), and not for a file without a kind.
+        *itself*: *name* is not being opened; it is listed first.
         """
         raw = P.name_from_wire(name)
         directory, base = os.path.split(raw)
@@ -448,6 +472,8 @@ class SendAhead:
             with os.scandir(self._path({"path": P.name_to_wire(directory)})) as entries:
                 candidates = sorted(e.name for e in entries
                                     if e.name.endswith(suffix) and e.name != base and e.is_file(follow_symlinks=False))
+            if itself:
+                candidates.insert(0, base)
         except (OpError, OSError):
             return
         budget = min(SIBLING_DIR_BYTES, SIBLING_SESSION_BYTES - self._sibling_bytes)

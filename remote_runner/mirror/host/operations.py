@@ -18,7 +18,7 @@ from typing import Any, Dict, List, Optional, Tuple
 
 from .. import protocol as P
 from ..hardlinks import path_invalidator
-from .caches import FUSE_CAP_CACHE_SYMLINKS, LOCAL_FH_BASE, FileCache
+from .caches import FUSE_CAP_CACHE_SYMLINKS, LOCAL_FH_BASE, FileCache, fetch_ahead
 from .fusebinding import fuse_class
 from .link import Link
 from .answers import absorb_lookup
@@ -109,6 +109,8 @@ def make_operations(link: Link, prefix: bytes, files: Optional[FileCache] = None
                 args["dir"] = 1 if where != "/" and m.cache.wants_listing(parent_of(where)) else 0
                 header, data = m.call("getattr", args)
                 got = absorb_lookup(m.cache, where, header, data, since)
+                if isinstance(header.get("libs"), dict) and m.files is not None:
+                    fetch_ahead(m.link, m.files, m.cache, header["libs"], since)  # a package's modules
                 if got.get("missing"):
                     raise mfusepy.FuseOSError(errno.ENOENT)
                 if path is not None:
