@@ -458,3 +458,40 @@ def test_a_create_not_waited_for_that_fails_here_fails_at_close(lab, local_only,
     finally:
         for path in mounts:
             subprocess.run(["umount", "-l", str(path)], check=False)
+
+
+# Makes directories and symbolic links as pytest's tmp_path does (a numbered directory,
+# a "current" link to it), then looks at them at once and later. Prints what it saw.
+MAKING = textwrap.dedent("""
+    import os, sys, time
+    os.chdir(sys.argv[1])
+    os.mkdir("runs")
+    seen, inodes = [], []
+    for i in range(20):
+        os.mkdir("runs/run-%d" % i, 0o700)
+        os.makedirs("runs/run-%d/a/b" % i)
+        with open("runs/run-%d/a/b/out.txt" % i, "w") as f:
+            f.write("run %d" % i)
+        os.symlink("run-%d" % i, "runs/current.tmp")
+        os.rename("runs/current.tmp", "runs/current")   # replaced each time, as pytest's link
+        st = os.stat("runs/run-%d" % i)
+        inodes.append((st.st_ino, os.lstat("runs/current").st_ino))
+        seen.append((oct(st.st_mode), st.st_nlink, os.readlink("runs/current"), sorted(os.listdir("runs/run-%d" % i)),
+                     os.stat("runs/current").st_ino == st.st_ino))
+    top = os.stat("runs")
+    time.sleep(0.5)                                  # every reply is in by now
+    later = [os.stat("runs/run-%d" % i).st_ino for i in range(20)]
+    print(seen[0], seen[-1], top.st_nlink, [a for a, _ in inodes] == later, len(set(later)),
+          open(os.path.join("runs/current", "a/b/out.txt")).read(), sorted(os.listdir("runs"))[:3])
+""")
+
+
+def test_new_directories_and_links_are_made_without_a_round_trip_each(lab, local_only, workdir, tmp_path):
+    """mkdir and symlink where the outcome is known: not waited for, and what the program sees
+    (mode, link count, target, listing, a directory's inode now and later) is a local run's."""
+    local, proc, counts = run_here_and_there(lab, local_only, workdir, tmp_path, "h2", MAKING)
+    assert local.stdout.decode().startswith("('0o40700', 3, 'run-0', ['a'], True) ('0o40700', 3, 'run-19', ['a'], True) 22 True 20 run 19")
+    assert proc.stdout == local.stdout
+    assert snapshot(local_only / "there") == snapshot(local_only / "here")
+    posted = counts["host"]["posted"]
+    assert posted.get("mkdir", 0) >= 50 and posted.get("symlink", 0) >= 15, counts["host"]

@@ -108,6 +108,8 @@ class NameCache:
         self.listings: Any = None
         #: (st_dev, local inode) -> the inode the host gave a file it created without waiting.
         self.aliases: Dict[Tuple[int, int], int] = {}
+        #: Names created without waiting, not yet answered -> their made-up inode (see expect_inode).
+        self._expected: Dict[str, int] = {}
         self.hits = 0
         self.negative_hits = 0
         self.misses = 0
@@ -161,6 +163,19 @@ class NameCache:
                 attrs["st_ino"] = made_up
         return attrs
 
+    def expect_inode(self, path: str, made_up: Optional[int]) -> None:
+        """Until the reply to its creation (*made_up* None), local attributes of *path* are its.
+
+        Another reply may bring the new name's local attributes before the
+        creation's own (a listing of its directory, answered after it on the
+        local side but read first here): they are bound to the made-up inode then.
+        """
+        with self._lock:
+            if made_up is None:
+                self._expected.pop(path, None)
+            elif len(self._expected) < ALIASES:
+                self._expected[path] = made_up
+
     def bind(self, attrs: Any, made_up: int) -> None:
         """The file the host numbered *made_up* has these (local) attributes: keep its number.
 
@@ -168,12 +183,21 @@ class NameCache:
         to the program before its local inode was known; every answer about
         it from then on carries the number the program already saw.
         """
-        if not isinstance(attrs, dict) or not isinstance(attrs.get("st_ino"), int):
-            return
         with self._lock:
-            if len(self.aliases) > ALIASES:
-                self.aliases.clear()  # (a file's number may then change once, as on a remount)
-            self.aliases[(attrs.get("st_dev"), attrs["st_ino"])] = made_up
+            self._bind_locked(attrs, made_up)
+
+    def unbind(self, made_up: int) -> None:
+        """The creation that made up *made_up* failed: no local file answers to it."""
+        with self._lock:
+            for key in [k for k, v in self.aliases.items() if v == made_up]:
+                del self.aliases[key]
+
+    def _bind_locked(self, attrs: Any, made_up: int) -> None:
+        if not isinstance(attrs, dict) or not isinstance(attrs.get("st_ino"), int) or attrs["st_ino"] == made_up:
+            return
+        if len(self.aliases) > ALIASES:
+            self.aliases.clear()  # (a file's number may then change once, as on a remount)
+        self.aliases[(attrs.get("st_dev"), attrs["st_ino"])] = made_up
         attrs["st_ino"] = made_up
 
     def put(self, path: str, attrs: Optional[Dict[str, Any]], watched: bool = False,
@@ -184,6 +208,8 @@ class NameCache:
             attrs = MISSING
         if not attrs.get("missing"):
             self.alias(attrs)
+            if self._expected and path in self._expected and attrs.get("st_ino") != self._expected[path]:
+                self.bind(attrs, self._expected[path])
             # A file with several names changes through names in other directories,
             # whose watches do not see it: lease only.
             mode = int(attrs.get("st_mode", 0))
@@ -229,11 +255,13 @@ class NameCache:
             # is stale only if it was itself invalidated since.
             stamps, trees = self._stamps, self._trees
             kids = self._kids.setdefault(directory, set())
-            aliases = self.aliases
+            aliases, expected = self.aliases, self._expected
             for name, attrs, link in entries:
                 path = base + name
                 if aliases and attrs:
                     self.alias(attrs)
+                if expected and attrs and path in expected and attrs.get("st_ino") != expected[path]:
+                    self._bind_locked(attrs, expected[path])
                 listing.names.add(name)
                 if since is not None and (stamps.get(path, -1) >= since or trees.get(path, -1) >= since):
                     listing.unknown.add(name)

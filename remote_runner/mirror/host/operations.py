@@ -163,8 +163,11 @@ def make_operations(link: Link, prefix: bytes, files: Optional[FileCache] = None
             return 0
 
         def mkdir(self, path: str, mode: int) -> int:
+            args = {"path": m.wire(path), "mode": mode, "ctx": caller()}
+            if m.post_made("mkdir", args):  # not waited for (see MountState.post_made)
+                return 0
             m.check_changes("mkdir", {"path": m.wire(path)})
-            m.call("mkdir", {"path": m.wire(path), "mode": mode, "ctx": caller()})
+            m.call("mkdir", args)
             if m.profile is not None:
                 m.profile.made(m.wire(path))
             return 0
@@ -181,10 +184,13 @@ def make_operations(link: Link, prefix: bytes, files: Optional[FileCache] = None
             return 0
 
         def symlink(self, target: str, source: str) -> int:
-            m.check_changes("symlink", {"path": m.wire(target)})
             # mfusepy: *target* is the new link's path, *source* its contents.
-            m.call("symlink", {"path": m.wire(target), "ctx": caller(),
-                             "target": P.name_to_wire(source.encode("utf-8", "surrogateescape"))})
+            args = {"path": m.wire(target), "ctx": caller(),
+                    "target": P.name_to_wire(source.encode("utf-8", "surrogateescape"))}
+            if m.post_made("symlink", args):  # not waited for (see MountState.post_made)
+                return 0
+            m.check_changes("symlink", {"path": m.wire(target)})
+            m.call("symlink", args)
             return 0
 
         def link(self, target: str, source: str) -> int:

@@ -47,6 +47,9 @@ READ_AGAIN = 3
 #: Inode numbers the host gives the files it creates without waiting (see NameCache.bind):
 #: far above what local file systems hand out.
 MADE_UP_INODES = 1 << 60
+#: A name longer than this is created waiting for the local side's answer: file systems
+#: limit a name's length (255 bytes mostly, 143 on eCryptfs) and say ENAMETOOLONG at once.
+POSTED_NAME_MAX = 143
 #: Numbers of the handles and inodes the host makes up, for the agent's whole life.
 _made_up = itertools.count(1)
 MUTATING_OPS = frozenset(("mknod", "mkdir", "unlink", "rmdir", "symlink", "link", "rename", "chmod",
@@ -216,7 +219,8 @@ class MountState:
         if op in ("unlink", "rmdir"):
             self.cache.put(args["path"], None, watched=watched, since=since)
         elif isinstance(header.get("st"), dict):
-            self.cache.put(args["path"], header["st"], watched=watched, since=since)
+            link = args.get("target") if op == "symlink" and isinstance(args.get("target"), str) else None
+            self.cache.put(args["path"], header["st"], watched=watched, since=since, link=link)
             if op == "mkdir" and header.get("empty"):
                 self.cache.put_listing(args["path"], [], watched=True, since=since)
         if isinstance(header.get("dst"), dict):
@@ -305,13 +309,15 @@ class MountState:
         """
         folder = parent_of(name)
         ids = self.link.local_ids
-        if ids is None or flags & (os.O_SYNC | os.O_DSYNC) or not self.changes.may_post(folder):
+        if ids is None or flags & (os.O_SYNC | os.O_DSYNC) or not self.changes.may_post(folder) \
+                or not short_name(name):
             return None
         known, where = self.cache.get(name), self.cache.get(folder)
         if known is None or not known.get("missing") or where is None or where.get("missing") \
                 or not stat.S_ISDIR(int(where.get("st_mode", 0))):
             return None
-        self.check_changes("create", {"path": name}, wait=False)
+        # An earlier change there not waited for reports its error here, not at some later one.
+        self.check_changes("create", {"path": name})
         fh, made_up = P.POSTED_HANDLES[0] + next(_made_up), MADE_UP_INODES + next(_made_up)
         if fh >= P.POSTED_HANDLES[1]:
             return None
@@ -324,6 +330,7 @@ class MountState:
         guess = predicted_directory(where, "create", now)
         self.forget_changed("create", args)
         since = self.cache.begin()
+        self.cache.expect_inode(name, made_up)
         self.cache.put(name, new_file(where, mode, ctx, ids, made_up, now), watched=kept, since=since)
         token = self.guesses.begin(folder) if guess is not None else None
         if guess is not None:
@@ -336,12 +343,14 @@ class MountState:
             self.creating_in.setdefault(folder, {})[fh] = None
 
         def done(header: Optional[Dict[str, Any]]) -> None:
+            self.cache.expect_inode(name, None)
             with self.writing_lock:
                 waiting = self.creating_in.get(folder, {})
                 waiting.pop(fh, None)
                 if not waiting:
                     self.creating_in.pop(folder, None)
             if header is None:  # failed: nothing of the guess stands (the error comes at close)
+                self.cache.unbind(made_up)
                 self.forget_changed("create", args)
                 self.written_files.drop(name)
                 if token is not None:
@@ -364,6 +373,87 @@ class MountState:
         self.link.count_posted("create")
         self.track_written(name, fh)
         return fh
+
+    def post_made(self, op: str, args: Dict[str, Any]) -> bool:
+        """A ``mkdir`` or ``symlink`` sent without waiting where its outcome is known here; False: wait.
+
+        The same conditions as :meth:`post_create` (a name known missing in a
+        directory this machine already changed for the host, its attributes
+        held); the new name gets an inode made up here and the attributes the
+        local side will give it; a new directory is known empty and may be
+        changed at once. Sent as the unlinks are (:meth:`change`): numbered,
+        requests sent after it come after it on the local side, and a failure
+        is raised by the next change in the directory or in the new one.
+        """
+        name = args["path"]
+        folder = parent_of(name)
+        ids = self.link.local_ids
+        if ids is None or not self.changes.may_post(folder) or not short_name(name):
+            return False
+        known, where = self.cache.get(name), self.cache.get(folder)
+        if known is None or not known.get("missing") or where is None or where.get("missing") \
+                or not stat.S_ISDIR(int(where.get("st_mode", 0))):
+            return False
+        self.check_changes(op, args)  # (an earlier change's error is reported by this one)
+        made_up, now = MADE_UP_INODES + next(_made_up), time.time_ns()
+        attrs = new_file(where, int(args.get("mode", 0o777)), args.get("ctx") or [], ids, made_up, now)
+        target = None
+        if op == "mkdir":
+            attrs.update(st_mode=stat.S_IFDIR | (int(args["mode"]) & 0o7777) | (
+                int(where.get("st_mode", 0)) & stat.S_ISGID), st_nlink=2, st_size=4096, st_blocks=8)
+        else:
+            target = args["target"]
+            attrs.update(st_mode=stat.S_IFLNK | 0o777, st_size=len(P.name_from_wire(target)))
+        kept, folder_kept = self.cache.kept(name), self.cache.kept(folder)
+        guess = predicted_directory(where, op, now)
+        self.forget_changed(op, args)
+        since = self.cache.begin()
+        self.cache.expect_inode(name, made_up)
+        self.cache.put(name, attrs, watched=kept, since=since, link=target)
+        if op == "mkdir":
+            self.cache.put_listing(name, [], watched=kept, since=since)
+        token = self.guesses.begin(folder) if guess is not None else None
+        if guess is not None:
+            self.cache.put(folder, guess, watched=folder_kept, since=since)
+        self.remember_made(name)
+        dirs = [folder]
+        if op == "mkdir":
+            dirs.append(name)
+            self.changes.confirm(name)  # made here through this machine: its export lets the host write
+            if self.profile is not None:
+                self.profile.made(name)
+
+        def done(header: Dict[str, Any]) -> None:
+            self.cache.expect_inode(name, None)
+            self.cache.bind(header.get("st"), made_up)
+            if op == "mkdir" and not header.get("empty"):
+                self.cache.invalidate(trees=[name])  # someone was quicker here: ask what it holds
+            # (its listing was kept from the start, with what the host made in it since)
+            learned = {k: v for k, v in header.items() if k != "empty"}
+            if token is not None and self.guesses.end(folder, token):
+                # the reply to the latest change there: the directory's real attributes too
+                self.learn(op, args, learned, since)
+                if self.drops is not None:
+                    self.drops.drop([folder], wait=False)
+            else:
+                learned.pop("dst", None)
+                self.learn(op, args, learned, since)
+
+        def undo() -> None:
+            self.cache.expect_inode(name, None)
+            self.cache.unbind(made_up)
+            self.forget_changed(op, args)
+            self.changes.forget(name)
+            if token is not None:
+                self.guesses.end(folder, token)
+
+        try:
+            self.changes.post(op, args, dirs, undo=undo, done=done)
+        except OSError as exc:
+            undo()
+            raise self.fault(exc.errno or errno.EIO)
+        self.link.count_posted(op)
+        return True
 
     def forget_handle(self, fh: int) -> None:
         """*fh* is released: no request waits for its create any more."""
@@ -406,6 +496,7 @@ class MountState:
         if not (stat.S_ISDIR(mode) or (stat.S_ISREG(mode) and int(known.get("st_nlink", 1)) == 1)):
             return False
         self.check_changes("chmod", args, wait=False)
+        self.settle_names(args)  # a create of the file not answered yet comes first
         kept = self.cache.kept(name)
         self.forget_changed("chmod", args)
         guess = dict(known, st_mode=stat.S_IFMT(mode) | (int(args["mode"]) & 0o7777))
@@ -495,6 +586,11 @@ class MountState:
         """*fh* opened *name* empty: keep what it writes to answer reads (see WrittenFiles)."""
         if self.cache.kept(name):  # a change made by this machine will be reported (watched)
             self.written_files.start(name, fh, self.cache.begin())
+
+
+def short_name(path: str) -> bool:
+    """Whether the last name of wire *path* is short enough to be created without waiting."""
+    return len(P.name_from_wire(path.rsplit("/", 1)[-1])) <= POSTED_NAME_MAX
 
 
 def new_file(folder: Dict[str, Any], mode: int, ctx: List[int], local_ids: Tuple[int, int],

@@ -31,7 +31,6 @@ import errno
 import os
 import stat
 import threading
-import time
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
 #: Past this many bytes in flight on one handle, a write waits for the oldest.
@@ -278,7 +277,7 @@ class DirectoryGuesses:
 
 
 def predicted_directory(attrs: Optional[Dict[str, Any]], op: str, now_ns: int) -> Optional[Dict[str, Any]]:
-    """A directory's attributes after the host's own ``unlink`` or ``rmdir`` in it, until the reply.
+    """A directory's attributes after the host's own change of a name in it, until the reply.
 
     The kernel drops a directory's attributes after each change in it and asks
     for them again at the next permission check in it, so without a guess
@@ -287,7 +286,8 @@ def predicted_directory(attrs: Optional[Dict[str, Any]], op: str, now_ns: int) -
     (type, permissions, owner, inode) and moves mtime and ctime forward (at
     least a nanosecond past the old ones: the host's clock may lag this
     machine's); an ``rmdir`` takes a link from a parent that counts its
-    subdirectories (``st_nlink`` above 2; btrfs keeps 1). The reply's own
+    subdirectories (``st_nlink`` above 2; btrfs keeps 1), a ``mkdir`` gives
+    one. The reply's own
     attributes replace it within a round trip. None: nothing to guess from.
     """
     if not attrs or attrs.get("missing") or not stat.S_ISDIR(int(attrs.get("st_mode", 0))):
@@ -297,6 +297,8 @@ def predicted_directory(attrs: Optional[Dict[str, Any]], op: str, now_ns: int) -
     guess["st_mtime"] = guess["st_ctime"] = moved
     if op == "rmdir" and int(attrs.get("st_nlink", 0)) > 2:
         guess["st_nlink"] = int(attrs["st_nlink"]) - 1
+    elif op == "mkdir" and int(attrs.get("st_nlink", 0)) >= 2:
+        guess["st_nlink"] = int(attrs["st_nlink"]) + 1
     return guess
 
 
