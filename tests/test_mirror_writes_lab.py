@@ -495,3 +495,28 @@ def test_new_directories_and_links_are_made_without_a_round_trip_each(lab, local
     assert snapshot(local_only / "there") == snapshot(local_only / "here")
     posted = counts["host"]["posted"]
     assert posted.get("mkdir", 0) >= 50 and posted.get("symlink", 0) >= 15, counts["host"]
+
+
+# Writes files and reads each back at once, as a test reads the fixture it wrote and ``as``
+# the ``.s`` that ``cc1`` wrote; prints what it read and what fstat said of each.
+READING_BACK = textwrap.dedent("""
+    import os, sys
+    os.chdir(sys.argv[1])
+    out = []
+    for i in range(20):
+        with open("f%02d.txt" % i, "w") as f:
+            f.write("line %d\\n" % i * (i + 1))
+        with open("f%02d.txt" % i) as f:
+            size = os.fstat(f.fileno()).st_size
+            out.append((f.read().count("\\n"), size))
+    print(out[0], out[-1], all(n == i + 1 for i, (n, _) in enumerate(out)))
+""")
+
+
+def test_a_file_the_host_wrote_is_opened_again_without_a_round_trip(lab, local_only, workdir, tmp_path):
+    local, proc, counts = run_here_and_there(lab, local_only, workdir, tmp_path, "h3", READING_BACK)
+    assert local.stdout == b"(1, 7) (20, 160) True\n"
+    assert proc.stdout == local.stdout
+    host = counts["host"]
+    assert host["posted"].get("open", 0) >= 15, host
+    assert host["asked"].get("open", 0) - host["posted"].get("open", 0) <= 5, host

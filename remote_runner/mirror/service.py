@@ -452,7 +452,11 @@ class LocalFileService(SendAhead, DirectoryAnswers, OwnChanges):
             except BaseException:
                 os.close(fd)
                 raise
-        handle = self._add_handle(fd, a)
+        try:
+            handle = self._add_handle(fd, a, a.get("fh"))  # (numbered by a host that did not wait)
+        except BaseException:
+            os.close(fd)
+            raise
         if flags & os.O_TRUNC and changes:
             # emptied: its attributes, so the host can follow its size as it writes
             return Reply({"fh": handle, "st": P.stat_to_wire(os.fstat(fd))})

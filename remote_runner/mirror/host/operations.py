@@ -76,6 +76,11 @@ def make_operations(link: Link, prefix: bytes, files: Optional[FileCache] = None
                 if entry is not None:
                     m.link.answer_here("getattr")
                     return entry[1]
+            if fh is not None and fh in m.posted_reading and path is not None:
+                known = m.cache.get(args["path"])  # (its open is not answered yet: the name's)
+                if known is not None and not known.get("missing"):
+                    m.link.answer_here("getattr")
+                    return known
             if fh is not None and fh:
                 args["fh"] = fh
                 made = m.created.get(fh)
@@ -239,6 +244,10 @@ def make_operations(link: Link, prefix: bytes, files: Optional[FileCache] = None
             return 0
 
         def open(self, path: str, flags: int) -> int:
+            if flags & (os.O_ACCMODE | os.O_TRUNC | os.O_CREAT) == os.O_RDONLY and m.written_files:
+                fh = m.post_reading(m.wire(path), flags)
+                if fh is not None:  # not waited for (see MountState.post_reading)
+                    return fh
             if m.files is not None and flags & (os.O_ACCMODE | os.O_TRUNC | os.O_CREAT) == os.O_RDONLY:
                 return m.open_whole(m.wire(path), flags)
             name = m.wire(path)
@@ -356,10 +365,14 @@ def make_operations(link: Link, prefix: bytes, files: Optional[FileCache] = None
                 return 0
             if fh in m.reading:
                 # Closing a read-only handle changes nothing the program could see:
-                # the local side closes it while the program goes on.
+                # the local side closes it while the program goes on (after its open).
                 m.reading.pop(fh, None)
                 m.link.answer_here("release")
-                m.link.post("release", {"fh": fh})
+                if m.posted_reading.pop(fh, None) is not None:
+                    m.link.post("release", {"fh": fh, "seq": m.writes.next_seq(fh)})
+                    m.writes.forget(fh)
+                else:
+                    m.link.post("release", {"fh": fh})
                 return 0
             # A handle written through: nothing left to report (close did), so not
             # waited for either; numbered, so it comes after the handle's writes.

@@ -90,6 +90,7 @@ class MountState:
         self.writing: Dict[str, Dict[int, None]] = {}  # name -> handles that wrote to it (pipelined)
         self.written: Dict[int, str] = {}
         self.creating_in: Dict[str, Dict[int, None]] = {}  # directory -> handles of creates not yet answered
+        self.posted_reading: Dict[int, str] = {}  # read-only handles opened without waiting -> their name
         self.writing_lock = threading.Lock()
 
     def wire(self, path: str) -> str:
@@ -454,6 +455,39 @@ class MountState:
             raise self.fault(exc.errno or errno.EIO)
         self.link.count_posted(op)
         return True
+
+    def post_reading(self, name: str, flags: int) -> Optional[int]:
+        """A read-only open of a file the host wrote and closed, not waited for; its handle, or None.
+
+        Its bytes are all known here (:class:`~.writes.WrittenFiles`: a test
+        reading back the fixture it wrote, ``as`` the ``.s`` that ``cc1``
+        wrote), so its reads need no local handle. One is opened all the
+        same, numbered here, for a read the bytes kept here no longer answer
+        (the file changed on this machine): that read first waits for the open.
+        """
+        with self.writing_lock:
+            if name in self.writing:  # still open for writing somewhere
+                return None
+        if not self.written_files.holds(name, self.cache.changed_since) or not short_name(name):
+            return None
+        known = self.cache.get(name)
+        if known is None or known.get("missing") or not stat.S_ISREG(int(known.get("st_mode", 0))):
+            return None
+        fh = P.POSTED_HANDLES[0] + next(_made_up)
+        if fh >= P.POSTED_HANDLES[1]:
+            return None
+        args: Dict[str, Any] = {"path": name, "flags": flags, "fh": fh}
+        after = self.changes.after()
+        if after is not None:
+            args["after"] = after
+        try:
+            self.writes.opened(fh, lambda seq: self.link.submit("open", dict(args, seq=seq)), lambda _: None)
+        except OSError:
+            return None
+        self.reading[fh] = None
+        self.posted_reading[fh] = name
+        self.link.count_posted("open")
+        return fh
 
     def forget_handle(self, fh: int) -> None:
         """*fh* is released: no request waits for its create any more."""

@@ -366,6 +366,12 @@ class WrittenFiles:
         if entry is not None:
             self._held -= len(entry[1])
 
+    def holds(self, name: str, changed_since: Callable[[str, int], bool]) -> bool:
+        """Whether every byte of *name* is known here (see :meth:`read`)."""
+        with self._lock:
+            entry = self._files.get(name)
+            return entry is not None and not changed_since(name, entry[2])
+
     def read(self, name: str, offset: int, size: int, changed_since: Callable[[str, int], bool]
              ) -> Optional[bytes]:
         """The bytes at *offset* if *name* is known here (None: ask); a short answer at its end."""
