@@ -1,0 +1,350 @@
+"""New names and reopened files the host does not wait for: made-up handles and inodes.
+
+Why apart: :mod:`.state` is the one request path every operation takes; this
+is what the host does *instead* of asking, where it already knows the answer.
+A test suite or a build makes names by the thousand (temporary files and
+directories, ``.o`` files, pytest's numbered directories and ``current``
+links) in directories it has just changed, and reads back what it wrote. Each
+waited for the local side: a round trip per name, 20 ms at 10 ms each way.
+
+* ``create``, ``mkdir``, ``symlink`` of a name known missing, in a directory
+  this machine already changed for the host, are sent without waiting. The
+  host numbers the handle (a range the local side accepts once,
+  ``protocol.POSTED_HANDLES``) and makes up the inode (from
+  :data:`MADE_UP_INODES`); the name's attributes are those the local side
+  will give it. The made-up inode stays the file's for the session: every
+  later answer about its local inode is rewritten to it (``NameCache.bind``),
+  so ``fstat``, ``stat``, a hard link and a later ``stat`` agree.
+* A create's outcome is taken like a write's (its error comes at close, as
+  on NFS); a mkdir's or symlink's like a posted unlink's (at the next change
+  in its directory or the new one). A change is posted only once the earlier
+  ones in its directory are answered, so their errors keep their place.
+* A read-only open of a file the host wrote and closed, whose bytes it
+  holds, is answered at once (:meth:`NewNames.post_reading`).
+* A ``chmod`` of a name the mount made in the session (:meth:`NewNames.post_chmod`).
+
+Shipped to hosts inside the agent's zipapp (``rrmirror.host``): stdlib only, Python 3.8.
+"""
+
+from __future__ import annotations
+
+import errno
+import itertools
+import os
+import stat
+import time
+from typing import Any, Dict, List, Optional, Tuple
+
+from .. import protocol as P
+from .names import parent as parent_of
+from .writes import predicted_directory
+
+#: Inode numbers the host gives the files it creates without waiting (see NameCache.bind):
+#: far above what local file systems hand out.
+MADE_UP_INODES = 1 << 60
+#: A name longer than this is created waiting for the local side's answer: file systems
+#: limit a name's length (255 bytes mostly, 143 on eCryptfs) and say ENAMETOOLONG at once.
+POSTED_NAME_MAX = 143
+#: Numbers of the handles and inodes the host makes up, for the agent's whole life.
+_made_up = itertools.count(1)
+
+
+class NewNames:
+    """(Mixed into :class:`~.state.MountState`) the operations the host does not wait for.
+
+    Uses the mount's caches, pending tables and request path (``link``,
+    ``cache``, ``changes``, ``writes``, ``written_files``, ``writing``...).
+    """
+
+    link: Any
+    cache: Any
+    changes: Any
+    writes: Any
+    written_files: Any
+    guesses: Any
+    profile: Any
+    drops: Any
+    fault: Any
+    made: Any
+    created: Dict[int, Any]
+    reading: Dict[int, None]
+    posted_reading: Dict[int, str]
+    writing: Dict[str, Dict[int, None]]
+    written: Dict[int, str]
+    creating_in: Dict[str, Dict[int, None]]
+    writing_lock: Any
+
+    def room_for(self, name: str) -> Optional[Dict[str, Any]]:
+        """The attributes of *name*'s directory if *name* may be made there without waiting, else None.
+
+        That is: the local side's user is known, the name is short enough,
+        known missing (the directory's listing, kept coherent, says so), and
+        in a directory where this machine already made a change for the host
+        (the exports let it write there) whose attributes are held.
+        """
+        folder = parent_of(name)
+        if self.link.local_ids is None or not self.changes.may_post(folder) or not short_name(name):
+            return None
+        known, where = self.cache.get(name), self.cache.get(folder)
+        if known is None or not known.get("missing") or where is None or where.get("missing") \
+                or not stat.S_ISDIR(int(where.get("st_mode", 0))):
+            return None
+        return where
+
+    def post_create(self, name: str, mode: int, flags: int, ctx: List[int]) -> Optional[int]:
+        """Create a file without waiting where the outcome is known here; its handle, or None (wait).
+
+        Where :meth:`room_for` says so. The handle and the inode are numbered
+        here; the new file's attributes follow from the request (type and
+        mode, the local user or the caller as owner, the group of a set-group-ID
+        directory, empty, now). The create is the handle's first request, so
+        its writes follow it on the local side, and its outcome is taken like
+        a write's: a failure (the name taken here meanwhile, a full disk)
+        is reported at close, as on NFS. Requests naming the file, its
+        directory or a name beside it wait for the answer first. Not for
+        ``O_SYNC``/``O_DSYNC``, which ask to wait.
+        """
+        folder = parent_of(name)
+        where = None if flags & (os.O_SYNC | os.O_DSYNC) else self.room_for(name)
+        if where is None:
+            return None
+        ids = self.link.local_ids
+        # An earlier change there not waited for reports its error here, not at some later one.
+        self.check_changes("create", {"path": name})
+        fh, made_up = P.POSTED_HANDLES[0] + next(_made_up), MADE_UP_INODES + next(_made_up)
+        if fh >= P.POSTED_HANDLES[1]:
+            return None
+        now = time.time_ns()
+        args: Dict[str, Any] = {"path": name, "mode": mode, "flags": flags, "ctx": ctx, "fh": fh}
+        after = self.changes.after()
+        if after is not None:
+            args["after"] = after
+        kept, folder_kept = self.cache.kept(name), self.cache.kept(folder)
+        guess = predicted_directory(where, "create", now)
+        self.forget_changed("create", args)
+        since = self.cache.begin()
+        self.cache.expect_inode(name, made_up)
+        self.cache.put(name, new_file(where, mode, ctx, ids, made_up, now), watched=kept, since=since)
+        token = self.guesses.begin(folder) if guess is not None else None
+        if guess is not None:
+            self.cache.put(folder, guess, watched=folder_kept, since=since)
+        self.remember_made(name)
+        self.created[fh] = made_up
+        with self.writing_lock:
+            self.writing.setdefault(name, {})[fh] = None
+            self.written[fh] = name
+            self.creating_in.setdefault(folder, {})[fh] = None
+
+        def done(header: Optional[Dict[str, Any]]) -> None:
+            self.cache.expect_inode(name, None)
+            with self.writing_lock:
+                waiting = self.creating_in.get(folder, {})
+                waiting.pop(fh, None)
+                if not waiting:
+                    self.creating_in.pop(folder, None)
+            if header is None:  # failed: nothing of the guess stands (the error comes at close)
+                self.cache.unbind(made_up)
+                self.forget_changed("create", args)
+                self.written_files.drop(name)
+                if token is not None:
+                    self.guesses.end(folder, token)
+                return
+            st = header.get("st")
+            self.cache.bind(st, made_up)
+            if not isinstance(st, dict) or st.get("st_size") != 0:
+                self.written_files.drop(name)  # not the empty file it was taken for (made here meanwhile)
+            if token is not None:
+                self.learned(folder, token, since, "create", args, header)
+            elif "w" in header:
+                self.learn("create", args, header, since)
+
+        try:
+            self.writes.opened(fh, lambda seq: self.link.submit("create", dict(args, seq=seq)), done)
+        except OSError as exc:
+            done(None)
+            raise self.fault(exc.errno or errno.EIO)
+        self.link.count_posted("create")
+        self.track_written(name, fh)
+        return fh
+
+    def post_made(self, op: str, args: Dict[str, Any]) -> bool:
+        """A ``mkdir`` or ``symlink`` sent without waiting where its outcome is known here; False: wait.
+
+        Where :meth:`room_for` says so; the new name gets an inode made up here and the attributes the
+        local side will give it; a new directory is known empty and may be
+        changed at once. Sent as the unlinks are (:meth:`change`): numbered,
+        requests sent after it come after it on the local side, and a failure
+        is raised by the next change in the directory or in the new one.
+        """
+        name = args["path"]
+        folder = parent_of(name)
+        where = self.room_for(name)
+        if where is None:
+            return False
+        ids = self.link.local_ids
+        self.check_changes(op, args)  # (an earlier change's error is reported by this one)
+        made_up, now = MADE_UP_INODES + next(_made_up), time.time_ns()
+        attrs = new_file(where, int(args.get("mode", 0o777)), args.get("ctx") or [], ids, made_up, now)
+        target = None
+        if op == "mkdir":
+            attrs.update(st_mode=stat.S_IFDIR | (int(args["mode"]) & 0o7777) | (
+                int(where.get("st_mode", 0)) & stat.S_ISGID), st_nlink=2, st_size=4096, st_blocks=8)
+        else:
+            target = args["target"]
+            attrs.update(st_mode=stat.S_IFLNK | 0o777, st_size=len(P.name_from_wire(target)))
+        kept, folder_kept = self.cache.kept(name), self.cache.kept(folder)
+        guess = predicted_directory(where, op, now)
+        self.forget_changed(op, args)
+        since = self.cache.begin()
+        self.cache.expect_inode(name, made_up)
+        self.cache.put(name, attrs, watched=kept, since=since, link=target)
+        if op == "mkdir":
+            self.cache.put_listing(name, [], watched=kept, since=since)
+        token = self.guesses.begin(folder) if guess is not None else None
+        if guess is not None:
+            self.cache.put(folder, guess, watched=folder_kept, since=since)
+        self.remember_made(name)
+        dirs = [folder]
+        if op == "mkdir":
+            dirs.append(name)
+            self.changes.confirm(name)  # made here through this machine: its export lets the host write
+            if self.profile is not None:
+                self.profile.made(name)
+
+        def done(header: Dict[str, Any]) -> None:
+            self.cache.expect_inode(name, None)
+            self.cache.bind(header.get("st"), made_up)
+            if op == "mkdir" and not header.get("empty"):
+                self.cache.invalidate(trees=[name])  # someone was quicker here: ask what it holds
+            # (its listing was kept from the start, with what the host made in it since)
+            learned = {k: v for k, v in header.items() if k != "empty"}
+            if token is not None and self.guesses.end(folder, token):
+                # the reply to the latest change there: the directory's real attributes too
+                self.learn(op, args, learned, since)
+                if self.drops is not None:
+                    self.drops.drop([folder], wait=False)
+            else:
+                learned.pop("dst", None)
+                self.learn(op, args, learned, since)
+
+        def undo() -> None:
+            self.cache.expect_inode(name, None)
+            self.cache.unbind(made_up)
+            self.forget_changed(op, args)
+            self.changes.forget(name)
+            if token is not None:
+                self.guesses.end(folder, token)
+
+        try:
+            self.changes.post(op, args, dirs, undo=undo, done=done)
+        except OSError as exc:
+            undo()
+            raise self.fault(exc.errno or errno.EIO)
+        self.link.count_posted(op)
+        return True
+
+    def post_reading(self, name: str, flags: int) -> Optional[int]:
+        """A read-only open of a file the host wrote and closed, not waited for; its handle, or None.
+
+        Its bytes are all known here (:class:`~.writes.WrittenFiles`: a test
+        reading back the fixture it wrote, ``as`` the ``.s`` that ``cc1``
+        wrote), so its reads need no local handle. One is opened all the
+        same, numbered here, for a read the bytes kept here no longer answer
+        (the file changed on this machine): that read first waits for the open.
+        """
+        with self.writing_lock:
+            if name in self.writing:  # still open for writing somewhere
+                return None
+        if not self.written_files.holds(name, self.cache.changed_since) or not short_name(name):
+            return None
+        known = self.cache.get(name)
+        if known is None or known.get("missing") or not stat.S_ISREG(int(known.get("st_mode", 0))):
+            return None
+        fh = P.POSTED_HANDLES[0] + next(_made_up)
+        if fh >= P.POSTED_HANDLES[1]:
+            return None
+        args: Dict[str, Any] = {"path": name, "flags": flags, "fh": fh}
+        after = self.changes.after()
+        if after is not None:
+            args["after"] = after
+        try:
+            self.writes.opened(fh, lambda seq: self.link.submit("open", dict(args, seq=seq)), lambda _: None)
+        except OSError:
+            return None
+        self.reading[fh] = None
+        self.posted_reading[fh] = name
+        self.link.count_posted("open")
+        return fh
+
+    def forget_handle(self, fh: int) -> None:
+        """*fh* is released: no request waits for its create any more."""
+        with self.writing_lock:
+            for where in [d for d, handles in self.creating_in.items() if fh in handles]:
+                self.creating_in[where].pop(fh, None)
+                if not self.creating_in[where]:
+                    del self.creating_in[where]
+
+    def post_chmod(self, args: Dict[str, Any]) -> bool:
+        """Send a chmod without waiting when it cannot fail here; False: the caller waits for it.
+
+        That is a regular file (with one name) or a directory this mount
+        created in the session: the export is writable (the create went
+        through) and the file is this machine's user's. Until the reply, the
+        name's attributes are guessed (new mode, ctime moved on): the kernel
+        asks for them right after every chmod. A test suite's temporary files
+        (CPython's test_tempfile: 430 chmods) then cost no round trip each; a
+        failure (the file replaced here meanwhile) surfaces at the next
+        change in its directory, as a posted unlink's does.
+        """
+        name, folder = args["path"], parent_of(args["path"])
+        known = self.cache.get(name)
+        if name not in self.made or known is None or known.get("missing") \
+                or not self.changes.may_post(folder):
+            return False
+        mode = int(known.get("st_mode", 0))
+        if not (stat.S_ISDIR(mode) or (stat.S_ISREG(mode) and int(known.get("st_nlink", 1)) == 1)):
+            return False
+        self.check_changes("chmod", args, wait=False)
+        self.settle_names(args)  # a create of the file not answered yet comes first
+        kept = self.cache.kept(name)
+        self.forget_changed("chmod", args)
+        guess = dict(known, st_mode=stat.S_IFMT(mode) | (int(args["mode"]) & 0o7777))
+        guess["st_ctime"] = max(time.time_ns(), int(known.get("st_ctime", 0)) + 1)
+        token, since = self.guesses.begin(name), self.cache.begin()
+        self.cache.put(name, guess, watched=kept, since=since)
+
+        def done(header: Dict[str, Any]) -> None:
+            if self.guesses.end(name, token):  # the reply of the latest chmod: real attributes
+                self.learn("chmod", args, header, since)
+        try:
+            self.changes.post("chmod", args, [folder], undo=lambda: self.forget_changed("chmod", args), done=done)
+            self.link.count_posted("chmod")
+        except OSError as exc:
+            self.forget_changed("chmod", args)
+            raise self.fault(exc.errno or errno.EIO)
+        return True
+
+
+def short_name(path: str) -> bool:
+    """Whether the last name of wire *path* is short enough to be created without waiting."""
+    return len(P.name_from_wire(path.rsplit("/", 1)[-1])) <= POSTED_NAME_MAX
+
+
+def new_file(folder: Dict[str, Any], mode: int, ctx: List[int], local_ids: Tuple[int, int],
+             inode: int, now_ns: int) -> Dict[str, Any]:
+    """The attributes a regular file created now in *folder* gets on the local side.
+
+    The local side creates it as its own user (*local_ids*), and when that
+    is root gives it to the calling user (*ctx*) unless that is root too; a
+    set-group-ID directory gives its group. The mode is the request's (the
+    host's umask is already applied).
+    """
+    uid, gid = local_ids
+    if uid == 0 and len(ctx) == 2 and list(ctx) != [0, 0] and min(ctx) >= 0:
+        uid, gid = int(ctx[0]), int(ctx[1])
+    if int(folder.get("st_mode", 0)) & stat.S_ISGID:
+        gid = int(folder.get("st_gid", gid))
+    return {"st_mode": stat.S_IFREG | (mode & 0o7777), "st_ino": inode, "st_dev": folder.get("st_dev", 0),
+            "st_nlink": 1, "st_uid": uid, "st_gid": gid, "st_size": 0, "st_atime": now_ns,
+            "st_mtime": now_ns, "st_ctime": now_ns, "st_blocks": 0,
+            "st_blksize": folder.get("st_blksize", 4096), "st_rdev": 0}
