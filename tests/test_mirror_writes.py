@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import errno
+import os
 import threading
 import time
 
@@ -218,3 +219,25 @@ def test_names_made_in_the_session_are_forgotten_with_their_directory():
     assert "/t/e" not in state.made
     state.unmade("/t/d", tree=True)
     assert state.made == {"/t/dx"}  # a sibling whose name only starts the same stays
+
+
+def test_an_answer_nobody_will_take_is_forgotten_when_it_comes_or_at_once():
+    """A handle opened without waiting and released unused leaves no request behind in the link."""
+    from remote_runner.mirror import protocol as P
+    from remote_runner.mirror.host.link import Link
+    up_r, up_w = os.pipe()
+    down_r, down_w = os.pipe()
+    link = Link(down_r, up_w)
+    try:
+        writes = PendingWrites(link.submit, link.wait, link.abandon)
+        writes.opened(7, lambda seq: link.submit("open", {"fh": 7, "seq": seq}), lambda _: None)
+        answered = link.submit("open", {"fh": 8})
+        link.deliver({"t": P.REP, "id": answered[3]}, b"")
+        writes.forget(7)                       # released before its open was answered
+        link.abandon(answered)                 # and one answered already
+        assert list(link._pending) == [answered[3] - 1]
+        link.deliver({"t": P.REP, "id": answered[3] - 1}, b"")
+        assert link._pending == {}
+    finally:
+        for fd in (up_r, up_w, down_r, down_w):
+            os.close(fd)

@@ -13,7 +13,7 @@ import os
 import queue
 import threading
 import time
-from typing import Any, Callable, Dict, List, Optional, Tuple
+from typing import Any, Callable, Dict, List, Optional, Set, Tuple
 
 from .. import protocol as P
 
@@ -40,6 +40,7 @@ class Link:
         self.lost_reason = ""
         self.last_rx = time.monotonic()
         self._pending: Dict[int, List[Any]] = {}
+        self._abandoned: Set[int] = set()  # ids of pending requests whose answers nobody takes
         self._lock = threading.Lock()
         self._next = 1
         self.handlers: Dict[str, Callable[[Dict[str, Any], bytes], None]] = {}
@@ -228,8 +229,20 @@ class Link:
             slot = self._pending.get(header.get("id"))
             if slot is None or slot[1] is not None:
                 return
+            if slot[3] in self._abandoned:
+                self._abandoned.discard(slot[3])
+                del self._pending[slot[3]]
+                return
             slot[1], slot[2] = header, payload
         slot[0].set()
+
+    def abandon(self, slot: List[Any]) -> None:
+        """Nobody will :meth:`wait` for *slot*'s answer: forget it now, or when it comes."""
+        with self._lock:
+            if slot[1] is not None:
+                self._pending.pop(slot[3], None)
+            elif slot[3] in self._pending:
+                self._abandoned.add(slot[3])
 
     def resend_pending(self, op: str) -> None:
         """Ask again for every unanswered *op* request (a lost lane may have held the answers).

@@ -67,7 +67,7 @@ class MountState(NewNames):
         self.profile = profile
         self.drops = drops
         self.fault = fault
-        self.writes = PendingWrites(link.submit, link.wait)
+        self.writes = PendingWrites(link.submit, link.wait, link.abandon)
         self.changes = PendingChanges(link.submit, link.wait)
         self.sync_handles: Dict[int, None] = {}  # opened O_SYNC/O_DSYNC: every write waits
         self.created: Dict[int, Any] = {}  # handles of files this host created -> the file's inode

@@ -47,9 +47,11 @@ class PendingWrites:
     """
 
     def __init__(self, submit: Callable[[str, Dict[str, Any], bytes], Any],
-                 wait: Callable[[Any], Any]) -> None:
+                 wait: Callable[[Any], Any], abandon: Optional[Callable[[Any], None]] = None) -> None:
         self._submit = submit
         self._wait = wait
+        #: Tells the link that nobody will wait for a slot (a handle released with some untaken).
+        self._abandon = abandon
         self._lock = threading.Lock()
         self._slots: Dict[int, List[Tuple[Any, int, Any]]] = {}
         self._seq: Dict[int, int] = {}
@@ -126,9 +128,12 @@ class PendingWrites:
             raise OSError(err, os.strerror(err))
 
     def forget(self, fh: int) -> None:
-        """The handle is released: drop its bookkeeping."""
+        """The handle is released: drop its bookkeeping (and the answers nobody took)."""
         with self._lock:
-            self._slots.pop(fh, None)
+            untaken = self._slots.pop(fh, None) or []
+            if self._abandon is not None:
+                for slot, _, _ in untaken:
+                    self._abandon(slot)
             self._seq.pop(fh, None)
             self._errors.pop(fh, None)
             self._bytes.pop(fh, None)
