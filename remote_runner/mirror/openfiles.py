@@ -1,0 +1,155 @@
+"""The local side's requests on open files: open, create, read, write, flush, release, fsync.
+
+Why apart: these are the requests that hold a descriptor between calls. What
+they share is the handle table's rules: a handle opened in a read-only export
+cannot change anything (:meth:`OpenFiles._writable_handle`), the name each
+handle was opened by is kept (its writes are the host's own changes to it),
+a host that did not wait for an open or a create numbers the handle itself
+(within ``protocol.POSTED_HANDLES``), and a whole-file open answers with the
+file's first chunk and what to fetch beside it (:mod:`.sendahead`). Mixed
+into :class:`~.service.LocalFileService`, whose helpers (``_path``,
+``_held``, ``_owner``) and tables these use.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+from typing import Any, Dict, Optional
+
+from remote_runner.mirror import elf
+from remote_runner.mirror import protocol as P
+from remote_runner.mirror.linuxcalls import fallocate
+from remote_runner.mirror.replies import OpError, Reply
+
+
+class OpenFiles:
+    """(Mixed into LocalFileService) requests on open files and the handles they hold."""
+
+    def _writable_handle(self, a: Dict[str, Any]) -> int:
+        """The descriptor of ``fh`` in *a*, unless it was opened in a read-only export."""
+        if a.get("fh") in self._ro_handles:
+            raise OpError(errno.EROFS)
+        return self.handles.get(a["fh"])
+
+    def _add_handle(self, fd: int, a: Dict[str, Any], number: Optional[int] = None) -> int:
+        handle = self.handles.add(fd, number)
+        try:
+            name = P.name_from_wire(a["path"])
+            export = self.exports.find(name)
+            self._handle_paths[handle] = os.path.normpath(name)
+        except (P.ProtocolError, KeyError):
+            export = None
+        if export is None or not export.writable:
+            self._ro_handles.add(handle)
+        return handle
+
+    def _flags(self, flags: int) -> int:
+        if self.writeback:
+            # The kernel write-back cache reads partial pages through this handle
+            # and computes append offsets itself.
+            if flags & os.O_ACCMODE == os.O_WRONLY:
+                flags = (flags & ~os.O_ACCMODE) | os.O_RDWR
+            flags &= ~os.O_APPEND
+        return flags | os.O_CLOEXEC | os.O_NOCTTY
+
+    def op_open(self, a: Dict[str, Any], _: bytes) -> Reply:
+        flags = int(a["flags"]) & ~(os.O_CREAT | os.O_EXCL)
+        changes = flags & (os.O_ACCMODE | os.O_TRUNC) != os.O_RDONLY
+        path = self._path(a, write=changes)
+        held = self._held(a)
+        watched = a.get("whole") and not changes and self._watch_parent(a["path"])
+        fd = os.open(held or path, self._flags(flags) | (0 if held else os.O_NOFOLLOW))
+        if a.get("whole") and not changes:
+            try:
+                reply = self._whole(fd, a.get("have"), P.name_from_wire(a["path"]))
+                if "whole" in reply.fields:
+                    reply.fields["w"] = 1 if watched else 0
+                    if a.get("ahead"):
+                        # Listed by an earlier reply, with what follows it; that reply noted
+                        # it for the profile if the program is known to need it (a library,
+                        # a profile's file); a sibling only if the host says it was opened.
+                        return reply
+                    self._note(self.sent_whole, a["path"])
+                    if reply.payload.startswith(elf.MAGIC):
+                        self._add_libraries(reply, a["path"])
+                    else:
+                        self._add_siblings(reply, a["path"], reply.fields["whole"][0])
+                return reply
+            except BaseException:
+                os.close(fd)
+                raise
+        try:
+            handle = self._add_handle(fd, a, a.get("fh"))  # (numbered by a host that did not wait)
+        except BaseException:
+            os.close(fd)
+            raise
+        if flags & os.O_TRUNC and changes:
+            # emptied: its attributes, so the host can follow its size as it writes
+            return Reply({"fh": handle, "st": P.stat_to_wire(os.fstat(fd))})
+        return Reply({"fh": handle})
+
+    def op_create(self, a: Dict[str, Any], _: bytes) -> Reply:
+        path = self._path(a, write=True)
+        mode = int(a["mode"]) & 0o7777
+        flags = self._flags(int(a["flags"])) | os.O_NOFOLLOW
+        try:
+            fd = os.open(path, flags | os.O_CREAT | os.O_EXCL, mode)
+            created = True
+        except FileExistsError:
+            if flags & os.O_EXCL:
+                raise
+            fd = os.open(path, flags & ~os.O_CREAT)
+            created = False
+        try:
+            if created:
+                self._owner(a, path, fd)
+                os.fchmod(fd, mode)  # the remote umask applies, not ours
+            # "fh": the number a host that did not wait for this reply already uses
+            handle = self._add_handle(fd, a, a.get("fh"))
+        except BaseException:
+            os.close(fd)
+            raise
+        return Reply({"fh": handle, "st": P.stat_to_wire(os.fstat(fd))})
+
+    def op_read(self, a: Dict[str, Any], _: bytes) -> Reply:
+        size = min(int(a["size"]), P.MAX_PAYLOAD // 2)
+        return Reply(payload=os.pread(self.handles.get(a["fh"]), size, int(a["off"])), compressible=True)
+
+    def op_write(self, a: Dict[str, Any], data: bytes) -> Reply:
+        fd = self.handles.get(a["fh"])
+        off = int(a["off"])
+        view = memoryview(data)
+        done = 0
+        while done < len(data):
+            done += os.pwrite(fd, view[done:], off + done)
+        return Reply({"n": done})
+
+    def op_flush(self, a: Dict[str, Any], _: bytes) -> Reply:
+        fd = self.handles.get(a["fh"])
+        os.close(os.dup(fd))
+        raw = self._handle_paths.get(a["fh"])
+        if not a.get("st") or raw is None:
+            return Reply()
+        # The file's attributes after its writes (the host guessed them meanwhile), and
+        # whether its directory is watched (then the host may keep them until told).
+        watched = self._watch(os.path.dirname(raw) or b"/")
+        return Reply({"st": P.stat_to_wire(os.fstat(fd)), "w": 1 if watched else 0})
+
+    def op_release(self, a: Dict[str, Any], _: bytes) -> Reply:
+        self._handle_paths.pop(a["fh"], None)
+        os.close(self.handles.pop(a["fh"]))
+        self._ro_handles.discard(a["fh"])
+        return Reply()
+
+    def op_fsync(self, a: Dict[str, Any], _: bytes) -> Reply:
+        fd = self.handles.get(a["fh"])
+        if a.get("data"):
+            os.fdatasync(fd)
+        else:
+            os.fsync(fd)
+        return Reply()
+
+    def op_fallocate(self, a: Dict[str, Any], _: bytes) -> Reply:
+        fallocate(self.handles.get(a["fh"]), int(a.get("mode") or 0), int(a["off"]), int(a["len"]))
+        return Reply()
