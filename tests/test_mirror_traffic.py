@@ -152,12 +152,13 @@ def test_compression_is_negotiated_and_used_on_a_host_without_lz4(lab, foreign_h
     assert proc.stdout.split()[0].decode() == __import__("hashlib").md5(text.read_bytes()).hexdigest()
     assert stats["codec"] == "zlib" and stats["host"]["codec"] == "zlib"
     assert stats["packed_frames"] > 0
-    # the file crossed the link packed (besides it: the directories looked up, answered whole)
-    assert stats["bytes_sent"] < size / 2
     # The same run without compression: the file crosses as it is.
     _, plain = exec_stats(lab, foreign_host, ["md5sum", str(text)], tmp_path, "--no-cache", "--no-compress")
     assert plain["codec"] is None and plain["packed_frames"] == 0
     assert plain["bytes_sent"] > size
+    # Packed, the file took less than half its size (besides it, the program and its libraries
+    # cross packed or not, as the measured link rate says: in both runs, so compare the runs).
+    assert plain["bytes_sent"] - stats["bytes_sent"] > size / 2
 
 
 @pytest.mark.lab

@@ -51,8 +51,8 @@ from typing import Any, BinaryIO, Dict, List, Optional, Tuple
 #: Bumped on any incompatible change; both ends refuse a different major.
 PROTOCOL_VERSION = "1.1"
 
-#: Handles the host numbers itself, for a ``create`` it does not wait for (below them: the
-#: local side's own numbers; from the end up: the host's copies of files).
+#: Handles the host numbers itself, for a ``create`` or ``open`` it does not wait for (below
+#: them: the local side's own numbers; from the end up: the host's copies of files).
 POSTED_HANDLES = (1 << 40, 1 << 48)
 
 PREFIX = struct.Struct("!II")

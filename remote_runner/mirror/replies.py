@@ -1,8 +1,8 @@
 """What the local file service hands back: numbered handles, a reply, a request's errno.
 
 Why apart: the host only ever sees handle numbers (never raw descriptors;
-an unknown one is EBADF), issued here or, for a ``create`` it did not wait
-for, chosen by the host within its own range; and every failure travels as its
+an unknown one is EBADF), issued here or, for a ``create`` or ``open`` it did
+not wait for, chosen by the host within its own range; and every failure travels as its
 errno; the service and its helpers share these few types.
 """
 
