@@ -55,6 +55,11 @@ PROTOCOL_VERSION = "1.1"
 #: them: the local side's own numbers; from the end up: the host's copies of files).
 POSTED_HANDLES = (1 << 40, 1 << 48)
 
+
+def posted_handle(fh: Any) -> bool:
+    """Whether *fh* is a handle number the host chose (see :data:`POSTED_HANDLES`)."""
+    return isinstance(fh, int) and not isinstance(fh, bool) and POSTED_HANDLES[0] <= fh < POSTED_HANDLES[1]
+
 PREFIX = struct.Struct("!II")
 MAX_HEADER = 1 << 20
 MAX_PAYLOAD = 64 << 20

@@ -51,8 +51,7 @@ class HandleTable:
             if number is None:
                 handle = self._next
                 self._next += 1
-            elif (isinstance(number, int) and not isinstance(number, bool)
-                  and P.POSTED_HANDLES[0] <= number < P.POSTED_HANDLES[1] and number not in self._fds):
+            elif P.posted_handle(number) and number not in self._fds:
                 handle = number
             else:
                 raise OpError(errno.EBADF)

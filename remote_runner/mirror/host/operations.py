@@ -76,7 +76,7 @@ def make_operations(link: Link, prefix: bytes, files: Optional[FileCache] = None
                 if entry is not None:
                     m.link.answer_here("getattr")
                     return entry[1]
-            if fh is not None and fh in m.posted_reading and path is not None:
+            if fh in m.reading and P.posted_handle(fh) and path is not None:
                 known = m.cache.get(args["path"])  # (its open is not answered yet: the name's)
                 if known is not None and not known.get("missing"):
                     m.link.answer_here("getattr")
@@ -368,7 +368,7 @@ def make_operations(link: Link, prefix: bytes, files: Optional[FileCache] = None
                 # the local side closes it while the program goes on (after its open).
                 m.reading.pop(fh, None)
                 m.link.answer_here("release")
-                if m.posted_reading.pop(fh, None) is not None:
+                if P.posted_handle(fh):  # opened without waiting (MountState.post_reading)
                     m.link.post("release", {"fh": fh, "seq": m.writes.next_seq(fh)})
                     m.writes.forget(fh)
                 else:

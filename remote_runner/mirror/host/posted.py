@@ -68,7 +68,6 @@ class NewNames:
     made: Any
     created: Dict[int, Any]
     reading: Dict[int, None]
-    posted_reading: Dict[int, str]
     writing: Dict[str, Dict[int, None]]
     written: Dict[int, str]
     creating_in: Dict[str, Dict[int, None]]
@@ -91,6 +90,38 @@ class NewNames:
             return None
         return where
 
+    def show_new(self, op: str, args: Dict[str, Any], where: Dict[str, Any], attrs: Dict[str, Any],
+                 now: int, link: Optional[str] = None) -> Tuple[int, Optional[int]]:
+        """Show the name *op* makes (its *attrs*) at once, and its directory (*where*) changed.
+
+        The name stands for its made-up inode until the reply (``expect_inode``);
+        a new directory is known empty. Returns (a name-cache token from
+        before the change, the token of the directory's guessed attributes or None).
+        """
+        name = args["path"]
+        folder = parent_of(name)
+        kept, folder_kept = self.cache.kept(name), self.cache.kept(folder)
+        guess = predicted_directory(where, op, now)
+        self.forget_changed(op, args)
+        since = self.cache.begin()
+        self.cache.expect_inode(name, attrs["st_ino"])
+        self.cache.put(name, attrs, watched=kept, since=since, link=link)
+        if op == "mkdir":
+            self.cache.put_listing(name, [], watched=kept, since=since)
+        token = self.guesses.begin(folder) if guess is not None else None
+        if guess is not None:
+            self.cache.put(folder, guess, watched=folder_kept, since=since)
+        self.remember_made(name)
+        return since, token
+
+    def unshow_new(self, op: str, args: Dict[str, Any], made_up: int, token: Optional[int]) -> None:
+        """The change :meth:`show_new` showed failed: nothing of what it showed stands."""
+        self.cache.expect_inode(args["path"], None)
+        self.cache.unbind(made_up)
+        self.forget_changed(op, args)
+        if token is not None:
+            self.guesses.end(parent_of(args["path"]), token)
+
     def post_create(self, name: str, mode: int, flags: int, ctx: List[int]) -> Optional[int]:
         """Create a file without waiting where the outcome is known here; its handle, or None (wait).
 
@@ -111,24 +142,13 @@ class NewNames:
         ids = self.link.local_ids
         # An earlier change there not waited for reports its error here, not at some later one.
         self.check_changes("create", {"path": name})
-        fh, made_up = P.POSTED_HANDLES[0] + next(_made_up), MADE_UP_INODES + next(_made_up)
-        if fh >= P.POSTED_HANDLES[1]:
+        fh, made_up = new_handle(), MADE_UP_INODES + next(_made_up)
+        if fh is None:
             return None
         now = time.time_ns()
         args: Dict[str, Any] = {"path": name, "mode": mode, "flags": flags, "ctx": ctx, "fh": fh}
-        after = self.changes.after()
-        if after is not None:
-            args["after"] = after
-        kept, folder_kept = self.cache.kept(name), self.cache.kept(folder)
-        guess = predicted_directory(where, "create", now)
-        self.forget_changed("create", args)
-        since = self.cache.begin()
-        self.cache.expect_inode(name, made_up)
-        self.cache.put(name, new_file(where, mode, ctx, ids, made_up, now), watched=kept, since=since)
-        token = self.guesses.begin(folder) if guess is not None else None
-        if guess is not None:
-            self.cache.put(folder, guess, watched=folder_kept, since=since)
-        self.remember_made(name)
+        self.after_changes(args)
+        since, token = self.show_new("create", args, where, new_file(where, mode, ctx, ids, made_up, now), now)
         self.created[fh] = made_up
         with self.writing_lock:
             self.writing.setdefault(name, {})[fh] = None
@@ -143,11 +163,8 @@ class NewNames:
                 if not waiting:
                     self.creating_in.pop(folder, None)
             if header is None:  # failed: nothing of the guess stands (the error comes at close)
-                self.cache.unbind(made_up)
-                self.forget_changed("create", args)
+                self.unshow_new("create", args, made_up, token)
                 self.written_files.drop(name)
-                if token is not None:
-                    self.guesses.end(folder, token)
                 return
             st = header.get("st")
             self.cache.bind(st, made_up)
@@ -192,18 +209,7 @@ class NewNames:
         else:
             target = args["target"]
             attrs.update(st_mode=stat.S_IFLNK | 0o777, st_size=len(P.name_from_wire(target)))
-        kept, folder_kept = self.cache.kept(name), self.cache.kept(folder)
-        guess = predicted_directory(where, op, now)
-        self.forget_changed(op, args)
-        since = self.cache.begin()
-        self.cache.expect_inode(name, made_up)
-        self.cache.put(name, attrs, watched=kept, since=since, link=target)
-        if op == "mkdir":
-            self.cache.put_listing(name, [], watched=kept, since=since)
-        token = self.guesses.begin(folder) if guess is not None else None
-        if guess is not None:
-            self.cache.put(folder, guess, watched=folder_kept, since=since)
-        self.remember_made(name)
+        since, token = self.show_new(op, args, where, attrs, now, link=target)
         dirs = [folder]
         if op == "mkdir":
             dirs.append(name)
@@ -228,12 +234,8 @@ class NewNames:
                 self.learn(op, args, learned, since)
 
         def undo() -> None:
-            self.cache.expect_inode(name, None)
-            self.cache.unbind(made_up)
-            self.forget_changed(op, args)
+            self.unshow_new(op, args, made_up, token)
             self.changes.forget(name)
-            if token is not None:
-                self.guesses.end(folder, token)
 
         try:
             self.changes.post(op, args, dirs, undo=undo, done=done)
@@ -260,19 +262,16 @@ class NewNames:
         known = self.cache.get(name)
         if known is None or known.get("missing") or not stat.S_ISREG(int(known.get("st_mode", 0))):
             return None
-        fh = P.POSTED_HANDLES[0] + next(_made_up)
-        if fh >= P.POSTED_HANDLES[1]:
+        fh = new_handle()
+        if fh is None:
             return None
         args: Dict[str, Any] = {"path": name, "flags": flags, "fh": fh}
-        after = self.changes.after()
-        if after is not None:
-            args["after"] = after
+        self.after_changes(args)
         try:
             self.writes.opened(fh, lambda seq: self.link.submit("open", dict(args, seq=seq)), lambda _: None)
         except OSError:
             return None
-        self.reading[fh] = None
-        self.posted_reading[fh] = name
+        self.reading[fh] = None  # (one the host numbered: see P.posted_handle)
         self.link.count_posted("open")
         return fh
 
@@ -323,6 +322,12 @@ class NewNames:
             self.forget_changed("chmod", args)
             raise self.fault(exc.errno or errno.EIO)
         return True
+
+
+def new_handle() -> Optional[int]:
+    """A handle number for the local side to take (None once the range is used up)."""
+    fh = P.POSTED_HANDLES[0] + next(_made_up)
+    return fh if P.posted_handle(fh) else None
 
 
 def short_name(path: str) -> bool:

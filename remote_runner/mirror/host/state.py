@@ -83,7 +83,6 @@ class MountState(NewNames):
         self.writing: Dict[str, Dict[int, None]] = {}  # name -> handles that wrote to it (pipelined)
         self.written: Dict[int, str] = {}
         self.creating_in: Dict[str, Dict[int, None]] = {}  # directory -> handles of creates not yet answered
-        self.posted_reading: Dict[int, str] = {}  # read-only handles opened without waiting -> their name
         self.writing_lock = threading.Lock()
 
     def wire(self, path: str) -> str:
@@ -171,9 +170,7 @@ class MountState(NewNames):
 
     def call(self, op: str, args: Dict[str, Any], payload: bytes = b"") -> Tuple[Dict[str, Any], bytes]:
         self.settle_names(args)
-        after = self.changes.after()
-        if after is not None:
-            args["after"] = after
+        self.after_changes(args)
         since = self.cache.begin()
         try:
             header, data = self.link.call(op, args, payload)
@@ -198,6 +195,12 @@ class MountState(NewNames):
             except (IndexError, TypeError, AttributeError):
                 continue
         return header, data
+
+    def after_changes(self, args: Dict[str, Any]) -> None:
+        """Have the local side carry out the request of *args* after the changes not yet confirmed."""
+        after = self.changes.after()
+        if after is not None:
+            args["after"] = after
 
     def learn(self, op: str, args: Dict[str, Any], header: Dict[str, Any], since: Optional[int] = None) -> None:
         """Keep what the reply to the host's own change says of the name it made or removed.
