@@ -77,15 +77,15 @@ def exec_argv(ssh_config: str, host: str, command: List[str], stats: Optional[st
 def traffic_note(stdout: bytes) -> str:
     """Summarise the per-host exec/SFTP counts of a ``--json`` run result for a row's note.
 
-    ``each host: 3 execs, 0 sftp sessions, 0 sftp requests`` when every host
+    ``each host: 3 execs, 1 steps, 0 sftp sessions, 0 sftp requests`` when every host
     did the same, else one entry per host; '' when the output has no counts
     (an older runner, or not JSON).
     """
     try:
         hosts = json.loads(stdout.decode("utf-8", "replace"))["hosts"]
         counts: Dict[str, str] = {
-            h["host"]: f"{h['execs']} execs, {h['sftp_sessions']} sftp sessions, "
-                       f"{h['sftp_requests']} sftp requests"
+            h["host"]: f"{h['execs']} execs, {h.get('steps') or 0} steps, {h['sftp_sessions']} sftp "
+                       f"sessions, {h['sftp_requests']} sftp requests"
             for h in hosts if h.get("execs") is not None}
     except (ValueError, KeyError, TypeError, AttributeError):
         return ""

@@ -152,6 +152,9 @@ class HostSetup:
         run_dir = hostops.run_dir(state_dir, self.run_id)
         self.report.state_dirs[host] = state_dir
         self.record.hosts[host] = self._host_record(host, state_dir, run_dir)
+        lock = self.locks.get(host)
+        if lock is not None:  # the start waves and their checks: one round trip each on the lock
+            shell = sessionlock.LockShell(lock, shell)
         self.screens[host] = scr.Screen(shell, self.options.screen, state_dir,
                                         zombie=self.options.zombie,
                                         start_timeout=self.options.start_timeout, log_dir=run_dir)

@@ -54,8 +54,10 @@ class HostOutcome:
     failed: int = 0
     #: seconds from the run's start until its last component started (None: none started)
     seconds: Optional[float] = None
-    #: exec channels, SFTP sessions and SFTP requests the run made on it (None: no connection)
+    #: exec channels, steps on the lock's shell, SFTP sessions and SFTP requests the run
+    #: made on it (None: no connection)
     execs: Optional[int] = None
+    steps: Optional[int] = None
     sftp_sessions: Optional[int] = None
     sftp_requests: Optional[int] = None
 
@@ -186,6 +188,7 @@ class Recorder:
                 traffic = getattr(report, "traffic", {}).get(host)
                 if traffic is not None:
                     outcome.execs = traffic.get("execs")
+                    outcome.steps = traffic.get("steps")
                     outcome.sftp_sessions = traffic.get("sftp_sessions")
                     outcome.sftp_requests = traffic.get("sftp_requests")
             for spec in sorted(experiment.components, key=lambda s: (s.host, s.start_index, s.name)):

@@ -136,6 +136,7 @@ RUN_SCHEMA: Dict[str, Any] = {
                 "ready": {"type": "integer", "minimum": 0},
                 "failed": {"type": "integer", "minimum": 0},
                 "execs": {"type": ["integer", "null"], "minimum": 0},
+                "steps": {"type": ["integer", "null"], "minimum": 0},
                 "sftp_sessions": {"type": ["integer", "null"], "minimum": 0},
                 "sftp_requests": {"type": ["integer", "null"], "minimum": 0},
             },

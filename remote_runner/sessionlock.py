@@ -10,20 +10,31 @@ the lock goes with it.
 That channel is also the cheapest place for a run's first step on the host: the
 prepare script (*then*) runs under the lock as soon as it is held, and the
 manifest's change check (*fed*, :mod:`remote_runner.precheck`) after it, reading
-its request from the same channel's stdin. A rerun of an unchanged experiment
-then costs one exec here and one per start wave.
+its request from the same channel's stdin.
+
+After that the shell does not just sit on the lock: it runs the run's later
+scripts (:meth:`SessionLock.script`, the start waves through
+:class:`LockShell`), one at a time, each sent as a length-prefixed text on
+its stdin and answered with its status and output. An exec channel costs a
+channel open and a new session on the host (sshd forks, the shell starts)
+before the script's first line: about two and a half round trips, 73 ms at
+10 ms each way against 11 ms for a step here. A rerun of an unchanged
+experiment then costs one exec (the lock, the prepare script, the manifest
+check) and one round trip per start wave.
 """
 
 from __future__ import annotations
 
+import secrets
 import shlex
+import socket
 import subprocess
 import threading
-from dataclasses import dataclass
-from typing import Any, Optional
+from dataclasses import dataclass, field
+from typing import Any, List, Optional, Tuple
 
-from remote_runner.errors import SessionBusy, StartError
-from remote_runner.shell import shell_path
+from remote_runner.errors import CommandTimeout, ConnectionLost, SessionBusy, StartError
+from remote_runner.shell import ScriptResult, Shell, shell_path
 
 @dataclass
 class SessionLock:
@@ -34,6 +45,54 @@ class SessionLock:
     #: what the command run once the lock was held printed (stdout and stderr) and its status
     then_output: str = ""
     then_status: Optional[int] = None
+    #: the connection's counters (a step is counted in ``steps``), if it has them
+    traffic: Any = None
+    _steps: threading.Lock = field(default_factory=threading.Lock, repr=False)
+    _no_steps: bool = False
+
+    def script(self, text: str, timeout: float) -> Optional[ScriptResult]:
+        """Run *text* with ``sh`` on the lock's shell, one round trip; None if it cannot.
+
+        None (nothing ran; run it some other way) when the lock is held by a
+        local process or released, another step is running, or the host's
+        shell cannot take steps (no ``head -c``). Once the text is sent, a
+        lost answer is an error, never a second run:
+        :class:`CommandTimeout` past *timeout* (the lock's channel is then
+        closed: its shell is out of step), :class:`ConnectionLost` when the
+        channel ends.
+        """
+        channel = self.handle
+        if channel is None or isinstance(channel, subprocess.Popen) or self._no_steps:
+            return None
+        if not self._steps.acquire(blocking=False):
+            return None
+        try:
+            if self.handle is None:
+                return None
+            nonce = secrets.token_hex(8)
+            data = text.encode("utf-8", "surrogateescape")
+            try:
+                channel.settimeout(timeout)
+                channel.sendall(f"{_STEP} {nonce} {len(data)}\n".encode() + data)
+                answer = _read_step(channel, nonce)
+                channel.settimeout(None)
+                if answer is None:  # the script was not read, so it did not run
+                    self._no_steps = True
+                    return None
+                status, out, err = answer
+                if self.traffic is not None:
+                    self.traffic.count("steps")
+            except socket.timeout as exc:
+                self.release()
+                raise CommandTimeout(self.host, "a script on the session lock's shell", timeout) from exc
+            except (OSError, EOFError, ValueError) as exc:
+                self.release()
+                raise ConnectionLost(self.host, f"the session lock's shell ended during a script ({exc})",
+                                     "check the host and the network, then run again") from exc
+            return ScriptResult(status, out.decode("utf-8", "surrogateescape"),
+                                err.decode("utf-8", "surrogateescape"))
+        finally:
+            self._steps.release()
 
     def release(self) -> None:
         """Free the lock (closing the channel or the local process's stdin)."""
@@ -53,6 +112,55 @@ class SessionLock:
 
 #: Ends the output of the command run under a freshly taken lock: ``RR-THEN-DONE <status>``.
 _THEN_MARK = "RR-THEN-DONE"
+#: A script for the lock's shell: ``RR-STEP <nonce> <bytes>`` then the text; it answers
+#: ``RR-STEP-END <nonce> <status> <stdout bytes> <stderr bytes>`` then both outputs.
+_STEP = "RR-STEP"
+
+
+class LockShell:
+    """A host's :class:`~remote_runner.shell.Shell` that runs scripts on its session lock's shell.
+
+    Scripts go to the lock (:meth:`SessionLock.script`) while it is held and
+    free, else to *shell* (an exec each); data-fed commands always go to *shell*.
+    """
+
+    def __init__(self, lock: SessionLock, shell: Shell) -> None:
+        self.lock = lock
+        self.shell = shell
+        self.host = shell.host
+
+    def script(self, text: str, timeout: float) -> ScriptResult:
+        result = self.lock.script(text, timeout)
+        return result if result is not None else self.shell.script(text, timeout)
+
+    def feed(self, script: str, data: bytes, timeout: float) -> ScriptResult:
+        return self.shell.feed(script, data, timeout)
+
+
+def _read_step(channel: Any, nonce: str) -> Optional[Tuple[int, bytes, bytes]]:
+    """Read one step's answer from *channel*: (status, stdout, stderr); None if it was refused."""
+    data = b""
+    mark = f"{_STEP}-END {nonce} ".encode()
+    while True:
+        start = data.find(mark)
+        end = data.find(b"\n", start) if start >= 0 else -1
+        if end >= 0:
+            break
+        if f"{_STEP}-FAIL {nonce}\n".encode() in data:
+            return None
+        chunk = channel.recv(65536)
+        if not chunk:
+            raise EOFError("the channel closed")
+        data += chunk
+    fields: List[str] = data[start + len(mark):end].decode().split()
+    status, out_size, err_size = (int(x) for x in fields[:3])
+    body = data[end + 1:]
+    while len(body) < out_size + err_size:
+        chunk = channel.recv(65536)
+        if not chunk:
+            raise EOFError("the channel closed")
+        body += chunk
+    return status, body[:out_size], body[out_size:out_size + err_size]
 
 
 def lock_script(state_dir: str, info: str, then: str = "", fed: str = "") -> str:
@@ -76,7 +184,30 @@ def lock_script(state_dir: str, info: str, then: str = "", fed: str = "") -> str
             f"exec 9>>{lock}\n"
             f"if ! flock -n 9; then echo \"BUSY $(cat {owner} 2>/dev/null)\"; exit 0; fi\n"
             f"printf '%s\\n' {q(info)} > {owner}\n"
-            "echo LOCKED\nfi\n" + run_then +
+            "echo LOCKED\nfi\n" + run_then + _steps_loop(d))
+
+
+def _steps_loop(d: str) -> str:
+    """Shell text running the scripts sent on stdin one at a time (see :meth:`SessionLock.script`).
+
+    Each is read whole into a file first (``head -c`` reads no further than
+    it is told), runs in a fresh ``sh`` with stdin from /dev/null and without
+    the lock's descriptor (a screen session it starts must not hold the
+    lock), and is answered with its status and the sizes of its outputs, so
+    nothing it prints can be taken for the answer's end. Anything but a step
+    ends the loop; the shell then holds the lock until stdin closes.
+    """
+    step, out, err = f"{d}/step.sh", f"{d}/step.out", f"{d}/step.err"
+    return ("while IFS= read -r rr_h; do\n"
+            f'  case $rr_h in "{_STEP} "*) ;; *) break;; esac\n'
+            "  set -- $rr_h\n"
+            f'  head -c "$3" > {step} || {{ echo "{_STEP}-FAIL $2"; break; }}\n'
+            f"  sh {step} </dev/null >{out} 2>{err} 9>&-\n"
+            "  rr_s=$?\n"
+            f'  echo "{_STEP}-END $2 $rr_s $(wc -c <{out}) $(wc -c <{err})"\n'
+            f"  cat {out} {err}\n"
+            "done\n"
+            f"rm -f {step} {out} {err}\n"
             "exec cat >/dev/null\n")
 
 
@@ -145,7 +276,7 @@ def acquire_lock(host: str, state_dir: str, info: str, connection: Any = None,
         handle = channel
     first, _, rest = out.partition("\n")
     first = first.strip()
-    lock = SessionLock(host, handle)
+    lock = SessionLock(host, handle, traffic=getattr(connection, "traffic", None))
     if first.startswith("LOCKED") or first.startswith("NO-FLOCK"):
         if then:
             body, _, status = rest.rpartition(_THEN_MARK + " ")

@@ -1,4 +1,4 @@
-"""How many times a run talked to each host: exec channels, SFTP sessions, SFTP requests.
+"""How many times a run talked to each host: exec channels, steps, SFTP sessions and requests.
 
 Wall time on a fast lab link hides what a slow link punishes: every exec
 channel costs a channel open, an exec request and the command's own reply
@@ -8,7 +8,9 @@ per connection makes "nothing changed costs one round trip per host" a
 property a test can assert, and lets ``-v``, ``--json`` and the bench show it.
 
 The counts are honest about what they are: *execs* are exec channels
-opened (every script, lock, status poll), *sftp_sessions* are SFTP
+opened (every script, lock, status poll), *steps* are scripts run on the
+session lock's open shell (:mod:`remote_runner.sessionlock`: one round trip
+each, no channel), *sftp_sessions* are SFTP
 subsystems started, *sftp_requests* are SFTP requests sent (a pipelined
 write of a large file is many requests in few round trips). Keepalive
 probes are not counted: they are not work the run asked for.
@@ -28,27 +30,28 @@ class Traffic:
     """What one connection did (thread-safe counters)."""
 
     execs: int = 0
+    steps: int = 0
     sftp_sessions: int = 0
     sftp_requests: int = 0
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
 
     def count(self, what: str, n: int = 1) -> None:
-        """Add *n* to the counter *what* (``execs``, ``sftp_sessions``, ``sftp_requests``)."""
+        """Add *n* to the counter *what* (``execs``, ``steps``, ``sftp_sessions``, ``sftp_requests``)."""
         with self._lock:
             setattr(self, what, getattr(self, what) + n)
 
     def snapshot(self) -> Dict[str, int]:
         """The counts now, as a plain dict (what ``--json`` and the report carry)."""
         with self._lock:
-            return {"execs": self.execs, "sftp_sessions": self.sftp_sessions,
+            return {"execs": self.execs, "steps": self.steps, "sftp_sessions": self.sftp_sessions,
                     "sftp_requests": self.sftp_requests}
 
 
 def describe(counts: Dict[str, int]) -> str:
-    """``3 execs, 1 sftp session, 12 sftp requests`` for a :meth:`Traffic.snapshot`."""
+    """``3 execs, 1 step, 1 sftp session, 12 sftp requests`` for a :meth:`Traffic.snapshot`."""
     def plural(n: int, word: str) -> str:
         return f"{n} {word}{'' if n == 1 else 's'}"
-    return ", ".join([plural(counts.get("execs", 0), "exec"),
+    return ", ".join([plural(counts.get("execs", 0), "exec"), plural(counts.get("steps", 0), "step"),
                       plural(counts.get("sftp_sessions", 0), "sftp session"),
                       plural(counts.get("sftp_requests", 0), "sftp request")])
 

@@ -225,11 +225,13 @@ def test_tiny_bench_run_on_lab_hosts_writes_a_well_formed_table(lab, tmp_path) -
 
 def test_our_rows_note_the_exec_and_sftp_counts_of_a_json_run_result():
     from bench.ours import traffic_note
-    row = {"execs": 4, "sftp_sessions": 1, "sftp_requests": 9}
+    row = {"execs": 4, "steps": 2, "sftp_sessions": 1, "sftp_requests": 9}
     same = json.dumps({"hosts": [{"host": "h1", **row}, {"host": "h2", **row}]}).encode()
-    assert traffic_note(same) == "each host: 4 execs, 1 sftp sessions, 9 sftp requests"
+    assert traffic_note(same) == "each host: 4 execs, 2 steps, 1 sftp sessions, 9 sftp requests"
     other = json.dumps({"hosts": [{"host": "h2", **row}, {"host": "h1", **row, "execs": 2}]})
-    assert traffic_note(other.encode()) == ("h1: 2 execs, 1 sftp sessions, 9 sftp requests; "
-                                            "h2: 4 execs, 1 sftp sessions, 9 sftp requests")
+    assert traffic_note(other.encode()) == ("h1: 2 execs, 2 steps, 1 sftp sessions, 9 sftp requests; "
+                                            "h2: 4 execs, 2 steps, 1 sftp sessions, 9 sftp requests")
+    older = json.dumps({"hosts": [{"host": "h1", "execs": 3, "sftp_sessions": 0, "sftp_requests": 0}]})
+    assert traffic_note(older.encode()) == "each host: 3 execs, 0 steps, 0 sftp sessions, 0 sftp requests"
     assert traffic_note(b"not json") == ""
     assert traffic_note(json.dumps({"hosts": [{"host": "h1", "execs": None}]}).encode()) == ""

@@ -203,7 +203,7 @@ def test_a_warm_sync_is_one_exec_that_reads_no_file(lab, foreign_host, tmp_path,
         assert len(cold.copied) == 21 and cold.hash_tool == "manifest"
         warm, counts = _fresh_sync(lab, host, plan)
         assert warm.copied == [] and len(warm.skipped) == 21
-        assert counts == {"execs": 1, "sftp_sessions": 0, "sftp_requests": 0}
+        assert counts == {"execs": 1, "steps": 0, "sftp_sessions": 0, "sftp_requests": 0}
         assert (warm.hashed, warm.trusted) == (0, 21)  # the host read no file
         assert hashcache.LOCAL.known(str(src / "big.bin")) is not None  # nor did we
         assert audit(lab, host, base)["bad"] == []
@@ -406,7 +406,7 @@ def test_a_rerun_of_an_unchanged_experiment_is_one_exec_per_host_and_wave(lab, t
                                                                           screen_name):
     """The change check rides on the session lock's channel: no exec of its own.
 
-    A run is then the lock's exec (prepare + check) and one per start wave;
+    A run is then the lock's exec (prepare + check) and one step on its shell per start wave;
     a file changed on the host behind the manifest's back (same size, mtime
     put back) is still found and copied again by that early check.
     """
@@ -418,9 +418,10 @@ def test_a_rerun_of_an_unchanged_experiment_is_one_exec_per_host_and_wave(lab, t
 
     def warm(report, spent):
         assert all(r.copied == [] and r.hashed == 0 for r in report.sync.values())
-        assert spent == {h: {"execs": 0, "sftp_sessions": 0, "sftp_requests": 0}
+        assert spent == {h: {"execs": 0, "steps": 0, "sftp_sessions": 0, "sftp_requests": 0}
                          for h in ("h1", "h2")}
-        assert {h: report.traffic[h]["execs"] for h in ("h1", "h2")} == {"h1": 2, "h2": 2}
+        assert {h: (report.traffic[h]["execs"], report.traffic[h]["steps"])
+                for h in ("h1", "h2")} == {"h1": (1, 1), "h2": (1, 1)}
 
     def tamper(src):
         target = f"{base}/data/sub/f03.txt"

@@ -126,7 +126,7 @@ def test_large_files_stream_byte_identical_and_the_host_reads_them_once(
     assert len(report.copied) == 8
     counts = c.traffic.snapshot()
     # check, 3 streams, 1 bundle (beside the streams), record; no SFTP at all
-    assert counts == {"execs": 6, "sftp_sessions": 0, "sftp_requests": 0}
+    assert counts == {"execs": 6, "steps": 0, "sftp_sessions": 0, "sftp_requests": 0}
     for name in sizes:
         assert ssh(lab, host, f"sha1sum {base}/big/{name}").stdout.split()[0] == \
             _sha1(src / "big" / name)

@@ -28,18 +28,19 @@ SCRIPT = os.path.join(REPO, "scripts", "remote_runner.py")
 
 
 def test_describe_names_each_count_with_its_plural():
-    assert describe({"execs": 1, "sftp_sessions": 0, "sftp_requests": 2}) == \
-        "1 exec, 0 sftp sessions, 2 sftp requests"
+    assert describe({"execs": 1, "steps": 1, "sftp_sessions": 0, "sftp_requests": 2}) == \
+        "1 exec, 1 step, 0 sftp sessions, 2 sftp requests"
     counts = Traffic()
     counts.count("execs", 3)
     counts.count("sftp_sessions")
-    assert counts.snapshot() == {"execs": 3, "sftp_sessions": 1, "sftp_requests": 0}
+    counts.count("steps", 2)
+    assert counts.snapshot() == {"execs": 3, "steps": 2, "sftp_sessions": 1, "sftp_requests": 0}
 
 
 def test_a_connection_counts_its_execs_and_sftp_use(lab):
     with Connection("h1", SSHOptions(ssh_config_file=lab.ssh_config)) as connection:
         connection.connect()
-        assert connection.traffic.snapshot() == {"execs": 0, "sftp_sessions": 0,
+        assert connection.traffic.snapshot() == {"execs": 0, "steps": 0, "sftp_sessions": 0,
                                                  "sftp_requests": 0}
         shell = RemoteShell(connection, "h1")
         assert shell.script("echo one; echo two\n", timeout=60).stdout == "one\ntwo\n"
@@ -78,9 +79,9 @@ def test_a_run_reports_its_counts_per_host_in_verbose_lines_and_json(lab, screen
         document = json.loads(proc.stdout)
         jsonschema.validate(document, RUN_SCHEMA)
         for row in document["hosts"]:
-            # the lock (which also makes the directories) and one start command for the one
-            # start_index (launchers, replacing the old session, windows, health)
-            assert row["execs"] == 2, row
+            # the lock (which also makes the directories), then one start script for the one
+            # start_index (launchers, replacing the old session, windows, health) on its shell
+            assert row["execs"] == 1 and row["steps"] == 1, row
             assert row["sftp_sessions"] == 0, row  # nothing to copy: no SFTP at all
             line = f"{row['host']}: {describe(row)}"
             assert line in proc.stderr, proc.stderr

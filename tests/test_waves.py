@@ -32,7 +32,7 @@ def test_forks_default_keeps_a_few_dozen_hosts_in_one_wave_and_f_still_works():
 
 
 @pytest.fixture
-def env(lab, screen_name, tmp_path):
+def env(lab, foreign_host, screen_name, tmp_path):
     state = f"/tmp/{screen_name}-state"
     yield {"screen": screen_name, "state": state, "tmp": tmp_path, "lab": lab}
     for host in HOSTS:
@@ -40,10 +40,11 @@ def env(lab, screen_name, tmp_path):
 
 
 def run_counted(env, body: str) -> Dict[str, Dict[str, int]]:
-    """Run the experiment *body* on the lab; return host -> phase -> exec channels opened.
+    """Run the experiment *body* on the lab; return host -> phase -> commands sent.
 
-    The counts are the connections' own (``Connection.traffic``), read before
-    and after the start step.
+    A command is an exec channel or a step on the session lock's shell; the
+    counts are the connections' own (``Connection.traffic``), read before and
+    after the start step, and ``start execs`` is how many of the start's were execs.
     """
     path = env["tmp"] / "experiment.py"
     path.write_text(textwrap.dedent(body))
@@ -54,12 +55,15 @@ def run_counted(env, body: str) -> Dict[str, Dict[str, int]]:
     start_all, wait_all = runner.start_all, runner.wait_all
 
     def execs() -> Dict[str, int]:
-        return {h: c.traffic.snapshot()["execs"] for h, c in runner.connections.items()}
+        return {h: c.traffic.execs + c.traffic.steps for h, c in runner.connections.items()}
+
+    def execs_only() -> Dict[str, int]:
+        return {h: c.traffic.execs for h, c in runner.connections.items()}
 
     def start_counted() -> None:
-        counts["before start"] = execs()
+        counts["before start"], counts["execs before start"] = execs(), execs_only()
         start_all()
-        counts["start"] = execs()
+        counts["start"], counts["execs at start"] = execs(), execs_only()
 
     def wait_counted() -> None:
         wait_all()
@@ -69,6 +73,7 @@ def run_counted(env, body: str) -> Dict[str, Dict[str, int]]:
     runner.run()
     return {host: {"before start": counts["before start"][host],
                    "start": counts["start"][host] - counts["before start"][host],
+                   "start execs": counts["execs at start"][host] - counts["execs before start"][host],
                    "after start": counts["after start"][host] - counts["start"][host]}
             for host in counts["start"]}
 
@@ -90,6 +95,7 @@ def test_one_command_per_host_per_wave_for_a_run_and_a_rerun(lab, env):
         # launchers and the old session's replacement ride along with wave 1
         for host in ("h1", "h2", "h9"):
             assert counts[host]["start"] == 2, (attempt, counts)
+            assert counts[host]["start execs"] == 0, (attempt, counts)  # both on the lock's shell
             assert counts[host]["after start"] == 0, (attempt, counts)
     # one session per host, one window per component, titled with its name
     for host, names in (("h1", ["c0", "c1", "c3"]), ("h2", ["c2"]), ("h9", ["c4"])):

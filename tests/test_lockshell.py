@@ -1,0 +1,149 @@
+"""Scripts run on the session lock's shell: one round trip each, never a second run.
+
+The lab tests take a real lock over a real connection (sshd, flock, the
+host's sh and head) and run steps on it; the unit tests give the reader a
+scripted channel to check how it frames answers and what a refusal does.
+"""
+
+from __future__ import annotations
+
+import socket
+import time
+from typing import List
+
+import pytest
+
+from remote_runner import sessionlock
+from remote_runner.errors import CommandTimeout, SessionBusy
+from remote_runner.sessionlock import LockShell, SessionLock, acquire_lock
+from remote_runner.shell import RemoteShell
+from remote_runner.ssh import Connection, SSHOptions
+from tests.conftest import ssh
+
+
+@pytest.fixture
+def connected(lab):
+    with Connection("h1", SSHOptions(ssh_config_file=lab.ssh_config)) as connection:
+        connection.connect()
+        yield connection
+
+
+def _state(tmp_path) -> str:
+    return f"/tmp/rr-lockshell-{tmp_path.name}"
+
+
+@pytest.mark.lab
+def test_steps_run_on_the_lock_shell_with_their_own_status_and_outputs(lab, connected, tmp_path):
+    state = _state(tmp_path)
+    lock = acquire_lock("h1", state, "test", connected, then="echo prepared")
+    try:
+        assert lock.then_output == "prepared\n" and lock.then_status == 0
+        execs = connected.traffic.execs
+        # output that looks like the answer's own framing is just output
+        first = lock.script("echo out; echo err >&2; echo 'RR-STEP-END 0 0 0 0'; exit 3\n", 60)
+        assert (first.exit_status, first.stdout, first.stderr) == \
+            (3, "out\nRR-STEP-END 0 0 0 0\n", "err\n")
+        # each step is a fresh sh: nothing of the previous one (variables, cwd) is left
+        lock.script("rr_x=left; cd /\n", 60)
+        second = lock.script('printf "%s|%s" "${rr_x:-unset}" "$PWD"; read -r line; echo "[$line]"\n',
+                             60)
+        assert second.stdout.startswith("unset|") and not second.stdout.startswith("unset|/|")
+        assert second.stdout.endswith("[]\n")  # stdin is /dev/null, not the lock's channel
+        big = "x" * 200000
+        third = lock.script(f"printf '%s' '{big}'\n", 60)
+        assert third.stdout == big and third.exit_status == 0
+        assert connected.traffic.execs == execs and connected.traffic.steps == 4
+        with pytest.raises(SessionBusy):  # still held between and after steps
+            acquire_lock("h1", state, "other", connected)
+    finally:
+        lock.release()
+        ssh(lab, "h1", f"rm -rf {state}")
+
+
+@pytest.mark.lab
+def test_what_a_step_starts_does_not_keep_the_lock(lab, connected, tmp_path):
+    state = _state(tmp_path)
+    lock = acquire_lock("h1", state, "test", connected)
+    try:
+        result = lock.script("setsid sleep 60 </dev/null >/dev/null 2>&1 &\necho $!\n", 60)
+        pid = int(result.stdout.split()[0])
+    finally:
+        lock.release()
+    try:
+        deadline = time.monotonic() + 30
+        while True:  # the lock's shell ends when it sees the channel's end
+            try:
+                again = acquire_lock("h1", state, "again", connected)
+                break
+            except SessionBusy:
+                assert time.monotonic() < deadline, "the lock outlived its shell"
+                time.sleep(0.1)
+        again.release()
+        assert ssh(lab, "h1", f"kill -0 {pid}", check=False).returncode == 0  # it still runs
+    finally:
+        ssh(lab, "h1", f"kill {pid}; rm -rf {state}", check=False)
+
+
+@pytest.mark.lab
+def test_a_step_past_its_timeout_is_an_error_and_frees_the_lock(lab, connected, tmp_path):
+    state = _state(tmp_path)
+    lock = acquire_lock("h1", state, "test", connected)
+    try:
+        with pytest.raises(CommandTimeout) as info:
+            lock.script("sleep 3\n", 0.5)
+        assert info.value.host == "h1"
+        assert lock.handle is None and lock.script("echo again\n", 60) is None
+        # a shell on the lock falls back to an exec channel
+        shell = LockShell(lock, RemoteShell(connected, "h1"))
+        assert shell.script("echo fallback\n", 60).stdout == "fallback\n"
+    finally:
+        lock.release()
+        ssh(lab, "h1", f"sleep 3; rm -rf {state}", check=False)
+
+
+class ScriptedChannel:
+    """A channel that answers with fixed chunks and records what was sent."""
+
+    def __init__(self, chunks: List[bytes]) -> None:
+        self.chunks = list(chunks)
+        self.sent = b""
+        self.closed = False
+
+    def settimeout(self, _seconds) -> None:
+        pass
+
+    def sendall(self, data: bytes) -> None:
+        self.sent += data
+
+    def recv(self, _size: int) -> bytes:
+        if not self.chunks:
+            raise socket.timeout("no answer")
+        return self.chunks.pop(0)
+
+    def close(self) -> None:
+        self.closed = True
+
+
+def test_an_answer_in_pieces_is_put_together_and_the_text_sent_length_first(monkeypatch):
+    monkeypatch.setattr(sessionlock.secrets, "token_hex", lambda _n: "n0")
+    channel = ScriptedChannel([b"RR-STEP-EN", b"D n0 0 6 0\nab", b"c\nd\n"])
+    lock = SessionLock("h", channel)
+    result = lock.script("echo \u00e9\n", 5)
+    assert (result.exit_status, result.stdout, result.stderr) == (0, "abc\nd\n", "")
+    assert channel.sent == "RR-STEP n0 8\necho \u00e9\n".encode()
+
+
+def test_a_host_that_cannot_read_steps_gets_execs_instead(monkeypatch):
+    monkeypatch.setattr(sessionlock.secrets, "token_hex", lambda _n: "n1")
+    channel = ScriptedChannel([b"RR-STEP-FAIL n1\n"])
+    lock = SessionLock("h", channel)
+    assert lock.script("true\n", 5) is None
+    assert lock.script("true\n", 5) is None and channel.sent.count(b"RR-STEP ") == 1
+    assert not channel.closed  # the lock is still held
+
+
+def test_a_step_on_a_busy_or_local_lock_is_not_taken():
+    lock = SessionLock("h", ScriptedChannel([]))
+    lock._steps.acquire()
+    assert lock.script("true\n", 5) is None
+    assert SessionLock("localhost", None).script("true\n", 5) is None
