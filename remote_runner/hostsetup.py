@@ -115,6 +115,13 @@ class HostSetup:
                 if check.usable({p.spec.key: p.base_dir for p in self.placements[host]}):
                     self.early[host] = check
 
+    def on_lock(self, host: str) -> "Shell":
+        """*host*'s shell for the steps whose failure ends the run (copy, start waves): their
+        scripts run on the session lock's shell, one round trip each, while it is free."""
+        lock = self.locks.get(host)
+        shell = self.shells[host]
+        return sessionlock.LockShell(lock, shell) if lock is not None else shell
+
     def _prepare_script(self, host: str) -> str:
         """Return the script resolving the state dir and base dirs on *host* (screen checked)."""
         specs = self._by_host()[host]
@@ -137,7 +144,6 @@ class HostSetup:
 
     def _prepared(self, host: str, result: ScriptResult) -> None:
         """Take in what *host*'s prepare script said: state dir, base dirs, its screen."""
-        shell = self.shells[host]
         specs = self._by_host()[host]
         state = self._state_dir()
         found = _parse_prepare(result.stdout)
@@ -152,10 +158,7 @@ class HostSetup:
         run_dir = hostops.run_dir(state_dir, self.run_id)
         self.report.state_dirs[host] = state_dir
         self.record.hosts[host] = self._host_record(host, state_dir, run_dir)
-        lock = self.locks.get(host)
-        if lock is not None:  # the start waves and their checks: one round trip each on the lock
-            shell = sessionlock.LockShell(lock, shell)
-        self.screens[host] = scr.Screen(shell, self.options.screen, state_dir,
+        self.screens[host] = scr.Screen(self.on_lock(host), self.options.screen, state_dir,
                                         zombie=self.options.zombie,
                                         start_timeout=self.options.start_timeout, log_dir=run_dir)
         places = []

@@ -279,7 +279,7 @@ class Runner(HostSetup, RunEnd):
             connection = self.connections[host]
             check = self.early.get(host)
             plan = check.plan if check else self.plans.plan(host, entries)
-            jobs.append((self.shells[host], connection.sftp, plan))
+            jobs.append((self.on_lock(host), connection.sftp, plan))
         openers = {host: _lane_opener(self.connections[host]) for host in self.connections}
 
         def progress(host: str, delta: int) -> None:

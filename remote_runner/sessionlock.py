@@ -50,8 +50,12 @@ class SessionLock:
     _steps: threading.Lock = field(default_factory=threading.Lock, repr=False)
     _no_steps: bool = False
 
-    def script(self, text: str, timeout: float) -> Optional[ScriptResult]:
+    def script(self, text: str, timeout: float, data: Optional[bytes] = None) -> Optional[ScriptResult]:
         """Run *text* with ``sh`` on the lock's shell, one round trip; None if it cannot.
+
+        With *data*, the script reads it on stdin (else /dev/null), as
+        :meth:`~remote_runner.shell.Shell.feed` gives it; what it leaves
+        unread is read and dropped on the host.
 
         None (nothing ran; run it some other way) when the lock is held by a
         local process or released, another step is running, or the host's
@@ -70,10 +74,12 @@ class SessionLock:
             if self.handle is None:
                 return None
             nonce = secrets.token_hex(8)
-            data = text.encode("utf-8", "surrogateescape")
+            body = text.encode("utf-8", "surrogateescape")
             try:
                 channel.settimeout(timeout)
-                channel.sendall(f"{_STEP} {nonce} {len(data)}\n".encode() + data)
+                channel.sendall(f"{_STEP} {nonce} {len(body)} {len(data or b'')}\n".encode() + body)
+                if data:
+                    channel.sendall(data)
                 answer = _read_step(channel, nonce)
                 channel.settimeout(None)
                 if answer is None:  # the script was not read, so it did not run
@@ -112,7 +118,8 @@ class SessionLock:
 
 #: Ends the output of the command run under a freshly taken lock: ``RR-THEN-DONE <status>``.
 _THEN_MARK = "RR-THEN-DONE"
-#: A script for the lock's shell: ``RR-STEP <nonce> <bytes>`` then the text; it answers
+#: A script for the lock's shell: ``RR-STEP <nonce> <bytes> <data bytes>`` then the text and
+#: the data for its stdin; it answers
 #: ``RR-STEP-END <nonce> <status> <stdout bytes> <stderr bytes>`` then both outputs.
 _STEP = "RR-STEP"
 
@@ -120,21 +127,26 @@ _STEP = "RR-STEP"
 class LockShell:
     """A host's :class:`~remote_runner.shell.Shell` that runs scripts on its session lock's shell.
 
-    Scripts go to the lock (:meth:`SessionLock.script`) while it is held and
-    free, else to *shell* (an exec each); data-fed commands always go to *shell*.
+    Scripts and data-fed commands go to the lock (:meth:`SessionLock.script`)
+    while it is held and free, else to *shell* (an exec each). Give it only to
+    steps whose timeout ends the run: a step that times out closes the lock's
+    channel (its shell is out of step), and with it the lock.
     """
 
     def __init__(self, lock: SessionLock, shell: Shell) -> None:
         self.lock = lock
         self.shell = shell
         self.host = shell.host
+        #: the host's connection, for what opens channels of its own (streamed copies)
+        self.connection = getattr(shell, "connection", None)
 
     def script(self, text: str, timeout: float) -> ScriptResult:
         result = self.lock.script(text, timeout)
         return result if result is not None else self.shell.script(text, timeout)
 
     def feed(self, script: str, data: bytes, timeout: float) -> ScriptResult:
-        return self.shell.feed(script, data, timeout)
+        result = self.lock.script(script, timeout, data)
+        return result if result is not None else self.shell.feed(script, data, timeout)
 
 
 def _read_step(channel: Any, nonce: str) -> Optional[Tuple[int, bytes, bytes]]:
@@ -191,23 +203,29 @@ def _steps_loop(d: str) -> str:
     """Shell text running the scripts sent on stdin one at a time (see :meth:`SessionLock.script`).
 
     Each is read whole into a file first (``head -c`` reads no further than
-    it is told), runs in a fresh ``sh`` with stdin from /dev/null and without
-    the lock's descriptor (a screen session it starts must not hold the
-    lock), and is answered with its status and the sizes of its outputs, so
-    nothing it prints can be taken for the answer's end. Anything but a step
-    ends the loop; the shell then holds the lock until stdin closes.
+    it is told), runs in a fresh ``sh`` without the lock's descriptor (a
+    screen session it starts must not hold the lock), its stdin /dev/null or
+    exactly its data (the rest of which is drained if it stops reading), and
+    is answered with its status and the sizes of its outputs, so nothing it
+    prints can be taken for the answer's end. Anything but a step ends the
+    loop; the shell then holds the lock until stdin closes.
     """
-    step, out, err = f"{d}/step.sh", f"{d}/step.out", f"{d}/step.err"
+    step, out, err, rc = f"{d}/step.sh", f"{d}/step.out", f"{d}/step.err", f"{d}/step.rc"
     return ("while IFS= read -r rr_h; do\n"
             f'  case $rr_h in "{_STEP} "*) ;; *) break;; esac\n'
             "  set -- $rr_h\n"
             f'  head -c "$3" > {step} || {{ echo "{_STEP}-FAIL $2"; break; }}\n'
-            f"  sh {step} </dev/null >{out} 2>{err} 9>&-\n"
-            "  rr_s=$?\n"
-            f'  echo "{_STEP}-END $2 $rr_s $(wc -c <{out}) $(wc -c <{err})"\n'
+            '  if [ "${4:-0}" = 0 ]; then\n'
+            f"    sh {step} </dev/null >{out} 2>{err} 9>&-\n"
+            "    rr_s=$?\n"
+            "  else\n"
+            f'    head -c "$4" 9>&- | {{ sh {step} >{out} 2>{err} 9>&-; echo $? >{rc}; cat >/dev/null; }}\n'
+            f"    rr_s=; read -r rr_s <{rc}\n"
+            "  fi\n"
+            f'  echo "{_STEP}-END $2 ${{rr_s:-255}} $(wc -c <{out}) $(wc -c <{err})"\n'
             f"  cat {out} {err}\n"
             "done\n"
-            f"rm -f {step} {out} {err}\n"
+            f"rm -f {step} {out} {err} {rc}\n"
             "exec cat >/dev/null\n")
 
 

@@ -130,7 +130,7 @@ def test_an_answer_in_pieces_is_put_together_and_the_text_sent_length_first(monk
     lock = SessionLock("h", channel)
     result = lock.script("echo \u00e9\n", 5)
     assert (result.exit_status, result.stdout, result.stderr) == (0, "abc\nd\n", "")
-    assert channel.sent == "RR-STEP n0 8\necho \u00e9\n".encode()
+    assert channel.sent == "RR-STEP n0 8 0\necho \u00e9\n".encode()
 
 
 def test_a_host_that_cannot_read_steps_gets_execs_instead(monkeypatch):
@@ -147,3 +147,26 @@ def test_a_step_on_a_busy_or_local_lock_is_not_taken():
     lock._steps.acquire()
     assert lock.script("true\n", 5) is None
     assert SessionLock("localhost", None).script("true\n", 5) is None
+
+
+@pytest.mark.lab
+def test_a_fed_step_reads_its_data_and_what_it_leaves_is_drained(lab, connected, tmp_path):
+    state = _state(tmp_path)
+    lock = acquire_lock("h1", state, "test", connected)
+    try:
+        data = bytes(range(256)) * 4096  # 1 MiB, every byte value
+        whole = lock.script("sha1sum | cut -d' ' -f1\n", 60, data)
+        assert whole.stdout.strip() == __import__("hashlib").sha1(data).hexdigest()
+        # a script that stops reading early (as tar does at its end blocks) leaves the rest
+        # to the shell, which drops it: the next step starts at its own header
+        early = lock.script("head -c 3 | od -An -tx1; exit 5\n", 60, data)
+        assert (early.exit_status, early.stdout.split()) == (5, ["00", "01", "02"])
+        assert lock.script("echo next\n", 60).stdout == "next\n"
+        # a shell on the lock takes data-fed commands too, without an exec
+        execs = connected.traffic.execs
+        shell = LockShell(lock, RemoteShell(connected, "h1"))
+        assert shell.feed("cat", b"fed\n", 60).stdout == "fed\n"
+        assert connected.traffic.execs == execs
+    finally:
+        lock.release()
+        ssh(lab, "h1", f"rm -rf {state}")

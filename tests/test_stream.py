@@ -193,7 +193,7 @@ def test_ctrl_c_mid_stream_leaves_no_temporary_file(lab, conn, base, tmp_path):
     assert c.run("echo still-here").stdout.strip() == b"still-here"
 
 
-def test_a_run_copies_without_sftp_and_one_changed_file_costs_one_exec(lab, tmp_path, screen_name):
+def test_a_run_copies_without_sftp_and_one_changed_file_costs_one_round_trip(lab, tmp_path, screen_name):
     """Counted per host over the copy phase of real runs: cold, nothing changed, one changed."""
     base, state = f"/tmp/{screen_name}-base", f"/tmp/{screen_name}-state"
     src = tmp_path / "src"
@@ -233,10 +233,13 @@ def test_a_run_copies_without_sftp_and_one_changed_file_costs_one_exec(lab, tmp_
         for host in ("h1", "h9"):
             cold, warm, one = (spent[r][host] for r in ("cold", "warm", "one changed"))
             assert cold["sftp_sessions"] == one["sftp_sessions"] == 0
-            # cold: the check, one stream, one bundle, the record
-            assert cold["execs"] == warm["execs"] + 3
-            # one changed: the check, then one bundle that also records it
-            assert one["execs"] == warm["execs"] + 1
+            commands = lambda counts: counts["execs"] + counts["steps"]  # noqa: E731
+            # cold: the check, one stream, one bundle, the record; the stream has a channel
+            # of its own, the bundle and the record ride on the session lock's shell
+            assert commands(cold) == commands(warm) + 3
+            assert cold["execs"] == warm["execs"] + 1
+            # one changed: the check, then one bundle that also records it, on the lock's shell
+            assert commands(one) == commands(warm) + 1 and one["execs"] == warm["execs"]
             assert ssh(lab, host, f"cat {base}/data/sub/f07.txt").stdout == "FILE 7\n"
             assert audit(lab, host, base)["bad"] == []
     finally:
