@@ -76,7 +76,7 @@ class Export:
     #: Whole copies of its files may stay on a host even when a directory *above* it is
     #: private here (a 0700 home): set for trees the user named and a program's own
     #: installation, never for the cwd or paths merely named in a command
-    #: (see :class:`~remote_runner.mirror.sendahead.PublicDirs`).
+    #: (see :class:`~remote_runner.mirror.sharing.PublicDirs`).
     shared: bool = False
 
 

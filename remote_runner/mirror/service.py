@@ -34,7 +34,8 @@ from remote_runner.mirror.linuxcalls import RENAME_EXCHANGE, RENAME_NOREPLACE, r
 from remote_runner.mirror.localnames import (HiddenFiles, RequestDescriptors, is_hidden_name,
                                               proc_fd_path)
 from remote_runner.mirror.replies import HandleTable, OpError, Reply
-from remote_runner.mirror.sendahead import PublicDirs, SendAhead, walk as _walk
+from remote_runner.mirror.sendahead import SendAhead, walk as _walk
+from remote_runner.mirror.sharing import PublicDirs
 
 #: Names callers (tests, the session) reach through this module.
 __all__ = ["HandleTable", "LocalFileService", "OpError", "Reply", "_walk"]

@@ -1,0 +1,106 @@
+"""What may be copied to a host: settled, world-readable files behind world-searchable directories.
+
+Why apart: a file sent whole stays in the host's cache, where other users of
+that host may get at it, and it is believed there until it changes. So only
+what every local user could read may go (world-readable, reached through
+world-searchable directories up to the top of a shared export), and only once
+it has settled (not modified for ``SETTLED_SECONDS``: a log being written keeps
+being read through the link). The mirror's send-ahead answers
+(:mod:`.sendahead`) ask these rules before they copy anything.
+"""
+
+from __future__ import annotations
+
+import os
+import stat
+import threading
+import time
+from typing import Dict, List, Optional, Tuple
+
+from remote_runner.mirror import protocol as P
+from remote_runner.mirror.exports import Exports, inside
+
+#: A file modified this recently may still be being written: not sent whole.
+SETTLED_SECONDS = 2.0
+
+def sendable_whole(st: os.stat_result) -> bool:
+    """Whether a file qualifies to be sent whole (and kept on the host).
+
+    Settled, regular, not empty, not too big, and readable by everyone here:
+    a private file (a key, a 0600 data file) is never left behind on a host.
+    """
+    return (stat.S_ISREG(st.st_mode) and 0 < st.st_size <= P.WHOLE_LIMIT
+            and bool(st.st_mode & stat.S_IROTH)
+            and time.time() - st.st_mtime >= SETTLED_SECONDS)
+
+
+def whole_meta(st: os.stat_result) -> List[int]:
+    """What a host's whole copy of a file is checked against: [size, mtime_ns, ino, ctime_ns].
+
+    ctime too: a file rewritten in place to the same size with its mtime put
+    back (``touch -d``, ``cp -p``, an archive extracted over it) keeps size,
+    mtime and inode, but never its ctime, which no program can set.
+    """
+    return [st.st_size, st.st_mtime_ns, st.st_ino, st.st_ctime_ns]
+
+
+class PublicDirs:
+    """Which local directories every user may search (``o+x``), remembered briefly.
+
+    A whole-file copy stays on the host, where other users may get at it; so it
+    is made only of a file that every local user could read too: world-readable
+    itself *and* reachable through world-searchable directories all the way up
+    (a 0644 file inside a 0700 home is private). Both the path as named and its
+    resolved form are checked; answers are kept for ``SETTLED_SECONDS``.
+
+    The climb stops at the top of a *shared* export (:attr:`.exports.Export.shared`:
+    a tree the user named with ``--export``, or a program's own installation):
+    what lies above it is where the user chose to share it from. A Python
+    built in a 0700 home or a virtual environment there is kept on the host like
+    ``/usr``, where it would otherwise be read through the link at every run;
+    a private directory *inside* it still keeps its files off the host, and so
+    do the cwd and paths merely named on a command line.
+    """
+
+    def __init__(self, ttl: float = SETTLED_SECONDS) -> None:
+        self.ttl = ttl
+        self._known: Dict[bytes, Tuple[bool, float]] = {}
+        self._lock = threading.Lock()
+
+    def reachable(self, path: bytes, exports: Optional[Exports] = None) -> bool:
+        """Whether every directory above *path* (named and resolved) is world-searchable.
+
+        With *exports*, only up to the top of the shared export *path* lies in.
+        """
+        parent = os.path.dirname(path)
+        for directory in dict.fromkeys((parent, os.path.realpath(parent))):
+            export = exports.find(os.path.join(directory, os.path.basename(path))) if exports else None
+            if not self._chain(directory, export.path if export is not None and export.shared else None):
+                return False
+        return True
+
+    def _chain(self, directory: bytes, top: Optional[bytes]) -> bool:
+        while True:
+            if top is not None and not inside(directory, top):
+                return True  # above the shared export: not this check's business
+            if not self._searchable(directory):
+                return False
+            if directory in (b"/", b""):
+                return True
+            directory = os.path.dirname(directory)
+
+    def _searchable(self, directory: bytes) -> bool:
+        now = time.monotonic()
+        with self._lock:
+            known = self._known.get(directory)
+        if known is not None and now - known[1] < self.ttl:
+            return known[0]
+        try:
+            ok = bool(os.stat(directory).st_mode & stat.S_IXOTH)
+        except OSError:
+            ok = False
+        with self._lock:
+            if len(self._known) > 4096:
+                self._known.clear()
+            self._known[directory] = (ok, now)
+        return ok
