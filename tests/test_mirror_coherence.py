@@ -405,6 +405,30 @@ def test_a_directory_with_many_subdirectories_brings_none_of_theirs(tmp_path):
     assert len(listing_entries(reply.payload)) == listing.SUB_DIRS + 1
 
 
+def test_a_looked_up_directory_brings_its_own_listing_among_many(tmp_path):
+    """A path d levels deep: each directory's lookup answers the next name too."""
+    from remote_runner.mirror.host.answers import absorb_lookup
+    from remote_runner.mirror.service import LocalFileService
+    for n in range(listing.SUB_DIRS + 1):
+        (tmp_path / f"d{n}").mkdir()
+    (tmp_path / "d3" / "locale.alias").write_text("alias\n")
+    (tmp_path / "d3" / "inner").mkdir()
+    (tmp_path / "plain").write_text("x")
+    service = LocalFileService()
+    reply = service.handle("getattr", {"path": str(tmp_path / "d3"), "dir": 1}, b"")
+    assert [s[0] for s in reply.fields["sub"]] == [str(tmp_path / "d3")]  # itself, none of the others
+    cache = NameCache()
+    absorb_lookup(cache, str(tmp_path / "d3"), reply.fields, reply.payload, cache.begin())
+    assert cache.get(str(tmp_path / "d3" / "locale.alias"))["st_size"] == 6
+    assert cache.get(str(tmp_path / "d3" / "absent")) is MISSING
+    assert cache.get(str(tmp_path / "d4" / "anything")) is None  # not listed: asked when needed
+    # a file looked up brings no listing of its own, nor does a directory too big to send so
+    assert "sub" not in service.handle("getattr", {"path": str(tmp_path / "plain"), "dir": 1}, b"").fields
+    for n in range(listing.SUB_ENTRIES + 1):
+        (tmp_path / "d5" / f"f{n}").write_text("")
+    assert "sub" not in service.handle("getattr", {"path": str(tmp_path / "d5"), "dir": 1}, b"").fields
+
+
 def test_the_service_applies_a_handles_numbered_writes_in_order(tmp_path):
     from remote_runner.mirror.service import LocalFileService
     service = LocalFileService()

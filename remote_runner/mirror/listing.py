@@ -178,12 +178,18 @@ class DirectoryAnswers:
     def _directory_answer(self, reply: Reply, raw: bytes) -> None:
         """Add the whole directory of *raw* to *reply* (``ls`` + payload), or ``big`` if too big.
 
-        A directory with few subdirectories (``SUB_DIRS``) brings theirs too
-        (``sub``: [directory, length, watched] per answer appended to the
-        payload): a lookup in a package's directory is followed by one in its
-        ``__pycache__``, ``git status`` goes on into every subdirectory, a
-        program's data directory has its ``locale`` or ``plugins`` beside it.
-        Each is watched before it is listed, like the directory itself.
+        When *raw* is itself a directory, its own listing comes too: a lookup
+        of a directory is the kernel's step on the way to a name inside it
+        (``/usr/share/locale/locale.alias`` is looked up as ``/usr/share``,
+        then ``locale``, then ``locale.alias``), so a path *d* levels deep
+        costs about *d*/2 round trips, not *d*. A directory with few
+        subdirectories (``SUB_DIRS``) brings theirs too (``sub``: [directory,
+        length, watched] per answer appended to the payload): a lookup in a
+        package's directory is followed by one in its ``__pycache__``, ``git
+        status`` goes on into every subdirectory, a program's data directory
+        has its ``locale`` or ``plugins`` beside it. Each is watched before it
+        is listed, like the directory itself; one of more than
+        ``SUB_ENTRIES`` names is not sent this way.
         """
         directory = os.path.dirname(raw) or b"/"
         answer, payload = self._listing(directory)
@@ -196,9 +202,12 @@ class DirectoryAnswers:
         parts = [payload]
         subdirs = [name for name, row in zip(answer["n"], answer["a"])
                    if isinstance(row, list) and stat.S_ISDIR(row[0])]
+        itself = P.name_to_wire(os.path.basename(raw))
+        wanted = [itself] if itself in subdirs else []
+        wanted += [name for name in subdirs if name != itself] if len(subdirs) <= SUB_DIRS else []
         subs = []
         budget = P.LISTING_BYTES
-        for name in subdirs if len(subdirs) <= SUB_DIRS else ():
+        for name in wanted:
             sub = os.path.join(directory, P.name_from_wire(name))
             watched = 1 if self._watch(sub) else 0
             found, data = self._listing(sub, SUB_ENTRIES)
