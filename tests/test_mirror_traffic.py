@@ -260,9 +260,10 @@ def test_a_first_run_of_another_script_benefits_from_earlier_runs_of_its_interpr
     assert seeded["requests"] <= alone["requests"]
     assert seeded["host"]["waits"] * 10 <= alone["host"]["waits"] * 7
     # The seed answered b.py's lookups: the interpreter's names, not only a.py's command.
-    # (Measured on Debian 12: 20-21 lookups seeded vs 31 alone; the rest are b.py's own
-    # names and the few directories whose answers come with the first lookup anyway.)
-    assert seeded["served"].get("getattr", 0) * 4 <= alone["served"]["getattr"] * 3
+    # (Measured on Debian 12: 21 lookups seeded vs 26 alone, 31 alone before a looked-up
+    # directory brought its own listing; the rest are b.py's own names and the few
+    # directories whose answers come with the first lookup anyway.)
+    assert seeded["served"].get("getattr", 0) < alone["served"]["getattr"]
 
 
 def test_profiles_are_shared_per_executable_and_per_tree(tmp_path, monkeypatch):
