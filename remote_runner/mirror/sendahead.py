@@ -29,6 +29,9 @@ from remote_runner.mirror.watcher import kept_while_unchanged
 SIBLING_FILE_LIMIT = 512 << 10
 SIBLING_DIR_BYTES, SIBLING_DIR_FILES = 8 << 20, 512
 SIBLING_SESSION_BYTES = 32 << 20
+#: A lookup of a file this small in a read-only tree brings the file itself
+#: (:meth:`SendAhead._add_file`), at most this many bytes per session.
+LOOKUP_FILE_LIMIT, LOOKUP_SESSION_BYTES = 16 << 10, 4 << 20
 
 
 def _single(st: os.stat_result) -> bool:
@@ -404,6 +407,45 @@ class SendAhead:
             self.listed_siblings.update(names)
             reply.fields["libs"] = {"names": names, "answers": [self._lookup(n) for n in names],
                                     "whole": whole, "w": [watched] * len(names)}
+
+    def _add_file(self, reply: Reply, raw: bytes, st: os.stat_result) -> None:
+        """To a first lookup of a small file in a read-only tree, add the file (``file``: its copy key).
+
+        What the C library and interpreters look up in system trees they read
+        whole at once (``locale.alias``, ``gconv-modules.cache``, a zone file,
+        a ``.pth``, ``openssl.cnf``): sent with the lookup, the open that
+        follows is answered on the host. Only a lookup that asks for its
+        directory reaches this (the next ones there are answered from that
+        listing), only files a whole copy may be made of (:mod:`.sharing`),
+        none in a writable tree (the cwd: build tools and version control stat
+        far more files there than they read), within ``LOOKUP_SESSION_BYTES``
+        a session, and not in files-only mode. The bytes end the payload.
+        """
+        if (self.roots is not None or not 0 < st.st_size <= LOOKUP_FILE_LIMIT
+                or self._lookup_bytes + st.st_size > LOOKUP_SESSION_BYTES):
+            return
+        export = self.exports.find(raw)
+        if export is None or export.writable:
+            return
+        wire = P.name_to_wire(raw)
+        meta = self._whole_meta(wire)
+        if meta is None:
+            return
+        try:
+            fd = os.open(self._path({"path": wire}), os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        except (OpError, OSError):
+            return
+        try:
+            data = os.pread(fd, meta[0] + 1, 0)
+            if whole_meta(os.fstat(fd)) != meta or len(data) != meta[0]:
+                return  # changed since it was looked at
+        finally:
+            os.close(fd)
+        self._lookup_bytes += len(data)
+        self._note(self.sent_whole, wire)
+        reply.fields["file"] = meta
+        reply.payload += data
+        reply.compressible = True
 
     def _whole(self, fd: int, have: Any, path: bytes) -> Reply:
         """Answer a whole-file open: "current" (no data), or the file's first chunk.

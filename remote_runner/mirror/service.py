@@ -90,6 +90,7 @@ class LocalFileService(OpenFiles, SendAhead, DirectoryAnswers, OwnChanges):
         self._expanded: Dict[str, None] = {}
         self._sibling_dirs: Dict[bytes, None] = {}
         self._sibling_bytes = 0
+        self._lookup_bytes = 0  # files sent with their lookups (see SendAhead._add_file)
         #: The siblings listed (wire names): the host may report which of them were used.
         self.listed_siblings: Set[str] = set()
         #: Files unlinked while open on the host, held here (see :mod:`.localnames`).

@@ -17,6 +17,20 @@ from .kernel import KernelDrops
 from .names import MISSING, NameCache, listing_entries, parent
 
 
+def split_file(header: Dict[str, Any], data: bytes) -> Tuple[bytes, Optional[Tuple[List[int], bytes]]]:
+    """Take the file a lookup brought off the end of *data*: (the rest, (copy key, bytes) or None).
+
+    ``file`` is the file's copy key ([size, mtime_ns, ino, ctime_ns]); its
+    size bytes end the payload. A malformed one brings nothing.
+    """
+    meta = header.get("file")
+    if not (isinstance(meta, list) and len(meta) == 4 and all(type(v) is int for v in meta)
+            and 0 < meta[0] <= len(data)):
+        return data, None
+    cut = len(data) - meta[0]
+    return data[:cut], (meta, data[cut:])
+
+
 def absorb_lookup(cache: NameCache, path: str, header: Dict[str, Any], data: bytes,
                   since: int) -> Dict[str, Any]:
     """Keep what a ``getattr`` reply told about *path* (and its whole directory); return its answer.

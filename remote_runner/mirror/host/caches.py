@@ -188,8 +188,10 @@ def fetch_rest(link: Link, items: List[Tuple[Optional[int], bytes, int]]
                ) -> List[Optional[List[bytes]]]:
     """Complete whole files: per (handle, first chunk, size), all chunks; None if it failed.
 
-    The remaining chunks of every file are requested at once, then the local
-    handles released: one or two round trips for any number of files.
+    The remaining chunks of every file are requested at once: one round trip
+    for any number of files. The local handles are then released without
+    waiting (their numbers are never given again, so nothing can follow a
+    release that it could overtake).
     """
     requests, owners = [], []
     for i, (fh, first, size) in enumerate(items):
@@ -204,9 +206,9 @@ def fetch_rest(link: Link, items: List[Tuple[Optional[int], bytes, int]]
             out[owner] = None
         else:
             chunks.append(result[1])
-    handles = [{"fh": fh} for fh, _, _ in items if fh is not None]
-    if handles:
-        link.call_many("release", handles)
+    for fh, _, _ in items:
+        if fh is not None:
+            link.post("release", {"fh": fh})
     for i, (_, _, size) in enumerate(items):
         chunks = out[i]
         if chunks is not None and sum(len(c) for c in chunks) != size:

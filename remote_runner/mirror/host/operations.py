@@ -21,7 +21,7 @@ from ..hardlinks import path_invalidator
 from .caches import FUSE_CAP_CACHE_SYMLINKS, LOCAL_FH_BASE, FileCache, fetch_ahead
 from .fusebinding import fuse_class
 from .link import Link
-from .answers import absorb_lookup
+from .answers import absorb_lookup, split_file
 from .kernel import KernelDrops
 from .names import NameCache, parent as parent_of
 from .profile import Profile
@@ -113,7 +113,13 @@ def make_operations(link: Link, prefix: bytes, files: Optional[FileCache] = None
                 # A first lookup in a directory brings the whole directory (see names.py).
                 args["dir"] = 1 if where != "/" and m.cache.wants_listing(parent_of(where)) else 0
                 header, data = m.call("getattr", args)
+                data, brought = split_file(header, data)
                 got = absorb_lookup(m.cache, where, header, data, since)
+                if brought is not None and m.files is not None and brought[0] == [
+                        got.get("st_size"), got.get("st_mtime"), got.get("st_ino"), got.get("st_ctime")]:
+                    fd = m.files.store_quietly(where, brought[0], [brought[1]])  # its open: answered here
+                    if fd is not None:
+                        os.close(fd)
                 if isinstance(header.get("libs"), dict) and m.files is not None:
                     fetch_ahead(m.link, m.files, m.cache, header["libs"], since)  # a package's modules
                 if got.get("missing"):
