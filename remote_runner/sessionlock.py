@@ -196,25 +196,31 @@ def lock_script(state_dir: str, info: str, then: str = "", fed: str = "") -> str
             f"exec 9>>{lock}\n"
             f"if ! flock -n 9; then echo \"BUSY $(cat {owner} 2>/dev/null)\"; exit 0; fi\n"
             f"printf '%s\\n' {q(info)} > {owner}\n"
-            "echo LOCKED\nfi\n" + run_then + _steps_loop(d))
+            "echo LOCKED\nfi\n" + run_then + _steps_loop())
 
 
-def _steps_loop(d: str) -> str:
+def _steps_loop() -> str:
     """Shell text running the scripts sent on stdin one at a time (see :meth:`SessionLock.script`).
 
     Each is read whole into a file first (``head -c`` reads no further than
-    it is told), runs in a fresh ``sh`` without the lock's descriptor (a
-    screen session it starts must not hold the lock), its stdin /dev/null or
-    exactly its data (the rest of which is drained if it stops reading), and
-    is answered with its status and the sizes of its outputs, so nothing it
-    prints can be taken for the answer's end. Anything but a step ends the
-    loop; the shell then holds the lock until stdin closes.
+    it is told), in a directory of its own that only this user can enter
+    (``mktemp -d``: nothing else on the host can change the script between
+    its arrival and its run, whoever can write to the state directory). It
+    runs in a fresh ``sh`` without the lock's descriptor (a screen session it
+    starts must not hold the lock), its stdin /dev/null or exactly its data
+    (the rest of which is drained if it stops reading), and is answered with
+    its status and the sizes of its outputs, so nothing it prints can be taken
+    for the answer's end. Anything but a step ends the loop, as does a host
+    without ``mktemp`` or ``head -c`` (the step is refused: it did not run);
+    the shell then holds the lock until stdin closes.
     """
-    step, out, err, rc = f"{d}/step.sh", f"{d}/step.out", f"{d}/step.err", f"{d}/step.rc"
-    return ("while IFS= read -r rr_h; do\n"
+    t = '"$rr_t"'
+    step, out, err, rc = f"{t}/s", f"{t}/o", f"{t}/e", f"{t}/r"
+    return ("rr_t=$(mktemp -d 2>/dev/null) || rr_t=\n"
+            "while IFS= read -r rr_h; do\n"
             f'  case $rr_h in "{_STEP} "*) ;; *) break;; esac\n'
             "  set -- $rr_h\n"
-            f'  head -c "$3" > {step} || {{ echo "{_STEP}-FAIL $2"; break; }}\n'
+            f'  [ -n "$rr_t" ] && head -c "$3" > {step} || {{ echo "{_STEP}-FAIL $2"; break; }}\n'
             '  if [ "${4:-0}" = 0 ]; then\n'
             f"    sh {step} </dev/null >{out} 2>{err} 9>&-\n"
             "    rr_s=$?\n"
@@ -225,7 +231,7 @@ def _steps_loop(d: str) -> str:
             f'  echo "{_STEP}-END $2 ${{rr_s:-255}} $(wc -c <{out}) $(wc -c <{err})"\n'
             f"  cat {out} {err}\n"
             "done\n"
-            f"rm -f {step} {out} {err} {rc}\n"
+            '[ -n "$rr_t" ] && rm -rf "$rr_t"\n'
             "exec cat >/dev/null\n")
 
 

@@ -49,10 +49,13 @@ def test_steps_run_on_the_lock_shell_with_their_own_status_and_outputs(lab, conn
                              60)
         assert second.stdout.startswith("unset|") and not second.stdout.startswith("unset|/|")
         assert second.stdout.endswith("[]\n")  # stdin is /dev/null, not the lock's channel
+        # the script was kept where only this user can get at it
+        private = lock.script('stat -c "%a %U" "$(dirname "$0")"\n', 60)
+        assert private.stdout.split() == ["700", "root"]
         big = "x" * 200000
         third = lock.script(f"printf '%s' '{big}'\n", 60)
         assert third.stdout == big and third.exit_status == 0
-        assert connected.traffic.execs == execs and connected.traffic.steps == 4
+        assert connected.traffic.execs == execs and connected.traffic.steps == 5
         with pytest.raises(SessionBusy):  # still held between and after steps
             acquire_lock("h1", state, "other", connected)
     finally:
