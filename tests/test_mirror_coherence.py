@@ -429,6 +429,45 @@ def test_a_looked_up_directory_brings_its_own_listing_among_many(tmp_path):
     assert "sub" not in service.handle("getattr", {"path": str(tmp_path / "d5"), "dir": 1}, b"").fields
 
 
+def test_a_first_lookup_of_a_small_system_file_brings_the_file(public_tmp):
+    """In a read-only tree, to a host that keeps whole copies; never a private, big or writable one."""
+    from remote_runner.mirror import sendahead
+    from remote_runner.mirror.exports import Export, Exports
+    from remote_runner.mirror.host.answers import split_file
+    from remote_runner.mirror.service import LocalFileService
+    (public_tmp / "etc").mkdir()
+    (public_tmp / "work").mkdir()
+    for tree in ("etc", "work"):
+        (public_tmp / tree).chmod(0o755)
+    alias = public_tmp / "etc" / "locale.alias"
+    alias.write_bytes(b"C.UTF-8 C.UTF-8\n")
+    (public_tmp / "etc" / "big.cnf").write_bytes(b"x" * (sendahead.LOOKUP_FILE_LIMIT + 1))
+    (public_tmp / "etc" / "secret").write_bytes(b"key")
+    (public_tmp / "etc" / "secret").chmod(0o600)
+    (public_tmp / "work" / "notes.txt").write_bytes(b"mine")
+    old = time.time() - 60  # settled
+    for f in (alias, public_tmp / "etc" / "big.cnf", public_tmp / "etc" / "secret", public_tmp / "work" / "notes.txt"):
+        os.utime(f, (old, old))
+    exports = Exports([Export(os.fsencode(public_tmp / "etc"), False), Export(os.fsencode(public_tmp / "work"), True)])
+
+    def lookup(path, **extra):
+        service = LocalFileService(exports=exports)
+        return service.handle("getattr", dict({"path": str(path), "dir": 1}, **extra), b"")
+
+    reply = lookup(alias, f=1)
+    rest, brought = split_file(reply.fields, reply.payload)
+    assert brought is not None and brought[1] == alias.read_bytes()
+    st = alias.stat()
+    assert brought[0] == [st.st_size, st.st_mtime_ns, st.st_ino, st.st_ctime_ns]
+    assert sorted(name for name, _, _ in listing_entries(rest)) == ["big.cnf", "locale.alias", "secret"]
+    assert "file" not in lookup(alias).fields                          # a host without a file cache
+    for other in (public_tmp / "etc" / "big.cnf", public_tmp / "etc" / "secret", public_tmp / "work" / "notes.txt"):
+        assert "file" not in lookup(other, f=1).fields, other
+    # a malformed ``file`` brings nothing, and the payload stays the listing's
+    assert split_file({"file": [10 ** 9, 1, 2, 3]}, b"abc") == (b"abc", None)
+    assert split_file({"file": ["3", 1, 2, 3]}, b"abc") == (b"abc", None)
+
+
 def test_the_service_applies_a_handles_numbered_writes_in_order(tmp_path):
     from remote_runner.mirror.service import LocalFileService
     service = LocalFileService()

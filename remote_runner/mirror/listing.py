@@ -149,8 +149,9 @@ class DirectoryAnswers:
 
     def _lookup_reply(self, a: Dict[str, Any]) -> Reply:
         """A lookup for the host's name cache: ``st`` or ``missing``, ``link``, ``w`` (watched),
-        and with ``dir`` set the whole directory (``ls`` + payload, or ``big``) and, for a
-        small file in a read-only tree, the file itself (``file``, see :meth:`_add_file`)."""
+        and with ``dir`` set the whole directory (``ls`` + payload, or ``big``) and, when the
+        host keeps whole copies (``f``), for a small file in a read-only tree the file itself
+        (``file``, see :meth:`_add_file`)."""
         raw = os.path.normpath(P.name_from_wire(a["path"]))
         reply = Reply({"w": 1 if self._watch(os.path.dirname(raw) or b"/") else 0})
         if a.get("dir") and raw != b"/":
@@ -169,8 +170,8 @@ class DirectoryAnswers:
             return reply
         self._note(self.looked_up, a["path"])
         reply.fields["st"] = P.stat_to_wire(st)
-        if a.get("dir") and held is None and stat.S_ISREG(st.st_mode):
-            self._add_file(reply, raw, st)
+        if a.get("dir") and a.get("f") and held is None and stat.S_ISREG(st.st_mode):
+            self._add_file(reply, raw, st)  # (``f``: the host keeps whole copies)
         if stat.S_ISLNK(st.st_mode) and held is None:
             try:
                 reply.fields["link"] = P.name_to_wire(os.readlink(path))

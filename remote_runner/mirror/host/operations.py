@@ -112,6 +112,8 @@ def make_operations(link: Link, prefix: bytes, files: Optional[FileCache] = None
                 since = m.cache.begin()
                 # A first lookup in a directory brings the whole directory (see names.py).
                 args["dir"] = 1 if where != "/" and m.cache.wants_listing(parent_of(where)) else 0
+                if args["dir"] and m.files is not None:
+                    args["f"] = 1  # a small system file may come with the answer (kept in m.files)
                 header, data = m.call("getattr", args)
                 data, brought = split_file(header, data)
                 got = absorb_lookup(m.cache, where, header, data, since)
