@@ -35,7 +35,7 @@ from typing import TYPE_CHECKING, Dict, List, Optional, Sequence, Tuple
 from remote_runner.config import parse_ready
 from remote_runner.errors import ComponentUnhealthy
 from remote_runner.runrecord import ComponentRecord, utc_now
-from remote_runner.screen import Window, _PG_FUNCTION, _stop_groups, _window_groups
+from remote_runner.screen import Window, _PG_FUNCTION, _stop_groups, _window_groups, nap_function
 
 if TYPE_CHECKING:  # pragma: no cover
     from remote_runner.shell import Shell
@@ -125,7 +125,7 @@ def health_script(checks: Sequence[HealthCheck], settle: float) -> str:
     # second clock would let a 1 s settle end after a few milliseconds at a second's boundary
     lines = ["rr_cs() { u=; { read -r u _ < /proc/uptime; } 2>/dev/null; case \"$u\" in",
              "  [1-9]*.[0-9][0-9]) cs=${u%.*}${u#*.};; *) cs=$(( $(date +%s) * 100 ));; esac; }",
-             "rr_cs; t0=$cs", "pending=1", "failed=0", "rr_h=0"]
+             "rr_cs; t0=$cs", "pending=1", "failed=0", nap_function(100) + "rr_w=0"]
     for n, c in enumerate(checks):
         lines.append(f"v{n}=")
     lines.append("while [ $pending = 1 ] && [ $failed = 0 ]; do")
@@ -157,9 +157,7 @@ def health_script(checks: Sequence[HealthCheck], settle: float) -> str:
                   f'    case "$v{n}" in DEAD|GONE|TIMEOUT) failed=1;; esac',
                   "  fi"]
     # short naps first: a program that exits at once has its status written within milliseconds
-    lines.append("  [ $pending = 1 ] && [ $failed = 0 ] && { case $rr_h in 0) rr_z=0.005;; 1) rr_z=0.01;; "
-                 "2) rr_z=0.02;; 3) rr_z=0.05;; *) rr_z=0.1;; esac; rr_h=$((rr_h+1)); "
-                 "sleep $rr_z 2>/dev/null || sleep 1; }")
+    lines.append("  [ $pending = 1 ] && [ $failed = 0 ] && rr_nap")
     lines.append("done")
     # screen writes window logs a moment after the program's output: let it catch up
     lines.append("[ $failed = 1 ] && { sleep 1 2>/dev/null; }")

@@ -77,11 +77,22 @@ _LIST = f"screen -wipe >/dev/null 2>&1\necho {_LIST_MARK}\nscreen -ls\n"
 #: naps grow (5, 10, 20, then 50 ms) instead of starting at 50 ms: a fixed 50 ms
 #: nap cost a rerun about 150 ms per host in three waits. ``$rr_w`` counts the ms
 #: slept since it was set to 0 (``sleep 1`` where fractions are refused).
-_NAP_FUNCTION = ("rr_nap() {\n"
-                 "  case $rr_w in 0) rr_s=0.005 rr_n=5;; 5) rr_s=0.01 rr_n=10;; "
-                 "15) rr_s=0.02 rr_n=20;; *) rr_s=0.05 rr_n=50;; esac\n"
-                 "  sleep $rr_s 2>/dev/null || { sleep 1; rr_n=1000; }\n"
-                 "  rr_w=$((rr_w+rr_n))\n}\n")
+def nap_function(longest_ms: int = 50) -> str:
+    """Shell text defining ``rr_nap``: 5, 10, 20, 50 ms naps up to *longest_ms*, then that each time."""
+    cases, slept = [], 0
+    for ms in (5, 10, 20, 50):
+        if ms >= longest_ms:
+            break
+        cases.append(f"{slept}) rr_s={ms / 1000:g} rr_n={ms};;")
+        slept += ms
+    cases.append(f"*) rr_s={longest_ms / 1000:g} rr_n={longest_ms};;")
+    return ("rr_nap() {\n"
+            f"  case $rr_w in {' '.join(cases)} esac\n"
+            "  sleep $rr_s 2>/dev/null || { sleep 1; rr_n=1000; }\n"
+            "  rr_w=$((rr_w+rr_n))\n}\n")
+
+
+_NAP_FUNCTION = nap_function()
 
 
 def nap_while(condition: str, timeout: float) -> str:

@@ -40,6 +40,12 @@ BATCHES_IN_FLIGHT = 2
 META_FIELDS = 4
 
 
+def copy_key(attrs: Dict[str, Any]) -> List[Any]:
+    """The copy key of a name's attributes: what a whole copy of its file must match
+    ([size, mtime_ns, ino, ctime_ns], as the local side's ``whole_meta``)."""
+    return [attrs.get("st_size"), attrs.get("st_mtime"), attrs.get("st_ino"), attrs.get("st_ctime")]
+
+
 class FileCache:
     """Whole copies of local files opened read-only, kept on this host between sessions.
 

@@ -11,9 +11,9 @@ from __future__ import annotations
 
 import ctypes
 import threading
-from typing import TYPE_CHECKING, Any, Dict, Optional, Tuple
+from typing import TYPE_CHECKING, Any, Dict, List, Optional
 
-from .caches import LOCAL_FH_BASE
+from .caches import LOCAL_FH_BASE, copy_key
 
 if TYPE_CHECKING:  # pragma: no cover
     from .state import MountState
@@ -21,7 +21,7 @@ if TYPE_CHECKING:  # pragma: no cover
 
 def fuse_class(mfusepy: Any, state: "MountState") -> Any:
     """Return the ``mfusepy.FUSE`` subclass that mounts *state*'s operations."""
-    page_versions: Dict[bytes, Tuple[Any, ...]] = {}  # name -> version of the copy its kernel pages hold
+    page_versions: Dict[bytes, List[Any]] = {}  # name -> copy key of the copy its kernel pages hold
 
     class MirrorFUSE(mfusepy.FUSE):
         """mfusepy drops renameat2 flags and ftruncate's handle; pass them on.
@@ -75,7 +75,7 @@ def fuse_class(mfusepy: Any, state: "MountState") -> Any:
                 page_versions.pop(path, None)
                 return result
             st = copy[1]
-            version = (st.get("st_size"), st.get("st_mtime"), st.get("st_ino"), st.get("st_ctime"))
+            version = copy_key(st)
             if page_versions.get(path) == version:
                 info.keep_cache = 1
             page_versions[path] = version

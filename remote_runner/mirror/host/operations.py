@@ -18,7 +18,7 @@ from typing import Any, Dict, List, Optional, Tuple
 
 from .. import protocol as P
 from ..hardlinks import path_invalidator
-from .caches import FUSE_CAP_CACHE_SYMLINKS, LOCAL_FH_BASE, FileCache, fetch_ahead
+from .caches import FUSE_CAP_CACHE_SYMLINKS, LOCAL_FH_BASE, FileCache, copy_key, fetch_ahead
 from .fusebinding import fuse_class
 from .link import Link
 from .answers import absorb_lookup, split_file
@@ -117,8 +117,7 @@ def make_operations(link: Link, prefix: bytes, files: Optional[FileCache] = None
                 header, data = m.call("getattr", args)
                 data, brought = split_file(header, data)
                 got = absorb_lookup(m.cache, where, header, data, since)
-                if brought is not None and m.files is not None and brought[0] == [
-                        got.get("st_size"), got.get("st_mtime"), got.get("st_ino"), got.get("st_ctime")]:
+                if brought is not None and m.files is not None and brought[0] == copy_key(got):
                     fd = m.files.store_quietly(where, brought[0], [brought[1]])  # its open: answered here
                     if fd is not None:
                         os.close(fd)

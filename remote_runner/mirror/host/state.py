@@ -26,7 +26,7 @@ from typing import Any, Callable, Dict, List, Optional, Set, Tuple
 
 from .. import protocol as P
 from ..hardlinks import LinkNames
-from .caches import LOCAL_FH_BASE, FileCache, fetch_ahead, fetch_rest
+from .caches import LOCAL_FH_BASE, FileCache, copy_key, fetch_ahead, fetch_rest
 from .link import Link
 from .kernel import KernelDrops
 from .names import NameCache, parent as parent_of
@@ -327,8 +327,7 @@ class MountState(NewNames):
         self.files.wait_for(path, self.link.request_timeout)
         have = self.files.lookup(path)
         known = self.cache.get(path)
-        if have is not None and known is not None and not known.get("missing") and [
-                known.get("st_size"), known.get("st_mtime"), known.get("st_ino"), known.get("st_ctime")] == have:
+        if have is not None and known is not None and not known.get("missing") and copy_key(known) == have:
             # What the host holds of the name (watched, or within its lease) matches our copy.
             fd = self.files.open_copy(path, have)
             if fd is not None:
