@@ -355,6 +355,39 @@ def test_a_chmod_of_a_file_made_in_the_session_waits_for_no_reply(lab, local_onl
     assert counts["host"]["asked"].get("chmod", 0) - counts["host"]["posted"].get("chmod", 0) <= 5
 
 
+# Rewrites files in place as fileinput's inplace mode does: the old one renamed away,
+# a new one made with its mode set (chmod) before it is written, then read back at
+# once. A chmod's reply, taken before the write reached this machine, must not
+# stand over the write's own attributes or the close's: it would make the kernel
+# take the new file for empty.
+REWRITING = textwrap.dedent("""
+    import os, sys
+    os.chdir(sys.argv[1])
+    wrong = []
+    for i in range(40):
+        name = "f%02d" % i
+        with open(name, "w") as f:
+            f.write("old %d\\n" % i)
+        os.rename(name, name + ".bak")
+        fd = os.open(name, os.O_CREAT | os.O_WRONLY | os.O_TRUNC, 0o600)
+        os.chmod(name, 0o644)
+        with os.fdopen(fd, "w") as f:
+            f.write("new %d\\n" % i)
+        os.unlink(name + ".bak")
+        with open(name) as f:
+            got = f.read()
+        if got != "new %d\\n" % i:
+            wrong.append((name, got))
+    print(len(wrong), wrong[:3])
+""")
+
+
+def test_a_file_rewritten_in_place_reads_back_what_was_written(lab, local_only, workdir, tmp_path):
+    local, proc, _ = run_here_and_there(lab, local_only, workdir, tmp_path, "h2", REWRITING)
+    assert local.stdout == b"0 []\n"
+    assert proc.stdout == local.stdout
+
+
 # Makes files as a test suite does (new names in a directory it made, mkstemp, an
 # O_EXCL open of a taken name), and checks what it sees of them at once and later:
 # one inode per file whatever asks (fstat, stat, a hard link, a later stat), the

@@ -313,8 +313,10 @@ def make_operations(link: Link, prefix: bytes, files: Optional[FileCache] = None
                 if guess is None or guess.get("st_ino") != m.created.get(fh) or not m.cache.put(
                         name, guess, watched=m.cache.kept(name), since=since):
                     m.cache.changed(name)
-                elif known is not None and m.no_caps.get(path, (0.0, None))[1] == known.get("st_ctime"):
-                    m.no_caps[path] = (m.no_caps[path][0], guess["st_ctime"])  # still none: writes only drop them
+                else:
+                    m.guesses.supersede(name)  # a chmod's reply, taken before this write, is older
+                    if known is not None and m.no_caps.get(path, (0.0, None))[1] == known.get("st_ctime"):
+                        m.no_caps[path] = (m.no_caps[path][0], guess["st_ctime"])  # still none: writes only drop them
                 with m.writing_lock:
                     if m.written.get(fh) != name:
                         m.writing.get(m.written.get(fh, ""), {}).pop(fh, None)
@@ -339,7 +341,9 @@ def make_operations(link: Link, prefix: bytes, files: Optional[FileCache] = None
                 # Its reply brings the file's attributes, which replace what was guessed.
                 since = m.cache.begin()
                 name = m.wire(path) if path is not None else None
-                slot = m.link.submit("flush", {"fh": fh, "seq": m.writes.next_seq(fh), "st": 1})
+                args = {"fh": fh, "seq": m.writes.next_seq(fh), "st": 1}
+                m.after_changes(args)  # its attributes then follow a chmod sent before it, too
+                slot = m.link.submit("flush", args)
                 header: Dict[str, Any] = {}
                 try:
                     m.writes.settle(fh)
@@ -355,6 +359,7 @@ def make_operations(link: Link, prefix: bytes, files: Optional[FileCache] = None
                         if isinstance(st, dict) and m.cache.put(
                                 name, st, watched=bool(header.get("w")) and m.cache.kept(name), since=since):
                             m.flushed[fh] = None
+                            m.guesses.supersede(name)
                         else:
                             m.cache.changed(name)
                         if fh in m.created and m.drops is not None:

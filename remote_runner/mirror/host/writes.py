@@ -280,6 +280,12 @@ class DirectoryGuesses:
             del self._latest[directory]
             return True
 
+    def supersede(self, name: str) -> None:
+        """Newer attributes of *name* stand here (the host's own write, a close's answer): the
+        reply to a change made before them must not replace them, so no pending one will."""
+        with self._lock:
+            self._latest.pop(name, None)
+
 
 def predicted_directory(attrs: Optional[Dict[str, Any]], op: str, now_ns: int) -> Optional[Dict[str, Any]]:
     """A directory's attributes after the host's own change of a name in it, until the reply.
