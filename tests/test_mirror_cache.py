@@ -589,6 +589,9 @@ class _SlowLink:
                 out.append(({}, b""))
         return out
 
+    def call_each(self, op, many, timeout=None):
+        yield from self.call_many(op, many, timeout)
+
     def post(self, op, args):
         if op == "release":  # a batch's handle (one file per batch here): the batch is done
             with self.lock:
@@ -613,6 +616,51 @@ def test_prefetch_runs_two_batches_at_once_and_wakes_each_file_when_stored(tmp_p
     assert link.most_at_once == 2
     assert all(cache.lookup(name) == [900, 1, 2, 3] for name in files)
     assert woke["at"] < done - 0.05  # the first file was there well before the last batch
+
+
+class _TrickleLink:
+    """Answers a prefetch's opens one by one, *gap* seconds apart (small files: no handle)."""
+
+    def __init__(self, files, gap: float, claimed=None) -> None:
+        self.files, self.gap = files, gap
+        self.claimed = claimed or {}  # path -> the size its answer claims
+        self.last_answer = 0.0
+
+    def call_each(self, op, many, timeout=None):
+        for args in many:
+            time.sleep(self.gap)
+            data = self.files[args["path"]]
+            self.last_answer = time.monotonic()
+            yield {"whole": [self.claimed.get(args["path"], len(data)), 1, 2, 3]}, data
+
+    def call_many(self, op, many, timeout=None):
+        return list(self.call_each(op, many, timeout))
+
+    def post(self, op, args):
+        raise AssertionError("no handle was given, none may be released")
+
+
+def test_a_file_of_a_batch_is_kept_as_soon_as_its_answer_came(tmp_path):
+    """A batch lists the files in the order the program will want them: the first one must
+    not wait for the batch's last answer."""
+    import threading
+    from remote_runner.mirror.host import caches
+    files = {f"/lib/m{i}": bytes([i]) * 100 for i in range(5)}   # one batch
+    link = _TrickleLink(files, gap=0.1)
+    cache = FileCache(str(tmp_path / "c"), limit=1 << 20)
+    woke = {}
+    waiter = threading.Thread(target=lambda: (cache.wait_for("/lib/m0", 30), woke.setdefault("at", time.monotonic())))
+    cache.expect(["/lib/m0"])
+    waiter.start()
+    assert caches.prefetch(link, cache, [(name, [100, 1, 2, 3]) for name in files]) == 5
+    waiter.join(5)
+    assert all(cache.lookup(name) == [100, 1, 2, 3] for name in files)
+    assert woke["at"] < link.last_answer - 0.2  # stored while four answers were still to come
+    # an answer whose bytes are not the size it claims (the file changed as it was read) is not kept
+    cache2 = FileCache(str(tmp_path / "c2"), limit=1 << 20)
+    short = _TrickleLink({"/lib/x": b"short"}, 0, claimed={"/lib/x": 100})
+    assert caches.prefetch(short, cache2, [("/lib/x", [100, 1, 2, 3])]) == 0
+    assert cache2.lookup("/lib/x") is None
 
 
 def test_a_lookup_in_a_package_brings_its_compiled_init_and_modules(public_tmp):

@@ -177,6 +177,9 @@ class GatedLink:
         assert self.gate.wait(30)
         return [self._one(op, args) for args in many]
 
+    def call_each(self, op, many, timeout=None):
+        yield from self.call_many(op, many, timeout)
+
     def _one(self, op, args):
         reply = self.service.handle(op, args, b"")
         return reply.fields, reply.payload

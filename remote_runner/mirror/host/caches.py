@@ -344,29 +344,43 @@ def fetch_ahead(link: Link, files: FileCache, cache: NameCache, listing: Dict[st
 
 
 def _prefetch_batch(link: Link, files: FileCache, batch: List[str]) -> int:
+    """Fetch *batch*: each file that fits its first answer is stored as it comes (the batch is
+    in the order the program will want it), the bigger ones once their rest is read."""
     # O_NONBLOCK: a name replaced by a FIFO since it was listed must not block a local worker.
-    replies = link.call_many("open", [{"path": name, "flags": os.O_RDONLY | os.O_NONBLOCK,
+    replies = link.call_each("open", [{"path": name, "flags": os.O_RDONLY | os.O_NONBLOCK,
                                        "whole": True, "have": None, "ahead": 1} for name in batch])
     items, names = [], []
+    stored = 0
     for name, reply in zip(batch, replies):
         if isinstance(reply, OSError):
+            files.arrived([name])
             continue
         header, first = reply
-        if not header.get("whole"):
+        meta = header.get("whole")
+        if not meta:
             if "fh" in header:
-                link.call_many("release", [{"fh": header["fh"]}])
-            continue
-        items.append((header.get("fh"), first, int(header["whole"][0])))
-        names.append((name, header["whole"]))
-    stored = 0
+                link.post("release", {"fh": header["fh"]})
+            files.arrived([name])
+        elif "fh" in header:
+            items.append((header["fh"], first, int(meta[0])))
+            names.append((name, meta))
+        else:
+            stored += _store_ahead(files, name, meta, [first] if len(first) == int(meta[0]) else None)
     for (name, meta), chunks in zip(names, fetch_rest(link, items)):
-        if chunks is not None:
-            fd = files.store_quietly(name, meta, chunks)
-            if fd is not None:
-                os.close(fd)
-                files.fetched_ahead.add(name)
-                stored += 1
-        files.arrived([name])  # an open waiting for this one goes on
+        stored += _store_ahead(files, name, meta, chunks)
+    return stored
+
+
+def _store_ahead(files: FileCache, name: str, meta: List[int], chunks: Optional[List[bytes]]) -> int:
+    """Keep a file fetched ahead (*chunks* None: it changed on the way); 1 if it was stored."""
+    stored = 0
+    if chunks is not None:
+        fd = files.store_quietly(name, meta, chunks)
+        if fd is not None:
+            os.close(fd)
+            files.fetched_ahead.add(name)
+            stored = 1
+    files.arrived([name])  # an open waiting for this one goes on
     return stored
 
 

@@ -13,7 +13,7 @@ import os
 import queue
 import threading
 import time
-from typing import Any, Callable, Dict, List, Optional, Set, Tuple
+from typing import Any, Callable, Dict, Iterator, List, Optional, Set, Tuple
 
 from .. import protocol as P
 
@@ -116,15 +116,28 @@ class Link:
 
         Returns (header, payload) per request, or the OSError it failed with.
         """
+        return list(self.call_each(op, many, timeout))
+
+    def call_each(self, op: str, many: List[Dict[str, Any]],
+                  timeout: Optional[float] = None) -> Iterator[Any]:
+        """:meth:`call_many`, each answer given as soon as it (and those before it) came.
+
+        Every request is sent at the first ``next()``; a caller that stops
+        early leaves no request waiting in the pending table.
+        """
         slots = [self._submit(op, args, b"") for args in many]
         self._count_wait()
-        results: List[Any] = []
-        for slot in slots:
-            try:
-                results.append(self._wait(slot, timeout))
-            except OSError as exc:
-                results.append(exc)
-        return results
+        try:
+            for slot in slots:
+                try:
+                    answer: Any = self._wait(slot, timeout)
+                except OSError as exc:
+                    answer = exc
+                yield answer
+        finally:
+            with self._lock:
+                for slot in slots:
+                    self._pending.pop(slot[3], None)
 
     def post(self, op: str, args: Dict[str, Any]) -> None:
         """Send a request whose answer nobody waits for (its reply, matching no slot, is dropped).
