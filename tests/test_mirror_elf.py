@@ -223,6 +223,72 @@ def test_first_run_fetches_a_programs_libraries_ahead(lab, local_only, workdir, 
         assert len(host_copies(lab, lib)) == 1
 
 
+def test_glibc_locale_names_are_normalized_as_glibc_does():
+    assert elf.normalized_locale("C.UTF-8") == "C.utf8"
+    assert elf.normalized_locale("en_US.UTF-8@euro") == "en_US.utf8@euro"
+    assert elf.normalized_locale("de_DE.8859-1") == "de_DE.iso88591"
+    assert elf.normalized_locale("C") == "C"
+
+
+def test_what_the_c_library_reads_at_start_follows_the_environment(tmp_path, monkeypatch):
+    """The locale's directory and category files, the alias files, the converters' cache beside
+    libc and the zone file, for the names the environment gives; nothing without a libc."""
+    locales = tmp_path / "locale"
+    (locales / "xx_YY.utf8" / "LC_MESSAGES").mkdir(parents=True)
+    (locales / "xx_YY.utf8" / "LC_CTYPE").write_bytes(b"ctype")
+    (locales / "xx_YY.utf8" / "LC_MESSAGES" / "SYS_LC_MESSAGES").write_bytes(b"messages")
+    monkeypatch.setattr(elf, "LOCALE_DIR", str(locales))
+    libs = ["/opt/x/lib/libm.so.6", "/opt/x/lib/libc.so.6"]
+    assert elf.libc_files(["/opt/x/lib/libm.so.6"], {"LANG": "xx_YY.UTF-8"}) == []
+    found = elf.libc_files(libs, {"LANG": "xx_YY.UTF-8"})
+    assert found == ["/etc/localtime", f"{locales}/locale-archive", *elf.LOCALE_ALIASES,
+                     f"{locales}/xx_YY.UTF-8", f"{locales}/xx_YY.utf8",
+                     f"{locales}/xx_YY.utf8/LC_CTYPE", f"{locales}/xx_YY.utf8/LC_MESSAGES/SYS_LC_MESSAGES",
+                     "/opt/x/lib/gconv/gconv-modules.cache"]
+    # LC_ALL and the others name more locales; C and POSIX need no file; TZ names the zone
+    assert elf.libc_files(libs, {"LANG": "C", "TZ": ":Europe/Paris"}) == ["/usr/share/zoneinfo/Europe/Paris"]
+    assert elf.libc_files(libs, {"LC_ALL": "POSIX", "TZ": "/srv/zone"}) == ["/srv/zone"]
+    both = elf.libc_files(libs, {"LC_ALL": "xx_YY.utf8", "LC_TIME": "zz_ZZ", "TZ": ""})
+    assert f"{locales}/zz_ZZ" in both and both.count(f"{locales}/xx_YY.utf8") == 1
+    assert not any("zoneinfo" in p or "localtime" in p for p in both)
+
+
+@needs_gcc
+@pytest.mark.lab
+def test_a_first_run_has_its_locale_and_time_zone_files_with_its_libraries(lab, local_only, workdir,
+                                                                            tmp_path):
+    """glibc's setlocale and tzset read files in directories no lookup has listed yet: on a
+    first run they come with the program's libraries, not one round trip each."""
+    if not os.path.isdir("/usr/lib/locale/C.utf8"):
+        pytest.skip("no C.utf8 locale directory here")
+    source = local_only / "loc.c"
+    source.write_text(textwrap.dedent("""\
+        #include <locale.h>
+        #include <stdio.h>
+        #include <time.h>
+        int main(void) {
+            const char *name = setlocale(LC_ALL, "");
+            tzset();
+            printf("%s\\n", name ? name : "none");
+            return 0;
+        }
+        """))
+    program = local_only / "loc"
+    subprocess.run(["gcc", "-o", str(program), str(source)], check=True, capture_output=True)
+    settle(program)
+    ssh(lab, HOST, "rm -rf ~/.cache/remote-runner/files ~/.cache/remote-runner/files.profiles")
+    env = {"XDG_CACHE_HOME": str(tmp_path / "fresh-profiles"), "LANG": "C.UTF-8", "LC_ALL": ""}
+    env.pop("TZ", None)
+    proc = rr_exec(lab, HOST, [str(program)], workdir, "--debug-rpc", "-l", "INFO", env=env)
+    assert proc.returncode == 0 and proc.stdout == b"C.UTF-8\n", proc.stderr.decode()
+    asked = rpc_lines(proc.stderr, "getattr") + rpc_lines(proc.stderr, "open") + rpc_lines(proc.stderr, "readdir")
+    ctype = [line for line in asked if "/usr/lib/locale/C.utf8/LC_CTYPE'" in line]
+    assert ctype and all(f"'flags': {os.O_RDONLY | os.O_NONBLOCK}," in line for line in ctype), ctype
+    for name in ("/usr/lib/locale'", "/usr/lib/locale/C.utf8'", "/usr/share/locale/locale.alias'",
+                 "/etc/localtime'", "gconv-modules.cache'"):
+        assert not [line for line in asked if name in line and "'ahead'" not in line], (name, asked)
+
+
 @needs_gcc
 def test_the_paths_tried_before_a_library_is_found_are_named(tmp_path):
     """A RUNPATH directory lacking a library is looked in first: a negative lookup the host can be told."""

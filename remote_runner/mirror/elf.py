@@ -24,7 +24,7 @@ import struct
 import subprocess
 from collections import deque
 from functools import lru_cache
-from typing import Dict, List, NamedTuple, Optional, Tuple
+from typing import Dict, List, Mapping, NamedTuple, Optional, Tuple
 
 MAGIC = b"\x7fELF"
 PT_LOAD, PT_DYNAMIC, PT_INTERP = 1, 2, 3
@@ -133,6 +133,74 @@ def loader_files(program: str) -> List[str]:
     """:data:`LOADER_FILES` if *program* is started by a loader (has an interpreter), else []."""
     top = read_dynamic(program)
     return list(LOADER_FILES) if top is not None and top.interp is not None else []
+
+
+#: What glibc reads as a program starts, besides its libraries: the locale the
+#: environment names (``setlocale(LC_ALL, "")``, which Python, git and most tools call
+#: first: its archive, its alias files, then one directory per locale name), the
+#: converters' cache beside the C library, and the time zone (``tzset``: ``$TZ``, else
+#: ``/etc/localtime``). Each is a lookup or an open in a directory not seen yet: a round
+#: trip apiece on a first run.
+LOCALE_DIR = "/usr/lib/locale"
+LOCALE_ALIASES = ("/usr/share/locale/locale.alias", "/etc/locale.alias")
+#: The variables that name a locale, strongest first (``LANGUAGE`` names catalogues only).
+LOCALE_VARIABLES = ("LC_ALL", "LC_CTYPE", "LC_MESSAGES", "LC_COLLATE", "LC_NUMERIC", "LC_TIME",
+                    "LC_MONETARY", "LANG")
+ZONE_DEFAULT, ZONE_DIR = "/etc/localtime", "/usr/share/zoneinfo"
+
+
+def libc_files(libraries: List[str], environ: Mapping[str, str]) -> List[str]:
+    """What glibc reads for *environ*'s locale and time zone, if a ``libc.so.6`` is among *libraries*.
+
+    Every locale name a variable gives (the ``C``/``POSIX`` locale needs no
+    file), as written and with its codeset normalized (``C.UTF-8`` is the
+    directory ``C.utf8``), each directory's category files, and
+    ``gconv-modules.cache``; the zone file. Names that do not exist are listed
+    too: they are answered as missing.
+    """
+    libc = next((lib for lib in libraries if os.path.basename(lib) == "libc.so.6"), None)
+    if libc is None:
+        return []
+    zone = environ.get("TZ")
+    if zone is None:
+        out = [ZONE_DEFAULT]
+    else:
+        zone = zone[1:] if zone.startswith(":") else zone
+        out = [zone if zone.startswith("/") else os.path.join(ZONE_DIR, zone)] if zone else []
+    names: List[str] = []
+    for variable in LOCALE_VARIABLES:
+        value = environ.get(variable, "")
+        if value and value not in ("C", "POSIX") and "/" not in value and value not in names:
+            names.append(value)
+    if not names:
+        return out
+    out += [os.path.join(LOCALE_DIR, "locale-archive"), *LOCALE_ALIASES]
+    for name in names:
+        for candidate in dict.fromkeys((name, normalized_locale(name))):
+            directory = os.path.join(LOCALE_DIR, candidate)
+            out.append(directory)
+            try:
+                entries = sorted(os.listdir(directory))
+            except OSError:
+                continue
+            for entry in entries:
+                path = os.path.join(directory, entry)
+                out.append(os.path.join(path, "SYS_LC_MESSAGES") if os.path.isdir(path) else path)
+    out.append(os.path.join(os.path.dirname(libc), "gconv", "gconv-modules.cache"))
+    return list(dict.fromkeys(out))
+
+
+def normalized_locale(name: str) -> str:
+    """*name* with its codeset as glibc normalizes it: lower-case letters and digits only
+    (``UTF-8`` -> ``utf8``; digits alone get ``iso``: ``8859-1`` -> ``iso88591``)."""
+    language, dot, rest = name.partition(".")
+    if not dot:
+        return name
+    codeset, at, modifier = rest.partition("@")
+    norm = "".join(c.lower() for c in codeset if c.isalnum())
+    if norm.isdigit():
+        norm = "iso" + norm
+    return f"{language}.{norm}{at}{modifier}"
 
 
 @lru_cache(maxsize=1)

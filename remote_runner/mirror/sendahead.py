@@ -305,7 +305,8 @@ class SendAhead:
             meta = self._whole_meta(P.name_to_wire(walked[-1])) if walked else None
             if meta is not None:
                 whole.append([P.name_to_wire(walked[-1]), meta])
-                probed.setdefault(os.path.dirname(os.fsencode(library)), None)
+                if ".so" in os.path.basename(library):  # (not the loader's cache, a locale file)
+                    probed.setdefault(os.path.dirname(os.fsencode(library)), None)
         if not whole:
             return None
         # A directory the loader searches by path is first probed for builds by CPU level.
@@ -319,12 +320,18 @@ class SendAhead:
 
     @staticmethod
     def _loader_list(name: str) -> List[str]:
-        """What the loader opens or tries for *name*: its libraries, for a program its own files too."""
+        """What the loader opens or tries for *name*: its libraries; for a program its own files
+        too, and those the C library reads for the locale and time zone (:func:`~.elf.libc_files`)."""
         path = os.fsdecode(P.name_from_wire(name))
         misses: List[str] = []
         libraries = elf.closure(path, misses)
         # (a miss is walked to its missing name: a negative answer, nothing sent whole)
-        return libraries + elf.loader_files(path) + list(dict.fromkeys(misses)) if libraries else []
+        if not libraries:
+            return []
+        own = elf.loader_files(path)  # (none for a library: its process has them already)
+        if own:
+            own += elf.libc_files(libraries, os.environ)
+        return libraries + own + list(dict.fromkeys(misses))
 
     def _libraries_ahead(self, name: str) -> None:
         """(:meth:`prepare`) Work out *name*'s libraries before the host opens it."""
