@@ -254,18 +254,14 @@ def test_a_first_run_of_another_script_benefits_from_earlier_runs_of_its_interpr
     alone, seeded = runs["b alone"], runs["b seeded"]
     print(f"first python3 b.py on a new host: {alone['requests']} requests, {alone['host']['waits']} waits "
           f"alone; {seeded['requests']} requests, {seeded['host']['waits']} waits seeded by python3 a.py")
-    # (directory answers, a package's bytecode listed with its first probe and the C library's
-    # locale and zone files sent with the interpreter already spare the unseeded run most
-    # lookups and opens: the seed's margin is the waits it saves, which every gain of the
-    # unseeded run leaves as they were; measured on Debian 12: 37 seeded vs 66 alone, then
-    # 35 vs 49 once the locale came with the libraries)
-    assert seeded["requests"] <= alone["requests"]
-    assert alone["host"]["waits"] - seeded["host"]["waits"] >= 10
-    # The seed answered b.py's lookups: the interpreter's names, not only a.py's command.
-    # (Measured on Debian 12: 21 lookups seeded vs 26 alone, 31 alone before a looked-up
-    # directory brought its own listing; the rest are b.py's own names and the few
-    # directories whose answers come with the first lookup anyway.)
-    assert seeded["served"].get("getattr", 0) < alone["served"]["getattr"]
+    # (directory answers, a package's bytecode listed with its first probe, and the C
+    # library's and the interpreter's start-up files sent with it already spare the unseeded
+    # run nearly every lookup a profile used to answer: what the seed still saves is the
+    # round trips of the modules both scripts import, fetched before the command starts.
+    # Measured on Debian 12: 37 waits seeded vs 66 alone at first, 35 vs 49 once the locale
+    # came with the libraries, 33 vs 38 with the interpreter's start-up; 410 vs 406 requests.)
+    assert seeded["host"]["waits"] + 3 <= alone["host"]["waits"]
+    assert seeded["requests"] <= alone["requests"] * 1.05
 
 
 def test_profiles_are_shared_per_executable_and_per_tree(tmp_path, monkeypatch):

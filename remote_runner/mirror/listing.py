@@ -33,6 +33,9 @@ from remote_runner.mirror.watcher import kept_while_unchanged
 
 #: The most directories a host may offer in one ``validate``.
 VALIDATE_DIRS = 4096
+#: Directories a program's reply answers whole (an interpreter's, :mod:`.interpreters`): at most
+#: this many entries each and encoded bytes in all (the reply's header stays well under its limit).
+LIBS_LISTING_ENTRIES, LIBS_LISTING_BYTES = 1024, 192 << 10
 #: Directory answers kept for reuse while their directory is unchanged (see ``_listing``).
 ANSWERS_KEPT = 4096
 #: Where the access time is in a stat row (it moves on every read, with no event).
@@ -255,6 +258,27 @@ class DirectoryAnswers:
         found = kept_while_unchanged(self.watcher, self._answers, (directory, max_entries), directory, compute,
                                      ANSWERS_KEPT, still=lambda kept: _links_unchanged(directory, kept[2]))
         return found[0], found[1]
+
+    def _listings_ahead(self, directories: List[Tuple[str, List[bytes]]],
+                        names: Dict[str, None]) -> List[List[Any]]:
+        """``[[directory, answer, watched], ...]``: *directories* (each with the paths a lookup
+        walks to reach it) answered whole, as a lookup that asks for its directory is, within
+        ``LIBS_LISTING_BYTES``; the walked paths join *names*. (For a program's reply, see
+        :meth:`~.sendahead.SendAhead._libraries`.)"""
+        out: List[List[Any]] = []
+        budget = LIBS_LISTING_BYTES
+        for directory, walked in directories:
+            for path in walked:
+                names.setdefault(P.name_to_wire(path), None)
+            if not walked or os.fsencode(os.path.realpath(directory)) != walked[-1]:
+                continue  # missing, or reached through a link: its lookups answer it
+            raw = walked[-1]
+            watched = 1 if self._watch(raw) else 0  # before listing: no change is missed
+            answer, payload = self._listing(raw, LIBS_LISTING_ENTRIES)
+            if answer and len(payload) <= budget:
+                budget -= len(payload)
+                out.append([P.name_to_wire(raw), answer, watched])
+        return out
 
     def _confirm_listings(self, offered: Any) -> Tuple[List[Any], List[int]]:
         """Answer a host's kept directories (``[[directory, digest], ...]``, see ``host/listings.py``).

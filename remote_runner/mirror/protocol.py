@@ -32,8 +32,9 @@ size/mtime/inode of the host's copy): the reply then says the copy is current
 (no data) or carries the file's first chunk, so a program start costs one
 round trip per file instead of one per read. When that file is a dynamically
 linked program, the reply also carries ``libs`` (shaped like a ``validate``
-reply: names, answers, whole files): the libraries the loader will open next,
-which the agent fetches at once. Large replies may also come over
+reply: names, answers, whole files; ``dirs``: directories answered whole): the
+libraries the loader will open next and what the C library and an interpreter
+read at start, which the agent keeps and fetches at once. Large replies may also come over
 extra channels ("lanes", :mod:`.host.lanes`), past one channel's window. A session starts with one
 ``boot`` frame holding everything the command needs (argv, cwd, env, umask,
 tty mode, window size, the file-cache origin).

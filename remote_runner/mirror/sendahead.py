@@ -17,7 +17,7 @@ import stat
 from collections import Counter
 from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 
-from remote_runner.mirror import elf
+from remote_runner.mirror import elf, interpreters
 from remote_runner.mirror import protocol as P
 from remote_runner.mirror.listing import VALIDATE_DIRS
 from remote_runner.mirror.replies import OpError, Reply
@@ -295,10 +295,11 @@ class SendAhead:
         """
         if found is None:
             found = self._loader_list(name)
+        listed = [p for p in found if p.endswith("/")]  # directories to answer whole
         names: Dict[str, None] = {}
         whole = []
         probed: Dict[bytes, None] = {}
-        for library in found:
+        for library in (p for p in found if not p.endswith("/")):
             walked = walk(os.fsencode(library))
             for path in walked:
                 names.setdefault(P.name_to_wire(path), None)
@@ -314,14 +315,19 @@ class SendAhead:
             for sub in elf.PROBED_SUBDIRS:
                 for path in walk(folder + b"/" + sub):
                     names.setdefault(P.name_to_wire(path), None)
+        dirs = self._listings_ahead([(d, walk(os.fsencode(d.rstrip("/")))) for d in listed], names)
         watched = [1 if self._watch_parent(n) else 0 for n in names]
-        return {"names": list(names), "answers": [self._lookup(n) for n in names], "whole": whole,
+        body = {"names": list(names), "answers": [self._lookup(n) for n in names], "whole": whole,
                 "w": watched}
+        if dirs:
+            body["dirs"] = dirs
+        return body
 
     @staticmethod
     def _loader_list(name: str) -> List[str]:
         """What the loader opens or tries for *name*: its libraries; for a program its own files
-        too, and those the C library reads for the locale and time zone (:func:`~.elf.libc_files`)."""
+        too, those the C library reads for the locale and time zone (:func:`~.elf.libc_files`), and
+        an interpreter's own (:mod:`.interpreters`; a directory to answer whole ends in ``/``)."""
         path = os.fsdecode(P.name_from_wire(name))
         misses: List[str] = []
         libraries = elf.closure(path, misses)
@@ -330,7 +336,7 @@ class SendAhead:
             return []
         own = elf.loader_files(path)  # (none for a library: its process has them already)
         if own:
-            own += elf.libc_files(libraries, os.environ)
+            own += elf.libc_files(libraries, os.environ) + interpreters.startup_files(path, os.environ)
         return libraries + own + list(dict.fromkeys(misses))
 
     def _libraries_ahead(self, name: str) -> None:

@@ -11,6 +11,7 @@ Shipped to hosts inside the agent's zipapp (``rrmirror.host``): stdlib only, Pyt
 
 from __future__ import annotations
 
+import json
 from typing import Any, Dict, List, Optional, Tuple
 
 from .kernel import KernelDrops
@@ -91,6 +92,18 @@ def absorb_answers(cache: NameCache, names: List[Any], answers: List[Any], watch
         elif isinstance(answer, list) and len(answer) == 2 and isinstance(answer[0], dict):
             link = answer[1] if isinstance(answer[1], str) else None
             cache.put(path, answer[0], watched=w, since=since, link=link)
+
+
+def absorb_listings(cache: NameCache, dirs: Any, since: Optional[int]) -> None:
+    """Keep the directories a reply answered whole (``[[directory, answer, watched], ...]``,
+    each answer as a lookup that asks for its directory gets it); a malformed one is skipped."""
+    for item in dirs if isinstance(dirs, list) else ():
+        if not (isinstance(item, list) and len(item) == 3 and isinstance(item[0], str)
+                and item[0].startswith("/") and isinstance(item[1], dict)):
+            continue
+        entries = listing_entries(json.dumps(item[1]).encode("utf-8"))
+        if entries is not None:
+            cache.put_listing(item[0], entries, watched=bool(item[2]), since=since)
 
 
 def absorb_invalidation(cache: NameCache, drops: Optional[KernelDrops], header: Dict[str, Any]) -> int:

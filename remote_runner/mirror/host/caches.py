@@ -19,7 +19,7 @@ from typing import Any, Callable, Dict, List, Optional, Set, Tuple
 
 from .. import protocol as P
 from .link import Link
-from .answers import absorb_answers
+from .answers import absorb_answers, absorb_listings
 from .names import NameCache
 
 LOG = logging.getLogger("remote_runner.mirror.agent")
@@ -326,6 +326,7 @@ def fetch_ahead(link: Link, files: FileCache, cache: NameCache, listing: Dict[st
     names, answered = list(listing.get("names") or []), [time.monotonic()]
     watched = list(listing.get("w") or [])
     absorb_answers(cache, names, list(listing.get("answers") or []), watched, since)
+    absorb_listings(cache, listing.get("dirs"), since)
     wanted = wanted_files(files, list(listing.get("whole") or []))
     if not wanted:
         return
