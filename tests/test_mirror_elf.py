@@ -253,6 +253,19 @@ def test_what_the_c_library_reads_at_start_follows_the_environment(tmp_path, mon
     assert not any("zoneinfo" in p or "localtime" in p for p in both)
 
 
+def test_openssls_configuration_is_the_one_its_library_names(tmp_path):
+    crypto = tmp_path / "libcrypto.so.3"
+    crypto.write_bytes(b"\x7fELF" + b"\0" * 1000 + b'OPENSSLDIR: "/opt/tls"\0more' + b"\0" * 100)
+    libs = ["/lib/libc.so.6", str(crypto)]
+    assert elf.openssl_files(libs, {}) == ["/opt/tls/openssl.cnf"]
+    assert elf.openssl_files(libs, {"OPENSSL_CONF": "/srv/my.cnf"}) == ["/srv/my.cnf"]
+    assert elf.openssl_files(libs, {"OPENSSL_CONF": "relative.cnf"}) == []
+    assert elf.openssl_files(["/lib/libc.so.6"], {}) == []  # not linked with OpenSSL
+    other = tmp_path / "libcrypto.so.1.1"
+    other.write_bytes(b"\x7fELF no directory named here")
+    assert elf.openssl_files([str(other)], {}) == []
+
+
 @needs_gcc
 @pytest.mark.lab
 def test_a_first_run_has_its_locale_and_time_zone_files_with_its_libraries(lab, local_only, workdir,

@@ -42,7 +42,8 @@ def test_a_cpython_start_is_derived_from_the_executables_real_path(tmp_path):
     prefix = _layout(tmp_path)
     stdlib, site = f"{prefix}/lib/python3.9", f"{prefix}/lib/python3.9/site-packages"
     found = interpreters.startup_files(str(prefix / "bin" / "python3"), {"HOME": "/home/u"})
-    for name in (f"{prefix}/bin/python3._pth", f"{prefix}/bin/pyvenv.cfg", f"{prefix}/pyvenv.cfg",
+    for name in (f"{prefix}/bin/python3._pth", f"{prefix}/bin/pybuilddir.txt", f"{prefix}/bin/pyvenv.cfg",
+                 f"{prefix}/pyvenv.cfg",
                  f"{prefix}/lib/python39.zip", f"{stdlib}/os.py", f"{stdlib}/sitecustomize.py",
                  "/home/u/.local/lib/python3.9/site-packages", f"{site}/extra.pth",
                  f"{prefix}/local/lib/python3.9/dist-packages", f"{prefix}/lib/python3/dist-packages"):
@@ -103,10 +104,13 @@ def test_a_first_python_run_asks_nothing_for_its_path_configuration_and_site(lab
         pytest.skip("no CPython at /usr/bin/python3 here")
     stdlib = os.path.dirname(next(p for p in expected if p.endswith("/os.py")))
     ssh(lab, HOST, "rm -rf ~/.cache/remote-runner/files ~/.cache/remote-runner/files.profiles")
-    proc = rr_exec(lab, HOST, ["/usr/bin/python3", "-c", "import sys; print(len(sys.path) > 1)"], workdir,
+    proc = rr_exec(lab, HOST, ["/usr/bin/python3", "-c", "import ssl, sys; print(len(sys.path) > 1)"], workdir,
                    "--debug-rpc", "-l", "INFO", env={"XDG_CACHE_HOME": str(tmp_path / "fresh-profiles")})
     assert proc.returncode == 0 and proc.stdout == b"True\n", proc.stderr.decode()
     asked = rpc_lines(proc.stderr, "getattr") + rpc_lines(proc.stderr, "readdir")
-    for name in ("pyvenv.cfg'", "._pth'", ".zip'", f"{stdlib}/os.py'", f"{stdlib}/lib-dynload'",
-                 "dist-packages'", "site-packages'"):
+    # (and OpenSSL's configuration, which _ssl's libcrypto reads: see elf.openssl_files)
+    bindir = os.path.dirname(python)
+    for name in ("pyvenv.cfg'", "._pth'", "pybuilddir.txt'", f"{bindir}/Modules'", f"{bindir}/lib'", ".zip'",
+                 f"{stdlib}/os.py'",
+                 f"{stdlib}/lib-dynload'", "dist-packages'", "site-packages'", "openssl.cnf'", "/ssl'"):
         assert not [line for line in asked if name in line], (name, asked)

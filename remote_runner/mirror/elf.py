@@ -190,6 +190,43 @@ def libc_files(libraries: List[str], environ: Mapping[str, str]) -> List[str]:
     return list(dict.fromkeys(out))
 
 
+#: How libcrypto names the directory of its configuration (``OpenSSL_version(OPENSSL_DIR)``).
+_OPENSSL_DIR = b'OPENSSLDIR: "'
+
+
+def openssl_files(libraries: List[str], environ: Mapping[str, str]) -> List[str]:
+    """The configuration OpenSSL reads as it starts, if a ``libcrypto.so`` is among *libraries*.
+
+    ``$OPENSSL_CONF``, else ``openssl.cnf`` in the directory the library was
+    built for (Debian's ``/usr/lib/ssl``, a link into ``/etc/ssl``; others
+    ``/etc/pki/tls``...), which the library's own bytes name.
+    """
+    crypto = next((lib for lib in libraries if os.path.basename(lib).startswith("libcrypto.so.")), None)
+    if crypto is None:
+        return []
+    conf = environ.get("OPENSSL_CONF")
+    if conf is not None:
+        return [conf] if conf.startswith("/") else []
+    directory = openssl_dir(crypto)
+    return [directory + "/openssl.cnf"] if directory else []
+
+
+@lru_cache(maxsize=16)
+def openssl_dir(library: str) -> Optional[str]:
+    """The configuration directory libcrypto at *library* was built for (None: not found)."""
+    try:
+        with open(library, "rb") as fh:
+            data = fh.read(64 << 20)
+    except OSError:
+        return None
+    start = data.find(_OPENSSL_DIR)
+    end = data.find(b'"', start + len(_OPENSSL_DIR)) if start >= 0 else -1
+    if end < 0 or end - start > 4096:
+        return None
+    found = data[start + len(_OPENSSL_DIR):end].decode("utf-8", "replace")
+    return found if found.startswith("/") else None
+
+
 def normalized_locale(name: str) -> str:
     """*name* with its codeset as glibc normalizes it: lower-case letters and digits only
     (``UTF-8`` -> ``utf8``; digits alone get ``iso``: ``8859-1`` -> ``iso88591``)."""

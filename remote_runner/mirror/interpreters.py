@@ -46,7 +46,9 @@ def startup_files(program: str, environ: Mapping[str, str]) -> List[str]:
     stdlib = os.path.join(prefix, "lib", f"python{version}")
     # ``._pth`` beside the executable is looked for under the name it was started by
     out = [os.path.join(bindir, f"{name}._pth") for name in ("python", f"python{major}", f"python{version}")]
-    out += [os.path.join(bindir, "pyvenv.cfg"), os.path.join(prefix, "pyvenv.cfg"),
+    out += [os.path.join(bindir, "pybuilddir.txt"), os.path.join(bindir, "Modules", "Setup.local"),
+            os.path.join(bindir, "lib", f"python{version}", "os.py"),  # the landmarks are searched upwards
+            os.path.join(bindir, "pyvenv.cfg"), os.path.join(prefix, "pyvenv.cfg"),
            os.path.join(prefix, "lib", f"python{tag}.zip"), os.path.join(stdlib, "os.py"),
            stdlib + "/", os.path.join(stdlib, "lib-dynload") + "/", os.path.join(stdlib, "__pycache__") + "/",
            # site imports it from the library (Debian's is a link into /etc)

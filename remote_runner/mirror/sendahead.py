@@ -327,7 +327,8 @@ class SendAhead:
     def _loader_list(name: str) -> List[str]:
         """What the loader opens or tries for *name*: its libraries; for a program its own files
         too, those the C library reads for the locale and time zone (:func:`~.elf.libc_files`), and
-        an interpreter's own (:mod:`.interpreters`; a directory to answer whole ends in ``/``)."""
+        an interpreter's own (:mod:`.interpreters`; a directory to answer whole ends in ``/``);
+        OpenSSL's configuration for anything linked with it (:func:`~.elf.openssl_files`)."""
         path = os.fsdecode(P.name_from_wire(name))
         misses: List[str] = []
         libraries = elf.closure(path, misses)
@@ -337,6 +338,7 @@ class SendAhead:
         own = elf.loader_files(path)  # (none for a library: its process has them already)
         if own:
             own += elf.libc_files(libraries, os.environ) + interpreters.startup_files(path, os.environ)
+        own += elf.openssl_files(libraries, os.environ)  # (a program's, or a module it loads)
         return libraries + own + list(dict.fromkeys(misses))
 
     def _libraries_ahead(self, name: str) -> None:
