@@ -14,6 +14,11 @@ unreadable or odd is skipped: a wrong guess only costs a file fetched for
 nothing, and a missed library is still found by the loader the slow way.
 ``LD_LIBRARY_PATH``, ``$LIB``/``$PLATFORM`` and libraries opened later with
 ``dlopen`` are not predicted.
+
+Two libraries read files of their own as a process starts, in directories
+no lookup has listed yet: glibc its locale and time zone, libcrypto its
+configuration. Those names follow from the environment and the libraries
+themselves (:func:`libc_files`, :func:`openssl_files`) and go with them.
 """
 
 from __future__ import annotations

@@ -7,7 +7,7 @@ standard library and for ``os.py`` (the landmark of its library directory);
 ``site`` then looks at the user's and the system's site directories, lists
 each for ``.pth`` files and reads them; the first import lists
 ``lib-dynload``. Each is a lookup or a listing in a directory no lookup has
-listed yet: 15 round trips on Debian 12 before ``import json`` is reached.
+listed yet: 15 round trips on Debian 12 before the script's first import.
 None of it depends on the script, only on the interpreter's layout, which
 is the same for every run of it; so when the host opens a CPython
 executable, these names, the listings of those directories and the small
@@ -47,12 +47,12 @@ def startup_files(program: str, environ: Mapping[str, str]) -> List[str]:
     # ``._pth`` beside the executable is looked for under the name it was started by
     out = [os.path.join(bindir, f"{name}._pth") for name in ("python", f"python{major}", f"python{version}")]
     out += [os.path.join(bindir, "pybuilddir.txt"), os.path.join(bindir, "Modules", "Setup.local"),
-            os.path.join(bindir, "lib", f"python{version}", "os.py"),  # the landmarks are searched upwards
+            os.path.join(bindir, "lib", f"python{version}", "os.py"),  # landmarks are searched upwards
             os.path.join(bindir, "pyvenv.cfg"), os.path.join(prefix, "pyvenv.cfg"),
-           os.path.join(prefix, "lib", f"python{tag}.zip"), os.path.join(stdlib, "os.py"),
-           stdlib + "/", os.path.join(stdlib, "lib-dynload") + "/", os.path.join(stdlib, "__pycache__") + "/",
-           # site imports it from the library (Debian's is a link into /etc)
-           os.path.join(stdlib, "sitecustomize.py")]
+            os.path.join(prefix, "lib", f"python{tag}.zip"), os.path.join(stdlib, "os.py"),
+            stdlib + "/", os.path.join(stdlib, "lib-dynload") + "/",
+            os.path.join(stdlib, "__pycache__") + "/",
+            os.path.join(stdlib, "sitecustomize.py")]  # site imports it (Debian's: a link into /etc)
     sites = [os.path.join(prefix, "local", "lib", f"python{version}", "dist-packages"),
              os.path.join(prefix, "lib", f"python{major}", "dist-packages"),
              os.path.join(prefix, "lib", f"python{version}", "dist-packages"),
