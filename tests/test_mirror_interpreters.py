@@ -16,10 +16,30 @@ import pytest
 from remote_runner.mirror import interpreters, listing
 from remote_runner.mirror.host.answers import absorb_listings
 from remote_runner.mirror.host.names import NameCache
+from remote_runner.mirror.replies import Reply
 from remote_runner.mirror.service import LocalFileService
 from tests.conftest import ssh
 from tests.test_mirror_cache import HOST, rpc_lines, settle
 from tests.test_mirror_lab import rr_exec, workdir  # noqa: F401 (fixtures)
+
+
+_SERVICES: list = []
+
+
+@pytest.fixture(autouse=True)
+def _close_services():
+    """A service used outside a request keeps the descriptors it walked with and its watches
+    until it is closed (a session closes its own)."""
+    yield
+    while _SERVICES:
+        service = _SERVICES.pop()
+        service.request_fds.release()
+        service.close()
+
+
+def _closing(service: LocalFileService) -> LocalFileService:
+    _SERVICES.append(service)
+    return service
 
 
 def _layout(root: Path) -> Path:
@@ -35,10 +55,15 @@ def _layout(root: Path) -> Path:
     site.mkdir()
     (site / "extra.pth").write_text("/somewhere\n")
     (site / "pkg").mkdir()
+    for directory in (stdlib, stdlib / "encodings"):
+        (directory / "__pycache__").mkdir(parents=True)
+        for name in ("abc", "__init__", "zoo"):
+            (directory / "__pycache__" / f"{name}.cpython-39.pyc").write_bytes(b"x" * 100)
+        (directory / "__pycache__" / "abc.cpython-312.pyc").write_bytes(b"another interpreter")
     return prefix
 
 
-def test_a_cpython_start_is_derived_from_the_executables_real_path(tmp_path):
+def test_a_cpython_start_is_derived_from_the_executables_real_path(tmp_path, monkeypatch):
     prefix = _layout(tmp_path)
     stdlib, site = f"{prefix}/lib/python3.9", f"{prefix}/lib/python3.9/site-packages"
     found = interpreters.startup_files(str(prefix / "bin" / "python3"), {"HOME": "/home/u"})
@@ -50,7 +75,15 @@ def test_a_cpython_start_is_derived_from_the_executables_real_path(tmp_path):
         assert name in found, name
     # directories to answer whole end in "/": the library, its extensions, a site directory that exists
     listed = [p for p in found if p.endswith("/")]
-    assert listed == [f"{stdlib}/", f"{stdlib}/lib-dynload/", f"{stdlib}/__pycache__/", f"{site}/"]
+    assert listed == [f"{stdlib}/", f"{stdlib}/lib-dynload/", f"{stdlib}/__pycache__/", f"{stdlib}/encodings/",
+                      f"{site}/"]
+    # the library's bytecode for this interpreter, __init__ first, within the budget
+    assert [p for p in found if p.endswith(".pyc")] == [
+        f"{stdlib}/__pycache__/{n}.cpython-39.pyc" for n in ("__init__", "abc", "zoo")] + [
+        f"{stdlib}/encodings/__pycache__/{n}.cpython-39.pyc" for n in ("__init__", "abc", "zoo")]
+    assert interpreters.bytecode(stdlib, "39")[:1] == [f"{stdlib}/__pycache__/__init__.cpython-39.pyc"]
+    monkeypatch.setattr(interpreters, "BYTECODE_BYTES", 250)
+    assert len(interpreters.bytecode(stdlib, "39")) == 2
     assert f"{site}/pkg" not in found  # only .pth files are read there at start
     # not an interpreter: nothing; a relative HOME is not followed
     assert interpreters.startup_files(str(prefix / "lib" / "python3.9" / "os.py"), {}) == []
@@ -69,7 +102,7 @@ def test_a_programs_reply_answers_the_listed_directories_whole(public_tmp, monke
     for i in range(20):
         (big / f"m{i:02d}.py").write_text("")
     (public_tmp / "link").symlink_to("small")
-    service = LocalFileService()
+    service = _closing(LocalFileService())
     body = service._libraries(str(lib), [str(lib), f"{small}/", f"{public_tmp}/link/", f"{public_tmp}/none/"])
     dirs = {d[0]: d for d in body["dirs"]}
     assert list(dirs) == [str(small)]  # a link is only walked, a missing one is a negative answer
@@ -77,8 +110,27 @@ def test_a_programs_reply_answers_the_listed_directories_whole(public_tmp, monke
     assert str(public_tmp / "link") in body["names"] and str(public_tmp / "none") in body["names"]
     # the listings' budget bounds what they add to the reply
     monkeypatch.setattr(listing, "LIBS_LISTING_BYTES", 200)
-    body = LocalFileService()._libraries(str(lib), [str(lib), f"{big}/", f"{small}/"])
+    body = _closing(LocalFileService())._libraries(str(lib), [str(lib), f"{big}/", f"{small}/"])
     assert [d[0] for d in body["dirs"]] == [str(small)]
+
+
+def test_an_interpreters_bytecode_is_sent_as_siblings_are(public_tmp):
+    """Sent with the interpreter, a compiled module joins the profile only if the host says
+    the program opened it: like a sibling, unlike a library."""
+    lib = public_tmp / "libx.so"
+    lib.write_bytes(b"\x7fELF" + b"x" * 100)
+    pyc = public_tmp / "__pycache__" / "m.cpython-39.pyc"
+    pyc.parent.mkdir()
+    pyc.parent.chmod(0o755)
+    pyc.write_bytes(b"bytecode")
+    for path in (lib, pyc):
+        settle(path)
+    service = _closing(LocalFileService())
+    service._closures[str(lib)] = [str(lib), str(pyc)]
+    reply = Reply({})
+    service._add_libraries(reply, str(lib))
+    assert [n for n, _ in reply.fields["libs"]["whole"]] == [str(lib), str(pyc)]
+    assert list(service.sent_whole) == [str(lib)] and str(pyc) in service.listed_siblings
 
 
 def test_the_host_keeps_the_directories_a_reply_answered_whole():
@@ -114,3 +166,7 @@ def test_a_first_python_run_asks_nothing_for_its_path_configuration_and_site(lab
                  f"{stdlib}/os.py'",
                  f"{stdlib}/lib-dynload'", "dist-packages'", "site-packages'", "openssl.cnf'", "/ssl'"):
         assert not [line for line in asked if name in line], (name, asked)
+    # the library's bytecode and the encodings package were there before they were opened
+    opened = [line for line in rpc_lines(proc.stderr, "open") if "'ahead'" not in line
+              and (f"{stdlib}/__pycache__/" in line or f"{stdlib}/encodings/" in line)]
+    assert not opened and not [line for line in asked if f"{stdlib}/encodings/" in line], opened

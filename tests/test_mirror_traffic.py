@@ -236,13 +236,29 @@ def test_repeated_lookups_inside_a_lease_are_answered_on_the_host(lab, tmp_path)
 
 # -- lab: profiles shared per executable and per directory tree ----------------------------------
 @pytest.mark.lab
-def test_a_first_run_of_another_script_benefits_from_earlier_runs_of_its_interpreter(lab, tmp_path):
-    """After ``python3 a.py``, a first ``python3 b.py`` is seeded by what python3 learned."""
+def test_a_first_run_of_another_script_benefits_from_earlier_runs_of_its_interpreter(lab, tmp_path, public_tmp):
+    """After ``python3 a.py``, a first ``python3 b.py`` is seeded by what python3 learned.
+
+    The interpreter's own start and its standard library come with it anyway
+    (:mod:`remote_runner.mirror.interpreters`), so the scripts share a package
+    of their own: only a profile can know it.
+    """
     host = "h2"
     work = tmp_path / "project"
     work.mkdir()
-    (work / "a.py").write_text("import json, email.parser, http.client, decimal, argparse\nprint('a')\n")
-    (work / "b.py").write_text("import json, http.client, decimal, argparse, csv\nprint('b')\n")
+    package = public_tmp / "shared"
+    package.mkdir()
+    package.chmod(0o755)
+    for name, text in (("__init__.py", "VERSION = 1\n"), ("one.py", "from shared import two\n"),
+                       ("two.py", "import json\n"), ("three.py", "from shared import one\n")):
+        (package / name).write_text(text)
+        (package / name).chmod(0o644)
+        past = time.time() - 60  # settled: sent whole, as an installed package is
+        os.utime(package / name, (past, past))
+    os.utime(package, (time.time() - 60,) * 2)
+    prelude = f"import sys; sys.dont_write_bytecode = True; sys.path.insert(0, {str(public_tmp)!r})\n"
+    (work / "a.py").write_text(prelude + "import shared.one, shared.three\nprint('a')\n")
+    (work / "b.py").write_text(prelude + "import shared.three, shared.two\nprint('b')\n")
     learned = {"XDG_CACHE_HOME": str(tmp_path / "learned")}     # this machine's profiles after a.py
     python = "/usr/bin/python3"
     runs = {}
@@ -254,14 +270,12 @@ def test_a_first_run_of_another_script_benefits_from_earlier_runs_of_its_interpr
     alone, seeded = runs["b alone"], runs["b seeded"]
     print(f"first python3 b.py on a new host: {alone['requests']} requests, {alone['host']['waits']} waits "
           f"alone; {seeded['requests']} requests, {seeded['host']['waits']} waits seeded by python3 a.py")
-    # (directory answers, a package's bytecode listed with its first probe, and the C
-    # library's and the interpreter's start-up files sent with it already spare the unseeded
-    # run nearly every lookup a profile used to answer: what the seed still saves is the
-    # round trips of the modules both scripts import, fetched before the command starts.
-    # Measured on Debian 12: 37 waits seeded vs 66 alone at first, 35 vs 49 once the locale
-    # came with the libraries, 33 vs 38 with the interpreter's start-up; 410 vs 406 requests.)
-    assert seeded["host"]["waits"] + 3 <= alone["host"]["waits"]
-    assert seeded["requests"] <= alone["requests"] * 1.05
+    # The seed answered, in the one validate before the command started, what b.py looks up
+    # and opens: far fewer requests reach this machine, and none more are waited for.
+    # (Measured on Debian 12: 205 requests seeded vs 364 alone, 24 waits each: /tmp, which holds
+    # the package, is served read-write, so its files are not kept whole on the host.)
+    assert seeded["requests"] <= alone["requests"] * 0.8
+    assert seeded["host"]["waits"] <= alone["host"]["waits"]
 
 
 def test_profiles_are_shared_per_executable_and_per_tree(tmp_path, monkeypatch):

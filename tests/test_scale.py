@@ -16,6 +16,7 @@ def test_sixty_four_hosts_cost_one_thread_each(lab, tmp_path):
     connection, one keepalive monitor for all, and no connect workers left over."""
     config = _config(lab, tmp_path, 64, "h1")
     before = set(threading.enumerate())
+    fds_before = len(os.listdir("/proc/self/fd"))  # (what earlier tests in this process hold)
     connections = connect_all([f"t{n:02d}" for n in range(1, 65)],
                               SSHOptions(ssh_config_file=config, forks=16, keepalive=2))
     try:
@@ -30,7 +31,8 @@ def test_sixty_four_hosts_cost_one_thread_each(lab, tmp_path):
         assert kinds["keepalive"] <= 1 and keepalive.MONITOR.count() >= 65, kinds
         assert kinds["connect"] == 0, kinds
         assert len(new) <= 65 + 1 + kinds["probe"], kinds
-        assert len(os.listdir("/proc/self/fd")) < 64  # channels share the bastion's socket
+        # channels share the bastion's socket: 65 connections, a handful of descriptors
+        assert len(os.listdir("/proc/self/fd")) - fds_before < 16
     finally:
         for connection in connections.values():
             connection.close()

@@ -282,7 +282,10 @@ class SendAhead:
         for n in body["names"]:
             self._note(self.looked_up, n)
         for n, _ in body["whole"]:
-            self._note(self.sent_whole, n)
+            if n.endswith(".pyc"):  # an interpreter's library, sent as siblings are (see _save_profile)
+                self.listed_siblings.add(n)
+            else:
+                self._note(self.sent_whole, n)
         reply.fields["libs"] = body
 
     def _libraries(self, name: str, found: Optional[List[str]] = None) -> Optional[Dict[str, Any]]:
