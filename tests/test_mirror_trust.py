@@ -278,16 +278,21 @@ def test_root_on_the_host_sees_only_what_is_exported(lab, workdir, tmp_path):
     with open(f"{secret_dir}/x", "w") as handle:
         handle.write("local secret\n")
     (workdir / "shared.txt").write_text("shared\n")
-    marker = f"{uuid.uuid4().int % 1000}.{uuid.uuid4().int % 1000 + 1}"
-    proc = subprocess.Popen([sys.executable, "-m", "remote_runner", "exec", "-F", lab.ssh_config,
-                             "h1", "sleep", marker], cwd=str(workdir))
+    # a sleep long enough to be looked at (the test kills it), and unique on the host
+    marker = f"{600 + uuid.uuid4().int % 1000}.{uuid.uuid4().int % 1000 + 1}"
+    errors = tmp_path / "exec.stderr"
+    with open(errors, "wb") as stderr:
+        proc = subprocess.Popen([sys.executable, "-m", "remote_runner", "exec", "-F", lab.ssh_config,
+                                 "h1", "sleep", marker], cwd=str(workdir), stdin=subprocess.DEVNULL,
+                                stderr=stderr)
     try:
         pid = ""
         deadline = time.monotonic() + 120
-        while not pid and time.monotonic() < deadline:
+        while not pid and time.monotonic() < deadline and proc.poll() is None:
             pid = ssh(lab, "h1", f"pgrep -x -f 'sleep {marker}' | head -1", check=False).stdout.strip()
             time.sleep(0.2)
-        assert pid, "the mirrored command never started"
+        assert pid, (f"the mirrored command never started (exec: {proc.poll()}): "
+                     f"{errors.read_text(errors='replace')[-2000:]}")
         root = f"/proc/{pid}/root"
         assert ssh(lab, "h1", f"cat {root}{workdir}/shared.txt").stdout == "shared\n"  # control
         assert ssh(lab, "h1", f"cat {root}{secret_dir}/x", check=False).returncode != 0
