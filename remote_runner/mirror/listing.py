@@ -25,7 +25,7 @@ import hashlib
 import json
 import os
 import stat
-from typing import Any, Callable, Dict, List, Optional, Tuple
+from typing import Any, Callable, Dict, List, Optional, Set, Tuple
 
 from remote_runner.mirror import protocol as P
 from remote_runner.mirror.replies import OpError, Reply
@@ -267,12 +267,19 @@ class DirectoryAnswers:
         :meth:`~.sendahead.SendAhead._libraries`.)"""
         out: List[List[Any]] = []
         budget = LIBS_LISTING_BYTES
+        listed: Set[bytes] = set()
         for directory, walked in directories:
             for path in walked:
                 names.setdefault(P.name_to_wire(path), None)
+            # The walk follows links, so its last path is the directory itself, unless the
+            # directory is missing (the walk stops at the missing name) or the path ends in a
+            # "..": realpath tells those apart. A directory reached twice is answered once.
             if not walked or os.fsencode(os.path.realpath(directory)) != walked[-1]:
-                continue  # missing, or reached through a link: its lookups answer it
+                continue
             raw = walked[-1]
+            if raw in listed:
+                continue
+            listed.add(raw)
             watched = 1 if self._watch(raw) else 0  # before listing: no change is missed
             answer, payload = self._listing(raw, LIBS_LISTING_ENTRIES)
             if answer and len(payload) <= budget:
