@@ -86,10 +86,10 @@ def bytecode(directory: str, tag: str) -> List[str]:
     cache = os.path.join(directory, "__pycache__")
     suffix = f".cpython-{tag}.pyc"
     try:
-        names = sorted(n for n in os.listdir(cache) if n.endswith(suffix))
+        names = sorted((n for n in os.listdir(cache) if n.endswith(suffix)),
+                       key=lambda n: (not n.startswith("__init__."), n))
     except OSError:
         return []
-    names.sort(key=lambda n: not n.startswith("__init__."))
     out: List[str] = []
     total = 0
     for name in names:

@@ -11,11 +11,10 @@ Shipped to hosts inside the agent's zipapp (``rrmirror.host``): stdlib only, Pyt
 
 from __future__ import annotations
 
-import json
 from typing import Any, Dict, List, Optional, Tuple
 
 from .kernel import KernelDrops
-from .names import MISSING, NameCache, listing_entries, parent
+from .names import MISSING, NameCache, entries_of, listing_entries, parent
 
 
 def split_file(header: Dict[str, Any], data: bytes) -> Tuple[bytes, Optional[Tuple[List[int], bytes]]]:
@@ -101,7 +100,7 @@ def absorb_listings(cache: NameCache, dirs: Any, since: Optional[int]) -> None:
         if not (isinstance(item, list) and len(item) == 3 and isinstance(item[0], str)
                 and item[0].startswith("/") and isinstance(item[1], dict)):
             continue
-        entries = listing_entries(json.dumps(item[1]).encode("utf-8"))
+        entries = entries_of(item[1])
         if entries is not None:
             cache.put_listing(item[0], entries, watched=bool(item[2]), since=since)
 

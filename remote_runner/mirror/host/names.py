@@ -52,9 +52,16 @@ def parent(path: str) -> str:
 def listing_entries(data: bytes) -> Optional[List[Any]]:
     """The entries of an encoded directory answer (``listing.py``) as (name, attributes, link); None if malformed."""
     try:
-        body = json.loads(data.decode("utf-8"))
+        return entries_of(json.loads(data.decode("utf-8")))
+    except (ValueError, UnicodeDecodeError):
+        return None
+
+
+def entries_of(body: Any) -> Optional[List[Any]]:
+    """:func:`listing_entries` of an answer already decoded (one a reply carried inside its own JSON)."""
+    try:
         names, rows, links = body["n"], body["a"], body["l"]
-    except (ValueError, KeyError, TypeError, UnicodeDecodeError):
+    except (KeyError, TypeError, IndexError):
         return None
     if not (isinstance(names, list) and isinstance(rows, list) and isinstance(links, list)
             and len(names) == len(rows) == len(links)):
