@@ -72,7 +72,10 @@ def services():
         return made[-1]
     yield make
     for service in made:
-        service.watcher.close()
+        service.request_fds.release()  # (a test that lists outside a request holds its descriptors)
+        service.close()
+        if service.watcher is not None:
+            service.watcher.close()
 
 
 def test_a_stamp_holds_until_something_changes_in_the_directory(tmp_path):
@@ -156,7 +159,7 @@ def test_a_directory_is_listed_once_while_unchanged_then_again(tmp_path, monkeyp
     (tmp_path / "b").write_text("b")
     changed, _ = service._listing(directory)
     assert len(calls) == 2 and sorted(changed["n"]) == ["a", "b"]
-    unwatched = _service()
+    unwatched = services()
     unwatched.watcher.close()
     unwatched.watcher = None  # no watcher: nothing kept, every answer listed afresh
     unwatched._listing(directory)
@@ -254,7 +257,7 @@ def test_guesses_stop_when_the_validate_arrives_but_what_it_needs_is_done(public
     assert str(lib / "mod2.py") not in service._lookups     # a guess: given up
 
 
-def test_the_programs_libraries_are_worked_out_ahead_and_listed_as_a_fresh_service_would(monkeypatch):
+def test_the_programs_libraries_are_worked_out_ahead_and_listed_as_a_fresh_service_would(monkeypatch, services):
     """A program's open lists its libraries; made during the handshake, the list is the same."""
     from remote_runner.mirror import elf
     from remote_runner.mirror import protocol as P
@@ -262,30 +265,26 @@ def test_the_programs_libraries_are_worked_out_ahead_and_listed_as_a_fresh_servi
     program = P.name_to_wire(os.fsencode(os.path.realpath("/bin/ls")))
     if not elf.closure(os.path.realpath("/bin/ls")):
         pytest.skip("/bin/ls is not a dynamically linked program here")
-    fresh, ahead = _service(), _service()
-    try:
-        expected = Reply({})
-        fresh._add_libraries(expected, program)
-        fresh.request_fds.release()  # (what handle() does after each request)
-        ahead.prepare([], program=program)
-        calls = []
-        real = elf.closure
-        monkeypatch.setattr(elf, "closure", lambda path: calls.append(path) or real(path))
-        got = Reply({})
-        ahead._add_libraries(got, program)
-        ahead.request_fds.release()
-        assert calls == []  # the loader list made ahead was used
-        assert got.fields["libs"]["whole"] == expected.fields["libs"]["whole"]
-        assert got.fields["libs"]["names"] == expected.fields["libs"]["names"]
-        for body in (got.fields["libs"], expected.fields["libs"]):
-            for answer in body["answers"]:
-                if isinstance(answer, list):
-                    answer[0].pop("st_atime", None)
-        assert got.fields["libs"]["answers"] == expected.fields["libs"]["answers"]
-        assert ahead._closures == {}  # taken by that open, kept for no other
-    finally:
-        fresh.close()
-        ahead.close()
+    fresh, ahead = services(), services()
+    expected = Reply({})
+    fresh._add_libraries(expected, program)
+    fresh.request_fds.release()  # (what handle() does after each request)
+    ahead.prepare([], program=program)
+    calls = []
+    real = elf.closure
+    monkeypatch.setattr(elf, "closure", lambda path: calls.append(path) or real(path))
+    got = Reply({})
+    ahead._add_libraries(got, program)
+    ahead.request_fds.release()
+    assert calls == []  # the loader list made ahead was used
+    assert got.fields["libs"]["whole"] == expected.fields["libs"]["whole"]
+    assert got.fields["libs"]["names"] == expected.fields["libs"]["names"]
+    for body in (got.fields["libs"], expected.fields["libs"]):
+        for answer in body["answers"]:
+            if isinstance(answer, list):
+                answer[0].pop("st_atime", None)
+    assert got.fields["libs"]["answers"] == expected.fields["libs"]["answers"]
+    assert ahead._closures == {}  # taken by that open, kept for no other
 
 
 def test_the_command_start_is_named_for_the_first_validate(tmp_path):
