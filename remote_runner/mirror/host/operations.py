@@ -150,6 +150,7 @@ def make_operations(link: Link, prefix: bytes, files: Optional[FileCache] = None
             out: List[Any] = [(".", None, 0), ("..", None, 0)]
             held = m.cache.names(where)  # a whole listing, still standing (watched)
             if held is not None:
+                m.link.answer_here("readdir")
                 return out + [(name, st, 0) for name, st in held]
             since = m.cache.begin()
             header, payload = m.call("readdir", {"path": where})
