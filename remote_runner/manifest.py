@@ -73,7 +73,11 @@ _INLINE_END = "RR_MANIFEST_REQUEST_END"
 #: request on stdin (all of it, or exactly the byte count given as its argument,
 #: when stdin stays open afterwards) and printing one ``RR-MANIFEST {json}`` line.
 HOST_PROGRAM = r'''
-import errno, fcntl, hashlib, json, os, re, shutil, stat, sys, time
+import errno, fcntl, json, os, re, stat, sys, time
+try:
+    from _sha1 import sha1 as name_hash  # built in: no OpenSSL to load for a file name
+except ImportError:
+    from hashlib import sha1 as name_hash
 HEX = re.compile(r"[0-9a-f]{40}\Z")
 TEMP = re.compile(r"\..*\.rr-.{8}\.tmp\Z")
 STAGE = re.compile(r"\.rr-stage-.{8}\Z")
@@ -84,7 +88,7 @@ mdir = os.path.join(os.environ.get("XDG_CACHE_HOME") or os.path.join(home, ".cac
                     "remote-runner", "manifests")
 node = os.uname()[1]
 def mpath(tree):
-    name = hashlib.sha1(("%s\0%s" % (node, tree)).encode("utf-8", "surrogateescape"))
+    name = name_hash(("%s\0%s" % (node, tree)).encode("utf-8", "surrogateescape"))
     return os.path.join(mdir, name.hexdigest() + ".json")
 def key(st):
     return [st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino, st.st_dev]
@@ -107,6 +111,7 @@ def digest(path, st):
     try:
         if key(os.fstat(fd)) != key(st):
             return None, False
+        import hashlib  # (OpenSSL's SHA-1: only a run that hashes loads it)
         h = hashlib.sha1()
         while True:
             b = os.read(fd, 1 << 20)
@@ -214,14 +219,18 @@ if req.get("prepare"):
         except OSError:
             continue
         for n in names:
+            temp, stage = TEMP.match(n), STAGE.match(n)
+            if not (temp or stage):
+                continue  # (most names: no lstat)
             p = os.path.join(d, n)
             try:
                 st = os.lstat(p)
                 if now - st.st_mtime < req["stale"] * 60:
                     continue
-                if TEMP.match(n) and stat.S_ISREG(st.st_mode):
+                if temp and stat.S_ISREG(st.st_mode):
                     os.unlink(p)
-                elif STAGE.match(n) and stat.S_ISDIR(st.st_mode):
+                elif stage and stat.S_ISDIR(st.st_mode):
+                    import shutil
                     shutil.rmtree(p, ignore_errors=True)
             except OSError:
                 pass
@@ -234,7 +243,9 @@ if req.get("prepare"):
         free.append("RR-FREE %d %d %d %d %s" % (s.st_dev, v.f_bavail, v.f_bfree, v.f_frsize, d))
     free.append("RR-FREE uid %d" % os.getuid())
     out["free"] = free
-    out["tar"] = shutil.which("tar") is not None
+    out["tar"] = any(os.access(os.path.join(b, "tar"), os.X_OK) and
+                     os.path.isfile(os.path.join(b, "tar"))
+                     for b in (os.environ.get("PATH") or os.defpath).split(os.pathsep) if b)
 sys.stdout.write("RR-MANIFEST " + json.dumps(out) + "\n")
 '''
 

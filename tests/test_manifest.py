@@ -142,6 +142,30 @@ def test_a_garbage_manifest_counts_as_empty_and_is_rewritten(tmp_path, monkeypat
         assert len(json.loads(kept.read_text())["entries"]) == 3
 
 
+def test_the_host_program_names_its_manifest_by_sha1_and_finds_tar_on_path(tmp_path):
+    """The program loads no OpenSSL for a file name and no shutil for ``which``: the manifest
+    keeps the name earlier runs gave it, and ``tar`` is found as a shell would."""
+    import hashlib
+    tree_dir = tmp_path / "tree"
+    tree_dir.mkdir()
+    (tree_dir / "f").write_bytes(b"x")
+    bins = {name: tmp_path / name for name in ("with", "without")}
+    for name, folder in bins.items():
+        folder.mkdir()
+        (folder / "tar").mkdir() if name == "without" else (folder / "tar").write_text("#!/bin/sh\n")
+    (bins["with"] / "tar").chmod(0o755)
+    request = json.dumps({"trees": [str(tree_dir)], "files": [[str(tree_dir / "f"), 1, 0o644, 0]],
+                          "prepare": True, "stale": 60, "dirs": []}).encode()
+    for name, folder in bins.items():
+        env = {"HOME": str(tmp_path), "XDG_CACHE_HOME": str(tmp_path / "cache"), "PATH": str(folder)}
+        out = subprocess.run([sys.executable, "-I", "-S", "-c", manifest.HOST_PROGRAM], input=request,
+                             capture_output=True, env=env, check=True).stdout.decode()
+        answer = manifest.parse_answer(out.splitlines(), 1)
+        assert answer is not None and answer.has_tar is (name == "with"), out
+    expected = hashlib.sha1(f"{os.uname()[1]}\0{tree_dir}".encode()).hexdigest() + ".json"
+    assert [p.name for p in (tmp_path / "cache" / "remote-runner" / "manifests").glob("*.json")] == [expected]
+
+
 def test_local_hashes_are_remembered_by_full_stat(tmp_path):
     cache = hashcache.LocalHashes(str(tmp_path / "cache.json"))
     path = tmp_path / "f"
