@@ -11,6 +11,7 @@ is about connecting.
 from __future__ import annotations
 
 import contextvars
+import errno
 import logging
 import shlex
 import threading
@@ -163,6 +164,12 @@ def send_all(channel: paramiko.Channel, data: Any) -> bool:
             return False
         view = view[sent:]
     return True
+
+
+def sendall(channel: paramiko.Channel, data: Any) -> None:
+    """:func:`send_all`, raising as paramiko's ``sendall`` does when the channel is closed."""
+    if not send_all(channel, data) and len(memoryview(data)):
+        raise OSError(errno.EPIPE, "the SSH channel is closed")
 
 
 def send_eof(channel: paramiko.Channel) -> None:

@@ -775,3 +775,31 @@ def test_known_hosts_names_and_patterns(tmp_path):
     with pytest.raises(HostKeyError, match="CHANGED"):
         hostkeys.verify("x", "hashed.example", other, known, accept_new=True)
     assert "hashed.example" not in path.read_text()
+
+
+class _PacketChannel:
+    """Takes at most one packet per ``send``, as a paramiko channel does; closed after *limit* bytes."""
+
+    out_max_packet_size = 32768
+
+    def __init__(self, limit: int = 1 << 30) -> None:
+        self.got: List[bytes] = []
+        self.limit = limit
+
+    def send(self, data) -> int:
+        if sum(map(len, self.got)) >= self.limit:
+            return 0
+        self.got.append(bytes(data))
+        return len(data)
+
+
+def test_bulk_data_goes_one_packet_at_a_time_and_a_closed_channel_raises():
+    """(paramiko's own sendall copies what is left after every packet: a 1 MiB frame is 16 MiB of copies.)"""
+    from remote_runner.channelio import sendall
+    data = os.urandom(100_000)
+    channel = _PacketChannel()
+    sendall(channel, data)
+    assert b"".join(channel.got) == data and max(map(len, channel.got)) <= 32768
+    sendall(channel, b"")  # nothing to send is not a closed channel
+    with pytest.raises(OSError):
+        sendall(_PacketChannel(limit=40_000), data)

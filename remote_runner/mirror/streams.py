@@ -13,6 +13,8 @@ import os
 import subprocess
 from typing import Any, Optional, Sequence
 
+from remote_runner.channelio import sendall
+
 
 class ChannelStream:
     """A paramiko channel seen as a byte stream (stdout + stderr + write)."""
@@ -34,7 +36,7 @@ class ChannelStream:
 
     def write_all(self, data: bytes) -> None:
         try:
-            self.channel.sendall(data)
+            sendall(self.channel, data)  # (paramiko's copies what is left after every packet)
         except Exception as exc:  # paramiko raises socket.error / SSHException
             raise OSError(errno.EPIPE, "channel closed: %s" % exc)
 
