@@ -347,6 +347,41 @@ def test_neither_end_keeps_in_a_profile_what_the_command_made(tmp_path, monkeypa
     assert P.made_in_session("/a/b", {"/"}) and not P.made_in_session("/ab", {"/a"})
 
 
+def test_neither_end_keeps_in_a_profile_what_the_command_removed_or_renamed_away(tmp_path, monkeypatch):
+    """An earlier run's temporary tree, renamed and removed by this one (pytest's cleanup), is
+    not offered back at the next start; what a swap leaves in place is kept."""
+    from remote_runner.mirror.profile import ProfileSet
+    from remote_runner.mirror.session import _save_profile
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    work = tmp_path / "work"
+    for d in ("run-1/sub", "run-2", "kept", "swap-a", "swap-b"):
+        (work / d).mkdir(parents=True)
+    service = LocalFileService()
+    service.handle("getattr", {"path": str(work / "run-1" / "sub")}, b"")
+    service.handle("getattr", {"path": str(work / "kept")}, b"")
+    service.handle("rename", {"old": str(work / "run-1"), "new": str(work / "garbage-x")}, b"")
+    service.handle("rmdir", {"path": str(work / "run-2")}, b"")
+    service.handle("getattr", {"path": str(work / "swap-a")}, b"")
+    service.handle("rename", {"old": str(work / "swap-a"), "new": str(work / "swap-b"), "flags": 2}, b"")
+    profile = ProfileSet.for_command(["/bin/sh"], False, str(work))
+    _save_profile(profile, service)
+    names = profile.load()[0]
+    assert str(work / "kept") in names and str(work / "swap-a") in names
+    assert not [n for n in names if "run-1" in n]
+    # the host's own profile
+    files = FileCache(str(tmp_path / "files" / "origin"), limit=1 << 20)
+    host = Profile.for_command(files, {"argv": ["python3", "-m", "pytest"], "files_only": False})
+    for path in ("/tmp/p/pytest-1/sub", "/tmp/p/garbage-x/sub", "/tmp/p/pytest-2", "/tmp/p/kept"):
+        host.record(path)
+    host.record_dir("/tmp/p/garbage-x/sub")
+    host.gone("/tmp/p/pytest-1")
+    host.gone("/tmp/p/garbage-x")
+    host.gone("/tmp/p/pytest-2")
+    host.save()
+    again = Profile.for_command(files, {"argv": ["python3", "-m", "pytest"], "files_only": False})
+    assert again.load() == ["/tmp/p/kept"] and again.load_dirs() == ["/tmp/p"]
+
+
 def rpc_lines(stderr: bytes, op: str) -> list:
     return [line for line in stderr.decode(errors="replace").splitlines()
             if re.search(rf"\brpc {op} ", line)]

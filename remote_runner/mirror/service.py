@@ -78,7 +78,8 @@ class LocalFileService(OpenFiles, SendAhead, DirectoryAnswers, OwnChanges):
         #: What this session looked up and sent whole (wire names, in order), for its profile.
         self.looked_up: Dict[str, None] = {}
         self.sent_whole: Dict[str, None] = {}
-        #: Directories the host made this session (wire names): not put in profiles.
+        #: Directories the host made this session, and names it removed or renamed away
+        #: (wire names): they and what lies below them are not put in profiles.
         self.made_dirs: Set[str] = set()
         #: (names, files) of the command's profile with those it shares (its
         #: executable's, its directory tree's), offered once at ``validate``...
@@ -353,7 +354,14 @@ class LocalFileService(OpenFiles, SendAhead, DirectoryAnswers, OwnChanges):
 
     def op_rmdir(self, a: Dict[str, Any], _: bytes) -> Reply:
         os.rmdir(self._path(a, write=True))
+        self._gone(a["path"])
         return Reply()
+
+    def _gone(self, name: str) -> None:
+        """Wire *name* was removed or renamed away: a profile that kept it would only offer it
+        back (a test suite's cleanup of an earlier run's temporary tree: hundreds of them)."""
+        if len(self.made_dirs) < P.PROFILE_NAMES:
+            self.made_dirs.add(name)
 
     def op_unlink(self, a: Dict[str, Any], _: bytes) -> Reply:
         path = self._path(a, write=True)
@@ -388,6 +396,8 @@ class LocalFileService(OpenFiles, SendAhead, DirectoryAnswers, OwnChanges):
             renameat2(old, new, flags)
         else:
             os.rename(old, new)
+        if not flags & RENAME_EXCHANGE:
+            self._gone(a["old"])
         return Reply()
 
     def op_mknod(self, a: Dict[str, Any], _: bytes) -> Reply:

@@ -28,6 +28,9 @@ from .profile import Profile
 from .state import MountState
 from .writes import grown_file
 
+#: renameat2's flag that swaps the two names (linux/fs.h): neither goes away.
+RENAME_EXCHANGE = 2
+
 
 def make_operations(link: Link, prefix: bytes, files: Optional[FileCache] = None,
                     cache: Optional[NameCache] = None, profile: Optional["Profile"] = None,
@@ -194,6 +197,8 @@ def make_operations(link: Link, prefix: bytes, files: Optional[FileCache] = None
 
         def rmdir(self, path: str) -> int:
             m.change("rmdir", {"path": m.wire(path)})
+            if m.profile is not None:
+                m.profile.gone(m.wire(path))
             return 0
 
         def symlink(self, target: str, source: str) -> int:
@@ -217,6 +222,8 @@ def make_operations(link: Link, prefix: bytes, files: Optional[FileCache] = None
                 args["hide"] = True  # libfuse hiding a file unlinked while open (see the service)
             replaced = m.links.others(new)
             m.change("rename", args)
+            if m.profile is not None and not flags & RENAME_EXCHANGE:
+                m.profile.gone(m.wire(old))
             m.links.forget(new)
             m.links.moved(old, new)  # the file's ctime changed: its other names see it too
             m.links.refresh(replaced)

@@ -70,6 +70,15 @@ class Profile:
         if len(self.created) < self.LIMIT:
             self.created.add(path)
 
+    def gone(self, path: str) -> None:
+        """The command removed *path* or renamed it away: left out as a directory it made is.
+
+        A test suite's cleanup removes an earlier run's temporary tree (pytest
+        renames it to ``garbage-*`` and lists each directory as it deletes it):
+        kept, each was offered back at the next start, and listed there, for nothing.
+        """
+        self.made(path)
+
     def _made_here(self, path: str) -> bool:
         return P.made_in_session(path, self.created)
 
