@@ -472,3 +472,32 @@ def test_exec_to_a_host_it_cannot_reach_says_so_and_exits_254(tmp_path):
                            "/bin/true"], capture_output=True, text=True, timeout=60)
     assert proc.returncode == 254, proc.stderr
     assert "host gone" in proc.stderr and "nosuchhost.invalid" in proc.stderr
+
+
+def test_libfuse_is_found_by_soname_without_running_ldconfig(monkeypatch):
+    """The agent picks libfuse 3, else 2, through the loader's cache; ``find_library`` (which runs
+    ``ldconfig -p``, and again inside mfusepy when given a name) only when no soname loads."""
+    import ctypes
+    import ctypes.util
+    from remote_runner.mirror.host import mount
+    for var in ("FUSE_LIBRARY_PATH", "FUSE_LIBRARY_NAME"):
+        monkeypatch.delenv(var, raising=False)
+    searched = []
+    monkeypatch.setattr(ctypes.util, "find_library", lambda name: searched.append(name))
+
+    def loads(*sonames):
+        def cdll(name, *args, **kwargs):
+            if name not in sonames:
+                raise OSError(name)
+        monkeypatch.setattr(ctypes, "CDLL", cdll)
+    loads("libfuse3.so.3", "libfuse.so.2")
+    assert mount.choose_libfuse() == "fuse3" and os.environ["FUSE_LIBRARY_PATH"] == "libfuse3.so.3"
+    assert searched == []
+    monkeypatch.delenv("FUSE_LIBRARY_PATH")
+    loads("libfuse.so.2")
+    assert mount.choose_libfuse() == "fuse" and os.environ["FUSE_LIBRARY_PATH"] == "libfuse.so.2"
+    assert searched == ["fuse3"]
+    monkeypatch.delenv("FUSE_LIBRARY_PATH")
+    loads()
+    with pytest.raises(OSError):
+        mount.choose_libfuse()
