@@ -435,6 +435,26 @@ def test_files_must_map_strings(tmp_path):
     assert_located(err, path, "# <err>", component="comp", field="files")
 
 
+def test_a_files_dict_shared_by_many_components_is_checked_once(tmp_path, monkeypatch):
+    """Twenty clients copying one tree: its files are checked (and stat'ed) once, not twenty times."""
+    from remote_runner import validation
+    for i in range(5):
+        (tmp_path / f"f{i}").write_text(str(i))
+    path = write(tmp_path, "files = {f'f{i}': f'f{i}' for i in range(5)}\n"
+                           "for n in range(20):\n"
+                           "    c = Component()\n    c.name = f'client{n}'\n    c.host = 'h1'\n"
+                           "    c.executable = '/bin/true'\n    c.start_index = 1\n    c.files = dict(files)\n"
+                           "    config.add_component(c)\n")
+    checked = []
+    real = validation._Validator._file_spec
+    monkeypatch.setattr(validation._Validator, "_file_spec",
+                        lambda self, src, dest: checked.append(src) or real(self, src, dest))
+    experiment = load(path)
+    assert len(checked) == 5 and len(experiment.components) == 20
+    assert len({c.files for c in experiment.components}) == 1
+    assert experiment.components[0].files[0].src == str(tmp_path / "f0")
+
+
 # ----------------------------------------------------------------------------- util
 
 def make_tree(root) -> None:
