@@ -42,7 +42,7 @@ import os
 import posixpath
 import threading
 from concurrent.futures import ThreadPoolExecutor
-from typing import TYPE_CHECKING, Any, Callable, Dict, List, Optional, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Dict, List, Optional, Sequence, Set
 
 from remote_runner import events as ev
 from remote_runner import hostops, landing, precheck, sessionlock
@@ -194,13 +194,17 @@ class Runner(HostSetup, RunEnd):
             if bad:
                 raise ConfigError(f"--remote-done-dir {done_dir!r} must not contain {bad}",
                                   field="--remote-done-dir")
+        present: Set[str] = set()  # (components often share their sources: each is looked at once)
         for spec in self.experiment.components:
             if not spec.is_local:
                 _check_host_syntax(spec)
             for item in spec.files:
+                if item.src in present:
+                    continue
                 if not os.path.exists(item.src):
                     raise CopyError("local source does not exist", path=item.src,
                                     component=spec.name)
+                present.add(item.src)
         self._group_hosts()
         for host, specs in self._by_host().items():
             entries = [(f, posixpath.normpath(spec.base_dir) if spec.base_dir
