@@ -21,7 +21,7 @@ from typing import Callable, List, Optional, Sequence
 
 from bench import ours
 from bench.context import Context, git
-from bench.measure import repeat, run as sh, skipped
+from bench.measure import logger, repeat, run as sh, skipped
 from bench.results import OURS, REFERENCE, Measurement
 from remote_runner.mirror import protocol as P
 from remote_runner.mirror.profile import ProfileSet
@@ -134,6 +134,16 @@ def run(ctx: Context, host: str, delay: float, stats_path: str) -> List[Measurem
     return rows
 
 
+def _untimed(case: str, prepare: Optional[Callable[[], None]], step: Callable[[], None]) -> None:
+    """Run *step* once, untimed (a warm row's warm-up); a failure shows in the timed runs after it."""
+    try:
+        if prepare is not None:
+            prepare()
+        step()
+    except Exception as exc:  # noqa: BLE001 - reported by the timed runs that follow
+        logger.warning("%s / %s: warm-up run failed: %s", SCENARIO, case, exc)
+
+
 def _measure(ctx: Context, host: str, delay: float, loads, stats_path: str, missing: Optional[str],
              cold: bool, options: Sequence[str] = ()) -> List[Measurement]:
     rows = []
@@ -161,6 +171,11 @@ def _measure(ctx: Context, host: str, delay: float, loads, stats_path: str, miss
             rows.append(with_traffic(repeat(Measurement(SCENARIO, f"{name} / cold", TOOL, delay, OURS,
                                                         note="host cache and local profiles removed"),
                                             step, ctx.reps, wipe, ctx.slow_after), stats_path))
+        if not cold:
+            # Warm means what an earlier run left on the host; the rows before these (every cold
+            # row) removed the host's whole cache, so one untimed run comes first. (Without it a
+            # 0 ms suite's first timed run was a first-ever run: 274 MB sent in one such row.)
+            _untimed(f"{name} / warm", prepare, step)
         rows.append(with_traffic(repeat(Measurement(SCENARIO, f"{name} / warm", TOOL, delay, OURS),
                                         step, ctx.reps, prepare, ctx.slow_after), stats_path))
     return rows
