@@ -166,9 +166,9 @@ def send_all(channel: paramiko.Channel, data: Any) -> bool:
     return True
 
 
-def sendall(channel: paramiko.Channel, data: Any) -> None:
+def send_all_or_raise(channel: paramiko.Channel, data: Any) -> None:
     """:func:`send_all`, raising as paramiko's ``sendall`` does when the channel is closed."""
-    if not send_all(channel, data) and len(memoryview(data)):
+    if not send_all(channel, data):
         raise OSError(errno.EPIPE, "the SSH channel is closed")
 
 

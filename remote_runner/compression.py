@@ -32,7 +32,7 @@ import zlib
 from typing import Any, Callable, Dict, Optional, Tuple
 
 from remote_runner.errors import CopyError, describe
-from remote_runner.channelio import sendall, start_command
+from remote_runner.channelio import send_all_or_raise, start_command
 from remote_runner.stream import collect
 
 LOG = logging.getLogger(__name__)
@@ -167,7 +167,7 @@ def _exec(transport: Any, command: str, data: Optional[bytes], timeout: float,
     try:
         start_command(channel, command)
         if data:
-            sendall(channel, data)
+            send_all_or_raise(channel, data)
         channel.shutdown_write()
         out, err, status = collect(channel, time.monotonic() + timeout)
         return status, out, err
@@ -231,18 +231,18 @@ def _stream(channel: Any, encoder: Encoder, src: str, size: int,
     """Send *src* through *encoder*; return False when the host stopped reading (it failed)."""
     done = 0
     try:
-        sendall(channel, encoder.begin())
+        send_all_or_raise(channel, encoder.begin())
         with open(src, "rb") as handle:
             while True:
                 block = handle.read(BLOCK)
                 if not block:
                     break
                 done += len(block)
-                sendall(channel, encoder.compress(block))
+                send_all_or_raise(channel, encoder.compress(block))
                 tick(len(block))
         if done != size:
             raise CopyError("local file changed while copying", path=src)
-        sendall(channel, encoder.end())
+        send_all_or_raise(channel, encoder.end())
         channel.shutdown_write()
     except OSError:
         return False  # the channel closed under us: the host's script says why

@@ -34,7 +34,7 @@ import threading
 from dataclasses import dataclass, field
 from typing import Any, List, Optional, Tuple
 
-from remote_runner.channelio import sendall
+from remote_runner.channelio import send_all_or_raise
 from remote_runner.errors import CommandTimeout, ConnectionLost, SessionBusy, StartError
 from remote_runner.shell import ScriptResult, Shell, shell_path
 
@@ -80,9 +80,9 @@ class SessionLock:
             body = text.encode("utf-8", "surrogateescape")
             try:
                 channel.settimeout(timeout)
-                sendall(channel, f"{_STEP} {nonce} {len(body)} {len(data or b'')}\n".encode() + body)
+                send_all_or_raise(channel, f"{_STEP} {nonce} {len(body)} {len(data or b'')}\n".encode() + body)
                 if data:
-                    sendall(channel, data)
+                    send_all_or_raise(channel, data)
                 answer = _read_step(channel, nonce)
                 channel.settimeout(None)
                 if answer is None:  # the script was not read, so it did not run
@@ -295,7 +295,7 @@ def acquire_lock(host: str, state_dir: str, info: str, connection: Any = None,
         channel.settimeout(600.0 if feed else max(timeout, 120.0) if then else timeout)
         if feed:
             try:
-                sendall(channel, feed)
+                send_all_or_raise(channel, feed)
             except OSError:  # the script ended at once (busy): its answer says why
                 pass
         out = _read_until(lambda: channel.recv(65536), done)

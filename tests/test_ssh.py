@@ -795,11 +795,11 @@ class _PacketChannel:
 
 def test_bulk_data_goes_one_packet_at_a_time_and_a_closed_channel_raises():
     """(paramiko's own sendall copies what is left after every packet: a 1 MiB frame is 16 MiB of copies.)"""
-    from remote_runner.channelio import sendall
+    from remote_runner.channelio import send_all_or_raise
     data = os.urandom(100_000)
     channel = _PacketChannel()
-    sendall(channel, data)
+    send_all_or_raise(channel, data)
     assert b"".join(channel.got) == data and max(map(len, channel.got)) <= 32768
-    sendall(channel, b"")  # nothing to send is not a closed channel
+    send_all_or_raise(channel, b"")  # nothing to send is not a closed channel
     with pytest.raises(OSError):
-        sendall(_PacketChannel(limit=40_000), data)
+        send_all_or_raise(_PacketChannel(limit=40_000), data)

@@ -13,8 +13,6 @@ import platform
 
 from remote_runner.mirror.replies import OpError
 
-RENAME_NOREPLACE = 1
-RENAME_EXCHANGE = 2
 _SYS_RENAMEAT2 = {"x86_64": 316, "aarch64": 276, "armv7l": 382, "i686": 353, "ppc64le": 357,
                   "riscv64": 276, "s390x": 347}
 AT_FDCWD = -100

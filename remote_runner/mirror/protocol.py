@@ -52,6 +52,10 @@ from typing import Any, BinaryIO, Dict, List, Optional, Tuple
 #: Bumped on any incompatible change; both ends refuse a different major.
 PROTOCOL_VERSION = "1.1"
 
+#: A ``rename`` request's ``flags``: renameat2(2)'s own (linux/fs.h). With EXCHANGE both names stay.
+RENAME_NOREPLACE = 1
+RENAME_EXCHANGE = 2
+
 #: Handles the host numbers itself, for a ``create`` or ``open`` it does not wait for (below
 #: them: the local side's own numbers; from the end up: the host's copies of files).
 POSTED_HANDLES = (1 << 40, 1 << 48)

@@ -30,7 +30,7 @@ from remote_runner.mirror.listing import DirectoryAnswers
 from remote_runner.mirror.openfiles import OpenFiles
 from remote_runner.mirror.ownchanges import OwnChanges
 from remote_runner.mirror import protocol as P
-from remote_runner.mirror.linuxcalls import RENAME_EXCHANGE, RENAME_NOREPLACE, renameat2
+from remote_runner.mirror.linuxcalls import renameat2
 from remote_runner.mirror.localnames import (HiddenFiles, RequestDescriptors, is_hidden_name,
                                               proc_fd_path)
 from remote_runner.mirror.replies import HandleTable, OpError, Reply
@@ -348,18 +348,18 @@ class LocalFileService(OpenFiles, SendAhead, DirectoryAnswers, OwnChanges):
         # The remote already applied its umask; ours must not. A directory keeps
         # the set-group-ID bit it inherits from its parent, as the kernel gives it.
         os.chmod(path, mode | (os.lstat(path).st_mode & stat.S_ISGID))
-        if len(self.made_dirs) < P.PROFILE_NAMES:
-            self.made_dirs.add(a["path"])
+        self._left_out(a["path"])
         return Reply()
 
     def op_rmdir(self, a: Dict[str, Any], _: bytes) -> Reply:
         os.rmdir(self._path(a, write=True))
-        self._gone(a["path"])
+        self._left_out(a["path"])
         return Reply()
 
-    def _gone(self, name: str) -> None:
-        """Wire *name* was removed or renamed away: a profile that kept it would only offer it
-        back (a test suite's cleanup of an earlier run's temporary tree: hundreds of them)."""
+    def _left_out(self, name: str) -> None:
+        """Keep wire *name* and what lies below it out of profiles (see :attr:`made_dirs`): a
+        directory made this session, or a name removed or renamed away (a test suite's cleanup
+        of an earlier run's temporary tree: hundreds of them, else offered back at every start)."""
         if len(self.made_dirs) < P.PROFILE_NAMES:
             self.made_dirs.add(name)
 
@@ -385,7 +385,7 @@ class LocalFileService(OpenFiles, SendAhead, DirectoryAnswers, OwnChanges):
     def op_rename(self, a: Dict[str, Any], _: bytes) -> Reply:
         old, new = self._path(a, "old", write=True), self._path(a, "new", write=True)
         flags = int(a.get("flags") or 0)
-        if flags & ~(RENAME_NOREPLACE | RENAME_EXCHANGE):
+        if flags & ~(P.RENAME_NOREPLACE | P.RENAME_EXCHANGE):
             raise OpError(errno.EINVAL)
         if not flags and a.get("hide") and is_hidden_name(new):
             # libfuse hides a file unlinked or renamed over while open: remove it for
@@ -396,8 +396,8 @@ class LocalFileService(OpenFiles, SendAhead, DirectoryAnswers, OwnChanges):
             renameat2(old, new, flags)
         else:
             os.rename(old, new)
-        if not flags & RENAME_EXCHANGE:
-            self._gone(a["old"])
+        if not flags & P.RENAME_EXCHANGE:
+            self._left_out(a["old"])
         return Reply()
 
     def op_mknod(self, a: Dict[str, Any], _: bytes) -> Reply:

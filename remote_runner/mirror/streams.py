@@ -13,7 +13,7 @@ import os
 import subprocess
 from typing import Any, Optional, Sequence
 
-from remote_runner.channelio import sendall
+from remote_runner.channelio import send_all_or_raise
 
 
 class ChannelStream:
@@ -36,7 +36,7 @@ class ChannelStream:
 
     def write_all(self, data: bytes) -> None:
         try:
-            sendall(self.channel, data)  # (paramiko's copies what is left after every packet)
+            send_all_or_raise(self.channel, data)  # (paramiko's copies what is left after every packet)
         except Exception as exc:  # paramiko raises socket.error / SSHException
             raise OSError(errno.EPIPE, "channel closed: %s" % exc)
 

@@ -28,9 +28,6 @@ from .profile import Profile
 from .state import MountState
 from .writes import grown_file
 
-#: renameat2's flag that swaps the two names (linux/fs.h): neither goes away.
-RENAME_EXCHANGE = 2
-
 
 def make_operations(link: Link, prefix: bytes, files: Optional[FileCache] = None,
                     cache: Optional[NameCache] = None, profile: Optional["Profile"] = None,
@@ -222,7 +219,7 @@ def make_operations(link: Link, prefix: bytes, files: Optional[FileCache] = None
                 args["hide"] = True  # libfuse hiding a file unlinked while open (see the service)
             replaced = m.links.others(new)
             m.change("rename", args)
-            if m.profile is not None and not flags & RENAME_EXCHANGE:
+            if m.profile is not None and not flags & P.RENAME_EXCHANGE:
                 m.profile.gone(m.wire(old))
             m.links.forget(new)
             m.links.moved(old, new)  # the file's ctime changed: its other names see it too
