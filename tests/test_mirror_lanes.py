@@ -8,6 +8,7 @@ lanes are killed on the host in the middle of its reads.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
@@ -381,6 +382,41 @@ def test_no_invalidation_reaches_the_agent_before_its_boot_frame():
         link.boot({"argv": []})
         link._report([b"/tmp/made-after"], [], False)
         assert sink.frames == [P.BOOT, P.INVAL]
+    finally:
+        link.pool.shutdown(wait=False)
+        if link.watcher is not None:
+            link.watcher.close()
+
+
+def test_a_reply_that_cannot_be_packed_still_answers_the_host(monkeypatch):
+    """A failure of ours while sending a reply answers EIO at once: the host never waits it out."""
+    from remote_runner.mirror.locallink import LocalLink, MirrorOptions
+    from remote_runner.mirror.service import LocalFileService
+
+    class Sink:
+        def __init__(self):
+            self.frames = []
+
+        def write_all(self, data):
+            self.frames.append(_first_frame(data))
+
+        def read(self, size):
+            return b""
+
+    class Service(LocalFileService):
+        def serve(self, header, payload):   # a megabyte that packs well
+            return {"t": P.REP, "id": header["id"]}, b"a" * (1 << 20), True
+
+    def broken(data, codec="lz4"):
+        raise RuntimeError("packing broke")
+
+    sink = Sink()
+    link = LocalLink(sink, Service(), MirrorOptions())
+    try:
+        link.writer.compress = "zlib"
+        monkeypatch.setattr(P, "compress", broken)
+        link._serve({"t": P.REQ, "id": 7, "op": "getattr", "a": {}}, b"")
+        assert sink.frames == [{"t": P.REP, "id": 7, "e": errno.EIO}]
     finally:
         link.pool.shutdown(wait=False)
         if link.watcher is not None:

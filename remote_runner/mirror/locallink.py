@@ -7,6 +7,7 @@ threads, heartbeats checked and the agent's stderr kept for a clear error.
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import platform
@@ -216,10 +217,14 @@ class LocalLink:
             LOG.info("rpc %s %s -> %s %.2f ms", header.get("op"), header.get("a"),
                      reply.get("e", "ok"), (time.monotonic() - started) * 1000)
         self.flush_changes()  # a change made before this reply reaches the host before it
-        if op in LANE_OPS and self.lanes is not None and not self.lost.is_set() \
-                and self.lanes.send(reply, data, compressible):
-            return
-        self.send(reply, data, compressible)
+        try:
+            if op in LANE_OPS and self.lanes is not None and not self.lost.is_set() \
+                    and self.lanes.send(reply, data, compressible):
+                return
+            self.send(reply, data, compressible)
+        except Exception as exc:  # noqa: BLE001 - the host waits for this answer: it gets one
+            LOG.warning("mirror: the reply to %s could not be sent: %r", op, exc)
+            self.send({"t": P.REP, "id": header.get("id"), "e": errno.EIO})
 
     def flush_changes(self) -> None:
         """Send the invalidations of every local change made so far, ahead of what follows."""

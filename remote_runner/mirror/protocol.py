@@ -251,10 +251,16 @@ class PackPolicy:
     whose window is full blocks, so that time is the link's pace; one that does not
     block is faster than we are), packing's from the CPU time its samples take. Until the
     link's pace is known, packing follows the ratio alone, as before measuring.
+
+    Only data that shrinks to a tenth or less is packed whatever the rates: zlib runs
+    through such data at 400 MB/s and more here (a log: 445, zeros: 920), faster than
+    any link paramiko feeds. Shared libraries' sections shrinking to a fifth pack at
+    ~70 MB/s: packing those on a fast link cost a first-ever ``ffmpeg -version``
+    0.57 s of CPU for 49 MB when a quarter was the bar, 0.2 s with a tenth.
     """
 
     #: A sample shrinking to this fraction or less is always packed; above NEVER, never.
-    ALWAYS, NEVER = 0.25, 0.9
+    ALWAYS, NEVER = 0.1, 0.9
     #: Frames smaller than this say little about the link's pace.
     TIMED_WRITE = 64 << 10
     DECAY = 0.8
