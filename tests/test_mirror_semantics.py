@@ -227,7 +227,12 @@ def test_extended_attributes(tmp_path):
     assert errno_of(lambda: call(svc, "setxattr", b"v", path=w(tmp_path / "f"), name="user.rr",
                                  flags=os.XATTR_CREATE)) == errno.EEXIST
     call(svc, "removexattr", path=w(tmp_path / "f"), name="user.rr")
-    assert errno_of(lambda: call(svc, "getxattr", path=w(tmp_path / "f"), name="user.rr")) == errno.ENODATA
+    (tmp_path / "bare").write_bytes(b"")
+    # "None" comes as an answer naming the names beside it that have no attribute at all
+    # (with their ctime): "f" still has user.probe, "bare" has none.
+    header = call(svc, "getxattr", path=w(tmp_path / "f"), name="user.rr")[0]
+    assert header["none"] == 1
+    assert header["bare"] == [[P.name_to_wire(b"bare"), os.lstat(tmp_path / "bare").st_ctime_ns]]
 
 
 # -- errors keep their errno ----------------------------------------------------------------

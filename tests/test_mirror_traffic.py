@@ -7,10 +7,13 @@ and those the host answered itself. Counts, never times.
 
 from __future__ import annotations
 
+import ast
+import errno
 import json
 import os
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -307,3 +310,67 @@ def test_profiles_are_shared_per_executable_and_per_tree(tmp_path, monkeypatch):
     b.save([str(stdlib / "csv.py")], [])
     names = ProfileSet.for_command(["python3", "z.py"], False, str(tmp_path)).load()[0]
     assert names[:2] == [str(stdlib / "csv.py"), str(stdlib / "json")]
+
+
+XATTR_PROBE = r"""
+import os, sys, time
+names = sorted(n for n in os.listdir(".") if n.startswith("f"))
+def seen():
+    out = []
+    for n in names:
+        for attr in ("security.selinux", "user.rr"):
+            try:
+                out.append((n, attr, os.getxattr(n, attr, follow_symlinks=False)))
+            except OSError as exc:
+                out.append((n, attr, exc.errno))
+        out.append((n, sorted(os.listxattr(n, follow_symlinks=False))))
+    return out
+print(repr(seen()))
+open("ready", "w").close()
+deadline = time.time() + 60
+while not os.path.exists("go") and time.time() < deadline:
+    time.sleep(0.05)
+print(repr(seen()))
+"""
+
+
+@pytest.mark.lab
+def test_files_without_extended_attributes_are_answered_on_the_host(lab, foreign_host, tmp_path):
+    """``ls -l``'s two attribute reads per file: one request for the directory, then none.
+
+    A file given an attribute here afterwards (its ctime changes) is asked again.
+    """
+    work = tmp_path / "x"
+    work.mkdir()
+    for i in range(40):
+        (work / f"f{i:02d}").write_text("x")
+    try:
+        os.setxattr(work / "f07", "user.rr", b"seven")
+    except OSError:
+        pytest.skip("the local file system has no user xattrs")
+    (work / "probe.py").write_text(XATTR_PROBE)
+
+    def setter() -> None:
+        deadline = time.time() + 120
+        while not (work / "ready").exists() and time.time() < deadline:
+            time.sleep(0.05)
+        os.setxattr(work / "f11", "user.rr", b"eleven")
+        (work / "go").write_text("")
+
+    thread = threading.Thread(target=setter, daemon=True)
+    thread.start()
+    proc, stats = exec_stats(lab, foreign_host, ["/usr/bin/python3", "probe.py"], work)
+    thread.join(10)
+    before, after = [ast.literal_eval(line) for line in proc.stdout.decode().splitlines()[:2]]
+    expect = {("f07", "user.rr"): b"seven"}
+    for entry in before:
+        if len(entry) == 3:
+            assert entry[2] == expect.get((entry[0], entry[1]), errno.ENODATA), entry
+        else:
+            assert entry[1] == (["user.rr"] if entry[0] == "f07" else []), entry
+    assert ("f11", "user.rr", b"eleven") in after and ("f11", ["user.rr"]) in after
+    assert ("f12", "user.rr", errno.ENODATA) in after
+    host = stats["host"]
+    # 40 files x 2 attributes + 40 lists, twice: all but a few answered on the host
+    assert host["answered_on_host"].get("getxattr", 0) + host["answered_on_host"].get("listxattr", 0) >= 200
+    assert host["asked"].get("getxattr", 0) + host["asked"].get("listxattr", 0) <= 12

@@ -434,32 +434,39 @@ def make_operations(link: Link, prefix: bytes, files: Optional[FileCache] = None
 
         # Extended attributes: names travel as text (surrogate-escaped), values as bytes.
         def getxattr(self, path: str, name: str, position: int = 0) -> bytes:
-            if name == "security.capability" and m.no_capability(path):
+            if (name == "security.capability" and m.no_capability(path)) or m.bare_of_xattrs(path):
                 # Asked before every write (to drop privileges): answered here while the
                 # file's ctime (which setting a capability changes) is the one seen without it.
+                # And a file the local side said has no attribute at all, while its ctime is that one.
                 m.link.answer_here("getxattr")
                 raise mfusepy.FuseOSError(errno.ENODATA)
-            try:
-                return m.call("getxattr", {"path": m.wire(path), "name": name})[1]
-            except mfusepy.FuseOSError as exc:
-                if name == "security.capability" and exc.errno == errno.ENODATA:
-                    known = m.cache.get(m.wire(path))
-                    ctime = known.get("st_ctime") if known is not None else None
-                    if len(m.no_caps) > 10000:
-                        m.no_caps.clear()
-                    m.no_caps[path] = (time.monotonic() + 1.0, ctime)
-                raise
+            header, data = m.call("getxattr", {"path": m.wire(path), "name": name})
+            if not header.get("none"):
+                return data
+            m.learn_bare(path, header.get("bare"))
+            if name == "security.capability":
+                known = m.cache.get(m.wire(path))
+                ctime = known.get("st_ctime") if known is not None else None
+                if len(m.no_caps) > 10000:
+                    m.no_caps.clear()
+                m.no_caps[path] = (time.monotonic() + 1.0, ctime)
+            raise mfusepy.FuseOSError(errno.ENODATA)
 
         def listxattr(self, path: str) -> List[str]:
+            if m.bare_of_xattrs(path):
+                m.link.answer_here("listxattr")
+                return []
             data = m.call("listxattr", {"path": m.wire(path)})[1]
             return [n.decode("utf-8", "surrogateescape") for n in data.split(b"\0") if n]
 
         def setxattr(self, path: str, name: str, value: bytes, options: int, position: int = 0) -> int:
             m.no_caps.pop(path, None)
+            m.bare.pop(m.wire(path), None)
             m.call("setxattr", {"path": m.wire(path), "name": name, "flags": options}, bytes(value))
             return 0
 
         def removexattr(self, path: str, name: str) -> int:
+            m.bare.pop(m.wire(path), None)
             m.call("removexattr", {"path": m.wire(path), "name": name})
             return 0
 

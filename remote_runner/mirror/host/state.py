@@ -80,6 +80,8 @@ class MountState(NewNames):
         self.made: Set[str] = set()
         #: paths without security.capability: until when, at which ctime
         self.no_caps: Dict[str, Tuple[float, Any]] = {}
+        #: Wire path -> the ctime at which the local side said it has no extended attribute.
+        self.bare: Dict[str, int] = {}
         self.writing: Dict[str, Dict[int, None]] = {}  # name -> handles that wrote to it (pipelined)
         self.written: Dict[int, str] = {}
         self.creating_in: Dict[str, Dict[int, None]] = {}  # directory -> handles of creates not yet answered
@@ -92,6 +94,27 @@ class MountState(NewNames):
         full = (self.prefix.rstrip(b"/") + raw.rstrip(b"/")) if self.prefix else raw
         return P.name_to_wire(full or b"/")
 
+
+    def learn_bare(self, path: str, entries: Any) -> None:
+        """Keep which names beside *path* have no extended attribute, at which ctime (a getxattr answer)."""
+        if not isinstance(entries, list):
+            return
+        base = parent_of(self.wire(path)).rstrip("/") + "/"
+        if len(self.bare) > 100000:
+            self.bare.clear()
+        for entry in entries:
+            if isinstance(entry, list) and len(entry) == 2 and isinstance(entry[0], str) \
+                    and isinstance(entry[1], int) and "/" not in entry[0]:
+                self.bare[base + entry[0]] = entry[1]
+
+    def bare_of_xattrs(self, path: str) -> bool:
+        """Whether *path* has no extended attribute: so said while its ctime was the one known now."""
+        where = self.wire(path)
+        ctime = self.bare.get(where)
+        if ctime is None:
+            return False
+        known = self.cache.get(where)
+        return known is not None and not known.get("missing") and known.get("st_ctime") == ctime
 
     def no_capability(self, path: str) -> bool:
         until, ctime = self.no_caps.get(path, (0.0, None))
