@@ -72,6 +72,8 @@ MAX_PAYLOAD = 64 << 20
 #: (the host keeps a copy); the reply carries the first ``WHOLE_CHUNK`` bytes.
 WHOLE_LIMIT = 32 << 20
 WHOLE_CHUNK = 1 << 20
+#: utimensat's "now" and "leave as is", as libfuse hands them on (nanoseconds, no seconds).
+UTIME_NOW, UTIME_OMIT = (1 << 30) - 1, (1 << 30) - 2
 #: The most names a command's lookup profile keeps (``git status`` in a big tree looks up thousands).
 PROFILE_NAMES = 20000
 

@@ -45,8 +45,7 @@ LOG = logging.getLogger(__name__)
 #: The ordering key of the unlinks, rmdirs and renames the host sent without waiting.
 CHANGES = "changes"
 
-UTIME_NOW = (1 << 30) - 1
-UTIME_OMIT = (1 << 30) - 2
+UTIME_NOW, UTIME_OMIT = P.UTIME_NOW, P.UTIME_OMIT
 
 
 class LocalFileService(OpenFiles, SendAhead, DirectoryAnswers, OwnChanges):

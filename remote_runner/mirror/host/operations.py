@@ -234,7 +234,9 @@ def make_operations(link: Link, prefix: bytes, files: Optional[FileCache] = None
             return 0
 
         def chown(self, path: str, uid: int, gid: int) -> int:
-            m.call("chown", {"path": m.wire(path), "uid": _signed(uid), "gid": _signed(gid)})
+            args = {"path": m.wire(path), "uid": _signed(uid), "gid": _signed(gid)}
+            if not m.post_chown(args):
+                m.call("chown", args)
             m.links.changed(path)
             return 0
 
@@ -251,7 +253,9 @@ def make_operations(link: Link, prefix: bytes, files: Optional[FileCache] = None
             return 0
 
         def utimens(self, path: str, times: Optional[Tuple[int, int]] = None) -> int:
-            m.call("utimens", {"path": m.wire(path), "ns": list(times) if times else None})
+            args = {"path": m.wire(path), "ns": list(times) if times else None}
+            if not m.post_utimens(args):
+                m.call("utimens", args)
             m.links.changed(path)
             return 0
 
@@ -462,6 +466,8 @@ def make_operations(link: Link, prefix: bytes, files: Optional[FileCache] = None
         def setxattr(self, path: str, name: str, value: bytes, options: int, position: int = 0) -> int:
             m.no_caps.pop(path, None)
             m.bare.pop(m.wire(path), None)
+            if name == "security.capability":
+                m.capable.add(m.wire(path))
             m.call("setxattr", {"path": m.wire(path), "name": name, "flags": options}, bytes(value))
             return 0
 

@@ -82,6 +82,8 @@ class MountState(NewNames):
         self.no_caps: Dict[str, Tuple[float, Any]] = {}
         #: Wire path -> the ctime at which the local side said it has no extended attribute.
         self.bare: Dict[str, int] = {}
+        #: Names this mount gave a file capability (``security.capability``).
+        self.capable: Set[str] = set()
         self.writing: Dict[str, Dict[int, None]] = {}  # name -> handles that wrote to it (pipelined)
         self.written: Dict[int, str] = {}
         self.creating_in: Dict[str, Dict[int, None]] = {}  # directory -> handles of creates not yet answered
@@ -117,6 +119,9 @@ class MountState(NewNames):
         return known is not None and not known.get("missing") and known.get("st_ctime") == ctime
 
     def no_capability(self, path: str) -> bool:
+        where = self.wire(path)
+        if where in self.made and where not in self.capable and self.cache.get(where) is not None:
+            return True  # made by this mount, not given one here, not changed on the local side since
         until, ctime = self.no_caps.get(path, (0.0, None))
         if until > time.monotonic():
             return True
