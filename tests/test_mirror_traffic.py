@@ -191,8 +191,9 @@ def test_incompressible_data_is_sent_as_it_is(lab, foreign_host, tmp_path):
     # (what is packed is the program's own libraries and listings, the same both times).
     extra_reads = stats["served"]["read"] - base["served"]["read"]
     assert extra_reads >= 16
-    # (how many of those are packed varies a little from run to run with the measured link rate)
-    assert stats["packed_frames"] - base["packed_frames"] <= max(2, extra_reads // 4)
+    # (the libraries' frames packed vary by a few from run to run with the measured link
+    # rate; every noise read packed would add extra_reads)
+    assert stats["packed_frames"] - base["packed_frames"] <= max(4, extra_reads // 2)
 
 
 # -- lab: requests answered on the host -----------------------------------------------------------
@@ -410,3 +411,45 @@ def test_tar_extraction_sets_owner_mode_and_times_without_a_round_trip_each(lab,
     assert posted.get("chown", 0) >= FILES and posted.get("utimens", 0) >= FILES and posted.get("chmod", 0) >= FILES
     # Waited for: the program's start (~20 on a cold host) and a few more, not 3 a file as before.
     assert stats["host"]["waits"] <= FILES, stats["host"]
+
+
+@pytest.mark.lab
+def test_a_walk_lists_a_tree_in_a_few_round_trips(lab, foreign_host, tmp_path):
+    """``find`` lists every directory it finds; a listing brings its subdirectories' along."""
+    tree = tmp_path / "tree"
+    for a in range(6):
+        for b in range(40):
+            leaf = tree / f"a{a}" / f"b{b:02d}"
+            leaf.mkdir(parents=True)
+            (leaf / "f").write_text("x")
+    proc, stats = exec_stats(lab, foreign_host, ["find", "tree", "-type", "f"], tmp_path)
+    assert sorted(proc.stdout.decode().split()) == sorted(
+        str(p.relative_to(tmp_path)) for p in tree.rglob("f"))
+    readdirs = stats["host"]["asked"].get("readdir", 0)
+    # 247 directories: one listing brings its subdirectories', so the walk asks for a few
+    assert readdirs <= 12, stats["host"]
+    # A file made here in a directory listed that way: seen by the same session's next walk...
+    script = ("import os, time\n"
+              "def walk(): return sorted(os.path.join(d, f) for d, _, fs in os.walk('tree') for f in fs)\n"
+              "first = walk(); open('ready', 'w').close()\n"
+              "end = time.time() + 60\n"
+              "while not os.path.exists('go') and time.time() < end: time.sleep(0.05)\n"
+              "print(len(first), [p for p in walk() if p not in first])\n")
+    (tmp_path / "walk.py").write_text(script)
+
+    def maker() -> None:
+        end = time.time() + 120
+        while not (tmp_path / "ready").exists() and time.time() < end:
+            time.sleep(0.05)
+        (tree / "a3" / "b07" / "g").write_text("y")
+        (tmp_path / "go").write_text("")
+
+    thread = threading.Thread(target=maker, daemon=True)
+    thread.start()
+    proc, _ = exec_stats(lab, foreign_host, ["/usr/bin/python3", "walk.py"], tmp_path)
+    thread.join(10)
+    assert proc.stdout.decode().split(None, 1) == ["240", "['tree/a3/b07/g']\n"]
+    # ... and by the next session's
+    (tree / "a5" / "b39" / "h").write_text("z")
+    proc, _ = exec_stats(lab, foreign_host, ["find", "tree", "-name", "[gh]"], tmp_path)
+    assert sorted(proc.stdout.decode().split()) == ["tree/a3/b07/g", "tree/a5/b39/h"]

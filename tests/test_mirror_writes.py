@@ -203,6 +203,7 @@ def test_what_was_written_is_kept_within_a_budget_oldest_first():
 
 def test_names_made_in_the_session_are_forgotten_with_their_directory():
     """A chmod is posted only for what the mount made: a renamed or removed directory takes its names along."""
+    from remote_runner.mirror.host.names import NameCache
     from remote_runner.mirror.host.state import MountState
 
     class State:
@@ -211,6 +212,8 @@ def test_names_made_in_the_session_are_forgotten_with_their_directory():
 
         def __init__(self):
             self.made = set()
+            self.made_at = {}
+            self.cache = NameCache()
 
     state = State()
     for name in ("/t/d", "/t/d/f", "/t/d/sub/g", "/t/dx", "/t/e"):

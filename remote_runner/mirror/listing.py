@@ -43,6 +43,8 @@ _ATIME = P.STAT_FIELDS.index("st_atime")
 #: A directory answer also carries its subdirectories' when it has at most this many,
 #: each of at most ``SUB_ENTRIES`` entries (see :meth:`DirectoryAnswers._directory_answer`).
 SUB_DIRS, SUB_ENTRIES = 8, 512
+#: A listing (``readdir``) carries at most this many of its subdirectories' answers.
+READDIR_SUB_DIRS = 256
 
 
 def directory_answer(io_path: bytes, listable: Optional[Callable[[bytes], bool]] = None,
@@ -229,6 +231,36 @@ class DirectoryAnswers:
             reply.fields["sub"] = subs
         reply.payload = b"".join(parts)
         reply.compressible = True
+
+    def _listed_subdirectories(self, reply: Reply, directory: bytes, names: List[bytes]) -> None:
+        """Append to a ``readdir`` *reply* of *directory* the answers of its subdirectories *names*.
+
+        A walk (``find``, ``du``, ``rm -r``, a build's glob) lists each
+        directory it finds, and each first listing was a round trip: ``find``
+        in a git checkout made 288 of them (7.8 s at 10 ms each way). The
+        first ``READDIR_SUB_DIRS`` subdirectories of at most ``SUB_ENTRIES``
+        names come along (``sub``, as a lookup's do; ``nl``: the length of the
+        listing's own names), within ``LISTING_BYTES``, each watched before it
+        is listed; the host answers their listings and lookups itself.
+        """
+        subs: List[List[Any]] = []
+        parts = [reply.payload]
+        budget = P.LISTING_BYTES
+        for name in names[:READDIR_SUB_DIRS]:
+            sub = os.path.join(directory, name)
+            watched = 1 if self._watch(sub) else 0
+            found, data = self._listing(sub, SUB_ENTRIES)
+            if not found:
+                continue
+            budget -= len(data)
+            if budget < 0:
+                break
+            parts.append(data)
+            subs.append([P.name_to_wire(sub), len(data), watched])
+        if subs:
+            reply.fields["nl"] = len(reply.payload)
+            reply.fields["sub"] = subs
+            reply.payload = b"".join(parts)
 
     def _listing(self, directory: bytes, max_entries: int = P.LISTING_ENTRIES) -> Tuple[Any, bytes]:
         """(answer, its bytes) for local *directory* (screened); (False, b"") if too big,

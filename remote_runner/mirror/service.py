@@ -259,7 +259,10 @@ class LocalFileService(OpenFiles, SendAhead, DirectoryAnswers, OwnChanges):
                     attrs.append(P.stat_to_wire(entry.stat(follow_symlinks=False)))
                 except OSError:
                     attrs.append(None)
-        return Reply({"attrs": attrs, "w": 1 if watched else 0}, b"\0".join(names), compressible=True)
+        reply = Reply({"attrs": attrs, "w": 1 if watched else 0}, b"\0".join(names), compressible=True)
+        self._listed_subdirectories(reply, os.path.normpath(raw), [
+            name for name, st in zip(names, attrs) if st is not None and stat.S_ISDIR(st["st_mode"])])
+        return reply
 
     def op_statfs(self, a: Dict[str, Any], _: bytes) -> Reply:
         sv = os.statvfs(self._path(a))

@@ -46,15 +46,7 @@ def absorb_lookup(cache: NameCache, path: str, header: Dict[str, Any], data: byt
     if header.get("ls") and path != "/":
         subs = _subdirectories(header, data)
         own = (parent(path), watched, len(data) - sum(size for _, _, size in subs))
-        offset = 0
-        for directory, kept_watched, size in [own] + subs:
-            part = data[offset:offset + size]
-            offset += size
-            entries = listing_entries(part)
-            if entries is not None:
-                cache.put_listing(directory, entries, watched=kept_watched, since=since)
-                if cache.listings is not None:
-                    cache.listings.keep(directory, part)
+        keep_answers(cache, [own] + subs, data, since)
     if header.get("missing"):
         cache.put(path, MISSING, watched=watched, since=since)
         return MISSING
@@ -62,6 +54,27 @@ def absorb_lookup(cache: NameCache, path: str, header: Dict[str, Any], data: byt
     link = header.get("link") if isinstance(header.get("link"), str) else None
     cache.put(path, st, watched=watched, since=since, link=link)
     return st
+
+
+def keep_answers(cache: NameCache, parts: List[Tuple[str, bool, int]], data: bytes, since: int) -> None:
+    """Keep the directory answers laid end to end in *data*: (directory, watched, size) each."""
+    offset = 0
+    for directory, watched, size in parts:
+        part = data[offset:offset + size]
+        offset += size
+        entries = listing_entries(part)
+        if entries is not None:
+            cache.put_listing(directory, entries, watched=watched, since=since)
+            if cache.listings is not None:
+                cache.listings.keep(directory, part)
+
+
+def subdirectory_answers(cache: NameCache, header: Dict[str, Any], data: bytes, since: int) -> None:
+    """Keep the answers of the subdirectories a ``readdir`` reply brought (``sub``, after ``nl`` bytes)."""
+    own = header.get("nl")
+    if isinstance(own, int) and 0 <= own <= len(data):
+        rest = data[own:]
+        keep_answers(cache, _subdirectories(header, rest), rest, since)
 
 
 def _subdirectories(header: Dict[str, Any], data: bytes) -> List[Tuple[str, bool, int]]:
@@ -126,6 +139,7 @@ def forget_names(cache: NameCache, header: Dict[str, Any], drops: Optional[Kerne
         drops.expect()
         header["expected"] = True
     header["dropped"] = cache.invalidate(paths, trees, bool(header.get("all")))
+    cache.changed_there(paths, trees, bool(header.get("all")))
 
 
 def forget_in_kernel(drops: Optional[KernelDrops], header: Dict[str, Any]) -> None:

@@ -107,6 +107,9 @@ class NameCache:
         self._floor = 0
         self._stamps: Dict[str, int] = {}   # path -> epoch of its last invalidation
         self._trees: Dict[str, int] = {}    # path -> epoch it was dropped with all below it
+        # The same, for the local side's changes only (an ``inval``), not this mount's own.
+        self._there: Tuple[Dict[str, int], Dict[str, int]] = ({}, {})
+        self._there_floor = 0
         self._big: Dict[str, float] = {}    # directories too big to be answered whole, until when
         self._types: Dict[str, int] = {}   # path -> file type the kernel was last given
         self._retyped: Set[str] = set()     # paths this machine said appeared, went or were replaced
@@ -485,6 +488,33 @@ class NameCache:
             for path in paths:
                 self._types.pop(path, None)
                 self._retyped.discard(path)
+
+    def changed_there(self, paths: Iterable[str], trees: Iterable[str], everything: bool) -> None:
+        """The local side changed *paths* (attributes), *trees* (names) or *everything* (an ``inval``)."""
+        with self._lock:
+            stamps, tops = self._there
+            if everything or len(stamps) + len(tops) > STAMPS:
+                stamps.clear()
+                tops.clear()
+                self._there_floor = self._epoch + 1
+            for path in paths:
+                stamps[path] = self._epoch
+            for top in trees:
+                tops[top] = self._epoch
+
+    def changed_there_since(self, path: str, since: int) -> bool:
+        """Whether the local side changed *path* (or dropped a tree above it) after token *since*."""
+        with self._lock:
+            stamps, tops = self._there
+            if since < self._there_floor or stamps.get(path, -1) >= since:
+                return True
+            node = path
+            while True:
+                if tops.get(node, -1) >= since:
+                    return True
+                if node == "/":
+                    return False
+                node = parent(node)
 
     def changed_since(self, path: str, since: int) -> bool:
         """Whether *path* was invalidated (here or by the local side) after token *since*."""

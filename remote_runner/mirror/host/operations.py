@@ -21,7 +21,7 @@ from ..hardlinks import path_invalidator
 from .caches import FUSE_CAP_CACHE_SYMLINKS, LOCAL_FH_BASE, FileCache, copy_key, fetch_ahead
 from .fusebinding import fuse_class
 from .link import Link
-from .answers import absorb_lookup, split_file
+from .answers import absorb_lookup, split_file, subdirectory_answers
 from .kernel import KernelDrops
 from .names import NameCache, parent as parent_of
 from .profile import Profile
@@ -154,6 +154,9 @@ def make_operations(link: Link, prefix: bytes, files: Optional[FileCache] = None
                 return out + [(name, st, 0) for name, st in held]
             since = m.cache.begin()
             header, payload = m.call("readdir", {"path": where})
+            subdirectory_answers(m.cache, header, payload, since)  # a walk's next listings
+            if isinstance(header.get("nl"), int):
+                payload = payload[:header["nl"]]
             names = payload.split(b"\0") if payload else []
             attrs = header.get("attrs") or [None] * len(names)
             entries = []

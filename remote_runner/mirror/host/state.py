@@ -78,6 +78,7 @@ class MountState(NewNames):
         self.links = LinkNames()
         #: Names this mount created in the session (and not removed since): theirs to chmod.
         self.made: Set[str] = set()
+        self.made_at: Dict[str, int] = {}  # made name -> the name cache's token when it was made
         #: paths without security.capability: until when, at which ctime
         self.no_caps: Dict[str, Tuple[float, Any]] = {}
         #: Wire path -> the ctime at which the local side said it has no extended attribute.
@@ -95,7 +96,6 @@ class MountState(NewNames):
         raw = path.encode("utf-8", "surrogateescape")
         full = (self.prefix.rstrip(b"/") + raw.rstrip(b"/")) if self.prefix else raw
         return P.name_to_wire(full or b"/")
-
 
     def learn_bare(self, path: str, entries: Any) -> None:
         """Keep which names beside *path* have no extended attribute, at which ctime (a getxattr answer)."""
@@ -120,8 +120,9 @@ class MountState(NewNames):
 
     def no_capability(self, path: str) -> bool:
         where = self.wire(path)
-        if where in self.made and where not in self.capable and self.cache.get(where) is not None:
-            return True  # made by this mount, not given one here, not changed on the local side since
+        made = self.made_at.get(where)
+        if made is not None and where not in self.capable and not self.cache.changed_there_since(where, made):
+            return True  # made by this mount, given none here, and not changed on the local side since
         until, ctime = self.no_caps.get(path, (0.0, None))
         if until > time.monotonic():
             return True
@@ -319,14 +320,20 @@ class MountState(NewNames):
     def remember_made(self, name: str) -> None:
         if len(self.made) >= MADE_LIMIT:
             self.made.clear()  # (only a speed-up is lost: their chmods wait again)
+            self.made_at.clear()
         self.made.add(name)
+        self.made_at[name] = self.cache.begin()
 
     def unmade(self, name: str, tree: bool = False) -> None:
         """*name* was removed or replaced: it (and with *tree*, all below it) is no longer known as made."""
         self.made.discard(name)
+        self.made_at.pop(name, None)
         if tree:
             below = name.rstrip("/") + "/"
-            self.made.difference_update([made for made in self.made if made.startswith(below)])
+            gone = [made for made in self.made if made.startswith(below)]
+            self.made.difference_update(gone)
+            for made in gone:
+                self.made_at.pop(made, None)
 
     def learned(self, folder: str, token: int, since: int, op: str, args: Dict[str, Any],
                 header: Dict[str, Any]) -> None:
