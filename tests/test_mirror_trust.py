@@ -210,7 +210,8 @@ def test_exports_serve_chosen_trees_and_never_the_denylist(tmp_path):
     assert set(data[:header.get("nl", len(data))].split(b"\0")) == {b"home", b"ro"}
     # its subdirectories' answers come along, screened as their own listings are
     from remote_runner.mirror import protocol as P
-    assert {s[0] for s in header["sub"]} == {P.name_to_wire(os.fsencode(str(d))) for d in (home, tmp_path / "ro")}
+    below = {s[0] for s in header["sub"]}
+    assert below == {P.name_to_wire(os.fsencode(str(d))) for d in (home, tmp_path / "ro", home / "proj")}
     assert b".ssh" not in data and b"id_ed25519" not in data and b"notes" in data
     assert _svc_call(svc, "getattr", path="/root")[0] in (errno.ENOENT, 0) and \
         _svc_call(svc, "getattr", path="/nonexported-" + tmp_path.name)[0] == errno.ENOENT

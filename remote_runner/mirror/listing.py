@@ -43,8 +43,8 @@ _ATIME = P.STAT_FIELDS.index("st_atime")
 #: A directory answer also carries its subdirectories' when it has at most this many,
 #: each of at most ``SUB_ENTRIES`` entries (see :meth:`DirectoryAnswers._directory_answer`).
 SUB_DIRS, SUB_ENTRIES = 8, 512
-#: A listing (``readdir``) carries at most this many of its subdirectories' answers.
-READDIR_SUB_DIRS = 256
+#: A listing (``readdir``) carries at most this many answers of the directories below it.
+READDIR_SUB_DIRS = 512
 
 
 def directory_answer(io_path: bytes, listable: Optional[Callable[[bytes], bool]] = None,
@@ -237,17 +237,22 @@ class DirectoryAnswers:
 
         A walk (``find``, ``du``, ``rm -r``, a build's glob) lists each
         directory it finds, and each first listing was a round trip: ``find``
-        in a git checkout made 288 of them (7.8 s at 10 ms each way). The
-        first ``READDIR_SUB_DIRS`` subdirectories of at most ``SUB_ENTRIES``
-        names come along (``sub``, as a lookup's do; ``nl``: the length of the
-        listing's own names), within ``LISTING_BYTES``, each watched before it
-        is listed; the host answers their listings and lookups itself.
+        in a git checkout made 288 of them (7.8 s at 10 ms each way). Up to
+        ``READDIR_SUB_DIRS`` directories below it of at most ``SUB_ENTRIES``
+        names come along, breadth first (its subdirectories, then theirs: a
+        walk of ``.git`` goes on into ``objects/*``, whose listings the host
+        would otherwise ask for one by one once it answers ``objects``
+        itself), as ``sub`` answers (as a lookup's do; ``nl``: the length of
+        the listing's own names), within ``LISTING_BYTES``, each watched
+        before it is listed; the host answers their listings and lookups itself.
         """
         subs: List[List[Any]] = []
         parts = [reply.payload]
         budget = P.LISTING_BYTES
-        for name in names[:READDIR_SUB_DIRS]:
-            sub = os.path.join(directory, name)
+        queue = [os.path.join(directory, name) for name in names]
+        for sub in queue:
+            if len(subs) >= READDIR_SUB_DIRS:
+                break
             watched = 1 if self._watch(sub) else 0
             found, data = self._listing(sub, SUB_ENTRIES)
             if not found:
@@ -257,6 +262,10 @@ class DirectoryAnswers:
                 break
             parts.append(data)
             subs.append([P.name_to_wire(sub), len(data), watched])
+            if len(queue) < 4 * READDIR_SUB_DIRS:
+                queue.extend(os.path.join(sub, P.name_from_wire(name))
+                             for name, row in zip(found["n"], found["a"])
+                             if isinstance(row, list) and stat.S_ISDIR(row[0]))
         if subs:
             reply.fields["nl"] = len(reply.payload)
             reply.fields["sub"] = subs
