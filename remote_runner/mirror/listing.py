@@ -214,19 +214,9 @@ class DirectoryAnswers:
         itself = P.name_to_wire(os.path.basename(raw))
         wanted = [itself] if itself in subdirs else []
         wanted += [name for name in subdirs if name != itself] if len(subdirs) <= SUB_DIRS else []
-        subs = []
-        budget = P.LISTING_BYTES
-        for name in wanted:
-            sub = os.path.join(directory, P.name_from_wire(name))
-            watched = 1 if self._watch(sub) else 0
-            found, data = self._listing(sub, SUB_ENTRIES)
-            if not found:
-                continue
-            budget -= len(data)
-            if budget < 0:
-                break
-            parts.append(data)
-            subs.append([P.name_to_wire(sub), len(data), watched])
+        subs, more = self._answers_below([os.path.join(directory, P.name_from_wire(n)) for n in wanted],
+                                         len(wanted), deeper=False)
+        parts += more
         if subs:
             reply.fields["sub"] = subs
         reply.payload = b"".join(parts)
@@ -246,12 +236,23 @@ class DirectoryAnswers:
         the listing's own names), within ``LISTING_BYTES``, each watched
         before it is listed; the host answers their listings and lookups itself.
         """
+        subs, parts = self._answers_below([os.path.join(directory, name) for name in names],
+                                          READDIR_SUB_DIRS, deeper=True)
+        if subs:
+            reply.fields["nl"] = len(reply.payload)
+            reply.fields["sub"] = subs
+            reply.payload = b"".join([reply.payload] + parts)
+
+    def _answers_below(self, queue: List[bytes], most: int, deeper: bool) -> Tuple[List[List[Any]], List[bytes]]:
+        """The answers of the directories in *queue*, for a reply's ``sub``: ([directory, length,
+        watched] each, their bytes), at most *most* of at most ``SUB_ENTRIES`` names, within
+        ``LISTING_BYTES``, each watched before it is listed; *deeper*: each one's subdirectories
+        are queued after it (breadth first)."""
         subs: List[List[Any]] = []
-        parts = [reply.payload]
+        parts: List[bytes] = []
         budget = P.LISTING_BYTES
-        queue = [os.path.join(directory, name) for name in names]
         for sub in queue:
-            if len(subs) >= READDIR_SUB_DIRS:
+            if len(subs) >= most:
                 break
             watched = 1 if self._watch(sub) else 0
             found, data = self._listing(sub, SUB_ENTRIES)
@@ -262,14 +263,11 @@ class DirectoryAnswers:
                 break
             parts.append(data)
             subs.append([P.name_to_wire(sub), len(data), watched])
-            if len(queue) < 4 * READDIR_SUB_DIRS:
+            if deeper and len(queue) < 4 * most:
                 queue.extend(os.path.join(sub, P.name_from_wire(name))
                              for name, row in zip(found["n"], found["a"])
                              if isinstance(row, list) and stat.S_ISDIR(row[0]))
-        if subs:
-            reply.fields["nl"] = len(reply.payload)
-            reply.fields["sub"] = subs
-            reply.payload = b"".join(parts)
+        return subs, parts
 
     def _listing(self, directory: bytes, max_entries: int = P.LISTING_ENTRIES) -> Tuple[Any, bytes]:
         """(answer, its bytes) for local *directory* (screened); (False, b"") if too big,
