@@ -212,7 +212,7 @@ def test_names_made_in_the_session_are_forgotten_with_their_directory():
 
         def __init__(self):
             self.made = set()
-            self.made_at = {}
+            self.new_files = {}
             self.cache = NameCache()
 
     state = State()

@@ -287,6 +287,7 @@ def make_operations(link: Link, prefix: bytes, files: Optional[FileCache] = None
             fh = None if hidden_name(path) else m.post_create(m.wire(path), mode, flags, caller())
             if fh is not None:  # not waited for (see MountState.post_create)
                 m.no_caps[path] = (0.0, (m.cache.get(m.wire(path)) or {}).get("st_ctime"))
+                m.remember_new_file(m.wire(path))
                 return fh
             m.check_changes("create", {"path": m.wire(path)})
             header = m.call("create", {"path": m.wire(path), "mode": mode, "flags": flags, "ctx": caller()})[0]
@@ -297,6 +298,7 @@ def make_operations(link: Link, prefix: bytes, files: Optional[FileCache] = None
                     m.track_written(m.wire(path), fh)
                     # a new (or emptied) file has no capability until one is set, which changes its ctime
                     m.no_caps[path] = (0.0, header["st"].get("st_ctime"))
+                    m.remember_new_file(m.wire(path))
             if flags & os.O_DSYNC:
                 m.sync_handles[fh] = None
             return fh

@@ -78,7 +78,9 @@ class MountState(NewNames):
         self.links = LinkNames()
         #: Names this mount created in the session (and not removed since): theirs to chmod.
         self.made: Set[str] = set()
-        self.made_at: Dict[str, int] = {}  # made name -> the name cache's token when it was made
+        #: Files this mount created, or created-or-emptied (no capability either way: a truncate
+        #: removes one) -> the name cache's token then (see :meth:`no_capability`).
+        self.new_files: Dict[str, int] = {}
         #: paths without security.capability: until when, at which ctime
         self.no_caps: Dict[str, Tuple[float, Any]] = {}
         #: Wire path -> the ctime at which the local side said it has no extended attribute.
@@ -120,7 +122,7 @@ class MountState(NewNames):
 
     def no_capability(self, path: str) -> bool:
         where = self.wire(path)
-        made = self.made_at.get(where)
+        made = self.new_files.get(where)
         if made is not None and where not in self.capable and not self.cache.changed_there_since(where, made):
             return True  # made by this mount, given none here, and not changed on the local side since
         until, ctime = self.no_caps.get(path, (0.0, None))
@@ -320,20 +322,24 @@ class MountState(NewNames):
     def remember_made(self, name: str) -> None:
         if len(self.made) >= MADE_LIMIT:
             self.made.clear()  # (only a speed-up is lost: their chmods wait again)
-            self.made_at.clear()
         self.made.add(name)
-        self.made_at[name] = self.cache.begin()
+
+    def remember_new_file(self, name: str) -> None:
+        """Wire *name* is a file this mount just created (or emptied): it has no capability."""
+        if len(self.new_files) >= MADE_LIMIT:
+            self.new_files.clear()
+        self.new_files[name] = self.cache.begin()
 
     def unmade(self, name: str, tree: bool = False) -> None:
         """*name* was removed or replaced: it (and with *tree*, all below it) is no longer known as made."""
         self.made.discard(name)
-        self.made_at.pop(name, None)
+        self.new_files.pop(name, None)
         if tree:
             below = name.rstrip("/") + "/"
             gone = [made for made in self.made if made.startswith(below)]
             self.made.difference_update(gone)
             for made in gone:
-                self.made_at.pop(made, None)
+                self.new_files.pop(made, None)
 
     def learned(self, folder: str, token: int, since: int, op: str, args: Dict[str, Any],
                 header: Dict[str, Any]) -> None:
