@@ -249,7 +249,20 @@ def test_the_export_a_path_falls_in_is_the_innermost_and_a_denied_path_is_in_non
     assert exports.find(b"/srv/x/key") is None and exports.find(b"/srv/xy").path == b"/"
 
 
-def test_a_link_planted_by_the_host_never_leads_out_of_the_exports(tmp_path):
+@pytest.fixture(params=["openat2", "walk"])
+def resolution(request, monkeypatch):
+    """Each way a request's directories are opened without following links: one openat2, or a walk."""
+    from remote_runner.mirror import exports
+    if request.param == "walk":
+        monkeypatch.setattr(exports, "open_beneath", lambda directory: None)
+    else:
+        fd = exports.open_beneath(b"/usr")
+        assert fd is not None, "openat2 is not available on this machine"
+        os.close(fd)
+    return request.param
+
+
+def test_a_link_planted_by_the_host_never_leads_out_of_the_exports(tmp_path, resolution):
     outside = tmp_path / "outside"
     outside.mkdir()
     (outside / "secret").write_text("s")
@@ -270,6 +283,27 @@ def test_a_link_planted_by_the_host_never_leads_out_of_the_exports(tmp_path):
     assert (outside / "secret").read_text() == "s" and oct((outside / "secret").stat().st_mode)[-3:] != "777"
     # the host's kernel follows the link by asking for the target: that is checked on its own
     assert _svc_call(svc, "getattr", path=outside / "secret")[0] == errno.ENOENT
+
+
+def test_a_path_longer_than_one_system_call_takes_is_still_walked_without_links(tmp_path, resolution):
+    from remote_runner.mirror.exports import OPENAT2_PATH_MAX
+    share = tmp_path / "share"
+    share.mkdir()
+    deep, fd = share, os.open(share, os.O_DIRECTORY)
+    try:
+        while len(os.fsencode(str(deep))) <= OPENAT2_PATH_MAX + 200:  # longer than PATH_MAX
+            os.mkdir("d" * 200, dir_fd=fd)
+            below = os.open("d" * 200, os.O_DIRECTORY, dir_fd=fd)
+            os.close(fd)
+            deep, fd = deep / ("d" * 200), below
+        os.symlink(str(tmp_path), "up", dir_fd=fd)
+        svc = LocalFileService(exports=Exports([Export(os.fsencode(share), True)]))
+        assert _svc_call(svc, "create", path=deep / "f", mode=0o644, flags=os.O_WRONLY)[0] == 0
+        assert os.stat("f", dir_fd=fd).st_size == 0
+        assert _svc_call(svc, "getattr", path=deep / "f")[0] == 0
+        assert _svc_call(svc, "getattr", path=deep / "up" / "share")[0] == errno.ELOOP
+    finally:
+        os.close(fd)
 
 
 def test_root_on_the_host_sees_only_what_is_exported(lab, workdir, tmp_path):
