@@ -83,6 +83,24 @@ def test_write_order_runs_a_handles_requests_in_sequence():
     assert order.run("h", None, lambda: "free") == "free"
 
 
+def test_only_the_change_due_next_runs_on_the_reader_the_others_wait_in_the_pool():
+    from remote_runner.mirror.service import LocalFileService
+    svc = LocalFileService()
+
+    def request(**args):
+        return {"t": "req", "id": 1, "op": "unlink", "a": args}
+
+    assert svc.runs_now(request(nseq=1))
+    assert not svc.runs_now(request(nseq=2))          # its predecessor has not run
+    assert not svc.runs_now(request(path="x"))        # waited for: the pool serves it
+    assert not svc.runs_now(request(nseq=True))
+    svc.order.run("changes", 1, lambda: None)
+    assert svc.runs_now(request(nseq=2)) and not svc.runs_now(request(nseq=3))
+    assert not svc.runs_now(request(nseq=2, after=2))  # sent after a change still to come
+    assert svc.runs_now(request(nseq=2, after=1))
+    assert svc.order.is_past("changes", 1) and not svc.order.is_past("changes", 2)
+
+
 def test_a_failing_request_still_lets_the_next_one_run():
     order = WriteOrder(timeout=30)
 

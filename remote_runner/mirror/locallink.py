@@ -238,7 +238,10 @@ class LocalLink:
                 self.last_rx = time.monotonic()
                 kind = header["t"]
                 if kind == P.REQ:
-                    self.pool.submit(self._serve, header, payload)
+                    if self.service.runs_now(header):
+                        self._serve(header, payload)
+                    else:
+                        self.pool.submit(self._serve, header, payload)
                 elif kind == P.PING:
                     self.send({"t": P.PONG})
                 elif kind == P.PONG:

@@ -184,6 +184,23 @@ class LocalFileService(OpenFiles, SendAhead, DirectoryAnswers, OwnChanges):
             return None
 
     # -- dispatch ------------------------------------------------------------
+    def runs_now(self, header: Dict[str, Any]) -> bool:
+        """Whether request *header* is a change not waited for that may run at once, on the reader.
+
+        The host numbers the changes it does not wait for (``nseq``) and they
+        arrive in that order; the next one due needs no worker: handing each
+        to the pool, only for it to wait there for the one before, cost two
+        thread switches per change (a test suite's set-up and clean-up are
+        thousands of them). One that must wait (a number still to come, or an
+        ``after`` not yet reached) goes to the pool as before.
+        """
+        args = header.get("a")
+        if not isinstance(args, dict) or "nseq" not in args:
+            return False
+        if "after" in args and not self.order.is_past(CHANGES, args["after"]):
+            return False
+        return self.order.is_next(CHANGES, args["nseq"])
+
     def handle(self, op: str, args: Dict[str, Any], payload: bytes) -> Reply:
         """Run one operation; raise OpError (or OSError) on failure."""
         method = getattr(self, "op_" + op, None) if isinstance(op, str) and op.isidentifier() else None

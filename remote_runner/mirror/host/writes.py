@@ -480,6 +480,14 @@ class WriteOrder:
         finally:
             self._reached(handle, seq + 1)
 
+    def is_next(self, handle: Any, seq: Any) -> bool:
+        """Whether request *seq* of *handle* would run at once (every earlier one has run)."""
+        return isinstance(seq, int) and not isinstance(seq, bool) and self._next.get(handle, 1) == seq
+
+    def is_past(self, handle: Any, seq: Any) -> bool:
+        """Whether request *seq* of *handle* has run."""
+        return isinstance(seq, int) and not isinstance(seq, bool) and self._next.get(handle, 1) > seq
+
     def forget(self, handle: Any) -> None:
         with self._lock:
             self._next.pop(handle, None)
