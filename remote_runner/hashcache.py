@@ -91,6 +91,29 @@ class LocalHashes:
                     self._new[name] = [*steady, digest]
             return digest
 
+    def sha1_of_open(self, path: str, fd: int) -> Optional[str]:
+        """The hex SHA-1 of the file open as *fd* (named *path*): remembered, or read through *fd*.
+
+        None when the file changed while it was read.
+        """
+        name = os.path.abspath(path)
+        key = stat_key(os.fstat(fd))
+        known = self._lookup(name, key, False)
+        if known is not None:
+            return known
+        digest, offset = hashlib.sha1(), 0
+        while True:
+            chunk = os.pread(fd, 1 << 20, offset)
+            if not chunk:
+                break
+            digest.update(chunk)
+            offset += len(chunk)
+        if stat_key(os.fstat(fd)) != key or offset != key[0]:
+            return None
+        with self._lock:
+            self._new[name] = [*key, digest.hexdigest()]
+        return digest.hexdigest()
+
     def known(self, path: str) -> Optional[str]:
         """The SHA-1 of *path* if this run or an earlier one computed it for its current stat."""
         name = os.path.abspath(path)

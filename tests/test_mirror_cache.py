@@ -34,9 +34,9 @@ def settle(path: Path) -> None:
     os.utime(path, (past, past))
 
 
-def whole_open(service: LocalFileService, path: Path, have=None):
+def whole_open(service: LocalFileService, path: Path, have=None, **more):
     reply = service.handle("open", {"path": str(path), "flags": os.O_RDONLY, "whole": True,
-                                    "have": have}, b"")
+                                    "have": have, **more}, b"")
     return reply.fields, reply.payload
 
 
@@ -54,6 +54,80 @@ def test_settled_file_is_sent_whole_then_reported_current(public_tmp):
     fields, data = whole_open(service, path, have=fields["whole"])
     assert fields["whole"] and data == b"" and "fh" not in fields
     assert fields["st"]["st_size"] == 1000
+
+
+def test_a_file_the_host_has_the_same_is_answered_same_with_no_data(public_tmp):
+    from remote_runner.mirror.host.basis import BASIS_MIN
+    path = public_tmp / "lib.so"
+    body = os.urandom(BASIS_MIN + 10)
+    path.write_bytes(body)
+    settle(path)
+    service = LocalFileService()
+    fields, data = whole_open(service, path, basis=hashlib.sha1(body).hexdigest())
+    assert fields["basis"] == 1 and fields["whole"][0] == len(body) and data == b""
+    assert "fh" not in fields and len(service.handles) == 0
+    # another file of that path on the host: the data comes as before
+    fields, data = whole_open(service, path, basis=hashlib.sha1(b"other").hexdigest())
+    assert "basis" not in fields and data == body
+    # a small file is always sent (a round trip costs more than its bytes)
+    small = public_tmp / "small"
+    small.write_bytes(b"s" * 100)
+    settle(small)
+    fields, data = whole_open(service, small, basis=hashlib.sha1(b"s" * 100).hexdigest())
+    assert "basis" not in fields and data == b"s" * 100
+
+
+class _BasisLink:
+    """Answers whole opens as the local side does: "same" for the SHA-1 of its file, else the data."""
+
+    def __init__(self, files) -> None:
+        self.files, self.offered, self.answered = files, {}, []
+
+    def call_each(self, op, many, timeout=None):
+        for args in many:
+            data = self.files[args["path"]]
+            self.offered[args["path"]] = args.get("basis")
+            if args.get("basis") == hashlib.sha1(data).hexdigest():
+                yield {"whole": [len(data), 1, 2, 3], "basis": 1}, b""
+            else:
+                yield {"whole": [len(data), 1, 2, 3]}, data
+
+    def call_many(self, op, many, timeout=None):
+        return list(self.call_each(op, many, timeout))
+
+    def answer_here(self, op):
+        self.answered.append(op)
+
+    def post(self, op, args):
+        raise AssertionError("no handle was given, none may be released")
+
+
+def test_the_hosts_own_file_of_the_same_content_is_kept_and_no_other(tmp_path):
+    """What the host holds at a file's path is offered by SHA-1; only a confirmed copy is kept."""
+    from remote_runner.mirror.host import caches
+    from remote_runner.mirror.host.basis import BASIS_MIN
+    size = BASIS_MIN + 1000
+    local = {name: os.urandom(size) for name in ("same", "differ", "absent")}
+    local["small"] = b"x" * 100
+    own = tmp_path / "host"   # the host's own files, at the paths the local side names
+    own.mkdir()
+    names = {key: str(own / f"{key}.so") for key in local}
+    (own / "same.so").write_bytes(local["same"])
+    (own / "differ.so").write_bytes(os.urandom(size))
+    (own / "small.so").write_bytes(local["small"])
+    link = _BasisLink({names[key]: data for key, data in local.items()})
+    cache = FileCache(str(tmp_path / "c"), limit=1 << 30)
+    wanted = [(names[key], [len(data), 1, 2, 3]) for key, data in local.items()]
+    assert caches.prefetch(link, cache, wanted) == 4
+    for key, data in local.items():
+        fd = cache.open_copy(names[key], [len(data), 1, 2, 3])
+        with os.fdopen(fd, "rb") as handle:
+            assert handle.read() == data, key    # always this machine's content
+    assert link.offered[names["same"]] == hashlib.sha1(local["same"]).hexdigest()
+    assert link.offered[names["differ"]] is not None   # offered, refused, sent
+    assert link.offered[names["absent"]] is None and link.offered[names["small"]] is None
+    assert link.answered == ["basis"]
+    assert not [n for n in os.listdir(tmp_path / "c") if n.startswith(".tmp-")]  # no copy left behind
 
 
 def test_big_file_sends_a_first_chunk_and_a_handle_for_the_rest(public_tmp):
@@ -420,6 +494,33 @@ def test_warm_run_sends_no_file_data_and_sees_changes(lab, local_only, workdir):
     assert third.stdout.split()[0].decode() == hashlib.sha1(changed).hexdigest()
     [new_copy] = host_copies(lab, data)
     assert new_copy != copy
+
+
+def test_a_file_the_host_already_has_is_copied_there_and_one_that_differs_is_sent(lab, local_only, workdir):
+    """Same path, same size on the host: its own copy is used only when the content is this machine's."""
+    same, differ = local_only / "same.bin", local_only / "differ.bin"
+    same.write_bytes(os.urandom(200_000))
+    differ.write_bytes(os.urandom(200_000))
+    settle(same)
+    settle(differ)
+    theirs = local_only / "theirs.bin"  # the host's differ.bin: same size, other bytes
+    theirs.write_bytes(os.urandom(200_000))
+    ssh(lab, HOST, f"mkdir -p {local_only}")
+    try:
+        for source, target in ((same, same), (theirs, differ)):
+            subprocess.run(["scp", "-q", "-F", lab.ssh_config, str(source), f"{HOST}:{target}"], check=True,
+                           timeout=120)
+        stats = workdir / "stats.json"
+        proc = rr_exec(lab, HOST, ["/usr/bin/sha1sum", str(same), str(differ)], workdir, "--stats", str(stats))
+        assert proc.returncode == 0, proc.stderr
+        want = [hashlib.sha1(p.read_bytes()).hexdigest() for p in (same, differ)]
+        assert [line.split()[0] for line in proc.stdout.decode().splitlines()] == want
+        counters = json.loads(stats.read_text())
+        assert counters["host"]["answered_on_host"].get("basis") == 1
+        assert 200_000 < counters["bytes_sent"] < 380_000  # differ.bin went through the link, same.bin did not
+        assert len(host_copies(lab, same)) == 1 and len(host_copies(lab, differ)) == 1
+    finally:
+        ssh(lab, HOST, f"rm -rf {local_only}", check=False)
 
 
 def test_a_copy_is_stale_when_only_ctime_tells(lab, local_only, workdir):

@@ -42,10 +42,12 @@ def traffic(path: str) -> str:
     except (OSError, ValueError):
         return ""
     host = stats.get("host") if isinstance(stats.get("host"), dict) else {}
-    answered = sum((host.get("answered_on_host") or {}).values())
+    here = dict(host.get("answered_on_host") or {})
+    own = here.pop("basis", 0)
     return (f"last run: {stats.get('requests', 0)} requests ({host.get('waits', '?')} waits), "
             f"{stats.get('bytes_sent', 0) // 1024} KiB to the host / {stats.get('bytes_received', 0) // 1024} KiB "
-            f"back ({stats.get('codec') or 'uncompressed'}), {answered} answered on the host")
+            f"back ({stats.get('codec') or 'uncompressed'}), {sum(here.values())} answered on the host"
+            + (f", {own} files taken from the host's own disk (same release as this machine)" if own else ""))
 
 
 def with_traffic(m: Measurement, stats_path: str) -> Measurement:

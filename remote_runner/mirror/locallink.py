@@ -17,6 +17,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, Callable, Dict, List, Optional, Sequence
 
+from remote_runner import hashcache
 from remote_runner.errors import MirrorError
 from remote_runner.mirror import protocol as P
 from remote_runner.mirror.bundle import ALTERED_MARKER, NEED_MARKER, AgentBundle
@@ -299,6 +300,7 @@ class LocalLink:
         if self.lanes is not None:
             self.lanes.close()
         self.stream.close()
+        hashcache.LOCAL.save()  # the SHA-1s of files a host offered as its own (see host/basis.py)
         reader = getattr(self, "_reader_thread", None)
         if reader is not None and reader is not threading.current_thread():
             reader.join(READER_JOIN)  # it ends on the closed stream; nothing left to print

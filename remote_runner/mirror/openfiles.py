@@ -62,7 +62,7 @@ class OpenFiles:
         fd = os.open(held or path, self._flags(flags) | (0 if held else os.O_NOFOLLOW))
         if a.get("whole") and not changes:
             try:
-                reply = self._whole(fd, a.get("have"), P.name_from_wire(a["path"]))
+                reply = self._whole(fd, a.get("have"), P.name_from_wire(a["path"]), a.get("basis"))
                 if "whole" in reply.fields:
                     reply.fields["w"] = 1 if watched else 0
                     if a.get("ahead"):
@@ -71,7 +71,7 @@ class OpenFiles:
                         # a profile's file); a sibling only if the host says it was opened.
                         return reply
                     self._note(self.sent_whole, a["path"])
-                    if reply.payload.startswith(elf.MAGIC):
+                    if (reply.payload or reply.head).startswith(elf.MAGIC):
                         self._add_libraries(reply, a["path"])
                     else:
                         self._add_siblings(reply, a["path"], reply.fields["whole"][0])

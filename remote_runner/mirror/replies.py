@@ -32,6 +32,8 @@ class Reply:
     fields: Dict[str, Any] = field(default_factory=dict)
     payload: bytes = b""
     compressible: bool = False
+    #: A whole file's first bytes when the payload does not carry them (not sent: the host has them).
+    head: bytes = b""
 
 
 class HandleTable:

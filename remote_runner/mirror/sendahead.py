@@ -17,7 +17,9 @@ import stat
 from collections import Counter
 from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 
+from remote_runner import hashcache
 from remote_runner.mirror import elf, interpreters
+from remote_runner.mirror.host.basis import BASIS_MIN
 from remote_runner.mirror import protocol as P
 from remote_runner.mirror.listing import VALIDATE_DIRS
 from remote_runner.mirror.replies import OpError, Reply
@@ -465,7 +467,7 @@ class SendAhead:
         reply.payload += data
         reply.compressible = True
 
-    def _whole(self, fd: int, have: Any, path: bytes) -> Reply:
+    def _whole(self, fd: int, have: Any, path: bytes, basis: Any = None) -> Reply:
         """Answer a whole-file open: "current" (no data), or the file's first chunk.
 
         Only settled, world-readable regular files qualify: not empty (pseudo
@@ -475,6 +477,10 @@ class SendAhead:
         ``SETTLED_SECONDS`` (a log being written keeps being read through the
         link, so ``tail -f`` sees it grow). The rest of a bigger file is read
         through the handle the reply carries.
+
+        *basis*: the SHA-1 of the host's own file of that path and size
+        (:mod:`.host.basis`); when it is this file's, the answer is "same"
+        (``basis``), with no data.
         """
         st = os.fstat(fd)
         if not sendable_whole(st) or not self.public.reachable(path, self.exports):
@@ -484,6 +490,12 @@ class SendAhead:
         if have == meta:
             os.close(fd)
             return Reply(fields)
+        if isinstance(basis, str) and len(basis) == 40 and st.st_size >= BASIS_MIN \
+                and hashcache.LOCAL.sha1_of_open(os.fsdecode(path), fd) == basis:
+            head = os.pread(fd, len(elf.MAGIC), 0)
+            os.close(fd)
+            fields["basis"] = 1
+            return Reply(fields, head=head)
         first = os.pread(fd, P.WHOLE_CHUNK, 0)
         if st.st_size > len(first):
             fields["fh"] = self.handles.add(fd)

@@ -20,6 +20,7 @@ from typing import Any, Callable, Dict, List, Optional, Set, Tuple
 from .. import protocol as P
 from .link import Link
 from .answers import absorb_answers, absorb_listings
+from .basis import Staged, discard, stage
 from .names import NameCache
 
 LOG = logging.getLogger("remote_runner.mirror.agent")
@@ -131,25 +132,45 @@ class FileCache:
 
     def store(self, path: str, meta: List[int], chunks: List[bytes]) -> int:
         """Write a new copy of *path* (temporary name, then rename); return an fd on it."""
-        key = self.key(path)
-        name = "-".join([key] + ["%d" % int(v) for v in meta[:META_FIELDS]])
         fd, tmp = tempfile.mkstemp(dir=self.directory, prefix=".tmp-")
         try:
             for chunk in chunks:
                 view = memoryview(chunk)
                 while view:
                     view = view[os.write(fd, view):]
-            os.rename(tmp, os.path.join(self.directory, name))
+            self._keep(path, meta, tmp)
         except BaseException:
             os.close(fd)
             _unlink_quietly(tmp)
             raise
+        return fd
+
+    def adopt(self, path: str, meta: List[int], staged: Staged) -> Optional[int]:
+        """Keep this host's own copy of *path* (see :mod:`.basis`) as its copy; return an fd on it."""
+        try:
+            fd = os.open(staged.tmp, os.O_RDONLY | os.O_CLOEXEC)
+        except OSError:
+            discard(staged)
+            return None
+        try:
+            self._keep(path, meta, staged.tmp)
+        except OSError as exc:
+            os.close(fd)
+            discard(staged)
+            LOG.warning("file cache: cannot keep a copy in %s: %s", self.directory, exc)
+            return None
+        return fd
+
+    def _keep(self, path: str, meta: List[int], tmp: str) -> None:
+        """Rename the finished copy *tmp* to *path*'s copy of version *meta*; drop the older one."""
+        key = self.key(path)
+        name = "-".join([key] + ["%d" % int(v) for v in meta[:META_FIELDS]])
+        os.rename(tmp, os.path.join(self.directory, name))
         with self._lock:
             old = self._index.get(key)
             self._index[key] = (list(meta), name)
         if old is not None and old[1] != name:
             _unlink_quietly(os.path.join(self.directory, old[1]))
-        return fd
 
     def store_quietly(self, path: str, meta: List[int], chunks: List[bytes]) -> Optional[int]:
         """:meth:`store`, or None (with a warning) when the copy cannot be written."""
@@ -259,9 +280,11 @@ def _prefetch(link: Link, files: FileCache, wanted: List[Tuple[str, List[int]]],
     lock = threading.Lock()
     gate = threading.Semaphore(BATCHES_IN_FLIGHT)
 
+    sizes = {name: meta[0] for name, meta in wanted}
+
     def run(batch: List[str]) -> None:
         try:
-            count = _prefetch_batch(link, files, batch)
+            count = _prefetch_batch(link, files, batch, sizes)
             with lock:
                 stored[0] += count
         finally:
@@ -344,32 +367,51 @@ def fetch_ahead(link: Link, files: FileCache, cache: NameCache, listing: Dict[st
                      name="fetch-ahead").start()
 
 
-def _prefetch_batch(link: Link, files: FileCache, batch: List[str]) -> int:
+def _prefetch_batch(link: Link, files: FileCache, batch: List[str], sizes: Dict[str, int]) -> int:
     """Fetch *batch*: each file that fits its first answer is stored as it comes (the batch is
-    in the order the program will want it), the bigger ones once their rest is read."""
-    # O_NONBLOCK: a name replaced by a FIFO since it was listed must not block a local worker.
-    replies = link.call_each("open", [{"path": name, "flags": os.O_RDONLY | os.O_NONBLOCK,
-                                       "whole": True, "have": None, "ahead": 1} for name in batch])
-    items, names = [], []
-    stored = 0
-    for name, reply in zip(batch, replies):
-        if isinstance(reply, OSError):
-            files.arrived([name])
-            continue
-        header, first = reply
-        meta = header.get("whole")
-        if not meta:
-            if "fh" in header:
-                link.post("release", {"fh": header["fh"]})
-            files.arrived([name])
-        elif "fh" in header:
-            items.append((header["fh"], first, int(meta[0])))
-            names.append((name, meta))
-        else:
-            stored += _store_ahead(files, name, meta, [first] if len(first) == int(meta[0]) else None)
-    for (name, meta), chunks in zip(names, fetch_rest(link, items)):
-        stored += _store_ahead(files, name, meta, chunks)
-    return stored
+    in the order the program will want it), the bigger ones once their rest is read.
+
+    A file this host has of the same size at the same path is copied first and
+    offered by its SHA-1 (:mod:`.basis`); one the local side calls the same is
+    kept with no data sent.
+    """
+    staged = {name: copy for name, copy in ((n, stage(files.directory, n, sizes.get(n, 0))) for n in batch)
+              if copy is not None}
+    try:
+        # O_NONBLOCK: a name replaced by a FIFO since it was listed must not block a local worker.
+        replies = link.call_each("open", [dict({"path": name, "flags": os.O_RDONLY | os.O_NONBLOCK,
+                                                "whole": True, "have": None, "ahead": 1},
+                                               **({"basis": staged[name].digest} if name in staged else {}))
+                                          for name in batch])
+        items, names = [], []
+        stored = 0
+        for name, reply in zip(batch, replies):
+            copy = staged.pop(name, None)
+            if isinstance(reply, OSError):
+                discard(copy)
+                files.arrived([name])
+                continue
+            header, first = reply
+            meta = header.get("whole")
+            if meta and copy is not None and header.get("basis") == 1:
+                stored += _adopt_ahead(link, files, name, meta, copy)
+                continue
+            discard(copy)
+            if not meta:
+                if "fh" in header:
+                    link.post("release", {"fh": header["fh"]})
+                files.arrived([name])
+            elif "fh" in header:
+                items.append((header["fh"], first, int(meta[0])))
+                names.append((name, meta))
+            else:
+                stored += _store_ahead(files, name, meta, [first] if len(first) == int(meta[0]) else None)
+        for (name, meta), chunks in zip(names, fetch_rest(link, items)):
+            stored += _store_ahead(files, name, meta, chunks)
+        return stored
+    finally:
+        for copy in staged.values():
+            discard(copy)
 
 
 def _store_ahead(files: FileCache, name: str, meta: List[int], chunks: Optional[List[bytes]]) -> int:
@@ -383,6 +425,17 @@ def _store_ahead(files: FileCache, name: str, meta: List[int], chunks: Optional[
             stored = 1
     files.arrived([name])  # an open waiting for this one goes on
     return stored
+
+
+def _adopt_ahead(link: Link, files: FileCache, name: str, meta: List[int], copy: Staged) -> int:
+    """Keep this host's own copy of a file fetched ahead (the local side said it is the same)."""
+    fd = files.adopt(name, meta, copy)
+    if fd is not None:
+        os.close(fd)
+        files.fetched_ahead.add(name)
+        link.answer_here("basis")
+    files.arrived([name])
+    return 0 if fd is None else 1
 
 
 def _unlink_quietly(path: str) -> None:

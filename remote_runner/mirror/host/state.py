@@ -26,6 +26,7 @@ from typing import Any, Callable, Dict, List, Optional, Set, Tuple
 
 from .. import protocol as P
 from ..hardlinks import LinkNames
+from .basis import discard, stage
 from .caches import LOCAL_FH_BASE, FileCache, copy_key, fetch_ahead, fetch_rest
 from .link import Link
 from .kernel import KernelDrops
@@ -375,20 +376,35 @@ class MountState(NewNames):
                 self.link.answer_here("open")
                 self.files.opened(path)
                 return self.files.add_handle(fd, known)
-        while True:
-            since = self.cache.begin()
-            header, first = self.call("open", {"path": path, "flags": flags, "whole": True, "have": have})
-            if isinstance(header.get("libs"), dict):  # a program: its libraries (or siblings) come next
-                fetch_ahead(self.link, self.files, self.cache, header["libs"], since)
-            meta = header.get("whole")
-            if not meta:  # not eligible (too big, changing, not a regular file)
-                return int(header["fh"])
-            if first or "fh" in header:
-                break
-            fd = self.files.open_copy(path, meta)  # our copy is current
-            if fd is not None or have is None:
-                break
-            have = None  # another session dropped the copy: ask for the data
+        # No copy yet: this host's own file of that path and size may be the same (see basis.py).
+        staged = (stage(self.files.directory, path, known.get("st_size"))
+                  if have is None and known is not None and not known.get("missing") else None)
+        try:
+            while True:
+                since = self.cache.begin()
+                args = {"path": path, "flags": flags, "whole": True, "have": have}
+                if staged is not None:
+                    args["basis"] = staged.digest
+                header, first = self.call("open", args)
+                if isinstance(header.get("libs"), dict):  # a program: its libraries (or siblings) come next
+                    fetch_ahead(self.link, self.files, self.cache, header["libs"], since)
+                meta = header.get("whole")
+                if not meta:  # not eligible (too big, changing, not a regular file)
+                    return int(header["fh"])
+                if staged is not None and header.get("basis") == 1:
+                    fd, staged = self.files.adopt(path, meta, staged), None
+                    if fd is not None:
+                        self.link.answer_here("basis")
+                        break
+                    continue  # it could not be kept: ask for the data
+                if first or "fh" in header:
+                    break
+                fd = self.files.open_copy(path, meta)  # our copy is current
+                if fd is not None or have is None:
+                    break
+                have = None  # another session dropped the copy: ask for the data
+        finally:
+            discard(staged)
         if fd is None:
             fd = self.fetch_whole(path, meta, header.get("fh"), first)
         if fd is None:  # fall back to reading through the link
