@@ -22,7 +22,7 @@ import os
 import stat
 import threading
 import time
-from typing import Any, Dict, List, Optional, Sequence, Set, Tuple
+from typing import Any, Dict, Iterator, List, Optional, Sequence, Set, Tuple
 
 from remote_runner.mirror.exports import Exports, Refused, resolve_parent
 from remote_runner.mirror.host.writes import WriteOrder
@@ -45,7 +45,6 @@ LOG = logging.getLogger(__name__)
 #: The ordering key of the unlinks, rmdirs and renames the host sent without waiting.
 CHANGES = "changes"
 
-UTIME_NOW, UTIME_OMIT = P.UTIME_NOW, P.UTIME_OMIT
 
 
 class LocalFileService(OpenFiles, SendAhead, DirectoryAnswers, OwnChanges):
@@ -262,24 +261,28 @@ class LocalFileService(OpenFiles, SendAhead, DirectoryAnswers, OwnChanges):
     def op_readdir(self, a: Dict[str, Any], _: bytes) -> Reply:
         """List a directory with attributes of every entry (READDIRPLUS-style)."""
         path = self._path(a)
-        raw = P.name_from_wire(a["path"])
-        watched = self._watch(os.path.normpath(raw))  # before listing: no change is missed
-        screened = raw in self._filtered
+        raw = os.path.normpath(P.name_from_wire(a["path"]))
+        watched = self._watch(raw)  # before listing: no change is missed
         names: List[bytes] = []
         attrs: List[Optional[Dict[str, int]]] = []
-        with os.scandir(path) as it:
-            for entry in it:
-                if screened and not self.exports.listable(raw, entry.name):
-                    continue
-                names.append(entry.name)
-                try:
-                    attrs.append(P.stat_to_wire(entry.stat(follow_symlinks=False)))
-                except OSError:
-                    attrs.append(None)
+        for entry in self._served_entries(raw, path):
+            names.append(entry.name)
+            try:
+                attrs.append(P.stat_to_wire(entry.stat(follow_symlinks=False)))
+            except OSError:
+                attrs.append(None)
         reply = Reply({"attrs": attrs, "w": 1 if watched else 0}, b"\0".join(names), compressible=True)
-        self._listed_subdirectories(reply, os.path.normpath(raw), [
+        self._listed_subdirectories(reply, raw, [
             name for name, st in zip(names, attrs) if st is not None and stat.S_ISDIR(st["st_mode"])])
         return reply
+
+    def _served_entries(self, directory: bytes, where: bytes) -> Iterator[os.DirEntry]:
+        """The entries of local *directory* (reached as *where*) the host may see (see Exports.listable)."""
+        screened = directory in self._filtered
+        with os.scandir(where) as it:
+            for entry in it:
+                if not screened or self.exports.listable(directory, entry.name):
+                    yield entry
 
     def op_statfs(self, a: Dict[str, Any], _: bytes) -> Reply:
         sv = os.statvfs(self._path(a))
@@ -316,11 +319,11 @@ class LocalFileService(OpenFiles, SendAhead, DirectoryAnswers, OwnChanges):
             os.utime(path, follow_symlinks=follow)
             return Reply()
         atime, mtime = int(times[0]), int(times[1])
-        if atime in (UTIME_NOW, UTIME_OMIT) or mtime in (UTIME_NOW, UTIME_OMIT):
+        if atime in (P.UTIME_NOW, P.UTIME_OMIT) or mtime in (P.UTIME_NOW, P.UTIME_OMIT):
             st = os.stat(path) if follow else os.lstat(path)
             now = time.time_ns()
-            atime = now if atime == UTIME_NOW else (st.st_atime_ns if atime == UTIME_OMIT else atime)
-            mtime = now if mtime == UTIME_NOW else (st.st_mtime_ns if mtime == UTIME_OMIT else mtime)
+            atime = now if atime == P.UTIME_NOW else (st.st_atime_ns if atime == P.UTIME_OMIT else atime)
+            mtime = now if mtime == P.UTIME_NOW else (st.st_mtime_ns if mtime == P.UTIME_OMIT else mtime)
         os.utime(path, ns=(atime, mtime), follow_symlinks=follow)
         return Reply()
 
@@ -464,19 +467,15 @@ class LocalFileService(OpenFiles, SendAhead, DirectoryAnswers, OwnChanges):
         out: List[List[Any]] = []
         try:
             where = self._path({"path": P.name_to_wire(directory)})
-            screened = directory in self._filtered
-            with os.scandir(where) as it:
-                for n, entry in enumerate(it):
-                    if n >= self.BARE_ENTRIES:
-                        break
-                    if screened and not self.exports.listable(directory, entry.name):
-                        continue
-                    try:
-                        ctime = entry.stat(follow_symlinks=False).st_ctime_ns
-                        if not os.listxattr(entry.path, follow_symlinks=False):
-                            out.append([P.name_to_wire(entry.name), ctime])
-                    except OSError:
-                        continue
+            for n, entry in enumerate(self._served_entries(directory, where)):
+                if n >= self.BARE_ENTRIES:
+                    break
+                try:
+                    ctime = entry.stat(follow_symlinks=False).st_ctime_ns
+                    if not os.listxattr(entry.path, follow_symlinks=False):
+                        out.append([P.name_to_wire(entry.name), ctime])
+                except OSError:
+                    continue
         except (OpError, OSError):
             return []
         return out
