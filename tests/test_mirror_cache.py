@@ -519,8 +519,8 @@ def test_a_file_the_host_already_has_is_copied_there_and_one_that_differs_is_sen
         assert counters["host"]["answered_on_host"].get("basis") == 1
         assert 200_000 < counters["bytes_sent"] < 380_000  # differ.bin went through the link, same.bin did not
         assert len(host_copies(lab, same)) == 1 and len(host_copies(lab, differ)) == 1
-    finally:
-        ssh(lab, HOST, f"rm -rf {local_only}", check=False)
+    finally:  # the local-only tree must stay absent on every host (test_lab checks it)
+        ssh(lab, HOST, f"rm -rf {local_only}; rmdir {local_only.parent} 2>/dev/null", check=False)
 
 
 def test_a_copy_is_stale_when_only_ctime_tells(lab, local_only, workdir):
