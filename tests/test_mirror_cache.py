@@ -511,6 +511,8 @@ def test_a_file_the_host_already_has_is_copied_there_and_one_that_differs_is_sen
             subprocess.run(["scp", "-q", "-F", lab.ssh_config, str(source), f"{HOST}:{target}"], check=True,
                            timeout=120)
         stats = workdir / "stats.json"
+        # sha1sum and its libraries first (a fresh host would take those from its own disk too)
+        assert rr_exec(lab, HOST, ["/usr/bin/sha1sum", "/dev/null"], workdir).returncode == 0
         proc = rr_exec(lab, HOST, ["/usr/bin/sha1sum", str(same), str(differ)], workdir, "--stats", str(stats))
         assert proc.returncode == 0, proc.stderr
         want = [hashlib.sha1(p.read_bytes()).hexdigest() for p in (same, differ)]
