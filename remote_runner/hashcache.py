@@ -52,14 +52,23 @@ def stat_key(st: os.stat_result) -> Key:
 
 def hash_file(path: str) -> Tuple[str, Optional[Key]]:
     """Return (hex SHA-1, stat key) of *path*; the key is None when the file changed meanwhile."""
-    digest = hashlib.sha1()
     with open(path, "rb") as handle:
         before = stat_key(os.fstat(handle.fileno()))
-        for chunk in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(chunk)
+        digest, _ = _sha1_of(handle.fileno())
         after = stat_key(os.fstat(handle.fileno()))
     steady = before == after == stat_key(os.stat(path))
-    return digest.hexdigest(), before if steady else None
+    return digest, before if steady else None
+
+
+def _sha1_of(fd: int) -> Tuple[str, int]:
+    """(hex SHA-1, bytes read) of what descriptor *fd* holds, read from its start."""
+    digest, offset = hashlib.sha1(), 0
+    while True:
+        chunk = os.pread(fd, 1 << 20, offset)
+        if not chunk:
+            return digest.hexdigest(), offset
+        digest.update(chunk)
+        offset += len(chunk)
 
 
 class LocalHashes:
@@ -101,18 +110,12 @@ class LocalHashes:
         known = self._lookup(name, key, False)
         if known is not None:
             return known
-        digest, offset = hashlib.sha1(), 0
-        while True:
-            chunk = os.pread(fd, 1 << 20, offset)
-            if not chunk:
-                break
-            digest.update(chunk)
-            offset += len(chunk)
-        if stat_key(os.fstat(fd)) != key or offset != key[0]:
+        digest, size = _sha1_of(fd)
+        if stat_key(os.fstat(fd)) != key or size != key[0]:
             return None
         with self._lock:
-            self._new[name] = [*key, digest.hexdigest()]
-        return digest.hexdigest()
+            self._new[name] = [*key, digest]
+        return digest
 
     def known(self, path: str) -> Optional[str]:
         """The SHA-1 of *path* if this run or an earlier one computed it for its current stat."""

@@ -46,7 +46,6 @@ LOG = logging.getLogger(__name__)
 CHANGES = "changes"
 
 
-
 class LocalFileService(OpenFiles, SendAhead, DirectoryAnswers, OwnChanges):
     """Answer mirror requests against the local file system.
 

@@ -68,12 +68,12 @@ def stage(directory: str, name: str, size: int) -> Optional[Staged]:
                 out.write(chunk)
                 copied += len(chunk)
         if copied != size:
-            discard(Staged(tmp, ""))
+            unlink_quietly(tmp)
             return None
         return Staged(tmp, digest.hexdigest())
     except OSError:
         if tmp is not None:
-            discard(Staged(tmp, ""))
+            unlink_quietly(tmp)
         return None
     finally:
         os.close(src)
@@ -82,7 +82,12 @@ def stage(directory: str, name: str, size: int) -> Optional[Staged]:
 def discard(staged: Optional[Staged]) -> None:
     """Remove a staged copy the local side did not confirm."""
     if staged is not None:
-        try:
-            os.unlink(staged.tmp)
-        except OSError:
-            pass
+        unlink_quietly(staged.tmp)
+
+
+def unlink_quietly(path: str) -> None:
+    """Remove *path* from the cache's directory; already gone (or not removable) is no error."""
+    try:
+        os.unlink(path)
+    except OSError:
+        pass

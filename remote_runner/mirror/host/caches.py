@@ -20,7 +20,7 @@ from typing import Any, Callable, Dict, List, Optional, Set, Tuple
 from .. import protocol as P
 from .link import Link
 from .answers import absorb_answers, absorb_listings
-from .basis import Staged, discard, stage
+from .basis import Staged, discard, stage, unlink_quietly
 from .names import NameCache
 
 LOG = logging.getLogger("remote_runner.mirror.agent")
@@ -141,7 +141,7 @@ class FileCache:
             self._keep(path, meta, tmp)
         except BaseException:
             os.close(fd)
-            _unlink_quietly(tmp)
+            unlink_quietly(tmp)
             raise
         return fd
 
@@ -170,7 +170,7 @@ class FileCache:
             old = self._index.get(key)
             self._index[key] = (list(meta), name)
         if old is not None and old[1] != name:
-            _unlink_quietly(os.path.join(self.directory, old[1]))
+            unlink_quietly(os.path.join(self.directory, old[1]))
 
     def store_quietly(self, path: str, meta: List[int], chunks: List[bytes]) -> Optional[int]:
         """:meth:`store`, or None (with a warning) when the copy cannot be written."""
@@ -207,7 +207,7 @@ class FileCache:
         for _, size, path in sorted(entries):
             if total <= self.limit * 0.8:
                 break
-            _unlink_quietly(path)
+            unlink_quietly(path)
             total -= size
 
 
@@ -436,13 +436,6 @@ def _adopt_ahead(link: Link, files: FileCache, name: str, meta: List[int], copy:
         link.answer_here("basis")
     files.arrived([name])
     return 0 if fd is None else 1
-
-
-def _unlink_quietly(path: str) -> None:
-    try:
-        os.unlink(path)
-    except OSError:
-        pass
 
 
 def open_file_cache(boot: Dict[str, Any]) -> Optional[FileCache]:
