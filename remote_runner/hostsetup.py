@@ -57,6 +57,8 @@ class HostSetup:
     locks: Dict[str, sessionlock.SessionLock]
     early: Dict[str, precheck.EarlyCheck]
     plans: sync.PlanMemo
+    ahead_memo: precheck.AheadMemo
+    sent_ahead: Dict[str, Dict[str, str]]
     mirror: Optional["MirrorSession"]
 
     if TYPE_CHECKING:  # pragma: no cover - the runner provides these
@@ -81,9 +83,11 @@ class HostSetup:
         for host, specs in self._by_host().items():
             if host != "localhost":
                 check = precheck.plan_ahead(host, specs, self.options.always_copy,
-                                            self.options.rehash, self.plans)
+                                            self.options.rehash, self.plans, self.ahead_memo)
                 if check is not None:
                     self.early[host] = check
+                    if check.ahead:
+                        self.sent_ahead[host] = check.temporaries()
 
         def take(host: str) -> None:
             connection = None if host == "localhost" else self.connections[host]

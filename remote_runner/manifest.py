@@ -83,6 +83,8 @@ TEMP = re.compile(r"\..*\.rr-.{8}\.tmp\Z")
 STAGE = re.compile(r"\.rr-stage-.{8}\Z")
 size = int(sys.argv[1]) if len(sys.argv) > 1 else -1
 req = json.loads(sys.stdin.buffer.read(size).decode("utf-8", "surrogateescape"))
+ahead = req.get("ahead") or []
+blob = sys.stdin.buffer.read(req.get("ahead_bytes", 0)) if ahead else b""
 home = os.environ.get("HOME") or os.path.expanduser("~")
 mdir = os.path.join(os.environ.get("XDG_CACHE_HOME") or os.path.join(home, ".cache"),
                     "remote-runner", "manifests")
@@ -210,6 +212,40 @@ for f in req["files"]:
     out["files"].append(item)
 for t in sorted(fresh) if not req.get("rehash") else range(len(trees)):
     out["saved"] = save(trees[t], fresh.get(t, {})) and out["saved"]
+def stage(dest, data, mode, token):
+    """Write data beside dest as a temporary file (renamed into place by the start)."""
+    d = os.path.dirname(dest)
+    v = os.statvfs(d)
+    if v.f_bavail * v.f_frsize < len(data) + (1 << 20):
+        return False
+    tmp = os.path.join(d, ".%s.rr-%s.tmp" % (os.path.basename(dest), token))
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0), 0o600)
+    try:
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view):]
+        os.fchmod(fd, mode)
+    except OSError:
+        os.unlink(tmp)
+        raise
+    finally:
+        os.close(fd)
+    return True
+staged, at = [], 0
+for i, want, token in ahead:
+    dest, fsize, fmode = req["files"][i][:3]
+    data = blob[at:at + fsize]
+    at += fsize
+    if (len(data) != fsize or out["files"][i] == [fsize, fmode, want] or
+            name_hash(data).hexdigest() != want):
+        continue
+    try:
+        if stage(dest, data, fmode, token):
+            staged.append(i)
+    except OSError:
+        pass
+if ahead:
+    out["staged"] = staged
 if req.get("prepare"):
     dirs = sorted(set(os.path.dirname(f[0]) for f in req["files"]))
     now = time.time()
@@ -272,6 +308,8 @@ class Answer:
     has_tar: bool = False
     free: List[str] = field(default_factory=list)
     error: Optional[str] = None
+    #: indices of the files sent ahead that the host staged beside their destination
+    staged: List[int] = field(default_factory=list)
 
 
 def run_script(size: Optional[int] = None) -> str:
@@ -304,7 +342,8 @@ def inline_script(payload: bytes) -> str:
 def request(items: Sequence["Upload"], trees: Sequence[str], tree_of: Sequence[int], *,
             dirs: Sequence[Tuple[str, Optional[int]]] = (), rehash: bool = False,
             prepare: bool = False, hash_all: bool = False,
-            receipts: Optional[Mapping[str, Any]] = None) -> bytes:
+            receipts: Optional[Mapping[str, Any]] = None,
+            ahead: Sequence[Tuple[int, str, str]] = (), ahead_bytes: int = 0) -> bytes:
     """The JSON request for *items* (each in ``trees[tree_of[i]]``).
 
     A check sends size and mode: the host hashes only files that match them
@@ -315,6 +354,10 @@ def request(items: Sequence["Upload"], trees: Sequence[str], tree_of: Sequence[i
     hash the host takes while the file's stat is still exactly that.
     *prepare* also creates *dirs*, sweeps stale temporary files and reports
     free space and tar, so that a check is the host's only exec before copying.
+    *ahead* (with *prepare*) lists files whose bytes follow the request on
+    stdin, *ahead_bytes* in all, in that order: (index, SHA-1, token). The
+    host stages each one that differs there as ``.NAME.rr-TOKEN.tmp`` beside
+    its destination (see :mod:`remote_runner.precheck`).
     """
     files = []
     for u, t in zip(items, tree_of):
@@ -326,6 +369,8 @@ def request(items: Sequence["Upload"], trees: Sequence[str], tree_of: Sequence[i
     doc: Dict[str, Any] = {"trees": list(trees), "files": files, "rehash": bool(rehash),
                            "dirs": [[d, m] for d, m in dirs], "prepare": prepare,
                            "stale": STALE_MINUTES, "lock_wait": LOCK_WAIT}
+    if ahead and prepare:
+        doc["ahead"], doc["ahead_bytes"] = [list(a) for a in ahead], ahead_bytes
     return json.dumps(doc).encode("utf-8", "surrogateescape")
 
 
@@ -386,8 +431,12 @@ def parse_answer(lines: Sequence[str], count: int) -> Optional[Answer]:
         files.append(Remote(item[0], item[1], item[2]))
     free = doc.get("free", [])
     free = [x for x in free if isinstance(x, str)] if isinstance(free, list) else []
+    staged = doc.get("staged", [])
+    if not (isinstance(staged, list) and all(_count(i) and i < count for i in staged)):
+        return None
     return Answer(files, hashed=_int(doc.get("hashed")), trusted=_int(doc.get("trusted")),
-                  received=_int(doc.get("received")), saved=doc.get("saved") is True, has_tar=doc.get("tar") is True, free=free)
+                  received=_int(doc.get("received")), saved=doc.get("saved") is True,
+                  has_tar=doc.get("tar") is True, free=free, staged=sorted(set(staged)))
 
 
 def _count(value: Any) -> bool:

@@ -21,18 +21,47 @@ The request goes on stdin (a big tree's list does not fit a command line), and
 the host program reads exactly its length, leaving the rest of the channel to
 the lock. An answer that does not parse, or a host without python3, also leaves
 the check to the copy step, which then takes its usual fallbacks.
+
+**Files sent ahead.** The everyday rerun is "I edited one file". The check
+cannot say which file differs before the host answers, but this machine can
+guess: a file whose stat no longer matches what the local hash cache
+remembers (:mod:`remote_runner.hashcache`) changed here since it was last
+hashed. When every such file of a host is small (:data:`AHEAD_FILES` files,
+:data:`AHEAD_FILE` bytes each, :data:`AHEAD_BYTES` in all), their bytes follow
+the request on the same channel; the host compares each with what it has (by
+SHA-1, as for any file) and writes the ones that differ beside their
+destination as temporary files, never over it. The host's first start
+command renames them into place (:class:`remote_runner.runner.Runner`), only
+once every host is locked, prepared and copied, so a run that fails before
+its start leaves every destination as it was (and removes the temporaries).
+A guess that is wrong costs those few bytes and nothing else: a file changed
+only on the host, or new to it, is copied by the copy step as before.
 """
 
 from __future__ import annotations
 
+import hashlib
 import posixpath
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, Dict, Optional, Sequence, Tuple
+import secrets
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Dict, List, Optional, Sequence, Tuple, Union
 
-from remote_runner import manifest, sync
+from remote_runner import hashcache, manifest, sync
 
 if TYPE_CHECKING:  # pragma: no cover
     from remote_runner.config import ComponentSpec
+    from remote_runner.upload import Upload
+
+#: At most this many files changed here go ahead with a host's check (else none do) ...
+AHEAD_FILES = 16
+#: ... each at most this big ...
+AHEAD_FILE = 64 << 10
+#: ... and this many bytes in all.
+AHEAD_BYTES = 256 << 10
+
+#: Per run, by source: (bytes, SHA-1) when it changed here since it was last hashed and
+#: may go ahead, False when it changed but is too big, None when it did not change.
+AheadMemo = Dict[str, Union[Tuple[bytes, str], bool, None]]
 
 
 @dataclass
@@ -45,11 +74,25 @@ class EarlyCheck:
     bases: Dict[Tuple[str, str], str]
     request: bytes
     answer: Optional[manifest.Answer] = None
+    #: length of the JSON at the start of *request* (the files sent ahead follow it)
+    json_size: int = -1
+    #: files sent ahead: index in the plan -> (temporary name the host stages it as, SHA-1)
+    ahead: Dict[int, Tuple[str, str]] = field(default_factory=dict)
 
     @property
     def script(self) -> str:
         """The shell text the lock's channel runs after the prepare script (reads the request)."""
-        return manifest.run_script(len(self.request))
+        return manifest.run_script(self.json_size if self.json_size >= 0 else len(self.request))
+
+    def staged(self) -> Dict[int, str]:
+        """Index -> SHA-1 of each file the host staged, by its answer."""
+        if self.answer is None:
+            return {}
+        return {i: self.ahead[i][1] for i in self.answer.staged if i in self.ahead}
+
+    def temporaries(self) -> Dict[str, str]:
+        """Destination -> temporary name of every file sent ahead (staged or not)."""
+        return {self.plan.files[i].dest: temp for i, (temp, _) in self.ahead.items()}
 
     def take(self, output: str) -> None:
         """Read the answer in what the lock's channel printed (None when there is none)."""
@@ -62,11 +105,12 @@ class EarlyCheck:
 
 
 def plan_ahead(host: str, specs: Sequence["ComponentSpec"], always_copy: bool = False,
-               rehash: bool = False, plans: Optional["sync.PlanMemo"] = None
-               ) -> Optional[EarlyCheck]:
+               rehash: bool = False, plans: Optional["sync.PlanMemo"] = None,
+               memo: Optional[AheadMemo] = None) -> Optional[EarlyCheck]:
     """The check to ask with *host*'s lock, or None when it must wait for the copy step.
 
-    *plans* gives the plans the run already built (see :class:`sync.PlanMemo`).
+    *plans* gives the plans the run already built (see :class:`sync.PlanMemo`);
+    *memo* is the run's guesses of the files changed here (given: some may go ahead).
     """
     if always_copy:
         return None
@@ -85,5 +129,50 @@ def plan_ahead(host: str, specs: Sequence["ComponentSpec"], always_copy: bool = 
         return None
     items = list(plan.files)
     trees, index = plan.tree_index(items)
-    request = manifest.request(items, trees, index, dirs=plan.dirs, rehash=rehash, prepare=True)
-    return EarlyCheck(host, plan, bases, request)
+    picked = _changed_here(items, memo) if memo is not None else []
+    ahead = [(i, sha1, secrets.token_hex(4)) for i, (_, sha1) in picked]
+    blob = b"".join(data for _, (data, _) in picked)
+    request = manifest.request(items, trees, index, dirs=plan.dirs, rehash=rehash, prepare=True,
+                               ahead=ahead, ahead_bytes=len(blob))
+    temps = {i: (_temp_name(items[i].dest, token), sha1) for i, sha1, token in ahead}
+    return EarlyCheck(host, plan, bases, request + blob, json_size=len(request), ahead=temps)
+
+
+def _changed_here(items: Sequence["Upload"], memo: AheadMemo
+                  ) -> List[Tuple[int, Tuple[bytes, str]]]:
+    """(index, (bytes, SHA-1)) of the files of *items* to send ahead: all that changed here, or none."""
+    picked, total = [], 0
+    for i, item in enumerate(items):
+        if item.src not in memo:
+            memo[item.src] = _read_if_changed(item)
+        guess = memo[item.src]
+        if guess is False:  # changed here, but too big to go ahead: the copy step is needed
+            return []
+        if isinstance(guess, tuple):
+            picked.append((i, guess))
+            total += len(guess[0])
+            if len(picked) > AHEAD_FILES or total > AHEAD_BYTES:
+                return []
+    return picked
+
+
+def _read_if_changed(item: "Upload") -> Union[Tuple[bytes, str], bool, None]:
+    """(bytes, SHA-1) of *item*'s source when its stat is new to the hash cache; False when
+    it is new but too big to go ahead; None when the cache knows it (or it cannot be read)."""
+    if hashcache.LOCAL.known(item.src) is not None:
+        return None
+    if item.size > AHEAD_FILE:
+        return False
+    try:
+        with open(item.src, "rb") as handle:
+            data = handle.read(AHEAD_FILE + 1)
+    except OSError:
+        return None  # the copy step reports it
+    if len(data) != item.size:
+        return None  # changing right now: left to the copy step
+    return data, hashlib.sha1(data).hexdigest()
+
+
+def _temp_name(dest: str, token: str) -> str:
+    """The temporary file the host stages *dest* as (the host program's own rule)."""
+    return posixpath.join(posixpath.dirname(dest), f".{posixpath.basename(dest)}.rr-{token}.tmp")

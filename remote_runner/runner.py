@@ -40,6 +40,7 @@ from __future__ import annotations
 import logging
 import os
 import posixpath
+import shlex
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING, Any, Callable, Dict, List, Optional, Sequence, Set
@@ -113,6 +114,11 @@ class Runner(HostSetup, RunEnd):
         self.plans = sync.PlanMemo()
         #: per host: the shell text writing its launchers (run by its first start command)
         self._setup: Dict[str, str] = {}
+        #: the run's guesses of the files changed here (see :mod:`precheck`)
+        self.ahead_memo: precheck.AheadMemo = {}
+        #: per host: destination -> temporary name of each file sent ahead with its check,
+        #: until the host's first start command has put them in place (or removed them)
+        self.sent_ahead: Dict[str, Dict[str, str]] = {}
         self._record_lock = threading.Lock()
 
     # -- public -------------------------------------------------------------
@@ -160,6 +166,7 @@ class Runner(HostSetup, RunEnd):
 
     def close(self) -> None:
         """Release the session locks, the mirror and every connection."""
+        self._drop_sent_ahead()
         for lock in self.locks.values():
             lock.release()
         self.locks = {}
@@ -299,7 +306,8 @@ class Runner(HostSetup, RunEnd):
                                          progress, openers, self.cancel, on_plan=planned,
                                          rehash=self.options.rehash,
                                          answers={h: c.answer for h, c in self.early.items()
-                                                  if c.answer is not None})
+                                                  if c.answer is not None},
+                                         staged={h: c.staged() for h, c in self.early.items()})
         for host in sorted(self.report.sync):
             done = self.report.sync[host]
             self._say(ev.KIND_COPY_DONE, host, done.summary().split(": ", 1)[-1],
@@ -312,7 +320,37 @@ class Runner(HostSetup, RunEnd):
             by_name = {name: self.connections[group] for name, group in self.host_of.items()
                        if group in self.connections}
             self.mirror = self.mirror_factory({**by_name, **self.connections}, mirrored)
-        self._setup = {host: self._launcher_setup(host) for host in self.placements}
+        self._setup = {host: self._placing(host) + self._launcher_setup(host)
+                       for host in self.placements}
+
+    def _placing(self, host: str) -> str:
+        """Shell text renaming the files *host* staged into place (and removing the rest)."""
+        temps = self.sent_ahead.get(host)
+        if not temps:
+            return ""
+        done = self.report.sync.get(host)
+        placed = set(done.placed) if done is not None else set()
+        q = shlex.quote
+        lines = []
+        for dest, temp in sorted(temps.items()):
+            if dest in placed:
+                lines.append(f"mv -f -- {q(temp)} {q(dest)} {scr.placing_failed(dest)}\n")
+            else:
+                lines.append(f"rm -f -- {q(temp)}\n")
+        return "".join(lines)
+
+    def _drop_sent_ahead(self) -> None:
+        """Remove the temporaries of hosts whose start never put them in place (a failed run)."""
+        for host, temps in self.sent_ahead.items():
+            shell = self.shells.get(host)
+            if not temps or shell is None:
+                continue
+            try:
+                shell.script("rm -f -- " + " ".join(shlex.quote(t) for t in temps.values()),
+                             timeout=30)
+            except Exception as exc:  # noqa: BLE001 - the stale sweep of a later run removes them
+                LOG.debug("%s: could not remove the files staged ahead: %s", host, exc)
+        self.sent_ahead = {}
 
     def start_all(self) -> None:
         """Start components by start_index, one confirmed wave at a time: one command per host.
@@ -360,6 +398,8 @@ class Runner(HostSetup, RunEnd):
                                   if checks else "",
                                   grace=self.options.terminate_grace,
                                   extra_time=hostops.health_time(checks, self.options.settle))
+        if first:
+            self.sent_ahead.pop(host, None)  # in place (or removed) by this command's setup
         for old in wave.quit:
             self._say(ev.KIND_NOTE, host, f"quit previous screen session {old}")
         if wave.adopted:

@@ -106,6 +106,8 @@ class HostSync:
     hashed: int = 0
     #: files the host's manifest vouched for without reading them
     trusted: int = 0
+    #: files the host staged from the check's request (sent ahead): the start puts them in place
+    placed: List[str] = field(default_factory=list)
 
     def summary(self) -> str:
         """Return the one-line report the CLI logs."""
@@ -218,7 +220,8 @@ def sync_host(shell: "Shell", sftp: Any, plan: Plan, always_copy: bool = False,
               open_lane: Optional[LaneOpener] = None, small_file: int = SMALL_FILE,
               on_plan: Optional[Planned] = None, rehash: bool = False,
               answer: Optional[manifest.Answer] = None,
-              sums: Optional[Dict[str, str]] = None) -> HostSync:
+              sums: Optional[Dict[str, str]] = None,
+              staged: Optional[Dict[int, str]] = None) -> HostSync:
     """Bring one host up to date with *plan* and report what was done.
 
     *sftp* is an SFTP client or a function returning one: it is only asked for
@@ -229,7 +232,9 @@ def sync_host(shell: "Shell", sftp: Any, plan: Plan, always_copy: bool = False,
     (:func:`changed_files`). *rehash* trusts no remembered hash on either side.
     *answer* is the manifest's answer when it was asked already (for exactly
     *plan*'s files, see :mod:`remote_runner.precheck`). *sums* is the local
-    hashes this sync already took (see :func:`local_sha1`).
+    hashes this sync already took (see :func:`local_sha1`). *staged* (index
+    in the plan -> SHA-1) is what the host staged from *answer*'s request: a
+    file still equal to it here is not sent again (:attr:`HostSync.placed`).
     """
     report = HostSync(plan.host)
     if not plan.files and not plan.dirs:
@@ -240,6 +245,8 @@ def sync_host(shell: "Shell", sftp: Any, plan: Plan, always_copy: bool = False,
         checked = manifest_check(shell, plan, report, rehash, answer, sums)
     if checked is not None:
         todo, same, has_tar = checked
+        if answer is not None and staged:
+            todo = _unless_staged(plan, todo, staged, report, rehash, sums)
     else:
         if always_copy:
             todo, same = list(plan.files), []
@@ -279,11 +286,25 @@ def sync_host(shell: "Shell", sftp: Any, plan: Plan, always_copy: bool = False,
             side.shutdown(wait=True)
     if bundling is not None:
         bundling.result()
-    report.copied = [u.dest for u in todo]
-    report.bytes = sum(u.size for u in todo)
+    report.copied = [u.dest for u in todo] + report.placed
+    report.bytes = sum(u.size for u in todo) + sum(u.size for u in plan.files
+                                                   if u.dest in set(report.placed))
     if todo and not recorded and (checked is not None or (always_copy and hasattr(shell, "feed"))):
         record(shell, plan, todo, receipts)
     return report
+
+
+def _unless_staged(plan: Plan, todo: List[Upload], staged: Dict[int, str], report: HostSync,
+                   rehash: bool, sums: Optional[Dict[str, str]]) -> List[Upload]:
+    """*todo* without the files the host staged that are still what this machine has."""
+    ready = {plan.files[i].dest: sha1 for i, sha1 in staged.items() if i < len(plan.files)}
+    left = []
+    for item in todo:
+        if ready.get(item.dest) == local_sha1(item.src, rehash, sums):
+            report.placed.append(item.dest)
+        else:
+            left.append(item)
+    return left
 
 
 def _stream_link(shell: "Shell") -> Optional[Tuple[Any, Any]]:
@@ -414,10 +435,12 @@ def sync_all(jobs: Sequence[Tuple["Shell", Callable[[], Any], Plan]], forks: int
              lane_openers: Optional[Dict[str, LaneOpener]] = None,
              cancel: Optional[threading.Event] = None,
              on_plan: Optional[Planned] = None, rehash: bool = False,
-             answers: Optional[Dict[str, manifest.Answer]] = None) -> Dict[str, HostSync]:
+             answers: Optional[Dict[str, manifest.Answer]] = None,
+             staged: Optional[Dict[str, Dict[int, str]]] = None) -> Dict[str, HostSync]:
     """Sync every (shell, sftp factory, plan) job in parallel; raise one error for all failures.
 
-    *answers* holds, per host, the manifest's answer to its plan when it was asked already.
+    *answers* holds, per host, the manifest's answer to its plan when it was asked already,
+    and *staged* what the host staged from it (see :func:`sync_host`).
 
     Ctrl-C (or *cancel* set by the caller) stops every upload at its next
     chunk: each removes its temporary file and the interrupt goes on at once,
@@ -442,7 +465,8 @@ def sync_all(jobs: Sequence[Tuple["Shell", Callable[[], Any], Plan]], forks: int
         with host_context(plan.host):
             return sync_host(shell, sftp_factory, plan, always_copy, checked,
                              openers.get(plan.host), on_plan=on_plan, rehash=rehash,
-                             answer=(answers or {}).get(plan.host), sums=sums)
+                             answer=(answers or {}).get(plan.host), sums=sums,
+                             staged=(staged or {}).get(plan.host))
 
     pool = ThreadPoolExecutor(max_workers=max(1, forks), thread_name_prefix="sync")
     futures = [(job[2].host, pool.submit(one, job)) for job in jobs]

@@ -18,9 +18,9 @@ import shlex
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Dict, List, Optional, Sequence
 
-from remote_runner.errors import StartError
-from remote_runner.screen import (SETUP_FAILED, _NEED_SCREEN, _SETUP_EXIT, Window, _ids_of,
-                                  _poll_gone, escape_x, nap_while, parse_sessions, printf_write,
+from remote_runner.errors import CopyError, StartError
+from remote_runner.screen import (PLACING_FAILED, SETUP_FAILED, _NEED_SCREEN, _SETUP_EXIT, Window,
+                                  _ids_of, _poll_gone, escape_x, nap_while, parse_sessions, printf_write,
                                   quit_sessions_script, rc_text)
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -139,7 +139,12 @@ def _wave_result(screen: "Screen", windows: Sequence[Window], result: "ScriptRes
     if "NO-SCREEN" in lines:
         raise StartError(f"host {host}: GNU screen is not installed (or not on PATH)")
     if result.exit_status == _SETUP_EXIT:
-        raise StartError(f"host {host}: could not write launchers: {result.stderr.strip()}")
+        said = result.stderr.strip()
+        if PLACING_FAILED in said:
+            dest = (said.split(PLACING_FAILED, 1)[1].strip().splitlines() or ["?"])[0]
+            raise CopyError("the file staged by the change check could not be renamed into "
+                            "place; the previous session is left running", host=host, path=dest)
+        raise StartError(f"host {host}: could not write launchers: {said}")
     quit_ids = [line[8:] for line in lines if line.startswith("RR-QUIT ")]
     left = [line.split()[1:] for line in lines if line.startswith("RR-NOT-QUIT")]
     if left:

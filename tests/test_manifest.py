@@ -31,7 +31,7 @@ from remote_runner import events as ev
 from remote_runner import hashcache, manifest, sync
 from remote_runner.config import FileSpec
 from remote_runner.loader import load_experiment
-from remote_runner.errors import CopyError
+from remote_runner.errors import CopyError, RunnerError
 from remote_runner.runner import RunOptions, Runner
 from remote_runner.shell import LocalShell, RemoteShell, ScriptResult
 from remote_runner.ssh import Connection, SSHOptions
@@ -112,6 +112,69 @@ def test_a_garbled_or_lying_answer_is_refused_as_a_whole():
     assert manifest.parse_answer([], 2) is None
     assert manifest.parse_answer(_line({"error": "could not create directory /x: Denied"}),
                                  2).error == "could not create directory /x: Denied"
+    assert manifest.parse_answer(_line({**good, "staged": [1, 1]}), 2).staged == [1]
+    for staged in ([2], [-1], ["1"], 1, [True]):  # only files asked about can be staged
+        assert manifest.parse_answer(_line({**good, "staged": staged}), 2) is None, staged
+
+
+def test_the_host_stages_only_the_files_sent_ahead_that_differ_and_arrived_whole(tmp_path):
+    """Each file sent ahead is compared by SHA-1 with what the host has; one that differs is
+    written beside its destination as a temporary (the destination untouched), with its mode;
+    bytes that do not match their SHA-1 are not staged at all."""
+    import hashlib
+    tree = tmp_path / "tree"
+    tree.mkdir()
+    (tree / "same").write_bytes(b"same\n")
+    (tree / "old").write_bytes(b"old\n")
+    datas = {"same": b"same\n", "old": b"new text\n", "fresh": b"fresh\n", "bad": b"torn\n"}
+    names = list(datas)
+    sums = {n: hashlib.sha1(d).hexdigest() for n, d in datas.items()}
+    sums["bad"] = hashlib.sha1(b"what was meant\n").hexdigest()
+    for name in ("same", "old"):
+        (tree / name).chmod(0o644)
+    files = [[str(tree / n), len(datas[n]), 0o640 if n == "fresh" else 0o644, 0] for n in names]
+    ahead = [[i, sums[n], f"tok{i:05d}"] for i, n in enumerate(names)]
+    blob = b"".join(datas[n] for n in names)
+    request = json.dumps({"trees": [str(tree)], "files": files, "prepare": True, "stale": 60,
+                          "dirs": [], "ahead": ahead, "ahead_bytes": len(blob)}).encode()
+    env = {"HOME": str(tmp_path), "XDG_CACHE_HOME": str(tmp_path / "cache"), "PATH": "/usr/bin:/bin"}
+    out = subprocess.run([sys.executable, "-I", "-S", "-c", manifest.HOST_PROGRAM, str(len(request))],
+                         input=request + blob + b"left for the lock", capture_output=True, env=env,
+                         check=True).stdout.decode()
+    answer = manifest.parse_answer(out.splitlines(), 4)
+    assert answer is not None and answer.staged == [1, 2], out
+    assert (tree / "old").read_bytes() == b"old\n" and not (tree / "fresh").exists()
+    assert (tree / ".old.rr-tok00001.tmp").read_bytes() == b"new text\n"
+    assert (tree / ".fresh.rr-tok00002.tmp").stat().st_mode & 0o777 == 0o640
+    assert sorted(p.name for p in tree.iterdir()) == [
+        ".fresh.rr-tok00002.tmp", ".old.rr-tok00001.tmp", "old", "same"]
+
+
+def test_only_files_changed_here_go_ahead_and_only_when_all_of_them_fit(tmp_path, monkeypatch):
+    """A guess, by the local hash cache: a file whose stat it knows did not change here."""
+    from remote_runner import precheck
+    from remote_runner.upload import Upload
+    cache = hashcache.LocalHashes(str(tmp_path / "cache.json"))
+    monkeypatch.setattr(hashcache, "LOCAL", cache)
+    src = tmp_path / "src"
+    src.mkdir()
+    items = []
+    for i in range(precheck.AHEAD_FILES + 1):
+        (src / f"f{i:02d}").write_text(f"file {i}\n")
+        items.append(Upload(str(src / f"f{i:02d}"), f"/base/f{i:02d}", 0o644, len(f"file {i}\n")))
+    assert precheck._changed_here(items, {}) == []  # more than AHEAD_FILES new: none go ahead
+    for item in items:
+        cache.sha1(item.src)
+    assert precheck._changed_here(items, {}) == []  # all known: nothing changed here
+    (src / "f03").write_text("edited\n")
+    items[3] = Upload(items[3].src, items[3].dest, 0o644, 7)
+    memo: precheck.AheadMemo = {}
+    [(index, (data, sha1))] = precheck._changed_here(items, memo)
+    assert (index, data) == (3, b"edited\n") and sha1 == hashcache.hash_file(items[3].src)[0]
+    assert precheck._changed_here(items, memo) == [(3, (data, sha1))]  # the memo holds for every host
+    (src / "big").write_bytes(b"x" * (precheck.AHEAD_FILE + 1))
+    big = Upload(str(src / "big"), "/base/big", 0o644, precheck.AHEAD_FILE + 1)
+    assert precheck._changed_here(items + [big], {}) == []  # the copy step is needed anyway
 
 
 def _local_plan(src, dest):
@@ -485,3 +548,90 @@ def test_a_base_dir_behind_a_symlink_is_checked_again_under_its_real_path(lab, t
     finally:
         for host in ("h1", "h2"):
             ssh(lab, host, f"rm -rf {real} {link}", check=False)
+
+def _run_config(lab, tmp_path, screen_name, name, body):
+    """Run the experiment *body* (config text) with the lab's ssh config; return the runner."""
+    config = tmp_path / f"{name}.py"
+    config.write_text(textwrap.dedent(body))
+    watch = CopyPhase()
+    runner = Runner(load_experiment(str(config), None),
+                    RunOptions(screen=screen_name, remote_done_dir=f"/tmp/{screen_name}-state"),
+                    SSHOptions(ssh_config_file=lab.ssh_config), reporter=watch)
+    watch.runner = runner
+    return runner, watch
+
+
+def _component(host, src, base):
+    return f"""
+        c = Component()
+        c.name = 'sleeper-{host}'
+        c.host = '{host}'
+        c.executable = '/bin/sleep'
+        c.args = ['600']
+        c.base_dir = {base!r}
+        c.files = {{{str(src)!r}: 'data'}}
+        c.start_index = 0
+        config.add_component(c)
+    """
+
+
+def test_a_file_edited_here_rides_with_the_check_and_the_start_renames_it(lab, tmp_path,
+                                                                          screen_name):
+    """The everyday rerun (one file edited) costs no copy step: lock + check, then the start.
+
+    The edited file travels with the change check, is staged beside its
+    destination and renamed into place by the host's start command; nothing
+    temporary is left, and the host's next check finds it as copied.
+    """
+    base = f"/tmp/{screen_name}-base"
+    src = _files(tmp_path)
+    body = "".join(_component(h, src, base) for h in ("h1", "h2"))
+    try:
+        runner, _ = _run_config(lab, tmp_path, screen_name, "cold", body)
+        assert all(len(r.copied) == 20 for r in runner.run().sync.values())
+        # (a copy to a host that has nothing hashes nothing here: this run does)
+        runner, _ = _run_config(lab, tmp_path, screen_name, "warm", body)
+        assert all(r.copied == [] for r in runner.run().sync.values())
+        (src / "sub" / "f05.txt").write_text("edited here\n")
+        runner, watch = _run_config(lab, tmp_path, screen_name, "edited", body)
+        report = runner.run()
+        assert {h: r.copied for h, r in report.sync.items()} == {
+            h: [f"{base}/data/sub/f05.txt"] for h in ("h1", "h2")}
+        assert all(r.placed == [f"{base}/data/sub/f05.txt"] for r in report.sync.values())
+        # no exec and no step of its own for the copy: the lock's exec and one start step
+        assert watch.spent == {h: {"execs": 0, "steps": 0, "sftp_sessions": 0, "sftp_requests": 0}
+                               for h in ("h1", "h2")}
+        assert {h: (report.traffic[h]["execs"], report.traffic[h]["steps"])
+                for h in ("h1", "h2")} == {"h1": (1, 1), "h2": (1, 1)}
+        for host in ("h1", "h2"):
+            assert ssh(lab, host, f"cat {base}/data/sub/f05.txt").stdout == "edited here\n"
+            assert ssh(lab, host, f"ls -a {base}/data/sub | grep -c rr- || true").stdout.strip() == "0"
+        runner, _ = _run_config(lab, tmp_path, screen_name, "warm", body)
+        assert all(r.copied == [] for r in runner.run().sync.values())
+    finally:
+        for host in ("h1", "h2"):
+            quit_screen(lab, host, screen_name, f"/tmp/{screen_name}-state", base)
+
+
+def test_a_run_that_fails_before_its_start_leaves_the_files_sent_ahead_out_of_place(
+        lab, tmp_path, screen_name):
+    """h2 cannot be prepared, so the run stops before any start: h1 keeps its old file."""
+    base = f"/tmp/{screen_name}-base"
+    src = _files(tmp_path)
+    good = _component("h1", src, base)
+    try:
+        for name in ("cold", "warm"):
+            runner, _ = _run_config(lab, tmp_path, screen_name, name, good)
+            runner.run()
+        (src / "sub" / "f05.txt").write_text("edited here\n")
+        runner, _ = _run_config(lab, tmp_path, screen_name, "broken",
+                                good + _component("h2", src, "/proc/rr-no-such-base"))
+        with pytest.raises(RunnerError):
+            runner.run()
+        assert ssh(lab, "h1", f"cat {base}/data/sub/f05.txt").stdout == "file 5\n"
+        assert ssh(lab, "h1", f"ls -a {base}/data/sub | grep -c rr- || true").stdout.strip() == "0"
+        runner, _ = _run_config(lab, tmp_path, screen_name, "again", good)
+        assert runner.run().sync["h1"].placed == [f"{base}/data/sub/f05.txt"]
+        assert ssh(lab, "h1", f"cat {base}/data/sub/f05.txt").stdout == "edited here\n"
+    finally:
+        quit_screen(lab, "h1", screen_name, f"/tmp/{screen_name}-state", base)

@@ -193,7 +193,7 @@ def test_ctrl_c_mid_stream_leaves_no_temporary_file(lab, conn, base, tmp_path):
     assert c.run("echo still-here").stdout.strip() == b"still-here"
 
 
-def test_a_run_copies_without_sftp_and_one_changed_file_costs_one_round_trip(lab, tmp_path, screen_name):
+def test_a_run_copies_without_sftp_and_one_changed_file_costs_no_round_trip(lab, tmp_path, screen_name):
     """Counted per host over the copy phase of real runs: cold, nothing changed, one changed."""
     base, state = f"/tmp/{screen_name}-base", f"/tmp/{screen_name}-state"
     src = tmp_path / "src"
@@ -238,8 +238,9 @@ def test_a_run_copies_without_sftp_and_one_changed_file_costs_one_round_trip(lab
             # of its own, the bundle and the record ride on the session lock's shell
             assert commands(cold) == commands(warm) + 3
             assert cold["execs"] == warm["execs"] + 1
-            # one changed: the check, then one bundle that also records it, on the lock's shell
-            assert commands(one) == commands(warm) + 1 and one["execs"] == warm["execs"]
+            # one changed: it rode with the check (on the lock's channel) and the start
+            # renamed it into place: no command of its own
+            assert commands(one) == commands(warm) and one["execs"] == warm["execs"]
             assert ssh(lab, host, f"cat {base}/data/sub/f07.txt").stdout == "FILE 7\n"
             assert audit(lab, host, base)["bad"] == []
     finally:
