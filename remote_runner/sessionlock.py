@@ -80,7 +80,8 @@ class SessionLock:
             body = text.encode("utf-8", "surrogateescape")
             try:
                 channel.settimeout(timeout)
-                send_all_or_raise(channel, f"{_STEP} {nonce} {len(body)} {len(data or b'')}\n".encode() + body)
+                head = f"{_STEP} {nonce} {len(body)} {len(data or b'')}\n".encode()
+                send_all_or_raise(channel, head + body)
                 if data:
                     send_all_or_raise(channel, data)
                 answer = _read_step(channel, nonce)

@@ -376,7 +376,9 @@ class _Openat2:
         if err == errno.ELOOP:
             raise Refused(errno.ELOOP)
         if err == errno.EAGAIN:
-            return None  # a rename raced the lookup (RESOLVE_CACHED is not used): walk instead
+            # (documented for RESOLVE_BENEATH/IN_ROOT races and RESOLVE_CACHED, none used
+            # here; a kernel that says it anyway gets the component walk, never a refusal)
+            return None
         raise OSError(err, os.strerror(err), directory)
 
 

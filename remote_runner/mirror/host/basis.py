@@ -86,7 +86,7 @@ def discard(staged: Optional[Staged]) -> None:
 
 
 def unlink_quietly(path: str) -> None:
-    """Remove *path* from the cache's directory; already gone (or not removable) is no error."""
+    """Remove *path* (a file of a cache's directory); already gone (or not removable) is no error."""
     try:
         os.unlink(path)
     except OSError:

@@ -32,6 +32,8 @@ import os
 import tempfile
 from typing import Any, Dict, List, Optional
 
+from .basis import unlink_quietly
+
 
 LOG = logging.getLogger("remote_runner.mirror.agent")
 
@@ -126,7 +128,7 @@ class ListingStore:
                         handle.write(head + b"\n" + payload)
                     os.rename(tmp, self._file(path))
                 except OSError:
-                    _unlink_quietly(tmp)
+                    unlink_quietly(tmp)
                     raise
             self._new.clear()
             self._trim()
@@ -142,11 +144,4 @@ class ListingStore:
                 except OSError:
                     continue
         for _, path in sorted(entries)[:max(0, len(entries) - self.limit)]:
-            _unlink_quietly(path)
-
-
-def _unlink_quietly(path: str) -> None:
-    try:
-        os.unlink(path)
-    except OSError:
-        pass
+            unlink_quietly(path)

@@ -337,10 +337,10 @@ class MountState(NewNames):
         self.new_files.pop(name, None)
         if tree:
             below = name.rstrip("/") + "/"
-            gone = [made for made in self.made if made.startswith(below)]
-            self.made.difference_update(gone)
-            for made in gone:
-                self.new_files.pop(made, None)
+            self.made.difference_update([made for made in self.made if made.startswith(below)])
+            # (each set is cleared on its own when full: one may hold names the other lost)
+            for made in [made for made in self.new_files if made.startswith(below)]:
+                del self.new_files[made]
 
     def learned(self, folder: str, token: int, since: int, op: str, args: Dict[str, Any],
                 header: Dict[str, Any]) -> None:
