@@ -371,3 +371,34 @@ def test_read_only_and_export_flags(lab, workdir, outside_exports):
     ro = rr_exec(lab, "h1", argv, workdir, "--export", str(extra), "--read-only")
     assert ro.stdout == b"extra\n" and not (workdir / "out.txt").exists()
     assert b"Read-only file system" in ro.stderr
+
+
+def test_a_version_managers_shim_runs_the_program_it_picks(lab, workdir, outside_exports):
+    """``python3`` found as ``~/.pyenv/shims/python3`` (pyenv, rbenv, asdf, mise ...): the shim
+    runs the manager from the directory above ``shims``, which runs the version it picks.
+    That directory is served (read-only) like a ``bin`` directory's prefix; nothing beside it."""
+    import os
+    from remote_runner.mirror.exports import program_files
+    root = outside_exports / ".fakeenv"
+    for folder in ("shims", "libexec", "versions/1.0/bin"):
+        (root / folder).mkdir(parents=True)
+    scripts = {
+        "shims/tool": f'#!/bin/sh\nexec "{root}/libexec/fakeenv" exec tool "$@"\n',
+        "libexec/fakeenv": f'#!/bin/sh\nshift\nv=$(cat "{root}/version")\n'
+                           f'p="$1"; shift\nexec "{root}/versions/$v/bin/$p" "$@"\n',
+        "versions/1.0/bin/tool": f'#!/bin/sh\n[ "$1" = write ] && {{ echo x > "{root}/version"; exit; }}\n'
+                                 'echo "tool 1.0: $*"\n'}
+    for name, text in scripts.items():
+        (root / name).write_text(text)
+        (root / name).chmod(0o755)
+    (root / "version").write_text("1.0\n")
+    (outside_exports / "beside.txt").write_text("not served\n")
+    assert os.fsencode(root) in program_files(str(root / "shims" / "tool"), str(workdir))
+    env = {"PATH": f"{root}/shims:{os.environ['PATH']}"}
+    ran = rr_exec(lab, "h1", ["tool", "a b"], workdir, env=env)
+    assert (ran.returncode, ran.stdout) == (0, b"tool 1.0: a b\n"), ran.stderr[-2000:]
+    peek = rr_exec(lab, "h1", ["sh", "-c", f"cat {outside_exports}/beside.txt"], workdir, env=env)
+    assert peek.returncode != 0 and b"not served" not in peek.stdout
+    written = rr_exec(lab, "h1", ["tool", "write"], workdir, env=env)  # served read-only
+    assert written.returncode != 0 and b"Read-only file system" in written.stderr
+    assert (root / "version").read_text() == "1.0\n"

@@ -260,7 +260,11 @@ def program_files(program: str, cwd: str) -> List[bytes]:
     The prefix holds an interpreter's own library (a Python build in
     ``~/.pyenv/versions/3.11.7``, a virtual environment); it is left out when
     it would be ``/`` or a home directory, where only the program's directory
-    is served.
+    is served. A version manager's *shim* (``~/.pyenv/shims/python3``, and the
+    same layout in rbenv, nodenv, goenv, asdf, mise) is a script that runs
+    the manager from the directory above its ``shims`` (``libexec/pyenv``),
+    which picks the real program below it (``versions/3.11.7/bin/python3``):
+    that directory is the prefix served.
     """
     if not program:
         return []
@@ -274,7 +278,7 @@ def program_files(program: str, cwd: str) -> List[bytes]:
         out.append(_norm(candidate))
         directory = os.path.dirname(candidate)
         prefix = os.path.dirname(directory)
-        if os.path.basename(directory) == "bin" and prefix not in ("/", *homes):
+        if os.path.basename(directory) in ("bin", "shims") and prefix not in ("/", *homes):
             out.append(_norm(prefix))
         else:
             out.append(_norm(directory))
