@@ -239,6 +239,8 @@ for i, want, token in ahead:
     if (len(data) != fsize or out["files"][i] == [fsize, fmode, want] or
             name_hash(data).hexdigest() != want):
         continue
+    if out["files"][i] is None and os.path.lexists(dest):
+        continue  # a directory, link or device there: the copy step says what to do
     try:
         if stage(dest, data, fmode, token):
             staged.append(i)

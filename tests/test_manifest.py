@@ -120,13 +120,17 @@ def test_a_garbled_or_lying_answer_is_refused_as_a_whole():
 def test_the_host_stages_only_the_files_sent_ahead_that_differ_and_arrived_whole(tmp_path):
     """Each file sent ahead is compared by SHA-1 with what the host has; one that differs is
     written beside its destination as a temporary (the destination untouched), with its mode;
-    bytes that do not match their SHA-1 are not staged at all."""
+    bytes that do not match their SHA-1 are not staged at all, nor is a file whose destination
+    is a directory or a link (the copy step deals with those, as before)."""
     import hashlib
     tree = tmp_path / "tree"
     tree.mkdir()
     (tree / "same").write_bytes(b"same\n")
     (tree / "old").write_bytes(b"old\n")
-    datas = {"same": b"same\n", "old": b"new text\n", "fresh": b"fresh\n", "bad": b"torn\n"}
+    (tree / "dir").mkdir()  # (a directory where a file goes: left to the copy step)
+    (tree / "link").symlink_to("same")
+    datas = {"same": b"same\n", "old": b"new text\n", "fresh": b"fresh\n", "bad": b"torn\n",
+             "dir": b"a file\n", "link": b"a file\n"}
     names = list(datas)
     sums = {n: hashlib.sha1(d).hexdigest() for n, d in datas.items()}
     sums["bad"] = hashlib.sha1(b"what was meant\n").hexdigest()
@@ -141,13 +145,13 @@ def test_the_host_stages_only_the_files_sent_ahead_that_differ_and_arrived_whole
     out = subprocess.run([sys.executable, "-I", "-S", "-c", manifest.HOST_PROGRAM, str(len(request))],
                          input=request + blob + b"left for the lock", capture_output=True, env=env,
                          check=True).stdout.decode()
-    answer = manifest.parse_answer(out.splitlines(), 4)
+    answer = manifest.parse_answer(out.splitlines(), 6)
     assert answer is not None and answer.staged == [1, 2], out
     assert (tree / "old").read_bytes() == b"old\n" and not (tree / "fresh").exists()
     assert (tree / ".old.rr-tok00001.tmp").read_bytes() == b"new text\n"
     assert (tree / ".fresh.rr-tok00002.tmp").stat().st_mode & 0o777 == 0o640
     assert sorted(p.name for p in tree.iterdir()) == [
-        ".fresh.rr-tok00002.tmp", ".old.rr-tok00001.tmp", "old", "same"]
+        ".fresh.rr-tok00002.tmp", ".old.rr-tok00001.tmp", "dir", "link", "old", "same"]
 
 
 def test_only_files_changed_here_go_ahead_and_only_when_all_of_them_fit(tmp_path, monkeypatch):
