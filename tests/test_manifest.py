@@ -466,18 +466,7 @@ def _counted_runs(lab, tmp_path, screen_name, base, rounds):
     state = f"/tmp/{screen_name}-state"
     src = _files(tmp_path, big=1 << 20)
     config = tmp_path / "experiment.py"
-    config.write_text(textwrap.dedent(f"""
-        for host in ('h1', 'h2'):
-            c = Component()
-            c.name = 'sleeper-' + host
-            c.host = host
-            c.executable = '/bin/sleep'
-            c.args = ['600']
-            c.base_dir = {base!r}
-            c.files = {{{str(src)!r}: 'data'}}
-            c.start_index = 0
-            config.add_component(c)
-    """))
+    config.write_text(textwrap.dedent("".join(_component(h, src, base) for h in ("h1", "h2"))))
     experiment = load_experiment(str(config), None)
     options = RunOptions(screen=screen_name, remote_done_dir=state)
     ssh_options = SSHOptions(ssh_config_file=lab.ssh_config)
@@ -566,6 +555,7 @@ def _run_config(lab, tmp_path, screen_name, name, body):
 
 
 def _component(host, src, base):
+    """Config text of a component on *host* sleeping, with *src* copied to *base*/data."""
     return f"""
         c = Component()
         c.name = 'sleeper-{host}'
