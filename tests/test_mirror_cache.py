@@ -628,8 +628,9 @@ def test_a_first_import_of_a_package_asks_for_its_directory_only(lab, local_only
     assert proc.returncode == 0, proc.stderr.decode()
     assert proc.stdout.decode().split() == [f"m{n}" for n in range(6)]
     cached = str(package / "__pycache__")
-    lookups = [line for line in rpc_lines(proc.stderr, "getattr") if str(package) in line]
-    assert lookups and not [line for line in lookups if cached in line]
+    # (which lookup brought the package depends on what the host knew of /opt already: the
+    # package's own, or one above it, whose answer holds the directories below it)
+    assert not [line for line in rpc_lines(proc.stderr, "getattr") if cached in line]
     opens = [line for line in rpc_lines(proc.stderr, "open") if cached in line]
     asked = [line for line in opens if "'ahead'" not in line]
     assert asked == [] and len(opens) == len(modules)
