@@ -38,7 +38,7 @@ from remote_runner.runner import RunOptions, Runner
 from remote_runner.shell import RemoteShell
 from remote_runner.ssh import Connection, SSHOptions
 from tests.conftest import quit_screen, ssh
-from tests.test_manifest import CopyPhase, audit
+from tests.test_manifest import CopyPhase, _component, audit
 
 
 # --------------------------------------------------------------------------- no hosts needed
@@ -202,18 +202,7 @@ def test_a_run_copies_without_sftp_and_one_changed_file_costs_no_round_trip(lab,
         (src / "sub" / f"f{i:02d}.txt").write_text(f"file {i}\n")
     (src / "big.bin").write_bytes(os.urandom(2 << 20))
     config = tmp_path / "experiment.py"
-    config.write_text(textwrap.dedent(f"""
-        for host in ('h1', 'h9'):
-            c = Component()
-            c.name = 'sleeper-' + host
-            c.host = host
-            c.executable = '/bin/sleep'
-            c.args = ['600']
-            c.base_dir = {base!r}
-            c.files = {{{str(src)!r}: 'data'}}
-            c.start_index = 0
-            config.add_component(c)
-    """))
+    config.write_text(textwrap.dedent("".join(_component(h, src, base) for h in ("h1", "h9"))))
     experiment = load_experiment(str(config), None)
     options = RunOptions(screen=screen_name, remote_done_dir=state)
     ssh_options = SSHOptions(ssh_config_file=lab.ssh_config)
