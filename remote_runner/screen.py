@@ -69,15 +69,16 @@ _LIST_MARK = "RR-SCREEN-LS"
 _SETUP_EXIT = 9
 #: Shell text ending a start command when writing its setup failed (nothing stopped yet).
 SETUP_FAILED = f"|| {{ echo 'remote-runner: writing failed' >&2; exit {_SETUP_EXIT}; }}"
-#: What a start command says when a file staged by the change check could not be renamed into place.
+#: What a start command says when a file staged by the change check could not be renamed.
 PLACING_FAILED = "remote-runner: could not put a copied file in place:"
+#: Shell text that lists the sessions after a marker line (dead ones wiped first).
+_LIST = f"screen -wipe >/dev/null 2>&1\necho {_LIST_MARK}\nscreen -ls\n"
 
 
 def placing_failed(dest: str) -> str:
     """Shell text ending a start command whose rename of a staged *dest* failed (nothing stopped)."""
     return f"|| {{ echo {shlex.quote(PLACING_FAILED + ' ' + dest)} >&2; exit {_SETUP_EXIT}; }}"
-#: Shell text that lists the sessions after a marker line (dead ones wiped first).
-_LIST = f"screen -wipe >/dev/null 2>&1\necho {_LIST_MARK}\nscreen -ls\n"
+
 
 #: Shell function for the waits of a start or stop: a new window's pid file, an old
 #: window's or session's exit. What is waited for mostly takes a few ms, so the

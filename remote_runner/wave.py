@@ -20,8 +20,8 @@ from typing import TYPE_CHECKING, Dict, List, Optional, Sequence
 
 from remote_runner.errors import CopyError, StartError
 from remote_runner.screen import (PLACING_FAILED, SETUP_FAILED, _NEED_SCREEN, _SETUP_EXIT, Window,
-                                  _ids_of, _poll_gone, escape_x, nap_while, parse_sessions, printf_write,
-                                  quit_sessions_script, rc_text)
+                                  _ids_of, _poll_gone, escape_x, nap_while, parse_sessions,
+                                  printf_write, quit_sessions_script, rc_text)
 
 if TYPE_CHECKING:  # pragma: no cover
     from remote_runner.screen import Screen

@@ -193,3 +193,27 @@ def test_a_fed_step_reads_exactly_its_bytes_and_runs_only_after_the_first_succee
                           feed=b"never read")
     assert failed.then_output == "" and failed.then_status == 4
     failed.release()
+
+
+def test_a_staged_file_that_cannot_be_renamed_stops_the_start_as_a_copy_error(tmp_path):
+    """The host's first start command renames the files the change check staged before anything
+    else; a rename that fails ends it there (the previous session untouched) and names the file."""
+    import shlex
+    from remote_runner.errors import CopyError
+    from remote_runner.screen import placing_failed
+    from remote_runner.shell import ScriptResult
+    from remote_runner.wave import _wave_result
+    dest = tmp_path / "it's here"
+    missing = shlex.quote(str(tmp_path / ".it's here.rr-00000000.tmp"))
+    script = (f"mv -f -- {missing} {shlex.quote(str(dest))} {placing_failed(str(dest))}\n"
+              "echo after\n")
+    done = subprocess.run(["/bin/sh", "-c", script], capture_output=True, text=True)
+    assert "after" not in done.stdout
+    result = ScriptResult(done.returncode, done.stdout, done.stderr)
+
+    class Host:
+        class shell:
+            host = "h1"
+    with pytest.raises(CopyError) as caught:
+        _wave_result(Host, [], result)
+    assert caught.value.host == "h1" and caught.value.path == str(dest)
