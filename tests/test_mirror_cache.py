@@ -606,9 +606,11 @@ def test_files_read_one_after_another_come_with_the_first(lab, local_only, workd
     assert len(host_copies(lab, parts[-1])) == 1
 
 
-def test_a_first_import_of_a_package_asks_for_its_directory_only(lab, local_only, workdir):
+def test_a_first_import_of_a_package_asks_for_its_directory_only(lab, local_only, workdir, tmp_path):
     """Its ``__pycache__`` and its compiled modules, ``__init__`` first, come with the answer to
-    Python's first probe in the package's directory: no open of a module waits."""
+    Python's first probe in the package's directory: no lookup in ``__pycache__``, and at most the
+    first open of a module waits (when a lookup above the package brought its directory, that
+    answer lists directories but sends no file: the first open then brings the rest)."""
     local_only.chmod(0o755)
     package = local_only / "pkg"
     package.mkdir(mode=0o755)
@@ -624,7 +626,9 @@ def test_a_first_import_of_a_package_asks_for_its_directory_only(lab, local_only
     code = (f"import sys; sys.path.insert(0, {str(local_only)!r}); sys.dont_write_bytecode = True; "
             "import pkg, " + ", ".join(f"pkg.m{n}" for n in range(6)) + "; "
             "print(' '.join(sys.modules[f'pkg.m{n}'].NAME for n in range(6)))")
-    proc = rr_exec(lab, HOST, ["/usr/bin/python3", "-c", code], workdir, "--debug-rpc", "-l", "INFO")
+    cache_home = {"XDG_CACHE_HOME": str(tmp_path / "profiles")}  # no earlier run's profile
+    proc = rr_exec(lab, HOST, ["/usr/bin/python3", "-c", code], workdir, "--debug-rpc", "-l", "INFO",
+                   env=cache_home)
     assert proc.returncode == 0, proc.stderr.decode()
     assert proc.stdout.decode().split() == [f"m{n}" for n in range(6)]
     cached = str(package / "__pycache__")
@@ -633,7 +637,7 @@ def test_a_first_import_of_a_package_asks_for_its_directory_only(lab, local_only
     assert not [line for line in rpc_lines(proc.stderr, "getattr") if cached in line]
     opens = [line for line in rpc_lines(proc.stderr, "open") if cached in line]
     asked = [line for line in opens if "'ahead'" not in line]
-    assert asked == [] and len(opens) == len(modules)
+    assert len(asked) <= 1 and len(opens) == len(modules), asked
     assert any("__init__.cpython" in line for line in opens)
 
 
