@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import io
 import logging
+import os
 import posixpath
 import secrets
 import shlex
@@ -23,6 +24,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING, Dict, List, Optional, Sequence
 
+from remote_runner import hashcache
 from remote_runner.errors import CopyError, RunnerError, describe
 from remote_runner.events import for_host
 from remote_runner.upload import LANES, Progress, Upload
@@ -52,12 +54,20 @@ def bundles(items: Sequence[Upload]) -> List[List[Upload]]:
 
 
 def bundle_tar(items: Sequence[Upload]) -> bytes:
-    """Return a tar of *items* under their base names (modes kept, owned by uid 0)."""
+    """Return a tar of *items* under their base names (modes kept, owned by uid 0).
+
+    Each file's SHA-1 goes to the local hash cache as it is read (a first
+    copy compares nothing here): the next run knows these sources, so one
+    edited among them is recognised as changed here and sent ahead
+    (:mod:`remote_runner.precheck`).
+    """
     buffer = io.BytesIO()
     with tarfile.open(fileobj=buffer, mode="w", format=tarfile.GNU_FORMAT) as archive:
         for item in items:
             with open(item.src, "rb") as handle:
+                before = hashcache.stat_key(os.fstat(handle.fileno()))
                 data = handle.read()
+                hashcache.LOCAL.remember(item.src, handle.fileno(), data, before)
             if len(data) != item.size:
                 raise CopyError("local file changed while copying", path=item.src)
             info = tarfile.TarInfo(posixpath.basename(item.dest))

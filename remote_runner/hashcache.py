@@ -117,6 +117,17 @@ class LocalHashes:
             self._new[name] = [*key, digest]
         return digest
 
+    def remember(self, path: str, fd: int, data: bytes, before: Key) -> None:
+        """Remember the SHA-1 of *data*, read whole from *fd* (named *path*) after its stat *before*.
+
+        Kept only when the file's stat after the read is still *before* and its size is
+        the data's (as :func:`hash_file` keeps a hash).
+        """
+        if before[0] != len(data) or stat_key(os.fstat(fd)) != before:
+            return
+        with self._lock:
+            self._new[os.path.abspath(path)] = [*before, hashlib.sha1(data).hexdigest()]
+
     def known(self, path: str) -> Optional[str]:
         """The SHA-1 of *path* if this run or an earlier one computed it for its current stat."""
         name = os.path.abspath(path)
