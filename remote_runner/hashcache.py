@@ -121,12 +121,16 @@ class LocalHashes:
         """Remember the SHA-1 of *data*, read whole from *fd* (named *path*) after its stat *before*.
 
         Kept only when the file's stat after the read is still *before* and its size is
-        the data's (as :func:`hash_file` keeps a hash).
+        the data's (as :func:`hash_file` keeps a hash); a file this run or an earlier one
+        hashed for that stat already (the copy step's comparison) is not hashed again.
         """
         if before[0] != len(data) or stat_key(os.fstat(fd)) != before:
             return
-        with self._lock:
-            self._new[os.path.abspath(path)] = [*before, hashlib.sha1(data).hexdigest()]
+        name = os.path.abspath(path)
+        if self._lookup(name, before, False) is None:
+            digest = hashlib.sha1(data).hexdigest()
+            with self._lock:
+                self._new[name] = [*before, digest]
 
     def known(self, path: str) -> Optional[str]:
         """The SHA-1 of *path* if this run or an earlier one computed it for its current stat."""

@@ -243,10 +243,12 @@ def sync_host(shell: "Shell", sftp: Any, plan: Plan, always_copy: bool = False,
     checked = None
     if plan.files and not always_copy and hasattr(shell, "feed"):
         checked = manifest_check(shell, plan, report, rehash, answer, sums)
+    placed: List[Upload] = []  # staged by the host from the check's request (sent ahead)
     if checked is not None:
         todo, same, has_tar = checked
         if answer is not None and staged:
-            todo = _unless_staged(plan, todo, staged, report, rehash, sums)
+            todo, placed = _unless_staged(plan, todo, staged, rehash, sums)
+            report.placed = [u.dest for u in placed]
     else:
         if always_copy:
             todo, same = list(plan.files), []
@@ -286,25 +288,25 @@ def sync_host(shell: "Shell", sftp: Any, plan: Plan, always_copy: bool = False,
             side.shutdown(wait=True)
     if bundling is not None:
         bundling.result()
-    report.copied = [u.dest for u in todo] + report.placed
-    report.bytes = sum(u.size for u in todo) + sum(u.size for u in plan.files
-                                                   if u.dest in set(report.placed))
+    report.copied = [u.dest for u in todo + placed]
+    report.bytes = sum(u.size for u in todo + placed)
     if todo and not recorded and (checked is not None or (always_copy and hasattr(shell, "feed"))):
         record(shell, plan, todo, receipts)
     return report
 
 
-def _unless_staged(plan: Plan, todo: List[Upload], staged: Dict[int, str], report: HostSync,
-                   rehash: bool, sums: Optional[Dict[str, str]]) -> List[Upload]:
-    """*todo* without the files the host staged that are still what this machine has."""
+def _unless_staged(plan: Plan, todo: List[Upload], staged: Dict[int, str], rehash: bool,
+                   sums: Optional[Dict[str, str]]) -> Tuple[List[Upload], List[Upload]]:
+    """(*todo* left to copy, the files of it the host staged that are still what this machine has)."""
     ready = {plan.files[i].dest: sha1 for i, sha1 in staged.items() if i < len(plan.files)}
-    left = []
+    left: List[Upload] = []
+    placed: List[Upload] = []
     for item in todo:
         if ready.get(item.dest) == local_sha1(item.src, rehash, sums):
-            report.placed.append(item.dest)
+            placed.append(item)
         else:
             left.append(item)
-    return left
+    return left, placed
 
 
 def _stream_link(shell: "Shell") -> Optional[Tuple[Any, Any]]:
