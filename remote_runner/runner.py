@@ -5,7 +5,9 @@ and inside a step hosts are handled in parallel, at most ``forks`` at once):
 
 1. **Check locally** everything that can be checked without a host (session
    name, sources, destination conflicts), so bad input changes nothing anywhere.
-2. **Connect** to every remote host (``localhost`` components need no SSH).
+2. **Connect** to every remote host (``localhost`` components need no SSH),
+   while step 1 plans the files: connecting changes nothing on a host, and
+   each of the two waits for something else (the network, the local disk).
 3. **Prepare** each host with one command: check that screen is there, create
    the state ("done") directory, make each component's base_dir (``mktemp -d``
    when the config gave none; a ``localhost`` component without one runs, as
@@ -74,6 +76,46 @@ DEFAULT_STATE_DIR = "~/.remote-runner/{screen}"
 
 # --------------------------------------------------------------------------- the run
 
+class _Dial:
+    """A runner's :meth:`Runner.connect` on a thread of its own (see :meth:`Runner.connect_while`)."""
+
+    def __init__(self, runner: "Runner") -> None:
+        self.runner = runner
+        self.error: Optional[BaseException] = None
+        self._lock = threading.Lock()
+        self._abandoned = False
+        self.thread = threading.Thread(target=self._run, name="connect", daemon=True)
+        self.thread.start()
+
+    def _run(self) -> None:
+        try:
+            self.runner.connect()
+        except BaseException as exc:  # noqa: BLE001 - raised again by join()
+            self.error = exc
+        with self._lock:
+            if self._abandoned:
+                self._close()
+
+    def join(self) -> None:
+        """Wait for every host's outcome; raise what connecting raised."""
+        self.thread.join()
+        if self.error is not None:
+            raise self.error
+
+    def abandon(self) -> None:
+        """The run ends before its hosts are needed: close every connection, now or when it is made."""
+        with self._lock:
+            self._abandoned = True
+            if not self.thread.is_alive():
+                self._close()
+
+    def _close(self) -> None:
+        for connection in self.runner.connections.values():
+            connection.close()
+        self.runner.connections = {}
+        self.runner.shells = {}
+
+
 class Runner(HostSetup, RunEnd):
     """One run of one experiment."""
 
@@ -116,6 +158,8 @@ class Runner(HostSetup, RunEnd):
         self._setup: Dict[str, str] = {}
         #: the run's guesses of the files changed here (see :mod:`precheck`)
         self.ahead_memo: precheck.AheadMemo = {}
+        #: whether :meth:`plan_checks` filled :attr:`early` already
+        self.checks_planned = False
         #: per host: destination -> temporary name of each file sent ahead with its check,
         #: until the host's first start command has put them in place (or removed them)
         self.sent_ahead: Dict[str, Dict[str, str]] = {}
@@ -125,11 +169,11 @@ class Runner(HostSetup, RunEnd):
 
     def run(self) -> RunReport:
         """Carry out the whole run; raise a RunnerError subclass on the first failing step."""
-        self.preflight()
+        self.check_names()
         hosts = len(self._by_host())
         try:
             with ev.phase(self.events, "connect", hosts) as info:
-                self.connect()
+                self.connect_while(self.plan_locally)
                 info["message"] = f"connected to {len(self.connections)} host(s)"
                 if self.report.skipped:
                     info["message"] += f", skipping {len(self.report.skipped)} unreachable"
@@ -192,6 +236,11 @@ class Runner(HostSetup, RunEnd):
 
     def preflight(self) -> None:
         """Check everything that needs no host, so that bad input changes nothing."""
+        self.check_names()
+        self.plan_locally()
+
+    def check_names(self) -> None:
+        """The part of :meth:`preflight` that says which hosts there are (no file is read)."""
         scr.validate_session_name(self.options.screen)
         done_dir = self.options.remote_done_dir
         if done_dir is not None:
@@ -213,11 +262,18 @@ class Runner(HostSetup, RunEnd):
                                     component=spec.name)
                 present.add(item.src)
         self._group_hosts()
+
+    def plan_locally(self) -> None:
+        """Plan every host's files and its change check: this machine's share, no host needed.
+
+        Raises on unreadable or conflicting sources (the rest of :meth:`preflight`).
+        """
         for host, specs in self._by_host().items():
             entries = [(f, posixpath.normpath(spec.base_dir) if spec.base_dir
                         else f"/<temporary base_dir of {spec.name}>")
                        for spec in specs for f in spec.files]
             self.plans.plan(host, entries)  # raises on unreadable or conflicting sources
+        self.plan_checks()
 
     def _group_hosts(self) -> None:
         """Fold host names that reach the same login into one host (see :mod:`landing`)."""
@@ -231,6 +287,26 @@ class Runner(HostSetup, RunEnd):
         self.host_of = landing.group_hosts(remote, ssh_options, ssh_options.connect_timeout)
         landing.check_names(self.experiment.components, self.host_of)
         self.report.host_of = dict(self.host_of)
+
+    def connect_while(self, work: Callable[[], None]) -> None:
+        """:meth:`connect` while this thread does *work* (local planning): each waits for the network
+        or the disk, so the other's time is hidden (a rerun's handshakes take as long as its
+        planning and the imports before it).
+
+        Connecting changes nothing on a host, so *work* may still fail (a bad source): then its
+        error is raised at once, and connections that come up later are closed as they come.
+        """
+        if not any(h != "localhost" for h in self._by_host()):
+            work()
+            self.connect()
+            return
+        dial = _Dial(self)
+        try:
+            work()
+        except BaseException:
+            dial.abandon()
+            raise
+        dial.join()
 
     def connect(self) -> None:
         """Open a connection to every remote host and a shell for every host."""

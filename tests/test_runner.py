@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import subprocess
 import textwrap
+import threading
 import time
 from typing import List
 
@@ -16,7 +17,7 @@ import pytest
 
 from remote_runner import screen as scr
 from remote_runner.loader import load_experiment
-from remote_runner.errors import ComponentFailed, StartError
+from remote_runner.errors import ComponentFailed, CopyError, StartError
 from remote_runner.runner import RunOptions, Runner, run
 from remote_runner.ssh import SSHOptions
 from tests.conftest import quit_screen, ssh
@@ -259,6 +260,46 @@ def test_localhost_component_runs_without_ssh(env):
                     connect=lambda hosts: pytest.fail(f"SSH used for {hosts}")).run()
     assert report.components[("localhost", "local")].status == 0
     assert out.read_text().strip() == report.components[("localhost", "local")].base_dir
+
+
+def test_a_bad_source_fails_at_once_while_hosts_connect_and_their_connections_are_closed(tmp_path):
+    """Local planning runs while the hosts connect: its error does not wait for them, and
+    what connects afterwards is closed, not leaked."""
+    a, b = tmp_path / "a", tmp_path / "b"
+    a.write_text("a")
+    b.write_text("b")
+    exp = experiment(tmp_path, f"""
+        for n, src in (('one', {str(a)!r}), ('two', {str(b)!r})):
+            c = Component()
+            c.name = n
+            c.host = 'h1'
+            c.executable = '/bin/true'
+            c.base_dir = '/tmp/rr-same-dest'
+            c.start_index = 1
+            c.files = {{src: 'same-name'}}
+            config.add_component(c)
+    """)
+    release, asked, closed = threading.Event(), [], []
+
+    class Connection:
+        def close(self) -> None:
+            closed.append(True)
+
+    def connect(hosts):
+        asked.append(list(hosts))
+        release.wait(60)
+        return {h: Connection() for h in hosts}
+
+    with pytest.raises(CopyError, match="two different sources go to /tmp/rr-same-dest/same-name"):
+        Runner(exp, RunOptions(screen="rr-same-dest"), connect=connect).run()
+    deadline = time.monotonic() + 30
+    while not asked and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert asked == [["h1"]] and not release.is_set() and closed == []
+    release.set()
+    while not closed and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert closed == [True]
 
 
 class FakeMirror:
