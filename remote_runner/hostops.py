@@ -59,19 +59,25 @@ def prepare_run_script(state_dir_var: str, run_id: str) -> str:
     """Return shell text making the run directory, pointing ``latest`` at it, pruning old runs.
 
     *state_dir_var* is a shell expression for the (already created) state dir.
-    Old runs are listed (and sorted) only when there are more than
-    :data:`KEEP_RUNS`: the glob count needs no process, a run's first step
-    is on every run's way.
+    Old runs are found by the shell's own glob, which lists them sorted (run ids
+    sort by time): pruning costs one ``rm`` and no listing process, and a run
+    with nothing to prune starts none (a run's first step is on every run's way).
+    The old ones are rotated to the end of the positional parameters, then
+    removed with one ``rm``: the only array a POSIX shell has.
     """
     q = shlex.quote(run_id)
-    return (f'mkdir -p {state_dir_var}/runs/{q} || exit 3\n'
+    this = f"{state_dir_var}/runs/{q}"
+    return (f'mkdir -p {this} || exit 3\n'
             f'ln -sfn runs/{q} {state_dir_var}/latest.tmp && '
             f'mv -fT {state_dir_var}/latest.tmp {state_dir_var}/latest 2>/dev/null || '
             f'{{ rm -f {state_dir_var}/latest; ln -s runs/{q} {state_dir_var}/latest; }}\n'
             f'set -- {state_dir_var}/runs/*\n'
-            f'if [ $# -gt {KEEP_RUNS} ]; then ls -1 {state_dir_var}/runs | sort | head -n -{KEEP_RUNS} '
-            f'2>/dev/null | while read -r old; do [ "$old" = {q} ] || rm -rf {state_dir_var}/runs/"$old"; '
-            'done; fi\n')
+            f'rr_n=$(($# - {KEEP_RUNS})); rr_m=0\n'
+            'while [ $rr_n -gt 0 ]; do\n'
+            f'  [ "$1" = {this} ] || {{ set -- "$@" "$1"; rr_m=$((rr_m + 1)); }}\n'
+            '  shift; rr_n=$((rr_n - 1))\n'
+            'done\n'
+            'if [ $rr_m -gt 0 ]; then shift $(($# - rr_m)); rm -rf -- "$@"; fi\n')
 
 
 # --------------------------------------------------------------------------- health

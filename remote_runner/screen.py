@@ -423,10 +423,15 @@ def _window_groups(screen_pids: str, children: str = "/proc/$sp/task/$sp/childre
 
 
 def _ids_of(name: str) -> str:
-    """Return a shell command printing the ids of the sessions named exactly *name*."""
-    pick = "{i = index($1, \".\"); if (i > 1 && substr($1, i + 1) == n) print $1}"
-    return (f"screen -ls 2>/dev/null | awk -v n={shlex.quote(validate_session_name(name))} "
-            f"{shlex.quote(pick)}")
+    """Return a shell command printing the ids of the sessions named exactly *name*.
+
+    ``screen -ls`` lists ``PID.NAME`` as each line's first word; the words are
+    picked by the shell itself (a start asks several times, and each helper
+    process costs the host a fork and an exec).
+    """
+    return ("screen -ls 2>/dev/null | while read -r rr_s rr_x; do case $rr_s in ?*.*) "
+            f'[ "${{rr_s#*.}}" = {shlex.quote(validate_session_name(name))} ] && echo "$rr_s";; '
+            "esac; done")
 
 
 def quit_sessions_script(name: str, grace: float) -> str:
@@ -447,8 +452,8 @@ def _stop_groups(listing: str, grace: float) -> str:
     Each group gets SIGTERM; those still alive after *grace* seconds get SIGKILL
     and are reported as ``KILLED KEY`` lines.
     """
-    alive = ('{ echo "$rr_groups" | while read -r p k; do [ -n "$p" ] && kill -0 -"$p" 2>/dev/null '
-             "&& echo alive; done | grep -q alive; }")
+    alive = ('{ rr_a=1; for p in $(echo "$rr_groups" | while read -r p k; do echo "$p"; done); do '
+             'kill -0 -"$p" 2>/dev/null && { rr_a=0; break; }; done; [ $rr_a = 0 ]; }')
     return (f"rr_groups=$({listing})\n"
             'echo "$rr_groups" | while read -r p k; do [ -n "$p" ] && kill -TERM -"$p" 2>/dev/null; '
             "done\n" + nap_while(alive, grace) +

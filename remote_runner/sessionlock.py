@@ -195,7 +195,7 @@ def lock_script(state_dir: str, info: str, then: str = "", fed: str = "") -> str
     run_fed = f"if [ $s = 0 ]; then (\n{fed}\n) 2>&1; fi\n" if fed else ""
     run_then = (f"(\n{then}\n) </dev/null 2>&1\ns=$?\n{run_fed}echo \"{_THEN_MARK} $s\"\n"
                 if then else "")
-    return (f"mkdir -p {d} || exit 3\n"
+    return (f"{{ [ -d {d} ] || mkdir -p {d}; }} || exit 3\n"
             "if ! command -v flock >/dev/null 2>&1; then echo NO-FLOCK; else\n"
             f"exec 9>>{lock}\n"
             f"if ! flock -n 9; then echo \"BUSY $(cat {owner} 2>/dev/null)\"; exit 0; fi\n"

@@ -317,7 +317,7 @@ def test_poll_and_stop_windows_by_process_group(tmp_path):
 
 def test_a_run_directory_is_made_and_only_the_newest_runs_are_kept(tmp_path):
     from remote_runner.hostops import KEEP_RUNS, prepare_run_script
-    state = tmp_path / "state"
+    state = tmp_path / "state dir"  # (a space: every path word is quoted)
     (state / "runs").mkdir(parents=True)
     old = [f"20260101-0000{i:02d}-abcd" for i in range(KEEP_RUNS + 3)]
     for name in old:
@@ -331,6 +331,9 @@ def test_a_run_directory_is_made_and_only_the_newest_runs_are_kept(tmp_path):
     kept = prepare("20261202-000000-ffff")
     assert kept == old[-(KEEP_RUNS - 1):] + ["20261202-000000-ffff"]  # the oldest went
     assert os.readlink(state / "latest") == "runs/20261202-000000-ffff"
+    # a run whose id sorts first (this machine's clock behind) is kept, and the oldest others go
+    kept = prepare("20250101-000000-0000")
+    assert kept == ["20250101-000000-0000"] + old[-(KEEP_RUNS - 1):] + ["20261202-000000-ffff"]
     few = tmp_path / "few"
     state = few
     (state / "runs" / "20260101-000000-aaaa").mkdir(parents=True)
