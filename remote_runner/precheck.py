@@ -60,8 +60,19 @@ AHEAD_FILE = 64 << 10
 AHEAD_BYTES = 256 << 10
 
 #: Per run, by source: (bytes, SHA-1) when it changed here since it was last hashed and
-#: may go ahead, False when it changed but is too big, None when it did not change.
-AheadMemo = Dict[str, Union[Tuple[bytes, str], bool, None]]
+#: may go ahead, False when it changed but is too big, its SHA-1 when the hash cache knows
+#: it (the copy step compares with that, see :func:`known_sums`), None when it cannot be read.
+AheadMemo = Dict[str, Union[Tuple[bytes, str], bool, str, None]]
+
+
+def known_sums(memo: AheadMemo) -> Dict[str, str]:
+    """Source -> SHA-1 of the sources *memo* found in the hash cache while planning.
+
+    The copy step compares the hosts' answers with these instead of asking the
+    cache again for every file (a stat and two locks each, per run): the run
+    deploys what its sources were when it planned, as it does for their sizes.
+    """
+    return {src: guess for src, guess in memo.items() if isinstance(guess, str)}
 
 
 @dataclass
@@ -156,11 +167,13 @@ def _changed_here(items: Sequence["Upload"], memo: AheadMemo
     return picked
 
 
-def _read_if_changed(item: "Upload") -> Union[Tuple[bytes, str], bool, None]:
+def _read_if_changed(item: "Upload") -> Union[Tuple[bytes, str], bool, str, None]:
     """(bytes, SHA-1) of *item*'s source when its stat is new to the hash cache; False when
-    it is new but too big to go ahead; None when the cache knows it (or it cannot be read)."""
-    if hashcache.LOCAL.known(item.src) is not None:
-        return None
+    it is new but too big to go ahead; the SHA-1 when the cache knows it; None when it
+    cannot be read."""
+    known = hashcache.LOCAL.known(item.src)
+    if known is not None:
+        return known
     if item.size > AHEAD_FILE:
         return False
     try:

@@ -383,7 +383,9 @@ class Runner(HostSetup, RunEnd):
                                          rehash=self.options.rehash,
                                          answers={h: c.answer for h, c in self.early.items()
                                                   if c.answer is not None},
-                                         staged={h: c.staged() for h, c in self.early.items()})
+                                         staged={h: c.staged() for h, c in self.early.items()},
+                                         sums=None if self.options.rehash
+                                         else precheck.known_sums(self.ahead_memo))
         for host in sorted(self.report.sync):
             done = self.report.sync[host]
             self._say(ev.KIND_COPY_DONE, host, done.summary().split(": ", 1)[-1],

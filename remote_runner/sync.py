@@ -438,11 +438,13 @@ def sync_all(jobs: Sequence[Tuple["Shell", Callable[[], Any], Plan]], forks: int
              cancel: Optional[threading.Event] = None,
              on_plan: Optional[Planned] = None, rehash: bool = False,
              answers: Optional[Dict[str, manifest.Answer]] = None,
-             staged: Optional[Dict[str, Dict[int, str]]] = None) -> Dict[str, HostSync]:
+             staged: Optional[Dict[str, Dict[int, str]]] = None,
+             sums: Optional[Dict[str, str]] = None) -> Dict[str, HostSync]:
     """Sync every (shell, sftp factory, plan) job in parallel; raise one error for all failures.
 
     *answers* holds, per host, the manifest's answer to its plan when it was asked already,
-    and *staged* what the host staged from it (see :func:`sync_host`).
+    and *staged* what the host staged from it (see :func:`sync_host`). *sums* are local
+    SHA-1s the run took already (see :func:`local_sha1`).
 
     Ctrl-C (or *cancel* set by the caller) stops every upload at its next
     chunk: each removes its temporary file and the interrupt goes on at once,
@@ -452,7 +454,7 @@ def sync_all(jobs: Sequence[Tuple["Shell", Callable[[], Any], Plan]], forks: int
     errors: List[RunnerError] = []
     openers = lane_openers or {}
     stop = cancel if cancel is not None else threading.Event()
-    sums: Dict[str, str] = {}  # local SHA-1s, taken once for every host
+    sums = dict(sums or {})  # local SHA-1s, taken once for every host
 
     def checked(host: str, delta: int) -> None:
         if stop.is_set():

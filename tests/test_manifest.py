@@ -176,6 +176,9 @@ def test_only_files_changed_here_go_ahead_and_only_when_all_of_them_fit(tmp_path
     [(index, (data, sha1))] = precheck._changed_here(items, memo)
     assert (index, data) == (3, b"edited\n") and sha1 == hashcache.hash_file(items[3].src)[0]
     assert precheck._changed_here(items, memo) == [(3, (data, sha1))]  # the memo holds for every host
+    # the copy step compares with the hashes the cache gave while planning
+    assert precheck.known_sums(memo) == {item.src: hashcache.hash_file(item.src)[0]
+                                         for i, item in enumerate(items) if i != 3}
     (src / "big").write_bytes(b"x" * (precheck.AHEAD_FILE + 1))
     big = Upload(str(src / "big"), "/base/big", 0o644, precheck.AHEAD_FILE + 1)
     assert precheck._changed_here(items + [big], {}) == []  # the copy step is needed anyway
