@@ -439,12 +439,14 @@ def sync_all(jobs: Sequence[Tuple["Shell", Callable[[], Any], Plan]], forks: int
              on_plan: Optional[Planned] = None, rehash: bool = False,
              answers: Optional[Dict[str, manifest.Answer]] = None,
              staged: Optional[Dict[str, Dict[int, str]]] = None,
-             sums: Optional[Dict[str, str]] = None) -> Dict[str, HostSync]:
+             sums: Optional[Dict[str, str]] = None,
+             save_hashes: bool = True) -> Dict[str, HostSync]:
     """Sync every (shell, sftp factory, plan) job in parallel; raise one error for all failures.
 
     *answers* holds, per host, the manifest's answer to its plan when it was asked already,
     and *staged* what the host staged from it (see :func:`sync_host`). *sums* are local
-    SHA-1s the run took already (see :func:`local_sha1`).
+    SHA-1s the run took already (see :func:`local_sha1`). *save_hashes* False leaves the
+    saving of the local hash cache to the caller.
 
     Ctrl-C (or *cancel* set by the caller) stops every upload at its next
     chunk: each removes its temporary file and the interrupt goes on at once,
@@ -477,7 +479,8 @@ def sync_all(jobs: Sequence[Tuple["Shell", Callable[[], Any], Plan]], forks: int
     try:
         wait_or_cancel(pool, [f for _, f in futures], stop)
     finally:
-        hashcache.LOCAL.save()
+        if save_hashes:
+            hashcache.LOCAL.save()
     for host, future in futures:
         try:
             reports[host] = future.result()
