@@ -83,7 +83,7 @@ class _Dial:
         self.runner = runner
         self.error: Optional[BaseException] = None
         self._lock = threading.Lock()
-        self._abandoned = False
+        self._abandoned = self._done = False
         self.thread = threading.Thread(target=self._run, name="connect", daemon=True)
         self.thread.start()
 
@@ -93,12 +93,17 @@ class _Dial:
         except BaseException as exc:  # noqa: BLE001 - raised again by join()
             self.error = exc
         with self._lock:
+            self._done = True
             if self._abandoned:
                 self._close()
 
     def join(self) -> None:
         """Wait for every host's outcome; raise what connecting raised."""
-        self.thread.join()
+        try:
+            self.thread.join()
+        except BaseException:  # Ctrl-C while waiting
+            self.abandon()
+            raise
         if self.error is not None:
             raise self.error
 
@@ -106,7 +111,7 @@ class _Dial:
         """The run ends before its hosts are needed: close every connection, now or when it is made."""
         with self._lock:
             self._abandoned = True
-            if not self.thread.is_alive():
+            if self._done:
                 self._close()
 
     def _close(self) -> None:
