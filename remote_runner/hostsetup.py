@@ -80,13 +80,13 @@ class HostSetup:
         """Build each remote host's change check (its request, the files sent ahead): local work."""
         if self.checks_planned:
             return
-        self.checks_planned = True
         for host, specs in self._by_host().items():
             if host != "localhost":
                 check = precheck.plan_ahead(host, specs, self.options.always_copy,
                                             self.options.rehash, self.plans, self.ahead_memo)
                 if check is not None:
                     self.early[host] = check
+        self.checks_planned = True
 
     def lock(self) -> None:
         """Take the per-(host, session) lock on every host before any host is changed."""

@@ -6,8 +6,7 @@ and inside a step hosts are handled in parallel, at most ``forks`` at once):
 1. **Check locally** everything that can be checked without a host (session
    name, sources, destination conflicts), so bad input changes nothing anywhere.
 2. **Connect** to every remote host (``localhost`` components need no SSH),
-   while step 1 plans the files: connecting changes nothing on a host, and
-   each of the two waits for something else (the network, the local disk).
+   while this machine plans each host's change check (see :mod:`precheck`).
 3. **Prepare** each host with one command: check that screen is there, create
    the state ("done") directory, make each component's base_dir (``mktemp -d``
    when the config gave none; a ``localhost`` component without one runs, as
@@ -175,11 +174,11 @@ class Runner(HostSetup, RunEnd):
 
     def run(self) -> RunReport:
         """Carry out the whole run; raise a RunnerError subclass on the first failing step."""
-        self.check_names()
+        self.preflight()
         hosts = len(self._by_host())
         try:
             with ev.phase(self.events, "connect", hosts) as info:
-                self.connect_while(self.plan_locally)
+                self.connect_while(self.plan_checks)
                 info["message"] = f"connected to {len(self.connections)} host(s)"
                 if self.report.skipped:
                     info["message"] += f", skipping {len(self.report.skipped)} unreachable"
@@ -254,12 +253,8 @@ class Runner(HostSetup, RunEnd):
     # -- steps ---------------------------------------------------------------
 
     def preflight(self) -> None:
-        """Check everything that needs no host, so that bad input changes nothing."""
-        self.check_names()
-        self.plan_locally()
-
-    def check_names(self) -> None:
-        """The part of :meth:`preflight` that says which hosts there are (no file is read)."""
+        """Check everything that needs no host, so that bad input changes nothing and
+        contacts no host."""
         scr.validate_session_name(self.options.screen)
         done_dir = self.options.remote_done_dir
         if done_dir is not None:
@@ -281,18 +276,11 @@ class Runner(HostSetup, RunEnd):
                                     component=spec.name)
                 present.add(item.src)
         self._group_hosts()
-
-    def plan_locally(self) -> None:
-        """Plan every host's files and its change check: this machine's share, no host needed.
-
-        Raises on unreadable or conflicting sources (the rest of :meth:`preflight`).
-        """
         for host, specs in self._by_host().items():
             entries = [(f, posixpath.normpath(spec.base_dir) if spec.base_dir
                         else f"/<temporary base_dir of {spec.name}>")
                        for spec in specs for f in spec.files]
             self.plans.plan(host, entries)  # raises on unreadable or conflicting sources
-        self.plan_checks()
 
     def _group_hosts(self) -> None:
         """Fold host names that reach the same login into one host (see :mod:`landing`)."""
@@ -308,12 +296,13 @@ class Runner(HostSetup, RunEnd):
         self.report.host_of = dict(self.host_of)
 
     def connect_while(self, work: Callable[[], None]) -> None:
-        """:meth:`connect` while this thread does *work* (local planning): each waits for the network
-        or the disk, so the other's time is hidden (a rerun's handshakes take as long as its
-        planning and the imports before it).
+        """:meth:`connect` while this thread does *work* (the change checks' planning: a hash-cache
+        lookup per source, the files sent ahead, each host's request): the handshakes wait for
+        the network, the planning for this machine, so neither waits for the other.
 
-        Connecting changes nothing on a host, so *work* may still fail (a bad source): then its
-        error is raised at once, and connections that come up later are closed as they come.
+        Only work that no input can make fail goes here: bad input is refused before any host
+        is contacted (:meth:`preflight`). Should *work* raise all the same (Ctrl-C), its error
+        is raised at once, and connections that come up later are closed as they come.
         """
         if not any(h != "localhost" for h in self._by_host()):
             work()

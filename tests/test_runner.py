@@ -262,44 +262,42 @@ def test_localhost_component_runs_without_ssh(env):
     assert out.read_text().strip() == report.components[("localhost", "local")].base_dir
 
 
-def test_a_bad_source_fails_at_once_while_hosts_connect_and_their_connections_are_closed(tmp_path):
-    """Local planning runs while the hosts connect: its error does not wait for them, and
-    what connects afterwards is closed, not leaked."""
+def test_change_checks_are_planned_while_hosts_connect_and_bad_input_contacts_none(tmp_path):
+    """The change checks' planning (local work no input can make fail) runs while the hosts
+    connect; a bad source is refused before any host is contacted."""
     a, b = tmp_path / "a", tmp_path / "b"
     a.write_text("a")
     b.write_text("b")
-    exp = experiment(tmp_path, f"""
-        for n, src in (('one', {str(a)!r}), ('two', {str(b)!r})):
+    body = """
+        for n, src in {pairs!r}:
             c = Component()
             c.name = n
             c.host = 'h1'
             c.executable = '/bin/true'
-            c.base_dir = '/tmp/rr-same-dest'
+            c.base_dir = '/tmp/rr-planned-dest/' + n
             c.start_index = 1
             c.files = {{src: 'same-name'}}
             config.add_component(c)
-    """)
-    release, asked, closed = threading.Event(), [], []
-
-    class Connection:
-        def close(self) -> None:
-            closed.append(True)
+    """
+    asked = []
+    good = experiment(tmp_path, body.format(pairs=(("one", str(a)), ("two", str(b)))))
+    runner = Runner(good, RunOptions(screen="rr-planned"), connect=lambda hosts: connect(hosts))
 
     def connect(hosts):
         asked.append(list(hosts))
-        release.wait(60)
-        return {h: Connection() for h in hosts}
+        deadline = time.monotonic() + 30
+        while not runner.checks_planned and time.monotonic() < deadline:
+            time.sleep(0.01)  # the planning goes on meanwhile
+        raise StartError(f"stop here: planned {runner.checks_planned}, checks for {sorted(runner.early)}")
 
-    with pytest.raises(CopyError, match="two different sources go to /tmp/rr-same-dest/same-name"):
-        Runner(exp, RunOptions(screen="rr-same-dest"), connect=connect).run()
-    deadline = time.monotonic() + 30
-    while not asked and time.monotonic() < deadline:
-        time.sleep(0.01)
-    assert asked == [["h1"]] and not release.is_set() and closed == []
-    release.set()
-    while not closed and time.monotonic() < deadline:
-        time.sleep(0.01)
-    assert closed == [True]
+    with pytest.raises(StartError, match=r"planned True, checks for \['h1'\]"):
+        runner.run()
+    assert asked == [["h1"]]
+    body = body.replace("'/tmp/rr-planned-dest/' + n", "'/tmp/rr-planned-dest'")  # one destination
+    bad = experiment(tmp_path, body.format(pairs=(("one", str(a)), ("two", str(b)))))
+    with pytest.raises(CopyError, match="two different sources go to /tmp/rr-planned-dest/same-name"):
+        Runner(bad, RunOptions(screen="rr-planned"), connect=connect).run()
+    assert asked == [["h1"]]  # not contacted again
 
 
 class FakeMirror:
