@@ -58,7 +58,6 @@ class HostSetup:
     early: Dict[str, precheck.EarlyCheck]
     plans: sync.PlanMemo
     ahead_memo: precheck.AheadMemo
-    checks_planned: bool
     sent_ahead: Dict[str, Dict[str, str]]
     mirror: Optional["MirrorSession"]
 
@@ -77,22 +76,19 @@ class HostSetup:
         def _host_record(self, host: str, state_dir: str, run_dir: str) -> "HostRecord": ...
 
     def plan_checks(self) -> None:
-        """Build each remote host's change check (its request, the files sent ahead): local work."""
-        if self.checks_planned:
-            return
+        """Build each remote host's change check (its request, the files sent ahead): local work,
+        done while the hosts connect (:meth:`Runner.connect_while`), before :meth:`lock`."""
         for host, specs in self._by_host().items():
             if host != "localhost":
                 check = precheck.plan_ahead(host, specs, self.options.always_copy,
                                             self.options.rehash, self.plans, self.ahead_memo)
                 if check is not None:
                     self.early[host] = check
-        self.checks_planned = True
 
     def lock(self) -> None:
         """Take the per-(host, session) lock on every host before any host is changed."""
         info = (f"pid {os.getpid()} on {self.record.runner.get('host')}, run {self.run_id}, "
                 f"since {self.record.created}")
-        self.plan_checks()
         reached = self._by_host()
         for host in list(self.early):
             if host not in reached:

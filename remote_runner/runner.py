@@ -94,7 +94,7 @@ class _Dial:
         with self._lock:
             self._done = True
             if self._abandoned:
-                self._close()
+                self.runner.close_connections()
 
     def join(self) -> None:
         """Wait for every host's outcome; raise what connecting raised."""
@@ -111,13 +111,7 @@ class _Dial:
         with self._lock:
             self._abandoned = True
             if self._done:
-                self._close()
-
-    def _close(self) -> None:
-        for connection in self.runner.connections.values():
-            connection.close()
-        self.runner.connections = {}
-        self.runner.shells = {}
+                self.runner.close_connections()
 
 
 class Runner(HostSetup, RunEnd):
@@ -162,8 +156,6 @@ class Runner(HostSetup, RunEnd):
         self._setup: Dict[str, str] = {}
         #: the run's guesses of the files changed here (see :mod:`precheck`)
         self.ahead_memo: precheck.AheadMemo = {}
-        #: whether :meth:`plan_checks` filled :attr:`early` already
-        self.checks_planned = False
         self._hash_saver: Optional[threading.Thread] = None
         #: per host: destination -> temporary name of each file sent ahead with its check,
         #: until the host's first start command has put them in place (or removed them)
@@ -236,9 +228,14 @@ class Runner(HostSetup, RunEnd):
             self.mirror.close()
             self.mirror = None
         self.count_traffic()
+        self.close_connections()
+
+    def close_connections(self) -> None:
+        """Close every host's connection and forget it, with the shells that used it."""
         for connection in self.connections.values():
             connection.close()
         self.connections = {}
+        self.shells = {}
 
     def count_traffic(self) -> None:
         """Put each host's exec and SFTP counts in the report and say them (``-v``)."""
@@ -347,9 +344,7 @@ class Runner(HostSetup, RunEnd):
         from remote_runner.failpolicy import lost_prerequisites
         reasons = lost_prerequisites(self.experiment.components, self.host_of, set(failed))
         if reasons:
-            for connection in self.connections.values():
-                connection.close()
-            self.connections = {}
+            self.close_connections()
             raise PrerequisitesUnreachable({h: str(e) for h, e in failed.items()}, reasons)
 
     def save_record(self) -> None:
