@@ -45,6 +45,7 @@ _DEFAULTS = {
     "mirror": lambda: False,
     "num_cores": lambda: None,
     "export": list,
+    "private_tmp": lambda: False,
     "ready": lambda: None,
     "ready_timeout": lambda: 60.0,
     "results": list,
@@ -119,6 +120,9 @@ class ComponentSpec:
     field_origins: Tuple[Tuple[str, Origin], ...] = field(default=(), compare=False, repr=False)
     #: mirror=True: local paths served to the host besides the defaults (``PATH`` or ``PATH:ro``).
     export: Tuple[str, ...] = ()
+    #: mirror=True: the host's own /tmp and /var/tmp (``exec --private-tmp``), shared by the
+    #: mirrored components of one host.
+    private_tmp: bool = False
 
     @property
     def is_local(self) -> bool:

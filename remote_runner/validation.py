@@ -42,8 +42,24 @@ def build_experiment(config: Config, config_path: str, extra_options: Any = None
                               component=spec.name, field="name")
         seen[spec.key] = spec
         specs.append(spec)
+    _one_scratch_per_host(specs)
     return Experiment(config_file=config_path, config_dir=config_dir, components=tuple(specs),
                       extra_options=extra_options)
+
+
+def _one_scratch_per_host(specs: List[ComponentSpec]) -> None:
+    """Refuse mirrored components of one host that disagree on ``private_tmp``: they share one mirror."""
+    first: Dict[str, ComponentSpec] = {}
+    for spec in specs:
+        if not spec.mirror:
+            continue
+        other = first.setdefault(spec.host, spec)
+        if other.private_tmp != spec.private_tmp:
+            where = spec.origin_of("private_tmp")
+            raise ConfigError(f"private_tmp={spec.private_tmp} but component {other.name!r} on the same "
+                              f"host has private_tmp={other.private_tmp} (added at {other.origin}); the "
+                              "mirrored components of one host share one mirror, so they must agree",
+                              file=where.file, line=where.line, component=spec.name, field="private_tmp")
 
 
 class _Validator:
@@ -93,6 +109,7 @@ class _Validator:
             start_index=self._start_index(), wait=self._bool("wait"), mirror=mirror,
             num_cores=self._num_cores(), origin=self.c._added or self.c._created,
             field_origins=tuple(sorted(origins.items())), export=self._export(mirror),
+            private_tmp=self._private_tmp(mirror),
             ready=self._ready(), ready_timeout=self._ready_timeout(), results=self._results(),
             env=self._env())
 
@@ -190,6 +207,13 @@ class _Validator:
             path = os.path.expanduser(item)
             out.append(path if os.path.isabs(path) else os.path.join(self.config_dir, path))
         return tuple(out)
+
+    def _private_tmp(self, mirror: bool) -> bool:
+        """``private_tmp``: the mirror gives the host's own scratch trees (mirror=True only)."""
+        value = self._bool("private_tmp")
+        if value and not mirror:
+            raise self.fail("private_tmp", "private_tmp only applies to mirror=True components")
+        return value
 
     def _ready(self) -> Optional[str]:
         value = self.values.get("ready")

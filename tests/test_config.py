@@ -305,6 +305,29 @@ def test_mirror_on_localhost_is_an_error(tmp_path):
     assert_located(err, path, "# <err>", component="comp", field="mirror")
 
 
+def test_private_tmp_needs_a_mirror_and_one_answer_per_host(tmp_path):
+    path = write(tmp_path, BASE + "c.private_tmp = True  # <err>\nconfig.add_component(c)\n")
+    err = config_error(path)
+    assert_located(err, path, "# <err>", component="comp", field="private_tmp")
+    assert "mirror=True" in str(err)
+    path = write(tmp_path, BASE + """
+c.mirror = True
+c.private_tmp = True
+config.add_component(c)
+c.name = "other"
+c.private_tmp = False  # <err>
+config.add_component(c)
+c.name = "elsewhere"
+c.host = "h2"
+config.add_component(c)
+""")
+    err = config_error(path)
+    assert_located(err, path, "# <err>", component="other", field="private_tmp")
+    assert "'comp'" in str(err) and "share one mirror" in str(err)
+    path = write(tmp_path, BASE + "c.mirror = True\nc.private_tmp = True\nconfig.add_component(c)\n")
+    assert load_experiment(path, None).components[0].private_tmp is True
+
+
 def test_names_unique_per_host(tmp_path):
     path = write(tmp_path, BASE + """
 config.add_component(c)  # <first>

@@ -129,7 +129,11 @@ def run(ctx: Context, host: str, delay: float, stats_path: str) -> List[Measurem
                   ("pytest config + muddle", ["/bin/sh", "-c", pytest + " || true"], PROJECT, None)]
         # The shell is the program, so this interpreter's own tree is served by name.
         prefix = os.path.dirname(os.path.dirname(os.path.realpath(sys.executable)))
-        rows += _measure(ctx, host, 0, suites, stats_path, missing, cold=False, options=["--export", prefix + ":ro"])
+        served = ["--export", prefix + ":ro"]
+        rows += _measure(ctx, host, 0, suites, stats_path, missing, cold=False, options=served)
+        # The same suites with the host's own scratch trees: their temporary files stay there.
+        rows += _measure(ctx, host, 0, suites, stats_path, missing, cold=False,
+                         options=served + ["--private-tmp"], local=False)
     else:
         rows += [skipped(SCENARIO, f"{name} / warm", TOOL, 0, "no 0 ms link in this bench run", OURS)
                  for name in ("CPython tests (5 files)", "pytest config + muddle")]
@@ -147,14 +151,21 @@ def _untimed(case: str, prepare: Optional[Callable[[], None]], step: Callable[[]
 
 
 def _measure(ctx: Context, host: str, delay: float, loads, stats_path: str, missing: Optional[str],
-             cold: bool, options: Sequence[str] = ()) -> List[Measurement]:
+             cold: bool, options: Sequence[str] = (), local: bool = True) -> List[Measurement]:
+    """Rows for each load: the local run (unless not *local*), then ours with *options*.
+
+    ``--private-tmp`` in *options* is named in the tool column: it is a
+    different way to run the same load.
+    """
     rows = []
+    tool = TOOL + (" --private-tmp" if "--private-tmp" in options else "")
     for name, argv, cwd, prepare in loads:
-        local = lambda argv=argv, cwd=cwd: sh(argv, cwd=cwd, timeout=ctx.step_timeout)
-        rows.append(repeat(Measurement(SCENARIO, f"{name} / warm", "local run", delay, REFERENCE),
-                           local, ctx.reps, prepare, ctx.slow_after))
+        here = lambda argv=argv, cwd=cwd: sh(argv, cwd=cwd, timeout=ctx.step_timeout)
+        if local:
+            rows.append(repeat(Measurement(SCENARIO, f"{name} / warm", "local run", delay, REFERENCE),
+                               here, ctx.reps, prepare, ctx.slow_after))
         if missing:
-            rows.append(skipped(SCENARIO, f"{name} / warm", TOOL, delay, missing, OURS))
+            rows.append(skipped(SCENARIO, f"{name} / warm", tool, delay, missing, OURS))
             continue
         cfg = ctx.testbed.ssh_config(delay)
         step: Callable[[], None] = lambda argv=argv, cwd=cwd: sh(
@@ -170,7 +181,7 @@ def _measure(ctx: Context, host: str, delay: float, loads, stats_path: str, miss
                         pass
                 if prepare is not None:
                     prepare()
-            rows.append(with_traffic(repeat(Measurement(SCENARIO, f"{name} / cold", TOOL, delay, OURS,
+            rows.append(with_traffic(repeat(Measurement(SCENARIO, f"{name} / cold", tool, delay, OURS,
                                                         note="host cache and local profiles removed"),
                                             step, ctx.reps, wipe, ctx.slow_after), stats_path))
         if not cold:
@@ -178,6 +189,6 @@ def _measure(ctx: Context, host: str, delay: float, loads, stats_path: str, miss
             # row) removed the host's whole cache, so one untimed run comes first. (Without it a
             # 0 ms suite's first timed run was a first-ever run: 274 MB sent in one such row.)
             _untimed(f"{name} / warm", prepare, step)
-        rows.append(with_traffic(repeat(Measurement(SCENARIO, f"{name} / warm", TOOL, delay, OURS),
+        rows.append(with_traffic(repeat(Measurement(SCENARIO, f"{name} / warm", tool, delay, OURS),
                                         step, ctx.reps, prepare, ctx.slow_after), stats_path))
     return rows

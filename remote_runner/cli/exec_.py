@@ -50,6 +50,12 @@ def add_parser(sub: "argparse._SubParsersAction") -> None:
                              "--export / serves everything")
     parser.add_argument("--read-only", action="store_true",
                         help="the host may change nothing it is served")
+    parser.add_argument("--private-tmp", action="store_true",
+                        help="give the command its own empty /tmp and /var/tmp on the host (a "
+                             "tmpfs, gone when it ends) instead of this machine's: scratch files "
+                             "(a test suite's, a compiler's) never cross the link. The cwd and "
+                             "paths the command names under them are still this machine's; a "
+                             "command that names /tmp itself keeps it shared")
     parser.add_argument("--forward-env", action="append", default=[], metavar="NAME",
                         help="pass NAME through even though it is normally dropped (repeatable)")
     parser.add_argument("--no-compress", action="store_true", help="never compress file data (default: lz4 or zlib, "
@@ -118,7 +124,7 @@ def run(args: argparse.Namespace) -> int:
         mirror = MirrorOptions(files_only=args.files_only, forward_env=tuple(args.forward_env),
                                export=tuple(args.export), read_only=args.read_only,
                                debug_rpc=args.debug_rpc, compress=not args.no_compress,
-                               file_cache=not args.no_cache)
+                               file_cache=not args.no_cache, private_tmp=args.private_tmp)
         if args.lanes is not None:
             if not 0 <= args.lanes <= 8:
                 LOG.error("exec: --lanes must be between 0 and 8 (OpenSSH allows 10 channels a connection)")

@@ -71,7 +71,8 @@ def serve_components(connections: Dict[str, Any], specs: Sequence[Any],
             commands = [([spec.executable, *spec.args], here.local_cwd(spec)) for spec in mine]
             base = options or MirrorOptions()
             export = tuple(base.export) + tuple(e for spec in mine for e in getattr(spec, "export", ()))
-            server = MirrorServer(conn, dataclasses.replace(base, export=export),
+            private_tmp = base.private_tmp or any(getattr(spec, "private_tmp", False) for spec in mine)
+            server = MirrorServer(conn, dataclasses.replace(base, export=export, private_tmp=private_tmp),
                                   commands=commands).start()
         except BaseException as exc:  # reported together below
             with lock:

@@ -86,6 +86,11 @@ def _norm(path: str) -> bytes:
     return os.path.normpath(os.fsencode(os.path.abspath(os.path.expanduser(path))))
 
 
+def in_scratch(path: bytes) -> bool:
+    """Whether normalized *path* is a scratch tree or lies in one."""
+    return any(inside(path, _norm(tree)) for tree in SCRATCH_TREES)
+
+
 def inside(path: bytes, root: bytes) -> bool:
     """Whether normalized *path* is *root* or lies below it."""
     return path == root or root == b"/" or path.startswith(root + b"/")
@@ -141,12 +146,18 @@ class Exports:
 
     @classmethod
     def for_commands(cls, commands: Sequence[Tuple[Sequence[str], str]], export: Sequence[str] = (),
-                     read_only: bool = False, extra_deny: Iterable[str] = ()) -> "Exports":
-        """The default set for running each (argv, cwd) of *commands* (see the module docstring)."""
+                     read_only: bool = False, extra_deny: Iterable[str] = (),
+                     private_tmp: bool = False) -> "Exports":
+        """The default set for running each (argv, cwd) of *commands* (see the module docstring).
+
+        With *private_tmp* the scratch trees (and a ``$TMPDIR`` inside one) are
+        not served: the host gives the command its own (:meth:`private_scratch`).
+        """
         items: List[Export] = [Export(_norm(t), False) for t in SYSTEM_TREES if os.path.lexists(t)]
-        items += [Export(_norm(t), not read_only) for t in SCRATCH_TREES if os.path.isdir(t)]
+        if not private_tmp:
+            items += [Export(_norm(t), not read_only) for t in SCRATCH_TREES if os.path.isdir(t)]
         tmpdir = os.environ.get("TMPDIR")
-        if tmpdir and os.path.isdir(tmpdir):
+        if tmpdir and os.path.isdir(tmpdir) and not (private_tmp and in_scratch(_norm(tmpdir))):
             items.append(Export(_norm(tmpdir), not read_only))
         for argv, cwd in commands:
             items.append(Export(_norm(cwd), not read_only))
@@ -155,7 +166,27 @@ class Exports:
         for spec in export:
             path, writable = parse_export(spec)
             items.append(Export(_norm(path), writable and not read_only, True, shared=True))
-        return cls(items, default_denylist(extra_deny))
+        exports = cls(items, default_denylist(extra_deny))
+        if private_tmp:  # where the host mounts its own: looked up, never served
+            for tree in SCRATCH_TREES:
+                if os.path.isdir(tree):
+                    exports.ancestors.update(_upwards(_norm(tree)))
+        return exports
+
+    def private_scratch(self) -> Dict[bytes, List[bytes]]:
+        """The scratch trees the host may replace with its own, each with the paths in it still served.
+
+        A tree served by its own name (the command names it, ``cc -o /tmp/prog``,
+        or ``--export /tmp``) stays this machine's: its files are results.
+        (``--export /`` alone does not name it.)
+        """
+        trees: Dict[bytes, List[bytes]] = {}
+        for tree in SCRATCH_TREES:
+            root = _norm(tree)
+            if root in self._by_path:
+                continue
+            trees[root] = sorted(e.path for e in self.exports if e.path != root and inside(e.path, root))
+        return trees
 
     def _ancestor_set(self) -> Set[bytes]:
         found: Set[bytes] = set(HOST_MOUNT_POINTS)

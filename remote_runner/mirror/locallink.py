@@ -59,6 +59,8 @@ class MirrorOptions:
     export: Sequence[str] = ()
     #: ``--read-only``: nothing served can be changed.
     read_only: bool = False
+    #: ``--private-tmp``: the host gives the command its own /tmp and /var/tmp (host/scratch.py).
+    private_tmp: bool = False
     #: Extra SSH channels for large replies (:mod:`.lanes`); 0: everything on the agent's channel.
     lanes: int = DEFAULT_LANES
 

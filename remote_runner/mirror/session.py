@@ -28,7 +28,7 @@ from remote_runner.mirror import protocol as P
 from remote_runner.mirror.bundle import build_bundle
 from remote_runner.mirror.environment import (connection_secrets, current_umask, files_only_exports,
                                               filtered_environment)
-from remote_runner.mirror.exports import Exports
+from remote_runner.mirror.exports import Exports, inside
 from remote_runner.mirror.locallink import LocalLink, MirrorOptions
 from remote_runner.mirror.profile import OfferedDirs, ProfileSet, command_names, executable_of
 from remote_runner.mirror.service import LocalFileService
@@ -126,7 +126,10 @@ def plan_command(conn: Any, argv: Sequence[str], cwd: Optional[str] = None,
         fields["exports"] = [P.name_to_wire(r) for r in roots]
         exports = Exports.only(roots, options.read_only, deny)
     else:
-        exports = Exports.for_commands([(argv, cwd)], options.export, options.read_only, deny)
+        exports = Exports.for_commands([(argv, cwd)], options.export, options.read_only, deny,
+                                       private_tmp=options.private_tmp)
+    if options.private_tmp:
+        fields["private_tmp"] = private_tmp_field(exports)
     fields.update({
         "argv": [P.name_to_wire(os.fsencode(a)) for a in argv],
         "cwd": P.name_to_wire(os.fsencode(cwd)),
@@ -152,6 +155,23 @@ def plan_command(conn: Any, argv: Sequence[str], cwd: Optional[str] = None,
     offered = OfferedDirs.for_profile(profile.own).load() if profile is not None else []
     return ExecPlan(options, exports, roots, fields, profile, seeds,
                     _prepared_service(roots, exports, seeds, offered, program))
+
+
+def private_tmp_field(exports: Exports) -> Dict[str, Any]:
+    """The boot's ``private_tmp``: each scratch tree the host replaces, the served paths kept in it.
+
+    ``tmpdir`` is ``$TMPDIR`` when it lies in one of them: the host makes it
+    there, empty, so programs that use it find it.
+    """
+    trees = exports.private_scratch()
+    field: Dict[str, Any] = {"trees": {P.name_to_wire(tree): [P.name_to_wire(p) for p in keep]
+                                       for tree, keep in trees.items()}}
+    tmpdir = os.environ.get("TMPDIR")
+    if tmpdir and os.path.isabs(tmpdir):
+        path = os.path.normpath(os.fsencode(tmpdir))
+        if any(inside(path, tree) for tree in trees):
+            field["tmpdir"] = P.name_to_wire(path)
+    return field
 
 
 def _prepared_service(roots: Optional[List[bytes]], exports: Exports, seeds: Any,
@@ -299,7 +319,7 @@ class MirrorServer:
     def start(self, timeout: float = START_TIMEOUT) -> "MirrorServer":
         """Start the agent and wait until its mirror is mounted."""
         exports = Exports.for_commands(self.commands, self.options.export, self.options.read_only,
-                                       connection_secrets(self.conn))
+                                       connection_secrets(self.conn), private_tmp=self.options.private_tmp)
         link = open_agent(self.conn, "daemon", self.options, stream=self._stream, exports=exports)
         self.link = link
         self.agent_path = str(link.hello.get("agent") or "")
@@ -316,7 +336,10 @@ class MirrorServer:
 
         link.handlers[P.READY] = on_ready
         link.handlers[P.FAIL] = on_fail
-        link.boot({"argv": [], "cwd": P.name_to_wire(os.fsencode(os.getcwd()))})
+        boot: Dict[str, Any] = {"argv": [], "cwd": P.name_to_wire(os.fsencode(os.getcwd()))}
+        if self.options.private_tmp:
+            boot["private_tmp"] = private_tmp_field(exports)
+        link.boot(boot)
         link.start()
         end = time.monotonic() + timeout
         while not self._ready.wait(0.2):

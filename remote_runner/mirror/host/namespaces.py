@@ -16,6 +16,7 @@ from typing import Optional
 CLONE_NEWNS = 0x00020000
 CLONE_NEWUSER = 0x10000000
 MS_BIND = 4096
+MS_MOVE = 8192
 MS_REC = 16384
 MS_PRIVATE = 1 << 18
 MS_SLAVE = 1 << 19
@@ -41,9 +42,10 @@ def unshare(flags: int) -> None:
     _check(libc.unshare(ctypes.c_int(flags)), "unshare")
 
 
-def mount(source: Optional[bytes], target: bytes, fstype: Optional[bytes], flags: int) -> None:
+def mount(source: Optional[bytes], target: bytes, fstype: Optional[bytes], flags: int,
+          data: Optional[bytes] = None) -> None:
     """Call mount(2)."""
-    _check(libc.mount(source, target, fstype, ctypes.c_ulong(flags), None), "mount %r" % target)
+    _check(libc.mount(source, target, fstype, ctypes.c_ulong(flags), data), "mount %r" % target)
 
 
 def umount(target: bytes, flags: int = MNT_DETACH) -> None:

@@ -24,8 +24,9 @@ from .listings import ListingStore, encode
 from .answers import absorb_answers, forget_in_kernel, forget_names
 from .kernel import KernelDrops
 from .names import NameCache, listing_entries, parent
-from .namespaces import SPECIAL_DIRS, bind_specials, enter_namespaces, unmount_under
+from .namespaces import SPECIAL_DIRS, bind_specials, enter_namespaces, umount, unmount_under
 from .profile import Profile
+from .scratch import make_private
 
 LOG = logging.getLogger("remote_runner.mirror.agent")
 
@@ -42,6 +43,8 @@ class Session:
         self.workdir = tempfile.mkdtemp(prefix="rr-mirror-")
         os.chmod(self.workdir, 0o700)
         self.created: List[str] = []
+        #: Private scratch trees mounted over the host's own (``--files-only``), unmounted last.
+        self.scratch: List[str] = []
         self.user: Optional[Tuple[int, int, List[int]]] = None
         self.files = open_file_cache(boot)
         #: Names, attributes and directories of the local side: kept until the local side
@@ -69,6 +72,7 @@ class Session:
             threading.Thread(target=self.files.trim, daemon=True, name="cache-trim").start()
         self.warm()  # before mounting: the mount's own lookups are answered too
         if self.files_only:
+            self._private_scratch("/")  # first: the exports below may lie in it
             for export in self.boot.get("exports") or []:
                 path = P.name_from_wire(export)
                 self._ensure_dir(path)
@@ -84,6 +88,26 @@ class Session:
             m.start()
             self.mounts.append(m)
             bind_specials(self.root)
+            self._private_scratch(self.root)
+
+    def _private_scratch(self, root: str) -> None:
+        """``--private-tmp``: a tmpfs over each scratch tree the boot names (see scratch.py)."""
+        spec = self.boot.get("private_tmp")
+        if not isinstance(spec, dict):
+            return
+        trees = {}
+        for tree, keep in (spec.get("trees") or {}).items():
+            if isinstance(tree, str) and isinstance(keep, list):
+                # --files-only mounts the served paths after this, over the tmpfs: none to keep.
+                trees[os.fsdecode(P.name_from_wire(tree))] = [
+                    os.fsdecode(P.name_from_wire(k)) for k in keep if isinstance(k, str) and root != "/"]
+        tmpdir = spec.get("tmpdir")
+        tmpdir = os.fsdecode(P.name_from_wire(tmpdir)) if isinstance(tmpdir, str) else None
+        owner = (self.user[0], self.user[1]) if self.user is not None else None
+        made = make_private(root, trees, self.workdir, tmpdir, owner)
+        LOG.debug("private scratch trees: %s", made)
+        if root == "/":  # not under the mirror's root: unmounted on their own at the end
+            self.scratch = made
 
     def warm(self) -> int:
         """Validate known names in one request and fetch missing files at once; return the names.
@@ -169,6 +193,11 @@ class Session:
         for d in reversed(self.created):
             try:
                 os.rmdir(d)
+            except OSError:
+                pass
+        for tree in self.scratch:  # ours only (with what is mounted in it): the host's /tmp is back
+            try:
+                umount(os.fsencode(tree))
             except OSError:
                 pass
         shutil.rmtree(self.workdir, ignore_errors=True)
