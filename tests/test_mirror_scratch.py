@@ -73,3 +73,28 @@ def test_the_boot_field_names_the_trees_the_kept_paths_and_tmpdir(under_tmp, mon
 
 def test_outermost_drops_paths_inside_others():
     assert outermost(["/tmp/a/b", "/tmp/a", "/tmp/ab", "/tmp/c/d", "/tmp/a"]) == ["/tmp/a", "/tmp/ab", "/tmp/c/d"]
+
+
+def test_a_host_refusing_a_tmpfs_is_named_and_what_was_staged_is_unmounted(tmp_path, monkeypatch):
+    import errno
+
+    from remote_runner.mirror.host import scratch
+
+    root, stage = tmp_path / "root", tmp_path / "stage"
+    for tree in ("tmp", "var/tmp"):
+        (root / tree).mkdir(parents=True)
+    stage.mkdir()
+    mounted, unmounted = [], []
+
+    def fake_mount(source, target, fstype, flags, data=None):
+        if mounted:  # the second tree's tmpfs is refused
+            raise OSError(errno.EPERM, "mount")
+        mounted.append(target)
+
+    monkeypatch.setattr(scratch, "mount", fake_mount)
+    monkeypatch.setattr(scratch, "umount", lambda target, flags=2: unmounted.append(target))
+    with pytest.raises(OSError) as info:
+        scratch.make_private(str(root), {"/tmp": [], "/var/tmp": []}, str(stage))
+    assert "/var/tmp" in str(info.value) and "--private-tmp" in str(info.value)
+    assert info.value.errno == errno.EPERM
+    assert unmounted == mounted == [os.fsencode(str(stage / "scratch-0"))]

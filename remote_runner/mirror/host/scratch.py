@@ -82,7 +82,11 @@ def _stage(root: str, trees: Dict[str, List[str]], stage: str, tmpdir: Optional[
             continue
         staged = os.path.join(stage, "scratch-%d" % number)
         os.mkdir(staged, 0o700)
-        mount(b"tmpfs", os.fsencode(staged), b"tmpfs", 0, b"mode=1777")
+        try:
+            mount(b"tmpfs", os.fsencode(staged), b"tmpfs", 0, b"mode=1777")
+        except OSError as exc:
+            raise OSError(exc.errno, "private tmp: this host refuses a tmpfs for %s (%s); run without "
+                                     "--private-tmp / private_tmp" % (tree, os.strerror(exc.errno))) from None
         staged_trees.append((tree, target, staged))
         for path in outermost([p for p in keep if _inside(p, tree) and p != tree]):
             _keep(root, tree, staged, path)
