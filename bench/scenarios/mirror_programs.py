@@ -7,7 +7,9 @@ of 50 files, and, over the ideal link (0 ms), five files of CPython's own test
 suite and this project's ``pytest tests/test_config.py tests/test_muddle.py``.
 Only our mirror and the local run are measured (the peers take minutes per
 row); each of our rows notes the run's counters (``exec --stats``): requests,
-waits, bytes each way and requests the host answered itself.
+waits, bytes each way and requests the host answered itself. The build and the
+suites are measured twice: with this machine's ``/tmp`` (the default) and with
+``--private-tmp``, where their temporary files stay on the host.
 """
 
 from __future__ import annotations
@@ -117,8 +119,11 @@ def run(ctx: Context, host: str, delay: float, stats_path: str) -> List[Measurem
     # Cold only where the first run is the question; every row is one run once over slow_after.
     rows += _measure(ctx, host, delay, [(f"git status ({files})", ["git", "status", "--porcelain"], repo, None)],
                      stats_path, missing, cold=True)
-    rows += _measure(ctx, host, delay, [("make -j (50 C files)", ["make", "-s", "-j4"], project, clean)],
-                     stats_path, missing, cold=False)
+    build = [("make -j (50 C files)", ["make", "-s", "-j4"], project, clean)]
+    rows += _measure(ctx, host, delay, build, stats_path, missing, cold=False)
+    # The compiler's temporary files (cc1's .s for as) in the host's own /tmp.
+    rows += _measure(ctx, host, delay, build, stats_path, missing, cold=False, options=["--private-tmp"],
+                     local=False)
     if 0 in getattr(ctx.testbed, "delays", []):
         # Timed whatever the tests say (``|| true``): a test failing only in the mirror is a
         # semantics question, not a time; lab tests cannot reach the lab from a host (``not lab``).
