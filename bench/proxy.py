@@ -108,11 +108,16 @@ class DelayProxy:
         queue: "asyncio.Queue[Tuple[float, bytes]]" = asyncio.Queue(maxsize=256)
 
         async def read() -> None:
-            while True:
-                data = await reader.read(CHUNK)
-                await queue.put((loop.time(), data))
-                if not data:
-                    return
+            try:
+                while True:
+                    data = await reader.read(CHUNK)
+                    await queue.put((loop.time(), data))
+                    if not data:
+                        return
+            except (ConnectionError, OSError):
+                # A reset (a client exiting with bytes unread) ends this direction like an EOF;
+                # without the sentinel the other end's connection (an sshd) was kept forever.
+                await queue.put((loop.time(), b""))
 
         feeder = asyncio.ensure_future(read())
         try:

@@ -13,9 +13,11 @@ from __future__ import annotations
 import json
 import os
 import socket
+import struct
 import subprocess
 import sys
 import threading
+import time
 
 import pytest
 
@@ -96,6 +98,34 @@ def test_proxy_forwards_both_ways_in_order_and_applies_the_delay(delay_ms: float
     assert stats.bytes_down == stats.bytes_up
     assert stats.chunks >= 4
     assert stats.min_hold_ms is not None and stats.min_hold_ms >= delay_ms
+
+
+def test_a_client_reset_ends_the_proxys_connection_to_the_target() -> None:
+    """A client that exits with bytes unread sends a reset, not an EOF: the target still hears the end."""
+    ended = threading.Event()
+
+    class Sink(EchoServer):
+        @staticmethod
+        def _echo(conn: socket.socket) -> None:
+            with conn:
+                conn.sendall(b"x" * 65536)  # more than the client will read
+                while conn.recv(65536):
+                    pass
+                ended.set()
+
+    sink = Sink()
+    try:
+        with ProxySet() as proxies:
+            proxy = proxies.add("sink", ("127.0.0.1", sink.port), 5)
+            client = socket.create_connection(("127.0.0.1", proxy.port), timeout=30)
+            client.sendall(b"hello")
+            client.recv(10)
+            time.sleep(0.2)  # the rest of the sink's bytes are waiting, unread, here
+            client.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            client.close()  # a reset
+            assert ended.wait(10), "the proxy kept its connection to the target open"
+    finally:
+        sink.close()
 
 
 def test_proxy_refuses_a_negative_delay() -> None:
