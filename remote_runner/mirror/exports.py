@@ -11,7 +11,10 @@ side checks every request against it:
   ``/lib*``, ``/etc``, ``/opt``), the program itself with its prefix and its
   shared libraries read-only, and the cwd, ``/tmp``, ``/var/tmp`` and every
   ``--export PATH`` read-write (``--export PATH:ro`` for read-only,
-  ``--read-only`` for all). ``--export /`` serves the whole tree.
+  ``--read-only`` for all). ``--export /`` serves the whole tree. With
+  ``--private-tmp`` the host mounts its own ``/tmp`` and ``/var/tmp``, so they
+  are not served; only what another rule serves inside them is (see
+  :meth:`Exports.private_scratch`).
 * **ancestors** of an export (``/``, ``/home``, ``/home/me`` for an exported
   ``/home/me/proj``) can be looked up and listed, but a listing shows only the
   entries on the way to an export, and nothing in them can be changed. So can
