@@ -34,15 +34,20 @@ def test_scratch_is_private_and_the_cwd_under_tmp_stays_local(lab, workdir, tmp_
     tag = uuid.uuid4().hex[:10]
     marker = tmp_path / f"local-marker-{tag}"  # in /tmp here, not named by the command
     marker.write_text("local\n")
+    var_marker = f"/var/tmp/rr-local-marker-{tag}"
+    open(var_marker, "w").close()
     (workdir / "in.txt").write_text("input\n")
     script = (f"test -e {shlex.quote(str(marker))} && echo sees-local-tmp || echo private; "
+              f"test -e {var_marker} && echo sees-local-var-tmp || echo private; "
               f"echo scratch > /tmp/scratch-{tag}; echo v > /var/tmp/var-{tag}; "
-              f"cat /tmp/scratch-{tag} /var/tmp/var-{tag}; "
-              "ls -A /var/tmp | wc -l; stat -c %a /tmp; "
+              f"cat /tmp/scratch-{tag} /var/tmp/var-{tag}; stat -c %a /tmp /var/tmp; "
               "tr a-z A-Z < in.txt > out.txt")
-    proc = rr_exec(lab, "h1", ["sh", "-c", script], workdir, "--private-tmp")
+    try:
+        proc = rr_exec(lab, "h1", ["sh", "-c", script], workdir, "--private-tmp")
+    finally:
+        os.unlink(var_marker)
     assert proc.returncode == 0, proc.stderr.decode()
-    assert proc.stdout.decode().split() == ["private", "scratch", "v", "1", "1777"]
+    assert proc.stdout.decode().split() == ["private", "private", "scratch", "v", "1777", "1777"]
     # The cwd under /tmp was this machine's all along.
     assert (workdir / "out.txt").read_text() == "INPUT\n"
     # The scratch files reached neither this machine nor the host's own disk.
@@ -111,10 +116,16 @@ def test_private_tmp_as_an_unprivileged_user_and_with_files_only(lab, workdir):
     # --files-only: the host's own programs, its /tmp private too, the cwd still mounted.
     work_dirs = "ls -d /tmp/rr-mirror-* 2>/dev/null; true"  # the agent's own, under the covered /tmp
     before = ssh(lab, "h2", work_dirs).stdout
-    proc = rr_exec(lab, "h2", ["sh", "-c", f"echo f > /tmp/f-{tag}; ls /tmp | wc -l; cat kept.txt"],
-                   workdir, "--files-only", "--private-tmp")
+    ssh(lab, "h2", f"touch /tmp/host-marker-{tag}")
+    try:
+        proc = rr_exec(lab, "h2", ["sh", "-c", f"echo f > /tmp/f-{tag}; cat /tmp/f-{tag}; "
+                                                f"test -e /tmp/host-marker-{tag} && echo host || echo private; "
+                                                "cat kept.txt"],
+                       workdir, "--files-only", "--private-tmp")
+    finally:
+        ssh(lab, "h2", f"rm -f /tmp/host-marker-{tag}")
     assert proc.returncode == 0, proc.stderr.decode()
-    assert proc.stdout.decode().split() == ["2", "kept"]  # f-<tag> and the cwd's top directory
+    assert proc.stdout.decode().split() == ["f", "private", "kept"]
     assert ssh(lab, "h2", f"ls -d /tmp/f-{tag} 2>/dev/null; true").stdout.strip() == ""
     assert ssh(lab, "h2", work_dirs).stdout == before
 
@@ -124,9 +135,13 @@ def test_mirrored_components_of_a_host_share_one_private_tmp(lab, env, tmp_path)
     tag = uuid.uuid4().hex[:10]
     out = tmp_path / f"out-{tag}"
     out.mkdir()
+    marker = f"/tmp/rr-local-marker-{tag}"  # this machine's /tmp, in no served path
+    open(marker, "w").close()
     exp = experiment(tmp_path, f"""
         for i, script in enumerate(['echo from-a > /tmp/handoff-{tag}',
-                                    'cat /tmp/handoff-{tag} > {out}/seen.txt; ls -A /tmp | wc -l >> {out}/seen.txt']):
+                                    'cat /tmp/handoff-{tag} > {out}/seen.txt; '
+                                    'test -e {marker} && echo sees-local >> {out}/seen.txt || '
+                                    'echo private >> {out}/seen.txt']):
             c = Component()
             c.name = 'c%d' % i
             c.host = 'h2'
@@ -139,9 +154,12 @@ def test_mirrored_components_of_a_host_share_one_private_tmp(lab, env, tmp_path)
             c.start_index = i
             config.add_component(c)
     """)
-    report = run(exp, options(env), env["ssh"])
+    try:
+        report = run(exp, options(env), env["ssh"])
+    finally:
+        os.unlink(marker)
     assert [report.components[("h2", f"c{i}")].status for i in (0, 1)] == [0, 0]
-    # c1 saw c0's scratch file, and only the kept path's top directory besides it.
-    assert (out / "seen.txt").read_text().split() == ["from-a", "2"]
+    # c1 saw c0's scratch file and not this machine's /tmp.
+    assert (out / "seen.txt").read_text().split() == ["from-a", "private"]
     assert not os.path.exists(f"/tmp/handoff-{tag}")
     assert ssh(lab, "h2", f"ls -d /tmp/handoff-{tag} 2>/dev/null; true").stdout.strip() == ""
