@@ -55,7 +55,8 @@ def add_parser(sub: "argparse._SubParsersAction") -> None:
                              "tmpfs, gone when it ends) instead of this machine's: scratch files "
                              "(a test suite's, a compiler's) never cross the link. The cwd and "
                              "paths the command names under them are still this machine's; a "
-                             "command that names /tmp itself keeps it shared")
+                             "command run from /tmp itself, or naming a file directly in it, keeps "
+                             "/tmp shared (no output is lost)")
     parser.add_argument("--forward-env", action="append", default=[], metavar="NAME",
                         help="pass NAME through even though it is normally dropped (repeatable)")
     parser.add_argument("--no-compress", action="store_true", help="never compress file data (default: lz4 or zlib, "
