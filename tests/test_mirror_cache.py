@@ -496,6 +496,36 @@ def test_warm_run_sends_no_file_data_and_sees_changes(lab, local_only, workdir):
     assert new_copy != copy
 
 
+_READS = """
+import hashlib, mmap, os, sys
+fd = os.open(sys.argv[1], os.O_RDONLY)
+size = os.fstat(fd).st_size
+parts = [os.pread(fd, n, at) for at, n in ((0, 1), (4095, 2), (131071, 262145), (size - 10, 100),
+                                           (size, 10), (size + 5000, 10))]
+view = mmap.mmap(fd, 0, prot=mmap.PROT_READ)
+parts.append(view[size // 3:size // 3 + 70000])
+print(" ".join(hashlib.sha1(part).hexdigest()[:12] for part in parts))
+"""
+
+
+def test_reads_of_the_hosts_copy_at_any_offset_and_through_mmap_are_the_files_bytes(lab, local_only, workdir):
+    """A warm read is answered from the host's copy without its bytes passing through Python
+    (libfuse reads the copy itself, ``read_buf``): the bytes at every offset, across and past
+    the end, and through a mapping, are the local file's."""
+    data = local_only / "offsets.bin"
+    data.write_bytes(os.urandom(2 * P.WHOLE_CHUNK + 4321))
+    settle(data)
+    argv = ["/usr/bin/python3", "-c", _READS, str(data)]
+    local = subprocess.run(argv, capture_output=True, check=True, timeout=60).stdout
+    assert rr_exec(lab, HOST, argv, workdir).stdout == local  # fetched: the host keeps a copy
+    stats = workdir / "stats.json"
+    warm = rr_exec(lab, HOST, argv, workdir, "--stats", str(stats))
+    assert warm.returncode == 0, warm.stderr.decode()
+    assert warm.stdout == local
+    host = json.loads(stats.read_text())["host"]
+    assert host["answered_on_host"].get("read", 0) >= 2 and "read" not in host["asked"]
+
+
 def test_a_file_the_host_already_has_is_copied_there_and_one_that_differs_is_sent(lab, local_only, workdir):
     """Same path, same size on the host: its own copy is used only when the content is this machine's."""
     same, differ = local_only / "same.bin", local_only / "differ.bin"

@@ -41,6 +41,17 @@ def fuse_class(mfusepy: Any, state: "MountState") -> Any:
         second ``ffmpeg -version`` in one session: 972 reads again). Any other
         open of the name, or a copy of another version, lets the kernel drop
         them as before; a change here drops them anyway (invalidation).
+
+        A read through the host's copy (``read_buf``) hands libfuse the copy's
+        descriptor and offset instead of the bytes: libfuse reads them itself,
+        outside Python, and no 128 KiB ``bytes`` is made and copied per
+        request. Each new mount starts with no pages, so a run's libraries come
+        this way (``ffmpeg -version``: ~970 reads). Measured on this machine at
+        0 ms, interleaved, medians of 7: ``ffmpeg -version`` inside the mirror
+        0.327 → 0.295 s (the whole ``exec`` 0.85 → 0.76 s), ``python3 -c
+        'import json, email, http.client'`` 0.281 → 0.213 s. Other reads
+        (through the link, or of what this host wrote) are copied into a
+        buffer as before.
         """
 
         def _wrapper(self, func: Any, *args: Any, **kwargs: Any) -> Any:
@@ -81,6 +92,22 @@ def fuse_class(mfusepy: Any, state: "MountState") -> Any:
             page_versions[path] = version
             return result
 
+        def read_buf(self, path: Optional[bytes], bufpp: Any, size: int, offset: int, fip: Any) -> int:
+            fh = fip.contents.fh
+            entry = state.files.handles.get(fh) if state.files is not None and fh >= LOCAL_FH_BASE else None
+            if entry is not None:
+                state.link.answer_here("read")
+                vec = _new_bufvec(size, None)
+                vec.contents.buf.flags = FUSE_BUF_IS_FD | FUSE_BUF_FD_SEEK
+                vec.contents.buf.fd = entry[0]
+                vec.contents.buf.pos = offset
+            else:
+                data = self.operations.read(None if path is None else path.decode(self.encoding, self.errors),
+                                            size, offset, fh)
+                vec = _new_bufvec(len(data), data)
+            bufpp[0] = ctypes.cast(vec, type(bufpp[0]))
+            return 0
+
         def rename_fuse_3(self, old: bytes, new: bytes, flags: int) -> int:
             return self.operations.rename(old.decode(self.encoding, self.errors),
                                           new.decode(self.encoding, self.errors), flags)
@@ -91,6 +118,48 @@ def fuse_class(mfusepy: Any, state: "MountState") -> Any:
                                             length, fh)
 
     return MirrorFUSE
+
+
+class _Buf(ctypes.Structure):
+    """libfuse's ``struct fuse_buf`` (fuse_common.h); later libfuse versions only add fields after it."""
+
+    _fields_ = [("size", ctypes.c_size_t), ("flags", ctypes.c_int), ("mem", ctypes.c_void_p),
+                ("fd", ctypes.c_int), ("pos", ctypes.c_int64)]
+
+
+class _BufVec(ctypes.Structure):
+    """``struct fuse_bufvec`` with its one inline buffer (mfusepy declares a pointer there)."""
+
+    _fields_ = [("count", ctypes.c_size_t), ("idx", ctypes.c_size_t), ("off", ctypes.c_size_t),
+                ("buf", _Buf)]
+
+
+FUSE_BUF_IS_FD = 1 << 1
+FUSE_BUF_FD_SEEK = 1 << 2
+_libc = ctypes.CDLL(None)
+_libc.calloc.restype = ctypes.c_void_p
+_libc.calloc.argtypes = [ctypes.c_size_t, ctypes.c_size_t]
+_libc.malloc.restype = ctypes.c_void_p
+_libc.malloc.argtypes = [ctypes.c_size_t]
+#: Room for fields later libfuse versions add to the structures (zeroed).
+_SLACK = 64
+
+
+def _new_bufvec(size: int, data: Optional[bytes]) -> Any:
+    """A bufvec libfuse frees itself (``free``): one buffer of *size* bytes, *data* copied in."""
+    raw = _libc.calloc(1, ctypes.sizeof(_BufVec) + _SLACK)
+    if not raw:
+        raise MemoryError
+    vec = ctypes.cast(raw, ctypes.POINTER(_BufVec))
+    vec.contents.count = 1
+    vec.contents.buf.size = size
+    if data:
+        mem = _libc.malloc(len(data))
+        if not mem:
+            raise MemoryError
+        ctypes.memmove(mem, data, len(data))
+        vec.contents.buf.mem = mem
+    return vec
 
 
 _pinned = threading.local()

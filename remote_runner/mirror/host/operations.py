@@ -303,6 +303,9 @@ def make_operations(link: Link, prefix: bytes, files: Optional[FileCache] = None
                 m.sync_handles[fh] = None
             return fh
 
+        def read_buf(self, *args: Any) -> int:  # registers the callback; MirrorFUSE.read_buf answers it
+            raise NotImplementedError
+
         def read(self, path: str, size: int, offset: int, fh: int) -> bytes:
             if fh >= LOCAL_FH_BASE:
                 m.link.answer_here("read")
