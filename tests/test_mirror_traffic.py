@@ -11,6 +11,7 @@ import ast
 import errno
 import json
 import os
+import struct
 import subprocess
 import sys
 import threading
@@ -226,6 +227,29 @@ def test_read_only_flush_and_release_are_answered_on_the_host(lab, tmp_path, hos
     before = waited + opens + stats["host"]["posted"]["release"]
     print(f"requests waited for: {waited} (before: {before}); served here {stats['requests']}")
     assert waited <= before * 0.8
+
+
+@pytest.mark.lab
+def test_a_file_emptied_by_its_open_has_its_capability_check_answered_on_the_host(lab, tmp_path):
+    """``>`` on an existing file (open with O_TRUNC) then writes: the kernel asks for the file's
+    capability before the first write. Truncation drops any capability (the local kernel does it:
+    checked below on a file that had one), so that question is answered on the host, not asked."""
+    work = tmp_path / "w"
+    work.mkdir()
+    out, capable = work / "out.txt", work / "capable.bin"
+    out.write_text("old contents\n" * 100)
+    capable.write_bytes(b"x" * 100)
+    # cap_net_bind_service, effective (VFS_CAP_REVISION_2): the kernel checks the blob
+    os.setxattr(capable, "security.capability", struct.pack("<5I", 0x02000001, 1 << 10, 0, 0, 0))
+    script = "printf 'new\\n' > out.txt && printf 'y' > capable.bin"
+    proc, stats = exec_stats(lab, "h1", ["/bin/sh", "-c", script], work)
+    assert out.read_text() == "new\n" and capable.read_bytes() == b"y"
+    with pytest.raises(OSError) as gone:
+        os.getxattr(capable, "security.capability")
+    assert gone.value.errno == errno.ENODATA
+    host = stats["host"]
+    assert host["answered_on_host"].get("getxattr", 0) >= 2
+    assert "getxattr" not in host["asked"]
 
 
 @pytest.mark.lab

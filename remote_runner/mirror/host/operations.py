@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import errno
 import os
+import stat
 import threading
 import time
 from typing import Any, Dict, List, Optional, Tuple
@@ -275,6 +276,10 @@ def make_operations(link: Link, prefix: bytes, files: Optional[FileCache] = None
             st = header.get("st")
             if flags & os.O_TRUNC and isinstance(st, dict) and st.get("st_size") == 0:
                 # emptied: like a file just made (its size and times follow its writes)
+                if stat.S_ISREG(st.get("st_mode", 0)):
+                    # and, truncated, it lost any capability (the kernel drops it on truncate):
+                    # the first write's check for one is answered here, as for a new file
+                    m.no_caps[path] = (0.0, st.get("st_ctime"))
                 since = m.cache.begin()
                 if m.cache.put(name, st, watched=m.cache.kept(name), since=since):
                     m.created[fh] = st.get("st_ino")
