@@ -13,6 +13,8 @@ import os
 import subprocess
 import sys
 import textwrap
+import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -556,3 +558,82 @@ def test_a_file_the_host_wrote_is_opened_again_without_a_round_trip(lab, local_o
     host = counts["host"]
     assert host["posted"].get("open", 0) >= 15, host
     assert host["asked"].get("open", 0) - host["posted"].get("open", 0) <= 5, host
+
+
+# gcc's temporary files: the driver makes one (mkstemp) and closes it, cc1 opens it again
+# with O_TRUNC and writes the assembly. Prints what stat said of each.
+REOPENING = textwrap.dedent("""
+    import os, sys, tempfile
+    os.chdir(sys.argv[1])
+    out = []
+    for i in range(20):
+        fd, name = tempfile.mkstemp(suffix=".s", dir=".")
+        os.close(fd)
+        fd = os.open(name, os.O_WRONLY | os.O_TRUNC)
+        os.write(fd, b"line %d\\n" % i * (i + 1))
+        os.close(fd)
+        st = os.stat(name)
+        out.append((st.st_size, oct(st.st_mode)))
+        if i % 2:
+            os.unlink(name)
+        else:
+            os.rename(name, "kept%02d.s" % i)
+    print(out[0], out[-1], sorted(os.listdir("."))[:2])
+""")
+
+
+def test_reopening_a_file_made_in_the_session_to_empty_it_waits_for_no_reply(lab, local_only, workdir,
+                                                                              tmp_path):
+    """The gcc pattern: each O_TRUNC reopen of the temporary file it just made is not waited for,
+    and the local disk ends as after a local run."""
+    local, proc, counts = run_here_and_there(lab, local_only, workdir, tmp_path, "h2", REOPENING)
+    assert local.stdout.decode().startswith("(7, '0o100600') (160, '0o100600') ['kept00.s', 'kept02.s']")
+    assert proc.stdout == local.stdout
+    assert snapshot(local_only / "there") == snapshot(local_only / "here")
+    host = counts["host"]
+    assert host["posted"].get("open", 0) >= 15, host
+    assert host["asked"].get("open", 0) - host["posted"].get("open", 0) <= 5, host
+
+
+# Makes a file and closes it, waits until this machine removed it, then empties and writes it.
+EMPTIED_GONE = textwrap.dedent("""
+    import os, sys, time
+    os.chdir(sys.argv[1])
+    with open("victim", "w") as f:
+        f.write("made")
+    open("ready", "w").close()
+    deadline = time.time() + 60
+    while not os.path.exists("go") and time.time() < deadline:
+        time.sleep(0.01)
+    try:
+        fd = os.open("victim", os.O_WRONLY | os.O_TRUNC)
+        os.write(fd, b"lost?")
+        os.close(fd)
+        print("no error")
+    except OSError as exc:
+        print("error", exc.errno)
+""")
+
+
+def test_emptying_a_file_removed_here_meanwhile_is_an_error_by_close(lab, local_only, workdir, tmp_path):
+    """Removed on this machine between its making and its reopen: the program gets an error at
+    the open or at close (never a silent success), and no file comes back here."""
+    there = local_only / "there"
+    there.mkdir()
+    script = local_only / "program.py"
+    script.write_text(EMPTIED_GONE)
+
+    def remover() -> None:
+        deadline = time.time() + 120
+        while not (there / "ready").exists() and time.time() < deadline:
+            time.sleep(0.01)
+        (there / "victim").unlink()
+        (there / "go").write_text("")
+
+    thread = threading.Thread(target=remover, daemon=True)
+    thread.start()
+    proc = rr_exec(lab, "h2", ["/usr/bin/python3", str(script), str(there)], workdir, "--export", str(local_only))
+    thread.join(10)
+    assert proc.returncode == 0, proc.stderr.decode()
+    assert proc.stdout.decode().startswith("error "), proc.stdout
+    assert not (there / "victim").exists()

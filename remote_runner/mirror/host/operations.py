@@ -271,6 +271,10 @@ def make_operations(link: Link, prefix: bytes, files: Optional[FileCache] = None
             if m.files is not None and flags & (os.O_ACCMODE | os.O_TRUNC | os.O_CREAT) == os.O_RDONLY:
                 return m.open_whole(m.wire(path), flags)
             name = m.wire(path)
+            if flags & os.O_TRUNC:
+                fh = m.post_emptying(name, flags)
+                if fh is not None:  # not waited for (see MountState.post_emptying)
+                    return fh
             header = m.call("open", {"path": name, "flags": flags})[0]
             fh = int(header["fh"])
             st = header.get("st")

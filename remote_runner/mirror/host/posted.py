@@ -20,7 +20,8 @@ waited for the local side: a round trip per name, 20 ms at 10 ms each way.
   in its directory or the new one). A change is posted only once the earlier
   ones in its directory are answered, so their errors keep their place.
 * A read-only open of a file the host wrote and closed, whose bytes it
-  holds, is answered at once (:meth:`NewNames.post_reading`).
+  holds, is answered at once (:meth:`NewNames.post_reading`); so is an open
+  that empties a file this mount made (:meth:`NewNames.post_emptying`).
 * A ``chmod`` of a name the mount made in the session (:meth:`NewNames.post_chmod`).
 
 Shipped to hosts inside the agent's zipapp (``rrmirror.host``): stdlib only, Python 3.8.
@@ -66,6 +67,7 @@ class NewNames:
     drops: Any
     fault: Any
     made: Any
+    new_files: Dict[str, int]
     created: Dict[int, Any]
     reading: Dict[int, None]
     writing: Dict[str, Dict[int, None]]
@@ -244,6 +246,63 @@ class NewNames:
             raise self.fault(exc.errno or errno.EIO)
         self.link.count_posted(op)
         return True
+
+    def post_emptying(self, name: str, flags: int) -> Optional[int]:
+        """An open for writing that empties (``O_TRUNC``) a file this mount made, not waited for;
+        its handle, or None (wait).
+
+        gcc's driver makes its temporary file (``mkstemp``: a create not
+        waited for) and closes it; ``cc1`` then opens it again with ``O_TRUNC``
+        to write the assembly into it: one waited open per compiled file. The
+        file is a regular file with one name that this mount made in the
+        session, nothing on this machine changed since, and no handle here
+        writes: the local side's user owns it, the kernel checked the
+        permissions, and the open leaves the same file empty, its times now.
+        Its outcome is taken like a write's, as a create's is: a failure (the
+        file changed here meanwhile) is reported at close.
+        """
+        if flags & (os.O_SYNC | os.O_DSYNC) or not flags & os.O_TRUNC or flags & os.O_ACCMODE == os.O_RDONLY:
+            return None
+        made = self.new_files.get(name)
+        if made is None or name not in self.made or self.cache.changed_there_since(name, made) \
+                or not short_name(name) or not self.changes.may_post(parent_of(name)):
+            return None
+        known = self.cache.get(name)
+        if known is None or known.get("missing") or not stat.S_ISREG(int(known.get("st_mode", 0))) \
+                or int(known.get("st_nlink", 1)) != 1:
+            return None
+        with self.writing_lock:
+            if name in self.writing:  # written through another handle: its writes and this truncation race
+                return None
+        fh = new_handle()
+        if fh is None:
+            return None
+        args: Dict[str, Any] = {"path": name, "flags": flags, "fh": fh}
+        self.after_changes(args)
+        now = time.time_ns()
+        guess = dict(known, st_size=0, st_blocks=0, st_mtime=now,
+                     st_ctime=max(now, int(known.get("st_ctime", 0)) + 1))
+        kept, since = self.cache.kept(name), self.cache.begin()
+        self.written_files.drop(name)
+        self.cache.put(name, guess, watched=kept, since=since)
+        self.created[fh] = guess.get("st_ino")
+        with self.writing_lock:
+            self.writing.setdefault(name, {})[fh] = None
+            self.written[fh] = name
+
+        def done(header: Optional[Dict[str, Any]]) -> None:
+            if header is None:  # failed: the guess does not stand (the error comes at close)
+                self.written_files.drop(name)
+                self.cache.invalidate(paths=[name])
+
+        try:
+            self.writes.opened(fh, lambda seq: self.link.submit("open", dict(args, seq=seq)), done)
+        except OSError as exc:
+            done(None)
+            raise self.fault(exc.errno or errno.EIO)
+        self.link.count_posted("open")
+        self.track_written(name, fh)
+        return fh
 
     def post_reading(self, name: str, flags: int) -> Optional[int]:
         """A read-only open of a file the host wrote and closed, not waited for; its handle, or None.
