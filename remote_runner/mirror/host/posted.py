@@ -274,11 +274,10 @@ class NewNames:
         with self.writing_lock:
             if name in self.writing:  # written through another handle: its writes and this truncation race
                 return None
-        fh = new_handle()
-        if fh is None:
+        args = self._numbered_open(name, flags)
+        if args is None:
             return None
-        args: Dict[str, Any] = {"path": name, "flags": flags, "fh": fh}
-        self.after_changes(args)
+        fh = args["fh"]
         now = time.time_ns()
         guess = dict(known, st_size=0, st_blocks=0, st_mtime=now,
                      st_ctime=max(now, int(known.get("st_ctime", 0)) + 1))
@@ -299,6 +298,14 @@ class NewNames:
             self.writes.opened(fh, lambda seq: self.link.submit("open", dict(args, seq=seq)), done)
         except OSError as exc:
             done(None)
+            self.created.pop(fh, None)
+            with self.writing_lock:  # (a failed open gets no release)
+                self.written.pop(fh, None)
+                handles = self.writing.get(name)
+                if handles is not None:
+                    handles.pop(fh, None)
+                    if not handles:
+                        del self.writing[name]
             raise self.fault(exc.errno or errno.EIO)
         self.link.count_posted("open")
         self.track_written(name, fh)
@@ -321,11 +328,10 @@ class NewNames:
         known = self.cache.get(name)
         if known is None or known.get("missing") or not stat.S_ISREG(int(known.get("st_mode", 0))):
             return None
-        fh = new_handle()
-        if fh is None:
+        args = self._numbered_open(name, flags)
+        if args is None:
             return None
-        args: Dict[str, Any] = {"path": name, "flags": flags, "fh": fh}
-        self.after_changes(args)
+        fh = args["fh"]
         try:
             self.writes.opened(fh, lambda seq: self.link.submit("open", dict(args, seq=seq)), lambda _: None)
         except OSError:
@@ -333,6 +339,15 @@ class NewNames:
         self.reading[fh] = None  # (one the host numbered: see P.posted_handle)
         self.link.count_posted("open")
         return fh
+
+    def _numbered_open(self, name: str, flags: int) -> Optional[Dict[str, Any]]:
+        """The request of an open not waited for, its handle numbered here (``fh``); None: none left."""
+        fh = new_handle()
+        if fh is None:
+            return None
+        args: Dict[str, Any] = {"path": name, "flags": flags, "fh": fh}
+        self.after_changes(args)
+        return args
 
     def forget_handle(self, fh: int) -> None:
         """*fh* is released: no request waits for its create any more."""
