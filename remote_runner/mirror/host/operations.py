@@ -271,10 +271,9 @@ def make_operations(link: Link, prefix: bytes, files: Optional[FileCache] = None
             if m.files is not None and flags & (os.O_ACCMODE | os.O_TRUNC | os.O_CREAT) == os.O_RDONLY:
                 return m.open_whole(m.wire(path), flags)
             name = m.wire(path)
-            if flags & os.O_TRUNC:
-                fh = m.post_emptying(name, flags)
-                if fh is not None:  # not waited for (see MountState.post_emptying)
-                    return fh
+            fh = m.post_emptying(name, flags)
+            if fh is not None:  # not waited for (see MountState.post_emptying)
+                return fh
             header = m.call("open", {"path": name, "flags": flags})[0]
             fh = int(header["fh"])
             st = header.get("st")
@@ -421,13 +420,7 @@ def make_operations(link: Link, prefix: bytes, files: Optional[FileCache] = None
             m.link.post("release", {"fh": fh, "seq": m.writes.next_seq(fh)})
             m.writes.forget(fh)
             m.forget_handle(fh)
-            with m.writing_lock:
-                name = m.written.pop(fh, None)
-                if name is not None:
-                    handles = m.writing.get(name, {})
-                    handles.pop(fh, None)
-                    if not handles:
-                        m.writing.pop(name, None)
+            m.stop_writing(fh)
             if path is not None and not clean:
                 m.cache.changed(m.wire(path))
             return 0

@@ -299,13 +299,7 @@ class NewNames:
         except OSError as exc:
             done(None)
             self.created.pop(fh, None)
-            with self.writing_lock:  # (a failed open gets no release)
-                self.written.pop(fh, None)
-                handles = self.writing.get(name)
-                if handles is not None:
-                    handles.pop(fh, None)
-                    if not handles:
-                        del self.writing[name]
+            self.stop_writing(fh)  # (a failed open gets no release)
             raise self.fault(exc.errno or errno.EIO)
         self.link.count_posted("open")
         self.track_written(name, fh)

@@ -423,6 +423,16 @@ class MountState(NewNames):
             return None
         return self.files.store_quietly(path, meta, chunks)
 
+    def stop_writing(self, fh: int) -> None:
+        """*fh* writes no name any more (released, or its open never went out)."""
+        with self.writing_lock:
+            name = self.written.pop(fh, None)
+            if name is not None:
+                handles = self.writing.get(name, {})
+                handles.pop(fh, None)
+                if not handles:
+                    self.writing.pop(name, None)
+
     def track_written(self, name: str, fh: int) -> None:
         """*fh* opened *name* empty: keep what it writes to answer reads (see WrittenFiles)."""
         if self.cache.kept(name):  # a change made by this machine will be reported (watched)
