@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import os
+import posixpath
 import shutil
 import sys
 import uuid
@@ -294,7 +295,7 @@ def test_small_files_travel_in_tar_bundles_renamed_into_place(lab, host, tmp_pat
     (src / "sub" / "plain").chmod(0o600)
     plan = sync.make_plan("h2", [(FileSpec(str(src), "small", True), base)])
     bundles_before = len(sync.bundles(plan.files))
-    assert bundles_before == 2  # one per destination directory
+    assert bundles_before == 1  # one for both destination directories
     report = sync.sync_host(shell, sftp, plan)
     assert len(report.copied) == 2 * len(names)
     local = {f"{base}/small/{p.relative_to(src)}": sync.local_sha1(str(p))
@@ -307,6 +308,46 @@ def test_small_files_travel_in_tar_bundles_renamed_into_place(lab, host, tmp_pat
     assert ".rr-" not in ssh(lab, "h2", f"find {base}").stdout
     again = sync.sync_host(shell, sftp, plan)
     assert again.copied == [] and len(again.skipped) == 2 * len(names)
+
+
+def test_bundles_span_directories_within_their_bounds():
+    def up(dest, size=10):
+        return sync.Upload("/l" + dest, dest, 0o644, size)
+    three = [up(f"/d/{d}/f{i}") for d in "abc" for i in range(5)]
+    assert sync.bundles(three) == [sorted(three, key=lambda u: u.dest)]
+    many = [up(f"/d/a/f{i:03d}") for i in range(sync.BUNDLE_FILES + 1)]
+    assert [len(b) for b in sync.bundles(many)] == [sync.BUNDLE_FILES, 1]
+    heavy = [up(f"/d/a/f{i}", sync.BUNDLE_BYTES // 2) for i in range(3)]
+    assert [len(b) for b in sync.bundles(heavy)] == [2, 1]
+    deep = "/d/" + "x" * 2000
+    wide = [up(f"{deep}/{i:03d}/f") for i in range(40)]  # one file each in 40 long directories
+    chunks = sync.bundles(wide)
+    assert len(chunks) > 1 and sum(len(c) for c in chunks) == 40
+    for chunk in chunks:  # each chunk's directories are whole and its script within bounds
+        dirs = {posixpath.dirname(u.dest) for u in chunk}
+        assert 7 * sum(len(d) + 30 for d in dirs) <= sync.BUNDLE_SCRIPT
+
+
+def test_a_bundle_across_directories_that_fails_leaves_no_stage_and_no_partial_file(lab, host, tmp_path):
+    """One bundle for three directories; the last one's file cannot be renamed into place (a
+    directory has its name): every stage directory goes, and every destination holds either its
+    old content or the whole new one."""
+    shell, _sftp, base = host
+    items = []
+    for d in ("a", "b", "c"):
+        (tmp_path / d).write_bytes(d.encode() * 1000)
+        items.append(sync.Upload(str(tmp_path / d), f"{base}/{d}/f", 0o644, 1000))
+    ssh(lab, "h2", f"mkdir -p {base}/a {base}/b {base}/c/f/blocker && printf old > {base}/a/f")
+    assert len(sync.bundles(items)) == 1
+    with pytest.raises(CopyError) as info:
+        sync.upload_bundle(shell, "h2", items)
+    assert info.value.host == "h2"
+    listing = ssh(lab, "h2", f"cd {base} && find . | sort").stdout.split()
+    assert not [p for p in listing if ".rr-" in p], listing
+    for d in ("a", "b"):
+        content = ssh(lab, "h2", f"cat {base}/{d}/f 2>/dev/null || true").stdout
+        assert content in ("", "old", d * 1000), (d, content[:20])
+    assert ssh(lab, "h2", f"ls -A {base}/c/f").stdout == "blocker\n"
 
 
 def test_failed_bundle_leaves_no_stage_directory(lab, host, tmp_path):
