@@ -15,7 +15,7 @@ import os
 import signal
 import subprocess
 import time
-from typing import Callable, Mapping, Optional, Sequence
+from typing import Callable, List, Mapping, Optional, Sequence, Tuple
 
 from bench.procstat import Peaks, Sampler
 from bench.results import Measurement
@@ -78,30 +78,63 @@ def repeat(m: Measurement, step: Callable[[], None], reps: int,
            prepare: Optional[Callable[[], None]] = None, slow_after: float = 120.0) -> Measurement:
     """Time *step* up to *reps* times into *m* (prepare runs untimed before each)."""
     for index in range(reps):
-        try:
-            if prepare is not None:
-                prepare()
-            start = time.perf_counter()
-            step()
-            elapsed = time.perf_counter() - start
-        except StepTimeout as exc:
-            logger.warning("%s / %s / %s @ %g ms: over %g s", m.scenario, m.case, m.tool, m.delay_ms, exc.seconds)
-            m.skipped = f"did not finish within {exc.seconds:g} s (stopped; > {exc.seconds:g} s)"
-            m.runs.clear()
-            return m
-        except Exception as exc:  # a broken tool is a result, not a crash of the bench
-            logger.warning("%s / %s / %s @ %g ms failed: %s", m.scenario, m.case, m.tool, m.delay_ms, exc)
-            m.skipped = f"failed: {exc}"
-            m.runs.clear()
-            return m
-        m.runs.append(elapsed)
-        logger.info("%s / %s / %s @ %g ms: run %d: %.2f s", m.scenario, m.case, m.tool, m.delay_ms,
-                    index + 1, elapsed)
-        if min(m.runs) > slow_after and index + 1 < reps:  # every run so far was slow, not one outlier
-            m.note = (m.note + "; " if m.note else "") + (
-                f"{len(m.runs)} run(s) only: over {slow_after:g} s, not repeated")
+        if not _time_once(m, step, prepare, index) or _enough(m, index, reps, slow_after):
             break
     return m
+
+
+def repeat_in_turns(entries: Sequence[Tuple[Measurement, Callable[[], None], Optional[Callable[[], None]]]],
+                    reps: int, slow_after: float = 120.0) -> List[Measurement]:
+    """:func:`repeat` for several tools doing one case, in turns: each round times each tool once.
+
+    The hosts share this machine's cores, and its load drifts by more than
+    the differences measured: tools timed one after the other meet different
+    loads, and their ratio then says more about the drift than about them.
+    Timed in turns, every round's runs meet the same load. *entries* are
+    (row, step, prepare); a tool that failed, or is too slow to repeat,
+    leaves the turns.
+    """
+    active = list(entries)
+    for index in range(reps):
+        for entry in list(active):
+            m, step, prepare = entry
+            if not _time_once(m, step, prepare, index) or _enough(m, index, reps, slow_after):
+                active.remove(entry)
+    return [m for m, _, _ in entries]
+
+
+def _time_once(m: Measurement, step: Callable[[], None], prepare: Optional[Callable[[], None]],
+               index: int) -> bool:
+    """Time one run of *step* into *m*; False (*m* then says why it is skipped) when it failed."""
+    try:
+        if prepare is not None:
+            prepare()
+        start = time.perf_counter()
+        step()
+        elapsed = time.perf_counter() - start
+    except StepTimeout as exc:
+        logger.warning("%s / %s / %s @ %g ms: over %g s", m.scenario, m.case, m.tool, m.delay_ms, exc.seconds)
+        m.skipped = f"did not finish within {exc.seconds:g} s (stopped; > {exc.seconds:g} s)"
+        m.runs.clear()
+        return False
+    except Exception as exc:  # a broken tool is a result, not a crash of the bench
+        logger.warning("%s / %s / %s @ %g ms failed: %s", m.scenario, m.case, m.tool, m.delay_ms, exc)
+        m.skipped = f"failed: {exc}"
+        m.runs.clear()
+        return False
+    m.runs.append(elapsed)
+    logger.info("%s / %s / %s @ %g ms: run %d: %.2f s", m.scenario, m.case, m.tool, m.delay_ms,
+                index + 1, elapsed)
+    return True
+
+
+def _enough(m: Measurement, index: int, reps: int, slow_after: float) -> bool:
+    """Whether *m* is not repeated: every run so far was slow (not one outlier), and says so."""
+    if min(m.runs) > slow_after and index + 1 < reps:
+        m.note = (m.note + "; " if m.note else "") + (
+            f"{len(m.runs)} run(s) only: over {slow_after:g} s, not repeated")
+        return True
+    return False
 
 
 def skipped(scenario: str, case: str, tool: str, delay_ms: float, reason: str, role: str = "peer") -> Measurement:

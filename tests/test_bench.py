@@ -21,7 +21,7 @@ import time
 
 import pytest
 
-from bench.measure import BenchError, repeat, run
+from bench.measure import BenchError, repeat, repeat_in_turns, run
 from bench.proxy import ProxySet
 from bench.results import OURS, PEER, REFERENCE, Measurement, Report
 from bench.sshconf import Endpoint, read_host_keys, write_ssh_config
@@ -207,6 +207,26 @@ def test_repeat_records_failures_and_stops_repeating_slow_steps() -> None:
 
     slow = repeat(Measurement("s", "c", "t", 0), lambda: None, 3, slow_after=-1.0)
     assert len(slow.runs) == 1 and "not repeated" in slow.note
+
+
+def test_tools_are_timed_in_turns_and_one_that_fails_or_is_slow_leaves_the_turns() -> None:
+    calls = []
+
+    def step(name):
+        return lambda: calls.append(name)
+
+    def broken() -> None:
+        calls.append("broken")
+        raise BenchError("broken tool")
+    rows = repeat_in_turns([(Measurement("s", "c", "ours", 0), step("ours"), lambda: calls.append("prep")),
+                            (Measurement("s", "c", "peer", 0), step("peer"), None),
+                            (Measurement("s", "c", "bad", 0), broken, None)], 3)
+    assert calls == ["prep", "ours", "peer", "broken", "prep", "ours", "peer", "prep", "ours", "peer"]
+    assert [len(m.runs) for m in rows] == [3, 3, 0] and "broken tool" in rows[2].skipped
+    calls.clear()
+    slow, quick = repeat_in_turns([(Measurement("s", "c", "slow", 0), step("slow"), None),
+                                   (Measurement("s", "c", "quick", 0), step("quick"), None)], 3, slow_after=-1.0)
+    assert calls == ["slow", "quick"] and "not repeated" in slow.note and len(quick.runs) == 1
 
 
 def test_run_kills_a_step_that_overstays_its_timeout() -> None:

@@ -1,6 +1,10 @@
-"""Deploy: 1,000 files of 4 KiB plus 3 files of 64 MiB to 4 hosts.
+"""Deploy: 1,000 files of 4 KiB plus 3 files of 64 MiB to 4 hosts, and a source tree.
 
-Three cases, each timed for every tool: *cold* (the destination is empty),
+The source tree is what most runs carry: 1,000 files of 2 KiB in 50
+directories, nothing large; its rows are the cases with ``, source tree``.
+
+Three cases, each timed for every tool, the tools in turns (a round runs each
+once: see :func:`bench.measure.repeat_in_turns`): *cold* (the destination is empty),
 *warm* (nothing changed since the last deploy) and *one changed* (one small
 file rewritten locally). Ours is the classic runner with one no-op component
 per host carrying the files (so its figure also includes connecting and the
@@ -18,7 +22,7 @@ from typing import List
 
 from bench import ours
 from bench.context import Context, parallel, write_random
-from bench.measure import repeat, run as sh, skipped
+from bench.measure import repeat_in_turns, run as sh, skipped
 from bench.results import OURS, Measurement
 
 SCENARIO = "deploy"
@@ -38,15 +42,33 @@ def dataset(ctx: Context) -> str:
     return root
 
 
+def source_tree(ctx: Context) -> str:
+    """Create (once) a source tree: many small files in many directories; return its directory."""
+    root = os.path.join(ctx.work_dir, "deploy-tree")
+    dirs, files = (10, 20) if ctx.quick else (50, 20)
+    for d in range(dirs):
+        for i in range(files):
+            write_random(os.path.join(root, f"pkg{d // 10}", f"mod{d:02d}", f"f{i:02d}.py"), 2048)
+    return root
+
+
 def describe(ctx: Context) -> str:
-    return ("200 x 4 KiB + 3 x 4 MiB (--quick)" if ctx.quick else "1,000 x 4 KiB + 3 x 64 MiB") + f" to {HOSTS} hosts"
+    return (("200 x 4 KiB + 3 x 4 MiB (--quick)" if ctx.quick else "1,000 x 4 KiB + 3 x 64 MiB")
+            + f" to {HOSTS} hosts; source tree: "
+            + ("200" if ctx.quick else "1,000") + " x 2 KiB in " + ("10" if ctx.quick else "50")
+            + " directories")
 
 
 def touch_one(data: str) -> None:
-    """Rewrite one small file with new content (same size)."""
-    path = os.path.join(data, "small", "00", "f0000.dat")
-    with open(path, "wb") as handle:
-        handle.write(os.urandom(4096))
+    """Rewrite one small file (the first in path order) with new content of the same size."""
+    for dirpath, _dirs, files in sorted(os.walk(data)):
+        for name in sorted(files):
+            path = os.path.join(dirpath, name)
+            size = os.path.getsize(path)
+            if size <= 64 << 10:
+                with open(path, "wb") as handle:
+                    handle.write(os.urandom(size))
+                return
 
 
 def runner_config(ctx: Context, data: str, hosts: List[str], dest: str) -> str:
@@ -87,47 +109,66 @@ def _note_traffic(m: Measurement, traffic: List[str]) -> None:
 
 
 def run(ctx: Context) -> List[Measurement]:
-    """Measure every tool and case at every delay."""
-    data = dataset(ctx)
+    """Measure every tool and case at every delay, the tools in turns (see :func:`repeat_in_turns`)."""
+    sets = [("", dataset(ctx), ""), (", source tree", source_tree(ctx), "-tree")]
     hosts = ctx.testbed.hosts(HOSTS)
     rows: List[Measurement] = []
     ctx.notes.append(f"deploy: {describe(ctx)}")
     for delay in ctx.delays:
-        cfg = ctx.testbed.ssh_config(delay)
-        screen = ctx.screen_name("deploy")
-        missing = ours.runner_missing()
-        tools = [("remote_runner", OURS, f"{DEST}/ours"), ("rsync -a", "peer", f"{DEST}/rsync"),
-                 ("scp -r", "peer", f"{DEST}/scp")]
-        for tool, role, dest in tools:
-            traffic: List[str] = []  # our runs' exec/SFTP counts per host, newest last
-            wipe = lambda dest=dest: ctx.on_hosts(delay, hosts, f"rm -rf {dest} && mkdir -p {dest}")
-            if tool == "remote_runner":
-                if missing:
-                    rows += [skipped(SCENARIO, case, tool, delay, missing, OURS) for case in ("cold", "warm", "one changed")]
-                    continue
-                argv = ours.runner_argv(runner_config(ctx, data, hosts, dest), cfg, screen, ["--json"])
-                step = lambda argv=argv: traffic.append(ours.traffic_note(sh(argv, timeout=900).stdout))
-            elif tool == "rsync -a":
-                step = lambda dest=dest: parallel(
-                    [["rsync", "-a", "-e", f"ssh -F {cfg}", data + "/", f"{h}:{dest}/"] for h in hosts], 900)
-            else:
-                step = lambda dest=dest: parallel(
-                    [["scp", "-q", "-r", "-F", cfg, data + "/.", f"{h}:{dest}/"] for h in hosts], 900)
-            cold = repeat(Measurement(SCENARIO, "cold", tool, delay, role), step, ctx.reps, wipe, ctx.slow_after)
-            rows.append(cold)
-            _note_traffic(cold, traffic)
-            if not cold.skipped:
-                check_copied(ctx, delay, hosts, data, dest, cold)
-            if tool == "scp -r":
-                note = "scp has no change detection: it re-copies everything (same as cold)"
-                rows += [skipped(SCENARIO, case, tool, delay, note) for case in ("warm", "one changed")]
-            else:
-                rows.append(repeat(Measurement(SCENARIO, "warm", tool, delay, role), step, ctx.reps,
-                                   None, ctx.slow_after))
-                _note_traffic(rows[-1], traffic)
-                rows.append(repeat(Measurement(SCENARIO, "one changed", tool, delay, role), step, ctx.reps,
-                                   lambda: touch_one(data), ctx.slow_after))
-                _note_traffic(rows[-1], traffic)
-            ctx.on_hosts(delay, hosts, f"rm -rf {dest}")
-        ctx.quit_screens(delay, hosts, screen)
+        for label, data, where in sets:
+            rows += _one_set(ctx, delay, hosts, label, data, where)
+    return rows
+
+
+def _one_set(ctx: Context, delay: float, hosts: List[str], label: str, data: str, where: str
+             ) -> List[Measurement]:
+    """Every tool and case for the data set *data* (its cases end with *label*)."""
+    rows: List[Measurement] = []
+    cfg = ctx.testbed.ssh_config(delay)
+    screen = ctx.screen_name("deploy")
+    missing = ours.runner_missing()
+    tools = [("remote_runner", OURS, f"{DEST}{where}/ours"), ("rsync -a", "peer", f"{DEST}{where}/rsync"),
+             ("scp -r", "peer", f"{DEST}{where}/scp")]
+    steps = []  # (tool, role, dest, step)
+    traffic: List[str] = []  # our runs' exec/SFTP counts per host, newest last
+    for tool, role, dest in tools:
+        if tool == "remote_runner":
+            if missing:
+                rows += [skipped(SCENARIO, case + label, tool, delay, missing, OURS)
+                         for case in ("cold", "warm", "one changed")]
+                continue
+            argv = ours.runner_argv(runner_config(ctx, data, hosts, dest), cfg, screen, ["--json"])
+            step = lambda argv=argv: traffic.append(ours.traffic_note(sh(argv, timeout=900).stdout))
+        elif tool == "rsync -a":
+            step = lambda dest=dest: parallel(
+                [["rsync", "-a", "-e", f"ssh -F {cfg}", data + "/", f"{h}:{dest}/"] for h in hosts], 900)
+        else:
+            step = lambda dest=dest: parallel(
+                [["scp", "-q", "-r", "-F", cfg, data + "/.", f"{h}:{dest}/"] for h in hosts], 900)
+        steps.append((tool, role, dest, step))
+    wipe = lambda dest: lambda: ctx.on_hosts(delay, hosts, f"rm -rf {dest} && mkdir -p {dest}")  # noqa: E731
+    cold = repeat_in_turns([(Measurement(SCENARIO, "cold" + label, tool, delay, role), step, wipe(dest))
+                            for tool, role, dest, step in steps], ctx.reps, ctx.slow_after)
+    for m, (tool, _, dest, _) in zip(cold, steps):
+        if tool == "remote_runner":
+            _note_traffic(m, traffic)
+        if not m.skipped:
+            check_copied(ctx, delay, hosts, data, dest, m)
+    rows += cold
+    note = "scp has no change detection: it re-copies everything (same as cold)"
+    rows += [skipped(SCENARIO, case + label, tool, delay, note) for case in ("warm", "one changed")
+             for tool, _, _, _ in steps if tool == "scp -r"]
+    changing = [(tool, role, step) for tool, role, _, step in steps if tool != "scp -r"]
+    for case, prepare in (("warm", None), ("one changed", lambda: touch_one(data))):
+        # one changed: each tool's run follows a rewrite of the same file, so each finds
+        # exactly that file changed since its own last run
+        measured = repeat_in_turns([(Measurement(SCENARIO, case + label, tool, delay, role), step, prepare)
+                                    for tool, role, step in changing], ctx.reps, ctx.slow_after)
+        for m in measured:
+            if m.tool == "remote_runner":
+                _note_traffic(m, traffic)
+        rows += measured
+    for _, _, dest, _ in steps:
+        ctx.on_hosts(delay, hosts, f"rm -rf {dest}")
+    ctx.quit_screens(delay, hosts, screen)
     return rows
