@@ -10,9 +10,9 @@ stays, as the proof the original design asks for. A file whose sample
 compresses well is sent compressed instead, decoded by the host into the
 temporary file and checked the same way (:mod:`remote_runner.compression`).
 Small files, where round trips cost more than bytes,
-travel as one tar stream per directory (and chunk) into a stage directory
-beside their destination, are checked by size and renamed into place by one
-``mv``. An executable that is running can be replaced (its old inode stays
+travel in tar bundles of many directories, each file into a stage directory
+beside its destination, are checked by size and renamed into place by one
+``mv`` per directory (:mod:`remote_runner.bundle`). An executable that is running can be replaced (its old inode stays
 alive); a failed copy removes its temporary file or stage directory, and says
 why (a full disk is named as such, with the old file left in place).
 
@@ -57,8 +57,8 @@ COMPRESSED_LANES = 2
 STREAM_LANES = 4
 #: Smaller files go over the SFTP lanes: a stream costs a python3 start on the host.
 STREAM_MIN = 1 << 20
-#: Files up to this size travel in tar bundles (one exec per directory and
-#: chunk) instead of one SFTP exchange each: round trips, not bytes, dominate them.
+#: Files up to this size travel in tar bundles (one exec per chunk of files, whatever
+#: their directories) instead of one SFTP exchange each: round trips, not bytes, dominate them.
 SMALL_FILE = 256 << 10
 #: Minutes after which a temporary file of ours is known to be left by a killed copy.
 STALE_MINUTES = 10
