@@ -47,14 +47,14 @@ if TYPE_CHECKING:  # pragma: no cover
 
 LOG = logging.getLogger(__name__)
 
-#: Most files and bytes in one bundle (the file names are on one command line).
-BUNDLE_FILES = 400
+#: Most files and bytes in one bundle (each mv, stat and chmod names its files).
+BUNDLE_FILES = 2000
 BUNDLE_BYTES = 16 << 20
 #: Bytes of tars kept for the other hosts of a run (see :class:`SharedTars`).
 SHARED_TAR_BYTES = 64 << 20
-#: ... and about this many bytes of script: when no step of the session lock's shell is free,
-#: the script is a command line, whose one argument Linux caps at 128 KiB.
-BUNDLE_SCRIPT = 64 << 10
+#: ... and about this many bytes of script (it travels on stdin, on the session lock's
+#: shell or in an exec of its own: see :meth:`remote_runner.shell.RemoteShell.feed`).
+BUNDLE_SCRIPT = 512 << 10
 SHORT_MARK = "RR-SHORT-WRITE"
 
 
@@ -193,10 +193,10 @@ def upload_bundle(shell: "Shell", host: str, items: Sequence[Upload], then: str 
     every_stage = " ".join(q(stage) for stage in stages.values())
     staged = " ".join(q(posixpath.join(top, m)) for m in members)
     sizes = "\n".join(str(u.size) for u in ordered)
-    # Each stage is made here first, not by tar: a name already there (a
-    # symlink, say) fails the bundle instead of being written through.
+    # Each stage is made here first (one mkdir for all), not by tar: a name
+    # already there (a symlink, say) fails the bundle instead of being written through.
     script = ("fail() { cd / && rm -rf " + every_stage + "; exit 1; }\n" +
-              "".join(f"mkdir {q(stage)} || fail\n" for stage in stages.values()) +
+              f"mkdir {every_stage} || fail\n" +
               # tar's status covers write errors (a full disk) and a cut stream; the
               # sizes are checked as well before anything is renamed into place.
               f"tar -xf - -C {q(top)} || fail\n"

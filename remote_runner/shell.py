@@ -60,6 +60,10 @@ def _text(data: Any) -> str:
     return data.decode("utf-8", "surrogateescape") if isinstance(data, bytes) else str(data)
 
 
+#: Longest script given to ``sh -c`` as its argument (see :meth:`RemoteShell.feed`).
+ARGV_SCRIPT = 64 << 10
+
+
 class RemoteShell:
     """Run scripts over an SSH connection (``sh -s`` on an exec channel)."""
 
@@ -73,9 +77,22 @@ class RemoteShell:
 
 
     def feed(self, script: str, data: bytes, timeout: float) -> ScriptResult:
-        """Run *script* with ``sh -c``, giving it *data* on stdin."""
-        result = self.connection.run("sh -c " + shlex.quote(script), stdin=data, timeout=timeout,
-                                     check=False)
+        """Run *script* with ``sh``, giving it *data* on stdin.
+
+        A script up to :data:`ARGV_SCRIPT` bytes is ``sh -c``'s argument; a longer
+        one (Linux caps one argument at 128 KiB) goes first on stdin, read whole
+        into a file of its own (``mktemp``: only this user can change it before it
+        runs) by ``head -c``, which reads no further, and runs on the rest: *data*.
+        """
+        body = script.encode("utf-8", "surrogateescape")
+        if len(body) <= ARGV_SCRIPT:
+            command, stdin = "sh -c " + shlex.quote(script), data
+        else:
+            command = "sh -c " + shlex.quote(
+                f't=$(mktemp) || exit 125\nhead -c {len(body)} > "$t" || {{ rm -f "$t"; exit 125; }}\n'
+                'sh "$t"; s=$?; rm -f "$t"; exit $s\n')
+            stdin = body + data
+        result = self.connection.run(command, stdin=stdin, timeout=timeout, check=False)
         return ScriptResult(result.exit_status, _text(result.stdout), _text(result.stderr))
 
 

@@ -59,9 +59,9 @@ LOG = logging.getLogger(__name__)
 #: streams' and compressed lanes and the session lock's channel, within
 #: OpenSSH's default ``MaxSessions 10``.
 BUNDLE_WORKERS_BESIDE = 2
-#: Largest manifest request (bytes of JSON) that rides in a bundle's own exec;
-#: the whole script is one argument of the login shell (Linux: 128 KiB at most).
-INLINE_RECORD_MAX = 32 << 10
+#: Largest manifest request (bytes of JSON) that rides in a bundle's own exec (a
+#: here-document in its script, which travels on stdin when long: see RemoteShell.feed).
+INLINE_RECORD_MAX = 512 << 10
 #: Called with (host, files, bytes) once a host knows what it really has to upload.
 Planned = Callable[[str, int, int], None]
 

@@ -319,13 +319,14 @@ def test_bundles_span_directories_within_their_bounds():
     assert [len(b) for b in sync.bundles(many)] == [sync.BUNDLE_FILES, 1]
     heavy = [up(f"/d/a/f{i}", sync.BUNDLE_BYTES // 2) for i in range(3)]
     assert [len(b) for b in sync.bundles(heavy)] == [2, 1]
-    deep = "/d/" + "x" * 2000
-    wide = [up(f"{deep}/{i:03d}/f") for i in range(40)]  # one file each in 40 long directories
+    deep = "/d/" + "x" * 3000
+    wide = [up(f"{deep}/{i:03d}/f") for i in range(100)]  # one file each in 100 long directories
     chunks = sync.bundles(wide)
-    assert len(chunks) > 1 and sum(len(c) for c in chunks) == 40
-    for chunk in chunks:  # each chunk's directories are whole and its script within bounds
+    assert len(chunks) > 1 and sum(len(c) for c in chunks) == 100
+    for chunk in chunks:  # within the script's bound: each file's path ~3 times, each directory's ~4
         dirs = {posixpath.dirname(u.dest) for u in chunk}
-        assert 7 * sum(len(d) + 30 for d in dirs) <= sync.BUNDLE_SCRIPT
+        assert (sum(3 * (len(u.dest) + 25) for u in chunk)
+                + sum(4 * (len(d) + 30) for d in dirs)) <= sync.BUNDLE_SCRIPT
 
 
 def test_a_bundles_tar_is_built_once_for_all_hosts_and_again_when_a_source_changed(tmp_path):
