@@ -39,6 +39,7 @@ from typing import TYPE_CHECKING, Callable, Dict, List, Optional, Sequence, Set
 
 from remote_runner import hashcache
 from remote_runner.errors import CopyError, RunnerError, describe
+from remote_runner.shell import PYTHON_FLAGS
 from remote_runner.events import for_host
 from remote_runner.upload import LANES, Progress, Upload
 
@@ -102,6 +103,20 @@ def bundle_tar(items: Sequence[Upload], names: Optional[Sequence[str]] = None) -
             info.size, info.mode, info.mtime = item.size, item.mode, now
             archive.addfile(info, io.BytesIO(data))
     return buffer.getvalue()
+
+
+#: Bundles to more directories than this rename their files with one python3, not a mv each.
+RENAMER_FROM = 4
+#: Runs on the host under python3 (3.5 or later): moves every file of each stage
+#: directory given into the stage's parent, as ``mv -f`` would (a file replaces a file;
+#: a directory in the way is an error). The stages hold only the bundle's files.
+RENAMER = r'''
+import os, sys
+for stage in sys.argv[1:]:
+    parent = os.path.dirname(stage)
+    for name in os.listdir(stage):
+        os.rename(os.path.join(stage, name), os.path.join(parent, name))
+'''
 
 
 class SharedTars:
@@ -205,11 +220,17 @@ def upload_bundle(shell: "Shell", host: str, items: Sequence[Upload], then: str 
     for mode in sorted({u.mode for u in ordered}):
         same = " ".join(q(posixpath.join(top, m)) for m, u in zip(members, ordered) if u.mode == mode)
         script += f"chmod {mode:o} {same} || fail\n"
+    moves = ""
     for directory, group in groups.items():
         # "./name" keeps names that start with '-' from looking like options.
         names = " ".join(q("./" + posixpath.basename(u.dest)) for u in group)
-        script += f"cd {q(stages[directory])} && mv -f {names} {q(directory)}/ || fail\n"
-    script += "cd / && rmdir " + every_stage + (" || exit 1\n" + then + "\nexit 0\n" if then else "\n")
+        moves += f"cd {q(stages[directory])} && mv -f {names} {q(directory)}/ || fail\n"
+    if len(groups) > RENAMER_FROM:
+        # one python3 for every directory's renames, where there is one (else the mv's)
+        moves = (f"if command -v python3 >/dev/null 2>&1; then\n"
+                 f"  cd / && python3 {PYTHON_FLAGS} -c {q(RENAMER)} {every_stage} || fail\n"
+                 f"else\n{moves}fi\n")
+    script += moves + "cd / && rmdir " + every_stage + (" || exit 1\n" + then + "\nexit 0\n" if then else "\n")
     result = shell.feed(script, SHARED.get(token, lambda: bundle_tar(ordered, members)), timeout=600)
     if result.exit_status != 0:
         raise CopyError(f"bundled upload of {len(items)} file(s) failed: "

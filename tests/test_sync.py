@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import os
 import posixpath
+import shlex
 import shutil
 import sys
 import uuid
@@ -353,26 +354,48 @@ def test_a_bundles_tar_is_built_once_for_all_hosts_and_again_when_a_source_chang
     assert len(builds) == 4
 
 
-def test_a_bundle_across_directories_that_fails_leaves_no_stage_and_no_partial_file(lab, host, tmp_path):
-    """One bundle for three directories; the last one's file cannot be renamed into place (a
+@pytest.mark.parametrize("count", [3, 6])  # renamed by a mv per directory / by one python3
+def test_a_bundle_across_directories_that_fails_leaves_no_stage_and_no_partial_file(lab, host, tmp_path,
+                                                                                      count):
+    """One bundle for several directories; the last one's file cannot be renamed into place (a
     directory has its name): every stage directory goes, and every destination holds either its
     old content or the whole new one."""
     shell, _sftp, base = host
+    dirs = "abcdef"[:count]
     items = []
-    for d in ("a", "b", "c"):
+    for d in dirs:
         (tmp_path / d).write_bytes(d.encode() * 1000)
         items.append(sync.Upload(str(tmp_path / d), f"{base}/{d}/f", 0o644, 1000))
-    ssh(lab, "h2", f"mkdir -p {base}/a {base}/b {base}/c/f/blocker && printf old > {base}/a/f")
+    ssh(lab, "h2", " && ".join(f"mkdir -p {base}/{d}" for d in dirs[:-1])
+        + f" && mkdir -p {base}/{dirs[-1]}/f/blocker && printf old > {base}/a/f")
     assert len(sync.bundles(items)) == 1
     with pytest.raises(CopyError) as info:
         sync.upload_bundle(shell, "h2", items)
     assert info.value.host == "h2"
     listing = ssh(lab, "h2", f"cd {base} && find . | sort").stdout.split()
     assert not [p for p in listing if ".rr-" in p], listing
-    for d in ("a", "b"):
+    for d in dirs[:-1]:
         content = ssh(lab, "h2", f"cat {base}/{d}/f 2>/dev/null || true").stdout
         assert content in ("", "old", d * 1000), (d, content[:20])
-    assert ssh(lab, "h2", f"ls -A {base}/c/f").stdout == "blocker\n"
+    assert ssh(lab, "h2", f"ls -A {base}/{dirs[-1]}/f").stdout == "blocker\n"
+
+
+def test_a_bundle_to_many_directories_puts_every_file_in_place_with_its_mode(lab, host, tmp_path):
+    shell, _sftp, base = host
+    items = []
+    for i in range(12):  # past RENAMER_FROM: one python3 renames them all
+        for name, mode in (("-x", 0o755), (".h", 0o600), ("p q", 0o644)):
+            src = tmp_path / f"{i}{name}"
+            src.write_bytes(os.urandom(100 + i))
+            src.chmod(mode)
+            items.append(sync.Upload(str(src), f"{base}/d{i:02d}/{name}", mode, 100 + i))
+    ssh(lab, "h2", "mkdir -p " + " ".join(f"{base}/d{i:02d}" for i in range(12)))
+    assert len(sync.bundles(items)) == 1
+    sync.upload_bundle(shell, "h2", items)
+    for item in items:
+        got = ssh(lab, "h2", f"sha1sum {shlex.quote(item.dest)}; stat -c %a {shlex.quote(item.dest)}").stdout.split()
+        assert (got[0], got[-1]) == (sync.local_sha1(item.src), f"{item.mode:o}"), item.dest
+    assert ".rr-" not in ssh(lab, "h2", f"find {base}").stdout
 
 
 def test_failed_bundle_leaves_no_stage_directory(lab, host, tmp_path):
