@@ -11,10 +11,11 @@ compresses well is sent compressed instead, decoded by the host into the
 temporary file and checked the same way (:mod:`remote_runner.compression`).
 Small files, where round trips cost more than bytes,
 travel in tar bundles of many directories, each file into a stage directory
-beside its destination, are checked by size and renamed into place by one
-``mv`` per directory (:mod:`remote_runner.bundle`). An executable that is running can be replaced (its old inode stays
-alive); a failed copy removes its temporary file or stage directory, and says
-why (a full disk is named as such, with the old file left in place).
+beside its destination, are checked by size and renamed into place
+(:mod:`remote_runner.bundle`). An executable that is running can be
+replaced (its old inode stays alive); a failed copy removes its temporary
+file or stage directory, and says why (a full disk is named as such, with the
+old file left in place).
 
 Ctrl-C stops every upload at its next chunk (:func:`wait_or_cancel`): each
 removes its temporary file, and whatever a busy link keeps from being removed
