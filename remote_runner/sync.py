@@ -41,7 +41,8 @@ from remote_runner.hostdigest import (  # noqa: F401 - re-exported: sync is wher
     check_free_space, make_dirs, remote_attrs, remote_sha1, remote_stat,
 )
 from remote_runner.bundle import (  # noqa: F401 - re-exported: sync is where callers look
-    BUNDLE_BYTES, BUNDLE_FILES, BUNDLE_SCRIPT, bundle_tar, bundles, upload_bundle, upload_bundles,
+    BUNDLE_BYTES, BUNDLE_FILES, BUNDLE_SCRIPT, SharedTars, bundle_tar, bundles, upload_bundle,
+    upload_bundles,
 )
 from remote_runner.upload import (  # noqa: F401 - re-exported: sync is where callers look
     LANES, SMALL_FILE, STALE_MINUTES, STREAM_LANES, Cancelled, LaneOpener, Progress, ShortWrite,

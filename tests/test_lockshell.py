@@ -16,7 +16,7 @@ import pytest
 from remote_runner import sessionlock
 from remote_runner.errors import CommandTimeout, SessionBusy
 from remote_runner.sessionlock import LockShell, SessionLock, acquire_lock
-from remote_runner.shell import RemoteShell
+from remote_runner.shell import ARGV_SCRIPT, RemoteShell
 from remote_runner.ssh import Connection, SSHOptions
 from tests.conftest import ssh
 
@@ -156,16 +156,16 @@ def test_a_step_on_a_busy_or_local_lock_is_not_taken():
 @pytest.mark.lab
 def test_a_script_longer_than_one_argument_runs_from_stdin_and_still_reads_its_data(lab, connected):
     """Linux caps one argument at 128 KiB: a longer script goes on stdin ahead of its data."""
-    from remote_runner import shell as shell_module
     remote = RemoteShell(connected, "h1")
     script = ("# " + "x" * 100 + "\n") * 2000 + "wc -c; echo \"args $#\"\n"  # ~200 KiB
-    assert len(script) > 128 << 10 > shell_module.ARGV_SCRIPT
+    assert len(script) > 128 << 10 > ARGV_SCRIPT
     result = remote.feed(script, b"0123456789" * 1000, timeout=60)
     assert (result.exit_status, result.stdout.split()) == (0, ["10000", "args", "0"])
     short = remote.feed("wc -c", b"abc", timeout=60)
     assert (short.exit_status, short.stdout.strip()) == (0, "3")
 
 
+@pytest.mark.lab
 def test_a_fed_step_reads_its_data_and_what_it_leaves_is_drained(lab, connected, tmp_path):
     state = _state(tmp_path)
     lock = acquire_lock("h1", state, "test", connected)

@@ -331,11 +331,10 @@ def test_bundles_span_directories_within_their_bounds():
 
 
 def test_a_bundles_tar_is_built_once_for_all_hosts_and_again_when_a_source_changed(tmp_path):
-    from remote_runner.bundle import SharedTars
     src = tmp_path / "f"
     src.write_bytes(b"one")
     items = [sync.Upload(str(src), "/d/f", 0o644, 3)]
-    shared, builds = SharedTars(), []
+    shared, builds = sync.SharedTars(), []
 
     def build():
         builds.append(1)
@@ -344,11 +343,11 @@ def test_a_bundles_tar_is_built_once_for_all_hosts_and_again_when_a_source_chang
     first = [shared.get(token, build) for _host in range(4)]
     assert len(builds) == 1 and all(t == first[0] for t in first)
     assert shared.token(items) == token  # the same on every host
-    assert shared.token(items) != SharedTars().token(items)  # another process: another stage name
+    assert shared.token(items) != sync.SharedTars().token(items)  # another process: another stage name
     src.write_bytes(b"two")  # same size, new bytes
     assert shared.token(items) != token
     assert b"two" in shared.get(shared.token(items), build) and len(builds) == 2
-    tight = SharedTars(budget=10)  # kept only within its budget
+    tight = sync.SharedTars(budget=10)  # kept only within its budget
     tight.get(token, build)
     tight.get(token, build)
     assert len(builds) == 4
