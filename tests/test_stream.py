@@ -102,6 +102,32 @@ def _sha1(path) -> str:
 
 
 @pytest.mark.parametrize("host", ["h2", "h9"])
+def test_a_tree_of_many_small_directories_is_one_bundle_on_this_release_and_another(
+        lab, foreign_host, conn, base, tmp_path, host):
+    """Debian 12 and the foreign host (another release, none of this machine's files): a tree of
+    60 small files in 12 directories is one bundle (one python3 renames them all), recorded in
+    the host's manifest by the same exec; the next run finds nothing to copy."""
+    c = conn(host)
+    src = tmp_path / "tree"
+    for d in range(12):
+        for name in ("a.py", ".hidden", "-dash", "sp ace", "\u00fcn\u00ef"):
+            (src / f"pkg{d // 4}" / f"mod{d:02d}").mkdir(parents=True, exist_ok=True)
+            (src / f"pkg{d // 4}" / f"mod{d:02d}" / name).write_bytes(os.urandom(50 + d))
+    plan = sync.make_plan(host, [(FileSpec(str(src), "tree", True), base)])
+    assert len(sync.bundles(plan.files)) == 1
+    report = sync.sync_host(RemoteShell(c, host), c.sftp, plan)
+    assert len(report.copied) == 60
+    assert c.traffic.snapshot()["execs"] == 2  # the check, then the bundle with its record
+    for item in plan.files:
+        assert ssh(lab, host, f"sha1sum '{item.dest}'").stdout.split()[0] == sync.local_sha1(item.src)
+    assert ".rr-" not in ssh(lab, host, f"find {base}").stdout
+    assert len(audit(lab, host, base)["entries"]) == 60
+    with Connection(host, SSHOptions(ssh_config_file=lab.ssh_config)) as again:
+        warm = sync.sync_host(RemoteShell(again.connect(), host), again.sftp, plan)
+        assert (warm.copied, warm.hashed, warm.trusted) == ([], 0, 60)
+
+
+@pytest.mark.parametrize("host", ["h2", "h9"])
 def test_large_files_stream_byte_identical_and_the_host_reads_them_once(
         lab, foreign_host, conn, base, tmp_path, monkeypatch, host):
     c = conn(host)
