@@ -68,13 +68,14 @@ def bundles(items: Sequence[Upload]) -> List[List[Upload]]:
     for item in sorted(items, key=lambda u: (posixpath.dirname(u.dest), u.dest)):
         directory = posixpath.dirname(item.dest)
         # the script names each file's stage path about three times, each directory about four
-        more = 3 * (len(item.dest) + 25) + (0 if directory in seen else 4 * (len(directory) + 30))
+        file_text, dir_text = 3 * (len(item.dest) + 25), 4 * (len(directory) + 30)
+        more = file_text + (0 if directory in seen else dir_text)
         if chunks[-1] and (len(chunks[-1]) >= BUNDLE_FILES or size + item.size > BUNDLE_BYTES
                            or text + more > BUNDLE_SCRIPT):
             chunks.append([])
             size = text = 0
             seen = set()
-            more = 3 * (len(item.dest) + 25) + 4 * (len(directory) + 30)
+            more = file_text + dir_text
         chunks[-1].append(item)
         seen.add(directory)
         size += item.size
@@ -139,7 +140,6 @@ class SharedTars:
         self._lock = threading.Lock()
         self._built: "OrderedDict[str, bytes]" = OrderedDict()
         self._building: Dict[str, threading.Event] = {}
-        self.built = 0
 
     def token(self, items: Sequence[Upload]) -> str:
         """The stage directories' suffix of the bundle of *items* as they are now (8 hex digits).
@@ -168,7 +168,6 @@ class SharedTars:
                 self._building.pop(token).set()  # the next host builds it (and says why it cannot)
             raise
         with self._lock:
-            self.built += 1
             if len(data) <= self.budget:
                 self._built[token] = data
                 while sum(len(d) for d in self._built.values()) > self.budget:
@@ -207,7 +206,7 @@ def upload_bundle(shell: "Shell", host: str, items: Sequence[Upload], then: str 
     members = [posixpath.relpath(posixpath.join(stages[posixpath.dirname(u.dest)],
                                                 posixpath.basename(u.dest)), top) for u in ordered]
     every_stage = " ".join(q(stage) for stage in stages.values())
-    staged = " ".join(q(posixpath.join(top, m)) for m in members)
+    paths = [q(posixpath.join(top, m)) for m in members]  # each file in its stage
     sizes = "\n".join(str(u.size) for u in ordered)
     # Each stage is made here first (one mkdir for all), not by tar: a name
     # already there (a symlink, say) fails the bundle instead of being written through.
@@ -216,10 +215,10 @@ def upload_bundle(shell: "Shell", host: str, items: Sequence[Upload], then: str 
               # tar's status covers write errors (a full disk) and a cut stream; the
               # sizes are checked as well before anything is renamed into place.
               f"tar -xf - -C {q(top)} || fail\n"
-              f"if got=$(stat -c %s -- {staged} 2>/dev/null) && [ \"$got\" != {q(sizes)} ]; then\n"
+              f"if got=$(stat -c %s -- {' '.join(paths)} 2>/dev/null) && [ \"$got\" != {q(sizes)} ]; then\n"
               f"  echo {SHORT_MARK} >&2; fail\nfi\n")
     for mode in sorted({u.mode for u in ordered}):
-        same = " ".join(q(posixpath.join(top, m)) for m, u in zip(members, ordered) if u.mode == mode)
+        same = " ".join(path for path, u in zip(paths, ordered) if u.mode == mode)
         script += f"chmod {mode:o} {same} || fail\n"
     moves = ""
     for directory, group in groups.items():
