@@ -8,6 +8,7 @@ went down the same channel first). Request counts come from ``--debug-rpc``.
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -108,6 +109,63 @@ def test_local_changes_reach_the_host_before_its_next_read(lab, local_only, work
         proc.stdin.close()
         proc.wait(EXEC_TIMEOUT)
     assert proc.returncode == 0, proc.stderr.read().decode()
+
+
+def _lister(lab, host: str, cwd: Path, target: Path, stats: Path):
+    """Start a command on *host* that, for each stdin line ``tag [n] [make NAME]``, lists *target* n times."""
+    code = textwrap.dedent(f"""
+        import os, sys
+        path = {str(target)!r}
+        while True:
+            words = sys.stdin.readline().split()
+            if not words:
+                break
+            if len(words) > 3 and words[2] == "make":
+                open(os.path.join(path, words[3]), "w").close()
+            for _ in range(int(words[1]) if len(words) > 1 else 1):
+                names = sorted(os.listdir(path))
+            print(words[0], ",".join(names) or "-", flush=True)
+    """)
+    return subprocess.Popen([sys.executable, "-m", "remote_runner", "exec", "-F", lab.ssh_config,
+                             "--stats", str(stats), host, "/usr/bin/python3", "-c", code],
+                            cwd=str(cwd), stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+
+
+@pytest.mark.parametrize("host", ["h2", "h9"])
+def test_the_kernel_keeps_listings_and_drops_them_when_the_directory_changes(lab, workdir, host, request,
+                                                                              tmp_path):
+    """A listing repeated is not asked again; every change, local or made here, is in the next one."""
+    if host == "h9":
+        host = request.getfixturevalue("foreign_host")  # another release, another libfuse
+    d = workdir / "listed"  # (writable through the mirror, as the working directory's tree is)
+    d.mkdir()
+    (d / "a").write_text("a")
+    stats = tmp_path / "stats.json"
+    proc = _lister(lab, host, workdir, d, stats)
+    try:
+        assert _ask(proc, "first") == ["a"]
+        assert _ask(proc, "again 60") == ["a"]
+        (d / "b").write_text("b")
+        assert _ask(proc, "create") == ["a,b"]
+        (d / "a").unlink()
+        assert _ask(proc, "unlink 5") == ["b"]
+        os.rename(d / "b", d / "c")
+        assert _ask(proc, "rename") == ["c"]
+        (d / "sub").mkdir()
+        assert _ask(proc, "mkdir 5") == ["c,sub"]
+        assert _ask(proc, "here 5 make x") == ["c,sub,x"]  # made through the mirror
+        assert (d / "x").exists()
+        (d / "sub").rmdir()
+        assert _ask(proc, "rmdir 60") == ["c,x"]
+    finally:
+        proc.stdin.close()
+        proc.wait(EXEC_TIMEOUT)
+    assert proc.returncode == 0, proc.stderr.read().decode()
+    host_stats = json.loads(stats.read_text())["host"]
+    assert set(host_stats["kernel_listings"]) <= {"wrapped", "opendir"}, host_stats["kernel_listings"]
+    # 137 listings; only the first of each version of the directory reaches the mirror's readdir
+    readdirs = host_stats["answered_on_host"].get("readdir", 0) + host_stats["asked"].get("readdir", 0)
+    assert 1 <= readdirs <= 12, host_stats
 
 
 def test_a_racing_writer_and_reader_never_see_stale_data(lab, local_only, workdir):

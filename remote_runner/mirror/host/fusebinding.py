@@ -3,7 +3,8 @@
 Why apart: these are fixes to the binding (libfuse 3's renameat2 flags and
 ftruncate handle passed on, the GIL kept where mfusepy lets it go for
 nothing, one Python thread state per libfuse worker, the kernel's page cache
-kept across opens of one version of a file), not file system rules; the file
+kept across opens of one version of a file, its directory listings kept
+(:mod:`.listcache`)), not file system rules; the file
 system itself is :mod:`.operations` and :mod:`.state`.
 """
 
@@ -14,6 +15,7 @@ import threading
 from typing import TYPE_CHECKING, Any, Dict, List, Optional
 
 from .caches import LOCAL_FH_BASE, copy_key
+from .listcache import keep_listing
 
 if TYPE_CHECKING:  # pragma: no cover
     from .state import MountState
@@ -55,8 +57,7 @@ def fuse_class(mfusepy: Any, state: "MountState") -> Any:
         """
 
         def _wrapper(self, func: Any, *args: Any, **kwargs: Any) -> Any:
-            if not getattr(_pinned, "done", False):
-                pin_thread_state()
+            pin_once()
             return super()._wrapper(func, *args, **kwargs)
 
         def fgetattr(self, path: Optional[bytes], buf: Any, fip: Any) -> int:
@@ -69,6 +70,12 @@ def fuse_class(mfusepy: Any, state: "MountState") -> Any:
             st = mfusepy.c_stat()
             mfusepy.set_st_attrs(st, attrs, use_ns=self.use_ns)
             buf[0] = st
+            return 0
+
+        def opendir(self, path: bytes, fip: Any) -> int:
+            # (registered only for libfuse >= 3.16, which passes these flags to the kernel)
+            fip.contents.fh = 0
+            keep_listing(fip.contents)
             return 0
 
         def _readdir(self, path: Optional[bytes], buf: Any, filler: Any, offset: int, fip: Any) -> int:
@@ -163,6 +170,12 @@ def _new_bufvec(size: int, data: Optional[bytes]) -> Any:
 
 
 _pinned = threading.local()
+
+
+def pin_once() -> None:
+    """:func:`pin_thread_state`, the first time the calling thread calls back into Python."""
+    if not getattr(_pinned, "done", False):
+        pin_thread_state()
 
 
 def pin_thread_state() -> None:

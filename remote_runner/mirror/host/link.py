@@ -55,6 +55,8 @@ class Link:
         self.posted: Dict[str, int] = {}
         #: Times a caller waited for the local side (one per call, one per call_many batch).
         self.waits = 0
+        #: How each mount's kernel keeps directory listings (see listcache.wrap_session_opendir).
+        self.kernel_listings: Set[str] = set()
         #: Frames other than replies, handled in order by their own thread: an
         #: invalidation may wait for the kernel, which may wait for a reply.
         self._frames: "queue.Queue[Optional[Tuple[Dict[str, Any], bytes]]]" = queue.Queue()
@@ -79,6 +81,7 @@ class Link:
         with self._lock:
             return {"asked": dict(self.asked), "answered_on_host": dict(self.answered),
                     "posted": dict(self.posted), "waits": self.waits,
+                    "kernel_listings": sorted(self.kernel_listings),
                     "bytes_received": self.reader.received + lanes.get("lane_bytes", 0),
                     **lanes, **self.writer.counters()}
 

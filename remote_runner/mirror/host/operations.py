@@ -20,10 +20,11 @@ from typing import Any, Dict, List, Optional, Tuple
 from .. import protocol as P
 from ..hardlinks import path_invalidator
 from .caches import FUSE_CAP_CACHE_SYMLINKS, LOCAL_FH_BASE, FileCache, copy_key, fetch_ahead
-from .fusebinding import fuse_class
+from .fusebinding import fuse_class, pin_once
 from .link import Link
 from .answers import absorb_lookup, split_file, subdirectory_answers
 from .kernel import KernelDrops
+from . import listcache
 from .names import NameCache, parent as parent_of
 from .profile import Profile
 from .state import MountState
@@ -58,6 +59,7 @@ def make_operations(link: Link, prefix: bytes, files: Optional[FileCache] = None
                 return kernel(name) if kernel is not None else None
 
             m.links.invalidate = invalidate
+            m.link.kernel_listings.add(listcache.wrap_session_opendir(mfusepy, pin_once))
             if m.drops is not None:
                 m.drops.add_target(m.wire("/") if m.prefix else "", kernel)
             self.mounted.set()
@@ -143,6 +145,12 @@ def make_operations(link: Link, prefix: bytes, files: Optional[FileCache] = None
                 m.link.answer_here("readlink")
                 return known
             return m.call("readlink", {"path": m.wire(path)})[1].decode("utf-8", "surrogateescape")
+
+        def opendir(self, path: str) -> int:
+            return 0  # (MirrorFUSE.opendir asks the kernel to keep the listing)
+
+        # Registered only where libfuse passes the flags on; older ones get a wrapper (see listcache).
+        opendir.libfuse_ignore = not listcache.passes_flags(mfusepy)
 
         def readdir(self, path: str, fh: int):
             where = m.wire(path)
