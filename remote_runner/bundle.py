@@ -36,7 +36,7 @@ import threading
 import time
 from collections import OrderedDict
 from concurrent.futures import ThreadPoolExecutor
-from typing import TYPE_CHECKING, Callable, Dict, List, Optional, Sequence, Set
+from typing import TYPE_CHECKING, Callable, Dict, List, Optional, Sequence, Set, Tuple
 
 from remote_runner import hashcache
 from remote_runner.errors import CopyError, RunnerError, describe
@@ -90,21 +90,78 @@ def bundle_tar(items: Sequence[Upload], names: Optional[Sequence[str]] = None) -
     copy compares nothing here): the next run knows these sources, so one
     edited among them is recognised as changed here and sent ahead
     (:mod:`remote_runner.precheck`).
+
+    The headers are plain ustar ones written here (:func:`ustar_header`):
+    ``tarfile`` spent about 80 of the 110 ms a 1,000-file bundle took, on the
+    critical path of every cold copy (the tar is built before any host gets
+    it). A name ustar cannot hold (over 255 bytes, or no ``/`` to split it
+    at) makes the whole bundle go through ``tarfile`` as before.
     """
-    buffer = io.BytesIO()
     now = int(time.time())
-    with tarfile.open(fileobj=buffer, mode="w", format=tarfile.GNU_FORMAT) as archive:
-        for index, item in enumerate(items):
-            with open(item.src, "rb") as handle:
-                before = hashcache.stat_key(os.fstat(handle.fileno()))
-                data = handle.read()
-                hashcache.LOCAL.remember(item.src, handle.fileno(), data, before)
-            if len(data) != item.size:
-                raise CopyError("local file changed while copying", path=item.src)
-            info = tarfile.TarInfo(names[index] if names is not None else posixpath.basename(item.dest))
-            info.size, info.mode, info.mtime = item.size, item.mode, now
-            archive.addfile(info, io.BytesIO(data))
-    return buffer.getvalue()
+    wanted = [names[index] if names is not None else posixpath.basename(item.dest)
+              for index, item in enumerate(items)]
+    encoded = [name.encode("utf-8", "surrogateescape") for name in wanted]
+    fast = all(ustar_split(name) is not None for name in encoded)
+    parts: List[bytes] = []
+    buffer = io.BytesIO()
+    archive = None if fast else tarfile.open(fileobj=buffer, mode="w", format=tarfile.GNU_FORMAT)
+    for index, item in enumerate(items):
+        with open(item.src, "rb") as handle:
+            before = hashcache.stat_key(os.fstat(handle.fileno()))
+            data = handle.read()
+            hashcache.LOCAL.remember(item.src, handle.fileno(), data, before)
+        if len(data) != item.size:
+            raise CopyError("local file changed while copying", path=item.src)
+        if archive is None:
+            parts += [ustar_header(encoded[index], item.size, item.mode, now), data,
+                      bytes(-item.size % BLOCK)]
+            continue
+        info = tarfile.TarInfo(wanted[index])
+        info.size, info.mode, info.mtime = item.size, item.mode, now
+        archive.addfile(info, io.BytesIO(data))
+    if archive is not None:
+        archive.close()
+        return buffer.getvalue()
+    parts.append(bytes(2 * BLOCK))  # the end of the archive
+    size = sum(len(part) for part in parts)
+    parts.append(bytes(-size % RECORD))  # padded to whole records, as tar writes them
+    return b"".join(parts)
+
+
+#: tar's block and record sizes.
+BLOCK = 512
+RECORD = 20 * BLOCK
+
+
+def ustar_split(name: bytes) -> Optional[Tuple[bytes, bytes]]:
+    """(prefix, name) fields for a member *name* in a ustar header, or None if it does not fit."""
+    if len(name) <= 100:
+        return b"", name
+    cut = name.rfind(b"/", 0, 156)  # the longest prefix leaves the shortest name
+    if cut <= 0 or not 0 < len(name) - cut - 1 <= 100:
+        return None
+    return name[:cut], name[cut + 1:]
+
+
+def ustar_header(name: bytes, size: int, mode: int, mtime: int) -> bytes:
+    """The 512-byte ustar header of a regular file *name* (see :func:`ustar_split`), owned by 0:0."""
+    split = ustar_split(name)
+    if split is None or size >= 8 ** 11:
+        raise ValueError("not a ustar member: %r (%d bytes)" % (name, size))
+    prefix, short = split
+    header = bytearray(BLOCK)
+    header[0:len(short)] = short
+    header[100:108] = b"%07o\0" % (mode & 0o7777)
+    header[108:116] = b"0000000\0"  # uid
+    header[116:124] = b"0000000\0"  # gid
+    header[124:136] = b"%011o\0" % size
+    header[136:148] = b"%011o\0" % mtime
+    header[148:156] = b" " * 8  # the checksum counts its own field as spaces
+    header[156:157] = b"0"  # a regular file
+    header[257:265] = b"ustar\x0000"
+    header[345:345 + len(prefix)] = prefix
+    header[148:156] = b"%06o\0 " % sum(header)
+    return bytes(header)
 
 
 #: Bundles to more directories than this rename their files with one python3, not a mv each.

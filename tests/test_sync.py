@@ -6,17 +6,20 @@ not rely on the code under test to tell them what is on the host.
 
 from __future__ import annotations
 
+import io
 import logging
 import os
 import posixpath
 import shlex
 import shutil
+import subprocess
 import sys
+import tarfile
 import uuid
 
 import pytest
 
-from remote_runner import sync
+from remote_runner import bundle, sync
 from remote_runner.config import FileSpec
 from remote_runner.errors import CopyError
 from remote_runner.shell import LocalShell, RemoteShell, ScriptResult
@@ -351,6 +354,40 @@ def test_a_bundles_tar_is_built_once_for_all_hosts_and_again_when_a_source_chang
     tight.get(token, build)
     tight.get(token, build)
     assert len(builds) == 4
+
+
+@pytest.mark.parametrize("long_name", [False, True])  # ustar headers written here / tarfile's
+def test_a_bundles_tar_unpacks_with_tar_to_the_same_names_bytes_and_modes(tmp_path, long_name):
+    names = ["f", "sub/dir/.rr-stage-ab12cd34/g.py", "p" * 120 + "/" + "n" * 90, "d/é-\udcff.bin",
+             "q" * 160 + "/" + "r" * 101 if long_name else "q/r"]
+    items = []
+    for index, name in enumerate(names):
+        src = tmp_path / f"src{index}"
+        src.write_bytes(bytes([index]) * (index * 700 + 1))
+        items.append(sync.Upload(str(src), "/d/" + name, [0o644, 0o755, 0o600, 0o4711, 0o640][index],
+                                 index * 700 + 1))
+    data = sync.bundle_tar(items, names)
+    assert len(data) % 10240 == 0  # whole records, as tar writes them
+    with tarfile.open(fileobj=io.BytesIO(data)) as archive:
+        members = archive.getmembers()
+        assert [m.name for m in members] == names
+        assert all(m.isreg() and m.uid == 0 and m.gid == 0 for m in members)
+    out = tmp_path / "out"
+    out.mkdir()
+    subprocess.run(["tar", "-xf", "-", "-C", str(out)], input=data, check=True)  # as on a host (root)
+    for name, item in zip(names, items):
+        got = out / name
+        assert got.read_bytes() == open(item.src, "rb").read()
+        assert os.lstat(got).st_mode & 0o7777 == item.mode
+
+
+def test_ustar_names_are_split_at_a_slash_or_refused():
+    assert bundle.ustar_split(b"a" * 100) == (b"", b"a" * 100)
+    assert bundle.ustar_split(b"p/" + b"n" * 100) == (b"p", b"n" * 100)
+    assert bundle.ustar_split(b"p" * 155 + b"/n") == (b"p" * 155, b"n")
+    assert bundle.ustar_split(b"p" * 156 + b"/n") is None  # the prefix holds 155 bytes
+    assert bundle.ustar_split(b"p/" + b"n" * 101) is None  # the name 100
+    assert bundle.ustar_split(b"n" * 101) is None  # nowhere to split
 
 
 @pytest.mark.parametrize("count", [3, 6])  # renamed by a mv per directory / by one python3
