@@ -278,6 +278,8 @@ def _plain(value: Any) -> Any:
     if kind in _SCALARS:  # most of a record (its files' names): checked first, and cheaply
         return value
     if kind is list or kind is tuple:
+        if all(type(v) in _SCALARS for v in value):  # a file's [src, dest, is_dir]: no call per leaf
+            return list(value)
         return [_plain(v) for v in value]
     if kind is dict:
         return {k: _plain(v) for k, v in value.items()}

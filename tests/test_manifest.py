@@ -274,6 +274,25 @@ def test_local_hashes_are_remembered_by_full_stat(tmp_path):
     assert hashcache.LocalHashes(str(tmp_path / "cache.json")).known(str(path)) is None
 
 
+def test_a_malformed_cache_entry_is_never_used_and_goes_at_the_next_save(tmp_path):
+    import json
+    path = tmp_path / "f"
+    path.write_bytes(b"one")
+    other = tmp_path / "g"
+    other.write_bytes(b"two")
+    key = list(hashcache.stat_key(os.stat(path)))
+    cache_file = tmp_path / "cache.json"
+    cache_file.write_text(json.dumps({"version": 1, "entries": {
+        str(path): key + ["not a sha1"],              # the right stat, a bad hash
+        str(other): [str(k) for k in key] + ["a" * 40]}}))  # ints as strings
+    cache = hashcache.LocalHashes(str(cache_file))
+    assert cache.known(str(path)) is None and cache.known(str(other)) is None
+    assert cache.sha1(str(other)) == __import__("hashlib").sha1(b"two").hexdigest()
+    cache.save()
+    kept = json.loads(cache_file.read_text())["entries"]
+    assert str(path) not in kept and kept[str(other)][5] == cache.known(str(other))
+
+
 # --------------------------------------------------------------------------- lab
 
 @pytest.fixture
