@@ -56,6 +56,17 @@ def foreign_host(lab) -> str:
     return FOREIGN_HOST
 
 
+#: A lab host of a newer release than this machine (Debian 13: libfuse 3.17, Python 3.13).
+NEWER_HOST, NEWER_RELEASE = "h8", "trixie"
+
+
+@pytest.fixture(scope="session")
+def newer_host(lab) -> str:
+    """Name of a running lab host whose root is Debian 13, built with debootstrap like h9's."""
+    lab.up(LAB_HOSTS, {NEWER_HOST: NEWER_RELEASE})
+    return NEWER_HOST
+
+
 @pytest.fixture
 def screen_name() -> str:
     """A screen session name unique to one test (never a prefix of another)."""

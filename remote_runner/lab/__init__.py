@@ -444,7 +444,7 @@ def _host_index(name: str) -> int:
 
 
 #: Packages a foreign host root gets, on top of debootstrap's minbase.
-ROOT_PACKAGES = "openssh-server,screen,openssl,python3,fuse3,libfuse3-3,procps,iproute2"
+ROOT_PACKAGES = "openssh-server,screen,openssl,python3,fuse3,procps,iproute2"  # (fuse3 brings its release's libfuse3)
 ROOTS_DIR = "/var/lib/remote-runner/roots"
 
 
