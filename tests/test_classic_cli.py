@@ -293,8 +293,10 @@ def test_terminate_flag_stops_other_components(lab, env):
     assert ssh(lab, "h1", f"kill -0 {pid}", check=False).returncode != 0
 
 
-def test_run_on_a_foreign_distribution(lab, env, foreign_host):
+@pytest.mark.parametrize("release", ["11", "13"])
+def test_run_on_a_foreign_distribution(lab, env, request, release):
     """Another Debian release with its own root: screen, sh, openssl and paths are its own."""
+    foreign_host = request.getfixturevalue("foreign_host" if release == "11" else "newer_host")
     (env["tmp"] / "tool.sh").write_text('#!/bin/sh\nprintf "%s|" "$@"; echo; cat /etc/debian_version\n')
     (env["tmp"] / "tool.sh").chmod(0o755)
     config = write_config(env["tmp"], f"""
@@ -314,7 +316,7 @@ def test_run_on_a_foreign_distribution(lab, env, foreign_host):
         assert out.returncode == 0, out.stderr
         assert f"INFO: {foreign_host}: {expected}" in out.stderr
     log = ssh(lab, foreign_host, f"cat {env['state']}/latest/tool.log").stdout
-    assert "$HOME|a b|q'uote|" in log and log.split("\n")[1].startswith("11.")
+    assert "$HOME|a b|q'uote|" in log and log.split("\n")[1].startswith(release + ".")
     quit_screen(lab, foreign_host, env["screen"], env["state"], env["base"])
 
 

@@ -172,7 +172,9 @@ def test_posix_checks_through_the_mirror_on_a_lab_host(lab, tmp_path, user):
 
 
 @pytest.mark.lab
-def test_posix_checks_through_the_mirror_on_a_debian_11_host(lab, foreign_host, tmp_path):
+@pytest.mark.parametrize("release", ["11", "13"])
+def test_posix_checks_through_the_mirror_on_another_debian_release(lab, request, tmp_path, release):
+    foreign_host = request.getfixturevalue("foreign_host" if release == "11" else "newer_host")
     local = local_checks(tmp_path)
     where = checks_dir(tmp_path)
     mirror = json.loads(run_on_host(lab, foreign_host, [sys.executable, str(CHECKS), str(where), OTHER_FS],

@@ -114,8 +114,10 @@ def test_ffmpeg_encodes_on_a_host_without_ffmpeg(lab, workdir):
     _encode_with_ffmpeg(lab, "h3", workdir)
 
 
-def test_ffmpeg_on_a_foreign_distribution(lab, foreign_host, workdir):
+@pytest.mark.parametrize("release", ["11", "13"])
+def test_ffmpeg_on_a_foreign_distribution(lab, request, workdir, release):
     """A host with its own (debootstrapped) root: nothing of this machine but the mirror."""
+    foreign_host = request.getfixturevalue("foreign_host" if release == "11" else "newer_host")
     if shutil.which("ffmpeg") is None:
         pytest.skip("ffmpeg is not installed on this machine (scripts/setup.sh installs it)")
     assert ssh(lab, foreign_host, "command -v ffmpeg", check=False).returncode != 0
