@@ -101,31 +101,33 @@ def bundle_tar(items: Sequence[Upload], names: Optional[Sequence[str]] = None) -
     wanted = [names[index] if names is not None else posixpath.basename(item.dest)
               for index, item in enumerate(items)]
     encoded = [name.encode("utf-8", "surrogateescape") for name in wanted]
-    fast = all(ustar_split(name) is not None for name in encoded)
-    parts: List[bytes] = []
+    sources = [_read_source(item) for item in items]
+    if all(ustar_split(name) is not None for name in encoded):
+        parts: List[bytes] = []
+        for name, item, data in zip(encoded, items, sources):
+            parts += [ustar_header(name, item.size, item.mode, now), data, bytes(-item.size % BLOCK)]
+        parts.append(bytes(2 * BLOCK))  # the end of the archive
+        size = sum(len(part) for part in parts)
+        parts.append(bytes(-size % RECORD))  # padded to whole records, as tar writes them
+        return b"".join(parts)
     buffer = io.BytesIO()
-    archive = None if fast else tarfile.open(fileobj=buffer, mode="w", format=tarfile.GNU_FORMAT)
-    for index, item in enumerate(items):
-        with open(item.src, "rb") as handle:
-            before = hashcache.stat_key(os.fstat(handle.fileno()))
-            data = handle.read()
-            hashcache.LOCAL.remember(item.src, handle.fileno(), data, before)
-        if len(data) != item.size:
-            raise CopyError("local file changed while copying", path=item.src)
-        if archive is None:
-            parts += [ustar_header(encoded[index], item.size, item.mode, now), data,
-                      bytes(-item.size % BLOCK)]
-            continue
-        info = tarfile.TarInfo(wanted[index])
-        info.size, info.mode, info.mtime = item.size, item.mode, now
-        archive.addfile(info, io.BytesIO(data))
-    if archive is not None:
-        archive.close()
-        return buffer.getvalue()
-    parts.append(bytes(2 * BLOCK))  # the end of the archive
-    size = sum(len(part) for part in parts)
-    parts.append(bytes(-size % RECORD))  # padded to whole records, as tar writes them
-    return b"".join(parts)
+    with tarfile.open(fileobj=buffer, mode="w", format=tarfile.GNU_FORMAT) as archive:
+        for name, item, data in zip(wanted, items, sources):
+            info = tarfile.TarInfo(name)
+            info.size, info.mode, info.mtime = item.size, item.mode, now
+            archive.addfile(info, io.BytesIO(data))
+    return buffer.getvalue()
+
+
+def _read_source(item: Upload) -> bytes:
+    """The bytes of *item*'s source, its SHA-1 remembered (see :func:`bundle_tar`); its size checked."""
+    with open(item.src, "rb") as handle:
+        before = hashcache.stat_key(os.fstat(handle.fileno()))
+        data = handle.read()
+        hashcache.LOCAL.remember(item.src, handle.fileno(), data, before)
+    if len(data) != item.size:
+        raise CopyError("local file changed while copying", path=item.src)
+    return data
 
 
 #: tar's block and record sizes.
