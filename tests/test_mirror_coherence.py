@@ -9,7 +9,8 @@ import time
 import pytest
 
 from remote_runner.mirror import listing, protocol as P
-from remote_runner.mirror.host.names import MISSING, NameCache, listing_entries
+from remote_runner.mirror.host.answers import listing_entries
+from remote_runner.mirror.host.names import MISSING, NameCache
 from remote_runner.mirror.watcher import ChangeWatcher, FsTypes
 
 

@@ -16,7 +16,7 @@ import time
 import pytest
 
 from remote_runner.mirror.host.listings import ListingStore, digest, encode
-from remote_runner.mirror.host.names import listing_entries
+from remote_runner.mirror.host.answers import listing_entries
 from remote_runner.mirror.host.profile import Profile
 from remote_runner.mirror.listing import directory_answer, encode_answer
 from remote_runner.mirror.replies import OpError

@@ -45,7 +45,7 @@ from .host.jobs import attach, run_daemon, run_exec
 from .host.lanes import LaneListener
 from .host.link import DEFAULT_DEADLINE, DEFAULT_HEARTBEAT, EXIT_LINK, REQUEST_TIMEOUT, Link
 from .host.namespaces import PR_SET_CHILD_SUBREAPER, prctl
-from .host.operations import hidden_name
+from .host.state import hidden_name
 from .host.profile import Profile
 
 #: The parts' names that callers (tests, tools) reach through this module.

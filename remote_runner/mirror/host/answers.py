@@ -11,10 +11,47 @@ Shipped to hosts inside the agent's zipapp (``rrmirror.host``): stdlib only, Pyt
 
 from __future__ import annotations
 
+import json
+from itertools import chain
 from typing import Any, Dict, List, Optional, Tuple
 
+from .. import protocol as P
+
 from .kernel import KernelDrops
-from .names import MISSING, NameCache, entries_of, listing_entries, parent
+from .names import MISSING, NameCache, parent
+
+
+def listing_entries(data: bytes) -> Optional[List[Any]]:
+    """The entries of an encoded directory answer (``listing.py``) as (name, attributes, link); None if malformed."""
+    try:
+        return entries_of(json.loads(data.decode("utf-8")))
+    except (ValueError, UnicodeDecodeError):
+        return None
+
+
+def entries_of(body: Any) -> Optional[List[Any]]:
+    """:func:`listing_entries` of an answer already decoded (one a reply carried inside its own JSON)."""
+    try:
+        names, rows, links = body["n"], body["a"], body["l"]
+    except (KeyError, TypeError, IndexError):
+        return None
+    if not (isinstance(names, list) and isinstance(rows, list) and isinstance(links, list)
+            and len(names) == len(rows) == len(links)):
+        return None
+    # Checked as whole columns (a warm start reads thousands of entries):
+    # names are strings without "/" and never "", "." or ".."; a row is
+    # STAT_FIELDS integers (a row that is not is an entry of unknown
+    # attributes, as P.row_attrs says); a link is a string or null.
+    if (not set(map(type, names)) <= {str} or "/" in "".join(names)
+            or not {"", ".", ".."}.isdisjoint(names) or not set(map(type, links)) <= {str, type(None)}):
+        return None
+    fields = P.STAT_FIELDS
+    if set(map(type, rows)) <= {list} and set(map(len, rows)) <= {len(fields)} and \
+            set(map(type, chain.from_iterable(rows))) <= {int}:
+        attrs: List[Any] = [dict(zip(fields, row)) for row in rows]
+    else:
+        attrs = [P.row_attrs(row) for row in rows]
+    return list(zip(names, attrs, links))
 
 
 def split_file(header: Dict[str, Any], data: bytes) -> Tuple[bytes, Optional[Tuple[List[int], bytes]]]:

@@ -21,14 +21,12 @@ Shipped to hosts inside the agent's zipapp (``rrmirror.host``): stdlib only, Pyt
 
 from __future__ import annotations
 
-import json
 import posixpath
 import threading
 import time
-from itertools import chain
 from typing import Any, Dict, Iterable, List, Optional, Set, Tuple
 
-from .. import protocol as P
+from .aliases import InodeAliases
 
 #: What :meth:`NameCache.get` returns for a name known not to exist.
 MISSING: Dict[str, int] = {"missing": 1}
@@ -38,8 +36,6 @@ LEASE = 1.0
 LIMIT = 200000
 STAMPS = 20000
 FOREVER = float("inf")
-#: Files created without waiting whose inode numbers are kept (see NameCache.bind).
-ALIASES = 200000
 #: A directory too big for one answer is not asked for whole again for this long.
 BIG_DIRECTORY_SECONDS = 60.0
 
@@ -47,39 +43,6 @@ BIG_DIRECTORY_SECONDS = 60.0
 def parent(path: str) -> str:
     """The directory of *path* (``/`` for ``/``)."""
     return posixpath.dirname(path.rstrip("/")) or "/"
-
-
-def listing_entries(data: bytes) -> Optional[List[Any]]:
-    """The entries of an encoded directory answer (``listing.py``) as (name, attributes, link); None if malformed."""
-    try:
-        return entries_of(json.loads(data.decode("utf-8")))
-    except (ValueError, UnicodeDecodeError):
-        return None
-
-
-def entries_of(body: Any) -> Optional[List[Any]]:
-    """:func:`listing_entries` of an answer already decoded (one a reply carried inside its own JSON)."""
-    try:
-        names, rows, links = body["n"], body["a"], body["l"]
-    except (KeyError, TypeError, IndexError):
-        return None
-    if not (isinstance(names, list) and isinstance(rows, list) and isinstance(links, list)
-            and len(names) == len(rows) == len(links)):
-        return None
-    # Checked as whole columns (a warm start reads thousands of entries):
-    # names are strings without "/" and never "", "." or ".."; a row is
-    # STAT_FIELDS integers (a row that is not is an entry of unknown
-    # attributes, as P.row_attrs says); a link is a string or null.
-    if (not set(map(type, names)) <= {str} or "/" in "".join(names)
-            or not {"", ".", ".."}.isdisjoint(names) or not set(map(type, links)) <= {str, type(None)}):
-        return None
-    fields = P.STAT_FIELDS
-    if set(map(type, rows)) <= {list} and set(map(len, rows)) <= {len(fields)} and \
-            set(map(type, chain.from_iterable(rows))) <= {int}:
-        attrs: List[Any] = [dict(zip(fields, row)) for row in rows]
-    else:
-        attrs = [P.row_attrs(row) for row in rows]
-    return list(zip(names, attrs, links))
 
 
 class _Listing:
@@ -116,10 +79,8 @@ class NameCache:
         self._type_kids: Dict[str, Set[str]] = {}  # directory -> names below it in _types
         #: Where whole directory answers are kept between sessions (``listings.py``), if anywhere.
         self.listings: Any = None
-        #: (st_dev, local inode) -> the inode the host gave a file it created without waiting.
-        self.aliases: Dict[Tuple[int, int], int] = {}
-        #: Names created without waiting, not yet answered -> their made-up inode (see expect_inode).
-        self._expected: Dict[str, int] = {}
+        #: Inodes the host made up for files it created without waiting (see aliases.py).
+        self.inodes = InodeAliases()
         self.hits = 0
         self.negative_hits = 0
         self.misses = 0
@@ -165,51 +126,6 @@ class NameCache:
         table[path] = self._epoch
 
     # -- storing ------------------------------------------------------------------
-    def alias(self, attrs: Any) -> Any:
-        """*attrs* with the inode the host gave the file, if it made one up (see :meth:`bind`)."""
-        if self.aliases and isinstance(attrs, dict) and "st_ino" in attrs:
-            made_up = self.aliases.get((attrs.get("st_dev"), attrs["st_ino"]))
-            if made_up is not None:
-                attrs["st_ino"] = made_up
-        return attrs
-
-    def expect_inode(self, path: str, made_up: Optional[int]) -> None:
-        """Until the reply to its creation (*made_up* None), local attributes of *path* are its.
-
-        Another reply may bring the new name's local attributes before the
-        creation's own (a listing of its directory, answered after it on the
-        local side but read first here): they are bound to the made-up inode then.
-        """
-        with self._lock:
-            if made_up is None:
-                self._expected.pop(path, None)
-            elif len(self._expected) < ALIASES:
-                self._expected[path] = made_up
-
-    def bind(self, attrs: Any, made_up: int) -> None:
-        """The file the host numbered *made_up* has these (local) attributes: keep its number.
-
-        A file created without waiting (``MountState.post_create``) was shown
-        to the program before its local inode was known; every answer about
-        it from then on carries the number the program already saw.
-        """
-        with self._lock:
-            self._bind_locked(attrs, made_up)
-
-    def unbind(self, made_up: int) -> None:
-        """The creation that made up *made_up* failed: no local file answers to it."""
-        with self._lock:
-            for key in [k for k, v in self.aliases.items() if v == made_up]:
-                del self.aliases[key]
-
-    def _bind_locked(self, attrs: Any, made_up: int) -> None:
-        if not isinstance(attrs, dict) or not isinstance(attrs.get("st_ino"), int) or attrs["st_ino"] == made_up:
-            return
-        if len(self.aliases) > ALIASES:
-            self.aliases.clear()  # (a file's number may then change once, as on a remount)
-        self.aliases[(attrs.get("st_dev"), attrs["st_ino"])] = made_up
-        attrs["st_ino"] = made_up
-
     def put(self, path: str, attrs: Optional[Dict[str, Any]], watched: bool = False,
             since: Optional[int] = None, link: Optional[str] = None,
             now: Optional[float] = None) -> bool:
@@ -217,9 +133,7 @@ class NameCache:
         if attrs is None:
             attrs = MISSING
         if not attrs.get("missing"):
-            self.alias(attrs)
-            if self._expected and path in self._expected and attrs.get("st_ino") != self._expected[path]:
-                self.bind(attrs, self._expected[path])
+            self.inodes.adopt(path, attrs)
             # A file with several names changes through names in other directories,
             # whose watches do not see it: lease only.
             mode = int(attrs.get("st_mode", 0))
@@ -265,13 +179,11 @@ class NameCache:
             # is stale only if it was itself invalidated since.
             stamps, trees = self._stamps, self._trees
             kids = self._kids.setdefault(directory, set())
-            aliases, expected = self.aliases, self._expected
+            adopt = self.inodes.adopt
             for name, attrs, link in entries:
                 path = base + name
-                if aliases and attrs:
-                    self.alias(attrs)
-                if expected and attrs and path in expected and attrs.get("st_ino") != expected[path]:
-                    self._bind_locked(attrs, expected[path])
+                if attrs:
+                    adopt(path, attrs)
                 listing.names.add(name)
                 if since is not None and (stamps.get(path, -1) >= since or trees.get(path, -1) >= since):
                     listing.unknown.add(name)

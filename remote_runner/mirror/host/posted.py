@@ -13,7 +13,7 @@ waited for the local side: a round trip per name, 20 ms at 10 ms each way.
   ``protocol.POSTED_HANDLES``) and makes up the inode (from
   :data:`MADE_UP_INODES`); the name's attributes are those the local side
   will give it. The made-up inode stays the file's for the session: every
-  later answer about its local inode is rewritten to it (``NameCache.bind``),
+  later answer about its local inode is rewritten to it (``InodeAliases.bind``),
   so ``fstat``, ``stat``, a hard link and a later ``stat`` agree.
 * A create's outcome is taken like a write's (its error comes at close, as
   on NFS); a mkdir's or symlink's like a posted unlink's (at the next change
@@ -40,7 +40,7 @@ from .. import protocol as P
 from .names import parent as parent_of
 from .writes import predicted_directory
 
-#: Inode numbers the host gives the files it creates without waiting (see NameCache.bind):
+#: Inode numbers the host gives the files it creates without waiting (see aliases.py):
 #: far above what local file systems hand out.
 MADE_UP_INODES = 1 << 60
 #: A name longer than this is created waiting for the local side's answer: file systems
@@ -96,7 +96,7 @@ class NewNames:
                  now: int, link: Optional[str] = None) -> Tuple[int, Optional[int]]:
         """Show the name *op* makes (its *attrs*) at once, and its directory (*where*) changed.
 
-        The name stands for its made-up inode until the reply (``expect_inode``);
+        The name stands for its made-up inode until the reply (``InodeAliases.expect``);
         a new directory is known empty. Returns (a name-cache token from
         before the change, the token of the directory's guessed attributes or None).
         """
@@ -106,7 +106,7 @@ class NewNames:
         guess = predicted_directory(where, op, now)
         self.forget_changed(op, args)
         since = self.cache.begin()
-        self.cache.expect_inode(name, attrs["st_ino"])
+        self.cache.inodes.expect(name, attrs["st_ino"])
         self.cache.put(name, attrs, watched=kept, since=since, link=link)
         if op == "mkdir":
             self.cache.put_listing(name, [], watched=kept, since=since)
@@ -118,8 +118,8 @@ class NewNames:
 
     def unshow_new(self, op: str, args: Dict[str, Any], made_up: int, token: Optional[int]) -> None:
         """The change :meth:`show_new` showed failed: nothing of what it showed stands."""
-        self.cache.expect_inode(args["path"], None)
-        self.cache.unbind(made_up)
+        self.cache.inodes.expect(args["path"], None)
+        self.cache.inodes.unbind(made_up)
         self.forget_changed(op, args)
         if token is not None:
             self.guesses.end(parent_of(args["path"]), token)
@@ -158,7 +158,7 @@ class NewNames:
             self.creating_in.setdefault(folder, {})[fh] = None
 
         def done(header: Optional[Dict[str, Any]]) -> None:
-            self.cache.expect_inode(name, None)
+            self.cache.inodes.expect(name, None)
             with self.writing_lock:
                 waiting = self.creating_in.get(folder, {})
                 waiting.pop(fh, None)
@@ -169,7 +169,7 @@ class NewNames:
                 self.written_files.drop(name)
                 return
             st = header.get("st")
-            self.cache.bind(st, made_up)
+            self.cache.inodes.bind(st, made_up)
             if not isinstance(st, dict) or st.get("st_size") != 0:
                 self.written_files.drop(name)  # not the empty file it was taken for (made here meanwhile)
             if token is not None:
@@ -220,8 +220,8 @@ class NewNames:
                 self.profile.made(name)
 
         def done(header: Dict[str, Any]) -> None:
-            self.cache.expect_inode(name, None)
-            self.cache.bind(header.get("st"), made_up)
+            self.cache.inodes.expect(name, None)
+            self.cache.inodes.bind(header.get("st"), made_up)
             if op == "mkdir" and not header.get("empty"):
                 self.cache.invalidate(trees=[name])  # someone was quicker here: ask what it holds
             # (its listing was kept from the start, with what the host made in it since)

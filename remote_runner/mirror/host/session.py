@@ -21,9 +21,9 @@ from .command import command_user
 from .link import Link
 from .mount import Mount, check_fuse_device, choose_libfuse
 from .listings import ListingStore, encode
-from .answers import absorb_answers, forget_in_kernel, forget_names
+from .answers import absorb_answers, forget_in_kernel, forget_names, listing_entries
 from .kernel import KernelDrops
-from .names import NameCache, listing_entries, parent
+from .names import NameCache, parent
 from .namespaces import SPECIAL_DIRS, bind_specials, enter_namespaces, umount, unmount_under
 from .profile import Profile
 from .scratch import make_private

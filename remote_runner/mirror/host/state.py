@@ -438,3 +438,17 @@ class MountState(NewNames):
         if self.cache.kept(name):  # a change made by this machine will be reported (watched)
             self.written_files.start(name, fh, self.cache.begin())
 
+
+def caller() -> List[int]:
+    """uid and gid of the process making the current FUSE request (new files become theirs)."""
+    import mfusepy
+    uid, gid, _ = mfusepy.fuse_get_context()
+    return [uid, gid]
+
+
+def hidden_name(path: str) -> bool:
+    """Whether *path* has the shape of libfuse's ``.fuse_hidden`` + 16 hex digits name."""
+    name = path.rsplit("/", 1)[-1]
+    digits = name[len(".fuse_hidden"):]
+    return name.startswith(".fuse_hidden") and len(digits) == 16 and all(
+        c in "0123456789abcdef" for c in digits)
