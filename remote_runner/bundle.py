@@ -36,7 +36,7 @@ import threading
 import time
 from collections import OrderedDict
 from concurrent.futures import ThreadPoolExecutor
-from typing import TYPE_CHECKING, Callable, Dict, List, Optional, Sequence, Set, Tuple
+from typing import TYPE_CHECKING, Any, Callable, Dict, List, Optional, Sequence, Set, Tuple
 
 from remote_runner import hashcache
 from remote_runner.errors import CopyError, RunnerError, describe
@@ -173,10 +173,14 @@ RENAMER_FROM = 4
 #: a directory in the way is an error). The stages hold only the bundle's files.
 RENAMER = r'''
 import os, sys
-for stage in sys.argv[1:]:
-    parent = os.path.dirname(stage)
-    for name in os.listdir(stage):
-        os.rename(os.path.join(stage, name), os.path.join(parent, name))
+try:
+    for stage in sys.argv[1:]:
+        parent = os.path.dirname(stage)
+        for name in os.listdir(stage):
+            os.rename(os.path.join(stage, name), os.path.join(parent, name))
+except OSError as e:
+    sys.stderr.write("%s: %s\n" % (getattr(e, "filename2", None) or e.filename, e.strerror))
+    sys.exit(1)
 '''
 
 
@@ -246,12 +250,17 @@ def _stat_of(path: str) -> str:
 SHARED = SharedTars()
 
 
-def upload_bundle(shell: "Shell", host: str, items: Sequence[Upload], then: str = "") -> str:
+def upload_bundle(shell: "Shell", host: str, items: Sequence[Upload],
+                  place: Optional[Callable[[Dict[str, Any]], str]] = None) -> str:
     """Unpack *items* into a stage dir beside each destination directory, then rename them into place.
 
-    *then* is shell text run in the same exec once the files are in place
-    (the manifest update of a copy that is this one bundle); its failure does
-    not fail the copy. Returns the exec's output (what *then* printed).
+    *place*, given what is to be placed (``{"files": [[staged path,
+    destination, size, mode], ...], "stages": [...]}``), returns a shell command (or "") that
+    checks, chmods and renames the files into place itself, run instead of
+    the shell steps where the host has python3 (the manifest's program, which
+    records the files in the same exec: :func:`remote_runner.manifest.inline_command`).
+    It must end ``|| fail`` and exit 0 only once every file is in place.
+    Returns the exec's output (what that command printed).
     """
     q = shlex.quote
     groups: Dict[str, List[Upload]] = {}
@@ -273,9 +282,13 @@ def upload_bundle(shell: "Shell", host: str, items: Sequence[Upload], then: str 
               f"mkdir {every_stage} || fail\n" +
               # tar's status covers write errors (a full disk) and a cut stream; the
               # sizes are checked as well before anything is renamed into place.
-              f"tar -xf - -C {q(top)} || fail\n"
-              f"if got=$(stat -c %s -- {' '.join(paths)} 2>/dev/null) && [ \"$got\" != {q(sizes)} ]; then\n"
-              f"  echo {SHORT_MARK} >&2; fail\nfi\n")
+              f"tar -xf - -C {q(top)} || fail\n")
+    placing = place({"files": [[posixpath.join(top, m), u.dest, u.size, u.mode] for m, u in zip(members, ordered)],
+                     "stages": list(stages.values())}) if place is not None else ""
+    if placing:
+        script += f"if command -v python3 >/dev/null 2>&1; then\n{placing}exit 0\nfi\n"
+    script += (f"if got=$(stat -c %s -- {' '.join(paths)} 2>/dev/null) && [ \"$got\" != {q(sizes)} ]; then\n"
+               f"  echo {SHORT_MARK} >&2; fail\nfi\n")
     for mode in sorted({u.mode for u in ordered}):
         same = " ".join(path for path, u in zip(paths, ordered) if u.mode == mode)
         script += f"chmod {mode:o} {same} || fail\n"
@@ -289,7 +302,7 @@ def upload_bundle(shell: "Shell", host: str, items: Sequence[Upload], then: str 
         moves = (f"if command -v python3 >/dev/null 2>&1; then\n"
                  f"  cd / && python3 {PYTHON_FLAGS} -c {q(RENAMER)} {every_stage} || fail\n"
                  f"else\n{moves}fi\n")
-    script += moves + "cd / && rmdir " + every_stage + (" || exit 1\n" + then + "\nexit 0\n" if then else "\n")
+    script += moves + "cd / && rmdir " + every_stage + "\n"
     result = shell.feed(script, SHARED.get(token, lambda: bundle_tar(ordered, members)), timeout=600)
     if result.exit_status != 0:
         raise CopyError(f"bundled upload of {len(items)} file(s) failed: "

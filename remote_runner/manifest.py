@@ -85,6 +85,34 @@ size = int(sys.argv[1]) if len(sys.argv) > 1 else -1
 req = json.loads(sys.stdin.buffer.read(size).decode("utf-8", "surrogateescape"))
 ahead = req.get("ahead") or []
 blob = sys.stdin.buffer.read(req.get("ahead_bytes", 0)) if ahead else b""
+place = req.get("place")
+if place:
+    # A bundle just unpacked into its stage directories: check, chmod and rename
+    # its files into place (exit 3 if any step fails: the shell removes the stages).
+    try:
+        for p, dest, n, m in place["files"]:
+            st = os.lstat(p)
+            if not stat.S_ISREG(st.st_mode) or st.st_size != n:
+                sys.stderr.write("RR-SHORT-WRITE\n")
+                sys.exit(3)
+        for p, dest, n, m in place["files"]:
+            os.chmod(p, m)
+        for p, dest, n, m in place["files"]:
+            os.rename(p, dest)
+        for d in place["stages"]:
+            os.rmdir(d)
+    except OSError as e:
+        sys.stderr.write("%s: %s\n" % (getattr(e, "filename2", None) or e.filename, e.strerror))
+        sys.exit(3)
+    def placed(kind, value, tb):
+        # The files are in place, so the copy succeeded: an error recording them
+        # is reported, and the next run hashes them again.
+        import traceback
+        traceback.print_exception(kind, value, tb)
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(0)
+    sys.excepthook = placed
 home = os.environ.get("HOME") or os.path.expanduser("~")
 mdir = os.path.join(os.environ.get("XDG_CACHE_HOME") or os.path.join(home, ".cache"),
                     "remote-runner", "manifests")
@@ -326,26 +354,29 @@ def run_script(size: Optional[int] = None) -> str:
             f"exec python3 {PYTHON_FLAGS} -c {shlex.quote(HOST_PROGRAM)}{arg}\n")
 
 
-def inline_script(payload: bytes) -> str:
+def inline_command(payload: bytes, on_failure: str = "") -> str:
     """Shell text running :data:`HOST_PROGRAM` on *payload* inside another script (a here-document).
 
-    A copy that is a single exec (one bundle) records what it copied in that
-    same exec instead of one more. The request is one line of JSON, so the
-    delimiter line cannot occur in it. Without python3 it prints nothing.
+    A copy that is a single exec (one bundle) places and records what it
+    copied in that same exec (see :func:`request`'s *place*), with one
+    python3 instead of a ``stat``, a ``chmod``, a ``mv`` and a python3 of its
+    own. *on_failure* is shell text appended to the command (`` || fail``).
+    The request is one line of JSON, so the delimiter line cannot occur in
+    it. The caller checks that python3 is there.
     """
     text = payload.decode("utf-8", "surrogateescape")
     if "\n" in text:
         raise ValueError("a manifest request is one line")
-    return (f"if command -v python3 >/dev/null 2>&1; then\n"
-            f"python3 {PYTHON_FLAGS} -c {shlex.quote(HOST_PROGRAM)} <<'{_INLINE_END}'\n{text}\n{_INLINE_END}\n"
-            "fi\n")
+    return (f"python3 {PYTHON_FLAGS} -c {shlex.quote(HOST_PROGRAM)} <<'{_INLINE_END}'{on_failure}\n"
+            f"{text}\n{_INLINE_END}\n")
 
 
 def request(items: Sequence["Upload"], trees: Sequence[str], tree_of: Sequence[int], *,
             dirs: Sequence[Tuple[str, Optional[int]]] = (), rehash: bool = False,
             prepare: bool = False, hash_all: bool = False,
             receipts: Optional[Mapping[str, Any]] = None,
-            ahead: Sequence[Tuple[int, str, str]] = (), ahead_bytes: int = 0) -> bytes:
+            ahead: Sequence[Tuple[int, str, str]] = (), ahead_bytes: int = 0,
+            place: Optional[Mapping[str, Any]] = None) -> bytes:
     """The JSON request for *items* (each in ``trees[tree_of[i]]``).
 
     A check sends size and mode: the host hashes only files that match them
@@ -360,6 +391,11 @@ def request(items: Sequence["Upload"], trees: Sequence[str], tree_of: Sequence[i
     stdin, *ahead_bytes* in all, in that order: (index, SHA-1, token). The
     host stages each one that differs there as ``.NAME.rr-TOKEN.tmp`` beside
     its destination (see :mod:`remote_runner.precheck`).
+    *place* (a record after a bundle, :func:`remote_runner.bundle.upload_bundle`)
+    has the host first check, chmod and rename the bundle's staged files into
+    place: ``files`` [staged path, destination, size, mode], each renamed to
+    its destination, then the empty ``stages`` removed; the program exits 3 if any of
+    that fails, and 0 once the files are in place, whatever the record does.
     """
     files = []
     for u, t in zip(items, tree_of):
@@ -373,6 +409,8 @@ def request(items: Sequence["Upload"], trees: Sequence[str], tree_of: Sequence[i
                            "stale": STALE_MINUTES, "lock_wait": LOCK_WAIT}
     if ahead and prepare:
         doc["ahead"], doc["ahead_bytes"] = [list(a) for a in ahead], ahead_bytes
+    if place is not None:
+        doc["place"] = dict(place)
     return json.dumps(doc).encode("utf-8", "surrogateescape")
 
 

@@ -375,14 +375,21 @@ def _bundle_and_record(shell: "Shell", plan: Plan, items: Sequence[Upload],
     whether the record was made (else the caller records with its own exec).
     """
     trees, index = plan.tree_index(items)
-    payload = manifest.request(items, trees, index, hash_all=True)
-    then = manifest.inline_script(payload) if len(payload) <= INLINE_RECORD_MAX else ""
+    asked: List[bool] = []
+
+    def place(what: Dict[str, Any]) -> str:
+        payload = manifest.request(items, trees, index, hash_all=True, place=what)
+        if len(payload) > INLINE_RECORD_MAX:
+            return ""
+        asked.append(True)
+        return manifest.inline_command(payload, " || fail")
+
     if progress is not None:
         progress(plan.host, 0)  # lets a cancelled copy stop before it
-    out = upload_bundle(shell, plan.host, items, then=then)
+    out = upload_bundle(shell, plan.host, items, place=place)
     if progress is not None:
         progress(plan.host, sum(u.size for u in items))
-    if not then:
+    if not asked:
         return False
     return _recorded(plan, items, manifest.parse_answer(out.splitlines(), len(items))) is not None
 

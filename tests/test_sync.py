@@ -19,7 +19,7 @@ import uuid
 
 import pytest
 
-from remote_runner import bundle, sync
+from remote_runner import bundle, manifest, sync
 from remote_runner.config import FileSpec
 from remote_runner.errors import CopyError
 from remote_runner.shell import LocalShell, RemoteShell, ScriptResult
@@ -390,9 +390,22 @@ def test_ustar_names_are_split_at_a_slash_or_refused():
     assert bundle.ustar_split(b"n" * 101) is None  # nowhere to split
 
 
+def placer(how: str, items, tree: str):
+    """*how* the bundle's files are put in place on the host: "shell" (stat, chmod, mv) or
+    "python" (the manifest's program, which then records them: what a single-bundle copy does)."""
+    if how == "shell":
+        return None
+
+    def place(what):
+        payload = manifest.request(items, [tree], [0] * len(items), hash_all=True, place=what)
+        return manifest.inline_command(payload, " || fail")
+    return place
+
+
+@pytest.mark.parametrize("how", ["shell", "python"])
 @pytest.mark.parametrize("count", [3, 6])  # renamed by a mv per directory / by one python3
 def test_a_bundle_across_directories_that_fails_leaves_no_stage_and_no_partial_file(lab, host, tmp_path,
-                                                                                      count):
+                                                                                      count, how):
     """One bundle for several directories; the last one's file cannot be renamed into place (a
     directory has its name): every stage directory goes, and every destination holds either its
     old content or the whole new one."""
@@ -406,8 +419,8 @@ def test_a_bundle_across_directories_that_fails_leaves_no_stage_and_no_partial_f
         + f" && mkdir -p {base}/{dirs[-1]}/f/blocker && printf old > {base}/a/f")
     assert len(sync.bundles(items)) == 1
     with pytest.raises(CopyError) as info:
-        sync.upload_bundle(shell, "h2", items)
-    assert info.value.host == "h2"
+        sync.upload_bundle(shell, "h2", items, place=placer(how, items, base))
+    assert info.value.host == "h2" and "directory" in str(info.value), info.value
     listing = ssh(lab, "h2", f"cd {base} && find . | sort").stdout.split()
     assert not [p for p in listing if ".rr-" in p], listing
     for d in dirs[:-1]:
@@ -416,7 +429,8 @@ def test_a_bundle_across_directories_that_fails_leaves_no_stage_and_no_partial_f
     assert ssh(lab, "h2", f"ls -A {base}/{dirs[-1]}/f").stdout == "blocker\n"
 
 
-def test_a_bundle_to_many_directories_puts_every_file_in_place_with_its_mode(lab, host, tmp_path):
+@pytest.mark.parametrize("how", ["shell", "python"])
+def test_a_bundle_to_many_directories_puts_every_file_in_place_with_its_mode(lab, host, tmp_path, how):
     shell, _sftp, base = host
     items = []
     for i in range(12):  # past RENAMER_FROM: one python3 renames them all
@@ -427,21 +441,26 @@ def test_a_bundle_to_many_directories_puts_every_file_in_place_with_its_mode(lab
             items.append(sync.Upload(str(src), f"{base}/d{i:02d}/{name}", mode, 100 + i))
     ssh(lab, "h2", "mkdir -p " + " ".join(f"{base}/d{i:02d}" for i in range(12)))
     assert len(sync.bundles(items)) == 1
-    sync.upload_bundle(shell, "h2", items)
+    out = sync.upload_bundle(shell, "h2", items, place=placer(how, items, base))
     for item in items:
         got = ssh(lab, "h2", f"sha1sum {shlex.quote(item.dest)}; stat -c %a {shlex.quote(item.dest)}").stdout.split()
         assert (got[0], got[-1]) == (sync.local_sha1(item.src), f"{item.mode:o}"), item.dest
     assert ".rr-" not in ssh(lab, "h2", f"find {base}").stdout
+    if how == "python":  # placed and recorded by one program: each file with the SHA-1 it has there
+        answer = manifest.parse_answer(out.splitlines(), len(items))
+        assert answer is not None and answer.hashed == len(items) and answer.saved, out
+        assert [f.sha1 for f in answer.files] == [sync.local_sha1(item.src) for item in items]
 
 
-def test_failed_bundle_leaves_no_stage_directory(lab, host, tmp_path):
+@pytest.mark.parametrize("how", ["shell", "python"])
+def test_failed_bundle_leaves_no_stage_directory(lab, host, tmp_path, how):
     shell, _sftp, base = host
     item = tmp_path / "f"
     item.write_bytes(b"x" * 10)
     upload = sync.Upload(str(item), f"{base}/f", 0o644, 10)
     ssh(lab, "h2", f"mkdir -p {base}/f/blocker")  # a directory where the file should go
     with pytest.raises(CopyError) as info:
-        sync.upload_bundle(shell, "h2", [upload])
+        sync.upload_bundle(shell, "h2", [upload], place=placer(how, [upload], base))
     assert info.value.host == "h2"
     assert ssh(lab, "h2", f"ls -A {base}").stdout == "f\n"
 
@@ -514,14 +533,15 @@ def test_a_short_sftp_write_is_caught_by_size_and_explained(lab, host, full_disk
     assert _no_temporary_files(lab, full_disk)
 
 
-def test_a_bundle_that_does_not_fit_renames_nothing(lab, host, full_disk, tmp_path):
+@pytest.mark.parametrize("how", ["shell", "python"])
+def test_a_bundle_that_does_not_fit_renames_nothing(lab, host, full_disk, tmp_path, how):
     shell, _sftp, _base = host
     items = []
     for name in ("a", "b", "c"):
         (tmp_path / name).write_bytes(os.urandom(40 << 10))
         items.append(sync.Upload(str(tmp_path / name), f"{full_disk}/small/{name}", 0o644, 40 << 10))
     with pytest.raises(CopyError) as info:
-        sync.upload_bundle(shell, "h2", items)
+        sync.upload_bundle(shell, "h2", items, place=placer(how, items, f"{full_disk}/small"))
     assert "No space left on device" in str(info.value)
     assert ssh(lab, "h2", f"ls -A {full_disk}/small").stdout == "a\n"
     assert ssh(lab, "h2", f"cat {full_disk}/small/a").stdout == "old"
