@@ -38,7 +38,7 @@ from collections import OrderedDict
 from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING, Any, Callable, Dict, List, Optional, Sequence, Set, Tuple
 
-from remote_runner import hashcache
+from remote_runner import hashcache, manifest
 from remote_runner.errors import CopyError, RunnerError, describe
 from remote_runner.events import for_host
 from remote_runner.shell import PYTHON_FLAGS
@@ -251,16 +251,18 @@ SHARED = SharedTars()
 
 
 def upload_bundle(shell: "Shell", host: str, items: Sequence[Upload],
-                  place: Optional[Callable[[Dict[str, Any]], str]] = None) -> str:
+                  place: Optional[Callable[[Dict[str, Any]], Optional[bytes]]] = None) -> str:
     """Unpack *items* into a stage dir beside each destination directory, then rename them into place.
 
     *place*, given what is to be placed (``{"files": [[staged path,
-    destination, size, mode], ...], "stages": [...]}``), returns a shell command (or "") that
-    checks, chmods and renames the files into place itself, run instead of
-    the shell steps where the host has python3 (the manifest's program, which
-    records the files in the same exec: :func:`remote_runner.manifest.inline_command`).
-    It must end ``|| fail`` and exit 0 only once every file is in place.
-    Returns the exec's output (what that command printed).
+    destination, size, mode], ...], "stages": [...]}``), returns the
+    manifest program's request (or None) that has it check, chmod and rename
+    the files into place, then record them, in the same exec: run instead of
+    the shell steps where the host has python3
+    (:func:`remote_runner.manifest.inline_command`). It exits 0 only once
+    every file is in place, 3 when a step failed (the bundle fails); a
+    python3 that fails otherwise (too old to run it, say) leaves the files
+    to the shell steps. Returns the exec's output (what the program printed).
     """
     q = shlex.quote
     groups: Dict[str, List[Upload]] = {}
@@ -283,10 +285,12 @@ def upload_bundle(shell: "Shell", host: str, items: Sequence[Upload],
               # tar's status covers write errors (a full disk) and a cut stream; the
               # sizes are checked as well before anything is renamed into place.
               f"tar -xf - -C {q(top)} || fail\n")
-    placing = place({"files": [[posixpath.join(top, m), u.dest, u.size, u.mode] for m, u in zip(members, ordered)],
-                     "stages": list(stages.values())}) if place is not None else ""
-    if placing:
-        script += f"if command -v python3 >/dev/null 2>&1; then\n{placing}exit 0\nfi\n"
+    request = place({"files": [[posixpath.join(top, m), u.dest, u.size, u.mode] for m, u in zip(members, ordered)],
+                     "stages": list(stages.values())}) if place is not None else None
+    if request is not None:
+        script += ("if command -v python3 >/dev/null 2>&1; then\n  s=0\n" +
+                   manifest.inline_command(request, " || s=$?") +
+                   '  [ "$s" = 0 ] && exit 0\n  [ "$s" = 3 ] && fail\nfi\n')
     script += (f"if got=$(stat -c %s -- {' '.join(paths)} 2>/dev/null) && [ \"$got\" != {q(sizes)} ]; then\n"
                f"  echo {SHORT_MARK} >&2; fail\nfi\n")
     for mode in sorted({u.mode for u in ordered}):

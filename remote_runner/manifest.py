@@ -360,7 +360,7 @@ def inline_command(payload: bytes, on_failure: str = "") -> str:
     A copy that is a single exec (one bundle) places and records what it
     copied in that same exec (see :func:`request`'s *place*), with one
     python3 instead of a ``stat``, a ``chmod``, a ``mv`` and a python3 of its
-    own. *on_failure* is shell text appended to the command (`` || fail``).
+    own. *on_failure* is shell text appended to the command (`` || s=$?``).
     The request is one line of JSON, so the delimiter line cannot occur in
     it. The caller checks that python3 is there.
     """

@@ -377,12 +377,12 @@ def _bundle_and_record(shell: "Shell", plan: Plan, items: Sequence[Upload],
     trees, index = plan.tree_index(items)
     asked: List[bool] = []
 
-    def place(what: Dict[str, Any]) -> str:
+    def place(what: Dict[str, Any]) -> Optional[bytes]:
         payload = manifest.request(items, trees, index, hash_all=True, place=what)
         if len(payload) > INLINE_RECORD_MAX:
-            return ""
+            return None
         asked.append(True)
-        return manifest.inline_command(payload, " || fail")
+        return payload
 
     if progress is not None:
         progress(plan.host, 0)  # lets a cancelled copy stop before it

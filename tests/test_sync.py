@@ -397,8 +397,7 @@ def placer(how: str, items, tree: str):
         return None
 
     def place(what):
-        payload = manifest.request(items, [tree], [0] * len(items), hash_all=True, place=what)
-        return manifest.inline_command(payload, " || fail")
+        return manifest.request(items, [tree], [0] * len(items), hash_all=True, place=what)
     return place
 
 
@@ -450,6 +449,25 @@ def test_a_bundle_to_many_directories_puts_every_file_in_place_with_its_mode(lab
         answer = manifest.parse_answer(out.splitlines(), len(items))
         assert answer is not None and answer.hashed == len(items) and answer.saved, out
         assert [f.sha1 for f in answer.files] == [sync.local_sha1(item.src) for item in items]
+
+
+def test_a_python3_that_cannot_run_the_placing_program_leaves_the_bundle_to_the_shell(lab, host, tmp_path):
+    """A python3 that fails before placing anything (too old for ``-I``, say: exit 2) is not a
+    failed copy: the shell's stat, chmod and mv put the files in place, as without python3."""
+    from tests.test_manifest import NoPython
+    shell, _sftp, base = host
+    tools = " ".join(f'"$(command -v {t})"' for t in ("sh", "mkdir", "tar", "stat", "chmod", "mv", "rm",
+                                                       "rmdir", "cat"))
+    ssh(lab, "h2", f"mkdir -p {base}-bin {base}/d && ln -sf {tools} {base}-bin/ && "
+                   f"printf '#!/bin/sh\\nexit 2\\n' > {base}-bin/python3 && chmod 755 {base}-bin/python3")
+    items = []
+    for name, mode in (("a", 0o644), ("b", 0o755)):
+        (tmp_path / name).write_bytes(name.encode() * 100)
+        items.append(sync.Upload(str(tmp_path / name), f"{base}/d/{name}", mode, 100))
+    out = sync.upload_bundle(NoPython(shell, f"{base}-bin"), "h2", items, place=placer("python", items, base))
+    assert manifest.ANSWER_MARK not in out  # (nothing recorded: the caller records, or the next run hashes)
+    assert ssh(lab, "h2", f"cd {base}/d && cat a b && echo && stat -c %a a b && ls -A").stdout.split() == [
+        "a" * 100 + "b" * 100, "644", "755", "a", "b"]
 
 
 @pytest.mark.parametrize("how", ["shell", "python"])
