@@ -32,8 +32,8 @@ and inside a step hosts are handled in parallel, at most ``forks`` at once):
 Hosts run commands through a :class:`~remote_runner.shell.Shell`: ``sh -s``
 over an SSH exec channel, or a local ``sh`` for ``localhost``, so the same
 scripts serve both. The :class:`Runner` is this sequence; steps 3 and the
-launchers live in :mod:`remote_runner.hostsetup`, steps 6 and 7 in
-:mod:`remote_runner.runend`.
+launchers live in :mod:`remote_runner.hostsetup`, step 5 in
+:mod:`remote_runner.starting`, steps 6 and 7 in :mod:`remote_runner.runend`.
 """
 
 from __future__ import annotations
@@ -41,13 +41,12 @@ from __future__ import annotations
 import logging
 import os
 import posixpath
-import shlex
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING, Any, Callable, Dict, List, Optional, Sequence, Set
 
 from remote_runner import events as ev
-from remote_runner import hashcache, hostops, landing, precheck, sessionlock
+from remote_runner import hashcache, landing, precheck, sessionlock
 from remote_runner import screen as scr
 from remote_runner import sync
 from remote_runner import upload
@@ -60,6 +59,7 @@ from remote_runner.runmodel import (  # noqa: F401 - re-exported: the runner's A
 )
 from remote_runner.hostsetup import HostSetup
 from remote_runner.runend import RunEnd
+from remote_runner.starting import Starting
 from remote_runner.runrecord import (ComponentRecord, HostRecord, RunRecord, component_record,
                                      host_record, new_run_id, utc_now)
 from remote_runner.shell import LocalShell, RemoteShell, ScriptResult, Shell  # noqa: F401 (API)
@@ -114,7 +114,7 @@ class _Dial:
                 self.runner.close_connections()
 
 
-class Runner(HostSetup, RunEnd):
+class Runner(HostSetup, Starting, RunEnd):
     """One run of one experiment."""
 
     def __init__(self, experiment: "Experiment", options: RunOptions,
@@ -395,128 +395,6 @@ class Runner(HostSetup, RunEnd):
             done = self.report.sync[host]
             self._say(ev.KIND_COPY_DONE, host, done.summary().split(": ", 1)[-1],
                       copied=len(done.copied), unchanged=len(done.skipped), bytes=done.bytes)
-
-    def write_launchers(self) -> None:
-        """Build every component's launcher; they are written by each host's first start command."""
-        mirrored = [p.spec for places in self.placements.values() for p in places if p.spec.mirror]
-        if mirrored:
-            by_name = {name: self.connections[group] for name, group in self.host_of.items()
-                       if group in self.connections}
-            self.mirror = self.mirror_factory({**by_name, **self.connections}, mirrored)
-        self._setup = {host: self._placing(host) + self._launcher_setup(host)
-                       for host in self.placements}
-
-    def _placing(self, host: str) -> str:
-        """Shell text renaming the files *host* staged into place (and removing the rest)."""
-        temps = self.sent_ahead.get(host)
-        if not temps:
-            return ""
-        done = self.report.sync.get(host)
-        placed = set(done.placed) if done is not None else set()
-        q = shlex.quote
-        lines = []
-        for dest, temp in sorted(temps.items()):
-            if dest in placed:
-                lines.append(f"mv -f -- {q(temp)} {q(dest)} {scr.placing_failed(dest)}\n")
-            else:
-                lines.append(f"rm -f -- {q(temp)}\n")
-        return "".join(lines)
-
-    def _drop_sent_ahead(self) -> None:
-        """Remove the temporaries of hosts whose start never put them in place (a failed run)."""
-        for host, temps in self.sent_ahead.items():
-            shell = self.shells.get(host)
-            if not temps or shell is None:
-                continue
-            try:
-                shell.script("rm -f -- " + " ".join(shlex.quote(t) for t in temps.values()),
-                             timeout=30)
-            except Exception as exc:  # noqa: BLE001 - the stale sweep of a later run removes them
-                LOG.debug("%s: could not remove the files staged ahead: %s", host, exc)
-        self.sent_ahead = {}
-
-    def start_all(self) -> None:
-        """Start components by start_index, one confirmed wave at a time: one command per host.
-
-        A host's first command also writes the launchers of all its waves and
-        replaces the previous session (or adopts it with ``--no-kill``) — only
-        now, once every host is prepared and every copy is complete, so a run
-        that cannot start leaves the last good experiment running. Hosts with
-        nothing in the first wave do that in parallel with it.
-        """
-        waves: Dict[Any, List[Placement]] = {}
-        for places in self.placements.values():
-            for place in places:
-                waves.setdefault(place.spec.start_index, []).append(place)
-        pending = set(self.placements)  # hosts whose session is not replaced yet
-        for index in sorted(waves):
-            by_host: Dict[str, List[Placement]] = {host: [] for host in pending}
-            for place in waves[index]:
-                by_host.setdefault(self._group_of(place.spec), []).append(place)
-            self._say(ev.KIND_NOTE, None, f"starting index {index}: " + ", ".join(
-                f"{p.spec.host}:{p.spec.name}" for p in waves[index]))
-            first = set(pending)
-            pending = set()
-            self._parallel(lambda host: self._start_on_host(host, by_host[host], host in first),
-                           list(by_host), f"starting index {index}", by_host)
-
-    # -- per host -----------------------------------------------------------
-
-    def _start_on_host(self, host: str, places: List[Placement], first: bool) -> None:
-        """Open the windows of *places* on *host*, confirm them healthy, record their pids.
-
-        One command: on the host's *first* one, the launchers are written and
-        the previous session replaced before the windows open.
-        """
-        session = self.screens[host]
-        checks = [hostops.HealthCheck(p.window, p.base_dir, p.spec.ready, p.spec.ready_timeout,
-                                      p.spec.wait or p.spec.mirror) for p in places]
-        replace = None
-        if first:
-            replace = "kill" if self.options.kill_first else "adopt"
-        wave = session.start_wave([p.window for p in places],
-                                  setup=self._setup.get(host, "") if first else "",
-                                  replace=replace,
-                                  health=hostops.health_script(checks, self.options.settle)
-                                  if checks else "",
-                                  grace=self.options.terminate_grace,
-                                  extra_time=hostops.health_time(checks, self.options.settle))
-        if first:
-            self.sent_ahead.pop(host, None)  # in place (or removed) by this command's setup
-        for old in wave.quit:
-            self._say(ev.KIND_NOTE, host, f"quit previous screen session {old}")
-        if wave.adopted:
-            self._say(ev.KIND_NOTE, host,
-                      f"adding windows to existing screen session {session.session_id}")
-        self.report.session[host] = session.session_id or ""
-        self.record.hosts[host].session = session.session_id or ""
-        if not places:
-            return
-        for place in places:
-            result = self.report.components[place.spec.key]
-            result.pid = wave.pids[place.window.stem]
-            self._component_record(host, place).started = utc_now()
-        self._judge(host, places, hostops.parse_health(wave.stdout, checks))
-        for place in places:
-            result = self.report.components[place.spec.key]
-            self._say(ev.KIND_COMPONENT_STARTED, host,
-                      f"started {place.spec.name} (pid {result.pid}) in screen session "
-                      f"{session.session_id}", component=place.spec.name, pid=result.pid,
-                      start_index=place.spec.start_index, session=session.session_id)
-
-    def _judge(self, host: str, places: List[Placement], health: Dict[str, hostops.Health]) -> None:
-        """Record the health verdicts of *places*; raise ComponentUnhealthy for the first failure."""
-        records = [self._component_record(host, p) for p in places]
-        failures = hostops.judge(host, records, health)
-        by_name = {p.spec.name: p for p in places}
-        for failure in failures:
-            result = self.report.components[by_name[failure.component].spec.key]
-            result.status = self.record.component(host, failure.component).exit_status
-            result.failure = failure.reason
-        if failures:
-            for extra in failures[1:]:
-                LOG.error("%s", extra)
-            raise failures[0]
 
     # -- helpers ------------------------------------------------------------
 
