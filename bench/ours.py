@@ -16,7 +16,8 @@ import sys
 from typing import Dict, List, Optional, Sequence
 
 #: Runs the classic CLI in this interpreter (works without the console script on PATH).
-RUNNER = [sys.executable, "-c", "import sys; from remote_runner.cli.classic import main; sys.exit(main())"]
+RUNNER = [sys.executable, "-c", "from remote_runner.cli import finish; from remote_runner.cli.classic import main; "
+          "finish(main())"]
 #: Runs ``remote-runner`` subcommands in this interpreter.
 TOOL = [sys.executable, "-m", "remote_runner"]
 

@@ -1,7 +1,5 @@
 """Allow ``python -m remote_runner``."""
 
-import sys
+from remote_runner.cli import finish, main
 
-from remote_runner.cli import main
-
-sys.exit(main())
+finish(main())

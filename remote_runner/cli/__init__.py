@@ -12,8 +12,9 @@ import argparse
 import importlib
 import importlib.util
 import logging
+import os
 import sys
-from typing import Callable, List, Optional
+from typing import Callable, List, NoReturn, Optional
 
 from remote_runner import __version__
 from remote_runner.secrets import MaskingFormatter
@@ -107,3 +108,34 @@ def main(argv: Optional[List[str]] = None) -> int:
         return 2
     setup_logging(getattr(args, "log_level", "INFO") or "INFO")
     return run_guarded(lambda: args.func(args))
+
+
+def finish(code: Optional[int]) -> NoReturn:
+    """End this process with *code* once a command is done, without the interpreter's teardown.
+
+    Why: freeing every object and module at exit took 20-50 ms of wall time
+    here, after the command had finished (a rerun with nothing changed is
+    ~0.4 s). What a normal exit does that matters is done first: threads that
+    are not daemons and thread pools are waited for, atexit functions run
+    (logging's flush among them), stdout and stderr are flushed. Anything
+    unexpected there (a closed pipe on stdout, an interpreter without
+    ``threading._shutdown``) falls back to a normal exit. Only for a
+    process's entry point: a caller of :func:`main` in-process gets its status back.
+    """
+    status = 0 if code is None else int(code)
+    try:
+        import atexit
+        import threading
+        shutdown = getattr(threading, "_shutdown")  # what the interpreter's own exit calls first
+        shutdown()
+        atexit._run_exitfuncs()
+        sys.stdout.flush()
+        sys.stderr.flush()
+    except BaseException:  # noqa: BLE001 - the normal exit then does (and reports) it
+        sys.exit(status)
+    os._exit(status & 0xFF)
+
+
+def entry() -> NoReturn:
+    """The ``remote-runner`` console script."""
+    finish(main())
