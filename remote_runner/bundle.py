@@ -276,7 +276,8 @@ def upload_bundle(shell: "Shell", host: str, items: Sequence[Upload],
     members = [posixpath.relpath(posixpath.join(stages[posixpath.dirname(u.dest)],
                                                 posixpath.basename(u.dest)), top) for u in ordered]
     every_stage = " ".join(q(stage) for stage in stages.values())
-    paths = [q(posixpath.join(top, m)) for m in members]  # each file in its stage
+    staged = [posixpath.join(top, m) for m in members]  # each file in its stage
+    paths = [q(path) for path in staged]
     sizes = "\n".join(str(u.size) for u in ordered)
     # Each stage is made here first (one mkdir for all), not by tar: a name
     # already there (a symlink, say) fails the bundle instead of being written through.
@@ -285,7 +286,7 @@ def upload_bundle(shell: "Shell", host: str, items: Sequence[Upload],
               # tar's status covers write errors (a full disk) and a cut stream; the
               # sizes are checked as well before anything is renamed into place.
               f"tar -xf - -C {q(top)} || fail\n")
-    request = place({"files": [[posixpath.join(top, m), u.dest, u.size, u.mode] for m, u in zip(members, ordered)],
+    request = place({"files": [[path, u.dest, u.size, u.mode] for path, u in zip(staged, ordered)],
                      "stages": list(stages.values())}) if place is not None else None
     if request is not None:
         script += ("if command -v python3 >/dev/null 2>&1; then\n  s=0\n" +

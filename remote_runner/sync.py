@@ -375,23 +375,23 @@ def _bundle_and_record(shell: "Shell", plan: Plan, items: Sequence[Upload],
     whether the record was made (else the caller records with its own exec).
     """
     trees, index = plan.tree_index(items)
-    asked: List[bool] = []
-
-    def place(what: Dict[str, Any]) -> Optional[bytes]:
-        payload = manifest.request(items, trees, index, hash_all=True, place=what)
-        if len(payload) > INLINE_RECORD_MAX:
-            return None
-        asked.append(True)
-        return payload
-
     if progress is not None:
         progress(plan.host, 0)  # lets a cancelled copy stop before it
-    out = upload_bundle(shell, plan.host, items, place=place)
+    out = upload_bundle(shell, plan.host, items, place=placing_record(items, trees, index))
     if progress is not None:
         progress(plan.host, sum(u.size for u in items))
-    if not asked:
-        return False
+    # (no answer in *out*: the request was too big, or the host placed them without python3)
     return _recorded(plan, items, manifest.parse_answer(out.splitlines(), len(items))) is not None
+
+
+def placing_record(items: Sequence[Upload], trees: Sequence[str],
+                   tree_of: Sequence[int]) -> Callable[[Dict[str, Any]], Optional[bytes]]:
+    """The *place* of :func:`upload_bundle` for *items*: the manifest request that places and
+    records them, or None when it is over :data:`INLINE_RECORD_MAX` (the shell places them)."""
+    def place(what: Dict[str, Any]) -> Optional[bytes]:
+        payload = manifest.request(items, trees, tree_of, hash_all=True, place=what)
+        return payload if len(payload) <= INLINE_RECORD_MAX else None
+    return place
 
 
 def record(shell: "Shell", plan: Plan, copied: Sequence[Upload],

@@ -393,12 +393,7 @@ def test_ustar_names_are_split_at_a_slash_or_refused():
 def placer(how: str, items, tree: str):
     """*how* the bundle's files are put in place on the host: "shell" (stat, chmod, mv) or
     "python" (the manifest's program, which then records them: what a single-bundle copy does)."""
-    if how == "shell":
-        return None
-
-    def place(what):
-        return manifest.request(items, [tree], [0] * len(items), hash_all=True, place=what)
-    return place
+    return None if how == "shell" else sync.placing_record(items, [tree], [0] * len(items))
 
 
 @pytest.mark.parametrize("how", ["shell", "python"])

@@ -16,7 +16,6 @@ from itertools import chain
 from typing import Any, Dict, List, Optional, Tuple
 
 from .. import protocol as P
-
 from .kernel import KernelDrops
 from .names import MISSING, NameCache, parent
 
