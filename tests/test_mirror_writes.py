@@ -262,3 +262,26 @@ def test_an_answer_nobody_will_take_is_forgotten_when_it_comes_or_at_once():
     finally:
         for fd in (up_r, up_w, down_r, down_w):
             os.close(fd)
+
+
+def test_the_link_counts_the_time_callers_spent_waiting_for_answers():
+    """``waited_s``: a caller blocked on an answer adds its wait; an answer already there adds ~0."""
+    from remote_runner.mirror import protocol as P
+    from remote_runner.mirror.host.link import Link
+    up_r, up_w = os.pipe()
+    down_r, down_w = os.pipe()
+    link = Link(down_r, up_w)
+    try:
+        ready = link.submit("getattr", {"path": "/a"})
+        link.deliver({"t": P.REP, "id": ready[3]}, b"")
+        link.wait(ready)
+        assert link.stats()["waited_s"] < 0.1
+        late = link.submit("getattr", {"path": "/b"})
+        timer = threading.Timer(0.3, link.deliver, ({"t": P.REP, "id": late[3]}, b""))
+        timer.start()
+        link.wait(late, timeout=30)
+        timer.join()
+        assert 0.25 <= link.stats()["waited_s"] < 30
+    finally:
+        for fd in (up_r, up_w, down_r, down_w):
+            os.close(fd)

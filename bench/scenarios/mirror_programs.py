@@ -46,7 +46,9 @@ def traffic(path: str) -> str:
     host = stats.get("host") if isinstance(stats.get("host"), dict) else {}
     here = dict(host.get("answered_on_host") or {})
     own = here.pop("basis", 0)
-    return (f"last run: {stats.get('requests', 0)} requests ({host.get('waits', '?')} waits), "
+    waited = host.get("waited_s")
+    waits = f"{host.get('waits', '?')} waits" + (f", {waited:.2f} s waited" if isinstance(waited, (int, float)) else "")
+    return (f"last run: {stats.get('requests', 0)} requests ({waits}), "
             f"{stats.get('bytes_sent', 0) // 1024} KiB to the host / {stats.get('bytes_received', 0) // 1024} KiB "
             f"back ({stats.get('codec') or 'uncompressed'}), {sum(here.values())} answered on the host"
             + (f", {own} files taken from the host's own disk (same release as this machine)" if own else ""))

@@ -55,6 +55,8 @@ class Link:
         self.posted: Dict[str, int] = {}
         #: Times a caller waited for the local side (one per call, one per call_many batch).
         self.waits = 0
+        #: Seconds callers spent blocked on answers from the local side (all waits summed).
+        self.waited = 0.0
         #: How each mount's kernel keeps directory listings (see listcache.wrap_session_opendir).
         self.kernel_listings: Set[str] = set()
         #: Frames other than replies, handled in order by their own thread: an
@@ -81,6 +83,7 @@ class Link:
         with self._lock:
             return {"asked": dict(self.asked), "answered_on_host": dict(self.answered),
                     "posted": dict(self.posted), "waits": self.waits,
+                    "waited_s": round(self.waited, 3),
                     "kernel_listings": sorted(self.kernel_listings),
                     "bytes_received": self.reader.received + lanes.get("lane_bytes", 0),
                     **lanes, **self.writer.counters()}
@@ -196,12 +199,14 @@ class Link:
         return slot
 
     def _wait(self, slot: List[Any], timeout: Optional[float]) -> Tuple[Dict[str, Any], bytes]:
-        end = time.monotonic() + (self.request_timeout if timeout is None else timeout)
+        began = time.monotonic()
+        end = began + (self.request_timeout if timeout is None else timeout)
         while not slot[0].wait(min(1.0, max(0.0, end - time.monotonic()))):
             if self.lost.is_set() or time.monotonic() >= end:
                 break
         with self._lock:
             self._pending.pop(slot[3], None)
+            self.waited += time.monotonic() - began
         header = slot[1]
         if header is None:
             raise OSError(errno.EIO, "link lost or request timed out")
