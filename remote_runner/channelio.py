@@ -21,6 +21,8 @@ from typing import Any, Callable, List, Optional
 
 import paramiko
 
+from remote_runner.loginshell import for_login_shell
+
 log = logging.getLogger("remote_runner.ssh")
 
 
@@ -41,8 +43,11 @@ def start_command(channel: paramiko.Channel, command: str) -> None:
     command's stdin, reading its output) travels on the channel after the
     request and the host handles them in that order. A command the host
     refuses closes the channel: its reader sees the end with no exit status
-    (-1), as for a command that died without one.
+    (-1), as for a command that died without one. *command* is given to
+    the host's login shell as :func:`~remote_runner.loginshell.for_login_shell`
+    writes it, so that csh or fish reads it as ``/bin/sh`` would.
     """
+    command = for_login_shell(command)  # the host's login shell reads it first
     transport = channel.transport
     if not hasattr(transport, "_send_user_message") or not hasattr(channel, "remote_chanid"):
         channel.exec_command(command)  # another paramiko: its own way

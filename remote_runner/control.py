@@ -23,6 +23,7 @@ from typing import Callable, Dict, Iterable, List, Optional, Tuple
 from remote_runner import hostops
 from remote_runner.errors import RunnerError
 from remote_runner.failpolicy import DEFAULT_FORKS
+from remote_runner.loginshell import for_login_shell
 from remote_runner.runrecord import ComponentRecord, RunRecord, utc_now
 from remote_runner.screen import Window
 from remote_runner.shell import LocalShell, RemoteShell, Shell
@@ -277,7 +278,7 @@ def attach_argv(record: RunRecord, comp: ComponentRecord) -> List[str]:
         argv += ["-F", str(record.ssh["config_file"])]
     if record.ssh.get("user") and "@" not in comp.host:
         argv += ["-l", str(record.ssh["user"])]
-    return argv + [comp.host, shlex.join(screen)]
+    return argv + [comp.host, for_login_shell(shlex.join(screen))]
 
 
 def wait_for(predicate: Callable[[], bool], timeout: float, step: float = 0.2) -> bool:

@@ -44,6 +44,7 @@ from typing import Callable, Dict, List, Optional, Tuple, Union
 import paramiko
 
 from remote_runner import ciphers, hostkeys, jump, keepalive, tcp
+from remote_runner.loginshell import for_login_shell
 from remote_runner.traffic import Traffic, open_sftp
 from remote_runner.failpolicy import DEFAULT_FORKS
 from remote_runner.names import check_name
@@ -327,7 +328,7 @@ class Connection(Authentication):
         try:
             if get_pty:
                 channel.get_pty(term=term, width=width, height=height)
-                channel.exec_command(command)
+                channel.exec_command(for_login_shell(command))
             else:
                 start_command(channel, command)
         except (paramiko.SSHException, EOFError, OSError) as exc:

@@ -7,7 +7,7 @@ cd "$(dirname "$0")/.."
 
 PACKAGES=(openssh-server openssh-client screen fuse3 libfuse3-3 openssl iproute2 util-linux
           procps psmisc python3 python3-venv gcc libc6-dev ffmpeg rsync sshfs git debootstrap libfuse2
-          libpython3.11-testsuite tmux)
+          libpython3.11-testsuite tmux tcsh csh zsh fish)
 missing=()
 for pkg in "${PACKAGES[@]}"; do
     dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" || missing+=("$pkg")
