@@ -99,8 +99,9 @@ class RunSummary:
     phases: Dict[str, float] = field(default_factory=dict)
     hosts: List[HostOutcome] = field(default_factory=list)
     components: List[ComponentOutcome] = field(default_factory=list)
-    #: the run's ``-F`` file, so the attach hints work when pasted (not in the JSON)
+    #: the run's ``-F`` file and ``-u`` user, so the attach hints work when pasted (not in the JSON)
     ssh_config: Optional[str] = None
+    ssh_user: Optional[str] = None
 
     def to_dict(self) -> Dict[str, Any]:
         """Return the ``--json`` document (stable keys, see the README's schema)."""
@@ -159,7 +160,8 @@ class Recorder:
 
     def summary(self, experiment: "Experiment", screen: str, report: "RunReport",
                 error: Optional[BaseException], exit_code: int,
-                run_id: Optional[str] = None, ssh_config: Optional[str] = None) -> RunSummary:
+                run_id: Optional[str] = None, ssh_config: Optional[str] = None,
+                ssh_user: Optional[str] = None) -> RunSummary:
         """Join what was recorded with the runner's report."""
         finished = time.time()
         # Names that reach one login are one host (one connection, one session): one row,
@@ -223,7 +225,8 @@ class Recorder:
                           started_at=_iso(self.began) or "", finished_at=_iso(finished) or "",
                           seconds=finished - self.began, phases=phases,
                           hosts=[hosts[h] for h in sorted(hosts)], components=components,
-                          ssh_config=os.path.abspath(ssh_config) if ssh_config else None)
+                          ssh_config=os.path.abspath(ssh_config) if ssh_config else None,
+                          ssh_user=ssh_user)
 
 
 def _outcome(item: ComponentOutcome) -> str:
@@ -284,6 +287,8 @@ def rows(summary: RunSummary, limit: int = MANY_HOSTS) -> List[Tuple[str, ...]]:
         connected = ("local" if h.host == "localhost" else
                      "-" if h.connected is None else "yes" if h.connected else "FAILED")
         config = f"-F {shlex.quote(summary.ssh_config)} " if summary.ssh_config else ""
+        if summary.ssh_user and "@" not in h.host:  # (the run's -u, as its connection used it)
+            config += f"-l {shlex.quote(summary.ssh_user)} "
         attach = (f"screen -r {h.session}" if h.host == "localhost" and h.session else
                   f"ssh -t {config}{shlex.quote(h.host)} screen -r {h.session}" if h.session
                   else "-")

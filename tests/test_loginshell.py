@@ -95,11 +95,18 @@ def test_a_run_and_an_exec_work_for_a_user_whose_login_shell_is_tcsh(lab, csh_us
         c.wait = True
         config.add_component(c)
     """))
-    run = subprocess.run([sys.executable, CLASSIC, "-c", str(config),
-                          "-F", str(ssh_config), "--screen", "csh"], capture_output=True, text=True,
+    run = subprocess.run([sys.executable, CLASSIC, "-c", str(config), "-F", lab.ssh_config,
+                          "-u", csh_user, "--screen", "csh"], capture_output=True, text=True,
                          timeout=300)
     assert run.returncode == 0, run.stderr
     assert "INFO: h2: reader exited with status 0" in run.stderr
+    # the recap's attach hint logs in as the run did (-u wins over the ssh_config's User)
+    hint = next(line for line in run.stdout.splitlines() if line.startswith("h2 ")).split("ssh -t ", 1)[1]
+    argv = shlex.split(hint)
+    assert argv[:5] == ["-F", lab.ssh_config, "-l", csh_user, "h2"] and argv[5:7] == ["screen", "-r"]
+    listed = subprocess.run(["ssh", "-o", "BatchMode=yes", *argv[:5], "screen", "-ls"], capture_output=True,
+                            text=True, timeout=60)
+    assert argv[7] in listed.stdout, listed
     log = ssh(lab, "h2", f"cat /home/{csh_user}/.remote-runner/csh/latest/reader.log").stdout
     assert "hello" in log and f"in work as {csh_user}!" in log, log
     exec_ = subprocess.run([sys.executable, "-m", "remote_runner", "exec", "-F", str(ssh_config), "h2",

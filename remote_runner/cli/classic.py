@@ -12,7 +12,7 @@ Flags (SPAR's names, short forms and defaults, plus a few additions):
                         output), ``ansible:INVENTORY`` (INI, YAML or ``ansible-inventory
                         --list`` JSON, no Ansible needed) or a FILE of host sets; Python
                         configs see ``hosts["group"]``/``hosts["all"]``, YAML ``on: group``
--u/--user USER          default SSH user (a ``User`` in ssh_config for that host wins)
+-u/--user USER          SSH user (wins over ssh_config's ``User``, as ``ssh -l`` does; ``user@host`` wins over it)
 -p/--pass PASSWORD      SSH password / key passphrase (SPAR compatibility: visible in ``ps``;
                         prefer $REMOTE_RUNNER_PASSWORD or --ask-pass). However it is given,
                         configs see it as ``options.ssh_pass``; every line printed or logged
@@ -325,7 +325,7 @@ def run_and_recap(experiment: "Experiment", options: "RunOptions", ssh_options: 
         error = exc
     summary = recorder.summary(experiment, options.screen, runner.report, error,
                                0 if error is None else error.exit_code,
-                               run_id=record.run_id, ssh_config=args.ssh_config)
+                               run_id=record.run_id, ssh_config=args.ssh_config, ssh_user=args.ssh_user)
     if args.json:
         sys.stdout.write(json.dumps(summary.to_dict(), indent=2) + "\n")
     elif settings.live and sys.stdout.isatty():
