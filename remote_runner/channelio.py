@@ -21,7 +21,7 @@ from typing import Any, Callable, List, Optional
 
 import paramiko
 
-from remote_runner.loginshell import for_login_shell
+from remote_runner.loginshell import OutputAfterMark, for_login_shell, with_mark
 
 log = logging.getLogger("remote_runner.ssh")
 
@@ -35,7 +35,7 @@ class RunResult:
     stderr: bytes
 
 
-def start_command(channel: paramiko.Channel, command: str) -> None:
+def start_command(channel: paramiko.Channel, command: str, mark: bool = True) -> None:
     """Ask the host to run *command* on *channel*, without waiting for its answer.
 
     paramiko's ``exec_command`` waits for the host's "success" before it
@@ -45,8 +45,14 @@ def start_command(channel: paramiko.Channel, command: str) -> None:
     refuses closes the channel: its reader sees the end with no exit status
     (-1), as for a command that died without one. *command* is given to
     the host's login shell as :func:`~remote_runner.loginshell.for_login_shell`
-    writes it, so that csh or fish reads it as ``/bin/sh`` would.
+    writes it, so that csh or fish reads it as ``/bin/sh`` would; with *mark*,
+    it prints a mark first and the channel's ``recv`` gives only what follows
+    it (what the login shell's rc files printed is dropped, see
+    :class:`~remote_runner.loginshell.OutputAfterMark`).
     """
+    if mark:
+        command, line = with_mark(command)
+        channel.recv = OutputAfterMark(channel.recv, line)  # type: ignore[method-assign]
     command = for_login_shell(command)  # the host's login shell reads it first
     transport = channel.transport
     if not hasattr(transport, "_send_user_message") or not hasattr(channel, "remote_chanid"):

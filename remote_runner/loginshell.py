@@ -20,16 +20,26 @@ that travels base64-encoded as its arguments, whose alphabet (letters, digits,
 the command's own (its positional parameters are emptied first). It costs the
 host one ``base64`` process; a missing ``base64`` fails the command (status
 127), never runs nothing silently.
+
+The login shell also reads its rc files first (``~/.cshrc`` always, ``~/.bashrc``
+under sshd), and on clusters those print: a welcome banner, ``module load``
+chatter. That text comes before the command's own output, on the same stdout,
+and broke what reads it (the session lock's answer, the mirror's frames). So a
+command first prints a mark of its own (:func:`with_mark`), and the channel's
+reader drops everything up to it (:class:`OutputAfterMark`).
 """
 
 from __future__ import annotations
 
 import base64
+import secrets
 import string
+import threading
+from typing import Callable, Tuple
 
 #: What may stand outside quotes (and inside double quotes): no expansion, glob,
 #: redirection, history or escape character in any of the shells above.
-_PLAIN = frozenset(string.ascii_letters + string.digits + " _./:=,@%+-")
+_PLAIN = frozenset(string.ascii_letters + string.digits + " _./:=,@%+-;")
 #: What single quotes cannot hold for every shell: csh's newline and ``!``, fish's escapes.
 _NOT_IN_SINGLE_QUOTES = frozenset("\n\r!\\")
 #: Characters of base64 per word of the encoded form (a multiple of 4; csh refuses words
@@ -83,3 +93,52 @@ def for_login_shell(command: str) -> str:
     # sshd gives the whole command to the login shell as one argument, which Linux caps
     # (MAX_ARG_STRLEN): one that fits only unencoded still works where the shell is sh.
     return command if len(wrapped) >= ARG_MAX and len(command) < ARG_MAX else wrapped
+
+
+#: Bytes of output looked through for the mark before they are taken as the command's own.
+MARK_SEARCH = 1 << 20
+
+
+def with_mark(command: str) -> Tuple[str, bytes]:
+    """(*command* printing a mark of its own first, the mark's line as bytes)."""
+    mark = "rr-output-" + secrets.token_hex(8)
+    return f"echo {mark}; {command}", (mark + "\n").encode("ascii")
+
+
+class OutputAfterMark:
+    """A channel's ``recv`` that drops what the login shell printed before the command's mark.
+
+    Whatever comes before the mark line is dropped (a banner); what follows is
+    the command's. If the stream ends, or :data:`MARK_SEARCH` bytes go by,
+    before the mark, everything read is handed on as it came (a command that
+    never started: the login shell's own words are its error).
+    """
+
+    def __init__(self, recv: Callable[[int], bytes], mark: bytes) -> None:
+        self._recv = recv
+        self._mark = mark
+        self._seen = b""      # read, the mark not found yet
+        self._ready = b""     # the command's output, not handed on yet
+        self._searching = True
+        self._lock = threading.Lock()
+
+    def __call__(self, size: int) -> bytes:
+        with self._lock:
+            while self._searching and not self._ready:
+                chunk = self._recv(65536)  # (a timeout raised here keeps what was read)
+                seen = self._seen + chunk
+                at = seen.find(self._mark)
+                if at >= 0:
+                    self._ready, self._seen, self._searching = seen[at + len(self._mark):], b"", False
+                    if not self._ready:
+                        return self._recv(size)  # the mark ended the chunk: wait for more
+                elif not chunk or len(seen) > MARK_SEARCH:
+                    self._ready, self._seen, self._searching = seen, b"", False
+                    if not self._ready:
+                        return b""  # the end, nothing said
+                else:
+                    self._seen = seen
+            if self._ready:
+                out, self._ready = self._ready[:size], self._ready[size:]
+                return out
+        return self._recv(size)

@@ -11,7 +11,7 @@ import textwrap
 
 import pytest
 
-from remote_runner.loginshell import ARG_MAX, WORD, for_login_shell, portable
+from remote_runner.loginshell import ARG_MAX, MARK_SEARCH, WORD, OutputAfterMark, for_login_shell, portable, with_mark
 from tests.conftest import ssh
 
 CLASSIC = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "scripts", "remote_runner.py")
@@ -66,21 +66,76 @@ def test_a_command_too_long_once_encoded_goes_as_it_is():
     assert len(for_login_shell(big[: ARG_MAX // 2])) < ARG_MAX
 
 
-@pytest.fixture
-def csh_user(lab):
-    """A user on h2 whose login shell is tcsh (made in the host's own /etc, removed after)."""
-    name = "rrcsh"
+def reader(*chunks: bytes):
+    """A channel's recv giving *chunks* one by one, then the end."""
+    left = list(chunks)
+
+    def recv(size: int) -> bytes:
+        if not left:
+            return b""
+        chunk = left.pop(0)
+        if len(chunk) > size:
+            left.insert(0, chunk[size:])
+        return chunk[:size]
+    return recv
+
+
+def read_all(recv, size: int = 65536) -> list:
+    got = []
+    while True:
+        data = recv(size)
+        if not data:
+            return got
+        assert len(data) <= size
+        got.append(data)
+
+
+def test_what_the_login_shell_printed_before_the_mark_is_dropped():
+    command, mark = with_mark("cat file")
+    assert command == f"echo {mark.decode().strip()}; cat file" and portable(command)
+    assert with_mark("x")[1] != mark  # one of its own per command
+    banner = b"Welcome to the cluster\nmodule loaded\n"
+    # split anywhere, even inside the mark; then binary output of any size
+    for cut in (1, 5, len(banner) + 3, len(banner) + len(mark)):
+        stream = banner + mark + b"\x00frame" * 3
+        got = read_all(OutputAfterMark(reader(stream[:cut], stream[cut:], b"more"), mark), size=4)
+        assert b"".join(got) == b"\x00frame" * 3 + b"more", cut
+    assert read_all(OutputAfterMark(reader(banner + mark, b"", b"late"), mark)) == []  # the end is the end
+    assert read_all(OutputAfterMark(reader(banner + mark, b"after"), mark)) == [b"after"]
+
+
+def test_without_a_mark_everything_is_the_commands_output():
+    mark = with_mark("x")[1]
+    # the command never started: the login shell's words are its error
+    assert b"".join(read_all(OutputAfterMark(reader(b"tcsh: Unmatched '.\n"), mark))) == b"tcsh: Unmatched '.\n"
+    flood = [b"y" * 65536] * (MARK_SEARCH // 65536 + 2)
+    assert b"".join(read_all(OutputAfterMark(reader(*flood), mark))) == b"".join(flood)
+
+
+#: Login shells of the lab users below, and the rc file each reads for every command.
+LOGINS = {"tcsh": ("/usr/bin/tcsh", ".cshrc"), "bash": ("/bin/bash", ".bashrc")}
+
+
+@pytest.fixture(params=sorted(LOGINS))
+def login_user(lab, request):
+    """A user on h2 with that login shell, whose rc file prints a banner to stdout and stderr
+    for every command, as cluster rc files do (made in the host's own /etc, removed after)."""
+    name = "rr" + request.param
+    shell, rc = LOGINS[request.param]
     # ('*': no password, and not locked as useradd's default '!' is: sshd refuses those)
-    ssh(lab, "h2", f"userdel -r {name} >/dev/null 2>&1; useradd -m -p '*' -s /usr/bin/tcsh {name}")
-    assert ssh(lab, "h2", "echo $shell", user=name).stdout.strip() == "/usr/bin/tcsh"
+    ssh(lab, "h2", f"userdel -r {name} >/dev/null 2>&1; useradd -m -p '*' -s {shell} {name} && "
+                   f"printf 'echo Welcome to the cluster\\necho module loaded >/dev/stderr\\n' "
+                   f"> /home/{name}/{rc}")
+    said = ssh(lab, "h2", "echo hi", user=name)
+    assert said.stdout == "Welcome to the cluster\nhi\n" and "module loaded" in said.stderr, said
     yield name
     ssh(lab, "h2", f"pkill -KILL -u {name}; sleep 0.2; userdel -r {name}", check=False)
 
 
 @pytest.mark.lab
-def test_a_run_and_an_exec_work_for_a_user_whose_login_shell_is_tcsh(lab, csh_user, tmp_path):
+def test_a_run_and_an_exec_work_whatever_the_login_shell_and_its_banners(lab, login_user, tmp_path):
     ssh_config = tmp_path / "ssh_config"
-    ssh_config.write_text(open(lab.ssh_config).read().replace("User root", f"User {csh_user}"))
+    ssh_config.write_text(open(lab.ssh_config).read().replace("User root", f"User {login_user}"))
     (tmp_path / "data.txt").write_text("hello\n")
     config = tmp_path / "experiment.py"
     config.write_text(textwrap.dedent(f"""\
@@ -89,26 +144,26 @@ def test_a_run_and_an_exec_work_for_a_user_whose_login_shell_is_tcsh(lab, csh_us
         c.host = 'h2'
         c.executable = '/bin/sh'
         c.args = ['-c', 'cat data.txt && echo "in $(basename $PWD) as $(id -un)!"']
-        c.base_dir = '/home/{csh_user}/work'
+        c.base_dir = '/home/{login_user}/work'
         c.files = {{{str(tmp_path / 'data.txt')!r}: 'data.txt'}}
         c.start_index = 0
         c.wait = True
         config.add_component(c)
     """))
     run = subprocess.run([sys.executable, CLASSIC, "-c", str(config), "-F", lab.ssh_config,
-                          "-u", csh_user, "--screen", "csh"], capture_output=True, text=True,
+                          "-u", login_user, "--screen", "login"], capture_output=True, text=True,
                          timeout=300)
     assert run.returncode == 0, run.stderr
     assert "INFO: h2: reader exited with status 0" in run.stderr
     # the recap's attach hint logs in as the run did (-u wins over the ssh_config's User)
     hint = next(line for line in run.stdout.splitlines() if line.startswith("h2 ")).split("ssh -t ", 1)[1]
     argv = shlex.split(hint)
-    assert argv[:5] == ["-F", lab.ssh_config, "-l", csh_user, "h2"] and argv[5:7] == ["screen", "-r"]
+    assert argv[:5] == ["-F", lab.ssh_config, "-l", login_user, "h2"] and argv[5:7] == ["screen", "-r"]
     listed = subprocess.run(["ssh", "-o", "BatchMode=yes", *argv[:5], "screen", "-ls"], capture_output=True,
                             text=True, timeout=60)
     assert argv[7] in listed.stdout, listed
-    log = ssh(lab, "h2", f"cat /home/{csh_user}/.remote-runner/csh/latest/reader.log").stdout
-    assert "hello" in log and f"in work as {csh_user}!" in log, log
+    log = ssh(lab, "h2", f"cat /home/{login_user}/.remote-runner/login/latest/reader.log").stdout
+    assert "hello" in log and f"in work as {login_user}!" in log, log
     exec_ = subprocess.run([sys.executable, "-m", "remote_runner", "exec", "-F", str(ssh_config), "h2",
                             "/bin/sh", "-c", "cat data.txt; echo done!"], cwd=str(tmp_path),
                            capture_output=True, text=True, timeout=300)
