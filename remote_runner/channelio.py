@@ -51,8 +51,10 @@ def start_command(channel: paramiko.Channel, command: str, mark: bool = True) ->
     :class:`~remote_runner.loginshell.OutputAfterMark`).
     """
     if mark:
-        command, line = with_mark(command)
-        channel.recv = OutputAfterMark(channel.recv, line)  # type: ignore[method-assign]
+        command, line, error_line = with_mark(command)
+        _after_mark(channel, "recv", "recv_ready", line)
+        if error_line is not None:
+            _after_mark(channel, "recv_stderr", "recv_stderr_ready", error_line)
     command = for_login_shell(command)  # the host's login shell reads it first
     transport = channel.transport
     if not hasattr(transport, "_send_user_message") or not hasattr(channel, "remote_chanid"):
@@ -68,6 +70,14 @@ def start_command(channel: paramiko.Channel, command: str, mark: bool = True) ->
         if channel.closed:
             raise paramiko.SSHException("channel closed before the command was sent")
     transport._send_user_message(message)
+
+
+def _after_mark(channel: paramiko.Channel, recv: str, ready: str, line: bytes) -> None:
+    """Make *channel*'s *recv* (and its *ready* test) skip what comes before *line*."""
+    reader = OutputAfterMark(getattr(channel, recv), line)
+    buffered = getattr(channel, ready)
+    setattr(channel, recv, reader)
+    setattr(channel, ready, lambda: reader.ready(buffered))
 
 
 def _collect(channel: paramiko.Channel, stdin: Optional[bytes],

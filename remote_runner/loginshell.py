@@ -26,7 +26,8 @@ under sshd), and on clusters those print: a welcome banner, ``module load``
 chatter. That text comes before the command's own output, on the same stdout,
 and broke what reads it (the session lock's answer, the mirror's frames). So a
 command first prints a mark of its own (:func:`with_mark`), and the channel's
-reader drops everything up to it (:class:`OutputAfterMark`).
+reader drops everything up to it (:class:`OutputAfterMark`); so does its error
+reader, for a command sent encoded (the scripts, whose errors are parsed).
 """
 
 from __future__ import annotations
@@ -35,7 +36,7 @@ import base64
 import secrets
 import string
 import threading
-from typing import Callable, Tuple
+from typing import Callable, Optional, Tuple
 
 #: What may stand outside quotes (and inside double quotes): no expansion, glob,
 #: redirection, history or escape character in any of the shells above.
@@ -99,10 +100,19 @@ def for_login_shell(command: str) -> str:
 MARK_SEARCH = 1 << 20
 
 
-def with_mark(command: str) -> Tuple[str, bytes]:
-    """(*command* printing a mark of its own first, the mark's line as bytes)."""
+def with_mark(command: str) -> Tuple[str, bytes, Optional[bytes]]:
+    """(*command* printing a mark of its own first, the mark's line on stdout, on stderr or None).
+
+    The mark goes to stderr too when the command is sent encoded anyway (not
+    :func:`portable`): only ``/bin/sh`` can be trusted with ``>&2``, csh reads it
+    as "both streams to the file 2". A plain command's stderr keeps a banner.
+    """
     mark = "rr-output-" + secrets.token_hex(8)
-    return f"echo {mark}; {command}", (mark + "\n").encode("ascii")
+    line = (mark + "\n").encode("ascii")
+    marked = f"echo {mark}; {command}"
+    if portable(marked):
+        return marked, line, None
+    return f"echo {mark}; echo {mark} >&2; {command}", line, line
 
 
 class OutputAfterMark:
@@ -126,19 +136,30 @@ class OutputAfterMark:
         with self._lock:
             while self._searching and not self._ready:
                 chunk = self._recv(65536)  # (a timeout raised here keeps what was read)
-                seen = self._seen + chunk
-                at = seen.find(self._mark)
-                if at >= 0:
-                    self._ready, self._seen, self._searching = seen[at + len(self._mark):], b"", False
-                    if not self._ready:
-                        return self._recv(size)  # the mark ended the chunk: wait for more
-                elif not chunk or len(seen) > MARK_SEARCH:
-                    self._ready, self._seen, self._searching = seen, b"", False
-                    if not self._ready:
-                        return b""  # the end, nothing said
-                else:
-                    self._seen = seen
+                self._take(chunk)
+                if not self._searching and not self._ready:
+                    # the mark ended the chunk: wait for more; or the end, nothing said
+                    return self._recv(size) if chunk else b""
             if self._ready:
                 out, self._ready = self._ready[:size], self._ready[size:]
                 return out
         return self._recv(size)
+
+    def ready(self, buffered: Callable[[], bool]) -> bool:
+        """Whether the command's own output can be read without waiting; *buffered* is
+        the channel's own test (``recv_ready``), which a banner or the mark would pass."""
+        with self._lock:
+            while self._searching and not self._ready and buffered():
+                self._take(self._recv(65536))  # (there: this does not wait)
+            return bool(self._ready) or (not self._searching and buffered())
+
+    def _take(self, chunk: bytes) -> None:
+        """Look for the mark in what was read so far and *chunk* (b"": the end)."""
+        seen = self._seen + chunk
+        at = seen.find(self._mark)
+        if at >= 0:
+            self._ready, self._seen, self._searching = seen[at + len(self._mark):], b"", False
+        elif not chunk or len(seen) > MARK_SEARCH:
+            self._ready, self._seen, self._searching = seen, b"", False
+        else:
+            self._seen = seen

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import os
 import shlex
 import shutil
@@ -91,9 +92,11 @@ def read_all(recv, size: int = 65536) -> list:
 
 
 def test_what_the_login_shell_printed_before_the_mark_is_dropped():
-    command, mark = with_mark("cat file")
-    assert command == f"echo {mark.decode().strip()}; cat file" and portable(command)
+    command, mark, on_stderr = with_mark("cat file")
+    assert command == f"echo {mark.decode().strip()}; cat file" and portable(command) and on_stderr is None
     assert with_mark("x")[1] != mark  # one of its own per command
+    script, mark, on_stderr = with_mark("cat file\nexit 3")  # sent encoded: /bin/sh marks stderr too
+    assert on_stderr == mark and script.startswith(f"echo {mark.decode().strip()} >&2; ", len(mark) + 6)
     banner = b"Welcome to the cluster\nmodule loaded\n"
     # split anywhere, even inside the mark; then binary output of any size
     for cut in (1, 5, len(banner) + 3, len(banner) + len(mark)):
@@ -102,6 +105,17 @@ def test_what_the_login_shell_printed_before_the_mark_is_dropped():
         assert b"".join(got) == b"\x00frame" * 3 + b"more", cut
     assert read_all(OutputAfterMark(reader(banner + mark, b"", b"late"), mark)) == []  # the end is the end
     assert read_all(OutputAfterMark(reader(banner + mark, b"after"), mark)) == [b"after"]
+
+
+def test_output_is_ready_only_once_the_commands_own_is_there():
+    mark = with_mark("x")[1]
+    chunks = [b"module loaded\n" + mark, b"error: disk full\n"]
+    buffered = lambda: bool(chunks)  # noqa: E731 - what the channel holds, banner and mark included
+    recv = OutputAfterMark(lambda size: chunks.pop(0), mark)
+    waiting = chunks.pop()  # only the banner and the mark have arrived
+    assert not recv.ready(buffered) and not chunks
+    chunks.append(waiting)
+    assert recv.ready(buffered) and recv(100) == b"error: disk full\n" and not recv.ready(buffered)
 
 
 def test_without_a_mark_everything_is_the_commands_output():
@@ -137,6 +151,10 @@ def test_a_run_and_an_exec_work_whatever_the_login_shell_and_its_banners(lab, lo
     ssh_config = tmp_path / "ssh_config"
     ssh_config.write_text(open(lab.ssh_config).read().replace("User root", f"User {login_user}"))
     (tmp_path / "data.txt").write_text("hello\n")
+    # Past the bundles' size: streamed as it is, and packed. Their senders watch stderr for
+    # the receiver's failure, and the banner arrives after the first MiB or so.
+    (tmp_path / "big.bin").write_bytes(os.urandom(32 << 20))
+    (tmp_path / "big.log").write_bytes(b"a line of a log that packs well\n" * (1 << 20))
     config = tmp_path / "experiment.py"
     config.write_text(textwrap.dedent(f"""\
         c = Component()
@@ -145,7 +163,8 @@ def test_a_run_and_an_exec_work_whatever_the_login_shell_and_its_banners(lab, lo
         c.executable = '/bin/sh'
         c.args = ['-c', 'cat data.txt && echo "in $(basename $PWD) as $(id -un)!"']
         c.base_dir = '/home/{login_user}/work'
-        c.files = {{{str(tmp_path / 'data.txt')!r}: 'data.txt'}}
+        c.files = {{{str(tmp_path / 'data.txt')!r}: 'data.txt', {str(tmp_path / 'big.bin')!r}: 'big.bin',
+                   {str(tmp_path / 'big.log')!r}: 'big.log'}}
         c.start_index = 0
         c.wait = True
         config.add_component(c)
@@ -162,6 +181,8 @@ def test_a_run_and_an_exec_work_whatever_the_login_shell_and_its_banners(lab, lo
     listed = subprocess.run(["ssh", "-o", "BatchMode=yes", *argv[:5], "screen", "-ls"], capture_output=True,
                             text=True, timeout=60)
     assert argv[7] in listed.stdout, listed
+    sums = ssh(lab, "h2", f"cd /home/{login_user}/work && sha1sum big.bin big.log").stdout.split()[::2]
+    assert sums == [hashlib.sha1((tmp_path / name).read_bytes()).hexdigest() for name in ("big.bin", "big.log")]
     log = ssh(lab, "h2", f"cat /home/{login_user}/.remote-runner/login/latest/reader.log").stdout
     assert "hello" in log and f"in work as {login_user}!" in log, log
     exec_ = subprocess.run([sys.executable, "-m", "remote_runner", "exec", "-F", str(ssh_config), "h2",
