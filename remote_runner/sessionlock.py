@@ -122,6 +122,8 @@ class SessionLock:
 
 #: Ends the output of the command run under a freshly taken lock: ``RR-THEN-DONE <status>``.
 _THEN_MARK = "RR-THEN-DONE"
+#: What the lock script says when it cannot make the state directory (then the error).
+_NO_DIR = "RR-NO-STATE-DIR"
 #: A script for the lock's shell: ``RR-STEP <nonce> <bytes> <data bytes>`` then the text and
 #: the data for its stdin; it answers
 #: ``RR-STEP-END <nonce> <status> <stdout bytes> <stderr bytes>`` then both outputs.
@@ -195,7 +197,7 @@ def lock_script(state_dir: str, info: str, then: str = "", fed: str = "") -> str
     run_fed = f"if [ $s = 0 ]; then (\n{fed}\n) 2>&1; fi\n" if fed else ""
     run_then = (f"(\n{then}\n) </dev/null 2>&1\ns=$?\n{run_fed}echo \"{_THEN_MARK} $s\"\n"
                 if then else "")
-    return (f"{{ [ -d {d} ] || mkdir -p {d}; }} || exit 3\n"
+    return (f"if ! [ -d {d} ]; then rr_e=$(mkdir -p {d} 2>&1) || {{ echo \"{_NO_DIR} $rr_e\"; exit 3; }}; fi\n"
             "if ! command -v flock >/dev/null 2>&1; then echo NO-FLOCK; else\n"
             f"exec 9>>{lock}\n"
             f"if ! flock -n 9; then echo \"BUSY $(cat {owner} 2>/dev/null)\"; exit 0; fi\n"
@@ -318,5 +320,9 @@ def acquire_lock(host: str, state_dir: str, info: str, connection: Any = None,
         raise SessionBusy(f"host {host}: screen session directory {state_dir} is already in use "
                           f"by a running remote-runner ({holder}); wait for it to end, stop it, "
                           "or use another --screen")
+    if first.startswith(_NO_DIR):
+        raise StartError(f"host {host}: cannot create the state directory {state_dir} "
+                         f"({first[len(_NO_DIR):].strip() or 'mkdir failed'}); the login user's home "
+                         "must be writable, or --remote-done-dir must name a directory it can write")
     raise StartError(f"host {host}: could not take the session lock in {state_dir} "
                      f"({first or 'no answer'})")

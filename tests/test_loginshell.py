@@ -1,4 +1,6 @@
-"""Commands reach /bin/sh unchanged whatever the user's login shell is (csh, tcsh, fish, zsh...)."""
+"""What a login gives us, whatever it is: commands reach /bin/sh unchanged whatever the login
+shell (csh, tcsh, fish, zsh...), banners its rc files print are not taken for output, a home that
+cannot be written is said so (runs) or done without (exec)."""
 
 from __future__ import annotations
 
@@ -190,3 +192,37 @@ def test_a_run_and_an_exec_work_whatever_the_login_shell_and_its_banners(lab, lo
                            capture_output=True, text=True, timeout=300)
     assert exec_.returncode == 0, exec_.stderr
     assert exec_.stdout == "hello\ndone!\n"
+
+
+@pytest.mark.lab
+def test_a_home_that_cannot_be_written_is_named_for_a_run_and_done_without_by_exec(lab, tmp_path):
+    name = "rrnohome"
+    ssh(lab, "h2", f"userdel {name} >/dev/null 2>&1; useradd -p '*' -d /nonexistent/{name} -s /bin/bash {name}")
+    try:
+        config = tmp_path / "experiment.py"
+        config.write_text(textwrap.dedent("""\
+            c = Component()
+            c.name = 'job'
+            c.host = 'h2'
+            c.executable = '/bin/true'
+            c.base_dir = '/tmp/rrnohome-work'
+            c.start_index = 0
+            c.wait = True
+            config.add_component(c)
+        """))
+        argv = [sys.executable, CLASSIC, "-c", str(config), "-F", lab.ssh_config, "-u", name, "--screen", "nohome"]
+        run = subprocess.run(argv, capture_output=True, text=True, timeout=300)
+        assert run.returncode == 6, run.stderr
+        assert ("cannot create the state directory ~/.remote-runner/nohome (mkdir: cannot create directory "
+                "'/nonexistent': Permission denied)") in run.stderr and "--remote-done-dir" in run.stderr
+        run = subprocess.run(argv + ["--remote-done-dir", "/tmp/rrnohome-state"], capture_output=True, text=True,
+                             timeout=300)
+        assert run.returncode == 0 and "INFO: h2: job exited with status 0" in run.stderr, run.stderr
+        ssh(lab, "h2", "rm -rf /tmp/remote-runner-agent-*")
+        exec_ = subprocess.run([sys.executable, "-m", "remote_runner", "exec", "-F", lab.ssh_config,
+                                f"{name}@h2", "/bin/echo", "works"], capture_output=True, text=True, timeout=300)
+        assert exec_.returncode == 0 and exec_.stdout == "works\n", exec_.stderr
+        assert "for this run only" in exec_.stderr  # where the agent went instead, said once
+        assert ssh(lab, "h2", "ls -d /tmp/remote-runner-agent-* 2>/dev/null || true").stdout == ""  # and removed
+    finally:
+        ssh(lab, "h2", f"pkill -KILL -u {name}; sleep 0.2; userdel {name}; rm -rf /tmp/rrnohome-*", check=False)

@@ -33,6 +33,7 @@ from __future__ import annotations
 import logging
 import os
 import platform
+import shutil
 import signal
 import sys
 from typing import List, Optional, Tuple
@@ -130,11 +131,17 @@ def main(argv: Optional[List[str]] = None) -> int:
     """Dispatch ``exec`` / ``daemon`` / ``attach``."""
     argv = list(sys.argv[1:] if argv is None else argv)
     logging.basicConfig(level=logging.WARNING, format="agent: %(levelname)s: %(message)s")
+    remove = None
+    if argv[:1] == ["--remove"] and len(argv) > 1:
+        # the private directory the bootstrap put this agent in (a home it could not write)
+        remove, argv = argv[1], argv[2:]
     if not argv:
-        sys.stderr.write("usage: agent (exec | daemon | attach --socket S --job J)\n")
+        sys.stderr.write("usage: agent [--remove DIR] (exec | daemon | attach --socket S --job J)\n")
         return 2
     if argv[0] in ("exec", "daemon"):
         code = serve(argv[0])
+        if remove is not None:
+            shutil.rmtree(remove, ignore_errors=True)
         sys.stderr.flush()
         os._exit(code)
     if argv[0] == "attach":
