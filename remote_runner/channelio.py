@@ -72,6 +72,51 @@ def start_command(channel: paramiko.Channel, command: str, mark: bool = True) ->
     transport._send_user_message(message)
 
 
+#: Seconds a refused session waits for one of ours on the connection to close (see
+#: :func:`open_session`) before the refusal is an error.
+SESSION_WAIT = 60.0
+
+
+def open_session(transport: paramiko.Transport, timeout: float) -> paramiko.Channel:
+    """``transport.open_session``, waiting for a session of ours to end when the host refuses one.
+
+    sshd allows ``MaxSessions`` sessions per connection (10 by default; hardened
+    hosts set fewer). A copy opens several at once (bundles, streams, packed
+    files) beside the session lock's, and the host refuses the next ("Connect
+    failed") until one of them ends. So a refusal while other channels of ours
+    are open waits for one to close and tries again; with none of ours open, or
+    none closing for :data:`SESSION_WAIT` seconds, it is an error that says why.
+    """
+    patient_since = time.monotonic()
+    while True:
+        try:
+            return transport.open_session(timeout=timeout)
+        except paramiko.SSHException as exc:
+            # (refusals that reach threads opening at once can lose their reason: "Unable to open")
+            if not isinstance(exc, paramiko.ChannelException) and "Unable to open" not in str(exc):
+                raise
+            ours = _open_channels(transport)
+            if not ours or time.monotonic() - patient_since > SESSION_WAIT or not transport.is_active():
+                raise paramiko.ChannelException(getattr(exc, "code", 2), f"{getattr(exc, 'text', exc)}: the host "
+                                                f"refused a session while {ours} of ours were open on the "
+                                                "connection (sshd's MaxSessions)") from exc
+            log.debug("session refused with %d open; waiting for one to end", ours)
+            end = time.monotonic() + 1.0
+            while _open_channels(transport) >= ours and time.monotonic() < end:
+                time.sleep(0.01)
+            if _open_channels(transport) < ours:
+                patient_since = time.monotonic()  # one ended: the wait starts again
+
+
+def _open_channels(transport: paramiko.Transport) -> int:
+    """How many channels are open on *transport* (paramiko keeps no public count)."""
+    channels = getattr(transport, "_channels", None)
+    try:
+        return len(channels) if channels is not None else 0
+    except TypeError:
+        return 0
+
+
 def _after_mark(channel: paramiko.Channel, recv: str, ready: str, line: bytes) -> None:
     """Make *channel*'s *recv* (and its *ready* test) skip what comes before *line*."""
     reader = OutputAfterMark(getattr(channel, recv), line)

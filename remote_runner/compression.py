@@ -32,7 +32,7 @@ import zlib
 from typing import Any, Callable, Dict, Optional, Tuple
 
 from remote_runner.errors import CopyError, describe
-from remote_runner.channelio import send_all_or_raise, start_command
+from remote_runner.channelio import open_session, send_all_or_raise, start_command
 from remote_runner.stream import collect
 
 LOG = logging.getLogger(__name__)
@@ -163,7 +163,7 @@ def _exec(transport: Any, command: str, data: Optional[bytes], timeout: float,
           traffic: Any = None) -> Tuple[int, str, str]:
     """Run *command* on a new channel of *transport*; return (status, stdout, stderr)."""
     _count(traffic)
-    channel = transport.open_session(timeout=timeout)
+    channel = open_session(transport, timeout)
     try:
         start_command(channel, command)
         if data:
@@ -204,7 +204,7 @@ def send(transport: Any, codec: str, src: str, size: int, script: str,
     raise to stop: the channel is closed and the host removes its temporary file).
     """
     _count(traffic)
-    channel = transport.open_session(timeout=60)
+    channel = open_session(transport, 60)
     try:
         start_command(channel, "sh -c " + shlex.quote(script))
         encoder = Encoder(codec)

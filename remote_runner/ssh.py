@@ -54,7 +54,7 @@ from remote_runner.errors import (
     ConnectionLost, RemoteCommandError, RunnerError, UnreachableError, brief_command,
 )
 from remote_runner.channelio import (  # noqa: F401 - RunResult: public here
-    RunResult, _collect, _draining, start_command)
+    RunResult, _collect, _draining, open_session, start_command)
 from remote_runner.sshauth import (  # noqa: F401 - PASSWORD_ENV, resolve_password: public here
     PASSWORD_ENV, Authentication, resolve_password,
 )
@@ -402,7 +402,7 @@ class Connection(Authentication):
         """Open a session channel within the connect timeout."""
         transport = self.transport
         try:
-            return transport.open_session(timeout=self.connect_timeout)
+            return open_session(transport, self.connect_timeout)
         except (paramiko.SSHException, EOFError, OSError) as exc:
             raise self._lost("cannot open a session channel", exc) from exc
 

@@ -39,7 +39,7 @@ import time
 from dataclasses import dataclass
 from typing import Any, Callable, List, Optional, Tuple
 
-from remote_runner.channelio import send_all, send_eof, start_command
+from remote_runner.channelio import open_session, send_all, send_eof, start_command
 from remote_runner.errors import CopyError
 from remote_runner.shell import PYTHON_FLAGS
 
@@ -161,7 +161,7 @@ def send(transport: Any, src: str, tmp: str, dest: str, size: int, mode: int,
     """
     if traffic is not None:
         traffic.count("execs")
-    channel = transport.open_session(timeout=60)
+    channel = open_session(transport, 60)
     try:
         start_command(channel, command(tmp, dest, size, mode))
         _pour(channel, src, size, tick)

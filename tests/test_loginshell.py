@@ -226,3 +226,55 @@ def test_a_home_that_cannot_be_written_is_named_for_a_run_and_done_without_by_ex
         assert ssh(lab, "h2", "ls -d /tmp/remote-runner-agent-* 2>/dev/null || true").stdout == ""  # and removed
     finally:
         ssh(lab, "h2", f"pkill -KILL -u {name}; sleep 0.2; userdel {name}; rm -rf /tmp/rrnohome-*", check=False)
+
+
+@pytest.fixture
+def few_sessions(lab):
+    """h3's sshd allows *n* sessions per connection (``set(n)``); its own setting (200) comes back after."""
+    def limit(n: int) -> None:
+        ssh(lab, "h3", f"sed -i 's/^MaxSessions .*/MaxSessions {n}/' /etc/remote-runner-lab/sshd_config && "
+                       "kill -HUP $(pgrep -o -f 'sshd -D') && sleep 0.3")
+    yield limit
+    limit(200)
+
+
+@pytest.mark.lab
+def test_a_copy_fits_in_the_sessions_a_hardened_sshd_allows(lab, few_sessions, tmp_path, monkeypatch, capsys):
+    """Streams, bundles and the session lock need more sessions than ``MaxSessions 2``: each
+    refused one waits for one of ours to end; with none ever ending, the error says why."""
+    from remote_runner import channelio
+    from remote_runner.cli import classic
+    data = tmp_path / "data"
+    (data / "small").mkdir(parents=True)
+    for i in range(4):  # streamed, up to 4 at once
+        (data / f"big{i}.bin").write_bytes(os.urandom(4 << 20))
+    for i in range(2500):  # two bundles
+        (data / "small" / f"f{i:04d}").write_text(f"file {i}\n")
+    config = tmp_path / "experiment.py"
+    config.write_text(textwrap.dedent(f"""\
+        c = Component()
+        c.name = 'sessions'
+        c.host = 'h3'
+        c.executable = '/bin/true'
+        c.base_dir = '/tmp/sessions-test'
+        c.files = util.recursive_files_dict({str(data)!r}, '.')
+        c.start_index = 0
+        config.add_component(c)
+    """))
+    argv = ["-c", str(config), "-F", lab.ssh_config, "--screen", "sessions"]
+    try:
+        few_sessions(2)
+        run = subprocess.run([sys.executable, CLASSIC, *argv], capture_output=True, text=True, timeout=300)
+        assert run.returncode == 0, run.stderr
+        sums = ssh(lab, "h3", "cd /tmp/sessions-test && find . -type f | wc -l && cat small/f2499 && "
+                              "sha1sum big*.bin").stdout.split()
+        assert sums[:3] == ["2504", "file", "2499"]
+        assert sums[3::2] == [hashlib.sha1((data / f"big{i}.bin").read_bytes()).hexdigest() for i in range(4)]
+        ssh(lab, "h3", "rm -rf /tmp/sessions-test")
+        few_sessions(1)  # the session lock's channel takes the only one, for the whole run
+        monkeypatch.setattr(channelio, "SESSION_WAIT", 1.0)
+        assert classic.main(argv + ["-q"]) == 4  # a copy error
+        said = capsys.readouterr().err
+        assert "the host refused a session while" in said and "MaxSessions" in said, said
+    finally:
+        ssh(lab, "h3", "rm -rf /tmp/sessions-test; rm -rf ~/.remote-runner/sessions", check=False)
