@@ -12,18 +12,23 @@ A file already fetched with the same size and SHA-1 is skipped, so fetching
 again after more results appeared copies only the new ones. Files land under
 a temporary name and are renamed into place; names the host sends are checked
 (no ``..``, no absolute paths, nothing outside the component's directory).
+Files are read over SFTP, or with ``cat`` on exec channels from a host whose
+sshd has no SFTP subsystem (:class:`ExecReader`).
 """
 
 from __future__ import annotations
 
+import logging
 import os
 import re
 import shlex
 from dataclasses import dataclass, field
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
-from remote_runner.errors import CopyError
+from remote_runner.errors import ConnectionLost, CopyError, HostError
 from remote_runner.sync import local_sha1, remote_sha1
+
+LOG = logging.getLogger(__name__)
 
 LOG_NAME = "screen.log"
 #: Progress callback: (host, bytes just copied).
@@ -120,7 +125,15 @@ def fetch_host(shell, sftp: Callable[[], object], host: str,
     if not wanted:
         return report
     hashes, _ = remote_sha1(shell, [w.remote for w in wanted])
-    client = sftp()
+    try:
+        client = sftp()
+    except ConnectionLost:
+        raise
+    except HostError as exc:
+        if getattr(shell, "connection", None) is None:
+            raise
+        LOG.info("%s: no SFTP subsystem (%s): reading the files with cat", host, exc.message)
+        client = ExecReader(shell.connection)
     for item in wanted:
         if (os.path.isfile(item.local) and os.path.getsize(item.local) == item.size
                 and hashes.get(item.remote) == local_sha1(item.local)):
@@ -146,6 +159,41 @@ def fetch_host(shell, sftp: Callable[[], object], host: str,
         report.copied.append(item.local)
         report.bytes += seen[0]
     return report
+
+
+class ExecReader:
+    """Files read with ``cat`` on an exec channel each: what SFTP's ``get`` does, without SFTP.
+
+    Hardened hosts may run sshd without the SFTP subsystem; a plain command
+    still reads any file the login user can. No read waits longer than
+    :data:`READ_TIMEOUT` for the host's next bytes.
+    """
+
+    READ_TIMEOUT = 300.0
+
+    def __init__(self, connection) -> None:
+        self.connection = connection
+
+    def get(self, remote: str, local: str, callback: Optional[Callable[[int, int], None]] = None) -> None:
+        channel = self.connection.exec_channel("cat -- " + shlex.quote(remote))
+        try:
+            channel.settimeout(self.READ_TIMEOUT)
+            done = 0
+            with open(local, "wb") as out:
+                while True:
+                    data = channel.recv(1 << 16)
+                    if not data:
+                        break
+                    out.write(data)
+                    done += len(data)
+                    if callback is not None:
+                        callback(done, 0)
+            status = channel.recv_exit_status()
+            if status != 0:
+                said = channel.recv_stderr(4096).decode("utf-8", "replace").strip()
+                raise OSError(f"cat exited with status {status}: {said or 'no message'}")
+        finally:
+            channel.close()
 
 
 def _safe(name: str) -> str:

@@ -36,7 +36,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Callable, Dict, List, NoReturn, Optional, Sequence, Tuple
 
 from remote_runner import compression, sftpwrite, stream
-from remote_runner.errors import EXIT_INTERRUPTED, CopyError, RunnerError, describe
+from remote_runner.errors import EXIT_INTERRUPTED, ConnectionLost, CopyError, HostError, RunnerError, describe
 from remote_runner.events import for_host
 from remote_runner.freespace import (  # noqa: F401 - re-exported: callers look here
     FREE_MARK, free_bytes, free_space, free_space_script,
@@ -295,10 +295,22 @@ def upload_all(sftp: Any, host: str, items: Sequence[Upload], progress: Optional
     if len(streamed) == 1 and streamed[0].size > 2 * sftpwrite.RANGE_MIN:
         streamed = []  # a lone large file: ranges over several channels beat one stream's window
     plain = [i for i in plain if i not in set(streamed)]
+    if plain and callable(sftp):
+        try:
+            sftp = sftp()
+        except ConnectionLost:
+            raise
+        except HostError as exc:
+            # A hardened sshd without the SFTP subsystem: a host with python3 takes them all
+            # as streams (its receiver needs no SFTP).
+            if link is None:
+                raise HostError(host, f"{exc.message}; this host has no SFTP subsystem and no python3, "
+                                      "so files over the bundles' size cannot reach it",
+                                "enable sshd's Subsystem sftp, or install python3 there") from exc
+            LOG.info("%s: no SFTP subsystem (%s): streaming %d more file(s)", host, exc.message, len(plain))
+            streamed, plain = streamed + plain, []
     streamers = min(STREAM_LANES, len(streamed), max(1, lanes - packers))
     receipts: Dict[str, stream.Receipt] = {}
-    if plain and callable(sftp):
-        sftp = sftp()
     width = max(1, lanes - packers) if open_lane is not None else 1
     work: List[Tuple[Upload, "sftpwrite.Range", _FileJob]] = []
     for item in plain:

@@ -1,0 +1,119 @@
+"""Hosts whose sshd is set up tighter than OpenSSH's defaults: few sessions per connection
+(``MaxSessions``), no SFTP subsystem. A run, a restart's copy and a fetch still go through, or
+say exactly which setting stops them."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+from tests.conftest import ssh
+
+CLASSIC = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "scripts", "remote_runner.py")
+
+
+def sshd_setting(lab, host: str, sed: str) -> None:
+    """Edit *host*'s own sshd_config with *sed* and have its sshd read it again."""
+    ssh(lab, host, f"sed -i {sed} /etc/remote-runner-lab/sshd_config && kill -HUP $(pgrep -o -f 'sshd -D') "
+                   "&& sleep 0.3")
+
+
+@pytest.fixture
+def few_sessions(lab):
+    """h3's sshd allows *n* sessions per connection (``set(n)``); its own setting (200) comes back after."""
+    def limit(n: int) -> None:
+        sshd_setting(lab, "h3", f"'s/^MaxSessions .*/MaxSessions {n}/'")
+    yield limit
+    limit(200)
+
+
+@pytest.mark.lab
+def test_a_copy_fits_in_the_sessions_a_hardened_sshd_allows(lab, few_sessions, tmp_path, monkeypatch, capsys):
+    """Streams, bundles and the session lock need more sessions than ``MaxSessions 2``: each
+    refused one waits for one of ours to end; with none ever ending, the error says why."""
+    from remote_runner import channelio
+    from remote_runner.cli import classic
+    data = tmp_path / "data"
+    (data / "small").mkdir(parents=True)
+    for i in range(4):  # streamed, up to 4 at once
+        (data / f"big{i}.bin").write_bytes(os.urandom(4 << 20))
+    for i in range(2500):  # two bundles
+        (data / "small" / f"f{i:04d}").write_text(f"file {i}\n")
+    config = tmp_path / "experiment.py"
+    config.write_text(textwrap.dedent(f"""\
+        c = Component()
+        c.name = 'sessions'
+        c.host = 'h3'
+        c.executable = '/bin/true'
+        c.base_dir = '/tmp/sessions-test'
+        c.files = util.recursive_files_dict({str(data)!r}, '.')
+        c.start_index = 0
+        config.add_component(c)
+    """))
+    argv = ["-c", str(config), "-F", lab.ssh_config, "--screen", "sessions"]
+    try:
+        few_sessions(2)
+        run = subprocess.run([sys.executable, CLASSIC, *argv], capture_output=True, text=True, timeout=300)
+        assert run.returncode == 0, run.stderr
+        sums = ssh(lab, "h3", "cd /tmp/sessions-test && find . -type f | wc -l && cat small/f2499 && "
+                              "sha1sum big*.bin").stdout.split()
+        assert sums[:3] == ["2504", "file", "2499"]
+        assert sums[3::2] == [hashlib.sha1((data / f"big{i}.bin").read_bytes()).hexdigest() for i in range(4)]
+        ssh(lab, "h3", "rm -rf /tmp/sessions-test")
+        few_sessions(1)  # the session lock's channel takes the only one, for the whole run
+        monkeypatch.setattr(channelio, "SESSION_WAIT", 1.0)
+        assert classic.main(argv + ["-q"]) == 4  # a copy error
+        said = capsys.readouterr().err
+        assert "the host refused a session while" in said and "MaxSessions" in said, said
+    finally:
+        ssh(lab, "h3", "rm -rf /tmp/sessions-test; rm -rf ~/.remote-runner/sessions", check=False)
+
+
+
+@pytest.fixture
+def no_sftp(lab):
+    """h3's sshd without its SFTP subsystem (back after the test)."""
+    sshd_setting(lab, "h3", "'s/^Subsystem/#Subsystem/'")
+    yield "h3"
+    sshd_setting(lab, "h3", "'s/^#Subsystem/Subsystem/'")
+
+
+@pytest.mark.lab
+def test_a_run_and_a_fetch_need_no_sftp_subsystem(lab, no_sftp, tmp_path):
+    """Files past the bundles' size that went over SFTP are streamed; results are read with cat."""
+    sizes = {"small.bin": 5000, "mid.bin": 500_000, "big.bin": 3_000_000}  # bundled, SFTP's, streamed
+    for name, size in sizes.items():
+        (tmp_path / name).write_bytes(os.urandom(size))
+    config = tmp_path / "experiment.py"
+    config.write_text(textwrap.dedent(f"""\
+        c = Component()
+        c.name = 'nosftp'
+        c.host = 'h3'
+        c.executable = '/bin/sh'
+        c.args = ['-c', 'mkdir -p out && cat mid.bin big.bin > out/both.bin']
+        c.base_dir = '/tmp/nosftp-test'
+        c.files = {{name: name for name in {sorted(sizes)!r}}}
+        c.results = ['out/*']
+        c.start_index = 0
+        c.wait = True
+        config.add_component(c)
+    """))
+    env = dict(os.environ, XDG_STATE_HOME=str(tmp_path / "state"))  # this test's own run records
+    try:
+        run = subprocess.run([sys.executable, CLASSIC, "-c", str(config), "-F", lab.ssh_config, "--screen",
+                              "nosftp", "--fetch"], capture_output=True, text=True, timeout=300, cwd=str(tmp_path),
+                             env=env)
+        assert run.returncode == 0, run.stderr
+        sums = ssh(lab, "h3", "cd /tmp/nosftp-test && sha1sum big.bin mid.bin small.bin").stdout.split()[::2]
+        assert sums == [hashlib.sha1((tmp_path / name).read_bytes()).hexdigest() for name in sorted(sizes)]
+        fetched = list((tmp_path / "state").rglob("both.bin"))
+        assert len(fetched) == 1, run.stderr
+        assert fetched[0].read_bytes() == (tmp_path / "mid.bin").read_bytes() + (tmp_path / "big.bin").read_bytes()
+        assert "reading the files with cat" in run.stderr
+    finally:
+        ssh(lab, "h3", "rm -rf /tmp/nosftp-test ~/.remote-runner/nosftp", check=False)
