@@ -62,6 +62,9 @@ from remote_runner.sshconfig import (  # noqa: F401 - imported from here by othe
     SYSTEM_CONFIG, USER_CONFIG, _local_user, _port, config_paths, load_ssh_config, parse_host,
 )
 
+#: The reason code of a channel the server will not open by policy (RFC 4254, 5.1).
+OPEN_ADMINISTRATIVELY_PROHIBITED = 1
+
 log = logging.getLogger(__name__)
 
 USER_KNOWN_HOSTS = ("~/.ssh/known_hosts", "~/.ssh/known_hosts2")
@@ -277,6 +280,11 @@ class Connection(Authentication):
                 "direct-tcpip", (self.hostname, self.port), ("127.0.0.1", 0),
                 timeout=self.connect_timeout)
         except (paramiko.SSHException, OSError, EOFError) as exc:
+            if getattr(exc, "code", None) == OPEN_ADMINISTRATIVELY_PROHIBITED:
+                raise UnreachableError(self.alias, f"jump host {self._jump.alias} refuses to forward "
+                                       f"connections to {self.hostname}:{self.port} (administratively "
+                                       "prohibited)", "its sshd's AllowTcpForwarding or PermitOpen forbids "
+                                       "it: ask its admin, or reach this host another way") from exc
             raise UnreachableError(self.alias, f"jump host {self._jump.alias} cannot reach "
                                    f"{self.hostname}:{self.port}: {exc}",
                                    "check HostName/Port for this host") from exc

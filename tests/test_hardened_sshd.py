@@ -1,6 +1,6 @@
 """Hosts whose sshd is set up tighter than OpenSSH's defaults: few sessions per connection
-(``MaxSessions``), no SFTP subsystem. A run, a restart's copy and a fetch still go through, or
-say exactly which setting stops them."""
+(``MaxSessions``), no SFTP subsystem, a bastion that forwards nothing. A run, a restart's copy
+and a fetch still go through, or say exactly which setting stops them."""
 
 from __future__ import annotations
 
@@ -117,3 +117,24 @@ def test_a_run_and_a_fetch_need_no_sftp_subsystem(lab, no_sftp, tmp_path):
         assert "reading the files with cat" in run.stderr
     finally:
         ssh(lab, "h3", "rm -rf /tmp/nosftp-test ~/.remote-runner/nosftp", check=False)
+
+
+@pytest.mark.lab
+def test_a_jump_host_that_forbids_forwarding_is_named_as_such(lab, tmp_path):
+    ssh(lab, "h1", "echo 'AllowTcpForwarding no' >> /etc/remote-runner-lab/sshd_config && "
+                   "kill -HUP $(pgrep -o -f 'sshd -D') && sleep 0.3")
+    try:
+        address = ssh(lab, "h2", "hostname -I").stdout.split()[0]
+        config = tmp_path / "ssh_config"
+        config.write_text(open(lab.ssh_config).read() + f"\nHost behind\n  HostName {address}\n  ProxyJump h1\n")
+        experiment = tmp_path / "experiment.py"
+        experiment.write_text("c = Component()\nc.name = 'x'\nc.host = 'behind'\nc.executable = '/bin/true'\nc.start_index = 0\n"
+                              "config.add_component(c)\n")
+        run = subprocess.run([sys.executable, CLASSIC, "-c", str(experiment), "-F", str(config), "--screen", "jump"],
+                             capture_output=True, text=True, timeout=300)
+        assert run.returncode == 3, run.stderr
+        assert "jump host h1 refuses to forward connections to" in run.stderr, run.stderr
+        assert "AllowTcpForwarding" in run.stderr and "HostName/Port" not in run.stderr
+    finally:
+        ssh(lab, "h1", "sed -i '/^AllowTcpForwarding/d' /etc/remote-runner-lab/sshd_config && "
+                       "kill -HUP $(pgrep -o -f 'sshd -D') && sleep 0.3", check=False)
