@@ -162,9 +162,14 @@ class HostSetup:
             raise StartError(f"host {host}: GNU screen is not installed (or not on PATH); install "
                              "it there (Debian: apt-get install screen); nothing was changed")
         if "STATE" not in found or result.exit_status != 0:
-            what = "base directories" if result.exit_status == 4 else f"state directory {state}"
-            raise StartError(f"host {host}: could not create {what}: "
-                             f"{result.stderr.strip() or result.stdout.strip()}")
+            what = f"state directory {state}"
+            if result.exit_status == 4:  # the first base dir it did not report is the one
+                failed = next((spec for i, spec in enumerate(specs) if f"BASE {i}" not in found), None)
+                what = (f"base directory {failed.base_dir or '(temporary)'} of {failed.name}"
+                        if failed is not None else "base directories")
+            said = [line for line in (result.stderr.strip() or result.stdout.strip()).splitlines()
+                    if not line.startswith(("STATE ", "BASE "))]  # (what it did report)
+            raise StartError(f"host {host}: could not create {what}: {' '.join(said) or 'no message'}")
         state_dir = found["STATE"]
         run_dir = hostops.run_dir(state_dir, self.run_id)
         self.report.state_dirs[host] = state_dir

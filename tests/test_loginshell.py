@@ -227,3 +227,27 @@ def test_a_home_that_cannot_be_written_is_named_for_a_run_and_done_without_by_ex
     finally:
         ssh(lab, "h2", f"pkill -KILL -u {name}; sleep 0.2; userdel {name}; rm -rf /tmp/rrnohome-*", check=False)
 
+
+
+@pytest.mark.lab
+def test_a_base_dir_the_login_user_cannot_make_is_named_with_its_component(lab, tmp_path):
+    config = tmp_path / "experiment.py"
+    config.write_text(textwrap.dedent("""\
+        for name, base in (('fine', '/tmp/rr-fine-base'), ('denied', '/usr/share/rr-denied/base')):
+            c = Component()
+            c.name = name
+            c.host = 'h2'
+            c.executable = '/bin/true'
+            c.base_dir = base
+            c.start_index = 0
+            config.add_component(c)
+    """))
+    run = subprocess.run([sys.executable, CLASSIC, "-c", str(config), "-F", lab.ssh_config, "-u", "rrtest",
+                          "--screen", "basedir"], capture_output=True, text=True, timeout=300)
+    try:
+        assert run.returncode == 6, run.stderr
+        assert ("host h2: could not create base directory /usr/share/rr-denied/base of denied: mkdir: cannot "
+                "create directory '/usr/share/rr-denied': Permission denied") in run.stderr, run.stderr
+        assert "STATE " not in run.stderr
+    finally:
+        ssh(lab, "h2", "rm -rf /tmp/rr-fine-base ~/.remote-runner/basedir", check=False, user="rrtest")
