@@ -499,5 +499,5 @@ def test_libfuse_is_found_by_soname_without_running_ldconfig(monkeypatch):
     assert searched == ["fuse3"]
     monkeypatch.delenv("FUSE_LIBRARY_PATH")
     loads()
-    with pytest.raises(OSError):
+    with pytest.raises(OSError, match="neither libfuse3 nor libfuse2 .*apt-get install fuse3"):
         mount.choose_libfuse()

@@ -44,7 +44,8 @@ def choose_libfuse() -> str:
             continue
         os.environ["FUSE_LIBRARY_PATH"] = soname
         return name
-    raise OSError(errno.ENOENT, "neither libfuse3 nor libfuse2 is installed on this host")
+    raise OSError(errno.ENOENT, "neither libfuse3 nor libfuse2 is installed on this host (Debian, Ubuntu: "
+                  "apt-get install fuse3; Fedora, RHEL: dnf install fuse3-libs)")
 
 
 def check_fuse_device() -> None:
