@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import subprocess
+import sys
 import uuid
 
 import pytest
@@ -86,6 +87,30 @@ def quit_screen(lab, host: str, name: str, *paths: str, user: str = "") -> None:
     from remote_runner.screen import quit_sessions_script
     remove = f"rm -rf {' '.join(paths)}\n" if paths else ""
     ssh(lab, host, quit_sessions_script(name, 0) + remove, check=False, user=user)
+
+
+#: The classic command line (``remote_runner.py``), as users run it.
+CLASSIC = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "scripts", "remote_runner.py")
+
+
+def experiment(directory, *components: dict) -> str:
+    """Write a config declaring *components* (field -> value; ``start_index`` 0 unless given)
+    as ``experiment.py`` in *directory*; return its path."""
+    lines = []
+    for fields in components:
+        lines.append("c = Component()")
+        lines += [f"c.{key} = {value!r}" for key, value in {"start_index": 0, **fields}.items()]
+        lines.append("config.add_component(c)")
+    path = os.path.join(str(directory), "experiment.py")
+    with open(path, "w") as handle:
+        handle.write("\n".join(lines) + "\n")
+    return path
+
+
+def classic(*args: str, **kwargs) -> subprocess.CompletedProcess:
+    """Run ``remote_runner.py`` *args* (text output, 300 s at most; *kwargs* go to subprocess.run)."""
+    return subprocess.run([sys.executable, CLASSIC, *args], capture_output=True, text=True, timeout=300,
+                          **kwargs)
 
 
 @pytest.hookimpl(hookwrapper=True)

@@ -6,15 +6,10 @@ from __future__ import annotations
 
 import hashlib
 import os
-import subprocess
-import sys
-import textwrap
 
 import pytest
 
-from tests.conftest import ssh
-
-CLASSIC = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "scripts", "remote_runner.py")
+from tests.conftest import classic, experiment, ssh
 
 
 def sshd_setting(lab, host: str, sed: str) -> None:
@@ -37,28 +32,20 @@ def test_a_copy_fits_in_the_sessions_a_hardened_sshd_allows(lab, few_sessions, t
     """Streams, bundles and the session lock need more sessions than ``MaxSessions 2``: each
     refused one waits for one of ours to end; with none ever ending, the error says why."""
     from remote_runner import channelio
-    from remote_runner.cli import classic
+    from remote_runner.cli import classic as classic_cli
     data = tmp_path / "data"
     (data / "small").mkdir(parents=True)
     for i in range(4):  # streamed, up to 4 at once
         (data / f"big{i}.bin").write_bytes(os.urandom(4 << 20))
     for i in range(2500):  # two bundles
         (data / "small" / f"f{i:04d}").write_text(f"file {i}\n")
-    config = tmp_path / "experiment.py"
-    config.write_text(textwrap.dedent(f"""\
-        c = Component()
-        c.name = 'sessions'
-        c.host = 'h3'
-        c.executable = '/bin/true'
-        c.base_dir = '/tmp/sessions-test'
-        c.files = util.recursive_files_dict({str(data)!r}, '.')
-        c.start_index = 0
-        config.add_component(c)
-    """))
-    argv = ["-c", str(config), "-F", lab.ssh_config, "--screen", "sessions"]
+    files = {str(path): str(path.relative_to(data)) for path in data.rglob("*") if path.is_file()}
+    config = experiment(tmp_path, {"name": "sessions", "host": "h3", "executable": "/bin/true",
+                                   "base_dir": "/tmp/sessions-test", "files": files})
+    argv = ["-c", config, "-F", lab.ssh_config, "--screen", "sessions"]
     try:
         few_sessions(2)
-        run = subprocess.run([sys.executable, CLASSIC, *argv], capture_output=True, text=True, timeout=300)
+        run = classic(*argv)
         assert run.returncode == 0, run.stderr
         sums = ssh(lab, "h3", "cd /tmp/sessions-test && find . -type f | wc -l && cat small/f2499 && "
                               "sha1sum big*.bin").stdout.split()
@@ -67,7 +54,7 @@ def test_a_copy_fits_in_the_sessions_a_hardened_sshd_allows(lab, few_sessions, t
         ssh(lab, "h3", "rm -rf /tmp/sessions-test")
         few_sessions(1)  # the session lock's channel takes the only one, for the whole run
         monkeypatch.setattr(channelio, "SESSION_WAIT", 1.0)
-        assert classic.main(argv + ["-q"]) == 4  # a copy error
+        assert classic_cli.main(argv + ["-q"]) == 4  # a copy error
         said = capsys.readouterr().err
         assert "the host refused a session while" in said and "MaxSessions" in said, said
     finally:
@@ -89,25 +76,14 @@ def test_a_run_and_a_fetch_need_no_sftp_subsystem(lab, no_sftp, tmp_path):
     sizes = {"small.bin": 5000, "mid.bin": 500_000, "big.bin": 3_000_000}  # bundled, SFTP's, streamed
     for name, size in sizes.items():
         (tmp_path / name).write_bytes(os.urandom(size))
-    config = tmp_path / "experiment.py"
-    config.write_text(textwrap.dedent(f"""\
-        c = Component()
-        c.name = 'nosftp'
-        c.host = 'h3'
-        c.executable = '/bin/sh'
-        c.args = ['-c', 'mkdir -p out && cat mid.bin big.bin > out/both.bin']
-        c.base_dir = '/tmp/nosftp-test'
-        c.files = {{name: name for name in {sorted(sizes)!r}}}
-        c.results = ['out/*']
-        c.start_index = 0
-        c.wait = True
-        config.add_component(c)
-    """))
+    config = experiment(tmp_path, {"name": "nosftp", "host": "h3", "executable": "/bin/sh",
+                                   "args": ["-c", "mkdir -p out && cat mid.bin big.bin > out/both.bin"],
+                                   "base_dir": "/tmp/nosftp-test", "files": {name: name for name in sizes},
+                                   "results": ["out/*"], "wait": True})
     env = dict(os.environ, XDG_STATE_HOME=str(tmp_path / "state"))  # this test's own run records
     try:
-        run = subprocess.run([sys.executable, CLASSIC, "-c", str(config), "-F", lab.ssh_config, "--screen",
-                              "nosftp", "--fetch"], capture_output=True, text=True, timeout=300, cwd=str(tmp_path),
-                             env=env)
+        run = classic("-c", config, "-F", lab.ssh_config, "--screen", "nosftp", "--fetch", cwd=str(tmp_path),
+                      env=env)
         assert run.returncode == 0, run.stderr
         sums = ssh(lab, "h3", "cd /tmp/nosftp-test && sha1sum big.bin mid.bin small.bin").stdout.split()[::2]
         assert sums == [hashlib.sha1((tmp_path / name).read_bytes()).hexdigest() for name in sorted(sizes)]
@@ -127,11 +103,8 @@ def test_a_jump_host_that_forbids_forwarding_is_named_as_such(lab, tmp_path):
         address = ssh(lab, "h2", "hostname -I").stdout.split()[0]
         config = tmp_path / "ssh_config"
         config.write_text(open(lab.ssh_config).read() + f"\nHost behind\n  HostName {address}\n  ProxyJump h1\n")
-        experiment = tmp_path / "experiment.py"
-        experiment.write_text("c = Component()\nc.name = 'x'\nc.host = 'behind'\nc.executable = '/bin/true'\nc.start_index = 0\n"
-                              "config.add_component(c)\n")
-        run = subprocess.run([sys.executable, CLASSIC, "-c", str(experiment), "-F", str(config), "--screen", "jump"],
-                             capture_output=True, text=True, timeout=300)
+        config_file = experiment(tmp_path, {"name": "x", "host": "behind", "executable": "/bin/true"})
+        run = classic("-c", config_file, "-F", str(config), "--screen", "jump")
         assert run.returncode == 3, run.stderr
         assert "jump host h1 refuses to forward connections to" in run.stderr, run.stderr
         assert "AllowTcpForwarding" in run.stderr and "HostName/Port" not in run.stderr

@@ -15,9 +15,7 @@ import textwrap
 import pytest
 
 from remote_runner.loginshell import ARG_MAX, MARK_SEARCH, WORD, OutputAfterMark, for_login_shell, portable, with_mark
-from tests.conftest import ssh
-
-CLASSIC = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "scripts", "remote_runner.py")
+from tests.conftest import classic, experiment, ssh
 
 SHELLS = ["sh", "bash", "zsh", "csh", "tcsh", "fish"]
 #: What sshd would hand a login shell: a multi-line script with a history mark, a
@@ -157,23 +155,12 @@ def test_a_run_and_an_exec_work_whatever_the_login_shell_and_its_banners(lab, lo
     # the receiver's failure, and the banner arrives after the first MiB or so.
     (tmp_path / "big.bin").write_bytes(os.urandom(32 << 20))
     (tmp_path / "big.log").write_bytes(b"a line of a log that packs well\n" * (1 << 20))
-    config = tmp_path / "experiment.py"
-    config.write_text(textwrap.dedent(f"""\
-        c = Component()
-        c.name = 'reader'
-        c.host = 'h2'
-        c.executable = '/bin/sh'
-        c.args = ['-c', 'cat data.txt && echo "in $(basename $PWD) as $(id -un)!"']
-        c.base_dir = '/home/{login_user}/work'
-        c.files = {{{str(tmp_path / 'data.txt')!r}: 'data.txt', {str(tmp_path / 'big.bin')!r}: 'big.bin',
-                   {str(tmp_path / 'big.log')!r}: 'big.log'}}
-        c.start_index = 0
-        c.wait = True
-        config.add_component(c)
-    """))
-    run = subprocess.run([sys.executable, CLASSIC, "-c", str(config), "-F", lab.ssh_config,
-                          "-u", login_user, "--screen", "login"], capture_output=True, text=True,
-                         timeout=300)
+    config = experiment(tmp_path, {
+        "name": "reader", "host": "h2", "executable": "/bin/sh",
+        "args": ["-c", 'cat data.txt && echo "in $(basename $PWD) as $(id -un)!"'],
+        "base_dir": f"/home/{login_user}/work", "wait": True,
+        "files": {str(tmp_path / name): name for name in ("data.txt", "big.bin", "big.log")}})
+    run = classic("-c", config, "-F", lab.ssh_config, "-u", login_user, "--screen", "login")
     assert run.returncode == 0, run.stderr
     assert "INFO: h2: reader exited with status 0" in run.stderr
     # the recap's attach hint logs in as the run did (-u wins over the ssh_config's User)
@@ -199,24 +186,14 @@ def test_a_home_that_cannot_be_written_is_named_for_a_run_and_done_without_by_ex
     name = "rrnohome"
     ssh(lab, "h2", f"userdel {name} >/dev/null 2>&1; useradd -p '*' -d /nonexistent/{name} -s /bin/bash {name}")
     try:
-        config = tmp_path / "experiment.py"
-        config.write_text(textwrap.dedent("""\
-            c = Component()
-            c.name = 'job'
-            c.host = 'h2'
-            c.executable = '/bin/true'
-            c.base_dir = '/tmp/rrnohome-work'
-            c.start_index = 0
-            c.wait = True
-            config.add_component(c)
-        """))
-        argv = [sys.executable, CLASSIC, "-c", str(config), "-F", lab.ssh_config, "-u", name, "--screen", "nohome"]
-        run = subprocess.run(argv, capture_output=True, text=True, timeout=300)
+        config = experiment(tmp_path, {"name": "job", "host": "h2", "executable": "/bin/true",
+                                       "base_dir": "/tmp/rrnohome-work", "wait": True})
+        argv = ["-c", config, "-F", lab.ssh_config, "-u", name, "--screen", "nohome"]
+        run = classic(*argv)
         assert run.returncode == 6, run.stderr
         assert ("cannot create the state directory ~/.remote-runner/nohome (mkdir: cannot create directory "
                 "'/nonexistent': Permission denied)") in run.stderr and "--remote-done-dir" in run.stderr
-        run = subprocess.run(argv + ["--remote-done-dir", "/tmp/rrnohome-state"], capture_output=True, text=True,
-                             timeout=300)
+        run = classic(*argv, "--remote-done-dir", "/tmp/rrnohome-state")
         assert run.returncode == 0 and "INFO: h2: job exited with status 0" in run.stderr, run.stderr
         ssh(lab, "h2", "rm -rf /tmp/remote-runner-agent-*")
         exec_ = subprocess.run([sys.executable, "-m", "remote_runner", "exec", "-F", lab.ssh_config,
@@ -231,19 +208,10 @@ def test_a_home_that_cannot_be_written_is_named_for_a_run_and_done_without_by_ex
 
 @pytest.mark.lab
 def test_a_base_dir_the_login_user_cannot_make_is_named_with_its_component(lab, tmp_path):
-    config = tmp_path / "experiment.py"
-    config.write_text(textwrap.dedent("""\
-        for name, base in (('fine', '/tmp/rr-fine-base'), ('denied', '/usr/share/rr-denied/base')):
-            c = Component()
-            c.name = name
-            c.host = 'h2'
-            c.executable = '/bin/true'
-            c.base_dir = base
-            c.start_index = 0
-            config.add_component(c)
-    """))
-    run = subprocess.run([sys.executable, CLASSIC, "-c", str(config), "-F", lab.ssh_config, "-u", "rrtest",
-                          "--screen", "basedir"], capture_output=True, text=True, timeout=300)
+    config = experiment(tmp_path, *({"name": name, "host": "h2", "executable": "/bin/true", "base_dir": base}
+                                     for name, base in (("fine", "/tmp/rr-fine-base"),
+                                                        ("denied", "/usr/share/rr-denied/base"))))
+    run = classic("-c", config, "-F", lab.ssh_config, "-u", "rrtest", "--screen", "basedir")
     try:
         assert run.returncode == 6, run.stderr
         assert ("host h2: could not create base directory /usr/share/rr-denied/base of denied: mkdir: cannot "
