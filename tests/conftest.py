@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import os
 import subprocess
-import sys
 import uuid
 
 import pytest
@@ -89,10 +88,6 @@ def quit_screen(lab, host: str, name: str, *paths: str, user: str = "") -> None:
     ssh(lab, host, quit_sessions_script(name, 0) + remove, check=False, user=user)
 
 
-#: The classic command line (``remote_runner.py``), as users run it.
-CLASSIC = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "scripts", "remote_runner.py")
-
-
 def experiment(directory, *components: dict) -> str:
     """Write a config declaring *components* (field -> value; ``start_index`` 0 unless given)
     as ``experiment.py`` in *directory*; return its path."""
@@ -105,12 +100,6 @@ def experiment(directory, *components: dict) -> str:
     with open(path, "w") as handle:
         handle.write("\n".join(lines) + "\n")
     return path
-
-
-def classic(*args: str, **kwargs) -> subprocess.CompletedProcess:
-    """Run ``remote_runner.py`` *args* (text output, 300 s at most; *kwargs* go to subprocess.run)."""
-    return subprocess.run([sys.executable, CLASSIC, *args], capture_output=True, text=True, timeout=300,
-                          **kwargs)
 
 
 @pytest.hookimpl(hookwrapper=True)

@@ -9,7 +9,8 @@ import os
 
 import pytest
 
-from tests.conftest import classic, experiment, ssh
+from tests.conftest import experiment, ssh
+from tests.test_classic_cli import cli
 
 
 def sshd_setting(lab, host: str, sed: str) -> None:
@@ -45,7 +46,7 @@ def test_a_copy_fits_in_the_sessions_a_hardened_sshd_allows(lab, few_sessions, t
     argv = ["-c", config, "-F", lab.ssh_config, "--screen", "sessions"]
     try:
         few_sessions(2)
-        run = classic(*argv)
+        run = cli(*argv)
         assert run.returncode == 0, run.stderr
         sums = ssh(lab, "h3", "cd /tmp/sessions-test && find . -type f | wc -l && cat small/f2499 && "
                               "sha1sum big*.bin").stdout.split()
@@ -80,10 +81,9 @@ def test_a_run_and_a_fetch_need_no_sftp_subsystem(lab, no_sftp, tmp_path):
                                    "args": ["-c", "mkdir -p out && cat mid.bin big.bin > out/both.bin"],
                                    "base_dir": "/tmp/nosftp-test", "files": {name: name for name in sizes},
                                    "results": ["out/*"], "wait": True})
-    env = dict(os.environ, XDG_STATE_HOME=str(tmp_path / "state"))  # this test's own run records
+    env = {"XDG_STATE_HOME": str(tmp_path / "state")}  # this test's own run records
     try:
-        run = classic("-c", config, "-F", lab.ssh_config, "--screen", "nosftp", "--fetch", cwd=str(tmp_path),
-                      env=env)
+        run = cli("-c", config, "-F", lab.ssh_config, "--screen", "nosftp", "--fetch", env=env)
         assert run.returncode == 0, run.stderr
         sums = ssh(lab, "h3", "cd /tmp/nosftp-test && sha1sum big.bin mid.bin small.bin").stdout.split()[::2]
         assert sums == [hashlib.sha1((tmp_path / name).read_bytes()).hexdigest() for name in sorted(sizes)]
@@ -104,7 +104,7 @@ def test_a_jump_host_that_forbids_forwarding_is_named_as_such(lab, tmp_path):
         config = tmp_path / "ssh_config"
         config.write_text(open(lab.ssh_config).read() + f"\nHost behind\n  HostName {address}\n  ProxyJump h1\n")
         config_file = experiment(tmp_path, {"name": "x", "host": "behind", "executable": "/bin/true"})
-        run = classic("-c", config_file, "-F", str(config), "--screen", "jump")
+        run = cli("-c", config_file, "-F", str(config), "--screen", "jump")
         assert run.returncode == 3, run.stderr
         assert "jump host h1 refuses to forward connections to" in run.stderr, run.stderr
         assert "AllowTcpForwarding" in run.stderr and "HostName/Port" not in run.stderr

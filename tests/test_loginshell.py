@@ -9,13 +9,14 @@ import os
 import shlex
 import shutil
 import subprocess
-import sys
 import textwrap
 
 import pytest
 
 from remote_runner.loginshell import ARG_MAX, MARK_SEARCH, WORD, OutputAfterMark, for_login_shell, portable, with_mark
-from tests.conftest import classic, experiment, ssh
+from tests.conftest import experiment, ssh
+from tests.test_classic_cli import cli
+from tests.test_mirror_lab import rr_exec
 
 SHELLS = ["sh", "bash", "zsh", "csh", "tcsh", "fish"]
 #: What sshd would hand a login shell: a multi-line script with a history mark, a
@@ -148,8 +149,6 @@ def login_user(lab, request):
 
 @pytest.mark.lab
 def test_a_run_and_an_exec_work_whatever_the_login_shell_and_its_banners(lab, login_user, tmp_path):
-    ssh_config = tmp_path / "ssh_config"
-    ssh_config.write_text(open(lab.ssh_config).read().replace("User root", f"User {login_user}"))
     (tmp_path / "data.txt").write_text("hello\n")
     # Past the bundles' size: streamed as it is, and packed. Their senders watch stderr for
     # the receiver's failure, and the banner arrives after the first MiB or so.
@@ -160,7 +159,7 @@ def test_a_run_and_an_exec_work_whatever_the_login_shell_and_its_banners(lab, lo
         "args": ["-c", 'cat data.txt && echo "in $(basename $PWD) as $(id -un)!"'],
         "base_dir": f"/home/{login_user}/work", "wait": True,
         "files": {str(tmp_path / name): name for name in ("data.txt", "big.bin", "big.log")}})
-    run = classic("-c", config, "-F", lab.ssh_config, "-u", login_user, "--screen", "login")
+    run = cli("-c", config, "-F", lab.ssh_config, "-u", login_user, "--screen", "login")
     assert run.returncode == 0, run.stderr
     assert "INFO: h2: reader exited with status 0" in run.stderr
     # the recap's attach hint logs in as the run did (-u wins over the ssh_config's User)
@@ -174,11 +173,9 @@ def test_a_run_and_an_exec_work_whatever_the_login_shell_and_its_banners(lab, lo
     assert sums == [hashlib.sha1((tmp_path / name).read_bytes()).hexdigest() for name in ("big.bin", "big.log")]
     log = ssh(lab, "h2", f"cat /home/{login_user}/.remote-runner/login/latest/reader.log").stdout
     assert "hello" in log and f"in work as {login_user}!" in log, log
-    exec_ = subprocess.run([sys.executable, "-m", "remote_runner", "exec", "-F", str(ssh_config), "h2",
-                            "/bin/sh", "-c", "cat data.txt; echo done!"], cwd=str(tmp_path),
-                           capture_output=True, text=True, timeout=300)
-    assert exec_.returncode == 0, exec_.stderr
-    assert exec_.stdout == "hello\ndone!\n"
+    exec_ = rr_exec(lab, "h2", ["/bin/sh", "-c", "cat data.txt; echo done!"], tmp_path, user=login_user)
+    assert exec_.returncode == 0, exec_.stderr.decode()
+    assert exec_.stdout == b"hello\ndone!\n"
 
 
 @pytest.mark.lab
@@ -189,17 +186,16 @@ def test_a_home_that_cannot_be_written_is_named_for_a_run_and_done_without_by_ex
         config = experiment(tmp_path, {"name": "job", "host": "h2", "executable": "/bin/true",
                                        "base_dir": "/tmp/rrnohome-work", "wait": True})
         argv = ["-c", config, "-F", lab.ssh_config, "-u", name, "--screen", "nohome"]
-        run = classic(*argv)
+        run = cli(*argv)
         assert run.returncode == 6, run.stderr
         assert ("cannot create the state directory ~/.remote-runner/nohome (mkdir: cannot create directory "
                 "'/nonexistent': Permission denied)") in run.stderr and "--remote-done-dir" in run.stderr
-        run = classic(*argv, "--remote-done-dir", "/tmp/rrnohome-state")
+        run = cli(*argv, "--remote-done-dir", "/tmp/rrnohome-state")
         assert run.returncode == 0 and "INFO: h2: job exited with status 0" in run.stderr, run.stderr
         ssh(lab, "h2", "rm -rf /tmp/remote-runner-agent-*")
-        exec_ = subprocess.run([sys.executable, "-m", "remote_runner", "exec", "-F", lab.ssh_config,
-                                f"{name}@h2", "/bin/echo", "works"], capture_output=True, text=True, timeout=300)
-        assert exec_.returncode == 0 and exec_.stdout == "works\n", exec_.stderr
-        assert "for this run only" in exec_.stderr  # where the agent went instead, said once
+        exec_ = rr_exec(lab, "h2", ["/bin/echo", "works"], tmp_path, user=name)
+        assert exec_.returncode == 0 and exec_.stdout == b"works\n", exec_.stderr.decode()
+        assert b"for this run only" in exec_.stderr  # where the agent went instead, said once
         assert ssh(lab, "h2", "ls -d /tmp/remote-runner-agent-* 2>/dev/null || true").stdout == ""  # and removed
     finally:
         ssh(lab, "h2", f"pkill -KILL -u {name}; sleep 0.2; userdel {name}; rm -rf /tmp/rrnohome-*", check=False)
@@ -211,7 +207,7 @@ def test_a_base_dir_the_login_user_cannot_make_is_named_with_its_component(lab, 
     config = experiment(tmp_path, *({"name": name, "host": "h2", "executable": "/bin/true", "base_dir": base}
                                      for name, base in (("fine", "/tmp/rr-fine-base"),
                                                         ("denied", "/usr/share/rr-denied/base"))))
-    run = classic("-c", config, "-F", lab.ssh_config, "-u", "rrtest", "--screen", "basedir")
+    run = cli("-c", config, "-F", lab.ssh_config, "-u", "rrtest", "--screen", "basedir")
     try:
         assert run.returncode == 6, run.stderr
         assert ("host h2: could not create base directory /usr/share/rr-denied/base of denied: mkdir: cannot "
