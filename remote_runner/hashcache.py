@@ -10,15 +10,22 @@ is never used for content it was not computed from. A hash is only kept when the
 file's stat was the same before and after reading it.
 
 Within one process a file is hashed at most once, however many hosts want it
-(threads wanting the same file wait for the one hashing it). :meth:`save` merges
-into the file under ``flock`` (two runs at once keep both their entries), drops
-entries whose file changed or is gone, and replaces the file atomically. A cache
-file that cannot be read or parsed counts as empty; one that cannot be written
-only costs the next run its hashing.
+(threads wanting the same file wait for the one hashing it). :meth:`save` runs
+under ``flock`` (two runs at once keep both their entries) and costs what the
+run added, not what the cache holds: the file is a base line (the whole cache
+when it was last rewritten) followed by one journal line per save, each with
+that save's new entries (a later line wins). Rewriting and checking every entry
+on each save took 70 ms at 8,500 entries, at the end of every run that hashed
+one file. Once the journal outgrows the base (or :data:`JOURNAL_MIN`), a save
+rewrites the file instead: merged, without entries whose file changed or is
+gone, replaced atomically. A line cut short by a crash is skipped (the next
+save starts on a line of its own); a cache file that cannot be read or parsed
+counts as empty; one that cannot be written only costs the next run its hashing.
 """
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import hashlib
 import json
@@ -37,6 +44,8 @@ Key = Tuple[int, int, int, int, int]
 _HEX40 = re.compile(r"[0-9a-f]{40}\Z")
 #: Seconds :meth:`LocalHashes.save` waits for another run's lock before giving up.
 LOCK_WAIT = 10.0
+#: Journal bytes a save may leave after the base line, at least (see the module docstring).
+JOURNAL_MIN = 256 << 10
 
 
 def default_path() -> str:
@@ -153,32 +162,30 @@ class LocalHashes:
         return None
 
     def save(self) -> None:
-        """Merge this process's new hashes into the cache file (locked, atomic)."""
+        """Put this process's new hashes in the cache file: one journal line, or a rewrite."""
         with self._lock:
             new = dict(self._new)
         if not new:
             return
         path = self._file()
+        line = (json.dumps({"entries": new}) + "\n").encode()
         try:
             os.makedirs(os.path.dirname(path), mode=0o700, exist_ok=True)
             with open(path + ".lock", "a") as lock:
                 if not _lock(lock.fileno()):
                     LOG.debug("local hash cache %s is locked by another run; not updated", path)
                     return
-                entries = _read(path)
-                entries.update(new)
-                kept = {p: e for p, e in entries.items() if _valid(e) and _current(p, e)}
-                fd, tmp = tempfile.mkstemp(prefix=".sha1-cache.", dir=os.path.dirname(path))
-                with os.fdopen(fd, "w") as handle:
-                    json.dump({"version": 1, "entries": kept}, handle)
-                os.replace(tmp, path)
+                kept = None if _append(path, line) else _rewrite(path, new)
         except OSError as exc:
             LOG.debug("could not write the local hash cache %s: %s", path, exc)
             return
         with self._lock:
-            self._loaded = kept
-            for name in new:
-                if self._new.get(name) == new[name]:
+            if kept is not None:
+                self._loaded = kept
+            elif self._loaded is not None:
+                self._loaded.update(new)
+            for name, entry in new.items():
+                if self._new.get(name) == entry:
                     del self._new[name]
 
     def _file(self) -> str:
@@ -197,20 +204,86 @@ def _lock(fd: int) -> bool:
             time.sleep(0.05)
 
 
+def _append(path: str, line: bytes) -> bool:
+    """Add journal *line* to the cache file at *path*; False when it should be rewritten instead.
+
+    That is when it is missing or empty, or when the journal would outgrow the
+    base line and :data:`JOURNAL_MIN`. A last line cut short (no newline) is
+    ended first, so it stays one unreadable line of its own.
+    """
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_APPEND)
+    except FileNotFoundError:
+        return False
+    try:
+        size = os.fstat(fd).st_size
+        base = _first_line_length(fd, size)
+        if not size or size - base + len(line) > max(JOURNAL_MIN, base):
+            return False
+        if os.pread(fd, 1, size - 1) != b"\n":
+            line = b"\n" + line
+        while line:
+            line = line[os.write(fd, line):]
+    finally:
+        os.close(fd)
+    return True
+
+
+def _first_line_length(fd: int, size: int) -> int:
+    """Bytes of the file's first line, its newline included (the whole file if it has none)."""
+    offset = 0
+    while offset < size:
+        chunk = os.pread(fd, 1 << 20, offset)
+        if not chunk:
+            break
+        end = chunk.find(b"\n")
+        if end >= 0:
+            return offset + end + 1
+        offset += len(chunk)
+    return offset
+
+
+def _rewrite(path: str, new: Dict[str, List]) -> Dict[str, Any]:
+    """Replace the cache file at *path* by one base line: its entries and *new*, those still
+    describing their file; return them."""
+    entries = _read(path)
+    entries.update(new)
+    kept = {p: e for p, e in entries.items() if _valid(e) and _current(p, e)}
+    fd, tmp = tempfile.mkstemp(prefix=".sha1-cache.", dir=os.path.dirname(path))
+    try:
+        with os.fdopen(fd, "w") as handle:
+            json.dump({"version": 1, "entries": kept}, handle)
+            handle.write("\n")
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+    return kept
+
+
 def _read(path: str) -> Dict[str, Any]:
     """The entries of the cache file at *path* (none if it is unreadable), each checked when used.
 
     A run looks up only its own sources; checking all of a cache that has
     every source this user ever copied (7,000 entries: 50 ms here) was most of
-    a rerun's time before its first connection.
+    a rerun's time before its first connection. Lines that do not parse (cut
+    short by a crash, or garbage) are skipped.
     """
+    entries: Dict[str, Any] = {}
     try:
-        with open(path) as handle:
-            doc = json.load(handle)
-        entries = doc["entries"]
-        return entries if isinstance(entries, dict) else {}
-    except (OSError, ValueError, KeyError, TypeError, AttributeError):
-        return {}
+        with open(path, "rb") as handle:
+            lines = handle.read().split(b"\n")
+    except OSError:
+        return entries
+    for line in lines:
+        try:
+            part = json.loads(line)["entries"]
+        except (ValueError, KeyError, TypeError):
+            continue
+        if isinstance(part, dict):
+            entries.update(part)
+    return entries
 
 
 def _valid(entry: Any) -> bool:

@@ -345,7 +345,7 @@ def test_local_hashes_are_remembered_by_full_stat(tmp_path):
     assert hashcache.LocalHashes(str(tmp_path / "cache.json")).known(str(path)) is None
 
 
-def test_a_malformed_cache_entry_is_never_used_and_goes_at_the_next_save(tmp_path):
+def test_a_malformed_cache_entry_is_never_used_and_goes_at_the_next_rewrite(tmp_path, monkeypatch):
     import json
     path = tmp_path / "f"
     path.write_bytes(b"one")
@@ -359,9 +359,56 @@ def test_a_malformed_cache_entry_is_never_used_and_goes_at_the_next_save(tmp_pat
     cache = hashcache.LocalHashes(str(cache_file))
     assert cache.known(str(path)) is None and cache.known(str(other)) is None
     assert cache.sha1(str(other)) == __import__("hashlib").sha1(b"two").hexdigest()
+    monkeypatch.setattr(hashcache, "JOURNAL_MIN", 0)  # the new line outgrows the base: rewritten
+    (tmp_path / "filler").write_bytes(b"x")
+    for n in range(4):
+        cache.sha1(str(tmp_path / "filler"), rehash=True)
+        cache._new[str(tmp_path / f"gone{n}")] = key + ["b" * 40]
     cache.save()
-    kept = json.loads(cache_file.read_text())["entries"]
-    assert str(path) not in kept and kept[str(other)][5] == cache.known(str(other))
+    lines = cache_file.read_text().splitlines()
+    kept = json.loads(lines[0])["entries"]
+    assert len(lines) == 1 and str(path) not in kept and kept[str(other)][5] == cache.known(str(other))
+    assert not any(name.startswith(str(tmp_path / "gone")) for name in kept)  # no such files
+
+
+def test_a_save_appends_what_it_added_and_rewrites_once_the_journal_outgrows_the_base(tmp_path,
+                                                                                   monkeypatch):
+    import json
+    cache_file = tmp_path / "cache.json"
+    files = []
+    for n in range(6):
+        files.append(tmp_path / f"f{n}")
+        files[-1].write_bytes(b"%d" % n)
+    cache = hashcache.LocalHashes(str(cache_file))
+    cache.sha1(str(files[0]))
+    cache.save()  # no file yet: a base line
+    assert len(cache_file.read_text().splitlines()) == 1
+    base = cache_file.read_bytes()
+    for f in files[1:3]:
+        cache.sha1(str(f))
+        cache.save()  # one journal line each; the base line is left as it was
+    text = cache_file.read_bytes()
+    assert text.startswith(base) and len(text.splitlines()) == 3
+    again = hashcache.LocalHashes(str(cache_file))
+    assert [again.known(str(f)) for f in files[:3]] == [hashcache.hash_file(str(f))[0] for f in files[:3]]
+
+    # A line cut short by a crash is skipped, and the next save starts a line of its own.
+    with open(cache_file, "ab") as handle:
+        handle.write(b'{"entries": {"' + str(files[5]).encode())
+    cache.sha1(str(files[3]))
+    cache.save()
+    again = hashcache.LocalHashes(str(cache_file))
+    assert [again.known(str(f)) for f in files[:4]] == [hashcache.hash_file(str(f))[0] for f in files[:4]]
+    assert again.known(str(files[5])) is None
+
+    # Once the journal would outgrow the base, the save rewrites one merged, pruned base line.
+    monkeypatch.setattr(hashcache, "JOURNAL_MIN", 0)
+    files[0].unlink()
+    cache.sha1(str(files[4]))
+    cache.save()
+    lines = cache_file.read_text().splitlines()
+    assert len(lines) == 1
+    assert set(json.loads(lines[0])["entries"]) == {str(f) for f in files[1:5]}
 
 
 # --------------------------------------------------------------------------- lab
