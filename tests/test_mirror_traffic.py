@@ -436,8 +436,10 @@ def test_tar_extraction_sets_owner_mode_and_times_without_a_round_trip_each(lab,
     assert f02.st_mtime_ns == 9
     posted = stats["host"].get("posted") or {}
     assert posted.get("chown", 0) >= FILES and posted.get("utimens", 0) >= FILES and posted.get("chmod", 0) >= FILES
-    # Waited for: the program's start (~20 on a cold host) and a few more, not 3 a file as before.
-    assert stats["host"]["waits"] <= FILES, stats["host"]
+    # Waited for: each file's close (where an error would surface), the program's start (20-30
+    # on a cold host) and a few more; not 3 a file as before, nor 2 (and the start) while each
+    # chown, chmod and utimens of a new file waited for its create.
+    assert stats["host"]["waits"] < 2 * FILES, stats["host"]
 
 
 @pytest.mark.lab

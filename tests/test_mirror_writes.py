@@ -101,6 +101,42 @@ def test_only_the_change_due_next_runs_on_the_reader_the_others_wait_in_the_pool
     assert svc.order.is_past("changes", 1) and not svc.order.is_past("changes", 2)
 
 
+def test_a_change_sent_after_a_new_files_requests_runs_after_them_without_the_host_waiting():
+    """``after_fh``: a chmod/chown/utimens of a file created without waiting is ordered after the
+    create and writes sent before it, on this side; a released handle the host numbered is done
+    for good; a malformed or foreign entry is ignored."""
+    from remote_runner.mirror import protocol as P
+    from remote_runner.mirror.service import LocalFileService, _handles_before
+    svc = LocalFileService()
+    fh, other = P.POSTED_HANDLES[0] + 7, P.POSTED_HANDLES[0] + 8
+
+    def request(**args):
+        return {"t": "req", "id": 1, "op": "chmod", "a": args}
+
+    chmod = request(nseq=1, after_fh=[[fh, 2]])
+    assert not svc.runs_now(chmod)                     # the create (1) and write (2) still to come
+    ran = []
+    waiter = threading.Thread(target=lambda: (svc.order.wait_past(fh, 2), ran.append("chmod")))
+    waiter.start()
+    svc.order.run(fh, 1, lambda: ran.append("create"))
+    assert not svc.runs_now(chmod)
+    svc.order.run(fh, 2, lambda: ran.append("write"))
+    waiter.join(30)
+    assert ran == ["create", "write", "chmod"] and svc.runs_now(chmod)
+
+    late = threading.Thread(target=lambda: (svc.order.wait_past(other, 3), ran.append("late")))
+    late.start()                                      # waits for a request of *other* ...
+    svc.order.forget(other, for_good=True)            # ... released: nothing more comes on it
+    late.join(30)
+    assert ran[-1] == "late" and svc.order.is_past(other, 99)
+    svc.order.forget("h")                             # (a number that may come again: not done)
+    assert not svc.order.is_past("h", 1)
+
+    assert _handles_before({"after_fh": [[fh, 2]]}) == [(fh, 2)]
+    for junk in ([[3, 2]], [[fh, 0]], [[fh, True]], [[fh]], "x", [[fh, 1]] * 65, [["a", 1]]):
+        assert _handles_before({"after_fh": junk}) == [], junk
+
+
 def test_a_failing_request_still_lets_the_next_one_run():
     order = WriteOrder(timeout=30)
 
@@ -265,7 +301,8 @@ def test_an_answer_nobody_will_take_is_forgotten_when_it_comes_or_at_once():
 
 
 def test_the_link_counts_the_time_callers_spent_waiting_for_answers():
-    """``waited_s``: a caller blocked on an answer adds its wait; an answer already there adds ~0."""
+    """``waits``/``waited_s``: a caller blocked on an answer counts one wait and its time; an answer
+    already there counts nothing, whether it was asked for by a request, a batch or a close."""
     from remote_runner.mirror import protocol as P
     from remote_runner.mirror.host.link import Link
     up_r, up_w = os.pipe()
@@ -275,13 +312,22 @@ def test_the_link_counts_the_time_callers_spent_waiting_for_answers():
         ready = link.submit("getattr", {"path": "/a"})
         link.deliver({"t": P.REP, "id": ready[3]}, b"")
         link.wait(ready)
-        assert link.stats()["waited_s"] < 0.1
+        assert (link.stats()["waits"], link.stats()["waited_s"]) == (0, 0)
         late = link.submit("getattr", {"path": "/b"})
         timer = threading.Timer(0.3, link.deliver, ({"t": P.REP, "id": late[3]}, b""))
         timer.start()
         link.wait(late, timeout=30)
         timer.join()
-        assert 0.25 <= link.stats()["waited_s"] < 30
+        assert link.stats()["waits"] == 1 and 0.25 <= link.stats()["waited_s"] < 30
+        # Inside one of the program's operations every wait is part of that one.
+        link.operation_begins()
+        for _ in range(2):
+            late = link.submit("getattr", {"path": "/c"})
+            threading.Timer(0.05, link.deliver, ({"t": P.REP, "id": late[3]}, b"")).start()
+            link.wait(late, timeout=30)
+        assert link.stats()["waits"] == 1
+        link.operation_ends()
+        assert link.stats()["waits"] == 2 and 0.3 <= link.stats()["waited_s"] < 30
     finally:
         for fd in (up_r, up_w, down_r, down_w):
             os.close(fd)

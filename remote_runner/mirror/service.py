@@ -44,6 +44,19 @@ LOG = logging.getLogger(__name__)
 
 #: The ordering key of the unlinks, rmdirs and renames the host sent without waiting.
 CHANGES = "changes"
+#: The most handles one change may be ordered after (``after_fh``); more is not a request the host makes.
+AFTER_HANDLES = 64
+
+
+def _handles_before(args: Dict[str, Any]) -> List[Tuple[int, int]]:
+    """(handle, number) of the requests a change must come after (``after_fh``: handles the host
+    numbered itself, see :meth:`~.host.state.MountState.after_names`); anything else in it is ignored."""
+    listed = args.get("after_fh")
+    if not isinstance(listed, list) or len(listed) > AFTER_HANDLES:
+        return []
+    return [(item[0], item[1]) for item in listed
+            if isinstance(item, list) and len(item) == 2 and P.posted_handle(item[0])
+            and type(item[1]) is int and item[1] >= 1]
 
 
 class LocalFileService(OpenFiles, SendAhead, DirectoryAnswers, OwnChanges):
@@ -197,6 +210,8 @@ class LocalFileService(OpenFiles, SendAhead, DirectoryAnswers, OwnChanges):
             return False
         if "after" in args and not self.order.is_past(CHANGES, args["after"]):
             return False
+        if not all(self.order.is_past(fh, seq) for fh, seq in _handles_before(args)):
+            return False
         return self.order.is_next(CHANGES, args["nseq"])
 
     def handle(self, op: str, args: Dict[str, Any], payload: bytes) -> Reply:
@@ -207,6 +222,8 @@ class LocalFileService(OpenFiles, SendAhead, DirectoryAnswers, OwnChanges):
         try:
             if "after" in args:  # sent after changes not waited for: they come first
                 self.order.wait_past(CHANGES, args["after"])
+            for fh, seq in _handles_before(args):  # and after these handles' requests
+                self.order.wait_past(fh, seq)
             if "nseq" in args:
                 return self.order.run(CHANGES, args["nseq"], lambda: self._run(op, method, args, payload))
             seq = args.get("seq")
@@ -214,8 +231,8 @@ class LocalFileService(OpenFiles, SendAhead, DirectoryAnswers, OwnChanges):
                 try:
                     return self.order.run(args["fh"], seq, lambda: self._run(op, method, args, payload))
                 finally:
-                    if op == "release":
-                        self.order.forget(args["fh"])
+                    if op == "release":  # (a number the host chose is never used again)
+                        self.order.forget(args["fh"], for_good=P.posted_handle(args["fh"]))
             return self._run(op, method, args, payload)
         finally:
             self.request_fds.release()

@@ -58,7 +58,11 @@ def fuse_class(mfusepy: Any, state: "MountState") -> Any:
 
         def _wrapper(self, func: Any, *args: Any, **kwargs: Any) -> Any:
             pin_once()
-            return super()._wrapper(func, *args, **kwargs)
+            state.link.operation_begins()
+            try:
+                return super()._wrapper(func, *args, **kwargs)
+            finally:
+                state.link.operation_ends()
 
         def fgetattr(self, path: Optional[bytes], buf: Any, fip: Any) -> int:
             # mfusepy zeroes the kernel's buffer with ctypes.memset, a foreign call that

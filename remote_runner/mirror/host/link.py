@@ -53,10 +53,13 @@ class Link:
         self.asked: Dict[str, int] = {}
         #: Requests sent to the local side without waiting for the answer (:meth:`post`).
         self.posted: Dict[str, int] = {}
-        #: Times a caller waited for the local side (one per call, one per call_many batch).
+        #: Program operations (else calls) that blocked on answers from the local side not there
+        #: yet (a close waiting for its writes and its own answer is one); answers in cost none.
         self.waits = 0
-        #: Seconds callers spent blocked on answers from the local side (all waits summed).
+        #: Seconds callers spent so blocked, summed (callers in parallel each count theirs).
         self.waited = 0.0
+        #: The FUSE operation this thread is in (:meth:`operation_begins`): its waits count as one.
+        self._operation = threading.local()
         #: How each mount's kernel keeps directory listings (see listcache.wrap_session_opendir).
         self.kernel_listings: Set[str] = set()
         #: Frames other than replies, handled in order by their own thread: an
@@ -68,9 +71,17 @@ class Link:
         self.lanes: Any = None
         self.lanes_wanted = 0
 
-    def _count_wait(self) -> None:
-        with self._lock:
-            self.waits += 1
+    def operation_begins(self) -> None:
+        """This thread now serves one of the program's operations: whatever it blocks on until
+        :meth:`operation_ends` (a close's writes and then its own answer, say) is one wait."""
+        self._operation.active, self._operation.blocked = True, False
+
+    def operation_ends(self) -> None:
+        operation = self._operation
+        operation.active = False
+        if operation.blocked:
+            with self._lock:
+                self.waits += 1
 
     def answer_here(self, op: str) -> None:
         """Count one request answered on the host (cache hit, local copy, nothing to report)."""
@@ -113,7 +124,6 @@ class Link:
              timeout: Optional[float] = None) -> Tuple[Dict[str, Any], bytes]:
         """Run one file-system request; raise OSError with the remote errno (EIO on link loss or timeout)."""
         slot = self._submit(op, args, payload)
-        self._count_wait()
         return self._wait(slot, timeout)
 
     def call_many(self, op: str, many: List[Dict[str, Any]],
@@ -132,7 +142,6 @@ class Link:
         early leaves no request waiting in the pending table.
         """
         slots = [self._submit(op, args, b"") for args in many]
-        self._count_wait()
         try:
             for slot in slots:
                 try:
@@ -200,13 +209,19 @@ class Link:
 
     def _wait(self, slot: List[Any], timeout: Optional[float]) -> Tuple[Dict[str, Any], bytes]:
         began = time.monotonic()
+        blocked = not slot[0].is_set()
         end = began + (self.request_timeout if timeout is None else timeout)
         while not slot[0].wait(min(1.0, max(0.0, end - time.monotonic()))):
             if self.lost.is_set() or time.monotonic() >= end:
                 break
         with self._lock:
             self._pending.pop(slot[3], None)
-            self.waited += time.monotonic() - began
+            if blocked:
+                self.waited += time.monotonic() - began
+                if getattr(self._operation, "active", False):
+                    self._operation.blocked = True
+                else:
+                    self.waits += 1
         header = slot[1]
         if header is None:
             raise OSError(errno.EIO, "link lost or request timed out")

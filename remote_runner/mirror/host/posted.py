@@ -416,7 +416,7 @@ class NewNames:
         if not (stat.S_ISDIR(mode) or (stat.S_ISREG(mode) and int(known.get("st_nlink", 1)) == 1)):
             return False
         self.check_changes(op, args, wait=False)
-        self.settle_names(args)  # a create of the file not answered yet comes first
+        self.after_names(args)  # a create of the file not answered yet comes first
         kept = self.cache.kept(name)
         self.forget_changed(op, args)
         guess = dict(known, **changed(known))

@@ -171,16 +171,42 @@ class MountState(NewNames):
         The same for a create not waited for, before a request naming the new
         file, its directory or another name in it (a listing would miss it).
         """
+        for fh in self._handles_naming(args):
+            self.drain(fh)
+
+    def after_names(self, args: Dict[str, Any]) -> None:
+        """:meth:`settle_names` for a change not waited for, without waiting where it can.
+
+        A handle numbered here (a create not waited for, and its writes) is
+        named in the change's ``after_fh`` with its last request so far: the
+        local side runs the change only after those (the file is there, its
+        bytes written, so a ``utimens`` is not undone by a write that lands
+        later). ``tar x`` sets each file's owner, mode and times right after
+        writing it: two round trips per file before. Any other handle is
+        drained here, as before.
+        """
+        after = []
+        for fh in self._handles_naming(args):
+            if P.posted_handle(fh):
+                seq = self.writes.last_seq(fh)
+                if seq:
+                    after.append([fh, seq])
+            else:
+                self.drain(fh)
+        if after:
+            args["after_fh"] = after
+
+    def _handles_naming(self, args: Dict[str, Any]) -> List[int]:
+        """The handles writing to a name *args* names, or creating it or a name beside it."""
         if not self.writing and not self.creating_in:
-            return
+            return []
         with self.writing_lock:
             names = [args[key] for key in ("path", "old", "new", "target") if isinstance(args.get(key), str)]
             handles = [fh for name in names for fh in self.writing.get(name, ())]
             if self.creating_in:
                 handles += [fh for name in names for where in (name, parent_of(name))
                             for fh in self.creating_in.get(where, ())]
-        for fh in handles:
-            self.drain(fh)
+        return list(dict.fromkeys(handles))
 
     def read_through(self, path: Optional[str], fh: int, size: int, offset: int) -> bytes:
         """Read a file's bytes through the link, never older than an invalidation that crossed the read.

@@ -31,7 +31,7 @@ import errno
 import os
 import stat
 import threading
-from typing import Any, Callable, Dict, List, Optional, Tuple
+from typing import Any, Callable, Dict, List, Optional, Set, Tuple
 
 #: Past this many bytes in flight on one handle, a write waits for the oldest.
 IN_FLIGHT_BYTES = 16 << 20
@@ -84,6 +84,11 @@ class PendingWrites:
             self._seq[fh] = 1
             self._slots[fh] = [(send(1), 0, done)]
             self._bytes[fh] = 0
+
+    def last_seq(self, fh: int) -> int:
+        """The number of the last request sent on *fh* so far (0: none)."""
+        with self._lock:
+            return self._seq.get(fh, 0)
 
     def next_seq(self, fh: int) -> int:
         """Number a synchronous request that must come after the handle's pending writes."""
@@ -431,11 +436,13 @@ class WriteOrder:
         self._next: Dict[Any, int] = {}
         self._lock = threading.Lock()
         self._waiting: Dict[Any, List[Tuple[int, threading.Event]]] = {}
+        #: Handles released for good (numbers never given again): every request of theirs ran.
+        self._gone: Set[Any] = set()
 
     def _wait_for(self, handle: Any, number: int, what: str) -> None:
         """Wait until *handle*'s next number is at least *number*."""
         with self._lock:
-            if self._next.get(handle, 1) >= number:
+            if self._next.get(handle, 1) >= number or handle in self._gone:
                 return
             event = threading.Event()
             waiter = (number, event)
@@ -448,7 +455,7 @@ class WriteOrder:
                 waiters.remove(waiter)
                 if not waiters:
                     del self._waiting[handle]
-            if self._next.get(handle, 1) >= number:
+            if self._next.get(handle, 1) >= number or handle in self._gone:
                 return
         raise OSError(errno.EIO, what)
 
@@ -486,11 +493,21 @@ class WriteOrder:
 
     def is_past(self, handle: Any, seq: Any) -> bool:
         """Whether request *seq* of *handle* has run."""
-        return isinstance(seq, int) and not isinstance(seq, bool) and self._next.get(handle, 1) > seq
+        return isinstance(seq, int) and not isinstance(seq, bool) and (
+            self._next.get(handle, 1) > seq or handle in self._gone)
 
-    def forget(self, handle: Any) -> None:
+    def forget(self, handle: Any, for_good: bool = False) -> None:
+        """*handle* was released; *for_good*: its number is never used again, and a request
+        sent after its last one (:meth:`wait_past`) need not wait for it."""
         with self._lock:
             self._next.pop(handle, None)
+            if for_good:
+                self._gone.add(handle)
+                waiters = self._waiting.pop(handle, [])
+            else:
+                waiters = []
+        for _, event in waiters:
+            event.set()
 
     def wait_past(self, handle: Any, seq: Any) -> None:
         """Wait until request *seq* of *handle* has run (a request sent after it names it)."""
