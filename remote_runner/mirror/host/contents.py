@@ -151,8 +151,11 @@ class ContentOperations:
             # Its reply brings the file's attributes, which replace what was guessed.
             since = m.cache.begin()
             name = m.wire(path) if path is not None else None
-            args = {"fh": fh, "seq": m.writes.next_seq(fh), "st": 1}
+            args: Dict[str, Any] = {"fh": fh, "st": 1}
             m.after_changes(args)  # its attributes then follow a chmod sent before it, too
+            # Numbered only then: a change sent meanwhile and ordered after this handle's
+            # requests (after_fh, see MountState.after_names) cannot be one this waits for.
+            args["seq"] = m.writes.next_seq(fh)
             slot = m.link.submit("flush", args)
             header: Dict[str, Any] = {}
             try:

@@ -183,7 +183,9 @@ class MountState(NewNames):
         bytes written, so a ``utimens`` is not undone by a write that lands
         later). ``tar x`` sets each file's owner, mode and times right after
         writing it: two round trips per file before. Any other handle is
-        drained here, as before.
+        drained here, as before. The one handle request that follows changes
+        (a close's ``flush``, ``after``) takes its number only once it chose
+        them, so a change and a flush never wait for each other.
         """
         after = []
         for fh in self._handles_naming(args):
