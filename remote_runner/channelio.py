@@ -35,7 +35,7 @@ class RunResult:
     stderr: bytes
 
 
-def start_command(channel: paramiko.Channel, command: str, mark: bool = True) -> None:
+def start_command(channel: paramiko.Channel, command: str) -> None:
     """Ask the host to run *command* on *channel*, without waiting for its answer.
 
     paramiko's ``exec_command`` waits for the host's "success" before it
@@ -45,16 +45,15 @@ def start_command(channel: paramiko.Channel, command: str, mark: bool = True) ->
     refuses closes the channel: its reader sees the end with no exit status
     (-1), as for a command that died without one. *command* is given to
     the host's login shell as :func:`~remote_runner.loginshell.for_login_shell`
-    writes it, so that csh or fish reads it as ``/bin/sh`` would; with *mark*,
-    it prints a mark first and the channel's ``recv`` gives only what follows
-    it (what the login shell's rc files printed is dropped, see
+    writes it, so that csh or fish reads it as ``/bin/sh`` would; it prints a
+    mark first and the channel's ``recv`` gives only what follows it (what the
+    login shell's rc files printed is dropped, see
     :class:`~remote_runner.loginshell.OutputAfterMark`).
     """
-    if mark:
-        command, line, error_line = with_mark(command)
-        _after_mark(channel, "recv", "recv_ready", line)
-        if error_line is not None:
-            _after_mark(channel, "recv_stderr", "recv_stderr_ready", error_line)
+    command, line, error_line = with_mark(command)
+    _after_mark(channel, "recv", "recv_ready", line)
+    if error_line is not None:
+        _after_mark(channel, "recv_stderr", "recv_stderr_ready", error_line)
     command = for_login_shell(command)  # the host's login shell reads it first
     transport = channel.transport
     if not hasattr(transport, "_send_user_message") or not hasattr(channel, "remote_chanid"):

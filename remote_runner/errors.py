@@ -147,6 +147,11 @@ class ConnectionLost(HostError):
     """The SSH connection to a host went away in the middle of something."""
 
 
+class NoSFTP(HostError):
+    """The host refused the SFTP subsystem on a connection that is still up (a hardened sshd
+    without ``Subsystem sftp``): what needs SFTP can fall back to plain commands."""
+
+
 def describe(exc: BaseException) -> str:
     """A few words for *exc* as a user reads them (never a bare class name like EOFError)."""
     if isinstance(exc, EOFError) or "connection dropped" in str(exc).lower() or \

@@ -25,7 +25,7 @@ import shlex
 from dataclasses import dataclass, field
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
-from remote_runner.errors import ConnectionLost, CopyError, HostError
+from remote_runner.errors import CopyError, NoSFTP
 from remote_runner.sync import local_sha1, remote_sha1
 
 LOG = logging.getLogger(__name__)
@@ -127,9 +127,7 @@ def fetch_host(shell, sftp: Callable[[], object], host: str,
     hashes, _ = remote_sha1(shell, [w.remote for w in wanted])
     try:
         client = sftp()
-    except ConnectionLost:
-        raise
-    except HostError as exc:
+    except NoSFTP as exc:
         if getattr(shell, "connection", None) is None:
             raise
         LOG.info("%s: no SFTP subsystem (%s): reading the files with cat", host, exc.message)

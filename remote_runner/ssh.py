@@ -51,7 +51,7 @@ from remote_runner.names import check_name
 from remote_runner.proxycommand import ProxyCommand
 from remote_runner.errors import (
     AuthError, CommandTimeout, ConfigError, HostError, HostKeyError,
-    ConnectionLost, RemoteCommandError, RunnerError, UnreachableError, brief_command,
+    ConnectionLost, NoSFTP, RemoteCommandError, RunnerError, UnreachableError, brief_command,
 )
 from remote_runner.channelio import (  # noqa: F401 - RunResult: public here
     RunResult, _collect, _draining, open_session, start_command)
@@ -379,7 +379,10 @@ class Connection(Authentication):
         try:
             return open_sftp(self.transport, self.traffic)
         except (paramiko.SSHException, EOFError, OSError) as exc:
-            raise self._lost("cannot start the SFTP subsystem", exc) from exc
+            error = self._lost("cannot start the SFTP subsystem", exc)
+            if isinstance(error, ConnectionLost):
+                raise error from exc
+            raise NoSFTP(error.host, error.message, error.hint) from exc
 
     def close(self) -> None:
         """Close SFTP, the transport and any jump host; safe to call twice."""

@@ -36,7 +36,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Callable, Dict, List, NoReturn, Optional, Sequence, Tuple
 
 from remote_runner import compression, sftpwrite, stream
-from remote_runner.errors import EXIT_INTERRUPTED, ConnectionLost, CopyError, HostError, RunnerError, describe
+from remote_runner.errors import EXIT_INTERRUPTED, CopyError, HostError, NoSFTP, RunnerError, describe
 from remote_runner.events import for_host
 from remote_runner.freespace import (  # noqa: F401 - re-exported: callers look here
     FREE_MARK, free_bytes, free_space, free_space_script,
@@ -298,9 +298,7 @@ def upload_all(sftp: Any, host: str, items: Sequence[Upload], progress: Optional
     if plain and callable(sftp):
         try:
             sftp = sftp()
-        except ConnectionLost:
-            raise
-        except HostError as exc:
+        except NoSFTP as exc:
             # A hardened sshd without the SFTP subsystem: a host with python3 takes them all
             # as streams (its receiver needs no SFTP).
             if link is None:
