@@ -28,9 +28,10 @@ Why it can be trusted, and where it is not:
 * After a copy the host hashes what was copied (from its page cache) and only
   then records it: an entry always describes the bytes really there, even when
   two runs copy different contents to one path at once. A file that arrived
-  as a stream (:mod:`remote_runner.stream`) was hashed on the host while it
-  was written; that hash is recorded instead, only while the file's stat is
-  still exactly the one taken after its rename (else it is hashed again).
+  as a stream (:mod:`remote_runner.stream`), or in a bundle this program
+  wrote itself (*write*, :func:`remote_runner.bundle.write_bundle`), was
+  hashed on the host while it was written; that hash is recorded instead,
+  only while the file is still exactly as written (else it is hashed again).
 * Writes merge under ``flock`` on a lock file beside the manifest, into a
   temporary file renamed over the old one, keeping other runs' entries and
   dropping entries whose file is gone or changed. A lock held too long (30 s)
@@ -67,7 +68,6 @@ NO_PYTHON_MARK = "RR-NO-PYTHON"
 #: Seconds a run waits for another run's manifest lock before skipping its update.
 LOCK_WAIT = 30
 _HEX40 = re.compile(r"[0-9a-f]{40}\Z")
-_INLINE_END = "RR_MANIFEST_REQUEST_END"
 
 #: Runs on the host under python3 (3.5 or later: no f-strings), reading one JSON
 #: request on stdin (all of it, or exactly the byte count given as its argument,
@@ -85,25 +85,49 @@ size = int(sys.argv[1]) if len(sys.argv) > 1 else -1
 req = json.loads(sys.stdin.buffer.read(size).decode("utf-8", "surrogateescape"))
 ahead = req.get("ahead") or []
 blob = sys.stdin.buffer.read(req.get("ahead_bytes", 0)) if ahead else b""
-place = req.get("place")
-if place:
-    # A bundle just unpacked into its stage directories: check, chmod and rename
-    # its files into place (exit 3 if any step fails: the shell removes the stages).
+write = req.get("write")
+wrote = {}
+if write:
+    # A bundle: its files' bytes follow on stdin, in the order of write["files"]. Each
+    # is written into a stage directory made here beside its destination and hashed as
+    # it arrives; only once all are whole are they renamed into place. Exit 3 if any
+    # step fails, the stages removed: every destination keeps its old file or the new one.
+    import hashlib, shutil
+    made = []
+    def failed(message):
+        for d in made:
+            shutil.rmtree(d, ignore_errors=True)
+        sys.stderr.write(message + "\n")
+        sys.stderr.flush()
+        os._exit(3)
     try:
-        for p, dest, n, m in place["files"]:
-            st = os.lstat(p)
-            if not stat.S_ISREG(st.st_mode) or st.st_size != n:
-                sys.stderr.write("RR-SHORT-WRITE\n")
-                sys.exit(3)
-        for p, dest, n, m in place["files"]:
-            os.chmod(p, m)
-        for p, dest, n, m in place["files"]:
+        for d in write["stages"]:
+            os.mkdir(d, 0o700)
+            made.append(d)
+        for p, dest, n, m in write["files"]:
+            fd = os.open(p, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0), 0o600)
+            try:
+                h, left = hashlib.sha1(), n
+                while left:
+                    b = sys.stdin.buffer.read(min(left, 1 << 20))
+                    if not b:
+                        failed("RR-SHORT-WRITE")
+                    h.update(b)
+                    left -= len(b)
+                    view = memoryview(b)
+                    while view:
+                        view = view[os.write(fd, view):]
+                os.fchmod(fd, m)
+                st = os.fstat(fd)
+            finally:
+                os.close(fd)
+            wrote[dest] = [st.st_size, st.st_mtime_ns, st.st_ino, st.st_dev, h.hexdigest()]
+        for p, dest, n, m in write["files"]:
             os.rename(p, dest)
-        for d in place["stages"]:
+        for d in write["stages"]:
             os.rmdir(d)
     except OSError as e:
-        sys.stderr.write("%s: %s\n" % (getattr(e, "filename2", None) or e.filename, e.strerror))
-        sys.exit(3)
+        failed("%s: %s" % (getattr(e, "filename2", None) or e.filename, e.strerror))
     def placed(kind, value, tb):
         # The files are in place, so the copy succeeded: an error recording them
         # is reported, and the next run hashes them again.
@@ -180,7 +204,7 @@ def save(tree, new):
                 kept[p] = e
         tmp = "%s.%d.tmp" % (path, os.getpid())
         with os.fdopen(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "w") as f:
-            json.dump({"version": 1, "tree": tree, "entries": kept}, f)
+            f.write(json.dumps({"version": 1, "tree": tree, "entries": kept}))  # (C, not a streamed dump)
         os.rename(tmp, path)
         return True
     except OSError:
@@ -229,6 +253,10 @@ for f in req["files"]:
             item[2] = got[5]
             out["received"] += 1
             fresh.setdefault(t, {})[dest] = got
+        elif dest in wrote and wrote[dest][:4] == [st.st_size, st.st_mtime_ns, st.st_ino, st.st_dev]:
+            item[2] = wrote[dest][4]  # (the file written above, untouched since: its ctime is the rename's)
+            out["received"] += 1
+            fresh.setdefault(t, {})[dest] = key(st) + [item[2]]
         else:
             try:
                 item[2], steady = digest(dest, st)
@@ -354,29 +382,12 @@ def run_script(size: Optional[int] = None) -> str:
             f"exec python3 {PYTHON_FLAGS} -c {shlex.quote(HOST_PROGRAM)}{arg}\n")
 
 
-def inline_command(payload: bytes, on_failure: str = "") -> str:
-    """Shell text running :data:`HOST_PROGRAM` on *payload* inside another script (a here-document).
-
-    A copy that is a single exec (one bundle) places and records what it
-    copied in that same exec (see :func:`request`'s *place*), with one
-    python3 instead of a ``stat``, a ``chmod``, a ``mv`` and a python3 of its
-    own. *on_failure* is shell text appended to the command (`` || s=$?``).
-    The request is one line of JSON, so the delimiter line cannot occur in
-    it. The caller checks that python3 is there.
-    """
-    text = payload.decode("utf-8", "surrogateescape")
-    if "\n" in text:
-        raise ValueError("a manifest request is one line")
-    return (f"python3 {PYTHON_FLAGS} -c {shlex.quote(HOST_PROGRAM)} <<'{_INLINE_END}'{on_failure}\n"
-            f"{text}\n{_INLINE_END}\n")
-
-
 def request(items: Sequence["Upload"], trees: Sequence[str], tree_of: Sequence[int], *,
             dirs: Sequence[Tuple[str, Optional[int]]] = (), rehash: bool = False,
             prepare: bool = False, hash_all: bool = False,
             receipts: Optional[Mapping[str, Any]] = None,
             ahead: Sequence[Tuple[int, str, str]] = (), ahead_bytes: int = 0,
-            place: Optional[Mapping[str, Any]] = None) -> bytes:
+            write: Optional[Mapping[str, Any]] = None) -> bytes:
     """The JSON request for *items* (each in ``trees[tree_of[i]]``).
 
     A check sends size and mode: the host hashes only files that match them
@@ -391,11 +402,14 @@ def request(items: Sequence["Upload"], trees: Sequence[str], tree_of: Sequence[i
     stdin, *ahead_bytes* in all, in that order: (index, SHA-1, token). The
     host stages each one that differs there as ``.NAME.rr-TOKEN.tmp`` beside
     its destination (see :mod:`remote_runner.precheck`).
-    *place* (a record after a bundle, :func:`remote_runner.bundle.upload_bundle`)
-    has the host first check, chmod and rename the bundle's staged files into
-    place: ``files`` [staged path, destination, size, mode], each renamed to
-    its destination, then the empty ``stages`` removed; the program exits 3 if any of
-    that fails, and 0 once the files are in place, whatever the record does.
+    *write* (a record of a bundle, :func:`remote_runner.bundle.write_bundle`)
+    has the host first write the bundle's files, whose bytes follow the request
+    on stdin: ``files`` [stage path, destination, size, mode] in the order of
+    the bytes, each written into its stage directory (``stages``, made there
+    and removed once empty), then all renamed to their destinations; the
+    program exits 3 if any of that fails, and 0 once the files are in place,
+    whatever the record does. A file still exactly as written (size, mtime,
+    inode) is recorded with the SHA-1 taken of the bytes as they arrived.
     """
     files = []
     for u, t in zip(items, tree_of):
@@ -409,8 +423,8 @@ def request(items: Sequence["Upload"], trees: Sequence[str], tree_of: Sequence[i
                            "stale": STALE_MINUTES, "lock_wait": LOCK_WAIT}
     if ahead and prepare:
         doc["ahead"], doc["ahead_bytes"] = [list(a) for a in ahead], ahead_bytes
-    if place is not None:
-        doc["place"] = dict(place)
+    if write is not None:
+        doc["write"] = dict(write)
     return json.dumps(doc).encode("utf-8", "surrogateescape")
 
 

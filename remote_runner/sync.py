@@ -42,7 +42,7 @@ from remote_runner.hostdigest import (  # noqa: F401 - re-exported: sync is wher
 )
 from remote_runner.bundle import (  # noqa: F401 - re-exported: sync is where callers look
     BUNDLE_BYTES, BUNDLE_FILES, BUNDLE_SCRIPT, SharedTars, bundle_tar, bundles, upload_bundle,
-    upload_bundles,
+    upload_bundles, write_bundle,
 )
 from remote_runner.upload import (  # noqa: F401 - re-exported: sync is where callers look
     LANES, SMALL_FILE, STALE_MINUTES, STREAM_LANES, Cancelled, LaneOpener, Progress, ShortWrite,
@@ -60,9 +60,6 @@ LOG = logging.getLogger(__name__)
 #: streams' and compressed lanes and the session lock's channel, within
 #: OpenSSH's default ``MaxSessions 10``.
 BUNDLE_WORKERS_BESIDE = 2
-#: Largest manifest request (bytes of JSON) that rides in a bundle's own exec (a
-#: here-document in its script, which travels on stdin when long: see RemoteShell.feed).
-INLINE_RECORD_MAX = 512 << 10
 #: Called with (host, files, bytes) once a host knows what it really has to upload.
 Planned = Callable[[str, int, int], None]
 
@@ -371,27 +368,22 @@ def _bundle_and_record(shell: "Shell", plan: Plan, items: Sequence[Upload],
                        progress: Optional[Progress]) -> bool:
     """Copy *items* (one bundle) and record them in the host's manifest in the same exec.
 
-    One small file changed is then one exec to copy it, not two. Returns
-    whether the record was made (else the caller records with its own exec).
+    The manifest's program writes the files itself (:func:`write_bundle`);
+    a host that turns out to have no python3 gets a tar. One small file
+    changed is then one exec to copy it, not two. Returns whether the record
+    was made (else the caller records with its own exec).
     """
     trees, index = plan.tree_index(items)
     if progress is not None:
         progress(plan.host, 0)  # lets a cancelled copy stop before it
-    out = upload_bundle(shell, plan.host, items, place=placing_record(items, trees, index))
+    out = write_bundle(shell, plan.host, items,
+                       lambda what: manifest.request(items, trees, index, hash_all=True, write=what))
+    if out is None:
+        upload_bundle(shell, plan.host, items)
     if progress is not None:
         progress(plan.host, sum(u.size for u in items))
-    # (no answer in *out*: the request was too big, or the host placed them without python3)
-    return _recorded(plan, items, manifest.parse_answer(out.splitlines(), len(items))) is not None
-
-
-def placing_record(items: Sequence[Upload], trees: Sequence[str],
-                   tree_of: Sequence[int]) -> Callable[[Dict[str, Any]], Optional[bytes]]:
-    """The *place* of :func:`upload_bundle` for *items*: the manifest request that places and
-    records them, or None when it is over :data:`INLINE_RECORD_MAX` (the shell places them)."""
-    def place(what: Dict[str, Any]) -> Optional[bytes]:
-        payload = manifest.request(items, trees, tree_of, hash_all=True, place=what)
-        return payload if len(payload) <= INLINE_RECORD_MAX else None
-    return place
+    # (no answer in *out*: no python3 after all, or an error recording them once in place)
+    return out is not None and _recorded(plan, items, manifest.parse_answer(out.splitlines(), len(items))) is not None
 
 
 def record(shell: "Shell", plan: Plan, copied: Sequence[Upload],

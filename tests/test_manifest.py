@@ -154,75 +154,83 @@ def test_the_host_stages_only_the_files_sent_ahead_that_differ_and_arrived_whole
         ".fresh.rr-tok00002.tmp", ".old.rr-tok00001.tmp", "dir", "link", "old", "same"]
 
 
-def _place(tmp_path, files, stages, extra=None):
-    """Run the host program with a placing request (the files already in their stages)."""
-    tree = str(tmp_path / "tree")
-    doc = {"trees": [tree], "files": [[dest, None, None, 0] for _, dest, _, _ in files],
-           "place": {"files": files, "stages": stages}, "stale": 60, "lock_wait": 5}
-    doc.update(extra or {})
-    env = {"HOME": str(tmp_path), "XDG_CACHE_HOME": str(tmp_path / "cache"), "PATH": "/usr/bin:/bin"}
-    return subprocess.run([sys.executable, "-I", "-S", "-c", manifest.HOST_PROGRAM],
-                          input=json.dumps(doc).encode(), capture_output=True, env=env)
-
-
-def _staged(tmp_path, names):
-    """A stage directory holding *names* (name -> bytes) beside tree/; [staged, dest, size, mode] each."""
+def _write(tmp_path, names, extra=None, short=0):
+    """Run the host program with a writing request for *names* (name -> bytes, destined for
+    tree/) and their bytes after it (*short* bytes fewer); return (tree, stage, the process)."""
     tree = tmp_path / "tree"
+    tree.mkdir(exist_ok=True)
     stage = tree / ".rr-stage-ab12cd34"
-    stage.mkdir(parents=True)
-    files = []
-    for name, data in names.items():
-        (stage / name).write_bytes(data)
-        (stage / name).chmod(0o600)
-        files.append([str(stage / name), str(tree / name), len(data), 0o640 if name == "x" else 0o755])
-    return tree, stage, files
+    files = [[str(stage / name), str(tree / name), len(data), 0o640 if name == "x" else 0o755]
+             for name, data in names.items()]
+    doc = {"trees": [str(tree)], "files": [[dest, None, None, 0] for _, dest, _, _ in files],
+           "write": {"files": files, "stages": [str(stage)]}, "stale": 60, "lock_wait": 5}
+    doc.update(extra or {})
+    request = json.dumps(doc).encode()
+    data = b"".join(names.values())
+    env = {"HOME": str(tmp_path), "XDG_CACHE_HOME": str(tmp_path / "cache"), "PATH": "/usr/bin:/bin"}
+    done = subprocess.run([sys.executable, "-I", "-S", "-c", manifest.HOST_PROGRAM, str(len(request))],
+                          input=request + data[:len(data) - short], capture_output=True, env=env)
+    return tree, stage, done
 
 
-def test_the_host_program_places_a_bundle_then_records_it(tmp_path):
-    """Checked, chmodded and renamed into place, the stage removed, and each file recorded with
-    the SHA-1 it has there: one python3 where the shell ran stat, chmod, mv and a python3."""
+def test_the_host_program_writes_a_bundle_places_it_then_records_it(tmp_path):
+    """Written into a stage, chmodded, renamed into place, the stage removed, and each file
+    recorded with the SHA-1 of the bytes that arrived: one python3 where the shell ran mkdir,
+    tar, stat, chmod, mv and a python3 that read every file again."""
     import hashlib
-    tree, stage, files = _staged(tmp_path, {"x": b"one\n", "y": b"two\n"})
-    (tree / "x").write_bytes(b"old")
-    done = _place(tmp_path, files, [str(stage)])
+    (tmp_path / "tree").mkdir()
+    (tmp_path / "tree" / "x").write_bytes(b"old")
+    tree, stage, done = _write(tmp_path, {"x": b"one\n", "y": b"two\n"})
     assert done.returncode == 0, done.stderr
     assert sorted(p.name for p in tree.iterdir()) == ["x", "y"]
     assert (tree / "x").read_bytes() == b"one\n" and (tree / "x").stat().st_mode & 0o777 == 0o640
-    assert (tree / "y").stat().st_mode & 0o777 == 0o755
+    assert (tree / "y").read_bytes() == b"two\n" and (tree / "y").stat().st_mode & 0o777 == 0o755
     answer = manifest.parse_answer(done.stdout.decode().splitlines(), 2)
-    assert answer is not None and answer.saved and answer.hashed == 2
+    assert answer is not None and answer.saved and (answer.received, answer.hashed) == (2, 0)
     assert [f.sha1 for f in answer.files] == [hashlib.sha1(b"one\n").hexdigest(), hashlib.sha1(b"two\n").hexdigest()]
 
 
-def test_the_host_program_places_nothing_when_a_file_arrived_short(tmp_path):
+def test_the_host_program_places_nothing_when_the_bytes_end_short(tmp_path):
     from remote_runner.bundle import SHORT_MARK
-    tree, stage, files = _staged(tmp_path, {"x": b"one\n", "y": b"two\n"})
-    files[1][2] += 1  # the bundle said one byte more than tar wrote
-    done = _place(tmp_path, files, [str(stage)])
+    (tmp_path / "tree").mkdir()
+    (tmp_path / "tree" / "x").write_bytes(b"old")
+    tree, stage, done = _write(tmp_path, {"x": b"one\n", "y": b"two\n"}, short=1)
     assert done.returncode == 3 and SHORT_MARK in done.stderr.decode().split()
-    assert sorted(p.name for p in tree.iterdir()) == [stage.name]  # (the shell then removes the stage)
-    assert (stage / "x").stat().st_mode & 0o777 == 0o600  # not even chmodded
+    assert sorted(p.name for p in tree.iterdir()) == ["x"]  # its stage removed, x untouched
+    assert (tree / "x").read_bytes() == b"old" and done.stdout == b""
 
 
 def test_the_host_program_fails_naming_the_destination_it_could_not_replace(tmp_path):
-    tree, stage, files = _staged(tmp_path, {"x": b"one\n"})
-    (tree / "x" / "blocker").mkdir(parents=True)  # a directory where the file goes
-    done = _place(tmp_path, files, [str(stage)])
+    (tmp_path / "tree" / "x" / "blocker").mkdir(parents=True)  # a directory where the file goes
+    tree, stage, done = _write(tmp_path, {"x": b"one\n"})
     assert done.returncode == 3 and done.stdout == b""
     assert done.stderr.decode().strip() == f"{tree / 'x'}: Is a directory"
+    assert sorted(p.name for p in tree.iterdir()) == ["x"] and not stage.exists()
+
+
+def test_the_host_program_never_writes_through_a_name_already_at_its_stage(tmp_path):
+    """A stage directory is made by the program: a symlink (or anything) with its name fails
+    the bundle and nothing is written where it points."""
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    (tmp_path / "tree").mkdir()
+    (tmp_path / "tree" / ".rr-stage-ab12cd34").symlink_to(elsewhere)
+    tree, stage, done = _write(tmp_path, {"x": b"one\n"})
+    assert done.returncode == 3 and "File exists" in done.stderr.decode()
+    assert list(elsewhere.iterdir()) == [] and stage.is_symlink() and not (tree / "x").exists()
 
 
 def test_once_placed_an_error_recording_the_files_does_not_fail_the_copy(tmp_path):
-    """Exit 0 means "every file is in place" (the shell fails the copy on anything else): a
-    record that breaks after that is reported on stderr and leaves no manifest line."""
-    tree, stage, files = _staged(tmp_path, {"x": b"one\n"})
-    done = _place(tmp_path, files, [str(stage)], {"trees": None})  # the record cannot work
+    """Exit 0 means "every file is in place" (anything else fails the copy): a record that
+    breaks after that is reported on stderr and leaves no manifest line."""
+    tree, stage, done = _write(tmp_path, {"x": b"one\n"}, {"trees": None})  # the record cannot work
     assert done.returncode == 0 and (tree / "x").read_bytes() == b"one\n"
     assert "Traceback" in done.stderr.decode() and manifest.ANSWER_MARK not in done.stdout.decode()
-    other = tmp_path / "other"
-    other.mkdir()
-    broken = _place(other, [], [str(other / "no-such-stage")], {"trees": None})
-    assert broken.returncode == 3  # (one that fails before its files are in place does fail)
+    missing = str(tmp_path / "no-such-dir" / ".rr-stage-ab12cd34")
+    _tree, _stage, broken = _write(tmp_path / "tree", {"x": b"one\n"},
+                                   {"trees": None, "write": {"files": [[missing + "/x", str(tree / "x"), 4, 0o644]],
+                                                             "stages": [missing]}})
+    assert broken.returncode == 3 and "No such file" in broken.stderr.decode()  # (before: a failure)
 
 
 def test_only_files_changed_here_go_ahead_and_only_when_all_of_them_fit(tmp_path, monkeypatch):

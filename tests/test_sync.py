@@ -390,10 +390,13 @@ def test_ustar_names_are_split_at_a_slash_or_refused():
     assert bundle.ustar_split(b"n" * 101) is None  # nowhere to split
 
 
-def placer(how: str, items, tree: str):
-    """*how* the bundle's files are put in place on the host: "shell" (stat, chmod, mv) or
-    "python" (the manifest's program, which then records them: what a single-bundle copy does)."""
-    return None if how == "shell" else sync.placing_record(items, [tree], [0] * len(items))
+def copy_bundle(how: str, shell, items, tree: str):
+    """Copy one bundle of *items* to h2 the way *how* says: "shell" (tar, stat, chmod, mv) or
+    "python" (the manifest's program writes, places and records them: a single-bundle copy)."""
+    if how == "shell":
+        return sync.upload_bundle(shell, "h2", items)
+    return sync.write_bundle(shell, "h2", items, lambda what: manifest.request(
+        items, [tree], [0] * len(items), hash_all=True, write=what))
 
 
 @pytest.mark.parametrize("how", ["shell", "python"])
@@ -413,7 +416,7 @@ def test_a_bundle_across_directories_that_fails_leaves_no_stage_and_no_partial_f
         + f" && mkdir -p {base}/{dirs[-1]}/f/blocker && printf old > {base}/a/f")
     assert len(sync.bundles(items)) == 1
     with pytest.raises(CopyError) as info:
-        sync.upload_bundle(shell, "h2", items, place=placer(how, items, base))
+        copy_bundle(how, shell, items, base)
     assert info.value.host == "h2" and "directory" in str(info.value), info.value
     listing = ssh(lab, "h2", f"cd {base} && find . | sort").stdout.split()
     assert not [p for p in listing if ".rr-" in p], listing
@@ -435,32 +438,34 @@ def test_a_bundle_to_many_directories_puts_every_file_in_place_with_its_mode(lab
             items.append(sync.Upload(str(src), f"{base}/d{i:02d}/{name}", mode, 100 + i))
     ssh(lab, "h2", "mkdir -p " + " ".join(f"{base}/d{i:02d}" for i in range(12)))
     assert len(sync.bundles(items)) == 1
-    out = sync.upload_bundle(shell, "h2", items, place=placer(how, items, base))
+    out = copy_bundle(how, shell, items, base)
     for item in items:
         got = ssh(lab, "h2", f"sha1sum {shlex.quote(item.dest)}; stat -c %a {shlex.quote(item.dest)}").stdout.split()
         assert (got[0], got[-1]) == (sync.local_sha1(item.src), f"{item.mode:o}"), item.dest
     assert ".rr-" not in ssh(lab, "h2", f"find {base}").stdout
-    if how == "python":  # placed and recorded by one program: each file with the SHA-1 it has there
+    if how == "python":  # written and recorded by one program: each with the SHA-1 of what arrived
         answer = manifest.parse_answer(out.splitlines(), len(items))
-        assert answer is not None and answer.hashed == len(items) and answer.saved, out
+        assert answer is not None and answer.received == len(items) and answer.saved, out
         assert [f.sha1 for f in answer.files] == [sync.local_sha1(item.src) for item in items]
 
 
-def test_a_python3_that_cannot_run_the_placing_program_leaves_the_bundle_to_the_shell(lab, host, tmp_path):
-    """A python3 that fails before placing anything (too old for ``-I``, say: exit 2) is not a
-    failed copy: the shell's stat, chmod and mv put the files in place, as without python3."""
+def test_a_host_without_python3_gets_its_single_bundle_as_a_tar(lab, host, tmp_path):
+    """The writer needs the manifest's python3: where there is none after all, nothing was
+    written, and the copy unpacks a tar (stat, chmod, mv) instead: same files, same modes."""
     from tests.test_manifest import NoPython
     shell, _sftp, base = host
     tools = " ".join(f'"$(command -v {t})"' for t in ("sh", "mkdir", "tar", "stat", "chmod", "mv", "rm",
-                                                       "rmdir", "cat"))
-    ssh(lab, "h2", f"mkdir -p {base}-bin {base}/d && ln -sf {tools} {base}-bin/ && "
-                   f"printf '#!/bin/sh\\nexit 2\\n' > {base}-bin/python3 && chmod 755 {base}-bin/python3")
+                                                       "rmdir", "cat", "head", "mktemp"))
+    ssh(lab, "h2", f"mkdir -p {base}-bin {base}/d && ln -sf {tools} {base}-bin/")
     items = []
     for name, mode in (("a", 0o644), ("b", 0o755)):
         (tmp_path / name).write_bytes(name.encode() * 100)
         items.append(sync.Upload(str(tmp_path / name), f"{base}/d/{name}", mode, 100))
-    out = sync.upload_bundle(NoPython(shell, f"{base}-bin"), "h2", items, place=placer("python", items, base))
-    assert manifest.ANSWER_MARK not in out  # (nothing recorded: the caller records, or the next run hashes)
+    bare = NoPython(shell, f"{base}-bin")
+    assert copy_bundle("python", bare, items, base) is None
+    assert ssh(lab, "h2", f"ls -A {base}/d").stdout == ""
+    plan = sync.Plan("h2", (), tuple(items))
+    assert sync._bundle_and_record(bare, plan, items, None) is False  # (placed, but not recorded)
     assert ssh(lab, "h2", f"cd {base}/d && cat a b && echo && stat -c %a a b && ls -A").stdout.split() == [
         "a" * 100 + "b" * 100, "644", "755", "a", "b"]
 
@@ -473,7 +478,7 @@ def test_failed_bundle_leaves_no_stage_directory(lab, host, tmp_path, how):
     upload = sync.Upload(str(item), f"{base}/f", 0o644, 10)
     ssh(lab, "h2", f"mkdir -p {base}/f/blocker")  # a directory where the file should go
     with pytest.raises(CopyError) as info:
-        sync.upload_bundle(shell, "h2", [upload], place=placer(how, [upload], base))
+        copy_bundle(how, shell, [upload], base)
     assert info.value.host == "h2"
     assert ssh(lab, "h2", f"ls -A {base}").stdout == "f\n"
 
@@ -554,7 +559,7 @@ def test_a_bundle_that_does_not_fit_renames_nothing(lab, host, full_disk, tmp_pa
         (tmp_path / name).write_bytes(os.urandom(40 << 10))
         items.append(sync.Upload(str(tmp_path / name), f"{full_disk}/small/{name}", 0o644, 40 << 10))
     with pytest.raises(CopyError) as info:
-        sync.upload_bundle(shell, "h2", items, place=placer(how, items, f"{full_disk}/small"))
+        copy_bundle(how, shell, items, f"{full_disk}/small")
     assert "No space left on device" in str(info.value)
     assert ssh(lab, "h2", f"ls -A {full_disk}/small").stdout == "a\n"
     assert ssh(lab, "h2", f"cat {full_disk}/small/a").stdout == "old"
