@@ -42,7 +42,7 @@ from remote_runner.hostdigest import (  # noqa: F401 - re-exported: sync is wher
 )
 from remote_runner.bundle import (  # noqa: F401 - re-exported: sync is where callers look
     BUNDLE_BYTES, BUNDLE_FILES, BUNDLE_SCRIPT, SharedTars, bundle_tar, bundles, upload_bundle,
-    upload_bundles, write_bundle,
+    WriteRequest, upload_bundles, write_bundle,
 )
 from remote_runner.upload import (  # noqa: F401 - re-exported: sync is where callers look
     LANES, SMALL_FILE, STALE_MINUTES, STREAM_LANES, Cancelled, LaneOpener, Progress, ShortWrite,
@@ -260,8 +260,10 @@ def sync_host(shell: "Shell", sftp: Any, plan: Plan, always_copy: bool = False,
     small = [u for u in todo if u.size <= small_file] if has_tar and hasattr(shell, "feed") else []
     bundled = set(small)
     rest = [u for u in todo if u not in bundled]
+    # with the manifest's program on the host, it writes and records each bundle itself
+    writer = _write_request(plan) if checked is not None else None
     receipts: Dict[str, Any] = {}
-    recorded = False
+    written: List[Tuple[List[Upload], Optional[str]]] = []
     side: Optional[ThreadPoolExecutor] = None
     bundling = None
     if small and rest:
@@ -269,11 +271,9 @@ def sync_host(shell: "Shell", sftp: Any, plan: Plan, always_copy: bool = False,
         # channels so that both stay within the host's MaxSessions.
         side = ThreadPoolExecutor(max_workers=1, thread_name_prefix="bundles")
         bundling = side.submit(for_host(plan.host, upload_bundles), shell, plan.host, small,
-                               progress, BUNDLE_WORKERS_BESIDE)
-    elif small and checked is not None and len(bundles(small)) == 1:
-        recorded = _bundle_and_record(shell, plan, small, progress)
+                               progress, BUNDLE_WORKERS_BESIDE, writer)
     elif small:
-        upload_bundles(shell, plan.host, small, progress)
+        written = upload_bundles(shell, plan.host, small, progress, request=writer)
     try:
         if rest:
             link = _stream_link(shell) if checked is not None else None
@@ -285,12 +285,24 @@ def sync_host(shell: "Shell", sftp: Any, plan: Plan, always_copy: bool = False,
         if side is not None:
             side.shutdown(wait=True)
     if bundling is not None:
-        bundling.result()
+        written = bundling.result()
     report.copied = [u.dest for u in todo + placed]
     report.bytes = sum(u.size for u in todo + placed)
-    if todo and not recorded and (checked is not None or (always_copy and hasattr(shell, "feed"))):
-        record(shell, plan, todo, receipts)
+    recorded = {u.dest for chunk, out in written if out is not None
+                and _recorded(plan, chunk, manifest.parse_answer(out.splitlines(), len(chunk))) is not None
+                for u in chunk}
+    unrecorded = [u for u in todo if u.dest not in recorded]
+    if unrecorded and (checked is not None or (always_copy and hasattr(shell, "feed"))):
+        record(shell, plan, unrecorded, receipts)
     return report
+
+
+def _write_request(plan: Plan) -> WriteRequest:
+    """The writing request of a bundle of *plan*'s files: write, place, then record them."""
+    def request(items: Sequence[Upload], what: Dict[str, Any]) -> bytes:
+        trees, index = plan.tree_index(items)
+        return manifest.request(items, trees, index, hash_all=True, write=what)
+    return request
 
 
 def _unless_staged(plan: Plan, todo: List[Upload], staged: Dict[int, str], rehash: bool,
@@ -362,28 +374,6 @@ def manifest_check(shell: "Shell", plan: Plan, report: HostSync, rehash: bool = 
             same.append(item)
     check_free_space(plan.host, todo, answer.free)
     return todo, same, answer.has_tar
-
-
-def _bundle_and_record(shell: "Shell", plan: Plan, items: Sequence[Upload],
-                       progress: Optional[Progress]) -> bool:
-    """Copy *items* (one bundle) and record them in the host's manifest in the same exec.
-
-    The manifest's program writes the files itself (:func:`write_bundle`);
-    a host that turns out to have no python3 gets a tar. One small file
-    changed is then one exec to copy it, not two. Returns whether the record
-    was made (else the caller records with its own exec).
-    """
-    trees, index = plan.tree_index(items)
-    if progress is not None:
-        progress(plan.host, 0)  # lets a cancelled copy stop before it
-    out = write_bundle(shell, plan.host, items,
-                       lambda what: manifest.request(items, trees, index, hash_all=True, write=what))
-    if out is None:
-        upload_bundle(shell, plan.host, items)
-    if progress is not None:
-        progress(plan.host, sum(u.size for u in items))
-    # (no answer in *out*: no python3 after all, or an error recording them once in place)
-    return out is not None and _recorded(plan, items, manifest.parse_answer(out.splitlines(), len(items))) is not None
 
 
 def record(shell: "Shell", plan: Plan, copied: Sequence[Upload],

@@ -464,8 +464,8 @@ def test_a_host_without_python3_gets_its_single_bundle_as_a_tar(lab, host, tmp_p
     bare = NoPython(shell, f"{base}-bin")
     assert copy_bundle("python", bare, items, base) is None
     assert ssh(lab, "h2", f"ls -A {base}/d").stdout == ""
-    plan = sync.Plan("h2", (), tuple(items))
-    assert sync._bundle_and_record(bare, plan, items, None) is False  # (placed, but not recorded)
+    writer = sync._write_request(sync.Plan("h2", (), tuple(items)))
+    assert sync.upload_bundles(bare, "h2", items, request=writer) == [(items, None)]  # (not recorded)
     assert ssh(lab, "h2", f"cd {base}/d && cat a b && echo && stat -c %a a b && ls -A").stdout.split() == [
         "a" * 100 + "b" * 100, "644", "755", "a", "b"]
 
