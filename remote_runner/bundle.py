@@ -12,8 +12,11 @@ never half-written in place: it is the old one or the new one.
 
 Two ways to write them. Where the host's python3 runs the manifest's program
 (:func:`write_bundle`), the request and then the files' bytes back to back go
-to that program, which writes, renames and records them in the host's
-manifest, hashing each file as it arrives. Measured
+to that program, which writes and renames them, hashing each file as it
+arrives; a bundle that is the whole copy is recorded in the host's manifest
+by it too, the others answer each file's receipt (its stat in place and that
+hash) for the copy's one record, as streamed files do: bundles written at
+once and each rewriting the manifest would queue on its lock. Measured
 here, 1,000 files of 2 KiB in 50 directories to 4 hosts at 0 ms: the host's
 part of the copy took 90 ms a host as a tar (a 274 KiB script, ``mkdir``,
 ``tar``, then a python3 that renamed the files and read them all again to

@@ -137,6 +137,21 @@ if write:
         sys.stderr.flush()
         os._exit(0)
     sys.excepthook = placed
+    if not write.get("record", True):
+        # One bundle of several (or beside streamed files): the caller records them all
+        # at once, taking each hash while the file is still exactly as written here.
+        receipts = []
+        for p, dest, n, m in write["files"]:
+            try:
+                st, w = os.lstat(dest), wrote[dest]
+            except OSError:
+                receipts.append(None)
+                continue
+            same = w[:4] == [st.st_size, st.st_mtime_ns, st.st_ino, st.st_dev]
+            receipts.append([st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino, st.st_dev, w[4]]
+                            if same else None)
+        sys.stdout.write("RR-MANIFEST " + json.dumps({"files": [], "receipts": receipts}) + "\n")
+        sys.exit(0)
 home = os.environ.get("HOME") or os.path.expanduser("~")
 mdir = os.path.join(os.environ.get("XDG_CACHE_HOME") or os.path.join(home, ".cache"),
                     "remote-runner", "manifests")
@@ -368,6 +383,9 @@ class Answer:
     error: Optional[str] = None
     #: indices of the files sent ahead that the host staged beside their destination
     staged: List[int] = field(default_factory=list)
+    #: what a bundle's writer that did not record its files reported for each (see *write*):
+    #: (size, mtime_ns, ctime_ns, inode, device, SHA-1) while it is as written, else None
+    receipts: List[Optional[Tuple[int, int, int, int, int, str]]] = field(default_factory=list)
 
 
 def run_script(size: Optional[int] = None) -> str:
@@ -409,7 +427,11 @@ def request(items: Sequence["Upload"], trees: Sequence[str], tree_of: Sequence[i
     and removed once empty), then all renamed to their destinations; the
     program exits 3 if any of that fails, and 0 once the files are in place,
     whatever the record does. A file still exactly as written (size, mtime,
-    inode) is recorded with the SHA-1 taken of the bytes as they arrived.
+    inode) is recorded with the SHA-1 taken of the bytes as they arrived. With
+    ``"record": False`` in *write* the program records nothing and answers
+    each file's receipt instead (:attr:`Answer.receipts`), for the caller's
+    one record of the whole copy: bundles written at once would otherwise
+    queue on the manifest's lock, each rewriting it.
     """
     files = []
     for u, t in zip(items, tree_of):
@@ -488,9 +510,19 @@ def parse_answer(lines: Sequence[str], count: int) -> Optional[Answer]:
     staged = doc.get("staged", [])
     if not (isinstance(staged, list) and all(_count(i) and i < count for i in staged)):
         return None
+    receipts = doc.get("receipts", [])
+    if not (isinstance(receipts, list) and all(r is None or _receipt(r) for r in receipts)):
+        return None
     return Answer(files, hashed=_int(doc.get("hashed")), trusted=_int(doc.get("trusted")),
                   received=_int(doc.get("received")), saved=doc.get("saved") is True,
-                  has_tar=doc.get("tar") is True, free=free, staged=sorted(set(staged)))
+                  has_tar=doc.get("tar") is True, free=free, staged=sorted(set(staged)),
+                  receipts=[None if r is None else tuple(r) for r in receipts])
+
+
+def _receipt(value: Any) -> bool:
+    """A well-formed receipt: five non-negative integers (the stat) and a SHA-1."""
+    return (isinstance(value, list) and len(value) == 6 and all(_count(x) for x in value[:5])
+            and isinstance(value[5], str) and _HEX40.match(value[5]) is not None)
 
 
 def _count(value: Any) -> bool:

@@ -31,9 +31,9 @@ import stat
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
-from typing import TYPE_CHECKING, Any, Callable, Dict, Iterable, List, Optional, Sequence, Tuple
+from typing import TYPE_CHECKING, Any, Callable, Dict, Iterable, List, Optional, Sequence, Set, Tuple
 
-from remote_runner import hashcache, manifest
+from remote_runner import hashcache, manifest, stream
 from remote_runner.errors import ConnectionLost, CopyError, RunnerError, describe
 from remote_runner.events import for_host, host_context
 from remote_runner.hostdigest import (  # noqa: F401 - re-exported: sync is where callers look
@@ -260,8 +260,10 @@ def sync_host(shell: "Shell", sftp: Any, plan: Plan, always_copy: bool = False,
     small = [u for u in todo if u.size <= small_file] if has_tar and hasattr(shell, "feed") else []
     bundled = set(small)
     rest = [u for u in todo if u not in bundled]
-    # with the manifest's program on the host, it writes and records each bundle itself
-    writer = _write_request(plan) if checked is not None else None
+    # With the manifest's program on the host, it writes each bundle; a bundle that is the
+    # whole copy is recorded by it too, else it answers receipts for the one record below.
+    alone = bool(small) and not rest and len(bundles(small)) == 1
+    writer = _write_request(plan, record=alone) if checked is not None else None
     receipts: Dict[str, Any] = {}
     written: List[Tuple[List[Upload], Optional[str]]] = []
     side: Optional[ThreadPoolExecutor] = None
@@ -288,20 +290,40 @@ def sync_host(shell: "Shell", sftp: Any, plan: Plan, always_copy: bool = False,
         written = bundling.result()
     report.copied = [u.dest for u in todo + placed]
     report.bytes = sum(u.size for u in todo + placed)
-    recorded = {u.dest for chunk, out in written if out is not None
-                and _recorded(plan, chunk, manifest.parse_answer(out.splitlines(), len(chunk))) is not None
-                for u in chunk}
+    recorded = _writers_answers(plan, written, alone, receipts)
     unrecorded = [u for u in todo if u.dest not in recorded]
     if unrecorded and (checked is not None or (always_copy and hasattr(shell, "feed"))):
         record(shell, plan, unrecorded, receipts)
     return report
 
 
-def _write_request(plan: Plan) -> WriteRequest:
-    """The writing request of a bundle of *plan*'s files: write, place, then record them."""
+def _writers_answers(plan: Plan, written: Sequence[Tuple[List[Upload], Optional[str]]], recording: bool,
+                     receipts: Dict[str, Any]) -> Set[str]:
+    """Read what the bundles' writers answered: the files they recorded (*recording*), or else
+    their receipts, added to *receipts* for the copy's one record. A chunk unpacked by tar, or
+    whose answer is unusable, is in neither: the record hashes it."""
+    recorded: Set[str] = set()
+    for chunk, out in written:
+        if out is None:
+            continue
+        lines = out.splitlines()
+        if recording:
+            if _recorded(plan, chunk, manifest.parse_answer(lines, len(chunk))) is not None:
+                recorded.update(u.dest for u in chunk)
+            continue
+        answer = manifest.parse_answer(lines, 0)
+        if answer is not None and len(answer.receipts) == len(chunk):
+            receipts.update((u.dest, stream.Receipt(r[5], r[:5])) for u, r in zip(chunk, answer.receipts)
+                            if r is not None)
+    return recorded
+
+
+def _write_request(plan: Plan, record: bool = True) -> WriteRequest:
+    """The writing request of a bundle of *plan*'s files: write and place them, then record
+    them (*record*) or answer their receipts."""
     def request(items: Sequence[Upload], what: Dict[str, Any]) -> bytes:
         trees, index = plan.tree_index(items)
-        return manifest.request(items, trees, index, hash_all=True, write=what)
+        return manifest.request(items, trees, index, hash_all=True, write=dict(what, record=record))
     return request
 
 

@@ -154,7 +154,7 @@ def test_the_host_stages_only_the_files_sent_ahead_that_differ_and_arrived_whole
         ".fresh.rr-tok00002.tmp", ".old.rr-tok00001.tmp", "dir", "link", "old", "same"]
 
 
-def _write(tmp_path, names, extra=None, short=0):
+def _write(tmp_path, names, extra=None, short=0, write_extra=None):
     """Run the host program with a writing request for *names* (name -> bytes, destined for
     tree/) and their bytes after it (*short* bytes fewer); return (tree, stage, the process)."""
     tree = tmp_path / "tree"
@@ -163,7 +163,8 @@ def _write(tmp_path, names, extra=None, short=0):
     files = [[str(stage / name), str(tree / name), len(data), 0o640 if name == "x" else 0o755]
              for name, data in names.items()]
     doc = {"trees": [str(tree)], "files": [[dest, None, None, 0] for _, dest, _, _ in files],
-           "write": {"files": files, "stages": [str(stage)]}, "stale": 60, "lock_wait": 5}
+           "write": dict({"files": files, "stages": [str(stage)]}, **(write_extra or {})),
+           "stale": 60, "lock_wait": 5}
     doc.update(extra or {})
     request = json.dumps(doc).encode()
     data = b"".join(names.values())
@@ -188,6 +189,29 @@ def test_the_host_program_writes_a_bundle_places_it_then_records_it(tmp_path):
     answer = manifest.parse_answer(done.stdout.decode().splitlines(), 2)
     assert answer is not None and answer.saved and (answer.received, answer.hashed) == (2, 0)
     assert [f.sha1 for f in answer.files] == [hashlib.sha1(b"one\n").hexdigest(), hashlib.sha1(b"two\n").hexdigest()]
+
+
+def test_a_writer_that_does_not_record_answers_each_files_receipt(tmp_path):
+    """One bundle of several: written and placed, nothing saved, and for each file the stat it
+    has in place with the SHA-1 of what arrived, for the copy's one record."""
+    import hashlib
+    tree, _stage, done = _write(tmp_path, {"x": b"one\n", "y": b"two\n"}, write_extra={"record": False})
+    assert done.returncode == 0, done.stderr
+    answer = manifest.parse_answer(done.stdout.decode().splitlines(), 0)
+    assert answer is not None and answer.files == [] and len(answer.receipts) == 2
+    for name, data, receipt in zip("xy", (b"one\n", b"two\n"), answer.receipts):
+        st = os.lstat(tree / name)
+        assert receipt == (st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino, st.st_dev,
+                           hashlib.sha1(data).hexdigest())
+    assert not (tmp_path / "cache").exists()  # no manifest written
+
+
+def test_a_receipt_that_is_not_a_stat_and_a_sha1_makes_the_answer_unusable():
+    good = [1, 2, 3, 4, 5, "a" * 40]
+    assert manifest.parse_answer(_line({"files": [], "receipts": [good, None]}), 0).receipts == [tuple(good), None]
+    for bad in ([1, 2, 3, 4, "a" * 40], [1, 2, 3, 4, -5, "a" * 40], [1, 2, 3, 4, 5, "A" * 40],
+                [1, 2, 3, 4, 5.0, "a" * 40], "x"):
+        assert manifest.parse_answer(_line({"files": [], "receipts": [bad]}), 0) is None, bad
 
 
 def test_the_host_program_places_nothing_when_the_bytes_end_short(tmp_path):

@@ -314,6 +314,32 @@ def test_small_files_travel_in_tar_bundles_renamed_into_place(lab, host, tmp_pat
     assert again.copied == [] and len(again.skipped) == 2 * len(names)
 
 
+def test_several_bundles_are_written_at_once_and_recorded_once_reading_no_file_again(
+        lab, host, tmp_path, monkeypatch):
+    """Bundles of one copy each answer their files' receipts instead of each rewriting the
+    host's manifest under its lock; the copy's one record takes every hash from them."""
+    from tests.test_manifest import audit
+    shell, sftp, base = host
+    src = tmp_path / "many"
+    for i in range(2500):  # two bundles
+        (src / f"d{i // 500}").mkdir(parents=True, exist_ok=True)
+        (src / f"d{i // 500}" / f"f{i:04d}").write_text(f"file {i}\n")
+    plan = sync.make_plan("h2", [(FileSpec(str(src), "many", True), base)])
+    assert len(sync.bundles(list(plan.files))) == 2
+    records = []
+    real_record = sync.record
+    monkeypatch.setattr(sync, "record", lambda *a, **k: records.append(real_record(*a, **k)) or records[-1])
+    report = sync.sync_host(shell, sftp, plan)
+    assert len(report.copied) == 2500
+    [answer] = records
+    assert (len(answer.files), answer.received, answer.hashed) == (2500, 2500, 0)
+    assert ssh(lab, "h2", f"cat {base}/many/d4/f2499").stdout == "file 2499\n"
+    book = audit(lab, "h2", base)
+    assert book["bad"] == [] and len(book["entries"]) == 2500
+    warm = sync.sync_host(shell, sftp, plan)
+    assert (warm.copied, warm.trusted) == ([], 2500)
+
+
 def test_bundles_span_directories_within_their_bounds():
     def up(dest, size=10):
         return sync.Upload("/l" + dest, dest, 0o644, size)
