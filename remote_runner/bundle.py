@@ -280,15 +280,17 @@ def _staged_path(stages: Dict[str, str], item: Upload) -> str:
 
 def write_bundle(shell: "Shell", host: str, items: Sequence[Upload],
                  request: Callable[[Dict[str, Any]], bytes]) -> Optional[str]:
-    """Copy *items* with the manifest's program, which writes, places and records them in one exec.
+    """Copy *items* with the manifest's program, which writes and places them in one exec.
 
     The host's python3 reads the request (*request*, given what is to be
     written: ``{"files": [[stage path, destination, size, mode], ...],
     "stages": [...]}``) and then the files' bytes, back to back: no tar
     headers, no per-file shell text, no second read of what it wrote to hash
-    it (see :data:`remote_runner.manifest.HOST_PROGRAM`). Returns what the
-    program printed (its answer), or None when the host turned out to have
-    no python3 (nothing was written: the caller unpacks a tar instead).
+    it (see :data:`remote_runner.manifest.HOST_PROGRAM`); then it records
+    them in the host's manifest, or answers their receipts, as the request
+    says. Returns what the program printed (its answer), or None when the
+    host turned out to have no python3 (nothing was written: the caller
+    unpacks a tar instead).
     """
     ordered, token, _groups, stages = _staging(items)
     payload = request({"files": [[_staged_path(stages, u), u.dest, u.size, u.mode] for u in ordered],
@@ -376,10 +378,11 @@ def upload_bundles(shell: "Shell", host: str, items: Sequence[Upload],
     """Upload small files as bundles, up to *workers* chunks at once.
 
     With *request* (the host runs the manifest's program), each chunk is
-    written and recorded by that program (:func:`write_bundle`); else, or
-    where the host turns out to have no python3, unpacked by tar
-    (:func:`upload_bundle`). Returns each chunk with the program's output
-    (its answer), None for a chunk that went as a tar (not recorded).
+    written by that program (:func:`write_bundle`), which records it or
+    answers its receipts as *request* says; else, or where the host turns
+    out to have no python3, unpacked by tar (:func:`upload_bundle`). Returns
+    each chunk with the program's output (its answer), None for a chunk that
+    went as a tar (neither recorded nor with receipts).
     """
     def one(chunk: List[Upload]) -> Tuple[List[Upload], Optional[str]]:
         if progress is not None:
