@@ -71,6 +71,8 @@ BUNDLE_SCRIPT = 512 << 10
 #: Bytes of tars kept for the other hosts of a run (see :class:`SharedTars`).
 SHARED_TAR_BYTES = 64 << 20
 SHORT_MARK = "RR-SHORT-WRITE"
+#: What the manifest's writer says when its input ends before the bundle's last byte.
+CUT_MARK = "RR-CUT-SHORT"
 
 
 def bundles(items: Sequence[Upload]) -> List[List[Upload]]:
@@ -365,6 +367,8 @@ def _bundle_failure(stderr: str, status: int) -> str:
             return cause
     if SHORT_MARK in lines:
         return "the host kept fewer bytes than were sent"
+    if CUT_MARK in lines:
+        return "the host received fewer bytes than were sent (the link dropped?)"
     return lines[0] if lines else f"exit status {status}"
 
 

@@ -111,7 +111,7 @@ if write:
                 while left:
                     b = sys.stdin.buffer.read(min(left, 1 << 20))
                     if not b:
-                        failed("RR-SHORT-WRITE")
+                        failed("RR-CUT-SHORT")
                     h.update(b)
                     left -= len(b)
                     view = memoryview(b)

@@ -215,11 +215,11 @@ def test_a_receipt_that_is_not_a_stat_and_a_sha1_makes_the_answer_unusable():
 
 
 def test_the_host_program_places_nothing_when_the_bytes_end_short(tmp_path):
-    from remote_runner.bundle import SHORT_MARK
+    from remote_runner.bundle import CUT_MARK
     (tmp_path / "tree").mkdir()
     (tmp_path / "tree" / "x").write_bytes(b"old")
     tree, stage, done = _write(tmp_path, {"x": b"one\n", "y": b"two\n"}, short=1)
-    assert done.returncode == 3 and SHORT_MARK in done.stderr.decode().split()
+    assert done.returncode == 3 and CUT_MARK in done.stderr.decode().split()
     assert sorted(p.name for p in tree.iterdir()) == ["x"]  # its stage removed, x untouched
     assert (tree / "x").read_bytes() == b"old" and done.stdout == b""
 

@@ -496,6 +496,48 @@ def test_a_host_without_python3_gets_its_single_bundle_as_a_tar(lab, host, tmp_p
         "a" * 100 + "b" * 100, "644", "755", "a", "b"]
 
 
+def test_a_bundle_cut_short_places_nothing_and_records_nothing(lab, host, tmp_path):
+    """The link drops in the middle of a bundle's bytes (its writer sees the end of its input
+    early): every destination keeps its old file, no stage is left, and the host's manifest
+    still vouches only for what is really there."""
+    from tests.test_manifest import audit
+
+    class Cut:
+        """h2's shell, whose next bundle loses its last half."""
+
+        def __init__(self, inner):
+            self.inner, self.host = inner, inner.host
+
+        def script(self, text, timeout):
+            return self.inner.script(text, timeout)
+
+        def feed(self, script, data, timeout):
+            if b'"write": {' not in data:  # (the check: not a bundle)
+                return self.inner.feed(script, data, timeout)
+            return self.inner.feed(script, data[:len(data) // 2], timeout)
+
+    shell, sftp, base = host
+    src = tmp_path / "src"
+    src.mkdir()
+    for i in range(20):
+        (src / f"f{i:02d}").write_bytes(os.urandom(4096))
+    plan = sync.make_plan("h2", [(FileSpec(str(src), "t", True), base)])
+    sync.sync_host(shell, sftp, plan)
+    old = ssh(lab, "h2", f"cd {base}/t && sha1sum f00 f19").stdout
+    for i in range(20):
+        (src / f"f{i:02d}").write_bytes(os.urandom(4096))
+    with pytest.raises(CopyError) as info:
+        sync.sync_host(Cut(shell), sftp, plan)
+    assert info.value.host == "h2" and "received fewer bytes" in str(info.value), info.value
+    assert ssh(lab, "h2", f"cd {base}/t && sha1sum f00 f19").stdout == old
+    assert ".rr-" not in ssh(lab, "h2", f"find {base}").stdout
+    book = audit(lab, "h2", base)
+    assert book["bad"] == [] and len(book["entries"]) == 20  # the old files, as they are
+    again = sync.sync_host(shell, sftp, plan)
+    assert len(again.copied) == 20
+    assert ssh(lab, "h2", f"cd {base}/t && sha1sum f00").stdout.split()[0] == sync.local_sha1(str(src / "f00"))
+
+
 @pytest.mark.parametrize("how", ["shell", "python"])
 def test_failed_bundle_leaves_no_stage_directory(lab, host, tmp_path, how):
     shell, _sftp, base = host
