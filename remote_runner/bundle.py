@@ -37,6 +37,7 @@ stream (:func:`remote_runner.sync.sync_host`).
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 import logging
@@ -49,7 +50,7 @@ import threading
 import time
 from collections import OrderedDict
 from concurrent.futures import ThreadPoolExecutor
-from typing import TYPE_CHECKING, Any, Callable, Dict, List, Optional, Sequence, Set, Tuple
+from typing import TYPE_CHECKING, Any, Callable, Dict, Iterator, List, Optional, Sequence, Set, Tuple
 
 from remote_runner import hashcache, manifest
 from remote_runner.errors import CopyError, RunnerError, describe
@@ -218,15 +219,48 @@ class SharedTars:
         self._lock = threading.Lock()
         self._built: "OrderedDict[str, bytes]" = OrderedDict()
         self._building: Dict[str, threading.Event] = {}
+        #: Within one copy to many hosts (:meth:`one_copy`): token by the bundle's files.
+        self._tokens: Optional[Dict[str, str]] = None
+        self._copies = 0
 
     def token(self, items: Sequence[Upload]) -> str:
         """The stage directories' suffix of the bundle of *items* as they are now (8 hex digits).
 
         The sources' stat is part of it: a source changed since an earlier tar
-        (same size, new bytes) makes another tar, never the old one.
+        (same size, new bytes) makes another tar, never the old one. Within
+        :meth:`one_copy` the first host's token (so its tar) serves every host
+        given the same files: they all get the bytes read once, and the other
+        hosts do not stat every source again (four hosts took 4,000 stats
+        for a 1,000-file bundle on the way to their first byte: 20 ms of the
+        copy phase's 360 here).
         """
-        key = "\0".join(f"{u.src}\0{u.dest}\0{u.mode}\0{u.size}\0{_stat_of(u.src)}" for u in items)
-        return hashlib.sha1((self._secret + key).encode("utf-8", "surrogateescape")).hexdigest()[:8]
+        files = "\0".join(f"{u.src}\0{u.dest}\0{u.mode}\0{u.size}" for u in items)
+        with self._lock:
+            known = self._tokens.get(files) if self._tokens is not None else None
+        if known is not None:
+            return known
+        key = "\0".join(f"{u.src}\0{_stat_of(u.src)}" for u in items)
+        token = hashlib.sha1((self._secret + files + "\0" + key).encode("utf-8", "surrogateescape")
+                             ).hexdigest()[:8]
+        with self._lock:
+            if self._tokens is not None:
+                token = self._tokens.setdefault(files, token)
+        return token
+
+    @contextlib.contextmanager
+    def one_copy(self) -> Iterator[None]:
+        """Hand every host of one copy the same token (and tar) for the same files (see :meth:`token`)."""
+        with self._lock:
+            self._copies += 1
+            if self._tokens is None:
+                self._tokens = {}
+        try:
+            yield
+        finally:
+            with self._lock:
+                self._copies -= 1
+                if not self._copies:
+                    self._tokens = None
 
     def get(self, token: str, build: Callable[[], bytes]) -> bytes:
         """The tar of bundle *token*, built by *build* unless another host's copy is kept."""

@@ -41,7 +41,7 @@ from remote_runner.hostdigest import (  # noqa: F401 - re-exported: sync is wher
     check_free_space, make_dirs, remote_attrs, remote_sha1, remote_stat,
 )
 from remote_runner.bundle import (  # noqa: F401 - re-exported: sync is where callers look
-    BUNDLE_BYTES, BUNDLE_FILES, BUNDLE_SCRIPT, SharedTars, bundle_tar, bundles, upload_bundle,
+    BUNDLE_BYTES, BUNDLE_FILES, BUNDLE_SCRIPT, SHARED, SharedTars, bundle_tar, bundles, upload_bundle,
     WriteRequest, upload_bundles, write_bundle,
 )
 from remote_runner.upload import (  # noqa: F401 - re-exported: sync is where callers look
@@ -487,9 +487,10 @@ def sync_all(jobs: Sequence[Tuple["Shell", Callable[[], Any], Plan]], forks: int
                              staged=(staged or {}).get(plan.host))
 
     pool = ThreadPoolExecutor(max_workers=max(1, forks), thread_name_prefix="sync")
-    futures = [(job[2].host, pool.submit(one, job)) for job in jobs]
     try:
-        wait_or_cancel(pool, [f for _, f in futures], stop)
+        with SHARED.one_copy():  # hosts given the same files get one token and one tar
+            futures = [(job[2].host, pool.submit(one, job)) for job in jobs]
+            wait_or_cancel(pool, [f for _, f in futures], stop)
     finally:
         if save_hashes:
             hashcache.LOCAL.save()

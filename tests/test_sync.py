@@ -382,6 +382,24 @@ def test_a_bundles_tar_is_built_once_for_all_hosts_and_again_when_a_source_chang
     assert len(builds) == 4
 
 
+def test_within_one_copy_the_hosts_share_a_bundles_token_without_stating_again(tmp_path, monkeypatch):
+    """Four hosts given the same files: one round of stats, one token, so one tar; after the
+    copy a source changed behind the same size makes a new token again."""
+    src = tmp_path / "f"
+    src.write_bytes(b"one")
+    items = [sync.Upload(str(src), "/d/f", 0o644, 3)]
+    shared, stats = sync.SharedTars(), []
+    real = bundle._stat_of
+    monkeypatch.setattr(bundle, "_stat_of", lambda path: stats.append(path) or real(path))
+    with shared.one_copy():
+        tokens = {shared.token(list(items)) for _host in range(4)}
+        src.write_bytes(b"two")  # (during the copy: every host still gets what the first read)
+        assert {shared.token(items)} == tokens and len(stats) == 1
+    assert shared.token(items) not in tokens and len(stats) == 2
+    with shared.one_copy():
+        assert shared.token(items) == shared.token(items) and len(stats) == 3
+
+
 @pytest.mark.parametrize("long_name", [False, True])  # ustar headers written here / tarfile's
 def test_a_bundles_tar_unpacks_with_tar_to_the_same_names_bytes_and_modes(tmp_path, long_name):
     names = ["f", "sub/dir/.rr-stage-ab12cd34/g.py", "p" * 120 + "/" + "n" * 90, "d/é-\udcff.bin",
