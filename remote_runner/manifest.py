@@ -85,8 +85,14 @@ size = int(sys.argv[1]) if len(sys.argv) > 1 else -1
 req = json.loads(sys.stdin.buffer.read(size).decode("utf-8", "surrogateescape"))
 ahead = req.get("ahead") or []
 blob = sys.stdin.buffer.read(req.get("ahead_bytes", 0)) if ahead else b""
+def key(st):
+    return [st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino, st.st_dev]
 write = req.get("write")
-wrote = {}
+wrote = {}  # destination -> [size, mtime_ns, inode, device, SHA-1] as this program wrote it
+def as_written(dest, st):
+    """Whether dest (its lstat st) is still the file written above (a rename changes only ctime)."""
+    w = wrote.get(dest)
+    return w is not None and w[:4] == [st.st_size, st.st_mtime_ns, st.st_ino, st.st_dev]
 if write:
     # A bundle: its files' bytes follow on stdin, in the order of write["files"]. Each
     # is written into a stage directory made here beside its destination and hashed as
@@ -143,13 +149,11 @@ if write:
         receipts = []
         for p, dest, n, m in write["files"]:
             try:
-                st, w = os.lstat(dest), wrote[dest]
+                st = os.lstat(dest)
             except OSError:
                 receipts.append(None)
                 continue
-            same = w[:4] == [st.st_size, st.st_mtime_ns, st.st_ino, st.st_dev]
-            receipts.append([st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino, st.st_dev, w[4]]
-                            if same else None)
+            receipts.append(key(st) + [wrote[dest][4]] if as_written(dest, st) else None)
         sys.stdout.write("RR-MANIFEST " + json.dumps({"files": [], "receipts": receipts}) + "\n")
         sys.exit(0)
 home = os.environ.get("HOME") or os.path.expanduser("~")
@@ -159,8 +163,6 @@ node = os.uname()[1]
 def mpath(tree):
     name = name_hash(("%s\0%s" % (node, tree)).encode("utf-8", "surrogateescape"))
     return os.path.join(mdir, name.hexdigest() + ".json")
-def key(st):
-    return [st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino, st.st_dev]
 def load(tree):
     try:
         with open(mpath(tree)) as f:
@@ -268,8 +270,8 @@ for f in req["files"]:
             item[2] = got[5]
             out["received"] += 1
             fresh.setdefault(t, {})[dest] = got
-        elif dest in wrote and wrote[dest][:4] == [st.st_size, st.st_mtime_ns, st.st_ino, st.st_dev]:
-            item[2] = wrote[dest][4]  # (the file written above, untouched since: its ctime is the rename's)
+        elif as_written(dest, st):
+            item[2] = wrote[dest][4]
             out["received"] += 1
             fresh.setdefault(t, {})[dest] = key(st) + [item[2]]
         else:

@@ -141,10 +141,9 @@ def test_the_host_stages_only_the_files_sent_ahead_that_differ_and_arrived_whole
     blob = b"".join(datas[n] for n in names)
     request = json.dumps({"trees": [str(tree)], "files": files, "prepare": True, "stale": 60,
                           "dirs": [], "ahead": ahead, "ahead_bytes": len(blob)}).encode()
-    env = {"HOME": str(tmp_path), "XDG_CACHE_HOME": str(tmp_path / "cache"), "PATH": "/usr/bin:/bin"}
-    out = subprocess.run([sys.executable, "-I", "-S", "-c", manifest.HOST_PROGRAM, str(len(request))],
-                         input=request + blob + b"left for the lock", capture_output=True, env=env,
-                         check=True).stdout.decode()
+    done = _host_program(tmp_path, request, blob + b"left for the lock")
+    assert done.returncode == 0, done.stderr
+    out = done.stdout.decode()
     answer = manifest.parse_answer(out.splitlines(), 6)
     assert answer is not None and answer.staged == [1, 2], out
     assert (tree / "old").read_bytes() == b"old\n" and not (tree / "fresh").exists()
@@ -168,10 +167,15 @@ def _write(tmp_path, names, extra=None, short=0, write_extra=None):
     doc.update(extra or {})
     request = json.dumps(doc).encode()
     data = b"".join(names.values())
-    env = {"HOME": str(tmp_path), "XDG_CACHE_HOME": str(tmp_path / "cache"), "PATH": "/usr/bin:/bin"}
-    done = subprocess.run([sys.executable, "-I", "-S", "-c", manifest.HOST_PROGRAM, str(len(request))],
-                          input=request + data[:len(data) - short], capture_output=True, env=env)
-    return tree, stage, done
+    return tree, stage, _host_program(tmp_path, request, data[:len(data) - short])
+
+
+def _host_program(home, request: bytes, after: bytes = b""):
+    """Run the host program on *request* (its size given) followed by *after*, with *home*
+    as its home and cache."""
+    env = {"HOME": str(home), "XDG_CACHE_HOME": str(home / "cache"), "PATH": "/usr/bin:/bin"}
+    return subprocess.run([sys.executable, "-I", "-S", "-c", manifest.HOST_PROGRAM, str(len(request))],
+                          input=request + after, capture_output=True, env=env)
 
 
 def test_the_host_program_writes_a_bundle_places_it_then_records_it(tmp_path):
