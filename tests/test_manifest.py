@@ -265,7 +265,7 @@ def test_only_files_changed_here_go_ahead_and_only_when_all_of_them_fit(tmp_path
     """A guess, by the local hash cache: a file whose stat it knows did not change here."""
     from remote_runner import precheck
     from remote_runner.upload import Upload
-    cache = hashcache.LocalHashes(str(tmp_path / "cache.json"))
+    cache = hashcache.LocalHashes(str(tmp_path / "cache"))
     monkeypatch.setattr(hashcache, "LOCAL", cache)
     src = tmp_path / "src"
     src.mkdir()
@@ -345,7 +345,7 @@ def test_the_host_program_names_its_manifest_by_sha1_and_finds_tar_on_path(tmp_p
 
 def test_a_file_read_whole_is_remembered_only_if_it_did_not_change_meanwhile(tmp_path):
     import hashlib
-    cache = hashcache.LocalHashes(str(tmp_path / "cache.json"))
+    cache = hashcache.LocalHashes(str(tmp_path / "cache"))
     path = tmp_path / "f"
     path.write_bytes(b"first\n")
     with open(path, "rb") as handle:
@@ -365,20 +365,20 @@ def test_a_file_read_whole_is_remembered_only_if_it_did_not_change_meanwhile(tmp
 
 
 def test_local_hashes_are_remembered_by_full_stat(tmp_path):
-    cache = hashcache.LocalHashes(str(tmp_path / "cache.json"))
+    cache = hashcache.LocalHashes(str(tmp_path / "cache"))
     path = tmp_path / "f"
     path.write_bytes(b"one")
     first = cache.sha1(str(path))
     cache.save()
-    again = hashcache.LocalHashes(str(tmp_path / "cache.json"))
+    again = hashcache.LocalHashes(str(tmp_path / "cache"))
     assert again.known(str(path)) == first
     mtime = os.stat(path).st_mtime_ns
     path.write_bytes(b"two")  # same size, mtime put back: the ctime still moves
     os.utime(path, ns=(mtime, mtime))
     assert again.known(str(path)) is None
     assert again.sha1(str(path)) != first
-    (tmp_path / "cache.json").write_text("{garbage")
-    assert hashcache.LocalHashes(str(tmp_path / "cache.json")).known(str(path)) is None
+    _bucket_file(tmp_path / "cache", path).write_text("{garbage")
+    assert hashcache.LocalHashes(str(tmp_path / "cache")).known(str(path)) is None
 
 
 def test_a_malformed_cache_entry_is_never_used_and_goes_at_the_next_rewrite(tmp_path, monkeypatch):
@@ -388,11 +388,12 @@ def test_a_malformed_cache_entry_is_never_used_and_goes_at_the_next_rewrite(tmp_
     other = tmp_path / "g"
     other.write_bytes(b"two")
     key = list(hashcache.stat_key(os.stat(path)))
-    cache_file = tmp_path / "cache.json"
+    cache_file = _bucket_file(tmp_path / "cache", path)
+    cache_file.parent.mkdir()
     cache_file.write_text(json.dumps({"version": 1, "entries": {
         str(path): key + ["not a sha1"],              # the right stat, a bad hash
         str(other): [str(k) for k in key] + ["a" * 40]}}))  # ints as strings
-    cache = hashcache.LocalHashes(str(cache_file))
+    cache = hashcache.LocalHashes(str(tmp_path / "cache"))
     assert cache.known(str(path)) is None and cache.known(str(other)) is None
     assert cache.sha1(str(other)) == __import__("hashlib").sha1(b"two").hexdigest()
     monkeypatch.setattr(hashcache, "JOURNAL_MIN", 0)  # the new line outgrows the base: rewritten
@@ -410,12 +411,13 @@ def test_a_malformed_cache_entry_is_never_used_and_goes_at_the_next_rewrite(tmp_
 def test_a_save_appends_what_it_added_and_rewrites_once_the_journal_outgrows_the_base(tmp_path,
                                                                                    monkeypatch):
     import json
-    cache_file = tmp_path / "cache.json"
+    cache_dir = tmp_path / "cache"
     files = []
     for n in range(6):
         files.append(tmp_path / f"f{n}")
         files[-1].write_bytes(b"%d" % n)
-    cache = hashcache.LocalHashes(str(cache_file))
+    cache = hashcache.LocalHashes(str(cache_dir))
+    cache_file = _bucket_file(cache_dir, files[0])
     cache.sha1(str(files[0]))
     cache.save()  # no file yet: a base line
     assert len(cache_file.read_text().splitlines()) == 1
@@ -425,7 +427,7 @@ def test_a_save_appends_what_it_added_and_rewrites_once_the_journal_outgrows_the
         cache.save()  # one journal line each; the base line is left as it was
     text = cache_file.read_bytes()
     assert text.startswith(base) and len(text.splitlines()) == 3
-    again = hashcache.LocalHashes(str(cache_file))
+    again = hashcache.LocalHashes(str(cache_dir))
     assert [again.known(str(f)) for f in files[:3]] == [hashcache.hash_file(str(f))[0] for f in files[:3]]
 
     # A line cut short by a crash is skipped, and the next save starts a line of its own.
@@ -433,7 +435,7 @@ def test_a_save_appends_what_it_added_and_rewrites_once_the_journal_outgrows_the
         handle.write(b'{"entries": {"' + str(files[5]).encode())
     cache.sha1(str(files[3]))
     cache.save()
-    again = hashcache.LocalHashes(str(cache_file))
+    again = hashcache.LocalHashes(str(cache_dir))
     assert [again.known(str(f)) for f in files[:4]] == [hashcache.hash_file(str(f))[0] for f in files[:4]]
     assert again.known(str(files[5])) is None
 
@@ -445,6 +447,49 @@ def test_a_save_appends_what_it_added_and_rewrites_once_the_journal_outgrows_the
     lines = cache_file.read_text().splitlines()
     assert len(lines) == 1
     assert set(json.loads(lines[0])["entries"]) == {str(f) for f in files[1:5]}
+
+
+def _bucket_file(cache_dir, path):
+    """The file of the local hash cache in *cache_dir* that holds *path*'s entry."""
+    return cache_dir / (hashcache.bucket_of(str(path)) + ".json")
+
+
+def test_the_local_hash_cache_reads_only_the_buckets_of_the_directories_looked_up(tmp_path):
+    cache_dir = tmp_path / "cache"
+    folders = [tmp_path / f"d{n}" for n in range(40)]
+    for folder in folders:
+        folder.mkdir()
+        (folder / "f").write_bytes(folder.name.encode())
+    buckets = {hashcache.bucket_of(str(folder / "f")) for folder in folders}
+    assert len(buckets) > 20  # (by their directories' SHA-1s: spread)
+    cache = hashcache.LocalHashes(str(cache_dir))
+    digests = [cache.sha1(str(folder / "f")) for folder in folders]
+    cache.save()
+    assert sorted(p.stem for p in cache_dir.glob("*.json")) == sorted(buckets)
+    again = hashcache.LocalHashes(str(cache_dir))
+    assert again.known(str(folders[7] / "f")) == digests[7]
+    assert list(again._loaded) == [hashcache.bucket_of(str(folders[7] / "f"))]
+    # a garbage bucket costs only its own entries
+    _bucket_file(cache_dir, folders[3] / "f").write_bytes(b"\x00 garbage")
+    again = hashcache.LocalHashes(str(cache_dir))
+    known = [again.known(str(folder / "f")) for folder in folders]
+    lost = {n for n, sha1 in enumerate(known) if sha1 is None}
+    assert 3 in lost and all(hashcache.bucket_of(str(folders[n] / "f"))
+                             == hashcache.bucket_of(str(folders[3] / "f")) for n in lost)
+    assert all(known[n] == digests[n] for n in range(40) if n not in lost)
+
+
+def test_the_first_save_removes_the_single_cache_file_of_earlier_versions(tmp_path, monkeypatch):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    old = tmp_path / "xdg" / "remote-runner" / hashcache.OLD_FILE
+    old.parent.mkdir(parents=True)
+    old.write_text('{"version": 1, "entries": {}}\n')
+    (tmp_path / "f").write_bytes(b"x")
+    cache = hashcache.LocalHashes()
+    cache.sha1(str(tmp_path / "f"))
+    cache.save()
+    assert not old.exists()
+    assert hashcache.LocalHashes().known(str(tmp_path / "f")) == hashcache.hash_file(str(tmp_path / "f"))[0]
 
 
 # --------------------------------------------------------------------------- lab
