@@ -422,25 +422,30 @@ def _window_groups(screen_pids: str, children: str = "/proc/$sp/task/$sp/childre
             "done")
 
 
-def _ids_of(name: str) -> str:
+def _ids_of(name: str, wipe: bool = False) -> str:
     """Return a shell command printing the ids of the sessions named exactly *name*.
 
     ``screen -ls`` lists ``PID.NAME`` as each line's first word; the words are
     picked by the shell itself (a start asks several times, and each helper
-    process costs the host a fork and an exec).
+    process costs the host a fork and an exec). With *wipe*, ``screen -wipe``
+    lists them instead: it prints the same list while it removes dead sessions,
+    which it marks ``(Removed)``, so a start that wipes first needs no second
+    screen client to list what is left.
     """
-    return ("screen -ls 2>/dev/null | while read -r rr_s rr_x; do case $rr_s in ?*.*) "
-            f'[ "${{rr_s#*.}}" = {shlex.quote(validate_session_name(name))} ] && echo "$rr_s";; '
-            "esac; done")
+    keep = ('case $rr_x in *"(Removed)"*) ;; *) {}; esac' if wipe else "{}")
+    pick = f'[ "${{rr_s#*.}}" = {shlex.quote(validate_session_name(name))} ] && echo "$rr_s"'
+    return (f"screen {'-wipe' if wipe else '-ls'} 2>/dev/null | while read -r rr_s rr_x; do "
+            f"case $rr_s in ?*.*) {keep.format(pick)};; esac; done")
 
 
-def quit_sessions_script(name: str, grace: float) -> str:
+def quit_sessions_script(name: str, grace: float, wipe: bool = False) -> str:
     """Return shell text that stops every window of the sessions called *name* and quits them.
 
     Self-contained (it finds the sessions itself), for clean-up tools that have
-    no :class:`Screen` at hand; :meth:`Screen.kill` does the same in steps.
+    no :class:`Screen` at hand; :meth:`Screen.kill` does the same in steps. With
+    *wipe*, dead sessions are wiped by the same screen client that lists them.
     """
-    return (f"rr_ids=$({_ids_of(name)})\n"
+    return (f"rr_ids=$({_ids_of(name, wipe)})\n"
             'rr_pids=$(for s in $rr_ids; do echo "${s%%.*}"; done)\n' +
             _stop_groups(_window_groups("$rr_pids"), grace) +
             'for s in $rr_ids; do screen -S "$s" -X quit >/dev/null 2>&1; done\n')

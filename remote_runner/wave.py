@@ -70,9 +70,10 @@ def start_wave(screen: "Screen", windows: Sequence[Window], setup: str = "",
     """Run one start command on *screen*'s host; see :meth:`Screen.start_wave`."""
     q = shlex.quote
     parts = [_NEED_SCREEN, setup]
+    listed = None  # a variable listing the sessions left, when this command has one already
     if replace == "kill":
-        parts.append("screen -wipe >/dev/null 2>&1\n" +
-                     quit_sessions_script(screen.name, grace) +
+        listed = "rr_after"
+        parts.append(quit_sessions_script(screen.name, grace, wipe=True) +
                      _poll_gone("$rr_pids", screen.start_timeout) +
                      f'rr_after=" $(echo $({_ids_of(screen.name)})) "\nrr_left=\n'
                      'for s in $rr_ids; do case "$rr_after" in *" $s "*) rr_left="$rr_left $s";; '
@@ -80,8 +81,8 @@ def start_wave(screen: "Screen", windows: Sequence[Window], setup: str = "",
                      'if [ -n "$rr_left" ]; then echo "RR-NOT-QUIT$rr_left"; exit 0; fi\n'
                      "sid=\n")
     elif replace == "adopt":
-        parts.append("screen -wipe >/dev/null 2>&1\n"
-                     f'rr_all=" $(echo $({_ids_of(screen.name)})) "\n'
+        listed = "rr_all"
+        parts.append(f'rr_all=" $(echo $({_ids_of(screen.name, wipe=True)})) "\n'
                      f"sid=\nfor s in $rr_all; do sid=$s; done\n")
         if screen.session_id:
             parts.append(f'case "$rr_all" in *" "{q(screen.session_id)}" "*) '
@@ -91,7 +92,7 @@ def start_wave(screen: "Screen", windows: Sequence[Window], setup: str = "",
         parts.append(f"sid={q(screen.session_id or '')}\n")
     if windows:
         parts.append(before_open)
-        parts.append(_open_script(screen, windows))
+        parts.append(_open_script(screen, windows, listed))
         parts.append(f"if [ $rr_missing = 0 ]; then\n:\n{health}\nfi\n")
     parts.append('echo "RR-SESSION $sid"\n')
     result = screen.shell.script("".join(parts), timeout=2 * screen.start_timeout + grace +
@@ -99,8 +100,13 @@ def start_wave(screen: "Screen", windows: Sequence[Window], setup: str = "",
     return _wave_result(screen, windows, result)
 
 
-def _open_script(screen: "Screen", windows: Sequence[Window]) -> str:
-    """Return shell text opening *windows* in session ``$sid`` (created when empty)."""
+def _open_script(screen: "Screen", windows: Sequence[Window], listed: Optional[str] = None) -> str:
+    """Return shell text opening *windows* in session ``$sid`` (created when empty).
+
+    A new session is found as the one ``screen -ls`` lists after it was started
+    and not before; *listed* names a variable that already holds the "before"
+    (the sessions this command left running), saving the host a screen client.
+    """
     q = shlex.quote
     wave_file = f"{screen.log_dir}/windows-{windows[0].stem}.screenrc"
     rc = rc_text(screen.log_dir, screen.zombie) + f"source {rc_word(wave_file)}\n"
@@ -108,7 +114,7 @@ def _open_script(screen: "Screen", windows: Sequence[Window]) -> str:
     script = (printf_write(wave_file, windows_rc(windows), on_error=SETUP_FAILED) +
               'if [ -z "$sid" ]; then\n' +
               printf_write(screen.rc_file, rc, on_error=SETUP_FAILED) +
-              f'  rr_b=" $(echo $({ids})) "\n'
+              (f'  rr_b="${listed}"\n' if listed else f'  rr_b=" $(echo $({ids})) "\n') +
               # zombie mode is in the rc, so it holds before the first window can exit
               f"  screen -c {q(screen.rc_file)} -d -m -S {q(screen.name)} </dev/null >/dev/null 2>&1\n"
               "  rr_rc=$?\n"

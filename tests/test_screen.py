@@ -226,6 +226,27 @@ def test_kill_quits_and_adopt_reuses(lab, session, screen_name):
     assert sessions_named(lab, "h1", screen_name) == []
 
 
+def _dead_session(lab, name):
+    """Leave a dead session called *name* on h1: its screen killed, its socket left behind."""
+    ssh(lab, "h1", f"screen -dmS {name} sleep 600")
+    [dead] = poll(lambda: sessions_named(lab, "h1", name), "the session to be listed")
+    ssh(lab, "h1", f"kill -9 {dead.split('.')[0]}; pkill -f 'sleep 600' || true", check=False)
+    poll(lambda: "Dead" in ssh(lab, "h1", "screen -ls", check=False).stdout, "the session to be dead")
+    return dead
+
+
+@pytest.mark.parametrize("replace", ["kill", "adopt"])
+def test_a_dead_session_is_wiped_not_adopted_or_reported_quit(lab, session, screen_name, replace):
+    """The start lists sessions with ``screen -wipe``, which prints the dead ones as removed."""
+    dead = _dead_session(lab, screen_name)
+    w = scr.Window("one", "one", session.state_dir)
+    write_launcher(session.shell, w, ["/bin/sleep", "600"])
+    wave = session.start_wave([w], replace=replace)
+    assert wave.quit == [] and not wave.adopted
+    assert session.session_id != dead and sessions_named(lab, "h1", screen_name) == [session.session_id]
+    assert "Dead" not in ssh(lab, "h1", "screen -ls", check=False).stdout
+
+
 def test_no_zombie_lets_window_close(lab, conn, screen_name):
     shell = RemoteShell(conn, "h1")
     state = f"/tmp/{screen_name}-nz"
