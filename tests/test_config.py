@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import time
 import textwrap
 
 import pytest
@@ -534,6 +535,37 @@ def test_recursive_files_dict_empty_root_and_symlinked_dir(tmp_path, caplog):
     os.symlink(str(tmp_path / "lonely"), str(tmp_path / "t" / "link"))
     assert util.recursive_files_dict(str(tmp_path / "t"), "d") == {str(tmp_path / "t" / "f"): "d/f"}
     assert "not following symlinked directory" in caplog.text
+
+
+def _age(tree, seconds=60):
+    """Set every directory's mtime below *tree* (included) *seconds* into the past."""
+    past = time.time_ns() - seconds * 10**9
+    for folder in [tree, *(p for p in tree.rglob("*") if p.is_dir() and not p.is_symlink())]:
+        os.utime(folder, ns=(past, past))
+
+
+def test_recursive_files_dict_lists_a_tree_again_only_when_a_directory_changed(tmp_path, monkeypatch):
+    make_tree(tmp_path / "tree")
+    walks = []
+    real_walk = os.walk
+    monkeypatch.setattr(util.os, "walk", lambda top, *a, **k: walks.append(top) or real_walk(top, *a, **k))
+    first = util.recursive_files_dict(str(tmp_path / "tree"), "d")  # just made: not remembered
+    assert util.recursive_files_dict(str(tmp_path / "tree"), "d") == first and len(walks) == 2
+    _age(tmp_path / "tree")
+    util.recursive_files_dict(str(tmp_path / "tree"), "d")
+    again = util.recursive_files_dict(str(tmp_path / "tree"), "d")
+    assert again == first and len(walks) == 3  # the fourth call walked nothing
+    again["x"] = "y"  # each call gets its own dict
+    assert util.recursive_files_dict(str(tmp_path / "tree"), "d") == first and len(walks) == 3
+    assert util.recursive_files_dict(str(tmp_path / "tree"), "e") != first and len(walks) == 4
+    subdir = next(p for p in (tmp_path / "tree").iterdir() if p.is_dir() and not p.is_symlink())
+    (subdir / "new.txt").write_text("new")  # a new entry deep down: its directory's mtime moves
+    grown = util.recursive_files_dict(str(tmp_path / "tree"), "d")
+    assert len(walks) == 5 and set(grown) - set(first) == {str(subdir / "new.txt")}
+    _age(tmp_path / "tree")
+    util.recursive_files_dict(str(tmp_path / "tree"), "d")
+    (subdir / "new.txt").unlink()
+    assert util.recursive_files_dict(str(tmp_path / "tree"), "d") == first and len(walks) == 7
 
 
 def test_recursive_files_dict_in_config_becomes_file_specs(tmp_path):
