@@ -4,7 +4,13 @@ Users expect the keys and agent that work for ``ssh`` to work here, in the same 
 ssh-agent keys (only those matching ``IdentityFile`` with ``IdentitiesOnly``), then the
 ``IdentityFile`` entries and the default key files (the password also unlocks an encrypted
 key, as SPAR's single ``-p`` did), then the password, also as keyboard-interactive. A failure
-names everything that was tried and what to change. :class:`Authentication` is mixed into
+names everything that was tried and what to change.
+
+A key is offered in one round trip, not two: paramiko asks for the ``ssh-userauth``
+service and sends the signed request only once the server has said yes, which it always
+does, and OpenSSH's server reads the request that follows in the same flight as it would
+one sent later (see :class:`OneTripAuth`). Every connection thus costs one round trip
+less: 20 ms of a 10 ms-each-way link, and as much again per ProxyJump hop. :class:`Authentication` is mixed into
 :class:`remote_runner.ssh.Connection`, whose ``alias``, ``username``, ``hostname``, ``config``,
 ``options`` and ``_flag`` it uses; keeping it here keeps the connection module about the
 connection.
@@ -14,9 +20,12 @@ from __future__ import annotations
 
 import getpass
 import os
+import threading
 from typing import TYPE_CHECKING, Any, List, Optional, Tuple
 
 import paramiko
+from paramiko.auth_handler import AuthHandler
+from paramiko.message import Message
 
 from remote_runner import hostkeys
 from remote_runner.errors import AuthError, UnreachableError
@@ -28,6 +37,58 @@ if TYPE_CHECKING:  # pragma: no cover
 PASSWORD_ENV = "REMOTE_RUNNER_PASSWORD"
 #: Key files tried after the ssh_config IdentityFile entries (OpenSSH order).
 DEFAULT_KEYS = ("~/.ssh/id_ed25519", "~/.ssh/id_ecdsa", "~/.ssh/id_rsa")
+#: Key types whose signature algorithm depends on the server's ``server-sig-algs``.
+_RSA_TYPES = ("ssh-rsa", "ssh-rsa-cert-v01@openssh.com")
+
+
+class OneTripAuth(AuthHandler):
+    """paramiko's client authentication, with the request sent right behind the service request.
+
+    The request is built by paramiko's own code (its handler for the service
+    accept, given the accept it will get), so it is the request paramiko would
+    have sent a round trip later; the real accept then only confirms it. An RSA
+    key waits for the accept as before while the server's ``server-sig-algs``
+    (which choose its signature algorithm) have not arrived yet.
+    """
+
+    #: Whether the request went out with the service request.
+    sent_early = False
+
+    def _request_auth(self) -> None:
+        # Decided before the service request goes: its accept may be read (on
+        # paramiko's thread) before this thread has signed and sent the request.
+        self.sent_early = self._may_send_early()
+        super()._request_auth()
+        if self.sent_early:
+            accept = Message()
+            accept.add_string("ssh-userauth")
+            accept.rewind()
+            super()._parse_service_accept(accept)
+
+    def _may_send_early(self) -> bool:
+        if self.auth_method != "publickey":
+            return False
+        key_type, _ = self._get_key_type_and_bits(self.private_key)
+        return key_type not in _RSA_TYPES or bool(self.transport.server_extensions.get("server-sig-algs"))
+
+    def _parse_service_accept(self, m: Message) -> None:
+        if not self.sent_early:
+            super()._parse_service_accept(m)
+
+
+def auth_publickey(transport: paramiko.Transport, username: str, key: paramiko.PKey) -> OneTripAuth:
+    """Authenticate with *key* as ``Transport.auth_publickey`` does, in one round trip.
+
+    Raises what paramiko raises (``AuthenticationException`` and its kin,
+    ``SSHException`` without a session). Returns the handler, for its :attr:`~OneTripAuth.sent_early`.
+    """
+    if not transport.is_active() or not transport.initial_kex_done:
+        raise paramiko.SSHException("No existing session")
+    done = threading.Event()
+    handler = transport.auth_handler = OneTripAuth(transport)
+    handler.auth_publickey(username, key, done)
+    handler.wait_for_response(done)
+    return handler
 
 
 def resolve_password(cli_value: Optional[str], ask: bool) -> Optional[str]:
@@ -131,7 +192,7 @@ class Authentication:
                  tried: List[str]) -> bool:
         """Offer one key; return True once authenticated."""
         try:
-            transport.auth_publickey(self.username, key)
+            auth_publickey(transport, self.username, key)
         except paramiko.BadAuthenticationType as exc:
             tried.append(f"{label}: server allows only {', '.join(exc.allowed_types)}")
             return False

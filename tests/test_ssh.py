@@ -364,6 +364,70 @@ def _new_key(path) -> str:
     return open(f"{path}.pub").read().strip()
 
 
+def _raw_transport(lab, name="h1") -> paramiko.Transport:
+    """A paramiko transport to lab host *name*, key exchange done, not authenticated."""
+    import socket
+    entry = lab_entry(lab, name)
+    transport = paramiko.Transport(socket.create_connection((entry["hostname"], int(entry.get("port", 22)))))
+    transport.start_client(timeout=30)
+    return transport
+
+
+def test_a_key_is_offered_in_one_round_trip_and_a_rejected_one_leaves_the_next_its_chance(lab, tmp_path):
+    """The signed request goes right behind the service request, before the accept comes back."""
+    from paramiko.common import MSG_USERAUTH_REQUEST
+    from remote_runner import sshauth
+    transport = _raw_transport(lab)
+    sent: List[int] = []
+    accepts: List[List[int]] = []  # what had been sent when each accept arrived
+    send = transport._send_message
+    transport._send_message = lambda m: sent.append(m.asbytes()[0]) or send(m)
+    real = sshauth.OneTripAuth._parse_service_accept
+
+    def accept(self, m):
+        accepts.append(list(sent))
+        real(self, m)
+
+    try:
+        sshauth.OneTripAuth._parse_service_accept = accept
+        _new_key(tmp_path / "stranger")
+        stranger = paramiko.PKey.from_path(str(tmp_path / "stranger"))
+        with pytest.raises(paramiko.AuthenticationException):
+            sshauth.auth_publickey(transport, "root", stranger)
+        assert transport.is_active() and not transport.is_authenticated()
+        key = paramiko.PKey.from_path(lab_entry(lab, "h1")["identityfile"][0])
+        handler = sshauth.auth_publickey(transport, "root", key)
+        assert handler.sent_early and transport.is_authenticated()
+        assert len(accepts) == 2 and all(MSG_USERAUTH_REQUEST in before for before in accepts)
+        assert sent.count(MSG_USERAUTH_REQUEST) == 2  # one request per key, none sent twice
+        channel = transport.open_session()
+        channel.exec_command("id -un")
+        assert channel.makefile("rb").read() == b"root\n"
+    finally:
+        sshauth.OneTripAuth._parse_service_accept = real
+        transport.close()
+
+
+def test_an_rsa_key_waits_for_the_accept_until_the_server_named_its_signature_algorithms():
+    from remote_runner import sshauth
+
+    class Transport:
+        server_extensions: Dict[str, bytes] = {}
+
+    transport = Transport()
+    handler = sshauth.OneTripAuth(transport)
+    handler.auth_method = "publickey"
+    handler.private_key = paramiko.RSAKey.generate(1024)
+    assert not handler._may_send_early()
+    transport.server_extensions = {"server-sig-algs": b"rsa-sha2-256,ssh-ed25519"}
+    assert handler._may_send_early()
+    transport.server_extensions = {}
+    handler.private_key = paramiko.ECDSAKey.generate()  # its algorithm is its type: no wait
+    assert handler._may_send_early()
+    handler.auth_method = "password"
+    assert not handler._may_send_early()
+
+
 def test_unauthorized_key_gives_auth_error_naming_host(lab, tmp_path):
     key = tmp_path / "stranger"
     _new_key(key)
