@@ -410,10 +410,10 @@ def _bundle_failure(stderr: str, status: int) -> str:
 WriteRequest = Callable[[Sequence[Upload], Dict[str, Any]], bytes]
 
 
-def upload_bundles(shell: "Shell", host: str, items: Sequence[Upload],
+def upload_bundles(shell: "Shell", host: str, chunks: Sequence[List[Upload]],
                    progress: Optional[Progress] = None, workers: int = LANES,
                    request: Optional[WriteRequest] = None) -> List[Tuple[List[Upload], Optional[str]]]:
-    """Upload small files as bundles, up to *workers* chunks at once.
+    """Upload small files as bundles (*chunks*, as :func:`bundles` cuts them), up to *workers* at once.
 
     With *request* (the host runs the manifest's program), each chunk is
     written by that program (:func:`write_bundle`), which records it or
@@ -435,7 +435,7 @@ def upload_bundles(shell: "Shell", host: str, items: Sequence[Upload],
         return chunk, out
 
     with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
-        futures = [pool.submit(for_host(host, one), chunk) for chunk in bundles(items)]
+        futures = [pool.submit(for_host(host, one), chunk) for chunk in chunks]
     for future in futures:
         error = future.exception()
         if error is not None:

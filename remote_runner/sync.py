@@ -262,7 +262,8 @@ def sync_host(shell: "Shell", sftp: Any, plan: Plan, always_copy: bool = False,
     rest = [u for u in todo if u not in bundled]
     # With the manifest's program on the host, it writes each bundle; a bundle that is the
     # whole copy is recorded by it too, else it answers receipts for the one record below.
-    alone = bool(small) and not rest and len(bundles(small)) == 1
+    chunks = bundles(small) if small else []
+    alone = not rest and len(chunks) == 1
     writer = _write_request(plan, record=alone) if checked is not None else None
     receipts: Dict[str, Any] = {}
     written: List[Tuple[List[Upload], Optional[str]]] = []
@@ -272,10 +273,10 @@ def sync_host(shell: "Shell", sftp: Any, plan: Plan, always_copy: bool = False,
         # The bundles' round trips overlap the large files' bytes, on fewer
         # channels so that both stay within the host's MaxSessions.
         side = ThreadPoolExecutor(max_workers=1, thread_name_prefix="bundles")
-        bundling = side.submit(for_host(plan.host, upload_bundles), shell, plan.host, small,
+        bundling = side.submit(for_host(plan.host, upload_bundles), shell, plan.host, chunks,
                                progress, BUNDLE_WORKERS_BESIDE, writer)
     elif small:
-        written = upload_bundles(shell, plan.host, small, progress, request=writer)
+        written = upload_bundles(shell, plan.host, chunks, progress, request=writer)
     try:
         if rest:
             link = _stream_link(shell) if checked is not None else None

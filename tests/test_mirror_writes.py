@@ -148,6 +148,27 @@ def test_a_failing_request_still_lets_the_next_one_run():
     assert order.run("h", 2, lambda: "ran") == "ran"
 
 
+def test_released_posted_handles_are_remembered_in_a_bounded_set():
+    """A session's posted handles are numbered upwards; once released, all below the lowest
+    still open are one watermark, not one int each."""
+    from remote_runner.mirror import protocol as P
+    order = WriteOrder(timeout=0.2)
+    base = P.POSTED_HANDLES[0]
+    handles = list(range(base, base + 3000))
+    kept = handles[1500]  # still open
+    for fh in handles[:1500] + handles[1501:][::-1]:  # the later ones released out of order
+        order.run(fh, 1, lambda: None)
+        order.forget(fh, for_good=True)
+    assert all(order.is_past(fh, 1) for fh in handles if fh != kept)
+    assert not order.is_past(kept, 1) and not order.is_past(base + 3000, 1)
+    assert len(order._gone) == 1499  # those above the open one
+    order.forget(kept, for_good=True)
+    assert order._gone == set() and all(order.is_past(fh, 5) for fh in handles)
+    order.wait_past(handles[7], 3)  # a released handle: nothing to wait for
+    order.forget("h", for_good=True)  # (not a posted number: kept by name)
+    assert order.is_past("h", 1)
+
+
 def test_a_missing_predecessor_times_out_with_eio():
     order = WriteOrder(timeout=0.2)
     with pytest.raises(OSError) as info:

@@ -509,7 +509,7 @@ def test_a_host_without_python3_gets_its_single_bundle_as_a_tar(lab, host, tmp_p
     assert copy_bundle("python", bare, items, base) is None
     assert ssh(lab, "h2", f"ls -A {base}/d").stdout == ""
     writer = sync._write_request(sync.Plan("h2", (), tuple(items)))
-    assert sync.upload_bundles(bare, "h2", items, request=writer) == [(items, None)]  # (not recorded)
+    assert sync.upload_bundles(bare, "h2", [items], request=writer) == [(items, None)]  # (not recorded)
     assert ssh(lab, "h2", f"cd {base}/d && cat a b && echo && stat -c %a a b && ls -A").stdout.split() == [
         "a" * 100 + "b" * 100, "644", "755", "a", "b"]
 

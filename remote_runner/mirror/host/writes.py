@@ -33,6 +33,8 @@ import stat
 import threading
 from typing import Any, Callable, Dict, List, Optional, Set, Tuple
 
+from .. import protocol as P
+
 #: Past this many bytes in flight on one handle, a write waits for the oldest.
 IN_FLIGHT_BYTES = 16 << 20
 #: (local) How long a write waits for its predecessors before giving up (EIO).
@@ -437,12 +439,16 @@ class WriteOrder:
         self._lock = threading.Lock()
         self._waiting: Dict[Any, List[Tuple[int, threading.Event]]] = {}
         #: Handles released for good (numbers never given again): every request of theirs ran.
+        #: The host numbers them upwards: those below :attr:`_gone_below` are all gone and
+        #: leave the set, which then holds only those released out of order (not one int
+        #: per file a long session ever wrote).
         self._gone: Set[Any] = set()
+        self._gone_below = P.POSTED_HANDLES[0]
 
     def _wait_for(self, handle: Any, number: int, what: str) -> None:
         """Wait until *handle*'s next number is at least *number*."""
         with self._lock:
-            if self._next.get(handle, 1) >= number or handle in self._gone:
+            if self._next.get(handle, 1) >= number or self._is_gone(handle):
                 return
             event = threading.Event()
             waiter = (number, event)
@@ -455,9 +461,12 @@ class WriteOrder:
                 waiters.remove(waiter)
                 if not waiters:
                     del self._waiting[handle]
-            if self._next.get(handle, 1) >= number or handle in self._gone:
+            if self._next.get(handle, 1) >= number or self._is_gone(handle):
                 return
         raise OSError(errno.EIO, what)
+
+    def _is_gone(self, handle: Any) -> bool:
+        return handle in self._gone or (P.posted_handle(handle) and handle < self._gone_below)
 
     def _reached(self, handle: Any, number: int) -> None:
         with self._lock:
@@ -494,7 +503,7 @@ class WriteOrder:
     def is_past(self, handle: Any, seq: Any) -> bool:
         """Whether request *seq* of *handle* has run."""
         return isinstance(seq, int) and not isinstance(seq, bool) and (
-            self._next.get(handle, 1) > seq or handle in self._gone)
+            self._next.get(handle, 1) > seq or self._is_gone(handle))
 
     def forget(self, handle: Any, for_good: bool = False) -> None:
         """*handle* was released; *for_good*: its number is never used again, and a request
@@ -503,6 +512,9 @@ class WriteOrder:
             self._next.pop(handle, None)
             if for_good:
                 self._gone.add(handle)
+                while self._gone_below in self._gone:  # (raised first: is_past reads unlocked)
+                    self._gone_below += 1
+                    self._gone.discard(self._gone_below - 1)
                 waiters = self._waiting.pop(handle, [])
             else:
                 waiters = []
