@@ -29,6 +29,7 @@ is gone, replaced atomically. A line cut short by a crash is skipped (the next
 save starts on a line of its own); a bucket that cannot be read or parsed counts
 as empty; one that cannot be written only costs the next run its hashing.
 """
+
 from __future__ import annotations
 
 import contextlib

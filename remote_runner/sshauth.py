@@ -4,16 +4,16 @@ Users expect the keys and agent that work for ``ssh`` to work here, in the same 
 ssh-agent keys (only those matching ``IdentityFile`` with ``IdentitiesOnly``), then the
 ``IdentityFile`` entries and the default key files (the password also unlocks an encrypted
 key, as SPAR's single ``-p`` did), then the password, also as keyboard-interactive. A failure
-names everything that was tried and what to change.
+names everything that was tried and what to change. :class:`Authentication` is mixed into
+:class:`remote_runner.ssh.Connection`, whose ``alias``, ``username``, ``hostname``, ``config``,
+``options`` and ``_flag`` it uses; keeping it here keeps the connection module about the
+connection.
 
 A key is offered in one round trip, not two: paramiko asks for the ``ssh-userauth``
 service and sends the signed request only once the server has said yes, which it always
 does, and OpenSSH's server reads the request that follows in the same flight as it would
 one sent later (see :class:`OneTripAuth`). Every connection thus costs one round trip
-less: 20 ms of a 10 ms-each-way link, and as much again per ProxyJump hop. :class:`Authentication` is mixed into
-:class:`remote_runner.ssh.Connection`, whose ``alias``, ``username``, ``hostname``, ``config``,
-``options`` and ``_flag`` it uses; keeping it here keeps the connection module about the
-connection.
+less: 20 ms of a 10 ms-each-way link, and as much again per ProxyJump hop.
 """
 
 from __future__ import annotations
@@ -68,8 +68,12 @@ class OneTripAuth(AuthHandler):
     def _may_send_early(self) -> bool:
         if self.auth_method != "publickey":
             return False
-        key_type, _ = self._get_key_type_and_bits(self.private_key)
-        return key_type not in _RSA_TYPES or bool(self.transport.server_extensions.get("server-sig-algs"))
+        try:  # (paramiko internals: another release may lack them, and then it waits)
+            key_type, _ = self._get_key_type_and_bits(self.private_key)
+            named = self.transport.server_extensions.get("server-sig-algs")
+        except AttributeError:
+            return False
+        return key_type not in _RSA_TYPES or bool(named)
 
     def _parse_service_accept(self, m: Message) -> None:
         if not self.sent_early:
@@ -82,7 +86,7 @@ def auth_publickey(transport: paramiko.Transport, username: str, key: paramiko.P
     Raises what paramiko raises (``AuthenticationException`` and its kin,
     ``SSHException`` without a session). Returns the handler, for its :attr:`~OneTripAuth.sent_early`.
     """
-    if not transport.is_active() or not transport.initial_kex_done:
+    if not transport.is_active() or not getattr(transport, "initial_kex_done", True):
         raise paramiko.SSHException("No existing session")
     done = threading.Event()
     handler = transport.auth_handler = OneTripAuth(transport)
