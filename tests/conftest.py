@@ -18,6 +18,24 @@ import pytest
 LAB_HOSTS = 3
 
 
+@pytest.fixture(scope="session", autouse=True)
+def own_cache_home(tmp_path_factory):
+    """Give the whole session a cache directory of its own (``$XDG_CACHE_HOME``).
+
+    The local hash cache, the hosts' manifests of ``localhost`` trees and the
+    mirror's caches live there: a test run must neither read what the
+    developer's own runs left (a result then depends on their history) nor
+    change it. Programs the tests start inherit it.
+    """
+    old = os.environ.get("XDG_CACHE_HOME")
+    os.environ["XDG_CACHE_HOME"] = str(tmp_path_factory.mktemp("xdg-cache"))
+    yield
+    if old is None:
+        os.environ.pop("XDG_CACHE_HOME", None)
+    else:
+        os.environ["XDG_CACHE_HOME"] = old
+
+
 def _lab_possible() -> str:
     """Return why the lab cannot run here, or '' when it can."""
     if os.geteuid() != 0:
