@@ -230,7 +230,8 @@ def _dead_session(lab, name):
     """Leave a dead session called *name* on h1: its screen killed, its socket left behind."""
     ssh(lab, "h1", f"screen -dmS {name} sleep 600")
     [dead] = poll(lambda: sessions_named(lab, "h1", name), "the session to be listed")
-    ssh(lab, "h1", f"kill -9 {dead.split('.')[0]}; pkill -f 'sleep 600' || true", check=False)
+    pid = dead.split(".")[0]  # the screen process and its window's, by pid
+    ssh(lab, "h1", f"kill -9 {pid} $(cat /proc/{pid}/task/{pid}/children)", check=False)
     poll(lambda: "Dead" in ssh(lab, "h1", "screen -ls", check=False).stdout, "the session to be dead")
     return dead
 
