@@ -73,16 +73,46 @@ _HEX40 = re.compile(r"[0-9a-f]{40}\Z")
 #: request on stdin (all of it, or exactly the byte count given as its argument,
 #: when stdin stays open afterwards) and printing one ``RR-MANIFEST {json}`` line.
 HOST_PROGRAM = r'''
-import errno, fcntl, json, os, re, stat, sys, time
+import errno, fcntl, os, stat, sys, time
 try:
     from _sha1 import sha1 as name_hash  # built in: no OpenSSL to load for a file name
 except ImportError:
     from hashlib import sha1 as name_hash
-HEX = re.compile(r"[0-9a-f]{40}\Z")
-TEMP = re.compile(r"\..*\.rr-.{8}\.tmp\Z")
-STAGE = re.compile(r"\.rr-stage-.{8}\Z")
+try:
+    # CPython's JSON scanner and encoder without the json package, which pulls in
+    # re and enum: ~8 ms of every host's CPU per run, for nothing used here.
+    import _json
+    def refuse(value):
+        raise ValueError("not JSON: %r" % (value,))
+    class JSONContext(object):
+        strict, object_hook, object_pairs_hook = True, None, None
+        parse_float, parse_int, parse_constant, memo = float, int, staticmethod(refuse), {}
+    scan = _json.make_scanner(JSONContext())
+    encoder = _json.make_encoder(None, refuse, _json.encode_basestring_ascii, None, ": ", ", ",
+                                 False, False, True)
+    def loads(text):
+        try:
+            value, end = scan(text, len(text) - len(text.lstrip(" \t\n\r")))
+        except StopIteration:
+            raise ValueError("no JSON value")
+        if text[end:].strip(" \t\n\r"):
+            raise ValueError("extra data after the JSON value")
+        return value
+    def dumps(value):
+        return "".join(encoder(value, 0))
+except Exception:
+    from json import loads, dumps
+HEXDIGITS = frozenset("0123456789abcdef")
+def is_hex(s):
+    return isinstance(s, str) and len(s) == 40 and HEXDIGITS.issuperset(s)
+def is_temp(n):
+    """.NAME.rr-XXXXXXXX.tmp, a staged file (see stage below)."""
+    return len(n) >= 17 and n[0] == "." and n.endswith(".tmp") and n[-16:-12] == ".rr-" and "\n" not in n
+def is_stage(n):
+    """.rr-stage-XXXXXXXX, a bundle's stage directory."""
+    return len(n) == 18 and n.startswith(".rr-stage-") and "\n" not in n
 size = int(sys.argv[1]) if len(sys.argv) > 1 else -1
-req = json.loads(sys.stdin.buffer.read(size).decode("utf-8", "surrogateescape"))
+req = loads(sys.stdin.buffer.read(size).decode("utf-8", "surrogateescape"))
 ahead = req.get("ahead") or []
 blob = sys.stdin.buffer.read(req.get("ahead_bytes", 0)) if ahead else b""
 def key(st):
@@ -154,7 +184,7 @@ if write:
                 receipts.append(None)
                 continue
             receipts.append(key(st) + [wrote[dest][4]] if as_written(dest, st) else None)
-        sys.stdout.write("RR-MANIFEST " + json.dumps({"files": [], "receipts": receipts}) + "\n")
+        sys.stdout.write("RR-MANIFEST " + dumps({"files": [], "receipts": receipts}) + "\n")
         sys.exit(0)
 home = os.environ.get("HOME") or os.path.expanduser("~")
 mdir = os.path.join(os.environ.get("XDG_CACHE_HOME") or os.path.join(home, ".cache"),
@@ -166,12 +196,12 @@ def mpath(tree):
 def load(tree):
     try:
         with open(mpath(tree)) as f:
-            doc = json.load(f)
+            doc = loads(f.read())
         entries = doc["entries"] if doc["tree"] == tree else {}
         good = {}
         for p, e in entries.items():
             if (isinstance(p, str) and isinstance(e, list) and len(e) == 6 and
-                    all(type(x) is int for x in e[:5]) and isinstance(e[5], str) and HEX.match(e[5])):
+                    all(type(x) is int for x in e[:5]) and is_hex(e[5])):
                 good[p] = e
         return good
     except Exception:
@@ -221,7 +251,7 @@ def save(tree, new):
                 kept[p] = e
         tmp = "%s.%d.tmp" % (path, os.getpid())
         with os.fdopen(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "w") as f:
-            f.write(json.dumps({"version": 1, "tree": tree, "entries": kept}))  # (C, not a streamed dump)
+            f.write(dumps({"version": 1, "tree": tree, "entries": kept}))  # (C, not a streamed dump)
         os.rename(tmp, path)
         return True
     except OSError:
@@ -240,7 +270,7 @@ for d, mode in req.get("dirs", []):
     except OSError as e:
         if not os.path.isdir(d):
             out["error"] = "could not create directory %s: %s" % (d, e.strerror)
-            sys.stdout.write("RR-MANIFEST " + json.dumps(out) + "\n")
+            sys.stdout.write("RR-MANIFEST " + dumps(out) + "\n")
             sys.exit(0)
 known = {}
 fresh = {}
@@ -248,7 +278,7 @@ for f in req["files"]:
     dest, size, mode, t = f[:4]
     got = f[4] if len(f) > 4 else None
     if not (isinstance(got, list) and len(got) == 6 and all(type(x) is int for x in got[:5])
-            and isinstance(got[5], str) and HEX.match(got[5])):
+            and is_hex(got[5])):
         got = None
     try:
         st = os.lstat(dest)
@@ -330,7 +360,7 @@ if req.get("prepare"):
         except OSError:
             continue
         for n in names:
-            temp, stage = TEMP.match(n), STAGE.match(n)
+            temp, stage = is_temp(n), is_stage(n)
             if not (temp or stage):
                 continue  # (most names: no lstat)
             p = os.path.join(d, n)
@@ -357,7 +387,7 @@ if req.get("prepare"):
     out["tar"] = any(os.access(os.path.join(b, "tar"), os.X_OK) and
                      os.path.isfile(os.path.join(b, "tar"))
                      for b in (os.environ.get("PATH") or os.defpath).split(os.pathsep) if b)
-sys.stdout.write("RR-MANIFEST " + json.dumps(out) + "\n")
+sys.stdout.write("RR-MANIFEST " + dumps(out) + "\n")
 '''
 
 

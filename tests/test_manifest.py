@@ -17,6 +17,7 @@ or counts as empty (unit tests at the top, no hosts needed).
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -341,6 +342,46 @@ def test_the_host_program_names_its_manifest_by_sha1_and_finds_tar_on_path(tmp_p
         assert answer is not None and answer.has_tar is (name == "with"), out
     expected = hashlib.sha1(f"{os.uname()[1]}\0{tree_dir}".encode()).hexdigest() + ".json"
     assert [p.name for p in (tmp_path / "cache" / "remote-runner" / "manifests").glob("*.json")] == [expected]
+
+
+def test_the_host_program_imports_no_json_package_and_answers_alike_without_its_scanner(tmp_path):
+    """Every host pays the program's imports on every run: ``json`` alone (with the re and enum
+    it pulls in) was half of a warm check's CPU. The program uses CPython's scanner and encoder
+    directly, and the json package only where they are missing, with the same answer."""
+    tree = tmp_path / "tree"
+    tree.mkdir()
+    odd = os.fsencode(str(tree)) + b"/caf\xc3\xa9 \xff \"quoted\"\n"
+    with open(odd, "wb") as handle:
+        handle.write(b"data")
+    (tree / "gone").mkdir()
+    (tree / ".x.rr-ab12cd34.tmp").write_bytes(b"stale")
+    os.utime(tree / ".x.rr-ab12cd34.tmp", (0, 0))
+    names = [os.fsdecode(odd), str(tree / "missing"), str(tree / "gone")]
+    request = json.dumps({"trees": [str(tree)], "files": [[n, 4, 0o644, 0] for n in names],
+                          "prepare": True, "stale": 60, "dirs": []}).encode("utf-8", "surrogateescape")
+    env = {"HOME": str(tmp_path), "XDG_CACHE_HOME": str(tmp_path / "cache"), "PATH": "/usr/bin:/bin"}
+    answers = []
+    for prelude in ("", "import sys; sys.modules['_json'] = None\n"):  # then: no _json here
+        done = subprocess.run([sys.executable, "-I", "-S", "-X", "importtime", "-c",
+                               prelude + manifest.HOST_PROGRAM], input=request, capture_output=True, env=env)
+        assert done.returncode == 0, done.stderr
+        imported = {line.split("|")[-1].strip() for line in done.stderr.decode().splitlines()
+                    if line.startswith("import time:")}
+        if prelude:
+            assert "json" in imported, sorted(imported)
+        else:
+            assert not imported & {"json", "re", "enum"}, sorted(imported)
+        answer = manifest.parse_answer(done.stdout.decode().splitlines(), 3)
+        assert answer is not None and answer.saved, done.stdout
+        answers.append(answer)
+    first, second = answers
+    assert first.files[0] is not None and first.files[0].sha1 == hashlib.sha1(b"data").hexdigest()
+    assert first.files[1:] == [None, None] and (first.hashed, first.trusted) == (1, 0)
+    assert not (tree / ".x.rr-ab12cd34.tmp").exists()  # swept as stale
+    saved = [json.loads(p.read_text()) for p in (tmp_path / "cache").rglob("*.json")]
+    assert [list(doc["entries"]) for doc in saved] == [[os.fsdecode(odd)]]
+    # The fallback reads the manifest the first run wrote and trusts its entry.
+    assert second.files == first.files and (second.hashed, second.trusted) == (0, 1)
 
 
 def test_a_file_read_whole_is_remembered_only_if_it_did_not_change_meanwhile(tmp_path):
