@@ -193,6 +193,40 @@ def test_bundle_is_deterministic_and_complete():
     assert bundle.filename in line and NEED_MARKER.decode().strip() in line
 
 
+def test_a_built_bundle_is_kept_and_built_again_when_a_source_changes_or_it_is_damaged(tmp_path, monkeypatch):
+    """Each exec reads the bundle its sources last made instead of deflating them again; a
+    source changed in any way, or a kept copy whose bytes no longer match its name, makes a
+    new one (always the bytes a fresh build gives)."""
+    from remote_runner.mirror import bundle as B
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    build_bundle.cache_clear()
+    fresh = build_bundle()
+    kept = sorted(os.listdir(B.built_dir()))
+    assert kept == [f"{kept[0][:32]}-{fresh.sha256}.pyz"]
+    built = []
+    real_entries = B._entries
+    monkeypatch.setattr(B, "_entries", lambda sources: built.append(1) or real_entries(sources))
+    build_bundle.cache_clear()
+    assert build_bundle() == fresh and built == []  # read back, nothing deflated
+    path = os.path.join(B.built_dir(), kept[0])
+    with open(path, "r+b") as handle:
+        handle.seek(100)
+        handle.write(b"\0damaged\0")
+    build_bundle.cache_clear()
+    assert build_bundle() == fresh and built == [1]  # damaged: built again, the same bytes
+    # A source that changes (here: only its ctime, as any edit moves it) names another build.
+    sources = B._sources()
+    monkeypatch.setattr(B, "_sources", lambda: sources[:-1] + [(sources[-1][0], tmp_path / "mfusepy.py")])
+    (tmp_path / "mfusepy.py").write_bytes(sources[-1][1].read_bytes())
+    build_bundle.cache_clear()
+    assert build_bundle() == fresh and built == [1, 1]
+    assert len(os.listdir(B.built_dir())) == 2
+    os.utime(tmp_path / "mfusepy.py")
+    build_bundle.cache_clear()
+    assert build_bundle() == fresh and built == [1, 1, 1]
+    build_bundle.cache_clear()
+
+
 def _old_python():
     for version in ("3.8", "3.9"):
         for candidate in Path("/root/.pyenv/versions").glob(f"{version}.*/bin/python{version}"):

@@ -12,6 +12,15 @@ it atomically (temp file + rename) and starts it.
 mfusepy declares Python >= 3.9 but only needs postponed annotations (and its
 three module-level type aliases quoted) to import on 3.8; the bundled copy
 gets exactly that rewrite, checked by a test that imports it with Python 3.8.
+
+Every ``exec`` needs the bundle's bytes and hash, and deflating ~390 KB of
+sources took ~15 ms of this machine's CPU before the connection could be
+used. So this machine keeps the last few bundles it built, in
+``$XDG_CACHE_HOME/remote-runner/agents/`` (``~/.cache/...``), named by the
+full stat of every source that went in (this module among them) and by
+their own sha256: a source changed in any way (ctime moves with any
+change) names another file, and one whose bytes no longer hash to its name
+is built again. Reading one back costs well under a millisecond.
 """
 
 from __future__ import annotations
@@ -19,13 +28,13 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import io
+import os
 import re
 import shlex
-import zipfile
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
-from typing import List
+from typing import List, Optional, Tuple
 
 from remote_runner.errors import MirrorError
 from remote_runner.shell import PYTHON_FLAGS
@@ -175,11 +184,15 @@ class AgentBundle:
         return [python, *PYTHON_FLAGS.split(), "-c", BOOT, path, self.sha256, *args]
 
 
-def _mfusepy_source() -> bytes:
+def _mfusepy_path() -> Path:
     spec = importlib.util.find_spec("mfusepy")
     if spec is None or not spec.origin:
         raise MirrorError("mfusepy is not installed locally; the mirror agent needs it (pip install mfusepy)")
-    source = Path(spec.origin).read_bytes()
+    return Path(spec.origin)
+
+
+def _mfusepy_source(path: Path) -> bytes:
+    source = path.read_bytes()
     # PEP 585 generics (tuple[...], dict[...]) in module-level aliases fail on 3.8.
     source = _ALIAS.sub(lambda m: m.group(1) + b" = " + repr(m.group(2).decode()).encode(), source)
     if b"from __future__ import annotations" not in source:
@@ -187,28 +200,103 @@ def _mfusepy_source() -> bytes:
     return source
 
 
-def _entries() -> List[tuple]:
+#: Built bundles this machine keeps (the newest; one per checkout or version in use).
+KEEP_BUILT = 4
+
+
+def _sources() -> List[Tuple[str, Path]]:
+    """(name in the zipapp, local file) of every source packed, in the zipapp's order."""
+    return [
+        ("rrmirror/protocol.py", _HERE / "protocol.py"),
+        ("rrmirror/agent.py", _HERE / "agent.py"),
+        ("rrmirror/hardlinks.py", _HERE / "hardlinks.py"),
+        *(("rrmirror/host/" + part.name, part) for part in sorted((_HERE / "host").glob("*.py"))),
+        ("mfusepy.py", _mfusepy_path()),
+    ]
+
+
+def _entries(sources: List[Tuple[str, Path]]) -> List[tuple]:
     return [
         ("__main__.py", MAIN.encode()),
         ("rrmirror/__init__.py", b""),
-        ("rrmirror/protocol.py", (_HERE / "protocol.py").read_bytes()),
-        ("rrmirror/agent.py", (_HERE / "agent.py").read_bytes()),
-        ("rrmirror/hardlinks.py", (_HERE / "hardlinks.py").read_bytes()),
-        *(("rrmirror/host/" + part.name, part.read_bytes())
-          for part in sorted((_HERE / "host").glob("*.py"))),
-        ("mfusepy.py", _mfusepy_source()),
+        *((name, _mfusepy_source(path) if name == "mfusepy.py" else path.read_bytes())
+          for name, path in sources),
     ]
+
+
+def built_dir() -> str:
+    """Where this machine keeps the bundles it built (see the module's docstring)."""
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return os.path.join(base, "remote-runner", "agents")
+
+
+def _sources_key(sources: List[Tuple[str, Path]]) -> str:
+    """A name for this exact set of source files (and of this module, which packs them)."""
+    stats = []
+    for name, path in [("", Path(__file__))] + sources:
+        st = os.stat(path)
+        stats.append((name, str(path), st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino, st.st_dev))
+    return hashlib.sha256(repr(stats).encode("utf-8", "surrogateescape")).hexdigest()[:32]
+
+
+def _read_built(folder: str, key: str) -> Optional[AgentBundle]:
+    """The bundle built earlier from the sources named *key*, if it is still whole."""
+    try:
+        names = [n for n in os.listdir(folder) if n.startswith(key + "-") and n.endswith(".pyz")]
+    except OSError:
+        return None
+    for name in names:
+        try:
+            with open(os.path.join(folder, name), "rb") as handle:
+                data = handle.read()
+        except OSError:
+            continue
+        digest = hashlib.sha256(data).hexdigest()
+        if name == f"{key}-{digest}.pyz":
+            return AgentBundle(data=data, sha256=digest)
+    return None
+
+
+def _keep_built(folder: str, key: str, bundle: AgentBundle) -> None:
+    """Keep *bundle* for later processes (atomically), dropping all but the newest few."""
+    try:
+        os.makedirs(folder, mode=0o700, exist_ok=True)
+        final = os.path.join(folder, f"{key}-{bundle.sha256}.pyz")
+        temp = f"{final}.{os.getpid()}.tmp"
+        with open(temp, "wb") as handle:
+            handle.write(bundle.data)
+        os.replace(temp, final)
+        kept = sorted((e for e in os.scandir(folder) if e.name.endswith(".pyz")),
+                      key=lambda e: e.stat().st_mtime_ns, reverse=True)
+        for entry in kept[KEEP_BUILT:]:
+            os.unlink(entry.path)
+    except OSError:
+        pass  # a cache only: the next process builds the bundle again
 
 
 @lru_cache(maxsize=1)
 def build_bundle() -> AgentBundle:
-    """Build the agent zipapp (deterministic bytes, so the hash is stable)."""
+    """The agent zipapp (deterministic bytes, so the hash is stable), built once per version."""
+    sources = _sources()
+    folder = built_dir()
+    try:
+        key: Optional[str] = _sources_key(sources)
+    except OSError:
+        key = None
+    if key is not None:
+        found = _read_built(folder, key)
+        if found is not None:
+            return found
+    import zipfile  # (only when building)
     buf = io.BytesIO()
     with zipfile.ZipFile(buf, "w", compression=zipfile.ZIP_DEFLATED) as zf:
-        for name, data in _entries():
+        for name, data in _entries(sources):
             info = zipfile.ZipInfo(name, date_time=(2020, 1, 1, 0, 0, 0))
             info.external_attr = 0o644 << 16
             info.compress_type = zipfile.ZIP_DEFLATED
             zf.writestr(info, data)
     data = buf.getvalue()
-    return AgentBundle(data=data, sha256=hashlib.sha256(data).hexdigest())
+    bundle = AgentBundle(data=data, sha256=hashlib.sha256(data).hexdigest())
+    if key is not None:
+        _keep_built(folder, key, bundle)
+    return bundle
