@@ -497,3 +497,39 @@ def test_a_tree_that_goes_away_is_forgotten_whole_and_nothing_beside_it(tmp_path
     assert [watcher.watched(d + rel) for rel in (b"", b"/ab", b"/ab/c")] == [True] * 3
     (tmp_path / "a" / "b").mkdir(parents=True)   # made again: watched anew when asked
     assert watcher.watch(d + b"/a/b") and watcher.watched(d + b"/a/b")
+
+
+def test_a_file_written_while_the_command_runs_is_fresh_one_written_just_before_is_recent(tmp_path):
+    """Only a regular file written in the last seconds is read past the host kernel's cache:
+    always when written since the session began, where the host can still map it shared when
+    written just before (see host/state.py, MountState.opened)."""
+    from remote_runner.mirror.sharing import SETTLED_SECONDS, freshness
+    path = tmp_path / "f"
+    path.write_bytes(b"x")
+    now = time.time()
+    assert freshness(os.stat(path), now - 10) == {"fresh": 1}
+    assert freshness(os.stat(path), now + 10) == {"recent": 1}
+    os.utime(path, (now - SETTLED_SECONDS - 1, now - SETTLED_SECONDS - 1))
+    assert freshness(os.stat(path), now - 10) == {}
+    assert freshness(os.stat(tmp_path), now - 10) == {}  # a directory: never
+
+
+def test_an_uncached_handles_kept_bytes_serve_only_reads_inside_them_while_the_name_is_unchanged():
+    from remote_runner.mirror.host.state import ReadBuffers
+    changed = set()
+    buffers = ReadBuffers()
+    buffers.put(7, 4096, b"a" * 100 + b"b" * 100, since=1)
+
+    def since(name, stamp):
+        return name in changed
+
+    assert buffers.get(7, 4096, 100, "/f", since) == b"a" * 100
+    assert buffers.get(7, 4196, 100, "/f", since) == b"b" * 100
+    assert buffers.get(7, 4196, 101, "/f", since) is None   # past what was kept (the end, perhaps)
+    assert buffers.get(7, 4095, 10, "/f", since) is None    # before it
+    assert buffers.get(8, 4096, 10, "/f", since) is None    # another handle
+    changed.add("/f")
+    assert buffers.get(7, 4096, 10, "/f", since) is None    # the name changed since the read
+    buffers.drop(7)
+    changed.clear()
+    assert buffers.get(7, 4096, 10, "/f", since) is None

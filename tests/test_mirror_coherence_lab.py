@@ -8,11 +8,13 @@ went down the same channel first). Request counts come from ``--debug-rpc``.
 
 from __future__ import annotations
 
+import ast
 import json
 import os
 import subprocess
 import sys
 import textwrap
+import time
 from pathlib import Path
 
 import pytest
@@ -239,6 +241,81 @@ def test_a_racing_writer_and_reader_never_see_stale_data(lab, local_only, workdi
     out, err = proc.communicate(timeout=EXEC_TIMEOUT)
     assert proc.returncode == 0, err.decode()
     assert out.startswith(b"GOOD"), out.decode() + err.decode()[-2000:]
+
+
+def test_a_file_replaced_here_is_read_whole_never_mixed_with_the_one_it_replaced(lab, local_only, workdir):
+    """A file replaced here by rename (an editor's save, a config reload) while the host reads
+    it: each read returns one of the versions whole, as it does locally, never the new bytes
+    cut or padded with zeros to the old version's size (the host's kernel kept that size
+    while the replacement's invalidation was still on its way)."""
+    target = local_only / "swapped"
+    versions = [b"A" * 10, b"B" * 20, b"C" * 4096 + b"c", b"D" * 3]
+    target.write_bytes(versions[0])
+    code = textwrap.dedent(f"""
+        import sys, time
+        versions = {versions!r}
+        seen, bad = set(), []
+        end = time.time() + 4
+        while time.time() < end:
+            with open({str(target)!r}, "rb") as f:
+                data = f.read()
+            if data in versions:
+                seen.add(data[:1])
+            elif len(bad) < 5:
+                bad.append(data[:12] + b"..." + data[-12:] + b" (%d bytes)" % len(data))
+            else:
+                bad.append(b"")
+        print(repr((sorted(seen), len(bad), bad[:5])), flush=True)
+    """)
+    proc = subprocess.Popen([sys.executable, "-m", "remote_runner", "exec", "-F", lab.ssh_config, "h3",
+                             "/usr/bin/python3", "-c", code], cwd=str(workdir),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    tmp = local_only / "swapped.tmp"
+    n = 0
+    while proc.poll() is None:
+        n += 1
+        tmp.write_bytes(versions[n % len(versions)])
+        os.rename(tmp, target)
+        time.sleep(0.002)
+    out, err = proc.communicate(timeout=EXEC_TIMEOUT)
+    assert proc.returncode == 0, err.decode()
+    seen, bad, examples = ast.literal_eval(out.decode())
+    assert bad == 0, examples
+    assert len(seen) >= 2, out  # the replacements did reach the host
+
+
+def test_a_file_written_while_the_command_runs_is_read_ahead_and_can_be_mapped_privately(
+        lab, local_only, workdir, tmp_path):
+    """Read without the kernel's cache, a file written here while the command runs still costs
+    one request per 128 KiB, not one per 4 KiB read, and a program can still map it privately
+    (as the loader maps a library just built)."""
+    import hashlib
+    target = local_only / "fresh.bin"
+    data = os.urandom(1 << 20)
+    code = textwrap.dedent(f"""
+        import hashlib, mmap, sys
+        print("ready", flush=True)
+        sys.stdin.readline()  # the file is written now
+        with open({str(target)!r}, "rb") as f:
+            chunks = iter(lambda: f.read(4096), b"")
+            read = hashlib.sha1(b"".join(chunks)).hexdigest()
+        with open({str(target)!r}, "rb") as f:
+            mapped = hashlib.sha1(mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)[:]).hexdigest()
+        print(read, mapped, flush=True)
+    """)
+    stats = tmp_path / "stats.json"
+    proc = subprocess.Popen([sys.executable, "-m", "remote_runner", "exec", "-F", lab.ssh_config,
+                             "--stats", str(stats), "h3", "/usr/bin/python3", "-c", code], cwd=str(workdir),
+                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    assert proc.stdout.readline() == b"ready\n", proc.stderr.read().decode()
+    target.write_bytes(data)
+    out, err = proc.communicate(b"go\n", timeout=EXEC_TIMEOUT)
+    assert proc.returncode == 0, err.decode()
+    assert out.decode().split() == [hashlib.sha1(data).hexdigest()] * 2
+    host = json.loads(stats.read_text())["host"]
+    reads = host["asked"].get("read", 0)
+    assert 8 <= reads <= 24, host  # 1 MiB by 128 KiB (the mapping's pages may ask again)
+    assert host["answered_on_host"].get("read", 0) >= 200, host  # the 4 KiB reads: past the page cache
 
 
 @pytest.fixture

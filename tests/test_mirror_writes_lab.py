@@ -597,8 +597,9 @@ def test_reopening_a_file_made_in_the_session_to_empty_it_waits_for_no_reply(lab
                                                                               tmp_path):
     """The gcc pattern: each O_TRUNC reopen of the temporary file it just made is not waited for,
     and the local disk ends as after a local run."""
-    # As above: the interpreter's own files first, so that the opens counted are the program's.
-    assert rr_exec(lab, "h2", ["/usr/bin/python3", "-c", "pass"], workdir).returncode == 0
+    # As above: the interpreter's own files first (with the modules the program imports), so
+    # that the opens counted are the program's.
+    assert rr_exec(lab, "h2", ["/usr/bin/python3", "-c", "import tempfile"], workdir).returncode == 0
     local, proc, counts = run_here_and_there(lab, local_only, workdir, tmp_path, "h2", REOPENING)
     assert local.stdout.decode().startswith("(7, '0o100600') (160, '0o100600') ['kept00.s', 'kept02.s']")
     assert proc.stdout == local.stdout

@@ -21,6 +21,7 @@ from remote_runner.mirror import elf
 from remote_runner.mirror import protocol as P
 from remote_runner.mirror.linuxcalls import fallocate
 from remote_runner.mirror.replies import OpError, Reply
+from remote_runner.mirror.sharing import freshness
 
 
 class OpenFiles:
@@ -87,6 +88,8 @@ class OpenFiles:
         if flags & os.O_TRUNC and changes:
             # emptied: its attributes, so the host can follow its size as it writes
             return Reply({"fh": handle, "st": P.stat_to_wire(os.fstat(fd))})
+        if not changes:  # (a file just written is read past the host kernel's cache)
+            return Reply({"fh": handle, **freshness(os.fstat(fd), self.started)})
         return Reply({"fh": handle})
 
     def op_create(self, a: Dict[str, Any], _: bytes) -> Reply:

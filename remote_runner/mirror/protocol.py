@@ -34,7 +34,9 @@ round trip per file instead of one per read. When that file is a dynamically
 linked program, the reply also carries ``libs`` (shaped like a ``validate``
 reply: names, answers, whole files; ``dirs``: directories answered whole): the
 libraries the loader will open next and what the C library and an interpreter
-read at start, which the agent keeps and fetches at once. Large replies may also come over
+read at start, which the agent keeps and fetches at once. A read-only ``open`` of a file
+changed in the last seconds says ``fresh``: the host reads that handle without its kernel's
+page cache (see :mod:`.host.fusebinding`). Large replies may also come over
 extra channels ("lanes", :mod:`.host.lanes`), past one channel's window. A session starts with one
 ``boot`` frame holding everything the command needs (argv, cwd, env, umask,
 tty mode, window size, the file-cache origin).

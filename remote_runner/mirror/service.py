@@ -83,6 +83,8 @@ class LocalFileService(OpenFiles, SendAhead, DirectoryAnswers, OwnChanges):
                           | {d for d in ({os.path.dirname(e.path) for e in self.exports.exports}
                                          | self.exports.ancestors) if self.exports.find(d) is None})
         self.writeback = writeback
+        #: When this session began: a file written since is one its command may see change.
+        self.started = time.time()
         #: Which directories every local user may search (whole-file copies need it).
         self.public = PublicDirs()
         #: What this session looked up and sent whole (wire names, in order), for its profile.

@@ -34,6 +34,23 @@ def sendable_whole(st: os.stat_result) -> bool:
             and time.time() - st.st_mtime >= SETTLED_SECONDS)
 
 
+def freshness(st: os.stat_result, session_start: float) -> Dict[str, int]:
+    """What a read-only open's reply says of a regular file written too recently to be settled.
+
+    Read on the host, such a file may be replaced here while a handle reads
+    it (an editor's save, a build's output, a config rewritten by rename).
+    The host's kernel keeps one size per name, so its reads of the handle
+    must not be cut at, or padded up to, a newer version's size: the host
+    reads it without the kernel's page cache (see :mod:`.host.fusebinding`).
+    ``fresh``: written since the session began, while its command runs;
+    ``recent``: written just before (a pipeline's previous step), which the
+    host reads that way only where it can still map it shared.
+    """
+    if not stat.S_ISREG(st.st_mode) or time.time() - st.st_mtime >= SETTLED_SECONDS:
+        return {}
+    return {"fresh": 1} if st.st_mtime >= session_start else {"recent": 1}
+
+
 def whole_meta(st: os.stat_result) -> List[int]:
     """What a host's whole copy of a file is checked against: [size, mtime_ns, ino, ctime_ns].
 

@@ -29,6 +29,8 @@ LOG = logging.getLogger("remote_runner.mirror.agent")
 LOCAL_FH_BASE = 1 << 48
 #: libfuse 3's FUSE_CAP_CACHE_SYMLINKS (fuse_common.h).
 FUSE_CAP_CACHE_SYMLINKS = 1 << 23
+#: libfuse >= 3.16's FUSE_CAP_DIRECT_IO_ALLOW_MMAP: a ``direct_io`` file may be mapped shared.
+FUSE_CAP_DIRECT_IO_ALLOW_MMAP = 1 << 28
 #: Default size limit of the host's file cache (``boot`` may set another).
 FILE_CACHE_LIMIT = 2 << 30
 #: At most this many bytes are fetched ahead at a session's start.

@@ -56,7 +56,8 @@ class ContentOperations:
         if fh is not None:  # not waited for (see MountState.post_emptying)
             return fh
         header = m.call("open", {"path": name, "flags": flags})[0]
-        fh = int(header["fh"])
+        fh = m.opened(int(header["fh"]), header)
+        m.settle_kernel()
         st = header.get("st")
         if flags & os.O_TRUNC and isinstance(st, dict) and st.get("st_size") == 0:
             # emptied: like a file just made (its size and times follow its writes)
@@ -107,6 +108,8 @@ class ContentOperations:
                 m.link.answer_here("read")
                 return known
         m.drain(fh)  # reading back what was just written
+        if fh in m.uncached:
+            return m.read_ahead(path, fh, size, offset)
         return m.read_through(path, fh, size, offset)
 
     def write(self, path: str, data: bytes, offset: int, fh: int) -> int:
@@ -185,6 +188,8 @@ class ContentOperations:
 
     def release(self, path: str, fh: int) -> int:
         m = self.m
+        if m.uncached.pop(fh, 0) is None:
+            m.read_buffers.drop(fh)
         if fh >= LOCAL_FH_BASE:
             m.files.release(fh)
             m.link.answer_here("release")

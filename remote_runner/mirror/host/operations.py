@@ -22,7 +22,7 @@ from typing import Any, Dict, List, Optional, Tuple
 
 from .. import protocol as P
 from ..hardlinks import path_invalidator
-from .caches import FUSE_CAP_CACHE_SYMLINKS, LOCAL_FH_BASE, FileCache, copy_key, fetch_ahead
+from .caches import FUSE_CAP_CACHE_SYMLINKS, FUSE_CAP_DIRECT_IO_ALLOW_MMAP, LOCAL_FH_BASE, FileCache, copy_key, fetch_ahead
 from .fusebinding import fuse_class, pin_once
 from .link import Link
 from .answers import absorb_lookup, split_file, subdirectory_answers
@@ -68,6 +68,11 @@ class NameOperations:
         if conn is not None and getattr(self.fuse, "fuse_version_major", 2) == 3:
             if conn.capable & FUSE_CAP_CACHE_SYMLINKS:
                 conn.want |= FUSE_CAP_CACHE_SYMLINKS
+            # (libfuse >= 3.16, Linux >= 6.6) a fresh file, read without the page cache, can
+            # still be mapped shared (see fusebinding); before, only privately.
+            if conn.capable & FUSE_CAP_DIRECT_IO_ALLOW_MMAP:
+                conn.want |= FUSE_CAP_DIRECT_IO_ALLOW_MMAP
+                m.shared_maps_uncached = True
         kernel = path_invalidator()
 
         def invalidate(name: str) -> Any:
