@@ -514,22 +514,27 @@ def test_a_file_written_while_the_command_runs_is_fresh_one_written_just_before_
     assert freshness(os.stat(tmp_path), now - 10) == {}  # a directory: never
 
 
-def test_an_uncached_handles_kept_bytes_serve_only_reads_inside_them_while_the_name_is_unchanged():
-    from remote_runner.mirror.host.state import ReadBuffers
+def test_a_fresh_handles_kept_bytes_serve_only_reads_inside_them_while_the_name_is_unchanged():
+    from remote_runner.mirror.host.fresh import FreshFiles
+    fresh = FreshFiles()
+    assert fresh.opened(7, {"fresh": 1}) == 7 and 7 in fresh
+    assert fresh.opened(8, {"recent": 1}) == 8 and 8 not in fresh  # (mapped shared: page cache)
+    fresh.shared_maps = True
+    assert fresh.opened(9, {"recent": 1}) == 9 and 9 in fresh
+    assert fresh.opened(10, {}) == 10 and 10 not in fresh
     changed = set()
-    buffers = ReadBuffers()
-    buffers.put(7, 4096, b"a" * 100 + b"b" * 100, since=1)
+    fresh.keep(7, 4096, b"a" * 100 + b"b" * 100, since=1)
 
     def since(name, stamp):
         return name in changed
 
-    assert buffers.get(7, 4096, 100, "/f", since) == b"a" * 100
-    assert buffers.get(7, 4196, 100, "/f", since) == b"b" * 100
-    assert buffers.get(7, 4196, 101, "/f", since) is None   # past what was kept (the end, perhaps)
-    assert buffers.get(7, 4095, 10, "/f", since) is None    # before it
-    assert buffers.get(8, 4096, 10, "/f", since) is None    # another handle
+    assert fresh.kept(7, 4096, 100, "/f", since) == b"a" * 100
+    assert fresh.kept(7, 4196, 100, "/f", since) == b"b" * 100
+    assert fresh.kept(7, 4196, 101, "/f", since) is None   # past what was kept (the end, perhaps)
+    assert fresh.kept(7, 4095, 10, "/f", since) is None    # before it
+    assert fresh.kept(9, 4096, 10, "/f", since) is None    # another handle
     changed.add("/f")
-    assert buffers.get(7, 4096, 10, "/f", since) is None    # the name changed since the read
-    buffers.drop(7)
+    assert fresh.kept(7, 4096, 10, "/f", since) is None    # the name changed since the read
     changed.clear()
-    assert buffers.get(7, 4096, 10, "/f", since) is None
+    fresh.released(7)
+    assert 7 not in fresh and fresh.kept(7, 4096, 10, "/f", since) is None

@@ -56,7 +56,7 @@ class ContentOperations:
         if fh is not None:  # not waited for (see MountState.post_emptying)
             return fh
         header = m.call("open", {"path": name, "flags": flags})[0]
-        fh = m.opened(int(header["fh"]), header)
+        fh = m.fresh.opened(int(header["fh"]), header)
         m.settle_kernel()
         st = header.get("st")
         if flags & os.O_TRUNC and isinstance(st, dict) and st.get("st_size") == 0:
@@ -108,8 +108,8 @@ class ContentOperations:
                 m.link.answer_here("read")
                 return known
         m.drain(fh)  # reading back what was just written
-        if fh in m.uncached:
-            return m.read_ahead(path, fh, size, offset)
+        if fh in m.fresh:
+            return m.read_fresh(path, fh, size, offset)
         return m.read_through(path, fh, size, offset)
 
     def write(self, path: str, data: bytes, offset: int, fh: int) -> int:
@@ -188,8 +188,7 @@ class ContentOperations:
 
     def release(self, path: str, fh: int) -> int:
         m = self.m
-        if m.uncached.pop(fh, 0) is None:
-            m.read_buffers.drop(fh)
+        m.fresh.released(fh)
         if fh >= LOCAL_FH_BASE:
             m.files.release(fh)
             m.link.answer_here("release")

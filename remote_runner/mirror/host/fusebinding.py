@@ -44,13 +44,11 @@ def fuse_class(mfusepy: Any, state: "MountState") -> Any:
         open of the name, or a copy of another version, lets the kernel drop
         them as before; a change here drops them anyway (invalidation).
 
-        A handle of a file this machine calls ``fresh`` (changed or put in
-        place in the last seconds, see :meth:`MountState.opened`) is read
-        with ``direct_io``: each read asks this process, and the kernel
-        neither cuts it at nor pads it with zeros up to the size it holds for
-        the name, which may be a newer version's. Such a handle can be mapped
-        privately (programs, libraries) but not shared, as on any ``direct_io``
-        file without libfuse 3.16's ``FUSE_DIRECT_IO_ALLOW_MMAP``.
+        A handle of a file this machine calls ``fresh`` (written while the
+        command runs, see :mod:`.fresh`) is read with ``direct_io``: each read
+        asks this process, and the kernel neither cuts it at nor pads it with
+        zeros up to the size it holds for the name, which may be a newer
+        version's.
 
         A read through the host's copy (``read_buf``) hands libfuse the copy's
         descriptor and offset instead of the bytes: libfuse reads them itself,
@@ -101,7 +99,7 @@ def fuse_class(mfusepy: Any, state: "MountState") -> Any:
             copy = state.files.handles.get(info.fh) if state.files is not None and info.fh >= LOCAL_FH_BASE else None
             if hasattr(info, "noflush") and (copy is not None or info.fh in state.reading):
                 info.noflush = 1
-            if info.fh in state.uncached:  # a fresh file (see MountState.opened)
+            if info.fh in state.fresh:  # a file written here while the command runs (fresh.py)
                 info.direct_io = 1
                 copy = None  # (its pages are not kept either)
             if copy is None:

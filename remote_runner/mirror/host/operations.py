@@ -72,7 +72,7 @@ class NameOperations:
             # still be mapped shared (see fusebinding); before, only privately.
             if conn.capable & FUSE_CAP_DIRECT_IO_ALLOW_MMAP:
                 conn.want |= FUSE_CAP_DIRECT_IO_ALLOW_MMAP
-                m.shared_maps_uncached = True
+                m.fresh.shared_maps = True
         kernel = path_invalidator()
 
         def invalidate(name: str) -> Any:

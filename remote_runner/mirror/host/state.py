@@ -28,6 +28,7 @@ from .. import protocol as P
 from ..hardlinks import LinkNames
 from .basis import discard, stage
 from .caches import LOCAL_FH_BASE, FileCache, copy_key, fetch_ahead, fetch_rest
+from .fresh import READ_AHEAD, FreshFiles
 from .link import Link
 from .kernel import KernelDrops
 from .names import NameCache, parent as parent_of
@@ -44,8 +45,6 @@ LEARNED_OPS = frozenset(("mkdir", "symlink", "mknod", "link", "create", "unlink"
 
 #: Names remembered as made by the mount in one session (see :meth:`MountState.post_chmod`).
 MADE_LIMIT = 100000
-#: Bytes an uncached handle's read asks for at least (see :meth:`MountState.read_ahead`).
-READ_AHEAD = 128 << 10
 #: Times a read through the link is made again while invalidations of its file cross it.
 READ_AGAIN = 3
 MUTATING_OPS = frozenset(("mknod", "mkdir", "unlink", "rmdir", "symlink", "link", "rename", "chmod",
@@ -78,13 +77,7 @@ class MountState(NewNames):
         self.written_files = WrittenFiles()  # files the host created or emptied: reads answered here
         self.guesses = DirectoryGuesses()  # directories whose attributes are guessed after unlink, rmdir
         self.reading: Dict[int, None] = {}  # local handles opened read-only: closing them changes nothing
-        #: Handles of files this machine said were just changed (``fresh``), until their release:
-        #: the kernel reads them without its cache (see :meth:`opened` and :mod:`.fusebinding`).
-        self.uncached: Dict[int, None] = {}
-        #: What each of those last read through the link (see :meth:`read_ahead`).
-        self.read_buffers = ReadBuffers()
-        #: Whether such a handle can still be mapped shared (FUSE_CAP_DIRECT_IO_ALLOW_MMAP).
-        self.shared_maps_uncached = False
+        self.fresh = FreshFiles()  # handles read past the kernel's cache (see fresh.py)
         self.links = LinkNames()
         #: Names this mount created in the session (and not removed since): theirs to chmod.
         self.made: Set[str] = set()
@@ -416,42 +409,16 @@ class MountState(NewNames):
         self.settle_kernel()
         return fh
 
-    def opened(self, fh: int, header: Dict[str, Any]) -> int:
-        """*fh*, an open's handle, noted for reading past the kernel's cache if the file is fresh.
-
-        This machine says ``fresh`` of a file written while the command runs
-        (``recent``: just before it began): it may be replaced there again
-        while this handle reads it, and the kernel keeps one size per name,
-        which another process's ``stat`` (or this one's ``fstat``, asked by
-        name) may then set to the newer version's. Read through the page
-        cache, the handle's bytes would be cut at or padded with zeros up to
-        that size; read past it (``direct_io``), they are its own file's,
-        whole, as they are locally. A ``direct_io`` handle can be mapped
-        shared only with libfuse >= 3.16 and Linux >= 6.6, so before that a
-        ``recent`` file (a pipeline's previous step, then mapped) keeps the
-        page cache.
-        """
-        if header.get("fresh") or (header.get("recent") and self.shared_maps_uncached):
-            self.uncached[fh] = None
-        return fh
-
-    def read_ahead(self, path: Optional[str], fh: int, size: int, offset: int) -> bytes:
-        """A read of an uncached handle (through the link): asked :data:`READ_AHEAD` at a time.
-
-        Without the kernel's cache there is no kernel read-ahead either: a
-        program reading 4 KiB at a time would wait for this machine at each.
-        The bytes asked for beyond the read are kept for the next ones, while
-        the name sees no change (a change drops them, as it drops the kernel's
-        pages); a read at the end of what was kept asks again (``tail -f``).
-        """
+    def read_fresh(self, path: Optional[str], fh: int, size: int, offset: int) -> bytes:
+        """A read of a fresh handle: from what an earlier read brought, else :data:`READ_AHEAD` asked."""
         name = self.wire(path) if path is not None else None
-        kept = self.read_buffers.get(fh, offset, size, name, self.cache.changed_since)
+        kept = self.fresh.kept(fh, offset, size, name, self.cache.changed_since)
         if kept is not None:
             self.link.answer_here("read")
             return kept
         since = self.cache.begin()
         data = self.read_through(path, fh, max(size, READ_AHEAD), offset)
-        self.read_buffers.put(fh, offset, data, since)
+        self.fresh.keep(fh, offset, data, since)
         return data[:size]
 
     def settle_kernel(self) -> None:
@@ -486,7 +453,7 @@ class MountState(NewNames):
                     fetch_ahead(self.link, self.files, self.cache, header["libs"], since)
                 meta = header.get("whole")
                 if not meta:  # not eligible (too big, changing, not a regular file)
-                    return self.opened(int(header["fh"]), header)
+                    return self.fresh.opened(int(header["fh"]), header)
                 if staged is not None and header.get("basis") == 1:
                     fd, staged = self.files.adopt(path, meta, staged), None
                     if fd is not None:
@@ -505,9 +472,9 @@ class MountState(NewNames):
             fd = self.fetch_whole(path, meta, header.get("fh"), first)
         if fd is None:  # fall back to reading through the link
             header = self.call("open", {"path": path, "flags": flags})[0]
-            return self.opened(int(header["fh"]), header)
+            return self.fresh.opened(int(header["fh"]), header)
         self.cache.put(path, header["st"], watched=bool(header.get("w")), since=since)
-        return self.opened(self.files.add_handle(fd, header["st"]), header)
+        return self.fresh.opened(self.files.add_handle(fd, header["st"]), header)
 
     def fetch_whole(self, path: str, meta: List[int], fh: Optional[int], first: bytes) -> Optional[int]:
         """Receive the rest of a whole file (all chunks requested at once); store it, return an fd.
@@ -534,31 +501,6 @@ class MountState(NewNames):
         """*fh* opened *name* empty: keep what it writes to answer reads (see WrittenFiles)."""
         if self.cache.kept(name):  # a change made by this machine will be reported (watched)
             self.written_files.start(name, fh, self.cache.begin())
-
-
-class ReadBuffers:
-    """(Agent) Per uncached handle, the bytes its last read through the link brought beyond it."""
-
-    def __init__(self) -> None:
-        self._kept: Dict[int, Tuple[int, bytes, int]] = {}  # fh -> (offset, data, since)
-
-    def get(self, fh: int, offset: int, size: int, name: Optional[str],
-            changed_since: Callable[[str, int], bool]) -> Optional[bytes]:
-        """The kept bytes [offset, offset + size) of *fh*, if all are kept and *name* did not change."""
-        kept = self._kept.get(fh)
-        if kept is None:
-            return None
-        start, data, since = kept
-        if not start <= offset or offset + size > start + len(data) or (
-                name is not None and changed_since(name, since)):
-            return None
-        return data[offset - start:offset - start + size]
-
-    def put(self, fh: int, offset: int, data: bytes, since: int) -> None:
-        self._kept[fh] = (offset, data, since)
-
-    def drop(self, fh: int) -> None:
-        self._kept.pop(fh, None)
 
 
 def caller() -> List[int]:
