@@ -11,6 +11,7 @@ same alias and a ``-F`` path: the only thing that varies is the link.
 from __future__ import annotations
 
 import logging
+import shutil
 import subprocess
 import tempfile
 from typing import Dict, List, Optional, Sequence
@@ -29,7 +30,9 @@ class Testbed:
 
         self.delays = list(delays)
         self.lab = Lab()
+        #: The proxies' ssh_configs; a directory made here goes with :meth:`close`.
         self.work_dir = work_dir or tempfile.mkdtemp(prefix="rr-bench-")
+        self._own_dir = work_dir is None
         self.proxies = ProxySet()
         self._configs: Dict[float, str] = {}
         self.host_names: List[str] = []
@@ -71,8 +74,10 @@ class Testbed:
                               capture_output=True, text=True, timeout=timeout, check=check)
 
     def close(self) -> None:
-        """Stop the proxies (the lab hosts stay up for others)."""
+        """Stop the proxies and remove the ssh_configs made for them (the lab hosts stay up for others)."""
         self.proxies.close()
+        if self._own_dir:
+            shutil.rmtree(self.work_dir, ignore_errors=True)
 
     def __enter__(self) -> "Testbed":
         return self

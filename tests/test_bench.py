@@ -16,8 +16,10 @@ import socket
 import struct
 import subprocess
 import sys
+import tempfile
 import threading
 import time
+from pathlib import Path
 
 import pytest
 
@@ -237,6 +239,7 @@ def test_run_kills_a_step_that_overstays_its_timeout() -> None:
 @pytest.mark.lab
 def test_tiny_bench_run_on_lab_hosts_writes_a_well_formed_table(lab, tmp_path) -> None:
     out = tmp_path / "results"
+    scratch = set(Path(tempfile.gettempdir()).glob("rr-bench-*"))
     proc = subprocess.run(
         [sys.executable, "-m", "bench", "--quick", "--scenarios", "startup", "--delays", "0,5",
          "--no-install", "--out", str(out), "--work-dir", str(tmp_path / "work"), "-l", "WARNING"],
@@ -264,6 +267,8 @@ def test_tiny_bench_run_on_lab_hosts_writes_a_well_formed_table(lab, tmp_path) -
         assert r["skipped"] or " execs" in r["note"]
     assert all(f"| {r['case']} | {r['delay_ms']:g} | " in md for r in rows)
     assert "## Skipped" in md and "## Machine" in md
+    # The proxies' ssh_configs went with the run (no directory left in /tmp per run).
+    assert set(Path(tempfile.gettempdir()).glob("rr-bench-*")) <= scratch
     # Nothing the run started is left on the hosts: no session, no window process.
     prefix = data["settings"]["screen sessions"].rstrip("*")
     assert prefix.startswith("rrbench-") and len(prefix) > len("rrbench-")
