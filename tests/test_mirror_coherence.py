@@ -500,17 +500,18 @@ def test_a_tree_that_goes_away_is_forgotten_whole_and_nothing_beside_it(tmp_path
 
 
 def test_a_file_written_while_the_command_runs_is_fresh_one_written_just_before_is_recent(tmp_path):
-    """Only a regular file written in the last seconds is read past the host kernel's cache:
-    always when written since the session began, where the host can still map it shared when
-    written just before (see host/state.py, MountState.opened)."""
+    """Only a regular file written (or put in place) in the last seconds is read past the host
+    kernel's cache: always when since the session began, where the host can still map it
+    shared when just before (see host/fresh.py)."""
     from remote_runner.mirror.sharing import SETTLED_SECONDS, freshness
     path = tmp_path / "f"
     path.write_bytes(b"x")
     now = time.time()
     assert freshness(os.stat(path), now - 10) == {"fresh": 1}
     assert freshness(os.stat(path), now + 10) == {"recent": 1}
-    os.utime(path, (now - SETTLED_SECONDS - 1, now - SETTLED_SECONDS - 1))
-    assert freshness(os.stat(path), now - 10) == {}
+    os.utime(path, (now - 3600, now - 3600))  # an old mtime, as rsync -a or cp -p give it
+    assert freshness(os.stat(path), now - 10) == {"fresh": 1}  # put in place while the command runs
+    assert freshness(os.stat(path), time.time() + 1) == {}     # settled before the session began
     assert freshness(os.stat(tmp_path), now - 10) == {}  # a directory: never
 
 
@@ -538,3 +539,21 @@ def test_a_fresh_handles_kept_bytes_serve_only_reads_inside_them_while_the_name_
     changed.clear()
     fresh.released(7)
     assert 7 not in fresh and fresh.kept(7, 4096, 10, "/f", since) is None
+
+
+def test_a_fresh_version_kept_on_the_host_is_fresh_again_when_reopened_from_the_copy(monkeypatch):
+    """A file put in place with an old mtime is sent whole; the next opens of that version are
+    answered from the host's copy without asking, and are read past the page cache too, for
+    as long as the local side would still call it fresh."""
+    from remote_runner.mirror.host import fresh as F
+    clock = [100.0]
+    monkeypatch.setattr(F.time, "monotonic", lambda: clock[0])
+    files = F.FreshFiles()
+    assert files.opened(1, {"fresh": 1}, "/d/f", [4097, 1, 2, 3]) == 1 and 1 in files
+    assert files.reopened(2, "/d/f", [4097, 1, 2, 3]) == 2 and 2 in files
+    assert files.reopened(3, "/d/f", [3, 1, 5, 3]) == 3 and 3 not in files   # another version
+    assert files.reopened(4, "/d/g", [4097, 1, 2, 3]) == 4 and 4 not in files  # another name
+    clock[0] += F.FRESH_FOR
+    assert files.reopened(5, "/d/f", [4097, 1, 2, 3]) == 5 and 5 not in files  # settled by now
+    assert files.opened(6, {}, "/d/h", [1, 1, 1, 1]) == 6
+    assert files.reopened(7, "/d/h", [1, 1, 1, 1]) == 7 and 7 not in files    # never fresh

@@ -243,11 +243,13 @@ def test_a_racing_writer_and_reader_never_see_stale_data(lab, local_only, workdi
     assert out.startswith(b"GOOD"), out.decode() + err.decode()[-2000:]
 
 
-def test_a_file_replaced_here_is_read_whole_never_mixed_with_the_one_it_replaced(lab, local_only, workdir):
-    """A file replaced here by rename (an editor's save, a config reload) while the host reads
-    it: each read returns one of the versions whole, as it does locally, never the new bytes
-    cut or padded with zeros to the old version's size (the host's kernel kept that size
-    while the replacement's invalidation was still on its way)."""
+@pytest.mark.parametrize("old_mtime", [False, True], ids=["written", "put-in-place"])
+def test_a_file_replaced_here_is_read_whole_never_mixed_with_the_one_it_replaced(lab, local_only, workdir,
+                                                                                old_mtime):
+    """A file replaced here by rename (an editor's save, a config reload; with an old mtime,
+    ``rsync -a``) while the host reads it: each read returns one of the versions whole, as it
+    does locally, never the new bytes cut or padded with zeros to another version's size (the
+    host's kernel keeps one size per name)."""
     target = local_only / "swapped"
     versions = [b"A" * 10, b"B" * 20, b"C" * 4096 + b"c", b"D" * 3]
     target.write_bytes(versions[0])
@@ -275,6 +277,8 @@ def test_a_file_replaced_here_is_read_whole_never_mixed_with_the_one_it_replaced
     while proc.poll() is None:
         n += 1
         tmp.write_bytes(versions[n % len(versions)])
+        if old_mtime:  # settled by its mtime: sent whole, kept on the host
+            os.utime(tmp, (time.time() - 3600 - n, time.time() - 3600 - n))
         os.rename(tmp, target)
         time.sleep(0.002)
     out, err = proc.communicate(timeout=EXEC_TIMEOUT)

@@ -42,13 +42,19 @@ def freshness(st: os.stat_result, session_start: float) -> Dict[str, int]:
     The host's kernel keeps one size per name, so its reads of the handle
     must not be cut at, or padded up to, a newer version's size: the host
     reads it without the kernel's page cache (see :mod:`.host.fusebinding`).
-    ``fresh``: written since the session began, while its command runs;
-    ``recent``: written just before (a pipeline's previous step), which the
-    host reads that way only where it can still map it shared.
+    ``fresh``: written, or put in place, since the session began, while its
+    command runs (by its ctime too: ``rsync -a`` or ``cp -p`` give the new
+    file an old mtime, and it is sent whole); ``recent``: written just
+    before (a pipeline's previous step), which the host reads that way only
+    where it can still map it shared.
     """
-    if not stat.S_ISREG(st.st_mode) or time.time() - st.st_mtime >= SETTLED_SECONDS:
+    if not stat.S_ISREG(st.st_mode):
         return {}
-    return {"fresh": 1} if st.st_mtime >= session_start else {"recent": 1}
+    now = time.time()
+    changed = max(st.st_mtime, st.st_ctime)
+    if changed >= session_start and now - changed < SETTLED_SECONDS:
+        return {"fresh": 1}
+    return {"recent": 1} if now - st.st_mtime < SETTLED_SECONDS else {}
 
 
 def whole_meta(st: os.stat_result) -> List[int]:

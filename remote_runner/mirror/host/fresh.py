@@ -19,6 +19,11 @@ what a read did not use for the next reads of the handle, while the name
 sees no change (a change drops them, as it drops the kernel's pages); a
 read reaching past what was kept asks again, so a growing log is followed.
 
+A file put in place with an old mtime (``rsync -a``, ``cp -p``) is sent
+whole and kept here, and the next opens of that version are answered from
+the copy without asking: the version is remembered as fresh for
+:data:`FRESH_FOR` seconds, and those opens read past the page cache too.
+
 A ``direct_io`` handle can be mapped privately (programs, libraries), and
 shared only where libfuse >= 3.16 and Linux >= 6.6 negotiate
 ``FUSE_CAP_DIRECT_IO_ALLOW_MMAP``; elsewhere a ``recent`` file (a pipeline's
@@ -29,10 +34,16 @@ Shipped to hosts inside the agent's zipapp (``rrmirror.host``): stdlib only, Pyt
 
 from __future__ import annotations
 
-from typing import Any, Callable, Dict, Optional, Tuple
+import time
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 #: Bytes a fresh handle's read through the link asks for at least.
 READ_AHEAD = 128 << 10
+#: Seconds a version of a file the local side called fresh is taken as fresh here (its
+#: ``SETTLED_SECONDS``), for opens answered from the host's copy of it.
+FRESH_FOR = 2.0
+#: Versions remembered at most (then forgotten all at once).
+VERSIONS_LIMIT = 10000
 
 
 class FreshFiles:
@@ -41,15 +52,31 @@ class FreshFiles:
     def __init__(self) -> None:
         self._handles: Dict[int, None] = {}
         self._kept: Dict[int, Tuple[int, bytes, int]] = {}  # fh -> (offset, data, since)
+        self._versions: Dict[str, Tuple[List[Any], float]] = {}  # name -> (copy key, fresh until)
         #: Whether a ``direct_io`` handle can still be mapped shared (set at the mount's init).
         self.shared_maps = False
 
     def __contains__(self, fh: int) -> bool:
         return fh in self._handles
 
-    def opened(self, fh: int, header: Dict[str, Any]) -> int:
-        """*fh*, an open's handle: read past the kernel's cache if its reply says the file is fresh."""
+    def opened(self, fh: int, header: Dict[str, Any], name: Optional[str] = None,
+               version: Optional[List[Any]] = None) -> int:
+        """*fh*, an open's handle: read past the kernel's cache if its reply says the file is fresh.
+
+        *version*: the copy key of the host's copy *fh* reads, for :meth:`reopened`.
+        """
         if header.get("fresh") or (header.get("recent") and self.shared_maps):
+            self._handles[fh] = None
+            if name is not None and version is not None:
+                if len(self._versions) >= VERSIONS_LIMIT:
+                    self._versions.clear()
+                self._versions[name] = (version, time.monotonic() + FRESH_FOR)
+        return fh
+
+    def reopened(self, fh: int, name: str, version: List[Any]) -> int:
+        """*fh*, an open of the host's copy of *name* answered here: fresh if that version was."""
+        known = self._versions.get(name)
+        if known is not None and known[0] == version and time.monotonic() < known[1]:
             self._handles[fh] = None
         return fh
 

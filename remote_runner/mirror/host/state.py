@@ -404,7 +404,7 @@ class MountState(NewNames):
             if fd is not None:
                 self.link.answer_here("open")
                 self.files.opened(path)
-                return self.files.add_handle(fd, known)
+                return self.fresh.reopened(self.files.add_handle(fd, known), path, have)
         fh = self._open_asking(path, flags, have, known)
         self.settle_kernel()
         return fh
@@ -474,7 +474,7 @@ class MountState(NewNames):
             header = self.call("open", {"path": path, "flags": flags})[0]
             return self.fresh.opened(int(header["fh"]), header)
         self.cache.put(path, header["st"], watched=bool(header.get("w")), since=since)
-        return self.fresh.opened(self.files.add_handle(fd, header["st"]), header)
+        return self.fresh.opened(self.files.add_handle(fd, header["st"]), header, path, meta)
 
     def fetch_whole(self, path: str, meta: List[int], fh: Optional[int], first: bytes) -> Optional[int]:
         """Receive the rest of a whole file (all chunks requested at once); store it, return an fd.
