@@ -22,7 +22,8 @@ from typing import Any, Dict, List, Optional, Tuple
 
 from .. import protocol as P
 from ..hardlinks import path_invalidator
-from .caches import FUSE_CAP_CACHE_SYMLINKS, FUSE_CAP_DIRECT_IO_ALLOW_MMAP, LOCAL_FH_BASE, FileCache, copy_key, fetch_ahead
+from .caches import (FUSE_CAP_CACHE_SYMLINKS, FUSE_CAP_DIRECT_IO_ALLOW_MMAP, LOCAL_FH_BASE, FileCache, copy_key,
+                     fetch_ahead)
 from .fusebinding import fuse_class, pin_once
 from .link import Link
 from .answers import absorb_lookup, split_file, subdirectory_answers
