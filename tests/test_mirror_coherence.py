@@ -513,6 +513,9 @@ def test_a_file_written_while_the_command_runs_is_fresh_one_written_just_before_
     assert freshness(os.stat(path), now - 10) == {"fresh": 1}  # put in place while the command runs
     assert freshness(os.stat(path), time.time() + 1) == {}     # settled before the session began
     assert freshness(os.stat(tmp_path), now - 10) == {}  # a directory: never
+    path.write_bytes(b"written by the host")  # (this process stands for the local side)
+    assert freshness(os.stat(path), now - 10, host_changed=time.time()) == {}  # the host's own change
+    assert freshness(os.stat(path), now - 10, host_changed=now - 5) == {"fresh": 1}  # changed here since
 
 
 def test_a_fresh_handles_kept_bytes_serve_only_reads_inside_them_while_the_name_is_unchanged():

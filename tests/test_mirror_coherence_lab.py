@@ -322,6 +322,25 @@ def test_a_file_written_while_the_command_runs_is_read_ahead_and_can_be_mapped_p
     assert host["answered_on_host"].get("read", 0) >= 200, host  # the 4 KiB reads: past the page cache
 
 
+def test_a_file_the_command_wrote_keeps_the_page_cache_and_maps_shared(lab, local_only, workdir, tmp_path):
+    """A file the command itself just wrote (too big to be answered from what the host kept of
+    its writes) did not change under it: it is read through the page cache, so it can still be
+    mapped shared on a host whose libfuse predates FUSE_CAP_DIRECT_IO_ALLOW_MMAP (h3)."""
+    code = textwrap.dedent(f"""
+        import hashlib, mmap, os
+        data = os.urandom(5 << 20)
+        path = {str(workdir / "out.bin")!r}
+        with open(path, "wb") as f:
+            f.write(data)
+        with open(path, "rb") as f:
+            view = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)  # (MAP_SHARED)
+            print(hashlib.sha1(view[:]).hexdigest() == hashlib.sha1(data).hexdigest(), flush=True)
+    """)
+    done = rr_exec(lab, "h3", ["/usr/bin/python3", "-c", code], workdir)
+    assert done.returncode == 0, done.stderr.decode()
+    assert done.stdout == b"True\n"
+
+
 @pytest.fixture
 def full_disk(local_only):
     """A 64 KiB tmpfs on this machine (root only)."""

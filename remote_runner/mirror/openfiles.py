@@ -21,7 +21,6 @@ from remote_runner.mirror import elf
 from remote_runner.mirror import protocol as P
 from remote_runner.mirror.linuxcalls import fallocate
 from remote_runner.mirror.replies import OpError, Reply
-from remote_runner.mirror.sharing import freshness
 
 
 class OpenFiles:
@@ -89,7 +88,7 @@ class OpenFiles:
             # emptied: its attributes, so the host can follow its size as it writes
             return Reply({"fh": handle, "st": P.stat_to_wire(os.fstat(fd))})
         if not changes:  # (a file just written is read past the host kernel's cache)
-            return Reply({"fh": handle, **freshness(os.fstat(fd), self.started)})
+            return Reply({"fh": handle, **self.freshness_of(os.fstat(fd), P.name_from_wire(a["path"]))})
         return Reply({"fh": handle})
 
     def op_create(self, a: Dict[str, Any], _: bytes) -> Reply:

@@ -24,10 +24,12 @@ from __future__ import annotations
 import errno
 import logging
 import os
-from typing import Any, Dict, List, Tuple
+import time
+from typing import Any, Dict, List, Optional, Tuple
 
 from remote_runner.mirror import protocol as P
 from remote_runner.mirror.replies import OpError, Reply
+from remote_runner.mirror.sharing import freshness
 
 LOG = logging.getLogger("remote_runner.mirror.service")
 
@@ -42,22 +44,56 @@ OWN_NAMES: Dict[str, Tuple[str, ...]] = {
 }
 
 
+class HostChanges:
+    """When the host last changed each name (this machine's clock), for :func:`~.sharing.freshness`.
+
+    A file the command itself just wrote is not one that changed under it: its
+    host's kernel saw every write, so it keeps the page cache there (and can be
+    mapped shared on any libfuse), unless something here changed it since.
+    """
+
+    LIMIT = 100000
+
+    def __init__(self) -> None:
+        self._last: Dict[bytes, float] = {}
+
+    def note(self, names: List[bytes]) -> None:
+        if len(self._last) >= self.LIMIT:
+            self._last.clear()
+        now = time.time()
+        for name in names:
+            self._last[name] = now
+
+    def last(self, name: bytes) -> Optional[float]:
+        return self._last.get(name)
+
+
 class OwnChanges:
     """(Mixin) Runs a request with its own changes kept from the watcher's reports."""
 
     watcher: Any
     handles: Any
     _handle_paths: Dict[int, bytes]
+    host_changes: "HostChanges"
+    started: float
 
     def _run(self, op: str, method: Any, args: Dict[str, Any], payload: bytes) -> Reply:
         """Run *method*; what it changes for the host is not echoed back to it, the new state is sent."""
         mine = self._own_names(op, args)
-        if not mine or self.watcher is None:
+        if not mine:
             return method(args, payload)
-        with self.watcher.own(mine):
+        if self.watcher is None:
             reply = method(args, payload)
-        self._tell_outcome(op, args, reply)
+        else:
+            with self.watcher.own(mine):
+                reply = method(args, payload)
+            self._tell_outcome(op, args, reply)
+        self.host_changes.note(mine)
         return reply
+
+    def freshness_of(self, st: os.stat_result, name: bytes) -> Dict[str, int]:
+        """:func:`~.sharing.freshness` of the file *name* (a read-only open's reply fields)."""
+        return freshness(st, self.started, self.host_changes.last(os.path.normpath(name)))
 
     def _own_names(self, op: str, a: Dict[str, Any]) -> List[bytes]:
         """The local names an operation changes (their changes are the host's own, see watcher.own)."""

@@ -23,7 +23,7 @@ from remote_runner.mirror.host.basis import BASIS_MIN
 from remote_runner.mirror import protocol as P
 from remote_runner.mirror.listing import VALIDATE_DIRS
 from remote_runner.mirror.replies import OpError, Reply
-from remote_runner.mirror.sharing import freshness, sendable_whole, whole_meta
+from remote_runner.mirror.sharing import sendable_whole, whole_meta
 from remote_runner.mirror.watcher import kept_while_unchanged
 
 #: Siblings (:meth:`SendAhead._add_siblings`): only of a file this small, each at most this
@@ -483,7 +483,7 @@ class SendAhead:
         (``basis``), with no data.
         """
         st = os.fstat(fd)
-        fresh = freshness(st, self.started)  # (read past the host kernel's cache)
+        fresh = self.freshness_of(st, path)  # (read past the host kernel's cache)
         if not sendable_whole(st) or not self.public.reachable(path, self.exports):
             return Reply({"fh": self.handles.add(fd), **fresh})
         meta = whole_meta(st)

@@ -28,7 +28,7 @@ from remote_runner.mirror.exports import Exports, Refused, resolve_parent
 from remote_runner.mirror.host.writes import WriteOrder
 from remote_runner.mirror.listing import DirectoryAnswers
 from remote_runner.mirror.openfiles import OpenFiles
-from remote_runner.mirror.ownchanges import OwnChanges
+from remote_runner.mirror.ownchanges import HostChanges, OwnChanges
 from remote_runner.mirror import protocol as P
 from remote_runner.mirror.linuxcalls import renameat2
 from remote_runner.mirror.localnames import (HiddenFiles, RequestDescriptors, is_hidden_name,
@@ -85,6 +85,8 @@ class LocalFileService(OpenFiles, SendAhead, DirectoryAnswers, OwnChanges):
         self.writeback = writeback
         #: When this session began: a file written since is one its command may see change.
         self.started = time.time()
+        #: When the host itself last changed each name (see :func:`~.sharing.freshness`).
+        self.host_changes = HostChanges()
         #: Which directories every local user may search (whole-file copies need it).
         self.public = PublicDirs()
         #: What this session looked up and sent whole (wire names, in order), for its profile.

@@ -34,7 +34,7 @@ def sendable_whole(st: os.stat_result) -> bool:
             and time.time() - st.st_mtime >= SETTLED_SECONDS)
 
 
-def freshness(st: os.stat_result, session_start: float) -> Dict[str, int]:
+def freshness(st: os.stat_result, session_start: float, host_changed: Optional[float] = None) -> Dict[str, int]:
     """What a read-only open's reply says of a regular file written too recently to be settled.
 
     Read on the host, such a file may be replaced here while a handle reads
@@ -46,12 +46,16 @@ def freshness(st: os.stat_result, session_start: float) -> Dict[str, int]:
     command runs (by its ctime too: ``rsync -a`` or ``cp -p`` give the new
     file an old mtime, and it is sent whole); ``recent``: written just
     before (a pipeline's previous step), which the host reads that way only
-    where it can still map it shared.
+    where it can still map it shared. Neither when the last change was the
+    host's own (*host_changed*, :class:`~.ownchanges.HostChanges`): its kernel
+    saw it.
     """
     if not stat.S_ISREG(st.st_mode):
         return {}
     now = time.time()
     changed = max(st.st_mtime, st.st_ctime)
+    if host_changed is not None and changed <= host_changed:
+        return {}
     if changed >= session_start and now - changed < SETTLED_SECONDS:
         return {"fresh": 1}
     return {"recent": 1} if now - st.st_mtime < SETTLED_SECONDS else {}
