@@ -45,6 +45,8 @@ import threading
 import time
 from typing import Any, Dict, List, Optional, Tuple
 
+from remote_runner.cachedir import cache_dir
+
 LOG = logging.getLogger(__name__)
 
 Key = Tuple[int, int, int, int, int]
@@ -59,8 +61,7 @@ OLD_FILE = "sha1-cache.json"
 
 def default_path() -> str:
     """``$XDG_CACHE_HOME/remote-runner/sha1`` (``~/.cache`` by default): the buckets' directory."""
-    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return os.path.join(base, "remote-runner", "sha1")
+    return cache_dir("sha1")
 
 
 def bucket_of(name: str) -> str:

@@ -36,6 +36,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import List, Optional, Tuple
 
+from remote_runner.cachedir import cache_dir
 from remote_runner.errors import MirrorError
 from remote_runner.shell import PYTHON_FLAGS
 
@@ -226,8 +227,7 @@ def _entries(sources: List[Tuple[str, Path]]) -> List[tuple]:
 
 def built_dir() -> str:
     """Where this machine keeps the bundles it built (see the module's docstring)."""
-    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return os.path.join(base, "remote-runner", "agents")
+    return cache_dir("agents")
 
 
 def _sources_key(sources: List[Tuple[str, Path]]) -> str:

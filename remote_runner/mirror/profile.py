@@ -31,6 +31,7 @@ import shutil
 import tempfile
 from typing import Dict, List, Optional, Sequence, Tuple
 
+from remote_runner.cachedir import cache_dir
 from remote_runner.mirror.protocol import PROFILE_NAMES, ProtocolError, name_from_wire, name_to_wire, profile_key
 
 #: At most this many names and files are kept per command.
@@ -41,8 +42,7 @@ DIR_LIMIT = 4096
 
 
 def profiles_dir() -> str:
-    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return os.path.join(base, "remote-runner", "profiles")
+    return cache_dir("profiles")
 
 
 class CommandProfile:
