@@ -31,6 +31,44 @@ _MAX_INCLUDE_DEPTH = 16
 _config_cache: Dict[Tuple, paramiko.SSHConfig] = {}
 _config_lock = threading.Lock()
 
+#: Per thread: whether the value being expanded uses ``%l`` (see :class:`SSHConfig`).
+_expanding = threading.local()
+
+
+class _FqdnWhenUsed(paramiko.config.LazyFqdn):
+    """paramiko's stand-in for ``%l``: asks DNS only for a value of ours that uses it."""
+
+    def __str__(self) -> str:
+        if getattr(_expanding, "no_fqdn", False):
+            return "%l"  # the value holds no "%l": replacing it with itself changes nothing
+        return super().__str__()
+
+
+class SSHConfig(paramiko.SSHConfig):
+    """paramiko's ssh_config, with the local host's full name looked up only where ``%l`` is used.
+
+    paramiko expands the tokens of every IdentityFile, ControlPath, User...
+    of every host looked up, and computes every token it knows for each, ``%l``
+    included: the local host's fully qualified name, from a reverse DNS lookup
+    (``socket.getfqdn``). Where the local name does not resolve quickly (a
+    laptop offline, a container whose hostname no resolver knows), each of
+    those waits for the resolver's timeout, seconds a value, before the first
+    packet, for a token almost no ssh_config uses. Here ``%l`` costs nothing
+    unless the value holds it (and then it is what OpenSSH would give).
+    """
+
+    def _tokenize(self, config, target_hostname, key, value):  # type: ignore[no-untyped-def]
+        _expanding.no_fqdn = "%l" not in value
+        try:
+            return super()._tokenize(config, target_hostname, key, value)
+        finally:
+            _expanding.no_fqdn = False
+
+
+# paramiko's expansion makes its stand-in by this module-level name (from paramiko 2.7 on).
+if getattr(paramiko.config, "LazyFqdn", None) is not None:
+    paramiko.config.LazyFqdn = _FqdnWhenUsed  # type: ignore[misc]
+
 
 def config_paths(ssh_config_file: Optional[str]) -> List[str]:
     """Return the ssh_config files to read, like ``ssh [-F FILE]``."""
@@ -53,7 +91,7 @@ def load_ssh_config(ssh_config_file: Optional[str]) -> paramiko.SSHConfig:
             return cached
         text = "".join(_expand_includes(p, _include_base(p), 0) + "\n" for p in paths)
         try:
-            config = paramiko.SSHConfig.from_text(text)
+            config = SSHConfig.from_text(text)
         except Exception as exc:  # paramiko raises ConfigParseError and friends
             raise ConfigError(f"cannot parse ssh_config: {exc}", file=", ".join(paths)) from exc
         _config_cache[key] = config

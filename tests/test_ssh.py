@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+import socket
 import subprocess
 import threading
 import time
@@ -264,6 +265,27 @@ def test_a_quick_ack_socket_reads_and_passes_everything_else_through():
     finally:
         left.close()
         right.close()
+
+
+def test_the_local_host_name_is_asked_of_dns_only_for_a_value_that_uses_it(tmp_path, monkeypatch):
+    # paramiko computes %l (a reverse DNS lookup) for every IdentityFile, User... it
+    # expands: with a resolver that does not answer, seconds per value before any packet.
+    asked: List[str] = []
+
+    def fqdn(*_args: object) -> str:
+        asked.append("fqdn")
+        return "far.example"
+
+    monkeypatch.setattr(socket, "getfqdn", fqdn)
+    config = tmp_path / "ssh_config"
+    config.write_text("Host plain\n  IdentityFile ~/.ssh/id_%h_%r\n  User bob\n  Port 2222\n"
+                      "Host shared\n  ControlPath /tmp/cm-%l-%h-%p\n")
+    plain = load_ssh_config(str(config)).lookup("plain")
+    assert plain["identityfile"] == [os.path.expanduser("~/.ssh/id_plain_bob")]
+    assert asked == []
+    shared = load_ssh_config(str(config)).lookup("shared")
+    assert shared["controlpath"] == "/tmp/cm-far.example-shared-22"
+    assert asked == ["fqdn"]
 
 
 def test_explicit_user_wins_over_ssh_config(lab):
