@@ -137,3 +137,23 @@ def test_a_failed_change_is_reported_once_by_the_next_change_in_its_directory():
     changes.check("/d")  # reported once
     assert not changes.may_post("/d")  # asked again before the next change there
     assert changes.after() is None
+
+
+def test_a_listing_names_the_directories_the_host_may_change_without_asking(tmp_path, service, monkeypatch):
+    if os.geteuid() != 0:
+        pytest.skip("giving a directory to another user needs root")
+    (tmp_path / "mine" / "sub").mkdir(parents=True)
+    shared = tmp_path / "shared"  # as /tmp: sticky, another user's
+    shared.mkdir()
+    os.chown(shared, 4321, 4321)
+    os.chmod(shared, 0o1777)
+    listed = service.handle("readdir", {"path": str(tmp_path)}, b"").fields
+    subs = {sub[0] for sub in listed["sub"]}
+    assert {str(tmp_path / "mine"), str(tmp_path / "mine" / "sub"), str(shared)} <= subs
+    # root may remove anyone's names, even below a sticky directory
+    assert set(listed["wr"]) == {str(tmp_path)} | subs
+    monkeypatch.setattr(os, "geteuid", lambda: 1234)  # a user who owns neither the directory nor its files
+    listed = service.handle("readdir", {"path": str(tmp_path)}, b"").fields
+    assert str(shared) not in listed["wr"] and str(tmp_path / "mine" / "sub") in listed["wr"]
+    monkeypatch.setattr(os, "geteuid", lambda: 4321)  # its owner may
+    assert str(shared) in service.handle("readdir", {"path": str(tmp_path)}, b"").fields["wr"]

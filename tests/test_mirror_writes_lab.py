@@ -242,6 +242,53 @@ def test_emptying_a_directory_waits_for_no_reply_per_name(lab, local_only, workd
     assert os.listdir(there / "box") == [] and os.stat(there / "box").st_nlink == 2
 
 
+def make_tree(top: Path, dirs: int = 12, files: int = 4) -> int:
+    """A tree made here before any session: *dirs* directories with a subdirectory, files in both."""
+    for i in range(dirs):
+        (top / f"d{i:02d}" / "sub").mkdir(parents=True)
+        for j in range(files):
+            (top / f"d{i:02d}" / f"f{j}").write_text("x" * j)
+            (top / f"d{i:02d}" / "sub" / f"g{j}").write_text("y")
+    return dirs * files * 2
+
+
+@pytest.mark.parametrize("host", ["h1", "h9"])
+def test_removing_a_tree_made_here_before_waits_for_no_reply_per_directory(lab, local_only, workdir, tmp_path,
+                                                                            host, request):
+    """The host only listed these directories (no change through this session yet): the local
+    side says, with their listings, that the host may change them, so even the first removal in
+    each is sent on (an ``rm -rf`` of an old build tree, pytest's clean-up of old runs)."""
+    if host == "h9":
+        host = request.getfixturevalue("foreign_host")
+    tree = local_only / "old"
+    count = make_tree(tree)
+    stats = tmp_path / "stats.json"
+    proc = rr_exec(lab, host, ["rm", "-rf", str(tree)], workdir, "--export", str(local_only),
+                   "--stats", str(stats))
+    assert proc.returncode == 0, proc.stderr.decode()
+    assert not tree.exists() and os.listdir(local_only) == []
+    host_counts = json.loads(stats.read_text())["host"]
+    assert host_counts["posted"].get("unlink", 0) == host_counts["asked"].get("unlink") == count, host_counts
+    # (the tree's top lies in a directory only looked up, not listed, so its rmdir waits; and
+    # an rmdir is sent on only while the host holds the directory's whole listing, now empty)
+    assert host_counts["asked"].get("rmdir") == 25 and host_counts["posted"].get("rmdir", 0) >= 21, host_counts
+
+
+def test_a_tree_in_a_read_only_export_is_not_taken_for_one_the_host_may_change(lab, local_only, workdir,
+                                                                                tmp_path):
+    """Where the exports let the host only look, each removal is asked (and refused) at once."""
+    tree = local_only / "old"
+    count = make_tree(tree, dirs=3)
+    before = snapshot(tree)
+    stats = tmp_path / "stats.json"
+    proc = rr_exec(lab, "h1", ["rm", "-rf", str(tree)], workdir, "--export", f"{local_only}:ro",
+                   "--stats", str(stats))
+    assert proc.returncode != 0 and b"Read-only file system" in proc.stderr, proc.stderr.decode()
+    assert snapshot(tree) == before
+    host_counts = json.loads(stats.read_text())["host"]
+    assert host_counts["posted"].get("unlink", 0) == 0 and host_counts["asked"].get("unlink", 0) == count
+
+
 # Writes a new file the way an assembler does, asking its size after every write; then
 # reopens it and reads it back. Prints what it saw.
 GROWING = textwrap.dedent("""
@@ -436,8 +483,9 @@ def test_new_files_are_created_without_a_round_trip_each_and_keep_one_inode(lab,
     assert snapshot(local_only / "there") == snapshot(local_only / "here")
     host = counts["host"]
     assert host["posted"].get("create", 0) >= 25, host
-    # one wait per file at most (its close), not two
-    assert host["waits"] < 30 + 25, host
+    # one wait per file at most (its close), not two; the interpreter's own lookups (as many as
+    # two dozen when its start-up is new to this session's cache) are not the files'
+    assert host["waits"] - host["asked"].get("getattr", 0) < 30 + 25, host
 
 
 # Creates files on a file system with room for a few inodes; prints how many it made,

@@ -221,6 +221,37 @@ class DirectoryAnswers:
             reply.fields["sub"] = subs
         reply.payload = b"".join(parts)
         reply.compressible = True
+        self._say_changeable(reply, P.name_to_wire(directory))
+
+    def _say_changeable(self, reply: Reply, directory: str) -> None:
+        """Name in *reply* (``wr``) which of the directories it lists, *directory* and its ``sub``
+        answers, the host may change without asking (:meth:`_may_change`)."""
+        listed = [directory] + [sub[0] for sub in reply.fields.get("sub", ())]
+        changeable = [name for name in listed if self._may_change(name)]
+        if changeable:
+            reply.fields["wr"] = changeable
+
+    def _may_change(self, directory: str) -> bool:
+        """Whether the host may make and remove names in *directory* (a wire name) without asking.
+
+        As far as this machine can tell before trying: the exports let the
+        host write there, and this process may (write and search permission,
+        and no sticky bit, as on /tmp, keeping it to its own files). The host
+        then sends such changes there without waiting (host/writes.py): an
+        ``rm -rf`` of a tree it has only listed no longer waits a round trip
+        for the first removal in each directory. One that fails all the same
+        reports its error at the next change made there, as any such change.
+        """
+        try:
+            inside = self._path({"path": P.name_to_wire(os.path.join(P.name_from_wire(directory), b"-"))},
+                                write=True)
+            here = os.path.dirname(inside)  # the directory itself, through its descriptor
+            st = os.stat(here)
+            if not stat.S_ISDIR(st.st_mode) or not os.access(here, os.W_OK | os.X_OK, effective_ids=True):
+                return False
+        except (OpError, OSError, P.ProtocolError):
+            return False
+        return not st.st_mode & stat.S_ISVTX or os.geteuid() in (0, st.st_uid)
 
     def _listed_subdirectories(self, reply: Reply, directory: bytes, names: List[bytes]) -> None:
         """Append to a ``readdir`` *reply* of *directory* the answers of its subdirectories *names*.

@@ -294,6 +294,7 @@ class LocalFileService(OpenFiles, SendAhead, DirectoryAnswers, OwnChanges):
         reply = Reply({"attrs": attrs, "w": 1 if watched else 0}, b"\0".join(names), compressible=True)
         self._listed_subdirectories(reply, raw, [
             name for name, st in zip(names, attrs) if st is not None and stat.S_ISDIR(st["st_mode"])])
+        self._say_changeable(reply, a["path"])
         return reply
 
     def _served_entries(self, directory: bytes, where: bytes) -> Iterator[os.DirEntry]:
