@@ -220,7 +220,7 @@ def test_validate_is_seeded_once_with_the_commands_local_profile(public_tmp):
     # only files that would be sent whole now are offered for prefetch
     assert body["whole"] == [[str(lib), [300, st.st_mtime_ns, st.st_ino, st.st_ctime_ns]]]
     again = json.loads(service.handle("validate", {}, b"").payload)
-    assert again == {"names": [], "answers": [], "whole": [], "w": [], "dirs": [], "dw": []}  # the seed is used once
+    assert again == {"names": [], "answers": [], "whole": [], "w": [], "dirs": [], "dw": [], "wr": []}  # the seed: once
     assert str(lib) in service.looked_up and str(lib) in service.sent_whole
 
 

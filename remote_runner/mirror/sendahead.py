@@ -132,7 +132,10 @@ class SendAhead:
                 whole.append([name, meta])
                 self._note(self.sent_whole, name)
         body = {"names": order, "answers": answers, "whole": whole, "w": watched,
-                "dirs": dirs, "dw": dirs_watched}
+                "dirs": dirs, "dw": dirs_watched,
+                # the directories answered whole the host may change without asking (listing.py)
+                "wr": [item[0] for item, answer in zip(a.get("dirs") or (), dirs)
+                       if answer != 0 and self._may_change(item[0])]}
         return Reply(payload=json.dumps(body, separators=(",", ":")).encode(), compressible=True)
 
     def _lookup(self, name: str) -> Any:

@@ -319,12 +319,13 @@ def validate(link: Link, paths: List[str]) -> Optional[Tuple[List[str], List[Any
 
 
 def validate_all(link: Link, paths: List[str], dirs: Optional[List[List[str]]] = None, own: bool = False
-                 ) -> Optional[Tuple[List[str], List[Any], List[Any], List[Any], List[Any], List[Any]]]:
+                 ) -> Optional[Tuple[List[str], List[Any], List[Any], List[Any], List[Any], List[Any], List[Any]]]:
     """One ``validate`` for *paths* and the kept directory answers *dirs* ([directory, digest]).
 
     *own*: this host has a profile of its own for the command (the local side
     then seeds the answer with the command's own profile only).
-    Returns (names, answers, whole, watched, directory answers, directories watched), or None.
+    Returns (names, answers, whole, watched, directory answers, directories watched, directories
+    the host may change without asking), or None.
     """
     args: Dict[str, Any] = {"dirs": dirs} if dirs else {}
     if own:
@@ -333,7 +334,8 @@ def validate_all(link: Link, paths: List[str], dirs: Optional[List[List[str]]] =
         _, data = link.call("validate", args, b"\0".join(P.name_from_wire(p) for p in paths))
         reply = json.loads(data.decode("utf-8"))
         return (list(reply["names"]), list(reply["answers"]), list(reply["whole"]),
-                list(reply.get("w") or []), list(reply.get("dirs") or []), list(reply.get("dw") or []))
+                list(reply.get("w") or []), list(reply.get("dirs") or []), list(reply.get("dw") or []),
+                list(reply.get("wr") or []))
     except (OSError, ValueError, KeyError, TypeError, P.ProtocolError) as exc:
         LOG.debug("validation skipped: %s", exc)
         return None

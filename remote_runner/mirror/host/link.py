@@ -67,6 +67,9 @@ class Link:
         self._frames: "queue.Queue[Optional[Tuple[Dict[str, Any], bytes]]]" = queue.Queue()
         #: The local side's (uid, gid), from its boot frame: who owns the files it creates.
         self.local_ids: Optional[Tuple[int, int]] = None
+        #: Directories the local side's warm-start answer says the host may change without
+        #: asking (``wr``, see LocalFileService._may_change): each mount confirms them at its start.
+        self.changeable: List[str] = []
         #: Extra channels for large replies (:mod:`.lanes`), if any; started with the link.
         self.lanes: Any = None
         self.lanes_wanted = 0

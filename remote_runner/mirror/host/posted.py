@@ -22,7 +22,8 @@ waited for the local side: a round trip per name, 20 ms at 10 ms each way.
 * A read-only open of a file the host wrote and closed, whose bytes it
   holds, is answered at once (:meth:`NewNames.post_reading`); so is an open
   that empties a file this mount made (:meth:`NewNames.post_emptying`).
-* A ``chmod`` of a name the mount made in the session (:meth:`NewNames.post_chmod`).
+* A ``chmod`` of a name the mount made in the session, or this machine's user owns
+  (:meth:`NewNames.post_chmod`).
 
 Shipped to hosts inside the agent's zipapp (``rrmirror.host``): stdlib only, Python 3.8.
 """
@@ -355,8 +356,9 @@ class NewNames:
         """Send a chmod without waiting when it cannot fail here; False: the caller waits for it.
 
         That is a regular file (with one name) or a directory this mount
-        created in the session: the export is writable (the create went
-        through) and the file is this machine's user's. Until the reply, the
+        created in the session, or one this machine's user owns (or any, where
+        it runs as root), in a directory where changes are sent on (the
+        export is writable, see ``PendingChanges.may_post``). Until the reply, the
         name's attributes are guessed (new mode, ctime moved on): the kernel
         asks for them right after every chmod. A test suite's temporary files
         (CPython's test_tempfile: 430 chmods) then cost no round trip each; a
@@ -406,12 +408,15 @@ class NewNames:
             "st_gid": known.get("st_gid", 0) if gid == -1 else gid})
 
     def _post_setattr(self, op: str, args: Dict[str, Any], changed: Callable[[Dict[str, Any]], Dict[str, Any]]) -> bool:
-        """Post *op* on a name this mount made, guessing its attributes with *changed* (see post_chmod)."""
+        """Post *op* on a name this mount made or this machine's user owns, guessing its attributes
+        with *changed* (see post_chmod)."""
         name, folder = args["path"], parent_of(args["path"])
         known = self.cache.get(name)
-        if name not in self.made or known is None or known.get("missing") \
-                or not self.changes.may_post(folder):
+        if known is None or known.get("missing") or not self.changes.may_post(folder):
             return False
+        ids = self.link.local_ids
+        if name not in self.made and not (ids is not None and ids[0] in (0, known.get("st_uid"))):
+            return False  # (another user's file: only its owner or root may change it)
         mode = int(known.get("st_mode", 0))
         if not (stat.S_ISDIR(mode) or (stat.S_ISREG(mode) and int(known.get("st_nlink", 1)) == 1)):
             return False

@@ -139,7 +139,8 @@ class Session:
         reply = validate_all(self.link, known, dirs, own)
         if reply is None:
             return 0
-        names, answers, whole, watched, dir_answers, dirs_watched = reply
+        names, answers, whole, watched, dir_answers, dirs_watched, changeable = reply
+        self.link.changeable = [d for d in changeable if isinstance(d, str) and d.startswith("/")]
         self._absorb_listings(dirs, dir_answers, dirs_watched, since)
         wanted = wanted_files(self.files, whole)
         if wanted:

@@ -71,6 +71,7 @@ class MountState(NewNames):
         self.fault = fault
         self.writes = PendingWrites(link.submit, link.wait, link.abandon)
         self.changes = PendingChanges(link.submit, link.wait)
+        self.changes.confirm(*link.changeable)
         self.sync_handles: Dict[int, None] = {}  # opened O_SYNC/O_DSYNC: every write waits
         self.created: Dict[int, Any] = {}  # handles of files this host created -> the file's inode
         self.flushed: Dict[int, None] = {}  # handles whose close brought the file's attributes, unwritten since
