@@ -3,7 +3,8 @@
 The main mirror rows (:mod:`bench.scenarios.mirror`) compare tools on program
 starts. These rows ask what a user feels with whole programs that touch many
 files: ``git status`` in a 50,000-file repository, ``make -j`` of a C project
-of 50 files, and, over the ideal link (0 ms), five files of CPython's own test
+of 50 files, ``chmod -R`` and ``rm -rf`` of a tree of 5,000 files made before the
+session, and, over the ideal link (0 ms), five files of CPython's own test
 suite and this project's ``pytest tests/test_config.py tests/test_muddle.py``.
 Only our mirror and the local run are measured (the peers take minutes per
 row); each of our rows notes the run's counters (``exec --stats``): requests,
@@ -88,6 +89,18 @@ def make_repo(repo: str, count: int, name: Callable[[int], str]) -> None:
         handle.write(str(count))
 
 
+def old_tree(path: str, count: int, keep: bool) -> None:
+    """*count* small files in *count* / 10 directories at *path* (kept if there with *keep*)."""
+    if keep and os.path.isdir(path):
+        return
+    subprocess.run(["rm", "-rf", path], check=True)
+    for i in range(count):
+        directory = os.path.join(path, f"d{i // 100:03d}", f"s{(i // 10) % 10}")
+        os.makedirs(directory, exist_ok=True)
+        with open(os.path.join(directory, f"f{i % 10}"), "w") as handle:
+            handle.write("x\n")
+
+
 def c_project(ctx: Context, files: int = 50) -> str:
     """A C project of *files* sources and a Makefile, made once; return its path."""
     base = os.path.join(ctx.work_dir, "mirror", f"cproject{files}")
@@ -123,6 +136,14 @@ def run(ctx: Context, host: str, delay: float, stats_path: str) -> List[Measurem
                      stats_path, missing, cold=True)
     build = [("make -j (50 C files)", ["make", "-s", "-j4"], project, clean)]
     rows += _measure(ctx, host, delay, build, stats_path, missing, cold=False)
+    # A tree made here before the session: its modes changed, then the tree removed (each run
+    # removes a fresh copy), as a clean-up of an old build tree or of a test suite's old runs.
+    tree, count = os.path.join(ctx.work_dir, "mirror", "old-tree"), 1000 if ctx.quick else 5000
+    trees = [(f"chmod -R ({count:,} files made before)", ["chmod", "-R", "g+w", tree], ctx.work_dir,
+              lambda: old_tree(tree, count, keep=True)),
+             (f"rm -rf ({count:,} files made before)", ["rm", "-rf", tree], ctx.work_dir,
+              lambda: old_tree(tree, count, keep=False))]
+    rows += _measure(ctx, host, delay, trees, stats_path, missing, cold=False)
     # The compiler's temporary files (cc1's .s for as) in the host's own /tmp.
     rows += _measure(ctx, host, delay, build, stats_path, missing, cold=False, options=["--private-tmp"],
                      local=False)
