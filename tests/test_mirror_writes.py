@@ -352,3 +352,37 @@ def test_the_link_counts_the_time_callers_spent_waiting_for_answers():
     finally:
         for fd in (up_r, up_w, down_r, down_w):
             os.close(fd)
+
+
+def test_names_made_waiting_are_remembered_and_listed_directories_confirmed():
+    """A mkdir the host waited for is a name the mount made (its chmod is then sent on); a
+    listing (or the warm start) naming directories the host may change confirms them."""
+    from remote_runner.mirror.host.names import NameCache
+    from remote_runner.mirror.host.state import MountState
+
+    directory = {"st_mode": 0o40755, "st_nlink": 2, "st_ino": 9, "st_size": 4096}
+
+    class Link:
+        local_ids = (1000, 1000)
+        changeable = ["/warm"]
+
+        def submit(self, op, args, payload=b""):
+            raise AssertionError("nothing is sent on without waiting here")
+
+        def wait(self, slot):
+            return {}, b""
+
+        def abandon(self, slot):
+            pass
+
+        def call(self, op, args, payload=b""):
+            if op == "mkdir":
+                return {"st": directory, "dst": directory, "w": 1}, b""
+            return {"attrs": [], "w": 1, "wr": ["/t/listed", 5, "relative"]}, b""
+
+    m = MountState(Link(), b"", None, NameCache(), None, None, OSError)
+    assert m.changes.may_post("/warm") and not m.changes.may_post("/t")
+    m.call("mkdir", {"path": "/t/made", "mode": 0o755, "ctx": [1000, 1000]})
+    assert "/t/made" in m.made and m.changes.may_post("/t")
+    m.call("readdir", {"path": "/t/listed"})
+    assert m.changes.may_post("/t/listed") and not m.changes.may_post("relative")

@@ -244,13 +244,13 @@ class MountState(NewNames):
                 self.forget_changed(op, args)
         if op in ENTRY_OPS:
             self.changes.confirm(*self.changed_dirs(op, args))
+            if op in ("mknod", "mkdir", "symlink", "create"):
+                self.remember_made(args["path"])
         changeable = header.get("wr")
         if isinstance(changeable, list):
             # Listed directories the local side says the host may change: their first
             # removal or new name need not wait either (LocalFileService._may_change).
             self.changes.confirm(*[d for d in changeable if isinstance(d, str) and d.startswith("/")])
-            if op in ("mknod", "mkdir", "symlink", "create"):
-                self.remember_made(args["path"])
         if op == "open" and "fh" in header and not self.mutates(op, args):
             self.reading[header["fh"]] = None
         elif op == "release":
