@@ -157,3 +157,20 @@ def test_a_listing_names_the_directories_the_host_may_change_without_asking(tmp_
     assert str(shared) not in listed["wr"] and str(tmp_path / "mine" / "sub") in listed["wr"]
     monkeypatch.setattr(os, "geteuid", lambda: 4321)  # its owner may
     assert str(shared) in service.handle("readdir", {"path": str(tmp_path)}, b"").fields["wr"]
+
+
+def test_a_watched_directory_the_host_removes_is_not_reported_back_by_its_own_watch(tmp_path, service):
+    # Its own watch says it went away too: were that reported, the host would forget the
+    # name in the parent's listing, and the parent's rmdir (listing known empty) would wait.
+    d = tmp_path / "d"
+    (d / "sub").mkdir(parents=True)
+    (d / "other").mkdir()
+    service.handle("readdir", {"path": str(d)}, b"")  # d and its subdirectories watched, listed
+    assert service.watcher.watched(os.fsencode(d / "sub")) and service.watcher.watched(os.fsencode(d / "other"))
+    service.handle("rmdir", {"path": str(d / "sub")}, b"")
+    service.watcher.flush()
+    assert everything_reported(service.reports) == set()
+    assert not service.watcher.watched(os.fsencode(d / "sub"))
+    os.rmdir(d / "other")  # someone else's removal still goes to the host
+    service.watcher.flush()
+    assert os.fsencode(d / "other") in everything_reported(service.reports)

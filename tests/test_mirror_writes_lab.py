@@ -270,9 +270,8 @@ def test_removing_a_tree_made_here_before_waits_for_no_reply_per_directory(lab, 
     assert not tree.exists() and os.listdir(local_only) == []
     host_counts = json.loads(stats.read_text())["host"]
     assert host_counts["posted"].get("unlink", 0) == host_counts["asked"].get("unlink") == count, host_counts
-    # (the tree's top lies in a directory only looked up, not listed, so its rmdir waits; and
-    # an rmdir is sent on only while the host holds the directory's whole listing, now empty)
-    assert host_counts["asked"].get("rmdir") == 25 and host_counts["posted"].get("rmdir", 0) >= 21, host_counts
+    # the top's too: its directory came whole with the lookup of the top
+    assert host_counts["posted"].get("rmdir", 0) == host_counts["asked"].get("rmdir") == 25, host_counts
 
 
 @pytest.mark.parametrize("host", ["h2", "h9"])

@@ -377,7 +377,14 @@ class ChangeWatcher:
                     elif mask & CONTENT:
                         paths[path] = None
                 elif mask & (SELF_GONE | IN_IGNORED):
-                    trees[directory] = None
+                    if directory in mine:
+                        # The watched directory the host's own rmdir or rename took away: its
+                        # own watch says so too, and that is the host's change as well (else
+                        # the host forgot the removed name in its parent's listing, and the
+                        # parent's rmdir, which needs the listing known empty, waited).
+                        self.own_events += 1
+                    else:
+                        trees[directory] = None
                 elif mask & CONTENT:
                     paths[directory] = None
             if not name and mask & (SELF_GONE | IN_IGNORED):
