@@ -66,8 +66,7 @@ class SSHConfig(paramiko.SSHConfig):
 
 
 # paramiko's expansion makes its stand-in by this module-level name (from paramiko 2.7 on).
-if getattr(paramiko.config, "LazyFqdn", None) is not None:
-    paramiko.config.LazyFqdn = _FqdnWhenUsed  # type: ignore[misc]
+paramiko.config.LazyFqdn = _FqdnWhenUsed  # type: ignore[misc]
 
 
 def config_paths(ssh_config_file: Optional[str]) -> List[str]:

@@ -21,7 +21,7 @@ from .. import protocol as P
 from .link import Link
 from .answers import absorb_answers, absorb_listings
 from .basis import Staged, discard, stage, unlink_quietly
-from .names import NameCache
+from .names import NameCache, absolute_names
 
 LOG = logging.getLogger("remote_runner.mirror.agent")
 
@@ -335,7 +335,7 @@ def validate_all(link: Link, paths: List[str], dirs: Optional[List[List[str]]] =
         reply = json.loads(data.decode("utf-8"))
         return (list(reply["names"]), list(reply["answers"]), list(reply["whole"]),
                 list(reply.get("w") or []), list(reply.get("dirs") or []), list(reply.get("dw") or []),
-                list(reply.get("wr") or []))
+                absolute_names(reply.get("wr")))
     except (OSError, ValueError, KeyError, TypeError, P.ProtocolError) as exc:
         LOG.debug("validation skipped: %s", exc)
         return None

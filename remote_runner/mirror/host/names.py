@@ -45,6 +45,11 @@ def parent(path: str) -> str:
     return posixpath.dirname(path.rstrip("/")) or "/"
 
 
+def absolute_names(items: Any) -> List[str]:
+    """The absolute wire names of *items*, a list the local side sent (anything else: none)."""
+    return [n for n in items if isinstance(n, str) and n.startswith("/")] if isinstance(items, list) else []
+
+
 class _Listing:
     __slots__ = ("names", "unknown", "until")
 

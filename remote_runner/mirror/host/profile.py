@@ -15,6 +15,7 @@ import tempfile
 from typing import TYPE_CHECKING, Any, Dict, List, Optional, Set
 
 from .. import protocol as P
+from .names import absolute_names
 
 if TYPE_CHECKING:  # pragma: no cover
     from .caches import FileCache
@@ -104,8 +105,7 @@ class Profile:
         """The directories whose answers the last session used (see :mod:`.listings`)."""
         body = self._read()
         dirs = body.get("dirs") if isinstance(body, dict) else None
-        return [d for d in dirs if isinstance(d, str) and d.startswith("/")][:self.DIRS] if isinstance(
-            dirs, list) else []
+        return absolute_names(dirs)[:self.DIRS]
 
     def dirs(self) -> List[str]:
         """This session's directories: those listed, and those it looked names up in."""

@@ -140,7 +140,7 @@ class Session:
         if reply is None:
             return 0
         names, answers, whole, watched, dir_answers, dirs_watched, changeable = reply
-        self.link.changeable = [d for d in changeable if isinstance(d, str) and d.startswith("/")]
+        self.link.changeable = changeable
         self._absorb_listings(dirs, dir_answers, dirs_watched, since)
         wanted = wanted_files(self.files, whole)
         if wanted:

@@ -31,7 +31,7 @@ from .caches import LOCAL_FH_BASE, FileCache, copy_key, fetch_ahead, fetch_rest
 from .fresh import READ_AHEAD, FreshFiles
 from .link import Link
 from .kernel import KernelDrops
-from .names import NameCache, parent as parent_of
+from .names import NameCache, absolute_names, parent as parent_of
 from .profile import Profile
 from .posted import NewNames
 from .writes import DirectoryGuesses, PendingChanges, PendingWrites, WrittenFiles, predicted_directory
@@ -246,11 +246,9 @@ class MountState(NewNames):
             self.changes.confirm(*self.changed_dirs(op, args))
             if op in ("mknod", "mkdir", "symlink", "create"):
                 self.remember_made(args["path"])
-        changeable = header.get("wr")
-        if isinstance(changeable, list):
-            # Listed directories the local side says the host may change: their first
-            # removal or new name need not wait either (LocalFileService._may_change).
-            self.changes.confirm(*[d for d in changeable if isinstance(d, str) and d.startswith("/")])
+        # Listed directories the local side says the host may change: their first
+        # removal or new name need not wait either (LocalFileService._may_change).
+        self.changes.confirm(*absolute_names(header.get("wr")))
         if op == "open" and "fh" in header and not self.mutates(op, args):
             self.reading[header["fh"]] = None
         elif op == "release":
