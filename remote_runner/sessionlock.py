@@ -125,8 +125,8 @@ _THEN_MARK = "RR-THEN-DONE"
 #: What the lock script says when it cannot make the state directory (then the error).
 _NO_DIR = "RR-NO-STATE-DIR"
 #: A script for the lock's shell: ``RR-STEP <nonce> <bytes> <data bytes>`` then the text and
-#: the data for its stdin; it answers
-#: ``RR-STEP-END <nonce> <status> <stdout bytes> <stderr bytes>`` then both outputs.
+#: the data for its stdin; it answers with the script's stdout, then
+#: ``\nRR-STEP-END <nonce> <status> <0|1>``, then (1) its stderr and ``\nRR-STEP-ERR <nonce>``.
 _STEP = "RR-STEP"
 
 
@@ -156,29 +156,42 @@ class LockShell:
 
 
 def _read_step(channel: Any, nonce: str) -> Optional[Tuple[int, bytes, bytes]]:
-    """Read one step's answer from *channel*: (status, stdout, stderr); None if it was refused."""
-    data = b""
-    mark = f"{_STEP}-END {nonce} ".encode()
+    """Read one step's answer from *channel*: (status, stdout, stderr); None if it was refused.
+
+    The step's stdout comes as it was printed, then ``\\nRR-STEP-END <nonce> <status>
+    <1 if stderr follows>``; its stderr, when it printed any, then ends with
+    ``\\nRR-STEP-ERR <nonce>`` (see :func:`_steps_loop`).
+    """
+    end = f"\n{_STEP}-END {nonce} ".encode()
+    data, start = b"", 0
     while True:
-        start = data.find(mark)
-        end = data.find(b"\n", start) if start >= 0 else -1
-        if end >= 0:
-            break
-        if f"{_STEP}-FAIL {nonce}\n".encode() in data:
-            return None
-        chunk = channel.recv(65536)
-        if not chunk:
-            raise EOFError("the channel closed")
-        data += chunk
-    fields: List[str] = data[start + len(mark):end].decode().split()
-    status, out_size, err_size = (int(x) for x in fields[:3])
-    body = data[end + 1:]
-    while len(body) < out_size + err_size:
-        chunk = channel.recv(65536)
-        if not chunk:
-            raise EOFError("the channel closed")
-        body += chunk
-    return status, body[:out_size], body[out_size:out_size + err_size]
+        at = data.find(end, start)
+        if at >= 0:
+            line_end = data.find(b"\n", at + len(end))
+            if line_end >= 0:
+                break
+        else:
+            if f"{_STEP}-FAIL {nonce}\n".encode() in data:
+                return None
+            start = max(0, len(data) - len(end) + 1)
+        data += _recv_some(channel)
+    fields: List[str] = data[at + len(end):line_end].decode().split()
+    status, has_err = int(fields[0]), fields[1:2] == ["1"]
+    rest, err = data[line_end + 1:], b""
+    if has_err:
+        err_end = f"\n{_STEP}-ERR {nonce}\n".encode()
+        while err_end not in rest:
+            rest += _recv_some(channel)
+        err = rest[:rest.index(err_end)]
+    return status, data[:at], err
+
+
+def _recv_some(channel: Any) -> bytes:
+    """The next bytes from *channel*; EOFError when it closed."""
+    chunk = channel.recv(65536)
+    if not chunk:
+        raise EOFError("the channel closed")
+    return chunk
 
 
 def lock_script(state_dir: str, info: str, then: str = "", fed: str = "") -> str:
@@ -214,28 +227,37 @@ def _steps_loop() -> str:
     its arrival and its run, whoever can write to the state directory). It
     runs in a fresh ``sh`` without the lock's descriptor (a screen session it
     starts must not hold the lock), its stdin /dev/null or exactly its data
-    (the rest of which is drained if it stops reading), and is answered with
-    its status and the sizes of its outputs, so nothing it prints can be taken
-    for the answer's end. Anything but a step ends the loop, as does a host
-    without ``mktemp`` or ``head -c`` (the step is refused: it did not run);
-    the shell then holds the lock until stdin closes.
+    (the rest of which is drained if it stops reading). Its stdout goes
+    straight to the channel, followed by a line with the step's nonce and
+    status: the nonce is random and new for each step, so nothing the script
+    prints ends its answer early. Its stderr is kept in a file and sent after
+    that line only when there is some, ended by a second nonce line. Beyond
+    the script itself a step costs the host ``head`` and nothing else: no
+    process to count or copy its outputs. Anything but a step ends the loop,
+    as does a host without ``mktemp`` or ``head -c`` (the step is refused: it
+    did not run); the shell then holds the lock until stdin closes.
     """
     t = '"$rr_t"'
-    step, out, err, rc = f"{t}/s", f"{t}/o", f"{t}/e", f"{t}/r"
+    step, err, rc = f"{t}/s", f"{t}/e", f"{t}/r"
     return ("rr_t=$(mktemp -d 2>/dev/null) || rr_t=\n"
             "while IFS= read -r rr_h; do\n"
             f'  case $rr_h in "{_STEP} "*) ;; *) break;; esac\n'
             "  set -- $rr_h\n"
             f'  [ -n "$rr_t" ] && head -c "$3" > {step} || {{ echo "{_STEP}-FAIL $2"; break; }}\n'
             '  if [ "${4:-0}" = 0 ]; then\n'
-            f"    sh {step} </dev/null >{out} 2>{err} 9>&-\n"
+            f"    sh {step} </dev/null 2>{err} 9>&-\n"
             "    rr_s=$?\n"
             "  else\n"
-            f'    head -c "$4" 9>&- | {{ sh {step} >{out} 2>{err} 9>&-; echo $? >{rc}; cat >/dev/null; }}\n'
+            f'    head -c "$4" 9>&- | {{ sh {step} 2>{err} 9>&-; echo $? >{rc}; cat >/dev/null; }}\n'
             f"    rr_s=; read -r rr_s <{rc}\n"
             "  fi\n"
-            f'  echo "{_STEP}-END $2 ${{rr_s:-255}} $(wc -c <{out}) $(wc -c <{err})"\n'
-            f"  cat {out} {err}\n"
+            f"  if [ -s {err} ]; then\n"
+            f"    printf '\\n{_STEP}-END %s %s 1\\n' \"$2\" \"${{rr_s:-255}}\"\n"
+            f"    cat {err}\n"
+            f"    printf '\\n{_STEP}-ERR %s\\n' \"$2\"\n"
+            "  else\n"
+            f"    printf '\\n{_STEP}-END %s %s 0\\n' \"$2\" \"${{rr_s:-255}}\"\n"
+            "  fi\n"
             "done\n"
             '[ -n "$rr_t" ] && rm -rf "$rr_t"\n'
             "exec cat >/dev/null\n")

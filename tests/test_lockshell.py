@@ -130,11 +130,21 @@ class ScriptedChannel:
 
 def test_an_answer_in_pieces_is_put_together_and_the_text_sent_length_first(monkeypatch):
     monkeypatch.setattr(sessionlock.secrets, "token_hex", lambda _n: "n0")
-    channel = ScriptedChannel([b"RR-STEP-EN", b"D n0 0 6 0\nab", b"c\nd\n"])
+    channel = ScriptedChannel([b"ab", b"c\nd\n\nRR-STEP-EN", b"D n0 0 0", b"\n"])
     lock = SessionLock("h", channel)
     result = lock.script("echo \u00e9\n", 5)
     assert (result.exit_status, result.stdout, result.stderr) == (0, "abc\nd\n", "")
     assert channel.sent == "RR-STEP n0 8 0\necho \u00e9\n".encode()
+
+
+def test_a_step_answer_ends_only_at_its_own_nonce_and_brings_its_stderr(monkeypatch):
+    monkeypatch.setattr(sessionlock.secrets, "token_hex", lambda _n: "n2")
+    # another nonce's end line and an end line not at a line start are just output
+    out = b"x\nRR-STEP-END n9 0 0\ny RR-STEP-END n2 0 0\n"
+    channel = ScriptedChannel([out + b"\nRR-STEP-END n2 7 1\ne", b"rr\n\nRR-STEP-E",
+                               b"RR n2\n"])
+    result = SessionLock("h", channel).script("x\n", 5)
+    assert (result.exit_status, result.stdout, result.stderr) == (7, out.decode(), "err\n")
 
 
 def test_a_host_that_cannot_read_steps_gets_execs_instead(monkeypatch):
