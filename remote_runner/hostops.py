@@ -144,8 +144,8 @@ def health_script(checks: Sequence[HealthCheck], settle: float) -> str:
         if c.may_exit:
             ended = f"v{n}=EXITED"
         else:  # exit 0 is a finished job, not a failed start
-            ended = (f"if [ \"$(cat {q(w.status_file)})\" = 0 ]; then v{n}=EXITED; "
-                     f"else v{n}=DEAD; fi")
+            ended = (f"rr_v=; {{ read -r rr_v < {q(w.status_file)}; }} 2>/dev/null; "
+                     f"if [ \"$rr_v\" = 0 ]; then v{n}=EXITED; else v{n}=DEAD; fi")
         lines += [
             f'  if [ -z "$v{n}" ]; then',
             f"    if [ -s {q(w.status_file)} ]; then",

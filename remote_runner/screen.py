@@ -422,20 +422,30 @@ def _window_groups(screen_pids: str, children: str = "/proc/$sp/task/$sp/childre
             "done")
 
 
-def _ids_of(name: str, wipe: bool = False) -> str:
-    """Return a shell command printing the ids of the sessions named exactly *name*.
+def each_line(text: str, body: str, fields: str = "p k") -> str:
+    """Shell text running *body* for each line of *text* (shell text, expanded), split into *fields*.
+
+    The lines come from a here-document, so the loop runs in the shell itself:
+    no subshell per ``echo ... | while``, and what *body* sets is kept (dash and
+    bash write a short here-document straight into a pipe, without a fork).
+    """
+    return f"while read -r {fields}; do {body}; done <<RR_LINES\n{text}\nRR_LINES\n"
+
+
+def _set_ids(var: str, name: str, wipe: bool = False) -> str:
+    """Return shell text setting *var* to `` ID ID ... `` (space-padded): the sessions named *name*.
 
     ``screen -ls`` lists ``PID.NAME`` as each line's first word; the words are
-    picked by the shell itself (a start asks several times, and each helper
-    process costs the host a fork and an exec). With *wipe*, ``screen -wipe``
-    lists them instead: it prints the same list while it removes dead sessions,
-    which it marks ``(Removed)``, so a start that wipes first needs no second
-    screen client to list what is left.
+    picked by the shell itself, from one captured listing (a start asks more
+    than once, and each helper process costs the host a fork and an exec). With
+    *wipe*, ``screen -wipe`` lists them instead: it prints the same list while it
+    removes dead sessions, which it marks ``(Removed)``, so a start that wipes
+    first needs no second screen client to list what is left.
     """
-    keep = ('case $rr_x in *"(Removed)"*) ;; *) {}; esac' if wipe else "{}")
-    pick = f'[ "${{rr_s#*.}}" = {shlex.quote(validate_session_name(name))} ] && echo "$rr_s"'
-    return (f"screen {'-wipe' if wipe else '-ls'} 2>/dev/null | while read -r rr_s rr_x; do "
-            f"case $rr_s in ?*.*) {keep.format(pick)};; esac; done")
+    pick = f'[ "${{rr_i#*.}}" = {shlex.quote(validate_session_name(name))} ] && {var}="${var}$rr_i "'
+    keep = f'case $rr_x in *"(Removed)"*) ;; *) {pick};; esac' if wipe else pick
+    return (f"rr_ls=$(screen {'-wipe' if wipe else '-ls'} 2>/dev/null)\n{var}=' '\n" +
+            each_line("$rr_ls", f"case $rr_i in ?*.*) {keep};; esac", "rr_i rr_x"))
 
 
 def quit_sessions_script(name: str, grace: float, wipe: bool = False) -> str:
@@ -444,26 +454,32 @@ def quit_sessions_script(name: str, grace: float, wipe: bool = False) -> str:
     Self-contained (it finds the sessions itself), for clean-up tools that have
     no :class:`Screen` at hand; :meth:`Screen.kill` does the same in steps. With
     *wipe*, dead sessions are wiped by the same screen client that lists them.
+    It leaves the sessions' ids in ``$rr_ids`` and their SCREEN pids in ``$rr_pids``.
     """
-    return (f"rr_ids=$({_ids_of(name, wipe)})\n"
-            'rr_pids=$(for s in $rr_ids; do echo "${s%%.*}"; done)\n' +
-            _stop_groups(_window_groups("$rr_pids"), grace) +
+    return (_set_ids("rr_ids", name, wipe) +
+            'rr_pids=; for s in $rr_ids; do rr_pids="$rr_pids ${s%%.*}"; done\n' +
+            _stop_groups(_window_groups("$rr_pids"), grace, only_if='[ -n "$rr_pids" ]') +
             'for s in $rr_ids; do screen -S "$s" -X quit >/dev/null 2>&1; done\n')
 
 
-def _stop_groups(listing: str, grace: float) -> str:
+def _stop_groups(listing: str, grace: float, only_if: str = "") -> str:
     """Return shell text that stops the process groups *listing* prints as ``PGID KEY`` lines.
 
     Each group gets SIGTERM; those still alive after *grace* seconds get SIGKILL
-    and are reported as ``KILLED KEY`` lines.
+    and are reported as ``KILLED KEY`` lines. With *only_if* (a shell test), the
+    listing runs only when it holds (else there is nothing to stop).
     """
-    alive = ('{ rr_a=1; for p in $(echo "$rr_groups" | while read -r p k; do echo "$p"; done); do '
+    groups = f"rr_groups=$({listing})\n"
+    if only_if:
+        groups = f"rr_groups=\nif {only_if}; then\n{groups}fi\n"
+    alive = ('{ rr_a=1; for p in $rr_gp; do '
              'kill -0 -"$p" 2>/dev/null && { rr_a=0; break; }; done; [ $rr_a = 0 ]; }')
-    return (f"rr_groups=$({listing})\n"
-            'echo "$rr_groups" | while read -r p k; do [ -n "$p" ] && kill -TERM -"$p" 2>/dev/null; '
-            "done\n" + nap_while(alive, grace) +
-            'echo "$rr_groups" | while read -r p k; do [ -n "$p" ] && kill -KILL -"$p" 2>/dev/null '
-            '&& echo "KILLED $k"; done\n')
+    return (groups + "rr_gp=\n" +
+            each_line("$rr_groups", '[ -n "$p" ] && rr_gp="$rr_gp $p"') +
+            'for p in $rr_gp; do kill -TERM -"$p" 2>/dev/null; done\n' +
+            'if [ -n "$rr_gp" ]; then\n' + nap_while(alive, grace) +
+            each_line("$rr_groups", '[ -n "$p" ] && kill -KILL -"$p" 2>/dev/null && echo "KILLED $k"') +
+            "fi\n")
 
 
 def _poll_gone(pids: str, timeout: float) -> str:

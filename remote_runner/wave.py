@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Dict, List, Optional, Sequence
 
 from remote_runner.errors import CopyError, StartError
 from remote_runner.screen import (PLACING_FAILED, SETUP_FAILED, _NEED_SCREEN, _SETUP_EXIT, Window,
-                                  _ids_of, _poll_gone, escape_x, nap_while, parse_sessions,
+                                  _poll_gone, _set_ids, escape_x, nap_while, parse_sessions,
                                   printf_write, quit_sessions_script, rc_text)
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -73,17 +73,20 @@ def start_wave(screen: "Screen", windows: Sequence[Window], setup: str = "",
     listed = None  # a variable listing the sessions left, when this command has one already
     if replace == "kill":
         listed = "rr_after"
+        # a session has quit when its SCREEN process has ended (screen removes its socket
+        # as it goes): what is left is known without asking screen again
         parts.append(quit_sessions_script(screen.name, grace, wipe=True) +
                      _poll_gone("$rr_pids", screen.start_timeout) +
-                     f'rr_after=" $(echo $({_ids_of(screen.name)})) "\nrr_left=\n'
-                     'for s in $rr_ids; do case "$rr_after" in *" $s "*) rr_left="$rr_left $s";; '
-                     '*) echo "RR-QUIT $s";; esac; done\n'
+                     "rr_after=' '\nrr_left=\n"
+                     'for s in $rr_ids; do if kill -0 "${s%%.*}" 2>/dev/null; then '
+                     'rr_left="$rr_left $s"; rr_after="$rr_after$s "; '
+                     'else echo "RR-QUIT $s"; fi; done\n'
                      'if [ -n "$rr_left" ]; then echo "RR-NOT-QUIT$rr_left"; exit 0; fi\n'
                      "sid=\n")
     elif replace == "adopt":
         listed = "rr_all"
-        parts.append(f'rr_all=" $(echo $({_ids_of(screen.name, wipe=True)})) "\n'
-                     f"sid=\nfor s in $rr_all; do sid=$s; done\n")
+        parts.append(_set_ids("rr_all", screen.name, wipe=True) +
+                     "sid=\nfor s in $rr_all; do sid=$s; done\n")
         if screen.session_id:
             parts.append(f'case "$rr_all" in *" "{q(screen.session_id)}" "*) '
                          f"sid={q(screen.session_id)};; esac\n")
@@ -105,22 +108,22 @@ def _open_script(screen: "Screen", windows: Sequence[Window], listed: Optional[s
 
     A new session is found as the one ``screen -ls`` lists after it was started
     and not before; *listed* names a variable that already holds the "before"
-    (the sessions this command left running), saving the host a screen client.
+    (the sessions this command left running, space-padded), saving the host a
+    screen client.
     """
     q = shlex.quote
     wave_file = f"{screen.log_dir}/windows-{windows[0].stem}.screenrc"
     rc = rc_text(screen.log_dir, screen.zombie) + f"source {rc_word(wave_file)}\n"
-    ids = _ids_of(screen.name)
     script = (printf_write(wave_file, windows_rc(windows), on_error=SETUP_FAILED) +
               'if [ -z "$sid" ]; then\n' +
               printf_write(screen.rc_file, rc, on_error=SETUP_FAILED) +
-              (f'  rr_b="${listed}"\n' if listed else f'  rr_b=" $(echo $({ids})) "\n') +
+              (f'  rr_b="${listed}"\n' if listed else _set_ids("rr_b", screen.name)) +
               # zombie mode is in the rc, so it holds before the first window can exit
               f"  screen -c {q(screen.rc_file)} -d -m -S {q(screen.name)} </dev/null >/dev/null 2>&1\n"
               "  rr_rc=$?\n"
               # screen -d -m may return before the new session's socket is listed: wait for it
-              "  rr_find() {\n"
-              f'    for s in $({ids}); do case "$rr_b" in *" $s "*) ;; *) sid=$s;; esac; done\n'
+              "  rr_find() {\n" + _set_ids("rr_now", screen.name) +
+              '    for s in $rr_now; do case "$rr_b" in *" $s "*) ;; *) sid=$s;; esac; done\n'
               '    [ -z "$sid" ]\n  }\n' +
               nap_while('[ $rr_rc = 0 ] && rr_find', screen.start_timeout) +
               '  if [ -z "$sid" ]; then echo "RR-NO-SESSION $rr_rc"; screen -ls; exit 0; fi\n'
