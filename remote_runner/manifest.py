@@ -185,7 +185,8 @@ if write:
                 continue
             receipts.append(key(st) + [wrote[dest][4]] if as_written(dest, st) else None)
         sys.stdout.write("RR-MANIFEST " + dumps({"files": [], "receipts": receipts}) + "\n")
-        sys.exit(0)
+        sys.stdout.flush()
+        os._exit(0)
 home = os.environ.get("HOME") or os.path.expanduser("~")
 mdir = os.path.join(os.environ.get("XDG_CACHE_HOME") or os.path.join(home, ".cache"),
                     "remote-runner", "manifests")
@@ -198,14 +199,13 @@ def load(tree):
         with open(mpath(tree)) as f:
             doc = loads(f.read())
         entries = doc["entries"] if doc["tree"] == tree else {}
-        good = {}
-        for p, e in entries.items():
-            if (isinstance(p, str) and isinstance(e, list) and len(e) == 6 and
-                    all(type(x) is int for x in e[:5]) and is_hex(e[5])):
-                good[p] = e
-        return good
+        # (each entry is checked where it is used, by usable(): most never are)
+        return entries if isinstance(entries, dict) else {}
     except Exception:
         return {}
+def usable(e, st):
+    """Whether manifest entry e (as read: anything) vouches for the file whose lstat is st."""
+    return type(e) is list and len(e) == 6 and e[:5] == key(st) and is_hex(e[5])
 def digest(path, st):
     """(sha1, stat unchanged while reading) of the regular file path, st its lstat."""
     fd = os.open(path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0))
@@ -239,16 +239,19 @@ def save(tree, new):
                 if e.errno not in (errno.EAGAIN, errno.EACCES) or time.time() > deadline:
                     return False
                 time.sleep(0.05)
-        entries = load(tree)
-        entries.update(new)
         kept = {}
-        for p, e in entries.items():
+        for p, e in load(tree).items():
+            if p in new:
+                continue
             try:
                 st = os.lstat(p)
             except OSError:
                 continue
-            if stat.S_ISREG(st.st_mode) and key(st) == e[:5]:
+            if stat.S_ISREG(st.st_mode) and usable(e, st):
                 kept[p] = e
+        # (this program took each new entry from an lstat moments ago: not asked again; an
+        # entry only vouches for a file whose stat is still exactly its own, ctime included)
+        kept.update(new)
         tmp = "%s.%d.tmp" % (path, os.getpid())
         with os.fdopen(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "w") as f:
             f.write(dumps({"version": 1, "tree": tree, "entries": kept}))  # (C, not a streamed dump)
@@ -293,7 +296,7 @@ for f in req["files"]:
         if t not in known:
             known[t] = {} if req.get("rehash") else load(trees[t])
         entry = known[t].get(dest)
-        if entry is not None and entry[:5] == key(st):
+        if entry is not None and usable(entry, st):
             item[2] = entry[5]
             out["trusted"] += 1
         elif got is not None and got[:5] == key(st):
@@ -360,9 +363,11 @@ if req.get("prepare"):
         except OSError:
             continue
         for n in names:
+            if n[:1] != ".":
+                continue  # (most names: no test, no lstat)
             temp, stage = is_temp(n), is_stage(n)
             if not (temp or stage):
-                continue  # (most names: no lstat)
+                continue
             p = os.path.join(d, n)
             try:
                 st = os.lstat(p)
@@ -388,6 +393,8 @@ if req.get("prepare"):
                      os.path.isfile(os.path.join(b, "tar"))
                      for b in (os.environ.get("PATH") or os.defpath).split(os.pathsep) if b)
 sys.stdout.write("RR-MANIFEST " + dumps(out) + "\n")
+sys.stdout.flush()
+os._exit(0)  # (no teardown: freeing every entry and stat took the host ~3 ms)
 '''
 
 

@@ -311,9 +311,15 @@ def test_a_garbage_manifest_counts_as_empty_and_is_rewritten(tmp_path, monkeypat
     warm = sync.sync_host(Local(), None, plan)
     assert (warm.hash_tool, warm.hashed, warm.trusted, warm.copied) == ("manifest", 0, 3, [])
     [kept] = (tmp_path / "cache" / "remote-runner" / "manifests").glob("*.json")
+    good = json.loads(kept.read_text())
+    # entries whose stat is right but whose hash is not one, or that are not lists at all
+    bad_hash = {p: e[:5] + ["Z" * 40] for p, e in good["entries"].items()}
+    not_lists = {p: {"sha1": e[5]} for p, e in good["entries"].items()}
     for garbage in (b"\x00\xff garbage", b'{"tree": 1, "entries": []}', b"[]",
                     json.dumps({"tree": str(tmp_path / "dest"), "entries": {
-                        str(tmp_path / "dest" / "tree" / "f0"): [1, 2, "x", 4, 5, "zz"]}}).encode()):
+                        str(tmp_path / "dest" / "tree" / "f0"): [1, 2, "x", 4, 5, "zz"]}}).encode(),
+                    json.dumps(dict(good, entries=bad_hash)).encode(),
+                    json.dumps(dict(good, entries=not_lists)).encode()):
         kept.write_bytes(garbage)
         again = sync.sync_host(Local(), None, plan)
         assert (again.hashed, again.trusted, again.copied) == (3, 0, []), garbage
