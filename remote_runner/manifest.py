@@ -47,6 +47,7 @@ Hosts without python3 (a Debian minbase, say) get the old path: ``stat`` and
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import re
@@ -65,6 +66,10 @@ LOG = logging.getLogger(__name__)
 
 ANSWER_MARK = "RR-MANIFEST"
 NO_PYTHON_MARK = "RR-NO-PYTHON"
+#: The shell's answer "every file is as expected", with the question's digest (see run_script).
+SAME_MARK = "RR-MANIFEST-SAME"
+#: How the quick check renders each file (GNU stat, TZ=UTC0; the host program writes the same).
+QUICK_STAT = "%n|%s|%f|%i|%d|%y|%z"
 #: Seconds a run waits for another run's manifest lock before skipping its update.
 LOCK_WAIT = 30
 _HEX40 = re.compile(r"[0-9a-f]{40}\Z")
@@ -112,7 +117,8 @@ def is_stage(n):
     """.rr-stage-XXXXXXXX, a bundle's stage directory."""
     return len(n) == 18 and n.startswith(".rr-stage-") and "\n" not in n
 size = int(sys.argv[1]) if len(sys.argv) > 1 else -1
-req = loads(sys.stdin.buffer.read(size).decode("utf-8", "surrogateescape"))
+raw = sys.stdin.buffer.read(size)
+req = loads(raw.decode("utf-8", "surrogateescape"))
 ahead = req.get("ahead") or []
 blob = sys.stdin.buffer.read(req.get("ahead_bytes", 0)) if ahead else b""
 def key(st):
@@ -277,6 +283,8 @@ for d, mode in req.get("dirs", []):
             sys.exit(0)
 known = {}
 fresh = {}
+expect = req.get("expect") if not req.get("rehash") else None
+seen = []  # (path, lstat) of every regular file asked, while an answer may go to a quick file
 for f in req["files"]:
     dest, size, mode, t = f[:4]
     got = f[4] if len(f) > 4 else None
@@ -291,6 +299,8 @@ for f in req["files"]:
     if not stat.S_ISREG(st.st_mode):
         out["files"].append(None)
         continue
+    if expect:
+        seen.append((dest, st))
     item = [st.st_size, stat.S_IMODE(st.st_mode), None]
     if size is None or (st.st_size == size and stat.S_IMODE(st.st_mode) == mode):
         if t not in known:
@@ -318,6 +328,33 @@ for f in req["files"]:
     out["files"].append(item)
 for t in sorted(fresh) if not req.get("rehash") else range(len(trees)):
     out["saved"] = save(trees[t], fresh.get(t, {})) and out["saved"]
+def stamp(ns):
+    """A time as GNU stat's %y prints it with TZ=UTC0."""
+    s, n = divmod(ns, 1000000000)
+    return (time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(s)) + ".%09d +0000" % n).encode()
+def remember_quick():
+    """The answer is what the request expected: keep the stat of every file it is about, as
+    the shell renders it (QUICK_STAT), for the next identical question (see run_script)."""
+    trees_id = name_hash("\0".join(trees).encode("utf-8", "surrogateescape")).hexdigest()
+    base = os.path.join(mdir, "quick-%s-%s" % (node, trees_id))
+    rows = [name_hash(raw).hexdigest().encode() + b"\n"]
+    for p, st in seen:
+        rows.append(b"%s|%d|%x|%d|%d|%s|%s\n" % (os.fsencode(p), st.st_size, st.st_mode, st.st_ino,
+                                                st.st_dev, stamp(st.st_mtime_ns), stamp(st.st_ctime_ns)))
+    try:
+        os.makedirs(mdir, 0o700, exist_ok=True)
+        for suffix, data in ((".list", b"".join(os.fsencode(p) + b"\0" for p, _ in seen)),
+                             (".stat", b"".join(rows))):
+            tmp = "%s%s.%d.tmp" % (base, suffix, os.getpid())
+            with os.fdopen(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "wb") as f:
+                f.write(data)
+            os.rename(tmp, base + suffix)
+    except OSError:
+        pass
+if expect and seen and len(seen) == len(req["files"]):
+    said = "".join("%d %d %s\n" % tuple(item) for item in out["files"])
+    if name_hash(said.encode()).hexdigest() == expect:
+        remember_quick()
 def stage(dest, data, mode, token):
     """Write data beside dest as a temporary file (renamed into place by the start)."""
     d = os.path.dirname(dest)
@@ -425,18 +462,60 @@ class Answer:
     #: what a bundle's writer that did not record its files reported for each (see *write*):
     #: (size, mtime_ns, ctime_ns, inode, device, SHA-1) while it is as written, else None
     receipts: List[Optional[Tuple[int, int, int, int, int, str]]] = field(default_factory=list)
+    #: the host's shell found every file as the request expected, by their stat alone
+    quick: bool = False
 
 
-def run_script(size: Optional[int] = None) -> str:
+def run_script(size: Optional[int] = None, quick: Optional[Tuple[str, str]] = None,
+               total: Optional[int] = None) -> str:
     """The shell text that runs :data:`HOST_PROGRAM` with python3, or says there is none.
 
     With *size*, the program reads exactly that many bytes of request and
     leaves the rest of stdin alone (the session lock's channel, see
     :func:`remote_runner.sessionlock.lock_script`, stays open after it).
+
+    *quick* is (the request's SHA-1, its trees' id; see :func:`quick_ids`) for a
+    request that says what it expects (``expect``, :func:`expectation`). When the
+    host program gives a request exactly the answer it expects, it keeps the
+    lstat of every file the answer is about, rendered as GNU ``stat -c``
+    :data:`QUICK_STAT` prints it, in ``quick-NODE-TREES.stat`` beside the
+    manifests (the paths in ``.list``), headed by the request's SHA-1. Asked the
+    same question again, the shell renders the files' stat the same way (one
+    ``stat`` for them all) and, when that is byte for byte what was kept,
+    answers :data:`SAME_MARK` without starting python3 (about 5 ms of the
+    host's CPU instead of 16). The rendering holds each path, size, mode,
+    inode, device, mtime and ctime to the nanosecond, so anything that changed
+    a file since (even with its mtime put back) sends the question to the
+    program, as does anything missing (no GNU stat, xargs or cmp, no /proc).
+    Its answer reads and drops the *total* bytes sent (the request and the
+    files sent ahead with it, which are then the same as the host's).
     """
     arg = "" if size is None else f" {int(size)}"
-    return (f"command -v python3 >/dev/null 2>&1 || {{ echo {NO_PYTHON_MARK}; exit 0; }}\n"
+    fast = ""
+    if quick is not None and size is not None:
+        digest, trees_id = quick
+        fast = ('rr_n=; { read -r rr_n < /proc/sys/kernel/hostname; } 2>/dev/null\n'
+                'rr_f="${XDG_CACHE_HOME:-$HOME/.cache}/remote-runner/manifests/quick-$rr_n-'
+                f'{trees_id}"\n'
+                'if [ -n "$rr_n" ] && [ -s "$rr_f.stat" ] && '
+                f'{{ echo {digest}; TZ=UTC0 xargs -0 stat -c {shlex.quote(QUICK_STAT)} -- '
+                '<"$rr_f.list" 2>/dev/null; } | cmp -s - "$rr_f.stat"; then\n'
+                f'  head -c {int(total or size)} >/dev/null && echo "{SAME_MARK} {digest}"; exit 0\n'
+                'fi\n')
+    return (fast + f"command -v python3 >/dev/null 2>&1 || {{ echo {NO_PYTHON_MARK}; exit 0; }}\n"
             f"exec python3 {PYTHON_FLAGS} -c {shlex.quote(HOST_PROGRAM)}{arg}\n")
+
+
+def quick_ids(payload: bytes, trees: Sequence[str]) -> Tuple[str, str]:
+    """(SHA-1 of a request, id of its trees): what names and checks its quick answer."""
+    joined = "\0".join(trees).encode("utf-8", "surrogateescape")
+    return hashlib.sha1(payload).hexdigest(), hashlib.sha1(joined).hexdigest()
+
+
+def expectation(items: Sequence["Upload"], sums: Sequence[str]) -> str:
+    """The ``expect`` of a request: the SHA-1 of the answer that finds every file the same."""
+    said = "".join(f"{u.size} {u.mode} {sha1}\n" for u, sha1 in zip(items, sums))
+    return hashlib.sha1(said.encode()).hexdigest()
 
 
 def request(items: Sequence["Upload"], trees: Sequence[str], tree_of: Sequence[int], *,
@@ -444,7 +523,7 @@ def request(items: Sequence["Upload"], trees: Sequence[str], tree_of: Sequence[i
             prepare: bool = False, hash_all: bool = False,
             receipts: Optional[Mapping[str, Any]] = None,
             ahead: Sequence[Tuple[int, str, str]] = (), ahead_bytes: int = 0,
-            write: Optional[Mapping[str, Any]] = None) -> bytes:
+            write: Optional[Mapping[str, Any]] = None, expect: Optional[str] = None) -> bytes:
     """The JSON request for *items* (each in ``trees[tree_of[i]]``).
 
     A check sends size and mode: the host hashes only files that match them
@@ -486,6 +565,8 @@ def request(items: Sequence["Upload"], trees: Sequence[str], tree_of: Sequence[i
         doc["ahead"], doc["ahead_bytes"] = [list(a) for a in ahead], ahead_bytes
     if write is not None:
         doc["write"] = dict(write)
+    if expect is not None:
+        doc["expect"] = expect
     return json.dumps(doc).encode("utf-8", "surrogateescape")
 
 
@@ -497,6 +578,12 @@ def exchange(shell: "Shell", payload: bytes, count: int, timeout: float = 600) -
         LOG.debug("%s: unusable manifest answer (exit %s): %s", shell.host, result.exit_status,
                   (result.stderr.strip().splitlines() or ["no error output"])[-1][:300])
     return answer
+
+
+def said_same(output: str, digest: str) -> bool:
+    """Whether a host's *output* is the shell's :data:`SAME_MARK` for the request *digest*
+    (the SHA-1 of the request; see :func:`run_script`)."""
+    return f"{SAME_MARK} {digest}" in output.splitlines()
 
 
 def read_answer(host: str, output: str, count: int) -> Optional[Answer]:

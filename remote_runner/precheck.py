@@ -89,11 +89,16 @@ class EarlyCheck:
     json_size: int = -1
     #: files sent ahead: index in the plan -> (temporary name the host stages it as, SHA-1)
     ahead: Dict[int, Tuple[str, str]] = field(default_factory=dict)
+    #: the SHA-1 the request expects of each file (all the same here), when it says so
+    expected: Optional[List[str]] = None
+    #: the request's SHA-1 and its trees' id (see :func:`manifest.quick_ids`), with *expected*
+    quick: Optional[Tuple[str, str]] = None
 
     @property
     def script(self) -> str:
         """The shell text the lock's channel runs after the prepare script (reads the request)."""
-        return manifest.run_script(self.json_size if self.json_size >= 0 else len(self.request))
+        return manifest.run_script(self.json_size if self.json_size >= 0 else len(self.request),
+                                   self.quick, len(self.request))
 
     def staged(self) -> Dict[int, str]:
         """Index -> SHA-1 of each file the host staged, by its answer."""
@@ -107,7 +112,13 @@ class EarlyCheck:
 
     def take(self, output: str) -> None:
         """Read the answer in what the lock's channel printed (None when there is none)."""
-        self.answer = manifest.read_answer(self.host, output, len(self.plan.files))
+        if (self.quick is not None and self.expected is not None
+                and manifest.said_same(output, self.quick[0])):
+            self.answer = manifest.Answer([manifest.Remote(u.size, u.mode, sha1) for u, sha1
+                                           in zip(self.plan.files, self.expected)],
+                                          trusted=len(self.expected), quick=True)
+        else:
+            self.answer = manifest.read_answer(self.host, output, len(self.plan.files))
 
     def usable(self, resolved: Dict[Tuple[str, str], str]) -> bool:
         """True when there is an answer and the host resolved every base dir as asked."""
@@ -143,10 +154,20 @@ def plan_ahead(host: str, specs: Sequence["ComponentSpec"], always_copy: bool = 
     picked = _changed_here(items, memo) if memo is not None else []
     ahead = [(i, sha1, secrets.token_hex(4)) for i, (_, sha1) in picked]
     blob = b"".join(data for _, (data, _) in picked)
+    # Every file's SHA-1 is known here (from the cache, or read just now to go ahead): the
+    # request says what it expects the host to have, so that the host may answer "as
+    # expected" from its files' stat alone the next time it is asked the same.
+    sums = [_sha1_of(memo.get(u.src)) for u in items] if memo is not None and not rehash else []
+    known = bool(sums) and all(s is not None for s in sums)
+    expect = manifest.expectation(items, sums) if known else None
     request = manifest.request(items, trees, index, dirs=plan.dirs, rehash=rehash, prepare=True,
-                               ahead=ahead, ahead_bytes=len(blob))
+                               ahead=ahead, ahead_bytes=len(blob), expect=expect)
     temps = {i: (_temp_name(items[i].dest, token), sha1) for i, sha1, token in ahead}
-    return EarlyCheck(host, plan, bases, request + blob, json_size=len(request), ahead=temps)
+    check = EarlyCheck(host, plan, bases, request + blob, json_size=len(request), ahead=temps)
+    if known:
+        check.expected = sums
+        check.quick = manifest.quick_ids(request, trees)
+    return check
 
 
 def _changed_here(items: Sequence["Upload"], memo: AheadMemo
@@ -184,6 +205,13 @@ def _read_if_changed(item: "Upload") -> Union[Tuple[bytes, str], bool, str, None
     if len(data) != item.size:
         return None  # changing right now: left to the copy step
     return data, hashlib.sha1(data).hexdigest()
+
+
+def _sha1_of(guess: Union[Tuple[bytes, str], bool, str, None]) -> Optional[str]:
+    """The SHA-1 an :data:`AheadMemo` value holds, if it holds one."""
+    if isinstance(guess, str):
+        return guess
+    return guess[1] if isinstance(guess, tuple) else None
 
 
 def _temp_name(dest: str, token: str) -> str:

@@ -106,6 +106,8 @@ class HostSync:
     trusted: int = 0
     #: files the host staged from the check's request (sent ahead): the start puts them in place
     placed: List[str] = field(default_factory=list)
+    #: the host's shell vouched for every file by its stat alone (no python3 started)
+    quick: bool = False
 
     def summary(self) -> str:
         """Return the one-line report the CLI logs."""
@@ -381,6 +383,7 @@ def manifest_check(shell: "Shell", plan: Plan, report: HostSync, rehash: bool = 
     if answer.error is not None:
         raise CopyError(answer.error, host=plan.host)
     report.hash_tool, report.hashed, report.trusted = "manifest", answer.hashed, answer.trusted
+    report.quick = answer.quick
     LOG.debug("%s: the host's manifest vouched for %d file(s), %d were hashed there",
               plan.host, answer.trusted, answer.hashed)
     if not answer.saved:

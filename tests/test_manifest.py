@@ -326,6 +326,56 @@ def test_a_garbage_manifest_counts_as_empty_and_is_rewritten(tmp_path, monkeypat
         assert len(json.loads(kept.read_text())["entries"]) == 3
 
 
+def test_an_answer_as_expected_is_given_again_from_the_files_stat_alone(tmp_path, monkeypatch):
+    """Once the host program has answered a request exactly what it expected, the shell answers
+    the same request again from one stat of the files, reading exactly the request off stdin;
+    a file changed since, even with its size and mtime put back, sends it to the program."""
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    src = tmp_path / "src"
+    src.mkdir()
+    for i in range(5):
+        (src / f"f{i}").write_text(f"content {i}\n")
+    plan = _local_plan(src, tmp_path / "dest")
+    sync.sync_host(Local(), None, plan)
+    items = list(plan.files)
+    trees, index = plan.tree_index(items)
+    sums = [hashlib.sha1(open(u.src, "rb").read()).hexdigest() for u in items]
+    request = manifest.request(items, trees, index, dirs=plan.dirs, prepare=True,
+                               expect=manifest.expectation(items, sums))
+    digest, _ = manifest.quick_ids(request, trees)
+    script = "(\n" + manifest.run_script(len(request), manifest.quick_ids(request, trees)) + \
+        ")\nprintf 'REST:'; cat\n"
+
+    def ask():
+        out = subprocess.run(["sh", "-c", script], input=request + b"tail", capture_output=True,
+                             check=True).stdout.decode()
+        if manifest.said_same(out, digest):  # the request read, not a byte more
+            assert out.endswith("REST:tail"), out
+        return out
+
+    first = ask()  # the program answers, and keeps the stat of what it vouched for
+    assert not manifest.said_same(first, digest)
+    assert [r.sha1 for r in manifest.read_answer("local", first, len(items)).files] == sums
+    [kept] = (tmp_path / "cache" / "remote-runner" / "manifests").glob("quick-*.stat")
+    assert kept.stat().st_mode & 0o777 == 0o600
+    assert manifest.said_same(ask(), digest)
+    changed = tmp_path / "dest" / "tree" / "f2"
+    before = changed.stat()
+    changed.write_text("CONTENT 2\n")
+    os.utime(changed, ns=(before.st_atime_ns, before.st_mtime_ns))
+    third = ask()
+    assert not manifest.said_same(third, digest)
+    answer = manifest.read_answer("local", third, len(items))
+    assert [r.sha1 == s for r, s in zip(answer.files, sums)] == [i != 2 for i in range(5)]
+    # another question (here: expecting something else) is never answered by the kept stat
+    other = manifest.request(items, trees, index, dirs=plan.dirs, prepare=True,
+                             expect=manifest.expectation(items, ["0" * 40] * 5))
+    run = subprocess.run(["sh", "-c", manifest.run_script(len(other), manifest.quick_ids(
+        other, trees))], input=other, capture_output=True, check=True).stdout.decode()
+    assert not manifest.said_same(run, manifest.quick_ids(other, trees)[0])
+    assert manifest.read_answer("local", run, len(items)) is not None
+
+
 def test_the_host_program_names_its_manifest_by_sha1_and_finds_tar_on_path(tmp_path):
     """The program loads no OpenSSL for a file name and no shutil for ``which``: the manifest
     keeps the name earlier runs gave it, and ``tar`` is found as a shell would."""
@@ -777,7 +827,8 @@ def test_a_rerun_of_an_unchanged_experiment_is_one_round_trip_per_host_and_wave(
 
     A run is then the lock's exec (prepare + check) and one step on its shell per start wave;
     a file changed on the host behind the manifest's back (same size, mtime
-    put back) is still found and copied again by that early check.
+    put back) is still found and copied again by that early check, also once
+    the host answers it from its files' stat alone.
     """
     base = f"/tmp/{screen_name}-base"
     nothing = lambda src: None  # noqa: E731
@@ -785,12 +836,15 @@ def test_a_rerun_of_an_unchanged_experiment_is_one_round_trip_per_host_and_wave(
     def cold(report, spent):
         assert all(len(r.copied) == 21 for r in report.sync.values()), report.sync
 
-    def warm(report, spent):
+    def warm(report, spent, quick=False):
         assert all(r.copied == [] and r.hashed == 0 for r in report.sync.values())
         assert spent == {h: {"execs": 0, "steps": 0, "sftp_sessions": 0, "sftp_requests": 0}
                          for h in ("h1", "h2")}
         assert {h: (report.traffic[h]["execs"], report.traffic[h]["steps"])
                 for h in ("h1", "h2")} == {"h1": (1, 1), "h2": (1, 1)}
+        # once a request said what it expected (every local SHA-1 known: after the first warm
+        # run) and got it, the program kept its files' stat: the next one is answered by it
+        assert [r.quick for _, r in sorted(report.sync.items())] == [quick, quick]
 
     def tamper(src):
         target = f"{base}/data/sub/f03.txt"
@@ -802,8 +856,12 @@ def test_a_rerun_of_an_unchanged_experiment_is_one_round_trip_per_host_and_wave(
         assert report.sync["h1"].copied == []
         assert ssh(lab, "h2", f"cat {base}/data/sub/f03.txt").stdout == "file 3\n"
 
+    def quick(report, spent):
+        warm(report, spent, quick=True)
+
     _counted_runs(lab, tmp_path, screen_name, base,
-                  [(nothing, cold), (nothing, warm), (tamper, repaired)])
+                  [(nothing, cold), (nothing, warm), (nothing, warm), (nothing, quick),
+                   (tamper, repaired)])
 
 
 def test_a_base_dir_behind_a_symlink_is_checked_again_under_its_real_path(lab, tmp_path,
