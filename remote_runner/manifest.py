@@ -41,6 +41,15 @@ Why it can be trusted, and where it is not:
   must have exactly one well-formed item per file asked, else the run falls
   back to the shell commands of :mod:`sync` as if the host had no python3.
 
+**Asked again, answered by the shell.** Most reruns ask exactly the question of
+the run before and get exactly the answer it expects ("every file as here"),
+yet starting python3 for it was half of the host's work in a warm run. A
+request that knows every local SHA-1 says what it expects; the program, when
+its answer is that, keeps each file's stat as GNU ``stat`` renders it, and the
+next identical question is answered by the shell from one ``stat`` of the files
+compared byte for byte with that (:func:`run_script`): the same rule as the
+manifest's (the whole stat, ctime included), checked by other tools.
+
 Hosts without python3 (a Debian minbase, say) get the old path: ``stat`` and
 ``openssl dgst`` on every file (:func:`remote_runner.hostdigest.changed_files`).
 """
@@ -482,13 +491,15 @@ def run_script(size: Optional[int] = None, quick: Optional[Tuple[str, str]] = No
     manifests (the paths in ``.list``), headed by the request's SHA-1. Asked the
     same question again, the shell renders the files' stat the same way (one
     ``stat`` for them all) and, when that is byte for byte what was kept,
-    answers :data:`SAME_MARK` without starting python3 (about 5 ms of the
-    host's CPU instead of 16). The rendering holds each path, size, mode,
-    inode, device, mtime and ctime to the nanosecond, so anything that changed
-    a file since (even with its mtime put back) sends the question to the
-    program, as does anything missing (no GNU stat, xargs or cmp, no /proc).
-    Its answer reads and drops the *total* bytes sent (the request and the
-    files sent ahead with it, which are then the same as the host's).
+    answers :data:`SAME_MARK` without starting python3 (on the lab, four hosts
+    and 1,003 files: the lock's exec 64 -> 42 ms). The rendering holds each
+    path, size, mode, inode, device, mtime and ctime to the nanosecond, so
+    anything that changed a file since (even with its mtime put back) sends the
+    question to the program, as does anything missing (no GNU stat, xargs or
+    cmp, no /proc). Its answer reads and drops the *total* bytes sent (the
+    request and the files sent ahead with it, which are then the same as the
+    host's). Stale temporary files beside the destinations are swept by the
+    program's next run.
     """
     arg = "" if size is None else f" {int(size)}"
     fast = ""
