@@ -9,6 +9,7 @@ developer's own keys and config cannot make a test pass by accident.
 from __future__ import annotations
 
 import hashlib
+import getpass
 import logging
 import os
 import socket
@@ -286,6 +287,34 @@ def test_the_local_host_name_is_asked_of_dns_only_for_a_value_that_uses_it(tmp_p
     shared = load_ssh_config(str(config)).lookup("shared")
     assert shared["controlpath"] == "/tmp/cm-far.example-shared-22"
     assert asked == ["fqdn"]
+
+
+def test_a_big_ssh_config_is_read_as_paramiko_reads_it_without_asking_for_the_user(
+        tmp_path, monkeypatch):
+    """Literal Host names are compared as they are and blocks without Match ask nothing; what
+    a lookup gives is paramiko's own answer, wildcards, negations and Match included."""
+    text = "".join(f"Host h{i} 10.0.0.{i}\n  HostName 10.0.0.{i}\n  Port {2000 + i}\n"
+                   for i in range(1, 200))
+    text += ("Host *.example.com !bad.example.com\n  User ex\nHost web? db[12]\n  User pat\n"
+             "Host !h3 h*\n  IdentityFile ~/.ssh/h_%h\nMatch host h7\n  User matched\n"
+             "Host *\n  ServerAliveInterval 5\n")
+    config = tmp_path / "ssh_config"
+    config.write_text(text)
+    stock = paramiko.SSHConfig.from_text(text)
+    names = ["h1", "h3", "h7", "h199", "h200", "x.example.com", "bad.example.com", "web1",
+             "web12", "db2", "db3", "H1", "10.0.0.5"]
+    expected = {name: stock.lookup(name) for name in names}
+    asked = []
+    real = getpass.getuser
+    monkeypatch.setattr(getpass, "getuser", lambda: asked.append(1) or real())
+    ours = load_ssh_config(str(config))
+    assert {name: ours.lookup(name) for name in names} == expected
+    # the user name is asked for the Match block and the final expansion, not once per block
+    # (paramiko itself asks ~200 times per lookup here)
+    assert 0 < len(asked) <= 4 * len(names)
+    asked.clear()
+    stock.lookup("h1")
+    assert len(asked) > 150
 
 
 def test_explicit_user_wins_over_ssh_config(lab):
