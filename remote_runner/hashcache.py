@@ -66,8 +66,16 @@ def default_path() -> str:
 
 def bucket_of(name: str) -> str:
     """The bucket holding absolute path *name*: two hex digits of its directory's SHA-1."""
-    folder = os.path.dirname(name).encode("utf-8", "surrogateescape")
-    return hashlib.sha1(folder).hexdigest()[:2]
+    folder = os.path.dirname(name)
+    bucket = _buckets.get(folder)
+    if bucket is None:  # (a run looks up thousands of files in a few directories)
+        bucket = _buckets[folder] = hashlib.sha1(
+            folder.encode("utf-8", "surrogateescape")).hexdigest()[:2]
+    return bucket
+
+
+#: Directory -> its bucket, for :func:`bucket_of` (a few hundred directories per run).
+_buckets: Dict[str, str] = {}
 
 
 def stat_key(st: os.stat_result) -> Key:
@@ -177,7 +185,7 @@ class LocalHashes:
                 if loaded is None:
                     loaded = self._loaded[bucket] = _read(self._bucket_file(bucket))
                 entry = loaded.get(name)
-        if entry is not None and _valid(entry) and tuple(entry[:5]) == key:
+        if entry is not None and _matches(entry, key):
             return entry[5]
         return None
 
@@ -325,6 +333,20 @@ def _retire(path: str) -> None:
     for name in (path, path + ".lock"):
         with contextlib.suppress(FileNotFoundError):
             os.unlink(name)
+
+
+def _matches(entry: Any, key: Key) -> bool:
+    """Whether *entry* (as read: anything) is well formed and holds the SHA-1 for stat *key*.
+
+    The stat is compared first: an entry whose five numbers equal *key*'s is
+    made of integers (a bool or a float equal to an integer is refused too).
+    """
+    return (type(entry) is list and len(entry) == 6 and tuple(entry[:5]) == key
+            and tuple(map(type, entry[:5])) == _FIVE_INTS and isinstance(entry[5], str)
+            and _HEX40.match(entry[5]) is not None)
+
+
+_FIVE_INTS = (int,) * 5
 
 
 def _valid(entry: Any) -> bool:

@@ -78,10 +78,12 @@ class HostSetup:
     def plan_checks(self) -> None:
         """Build each remote host's change check (its request, the files sent ahead): local work,
         done while the hosts connect (:meth:`Runner.connect_while`), before :meth:`lock`."""
+        built: precheck.CheckMemo = {}
         for host, specs in self._by_host().items():
             if host != "localhost":
                 check = precheck.plan_ahead(host, specs, self.options.always_copy,
-                                            self.options.rehash, self.plans, self.ahead_memo)
+                                            self.options.rehash, self.plans, self.ahead_memo,
+                                            built)
                 if check is not None:
                     self.early[host] = check
 

@@ -65,6 +65,13 @@ AHEAD_BYTES = 256 << 10
 AheadMemo = Dict[str, Union[Tuple[bytes, str], bool, str, None]]
 
 
+#: Per run, by the identity of a plan's files: (those files, the request, what it expects of
+#: each, its quick ids) of the check built when none of them went ahead. Hosts given the same
+#: files ask the same question: it is built once (each build is a JSON of every file).
+CheckMemo = Dict[int, Tuple[Tuple["Upload", ...], bytes, Optional[List[str]],
+                            Optional[Tuple[str, str]]]]
+
+
 def known_sums(memo: AheadMemo) -> Dict[str, str]:
     """Source -> SHA-1 of the sources *memo* found in the hash cache while planning.
 
@@ -128,11 +135,13 @@ class EarlyCheck:
 
 def plan_ahead(host: str, specs: Sequence["ComponentSpec"], always_copy: bool = False,
                rehash: bool = False, plans: Optional["sync.PlanMemo"] = None,
-               memo: Optional[AheadMemo] = None) -> Optional[EarlyCheck]:
+               memo: Optional[AheadMemo] = None,
+               built: Optional[CheckMemo] = None) -> Optional[EarlyCheck]:
     """The check to ask with *host*'s lock, or None when it must wait for the copy step.
 
     *plans* gives the plans the run already built (see :class:`sync.PlanMemo`);
-    *memo* is the run's guesses of the files changed here (given: some may go ahead).
+    *memo* is the run's guesses of the files changed here (given: some may go ahead);
+    *built* the checks already built for the same files (see :data:`CheckMemo`).
     """
     if always_copy:
         return None
@@ -150,8 +159,13 @@ def plan_ahead(host: str, specs: Sequence["ComponentSpec"], always_copy: bool = 
     if not plan.files:
         return None
     items = list(plan.files)
-    trees, index = plan.tree_index(items)
     picked = _changed_here(items, memo) if memo is not None else []
+    same = built.get(id(plan.files)) if built is not None and not picked else None
+    if same is not None and same[0] is plan.files:
+        _, request, sums, quick = same
+        return EarlyCheck(host, plan, bases, request, json_size=len(request), expected=sums,
+                          quick=quick)
+    trees, index = plan.tree_index(items)
     ahead = [(i, sha1, secrets.token_hex(4)) for i, (_, sha1) in picked]
     blob = b"".join(data for _, (data, _) in picked)
     # Every file's SHA-1 is known here (from the cache, or read just now to go ahead): the
@@ -167,6 +181,8 @@ def plan_ahead(host: str, specs: Sequence["ComponentSpec"], always_copy: bool = 
     if known:
         check.expected = sums
         check.quick = manifest.quick_ids(request, trees)
+    if built is not None and not picked:
+        built[id(plan.files)] = (plan.files, request, check.expected, check.quick)
     return check
 
 
