@@ -300,13 +300,18 @@ class Local(LocalShell):
     host = "local"
 
 
-def test_a_garbage_manifest_counts_as_empty_and_is_rewritten(tmp_path, monkeypatch):
+def _local_tree(tmp_path, monkeypatch, count):
+    """A plan copying *count* small files into tmp_path/dest here, the manifests in tmp_path."""
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
     src = tmp_path / "src"
     src.mkdir()
-    for i in range(3):
+    for i in range(count):
         (src / f"f{i}").write_text(f"content {i}\n")
-    plan = _local_plan(src, tmp_path / "dest")
+    return _local_plan(src, tmp_path / "dest")
+
+
+def test_a_garbage_manifest_counts_as_empty_and_is_rewritten(tmp_path, monkeypatch):
+    plan = _local_tree(tmp_path, monkeypatch, 3)
     assert len(sync.sync_host(Local(), None, plan).copied) == 3
     warm = sync.sync_host(Local(), None, plan)
     assert (warm.hash_tool, warm.hashed, warm.trusted, warm.copied) == ("manifest", 0, 3, [])
@@ -330,12 +335,7 @@ def test_an_answer_as_expected_is_given_again_from_the_files_stat_alone(tmp_path
     """Once the host program has answered a request exactly what it expected, the shell answers
     the same request again from one stat of the files, reading exactly the request off stdin;
     a file changed since, even with its size and mtime put back, sends it to the program."""
-    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
-    src = tmp_path / "src"
-    src.mkdir()
-    for i in range(5):
-        (src / f"f{i}").write_text(f"content {i}\n")
-    plan = _local_plan(src, tmp_path / "dest")
+    plan = _local_tree(tmp_path, monkeypatch, 5)
     sync.sync_host(Local(), None, plan)
     items = list(plan.files)
     trees, index = plan.tree_index(items)
