@@ -336,17 +336,9 @@ def _retire(path: str) -> None:
 
 
 def _matches(entry: Any, key: Key) -> bool:
-    """Whether *entry* (as read: anything) is well formed and holds the SHA-1 for stat *key*.
-
-    The stat is compared first: an entry whose five numbers equal *key*'s is
-    made of integers (a bool or a float equal to an integer is refused too).
-    """
-    return (type(entry) is list and len(entry) == 6 and tuple(entry[:5]) == key
-            and tuple(map(type, entry[:5])) == _FIVE_INTS and isinstance(entry[5], str)
-            and _HEX40.match(entry[5]) is not None)
-
-
-_FIVE_INTS = (int,) * 5
+    """Whether *entry* (as read: anything) holds the SHA-1 for stat *key* and is well formed
+    (:func:`_valid`, asked only of the entry whose stat is the one looked up)."""
+    return type(entry) is list and len(entry) == 6 and tuple(entry[:5]) == key and _valid(entry)
 
 
 def _valid(entry: Any) -> bool:

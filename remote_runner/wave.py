@@ -77,12 +77,12 @@ def start_wave(screen: "Screen", windows: Sequence[Window], setup: str = "",
         # as it goes): what is left is known without asking screen again
         parts.append(quit_sessions_script(screen.name, grace, wipe=True) +
                      _poll_gone("$rr_pids", screen.start_timeout) +
-                     "rr_after=' '\nrr_left=\n"
+                     "rr_left=\n"
                      'for s in $rr_ids; do if kill -0 "${s%%.*}" 2>/dev/null; then '
-                     'rr_left="$rr_left $s"; rr_after="$rr_after$s "; '
-                     'else echo "RR-QUIT $s"; fi; done\n'
+                     'rr_left="$rr_left $s"; else echo "RR-QUIT $s"; fi; done\n'
                      'if [ -n "$rr_left" ]; then echo "RR-NOT-QUIT$rr_left"; exit 0; fi\n'
-                     "sid=\n")
+                     # past here no session of that name is left: the new one is any listed
+                     "rr_after=' '\nsid=\n")
     elif replace == "adopt":
         listed = "rr_all"
         parts.append(_set_ids("rr_all", screen.name, wipe=True) +
