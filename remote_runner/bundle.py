@@ -50,7 +50,7 @@ import threading
 import time
 from collections import OrderedDict
 from concurrent.futures import ThreadPoolExecutor
-from typing import TYPE_CHECKING, Any, Callable, Dict, Iterator, List, Optional, Sequence, Set, Tuple
+from typing import TYPE_CHECKING, Any, Callable, Dict, Iterator, List, Optional, Sequence, Set, Tuple, Union
 
 from remote_runner import hashcache, manifest
 from remote_runner.errors import CopyError, RunnerError, describe
@@ -220,7 +220,7 @@ class SharedTars:
         self._built: "OrderedDict[str, bytes]" = OrderedDict()
         self._building: Dict[str, threading.Event] = {}
         #: Within one copy to many hosts (:meth:`one_copy`): token by the bundle's files.
-        self._tokens: Optional[Dict[str, str]] = None
+        self._tokens: Optional[Dict[str, Union[str, threading.Event]]] = None
         self._copies = 0
 
     def token(self, items: Sequence[Upload]) -> str:
@@ -235,17 +235,32 @@ class SharedTars:
         copy phase's 360 here).
         """
         files = "\0".join(f"{u.src}\0{u.dest}\0{u.mode}\0{u.size}" for u in items)
-        with self._lock:
-            known = self._tokens.get(files) if self._tokens is not None else None
-        if known is not None:
-            return known
-        key = "\0".join(f"{u.src}\0{_stat_of(u.src)}" for u in items)
-        token = hashlib.sha1((self._secret + files + "\0" + key).encode("utf-8", "surrogateescape")
-                             ).hexdigest()[:8]
-        with self._lock:
-            if self._tokens is not None:
-                token = self._tokens.setdefault(files, token)
-        return token
+        made: Optional[threading.Event] = None
+        while True:
+            with self._lock:
+                known = self._tokens.get(files) if self._tokens is not None else None
+                if isinstance(known, str):
+                    return known
+                if known is None:
+                    if self._tokens is not None:  # this host makes it; the others wait for it
+                        made = self._tokens[files] = threading.Event()
+                    break
+            known.wait()  # (the hosts start together: each used to stat every source)
+        token = None
+        try:
+            key = "\0".join(f"{u.src}\0{_stat_of(u.src)}" for u in items)
+            token = hashlib.sha1((self._secret + files + "\0" + key).encode("utf-8", "surrogateescape")
+                                 ).hexdigest()[:8]
+            return token
+        finally:
+            if made is not None:
+                with self._lock:
+                    if self._tokens is not None:
+                        if token is None:  # failed: the next host makes it
+                            self._tokens.pop(files, None)
+                        else:
+                            self._tokens[files] = token
+                    made.set()
 
     @contextlib.contextmanager
     def one_copy(self) -> Iterator[None]:

@@ -293,15 +293,15 @@ def sync_host(shell: "Shell", sftp: Any, plan: Plan, always_copy: bool = False,
         written = bundling.result()
     report.copied = [u.dest for u in todo + placed]
     report.bytes = sum(u.size for u in todo + placed)
-    recorded = _writers_answers(plan, written, alone, receipts)
+    recorded = _writers_answers(plan, written, alone, receipts, sums)
     unrecorded = [u for u in todo if u.dest not in recorded]
     if unrecorded and (checked is not None or (always_copy and hasattr(shell, "feed"))):
-        record(shell, plan, unrecorded, receipts)
+        record(shell, plan, unrecorded, receipts, sums)
     return report
 
 
 def _writers_answers(plan: Plan, written: Sequence[Tuple[List[Upload], Optional[str]]], recording: bool,
-                     receipts: Dict[str, Any]) -> Set[str]:
+                     receipts: Dict[str, Any], sums: Optional[Dict[str, str]] = None) -> Set[str]:
     """Read what the bundles' writers answered: the files they recorded (*recording*), or else
     their receipts, added to *receipts* for the copy's one record. A chunk unpacked by tar, or
     whose answer is unusable, is in neither: the record hashes it."""
@@ -311,7 +311,7 @@ def _writers_answers(plan: Plan, written: Sequence[Tuple[List[Upload], Optional[
             continue
         lines = out.splitlines()
         if recording:
-            if _recorded(plan, chunk, manifest.parse_answer(lines, len(chunk))) is not None:
+            if _recorded(plan, chunk, manifest.parse_answer(lines, len(chunk)), sums) is not None:
                 recorded.update(u.dest for u in chunk)
             continue
         answer = manifest.parse_answer(lines, 0)
@@ -403,7 +403,8 @@ def manifest_check(shell: "Shell", plan: Plan, report: HostSync, rehash: bool = 
 
 
 def record(shell: "Shell", plan: Plan, copied: Sequence[Upload],
-           receipts: Optional[Dict[str, Any]] = None) -> Optional[manifest.Answer]:
+           receipts: Optional[Dict[str, Any]] = None,
+           sums: Optional[Dict[str, str]] = None) -> Optional[manifest.Answer]:
     """Have the host remember what was just copied in its manifest (one exec).
 
     The host hashes the files as they are now, so the manifest describes the
@@ -426,12 +427,17 @@ def record(shell: "Shell", plan: Plan, copied: Sequence[Upload],
         LOG.warning("%s: could not record the copied files in the host's manifest (%s); the "
                     "next run hashes them again", plan.host, exc)
         return None
-    return _recorded(plan, items, answer)
+    return _recorded(plan, items, answer, sums)
 
 
-def _recorded(plan: Plan, items: Sequence[Upload], answer: Optional[manifest.Answer]
-              ) -> Optional[manifest.Answer]:
-    """Report what the host said to a record (None: no usable answer)."""
+def _recorded(plan: Plan, items: Sequence[Upload], answer: Optional[manifest.Answer],
+              sums: Optional[Dict[str, str]] = None) -> Optional[manifest.Answer]:
+    """Report what the host said to a record (None: no usable answer).
+
+    A file the host hashed afterwards (not as it arrived) whose hash is not
+    the local one (from *sums*, this sync's memo, else the hash cache) was
+    changed there during the copy.
+    """
     if answer is None or answer.error is not None:
         return None
     LOG.debug("%s: recorded %d copied file(s): %d hashed by their receiver as they arrived, "
@@ -440,9 +446,13 @@ def _recorded(plan: Plan, items: Sequence[Upload], answer: Optional[manifest.Ans
         LOG.warning("%s: the manifest of what this host has could not be updated (locked by "
                     "another run or not writable); the next run hashes these files again",
                     plan.host)
+    if not answer.hashed:  # every hash is of the bytes as they arrived: those sent
+        return answer
     for item, remote in zip(items, answer.files):
-        known = hashcache.LOCAL.known(item.src)
-        if remote is not None and remote.sha1 and known and remote.sha1 != known:
+        if remote is None or not remote.sha1:
+            continue
+        known = (sums or {}).get(item.src) or hashcache.LOCAL.known(item.src)
+        if known and remote.sha1 != known:
             LOG.warning("%s: %s changed on the host while it was being copied (another run "
                         "copying to it?); the next run compares it again", plan.host, item.dest)
     return answer

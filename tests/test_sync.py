@@ -15,7 +15,9 @@ import shutil
 import subprocess
 import sys
 import tarfile
+import time
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
@@ -398,6 +400,31 @@ def test_within_one_copy_the_hosts_share_a_bundles_token_without_stating_again(t
     assert shared.token(items) not in tokens and len(stats) == 2
     with shared.one_copy():
         assert shared.token(items) == shared.token(items) and len(stats) == 3
+
+
+def test_hosts_asking_for_a_bundles_token_at_once_wait_for_the_first_ones_stats(tmp_path, monkeypatch):
+    """The hosts of a copy start together: the first to ask stats the sources, the others
+    wait for its token (each stat'ed every source before); a failed first leaves it to the next."""
+    src = tmp_path / "f"
+    src.write_bytes(b"one")
+    items = [sync.Upload(str(src), "/d/f", 0o644, 3)]
+    shared, stats, fail = sync.SharedTars(), [], [True]
+    real = bundle._stat_of
+
+    def slow_stat(path):
+        stats.append(path)
+        time.sleep(0.2)  # (long enough for every host to be waiting)
+        if fail and fail.pop():
+            raise OSError("first host's stat failed")
+        return real(path)
+
+    monkeypatch.setattr(bundle, "_stat_of", slow_stat)
+    with shared.one_copy(), ThreadPoolExecutor(4) as pool:
+        futures = [pool.submit(shared.token, list(items)) for _host in range(4)]
+        outcomes = [f.exception() or f.result() for f in futures]
+    failed = [o for o in outcomes if isinstance(o, OSError)]
+    tokens = {o for o in outcomes if isinstance(o, str)}
+    assert len(failed) == 1 and len(tokens) == 1 and len(stats) == 2
 
 
 @pytest.mark.parametrize("long_name", [False, True])  # ustar headers written here / tarfile's
