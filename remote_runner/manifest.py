@@ -346,7 +346,9 @@ def remember_quick():
     the shell renders it (QUICK_STAT), for the next identical question (see run_script)."""
     trees_id = name_hash("\0".join(trees).encode("utf-8", "surrogateescape")).hexdigest()
     base = os.path.join(mdir, "quick-%s-%s" % (node, trees_id))
-    rows = [name_hash(raw).hexdigest().encode() + b"\n"]
+    # (a bundle's writer answers for the check a next run asks: that request's SHA-1)
+    asked = req.get("quick_id") if is_hex(req.get("quick_id")) else name_hash(raw).hexdigest()
+    rows = [asked.encode() + b"\n"]
     for p, st in seen:
         rows.append(b"%s|%d|%x|%d|%d|%s|%s\n" % (os.fsencode(p), st.st_size, st.st_mode, st.st_ino,
                                                 st.st_dev, stamp(st.st_mtime_ns), stamp(st.st_ctime_ns)))
@@ -473,6 +475,9 @@ class Answer:
     receipts: List[Optional[Tuple[int, int, int, int, int, str]]] = field(default_factory=list)
     #: the host's shell found every file as the request expected, by their stat alone
     quick: bool = False
+    #: (the request's SHA-1, the SHA-1 of the answer it expected) of a check that sent no
+    #: file ahead: what a next run asks while nothing changes here (see :func:`request`)
+    asked: Optional[Tuple[str, str]] = None
 
 
 def run_script(size: Optional[int] = None, quick: Optional[Tuple[str, str]] = None,
@@ -534,7 +539,8 @@ def request(items: Sequence["Upload"], trees: Sequence[str], tree_of: Sequence[i
             prepare: bool = False, hash_all: bool = False,
             receipts: Optional[Mapping[str, Any]] = None,
             ahead: Sequence[Tuple[int, str, str]] = (), ahead_bytes: int = 0,
-            write: Optional[Mapping[str, Any]] = None, expect: Optional[str] = None) -> bytes:
+            write: Optional[Mapping[str, Any]] = None, expect: Optional[str] = None,
+            quick_id: Optional[str] = None) -> bytes:
     """The JSON request for *items* (each in ``trees[tree_of[i]]``).
 
     A check sends size and mode: the host hashes only files that match them
@@ -561,6 +567,12 @@ def request(items: Sequence["Upload"], trees: Sequence[str], tree_of: Sequence[i
     each file's receipt instead (:attr:`Answer.receipts`), for the caller's
     one record of the whole copy: bundles written at once would otherwise
     queue on the manifest's lock, each rewriting it.
+    *expect* is the SHA-1 of the answer expected (:func:`expectation`): the
+    host program given exactly that answer keeps its files' stat for the
+    shell to answer the same question next time (see :func:`run_script`),
+    under the request's own SHA-1, or *quick_id*'s: a bundle's writer asked
+    about every file of a check after writing (*write* with *expect*) answers
+    for that check, so the first run after a copy needs no python3 either.
     """
     files = []
     for u, t in zip(items, tree_of):
@@ -578,6 +590,8 @@ def request(items: Sequence["Upload"], trees: Sequence[str], tree_of: Sequence[i
         doc["write"] = dict(write)
     if expect is not None:
         doc["expect"] = expect
+    if quick_id is not None:
+        doc["quick_id"] = quick_id
     return json.dumps(doc).encode("utf-8", "surrogateescape")
 
 

@@ -126,6 +126,9 @@ class EarlyCheck:
                                           trusted=len(self.expected), quick=True)
         else:
             self.answer = manifest.read_answer(self.host, output, len(self.plan.files))
+        if self.answer is not None and self.quick is not None and self.expected is not None \
+                and not self.ahead:
+            self.answer.asked = (self.quick[0], manifest.expectation(self.plan.files, self.expected))
 
     def usable(self, resolved: Dict[Tuple[str, str], str]) -> bool:
         """True when there is an answer and the host resolved every base dir as asked."""

@@ -266,7 +266,10 @@ def sync_host(shell: "Shell", sftp: Any, plan: Plan, always_copy: bool = False,
     # whole copy is recorded by it too, else it answers receipts for the one record below.
     chunks = bundles(small) if small else []
     alone = not rest and len(chunks) == 1
-    writer = _write_request(plan, record=alone) if checked is not None else None
+    # A copy that is one bundle and nothing else leaves the host as the check expected: its
+    # writer then answers that check too, so that the next run's is answered by the shell.
+    asked = answer.asked if answer is not None and alone and not placed and not rehash else None
+    writer = _write_request(plan, record=alone, asked=asked) if checked is not None else None
     receipts: Dict[str, Any] = {}
     written: List[Tuple[List[Upload], Optional[str]]] = []
     side: Optional[ThreadPoolExecutor] = None
@@ -293,7 +296,7 @@ def sync_host(shell: "Shell", sftp: Any, plan: Plan, always_copy: bool = False,
         written = bundling.result()
     report.copied = [u.dest for u in todo + placed]
     report.bytes = sum(u.size for u in todo + placed)
-    recorded = _writers_answers(plan, written, alone, receipts, sums)
+    recorded = _writers_answers(plan, written, alone, receipts, sums, whole=asked is not None)
     unrecorded = [u for u in todo if u.dest not in recorded]
     if unrecorded and (checked is not None or (always_copy and hasattr(shell, "feed"))):
         record(shell, plan, unrecorded, receipts, sums)
@@ -301,17 +304,21 @@ def sync_host(shell: "Shell", sftp: Any, plan: Plan, always_copy: bool = False,
 
 
 def _writers_answers(plan: Plan, written: Sequence[Tuple[List[Upload], Optional[str]]], recording: bool,
-                     receipts: Dict[str, Any], sums: Optional[Dict[str, str]] = None) -> Set[str]:
+                     receipts: Dict[str, Any], sums: Optional[Dict[str, str]] = None,
+                     whole: bool = False) -> Set[str]:
     """Read what the bundles' writers answered: the files they recorded (*recording*), or else
     their receipts, added to *receipts* for the copy's one record. A chunk unpacked by tar, or
-    whose answer is unusable, is in neither: the record hashes it."""
+    whose answer is unusable, is in neither: the record hashes it. *whole*: the writer
+    answered about every file of *plan* (see :func:`_write_request`)."""
     recorded: Set[str] = set()
     for chunk, out in written:
         if out is None:
             continue
         lines = out.splitlines()
         if recording:
-            if _recorded(plan, chunk, manifest.parse_answer(lines, len(chunk)), sums) is not None:
+            about = plan.files if whole else chunk
+            if _recorded(plan, about, manifest.parse_answer(lines, len(about)), sums,
+                         copied=len(chunk)) is not None:
                 recorded.update(u.dest for u in chunk)
             continue
         answer = manifest.parse_answer(lines, 0)
@@ -321,10 +328,21 @@ def _writers_answers(plan: Plan, written: Sequence[Tuple[List[Upload], Optional[
     return recorded
 
 
-def _write_request(plan: Plan, record: bool = True) -> WriteRequest:
+def _write_request(plan: Plan, record: bool = True,
+                   asked: Optional[Tuple[str, str]] = None) -> WriteRequest:
     """The writing request of a bundle of *plan*'s files: write and place them, then record
-    them (*record*) or answer their receipts."""
+    them (*record*) or answer their receipts.
+
+    With *asked* (:attr:`manifest.Answer.asked`: the bundle is the whole copy),
+    the writer records them and then answers the check about every file of
+    *plan*, which, as it expects, leaves the files' stat for the shell to
+    answer that check next time: no python3 in the first run after a copy.
+    """
     def request(items: Sequence[Upload], what: Dict[str, Any]) -> bytes:
+        if asked is not None:
+            trees, index = plan.tree_index(plan.files)
+            return manifest.request(plan.files, trees, index, write=dict(what, record=True),
+                                    quick_id=asked[0], expect=asked[1])
         trees, index = plan.tree_index(items)
         return manifest.request(items, trees, index, hash_all=True, write=dict(what, record=record))
     return request
@@ -384,8 +402,12 @@ def manifest_check(shell: "Shell", plan: Plan, report: HostSync, rehash: bool = 
         raise CopyError(answer.error, host=plan.host)
     report.hash_tool, report.hashed, report.trusted = "manifest", answer.hashed, answer.trusted
     report.quick = answer.quick
-    LOG.debug("%s: the host's manifest vouched for %d file(s), %d were hashed there",
-              plan.host, answer.trusted, answer.hashed)
+    if answer.quick:
+        LOG.debug("%s: the host's shell found all %d file(s) as expected, by their stat alone",
+                  plan.host, answer.trusted)
+    else:
+        LOG.debug("%s: the host's manifest vouched for %d file(s), %d were hashed there",
+                  plan.host, answer.trusted, answer.hashed)
     if not answer.saved:
         LOG.warning("%s: the manifest of what this host has could not be updated (locked by "
                     "another run or not writable); the next run hashes these files again",
@@ -431,8 +453,10 @@ def record(shell: "Shell", plan: Plan, copied: Sequence[Upload],
 
 
 def _recorded(plan: Plan, items: Sequence[Upload], answer: Optional[manifest.Answer],
-              sums: Optional[Dict[str, str]] = None) -> Optional[manifest.Answer]:
-    """Report what the host said to a record (None: no usable answer).
+              sums: Optional[Dict[str, str]] = None, copied: Optional[int] = None
+              ) -> Optional[manifest.Answer]:
+    """Report what the host said to a record of *items*, *copied* of them just copied (all
+    by default); None when there is no usable answer.
 
     A file the host hashed afterwards (not as it arrived) whose hash is not
     the local one (from *sums*, this sync's memo, else the hash cache) was
@@ -441,7 +465,8 @@ def _recorded(plan: Plan, items: Sequence[Upload], answer: Optional[manifest.Ans
     if answer is None or answer.error is not None:
         return None
     LOG.debug("%s: recorded %d copied file(s): %d hashed by their receiver as they arrived, "
-              "%d hashed now", plan.host, len(items), answer.received, answer.hashed)
+              "%d hashed now", plan.host, len(items) if copied is None else copied,
+              answer.received, answer.hashed)
     if not answer.saved:
         LOG.warning("%s: the manifest of what this host has could not be updated (locked by "
                     "another run or not writable); the next run hashes these files again",
