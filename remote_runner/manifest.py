@@ -77,6 +77,11 @@ ANSWER_MARK = "RR-MANIFEST"
 NO_PYTHON_MARK = "RR-NO-PYTHON"
 #: The shell's answer "every file is as expected", with the question's digest (see run_script).
 SAME_MARK = "RR-MANIFEST-SAME"
+#: What the shell prints when every file not sent ahead is as in an earlier answer (named).
+STATE_MARK = "RR-MANIFEST-STATE"
+#: At most this many files sent ahead are written by the shell (each costs it three
+#: processes; more go to python3, which writes them all in one).
+SHELL_AHEAD_FILES = 4
 #: How the quick check renders each file (GNU stat, TZ=UTC0; the host program writes the same).
 QUICK_STAT = "%n|%s|%f|%i|%d|%y|%z"
 #: Seconds a run waits for another run's manifest lock before skipping its update.
@@ -348,21 +353,21 @@ def remember_quick():
     base = os.path.join(mdir, "quick-%s-%s" % (node, trees_id))
     # (a bundle's writer answers for the check a next run asks: that request's SHA-1)
     asked = req.get("quick_id") if is_hex(req.get("quick_id")) else name_hash(raw).hexdigest()
-    rows = [asked.encode() + b"\n"]
+    listed = b"".join(os.fsencode(p) + b"\0" for p, _ in seen)
+    rows = [("%s %s %s\n" % (asked, name_hash(listed).hexdigest(), expect)).encode()]
     for p, st in seen:
         rows.append(b"%s|%d|%x|%d|%d|%s|%s\n" % (os.fsencode(p), st.st_size, st.st_mode, st.st_ino,
                                                 st.st_dev, stamp(st.st_mtime_ns), stamp(st.st_ctime_ns)))
     try:
         os.makedirs(mdir, 0o700, exist_ok=True)
-        for suffix, data in ((".list", b"".join(os.fsencode(p) + b"\0" for p, _ in seen)),
-                             (".stat", b"".join(rows))):
+        for suffix, data in ((".list", listed), (".stat", b"".join(rows))):
             tmp = "%s%s.%d.tmp" % (base, suffix, os.getpid())
             with os.fdopen(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "wb") as f:
                 f.write(data)
             os.rename(tmp, base + suffix)
     except OSError:
         pass
-if expect and seen and len(seen) == len(req["files"]):
+if is_hex(expect) and seen and len(seen) == len(req["files"]):
     said = "".join("%d %d %s\n" % tuple(item) for item in out["files"])
     if name_hash(said.encode()).hexdigest() == expect:
         remember_quick()
@@ -480,7 +485,32 @@ class Answer:
     asked: Optional[Tuple[str, str]] = None
 
 
-def run_script(size: Optional[int] = None, quick: Optional[Tuple[str, str]] = None,
+@dataclass(frozen=True)
+class Quick:
+    """What lets a host's shell answer a check that says what it expects, without python3.
+
+    The host program, when its answer to such a request is the one expected,
+    keeps the lstat of every file the answer is about, rendered as GNU ``stat
+    -c`` :data:`QUICK_STAT` prints it, in ``quick-NODE-TREES.stat`` beside
+    the manifests (the paths in ``.list``), headed by ``REQUEST FILES
+    EXPECT``: the request's SHA-1, the SHA-1 of the ``.list`` and the answer's
+    (see :func:`run_script`).
+    """
+
+    #: the request's SHA-1
+    request: str
+    #: its trees' id (names the files kept)
+    trees: str
+    #: the SHA-1 of its destinations as the host lists them (:func:`list_id`)
+    files: str
+    #: the SHA-1 of the answer it expects (:func:`expectation`)
+    expect: str
+    #: the files sent ahead with it: (index, size, mode, temporary name), in the order of
+    #: their bytes after the request
+    ahead: Tuple[Tuple[int, int, int, str], ...] = ()
+
+
+def run_script(size: Optional[int] = None, quick: Optional[Quick] = None,
                total: Optional[int] = None) -> str:
     """The shell text that runs :data:`HOST_PROGRAM` with python3, or says there is none.
 
@@ -488,38 +518,73 @@ def run_script(size: Optional[int] = None, quick: Optional[Tuple[str, str]] = No
     leaves the rest of stdin alone (the session lock's channel, see
     :func:`remote_runner.sessionlock.lock_script`, stays open after it).
 
-    *quick* is (the request's SHA-1, its trees' id; see :func:`quick_ids`) for a
-    request that says what it expects (``expect``, :func:`expectation`). When the
-    host program gives a request exactly the answer it expects, it keeps the
-    lstat of every file the answer is about, rendered as GNU ``stat -c``
-    :data:`QUICK_STAT` prints it, in ``quick-NODE-TREES.stat`` beside the
-    manifests (the paths in ``.list``), headed by the request's SHA-1. Asked the
-    same question again, the shell renders the files' stat the same way (one
-    ``stat`` for them all) and, when that is byte for byte what was kept,
-    answers :data:`SAME_MARK` without starting python3 (on the lab, four hosts
-    and 1,003 files: the lock's exec 64 -> 42 ms). The rendering holds each
-    path, size, mode, inode, device, mtime and ctime to the nanosecond, so
-    anything that changed a file since (even with its mtime put back) sends the
-    question to the program, as does anything missing (no GNU stat, xargs or
-    cmp, no /proc). Its answer reads and drops the *total* bytes sent (the
-    request and the files sent ahead with it, which are then the same as the
-    host's). Stale temporary files beside the destinations are swept by the
-    program's next run.
+    With *quick* (a request that says what it expects), the shell answers
+    first where it can, from the files the program kept (see :class:`Quick`)
+    and one ``stat`` of the files, rendered the same way, which holds each
+    path, size, mode, inode, device, mtime and ctime to the nanosecond: so
+    anything that changed a file since (even with its mtime put back) sends
+    the question to the program, as does anything missing (no GNU stat,
+    xargs, cmp or awk, no /proc).
+
+    * Asked exactly the question it answered as expected (nothing sent
+      ahead), the shell answers :data:`SAME_MARK` when the files' stat is
+      byte for byte what was kept (on the lab, four hosts and 1,003 files:
+      the lock's exec 64 -> 42 ms), and reads and drops the *total* bytes sent.
+    * With a few files sent ahead (at most :data:`SHELL_AHEAD_FILES`, the
+      edited ones), when every *other* file of the same list is as kept, the
+      shell names the answer kept, :data:`STATE_MARK` and its SHA-1, which
+      this machine looks up in what it expected before (:mod:`remote_runner.expectations`),
+      and writes each file sent ahead beside its destination as the program
+      would (a new file, never through a link; the ones written are listed
+      after the name). Those files' own stat does not matter: they are replaced.
+
+    Stale temporary files beside the destinations are swept by the program's
+    next run.
     """
     arg = "" if size is None else f" {int(size)}"
     fast = ""
     if quick is not None and size is not None:
-        digest, trees_id = quick
         fast = ('rr_n=; { read -r rr_n < /proc/sys/kernel/hostname; } 2>/dev/null\n'
                 'rr_f="${XDG_CACHE_HOME:-$HOME/.cache}/remote-runner/manifests/quick-$rr_n-'
-                f'{trees_id}"\n'
-                'if [ -n "$rr_n" ] && [ -s "$rr_f.stat" ] && '
-                f'{{ echo {digest}; TZ=UTC0 xargs -0 stat -c {shlex.quote(QUICK_STAT)} -- '
-                '<"$rr_f.list" 2>/dev/null; } | cmp -s - "$rr_f.stat"; then\n'
-                f'  head -c {int(total or size)} >/dev/null && echo "{SAME_MARK} {digest}"; exit 0\n'
-                'fi\n')
+                f'{quick.trees}"\n')
+        stat_all = f'TZ=UTC0 xargs -0 stat -c {shlex.quote(QUICK_STAT)} -- <"$rr_f.list" 2>/dev/null'
+        if not quick.ahead:
+            fast += ('if [ -n "$rr_n" ] && [ -s "$rr_f.stat" ] && '
+                     f'{{ echo "{quick.request} {quick.files} {quick.expect}"; {stat_all}; }} | '
+                     'cmp -s - "$rr_f.stat"; then\n'
+                     f'  head -c {int(total or size)} >/dev/null && echo "{SAME_MARK} {quick.request}"; '
+                     'exit 0\nfi\n')
+        elif len(quick.ahead) <= SHELL_AHEAD_FILES:
+            skip = " " + " ".join(str(i + 1) for i, _, _, _ in quick.ahead) + " "
+            fast += ('if [ -n "$rr_n" ] && [ -s "$rr_f.stat" ] && '
+                     f'rr_s=$({stat_all} | LC_ALL=C awk -v list={quick.files} -v skip="{skip}" '
+                     f'{shlex.quote(_SAME_BUT_AHEAD)} "$rr_f.stat" -) && [ -n "$rr_s" ]; then\n'
+                     f'  head -c {int(size)} >/dev/null || exit 0\n  rr_w=\n')
+            for index, length, mode, temp in quick.ahead:
+                t = shlex.quote(temp)
+                fast += (f'  if head -c {int(length)} | {{ (set -C; exec cat >{t}) && chmod {mode:o} {t}; '
+                         f'rr_x=$?; cat >/dev/null; exit $rr_x; }}; then rr_w="$rr_w {int(index)}"; fi\n')
+            fast += f'  echo "{STATE_MARK} $rr_s$rr_w"; exit 0\nfi\n'
     return (fast + f"command -v python3 >/dev/null 2>&1 || {{ echo {NO_PYTHON_MARK}; exit 0; }}\n"
             f"exec python3 {PYTHON_FLAGS} -c {shlex.quote(HOST_PROGRAM)}{arg}\n")
+
+
+#: awk reading the kept stat file, then the files' stat now: prints the kept answer's name
+#: when the list is *list* and every line but the *skip*-numbered ones (the files sent
+#: ahead, counted from 1) is the same; fails otherwise.
+_SAME_BUT_AHEAD = r"""
+NR == FNR {
+  if (FNR == 1) { ok = ($2 == list && length($3) == 40 && $3 !~ /[^0-9a-f]/); name = $3; next }
+  kept[FNR - 1] = $0; n = FNR - 1; next
+}
+{ m++; if (index(skip, " " m " ") == 0 && ($0 "") != (kept[m] "")) bad = 1 }
+END { if (ok && !bad && m == n && n > 0) print name; else exit 1 }
+"""
+
+
+def list_id(dests: Sequence[str]) -> str:
+    """The SHA-1 of *dests* as the host program lists them (each path and a NUL)."""
+    return hashlib.sha1(b"".join(d.encode("utf-8", "surrogateescape") + b"\0" for d in dests)).hexdigest()
 
 
 def quick_ids(payload: bytes, trees: Sequence[str]) -> Tuple[str, str]:
@@ -528,10 +593,21 @@ def quick_ids(payload: bytes, trees: Sequence[str]) -> Tuple[str, str]:
     return hashlib.sha1(payload).hexdigest(), hashlib.sha1(joined).hexdigest()
 
 
+def quick_for(payload: bytes, items: Sequence["Upload"], trees: Sequence[str], expect: str,
+              ahead: Sequence[Tuple[int, int, int, str]] = ()) -> Quick:
+    """The :class:`Quick` of request *payload* about *items* (in *trees*), which expects *expect*."""
+    digest, trees_id = quick_ids(payload, trees)
+    return Quick(digest, trees_id, list_id([u.dest for u in items]), expect, tuple(ahead))
+
+
+def expectation_text(items: Sequence["Upload"], sums: Sequence[str]) -> str:
+    """The answer that finds every file of *items* as here (*sums* their SHA-1s), as hashed."""
+    return "".join(f"{u.size} {u.mode} {sha1}\n" for u, sha1 in zip(items, sums))
+
+
 def expectation(items: Sequence["Upload"], sums: Sequence[str]) -> str:
     """The ``expect`` of a request: the SHA-1 of the answer that finds every file the same."""
-    said = "".join(f"{u.size} {u.mode} {sha1}\n" for u, sha1 in zip(items, sums))
-    return hashlib.sha1(said.encode()).hexdigest()
+    return hashlib.sha1(expectation_text(items, sums).encode()).hexdigest()
 
 
 def request(items: Sequence["Upload"], trees: Sequence[str], tree_of: Sequence[int], *,
@@ -609,6 +685,18 @@ def said_same(output: str, digest: str) -> bool:
     """Whether a host's *output* is the shell's :data:`SAME_MARK` for the request *digest*
     (the SHA-1 of the request; see :func:`run_script`)."""
     return f"{SAME_MARK} {digest}" in output.splitlines()
+
+
+def said_state(output: str) -> Optional[Tuple[str, List[int]]]:
+    """(the answer named, the indices of the files written) when a host's *output* is the
+    shell's :data:`STATE_MARK` (see :func:`run_script`); None otherwise."""
+    lines = [line for line in output.splitlines() if line.startswith(STATE_MARK + " ")]
+    if len(lines) != 1:
+        return None
+    words = lines[0].split()[1:]
+    if not words or not _HEX40.fullmatch(words[0]) or not all(w.isascii() and w.isdigit() for w in words[1:]):
+        return None
+    return words[0], [int(w) for w in words[1:]]
 
 
 def read_answer(host: str, output: str, count: int) -> Optional[Answer]:

@@ -46,7 +46,7 @@ import secrets
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Dict, List, Optional, Sequence, Tuple, Union
 
-from remote_runner import hashcache, manifest, sync
+from remote_runner import expectations, hashcache, manifest, sync
 
 if TYPE_CHECKING:  # pragma: no cover
     from remote_runner.config import ComponentSpec
@@ -98,8 +98,8 @@ class EarlyCheck:
     ahead: Dict[int, Tuple[str, str]] = field(default_factory=dict)
     #: the SHA-1 the request expects of each file (all the same here), when it says so
     expected: Optional[List[str]] = None
-    #: the request's SHA-1 and its trees' id (see :func:`manifest.quick_ids`), with *expected*
-    quick: Optional[Tuple[str, str]] = None
+    #: what lets the host's shell answer (see :class:`manifest.Quick`), with *expected*
+    quick: Optional[manifest.Quick] = None
 
     @property
     def script(self) -> str:
@@ -119,16 +119,33 @@ class EarlyCheck:
 
     def take(self, output: str) -> None:
         """Read the answer in what the lock's channel printed (None when there is none)."""
-        if (self.quick is not None and self.expected is not None
-                and manifest.said_same(output, self.quick[0])):
+        quick, files = self.quick, self.plan.files
+        state = manifest.said_state(output) if quick is not None and quick.ahead else None
+        if (quick is not None and not quick.ahead and self.expected is not None
+                and manifest.said_same(output, quick.request)):
             self.answer = manifest.Answer([manifest.Remote(u.size, u.mode, sha1) for u, sha1
-                                           in zip(self.plan.files, self.expected)],
+                                           in zip(files, self.expected)],
                                           trusted=len(self.expected), quick=True)
+        elif state is not None:
+            self.answer = self._as_named(*state)
         else:
-            self.answer = manifest.read_answer(self.host, output, len(self.plan.files))
-        if self.answer is not None and self.quick is not None and self.expected is not None \
-                and not self.ahead:
-            self.answer.asked = (self.quick[0], manifest.expectation(self.plan.files, self.expected))
+            self.answer = manifest.read_answer(self.host, output, len(files))
+        if self.answer is not None and quick is not None and not quick.ahead:
+            self.answer.asked = (quick.request, quick.expect)
+
+    def _as_named(self, name: str, written: List[int]) -> Optional[manifest.Answer]:
+        """The answer of a host whose shell found every file not sent ahead as in the answer
+        *name* and wrote the ones sent ahead listed in *written* (see :func:`manifest.run_script`);
+        None when this machine does not have that answer (the copy step asks again)."""
+        assert self.quick is not None
+        kept = expectations.recall(name, len(self.plan.files))
+        ahead = {i for i, _, _, _ in self.quick.ahead}
+        if kept is None or not ahead.issuperset(written):
+            return None
+        # (a file sent ahead was not compared: what the host had of it does not count)
+        files = [None if i in ahead else manifest.Remote(*entry) for i, entry in enumerate(kept)]
+        return manifest.Answer(files, trusted=len(files) - len(ahead), staged=sorted(set(written)),
+                               quick=True)
 
     def usable(self, resolved: Dict[Tuple[str, str], str]) -> bool:
         """True when there is an answer and the host resolved every base dir as asked."""
@@ -176,14 +193,20 @@ def plan_ahead(host: str, specs: Sequence["ComponentSpec"], always_copy: bool = 
     # expected" from its files' stat alone the next time it is asked the same.
     sums = [_sha1_of(memo.get(u.src)) for u in items] if memo is not None and not rehash else []
     known = bool(sums) and all(s is not None for s in sums)
-    expect = manifest.expectation(items, sums) if known else None
+    said = manifest.expectation_text(items, sums) if known else ""
+    expect = hashlib.sha1(said.encode()).hexdigest() if known else None
     request = manifest.request(items, trees, index, dirs=plan.dirs, rehash=rehash, prepare=True,
                                ahead=ahead, ahead_bytes=len(blob), expect=expect)
     temps = {i: (_temp_name(items[i].dest, token), sha1) for i, sha1, token in ahead}
     check = EarlyCheck(host, plan, bases, request + blob, json_size=len(request), ahead=temps)
-    if known:
+    if expect is not None:
         check.expected = sums
-        check.quick = manifest.quick_ids(request, trees)
+        expectations.keep(expect, said)  # (a later run's host may name it, see manifest.run_script)
+        # the shell compares its files' stat line by line: one name over two lines cannot be
+        # told from two files, so with files ahead (where lines are left out) it does not answer
+        if not (ahead and any("\n" in u.dest for u in items)):
+            check.quick = manifest.quick_for(request, items, trees, expect, [
+                (i, len(data), items[i].mode, temps[i][0]) for i, (data, _) in picked])
     if built is not None and not picked:
         built[id(plan.files)] = (plan.files, request, check.expected, check.quick)
     return check

@@ -29,7 +29,7 @@ import uuid
 import pytest
 
 from remote_runner import events as ev
-from remote_runner import hashcache, manifest, sync
+from remote_runner import expectations, hashcache, manifest, sync
 from remote_runner.config import FileSpec
 from remote_runner.loader import load_experiment
 from remote_runner.errors import CopyError, RunnerError
@@ -340,11 +340,11 @@ def test_an_answer_as_expected_is_given_again_from_the_files_stat_alone(tmp_path
     items = list(plan.files)
     trees, index = plan.tree_index(items)
     sums = [hashlib.sha1(open(u.src, "rb").read()).hexdigest() for u in items]
-    request = manifest.request(items, trees, index, dirs=plan.dirs, prepare=True,
-                               expect=manifest.expectation(items, sums))
-    digest, _ = manifest.quick_ids(request, trees)
-    script = "(\n" + manifest.run_script(len(request), manifest.quick_ids(request, trees)) + \
-        ")\nprintf 'REST:'; cat\n"
+    expect = manifest.expectation(items, sums)
+    request = manifest.request(items, trees, index, dirs=plan.dirs, prepare=True, expect=expect)
+    quick = manifest.quick_for(request, items, trees, expect)
+    digest = quick.request
+    script = "(\n" + manifest.run_script(len(request), quick) + ")\nprintf 'REST:'; cat\n"
 
     def ask():
         out = subprocess.run(["sh", "-c", script], input=request + b"tail", capture_output=True,
@@ -368,12 +368,108 @@ def test_an_answer_as_expected_is_given_again_from_the_files_stat_alone(tmp_path
     answer = manifest.read_answer("local", third, len(items))
     assert [r.sha1 == s for r, s in zip(answer.files, sums)] == [i != 2 for i in range(5)]
     # another question (here: expecting something else) is never answered by the kept stat
-    other = manifest.request(items, trees, index, dirs=plan.dirs, prepare=True,
-                             expect=manifest.expectation(items, ["0" * 40] * 5))
-    run = subprocess.run(["sh", "-c", manifest.run_script(len(other), manifest.quick_ids(
-        other, trees))], input=other, capture_output=True, check=True).stdout.decode()
+    wrong = manifest.expectation(items, ["0" * 40] * 5)
+    other = manifest.request(items, trees, index, dirs=plan.dirs, prepare=True, expect=wrong)
+    run = subprocess.run(["sh", "-c", manifest.run_script(len(other), manifest.quick_for(
+        other, items, trees, wrong))], input=other, capture_output=True, check=True).stdout.decode()
     assert not manifest.said_same(run, manifest.quick_ids(other, trees)[0])
     assert manifest.read_answer("local", run, len(items)) is not None
+
+
+def test_with_files_sent_ahead_the_shell_names_the_answer_the_others_are_still_in(tmp_path,
+                                                                                monkeypatch):
+    """The edited-one-file rerun: every file not sent ahead is as an answer kept (by stat), so
+    the shell names that answer and writes the files sent ahead beside their destination, as
+    new files, reading exactly their bytes; this machine looks the name up in what it expected.
+    A file not sent ahead changed behind the manifest's back sends the question to python3."""
+    _local_tree(tmp_path, monkeypatch, 5)
+    (tmp_path / "src" / "f1").chmod(0o640)
+    plan = _local_plan(tmp_path / "src", tmp_path / "dest")
+    sync.sync_host(Local(), None, plan)
+    items = list(plan.files)
+    trees, index = plan.tree_index(items)
+    sums = [hashlib.sha1(open(u.src, "rb").read()).hexdigest() for u in items]
+    said = manifest.expectation_text(items, sums)
+    before = manifest.expectation(items, sums)
+    expectations.keep(before, said)
+    asked = manifest.request(items, trees, index, dirs=plan.dirs, prepare=True, expect=before)
+    first = subprocess.run(["sh", "-c", manifest.run_script(len(asked), manifest.quick_for(
+        asked, items, trees, before))], input=asked, capture_output=True, check=True).stdout.decode()
+    assert manifest.read_answer("local", first, len(items)) is not None  # (keeps the stat)
+
+    def ask_with_ahead(new_bytes, blocked=False):
+        data = [new_bytes, b"CONTENT 3\n"]
+        temps = [str(tmp_path / "dest" / "tree" / f".f{i}.rr-ab12cd3{i}.tmp") for i in (1, 3)]
+        if blocked:
+            os.mkdir(temps[0])  # (something of that name already there: not written)
+        ahead = [(i, len(d), items[i].mode, t) for i, d, t in zip((1, 3), data, temps)]
+        now = list(sums)
+        now[1], now[3] = (hashlib.sha1(d).hexdigest() for d in data)
+        expect = manifest.expectation(items, now)
+        request = manifest.request(items, trees, index, dirs=plan.dirs, prepare=True,
+                                   ahead=[(1, now[1], "ab12cd31"), (3, now[3], "ab12cd33")],
+                                   ahead_bytes=sum(map(len, data)), expect=expect)
+        quick = manifest.quick_for(request, items, trees, expect, ahead)
+        script = "(\n" + manifest.run_script(len(request), quick, len(request) + 20) + \
+            ")\nprintf 'REST:'; cat\n"
+        out = subprocess.run(["sh", "-c", script], input=request + b"".join(data) + b"tail",
+                             capture_output=True, check=True).stdout.decode()
+        return out, temps
+
+    out, temps = ask_with_ahead(b"CONTENT 1\n")
+    assert manifest.said_state(out) == (before, [1, 3]) and out.endswith("REST:tail"), out
+    assert [open(t, "rb").read() for t in temps] == [b"CONTENT 1\n", b"CONTENT 3\n"]
+    assert [os.stat(t).st_mode & 0o777 for t in temps] == [0o640, 0o644]
+    assert expectations.recall(before, 5) == [(u.size, u.mode, h) for u, h in zip(items, sums)]
+    for t in temps:
+        os.unlink(t)
+    out, temps = ask_with_ahead(b"CONTENT 1\n", blocked=True)  # the first's bytes still read
+    assert manifest.said_state(out) == (before, [3]) and out.endswith("REST:tail"), out
+    assert open(temps[1], "rb").read() == b"CONTENT 3\n"
+    os.rmdir(temps[0])
+    os.unlink(temps[1])
+    changed = tmp_path / "dest" / "tree" / "f2"  # not sent ahead: changed behind its back
+    stat_before = changed.stat()
+    changed.write_text("CONTENT 2\n")
+    os.utime(changed, ns=(stat_before.st_atime_ns, stat_before.st_mtime_ns))
+    out, _ = ask_with_ahead(b"CONTENT 1\n")
+    assert manifest.said_state(out) is None  # (python3 reads its stdin buffered: not the tail)
+    answer = manifest.read_answer("local", out, len(items))
+    assert answer is not None and answer.hashed == 1 and sorted(answer.staged) == [1, 3]
+
+
+def test_a_host_naming_an_answer_this_machine_does_not_have_unchanged_is_not_believed(tmp_path,
+                                                                                    monkeypatch):
+    """Only this machine's own kept answers count: a name it does not have, a kept file
+    changed since (its SHA-1 no longer its name) or about another number of files, and
+    a garbled mark, are no answer."""
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    text = "3 420 " + "a" * 40 + "\n5 420 " + "b" * 40 + "\n"
+    name = hashlib.sha1(text.encode()).hexdigest()
+    expectations.keep(name, text)
+    assert expectations.recall(name, 2) == [(3, 420, "a" * 40), (5, 420, "b" * 40)]
+    assert expectations.recall(name, 3) is None
+    assert expectations.recall("c" * 40, 2) is None and expectations.recall("../x", 2) is None
+    with open(os.path.join(expectations.folder(), name), "w") as kept:
+        kept.write(text.replace("3 420", "4 420"))
+    assert expectations.recall(name, 2) is None
+    for garbled in (f"RR-MANIFEST-STATE {name} x", f"RR-MANIFEST-STATE {name[:-1]}",
+                    f"RR-MANIFEST-STATE {name} 1\nRR-MANIFEST-STATE {name}", "RR-MANIFEST-STATE",
+                    f"RR-MANIFEST-STATE {name} \u0663"):
+        assert manifest.said_state(garbled) is None, garbled
+    assert manifest.said_state(f"x\nRR-MANIFEST-STATE {name} 0 2\n") == (name, [0, 2])
+
+
+def test_kept_answers_are_bounded_the_oldest_go_first(tmp_path, monkeypatch):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    monkeypatch.setattr(expectations, "KEEP", 3)
+    names = []
+    for i in range(5):
+        text = f"{i} 420 " + "a" * 40 + "\n"
+        names.append(hashlib.sha1(text.encode()).hexdigest())
+        expectations.keep(names[-1], text)
+        os.utime(os.path.join(expectations.folder(), names[-1]), (1000 + i, 1000 + i))
+    assert sorted(os.listdir(expectations.folder())) == sorted(names[2:])
 
 
 def test_the_host_program_names_its_manifest_by_sha1_and_finds_tar_on_path(tmp_path):
@@ -829,7 +925,8 @@ def test_a_rerun_of_an_unchanged_experiment_is_one_round_trip_per_host_and_wave(
     a file changed on the host behind the manifest's back (same size, mtime
     put back) is still found and copied again by that early check, also once
     the host answers it from its files' stat alone; the bundle that copied it
-    answered that check as well, so the run after it is answered by the shell.
+    answered that check as well, so the run after it is answered by the shell;
+    an edited file sent ahead is written by the shell too.
     """
     base = f"/tmp/{screen_name}-base"
     nothing = lambda src: None  # noqa: E731
@@ -860,9 +957,23 @@ def test_a_rerun_of_an_unchanged_experiment_is_one_round_trip_per_host_and_wave(
     def quick(report, spent):
         warm(report, spent, quick=True)
 
+    def edit(src):
+        (src / "sub" / "f05.txt").write_text("FILE 5, edited\n")
+
+    def edited(report, spent):
+        # the edited file went ahead with the check; each host's shell found every other
+        # file as the last answer had them, wrote it beside its destination, and the start
+        # put it in place: no python3, and nothing in the copy phase
+        assert all(r.copied == [f"{base}/data/sub/f05.txt"] and r.quick
+                   for r in report.sync.values()), report.sync
+        assert all(spent[h]["execs"] + spent[h]["steps"] == 0 for h in ("h1", "h2")), spent
+        for host in ("h1", "h2"):
+            assert ssh(lab, host, f"cat {base}/data/sub/f05.txt; ls -a {base}/data/sub | "
+                                  "grep -c rr- || true").stdout == "FILE 5, edited\n0\n"
+
     _counted_runs(lab, tmp_path, screen_name, base,
                   [(nothing, cold), (nothing, warm), (nothing, warm), (nothing, quick),
-                   (tamper, repaired), (nothing, quick)])
+                   (tamper, repaired), (nothing, quick), (edit, edited)])
 
 
 def test_a_base_dir_behind_a_symlink_is_checked_again_under_its_real_path(lab, tmp_path,
