@@ -483,6 +483,8 @@ class Answer:
     #: (the request's SHA-1, the SHA-1 of the answer it expected) of a check that sent no
     #: file ahead: what a next run asks while nothing changes here (see :func:`request`)
     asked: Optional[Tuple[str, str]] = None
+    #: the earlier answer the host's shell named (:data:`STATE_MARK`), if it named one
+    named: Optional[str] = None
 
 
 @dataclass(frozen=True)
@@ -557,28 +559,91 @@ def run_script(size: Optional[int] = None, quick: Optional[Quick] = None,
         elif len(quick.ahead) <= SHELL_AHEAD_FILES:
             skip = " " + " ".join(str(i + 1) for i, _, _, _ in quick.ahead) + " "
             fast += ('if [ -n "$rr_n" ] && [ -s "$rr_f.stat" ] && '
-                     f'rr_s=$({stat_all} | LC_ALL=C awk -v list={quick.files} -v skip="{skip}" '
-                     f'{shlex.quote(_SAME_BUT_AHEAD)} "$rr_f.stat" -) && [ -n "$rr_s" ]; then\n'
-                     f'  head -c {int(size)} >/dev/null || exit 0\n  rr_w=\n')
+                     f'rr_h=$({stat_all} | LC_ALL=C awk -v list={quick.files} -v skip="{skip}" '
+                     f'{shlex.quote(_SAME_BUT_AHEAD)} "$rr_f.stat" -) && [ -n "$rr_h" ]; then\n'
+                     f'  head -c {int(size)} >/dev/null || exit 0\n'
+                     '  rr_w=; rr_p="$rr_f.pending.$$"; { echo "$rr_h" >"$rr_p"; } 2>/dev/null\n')
             for index, length, mode, temp in quick.ahead:
                 t = shlex.quote(temp)
                 fast += (f'  if head -c {int(length)} | {{ (set -C; exec cat >{t}) && chmod {mode:o} {t}; '
-                         f'rr_x=$?; cat >/dev/null; exit $rr_x; }}; then rr_w="$rr_w {int(index)}"; fi\n')
-            fast += f'  echo "{STATE_MARK} $rr_s$rr_w"; exit 0\nfi\n'
+                         f'rr_x=$?; cat >/dev/null; exit $rr_x; }}; then rr_w="$rr_w {int(index)}"\n'
+                         f'    {{ printf "%s " {int(index)}; TZ=UTC0 stat -c {shlex.quote(QUICK_STAT)} -- {t}; }} '
+                         '>>"$rr_p" 2>/dev/null\n  fi\n')
+            fast += ('  mv -f "$rr_p" "$rr_f.pending" 2>/dev/null\n'
+                     f'  echo "{STATE_MARK} ${{rr_h##* }}$rr_w"; exit 0\nfi\n')
     return (fast + f"command -v python3 >/dev/null 2>&1 || {{ echo {NO_PYTHON_MARK}; exit 0; }}\n"
             f"exec python3 {PYTHON_FLAGS} -c {shlex.quote(HOST_PROGRAM)}{arg}\n")
 
 
-#: awk reading the kept stat file, then the files' stat now: prints the kept answer's name
-#: when the list is *list* and every line but the *skip*-numbered ones (the files sent
-#: ahead, counted from 1) is the same; fails otherwise.
+#: awk reading the kept stat file, then the files' stat now: prints the kept header (whose
+#: last word names the answer) when the list is *list* and every line but the
+#: *skip*-numbered ones (the files sent ahead, counted from 1) is the same; fails otherwise.
 _SAME_BUT_AHEAD = r"""
 NR == FNR {
-  if (FNR == 1) { ok = ($2 == list && length($3) == 40 && $3 !~ /[^0-9a-f]/); name = $3; next }
+  if (FNR == 1) { ok = (NF == 3 && $2 == list && length($3) == 40 && $3 !~ /[^0-9a-f]/); head = $0; next }
   kept[FNR - 1] = $0; n = FNR - 1; next
 }
 { m++; if (index(skip, " " m " ") == 0 && ($0 "") != (kept[m] "")) bad = 1 }
-END { if (ok && !bad && m == n && n > 0) print name; else exit 1 }
+END { if (ok && !bad && m == n && n > 0) print head; else exit 1 }
+"""
+
+
+def placing_refresh(quick: Quick, next_request: str, placed: Sequence[Tuple[int, str, str]]) -> Tuple[str, str]:
+    """Shell text (before, after) the start renames files the shell wrote ahead into place,
+    *placed* as (index, temporary, destination), so that the kept stat then stands for
+    this run's answer (:attr:`Quick.expect`, asked next time as *next_request*).
+
+    Before: the temporaries' stat, which must still be exactly what the shell that wrote
+    them recorded beside the kept stat (``.pending``, with the kept header it had
+    checked). After: each destination's stat, which must differ from its temporary's in
+    its name and ctime only (a rename); then every other line stays as it was checked
+    and the renamed files' lines are replaced, under the new header. Anything else (a
+    file changed meanwhile, a stat missing, another run's kept stat) leaves the kept
+    stat to the program's next run. Never fails the start.
+    """
+    if not placed:
+        return "", ""
+    fmt = shlex.quote(QUICK_STAT)
+    temps = " ".join(shlex.quote(t) for _, t, _ in placed)
+    dests = " ".join(shlex.quote(d) for _, _, d in placed)
+    order = " " + " ".join(str(int(i)) for i, _, _ in placed) + " "
+    head = f"{next_request} {quick.files} {quick.expect}"
+    before = ('rr_n=; { read -r rr_n < /proc/sys/kernel/hostname; } 2>/dev/null\n'
+              'rr_f="${XDG_CACHE_HOME:-$HOME/.cache}/remote-runner/manifests/quick-$rr_n-'
+              f'{quick.trees}"\n'
+              f'rr_b=$(TZ=UTC0 stat -c {fmt} -- {temps} 2>/dev/null)\n')
+    after = (f'{{ [ -n "$rr_n" ] && [ -s "$rr_f.pending" ] && TZ=UTC0 stat -c {fmt} -- {dests} | '
+             f'LC_ALL=C awk -v before="$rr_b" -v order="{order}" -v head="{head}" '
+             f'{shlex.quote(_RENAMED)} "$rr_f.pending" "$rr_f.stat" - >"$rr_f.stat.$$" && '
+             'mv -f "$rr_f.stat.$$" "$rr_f.stat"; } 2>/dev/null || rm -f "$rr_f.stat.$$" 2>/dev/null\n'
+             'rm -f "$rr_f.pending" 2>/dev/null\n')
+    return before, after
+
+
+#: awk reading the shell's ``.pending`` (the header it checked, then "INDEX LINE" of each file
+#: it wrote ahead), the kept stat, and the renamed destinations' stat now (in *order*); with
+#: *before* the temporaries' stat taken just before the renames. Prints the kept stat with
+#: those files' lines replaced under *head*, or fails (see :func:`placing_refresh`).
+_RENAMED = r"""
+FNR == 1 { f++ }
+f == 1 { if (FNR == 1) checked = $0; else { i = $1; sub(/^[0-9]+ /, ""); wrote[i] = $0 } next }
+f == 2 { if (FNR == 1) same = ($0 == checked); else kept[FNR - 1] = $0; n = FNR - 1; next }
+{ now[++m] = $0 }
+function tail(line) {  # size|mode|inode|device|mtime: what a rename keeps
+  if (!match(line, /\|[^|]*\|[^|]*\|[^|]*\|[^|]*\|[^|]*\|[^|]*$/)) return ""
+  line = substr(line, RSTART); sub(/\|[^|]*$/, "", line); return line
+}
+END {
+  k = split(order, at, " "); split(before, was, "\n")
+  if (!same || k == 0 || m != k || n == 0) exit 1
+  for (j = 1; j <= k; j++) {
+    i = at[j]
+    if (!(i in wrote) || was[j] != wrote[i] || tail(now[j]) == "" || tail(now[j]) != tail(was[j]) \
+        || i + 1 > n) exit 1
+    kept[i + 1] = now[j]
+  }
+  print head; for (l = 1; l <= n; l++) print kept[l]
+}
 """
 
 

@@ -145,7 +145,22 @@ class EarlyCheck:
         # (a file sent ahead was not compared: what the host had of it does not count)
         files = [None if i in ahead else manifest.Remote(*entry) for i, entry in enumerate(kept)]
         return manifest.Answer(files, trusted=len(files) - len(ahead), staged=sorted(set(written)),
-                               quick=True)
+                               quick=True, named=name)
+
+    def refresh(self, placed: Sequence[str]) -> Tuple[str, str]:
+        """Shell text (before, after) the start's renames of the files sent ahead that are
+        *placed* (destinations), keeping the host's kept stat up to date when its shell
+        wrote them (see :func:`manifest.placing_refresh`): the next unchanged run is then
+        answered by the shell too. Empty when the program answered."""
+        quick, answer = self.quick, self.answer
+        if quick is None or answer is None or answer.named is None:
+            return "", ""
+        wrote = set(answer.staged)
+        where = {self.plan.files[i].dest: i for i in self.ahead if i in wrote}
+        moved = [(where[d], self.ahead[where[d]][0], d) for d in sorted(placed) if d in where]
+        files = list(self.plan.files)
+        request, _ = _check_request(self.plan, files, False, [], 0, quick.expect)
+        return manifest.placing_refresh(quick, hashlib.sha1(request).hexdigest(), moved)
 
     def usable(self, resolved: Dict[Tuple[str, str], str]) -> bool:
         """True when there is an answer and the host resolved every base dir as asked."""
@@ -185,7 +200,6 @@ def plan_ahead(host: str, specs: Sequence["ComponentSpec"], always_copy: bool = 
         _, request, sums, quick = same
         return EarlyCheck(host, plan, bases, request, json_size=len(request), expected=sums,
                           quick=quick)
-    trees, index = plan.tree_index(items)
     ahead = [(i, sha1, secrets.token_hex(4)) for i, (_, sha1) in picked]
     blob = b"".join(data for _, (data, _) in picked)
     # Every file's SHA-1 is known here (from the cache, or read just now to go ahead): the
@@ -195,8 +209,7 @@ def plan_ahead(host: str, specs: Sequence["ComponentSpec"], always_copy: bool = 
     known = bool(sums) and all(s is not None for s in sums)
     said = manifest.expectation_text(items, sums) if known else ""
     expect = hashlib.sha1(said.encode()).hexdigest() if known else None
-    request = manifest.request(items, trees, index, dirs=plan.dirs, rehash=rehash, prepare=True,
-                               ahead=ahead, ahead_bytes=len(blob), expect=expect)
+    request, trees = _check_request(plan, items, rehash, ahead, len(blob), expect)
     temps = {i: (_temp_name(items[i].dest, token), sha1) for i, sha1, token in ahead}
     check = EarlyCheck(host, plan, bases, request + blob, json_size=len(request), ahead=temps)
     if expect is not None:
@@ -210,6 +223,16 @@ def plan_ahead(host: str, specs: Sequence["ComponentSpec"], always_copy: bool = 
     if built is not None and not picked:
         built[id(plan.files)] = (plan.files, request, check.expected, check.quick)
     return check
+
+
+def _check_request(plan: "sync.Plan", items: Sequence["Upload"], rehash: bool,
+                   ahead: Sequence[Tuple[int, str, str]], ahead_bytes: int,
+                   expect: Optional[str]) -> Tuple[bytes, List[str]]:
+    """(the check's request, its trees): one place, so that a run can tell the request the
+    next run asks while nothing changes here (see :meth:`EarlyCheck.refresh`)."""
+    trees, index = plan.tree_index(items)
+    return manifest.request(items, trees, index, dirs=plan.dirs, rehash=rehash, prepare=True,
+                            ahead=ahead, ahead_bytes=ahead_bytes, expect=expect), trees
 
 
 def _changed_here(items: Sequence["Upload"], memo: AheadMemo

@@ -29,6 +29,7 @@ from remote_runner.runrecord import utc_now
 
 if TYPE_CHECKING:  # pragma: no cover
     from remote_runner.mirror.session import MirrorSession
+    from remote_runner.precheck import EarlyCheck
     from remote_runner.runmodel import MirrorFactory, RunOptions, RunReport
     from remote_runner.runrecord import ComponentRecord, RunRecord
     from remote_runner.shell import Shell
@@ -49,6 +50,7 @@ class Starting:
     placements: Dict[str, List[Placement]]
     host_of: Dict[str, str]
     sent_ahead: Dict[str, Dict[str, str]]
+    early: Dict[str, "EarlyCheck"]
     mirror: Optional["MirrorSession"]
     mirror_factory: "MirrorFactory"
     _setup: Dict[str, str]
@@ -91,7 +93,9 @@ class Starting:
                 lines.append(f"mv -f -- {q(temp)} {q(dest)} {scr.placing_failed(dest)}\n")
             else:
                 lines.append(f"rm -f -- {q(temp)}\n")
-        return "".join(lines)
+        check = self.early.get(host)
+        before, after = check.refresh(sorted(placed)) if check is not None else ("", "")
+        return before + "".join(lines) + after
 
     def _drop_sent_ahead(self) -> None:
         """Remove the temporaries of hosts whose start never put them in place (a failed run)."""

@@ -21,6 +21,7 @@ import hashlib
 import json
 import logging
 import os
+import shlex
 import subprocess
 import sys
 import textwrap
@@ -436,6 +437,49 @@ def test_with_files_sent_ahead_the_shell_names_the_answer_the_others_are_still_i
     assert manifest.said_state(out) is None  # (python3 reads its stdin buffered: not the tail)
     answer = manifest.read_answer("local", out, len(items))
     assert answer is not None and answer.hashed == 1 and sorted(answer.staged) == [1, 3]
+
+
+@pytest.mark.parametrize("meddled", [False, True])
+def test_files_the_shell_wrote_ahead_keep_the_stat_current_once_renamed(tmp_path, monkeypatch,
+                                                                        meddled):
+    """The start renames what the shell wrote ahead and puts those files' new stat in the kept
+    stat, under the answer this run expected: the next unchanged question is answered by the
+    shell. A file written to meanwhile (here: the temporary, before its rename) leaves it to
+    the program."""
+    plan = _local_tree(tmp_path, monkeypatch, 4)
+    sync.sync_host(Local(), None, plan)
+    items = list(plan.files)
+    trees, index = plan.tree_index(items)
+    sums = [hashlib.sha1(open(u.src, "rb").read()).hexdigest() for u in items]
+    before = manifest.expectation(items, sums)
+    expectations.keep(before, manifest.expectation_text(items, sums))
+    asked = manifest.request(items, trees, index, dirs=plan.dirs, prepare=True, expect=before)
+    subprocess.run(["sh", "-c", manifest.run_script(len(asked), manifest.quick_for(
+        asked, items, trees, before))], input=asked, capture_output=True, check=True)
+    data = b"CONTENT 2\n"
+    temp = str(tmp_path / "dest" / "tree" / ".f2.rr-0badcafe.tmp")
+    now = list(sums)
+    now[2] = hashlib.sha1(data).hexdigest()
+    expect = manifest.expectation(items, now)
+    request = manifest.request(items, trees, index, dirs=plan.dirs, prepare=True,
+                               ahead=[(2, now[2], "0badcafe")], ahead_bytes=len(data), expect=expect)
+    quick = manifest.quick_for(request, items, trees, expect, [(2, len(data), items[2].mode, temp)])
+    out = subprocess.run(["sh", "-c", manifest.run_script(len(request), quick)], input=request + data,
+                         capture_output=True, check=True).stdout.decode()
+    assert manifest.said_state(out) == (before, [2])
+    following = manifest.request(items, trees, index, dirs=plan.dirs, prepare=True, expect=expect)
+    first, then = manifest.placing_refresh(quick, manifest.quick_ids(following, trees)[0],
+                                           [(2, temp, items[2].dest)])
+    if meddled:
+        with open(temp, "ab") as handle:
+            handle.write(b"!")
+    subprocess.run(["sh", "-c", first + f"mv -f -- {shlex.quote(temp)} {shlex.quote(items[2].dest)}\n"
+                    + then], check=True)
+    assert not list((tmp_path / "cache" / "remote-runner" / "manifests").glob("*.pending*"))
+    next_quick = manifest.quick_for(following, items, trees, expect)
+    out = subprocess.run(["sh", "-c", manifest.run_script(len(following), next_quick)],
+                         input=following, capture_output=True, check=True).stdout.decode()
+    assert manifest.said_same(out, next_quick.request) is not meddled, out
 
 
 def test_a_host_naming_an_answer_this_machine_does_not_have_unchanged_is_not_believed(tmp_path,
@@ -926,7 +970,8 @@ def test_a_rerun_of_an_unchanged_experiment_is_one_round_trip_per_host_and_wave(
     put back) is still found and copied again by that early check, also once
     the host answers it from its files' stat alone; the bundle that copied it
     answered that check as well, so the run after it is answered by the shell;
-    an edited file sent ahead is written by the shell too.
+    an edited file sent ahead is written by the shell too, and its start keeps the
+    kept stat current, so the next run is again answered by the shell.
     """
     base = f"/tmp/{screen_name}-base"
     nothing = lambda src: None  # noqa: E731
@@ -973,7 +1018,7 @@ def test_a_rerun_of_an_unchanged_experiment_is_one_round_trip_per_host_and_wave(
 
     _counted_runs(lab, tmp_path, screen_name, base,
                   [(nothing, cold), (nothing, warm), (nothing, warm), (nothing, quick),
-                   (tamper, repaired), (nothing, quick), (edit, edited)])
+                   (tamper, repaired), (nothing, quick), (edit, edited), (nothing, quick)])
 
 
 def test_a_base_dir_behind_a_symlink_is_checked_again_under_its_real_path(lab, tmp_path,
