@@ -311,6 +311,17 @@ def _local_tree(tmp_path, monkeypatch, count):
     return _local_plan(src, tmp_path / "dest")
 
 
+def _synced_tree(tmp_path, monkeypatch, count):
+    """A small tree copied here once (see :func:`_local_tree`): (plan, its files, trees, the
+    files' tree indices, their SHA-1s)."""
+    plan = _local_tree(tmp_path, monkeypatch, count)
+    sync.sync_host(Local(), None, plan)
+    items = list(plan.files)
+    trees, index = plan.tree_index(items)
+    sums = [hashlib.sha1(open(u.src, "rb").read()).hexdigest() for u in items]
+    return plan, items, trees, index, sums
+
+
 def test_a_garbage_manifest_counts_as_empty_and_is_rewritten(tmp_path, monkeypatch):
     plan = _local_tree(tmp_path, monkeypatch, 3)
     assert len(sync.sync_host(Local(), None, plan).copied) == 3
@@ -336,11 +347,7 @@ def test_an_answer_as_expected_is_given_again_from_the_files_stat_alone(tmp_path
     """Once the host program has answered a request exactly what it expected, the shell answers
     the same request again from one stat of the files, reading exactly the request off stdin;
     a file changed since, even with its size and mtime put back, sends it to the program."""
-    plan = _local_tree(tmp_path, monkeypatch, 5)
-    sync.sync_host(Local(), None, plan)
-    items = list(plan.files)
-    trees, index = plan.tree_index(items)
-    sums = [hashlib.sha1(open(u.src, "rb").read()).hexdigest() for u in items]
+    plan, items, trees, index, sums = _synced_tree(tmp_path, monkeypatch, 5)
     expect = manifest.expectation(items, sums)
     request = manifest.request(items, trees, index, dirs=plan.dirs, prepare=True, expect=expect)
     quick = manifest.quick_for(request, items, trees, expect)
@@ -446,11 +453,7 @@ def test_files_the_shell_wrote_ahead_keep_the_stat_current_once_renamed(tmp_path
     stat, under the answer this run expected: the next unchanged question is answered by the
     shell. A file written to meanwhile (here: the temporary, before its rename) leaves it to
     the program."""
-    plan = _local_tree(tmp_path, monkeypatch, 4)
-    sync.sync_host(Local(), None, plan)
-    items = list(plan.files)
-    trees, index = plan.tree_index(items)
-    sums = [hashlib.sha1(open(u.src, "rb").read()).hexdigest() for u in items]
+    plan, items, trees, index, sums = _synced_tree(tmp_path, monkeypatch, 4)
     before = manifest.expectation(items, sums)
     expectations.keep(before, manifest.expectation_text(items, sums))
     asked = manifest.request(items, trees, index, dirs=plan.dirs, prepare=True, expect=before)
