@@ -892,6 +892,26 @@ def test_known_hosts_names_and_patterns(tmp_path):
     assert "hashed.example" not in path.read_text()
 
 
+def test_a_known_hosts_file_is_parsed_once_while_it_stays_the_same(tmp_path, monkeypatch):
+    """A run connecting to many hosts reads the file once; a line added since (an accepted
+    key) is seen at once; a wildcard line still matches as a pattern, a plain one as a name."""
+    monkeypatch.setattr(hostkeys, "_SETTLED_NS", 0)
+    key = paramiko.RSAKey.generate(1024)
+    path = tmp_path / "kh"
+    hostkeys.append(str(path), "a.example", key)
+    assert [e.patterns for e in hostkeys.read_known_hosts(str(path))] == ["a.example"]
+    parsed = []
+    real = hostkeys._parse_known_hosts
+    monkeypatch.setattr(hostkeys, "_parse_known_hosts", lambda p, lines: parsed.append(p) or real(p, lines))
+    assert [e.patterns for e in hostkeys.read_known_hosts(str(path))] == ["a.example"] and not parsed
+    hostkeys.append(str(path), "*.b.example", key)
+    entries = hostkeys.read_known_hosts(str(path))
+    assert [e.patterns for e in entries] == ["a.example", "*.b.example"] and len(parsed) == 1
+    assert [e.matches("x.b.example") for e in entries] == [False, True]
+    assert [e.matches("a.example") for e in entries] == [True, False]
+    assert not any(e.matches("a.examplex") or e.matches("a?example") for e in entries)
+
+
 class _PacketChannel:
     """Takes at most one packet per ``send``, as a paramiko channel does; closed after *limit* bytes."""
 
