@@ -46,7 +46,7 @@ import secrets
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Dict, List, Optional, Sequence, Tuple, Union
 
-from remote_runner import expectations, hashcache, manifest, sync
+from remote_runner import expectations, hashcache, manifest, quickanswer, sync
 
 if TYPE_CHECKING:  # pragma: no cover
     from remote_runner.config import ComponentSpec
@@ -98,8 +98,8 @@ class EarlyCheck:
     ahead: Dict[int, Tuple[str, str]] = field(default_factory=dict)
     #: the SHA-1 the request expects of each file (all the same here), when it says so
     expected: Optional[List[str]] = None
-    #: what lets the host's shell answer (see :class:`manifest.Quick`), with *expected*
-    quick: Optional[manifest.Quick] = None
+    #: what lets the host's shell answer (see :class:`quickanswer.Quick`), with *expected*
+    quick: Optional[quickanswer.Quick] = None
 
     @property
     def script(self) -> str:
@@ -120,9 +120,9 @@ class EarlyCheck:
     def take(self, output: str) -> None:
         """Read the answer in what the lock's channel printed (None when there is none)."""
         quick, files = self.quick, self.plan.files
-        state = manifest.said_state(output) if quick is not None and quick.ahead else None
+        state = quickanswer.said_state(output) if quick is not None and quick.ahead else None
         if (quick is not None and not quick.ahead and self.expected is not None
-                and manifest.said_same(output, quick.request)):
+                and quickanswer.said_same(output, quick.request)):
             self.answer = manifest.Answer([manifest.Remote(u.size, u.mode, sha1) for u, sha1
                                            in zip(files, self.expected)],
                                           trusted=len(self.expected), quick=True)
@@ -135,7 +135,7 @@ class EarlyCheck:
 
     def _as_named(self, name: str, written: List[int]) -> Optional[manifest.Answer]:
         """The answer of a host whose shell found every file not sent ahead as in the answer
-        *name* and wrote the ones sent ahead listed in *written* (see :func:`manifest.run_script`);
+        *name* and wrote the ones sent ahead listed in *written* (see :func:`quickanswer.shell_first`);
         None when this machine does not have that answer (the copy step asks again)."""
         assert self.quick is not None
         kept = expectations.recall(name, len(self.plan.files))
@@ -150,7 +150,7 @@ class EarlyCheck:
     def refresh(self, placed: Sequence[str]) -> Tuple[str, str]:
         """Shell text (before, after) the start's renames of the files sent ahead that are
         *placed* (destinations), keeping the host's kept stat up to date when its shell
-        wrote them (see :func:`manifest.placing_refresh`): the next unchanged run is then
+        wrote them (see :func:`quickanswer.placing_refresh`): the next unchanged run is then
         answered by the shell too. Empty when the program answered."""
         quick, answer = self.quick, self.answer
         if quick is None or answer is None or answer.named is None:
@@ -160,7 +160,7 @@ class EarlyCheck:
         moved = [(where[d], self.ahead[where[d]][0], d) for d in sorted(placed) if d in where]
         files = list(self.plan.files)
         request, _ = _check_request(self.plan, files, False, [], 0, quick.expect)
-        return manifest.placing_refresh(quick, hashlib.sha1(request).hexdigest(), moved)
+        return quickanswer.placing_refresh(quick, hashlib.sha1(request).hexdigest(), moved)
 
     def usable(self, resolved: Dict[Tuple[str, str], str]) -> bool:
         """True when there is an answer and the host resolved every base dir as asked."""
@@ -214,11 +214,11 @@ def plan_ahead(host: str, specs: Sequence["ComponentSpec"], always_copy: bool = 
     check = EarlyCheck(host, plan, bases, request + blob, json_size=len(request), ahead=temps)
     if expect is not None:
         check.expected = sums
-        expectations.keep(expect, said)  # (a later run's host may name it, see manifest.run_script)
+        expectations.keep(expect, said)  # (a later run's host may name it, see quickanswer.shell_first)
         # the shell compares its files' stat line by line: one name over two lines cannot be
         # told from two files, so with files ahead (where lines are left out) it does not answer
         if not (ahead and any("\n" in u.dest for u in items)):
-            check.quick = manifest.quick_for(request, items, trees, expect, [
+            check.quick = quickanswer.quick_for(request, items, trees, expect, [
                 (i, len(data), items[i].mode, temps[i][0]) for i, (data, _) in picked])
     if built is not None and not picked:
         built[id(plan.files)] = (plan.files, request, check.expected, check.quick)

@@ -30,7 +30,7 @@ import uuid
 import pytest
 
 from remote_runner import events as ev
-from remote_runner import expectations, hashcache, manifest, sync
+from remote_runner import expectations, hashcache, manifest, quickanswer, sync
 from remote_runner.config import FileSpec
 from remote_runner.loader import load_experiment
 from remote_runner.errors import CopyError, RunnerError
@@ -350,37 +350,37 @@ def test_an_answer_as_expected_is_given_again_from_the_files_stat_alone(tmp_path
     plan, items, trees, index, sums = _synced_tree(tmp_path, monkeypatch, 5)
     expect = manifest.expectation(items, sums)
     request = manifest.request(items, trees, index, dirs=plan.dirs, prepare=True, expect=expect)
-    quick = manifest.quick_for(request, items, trees, expect)
+    quick = quickanswer.quick_for(request, items, trees, expect)
     digest = quick.request
     script = "(\n" + manifest.run_script(len(request), quick) + ")\nprintf 'REST:'; cat\n"
 
     def ask():
         out = subprocess.run(["sh", "-c", script], input=request + b"tail", capture_output=True,
                              check=True).stdout.decode()
-        if manifest.said_same(out, digest):  # the request read, not a byte more
+        if quickanswer.said_same(out, digest):  # the request read, not a byte more
             assert out.endswith("REST:tail"), out
         return out
 
     first = ask()  # the program answers, and keeps the stat of what it vouched for
-    assert not manifest.said_same(first, digest)
+    assert not quickanswer.said_same(first, digest)
     assert [r.sha1 for r in manifest.read_answer("local", first, len(items)).files] == sums
     [kept] = (tmp_path / "cache" / "remote-runner" / "manifests").glob("quick-*.stat")
     assert kept.stat().st_mode & 0o777 == 0o600
-    assert manifest.said_same(ask(), digest)
+    assert quickanswer.said_same(ask(), digest)
     changed = tmp_path / "dest" / "tree" / "f2"
     before = changed.stat()
     changed.write_text("CONTENT 2\n")
     os.utime(changed, ns=(before.st_atime_ns, before.st_mtime_ns))
     third = ask()
-    assert not manifest.said_same(third, digest)
+    assert not quickanswer.said_same(third, digest)
     answer = manifest.read_answer("local", third, len(items))
     assert [r.sha1 == s for r, s in zip(answer.files, sums)] == [i != 2 for i in range(5)]
     # another question (here: expecting something else) is never answered by the kept stat
     wrong = manifest.expectation(items, ["0" * 40] * 5)
     other = manifest.request(items, trees, index, dirs=plan.dirs, prepare=True, expect=wrong)
-    run = subprocess.run(["sh", "-c", manifest.run_script(len(other), manifest.quick_for(
+    run = subprocess.run(["sh", "-c", manifest.run_script(len(other), quickanswer.quick_for(
         other, items, trees, wrong))], input=other, capture_output=True, check=True).stdout.decode()
-    assert not manifest.said_same(run, manifest.quick_ids(other, trees)[0])
+    assert not quickanswer.said_same(run, quickanswer.quick_ids(other, trees)[0])
     assert manifest.read_answer("local", run, len(items)) is not None
 
 
@@ -401,7 +401,7 @@ def test_with_files_sent_ahead_the_shell_names_the_answer_the_others_are_still_i
     before = manifest.expectation(items, sums)
     expectations.keep(before, said)
     asked = manifest.request(items, trees, index, dirs=plan.dirs, prepare=True, expect=before)
-    first = subprocess.run(["sh", "-c", manifest.run_script(len(asked), manifest.quick_for(
+    first = subprocess.run(["sh", "-c", manifest.run_script(len(asked), quickanswer.quick_for(
         asked, items, trees, before))], input=asked, capture_output=True, check=True).stdout.decode()
     assert manifest.read_answer("local", first, len(items)) is not None  # (keeps the stat)
 
@@ -417,7 +417,7 @@ def test_with_files_sent_ahead_the_shell_names_the_answer_the_others_are_still_i
         request = manifest.request(items, trees, index, dirs=plan.dirs, prepare=True,
                                    ahead=[(1, now[1], "ab12cd31"), (3, now[3], "ab12cd33")],
                                    ahead_bytes=sum(map(len, data)), expect=expect)
-        quick = manifest.quick_for(request, items, trees, expect, ahead)
+        quick = quickanswer.quick_for(request, items, trees, expect, ahead)
         script = "(\n" + manifest.run_script(len(request), quick, len(request) + 20) + \
             ")\nprintf 'REST:'; cat\n"
         out = subprocess.run(["sh", "-c", script], input=request + b"".join(data) + b"tail",
@@ -425,14 +425,14 @@ def test_with_files_sent_ahead_the_shell_names_the_answer_the_others_are_still_i
         return out, temps
 
     out, temps = ask_with_ahead(b"CONTENT 1\n")
-    assert manifest.said_state(out) == (before, [1, 3]) and out.endswith("REST:tail"), out
+    assert quickanswer.said_state(out) == (before, [1, 3]) and out.endswith("REST:tail"), out
     assert [open(t, "rb").read() for t in temps] == [b"CONTENT 1\n", b"CONTENT 3\n"]
     assert [os.stat(t).st_mode & 0o777 for t in temps] == [0o640, 0o644]
     assert expectations.recall(before, 5) == [(u.size, u.mode, h) for u, h in zip(items, sums)]
     for t in temps:
         os.unlink(t)
     out, temps = ask_with_ahead(b"CONTENT 1\n", blocked=True)  # the first's bytes still read
-    assert manifest.said_state(out) == (before, [3]) and out.endswith("REST:tail"), out
+    assert quickanswer.said_state(out) == (before, [3]) and out.endswith("REST:tail"), out
     assert open(temps[1], "rb").read() == b"CONTENT 3\n"
     os.rmdir(temps[0])
     os.unlink(temps[1])
@@ -441,7 +441,7 @@ def test_with_files_sent_ahead_the_shell_names_the_answer_the_others_are_still_i
     changed.write_text("CONTENT 2\n")
     os.utime(changed, ns=(stat_before.st_atime_ns, stat_before.st_mtime_ns))
     out, _ = ask_with_ahead(b"CONTENT 1\n")
-    assert manifest.said_state(out) is None  # (python3 reads its stdin buffered: not the tail)
+    assert quickanswer.said_state(out) is None  # (python3 reads its stdin buffered: not the tail)
     answer = manifest.read_answer("local", out, len(items))
     assert answer is not None and answer.hashed == 1 and sorted(answer.staged) == [1, 3]
 
@@ -457,7 +457,7 @@ def test_files_the_shell_wrote_ahead_keep_the_stat_current_once_renamed(tmp_path
     before = manifest.expectation(items, sums)
     expectations.keep(before, manifest.expectation_text(items, sums))
     asked = manifest.request(items, trees, index, dirs=plan.dirs, prepare=True, expect=before)
-    subprocess.run(["sh", "-c", manifest.run_script(len(asked), manifest.quick_for(
+    subprocess.run(["sh", "-c", manifest.run_script(len(asked), quickanswer.quick_for(
         asked, items, trees, before))], input=asked, capture_output=True, check=True)
     data = b"CONTENT 2\n"
     temp = str(tmp_path / "dest" / "tree" / ".f2.rr-0badcafe.tmp")
@@ -466,12 +466,12 @@ def test_files_the_shell_wrote_ahead_keep_the_stat_current_once_renamed(tmp_path
     expect = manifest.expectation(items, now)
     request = manifest.request(items, trees, index, dirs=plan.dirs, prepare=True,
                                ahead=[(2, now[2], "0badcafe")], ahead_bytes=len(data), expect=expect)
-    quick = manifest.quick_for(request, items, trees, expect, [(2, len(data), items[2].mode, temp)])
+    quick = quickanswer.quick_for(request, items, trees, expect, [(2, len(data), items[2].mode, temp)])
     out = subprocess.run(["sh", "-c", manifest.run_script(len(request), quick)], input=request + data,
                          capture_output=True, check=True).stdout.decode()
-    assert manifest.said_state(out) == (before, [2])
+    assert quickanswer.said_state(out) == (before, [2])
     following = manifest.request(items, trees, index, dirs=plan.dirs, prepare=True, expect=expect)
-    first, then = manifest.placing_refresh(quick, manifest.quick_ids(following, trees)[0],
+    first, then = quickanswer.placing_refresh(quick, quickanswer.quick_ids(following, trees)[0],
                                            [(2, temp, items[2].dest)])
     if meddled:
         with open(temp, "ab") as handle:
@@ -479,10 +479,10 @@ def test_files_the_shell_wrote_ahead_keep_the_stat_current_once_renamed(tmp_path
     subprocess.run(["sh", "-c", first + f"mv -f -- {shlex.quote(temp)} {shlex.quote(items[2].dest)}\n"
                     + then], check=True)
     assert not list((tmp_path / "cache" / "remote-runner" / "manifests").glob("*.pending*"))
-    next_quick = manifest.quick_for(following, items, trees, expect)
+    next_quick = quickanswer.quick_for(following, items, trees, expect)
     out = subprocess.run(["sh", "-c", manifest.run_script(len(following), next_quick)],
                          input=following, capture_output=True, check=True).stdout.decode()
-    assert manifest.said_same(out, next_quick.request) is not meddled, out
+    assert quickanswer.said_same(out, next_quick.request) is not meddled, out
 
 
 def test_a_host_naming_an_answer_this_machine_does_not_have_unchanged_is_not_believed(tmp_path,
@@ -503,8 +503,8 @@ def test_a_host_naming_an_answer_this_machine_does_not_have_unchanged_is_not_bel
     for garbled in (f"RR-MANIFEST-STATE {name} x", f"RR-MANIFEST-STATE {name[:-1]}",
                     f"RR-MANIFEST-STATE {name} 1\nRR-MANIFEST-STATE {name}", "RR-MANIFEST-STATE",
                     f"RR-MANIFEST-STATE {name} \u0663"):
-        assert manifest.said_state(garbled) is None, garbled
-    assert manifest.said_state(f"x\nRR-MANIFEST-STATE {name} 0 2\n") == (name, [0, 2])
+        assert quickanswer.said_state(garbled) is None, garbled
+    assert quickanswer.said_state(f"x\nRR-MANIFEST-STATE {name} 0 2\n") == (name, [0, 2])
 
 
 def test_kept_answers_are_bounded_the_oldest_go_first(tmp_path, monkeypatch):
