@@ -402,7 +402,11 @@ def manifest_check(shell: "Shell", plan: Plan, report: HostSync, rehash: bool = 
         raise CopyError(answer.error, host=plan.host)
     report.hash_tool, report.hashed, report.trusted = "manifest", answer.hashed, answer.trusted
     report.quick = answer.quick
-    if answer.quick:
+    if answer.quick and answer.named:
+        LOG.debug("%s: the host's shell found the %d file(s) not sent ahead as an earlier answer "
+                  "had them (by their stat alone) and wrote %d sent ahead", plan.host,
+                  answer.trusted, len(answer.staged))
+    elif answer.quick:
         LOG.debug("%s: the host's shell found all %d file(s) as expected, by their stat alone",
                   plan.host, answer.trusted)
     else:
