@@ -66,10 +66,11 @@ AheadMemo = Dict[str, Union[Tuple[bytes, str], bool, str, None]]
 
 
 #: Per run, by the identity of a plan's files: (those files, the request, what it expects of
-#: each, its quick ids) of the check built when none of them went ahead. Hosts given the same
-#: files ask the same question: it is built once (each build is a JSON of every file).
+#: each, what lets the host's shell answer it) of the check built when none of them went
+#: ahead. Hosts given the same files ask the same question: it is built once (each build is
+#: a JSON of every file).
 CheckMemo = Dict[int, Tuple[Tuple["Upload", ...], bytes, Optional[List[str]],
-                            Optional[Tuple[str, str]]]]
+                            Optional[quickanswer.Quick]]]
 
 
 def known_sums(memo: AheadMemo) -> Dict[str, str]:

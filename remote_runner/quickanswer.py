@@ -66,6 +66,14 @@ class Quick:
     ahead: Tuple[Tuple[int, int, int, str], ...] = ()
 
 
+def _kept_files(quick: Quick) -> str:
+    """Shell text setting ``$rr_n`` (the host's node name, empty without /proc) and ``$rr_f``
+    (the kept stat's path without its suffix) for *quick*'s trees, as the program names them."""
+    return ('rr_n=; { read -r rr_n < /proc/sys/kernel/hostname; } 2>/dev/null\n'
+            'rr_f="${XDG_CACHE_HOME:-$HOME/.cache}/remote-runner/manifests/quick-$rr_n-'
+            f'{quick.trees}"\n')
+
+
 def shell_first(quick: Quick, size: int, total: Optional[int] = None) -> str:
     """Shell text answering the check of *quick* (its request *size* bytes, *total* with
     the files sent ahead) before the manifest's program, where it can; it exits when it does.
@@ -92,9 +100,7 @@ def shell_first(quick: Quick, size: int, total: Optional[int] = None) -> str:
     Stale temporary files beside the destinations are swept by the program's
     next run.
     """
-    fast = ('rr_n=; { read -r rr_n < /proc/sys/kernel/hostname; } 2>/dev/null\n'
-            'rr_f="${XDG_CACHE_HOME:-$HOME/.cache}/remote-runner/manifests/quick-$rr_n-'
-            f'{quick.trees}"\n')
+    fast = _kept_files(quick)
     stat_all = f'TZ=UTC0 xargs -0 stat -c {shlex.quote(QUICK_STAT)} -- <"$rr_f.list" 2>/dev/null'
     if not quick.ahead:
         fast += ('if [ -n "$rr_n" ] && [ -s "$rr_f.stat" ] && '
@@ -153,10 +159,7 @@ def placing_refresh(quick: Quick, next_request: str, placed: Sequence[Tuple[int,
     dests = " ".join(shlex.quote(d) for _, _, d in placed)
     order = " " + " ".join(str(int(i)) for i, _, _ in placed) + " "
     head = f"{next_request} {quick.files} {quick.expect}"
-    before = ('rr_n=; { read -r rr_n < /proc/sys/kernel/hostname; } 2>/dev/null\n'
-              'rr_f="${XDG_CACHE_HOME:-$HOME/.cache}/remote-runner/manifests/quick-$rr_n-'
-              f'{quick.trees}"\n'
-              f'rr_b=$(TZ=UTC0 stat -c {fmt} -- {temps} 2>/dev/null)\n')
+    before = _kept_files(quick) + f'rr_b=$(TZ=UTC0 stat -c {fmt} -- {temps} 2>/dev/null)\n'
     after = (f'{{ [ -n "$rr_n" ] && [ -s "$rr_f.pending" ] && TZ=UTC0 stat -c {fmt} -- {dests} | '
              f'LC_ALL=C awk -v before="$rr_b" -v order="{order}" -v head="{head}" '
              f'{shlex.quote(_RENAMED)} "$rr_f.pending" "$rr_f.stat" - >"$rr_f.stat.$$" && '

@@ -94,7 +94,7 @@ class Starting:
             else:
                 lines.append(f"rm -f -- {q(temp)}\n")
         check = self.early.get(host)
-        before, after = check.refresh(sorted(placed)) if check is not None else ("", "")
+        before, after = check.refresh(placed) if check is not None else ("", "")
         return before + "".join(lines) + after
 
     def _drop_sent_ahead(self) -> None:
