@@ -101,6 +101,54 @@ def test_only_the_change_due_next_runs_on_the_reader_the_others_wait_in_the_pool
     assert svc.order.is_past("changes", 1) and not svc.order.is_past("changes", 2)
 
 
+def test_a_new_files_create_write_flush_release_run_on_the_reader_when_due_and_unable_to_block(tmp_path):
+    """A handle the host numbered: its next request runs on the reader if it cannot block
+    (a create; a write, flush, release of a regular file), never one still to wait for its
+    turn, nor one on a FIFO's handle; a create that finds a FIFO made meanwhile fails
+    with EAGAIN on the reader instead of waiting there for a writer."""
+    from remote_runner.mirror import protocol as P
+    from remote_runner.mirror.replies import OpError
+    from remote_runner.mirror.service import LocalFileService
+    svc = LocalFileService()
+    svc.reader_ident = threading.get_ident()  # this test plays the link's reader
+    fh = P.POSTED_HANDLES[0] + 3
+
+    def request(op, **args):
+        return {"t": "req", "id": 1, "op": op, "a": dict(args, fh=fh)}
+
+    create = request("create", path=str(tmp_path / "new"), mode=0o644, flags=os.O_WRONLY, seq=1)
+    assert svc.runs_now(create)
+    assert not svc.runs_now(request("write", off=0, seq=2))  # its create has not run
+    assert not svc.runs_now(request("write", off=0, seq=1))  # no regular file behind it yet
+    assert svc.handle("create", create["a"], b"").fields["fh"] == fh
+    assert svc.runs_now(request("write", off=0, seq=2))
+    assert not svc.runs_now(request("write", off=0, seq=3))
+    assert not svc.runs_now(request("write", off=0, seq=2, after=1))  # after a change still to come
+    assert not svc.runs_now(request("read", off=0, size=1, seq=2))
+    svc.handle("write", request("write", off=0, seq=2)["a"], b"hi")
+    assert svc.runs_now(request("flush", seq=3))
+    svc.handle("flush", request("flush", seq=3)["a"], b"")
+    svc.handle("release", request("release", seq=4)["a"], b"")
+    assert (tmp_path / "new").read_bytes() == b"hi"
+
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    other = fh + 1
+    with pytest.raises(OpError) as failed:
+        svc.handle("create", {"path": str(fifo), "mode": 0o644, "flags": os.O_WRONLY, "fh": other, "seq": 1}, b"")
+    assert failed.value.errno == errno.EAGAIN                # no writer: it would wait on the reader
+
+    opened = []                                              # off the reader, it waits as locally
+    worker = threading.Thread(target=lambda: opened.append(svc.handle(
+        "create", {"path": str(fifo), "mode": 0o644, "flags": os.O_WRONLY, "fh": other + 1, "seq": 1}, b"")))
+    worker.start()
+    with open(fifo, "rb"):
+        worker.join(30)
+    assert opened and opened[0].fields["fh"] == other + 1
+    assert not svc.runs_now({"t": "req", "id": 2, "op": "write", "a": {"fh": other + 1, "off": 0, "seq": 2}})
+    svc.close()
+
+
 def test_a_change_sent_after_a_new_files_requests_runs_after_them_without_the_host_waiting():
     """``after_fh``: a chmod/chown/utimens of a file created without waiting is ordered after the
     create and writes sent before it, on this side; a released handle the host numbered is done

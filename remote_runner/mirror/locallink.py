@@ -235,6 +235,7 @@ class LocalLink:
             self.watcher.flush()
 
     def _read_loop(self) -> None:
+        self.service.reader_ident = threading.get_ident()
         try:
             while True:
                 header, payload = P.read_frame(self.reader)

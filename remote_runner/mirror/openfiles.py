@@ -14,7 +14,10 @@ into :class:`~.service.LocalFileService`, whose helpers (``_path``,
 from __future__ import annotations
 
 import errno
+import fcntl
 import os
+import stat
+import threading
 from typing import Any, Dict, Optional
 
 from remote_runner.mirror import elf
@@ -23,8 +26,26 @@ from remote_runner.mirror.linuxcalls import fallocate
 from remote_runner.mirror.replies import OpError, Reply
 
 
+#: Requests on a regular file's handle that wait for nothing but the local disk.
+QUICK_ON_REGULAR = frozenset(("write", "flush", "release"))
+
+
 class OpenFiles:
     """(Mixed into LocalFileService) requests on open files and the handles they hold."""
+
+    #: The thread that reads the link (:meth:`~.locallink.LocalLink._read_loop`), which
+    #: serves a request itself only when it cannot block (:meth:`quick_on_handle`).
+    reader_ident: Optional[int] = None
+
+    def quick_on_handle(self, op: Any, a: Dict[str, Any]) -> bool:
+        """Whether request *op* on handle ``a["fh"]`` can never block on anything but the local disk.
+
+        A write, flush or release of a regular file's handle; a create, which
+        makes a new file (``O_EXCL`` first; on the reader, a name that appeared
+        meanwhile is opened without blocking, see :meth:`op_create`). Anything
+        else (a FIFO's, a device's handle, a read) may wait for another process.
+        """
+        return op == "create" or (op in QUICK_ON_REGULAR and a.get("fh") in self._regular_handles)
 
     def _writable_handle(self, a: Dict[str, Any]) -> int:
         """The descriptor of ``fh`` in *a*, unless it was opened in a read-only export."""
@@ -34,6 +55,8 @@ class OpenFiles:
 
     def _add_handle(self, fd: int, a: Dict[str, Any], number: Optional[int] = None) -> int:
         handle = self.handles.add(fd, number)
+        if stat.S_ISREG(os.fstat(fd).st_mode):
+            self._regular_handles.add(handle)
         try:
             name = P.name_from_wire(a["path"])
             export = self.exports.find(name)
@@ -101,7 +124,7 @@ class OpenFiles:
         except FileExistsError:
             if flags & os.O_EXCL:
                 raise
-            fd = os.open(path, flags & ~os.O_CREAT)
+            fd = self._open_existing(path, flags & ~os.O_CREAT)
             created = False
         try:
             if created:
@@ -113,6 +136,31 @@ class OpenFiles:
             os.close(fd)
             raise
         return Reply({"fh": handle, "st": P.stat_to_wire(os.fstat(fd))})
+
+    def _open_existing(self, path: bytes, flags: int) -> int:
+        """Open a name a create found already there (made here since the host looked it up).
+
+        On the link's reader (which must never block) it is opened
+        ``O_NONBLOCK``: a regular file then behaves as opened plainly; anything
+        else (a FIFO with no reader would wait for one) fails with EAGAIN.
+        """
+        if threading.get_ident() != self.reader_ident:
+            return os.open(path, flags)
+        try:
+            fd = os.open(path, flags | os.O_NONBLOCK)
+        except OSError as exc:
+            if exc.errno == errno.ENXIO and not flags & os.O_NONBLOCK:  # a FIFO no one reads
+                raise OpError(errno.EAGAIN) from None
+            raise
+        try:
+            if not stat.S_ISREG(os.fstat(fd).st_mode):
+                raise OpError(errno.EAGAIN)
+            if not flags & os.O_NONBLOCK:
+                fcntl.fcntl(fd, fcntl.F_SETFL, fcntl.fcntl(fd, fcntl.F_GETFL) & ~os.O_NONBLOCK)
+        except BaseException:
+            os.close(fd)
+            raise
+        return fd
 
     def op_read(self, a: Dict[str, Any], _: bytes) -> Reply:
         size = min(int(a["size"]), P.MAX_PAYLOAD // 2)
@@ -142,6 +190,7 @@ class OpenFiles:
         self._handle_paths.pop(a["fh"], None)
         os.close(self.handles.pop(a["fh"]))
         self._ro_handles.discard(a["fh"])
+        self._regular_handles.discard(a["fh"])
         return Reply()
 
     def op_fsync(self, a: Dict[str, Any], _: bytes) -> Reply:

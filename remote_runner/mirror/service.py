@@ -75,6 +75,8 @@ class LocalFileService(OpenFiles, SendAhead, DirectoryAnswers, OwnChanges):
                                    else Exports.everything())
         #: Handles opened in a read-only export: no fchmod/fchown/futimens through them.
         self._ro_handles: Set[int] = set()
+        #: Handles of regular files: their writes, flushes and releases cannot block.
+        self._regular_handles: Set[int] = set()
         #: Directories whose listing must be filtered: parents of secrets, and directories on
         #: the way to an export that are not served themselves (a served directory shows all
         #: its entries, however many exports lie inside it: ``/usr/lib/x86_64-linux-gnu``
@@ -208,10 +210,22 @@ class LocalFileService(OpenFiles, SendAhead, DirectoryAnswers, OwnChanges):
         thread switches per change (a test suite's set-up and clean-up are
         thousands of them). One that must wait (a number still to come, or an
         ``after`` not yet reached) goes to the pool as before.
+
+        The same for a request on a handle the host numbered in order
+        (``fh``, ``seq``: creating, writing, closing a file without waiting)
+        when it is its handle's next and cannot block
+        (:meth:`~.openfiles.OpenFiles.quick_on_handle`): a test suite's scratch
+        files are a create, a write, a flush and a release each.
         """
         args = header.get("a")
-        if not isinstance(args, dict) or "nseq" not in args:
+        if not isinstance(args, dict):
             return False
+        if "nseq" not in args:
+            if "fh" not in args or "after_fh" in args or not self.quick_on_handle(header.get("op"), args):
+                return False
+            if "after" in args and not self.order.is_past(CHANGES, args["after"]):
+                return False
+            return self.order.is_next(args["fh"], args.get("seq"))
         if "after" in args and not self.order.is_past(CHANGES, args["after"]):
             return False
         if not all(self.order.is_past(fh, seq) for fh, seq in _handles_before(args)):
