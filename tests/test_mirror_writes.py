@@ -103,9 +103,9 @@ def test_only_the_change_due_next_runs_on_the_reader_the_others_wait_in_the_pool
 
 def test_a_new_files_create_write_flush_release_run_on_the_reader_when_due_and_unable_to_block(tmp_path):
     """A handle the host numbered: its next request runs on the reader if it cannot block
-    (a create; a write, flush, release of a regular file), never one still to wait for its
-    turn, nor one on a FIFO's handle; a create that finds a FIFO made meanwhile fails
-    with EAGAIN on the reader instead of waiting there for a writer."""
+    (a create; a small write, a flush, a release of a regular file on a local disk), never
+    one still to wait for its turn, nor one on a FIFO's handle; a create that finds a FIFO
+    made meanwhile fails with EAGAIN on the reader instead of waiting there for a writer."""
     from remote_runner.mirror import protocol as P
     from remote_runner.mirror.replies import OpError
     from remote_runner.mirror.service import LocalFileService
@@ -121,7 +121,8 @@ def test_a_new_files_create_write_flush_release_run_on_the_reader_when_due_and_u
     assert not svc.runs_now(request("write", off=0, seq=2))  # its create has not run
     assert not svc.runs_now(request("write", off=0, seq=1))  # no regular file behind it yet
     assert svc.handle("create", create["a"], b"").fields["fh"] == fh
-    assert svc.runs_now(request("write", off=0, seq=2))
+    assert svc.runs_now(request("write", off=0, seq=2), 2)
+    assert not svc.runs_now(request("write", off=0, seq=2), 1 << 20)  # may wait for write-back
     assert not svc.runs_now(request("write", off=0, seq=3))
     assert not svc.runs_now(request("write", off=0, seq=2, after=1))  # after a change still to come
     assert not svc.runs_now(request("read", off=0, size=1, seq=2))
@@ -130,6 +131,19 @@ def test_a_new_files_create_write_flush_release_run_on_the_reader_when_due_and_u
     svc.handle("flush", request("flush", seq=3)["a"], b"")
     svc.handle("release", request("release", seq=4)["a"], b"")
     assert (tmp_path / "new").read_bytes() == b"hi"
+
+    # the same file system taken for NFS: a close there writes back to the server
+    from remote_runner.mirror.watcher import FsTypes
+    dev = os.stat(tmp_path).st_dev
+    mountinfo = tmp_path / "mountinfo"
+    mountinfo.write_text("36 35 %d:%d / %s rw - nfs4 server:/export rw\n"
+                         % (os.major(dev), os.minor(dev), tmp_path))
+    svc._local_fs = FsTypes(str(mountinfo))
+    remote = request("create", path=str(tmp_path / "remote"), mode=0o644, flags=os.O_WRONLY, seq=1)
+    remote["a"]["fh"] = fh + 10
+    svc.handle("create", remote["a"], b"")
+    assert not svc.runs_now({"t": "req", "id": 2, "op": "flush", "a": {"fh": fh + 10, "seq": 2}})
+    svc.handle("release", {"fh": fh + 10, "seq": 2}, b"")
 
     fifo = tmp_path / "fifo"
     os.mkfifo(fifo)

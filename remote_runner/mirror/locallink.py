@@ -242,7 +242,7 @@ class LocalLink:
                 self.last_rx = time.monotonic()
                 kind = header["t"]
                 if kind == P.REQ:
-                    if self.service.runs_now(header):
+                    if self.service.runs_now(header, len(payload)):
                         self._serve(header, payload)
                     else:
                         self.pool.submit(self._serve, header, payload)

@@ -26,8 +26,10 @@ from remote_runner.mirror.linuxcalls import fallocate
 from remote_runner.mirror.replies import OpError, Reply
 
 
-#: Requests on a regular file's handle that wait for nothing but the local disk.
+#: Requests on the handle of a regular file on a local disk that wait for nothing else.
 QUICK_ON_REGULAR = frozenset(("write", "flush", "release"))
+#: ... a write only up to this many bytes (a larger one may wait for the disk's write-back).
+QUICK_WRITE = 64 << 10
 
 
 class OpenFiles:
@@ -37,15 +39,20 @@ class OpenFiles:
     #: serves a request itself only when it cannot block (:meth:`quick_on_handle`).
     reader_ident: Optional[int] = None
 
-    def quick_on_handle(self, op: Any, a: Dict[str, Any]) -> bool:
-        """Whether request *op* on handle ``a["fh"]`` can never block on anything but the local disk.
+    def quick_on_handle(self, op: Any, a: Dict[str, Any], size: int) -> bool:
+        """Whether request *op* on handle ``a["fh"]`` (*size* payload bytes) waits for nothing but a local disk.
 
-        A write, flush or release of a regular file's handle; a create, which
-        makes a new file (``O_EXCL`` first; on the reader, a name that appeared
-        meanwhile is opened without blocking, see :meth:`op_create`). Anything
-        else (a FIFO's, a device's handle, a read) may wait for another process.
+        A create, which makes a new file (``O_EXCL`` first; on the reader, a
+        name that appeared meanwhile is opened without blocking, see
+        :meth:`_open_existing`); a small write, a flush or a release of a
+        regular file on a local file system. Anything else may wait for
+        another process (a FIFO's handle), a server (NFS's close writes back)
+        or the disk's write-back (a large write).
         """
-        return op == "create" or (op in QUICK_ON_REGULAR and a.get("fh") in self._regular_handles)
+        if op == "create":
+            return True
+        return op in QUICK_ON_REGULAR and a.get("fh") in self._quick_handles and (
+            op != "write" or size <= QUICK_WRITE)
 
     def _writable_handle(self, a: Dict[str, Any]) -> int:
         """The descriptor of ``fh`` in *a*, unless it was opened in a read-only export."""
@@ -55,8 +62,9 @@ class OpenFiles:
 
     def _add_handle(self, fd: int, a: Dict[str, Any], number: Optional[int] = None) -> int:
         handle = self.handles.add(fd, number)
-        if stat.S_ISREG(os.fstat(fd).st_mode):
-            self._regular_handles.add(handle)
+        st = os.fstat(fd)
+        if stat.S_ISREG(st.st_mode) and self._local_fs.watchable(st.st_dev):
+            self._quick_handles.add(handle)
         try:
             name = P.name_from_wire(a["path"])
             export = self.exports.find(name)
@@ -190,7 +198,7 @@ class OpenFiles:
         self._handle_paths.pop(a["fh"], None)
         os.close(self.handles.pop(a["fh"]))
         self._ro_handles.discard(a["fh"])
-        self._regular_handles.discard(a["fh"])
+        self._quick_handles.discard(a["fh"])
         return Reply()
 
     def op_fsync(self, a: Dict[str, Any], _: bytes) -> Reply:

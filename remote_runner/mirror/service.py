@@ -36,6 +36,7 @@ from remote_runner.mirror.localnames import (HiddenFiles, RequestDescriptors, is
 from remote_runner.mirror.replies import HandleTable, OpError, Reply
 from remote_runner.mirror.sendahead import SendAhead, walk as _walk
 from remote_runner.mirror.sharing import PublicDirs
+from remote_runner.mirror.watcher import FsTypes
 
 #: Names callers (tests, the session) reach through this module.
 __all__ = ["HandleTable", "LocalFileService", "OpError", "Reply", "_walk"]
@@ -75,8 +76,9 @@ class LocalFileService(OpenFiles, SendAhead, DirectoryAnswers, OwnChanges):
                                    else Exports.everything())
         #: Handles opened in a read-only export: no fchmod/fchown/futimens through them.
         self._ro_handles: Set[int] = set()
-        #: Handles of regular files: their writes, flushes and releases cannot block.
-        self._regular_handles: Set[int] = set()
+        #: Handles of regular files on a local file system (see OpenFiles.quick_on_handle).
+        self._quick_handles: Set[int] = set()
+        self._local_fs = FsTypes()
         #: Directories whose listing must be filtered: parents of secrets, and directories on
         #: the way to an export that are not served themselves (a served directory shows all
         #: its entries, however many exports lie inside it: ``/usr/lib/x86_64-linux-gnu``
@@ -201,8 +203,8 @@ class LocalFileService(OpenFiles, SendAhead, DirectoryAnswers, OwnChanges):
             return None
 
     # -- dispatch ------------------------------------------------------------
-    def runs_now(self, header: Dict[str, Any]) -> bool:
-        """Whether request *header* is a change not waited for that may run at once, on the reader.
+    def runs_now(self, header: Dict[str, Any], size: int = 0) -> bool:
+        """Whether request *header* (*size* payload bytes) is a change not waited for that may run at once, on the reader.
 
         The host numbers the changes it does not wait for (``nseq``) and they
         arrive in that order; the next one due needs no worker: handing each
@@ -221,7 +223,7 @@ class LocalFileService(OpenFiles, SendAhead, DirectoryAnswers, OwnChanges):
         if not isinstance(args, dict):
             return False
         if "nseq" not in args:
-            if "fh" not in args or "after_fh" in args or not self.quick_on_handle(header.get("op"), args):
+            if "fh" not in args or "after_fh" in args or not self.quick_on_handle(header.get("op"), args, size):
                 return False
             if "after" in args and not self.order.is_past(CHANGES, args["after"]):
                 return False
