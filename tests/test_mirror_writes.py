@@ -109,9 +109,18 @@ def test_a_new_files_create_write_flush_release_run_on_the_reader_when_due_and_u
     from remote_runner.mirror import protocol as P
     from remote_runner.mirror.replies import OpError
     from remote_runner.mirror.service import LocalFileService
+    from remote_runner.mirror.watcher import FsTypes
     svc = LocalFileService()
     svc.reader_ident = threading.get_ident()  # this test plays the link's reader
     fh = P.POSTED_HANDLES[0] + 3
+    dev = os.stat(tmp_path).st_dev
+
+    def file_system(kind):  # what tmp_path's file system is taken for
+        mountinfo = tmp_path / ("mountinfo-" + kind)
+        mountinfo.write_text("36 35 %d:%d / %s rw - %s dev rw\n" % (os.major(dev), os.minor(dev), tmp_path, kind))
+        svc._local_fs = FsTypes(str(mountinfo))
+
+    file_system("ext4")
 
     def request(op, **args):
         return {"t": "req", "id": 1, "op": op, "a": dict(args, fh=fh)}
@@ -132,13 +141,7 @@ def test_a_new_files_create_write_flush_release_run_on_the_reader_when_due_and_u
     svc.handle("release", request("release", seq=4)["a"], b"")
     assert (tmp_path / "new").read_bytes() == b"hi"
 
-    # the same file system taken for NFS: a close there writes back to the server
-    from remote_runner.mirror.watcher import FsTypes
-    dev = os.stat(tmp_path).st_dev
-    mountinfo = tmp_path / "mountinfo"
-    mountinfo.write_text("36 35 %d:%d / %s rw - nfs4 server:/export rw\n"
-                         % (os.major(dev), os.minor(dev), tmp_path))
-    svc._local_fs = FsTypes(str(mountinfo))
+    file_system("nfs4")  # a close there writes back to the server
     remote = request("create", path=str(tmp_path / "remote"), mode=0o644, flags=os.O_WRONLY, seq=1)
     remote["a"]["fh"] = fh + 10
     svc.handle("create", remote["a"], b"")

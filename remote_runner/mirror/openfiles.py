@@ -40,7 +40,7 @@ class OpenFiles:
     reader_ident: Optional[int] = None
 
     def quick_on_handle(self, op: Any, a: Dict[str, Any], size: int) -> bool:
-        """Whether request *op* on handle ``a["fh"]`` (*size* payload bytes) waits for nothing but a local disk.
+        """Whether request *op* on handle ``a["fh"]`` (*size* bytes) waits for nothing but a local disk.
 
         A create, which makes a new file (``O_EXCL`` first; on the reader, a
         name that appeared meanwhile is opened without blocking, see

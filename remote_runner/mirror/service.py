@@ -204,9 +204,9 @@ class LocalFileService(OpenFiles, SendAhead, DirectoryAnswers, OwnChanges):
 
     # -- dispatch ------------------------------------------------------------
     def runs_now(self, header: Dict[str, Any], size: int = 0) -> bool:
-        """Whether request *header* (*size* payload bytes) is a change not waited for that may run at once, on the reader.
+        """Whether request *header* (*size* payload bytes) may run at once, on the reader.
 
-        The host numbers the changes it does not wait for (``nseq``) and they
+        A change not waited for: the host numbers them (``nseq``) and they
         arrive in that order; the next one due needs no worker: handing each
         to the pool, only for it to wait there for the one before, cost two
         thread switches per change (a test suite's set-up and clean-up are
