@@ -56,7 +56,6 @@ class PipeStream:
     """A local subprocess seen as a byte stream: runs the agent here (tests, debugging)."""
 
     def __init__(self, argv: Sequence[str]) -> None:
-        import subprocess
         self.proc = subprocess.Popen(list(argv), stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                                      stderr=subprocess.PIPE, bufsize=0)
 
@@ -82,7 +81,6 @@ class PipeStream:
 
     def close(self) -> None:
         """Close the agent's stdin (it exits), then our ends of its output pipes."""
-        import subprocess
         try:
             self.proc.stdin.close()
         except OSError:
@@ -98,7 +96,6 @@ class PipeStream:
                 pass
 
     def exit_status(self, timeout: float = 2.0) -> Optional[int]:
-        import subprocess
         try:
             return self.proc.wait(timeout)
         except subprocess.TimeoutExpired:
