@@ -464,6 +464,15 @@ def test_a_first_lookup_of_a_small_system_file_brings_the_file(public_tmp):
     assert "file" not in lookup(alias).fields                          # a host without a file cache
     for other in (public_tmp / "etc" / "big.cnf", public_tmp / "etc" / "secret", public_tmp / "work" / "notes.txt"):
         assert "file" not in lookup(other, f=1).fields, other
+    # a file put in place while the command runs, with an old mtime (rsync -a): its open says
+    # it is fresh, so that the host reads it past its kernel's cache; sent ahead it would not be
+    service = LocalFileService(exports=exports)
+    replacement = public_tmp / "etc" / "locale.alias.new"
+    replacement.write_bytes(b"C.UTF-8 C.UTF-8\nPOSIX C\n")
+    os.utime(replacement, (old, old))
+    os.rename(replacement, alias)
+    assert "file" not in service.handle("getattr", {"path": str(alias), "dir": 1, "f": 1}, b"").fields
+    assert service.handle("getattr", {"path": str(public_tmp / "etc" / "big.cnf")}, b"").fields["st"]
     # a malformed ``file`` brings nothing, and the payload stays the listing's
     assert split_file({"file": [10 ** 9, 1, 2, 3]}, b"abc") == (b"abc", None)
     assert split_file({"file": ["3", 1, 2, 3]}, b"abc") == (b"abc", None)

@@ -196,12 +196,18 @@ def test_changes_after_prepare_are_in_the_validate_answer(public_tmp, services):
     os.utime(part2, ns=(st.st_atime_ns, st.st_mtime_ns))
     os.unlink(lib / "mod4.py")
     body = _validate(prepared, [lib, lib / "pkg"], names, files)
-    assert body == _validate(services(), [lib, lib / "pkg"], names, files)
+    again = _validate(services(), [lib, lib / "pkg"], names, files)
+    # The rewritten library is fresh for the session that began before it (its open says so,
+    # and the host reads it past its kernel's cache): not offered whole, so fetched again at its
+    # open. A session begun after the rewrite takes it for settled, with its new ctime.
+    keys = dict((name, meta) for name, meta in body["whole"])
+    later = dict((name, meta) for name, meta in again["whole"])
+    assert str(part2) not in keys and keys == {k: v for k, v in later.items() if k != str(part2)}
+    assert later[str(part2)][3] != dict(before["whole"])[str(part2)][3]
+    assert {k: v for k, v in body.items() if k != "whole"} == {k: v for k, v in again.items() if k != "whole"}
     assert body != before
     listed = body["dirs"][0]
     assert "mod5.py" in listed["n"] and "mod4.py" not in listed["n"]
-    keys = dict((name, meta) for name, meta in body["whole"])
-    assert keys[str(part2)][3] != dict(before["whole"])[str(part2)][3]  # a new ctime: fetched again
 
 
 def test_a_directory_with_a_hard_linked_file_is_listed_again_every_time(tmp_path, monkeypatch, services):
