@@ -60,9 +60,9 @@ class OpenFiles:
             raise OpError(errno.EROFS)
         return self.handles.get(a["fh"])
 
-    def _add_handle(self, fd: int, a: Dict[str, Any], number: Optional[int] = None) -> int:
+    def _add_handle(self, fd: int, st: os.stat_result, a: Dict[str, Any], number: Optional[int] = None) -> int:
+        """Keep *fd* (whose fstat is *st*) as a handle of the file ``a["path"]``; return its number."""
         handle = self.handles.add(fd, number)
-        st = os.fstat(fd)
         if stat.S_ISREG(st.st_mode) and self._local_fs.watchable(st.st_dev):
             self._quick_handles.add(handle)
         try:
@@ -111,15 +111,16 @@ class OpenFiles:
                 os.close(fd)
                 raise
         try:
-            handle = self._add_handle(fd, a, a.get("fh"))  # (numbered by a host that did not wait)
+            st = os.fstat(fd)
+            handle = self._add_handle(fd, st, a, a.get("fh"))  # (numbered by a host that did not wait)
         except BaseException:
             os.close(fd)
             raise
         if flags & os.O_TRUNC and changes:
             # emptied: its attributes, so the host can follow its size as it writes
-            return Reply({"fh": handle, "st": P.stat_to_wire(os.fstat(fd))})
+            return Reply({"fh": handle, "st": P.stat_to_wire(st)})
         if not changes:  # (a file just written is read past the host kernel's cache)
-            return Reply({"fh": handle, **self.freshness_of(os.fstat(fd), P.name_from_wire(a["path"]))})
+            return Reply({"fh": handle, **self.freshness_of(st, P.name_from_wire(a["path"]))})
         return Reply({"fh": handle})
 
     def op_create(self, a: Dict[str, Any], _: bytes) -> Reply:
@@ -138,12 +139,13 @@ class OpenFiles:
             if created:
                 self._owner(a, path, fd)
                 os.fchmod(fd, mode)  # the remote umask applies, not ours
+            st = os.fstat(fd)
             # "fh": the number a host that did not wait for this reply already uses
-            handle = self._add_handle(fd, a, a.get("fh"))
+            handle = self._add_handle(fd, st, a, a.get("fh"))
         except BaseException:
             os.close(fd)
             raise
-        return Reply({"fh": handle, "st": P.stat_to_wire(os.fstat(fd))})
+        return Reply({"fh": handle, "st": P.stat_to_wire(st)})
 
     def _open_existing(self, path: bytes, flags: int) -> int:
         """Open a name a create found already there (made here since the host looked it up).

@@ -222,14 +222,12 @@ class LocalFileService(OpenFiles, SendAhead, DirectoryAnswers, OwnChanges):
         args = header.get("a")
         if not isinstance(args, dict):
             return False
+        if "after" in args and not self.order.is_past(CHANGES, args["after"]):
+            return False
         if "nseq" not in args:
             if "fh" not in args or "after_fh" in args or not self.quick_on_handle(header.get("op"), args, size):
                 return False
-            if "after" in args and not self.order.is_past(CHANGES, args["after"]):
-                return False
             return self.order.is_next(args["fh"], args.get("seq"))
-        if "after" in args and not self.order.is_past(CHANGES, args["after"]):
-            return False
         if not all(self.order.is_past(fh, seq) for fh, seq in _handles_before(args)):
             return False
         return self.order.is_next(CHANGES, args["nseq"])
