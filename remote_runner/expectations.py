@@ -25,6 +25,7 @@ import re
 from typing import List, Optional, Tuple
 
 from remote_runner.cachedir import cache_dir
+from remote_runner.digests import is_sha1
 
 #: Answers kept (a run writes one only when the files it expects are new to it).
 KEEP = 64
@@ -63,7 +64,7 @@ def keep(digest: str, text: str) -> None:
 def recall(digest: str, count: int) -> Optional[List[Tuple[int, int, str]]]:
     """(size, mode, SHA-1) of each of *count* files in the answer kept as *digest*, or None
     when it is not kept here, not that answer, or not about *count* files."""
-    if not re.fullmatch(r"[0-9a-f]{40}", digest or ""):
+    if not is_sha1(digest):
         return None
     try:
         with open(os.path.join(folder(), digest), "rb") as handle:

@@ -38,7 +38,6 @@ import hashlib
 import json
 import logging
 import os
-import re
 import stat
 import tempfile
 import threading
@@ -46,11 +45,11 @@ import time
 from typing import Any, Dict, List, Optional, Tuple
 
 from remote_runner.cachedir import cache_dir
+from remote_runner.digests import is_sha1
 
 LOG = logging.getLogger(__name__)
 
 Key = Tuple[int, int, int, int, int]
-_HEX40 = re.compile(r"[0-9a-f]{40}\Z")
 #: Seconds :meth:`LocalHashes.save` waits for another run's lock before giving up.
 LOCK_WAIT = 10.0
 #: Journal bytes a save may leave after a bucket's base line, at least (see the module docstring).
@@ -344,7 +343,7 @@ def _matches(entry: Any, key: Key) -> bool:
 def _valid(entry: Any) -> bool:
     """Whether a cache entry read from the file is well formed: [size, mtime, ctime, ino, dev, sha1]."""
     return (type(entry) is list and len(entry) == 6 and all(type(x) is int for x in entry[:5])
-            and isinstance(entry[5], str) and _HEX40.match(entry[5]) is not None)
+            and is_sha1(entry[5]))
 
 
 def _current(path: str, entry: List) -> bool:

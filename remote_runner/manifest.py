@@ -61,12 +61,12 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import re
 import shlex
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
 from remote_runner import quickanswer
+from remote_runner.digests import is_sha1
 from remote_runner.shell import PYTHON_FLAGS
 from remote_runner.upload import STALE_MINUTES
 
@@ -80,7 +80,6 @@ ANSWER_MARK = "RR-MANIFEST"
 NO_PYTHON_MARK = "RR-NO-PYTHON"
 #: Seconds a run waits for another run's manifest lock before skipping its update.
 LOCK_WAIT = 30
-_HEX40 = re.compile(r"[0-9a-f]{40}\Z")
 
 #: Runs on the host under python3 (3.5 or later: no f-strings), reading one JSON
 #: request on stdin (all of it, or exactly the byte count given as its argument,
@@ -620,7 +619,7 @@ def parse_answer(lines: Sequence[str], count: int) -> Optional[Answer]:
             files.append(None)
             continue
         if not (isinstance(item, list) and len(item) == 3 and _count(item[0]) and _count(item[1])
-                and (item[2] is None or (isinstance(item[2], str) and _HEX40.match(item[2])))):
+                and (item[2] is None or is_sha1(item[2]))):
             return None
         files.append(Remote(item[0], item[1], item[2]))
     free = doc.get("free", [])
@@ -640,7 +639,7 @@ def parse_answer(lines: Sequence[str], count: int) -> Optional[Answer]:
 def _receipt(value: Any) -> bool:
     """A well-formed receipt: five non-negative integers (the stat) and a SHA-1."""
     return (isinstance(value, list) and len(value) == 6 and all(_count(x) for x in value[:5])
-            and isinstance(value[5], str) and _HEX40.match(value[5]) is not None)
+            and is_sha1(value[5]))
 
 
 def _count(value: Any) -> bool:

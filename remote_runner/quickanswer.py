@@ -20,10 +20,11 @@ ahead), checked against each other by the tests.
 from __future__ import annotations
 
 import hashlib
-import re
 import shlex
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, List, Optional, Sequence, Tuple
+
+from remote_runner.digests import is_sha1
 
 if TYPE_CHECKING:  # pragma: no cover
     from remote_runner.upload import Upload
@@ -38,7 +39,6 @@ SHELL_AHEAD_FILES = 4
 #: How the quick check renders each file (GNU stat, TZ=UTC0; the host program writes the same).
 QUICK_STAT = "%n|%s|%f|%i|%d|%y|%z"
 
-_HEX40 = re.compile(r"[0-9a-f]{40}\Z")
 
 
 @dataclass(frozen=True)
@@ -226,6 +226,6 @@ def said_state(output: str) -> Optional[Tuple[str, List[int]]]:
     if len(lines) != 1:
         return None
     words = lines[0].split()[1:]
-    if not words or not _HEX40.fullmatch(words[0]) or not all(w.isascii() and w.isdigit() for w in words[1:]):
+    if not words or not is_sha1(words[0]) or not all(w.isascii() and w.isdigit() for w in words[1:]):
         return None
     return words[0], [int(w) for w in words[1:]]

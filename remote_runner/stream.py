@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import json
 import logging
-import re
 import shlex
 import socket
 import time
@@ -40,6 +39,7 @@ from dataclasses import dataclass
 from typing import Any, Callable, List, Optional, Tuple
 
 from remote_runner.channelio import open_session, send_all, send_eof, start_command
+from remote_runner.digests import is_sha1
 from remote_runner.errors import CopyError
 from remote_runner.shell import PYTHON_FLAGS
 
@@ -51,7 +51,6 @@ FAIL_MARK = "RR-STREAM-FAIL"
 BLOCK = 1 << 20
 #: Seconds the host gets to finish (check, rename, report) once everything was sent.
 FINISH_TIMEOUT = 600.0
-_HEX40 = re.compile(r"[0-9a-f]{40}\Z")
 
 #: Runs on the host under python3 (3.5 or later): argv is tmp, dest, size, octal mode.
 #: It imports no ``json``: that alone would cost ~12 ms of CPU per file on a lab host.
@@ -245,7 +244,7 @@ def parse_receipt(text: str) -> Optional[Receipt]:
     five non-negative integers gives no receipt (the record then hashes the file).
     """
     digest, _, rest = text.strip().partition(" ")
-    if not _HEX40.match(digest):
+    if not is_sha1(digest):
         return None
     try:
         raw = json.loads(rest)
