@@ -503,7 +503,12 @@ def expectation_text(items: Sequence["Upload"], sums: Sequence[str]) -> str:
 
 def expectation(items: Sequence["Upload"], sums: Sequence[str]) -> str:
     """The ``expect`` of a request: the SHA-1 of the answer that finds every file the same."""
-    return hashlib.sha1(expectation_text(items, sums).encode()).hexdigest()
+    return expectation_digest(expectation_text(items, sums))
+
+
+def expectation_digest(text: str) -> str:
+    """The ``expect`` naming an :func:`expectation_text` (what a host quotes back to name it)."""
+    return hashlib.sha1(text.encode()).hexdigest()
 
 
 def request(items: Sequence["Upload"], trees: Sequence[str], tree_of: Sequence[int], *,

@@ -209,7 +209,7 @@ def plan_ahead(host: str, specs: Sequence["ComponentSpec"], always_copy: bool = 
     sums = [_sha1_of(memo.get(u.src)) for u in items] if memo is not None and not rehash else []
     known = bool(sums) and all(s is not None for s in sums)
     said = manifest.expectation_text(items, sums) if known else ""
-    expect = hashlib.sha1(said.encode()).hexdigest() if known else None
+    expect = manifest.expectation_digest(said) if known else None
     request, trees = _check_request(plan, items, rehash, ahead, len(blob), expect)
     temps = {i: (_temp_name(items[i].dest, token), sha1) for i, sha1, token in ahead}
     check = EarlyCheck(host, plan, bases, request + blob, json_size=len(request), ahead=temps)
