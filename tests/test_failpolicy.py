@@ -138,7 +138,7 @@ def _ran_on(lab, screen_name):
             if ssh(lab, h, f"test -e /tmp/{screen_name}-ran", check=False).returncode == 0]
 
 
-def test_three_hosts_down_skipped_within_max_fail_else_nothing_starts(lab, screen_name,
+def test_three_hosts_down_skipped_within_max_fail_else_nothing_starts(lab, foreign_host, screen_name,
                                                                       tmp_path):
     config = _config(tmp_path, screen_name)
     try:

@@ -43,7 +43,7 @@ def _config(lab, tmp_path, targets: int, hops: str) -> str:
     return str(path)
 
 
-def test_fifty_targets_behind_one_bastion_make_one_login_to_it(lab, tmp_path):
+def test_fifty_targets_behind_one_bastion_make_one_login_to_it(lab, foreign_host, tmp_path):
     config = _config(lab, tmp_path, 50, "h1")
     assert "Host t50\n" in open(config).read()
     bastion = lab_entry(lab, "h1")["hostname"]
@@ -69,7 +69,7 @@ def test_fifty_targets_behind_one_bastion_make_one_login_to_it(lab, tmp_path):
     assert _our_ssh_sockets() == {}
 
 
-def test_multi_hop_targets_share_every_hop(lab, tmp_path):
+def test_multi_hop_targets_share_every_hop(lab, foreign_host, tmp_path):
     config = _config(lab, tmp_path, 12, "h1,h2")
     bastion = lab_entry(lab, "h1")["hostname"]
     second = lab_entry(lab, "h2")["hostname"]
