@@ -40,7 +40,6 @@ SHELL_AHEAD_FILES = 4
 QUICK_STAT = "%n|%s|%f|%i|%d|%y|%z"
 
 
-
 @dataclass(frozen=True)
 class Quick:
     """What lets a host's shell answer a check that says what it expects, without python3.
