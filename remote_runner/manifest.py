@@ -153,8 +153,12 @@ if write:
         for d in write["stages"]:
             os.mkdir(d, 0o700)
             made.append(d)
+        # Each file is created with its final mode (umask off): no chmod per file. Set-id
+        # bits alone are set after the write, which clears them for a user other than root.
+        mask = os.umask(0)
         for p, dest, n, m in write["files"]:
-            fd = os.open(p, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0), 0o600)
+            fd = os.open(p, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0),
+                         0o600 if m & 0o7000 else m)
             try:
                 h, left = hashlib.sha1(), n
                 while left:
@@ -166,11 +170,13 @@ if write:
                     view = memoryview(b)
                     while view:
                         view = view[os.write(fd, view):]
-                os.fchmod(fd, m)
+                if m & 0o7000:
+                    os.fchmod(fd, m)
                 st = os.fstat(fd)
             finally:
                 os.close(fd)
             wrote[dest] = [st.st_size, st.st_mtime_ns, st.st_ino, st.st_dev, h.hexdigest()]
+        os.umask(mask)
         for p, dest, n, m in write["files"]:
             os.rename(p, dest)
         for d in write["stages"]:
