@@ -290,3 +290,22 @@ def test_our_rows_note_the_exec_and_sftp_counts_of_a_json_run_result():
     assert traffic_note(older.encode()) == "each host: 3 execs, 0 steps, 0 sftp sessions, 0 sftp requests"
     assert traffic_note(b"not json") == ""
     assert traffic_note(json.dumps({"hosts": [{"host": "h1", "execs": None}]}).encode()) == ""
+
+
+def test_a_suite_row_counts_a_run_whatever_its_tests_said_but_not_a_suite_that_never_ran():
+    """The test-suite rows time a suite whose tests fail (exits it names) and fail a suite
+    that did not run at all; an interpreter without the suite's module gives a skipped row
+    naming it, not a 16 ms "run" of ``No module named pytest``."""
+    from bench.scenarios.mirror_programs import CPYTHON_RAN, PYTEST_RAN, missing_module, ran
+
+    def status(command, codes):
+        return subprocess.run(["/bin/sh", "-c", ran(command, codes)]).returncode
+
+    assert [status(f"sh -c 'exit {code}'", CPYTHON_RAN) for code in (0, 1, 2, 3, 4, 127)] == [0, 1, 0, 0, 4, 127]
+    assert [status(f"sh -c 'exit {code}'", PYTEST_RAN) for code in (0, 1, 2, 5)] == [0, 0, 2, 5]
+    # a missing module exits 1 as failed tests do: counted as run, hence the look for it first
+    assert status(f"{sys.executable} -c 'import no_such_module_here'", PYTEST_RAN) == 0
+    assert missing_module(sys.executable, "json", "-") is None
+    said = missing_module(sys.executable, "no_such_module_here", "pip install it")
+    assert said is not None and "no module no_such_module_here" in said and "pip install it" in said
+    assert missing_module("/nonexistent/python3", "json", "-") is not None
