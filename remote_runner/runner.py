@@ -43,7 +43,7 @@ import os
 import posixpath
 import threading
 from concurrent.futures import ThreadPoolExecutor
-from typing import TYPE_CHECKING, Any, Callable, Dict, List, Optional, Sequence, Set
+from typing import TYPE_CHECKING, Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 from remote_runner import events as ev
 from remote_runner import hashcache, landing, precheck, sessionlock
@@ -261,23 +261,25 @@ class Runner(HostSetup, Starting, RunEnd):
             if bad:
                 raise ConfigError(f"--remote-done-dir {done_dir!r} must not contain {bad}",
                                   field="--remote-done-dir")
-        present: Set[str] = set()  # (components often share their sources: each is looked at once)
         for spec in self.experiment.components:
             if not spec.is_local:
                 _check_host_syntax(spec)
-            for item in spec.files:
-                if item.src in present:
-                    continue
-                if not os.path.exists(item.src):
-                    raise CopyError("local source does not exist", path=item.src,
-                                    component=spec.name)
-                present.add(item.src)
         self._group_hosts()
+        # Every source was found when the config was read; the plans look at each once more
+        # (one stat a file, shared by the hosts given the same files), and name the component
+        # of one gone since, or unreadable.
         for host, specs in self._by_host().items():
-            entries = [(f, posixpath.normpath(spec.base_dir) if spec.base_dir
+            entries: List[Tuple[Any, str]] = []
+            for spec in specs:
+                base = (posixpath.normpath(spec.base_dir) if spec.base_dir
                         else f"/<temporary base_dir of {spec.name}>")
-                       for spec in specs for f in spec.files]
-            self.plans.plan(host, entries)  # raises on unreadable or conflicting sources
+                entries += [(f, base) for f in spec.files]
+            try:
+                self.plans.plan(host, entries)  # raises on unreadable or conflicting sources
+            except CopyError as exc:
+                if exc.component is None:
+                    exc.component = _component_of(exc.path, specs)
+                raise
 
     def _group_hosts(self) -> None:
         """Fold host names that reach the same login into one host (see :mod:`landing`)."""
@@ -486,6 +488,15 @@ def _check_host_syntax(spec: "ComponentSpec") -> None:
         where = spec.origin_of("host")
         raise ConfigError(exc.message, file=where.file, line=where.line, component=spec.name,
                           field="host") from None
+
+
+def _component_of(path: Optional[str], specs: Sequence["ComponentSpec"]) -> Optional[str]:
+    """The first of *specs* whose files hold *path* (a file, or under a directory given)."""
+    for spec in specs:
+        for item in spec.files:
+            if path is not None and (path == item.src or path.startswith(item.src.rstrip("/") + "/")):
+                return spec.name
+    return None
 
 
 def _copy_summary(reports: Dict[str, "sync.HostSync"]) -> str:

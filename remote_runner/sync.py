@@ -144,8 +144,11 @@ def make_plan(host: str, entries: Iterable[Tuple["FileSpec", str]]) -> Plan:
     files: Dict[str, Upload] = {}
     dirs: Dict[str, Optional[int]] = {}
     trees: Dict[str, str] = {}
+    bases: Dict[str, str] = {}  # (a component's files share their base directory)
     for spec, base_dir in entries:
-        base = posixpath.normpath(base_dir)
+        base = bases.get(base_dir)
+        if base is None:
+            base = bases[base_dir] = posixpath.normpath(base_dir)
         dest = posixpath.normpath(posixpath.join(base_dir, spec.dest))
         tree = (base, trees)
         if spec.is_dir:

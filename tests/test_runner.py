@@ -298,6 +298,13 @@ def test_change_checks_are_planned_while_hosts_connect_and_bad_input_contacts_no
     with pytest.raises(CopyError, match="two different sources go to /tmp/rr-planned-dest/same-name"):
         Runner(bad, RunOptions(screen="rr-planned"), connect=connect).run()
     assert asked == [["h1"]]  # not contacted again
+    # a source gone since the config was read: named with its component, no host contacted
+    b.unlink()
+    with pytest.raises(CopyError) as info:
+        Runner(good, RunOptions(screen="rr-planned"), connect=connect).run()
+    assert (info.value.component, info.value.path, info.value.host) == ("two", str(b), "h1")
+    assert "component 'two'" in str(info.value) and "No such file" in str(info.value)
+    assert asked == [["h1"]]
 
 
 class FakeMirror:
