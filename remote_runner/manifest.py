@@ -153,12 +153,14 @@ if write:
         for d in write["stages"]:
             os.mkdir(d, 0o700)
             made.append(d)
-        # Each file is created with its final mode (umask off): no chmod per file. Set-id
-        # bits alone are set after the write, which clears them for a user other than root.
+        # Each file is created with its mode (umask off; writable by its owner, as some
+        # network file systems want of a file opened for writing) and chmodded only when
+        # that is not what it got: a default ACL, set-id bits (which a write by another
+        # user than root clears), a read-only mode. Most files: no chmod.
         mask = os.umask(0)
         for p, dest, n, m in write["files"]:
             fd = os.open(p, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0),
-                         0o600 if m & 0o7000 else m)
+                         (m & 0o777) | 0o200)
             try:
                 h, left = hashlib.sha1(), n
                 while left:
@@ -170,9 +172,10 @@ if write:
                     view = memoryview(b)
                     while view:
                         view = view[os.write(fd, view):]
-                if m & 0o7000:
-                    os.fchmod(fd, m)
                 st = os.fstat(fd)
+                if stat.S_IMODE(st.st_mode) != m:
+                    os.fchmod(fd, m)
+                    st = os.fstat(fd)
             finally:
                 os.close(fd)
             wrote[dest] = [st.st_size, st.st_mtime_ns, st.st_ino, st.st_dev, h.hexdigest()]

@@ -214,6 +214,20 @@ def test_a_bundle_keeps_every_mode_whatever_the_umask(tmp_path):
     assert all((tree / name).read_bytes() == name.encode() for name in modes)
     kept = list((tmp_path / "cache" / "remote-runner" / "manifests").glob("*.json"))
     assert kept and all(path.stat().st_mode & 0o777 == 0o600 for path in kept)
+    # a default ACL taking bits from every new file (here: nothing for others) takes none
+    # from these: what a file got at its creation is checked, and set right
+    import struct
+    acl = struct.pack("<I", 2) + b"".join(struct.pack("<HHI", tag, perm, 0xFFFFFFFF)
+                                          for tag, perm in ((0x01, 7), (0x04, 5), (0x20, 0)))
+    try:
+        os.setxattr(tree, "system.posix_acl_default", acl)
+    except OSError:
+        pytest.skip("no POSIX ACLs here")
+    for name in modes:
+        (tree / name).unlink()
+    _, _, done = _write(tmp_path, {name: name.encode() for name in modes}, modes=modes)
+    assert done.returncode == 0, done.stderr
+    assert {name: (tree / name).stat().st_mode & 0o7777 for name in modes} == modes
 
 
 def test_a_writer_that_does_not_record_answers_each_files_receipt(tmp_path):
