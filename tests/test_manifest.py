@@ -200,9 +200,9 @@ def test_the_host_program_writes_a_bundle_places_it_then_records_it(tmp_path):
 
 
 def test_a_bundle_keeps_every_mode_whatever_the_umask(tmp_path):
-    """Files are created with their mode, not chmodded after: read-only, private and set-id
-    modes all come out exact under a umask that would take bits away, and what the program
-    makes for itself keeps its own modes."""
+    """Files are created with their mode and chmodded only where that did not give it:
+    read-only, private and set-id modes all come out exact under a umask, or a default ACL,
+    that would take bits away, and what the program makes for itself keeps its own modes."""
     modes = {"ro": 0o444, "private": 0o600, "suid": 0o4755, "sgid": 0o2750, "open": 0o777}
     old = os.umask(0o077)
     try:
