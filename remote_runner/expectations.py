@@ -51,7 +51,7 @@ def keep(digest: str, text: str) -> None:
         with open(tmp, "w", encoding="ascii") as out:
             out.write(text)
         os.replace(tmp, path)
-        names = [n for n in os.listdir(where) if len(n) == 40]
+        names = [n for n in os.listdir(where) if is_sha1(n)]
         if len(names) > KEEP:
             names.sort(key=lambda n: _mtime(os.path.join(where, n)))
             for name in names[:len(names) - KEEP]:

@@ -23,6 +23,7 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING, Any, Callable, Dict, Iterable, List, Optional, Sequence, Tuple
 
 from remote_runner import hashcache
+from remote_runner.digests import is_sha1
 from remote_runner.errors import CopyError
 from remote_runner.freespace import free_space, free_space_script
 from remote_runner.upload import STALE_MINUTES, Upload
@@ -84,8 +85,9 @@ def remote_sha1(shell: "Shell", paths: Sequence[str]) -> Tuple[Dict[str, str], s
             continue
         digest, _, rest = line.partition(" ")
         path = rest[1:] if rest[:1] in ("*", " ") else rest
-        if path in wanted and len(digest) == 40:
-            hashes[path] = digest.lower()
+        digest = digest.lower()  # (compared with hashlib's, which are lower-case)
+        if path in wanted and is_sha1(digest):
+            hashes[path] = digest
     return hashes, tool
 
 

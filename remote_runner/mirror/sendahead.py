@@ -18,6 +18,7 @@ from collections import Counter
 from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 
 from remote_runner import hashcache
+from remote_runner.digests import is_sha1
 from remote_runner.mirror import elf, interpreters
 from remote_runner.mirror.host.basis import BASIS_MIN
 from remote_runner.mirror import protocol as P
@@ -507,7 +508,7 @@ class SendAhead:
         if have == meta:
             os.close(fd)
             return Reply(fields)
-        if isinstance(basis, str) and len(basis) == 40 and st.st_size >= BASIS_MIN \
+        if is_sha1(basis) and st.st_size >= BASIS_MIN \
                 and hashcache.LOCAL.sha1_of_open(os.fsdecode(path), fd) == basis:
             head = os.pread(fd, len(elf.MAGIC), 0)
             os.close(fd)
