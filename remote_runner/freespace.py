@@ -19,6 +19,10 @@ if TYPE_CHECKING:  # pragma: no cover
 
 #: Marks the lines of :func:`free_space_script`.
 FREE_MARK = "RR-FREE"
+#: The command printing the free space line of each directory named after it (shell words).
+STAT_FREE = f"stat -f -c '{FREE_MARK} %i %a %f %S %n' --"
+#: The line naming the user (root may use the blocks reserved for it).
+UID_LINE = f"echo {FREE_MARK} uid $(id -u)\n"
 
 
 def free_space_script(dirs: Sequence[str], chunk: int = 500) -> str:
@@ -30,8 +34,8 @@ def free_space_script(dirs: Sequence[str], chunk: int = 500) -> str:
     script = ""
     for start in range(0, len(dirs), chunk):
         words = " ".join(shlex.quote(d) for d in dirs[start:start + chunk])
-        script += f"stat -f -c '{FREE_MARK} %i %a %f %S %n' -- {words} 2>/dev/null\n"
-    return script + (f"echo {FREE_MARK} uid $(id -u)\n" if dirs else "")
+        script += f"{STAT_FREE} {words} 2>/dev/null\n"
+    return script + (UID_LINE if dirs else "")
 
 
 def free_space(report: Iterable[str]) -> Dict[str, Tuple[str, int]]:

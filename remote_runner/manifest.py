@@ -487,21 +487,24 @@ class Answer:
     asked: Optional[Tuple[str, str]] = None
     #: the earlier answer the host's shell named (:data:`STATE_MARK`), if it named one
     named: Optional[str] = None
+    #: the host's shell found that none of the files is there (:data:`quickanswer.ABSENT_MARK`)
+    absent: bool = False
 
 
 def run_script(size: Optional[int] = None, quick: Optional[quickanswer.Quick] = None,
-               total: Optional[int] = None) -> str:
+               total: Optional[int] = None, absent: str = "") -> str:
     """The shell text that runs :data:`HOST_PROGRAM` with python3, or says there is none.
 
     With *size*, the program reads exactly that many bytes of request and
     leaves the rest of stdin alone (the session lock's channel, see
     :func:`remote_runner.sessionlock.lock_script`, stays open after it).
     With *quick* (a request that says what it expects), the host's shell
-    answers first where it can (:func:`remote_runner.quickanswer.shell_first`).
+    answers first where it can (:func:`remote_runner.quickanswer.shell_first`);
+    *absent* (:func:`remote_runner.quickanswer.shell_absent`) before that.
     """
     arg = "" if size is None else f" {int(size)}"
     fast = quickanswer.shell_first(quick, size, total) if quick is not None and size is not None else ""
-    return (fast + f"command -v python3 >/dev/null 2>&1 || {{ echo {NO_PYTHON_MARK}; exit 0; }}\n"
+    return (absent + fast + f"command -v python3 >/dev/null 2>&1 || {{ echo {NO_PYTHON_MARK}; exit 0; }}\n"
             f"exec python3 {PYTHON_FLAGS} -c {shlex.quote(HOST_PROGRAM)}{arg}\n")
 
 

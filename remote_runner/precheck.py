@@ -17,6 +17,9 @@ in the path changes them); otherwise the early answer is dropped and the copy
 step asks again with the resolved paths, so an early answer never decides about
 a file under another name.
 
+Where none of the files is there yet (a first copy), the host's shell says so
+without the program (:func:`absent_answer`, :func:`quickanswer.shell_absent`).
+
 The request goes on stdin (a big tree's list does not fit a command line), and
 the host program reads exactly its length, leaving the rest of the channel to
 the lock. An answer that does not parse, or a host without python3, also leaves
@@ -67,10 +70,10 @@ AheadMemo = Dict[str, Union[Tuple[bytes, str], bool, str, None]]
 
 #: Per run, by the identity of a plan's files: (those files, the request, what it expects of
 #: each, what lets the host's shell answer it) of the check built when none of them went
-#: ahead. Hosts given the same files ask the same question: it is built once (each build is
-#: a JSON of every file).
+#: ahead, and what lets the shell say none is there. Hosts given the same files ask the same
+#: question: it is built once (each build is a JSON of every file).
 CheckMemo = Dict[int, Tuple[Tuple["Upload", ...], bytes, Optional[List[str]],
-                            Optional[quickanswer.Quick]]]
+                            Optional[quickanswer.Quick], Optional[Tuple[str, str]]]]
 
 
 def known_sums(memo: AheadMemo) -> Dict[str, str]:
@@ -101,12 +104,15 @@ class EarlyCheck:
     expected: Optional[List[str]] = None
     #: what lets the host's shell answer (see :class:`quickanswer.Quick`), with *expected*
     quick: Optional[quickanswer.Quick] = None
+    #: (the request's SHA-1, shell text) answering it when none of the files is there
+    #: (:func:`absent_answer`), when the shell can
+    absent: Optional[Tuple[str, str]] = None
 
     @property
     def script(self) -> str:
         """The shell text the lock's channel runs after the prepare script (reads the request)."""
         return manifest.run_script(self.json_size if self.json_size >= 0 else len(self.request),
-                                   self.quick, len(self.request))
+                                   self.quick, len(self.request), self.absent[1] if self.absent else "")
 
     def staged(self) -> Dict[int, str]:
         """Index -> SHA-1 of each file the host staged, by its answer."""
@@ -122,7 +128,11 @@ class EarlyCheck:
         """Read the answer in what the lock's channel printed (None when there is none)."""
         quick, files = self.quick, self.plan.files
         state = quickanswer.said_state(output) if quick is not None and quick.ahead else None
-        if (quick is not None and not quick.ahead and self.expected is not None
+        absent = quickanswer.said_absent(output, self.absent[0]) if self.absent else None
+        if absent is not None:
+            self.answer = manifest.Answer([None] * len(files), has_tar=absent[0], free=absent[1],
+                                          absent=True)
+        elif (quick is not None and not quick.ahead and self.expected is not None
                 and quickanswer.said_same(output, quick.request)):
             self.answer = manifest.Answer([manifest.Remote(u.size, u.mode, sha1) for u, sha1
                                            in zip(files, self.expected)],
@@ -198,9 +208,9 @@ def plan_ahead(host: str, specs: Sequence["ComponentSpec"], always_copy: bool = 
     picked = _changed_here(items, memo) if memo is not None else []
     same = built.get(id(plan.files)) if built is not None and not picked else None
     if same is not None and same[0] is plan.files:
-        _, request, sums, quick = same
+        _, request, sums, quick, absent = same
         return EarlyCheck(host, plan, bases, request, json_size=len(request), expected=sums,
-                          quick=quick)
+                          quick=quick, absent=absent)
     ahead = [(i, sha1, secrets.token_hex(4)) for i, (_, sha1) in picked]
     blob = b"".join(data for _, (data, _) in picked)
     # Every file's SHA-1 is known here (from the cache, or read just now to go ahead): the
@@ -212,7 +222,8 @@ def plan_ahead(host: str, specs: Sequence["ComponentSpec"], always_copy: bool = 
     expect = manifest.expectation_digest(said) if known else None
     request, trees = _check_request(plan, items, rehash, ahead, len(blob), expect)
     temps = {i: (_temp_name(items[i].dest, token), sha1) for i, sha1, token in ahead}
-    check = EarlyCheck(host, plan, bases, request + blob, json_size=len(request), ahead=temps)
+    check = EarlyCheck(host, plan, bases, request + blob, json_size=len(request), ahead=temps,
+                       absent=None if rehash else absent_answer(plan, request, len(request) + len(blob)))
     if expect is not None:
         check.expected = sums
         expectations.keep(expect, said)  # (a later run's host may name it, see quickanswer.shell_first)
@@ -222,8 +233,25 @@ def plan_ahead(host: str, specs: Sequence["ComponentSpec"], always_copy: bool = 
             check.quick = quickanswer.quick_for(request, items, trees, expect, [
                 (i, len(data), items[i].mode, temps[i][0]) for i, (data, _) in picked])
     if built is not None and not picked:
-        built[id(plan.files)] = (plan.files, request, check.expected, check.quick)
+        built[id(plan.files)] = (plan.files, request, check.expected, check.quick, check.absent)
     return check
+
+
+def absent_answer(plan: "sync.Plan", request: bytes, total: int) -> Optional[Tuple[str, str]]:
+    """(SHA-1 of *request*, the shell text answering it when none of *plan*'s files is there:
+    :func:`quickanswer.shell_absent`, *total* bytes to drop), where the shell can give that
+    answer: the request makes only the files' own directories, and sets no mode."""
+    groups: Dict[str, List[str]] = {d: [] for d, mode in plan.dirs if mode is None}
+    if len(groups) != len(plan.dirs):
+        return None
+    for item in plan.files:
+        directory, name = posixpath.split(item.dest)
+        if directory not in groups:
+            return None
+        groups[directory].append(name)
+    digest = hashlib.sha1(request).hexdigest()
+    text = quickanswer.shell_absent(digest, list(groups.items()), total)
+    return (digest, text) if text else None
 
 
 def _check_request(plan: "sync.Plan", items: Sequence["Upload"], rehash: bool,

@@ -108,6 +108,8 @@ class HostSync:
     placed: List[str] = field(default_factory=list)
     #: the host's shell vouched for every file by its stat alone (no python3 started)
     quick: bool = False
+    #: the host's shell found none of the files there (no python3 started)
+    absent: bool = False
 
     def summary(self) -> str:
         """Return the one-line report the CLI logs."""
@@ -404,8 +406,10 @@ def manifest_check(shell: "Shell", plan: Plan, report: HostSync, rehash: bool = 
     if answer.error is not None:
         raise CopyError(answer.error, host=plan.host)
     report.hash_tool, report.hashed, report.trusted = "manifest", answer.hashed, answer.trusted
-    report.quick = answer.quick
-    if answer.quick and answer.named:
+    report.quick, report.absent = answer.quick, answer.absent
+    if answer.absent:
+        LOG.debug("%s: the host's shell found none of the %d file(s) there", plan.host, len(items))
+    elif answer.quick and answer.named:
         LOG.debug("%s: the host's shell found the %d file(s) not sent ahead as an earlier answer "
                   "had them (by their stat alone) and wrote %d sent ahead", plan.host,
                   answer.trusted, len(answer.staged))

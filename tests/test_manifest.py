@@ -22,6 +22,7 @@ import json
 import logging
 import os
 import shlex
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -374,6 +375,93 @@ def test_a_garbage_manifest_counts_as_empty_and_is_rewritten(tmp_path, monkeypat
         again = sync.sync_host(Local(), None, plan)
         assert (again.hashed, again.trusted, again.copied) == (3, 0, []), garbage
         assert len(json.loads(kept.read_text())["entries"]) == 3
+
+
+def _absent_check(tmp_path, monkeypatch):
+    """A check of five files in three directories (one nested) under tmp_path/dest, as a
+    run's lock asks it: (the check, its script with ``REST:`` and what it left on stdin)."""
+    from remote_runner import precheck
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    src = tmp_path / "src"
+    src.mkdir()
+    names = ["a/f0", "a/f1", "b/c/f2", "b/c/f3", "top"]
+    specs = []
+    for i, name in enumerate(names):
+        (src / f"s{i}").write_text(f"content {i}\n")
+        specs.append((FileSpec(str(src / f"s{i}"), name, False), str(tmp_path / "dest")))
+    plan = sync.make_plan("local", specs)
+    items = list(plan.files)
+    trees, index = plan.tree_index(items)
+    request = manifest.request(items, trees, index, dirs=plan.dirs, prepare=True)
+    check = precheck.EarlyCheck("local", plan, {}, request, json_size=len(request),
+                                absent=precheck.absent_answer(plan, request, len(request)))
+    return check, "(\n" + check.script + ")\nprintf 'REST:'; cat\n"
+
+
+def test_the_shell_says_no_file_is_there_makes_the_directories_and_reads_just_the_request(
+        tmp_path, monkeypatch):
+    """A first copy: no file there, every directory missing or empty. The shell answers
+    (no program), makes the directories, reads exactly the request and gives each directory's
+    free space; the answer lists every file as missing."""
+    from remote_runner.freespace import free_space
+    check, script = _absent_check(tmp_path, monkeypatch)
+    (tmp_path / "dest" / "b").mkdir(parents=True)  # there, and empty
+    out = subprocess.run(["sh", "-c", script], input=check.request + b"tail", capture_output=True,
+                         check=True).stdout.decode()
+    assert out.endswith("REST:tail") and manifest.ANSWER_MARK + " " not in out, out
+    check.take(out)
+    answer = check.answer
+    assert answer is not None and answer.absent and answer.files == [None] * 5
+    assert answer.has_tar == (shutil.which("tar") is not None)
+    dirs = [d for d, _ in check.plan.dirs]
+    assert all(os.path.isdir(d) for d in dirs) and len(dirs) == 3
+    free = free_space(answer.free)
+    assert sorted(free) == sorted(dirs) and all(room > 0 for _, room in free.values())
+    # the copy step's check of the same files finds them missing too, and copies them all
+    report = sync.sync_host(Local(), None, check.plan, answer=answer)
+    assert report.absent and len(report.copied) == 5
+    assert (tmp_path / "dest" / "b" / "c" / "f3").read_text() == "content 3\n"
+    # the answer is only ever taken for its own request
+    assert quickanswer.said_absent(out, "0" * 40) is None
+    assert quickanswer.said_absent(out.replace(" tar\n", " yes\n").replace(" -\n", " yes\n"),
+                                   check.absent[0]) is None
+
+
+@pytest.mark.parametrize("there", ["a file", "a dangling link", "a directory", "a file for a directory",
+                                   "other names"])
+def test_the_shell_says_no_file_is_there_only_when_none_of_their_names_is(tmp_path, monkeypatch, there):
+    """Anything under one of the files' names (a file, a dangling link, a directory: whatever
+    ``lstat`` finds), or a directory's name taken by a file, leaves the question to the
+    program, which answers it; other names beside them do not."""
+    check, script = _absent_check(tmp_path, monkeypatch)
+    a, c = tmp_path / "dest" / "a", tmp_path / "dest" / "b" / "c"
+    c.mkdir(parents=True)
+    a.mkdir()
+    if there == "a file":
+        (c / "f3").write_text("content 3\n")  # (not the first file, a/f0)
+    elif there == "a dangling link":
+        (c / "f3").symlink_to(tmp_path / "nowhere")
+    elif there == "a directory":
+        (tmp_path / "dest" / "top").mkdir()
+    elif there == "a file for a directory":
+        a.rmdir()
+        a.write_text("not a directory")
+    else:
+        (c / ".hidden").write_text("x")
+        (a / "f0.old").write_text("x")
+        (a / ".f1.rr-0123abcd.tmp").write_text("x")
+    out = subprocess.run(["sh", "-c", script], input=check.request + b"tail", capture_output=True,
+                         check=True).stdout.decode()
+    check.take(out)
+    assert check.answer is not None
+    if there == "other names":
+        assert check.answer.absent and check.answer.files == [None] * 5 and out.endswith("REST:tail")
+        return
+    assert quickanswer.ABSENT_MARK not in out and not check.answer.absent, out
+    if there == "a file for a directory":
+        assert check.answer.error and "could not create directory" in check.answer.error, out
+        return
+    assert [f is not None for f in check.answer.files] == [False, False, False, there == "a file", False]
 
 
 def test_an_answer_as_expected_is_given_again_from_the_files_stat_alone(tmp_path, monkeypatch):
@@ -984,16 +1072,19 @@ class CopyPhase:
             self.spent = {h: {k: now[h][k] - self.begin[h][k] for k in now[h]} for h in now}
 
 
-def _counted_runs(lab, tmp_path, screen_name, base, rounds):
+def _counted_runs(lab, tmp_path, screen_name, base, rounds, component=None, big=1 << 20):
     """Run a 2-host experiment copying a tree into *base* once per round.
 
     *rounds* is a list of functions called before each run; each gets the
-    run's report and its copy phase's counts after it.
+    run's report and its copy phase's counts after it. *component* gives a
+    host's component text (default :func:`_component`), *big* the size of the
+    tree's one big file (0: none).
     """
     state = f"/tmp/{screen_name}-state"
-    src = _files(tmp_path, big=1 << 20)
+    src = _files(tmp_path, big=big)
     config = tmp_path / "experiment.py"
-    config.write_text(textwrap.dedent("".join(_component(h, src, base) for h in ("h1", "h2"))))
+    config.write_text(textwrap.dedent("".join((component or _component)(h, src, base)
+                                              for h in ("h1", "h2"))))
     experiment = load_experiment(str(config), None)
     options = RunOptions(screen=screen_name, remote_done_dir=state)
     ssh_options = SSHOptions(ssh_config_file=lab.ssh_config)
@@ -1069,6 +1160,52 @@ def test_a_rerun_of_an_unchanged_experiment_is_one_round_trip_per_host_and_wave(
                    (tamper, repaired), (nothing, quick), (edit, edited), (nothing, quick)])
 
 
+def test_a_first_copy_is_answered_by_the_hosts_shell_and_so_is_the_run_after_it(lab, tmp_path,
+                                                                                 screen_name):
+    """Files listed one by one (SPAR's ``util.recursive_files_dict``) going where none of them
+    is yet: each host's shell answers the lock's check (none there: no python3) and the copy
+    lands every file whole. A file then removed on one host is found missing by the program
+    and copied again; a tree removed whole is the shell's again, and, once this machine
+    knows its files' SHA-1s, the bundle that copied it answered the next run's check, which
+    the shell then answers from the files' stat."""
+    base = f"/tmp/{screen_name}-base"
+    nothing = lambda src: None  # noqa: E731
+
+    def absent(report, spent, hosts=("h1", "h2")):
+        for host in hosts:
+            done = report.sync[host]
+            assert done.absent and not done.quick and len(done.copied) == 20, done
+            assert ssh(lab, host, f"cat {base}/data/sub/f00.txt {base}/data/sub/f19.txt").stdout == \
+                "file 0\nfile 19\n"
+
+    def warm(report, spent):  # (the first run could not say what it expected: sources new here)
+        assert all(not r.absent and r.trusted == 20 and r.copied == [] for r in report.sync.values())
+
+    def quick(report, spent):
+        assert all(r.quick and not r.absent and r.copied == [] for r in report.sync.values()), report.sync
+
+    def remove_one(src):
+        ssh(lab, "h2", f"rm {base}/data/sub/f07.txt")
+
+    def one_again(report, spent):
+        assert report.sync["h2"].copied == [f"{base}/data/sub/f07.txt"] and not report.sync["h2"].absent
+        assert report.sync["h1"].copied == [] and report.sync["h1"].quick
+        assert ssh(lab, "h2", f"cat {base}/data/sub/f07.txt").stdout == "file 7\n"
+
+    def remove_tree(src):
+        ssh(lab, "h1", f"rm -rf {base}/data")
+
+    def tree_again(report, spent):
+        absent(report, spent, ("h1",))
+        assert report.sync["h2"].copied == [] and report.sync["h2"].quick
+
+    _counted_runs(lab, tmp_path, screen_name, base,
+                  [(nothing, absent), (nothing, warm), (nothing, quick), (remove_one, one_again),
+                   (nothing, quick), (remove_tree, tree_again), (nothing, quick)],
+                  component=lambda host, src, base: _component(host, src, base, one_by_one=True),
+                  big=0)
+
+
 def test_a_base_dir_behind_a_symlink_is_checked_again_under_its_real_path(lab, tmp_path,
                                                                          screen_name):
     """An early answer about another name for the tree is dropped, never trusted."""
@@ -1106,8 +1243,11 @@ def _run_config(lab, tmp_path, screen_name, name, body):
     return runner, watch
 
 
-def _component(host, src, base):
-    """Config text of a component on *host* sleeping, with *src* copied to *base*/data."""
+def _component(host, src, base, one_by_one=False):
+    """Config text of a component on *host* sleeping, with *src* copied to *base*/data: as a
+    directory, or *one_by_one* as its files (SPAR's ``util.recursive_files_dict``)."""
+    files = (f"util.recursive_files_dict({str(src)!r}, 'data')" if one_by_one
+             else f"{{{str(src)!r}: 'data'}}")
     return f"""
         c = Component()
         c.name = 'sleeper-{host}'
@@ -1115,7 +1255,7 @@ def _component(host, src, base):
         c.executable = '/bin/sleep'
         c.args = ['600']
         c.base_dir = {base!r}
-        c.files = {{{str(src)!r}: 'data'}}
+        c.files = {files}
         c.start_index = 0
         config.add_component(c)
     """
