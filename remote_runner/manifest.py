@@ -344,10 +344,14 @@ for f in req["files"]:
     out["files"].append(item)
 for t in sorted(fresh) if not req.get("rehash") else range(len(trees)):
     out["saved"] = save(trees[t], fresh.get(t, {})) and out["saved"]
+seconds = {}  # (files written together share their second: one strftime for all)
 def stamp(ns):
     """A time as GNU stat's %y prints it with TZ=UTC0."""
     s, n = divmod(ns, 1000000000)
-    return (time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(s)) + ".%09d +0000" % n).encode()
+    t = seconds.get(s)
+    if t is None:
+        t = seconds[s] = time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(s)).encode()
+    return b"%s.%09d +0000" % (t, n)
 def remember_quick():
     """The answer is what the request expected: keep the stat of every file it is about, as
     the shell renders it (quickanswer.QUICK_STAT), for the next identical question."""
