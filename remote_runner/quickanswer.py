@@ -43,9 +43,8 @@ SAME_MARK = "RR-MANIFEST-SAME"
 STATE_MARK = "RR-MANIFEST-STATE"
 #: What the shell prints when none of the files asked about is there (see shell_absent).
 ABSENT_MARK = "RR-MANIFEST-ABSENT"
-#: The most text shell_absent gives the files it tests (it rides on the lock's command
-#: line with the program, within Linux's 128 KiB for one argument; a bigger tree is the
-#: program's to answer).
+#: The most text shell_absent gives, quoted as in the lock's command (it rides there with the
+#: program, within Linux's 128 KiB for one argument; a bigger tree is the program's to answer).
 ABSENT_TEXT = 32 << 10
 #: At most this many files sent ahead are written by the shell (each costs it three
 #: processes; more go to python3, which writes them all in one).
@@ -158,7 +157,7 @@ def shell_absent(digest: str, groups: Sequence[Tuple[str, Sequence[str]]], total
     with *digest*, ``tar`` or ``-``, and the free space lines of
     :mod:`remote_runner.freespace` (read by :func:`said_absent`). Stale
     temporary files beside the destinations are swept by the program's next
-    run. "" when the text would be too long (:data:`ABSENT_TEXT`) or a
+    run. "" when the text, quoted, would be too long (:data:`ABSENT_TEXT`) or a
     directory's name is over two lines (its free space line could not be read back).
     """
     q = shlex.quote
@@ -166,7 +165,7 @@ def shell_absent(digest: str, groups: Sequence[Tuple[str, Sequence[str]]], total
     dirs = " ".join(q(d) for d, _ in groups)
     if not groups or len(dirs) + sum(map(len, tests)) > ABSENT_TEXT or any("\n" in d for d, _ in groups):
         return ""
-    return ('rr_x() {\n'
+    text = ('rr_x() {\n'
             '  rr_d=$1; shift\n'
             '  [ -e "$rr_d" ] || [ -L "$rr_d" ] || return 1\n'
             '  for rr_e do [ -e "$rr_d/$rr_e" ] || [ -L "$rr_d/$rr_e" ] && return 0; done\n'
@@ -183,6 +182,8 @@ def shell_absent(digest: str, groups: Sequence[Tuple[str, Sequence[str]]], total
             "    exit 0\n"
             "  fi\n"
             "fi\n")
+    # (quoted again as part of the lock's command: names full of quotes grow most)
+    return text if len(q(text)) <= ABSENT_TEXT else ""
 
 
 def said_absent(output: str, digest: str) -> Optional[Tuple[bool, List[str]]]:

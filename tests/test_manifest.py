@@ -427,6 +427,20 @@ def test_the_shell_says_no_file_is_there_makes_the_directories_and_reads_just_th
                                    check.absent[0]) is None
 
 
+def test_the_shells_no_file_answer_stays_within_the_lock_commands_room():
+    """Its text rides on the lock's command line (one argument of at most 128 KiB): a tree
+    whose names would make it too long, quoted as it is there, is left to the program."""
+    from remote_runner.loginshell import ARG_MAX
+    plain = [(f"/base/d{d}", [f"module_{i}.py" for i in range(100)]) for d in range(10)]
+    quoted = [(f"/base/d{d}", [f"it's {i}" for i in range(400)]) for d in range(10)]
+    assert quickanswer.shell_absent("0" * 40, plain, 10)
+    assert quickanswer.shell_absent("0" * 40, quoted, 10) == ""  # (short as text, long quoted)
+    for groups in (plain, quoted[:2]):
+        text = quickanswer.shell_absent("0" * 40, groups, 10)
+        assert text and len(shlex.quote(text)) <= quickanswer.ABSENT_TEXT < ARG_MAX // 3
+    assert quickanswer.shell_absent("0" * 40, [("/base/two\nlines", ["f"])], 10) == ""
+
+
 @pytest.mark.parametrize("there", ["a file", "a dangling link", "a directory", "a file for a directory",
                                    "other names"])
 def test_the_shell_says_no_file_is_there_only_when_none_of_their_names_is(tmp_path, monkeypatch, there):
