@@ -1086,8 +1086,9 @@ class CopyPhase:
             self.spent = {h: {k: now[h][k] - self.begin[h][k] for k in now[h]} for h in now}
 
 
-def _counted_runs(lab, tmp_path, screen_name, base, rounds, component=None, big=1 << 20):
-    """Run a 2-host experiment copying a tree into *base* once per round.
+def _counted_runs(lab, tmp_path, screen_name, base, rounds, component=None, big=1 << 20,
+                  hosts=("h1", "h2")):
+    """Run an experiment copying a tree into *base* on each of *hosts* once per round.
 
     *rounds* is a list of functions called before each run; each gets the
     run's report and its copy phase's counts after it. *component* gives a
@@ -1098,7 +1099,7 @@ def _counted_runs(lab, tmp_path, screen_name, base, rounds, component=None, big=
     src = _files(tmp_path, big=big)
     config = tmp_path / "experiment.py"
     config.write_text(textwrap.dedent("".join((component or _component)(h, src, base)
-                                              for h in ("h1", "h2"))))
+                                              for h in hosts)))
     experiment = load_experiment(str(config), None)
     options = RunOptions(screen=screen_name, remote_done_dir=state)
     ssh_options = SSHOptions(ssh_config_file=lab.ssh_config)
@@ -1110,7 +1111,7 @@ def _counted_runs(lab, tmp_path, screen_name, base, rounds, component=None, big=
             watch.runner = runner
             after(runner.run(), watch.spent)
     finally:
-        for host in ("h1", "h2"):
+        for host in hosts:
             quit_screen(lab, host, screen_name, state, base)
 
 
@@ -1218,6 +1219,31 @@ def test_a_first_copy_is_answered_by_the_hosts_shell_and_so_is_the_run_after_it(
                    (nothing, quick), (remove_tree, tree_again), (nothing, quick)],
                   component=lambda host, src, base: _component(host, src, base, one_by_one=True),
                   big=0)
+
+
+@pytest.mark.parametrize("release", ["11", "13"])
+def test_a_first_copy_to_another_release_is_answered_by_its_shell(lab, request, tmp_path, screen_name,
+                                                                    release):
+    """The shell's "none there" on hosts that are no copy of this machine (Debian 11 and 13:
+    their own sh, stat and mkdir): a first copy, then the same files again (the program
+    answers, nothing copied), then the tree removed and copied whole again."""
+    host = request.getfixturevalue("foreign_host" if release == "11" else "newer_host")
+    base = f"/tmp/{screen_name}-base"
+    nothing = lambda src: None  # noqa: E731
+
+    def absent(report, spent):
+        done = report.sync[host]
+        assert done.absent and len(done.copied) == 20, done
+        assert ssh(lab, host, f"cat {base}/data/sub/f13.txt").stdout == "file 13\n"
+
+    def warm(report, spent):
+        assert not report.sync[host].absent and report.sync[host].copied == []
+
+    _counted_runs(lab, tmp_path, screen_name, base,
+                  [(nothing, absent), (nothing, warm),
+                   (lambda src: ssh(lab, host, f"rm -rf {base}/data"), absent)],
+                  component=lambda h, src, b: _component(h, src, b, one_by_one=True), big=0,
+                  hosts=(host,))
 
 
 def test_a_base_dir_behind_a_symlink_is_checked_again_under_its_real_path(lab, tmp_path,
