@@ -284,9 +284,9 @@ def sync_host(shell: "Shell", sftp: Any, plan: Plan, always_copy: bool = False,
         # channels so that both stay within the host's MaxSessions.
         side = ThreadPoolExecutor(max_workers=1, thread_name_prefix="bundles")
         bundling = side.submit(for_host(plan.host, upload_bundles), shell, plan.host, chunks,
-                               progress, BUNDLE_WORKERS_BESIDE, writer)
+                               progress, BUNDLE_WORKERS_BESIDE, writer, sums or {})
     elif small:
-        written = upload_bundles(shell, plan.host, chunks, progress, request=writer)
+        written = upload_bundles(shell, plan.host, chunks, progress, request=writer, hashed=sums or {})
     try:
         if rest:
             link = _stream_link(shell) if checked is not None else None

@@ -6,6 +6,7 @@ not rely on the code under test to tell them what is on the host.
 
 from __future__ import annotations
 
+import hashlib
 import io
 import logging
 import os
@@ -359,6 +360,29 @@ def test_bundles_span_directories_within_their_bounds():
         dirs = {posixpath.dirname(u.dest) for u in chunk}
         assert (sum(3 * (len(u.dest) + 25) for u in chunk)
                 + sum(4 * (len(d) + 30) for d in dirs)) <= sync.BUNDLE_SCRIPT
+
+
+def test_a_bundled_source_is_read_whole_checked_against_the_plan_and_its_hash_kept(tmp_path,
+                                                                                  monkeypatch):
+    """A source read for a bundle is exactly the size the plan saw (one that grew or shrank
+    since is refused), and its SHA-1 goes to the local hash cache unless the run already
+    knew it from there (no lookup per file on a cold copy's critical path)."""
+    from remote_runner import hashcache
+    monkeypatch.setattr(hashcache, "LOCAL", hashcache.LocalHashes())
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    new, known, empty = tmp_path / "new", tmp_path / "known", tmp_path / "empty"
+    new.write_bytes(b"x" * 70000)
+    known.write_bytes(b"known")
+    empty.write_bytes(b"")
+    assert bundle._read_source(sync.Upload(str(new), "/d/new", 0o644, 70000)) == b"x" * 70000
+    assert hashcache.LOCAL.known(str(new)) == hashlib.sha1(b"x" * 70000).hexdigest()
+    assert bundle._read_source(sync.Upload(str(known), "/d/k", 0o644, 5), {str(known)}) == b"known"
+    assert hashcache.LOCAL.known(str(known)) is None  # (the run said the cache had it)
+    assert bundle._read_source(sync.Upload(str(empty), "/d/e", 0o644, 0)) == b""
+    for planned in (69999, 70001):  # grew, shrank since the plan
+        with pytest.raises(CopyError, match="changed while copying") as caught:
+            bundle._read_source(sync.Upload(str(new), "/d/new", 0o644, planned))
+        assert caught.value.path == str(new)
 
 
 def test_a_bundles_tar_is_built_once_for_all_hosts_and_again_when_a_source_changed(tmp_path):
