@@ -45,7 +45,6 @@ import os
 import posixpath
 import secrets
 import shlex
-import tarfile
 import threading
 import time
 from collections import OrderedDict
@@ -126,6 +125,7 @@ def bundle_tar(items: Sequence[Upload], names: Optional[Sequence[str]] = None) -
         size = sum(len(part) for part in parts)
         parts.append(bytes(-size % RECORD))  # padded to whole records, as tar writes them
         return b"".join(parts)
+    import tarfile  # (here: 2 ms of every run's start-up, for names ustar cannot hold)
     buffer = io.BytesIO()
     with tarfile.open(fileobj=buffer, mode="w", format=tarfile.GNU_FORMAT) as archive:
         for name, item, data in zip(wanted, items, sources):

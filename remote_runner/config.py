@@ -26,7 +26,6 @@ have); ``files`` on a ``localhost`` component is an error.
 from __future__ import annotations
 
 import copy
-import difflib
 import re
 import sys
 from dataclasses import dataclass, field
@@ -269,6 +268,7 @@ def component_at(origin: Origin) -> Component:
 
 def _unknown_field_message(name: str) -> str:
     """Explain that *name* is not a Component attribute, suggesting the closest one."""
+    import difflib  # (here: only a mistake needs it)
     close = difflib.get_close_matches(name, LEGAL_FIELDS, n=1, cutoff=0.6)
     hint = f" (did you mean {close[0]!r}?)" if close else ""
     return (f"unknown Component attribute {name!r}{hint}; legal attributes: "
