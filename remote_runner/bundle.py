@@ -49,7 +49,8 @@ import threading
 import time
 from collections import OrderedDict
 from concurrent.futures import ThreadPoolExecutor
-from typing import TYPE_CHECKING, Any, Callable, Container, Dict, Iterator, List, Optional, Sequence, Set, Tuple, Union
+from typing import (TYPE_CHECKING, Any, Callable, Container, Dict, Iterator, List, Optional, Sequence, Set,
+                    Tuple, Union)
 
 from remote_runner import hashcache, manifest
 from remote_runner.errors import CopyError, RunnerError, describe
