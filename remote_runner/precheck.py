@@ -47,7 +47,7 @@ import hashlib
 import posixpath
 import secrets
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Dict, List, Optional, Sequence, Tuple, Union
+from typing import TYPE_CHECKING, Any, Dict, List, Optional, Sequence, Tuple, Union
 
 from remote_runner import expectations, hashcache, manifest, quickanswer, sync
 
@@ -241,17 +241,37 @@ def absent_answer(plan: "sync.Plan", request: bytes, total: int) -> Optional[Tup
     """(SHA-1 of *request*, the shell text answering it when none of *plan*'s files is there:
     :func:`quickanswer.shell_absent`, *total* bytes to drop), where the shell can give that
     answer: the request makes only the files' own directories, and sets no mode."""
-    groups: Dict[str, List[str]] = {d: [] for d, mode in plan.dirs if mode is None}
-    if len(groups) != len(plan.dirs):
+    text = _absent_text(plan)
+    if not text:
         return None
-    for item in plan.files:
-        directory, name = posixpath.split(item.dest)
-        if directory not in groups:
-            return None
-        groups[directory].append(name)
     digest = hashlib.sha1(request).hexdigest()
-    text = quickanswer.shell_absent(digest, list(groups.items()), total)
-    return (digest, text) if text else None
+    return digest, quickanswer.absent_for(digest, total, text)
+
+
+#: The last plan's files and their :func:`quickanswer.shell_absent` text: hosts given the
+#: same files (one tuple, see :class:`sync.PlanMemo`) but each a request of its own (files
+#: sent ahead) share it. The files are kept with it, so their id is never another's.
+_last_absent: List[Any] = [None, ""]
+
+
+def _absent_text(plan: "sync.Plan") -> str:
+    """:func:`quickanswer.shell_absent` of *plan*'s files ("" where it has none), built once
+    for the hosts given the same files."""
+    files, text = _last_absent
+    if files is plan.files:
+        return text
+    groups: Dict[str, List[str]] = {d: [] for d, mode in plan.dirs if mode is None}
+    text = ""
+    if len(groups) == len(plan.dirs):
+        for item in plan.files:
+            directory, name = posixpath.split(item.dest)
+            if directory not in groups:
+                break
+            groups[directory].append(name)
+        else:
+            text = quickanswer.shell_absent(list(groups.items()))
+    _last_absent[:] = [plan.files, text]
+    return text
 
 
 def _check_request(plan: "sync.Plan", items: Sequence["Upload"], rehash: bool,

@@ -142,23 +142,25 @@ def shell_first(quick: Quick, size: int, total: Optional[int] = None) -> str:
     return fast
 
 
-def shell_absent(digest: str, groups: Sequence[Tuple[str, Sequence[str]]], total: int) -> str:
+def shell_absent(groups: Sequence[Tuple[str, Sequence[str]]]) -> str:
     """Shell text answering a check when none of its files is there; it exits when it does.
 
-    *digest* names the request (its SHA-1), *groups* are its files as
-    (directory, the files' names in it), each directory once (the request
-    makes no other, and sets no mode), *total* the bytes on stdin to read and
-    drop (the request and any files sent ahead: none is staged, the copy sends
-    them). A file is there when the shell's ``test`` finds a name there,
+    *groups* are the check's files as (directory, the files' names in it),
+    each directory once (the request makes no other, and sets no mode). The
+    text reads ``$rr_ad`` (the request's SHA-1) and ``$rr_at`` (the bytes on
+    stdin to read and drop: the request and any files sent ahead, none of which
+    is staged: the copy sends them), set by :func:`absent_for` before it, so
+    that the hosts given the same files share it. A file is there when the shell's ``test`` finds a name there,
     whatever it is (as the program's ``lstat``); a missing directory costs one
     test for all its files, and a rerun stops at its first file. When none is
     there the shell makes the directories (``mkdir -p``; a failure leaves the
     question to the program, which says why) and prints :data:`ABSENT_MARK`
-    with *digest*, ``tar`` or ``-``, and the free space lines of
+    with the request's SHA-1, ``tar`` or ``-``, and the free space lines of
     :mod:`remote_runner.freespace` (read by :func:`said_absent`). Stale
     temporary files beside the destinations are swept by the program's next
-    run. "" when the text, quoted, would be too long (:data:`ABSENT_TEXT`) or a
-    directory's name is over two lines (its free space line could not be read back).
+    run. "" when the text, quoted and with :func:`absent_for`'s line, would be
+    too long (:data:`ABSENT_TEXT`) or a directory's name is over two lines (its
+    free space line could not be read back).
     """
     q = shlex.quote
     tests = [f"rr_x {q(d)} " + " ".join(q(n) for n in names) for d, names in groups]
@@ -174,16 +176,27 @@ def shell_absent(digest: str, groups: Sequence[Tuple[str, Sequence[str]]], total
             "if " + " ||\n  ".join(tests) + "; then :\n"
             f"else\n  set -- {dirs}\n"
             '  if mkdir -p -- "$@" 2>/dev/null; then\n'
-            f'    head -c {int(total)} >/dev/null || exit 0\n'
+            '    head -c "$rr_at" >/dev/null || exit 0\n'
             '    rr_t=-; command -v tar >/dev/null 2>&1 && rr_t=tar\n'
-            f'    echo "{ABSENT_MARK} {digest} $rr_t"\n'
+            f'    echo "{ABSENT_MARK} $rr_ad $rr_t"\n'
             f'    {STAT_FREE} "$@" 2>/dev/null\n'
             f"    {UID_LINE}"
             "    exit 0\n"
             "  fi\n"
             "fi\n")
     # (quoted again as part of the lock's command: names full of quotes grow most)
-    return text if len(q(text)) <= ABSENT_TEXT else ""
+    return text if len(q(text)) + _ABSENT_FOR <= ABSENT_TEXT else ""
+
+
+#: The most :func:`absent_for` adds (a SHA-1 and a byte count, with their names).
+_ABSENT_FOR = 80
+
+
+def absent_for(digest: str, total: int, text: str) -> str:
+    """:func:`shell_absent`'s *text* for one request: its SHA-1 *digest*, *total* bytes to drop."""
+    if not is_sha1(digest):  # (it goes into the shell text unquoted)
+        raise ValueError(f"not a SHA-1: {digest!r}")
+    return f"rr_ad={digest} rr_at={int(total)}\n{text}"
 
 
 def said_absent(output: str, digest: str) -> Optional[Tuple[bool, List[str]]]:

@@ -433,12 +433,12 @@ def test_the_shells_no_file_answer_stays_within_the_lock_commands_room():
     from remote_runner.loginshell import ARG_MAX
     plain = [(f"/base/d{d}", [f"module_{i}.py" for i in range(100)]) for d in range(10)]
     quoted = [(f"/base/d{d}", [f"it's {i}" for i in range(400)]) for d in range(10)]
-    assert quickanswer.shell_absent("0" * 40, plain, 10)
-    assert quickanswer.shell_absent("0" * 40, quoted, 10) == ""  # (short as text, long quoted)
+    assert quickanswer.shell_absent(plain)
+    assert quickanswer.shell_absent(quoted) == ""  # (short as text, long quoted)
     for groups in (plain, quoted[:2]):
-        text = quickanswer.shell_absent("0" * 40, groups, 10)
+        text = quickanswer.absent_for("0" * 40, 10 ** 12, quickanswer.shell_absent(groups))
         assert text and len(shlex.quote(text)) <= quickanswer.ABSENT_TEXT < ARG_MAX // 3
-    assert quickanswer.shell_absent("0" * 40, [("/base/two\nlines", ["f"])], 10) == ""
+    assert quickanswer.shell_absent([("/base/two\nlines", ["f"])]) == ""
 
 
 @pytest.mark.parametrize("there", ["a file", "a dangling link", "a directory", "a file for a directory",
