@@ -33,6 +33,7 @@ from typing import TYPE_CHECKING, List, Optional, Sequence, Tuple
 
 from remote_runner.digests import is_sha1
 from remote_runner.freespace import FREE_MARK, STAT_FREE, UID_LINE
+from remote_runner.sessionlock import EARLY_MARK
 
 if TYPE_CHECKING:  # pragma: no cover
     from remote_runner.upload import Upload
@@ -100,7 +101,10 @@ def shell_first(quick: Quick, size: int, total: Optional[int] = None) -> str:
     * Asked exactly the question it answered as expected (nothing sent
       ahead), the shell answers :data:`SAME_MARK` when the files' stat is
       byte for byte what was kept (on the lab, four hosts and 1,003 files:
-      the lock's exec 64 -> 42 ms), and reads and drops the *total* bytes sent.
+      the lock's exec 64 -> 42 ms), says its answer is whole
+      (:data:`~remote_runner.sessionlock.EARLY_MARK`: the run goes on without
+      waiting for the request to arrive, a round trip after the command), and
+      then reads and drops the *total* bytes sent.
     * With a few files sent ahead (at most :data:`SHELL_AHEAD_FILES`, the
       edited ones), when every *other* file of the same list is as kept, the
       shell names the answer kept, :data:`STATE_MARK` and its SHA-1, which
@@ -122,8 +126,8 @@ def shell_first(quick: Quick, size: int, total: Optional[int] = None) -> str:
         fast += ('if [ -n "$rr_n" ] && [ -s "$rr_f.stat" ] && '
                  f'{{ echo "{quick.request} {quick.files} {quick.expect}"; {stat_all} 2>&1; }} | '
                  'cmp -s - "$rr_f.stat"; then\n'
-                 f'  head -c {int(total or size)} >/dev/null && echo "{SAME_MARK} {quick.request}"; '
-                 'exit 0\nfi\n')
+                 f'  echo "{SAME_MARK} {quick.request}"; echo {EARLY_MARK}; '
+                 f'head -c {int(total or size)} >/dev/null; exit 0\nfi\n')
     elif len(quick.ahead) <= SHELL_AHEAD_FILES:
         skip = " " + " ".join(str(i + 1) for i, _, _, _ in quick.ahead) + " "
         fast += ('if [ -n "$rr_n" ] && [ -s "$rr_f.stat" ] && '
@@ -156,7 +160,9 @@ def shell_absent(groups: Sequence[Tuple[str, Sequence[str]]]) -> str:
     there the shell makes the directories (``mkdir -p``; a failure leaves the
     question to the program, which says why) and prints :data:`ABSENT_MARK`
     with the request's SHA-1, ``tar`` or ``-``, and the free space lines of
-    :mod:`remote_runner.freespace` (read by :func:`said_absent`). Stale
+    :mod:`remote_runner.freespace` (read by :func:`said_absent`), then reads
+    and drops the request, its answer said to be whole first
+    (:data:`~remote_runner.sessionlock.EARLY_MARK`). Stale
     temporary files beside the destinations are swept by the program's next
     run. "" when the text, quoted and with :func:`absent_for`'s line, would be
     too long (:data:`ABSENT_TEXT`) or a directory's name is over two lines (its
@@ -176,11 +182,12 @@ def shell_absent(groups: Sequence[Tuple[str, Sequence[str]]]) -> str:
             "if " + " ||\n  ".join(tests) + "; then :\n"
             f"else\n  set -- {dirs}\n"
             '  if mkdir -p -- "$@" 2>/dev/null; then\n'
-            '    head -c "$rr_at" >/dev/null || exit 0\n'
             '    rr_t=-; command -v tar >/dev/null 2>&1 && rr_t=tar\n'
             f'    echo "{ABSENT_MARK} $rr_ad $rr_t"\n'
             f'    {STAT_FREE} "$@" 2>/dev/null\n'
             f"    {UID_LINE}"
+            f"    echo {EARLY_MARK}\n"
+            '    head -c "$rr_at" >/dev/null\n'
             "    exit 0\n"
             "  fi\n"
             "fi\n")

@@ -52,6 +52,11 @@ class SessionLock:
     traffic: Any = None
     _steps: threading.Lock = field(default_factory=threading.Lock, repr=False)
     _no_steps: bool = False
+    #: the answer came early (:data:`EARLY_MARK`): what was read of the rest, which the
+    #: first step reads before its own answer
+    _tail: Optional[bytes] = None
+    #: the thread still sending the lock's input, which the first step's text must follow
+    _feeder: Optional[threading.Thread] = field(default=None, repr=False)
 
     def script(self, text: str, timeout: float, data: Optional[bytes] = None) -> Optional[ScriptResult]:
         """Run *text* with ``sh`` on the lock's shell, one round trip; None if it cannot.
@@ -79,12 +84,18 @@ class SessionLock:
             nonce = secrets.token_hex(8)
             body = text.encode("utf-8", "surrogateescape")
             try:
+                feeder, self._feeder = self._feeder, None
+                if feeder is not None:
+                    feeder.join(timeout)
+                    if feeder.is_alive():  # the host stopped reading the lock's input
+                        raise socket.timeout()
                 channel.settimeout(timeout)
                 head = f"{_STEP} {nonce} {len(body)} {len(data or b'')}\n".encode()
                 send_all_or_raise(channel, head + body)
                 if data:
                     send_all_or_raise(channel, data)
-                answer = _read_step(channel, nonce)
+                tail, self._tail = self._tail, None
+                answer = _read_step(channel, nonce, b"" if tail is None else _read_tail(channel, tail))
                 channel.settimeout(None)
                 if answer is None:  # the script was not read, so it did not run
                     self._no_steps = True
@@ -122,6 +133,9 @@ class SessionLock:
 
 #: Ends the output of the command run under a freshly taken lock: ``RR-THEN-DONE <status>``.
 _THEN_MARK = "RR-THEN-DONE"
+#: A line the lock's *fed* part prints when its answer is whole and only dropping its
+#: input is left (see :func:`lock_script`).
+EARLY_MARK = "RR-THEN-EARLY"
 #: What the lock script says when it cannot make the state directory (then the error).
 _NO_DIR = "RR-NO-STATE-DIR"
 #: A script for the lock's shell: ``RR-STEP <nonce> <bytes> <data bytes>`` then the text and
@@ -155,15 +169,16 @@ class LockShell:
         return result if result is not None else self.shell.feed(script, data, timeout)
 
 
-def _read_step(channel: Any, nonce: str) -> Optional[Tuple[int, bytes, bytes]]:
+def _read_step(channel: Any, nonce: str, data: bytes = b"") -> Optional[Tuple[int, bytes, bytes]]:
     """Read one step's answer from *channel*: (status, stdout, stderr); None if it was refused.
 
     The step's stdout comes as it was printed, then ``\\nRR-STEP-END <nonce> <status>
     <1 if stderr follows>``; its stderr, when it printed any, then ends with
-    ``\\nRR-STEP-ERR <nonce>`` (see :func:`_steps_loop`).
+    ``\\nRR-STEP-ERR <nonce>`` (see :func:`_steps_loop`). *data*: its first bytes,
+    read already.
     """
     end = f"\n{_STEP}-END {nonce} ".encode()
-    data, start = b"", 0
+    start = 0
     while True:
         at = data.find(end, start)
         if at >= 0:
@@ -186,6 +201,19 @@ def _read_step(channel: Any, nonce: str) -> Optional[Tuple[int, bytes, bytes]]:
     return status, data[:at], err
 
 
+def _read_tail(channel: Any, data: bytes) -> bytes:
+    """Read the rest of an early answer (*data*: its start) up to its ``RR-THEN-DONE`` line;
+    return what follows that line."""
+    mark, data = f"\n{_THEN_MARK} ".encode(), b"\n" + data
+    while True:
+        at = data.find(mark)
+        if at >= 0:
+            line_end = data.find(b"\n", at + len(mark))
+            if line_end >= 0:
+                return data[line_end + 1:]
+        data += _recv_some(channel)
+
+
 def _recv_some(channel: Any) -> bytes:
     """The next bytes from *channel*; EOFError when it closed."""
     chunk = channel.recv(65536)
@@ -203,6 +231,11 @@ def lock_script(state_dir: str, info: str, then: str = "", fed: str = "") -> str
     (shell text) runs after *then* succeeded, with the channel's stdin: it
     must read exactly the bytes the caller sent for it (the manifest check,
     whose request is too big for a command line), its output before the mark.
+    Once its whole answer is out and all it has left to do is read and drop
+    those bytes, it may say so (a line :data:`EARLY_MARK`): the caller goes on
+    then, a round trip sooner (a host lets a channel's stdin flow only once
+    its command has started, so what is sent there arrives a round trip after
+    the command), and the lock's first step reads the rest.
     """
     q = shlex.quote
     d = shell_path(state_dir)
@@ -263,6 +296,35 @@ def _steps_loop() -> str:
             "exec cat >/dev/null\n")
 
 
+def _take_then(lock: SessionLock, rest: str) -> None:
+    """Give *lock* the output and status of its *then* (and *fed*) part, from *rest*.
+
+    An early answer (:data:`EARLY_MARK`) is the output before that line, and
+    *then*'s status 0 (*fed* runs only after it succeeded); what follows the
+    line up to the ``RR-THEN-DONE`` line is left for the lock's next step to
+    read, with what of it was read already.
+    """
+    lines = rest.splitlines(keepends=True)
+    if EARLY_MARK + "\n" in lines:
+        at = lines.index(EARLY_MARK + "\n")
+        lock.then_output, lock.then_status = "".join(lines[:at]), 0
+        after = lines[at + 1:]
+        if not any(line.startswith(_THEN_MARK + " ") and line.endswith("\n") for line in after):
+            lock._tail = "".join(after).encode("utf-8", "surrogateescape")
+        return
+    body, _, status = rest.rpartition(_THEN_MARK + " ")
+    lock.then_output = body
+    lock.then_status = int(status.split()[0]) if status.split() and status.split()[0].isdigit() else None
+
+
+def _feed_channel(channel: Any, data: bytes) -> None:
+    """Send *data* on the lock's *channel* (its script reads it after the lock is held)."""
+    try:
+        send_all_or_raise(channel, data)
+    except (OSError, EOFError):  # the script ended at once (busy): its answer says why
+        pass
+
+
 def _feed_pipe(pipe: Any, data: bytes) -> None:
     """Write *data* to a local lock's stdin, leaving it open (closing it frees the lock)."""
     try:
@@ -305,7 +367,8 @@ def acquire_lock(host: str, state_dir: str, info: str, connection: Any = None,
             return False
         if not then or not lines[0].startswith(("LOCKED", "NO-FLOCK")):
             return True
-        return any(line.startswith(_THEN_MARK) and line.endswith("\n") for line in lines[1:])
+        return any(line.startswith(_THEN_MARK) and line.endswith("\n") or line == EARLY_MARK + "\n"
+                   for line in lines[1:])
     if connection is None:
         proc = subprocess.Popen(["/bin/sh", "-c", script], stdin=subprocess.PIPE,
                                 stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
@@ -318,23 +381,30 @@ def acquire_lock(host: str, state_dir: str, info: str, connection: Any = None,
         channel = connection.exec_channel("sh -c " + shlex.quote(script))
         # a fed check hashes what changed on the host: as long as a check of its own may take
         channel.settimeout(600.0 if feed else max(timeout, 120.0) if then else timeout)
+        feeder = None
         if feed:
-            try:
-                send_all_or_raise(channel, feed)
-            except OSError:  # the script ended at once (busy): its answer says why
-                pass
+            # Sent beside the read: the host lets stdin flow only once the command has
+            # started, and an early answer needs none of it (see lock_script).
+            feeder = threading.Thread(target=_feed_channel, args=(channel, feed), daemon=True,
+                                      name=f"lock-feed-{host}")
+            feeder.start()
         out = _read_until(lambda: channel.recv(65536), done)
+        if feeder is not None and feeder.is_alive() and _THEN_MARK not in out:
+            pending_feed = feeder  # the first step waits for it (its text follows on stdin)
+        else:
+            pending_feed = None
+            if feeder is not None:
+                feeder.join()
         channel.settimeout(None)
         handle = channel
     first, _, rest = out.partition("\n")
     first = first.strip()
     lock = SessionLock(host, handle, traffic=getattr(connection, "traffic", None))
+    if connection is not None:
+        lock._feeder = pending_feed
     if first.startswith("LOCKED") or first.startswith("NO-FLOCK"):
         if then:
-            body, _, status = rest.rpartition(_THEN_MARK + " ")
-            lock.then_output = body
-            lock.then_status = int(status.split()[0]) if status.split() and \
-                status.split()[0].isdigit() else None
+            _take_then(lock, rest)
         return lock
     lock.release()
     if first.startswith("BUSY"):

@@ -196,3 +196,43 @@ def test_a_fed_step_reads_its_data_and_what_it_leaves_is_drained(lab, connected,
     finally:
         lock.release()
         ssh(lab, "h1", f"rm -rf {state}")
+
+
+@pytest.mark.lab
+def test_an_early_answer_comes_before_its_input_is_read_and_the_next_step_starts_clean(
+        lab, connected, tmp_path):
+    """A fed part whose answer needs none of its input says so: the caller goes on while
+    the host still reads that input, and the first step reads the rest of the answer."""
+    state = _state(tmp_path)
+    feed = b"r" * (3 << 20)  # more than one window: sent while the answer is read
+    fed = (f"echo 'answer one'; echo {sessionlock.EARLY_MARK}; sleep 2; "
+           f"head -c {len(feed)} | wc -c > {state}/dropped\n")
+    lock = acquire_lock("h1", state, "test", connected, then="echo prepared", fed=fed, feed=feed)
+    try:
+        assert (lock.then_output, lock.then_status) == ("prepared\nanswer one\n", 0)
+        assert lock._tail is not None  # taken before the host even began to read its input
+        step = lock.script(f"cat {state}/dropped; echo after\n", 60)
+        assert step.exit_status == 0 and step.stdout.split() == [str(len(feed)), "after"]
+        assert lock.script("echo next\n", 60).stdout == "next\n"
+    finally:
+        lock.release()
+        ssh(lab, "h1", f"rm -rf {state}")
+
+
+def test_an_early_answer_leaves_the_rest_to_the_first_step(monkeypatch):
+    monkeypatch.setattr(sessionlock.secrets, "token_hex", lambda _n: "n3")
+    lock = SessionLock("h", None)
+    sessionlock._take_then(lock, f"out\n{sessionlock.EARLY_MARK}\nRR-THEN-DO")
+    assert (lock.then_output, lock.then_status) == ("out\n", 0)
+    # the rest of the answer arrives with the step's, in any pieces
+    lock.handle = ScriptedChannel([b"NE 0\nstep o", b"ut\n\nRR-STEP-END n3 0 0\n"])
+    result = lock.script("true\n", 5)
+    assert (result.exit_status, result.stdout) == (0, "step out\n")
+    # whole already: nothing is left for the step to read
+    whole = SessionLock("h", None)
+    sessionlock._take_then(whole, f"a\n{sessionlock.EARLY_MARK}\nRR-THEN-DONE 0\n")
+    assert (whole.then_output, whole.then_status, whole._tail) == ("a\n", 0, None)
+    # without the mark, as before: the output before RR-THEN-DONE and its status
+    plain = SessionLock("h", None)
+    sessionlock._take_then(plain, "b\nRR-THEN-DONE 4\n")
+    assert (plain.then_output, plain.then_status, plain._tail) == ("b\n", 4, None)

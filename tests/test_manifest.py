@@ -409,6 +409,10 @@ def test_the_shell_says_no_file_is_there_makes_the_directories_and_reads_just_th
     out = subprocess.run(["sh", "-c", script], input=check.request + b"tail", capture_output=True,
                          check=True).stdout.decode()
     assert out.endswith("REST:tail") and manifest.ANSWER_MARK + " " not in out, out
+    # the whole answer, then the early mark: the run goes on before the request arrives
+    from remote_runner.sessionlock import EARLY_MARK
+    lines = out.splitlines()
+    assert lines.index(EARLY_MARK) == len(lines) - 2 and lines[-3].startswith("RR-FREE uid"), out
     check.take(out)
     answer = check.answer
     assert answer is not None and answer.absent and answer.files == [None] * 5
@@ -488,12 +492,13 @@ def test_an_answer_as_expected_is_given_again_from_the_files_stat_alone(tmp_path
     quick = quickanswer.quick_for(request, items, trees, expect)
     digest = quick.request
     script = "(\n" + manifest.run_script(len(request), quick) + ")\nprintf 'REST:'; cat\n"
+    from remote_runner.sessionlock import EARLY_MARK
 
     def ask():
         out = subprocess.run(["sh", "-c", script], input=request + b"tail", capture_output=True,
                              check=True).stdout.decode()
-        if quickanswer.said_same(out, digest):  # the request read, not a byte more
-            assert out.endswith("REST:tail"), out
+        if quickanswer.said_same(out, digest):  # the request read, not a byte more, once
+            assert out.endswith(f"\n{EARLY_MARK}\nREST:tail"), out  # the answer said whole
         return out
 
     first = ask()  # the program answers, and keeps the stat of what it vouched for
