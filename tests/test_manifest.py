@@ -36,6 +36,7 @@ from remote_runner.config import FileSpec
 from remote_runner.loader import load_experiment
 from remote_runner.errors import CopyError, RunnerError
 from remote_runner.runner import RunOptions, Runner
+from remote_runner.sessionlock import EARLY_MARK
 from remote_runner.shell import LocalShell, RemoteShell, ScriptResult
 from remote_runner.ssh import Connection, SSHOptions
 from tests.conftest import quit_screen, ssh
@@ -410,7 +411,6 @@ def test_the_shell_says_no_file_is_there_makes_the_directories_and_reads_just_th
                          check=True).stdout.decode()
     assert out.endswith("REST:tail") and manifest.ANSWER_MARK + " " not in out, out
     # the whole answer, then the early mark: the run goes on before the request arrives
-    from remote_runner.sessionlock import EARLY_MARK
     lines = out.splitlines()
     assert lines.index(EARLY_MARK) == len(lines) - 2 and lines[-3].startswith("RR-FREE uid"), out
     check.take(out)
@@ -492,7 +492,6 @@ def test_an_answer_as_expected_is_given_again_from_the_files_stat_alone(tmp_path
     quick = quickanswer.quick_for(request, items, trees, expect)
     digest = quick.request
     script = "(\n" + manifest.run_script(len(request), quick) + ")\nprintf 'REST:'; cat\n"
-    from remote_runner.sessionlock import EARLY_MARK
 
     def ask():
         out = subprocess.run(["sh", "-c", script], input=request + b"tail", capture_output=True,
