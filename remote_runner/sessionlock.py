@@ -369,6 +369,7 @@ def acquire_lock(host: str, state_dir: str, info: str, connection: Any = None,
             return True
         return any(line.startswith(_THEN_MARK) and line.endswith("\n") or line == EARLY_MARK + "\n"
                    for line in lines[1:])
+    feeder = None  # (the thread sending *feed* on a channel; the lock's first step waits for it)
     if connection is None:
         proc = subprocess.Popen(["/bin/sh", "-c", script], stdin=subprocess.PIPE,
                                 stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
@@ -381,7 +382,6 @@ def acquire_lock(host: str, state_dir: str, info: str, connection: Any = None,
         channel = connection.exec_channel("sh -c " + shlex.quote(script))
         # a fed check hashes what changed on the host: as long as a check of its own may take
         channel.settimeout(600.0 if feed else max(timeout, 120.0) if then else timeout)
-        feeder = None
         if feed:
             # Sent beside the read: the host lets stdin flow only once the command has
             # started, and an early answer needs none of it (see lock_script).
@@ -389,19 +389,11 @@ def acquire_lock(host: str, state_dir: str, info: str, connection: Any = None,
                                       name=f"lock-feed-{host}")
             feeder.start()
         out = _read_until(lambda: channel.recv(65536), done)
-        if feeder is not None and feeder.is_alive() and _THEN_MARK not in out:
-            pending_feed = feeder  # the first step waits for it (its text follows on stdin)
-        else:
-            pending_feed = None
-            if feeder is not None:
-                feeder.join()
         channel.settimeout(None)
         handle = channel
     first, _, rest = out.partition("\n")
     first = first.strip()
-    lock = SessionLock(host, handle, traffic=getattr(connection, "traffic", None))
-    if connection is not None:
-        lock._feeder = pending_feed
+    lock = SessionLock(host, handle, traffic=getattr(connection, "traffic", None), _feeder=feeder)
     if first.startswith("LOCKED") or first.startswith("NO-FLOCK"):
         if then:
             _take_then(lock, rest)
