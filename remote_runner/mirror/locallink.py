@@ -183,12 +183,20 @@ class LocalLink:
             self.watcher.start()
 
     # -- running -------------------------------------------------------------
-    def send(self, header: Dict[str, Any], payload: bytes = b"", compressible: bool = False) -> None:
-        """Send one frame; a failure marks the link lost."""
+    def send(self, header: Dict[str, Any], payload: bytes = b"", compressible: bool = False,
+             defer: bool = False) -> None:
+        """Send one frame (*defer*: it may go with the next one, see :meth:`_read_loop`);
+        a failure marks the link lost."""
         if self.lost.is_set():
             return
         try:
-            self.writer.send(header, payload, compressible)
+            self.writer.send(header, payload, compressible, defer)
+        except OSError as exc:
+            self.mark_lost(f"write failed: {exc}")
+
+    def _flush(self) -> None:
+        try:
+            self.writer.flush()
         except OSError as exc:
             self.mark_lost(f"write failed: {exc}")
 
@@ -210,7 +218,7 @@ class LocalLink:
             out["payload_sent"] += out["lane_payload"]
         return out
 
-    def _serve(self, header: Dict[str, Any], payload: bytes) -> None:
+    def _serve(self, header: Dict[str, Any], payload: bytes, defer: bool = False) -> None:
         op = str(header.get("op"))
         with self._count_lock:
             self.served[op] = self.served.get(op, 0) + 1
@@ -224,7 +232,7 @@ class LocalLink:
             if op in LANE_OPS and self.lanes is not None and not self.lost.is_set() \
                     and self.lanes.send(reply, data, compressible):
                 return
-            self.send(reply, data, compressible)
+            self.send(reply, data, compressible, defer)
         except Exception as exc:  # noqa: BLE001 - the host waits for this answer: it gets one
             LOG.warning("mirror: the reply to %s could not be sent: %r", op, exc)
             self.send({"t": P.REP, "id": header.get("id"), "e": errno.EIO})
@@ -243,19 +251,22 @@ class LocalLink:
                 kind = header["t"]
                 if kind == P.REQ:
                     if self.service.runs_now(header, len(payload)):
-                        self._serve(header, payload)
+                        self._serve(header, payload, defer=True)
                     else:
+                        self._flush()  # (the pool's answer may take a while)
                         self.pool.submit(self._serve, header, payload)
                 elif kind == P.PING:
                     self.send({"t": P.PONG})
-                elif kind == P.PONG:
-                    continue
-                else:
+                elif kind != P.PONG:
                     handler = self.handlers.get(kind)
                     if handler is not None:
                         handler(header, payload)
                     else:
                         LOG.debug("mirror: ignoring frame %r", kind)
+                if not self.reader.buffered():
+                    # Replies to requests that came together go together (one write,
+                    # one packet), once no more of them are here.
+                    self._flush()
         except P.LinkClosed:
             self.mark_lost("the SSH channel closed")
         except (P.ProtocolError, OSError) as exc:

@@ -226,21 +226,38 @@ def read_frame(stream: BinaryIO) -> Tuple[Dict[str, Any], bytes]:
 
 
 class FdReader:
-    """A minimal blocking reader over a raw file descriptor (no buffering surprises)."""
+    """A blocking reader over a raw file descriptor, reading ahead what is already there.
+
+    One ``os.read`` takes every frame that arrived together (the local side
+    answers in bursts); handing them out from memory spares a system call per
+    frame part (two or three per frame).
+    """
+
+    #: Bytes asked of the descriptor at a time (at least; a larger read asks for its size).
+    CHUNK = 65536
 
     def __init__(self, fd: int) -> None:
         self.fd = fd
         #: Bytes read so far (what came over the wire).
         self.received = 0
+        self._buf = b""
+        self._pos = 0
 
     def read(self, size: int) -> bytes:
         """Read up to *size* bytes, retrying on EINTR."""
+        buf, pos = self._buf, self._pos
+        if pos < len(buf):
+            self._pos = pos + size
+            return buf[pos:pos + size]
         while True:
             try:
-                data = os.read(self.fd, min(size, 1 << 20))
+                data = os.read(self.fd, min(max(size, self.CHUNK), 1 << 20))
             except InterruptedError:
                 continue
             self.received += len(data)
+            if len(data) > size:
+                self._buf, self._pos = data, size
+                return data[:size]
             return data
 
 
@@ -323,9 +340,16 @@ class PackPolicy:
 class FrameWriter:
     """Serialise frames from many threads onto one byte sink."""
 
+    #: Deferred bytes held at most; a frame past it goes out at once, with those before it.
+    HOLD_LIMIT = 256 * 1024
+
     def __init__(self, write_all) -> None:
         self._write_all = write_all
         self._lock = threading.Lock()
+        #: Deferred frames not written yet (see send), their size and since when.
+        self._held: List[bytes] = []
+        self._held_size = 0
+        self._held_since = 0.0
         #: The codec compressible payloads are packed with (a name from :data:`CODECS`), or None.
         self.compress: Optional[str] = None
         self.policy = PackPolicy()
@@ -335,8 +359,13 @@ class FrameWriter:
         self.payload_bytes = 0
         self.packed_frames = 0
 
-    def send(self, header: Dict[str, Any], payload: bytes = b"", compressible: bool = False) -> None:
-        """Send one frame atomically with respect to other senders."""
+    def send(self, header: Dict[str, Any], payload: bytes = b"", compressible: bool = False,
+             defer: bool = False) -> None:
+        """Send one frame atomically with respect to other senders.
+
+        *defer*: the frame may wait in a buffer (:meth:`flush`, or the next frame
+        not deferred, takes it out with everything before it, in one write).
+        """
         size = len(payload)
         codec = self.compress
         if compressible and codec and size >= 4096:
@@ -346,6 +375,21 @@ class FrameWriter:
                 payload = packed
         data = encode(header, payload)
         with self._lock:
+            if defer and self._held_size + len(data) <= self.HOLD_LIMIT:
+                if not self._held:
+                    self._held_since = time.monotonic()
+                self._held.append(data)
+                self._held_size += len(data)
+                self.frames += 1
+                self.sent += len(data)
+                self.payload_bytes += size
+                self.packed_frames += len(payload) < size
+                return
+            if self._held:
+                self._held.append(data)
+                data = b"".join(self._held)
+                self._held.clear()
+                self._held_size = 0
             started = time.perf_counter()
             self._write_all(data)
             ended = time.perf_counter()
@@ -354,6 +398,22 @@ class FrameWriter:
             self.sent += len(data)
             self.payload_bytes += size
             self.packed_frames += len(payload) < size
+
+    def held(self) -> float:
+        """Since when (monotonic) the oldest deferred frame waits; 0.0: none does."""
+        return self._held_since if self._held else 0.0
+
+    def flush(self) -> None:
+        """Write every deferred frame now."""
+        if not self._held:
+            return
+        with self._lock:
+            if not self._held:
+                return
+            data = b"".join(self._held)
+            self._held.clear()
+            self._held_size = 0
+            self._write_all(data)
 
     def counters(self) -> Dict[str, Any]:
         """What this writer counted: bytes sent and before packing, frames packed, measured rates."""

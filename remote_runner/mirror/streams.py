@@ -105,21 +105,32 @@ class PipeStream:
 class PeekReader:
     """Exact reads over a stream, with a one-shot peek for the NEED marker."""
 
+    #: Bytes asked of the stream at a time (at least).
+    CHUNK = 65536
+
     def __init__(self, stream: Any) -> None:
         self.stream = stream
         self.buf = b""
+        self.pos = 0
         #: Bytes read from the stream so far (what came over the wire).
         self.received = 0
 
     def read(self, size: int) -> bytes:
-        if self.buf:
-            out, self.buf = self.buf[:size], self.buf[size:]
-            return out
-        data = self.stream.read(size)
+        buf, pos = self.buf, self.pos
+        if pos < len(buf):
+            self.pos = pos + size
+            return buf[pos:pos + size]
+        # What already arrived comes in one call (frames come in bursts): a channel's
+        # recv takes its locks and wakes its reader once, not per frame part.
+        data = self.stream.read(max(size, self.CHUNK))
         self.received += len(data)
+        if len(data) > size:
+            self.buf, self.pos = data, size
+            return data[:size]
         return data
 
     def peek(self, size: int) -> bytes:
+        self.buf, self.pos = self.buf[self.pos:], 0
         while len(self.buf) < size:
             chunk = self.stream.read(size - len(self.buf))
             if not chunk:
@@ -127,3 +138,8 @@ class PeekReader:
             self.received += len(chunk)
             self.buf += chunk
         return self.buf[:size]
+
+    def buffered(self) -> int:
+        """Bytes read from the stream and not handed out yet."""
+        return len(self.buf) - self.pos
+

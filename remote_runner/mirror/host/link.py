@@ -22,6 +22,8 @@ LOG = logging.getLogger("remote_runner.mirror.agent")
 DEFAULT_HEARTBEAT = 5.0
 DEFAULT_DEADLINE = 20.0
 REQUEST_TIMEOUT = 60.0
+#: Seconds a request nobody waits for yet may be held back, to go out with those after it.
+HOLD = 0.002
 #: The agent's status when the link or the tool failed (errors.EXIT_LINK).
 EXIT_LINK = 254
 
@@ -42,6 +44,7 @@ class Link:
         self._pending: Dict[int, List[Any]] = {}
         self._abandoned: Set[int] = set()  # ids of pending requests whose answers nobody takes
         self._lock = threading.Lock()
+        self._held = threading.Condition()
         self._next = 1
         self.handlers: Dict[str, Callable[[Dict[str, Any], bytes], None]] = {}
         #: Run by the reader itself, before the frame goes to its handler: what
@@ -102,14 +105,39 @@ class Link:
                     "bytes_received": self.reader.received + lanes.get("lane_bytes", 0),
                     **lanes, **self.writer.counters()}
 
-    def send(self, header: Dict[str, Any], payload: bytes = b"", compressible: bool = False) -> None:
+    def send(self, header: Dict[str, Any], payload: bytes = b"", compressible: bool = False,
+             defer: bool = False) -> None:
         """Send a frame; a broken pipe marks the link lost."""
         if self.lost.is_set():
             return
         try:
-            self.writer.send(header, payload, compressible)
+            self.writer.send(header, payload, compressible, defer)
         except OSError as exc:
             self.mark_lost("write failed: %s" % exc)
+        if defer:
+            with self._held:
+                self._held.notify()
+
+    def flush(self) -> None:
+        """Write the frames held back (:data:`HOLD`) now: someone is about to wait for an answer."""
+        try:
+            self.writer.flush()
+        except OSError as exc:
+            self.mark_lost("write failed: %s" % exc)
+
+    def flush_loop(self) -> None:
+        """Write what was held back once it has waited :data:`HOLD` seconds."""
+        while not self.lost.is_set():
+            since = self.writer.held()
+            if not since:
+                with self._held:
+                    if not self.writer.held():
+                        self._held.wait(self.heartbeat)
+                continue
+            left = since + HOLD - time.monotonic()
+            if left > 0:
+                time.sleep(left)
+            self.flush()
 
     def mark_lost(self, reason: str) -> None:
         """Fail every pending request and wake everyone waiting on the link."""
@@ -169,7 +197,7 @@ class Link:
             rid = self._next
             self._next += 1
             self.posted[op] = self.posted.get(op, 0) + 1
-        self.send({"t": P.REQ, "id": rid, "op": op, "a": args})
+        self.send({"t": P.REQ, "id": rid, "op": op, "a": args}, defer=True)
 
     def submit(self, op: str, args: Dict[str, Any], payload: bytes = b"") -> List[Any]:
         """Send a request now; :meth:`wait` for its answer later (pipelining)."""
@@ -191,6 +219,7 @@ class Link:
         (writes, unlinks, renames) is then done on the local disk.
         """
         end = time.monotonic() + (self.request_timeout if timeout is None else timeout)
+        self.flush()
         with self._lock:
             slots = list(self._pending.values())
         for slot in slots:
@@ -207,12 +236,14 @@ class Link:
             slot: List[Any] = [threading.Event(), None, b"", rid, op, args]
             self._pending[rid] = slot
             self.asked[op] = self.asked.get(op, 0) + 1
-        self.send({"t": P.REQ, "id": rid, "op": op, "a": args}, payload, compressible=op == "write")
+        self.send({"t": P.REQ, "id": rid, "op": op, "a": args}, payload, compressible=op == "write", defer=True)
         return slot
 
     def _wait(self, slot: List[Any], timeout: Optional[float]) -> Tuple[Dict[str, Any], bytes]:
         began = time.monotonic()
         blocked = not slot[0].is_set()
+        if blocked:
+            self.flush()
         end = began + (self.request_timeout if timeout is None else timeout)
         while not slot[0].wait(min(1.0, max(0.0, end - time.monotonic()))):
             if self.lost.is_set() or time.monotonic() >= end:
@@ -324,7 +355,7 @@ class Link:
 
     def start(self) -> None:
         """Start the reader and heartbeat threads."""
-        for target in (self.read_loop, self.heartbeat_loop, self.dispatch_loop):
+        for target in (self.read_loop, self.heartbeat_loop, self.dispatch_loop, self.flush_loop):
             threading.Thread(target=target, daemon=True).start()
         if self.lanes is not None:
             self.lanes.start(self.lanes_wanted)
