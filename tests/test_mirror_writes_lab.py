@@ -135,21 +135,25 @@ def mount_point(local_only):
 
 
 @pytest.mark.parametrize("host", ["h2", "h9"])
-def test_an_error_of_a_change_not_waited_for_comes_back_at_the_next_change_there(lab, mount_point, workdir,
-                                                                                 host, request):
-    """rmdir of a mount point here fails (EBUSY) although the host saw it empty."""
+def test_an_error_of_a_change_not_waited_for_comes_back_at_a_later_change_there(lab, mount_point, workdir,
+                                                                                host, request):
+    """rmdir of a mount point here fails (EBUSY) although the host saw it empty: the mkdirs sent
+    after it without waiting are not made here, and a change made once the answer is in fails."""
     if host == "h9":
         host = request.getfixturevalue("foreign_host")
     d = mount_point.parent
     code = textwrap.dedent(f"""
-        import os
+        import os, time
         d = {str(d)!r}
         assert os.listdir(d + "/mnt") == []
         os.mkdir(d + "/x")        # this machine let the host change d
         try:
             os.rmdir(d + "/mnt")
             print("rmdir returned")
-            os.mkdir(d + "/y")
+            os.mkdir(d + "/y")    # not waited for either (unless the answer is in already)
+            os.mkdir(d + "/y/deeper")
+            time.sleep(1)         # every answer is in
+            os.mkdir(d + "/z")
             print("no error")
         except OSError as exc:
             print("failed", exc.errno)
@@ -157,10 +161,13 @@ def test_an_error_of_a_change_not_waited_for_comes_back_at_the_next_change_there
     stats = workdir / "stats.json"
     proc = rr_exec(lab, host, ["/usr/bin/python3", "-c", code], workdir, "--export", str(d), "--stats", str(stats))
     assert proc.returncode == 0, proc.stderr.decode()
-    # EBUSY: the rmdir was not waited for (the host knew the directory empty), the next mkdir there says it
+    # EBUSY: the rmdir was not waited for (the host knew the directory empty); a later mkdir there says it
     assert proc.stdout.decode().split("\n")[:2] == ["rmdir returned", "failed 16"], proc.stdout.decode()
     assert json.loads(stats.read_text())["host"]["posted"].get("rmdir") == 1
-    assert mount_point.is_dir() and not (d / "y").exists() and (d / "x").is_dir()
+    # nothing sent after the failure was made on top of it; the user was told here
+    assert mount_point.is_dir() and (d / "x").is_dir()
+    assert not (d / "y").exists() and not (d / "z").exists()
+    assert b"rmdir" in proc.stderr and b"failed here" in proc.stderr, proc.stderr.decode()
 
 
 @pytest.mark.parametrize("host", ["h3", "h9"])

@@ -10,7 +10,8 @@ number. Errors come back as their errno, preserved across the wire.
 Its parts: the handle table and reply (:mod:`.replies`), the answers sent
 ahead of the host's questions (:mod:`.sendahead`, mixed in), the host's own
 changes kept from echoing back and their outcome sent (:mod:`.ownchanges`,
-mixed in), the requests on open files (:mod:`.openfiles`, mixed in), and the
+mixed in), the changes not made after one that failed (:mod:`.failedchanges`),
+the requests on open files (:mod:`.openfiles`, mixed in), and the
 Linux calls os lacks (:mod:`.linuxcalls`).
 """
 
@@ -25,6 +26,7 @@ import time
 from typing import Any, Dict, Iterator, List, Optional, Sequence, Set, Tuple
 
 from remote_runner.mirror.exports import Exports, Refused, resolve_parent
+from remote_runner.mirror.failedchanges import FailedChanges
 from remote_runner.mirror.host.writes import WriteOrder
 from remote_runner.mirror.listing import DirectoryAnswers
 from remote_runner.mirror.openfiles import OpenFiles
@@ -132,6 +134,8 @@ class LocalFileService(OpenFiles, SendAhead, DirectoryAnswers, OwnChanges):
         self.offered_dirs: List[str] = []
         #: One handle's pipelined writes (numbered ``seq``) applied in the order they were sent.
         self.order = WriteOrder()
+        #: Directories where a change the host did not wait for failed (see failedchanges.py).
+        self.failed_changes = FailedChanges()
         #: The name each handle was opened by (its writes are the host's own changes to it).
         self._handle_paths: Dict[int, bytes] = {}
 
@@ -242,16 +246,18 @@ class LocalFileService(OpenFiles, SendAhead, DirectoryAnswers, OwnChanges):
                 self.order.wait_past(CHANGES, args["after"])
             for fh, seq in _handles_before(args):  # and after these handles' requests
                 self.order.wait_past(fh, seq)
+            # (not made on top of an earlier change there that failed, see failedchanges.py)
+            run = lambda: self.failed_changes.run(op, args, lambda: self._run(op, method, args, payload))  # noqa: E731
             if "nseq" in args:
-                return self.order.run(CHANGES, args["nseq"], lambda: self._run(op, method, args, payload))
+                return self.order.run(CHANGES, args["nseq"], run)
             seq = args.get("seq")
             if seq is not None and "fh" in args:
                 try:
-                    return self.order.run(args["fh"], seq, lambda: self._run(op, method, args, payload))
+                    return self.order.run(args["fh"], seq, run)
                 finally:
                     if op == "release":  # (a number the host chose is never used again)
                         self.order.forget(args["fh"], for_good=P.posted_handle(args["fh"]))
-            return self._run(op, method, args, payload)
+            return run()
         finally:
             self.request_fds.release()
 

@@ -17,8 +17,12 @@ waited for the local side: a round trip per name, 20 ms at 10 ms each way.
   so ``fstat``, ``stat``, a hard link and a later ``stat`` agree.
 * A create's outcome is taken like a write's (its error comes at close, as
   on NFS); a mkdir's or symlink's like a posted unlink's (at the next change
-  in its directory or the new one). A change is posted only once the earlier
-  ones in its directory are answered, so their errors keep their place.
+  in its directory or the new one). Nor does it wait for the answers to the
+  changes sent before it in the directory (a temporary directory's mkdir,
+  its files, their unlinks, its rmdir: a round trip each otherwise): an
+  earlier one's error is raised by the first change there made once it came,
+  and the local side makes nothing sent without waiting after a failure in
+  the same directory (:mod:`remote_runner.mirror.failedchanges`).
 * A read-only open of a file the host wrote and closed, whose bytes it
   holds, is answered at once (:meth:`NewNames.post_reading`); so is an open
   that empties a file this mount made (:meth:`NewNames.post_emptying`).
@@ -143,8 +147,8 @@ class NewNames:
         if where is None:
             return None
         ids = self.link.local_ids
-        # An earlier change there not waited for reports its error here, not at some later one.
-        self.check_changes("create", {"path": name})
+        # An earlier change there not waited for reports its error here, if it is in.
+        self.check_changes("create", {"path": name}, wait=False)
         fh, made_up = new_handle(), MADE_UP_INODES + next(_made_up)
         if fh is None:
             return None
@@ -202,7 +206,7 @@ class NewNames:
         if where is None:
             return False
         ids = self.link.local_ids
-        self.check_changes(op, args)  # (an earlier change's error is reported by this one)
+        self.check_changes(op, args, wait=False)  # (an earlier change's error, if in, is reported by this one)
         made_up, now = MADE_UP_INODES + next(_made_up), time.time_ns()
         attrs = new_file(where, int(args.get("mode", 0o777)), args.get("ctx") or [], ids, made_up, now)
         target = None
