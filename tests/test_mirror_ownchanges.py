@@ -7,6 +7,7 @@ import os
 import pytest
 
 from remote_runner.mirror.host.names import MISSING, NameCache
+from remote_runner.mirror import protocol as P
 from remote_runner.mirror.service import LocalFileService
 from remote_runner.mirror.watcher import ChangeWatcher
 from tests.test_mirror_coherence import Reports
@@ -90,7 +91,7 @@ def test_changes_sent_without_waiting_are_applied_in_order_and_later_requests_wa
     results = {}
 
     def late(key, op, args):
-        results[key] = service.serve({"t": "req", "id": 1, "op": op, "a": args}, b"")[0]
+        results[key] = P.expand_reply(service.serve({"t": "req", "id": 1, "op": op, "a": args}, b"")[0])
 
     # the unlink numbered 2 and a lookup sent after it arrive before the rename numbered 1
     later = [threading.Thread(target=late, args=("unlink", "unlink", {"path": str(tmp_path / "b"), "nseq": 2})),

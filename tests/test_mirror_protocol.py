@@ -73,7 +73,7 @@ def test_version_check():
 
 def _call(service, op, payload=b"", **args):
     header, data, _ = service.serve({"t": P.REQ, "id": 1, "op": op, "a": args}, payload)
-    return header, data
+    return P.expand_reply(header), data  # (as the agent reads it)
 
 
 def _w(path) -> str:
@@ -279,3 +279,16 @@ def test_a_handle_number_the_host_chose_is_taken_only_in_its_range_and_once():
         with pytest.raises(OpError):
             table.add(12, bad)
     assert table.add(13) == 2
+
+
+def test_attributes_in_replies_travel_as_rows_and_come_back_as_they_were(tmp_path):
+    st = P.stat_to_wire(os.stat(tmp_path))
+    header = {"t": P.REP, "id": 3, "st": dict(st), "dst": dict(st), "w": 1}
+    sent = P.compact_reply(dict(header))
+    assert sent["st"] == [st[f] for f in P.STAT_FIELDS] and sent["w"] == 1
+    raw = P.encode(sent)
+    assert len(raw) < len(P.encode(header)) * 0.6
+    assert P.expand_reply(P.parse_header(raw[P.PREFIX.size:])) == header
+    # a row that is not thirteen integers is no attributes at all
+    for bad in ([1, 2], ["x"] * len(P.STAT_FIELDS), [True] * len(P.STAT_FIELDS), {"st_mode": 1}):
+        assert "st" not in P.expand_reply({"t": P.REP, "id": 1, "st": bad})

@@ -29,6 +29,7 @@ def w(path) -> str:
 def call(svc: LocalFileService, op: str, payload: bytes = b"", **args):
     """One request as the agent sends it; the reply header (raises OSError with the errno)."""
     header, data, _ = svc.serve({"t": P.REQ, "id": 1, "op": op, "a": args}, payload)
+    P.expand_reply(header)  # (as the agent reads it)
     if header.get("e"):
         raise OSError(header["e"], os.strerror(header["e"]))
     return header, data

@@ -170,6 +170,7 @@ def _svc_call(svc, op, **args):
     wire = {k: (P.name_to_wire(os.fsencode(str(v))) if k in ("path", "old", "new", "target") else v)
             for k, v in args.items()}
     header, data, _ = svc.serve({"t": P.REQ, "id": 1, "op": op, "a": wire}, b"")
+    P.expand_reply(header)  # (as the agent reads it)
     return header.get("e", 0), header, data
 
 

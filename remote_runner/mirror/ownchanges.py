@@ -183,4 +183,4 @@ class OwnChanges:
             return {"t": P.REP, "id": rid, "e": errno.EIO}, b"", False
         out = {"t": P.REP, "id": rid}
         out.update(reply.fields)
-        return out, reply.payload, reply.compressible
+        return P.compact_reply(out), reply.payload, reply.compressible

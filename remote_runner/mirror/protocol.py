@@ -52,7 +52,7 @@ import time
 from typing import Any, BinaryIO, Dict, List, Optional, Tuple
 
 #: Bumped on any incompatible change; both ends refuse a different major.
-PROTOCOL_VERSION = "1.1"
+PROTOCOL_VERSION = "2.0"
 
 #: A ``rename`` request's ``flags``: renameat2(2)'s own (linux/fs.h). With EXCHANGE both names stay.
 RENAME_NOREPLACE = 1
@@ -172,6 +172,37 @@ def stat_row(st: os.stat_result) -> List[int]:
     """Attributes as a compact row in ``STAT_FIELDS`` order (directory answers carry thousands)."""
     return [st.st_mode, st.st_ino, st.st_dev, st.st_nlink, st.st_uid, st.st_gid, st.st_size,
             st.st_atime_ns, st.st_mtime_ns, st.st_ctime_ns, st.st_blocks, st.st_blksize, st.st_rdev]
+
+
+#: Reply fields that carry a file's attributes: sent as rows (:func:`compact_reply`).
+ATTR_FIELDS = ("st", "dst")
+
+
+def compact_reply(header: Dict[str, Any]) -> Dict[str, Any]:
+    """*header* with its attributes (:data:`ATTR_FIELDS`) as rows, in place.
+
+    A change's reply carries the new name's attributes and its directory's:
+    as objects they were most of its bytes, and decoding their thirteen keys
+    each was the agent's largest cost per reply.
+    """
+    for key in ATTR_FIELDS:
+        value = header.get(key)
+        if type(value) is dict:
+            header[key] = [value[field] for field in STAT_FIELDS]
+    return header
+
+
+def expand_reply(header: Dict[str, Any]) -> Dict[str, Any]:
+    """Undo :func:`compact_reply` in place; a field that is not a row of integers is dropped."""
+    for key in ATTR_FIELDS:
+        value = header.get(key)
+        if value is not None:
+            attrs = row_attrs(value)
+            if attrs is None:
+                del header[key]
+            else:
+                header[key] = attrs
+    return header
 
 
 def row_attrs(row: Any) -> Optional[Dict[str, int]]:

@@ -295,6 +295,7 @@ class Link:
 
     def deliver(self, header: Dict[str, Any], payload: bytes) -> None:
         """Hand a reply to whoever waits for its id (from stdin or a lane; a stray one is dropped)."""
+        P.expand_reply(header)
         with self._lock:
             slot = self._pending.get(header.get("id"))
             if slot is None or slot[1] is not None:

@@ -218,9 +218,23 @@ class PendingChanges:
         """Take the answers that arrived; with *block*, wait for those of *directories* (None: all)."""
         wanted = None if directories is None else set(directories)
         with self._lock:
-            done = [item for item in self._inflight if item[0][0].is_set() or (
-                block and (wanted is None or wanted.intersection(item[1])))]
-            self._inflight = [item for item in self._inflight if item not in done]
+            inflight = self._inflight
+            if block:
+                done, rest = [], []
+                for item in inflight:
+                    wait = item[0][0].is_set() or wanted is None or wanted.intersection(item[1])
+                    (done if wait else rest).append(item)
+                self._inflight = rest
+            else:
+                # Called before nearly every request: only the answers at the front, which
+                # come in the order the changes were sent (one out of order waits its turn).
+                n = 0
+                while n < len(inflight) and inflight[n][0][0].is_set():
+                    n += 1
+                if not n:
+                    return
+                done = inflight[:n]
+                del inflight[:n]
         for slot, directories, undo, learn in done:
             try:
                 header, _ = self._wait(slot)
