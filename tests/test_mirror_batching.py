@@ -39,6 +39,8 @@ def test_held_frames_go_out_in_order_in_one_write_with_the_next_frame_not_held()
     writer.send({"t": P.PING})
     assert len(writes) == 1 and [h.get("id") for h in _headers(writes[0])] == [1, 2, None]
     assert writer.held() == 0.0
+    counted = writer.counters()
+    assert counted["bytes_sent"] == len(writes[0]) and writer.frames == 3  # each frame counted once
     writer.flush()                               # nothing held: nothing written
     assert len(writes) == 1
 

@@ -406,17 +406,17 @@ class FrameWriter:
                 payload = packed
         data = encode(header, payload)
         with self._lock:
+            self.frames += 1
+            self.sent += len(data)
+            self.payload_bytes += size
+            self.packed_frames += len(payload) < size
             if defer and self._held_size + len(data) <= self.HOLD_LIMIT:
                 if not self._held:
                     self._held_since = time.monotonic()
                 self._held.append(data)
                 self._held_size += len(data)
-                self.frames += 1
-                self.sent += len(data)
-                self.payload_bytes += size
-                self.packed_frames += len(payload) < size
                 return
-            if self._held:
+            if self._held:  # (what was held goes first, in the same write)
                 self._held.append(data)
                 data = b"".join(self._held)
                 self._held.clear()
@@ -425,10 +425,6 @@ class FrameWriter:
             self._write_all(data)
             ended = time.perf_counter()
             self.policy.wrote(len(data), ended - started, ended)
-            self.frames += 1
-            self.sent += len(data)
-            self.payload_bytes += size
-            self.packed_frames += len(payload) < size
 
     def held(self) -> float:
         """Since when (monotonic) the oldest deferred frame waits; 0.0: none does."""
