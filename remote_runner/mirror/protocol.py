@@ -256,40 +256,58 @@ def read_frame(stream: BinaryIO) -> Tuple[Dict[str, Any], bytes]:
     return header, payload
 
 
-class FdReader:
-    """A blocking reader over a raw file descriptor, reading ahead what is already there.
+class ReadAhead:
+    """Exact reads handed out from one larger read of what already arrived.
 
-    One ``os.read`` takes every frame that arrived together (the local side
-    answers in bursts); handing them out from memory spares a system call per
-    frame part (two or three per frame).
+    One read takes every frame that came together (each end answers in
+    bursts); handing them out from memory spares a read per frame part (two
+    or three per frame): a system call each on the agent, a channel's locks
+    and a wake-up of its reader each here. Subclasses say how to read.
     """
 
-    #: Bytes asked of the descriptor at a time (at least; a larger read asks for its size).
+    #: Bytes asked for at a time (at least; a larger read asks for its size, up to a MiB).
     CHUNK = 65536
 
-    def __init__(self, fd: int) -> None:
-        self.fd = fd
+    def __init__(self) -> None:
         #: Bytes read so far (what came over the wire).
         self.received = 0
         self._buf = b""
         self._pos = 0
 
+    def read_some(self, size: int) -> bytes:
+        """Up to *size* bytes of what is there (blocking until some are), b"" at the end."""
+        raise NotImplementedError
+
     def read(self, size: int) -> bytes:
-        """Read up to *size* bytes, retrying on EINTR."""
         buf, pos = self._buf, self._pos
         if pos < len(buf):
             self._pos = pos + size
             return buf[pos:pos + size]
+        data = self.read_some(min(max(size, self.CHUNK), 1 << 20))
+        self.received += len(data)
+        if len(data) > size:
+            self._buf, self._pos = data, size
+            return data[:size]
+        return data
+
+    def buffered(self) -> int:
+        """Bytes read and not handed out yet."""
+        return len(self._buf) - self._pos
+
+
+class FdReader(ReadAhead):
+    """:class:`ReadAhead` over a raw file descriptor (the agent's stdin), retrying on EINTR."""
+
+    def __init__(self, fd: int) -> None:
+        super().__init__()
+        self.fd = fd
+
+    def read_some(self, size: int) -> bytes:
         while True:
             try:
-                data = os.read(self.fd, min(max(size, self.CHUNK), 1 << 20))
+                return os.read(self.fd, size)
             except InterruptedError:
                 continue
-            self.received += len(data)
-            if len(data) > size:
-                self._buf, self._pos = data, size
-                return data[:size]
-            return data
 
 
 class PackPolicy:

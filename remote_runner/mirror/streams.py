@@ -14,6 +14,7 @@ import subprocess
 from typing import Any, Optional, Sequence
 
 from remote_runner.channelio import send_all_or_raise
+from remote_runner.mirror import protocol as P
 
 
 class ChannelStream:
@@ -102,44 +103,23 @@ class PipeStream:
             return None
 
 
-class PeekReader:
-    """Exact reads over a stream, with a one-shot peek for the NEED marker."""
-
-    #: Bytes asked of the stream at a time (at least).
-    CHUNK = 65536
+class PeekReader(P.ReadAhead):
+    """Exact reads over a stream (:class:`~.protocol.ReadAhead`), with a one-shot peek for the NEED marker."""
 
     def __init__(self, stream: Any) -> None:
+        super().__init__()
         self.stream = stream
-        self.buf = b""
-        self.pos = 0
-        #: Bytes read from the stream so far (what came over the wire).
-        self.received = 0
 
-    def read(self, size: int) -> bytes:
-        buf, pos = self.buf, self.pos
-        if pos < len(buf):
-            self.pos = pos + size
-            return buf[pos:pos + size]
-        # What already arrived comes in one call (frames come in bursts): a channel's
-        # recv takes its locks and wakes its reader once, not per frame part.
-        data = self.stream.read(max(size, self.CHUNK))
-        self.received += len(data)
-        if len(data) > size:
-            self.buf, self.pos = data, size
-            return data[:size]
-        return data
+    def read_some(self, size: int) -> bytes:
+        return self.stream.read(size)
 
     def peek(self, size: int) -> bytes:
-        self.buf, self.pos = self.buf[self.pos:], 0
-        while len(self.buf) < size:
-            chunk = self.stream.read(size - len(self.buf))
+        """The next *size* bytes (fewer at the end), left to be read."""
+        self._buf, self._pos = self._buf[self._pos:], 0
+        while len(self._buf) < size:
+            chunk = self.stream.read(size - len(self._buf))
             if not chunk:
                 break
             self.received += len(chunk)
-            self.buf += chunk
-        return self.buf[:size]
-
-    def buffered(self) -> int:
-        """Bytes read from the stream and not handed out yet."""
-        return len(self.buf) - self.pos
-
+            self._buf += chunk
+        return self._buf[:size]
