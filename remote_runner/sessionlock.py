@@ -296,6 +296,11 @@ def _steps_loop() -> str:
             "exec cat >/dev/null\n")
 
 
+def _then_ended(line: str) -> bool:
+    """Whether *line* is the whole ``RR-THEN-DONE <status>`` line that ends the *then* part."""
+    return line.startswith(_THEN_MARK + " ") and line.endswith("\n")
+
+
 def _take_then(lock: SessionLock, rest: str) -> None:
     """Give *lock* the output and status of its *then* (and *fed*) part, from *rest*.
 
@@ -309,7 +314,7 @@ def _take_then(lock: SessionLock, rest: str) -> None:
         at = lines.index(EARLY_MARK + "\n")
         lock.then_output, lock.then_status = "".join(lines[:at]), 0
         after = lines[at + 1:]
-        if not any(line.startswith(_THEN_MARK + " ") and line.endswith("\n") for line in after):
+        if not any(_then_ended(line) for line in after):
             lock._tail = "".join(after).encode("utf-8", "surrogateescape")
         return
     body, _, status = rest.rpartition(_THEN_MARK + " ")
@@ -367,8 +372,7 @@ def acquire_lock(host: str, state_dir: str, info: str, connection: Any = None,
             return False
         if not then or not lines[0].startswith(("LOCKED", "NO-FLOCK")):
             return True
-        return any(line.startswith(_THEN_MARK) and line.endswith("\n") or line == EARLY_MARK + "\n"
-                   for line in lines[1:])
+        return any(_then_ended(line) or line == EARLY_MARK + "\n" for line in lines[1:])
     feeder = None  # (the thread sending *feed* on a channel; the lock's first step waits for it)
     if connection is None:
         proc = subprocess.Popen(["/bin/sh", "-c", script], stdin=subprocess.PIPE,
