@@ -28,18 +28,16 @@ import threading
 from typing import Any, Dict, List
 
 from remote_runner.mirror import protocol as P
+from remote_runner.mirror.ownchanges import OWN_NAMES
 from remote_runner.mirror.replies import OpError
 
 LOG = logging.getLogger("remote_runner.mirror.service")
 
-#: The arguments naming what each change makes, removes or alters (their directories are its own).
-CHANGED_NAMES = {
-    "mkdir": ("path",), "rmdir": ("path",), "unlink": ("path",), "symlink": ("path",),
-    "mknod": ("path",), "create": ("path",), "link": ("path",), "rename": ("old", "new"),
-    "chmod": ("path",), "chown": ("path",), "utimens": ("path",), "truncate": ("path",),
-    "setxattr": ("path",), "removexattr": ("path",), "open": ("path",),
-}
-#: Barred directories kept at most (a session with more failures than this forgets the oldest).
+#: The arguments naming what each change makes, removes or alters (their directories are
+#: its own): the host's own changes (:data:`~.ownchanges.OWN_NAMES`) but for a hard link's
+#: target, whose directory's entries it leaves as they are. (write, release, fallocate name none.)
+CHANGED_NAMES = dict(OWN_NAMES, link=("path",))
+#: Barred directories kept at most (past it, all are forgotten: a session with that many failures).
 LIMIT = 10000
 
 
