@@ -11,7 +11,7 @@ from __future__ import annotations
 import errno
 import os
 import subprocess
-from typing import Any, Optional, Sequence
+from typing import Any, Callable, Optional, Sequence
 
 from remote_runner.channelio import send_all_or_raise
 from remote_runner.mirror import protocol as P
@@ -34,6 +34,19 @@ class ChannelStream:
             return self.channel.recv_stderr(size)
         except (OSError, EOFError):
             return b""
+
+    def wait_fd(self) -> Optional[int]:
+        """A descriptor to poll for input: paramiko's pipe, readable while output, stderr or the
+        end is there (see :meth:`read_ready`); None if the channel cannot give one."""
+        try:
+            return self.channel.fileno()
+        except Exception:  # noqa: BLE001 - paramiko raises what its pipe module raises
+            return None
+
+    def read_ready(self) -> bool:
+        """Whether :meth:`read` returns at once (output waiting, or the channel's end)."""
+        channel = self.channel
+        return bool(channel.recv_ready() or channel.eof_received or channel.closed)
 
     def write_all(self, data: bytes) -> None:
         try:
@@ -73,6 +86,16 @@ class PipeStream:
         except (OSError, ValueError):
             return b""
 
+    def wait_fd(self) -> Optional[int]:
+        """The agent's stdout (unbuffered here: readable exactly when :meth:`read` returns)."""
+        try:
+            return self.proc.stdout.fileno()
+        except (OSError, ValueError):
+            return None
+
+    def read_ready(self) -> bool:
+        return True
+
     def write_all(self, data: bytes) -> None:
         try:
             self.proc.stdin.write(data)
@@ -109,8 +132,12 @@ class PeekReader(P.ReadAhead):
     def __init__(self, stream: Any) -> None:
         super().__init__()
         self.stream = stream
+        #: Called before each read that may block (see LocalLink._wait_for_input).
+        self.before_read: Optional[Callable[[], None]] = None
 
     def read_some(self, size: int) -> bytes:
+        if self.before_read is not None:
+            self.before_read()
         return self.stream.read(size)
 
     def peek(self, size: int) -> bytes:
