@@ -263,6 +263,27 @@ def test_a_directory_guess_moves_its_times_and_links_and_is_replaced_only_by_its
     assert guesses.end("/d", second) and not guesses
 
 
+def test_the_kernels_copy_of_a_guess_is_dropped_only_when_the_kernel_was_given_it():
+    from remote_runner.mirror.host.writes import DirectoryGuesses
+    guesses = DirectoryGuesses()
+    token = guesses.begin("/d")
+    assert guesses.end("/d", token) and not guesses.given("/d")  # answered before the kernel asked
+    token = guesses.begin("/d")
+    guesses.handed("/d")  # the kernel asked for the directory meanwhile: it holds the guess
+    guesses.handed("/other")  # (no guess there: real attributes)
+    assert guesses.end("/d", token) and guesses.given("/d") and not guesses.given("/d")
+    assert not guesses.given("/other")
+    first = guesses.begin("/d")
+    guesses.handed("/d")
+    second = guesses.begin("/d")  # a later change there: the kernel dropped its copy itself
+    assert not guesses.end("/d", first)
+    assert guesses.end("/d", second) and not guesses.given("/d")
+    token = guesses.begin("/f")
+    guesses.handed("/f")
+    guesses.supersede("/f")  # newer attributes stand: no reply replaces them, nothing is dropped
+    assert not guesses.end("/f", token) and not guesses.given("/f")
+
+
 def test_a_change_sent_on_hands_its_reply_to_whoever_learns_from_it():
     def submit(op, args, payload):
         slot = [threading.Event(), args["path"]]

@@ -90,6 +90,8 @@ class NameOperations:
     def getattr(self, path: Optional[str], fh: Optional[int] = None) -> Dict[str, int]:
         m = self.m
         attrs = self._attributes(path, fh)
+        if m.guesses and path is not None:
+            m.guesses.handed(m.wire(path))  # (a guess given to the kernel: dropped there at its reply)
         if m.drops is not None:
             m.drops.settle()  # the kernel forgets older answers first (see KernelDrops.settle)
         return attrs

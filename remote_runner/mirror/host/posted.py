@@ -234,7 +234,7 @@ class NewNames:
             if token is not None and self.guesses.end(folder, token):
                 # the reply to the latest change there: the directory's real attributes too
                 self.learn(op, args, learned, since)
-                if self.drops is not None:
+                if self.drops is not None and self.guesses.given(folder):
                     self.drops.drop([folder], wait=False)
             else:
                 learned.pop("dst", None)

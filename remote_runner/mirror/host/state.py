@@ -382,7 +382,7 @@ class MountState(NewNames):
         guess, unless a later change there made a newer one (its own reply will)."""
         if self.guesses.end(folder, token):
             self.learn(op, args, header, since)
-            if self.drops is not None:
+            if self.drops is not None and self.guesses.given(folder):
                 self.drops.drop([folder], wait=False)  # the kernel's copy of the guess, too
 
     def drain(self, fh: Optional[int]) -> None:

@@ -283,6 +283,8 @@ class DirectoryGuesses:
         self._lock = threading.Lock()
         self._latest: Dict[str, int] = {}
         self._next = 0
+        #: Names whose guess this process gave the kernel (see :meth:`given`).
+        self._given: Set[str] = set()
 
     def __bool__(self) -> bool:
         return bool(self._latest)
@@ -291,7 +293,32 @@ class DirectoryGuesses:
         with self._lock:
             self._next += 1
             self._latest[directory] = self._next
+            # (the kernel dropped its own attributes of a directory changed through it, and
+            # has not been given this guess yet)
+            self._given.discard(directory)
             return self._next
+
+    def handed(self, name: str) -> None:
+        """*name*'s attributes go to the kernel now: if they are a guess, it holds the guess."""
+        with self._lock:
+            if name in self._latest:
+                self._given.add(name)
+
+    def given(self, name: str) -> bool:
+        """Whether the kernel was given a guess of *name*'s since its last change (then forgotten).
+
+        A reply's real attributes replace the guess here; the kernel's copy
+        needs dropping (a request through this process, and another from the
+        kernel for them again) only when it has one: a scratch file's create
+        and unlink each guessed their directory, and the kernel asked for the
+        directory's attributes once in between.
+        """
+        with self._lock:
+            given = name in self._given
+            self._given.discard(name)
+            if not self._latest:
+                self._given.clear()  # (no guess left anywhere: nothing more to remember)
+            return given
 
     def end(self, directory: str, token: int) -> bool:
         """Whether *token* is still *directory*'s latest guess (it is then no longer a guess)."""
@@ -306,6 +333,7 @@ class DirectoryGuesses:
         reply to a change made before them must not replace them, so no pending one will."""
         with self._lock:
             self._latest.pop(name, None)
+            self._given.discard(name)
 
 
 def predicted_directory(attrs: Optional[Dict[str, Any]], op: str, now_ns: int) -> Optional[Dict[str, Any]]:
