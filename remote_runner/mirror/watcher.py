@@ -415,7 +415,11 @@ class ChangeWatcher:
 
     # -- background -------------------------------------------------------------
     def start(self) -> "ChangeWatcher":
-        """Report changes as they happen, from a daemon thread (besides :meth:`flush`)."""
+        """Report changes as they happen, from a daemon thread (besides :meth:`flush`).
+
+        For a link whose stream cannot be polled: otherwise the link's reader
+        polls :attr:`fd` with it and reports (see ``LocalLink._wait_for_input``).
+        """
         self._thread = threading.Thread(target=self._loop, daemon=True, name="mirror-watch")
         self._thread.start()
         return self
