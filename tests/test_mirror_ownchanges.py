@@ -61,6 +61,21 @@ def test_unlink_and_rmdir_say_whether_the_host_may_keep_the_name_missing(tmp_pat
         assert reply.fields["dst"]["st_mtime"] == os.stat(tmp_path).st_mtime_ns
 
 
+def test_the_directory_a_change_was_made_in_is_stated_through_the_descriptor_the_change_used(
+        tmp_path, service, monkeypatch):
+    from remote_runner.mirror import exports
+    opened = []
+    real = exports.open_beneath.__call__
+    monkeypatch.setattr(exports, "open_beneath", lambda directory: opened.append(directory) or real(directory))
+    (tmp_path / "gone").write_text("x")
+    service.handle("getattr", {"path": str(tmp_path / "x"), "dir": 1}, b"")  # watched now
+    for op, name in (("unlink", "gone"), ("mkdir", "made")):
+        del opened[:]
+        reply = service.handle(op, {"path": str(tmp_path / name), "mode": 0o755}, b"")
+        assert reply.fields["dst"]["st_mtime"] == os.stat(tmp_path).st_mtime_ns
+        assert os.fsencode(str(tmp_path.parent)) not in opened  # (not reached again from above)
+
+
 def test_an_answer_asked_after_an_invalidation_is_kept():
     cache = NameCache()
     cache.renamed("/d/f")  # the host created /d/f

@@ -327,7 +327,7 @@ def program_files(program: str, cwd: str) -> List[bytes]:
 # --------------------------------------------------------------------------- resolution
 
 
-def resolve_parent(path: bytes, held: List[int]) -> bytes:
+def resolve_parent(path: bytes, held: List[int], parents: Optional[Dict[bytes, int]] = None) -> bytes:
     """Return a name for absolute *path* whose directories were walked without following links.
 
     The parent directory is opened with ``O_PATH | O_DIRECTORY`` from ``/``
@@ -340,9 +340,10 @@ def resolve_parent(path: bytes, held: List[int]) -> bytes:
     is too long for one call, each component is opened with ``O_NOFOLLOW``
     relative to the one before, to the same effect. The result is
     ``/proc/self/fd/N/NAME`` (N the parent's descriptor, appended to *held*
-    for the caller to close), short whatever the path's length; the last
-    component itself is left to the operation (which never follows it, or
-    follows it only where the kernel would have).
+    for the caller to close, and noted in *parents* under the directory's
+    name), short whatever the path's length; the last component itself is
+    left to the operation (which never follows it, or follows it only where
+    the kernel would have).
     """
     parts = [p for p in path.split(b"/") if p]
     if any(p in (b".", b"..") for p in parts):
@@ -355,6 +356,8 @@ def resolve_parent(path: bytes, held: List[int]) -> bytes:
         fd = _walk(parts[:-1], held)
     else:
         held.append(fd)
+    if parents is not None:
+        parents[directory] = fd
     return os.path.join(proc_fd_path(fd), parts[-1])
 
 

@@ -106,12 +106,19 @@ class RequestDescriptors:
         """This thread's list of descriptors to close at :meth:`release` (callers add theirs)."""
         return self._tls.__dict__.setdefault("fds", [])
 
+    def parents(self) -> Dict[bytes, int]:
+        """This thread's directories reached so far for its request, each with its descriptor
+        (among :meth:`held`): the directory a request changed a name in is then stat'ed
+        through the descriptor the change used, not reached again from ``/``."""
+        return self._tls.__dict__.setdefault("dirs", {})
+
     def open_count(self) -> int:
         """Descriptors this thread holds (0 after :meth:`release`)."""
         return len(self._tls.__dict__.get("fds", ()))
 
     def release(self) -> None:
         """Close the descriptors this thread opened for its request."""
+        self._tls.__dict__.pop("dirs", None)
         for fd in self._tls.__dict__.pop("fds", None) or ():
             try:
                 os.close(fd)

@@ -73,6 +73,7 @@ class OwnChanges:
 
     watcher: Any
     handles: Any
+    request_fds: Any
     _handle_paths: Dict[int, bytes]
     host_changes: "HostChanges"
     started: float
@@ -139,8 +140,11 @@ class OwnChanges:
         directory = os.path.dirname(raw) or b"/"
         watched = self._watch(directory)
         try:
-            # the directory's mtime and link count changed too
-            reply.fields["dst"] = P.stat_to_wire(os.stat(self._path({"path": P.name_to_wire(directory)})))
+            # the directory's mtime and link count changed too (through the descriptor the
+            # change reached it by, if it did: see RequestDescriptors.parents)
+            fd = self.request_fds.parents().get(directory)
+            reply.fields["dst"] = P.stat_to_wire(
+                os.stat(fd) if fd is not None else os.stat(self._path({"path": P.name_to_wire(directory)})))
             if op not in ("unlink", "rmdir"):
                 st = (os.fstat(self.handles.get(reply.fields["fh"])) if op == "create"
                       else os.lstat(self._path(a)))

@@ -160,7 +160,7 @@ class LocalFileService(OpenFiles, SendAhead, DirectoryAnswers, OwnChanges):
             self.exports.check(path, write)
             if self.hidden.path(path) is not None:
                 return path  # reached through its held descriptor (its directory may be gone)
-            return resolve_parent(path, self.request_fds.held())
+            return resolve_parent(path, self.request_fds.held(), self.request_fds.parents())
         except Refused as exc:
             raise OpError(exc.errno) from None
 
