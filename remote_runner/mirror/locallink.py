@@ -220,7 +220,11 @@ class LocalLink:
                     if events & (select.POLLNVAL | select.POLLERR):
                         poller.unregister(fd)  # (closed: the link is ending)
                         continue
-                    watcher.flush()
+                    try:
+                        watcher.flush()
+                    except Exception:  # noqa: BLE001 - as the watcher's own thread did: say so, stop
+                        LOG.exception("mirror: change report failed")
+                        poller.unregister(fd)
                 else:
                     input_ready = True
             if input_ready:
