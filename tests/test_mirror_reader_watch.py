@@ -121,6 +121,24 @@ def test_the_reader_still_reads_frames_after_reporting_changes(started, tmp_path
     assert P.expand_reply(replies[0])["st"]["st_size"] == 1
 
 
+def test_input_that_is_not_the_agents_output_yet_does_not_stop_the_reports(started, tmp_path):
+    """paramiko's pipe is readable for stderr too: the reader waits (and reports) until output is there."""
+    link, stream = started(pollable=True)
+    ready = threading.Event()
+    stream.read_ready = ready.is_set  # (as if only the agent's stderr had come)
+    request = {"t": P.REQ, "id": 9, "op": "getattr", "a": {"path": str(tmp_path)}}
+    os.write(stream.wfd, P.encode(request))
+    time.sleep(0.1)
+    (tmp_path / "meanwhile").write_text("x")
+    assert stream.wait_for(P.INVAL)  # reported while the input was not the agent's yet
+    assert not [h for h in stream.headers() if h.get("t") == P.REP]
+    ready.set()
+    deadline = time.monotonic() + 10
+    while not [h for h in stream.headers() if h.get("t") == P.REP] and time.monotonic() < deadline:
+        stream.wait_for(P.REP, 0.5)
+    assert [h.get("id") for h in stream.headers() if h.get("t") == P.REP] == [9]
+
+
 def test_a_stream_that_cannot_be_polled_keeps_the_watchers_own_thread(started, tmp_path):
     link, stream = started(pollable=False)
     assert link.watcher._thread is not None and link.reader.before_read is None
