@@ -89,8 +89,10 @@ def started(tmp_path):
     yield start
     for link, stream in links:
         link.mark_lost("test over")
-        os.write(stream.wfd, b"")  # (the reader sees the link lost within its poll)
-        stream.close()
+        os.close(stream.wfd)  # the reader's next read finds the end: it stops
+        link._reader_thread.join(10)
+        assert not link._reader_thread.is_alive()
+        os.close(stream.rfd)  # (only now: a number reused while it still read would be read)
         link.watcher.close()
         link.pool.shutdown(wait=False)
 
