@@ -220,10 +220,7 @@ class LocalLink:
                     if events & (select.POLLNVAL | select.POLLERR):
                         poller.unregister(fd)  # (closed: the link is ending)
                         continue
-                    try:
-                        watcher.flush()
-                    except Exception:  # noqa: BLE001 - as the watcher's own thread did: say so, stop
-                        LOG.exception("mirror: change report failed")
+                    if not watcher.report_queued():
                         poller.unregister(fd)
                 else:
                     input_ready = True

@@ -318,6 +318,16 @@ class ChangeWatcher:
             if not self._closed.is_set():
                 self._drain()
 
+    def report_queued(self) -> bool:
+        """:meth:`flush` for whoever waits on :attr:`fd`: False once a report failed (logged;
+        the waiter stops reporting: a failing report must not end the link, nor go unsaid)."""
+        try:
+            self.flush()
+        except Exception:  # noqa: BLE001 - whatever the report raised
+            LOG.exception("mirror: change report failed")
+            return False
+        return True
+
     def _read(self) -> bytes:
         chunks = []
         while True:
@@ -434,12 +444,8 @@ class ChangeWatcher:
                 continue
             except (OSError, ValueError):
                 return
-            if ready:
-                try:
-                    self.flush()
-                except Exception:  # a failing report must not kill the watcher silently
-                    LOG.exception("mirror: change report failed")
-                    return
+            if ready and not self.report_queued():
+                return
 
     def close(self) -> None:
         with self._lock:
