@@ -16,6 +16,7 @@ import time
 import pytest
 
 from remote_runner.mirror.host.listings import ListingStore, digest, encode
+from remote_runner.mirror.host.names import NameCache
 from remote_runner.mirror.host.answers import listing_entries
 from remote_runner.mirror.host.profile import Profile
 from remote_runner.mirror.listing import directory_answer, encode_answer
@@ -128,6 +129,37 @@ def test_the_store_keeps_at_most_its_limit(tmp_path):
         store.save()
         time.sleep(0.01)
     assert len(os.listdir(tmp_path / "kept")) == 3
+
+
+def test_the_store_trims_once_over_its_limit_and_then_leaves_room(tmp_path):
+    store = ListingStore(str(tmp_path / "kept"), limit=16)
+    for i in range(17):
+        store.keep(f"/d{i}", encode({"n": [], "a": [], "l": []}))
+        store.save()
+        time.sleep(0.002)
+    kept = sorted(os.listdir(tmp_path / "kept"))
+    assert len(kept) == 14  # over 16: down to 7/8 of it, the oldest gone
+    assert store._file("/d16").rsplit("/", 1)[1] in kept and store._file("/d0").rsplit("/", 1)[1] not in kept
+    for i in range(17, 19):
+        store.keep(f"/d{i}", encode({"n": [], "a": [], "l": []}))
+        store.save()
+    assert len(os.listdir(tmp_path / "kept")) == 16  # not over: nothing trimmed
+
+
+def test_an_answer_gone_stale_in_the_session_is_not_written(tmp_path):
+    cache = NameCache()
+    cache.listings = store = ListingStore(str(tmp_path / "kept"))
+    answer = encode({"n": ["f"], "a": [None], "l": [None]})
+    for d in ("/gone", "/grown", "/touched", "/kept", "/gone/sub"):
+        store.keep(d, answer)
+    cache.renamed("/gone/sub")   # removed here: it, and its directory's answer, are stale
+    cache.renamed("/gone")
+    cache.renamed("/grown/new")  # a name made in it
+    cache.changed("/touched/f")  # an entry's attributes changed
+    cache.changed("/kept")       # its own attributes: what its answer lists is unchanged
+    store.save()
+    assert ListingStore(str(tmp_path / "kept")).offer(["/gone", "/gone/sub", "/grown", "/touched", "/kept"]) == [
+        ["/gone", ""], ["/gone/sub", ""], ["/grown", ""], ["/touched", ""], ["/kept", digest(answer)]]
 
 
 def test_profile_keeps_the_directories_used(tmp_path):

@@ -99,10 +99,9 @@ def keep_answers(cache: NameCache, parts: List[Tuple[str, bool, int]], data: byt
         part = data[offset:offset + size]
         offset += size
         entries = listing_entries(part)
-        if entries is not None:
-            cache.put_listing(directory, entries, watched=watched, since=since)
-            if cache.listings is not None:
-                cache.listings.keep(directory, part)
+        if entries is not None and cache.put_listing(directory, entries, watched=watched, since=since) \
+                and cache.listings is not None:
+            cache.listings.keep(directory, part)
 
 
 def subdirectory_answers(cache: NameCache, header: Dict[str, Any], data: bytes, since: int) -> None:

@@ -332,13 +332,19 @@ class NameCache:
                 self._floor = self._epoch + 1
                 self._epoch += 1
                 return dropped
+            kept = self.listings
             for path in paths:
                 self._stamp(self._stamps, path)
                 if self._attrs.pop(path, None) is not None:
                     dropped.append(path)
                 self._links.pop(path, None)
+                if kept is not None:  # its directory's answer holds its attributes
+                    kept.forget(parent(path))
             for top in trees:
                 self._stamp(self._trees, top)
+                if kept is not None:
+                    kept.forget(top)
+                    kept.forget(parent(top))
                 if top != "/":
                     listing = self._lists.get(parent(top))
                     if listing is not None:
