@@ -166,14 +166,19 @@ class LocalHashes:
             with self._lock:
                 self._new[name] = [*before, digest]
 
-    def known(self, path: str) -> Optional[str]:
-        """The SHA-1 of *path* if this run or an earlier one computed it for its current stat."""
+    def known(self, path: str, seen: Optional[Key] = None) -> Optional[str]:
+        """The SHA-1 of *path* if this run or an earlier one computed it for its current stat.
+
+        *seen*: its stat key as the caller's plan took it (the hash then matches
+        what that plan said of the file: its size), instead of a new ``stat``.
+        """
         name = os.path.abspath(path)
-        try:
-            key = stat_key(os.stat(name))
-        except OSError:
-            return None
-        return self._lookup(name, key, False)
+        if seen is None:
+            try:
+                seen = stat_key(os.stat(name))
+            except OSError:
+                return None
+        return self._lookup(name, seen, False)
 
     def _lookup(self, name: str, key: Key, rehash: bool) -> Optional[str]:
         with self._lock:

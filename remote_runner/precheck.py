@@ -306,7 +306,7 @@ def _read_if_changed(item: "Upload") -> Union[Tuple[bytes, str], bool, str, None
     """(bytes, SHA-1) of *item*'s source when its stat is new to the hash cache; False when
     it is new but too big to go ahead; the SHA-1 when the cache knows it; None when it
     cannot be read."""
-    known = hashcache.LOCAL.known(item.src)
+    known = hashcache.LOCAL.known(item.src, item.seen)
     if known is not None:
         return known
     if item.size > AHEAD_FILE:

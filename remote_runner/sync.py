@@ -186,7 +186,7 @@ def _add_file(host: str, src: str, dest: str, files: Dict[str, Upload],
     if old is not None and os.path.realpath(old.src) != os.path.realpath(src):
         raise CopyError(f"two different sources go to {dest}: {old.src} and {src}", host=host,
                         path=dest)
-    files[dest] = Upload(src, dest, stat.S_IMODE(st.st_mode), st.st_size)
+    files[dest] = Upload(src, dest, stat.S_IMODE(st.st_mode), st.st_size, hashcache.stat_key(st))
 
 
 def _add_tree(host: str, src: str, dest: str, files: Dict[str, Upload],

@@ -32,7 +32,7 @@ import secrets
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from concurrent.futures import wait as futures_wait
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Callable, Dict, List, NoReturn, Optional, Sequence, Tuple
 
 from remote_runner import compression, sftpwrite, stream
@@ -73,12 +73,20 @@ LaneOpener = Callable[[], Any]
 
 @dataclass(frozen=True)
 class Upload:
-    """One regular file to place on a host."""
+    """One regular file to place on a host.
+
+    *seen*: the source's stat key (:func:`hashcache.stat_key`) when the plan
+    looked at it, so that its remembered SHA-1 is found without another
+    ``stat``: the check is planned while the connections are made, and there
+    each ``stat`` gave the GIL away to their threads (1,003 files: ~50 ms,
+    against ~4 ms when planning).
+    """
 
     src: str
     dest: str
     mode: int
     size: int
+    seen: Optional[Tuple[int, ...]] = field(default=None, compare=False, repr=False)
 
 
 def _temporary(dest: str) -> str:

@@ -328,6 +328,27 @@ def test_only_files_changed_here_go_ahead_and_only_when_all_of_them_fit(tmp_path
     assert precheck._changed_here(items + [big], {}) == []  # the copy step is needed anyway
 
 
+def test_a_planned_file_is_looked_up_in_the_hash_cache_by_the_stat_the_plan_took(tmp_path, monkeypatch):
+    """No second stat while the connections are made: the plan's own says which hash holds."""
+    from remote_runner import precheck
+    cache = hashcache.LocalHashes(str(tmp_path / "cache"))
+    monkeypatch.setattr(hashcache, "LOCAL", cache)
+    (tmp_path / "src").mkdir()
+    (tmp_path / "src" / "a").write_text("one\n")
+    [item] = _local_plan(tmp_path / "src", "/base").files
+    assert item.seen == hashcache.stat_key(os.stat(item.src)) and item.size == 4
+    sha1 = cache.sha1(item.src)
+    monkeypatch.setattr(precheck.hashcache.os, "stat", lambda *a, **k: pytest.fail("stat again"))
+    assert precheck._read_if_changed(item) == sha1
+    # rewritten after the plan: the plan's answer stands (its size with its hash); the next plan's is new
+    monkeypatch.undo()
+    monkeypatch.setattr(hashcache, "LOCAL", cache)
+    (tmp_path / "src" / "a").write_text("two, longer\n")
+    assert precheck._read_if_changed(item) == sha1
+    [again] = _local_plan(tmp_path / "src", "/base").files
+    assert precheck._read_if_changed(again) == (b"two, longer\n", hashlib.sha1(b"two, longer\n").hexdigest())
+
+
 def _local_plan(src, dest):
     return sync.make_plan("localhost", [(FileSpec(str(src), "tree", True), str(dest))])
 
