@@ -122,27 +122,27 @@ def test_the_store_keeps_answers_and_ignores_garbage(tmp_path):
         assert ListingStore(str(tmp_path / "kept")).offer(["/some/dir"]) == [["/some/dir", ""]], garbage
 
 
-def test_the_store_keeps_at_most_its_limit(tmp_path):
-    store = ListingStore(str(tmp_path / "kept"), limit=3)
-    for i in range(5):
+def _keep_empty(store: ListingStore, numbers, pause: float = 0.0) -> None:
+    """Keep an empty answer for each directory ``/dN`` and save it, one session each, in turn."""
+    for i in numbers:
         store.keep(f"/d{i}", encode({"n": [], "a": [], "l": []}))
         store.save()
-        time.sleep(0.01)
+        time.sleep(pause)  # (each a later mtime: the oldest are trimmed first)
+
+
+def test_the_store_keeps_at_most_its_limit(tmp_path):
+    store = ListingStore(str(tmp_path / "kept"), limit=3)
+    _keep_empty(store, range(5), 0.01)
     assert len(os.listdir(tmp_path / "kept")) == 3
 
 
 def test_the_store_trims_once_over_its_limit_and_then_leaves_room(tmp_path):
     store = ListingStore(str(tmp_path / "kept"), limit=16)
-    for i in range(17):
-        store.keep(f"/d{i}", encode({"n": [], "a": [], "l": []}))
-        store.save()
-        time.sleep(0.002)
+    _keep_empty(store, range(17), 0.002)
     kept = sorted(os.listdir(tmp_path / "kept"))
     assert len(kept) == 14  # over 16: down to 7/8 of it, the oldest gone
     assert store._file("/d16").rsplit("/", 1)[1] in kept and store._file("/d0").rsplit("/", 1)[1] not in kept
-    for i in range(17, 19):
-        store.keep(f"/d{i}", encode({"n": [], "a": [], "l": []}))
-        store.save()
+    _keep_empty(store, range(17, 19))
     assert len(os.listdir(tmp_path / "kept")) == 16  # not over: nothing trimmed
 
 
