@@ -36,6 +36,20 @@ def own_cache_home(tmp_path_factory):
         os.environ["XDG_CACHE_HOME"] = old
 
 
+@pytest.fixture(scope="session", autouse=True)
+def no_standby():
+    """Run every command the tests start in its own process: no standby is started or used
+    (``$REMOTE_RUNNER_STANDBY=0``) unless a test asks for one (tests/test_standby.py), so no
+    process outlives the test that started it."""
+    old = os.environ.get("REMOTE_RUNNER_STANDBY")
+    os.environ["REMOTE_RUNNER_STANDBY"] = "0"
+    yield
+    if old is None:
+        os.environ.pop("REMOTE_RUNNER_STANDBY", None)
+    else:
+        os.environ["REMOTE_RUNNER_STANDBY"] = old
+
+
 def _lab_possible() -> str:
     """Return why the lab cannot run here, or '' when it can."""
     if os.geteuid() != 0:

@@ -1,0 +1,264 @@
+"""The standby: a process with the runner loaded that runs the next commands for their callers.
+
+What a user must not be able to tell apart from an in-process run is checked
+through the real scripts in subprocesses: the working directory, environment,
+umask, standard input, output and error, the exit status, Ctrl-C and a killed
+caller. A config file is Python the runner executes, so a config that prints
+``os.getpid()`` shows which process ran it: the caller's own (in-process) or a
+standby's child. Each test gets its own standby directory and stops the standby
+it started by the pid the standby wrote.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import textwrap
+import time
+
+import pytest
+
+from remote_runner.cli import standby
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SCRIPT = os.path.join(ROOT, "scripts", "remote_runner.py")
+
+PROBE = textwrap.dedent("""\
+    import os, sys, time
+    print("PROBE %d %s %s %03o %s" % (os.getpid(), os.getcwd(), os.environ.get("PROBE_VALUE"),
+                                      os.umask(0o022), sys.stdin.readline().strip()), flush=True)
+    if os.environ.get("PROBE_SLEEP"):
+        time.sleep(float(os.environ["PROBE_SLEEP"]))
+    c = Component()
+    c.name = "probe"
+    c.host = "h1"
+    c.executable = "/bin/true"
+    {start}
+    config.add_component(c)
+    """)
+
+
+@pytest.fixture
+def standby_dir():
+    """A standby directory of this test's own (short: a socket path has ~100 bytes at most)."""
+    folder = tempfile.mkdtemp(prefix="rrsb-", dir="/tmp")
+    yield folder
+    for name in os.listdir(folder):
+        if name.endswith(".pid"):
+            try:
+                with open(os.path.join(folder, name)) as src:
+                    os.kill(int(src.read()), signal.SIGTERM)
+            except (OSError, ValueError):
+                pass
+    shutil.rmtree(folder, ignore_errors=True)
+
+
+def write_probe(directory, start_index=True) -> str:
+    path = os.path.join(directory, "probe.py")
+    with open(path, "w") as out:
+        out.write(PROBE.format(start="c.start_index = 1" if start_index else ""))
+    return path
+
+
+def environment(folder, **extra) -> dict:
+    env = dict(os.environ, REMOTE_RUNNER_STANDBY="60", REMOTE_RUNNER_STANDBY_DIR=folder)
+    env.update(extra)
+    return env
+
+
+def probe_line(stdout: str):
+    line = next(line for line in stdout.splitlines() if line.startswith("PROBE "))
+    _, pid, cwd, value, umask, *stdin = line.split(" ")
+    return int(pid), cwd, value, umask, " ".join(stdin)
+
+
+def wait_for_socket(folder, seconds=60.0) -> str:
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        for name in os.listdir(folder):
+            if name.endswith(".sock"):
+                return os.path.join(folder, name)
+        time.sleep(0.05)
+    raise AssertionError(f"no standby socket in {folder} after {seconds} s")
+
+
+def run_classic(args, env, cwd, stdin="", umask=0o022):
+    proc = subprocess.Popen([sys.executable, SCRIPT, *args], env=env, cwd=cwd, umask=umask,
+                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
+    out, err = proc.communicate(stdin, timeout=120)
+    return proc.pid, proc.returncode, out, err
+
+
+def test_a_rerun_is_served_by_the_standby_exactly_as_it_would_run_here(tmp_path, standby_dir):
+    config = write_probe(tmp_path)
+    first_pid, code, out, err = run_classic(["-c", config, "--dry-run", "--no-connect"],
+                                            environment(standby_dir, PROBE_VALUE="one"), tmp_path,
+                                            stdin="first\n")
+    assert code == 0, err
+    assert probe_line(out) == (first_pid, str(tmp_path), "one", "022", "first")  # in-process
+    wait_for_socket(standby_dir)
+
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    caller, code, out, err = run_classic(["-c", os.path.join("..", "probe.py"), "--dry-run", "--no-connect",
+                                          "--json"], environment(standby_dir, PROBE_VALUE="two"),
+                                         elsewhere, stdin="second line\n", umask=0o027)
+    assert code == 0, err
+    pid, cwd, value, umask, stdin = probe_line(out)
+    assert pid != caller, "the command ran in-process, not in the standby"
+    # "../probe.py" was found from the caller's directory; the config runs in its own, as here
+    assert (cwd, value, umask, stdin) == (str(tmp_path), "two", "027", "second line")
+    plan = json.loads(out[out.index("{"):])
+    assert plan["config_file"] == config
+    assert [w["name"] for h in plan["hosts"] for w in h["windows"]] == ["probe"]
+
+    broken = write_probe(elsewhere, start_index=False)
+    caller, code, out, err = run_classic(["-c", broken], environment(standby_dir), elsewhere)
+    assert probe_line(out)[0] != caller
+    assert code == 2
+    assert f"ERROR: {broken}:" in err and "component 'probe', field 'start_index'" in err
+
+
+def test_ctrl_c_reaches_the_command_in_the_standby_and_a_killed_caller_ends_it(tmp_path, standby_dir):
+    config = write_probe(tmp_path)
+    run_classic(["-c", config, "--dry-run", "--no-connect"], environment(standby_dir), tmp_path)
+    wait_for_socket(standby_dir)
+
+    for how in (signal.SIGINT, signal.SIGKILL):
+        caller = subprocess.Popen([sys.executable, SCRIPT, "-c", config, "--dry-run", "--no-connect"],
+                                  env=environment(standby_dir, PROBE_SLEEP="60"), cwd=tmp_path,
+                                  stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                                  stderr=subprocess.PIPE, text=True)
+        line = caller.stdout.readline()
+        child = probe_line(line)[0]
+        assert child != caller.pid
+        caller.send_signal(how)
+        caller.wait(timeout=30)
+        rest = caller.stderr.read()
+        caller.stdout.close()
+        caller.stderr.close()
+        if how == signal.SIGINT:
+            assert caller.returncode == 130, rest
+            assert "ERROR: interrupted" in rest
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline and os.path.exists(f"/proc/{child}"):
+            time.sleep(0.05)
+        assert not os.path.exists(f"/proc/{child}"), f"the standby's child {child} outlived its caller"
+
+
+def test_a_standby_stops_cleanly_and_the_next_command_runs_in_process(tmp_path, standby_dir):
+    config = write_probe(tmp_path)
+    run_classic(["-c", config, "--dry-run", "--no-connect"], environment(standby_dir), tmp_path)
+    sock = wait_for_socket(standby_dir)
+    pid_file = sock[:-len(".sock")] + ".pid"
+    with open(pid_file) as src:
+        os.kill(int(src.read()), signal.SIGTERM)
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline and os.path.exists(sock):
+        time.sleep(0.05)
+    assert not os.path.exists(sock) and not os.path.exists(pid_file)
+    caller, code, out, _ = run_classic(["-c", config, "--dry-run", "--no-connect"],
+                                       environment(standby_dir), tmp_path)
+    assert code == 0 and probe_line(out)[0] == caller
+    wait_for_socket(standby_dir)  # it started a new one: stopped by the fixture, by its pid
+
+
+def test_commands_that_need_this_terminal_or_process_are_not_served(monkeypatch):
+    monkeypatch.setenv(standby.ENV, "60")
+    assert standby.wanted("classic", ["-c", "x.py"])
+    assert standby.wanted("tool", ["status"])
+    assert not standby.wanted("classic", ["-c", "x.py", "--ask-pass"])
+    assert not standby.wanted("tool", ["run", "-c", "x.py", "--ask-pass"])
+    for command in ("exec", "attach", "lab"):
+        assert not standby.wanted("tool", [command, "h1"])
+    monkeypatch.setenv(standby.ENV, "0")
+    assert not standby.wanted("classic", ["-c", "x.py"])
+    assert standby.idle_seconds({standby.ENV: "90"}) == 90.0
+    assert standby.idle_seconds({}) == standby.DEFAULT_IDLE
+    assert standby.idle_seconds({standby.ENV: "off"}) is None
+
+
+def test_the_directory_must_be_this_users_alone(tmp_path):
+    made = tmp_path / "made"
+    assert standby.private_directory(str(made), create=True)
+    assert os.stat(made).st_mode & 0o777 == 0o700
+    open_dir = tmp_path / "open"
+    open_dir.mkdir()
+    os.chmod(open_dir, 0o755)
+    assert not standby.private_directory(str(open_dir), create=False)
+    link = tmp_path / "link"
+    link.symlink_to(made)
+    assert not standby.private_directory(str(link), create=False)
+
+
+def test_the_socket_name_follows_what_the_imports_depend_on():
+    assert standby.fingerprint({"LANG": "C"}) == standby.fingerprint({"LANG": "C"})
+    assert standby.fingerprint({"LANG": "C"}) != standby.fingerprint({"LANG": "C.UTF-8"})
+    assert standby.fingerprint({"PYTHONPATH": "/a"}) != standby.fingerprint({})
+
+
+PYTHON = shutil.which("python3", path="/usr/bin:/bin") or ""
+
+
+@pytest.mark.skipif(os.geteuid() != 0 or not PYTHON, reason="needs root and /usr/bin/python3")
+def test_another_user_is_refused(tmp_path):
+    folder = tempfile.mkdtemp(prefix="rrpeer-", dir="/tmp")
+    try:
+        os.chmod(folder, 0o777)
+        path = os.path.join(folder, "s")
+        listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        listener.bind(path)
+        os.chmod(path, 0o777)
+        listener.listen(1)
+        code = f"import socket; s = socket.socket(socket.AF_UNIX); s.connect({path!r}); s.recv(1)"
+        for uid in (0, 65534):  # the system's python: this one may be in a home nobody can read
+            other = subprocess.Popen([PYTHON, "-c", code], user=uid)
+            conn, _ = listener.accept()
+            assert standby._same_user(conn) is (uid == os.getuid())
+            conn.close()
+            other.wait(timeout=30)
+        listener.close()
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+def test_a_real_run_and_its_status_through_the_standby(lab, screen_name, tmp_path, standby_dir):
+    """On lab hosts: the rerun the standby serves replaces the session as an in-process run does."""
+    from tests.conftest import quit_screen, ssh
+
+    state = f"/tmp/{screen_name}-state"
+    config = tmp_path / "experiment.py"
+    config.write_text(PROBE.format(start="c.start_index = 1").replace(
+        'c.executable = "/bin/true"', 'c.executable = "/bin/sleep"; c.args = ["600"]'))
+    env = environment(standby_dir, REMOTE_RUNNER_RUNS=str(tmp_path / "runs"))
+    common = ["-F", lab.ssh_config, "--screen", screen_name, "--remote-done-dir", state]
+
+    def remote_runner(*args):
+        proc = subprocess.Popen([sys.executable, "-m", "remote_runner", *args], env=env, cwd=tmp_path,
+                                stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, text=True)
+        out, err = proc.communicate(timeout=300)
+        return proc.pid, proc.returncode, out, err
+
+    try:
+        pids = []
+        for _ in range(2):
+            caller, code, out, err = remote_runner("run", "-c", str(config), "--settle", "0", *common)
+            assert code == 0, err
+            pids.append((caller, probe_line(out)[0]))
+            wait_for_socket(standby_dir)
+        assert pids[0][0] == pids[0][1] and pids[1][0] != pids[1][1]  # here, then the standby
+        _, code, out, err = remote_runner("status", "--json")
+        assert code == 0, err
+        assert [c["state"] for c in json.loads(out)["components"]] == ["running"]
+        sessions = ssh(lab, "h1", f"screen -ls {screen_name}", check=False).stdout
+        assert sessions.count(f".{screen_name}\t") == 1, sessions  # the first run's was replaced
+    finally:
+        quit_screen(lab, "h1", screen_name, state)
