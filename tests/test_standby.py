@@ -176,8 +176,10 @@ def test_commands_that_need_this_terminal_or_process_are_not_served(monkeypatch)
     assert standby.wanted("tool", ["status"])
     assert not standby.wanted("classic", ["-c", "x.py", "--ask-pass"])
     assert not standby.wanted("tool", ["run", "-c", "x.py", "--ask-pass"])
-    for command in ("exec", "attach", "lab"):
+    for command in ("attach", "lab"):
         assert not standby.wanted("tool", [command, "h1"])
+    # exec: only when its input is not a terminal (an interactive command keeps it here)
+    assert standby.wanted("tool", ["exec", "h1", "true"]) is (not os.isatty(0))
     monkeypatch.setenv(standby.ENV, "0")
     assert not standby.wanted("classic", ["-c", "x.py"])
     assert standby.idle_seconds({standby.ENV: "90"}) == 90.0
@@ -202,6 +204,15 @@ def test_the_socket_name_follows_what_the_imports_depend_on():
     assert standby.fingerprint({"LANG": "C"}) == standby.fingerprint({"LANG": "C"})
     assert standby.fingerprint({"LANG": "C"}) != standby.fingerprint({"LANG": "C.UTF-8"})
     assert standby.fingerprint({"PYTHONPATH": "/a"}) != standby.fingerprint({})
+    import resource  # a caller with other limits must not get a child with the standby's
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    before = standby.fingerprint({})
+    resource.setrlimit(resource.RLIMIT_NOFILE, (max(64, soft // 2), hard))
+    try:
+        assert standby.fingerprint({}) != before
+    finally:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+    assert standby.fingerprint({}) == before
 
 
 PYTHON = shutil.which("python3", path="/usr/bin:/bin") or ""
@@ -229,6 +240,7 @@ def test_another_user_is_refused(tmp_path):
         shutil.rmtree(folder, ignore_errors=True)
 
 
+@pytest.mark.lab
 def test_a_real_run_and_its_status_through_the_standby(lab, screen_name, tmp_path, standby_dir):
     """On lab hosts: the rerun the standby serves replaces the session as an in-process run does."""
     from tests.conftest import quit_screen, ssh
@@ -262,3 +274,43 @@ def test_a_real_run_and_its_status_through_the_standby(lab, screen_name, tmp_pat
         assert sessions.count(f".{screen_name}\t") == 1, sessions  # the first run's was replaced
     finally:
         quit_screen(lab, "h1", screen_name, state)
+
+
+def children_of(pid: int):
+    found = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/status") as src:
+                    if f"\nPPid:\t{pid}\n" in src.read():
+                        found.append(int(entry))
+            except OSError:
+                pass
+    return found
+
+
+@pytest.mark.lab
+def test_exec_through_the_standby_streams_stdin_and_returns_the_status(lab, tmp_path, standby_dir):
+    """The mirror's exec (stdin not a terminal) runs in the standby's child: input reaches the
+    remote command while it runs, its output comes back, its status is the caller's."""
+    script = "read a; echo got $a; read b; echo then $b; exit 3"
+    argv = [sys.executable, "-m", "remote_runner", "exec", "-F", lab.ssh_config, "h1", "sh", "-c", script]
+    env = environment(standby_dir)
+    first = subprocess.run(argv, env=env, cwd=tmp_path, input="x\ny\n", capture_output=True,
+                           text=True, timeout=300)
+    assert (first.returncode, first.stdout) == (3, "got x\nthen y\n"), first.stderr
+    sock = wait_for_socket(standby_dir)
+    with open(sock[:-len(".sock")] + ".pid") as src:
+        server = int(src.read())
+    caller = subprocess.Popen(argv, env=env, cwd=tmp_path, stdin=subprocess.PIPE,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        caller.stdin.write("hello\n")
+        caller.stdin.flush()
+        assert caller.stdout.readline() == "got hello\n"
+        assert children_of(server), "the command is not running in the standby's child"
+        out, err = caller.communicate("world\n", timeout=300)
+    finally:
+        if caller.poll() is None:
+            caller.kill()
+    assert (caller.returncode, out) == (3, "then world\n"), err

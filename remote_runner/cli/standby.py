@@ -20,10 +20,12 @@ standby exits after ``$REMOTE_RUNNER_STANDBY`` seconds without a command
 
 What must hold, and how:
 
-* Same code, same interpreter: the socket's name is a digest of everything an
-  import depends on (the interpreter, ``sys.path``, the package's files and the
-  directories packages are installed in, the locale and Python variables, the
-  user, groups, root and namespaces). Change any of them and the next command
+* Same code, same interpreter, same process: the socket's name is a digest of
+  everything an import depends on (the interpreter, ``sys.path``, the package's
+  files and the directories packages are installed in, the locale and Python
+  variables) and of what a child inherits from the standby rather than from its
+  caller (user, groups, root, namespaces, resource limits, priority, CPU
+  affinity, control group). Change any of them and the next command
   finds no standby under that name, runs in-process and starts a fresh one; the
   old one idles out.
 * Only this user: the directory is created 0700 and refused unless it is a real
@@ -34,7 +36,8 @@ What must hold, and how:
   command in-process instead. A caller that disappears after that (killed)
   takes the run down with it (SIGTERM), as an in-process run would die.
 * What needs this terminal runs in-process: ``--ask-pass`` (a prompt on
-  ``/dev/tty``), ``attach``, ``exec`` and ``lab``.
+  ``/dev/tty``), ``attach``, ``lab``, and ``exec`` when its input is a terminal
+  (an interactive program: raw mode, window size, job control stay here).
 
 ``REMOTE_RUNNER_STANDBY=0`` turns it off; a number sets the idle time in
 seconds. ``REMOTE_RUNNER_STANDBY_DIR`` names the directory (default
@@ -61,7 +64,8 @@ DEFAULT_IDLE = 600.0
 #: Entry points a standby can run: name -> (module, function taking argv without argv[0]).
 ENTRIES = {"classic": ("remote_runner.cli.classic", "main"), "tool": ("remote_runner.cli", "main")}
 
-#: ``remote-runner`` subcommands served by a standby (the others need this terminal or root setup).
+#: ``remote-runner`` subcommands served by a standby (and ``exec`` when stdin is not a terminal;
+#: ``attach`` needs this terminal, ``lab`` sets up hosts as root once).
 TOOL_COMMANDS = frozenset({"run", "status", "logs", "stop", "restart", "fetch", "clean"})
 
 #: Arguments that need this process's terminal: never served by a standby.
@@ -79,7 +83,7 @@ PRELOAD = ("remote_runner.cli", "remote_runner.cli.classic", "remote_runner.cli.
            "remote_runner.failpolicy", "remote_runner.traffic", "remote_runner.yamlconfig",
            "remote_runner.python2.source", "paramiko", "yaml", "rich.console", "rich.live",
            "rich.table", "rich.text", "rich.progress", "rich.progress_bar", "rich.spinner",
-           "concurrent.futures.thread", "json", "shlex", "subprocess", "tempfile")
+           "remote_runner.cli.exec_", "remote_runner.mirror.session", "concurrent.futures.thread", "json", "shlex", "subprocess", "tempfile")
 
 _HEADER = struct.Struct("!I")
 _MAX_MESSAGE = 16 << 20
@@ -156,6 +160,27 @@ def _identity(path: str) -> str:
     return f"{st.st_dev}:{st.st_ino}:{st.st_mtime_ns}"
 
 
+def _limits() -> list:
+    """What the child inherits from the standby rather than from its caller: resource limits,
+    priority, CPU affinity, control group. The standby had the caller's; the name keeps it so."""
+    import resource
+    found: list = [[name, resource.getrlimit(getattr(resource, name))]
+                   for name in ("RLIMIT_NOFILE", "RLIMIT_NPROC", "RLIMIT_STACK", "RLIMIT_AS",
+                                "RLIMIT_CORE", "RLIMIT_DATA", "RLIMIT_CPU", "RLIMIT_FSIZE")
+                   if hasattr(resource, name)]
+    try:
+        found.append(["nice", os.getpriority(os.PRIO_PROCESS, 0)])
+        found.append(["cpus", sorted(os.sched_getaffinity(0))])
+    except (AttributeError, OSError):
+        pass
+    try:
+        with open("/proc/self/cgroup") as src:
+            found.append(["cgroup", src.read()])
+    except OSError:
+        pass
+    return found
+
+
 def fingerprint(environ: Optional[Dict[str, str]] = None) -> str:
     """A digest of everything the standby's imports and set-up depend on (see the module's doc)."""
     env = os.environ if environ is None else environ
@@ -175,6 +200,7 @@ def fingerprint(environ: Optional[Dict[str, str]] = None) -> str:
         "who": [os.getuid(), os.geteuid(), os.getgid(), sorted(os.getgroups())],
         "root": _identity("/"),
         "namespaces": namespaces,
+        "limits": _limits(),
     }
     try:  # the built-in module: hashlib's OpenSSL binding takes ~2 ms to import, on every command
         from _sha256 import sha256  # type: ignore[import-not-found]
@@ -202,6 +228,8 @@ def wanted(entry: str, argv: Sequence[str]) -> bool:
     if any(arg.split("=", 1)[0] in NEEDS_TERMINAL for arg in argv):
         return False
     if entry == "tool":
+        if argv and argv[0] == "exec":  # an interactive command keeps its terminal here
+            return not os.isatty(0)
         return bool(argv) and argv[0] in TOOL_COMMANDS
     return True
 
