@@ -100,7 +100,23 @@ def main(argv: Optional[List[str]] = None) -> int:
     report.notes.append(ours.compile_package())
     os.makedirs(args.work_dir, exist_ok=True)
     all_delays = sorted(set(args.delay_list + args.mirror_delay_list))
+    standby_dir = ours.use_own_standby()
+    report.notes.append("our commands after the first are served by a standby process (README: "
+                        "'The standby'), as a user's reruns are; 'no standby' rows run in-process")
     t0 = time.monotonic()
+    try:
+        _run_scenarios(args, report, outrun, all_delays, tag)
+    finally:
+        report.notes.append(f"standbys stopped at the end: {ours.stop_standbys(standby_dir)}")
+    report.settings["total time (s)"] = round(time.monotonic() - t0)
+    md, js = report.write(args.out)
+    print(report.to_markdown())
+    print(f"results: {md}\nraw data: {js}")
+    return 0
+
+
+def _run_scenarios(args: argparse.Namespace, report: Report, outrun, all_delays, tag: str) -> None:  # type: ignore[no-untyped-def]
+    """Bring up the testbed and run each scenario, its failure a note of the report."""
     with Testbed(all_delays, 1) as testbed:
         for name in args.scenario_list:
             delays = args.mirror_delay_list if name == "mirror" else args.delay_list
@@ -116,8 +132,3 @@ def main(argv: Optional[List[str]] = None) -> int:
                 report.notes.append(f"scenario {name} failed: {exc}")
             report.notes.extend(ctx.notes)
             report.notes.append(f"{name} took {time.monotonic() - t:.0f} s")
-    report.settings["total time (s)"] = round(time.monotonic() - t0)
-    md, js = report.write(args.out)
-    print(report.to_markdown())
-    print(f"results: {md}\nraw data: {js}")
-    return 0

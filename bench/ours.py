@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import os
 import subprocess
 import sys
 from typing import Dict, List, Optional, Sequence
@@ -63,9 +64,37 @@ def mirror_missing() -> Optional[str]:
     return None
 
 
-def runner_argv(config: str, ssh_config: str, screen: str, extra: Optional[List[str]] = None) -> List[str]:
-    """Return the command line that runs *config* against the hosts of *ssh_config*."""
-    return RUNNER + ["-c", config, "-F", ssh_config, "--screen", screen, "-l", "WARNING"] + list(extra or [])
+def runner_argv(config: str, ssh_config: str, screen: str, extra: Optional[List[str]] = None,
+                standby: bool = True) -> List[str]:
+    """Return the command line that runs *config* against the hosts of *ssh_config*
+    (*standby* False: always in-process, as a first run or ``REMOTE_RUNNER_STANDBY=0`` is)."""
+    prefix = [] if standby else ["env", "REMOTE_RUNNER_STANDBY=0"]
+    return prefix + RUNNER + ["-c", config, "-F", ssh_config, "--screen", screen, "-l", "WARNING"] + list(extra or [])
+
+
+def use_own_standby() -> str:
+    """Give this bench's commands a standby directory of their own; return it (see stop_standbys)."""
+    import tempfile
+    folder = tempfile.mkdtemp(prefix="rrbench-sb-", dir="/tmp")
+    os.environ["REMOTE_RUNNER_STANDBY_DIR"] = folder
+    return folder
+
+
+def stop_standbys(folder: str) -> int:
+    """Stop the standbys our commands started in *folder* (by the pid each wrote); return how many."""
+    import shutil
+    import signal
+    stopped = 0
+    for name in os.listdir(folder) if os.path.isdir(folder) else ():
+        if name.endswith(".pid"):
+            try:
+                with open(os.path.join(folder, name)) as src:
+                    os.kill(int(src.read()), signal.SIGTERM)
+                stopped += 1
+            except (OSError, ValueError):
+                pass
+    shutil.rmtree(folder, ignore_errors=True)
+    return stopped
 
 
 def exec_argv(ssh_config: str, host: str, command: List[str], stats: Optional[str] = None,

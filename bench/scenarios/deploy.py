@@ -9,7 +9,10 @@ once: see :func:`bench.measure.repeat_in_turns`): *cold* (the destination is emp
 file rewritten locally). Ours is the classic runner with one no-op component
 per host carrying the files (so its figure also includes connecting and the
 screen start of that component); the peers are ``rsync -a`` over ssh and
-``scp -r``, one process per host, all hosts at once. scp has no change
+``scp -r``, one process per host, all hosts at once. Our runs after the first
+are served by the standby (a process with the runner loaded, README "The
+standby"), as a user's reruns are; the ``remote_runner, no standby`` rows (warm
+and one changed) run in-process, as a first run does. scp has no change
 detection, so only its cold case is measured. Our rows' notes give the exec
 channels, SFTP sessions and SFTP requests per host of the row's last run (from
 ``--json``): the round trips a slower link would pay for.
@@ -18,7 +21,7 @@ channels, SFTP sessions and SFTP requests per host of the row's last run (from
 from __future__ import annotations
 
 import os
-from typing import List
+from typing import Dict, List
 
 from bench import ours
 from bench.context import Context, parallel, write_random
@@ -27,6 +30,8 @@ from bench.results import OURS, Measurement
 
 SCENARIO = "deploy"
 HOSTS = 4
+#: Our runner with the standby turned off: what a first run (or ``REMOTE_RUNNER_STANDBY=0``) costs.
+NO_STANDBY = "remote_runner, no standby"
 DEST = "/root/rr-bench-deploy"
 
 
@@ -127,18 +132,20 @@ def _one_set(ctx: Context, delay: float, hosts: List[str], label: str, data: str
     cfg = ctx.testbed.ssh_config(delay)
     screen = ctx.screen_name("deploy")
     missing = ours.runner_missing()
-    tools = [("remote_runner", OURS, f"{DEST}{where}/ours"), ("rsync -a", "peer", f"{DEST}{where}/rsync"),
-             ("scp -r", "peer", f"{DEST}{where}/scp")]
+    tools = [("remote_runner", OURS, f"{DEST}{where}/ours"), (NO_STANDBY, OURS, f"{DEST}{where}/ours"),
+             ("rsync -a", "peer", f"{DEST}{where}/rsync"), ("scp -r", "peer", f"{DEST}{where}/scp")]
     steps = []  # (tool, role, dest, step)
-    traffic: List[str] = []  # our runs' exec/SFTP counts per host, newest last
+    traffic: Dict[str, List[str]] = {}  # per tool of ours: its runs' exec/SFTP counts, newest last
     for tool, role, dest in tools:
-        if tool == "remote_runner":
+        if tool in (NO_STANDBY, "remote_runner"):
             if missing:
                 rows += [skipped(SCENARIO, case + label, tool, delay, missing, OURS)
                          for case in ("cold", "warm", "one changed")]
                 continue
-            argv = ours.runner_argv(runner_config(ctx, data, hosts, dest), cfg, screen, ["--json"])
-            step = lambda argv=argv: traffic.append(ours.traffic_note(sh(argv, timeout=900).stdout))
+            argv = ours.runner_argv(runner_config(ctx, data, hosts, dest), cfg, screen, ["--json"],
+                                    standby=tool != NO_STANDBY)
+            step = lambda argv=argv, mine=traffic.setdefault(tool, []): mine.append(  # noqa: E731
+                ours.traffic_note(sh(argv, timeout=900).stdout))
         elif tool == "rsync -a":
             step = lambda dest=dest: parallel(
                 [["rsync", "-a", "-e", f"ssh -F {cfg}", data + "/", f"{h}:{dest}/"] for h in hosts], 900)
@@ -147,11 +154,12 @@ def _one_set(ctx: Context, delay: float, hosts: List[str], label: str, data: str
                 [["scp", "-q", "-r", "-F", cfg, data + "/.", f"{h}:{dest}/"] for h in hosts], 900)
         steps.append((tool, role, dest, step))
     wipe = lambda dest: lambda: ctx.on_hosts(delay, hosts, f"rm -rf {dest} && mkdir -p {dest}")  # noqa: E731
+    cold_steps = [s for s in steps if s[0] != NO_STANDBY]  # the same copy: measured warm only
     cold = repeat_in_turns([(Measurement(SCENARIO, "cold" + label, tool, delay, role), step, wipe(dest))
-                            for tool, role, dest, step in steps], ctx.reps, ctx.slow_after)
-    for m, (tool, _, dest, _) in zip(cold, steps):
+                            for tool, role, dest, step in cold_steps], ctx.reps, ctx.slow_after)
+    for m, (tool, _, dest, _) in zip(cold, cold_steps):
         if tool == "remote_runner":
-            _note_traffic(m, traffic)
+            _note_traffic(m, traffic[tool])
         if not m.skipped:
             check_copied(ctx, delay, hosts, data, dest, m)
     rows += cold
@@ -165,10 +173,10 @@ def _one_set(ctx: Context, delay: float, hosts: List[str], label: str, data: str
         measured = repeat_in_turns([(Measurement(SCENARIO, case + label, tool, delay, role), step, prepare)
                                     for tool, role, step in changing], ctx.reps, ctx.slow_after)
         for m in measured:
-            if m.tool == "remote_runner":
-                _note_traffic(m, traffic)
+            if m.tool in traffic:
+                _note_traffic(m, traffic[m.tool])
         rows += measured
-    for _, _, dest, _ in steps:
+    for dest in sorted({dest for _, _, dest, _ in steps}):
         ctx.on_hosts(delay, hosts, f"rm -rf {dest}")
     ctx.quit_screens(delay, hosts, screen)
     return rows
