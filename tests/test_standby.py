@@ -31,8 +31,9 @@ SCRIPT = os.path.join(ROOT, "scripts", "remote_runner.py")
 
 PROBE = textwrap.dedent("""\
     import os, sys, time
-    print("PROBE %d %s %s %03o %s" % (os.getpid(), os.getcwd(), os.environ.get("PROBE_VALUE"),
-                                      os.umask(0o022), sys.stdin.readline().strip()), flush=True)
+    print("PROBE %d %s %s %03o %s %s" % (os.getpid(), os.getcwd(), os.environ.get("PROBE_VALUE"),
+                                         os.umask(0o022), time.strftime("%Z"),
+                                         sys.stdin.readline().strip()), flush=True)
     if os.environ.get("PROBE_SLEEP"):
         time.sleep(float(os.environ["PROBE_SLEEP"]))
     c = Component()
@@ -74,8 +75,8 @@ def environment(folder, **extra) -> dict:
 
 def probe_line(stdout: str):
     line = next(line for line in stdout.splitlines() if line.startswith("PROBE "))
-    _, pid, cwd, value, umask, *stdin = line.split(" ")
-    return int(pid), cwd, value, umask, " ".join(stdin)
+    _, pid, cwd, value, umask, zone, *stdin = line.split(" ")
+    return int(pid), cwd, value, umask, zone, " ".join(stdin)
 
 
 def wait_for_socket(folder, seconds=60.0) -> str:
@@ -99,22 +100,22 @@ def run_classic(args, env, cwd, stdin="", umask=0o022):
 def test_a_rerun_is_served_by_the_standby_exactly_as_it_would_run_here(tmp_path, standby_dir):
     config = write_probe(tmp_path)
     first_pid, code, out, err = run_classic(["-c", config, "--dry-run", "--no-connect"],
-                                            environment(standby_dir, PROBE_VALUE="one"), tmp_path,
-                                            stdin="first\n")
+                                            environment(standby_dir, PROBE_VALUE="one", TZ="ONE-1"),
+                                            tmp_path, stdin="first\n")
     assert code == 0, err
-    assert probe_line(out) == (first_pid, str(tmp_path), "one", "022", "first")  # in-process
+    assert probe_line(out) == (first_pid, str(tmp_path), "one", "022", "ONE", "first")  # in-process
     wait_for_socket(standby_dir)
 
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
     caller, code, out, err = run_classic(["-c", os.path.join("..", "probe.py"), "--dry-run", "--no-connect",
-                                          "--json"], environment(standby_dir, PROBE_VALUE="two"),
+                                          "--json"], environment(standby_dir, PROBE_VALUE="two", TZ="TWO-2"),
                                          elsewhere, stdin="second line\n", umask=0o027)
     assert code == 0, err
-    pid, cwd, value, umask, stdin = probe_line(out)
+    pid, cwd, value, umask, zone, stdin = probe_line(out)
     assert pid != caller, "the command ran in-process, not in the standby"
     # "../probe.py" was found from the caller's directory; the config runs in its own, as here
-    assert (cwd, value, umask, stdin) == (str(tmp_path), "two", "027", "second line")
+    assert (cwd, value, umask, zone, stdin) == (str(tmp_path), "two", "027", "TWO", "second line")
     plan = json.loads(out[out.index("{"):])
     assert plan["config_file"] == config
     assert [w["name"] for h in plan["hosts"] for w in h["windows"]] == ["probe"]
@@ -151,6 +152,43 @@ def test_ctrl_c_reaches_the_command_in_the_standby_and_a_killed_caller_ends_it(t
         while time.monotonic() < deadline and os.path.exists(f"/proc/{child}"):
             time.sleep(0.05)
         assert not os.path.exists(f"/proc/{child}"), f"the standby's child {child} outlived its caller"
+
+
+def state_of(pid: int) -> str:
+    with open(f"/proc/{pid}/stat") as src:
+        return src.read().rsplit(")", 1)[1].split()[0]
+
+
+def wait_for_state(pid: int, want: bool, state: str = "T") -> None:
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline and (state_of(pid) == state) is not want:
+        time.sleep(0.02)
+    assert (state_of(pid) == state) is want, f"pid {pid} is {state_of(pid)}"
+
+
+def test_ctrl_z_stops_the_command_in_the_standby_and_fg_resumes_it(tmp_path, standby_dir):
+    config = write_probe(tmp_path)
+    run_classic(["-c", config, "--dry-run", "--no-connect"], environment(standby_dir), tmp_path)
+    wait_for_socket(standby_dir)
+    caller = subprocess.Popen([sys.executable, SCRIPT, "-c", config, "--dry-run", "--no-connect"],
+                              env=environment(standby_dir, PROBE_SLEEP="60"), cwd=tmp_path,
+                              stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                              stderr=subprocess.DEVNULL, text=True)
+    try:
+        child = probe_line(caller.stdout.readline())[0]
+        assert child != caller.pid
+        caller.send_signal(signal.SIGTSTP)
+        wait_for_state(caller.pid, True)
+        wait_for_state(child, True)
+        caller.send_signal(signal.SIGCONT)
+        wait_for_state(caller.pid, False)
+        wait_for_state(child, False)
+        caller.send_signal(signal.SIGINT)
+        assert caller.wait(timeout=30) == 130
+    finally:
+        if caller.poll() is None:
+            caller.kill()
+        caller.stdout.close()
 
 
 def test_a_standby_stops_cleanly_and_the_next_command_runs_in_process(tmp_path, standby_dir):

@@ -301,14 +301,20 @@ def run_in_standby(entry: str, argv: Sequence[str]) -> Optional[int]:
         _send(sock, {"entry": entry, "argv": list(argv), "env": dict(os.environ), "umask": _umask(),
                      "stdio": _stdio_spec()}, fds=(*_STDIO, cwd))
         child = int(_receive(sock)["pid"])
-        _send(sock, {"go": True})
+        forwarder = _Forwarder(child)  # from here on, a signal for us is one for the command
+        forwarder.install()
+        try:
+            _send(sock, {"go": True})
+        except OSError:
+            forwarder.restore()
+            raise
     except (OSError, EOFError, ValueError, KeyError, TypeError):
         sock.close()
         return None
     finally:
         if cwd >= 0:
             os.close(cwd)
-    return _follow(sock, child)
+    return _follow(sock, forwarder)
 
 
 def _umask() -> int:
@@ -317,19 +323,43 @@ def _umask() -> int:
     return mask
 
 
-def _follow(sock: socket.socket, child: int) -> int:
-    """Forward signals to *child* until it reports its exit status; end as it ended."""
-    forwarded: List[int] = []
+class _Forwarder:
+    """Passes the signals this caller gets (a terminal sends them to the caller only) to the child
+    that runs its command; Ctrl-Z stops both and ``fg``/``bg`` resume both."""
 
-    def forward(signum: int, _frame: object) -> None:
-        forwarded.append(signum)
+    def __init__(self, child: int) -> None:
+        self.child = child
+        self.forwarded: List[int] = []
+
+    def install(self) -> None:
+        for signum in FORWARDED:
+            signal.signal(signum, self._forward)
+        signal.signal(signal.SIGTSTP, self._suspend)
+
+    def restore(self) -> None:
+        for signum in (*FORWARDED, signal.SIGTSTP):
+            signal.signal(signum, signal.SIG_DFL)
+
+    def _kill(self, signum: int) -> None:
         try:
-            os.kill(child, signum)
+            os.kill(self.child, signum)
         except OSError:
             pass
 
-    for signum in FORWARDED:
-        signal.signal(signum, forward)
+    def _forward(self, signum: int, _frame: object) -> None:
+        self.forwarded.append(signum)
+        self._kill(signum)
+
+    def _suspend(self, _signum: int, _frame: object) -> None:
+        self._kill(signal.SIGSTOP)
+        signal.signal(signal.SIGTSTP, signal.SIG_DFL)
+        os.kill(os.getpid(), signal.SIGTSTP)  # stopped here until SIGCONT
+        signal.signal(signal.SIGTSTP, self._suspend)
+        self._kill(signal.SIGCONT)
+
+
+def _follow(sock: socket.socket, forwarder: _Forwarder) -> int:
+    """Wait for the child's exit status, forwarding signals; end as it ended."""
     sock.settimeout(None)
     try:
         status = int(_receive(sock)["exit"])
@@ -337,14 +367,14 @@ def _follow(sock: socket.socket, child: int) -> int:
         status = None
     finally:
         sock.close()
-    for signum in FORWARDED:
-        signal.signal(signum, signal.SIG_DFL)
+        forwarder.restore()
     if status is not None:
         return status
-    if forwarded:  # the child died of a signal we passed on: die of it too, as it would have here
-        os.kill(os.getpid(), forwarded[-1])
+    if forwarder.forwarded:  # it died of a signal we passed on: die of it too, as it would have here
+        os.kill(os.getpid(), forwarder.forwarded[-1])
     sys.stderr.write("ERROR: the standby process that ran this command ended without an exit "
-                     f"status (pid {child}); run it again with {ENV}=0 to run it in-process\n")
+                     f"status (pid {forwarder.child}); run it again with {ENV}=0 to run it "
+                     "in-process\n")
     return 1
 
 
@@ -471,6 +501,9 @@ def _child(conn: socket.socket) -> None:
                 os.close(fd)
         os.environ.clear()
         os.environ.update(request["env"])
+        time.tzset()  # the C library read the standby's TZ
+        import tempfile
+        tempfile.tempdir = None  # and $TMPDIR is read again
         os.umask(int(request["umask"]))
         _reopen_stdio(request["stdio"])
         sys.argv = list(request["argv"])
