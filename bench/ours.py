@@ -16,9 +16,9 @@ import subprocess
 import sys
 from typing import Dict, List, Optional, Sequence
 
-#: Runs the classic CLI in this interpreter (works without the console script on PATH).
-RUNNER = [sys.executable, "-c", "from remote_runner.cli import finish; from remote_runner.cli.classic import main; "
-          "finish(main())"]
+#: Runs the classic CLI in this interpreter as ``remote_runner.py`` does (works without the script
+#: on PATH): a standby, once up, runs it (README "The standby").
+RUNNER = [sys.executable, "-c", "from remote_runner.standby import launch; launch('classic')"]
 #: Runs ``remote-runner`` subcommands in this interpreter.
 TOOL = [sys.executable, "-m", "remote_runner"]
 

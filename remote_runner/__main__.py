@@ -1,5 +1,5 @@
-"""Allow ``python -m remote_runner``."""
+"""Allow ``python -m remote_runner`` (a standby may run the command: :mod:`remote_runner.standby`)."""
 
-from remote_runner.cli import finish, main
+from remote_runner.standby import launch
 
-finish(main())
+launch("tool")

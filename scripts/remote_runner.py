@@ -16,10 +16,9 @@ _HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path[:] = [p for p in sys.path if os.path.abspath(p or os.curdir) != _HERE]
 
 if __name__ == "__main__":
-    from remote_runner.cli import finish
-    from remote_runner.cli.classic import main
+    from remote_runner.standby import launch
 
-    finish(main())
+    launch("classic")
 else:
     del sys.modules[__name__]
     sys.modules[__name__] = importlib.import_module(__name__)

@@ -24,7 +24,7 @@ import time
 
 import pytest
 
-from remote_runner.cli import standby
+from remote_runner import standby
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPT = os.path.join(ROOT, "scripts", "remote_runner.py")
@@ -242,6 +242,18 @@ def test_the_socket_name_follows_what_the_imports_depend_on():
     assert standby.fingerprint({"LANG": "C"}) == standby.fingerprint({"LANG": "C"})
     assert standby.fingerprint({"LANG": "C"}) != standby.fingerprint({"LANG": "C.UTF-8"})
     assert standby.fingerprint({"PYTHONPATH": "/a"}) != standby.fingerprint({})
+    # an edit of any of the package's files (and only of those: not the whole checkout's)
+    edited = os.path.join(os.path.dirname(standby.__file__), "errors.py")
+    st = os.stat(edited)
+    try:
+        os.utime(edited, ns=(st.st_atime_ns, st.st_mtime_ns + 1_000_000_000))
+        changed = standby.fingerprint({})
+    finally:
+        os.utime(edited, ns=(st.st_atime_ns, st.st_mtime_ns))
+    assert changed != standby.fingerprint({})
+    files = standby._package_files(os.path.dirname(standby.__file__))
+    assert ("errors.py", st.st_mtime_ns, st.st_size) in files
+    assert not any(name.startswith(("tests", ".venv", "bench")) for name, _, _ in files)
     import resource  # a caller with other limits must not get a child with the standby's
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     before = standby.fingerprint({})

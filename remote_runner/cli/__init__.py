@@ -100,14 +100,6 @@ def build_parser(command: Optional[str] = None) -> argparse.ArgumentParser:
 
 
 def main(argv: Optional[List[str]] = None) -> int:
-    """The ``remote-runner`` command (*argv* None: this process's command line, which a standby
-    with the runner loaded may run instead, see :mod:`remote_runner.cli.standby`)."""
-    own = argv is None
-    if own:
-        from remote_runner.cli import standby
-        served = standby.run_in_standby("tool", sys.argv)
-        if served is not None:
-            return served
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = build_parser(argv[0] if argv else None)
     args = parser.parse_args(argv)
@@ -115,10 +107,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         parser.print_help()
         return 2
     setup_logging(getattr(args, "log_level", "INFO") or "INFO")
-    status = run_guarded(lambda: args.func(args))
-    if own and standby.wanted("tool", argv):
-        standby.start_standby()
-    return status
+    return run_guarded(lambda: args.func(args))
 
 
 def finish(code: Optional[int]) -> NoReturn:
@@ -147,5 +136,6 @@ def finish(code: Optional[int]) -> NoReturn:
 
 
 def entry() -> NoReturn:
-    """The ``remote-runner`` console script."""
-    finish(main())
+    """The ``remote-runner`` console script of installs made before :func:`remote_runner.standby.tool`."""
+    from remote_runner.standby import launch
+    launch("tool")

@@ -391,16 +391,7 @@ def dry_run(experiment: "Experiment", options: "RunOptions", ssh_options: "SSHOp
 
 
 def main(argv: Optional[List[str]] = None) -> int:
-    """Entry point of ``remote_runner.py`` (*argv* None: this process's command line, which a
-    standby with the runner loaded may run instead, see :mod:`remote_runner.cli.standby`)."""
-    if argv is None:
-        from remote_runner.cli import standby
-        served = standby.run_in_standby("classic", sys.argv)
-        if served is not None:
-            return served
+    """Entry point of ``remote_runner.py``."""
     args = build_parser().parse_args(sys.argv[1:] if argv is None else argv)
     setup_logging(args.log_level)
-    status = run_guarded(lambda: run_command(args))
-    if argv is None and standby.wanted("classic", sys.argv[1:]):
-        standby.start_standby()
-    return status
+    return run_guarded(lambda: run_command(args))

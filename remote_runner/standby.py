@@ -46,16 +46,14 @@ seconds. ``REMOTE_RUNNER_STANDBY_DIR`` names the directory (default
 
 from __future__ import annotations
 
-import array
-import json
+import marshal
 import os
 import signal
 import socket
 import stat
-import struct
 import sys
 import time
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Dict, List, NoReturn, Optional, Sequence, Tuple
 
 ENV = "REMOTE_RUNNER_STANDBY"
 DIR_ENV = "REMOTE_RUNNER_STANDBY_DIR"
@@ -83,9 +81,10 @@ PRELOAD = ("remote_runner.cli", "remote_runner.cli.classic", "remote_runner.cli.
            "remote_runner.failpolicy", "remote_runner.traffic", "remote_runner.yamlconfig",
            "remote_runner.python2.source", "paramiko", "yaml", "rich.console", "rich.live",
            "rich.table", "rich.text", "rich.progress", "rich.progress_bar", "rich.spinner",
-           "remote_runner.cli.exec_", "remote_runner.mirror.session", "concurrent.futures.thread", "json", "shlex", "subprocess", "tempfile")
+           "remote_runner.cli.exec_", "remote_runner.mirror.session", "concurrent.futures.thread",
+           "json", "shlex", "subprocess", "tempfile")
 
-_HEADER = struct.Struct("!I")
+_HEADER = 4  # bytes of a message's length, big-endian
 _MAX_MESSAGE = 16 << 20
 _STDIO = (0, 1, 2)
 #: Signals the caller passes on to the child (the terminal sends them to the caller only).
@@ -184,7 +183,7 @@ def _limits() -> list:
 def fingerprint(environ: Optional[Dict[str, str]] = None) -> str:
     """A digest of everything the standby's imports and set-up depend on (see the module's doc)."""
     env = os.environ if environ is None else environ
-    package = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    package = os.path.dirname(os.path.abspath(__file__))  # remote_runner/
     namespaces = []
     for name in ("mnt", "pid", "user", "net"):
         try:
@@ -206,7 +205,7 @@ def fingerprint(environ: Optional[Dict[str, str]] = None) -> str:
         from _sha256 import sha256  # type: ignore[import-not-found]
     except ImportError:
         from hashlib import sha256
-    return sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:20]
+    return sha256(repr(sorted(parts.items())).encode()).hexdigest()[:20]
 
 
 def socket_path(folder: str, key: str) -> str:
@@ -234,11 +233,15 @@ def wanted(entry: str, argv: Sequence[str]) -> bool:
     return True
 
 
+# Messages are marshal'd dicts of plain values behind their length: both ends are the same
+# interpreter (the socket's name says so) and the same user (the standby checks), and marshal is
+# built in, where json costs every command its import.
+
 def _send(sock: socket.socket, payload: dict, fds: Sequence[int] = ()) -> None:
-    data = json.dumps(payload).encode()
-    message = _HEADER.pack(len(data)) + data
+    data = marshal.dumps(payload)
+    message = len(data).to_bytes(_HEADER, "big") + data
     if fds:
-        sent = sock.sendmsg([message], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds))])
+        sent = socket.send_fds(sock, [message], list(fds))
         message = message[sent:]
     if message:
         sock.sendall(message)
@@ -248,13 +251,8 @@ def _read_exact(sock: socket.socket, size: int, fds: Optional[List[int]] = None)
     chunks = []
     while size:
         if fds is not None:
-            space = socket.CMSG_SPACE(8 * array.array("i").itemsize)
-            data, ancillary, _flags, _addr = sock.recvmsg(size, space)
-            for level, kind, cdata in ancillary:
-                if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
-                    got = array.array("i")
-                    got.frombytes(cdata[:len(cdata) - len(cdata) % got.itemsize])
-                    fds.extend(got)
+            data, got, _flags, _addr = socket.recv_fds(sock, size, 8)
+            fds.extend(got)
         else:
             data = sock.recv(size)
         if not data:
@@ -265,10 +263,13 @@ def _read_exact(sock: socket.socket, size: int, fds: Optional[List[int]] = None)
 
 
 def _receive(sock: socket.socket, fds: Optional[List[int]] = None) -> dict:
-    (size,) = _HEADER.unpack(_read_exact(sock, _HEADER.size, fds))
+    size = int.from_bytes(_read_exact(sock, _HEADER, fds), "big")
     if size > _MAX_MESSAGE:
         raise ValueError(f"message of {size} bytes refused")
-    return json.loads(_read_exact(sock, size, fds).decode())
+    message = marshal.loads(_read_exact(sock, size, fds))
+    if not isinstance(message, dict):
+        raise ValueError("not a message")
+    return message
 
 
 def _stdio_spec() -> dict:
@@ -390,7 +391,7 @@ def start_standby() -> None:
     if len(socket_path(folder, key).encode()) > 100:
         return
     import subprocess
-    code = ("import sys; sys.path[:] = %r; from remote_runner.cli.standby import serve; "
+    code = ("import sys; sys.path[:] = %r; from remote_runner.standby import serve; "
             "serve(%r, %r, %r)" % (list(sys.path), folder, key, idle))
     try:
         subprocess.Popen([sys.executable, "-c", code], stdin=subprocess.DEVNULL,
@@ -477,9 +478,8 @@ def _stop(_signum: int, _frame: object) -> None:
 
 
 def _same_user(conn: socket.socket) -> bool:
-    creds = conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
-    _pid, uid, _gid = struct.unpack("3i", creds)
-    return uid == os.getuid()
+    creds = conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, 12)  # struct ucred: 3 ints
+    return int.from_bytes(creds[4:8], sys.byteorder) == os.getuid()
 
 
 def _child(conn: socket.socket) -> None:
@@ -576,3 +576,35 @@ def _exit_like_a_process() -> None:
     import threading
     threading._shutdown()  # type: ignore[attr-defined]
     atexit._run_exitfuncs()
+
+
+# -- process entry points ---------------------------------------------------------------------------
+
+def launch(entry: str) -> NoReturn:
+    """Be the command *entry* of this process: run in a standby when one takes it, else here (and
+    start a standby for the next one). Imports nothing heavy before it knows which."""
+    status = run_in_standby(entry, sys.argv)
+    if status is not None:
+        try:
+            sys.stdout.flush()
+            sys.stderr.flush()
+        finally:
+            os._exit(status & 0xFF)
+    import importlib
+    from remote_runner.cli import finish
+    module, function = ENTRIES[entry]
+    args = sys.argv[1:]
+    status = getattr(importlib.import_module(module), function)(args)
+    if wanted(entry, args):
+        start_standby()
+    finish(status)
+
+
+def tool() -> NoReturn:
+    """The ``remote-runner`` console script."""
+    launch("tool")
+
+
+def classic() -> NoReturn:
+    """``remote_runner.py``."""
+    launch("classic")
