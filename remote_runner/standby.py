@@ -465,8 +465,9 @@ def serve(folder: str, key: str, idle: float) -> None:
                 _child(conn)
             finally:
                 os._exit(1)
-    finally:
-        for leftover in (path, pid_file):
+    finally:  # the lock file last, still held (a standby that opened it meanwhile finds no
+        # socket bound under it and exits at its first check; the next caller starts a new one)
+        for leftover in (path, pid_file, os.path.join(folder, f"standby-{key}.lock")):
             try:
                 os.unlink(leftover)
             except OSError:
@@ -516,17 +517,18 @@ def _child(conn: socket.socket) -> None:
     _watch_caller(conn)
     try:
         import importlib
+        from remote_runner.cli import wind_down
         status = getattr(importlib.import_module(module), function)(sys.argv[1:])
         status = 0 if status is None else int(status)
-        _exit_like_a_process()
-    except SystemExit as done:
+        wind_down()
+    except SystemExit as done:  # argparse's usage errors and --help, as the interpreter ends them
         status = done.code if isinstance(done.code, int) else (0 if done.code is None else 1)
         if not isinstance(done.code, int) and done.code is not None:
             sys.stderr.write(f"{done.code}\n")
-    except BaseException:  # noqa: BLE001 - as the interpreter would: traceback, status 1
+    except BaseException as exc:  # noqa: BLE001 - as the interpreter would: traceback and status
         import traceback
         traceback.print_exc()
-        status = 1
+        status = 130 if isinstance(exc, KeyboardInterrupt) else 1
     finally:
         try:
             sys.stdout.flush()
@@ -569,13 +571,6 @@ def _watch_caller(conn: socket.socket) -> None:
 
     threading.Thread(target=watch, name="standby-caller", daemon=True).start()
 
-
-def _exit_like_a_process() -> None:
-    """What a normal exit does that matters: wait for threads that are not daemons, run atexit."""
-    import atexit
-    import threading
-    threading._shutdown()  # type: ignore[attr-defined]
-    atexit._run_exitfuncs()
 
 
 # -- process entry points ---------------------------------------------------------------------------

@@ -202,6 +202,7 @@ def test_a_standby_stops_cleanly_and_the_next_command_runs_in_process(tmp_path, 
     while time.monotonic() < deadline and os.path.exists(sock):
         time.sleep(0.05)
     assert not os.path.exists(sock) and not os.path.exists(pid_file)
+    assert not os.path.exists(sock[:-len(".sock")] + ".lock")
     caller, code, out, _ = run_classic(["-c", config, "--dry-run", "--no-connect"],
                                        environment(standby_dir), tmp_path)
     assert code == 0 and probe_line(out)[0] == caller

@@ -124,15 +124,21 @@ def finish(code: Optional[int]) -> NoReturn:
     """
     status = 0 if code is None else int(code)
     try:
-        import atexit
-        import threading
-        threading._shutdown()  # what the interpreter's own exit calls first (none: a normal exit)
-        atexit._run_exitfuncs()
-        sys.stdout.flush()
-        sys.stderr.flush()
+        wind_down()
     except BaseException:  # noqa: BLE001 - the normal exit then does (and reports) it
         sys.exit(status)
     os._exit(status & 0xFF)
+
+
+def wind_down() -> None:
+    """What a normal exit does that matters, short of exiting: wait for the threads that are not
+    daemons (and thread pools), run the atexit functions, flush stdout and stderr."""
+    import atexit
+    import threading
+    threading._shutdown()  # what the interpreter's own exit calls first (none: a normal exit)
+    atexit._run_exitfuncs()
+    sys.stdout.flush()
+    sys.stderr.flush()
 
 
 def entry() -> NoReturn:
