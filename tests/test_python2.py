@@ -236,7 +236,9 @@ def test_translation_works_where_the_cache_directory_cannot_be_made(tmp_path):
     import sys
     blocker = tmp_path / "not-a-dir"
     blocker.write_text("")
-    env = dict(os.environ, HOME=str(blocker), XDG_CACHE_HOME=str(blocker / "cache"))
+    scratch = tmp_path / "tmp"
+    scratch.mkdir()
+    env = dict(os.environ, HOME=str(blocker), XDG_CACHE_HOME=str(blocker / "cache"), TMPDIR=str(scratch))
     probe = ("import os; from remote_runner.python2 import compile_file; "
              "c = compile_file(b'print 7 / 2\\n', 'x.py'); exec(c.code, {'__builtins__': "
              "__import__('remote_runner.python2.runtime', fromlist=['x']).python2_builtins()}); "
@@ -245,6 +247,7 @@ def test_translation_works_where_the_cache_directory_cannot_be_made(tmp_path):
                          timeout=120)
     assert out.returncode == 0, out.stderr
     assert out.stdout.split() == ["3", "True", "True"]
+    assert list(scratch.iterdir()) == []  # the private cache went with the process
 
 
 def test_a_syntax_error_is_reported_where_the_cache_directory_cannot_be_made(tmp_path):

@@ -31,11 +31,13 @@ the files its users have are Python 2: some do not even compile as Python 3
 from __future__ import annotations
 
 import ast
+import atexit
 import copy
 import difflib
 import io
 import logging
 import os
+import shutil
 import sys
 import tempfile
 import threading
@@ -252,7 +254,9 @@ def _import_fissix() -> Any:
             for name in [m for m in sys.modules if m == "fissix" or m.startswith("fissix.")]:
                 del sys.modules[name]
             saved = os.environ.get("XDG_CACHE_HOME")
-            os.environ["XDG_CACHE_HOME"] = tempfile.mkdtemp(prefix="remote-runner-fissix-")
+            private = tempfile.mkdtemp(prefix="remote-runner-fissix-")
+            atexit.register(shutil.rmtree, private, True)  # (read until the end: gone with the process)
+            os.environ["XDG_CACHE_HOME"] = private
             try:
                 from fissix import refactor  # its cache path is fixed at import
             finally:
