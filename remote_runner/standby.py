@@ -190,10 +190,11 @@ def fingerprint(environ: Optional[Dict[str, str]] = None) -> str:
             namespaces.append(os.readlink(f"/proc/self/ns/{name}"))
         except OSError:
             namespaces.append("-")
+    path = _search_path()
     parts = {
         "python": [sys.executable, sys.version, list(sys.flags)],
-        "path": list(sys.path),
-        "installed": [_identity(p) for p in sys.path if p],
+        "path": path,
+        "installed": [_identity(p) for p in path],
         "package": [package, _package_files(package)],
         "env": {k: env.get(k) for k in KEY_ENV},
         "who": [os.getuid(), os.geteuid(), os.getgid(), sorted(os.getgroups())],
@@ -212,9 +213,15 @@ def socket_path(folder: str, key: str) -> str:
     return os.path.join(folder, f"standby-{key}.sock")
 
 
+def _search_path() -> List[str]:
+    """``sys.path`` with ``python -c``'s '' (the working directory) spelled out: a standby, which
+    works in ``/``, must import from where this process does."""
+    return [p or os.getcwd() for p in sys.path]
+
+
 def _usable_path() -> bool:
-    """A relative ``sys.path`` entry (other than the script's '') would import from another
-    directory in the standby, which starts in ``/``: such a set-up is never served."""
+    """Any other relative ``sys.path`` entry would import from another directory in the standby:
+    such a set-up is never served."""
     return all(not p or os.path.isabs(p) for p in sys.path)
 
 
@@ -392,7 +399,7 @@ def start_standby() -> None:
         return
     import subprocess
     code = ("import sys; sys.path[:] = %r; from remote_runner.standby import serve; "
-            "serve(%r, %r, %r)" % (list(sys.path), folder, key, idle))
+            "serve(%r, %r, %r)" % (_search_path(), folder, key, idle))
     try:
         subprocess.Popen([sys.executable, "-c", code], stdin=subprocess.DEVNULL,
                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd="/",

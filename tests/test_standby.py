@@ -127,6 +127,27 @@ def test_a_rerun_is_served_by_the_standby_exactly_as_it_would_run_here(tmp_path,
     assert f"ERROR: {broken}:" in err and "component 'probe', field 'start_index'" in err
 
 
+def test_python_c_in_a_directory_with_its_own_copy_of_the_package_is_served_that_copy(tmp_path, standby_dir):
+    """``python -c`` imports from its working directory first (the bench runs so from a checkout):
+    the standby must import the same copy, else no standby ever matches and every run pays."""
+    shutil.copytree(os.path.join(ROOT, "remote_runner"), tmp_path / "remote_runner",
+                    ignore=shutil.ignore_patterns("__pycache__"))
+    config = write_probe(tmp_path)
+    code = ("import remote_runner, sys; sys.stderr.write('FROM ' + remote_runner.__file__ + '\\n'); "
+            "from remote_runner.standby import launch; launch('classic')")
+    runs = []
+    for _ in range(2):
+        proc = subprocess.Popen([sys.executable, "-c", code, "-c", config, "--dry-run", "--no-connect"],
+                                env=environment(standby_dir), cwd=tmp_path, stdin=subprocess.DEVNULL,
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        out, err = proc.communicate(timeout=120)
+        assert proc.returncode == 0, err
+        assert f"FROM {tmp_path}/remote_runner/__init__.py" in err
+        runs.append(probe_line(out)[0] == proc.pid)
+        wait_for_socket(standby_dir)
+    assert runs == [True, False]  # in-process first, then in a standby (which imports this copy)
+
+
 def test_ctrl_c_reaches_the_command_in_the_standby_and_a_killed_caller_ends_it(tmp_path, standby_dir):
     config = write_probe(tmp_path)
     run_classic(["-c", config, "--dry-run", "--no-connect"], environment(standby_dir), tmp_path)
