@@ -25,6 +25,7 @@ import time
 import pytest
 
 from remote_runner import standby
+from remote_runner.standby import names, server
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPT = os.path.join(ROOT, "scripts", "remote_runner.py")
@@ -249,15 +250,15 @@ def test_commands_that_need_this_terminal_or_process_are_not_served(monkeypatch)
 
 def test_the_directory_must_be_this_users_alone(tmp_path):
     made = tmp_path / "made"
-    assert standby.private_directory(str(made), create=True)
+    assert names.private_directory(str(made), create=True)
     assert os.stat(made).st_mode & 0o777 == 0o700
     open_dir = tmp_path / "open"
     open_dir.mkdir()
     os.chmod(open_dir, 0o755)
-    assert not standby.private_directory(str(open_dir), create=False)
+    assert not names.private_directory(str(open_dir), create=False)
     link = tmp_path / "link"
     link.symlink_to(made)
-    assert not standby.private_directory(str(link), create=False)
+    assert not names.private_directory(str(link), create=False)
 
 
 def test_the_socket_name_follows_what_the_imports_depend_on():
@@ -265,7 +266,7 @@ def test_the_socket_name_follows_what_the_imports_depend_on():
     assert standby.fingerprint({"LANG": "C"}) != standby.fingerprint({"LANG": "C.UTF-8"})
     assert standby.fingerprint({"PYTHONPATH": "/a"}) != standby.fingerprint({})
     # an edit of any of the package's files (and only of those: not the whole checkout's)
-    edited = os.path.join(os.path.dirname(standby.__file__), "errors.py")
+    edited = os.path.join(os.path.dirname(os.path.dirname(standby.__file__)), "errors.py")
     st = os.stat(edited)
     try:
         os.utime(edited, ns=(st.st_atime_ns, st.st_mtime_ns + 1_000_000_000))
@@ -273,7 +274,7 @@ def test_the_socket_name_follows_what_the_imports_depend_on():
     finally:
         os.utime(edited, ns=(st.st_atime_ns, st.st_mtime_ns))
     assert changed != standby.fingerprint({})
-    files = standby._package_files(os.path.dirname(standby.__file__))
+    files = names.package_files(os.path.dirname(os.path.dirname(standby.__file__)))
     assert ("errors.py", st.st_mtime_ns, st.st_size) in files
     assert not any(name.startswith(("tests", ".venv", "bench")) for name, _, _ in files)
     import resource  # a caller with other limits must not get a child with the standby's
@@ -304,7 +305,7 @@ def test_another_user_is_refused(tmp_path):
         for uid in (0, 65534):  # the system's python: this one may be in a home nobody can read
             other = subprocess.Popen([PYTHON, "-c", code], user=uid)
             conn, _ = listener.accept()
-            assert standby._same_user(conn) is (uid == os.getuid())
+            assert server.same_user(conn) is (uid == os.getuid())
             conn.close()
             other.wait(timeout=30)
         listener.close()

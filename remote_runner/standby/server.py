@@ -1,0 +1,203 @@
+"""The standby's side: import the runner once, then fork a child per command that takes it over.
+
+Why apart: this is the long-lived process. It must never run a command itself
+(each runs in a fork, so one command's state never reaches the next), never
+serve another user, and leave nothing behind when it goes: its socket, pid and
+lock files are removed whether it idles out, sees its code change or is stopped
+by its pid (SIGTERM).
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import sys
+import time
+from typing import List
+
+from .caller import ENTRIES, TAKE_TIMEOUT
+from .names import fingerprint, identity, private_directory, socket_path
+from .wire import STDIO, receive, send
+
+#: What the standby imports before it serves (what ``run``, ``status`` and the others load).
+PRELOAD = ("remote_runner.cli", "remote_runner.cli.classic", "remote_runner.cli.lifecycle",
+           "remote_runner.runner", "remote_runner.loader", "remote_runner.muddle", "remote_runner.plan",
+           "remote_runner.recap", "remote_runner.runrecord", "remote_runner.console",
+           "remote_runner.live", "remote_runner.control", "remote_runner.inventory",
+           "remote_runner.failpolicy", "remote_runner.traffic", "remote_runner.yamlconfig",
+           "remote_runner.python2.source", "paramiko", "yaml", "rich.console", "rich.live",
+           "rich.table", "rich.text", "rich.progress", "rich.progress_bar", "rich.spinner",
+           "remote_runner.cli.exec_", "remote_runner.mirror.session", "concurrent.futures.thread",
+           "json", "shlex", "subprocess", "tempfile")
+#: How often an idle standby checks whether its time is up or the code changed (seconds).
+RECHECK = 30.0
+
+
+def serve(folder: str, key: str, idle: float) -> None:
+    """Be the standby for *key* until *idle* seconds pass without a command (one per key)."""
+    import fcntl
+    import importlib
+
+    if not private_directory(folder, create=False):
+        return  # made by the caller: gone or changed since, nobody wants this standby
+    try:
+        lock = os.open(os.path.join(folder, f"standby-{key}.lock"), os.O_RDWR | os.O_CREAT, 0o600)
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        return  # another standby holds this key (or the directory went away)
+    if key != fingerprint():
+        return  # the code or the set-up changed since the caller looked
+    for module in PRELOAD:
+        try:
+            importlib.import_module(module)
+        except Exception:  # noqa: BLE001 - an optional module: the command imports it if it can
+            pass
+    path = socket_path(folder, key)
+    pid_file = os.path.join(folder, f"standby-{key}.pid")
+    signal.signal(signal.SIGCHLD, signal.SIG_IGN)  # children are reaped by the kernel
+    signal.signal(signal.SIGTERM, _stop)  # stopped by its pid: leave no socket behind
+    try:
+        try:
+            os.unlink(path)
+        except FileNotFoundError:
+            pass
+        descriptor = os.open(pid_file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        os.write(descriptor, f"{os.getpid()}\n".encode())
+        os.close(descriptor)
+        listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        old_mask = os.umask(0o177)
+        try:
+            listener.bind(path)
+        finally:
+            os.umask(old_mask)
+        listener.listen(16)
+        listener.settimeout(min(idle, RECHECK))
+        bound = identity(path)
+        last = time.monotonic()
+        while True:
+            try:
+                conn, _ = listener.accept()
+            except socket.timeout:
+                if (time.monotonic() - last >= idle or fingerprint() != key
+                        or identity(path) != bound):
+                    break  # idle long enough, the code changed or our socket went: nobody needs us
+                continue
+            except InterruptedError:
+                continue
+            last = time.monotonic()
+            if not same_user(conn) or os.fork() != 0:
+                conn.close()
+                continue
+            try:  # the child: never back into this loop (nor its clean-up of the standby's files)
+                signal.signal(signal.SIGTERM, signal.SIG_DFL)
+                listener.close()
+                os.close(lock)
+                _child(conn)
+            finally:
+                os._exit(1)
+    finally:  # the lock file last, still held (a standby that opened it meanwhile finds no
+        # socket bound under it and exits at its first check; the next caller starts a new one)
+        for leftover in (path, pid_file, os.path.join(folder, f"standby-{key}.lock")):
+            try:
+                os.unlink(leftover)
+            except OSError:
+                pass
+
+
+def _stop(_signum: int, _frame: object) -> None:
+    raise SystemExit(0)
+
+
+def same_user(conn: socket.socket) -> bool:
+    creds = conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, 12)  # struct ucred: 3 ints
+    return int.from_bytes(creds[4:8], sys.byteorder) == os.getuid()
+
+
+def _child(conn: socket.socket) -> None:
+    """Take over the caller's command: its descriptors, directory, environment; run; report; exit."""
+    status = 1
+    try:
+        signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+        conn.settimeout(TAKE_TIMEOUT)
+        fds: List[int] = []
+        request = receive(conn, fds)
+        if len(fds) != 4:
+            raise ValueError("expected the caller's stdin, stdout, stderr and directory")
+        module, function = ENTRIES[request["entry"]]
+        for target, fd in zip(STDIO, fds):
+            os.dup2(fd, target)
+        os.fchdir(fds[3])
+        for fd in fds:
+            if fd not in STDIO:
+                os.close(fd)
+        os.environ.clear()
+        os.environ.update(request["env"])
+        time.tzset()  # the C library read the standby's TZ
+        import tempfile
+        tempfile.tempdir = None  # and $TMPDIR is read again
+        os.umask(int(request["umask"]))
+        _reopen_stdio(request["stdio"])
+        sys.argv = list(request["argv"])
+        send(conn, {"pid": os.getpid()})
+        if not receive(conn).get("go"):
+            raise ValueError("the caller did not confirm")
+        conn.settimeout(None)
+    except Exception:  # noqa: BLE001 - nothing has run: the caller runs the command itself
+        os._exit(1)
+    _watch_caller(conn)
+    try:
+        import importlib
+        from remote_runner.cli import wind_down
+        status = getattr(importlib.import_module(module), function)(sys.argv[1:])
+        status = 0 if status is None else int(status)
+        wind_down()
+    except SystemExit as done:  # argparse's usage errors and --help, as the interpreter ends them
+        status = done.code if isinstance(done.code, int) else (0 if done.code is None else 1)
+        if not isinstance(done.code, int) and done.code is not None:
+            sys.stderr.write(f"{done.code}\n")
+    except BaseException as exc:  # noqa: BLE001 - as the interpreter would: traceback and status
+        import traceback
+        traceback.print_exc()
+        status = 130 if isinstance(exc, KeyboardInterrupt) else 1
+    finally:
+        try:
+            sys.stdout.flush()
+            sys.stderr.flush()
+        except Exception:  # noqa: BLE001 - a closed pipe: the status still goes back
+            pass
+        try:
+            send(conn, {"exit": status})
+        except OSError:
+            pass
+        os._exit(status & 0xFF)
+
+
+def _reopen_stdio(spec: dict) -> None:
+    """New ``sys.stdin``/``stdout``/``stderr`` over the caller's descriptors, buffered as Python would."""
+    def wrap(fd: int, name: str, mode: str):
+        encoding, errors = spec.get(name, ["utf-8", "strict"])
+        buffering = 1 if (name == "stderr" or (name == "stdout" and os.isatty(fd))) else -1
+        try:
+            return open(fd, mode, buffering=buffering, encoding=encoding, errors=errors, closefd=False)
+        except (OSError, LookupError, ValueError):
+            return open(fd, mode, buffering=buffering, closefd=False)
+
+    sys.stdin = sys.__stdin__ = wrap(0, "stdin", "r")
+    sys.stdout = sys.__stdout__ = wrap(1, "stdout", "w")
+    sys.stderr = sys.__stderr__ = wrap(2, "stderr", "w")
+
+
+def _watch_caller(conn: socket.socket) -> None:
+    """End this run (SIGTERM) when the caller goes away, as it would have died with it."""
+    import threading
+
+    def watch() -> None:
+        try:
+            while conn.recv(64):
+                pass
+        except OSError:
+            pass
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    threading.Thread(target=watch, name="standby-caller", daemon=True).start()
