@@ -271,9 +271,11 @@ def sync_host(shell: "Shell", sftp: Any, plan: Plan, always_copy: bool = False,
     # whole copy is recorded by it too, else it answers receipts for the one record below.
     chunks = bundles(small) if small else []
     alone = not rest and len(chunks) == 1
-    # A copy that is one bundle and nothing else leaves the host as the check expected: its
-    # writer then answers that check too, so that the next run's is answered by the shell.
-    asked = answer.asked if answer is not None and alone and not placed and not rehash else None
+    # A copy leaves the host as the check expected (when it said what it expected): whatever
+    # records it then answers that check too, so that the next run's is answered by the shell.
+    # That is the writer of a copy that is one bundle and nothing else, else the one record.
+    expected = answer.asked if answer is not None and not placed and not rehash else None
+    asked = expected if alone else None
     writer = _write_request(plan, record=alone, asked=asked) if checked is not None else None
     receipts: Dict[str, Any] = {}
     written: List[Tuple[List[Upload], Optional[str]]] = []
@@ -304,7 +306,7 @@ def sync_host(shell: "Shell", sftp: Any, plan: Plan, always_copy: bool = False,
     recorded = _writers_answers(plan, written, alone, receipts, sums, whole=asked is not None)
     unrecorded = [u for u in todo if u.dest not in recorded]
     if unrecorded and (checked is not None or (always_copy and hasattr(shell, "feed"))):
-        record(shell, plan, unrecorded, receipts, sums)
+        record(shell, plan, unrecorded, receipts, sums, asked=expected if checked is not None else None)
     return report
 
 
@@ -437,7 +439,8 @@ def manifest_check(shell: "Shell", plan: Plan, report: HostSync, rehash: bool = 
 
 def record(shell: "Shell", plan: Plan, copied: Sequence[Upload],
            receipts: Optional[Dict[str, Any]] = None,
-           sums: Optional[Dict[str, str]] = None) -> Optional[manifest.Answer]:
+           sums: Optional[Dict[str, str]] = None,
+           asked: Optional[Tuple[str, str]] = None) -> Optional[manifest.Answer]:
     """Have the host remember what was just copied in its manifest (one exec).
 
     The host hashes the files as they are now, so the manifest describes the
@@ -447,20 +450,27 @@ def record(shell: "Shell", plan: Plan, copied: Sequence[Upload],
     (*receipts*, dest -> :class:`~remote_runner.stream.Receipt`) is not read
     again: the host takes that hash while the file's stat is still the one
     the receiver saw after its rename, and hashes the file otherwise.
+
+    With *asked* (:attr:`manifest.Answer.asked`: the check said what it
+    expected), the record is that check asked again, about every file of
+    *plan*, once they are copied: the answer is then the one expected, so the
+    host's program keeps the files' stat and the next run's check is answered
+    by the host's shell (no python3), as after a copy that was one bundle.
     """
-    items = list(copied)
+    items = list(plan.files) if asked is not None else list(copied)
     trees, index = plan.tree_index(items)
+    payload = (manifest.request(items, trees, index, receipts=receipts, quick_id=asked[0],
+                                expect=asked[1]) if asked is not None else
+               manifest.request(items, trees, index, hash_all=True, receipts=receipts))
     try:
-        answer = manifest.exchange(shell, manifest.request(items, trees, index, hash_all=True,
-                                                           receipts=receipts),
-                                   len(items))
+        answer = manifest.exchange(shell, payload, len(items))
     except ConnectionLost:
         raise
     except RunnerError as exc:  # the files are in place: only the next run's check pays
         LOG.warning("%s: could not record the copied files in the host's manifest (%s); the "
                     "next run hashes them again", plan.host, exc)
         return None
-    return _recorded(plan, items, answer, sums)
+    return _recorded(plan, items, answer, sums, copied=len(copied))
 
 
 def _recorded(plan: Plan, items: Sequence[Upload], answer: Optional[manifest.Answer],

@@ -1246,6 +1246,36 @@ def test_a_first_copy_is_answered_by_the_hosts_shell_and_so_is_the_run_after_it(
                   big=0)
 
 
+def test_the_run_after_a_copy_of_streamed_and_bundled_files_is_answered_by_the_shell(lab, tmp_path,
+                                                                                     screen_name):
+    """A copy with a large file (streamed to a receiver) beside small ones (a bundle) ends with
+    one record; when the check said what it expected (this machine knew every SHA-1), that
+    record answers the check again, as expected, so the next run's is the host's shell's
+    (no python3), as after a copy that is one bundle."""
+    base = f"/tmp/{screen_name}-base"
+    nothing = lambda src: None  # noqa: E731
+
+    def copied_all(report, spent):
+        assert all(len(r.copied) == 21 and not r.quick for r in report.sync.values()), report.sync
+
+    def not_copied(report, spent):
+        assert all(r.copied == [] for r in report.sync.values()), report.sync
+
+    def quick(report, spent):
+        assert all(r.quick and r.copied == [] for r in report.sync.values()), report.sync
+        for host in ("h1", "h2"):  # (and the files are whole)
+            assert ssh(lab, host, f"stat -c %s {base}/data/big.bin; cat {base}/data/sub/f19.txt"
+                       ).stdout == f"{1 << 20}\nfile 19\n"
+
+    def remove_trees(src):
+        for host in ("h1", "h2"):
+            ssh(lab, host, f"rm -rf {base}/data")
+
+    _counted_runs(lab, tmp_path, screen_name, base,
+                  [(nothing, copied_all), (nothing, not_copied), (remove_trees, copied_all),
+                   (nothing, quick)])
+
+
 @pytest.mark.parametrize("release", ["11", "13"])
 def test_a_first_copy_to_another_release_is_answered_by_its_shell(lab, request, tmp_path, screen_name,
                                                                     release):
