@@ -155,7 +155,8 @@ def follow(sock: socket.socket, forwarder: Forwarder) -> int:
 
 
 def start_standby() -> None:
-    """Start a standby in the background for the next command (no-op when turned off or running)."""
+    """Start a standby in the background for the next command (nothing when turned off; one that
+    finds another holding the same name exits at once, see :func:`.server.serve`)."""
     idle = idle_seconds()
     if idle is None or not usable_path():
         return
