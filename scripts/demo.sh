@@ -16,4 +16,6 @@ The experiment is running on lab hosts h1..h3, one screen window per component.
 Watch it:      ssh -F $cfg -t h1 screen -r runner      (detach: Ctrl-a d)
 List windows:  ssh -F $cfg h2 screen -S runner -Q windows
 Stop the lab:  $PWD/.venv/bin/remote-runner lab down
+A standby (the runner, already loaded) serves the next commands, e.g. remote-runner status, and
+exits after 10 idle minutes; REMOTE_RUNNER_STANDBY=0 runs each command in its own process.
 MSG
