@@ -81,18 +81,11 @@ def use_own_standby() -> str:
 
 
 def stop_standbys(folder: str) -> int:
-    """Stop the standbys our commands started in *folder* (by the pid each wrote); return how many."""
+    """Stop the standbys our commands started in *folder* (by the pid each wrote), remove the
+    folder; return how many were stopped."""
     import shutil
-    import signal
-    stopped = 0
-    for name in os.listdir(folder) if os.path.isdir(folder) else ():
-        if name.endswith(".pid"):
-            try:
-                with open(os.path.join(folder, name)) as src:
-                    os.kill(int(src.read()), signal.SIGTERM)
-                stopped += 1
-            except (OSError, ValueError):
-                pass
+    from remote_runner.standby.server import stop_all
+    stopped = stop_all(folder)
     shutil.rmtree(folder, ignore_errors=True)
     return stopped
 

@@ -27,13 +27,9 @@ def own_cache_home(tmp_path_factory):
     developer's own runs left (a result then depends on their history) nor
     change it. Programs the tests start inherit it.
     """
-    old = os.environ.get("XDG_CACHE_HOME")
-    os.environ["XDG_CACHE_HOME"] = str(tmp_path_factory.mktemp("xdg-cache"))
-    yield
-    if old is None:
-        os.environ.pop("XDG_CACHE_HOME", None)
-    else:
-        os.environ["XDG_CACHE_HOME"] = old
+    with pytest.MonkeyPatch.context() as patch:  # (put back as it was at the session's end)
+        patch.setenv("XDG_CACHE_HOME", str(tmp_path_factory.mktemp("xdg-cache")))
+        yield
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -41,13 +37,9 @@ def no_standby():
     """Run every command the tests start in its own process: no standby is started or used
     (``$REMOTE_RUNNER_STANDBY=0``) unless a test asks for one (tests/test_standby.py), so no
     process outlives the test that started it."""
-    old = os.environ.get("REMOTE_RUNNER_STANDBY")
-    os.environ["REMOTE_RUNNER_STANDBY"] = "0"
-    yield
-    if old is None:
-        os.environ.pop("REMOTE_RUNNER_STANDBY", None)
-    else:
-        os.environ["REMOTE_RUNNER_STANDBY"] = old
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("REMOTE_RUNNER_STANDBY", "0")
+        yield
 
 
 def _lab_possible() -> str:

@@ -51,13 +51,7 @@ def standby_dir():
     """A standby directory of this test's own (short: a socket path has ~100 bytes at most)."""
     folder = tempfile.mkdtemp(prefix="rrsb-", dir="/tmp")
     yield folder
-    for name in os.listdir(folder):
-        if name.endswith(".pid"):
-            try:
-                with open(os.path.join(folder, name)) as src:
-                    os.kill(int(src.read()), signal.SIGTERM)
-            except (OSError, ValueError):
-                pass
+    server.stop_all(folder)
     shutil.rmtree(folder, ignore_errors=True)
 
 

@@ -105,6 +105,21 @@ def serve(folder: str, key: str, idle: float) -> None:
                 pass
 
 
+def stop_all(folder: str) -> int:
+    """Stop every standby of *folder* by the pid it wrote there (each then removes its files);
+    return how many were told to. For a caller that gave its commands that folder."""
+    told = 0
+    for name in os.listdir(folder) if os.path.isdir(folder) else ():
+        if name.startswith("standby-") and name.endswith(".pid"):
+            try:
+                with open(os.path.join(folder, name)) as src:
+                    os.kill(int(src.read()), signal.SIGTERM)
+                told += 1
+            except (OSError, ValueError):
+                pass
+    return told
+
+
 def _stop(_signum: int, _frame: object) -> None:
     raise SystemExit(0)
 
