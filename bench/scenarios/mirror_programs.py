@@ -9,8 +9,10 @@ suite and this project's ``pytest tests/test_config.py tests/test_muddle.py``.
 Only our mirror and the local run are measured (the peers take minutes per
 row); each of our rows notes the run's counters (``exec --stats``): requests,
 waits, bytes each way and requests the host answered itself. The build and the
-suites are measured twice: with this machine's ``/tmp`` (the default) and with
-``--private-tmp``, where their temporary files stay on the host.
+suites are measured with this machine's ``/tmp`` (the default: only ``$TMPDIR``
+is the host's) and with ``--private-tmp``, where all their temporary files stay
+on the host; the suites also with ``--local-tmpdir``, every temporary file this
+machine's.
 """
 
 from __future__ import annotations
@@ -42,6 +44,8 @@ CPYTHON_RAN = (0, 2, 3)
 #: pytest: 0 all passed, 1 some failed (2 interrupted, 3 internal error, 4 usage, 5 none
 #: collected); "No module named pytest" is 1 too, so the module is looked for first.
 PYTEST_RAN = (0, 1)
+#: Options that make a different row of the same load (named in the tool column).
+NAMED_OPTIONS = ("--local-tmpdir", "--private-tmp")
 
 
 def ran(command: str, codes: Sequence[int]) -> str:
@@ -186,6 +190,7 @@ def run(ctx: Context, host: str, delay: float, stats_path: str) -> List[Measurem
             if lacks:
                 absent += [skipped(SCENARIO, f"{name} / warm", tool, 0, lacks, role)
                            for tool, role in (("local run", REFERENCE), (TOOL, OURS),
+                                              (TOOL + " --local-tmpdir", OURS),
                                               (TOOL + " --private-tmp", OURS))]
             else:
                 suites.append((name, ["/bin/sh", "-c", ran(command, codes)], cwd, None))
@@ -195,6 +200,9 @@ def run(ctx: Context, host: str, delay: float, stats_path: str) -> List[Measurem
         prefix = os.path.dirname(os.path.dirname(os.path.realpath(sys.executable)))
         served = ["--export", prefix + ":ro", "--export", sys.prefix + ":ro"]
         rows += _measure(ctx, host, 0, suites, stats_path, missing, cold=False, options=served)
+        # Every temporary file this machine's, as before the host's $TMPDIR (mirror/tmpdir.py).
+        rows += _measure(ctx, host, 0, suites, stats_path, missing, cold=False,
+                         options=served + ["--local-tmpdir"], local=False)
         # The same suites with the host's own scratch trees: their temporary files stay there.
         rows += _measure(ctx, host, 0, suites, stats_path, missing, cold=False,
                          options=served + ["--private-tmp"], local=False)
@@ -218,11 +226,11 @@ def _measure(ctx: Context, host: str, delay: float, loads, stats_path: str, miss
              cold: bool, options: Sequence[str] = (), local: bool = True) -> List[Measurement]:
     """Rows for each load: the local run (unless not *local*), then ours with *options*.
 
-    ``--private-tmp`` in *options* is named in the tool column: it is a
-    different way to run the same load.
+    ``--private-tmp`` or ``--local-tmpdir`` in *options* is named in the
+    tool column: it is a different way to run the same load.
     """
     rows = []
-    tool = TOOL + (" --private-tmp" if "--private-tmp" in options else "")
+    tool = " ".join([TOOL] + [o for o in options if o in NAMED_OPTIONS])
     for name, argv, cwd, prepare in loads:
         here = lambda argv=argv, cwd=cwd: sh(argv, cwd=cwd, timeout=ctx.step_timeout)
         if local:

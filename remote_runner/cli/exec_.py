@@ -57,6 +57,13 @@ def add_parser(sub: "argparse._SubParsersAction") -> None:
                              "paths the command names under them are still this machine's; a "
                              "command run from /tmp itself, or naming a file directly in it, keeps "
                              "/tmp shared (no output is lost)")
+    parser.add_argument("--local-tmpdir", action="store_true",
+                        help="leave $TMPDIR alone: programs' anonymous temporary files (mkstemp, "
+                             "mktemp, a compiler's) go to this machine's /tmp like any other path "
+                             "(default: unless you set $TMPDIR to a place of your own, the command's "
+                             "$TMPDIR is a fresh directory of the host, inside /tmp as the command "
+                             "sees it, removed when the command ends; paths the command names in "
+                             "/tmp are this machine's either way)")
     parser.add_argument("--forward-env", action="append", default=[], metavar="NAME",
                         help="pass NAME through even though it is normally dropped (repeatable)")
     parser.add_argument("--no-compress", action="store_true", help="never compress file data (default: lz4 or zlib, "
@@ -125,7 +132,8 @@ def run(args: argparse.Namespace) -> int:
         mirror = MirrorOptions(files_only=args.files_only, forward_env=tuple(args.forward_env),
                                export=tuple(args.export), read_only=args.read_only,
                                debug_rpc=args.debug_rpc, compress=not args.no_compress,
-                               file_cache=not args.no_cache, private_tmp=args.private_tmp)
+                               file_cache=not args.no_cache, private_tmp=args.private_tmp,
+                               host_tmpdir=not args.local_tmpdir)
         if args.lanes is not None:
             if not 0 <= args.lanes <= 8:
                 LOG.error("exec: --lanes must be between 0 and 8 (OpenSSH allows 10 channels a connection)")

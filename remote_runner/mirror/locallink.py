@@ -64,6 +64,8 @@ class MirrorOptions:
     read_only: bool = False
     #: ``--private-tmp``: the host gives the command its own /tmp and /var/tmp (host/scratch.py).
     private_tmp: bool = False
+    #: The command's ``$TMPDIR`` is a directory of the host (``--local-tmpdir`` turns it off; tmpdir.py).
+    host_tmpdir: bool = True
     #: Extra SSH channels for large replies (:mod:`.lanes`); 0: everything on the agent's channel.
     lanes: int = DEFAULT_LANES
 

@@ -25,6 +25,7 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
 from remote_runner.errors import EXIT_LINK, MirrorError
 from remote_runner.mirror import protocol as P
+from remote_runner.mirror import tmpdir as host_tmpdir
 from remote_runner.mirror.bundle import build_bundle
 from remote_runner.mirror.environment import (connection_secrets, current_umask, files_only_exports,
                                               filtered_environment)
@@ -234,23 +235,27 @@ def run_command(conn: Any, argv: Sequence[str], *, cwd: Optional[str] = None,
     fields.update({"tty": tty, "rows": rows, "cols": cols})
     if plan.seeds is not None:
         link.service.seed, link.service.own_seed = plan.seeds
-    link.boot(fields)
-    link.start()
-    restore = enter_raw_mode(stdin_fd) if tty else None
-    old_handlers = forward_signals(link, stdout_fd if tty else None)
-    threading.Thread(target=pump_stdin, args=(link, stdin_fd), daemon=True, name="mirror-stdin").start()
+    mount_point = _host_tmpdir(options, plan.exports, fields)
     try:
-        while not done.wait(0.2):
-            if link.lost.is_set():
-                # Frames already read may still hold the exit status.
-                done.wait(0.5)
-                break
+        link.boot(fields)
+        link.start()
+        restore = enter_raw_mode(stdin_fd) if tty else None
+        old_handlers = forward_signals(link, stdout_fd if tty else None)
+        threading.Thread(target=pump_stdin, args=(link, stdin_fd), daemon=True, name="mirror-stdin").start()
+        try:
+            while not done.wait(0.2):
+                if link.lost.is_set():
+                    # Frames already read may still hold the exit status.
+                    done.wait(0.5)
+                    break
+        finally:
+            restore_signals(old_handlers)
+            if restore is not None:
+                restore()
+        output.finish()
     finally:
-        restore_signals(old_handlers)
-        if restore is not None:
-            restore()
-    output.finish()
-    link.close()
+        link.close()
+        host_tmpdir.remove_mount_point(mount_point)
     if profile is not None and "status" in result:
         _save_profile(profile, link.service, result.get("used") or [])
     stats = dict(link.stats(), host=result.get("host") or {})
@@ -261,6 +266,16 @@ def run_command(conn: Any, argv: Sequence[str], *, cwd: Optional[str] = None,
     return ExecResult(status=EXIT_LINK, link_lost=True,
                       message=f"host {link.host}: the link to the mirror agent was lost "
                               f"({link.lost_reason}); the remote command was stopped")
+
+
+def _host_tmpdir(options: MirrorOptions, exports: Exports, boot: Dict[str, Any]) -> Optional[bytes]:
+    """Ask the host for a ``$TMPDIR`` of its own (see :mod:`.tmpdir`); return the directory made here."""
+    if options.private_tmp or not options.host_tmpdir:
+        return None
+    mount_point = host_tmpdir.make_mount_point(exports)
+    if mount_point is not None:
+        boot["host_tmpdir"] = P.name_to_wire(mount_point)
+    return mount_point
 
 
 def _save_profile(profile: ProfileSet, service: LocalFileService, used: Sequence[Any] = ()) -> None:
@@ -315,6 +330,8 @@ class MirrorServer:
         self.agent_pid = 0
         self._ready = threading.Event()
         self._fail = ""
+        #: The empty directory here the host mounts the command's ``$TMPDIR`` over (tmpdir.py).
+        self._mount_point: Optional[bytes] = None
 
     def start(self, timeout: float = START_TIMEOUT) -> "MirrorServer":
         """Start the agent and wait until its mirror is mounted."""
@@ -339,6 +356,7 @@ class MirrorServer:
         boot: Dict[str, Any] = {"argv": [], "cwd": P.name_to_wire(os.fsencode(os.getcwd()))}
         if self.options.private_tmp:
             boot["private_tmp"] = private_tmp_field(exports)
+        self._mount_point = _host_tmpdir(self.options, exports, boot)
         link.boot(boot)
         link.start()
         end = time.monotonic() + timeout
@@ -347,7 +365,7 @@ class MirrorServer:
                 break
         if self._fail or not self.socket_path:
             reason = self._fail or link.lost_reason or "timed out"
-            link.close()
+            self.close()
             raise MirrorError(f"host {link.host}: the mirror did not start: {reason}")
         return self
 
@@ -376,6 +394,8 @@ class MirrorServer:
         """End the mirror on the host (commands still in it are killed)."""
         if self.link is not None:
             self.link.close()
+        host_tmpdir.remove_mount_point(self._mount_point)
+        self._mount_point = None
 
     def __enter__(self) -> "MirrorServer":
         return self.start() if self.link is None else self

@@ -85,13 +85,15 @@ class Command:
 
     def __init__(self, spec: Dict[str, Any], root: Optional[str],
                  stdio: Optional[Tuple[int, int, int]] = None,
-                 user: Optional[Tuple[int, int, List[int]]] = None) -> None:
+                 user: Optional[Tuple[int, int, List[int]]] = None, tmpdir: Optional[str] = None) -> None:
         self.spec = spec
         self.root = root
         self.tty = bool(spec.get("tty")) and stdio is None
         self.master: Optional[int] = None
         argv = [P.name_from_wire(a) for a in spec["argv"]]
         env = {P.name_from_wire(k): P.name_from_wire(v) for k, v in (spec.get("env") or {}).items()}
+        if tmpdir is not None and os.path.normpath(env.get(b"TMPDIR") or b"/tmp") in (b"/tmp", b"/var/tmp"):
+            env[b"TMPDIR"] = os.fsencode(tmpdir)  # the host's (scratch.py), unless the user chose one
         cwd = P.name_from_wire(spec.get("cwd") or "/")
         root_b = os.fsencode(root) if root else None
         slave: Optional[int] = None

@@ -75,7 +75,7 @@ def run_exec(link: Link, boot: Dict[str, Any]) -> int:
     try:
         session.setup()
         try:
-            command = Command(boot, session.root, user=session.user)
+            command = Command(boot, session.root, user=session.user, tmpdir=session.tmpdir)
         except OSError as exc:
             # Like a shell: 127 for a missing program, 126 when it cannot be run.
             name = P.name_from_wire(boot["argv"][0]) if boot.get("argv") else b"?"
@@ -197,7 +197,8 @@ def run_daemon(link: Link, boot: Dict[str, Any]) -> int:
                 conn.sendall(json.dumps({"error": "unknown job %r" % request.get("job")}).encode() + b"\n")
                 return
             try:
-                command = Command(spec, session.root, stdio=(fds[0], fds[1], fds[2]), user=session.user)
+                command = Command(spec, session.root, stdio=(fds[0], fds[1], fds[2]), user=session.user,
+                                  tmpdir=session.tmpdir)
             except OSError as exc:
                 conn.sendall(json.dumps({"error": str(exc), "status": 127}).encode() + b"\n")
                 return

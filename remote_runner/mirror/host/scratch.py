@@ -1,4 +1,4 @@
-"""A private ``/tmp`` and ``/var/tmp`` on the host (``exec --private-tmp``).
+"""Scratch space of the host: a private ``/tmp`` and ``/var/tmp`` (``--private-tmp``), and ``$TMPDIR``.
 
 Why: a test suite or a compiler writes and removes thousands of scratch
 files, and through the mirror each create, write, close, unlink and rmdir is
@@ -19,6 +19,10 @@ itself (``cc -o /tmp/prog``), the local side keeps that tree shared (see
 ``Exports.private_scratch``): no output is ever written where the user
 would not find it. ``$TMPDIR`` inside a private tree is made there, empty,
 for the command's user.
+
+Without ``--private-tmp``, :func:`mount_tmpdir` gives the command a
+``$TMPDIR`` of the host inside the mirror's ``/tmp`` (the local side's reasons
+are in ``mirror/tmpdir.py``).
 """
 
 from __future__ import annotations
@@ -158,3 +162,27 @@ def _inside(path: str, tree: str) -> bool:
 
 def _under(root: str, path: str) -> str:
     return os.path.join(root, path.lstrip("/")) if root != "/" else path
+
+
+def mount_tmpdir(root: str, path: str, workdir: str, owner: Optional[Tuple[int, int]]) -> Optional[str]:
+    """Mount a fresh directory of this host over the mirror's *path*; return *path* (None: not made).
+
+    *path* is the empty directory the local side made for it (absolute, as
+    the command sees it); the new directory is made in *workdir* (removed
+    with it when the mirror ends), mode 0700, owned by *owner* (uid, gid).
+    """
+    if not os.path.isabs(path) or os.path.normpath(path) != path:
+        return None
+    target = _under(root, path)
+    try:
+        if not stat.S_ISDIR(os.lstat(target).st_mode):
+            return None
+        source = os.path.join(workdir, "tmpdir")
+        os.mkdir(source, 0o700)
+        if owner is not None:
+            os.chown(source, owner[0], owner[1])
+        mount(os.fsencode(source), os.fsencode(target), None, MS_BIND)
+    except OSError as exc:
+        LOG.debug("host $TMPDIR: not mounted over %s: %s", path, exc)
+        return None
+    return path

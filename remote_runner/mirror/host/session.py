@@ -26,7 +26,7 @@ from .kernel import KernelDrops
 from .names import NameCache, parent
 from .namespaces import SPECIAL_DIRS, bind_specials, enter_namespaces, umount, unmount_under
 from .profile import Profile
-from .scratch import make_private
+from .scratch import make_private, mount_tmpdir
 
 LOG = logging.getLogger("remote_runner.mirror.agent")
 
@@ -45,6 +45,8 @@ class Session:
         self.created: List[str] = []
         #: Private scratch trees mounted over the host's own (``--files-only``), unmounted last.
         self.scratch: List[str] = []
+        #: The command's ``$TMPDIR``, a directory of this host mounted in the mirror (scratch.py).
+        self.tmpdir: Optional[str] = None
         self.user: Optional[Tuple[int, int, List[int]]] = None
         self.files = open_file_cache(boot)
         #: Names, attributes and directories of the local side: kept until the local side
@@ -89,6 +91,10 @@ class Session:
             self.mounts.append(m)
             bind_specials(self.root)
             self._private_scratch(self.root)
+        wanted = self.boot.get("host_tmpdir")
+        if isinstance(wanted, str) and not self.boot.get("private_tmp"):
+            owner = (self.user[0], self.user[1]) if self.user is not None else None
+            self.tmpdir = mount_tmpdir(self.root or "/", os.fsdecode(P.name_from_wire(wanted)), self.workdir, owner)
 
     def _private_scratch(self, root: str) -> None:
         """``--private-tmp``: a tmpfs over each scratch tree the boot names (see scratch.py)."""
@@ -189,6 +195,11 @@ class Session:
             self.listings.save()
         if self.root:
             unmount_under(self.root)
+        elif self.tmpdir is not None:  # on top of the export it lies in
+            try:
+                umount(os.fsencode(self.tmpdir))
+            except OSError:
+                pass
         for m in reversed(self.mounts):
             m.stop()
         for d in reversed(self.created):
