@@ -41,3 +41,17 @@ def test_something_put_in_it_here_is_never_removed(tmp_path, caplog):
     tmpdir.remove_mount_point(made)
     assert os.path.exists(os.path.join(made, b"kept"))
     assert "not empty" in caplog.text
+
+
+def test_an_empty_directory_of_a_process_that_is_gone_is_removed(tmp_path):
+    import subprocess
+    gone = subprocess.Popen(["true"])
+    gone.wait()
+    orphan = tmp_path / f"{tmpdir.PREFIX}{gone.pid}-abc"
+    mine = tmp_path / f"{tmpdir.PREFIX}{os.getpid()}-abc"
+    kept = tmp_path / f"{tmpdir.PREFIX}{gone.pid}-full"
+    for path in (orphan, mine, kept):
+        path.mkdir()
+    (kept / "something").write_text("x")
+    tmpdir.remove_orphans(str(tmp_path))
+    assert not orphan.exists() and mine.exists() and (kept / "something").exists()

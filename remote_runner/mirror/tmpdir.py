@@ -20,10 +20,15 @@ cannot choose), the host mounts a fresh directory of its own (in its own
 temporary directory, mode 0700, the command user's) over that path in the
 mirror, and the command's ``TMPDIR`` names it, so paths look as they would
 here. The host removes its directory when the mirror ends and this side
-removes the (still empty) one here. Left alone: a ``$TMPDIR`` the user set to
-a place of their own, ``--private-tmp`` (the whole of ``/tmp`` is the host's
-then), and a ``/tmp`` the mirror does not serve (``--files-only`` with other
-exports).
+removes the (still empty) one here; one left by a process that was killed
+(its pid is in the name) is removed by the next. A rename from ``$TMPDIR`` to
+another place crosses file systems (``EXDEV``), as from a tmpfs ``/tmp`` to a
+home on disk does here; programs that move their temporary files already
+handle that.
+
+Left alone: a ``$TMPDIR`` the user set to a place of their own,
+``--private-tmp`` (the whole of ``/tmp`` is the host's then), and a ``/tmp``
+the mirror does not serve (``--files-only`` with other exports).
 """
 
 from __future__ import annotations
@@ -37,7 +42,7 @@ from remote_runner.mirror.exports import SCRATCH_TREES, Exports
 
 LOG = logging.getLogger(__name__)
 
-#: The directory's name here starts with this (then random letters).
+#: The directory's name here starts with this, then the pid of the process that made it.
 PREFIX = "remote-runner-tmp-"
 
 
@@ -59,8 +64,9 @@ def make_mount_point(exports: Exports, environ: Optional[Mapping[str, str]] = No
     for tree in SCRATCH_TREES:
         if not os.path.isdir(tree) or exports.find(os.fsencode(tree)) is None:
             continue
+        remove_orphans(tree)
         try:
-            return os.fsencode(tempfile.mkdtemp(prefix=PREFIX, dir=tree))
+            return os.fsencode(tempfile.mkdtemp(prefix=f"{PREFIX}{os.getpid()}-", dir=tree))
         except OSError as exc:
             LOG.debug("mirror: no host $TMPDIR: cannot make a directory in %s (%s)", tree, exc.strerror)
     return None
@@ -76,3 +82,29 @@ def remove_mount_point(path: Optional[bytes]) -> None:
         pass
     except OSError as exc:
         LOG.warning("mirror: %s is not empty (%s): left in place", os.fsdecode(path), exc.strerror)
+
+
+def remove_orphans(tree: str) -> None:
+    """Remove the empty directories of processes that are gone (killed before removing theirs)."""
+    try:
+        names = [n for n in os.listdir(tree) if n.startswith(PREFIX)]
+    except OSError:
+        return
+    for name in names:
+        pid = name[len(PREFIX):].split("-", 1)[0]
+        if not pid.isdigit() or _alive(int(pid)):
+            continue
+        try:
+            os.rmdir(os.path.join(tree, name))
+        except OSError:
+            pass  # not empty (someone put something in it), or not ours: left alone
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:
+        return True  # another user's
+    return True
