@@ -275,6 +275,33 @@ def test_profiles_forget_names_whose_directory_is_gone(tmp_path, monkeypatch):
     assert all(p.load() == (kept, []) for p in [profiles.own] + profiles.shared)
 
 
+def test_a_commands_own_profile_keeps_its_last_three_sessions(tmp_path, monkeypatch):
+    """``sh -c true`` between two ``sh -c 'python3 ...'`` runs does not make the second start cold."""
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    argv = ["/bin/sh", "-c", "x"]
+    for names, files in ((["/usr/lib/python3"], ["/usr/lib/python3/x.py"]), (["/bin/true"], ["/bin/true"]),
+                         (["/etc/hosts"], [])):
+        CommandProfile.for_command(argv, False).save(names, files)
+    names, files = CommandProfile.for_command(argv, False).load()
+    assert names == ["/etc/hosts", "/bin/true", "/usr/lib/python3"]  # the newest first
+    assert files == ["/bin/true", "/usr/lib/python3/x.py"]
+    CommandProfile.for_command(argv, False).save(["/usr"], [])  # a fourth: the oldest goes
+    assert CommandProfile.for_command(argv, False).load() == (["/usr", "/etc/hosts", "/bin/true"], ["/bin/true"])
+
+
+def test_the_hosts_profile_keeps_a_commands_last_three_sessions(tmp_path):
+    files = FileCache(str(tmp_path / "files" / "origin"), limit=1 << 20)
+    boot = {"argv": ["sh", "-c", "x"], "files_only": False}
+    for names in (["/usr/lib/python3/os.py"], ["/bin/true"], ["/etc/hosts"], ["/usr/bin/env"]):
+        profile = Profile.for_command(files, boot)
+        for name in names:
+            profile.record(name)
+        profile.save()
+    kept = Profile.for_command(files, boot)
+    assert kept.load() == ["/usr/bin/env", "/etc/hosts", "/bin/true"]
+    assert kept.load_dirs() == ["/usr/bin", "/etc", "/bin"]
+
+
 def test_profile_keeps_names_per_command_including_non_utf8(tmp_path):
     files = FileCache(str(tmp_path / "files" / "origin"), limit=1 << 20)
     boot = {"argv": ["ffmpeg", "-version", "ignored"], "files_only": False}

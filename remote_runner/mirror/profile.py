@@ -39,6 +39,8 @@ NAME_LIMIT = PROFILE_NAMES
 FILE_LIMIT = 2000
 #: The most directories :class:`OfferedDirs` keeps (a host offers at most 4,096 at once).
 DIR_LIMIT = 4096
+#: A command's own profile keeps its last this many sessions (see :class:`CommandProfile`).
+SESSIONS = 3
 
 
 def profiles_dir() -> str:
@@ -46,32 +48,59 @@ def profiles_dir() -> str:
 
 
 class CommandProfile:
-    """The names and whole files of one command, in ``<profiles_dir>/<key>.json``."""
+    """The names and whole files of one command, in ``<profiles_dir>/<key>.json``.
 
-    def __init__(self, path: str) -> None:
+    A command's own profile keeps its last :data:`SESSIONS` sessions, not only
+    the last one: commands that share a key (the first two words: ``sh -c``,
+    ``python3 -m``) differ, and one ``sh -c true`` must not make the next
+    ``sh -c 'python3 x.py'`` ask for every file of the interpreter again (at 0
+    ms here: a first Python start of 300 ms instead of 90). The shared
+    profiles (``sessions=1``) gather everything anyway.
+    """
+
+    def __init__(self, path: str, sessions: int = 1) -> None:
         self.path = path
+        self.sessions = sessions
 
     @classmethod
     def for_command(cls, argv_wire: Sequence[str], files_only: bool) -> "CommandProfile":
-        return cls(os.path.join(profiles_dir(), profile_key(argv_wire, files_only) + ".json"))
+        return cls(os.path.join(profiles_dir(), profile_key(argv_wire, files_only) + ".json"), SESSIONS)
 
-    def load(self) -> Tuple[List[str], List[str]]:
-        """Return (names, files) as wire names; empty when there is no usable profile."""
+    def _sessions(self) -> List[Tuple[List[str], List[str]]]:
+        """(names, files) of each session kept, the newest first."""
         try:
             with open(self.path, "rb") as handle:
                 data = json.loads(handle.read().decode("ascii"))
-            names = [n for n in data["names"] if isinstance(n, str)][:NAME_LIMIT]
-            files = [n for n in data["files"] if isinstance(n, str)][:FILE_LIMIT]
-        except (OSError, ValueError, KeyError, TypeError):
-            return [], []
-        return names, files
+        except (OSError, ValueError):
+            return []
+        if not isinstance(data, dict):
+            return []
+        out = []
+        for entry in [data] + list(data.get("earlier") or [])[:max(0, self.sessions - 1)]:
+            if isinstance(entry, dict) and isinstance(entry.get("names"), list) and isinstance(entry.get("files"), list):
+                out.append(([n for n in entry["names"] if isinstance(n, str)][:NAME_LIMIT],
+                            [n for n in entry["files"] if isinstance(n, str)][:FILE_LIMIT]))
+        return out
+
+    def load(self) -> Tuple[List[str], List[str]]:
+        """Return (names, files) as wire names, the newest session's first; empty when there is none."""
+        names: Dict[str, None] = {}
+        files: Dict[str, None] = {}
+        for got_names, got_files in self._sessions():
+            names.update(dict.fromkeys(got_names))
+            files.update(dict.fromkeys(got_files))
+        return list(names)[:NAME_LIMIT], list(files)[:FILE_LIMIT]
 
     def save(self, names: Sequence[str], files: Sequence[str]) -> None:
-        """Replace the profile (temporary file + rename); an empty session keeps the old one."""
+        """Make this session the newest (temporary file + rename); an empty session keeps the old ones."""
         if not names:
             return
         names, files = living(names), living(files)
-        _write_json(self.path, {"names": list(names)[:NAME_LIMIT], "files": list(files)[:FILE_LIMIT]})
+        earlier = [{"names": living(n), "files": living(f)} for n, f in self._sessions()[:self.sessions - 1]]
+        body: Dict[str, object] = {"names": list(names)[:NAME_LIMIT], "files": list(files)[:FILE_LIMIT]}
+        if earlier:
+            body["earlier"] = earlier
+        _write_json(self.path, body)
 
 
 class OfferedDirs:

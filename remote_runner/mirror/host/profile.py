@@ -1,4 +1,4 @@
-"""The names a command looked up in its last session on this host, for a warm start.
+"""The names a command looked up in its last sessions on this host, for a warm start.
 
 Why apart: the profile outlives the session (a small JSON file next to the
 file cache) and only its names are kept; how it is keyed decides which later
@@ -24,7 +24,7 @@ LOG = logging.getLogger("remote_runner.mirror.agent")
 
 
 class Profile:
-    """The paths a command looked up in its last session, for a warm start of the next one.
+    """The paths a command looked up in its last sessions, for a warm start of the next one.
 
     Kept next to the file cache, one small JSON file per command (its first two
     words and the mode), written under a temporary name and renamed: the names
@@ -35,6 +35,9 @@ class Profile:
 
     #: How long warm-start answers stand (NFS's acregmin is 3 s too).
     TTL = 3.0
+    #: The sessions kept: commands with the same key differ (``sh -c true``, then
+    #: ``sh -c 'python3 x.py'``), and one must not make the next start cold.
+    SESSIONS = 3
     LIMIT = P.PROFILE_NAMES
     #: The most directories offered at a warm start.
     DIRS = 4096
@@ -95,17 +98,31 @@ class Profile:
         except (OSError, ValueError):
             return None
 
-    def load(self) -> List[str]:
-        """The names looked up last time (none if the file is missing or not usable)."""
+    def _sessions(self) -> List[Dict[str, Any]]:
+        """The sessions kept, the newest first (each a dict with ``names`` and ``dirs``)."""
         body = self._read()
-        paths = body.get("names") if isinstance(body, dict) else body  # (older files: a list)
-        return [p for p in paths if isinstance(p, str)][:self.LIMIT] if isinstance(paths, list) else []
+        if isinstance(body, list):  # (older files: a list of names)
+            body = {"names": body}
+        if not isinstance(body, dict):
+            return []
+        earlier = body.get("earlier") if isinstance(body.get("earlier"), list) else []
+        return [entry for entry in [body] + earlier[:self.SESSIONS - 1] if isinstance(entry, dict)]
+
+    def _union(self, key: str, limit: int) -> List[str]:
+        out: Dict[str, None] = {}
+        for entry in self._sessions():
+            paths = entry.get(key)
+            if isinstance(paths, list):
+                out.update(dict.fromkeys(p for p in paths if isinstance(p, str)))
+        return list(out)[:limit]
+
+    def load(self) -> List[str]:
+        """The names looked up in the last sessions (none if the file is missing or not usable)."""
+        return self._union("names", self.LIMIT)
 
     def load_dirs(self) -> List[str]:
-        """The directories whose answers the last session used (see :mod:`.listings`)."""
-        body = self._read()
-        dirs = body.get("dirs") if isinstance(body, dict) else None
-        return absolute_names(dirs)[:self.DIRS]
+        """The directories whose answers the last sessions used (see :mod:`.listings`)."""
+        return absolute_names(self._union("dirs", self.DIRS * self.SESSIONS))[:self.DIRS]
 
     def dirs(self) -> List[str]:
         """This session's directories: those listed, and those it looked names up in."""
@@ -122,7 +139,11 @@ class Profile:
             os.makedirs(os.path.dirname(self.path), mode=0o700, exist_ok=True)
             fd, tmp = tempfile.mkstemp(dir=os.path.dirname(self.path), prefix=".tmp-")
             with os.fdopen(fd, "wb") as handle:
-                body = {"names": [p for p in self.seen if not self._made_here(p)], "dirs": self.dirs()}
+                body: Dict[str, Any] = {"names": [p for p in self.seen if not self._made_here(p)],
+                                        "dirs": self.dirs()}
+                earlier = [{"names": e.get("names"), "dirs": e.get("dirs")} for e in self._sessions()]
+                if earlier[:self.SESSIONS - 1]:
+                    body["earlier"] = earlier[:self.SESSIONS - 1]
                 handle.write(json.dumps(body).encode("utf-8", "surrogateescape"))
             os.rename(tmp, self.path)
         except OSError as exc:
