@@ -94,7 +94,8 @@ class Session:
         wanted = self.boot.get("host_tmpdir")
         if isinstance(wanted, str) and not self.boot.get("private_tmp"):
             owner = (self.user[0], self.user[1]) if self.user is not None else None
-            self.tmpdir = mount_tmpdir(self.root or "/", os.fsdecode(P.name_from_wire(wanted)), self.workdir, owner)
+            path = os.fsdecode(P.name_from_wire(wanted))
+            self.tmpdir = mount_tmpdir(self.root or "/", path, self.workdir, owner)
 
     def _private_scratch(self, root: str) -> None:
         """``--private-tmp``: a tmpfs over each scratch tree the boot names (see scratch.py)."""
