@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import time
 
 from remote_runner.mirror import tmpdir
 from remote_runner.mirror.exports import Exports
@@ -53,5 +54,7 @@ def test_an_empty_directory_of_a_process_that_is_gone_is_removed(tmp_path):
     for path in (orphan, mine, kept):
         path.mkdir()
     (kept / "something").write_text("x")
-    tmpdir.remove_orphans(str(tmp_path))
+    tmpdir.remove_orphans(str(tmp_path))  # a day must pass: one in another pid namespace looks gone
+    assert orphan.exists()
+    tmpdir.remove_orphans(str(tmp_path), now=time.time() + tmpdir.ORPHAN_AGE + 1)
     assert not orphan.exists() and mine.exists() and (kept / "something").exists()

@@ -20,11 +20,11 @@ cannot choose), the host mounts a fresh directory of its own (in its own
 temporary directory, mode 0700, the command user's) over that path in the
 mirror, and the command's ``TMPDIR`` names it, so paths look as they would
 here. The host removes its directory when the mirror ends and this side
-removes the (still empty) one here; one left by a process that was killed
-(its pid is in the name) is removed by the next. A rename from ``$TMPDIR`` to
-another place crosses file systems (``EXDEV``), as from a tmpfs ``/tmp`` to a
-home on disk does here; programs that move their temporary files already
-handle that.
+removes the (still empty) one here; one left by a process that was killed (its
+pid is in the name) is removed by a later one, a day on. A rename from
+``$TMPDIR`` to another place crosses file systems (``EXDEV``), as from a tmpfs
+``/tmp`` to a home on disk does here; programs that move their temporary files
+already handle that.
 
 Left alone: a ``$TMPDIR`` the user set to a place of their own,
 ``--private-tmp`` (the whole of ``/tmp`` is the host's then), and a ``/tmp``
@@ -36,6 +36,7 @@ from __future__ import annotations
 import logging
 import os
 import tempfile
+import time
 from typing import Mapping, Optional
 
 from remote_runner.mirror.exports import SCRATCH_TREES, Exports
@@ -44,6 +45,8 @@ LOG = logging.getLogger(__name__)
 
 #: The directory's name here starts with this, then the pid of the process that made it.
 PREFIX = "remote-runner-tmp-"
+#: A directory of a process that is gone is removed once it is this old (seconds).
+ORPHAN_AGE = 24 * 3600
 
 
 def user_chose(environ: Mapping[str, str]) -> bool:
@@ -84,18 +87,27 @@ def remove_mount_point(path: Optional[bytes]) -> None:
         LOG.warning("mirror: %s is not empty (%s): left in place", os.fsdecode(path), exc.strerror)
 
 
-def remove_orphans(tree: str) -> None:
-    """Remove the empty directories of processes that are gone (killed before removing theirs)."""
+def remove_orphans(tree: str, now: Optional[float] = None) -> None:
+    """Remove the empty directories of processes that are gone (killed before removing theirs).
+
+    Only those older than :data:`ORPHAN_AGE`: a process of another pid
+    namespace sharing this ``/tmp`` (a container) looks gone from here, and
+    its directory is still a host's mount point.
+    """
     try:
         names = [n for n in os.listdir(tree) if n.startswith(PREFIX)]
     except OSError:
         return
+    now = time.time() if now is None else now
     for name in names:
         pid = name[len(PREFIX):].split("-", 1)[0]
         if not pid.isdigit() or _alive(int(pid)):
             continue
+        path = os.path.join(tree, name)
         try:
-            os.rmdir(os.path.join(tree, name))
+            if now - os.lstat(path).st_mtime < ORPHAN_AGE:
+                continue
+            os.rmdir(path)
         except OSError:
             pass  # not empty (someone put something in it), or not ours: left alone
 
