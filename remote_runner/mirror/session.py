@@ -254,8 +254,10 @@ def run_command(conn: Any, argv: Sequence[str], *, cwd: Optional[str] = None,
                 restore()
         output.finish()
     finally:
-        link.close()
-        host_tmpdir.remove_mount_point(mount_point)
+        try:
+            link.close()
+        finally:
+            host_tmpdir.remove_mount_point(mount_point)
     if profile is not None and "status" in result:
         _save_profile(profile, link.service, result.get("used") or [])
     stats = dict(link.stats(), host=result.get("host") or {})
@@ -392,10 +394,12 @@ class MirrorServer:
 
     def close(self) -> None:
         """End the mirror on the host (commands still in it are killed)."""
-        if self.link is not None:
-            self.link.close()
-        host_tmpdir.remove_mount_point(self._mount_point)
-        self._mount_point = None
+        try:
+            if self.link is not None:
+                self.link.close()
+        finally:
+            host_tmpdir.remove_mount_point(self._mount_point)
+            self._mount_point = None
 
     def __enter__(self) -> "MirrorServer":
         return self.start() if self.link is None else self
