@@ -359,12 +359,16 @@ class MirrorServer:
         if self.options.private_tmp:
             boot["private_tmp"] = private_tmp_field(exports)
         self._mount_point = _host_tmpdir(self.options, exports, boot)
-        link.boot(boot)
-        link.start()
-        end = time.monotonic() + timeout
-        while not self._ready.wait(0.2):
-            if link.lost.is_set() or time.monotonic() > end:
-                break
+        try:
+            link.boot(boot)
+            link.start()
+            end = time.monotonic() + timeout
+            while not self._ready.wait(0.2):
+                if link.lost.is_set() or time.monotonic() > end:
+                    break
+        except BaseException:
+            self.close()
+            raise
         if self._fail or not self.socket_path:
             reason = self._fail or link.lost_reason or "timed out"
             self.close()
