@@ -6,6 +6,7 @@ side notices, says so and repairs it rather than running it.
 
 from __future__ import annotations
 
+import glob
 import hashlib
 import shutil
 import subprocess
@@ -13,6 +14,7 @@ import sys
 
 import pytest
 
+from remote_runner.mirror import tmpdir
 from remote_runner.mirror.bundle import BOOT, CACHE_DIR, build_bundle
 from tests.conftest import ssh
 from tests.test_mirror_lab import rr_exec, workdir  # noqa: F401 (a fixture)
@@ -348,6 +350,9 @@ def test_root_on_the_host_sees_only_what_is_exported(lab, workdir, tmp_path):
         proc.kill()
         proc.wait()
         shutil.rmtree(secret_dir, ignore_errors=True)
+        # (killed, it could not remove the empty directory it made for the host's $TMPDIR)
+        for left in glob.glob(f"/tmp/{tmpdir.PREFIX}{proc.pid}-*"):
+            os.rmdir(left)
 
 
 @pytest.fixture
