@@ -137,25 +137,11 @@ def test_mirrored_components_of_a_host_share_one_private_tmp(lab, env, tmp_path)
     out.mkdir()
     marker = f"/tmp/rr-local-marker-{tag}"  # this machine's /tmp, in no served path
     open(marker, "w").close()
-    exp = experiment(tmp_path, f"""
-        for i, script in enumerate(['echo from-a > /tmp/handoff-{tag}',
-                                    'cat /tmp/handoff-{tag} > {out}/seen.txt; '
-                                    'test -e {marker} && echo sees-local >> {out}/seen.txt || '
-                                    'echo private >> {out}/seen.txt']):
-            c = Component()
-            c.name = 'c%d' % i
-            c.host = 'h2'
-            c.executable = '/bin/sh'
-            c.args = ['-c', script]
-            c.mirror = True
-            c.private_tmp = True
-            c.export = ['{out}']
-            c.wait = True
-            c.start_index = i
-            config.add_component(c)
-    """)
+    scripts = [f"echo from-a > /tmp/handoff-{tag}",
+               f"cat /tmp/handoff-{tag} > {out}/seen.txt; "
+               f"test -e {marker} && echo sees-local >> {out}/seen.txt || echo private >> {out}/seen.txt"]
     try:
-        report = run(exp, options(env), env["ssh"])
+        report = run_mirrored_pair(env, tmp_path, scripts, out, private_tmp=True)
     finally:
         os.unlink(marker)
     assert [report.components[("h2", f"c{i}")].status for i in (0, 1)] == [0, 0]
@@ -163,3 +149,23 @@ def test_mirrored_components_of_a_host_share_one_private_tmp(lab, env, tmp_path)
     assert (out / "seen.txt").read_text().split() == ["from-a", "private"]
     assert not os.path.exists(f"/tmp/handoff-{tag}")
     assert ssh(lab, "h2", f"ls -d /tmp/handoff-{tag} 2>/dev/null; true").stdout.strip() == ""
+
+
+def run_mirrored_pair(test_env, tmp_path, scripts, out, private_tmp: bool = False):
+    """Run *scripts* (``sh -c``) as mirrored components c0 then c1 of h2, each waited for and with
+    *out* exported; return the run's report (*test_env*: the ``env`` fixture's options)."""
+    exp = experiment(tmp_path, f"""
+        for i, script in enumerate({list(scripts)!r}):
+            c = Component()
+            c.name = 'c%d' % i
+            c.host = 'h2'
+            c.executable = '/bin/sh'
+            c.args = ['-c', script]
+            c.mirror = True
+            {"c.private_tmp = True" if private_tmp else ""}
+            c.export = ['{out}']
+            c.wait = True
+            c.start_index = i
+            config.add_component(c)
+    """)
+    return run(exp, options(test_env), test_env["ssh"])

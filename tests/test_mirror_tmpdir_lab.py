@@ -15,7 +15,8 @@ import pytest
 
 from tests.conftest import ssh
 from tests.test_mirror_lab import rr_exec
-from tests.test_runner import env, experiment, options, run  # noqa: F401 (env is a fixture)
+from tests.test_mirror_scratch_lab import run_mirrored_pair
+from tests.test_runner import env  # noqa: F401 (a fixture)
 
 pytestmark = pytest.mark.lab
 
@@ -114,21 +115,9 @@ def test_mirrored_components_of_a_host_share_its_tmpdir(lab, env, tmp_path):
     out = tmp_path / f"out-{tag}"
     out.mkdir()
     before = mount_points()
-    exp = experiment(tmp_path, f"""
-        for i, script in enumerate(['echo from-a > "$TMPDIR/handoff"',
-                                    'cat "$TMPDIR/handoff" > {out}/seen.txt; echo "$TMPDIR" >> {out}/seen.txt']):
-            c = Component()
-            c.name = 'c%d' % i
-            c.host = 'h2'
-            c.executable = '/bin/sh'
-            c.args = ['-c', script]
-            c.mirror = True
-            c.export = ['{out}']
-            c.wait = True
-            c.start_index = i
-            config.add_component(c)
-    """)
-    report = run(exp, options(env), env["ssh"])
+    scripts = ['echo from-a > "$TMPDIR/handoff"',
+               f'cat "$TMPDIR/handoff" > {out}/seen.txt; echo "$TMPDIR" >> {out}/seen.txt']
+    report = run_mirrored_pair(env, tmp_path, scripts, out)
     assert [report.components[("h2", f"c{i}")].status for i in (0, 1)] == [0, 0]
     seen, tmpdir = (out / "seen.txt").read_text().split()
     assert seen == "from-a" and tmpdir.startswith("/tmp/remote-runner-tmp-")

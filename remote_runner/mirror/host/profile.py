@@ -141,9 +141,10 @@ class Profile:
             with os.fdopen(fd, "wb") as handle:
                 body: Dict[str, Any] = {"names": [p for p in self.seen if not self._made_here(p)],
                                         "dirs": self.dirs()}
-                earlier = [{"names": e.get("names"), "dirs": e.get("dirs")} for e in self._sessions()]
-                if earlier[:self.SESSIONS - 1]:
-                    body["earlier"] = earlier[:self.SESSIONS - 1]
+                earlier = [{"names": e.get("names"), "dirs": e.get("dirs")}
+                           for e in self._sessions()[:self.SESSIONS - 1]]
+                if earlier:
+                    body["earlier"] = earlier
                 handle.write(json.dumps(body).encode("utf-8", "surrogateescape"))
             os.rename(tmp, self.path)
         except OSError as exc:
