@@ -178,6 +178,37 @@ def test_profile_keeps_the_directories_used(tmp_path):
     assert Profile(str(tmp_path / "bad.json")).load() == [] and Profile(str(tmp_path / "bad.json")).load_dirs() == []
 
 
+def test_profile_keeps_which_directories_were_listed(tmp_path):
+    path = str(tmp_path / "p.json")
+    (tmp_path / "p.json").write_text(json.dumps({"names": ["/a/b"], "dirs": ["/a"]}))  # an older agent's
+    profile = Profile(path)
+    profile.record("/usr/lib/x86_64-linux-gnu/libc.so.6")
+    profile.record_dir("/usr/lib/python3")
+    profile.record_dir("/made/here")
+    profile.made("/made/here")
+    profile.save()
+    assert Profile(path).load_listed() is None  # an earlier session says nothing: all count as listed
+    for _ in range(Profile.SESSIONS - 1):  # until the older agent's session is no longer kept
+        profile.save()
+    again = Profile(path)
+    assert again.load_listed() == {"/usr/lib/python3"}
+    assert sorted(again.load_dirs()) == ["/usr/lib/python3", "/usr/lib/x86_64-linux-gnu"]
+
+
+def test_a_directory_only_looked_up_in_is_offered_while_its_answer_is_small(tmp_path):
+    from remote_runner.mirror.host.listings import BYTES_PER_NAME, LOOKUP_ONLY_BYTES
+    store = ListingStore(str(tmp_path / "kept"))
+    big = encode({"n": ["f%04d" % i for i in range(2000)], "a": [None] * 2000, "l": [None] * 2000})
+    small = encode({"n": ["a", "b"], "a": [None, None], "l": [None, None]})
+    assert len(small) <= LOOKUP_ONLY_BYTES < len(big)
+    store.keep("/big", big)
+    store.keep("/small", small)
+    assert store.worth_offering("/nothing/kept", 1)  # its size is learnt from the local side's answer
+    assert store.worth_offering("/small", 0)
+    assert not store.worth_offering("/big", 1)
+    assert store.worth_offering("/big", len(big) // BYTES_PER_NAME + 1)  # most of its names used
+
+
 # ----------------------------------------------------------------------------- on lab hosts
 
 def _script(d) -> list:
@@ -241,3 +272,41 @@ def test_a_garbage_kept_answer_on_the_host_is_ignored(lab, local_only, workdir):
         again = rr_exec(lab, HOST, _script(d), workdir)
         assert again.returncode == 0 and again.stdout == local(), again.stderr.decode()
         assert b"z.txt" in again.stdout
+
+
+def _offered_dirs(stderr: bytes) -> list:
+    """The directories the host offered in its ``validate`` (``--debug-rpc``)."""
+    import ast
+    for line in stderr.decode("utf-8", "replace").splitlines():
+        if " rpc validate " in line:
+            args = ast.literal_eval(line[line.index("{"):line.rindex(" -> ")])
+            return [d[0] for d in args.get("dirs") or []]
+    raise AssertionError("no validate request in:\n" + stderr.decode("utf-8", "replace"))
+
+
+def test_a_big_directory_only_looked_up_in_is_confirmed_name_by_name(lab, local_only, workdir):
+    """Its names are confirmed at start (no request for them), it is not listed again, and
+    a file changed or a name new since are still this machine's."""
+    d = local_only / "big"
+    d.mkdir()
+    for i in range(400):  # its answer: ~50 KiB, far more than the two names the command uses
+        (d / f"f{i:03d}.txt").write_text(f"file {i}\n")
+    argv = ["/bin/cat", str(d / "f007.txt"), str(d / "f008.txt")]
+    name = hashlib.sha1(str(d).encode()).hexdigest()
+    for _ in range(3):  # until the host keeps the directory's answer (and this command's profile)
+        first = rr_exec(lab, HOST, argv, workdir)
+        assert first.returncode == 0 and first.stdout == b"file 7\nfile 8\n", first.stderr.decode()
+        if ssh(lab, HOST, f"ls ~/.cache/remote-runner/files/*.listings/{name}", check=False).returncode == 0:
+            break
+    else:
+        raise AssertionError("the host never kept the directory's answer")
+    warm = rr_exec(lab, HOST, argv, workdir, "--debug-rpc", "-l", "INFO")
+    assert warm.returncode == 0 and warm.stdout == b"file 7\nfile 8\n", warm.stderr.decode()
+    assert str(d) not in _offered_dirs(warm.stderr)
+    assert _lookups_in(warm.stderr, d) == []  # both names were confirmed in the validate
+
+    (d / "f007.txt").write_text("seven, changed\n")
+    (d / "f500.txt").write_text("new\n")
+    after = rr_exec(lab, HOST, argv + [str(d / "f500.txt")], workdir)
+    assert after.returncode == 0, after.stderr.decode()
+    assert after.stdout == b"seven, changed\nfile 8\nnew\n"

@@ -315,3 +315,36 @@ def test_the_command_start_is_named_for_the_first_validate(tmp_path):
     by_path = [os.fsdecode(P.name_from_wire(x)) for x in command_names("../alias", str(found), str(later))]
     assert str(tmp_path / "alias") in by_path and str(later / "tool") in by_path
     assert str(found / "tool") not in by_path
+
+
+def test_whether_a_directory_is_public_is_worked_out_once_for_its_files(public_tmp):
+    from remote_runner.mirror.sharing import PublicDirs
+    top = public_tmp / "top"
+    (top / "lib").mkdir(parents=True)
+    files = [os.fsencode(str(top / "lib" / f"m{i}.py")) for i in range(3)]
+    os.symlink(top / "lib", public_tmp / "alias")
+    through_link = os.fsencode(str(public_tmp / "alias" / "m0.py"))
+    top.chmod(0o700)
+    now = PublicDirs(ttl=0.0)  # nothing kept: every answer is worked out again
+    assert not any(now.reachable(f) for f in files) and not now.reachable(through_link)
+    kept = PublicDirs()
+    assert not kept.reachable(files[0])
+    top.chmod(0o755)
+    assert all(now.reachable(f) for f in files) and now.reachable(through_link)
+    assert not kept.reachable(files[1])  # the directory's answer holds for SETTLED_SECONDS
+    top.chmod(0o711)  # searchable, not readable, by others: enough to reach the files
+    assert now.reachable(files[2])
+
+
+def test_names_of_one_request_in_one_directory_share_its_descriptor(tmp_path):
+    from remote_runner.mirror.exports import resolve_parent
+    for name in ("a", "b"):
+        (tmp_path / name).write_text(name)
+    held, parents = [], {}
+    paths = [resolve_parent(os.fsencode(str(tmp_path / n)), held, parents) for n in ("a", "b")]
+    try:
+        assert len(held) == 1 and list(parents) == [os.fsencode(str(tmp_path))]
+        assert [open(p, "rb").read() for p in paths] == [b"a", b"b"]
+    finally:
+        for fd in held:
+            os.close(fd)

@@ -343,7 +343,9 @@ def resolve_parent(path: bytes, held: List[int], parents: Optional[Dict[bytes, i
     for the caller to close, and noted in *parents* under the directory's
     name), short whatever the path's length; the last component itself is
     left to the operation (which never follows it, or follows it only where
-    the kernel would have).
+    the kernel would have). A directory already in *parents* is not opened
+    again: the names of one request (a rename's two, a batch of lookups in one
+    directory) go through the descriptor it was first reached by.
     """
     parts = [p for p in path.split(b"/") if p]
     if any(p in (b".", b"..") for p in parts):
@@ -351,6 +353,8 @@ def resolve_parent(path: bytes, held: List[int], parents: Optional[Dict[bytes, i
     if not parts:
         return b"/"
     directory = b"/" + b"/".join(parts[:-1])
+    if parents is not None and directory in parents:  # reached already for this request
+        return os.path.join(proc_fd_path(parents[directory]), parts[-1])
     fd = open_beneath(directory) if len(directory) < OPENAT2_PATH_MAX else None
     if fd is None:
         fd = _walk(parts[:-1], held)

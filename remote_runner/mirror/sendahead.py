@@ -47,6 +47,8 @@ def _single(st: os.stat_result) -> bool:
 PREPARE_WAIT = 2.0
 #: The most directories :meth:`SendAhead.prepare` lists (those with the most names first).
 PREPARE_DIRS = 256
+#: Descriptors :meth:`SendAhead.prepare` keeps open between its steps (see _release_some).
+PREPARE_FDS = 32
 
 
 def walk(path: bytes, hops: int = 40) -> List[bytes]:
@@ -251,15 +253,21 @@ class SendAhead:
         try:
             for step in needed:
                 step()
-                self.request_fds.release()
+                self._release_some()
             self.prepared.set()
             for step in guesses:
                 if self.prepare_stop.is_set():
                     return
                 step()
-                self.request_fds.release()
+                self._release_some()
         finally:
             self.prepared.set()
+            self.request_fds.release()
+
+    def _release_some(self) -> None:
+        """Between prepare's steps: close the directories reached once there are many (the
+        files of one directory, looked at one after the other, share its descriptor)."""
+        if self.request_fds.open_count() > PREPARE_FDS:
             self.request_fds.release()
 
     @staticmethod

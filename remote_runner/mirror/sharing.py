@@ -92,36 +92,73 @@ class PublicDirs:
     def __init__(self, ttl: float = SETTLED_SECONDS) -> None:
         self.ttl = ttl
         self._known: Dict[bytes, Tuple[bool, float]] = {}
+        #: per (directory, top of its shared export): the answer for the files in it, and when
+        self._answers: Dict[Tuple[bytes, Optional[bytes]], Tuple[bool, float]] = {}
+        self._resolved: Dict[bytes, Tuple[bytes, float]] = {}
         self._lock = threading.Lock()
 
     def reachable(self, path: bytes, exports: Optional[Exports] = None) -> bool:
         """Whether every directory above *path* (named and resolved) is world-searchable.
 
         With *exports*, only up to the top of the shared export *path* lies in.
+        A directory's answer (and where it resolves to) is kept as long as its
+        directories' searchable bits are: the files of one directory (a
+        program's 600 modules in 70 directories) cost one climb each, not one
+        ``realpath`` and one climb per file.
         """
         parent = os.path.dirname(path)
-        for directory in dict.fromkeys((parent, os.path.realpath(parent))):
+        for directory in dict.fromkeys((parent, self._realpath(parent))):
             export = exports.find(os.path.join(directory, os.path.basename(path))) if exports else None
-            if not self._chain(directory, export.path if export is not None and export.shared else None):
+            if not self._answer(directory, export.path if export is not None and export.shared else None):
                 return False
         return True
 
-    def _chain(self, directory: bytes, top: Optional[bytes]) -> bool:
+    def _realpath(self, directory: bytes) -> bytes:
+        now = time.monotonic()
+        with self._lock:
+            known = self._resolved.get(directory)
+        if known is not None and now - known[1] < self.ttl:
+            return known[0]
+        resolved = os.path.realpath(directory)
+        with self._lock:
+            if len(self._resolved) > 4096:
+                self._resolved.clear()
+            self._resolved[directory] = (resolved, now)
+        return resolved
+
+    def _answer(self, directory: bytes, top: Optional[bytes]) -> bool:
+        now = time.monotonic()
+        with self._lock:
+            known = self._answers.get((directory, top))
+        if known is not None and now - known[1] < self.ttl:
+            return known[0]
+        ok, when = self._chain(directory, top)  # (kept no longer than the oldest bit it rests on)
+        with self._lock:
+            if len(self._answers) > 4096:
+                self._answers.clear()
+            self._answers[(directory, top)] = (ok, when)
+        return ok
+
+    def _chain(self, directory: bytes, top: Optional[bytes]) -> Tuple[bool, float]:
+        """The answer for *directory*, and when the oldest of the bits it rests on was read."""
+        oldest = time.monotonic()
         while True:
             if top is not None and not inside(directory, top):
-                return True  # above the shared export: not this check's business
-            if not self._searchable(directory):
-                return False
+                return True, oldest  # above the shared export: not this check's business
+            ok, when = self._searchable(directory)
+            oldest = min(oldest, when)
+            if not ok:
+                return False, oldest
             if directory in (b"/", b""):
-                return True
+                return True, oldest
             directory = os.path.dirname(directory)
 
-    def _searchable(self, directory: bytes) -> bool:
+    def _searchable(self, directory: bytes) -> Tuple[bool, float]:
         now = time.monotonic()
         with self._lock:
             known = self._known.get(directory)
         if known is not None and now - known[1] < self.ttl:
-            return known[0]
+            return known
         try:
             ok = bool(os.stat(directory).st_mode & stat.S_IXOTH)
         except OSError:
@@ -130,4 +167,4 @@ class PublicDirs:
             if len(self._known) > 4096:
                 self._known.clear()
             self._known[directory] = (ok, now)
-        return ok
+        return ok, now

@@ -54,6 +54,11 @@ TRIM_TO = 7 / 8
 MAX_BYTES = 1 << 20
 
 
+#: A directory the command only looked names up in (it never listed it) is offered whole
+#: when its kept answer is at most this big, or at most ``BYTES_PER_NAME`` per name it used
+#: there; else its names are confirmed one by one (see :meth:`ListingStore.worth_offering`).
+LOOKUP_ONLY_BYTES, BYTES_PER_NAME = 16 << 10, 512
+
 #: How every directory answer's bytes begin (``{"n": [names...], "a": ..., "l": ...}``).
 ANSWER_START = b'{"n":['
 
@@ -109,6 +114,20 @@ class ListingStore:
         self._held[path] = payload
         self._digests[path] = found
         return payload
+
+    def worth_offering(self, path: str, names: int) -> bool:
+        """Whether to offer directory *path*, where the command only looked up *names* names.
+
+        Confirming an answer costs the local side an ``lstat`` of every entry
+        and this host the decoding of all of them: for the five names a
+        program's start looks up among the 1,300 files of
+        ``/usr/lib/x86_64-linux-gnu`` or the 1,100 of ``/usr/bin``, that is
+        most of both sides' work at a warm start, and confirming the names
+        themselves costs next to nothing. A directory with no kept answer is
+        offered (the local side sends it, and its size is known next time).
+        """
+        payload = self.load(path)
+        return payload is None or len(payload) <= max(LOOKUP_ONLY_BYTES, names * BYTES_PER_NAME)
 
     def offer(self, dirs: List[str]) -> List[List[str]]:
         """``[directory, digest of the answer kept ("" if none)]`` for ``validate``."""

@@ -29,8 +29,9 @@ class Profile:
     Kept next to the file cache, one small JSON file per command (its first two
     words and the mode), written under a temporary name and renamed: the names
     it looked up and the directories it looked up names in or listed (their
-    answers are kept by :mod:`.listings` and confirmed at the next start). Only
-    names are kept here: every answer is confirmed by the local side at start.
+    answers are kept by :mod:`.listings` and confirmed at the next start), and
+    which of those it listed. Only names are kept here: every answer is
+    confirmed by the local side at start.
     """
 
     #: How long warm-start answers stand (NFS's acregmin is 3 s too).
@@ -124,6 +125,14 @@ class Profile:
         """The directories whose answers the last sessions used (see :mod:`.listings`)."""
         return absolute_names(self._union("dirs", self.DIRS * self.SESSIONS))[:self.DIRS]
 
+    def load_listed(self) -> Optional[Set[str]]:
+        """The directories the last sessions listed (``readdir``); None if a session kept
+        no such list (a file from an older agent: every directory counts as listed)."""
+        sessions = self._sessions()
+        if not sessions or any(not isinstance(entry.get("listed"), list) for entry in sessions):
+            return None
+        return {path for entry in sessions for path in entry["listed"] if isinstance(path, str)}
+
     def dirs(self) -> List[str]:
         """This session's directories: those listed, and those it looked names up in."""
         out = dict(self.listed)
@@ -131,6 +140,10 @@ class Profile:
             if path != "/":
                 out.setdefault(posixpath.dirname(path.rstrip("/")) or "/", None)
         return [d for d in out if d not in self.unlisted and not self._made_here(d)][:self.DIRS]
+
+    def listed_dirs(self) -> List[str]:
+        """This session's directories that were listed (the others only had names looked up)."""
+        return [d for d in self.listed if d not in self.unlisted and not self._made_here(d)]
 
     def save(self) -> None:
         if not self.seen and not self.listed:
@@ -140,8 +153,8 @@ class Profile:
             fd, tmp = tempfile.mkstemp(dir=os.path.dirname(self.path), prefix=".tmp-")
             with os.fdopen(fd, "wb") as handle:
                 body: Dict[str, Any] = {"names": [p for p in self.seen if not self._made_here(p)],
-                                        "dirs": self.dirs()}
-                earlier = [{"names": e.get("names"), "dirs": e.get("dirs")}
+                                        "dirs": self.dirs(), "listed": self.listed_dirs()}
+                earlier = [{"names": e.get("names"), "dirs": e.get("dirs"), "listed": e.get("listed")}
                            for e in self._sessions()[:self.SESSIONS - 1]]
                 if earlier:
                     body["earlier"] = earlier

@@ -13,6 +13,7 @@ import tempfile
 import threading
 import time
 import logging
+from collections import Counter
 from typing import Any, Dict, List, Optional, Tuple
 
 from .. import protocol as P
@@ -136,7 +137,7 @@ class Session:
             return 0
         known = self.profile.load() if self.profile is not None else []
         own = bool(known)
-        dirs = self.listings.offer(self.profile.load_dirs()) if self.profile is not None else []
+        dirs = self.listings.offer(self._dirs_to_offer(known)) if self.profile is not None else []
         kept = {path for path, dg in dirs if dg}
         # A name in a kept directory comes with it (if the local side confirms the directory).
         known = [name for name in known if parent(name) not in kept]
@@ -160,6 +161,17 @@ class Session:
                     names, answers, watched = fresh[0], fresh[1], fresh[3]
         absorb_answers(self.cache, names, answers, watched, since)
         return len(names)
+
+    def _dirs_to_offer(self, known: List[str]) -> List[str]:
+        """The profile's directories whose kept answers are worth confirming (see
+        :meth:`.listings.ListingStore.worth_offering`): every directory the command
+        listed; of the others, those whose answer is small next to the names used there."""
+        wanted = self.profile.load_dirs()
+        listed = self.profile.load_listed()
+        if listed is None:
+            return wanted
+        used = Counter(parent(name) for name in known)
+        return [d for d in wanted if d in listed or self.listings.worth_offering(d, used[d])]
 
     def _absorb_listings(self, offered: List[List[str]], answers: List[Any], watched: List[Any],
                          since: int) -> None:
