@@ -39,6 +39,8 @@ EXIT_START = 6
 EXIT_LAB = 7
 EXIT_PARTIAL = 8
 EXIT_INTERRUPTED = 130
+#: Ended by SIGTERM (128 + 15), unwound as an interrupt is (see cli.end_on_sigterm).
+EXIT_TERMINATED = 143
 EXIT_LINK = 254
 
 

@@ -51,3 +51,69 @@ def test_no_status_is_zero_and_a_closed_stdout_falls_back_to_a_normal_exit():
         finish(3)
     """)
     assert done.returncode == 3, done
+
+
+def test_sigterm_unwinds_a_command_as_ctrl_c_does_and_exits_143(tmp_path):
+    done = _run("""
+        import os, signal, sys, time
+        from remote_runner.cli import run_guarded, setup_logging
+        from remote_runner.errors import EXIT_INTERRUPTED
+        from remote_runner.upload import Cancelled
+        setup_logging()
+        def work():
+            try:
+                os.kill(os.getpid(), signal.SIGTERM)
+                time.sleep(30)
+            finally:
+                print("cleaned up", flush=True)
+            return 0
+        first = run_guarded(work)
+        def cancelled_copy():  # a copy cancelled by it: its own 130 becomes 143 as well
+            try:
+                os.kill(os.getpid(), signal.SIGTERM)
+                time.sleep(30)
+            except KeyboardInterrupt:
+                raise Cancelled("copy cancelled")
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        second = run_guarded(cancelled_copy)
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)  # ignored by whoever started us: stays so
+        os.kill(os.getpid(), signal.SIGTERM)
+        third = run_guarded(lambda: 5)
+        print(first, second, third, EXIT_INTERRUPTED)
+        finish(0)
+    """)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.splitlines() == ["cleaned up", "143 143 5 130"]
+    assert done.stderr.splitlines() == ["ERROR: terminated (SIGTERM)"] * 2
+
+
+def test_a_command_killed_while_it_connects_exits_143(tmp_path):
+    """``remote-runner exec`` to a host that accepts and never speaks SSH, then ``kill``."""
+    import os
+    import signal
+    import socket
+    import time
+
+    server = socket.socket()
+    server.bind(("127.0.0.1", 0))
+    server.listen(4)
+    config = tmp_path / "ssh_config"
+    config.write_text(f"Host mute\n  HostName 127.0.0.1\n  Port {server.getsockname()[1]}\n")
+    env = {**os.environ, "REMOTE_RUNNER_STANDBY": "0"}
+    proc = subprocess.Popen([sys.executable, "-m", "remote_runner", "exec", "-F", str(config),
+                             "--accept-new-host-keys", "mute", "true"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    try:
+        server.settimeout(30)
+        peer, _ = server.accept()  # it is connecting: waiting for the banner that never comes
+        time.sleep(0.5)
+        proc.send_signal(signal.SIGTERM)
+        out, err = proc.communicate(timeout=60)  # (the handshake thread is given 10 s to end)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        server.close()
+    assert proc.returncode == 143, err
+    assert err.strip().splitlines()[-1] == "ERROR: terminated (SIGTERM)"
+    peer.close()

@@ -9,11 +9,15 @@ a ``$TMPDIR`` the user chose, or ``--local-tmpdir``, is left alone.
 from __future__ import annotations
 
 import os
+import signal
+import subprocess
+import sys
+import time
 import uuid
 
 import pytest
 
-from tests.conftest import ssh
+from tests.conftest import quit_screen, ssh
 from tests.test_mirror_lab import rr_exec
 from tests.test_mirror_scratch_lab import run_mirrored_pair
 from tests.test_runner import env  # noqa: F401 (a fixture)
@@ -123,3 +127,39 @@ def test_mirrored_components_of_a_host_share_its_tmpdir(lab, env, tmp_path):
     assert seen == "from-a" and tmpdir.startswith("/tmp/remote-runner-tmp-")
     assert not os.path.exists(os.path.join(tmpdir, "handoff"))
     assert mount_points() == before
+
+
+def test_a_run_serving_mirrored_components_ended_by_sigterm_unwinds(lab, screen_name, tmp_path):
+    """``kill`` of a run that serves a mirrored component: it ends as Ctrl-C ends it (exit 143),
+    the component's process on the host ends with its mirror, and the empty directory made
+    here for the host's $TMPDIR is removed (Python's default for SIGTERM left all of it)."""
+    nap = f"600.{uuid.uuid4().int % 10**9}"  # (names the component's process on the host)
+    config = tmp_path / "experiment.py"
+    config.write_text(f"c = Component()\nc.name = 'sleeper'\nc.host = 'h2'\nc.executable = '/bin/sleep'\n"
+                      f"c.args = ['{nap}']\nc.mirror = True\nc.start_index = 1\nconfig.add_component(c)\n")
+    run_env = {**os.environ, "REMOTE_RUNNER_STANDBY": "0", "REMOTE_RUNNER_RUNS": str(tmp_path / "runs")}
+    proc = subprocess.Popen([sys.executable, "-m", "remote_runner", "run", "-c", str(config), "-F",
+                             lab.ssh_config, "--screen", screen_name],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=run_env)
+    running = lambda: ssh(lab, "h2", f"pgrep -f 'sleep {nap}'", check=False).returncode == 0  # noqa: E731
+    try:
+        deadline = time.monotonic() + 120
+        while not running() and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.3)
+        assert running(), proc.communicate(timeout=60)
+        made = {m for m in mount_points() if m.startswith(f"remote-runner-tmp-{proc.pid}-")}
+        assert made  # the run serves the component's mirror, with its $TMPDIR
+        proc.send_signal(signal.SIGTERM)
+        out, err = proc.communicate(timeout=120)
+        assert proc.returncode == 143, err
+        assert err.strip().splitlines()[-1] == "ERROR: terminated (SIGTERM)", err
+        assert not made & mount_points()
+        deadline = time.monotonic() + 60
+        while running() and time.monotonic() < deadline:
+            time.sleep(0.3)
+        assert not running()  # stopped with its mirror, not left to find its link gone
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        quit_screen(lab, "h2", screen_name)

@@ -13,12 +13,14 @@ import importlib
 import importlib.util
 import logging
 import os
+import signal
 import sys
+import threading
 from typing import Callable, List, NoReturn, Optional
 
 from remote_runner import __version__
 from remote_runner.secrets import MaskingFormatter
-from remote_runner.errors import EXIT_INTERNAL, EXIT_INTERRUPTED, RunnerError
+from remote_runner.errors import EXIT_INTERNAL, EXIT_INTERRUPTED, EXIT_TERMINATED, RunnerError
 
 LOG = logging.getLogger("remote_runner")
 
@@ -41,7 +43,7 @@ EXIT_CODES_HELP = """exit codes:
   0 success; 1 internal error; 2 usage/config error; 3 connection, host-key or
   auth error; 4 copy error; 5 a waited component failed; 6 start error;
   7 lab error; 8 partial run (unreachable hosts skipped within --max-fail);
-  130 interrupted; exec: the command's own status (128+N if
+  130 interrupted (Ctrl-C), 143 terminated (SIGTERM); exec: the command's own status (128+N if
   killed by signal N), 254 if the tool or the link failed."""
 
 
@@ -67,19 +69,58 @@ def _quiet_paramiko(record: logging.LogRecord) -> bool:
     return not record.name.startswith("paramiko")
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM arrived: the command unwinds as it does for Ctrl-C (see :func:`end_on_sigterm`)."""
+
+
+_terminated = threading.Event()
+
+
+def _on_sigterm(signum: int, frame: object) -> None:
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)  # a second SIGTERM ends the process at once
+    _terminated.set()
+    raise Terminated()
+
+
+def end_on_sigterm() -> None:
+    """Make SIGTERM end a command the way Ctrl-C does, then exit 143.
+
+    Why: ``kill PID``, a CI job's timeout, a supervisor or the standby's
+    caller going away all send SIGTERM, and Python's default dies on the
+    spot: a run serving mirrored components left its hosts' commands to find
+    their link gone and its empty ``$TMPDIR`` mount point directory behind,
+    and a copy in flight left its cleanup undone. Unwound like an interrupt,
+    copies cancel and remove their temporary files, mirrors close (stopping
+    the commands in them), locks are released. A SIGTERM the caller chose to
+    ignore stays ignored; a second one ends the process at once.
+    """
+    if threading.current_thread() is threading.main_thread() \
+            and signal.getsignal(signal.SIGTERM) == signal.SIG_DFL:
+        signal.signal(signal.SIGTERM, _on_sigterm)
+
+
 def run_guarded(func: Callable[[], int]) -> int:
-    """Run *func*, mapping our errors to their exit codes."""
+    """Run *func*, mapping our errors to their exit codes (SIGTERM ends it as Ctrl-C would)."""
+    end_on_sigterm()
     try:
-        return func()
+        code = func()
     except RunnerError as exc:
-        LOG.error("%s", exc, extra=VERDICT)
-        return exc.exit_code
+        code = exc.exit_code
+        if code != EXIT_INTERRUPTED or not _terminated.is_set():
+            LOG.error("%s", exc, extra=VERDICT)
+            return code
     except KeyboardInterrupt:
-        LOG.error("interrupted", extra=VERDICT)
-        return EXIT_INTERRUPTED
+        code = EXIT_INTERRUPTED
+        if not _terminated.is_set():
+            LOG.error("interrupted", extra=VERDICT)
+            return code
     except Exception:  # a bug of ours: say so, with the traceback
         LOG.exception("internal error (please report this with the traceback)", extra=VERDICT)
         return EXIT_INTERNAL
+    if _terminated.is_set() and code in (EXIT_INTERRUPTED, EXIT_TERMINATED):
+        LOG.error("terminated (SIGTERM)", extra=VERDICT)
+        return EXIT_TERMINATED
+    return code
 
 
 def build_parser(command: Optional[str] = None) -> argparse.ArgumentParser:

@@ -66,7 +66,7 @@ Exit codes: 0 ok; 1 internal error; 2 usage or config error (with file:line);
 3 connection, host-key or authentication error; 4 copy error (missing source,
 upload failure); 5 a waited component failed or timed out; 6 start error (screen
 session or window); 8 partial run (unreachable hosts skipped within --max-fail);
-130 interrupted.
+130 interrupted (Ctrl-C); 143 terminated (SIGTERM), unwound as an interrupt is.
 """
 
 from __future__ import annotations

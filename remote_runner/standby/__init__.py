@@ -34,7 +34,8 @@ What must hold, and how:
 * Nothing runs twice, nothing half: until the child has said its pid and the
   caller has said "go", nothing has run, and any failure up to there runs the
   command in-process instead. A caller that disappears after that (killed)
-  takes the run down with it (SIGTERM), as an in-process run would die.
+  takes the run down with it (SIGTERM, which the command unwinds as it does
+  Ctrl-C: :func:`remote_runner.cli.end_on_sigterm`), as an in-process run would end.
 * What needs this terminal runs in-process: ``--ask-pass`` (a prompt on
   ``/dev/tty``), ``attach``, ``lab``, and ``exec`` when its input is a terminal
   (an interactive program: raw mode, window size, job control stay here).
