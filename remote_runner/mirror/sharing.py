@@ -15,7 +15,7 @@ import os
 import stat
 import threading
 import time
-from typing import Dict, List, Optional, Tuple
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 from remote_runner.mirror import protocol as P
 from remote_runner.mirror.exports import Exports, inside
@@ -115,29 +115,11 @@ class PublicDirs:
 
     def _realpath(self, directory: bytes) -> bytes:
         now = time.monotonic()
-        with self._lock:
-            known = self._resolved.get(directory)
-        if known is not None and now - known[1] < self.ttl:
-            return known[0]
-        resolved = os.path.realpath(directory)
-        with self._lock:
-            if len(self._resolved) > 4096:
-                self._resolved.clear()
-            self._resolved[directory] = (resolved, now)
-        return resolved
+        return self._kept(self._resolved, directory, lambda: (os.path.realpath(directory), now))[0]
 
     def _answer(self, directory: bytes, top: Optional[bytes]) -> bool:
-        now = time.monotonic()
-        with self._lock:
-            known = self._answers.get((directory, top))
-        if known is not None and now - known[1] < self.ttl:
-            return known[0]
-        ok, when = self._chain(directory, top)  # (kept no longer than the oldest bit it rests on)
-        with self._lock:
-            if len(self._answers) > 4096:
-                self._answers.clear()
-            self._answers[(directory, top)] = (ok, when)
-        return ok
+        # (kept no longer than the oldest searchable bit it rests on)
+        return self._kept(self._answers, (directory, top), lambda: self._chain(directory, top))[0]
 
     def _chain(self, directory: bytes, top: Optional[bytes]) -> Tuple[bool, float]:
         """The answer for *directory*, and when the oldest of the bits it rests on was read."""
@@ -154,17 +136,24 @@ class PublicDirs:
             directory = os.path.dirname(directory)
 
     def _searchable(self, directory: bytes) -> Tuple[bool, float]:
-        now = time.monotonic()
+        def search() -> Tuple[bool, float]:
+            now = time.monotonic()
+            try:
+                return bool(os.stat(directory).st_mode & stat.S_IXOTH), now
+            except OSError:
+                return False, now
+        return self._kept(self._known, directory, search)
+
+    def _kept(self, table: Dict[Any, Tuple[Any, float]], key: Any,
+              compute: Callable[[], Tuple[Any, float]]) -> Tuple[Any, float]:
+        """*table*'s (value, when) for *key* while younger than the ttl, else *compute* () kept."""
         with self._lock:
-            known = self._known.get(directory)
-        if known is not None and now - known[1] < self.ttl:
+            known = table.get(key)
+        if known is not None and time.monotonic() - known[1] < self.ttl:
             return known
-        try:
-            ok = bool(os.stat(directory).st_mode & stat.S_IXOTH)
-        except OSError:
-            ok = False
+        known = compute()
         with self._lock:
-            if len(self._known) > 4096:
-                self._known.clear()
-            self._known[directory] = (ok, now)
-        return ok, now
+            if len(table) > 4096:
+                table.clear()
+            table[key] = known
+        return known
