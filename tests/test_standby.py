@@ -186,10 +186,13 @@ def test_ctrl_z_stops_the_command_in_the_standby_and_fg_resumes_it(tmp_path, sta
     config = write_probe(tmp_path)
     run_classic(["-c", config, "--dry-run", "--no-connect"], environment(standby_dir), tmp_path)
     wait_for_socket(standby_dir)
+    # Its own process group, whose parent (this process) is in the same session: never an
+    # orphaned group, which the kernel does not let SIGTSTP stop (as when these tests run
+    # from a background job of a shell).
     caller = subprocess.Popen([sys.executable, SCRIPT, "-c", config, "--dry-run", "--no-connect"],
                               env=environment(standby_dir, PROBE_SLEEP="60"), cwd=tmp_path,
                               stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                              stderr=subprocess.DEVNULL, text=True)
+                              stderr=subprocess.DEVNULL, text=True, process_group=0)
     try:
         child = probe_line(caller.stdout.readline())[0]
         assert child != caller.pid
