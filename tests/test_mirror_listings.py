@@ -285,28 +285,29 @@ def _offered_dirs(stderr: bytes) -> list:
 
 
 def test_a_big_directory_only_looked_up_in_is_confirmed_name_by_name(lab, local_only, workdir):
-    """Its names are confirmed at start (no request for them), it is not listed again, and
-    a file changed or a name new since are still this machine's."""
+    """Its names, the missing one too, are confirmed at start (no request for them), it is not
+    listed again, and a file changed or made since is this machine's at the next run."""
     d = local_only / "big"
     d.mkdir()
-    for i in range(400):  # its answer: ~50 KiB, far more than the two names the command uses
+    for i in range(400):  # its answer: ~50 KiB, far more than the three names the command uses
         (d / f"f{i:03d}.txt").write_text(f"file {i}\n")
-    argv = ["/bin/cat", str(d / "f007.txt"), str(d / "f008.txt")]
+    # two names that are there and one that is not (a negative lookup, confirmed as such)
+    argv = ["/bin/sh", "-c", f"cat {d}/f007.txt {d}/f008.txt; test -e {d}/absent || echo absent"]
     name = hashlib.sha1(str(d).encode()).hexdigest()
     for _ in range(3):  # until the host keeps the directory's answer (and this command's profile)
         first = rr_exec(lab, HOST, argv, workdir)
-        assert first.returncode == 0 and first.stdout == b"file 7\nfile 8\n", first.stderr.decode()
+        assert first.returncode == 0 and first.stdout == b"file 7\nfile 8\nabsent\n", first.stderr.decode()
         if ssh(lab, HOST, f"ls ~/.cache/remote-runner/files/*.listings/{name}", check=False).returncode == 0:
             break
     else:
         raise AssertionError("the host never kept the directory's answer")
     warm = rr_exec(lab, HOST, argv, workdir, "--debug-rpc", "-l", "INFO")
-    assert warm.returncode == 0 and warm.stdout == b"file 7\nfile 8\n", warm.stderr.decode()
+    assert warm.returncode == 0 and warm.stdout == b"file 7\nfile 8\nabsent\n", warm.stderr.decode()
     assert str(d) not in _offered_dirs(warm.stderr)
-    assert _lookups_in(warm.stderr, d) == []  # both names were confirmed in the validate
+    assert _lookups_in(warm.stderr, d) == []  # the three names were confirmed in the validate
 
     (d / "f007.txt").write_text("seven, changed\n")
-    (d / "f500.txt").write_text("new\n")
-    after = rr_exec(lab, HOST, argv + [str(d / "f500.txt")], workdir)
+    (d / "absent").write_text("there now\n")
+    after = rr_exec(lab, HOST, argv[:2] + [argv[2] + f"; cat {d}/absent"], workdir)
     assert after.returncode == 0, after.stderr.decode()
-    assert after.stdout == b"seven, changed\nfile 8\nnew\n"
+    assert after.stdout == b"seven, changed\nfile 8\nthere now\n"

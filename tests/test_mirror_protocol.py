@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from remote_runner.mirror import protocol as P
+from remote_runner.mirror import packing, protocol as P
 from remote_runner.mirror.bundle import NEED_MARKER, build_bundle
 from remote_runner.mirror.service import LocalFileService
 from remote_runner.mirror.session import files_only_exports, filtered_environment
@@ -53,7 +53,7 @@ def test_non_utf8_names_survive_json():
 
 
 def test_compressed_payload_round_trip():
-    if not P.lz4_available():
+    if not packing.lz4_available():
         pytest.skip("lz4 not installed")
     writer_out = io.BytesIO()
     writer = P.FrameWriter(writer_out.write)
@@ -185,8 +185,8 @@ def test_files_only_exports(tmp_path):
 def test_bundle_is_deterministic_and_complete():
     bundle = build_bundle()
     names = set(zipfile.ZipFile(io.BytesIO(bundle.data)).namelist())
-    assert {"__main__.py", "rrmirror/agent.py", "rrmirror/protocol.py", "rrmirror/hardlinks.py",
-            "mfusepy.py"} <= names
+    assert {"__main__.py", "rrmirror/agent.py", "rrmirror/protocol.py", "rrmirror/packing.py",
+            "rrmirror/hardlinks.py", "mfusepy.py"} <= names
     build_bundle.cache_clear()
     assert build_bundle().sha256 == bundle.sha256
     line = bundle.launch_command("exec")

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 
-from remote_runner.mirror import protocol as P
+from remote_runner.mirror import packing, protocol as P
 from tests.conftest import ssh
 
 EXEC_TIMEOUT = 300
@@ -41,12 +41,12 @@ def exec_stats(lab, host: str, argv, cwd: Path, *options: str, env=None, ssh_con
 
 # -- unit: the codec rules ---------------------------------------------------------------------
 def test_codec_choice_prefers_what_both_ends_have():
-    assert P.choose_codec(["zlib"]) == "zlib"            # a Debian host without python3-lz4
-    assert P.choose_codec([]) is None                    # an old agent offering nothing
-    assert P.choose_codec("zlib") is None                # not a list: nothing agreed
-    assert "zlib" in P.available_codecs()
-    if P.lz4_available():
-        assert P.choose_codec(["zlib", "lz4"]) == "lz4"
+    assert packing.choose_codec(["zlib"]) == "zlib"      # a Debian host without python3-lz4
+    assert packing.choose_codec([]) is None              # an old agent offering nothing
+    assert packing.choose_codec("zlib") is None          # not a list: nothing agreed
+    assert "zlib" in packing.available_codecs()
+    if packing.lz4_available():
+        assert packing.choose_codec(["zlib", "lz4"]) == "lz4"
 
 
 def test_frames_round_trip_with_zlib_and_count_bytes():

@@ -312,7 +312,7 @@ def test_a_change_sent_on_hands_its_reply_to_whoever_learns_from_it():
 def test_a_file_grows_by_its_own_writes_and_its_times_only_move_forward():
     import stat
 
-    from remote_runner.mirror.host.writes import grown_file
+    from remote_runner.mirror.host.written import grown_file
     new = {"st_mode": stat.S_IFREG | 0o644, "st_ino": 9, "st_size": 0, "st_blocks": 0,
            "st_mtime": 5_000, "st_ctime": 5_000}
     first = grown_file(new, 0, 100, now_ns=4_000)  # the host's clock lags
@@ -324,7 +324,7 @@ def test_a_file_grows_by_its_own_writes_and_its_times_only_move_forward():
 
 
 def test_what_a_file_was_written_with_answers_its_reads_until_anything_else_touches_it():
-    from remote_runner.mirror.host.writes import WrittenFiles
+    from remote_runner.mirror.host.written import WrittenFiles
     stamps = {}
     changed = lambda name, since: stamps.get(name, -1) >= since  # noqa: E731 (NameCache.changed_since)
     files = WrittenFiles(limit=100)
@@ -349,7 +349,7 @@ def test_what_a_file_was_written_with_answers_its_reads_until_anything_else_touc
 
 
 def test_what_was_written_is_kept_within_a_budget_oldest_first():
-    from remote_runner.mirror.host.writes import WrittenFiles
+    from remote_runner.mirror.host.written import WrittenFiles
     never = lambda name, since: False  # noqa: E731
     files = WrittenFiles(limit=100, total=150)
     for name in ("/a", "/b", "/c"):

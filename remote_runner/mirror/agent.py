@@ -2,7 +2,7 @@
 
 This is the agent's entry point (``exec`` / ``daemon`` / ``attach``); its
 parts are the package :mod:`remote_runner.mirror.host`, shipped to the host
-inside a zipapp with ``protocol.py``, ``hardlinks.py`` and ``mfusepy.py``
+inside a zipapp with ``protocol.py``, ``packing.py``, ``hardlinks.py`` and ``mfusepy.py``
 (see :mod:`.bundle`), so all of it stays stdlib-only and Python 3.8
 compatible, and mfusepy is imported only after the libfuse version is chosen.
 
@@ -38,7 +38,7 @@ import signal
 import sys
 from typing import List, Optional, Tuple
 
-from . import protocol as P
+from . import packing, protocol as P
 from .host.caches import FileCache, fetch_ahead
 from .host.names import NameCache
 from .host.command import command_user
@@ -73,7 +73,7 @@ def serve(mode: str) -> int:
     in_fd, out_fd = _claim_stdio()
     link = Link(in_fd, out_fd)
     hello = {"t": P.HELLO, "v": P.PROTOCOL_VERSION, "machine": platform.machine(),
-             "lz4": P.lz4_available(), "codecs": P.available_codecs(),
+             "lz4": packing.lz4_available(), "codecs": packing.available_codecs(),
              "uid": os.geteuid(), "python": sys.version.split()[0],
              "executable": sys.executable, "agent": os.path.abspath(sys.argv[0])}
     try:  # made now, while no thread exists yet (see host/lanes.py)
@@ -105,7 +105,7 @@ def _serve(link: Link, mode: str) -> int:
         link.send({"t": P.FAIL, "msg": problem})
         return EXIT_LINK
     codec = "lz4" if header.get("compress") is True else header.get("compress")
-    link.writer.compress = codec if codec in P.available_codecs() else None
+    link.writer.compress = codec if codec in packing.available_codecs() else None
     link.heartbeat = float(header.get("hb") or DEFAULT_HEARTBEAT)
     link.deadline = float(header.get("deadline") or DEFAULT_DEADLINE)
     link.request_timeout = float(header.get("rq") or REQUEST_TIMEOUT)

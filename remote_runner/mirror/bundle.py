@@ -1,7 +1,7 @@
 """The agent zipapp shipped to hosts, and the one-exec shell line that runs it.
 
 Nothing is installed on a host by hand: the agent (``agent.py`` and its
-parts in ``host/``, ``protocol.py``, ``hardlinks.py`` and the single-file
+parts in ``host/``, ``protocol.py``, ``packing.py``, ``hardlinks.py`` and the single-file
 ``mfusepy.py``) is packed into a zipapp whose bytes are deterministic, so its
 sha256 names it. The host keeps it at
 ``~/.cache/remote-runner/agent-<sha256>.pyz``; a later run costs one exec that
@@ -209,6 +209,7 @@ def _sources() -> List[Tuple[str, Path]]:
     """(name in the zipapp, local file) of every source packed, in the zipapp's order."""
     return [
         ("rrmirror/protocol.py", _HERE / "protocol.py"),
+        ("rrmirror/packing.py", _HERE / "packing.py"),
         ("rrmirror/agent.py", _HERE / "agent.py"),
         ("rrmirror/hardlinks.py", _HERE / "hardlinks.py"),
         *(("rrmirror/host/" + part.name, part) for part in sorted((_HERE / "host").glob("*.py"))),

@@ -20,7 +20,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence
 
 from remote_runner import hashcache
 from remote_runner.errors import MirrorError
-from remote_runner.mirror import protocol as P
+from remote_runner.mirror import packing, protocol as P
 from remote_runner.mirror.bundle import ALTERED_MARKER, NEED_MARKER, AgentBundle
 from remote_runner.mirror.lanes import DEFAULT_LANES, Lanes
 from remote_runner.mirror.environment import cache_origin
@@ -130,7 +130,7 @@ class LocalLink:
                               f"{platform.machine()}; the mirror runs local programs, so both must match")
         self.hello = header
         offered = header.get("codecs") or (["lz4"] if header.get("lz4") else [])
-        self.writer.compress = P.choose_codec(offered) if self.options.compress else None
+        self.writer.compress = packing.choose_codec(offered) if self.options.compress else None
         if self.open_lane is not None and self.options.lanes > 0 and header.get("lanes"):
             self.lanes = Lanes(self.open_lane, header["lanes"], str(header.get("executable") or "python3"),
                                self.writer, self.options.lanes, self.host)

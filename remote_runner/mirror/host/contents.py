@@ -22,7 +22,7 @@ from typing import Any, Dict, Optional
 from .. import protocol as P
 from .caches import LOCAL_FH_BASE
 from .state import MountState, caller, hidden_name
-from .writes import grown_file
+from .written import grown_file
 
 
 class ContentOperations:

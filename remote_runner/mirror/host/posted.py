@@ -313,7 +313,7 @@ class NewNames:
     def post_reading(self, name: str, flags: int) -> Optional[int]:
         """A read-only open of a file the host wrote and closed, not waited for; its handle, or None.
 
-        Its bytes are all known here (:class:`~.writes.WrittenFiles`: a test
+        Its bytes are all known here (:class:`~.written.WrittenFiles`: a test
         reading back the fixture it wrote, ``as`` the ``.s`` that ``cc1``
         wrote), so its reads need no local handle. One is opened all the
         same, numbered here, for a read the bytes kept here no longer answer

@@ -34,7 +34,8 @@ from .kernel import KernelDrops
 from .names import NameCache, absolute_names, parent as parent_of
 from .profile import Profile
 from .posted import NewNames
-from .writes import DirectoryGuesses, PendingChanges, PendingWrites, WrittenFiles, predicted_directory
+from .writes import DirectoryGuesses, PendingChanges, PendingWrites, predicted_directory
+from .written import WrittenFiles
 
 #: Operations changing names in a directory: once one succeeds there, the exports let the host change it.
 ENTRY_OPS = frozenset(("mknod", "mkdir", "symlink", "link", "create", "unlink", "rmdir", "rename"))
