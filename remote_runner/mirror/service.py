@@ -11,8 +11,9 @@ Its parts: the handle table and reply (:mod:`.replies`), the answers sent
 ahead of the host's questions (:mod:`.sendahead`, mixed in), the host's own
 changes kept from echoing back and their outcome sent (:mod:`.ownchanges`,
 mixed in), the changes not made after one that failed (:mod:`.failedchanges`),
-the requests on open files (:mod:`.openfiles`, mixed in), and the
-Linux calls os lacks (:mod:`.linuxcalls`).
+the requests on open files (:mod:`.openfiles`, mixed in), extended
+attributes (:mod:`.xattrs`, mixed in), and the Linux calls os lacks
+(:mod:`.linuxcalls`).
 """
 
 from __future__ import annotations
@@ -38,6 +39,7 @@ from remote_runner.mirror.localnames import (HiddenFiles, RequestDescriptors, is
 from remote_runner.mirror.replies import HandleTable, OpError, Reply
 from remote_runner.mirror.sendahead import SendAhead, walk as _walk
 from remote_runner.mirror.sharing import PublicDirs
+from remote_runner.mirror.xattrs import ExtendedAttributes
 from remote_runner.mirror.watcher import FsTypes
 
 #: Names callers (tests, the session) reach through this module.
@@ -62,7 +64,7 @@ def _handles_before(args: Dict[str, Any]) -> List[Tuple[int, int]]:
             and type(item[1]) is int and item[1] >= 1]
 
 
-class LocalFileService(OpenFiles, SendAhead, DirectoryAnswers, OwnChanges):
+class LocalFileService(OpenFiles, SendAhead, DirectoryAnswers, OwnChanges, ExtendedAttributes):
     """Answer mirror requests against the local file system.
 
     *roots* limits what the remote may touch (files-only mode exports only
@@ -472,68 +474,6 @@ class LocalFileService(OpenFiles, SendAhead, DirectoryAnswers, OwnChanges):
             os.mknod(path, mode, int(a.get("dev") or 0))
         self._owner(a, path)
         os.chmod(path, mode & 0o7777)
-        return Reply()
-
-    # -- extended attributes (where the local file system has them) ------------------
-    def _xpath(self, a: Dict[str, Any], write: bool = False) -> Tuple[bytes, bool]:
-        path = self._path(a, write=write)
-        held = self._held(a)
-        return (held, True) if held is not None else (path, False)
-
-    #: The most entries of a directory one "no such attribute" answer looks at.
-    BARE_ENTRIES = 2048
-
-    def op_getxattr(self, a: Dict[str, Any], _: bytes) -> Reply:
-        """An attribute's value; when there is none, which names nearby have none at all.
-
-        ``ls -l`` asks each file for two attributes (its SELinux label and its
-        ACL) that files seldom have: two round trips per file, 12 s for 250
-        files at 10 ms. So "none" comes with the names in the file's directory
-        (the served ones) that have no extended attribute at all, each with its
-        ctime read before looking (setting an attribute changes it): the host
-        answers "none" for them itself while their ctime is that one.
-        """
-        path, follow = self._xpath(a)
-        try:
-            return Reply(payload=os.getxattr(path, str(a["name"]), follow_symlinks=follow))
-        except OSError as exc:
-            if exc.errno != errno.ENODATA or follow:
-                raise
-        return Reply({"none": 1, "bare": self._bare_names(a)})
-
-    def _bare_names(self, a: Dict[str, Any]) -> List[List[Any]]:
-        """[wire name, ctime ns] of the served names beside ``a["path"]`` with no extended attribute."""
-        raw = P.name_from_wire(a["path"])
-        directory = os.path.dirname(raw) or b"/"
-        out: List[List[Any]] = []
-        try:
-            where = self._path({"path": P.name_to_wire(directory)})
-            for n, entry in enumerate(self._served_entries(directory, where)):
-                if n >= self.BARE_ENTRIES:
-                    break
-                try:
-                    ctime = entry.stat(follow_symlinks=False).st_ctime_ns
-                    if not os.listxattr(entry.path, follow_symlinks=False):
-                        out.append([P.name_to_wire(entry.name), ctime])
-                except OSError:
-                    continue
-        except (OpError, OSError):
-            return []
-        return out
-
-    def op_listxattr(self, a: Dict[str, Any], _: bytes) -> Reply:
-        path, follow = self._xpath(a)
-        names = os.listxattr(path, follow_symlinks=follow)
-        return Reply(payload=b"\0".join(os.fsencode(n) for n in names))
-
-    def op_setxattr(self, a: Dict[str, Any], value: bytes) -> Reply:
-        path, follow = self._xpath(a, write=True)
-        os.setxattr(path, str(a["name"]), value, int(a.get("flags") or 0), follow_symlinks=follow)
-        return Reply()
-
-    def op_removexattr(self, a: Dict[str, Any], _: bytes) -> Reply:
-        path, follow = self._xpath(a, write=True)
-        os.removexattr(path, str(a["name"]), follow_symlinks=follow)
         return Reply()
 
     def op_access(self, a: Dict[str, Any], _: bytes) -> Reply:
