@@ -10,10 +10,12 @@ carries stdio, signals and the exit status back.
 
 Modules:
 
-* :mod:`.protocol` -- frames (JSON header + raw bytes), shared with the agent;
+* :mod:`.protocol` -- frames (JSON header + raw bytes), shared with the agent, and
+  :mod:`.packing` (the codecs both ends have, and when packing a payload pays);
 * :mod:`.service` -- the local file service (errno preserved), with
   :mod:`.replies` (handle table, reply), :mod:`.sendahead` (lookups, whole
-  files and libraries sent before the host asks), :mod:`.linuxcalls`;
+  files and libraries sent before the host asks), :mod:`.xattrs` (extended
+  attributes), :mod:`.linuxcalls`;
 * :mod:`.localnames` -- files unlinked while open held here, paths beyond PATH_MAX;
 * :mod:`.agent` -- the remote side's entry point; its parts are the package
   :mod:`.host` (link, caches, profile, FUSE operations, mount, namespaces,

@@ -13,6 +13,7 @@ point that ties the parts together is :mod:`remote_runner.mirror.agent`.
 * :mod:`.answers` -- what replies and ``inval`` frames teach the name cache;
 * :mod:`.kernel` -- the kernel's copy of changed names dropped, on its own thread;
 * :mod:`.writes` -- writes and changes sent without waiting, and what the host guesses meanwhile;
+* :mod:`.written` -- what the host wrote into a file, answering its reads and size until the close;
 * :mod:`.operations` -- the FUSE operations, each one a request over the link unless a cache answers;
 * :mod:`.state` -- what a mount keeps between operations, and the one request path;
 * :mod:`.fusebinding` -- the mfusepy FUSE class, with the binding's fixes;
