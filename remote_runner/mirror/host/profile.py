@@ -52,6 +52,8 @@ class Profile:
         #: Directories the command made in this session: what lies in them (a test's
         #: ``tmp_path``, a build's scratch tree) is its own output, not kept (see :meth:`made`).
         self.created: Set[str] = set()
+        #: The sessions read at start (load, load_dirs and load_listed share one read).
+        self._loaded: Optional[List[Dict[str, Any]]] = None
 
     @classmethod
     def for_command(cls, files: Optional["FileCache"], boot: Dict[str, Any]) -> Optional["Profile"]:
@@ -99,8 +101,17 @@ class Profile:
         except (OSError, ValueError):
             return None
 
-    def _sessions(self) -> List[Dict[str, Any]]:
-        """The sessions kept, the newest first (each a dict with ``names`` and ``dirs``)."""
+    def _sessions(self, fresh: bool = False) -> List[Dict[str, Any]]:
+        """The sessions kept, the newest first (each a dict with ``names`` and ``dirs``).
+
+        Read once for the start's loads; *fresh* reads the file again (:meth:`save`:
+        another session of the same command may have saved meanwhile).
+        """
+        if fresh or self._loaded is None:
+            self._loaded = self._parse()
+        return self._loaded
+
+    def _parse(self) -> List[Dict[str, Any]]:
         body = self._read()
         if isinstance(body, list):  # (older files: a list of names)
             body = {"names": body}
@@ -139,11 +150,15 @@ class Profile:
         for path in self.seen:
             if path != "/":
                 out.setdefault(posixpath.dirname(path.rstrip("/")) or "/", None)
-        return [d for d in out if d not in self.unlisted and not self._made_here(d)][:self.DIRS]
+        return [d for d in out if self._keeps_dir(d)][:self.DIRS]
 
     def listed_dirs(self) -> List[str]:
         """This session's directories that were listed (the others only had names looked up)."""
-        return [d for d in self.listed if d not in self.unlisted and not self._made_here(d)]
+        return [d for d in self.listed if self._keeps_dir(d)]
+
+    def _keeps_dir(self, path: str) -> bool:
+        """Whether directory *path* is kept: answered whole here, and not made by the command."""
+        return path not in self.unlisted and not self._made_here(path)
 
     def save(self) -> None:
         if not self.seen and not self.listed:
@@ -155,7 +170,7 @@ class Profile:
                 body: Dict[str, Any] = {"names": [p for p in self.seen if not self._made_here(p)],
                                         "dirs": self.dirs(), "listed": self.listed_dirs()}
                 earlier = [{"names": e.get("names"), "dirs": e.get("dirs"), "listed": e.get("listed")}
-                           for e in self._sessions()[:self.SESSIONS - 1]]
+                           for e in self._sessions(fresh=True)[:self.SESSIONS - 1]]
                 if earlier:
                     body["earlier"] = earlier
                 handle.write(json.dumps(body).encode("utf-8", "surrogateescape"))
