@@ -102,24 +102,20 @@ def end_on_sigterm() -> None:
 def run_guarded(func: Callable[[], int]) -> int:
     """Run *func*, mapping our errors to their exit codes (SIGTERM ends it as Ctrl-C would)."""
     end_on_sigterm()
+    verdict: Optional[object] = None
     try:
         code = func()
     except RunnerError as exc:
-        code = exc.exit_code
-        if code != EXIT_INTERRUPTED or not _terminated.is_set():
-            LOG.error("%s", exc, extra=VERDICT)
-            return code
+        code, verdict = exc.exit_code, exc
     except KeyboardInterrupt:
-        code = EXIT_INTERRUPTED
-        if not _terminated.is_set():
-            LOG.error("interrupted", extra=VERDICT)
-            return code
+        code, verdict = EXIT_INTERRUPTED, "interrupted"
     except Exception:  # a bug of ours: say so, with the traceback
         LOG.exception("internal error (please report this with the traceback)", extra=VERDICT)
         return EXIT_INTERNAL
     if _terminated.is_set() and code in (EXIT_INTERRUPTED, EXIT_TERMINATED):
-        LOG.error("terminated (SIGTERM)", extra=VERDICT)
-        return EXIT_TERMINATED
+        code, verdict = EXIT_TERMINATED, "terminated (SIGTERM)"
+    if verdict is not None:
+        LOG.error("%s", verdict, extra=VERDICT)
     return code
 
 
