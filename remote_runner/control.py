@@ -25,7 +25,7 @@ from remote_runner.errors import RunnerError
 from remote_runner.failpolicy import DEFAULT_FORKS
 from remote_runner.loginshell import for_login_shell
 from remote_runner.runrecord import ComponentRecord, RunRecord, utc_now
-from remote_runner.screen import Window
+from remote_runner.screen import Stopped, Window
 from remote_runner.shell import LocalShell, RemoteShell, Shell
 
 LOG = logging.getLogger(__name__)
@@ -155,29 +155,35 @@ def status(record: RunRecord, ssh_options, names: Optional[List[str]] = None,
 
 def stop(record: RunRecord, ssh_options, names: Optional[List[str]] = None,
          hosts_filter: Optional[List[str]] = None, grace: float = 10.0,
-         hosts: Optional[Hosts] = None) -> Dict[str, List[str]]:
-    """Stop the selected components; quit sessions left empty. Return host -> SIGKILLed names."""
+         hosts: Optional[Hosts] = None) -> Dict[str, Stopped]:
+    """Stop the selected components; quit sessions left empty.
+
+    Returns host -> what was found there: the windows that were running (and
+    got SIGTERM) and those that needed SIGKILL, by stem.
+    """
     comps = record.select(names, hosts_filter)
     grouped = by_host(comps)
     own = hosts is None
     hosts = hosts or Hosts(record, ssh_options, grouped)
 
-    def on_host(host: str) -> List[str]:
+    def on_host(host: str) -> Stopped:
         session = record.hosts[host].session
-        killed = hostops.stop_windows(hosts.shells[host], [window(record, c) for c in grouped[host]],
-                                      grace, [session] if session else [])
-        return [c.name for c in grouped[host] if c.stem in killed]
+        return hostops.stop_windows(hosts.shells[host], [window(record, c) for c in grouped[host]],
+                                    grace, [session] if session else [])
     try:
-        killed = hosts.each(on_host, grouped)
+        found: Dict[str, Stopped] = hosts.each(on_host, grouped)  # type: ignore[assignment]
     finally:
         if own:
             hosts.close()
     now = utc_now()
     for comp in comps:
-        if comp.ended is None:
+        outcome = found.get(comp.host)
+        if outcome is not None and comp.stem in outcome.signalled:
             comp.state, comp.ended = "stopped", now
+        elif comp.ended is None and outcome is not None:  # it had ended by itself, before now
+            comp.state, comp.ended = "not running", now
     record.save()
-    return {h: v for h, v in killed.items() if v}  # type: ignore[misc]
+    return found
 
 
 # --------------------------------------------------------------------------- logs

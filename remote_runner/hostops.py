@@ -35,7 +35,8 @@ from typing import TYPE_CHECKING, Dict, List, Optional, Sequence, Tuple
 from remote_runner.config import parse_ready
 from remote_runner.errors import ComponentUnhealthy
 from remote_runner.runrecord import ComponentRecord, utc_now
-from remote_runner.screen import Window, _PG_FUNCTION, _stop_groups, _window_groups, nap_function
+from remote_runner.screen import Stopped, Window, _window_groups, nap_function
+from remote_runner.screen import stop_windows as screen_stop_windows
 
 if TYPE_CHECKING:  # pragma: no cover
     from remote_runner.shell import Shell
@@ -323,20 +324,9 @@ def _int(text: str) -> Optional[int]:
 # --------------------------------------------------------------------------- stop
 
 def stop_windows(shell: "Shell", windows: Sequence[Window], grace: float,
-                 sessions: Sequence[str] = ()) -> List[str]:
-    """Stop *windows* by process group; quit those of *sessions* left with no live window.
-
-    Returns the stems that needed SIGKILL.
-    """
-    if not windows:
-        return []
-    by_file = {w.pid_file: w.stem for w in windows}
-    words = " ".join(shlex.quote(f) for f in by_file)
-    listing = _PG_FUNCTION + f'for f in {words}; do p=$(pg "$f") && echo "$p $f"; done'
-    script = _stop_groups(listing, grace) + quit_empty_script(sessions) + "exit 0\n"
-    result = shell.script(script, timeout=grace + 60)
-    return [by_file[line[7:]] for line in result.stdout.splitlines()
-            if line.startswith("KILLED ") and line[7:] in by_file]
+                 sessions: Sequence[str] = ()) -> Stopped:
+    """Stop *windows* by process group; quit those of *sessions* left with no live window."""
+    return screen_stop_windows(shell, windows, grace, then=quit_empty_script(sessions))
 
 
 def quit_empty_script(sessions: Sequence[str]) -> str:

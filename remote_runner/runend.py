@@ -156,17 +156,20 @@ class RunEnd:
 
     def _terminate_on_host(self, host: str, places: List[Placement]) -> None:
         """Stop the windows of *places* by process group (TERM, then KILL after the grace)."""
-        killed = scr.stop_windows(self.shells[host], [p.window for p in places],
-                                  self.options.terminate_grace)
+        stopped = scr.stop_windows(self.shells[host], [p.window for p in places],
+                                   self.options.terminate_grace)
         for place in places:
+            if place.window.stem not in stopped.signalled:
+                continue  # it had ended by itself: not terminated by us
             self.report.components[place.spec.key].terminated = True
             rec = self._component_record(host, place)
             if rec.ended is None:
                 rec.state, rec.ended = "stopped", utc_now()
             self._say(ev.KIND_COMPONENT_TERMINATED, host, f"terminated {place.spec.name}",
                       component=place.spec.name)
-        if killed:
-            self._say(ev.KIND_NOTE, host, f"{', '.join(killed)} ignored SIGTERM and got SIGKILL",
+        if stopped.killed:
+            self._say(ev.KIND_NOTE, host,
+                      f"{', '.join(stopped.killed)} ignored SIGTERM and got SIGKILL",
                       level=logging.WARNING)
 
     def _waited(self) -> Dict[str, List[Placement]]:

@@ -380,16 +380,33 @@ _PG_FUNCTION = ("pg() { p=$(cat \"$1\" 2>/dev/null); case $p in ''|*[!0-9]*) ret
                 "[ \"$p\" -gt 1 ] && echo \"$p\"; }\n")
 
 
-def stop_windows(shell: "Shell", windows: Sequence[Window], grace: float) -> List[str]:
-    """SIGTERM each window's process group, SIGKILL what is left after *grace*; return those."""
+@dataclass(frozen=True)
+class Stopped:
+    """What stopping some windows found: which were running, and which needed SIGKILL."""
+
+    signalled: List[str]  # stems whose process group was alive and got SIGTERM
+    killed: List[str]  # stems whose group outlived the grace and got SIGKILL
+
+
+def stop_windows(shell: "Shell", windows: Sequence[Window], grace: float, then: str = "") -> Stopped:
+    """SIGTERM each window's process group, SIGKILL what is left after *grace*; then run *then*.
+
+    A window whose group is gone already (its program ended) is not signalled
+    and not reported as stopped: the caller says "not running" instead.
+    """
     if not windows:
-        return []
+        return Stopped([], [])
     by_file = {w.pid_file: w.stem for w in windows}
     words = " ".join(shlex.quote(f) for f in by_file)
     listing = _PG_FUNCTION + f'for f in {words}; do p=$(pg "$f") && echo "$p $f"; done'
-    result = shell.script(_stop_groups(listing, grace) + "exit 0\n", timeout=grace + 60)
-    return [by_file[line[7:]] for line in result.stdout.splitlines()
-            if line.startswith("KILLED ") and line[7:] in by_file]
+    script = _stop_groups(listing, grace, report=True) + then + "exit 0\n"
+    lines = shell.script(script, timeout=grace + 60).stdout.splitlines()
+
+    def stems(mark: str) -> List[str]:
+        n = len(mark) + 1
+        return [by_file[line[n:]] for line in lines
+                if line.startswith(mark + " ") and line[n:] in by_file]
+    return Stopped(stems("STOPPED"), stems("KILLED"))
 
 
 def _window_groups(screen_pids: str, children: str = "/proc/$sp/task/$sp/children") -> str:
@@ -462,12 +479,13 @@ def quit_sessions_script(name: str, grace: float, wipe: bool = False) -> str:
             'for s in $rr_ids; do screen -S "$s" -X quit >/dev/null 2>&1; done\n')
 
 
-def _stop_groups(listing: str, grace: float, only_if: str = "") -> str:
+def _stop_groups(listing: str, grace: float, only_if: str = "", report: bool = False) -> str:
     """Return shell text that stops the process groups *listing* prints as ``PGID KEY`` lines.
 
-    Each group gets SIGTERM; those still alive after *grace* seconds get SIGKILL
-    and are reported as ``KILLED KEY`` lines. With *only_if* (a shell test), the
-    listing runs only when it holds (else there is nothing to stop).
+    Each group gets SIGTERM (with *report*, a group that took it, being alive, is
+    printed as a ``STOPPED KEY`` line); those still alive after *grace* seconds get
+    SIGKILL and are reported as ``KILLED KEY`` lines. With *only_if* (a shell
+    test), the listing runs only when it holds (else there is nothing to stop).
     """
     groups = f"rr_groups=$({listing})\n"
     if only_if:
@@ -476,7 +494,9 @@ def _stop_groups(listing: str, grace: float, only_if: str = "") -> str:
              'kill -0 -"$p" 2>/dev/null && { rr_a=0; break; }; done; [ $rr_a = 0 ]; }')
     return (groups + "rr_gp=\n" +
             each_line("$rr_groups", '[ -n "$p" ] && rr_gp="$rr_gp $p"') +
-            'for p in $rr_gp; do kill -TERM -"$p" 2>/dev/null; done\n' +
+            (each_line("$rr_groups", '[ -n "$p" ] && kill -TERM -"$p" 2>/dev/null && '
+                       'echo "STOPPED $k"') if report else
+             'for p in $rr_gp; do kill -TERM -"$p" 2>/dev/null; done\n') +
             'if [ -n "$rr_gp" ]; then\n' + nap_while(alive, grace) +
             each_line("$rr_groups", '[ -n "$p" ] && kill -KILL -"$p" 2>/dev/null && echo "KILLED $k"') +
             "fi\n")

@@ -247,14 +247,18 @@ def test_status_logs_and_stop(env):
     assert all("client tick" in line.split(" | ", 1)[1] for line in out)
 
     # stop one component: the rest keep running, its session stays
-    rr(env, "stop", "h2/client", "--grace", "5", check=0)
+    said = rr(env, "stop", "h2/client", "--grace", "5", check=0)
+    assert "h2/client: stopped" in said.stderr, said.stderr
     code, rows = status_json(env)
     assert rows["h2/client"]["state"] == "killed by SIGTERM"
     assert rows["h3/client"]["state"] == "running" and rows["h1/server"]["state"] == "running"
     # stop by host; then everything: no session left anywhere
     rr(env, "stop", "--host", "h1", "--grace", "5", check=0)
     assert status_json(env)[1]["h1/server"]["state"] == "killed by SIGTERM"
-    rr(env, "stop", "--grace", "5", check=0)
+    said = rr(env, "stop", "--grace", "5", check=0)
+    # what had ended before (killed, stopped) is not claimed stopped again
+    assert "h1/victim: was not running" in said.stderr and "h2/client: was not running" in said.stderr
+    assert "h3/client: stopped" in said.stderr, said.stderr
     for host in HOSTS:
         assert env["screen"] not in on(env, host, "screen -ls").stdout, host
     rec = record(env)

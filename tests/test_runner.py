@@ -222,6 +222,7 @@ def test_terminate_stops_others_after_waits(lab, env):
     exp = experiment(env["tmp"], """
         for name, host, args, wait in (('forever', 'h2', ['-c', 'exec sleep 600'], False),
                                        ('other', 'h3', ['-c', 'sleep 600 & wait'], False),
+                                       ('brief', 'h3', ['-c', 'exit 0'], False),
                                        ('job', 'h1', ['-c', 'exit 0'], True)):
             c = Component()
             c.name = name
@@ -235,6 +236,7 @@ def test_terminate_stops_others_after_waits(lab, env):
     report = run(exp, options(env, terminate=True, terminate_grace=120), env["ssh"])
     assert report.components[("h1", "job")].status == 0
     assert report.components[("h2", "forever")].terminated
+    assert not report.components[("h3", "brief")].terminated  # it had ended by itself
     assert ssh(lab, "h2", f"cat {env['state']}/latest/forever.status").stdout.strip() == "143"
     for host, name in (("h2", "forever"), ("h3", "other")):
         pid = ssh(lab, host, f"cat {env['state']}/latest/{name}.pid").stdout.strip()

@@ -323,8 +323,9 @@ def test_poll_and_stop_windows_by_process_group(tmp_path):
         states = scr.poll_windows(shell, [quick, soft, hard], seconds=0.5)
         assert states == {"quick": ("DONE", "5"), "soft": ("RUNNING", "-"),
                           "hard": ("RUNNING", "-")}
-        assert scr.stop_windows(shell, [soft], grace=120) == []  # returns once the group is gone
-        assert scr.stop_windows(shell, [hard], grace=0.5) == ["hard"]
+        # returns once the group is gone; a window whose program ended is not "stopped"
+        assert scr.stop_windows(shell, [soft, quick], grace=120) == scr.Stopped(["soft"], [])
+        assert scr.stop_windows(shell, [hard], grace=0.5) == scr.Stopped(["hard"], ["hard"])
         assert p2.wait(timeout=60) == 143
         p3.wait(timeout=60)
         assert (tmp_path / "soft.status").read_text().strip() == "143"

@@ -224,12 +224,16 @@ def stop_command(args: argparse.Namespace) -> int:
     if args.grace <= 0:
         raise ConfigError("--grace must be a positive number of seconds", field="--grace")
     record = _record(args)
-    killed = control.stop(record, _ssh(args, record), args.components or None, args.host,
-                          args.grace)
+    found = control.stop(record, _ssh(args, record), args.components or None, args.host,
+                         args.grace)
     log = logging.getLogger("remote_runner")
     for comp in record.select(args.components or None, args.host):
-        log.info("%s: stopped%s", comp.label,
-                 " (needed SIGKILL)" if comp.name in killed.get(comp.host, []) else "")
+        outcome = found.get(comp.host)
+        if outcome is not None and comp.stem in outcome.signalled:
+            log.info("%s: stopped%s", comp.label,
+                     " (needed SIGKILL)" if comp.stem in outcome.killed else "")
+        else:
+            log.info("%s: was not running", comp.label)
     return 0
 
 
