@@ -47,6 +47,7 @@ _DEFAULTS = {
     "private_tmp": lambda: False,
     "ready": lambda: None,
     "ready_timeout": lambda: 60.0,
+    "settle": lambda: None,
     "results": list,
     "env": dict,
 }
@@ -114,6 +115,8 @@ class ComponentSpec:
     origin: Origin
     ready: Optional[str] = None
     ready_timeout: float = 60.0
+    #: seconds alive after its start that make it started (None: the run's ``--settle``)
+    settle: Optional[float] = None
     results: Tuple[str, ...] = ()
     env: Tuple[Tuple[str, str], ...] = ()
     field_origins: Tuple[Tuple[str, Origin], ...] = field(default=(), compare=False, repr=False)

@@ -341,7 +341,7 @@ def restart(record: RunRecord, ssh_options, names: List[str], grace: float = 10.
                                  start_timeout=start_timeout, log_dir=h.run_dir)
             session.session_id = h.session or None
             windows = [window(record, c) for c in grouped[host]]
-            checks = [hostops.HealthCheck(w, c.base_dir, c.ready, c.ready_timeout, c.wait)
+            checks = [hostops.HealthCheck(w, c.base_dir, c.ready, c.ready_timeout, c.wait, c.settle)
                       for c, w in zip(grouped[host], windows)]
             wave = session.start_wave(
                 windows, setup=_restart_setup(grouped[host], windows, h.run_dir), replace="adopt",

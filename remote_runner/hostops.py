@@ -92,6 +92,11 @@ class HealthCheck:
     ready: Optional[str]
     timeout: float
     may_exit: bool  # a wait=True component may end during the check (the wait reports it)
+    settle: Optional[float] = None  # the component's own settle time; None: the run's
+
+    def settle_time(self, default: float) -> float:
+        """Return the seconds alive that make this window started (without ``ready``)."""
+        return default if self.settle is None else self.settle
 
 
 @dataclass
@@ -140,7 +145,7 @@ def health_script(checks: Sequence[HealthCheck], settle: float) -> str:
     for n, c in enumerate(checks):
         w = c.window
         ready = _ready_test(c)
-        settle_cs = max(0, int(round(settle * 100)))
+        settle_cs = max(0, int(round(c.settle_time(settle) * 100)))
         timeout_cs = max(100, int(math.ceil(c.timeout * 100)))
         if c.may_exit:
             ended = f"v{n}=EXITED"
@@ -180,7 +185,7 @@ def health_script(checks: Sequence[HealthCheck], settle: float) -> str:
 
 def health_time(checks: Sequence[HealthCheck], settle: float) -> float:
     """Return the longest the health script of *checks* may take (seconds)."""
-    return max([settle] + [c.timeout for c in checks if c.ready])
+    return max([0.0] + [c.timeout if c.ready else c.settle_time(settle) for c in checks])
 
 
 def check_health(shell: "Shell", checks: Sequence[HealthCheck], settle: float) -> Dict[str, Health]:

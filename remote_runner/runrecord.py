@@ -29,7 +29,7 @@ Schema (``"schema": 1``)
 host alias: ``target`` ``user@address:port``, ``jump`` chain, ``state_dir``,
 ``run_dir``, ``session`` id) and ``components`` (a list of
 :class:`ComponentRecord` fields: host, name, stem, base_dir, executable, args,
-env, files, results, ready, ready_timeout, temp_base, start_index, wait,
+env, files, results, ready, ready_timeout, settle, temp_base, start_index, wait,
 mirror, pid, state, exit_status, started, ended).
 """
 
@@ -123,6 +123,7 @@ class ComponentRecord:
     results: List[str] = field(default_factory=list)
     ready: Optional[str] = None
     ready_timeout: float = 60.0
+    settle: Optional[float] = None  # the component's own; None: the run's --settle
     temp_base: bool = False  # base_dir made by the run (mktemp); `clean` removes it
     start_index: float = 0
     wait: bool = False
@@ -261,7 +262,8 @@ def component_record(record: "RunRecord", host: str, spec: Any, stem: str,
         host=host, name=spec.name, stem=stem, base_dir=base_dir, executable=spec.executable,
         args=list(spec.args), env=dict(spec.env),
         files=PlainRows([f.src, f.dest, f.is_dir] for f in spec.files), results=list(spec.results),
-        ready=spec.ready, ready_timeout=spec.ready_timeout, temp_base=temp_base,
+        ready=spec.ready, ready_timeout=spec.ready_timeout, settle=spec.settle,
+        temp_base=temp_base,
         start_index=spec.start_index,
         wait=spec.wait, mirror=spec.mirror)
     record.components.append(rec)

@@ -145,7 +145,7 @@ class Starting:
         """
         session = self.screens[host]
         checks = [hostops.HealthCheck(p.window, p.base_dir, p.spec.ready, p.spec.ready_timeout,
-                                      p.spec.wait or p.spec.mirror) for p in places]
+                                      p.spec.wait or p.spec.mirror, p.spec.settle) for p in places]
         replace = None
         if first:
             replace = "kill" if self.options.kill_first else "adopt"

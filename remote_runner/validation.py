@@ -110,7 +110,8 @@ class _Validator:
             num_cores=self._num_cores(), origin=self.c._added or self.c._created,
             field_origins=tuple(sorted(origins.items())), export=self._export(mirror),
             private_tmp=self._private_tmp(mirror),
-            ready=self._ready(), ready_timeout=self._ready_timeout(), results=self._results(),
+            ready=self._ready(), ready_timeout=self._ready_timeout(), settle=self._settle(),
+            results=self._results(),
             env=self._env())
 
     def _one_host(self, host: str) -> None:
@@ -228,6 +229,16 @@ class _Validator:
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
             raise self.fail("ready_timeout", f"ready_timeout must be a positive number of "
                                              f"seconds, got {value!r}")
+        return float(value)
+
+    def _settle(self) -> Optional[float]:
+        value = self.values.get("settle")
+        if value is None:
+            return None
+        if isinstance(value, bool) or not isinstance(value, (int, float)) \
+                or not 0 <= value < float("inf"):
+            raise self.fail("settle", f"settle must be 0 or more seconds (or None for the run's "
+                                      f"--settle), got {value!r}")
         return float(value)
 
     def _results(self) -> Tuple[str, ...]:

@@ -45,9 +45,6 @@ from remote_runner.errors import ConfigError
 
 TOP_KEYS = ("vars", "hosts", "components")
 EXPANSION_KEYS = ("on", "count")
-#: Fields whose strings get {var} substitution (args items and files keys/values too).
-TEXT_FIELDS = ("name", "host", "executable", "base_dir")
-NUMBER_FIELDS = ("start_index", "num_cores")
 _VAR = re.compile(r"\{\{|\}\}|\{([A-Za-z_][A-Za-z0-9_]*)\}")
 
 
@@ -282,18 +279,19 @@ class _Reader:
 
     def fill(self, key: str, value: Any, scope: Dict[str, Any], line: int,
              label: Optional[str]) -> Any:
-        """Substitute variables in the field *key* (strings, args items, files keys/values)."""
-        if key in TEXT_FIELDS or key in NUMBER_FIELDS:
-            return self.substitute(value, scope, line, label, key) if isinstance(value, str) \
-                else value
-        if key == "args" and isinstance(value, list):
-            return [self.substitute(v, scope, line, label, key) if isinstance(v, str) else v
-                    for v in value]
-        if key == "files" and isinstance(value, dict):
-            return {self.substitute(k, scope, line, label, key) if isinstance(k, str) else k:
-                    self.substitute(v, scope, line, label, key) if isinstance(v, str) else v
-                    for k, v in value.items()}
-        return value
+        """Substitute variables in the field *key*: a string, list items, mapping keys and values.
+
+        Every field takes them (``ready: "tcp:{port}"``, ``env: {PORT: "{port}"}``,
+        ``settle: "{settle}"``); validation then checks the result as it checks a value
+        written out.
+        """
+        def one(v: Any) -> Any:
+            return self.substitute(v, scope, line, label, key) if isinstance(v, str) else v
+        if isinstance(value, list):
+            return [one(v) for v in value]
+        if isinstance(value, dict):
+            return {one(k): one(v) for k, v in value.items()}
+        return one(value)
 
     def substitute(self, text: str, scope: Dict[str, Any], line: Optional[int],
                    label: Optional[str], field: str) -> Any:

@@ -254,6 +254,10 @@ def test_config_methods():
     ("c.wait = 1", "wait", "True or False"),
     ("c.mirror = 'yes'", "mirror", "True or False"),
     ("c.num_cores = 0", "num_cores", "positive int"),
+    ("c.settle = -1", "settle", "0 or more seconds"),
+    ("c.settle = '2'", "settle", "0 or more seconds"),
+    ("c.settle = True", "settle", "0 or more seconds"),
+    ("c.settle = float('inf')", "settle", "0 or more seconds"),
 ])
 def test_type_errors_point_at_the_assignment(tmp_path, assignment, field, message):
     path = write(tmp_path, BASE + f"{assignment}  # <err>\n\nconfig.add_component(c)\n")

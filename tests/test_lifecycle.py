@@ -111,6 +111,25 @@ def test_a_program_that_dies_inside_the_settle_time_is_a_failed_start(env, host,
         quit_screen(env["lab"], host, env["screen"], env["state"])
 
 
+def test_a_components_own_settle_holds_under_a_shorter_run_settle_and_on_restart(env):
+    # --settle 0 alone would call it started; its own settle watches it until it dies at 1 s
+    try:
+        out = start(env, """
+            s = Component(name='slow', host='h2', executable='/bin/sh',
+                          args=['-c', 'sleep 1; exit 3'], start_index=0)
+            s.settle = 5
+            config.add_component(s)
+        """, "--settle", "0")
+        assert out.returncode == 6, out.stdout + out.stderr
+        assert "component 'slow'" in out.stderr and "exited 3" in out.stderr
+        assert record(env)["components"][0]["settle"] == 5
+        # restart judges it by the same rule (the record keeps the component's settle)
+        again = rr(env, "restart", "slow", "--settle", "0", "--grace", "5")
+        assert again.returncode == 6 and "exited 3" in again.stderr, again.stdout + again.stderr
+    finally:
+        quit_screen(env["lab"], "h2", env["screen"], env["state"])
+
+
 def test_component_that_never_becomes_ready_stops_the_run(env):
     p = port()
     out = start(env, f"""

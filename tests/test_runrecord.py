@@ -39,7 +39,8 @@ def test_a_components_files_taken_from_its_spec_are_written_as_plain_rows(tmp_pa
     record = _record(tmp_path)
     files = [SimpleNamespace(src=f"/local/f{i}", dest=f"d/f{i}", is_dir=False) for i in range(3)]
     spec = SimpleNamespace(name="client", executable="/bin/c", args=(), env={}, files=files, results=(),
-                           ready=None, ready_timeout=60.0, start_index=2, wait=False, mirror=False)
+                           ready=None, ready_timeout=60.0, settle=2.5, start_index=2,
+                           wait=False, mirror=False)
     rec = component_record(record, "h2", spec, "client", "/opt/c")
     assert type(rec.files) is PlainRows and rec.files == [[f.src, f.dest, False] for f in files]
     assert component_record(record, "h2", spec, "client", "/opt/c") is rec  # added once
@@ -47,4 +48,4 @@ def test_a_components_files_taken_from_its_spec_are_written_as_plain_rows(tmp_pa
     assert written["components"][-1]["files"] == [[f"/local/f{i}", f"d/f{i}", False] for i in range(3)]
     with open(record.save(), encoding="utf-8") as handle:
         again = RunRecord.from_json(json.load(handle), directory=str(tmp_path / "run"))
-    assert again.components[-1].files == rec.files
+    assert again.components[-1].files == rec.files and again.components[-1].settle == 2.5

@@ -338,6 +338,30 @@ def test_poll_and_stop_windows_by_process_group(tmp_path):
                 proc.wait()
 
 
+def test_a_components_own_settle_time_outweighs_the_runs(tmp_path):
+    """The health check judges each window by its own settle time, else by the run's."""
+    from remote_runner.hostops import HealthCheck, check_health, health_time
+    shell = LocalShell()
+    late, p1 = launched(tmp_path, "late", ["/bin/sh", "-c", "sleep 2; exit 3"])
+    steady, p2 = launched(tmp_path, "steady", ["/bin/sleep", "600"])
+    try:
+        # by the run's --settle 0 alone, both are started at once (the late death is unseen)
+        plain = [HealthCheck(w, str(tmp_path), None, 60.0, False) for w in (late, steady)]
+        assert {s: h.verdict for s, h in check_health(shell, plain, 0).items()} == {
+            "late": "READY", "steady": "READY"}
+        # its own 30 s keeps "late" under watch until it dies: a failed start, exit 3
+        own = [HealthCheck(late, str(tmp_path), None, 60.0, False, settle=30.0), plain[1]]
+        assert health_time(own, 0) == 30.0
+        verdicts = check_health(shell, own, 0)
+        assert verdicts["late"].verdict == "DEAD" and verdicts["late"].status == 3
+        assert verdicts["steady"].verdict == "READY"
+    finally:
+        for proc in (p1, p2):
+            if proc.poll() is None:
+                os.killpg(proc.pid, 9)
+            proc.wait()
+
+
 def test_a_run_directory_is_made_and_only_the_newest_runs_are_kept(tmp_path):
     from remote_runner.hostops import KEEP_RUNS, prepare_run_script
     state = tmp_path / "state dir"  # (a space: every path word is quoted)

@@ -98,6 +98,32 @@ def test_on_count_index_and_groups_expand(tmp_path):
     assert agent.origin.file == config and agent.origin.line == 7
 
 
+def test_every_field_takes_variables(tmp_path):
+    config = write(tmp_path, """
+        vars:
+          port: 5555
+          settle: 2.5
+        components:
+          - name: server
+            host: h1
+            executable: /bin/server
+            args: ["{port}"]
+            ready: "tcp:{port}"
+            env: {PORT: "{port}", "SEEN_{port}": "yes"}
+            start_index: 0
+          - name: client
+            host: h2
+            executable: /bin/client
+            settle: "{settle}"
+            results: ["out-{port}/*.json"]
+            start_index: 1
+    """)
+    specs = {s.name: s for s in load_experiment(config, None).components}
+    assert specs["server"].ready == "tcp:5555" and specs["server"].settle is None
+    assert dict(specs["server"].env) == {"PORT": "5555", "SEEN_5555": "yes"}
+    assert specs["client"].settle == 2.5 and specs["client"].results == ("out-5555/*.json",)
+
+
 @pytest.mark.parametrize("body, line, words", [
     ("components:\n  - name: a\n    host: h1\n    executabel: /bin/true\n    start_index: 1\n",
      4, "field 'executabel': unknown field 'executabel' (did you mean 'executable'?)"),
