@@ -21,6 +21,8 @@ from typing import Any, Callable, List, Optional
 
 import paramiko
 
+from remote_runner.errors import MAX_OUTPUT, OutputTooLarge
+
 from remote_runner.loginshell import OutputAfterMark, for_login_shell, with_mark
 
 log = logging.getLogger("remote_runner.ssh")
@@ -131,8 +133,9 @@ def _collect(channel: paramiko.Channel, stdin: Optional[bytes],
     err: List[bytes] = []
     feeder = _Feeder(channel, stdin)
     drains = [
-        threading.Thread(target=_drain, args=(channel.recv, out), daemon=True),
-        threading.Thread(target=_drain, args=(channel.recv_stderr, err), daemon=True),
+        threading.Thread(target=_drain, args=(channel.recv, out, channel.close), daemon=True),
+        threading.Thread(target=_drain, args=(channel.recv_stderr, err, channel.close),
+                         daemon=True),
     ]
     for thread in drains + [feeder]:
         thread.start()
@@ -140,6 +143,8 @@ def _collect(channel: paramiko.Channel, stdin: Optional[bytes],
         thread.join(_remaining(deadline))
         if thread.is_alive():
             break
+    if None in out or None in err:  # (the channel is closed already)
+        raise OutputTooLarge("", "a command")
     finished = not any(t.is_alive() for t in drains) and channel.status_event.wait(
         _remaining(deadline))
     if not finished:
@@ -167,14 +172,26 @@ def _remaining(deadline: Optional[float]) -> Optional[float]:
     return None if deadline is None else max(0.0, deadline - time.monotonic())
 
 
-def _drain(read: Callable[[int], bytes], sink: List[bytes]) -> None:
-    """Read a channel stream into *sink* until EOF or close."""
+def _drain(read: Callable[[int], bytes], sink: List[bytes],
+           give_up: Callable[[], None] = lambda: None) -> None:
+    """Read a channel stream into *sink* until EOF or close, or :data:`MAX_OUTPUT` bytes.
+
+    Past that, the host is not believed: reading stops, ``None`` is appended
+    and *give_up* is called (closing the channel, which ends the other stream's
+    read too); the caller refuses the answer.
+    """
+    held = 0
     while True:
         try:
             data = read(1 << 16)
         except (OSError, EOFError, paramiko.SSHException):
             return
         if not data:
+            return
+        held += len(data)
+        if held > MAX_OUTPUT:
+            sink.append(None)  # type: ignore[arg-type]
+            give_up()
             return
         sink.append(data)
 

@@ -10,6 +10,7 @@ the CLI (``remote_runner.cli.lifecycle``) turns the results into output.
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import queue
@@ -441,23 +442,10 @@ def fetch(record: RunRecord, ssh_options, names: Optional[List[str]] = None,
         def on_host(host: str) -> object:
             items = [(c.name, c.base_dir, c.results, window(record, c).log_file)
                      for c in grouped[host]]
-            if host == "localhost":
-                opener = _LocalFiles
-            else:
-                opener = hosts.connections[host].sftp  # type: ignore[attr-defined]
+            opener: Callable[[], object] = results.LocalReader if host == "localhost" else \
+                functools.partial(results.SFTPReader, hosts.connections[host])
             return results.fetch_host(hosts.shells[host], opener, host, items, root, progress)
         return hosts.each(on_host, grouped)
-
-
-class _LocalFiles:
-    """The one SFTP call fetch uses, for localhost components (a plain copy)."""
-
-    def get(self, remote: str, local: str, callback=None) -> None:
-        import shutil
-        shutil.copyfile(remote, local)
-        if callback is not None:
-            size = os.path.getsize(local)
-            callback(size, size)
 
 
 # --------------------------------------------------------------------------- clean

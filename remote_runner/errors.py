@@ -189,6 +189,19 @@ class CommandTimeout(HostError):
         super().__init__(host, f"{what} did not finish within {seconds:g} s")
 
 
+class OutputTooLarge(HostError):
+    """A host answered a command with more than we ever read (:data:`MAX_OUTPUT` bytes)."""
+
+    def __init__(self, host: str, what: str) -> None:
+        self.what = what
+        super().__init__(host, f"{what} printed more than {MAX_OUTPUT >> 20} MiB: not read further",
+                         "check what the host runs in its place (a shell profile, a wrapper)")
+
+
+#: The most a command's output (or a step's answer) may hold; a host sending more is not believed.
+MAX_OUTPUT = 256 << 20
+
+
 class CopyError(RunnerError):
     """A file could not be copied (or its local source is missing)."""
 

@@ -45,6 +45,8 @@ __all__ = ["ComponentRecord"]
 
 #: Runs kept per session directory on a host; older run directories are removed.
 KEEP_RUNS = 20
+#: A log line longer than this (bytes) is passed on in pieces: followed logs hold no more.
+MAX_LOG_LINE = 64 * 1024
 #: How much of a failed component's log is shown.
 TAIL_LINES = 20
 _TAIL_MARK = "RR-TAIL"
@@ -373,6 +375,9 @@ class LogSplitter:
         """Return the complete lines in *data* (plus what was buffered)."""
         self.buffer += data
         *complete, self.buffer = self.buffer.split(b"\n")
+        if len(self.buffer) > MAX_LOG_LINE:  # a line without end (progress drawn with \r only)
+            complete.append(self.buffer)
+            self.buffer = b""
         out = []
         for raw in complete:
             line = raw.decode("utf-8", "replace").rstrip("\r")

@@ -35,7 +35,8 @@ from dataclasses import dataclass, field
 from typing import Any, List, Optional, Tuple
 
 from remote_runner.channelio import send_all_or_raise
-from remote_runner.errors import CommandTimeout, ConnectionLost, SessionBusy, StartError
+from remote_runner.errors import (MAX_OUTPUT, CommandTimeout, ConnectionLost, OutputTooLarge,
+                                  SessionBusy, StartError)
 from remote_runner.shell import ScriptResult, Shell, shell_path
 
 
@@ -103,6 +104,9 @@ class SessionLock:
                 status, out, err = answer
                 if self.traffic is not None:
                     self.traffic.count("steps")
+            except OutputTooLarge as exc:  # the shell is out of step: never used again
+                self.release()
+                raise OutputTooLarge(self.host, "a script on the session lock's shell") from exc
             except socket.timeout as exc:
                 self.release()
                 raise CommandTimeout(self.host, "a script on the session lock's shell", timeout) from exc
@@ -189,14 +193,14 @@ def _read_step(channel: Any, nonce: str, data: bytes = b"") -> Optional[Tuple[in
             if f"{_STEP}-FAIL {nonce}\n".encode() in data:
                 return None
             start = max(0, len(data) - len(end) + 1)
-        data += _recv_some(channel)
+        data += _recv_some(channel, len(data))
     fields: List[str] = data[at + len(end):line_end].decode().split()
     status, has_err = int(fields[0]), fields[1:2] == ["1"]
     rest, err = data[line_end + 1:], b""
     if has_err:
         err_end = f"\n{_STEP}-ERR {nonce}\n".encode()
         while err_end not in rest:
-            rest += _recv_some(channel)
+            rest += _recv_some(channel, len(rest))
         err = rest[:rest.index(err_end)]
     return status, data[:at], err
 
@@ -211,11 +215,17 @@ def _read_tail(channel: Any, data: bytes) -> bytes:
             line_end = data.find(b"\n", at + len(mark))
             if line_end >= 0:
                 return data[line_end + 1:]
-        data += _recv_some(channel)
+        data += _recv_some(channel, len(data))
 
 
-def _recv_some(channel: Any) -> bytes:
-    """The next bytes from *channel*; EOFError when it closed."""
+def _recv_some(channel: Any, held: int = 0) -> bytes:
+    """The next bytes from *channel*; EOFError when it closed.
+
+    *held*: how much of this answer was read already; an answer past
+    :data:`MAX_OUTPUT` is not believed (:class:`OutputTooLarge`).
+    """
+    if held > MAX_OUTPUT:
+        raise OutputTooLarge("", "a step")
     chunk = channel.recv(65536)
     if not chunk:
         raise EOFError("the channel closed")

@@ -51,7 +51,8 @@ from remote_runner.names import check_name
 from remote_runner.proxycommand import ProxyCommand
 from remote_runner.errors import (
     AuthError, CommandTimeout, ConfigError, HostError, HostKeyError,
-    ConnectionLost, NoSFTP, RemoteCommandError, RunnerError, UnreachableError, brief_command,
+    ConnectionLost, NoSFTP, OutputTooLarge, RemoteCommandError, RunnerError, UnreachableError,
+    brief_command,
 )
 from remote_runner.channelio import (  # noqa: F401 - RunResult: public here
     RunResult, _collect, _draining, open_session, start_command)
@@ -356,6 +357,8 @@ class Connection(Authentication):
         channel = self.exec_channel(sent)
         try:
             result = _collect(channel, stdin, deadline)
+        except OutputTooLarge as exc:
+            raise OutputTooLarge(self.alias, f"command `{brief_command(command)}`") from exc
         finally:
             channel.close()
         if result is None:

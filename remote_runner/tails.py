@@ -33,11 +33,16 @@ _CONTROL = re.compile(r"\x1b\][^\x07\x1b]*(?:\x07|\x1b\\)?|\x1b\[[0-?]*[ -/]*[@-
                       r"[\x00-\x08\x0a-\x1f\x7f-\x9f]")
 
 
+def strip_controls(text: str) -> str:
+    """*text* without escape sequences and control characters other than tab."""
+    return _CONTROL.sub("", text)
+
+
 def clean_line(raw: str) -> str:
     """Return what a terminal should show of a log line: last \\r segment, no control codes."""
     segments = [p for p in raw.rstrip("\n").split("\r") if p.strip()]
     text = segments[-1] if segments else ""
-    text = _CONTROL.sub("", text).replace("\t", " ")
+    text = strip_controls(text).replace("\t", " ")
     return text[:MAX_LINE]
 
 

@@ -384,6 +384,32 @@ def test_fetch_results_and_logs_from_three_hosts(env):
     assert again.stderr.count("fetched 0 files (0 bytes), 3 unchanged") == 3, again.stderr
 
 
+def test_a_hosts_hostile_names_and_log_escapes_stay_on_the_host(env):
+    # the host's component writes names no local file should get, and a log line made of
+    # terminal escapes and rich markup; fetch leaves those names there, status shows text only
+    script = ("mkdir -p out; echo ok > out/good.json; echo x > \"out/bad$(printf '\\033')[2J.json\"; "
+              "echo log > screen.log; printf 'tick\\n\\033]0;pwned\\007[/][link=x]boom\\n'; "
+              "exec sleep 600")
+    start(env, f"""
+        c = Component(name='odd', host='h2', executable='/bin/sh', args=['-c', {script!r}],
+                      start_index=0, results=['out/*.json', '*.log'])
+        config.add_component(c)
+    """, check=0)
+    try:
+        folder = os.path.join(env["runs"], record(env)["run_id"], "h2", "odd")
+        out = rr(env, "fetch")
+        assert out.returncode == 0, out.stderr
+        assert "control characters" in out.stderr and "take the place of the fetched log" in out.stderr
+        assert sorted(os.listdir(os.path.join(folder, "out"))) == ["good.json"]
+        assert "tick" in open(os.path.join(folder, "screen.log")).read()  # the log, not the result
+        assert not [n for n in os.listdir(folder) if n.startswith(".rr-")]  # no temporary left
+        shown = rr(env, "status")
+        assert shown.returncode == 0, shown.stderr  # rich markup from a host does not break it
+        assert "boom" in shown.stdout and "\x1b" not in shown.stdout and "pwned" not in shown.stdout
+    finally:
+        rr(env, "stop", "--grace", "5", check=0)
+
+
 def test_results_must_be_relative_globs(env):
     out = start(env, """
         c = Component(name='w', host='h1', executable='/bin/true', start_index=0,

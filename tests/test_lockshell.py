@@ -64,6 +64,25 @@ def test_steps_run_on_the_lock_shell_with_their_own_status_and_outputs(lab, conn
 
 
 @pytest.mark.lab
+def test_a_step_that_answers_without_end_is_refused_and_frees_the_lock(lab, connected, tmp_path,
+                                                                       monkeypatch):
+    from remote_runner import sessionlock
+    from remote_runner.errors import OutputTooLarge
+    monkeypatch.setattr(sessionlock, "MAX_OUTPUT", 1 << 20)
+    state = _state(tmp_path)
+    lock = acquire_lock("h1", state, "test", connected)
+    try:
+        with pytest.raises(OutputTooLarge) as info:
+            lock.script("cat /dev/zero\n", 3600)
+        assert info.value.host == "h1"
+        assert lock.script("echo next\n", 60) is None  # released: the caller runs it another way
+        acquire_lock("h1", state, "other", connected).release()  # the lock is free
+    finally:
+        lock.release()
+        ssh(lab, "h1", f"rm -rf {state}")
+
+
+@pytest.mark.lab
 def test_what_a_step_starts_does_not_keep_the_lock(lab, connected, tmp_path):
     state = _state(tmp_path)
     lock = acquire_lock("h1", state, "test", connected)

@@ -151,6 +151,16 @@ def test_big_output_on_both_streams_does_not_deadlock(h1):
     assert result.stderr == b"e" * size
 
 
+def test_a_host_that_prints_without_end_is_cut_off_and_the_connection_survives(h1, monkeypatch):
+    from remote_runner import channelio
+    from remote_runner.errors import OutputTooLarge
+    monkeypatch.setattr(channelio, "MAX_OUTPUT", 1 << 20)  # 256 MiB in use: 1 MiB here
+    with pytest.raises(OutputTooLarge) as info:  # at once, not at the (long) timeout
+        h1.run("cat /dev/zero", timeout=3600)
+    assert info.value.host == "h1" and "cat /dev/zero" in str(info.value)
+    assert h1.run(["echo", "still here"]).stdout == b"still here\n"
+
+
 def test_stdin_is_fed_and_closed(h1):
     data = os.urandom(3 * 1024 * 1024)
     result = h1.run(["sha1sum"], stdin=data, timeout=120)

@@ -136,20 +136,30 @@ def _fmt_seconds(seconds: Optional[float]) -> str:
     return f"{seconds // 3600}h{(seconds % 3600) // 60:02d}m"
 
 
-def status_table(record: Any, rows: List[Any]) -> Any:
-    """Return a rich Table of *rows*."""
+def _ended(stamp: Optional[float]) -> str:
+    """``ended HH:MM:SS`` for an end time a host reported (nothing for one no clock can show)."""
     import datetime
+    if not stamp:
+        return ""
+    try:
+        return datetime.datetime.fromtimestamp(stamp).strftime("ended %H:%M:%S")
+    except (ValueError, OverflowError, OSError):
+        return ""
+
+
+def status_table(record: Any, rows: List[Any]) -> Any:
+    """Return a rich Table of *rows* (what a host sent is shown as plain text, no markup)."""
     from rich.table import Table
+    from rich.text import Text
+    from remote_runner.tails import clean_line
     table = Table(title=f"run {record.run_id}", title_justify="left", box=None, pad_edge=False)
     for column in ("HOST", "NAME", "STATE", "PID", "UP/ENDED", "LAST LOG LINE"):
         table.add_column(column, no_wrap=column != "LAST LOG LINE", overflow="ellipsis")
     for row in rows:
-        when = (_fmt_seconds(row.since) if row.since is not None else
-                datetime.datetime.fromtimestamp(row.ended).strftime("ended %H:%M:%S")
-                if row.ended else "")
+        when = _fmt_seconds(row.since) if row.since is not None else _ended(row.ended)
         style = "green" if row.state == "running" else ("" if row.healthy else "red")
-        table.add_row(row.host, row.name, f"[{style}]{row.state}[/]" if style else row.state,
-                      str(row.pid or ""), when, row.last_line[:120])
+        table.add_row(row.host, row.name, Text(row.state, style=style), str(row.pid or ""), when,
+                      Text(clean_line(row.last_line)[:120]))
     return table
 
 
@@ -199,6 +209,12 @@ def _watch(args: argparse.Namespace, record: Any, ssh_options: Any) -> int:
     return 0 if rows and all(r.healthy for r in rows) else EXIT_COMPONENT
 
 
+def _terminal_text(line: str) -> str:
+    """*line* without control characters and escape sequences (tabs kept)."""
+    from remote_runner.tails import strip_controls
+    return strip_controls(line)
+
+
 def logs_command(args: argparse.Namespace) -> int:
     from remote_runner import control
     record = _record(args)
@@ -206,9 +222,13 @@ def logs_command(args: argparse.Namespace) -> int:
     width = max(len(c.label) for c in comps) if comps else 0
     lock = threading.Lock()
 
+    # a host's log may carry terminal escapes (titles, clipboard writes): a terminal gets the
+    # text only; a pipe or file gets the lines as they are
+    shown: Callable[[str], str] = _terminal_text if sys.stdout.isatty() else str
+
     def emit(label: str, line: str) -> None:
         with lock:
-            sys.stdout.write(f"{label.ljust(width)} | {line}\n")
+            sys.stdout.write(f"{label.ljust(width)} | {shown(line)}\n")
             sys.stdout.flush()
     try:
         control.logs(record, _ssh(args, record), args.components or None, args.lines,
