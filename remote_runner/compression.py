@@ -183,6 +183,8 @@ def receive_script(codec: str, tmp: str, dest: str, size: int, mode: int) -> str
             f"{DECODERS[codec]} > \"$t\" || fail\n"
             "got=$(stat -c %s \"$t\" 2>/dev/null || wc -c < \"$t\") || fail\n"
             f"[ \"$got\" -eq {size} ] || {{ echo {SHORT_MARK} \"$got\" >&2; fail; }}\n"
+            # never into a directory that took the file's place (mv would put it inside)
+            f"[ -d {q(dest)} ] && {{ echo {q(dest)} is a directory >&2; fail; }}\n"
             f"chmod {mode:o} \"$t\" && mv -f \"$t\" {q(dest)} || fail\n")
 
 

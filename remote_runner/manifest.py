@@ -131,11 +131,16 @@ blob = sys.stdin.buffer.read(req.get("ahead_bytes", 0)) if ahead else b""
 def key(st):
     return [st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino, st.st_dev]
 write = req.get("write")
-wrote = {}  # destination -> [size, mtime_ns, inode, device, SHA-1] as this program wrote it
+wrote = {}  # destination -> [size, mtime_ns, inode, device, SHA-1, ctime_ns once in place]
 def as_written(dest, st):
-    """Whether dest (its lstat st) is still the file written above (a rename changes only ctime)."""
+    """Whether dest (its lstat st) is still the file written above, as its rename left it.
+
+    The ctime is the one the file had just after its rename: a write since then,
+    even one that puts size and mtime back, changes it.
+    """
     w = wrote.get(dest)
-    return w is not None and w[:4] == [st.st_size, st.st_mtime_ns, st.st_ino, st.st_dev]
+    return (w is not None and len(w) == 6 and w[5] == st.st_ctime_ns
+            and w[:4] == [st.st_size, st.st_mtime_ns, st.st_ino, st.st_dev])
 if write:
     # A bundle: its files' bytes follow on stdin, in the order of write["files"]. Each
     # is written into a stage directory made here beside its destination and hashed as
@@ -182,6 +187,10 @@ if write:
         os.umask(mask)
         for p, dest, n, m in write["files"]:
             os.rename(p, dest)
+            st = os.lstat(dest)  # at once: what the rename left, its ctime included
+            w = wrote[dest]
+            if w[:4] == [st.st_size, st.st_mtime_ns, st.st_ino, st.st_dev]:
+                w.append(st.st_ctime_ns)
         for d in write["stages"]:
             os.rmdir(d)
     except OSError as e:
@@ -624,7 +633,7 @@ def parse_answer(lines: Sequence[str], count: int) -> Optional[Answer]:
         return None
     try:
         doc = json.loads(found[0][len(ANSWER_MARK) + 1:])
-    except ValueError:
+    except (ValueError, RecursionError):  # (a host's "[[[[…" nests past Python's stack)
         return None
     if not isinstance(doc, dict):
         return None

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import subprocess
 import threading
 import time
 import uuid
@@ -231,3 +232,20 @@ def test_ctrl_c_during_a_parallel_copy_leaves_no_temporary_file(lab, conn, base,
 def sync_spec(src):
     from remote_runner.config import FileSpec
     return FileSpec(str(src), "big", False)
+
+
+def test_a_compressed_file_never_lands_inside_a_directory_in_its_place(tmp_path):
+    """``mv`` onto a directory moves the file into it: the receiver refuses and removes its temporary."""
+    import gzip
+    dest = tmp_path / "out.txt"
+    dest.mkdir()
+    tmp = tmp_path / ".out.txt.rr-1234.tmp"
+    script = compression.receive_script(compression.GZIP, str(tmp), str(dest), 6, 0o644)
+    done = subprocess.run(["sh", "-c", script], input=gzip.compress(b"hello\n"), capture_output=True)
+    assert done.returncode != 0 and b"is a directory" in done.stderr
+    assert os.listdir(dest) == [] and not tmp.exists()
+
+
+def test_an_answer_nested_past_pythons_stack_is_refused_not_raised():
+    from remote_runner import manifest
+    assert manifest.parse_answer([manifest.ANSWER_MARK + " " + "[" * 200000], 1) is None

@@ -201,6 +201,37 @@ def test_the_host_program_writes_a_bundle_places_it_then_records_it(tmp_path):
     assert [f.sha1 for f in answer.files] == [hashlib.sha1(b"one\n").hexdigest(), hashlib.sha1(b"two\n").hexdigest()]
 
 
+def test_a_file_changed_once_in_place_is_not_recorded_as_the_one_written(tmp_path):
+    """A same-size rewrite with its mtime put back, made after the file's rename (here: while
+    the stage is removed, after every rename), changes its ctime: the program hashes the file
+    it finds instead of vouching for the bytes it wrote."""
+    import hashlib
+    (tmp_path / "tree").mkdir()
+    tree = tmp_path / "tree"
+    prelude = ("import os as _os\n_rmdir = _os.rmdir\n"
+               "def _meddle(d):\n"
+               "    _rmdir(d)\n"
+               f"    x = {str(tree / 'x')!r}\n"
+               "    st = _os.stat(x)\n"
+               "    with open(x, 'r+b') as f: f.write(b'EVIL')\n"
+               "    _os.utime(x, ns=(st.st_atime_ns, st.st_mtime_ns))\n"
+               "_os.rmdir = _meddle\n")
+    stage = tree / ".rr-stage-ab12cd34"
+    files = [[str(stage / "x"), str(tree / "x"), 4, 0o644], [str(stage / "y"), str(tree / "y"), 4, 0o644]]
+    doc = {"trees": [str(tree)], "files": [[dest, None, None, 0] for _, dest, _, _ in files],
+           "write": {"files": files, "stages": [str(stage)]}, "stale": 60, "lock_wait": 5}
+    request = json.dumps(doc).encode()
+    env = {"HOME": str(tmp_path), "XDG_CACHE_HOME": str(tmp_path / "cache"), "PATH": "/usr/bin:/bin"}
+    done = subprocess.run([sys.executable, "-I", "-S", "-c", prelude + manifest.HOST_PROGRAM,
+                           str(len(request))], input=request + b"goodfine", capture_output=True, env=env)
+    assert done.returncode == 0, done.stderr
+    assert (tree / "x").read_bytes() == b"EVIL"
+    answer = manifest.parse_answer(done.stdout.decode().splitlines(), 2)
+    assert answer is not None and (answer.received, answer.hashed) == (1, 1)
+    assert [f.sha1 for f in answer.files] == [hashlib.sha1(b"EVIL").hexdigest(),
+                                              hashlib.sha1(b"fine").hexdigest()]
+
+
 def test_a_bundle_keeps_every_mode_whatever_the_umask(tmp_path):
     """Files are created with their mode and chmodded only where that did not give it:
     read-only, private and set-id modes all come out exact under a umask, or a default ACL,
