@@ -286,7 +286,10 @@ def _steps_loop() -> str:
             "while IFS= read -r rr_h; do\n"
             f'  case $rr_h in "{_STEP} "*) ;; *) break;; esac\n'
             "  set -- $rr_h\n"
-            f'  [ -n "$rr_t" ] && head -c "$3" > {step} || {{ echo "{_STEP}-FAIL $2"; break; }}\n'
+            # a script cut short (the link dropped) is never run: its last line could be cut
+            # mid-word (`rm -rf /a/b` read as `rm -rf /a`)
+            f'  [ -n "$rr_t" ] && head -c "$3" > {step} && [ "$(wc -c < {step})" -eq "$3" ] || '
+            f'{{ echo "{_STEP}-FAIL $2"; break; }}\n'
             '  if [ "${4:-0}" = 0 ]; then\n'
             f"    sh {step} </dev/null 2>{err} 9>&-\n"
             "    rr_s=$?\n"

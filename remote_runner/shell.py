@@ -89,7 +89,8 @@ class RemoteShell:
             command, stdin = "sh -c " + shlex.quote(script), data
         else:
             command = "sh -c " + shlex.quote(
-                f't=$(mktemp) || exit 125\nhead -c {len(body)} > "$t" || {{ rm -f "$t"; exit 125; }}\n'
+                f't=$(mktemp) || exit 125\nhead -c {len(body)} > "$t" && '
+                f'[ "$(wc -c < "$t")" -eq {len(body)} ] || {{ rm -f "$t"; exit 125; }}\n'
                 'sh "$t"; s=$?; rm -f "$t"; exit $s\n')
             stdin = body + data
         result = self.connection.run(command, stdin=stdin, timeout=timeout, check=False)

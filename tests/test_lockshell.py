@@ -255,3 +255,41 @@ def test_an_early_answer_leaves_the_rest_to_the_first_step(monkeypatch):
     plain = SessionLock("h", None)
     sessionlock._take_then(plain, "b\nRR-THEN-DONE 4\n")
     assert (plain.then_output, plain.then_status, plain._tail) == ("b\n", 4, None)
+
+
+def test_a_step_cut_short_by_a_dropped_link_is_never_run(tmp_path):
+    """The steps loop (run here by a local sh) refuses a script that arrived short: its last line
+    could have been cut mid-word (``rm -rf /a/b`` read as ``rm -rf /a``)."""
+    import subprocess
+    from remote_runner.sessionlock import _STEP, _steps_loop
+    victim = tmp_path / "keep"
+    victim.mkdir()
+    script = f"rm -rf {victim}/sub; echo ran\n".encode()
+    cut = script[:script.index(b"/sub")]  # "rm -rf <victim>" and then the link drops
+    head = f"{_STEP} abc123 {len(script)} 0\n".encode()
+    done = subprocess.run(["sh", "-c", _steps_loop()], input=head + cut, capture_output=True,
+                          timeout=60)
+    assert f"{_STEP}-FAIL abc123".encode() in done.stdout and b"ran" not in done.stdout
+    assert victim.is_dir()
+
+
+def test_a_long_script_cut_short_is_never_run(tmp_path):
+    """What RemoteShell.feed sends for a script past the argv limit, cut short, runs nothing."""
+    import shlex
+    import subprocess
+    from types import SimpleNamespace
+    from remote_runner import shell as shell_module
+    sent = {}
+
+    def run(command, stdin, timeout, check):
+        sent.update(command=command, stdin=stdin)
+        return SimpleNamespace(exit_status=0, stdout=b"", stderr=b"")
+    victim = tmp_path / "keep"
+    victim.mkdir()
+    script = "#" * shell_module.ARGV_SCRIPT + f"\nrm -rf {victim}/sub; echo ran\n"
+    shell_module.RemoteShell(SimpleNamespace(run=run), "h1").feed(script, b"", 60)
+    whole = sent["stdin"]
+    cut = whole[:whole.index(b"/sub")]
+    done = subprocess.run(shlex.split(sent["command"]), input=cut,
+                          capture_output=True, timeout=60)
+    assert done.returncode == 125 and b"ran" not in done.stdout and victim.is_dir()
