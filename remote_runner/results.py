@@ -18,6 +18,7 @@ sshd has no SFTP subsystem (:class:`ExecReader`).
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import re
@@ -269,10 +270,8 @@ def _fetch_one(client, item: Wanted, home: str, advance: Callable[[int], None]) 
             os.fsync(out.fileno())
         os.replace(tmp, item.local)
     except BaseException:
-        try:
+        with contextlib.suppress(OSError):
             os.unlink(tmp)
-        except OSError:
-            pass
         raise
     return done
 

@@ -208,7 +208,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                               "does not compile as Python 3 or uses names only Python 2 has)")
     add("--settle", type=seconds_or_zero, default=1.0, metavar="SECONDS",
         help="a component without `ready` counts as started when it is still alive this long "
-             "after its start (default 1); the next start_index waits for it")
+             "after its start (default 1; a component's own `settle` wins); the next "
+             "start_index waits for it")
     add("--only", nargs="+", metavar="COMPONENT|HOST",
         help="run only these components (name or host/name) or every component of these hosts")
     add("--fetch", action="store_true",

@@ -82,7 +82,8 @@ def add_parser(sub: "argparse._SubParsersAction") -> None:
     p.add_argument("--grace", type=seconds, default=10.0, metavar="S",
                    help="seconds between SIGTERM and SIGKILL (default 10)")
     p.add_argument("--settle", type=seconds_or_zero, default=1.0, metavar="S",
-                   help="alive this long counts as started, for components without ready")
+                   help="alive this long counts as started, for components without ready "
+                        "or a settle of their own (default 1)")
     p.set_defaults(func=restart_command)
 
     p = sub.add_parser("fetch", help="copy results and logs of a run to this machine",
