@@ -26,7 +26,7 @@ from remote_runner import hashcache
 from remote_runner.digests import is_sha1
 from remote_runner.errors import CopyError
 from remote_runner.freespace import free_space, free_space_script
-from remote_runner.upload import STALE_MINUTES, Upload
+from remote_runner.upload import STAGED_MARK, STAGED_STALE_MINUTES, STALE_MINUTES, Upload
 
 if TYPE_CHECKING:  # pragma: no cover
     from remote_runner.shell import Shell
@@ -208,8 +208,10 @@ def _sweep_script(dirs: Sequence[str]) -> str:
     out = ""
     for start in range(0, len(dirs), HASH_CHUNK):
         words = " ".join(shlex.quote(d) for d in dirs[start:start + HASH_CHUNK])
-        out += (f"find {words} -maxdepth 1 \\( -name '.*.rr-????????.tmp' -type f -o "
-                f"-name '.rr-stage-????????' -type d \\) -mmin +{STALE_MINUTES} "
+        staged = f"'.*.rr-{STAGED_MARK}???????.tmp'"
+        out += (f"find {words} -maxdepth 1 \\( \\( -name '.*.rr-????????.tmp' ! -name {staged} "
+                f"-type f -o -name '.rr-stage-????????' -type d \\) -mmin +{STALE_MINUTES} -o "
+                f"-name {staged} -type f -mmin +{STAGED_STALE_MINUTES} \\) "
                 "-exec rm -rf {} + 2>/dev/null\n")
     return out
 

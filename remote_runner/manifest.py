@@ -68,7 +68,7 @@ from typing import TYPE_CHECKING, Any, Dict, List, Mapping, Optional, Sequence, 
 from remote_runner import quickanswer
 from remote_runner.digests import is_sha1
 from remote_runner.shell import PYTHON_FLAGS
-from remote_runner.upload import STALE_MINUTES
+from remote_runner.upload import STAGED_MARK, STAGED_STALE_MINUTES, STALE_MINUTES
 
 if TYPE_CHECKING:  # pragma: no cover
     from remote_runner.shell import Shell
@@ -439,7 +439,8 @@ if req.get("prepare"):
             p = os.path.join(d, n)
             try:
                 st = os.lstat(p)
-                if now - st.st_mtime < req["stale"] * 60:
+                staged = temp and n[-12:-11] == req.get("staged_mark", "\0")
+                if now - st.st_mtime < (req.get("staged_stale", 1440) if staged else req["stale"]) * 60:
                     continue
                 if temp and stat.S_ISREG(st.st_mode):
                     os.unlink(p)
@@ -585,7 +586,8 @@ def request(items: Sequence["Upload"], trees: Sequence[str], tree_of: Sequence[i
         files.append(entry)
     doc: Dict[str, Any] = {"trees": list(trees), "files": files, "rehash": bool(rehash),
                            "dirs": [[d, m] for d, m in dirs], "prepare": prepare,
-                           "stale": STALE_MINUTES, "lock_wait": LOCK_WAIT}
+                           "stale": STALE_MINUTES, "staged_stale": STAGED_STALE_MINUTES,
+                           "staged_mark": STAGED_MARK, "lock_wait": LOCK_WAIT}
     if ahead and prepare:
         doc["ahead"], doc["ahead_bytes"] = [list(a) for a in ahead], ahead_bytes
     if write is not None:

@@ -45,11 +45,11 @@ from __future__ import annotations
 
 import hashlib
 import posixpath
-import secrets
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Dict, List, Optional, Sequence, Tuple, Union
 
 from remote_runner import expectations, hashcache, manifest, quickanswer, sync
+from remote_runner.upload import staged_token
 
 if TYPE_CHECKING:  # pragma: no cover
     from remote_runner.config import ComponentSpec
@@ -211,7 +211,7 @@ def plan_ahead(host: str, specs: Sequence["ComponentSpec"], always_copy: bool = 
         _, request, sums, quick, absent = same
         return EarlyCheck(host, plan, bases, request, json_size=len(request), expected=sums,
                           quick=quick, absent=absent)
-    ahead = [(i, sha1, secrets.token_hex(4)) for i, (_, sha1) in picked]
+    ahead = [(i, sha1, staged_token()) for i, (_, sha1) in picked]
     blob = b"".join(data for _, (data, _) in picked)
     # Every file's SHA-1 is known here (from the cache, or read just now to go ahead): the
     # request says what it expects the host to have, so that the host may answer "as

@@ -63,6 +63,16 @@ STREAM_MIN = 1 << 20
 SMALL_FILE = 256 << 10
 #: Minutes after which a temporary file of ours is known to be left by a killed copy.
 STALE_MINUTES = 10
+#: Minutes after which a file *staged* at a run's check (sent ahead, renamed into place only at
+#: its start, however long its copy takes) is known to be left by a killed run. Its token starts
+#: with :data:`STAGED_MARK` (upload temporaries' are hex), so sweeps tell the two apart.
+STAGED_STALE_MINUTES = 24 * 60
+STAGED_MARK = "s"
+
+
+def staged_token() -> str:
+    """A token for a file staged ahead of its run's start: ``s`` and 7 hex digits."""
+    return STAGED_MARK + secrets.token_hex(4)[1:]
 #: Seconds the uploads get, after Ctrl-C, to remove their temporary files.
 CANCEL_GRACE = 1.0
 #: Called with (host, bytes_done_delta) while uploading.

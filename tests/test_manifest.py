@@ -26,6 +26,7 @@ import shutil
 import subprocess
 import sys
 import textwrap
+import time
 import uuid
 
 import pytest
@@ -1445,3 +1446,30 @@ def test_a_run_that_fails_before_its_start_leaves_the_files_sent_ahead_out_of_pl
         assert ssh(lab, "h1", f"cat {base}/data/sub/f05.txt").stdout == "edited here\n"
     finally:
         quit_screen(lab, "h1", screen_name, f"/tmp/{screen_name}-state", base)
+
+
+def test_a_file_staged_for_a_runs_start_outlives_the_sweep_of_upload_leftovers(tmp_path):
+    """Another run's sweep removes upload temporaries untouched for 10 minutes, but a file staged
+    at a check waits for its own run's start however long that run's copy takes (a day)."""
+    from remote_runner.hostdigest import _sweep_script
+    from remote_runner.upload import STAGED_MARK, staged_token
+    token = staged_token()
+    assert token.startswith(STAGED_MARK) and len(token) == 8
+    for how in ("program", "shell"):
+        tree = tmp_path / how
+        tree.mkdir()
+        left, staged, old_staged = (tree / ".a.rr-ab12cd34.tmp", tree / f".b.rr-{token}.tmp",
+                                    tree / f".c.rr-{staged_token()}.tmp")
+        for path, minutes in ((left, 11), (staged, 11), (old_staged, 24 * 60 + 1)):
+            path.write_bytes(b"x")
+            then = time.time() - minutes * 60
+            os.utime(path, (then, then))
+        if how == "program":
+            request = json.dumps({"trees": [str(tree)], "files": [[str(tree / "f"), 1, 0o644, 0]],
+                                  "prepare": True, "stale": 10, "staged_stale": 24 * 60,
+                                  "staged_mark": STAGED_MARK, "dirs": []}).encode()
+            done = _host_program(tmp_path, request)
+        else:
+            done = subprocess.run(["sh", "-c", _sweep_script([str(tree)])], capture_output=True)
+        assert done.returncode == 0, done.stderr
+        assert sorted(p.name for p in tree.iterdir()) == [staged.name], how
