@@ -78,6 +78,12 @@ def start_command(channel: paramiko.Channel, command: str) -> None:
 SESSION_WAIT = 60.0
 
 
+#: A copy's channel on which the host takes no data and sends no answer for this long (seconds)
+#: belongs to a host that stalled (a hung disk or NFS home, a stopped receiver): the wait ends
+#: with an error instead of lasting for ever while the connection itself stays up.
+IDLE_TIMEOUT = 120.0
+
+
 def open_session(transport: paramiko.Transport, timeout: float) -> paramiko.Channel:
     """``transport.open_session``, waiting for a session of ours to end when the host refuses one.
 

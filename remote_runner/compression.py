@@ -32,7 +32,7 @@ import zlib
 from typing import Any, Callable, Dict, Optional, Tuple
 
 from remote_runner.errors import CopyError, describe
-from remote_runner.channelio import open_session, send_all_or_raise, start_command
+from remote_runner.channelio import IDLE_TIMEOUT, open_session, send_all_or_raise, start_command
 from remote_runner.stream import collect
 
 LOG = logging.getLogger(__name__)
@@ -164,6 +164,7 @@ def _exec(transport: Any, command: str, data: Optional[bytes], timeout: float,
     """Run *command* on a new channel of *transport*; return (status, stdout, stderr)."""
     _count(traffic)
     channel = open_session(transport, timeout)
+    channel.settimeout(IDLE_TIMEOUT)
     try:
         start_command(channel, command)
         if data:
@@ -207,6 +208,7 @@ def send(transport: Any, codec: str, src: str, size: int, script: str,
     """
     _count(traffic)
     channel = open_session(transport, 60)
+    channel.settimeout(IDLE_TIMEOUT)
     try:
         start_command(channel, "sh -c " + shlex.quote(script))
         encoder = Encoder(codec)

@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Any, Dict, List, Optional, Tuple
 from remote_runner import events as ev
 from remote_runner import hostops
 from remote_runner import screen as scr
+from remote_runner.errors import HostError
 from remote_runner.runrecord import utc_now
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -32,6 +33,8 @@ LOG = logging.getLogger(__name__)
 
 #: Longest single poll of a host while waiting (seconds): one bounded command per round.
 POLL_SLICE = 15.0
+#: Polls in a row that may say nothing about the waited components before the host is given up.
+BLANK_POLLS = 5
 
 
 class RunEnd:
@@ -98,11 +101,24 @@ class RunEnd:
     def _wait_on_host(self, host: str, places: List[Placement], deadline: Optional[float]) -> None:
         """Poll *host* until every component in *places* has a status (or the deadline)."""
         pending = {p.window.stem: p for p in places}
+        blank = 0  # polls in a row that answered for none of the pending windows
         while pending:
             slice_ = POLL_SLICE
             if deadline is not None:
                 slice_ = min(slice_, max(0.0, deadline - time.monotonic()))
             states = self._poll_status(host, list(pending.values()), slice_)
+            if not any(stem in pending for stem in states):
+                # the host ran something else than our poll (its login shell changed, a
+                # ForceCommand) or answered garbage: never a tight loop of execs, never for ever
+                blank += 1
+                if blank >= BLANK_POLLS:
+                    raise HostError(host, f"{blank} polls of the waited components in a row "
+                                          "answered nothing about them",
+                                    "check that the login shell still runs commands "
+                                    "(`ssh HOST true`), then `remote-runner status`")
+                time.sleep(min(2.0, 0.1 * 2 ** blank))
+                continue
+            blank = 0
             for stem, (state, value) in states.items():
                 place = pending.get(stem)
                 if place is None or state == "RUNNING":

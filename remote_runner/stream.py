@@ -38,7 +38,7 @@ import time
 from dataclasses import dataclass
 from typing import Any, Callable, List, Optional, Tuple
 
-from remote_runner.channelio import open_session, send_all, send_eof, start_command
+from remote_runner.channelio import IDLE_TIMEOUT, open_session, send_all, send_eof, start_command
 from remote_runner.digests import is_sha1
 from remote_runner.errors import CopyError
 from remote_runner.shell import PYTHON_FLAGS
@@ -161,6 +161,7 @@ def send(transport: Any, src: str, tmp: str, dest: str, size: int, mode: int,
     if traffic is not None:
         traffic.count("execs")
     channel = open_session(transport, 60)
+    channel.settimeout(IDLE_TIMEOUT)  # a receiver that stops reading stops the send, not us
     try:
         start_command(channel, command(tmp, dest, size, mode))
         _pour(channel, src, size, tick)

@@ -68,10 +68,24 @@ class CountingSFTPClient(paramiko.SFTPClient):
 
 
 def open_sftp(transport: paramiko.Transport, traffic: Traffic) -> paramiko.SFTPClient:
-    """Start an SFTP session on *transport* whose requests are counted in *traffic*."""
-    client = CountingSFTPClient.from_transport(transport)
-    if client is None:  # paramiko returns None when the subsystem request is refused
-        raise paramiko.SSHException("the server refused the SFTP subsystem")
+    """Start an SFTP session on *transport* whose requests are counted in *traffic*.
+
+    No step waits for ever on a host that stalls (an sftp-server stuck on a hung
+    home directory): the session's open has a deadline, the subsystem request a
+    watchdog that closes the channel (paramiko waits for its answer unbounded),
+    and every later answer or window :data:`~remote_runner.channelio.IDLE_TIMEOUT`.
+    """
+    from remote_runner.channelio import IDLE_TIMEOUT, open_session
+    channel = open_session(transport, IDLE_TIMEOUT)
+    channel.settimeout(IDLE_TIMEOUT)
+    watchdog = threading.Timer(IDLE_TIMEOUT, channel.close)
+    watchdog.daemon = True
+    watchdog.start()
+    try:
+        channel.invoke_subsystem("sftp")  # paramiko: SSHException when refused or closed
+    finally:
+        watchdog.cancel()
+    client = CountingSFTPClient(channel)
     client.traffic = traffic
     traffic.count("sftp_sessions")
     return client

@@ -435,3 +435,19 @@ def test_lost_connection_during_wait_raises_instead_of_hanging(lab, env):
         Runner(exp, options(env), connect=connect).run()
     cutter.join(60)
     assert info.value.host == "h3"
+
+
+def test_polls_that_answer_nothing_give_the_host_up_instead_of_looping(monkeypatch):
+    """A host that runs something else than the wait's poll (a login shell turned nologin, a
+    ForceCommand) is given up after a few polls with a backoff, never polled in a tight loop."""
+    from types import SimpleNamespace
+    from remote_runner import runend
+    from remote_runner.errors import HostError
+    polls, naps = [], []
+    monkeypatch.setattr(runend.time, "sleep", naps.append)
+    fake = SimpleNamespace(_poll_status=lambda host, places, seconds: polls.append(host) or {})
+    place = SimpleNamespace(window=SimpleNamespace(stem="job"))
+    with pytest.raises(HostError) as info:
+        runend.RunEnd._wait_on_host(fake, "h2", [place], None)
+    assert info.value.host == "h2" and "answered nothing" in str(info.value)
+    assert len(polls) == runend.BLANK_POLLS and naps == sorted(naps) and naps[0] > 0

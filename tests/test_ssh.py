@@ -161,6 +161,29 @@ def test_a_host_that_prints_without_end_is_cut_off_and_the_connection_survives(h
     assert h1.run(["echo", "still here"]).stdout == b"still here\n"
 
 
+def test_an_sftp_server_that_stalls_ends_a_request_with_an_error_not_a_hang(h1, monkeypatch):
+    """An sftp-server stopped on the host (as one stuck on a hung NFS home): the next request
+    fails once the channel has been idle IDLE_TIMEOUT, while the connection lives on."""
+    import socket
+    from remote_runner import channelio
+    monkeypatch.setattr(channelio, "IDLE_TIMEOUT", 2.0)
+    sftp = h1.open_sftp()
+    # the sftp-server of this session: the newest of this user's on h1 (the test started it)
+    pid = h1.run("pgrep -n -f 'internal-sftp|sftp-server'").stdout.decode().strip()
+    assert pid.isdigit()
+    h1.run(["kill", "-STOP", pid])
+    try:
+        started = time.monotonic()
+        with pytest.raises((socket.timeout, OSError, EOFError)):
+            sftp.stat("/")
+        assert time.monotonic() - started < 60
+        assert h1.run(["echo", "alive"]).stdout == b"alive\n"
+    finally:
+        h1.run(["kill", "-CONT", pid], check=False)
+        h1.run(["kill", pid], check=False)
+        sftp.close()
+
+
 def test_stdin_is_fed_and_closed(h1):
     data = os.urandom(3 * 1024 * 1024)
     result = h1.run(["sha1sum"], stdin=data, timeout=120)
