@@ -401,3 +401,27 @@ def test_mirror_server_link_loss_ends_window_commands(lab, workdir):
             window.kill()
             window.wait()
         conn.close()
+
+
+def test_a_host_that_never_answers_the_handshake_ends_the_start_with_an_error(lab, monkeypatch):
+    """Before the agent's hello no heartbeat watches the link: a launch that prints nothing (a
+    login shell stuck on a hung home, say) must end the start, not hang it."""
+    from types import SimpleNamespace
+    from remote_runner.errors import MirrorError
+    from remote_runner.mirror import locallink
+    from remote_runner.mirror.locallink import LocalLink, MirrorOptions
+    from remote_runner.mirror.service import LocalFileService
+    from remote_runner.mirror.streams import ChannelStream
+    from remote_runner.ssh import Connection, SSHOptions
+    monkeypatch.setattr(locallink, "HANDSHAKE_TIMEOUT", 2.0)
+    with Connection("h1", SSHOptions(ssh_config_file=lab.ssh_config)) as connection:
+        connection.connect()
+        stream = ChannelStream(connection.exec_channel("exec sleep 90"))  # ends by itself
+        link = LocalLink(stream, LocalFileService(), MirrorOptions(), host="h1")
+        started = time.monotonic()
+        try:
+            with pytest.raises(MirrorError, match="did not start"):
+                link.handshake(SimpleNamespace(sha256="0" * 64, data=b""))
+        finally:
+            link.close()
+        assert time.monotonic() - started < 60

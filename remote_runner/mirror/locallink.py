@@ -33,6 +33,8 @@ LOG = logging.getLogger("remote_runner.mirror.session")
 
 HEARTBEAT = 5.0
 DEADLINE = 20.0
+#: Seconds any one read or write of the handshake may wait (no heartbeat runs before the hello).
+HANDSHAKE_TIMEOUT = 60.0
 #: Replies that may take a lane when large: file data, whose every use on the host is
 #: checked against the invalidations that arrived since it was asked for.
 LANE_OPS = frozenset(("read", "open"))
@@ -105,7 +107,22 @@ class LocalLink:
 
     # -- startup -------------------------------------------------------------
     def handshake(self, bundle: AgentBundle) -> Dict[str, Any]:
-        """Upload the agent if the host asks for it, then read and check its hello."""
+        """Upload the agent if the host asks for it, then read and check its hello.
+
+        Before the hello no heartbeat watches the link: every read and write of the
+        handshake waits at most :data:`HANDSHAKE_TIMEOUT` (a host that never answers,
+        or stops reading the agent, ends the start with an error instead of a hang).
+        """
+        bound = getattr(self.stream, "set_timeout", None)
+        if bound is not None:
+            bound(HANDSHAKE_TIMEOUT)
+        try:
+            return self._handshake(bundle)
+        finally:
+            if bound is not None:
+                bound(None)
+
+    def _handshake(self, bundle: AgentBundle) -> Dict[str, Any]:
         threading.Thread(target=self._stderr_loop, daemon=True, name="mirror-stderr").start()
         first = self.reader.peek(len(NEED_MARKER))
         if first in (NEED_MARKER, ALTERED_MARKER):
@@ -115,7 +132,11 @@ class LocalLink:
                             "not %s...); replacing it", self.host, bundle.sha256[:12])
             LOG.info("%s: uploading the mirror agent (%d bytes, sha256 %s...)", self.host,
                      len(bundle.data), bundle.sha256[:12])
-            self.stream.write_all(bundle.data)
+            try:
+                self.stream.write_all(bundle.data)
+            except OSError as exc:
+                raise MirrorError(self._startup_failure(
+                    f"the host did not take the mirror agent ({exc})")) from exc
         try:
             header, _ = P.read_frame(self.reader)
         except P.ProtocolError as exc:

@@ -43,6 +43,11 @@ class ChannelStream:
         except Exception:  # noqa: BLE001 - paramiko raises what its pipe module raises
             return None
 
+    def set_timeout(self, seconds: Optional[float]) -> None:
+        """Let a read or write wait at most *seconds* (None: as long as it takes); a read that
+        waited that long returns b"", as the channel's end does."""
+        self.channel.settimeout(seconds)
+
     def read_ready(self) -> bool:
         """Whether :meth:`read` returns at once (output waiting, or the channel's end)."""
         channel = self.channel
