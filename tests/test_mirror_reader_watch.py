@@ -146,3 +146,48 @@ def test_a_stream_that_cannot_be_polled_keeps_the_watchers_own_thread(started, t
     assert link.watcher._thread is not None and link.reader.before_read is None
     (tmp_path / "other.txt").write_text("made here")
     assert stream.wait_for(P.INVAL)
+
+
+class StuckChannel:
+    """A stream whose host stopped reading: a write blocks until the stream is closed; reads
+    wait for nothing (the agent says nothing either)."""
+
+    def __init__(self):
+        self.closed = threading.Event()
+
+    def read(self, size):
+        self.closed.wait()
+        return b""
+
+    def read_stderr(self, size):
+        self.closed.wait()
+        return b""
+
+    def write_all(self, data):
+        self.closed.wait()
+        raise OSError("channel closed")
+
+    def exit_status(self, timeout):
+        return None
+
+    def close(self):
+        self.closed.set()
+
+
+def test_a_write_stuck_on_a_host_that_stopped_reading_ends_at_the_deadline():
+    """The heartbeat never queues behind the stuck write: past the deadline it marks the link
+    lost and closes the stream, which frees the writer, and close() returns."""
+    stream = StuckChannel()
+    link = LocalLink(stream, LocalFileService(), MirrorOptions(heartbeat=0.1, deadline=0.5),
+                     host="h1")
+    link.start()
+    writer = threading.Thread(target=link.send, args=({"t": P.PING},), daemon=True)
+    writer.start()  # blocked in the stream's write, holding the frame writer
+    assert link.lost.wait(30), "the link was never given up"
+    assert "no answer from the agent" in link.lost_reason and stream.closed.is_set()
+    writer.join(30)
+    assert not writer.is_alive()
+    closing = threading.Thread(target=link.close, daemon=True)
+    closing.start()
+    closing.join(30)
+    assert not closing.is_alive()

@@ -255,13 +255,13 @@ class LocalLink:
 
     # -- running -------------------------------------------------------------
     def send(self, header: Dict[str, Any], payload: bytes = b"", compressible: bool = False,
-             defer: bool = False) -> None:
-        """Send one frame (*defer*: it may go with the next one, see :meth:`_read_loop`);
-        a failure marks the link lost."""
+             defer: bool = False, wait: Optional[float] = None) -> None:
+        """Send one frame (*defer*: it may go with the next one, see :meth:`_read_loop`;
+        *wait*: see :meth:`FrameWriter.send`); a failure marks the link lost."""
         if self.lost.is_set():
             return
         try:
-            self.writer.send(header, payload, compressible, defer)
+            self.writer.send(header, payload, compressible, defer, wait)
         except OSError as exc:
             self.mark_lost(f"write failed: {exc}")
 
@@ -349,11 +349,14 @@ class LocalLink:
             self.mark_lost(f"link error: {exc!r}")
 
     def _heartbeat_loop(self) -> None:
+        """Ping the agent; past the deadline without a word from it, the link is lost and its
+        stream closed, which also wakes a sender stuck on a host that stopped reading."""
         while not self.lost.wait(self.options.heartbeat):
             if time.monotonic() - self.last_rx > self.options.deadline:
                 self.mark_lost(f"no answer from the agent for {self.options.deadline:g} s")
+                self.stream.close()
                 return
-            self.send({"t": P.PING})
+            self.send({"t": P.PING}, wait=0)  # a busy writer is traffic enough
 
     def _stderr_loop(self) -> None:
         pending = b""
@@ -380,7 +383,7 @@ class LocalLink:
 
     def close(self) -> None:
         """Say goodbye, close the stream and release local handles."""
-        self.send({"t": P.BYE})
+        self.send({"t": P.BYE}, wait=2.0)  # (not behind a write stuck on a host that stopped reading)
         self.mark_lost("closed")
         if self.lanes is not None:
             self.lanes.close()

@@ -324,11 +324,14 @@ class FrameWriter:
         self.packed_frames = 0
 
     def send(self, header: Dict[str, Any], payload: bytes = b"", compressible: bool = False,
-             defer: bool = False) -> None:
-        """Send one frame atomically with respect to other senders.
+             defer: bool = False, wait: Optional[float] = None) -> bool:
+        """Send one frame atomically with respect to other senders; False if it was not sent.
 
         *defer*: the frame may wait in a buffer (:meth:`flush`, or the next frame
         not deferred, takes it out with everything before it, in one write).
+        *wait*: how long another sender may keep this one waiting (None: as long as it
+        takes); a heartbeat must not queue behind a write stuck on a host that stopped
+        reading.
         """
         size = len(payload)
         codec = self.compress
@@ -338,7 +341,9 @@ class FrameWriter:
                 header = dict(header, z=1 if codec == "lz4" else codec)
                 payload = packed
         data = encode(header, payload)
-        with self._lock:
+        if not self._lock.acquire(timeout=-1 if wait is None else wait):
+            return False
+        try:
             self.frames += 1
             self.sent += len(data)
             self.payload_bytes += size
@@ -348,7 +353,7 @@ class FrameWriter:
                     self._held_since = time.monotonic()
                 self._held.append(data)
                 self._held_size += len(data)
-                return
+                return True
             if self._held:  # (what was held goes first, in the same write)
                 self._held.append(data)
                 data = b"".join(self._held)
@@ -358,6 +363,9 @@ class FrameWriter:
             self._write_all(data)
             ended = time.perf_counter()
             self.policy.wrote(len(data), ended - started, ended)
+            return True
+        finally:
+            self._lock.release()
 
     def held(self) -> float:
         """Since when (monotonic) the oldest deferred frame waits; 0.0: none does."""
