@@ -277,9 +277,7 @@ class Runner(HostSetup, Starting, RunEnd):
             try:
                 self.plans.plan(host, entries)  # raises on unreadable or conflicting sources
             except CopyError as exc:
-                if exc.component is None:
-                    exc.component = _component_of(exc.path, specs)
-                raise
+                raise _source_problem(exc, host, specs) from exc
 
     def _group_hosts(self) -> None:
         """Fold host names that reach the same login into one host (see :mod:`landing`)."""
@@ -490,13 +488,31 @@ def _check_host_syntax(spec: "ComponentSpec") -> None:
                           field="host") from None
 
 
-def _component_of(path: Optional[str], specs: Sequence["ComponentSpec"]) -> Optional[str]:
+def _spec_of(path: Optional[str], specs: Sequence["ComponentSpec"]) -> Optional["ComponentSpec"]:
     """The first of *specs* whose files hold *path* (a file, or under a directory given)."""
     for spec in specs:
         for item in spec.files:
             if path is not None and (path == item.src or path.startswith(item.src.rstrip("/") + "/")):
-                return spec.name
+                return spec
     return None
+
+
+def _source_problem(exc: CopyError, host: str, specs: Sequence["ComponentSpec"]) -> ConfigError:
+    """A local source found unusable while planning (before any host is touched), as the config
+    mistake it is: at the ``files`` of the component that names it (the later of two that
+    send different files to one place), with the other component named."""
+    sources = getattr(exc, "sources", None)
+    spec = _spec_of(sources[1] if sources else exc.path, specs)
+    other = _spec_of(sources[0], specs) if sources else None
+    message = exc.message + ("" if exc.path is None or sources else f": {exc.path}")
+    if sources and other is not None and spec is not None and other.name != spec.name:
+        message += (f" (the first from component {other.name!r} at "
+                    f"{other.origin_of('files')}, both on host {host})")
+    if spec is None:
+        return ConfigError(f"host {host}: {message}", field="files")
+    where = spec.origin_of("files")
+    return ConfigError(message, file=where.file, line=where.line, component=spec.name,
+                       field="files")
 
 
 def _copy_summary(reports: Dict[str, "sync.HostSync"]) -> str:

@@ -184,8 +184,10 @@ def _add_file(host: str, src: str, dest: str, files: Dict[str, Upload],
         raise CopyError("cannot read local source: Permission denied", host=host, path=src)
     old = files.get(dest)
     if old is not None and os.path.realpath(old.src) != os.path.realpath(src):
-        raise CopyError(f"two different sources go to {dest}: {old.src} and {src}", host=host,
-                        path=dest)
+        clash = CopyError(f"two different sources go to {dest}: {old.src} and {src}", host=host,
+                          path=dest)
+        clash.sources = (old.src, src)  # type: ignore[attr-defined]
+        raise clash
     files[dest] = Upload(src, dest, stat.S_IMODE(st.st_mode), st.st_size, hashcache.stat_key(st))
 
 

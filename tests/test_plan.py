@@ -120,6 +120,24 @@ def test_no_connect_needs_dry_run(tmp_path):
     assert out.returncode == 2 and "--no-connect" in out.stderr
 
 
+def test_an_unusable_file_inside_a_copied_directory_is_a_config_error_at_its_files(tmp_path):
+    """An editor's dangling lock link or a FIFO in a directory given to ``files``: exit 2 at the
+    component's ``files`` line, before any host is contacted (not a copy error naming a host)."""
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "ok.txt").write_text("ok\n")
+    os.symlink("nobody@host.1234:1700000000", data / ".#notes.txt")  # as Emacs leaves them
+    experiment = tmp_path / "e.py"
+    experiment.write_text("c = Component(name='srv', host='h1', executable='/bin/true',\n"
+                          "              start_index=1)\n"
+                          "c.files = {'data': 'data'}\n"
+                          "config.add_component(c)\n")
+    out = cli("-c", str(experiment), "--dry-run", "--no-connect")
+    assert out.returncode == 2, out.stderr
+    assert f"{experiment}:3: component 'srv', field 'files'" in out.stderr
+    assert ".#notes.txt" in out.stderr and "host" not in out.stderr.split("field 'files'")[0]
+
+
 # --------------------------------------------------------------------------- on lab hosts
 
 @pytest.fixture

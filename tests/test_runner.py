@@ -17,7 +17,7 @@ import pytest
 
 from remote_runner import screen as scr
 from remote_runner.loader import load_experiment
-from remote_runner.errors import ComponentFailed, CopyError, StartError
+from remote_runner.errors import ComponentFailed, ConfigError, StartError
 from remote_runner.runner import RunOptions, Runner, run
 from remote_runner.ssh import SSHOptions
 from tests.conftest import quit_screen, ssh
@@ -297,15 +297,18 @@ def test_change_checks_are_planned_while_hosts_connect_and_bad_input_contacts_no
     assert asked == [["h1"]]
     body = body.replace("'/tmp/rr-planned-dest/' + n", "'/tmp/rr-planned-dest'")  # one destination
     bad = experiment(tmp_path, body.format(pairs=(("one", str(a)), ("two", str(b)))))
-    with pytest.raises(CopyError, match="two different sources go to /tmp/rr-planned-dest/same-name"):
+    with pytest.raises(ConfigError, match="two different sources go to /tmp/rr-planned-dest/same-name") as info:
         Runner(bad, RunOptions(screen="rr-planned"), connect=connect).run()
+    # a config mistake: the later component's files, the earlier one named with its line
+    assert (info.value.component, info.value.field) == ("two", "files") and info.value.line
+    assert "the first from component 'one' at" in str(info.value)
     assert asked == [["h1"]]  # not contacted again
     # a source gone since the config was read: named with its component, no host contacted
     b.unlink()
-    with pytest.raises(CopyError) as info:
+    with pytest.raises(ConfigError) as info:
         Runner(good, RunOptions(screen="rr-planned"), connect=connect).run()
-    assert (info.value.component, info.value.path, info.value.host) == ("two", str(b), "h1")
-    assert "component 'two'" in str(info.value) and "No such file" in str(info.value)
+    assert (info.value.component, info.value.field) == ("two", "files")
+    assert str(b) in str(info.value) and "No such file" in str(info.value)
     assert asked == [["h1"]]
 
 
