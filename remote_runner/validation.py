@@ -36,8 +36,11 @@ def build_experiment(config: Config, config_path: str, extra_options: Any = None
         spec = _Validator(component, config_dir, modes, files).spec()
         if spec.key in seen:
             first = seen[spec.key]
+            # one entry that made both (YAML's count or on, a loop's one add_component line)
+            hint = ("; give each copy its own name ({index} or {host} in YAML, the loop's "
+                    "variable in Python)" if first.origin == spec.origin else "")
             raise ConfigError(f"a component with this name already exists on host {spec.host!r} "
-                              f"(added at {first.origin}); names must be unique per host",
+                              f"(added at {first.origin}); names must be unique per host{hint}",
                               file=spec.origin.file, line=spec.origin.line,
                               component=spec.name, field="name")
         seen[spec.key] = spec

@@ -45,7 +45,18 @@ from remote_runner.errors import ConfigError
 
 TOP_KEYS = ("vars", "hosts", "components")
 EXPANSION_KEYS = ("on", "count")
+#: Fields whose value is a mapping (anywhere else, ``{name}`` unquoted is a mistake).
+MAPPING_FIELDS = ("files", "env")
 _VAR = re.compile(r"\{\{|\}\}|\{([A-Za-z_][A-Za-z0-9_]*)\}")
+
+
+def _unquoted_variable(value: Any) -> str:
+    """The name in ``{name}`` written without quotes (YAML reads a mapping ``{name: null}``)."""
+    if isinstance(value, dict) and len(value) == 1:
+        (name, empty), = value.items()
+        if empty is None and isinstance(name, str) and _VAR.fullmatch("{" + name + "}"):
+            return name
+    return ""
 
 
 class LineMap(dict):
@@ -218,7 +229,7 @@ class _Reader:
             copies = [(h, i) for i, h in enumerate(self.on_hosts(item, variables, groups, label), 1)]
         else:
             host = self.one_host(item, variables, groups, label)
-            count = self.count(item, label)
+            count = self.count(item, variables, label)
             copies = [(host, i) for i in range(1, count + 1)] if count else [(host, 1)]
         out = []
         for host, index in copies:
@@ -244,7 +255,13 @@ class _Reader:
                             label, "on")
         text = self.substitute(value, variables, where, label, "on")
         if text in groups:
+            if not groups[text]:  # (else the component would vanish from the run unsaid)
+                raise self.fail(f"group {text!r} has no hosts", where, label, "on")
             return groups[text]
+        close = difflib.get_close_matches(text, list(groups), 1, 0.75)
+        if close and not any(ch in text for ch in "[],"):
+            raise self.fail(f"{text!r} is no group (did you mean {close[0]!r}?); for one host of "
+                            f"that name write 'host: {text}'", where, label, "on")
         try:
             return hostsets.expand(text)
         except hostsets.HostSetError as exc:
@@ -266,10 +283,12 @@ class _Reader:
             return groups[text][0]
         return text
 
-    def count(self, item: LineMap, label: Optional[str]) -> int:
+    def count(self, item: LineMap, variables: Dict[str, Any], label: Optional[str]) -> int:
         if "count" not in item:
             return 0
         value = item["count"]
+        if isinstance(value, str):  # "{n}": a variable's value (a number keeps its type)
+            value = self.substitute(value, variables, item.lines["count"], label, "count")
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise self.fail(f"count must be a positive integer, got {value!r}",
                             item.lines["count"], label, "count")
@@ -286,7 +305,13 @@ class _Reader:
         written out.
         """
         def one(v: Any) -> Any:
+            unquoted = _unquoted_variable(v)
+            if unquoted:
+                raise self.fail(f"{{{unquoted}}} without quotes is a YAML mapping, not a variable; "
+                                f'write "{{{unquoted}}}"', line, label, key)
             return self.substitute(v, scope, line, label, key) if isinstance(v, str) else v
+        if key not in MAPPING_FIELDS and _unquoted_variable(value):
+            return one(value)
         if isinstance(value, list):
             return [one(v) for v in value]
         if isinstance(value, dict):

@@ -117,11 +117,17 @@ def test_every_field_takes_variables(tmp_path):
             settle: "{settle}"
             results: ["out-{port}/*.json"]
             start_index: 1
-    """)
+          - name: worker-{index}
+            host: h3
+            count: "{copies}"
+            executable: /bin/worker
+            start_index: 2
+    """.replace("settle: 2.5", "settle: 2.5\n          copies: 2"))
     specs = {s.name: s for s in load_experiment(config, None).components}
     assert specs["server"].ready == "tcp:5555" and specs["server"].settle is None
     assert dict(specs["server"].env) == {"PORT": "5555", "SEEN_5555": "yes"}
     assert specs["client"].settle == 2.5 and specs["client"].results == ("out-5555/*.json",)
+    assert {"worker-1", "worker-2"} <= set(specs) and "worker-3" not in specs
 
 
 @pytest.mark.parametrize("body, line, words", [
@@ -142,6 +148,15 @@ def test_every_field_takes_variables(tmp_path):
     ("components:\n  - name: a\n    host: h1\n    executable: /bin/true\n    start_index: 1\n"
      "    files: {missing.txt: x}\n", 6, "local source 'missing.txt' does not exist"),
     ("!!python/object/apply:os.system ['true']\n", 1, "YAML error"),
+    ("vars:\n  port: 1\ncomponents:\n  - name: a\n    host: h1\n    executable: /bin/true\n"
+     "    args: [--port, {port}]\n    start_index: 1\n", 7,
+     "field 'args': {port} without quotes is a YAML mapping, not a variable; write \"{port}\""),
+    ("hosts:\n  clients: []\ncomponents:\n  - name: c-{host}\n    on: clients\n"
+     "    executable: /bin/true\n    start_index: 1\n", 5, "group 'clients' has no hosts"),
+    ("hosts:\n  clients: h[2-3]\ncomponents:\n  - name: c-{host}\n    on: client\n"
+     "    executable: /bin/true\n    start_index: 1\n", 5, "(did you mean 'clients'?)"),
+    ("components:\n  - name: worker\n    host: h2\n    count: 2\n    executable: /bin/true\n"
+     "    start_index: 1\n", 2, "give each copy its own name ({index} or {host} in YAML"),
 ])
 def test_errors_name_the_yaml_file_line_and_field(tmp_path, body, line, words):
     config = write(tmp_path, body)
