@@ -294,19 +294,41 @@ def _yaml_group(name: str, body: Any, inv: _Inventory) -> None:
         raise ConfigError(f"group {name!r} must be a mapping with hosts:/children:/vars:",
                           file=inv.path, field="--hosts-from")
     hosts = body.get("hosts") or {}
-    if isinstance(hosts, list):  # not Ansible's spelling, but an obvious one
-        hosts = {h: None for h in hosts}
+    if isinstance(hosts, list):  # not Ansible's spelling, but an obvious one: names, or
+        listed: Dict[Any, Any] = {}  # one-host mappings (`- web1: {ansible_host: …}`)
+        for item in hosts:
+            if isinstance(item, dict):
+                listed.update(item)
+            elif isinstance(item, (str, int)) and not isinstance(item, bool):
+                listed[item] = None
+            else:
+                raise ConfigError(f"group {name!r}: a host in 'hosts' must be a name, got "
+                                  f"{_brief(item)}", file=inv.path, field="--hosts-from")
+        hosts = listed
     if not isinstance(hosts, dict):
         raise ConfigError(f"group {name!r}: 'hosts' must map host names to their variables",
                           file=inv.path, field="--hosts-from")
     for pattern, variables in hosts.items():
+        if not isinstance(pattern, (str, int)) or isinstance(pattern, bool):
+            raise ConfigError(f"group {name!r}: a host name must be text, got {_brief(pattern)}",
+                              file=inv.path, field="--hosts-from")
         for alias in ansible_pattern(str(pattern), inv.path, None):
             inv.add_host(name, alias, variables if isinstance(variables, dict) else {})
     children = body.get("children") or {}
-    for child, child_body in (children.items() if isinstance(children, dict)
-                              else ((c, None) for c in children)):
+    if isinstance(children, list) and all(isinstance(c, str) for c in children):
+        children = {c: None for c in children}
+    if not isinstance(children, dict):
+        raise ConfigError(f"group {name!r}: 'children' must map group names to groups, got "
+                          f"{_brief(children)}", file=inv.path, field="--hosts-from")
+    for child, child_body in children.items():
         _yaml_group(str(child), child_body, inv)
         inv.children[name].append(str(child))
+
+
+def _brief(value: Any) -> str:
+    """*value* for a message: its repr, cut short (a file may hold anything)."""
+    text = repr(value)
+    return text if len(text) <= 80 else text[:77] + "..."
 
 
 def _json_inventory(text: str, inv: _Inventory) -> None:
@@ -318,7 +340,11 @@ def _json_inventory(text: str, inv: _Inventory) -> None:
     if not isinstance(doc, dict):
         raise ConfigError("a JSON inventory is an object of groups (ansible-inventory --list)",
                           file=inv.path, field="--hosts-from")
-    hostvars = (doc.get("_meta") or {}).get("hostvars") or {}
+    meta = doc.get("_meta") or {}
+    hostvars = meta.get("hostvars") or {} if isinstance(meta, dict) else None
+    if not isinstance(hostvars, dict):
+        raise ConfigError("'_meta' must be an object whose 'hostvars' maps hosts to their "
+                          "variables", file=inv.path, field="--hosts-from")
     for name, body in doc.items():
         if name == "_meta":
             continue
@@ -328,8 +354,17 @@ def _json_inventory(text: str, inv: _Inventory) -> None:
         if not isinstance(body, dict):
             raise ConfigError(f"group {name!r} must be an object or a list of hosts",
                               file=inv.path, field="--hosts-from")
+        for key in ("hosts", "children"):
+            names = body.get(key) or []
+            if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
+                raise ConfigError(f"group {name!r}: {key!r} must be a list of names, got "
+                                  f"{_brief(names)}", file=inv.path, field="--hosts-from")
         for alias in body.get("hosts") or []:
-            inv.add_host(name, str(alias), hostvars.get(alias) or {})
+            variables = hostvars.get(alias) or {}
+            if not isinstance(variables, dict):
+                raise ConfigError(f"the variables of host {alias!r} must be an object, got "
+                                  f"{_brief(variables)}", file=inv.path, field="--hosts-from")
+            inv.add_host(name, alias, variables)
         for child in body.get("children") or []:
-            inv.group(str(child))
-            inv.children[name].append(str(child))
+            inv.group(child)
+            inv.children[name].append(child)

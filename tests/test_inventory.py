@@ -132,6 +132,14 @@ def test_several_sources_add_up_and_unknown_groups_name_the_known_ones(tmp_path)
     ("[web]\nh1 novalue\n", "expected key=value"),
     ("[web:kids]\nh1\n", "unknown section kind"),
     ("[a:children]\nb\n[b:children]\na\n", "contains itself"),
+    # JSON and YAML a hand or a script got wrong: an error naming what, never a traceback
+    ('{"web": {"hosts": [{"name": "web1"}]}}', "'hosts' must be a list of names"),
+    ('{"web": {"hosts": "web1"}}', "'hosts' must be a list of names, got 'web1'"),
+    ('{"_meta": "x", "web": ["web1"]}', "'_meta' must be an object"),
+    ('{"_meta": {"hostvars": {"web1": "x"}}, "web": ["web1"]}', "variables of host 'web1'"),
+    ('{"prod": {"children": "web"}}', "'children' must be a list of names"),
+    ("prod:\n  children: web\n", "'children' must map group names"),
+    ("web:\n  hosts:\n    - [a, b]\n", "a host in 'hosts' must be a name"),
 ])
 def test_bad_inventories_name_file_and_line(tmp_path, text, message):
     path = tmp_path / "inv.ini"
@@ -139,6 +147,12 @@ def test_bad_inventories_name_file_and_line(tmp_path, text, message):
     with pytest.raises(ConfigError, match=message) as info:
         inventory.load([f"ansible:{path}"], environ={})
     assert str(path) in str(info.value)
+
+
+def test_a_yaml_group_may_list_hosts_as_one_host_mappings(tmp_path):
+    path = tmp_path / "inv.yml"
+    path.write_text("web:\n  hosts:\n    - web1: {ansible_host: 10.0.0.1}\n    - web2\n")
+    assert inventory.load([f"ansible:{path}"], environ={})["web"] == ["10.0.0.1", "web2"]
 
 
 def test_unknown_source_is_a_usage_error():
