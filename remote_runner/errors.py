@@ -75,6 +75,17 @@ class ConfigError(RunnerError, ValueError):
         return located(self.message, self.file, self.line, self.component, self.field)
 
 
+def shown(value: object) -> str:
+    """*value* for a message: its repr, bounded in length and depth however big it is (a YAML
+    alias bomb's list printed whole ran to 722 MB)."""
+    import reprlib
+    brief = reprlib.Repr()
+    brief.maxstring, brief.maxother, brief.maxlevel = 160, 160, 2
+    brief.maxlist = brief.maxtuple = brief.maxdict = brief.maxset = 6
+    text = brief.repr(value)
+    return text if len(text) <= 240 else text[:237] + "..."
+
+
 def located(message: str, file: Optional[str] = None, line: Optional[int] = None,
             component: Optional[str] = None, field: Optional[str] = None) -> str:
     """Prefix *message* with ``file:line: component 'c', field 'f': `` (the parts known)."""

@@ -18,7 +18,7 @@ from typing import Any, Dict, List, Optional, Tuple, Union
 
 from remote_runner.config import (LOCAL_HOST, REQUIRED_FIELDS, Component, ComponentSpec, Config,
                                   Experiment, FileSpec, SourceError, parse_ready)
-from remote_runner.errors import ConfigError, control_characters
+from remote_runner.errors import ConfigError, control_characters, shown
 from remote_runner.names import bad_name_reason
 
 
@@ -141,7 +141,7 @@ class _Validator:
     def _plain_string(self, field_name: str) -> str:
         value = self.values[field_name]
         if not isinstance(value, str) or not value.strip():
-            raise self.fail(field_name, f"{field_name} must be a non-empty string, got {value!r}")
+            raise self.fail(field_name, f"{field_name} must be a non-empty string, got {shown(value)}")
         return self._no_controls(field_name, value)
 
     def _no_controls(self, field_name: str, value: str, what: str = "") -> str:
@@ -153,14 +153,14 @@ class _Validator:
         """
         bad = control_characters(value)
         if bad:
-            raise self.fail(field_name, f"{what or field_name} {value!r} contains control "
+            raise self.fail(field_name, f"{what or field_name} {shown(value)} contains control "
                                         f"character(s) {bad}; names and paths may not")
         return value
 
     def _bool(self, field_name: str) -> bool:
         value = self.values[field_name]
         if not isinstance(value, bool):
-            raise self.fail(field_name, f"{field_name} must be True or False, got {value!r}")
+            raise self.fail(field_name, f"{field_name} must be True or False, got {shown(value)}")
         return value
 
     def _args(self) -> Tuple[str, ...]:
@@ -171,7 +171,7 @@ class _Validator:
         for index, arg in enumerate(value):
             if isinstance(arg, bool) or not isinstance(arg, (str, int, float)):
                 raise self.fail("args", f"args must be a list of str/int/float; args[{index}] is "
-                                        f"{arg!r} ({type(arg).__name__}); convert it explicitly")
+                                        f"{shown(arg)} ({type(arg).__name__}); convert it explicitly")
             text = str(arg)
             if "\0" in text:
                 raise self.fail("args", f"args[{index}] contains a NUL character")
@@ -183,9 +183,9 @@ class _Validator:
         if value is None:
             return None
         if not isinstance(value, str) or not value:
-            raise self.fail("base_dir", f"base_dir must be None or an absolute path, got {value!r}")
+            raise self.fail("base_dir", f"base_dir must be None or an absolute path, got {shown(value)}")
         if not value.startswith("/"):
-            raise self.fail("base_dir", f"base_dir {value!r} is relative; use an absolute path "
+            raise self.fail("base_dir", f"base_dir {shown(value)} is relative; use an absolute path "
                                         "(or None for a fresh temporary directory on the host)")
         return self._no_controls("base_dir", value)
 
@@ -193,20 +193,20 @@ class _Validator:
         value = self.values["start_index"]
         if isinstance(value, bool) or not isinstance(value, (int, float)) or (
                 isinstance(value, float) and math.isnan(value)):
-            raise self.fail("start_index", f"start_index must be a number, got {value!r}")
+            raise self.fail("start_index", f"start_index must be a number, got {shown(value)}")
         return value
 
     def _export(self, mirror: bool) -> Tuple[str, ...]:
         """``export``: local paths (absolute, or relative to the config) the mirror also serves."""
         value = self.values["export"]
         if isinstance(value, str) or not isinstance(value, (list, tuple)):
-            raise self.fail("export", f"export must be a list of local paths, got {value!r}")
+            raise self.fail("export", f"export must be a list of local paths, got {shown(value)}")
         if value and not mirror:
             raise self.fail("export", "export only applies to mirror=True components")
         out = []
         for item in value:
             if not isinstance(item, str) or not item:
-                raise self.fail("export", f"export entries must be non-empty strings, got {item!r}")
+                raise self.fail("export", f"export entries must be non-empty strings, got {shown(item)}")
             self._no_controls("export", item)
             path = os.path.expanduser(item)
             out.append(path if os.path.isabs(path) else os.path.join(self.config_dir, path))
@@ -231,7 +231,7 @@ class _Validator:
         value = self.values.get("ready_timeout", 60.0)
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
             raise self.fail("ready_timeout", f"ready_timeout must be a positive number of "
-                                             f"seconds, got {value!r}")
+                                             f"seconds, got {shown(value)}")
         return float(value)
 
     def _settle(self) -> Optional[float]:
@@ -241,7 +241,7 @@ class _Validator:
         if isinstance(value, bool) or not isinstance(value, (int, float)) \
                 or not 0 <= value < float("inf"):
             raise self.fail("settle", f"settle must be 0 or more seconds (or None for the run's "
-                                      f"--settle), got {value!r}")
+                                      f"--settle), got {shown(value)}")
         return float(value)
 
     def _results(self) -> Tuple[str, ...]:
@@ -253,10 +253,10 @@ class _Validator:
         for index, pattern in enumerate(value):
             if not isinstance(pattern, str) or not pattern.strip() or "\0" in pattern:
                 raise self.fail("results", f"results[{index}] must be a non-empty string, "
-                                           f"got {pattern!r}")
+                                           f"got {shown(pattern)}")
             parts = pattern.split("/")
             if pattern.startswith("/") or ".." in parts or "\n" in pattern:
-                raise self.fail("results", f"results[{index}] {pattern!r} must be relative to "
+                raise self.fail("results", f"results[{index}] {shown(pattern)} must be relative to "
                                            "base_dir, without '..' or newlines")
             out.append(pattern)
         return tuple(out)
@@ -271,7 +271,7 @@ class _Validator:
             if not isinstance(name, str) or not re.match(r"^[A-Za-z_][A-Za-z0-9_]*$", name):
                 raise self.fail("env", f"env name {name!r} is not a valid variable name")
             if isinstance(text, bool) or not isinstance(text, (str, int, float)):
-                raise self.fail("env", f"env[{name!r}] must be a str/int/float, got {text!r}")
+                raise self.fail("env", f"env[{name!r}] must be a str/int/float, got {shown(text)}")
             if "\0" in str(text):
                 raise self.fail("env", f"env[{name!r}] contains a NUL character")
             out.append((name, str(text)))
@@ -282,7 +282,7 @@ class _Validator:
         if value is None:
             return None
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise self.fail("num_cores", f"num_cores must be None or a positive int, got {value!r}")
+            raise self.fail("num_cores", f"num_cores must be None or a positive int, got {shown(value)}")
         return value
 
     def _files(self, local: bool) -> Tuple[FileSpec, ...]:
@@ -304,7 +304,7 @@ class _Validator:
         for src, dest in value.items():
             for what, text in (("source", src), ("destination", dest)):
                 if not isinstance(text, str) or not text:
-                    raise self.fail("files", f"files {what} must be a non-empty string, got {text!r}")
+                    raise self.fail("files", f"files {what} must be a non-empty string, got {shown(text)}")
                 self._no_controls("files", text, f"files {what}")
             spec = self._file_spec(src, dest)
             key = os.path.normpath(dest)

@@ -45,6 +45,8 @@ from remote_runner.errors import ConfigError
 
 TOP_KEYS = ("vars", "hosts", "components")
 EXPANSION_KEYS = ("on", "count")
+#: The largest YAML experiment read (its lines are kept for messages, which costs).
+MAX_YAML_BYTES = 4 << 20
 #: Fields whose value is a mapping (anywhere else, ``{name}`` unquoted is a mistake).
 MAPPING_FIELDS = ("files", "env")
 _VAR = re.compile(r"\{\{|\}\}|\{([A-Za-z_][A-Za-z0-9_]*)\}")
@@ -104,9 +106,12 @@ def read_yaml(path: str) -> Any:
     """Parse *path* safely, reporting syntax errors at their line."""
     try:
         with open(path, "rb") as handle:
-            text = handle.read()
+            text = handle.read(MAX_YAML_BYTES + 1)
     except OSError as exc:
         raise ConfigError(f"cannot read the YAML experiment: {exc.strerror}", file=path) from None
+    if len(text) > MAX_YAML_BYTES:  # (a data file given to -c by mistake: minutes to parse)
+        raise ConfigError(f"more than {MAX_YAML_BYTES >> 20} MiB: not an experiment file "
+                          "(is -c given a data file?)", file=path)
     try:
         return yaml.load(text, Loader=_LineLoader)  # noqa: S506 - a SafeLoader subclass
     except yaml.MarkedYAMLError as exc:

@@ -202,3 +202,20 @@ def test_yaml_experiment_runs_on_lab_hosts(lab, tmp_path, screen_name):
     finally:
         for host in ("h1", "h2", "h3"):
             quit_screen(lab, host, screen_name, base, f"~/.remote-runner/{screen_name}")
+
+
+def test_an_alias_bomb_or_a_data_file_gets_a_short_error_at_once(tmp_path):
+    """A 500-byte document of nested aliases (a 10^8-item list) and a data file given to -c:
+    each is one short error, not gigabytes of message or minutes of parsing."""
+    nested = "[lol" + ", lol" * 9 + "]"
+    for i in range(8):
+        nested = f"[&a{i} {nested}" + f", *a{i}" * 9 + "]"
+    bomb = write(tmp_path, "components:\n  - name: a\n    host: h1\n    executable: /bin/true\n"
+                           f"    start_index: 1\n    args: [{nested}]\n")
+    with pytest.raises(ConfigError) as info:
+        load_experiment(bomb, None)
+    assert len(str(info.value)) < 2000 and "field 'args'" in str(info.value)
+    big = tmp_path / "data.yaml"
+    big.write_text("- [1, 2, 3]\n" * 500000)  # ~6 MB
+    with pytest.raises(ConfigError, match="not an experiment file"):
+        load_experiment(str(big), None)
