@@ -77,7 +77,11 @@ def load_experiment(config_file: str, options: Optional[argparse.Namespace],
         config = run_config(config_path, options, extra_options, dialect)
     config_dir = os.path.dirname(config_path)
     if muddler_path:
+        before = len(config)
         config = muddle.apply_muddler(muddler_path, config, options, extra_options, config_dir,
                                       dialect)
+        if before and not len(config):  # (else "the config added none" blames the config)
+            raise ConfigError(f"the muddler left no components (the config added {before})",
+                              file=muddler_path)
     return build_experiment(config, config_path, extra_options)
 

@@ -111,6 +111,10 @@ def user_code(path: str, role: str, cwd: Optional[str] = None,
     except BaseException as exc:  # GeneratorExit or a user's BaseException subclass too
         where = _user_frame(exc, path)
         message = f"{type(exc).__name__} in {role}: {exc}" + _source(where)
+        if (isinstance(exc, AttributeError) and str(exc).startswith("'NoneType' object")
+                and "extra_options" in _source(where)):
+            message += ("\n    (extra_options is None: no -a/--extra-args was given, or the "
+                        "arg parser returned None)")
         deepest = [(f.filename, f.lineno) for f in traceback.extract_tb(exc.__traceback__)[-1:]]
         if isinstance(exc, SyntaxError) and exc.filename and exc.filename != path:
             deepest = [(exc.filename, exc.lineno)]  # in a module the user's file imported

@@ -10,8 +10,10 @@ touched.
 
 from __future__ import annotations
 
+import functools
 import math
 import os
+import posixpath
 import re
 import stat
 from typing import Any, Dict, List, Optional, Tuple, Union
@@ -63,6 +65,22 @@ def _one_scratch_per_host(specs: List[ComponentSpec]) -> None:
                               f"host has private_tmp={other.private_tmp} (added at {other.origin}); the "
                               "mirrored components of one host share one mirror, so they must agree",
                               file=where.file, line=where.line, component=spec.name, field="private_tmp")
+
+
+@functools.lru_cache(maxsize=256)
+def _bad_regex(pattern: str) -> str:
+    """What this machine's ``grep -E`` says of *pattern* ('' if it takes it, or cannot tell):
+    the hosts run it to look for a ``log:`` readiness line, so a typo fails here, not there."""
+    import subprocess
+    try:
+        done = subprocess.run(["grep", "-E", "-e", pattern, "/dev/null"], capture_output=True,
+                              text=True, timeout=10)
+    except (OSError, subprocess.SubprocessError):
+        return ""
+    if done.returncode != 2:
+        return ""
+    said = done.stderr.strip().splitlines()
+    return said[-1].split(": ", 1)[-1] if said else "grep refused it"
 
 
 class _Validator:
@@ -124,8 +142,11 @@ class _Validator:
             return
         try:
             many = hostsets.expand(host)
-        except hostsets.HostSetError:
-            return  # e.g. an IPv6 address in brackets; connecting reports real problems
+        except hostsets.HostSetError as exc:
+            if re.fullmatch(r"(?:[^@\[\]]+@)?\[[0-9A-Fa-f:.%\w]+\](?::\d+)?", host):
+                return  # an IPv6 address in brackets ([::1], user@[fe80::1%eth0]:22)
+            raise self.fail("host", f"host {host!r} is neither a host name nor a host set: "
+                                    f"{exc}") from None
         if len(many) > 1:
             raise self.fail("host", f"host {host!r} is a set of {len(many)} hosts, but a "
                                     "component runs on one host; add one component per host, "
@@ -222,9 +243,14 @@ class _Validator:
     def _ready(self) -> Optional[str]:
         value = self.values.get("ready")
         try:
-            parse_ready(value)
+            parsed = parse_ready(value)
         except ConfigError as exc:
             raise self.fail("ready", exc.message) from None
+        if parsed is not None and parsed[0] == "log":
+            problem = _bad_regex(parsed[1])
+            if problem:
+                raise self.fail("ready", f"{value!r}: not an extended regex grep takes "
+                                         f"({problem})")
         return value
 
     def _ready_timeout(self) -> float:
@@ -331,4 +357,9 @@ class _Validator:
             where = self.c._origin_of("files")
             raise SourceError(f"local source {src!r} is neither a regular file nor a directory",
                               path=path, file=where.file, line=where.line, component=self.name)
+        if stat.S_ISREG(mode) and (dest.endswith("/") or os.path.normpath(dest) in (".", "/")):
+            # (not cp's "into this directory": a destination names the file itself)
+            raise self.fail("files", f"files destination {dest!r} of the file {src!r} names a "
+                                     f"directory; give the file's own path, e.g. "
+                                     f"{posixpath.normpath(posixpath.join(dest, os.path.basename(path)))!r}")
         return FileSpec(src=path, dest=dest, is_dir=stat.S_ISDIR(mode))

@@ -87,6 +87,13 @@ config.add_component(c)
     assert exp.config_file == path and exp.config_dir == os.path.dirname(path)
 
 
+def test_extra_options_used_without_extra_args_says_why_it_is_none(tmp_path):
+    path = write(tmp_path, "port = extra_options.port  # <err>\n")
+    err = config_error(path)
+    assert_located(err, path, "# <err>")
+    assert "no -a/--extra-args was given" in str(err)
+
+
 def test_cwd_restored_after_python_error(tmp_path):
     path = write(tmp_path, "x = 1\nundefined_name  # <err>\n")
     before = os.getcwd()
@@ -254,6 +261,10 @@ def test_config_methods():
     ("c.wait = 1", "wait", "True or False"),
     ("c.mirror = 'yes'", "mirror", "True or False"),
     ("c.num_cores = 0", "num_cores", "positive int"),
+    ("c.files = {'exp.py': '.'}", "files", "names a directory; give the file's own path, e.g. 'exp.py'"),
+    ("c.files = {'exp.py': 'bin/'}", "files", "e.g. 'bin/exp.py'"),
+    ("c.ready = 'log:listening (port'", "ready", "not an extended regex grep takes"),
+    ("c.host = 'h[1-'", "host", "neither a host name nor a host set: unclosed '['"),
     ("c.settle = -1", "settle", "0 or more seconds"),
     ("c.settle = '2'", "settle", "0 or more seconds"),
     ("c.settle = True", "settle", "0 or more seconds"),
@@ -643,3 +654,10 @@ rr_test_helper_mod.broken()  # <err>
         assert str(tmp_path) not in sys.path, "sys.path restored"
     finally:
         sys.modules.pop("rr_test_helper_mod", None)
+
+
+def test_an_ipv6_host_in_brackets_is_a_host_not_a_host_set(tmp_path):
+    for host in ("[::1]", "root@[::1]:2222", "[fe80::1%eth0]"):
+        path = write(tmp_path, BASE.replace('c.host = "h1"', f"c.host = {host!r}") +
+                     "config.add_component(c)\n", name=f"v6-{abs(hash(host))}.py")
+        assert load(path).components[0].host == host

@@ -196,6 +196,8 @@ def muddle(config):
     ("def muddle(config, *, flag):\n    pass\n", "unsupported signature"),
     ("def muddle(config):\n    return 42\n", "returned a int"),
     ("def muddle(config)\n    pass\n", "SyntaxError"),
+    ("def muddle(config):\n    config.clear_components()\n", "the muddler left no components"),
+    ("def muddle(config):\n    return []\n", "the muddler left no components"),
 ])
 def test_bad_muddlers_are_config_errors_naming_the_file(tmp_path, text, message):
     with pytest.raises(ConfigError) as info:
