@@ -69,7 +69,7 @@ def load_experiment(config_file: str, options: Optional[argparse.Namespace],
     dialect = getattr(options, "python", None)
     extra_options = muddle.load_extra_options(arg_parser_file, extra_args,
                                               getattr(options, "ssh_user", None), dialect)
-    if config_path.endswith((".yaml", ".yml")):
+    if config_path.lower().endswith((".yaml", ".yml")):
         from remote_runner import yamlconfig
         config = yamlconfig.load_config(config_path, extra_options,
                                         _host_groups(options).as_dict())

@@ -75,11 +75,14 @@ class _LineLoader(yaml.SafeLoader):
         if not isinstance(node, yaml.MappingNode):
             raise yaml.constructor.ConstructorError(None, None, "expected a mapping",
                                                     node.start_mark)
-        self.flatten_mapping(node)
+        own = sum(1 for key_node, _ in node.value if key_node.tag != "tag:yaml.org,2002:merge")
+        self.flatten_mapping(node)  # (`<<: *base`: the merged pairs come first, then our own)
+        merged = len(node.value) - own
         result = LineMap()
         result.line = node.start_mark.line + 1
         result.lines = {}
-        for key_node, value_node in node.value:
+        written: set = set()  # keys this mapping wrote itself: only those may not repeat
+        for at, (key_node, value_node) in enumerate(node.value):
             key = self.construct_object(key_node, deep=True)
             if isinstance(key, bool) and isinstance(key_node, yaml.ScalarNode):
                 key = key_node.value  # YAML 1.1 reads the key `on:` (and yes/no/off) as a bool
@@ -89,10 +92,12 @@ class _LineLoader(yaml.SafeLoader):
                 raise yaml.constructor.ConstructorError(
                     "while constructing a mapping", node.start_mark,
                     "found an unhashable key", key_node.start_mark) from None
-            if key in result:
-                raise yaml.constructor.ConstructorError(
-                    None, None, f"duplicate key {key!r} (first at line {result.lines[key]})",
-                    key_node.start_mark)
+            if at >= merged:
+                if key in written:
+                    raise yaml.constructor.ConstructorError(
+                        None, None, f"duplicate key {key!r} (first at line {result.lines[key]})",
+                        key_node.start_mark)
+                written.add(key)  # (it overrides a merged one of that name, as YAML says)
             result[key] = self.construct_object(value_node, deep=deep)
             result.lines[key] = key_node.start_mark.line + 1
         return result

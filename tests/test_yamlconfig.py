@@ -219,3 +219,25 @@ def test_an_alias_bomb_or_a_data_file_gets_a_short_error_at_once(tmp_path):
     big.write_text("- [1, 2, 3]\n" * 500000)  # ~6 MB
     with pytest.raises(ConfigError, match="not an experiment file"):
         load_experiment(str(big), None)
+
+
+def test_a_merge_key_entry_overrides_what_it_merges_but_not_itself(tmp_path):
+    config = write(tmp_path, """
+        components:
+          - &base
+            name: a
+            host: h1
+            executable: /bin/true
+            start_index: 1
+          - <<: *base
+            name: b
+            start_index: 2
+    """)
+    specs = {s.name: s for s in load_experiment(config, None).components}
+    assert (specs["a"].start_index, specs["b"].start_index) == (1, 2)
+    assert specs["b"].host == "h1" and specs["b"].executable == "/bin/true"
+    twice = write(tmp_path, "components:\n  - &base\n    name: a\n    host: h1\n"
+                            "    executable: /bin/true\n    start_index: 1\n"
+                            "  - <<: *base\n    name: b\n    name: c\n", "twice.yaml")
+    with pytest.raises(ConfigError, match="duplicate key 'name' \\(first at line 8\\)"):
+        load_experiment(twice, None)
