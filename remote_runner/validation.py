@@ -121,6 +121,7 @@ class _Validator:
         if local and mirror:
             raise self.fail("mirror", "mirror=True makes no sense on a localhost component")
         executable = self._plain_string("executable")
+        self._one_program(executable)
         if local and not os.path.isabs(executable):
             executable = os.path.normpath(os.path.join(self.config_dir, executable))
         origins = self.c._origins
@@ -152,6 +153,21 @@ class _Validator:
                                     "component runs on one host; add one component per host, "
                                     "e.g. `for h in hosts[\"clients\"]:` with --hosts-from, or "
                                     f"a loop over {many[:2] + ['...']!r} (YAML: `on: {host}`)")
+
+    def _one_program(self, executable: str) -> None:
+        """Refuse ``"python3 prog.sh"``: the executable is one program, its words go in args (a
+        relative name with a space that no file copied is called is that mistake, not a name)."""
+        if os.path.isabs(executable) or not re.search(r"\s", executable):
+            return
+        files = self.values.get("files")
+        dests = {os.path.normpath(d) for d in files.values() if isinstance(d, str)} \
+            if isinstance(files, dict) else set()
+        if os.path.normpath(executable) in dests:
+            return
+        program, _, rest = executable.strip().partition(" ")
+        raise self.fail("executable", f"executable {executable!r} is one program, not a command "
+                                      f"line; write executable={program!r} and put "
+                                      f"{rest.split()!r} in args")
 
     def _name(self) -> str:
         name = self._plain_string("name")
@@ -213,7 +229,7 @@ class _Validator:
     def _start_index(self) -> Union[int, float]:
         value = self.values["start_index"]
         if isinstance(value, bool) or not isinstance(value, (int, float)) or (
-                isinstance(value, float) and math.isnan(value)):
+                isinstance(value, float) and not math.isfinite(value)):
             raise self.fail("start_index", f"start_index must be a number, got {shown(value)}")
         return value
 
@@ -255,7 +271,8 @@ class _Validator:
 
     def _ready_timeout(self) -> float:
         value = self.values.get("ready_timeout", 60.0)
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0 \
+                or not math.isfinite(value):
             raise self.fail("ready_timeout", f"ready_timeout must be a positive number of "
                                              f"seconds, got {shown(value)}")
         return float(value)
