@@ -168,6 +168,27 @@ def ansible_pattern(name: str, path: str, line: Optional[int]) -> List[str]:
     return out
 
 
+#: What a host name, address or user from an inventory may hold (no spaces, quotes or shell
+#: characters: they become ssh destinations, so a mistake is named here, at its line).
+_SAFE_WORD = re.compile(r"[A-Za-z0-9_.:%@\[\]-]+")
+
+
+def _check_connection_vars(alias: str, variables: Mapping[str, Any], path: str,
+                           line: Optional[int]) -> None:
+    """Refuse an inventory's host, user or port that cannot be a destination."""
+    for key in ("ansible_host", "ansible_ssh_host", "ansible_user", "ansible_ssh_user"):
+        value = variables.get(key)
+        if value is not None and not _SAFE_WORD.fullmatch(str(value)):
+            raise ConfigError(f"host {alias!r}: {key}={str(value)[:80]!r} is not a host name, "
+                              "address or user name", file=path, line=line,
+                              field="--hosts-from")
+    for key in ("ansible_port", "ansible_ssh_port"):
+        value = variables.get(key)
+        if value is not None and not (str(value).isdigit() and 0 < int(str(value)) < 65536):
+            raise ConfigError(f"host {alias!r}: {key}={str(value)[:20]!r} is not a port "
+                              "(1-65535)", file=path, line=line, field="--hosts-from")
+
+
 def connect_name(alias: str, variables: Mapping[str, Any]) -> str:
     """``user@host:port`` from ``ansible_host``/``ansible_user``/``ansible_port`` (else *alias*)."""
     host = str(variables.get("ansible_host") or variables.get("ansible_ssh_host") or alias)
@@ -194,7 +215,9 @@ class _Inventory:
             self.children[name] = []
             self.order.append(name)
 
-    def add_host(self, group: str, alias: str, variables: Mapping[str, Any]) -> None:
+    def add_host(self, group: str, alias: str, variables: Mapping[str, Any],
+                 line: Optional[int] = None) -> None:
+        _check_connection_vars(alias, variables, self.path, line)
         self.group(group)
         self.hosts[group].append(alias)
         self.hostvars.setdefault(alias, {}).update(variables)
@@ -221,6 +244,12 @@ def parse_ansible(text: str, path: str, groups: HostGroups) -> None:
     """Add the groups of an Ansible inventory (INI, YAML or ``--list`` JSON) to *groups*."""
     stripped = text.lstrip()
     inventory = _Inventory(path)
+    if not stripped.startswith("{"):
+        for number, raw in enumerate(text.splitlines(), 1):
+            line = raw.strip()
+            if line.startswith("[") and not line.endswith("]") and "]" not in line:
+                raise ConfigError(f"unclosed section header {line[:60]!r} (write [name])",
+                                  file=path, line=number, field="--hosts-from")
     if stripped.startswith("{"):
         _json_inventory(text, inventory)
     elif re.search(r"^\s*\[[^\]]+\]\s*$", text, re.M) and not re.search(r"^\s*\w[\w.-]*:\s*$",
@@ -267,7 +296,7 @@ def _ini_inventory(text: str, inv: _Inventory) -> None:
                                   file=inv.path, line=number, field="--hosts-from")
             variables[key] = value
         for alias in ansible_pattern(words[0], inv.path, number):
-            inv.add_host(section, alias, variables)
+            inv.add_host(section, alias, variables, number)
 
 
 def _yaml_inventory(text: str, inv: _Inventory) -> None:

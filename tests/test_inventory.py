@@ -140,6 +140,9 @@ def test_several_sources_add_up_and_unknown_groups_name_the_known_ones(tmp_path)
     ('{"prod": {"children": "web"}}', "'children' must be a list of names"),
     ("prod:\n  children: web\n", "'children' must map group names"),
     ("web:\n  hosts:\n    - [a, b]\n", "a host in 'hosts' must be a name"),
+    ("[web\nweb1\n", "unclosed section header"),
+    ("[web]\nweb1 ansible_port=22x\n", "ansible_port='22x' is not a port"),
+    ("[web]\nweb1 ansible_host='10.0.0.1;rm -rf /'\n", "is not a host name, address"),
 ])
 def test_bad_inventories_name_file_and_line(tmp_path, text, message):
     path = tmp_path / "inv.ini"
