@@ -4,7 +4,8 @@ Flags (SPAR's names, short forms and defaults, plus a few additions):
 
 -c/--config FILE        the experiment config (Python, or YAML for .yaml/.yml), required
 -m/--muddler FILE       a muddler: ``muddle(config)`` or ``muddle(config, options)``
--a/--arg-parser FILE    defines ``parse_args(extra_args, ssh_user)``; needs --extra-args
+-a/--arg-parser FILE    defines ``parse_args(extra_args, ssh_user)``; without --extra-args it
+                        runs on empty extra args (a WARNING says so)
 --extra-args "ARGS"     one string for the arg parser; may begin with '-' in either form,
                         ``--extra-args "-p X"`` or ``--extra-args=-p``
 --hosts-from SOURCE     named host groups for the config, repeatable: ``slurm``
@@ -134,7 +135,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="experiment config file (Python, or YAML: .yaml/.yml)")
     add("-m", "--muddler", dest="muddler", metavar="FILE", help="muddler file")
     add("-a", "--arg-parser", dest="arg_parser", metavar="FILE",
-        help="arg parser file defining parse_args(extra_args, ssh_user); needs --extra-args")
+        help="arg parser file defining parse_args(extra_args, ssh_user); without --extra-args "
+             "it runs on empty extra args (with a warning)")
     add("--extra-args", dest="extra_args", metavar="ARGS",
         help="one string of extra options for the arg parser (may start with '-')")
     add("--hosts-from", dest="hosts_from", action="append", default=[], metavar="SOURCE",
@@ -142,7 +144,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
              "slurm ($SLURM_JOB_NODELIST), slurm:FILE (scontrol show hostnames output), "
              "ansible:INVENTORY (INI, YAML or ansible-inventory --list JSON), or FILE "
              "(host sets, one a line; group named after the file)")
-    add("-u", "--user", dest="ssh_user", metavar="USER", help="default SSH user")
+    add("-u", "--user", dest="ssh_user", metavar="USER",
+        help="SSH user: wins over ssh_config's User (a config's user@host wins over it)")
     add("-p", "--pass", dest="ssh_pass", metavar="PASSWORD",
         help="SSH password/passphrase (visible to other users; prefer "
              "$REMOTE_RUNNER_PASSWORD or --ask-pass)")
@@ -231,6 +234,7 @@ def add_parser(sub: "argparse._SubParsersAction") -> None:
                             description=DESCRIPTION, epilog=EXIT_CODES_HELP,
                             formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.__class__ = ClassicParser  # so `run --extra-args -x` works like remote_runner.py
+    parser.add_argument("--version", action="version", version=f"remote_runner {__version__}")
     add_arguments(parser)
     parser.set_defaults(func=run_command)
 
