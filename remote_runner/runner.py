@@ -51,7 +51,7 @@ from remote_runner import screen as scr
 from remote_runner import sync
 from remote_runner import upload
 from remote_runner.errors import (ComponentFailed, ConfigError, ConnectionLost, CopyError,
-                                   PartialRun, PrerequisitesUnreachable,
+                                   PartialRun, PrerequisitesUnreachable, RunnerError,
                                    control_characters)
 from remote_runner.runmodel import (  # noqa: F401 - re-exported: the runner's API
     ComponentResult, MirrorFactory, MirrorSession, Placement, RunOptions, RunReport,
@@ -497,10 +497,11 @@ def _spec_of(path: Optional[str], specs: Sequence["ComponentSpec"]) -> Optional[
     return None
 
 
-def _source_problem(exc: CopyError, host: str, specs: Sequence["ComponentSpec"]) -> ConfigError:
-    """A local source found unusable while planning (before any host is touched), as the config
-    mistake it is: at the ``files`` of the component that names it (the later of two that
-    send different files to one place), with the other component named."""
+def _source_problem(exc: CopyError, host: str, specs: Sequence["ComponentSpec"]) -> RunnerError:
+    """A local source found unusable while planning (before any host is touched), at the
+    ``files`` of the component that names it: a source missing or unreadable (in a directory
+    given) is a copy error, exit 4, as one named directly is; two different sources for one
+    destination (the later component's files, the other named) a config mistake, exit 2."""
     sources = getattr(exc, "sources", None)
     spec = _spec_of(sources[1] if sources else exc.path, specs)
     other = _spec_of(sources[0], specs) if sources else None
@@ -509,8 +510,12 @@ def _source_problem(exc: CopyError, host: str, specs: Sequence["ComponentSpec"])
         message += (f" (the first from component {other.name!r} at "
                     f"{other.origin_of('files')}, both on host {host})")
     if spec is None:
-        return ConfigError(f"host {host}: {message}", field="files")
+        return exc
     where = spec.origin_of("files")
+    if not sources:
+        from remote_runner.config import SourceError
+        return SourceError(message, path=exc.path, file=where.file, line=where.line,
+                           component=spec.name)
     return ConfigError(message, file=where.file, line=where.line, component=spec.name,
                        field="files")
 

@@ -186,11 +186,11 @@ def test_an_unreadable_source_is_refused(attempt, tmp_path):
     assert_refused(attempt(config_text(files="{'data': 'data'}")), EXIT_COPY)
 
 
-def test_a_fifo_inside_a_source_directory_is_refused_naming_its_host(attempt, tmp_path):
+def test_a_fifo_inside_a_source_directory_is_refused_at_the_components_files(attempt, tmp_path):
     (tmp_path / "tree").mkdir()
     os.mkfifo(tmp_path / "tree" / "pipe")
     line = assert_refused(attempt(config_text(host="'h2'", files="{'tree': 'tree'}")), EXIT_COPY)
-    assert "h2" in line and "pipe" in line
+    assert "field 'files'" in line and "pipe" in line and "experiment.py:" in line
 
 
 def test_an_unreadable_directory_inside_a_source_is_refused(attempt, tmp_path):

@@ -120,9 +120,9 @@ def test_no_connect_needs_dry_run(tmp_path):
     assert out.returncode == 2 and "--no-connect" in out.stderr
 
 
-def test_an_unusable_file_inside_a_copied_directory_is_a_config_error_at_its_files(tmp_path):
-    """An editor's dangling lock link or a FIFO in a directory given to ``files``: exit 2 at the
-    component's ``files`` line, before any host is contacted (not a copy error naming a host)."""
+def test_an_unusable_file_inside_a_copied_directory_is_named_at_its_files(tmp_path):
+    """An editor's dangling lock link or a FIFO in a directory given to ``files``: exit 4 (as a
+    missing source) at the component's ``files`` line, before any host is contacted."""
     data = tmp_path / "data"
     data.mkdir()
     (data / "ok.txt").write_text("ok\n")
@@ -133,7 +133,7 @@ def test_an_unusable_file_inside_a_copied_directory_is_a_config_error_at_its_fil
                           "c.files = {'data': 'data'}\n"
                           "config.add_component(c)\n")
     out = cli("-c", str(experiment), "--dry-run", "--no-connect")
-    assert out.returncode == 2, out.stderr
+    assert out.returncode == 4, out.stderr
     assert f"{experiment}:3: component 'srv', field 'files'" in out.stderr
     assert ".#notes.txt" in out.stderr and "host" not in out.stderr.split("field 'files'")[0]
 

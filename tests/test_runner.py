@@ -17,7 +17,7 @@ import pytest
 
 from remote_runner import screen as scr
 from remote_runner.loader import load_experiment
-from remote_runner.errors import ComponentFailed, ConfigError, StartError
+from remote_runner.errors import ComponentFailed, ConfigError, CopyError, StartError
 from remote_runner.runner import RunOptions, Runner, run
 from remote_runner.ssh import SSHOptions
 from tests.conftest import quit_screen, ssh
@@ -305,7 +305,7 @@ def test_change_checks_are_planned_while_hosts_connect_and_bad_input_contacts_no
     assert asked == [["h1"]]  # not contacted again
     # a source gone since the config was read: named with its component, no host contacted
     b.unlink()
-    with pytest.raises(ConfigError) as info:
+    with pytest.raises(CopyError) as info:  # exit 4, as a source missing at load is
         Runner(good, RunOptions(screen="rr-planned"), connect=connect).run()
     assert (info.value.component, info.value.field) == ("two", "files")
     assert str(b) in str(info.value) and "No such file" in str(info.value)

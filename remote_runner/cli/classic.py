@@ -64,8 +64,8 @@ group (SIGTERM, then SIGKILL after a grace period); nothing is killed by name. W
 wait=True component there is no "end" to wait for, so ``-t`` only logs a warning.
 
 Exit codes: 0 ok; 1 internal error; 2 usage or config error (with file:line);
-3 connection, host-key or authentication error; 4 copy error (an upload failed or a
-source changed during it; a source missing or unreadable before the run is 2); 5 a waited component failed or timed out; 6 start error (screen
+3 connection, host-key or authentication error; 4 copy error (a missing or unreadable
+source, found before any host is touched; an upload failure); 5 a waited component failed or timed out; 6 start error (screen
 session or window); 8 partial run (unreachable hosts skipped within --max-fail);
 130 interrupted (Ctrl-C); 143 terminated (SIGTERM), unwound as an interrupt is.
 """
