@@ -181,10 +181,13 @@ def fetch_host(shell, opener: Callable[[], object], host: str,
     if not wanted:
         return report
     hashes, _ = remote_sha1(shell, [w.remote for w in wanted])
-    todo = [w for w in wanted
-            if not (os.path.isfile(w.local) and os.path.getsize(w.local) == w.size
-                    and hashes.get(w.remote) == local_sha1(w.local))]
-    report.unchanged = [w.local for w in wanted if w not in todo]
+    todo: List[Wanted] = []
+    for w in wanted:
+        if (os.path.isfile(w.local) and os.path.getsize(w.local) == w.size
+                and hashes.get(w.remote) == local_sha1(w.local)):
+            report.unchanged.append(w.local)
+        else:
+            todo.append(w)
     if not todo:
         return report
     _check_room(host, dest_root, sum(w.size for w in todo))
