@@ -41,6 +41,8 @@ EXIT_PARTIAL = 8
 EXIT_INTERRUPTED = 130
 #: Ended by SIGTERM (128 + 15), unwound as an interrupt is (see cli.end_on_sigterm).
 EXIT_TERMINATED = 143
+#: stdout's reader went away (``… | head``): 128 + SIGPIPE, quietly, as a pipe's writer ends.
+EXIT_PIPE = 141
 EXIT_LINK = 254
 
 

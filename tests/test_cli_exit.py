@@ -117,3 +117,30 @@ def test_a_command_killed_while_it_connects_exits_143(tmp_path):
     assert proc.returncode == 143, err
     assert err.strip().splitlines()[-1] == "ERROR: terminated (SIGTERM)"
     peer.close()
+
+
+def test_output_into_a_pipe_whose_reader_went_away_ends_quietly_with_141(tmp_path):
+    """`remote-runner run --dry-run … | head -1`: no 'internal error', no traceback, exit 141,
+    with a standby or without."""
+    import os
+    config = tmp_path / "e.py"
+    config.write_text("for i in range(400):\n"
+                      "    config.add_component(Component(name='c%d' % i, host='h1',\n"
+                      "                         executable='/bin/true', start_index=1))\n")
+    script = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                          "scripts", "remote_runner.py")
+    for standby in ("0", "60"):
+        env = dict(os.environ, REMOTE_RUNNER_STANDBY=standby,
+                   REMOTE_RUNNER_STANDBY_DIR=str(tmp_path / "sb"))
+        os.makedirs(tmp_path / "sb", mode=0o700, exist_ok=True)
+        for _ in range(2):  # (the second one may be served by the standby the first started)
+            reader, writer = os.pipe()
+            os.close(reader)
+            done = subprocess.run([sys.executable, script, "-c", str(config), "--dry-run",
+                                   "--no-connect"], stdout=writer, stderr=subprocess.PIPE,
+                                  env=env, timeout=120)
+            os.close(writer)
+            assert done.returncode == 141, done.stderr
+            assert done.stderr.decode().strip() == "", done.stderr
+    from remote_runner.standby import server
+    server.stop_all(str(tmp_path / "sb"))

@@ -170,6 +170,80 @@ def test_ctrl_c_reaches_the_command_in_the_standby_and_a_killed_caller_ends_it(t
         assert not os.path.exists(f"/proc/{child}"), f"the standby's child {child} outlived its caller"
 
 
+STREAMS_PROBE = textwrap.dedent("""\
+    import os, signal, sys
+    print("STREAMS %d hup=%s int=%s through=%s stdin=%r" % (
+        os.getpid(), signal.getsignal(signal.SIGHUP) == signal.SIG_IGN,
+        signal.getsignal(signal.SIGINT) == signal.SIG_IGN, sys.stdout.write_through,
+        sys.stdin.read()), flush=True)
+    c = Component(name="probe", host="h1", executable="/bin/true", start_index=1)
+    config.add_component(c)
+    """)
+
+
+def streams_line(stdout: str):
+    line = next(line for line in stdout.splitlines() if line.startswith("STREAMS "))
+    pid, rest = line.split(" ", 2)[1:]
+    return int(pid), rest
+
+
+def test_a_command_keeps_its_ignored_signals_streams_and_secrets_with_a_standby(tmp_path,
+                                                                             standby_dir):
+    """What a served command sees is what it would see in-process: signals ignored by nohup or a
+    shell's `&` stay ignored (and a SIGHUP does not end it), ``PYTHONUNBUFFERED`` holds, stdin
+    comes untranslated; the standby keeps no password of the command that started it."""
+    config = tmp_path / "streams.py"
+    config.write_text(STREAMS_PROBE)
+    env = environment(standby_dir, REMOTE_RUNNER_PASSWORD="pw-of-the-first", PYTHONUNBUFFERED="1")
+    argv = [sys.executable, SCRIPT, "-c", str(config), "--dry-run", "--no-connect"]
+
+    def run(**popen):
+        proc = subprocess.Popen(argv, env=env, cwd=tmp_path, stdin=subprocess.PIPE,
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, **popen)
+        out, err = proc.communicate(b"a\r\nb\rc\n", timeout=120)
+        return proc.pid, proc.returncode, out.decode(), err.decode()
+
+    def ignoring():
+        signal.signal(signal.SIGHUP, signal.SIG_IGN)
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+    first_pid, code, out, err = run(preexec_fn=ignoring)
+    assert code == 0, err
+    here = streams_line(out)
+    assert here[0] == first_pid  # in-process: what the standby's child must match
+    sock = wait_for_socket(standby_dir)
+    standby_pid = int(open(sock[:-len(".sock")] + ".pid").read())
+    assert b"pw-of-the-first" not in open(f"/proc/{standby_pid}/environ", "rb").read()
+
+    caller, code, out, err = run(preexec_fn=ignoring)
+    assert code == 0, err
+    served = streams_line(out)
+    assert served[0] != caller, "the command ran in-process, not in the standby"
+    assert served[1] == here[1] == "hup=True int=True through=True stdin='a\\r\\nb\\rc\\n'", out
+
+    # a SIGHUP the caller ignores (nohup) does not end the served command
+    proc = subprocess.Popen(argv, env=dict(env, PROBE_SLEEP="3"), cwd=tmp_path,
+                            stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, preexec_fn=ignoring)
+    time.sleep(1)
+    proc.send_signal(signal.SIGHUP)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 0, err
+
+
+def test_a_command_with_stdin_closed_runs_in_process_instead_of_hanging(tmp_path, standby_dir):
+    config = write_probe(tmp_path)
+    run_classic(["-c", config, "--dry-run", "--no-connect"], environment(standby_dir), tmp_path)
+    wait_for_socket(standby_dir)
+    command = f"exec {sys.executable} {SCRIPT} -c {config} --dry-run --no-connect <&-"
+    proc = subprocess.Popen(["sh", "-c", command], env=environment(standby_dir), cwd=tmp_path,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    out, err = proc.communicate(timeout=120)  # (it hung: the socket became its stdin)
+    # in-process, as without a standby: the probe's sys.stdin.readline() finds no stdin
+    assert proc.returncode == 2, err
+    assert "'NoneType' object has no attribute 'readline'" in err and "Traceback" not in err
+
+
 def state_of(pid: int) -> str:
     with open(f"/proc/{pid}/stat") as src:
         return src.read().rsplit(")", 1)[1].split()[0]

@@ -20,7 +20,8 @@ from typing import Callable, List, NoReturn, Optional
 
 from remote_runner import __version__
 from remote_runner.secrets import MaskingFormatter
-from remote_runner.errors import EXIT_INTERNAL, EXIT_INTERRUPTED, EXIT_TERMINATED, RunnerError
+from remote_runner.errors import (EXIT_INTERNAL, EXIT_INTERRUPTED, EXIT_PIPE, EXIT_TERMINATED,
+                                  RunnerError)
 
 LOG = logging.getLogger("remote_runner")
 
@@ -43,8 +44,9 @@ EXIT_CODES_HELP = """exit codes:
   0 success; 1 internal error; 2 usage/config error; 3 connection, host-key or
   auth error; 4 copy error; 5 a waited component failed; 6 start error;
   7 lab error; 8 partial run (unreachable hosts skipped within --max-fail);
-  130 interrupted (Ctrl-C), 143 terminated (SIGTERM); exec: the command's own status (128+N if
-  killed by signal N), 254 if the tool or the link failed."""
+  130 interrupted (Ctrl-C), 141 stdout's reader went away (| head), 143 terminated (SIGTERM);
+  exec: the command's own status (128+N if killed by signal N), 254 if the tool or the link
+  failed."""
 
 
 def setup_logging(level: str = "INFO") -> None:
@@ -109,6 +111,9 @@ def run_guarded(func: Callable[[], int]) -> int:
         code, verdict = exc.exit_code, exc
     except KeyboardInterrupt:
         code, verdict = EXIT_INTERRUPTED, "interrupted"
+    except BrokenPipeError:  # `remote-runner … | head`: its reader has what it wanted
+        _quiet_stdout()
+        return EXIT_PIPE
     except Exception:  # a bug of ours: say so, with the traceback
         LOG.exception("internal error (please report this with the traceback)", extra=VERDICT)
         return EXIT_INTERNAL
@@ -117,6 +122,17 @@ def run_guarded(func: Callable[[], int]) -> int:
     if verdict is not None:
         LOG.error("%s", verdict, extra=VERDICT)
     return code
+
+
+def _quiet_stdout() -> None:
+    """Point stdout at /dev/null: what is still buffered for a reader that went away is dropped
+    there, not reported at exit as an exception."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+    except (OSError, ValueError, AttributeError):
+        pass
 
 
 def build_parser(command: Optional[str] = None) -> argparse.ArgumentParser:

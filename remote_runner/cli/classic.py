@@ -67,7 +67,8 @@ Exit codes: 0 ok; 1 internal error; 2 usage or config error (with file:line);
 3 connection, host-key or authentication error; 4 copy error (a missing or unreadable
 source, found before any host is touched; an upload failure); 5 a waited component failed or timed out; 6 start error (screen
 session or window); 8 partial run (unreachable hosts skipped within --max-fail);
-130 interrupted (Ctrl-C); 143 terminated (SIGTERM), unwound as an interrupt is.
+130 interrupted (Ctrl-C); 141 stdout's reader went away (| head); 143 terminated
+(SIGTERM), unwound as an interrupt is.
 """
 
 from __future__ import annotations

@@ -13,8 +13,8 @@ import socket
 import sys
 from typing import List, Optional, Sequence
 
-from .names import (ENV, directory, fingerprint, idle_seconds, private_directory, search_path,
-                    socket_path, usable_path)
+from .names import (ENV, KEY_ENV, directory, fingerprint, idle_seconds, private_directory,
+                    search_path, socket_path, usable_path)
 from .wire import STDIO, receive, send
 
 #: Entry points a standby can run: name -> (module, function taking argv without argv[0]).
@@ -30,6 +30,10 @@ NEEDS_TERMINAL = frozenset({"--ask-pass"})
 #: Signals the caller passes on to the child (the terminal sends them to the caller only).
 FORWARDED = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT, signal.SIGUSR1,
              signal.SIGUSR2)
+#: Besides the imports' own (:data:`.names.KEY_ENV`) and the interpreter's (``PYTHON*``: its
+#: flags are part of the socket's name), the environment a standby is started with.
+STANDBY_ENV = ("PATH", "HOME", "USER", "LOGNAME", "TMPDIR", "XDG_RUNTIME_DIR", ENV,
+               "REMOTE_RUNNER_STANDBY_DIR")
 #: How long a caller waits for a standby to take its command before running it in-process.
 TAKE_TIMEOUT = 5.0
 
@@ -48,11 +52,40 @@ def wanted(entry: str, argv: Sequence[str]) -> bool:
 
 
 def stdio_spec() -> dict:
+    """How this process's stdin, stdout and stderr read and write text: encoding, errors, line
+    buffering and write-through (``python -u`` or ``PYTHONUNBUFFERED`` make the last true)."""
     spec = {}
     for name in ("stdin", "stdout", "stderr"):
         stream = getattr(sys, name, None)
-        spec[name] = [getattr(stream, "encoding", None) or "utf-8", getattr(stream, "errors", None) or "strict"]
+        spec[name] = [getattr(stream, "encoding", None) or "utf-8",
+                      getattr(stream, "errors", None) or "strict",
+                      bool(getattr(stream, "line_buffering", False)),
+                      bool(getattr(stream, "write_through", False))]
     return spec
+
+
+def ignored_signals() -> List[int]:
+    """The forwarded signals this process ignores (``nohup``, a shell's ``&`` job): the child
+    ignores them too, and nothing passes them on."""
+    return [int(s) for s in FORWARDED if signal.getsignal(s) == signal.SIG_IGN]
+
+
+def _stdio_open() -> bool:
+    """Whether descriptors 0, 1 and 2 are open: else the socket made next would take one of them
+    and be handed to the child as its stdin (a command started with ``<&-`` hung)."""
+    try:
+        for fd in STDIO:
+            os.fstat(fd)
+    except OSError:
+        return False
+    return True
+
+
+def _peer_is_us(sock: socket.socket) -> bool:
+    """Whether the process at the other end of *sock* runs as this user: a socket swapped in by
+    someone else (the directory checked by its path, before the connect) gets nothing of ours."""
+    creds = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, 12)  # struct ucred: 3 ints
+    return int.from_bytes(creds[4:8], sys.byteorder) == os.getuid()
 
 
 def run_in_standby(entry: str, argv: Sequence[str]) -> Optional[int]:
@@ -66,18 +99,22 @@ def run_in_standby(entry: str, argv: Sequence[str]) -> Optional[int]:
         return None
     folder = directory()
     path = socket_path(folder, fingerprint())
-    if len(path.encode()) > 100 or not private_directory(folder, create=False):
+    if len(path.encode()) > 100 or not private_directory(folder, create=False) \
+            or not _stdio_open():
         return None
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     cwd = -1
     try:
         sock.settimeout(TAKE_TIMEOUT)
         sock.connect(path)
+        if not _peer_is_us(sock):
+            raise OSError("the standby's socket is not this user's")
         cwd = os.open(".", os.O_RDONLY | os.O_DIRECTORY)
+        ignored = ignored_signals()
         send(sock, {"entry": entry, "argv": list(argv), "env": dict(os.environ), "umask": _umask(),
-                     "stdio": stdio_spec()}, fds=(*STDIO, cwd))
+                     "stdio": stdio_spec(), "ignored": ignored}, fds=(*STDIO, cwd))
         child = int(receive(sock)["pid"])
-        forwarder = Forwarder(child)  # from here on, a signal for us is one for the command
+        forwarder = Forwarder(child, ignored)  # from here on, a signal for us is one for the command
         forwarder.install()
         try:
             send(sock, {"go": True})
@@ -103,18 +140,22 @@ class Forwarder:
     """Passes the signals this caller gets (a terminal sends them to the caller only) to the child
     that runs its command; Ctrl-Z stops both and ``fg``/``bg`` resume both."""
 
-    def __init__(self, child: int) -> None:
+    def __init__(self, child: int, ignored: Sequence[int] = ()) -> None:
         self.child = child
         self.forwarded: List[int] = []
+        #: Signals this caller ignores: they stay ignored here (and in the child), not passed on.
+        self.ignored = frozenset(ignored)
 
     def install(self) -> None:
         for signum in FORWARDED:
-            signal.signal(signum, self._forward)
+            if signum not in self.ignored:
+                signal.signal(signum, self._forward)
         signal.signal(signal.SIGTSTP, self._suspend)
 
     def restore(self) -> None:
         for signum in (*FORWARDED, signal.SIGTSTP):
-            signal.signal(signum, signal.SIG_DFL)
+            if signum not in self.ignored:
+                signal.signal(signum, signal.SIG_DFL)
 
     def _kill(self, signum: int) -> None:
         try:
@@ -169,9 +210,13 @@ def start_standby() -> None:
     import subprocess
     code = ("import sys; sys.path[:] = %r; from remote_runner.standby.server import serve; "
             "serve(%r, %r, %r)" % (search_path(), folder, key, idle))
+    # only what its imports read: a password in this command's environment must not live on in
+    # the standby's (each command's own environment reaches the child that runs it)
+    env = {k: v for k, v in os.environ.items()
+           if k in KEY_ENV or k in STANDBY_ENV or k.startswith(("PYTHON", "LC_"))}
     try:
         subprocess.Popen([sys.executable, "-c", code], stdin=subprocess.DEVNULL,
                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd="/",
-                         start_new_session=True, close_fds=True)
+                         start_new_session=True, close_fds=True, env=env)
     except OSError:
         pass

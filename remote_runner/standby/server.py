@@ -152,6 +152,8 @@ def _child(conn: socket.socket) -> None:
         import tempfile
         tempfile.tempdir = None  # and $TMPDIR is read again
         os.umask(int(request["umask"]))
+        for signum in request.get("ignored", ()):  # (nohup's SIGHUP, a job's SIGINT)
+            signal.signal(int(signum), signal.SIG_IGN)
         _reopen_stdio(request["stdio"])
         sys.argv = list(request["argv"])
         send(conn, {"pid": os.getpid()})
@@ -160,13 +162,18 @@ def _child(conn: socket.socket) -> None:
         conn.settimeout(None)
     except Exception:  # noqa: BLE001 - nothing has run: the caller runs the command itself
         os._exit(1)
-    _watch_caller(conn)
+    _watch_caller(conn, signal.SIGKILL if signal.SIGTERM in request.get("ignored", ()) else
+                  signal.SIGTERM)
     try:
         import importlib
         from remote_runner.cli import wind_down
         status = getattr(importlib.import_module(module), function)(sys.argv[1:])
         status = 0 if status is None else int(status)
-        wind_down()
+        try:
+            wind_down()
+        except BrokenPipeError:  # stdout's reader went away: as the interpreter's exit, 120
+            sys.stdout = None  # type: ignore[assignment]  (nothing more is written there)
+            status = 120
     except SystemExit as done:  # argparse's usage errors and --help, as the interpreter ends them
         status = done.code if isinstance(done.code, int) else (0 if done.code is None else 1)
         if not isinstance(done.code, int) and done.code is not None:
@@ -176,11 +183,12 @@ def _child(conn: socket.socket) -> None:
         traceback.print_exc()
         status = 130 if isinstance(exc, KeyboardInterrupt) else 1
     finally:
-        try:
-            sys.stdout.flush()
-            sys.stderr.flush()
-        except Exception:  # noqa: BLE001 - a closed pipe: the status still goes back
-            pass
+        for stream in (sys.stdout, sys.stderr):
+            try:
+                if stream is not None:
+                    stream.flush()
+            except Exception:  # noqa: BLE001 - a closed pipe: the status still goes back
+                pass
         try:
             send(conn, {"exit": status})
         except OSError:
@@ -189,22 +197,32 @@ def _child(conn: socket.socket) -> None:
 
 
 def _reopen_stdio(spec: dict) -> None:
-    """New ``sys.stdin``/``stdout``/``stderr`` over the caller's descriptors, buffered as Python would."""
+    """New ``sys.stdin``/``stdout``/``stderr`` over the caller's descriptors, as its own were: the
+    same encoding and errors, line buffering and write-through (``python -u``: no buffer at all),
+    and no newline translation."""
+    import io
+
     def wrap(fd: int, name: str, mode: str):
-        encoding, errors = spec.get(name, ["utf-8", "strict"])
-        buffering = 1 if (name == "stderr" or (name == "stdout" and os.isatty(fd))) else -1
+        encoding, errors, *flushing = spec.get(name, ["utf-8", "strict"])
+        line, through = flushing if len(flushing) == 2 else (name == "stderr" or os.isatty(fd), False)
+        raw = io.FileIO(fd, mode, closefd=False)
+        binary = raw if (mode == "w" and through) else (
+            io.BufferedWriter(raw) if mode == "w" else io.BufferedReader(raw))
         try:
-            return open(fd, mode, buffering=buffering, encoding=encoding, errors=errors, closefd=False)
-        except (OSError, LookupError, ValueError):
-            return open(fd, mode, buffering=buffering, closefd=False)
+            return io.TextIOWrapper(binary, encoding=encoding, errors=errors, newline="\n",
+                                    line_buffering=bool(line), write_through=bool(through))
+        except LookupError:
+            return io.TextIOWrapper(binary, newline="\n", line_buffering=bool(line),
+                                    write_through=bool(through))
 
     sys.stdin = sys.__stdin__ = wrap(0, "stdin", "r")
     sys.stdout = sys.__stdout__ = wrap(1, "stdout", "w")
     sys.stderr = sys.__stderr__ = wrap(2, "stderr", "w")
 
 
-def _watch_caller(conn: socket.socket) -> None:
-    """End this run (SIGTERM) when the caller goes away, as it would have died with it."""
+def _watch_caller(conn: socket.socket, signum: int = signal.SIGTERM) -> None:
+    """End this run (*signum*: SIGTERM, or SIGKILL where the caller ignored that) when the caller
+    goes away, as it would have died with it."""
     import threading
 
     def watch() -> None:
@@ -213,6 +231,6 @@ def _watch_caller(conn: socket.socket) -> None:
                 pass
         except OSError:
             pass
-        os.kill(os.getpid(), signal.SIGTERM)
+        os.kill(os.getpid(), signum)
 
     threading.Thread(target=watch, name="standby-caller", daemon=True).start()
