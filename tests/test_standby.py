@@ -458,3 +458,22 @@ def test_exec_through_the_standby_streams_stdin_and_returns_the_status(lab, tmp_
         if caller.poll() is None:
             caller.kill()
     assert (caller.returncode, out) == (3, "then world\n"), err
+
+
+def test_a_stopped_standby_costs_a_few_seconds_and_holds_nothing_of_the_command(tmp_path,
+                                                                                standby_dir):
+    """A standby that does not answer (stopped here with SIGSTOP) gets nothing of a command: it
+    runs in-process after TAKE_TIMEOUT and its output pipe ends with it (the descriptors sent
+    ahead stayed open in the stopped standby's socket queue: a pipeline waited for ever)."""
+    config = write_probe(tmp_path)
+    run_classic(["-c", config, "--dry-run", "--no-connect"], environment(standby_dir), tmp_path)
+    sock = wait_for_socket(standby_dir)
+    standby_pid = int(open(sock[:-len(".sock")] + ".pid").read())
+    os.kill(standby_pid, signal.SIGSTOP)
+    try:
+        caller, code, out, err = run_classic(["-c", config, "--dry-run", "--no-connect"],
+                                             environment(standby_dir), tmp_path, stdin="x\n")
+        assert code == 0, err
+        assert probe_line(out)[0] == caller  # in-process, and communicate() saw the pipe end
+    finally:
+        os.kill(standby_pid, signal.SIGCONT)

@@ -109,6 +109,11 @@ def run_in_standby(entry: str, argv: Sequence[str]) -> Optional[int]:
         sock.connect(path)
         if not _peer_is_us(sock):
             raise OSError("the standby's socket is not this user's")
+        # a child of the standby says it is there before anything of ours goes: descriptors
+        # sent to a standby that is stopped or stuck stay open in its socket's queue (a
+        # pipeline reading our stdout would wait for them long after we ran in-process)
+        if not receive(sock).get("ready"):
+            raise ValueError("the standby did not say it is ready")
         cwd = os.open(".", os.O_RDONLY | os.O_DIRECTORY)
         ignored = ignored_signals()
         send(sock, {"entry": entry, "argv": list(argv), "env": dict(os.environ), "umask": _umask(),

@@ -135,6 +135,7 @@ def _child(conn: socket.socket) -> None:
     try:
         signal.signal(signal.SIGCHLD, signal.SIG_DFL)
         conn.settimeout(TAKE_TIMEOUT)
+        send(conn, {"ready": True})  # (the caller sends its descriptors only then)
         fds: List[int] = []
         request = receive(conn, fds)
         if len(fds) != 4:
