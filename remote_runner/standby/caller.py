@@ -15,7 +15,7 @@ from typing import List, Optional, Sequence
 
 from .names import (ENV, KEY_ENV, directory, fingerprint, idle_seconds, private_directory,
                     search_path, socket_path, usable_path)
-from .wire import STDIO, receive, send
+from .wire import STDIO, receive, same_user, send
 
 #: Entry points a standby can run: name -> (module, function taking argv without argv[0]).
 ENTRIES = {"classic": ("remote_runner.cli.classic", "main"), "tool": ("remote_runner.cli", "main")}
@@ -81,13 +81,6 @@ def _stdio_open() -> bool:
     return True
 
 
-def _peer_is_us(sock: socket.socket) -> bool:
-    """Whether the process at the other end of *sock* runs as this user: a socket swapped in by
-    someone else (the directory checked by its path, before the connect) gets nothing of ours."""
-    creds = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, 12)  # struct ucred: 3 ints
-    return int.from_bytes(creds[4:8], sys.byteorder) == os.getuid()
-
-
 def run_in_standby(entry: str, argv: Sequence[str]) -> Optional[int]:
     """Run the command *argv* (with the program name) in a standby; its exit status.
 
@@ -107,7 +100,7 @@ def run_in_standby(entry: str, argv: Sequence[str]) -> Optional[int]:
     try:
         sock.settimeout(TAKE_TIMEOUT)
         sock.connect(path)
-        if not _peer_is_us(sock):
+        if not same_user(sock):  # (the directory was checked by its path, before the connect)
             raise OSError("the standby's socket is not this user's")
         # a child of the standby says it is there before anything of ours goes: descriptors
         # sent to a standby that is stopped or stuck stay open in its socket's queue (a

@@ -18,7 +18,7 @@ from typing import List
 
 from .caller import ENTRIES, TAKE_TIMEOUT
 from .names import fingerprint, identity, private_directory, socket_path
-from .wire import STDIO, receive, send
+from .wire import STDIO, receive, same_user, send
 
 #: What the standby imports before it serves (what ``run``, ``status`` and the others load).
 PRELOAD = ("remote_runner.cli", "remote_runner.cli.classic", "remote_runner.cli.lifecycle",
@@ -122,11 +122,6 @@ def stop_all(folder: str) -> int:
 
 def _stop(_signum: int, _frame: object) -> None:
     raise SystemExit(0)
-
-
-def same_user(conn: socket.socket) -> bool:
-    creds = conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, 12)  # struct ucred: 3 ints
-    return int.from_bytes(creds[4:8], sys.byteorder) == os.getuid()
 
 
 def _child(conn: socket.socket) -> None:

@@ -2,8 +2,8 @@
 
 Why marshal: both ends are the same interpreter (the socket's name says so)
 and the same user (the standby checks), and marshal is built in, where json
-would cost every command its import. The caller's descriptors ride on its first
-message (``SCM_RIGHTS``).
+would cost every command its import. The standby's child speaks first ("ready"); the
+caller's descriptors ride on its answer, the request (``SCM_RIGHTS``).
 """
 
 from __future__ import annotations
@@ -15,6 +15,15 @@ from typing import List, Optional, Sequence
 HEADER = 4  # bytes of a message's length, big-endian
 MAX_MESSAGE = 16 << 20
 STDIO = (0, 1, 2)
+
+
+def same_user(sock: socket.socket) -> bool:
+    """Whether the process at the other end of *sock* runs as this user (``SO_PEERCRED``): each
+    end checks the other, the standby every caller, a caller the standby it reached."""
+    import os
+    import sys
+    creds = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, 12)  # struct ucred: 3 ints
+    return int.from_bytes(creds[4:8], sys.byteorder) == os.getuid()
 
 
 def send(sock: socket.socket, payload: dict, fds: Sequence[int] = ()) -> None:
