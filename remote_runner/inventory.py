@@ -27,6 +27,7 @@ file and line, raised before any host is touched.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import re
 import shlex
@@ -36,6 +37,8 @@ from typing import Any, Dict, Iterable, List, Mapping, Optional
 
 from remote_runner import hostsets
 from remote_runner.errors import ConfigError
+
+LOG = logging.getLogger(__name__)
 
 ALL = "all"
 SLURM = "slurm"
@@ -175,18 +178,18 @@ _SAFE_WORD = re.compile(r"[A-Za-z0-9_.:%@\[\]-]+")
 
 def _check_connection_vars(alias: str, variables: Mapping[str, Any], path: str,
                            line: Optional[int]) -> None:
-    """Refuse an inventory's host, user or port that cannot be a destination."""
-    for key in ("ansible_host", "ansible_ssh_host", "ansible_user", "ansible_ssh_user"):
-        value = variables.get(key)
-        if value is not None and not _SAFE_WORD.fullmatch(str(value)):
-            raise ConfigError(f"host {alias!r}: {key}={str(value)[:80]!r} is not a host name, "
-                              "address or user name", file=path, line=line,
-                              field="--hosts-from")
-    for key in ("ansible_port", "ansible_ssh_port"):
-        value = variables.get(key)
-        if value is not None and not (str(value).isdigit() and 0 < int(str(value)) < 65536):
-            raise ConfigError(f"host {alias!r}: {key}={str(value)[:20]!r} is not a port "
-                              "(1-65535)", file=path, line=line, field="--hosts-from")
+    """Warn, at the inventory's line, of a host, user or port that cannot be a destination
+    (``ansible_port=22x``, a templated ``{{ vault_user }}``): a run that uses the host then fails
+    at the config's line; an inventory's hosts the run does not use stay harmless."""
+    problems = [f"{key}={str(variables[key])[:80]!r} is not a host name, address or user name"
+                for key in ("ansible_host", "ansible_ssh_host", "ansible_user", "ansible_ssh_user")
+                if variables.get(key) is not None and not _SAFE_WORD.fullmatch(str(variables[key]))]
+    problems += [f"{key}={str(variables[key])[:20]!r} is not a port (1-65535)"
+                 for key in ("ansible_port", "ansible_ssh_port")
+                 if variables.get(key) is not None
+                 and not (str(variables[key]).isdigit() and 0 < int(str(variables[key])) < 65536)]
+    for problem in problems:
+        LOG.warning("%s%s: host %r: %s", path, f":{line}" if line else "", alias, problem)
 
 
 def connect_name(alias: str, variables: Mapping[str, Any]) -> str:

@@ -204,6 +204,7 @@ def fetch_host(shell, opener: Callable[[], object], host: str,
             got = _fetch_one(client, item, homes[item.local],
                              lambda n: progress(host, n) if progress is not None else None)
         except CopyError as exc:
+            exc.host = exc.host or host
             failures.append(exc)
             continue
         except Exception as exc:  # paramiko's errors are not all OSError (SSHException, EOFError)
@@ -219,6 +220,12 @@ def fetch_host(shell, opener: Callable[[], object], host: str,
                              "files could not be fetched)")
         raise first
     return report
+
+
+def _umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
 
 
 def _check_room(host: str, dest_root: str, needed: int) -> None:
@@ -252,6 +259,7 @@ def _fetch_one(client, item: Wanted, home: str, advance: Callable[[int], None]) 
     allowed = READ_TIMEOUT + item.size / MIN_RATE
     deadline = time.monotonic() + allowed
     fd, tmp = tempfile.mkstemp(dir=directory, prefix=".rr-", suffix=".part")
+    os.fchmod(fd, 0o666 & ~_umask())  # (mkstemp's 0600: a fetched file is as any file made here)
     done = 0
     try:
         with os.fdopen(fd, "wb") as out:

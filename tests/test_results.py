@@ -92,6 +92,9 @@ def fetching(monkeypatch):
 def test_no_more_than_the_listed_size_is_written(fetching, tmp_path):
     report, _ = fetching("4 ./a.bin\n", {"/base/a.bin": b"abcd" + b"X" * 100000}, tmp_path)
     assert (tmp_path / "h1" / "c" / "a.bin").read_bytes() == b"abcd"
+    mask = os.umask(0o022)
+    os.umask(mask)
+    assert (tmp_path / "h1" / "c" / "a.bin").stat().st_mode & 0o777 == 0o666 & ~mask
     assert report.bytes == 4 and report.copied == [str(tmp_path / "h1" / "c" / "a.bin")]
 
 
@@ -147,3 +150,20 @@ def test_the_status_table_shows_a_hosts_line_as_text_only():
 def test_logs_on_a_terminal_lose_escapes_but_keep_tabs():
     from remote_runner.cli.lifecycle import _terminal_text
     assert _terminal_text("a\tb\x1b[2J\x1b]52;c;ZXZpbA==\x07c\x07") == "a\tbc"
+
+
+def test_the_agents_stderr_is_read_past_the_handshakes_timeout():
+    """A timeout while no stderr comes (the handshake's) is no end of stderr."""
+    import socket
+    from remote_runner.mirror.streams import ChannelStream
+
+    class Channel:
+        closed = eof_received = False
+        answers = [socket.timeout(), socket.timeout(), b"WARNING: late\n"]
+
+        def recv_stderr(self, size):
+            answer = self.answers.pop(0)
+            if isinstance(answer, BaseException):
+                raise answer
+            return answer
+    assert ChannelStream(Channel()).read_stderr(4096) == b"WARNING: late\n"

@@ -231,6 +231,27 @@ def test_a_command_keeps_its_ignored_signals_streams_and_secrets_with_a_standby(
     assert proc.returncode == 0, err
 
 
+def test_a_standby_started_by_a_nohup_command_gives_later_ones_their_own_signals(tmp_path,
+                                                                                standby_dir):
+    config = tmp_path / "streams.py"
+    config.write_text(STREAMS_PROBE)
+    argv = [sys.executable, SCRIPT, "-c", str(config), "--dry-run", "--no-connect"]
+
+    def ignoring():
+        signal.signal(signal.SIGHUP, signal.SIG_IGN)
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+    subprocess.run(argv, env=environment(standby_dir), cwd=tmp_path, input=b"",
+                   capture_output=True, preexec_fn=ignoring, timeout=120)  # starts the standby
+    wait_for_socket(standby_dir)
+    caller = subprocess.Popen(argv, env=environment(standby_dir), cwd=tmp_path,
+                              stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE)
+    out, _ = caller.communicate(timeout=120)
+    pid, rest = streams_line(out.decode())
+    assert pid != caller.pid, "the command ran in-process, not in the standby"
+    assert "hup=False int=False" in rest, rest
+
+
 def test_a_command_with_stdin_closed_runs_in_process_instead_of_hanging(tmp_path, standby_dir):
     config = write_probe(tmp_path)
     run_classic(["-c", config, "--dry-run", "--no-connect"], environment(standby_dir), tmp_path)

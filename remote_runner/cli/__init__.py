@@ -111,8 +111,10 @@ def run_guarded(func: Callable[[], int]) -> int:
         code, verdict = exc.exit_code, exc
     except KeyboardInterrupt:
         code, verdict = EXIT_INTERRUPTED, "interrupted"
-    except BrokenPipeError:  # `remote-runner … | head`: its reader has what it wanted
-        _quiet_stdout()
+    except BrokenPipeError:
+        if not stdout_gone():  # another pipe of ours: a bug, as any other exception
+            LOG.exception("internal error (please report this with the traceback)", extra=VERDICT)
+            return EXIT_INTERNAL
         return EXIT_PIPE
     except Exception:  # a bug of ours: say so, with the traceback
         LOG.exception("internal error (please report this with the traceback)", extra=VERDICT)
@@ -124,15 +126,44 @@ def run_guarded(func: Callable[[], int]) -> int:
     return code
 
 
-def _quiet_stdout() -> None:
-    """Point stdout at /dev/null: what is still buffered for a reader that went away is dropped
-    there, not reported at exit as an exception."""
+def stdout_gone() -> bool:
+    """Whether stdout's reader went away (``remote-runner … | head``): see :func:`park_stdout`."""
+    return park_stdout() == "gone"
+
+
+def _reader_gone() -> bool:
+    """Whether descriptor 1 is a pipe or socket nobody reads any more (poll says POLLERR)."""
+    import select
+    try:
+        poller = select.poll()
+        poller.register(1, select.POLLOUT)
+        return any(events & (select.POLLERR | select.POLLHUP) for _, events in poller.poll(0))
+    except (OSError, ValueError):
+        return False
+
+
+def park_stdout() -> str:
+    """Flush stdout; where that fails, or its reader went away, point descriptor 1 at
+    /dev/null, where what is still buffered is dropped instead of being reported at exit as an
+    exception. Returns "" (all is well), "gone" (its reader went away: a write failed with
+    EPIPE) or "broken" (closed, or failing otherwise)."""
+    try:
+        sys.stdout.flush()
+        kind = "gone" if _reader_gone() else ""
+    except BrokenPipeError:
+        kind = "gone"
+    except (OSError, ValueError, AttributeError):
+        kind = "broken"
+    if not kind:
+        return kind
     try:
         devnull = os.open(os.devnull, os.O_WRONLY)
-        os.dup2(devnull, sys.stdout.fileno())
-        os.close(devnull)
-    except (OSError, ValueError, AttributeError):
+        if devnull != 1:  # (1 itself when it was closed: the lowest free number)
+            os.dup2(devnull, 1)
+            os.close(devnull)
+    except OSError:
         pass
+    return kind
 
 
 def build_parser(command: Optional[str] = None) -> argparse.ArgumentParser:
@@ -179,6 +210,8 @@ def finish(code: Optional[int]) -> NoReturn:
     try:
         wind_down()
     except BaseException:  # noqa: BLE001 - the normal exit then does (and reports) it
+        if park_stdout() == "gone":  # its last output met a reader that went away (| head)
+            os._exit(EXIT_PIPE)
         sys.exit(status)
     os._exit(status & 0xFF)
 

@@ -9,6 +9,7 @@ here, with :class:`PeekReader` for the one-shot look at the agent's first bytes.
 from __future__ import annotations
 
 import errno
+import socket
 import os
 import subprocess
 from typing import Any, Callable, Optional, Sequence
@@ -30,10 +31,16 @@ class ChannelStream:
             return b""
 
     def read_stderr(self, size: int) -> bytes:
-        try:
-            return self.channel.recv_stderr(size)
-        except (OSError, EOFError):
-            return b""
+        """The agent's next stderr bytes; b"" at the channel's end. A timeout (the handshake's,
+        see :meth:`set_timeout`) is no end: stderr is read for as long as the channel lives."""
+        while True:
+            try:
+                return self.channel.recv_stderr(size)
+            except socket.timeout:
+                if self.channel.closed or self.channel.eof_received:
+                    return b""
+            except (OSError, EOFError):
+                return b""
 
     def wait_fd(self) -> Optional[int]:
         """A descriptor to poll for input: paramiko's pipe, readable while output, stderr or the

@@ -16,7 +16,7 @@ import sys
 import time
 from typing import List
 
-from .caller import ENTRIES, TAKE_TIMEOUT
+from .caller import ENTRIES, FORWARDED, TAKE_TIMEOUT
 from .names import fingerprint, identity, private_directory, socket_path
 from .wire import STDIO, receive, same_user, send
 
@@ -148,8 +148,10 @@ def _child(conn: socket.socket) -> None:
         import tempfile
         tempfile.tempdir = None  # and $TMPDIR is read again
         os.umask(int(request["umask"]))
-        for signum in request.get("ignored", ()):  # (nohup's SIGHUP, a job's SIGINT)
-            signal.signal(int(signum), signal.SIG_IGN)
+        ignored = {int(s) for s in request.get("ignored", ())}  # (nohup's SIGHUP, a job's SIGINT)
+        for signum in FORWARDED:  # the caller's, not those of whoever started the standby
+            signal.signal(signum, signal.SIG_IGN if signum in ignored else
+                          signal.default_int_handler if signum == signal.SIGINT else signal.SIG_DFL)
         _reopen_stdio(request["stdio"])
         sys.argv = list(request["argv"])
         send(conn, {"pid": os.getpid()})
@@ -167,9 +169,11 @@ def _child(conn: socket.socket) -> None:
         status = 0 if status is None else int(status)
         try:
             wind_down()
-        except BrokenPipeError:  # stdout's reader went away: as the interpreter's exit, 120
-            sys.stdout = None  # type: ignore[assignment]  (nothing more is written there)
-            status = 120
+        except BrokenPipeError:  # stdout's reader went away: quietly, as in-process (finish)
+            from remote_runner.cli import stdout_gone
+            from remote_runner.errors import EXIT_PIPE
+            if stdout_gone():
+                status = EXIT_PIPE
     except SystemExit as done:  # argparse's usage errors and --help, as the interpreter ends them
         status = done.code if isinstance(done.code, int) else (0 if done.code is None else 1)
         if not isinstance(done.code, int) and done.code is not None:
