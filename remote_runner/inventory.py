@@ -36,7 +36,7 @@ from dataclasses import dataclass, field
 from typing import Any, Dict, Iterable, List, Mapping, Optional
 
 from remote_runner import hostsets
-from remote_runner.errors import ConfigError
+from remote_runner.errors import ConfigError, shown
 
 LOG = logging.getLogger(__name__)
 
@@ -335,14 +335,14 @@ def _yaml_group(name: str, body: Any, inv: _Inventory) -> None:
                 listed[item] = None
             else:
                 raise ConfigError(f"group {name!r}: a host in 'hosts' must be a name, got "
-                                  f"{_brief(item)}", file=inv.path, field="--hosts-from")
+                                  f"{shown(item)}", file=inv.path, field="--hosts-from")
         hosts = listed
     if not isinstance(hosts, dict):
         raise ConfigError(f"group {name!r}: 'hosts' must map host names to their variables",
                           file=inv.path, field="--hosts-from")
     for pattern, variables in hosts.items():
         if not isinstance(pattern, (str, int)) or isinstance(pattern, bool):
-            raise ConfigError(f"group {name!r}: a host name must be text, got {_brief(pattern)}",
+            raise ConfigError(f"group {name!r}: a host name must be text, got {shown(pattern)}",
                               file=inv.path, field="--hosts-from")
         for alias in ansible_pattern(str(pattern), inv.path, None):
             inv.add_host(name, alias, variables if isinstance(variables, dict) else {})
@@ -351,16 +351,10 @@ def _yaml_group(name: str, body: Any, inv: _Inventory) -> None:
         children = {c: None for c in children}
     if not isinstance(children, dict):
         raise ConfigError(f"group {name!r}: 'children' must map group names to groups, got "
-                          f"{_brief(children)}", file=inv.path, field="--hosts-from")
+                          f"{shown(children)}", file=inv.path, field="--hosts-from")
     for child, child_body in children.items():
         _yaml_group(str(child), child_body, inv)
         inv.children[name].append(str(child))
-
-
-def _brief(value: Any) -> str:
-    """*value* for a message: its repr, cut short (a file may hold anything)."""
-    text = repr(value)
-    return text if len(text) <= 80 else text[:77] + "..."
 
 
 def _json_inventory(text: str, inv: _Inventory) -> None:
@@ -390,12 +384,12 @@ def _json_inventory(text: str, inv: _Inventory) -> None:
             names = body.get(key) or []
             if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
                 raise ConfigError(f"group {name!r}: {key!r} must be a list of names, got "
-                                  f"{_brief(names)}", file=inv.path, field="--hosts-from")
+                                  f"{shown(names)}", file=inv.path, field="--hosts-from")
         for alias in body.get("hosts") or []:
             variables = hostvars.get(alias) or {}
             if not isinstance(variables, dict):
                 raise ConfigError(f"the variables of host {alias!r} must be an object, got "
-                                  f"{_brief(variables)}", file=inv.path, field="--hosts-from")
+                                  f"{shown(variables)}", file=inv.path, field="--hosts-from")
             inv.add_host(name, alias, variables)
         for child in body.get("children") or []:
             inv.group(child)
